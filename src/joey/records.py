@@ -1,0 +1,93 @@
+"""Wire formats of the records Joey moves over Kafka.
+
+* Input record: a JSON object mapping input names to values (one row). The record key and
+  the ``request-id`` header travel through to outputs, errors and logs.
+* Output record: JSON with ``time``, ``in``, ``out``, ``check_failures`` and ``metadata``.
+* Error record: JSON with ``time``, ``request_id``, ``error``, ``input`` (or ``raw_input``)
+  and ``metadata``.
+* Log record: Avro (``schemas/inference_log.avsc``), schemaless body with a
+  ``content-type`` header naming the schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import fastavro
+import numpy as np
+
+REQUEST_ID_HEADER = "request-id"
+CONTENT_TYPE_HEADER = "content-type"
+LOG_CONTENT_TYPE = "application/avro; schema=joey.v1.InferenceLog"
+
+
+class RecordError(ValueError):
+    """A record that cannot be processed; the message is the reason shown to the user."""
+
+
+def header_value(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    for key, value in headers or ():
+        if key == name and value is not None:
+            return value.decode("utf-8", errors="replace")
+    return None
+
+
+def decode_input(value: bytes | None) -> dict[str, Any]:
+    """Parse one input record; raise RecordError naming what is wrong."""
+    if value is None:
+        raise RecordError("empty record: expected a JSON object mapping input names to values")
+    try:
+        row = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"record is not valid JSON: {exc}") from None
+    if not isinstance(row, dict):
+        raise RecordError(f"record must be a JSON object mapping input names to values, got {type(row).__name__}")
+    return row
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert numpy values to JSON; non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(to_jsonable(value), separators=(",", ":"), allow_nan=False).encode()
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@cache
+def log_schema() -> Any:
+    text = resources.files("joey.schemas").joinpath("inference_log.avsc").read_text()
+    return fastavro.parse_schema(json.loads(text))
+
+
+def encode_log(record: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, log_schema(), record)
+    return buffer.getvalue()
+
+
+def decode_log(data: bytes) -> dict[str, Any]:
+    return fastavro.schemaless_reader(io.BytesIO(data), log_schema(), log_schema())  # type: ignore[return-value]

@@ -1,0 +1,216 @@
+"""Session fixtures: the real embedded broker, a fresh Postgres database, Redis, and Joey
+services as separate processes. Readiness is always awaited, never slept for."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+from joey import db, heartbeats
+from joey.broker import EmbeddedBroker
+from joey.kafka import admin_client, ensure_topics, platform_topics
+from joey.settings import CommonSettings
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(free_port(), log_path) as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    name = f"joey_test_{secrets.token_hex(4)}"
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    db.prepare(url)
+    yield url
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> Iterator[str]:
+    prefix = f"joeytest{secrets.token_hex(4)}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = client.keys(f"{prefix}:*")
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def env(
+    broker: EmbeddedBroker, database_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """JOEY_* variables of one isolated stack; services and clients of a test session share them."""
+    data = tmp_path_factory.mktemp("joey-data")
+    return {
+        "JOEY_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "JOEY_DATABASE_URL": database_url,
+        "JOEY_REDIS_URL": REDIS_URL,
+        "JOEY_REDIS_PREFIX": redis_prefix,
+        "JOEY_REGISTRY_ADDR": f"127.0.0.1:{free_port()}",
+        "JOEY_ARTIFACT_DIR": str(data / "artifacts"),
+        "JOEY_CACHE_DIR": str(data / "cache"),
+        "JOEY_PIPELINE_PARTITIONS": "4",
+        "JOEY_LOGS_PARTITIONS": "4",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(env: dict[str, str]) -> CommonSettings:
+    settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items() if k.isupper()})
+    ensure_topics(admin_client(settings), platform_topics(settings))
+    return settings
+
+
+@dataclass
+class ServiceProcess:
+    """One `joey serve <name>` process with its own log file."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> ServiceProcess:
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "joey.cli", "serve", self.name],
+                env=os.environ | self.env | self.extra_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if not self.process:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+
+
+def wait_registry_ready(addr: str, timeout: float = 60.0) -> None:
+    import grpc
+
+    from joey.v1 import registry_pb2, registry_pb2_grpc
+
+    def ready() -> bool:
+        try:
+            with grpc.insecure_channel(addr) as channel:
+                registry_pb2_grpc.RegistryStub(channel).ListWorkspaces(registry_pb2.ListWorkspacesRequest(), timeout=2)
+            return True
+        except grpc.RpcError:
+            return False
+
+    wait_until(ready, timeout, f"registry at {addr}", interval=0.1)
+
+
+def wait_service_ready(env: dict[str, str], service: str, count: int = 1, timeout: float = 60.0) -> None:
+    client = redis.Redis.from_url(env["JOEY_REDIS_URL"])
+    prefix = env["JOEY_REDIS_PREFIX"]
+    wait_until(
+        lambda: len(heartbeats.live_services(client, prefix, service)) >= count, timeout, f"{service} ready", 0.1
+    )
+
+
+@pytest.fixture(scope="session")
+def service_factory(
+    env: dict[str, str], settings: CommonSettings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start `joey serve <name>` processes; every one still running is stopped at session end."""
+    started: list[ServiceProcess] = []
+    logs = tmp_path_factory.mktemp("service-logs")
+
+    def start(name: str, **extra_env: str) -> ServiceProcess:
+        service = ServiceProcess(name, env, logs / f"{name}-{len(started)}.log", extra_env=extra_env).start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    registry: ServiceProcess
+    engine: ServiceProcess
+    logger: ServiceProcess
+
+
+@pytest.fixture(scope="session")
+def stack(env: dict[str, str], service_factory: Callable[..., ServiceProcess]) -> Stack:
+    """Registry, engine and logger running as separate processes against the session's broker."""
+    registry = service_factory("registry")
+    wait_registry_ready(env["JOEY_REGISTRY_ADDR"])
+    engine = service_factory("engine")
+    logger = service_factory("logger")
+    wait_service_ready(env, "engine")
+    wait_service_ready(env, "logger")
+    return Stack(env, registry, engine, logger)
+
+
+@pytest.fixture(scope="session")
+def iris_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example classifier, trained locally on scikit-learn's bundled iris data and exported to ONNX."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from train_model import train_and_export
+
+    return train_and_export(tmp_path_factory.mktemp("model") / "iris.onnx")
