@@ -24,6 +24,9 @@ from joey.broker import EmbeddedBroker
 from joey.kafka import admin_client, ensure_topics, platform_topics
 from joey.settings import CommonSettings
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -210,7 +213,6 @@ def stack(env: dict[str, str], service_factory: Callable[..., ServiceProcess]) -
 @pytest.fixture(scope="session")
 def iris_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example classifier, trained locally on scikit-learn's bundled iris data and exported to ONNX."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     from train_model import train_and_export
 
     return train_and_export(tmp_path_factory.mktemp("model") / "iris.onnx")

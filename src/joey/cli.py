@@ -1,17 +1,44 @@
-"""The `joey` command line."""
+"""The `joey` command line: the local stack, the services, and the SDK's verbs."""
 
 from __future__ import annotations
 
 import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
 SERVICES = ("registry", "engine", "logger")
 
 
+class Context:
+    def __init__(self, registry: str | None, workspace: str) -> None:
+        self.registry = registry
+        self.workspace = workspace
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from joey.sdk import Client
+
+            self._client = Client(self.registry, self.workspace)
+        return self._client
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc))
+
+
 @click.group()
-def main() -> None:
+@click.option("--registry", envvar="JOEY_REGISTRY_ADDR", help="Registry host:port (default $JOEY_REGISTRY_ADDR).")
+@click.option("--workspace", "-w", envvar="JOEY_WORKSPACE", default="default", show_default=True)
+@click.pass_context
+def main(ctx: click.Context, registry: str | None, workspace: str) -> None:
     """Joey: Kafka-native MLOps."""
+    ctx.obj = Context(registry, workspace)
 
 
 @main.command()
@@ -19,6 +46,259 @@ def main() -> None:
 def serve(service: str) -> None:
     """Run one service in the foreground (what compose.yaml and production run)."""
     importlib.import_module(f"joey_{service}.app").serve()
+
+
+@main.command()
+@click.option("--detach", "-d", is_flag=True, help="Run in the background; `joey down` stops it.")
+def up(detach: bool) -> None:
+    """Start broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine and logger."""
+    from joey.lifecycle import configure_logging
+    from joey.stack import StackError, StackSettings, run_foreground, start_detached
+
+    settings = StackSettings()
+    configure_logging(settings.log_level)
+    try:
+        if detach:
+            state = start_detached(settings)
+            click.echo(f"Joey is up (pid {state['pid']}): registry {state['registry_addr']}, "
+                       f"Kafka {state['kafka_bootstrap']}. `joey down` stops it.")
+        else:
+            run_foreground(settings)
+    except StackError as exc:
+        _fail(exc)
+
+
+@main.command()
+def down() -> None:
+    """Stop the stack started by `joey up`."""
+    from joey.stack import StackSettings, stop_detached
+
+    click.echo("stopped" if stop_detached(StackSettings()) else "Joey was not running")
+
+
+# Workspaces
+@main.group()
+def workspace() -> None:
+    """Workspaces."""
+
+
+@workspace.command("create")
+@click.argument("name")
+@click.pass_obj
+def workspace_create(obj: Context, name: str) -> None:
+    click.echo(obj.client.create_workspace(name))
+
+
+@workspace.command("list")
+@click.pass_obj
+def workspace_list(obj: Context) -> None:
+    for name in obj.client.list_workspaces():
+        click.echo(name)
+
+
+# Models
+@main.group()
+def model() -> None:
+    """Models and model versions."""
+
+
+@model.command("upload")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--framework", default="onnx", show_default=True)
+@click.pass_obj
+def model_upload(obj: Context, name: str, path: Path, framework: str) -> None:
+    """Upload PATH as a new version of model NAME."""
+    from joey.sdk import JoeyError
+
+    with click.progressbar(length=path.stat().st_size, label=f"uploading {path.name}", file=sys.stderr) as bar:
+        sent = [0]
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - sent[0])
+            sent[0] = done
+
+        try:
+            mv = obj.client.upload_model(name, path, framework, progress=progress)
+        except JoeyError as exc:
+            _fail(exc)
+    click.echo(f"{mv.name} version {mv.version} sha256 {mv.sha256}")
+    for kind, specs in (("input", mv.inputs), ("output", mv.outputs)):
+        for s in specs:
+            click.echo(f"  {kind} {s.name}: {s.dtype} {list(s.shape)}")
+
+
+@model.command("list")
+@click.pass_obj
+def model_list(obj: Context) -> None:
+    for mv in obj.client.list_models():
+        click.echo(f"{mv.name}\tversion {mv.version}\t{mv.sha256[:12]}\t{mv.created_at:%Y-%m-%d %H:%M:%S}")
+
+
+@model.command("get")
+@click.argument("name")
+@click.option("--version", type=int)
+@click.pass_obj
+def model_get(obj: Context, name: str, version: int | None) -> None:
+    from joey.sdk import JoeyError
+
+    try:
+        versions = [obj.client.get_model(name, version)] if version else obj.client.model_versions(name)
+    except JoeyError as exc:
+        _fail(exc)
+    for mv in versions:
+        click.echo(f"{mv.name} version {mv.version} sha256 {mv.sha256} ({mv.size_bytes} bytes)")
+
+
+# Pipelines
+@main.group()
+def pipeline() -> None:
+    """Pipelines and deployments."""
+
+
+@pipeline.command("create")
+@click.argument("name")
+@click.option("--model", "-m", "models", multiple=True, required=True, help="MODEL or MODEL:VERSION, in step order.")
+@click.pass_obj
+def pipeline_create(obj: Context, name: str, models: tuple[str, ...]) -> None:
+    """Create pipeline NAME (or a new version of it) from model steps."""
+    from joey.sdk import JoeyError
+
+    builder = obj.client.build_pipeline(name)
+    for spec in models:
+        model_name, _, version = spec.partition(":")
+        builder.add_model_step(model_name, int(version) if version else None)
+    try:
+        pv = builder.create()
+    except JoeyError as exc:
+        _fail(exc)
+    steps = " -> ".join(f"{m}:{v}" for m, v, _ in pv.steps)
+    click.echo(f"{pv.pipeline} version {pv.version}: {steps}")
+
+
+@pipeline.command("list")
+@click.pass_obj
+def pipeline_list(obj: Context) -> None:
+    for name in obj.client.list_pipelines():
+        click.echo(name)
+
+
+def _print_status(status: Any) -> None:
+    click.echo(f"{status.status} (version {status.pipeline_version}, {status.replicas_wanted} replicas): "
+               f"{status.message}")
+    for r in status.replicas:
+        state = "alive" if r.alive else "DEAD"
+        click.echo(f"  {r.replica_id}: {state}, version {r.pipeline_version}, loaded={r.loaded}, "
+                   f"partitions={list(r.partitions)}" + (f", error: {r.error}" if r.error else ""))
+
+
+@pipeline.command("deploy")
+@click.argument("name")
+@click.option("--version", type=int, help="Pipeline version (default: latest).")
+@click.option("--replicas", type=int, default=1, show_default=True)
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.pass_obj
+def pipeline_deploy(obj: Context, name: str, version: int | None, replicas: int, timeout: float) -> None:
+    """Deploy NAME and wait until every replica is ready."""
+    from joey.sdk import JoeyError, Pipeline
+
+    try:
+        status = Pipeline(obj.client, name).deploy(
+            replicas, version, timeout=timeout, on_status=lambda st: click.echo(f"  {st.status}: {st.message}")
+        )
+    except JoeyError as exc:
+        _fail(exc)
+    _print_status(status)
+
+
+@pipeline.command("status")
+@click.argument("name")
+@click.pass_obj
+def pipeline_status(obj: Context, name: str) -> None:
+    from joey.sdk import JoeyError, Pipeline
+
+    try:
+        _print_status(Pipeline(obj.client, name).status())
+    except JoeyError as exc:
+        _fail(exc)
+
+
+@pipeline.command("undeploy")
+@click.argument("name")
+@click.pass_obj
+def pipeline_undeploy(obj: Context, name: str) -> None:
+    from joey.sdk import JoeyError, Pipeline
+
+    try:
+        Pipeline(obj.client, name).undeploy()
+    except JoeyError as exc:
+        _fail(exc)
+    click.echo(f"{name} undeployed")
+
+
+@main.command()
+@click.argument("pipeline_name", metavar="PIPELINE")
+@click.option("--file", "-f", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="A JSON array of records, or JSON lines (one record per line).")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write results as JSON lines here instead of a table on stdout.")
+@click.pass_obj
+def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: Path | None) -> None:
+    """Stream the records of a file through PIPELINE and show the results."""
+    from joey.sdk import JoeyError, Pipeline
+
+    text = path.read_text()
+    try:
+        records = json.loads(text)
+        if isinstance(records, dict):
+            records = [records]
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    with click.progressbar(length=len(records), label="inferring", file=sys.stderr) as bar:
+        seen = [0]
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - seen[0])
+            seen[0] = done
+
+        try:
+            frame = Pipeline(obj.client, pipeline_name).infer(records, timeout, progress)
+        except (JoeyError, TimeoutError, LookupError) as exc:
+            _fail(exc)
+    if output:
+        frame.to_json(output, orient="records", lines=True, date_format="iso")
+        click.echo(f"wrote {len(frame)} results to {output}")
+    else:
+        with _wide_pandas():
+            click.echo(frame.drop(columns=["request_id"], errors="ignore").to_string())
+    failed = int(frame["error"].notna().sum()) if "error" in frame else 0
+    click.echo(f"{len(frame)} records, {failed} failed", err=True)
+
+
+@main.command()
+@click.argument("pipeline_name", metavar="PIPELINE")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--failed", is_flag=True, help="Only failed inferences.")
+@click.option("--start", help="ISO time; returns rows chronologically from here.")
+@click.option("--end", help="ISO time.")
+@click.pass_obj
+def logs(obj: Context, pipeline_name: str, limit: int, failed: bool, start: str | None, end: str | None) -> None:
+    """Show logged inferences of PIPELINE (newest first unless a range is given)."""
+    from joey.sdk import JoeyError, Pipeline
+
+    try:
+        frame = Pipeline(obj.client, pipeline_name).logs(limit, start, end, valid=False if failed else None)
+    except JoeyError as exc:
+        _fail(exc)
+    with _wide_pandas():
+        click.echo(frame.to_string() if len(frame) else "no logged inferences")
+
+
+def _wide_pandas() -> Any:
+    import pandas as pd
+
+    return pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 60)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Placeholder: assayer lands in a later issue (see docs/architecture.md)."""

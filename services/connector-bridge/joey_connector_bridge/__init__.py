@@ -1,0 +1,1 @@
+"""Placeholder: connector-bridge lands in a later issue (see docs/architecture.md)."""

@@ -1,0 +1,92 @@
+"""The engine's view of a DeploymentSpec: frozen dataclasses converted from the proto at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import json_format
+
+from joey import topics
+from joey.v1 import registry_pb2
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    model: str
+    version: int
+    sha256: str
+    framework: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+
+    def ref(self) -> dict[str, str | int]:
+        """The step as it appears in the ``models`` list of outputs, errors and logs."""
+        return {"name": self.model, "version": self.version, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    workspace: str
+    pipeline: str
+    pipeline_version: int
+    replicas: int
+    deployment_id: str
+    steps: tuple[Step, ...]
+    topics: topics.PipelineTopics
+
+    @property
+    def key(self) -> str:
+        return topics.deployment_key(self.workspace, self.pipeline)
+
+    @property
+    def consumer_group(self) -> str:
+        return topics.engine_group(self.workspace, self.pipeline)
+
+    def __str__(self) -> str:
+        return f"{self.key} v{self.pipeline_version} ({self.deployment_id})"
+
+
+def _tensors(specs: list[registry_pb2.TensorSpec]) -> tuple[Tensor, ...]:
+    return tuple(Tensor(t.name, t.dtype, tuple(t.shape)) for t in specs)
+
+
+def from_proto(spec: registry_pb2.DeploymentSpec) -> Deployment:
+    topics.validate_name("workspace", spec.workspace)
+    topics.validate_name("pipeline", spec.pipeline)
+    if not spec.deployment_id:
+        raise ValueError(f"deployment of {spec.workspace}/{spec.pipeline} has no deployment_id")
+    if not spec.steps:
+        raise ValueError(f"deployment of {spec.workspace}/{spec.pipeline} has no steps")
+    names = topics.pipeline_topics(spec.workspace, spec.pipeline)
+    return Deployment(
+        workspace=spec.workspace,
+        pipeline=spec.pipeline,
+        pipeline_version=spec.pipeline_version,
+        replicas=max(spec.replicas, 1),
+        deployment_id=spec.deployment_id,
+        steps=tuple(
+            Step(s.model, s.version, s.sha256, s.framework or "onnx", _tensors(s.inputs), _tensors(s.outputs))
+            for s in spec.steps
+        ),
+        topics=topics.PipelineTopics(
+            inputs=spec.topics.inputs or names.inputs,
+            outputs=spec.topics.outputs or names.outputs,
+            errors=spec.topics.errors or names.errors,
+        ),
+    )
+
+
+def parse(value: bytes) -> Deployment:
+    """Decode one ``joey.deployments`` value; raise ValueError when it is not a usable spec."""
+    try:
+        spec = json_format.Parse(value, registry_pb2.DeploymentSpec(), ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise ValueError(f"not a DeploymentSpec: {exc}") from None
+    return from_proto(spec)

@@ -1,0 +1,45 @@
+"""Settings of the engine service."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+
+from pydantic import Field
+
+from joey.settings import CommonSettings
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class EngineSettings(CommonSettings):
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "joey" / "artifacts")
+    """Where model artifacts fetched from the registry are kept, one file per sha256."""
+
+    max_batch_size: int = Field(default=256, ge=1)
+    """Most input records run through the models in one batch."""
+
+    max_batch_delay_ms: int = Field(default=5, ge=0)
+    """How long a replica waits for more records after the first one of a batch arrived."""
+
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    """How often replica and service heartbeats (and slot leases) are refreshed."""
+
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0)
+    """How long a heartbeat or slot lease outlives its last refresh."""
+
+    instance_id: str = Field(default_factory=default_instance_id)
+    """Identity of this engine process in Redis (slot leases, heartbeats)."""
+
+    intra_op_threads: int = Field(default=1, ge=0)
+    """onnxruntime intra-op threads per model; parallelism comes from replicas (0 = onnxruntime's default)."""
+
+    metrics_port: int = Field(default=0, ge=0)
+    """Port of the Prometheus metrics endpoint; 0 disables it."""
+
+    load_retry_max_s: float = Field(default=30.0, gt=0)
+    """Longest wait between attempts to fetch and load a deployment that failed to load."""

@@ -1,0 +1,191 @@
+"""Where decoded log records end up: the LogSink plugin point and its Postgres implementation.
+
+A sink writes a whole batch or nothing, and writing a record it already holds is a no-op,
+so the service may replay any batch after a crash or a rebalance without doubling rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from joey import db
+from joey_logger.settings import LoggerSettings
+
+log = logging.getLogger(__name__)
+
+IDENTITY = ("workspace", "pipeline", "request_id", "input_partition", "input_offset")
+"""The fields naming the input record a log record is about; one row per identity."""
+
+
+class SinkUnavailable(Exception):
+    """The store cannot be reached now; the same batch should be retried later."""
+
+
+class BatchRejected(Exception):
+    """The store refused the data of the batch: at least one record can never be written."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    written: int
+    """Rows added."""
+    duplicates: int
+    """Records skipped because the store (or an earlier record of the batch) already held them."""
+
+
+class LogSink(ABC):
+    """Stores decoded ``joey.v1.InferenceLog`` records (dicts as decoded by ``joey.records.decode_log``)."""
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: LoggerSettings) -> LogSink: ...
+
+    def open(self) -> None:
+        """Prepare the store; raise SinkUnavailable if it cannot be reached yet."""
+
+    @abstractmethod
+    def write(self, records: Sequence[dict[str, Any]]) -> WriteResult:
+        """Write the batch idempotently in one transaction.
+
+        Raises:
+            SinkUnavailable: nothing was written; retry the same batch later.
+            BatchRejected: nothing was written; some record is invalid for the store.
+        """
+
+    def close(self) -> None:
+        """Release connections; the sink may be opened again."""
+
+
+SINKS: dict[str, type[LogSink]] = {}
+
+
+def register_sink(name: str) -> Callable[[type[LogSink]], type[LogSink]]:
+    def register(cls: type[LogSink]) -> type[LogSink]:
+        SINKS[name] = cls
+        return cls
+
+    return register
+
+
+def create_sink(settings: LoggerSettings) -> LogSink:
+    try:
+        sink_class = SINKS[settings.sink]
+    except KeyError:
+        raise ValueError(f"unknown log sink {settings.sink!r}; registered: {', '.join(sorted(SINKS))}") from None
+    return sink_class.from_settings(settings)
+
+
+def unique_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first record of every identity, in batch order (a replay can repeat a record in one batch)."""
+    first: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for record in records:
+        first.setdefault(tuple(record[name] for name in IDENTITY), record)
+    return list(first.values())
+
+
+COLUMNS = (
+    "workspace",
+    "pipeline",
+    "pipeline_version",
+    "deployment_id",
+    "request_id",
+    "record_key",
+    "time",
+    "input_topic",
+    "input_partition",
+    "input_offset",
+    "ok",
+    "error",
+    "inputs",
+    "raw_input",
+    "outputs",
+    "shadow_outputs",
+    "check_failures",
+    "models",
+    "elapsed_ns",
+)
+# Avro arrays that land in jsonb columns; inputs/outputs/shadow_outputs already are JSON text,
+# which Postgres parses into jsonb on its own.
+_ARRAY_COLUMNS = frozenset({"check_failures", "models", "elapsed_ns"})
+
+_COLUMN_LIST = ", ".join(COLUMNS)
+_STAGING = "joey_logger_staging"
+# Rows vanish at the end of every transaction, so one table per connection serves every batch
+# without the catalog churn of creating and dropping a table per batch.
+_CREATE_STAGING = (
+    f"CREATE TEMPORARY TABLE {_STAGING} ON COMMIT DELETE ROWS AS "
+    f"SELECT {_COLUMN_LIST} FROM inference_logs WITH NO DATA"
+)
+_COPY = f"COPY {_STAGING} ({_COLUMN_LIST}) FROM STDIN"
+_INSERT = (
+    f"INSERT INTO inference_logs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGING} "
+    f"ON CONFLICT ({', '.join(IDENTITY)}) DO NOTHING"
+)
+
+
+def _row(record: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(Jsonb(record[name]) if name in _ARRAY_COLUMNS else record[name] for name in COLUMNS)
+
+
+@register_sink("postgres")
+class PostgresLogSink(LogSink):
+    """Writes to ``inference_logs``: COPY into a temporary table, then one INSERT ... ON CONFLICT DO NOTHING."""
+
+    def __init__(self, database_url: str, connect_timeout_s: int = 5) -> None:
+        self._url = database_url
+        self._connect_timeout_s = connect_timeout_s
+        self._conn: psycopg.Connection[Any] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: LoggerSettings) -> PostgresLogSink:
+        return cls(settings.database_url)
+
+    def open(self) -> None:
+        try:
+            db.prepare(self._url)
+            self._connection()
+        except psycopg.OperationalError as exc:
+            raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc
+
+    def write(self, records: Sequence[dict[str, Any]]) -> WriteResult:
+        rows = unique_records(records)
+        if not rows:
+            return WriteResult(written=0, duplicates=0)
+        try:
+            conn = self._connection()
+            with conn.transaction(), conn.cursor() as cursor:
+                with cursor.copy(_COPY) as copy:
+                    for record in rows:
+                        copy.write_row(_row(record))
+                cursor.execute(_INSERT)
+                written = cursor.rowcount
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self.close()
+            raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            raise BatchRejected(str(exc)) from exc
+        return WriteResult(written=written, duplicates=len(records) - written)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            conn = psycopg.connect(self._url, connect_timeout=self._connect_timeout_s)
+            try:
+                conn.execute(_CREATE_STAGING)
+                conn.commit()
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn

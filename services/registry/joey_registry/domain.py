@@ -1,0 +1,207 @@
+"""Domain types of the registry: plain dataclasses, free of protobuf and gRPC."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from joey.topics import PipelineTopics
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(int(d) for d in data["shape"]))
+
+
+def specs_from_json(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.from_json(item) for item in items)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    workspace: str
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+    framework: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Model:
+    workspace: str
+    name: str
+    versions: tuple[ModelVersion, ...]  # oldest first
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    workspace: str
+    name: str
+    framework: str
+
+
+@dataclass(frozen=True)
+class StepRef:
+    """A pipeline step as the user wrote it; version 0 means the latest."""
+
+    model: str
+    version: int
+
+
+@dataclass(frozen=True)
+class ResolvedStep:
+    model: str
+    version: int
+    sha256: str
+    framework: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def of(cls, mv: ModelVersion) -> ResolvedStep:
+        return cls(mv.name, mv.version, mv.sha256, mv.framework, mv.inputs, mv.outputs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "sha256": self.sha256,
+            "framework": self.framework,
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ResolvedStep:
+        return cls(
+            model=data["model"],
+            version=int(data["version"]),
+            sha256=data["sha256"],
+            framework=data["framework"],
+            inputs=specs_from_json(data["inputs"]),
+            outputs=specs_from_json(data["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
+class PipelineVersion:
+    workspace: str
+    pipeline: str
+    version: int
+    steps: tuple[ResolvedStep, ...]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Deployment:
+    workspace: str
+    pipeline: str
+    pipeline_version: int
+    replicas: int
+    active: bool
+    deployment_id: str
+    topics: PipelineTopics
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What engines run: an active deployment with its steps resolved (deployed_at = updated_at)."""
+
+    deployment: Deployment
+    steps: tuple[ResolvedStep, ...]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    workspace: str
+    name: str
+    versions: tuple[PipelineVersion, ...]  # oldest first
+    deployment: Deployment | None
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    replica_id: str
+    alive: bool
+    pipeline_version: int
+    loaded: bool
+    partitions: tuple[int, ...]
+    last_seen: datetime
+    error: str
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    deployment: Deployment | None
+    status: str
+    ready: bool
+    replicas: tuple[ReplicaStatus, ...]
+    message: str
+
+
+class LogValidity(enum.Enum):
+    ALL = "all"
+    OK = "ok"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class LogQuery:
+    workspace: str
+    pipeline: str
+    limit: int = 0
+    start: datetime | None = None
+    end: datetime | None = None
+    validity: LogValidity = LogValidity.ALL
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    request_id: str
+    time: datetime
+    pipeline_version: int
+    ok: bool
+    error: str
+    inputs_json: str
+    outputs_json: str
+    check_failures: tuple[str, ...]
+    models: tuple[ModelRef, ...]
+    elapsed_ns: tuple[int, ...]
+    input_partition: int
+    input_offset: int
+    raw_input: bytes
+
+
+@dataclass(frozen=True)
+class LogPage:
+    entries: tuple[LogEntry, ...]
+    total: int

@@ -1,0 +1,35 @@
+"""Typed failures of the registry core; the transport maps each to one gRPC status code."""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base of every error a caller is meant to see; the message is shown verbatim."""
+
+
+class NotFound(RegistryError):
+    pass
+
+
+class InvalidArgument(RegistryError):
+    pass
+
+
+class FailedPrecondition(RegistryError):
+    pass
+
+
+class AlreadyExists(RegistryError):
+    pass
+
+
+class Unauthenticated(RegistryError):
+    pass
+
+
+class PermissionDenied(RegistryError):
+    pass
+
+
+class Unavailable(RegistryError):
+    """A dependency (the broker) did not answer; retrying later may succeed."""

@@ -1,0 +1,40 @@
+"""Settings of the registry service (``JOEY_*`` environment variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from joey.settings import CommonSettings
+
+
+class RegistrySettings(CommonSettings):
+    artifact_store: str = "filesystem"
+    """Name of the artifact store implementation (see joey_registry.artifacts.STORES)."""
+
+    artifact_dir: Path = Path("~/.local/share/joey/artifacts")
+    """Where the filesystem store keeps model artifacts, one file per sha256."""
+
+    grpc_max_workers: int = Field(default=16, ge=1)
+    """Threads serving gRPC calls; also the number of uploads that can run at once."""
+
+    grpc_grace_s: float = Field(default=5.0, ge=0)
+    """How long in-flight calls may finish after a shutdown signal."""
+
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
+    """Largest model artifact accepted by UploadModel."""
+
+    db_pool_size: int = Field(default=8, ge=1)
+    """Maximum Postgres connections held by the registry."""
+
+    publish_timeout_s: float = Field(default=15.0, gt=0)
+    """How long a deploy waits for the broker to acknowledge the deployment spec."""
+
+    forget_replicas_after_s: float = Field(default=300.0, gt=0)
+    """Dead replicas last seen longer ago than this drop out of the deployment status."""
+
+    @field_validator("artifact_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()

@@ -1,0 +1,410 @@
+"""Postgres access of the registry: every SQL statement lives here, results come back as domain types.
+
+Version numbers are allocated under a row lock on the parent (model or pipeline), so
+concurrent uploads or pipeline updates get 1, 2, 3... without gaps or duplicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from joey import topics
+from joey_registry.domain import (
+    Deployment,
+    DeploymentSpec,
+    LogEntry,
+    LogPage,
+    LogQuery,
+    LogValidity,
+    Model,
+    ModelRef,
+    ModelVersion,
+    Pipeline,
+    PipelineVersion,
+    ResolvedStep,
+    TensorSpec,
+    Workspace,
+    specs_from_json,
+)
+
+Connection = psycopg.Connection[DictRow]
+
+
+@dataclass(frozen=True)
+class WorkspaceRef:
+    id: int
+    name: str
+
+
+_MODEL_VERSION_COLUMNS = """
+    m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at
+    FROM model_versions v JOIN models m ON m.id = v.model_id
+"""
+
+_DEPLOYMENT_COLUMNS = """
+    p.name AS pipeline, pv.version AS pipeline_version, pv.steps, d.replicas, d.active,
+    d.deployment_id, d.updated_at, w.name AS workspace
+    FROM deployments d
+    JOIN pipelines p ON p.id = d.pipeline_id
+    JOIN workspaces w ON w.id = p.workspace_id
+    JOIN pipeline_versions pv ON pv.id = d.pipeline_version_id
+"""
+
+
+def _model_version(workspace: str, row: DictRow) -> ModelVersion:
+    return ModelVersion(
+        workspace=workspace,
+        name=row["name"],
+        version=row["version"],
+        sha256=row["sha256"],
+        size_bytes=row["size_bytes"],
+        framework=row["framework"],
+        inputs=specs_from_json(row["inputs"]),
+        outputs=specs_from_json(row["outputs"]),
+        created_at=row["created_at"],
+    )
+
+
+def _steps(data: list[dict[str, Any]]) -> tuple[ResolvedStep, ...]:
+    return tuple(ResolvedStep.from_json(step) for step in data)
+
+
+def _pipeline_version(workspace: str, pipeline: str, row: DictRow) -> PipelineVersion:
+    return PipelineVersion(workspace, pipeline, row["version"], _steps(row["steps"]), row["created_at"])
+
+
+def _deployment(row: DictRow) -> Deployment:
+    return Deployment(
+        workspace=row["workspace"],
+        pipeline=row["pipeline"],
+        pipeline_version=row["pipeline_version"],
+        replicas=row["replicas"],
+        active=row["active"],
+        deployment_id=row["deployment_id"],
+        topics=topics.pipeline_topics(row["workspace"], row["pipeline"]),
+        updated_at=row["updated_at"],
+    )
+
+
+def _json_text(value: str | None) -> str:
+    return value or ""
+
+
+def _log_entry(row: DictRow) -> LogEntry:
+    return LogEntry(
+        request_id=row["request_id"],
+        time=row["time"],
+        pipeline_version=row["pipeline_version"],
+        ok=row["ok"],
+        error=row["error"] or "",
+        inputs_json=_json_text(row["inputs"]),
+        outputs_json=_json_text(row["outputs"]),
+        check_failures=tuple(str(f) for f in row["check_failures"]),
+        models=tuple(ModelRef(m["name"], int(m["version"]), m["sha256"]) for m in row["models"]),
+        elapsed_ns=tuple(int(n) for n in row["elapsed_ns"]),
+        input_partition=row["input_partition"],
+        input_offset=row["input_offset"],
+        raw_input=bytes(row["raw_input"] or b""),
+    )
+
+
+def _specs_json(specs: tuple[TensorSpec, ...]) -> Jsonb:
+    return Jsonb([s.to_json() for s in specs])
+
+
+class PipelineLock:
+    """A transaction holding the row lock of one pipeline: deploys and undeploys of the same
+    pipeline run one at a time, so the order on joey.deployments matches the database."""
+
+    def __init__(self, conn: Connection, workspace: WorkspaceRef, name: str, pipeline_id: int) -> None:
+        self._conn = conn
+        self.workspace = workspace
+        self.name = name
+        self._pipeline_id = pipeline_id
+
+    def version(self, version: int) -> PipelineVersion | None:
+        """A version of the pipeline; 0 = the latest."""
+        row = self._conn.execute(
+            "SELECT version, steps, created_at FROM pipeline_versions WHERE pipeline_id = %s "
+            "AND (version = %s OR %s = 0) ORDER BY version DESC LIMIT 1",
+            (self._pipeline_id, version, version),
+        ).fetchone()
+        return _pipeline_version(self.workspace.name, self.name, row) if row else None
+
+    def deployment(self) -> Deployment | None:
+        row = self._conn.execute(f"SELECT {_DEPLOYMENT_COLUMNS} WHERE d.pipeline_id = %s", (self._pipeline_id,)).fetchone()
+        return _deployment(row) if row else None
+
+    def save_deployment(self, deployment: Deployment) -> None:
+        self._conn.execute(
+            """
+            INSERT INTO deployments (pipeline_id, pipeline_version_id, replicas, active, deployment_id, updated_at)
+            SELECT %(pipeline_id)s, id, %(replicas)s, %(active)s, %(deployment_id)s, %(updated_at)s
+              FROM pipeline_versions WHERE pipeline_id = %(pipeline_id)s AND version = %(version)s
+            ON CONFLICT (pipeline_id) DO UPDATE SET
+                pipeline_version_id = EXCLUDED.pipeline_version_id, replicas = EXCLUDED.replicas,
+                active = EXCLUDED.active, deployment_id = EXCLUDED.deployment_id, updated_at = EXCLUDED.updated_at
+            """,
+            {
+                "pipeline_id": self._pipeline_id,
+                "version": deployment.pipeline_version,
+                "replicas": deployment.replicas,
+                "active": deployment.active,
+                "deployment_id": deployment.deployment_id,
+                "updated_at": deployment.updated_at,
+            },
+        )
+
+
+class Store:
+    def __init__(self, database_url: str, max_size: int = 8) -> None:
+        self.pool: ConnectionPool[Connection] = ConnectionPool(
+            database_url,
+            min_size=1,
+            max_size=max_size,
+            kwargs={"row_factory": dict_row},
+            open=False,
+        )
+
+    def open(self, timeout: float = 30.0) -> None:
+        self.pool.open(wait=True, timeout=timeout)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    @contextmanager
+    def _conn(self) -> Iterator[Connection]:
+        # The pool commits when the block ends normally and rolls back when it raises.
+        with self.pool.connection() as conn:
+            yield conn
+
+    # --- workspaces ---
+
+    def workspace(self, name: str) -> WorkspaceRef | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT id, name FROM workspaces WHERE name = %s", (name,)).fetchone()
+        return WorkspaceRef(row["id"], row["name"]) if row else None
+
+    def create_workspace(self, name: str) -> Workspace | None:
+        """The new workspace, or None if the name is taken."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "INSERT INTO workspaces (name) VALUES (%s) ON CONFLICT (name) DO NOTHING RETURNING name, created_at",
+                (name,),
+            ).fetchone()
+        return Workspace(row["name"], row["created_at"]) if row else None
+
+    def list_workspaces(self) -> list[Workspace]:
+        with self._conn() as conn:
+            rows = conn.execute("SELECT name, created_at FROM workspaces ORDER BY name").fetchall()
+        return [Workspace(r["name"], r["created_at"]) for r in rows]
+
+    # --- models ---
+
+    def add_model_version(
+        self,
+        ws: WorkspaceRef,
+        name: str,
+        sha256: str,
+        size_bytes: int,
+        framework: str,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        before_commit: Callable[[], None],
+    ) -> ModelVersion:
+        """Insert the next version of ``name`` (creating the model); ``before_commit`` runs inside
+        the transaction, so if it raises no row is written."""
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO models (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (ws.id, name)
+            )
+            model = conn.execute(
+                "SELECT id FROM models WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
+            ).fetchone()
+            assert model is not None
+            row = conn.execute(
+                """
+                INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, outputs)
+                SELECT %(model_id)s, coalesce(max(version), 0) + 1, %(sha256)s, %(size)s, %(framework)s,
+                       %(inputs)s, %(outputs)s
+                  FROM model_versions WHERE model_id = %(model_id)s
+                RETURNING version, created_at
+                """,
+                {
+                    "model_id": model["id"],
+                    "sha256": sha256,
+                    "size": size_bytes,
+                    "framework": framework,
+                    "inputs": _specs_json(inputs),
+                    "outputs": _specs_json(outputs),
+                },
+            ).fetchone()
+            assert row is not None
+            before_commit()
+        return ModelVersion(
+            ws.name, name, row["version"], sha256, size_bytes, framework, inputs, outputs, row["created_at"]
+        )
+
+    def list_models(self, ws: WorkspaceRef) -> list[Model]:
+        return self._models(ws, None)
+
+    def get_model(self, ws: WorkspaceRef, name: str) -> Model | None:
+        models = self._models(ws, name)
+        return models[0] if models else None
+
+    def _models(self, ws: WorkspaceRef, name: str | None) -> list[Model]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                f"SELECT {_MODEL_VERSION_COLUMNS} WHERE m.workspace_id = %s AND (%s::text IS NULL OR m.name = %s) "
+                "ORDER BY m.name, v.version",
+                (ws.id, name, name),
+            ).fetchall()
+        grouped: dict[str, list[ModelVersion]] = {}
+        for row in rows:
+            grouped.setdefault(row["name"], []).append(_model_version(ws.name, row))
+        return [Model(ws.name, model, tuple(versions)) for model, versions in grouped.items()]
+
+    def get_model_version(self, ws: WorkspaceRef, name: str, version: int) -> ModelVersion | None:
+        """A version of a model; 0 = the latest."""
+        with self._conn() as conn:
+            row = conn.execute(
+                f"SELECT {_MODEL_VERSION_COLUMNS} WHERE m.workspace_id = %s AND m.name = %s "
+                "AND (v.version = %s OR %s = 0) ORDER BY v.version DESC LIMIT 1",
+                (ws.id, name, version, version),
+            ).fetchone()
+        return _model_version(ws.name, row) if row else None
+
+    def has_artifact(self, ws: WorkspaceRef, sha256: str) -> bool:
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM model_versions v JOIN models m ON m.id = v.model_id "
+                "WHERE m.workspace_id = %s AND v.sha256 = %s LIMIT 1",
+                (ws.id, sha256),
+            ).fetchone()
+        return row is not None
+
+    # --- pipelines ---
+
+    def add_pipeline_version(
+        self, ws: WorkspaceRef, name: str, steps: tuple[ResolvedStep, ...]
+    ) -> tuple[PipelineVersion, bool]:
+        """The next version of the pipeline (created=True), or its latest version if that
+        already has exactly these steps (created=False)."""
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO pipelines (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (ws.id, name)
+            )
+            pipeline = conn.execute(
+                "SELECT id FROM pipelines WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
+            ).fetchone()
+            assert pipeline is not None
+            latest = conn.execute(
+                "SELECT version, steps, created_at FROM pipeline_versions WHERE pipeline_id = %s "
+                "ORDER BY version DESC LIMIT 1",
+                (pipeline["id"],),
+            ).fetchone()
+            if latest is not None and _steps(latest["steps"]) == steps:
+                return _pipeline_version(ws.name, name, latest), False
+            row = conn.execute(
+                "INSERT INTO pipeline_versions (pipeline_id, version, steps) VALUES (%s, %s, %s) "
+                "RETURNING version, steps, created_at",
+                (pipeline["id"], (latest["version"] if latest else 0) + 1, Jsonb([s.to_json() for s in steps])),
+            ).fetchone()
+            assert row is not None
+        return _pipeline_version(ws.name, name, row), True
+
+    def list_pipelines(self, ws: WorkspaceRef) -> list[Pipeline]:
+        return self._pipelines(ws, None)
+
+    def get_pipeline(self, ws: WorkspaceRef, name: str) -> Pipeline | None:
+        pipelines = self._pipelines(ws, name)
+        return pipelines[0] if pipelines else None
+
+    def _pipelines(self, ws: WorkspaceRef, name: str | None) -> list[Pipeline]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT p.name, pv.version, pv.steps, pv.created_at FROM pipeline_versions pv "
+                "JOIN pipelines p ON p.id = pv.pipeline_id "
+                "WHERE p.workspace_id = %s AND (%s::text IS NULL OR p.name = %s) ORDER BY p.name, pv.version",
+                (ws.id, name, name),
+            ).fetchall()
+            deployments = conn.execute(
+                f"SELECT {_DEPLOYMENT_COLUMNS} WHERE p.workspace_id = %s AND (%s::text IS NULL OR p.name = %s)",
+                (ws.id, name, name),
+            ).fetchall()
+        by_pipeline = {row["pipeline"]: _deployment(row) for row in deployments}
+        grouped: dict[str, list[PipelineVersion]] = {}
+        for row in rows:
+            grouped.setdefault(row["name"], []).append(_pipeline_version(ws.name, row["name"], row))
+        return [
+            Pipeline(ws.name, pipeline, tuple(versions), by_pipeline.get(pipeline))
+            for pipeline, versions in grouped.items()
+        ]
+
+    def pipeline_exists(self, ws: WorkspaceRef, name: str) -> bool:
+        with self._conn() as conn:
+            row = conn.execute("SELECT 1 FROM pipelines WHERE workspace_id = %s AND name = %s", (ws.id, name)).fetchone()
+        return row is not None
+
+    def deployment(self, ws: WorkspaceRef, name: str) -> Deployment | None:
+        with self._conn() as conn:
+            row = conn.execute(
+                f"SELECT {_DEPLOYMENT_COLUMNS} WHERE p.workspace_id = %s AND p.name = %s", (ws.id, name)
+            ).fetchone()
+        return _deployment(row) if row else None
+
+    @contextmanager
+    def lock_pipeline(self, ws: WorkspaceRef, name: str) -> Iterator[PipelineLock | None]:
+        """A transaction holding the pipeline's row lock (None if the pipeline does not exist);
+        committed when the block ends, rolled back if it raises."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT id FROM pipelines WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
+            ).fetchone()
+            yield PipelineLock(conn, ws, name, row["id"]) if row else None
+
+    def active_deployments(self) -> list[DeploymentSpec]:
+        """Every active deployment of every workspace, with its resolved steps."""
+        with self._conn() as conn:
+            rows = conn.execute(f"SELECT {_DEPLOYMENT_COLUMNS} WHERE d.active ORDER BY w.name, p.name").fetchall()
+        return [DeploymentSpec(_deployment(row), _steps(row["steps"])) for row in rows]
+
+    # --- inference logs ---
+
+    def query_logs(self, query: LogQuery, limit: int) -> LogPage:
+        where = ["workspace = %(workspace)s", "pipeline = %(pipeline)s"]
+        if query.start is not None:
+            where.append("time >= %(start)s")
+        if query.end is not None:
+            where.append("time < %(end)s")
+        if query.validity is not LogValidity.ALL:
+            where.append("ok = %(ok)s")
+        ranged = query.start is not None or query.end is not None
+        order = "time ASC, id ASC" if ranged else "time DESC, id DESC"
+        params = {
+            "workspace": query.workspace,
+            "pipeline": query.pipeline,
+            "start": query.start,
+            "end": query.end,
+            "ok": query.validity is LogValidity.OK,
+            "limit": limit,
+        }
+        condition = " AND ".join(where)
+        with self._conn() as conn:
+            total = conn.execute(f"SELECT count(*) AS n FROM inference_logs WHERE {condition}", params).fetchone()
+            rows = conn.execute(
+                "SELECT request_id, time, pipeline_version, ok, error, inputs::text AS inputs, "
+                "outputs::text AS outputs, check_failures, models, elapsed_ns, input_partition, input_offset, "
+                f"raw_input FROM inference_logs WHERE {condition} ORDER BY {order} LIMIT %(limit)s",
+                params,
+            ).fetchall()
+        return LogPage(tuple(_log_entry(r) for r in rows), int(total["n"]) if total else 0)
+

@@ -1,0 +1,429 @@
+"""The Python SDK. Verbs follow what Wallaroo users know::
+
+    client = joey.Client()
+    model = client.upload_model("iris", "iris.onnx")
+    pipeline = client.build_pipeline("iris-pipeline").add_model_step(model)
+    pipeline.deploy(replicas=2)
+    results = pipeline.infer([{"features": [5.1, 3.5, 1.4, 0.2]}])
+    pipeline.logs(limit=10)
+    pipeline.undeploy()
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pandas as pd
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from joey.settings import CommonSettings
+from joey.streaming import PipelineStream, Progress, Reply
+from joey.topics import PipelineTopics
+from joey.v1 import registry_pb2 as pb
+from joey.v1 import registry_pb2_grpc
+
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+StatusCallback = Callable[["DeploymentStatus"], None]
+
+
+class JoeyError(Exception):
+    """An error reported by the registry, with the gRPC status code name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            raise JoeyError(code.name, f"registry unreachable: {exc.details()}; is the stack up (`joey up`)?") from None  # type: ignore[attr-defined]
+        raise JoeyError(code.name, exc.details()) from None  # type: ignore[attr-defined]
+
+
+def _time(ts: Timestamp) -> datetime | None:
+    return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
+
+
+def _timestamp(value: datetime | str | None) -> Timestamp | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_proto(cls, spec: pb.TensorSpec) -> TensorSpec:
+        return cls(spec.name, spec.dtype, tuple(spec.shape))
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    workspace: str
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+    framework: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    created_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, mv: pb.ModelVersion) -> ModelVersion:
+        return cls(
+            mv.workspace,
+            mv.name,
+            mv.version,
+            mv.sha256,
+            mv.size_bytes,
+            mv.framework,
+            tuple(TensorSpec.from_proto(s) for s in mv.inputs),
+            tuple(TensorSpec.from_proto(s) for s in mv.outputs),
+            _time(mv.created_at),
+        )
+
+
+@dataclass(frozen=True)
+class PipelineVersion:
+    workspace: str
+    pipeline: str
+    version: int
+    steps: tuple[tuple[str, int, str], ...]  # (model, version, sha256)
+    created_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, pv: pb.PipelineVersion) -> PipelineVersion:
+        steps = tuple((s.model, s.version, s.sha256) for s in pv.steps)
+        return cls(pv.workspace, pv.pipeline, pv.version, steps, _time(pv.created_at))
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    replica_id: str
+    alive: bool
+    pipeline_version: int
+    loaded: bool
+    partitions: tuple[int, ...]
+    last_seen: datetime | None
+    error: str
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    status: str
+    ready: bool
+    pipeline_version: int
+    replicas_wanted: int
+    replicas: tuple[ReplicaStatus, ...]
+    message: str
+
+    @classmethod
+    def from_proto(cls, st: pb.DeploymentStatus) -> DeploymentStatus:
+        replicas = tuple(
+            ReplicaStatus(
+                r.replica_id, r.alive, r.pipeline_version, r.loaded, tuple(r.partitions), _time(r.last_seen), r.error
+            )
+            for r in st.replicas
+        )
+        return cls(
+            st.status,
+            st.ready,
+            st.deployment.pipeline_version,
+            st.deployment.replicas,
+            replicas,
+            st.message,
+        )
+
+
+class Client:
+    """Connection to a Joey registry, working in one workspace at a time."""
+
+    def __init__(
+        self,
+        registry_addr: str | None = None,
+        workspace: str = "default",
+        *,
+        kafka_bootstrap: str | None = None,
+        token: str | None = None,
+        settings: CommonSettings | None = None,
+    ) -> None:
+        overrides = {"registry_addr": registry_addr, "kafka_bootstrap": kafka_bootstrap}
+        base = settings or CommonSettings()
+        self.settings = base.model_copy(update={k: v for k, v in overrides.items() if v})
+        self.workspace = workspace
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(
+            self.settings.registry_addr,
+            options=[("grpc.max_receive_message_length", 64 << 20)],
+        )
+        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+
+    def _rpc(self, name: str, request: Any, timeout: float = 60.0) -> Any:
+        return _call(getattr(self._stub, name), request, timeout=timeout, metadata=self._metadata)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Workspaces
+    def create_workspace(self, name: str) -> str:
+        return str(self._rpc("CreateWorkspace", pb.CreateWorkspaceRequest(name=name)).name)
+
+    def list_workspaces(self) -> list[str]:
+        return [w.name for w in self._rpc("ListWorkspaces", pb.ListWorkspacesRequest()).workspaces]
+
+    def set_current_workspace(self, name: str) -> None:
+        self.workspace = name
+
+    # Models
+    def upload_model(
+        self,
+        name: str,
+        path: str | Path,
+        framework: str = "onnx",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ModelVersion:
+        """Upload a model file as a new version of ``name``; it is validated by loading it."""
+        path = Path(path)
+        total = path.stat().st_size
+
+        def chunks() -> Iterator[pb.UploadModelRequest]:
+            yield pb.UploadModelRequest(
+                header=pb.UploadModelHeader(workspace=self.workspace, name=name, framework=framework)
+            )
+            sent = 0
+            with path.open("rb") as f:
+                while block := f.read(UPLOAD_CHUNK_BYTES):
+                    sent += len(block)
+                    yield pb.UploadModelRequest(chunk=block)
+                    if progress:
+                        progress(sent, total)
+
+        return ModelVersion.from_proto(_call(self._stub.UploadModel, chunks(), timeout=600, metadata=self._metadata))
+
+    def get_model(self, name: str, version: int | None = None) -> ModelVersion:
+        request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)
+        return ModelVersion.from_proto(self._rpc("GetModelVersion", request))
+
+    def model_versions(self, name: str) -> list[ModelVersion]:
+        model = self._rpc("GetModel", pb.GetModelRequest(workspace=self.workspace, name=name))
+        return [ModelVersion.from_proto(v) for v in model.versions]
+
+    def list_models(self) -> list[ModelVersion]:
+        """The latest version of every model in the workspace."""
+        response = self._rpc("ListModels", pb.ListModelsRequest(workspace=self.workspace))
+        return [ModelVersion.from_proto(m.versions[-1]) for m in response.models if m.versions]
+
+    # Pipelines
+    def build_pipeline(self, name: str) -> Pipeline:
+        """A pipeline builder; nothing is stored until ``create()`` or ``deploy()``."""
+        return Pipeline(self, name)
+
+    def get_pipeline(self, name: str) -> Pipeline:
+        response = self._rpc("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=name))
+        pipeline = Pipeline(self, name)
+        if response.versions:
+            latest = response.versions[-1]
+            pipeline._steps = [pb.ModelStep(model=s.model, version=s.version) for s in latest.steps]
+            pipeline._version = latest.version
+        return pipeline
+
+    def list_pipelines(self) -> list[str]:
+        response = self._rpc("ListPipelines", pb.ListPipelinesRequest(workspace=self.workspace))
+        return [p.name for p in response.pipelines]
+
+
+@dataclass
+class Pipeline:
+    client: Client
+    name: str
+    _steps: list[pb.ModelStep] = field(default_factory=list)
+    _version: int | None = None
+
+    @property
+    def workspace(self) -> str:
+        return self.client.workspace
+
+    @property
+    def topics(self) -> PipelineTopics:
+        from joey.topics import pipeline_topics
+
+        return pipeline_topics(self.workspace, self.name)
+
+    def add_model_step(self, model: ModelVersion | str, version: int | None = None) -> Pipeline:
+        """Append a model step: a ModelVersion pins that version; a name takes the latest at create time."""
+        if isinstance(model, ModelVersion):
+            self._steps.append(pb.ModelStep(model=model.name, version=model.version))
+        else:
+            self._steps.append(pb.ModelStep(model=model, version=version or 0))
+        return self
+
+    def clear(self) -> Pipeline:
+        self._steps.clear()
+        return self
+
+    def create(self) -> PipelineVersion:
+        """Store the steps; a new pipeline version is made only when they changed."""
+        request = pb.CreatePipelineRequest(
+            workspace=self.workspace, name=self.name, steps=[pb.PipelineStep(model=s) for s in self._steps]
+        )
+        version = PipelineVersion.from_proto(self.client._rpc("CreatePipeline", request))
+        self._version = version.version
+        return version
+
+    def versions(self) -> list[PipelineVersion]:
+        response = self.client._rpc("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=self.name))
+        return [PipelineVersion.from_proto(v) for v in response.versions]
+
+    def deploy(
+        self,
+        replicas: int = 1,
+        version: int | None = None,
+        wait: bool = True,
+        timeout: float = 120.0,
+        on_status: StatusCallback | None = None,
+    ) -> DeploymentStatus:
+        """Deploy (creating a version from the current steps first) and wait until every replica is ready."""
+        if version is None and self._steps:
+            version = self.create().version
+        request = pb.DeployRequest(
+            workspace=self.workspace, pipeline=self.name, pipeline_version=version or 0, replicas=replicas
+        )
+        self.client._rpc("Deploy", request)
+        return self.wait_ready(timeout, on_status) if wait else self.status()
+
+    def wait_ready(self, timeout: float = 120.0, on_status: StatusCallback | None = None) -> DeploymentStatus:
+        deadline = time.monotonic() + timeout
+        last_message = None
+        while True:
+            status = self.status()
+            if on_status and status.message != last_message:
+                on_status(status)
+                last_message = status.message
+            if status.ready:
+                return status
+            if status.status == "Error" or time.monotonic() > deadline:
+                raise JoeyError("DEADLINE_EXCEEDED" if status.status != "Error" else "ERROR",
+                                f"pipeline {self.name} not ready: {status.status}: {status.message}")
+            time.sleep(0.2)
+
+    def status(self) -> DeploymentStatus:
+        request = pb.GetDeploymentStatusRequest(workspace=self.workspace, pipeline=self.name)
+        return DeploymentStatus.from_proto(self.client._rpc("GetDeploymentStatus", request))
+
+    def undeploy(self) -> None:
+        self.client._rpc("Undeploy", pb.UndeployRequest(workspace=self.workspace, pipeline=self.name))
+
+    def infer(
+        self,
+        data: pd.DataFrame | Sequence[dict[str, Any]] | dict[str, Any],
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+    ) -> pd.DataFrame:
+        """Stream records through the pipeline's input topic and return one result row per record, in order.
+
+        Failed records are returned too, with the reason in the ``error`` column.
+        """
+        if isinstance(data, pd.DataFrame):
+            rows: list[Any] = json.loads(data.to_json(orient="records", double_precision=15))
+        elif isinstance(data, dict):
+            rows = [data]
+        else:
+            rows = list(data)
+        replies = PipelineStream(self.client.settings, self.topics).infer(rows, timeout, progress)
+        return replies_to_frame(replies)
+
+    def logs(
+        self,
+        limit: int = 100,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        valid: bool | None = None,
+    ) -> pd.DataFrame:
+        """Logged inferences: newest first without a time range, chronological with one.
+
+        ``valid=False`` returns only failures, ``valid=True`` only successes.
+        """
+        validity = {None: pb.LOG_VALIDITY_ALL, True: pb.LOG_VALIDITY_OK, False: pb.LOG_VALIDITY_FAILED}[valid]
+        request = pb.QueryLogsRequest(
+            workspace=self.workspace, pipeline=self.name, limit=limit, validity=validity,
+            start=_timestamp(start), end=_timestamp(end),
+        )
+        response = self.client._rpc("QueryLogs", request)
+        return log_entries_to_frame(response.entries)
+
+    def log_count(self, start: datetime | str | None = None, valid: bool | None = None) -> int:
+        validity = {None: pb.LOG_VALIDITY_ALL, True: pb.LOG_VALIDITY_OK, False: pb.LOG_VALIDITY_FAILED}[valid]
+        request = pb.QueryLogsRequest(
+            workspace=self.workspace, pipeline=self.name, limit=1, validity=validity, start=_timestamp(start)
+        )
+        return int(self.client._rpc("QueryLogs", request).total)
+
+
+def _flatten(prefix: str, values: dict[str, Any] | None) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in (values or {}).items()}
+
+
+def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
+    rows = []
+    for reply in replies:
+        body = reply.body
+        meta = body.get("metadata", {})
+        row: dict[str, Any] = {"time": pd.Timestamp(body["time"]), "request_id": reply.request_id}
+        row |= _flatten("in", body.get("in") if reply.ok else body.get("input"))
+        row |= _flatten("out", body.get("out"))
+        row["check_failures"] = body.get("check_failures", [])
+        row["error"] = None if reply.ok else body.get("error")
+        row |= _flatten("metadata", {k: meta.get(k) for k in ("pipeline_version", "models", "elapsed_ns", "partition", "offset")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def log_entries_to_frame(entries: Sequence[pb.LogEntry]) -> pd.DataFrame:
+    rows = []
+    for e in entries:
+        row: dict[str, Any] = {
+            "time": pd.Timestamp(e.time.ToDatetime(tzinfo=UTC)),
+            "request_id": e.request_id,
+            "pipeline_version": e.pipeline_version,
+            "ok": e.ok,
+            "error": e.error or None,
+        }
+        row |= _flatten("in", json.loads(e.inputs_json) if e.inputs_json else None)
+        row |= _flatten("out", json.loads(e.outputs_json) if e.outputs_json else None)
+        row["check_failures"] = list(e.check_failures)
+        row["models"] = [f"{m.name}:{m.version}" for m in e.models]
+        row["elapsed_ns"] = list(e.elapsed_ns)
+        row["partition"] = e.input_partition
+        row["offset"] = e.input_offset
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,92 @@
+"""The whole path with every service in its own process: upload -> pipeline -> deploy ->
+records over Kafka -> outputs and errors -> inference log in Postgres -> undeploy."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from joey.sdk import Client, JoeyError
+from joey.settings import CommonSettings
+
+from .conftest import Stack, wait_until
+from train_model import make_records  # examples/, put on sys.path by conftest
+
+
+@pytest.fixture()
+def client(stack: Stack, settings: CommonSettings) -> Client:
+    return Client(settings=settings)
+
+
+def direct_labels(model_path: Path, records: list[dict]) -> list[int]:
+    session = ort.InferenceSession(str(model_path))
+    features = np.array([r["features"] for r in records], dtype=np.float32)
+    return [int(v) for v in session.run(["label"], {"features": features})[0]]
+
+
+def test_model_to_logged_inference(client: Client, iris_model: Path) -> None:
+    model = client.upload_model("iris-e2e", iris_model)
+    assert [s.name for s in model.inputs] == ["features"]
+    pipeline = client.build_pipeline("e2e").add_model_step(model)
+    status = pipeline.deploy(replicas=2, timeout=90)
+
+    assert status.ready and status.status == "Running"
+    live = [r for r in status.replicas if r.alive]
+    assert len(live) == 2
+    held = [p for r in live for p in r.partitions]
+    assert sorted(held) == list(range(4)), "two replicas in one group split every partition between them"
+
+    started = datetime.now(UTC)
+    good = make_records(300, seed=1)
+    bad: list = [
+        b"this is not json",
+        {"features": [1.0, 2.0]},
+        b'{"features": [NaN, 1.0, 2.0, 3.0]}',
+        {"petals": [1, 2, 3, 4]},
+        {"features": ["a", "b", "c", "d"]},
+    ]
+    records = good[:150] + bad + good[150:]
+    results = pipeline.infer(records, timeout=90)
+
+    assert len(results) == len(records)
+    ok = results[results["error"].isna()]
+    failed = results[results["error"].notna()]
+    assert len(ok) == len(good) and len(failed) == len(bad)
+    assert [int(v) for v in ok["out.label"]] == direct_labels(iris_model, good)
+    assert all(len(p) == 3 for p in ok["out.probabilities"])
+    assert set(ok["metadata.pipeline_version"]) == {status.pipeline_version}
+    reasons = list(failed["error"])
+    assert "JSON" in reasons[0]
+    assert "shape" in reasons[1]
+    assert "NaN" in reasons[2]
+    assert "features" in reasons[3]
+
+    wait_until(lambda: pipeline.log_count(start=started) == len(records), 60, "every inference logged")
+    assert pipeline.log_count(start=started, valid=False) == len(bad)
+    logs = pipeline.logs(limit=10)
+    assert len(logs) == 10 and logs["time"].is_monotonic_decreasing
+    failures = pipeline.logs(limit=100, valid=False, start=started)
+    assert sorted(failures["error"]) == sorted(reasons)
+
+    pipeline.undeploy()
+    wait_until(lambda: not any(r.alive for r in pipeline.status().replicas), 30, "replicas stopped")
+    assert pipeline.status().status == "Undeployed"
+
+
+def test_bad_upload_stores_nothing(client: Client, tmp_path: Path) -> None:
+    junk = tmp_path / "model.onnx"
+    junk.write_bytes(b"definitely not an onnx model")
+    with pytest.raises(JoeyError) as err:
+        client.upload_model("junk", junk)
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert "junk" not in [m.name for m in client.list_models()]
+
+
+def test_unknown_pipeline_is_a_clear_error(client: Client) -> None:
+    with pytest.raises(JoeyError) as err:
+        client.build_pipeline("nowhere").deploy()
+    assert err.value.code == "NOT_FOUND" and "nowhere" in err.value.message
