@@ -13,10 +13,6 @@ ERROR = "Error"
 UNDEPLOYED = "Undeployed"
 
 
-def _ranges(numbers: list[int]) -> str:
-    return ",".join(str(n) for n in numbers)
-
-
 def compute_status(
     deployment: Deployment | None, views: list[ReplicaView], partitions: int | None
 ) -> DeploymentStatus:
@@ -52,7 +48,11 @@ def compute_status(
     else:
         unassigned = sorted(set(range(partitions)) - assigned)
         all_assigned = not unassigned
-        parts.append(f"partitions {_ranges(unassigned)} unassigned" if unassigned else f"all {partitions} partitions assigned")
+        parts.append(
+            f"partitions {','.join(map(str, unassigned))} unassigned"
+            if unassigned
+            else f"all {partitions} partitions assigned"
+        )
     loading = sum(1 for v in current if not v.beat.loaded)
     if loading:
         parts.append(f"{loading} loading")

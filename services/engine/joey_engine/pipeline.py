@@ -1,0 +1,194 @@
+"""Runs a batch of raw input records through a deployment's model steps (no Kafka here).
+
+Each record is validated on its own, so a bad record fails alone with a reason naming the
+problem; the valid ones are stacked into one batch per input and run through the steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from joey.records import RecordError, decode_input
+from joey_engine.deployment import Deployment, Step, Tensor
+from joey_engine.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Success:
+    inputs: dict[str, Any]
+    """The input record as received, including fields that are not model inputs."""
+    outputs: dict[str, Any]
+    """The last step's outputs for this record, as plain Python values."""
+    elapsed_ns: tuple[int, ...]
+    """Time of each step for the batch this record ran in."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    inputs: dict[str, Any] | None
+    """The input record when it was a JSON object, else None."""
+
+
+Result = Success | Failure
+
+
+class StepError(Exception):
+    """A model step failed on a batch; the message names the step."""
+
+
+_KIND_NAMES = {"f": "numbers", "i": "integers", "u": "integers", "b": "booleans", "U": "strings"}
+# JSON value kinds each model dtype kind accepts: integers are valid floats, nothing else converts implicitly.
+_ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "U": "U"}
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join("?" if dim < 0 else str(dim) for dim in shape) + "]"
+
+
+def _convert(tensor: Tensor, value: Any) -> np.ndarray:
+    """One record's value for ``tensor`` as an array of the model's dtype, without the batch dimension."""
+    target = np.dtype(tensor.dtype)
+    expected_shape = tensor.shape[1:]
+    try:
+        raw = np.asarray(value)
+    except ValueError:
+        raise RecordError(
+            f"input {tensor.name!r} is not a rectangular array: expected shape {_shape_text(expected_shape)}"
+        ) from None
+    if raw.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
+        got = _KIND_NAMES.get(raw.dtype.kind, "null or mixed values")
+        raise RecordError(f"input {tensor.name!r} must hold {tensor.dtype} values, got {got}")
+    if raw.ndim != len(expected_shape) or any(
+        want >= 0 and want != got for want, got in zip(expected_shape, raw.shape, strict=True)
+    ):
+        raise RecordError(
+            f"input {tensor.name!r} has shape {_shape_text(raw.shape)}, expected {_shape_text(expected_shape)}"
+        )
+    if target.kind == "U":
+        return raw
+    try:
+        # Float overflow shows up as inf and is rejected below with the NaN check.
+        with np.errstate(over="ignore"):
+            array = np.asarray(value, dtype=target)
+    except OverflowError:
+        raise RecordError(f"input {tensor.name!r} has values out of range for {tensor.dtype}") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise RecordError(f"input {tensor.name!r} contains NaN/inf")
+    return array
+
+
+def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
+    target = np.dtype(dtype)
+    if target.kind == "U":
+        return array  # onnxruntime takes str and object arrays alike
+    return array if array.dtype == target else array.astype(target)
+
+
+class PipelineRunner:
+    """Thread-safe: holds only loaded runtimes, which support concurrent ``predict`` calls."""
+
+    def __init__(self, deployment: Deployment, runtimes: Sequence[ModelRuntime]) -> None:
+        if len(runtimes) != len(deployment.steps):
+            raise ValueError(f"{len(deployment.steps)} steps but {len(runtimes)} runtimes")
+        self._steps: list[tuple[Step, ModelRuntime]] = list(zip(deployment.steps, runtimes, strict=True))
+        for k in range(1, len(self._steps)):
+            (before, produced), (step, runtime) = self._steps[k - 1], self._steps[k]
+            available = {t.name for t in produced.outputs}
+            missing = [t.name for t in runtime.inputs if t.name not in available]
+            if missing:
+                raise ValueError(
+                    f"step {k + 1} (model {step.model!r}) needs inputs {missing} that step {k} "
+                    f"(model {before.model!r}) does not produce; it produces {sorted(available)}"
+                )
+        self._inputs = runtimes[0].inputs
+
+    @property
+    def models(self) -> list[dict[str, str | int]]:
+        return [step.ref() for step, _ in self._steps]
+
+    def run(self, values: Sequence[bytes | None]) -> list[Result]:
+        """One result per value, in order."""
+        results: list[Result | None] = [None] * len(values)
+        valid: list[int] = []
+        rows: list[dict[str, Any]] = []
+        arrays: list[dict[str, np.ndarray]] = []
+        for i, value in enumerate(values):
+            row: dict[str, Any] | None = None
+            try:
+                row = decode_input(value)
+                arrays.append(self._validate(row))
+            except RecordError as exc:
+                results[i] = Failure(str(exc), row)
+                continue
+            valid.append(i)
+            rows.append(row)
+        if valid:
+            for i, result in zip(valid, self._run_valid(rows, arrays), strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]  # every slot was filled above
+
+    def _validate(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
+        missing = [t.name for t in self._inputs if t.name not in row]
+        if missing:
+            expected = ", ".join(repr(t.name) for t in self._inputs)
+            raise RecordError(f"missing input {missing[0]!r}; the pipeline expects inputs {expected}")
+        return {t.name: _convert(t, row[t.name]) for t in self._inputs}
+
+    def _run_valid(self, rows: list[dict[str, Any]], arrays: list[dict[str, np.ndarray]]) -> list[Result]:
+        try:
+            feeds = {t.name: np.stack([a[t.name] for a in arrays]) for t in self._inputs}
+            outputs, elapsed = self._infer(feeds, len(rows))
+        except (StepError, ValueError) as exc:
+            # Dynamic dimensions of different sizes cannot be stacked, and one odd record can make a model
+            # fail the whole batch: run the records one by one so only the culprit fails.
+            if len(rows) > 1:
+                log.warning("batch of %d records failed (%s); running them one at a time", len(rows), exc)
+            return [self._run_one(row, array) for row, array in zip(rows, arrays, strict=True)]
+        columns = {name: output.tolist() for name, output in outputs.items()}
+        return [
+            Success(row, {name: column[i] for name, column in columns.items()}, elapsed)
+            for i, row in enumerate(rows)
+        ]
+
+    def _run_one(self, row: dict[str, Any], array: dict[str, np.ndarray]) -> Result:
+        try:
+            outputs, elapsed = self._infer({name: value[np.newaxis] for name, value in array.items()}, 1)
+        except StepError as exc:
+            return Failure(str(exc), row)
+        return Success(row, {name: output[0].tolist() for name, output in outputs.items()}, elapsed)
+
+    def _infer(self, feeds: dict[str, np.ndarray], n: int) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+        elapsed: list[int] = []
+        current = feeds
+        for k, (step, runtime) in enumerate(self._steps, start=1):
+            step_feeds = {t.name: _cast(current[t.name], t.dtype) for t in runtime.inputs}
+            start = time.perf_counter_ns()
+            try:
+                current = self._predict(runtime, step_feeds, n)
+            except Exception as exc:
+                raise StepError(f"step {k} (model {step.model!r} v{step.version}) failed: {exc}") from exc
+            elapsed.append(time.perf_counter_ns() - start)
+            for name, output in current.items():
+                if output.ndim == 0 or output.shape[0] != n:
+                    raise StepError(
+                        f"step {k} (model {step.model!r} v{step.version}) output {name!r} has shape "
+                        f"{list(output.shape)}, expected a first dimension of {n} (one row per record)"
+                    )
+        return current, tuple(elapsed)
+
+    @staticmethod
+    def _predict(runtime: ModelRuntime, feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        if n == 1 or all(t.shape[:1] == (-1,) for t in runtime.inputs):
+            return runtime.predict(feeds)
+        # A fixed first dimension (usually 1) means the model takes one record per call.
+        parts = [runtime.predict({name: value[i : i + 1] for name, value in feeds.items()}) for i in range(n)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

@@ -1,0 +1,290 @@
+"""The logger's core: sink batches of ``joey.logs`` records, then commit their offsets.
+
+Order of a batch, which is what makes it at-least-once without doubles:
+
+1. consume up to ``batch_size`` records within ``batch_timeout_ms``;
+2. decode each; an undecodable record is set aside for the dead-letter topic;
+3. the sink writes the decoded records in one transaction (idempotently: a record whose row
+   exists is skipped);
+4. the set-aside records are produced to ``joey.logs.dead-letter``, flushed and delivery-checked;
+5. only then are the batch's offsets committed, synchronously.
+
+A crash anywhere before 5 replays the batch from the last committed offsets, and the sink
+turns the replayed rows into no-ops (dead-lettered records may appear twice on the
+dead-letter topic, which is only read by people).
+
+When the sink or the dead-letter topic is unavailable, nothing is committed: the consumer
+seeks back to the first offset of the batch, pauses its partitions for a growing backoff, and
+keeps polling meanwhile so group membership and rebalances go on as usual.
+
+Rebalances: the batch is handled start to finish between two ``consume`` calls, and
+rebalance callbacks only run inside ``consume`` (or ``close``), so when partitions are revoked
+the previous batch has already been written and committed. If the group was lost behind our
+back instead (a stall longer than the session timeout), the commit fails and the next owner
+replays the batch from the last committed offsets, which the idempotent sink makes harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from joey import heartbeats, topics
+from joey.kafka import DeliveryTracker, consumer_config, producer_config
+from joey.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, decode_log, header_value
+from joey_logger import metrics
+from joey_logger.settings import LoggerSettings
+from joey_logger.sink import BatchRejected, LogSink, SinkUnavailable, WriteResult
+
+log = logging.getLogger(__name__)
+
+SERVICE = "logger"
+REASON_HEADER = "joey-dead-letter-reason"
+SOURCE_HEADER = "joey-dead-letter-source"
+"""``<topic>[<partition>]@<offset>`` of the dead-lettered record."""
+
+
+def decode(message: Message) -> dict[str, Any]:
+    """Decode one ``joey.logs`` record; raise RecordError naming what is wrong."""
+    content_type = header_value(message.headers(), CONTENT_TYPE_HEADER)
+    if content_type is not None and content_type != LOG_CONTENT_TYPE:
+        raise RecordError(f"unexpected content-type {content_type!r}, expected {LOG_CONTENT_TYPE!r}")
+    value = message.value()
+    if not value:
+        raise RecordError("empty record: expected an Avro joey.v1.InferenceLog")
+    try:
+        return decode_log(value)
+    # fastavro reports corrupt input with whatever the bytes happen to trip over (EOFError,
+    # IndexError, UnicodeDecodeError, ...), so every failure is a reason to dead-letter.
+    except Exception as exc:
+        raise RecordError(f"not an Avro joey.v1.InferenceLog ({type(exc).__name__}: {exc})") from None
+
+
+def where(message: Message) -> str:
+    return f"{message.topic()}[{message.partition()}]@{message.offset()}"
+
+
+class Backoff:
+    """Doubling delays between retries of one failing batch, reset by a success."""
+
+    def __init__(self, initial_s: float, maximum_s: float) -> None:
+        self._initial_s = initial_s
+        self._maximum_s = maximum_s
+        self._next_s = initial_s
+
+    def next(self) -> float:
+        delay = self._next_s
+        self._next_s = min(self._next_s * 2, self._maximum_s)
+        return delay
+
+    def reset(self) -> None:
+        self._next_s = self._initial_s
+
+
+class RetryLater(Exception):
+    """The batch cannot be finished now; replay it after a pause."""
+
+
+class LoggerService:
+    """Sinks ``joey.logs`` into a LogSink, committing offsets only after the rows are durable."""
+
+    def __init__(self, settings: LoggerSettings, sink: LogSink) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._backoff = Backoff(min(0.5, settings.retry_backoff_max_s), settings.retry_backoff_max_s)
+        self._redis = redis.Redis.from_url(settings.redis_url)
+        self._joined = False
+        self._next_beat = 0.0
+        self._resume_at: float | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set; the batch in hand is finished and committed first."""
+        if not self._open_sink(stop):
+            return
+        consumer = Consumer(consumer_config(self._settings, topics.LOGGER_GROUP))
+        producer = Producer(producer_config(self._settings))
+        try:
+            consumer.subscribe(
+                [topics.LOGS], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            )
+            log.info("logger %s consuming %s", self._settings.instance_id, topics.LOGS)
+            while not stop.is_set():
+                self._heartbeat()
+                self._maybe_resume(consumer)
+                messages = consumer.consume(self._settings.batch_size, self._settings.batch_timeout_ms / 1000)
+                if messages:
+                    self._handle(consumer, producer, messages)
+        finally:
+            log.info("logger %s stopping", self._settings.instance_id)
+            consumer.close()
+            producer.flush(5)
+            self._sink.close()
+            self._retire()
+
+    def _open_sink(self, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            try:
+                self._sink.open()
+                self._backoff.reset()
+                return True
+            except SinkUnavailable as exc:
+                delay = self._backoff.next()
+                log.warning("log sink unavailable at start, retrying in %.1fs: %s", delay, exc)
+                stop.wait(delay)
+        return False
+
+    def _handle(self, consumer: Consumer, producer: Producer, messages: Sequence[Message]) -> None:
+        started = time.perf_counter()
+        batch = [m for m in messages if not self._is_error(m)]
+        if not batch:
+            return
+        decoded: list[tuple[Message, dict[str, Any]]] = []
+        dead: list[tuple[Message, str]] = []
+        for message in batch:
+            try:
+                decoded.append((message, decode(message)))
+            except RecordError as exc:
+                dead.append((message, str(exc)))
+        try:
+            result, rejected = self._write(decoded)
+            self._dead_letter(producer, dead, rejected)
+        except RetryLater as exc:
+            self._retry_later(consumer, batch, str(exc))
+            return
+        self._commit(consumer, batch)
+        self._backoff.reset()
+        metrics.ROWS_WRITTEN.inc(result.written)
+        metrics.DUPLICATES_SKIPPED.inc(result.duplicates)
+        metrics.BATCHES.labels("committed").inc()
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        log.debug("batch of %d: %d rows written, %d duplicates", len(batch), result.written, result.duplicates)
+
+    def _write(
+        self, decoded: Sequence[tuple[Message, dict[str, Any]]]
+    ) -> tuple[WriteResult, list[tuple[Message, str]]]:
+        """Write the batch; if the sink rejects it, write record by record to single out the bad ones."""
+        try:
+            return self._sink.write([record for _, record in decoded]), []
+        except SinkUnavailable as exc:
+            raise RetryLater(str(exc)) from exc
+        except BatchRejected as exc:
+            log.warning("sink rejected a batch of %d (%s); writing its records one by one", len(decoded), exc)
+        written = duplicates = 0
+        rejected: list[tuple[Message, str]] = []
+        for message, record in decoded:
+            try:
+                result = self._sink.write([record])
+            except SinkUnavailable as exc:
+                raise RetryLater(str(exc)) from exc
+            except BatchRejected as exc:
+                rejected.append((message, f"rejected by the {self._settings.sink} sink: {exc}"))
+                continue
+            written += result.written
+            duplicates += result.duplicates
+        return WriteResult(written, duplicates), rejected
+
+    def _dead_letter(
+        self, producer: Producer, undecodable: list[tuple[Message, str]], rejected: list[tuple[Message, str]]
+    ) -> None:
+        if not undecodable and not rejected:
+            return
+        tracker = DeliveryTracker()
+        for reason_label, failures in (("undecodable", undecodable), ("rejected", rejected)):
+            for message, reason in failures:
+                log.error("dead-lettering log record at %s: %s", where(message), reason)
+                headers = list(message.headers() or [])
+                headers += [(REASON_HEADER, reason.encode()), (SOURCE_HEADER, where(message).encode())]
+                producer.produce(
+                    topics.LOGS_DEAD_LETTER,
+                    value=message.value(),
+                    key=message.key(),
+                    headers=headers,
+                    on_delivery=tracker.on_delivery,
+                )
+        try:
+            tracker.flush(producer)
+        except KafkaException as exc:
+            raise RetryLater(f"dead-letter topic unavailable: {exc}") from exc
+        metrics.DEAD_LETTERED.labels("undecodable").inc(len(undecodable))
+        metrics.DEAD_LETTERED.labels("rejected").inc(len(rejected))
+
+    def _commit(self, consumer: Consumer, batch: Sequence[Message]) -> None:
+        next_offsets: dict[tuple[str, int], int] = {}
+        for message in batch:
+            key = (message.topic(), message.partition())
+            next_offsets[key] = max(next_offsets.get(key, 0), message.offset() + 1)
+        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in next_offsets.items()]
+        # A failed commit loses nothing: the rows are durable, so at worst the batch is replayed
+        # into no-ops by whoever owns the partition next.
+        try:
+            results = consumer.commit(offsets=offsets, asynchronous=False) or []
+        except KafkaException as exc:
+            log.warning("offset commit failed, the batch will be replayed into duplicates: %s", exc)
+            return
+        for tp in results:
+            if tp.error is not None:
+                log.warning("offset commit failed for %s[%d]@%d: %s", tp.topic, tp.partition, tp.offset, tp.error)
+
+    def _retry_later(self, consumer: Consumer, batch: Sequence[Message], reason: str) -> None:
+        """Rewind every partition of the batch to its first record and pause consumption for a while."""
+        first: dict[tuple[str, int], int] = {}
+        for message in batch:
+            first.setdefault((message.topic(), message.partition()), message.offset())
+        for (topic, partition), offset in first.items():
+            consumer.seek(TopicPartition(topic, partition, offset))
+        consumer.pause(consumer.assignment())
+        delay = self._backoff.next()
+        self._resume_at = time.monotonic() + delay
+        metrics.BATCHES.labels("retried").inc()
+        log.warning("batch of %d not stored, retrying in %.1fs: %s", len(batch), delay, reason)
+
+    def _maybe_resume(self, consumer: Consumer) -> None:
+        if self._resume_at is not None and time.monotonic() >= self._resume_at:
+            self._resume_at = None
+            consumer.resume(consumer.assignment())
+
+    def _is_error(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return False
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("consumer error on %s[%s]: %s", message.topic(), message.partition(), error)
+        return True
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+        self._joined = True
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Nothing to flush: the last batch was committed before consume() ran this callback.
+        log.info("revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("lost %s; their uncommitted records go to the next owner", [tp.partition for tp in partitions])
+
+    def _heartbeat(self) -> None:
+        """Mark the instance ready once it has joined the group; refreshed three times per TTL."""
+        now = time.monotonic()
+        if not self._joined or now < self._next_beat:
+            return
+        self._next_beat = now + self._settings.heartbeat_ttl_s / 3
+        try:
+            heartbeats.publish_service(
+                self._redis, self._settings.redis_prefix, SERVICE, self._settings.instance_id, self._settings.heartbeat_ttl_s
+            )
+        # Readiness is advisory: a Redis outage must not stop the logs from being stored.
+        except redis.RedisError as exc:
+            log.warning("could not publish heartbeat: %s", exc)
+
+    def _retire(self) -> None:
+        try:
+            heartbeats.retire_service(self._redis, self._settings.redis_prefix, SERVICE, self._settings.instance_id)
+        except redis.RedisError as exc:
+            log.warning("could not retire heartbeat: %s", exc)

@@ -1,0 +1,199 @@
+"""Protobuf <-> domain conversions; the only module besides the servicer that knows the wire types."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from joey.topics import PipelineTopics
+from joey.v1 import registry_pb2 as pb
+from joey_registry import domain
+from joey_registry.errors import InvalidArgument
+
+_VALIDITY = {
+    pb.LOG_VALIDITY_ALL: domain.LogValidity.ALL,
+    pb.LOG_VALIDITY_OK: domain.LogValidity.OK,
+    pb.LOG_VALIDITY_FAILED: domain.LogValidity.FAILED,
+}
+
+
+def timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def optional_datetime(message: pb.QueryLogsRequest, field: str) -> datetime | None:
+    if not message.HasField(field):  # type: ignore[arg-type]
+        return None
+    ts: Timestamp = getattr(message, field)
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def workspace(ws: domain.Workspace) -> pb.Workspace:
+    return pb.Workspace(name=ws.name, created_at=timestamp(ws.created_at))
+
+
+def tensor_specs(specs: tuple[domain.TensorSpec, ...]) -> list[pb.TensorSpec]:
+    return [pb.TensorSpec(name=s.name, dtype=s.dtype, shape=list(s.shape)) for s in specs]
+
+
+def model_version(mv: domain.ModelVersion) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        workspace=mv.workspace,
+        name=mv.name,
+        version=mv.version,
+        sha256=mv.sha256,
+        size_bytes=mv.size_bytes,
+        framework=mv.framework,
+        inputs=tensor_specs(mv.inputs),
+        outputs=tensor_specs(mv.outputs),
+        created_at=timestamp(mv.created_at),
+    )
+
+
+def model(m: domain.Model) -> pb.Model:
+    return pb.Model(workspace=m.workspace, name=m.name, versions=[model_version(v) for v in m.versions])
+
+
+def upload_header(header: pb.UploadModelHeader) -> domain.UploadHeader:
+    return domain.UploadHeader(workspace=header.workspace, name=header.name, framework=header.framework)
+
+
+def step_refs(steps: list[pb.PipelineStep]) -> list[domain.StepRef]:
+    refs = []
+    for number, step in enumerate(steps, 1):
+        if step.WhichOneof("kind") != "model":
+            # Rejected here because only the wire format can express an empty step.
+            raise InvalidArgument(f"step {number} is empty: set its model")
+        refs.append(domain.StepRef(model=step.model.model, version=step.model.version))
+    return refs
+
+
+def resolved_step(step: domain.ResolvedStep) -> pb.ResolvedStep:
+    return pb.ResolvedStep(
+        model=step.model,
+        version=step.version,
+        sha256=step.sha256,
+        framework=step.framework,
+        inputs=tensor_specs(step.inputs),
+        outputs=tensor_specs(step.outputs),
+    )
+
+
+def pipeline_version(pv: domain.PipelineVersion) -> pb.PipelineVersion:
+    return pb.PipelineVersion(
+        workspace=pv.workspace,
+        pipeline=pv.pipeline,
+        version=pv.version,
+        steps=[resolved_step(s) for s in pv.steps],
+        created_at=timestamp(pv.created_at),
+    )
+
+
+def topics(t: PipelineTopics) -> pb.PipelineTopics:
+    return pb.PipelineTopics(inputs=t.inputs, outputs=t.outputs, errors=t.errors)
+
+
+def deployment(d: domain.Deployment) -> pb.Deployment:
+    return pb.Deployment(
+        workspace=d.workspace,
+        pipeline=d.pipeline,
+        pipeline_version=d.pipeline_version,
+        replicas=d.replicas,
+        active=d.active,
+        deployment_id=d.deployment_id,
+        topics=topics(d.topics),
+        updated_at=timestamp(d.updated_at),
+    )
+
+
+def pipeline(p: domain.Pipeline) -> pb.Pipeline:
+    message = pb.Pipeline(workspace=p.workspace, name=p.name, versions=[pipeline_version(v) for v in p.versions])
+    if p.deployment is not None:
+        message.deployment.CopyFrom(deployment(p.deployment))
+    return message
+
+
+def deployment_spec(spec: domain.DeploymentSpec) -> pb.DeploymentSpec:
+    d = spec.deployment
+    return pb.DeploymentSpec(
+        workspace=d.workspace,
+        pipeline=d.pipeline,
+        pipeline_version=d.pipeline_version,
+        replicas=d.replicas,
+        deployment_id=d.deployment_id,
+        steps=[resolved_step(s) for s in spec.steps],
+        topics=topics(d.topics),
+        deployed_at=timestamp(d.updated_at),
+    )
+
+
+def deployment_spec_json(spec: domain.DeploymentSpec) -> str:
+    """The value published on joey.deployments."""
+    return json_format.MessageToJson(deployment_spec(spec), preserving_proto_field_name=True)
+
+
+def deployment_status(status: domain.DeploymentStatus) -> pb.DeploymentStatus:
+    message = pb.DeploymentStatus(
+        status=status.status,
+        ready=status.ready,
+        message=status.message,
+        replicas=[
+            pb.ReplicaStatus(
+                replica_id=r.replica_id,
+                alive=r.alive,
+                pipeline_version=r.pipeline_version,
+                loaded=r.loaded,
+                partitions=list(r.partitions),
+                last_seen=timestamp(r.last_seen),
+                error=r.error,
+            )
+            for r in status.replicas
+        ],
+    )
+    if status.deployment is not None:
+        message.deployment.CopyFrom(deployment(status.deployment))
+    return message
+
+
+def log_query(request: pb.QueryLogsRequest) -> domain.LogQuery:
+    return domain.LogQuery(
+        workspace=request.workspace,
+        pipeline=request.pipeline,
+        limit=request.limit,
+        start=optional_datetime(request, "start"),
+        end=optional_datetime(request, "end"),
+        validity=_validity(request.validity),
+    )
+
+
+def _validity(value: int) -> domain.LogValidity:
+    try:
+        return _VALIDITY[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument(f"unknown log validity {value}; use ALL, OK or FAILED") from None
+
+
+def log_entry(e: domain.LogEntry) -> pb.LogEntry:
+    return pb.LogEntry(
+        request_id=e.request_id,
+        time=timestamp(e.time),
+        pipeline_version=e.pipeline_version,
+        ok=e.ok,
+        error=e.error,
+        inputs_json=e.inputs_json,
+        outputs_json=e.outputs_json,
+        check_failures=list(e.check_failures),
+        models=[pb.ModelRef(name=m.name, version=m.version, sha256=m.sha256) for m in e.models],
+        elapsed_ns=list(e.elapsed_ns),
+        input_partition=e.input_partition,
+        input_offset=e.input_offset,
+        raw_input=e.raw_input,
+    )
+
+
+def log_page(page: domain.LogPage) -> pb.QueryLogsResponse:
+    return pb.QueryLogsResponse(entries=[log_entry(e) for e in page.entries], total=page.total)

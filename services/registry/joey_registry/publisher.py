@@ -1,0 +1,58 @@
+"""Publishes deployment specs and tombstones on joey.deployments, acknowledged before returning."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from confluent_kafka import KafkaException, Producer
+
+from joey import topics
+from joey.kafka import DeliveryTracker, producer_config
+from joey_registry import convert
+from joey_registry.domain import DeploymentSpec
+from joey_registry.errors import Unavailable
+from joey_registry.settings import RegistrySettings
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentPublisher:
+    def __init__(self, settings: RegistrySettings) -> None:
+        self._timeout = settings.publish_timeout_s
+        self._producer = Producer(
+            producer_config(settings, **{"message.timeout.ms": int(settings.publish_timeout_s * 1000)})
+        )
+        # One publish at a time: flush() waits for every in-flight record, and a deploy must
+        # only report the delivery of its own.
+        self._lock = threading.Lock()
+
+    def publish(self, spec: DeploymentSpec) -> None:
+        d = spec.deployment
+        self._send(d.workspace, d.pipeline, convert.deployment_spec_json(spec).encode())
+        log.info(
+            "published deployment %s of %s/%s version %d (%d replicas)",
+            d.deployment_id,
+            d.workspace,
+            d.pipeline,
+            d.pipeline_version,
+            d.replicas,
+        )
+
+    def retract(self, workspace: str, pipeline: str) -> None:
+        """Publish the tombstone that tells engines to stop the pipeline."""
+        self._send(workspace, pipeline, None)
+        log.info("published undeploy of %s/%s", workspace, pipeline)
+
+    def _send(self, workspace: str, pipeline: str, value: bytes | None) -> None:
+        key = topics.deployment_key(workspace, pipeline).encode()
+        with self._lock:
+            tracker = DeliveryTracker()
+            try:
+                self._producer.produce(topics.DEPLOYMENTS, value=value, key=key, on_delivery=tracker.on_delivery)
+                tracker.flush(self._producer, self._timeout)
+            except (KafkaException, BufferError) as exc:
+                raise Unavailable(f"could not publish to {topics.DEPLOYMENTS}: {exc}") from exc
+
+    def close(self) -> None:
+        self._producer.flush(self._timeout)
