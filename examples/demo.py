@@ -68,7 +68,8 @@ def run_demo() -> None:
     results = pipeline.infer(records, timeout=120)
     elapsed = time.perf_counter() - t0
     ok = results["error"].isna()
-    print(f"{int(ok.sum())} results and {int((~ok).sum())} errors in {elapsed:.2f}s ({len(results) / elapsed:.0f} records/s)")
+    rate = len(results) / elapsed
+    print(f"{int(ok.sum())} results and {int((~ok).sum())} errors in {elapsed:.2f}s ({rate:.0f} records/s)")
     with pd.option_context("display.width", 160, "display.max_colwidth", 48):
         print(results[["time", "in.features", "out.label", "out.probabilities"]][ok].head(5).to_string())
         print(results.loc[~ok, ["in.features", "error"]].to_string())

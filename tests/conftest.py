@@ -156,7 +156,9 @@ def wait_registry_ready(addr: str, timeout: float = 60.0) -> None:
     def ready() -> bool:
         try:
             with grpc.insecure_channel(addr) as channel:
-                registry_pb2_grpc.RegistryStub(channel).ListWorkspaces(registry_pb2.ListWorkspacesRequest(), timeout=2)
+                registry_pb2_grpc.RegistryStub(channel).ListWorkspaces(
+                    registry_pb2.ListWorkspacesRequest(), timeout=2
+                )
             return True
         except grpc.RpcError:
             return False
@@ -168,7 +170,10 @@ def wait_service_ready(env: dict[str, str], service: str, count: int = 1, timeou
     client = redis.Redis.from_url(env["JOEY_REDIS_URL"])
     prefix = env["JOEY_REDIS_PREFIX"]
     wait_until(
-        lambda: len(heartbeats.live_services(client, prefix, service)) >= count, timeout, f"{service} ready", 0.1
+        lambda: len(heartbeats.live_services(client, prefix, service)) >= count,
+        timeout,
+        f"{service} ready",
+        0.1,
     )
 
 

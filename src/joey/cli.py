@@ -33,7 +33,9 @@ def _fail(exc: Exception) -> None:
 
 
 @click.group()
-@click.option("--registry", envvar="JOEY_REGISTRY_ADDR", help="Registry host:port (default $JOEY_REGISTRY_ADDR).")
+@click.option(
+    "--registry", envvar="JOEY_REGISTRY_ADDR", help="Registry host:port (default $JOEY_REGISTRY_ADDR)."
+)
 @click.option("--workspace", "-w", envvar="JOEY_WORKSPACE", default="default", show_default=True)
 @click.pass_context
 def main(ctx: click.Context, registry: str | None, workspace: str) -> None:
@@ -60,8 +62,10 @@ def up(detach: bool) -> None:
     try:
         if detach:
             state = start_detached(settings)
-            click.echo(f"Joey is up (pid {state['pid']}): registry {state['registry_addr']}, "
-                       f"Kafka {state['kafka_bootstrap']}. `joey down` stops it.")
+            click.echo(
+                f"Joey is up (pid {state['pid']}): registry {state['registry_addr']}, "
+                f"Kafka {state['kafka_bootstrap']}. `joey down` stops it."
+            )
         else:
             run_foreground(settings)
     except StackError as exc:
@@ -111,7 +115,9 @@ def model_upload(obj: Context, name: str, path: Path, framework: str) -> None:
     """Upload PATH as a new version of model NAME."""
     from joey.sdk import JoeyError
 
-    with click.progressbar(length=path.stat().st_size, label=f"uploading {path.name}", file=sys.stderr) as bar:
+    with click.progressbar(
+        length=path.stat().st_size, label=f"uploading {path.name}", file=sys.stderr
+    ) as bar:
         sent = [0]
 
         def progress(done: int, total: int) -> None:
@@ -158,7 +164,9 @@ def pipeline() -> None:
 
 @pipeline.command("create")
 @click.argument("name")
-@click.option("--model", "-m", "models", multiple=True, required=True, help="MODEL or MODEL:VERSION, in step order.")
+@click.option(
+    "--model", "-m", "models", multiple=True, required=True, help="MODEL or MODEL:VERSION, in step order."
+)
 @click.pass_obj
 def pipeline_create(obj: Context, name: str, models: tuple[str, ...]) -> None:
     """Create pipeline NAME (or a new version of it) from model steps."""
@@ -184,12 +192,16 @@ def pipeline_list(obj: Context) -> None:
 
 
 def _print_status(status: Any) -> None:
-    click.echo(f"{status.status} (version {status.pipeline_version}, {status.replicas_wanted} replicas): "
-               f"{status.message}")
+    click.echo(
+        f"{status.status} (version {status.pipeline_version}, {status.replicas_wanted} replicas): "
+        f"{status.message}"
+    )
     for r in status.replicas:
         state = "alive" if r.alive else "DEAD"
-        click.echo(f"  {r.replica_id}: {state}, version {r.pipeline_version}, loaded={r.loaded}, "
-                   f"partitions={list(r.partitions)}" + (f", error: {r.error}" if r.error else ""))
+        click.echo(
+            f"  {r.replica_id}: {state}, version {r.pipeline_version}, loaded={r.loaded}, "
+            f"partitions={list(r.partitions)}" + (f", error: {r.error}" if r.error else "")
+        )
 
 
 @pipeline.command("deploy")
@@ -204,7 +216,10 @@ def pipeline_deploy(obj: Context, name: str, version: int | None, replicas: int,
 
     try:
         status = Pipeline(obj.client, name).deploy(
-            replicas, version, timeout=timeout, on_status=lambda st: click.echo(f"  {st.status}: {st.message}")
+            replicas,
+            version,
+            timeout=timeout,
+            on_status=lambda st: click.echo(f"  {st.status}: {st.message}"),
         )
     except JoeyError as exc:
         _fail(exc)
@@ -238,11 +253,21 @@ def pipeline_undeploy(obj: Context, name: str) -> None:
 
 @main.command()
 @click.argument("pipeline_name", metavar="PIPELINE")
-@click.option("--file", "-f", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="A JSON array of records, or JSON lines (one record per line).")
+@click.option(
+    "--file",
+    "-f",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A JSON array of records, or JSON lines (one record per line).",
+)
 @click.option("--timeout", type=float, default=60.0, show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write results as JSON lines here instead of a table on stdout.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write results as JSON lines here instead of a table on stdout.",
+)
 @click.pass_obj
 def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: Path | None) -> None:
     """Stream the records of a file through PIPELINE and show the results."""
@@ -283,7 +308,9 @@ def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: 
 @click.option("--start", help="ISO time; returns rows chronologically from here.")
 @click.option("--end", help="ISO time.")
 @click.pass_obj
-def logs(obj: Context, pipeline_name: str, limit: int, failed: bool, start: str | None, end: str | None) -> None:
+def logs(
+    obj: Context, pipeline_name: str, limit: int, failed: bool, start: str | None, end: str | None
+) -> None:
     """Show logged inferences of PIPELINE (newest first unless a range is given)."""
     from joey.sdk import JoeyError, Pipeline
 

@@ -109,5 +109,5 @@ def retire_service(client: redis.Redis, prefix: str, service: str, instance: str
 
 def live_services(client: redis.Redis, prefix: str, service: str) -> list[str]:
     """Instance ids of the ready instances of ``service``."""
-    keys = client.keys(_service_key(prefix, service, "*"))
+    keys: list[bytes] = client.keys(_service_key(prefix, service, "*"))  # type: ignore[assignment]
     return sorted(k.decode().rsplit(":", 1)[1] for k in keys)

@@ -90,7 +90,10 @@ def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], timeout: float
     missing = [s for s in specs if s.name not in existing]
     if missing:
         futures = admin.create_topics(
-            [NewTopic(s.name, num_partitions=s.partitions, replication_factor=-1, config=s.config) for s in missing],
+            [
+                NewTopic(s.name, num_partitions=s.partitions, replication_factor=-1, config=s.config)
+                for s in missing
+            ],
             operation_timeout=timeout,
         )
         for name, future in futures.items():
@@ -106,7 +109,9 @@ def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], timeout: float
         if len(counts) == len(specs):
             return counts
         if time.monotonic() > deadline:
-            raise TimeoutError(f"topics not visible after creation: {sorted({s.name for s in specs} - set(counts))}")
+            raise TimeoutError(
+                f"topics not visible after creation: {sorted({s.name for s in specs} - set(counts))}"
+            )
         time.sleep(0.05)
 
 
@@ -142,7 +147,7 @@ class DeliveryTracker:
     def flush(self, producer: Any, timeout: float = 30.0) -> None:
         remaining = producer.flush(timeout)
         if remaining:
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{remaining} records not acknowledged"))
+            raise TimeoutError(f"{remaining} records not acknowledged by the broker within {timeout:.0f}s")
         if self.errors:
             errors, self.errors = self.errors, []
             raise KafkaException(errors[0])

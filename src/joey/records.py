@@ -48,7 +48,9 @@ def decode_input(value: bytes | None) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError(f"record is not valid JSON: {exc}") from None
     if not isinstance(row, dict):
-        raise RecordError(f"record must be a JSON object mapping input names to values, got {type(row).__name__}")
+        raise RecordError(
+            f"record must be a JSON object mapping input names to values, got {type(row).__name__}"
+        )
     return row
 
 

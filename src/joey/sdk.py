@@ -1,12 +1,12 @@
 """The Python SDK. Verbs follow what Wallaroo users know::
 
-    client = joey.Client()
-    model = client.upload_model("iris", "iris.onnx")
-    pipeline = client.build_pipeline("iris-pipeline").add_model_step(model)
-    pipeline.deploy(replicas=2)
-    results = pipeline.infer([{"features": [5.1, 3.5, 1.4, 0.2]}])
-    pipeline.logs(limit=10)
-    pipeline.undeploy()
+client = joey.Client()
+model = client.upload_model("iris", "iris.onnx")
+pipeline = client.build_pipeline("iris-pipeline").add_model_step(model)
+pipeline.deploy(replicas=2)
+results = pipeline.infer([{"features": [5.1, 3.5, 1.4, 0.2]}])
+pipeline.logs(limit=10)
+pipeline.undeploy()
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except grpc.RpcError as exc:
         code = exc.code()  # type: ignore[attr-defined]
         if code == grpc.StatusCode.UNAVAILABLE:
-            raise JoeyError(code.name, f"registry unreachable: {exc.details()}; is the stack up (`joey up`)?") from None  # type: ignore[attr-defined]
+            raise JoeyError(
+                code.name, f"registry unreachable: {exc.details()}; is the stack up (`joey up`)?"
+            ) from None  # type: ignore[attr-defined]
         raise JoeyError(code.name, exc.details()) from None  # type: ignore[attr-defined]
 
 
@@ -145,7 +147,13 @@ class DeploymentStatus:
     def from_proto(cls, st: pb.DeploymentStatus) -> DeploymentStatus:
         replicas = tuple(
             ReplicaStatus(
-                r.replica_id, r.alive, r.pipeline_version, r.loaded, tuple(r.partitions), _time(r.last_seen), r.error
+                r.replica_id,
+                r.alive,
+                r.pipeline_version,
+                r.loaded,
+                tuple(r.partitions),
+                _time(r.last_seen),
+                r.error,
             )
             for r in st.replicas
         )
@@ -182,7 +190,7 @@ class Client:
         )
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
-    def _rpc(self, name: str, request: Any, timeout: float = 60.0) -> Any:
+    def call(self, name: str, request: Any, timeout: float = 60.0) -> Any:
         return _call(getattr(self._stub, name), request, timeout=timeout, metadata=self._metadata)
 
     def close(self) -> None:
@@ -196,10 +204,10 @@ class Client:
 
     # Workspaces
     def create_workspace(self, name: str) -> str:
-        return str(self._rpc("CreateWorkspace", pb.CreateWorkspaceRequest(name=name)).name)
+        return str(self.call("CreateWorkspace", pb.CreateWorkspaceRequest(name=name)).name)
 
     def list_workspaces(self) -> list[str]:
-        return [w.name for w in self._rpc("ListWorkspaces", pb.ListWorkspacesRequest()).workspaces]
+        return [w.name for w in self.call("ListWorkspaces", pb.ListWorkspacesRequest()).workspaces]
 
     def set_current_workspace(self, name: str) -> None:
         self.workspace = name
@@ -228,19 +236,21 @@ class Client:
                     if progress:
                         progress(sent, total)
 
-        return ModelVersion.from_proto(_call(self._stub.UploadModel, chunks(), timeout=600, metadata=self._metadata))
+        return ModelVersion.from_proto(
+            _call(self._stub.UploadModel, chunks(), timeout=600, metadata=self._metadata)
+        )
 
     def get_model(self, name: str, version: int | None = None) -> ModelVersion:
         request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)
-        return ModelVersion.from_proto(self._rpc("GetModelVersion", request))
+        return ModelVersion.from_proto(self.call("GetModelVersion", request))
 
     def model_versions(self, name: str) -> list[ModelVersion]:
-        model = self._rpc("GetModel", pb.GetModelRequest(workspace=self.workspace, name=name))
+        model = self.call("GetModel", pb.GetModelRequest(workspace=self.workspace, name=name))
         return [ModelVersion.from_proto(v) for v in model.versions]
 
     def list_models(self) -> list[ModelVersion]:
         """The latest version of every model in the workspace."""
-        response = self._rpc("ListModels", pb.ListModelsRequest(workspace=self.workspace))
+        response = self.call("ListModels", pb.ListModelsRequest(workspace=self.workspace))
         return [ModelVersion.from_proto(m.versions[-1]) for m in response.models if m.versions]
 
     # Pipelines
@@ -249,16 +259,15 @@ class Client:
         return Pipeline(self, name)
 
     def get_pipeline(self, name: str) -> Pipeline:
-        response = self._rpc("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=name))
-        pipeline = Pipeline(self, name)
-        if response.versions:
-            latest = response.versions[-1]
-            pipeline._steps = [pb.ModelStep(model=s.model, version=s.version) for s in latest.steps]
-            pipeline._version = latest.version
-        return pipeline
+        response = self.call("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=name))
+        if not response.versions:
+            return Pipeline(self, name)
+        latest = response.versions[-1]
+        steps = [pb.ModelStep(model=s.model, version=s.version) for s in latest.steps]
+        return Pipeline(self, name, steps, latest.version)
 
     def list_pipelines(self) -> list[str]:
-        response = self._rpc("ListPipelines", pb.ListPipelinesRequest(workspace=self.workspace))
+        response = self.call("ListPipelines", pb.ListPipelinesRequest(workspace=self.workspace))
         return [p.name for p in response.pipelines]
 
 
@@ -268,6 +277,7 @@ class Pipeline:
     name: str
     _steps: list[pb.ModelStep] = field(default_factory=list)
     _version: int | None = None
+    """The version last created or loaded; None until then."""
 
     @property
     def workspace(self) -> str:
@@ -296,12 +306,14 @@ class Pipeline:
         request = pb.CreatePipelineRequest(
             workspace=self.workspace, name=self.name, steps=[pb.PipelineStep(model=s) for s in self._steps]
         )
-        version = PipelineVersion.from_proto(self.client._rpc("CreatePipeline", request))
+        version = PipelineVersion.from_proto(self.client.call("CreatePipeline", request))
         self._version = version.version
         return version
 
     def versions(self) -> list[PipelineVersion]:
-        response = self.client._rpc("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=self.name))
+        response = self.client.call(
+            "GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=self.name)
+        )
         return [PipelineVersion.from_proto(v) for v in response.versions]
 
     def deploy(
@@ -318,7 +330,7 @@ class Pipeline:
         request = pb.DeployRequest(
             workspace=self.workspace, pipeline=self.name, pipeline_version=version or 0, replicas=replicas
         )
-        self.client._rpc("Deploy", request)
+        self.client.call("Deploy", request)
         return self.wait_ready(timeout, on_status) if wait else self.status()
 
     def wait_ready(self, timeout: float = 120.0, on_status: StatusCallback | None = None) -> DeploymentStatus:
@@ -332,16 +344,18 @@ class Pipeline:
             if status.ready:
                 return status
             if status.status == "Error" or time.monotonic() > deadline:
-                raise JoeyError("DEADLINE_EXCEEDED" if status.status != "Error" else "ERROR",
-                                f"pipeline {self.name} not ready: {status.status}: {status.message}")
+                raise JoeyError(
+                    "DEADLINE_EXCEEDED" if status.status != "Error" else "ERROR",
+                    f"pipeline {self.name} not ready: {status.status}: {status.message}",
+                )
             time.sleep(0.2)
 
     def status(self) -> DeploymentStatus:
         request = pb.GetDeploymentStatusRequest(workspace=self.workspace, pipeline=self.name)
-        return DeploymentStatus.from_proto(self.client._rpc("GetDeploymentStatus", request))
+        return DeploymentStatus.from_proto(self.client.call("GetDeploymentStatus", request))
 
     def undeploy(self) -> None:
-        self.client._rpc("Undeploy", pb.UndeployRequest(workspace=self.workspace, pipeline=self.name))
+        self.client.call("Undeploy", pb.UndeployRequest(workspace=self.workspace, pipeline=self.name))
 
     def infer(
         self,
@@ -375,10 +389,14 @@ class Pipeline:
         """
         validity = {None: pb.LOG_VALIDITY_ALL, True: pb.LOG_VALIDITY_OK, False: pb.LOG_VALIDITY_FAILED}[valid]
         request = pb.QueryLogsRequest(
-            workspace=self.workspace, pipeline=self.name, limit=limit, validity=validity,
-            start=_timestamp(start), end=_timestamp(end),
+            workspace=self.workspace,
+            pipeline=self.name,
+            limit=limit,
+            validity=validity,
+            start=_timestamp(start),
+            end=_timestamp(end),
         )
-        response = self.client._rpc("QueryLogs", request)
+        response = self.client.call("QueryLogs", request)
         return log_entries_to_frame(response.entries)
 
     def log_count(self, start: datetime | str | None = None, valid: bool | None = None) -> int:
@@ -386,7 +404,7 @@ class Pipeline:
         request = pb.QueryLogsRequest(
             workspace=self.workspace, pipeline=self.name, limit=1, validity=validity, start=_timestamp(start)
         )
-        return int(self.client._rpc("QueryLogs", request).total)
+        return int(self.client.call("QueryLogs", request).total)
 
 
 def _flatten(prefix: str, values: dict[str, Any] | None) -> dict[str, Any]:
@@ -403,7 +421,10 @@ def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
         row |= _flatten("out", body.get("out"))
         row["check_failures"] = body.get("check_failures", [])
         row["error"] = None if reply.ok else body.get("error")
-        row |= _flatten("metadata", {k: meta.get(k) for k in ("pipeline_version", "models", "elapsed_ns", "partition", "offset")})
+        row |= _flatten(
+            "metadata",
+            {k: meta.get(k) for k in ("pipeline_version", "models", "elapsed_ns", "partition", "offset")},
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 

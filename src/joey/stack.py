@@ -60,7 +60,9 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str, stop: thread
 def registry_ready(addr: str) -> bool:
     try:
         with grpc.insecure_channel(addr) as channel:
-            registry_pb2_grpc.RegistryStub(channel).ListWorkspaces(registry_pb2.ListWorkspacesRequest(), timeout=2)
+            registry_pb2_grpc.RegistryStub(channel).ListWorkspaces(
+                registry_pb2.ListWorkspacesRequest(), timeout=2
+            )
         return True
     except grpc.RpcError:
         return False
@@ -157,12 +159,11 @@ class LocalStack:
             service.start()
         client = redis.Redis.from_url(s.redis_url)
         for service in workers:
-            _wait(
-                lambda svc=service: svc.instance_id in heartbeats.live_services(client, s.redis_prefix, svc.name),
-                s.ready_timeout_s,
-                service.name,
-                stop,
-            )
+
+            def ready(svc: _Service = service) -> bool:
+                return svc.instance_id in heartbeats.live_services(client, s.redis_prefix, svc.name)
+
+            _wait(ready, s.ready_timeout_s, service.name, stop)
         self._write_state("ready")
         self.say(f"Joey is up: registry {s.registry_addr}, Kafka {s.kafka_bootstrap}; logs in {logs}")
 
@@ -178,7 +179,10 @@ class LocalStack:
                     service.next_start = now + delay
                     log.warning(
                         "%s exited with code %s; restarting in %.0fs (see %s)",
-                        service.name, service.process.returncode, delay, service.log_path,
+                        service.name,
+                        service.process.returncode,
+                        delay,
+                        service.log_path,
                     )
                 elif now >= service.next_start:
                     service.restarts += 1
@@ -227,7 +231,10 @@ def start_detached(settings: StackSettings) -> dict[str, object]:
     log_path = settings.state_dir / "up.log"
     with log_path.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "joey.cli", "up"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [sys.executable, "-m", "joey.cli", "up"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     deadline = time.monotonic() + settings.ready_timeout_s + 30
     while time.monotonic() < deadline:

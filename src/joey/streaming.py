@@ -29,8 +29,8 @@ Progress = Callable[[int, int], None]
 class InferenceTimeout(TimeoutError):
     def __init__(self, answered: int, total: int, timeout: float) -> None:
         super().__init__(
-            f"{answered} of {total} records answered within {timeout:.0f}s; is the pipeline deployed and ready? "
-            "(check `joey pipeline status`)"
+            f"{answered} of {total} records answered within {timeout:.0f}s; "
+            "is the pipeline deployed and ready? (check `joey pipeline status`)"
         )
         self.answered = answered
         self.total = total
@@ -101,12 +101,12 @@ class PipelineStream:
                 for message in consumer.consume(num_messages=1000, timeout=min(remaining, 0.5)):
                     if message.error():
                         continue
-                    request_id = header_value(message.headers(), REQUEST_ID_HEADER)
-                    if request_id not in pending:
+                    reply_id = header_value(message.headers(), REQUEST_ID_HEADER)  # type: ignore[arg-type]
+                    if reply_id is None or reply_id not in pending:
                         continue
-                    pending.discard(request_id)
-                    body = json.loads(message.value())
-                    replies[request_id] = Reply(request_id, message.topic() == self._topics.outputs, body)
+                    pending.discard(reply_id)
+                    body = json.loads(message.value() or b"{}")
+                    replies[reply_id] = Reply(reply_id, message.topic() == self._topics.outputs, body)
                 if progress:
                     progress(len(replies), len(rows))
         finally:

@@ -49,6 +49,10 @@ class Deployment:
     def consumer_group(self) -> str:
         return topics.engine_group(self.workspace, self.pipeline)
 
+    @property
+    def models(self) -> list[dict[str, str | int]]:
+        return [step.ref() for step in self.steps]
+
     def __str__(self) -> str:
         return f"{self.key} v{self.pipeline_version} ({self.deployment_id})"
 

@@ -111,10 +111,6 @@ class PipelineRunner:
                 )
         self._inputs = runtimes[0].inputs
 
-    @property
-    def models(self) -> list[dict[str, str | int]]:
-        return [step.ref() for step, _ in self._steps]
-
     def run(self, values: Sequence[bytes | None]) -> list[Result]:
         """One result per value, in order."""
         results: list[Result | None] = [None] * len(values)

@@ -10,7 +10,7 @@ DUPLICATES_SKIPPED = Counter(
 )
 BATCHES = Counter(
     "joey_logger_batches_total",
-    "Batches handled; outcome is committed, or retried when the sink or the dead-letter topic was unavailable.",
+    "Batches handled; outcome is committed, or retried (sink or dead-letter topic unavailable).",
     ["outcome"],
 )
 DEAD_LETTERED = Counter(

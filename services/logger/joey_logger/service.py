@@ -163,7 +163,7 @@ class LoggerService:
         metrics.DUPLICATES_SKIPPED.inc(result.duplicates)
         metrics.BATCHES.labels("committed").inc()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        log.debug("batch of %d: %d rows written, %d duplicates", len(batch), result.written, result.duplicates)
+        log.debug("batch of %d: %d rows, %d duplicates", len(batch), result.written, result.duplicates)
 
     def _write(
         self, decoded: Sequence[tuple[Message, dict[str, Any]]]
@@ -195,7 +195,7 @@ class LoggerService:
         if not undecodable and not rejected:
             return
         tracker = DeliveryTracker()
-        for reason_label, failures in (("undecodable", undecodable), ("rejected", rejected)):
+        for failures in (undecodable, rejected):
             for message, reason in failures:
                 log.error("dead-lettering log record at %s: %s", where(message), reason)
                 headers = list(message.headers() or [])
@@ -215,11 +215,11 @@ class LoggerService:
         metrics.DEAD_LETTERED.labels("rejected").inc(len(rejected))
 
     def _commit(self, consumer: Consumer, batch: Sequence[Message]) -> None:
-        next_offsets: dict[tuple[str, int], int] = {}
+        last: dict[tuple[str, int], int] = {}
         for message in batch:
             key = (message.topic(), message.partition())
-            next_offsets[key] = max(next_offsets.get(key, 0), message.offset() + 1)
-        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in next_offsets.items()]
+            last[key] = max(last.get(key, -1), message.offset())
+        offsets = [TopicPartition(topic, part, offset + 1) for (topic, part), offset in last.items()]
         # A failed commit loses nothing: the rows are durable, so at worst the batch is replayed
         # into no-ops by whoever owns the partition next.
         try:
@@ -229,7 +229,7 @@ class LoggerService:
             return
         for tp in results:
             if tp.error is not None:
-                log.warning("offset commit failed for %s[%d]@%d: %s", tp.topic, tp.partition, tp.offset, tp.error)
+                log.warning("offset commit failed for %s[%d]: %s", tp.topic, tp.partition, tp.error)
 
     def _retry_later(self, consumer: Consumer, batch: Sequence[Message], reason: str) -> None:
         """Rewind every partition of the batch to its first record and pause consumption for a while."""
@@ -267,7 +267,8 @@ class LoggerService:
         log.info("revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.warning("lost %s; their uncommitted records go to the next owner", [tp.partition for tp in partitions])
+        lost = [f"{tp.topic}[{tp.partition}]" for tp in partitions]
+        log.warning("lost %s; their uncommitted records go to the next owner", lost)
 
     def _heartbeat(self) -> None:
         """Mark the instance ready once it has joined the group; refreshed three times per TTL."""
@@ -275,16 +276,18 @@ class LoggerService:
         if not self._joined or now < self._next_beat:
             return
         self._next_beat = now + self._settings.heartbeat_ttl_s / 3
+        settings = self._settings
         try:
             heartbeats.publish_service(
-                self._redis, self._settings.redis_prefix, SERVICE, self._settings.instance_id, self._settings.heartbeat_ttl_s
+                self._redis, settings.redis_prefix, SERVICE, settings.instance_id, settings.heartbeat_ttl_s
             )
         # Readiness is advisory: a Redis outage must not stop the logs from being stored.
         except redis.RedisError as exc:
             log.warning("could not publish heartbeat: %s", exc)
 
     def _retire(self) -> None:
+        settings = self._settings
         try:
-            heartbeats.retire_service(self._redis, self._settings.redis_prefix, SERVICE, self._settings.instance_id)
+            heartbeats.retire_service(self._redis, settings.redis_prefix, SERVICE, settings.instance_id)
         except redis.RedisError as exc:
             log.warning("could not retire heartbeat: %s", exc)

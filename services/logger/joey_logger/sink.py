@@ -47,6 +47,7 @@ class LogSink(ABC):
     @abstractmethod
     def from_settings(cls, settings: LoggerSettings) -> LogSink: ...
 
+    @abstractmethod
     def open(self) -> None:
         """Prepare the store; raise SinkUnavailable if it cannot be reached yet."""
 
@@ -59,6 +60,7 @@ class LogSink(ABC):
             BatchRejected: nothing was written; some record is invalid for the store.
         """
 
+    @abstractmethod
     def close(self) -> None:
         """Release connections; the sink may be opened again."""
 
@@ -78,7 +80,8 @@ def create_sink(settings: LoggerSettings) -> LogSink:
     try:
         sink_class = SINKS[settings.sink]
     except KeyError:
-        raise ValueError(f"unknown log sink {settings.sink!r}; registered: {', '.join(sorted(SINKS))}") from None
+        known = ", ".join(sorted(SINKS))
+        raise ValueError(f"unknown log sink {settings.sink!r}; registered sinks: {known}") from None
     return sink_class.from_settings(settings)
 
 
@@ -136,7 +139,7 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
 
 @register_sink("postgres")
 class PostgresLogSink(LogSink):
-    """Writes to ``inference_logs``: COPY into a temporary table, then one INSERT ... ON CONFLICT DO NOTHING."""
+    """Writes ``inference_logs``: COPY into a temporary table, then INSERT ... ON CONFLICT DO NOTHING."""
 
     def __init__(self, database_url: str, connect_timeout_s: int = 5) -> None:
         self._url = database_url

@@ -1,0 +1,38 @@
+# One image for every Joey service; the command picks the service (`joey serve <name>`).
+#
+#   docker build -t joey .
+#   docker run --rm joey serve engine
+#
+# The build stage turns the source tree into a wheel so the runtime image holds only the
+# installed package, not the sources or build tools.
+
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+COPY services ./services
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+FROM python:3.11-slim
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    JOEY_ARTIFACT_DIR=/data/artifacts \
+    JOEY_CACHE_DIR=/cache
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/*.whl && rm -rf /wheels
+
+# Own the data directories before switching user: a fresh named volume mounted on them
+# inherits this ownership, so the non-root services can write there.
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/joey joey \
+    && mkdir -p /data/artifacts /cache \
+    && chown -R joey:joey /data /cache
+USER joey
+WORKDIR /home/joey
+
+# The registry's gRPC port.
+EXPOSE 50051
+ENTRYPOINT ["joey"]
+CMD ["serve", "registry"]

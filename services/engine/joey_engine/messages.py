@@ -1,0 +1,128 @@
+"""The records a replica writes for each input: output or error (JSON) and the inference log (Avro).
+
+Formats are described in :mod:`joey.records`; everything here is a pure function of the
+deployment, where the input came from, and its result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from confluent_kafka import Message
+
+from joey import records
+from joey_engine.deployment import Deployment
+from joey_engine.pipeline import Failure, Result, Success
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input record's identity, carried to every record derived from it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    request_id: str
+
+    @classmethod
+    def of(cls, message: Message) -> Source:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        request_id = records.header_value(message.headers(), records.REQUEST_ID_HEADER)
+        return cls(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=message.key(),
+            value=message.value(),
+            request_id=request_id or f"{topic}/{partition}/{offset}",
+        )
+
+    @property
+    def headers(self) -> Headers:
+        return [(records.REQUEST_ID_HEADER, self.request_id.encode())]
+
+
+def _metadata(deployment: Deployment, source: Source) -> dict[str, Any]:
+    return {
+        "workspace": deployment.workspace,
+        "pipeline": deployment.pipeline,
+        "pipeline_version": deployment.pipeline_version,
+        "deployment_id": deployment.deployment_id,
+        "models": deployment.models,
+        "partition": source.partition,
+        "offset": source.offset,
+    }
+
+
+def output_value(deployment: Deployment, source: Source, result: Success, now: datetime) -> bytes:
+    return records.dumps(
+        {
+            "time": now.isoformat(timespec="microseconds"),
+            "request_id": source.request_id,
+            "in": result.inputs,
+            "out": result.outputs,
+            "check_failures": [],
+            "metadata": _metadata(deployment, source) | {"elapsed_ns": list(result.elapsed_ns)},
+        }
+    )
+
+
+def _raw_text(failure: Failure, source: Source) -> str | None:
+    if failure.inputs is not None or source.value is None:
+        return None
+    return source.value.decode("utf-8", errors="replace")
+
+
+def error_value(deployment: Deployment, source: Source, result: Failure, now: datetime) -> bytes:
+    return records.dumps(
+        {
+            "time": now.isoformat(timespec="microseconds"),
+            "request_id": source.request_id,
+            "error": result.reason,
+            "input": result.inputs,
+            "raw_input": _raw_text(result, source),
+            "metadata": _metadata(deployment, source),
+        }
+    )
+
+
+def log_value(deployment: Deployment, source: Source, result: Result, now: datetime) -> bytes:
+    if isinstance(result, Success):
+        outcome = {
+            "ok": True,
+            "error": None,
+            "outputs": records.dumps(result.outputs).decode(),
+            "elapsed_ns": list(result.elapsed_ns),
+        }
+    else:
+        outcome = {"ok": False, "error": result.reason, "outputs": None, "elapsed_ns": []}
+    inputs = None if result.inputs is None else records.dumps(result.inputs).decode()
+    return records.encode_log(
+        {
+            "workspace": deployment.workspace,
+            "pipeline": deployment.pipeline,
+            "pipeline_version": deployment.pipeline_version,
+            "deployment_id": deployment.deployment_id,
+            "request_id": source.request_id,
+            "record_key": source.key,
+            "time": now,
+            "input_topic": source.topic,
+            "input_partition": source.partition,
+            "input_offset": source.offset,
+            "inputs": inputs,
+            "raw_input": source.value if inputs is None else None,
+            "shadow_outputs": None,
+            "check_failures": [],
+            "models": deployment.models,
+        }
+        | outcome
+    )
+
+
+LOG_HEADERS: Headers = [(records.CONTENT_TYPE_HEADER, records.LOG_CONTENT_TYPE.encode())]

@@ -1,0 +1,27 @@
+"""Prometheus metrics of the engine. Labels stay low-cardinality: workspace and pipeline, never records."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LABELS = ("workspace", "pipeline")
+
+RECORDS = Counter("joey_engine_records", "Input records processed", (*_LABELS, "outcome"))
+BATCH_SIZE = Histogram(
+    "joey_engine_batch_size", "Records per batch", _LABELS, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+)
+# Model steps of small models take well under a millisecond, so buckets start at 50 us.
+STEP_SECONDS = Histogram(
+    "joey_engine_step_seconds",
+    "Time of one model step on one batch",
+    (*_LABELS, "step"),
+    buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0),
+)
+BATCH_SECONDS = Histogram(
+    "joey_engine_batch_seconds",
+    "Time from a batch's arrival to its offsets being committed",
+    _LABELS,
+    buckets=(1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+REPLICAS = Gauge("joey_engine_replicas", "Replicas running in this engine", _LABELS)
+REPLICA_FAILURES = Counter("joey_engine_replica_failures", "Replicas stopped by a fatal error", _LABELS)

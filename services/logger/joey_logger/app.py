@@ -1,0 +1,25 @@
+"""Entry point of `joey serve logger`."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import start_http_server
+
+from joey.lifecycle import configure_logging, shutdown_event
+from joey_logger.service import LoggerService
+from joey_logger.settings import LoggerSettings
+from joey_logger.sink import create_sink
+
+log = logging.getLogger(__name__)
+
+
+def serve() -> None:
+    settings = LoggerSettings()
+    configure_logging(settings.log_level)
+    stop = shutdown_event()
+    if settings.metrics_port is not None:
+        start_http_server(settings.metrics_port)
+        log.info("metrics on port %d", settings.metrics_port)
+    # run() closes the consumer, sink and heartbeat on any exit; a fatal error then propagates.
+    LoggerService(settings, create_sink(settings)).run(stop)
