@@ -42,6 +42,9 @@ class StackSettings(CommonSettings):
 
     ready_timeout_s: float = 90.0
 
+    embedded_broker: bool | None = None
+    """Start the embedded broker on JOEY_KAFKA_BOOTSTRAP's port. Default: only when JOEY_KAFKA_BOOTSTRAP is unset."""
+
 
 class StackError(RuntimeError):
     pass
@@ -111,6 +114,8 @@ class LocalStack:
 
     @property
     def embedded(self) -> bool:
+        if self.settings.embedded_broker is not None:
+            return self.settings.embedded_broker
         return "kafka_bootstrap" not in self.settings.model_fields_set
 
     @property

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from joey.records import RecordError, decode_input
+from joey_engine import metrics
 from joey_engine.deployment import Deployment, Step, Tensor
 from joey_engine.runtime import ModelRuntime
 
@@ -110,6 +111,10 @@ class PipelineRunner:
                     f"(model {before.model!r}) does not produce; it produces {sorted(available)}"
                 )
         self._inputs = runtimes[0].inputs
+        self._step_seconds = [
+            metrics.STEP_SECONDS.labels(deployment.workspace, deployment.pipeline, str(k))
+            for k in range(1, len(runtimes) + 1)
+        ]
 
     def run(self, values: Sequence[bytes | None]) -> list[Result]:
         """One result per value, in order."""
@@ -173,6 +178,7 @@ class PipelineRunner:
             except Exception as exc:
                 raise StepError(f"step {k} (model {step.model!r} v{step.version}) failed: {exc}") from exc
             elapsed.append(time.perf_counter_ns() - start)
+            self._step_seconds[k - 1].observe(elapsed[-1] / 1e9)
             for name, output in current.items():
                 if output.ndim == 0 or output.shape[0] != n:
                     raise StepError(

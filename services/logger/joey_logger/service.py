@@ -37,8 +37,9 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 
 from joey import heartbeats, topics
 from joey.kafka import DeliveryTracker, consumer_config, producer_config
-from joey.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, decode_log, header_value
+from joey.records import RecordError
 from joey_logger import metrics
+from joey_logger.messages import LogMessage
 from joey_logger.settings import LoggerSettings
 from joey_logger.sink import BatchRejected, LogSink, SinkUnavailable, WriteResult
 
@@ -48,26 +49,6 @@ SERVICE = "logger"
 REASON_HEADER = "joey-dead-letter-reason"
 SOURCE_HEADER = "joey-dead-letter-source"
 """``<topic>[<partition>]@<offset>`` of the dead-lettered record."""
-
-
-def decode(message: Message) -> dict[str, Any]:
-    """Decode one ``joey.logs`` record; raise RecordError naming what is wrong."""
-    content_type = header_value(message.headers(), CONTENT_TYPE_HEADER)
-    if content_type is not None and content_type != LOG_CONTENT_TYPE:
-        raise RecordError(f"unexpected content-type {content_type!r}, expected {LOG_CONTENT_TYPE!r}")
-    value = message.value()
-    if not value:
-        raise RecordError("empty record: expected an Avro joey.v1.InferenceLog")
-    try:
-        return decode_log(value)
-    # fastavro reports corrupt input with whatever the bytes happen to trip over (EOFError,
-    # IndexError, UnicodeDecodeError, ...), so every failure is a reason to dead-letter.
-    except Exception as exc:
-        raise RecordError(f"not an Avro joey.v1.InferenceLog ({type(exc).__name__}: {exc})") from None
-
-
-def where(message: Message) -> str:
-    return f"{message.topic()}[{message.partition()}]@{message.offset()}"
 
 
 class Backoff:
@@ -141,14 +122,14 @@ class LoggerService:
 
     def _handle(self, consumer: Consumer, producer: Producer, messages: Sequence[Message]) -> None:
         started = time.perf_counter()
-        batch = [m for m in messages if not self._is_error(m)]
+        batch = [LogMessage.from_kafka(m) for m in messages if not self._is_error(m)]
         if not batch:
             return
-        decoded: list[tuple[Message, dict[str, Any]]] = []
-        dead: list[tuple[Message, str]] = []
+        decoded: list[tuple[LogMessage, dict[str, Any]]] = []
+        dead: list[tuple[LogMessage, str]] = []
         for message in batch:
             try:
-                decoded.append((message, decode(message)))
+                decoded.append((message, message.decode()))
             except RecordError as exc:
                 dead.append((message, str(exc)))
         try:
@@ -166,8 +147,8 @@ class LoggerService:
         log.debug("batch of %d: %d rows, %d duplicates", len(batch), result.written, result.duplicates)
 
     def _write(
-        self, decoded: Sequence[tuple[Message, dict[str, Any]]]
-    ) -> tuple[WriteResult, list[tuple[Message, str]]]:
+        self, decoded: Sequence[tuple[LogMessage, dict[str, Any]]]
+    ) -> tuple[WriteResult, list[tuple[LogMessage, str]]]:
         """Write the batch; if the sink rejects it, write record by record to single out the bad ones."""
         try:
             return self._sink.write([record for _, record in decoded]), []
@@ -176,7 +157,7 @@ class LoggerService:
         except BatchRejected as exc:
             log.warning("sink rejected a batch of %d (%s); writing its records one by one", len(decoded), exc)
         written = duplicates = 0
-        rejected: list[tuple[Message, str]] = []
+        rejected: list[tuple[LogMessage, str]] = []
         for message, record in decoded:
             try:
                 result = self._sink.write([record])
@@ -190,21 +171,24 @@ class LoggerService:
         return WriteResult(written, duplicates), rejected
 
     def _dead_letter(
-        self, producer: Producer, undecodable: list[tuple[Message, str]], rejected: list[tuple[Message, str]]
+        self,
+        producer: Producer,
+        undecodable: list[tuple[LogMessage, str]],
+        rejected: list[tuple[LogMessage, str]],
     ) -> None:
         if not undecodable and not rejected:
             return
         tracker = DeliveryTracker()
         for failures in (undecodable, rejected):
             for message, reason in failures:
-                log.error("dead-lettering log record at %s: %s", where(message), reason)
-                headers = list(message.headers() or [])
-                headers += [(REASON_HEADER, reason.encode()), (SOURCE_HEADER, where(message).encode())]
+                source = message.where()
+                log.error("dead-lettering log record at %s: %s", source, reason)
+                trail = [(REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())]
                 producer.produce(
                     topics.LOGS_DEAD_LETTER,
-                    value=message.value(),
-                    key=message.key(),
-                    headers=headers,
+                    value=message.value,
+                    key=message.key,
+                    headers=[*message.headers, *trail],
                     on_delivery=tracker.on_delivery,
                 )
         try:
@@ -214,11 +198,11 @@ class LoggerService:
         metrics.DEAD_LETTERED.labels("undecodable").inc(len(undecodable))
         metrics.DEAD_LETTERED.labels("rejected").inc(len(rejected))
 
-    def _commit(self, consumer: Consumer, batch: Sequence[Message]) -> None:
+    def _commit(self, consumer: Consumer, batch: Sequence[LogMessage]) -> None:
         last: dict[tuple[str, int], int] = {}
         for message in batch:
-            key = (message.topic(), message.partition())
-            last[key] = max(last.get(key, -1), message.offset())
+            key = (message.topic, message.partition)
+            last[key] = max(last.get(key, -1), message.offset)
         offsets = [TopicPartition(topic, part, offset + 1) for (topic, part), offset in last.items()]
         # A failed commit loses nothing: the rows are durable, so at worst the batch is replayed
         # into no-ops by whoever owns the partition next.
@@ -231,11 +215,11 @@ class LoggerService:
             if tp.error is not None:
                 log.warning("offset commit failed for %s[%d]: %s", tp.topic, tp.partition, tp.error)
 
-    def _retry_later(self, consumer: Consumer, batch: Sequence[Message], reason: str) -> None:
+    def _retry_later(self, consumer: Consumer, batch: Sequence[LogMessage], reason: str) -> None:
         """Rewind every partition of the batch to its first record and pause consumption for a while."""
         first: dict[tuple[str, int], int] = {}
         for message in batch:
-            first.setdefault((message.topic(), message.partition()), message.offset())
+            first.setdefault((message.topic, message.partition), message.offset)
         for (topic, partition), offset in first.items():
             consumer.seek(TopicPartition(topic, partition, offset))
         consumer.pause(consumer.assignment())

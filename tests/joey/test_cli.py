@@ -1,0 +1,77 @@
+"""The CLI a user types, against a stack started by `joey up --detach` (embedded broker included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_model import make_records
+
+from tests.conftest import free_port, wait_until
+
+
+def joey(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "joey.cli", *args], env=env, capture_output=True, text=True, timeout=180
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"joey {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture()
+def cli_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """A second, separate stack: its own embedded broker, registry port and state dir; same database."""
+    return (
+        os.environ
+        | env
+        | {
+            "JOEY_EMBEDDED_BROKER": "true",
+            "JOEY_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+            "JOEY_REGISTRY_ADDR": f"127.0.0.1:{free_port()}",
+            "JOEY_STATE_DIR": str(tmp_path / "state"),
+            "JOEY_REDIS_PREFIX": env["JOEY_REDIS_PREFIX"] + "cli",
+        }
+    )
+
+
+def test_up_upload_deploy_infer_logs_down(cli_env: dict[str, str], iris_model: Path, tmp_path: Path) -> None:
+    up = joey(cli_env, "up", "--detach")
+    try:
+        assert "Joey is up" in up.stdout
+        assert "already running" in joey(cli_env, "up", "--detach", check=False).stderr
+
+        upload = joey(cli_env, "model", "upload", "iris-cli", str(iris_model))
+        assert "iris-cli version" in upload.stdout and "input features: float32 [-1, 4]" in upload.stdout
+        bad = joey(cli_env, "model", "upload", "iris-cli", __file__, check=False)
+        assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr
+
+        created = joey(cli_env, "pipeline", "create", "cli-pipe", "--model", "iris-cli")
+        assert "cli-pipe version" in created.stdout
+        deployed = joey(cli_env, "pipeline", "deploy", "cli-pipe", "--replicas", "1")
+        assert "Running" in deployed.stdout
+
+        records = tmp_path / "records.json"
+        records.write_text(json.dumps(make_records(25) + [{"features": "oops"}]))
+        inferred = joey(cli_env, "infer", "cli-pipe", "--file", str(records))
+        assert "26 records, 1 failed" in inferred.stderr
+        assert "out.label" in inferred.stdout
+
+        wait_until(
+            lambda: "oops" in joey(cli_env, "logs", "cli-pipe", "--failed").stdout,
+            30,
+            "the failure in the log",
+        )
+
+        assert "undeployed" in joey(cli_env, "pipeline", "undeploy", "cli-pipe").stdout
+    finally:
+        down = joey(cli_env, "down", check=False)
+    assert down.stdout.strip() == "stopped"
+    assert not (Path(cli_env["JOEY_STATE_DIR"]) / "stack.json").exists()
+    assert joey(cli_env, "down").stdout.strip() == "Joey was not running"

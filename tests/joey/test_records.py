@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from joey import records
+
+
+def test_decode_input_accepts_a_json_object() -> None:
+    assert records.decode_input(b'{"features": [1, 2]}') == {"features": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "empty record"),
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2, 3]", "got list"),
+        (b'"text"', "got str"),
+    ],
+)
+def test_decode_input_names_the_problem(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(records.RecordError, match=reason):
+        records.decode_input(raw)
+
+
+def test_dumps_turns_numpy_and_non_finite_values_into_json() -> None:
+    value = {"a": np.float32(1.5), "b": np.array([[1, 2]], dtype=np.int64), "c": math.nan, "d": [np.inf, 2.0]}
+    assert records.dumps(value) == b'{"a":1.5,"b":[[1,2]],"c":null,"d":[null,2.0]}'
+
+
+def test_log_record_round_trips_through_avro() -> None:
+    record = {
+        "workspace": "default",
+        "pipeline": "p",
+        "pipeline_version": 3,
+        "deployment_id": "d-1",
+        "request_id": "r-1",
+        "record_key": b"k",
+        "time": datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        "input_topic": "joey.default.p.inputs",
+        "input_partition": 2,
+        "input_offset": 41,
+        "ok": False,
+        "error": "missing input 'features'",
+        "inputs": None,
+        "raw_input": b"\x00garbage",
+        "outputs": None,
+        "shadow_outputs": None,
+        "check_failures": [],
+        "models": [{"name": "m", "version": 1, "sha256": "ab" * 32}],
+        "elapsed_ns": [120, 340],
+    }
+    assert records.decode_log(records.encode_log(record)) == record
+
+
+def test_header_value_finds_the_request_id() -> None:
+    headers = [("other", b"x"), (records.REQUEST_ID_HEADER, b"abc")]
+    assert records.header_value(headers, records.REQUEST_ID_HEADER) == "abc"
+    assert records.header_value(None, records.REQUEST_ID_HEADER) is None
