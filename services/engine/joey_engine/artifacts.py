@@ -53,7 +53,8 @@ class ArtifactStore:
                     size += len(chunk.data)
             if digest.hexdigest() != sha256:
                 raise ArtifactError(
-                    f"artifact {sha256} from the registry has sha256 {digest.hexdigest()} ({size} bytes); discarded"
+                    f"artifact {sha256} from the registry has sha256 {digest.hexdigest()} "
+                    f"({size} bytes); discarded"
                 )
             os.replace(tmp, target)
         except grpc.RpcError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from google.protobuf import json_format
@@ -57,7 +58,7 @@ class Deployment:
         return f"{self.key} v{self.pipeline_version} ({self.deployment_id})"
 
 
-def _tensors(specs: list[registry_pb2.TensorSpec]) -> tuple[Tensor, ...]:
+def _tensors(specs: Iterable[registry_pb2.TensorSpec]) -> tuple[Tensor, ...]:
     return tuple(Tensor(t.name, t.dtype, tuple(t.shape)) for t in specs)
 
 

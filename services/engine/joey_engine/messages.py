@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Message
 
@@ -16,7 +16,7 @@ from joey import records
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import Failure, Result, Success
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,11 @@ class Source:
     @classmethod
     def of(cls, message: Message) -> Source:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
-        request_id = records.header_value(message.headers(), records.REQUEST_ID_HEADER)
+        if topic is None or partition is None or offset is None:
+            raise ValueError(f"not a consumed record: {message.error()}")
+        # Consumed records always carry headers as a list of (name, bytes) pairs.
+        headers = cast(list[tuple[str, bytes | None]], message.headers())
+        request_id = records.header_value(headers, records.REQUEST_ID_HEADER)
         return cls(
             topic=topic,
             partition=partition,

@@ -8,7 +8,10 @@ _LABELS = ("workspace", "pipeline")
 
 RECORDS = Counter("joey_engine_records", "Input records processed", (*_LABELS, "outcome"))
 BATCH_SIZE = Histogram(
-    "joey_engine_batch_size", "Records per batch", _LABELS, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+    "joey_engine_batch_size",
+    "Records per batch",
+    _LABELS,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 # Model steps of small models take well under a millisecond, so buckets start at 50 us.
 STEP_SECONDS = Histogram(

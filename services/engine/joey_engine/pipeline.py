@@ -68,12 +68,11 @@ def _convert(tensor: Tensor, value: Any) -> np.ndarray:
     if raw.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
         got = _KIND_NAMES.get(raw.dtype.kind, "null or mixed values")
         raise RecordError(f"input {tensor.name!r} must hold {tensor.dtype} values, got {got}")
+    want_text = _shape_text(expected_shape)
     if raw.ndim != len(expected_shape) or any(
         want >= 0 and want != got for want, got in zip(expected_shape, raw.shape, strict=True)
     ):
-        raise RecordError(
-            f"input {tensor.name!r} has shape {_shape_text(raw.shape)}, expected {_shape_text(expected_shape)}"
-        )
+        raise RecordError(f"input {tensor.name!r} has shape {_shape_text(raw.shape)}, expected {want_text}")
     if target.kind == "U":
         return raw
     try:

@@ -50,7 +50,9 @@ def create_runtime(framework: str, settings: EngineSettings) -> ModelRuntime:
     try:
         factory = _RUNTIMES[framework]
     except KeyError:
-        raise ValueError(f"unsupported model framework {framework!r}; supported: {sorted(_RUNTIMES)}") from None
+        raise ValueError(
+            f"unsupported model framework {framework!r}; supported: {sorted(_RUNTIMES)}"
+        ) from None
     return factory(settings)
 
 

@@ -5,8 +5,10 @@ Order of a batch, which is what makes it at-least-once without doubles:
 1. consume up to ``batch_size`` records within ``batch_timeout_ms``;
 2. decode each; an undecodable record is set aside for the dead-letter topic;
 3. the sink writes the decoded records in one transaction (idempotently: a record whose row
-   exists is skipped);
-4. the set-aside records are produced to ``joey.logs.dead-letter``, flushed and delivery-checked;
+   exists is skipped); if the sink refuses the batch's data, the records are written one by
+   one and the refused ones are set aside too;
+4. the set-aside records are produced to ``joey.logs.dead-letter`` with a reason header,
+   flushed and delivery-checked;
 5. only then are the batch's offsets committed, synchronously.
 
 A crash anywhere before 5 replays the batch from the last committed offsets, and the sink
@@ -15,7 +17,8 @@ dead-letter topic, which is only read by people).
 
 When the sink or the dead-letter topic is unavailable, nothing is committed: the consumer
 seeks back to the first offset of the batch, pauses its partitions for a growing backoff, and
-keeps polling meanwhile so group membership and rebalances go on as usual.
+keeps polling meanwhile so group membership and rebalances go on as usual. A stop during
+that pause closes the consumer without a commit, leaving the batch to the next owner.
 
 Rebalances: the batch is handled start to finish between two ``consume`` calls, and
 rebalance callbacks only run inside ``consume`` (or ``close``), so when partitions are revoked
@@ -88,7 +91,7 @@ class LoggerService:
         """Consume until ``stop`` is set; the batch in hand is finished and committed first."""
         if not self._open_sink(stop):
             return
-        consumer = Consumer(consumer_config(self._settings, topics.LOGGER_GROUP))
+        consumer = Consumer(consumer_config(self._settings, self._settings.logger_group))
         producer = Producer(producer_config(self._settings))
         try:
             consumer.subscribe(
@@ -226,7 +229,8 @@ class LoggerService:
         delay = self._backoff.next()
         self._resume_at = time.monotonic() + delay
         metrics.BATCHES.labels("retried").inc()
-        log.warning("batch of %d not stored, retrying in %.1fs: %s", len(batch), delay, reason)
+        starts = ", ".join(f"{topic}[{partition}]@{offset}" for (topic, partition), offset in first.items())
+        log.warning("batch not stored, replaying from %s in %.1fs: %s", starts, delay, reason)
 
     def _maybe_resume(self, consumer: Consumer) -> None:
         if self._resume_at is not None and time.monotonic() >= self._resume_at:

@@ -8,6 +8,7 @@ import socket
 
 from pydantic import Field
 
+from joey import topics
 from joey.heartbeats import DEFAULT_TTL_S
 from joey.settings import CommonSettings
 
@@ -22,6 +23,9 @@ class LoggerSettings(CommonSettings):
 
     batch_timeout_ms: int = Field(default=200, ge=1)
     """Longest wait for a batch to fill before the records at hand are written."""
+
+    logger_group: str = topics.LOGGER_GROUP
+    """Consumer group of the loggers; loggers feeding different sinks need groups of their own."""
 
     heartbeat_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0)
     """Lifetime of the service heartbeat in Redis; it is refreshed three times per TTL."""

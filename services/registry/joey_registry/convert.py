@@ -111,7 +111,9 @@ def deployment(d: domain.Deployment) -> pb.Deployment:
 
 
 def pipeline(p: domain.Pipeline) -> pb.Pipeline:
-    message = pb.Pipeline(workspace=p.workspace, name=p.name, versions=[pipeline_version(v) for v in p.versions])
+    message = pb.Pipeline(
+        workspace=p.workspace, name=p.name, versions=[pipeline_version(v) for v in p.versions]
+    )
     if p.deployment is not None:
         message.deployment.CopyFrom(deployment(p.deployment))
     return message

@@ -72,7 +72,9 @@ def _check_chaining(steps: list[ResolvedStep]) -> None:
     for number, (prev, step) in enumerate(zip(steps, steps[1:], strict=False), 2):
         produced = {o.name: o for o in prev.outputs}
         for needed in step.inputs:
-            where = f"step {number} ({step.model} v{step.version}) needs input {needed.name!r} ({needed.dtype})"
+            where = (
+                f"step {number} ({step.model} v{step.version}) needs input {needed.name!r} ({needed.dtype})"
+            )
             source = f"step {number - 1} ({prev.model} v{prev.version})"
             out = produced.get(needed.name)
             if out is None:
@@ -188,7 +190,9 @@ class Registry:
         latest = self.store.get_model_version(ws, name, 0)
         if latest is None:
             raise NotFound(f"model {name!r} not found in workspace {ws.name!r}")
-        raise NotFound(f"model {name!r} has no version {version} in workspace {ws.name!r} (latest is {latest.version})")
+        raise NotFound(
+            f"model {name!r} has no version {version} in workspace {ws.name!r} (latest is {latest.version})"
+        )
 
     def artifact_chunks(self, caller: Caller, workspace: str, sha256: str) -> Iterator[bytes]:
         ws = self.access.authorize(caller, workspace, Action.READ)
@@ -202,7 +206,9 @@ class Registry:
 
     # --- pipelines ---
 
-    def create_pipeline(self, caller: Caller, workspace: str, name: str, steps: list[StepRef]) -> PipelineVersion:
+    def create_pipeline(
+        self, caller: Caller, workspace: str, name: str, steps: list[StepRef]
+    ) -> PipelineVersion:
         """A new pipeline version when the resolved steps differ from the latest, else the latest."""
         ws = self.access.authorize(caller, workspace, Action.WRITE)
         _valid_name("pipeline", name)
@@ -237,7 +243,9 @@ class Registry:
 
     # --- deployments ---
 
-    def deploy(self, caller: Caller, workspace: str, pipeline: str, version: int, replicas: int) -> Deployment:
+    def deploy(
+        self, caller: Caller, workspace: str, pipeline: str, version: int, replicas: int
+    ) -> Deployment:
         """Publish the desired state, acknowledged by the broker, before recording it: a failed
         publish leaves both the topic and the database as they were."""
         ws = self.access.authorize(caller, workspace, Action.DEPLOY)
@@ -286,14 +294,16 @@ class Registry:
     def _ensure_topics(self, workspace: str, pipeline: str, replicas: int) -> None:
         inputs = topics.pipeline_topics(workspace, pipeline).inputs
         try:
-            counts = kafka.ensure_topics(self.admin, kafka.pipeline_topic_specs(self.settings, workspace, pipeline))
+            counts = kafka.ensure_topics(
+                self.admin, kafka.pipeline_topic_specs(self.settings, workspace, pipeline)
+            )
         except (KafkaException, TimeoutError) as exc:
             raise Unavailable(f"could not create the topics of pipeline {pipeline!r}: {exc}") from exc
-        self._partitions[inputs] = counts[inputs]
-        if counts[inputs] < replicas:
+        count = self._partitions[inputs] = counts[inputs]
+        if count < replicas:
             raise FailedPrecondition(
-                f"topic {inputs} has {counts[inputs]} partitions, fewer than the {replicas} replicas requested; "
-                f"partitions cannot be added, so deploy at most {counts[inputs]} replicas"
+                f"topic {inputs} has {count} partitions, fewer than the {replicas} replicas requested; "
+                f"partitions cannot be added, so deploy at most {count} replicas"
             )
 
     def _input_partitions(self, topic: str) -> int | None:
@@ -313,7 +323,9 @@ class Registry:
         deployment = self.store.deployment(ws, pipeline)
         prefix = self.settings.redis_prefix
         try:
-            heartbeats.forget_dead(self.redis, prefix, ws.name, pipeline, self.settings.forget_replicas_after_s)
+            heartbeats.forget_dead(
+                self.redis, prefix, ws.name, pipeline, self.settings.forget_replicas_after_s
+            )
             views = heartbeats.read(self.redis, prefix, ws.name, pipeline)
         except redis.RedisError as exc:
             raise Unavailable(f"could not read replica heartbeats from Redis: {exc}") from exc
@@ -325,12 +337,18 @@ class Registry:
     def republish_active(self) -> int:
         """Publish every active deployment again (and recreate its topics): a broker that lost
         its data learns the desired state back; engines ignore a spec they already run."""
-        specs = self.store.active_deployments()
-        for spec in specs:
+        published = 0
+        for spec in self.store.active_deployments():
             d = spec.deployment
-            self._ensure_topics(d.workspace, d.pipeline, d.replicas)
+            try:
+                self._ensure_topics(d.workspace, d.pipeline, d.replicas)
+            except FailedPrecondition as exc:
+                # One deployment whose topics cannot hold it must not keep the registry down.
+                log.error("not republishing %s/%s: %s", d.workspace, d.pipeline, exc)
+                continue
             self.publisher.publish(spec)
-        return len(specs)
+            published += 1
+        return published
 
     # --- inference logs ---
 
@@ -339,7 +357,9 @@ class Registry:
         self._require_pipeline(ws, query.pipeline)
         limit = query.limit or DEFAULT_LOG_LIMIT
         if not 1 <= limit <= MAX_LOG_LIMIT:
-            raise InvalidArgument(f"limit must be between 1 and {MAX_LOG_LIMIT} (0 = {DEFAULT_LOG_LIMIT}), got {limit}")
+            raise InvalidArgument(
+                f"limit must be between 1 and {MAX_LOG_LIMIT} (0 = {DEFAULT_LOG_LIMIT}), got {limit}"
+            )
         if query.start is not None and query.end is not None and query.start > query.end:
             raise InvalidArgument(f"start {query.start.isoformat()} is after end {query.end.isoformat()}")
         return self.store.query_logs(query, limit)

@@ -49,7 +49,9 @@ class DeploymentPublisher:
         with self._lock:
             tracker = DeliveryTracker()
             try:
-                self._producer.produce(topics.DEPLOYMENTS, value=value, key=key, on_delivery=tracker.on_delivery)
+                self._producer.produce(
+                    topics.DEPLOYMENTS, value=value, key=key, on_delivery=tracker.on_delivery
+                )
                 tracker.flush(self._producer, self._timeout)
             except (KafkaException, BufferError) as exc:
                 raise Unavailable(f"could not publish to {topics.DEPLOYMENTS}: {exc}") from exc

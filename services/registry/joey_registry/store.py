@@ -140,18 +140,22 @@ class PipelineLock:
         return _pipeline_version(self.workspace.name, self.name, row) if row else None
 
     def deployment(self) -> Deployment | None:
-        row = self._conn.execute(f"SELECT {_DEPLOYMENT_COLUMNS} WHERE d.pipeline_id = %s", (self._pipeline_id,)).fetchone()
+        row = self._conn.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} WHERE d.pipeline_id = %s", (self._pipeline_id,)
+        ).fetchone()
         return _deployment(row) if row else None
 
     def save_deployment(self, deployment: Deployment) -> None:
         self._conn.execute(
             """
-            INSERT INTO deployments (pipeline_id, pipeline_version_id, replicas, active, deployment_id, updated_at)
+            INSERT INTO deployments
+                (pipeline_id, pipeline_version_id, replicas, active, deployment_id, updated_at)
             SELECT %(pipeline_id)s, id, %(replicas)s, %(active)s, %(deployment_id)s, %(updated_at)s
               FROM pipeline_versions WHERE pipeline_id = %(pipeline_id)s AND version = %(version)s
             ON CONFLICT (pipeline_id) DO UPDATE SET
                 pipeline_version_id = EXCLUDED.pipeline_version_id, replicas = EXCLUDED.replicas,
-                active = EXCLUDED.active, deployment_id = EXCLUDED.deployment_id, updated_at = EXCLUDED.updated_at
+                active = EXCLUDED.active, deployment_id = EXCLUDED.deployment_id,
+                updated_at = EXCLUDED.updated_at
             """,
             {
                 "pipeline_id": self._pipeline_id,
@@ -197,7 +201,8 @@ class Store:
         """The new workspace, or None if the name is taken."""
         with self._conn() as conn:
             row = conn.execute(
-                "INSERT INTO workspaces (name) VALUES (%s) ON CONFLICT (name) DO NOTHING RETURNING name, created_at",
+                "INSERT INTO workspaces (name) VALUES (%s) ON CONFLICT (name) DO NOTHING "
+                "RETURNING name, created_at",
                 (name,),
             ).fetchone()
         return Workspace(row["name"], row["created_at"]) if row else None
@@ -224,7 +229,8 @@ class Store:
         the transaction, so if it raises no row is written."""
         with self._conn() as conn:
             conn.execute(
-                "INSERT INTO models (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (ws.id, name)
+                "INSERT INTO models (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (ws.id, name),
             )
             model = conn.execute(
                 "SELECT id FROM models WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
@@ -263,8 +269,8 @@ class Store:
     def _models(self, ws: WorkspaceRef, name: str | None) -> list[Model]:
         with self._conn() as conn:
             rows = conn.execute(
-                f"SELECT {_MODEL_VERSION_COLUMNS} WHERE m.workspace_id = %s AND (%s::text IS NULL OR m.name = %s) "
-                "ORDER BY m.name, v.version",
+                f"SELECT {_MODEL_VERSION_COLUMNS} WHERE m.workspace_id = %s "
+                "AND (%s::text IS NULL OR m.name = %s) ORDER BY m.name, v.version",
                 (ws.id, name, name),
             ).fetchall()
         grouped: dict[str, list[ModelVersion]] = {}
@@ -300,7 +306,8 @@ class Store:
         already has exactly these steps (created=False)."""
         with self._conn() as conn:
             conn.execute(
-                "INSERT INTO pipelines (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (ws.id, name)
+                "INSERT INTO pipelines (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (ws.id, name),
             )
             pipeline = conn.execute(
                 "SELECT id FROM pipelines WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
@@ -316,7 +323,11 @@ class Store:
             row = conn.execute(
                 "INSERT INTO pipeline_versions (pipeline_id, version, steps) VALUES (%s, %s, %s) "
                 "RETURNING version, steps, created_at",
-                (pipeline["id"], (latest["version"] if latest else 0) + 1, Jsonb([s.to_json() for s in steps])),
+                (
+                    pipeline["id"],
+                    (latest["version"] if latest else 0) + 1,
+                    Jsonb([s.to_json() for s in steps]),
+                ),
             ).fetchone()
             assert row is not None
         return _pipeline_version(ws.name, name, row), True
@@ -337,7 +348,8 @@ class Store:
                 (ws.id, name, name),
             ).fetchall()
             deployments = conn.execute(
-                f"SELECT {_DEPLOYMENT_COLUMNS} WHERE p.workspace_id = %s AND (%s::text IS NULL OR p.name = %s)",
+                f"SELECT {_DEPLOYMENT_COLUMNS} WHERE p.workspace_id = %s "
+                "AND (%s::text IS NULL OR p.name = %s)",
                 (ws.id, name, name),
             ).fetchall()
         by_pipeline = {row["pipeline"]: _deployment(row) for row in deployments}
@@ -351,7 +363,9 @@ class Store:
 
     def pipeline_exists(self, ws: WorkspaceRef, name: str) -> bool:
         with self._conn() as conn:
-            row = conn.execute("SELECT 1 FROM pipelines WHERE workspace_id = %s AND name = %s", (ws.id, name)).fetchone()
+            row = conn.execute(
+                "SELECT 1 FROM pipelines WHERE workspace_id = %s AND name = %s", (ws.id, name)
+            ).fetchone()
         return row is not None
 
     def deployment(self, ws: WorkspaceRef, name: str) -> Deployment | None:
@@ -374,7 +388,9 @@ class Store:
     def active_deployments(self) -> list[DeploymentSpec]:
         """Every active deployment of every workspace, with its resolved steps."""
         with self._conn() as conn:
-            rows = conn.execute(f"SELECT {_DEPLOYMENT_COLUMNS} WHERE d.active ORDER BY w.name, p.name").fetchall()
+            rows = conn.execute(
+                f"SELECT {_DEPLOYMENT_COLUMNS} WHERE d.active ORDER BY w.name, p.name"
+            ).fetchall()
         return [DeploymentSpec(_deployment(row), _steps(row["steps"])) for row in rows]
 
     # --- inference logs ---
@@ -399,12 +415,14 @@ class Store:
         }
         condition = " AND ".join(where)
         with self._conn() as conn:
-            total = conn.execute(f"SELECT count(*) AS n FROM inference_logs WHERE {condition}", params).fetchone()
+            total = conn.execute(
+                f"SELECT count(*) AS n FROM inference_logs WHERE {condition}", params
+            ).fetchone()
             rows = conn.execute(
                 "SELECT request_id, time, pipeline_version, ok, error, inputs::text AS inputs, "
-                "outputs::text AS outputs, check_failures, models, elapsed_ns, input_partition, input_offset, "
-                f"raw_input FROM inference_logs WHERE {condition} ORDER BY {order} LIMIT %(limit)s",
+                "outputs::text AS outputs, check_failures, models, elapsed_ns, input_partition, "
+                f"input_offset, raw_input FROM inference_logs WHERE {condition} "
+                f"ORDER BY {order} LIMIT %(limit)s",
                 params,
             ).fetchall()
         return LogPage(tuple(_log_entry(r) for r in rows), int(total["n"]) if total else 0)
-

@@ -56,7 +56,9 @@ class OnnxValidator(RuntimeValidator):
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise InvalidArgument(f"the uploaded file is not a loadable ONNX model: {_ort_reason(exc)}") from None
+            raise InvalidArgument(
+                f"the uploaded file is not a loadable ONNX model: {_ort_reason(exc)}"
+            ) from None
         return Signature(
             inputs=tuple(_tensor_spec("input", arg) for arg in session.get_inputs()),
             outputs=tuple(_tensor_spec("output", arg) for arg in session.get_outputs()),

@@ -1,0 +1,464 @@
+"""Throughput and latency of the Joey engine against a hand-written consumer loop, in one run.
+
+Both systems run the same ONNX model (examples/train_model.py) on the same records, on the
+same embedded broker, as separate processes, one at a time. The Joey side is the real
+deployed path: `joey serve registry` and `joey serve engine` processes, the model uploaded
+and the pipeline deployed with the SDK. The baseline is bench/baseline.py.
+
+Scenarios, each repeated ``--repeats`` times (the median is reported):
+
+* drain: ``--records`` records are written while the system is stopped, then it starts;
+  throughput = records / (last output - first output): pure processing speed.
+* flood: the system runs; ``--records`` records are written as fast as possible;
+  throughput = records / (last output - first record produced). Latency includes queueing.
+* paced: ``--rate`` records/s for ``--paced-seconds``, below either system's capacity:
+  the latency of a system that keeps up.
+
+Latency = time from producing a record to the collector reading its output back.
+
+    python bench/engine_throughput.py --records 50000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import redis
+from psycopg import sql
+
+from joey import db
+from joey.broker import EmbeddedBroker
+from joey.kafka import TopicSpec, admin_client, ensure_topics
+from joey.sdk import Client
+from joey.settings import CommonSettings
+from joey.topics import pipeline_topics
+from joey.v1 import registry_pb2, registry_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))
+
+from measure import (  # noqa: E402
+    Background,
+    Collected,
+    Collector,
+    Feeder,
+    Load,
+    Sample,
+    drain_sample,
+    live_sample,
+    median,
+)
+from train_model import make_records, train_and_export  # noqa: E402
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+WORKSPACE = "default"
+PIPELINE = "bench"
+WARMUP_RECORDS = 500
+SAMPLE_EVERY = 997
+"""Every this many records, the output value is kept to check both systems computed the same labels."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+class Process:
+    """A child process with its output in a log file; stopped with SIGTERM, killed if it hangs."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                self.argv, env=os.environ | self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def check(self) -> None:
+        """Raise if the process exited on its own (not yet started is fine: a drain run starts it late)."""
+        if self.process is not None and self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            code = self.process.returncode
+            raise RuntimeError(f"{self.name} exited with code {code}; end of its log:\n{tail}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+class System(ABC):
+    """A system under test: reads ``inputs``, writes one output per record to ``outputs``."""
+
+    name: str
+    inputs: str
+    outputs: str
+    errors: tuple[str, ...] = ()
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise if a process of the system died."""
+
+    @abstractmethod
+    def label(self, value: bytes) -> int:
+        """The predicted label in one output record."""
+
+
+class Baseline(System):
+    name = "baseline"
+
+    def __init__(
+        self, args: argparse.Namespace, settings: CommonSettings, model: Path, log_dir: Path
+    ) -> None:
+        self.inputs, self.outputs = "bench.baseline.inputs", "bench.baseline.outputs"
+        argv = [
+            sys.executable,
+            str(HERE / "baseline.py"),
+            f"--bootstrap={settings.kafka_bootstrap}",
+            f"--model={model}",
+            f"--input-topic={self.inputs}",
+            f"--output-topic={self.outputs}",
+            "--group=bench.baseline",
+            f"--partitions={args.partitions}",
+            f"--replicas={args.replicas}",
+            f"--batch-size={args.batch_size}",
+            f"--batch-delay-ms={args.batch_delay_ms}",
+        ]
+        self.process = Process("baseline", argv, {}, log_dir)
+
+    def start(self) -> None:
+        # baseline.py prints READY once its group owns every partition: wait for it so no run times the join.
+        log = self.process.log_path
+        seen = log.stat().st_size if log.exists() else 0
+        self.process.start()
+
+        def ready() -> bool:
+            self.check()
+            with open(log, "rb") as f:
+                f.seek(seen)
+                return b"READY" in f.read()
+
+        wait_until(ready, 60, "baseline consumers to be assigned")
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def check(self) -> None:
+        self.process.check()
+
+    def label(self, value: bytes) -> int:
+        return int(json.loads(value)["label"])
+
+
+class Joey(System):
+    """The engine as deployed: a `joey serve engine` process following the deployment the SDK made."""
+
+    name = "joey"
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        names = pipeline_topics(WORKSPACE, PIPELINE)
+        self.inputs, self.outputs, self.errors = names.inputs, names.outputs, (names.errors,)
+        self.engine = Process("engine", [sys.executable, "-m", "joey.cli", "serve", "engine"], env, log_dir)
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def check(self) -> None:
+        self.engine.check()
+
+    def label(self, value: bytes) -> int:
+        return int(json.loads(value)["out"]["label"])
+
+
+class Bench:
+    def __init__(
+        self, args: argparse.Namespace, settings: CommonSettings, rows: list[dict[str, Any]]
+    ) -> None:
+        self.args = args
+        self.feeder = Feeder(settings)
+        self.rows = rows
+        self.collector: Collector | None = None
+        self.samples: dict[tuple[str, str], list[Sample]] = {}
+        self.labels: dict[str, dict[int, int]] = {}
+
+    def run(self, system: System, scenario: str, count: int, produce: Callable[[Load], None]) -> Collected:
+        assert self.collector is not None
+        load = Load.of(f"{system.name}-{scenario}-{secrets.token_hex(3)}", self.rows, count)
+        expected = set(load.ids)
+        keep = frozenset(load.ids[::SAMPLE_EVERY])
+        timeout = self.args.timeout + count / 200
+        collector = self.collector
+        background = Background(lambda: collector.collect(expected, timeout, system.check, keep))
+        produce(load)
+        collected = background.result()
+        if collected.errors:
+            rid, value = next(iter(collected.errors.items()))
+            raise RuntimeError(
+                f"{system.name}: {len(collected.errors)} records failed; {rid}: {value[:500]!r}"
+            )
+        labels = self.labels.setdefault(system.name, {})
+        for rid, value in collected.samples.items():
+            labels[load.ids.index(rid) % len(self.rows)] = system.label(value)
+        if scenario != "warmup":
+            sample = drain_sample(load, collected) if scenario == "drain" else live_sample(load, collected)
+            self.samples.setdefault((system.name, scenario), []).append(sample)
+            print(
+                f"  {system.name:8} {scenario:6} {sample.throughput:10,.0f} records/s"
+                f"  p50 {sample.p50_ms:8.1f} ms  p99 {sample.p99_ms:8.1f} ms",
+                flush=True,
+            )
+        return collected
+
+    def repetition(self, system: System) -> None:
+        """drain (records waiting before the start), then flood and paced on the running system."""
+        args = self.args
+
+        def preload_then_start(load: Load) -> None:
+            self.feeder.flood(system.inputs, load)
+            system.start()
+
+        self.run(system, "drain", args.records, preload_then_start)
+        self.run(system, "flood", args.records, lambda load: self.feeder.flood(system.inputs, load))
+        paced = math.ceil(args.rate * args.paced_seconds)
+        self.run(system, "paced", paced, lambda load: self.feeder.paced(system.inputs, load, args.rate))
+        system.stop()
+
+
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    name = f"joey_bench_{secrets.token_hex(4)}"
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    db.prepare(url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
+def scratch_redis_prefix() -> Iterator[str]:
+    prefix = f"joeybench{secrets.token_hex(4)}"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+
+
+def registry_ready(addr: str) -> bool:
+    try:
+        with grpc.insecure_channel(addr) as channel:
+            stub = registry_pb2_grpc.RegistryStub(channel)
+            stub.ListWorkspaces(registry_pb2.ListWorkspacesRequest(), timeout=2)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def deploy_joey(
+    args: argparse.Namespace,
+    settings: CommonSettings,
+    env: dict[str, str],
+    model: Path,
+    stack: ExitStack,
+    logs: Path,
+) -> Joey:
+    """Registry up, model uploaded, pipeline deployed and answering; the engine is left stopped."""
+    registry = Process("registry", [sys.executable, "-m", "joey.cli", "serve", "registry"], env, logs).start()
+    stack.callback(registry.stop)
+    wait_until(lambda: registry.check() or registry_ready(settings.registry_addr), 60, "the registry")
+    if args.logger:
+        logger = Process("logger", [sys.executable, "-m", "joey.cli", "serve", "logger"], env, logs).start()
+        stack.callback(logger.stop)
+    joey = Joey(env, logs)
+    stack.callback(joey.stop)
+    joey.start()
+    client = Client(settings=settings, workspace=WORKSPACE)
+    stack.callback(client.close)
+    uploaded = client.upload_model("iris", model)
+    client.build_pipeline(PIPELINE).add_model_step(uploaded).deploy(replicas=args.replicas, timeout=120)
+    return joey
+
+
+def report(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    systems = [name for name in ("baseline", "joey") if (name, "drain") in bench.samples]
+    medians = {key: median(samples) for key, samples in bench.samples.items()}
+    print(
+        f"\nMedian of {args.repeats} repetitions; {args.records:,} records per drain/flood run, "
+        f"paced at {args.rate:,.0f} records/s for {args.paced_seconds:.0f} s"
+    )
+    header = f"{'scenario':8} {'metric':12}" + "".join(f"{s:>12}" for s in systems)
+    if len(systems) == 2:
+        header += f"{'joey/base':>12}"
+    print(header)
+    print("-" * len(header))
+    metrics = {
+        "drain": ("throughput",),
+        "flood": ("throughput", "p50_ms", "p99_ms"),
+        "paced": ("p50_ms", "p99_ms"),
+    }
+    titles = {"throughput": "records/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms"}
+    for scenario, fields in metrics.items():
+        for field_name in fields:
+            values = [getattr(medians[(s, scenario)], field_name) for s in systems]
+            fmt = "{:>12,.0f}" if field_name == "throughput" else "{:>12.1f}"
+            line = f"{scenario:8} {titles[field_name]:12}" + "".join(fmt.format(v) for v in values)
+            if len(systems) == 2:
+                line += f"{values[1] / values[0]:>12.2f}"
+            print(line)
+    if len(systems) == 2:
+        a, b = bench.labels["baseline"], bench.labels["joey"]
+        common = set(a) & set(b)
+        agree = sum(a[i] == b[i] for i in common)
+        print(f"\nlabels agree on {agree} of {len(common)} sampled records")
+    return {
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "samples": {f"{s}/{c}": [asdict(x) for x in xs] for (s, c), xs in bench.samples.items()},
+        "median": {f"{s}/{c}": asdict(x) for (s, c), x in medians.items()},
+    }
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=50_000, help="records per drain and flood run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256, help="JOEY_MAX_BATCH_SIZE and the baseline's")
+    parser.add_argument(
+        "--batch-delay-ms", type=int, default=5, help="JOEY_MAX_BATCH_DELAY_MS and the baseline's"
+    )
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--partitions", type=int, default=4, help="partitions of the input and output topics")
+    parser.add_argument("--rate", type=float, default=1000, help="records/s of the paced run")
+    parser.add_argument("--paced-seconds", type=float, default=10)
+    parser.add_argument("--systems", default="baseline,joey", help="comma-separated subset of baseline,joey")
+    parser.add_argument("--logger", action="store_true", help="also run `joey serve logger`, as deployed")
+    parser.add_argument("--timeout", type=float, default=120, help="extra seconds allowed per run")
+    parser.add_argument("--json", type=Path, help="write every sample and the medians here")
+    parser.add_argument("--keep-logs", type=Path, help="copy the service logs here")
+    args = parser.parse_args()
+    if args.replicas > args.partitions:
+        parser.error("--replicas cannot exceed --partitions")
+    chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
+
+    # SIGTERM unwinds like Ctrl-C, so every child process and scratch resource is cleaned up.
+    signal.signal(signal.SIGTERM, interrupt)
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="joey-bench-")))
+        logs = work / "logs"
+        logs.mkdir()
+        if args.keep_logs:
+            stack.callback(lambda: subprocess.run(["cp", "-r", str(logs), str(args.keep_logs)], check=False))
+        broker = stack.enter_context(EmbeddedBroker(free_port(), work / "tansu.log"))
+        database_url = stack.enter_context(scratch_database())
+        prefix = stack.enter_context(scratch_redis_prefix())
+        env = {
+            "JOEY_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "JOEY_DATABASE_URL": database_url,
+            "JOEY_REDIS_URL": REDIS_URL,
+            "JOEY_REDIS_PREFIX": prefix,
+            "JOEY_REGISTRY_ADDR": f"127.0.0.1:{free_port()}",
+            "JOEY_ARTIFACT_DIR": str(work / "artifacts"),
+            "JOEY_CACHE_DIR": str(work / "cache"),
+            "JOEY_PIPELINE_PARTITIONS": str(args.partitions),
+            "JOEY_LOGS_PARTITIONS": str(args.partitions),
+            "JOEY_MAX_BATCH_SIZE": str(args.batch_size),
+            "JOEY_MAX_BATCH_DELAY_MS": str(args.batch_delay_ms),
+        }
+        settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items()})
+        model = train_and_export(work / "iris.onnx")
+        rows: list[dict[str, Any]] = make_records(10_000, seed=1)  # type: ignore[assignment]
+        bench = Bench(args, settings, rows)
+        stack.callback(bench.feeder.close)
+
+        systems: list[System] = []
+        if "baseline" in chosen:
+            baseline = Baseline(args, settings, model, logs)
+            stack.callback(baseline.process.stop)
+            specs = [TopicSpec(t, args.partitions) for t in (baseline.inputs, baseline.outputs)]
+            ensure_topics(admin_client(settings), specs)
+            systems.append(baseline)
+        if "joey" in chosen:
+            joey = deploy_joey(args, settings, env, model, stack, logs)
+            systems.append(joey)
+
+        bench.collector = Collector(
+            settings, [s.outputs for s in systems], [e for s in systems for e in s.errors]
+        )
+        stack.callback(bench.collector.close)
+        # Joey is running from its deployment: warm it up, then stop it so every repetition starts alike.
+        for system in systems:
+            if isinstance(system, Baseline):
+                system.start()
+            bench.run(
+                system, "warmup", WARMUP_RECORDS, lambda load, s=system: bench.feeder.flood(s.inputs, load)
+            )
+            system.stop()
+
+        for rep in range(1, args.repeats + 1):
+            print(f"repetition {rep} of {args.repeats}", flush=True)
+            for system in systems:
+                bench.repetition(system)
+        result = report(bench, args)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

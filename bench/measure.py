@@ -1,0 +1,240 @@
+"""Load generation and measurement shared by every system under test.
+
+The same :class:`Feeder` writes the input records and the same :class:`Collector` reads
+the outputs back, whichever system sits between them, so both sides of a comparison are
+timed by identical code. Times are ``time.perf_counter()`` of this process; the
+``bench-produced-at`` header carries the wall clock (ns) for anyone reading the topics.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from joey.kafka import producer_config
+from joey.records import REQUEST_ID_HEADER
+from joey.settings import CommonSettings
+
+PRODUCED_AT_HEADER = "bench-produced-at"
+
+
+@dataclass
+class Load:
+    """Records of one measured run: ids and pre-encoded JSON values, so encoding is not timed."""
+
+    ids: list[str]
+    values: list[bytes]
+    produced_at: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, prefix: str, rows: Sequence[dict[str, object]], count: int) -> Load:
+        values = [json.dumps(row).encode() for row in rows]
+        return cls(
+            [f"{prefix}-{i:07d}" for i in range(count)], [values[i % len(values)] for i in range(count)]
+        )
+
+
+class Feeder:
+    """Produces a load to a topic, as fast as possible or at a fixed rate."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        self._producer = Producer(producer_config(settings, **{"linger.ms": 5}))
+        self._failures: list[object] = []
+
+    def _send(self, topic: str, load: Load, i: int) -> None:
+        rid = load.ids[i]
+        headers = [(REQUEST_ID_HEADER, rid.encode()), (PRODUCED_AT_HEADER, str(time.time_ns()).encode())]
+        while True:
+            try:
+                self._producer.produce(
+                    topic, load.values[i], rid.encode(), headers=headers, on_delivery=self._check
+                )
+                break
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                self._producer.poll(0.05)
+        load.produced_at.append(time.perf_counter())
+
+    def _check(self, err: object, msg: object) -> None:
+        if err is not None:
+            self._failures.append(err)
+
+    def flood(self, topic: str, load: Load) -> None:
+        for i in range(len(load.ids)):
+            self._send(topic, load, i)
+            if i % 1000 == 999:
+                self._producer.poll(0)
+        self.flush()
+
+    def paced(self, topic: str, load: Load, rate: float) -> None:
+        start = time.perf_counter()
+        sent = 0
+        while sent < len(load.ids):
+            due = min(len(load.ids), int((time.perf_counter() - start) * rate) + 1)
+            while sent < due:
+                self._send(topic, load, sent)
+                sent += 1
+            self._producer.poll(0)
+            time.sleep(0.0005)
+        self.flush()
+
+    def close(self) -> None:
+        """Flush and destroy the producer now, while the broker is still up."""
+        self.flush()
+        del self._producer
+
+    def flush(self) -> None:
+        if self._producer.flush(60) or self._failures:
+            raise RuntimeError(f"input records not acknowledged by the broker: {self._failures[:1]}")
+
+
+@dataclass
+class Collected:
+    arrived_at: dict[str, float]
+    errors: dict[str, bytes]
+    samples: dict[str, bytes]
+
+
+class Collector:
+    """Reads output (and error) topics by direct assignment, so there is no consumer group to join.
+
+    One instance lives for the whole benchmark and keeps its position; records of earlier runs
+    or redeliveries are told apart by request id.
+    """
+
+    def __init__(self, settings: CommonSettings, outputs: Iterable[str], errors: Iterable[str]) -> None:
+        self._errors = set(errors)
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": "joey-bench-collector",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 5,
+                "enable.partition.eof": False,
+            }
+        )
+        names = [*outputs, *self._errors]
+        metadata = self._consumer.list_topics(timeout=10)
+        missing = [n for n in names if n not in metadata.topics]
+        if missing:
+            raise RuntimeError(f"output topics missing: {missing}")
+        self._consumer.assign(
+            [TopicPartition(n, p, OFFSET_BEGINNING) for n in names for p in metadata.topics[n].partitions]
+        )
+
+    def collect(
+        self,
+        expected: set[str],
+        timeout: float,
+        check: Callable[[], None] = lambda: None,
+        keep: frozenset[str] = frozenset(),
+    ) -> Collected:
+        """Wait until every expected request id has an output or an error; ``check`` raises on a crash."""
+        result = Collected({}, {}, {})
+        deadline = time.monotonic() + timeout
+        next_check = 0.0
+        while len(result.arrived_at) + len(result.errors) < len(expected):
+            clock = time.monotonic()
+            if clock > deadline:
+                raise TimeoutError(
+                    f"collected {len(result.arrived_at)} outputs and {len(result.errors)} errors "
+                    f"of {len(expected)} records within {timeout:.0f}s"
+                )
+            if clock > next_check:
+                check()
+                next_check = clock + 1.0
+            first = self._consumer.poll(0.05)
+            if first is None:
+                continue
+            batch = [first, *self._consumer.consume(10_000, 0)]
+            now = time.perf_counter()
+            for message in batch:
+                if message.error() is not None:
+                    continue
+                rid = next(
+                    (v.decode() for k, v in message.headers() or () if k == REQUEST_ID_HEADER and v), None
+                )
+                if rid not in expected or rid in result.arrived_at or rid in result.errors:
+                    continue
+                if message.topic() in self._errors:
+                    result.errors[rid] = message.value()
+                else:
+                    result.arrived_at[rid] = now
+                    if rid in keep:
+                        result.samples[rid] = message.value()
+        return result
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class Background:
+    """Runs a collection in a thread while the main thread produces."""
+
+    def __init__(self, target: Callable[[], Collected]) -> None:
+        self._target = target
+        self._result: Collected | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self._target()
+        except BaseException as exc:
+            self._error = exc
+
+    def result(self) -> Collected:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured run."""
+
+    throughput: float
+    """Records per second."""
+    p50_ms: float
+    p99_ms: float
+
+
+def latencies_ms(load: Load, collected: Collected) -> np.ndarray:
+    return np.array(
+        [(collected.arrived_at[rid] - t) * 1000 for rid, t in zip(load.ids, load.produced_at, strict=True)]
+    )
+
+
+def live_sample(load: Load, collected: Collected) -> Sample:
+    """Records were produced while the system ran: throughput from the first produce to the last output."""
+    lat = latencies_ms(load, collected)
+    span = max(collected.arrived_at.values()) - load.produced_at[0]
+    return Sample(len(load.ids) / span, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)))
+
+
+def drain_sample(load: Load, collected: Collected) -> Sample:
+    """Records were waiting before the system started: throughput from the first output to the last.
+
+    Latency here is dominated by the time the records waited for the system to start, so
+    only throughput is meaningful.
+    """
+    arrivals = collected.arrived_at.values()
+    span = max(arrivals) - min(arrivals)
+    return Sample(len(load.ids) / span if span > 0 else float("inf"), float("nan"), float("nan"))
+
+
+def median(samples: Sequence[Sample]) -> Sample:
+    return Sample(
+        statistics.median(s.throughput for s in samples),
+        statistics.median(s.p50_ms for s in samples),
+        statistics.median(s.p99_ms for s in samples),
+    )

@@ -1,0 +1,273 @@
+"""The engine core: follows ``joey.deployments`` and runs the replicas this process holds slots for.
+
+The deployments topic is read from the beginning by a consumer outside any group, so every
+engine sees every deployment; the last value per key is the desired state. Replica slots
+(Redis leases, see :mod:`joey_engine.slots`) decide which engine runs which replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from joey import heartbeats, kafka, topics
+from joey_engine.artifacts import ArtifactStore
+from joey_engine.deployment import Deployment, parse
+from joey_engine.pipeline import PipelineRunner
+from joey_engine.runtime import create_runtime
+from joey_engine.settings import EngineSettings
+from joey_engine.slots import SlotLeases
+from joey_engine.worker import ReplicaWorker
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+"""How long one read of the deployments topic waits; also the pace of reconciliation."""
+
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class _Deployed:
+    """What this engine does for one deployment."""
+
+    deployment: Deployment
+    slots: set[int] = field(default_factory=set)
+    replicas: dict[int, ReplicaWorker] = field(default_factory=dict)
+    runner: PipelineRunner | None = None
+    load_error: str = ""
+    failures: int = 0
+    """Failed loads and crashed replicas so far; sets the backoff before the next attempt."""
+    retry_at: float = 0.0
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings, redis_client: redis.Redis | None = None) -> None:
+        self._settings = settings
+        self._redis = redis_client or redis.Redis.from_url(settings.redis_url)
+        self._store = ArtifactStore(settings.cache_dir, settings.registry_addr)
+        self._leases = SlotLeases(
+            self._redis, settings.redis_prefix, settings.instance_id, settings.heartbeat_ttl_s
+        )
+        self._desired: dict[str, Deployment | None] = {}
+        self._deployed: dict[str, _Deployed] = {}
+        self._next_lease_tick = 0.0
+        self._live_engines = 1
+        self.ready = threading.Event()
+        """Set once the engine has read the deployments topic up to its end."""
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set, then drain and stop every replica; errors are raised after that."""
+        settings = self._settings
+        # Never subscribes or commits: the group id only satisfies the client.
+        consumer = Consumer(kafka.consumer_config(settings, f"joey.engine-control.{settings.instance_id}"))
+        consumer.assign([TopicPartition(topics.DEPLOYMENTS, 0, OFFSET_BEGINNING)])
+        log.info("engine %s started", settings.instance_id)
+        try:
+            while not stop.is_set():
+                self._follow(consumer)
+                if self.ready.is_set():
+                    self._reconcile()
+        finally:
+            log.info("engine %s stopping", settings.instance_id)
+            self._stop([(state, set(state.slots)) for state in self._deployed.values()])
+            self._deployed.clear()
+            consumer.close()
+            try:
+                heartbeats.retire_service(self._redis, settings.redis_prefix, "engine", settings.instance_id)
+            except redis.RedisError as exc:
+                log.warning("cannot retire the engine's heartbeat: %s", exc)
+
+    def _follow(self, consumer: Consumer) -> None:
+        messages = consumer.consume(500, POLL_S)
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                log.warning("deployments consumer error: %s", error)
+                continue
+            key = (message.key() or b"").decode("utf-8", errors="replace")
+            if self._settings.workspaces and key.partition("/")[0] not in self._settings.workspaces:
+                continue
+            value = message.value()
+            if value is None:
+                self._desired[key] = None
+                continue
+            try:
+                deployment = parse(value)
+                if deployment.key != key:
+                    raise ValueError(f"spec is for {deployment.key}")
+            except ValueError as exc:
+                log.error("ignoring deployment record for %r at offset %d: %s", key, message.offset(), exc)
+                continue
+            self._desired[key] = deployment
+        if not self.ready.is_set() and not messages and self._caught_up(consumer):
+            log.info(
+                "caught up with %s: %d deployments",
+                topics.DEPLOYMENTS,
+                sum(map(bool, self._desired.values())),
+            )
+            self.ready.set()
+
+    @staticmethod
+    def _caught_up(consumer: Consumer) -> bool:
+        # The embedded broker's high-watermark can be the first offset of the last batch (+1) rather than
+        # the log end, but that whole batch arrives with its first record, so passing it means all was read.
+        partition = TopicPartition(topics.DEPLOYMENTS, 0)
+        low, high = consumer.get_watermark_offsets(partition, timeout=5.0, cached=False)
+        position = consumer.position([partition])[0].offset
+        return bool(max(position, low) >= high)
+
+    def _reconcile(self) -> None:
+        now = time.monotonic()
+        lease_tick = now >= self._next_lease_tick
+        if lease_tick:
+            self._next_lease_tick = now + self._settings.heartbeat_interval_s
+            self._announce()
+        for key, state in list(self._deployed.items()):
+            wanted = self._desired.get(key)
+            if wanted is None or wanted.deployment_id != state.deployment.deployment_id:
+                log.info("%s %s", "replacing" if wanted else "undeploying", state.deployment)
+                self._stop([(state, set(state.slots))])
+                del self._deployed[key]
+        for key, wanted in self._desired.items():
+            if wanted is None:
+                continue
+            state = self._deployed.setdefault(key, _Deployed(wanted))
+            if lease_tick:
+                try:
+                    self._maintain_slots(state)
+                except redis.RedisError as exc:
+                    log.warning("cannot maintain replica slots of %s: %s", wanted, exc)
+            self._supervise(state, now)
+
+    def _announce(self) -> None:
+        settings = self._settings
+        try:
+            heartbeats.publish_service(
+                self._redis, settings.redis_prefix, "engine", settings.instance_id, settings.heartbeat_ttl_s
+            )
+            self._live_engines = max(
+                1, len(heartbeats.live_services(self._redis, settings.redis_prefix, "engine"))
+            )
+        except redis.RedisError as exc:
+            log.warning("cannot publish the engine's heartbeat: %s", exc)
+
+    def _maintain_slots(self, state: _Deployed) -> None:
+        deployment = state.deployment
+        lost = {slot for slot in state.slots if not self._leases.renew(deployment, slot)}
+        if lost:
+            log.warning("lease of slots %s of %s expired; stopping their replicas", sorted(lost), deployment)
+            self._stop([(state, lost)])
+        # Taking at most a fair share leaves slots for the other engines.
+        share = math.ceil(deployment.replicas / self._live_engines)
+        for slot in range(deployment.replicas):
+            if len(state.slots) >= share:
+                break
+            if slot not in state.slots and self._leases.claim(deployment, slot):
+                log.info("claimed replica slot %d of %s", slot, deployment)
+                state.slots.add(slot)
+        if state.load_error:
+            for slot in state.slots:
+                beat = heartbeats.ReplicaHeartbeat(
+                    self._replica_id(slot),
+                    deployment.deployment_id,
+                    deployment.pipeline_version,
+                    loaded=False,
+                    error=state.load_error,
+                    host=socket.gethostname(),
+                )
+                self._publish(deployment, beat)
+
+    def _supervise(self, state: _Deployed, now: float) -> None:
+        deployment = state.deployment
+        for slot, worker in list(state.replicas.items()):
+            if not worker.running:
+                del state.replicas[slot]
+                if worker.error:
+                    self._backoff(state, now)
+                    log.warning("replica %s of %s failed; restarting it", worker.replica_id, deployment)
+        if not state.slots or now < state.retry_at:
+            return
+        if state.runner is None:
+            try:
+                state.runner = self._load(deployment)
+            except Exception as exc:
+                state.load_error = f"cannot load {deployment}: {exc}"
+                delay = self._backoff(state, now)
+                log.error("%s (attempt %d; retrying in %.0f s)", state.load_error, state.failures, delay)
+                self._next_lease_tick = now  # report the error right away
+                return
+            state.load_error = ""
+            state.failures = 0
+        for slot in sorted(state.slots - state.replicas.keys()):
+            worker = ReplicaWorker(
+                self._settings, deployment, state.runner, self._redis, self._replica_id(slot)
+            )
+            state.replicas[slot] = worker.start()
+
+    def _backoff(self, state: _Deployed, now: float) -> float:
+        state.failures += 1
+        delay = min(self._settings.load_retry_max_s, 2.0 ** (state.failures - 1))
+        state.retry_at = now + delay
+        return delay
+
+    def _load(self, deployment: Deployment) -> PipelineRunner:
+        runtimes = []
+        for step in deployment.steps:
+            path = self._store.fetch(deployment.workspace, step.sha256)
+            runtime = create_runtime(step.framework, self._settings)
+            runtime.load(path)
+            runtimes.append(runtime)
+        runner = PipelineRunner(deployment, runtimes)
+        log.info("loaded %s: models %s", deployment, [f"{s.model} v{s.version}" for s in deployment.steps])
+        return runner
+
+    def _stop(self, parts: list[tuple[_Deployed, set[int]]]) -> None:
+        """Stop the replicas of the given slots, draining them in parallel, then give the slots up."""
+        workers = [
+            state.replicas.pop(slot) for state, slots in parts for slot in slots if slot in state.replicas
+        ]
+        for worker in workers:
+            worker.stop()
+        for worker in workers:
+            if not worker.join(STOP_TIMEOUT_S):
+                log.error("replica %s did not stop within %.0f s", worker.replica_id, STOP_TIMEOUT_S)
+        for state, slots in parts:
+            deployment = state.deployment
+            for slot in slots:
+                state.slots.discard(slot)
+                try:
+                    self._leases.release(deployment, slot)
+                    # Also clears heartbeats reporting a load error or a crash for the slot.
+                    heartbeats.retire(
+                        self._redis,
+                        self._settings.redis_prefix,
+                        deployment.workspace,
+                        deployment.pipeline,
+                        self._replica_id(slot),
+                    )
+                except redis.RedisError as exc:
+                    log.warning("cannot release slot %d of %s: %s", slot, deployment, exc)
+
+    def _replica_id(self, slot: int) -> str:
+        return f"{self._settings.instance_id}-{slot}"
+
+    def _publish(self, deployment: Deployment, beat: heartbeats.ReplicaHeartbeat) -> None:
+        settings = self._settings
+        heartbeats.publish(
+            self._redis,
+            settings.redis_prefix,
+            deployment.workspace,
+            deployment.pipeline,
+            beat,
+            settings.heartbeat_ttl_s,
+        )

@@ -1,0 +1,282 @@
+"""One replica of one deployment: consume a batch, run it, produce results, commit.
+
+Offsets are committed synchronously after every batch, once its outputs, errors and logs
+are acknowledged by the broker, and before the next poll. Rebalance callbacks only run
+inside a poll, so when partitions are revoked nothing is outstanding: the only exception is
+a commit refused because the group was rebalancing, which is retried in the revoke callback
+(or with the next batch). Anything not committed is processed again by the partition's next
+owner: at least once.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from joey import heartbeats, kafka, topics
+from joey_engine import messages, metrics
+from joey_engine.deployment import Deployment
+from joey_engine.messages import Source
+from joey_engine.pipeline import PipelineRunner, Success
+from joey_engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.1
+"""Longest a poll waits for the first record of a batch, which bounds how fast a stop is noticed."""
+
+# The group moved on while the batch ran: its offsets stay pending and are committed on revoke or with
+# the next batch; if the partition went elsewhere, its new owner reprocesses them.
+_REBALANCING = {
+    KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError._ASSIGNMENT_LOST,  # noqa: SLF001  # librdkafka's local error codes start with "_"
+}
+
+
+class _Context(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return f"[{self.extra['context'] if self.extra else ''}] {msg}", kwargs
+
+
+class ReplicaWorker:
+    """Runs in its own thread; ``stop`` asks it to finish the current batch, commit and leave the group."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        deployment: Deployment,
+        runner: PipelineRunner,
+        redis_client: redis.Redis,
+        replica_id: str,
+    ) -> None:
+        self.deployment = deployment
+        self.replica_id = replica_id
+        self.error: str | None = None
+        """Why the replica stopped, when a fatal error stopped it."""
+        self._settings = settings
+        self._runner = runner
+        self._redis = redis_client
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"replica-{replica_id}", daemon=True)
+        self._held: set[int] = set()
+        self._pending: dict[tuple[str, int], int] = {}
+        self._tracker = kafka.DeliveryTracker()
+        self._beat = heartbeats.ReplicaHeartbeat(
+            replica_id,
+            deployment.deployment_id,
+            deployment.pipeline_version,
+            loaded=False,
+            host=socket.gethostname(),
+        )
+        self._next_beat = 0.0
+        self._log = _Context(log, {"context": f"{deployment} replica {replica_id}"})
+        labels = (deployment.workspace, deployment.pipeline)
+        self._ok = metrics.RECORDS.labels(*labels, "ok")
+        self._failed = metrics.RECORDS.labels(*labels, "error")
+        self._batch_size = metrics.BATCH_SIZE.labels(*labels)
+        self._batch_seconds = metrics.BATCH_SECONDS.labels(*labels)
+
+    def start(self) -> ReplicaWorker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; True when it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        labels = (self.deployment.workspace, self.deployment.pipeline)
+        metrics.REPLICAS.labels(*labels).inc()
+        try:
+            self._serve()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self._log.exception("replica stopped by a fatal error")
+            metrics.REPLICA_FAILURES.labels(*labels).inc()
+            self._beat.loaded = False
+            self._beat.error = self.error
+            self._heartbeat()
+        else:
+            self._retire()
+        finally:
+            metrics.REPLICAS.labels(*labels).dec()
+
+    def _serve(self) -> None:
+        settings = self._settings
+        consumer = Consumer(
+            kafka.consumer_config(settings, self.deployment.consumer_group, **{"client.id": self.replica_id})
+        )
+        producer = Producer(kafka.producer_config(settings, **{"client.id": self.replica_id}))
+        try:
+            consumer.subscribe(
+                [self.deployment.topics.inputs],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            self._beat.loaded = True
+            self._log.info("started, consuming %s", self.deployment.topics.inputs)
+            while not self._stop.is_set():
+                if time.monotonic() >= self._next_beat:
+                    self._heartbeat()
+                batch = self._consume(consumer)
+                if batch:
+                    self._process(batch, consumer, producer)
+        finally:
+            # Leaving the group runs the revoke callback, which commits anything still pending.
+            consumer.close()
+            producer.flush(10.0)
+        self._log.info("stopped")
+
+    def _consume(self, consumer: Consumer) -> list[Message]:
+        # Waiting for the first record with poll keeps an idle replica quiet; once one arrived, the batch
+        # gathers whatever else comes within max_batch_delay_ms.
+        first = consumer.poll(IDLE_POLL_S)
+        if first is None:
+            return []
+        settings = self._settings
+        more = consumer.consume(settings.max_batch_size - 1, settings.max_batch_delay_ms / 1000)
+        batch = []
+        for message in [first, *more]:
+            error = message.error()
+            if error is None:
+                batch.append(message)
+            elif error.fatal():
+                raise KafkaException(error)
+            else:
+                self._log.warning("consumer error: %s", error)
+        return batch
+
+    def _process(self, batch: list[Message], consumer: Consumer, producer: Producer) -> None:
+        start = time.perf_counter()
+        sources = [Source.of(message) for message in batch]
+        results = self._runner.run([source.value for source in sources])
+        now = datetime.now(UTC)
+        deployment, names, deliver = self.deployment, self.deployment.topics, self._tracker.on_delivery
+        failures = []
+        for source, result in zip(sources, results, strict=True):
+            if isinstance(result, Success):
+                value = messages.output_value(deployment, source, result, now)
+                producer.produce(
+                    names.outputs, value, source.key, headers=source.headers, on_delivery=deliver
+                )
+            else:
+                failures.append((source, result.reason))
+                value = messages.error_value(deployment, source, result, now)
+                producer.produce(names.errors, value, source.key, headers=source.headers, on_delivery=deliver)
+            log_record = messages.log_value(deployment, source, result, now)
+            producer.produce(
+                topics.LOGS,
+                log_record,
+                source.request_id.encode(),
+                headers=messages.LOG_HEADERS,
+                on_delivery=deliver,
+            )
+        self._tracker.flush(producer)
+        self._commit(consumer, sources)
+        if failures:
+            source, reason = failures[0]
+            self._log.warning(
+                "%d of %d records failed; first at partition %d offset %d: %s",
+                len(failures),
+                len(batch),
+                source.partition,
+                source.offset,
+                reason,
+            )
+        self._ok.inc(len(batch) - len(failures))
+        self._failed.inc(len(failures))
+        self._batch_size.observe(len(batch))
+        self._batch_seconds.observe(time.perf_counter() - start)
+
+    def _commit(self, consumer: Consumer, sources: list[Source]) -> None:
+        for source in sources:
+            position = (source.topic, source.partition)
+            self._pending[position] = max(self._pending.get(position, 0), source.offset + 1)
+        offsets = [
+            TopicPartition(topic, partition, offset) for (topic, partition), offset in self._pending.items()
+        ]
+        try:
+            committed = consumer.commit(offsets=offsets, asynchronous=False) or []
+            errors = [tp.error for tp in committed if tp.error is not None]
+            if errors:
+                raise KafkaException(errors[0])
+        except KafkaException as exc:
+            if exc.args[0].code() not in _REBALANCING:
+                raise
+            self._log.warning("commit refused while the group rebalances (%s); retrying later", exc.args[0])
+            return
+        self._pending.clear()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._held |= {tp.partition for tp in partitions}
+        self._log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
+        self._heartbeat()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        pending = [TopicPartition(t, p, o) for (t, p), o in self._pending.items() if (t, p) in revoked]
+        if pending:
+            try:
+                consumer.commit(offsets=pending, asynchronous=False)
+            except KafkaException as exc:
+                self._log.warning(
+                    "could not commit %s on revoke; the next owner reprocesses them: %s", pending, exc
+                )
+        self._release(partitions)
+        self._log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost partitions already belong to someone else: their pending offsets can no longer be committed.
+        self._release(partitions)
+        self._log.warning("lost partitions %s", sorted(tp.partition for tp in partitions))
+
+    def _release(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._held.discard(tp.partition)
+            self._pending.pop((tp.topic, tp.partition), None)
+        self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        self._beat.partitions = sorted(self._held)
+        self._next_beat = time.monotonic() + self._settings.heartbeat_interval_s
+        d = self.deployment
+        try:
+            heartbeats.publish(
+                self._redis,
+                self._settings.redis_prefix,
+                d.workspace,
+                d.pipeline,
+                self._beat,
+                self._settings.heartbeat_ttl_s,
+            )
+        except redis.RedisError as exc:
+            # Inference goes on without Redis; only the status shown to users is stale.
+            self._log.warning("cannot publish heartbeat: %s", exc)
+
+    def _retire(self) -> None:
+        d = self.deployment
+        try:
+            heartbeats.retire(
+                self._redis, self._settings.redis_prefix, d.workspace, d.pipeline, self.replica_id
+            )
+        except redis.RedisError as exc:
+            self._log.warning("cannot retire heartbeat: %s", exc)

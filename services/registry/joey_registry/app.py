@@ -1,0 +1,84 @@
+"""Entry point of the registry service (`joey serve registry`)."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+import redis
+
+from joey import db, kafka, lifecycle
+from joey.v1 import registry_pb2_grpc
+from joey_registry.artifacts import create_store
+from joey_registry.core import Registry
+from joey_registry.grpc_service import RegistryServicer
+from joey_registry.publisher import DeploymentPublisher
+from joey_registry.settings import RegistrySettings
+from joey_registry.store import Store
+
+log = logging.getLogger(__name__)
+
+# Uploads arrive in chunks; leave room above the usual 1 MiB chunk a client sends.
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class RegistryServer:
+    """The registry with its connections and gRPC server; start() returns the bound port
+    (``registry_addr`` may use port 0 to pick a free one)."""
+
+    def __init__(self, settings: RegistrySettings) -> None:
+        self.settings = settings
+        self.store = Store(settings.database_url, settings.db_pool_size)
+        self.publisher = DeploymentPublisher(settings)
+        self.registry = Registry(
+            settings,
+            self.store,
+            create_store(settings),
+            self.publisher,
+            kafka.admin_client(settings),
+            redis.Redis.from_url(settings.redis_url),
+        )
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.grpc_max_workers, thread_name_prefix="registry-rpc"
+            ),
+            options=[
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ],
+        )
+        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry), self.server)
+        self.port = 0
+
+    def start(self) -> int:
+        self.store.open()
+        kafka.ensure_topics(self.registry.admin, kafka.platform_topics(self.settings))
+        republished = self.registry.republish_active()
+        log.info("republished %d active deployments", republished)
+        self.port = self.server.add_insecure_port(self.settings.registry_addr)
+        if not self.port:
+            raise OSError(f"could not listen on {self.settings.registry_addr} (JOEY_REGISTRY_ADDR)")
+        self.server.start()
+        log.info("registry listening on %s (port %d)", self.settings.registry_addr, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        self.server.stop(self.settings.grpc_grace_s).wait()
+        self.publisher.close()
+        self.store.close()
+        log.info("registry stopped")
+
+
+def serve() -> None:
+    settings = RegistrySettings()
+    lifecycle.configure_logging(settings.log_level)
+    stop = lifecycle.shutdown_event()
+    db.prepare(settings.database_url)
+    kafka.wait_for_broker(settings.kafka_bootstrap, timeout=60)
+    server = RegistryServer(settings)
+    server.start()
+    try:
+        stop.wait()
+    finally:
+        server.stop()

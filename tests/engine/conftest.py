@@ -1,0 +1,152 @@
+"""Engine test fixtures: a stand-in registry serving artifacts over the real gRPC contract, a second
+tiny ONNX model for chaining, and engine settings pointing at both."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from joey.v1 import registry_pb2, registry_pb2_grpc
+from joey_engine.deployment import Deployment, from_proto
+from joey_engine.settings import EngineSettings
+
+CHUNK = 1 << 20
+
+
+class ArtifactServer(registry_pb2_grpc.RegistryServicer):
+    """Implements only DownloadArtifact, from a dict sha256 -> bytes (any workspace)."""
+
+    def __init__(self) -> None:
+        self.artifacts: dict[str, bytes] = {}
+        self.downloads: list[str] = []
+
+    def add(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self.artifacts[sha] = data
+        return sha
+
+    def DownloadArtifact(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # noqa: N802
+        self.downloads.append(request.sha256)
+        data = self.artifacts.get(request.sha256)
+        if data is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no artifact {request.sha256}")
+        for start in range(0, len(data), CHUNK):
+            yield registry_pb2.ArtifactChunk(data=data[start : start + CHUNK])
+
+
+@pytest.fixture(scope="session")
+def artifact_server() -> Iterator[tuple[ArtifactServer, str]]:
+    servicer = ArtifactServer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    registry_pb2_grpc.add_RegistryServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def max_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Second step for chaining: ``probabilities`` float [N, 3] -> ``max_probability`` float [N]."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["probabilities"], ["max_probability"], axes=[1], keepdims=0)],
+        "max-probability",
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("max_probability", TensorProto.FLOAT, ["N"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("max-model") / "max.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+IRIS_INPUTS = [registry_pb2.TensorSpec(name="features", dtype="float32", shape=[-1, 4])]
+IRIS_OUTPUTS = [
+    registry_pb2.TensorSpec(name="label", dtype="int64", shape=[-1]),
+    registry_pb2.TensorSpec(name="probabilities", dtype="float32", shape=[-1, 3]),
+]
+
+
+def iris_step(sha256: str, model: str = "iris", version: int = 1) -> registry_pb2.ResolvedStep:
+    return registry_pb2.ResolvedStep(
+        model=model, version=version, sha256=sha256, framework="onnx", inputs=IRIS_INPUTS, outputs=IRIS_OUTPUTS
+    )
+
+
+@pytest.fixture(scope="session")
+def make_step() -> Callable[..., registry_pb2.ResolvedStep]:
+    return iris_step
+
+
+SpecFactory = Callable[..., registry_pb2.DeploymentSpec]
+
+
+@pytest.fixture(scope="session")
+def make_spec() -> SpecFactory:
+    """DeploymentSpec of an iris pipeline; pass ``steps`` for another chain."""
+
+    def make(
+        workspace: str,
+        pipeline: str,
+        sha256: str = "0" * 64,
+        replicas: int = 1,
+        version: int = 1,
+        steps: list[registry_pb2.ResolvedStep] | None = None,
+    ) -> registry_pb2.DeploymentSpec:
+        return registry_pb2.DeploymentSpec(
+            workspace=workspace,
+            pipeline=pipeline,
+            pipeline_version=version,
+            replicas=replicas,
+            deployment_id=secrets.token_hex(8),
+            steps=steps or [iris_step(sha256)],
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_deployment(make_spec: SpecFactory) -> Callable[..., Deployment]:
+    def make(**kwargs: Any) -> Deployment:
+        return from_proto(make_spec("engine-unit", "unit", **kwargs))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def engine_workspace() -> str:
+    return f"engine-{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="session")
+def engine_settings(
+    env: dict[str, str],
+    artifact_server: tuple[ArtifactServer, str],
+    engine_workspace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> EngineSettings:
+    """Settings of an in-process engine that serves only this module's workspace, with Redis keys apart from
+    any `joey serve engine` of the session, so the two never share slots or heartbeats."""
+    common = {k.removeprefix("JOEY_").lower(): v for k, v in env.items()}
+    return EngineSettings(
+        **common
+        | {
+            "registry_addr": artifact_server[1],
+            "cache_dir": tmp_path_factory.mktemp("engine-cache"),
+            "redis_prefix": f"{env['JOEY_REDIS_PREFIX']}:engine-tests",
+            "workspaces": [engine_workspace],
+            "heartbeat_interval_s": 0.5,
+            "heartbeat_ttl_s": 3.0,
+            "instance_id": f"test-engine-{secrets.token_hex(3)}",
+        }
+    )

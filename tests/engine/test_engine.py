@@ -1,0 +1,391 @@
+"""The engine against the real broker and Redis, with a stand-in registry for artifacts."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from google.protobuf import json_format
+
+from joey import heartbeats, kafka, records, topics
+from joey.settings import CommonSettings
+from joey.v1 import registry_pb2
+from joey_engine.engine import Engine
+from joey_engine.settings import EngineSettings
+
+TIMEOUT = 30.0
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+class TopicReader:
+    """Reads every partition of a topic from the beginning, outside any consumer group."""
+
+    def __init__(self, settings: CommonSettings, topic: str) -> None:
+        partitions = kafka.topic_partitions(kafka.admin_client(settings), [topic])[topic]
+        self.consumer = Consumer(kafka.consumer_config(settings, f"test-reader-{secrets.token_hex(4)}"))
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        self.messages: list[Message] = []
+
+    def poll(self, timeout: float = 0.2) -> int:
+        batch = [m for m in self.consumer.consume(1000, timeout) if m.error() is None]
+        self.messages += batch
+        return len(batch)
+
+    def read_until(self, done: Callable[[list[Message]], bool], what: str) -> list[Message]:
+        deadline = time.monotonic() + TIMEOUT
+        while not done(self.messages):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}; have {len(self.messages)} records")
+            self.poll()
+        return self.messages
+
+    def drain(self) -> list[Message]:
+        """Whatever else arrives until the topic has been quiet for a moment."""
+        while self.poll(1.0):
+            pass
+        return self.messages
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def request_id(message: Message) -> str | None:
+    return records.header_value(message.headers(), records.REQUEST_ID_HEADER)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def engine(engine_settings: EngineSettings, settings: CommonSettings) -> Iterator[Engine]:
+    engine = Engine(engine_settings)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            engine.run(stop)
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    thread = threading.Thread(target=run, name="engine", daemon=True)
+    thread.start()
+    assert engine.ready.wait(TIMEOUT), "engine did not catch up with joey.deployments"
+    yield engine
+    stop.set()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), "engine did not stop"
+    assert not failures
+
+
+@pytest.fixture(scope="module")
+def redis_client(engine_settings: EngineSettings) -> redis.Redis:
+    return redis.Redis.from_url(engine_settings.redis_url)
+
+
+@pytest.fixture(scope="module")
+def iris_sha(artifact_server: tuple[Any, str], iris_model: Path) -> str:
+    return str(artifact_server[0].add(iris_model.read_bytes()))
+
+
+def deploy(settings: CommonSettings, workspace: str, pipeline: str, spec: Any | None) -> None:
+    """Publish a spec (or a tombstone) as the registry does, creating the pipeline's topics first."""
+    kafka.ensure_topics(kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, workspace, pipeline))
+    producer = Producer(kafka.producer_config(settings))
+    value = json_format.MessageToJson(spec).encode() if spec is not None else None
+    producer.produce(topics.DEPLOYMENTS, value, topics.deployment_key(workspace, pipeline).encode())
+    assert producer.flush(10) == 0
+
+
+def produce(settings: CommonSettings, topic: str, values: list[tuple[str, bytes]]) -> dict[str, tuple[int, int]]:
+    """Produce (request id, value) pairs keyed by request id; return where each request id landed."""
+    positions: dict[str, tuple[int, int]] = {}
+
+    def delivered(err: Any, message: Message) -> None:
+        assert err is None, err
+        positions[request_id(message)] = (message.partition(), message.offset())  # type: ignore[index,assignment]
+
+    producer = Producer(kafka.producer_config(settings))
+    for rid, value in values:
+        headers = [(records.REQUEST_ID_HEADER, rid.encode())]
+        producer.produce(topic, value, rid.encode(), headers=headers, on_delivery=delivered)
+    assert producer.flush(10) == 0
+    return positions
+
+
+def replicas(
+    client: redis.Redis, settings: EngineSettings, workspace: str, pipeline: str
+) -> list[heartbeats.ReplicaHeartbeat]:
+    return [v.beat for v in heartbeats.read(client, settings.redis_prefix, workspace, pipeline) if v.alive]
+
+
+def labels(model: Path, rows: list[dict[str, Any]]) -> list[int]:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    features = np.asarray([row["features"] for row in rows], np.float32)
+    return [int(v) for v in session.run(["label"], {"features": features})[0]]
+
+
+BAD = {
+    "bad-text": (b"not json", "record is not valid JSON"),
+    "bad-array": (b"[1, 2, 3]", "record must be a JSON object mapping input names to values, got list"),
+    "bad-missing": (b'{"petals": [1, 2, 3, 4]}', "missing input 'features'; the pipeline expects inputs 'features'"),
+    "bad-shape": (b'{"features": [1, 2, 3]}', "input 'features' has shape [3], expected [4]"),
+    "bad-type": (b'{"features": "wide"}', "input 'features' must hold float32 values, got strings"),
+    "bad-nan": (b'{"features": [NaN, 1, 2, 3]}', "input 'features' contains NaN/inf"),
+    "bad-inf": (b'{"features": [1, 2, Infinity, 3]}', "input 'features' contains NaN/inf"),
+}
+
+
+def test_engine_announces_itself(
+    engine: Engine, redis_client: redis.Redis, engine_settings: EngineSettings
+) -> None:
+    wait_for(
+        lambda: engine_settings.instance_id
+        in heartbeats.live_services(redis_client, engine_settings.redis_prefix, "engine"),
+        "engine service heartbeat",
+    )
+
+
+def test_serves_outputs_errors_and_logs(
+    engine: Engine,
+    settings: CommonSettings,
+    engine_settings: EngineSettings,
+    engine_workspace: str,
+    redis_client: redis.Redis,
+    make_spec: Callable[..., Any],
+    iris_sha: str,
+    iris_model: Path,
+) -> None:
+    from train_model import make_records  # examples/, put on sys.path by the iris_model fixture
+
+    ws, pipeline = engine_workspace, "iris"
+    names = topics.pipeline_topics(ws, pipeline)
+    spec = make_spec(ws, pipeline, iris_sha)
+    deploy(settings, ws, pipeline, spec)
+
+    rows = make_records(300, seed=1)
+    for i, row in enumerate(rows):
+        row["customer"] = f"c{i}"  # not a model input: must come back untouched
+    good = [(f"req-{i}", json.dumps(row).encode()) for i, row in enumerate(rows)]
+    bad = [(rid, value) for rid, (value, _) in BAD.items()]
+    # Bad records in the middle: the records after them must still be served.
+    positions = produce(settings, names.inputs, good[:150] + bad + good[150:])
+    ends: dict[int, int] = {}
+    for partition, offset in positions.values():
+        ends[partition] = max(ends.get(partition, 0), offset + 1)
+    expected_labels = dict(zip((rid for rid, _ in good), labels(iris_model, rows), strict=True))
+
+    outputs = TopicReader(settings, names.outputs)
+    errors = TopicReader(settings, names.errors)
+    logs = TopicReader(settings, topics.LOGS)
+    try:
+        outputs.read_until(lambda ms: {request_id(m) for m in ms} >= expected_labels.keys(), "all outputs")
+        errors.read_until(lambda ms: len(ms) >= len(BAD), "all errors")
+
+        committed_group = Consumer(kafka.consumer_config(settings, topics.engine_group(ws, pipeline)))
+        try:
+            wait_for(
+                lambda: {
+                    tp.partition: tp.offset
+                    for tp in committed_group.committed(
+                        [TopicPartition(names.inputs, p) for p in range(settings.pipeline_partitions)], timeout=10
+                    )
+                    if tp.offset >= 0
+                }
+                == ends,
+                f"committed offsets {ends}",
+            )
+        finally:
+            committed_group.close()
+
+        # Exactly once: nothing more arrives once every offset is committed.
+        out_messages = outputs.drain()
+        by_id = Counter(request_id(m) for m in out_messages)
+        assert set(by_id) == set(expected_labels) and set(by_id.values()) == {1}
+        for message in out_messages:
+            rid = request_id(message)
+            assert message.key() == rid.encode()  # type: ignore[union-attr]
+            value = json.loads(message.value())  # type: ignore[arg-type]
+            assert value["request_id"] == rid
+            assert value["out"]["label"] == expected_labels[rid]  # type: ignore[index]
+            assert len(value["out"]["probabilities"]) == 3
+            assert value["in"] == rows[int(rid.removeprefix("req-"))]  # type: ignore[union-attr]
+            assert value["check_failures"] == []
+            meta = value["metadata"]
+            assert meta["deployment_id"] == spec.deployment_id and meta["pipeline_version"] == 1
+            assert meta["models"] == [{"name": "iris", "version": 1, "sha256": iris_sha}]
+            assert (meta["partition"], meta["offset"]) == positions[rid]  # type: ignore[index]
+            assert len(meta["elapsed_ns"]) == 1 and meta["elapsed_ns"][0] > 0
+            assert value["time"].endswith("+00:00")
+
+        error_messages = errors.drain()
+        assert sorted(request_id(m) for m in error_messages) == sorted(BAD)  # type: ignore[type-var]
+        for message in error_messages:
+            rid = request_id(message)
+            raw, reason = BAD[rid]  # type: ignore[index]
+            value = json.loads(message.value())  # type: ignore[arg-type]
+            assert value["error"].startswith(reason), value["error"]
+            assert value["request_id"] == rid and value["metadata"]["deployment_id"] == spec.deployment_id
+            assert (value["metadata"]["partition"], value["metadata"]["offset"]) == positions[rid]  # type: ignore[index]
+            if rid in ("bad-text", "bad-array"):
+                assert value["input"] is None and value["raw_input"] == raw.decode()
+                continue
+            assert value["raw_input"] is None
+            if rid in ("bad-nan", "bad-inf"):
+                assert None in value["input"]["features"]  # JSON has no NaN/inf: they come back as null
+            else:
+                assert value["input"] == json.loads(raw)
+
+        def ours(ms: list[Message]) -> list[dict[str, Any]]:
+            decoded = [(m, records.decode_log(m.value())) for m in ms]  # type: ignore[arg-type]
+            return [
+                log | {"_key": m.key(), "_headers": m.headers()}
+                for m, log in decoded
+                if (log["workspace"], log["pipeline"]) == (ws, pipeline)
+            ]
+
+        logs.read_until(lambda ms: len(ours(ms)) >= len(good) + len(bad), "all logs")
+        entries = ours(logs.drain())
+        assert Counter(e["request_id"] for e in entries) == Counter(rid for rid, _ in good + bad)
+        for entry in entries:
+            assert entry["_key"] == entry["request_id"].encode()
+            assert (records.CONTENT_TYPE_HEADER, records.LOG_CONTENT_TYPE.encode()) in entry["_headers"]
+            assert entry["deployment_id"] == spec.deployment_id and entry["input_topic"] == names.inputs
+            if entry["request_id"] in BAD:
+                assert not entry["ok"] and entry["error"].startswith(BAD[entry["request_id"]][1])
+                assert entry["outputs"] is None and entry["elapsed_ns"] == []
+            else:
+                assert entry["ok"] and entry["error"] is None
+                assert json.loads(entry["outputs"])["label"] == expected_labels[entry["request_id"]]
+                assert json.loads(entry["inputs"])["customer"].startswith("c")
+        raw_logs = {e["request_id"]: e for e in entries if e["inputs"] is None}
+        assert set(raw_logs) == {"bad-text", "bad-array"}
+        assert raw_logs["bad-text"]["raw_input"] == b"not json"
+    finally:
+        for reader in (outputs, errors, logs):
+            reader.close()
+
+    [beat] = wait_for(lambda: replicas(redis_client, engine_settings, ws, pipeline), "replica heartbeat")
+    assert beat.loaded and beat.error == "" and beat.deployment_id == spec.deployment_id
+    assert beat.partitions == list(range(settings.pipeline_partitions))
+
+
+def test_replicas_split_partitions_then_redeploy_and_undeploy(
+    engine: Engine,
+    settings: CommonSettings,
+    engine_settings: EngineSettings,
+    engine_workspace: str,
+    redis_client: redis.Redis,
+    make_spec: Callable[..., Any],
+    iris_sha: str,
+) -> None:
+    ws, pipeline = engine_workspace, "iris-replicas"
+    names = topics.pipeline_topics(ws, pipeline)
+    all_partitions = set(range(settings.pipeline_partitions))
+    first = make_spec(ws, pipeline, iris_sha, replicas=2)
+    deploy(settings, ws, pipeline, first)
+
+    def split_in_two() -> bool:
+        beats = replicas(redis_client, engine_settings, ws, pipeline)
+        held = [set(b.partitions) for b in beats if b.loaded and b.deployment_id == first.deployment_id]
+        return len(beats) == 2 and len(held) == 2 and not held[0] & held[1] and held[0] | held[1] == all_partitions
+
+    wait_for(split_in_two, "two replicas sharing the partitions")
+
+    outputs = TopicReader(settings, names.outputs)
+    try:
+        sent = produce(settings, names.inputs, [(f"a-{i}", b'{"features": [5, 3, 1.5, 0.2]}') for i in range(40)])
+        outputs.read_until(lambda ms: {request_id(m) for m in ms} >= sent.keys(), "outputs of two replicas")
+
+        second = make_spec(ws, pipeline, iris_sha, replicas=1, version=2)
+        deploy(settings, ws, pipeline, second)
+
+        def replaced() -> bool:
+            beats = replicas(redis_client, engine_settings, ws, pipeline)
+            return [(b.deployment_id, b.pipeline_version, b.loaded, set(b.partitions)) for b in beats] == [
+                (second.deployment_id, 2, True, all_partitions)
+            ]
+
+        wait_for(replaced, "the new deployment replacing the old one")
+        sent = produce(settings, names.inputs, [(f"b-{i}", b'{"features": [6, 3, 5, 2]}') for i in range(20)])
+        outputs.read_until(lambda ms: {request_id(m) for m in ms} >= sent.keys(), "outputs after redeploy")
+        versions = {
+            json.loads(m.value())["metadata"]["deployment_id"]  # type: ignore[arg-type]
+            for m in outputs.messages
+            if request_id(m) in sent  # type: ignore[operator]
+        }
+        assert versions == {second.deployment_id}
+    finally:
+        outputs.close()
+
+    deploy(settings, ws, pipeline, None)
+    wait_for(
+        lambda: not heartbeats.read(redis_client, engine_settings.redis_prefix, ws, pipeline),
+        "replica heartbeats retired",
+    )
+    assert redis_client.keys(f"{engine_settings.redis_prefix}:slot:{ws}/{pipeline}:*") == []
+
+
+def test_unloadable_deployment_reports_and_retries_while_others_serve(
+    engine: Engine,
+    settings: CommonSettings,
+    engine_settings: EngineSettings,
+    engine_workspace: str,
+    redis_client: redis.Redis,
+    make_spec: Callable[..., Any],
+    artifact_server: tuple[Any, str],
+    max_model: Path,
+) -> None:
+    ws, pipeline = engine_workspace, "max-late"
+    names = topics.pipeline_topics(ws, pipeline)
+    data = max_model.read_bytes()
+    import hashlib
+
+    sha = hashlib.sha256(data).hexdigest()
+    step = registry_pb2.ResolvedStep(model="max", version=1, sha256=sha, framework="onnx")
+    spec = make_spec(ws, pipeline, steps=[step])
+    deploy(settings, ws, pipeline, spec)
+
+    [beat] = wait_for(lambda: replicas(redis_client, engine_settings, ws, pipeline), "an error heartbeat")
+    assert not beat.loaded and beat.deployment_id == spec.deployment_id
+    assert "NOT_FOUND" in beat.error and sha in beat.error
+
+    # The pipeline of the first test is still served meanwhile.
+    served = TopicReader(settings, topics.pipeline_topics(ws, "iris").outputs)
+    try:
+        produce(settings, topics.pipeline_topics(ws, "iris").inputs, [("still-here", b'{"features": [5, 3, 1, 0]}')])
+        served.read_until(lambda ms: "still-here" in {request_id(m) for m in ms}, "the other pipeline serving")
+    finally:
+        served.close()
+
+    artifact_server[0].add(data)
+    wait_for(
+        lambda: [(b.loaded, b.error) for b in replicas(redis_client, engine_settings, ws, pipeline)]
+        == [(True, "")],
+        "the deployment loaded on retry",
+    )
+    outputs = TopicReader(settings, names.outputs)
+    try:
+        produce(settings, names.inputs, [("m-1", b'{"probabilities": [0.1, 0.7, 0.2]}')])
+        [message] = outputs.read_until(bool, "an output")
+        assert json.loads(message.value())["out"] == {"max_probability": pytest.approx(0.7)}  # type: ignore[arg-type]
+    finally:
+        outputs.close()
+    deploy(settings, ws, pipeline, None)

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from joey.v1 import registry_pb2
+from joey_engine.deployment import Deployment
+from joey_engine.pipeline import Failure, PipelineRunner, Success
+from joey_engine.runtime import OnnxRuntime, create_runtime
+from joey_engine.settings import EngineSettings
+
+StepFactory = Callable[..., registry_pb2.ResolvedStep]
+SETTINGS = EngineSettings(instance_id="unit")
+
+
+def load(path: Path) -> OnnxRuntime:
+    runtime = OnnxRuntime(SETTINGS)
+    runtime.load(path)
+    return runtime
+
+
+@pytest.fixture(scope="module")
+def iris_runner(iris_model: Path, make_deployment: Callable[..., Deployment]) -> PipelineRunner:
+    return PipelineRunner(make_deployment(), [load(iris_model)])
+
+
+def direct(model: Path, features: list[list[float]]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    label, probabilities = session.run(["label", "probabilities"], {"features": np.asarray(features, np.float32)})
+    return {"label": label, "probabilities": probabilities}
+
+
+def encode(row: object) -> bytes:
+    return json.dumps(row).encode()
+
+
+ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 2.8, 4.3, 1.3], [6.3, 3.3, 6.0, 2.5]]
+
+
+def test_runtime_reports_its_signature(iris_model: Path) -> None:
+    runtime = create_runtime("onnx", SETTINGS)
+    runtime.load(iris_model)
+    assert [(t.name, t.dtype, t.shape) for t in runtime.inputs] == [("features", "float32", (-1, 4))]
+    assert [(t.name, t.dtype, t.shape) for t in runtime.outputs] == [
+        ("label", "int64", (-1,)),
+        ("probabilities", "float32", (-1, 3)),
+    ]
+    with pytest.raises(ValueError, match="unsupported model framework 'pytorch'"):
+        create_runtime("pytorch", SETTINGS)
+
+
+def test_batch_matches_onnxruntime(iris_runner: PipelineRunner, iris_model: Path) -> None:
+    rows = ROWS * 10
+    results = iris_runner.run([encode({"features": row, "id": i}) for i, row in enumerate(rows)])
+    expected = direct(iris_model, rows)
+    assert all(isinstance(r, Success) for r in results)
+    successes = [r for r in results if isinstance(r, Success)]
+    assert [r.outputs["label"] for r in successes] == expected["label"].tolist()
+    np.testing.assert_allclose([r.outputs["probabilities"] for r in successes], expected["probabilities"])
+    # Fields that are not model inputs travel through untouched; the batch's step time is reported.
+    assert [r.inputs["id"] for r in successes] == list(range(len(rows)))
+    assert len(successes[0].elapsed_ns) == 1 and successes[0].elapsed_ns[0] > 0
+    assert {r.elapsed_ns for r in successes} == {successes[0].elapsed_ns}
+
+
+BAD_RECORDS = [
+    (b"not json", None, "record is not valid JSON"),
+    (b"[1, 2, 3]", None, "record must be a JSON object mapping input names to values, got list"),
+    (None, None, "empty record"),
+    (encode({"feature": ROWS[0]}), {"feature": ROWS[0]}, "missing input 'features'; the pipeline expects inputs"),
+    (encode({"features": [1, 2, 3]}), {"features": [1, 2, 3]}, "input 'features' has shape [3], expected [4]"),
+    (encode({"features": [[1, 2, 3, 4]]}), {"features": [[1, 2, 3, 4]]}, "has shape [1, 4], expected [4]"),
+    (encode({"features": [[1, 2], [3]]}), {"features": [[1, 2], [3]]}, "input 'features' is not a rectangular"),
+    (encode({"features": "abc"}), {"features": "abc"}, "input 'features' must hold float32 values, got strings"),
+    (encode({"features": [1, "a", 2, 3]}), {"features": [1, "a", 2, 3]}, "must hold float32 values, got strings"),
+    (encode({"features": [1, None, 2, 3]}), {"features": [1, None, 2, 3]}, "got null or mixed values"),
+    (encode({"features": [True] * 4}), {"features": [True] * 4}, "must hold float32 values, got booleans"),
+    (b'{"features": [NaN, 1, 2, 3]}', ..., "input 'features' contains NaN/inf"),
+    (b'{"features": [1, Infinity, 2, 3]}', ..., "input 'features' contains NaN/inf"),
+    (b'{"features": [1, -Infinity, 2, 3]}', ..., "input 'features' contains NaN/inf"),
+    (b'{"features": [1, 1e300, 2, 3]}', ..., "input 'features' contains NaN/inf"),
+]
+
+
+def test_each_bad_record_fails_alone(iris_runner: PipelineRunner, iris_model: Path) -> None:
+    values: list[bytes | None] = []
+    for value, _, _ in BAD_RECORDS:
+        values += [encode({"features": ROWS[len(values) % 4]}), value]
+    results = iris_runner.run(values)
+    good, bad = results[0::2], results[1::2]
+    expected = direct(iris_model, [ROWS[(2 * i) % 4] for i in range(len(BAD_RECORDS))])
+    assert [r.outputs["label"] if isinstance(r, Success) else r for r in good] == expected["label"].tolist()
+    for result, (value, parsed, reason) in zip(bad, BAD_RECORDS, strict=True):
+        assert isinstance(result, Failure), value
+        assert reason in result.reason, (value, result.reason)
+        if parsed is not ...:
+            assert result.inputs == parsed
+    # The expected inputs are listed for a missing one.
+    assert bad[3].reason == "missing input 'features'; the pipeline expects inputs 'features'"  # type: ignore[union-attr]
+
+
+def test_integers_are_valid_floats(iris_runner: PipelineRunner, iris_model: Path) -> None:
+    [result] = iris_runner.run([encode({"features": [6, 3, 5, 2]})])
+    assert isinstance(result, Success)
+    assert result.outputs["label"] == direct(iris_model, [[6, 3, 5, 2]])["label"][0]
+
+
+def test_two_steps_chain_by_name(
+    iris_model: Path, max_model: Path, make_deployment: Callable[..., Deployment], make_step: StepFactory
+) -> None:
+    max_step = registry_pb2.ResolvedStep(model="max", version=2, sha256="1" * 64, framework="onnx")
+    deployment = make_deployment(steps=[make_step("0" * 64), max_step])
+    runner = PipelineRunner(deployment, [load(iris_model), load(max_model)])
+    results = runner.run([encode({"features": row}) for row in ROWS] + [b"{}"])
+    expected = direct(iris_model, ROWS)["probabilities"].max(axis=1)
+    successes = [r for r in results if isinstance(r, Success)]
+    assert list(successes[0].outputs) == ["max_probability"]
+    np.testing.assert_allclose([r.outputs["max_probability"] for r in successes], expected)
+    assert len(successes[0].elapsed_ns) == 2
+    assert isinstance(results[-1], Failure) and "missing input 'features'" in results[-1].reason
+
+
+def test_chain_with_unmatched_names_is_rejected(
+    iris_model: Path, make_deployment: Callable[..., Deployment], make_step: StepFactory
+) -> None:
+    deployment = make_deployment(steps=[make_step("0" * 64), make_step("1" * 64)])
+    with pytest.raises(ValueError, match=r"step 2 \(model 'iris'\) needs inputs \['features'\]"):
+        PipelineRunner(deployment, [load(iris_model), load(iris_model)])
+
+
+def test_fixed_batch_of_one_runs_per_record(
+    tmp_path: Path, iris_model: Path, make_deployment: Callable[..., Deployment]
+) -> None:
+    import onnx
+
+    model = onnx.load(str(iris_model))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    path = tmp_path / "iris-one.onnx"
+    onnx.save(model, str(path))
+    runtime = load(path)
+    assert runtime.inputs[0].shape == (1, 4)
+    results = PipelineRunner(make_deployment(), [runtime]).run([encode({"features": row}) for row in ROWS])
+    assert [r.outputs["label"] for r in results if isinstance(r, Success)] == direct(iris_model, ROWS)[
+        "label"
+    ].tolist()
+
+
+def test_failing_batch_falls_back_to_single_records(
+    iris_model: Path, make_deployment: Callable[..., Deployment]
+) -> None:
+    class Picky(OnnxRuntime):
+        """Fails any batch holding a record whose first feature is negative."""
+
+        def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if (inputs["features"][:, 0] < 0).any():
+                raise RuntimeError("negative feature")
+            return super().predict(inputs)
+
+    runtime = Picky(SETTINGS)
+    runtime.load(iris_model)
+    values = [encode({"features": row}) for row in ROWS] + [encode({"features": [-1, 1, 1, 1]})]
+    results = PipelineRunner(make_deployment(), [runtime]).run(values)
+    assert all(isinstance(r, Success) for r in results[:-1])
+    failure = results[-1]
+    assert isinstance(failure, Failure)
+    assert failure.reason == "step 1 (model 'iris' v1) failed: negative feature"

@@ -1,0 +1,68 @@
+"""Fixtures of the logger tests.
+
+A logger under test gets a database and a consumer group of its own, so a logger started
+elsewhere in the session (the `stack` fixture) neither takes its records nor is disturbed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from joey_logger.settings import LoggerSettings
+from psycopg import sql
+
+from joey import db
+from joey.settings import CommonSettings
+from tests.conftest import POSTGRES_ADMIN_URL, wait_until
+from tests.logger.helpers import InProcessLogger, LogProducer, is_live
+
+
+@pytest.fixture
+def pipeline() -> str:
+    """A pipeline name no other test uses: tests share the session database and topics."""
+    return f"logtest-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def produce(settings: CommonSettings) -> LogProducer:
+    return LogProducer(settings)
+
+
+@pytest.fixture
+def isolated_database() -> Iterator[str]:
+    """A fresh, migrated database that only this test's loggers write to."""
+    name = f"joey_logtest_{secrets.token_hex(4)}"
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    db.prepare(url)
+    yield url
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def logger_settings(settings: CommonSettings, isolated_database: str) -> LoggerSettings:
+    """A logger with its own database, consumer group and instance id."""
+    token = secrets.token_hex(4)
+    overrides = {
+        "database_url": isolated_database,
+        "logger_group": f"joey.logger.test-{token}",
+        "instance_id": f"logtest-{token}",
+        "retry_backoff_max_s": 1.0,
+    }
+    return LoggerSettings(**(settings.model_dump() | overrides))
+
+
+@pytest.fixture
+def logger(logger_settings: LoggerSettings) -> Iterator[InProcessLogger]:
+    """A running in-process logger, ready (joined its group) when the test starts."""
+    running = InProcessLogger(logger_settings).start()
+    try:
+        wait_until(lambda: is_live(logger_settings) or not running.alive(), 30, "logger heartbeat")
+        assert running.alive(), f"logger failed at start: {running.error!r}"
+        yield running
+    finally:
+        running.stop_event.set()
+        running.thread.join(30)

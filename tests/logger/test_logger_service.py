@@ -1,0 +1,88 @@
+"""LoggerService in-process against the real broker, Postgres and Redis."""
+
+from __future__ import annotations
+
+import psycopg
+from joey_logger.messages import LogMessage
+from joey_logger.service import REASON_HEADER, SOURCE_HEADER
+from joey_logger.settings import LoggerSettings
+from prometheus_client import REGISTRY
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from joey import db
+from joey.records import encode_log, header_value
+from joey.settings import CommonSettings
+from tests.conftest import POSTGRES_ADMIN_URL, wait_until
+from tests.logger.helpers import (
+    InProcessLogger,
+    LogProducer,
+    count_rows,
+    is_live,
+    log_record,
+    read_dead_letters,
+)
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_replays_add_no_rows_and_bad_records_are_dead_lettered(
+    logger: InProcessLogger,
+    logger_settings: LoggerSettings,
+    settings: CommonSettings,
+    produce: LogProducer,
+    pipeline: str,
+) -> None:
+    database_url = logger_settings.database_url
+    n = 400
+    records = [log_record(pipeline, i) for i in range(n)]
+    produce.records(records)
+    wait_until(lambda: count_rows(database_url, pipeline) == (n, n), 60, f"{n} rows")
+
+    produce.records(records)
+    undecodable = {f"undecodable {pipeline} #{i}".encode() for i in range(3)}
+    refused = encode_log(log_record(pipeline, n, inputs="{not json"))  # decodes, but is no jsonb
+    produce.values([*sorted(undecodable), refused])
+    # One marker per partition, produced last: once every marker has a row, every record before
+    # it on its partition has been handled.
+    markers = f"{pipeline}-marker"
+    produce.records(log_record(markers, p) for p in range(produce.partitions))
+
+    found = read_dead_letters(settings, {*undecodable, refused}, timeout=60)
+    for value, message in found.items():
+        headers = LogMessage.from_kafka(message).headers
+        expected = "rejected by the postgres sink" if value == refused else "not an Avro joey.v1.InferenceLog"
+        assert expected in (header_value(headers, REASON_HEADER) or ""), headers
+        assert (header_value(headers, SOURCE_HEADER) or "").startswith("joey.logs["), headers
+    wait_until(lambda: count_rows(database_url, markers)[0] == produce.partitions, 60, "marker rows")
+    assert count_rows(database_url, pipeline) == (n, n)
+    assert logger.alive()
+
+    logger.stop()
+    assert not is_live(logger_settings), "a cleanly stopped logger retires its heartbeat"
+
+
+def drop_database(url: str) -> None:
+    name = str(conninfo_to_dict(url)["dbname"])
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_records_wait_out_a_database_outage(
+    logger: InProcessLogger, logger_settings: LoggerSettings, produce: LogProducer, pipeline: str
+) -> None:
+    database_url = logger_settings.database_url
+    drop_database(database_url)
+    retried = sample("joey_logger_batches_total", outcome="retried")
+    n = 300
+    produce.records(log_record(pipeline, i) for i in range(n))
+    wait_until(
+        lambda: sample("joey_logger_batches_total", outcome="retried") >= retried + 3, 30, "batches retried"
+    )
+    assert logger.alive()
+
+    db.prepare(database_url)
+    wait_until(lambda: count_rows(database_url, pipeline) == (n, n), 60, f"{n} rows after the outage")
+    logger.stop()

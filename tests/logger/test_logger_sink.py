@@ -1,0 +1,154 @@
+"""PostgresLogSink against the session's real database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from joey_logger.settings import LoggerSettings
+from joey_logger.sink import (
+    SINKS,
+    BatchRejected,
+    PostgresLogSink,
+    SinkUnavailable,
+    WriteResult,
+    create_sink,
+)
+
+from joey.settings import CommonSettings
+from tests.logger.helpers import count_rows, log_record
+
+
+@pytest.fixture
+def sink(database_url: str) -> Iterator[PostgresLogSink]:
+    sink = PostgresLogSink(database_url)
+    sink.open()
+    yield sink
+    sink.close()
+
+
+def test_a_batch_is_written_once(sink: PostgresLogSink, database_url: str, pipeline: str) -> None:
+    batch = [log_record(pipeline, i) for i in range(50)]
+    assert sink.write(batch) == WriteResult(written=50, duplicates=0)
+    assert sink.write(batch) == WriteResult(written=0, duplicates=50)
+    assert count_rows(database_url, pipeline) == (50, 50)
+
+
+def test_a_partly_known_batch_adds_only_the_new_records(
+    sink: PostgresLogSink, database_url: str, pipeline: str
+) -> None:
+    sink.write([log_record(pipeline, i) for i in range(10)])
+    assert sink.write([log_record(pipeline, i) for i in range(5, 15)]) == WriteResult(written=5, duplicates=5)
+    assert count_rows(database_url, pipeline) == (15, 15)
+
+
+def test_duplicates_within_a_batch_collapse(sink: PostgresLogSink, database_url: str, pipeline: str) -> None:
+    batch = [log_record(pipeline, i) for i in (1, 2, 1, 3, 2, 1)]
+    assert sink.write(batch) == WriteResult(written=3, duplicates=3)
+    assert count_rows(database_url, pipeline) == (3, 3)
+
+
+def test_the_identity_is_the_whole_key(sink: PostgresLogSink, database_url: str, pipeline: str) -> None:
+    base = log_record(pipeline, 1)
+    variants = [
+        base,
+        base | {"workspace": "other"},
+        base | {"request_id": "req-other"},
+        base | {"input_partition": 9},
+        base | {"input_offset": 999},
+        base | {"pipeline_version": 2, "ok": False, "time": base["time"].replace(year=2020)},
+    ]
+    assert sink.write(variants) == WriteResult(written=5, duplicates=1)
+    assert count_rows(database_url, pipeline) == (5, 5)
+
+
+def test_values_round_trip(sink: PostgresLogSink, database_url: str, pipeline: str) -> None:
+    failed = log_record(
+        pipeline,
+        1,
+        ok=False,
+        error="input 'features' has shape [3], expected [4]",
+        record_key=None,
+        inputs=None,
+        raw_input=b"\x00\xffnot json",
+        outputs=None,
+        shadow_outputs=None,
+        check_failures=[],
+        models=[],
+        elapsed_ns=[],
+    )
+    succeeded = log_record(
+        pipeline,
+        2,
+        record_key=b"\x00k\xff",
+        inputs='{"features": [[5.1, 3.5, 1.4, 0.2]], "note": "ünïcode"}',
+        outputs='{"label": [0], "probabilities": [[0.9, 0.05, null]]}',
+        shadow_outputs='{"challenger": {"label": [1]}}',
+        check_failures=["probabilities[0] > 0.8"],
+        models=[
+            {"name": "a", "version": 2, "sha256": "00" * 32},
+            {"name": "b", "version": 7, "sha256": "ff" * 32},
+        ],
+        elapsed_ns=[1500, 9_000_000_000],
+    )
+    sink.write([failed, succeeded])
+    with psycopg.connect(database_url) as conn:
+        found = conn.execute(
+            "SELECT request_id, ok, error, record_key, inputs, raw_input, outputs, shadow_outputs,"
+            " check_failures, models, elapsed_ns, time, input_topic, input_partition, input_offset,"
+            " pipeline_version, deployment_id FROM inference_logs WHERE pipeline = %s ORDER BY request_id",
+            (pipeline,),
+        ).fetchall()
+    by_id = {row[0]: row for row in found}
+    row = by_id["req-1"]
+    assert row[1:11] == (False, failed["error"], None, None, b"\x00\xffnot json", None, None, [], [], [])
+    row = by_id["req-2"]
+    assert row[1:11] == (
+        True,
+        None,
+        b"\x00k\xff",
+        {"features": [[5.1, 3.5, 1.4, 0.2]], "note": "ünïcode"},
+        None,
+        {"label": [0], "probabilities": [[0.9, 0.05, None]]},
+        {"challenger": {"label": [1]}},
+        ["probabilities[0] > 0.8"],
+        succeeded["models"],
+        [1500, 9_000_000_000],
+    )
+    assert row[11] == succeeded["time"]
+    assert row[12:] == (succeeded["input_topic"], 2, 2, 1, "dep-1")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"error": "a NUL \x00 in text"},
+        {"inputs": "{not json"},
+        {"outputs": '{"a": "\\u0000"}'},
+    ],
+)
+def test_a_batch_with_a_record_the_database_refuses_writes_nothing(
+    sink: PostgresLogSink, database_url: str, pipeline: str, bad: dict[str, Any]
+) -> None:
+    with pytest.raises(BatchRejected):
+        sink.write([log_record(pipeline, 1), log_record(pipeline, 2, **bad)])
+    assert count_rows(database_url, pipeline) == (0, 0)
+    # The connection stays usable for the next batch.
+    assert sink.write([log_record(pipeline, 1)]).written == 1
+
+
+def test_an_unreachable_database_is_reported_as_unavailable(pipeline: str) -> None:
+    sink = PostgresLogSink("postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout_s=2)
+    with pytest.raises(SinkUnavailable):
+        sink.open()
+    with pytest.raises(SinkUnavailable):
+        sink.write([log_record(pipeline, 1)])
+
+
+def test_sinks_are_created_by_name(settings: CommonSettings) -> None:
+    assert SINKS["postgres"] is PostgresLogSink
+    assert isinstance(create_sink(LoggerSettings(**settings.model_dump())), PostgresLogSink)
+    with pytest.raises(ValueError, match="unknown log sink 'kafka'; registered sinks: postgres"):
+        create_sink(LoggerSettings(**(settings.model_dump() | {"sink": "kafka"})))

@@ -1,0 +1,63 @@
+"""The registry running in-process on a free port, against the session's broker, Postgres and Redis."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from joey_registry.app import RegistryServer
+from joey_registry.settings import RegistrySettings
+
+from joey.settings import CommonSettings
+from joey.v1 import registry_pb2 as pb
+from joey.v1 import registry_pb2_grpc
+from tests.registry.helpers import Stub
+
+
+@pytest.fixture(scope="session")
+def registry_settings(
+    env: dict[str, str], settings: CommonSettings, tmp_path_factory: pytest.TempPathFactory
+) -> RegistrySettings:
+    # Port 0 and a private artifact dir: a `joey serve registry` process of other tests keeps its own.
+    overrides = {
+        "registry_addr": "127.0.0.1:0",
+        "artifact_dir": str(tmp_path_factory.mktemp("registry-artifacts")),
+    }
+    return RegistrySettings(**({k.removeprefix("JOEY_").lower(): v for k, v in env.items()} | overrides))
+
+
+@pytest.fixture(scope="session")
+def registry_server(registry_settings: RegistrySettings) -> Iterator[RegistryServer]:
+    server = RegistryServer(registry_settings)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stub(registry_server: RegistryServer) -> Iterator[Stub]:
+    with grpc.insecure_channel(f"127.0.0.1:{registry_server.port}") as channel:
+        yield registry_pb2_grpc.RegistryStub(channel)
+
+
+@pytest.fixture
+def workspace(stub: Stub) -> str:
+    """A fresh workspace per test, so tests sharing the session database never see each other."""
+    name = f"ws-{secrets.token_hex(4)}"
+    stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=name))
+    return name
+
+
+@pytest.fixture(scope="session")
+def iris_bytes(iris_model: Path) -> bytes:
+    return iris_model.read_bytes()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn

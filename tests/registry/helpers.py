@@ -1,0 +1,90 @@
+"""Helpers shared by the registry tests: uploads, tiny ONNX models, reading joey.deployments."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import onnx
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from onnx import TensorProto, helper
+
+from joey import topics
+from joey.kafka import consumer_config
+from joey.settings import CommonSettings
+from joey.v1 import registry_pb2 as pb
+from joey.v1 import registry_pb2_grpc
+
+Stub = registry_pb2_grpc.RegistryStub
+
+
+def upload_requests(
+    workspace: str, name: str, data: bytes, framework: str = "", chunk: int = 4096
+) -> Iterator[pb.UploadModelRequest]:
+    yield pb.UploadModelRequest(
+        header=pb.UploadModelHeader(workspace=workspace, name=name, framework=framework)
+    )
+    for start in range(0, len(data), chunk):
+        yield pb.UploadModelRequest(chunk=data[start : start + chunk])
+
+
+def upload(stub: Stub, workspace: str, name: str, data: bytes, framework: str = "") -> pb.ModelVersion:
+    return stub.UploadModel(upload_requests(workspace, name, data, framework), timeout=30)
+
+
+def step(model: str, version: int = 0) -> pb.PipelineStep:
+    return pb.PipelineStep(model=pb.ModelStep(model=model, version=version))
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+_ONNX_TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "string": TensorProto.STRING}
+
+
+def identity_model(input_name: str, dtype: str, output_name: str, width: int | None = None) -> bytes:
+    """A one-node ONNX model passing ``input_name`` through as ``output_name``."""
+    shape: list[int | str | None] = ["N"] if width is None else ["N", width]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [input_name], [output_name])],
+        "identity",
+        [helper.make_tensor_value_info(input_name, _ONNX_TYPES[dtype], shape)],
+        [helper.make_tensor_value_info(output_name, _ONNX_TYPES[dtype], shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def read_deployments(
+    settings: CommonSettings,
+    until: Callable[[list[Message]], bool],
+    key: str,
+    timeout: float = 20.0,
+) -> list[Message]:
+    """Records of ``key`` on joey.deployments from the beginning, read until ``until`` holds."""
+    consumer = Consumer(consumer_config(settings, f"registry-test-{secrets.token_hex(4)}"))
+    consumer.assign([TopicPartition(topics.DEPLOYMENTS, 0, OFFSET_BEGINNING)])
+    found: list[Message] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not until(found):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"timed out reading {topics.DEPLOYMENTS} for {key}: got {len(found)} records"
+                )
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            if msg.key() == key.encode():
+                found.append(msg)
+    finally:
+        consumer.close()
+    return found

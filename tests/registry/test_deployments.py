@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import redis
+from google.protobuf import json_format
+from joey_registry.app import RegistryServer
+from joey_registry.settings import RegistrySettings
+
+from joey import heartbeats, topics
+from joey.heartbeats import ReplicaHeartbeat
+from joey.kafka import TopicSpec, admin_client, ensure_topics, topic_partitions
+from joey.v1 import registry_pb2 as pb
+from tests.conftest import REDIS_URL, wait_until
+from tests.registry.helpers import Stub, read_deployments, rpc_error, step, upload
+
+
+@pytest.fixture
+def pipeline(stub: Stub, workspace: str, iris_bytes: bytes) -> str:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "iris", iris_bytes)
+    stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("iris", 1)]))
+    stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("iris", 2)]))
+    return "p"
+
+
+@pytest.fixture
+def redis_client() -> redis.Redis:
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def deploy(stub: Stub, workspace: str, pipeline: str, version: int = 0, replicas: int = 0) -> pb.Deployment:
+    request = pb.DeployRequest(
+        workspace=workspace, pipeline=pipeline, pipeline_version=version, replicas=replicas
+    )
+    return stub.Deploy(request, timeout=30)
+
+
+def specs_of(messages: list) -> list[pb.DeploymentSpec | None]:  # type: ignore[type-arg]
+    return [
+        None if m.value() is None else json_format.Parse(m.value(), pb.DeploymentSpec()) for m in messages
+    ]
+
+
+def test_deploy_publishes_spec_and_creates_topics(
+    stub: Stub, workspace: str, pipeline: str, registry_settings: RegistrySettings
+) -> None:
+    deployment = deploy(stub, workspace, pipeline, version=1, replicas=2)
+    assert (deployment.pipeline_version, deployment.replicas, deployment.active) == (1, 2, True)
+    assert deployment.topics.inputs == f"joey.{workspace}.p.inputs"
+
+    key = topics.deployment_key(workspace, pipeline)
+    [message] = read_deployments(registry_settings, lambda found: len(found) >= 1, key)
+    spec = json_format.Parse(message.value(), pb.DeploymentSpec())
+    assert spec.deployment_id == deployment.deployment_id
+    assert (spec.workspace, spec.pipeline, spec.pipeline_version, spec.replicas) == (workspace, "p", 1, 2)
+    model = stub.GetModelVersion(pb.GetModelVersionRequest(workspace=workspace, name="iris", version=1))
+    assert [(s.model, s.version, s.sha256) for s in spec.steps] == [("iris", 1, model.sha256)]
+    assert [i.name for i in spec.steps[0].inputs] == ["features"]
+    assert spec.topics == deployment.topics
+    assert spec.deployed_at == deployment.updated_at
+    assert b'"pipeline_version": "1"' in message.value()  # proto field names, as engines parse them
+
+    counts = topic_partitions(admin_client(registry_settings), topics.pipeline_topics(workspace, "p").all())
+    assert counts == dict.fromkeys(topics.pipeline_topics(workspace, "p").all(), 4)
+
+    again = deploy(stub, workspace, pipeline)  # latest version, 1 replica
+    assert (again.pipeline_version, again.replicas) == (2, 1)
+    assert again.deployment_id != deployment.deployment_id
+    current = stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).deployment
+    assert current.deployment_id == again.deployment_id
+
+
+def test_undeploy_publishes_tombstone(
+    stub: Stub, workspace: str, pipeline: str, registry_settings: RegistrySettings
+) -> None:
+    deploy(stub, workspace, pipeline)
+    undeployed = stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline))
+    assert not undeployed.active
+
+    key = topics.deployment_key(workspace, pipeline)
+    messages = read_deployments(registry_settings, lambda found: len(found) >= 2, key)
+    assert specs_of(messages)[1] is None
+    assert not stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).deployment.active
+
+    error = rpc_error(lambda: stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is not deployed" in error.details()
+    status = stub.GetDeploymentStatus(pb.GetDeploymentStatusRequest(workspace=workspace, pipeline=pipeline))
+    assert (status.status, status.ready) == ("Undeployed", False)
+
+
+def test_replicas_beyond_partitions_are_rejected(stub: Stub, workspace: str, pipeline: str) -> None:
+    error = rpc_error(lambda: deploy(stub, workspace, pipeline, replicas=5))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "between 1 and 4" in error.details() and "JOEY_PIPELINE_PARTITIONS" in error.details()
+    assert not stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).HasField("deployment")
+
+
+def test_existing_topic_with_too_few_partitions(
+    stub: Stub, workspace: str, pipeline: str, registry_settings: RegistrySettings
+) -> None:
+    inputs = topics.pipeline_topics(workspace, pipeline).inputs
+    ensure_topics(admin_client(registry_settings), [TopicSpec(inputs, 1)])
+    error = rpc_error(lambda: deploy(stub, workspace, pipeline, replicas=2))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"topic {inputs} has 1 partitions" in error.details()
+    assert not stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).HasField("deployment")
+
+
+def test_deploy_unknown_pipeline_or_version(stub: Stub, workspace: str, pipeline: str) -> None:
+    error = rpc_error(lambda: deploy(stub, workspace, "ghost"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "'ghost'" in error.details()
+    error = rpc_error(lambda: deploy(stub, workspace, pipeline, version=9))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "no version 9" in error.details()
+
+
+def test_restart_republishes_active_deployments(
+    stub: Stub, workspace: str, pipeline: str, registry_settings: RegistrySettings
+) -> None:
+    deployment = deploy(stub, workspace, pipeline)
+    restarted = RegistryServer(registry_settings)
+    restarted.start()
+    restarted.stop()
+    key = topics.deployment_key(workspace, pipeline)
+    specs = specs_of(read_deployments(registry_settings, lambda found: len(found) >= 2, key))
+    assert [s.deployment_id for s in specs if s] == [deployment.deployment_id] * 2
+    assert specs[0] == specs[1]
+
+
+def beat(replica: str, deployment_id: str, partitions: list[int], **extra: object) -> ReplicaHeartbeat:
+    return ReplicaHeartbeat(replica, deployment_id, 2, loaded=True, partitions=partitions, **extra)  # type: ignore[arg-type]
+
+
+def test_status_from_heartbeats(
+    stub: Stub,
+    workspace: str,
+    pipeline: str,
+    redis_client: redis.Redis,
+    registry_settings: RegistrySettings,
+) -> None:
+    prefix = registry_settings.redis_prefix
+    request = pb.GetDeploymentStatusRequest(workspace=workspace, pipeline=pipeline)
+
+    never = stub.GetDeploymentStatus(request)
+    assert (never.status, never.message, never.HasField("deployment")) == (
+        "Undeployed",
+        "never deployed",
+        False,
+    )
+
+    deployment = deploy(stub, workspace, pipeline, replicas=2)
+    status = stub.GetDeploymentStatus(request)
+    assert (status.status, status.ready, list(status.replicas)) == ("Starting", False, [])
+    assert status.message == "0/2 replicas ready; partitions 0,1,2,3 unassigned"
+
+    def publish(b: ReplicaHeartbeat, ttl_s: float = 30.0) -> None:
+        heartbeats.publish(redis_client, prefix, workspace, pipeline, b, ttl_s)
+
+    publish(beat("r1", deployment.deployment_id, [0, 1]))
+    publish(beat("old", "previous-deployment", [2, 3]))
+    status = stub.GetDeploymentStatus(request)
+    assert (status.status, status.ready) == ("Starting", False)
+    assert status.message == "1/2 replicas ready; partitions 2,3 unassigned; 1 still on a previous deployment"
+
+    publish(beat("r2", deployment.deployment_id, [2, 3]), ttl_s=1.0)
+    status = stub.GetDeploymentStatus(request)
+    assert (status.status, status.ready) == ("Running", True)
+    assert status.deployment.deployment_id == deployment.deployment_id
+    replicas = {r.replica_id: r for r in status.replicas}
+    assert sorted(replicas) == ["old", "r1", "r2"]
+    assert list(replicas["r2"].partitions) == [2, 3] and replicas["r2"].alive and replicas["r2"].loaded
+    assert abs(replicas["r2"].last_seen.ToDatetime().timestamp() - time.time()) < 30
+
+    # r2 stops beating: after its TTL it is listed dead and the deployment is no longer ready.
+    def r2_dead() -> pb.DeploymentStatus | None:
+        current = stub.GetDeploymentStatus(request)
+        dead = [r for r in current.replicas if r.replica_id == "r2" and not r.alive]
+        return current if dead else None
+
+    status = wait_until(r2_dead, 10, "replica r2 reported dead")  # type: ignore[assignment]
+    assert (status.status, status.ready) == ("Starting", False)
+    assert status.message.startswith("1/2 replicas ready; partitions 2,3 unassigned")
+
+    publish(beat("r3", deployment.deployment_id, [], error="model iris v2 failed to load: boom"))
+    status = stub.GetDeploymentStatus(request)
+    assert status.status == "Error"
+    assert "r3: model iris v2 failed to load: boom" in status.message
+    assert {r.replica_id: r.error for r in status.replicas}["r3"] == "model iris v2 failed to load: boom"
+
+
+def test_status_of_unknown_pipeline(stub: Stub, workspace: str) -> None:
+    error = rpc_error(
+        lambda: stub.GetDeploymentStatus(pb.GetDeploymentStatusRequest(workspace=workspace, pipeline="ghost"))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND

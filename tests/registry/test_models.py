@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from joey_registry.app import RegistryServer
+from joey_registry.settings import RegistrySettings
+
+from joey.v1 import registry_pb2 as pb
+from tests.registry.helpers import Stub, rpc_error, upload, upload_requests
+
+
+def artifact_files(server: RegistryServer) -> list[Path]:
+    """Every file under the artifact dir, staged uploads included."""
+    return sorted(p for p in server.settings.artifact_dir.rglob("*") if p.is_file())
+
+
+def specs(items: object) -> list[tuple[str, str, list[int]]]:
+    return [(s.name, s.dtype, list(s.shape)) for s in items]  # type: ignore[attr-defined]
+
+
+def test_upload_creates_versions_with_recorded_specs(
+    stub: Stub, workspace: str, iris_bytes: bytes, registry_server: RegistryServer
+) -> None:
+    sha = hashlib.sha256(iris_bytes).hexdigest()
+    first = upload(stub, workspace, "iris", iris_bytes)
+    second = upload(stub, workspace, "iris", iris_bytes, framework="onnx")
+
+    assert (first.version, second.version) == (1, 2)
+    assert first.sha256 == second.sha256 == sha
+    assert first.size_bytes == len(iris_bytes)
+    assert first.framework == "onnx"
+    assert specs(first.inputs) == [("features", "float32", [-1, 4])]
+    assert specs(first.outputs) == [("label", "int64", [-1]), ("probabilities", "float32", [-1, 3])]
+    # Same bytes, one stored copy.
+    assert [p.name for p in artifact_files(registry_server)].count(sha) == 1
+
+    model = stub.GetModel(pb.GetModelRequest(workspace=workspace, name="iris"))
+    assert [v.version for v in model.versions] == [1, 2]
+    assert specs(model.versions[1].outputs) == specs(first.outputs)
+    latest = stub.GetModelVersion(pb.GetModelVersionRequest(workspace=workspace, name="iris", version=0))
+    assert latest.version == 2
+    v1 = stub.GetModelVersion(pb.GetModelVersionRequest(workspace=workspace, name="iris", version=1))
+    assert v1.created_at.ToDatetime() <= latest.created_at.ToDatetime()
+    listed = stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models
+    assert [(m.name, len(m.versions)) for m in listed] == [("iris", 2)]
+
+
+def test_missing_model_and_version(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    error = rpc_error(lambda: stub.GetModel(pb.GetModelRequest(workspace=workspace, name="ghost")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "'ghost'" in error.details()
+    error = rpc_error(
+        lambda: stub.GetModelVersion(pb.GetModelVersionRequest(workspace=workspace, name="iris", version=7))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "no version 7" in error.details() and "latest is 1" in error.details()
+
+
+def test_concurrent_uploads_get_distinct_versions(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda _: upload(stub, workspace, "iris", iris_bytes).version, range(4)))
+    assert sorted(versions) == [1, 2, 3, 4]
+
+
+def _bad_uploads(iris: bytes) -> dict[str, tuple[list[pb.UploadModelRequest], str]]:
+    def requests(data: bytes, framework: str = "") -> list[pb.UploadModelRequest]:
+        return list(upload_requests("WS", "bad", data, framework))
+
+    return {
+        "empty": (requests(b""), "empty upload"),
+        "truncated": (requests(iris[: len(iris) // 2]), "not a loadable ONNX model"),
+        "random": (requests(os.urandom(5000)), "not a loadable ONNX model"),
+        "header-missing": (requests(iris)[1:], "first UploadModel message must be the header"),
+        "header-twice": (requests(iris)[:2] + requests(iris), "second header"),
+        "unknown-framework": (requests(iris, framework="tensorflow"), "unsupported framework 'tensorflow'"),
+        "invalid-name": (
+            [pb.UploadModelRequest(header=pb.UploadModelHeader(workspace="WS", name="Bad Name"))],
+            "invalid model name",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["empty", "truncated", "random", "header-missing", "header-twice", "unknown-framework", "invalid-name"],
+)
+def test_bad_upload_is_rejected_and_stores_nothing(
+    stub: Stub,
+    workspace: str,
+    iris_bytes: bytes,
+    registry_server: RegistryServer,
+    db: psycopg.Connection,
+    case: str,
+) -> None:
+    before = artifact_files(registry_server)
+    requests, expected = _bad_uploads(iris_bytes)[case]
+    for request in requests:
+        if request.HasField("header"):
+            request.header.workspace = workspace
+
+    error = rpc_error(lambda: stub.UploadModel(iter(requests), timeout=30))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in error.details()
+    rows = db.execute(
+        "SELECT count(*) FROM models m JOIN workspaces w ON w.id = m.workspace_id WHERE w.name = %s",
+        (workspace,),
+    ).fetchone()
+    assert rows == (0,)
+    assert artifact_files(registry_server) == before
+
+
+def test_unknown_framework_lists_supported(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    error = rpc_error(lambda: upload(stub, workspace, "m", iris_bytes, framework="pickle"))
+    assert error.details() == "unsupported framework 'pickle'; supported: onnx"
+
+
+def test_upload_over_the_size_limit(
+    registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes
+) -> None:
+    settings = registry_settings.model_copy(update={"max_upload_bytes": 1000})
+    server = RegistryServer(settings)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            error = rpc_error(lambda: upload(Stub(channel), workspace, "big", iris_bytes))
+    finally:
+        server.stop()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "exceeds the limit of 1000 bytes (JOEY_MAX_UPLOAD_BYTES)" in error.details()
+    assert not list(settings.artifact_dir.glob("staging/*"))
+
+
+def test_download_round_trips(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    version = upload(stub, workspace, "iris", iris_bytes)
+    chunks = list(
+        stub.DownloadArtifact(pb.DownloadArtifactRequest(workspace=workspace, sha256=version.sha256))
+    )
+    data = b"".join(c.data for c in chunks)
+    assert data == iris_bytes
+    assert hashlib.sha256(data).hexdigest() == version.sha256
+
+
+def test_download_needs_a_model_version_in_the_workspace(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    sha = upload(stub, workspace, "iris", iris_bytes).sha256
+    stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=f"{workspace}-other"))
+    error = rpc_error(
+        lambda: list(
+            stub.DownloadArtifact(pb.DownloadArtifactRequest(workspace=f"{workspace}-other", sha256=sha))
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert sha in error.details()
+    error = rpc_error(
+        lambda: list(stub.DownloadArtifact(pb.DownloadArtifactRequest(workspace=workspace, sha256="abc")))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
