@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import threading
@@ -118,14 +119,14 @@ def produce(settings: CommonSettings, topic: str, values: list[tuple[str, bytes]
     """Produce (request id, value) pairs keyed by request id; return where each request id landed."""
     positions: dict[str, tuple[int, int]] = {}
 
-    def delivered(err: Any, message: Message) -> None:
+    def delivered(rid: str, err: Any, message: Message) -> None:
         assert err is None, err
-        positions[request_id(message)] = (message.partition(), message.offset())  # type: ignore[index,assignment]
+        positions[rid] = (message.partition(), message.offset())  # type: ignore[assignment]
 
     producer = Producer(kafka.producer_config(settings))
     for rid, value in values:
         headers = [(records.REQUEST_ID_HEADER, rid.encode())]
-        producer.produce(topic, value, rid.encode(), headers=headers, on_delivery=delivered)
+        producer.produce(topic, value, rid.encode(), headers=headers, on_delivery=functools.partial(delivered, rid))
     assert producer.flush(10) == 0
     return positions
 
