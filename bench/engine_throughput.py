@@ -66,6 +66,7 @@ from measure import (  # noqa: E402
     live_sample,
     median,
 )
+
 from train_model import make_records, train_and_export  # noqa: E402
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

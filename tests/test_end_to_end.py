@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from train_model import make_records  # examples/, put on sys.path by conftest
 
 from joey.sdk import Client, JoeyError
 from joey.settings import CommonSettings
+from train_model import make_records  # examples/, put on sys.path by conftest
 
 from .conftest import Stack, wait_until
 

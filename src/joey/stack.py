@@ -43,7 +43,8 @@ class StackSettings(CommonSettings):
     ready_timeout_s: float = 90.0
 
     embedded_broker: bool | None = None
-    """Start the embedded broker on JOEY_KAFKA_BOOTSTRAP's port. Default: only when JOEY_KAFKA_BOOTSTRAP is unset."""
+    """Start the embedded broker on JOEY_KAFKA_BOOTSTRAP's port.
+    Default: only when JOEY_KAFKA_BOOTSTRAP is unset."""
 
 
 class StackError(RuntimeError):

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_model import make_records
 
 from tests.conftest import free_port, wait_until
+from train_model import make_records
 
 
 def joey(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

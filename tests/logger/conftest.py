@@ -11,11 +11,11 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from joey_logger.settings import LoggerSettings
 from psycopg import sql
 
 from joey import db
 from joey.settings import CommonSettings
+from joey_logger.settings import LoggerSettings
 from tests.conftest import POSTGRES_ADMIN_URL, wait_until
 from tests.logger.helpers import InProcessLogger, LogProducer, is_live
 

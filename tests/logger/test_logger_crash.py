@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 
 import redis
-from joey_logger.service import SERVICE
 
 from joey import heartbeats
 from joey.settings import CommonSettings
+from joey_logger.service import SERVICE
 from tests.conftest import ServiceProcess, wait_until
 from tests.logger.helpers import LogProducer, count_rows, log_record
 

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from joey_logger.messages import LogMessage
 
 from joey.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, encode_log
+from joey_logger.messages import LogMessage
 from tests.logger.helpers import log_record
 
 

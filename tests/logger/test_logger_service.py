@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import psycopg
-from joey_logger.messages import LogMessage
-from joey_logger.service import REASON_HEADER, SOURCE_HEADER
-from joey_logger.settings import LoggerSettings
 from prometheus_client import REGISTRY
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
@@ -13,6 +10,9 @@ from psycopg.conninfo import conninfo_to_dict
 from joey import db
 from joey.records import encode_log, header_value
 from joey.settings import CommonSettings
+from joey_logger.messages import LogMessage
+from joey_logger.service import REASON_HEADER, SOURCE_HEADER
+from joey_logger.settings import LoggerSettings
 from tests.conftest import POSTGRES_ADMIN_URL, wait_until
 from tests.logger.helpers import (
     InProcessLogger,

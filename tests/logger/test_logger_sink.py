@@ -7,6 +7,8 @@ from typing import Any
 
 import psycopg
 import pytest
+
+from joey.settings import CommonSettings
 from joey_logger.settings import LoggerSettings
 from joey_logger.sink import (
     SINKS,
@@ -16,8 +18,6 @@ from joey_logger.sink import (
     WriteResult,
     create_sink,
 )
-
-from joey.settings import CommonSettings
 from tests.logger.helpers import count_rows, log_record
 
 

@@ -6,13 +6,13 @@ import grpc
 import pytest
 import redis
 from google.protobuf import json_format
-from joey_registry.app import RegistryServer
-from joey_registry.settings import RegistrySettings
 
 from joey import heartbeats, topics
 from joey.heartbeats import ReplicaHeartbeat
 from joey.kafka import TopicSpec, admin_client, ensure_topics, topic_partitions
 from joey.v1 import registry_pb2 as pb
+from joey_registry.app import RegistryServer
+from joey_registry.settings import RegistrySettings
 from tests.conftest import REDIS_URL, wait_until
 from tests.registry.helpers import Stub, read_deployments, rpc_error, step, upload
 

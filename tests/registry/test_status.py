@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from joey_registry.domain import Deployment
-from joey_registry.status import compute_status
-
 from joey.heartbeats import ReplicaHeartbeat, ReplicaView
 from joey.topics import pipeline_topics
+from joey_registry.domain import Deployment
+from joey_registry.status import compute_status
 
 DEPLOYMENT = Deployment("ws", "p", 3, 2, True, "d-now", pipeline_topics("ws", "p"), datetime.now(UTC))
 
