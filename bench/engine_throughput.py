@@ -14,7 +14,9 @@ Scenarios, each repeated ``--repeats`` times (the median is reported):
 * paced: ``--rate`` records/s for ``--paced-seconds``, below either system's capacity:
   the latency of a system that keeps up.
 
-Latency = time from producing a record to the collector reading its output back.
+Latency = time from producing a record to the collector reading its output back. Every run
+uses fresh topics (for Joey, a pipeline deployed for that run), and the two systems take
+turns scenario by scenario, so neither benefits from running first or on emptier topics.
 
     python bench/engine_throughput.py --records 50000 --repeats 3
 """
@@ -47,7 +49,7 @@ from psycopg import sql
 from joey import db
 from joey.broker import EmbeddedBroker
 from joey.kafka import TopicSpec, admin_client, ensure_topics
-from joey.sdk import Client
+from joey.sdk import Client, ModelVersion, Pipeline
 from joey.settings import CommonSettings
 from joey.topics import pipeline_topics
 from joey.v1 import registry_pb2, registry_pb2_grpc
@@ -73,6 +75,7 @@ POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 WORKSPACE = "default"
 PIPELINE = "bench"
+SCENARIOS = ("drain", "flood", "paced")
 WARMUP_RECORDS = 500
 SAMPLE_EVERY = 997
 """Every this many records, the output value is kept to check both systems computed the same labels."""
@@ -130,18 +133,28 @@ class Process:
 
 
 class System(ABC):
-    """A system under test: reads ``inputs``, writes one output per record to ``outputs``."""
+    """A system under test: reads a run's input topic, writes one output per record to its output topic.
+
+    Every run gets fresh topics: the embedded broker's fetch cost grows with the number of
+    record batches in a topic, so reused topics would make later runs slower for reasons that
+    are not the system's.
+    """
 
     name: str
-    inputs: str
-    outputs: str
+    inputs = outputs = ""
     errors: tuple[str, ...] = ()
+
+    @abstractmethod
+    def prepare(self, run: str, running: bool) -> None:
+        """Make fresh topics for ``run``; with ``running``, return once the system consumes them,
+        else leave it stopped until :meth:`start` (records written in between wait for it)."""
 
     @abstractmethod
     def start(self) -> None: ...
 
     @abstractmethod
-    def stop(self) -> None: ...
+    def finish(self) -> None:
+        """The run is over: stop consuming its topics."""
 
     @abstractmethod
     def check(self) -> None:
@@ -158,61 +171,88 @@ class Baseline(System):
     def __init__(
         self, args: argparse.Namespace, settings: CommonSettings, model: Path, log_dir: Path
     ) -> None:
-        self.inputs, self.outputs = "bench.baseline.inputs", "bench.baseline.outputs"
+        self.args = args
+        self.settings = settings
+        self.model = model
+        self.log_dir = log_dir
+        self.process: Process | None = None
+
+    def prepare(self, run: str, running: bool) -> None:
+        self.inputs, self.outputs = f"bench.baseline.{run}.inputs", f"bench.baseline.{run}.outputs"
+        specs = [TopicSpec(t, self.args.partitions) for t in (self.inputs, self.outputs)]
+        ensure_topics(admin_client(self.settings), specs)
+        args = self.args
         argv = [
             sys.executable,
             str(HERE / "baseline.py"),
-            f"--bootstrap={settings.kafka_bootstrap}",
-            f"--model={model}",
+            f"--bootstrap={self.settings.kafka_bootstrap}",
+            f"--model={self.model}",
             f"--input-topic={self.inputs}",
             f"--output-topic={self.outputs}",
-            "--group=bench.baseline",
+            f"--group=bench.baseline.{run}",
             f"--partitions={args.partitions}",
             f"--replicas={args.replicas}",
             f"--batch-size={args.batch_size}",
             f"--batch-delay-ms={args.batch_delay_ms}",
         ]
-        self.process = Process("baseline", argv, {}, log_dir)
+        self.process = Process(f"baseline-{run}", argv, {}, self.log_dir)
+        if running:
+            self.start()
+            # baseline.py prints READY once its group owns every partition.
+            log = self.process.log_path
+            wait_until(lambda: self.check() or b"READY" in log.read_bytes(), 60, "baseline consumers")
 
     def start(self) -> None:
-        # baseline.py prints READY once its group owns every partition: wait for it so no run times the join.
-        log = self.process.log_path
-        seen = log.stat().st_size if log.exists() else 0
+        assert self.process is not None
         self.process.start()
 
-        def ready() -> bool:
-            self.check()
-            with open(log, "rb") as f:
-                f.seek(seen)
-                return b"READY" in f.read()
-
-        wait_until(ready, 60, "baseline consumers to be assigned")
-
-    def stop(self) -> None:
-        self.process.stop()
+    def finish(self) -> None:
+        if self.process is not None:
+            self.process.stop()
 
     def check(self) -> None:
-        self.process.check()
+        if self.process is not None:
+            self.process.check()
 
     def label(self, value: bytes) -> int:
         return int(json.loads(value)["label"])
 
 
 class Joey(System):
-    """The engine as deployed: a `joey serve engine` process following the deployment the SDK made."""
+    """The engine as deployed: a `joey serve engine` process following deployments made with the SDK.
+
+    Each run deploys a pipeline of its own (the registry creates its topics) and undeploys it after.
+    """
 
     name = "joey"
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        names = pipeline_topics(WORKSPACE, PIPELINE)
+    def __init__(
+        self, args: argparse.Namespace, client: Client, model: ModelVersion, engine: Process
+    ) -> None:
+        self.args = args
+        self.client = client
+        self.model = model
+        self.engine = engine
+        self.pipeline: Pipeline | None = None
+
+    def prepare(self, run: str, running: bool) -> None:
+        name = f"{PIPELINE}-{run}"
+        names = pipeline_topics(WORKSPACE, name)
         self.inputs, self.outputs, self.errors = names.inputs, names.outputs, (names.errors,)
-        self.engine = Process("engine", [sys.executable, "-m", "joey.cli", "serve", "engine"], env, log_dir)
+        if running and self.engine.process is None:
+            self.engine.start()
+        if not running:
+            self.engine.stop()
+        self.pipeline = self.client.build_pipeline(name).add_model_step(self.model)
+        # Ready means every replica is loaded and the group's partitions are all assigned.
+        self.pipeline.deploy(replicas=self.args.replicas, wait=running, timeout=120)
 
     def start(self) -> None:
         self.engine.start()
 
-    def stop(self) -> None:
-        self.engine.stop()
+    def finish(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.undeploy()
 
     def check(self) -> None:
         self.engine.check()
@@ -226,22 +266,23 @@ class Bench:
         self, args: argparse.Namespace, settings: CommonSettings, rows: list[dict[str, Any]]
     ) -> None:
         self.args = args
+        self.settings = settings
         self.feeder = Feeder(settings)
         self.rows = rows
-        self.collector: Collector | None = None
         self.samples: dict[tuple[str, str], list[Sample]] = {}
         self.labels: dict[str, dict[int, int]] = {}
 
-    def run(self, system: System, scenario: str, count: int, produce: Callable[[Load], None]) -> Collected:
-        assert self.collector is not None
-        load = Load.of(f"{system.name}-{scenario}-{secrets.token_hex(3)}", self.rows, count)
-        expected = set(load.ids)
-        keep = frozenset(load.ids[::SAMPLE_EVERY])
-        timeout = self.args.timeout + count / 200
-        collector = self.collector
-        background = Background(lambda: collector.collect(expected, timeout, system.check, keep))
-        produce(load)
-        collected = background.result()
+    def collect(self, system: System, count: int, produce: Callable[[Load], None]) -> tuple[Load, Collected]:
+        load = Load.of(f"{system.name}-{secrets.token_hex(4)}", self.rows, count)
+        collector = Collector(self.settings, [system.outputs], system.errors)
+        try:
+            expected, keep = set(load.ids), frozenset(load.ids[::SAMPLE_EVERY])
+            timeout = self.args.timeout + count / 200
+            background = Background(lambda: collector.collect(expected, timeout, system.check, keep))
+            produce(load)
+            collected = background.result()
+        finally:
+            collector.close()
         if collected.errors:
             rid, value = next(iter(collected.errors.items()))
             raise RuntimeError(
@@ -250,29 +291,41 @@ class Bench:
         labels = self.labels.setdefault(system.name, {})
         for rid, value in collected.samples.items():
             labels[load.ids.index(rid) % len(self.rows)] = system.label(value)
-        if scenario != "warmup":
-            sample = drain_sample(load, collected) if scenario == "drain" else live_sample(load, collected)
-            self.samples.setdefault((system.name, scenario), []).append(sample)
-            print(
-                f"  {system.name:8} {scenario:6} {sample.throughput:10,.0f} records/s"
-                f"  p50 {sample.p50_ms:8.1f} ms  p99 {sample.p99_ms:8.1f} ms",
-                flush=True,
-            )
-        return collected
+        return load, collected
 
-    def repetition(self, system: System) -> None:
-        """drain (records waiting before the start), then flood and paced on the running system."""
+    def run(self, system: System, scenario: str, rep: int) -> None:
         args = self.args
+        system.prepare(f"{scenario}-{rep}", running=scenario != "drain")
+        try:
+            if scenario == "drain":
 
-        def preload_then_start(load: Load) -> None:
-            self.feeder.flood(system.inputs, load)
-            system.start()
+                def preload_then_start(load: Load) -> None:
+                    self.feeder.flood(system.inputs, load)
+                    system.start()
 
-        self.run(system, "drain", args.records, preload_then_start)
-        self.run(system, "flood", args.records, lambda load: self.feeder.flood(system.inputs, load))
-        paced = math.ceil(args.rate * args.paced_seconds)
-        self.run(system, "paced", paced, lambda load: self.feeder.paced(system.inputs, load, args.rate))
-        system.stop()
+                load, collected = self.collect(system, args.records, preload_then_start)
+                sample = drain_sample(load, collected)
+            else:
+                # A round trip first, so connections and fetch sessions are warm.
+                self.collect(system, WARMUP_RECORDS, lambda load: self.feeder.flood(system.inputs, load))
+                if scenario == "flood":
+                    load, collected = self.collect(
+                        system, args.records, lambda load: self.feeder.flood(system.inputs, load)
+                    )
+                else:
+                    count = math.ceil(args.rate * args.paced_seconds)
+                    load, collected = self.collect(
+                        system, count, lambda load: self.feeder.paced(system.inputs, load, args.rate)
+                    )
+                sample = live_sample(load, collected)
+        finally:
+            system.finish()
+        self.samples.setdefault((system.name, scenario), []).append(sample)
+        print(
+            f"  {system.name:8} {scenario:6} {sample.throughput:10,.0f} records/s"
+            f"  p50 {sample.p50_ms:8.1f} ms  p99 {sample.p99_ms:8.1f} ms",
+            flush=True,
+        )
 
 
 @contextmanager
@@ -309,7 +362,7 @@ def registry_ready(addr: str) -> bool:
         return False
 
 
-def deploy_joey(
+def start_joey(
     args: argparse.Namespace,
     settings: CommonSettings,
     env: dict[str, str],
@@ -317,21 +370,18 @@ def deploy_joey(
     stack: ExitStack,
     logs: Path,
 ) -> Joey:
-    """Registry up, model uploaded, pipeline deployed and answering; the engine is left stopped."""
+    """Registry and engine processes up, the model uploaded."""
     registry = Process("registry", [sys.executable, "-m", "joey.cli", "serve", "registry"], env, logs).start()
     stack.callback(registry.stop)
     wait_until(lambda: registry.check() or registry_ready(settings.registry_addr), 60, "the registry")
     if args.logger:
         logger = Process("logger", [sys.executable, "-m", "joey.cli", "serve", "logger"], env, logs).start()
         stack.callback(logger.stop)
-    joey = Joey(env, logs)
-    stack.callback(joey.stop)
-    joey.start()
+    engine = Process("engine", [sys.executable, "-m", "joey.cli", "serve", "engine"], env, logs).start()
+    stack.callback(engine.stop)
     client = Client(settings=settings, workspace=WORKSPACE)
     stack.callback(client.close)
-    uploaded = client.upload_model("iris", model)
-    client.build_pipeline(PIPELINE).add_model_step(uploaded).deploy(replicas=args.replicas, timeout=120)
-    return joey
+    return Joey(args, client, client.upload_model("iris", model), engine)
 
 
 def report(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
@@ -431,31 +481,16 @@ def main() -> None:
         systems: list[System] = []
         if "baseline" in chosen:
             baseline = Baseline(args, settings, model, logs)
-            stack.callback(baseline.process.stop)
-            specs = [TopicSpec(t, args.partitions) for t in (baseline.inputs, baseline.outputs)]
-            ensure_topics(admin_client(settings), specs)
+            stack.callback(baseline.finish)
             systems.append(baseline)
         if "joey" in chosen:
-            joey = deploy_joey(args, settings, env, model, stack, logs)
-            systems.append(joey)
-
-        bench.collector = Collector(
-            settings, [s.outputs for s in systems], [e for s in systems for e in s.errors]
-        )
-        stack.callback(bench.collector.close)
-        # Joey is running from its deployment: warm it up, then stop it so every repetition starts alike.
-        for system in systems:
-            if isinstance(system, Baseline):
-                system.start()
-            bench.run(
-                system, "warmup", WARMUP_RECORDS, lambda load, s=system: bench.feeder.flood(s.inputs, load)
-            )
-            system.stop()
+            systems.append(start_joey(args, settings, env, model, stack, logs))
 
         for rep in range(1, args.repeats + 1):
             print(f"repetition {rep} of {args.repeats}", flush=True)
-            for system in systems:
-                bench.repetition(system)
+            for scenario in SCENARIOS:
+                for system in systems:
+                    bench.run(system, scenario, rep)
         result = report(bench, args)
         if args.json:
             args.json.write_text(json.dumps(result, indent=1) + "\n")

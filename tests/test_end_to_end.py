@@ -3,13 +3,20 @@ records over Kafka -> outputs and errors -> inference log in Postgres -> undeplo
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import psycopg
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 
+from joey.kafka import producer_config
+from joey.records import REQUEST_ID_HEADER, dumps
 from joey.sdk import Client, JoeyError
 from joey.settings import CommonSettings
 from train_model import make_records  # examples/, put on sys.path by conftest
@@ -90,3 +97,68 @@ def test_unknown_pipeline_is_a_clear_error(client: Client) -> None:
     with pytest.raises(JoeyError) as err:
         client.build_pipeline("nowhere").deploy()
     assert err.value.code == "NOT_FOUND" and "nowhere" in err.value.message
+
+
+def test_engine_kill9_loses_nothing_and_logs_each_inference_once(
+    client: Client, stack: Stack, settings: CommonSettings, iris_model: Path, database_url: str
+) -> None:
+    """kill -9 of the engine mid-stream: after a restart every input is answered, and logged exactly once."""
+    model = client.upload_model("iris-crash", iris_model)
+    pipeline = client.build_pipeline("crash").add_model_step(model)
+    pipeline.deploy(replicas=1, timeout=90)
+    topics = pipeline.topics
+    total = 3000
+
+    answered: set[str] = set()
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": "crash-reader",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    reader.assign([TopicPartition(topics.outputs, p, 0) for p in range(4)])
+
+    def read_outputs() -> int:
+        for message in reader.consume(1000, timeout=0.2):
+            if not message.error():
+                answered.add(json.loads(message.value())["request_id"])
+        return len(answered)
+
+    producer = Producer(producer_config(settings))
+    stop = threading.Event()
+
+    def produce() -> None:
+        for i, row in enumerate(make_records(total, seed=3)):
+            if stop.is_set():
+                return
+            producer.produce(topics.inputs, dumps(row), headers=[(REQUEST_ID_HEADER, f"crash-{i}".encode())])
+            producer.poll(0)
+            if i % 100 == 99:
+                time.sleep(0.02)
+        producer.flush(30)
+
+    feeder = threading.Thread(target=produce)
+    feeder.start()
+    try:
+        wait_until(lambda: read_outputs() >= 300, 60, "first outputs")
+        stack.engine.kill9()
+        stack.engine.start()
+        feeder.join(60)
+        wait_until(lambda: read_outputs() == total, 120, f"all {total} inputs answered after the restart")
+    finally:
+        stop.set()
+        feeder.join(10)
+        reader.close()
+
+    def logged() -> tuple[int, int]:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute(
+                "SELECT count(*), count(DISTINCT request_id) FROM inference_logs WHERE pipeline = 'crash'"
+            ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    wait_until(lambda: logged() == (total, total), 60, "exactly one log row per inference")
+    pipeline.undeploy()

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import onnx
 import pytest
+import redis
 from onnx import TensorProto, helper
 
 from joey.v1 import registry_pb2, registry_pb2_grpc
@@ -79,7 +80,12 @@ IRIS_OUTPUTS = [
 
 def iris_step(sha256: str, model: str = "iris", version: int = 1) -> registry_pb2.ResolvedStep:
     return registry_pb2.ResolvedStep(
-        model=model, version=version, sha256=sha256, framework="onnx", inputs=IRIS_INPUTS, outputs=IRIS_OUTPUTS
+        model=model,
+        version=version,
+        sha256=sha256,
+        framework="onnx",
+        inputs=IRIS_INPUTS,
+        outputs=IRIS_OUTPUTS,
     )
 
 
@@ -150,3 +156,8 @@ def engine_settings(
             "instance_id": f"test-engine-{secrets.token_hex(3)}",
         }
     )
+
+
+@pytest.fixture(scope="session")
+def redis_client(engine_settings: EngineSettings) -> redis.Redis:
+    return redis.Redis.from_url(engine_settings.redis_url)

@@ -30,7 +30,9 @@ def test_fetches_in_chunks_and_reuses_the_cache(server: Any, store: ArtifactStor
     assert [p.name for p in path.parent.iterdir()] == [sha]
 
 
-def test_sha_mismatch_is_an_error_and_nothing_is_kept(server: Any, store: ArtifactStore, tmp_path: Path) -> None:
+def test_sha_mismatch_is_an_error_and_nothing_is_kept(
+    server: Any, store: ArtifactStore, tmp_path: Path
+) -> None:
     claimed = hashlib.sha256(b"the real model").hexdigest()
     server.artifacts[claimed] = b"something else"
     with pytest.raises(ArtifactError, match=f"artifact {claimed} from the registry has sha256 "):

@@ -97,25 +97,24 @@ def engine(engine_settings: EngineSettings, settings: CommonSettings) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def redis_client(engine_settings: EngineSettings) -> redis.Redis:
-    return redis.Redis.from_url(engine_settings.redis_url)
-
-
-@pytest.fixture(scope="module")
 def iris_sha(artifact_server: tuple[Any, str], iris_model: Path) -> str:
     return str(artifact_server[0].add(iris_model.read_bytes()))
 
 
 def deploy(settings: CommonSettings, workspace: str, pipeline: str, spec: Any | None) -> None:
     """Publish a spec (or a tombstone) as the registry does, creating the pipeline's topics first."""
-    kafka.ensure_topics(kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, workspace, pipeline))
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, workspace, pipeline)
+    )
     producer = Producer(kafka.producer_config(settings))
     value = json_format.MessageToJson(spec).encode() if spec is not None else None
     producer.produce(topics.DEPLOYMENTS, value, topics.deployment_key(workspace, pipeline).encode())
     assert producer.flush(10) == 0
 
 
-def produce(settings: CommonSettings, topic: str, values: list[tuple[str, bytes]]) -> dict[str, tuple[int, int]]:
+def produce(
+    settings: CommonSettings, topic: str, values: list[tuple[str, bytes]]
+) -> dict[str, tuple[int, int]]:
     """Produce (request id, value) pairs keyed by request id; return where each request id landed."""
     positions: dict[str, tuple[int, int]] = {}
 
@@ -126,7 +125,9 @@ def produce(settings: CommonSettings, topic: str, values: list[tuple[str, bytes]
     producer = Producer(kafka.producer_config(settings))
     for rid, value in values:
         headers = [(records.REQUEST_ID_HEADER, rid.encode())]
-        producer.produce(topic, value, rid.encode(), headers=headers, on_delivery=functools.partial(delivered, rid))
+        producer.produce(
+            topic, value, rid.encode(), headers=headers, on_delivery=functools.partial(delivered, rid)
+        )
     assert producer.flush(10) == 0
     return positions
 
@@ -146,7 +147,10 @@ def labels(model: Path, rows: list[dict[str, Any]]) -> list[int]:
 BAD = {
     "bad-text": (b"not json", "record is not valid JSON"),
     "bad-array": (b"[1, 2, 3]", "record must be a JSON object mapping input names to values, got list"),
-    "bad-missing": (b'{"petals": [1, 2, 3, 4]}', "missing input 'features'; the pipeline expects inputs 'features'"),
+    "bad-missing": (
+        b'{"petals": [1, 2, 3, 4]}',
+        "missing input 'features'; the pipeline expects inputs 'features'",
+    ),
     "bad-shape": (b'{"features": [1, 2, 3]}', "input 'features' has shape [3], expected [4]"),
     "bad-type": (b'{"features": "wide"}', "input 'features' must hold float32 values, got strings"),
     "bad-nan": (b'{"features": [NaN, 1, 2, 3]}', "input 'features' contains NaN/inf"),
@@ -158,8 +162,10 @@ def test_engine_announces_itself(
     engine: Engine, redis_client: redis.Redis, engine_settings: EngineSettings
 ) -> None:
     wait_for(
-        lambda: engine_settings.instance_id
-        in heartbeats.live_services(redis_client, engine_settings.redis_prefix, "engine"),
+        lambda: (
+            engine_settings.instance_id
+            in heartbeats.live_services(redis_client, engine_settings.redis_prefix, "engine")
+        ),
         "engine service heartbeat",
     )
 
@@ -203,14 +209,17 @@ def test_serves_outputs_errors_and_logs(
         committed_group = Consumer(kafka.consumer_config(settings, topics.engine_group(ws, pipeline)))
         try:
             wait_for(
-                lambda: {
-                    tp.partition: tp.offset
-                    for tp in committed_group.committed(
-                        [TopicPartition(names.inputs, p) for p in range(settings.pipeline_partitions)], timeout=10
-                    )
-                    if tp.offset >= 0
-                }
-                == ends,
+                lambda: (
+                    {
+                        tp.partition: tp.offset
+                        for tp in committed_group.committed(
+                            [TopicPartition(names.inputs, p) for p in range(settings.pipeline_partitions)],
+                            timeout=10,
+                        )
+                        if tp.offset >= 0
+                    }
+                    == ends
+                ),
                 f"committed offsets {ends}",
             )
         finally:
@@ -306,13 +315,20 @@ def test_replicas_split_partitions_then_redeploy_and_undeploy(
     def split_in_two() -> bool:
         beats = replicas(redis_client, engine_settings, ws, pipeline)
         held = [set(b.partitions) for b in beats if b.loaded and b.deployment_id == first.deployment_id]
-        return len(beats) == 2 and len(held) == 2 and not held[0] & held[1] and held[0] | held[1] == all_partitions
+        return (
+            len(beats) == 2
+            and len(held) == 2
+            and not held[0] & held[1]
+            and held[0] | held[1] == all_partitions
+        )
 
     wait_for(split_in_two, "two replicas sharing the partitions")
 
     outputs = TopicReader(settings, names.outputs)
     try:
-        sent = produce(settings, names.inputs, [(f"a-{i}", b'{"features": [5, 3, 1.5, 0.2]}') for i in range(40)])
+        sent = produce(
+            settings, names.inputs, [(f"a-{i}", b'{"features": [5, 3, 1.5, 0.2]}') for i in range(40)]
+        )
         outputs.read_until(lambda ms: {request_id(m) for m in ms} >= sent.keys(), "outputs of two replicas")
 
         second = make_spec(ws, pipeline, iris_sha, replicas=1, version=2)
@@ -371,15 +387,23 @@ def test_unloadable_deployment_reports_and_retries_while_others_serve(
     # The pipeline of the first test is still served meanwhile.
     served = TopicReader(settings, topics.pipeline_topics(ws, "iris").outputs)
     try:
-        produce(settings, topics.pipeline_topics(ws, "iris").inputs, [("still-here", b'{"features": [5, 3, 1, 0]}')])
-        served.read_until(lambda ms: "still-here" in {request_id(m) for m in ms}, "the other pipeline serving")
+        produce(
+            settings,
+            topics.pipeline_topics(ws, "iris").inputs,
+            [("still-here", b'{"features": [5, 3, 1, 0]}')],
+        )
+        served.read_until(
+            lambda ms: "still-here" in {request_id(m) for m in ms}, "the other pipeline serving"
+        )
     finally:
         served.close()
 
     artifact_server[0].add(data)
     wait_for(
-        lambda: [(b.loaded, b.error) for b in replicas(redis_client, engine_settings, ws, pipeline)]
-        == [(True, "")],
+        lambda: (
+            [(b.loaded, b.error) for b in replicas(redis_client, engine_settings, ws, pipeline)]
+            == [(True, "")]
+        ),
         "the deployment loaded on retry",
     )
     outputs = TopicReader(settings, names.outputs)

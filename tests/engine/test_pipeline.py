@@ -31,7 +31,9 @@ def iris_runner(iris_model: Path, make_deployment: Callable[..., Deployment]) ->
 
 def direct(model: Path, features: list[list[float]]) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    label, probabilities = session.run(["label", "probabilities"], {"features": np.asarray(features, np.float32)})
+    label, probabilities = session.run(
+        ["label", "probabilities"], {"features": np.asarray(features, np.float32)}
+    )
     return {"label": label, "probabilities": probabilities}
 
 
@@ -72,12 +74,32 @@ BAD_RECORDS = [
     (b"not json", None, "record is not valid JSON"),
     (b"[1, 2, 3]", None, "record must be a JSON object mapping input names to values, got list"),
     (None, None, "empty record"),
-    (encode({"feature": ROWS[0]}), {"feature": ROWS[0]}, "missing input 'features'; the pipeline expects inputs"),
-    (encode({"features": [1, 2, 3]}), {"features": [1, 2, 3]}, "input 'features' has shape [3], expected [4]"),
+    (
+        encode({"feature": ROWS[0]}),
+        {"feature": ROWS[0]},
+        "missing input 'features'; the pipeline expects inputs",
+    ),
+    (
+        encode({"features": [1, 2, 3]}),
+        {"features": [1, 2, 3]},
+        "input 'features' has shape [3], expected [4]",
+    ),
     (encode({"features": [[1, 2, 3, 4]]}), {"features": [[1, 2, 3, 4]]}, "has shape [1, 4], expected [4]"),
-    (encode({"features": [[1, 2], [3]]}), {"features": [[1, 2], [3]]}, "input 'features' is not a rectangular"),
-    (encode({"features": "abc"}), {"features": "abc"}, "input 'features' must hold float32 values, got strings"),
-    (encode({"features": [1, "a", 2, 3]}), {"features": [1, "a", 2, 3]}, "must hold float32 values, got strings"),
+    (
+        encode({"features": [[1, 2], [3]]}),
+        {"features": [[1, 2], [3]]},
+        "input 'features' is not a rectangular",
+    ),
+    (
+        encode({"features": "abc"}),
+        {"features": "abc"},
+        "input 'features' must hold float32 values, got strings",
+    ),
+    (
+        encode({"features": [1, "a", 2, 3]}),
+        {"features": [1, "a", 2, 3]},
+        "must hold float32 values, got strings",
+    ),
     (encode({"features": [1, None, 2, 3]}), {"features": [1, None, 2, 3]}, "got null or mixed values"),
     (encode({"features": [True] * 4}), {"features": [True] * 4}, "must hold float32 values, got booleans"),
     (b'{"features": [NaN, 1, 2, 3]}', ..., "input 'features' contains NaN/inf"),

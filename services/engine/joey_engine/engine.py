@@ -32,6 +32,8 @@ POLL_S = 0.2
 """How long one read of the deployments topic waits; also the pace of reconciliation."""
 
 STOP_TIMEOUT_S = 30.0
+REBALANCE_TIMEOUT_S = 15.0
+"""Longest wait for the replicas that stay in a group to be reassigned after one left."""
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Engine:
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then drain and stop every replica; errors are raised after that."""
         settings = self._settings
+        # Creating them here too keeps a missing joey.deployments from being auto-created uncompacted.
+        kafka.ensure_topics(kafka.admin_client(settings), kafka.platform_topics(settings))
         # Never subscribes or commits: the group id only satisfies the client.
         consumer = Consumer(kafka.consumer_config(settings, f"joey.engine-control.{settings.instance_id}"))
         consumer.assign([TopicPartition(topics.DEPLOYMENTS, 0, OFFSET_BEGINNING)])
@@ -165,7 +169,9 @@ class Engine:
         deployment = state.deployment
         lost = {slot for slot in state.slots if not self._leases.renew(deployment, slot)}
         if lost:
-            log.warning("lease of slots %s of %s expired; stopping their replicas", sorted(lost), deployment)
+            log.warning(
+                "slots %s of %s went to another engine; stopping their replicas", sorted(lost), deployment
+            )
             self._stop([(state, lost)])
         # Taking at most a fair share leaves slots for the other engines.
         share = math.ceil(deployment.replicas / self._live_engines)
@@ -232,15 +238,34 @@ class Engine:
         return runner
 
     def _stop(self, parts: list[tuple[_Deployed, set[int]]]) -> None:
-        """Stop the replicas of the given slots, draining them in parallel, then give the slots up."""
-        workers = [
-            state.replicas.pop(slot) for state, slots in parts for slot in slots if slot in state.replicas
+        """Stop the replicas of the given slots, then give the slots up.
+
+        The replicas of one deployment share a consumer group and leave it one at a time, each once the
+        group has settled after the previous one left: the embedded broker drops a LeaveGroup that arrives
+        during a rebalance and then never completes a rebalance of that group again. Different
+        deployments stop in parallel.
+        """
+        queues = [
+            [state.replicas.pop(s) for s in sorted(slots) if s in state.replicas] for state, slots in parts
         ]
-        for worker in workers:
-            worker.stop()
-        for worker in workers:
-            if not worker.join(STOP_TIMEOUT_S):
-                log.error("replica %s did not stop within %.0f s", worker.replica_id, STOP_TIMEOUT_S)
+        while any(queues):
+            leaving = [queue.pop() for queue in queues if queue]
+            staying = [
+                w
+                for (state, _), queue in zip(parts, queues, strict=True)
+                for w in [*queue, *state.replicas.values()]
+            ]
+            generations = [w.assignments for w in staying]
+            for worker in leaving:
+                worker.stop()
+            for worker in leaving:
+                if not worker.join(STOP_TIMEOUT_S):
+                    log.error("replica %s did not stop within %.0f s", worker.replica_id, STOP_TIMEOUT_S)
+            deadline = time.monotonic() + REBALANCE_TIMEOUT_S
+            while time.monotonic() < deadline and any(
+                w.running and w.assignments == before for w, before in zip(staying, generations, strict=True)
+            ):
+                time.sleep(0.05)
         for state, slots in parts:
             deployment = state.deployment
             for slot in slots:

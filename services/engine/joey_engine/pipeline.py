@@ -117,8 +117,7 @@ class PipelineRunner:
 
     def run(self, values: Sequence[bytes | None]) -> list[Result]:
         """One result per value, in order."""
-        results: list[Result | None] = [None] * len(values)
-        valid: list[int] = []
+        invalid: dict[int, Failure] = {}
         rows: list[dict[str, Any]] = []
         arrays: list[dict[str, np.ndarray]] = []
         for i, value in enumerate(values):
@@ -127,14 +126,11 @@ class PipelineRunner:
                 row = decode_input(value)
                 arrays.append(self._validate(row))
             except RecordError as exc:
-                results[i] = Failure(str(exc), row)
+                invalid[i] = Failure(str(exc), row)
                 continue
-            valid.append(i)
             rows.append(row)
-        if valid:
-            for i, result in zip(valid, self._run_valid(rows, arrays), strict=True):
-                results[i] = result
-        return results  # type: ignore[return-value]  # every slot was filled above
+        ran = iter(self._run_valid(rows, arrays) if rows else [])
+        return [invalid[i] if i in invalid else next(ran) for i in range(len(values))]
 
     def _validate(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
         missing = [t.name for t in self._inputs if t.name not in row]

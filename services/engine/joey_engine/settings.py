@@ -42,7 +42,8 @@ class EngineSettings(CommonSettings):
     """Port of the Prometheus metrics endpoint; 0 disables it."""
 
     workspaces: list[str] = Field(default_factory=list)
-    """Serve only the deployments of these workspaces (all when empty), e.g. to give a workspace its own engines."""
+    """Serve only the deployments of these workspaces (all when empty), e.g. to give workspaces their own
+    engines."""
 
     load_retry_max_s: float = Field(default=30.0, gt=0)
     """Longest wait between attempts to fetch and load a deployment that failed to load."""

@@ -11,10 +11,15 @@ import redis
 
 from joey_engine.deployment import Deployment
 
-# Renew and release only if this engine still holds the lease, in one atomic step.
-_IF_HELD = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call({}) end return 0"
-_RENEW = _IF_HELD.format("'pexpire', KEYS[1], ARGV[2]")
-_RELEASE = _IF_HELD.format("'del', KEYS[1]")
+# Check-and-set in one atomic step. A renewal also takes back a lease that expired while this engine was
+# busy (stopping replicas can take seconds), as long as no other engine claimed it meanwhile.
+_RENEW = """
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 class SlotLeases:
@@ -33,7 +38,7 @@ class SlotLeases:
         return bool(self._client.set(self.key(deployment, slot), self._owner, nx=True, px=self._ttl_ms))
 
     def renew(self, deployment: Deployment, slot: int) -> bool:
-        """False when the lease expired (and possibly went to another engine)."""
+        """False when another engine holds the slot now."""
         return bool(self._renew(keys=[self.key(deployment, slot)], args=[self._owner, self._ttl_ms]))
 
     def release(self, deployment: Deployment, slot: int) -> None:

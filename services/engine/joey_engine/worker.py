@@ -69,6 +69,8 @@ class ReplicaWorker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"replica-{replica_id}", daemon=True)
         self._held: set[int] = set()
+        self.assignments = 0
+        """How many times the group assigned partitions to this replica (a new one after every rebalance)."""
         self._pending: dict[tuple[str, int], int] = {}
         self._tracker = kafka.DeliveryTracker()
         self._beat = heartbeats.ReplicaHeartbeat(
@@ -135,6 +137,7 @@ class ReplicaWorker:
             self._beat.loaded = True
             self._log.info("started, consuming %s", self.deployment.topics.inputs)
             while not self._stop.is_set():
+                # Beating from the loop itself means a stuck loop stops looking alive.
                 if time.monotonic() >= self._next_beat:
                     self._heartbeat()
                 batch = self._consume(consumer)
@@ -153,9 +156,11 @@ class ReplicaWorker:
         if first is None:
             return []
         settings = self._settings
-        more = consumer.consume(settings.max_batch_size - 1, settings.max_batch_delay_ms / 1000)
+        messages = [first]
+        if settings.max_batch_size > 1:
+            messages += consumer.consume(settings.max_batch_size - 1, settings.max_batch_delay_ms / 1000)
         batch = []
-        for message in [first, *more]:
+        for message in messages:
             error = message.error()
             if error is None:
                 batch.append(message)
@@ -228,6 +233,7 @@ class ReplicaWorker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._held |= {tp.partition for tp in partitions}
+        self.assignments += 1
         self._log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
         self._heartbeat()
 
