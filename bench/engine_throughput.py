@@ -321,11 +321,8 @@ class Bench:
         finally:
             system.finish()
         self.samples.setdefault((system.name, scenario), []).append(sample)
-        print(
-            f"  {system.name:8} {scenario:6} {sample.throughput:10,.0f} records/s"
-            f"  p50 {sample.p50_ms:8.1f} ms  p99 {sample.p99_ms:8.1f} ms",
-            flush=True,
-        )
+        latency = "" if scenario == "drain" else f"  p50 {sample.p50_ms:8.1f} ms  p99 {sample.p99_ms:8.1f} ms"
+        print(f"  {system.name:8} {scenario:6} {sample.throughput:10,.0f} records/s{latency}", flush=True)
 
 
 @contextmanager
@@ -415,10 +412,15 @@ def report(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         common = set(a) & set(b)
         agree = sum(a[i] == b[i] for i in common)
         print(f"\nlabels agree on {agree} of {len(common)} sampled records")
+
+    def plain(sample: Sample) -> dict[str, float | None]:
+        # A drain run has no latency (NaN), which JSON cannot hold.
+        return {k: None if math.isnan(v) else v for k, v in asdict(sample).items()}
+
     return {
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "samples": {f"{s}/{c}": [asdict(x) for x in xs] for (s, c), xs in bench.samples.items()},
-        "median": {f"{s}/{c}": asdict(x) for (s, c), x in medians.items()},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "samples": {f"{s}/{c}": [plain(x) for x in xs] for (s, c), xs in bench.samples.items()},
+        "median": {f"{s}/{c}": plain(x) for (s, c), x in medians.items()},
     }
 
 
