@@ -38,7 +38,7 @@ def main() -> None:
         run_demo()
     finally:
         step("stopping the stack (`joey down`)")
-        stop_detached(settings)
+        print("stopped" if stop_detached(settings) else "the stack was not running")
 
 
 def run_demo() -> None:

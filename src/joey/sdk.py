@@ -426,7 +426,8 @@ def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
             {k: meta.get(k) for k in ("pipeline_version", "models", "elapsed_ns", "partition", "offset")},
         )
         rows.append(row)
-    return pd.DataFrame(rows)
+    # Nullable dtypes keep integer outputs integers when a failed row leaves a gap.
+    return pd.DataFrame(rows).convert_dtypes()
 
 
 def log_entries_to_frame(entries: Sequence[pb.LogEntry]) -> pd.DataFrame:
@@ -447,4 +448,4 @@ def log_entries_to_frame(entries: Sequence[pb.LogEntry]) -> pd.DataFrame:
         row["partition"] = e.input_partition
         row["offset"] = e.input_offset
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).convert_dtypes()
