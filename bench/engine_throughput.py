@@ -200,7 +200,12 @@ class Baseline(System):
             self.start()
             # baseline.py prints READY once its group owns every partition.
             log = self.process.log_path
-            wait_until(lambda: self.check() or b"READY" in log.read_bytes(), 60, "baseline consumers")
+
+            def ready() -> bool:
+                self.check()
+                return b"READY" in log.read_bytes()
+
+            wait_until(ready, 60, "baseline consumers")
 
     def start(self) -> None:
         assert self.process is not None
@@ -370,7 +375,12 @@ def start_joey(
     """Registry and engine processes up, the model uploaded."""
     registry = Process("registry", [sys.executable, "-m", "joey.cli", "serve", "registry"], env, logs).start()
     stack.callback(registry.stop)
-    wait_until(lambda: registry.check() or registry_ready(settings.registry_addr), 60, "the registry")
+
+    def registry_up() -> bool:
+        registry.check()
+        return registry_ready(settings.registry_addr)
+
+    wait_until(registry_up, 60, "the registry")
     if args.logger:
         logger = Process("logger", [sys.executable, "-m", "joey.cli", "serve", "logger"], env, logs).start()
         stack.callback(logger.stop)
@@ -476,7 +486,7 @@ def main() -> None:
         }
         settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items()})
         model = train_and_export(work / "iris.onnx")
-        rows: list[dict[str, Any]] = make_records(10_000, seed=1)  # type: ignore[assignment]
+        rows = make_records(10_000, seed=1)
         bench = Bench(args, settings, rows)
         stack.callback(bench.feeder.close)
 
