@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
@@ -71,8 +72,36 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def dumps_text(value: Any) -> str:
+    """Strict JSON text. Plain Python values (the common case) skip the conversion walk."""
+    try:
+        return _ENCODER.encode(value)
+    except (TypeError, ValueError):
+        return _ENCODER.encode(to_jsonable(value))
+
+
 def dumps(value: Any) -> bytes:
-    return json.dumps(to_jsonable(value), separators=(",", ":"), allow_nan=False).encode()
+    return dumps_text(value).encode()
+
+
+_NON_STRICT_TOKENS = (b"NaN", b"Infinity")
+
+
+def strict_json_text(raw: bytes | None, parse: Callable[[], Any]) -> str:
+    """Strict JSON text of a record that parses as JSON: ``raw`` itself when it is strict already.
+
+    Python's parser accepts NaN and Infinity, which JSON (and Postgres jsonb) do not; only then
+    is the value parsed (``parse()``) and encoded again, with those values as null.
+    """
+    if raw is not None and not any(token in raw for token in _NON_STRICT_TOKENS):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return dumps_text(parse())
 
 
 def now_iso() -> str:

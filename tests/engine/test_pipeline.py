@@ -191,3 +191,30 @@ def test_failing_batch_falls_back_to_single_records(
     failure = results[-1]
     assert isinstance(failure, Failure)
     assert failure.reason == "step 1 (model 'iris' v1) failed: negative feature"
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        [True, True, False, True],
+        [1.0, 2.0, None, 4.0],
+        [1.0, 2.0, "3", 4.0],
+        [1.0, 2.0, 3.0],
+        [1.0, 2.0, 3.0, 1e400],
+    ],
+)
+def test_a_batch_gives_each_record_the_verdict_it_gets_alone(iris_runner: PipelineRunner, odd: list) -> None:
+    """The column-wise fast path must never accept what record-by-record validation rejects."""
+    alone = iris_runner.run([encode({"features": odd})])[0]
+    assert isinstance(alone, Failure)
+    batch = iris_runner.run([encode({"features": row}) for row in ROWS] + [encode({"features": odd})])
+    assert all(isinstance(r, Success) for r in batch[:-1])
+    assert batch[-1] == alone
+
+
+def test_integer_records_feed_a_float_model_in_one_batch(iris_runner: PipelineRunner) -> None:
+    as_ints = [[5, 3, 1, 0], [6, 3, 5, 2]]
+    batch = iris_runner.run([encode({"features": row}) for row in as_ints])
+    one_by_one = [iris_runner.run([encode({"features": row})])[0] for row in as_ints]
+    assert all(isinstance(r, Success) for r in batch + one_by_one)
+    assert [(r.inputs, r.outputs) for r in batch] == [(r.inputs, r.outputs) for r in one_by_one]  # type: ignore[union-attr]

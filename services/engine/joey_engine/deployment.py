@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from google.protobuf import json_format
 
 from joey import topics
+from joey.records import dumps_text
 from joey.v1 import registry_pb2
 
 
@@ -53,6 +55,18 @@ class Deployment:
     @property
     def models(self) -> list[dict[str, str | int]]:
         return [step.ref() for step in self.steps]
+
+    @cached_property
+    def shared_metadata_json(self) -> str:
+        """The metadata members every record of this deployment carries, as JSON object members."""
+        shared = {
+            "workspace": self.workspace,
+            "pipeline": self.pipeline,
+            "pipeline_version": self.pipeline_version,
+            "deployment_id": self.deployment_id,
+            "models": self.models,
+        }
+        return dumps_text(shared)[1:-1]
 
     def __str__(self) -> str:
         return f"{self.key} v{self.pipeline_version} ({self.deployment_id})"

@@ -10,11 +10,12 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from joey.records import RecordError, decode_input
+from joey.records import RecordError, decode_input, dumps_text
 from joey_engine import metrics
 from joey_engine.deployment import Deployment, Step, Tensor
 from joey_engine.runtime import ModelRuntime
@@ -30,6 +31,11 @@ class Success:
     """The last step's outputs for this record, as plain Python values."""
     elapsed_ns: tuple[int, ...]
     """Time of each step for the batch this record ran in."""
+
+    @cached_property
+    def outputs_json(self) -> str:
+        """``outputs`` as JSON text, encoded once for both the output record and the log."""
+        return dumps_text(self.outputs)
 
 
 @dataclass(frozen=True)
@@ -119,18 +125,70 @@ class PipelineRunner:
         """One result per value, in order."""
         invalid: dict[int, Failure] = {}
         rows: list[dict[str, Any]] = []
-        arrays: list[dict[str, np.ndarray]] = []
         for i, value in enumerate(values):
-            row: dict[str, Any] | None = None
             try:
-                row = decode_input(value)
-                arrays.append(self._validate(row))
+                rows.append(decode_input(value))
             except RecordError as exc:
-                invalid[i] = Failure(str(exc), row)
-                continue
-            rows.append(row)
-        ran = iter(self._run_valid(rows, arrays) if rows else [])
+                invalid[i] = Failure(str(exc), None)
+        feeds = self._stack_batch(rows, values) if rows else None
+        if feeds is None:
+            # Something in the batch needs a closer look: validate record by record, so each bad one
+            # fails alone with its own reason.
+            valid_rows: list[dict[str, Any]] = []
+            arrays: list[dict[str, np.ndarray]] = []
+            decoded = iter(rows)
+            for i in range(len(values)):
+                if i in invalid:
+                    continue
+                row = next(decoded)
+                try:
+                    arrays.append(self._validate(row))
+                    valid_rows.append(row)
+                except RecordError as exc:
+                    invalid[i] = Failure(str(exc), row)
+            rows = valid_rows
+        ran = iter(self._run_valid(rows, arrays if feeds is None else None, feeds) if rows else [])
         return [invalid[i] if i in invalid else next(ran) for i in range(len(values))]
+
+    def _stack_batch(
+        self, rows: list[dict[str, Any]], values: Sequence[bytes | None]
+    ) -> dict[str, np.ndarray] | None:
+        """The model feeds of a batch in which every record is valid, converted column-wise in one go.
+
+        None when any record might be invalid; the caller then validates record by record, which
+        gives the same verdicts and names the culprit. JSON booleans are excluded up front: numpy
+        would quietly turn them into numbers when they sit next to numbers in one column.
+        """
+        if any(b"true" in v or b"false" in v for v in values if v is not None):
+            return None
+        feeds = {}
+        for tensor in self._inputs:
+            target = np.dtype(tensor.dtype)
+            if target.kind not in "fiu":
+                return None
+            try:
+                column = np.asarray([row[tensor.name] for row in rows])
+            except (KeyError, ValueError):
+                return None
+            expected = tensor.shape[1:]
+            if (
+                column.dtype.kind not in _ACCEPTED_KINDS[target.kind]
+                or column.ndim != 1 + len(expected)
+                or any(
+                    want >= 0 and want != got for want, got in zip(expected, column.shape[1:], strict=True)
+                )
+            ):
+                return None
+            if target.kind in "iu" and column.size:
+                limits = np.iinfo(target)
+                if column.min() < limits.min or column.max() > limits.max:
+                    return None
+            with np.errstate(over="ignore"):
+                array = column.astype(target, copy=False)
+            if target.kind == "f" and not np.isfinite(array).all():
+                return None
+            feeds[tensor.name] = array
+        return feeds
 
     def _validate(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
         missing = [t.name for t in self._inputs if t.name not in row]
@@ -139,15 +197,24 @@ class PipelineRunner:
             raise RecordError(f"missing input {missing[0]!r}; the pipeline expects inputs {expected}")
         return {t.name: _convert(t, row[t.name]) for t in self._inputs}
 
-    def _run_valid(self, rows: list[dict[str, Any]], arrays: list[dict[str, np.ndarray]]) -> list[Result]:
+    def _run_valid(
+        self,
+        rows: list[dict[str, Any]],
+        arrays: list[dict[str, np.ndarray]] | None,
+        feeds: dict[str, np.ndarray] | None,
+    ) -> list[Result]:
         try:
-            feeds = {t.name: np.stack([a[t.name] for a in arrays]) for t in self._inputs}
+            if feeds is None:
+                assert arrays is not None
+                feeds = {t.name: np.stack([a[t.name] for a in arrays]) for t in self._inputs}
             outputs, elapsed = self._infer(feeds, len(rows))
         except (StepError, ValueError) as exc:
             # Dynamic dimensions of different sizes cannot be stacked, and one odd record can make a model
             # fail the whole batch: run the records one by one so only the culprit fails.
             if len(rows) > 1:
                 log.warning("batch of %d records failed (%s); running them one at a time", len(rows), exc)
+            if arrays is None:
+                arrays = [self._validate(row) for row in rows]
             return [self._run_one(row, array) for row, array in zip(rows, arrays, strict=True)]
         columns = {name: output.tolist() for name, output in outputs.items()}
         return [
