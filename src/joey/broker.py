@@ -7,7 +7,9 @@ and for tests; production points ``JOEY_KAFKA_BOOTSTRAP`` at a real Kafka cluste
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 from joey.kafka import wait_for_broker
@@ -47,12 +49,26 @@ class EmbeddedBroker:
             start_new_session=True,
         )
         try:
+            self._wait_for_port(timeout)
             wait_for_broker(self.bootstrap, timeout)
         except TimeoutError:
             self.stop()
             raise
         log.info("embedded broker ready at %s (pid %d)", self.bootstrap, self.process.pid)
         return self
+
+    def _wait_for_port(self, timeout: float) -> None:
+        # librdkafka reports every refused connection on stderr; wait for the listener quietly first.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TimeoutError(f"embedded broker exited with code {self.process.returncode}")
+            with socket.socket() as sock:
+                sock.settimeout(0.2)
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.01)
+        raise TimeoutError(f"embedded broker not listening on port {self.port} after {timeout:.0f}s")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
