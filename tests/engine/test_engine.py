@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import secrets
+import signal
+import socket
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +22,7 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from google.protobuf import json_format
+from prometheus_client.parser import text_string_to_metric_families
 
 from joey import heartbeats, kafka, records, topics
 from joey.settings import CommonSettings
@@ -357,7 +362,11 @@ def test_replicas_split_partitions_then_redeploy_and_undeploy(
         lambda: not heartbeats.read(redis_client, engine_settings.redis_prefix, ws, pipeline),
         "replica heartbeats retired",
     )
-    assert redis_client.keys(f"{engine_settings.redis_prefix}:slot:{ws}/{pipeline}:*") == []
+    # A replica retires its heartbeat before its process ends; the engine releases the slot after that.
+    wait_for(
+        lambda: redis_client.keys(f"{engine_settings.redis_prefix}:slot:{ws}/{pipeline}:*") == [],
+        "replica slots released",
+    )
 
 
 def test_unloadable_deployment_reports_and_retries_while_others_serve(
@@ -414,3 +423,158 @@ def test_unloadable_deployment_reports_and_retries_while_others_serve(
     finally:
         outputs.close()
     deploy(settings, ws, pipeline, None)
+
+
+def test_crashed_replica_is_reported_and_restarted(
+    engine: Engine,
+    settings: CommonSettings,
+    engine_settings: EngineSettings,
+    engine_workspace: str,
+    redis_client: redis.Redis,
+    make_spec: Callable[..., Any],
+    iris_sha: str,
+) -> None:
+    ws, pipeline = engine_workspace, "crashing"
+    key = topics.deployment_key(ws, pipeline)
+    names = topics.pipeline_topics(ws, pipeline)
+    deploy(settings, ws, pipeline, make_spec(ws, pipeline, iris_sha))
+    [beat] = wait_for(
+        lambda: [b for b in replicas(redis_client, engine_settings, ws, pipeline) if b.loaded], "a replica"
+    )
+    [pid] = engine.replica_pids(key).values()
+    others = engine.replica_pids(topics.deployment_key(ws, "iris"))
+
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            [(b.loaded, b.error) for b in replicas(redis_client, engine_settings, ws, pipeline)]
+            == [(False, "replica process killed by SIGKILL")]
+        ),
+        "the crash reported",
+    )
+    wait_for(
+        lambda: (
+            [(b.loaded, b.error) for b in replicas(redis_client, engine_settings, ws, pipeline)]
+            == [(True, "")]
+        ),
+        "the replica restarted",
+    )
+    assert list(engine.replica_pids(key)) == [beat.replica_id]
+    assert engine.replica_pids(key)[beat.replica_id] != pid
+    assert engine.replica_pids(topics.deployment_key(ws, "iris")) == others
+
+    outputs = TopicReader(settings, names.outputs)
+    try:
+        produce(settings, names.inputs, [("after-crash", b'{"features": [5, 3, 1, 0]}')])
+        outputs.read_until(
+            lambda ms: "after-crash" in {request_id(m) for m in ms}, "an output after the crash"
+        )
+    finally:
+        outputs.close()
+    deploy(settings, ws, pipeline, None)
+
+
+def test_model_that_fails_to_load_in_the_replica_is_reported(
+    engine: Engine,
+    settings: CommonSettings,
+    engine_settings: EngineSettings,
+    engine_workspace: str,
+    redis_client: redis.Redis,
+    make_spec: Callable[..., Any],
+    artifact_server: tuple[Any, str],
+) -> None:
+    ws, pipeline = engine_workspace, "junk-model"
+    sha = artifact_server[0].add(b"not an onnx model")
+    spec = make_spec(ws, pipeline, sha)
+    deploy(settings, ws, pipeline, spec)
+    [beat] = wait_for(
+        lambda: [b for b in replicas(redis_client, engine_settings, ws, pipeline) if b.error],
+        "a load error",
+    )
+    assert not beat.loaded and beat.error.startswith(f"cannot load {ws}/{pipeline} v1"), beat.error
+    deploy(settings, ws, pipeline, None)
+    wait_for(
+        lambda: not heartbeats.read(redis_client, engine_settings.redis_prefix, ws, pipeline),
+        "the error heartbeat retired",
+    )
+
+
+def live_children(pid: int) -> dict[int, str]:
+    """Command lines of the live (not zombie) child processes of ``pid``, from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and process_state(int(entry.name)) not in (None, "Z"):
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, IndexError):
+                continue
+            if ppid == pid:
+                found[int(entry.name)] = cmdline
+    return found
+
+
+def process_state(pid: int) -> str | None:
+    """The process's state letter (R, S, Z, ...), None when it is gone."""
+    try:
+        # The command name in parentheses may hold spaces; the state is the first field after it.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def test_replicas_exit_when_the_engine_is_killed(
+    settings: CommonSettings,
+    engine_settings: EngineSettings,
+    redis_client: redis.Redis,
+    make_spec: Callable[..., Any],
+    service_factory: Callable[..., Any],
+    artifact_server: tuple[Any, str],
+    iris_sha: str,
+) -> None:
+    ws, pipeline = f"orphans-{secrets.token_hex(3)}", "iris"
+    # Redis keys of its own: this engine must not count towards the fair share of the in-process one.
+    prefix = f"{engine_settings.redis_prefix}:orphans"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
+    service = service_factory(
+        "engine",
+        JOEY_INSTANCE_ID=f"orphans-{secrets.token_hex(3)}",
+        JOEY_WORKSPACES=json.dumps([ws]),
+        JOEY_REGISTRY_ADDR=artifact_server[1],
+        JOEY_REDIS_PREFIX=prefix,
+        JOEY_METRICS_PORT=str(metrics_port),
+    )
+    deploy(settings, ws, pipeline, make_spec(ws, pipeline, iris_sha, replicas=2))
+    wait_for(
+        lambda: (
+            len([v for v in heartbeats.read(redis_client, prefix, ws, pipeline) if v.alive and v.beat.loaded])
+            == 2
+        ),
+        "two replicas",
+    )
+    children = live_children(service.process.pid)
+    assert len([c for c in children.values() if "spawn_main" in c]) == 2, children
+    # The engine's endpoint serves the metrics of its replica processes.
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, s.labels.get("workspace")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("joey_engine_replicas", ws)] == 2, text
+
+    service.kill9()
+    try:
+        wait_for(
+            lambda: all(process_state(pid) in (None, "Z") for pid in children),
+            "every child of the killed engine to exit",
+            timeout=15,
+        )
+    finally:
+        for pid in children:
+            if process_state(pid) not in (None, "Z"):
+                os.kill(pid, signal.SIGKILL)
+        deploy(settings, ws, pipeline, None)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import prometheus_client
+from prometheus_client import multiprocess
 
 from joey import lifecycle
 from joey_engine.engine import Engine
@@ -17,7 +22,23 @@ def serve() -> None:
     settings = EngineSettings()
     lifecycle.configure_logging(settings.log_level)
     stop = lifecycle.shutdown_event()
-    if settings.metrics_port:
-        prometheus_client.start_http_server(settings.metrics_port)
-        log.info("metrics on port %d", settings.metrics_port)
-    Engine(settings).run(stop)
+    metrics_dir = _serve_metrics(settings.metrics_port) if settings.metrics_port else None
+    try:
+        Engine(settings, metrics_dir=metrics_dir).run(stop)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve_metrics(port: int) -> Path:
+    """Serve the metrics of every replica process; returns the directory they write them to."""
+    # prometheus_client's multiprocess mode: each replica process writes its metrics to files in this
+    # directory, which the endpoint sums up. Replicas inherit the environment variable and read it when
+    # they import prometheus_client; this process imported it already and keeps its own metrics in memory.
+    directory = Path(tempfile.mkdtemp(prefix="joey-engine-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    registry = prometheus_client.CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, str(directory))
+    prometheus_client.start_http_server(port, registry=registry)
+    log.info("metrics on port %d", port)
+    return directory

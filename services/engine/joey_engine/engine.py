@@ -2,7 +2,9 @@
 
 The deployments topic is read from the beginning by a consumer outside any group, so every
 engine sees every deployment; the last value per key is the desired state. Replica slots
-(Redis leases, see :mod:`joey_engine.slots`) decide which engine runs which replica.
+(Redis leases, see :mod:`joey_engine.slots`) decide which engine runs which replica. Each
+replica is a child process (:mod:`joey_engine.replica`); the engine fetches the models into
+its cache, starts, stops and restarts the replicas, and reports the ones that cannot run.
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from prometheus_client import multiprocess
 
 from joey import heartbeats, kafka, topics
 from joey_engine.artifacts import ArtifactStore
 from joey_engine.deployment import Deployment, parse
-from joey_engine.pipeline import PipelineRunner
-from joey_engine.runtime import create_runtime
+from joey_engine.replica import ReplicaProcess, ReplicaSpec
 from joey_engine.settings import EngineSettings
 from joey_engine.slots import SlotLeases
-from joey_engine.worker import ReplicaWorker
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ POLL_S = 0.2
 """How long one read of the deployments topic waits; also the pace of reconciliation."""
 
 STOP_TIMEOUT_S = 30.0
+"""Longest wait for a replica to finish its batch, commit and leave; then its process is killed."""
 REBALANCE_TIMEOUT_S = 15.0
 """Longest wait for the replicas that stay in a group to be reassigned after one left."""
 
@@ -42,17 +45,27 @@ class _Deployed:
 
     deployment: Deployment
     slots: set[int] = field(default_factory=set)
-    replicas: dict[int, ReplicaWorker] = field(default_factory=dict)
-    runner: PipelineRunner | None = None
+    replicas: dict[int, ReplicaProcess] = field(default_factory=dict)
+    artifacts: tuple[Path, ...] | None = None
     load_error: str = ""
+    """Why the models could not be fetched; reported for every slot."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """Why the last replica of a slot ended, reported until the slot's next replica starts."""
     failures: int = 0
     """Failed loads and crashed replicas so far; sets the backoff before the next attempt."""
     retry_at: float = 0.0
 
 
 class Engine:
-    def __init__(self, settings: EngineSettings, redis_client: redis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        redis_client: redis.Redis | None = None,
+        metrics_dir: Path | None = None,
+    ) -> None:
+        """``metrics_dir``: where replica processes write their metrics, when they are served."""
         self._settings = settings
+        self._metrics_dir = metrics_dir
         self._redis = redis_client or redis.Redis.from_url(settings.redis_url)
         self._store = ArtifactStore(settings.cache_dir, settings.registry_addr)
         self._leases = SlotLeases(
@@ -181,31 +194,42 @@ class Engine:
             if slot not in state.slots and self._leases.claim(deployment, slot):
                 log.info("claimed replica slot %d of %s", slot, deployment)
                 state.slots.add(slot)
-        if state.load_error:
-            for slot in state.slots:
+        # A running replica reports itself; the engine speaks for slots that have none.
+        for slot in state.slots - state.replicas.keys():
+            error = state.load_error or state.failed.get(slot)
+            if error:
                 beat = heartbeats.ReplicaHeartbeat(
                     self._replica_id(slot),
                     deployment.deployment_id,
                     deployment.pipeline_version,
                     loaded=False,
-                    error=state.load_error,
+                    error=error,
                     host=socket.gethostname(),
                 )
                 self._publish(deployment, beat)
 
     def _supervise(self, state: _Deployed, now: float) -> None:
         deployment = state.deployment
-        for slot, worker in list(state.replicas.items()):
-            if not worker.running:
+        for slot, replica in list(state.replicas.items()):
+            if not replica.running:
                 del state.replicas[slot]
-                if worker.error:
-                    self._backoff(state, now)
-                    log.warning("replica %s of %s failed; restarting it", worker.replica_id, deployment)
+                error = replica.error or "replica process exited without being asked to"
+                self._close(replica)
+                state.failed[slot] = error
+                delay = self._backoff(state, now)
+                log.warning(
+                    "replica %s of %s failed (%s); restarting it in %.0f s",
+                    replica.replica_id,
+                    deployment,
+                    error,
+                    delay,
+                )
+                self._next_lease_tick = now  # report the error right away
         if not state.slots or now < state.retry_at:
             return
-        if state.runner is None:
+        if state.artifacts is None:
             try:
-                state.runner = self._load(deployment)
+                state.artifacts = self._fetch(deployment)
             except Exception as exc:
                 state.load_error = f"cannot load {deployment}: {exc}"
                 delay = self._backoff(state, now)
@@ -215,10 +239,9 @@ class Engine:
             state.load_error = ""
             state.failures = 0
         for slot in sorted(state.slots - state.replicas.keys()):
-            worker = ReplicaWorker(
-                self._settings, deployment, state.runner, self._redis, self._replica_id(slot)
-            )
-            state.replicas[slot] = worker.start()
+            spec = ReplicaSpec(self._settings, deployment, state.artifacts, self._replica_id(slot))
+            state.replicas[slot] = ReplicaProcess(spec).start()
+            state.failed.pop(slot, None)
 
     def _backoff(self, state: _Deployed, now: float) -> float:
         state.failures += 1
@@ -226,16 +249,9 @@ class Engine:
         state.retry_at = now + delay
         return delay
 
-    def _load(self, deployment: Deployment) -> PipelineRunner:
-        runtimes = []
-        for step in deployment.steps:
-            path = self._store.fetch(deployment.workspace, step.sha256)
-            runtime = create_runtime(step.framework, self._settings)
-            runtime.load(path)
-            runtimes.append(runtime)
-        runner = PipelineRunner(deployment, runtimes)
-        log.info("loaded %s: models %s", deployment, [f"{s.model} v{s.version}" for s in deployment.steps])
-        return runner
+    def _fetch(self, deployment: Deployment) -> tuple[Path, ...]:
+        """The models of every step in the local cache; the replicas load them."""
+        return tuple(self._store.fetch(deployment.workspace, step.sha256) for step in deployment.steps)
 
     def _stop(self, parts: list[tuple[_Deployed, set[int]]]) -> None:
         """Stop the replicas of the given slots, then give the slots up.
@@ -256,11 +272,18 @@ class Engine:
                 for w in [*queue, *state.replicas.values()]
             ]
             generations = [w.assignments for w in staying]
-            for worker in leaving:
-                worker.stop()
-            for worker in leaving:
-                if not worker.join(STOP_TIMEOUT_S):
-                    log.error("replica %s did not stop within %.0f s", worker.replica_id, STOP_TIMEOUT_S)
+            for replica in leaving:
+                replica.stop()
+            for replica in leaving:
+                if not replica.join(STOP_TIMEOUT_S):
+                    log.error(
+                        "replica %s did not stop within %.0f s; killing it",
+                        replica.replica_id,
+                        STOP_TIMEOUT_S,
+                    )
+                    replica.kill()
+                    replica.join()
+                self._close(replica)
             deadline = time.monotonic() + REBALANCE_TIMEOUT_S
             while time.monotonic() < deadline and any(
                 w.running and w.assignments == before for w, before in zip(staying, generations, strict=True)
@@ -270,6 +293,7 @@ class Engine:
             deployment = state.deployment
             for slot in slots:
                 state.slots.discard(slot)
+                state.failed.pop(slot, None)
                 try:
                     self._leases.release(deployment, slot)
                     # Also clears heartbeats reporting a load error or a crash for the slot.
@@ -282,6 +306,19 @@ class Engine:
                     )
                 except redis.RedisError as exc:
                     log.warning("cannot release slot %d of %s: %s", slot, deployment, exc)
+
+    def _close(self, replica: ReplicaProcess) -> None:
+        """Forget a replica whose process ended."""
+        replica.close()
+        if self._metrics_dir and replica.pid is not None:
+            # Otherwise the gauges of a killed replica would keep counting it.
+            multiprocess.mark_process_dead(replica.pid, str(self._metrics_dir))
+
+    def replica_pids(self, key: str) -> dict[str, int]:
+        """Process id of each running replica of deployment ``key`` (workspace/pipeline), by replica id."""
+        state = self._deployed.get(key)
+        replicas = list(state.replicas.values()) if state else []
+        return {replica.replica_id: replica.pid for replica in replicas if replica.pid is not None}
 
     def _replica_id(self, slot: int) -> str:
         return f"{self._settings.instance_id}-{slot}"

@@ -26,5 +26,8 @@ BATCH_SECONDS = Histogram(
     _LABELS,
     buckets=(1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
-REPLICAS = Gauge("joey_engine_replicas", "Replicas running in this engine", _LABELS)
+# Replicas are processes (see joey_engine.app): the gauge sums over the live ones.
+REPLICAS = Gauge(
+    "joey_engine_replicas", "Replicas running in this engine", _LABELS, multiprocess_mode="livesum"
+)
 REPLICA_FAILURES = Counter("joey_engine_replica_failures", "Replicas stopped by a fatal error", _LABELS)

@@ -86,7 +86,7 @@ class OnnxRuntime(ModelRuntime):
     def __init__(self, settings: EngineSettings) -> None:
         self._options = ort.SessionOptions()
         self._options.intra_op_num_threads = settings.intra_op_threads
-        # Replicas already run in parallel threads; a second level of parallelism only contends.
+        # Replicas already run in parallel processes; a second level of parallelism only contends.
         self._options.inter_op_num_threads = 1
         self._session: ort.InferenceSession | None = None
         self._inputs: tuple[Tensor, ...] = ()

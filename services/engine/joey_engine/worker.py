@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -48,8 +48,13 @@ class _Context(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[{self.extra['context'] if self.extra else ''}] {msg}", kwargs
 
 
+class Counter(Protocol):
+    value: int
+
+
 class ReplicaWorker:
-    """Runs in its own thread; ``stop`` asks it to finish the current batch, commit and leave the group."""
+    """Serves one replica in the calling thread; setting ``stop`` makes it finish the current batch,
+    commit and leave the group."""
 
     def __init__(
         self,
@@ -58,19 +63,18 @@ class ReplicaWorker:
         runner: PipelineRunner,
         redis_client: redis.Redis,
         replica_id: str,
+        stop: threading.Event,
+        assignments: Counter,
     ) -> None:
         self.deployment = deployment
         self.replica_id = replica_id
-        self.error: str | None = None
-        """Why the replica stopped, when a fatal error stopped it."""
         self._settings = settings
         self._runner = runner
         self._redis = redis_client
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"replica-{replica_id}", daemon=True)
+        self._stop = stop
         self._held: set[int] = set()
-        self.assignments = 0
-        """How many times the group assigned partitions to this replica (a new one after every rebalance)."""
+        self._assignments = assignments
+        """Counts the group's assignments to this replica (one after every rebalance); the engine reads it."""
         self._pending: dict[tuple[str, int], int] = {}
         self._tracker = kafka.DeliveryTracker()
         self._beat = heartbeats.ReplicaHeartbeat(
@@ -88,36 +92,23 @@ class ReplicaWorker:
         self._batch_size = metrics.BATCH_SIZE.labels(*labels)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(*labels)
 
-    def start(self) -> ReplicaWorker:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the thread to end; True when it has."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def _run(self) -> None:
+    def run(self) -> str | None:
+        """Serve until stopped; returns why the replica stopped when a fatal error stopped it."""
         labels = (self.deployment.workspace, self.deployment.pipeline)
         metrics.REPLICAS.labels(*labels).inc()
         try:
             self._serve()
         except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {exc}"
             self._log.exception("replica stopped by a fatal error")
             metrics.REPLICA_FAILURES.labels(*labels).inc()
             self._beat.loaded = False
-            self._beat.error = self.error
+            self._beat.error = error
             self._heartbeat()
+            return error
         else:
             self._retire()
+            return None
         finally:
             metrics.REPLICAS.labels(*labels).dec()
 
@@ -233,7 +224,7 @@ class ReplicaWorker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._held |= {tp.partition for tp in partitions}
-        self.assignments += 1
+        self._assignments.value += 1
         self._log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
         self._heartbeat()
 

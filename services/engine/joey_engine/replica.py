@@ -1,0 +1,190 @@
+"""Each replica runs in a child process of its own, supervised by the engine.
+
+Replicas are CPU-bound Python: as threads of one process they would share one core through
+the GIL. A process per replica also keeps a replica that crashes or hangs from taking the
+engine or other pipelines with it. The child is started with the "spawn" method (a fresh
+interpreter, nothing inherited from the engine's threads or Kafka clients), gets everything
+it needs pickled in a :class:`ReplicaSpec`, loads the models from the engine's artifact
+cache and runs a :class:`~joey_engine.worker.ReplicaWorker`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import redis
+
+from joey import lifecycle
+from joey_engine.deployment import Deployment
+from joey_engine.pipeline import PipelineRunner
+from joey_engine.runtime import create_runtime
+from joey_engine.settings import EngineSettings
+from joey_engine.worker import Counter, ReplicaWorker
+
+log = logging.getLogger(__name__)
+
+ORPHANED_EXIT_CODE = 3
+"""Exit code of a replica that exited because its engine died."""
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    settings: EngineSettings
+    deployment: Deployment
+    artifacts: tuple[Path, ...]
+    """The local file of each step's model, in step order."""
+    replica_id: str
+
+
+def load_runner(
+    settings: EngineSettings, deployment: Deployment, artifacts: Sequence[Path]
+) -> PipelineRunner:
+    runtimes = []
+    for step, path in zip(deployment.steps, artifacts, strict=True):
+        runtime = create_runtime(step.framework, settings)
+        runtime.load(path)
+        runtimes.append(runtime)
+    return PipelineRunner(deployment, runtimes)
+
+
+class ReplicaProcess:
+    """The engine's handle on one replica's child process."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.replica_id = spec.replica_id
+        # Closing our end of the control pipe asks the replica to stop.
+        control, self._control = context.Pipe(duplex=False)
+        self._reports, reports = context.Pipe(duplex=False)
+        # Written only by the child, read here: an aligned int needs no lock.
+        self._assignments = context.Value("i", 0, lock=False)
+        self._process = context.Process(
+            target=_main,
+            args=(spec, control, reports, self._assignments),
+            name=f"replica-{spec.replica_id}",
+            daemon=True,
+        )
+        self._child_ends = (control, reports)
+        self._error: str | None = None
+        self.pid: int | None = None
+
+    def start(self) -> ReplicaProcess:
+        self._process.start()
+        self.pid = self._process.pid
+        # Only the child holds these now, so its exit shows as end-of-file on our ends.
+        for end in self._child_ends:
+            end.close()
+        return self
+
+    def stop(self) -> None:
+        """Ask the replica to finish its batch, commit, leave the group and exit."""
+        self._control.close()
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the process to end; True when it has."""
+        self._process.join(timeout)
+        return not self.running
+
+    def close(self) -> None:
+        """Release the handle's resources; only once the process ended."""
+        self._error = self.error
+        self._control.close()
+        self._reports.close()
+        self._process.close()
+
+    @property
+    def running(self) -> bool:
+        return self._process.is_alive()
+
+    @property
+    def assignments(self) -> int:
+        """How many times the group assigned partitions to this replica (a new one after every rebalance)."""
+        return int(self._assignments.value)
+
+    @property
+    def error(self) -> str | None:
+        """Why the replica ended, once it ended other than by a clean stop."""
+        if self._error is not None or self._reports.closed:
+            return self._error
+        code = self._process.exitcode
+        if not code:
+            return None
+        try:
+            if self._reports.poll():
+                self._error = str(self._reports.recv())
+        except (EOFError, OSError):
+            pass
+        if self._error is None:
+            self._error = (
+                f"replica process killed by {signal.Signals(-code).name}"
+                if code < 0
+                else f"replica process exited with code {code}"
+            )
+        return self._error
+
+
+def _main(spec: ReplicaSpec, control: Connection, reports: Connection, assignments: Counter) -> None:
+    """The child process: serve until the engine asks to stop, exit at once if the engine dies."""
+    stop = threading.Event()
+    # Ctrl-C in a terminal, or a service manager's SIGTERM, may reach the whole process group. Only the
+    # engine decides when replicas stop (through the control pipe), so that they leave their group one
+    # at a time; a stuck engine is still ended by the manager's SIGKILL, and its replicas follow it.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    lifecycle.configure_logging(spec.settings.log_level)
+    threading.Thread(target=_watch, args=(control, stop), name="engine-watch", daemon=True).start()
+    error = _serve(spec, stop, assignments)
+    if error is not None:
+        reports.send(error)
+        sys.exit(1)
+
+
+def _watch(control: Connection, stop: threading.Event) -> None:
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        raise RuntimeError("a replica runs only as a child of the engine")
+    ready = wait([parent.sentinel, control])
+    if parent.sentinel not in ready:
+        stop.set()
+        return
+    # The engine is gone (even kill -9 ends here): exit now, neither committing nor leaving the group.
+    # Everything committed so far was produced and acknowledged first, and the rest is replayed by the
+    # partitions' next owner once the broker expires this member's session, as if the replica had been
+    # killed with the engine. Leaving gracefully instead would make all replicas of a deployment leave
+    # at the same moment, which the embedded broker can wedge on (see Engine._stop).
+    log.warning("engine process %d died; replica %s exits", parent.pid, os.getpid())
+    os._exit(ORPHANED_EXIT_CODE)
+
+
+def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter) -> str | None:
+    deployment, settings = spec.deployment, spec.settings
+    try:
+        runner = load_runner(settings, deployment, spec.artifacts)
+    except Exception as exc:
+        error = f"cannot load {deployment}: {exc}"
+        log.error("%s", error)
+        return error
+    log.info(
+        "replica %s of %s loaded models %s in process %d",
+        spec.replica_id,
+        deployment,
+        [f"{s.model} v{s.version}" for s in deployment.steps],
+        os.getpid(),
+    )
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return ReplicaWorker(settings, deployment, runner, client, spec.replica_id, stop, assignments).run()
+    finally:
+        client.close()
