@@ -23,6 +23,7 @@ from joey import db, heartbeats
 from joey.broker import EmbeddedBroker
 from joey.kafka import admin_client, ensure_topics, platform_topics
 from joey.settings import CommonSettings
+from joey.stack import registry_ready
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -149,21 +150,7 @@ class ServiceProcess:
 
 
 def wait_registry_ready(addr: str, timeout: float = 60.0) -> None:
-    import grpc
-
-    from joey.v1 import registry_pb2, registry_pb2_grpc
-
-    def ready() -> bool:
-        try:
-            with grpc.insecure_channel(addr) as channel:
-                registry_pb2_grpc.RegistryStub(channel).ListWorkspaces(
-                    registry_pb2.ListWorkspacesRequest(), timeout=2
-                )
-            return True
-        except grpc.RpcError:
-            return False
-
-    wait_until(ready, timeout, f"registry at {addr}", interval=0.1)
+    wait_until(lambda: registry_ready(addr), timeout, f"registry at {addr}", interval=0.1)
 
 
 def wait_service_ready(env: dict[str, str], service: str, count: int = 1, timeout: float = 60.0) -> None:
