@@ -295,8 +295,11 @@ def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: 
         frame.to_json(output, orient="records", lines=True, date_format="iso")
         click.echo(f"wrote {len(frame)} results to {output}")
     else:
+        shown = [
+            c for c in frame.columns if c.split(".")[0] in ("time", "in", "out", "check_failures", "error")
+        ]
         with _wide_pandas():
-            click.echo(frame.drop(columns=["request_id"], errors="ignore").to_string())
+            click.echo(frame[shown].to_string())
     failed = int(frame["error"].notna().sum()) if "error" in frame else 0
     click.echo(f"{len(frame)} records, {failed} failed", err=True)
 

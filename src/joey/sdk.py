@@ -367,6 +367,8 @@ class Pipeline:
 
         Failed records are returned too, with the reason in the ``error`` column.
         """
+        if self.status().status == "Undeployed":
+            raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
         if isinstance(data, pd.DataFrame):
             rows: list[Any] = json.loads(data.to_json(orient="records", double_precision=15))
         elif isinstance(data, dict):
