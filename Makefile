@@ -19,7 +19,7 @@ proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=src --grpc_python_out=src --mypy_out=src proto/joey/v1/*.proto
 
 proto-check: proto
-	git diff --exit-code -- src/joey/v1
+	@git diff --exit-code -- src/joey/v1 || (echo "generated stubs differ from proto/: run 'make proto' and commit" >&2; exit 1)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py

@@ -82,6 +82,9 @@ def test_model_to_logged_inference(client: Client, iris_model: Path) -> None:
     pipeline.undeploy()
     wait_until(lambda: not any(r.alive for r in pipeline.status().replicas), 30, "replicas stopped")
     assert pipeline.status().status == "Undeployed"
+    with pytest.raises(JoeyError) as err:
+        pipeline.infer(good[:1])
+    assert err.value.code == "FAILED_PRECONDITION" and "not deployed" in err.value.message
 
 
 def test_bad_upload_stores_nothing(client: Client, tmp_path: Path) -> None:
