@@ -912,11 +912,14 @@ class QueryLogsRequest(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     VALIDITY_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     limit: _builtins.int
     """0 = 100"""
     validity: Global___LogValidity.ValueType
+    page_token: _builtins.str
+    """Continue a previous query: its next_page_token. Pages follow the same order and filter."""
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
         """unset = unbounded"""
@@ -934,10 +937,11 @@ class QueryLogsRequest(_message.Message):
         start: _timestamp_pb2.Timestamp | None = ...,
         end: _timestamp_pb2.Timestamp | None = ...,
         validity: Global___LogValidity.ValueType = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "limit", b"limit", "pipeline", b"pipeline", "start", b"start", "validity", b"validity", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "limit", b"limit", "page_token", b"page_token", "pipeline", b"pipeline", "start", b"start", "validity", b"validity", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1036,8 +1040,11 @@ class QueryLogsResponse(_message.Message):
 
     ENTRIES_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     """rows matching the filter"""
+    next_page_token: _builtins.str
+    """empty on the last page"""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogEntry]:
         """newest first without a range, chronological with one"""
@@ -1047,10 +1054,11 @@ class QueryLogsResponse(_message.Message):
         *,
         entries: _abc.Iterable[Global___LogEntry] | None = ...,
         total: _builtins.int = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
