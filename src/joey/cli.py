@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -323,6 +324,70 @@ def logs(
         _fail(exc)
     with _wide_pandas():
         click.echo(frame.to_string() if len(frame) else "no logged inferences")
+
+
+@main.command("export-logs")
+@click.argument("pipeline_name", metavar="PIPELINE")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for the files (created if missing).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True
+)
+@click.option("--start", help="ISO time; default: the oldest row.")
+@click.option("--end", help="ISO time (exclusive).")
+@click.option("--failed", is_flag=True, help="Only failed inferences.")
+@click.option("--rows-per-file", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace files of an earlier export to the same place.")
+@click.pass_obj
+def export_logs(
+    obj: Context,
+    pipeline_name: str,
+    directory: Path,
+    fmt: str,
+    start: str | None,
+    end: str | None,
+    failed: bool,
+    rows_per_file: int,
+    overwrite: bool,
+) -> None:
+    """Write every logged inference of PIPELINE, oldest first, to numbered files in DIR."""
+    from joey.sdk import JoeyError, Pipeline
+
+    written = [0]
+    with contextlib.ExitStack() as stack:
+        bars: list[Any] = []
+
+        def progress(done: int, total: int) -> None:
+            # The total is known only once the first page arrives.
+            if not bars and total:
+                bars.append(
+                    stack.enter_context(click.progressbar(length=total, label="exporting", file=sys.stderr))
+                )
+            if bars:
+                bars[0].update(done - written[0])
+            written[0] = done
+
+        try:
+            files = Pipeline(obj.client, pipeline_name).export_logs(
+                directory,
+                fmt,
+                start,
+                end,
+                valid=False if failed else None,
+                rows_per_file=rows_per_file,
+                progress=progress,
+                overwrite=overwrite,
+            )
+        except (JoeyError, OSError, ValueError) as exc:
+            _fail(exc)
+    for path in files:
+        click.echo(str(path))
+    click.echo(f"wrote {written[0]} rows to {len(files)} file(s) in {directory}", err=True)
 
 
 def _wide_pandas() -> Any:

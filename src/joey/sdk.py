@@ -6,6 +6,7 @@ pipeline = client.build_pipeline("iris-pipeline").add_model_step(model)
 pipeline.deploy(replicas=2)
 results = pipeline.infer([{"features": [5.1, 3.5, 1.4, 0.2]}])
 pipeline.logs(limit=10)
+pipeline.export_logs("exports/")  # every logged inference, as Parquet files
 pipeline.undeploy()
 """
 
@@ -23,6 +24,7 @@ import grpc
 import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from joey.log_export import LogExport, flatten, log_entry_row
 from joey.settings import CommonSettings
 from joey.streaming import PipelineStream, Progress, Reply
 from joey.topics import PipelineTopics
@@ -389,8 +391,47 @@ class Pipeline:
 
         ``valid=False`` returns only failures, ``valid=True`` only successes.
         """
+        response = self.client.call("QueryLogs", self._log_request(limit, start, end, valid))
+        return log_entries_to_frame(response.entries)
+
+    def log_count(self, start: datetime | str | None = None, valid: bool | None = None) -> int:
+        return int(self.client.call("QueryLogs", self._log_request(1, start, None, valid)).total)
+
+    def export_logs(
+        self,
+        directory: str | Path,
+        format: str = "parquet",
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        valid: bool | None = None,
+        file_prefix: str | None = None,
+        page_size: int = 5000,
+        rows_per_file: int = 100_000,
+        progress: Callable[[int, int], None] | None = None,
+        overwrite: bool = False,
+    ) -> list[Path]:
+        """Write every matching logged inference, oldest first, to ``<prefix>-00001.<format>``...
+        in ``directory`` (created if missing) and return the files written (none if no rows match).
+
+        Rows are read ``page_size`` at a time, so memory holds one page and one open file. Each file
+        has at most ``rows_per_file`` rows; a Parquet file also ends early when rows do not fit its
+        schema (see ``joey.log_export``). Columns are those of ``logs()``; JSON lines write time as
+        ISO-8601. ``progress(rows_written, total)`` is called after each page; ``total`` is counted
+        when the export starts, so rows logged meanwhile may take the count past it. Existing files
+        with the same prefix and format are refused unless ``overwrite``, which replaces them.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        export = LogExport(directory, format, file_prefix or self.name, rows_per_file, overwrite)
+        # A start, even the earliest one, makes the registry return rows chronologically.
+        first = start if start is not None else datetime.min.replace(tzinfo=UTC)
+        return export.write(self._log_pages(self._log_request(page_size, first, end, valid)), progress)
+
+    def _log_request(
+        self, limit: int, start: datetime | str | None, end: datetime | str | None, valid: bool | None
+    ) -> pb.QueryLogsRequest:
         validity = {None: pb.LOG_VALIDITY_ALL, True: pb.LOG_VALIDITY_OK, False: pb.LOG_VALIDITY_FAILED}[valid]
-        request = pb.QueryLogsRequest(
+        return pb.QueryLogsRequest(
             workspace=self.workspace,
             pipeline=self.name,
             limit=limit,
@@ -398,19 +439,14 @@ class Pipeline:
             start=_timestamp(start),
             end=_timestamp(end),
         )
-        response = self.client.call("QueryLogs", request)
-        return log_entries_to_frame(response.entries)
 
-    def log_count(self, start: datetime | str | None = None, valid: bool | None = None) -> int:
-        validity = {None: pb.LOG_VALIDITY_ALL, True: pb.LOG_VALIDITY_OK, False: pb.LOG_VALIDITY_FAILED}[valid]
-        request = pb.QueryLogsRequest(
-            workspace=self.workspace, pipeline=self.name, limit=1, validity=validity, start=_timestamp(start)
-        )
-        return int(self.client.call("QueryLogs", request).total)
-
-
-def _flatten(prefix: str, values: dict[str, Any] | None) -> dict[str, Any]:
-    return {f"{prefix}.{k}": v for k, v in (values or {}).items()}
+    def _log_pages(self, request: pb.QueryLogsRequest) -> Iterator[tuple[Sequence[pb.LogEntry], int]]:
+        while True:
+            response = self.client.call("QueryLogs", request)
+            yield response.entries, int(response.total)
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
 
 
 def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
@@ -419,11 +455,11 @@ def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
         body = reply.body
         meta = body.get("metadata", {})
         row: dict[str, Any] = {"time": pd.Timestamp(body["time"]), "request_id": reply.request_id}
-        row |= _flatten("in", body.get("in") if reply.ok else body.get("input"))
-        row |= _flatten("out", body.get("out"))
+        row |= flatten("in", body.get("in") if reply.ok else body.get("input"))
+        row |= flatten("out", body.get("out"))
         row["check_failures"] = body.get("check_failures", [])
         row["error"] = None if reply.ok else body.get("error")
-        row |= _flatten(
+        row |= flatten(
             "metadata",
             {k: meta.get(k) for k in ("pipeline_version", "models", "elapsed_ns", "partition", "offset")},
         )
@@ -433,21 +469,4 @@ def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
 
 
 def log_entries_to_frame(entries: Sequence[pb.LogEntry]) -> pd.DataFrame:
-    rows = []
-    for e in entries:
-        row: dict[str, Any] = {
-            "time": pd.Timestamp(e.time.ToDatetime(tzinfo=UTC)),
-            "request_id": e.request_id,
-            "pipeline_version": e.pipeline_version,
-            "ok": e.ok,
-            "error": e.error or None,
-        }
-        row |= _flatten("in", json.loads(e.inputs_json) if e.inputs_json else None)
-        row |= _flatten("out", json.loads(e.outputs_json) if e.outputs_json else None)
-        row["check_failures"] = list(e.check_failures)
-        row["models"] = [f"{m.name}:{m.version}" for m in e.models]
-        row["elapsed_ns"] = list(e.elapsed_ns)
-        row["partition"] = e.input_partition
-        row["offset"] = e.input_offset
-        rows.append(row)
-    return pd.DataFrame(rows).convert_dtypes()
+    return pd.DataFrame([log_entry_row(e) for e in entries]).convert_dtypes()

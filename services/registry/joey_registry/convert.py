@@ -169,6 +169,7 @@ def log_query(request: pb.QueryLogsRequest) -> domain.LogQuery:
         start=optional_datetime(request, "start"),
         end=optional_datetime(request, "end"),
         validity=_validity(request.validity),
+        page_token=request.page_token,
     )
 
 
@@ -198,4 +199,6 @@ def log_entry(e: domain.LogEntry) -> pb.LogEntry:
 
 
 def log_page(page: domain.LogPage) -> pb.QueryLogsResponse:
-    return pb.QueryLogsResponse(entries=[log_entry(e) for e in page.entries], total=page.total)
+    return pb.QueryLogsResponse(
+        entries=[log_entry(e) for e in page.entries], total=page.total, next_page_token=page.next_page_token
+    )

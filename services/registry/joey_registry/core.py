@@ -18,6 +18,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey import heartbeats, kafka, topics
+from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
 from joey_registry.domain import (
@@ -362,4 +363,10 @@ class Registry:
             )
         if query.start is not None and query.end is not None and query.start > query.end:
             raise InvalidArgument(f"start {query.start.isoformat()} is after end {query.end.isoformat()}")
-        return self.store.query_logs(query, limit)
+        after, counted = page_tokens.decode(query, query.page_token) if query.page_token else (None, None)
+        # Only the first page counts; later pages repeat its total, so paging through a large
+        # log costs one count, and the total stays the same from page to page.
+        found = self.store.query_logs(query, limit, after, count=counted is None)
+        total = counted if counted is not None else found.total or 0
+        token = page_tokens.encode(query, found.following, total) if found.following else ""
+        return LogPage(found.entries, total, token)

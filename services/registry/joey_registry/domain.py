@@ -175,6 +175,20 @@ class LogQuery:
     start: datetime | None = None
     end: datetime | None = None
     validity: LogValidity = LogValidity.ALL
+    page_token: str = ""
+
+    @property
+    def chronological(self) -> bool:
+        """A time range reads oldest first; without one the newest rows come first."""
+        return self.start is not None or self.end is not None
+
+
+@dataclass(frozen=True)
+class LogCursor:
+    """Where a page ended: its last row in the query's (time, id) order."""
+
+    time: datetime
+    id: int
 
 
 @dataclass(frozen=True)
@@ -205,3 +219,4 @@ class LogEntry:
 class LogPage:
     entries: tuple[LogEntry, ...]
     total: int
+    next_page_token: str = ""

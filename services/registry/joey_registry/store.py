@@ -20,8 +20,8 @@ from joey import topics
 from joey_registry.domain import (
     Deployment,
     DeploymentSpec,
+    LogCursor,
     LogEntry,
-    LogPage,
     LogQuery,
     LogValidity,
     Model,
@@ -42,6 +42,15 @@ Connection = psycopg.Connection[DictRow]
 class WorkspaceRef:
     id: int
     name: str
+
+
+@dataclass(frozen=True)
+class LogSlice:
+    """One page of log rows; ``following`` is where the next page starts (None on the last)."""
+
+    entries: tuple[LogEntry, ...]
+    total: int | None
+    following: LogCursor | None
 
 
 _MODEL_VERSION_COLUMNS = """
@@ -395,7 +404,9 @@ class Store:
 
     # --- inference logs ---
 
-    def query_logs(self, query: LogQuery, limit: int) -> LogPage:
+    def query_logs(self, query: LogQuery, limit: int, after: LogCursor | None, count: bool) -> LogSlice:
+        """Up to ``limit`` rows following ``after`` in (time, id) order: a keyset, so a page costs
+        the same however deep it is; the count of every matching row only when ``count``."""
         where = ["workspace = %(workspace)s", "pipeline = %(pipeline)s"]
         if query.start is not None:
             where.append("time >= %(start)s")
@@ -403,26 +414,40 @@ class Store:
             where.append("time < %(end)s")
         if query.validity is not LogValidity.ALL:
             where.append("ok = %(ok)s")
-        ranged = query.start is not None or query.end is not None
-        order = "time ASC, id ASC" if ranged else "time DESC, id DESC"
+        direction, beyond, reach = ("ASC", ">", ">=") if query.chronological else ("DESC", "<", "<=")
+        condition = " AND ".join(where)
+        page_condition = condition
+        if after is not None:
+            # The plain time bound lets the (workspace, pipeline, time) index start at the cursor;
+            # the row comparison then skips the rows of that instant already returned.
+            page_condition += (
+                f" AND time {reach} %(after_time)s AND (time, id) {beyond} (%(after_time)s, %(after_id)s)"
+            )
         params = {
             "workspace": query.workspace,
             "pipeline": query.pipeline,
             "start": query.start,
             "end": query.end,
             "ok": query.validity is LogValidity.OK,
-            "limit": limit,
+            "after_time": after.time if after else None,
+            "after_id": after.id if after else None,
+            # One row more than the page tells whether another page follows.
+            "limit": limit + 1,
         }
-        condition = " AND ".join(where)
         with self._conn() as conn:
-            total = conn.execute(
-                f"SELECT count(*) AS n FROM inference_logs WHERE {condition}", params
-            ).fetchone()
+            total = None
+            if count:
+                counted = conn.execute(
+                    f"SELECT count(*) AS n FROM inference_logs WHERE {condition}", params
+                ).fetchone()
+                total = int(counted["n"]) if counted else 0
             rows = conn.execute(
-                "SELECT request_id, time, pipeline_version, ok, error, inputs::text AS inputs, "
+                "SELECT id, request_id, time, pipeline_version, ok, error, inputs::text AS inputs, "
                 "outputs::text AS outputs, check_failures, models, elapsed_ns, input_partition, "
-                f"input_offset, raw_input FROM inference_logs WHERE {condition} "
-                f"ORDER BY {order} LIMIT %(limit)s",
+                f"input_offset, raw_input FROM inference_logs WHERE {page_condition} "
+                f"ORDER BY time {direction}, id {direction} LIMIT %(limit)s",
                 params,
             ).fetchall()
-        return LogPage(tuple(_log_entry(r) for r in rows), int(total["n"]) if total else 0)
+        page = rows[:limit]
+        following = LogCursor(page[-1]["time"], page[-1]["id"]) if len(rows) > limit else None
+        return LogSlice(tuple(_log_entry(r) for r in page), total, following)
