@@ -25,15 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16joey/v1/registry.proto\x12\x07joey.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\tWorkspace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x16\x43reateWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15ListWorkspacesRequest\"@\n\x16ListWorkspacesResponse\x12&\n\nworkspaces\x18\x01 \x03(\x0b\x32\x12.joey.v1.Workspace\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"G\n\x11UploadModelHeader\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tframework\x18\x03 \x01(\t\"[\n\x12UploadModelRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.joey.v1.UploadModelHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xf2\x01\n\x0cModelVersion\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x11\n\tframework\x18\x06 \x01(\t\x12#\n\x06inputs\x18\x07 \x03(\x0b\x32\x13.joey.v1.TensorSpec\x12$\n\x07outputs\x18\x08 \x03(\x0b\x32\x13.joey.v1.TensorSpec\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x05Model\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x08versions\x18\x03 \x03(\x0b\x32\x15.joey.v1.ModelVersion\"&\n\x11ListModelsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"4\n\x12ListModelsResponse\x12\x1e\n\x06models\x18\x01 \x03(\x0b\x32\x0e.joey.v1.Model\"2\n\x0fGetModelRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"J\n\x16GetModelVersionRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"<\n\x17\x44ownloadArtifactRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x1d\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"+\n\tModelStep\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\";\n\x0cPipelineStep\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x12.joey.v1.ModelStepH\x00\x42\x06\n\x04kind\"\x9c\x01\n\x0cResolvedStep\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tframework\x18\x04 \x01(\t\x12#\n\x06inputs\x18\x05 \x03(\x0b\x32\x13.joey.v1.TensorSpec\x12$\n\x07outputs\x18\x06 \x03(\x0b\x32\x13.joey.v1.TensorSpec\"^\n\x15\x43reatePipelineRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x05steps\x18\x03 \x03(\x0b\x32\x15.joey.v1.PipelineStep\"\x9d\x01\n\x0fPipelineVersion\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12$\n\x05steps\x18\x04 \x03(\x0b\x32\x15.joey.v1.ResolvedStep\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x80\x01\n\x08Pipeline\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.joey.v1.PipelineVersion\x12\'\n\ndeployment\x18\x04 \x01(\x0b\x32\x13.joey.v1.Deployment\"5\n\x12GetPipelineRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\")\n\x14ListPipelinesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"=\n\x15ListPipelinesResponse\x12$\n\tpipelines\x18\x01 \x03(\x0b\x32\x11.joey.v1.Pipeline\"A\n\x0ePipelineTopics\x12\x0e\n\x06inputs\x18\x01 \x01(\t\x12\x0f\n\x07outputs\x18\x02 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\t\"`\n\rDeployRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x05\"6\n\x0fUndeployRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\"\xdd\x01\n\nDeployment\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x05 \x01(\x08\x12\x15\n\rdeployment_id\x18\x06 \x01(\t\x12\'\n\x06topics\x18\x07 \x01(\x0b\x32\x17.joey.v1.PipelineTopics\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf8\x01\n\x0e\x44\x65ploymentSpec\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x15\n\rdeployment_id\x18\x05 \x01(\t\x12$\n\x05steps\x18\x06 \x03(\x0b\x32\x15.joey.v1.ResolvedStep\x12\'\n\x06topics\x18\x07 \x01(\x0b\x32\x17.joey.v1.PipelineTopics\x12/\n\x0b\x64\x65ployed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x1aGetDeploymentStatusRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\"\xae\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\x12\x12\n\npartitions\x18\x05 \x03(\x05\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x95\x01\n\x10\x44\x65ploymentStatus\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.joey.v1.Deployment\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12(\n\x08replicas\x18\x04 \x03(\x0b\x32\x16.joey.v1.ReplicaStatus\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xd6\x01\n\x10QueryLogsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12)\n\x05start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08validity\x18\x06 \x01(\x0e\x32\x14.joey.v1.LogValidity\x12\x12\n\npage_token\x18\x07 \x01(\t\"9\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xb9\x02\n\x08LogEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0binputs_json\x18\x06 \x01(\t\x12\x14\n\x0coutputs_json\x18\x07 \x01(\t\x12\x16\n\x0e\x63heck_failures\x18\x08 \x03(\t\x12!\n\x06models\x18\t \x03(\x0b\x32\x11.joey.v1.ModelRef\x12\x12\n\nelapsed_ns\x18\n \x03(\x03\x12\x17\n\x0finput_partition\x18\x0b \x01(\x05\x12\x14\n\x0cinput_offset\x18\x0c \x01(\x03\x12\x11\n\traw_input\x18\r \x01(\x0c\"_\n\x11QueryLogsResponse\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.joey.v1.LogEntry\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t*Q\n\x0bLogValidity\x12\x14\n\x10LOG_VALIDITY_ALL\x10\x00\x12\x13\n\x0fLOG_VALIDITY_OK\x10\x01\x12\x17\n\x13LOG_VALIDITY_FAILED\x10\x02\x32\xea\x07\n\x08Registry\x12\x46\n\x0f\x43reateWorkspace\x12\x1f.joey.v1.CreateWorkspaceRequest\x1a\x12.joey.v1.Workspace\x12Q\n\x0eListWorkspaces\x12\x1e.joey.v1.ListWorkspacesRequest\x1a\x1f.joey.v1.ListWorkspacesResponse\x12\x43\n\x0bUploadModel\x12\x1b.joey.v1.UploadModelRequest\x1a\x15.joey.v1.ModelVersion(\x01\x12\x45\n\nListModels\x12\x1a.joey.v1.ListModelsRequest\x1a\x1b.joey.v1.ListModelsResponse\x12\x34\n\x08GetModel\x12\x18.joey.v1.GetModelRequest\x1a\x0e.joey.v1.Model\x12I\n\x0fGetModelVersion\x12\x1f.joey.v1.GetModelVersionRequest\x1a\x15.joey.v1.ModelVersion\x12N\n\x10\x44ownloadArtifact\x12 .joey.v1.DownloadArtifactRequest\x1a\x16.joey.v1.ArtifactChunk0\x01\x12J\n\x0e\x43reatePipeline\x12\x1e.joey.v1.CreatePipelineRequest\x1a\x18.joey.v1.PipelineVersion\x12=\n\x0bGetPipeline\x12\x1b.joey.v1.GetPipelineRequest\x1a\x11.joey.v1.Pipeline\x12N\n\rListPipelines\x12\x1d.joey.v1.ListPipelinesRequest\x1a\x1e.joey.v1.ListPipelinesResponse\x12\x35\n\x06\x44\x65ploy\x12\x16.joey.v1.DeployRequest\x1a\x13.joey.v1.Deployment\x12\x39\n\x08Undeploy\x12\x18.joey.v1.UndeployRequest\x1a\x13.joey.v1.Deployment\x12U\n\x13GetDeploymentStatus\x12#.joey.v1.GetDeploymentStatusRequest\x1a\x19.joey.v1.DeploymentStatus\x12\x42\n\tQueryLogs\x12\x19.joey.v1.QueryLogsRequest\x1a\x1a.joey.v1.QueryLogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16joey/v1/registry.proto\x12\x07joey.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\tWorkspace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x16\x43reateWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15ListWorkspacesRequest\"@\n\x16ListWorkspacesResponse\x12&\n\nworkspaces\x18\x01 \x03(\x0b\x32\x12.joey.v1.Workspace\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"G\n\x11UploadModelHeader\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tframework\x18\x03 \x01(\t\"[\n\x12UploadModelRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.joey.v1.UploadModelHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xf2\x01\n\x0cModelVersion\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x11\n\tframework\x18\x06 \x01(\t\x12#\n\x06inputs\x18\x07 \x03(\x0b\x32\x13.joey.v1.TensorSpec\x12$\n\x07outputs\x18\x08 \x03(\x0b\x32\x13.joey.v1.TensorSpec\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x05Model\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x08versions\x18\x03 \x03(\x0b\x32\x15.joey.v1.ModelVersion\"&\n\x11ListModelsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"4\n\x12ListModelsResponse\x12\x1e\n\x06models\x18\x01 \x03(\x0b\x32\x0e.joey.v1.Model\"2\n\x0fGetModelRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"J\n\x16GetModelVersionRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\"<\n\x17\x44ownloadArtifactRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x1d\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"+\n\tModelStep\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"v\n\x0fValidationsStep\x12\x34\n\x06\x63hecks\x18\x01 \x03(\x0b\x32$.joey.v1.ValidationsStep.ChecksEntry\x1a-\n\x0b\x43hecksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x0cPipelineStep\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x12.joey.v1.ModelStepH\x00\x12/\n\x0bvalidations\x18\x02 \x01(\x0b\x32\x18.joey.v1.ValidationsStepH\x00\x42\x06\n\x04kind\"\xfe\x01\n\x0cResolvedStep\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tframework\x18\x04 \x01(\t\x12#\n\x06inputs\x18\x05 \x03(\x0b\x32\x13.joey.v1.TensorSpec\x12$\n\x07outputs\x18\x06 \x03(\x0b\x32\x13.joey.v1.TensorSpec\x12\x31\n\x06\x63hecks\x18\x07 \x03(\x0b\x32!.joey.v1.ResolvedStep.ChecksEntry\x1a-\n\x0b\x43hecksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x15\x43reatePipelineRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x05steps\x18\x03 \x03(\x0b\x32\x15.joey.v1.PipelineStep\"\x9d\x01\n\x0fPipelineVersion\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12$\n\x05steps\x18\x04 \x03(\x0b\x32\x15.joey.v1.ResolvedStep\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x80\x01\n\x08Pipeline\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.joey.v1.PipelineVersion\x12\'\n\ndeployment\x18\x04 \x01(\x0b\x32\x13.joey.v1.Deployment\"5\n\x12GetPipelineRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\")\n\x14ListPipelinesRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"=\n\x15ListPipelinesResponse\x12$\n\tpipelines\x18\x01 \x03(\x0b\x32\x11.joey.v1.Pipeline\"A\n\x0ePipelineTopics\x12\x0e\n\x06inputs\x18\x01 \x01(\t\x12\x0f\n\x07outputs\x18\x02 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\t\"`\n\rDeployRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x05\"6\n\x0fUndeployRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\"\xdd\x01\n\nDeployment\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x05 \x01(\x08\x12\x15\n\rdeployment_id\x18\x06 \x01(\t\x12\'\n\x06topics\x18\x07 \x01(\x0b\x32\x17.joey.v1.PipelineTopics\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf8\x01\n\x0e\x44\x65ploymentSpec\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x15\n\rdeployment_id\x18\x05 \x01(\t\x12$\n\x05steps\x18\x06 \x03(\x0b\x32\x15.joey.v1.ResolvedStep\x12\'\n\x06topics\x18\x07 \x01(\x0b\x32\x17.joey.v1.PipelineTopics\x12/\n\x0b\x64\x65ployed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x1aGetDeploymentStatusRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\"\xae\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\x12\x12\n\npartitions\x18\x05 \x03(\x05\x12-\n\tlast_seen\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x95\x01\n\x10\x44\x65ploymentStatus\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.joey.v1.Deployment\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12(\n\x08replicas\x18\x04 \x03(\x0b\x32\x16.joey.v1.ReplicaStatus\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xee\x01\n\x10QueryLogsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12)\n\x05start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08validity\x18\x06 \x01(\x0e\x32\x14.joey.v1.LogValidity\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x16\n\x0e\x61nomalies_only\x18\x08 \x01(\x08\"9\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xb9\x02\n\x08LogEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x03\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0binputs_json\x18\x06 \x01(\t\x12\x14\n\x0coutputs_json\x18\x07 \x01(\t\x12\x16\n\x0e\x63heck_failures\x18\x08 \x03(\t\x12!\n\x06models\x18\t \x03(\x0b\x32\x11.joey.v1.ModelRef\x12\x12\n\nelapsed_ns\x18\n \x03(\x03\x12\x17\n\x0finput_partition\x18\x0b \x01(\x05\x12\x14\n\x0cinput_offset\x18\x0c \x01(\x03\x12\x11\n\traw_input\x18\r \x01(\x0c\"_\n\x11QueryLogsResponse\x12\"\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x11.joey.v1.LogEntry\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t*Q\n\x0bLogValidity\x12\x14\n\x10LOG_VALIDITY_ALL\x10\x00\x12\x13\n\x0fLOG_VALIDITY_OK\x10\x01\x12\x17\n\x13LOG_VALIDITY_FAILED\x10\x02\x32\xea\x07\n\x08Registry\x12\x46\n\x0f\x43reateWorkspace\x12\x1f.joey.v1.CreateWorkspaceRequest\x1a\x12.joey.v1.Workspace\x12Q\n\x0eListWorkspaces\x12\x1e.joey.v1.ListWorkspacesRequest\x1a\x1f.joey.v1.ListWorkspacesResponse\x12\x43\n\x0bUploadModel\x12\x1b.joey.v1.UploadModelRequest\x1a\x15.joey.v1.ModelVersion(\x01\x12\x45\n\nListModels\x12\x1a.joey.v1.ListModelsRequest\x1a\x1b.joey.v1.ListModelsResponse\x12\x34\n\x08GetModel\x12\x18.joey.v1.GetModelRequest\x1a\x0e.joey.v1.Model\x12I\n\x0fGetModelVersion\x12\x1f.joey.v1.GetModelVersionRequest\x1a\x15.joey.v1.ModelVersion\x12N\n\x10\x44ownloadArtifact\x12 .joey.v1.DownloadArtifactRequest\x1a\x16.joey.v1.ArtifactChunk0\x01\x12J\n\x0e\x43reatePipeline\x12\x1e.joey.v1.CreatePipelineRequest\x1a\x18.joey.v1.PipelineVersion\x12=\n\x0bGetPipeline\x12\x1b.joey.v1.GetPipelineRequest\x1a\x11.joey.v1.Pipeline\x12N\n\rListPipelines\x12\x1d.joey.v1.ListPipelinesRequest\x1a\x1e.joey.v1.ListPipelinesResponse\x12\x35\n\x06\x44\x65ploy\x12\x16.joey.v1.DeployRequest\x1a\x13.joey.v1.Deployment\x12\x39\n\x08Undeploy\x12\x18.joey.v1.UndeployRequest\x1a\x13.joey.v1.Deployment\x12U\n\x13GetDeploymentStatus\x12#.joey.v1.GetDeploymentStatusRequest\x1a\x19.joey.v1.DeploymentStatus\x12\x42\n\tQueryLogs\x12\x19.joey.v1.QueryLogsRequest\x1a\x1a.joey.v1.QueryLogsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'joey.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOGVALIDITY']._serialized_start=3735
-  _globals['_LOGVALIDITY']._serialized_end=3816
+  _globals['_VALIDATIONSSTEP_CHECKSENTRY']._loaded_options = None
+  _globals['_VALIDATIONSSTEP_CHECKSENTRY']._serialized_options = b'8\001'
+  _globals['_RESOLVEDSTEP_CHECKSENTRY']._loaded_options = None
+  _globals['_RESOLVEDSTEP_CHECKSENTRY']._serialized_options = b'8\001'
+  _globals['_LOGVALIDITY']._serialized_start=4026
+  _globals['_LOGVALIDITY']._serialized_end=4107
   _globals['_WORKSPACE']._serialized_start=68
   _globals['_WORKSPACE']._serialized_end=141
   _globals['_CREATEWORKSPACEREQUEST']._serialized_start=143
@@ -66,46 +70,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACTCHUNK']._serialized_end=1139
   _globals['_MODELSTEP']._serialized_start=1141
   _globals['_MODELSTEP']._serialized_end=1184
-  _globals['_PIPELINESTEP']._serialized_start=1186
-  _globals['_PIPELINESTEP']._serialized_end=1245
-  _globals['_RESOLVEDSTEP']._serialized_start=1248
-  _globals['_RESOLVEDSTEP']._serialized_end=1404
-  _globals['_CREATEPIPELINEREQUEST']._serialized_start=1406
-  _globals['_CREATEPIPELINEREQUEST']._serialized_end=1500
-  _globals['_PIPELINEVERSION']._serialized_start=1503
-  _globals['_PIPELINEVERSION']._serialized_end=1660
-  _globals['_PIPELINE']._serialized_start=1663
-  _globals['_PIPELINE']._serialized_end=1791
-  _globals['_GETPIPELINEREQUEST']._serialized_start=1793
-  _globals['_GETPIPELINEREQUEST']._serialized_end=1846
-  _globals['_LISTPIPELINESREQUEST']._serialized_start=1848
-  _globals['_LISTPIPELINESREQUEST']._serialized_end=1889
-  _globals['_LISTPIPELINESRESPONSE']._serialized_start=1891
-  _globals['_LISTPIPELINESRESPONSE']._serialized_end=1952
-  _globals['_PIPELINETOPICS']._serialized_start=1954
-  _globals['_PIPELINETOPICS']._serialized_end=2019
-  _globals['_DEPLOYREQUEST']._serialized_start=2021
-  _globals['_DEPLOYREQUEST']._serialized_end=2117
-  _globals['_UNDEPLOYREQUEST']._serialized_start=2119
-  _globals['_UNDEPLOYREQUEST']._serialized_end=2173
-  _globals['_DEPLOYMENT']._serialized_start=2176
-  _globals['_DEPLOYMENT']._serialized_end=2397
-  _globals['_DEPLOYMENTSPEC']._serialized_start=2400
-  _globals['_DEPLOYMENTSPEC']._serialized_end=2648
-  _globals['_GETDEPLOYMENTSTATUSREQUEST']._serialized_start=2650
-  _globals['_GETDEPLOYMENTSTATUSREQUEST']._serialized_end=2715
-  _globals['_REPLICASTATUS']._serialized_start=2718
-  _globals['_REPLICASTATUS']._serialized_end=2892
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=2895
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=3044
-  _globals['_QUERYLOGSREQUEST']._serialized_start=3047
-  _globals['_QUERYLOGSREQUEST']._serialized_end=3261
-  _globals['_MODELREF']._serialized_start=3263
-  _globals['_MODELREF']._serialized_end=3320
-  _globals['_LOGENTRY']._serialized_start=3323
-  _globals['_LOGENTRY']._serialized_end=3636
-  _globals['_QUERYLOGSRESPONSE']._serialized_start=3638
-  _globals['_QUERYLOGSRESPONSE']._serialized_end=3733
-  _globals['_REGISTRY']._serialized_start=3819
-  _globals['_REGISTRY']._serialized_end=4821
+  _globals['_VALIDATIONSSTEP']._serialized_start=1186
+  _globals['_VALIDATIONSSTEP']._serialized_end=1304
+  _globals['_VALIDATIONSSTEP_CHECKSENTRY']._serialized_start=1259
+  _globals['_VALIDATIONSSTEP_CHECKSENTRY']._serialized_end=1304
+  _globals['_PIPELINESTEP']._serialized_start=1306
+  _globals['_PIPELINESTEP']._serialized_end=1414
+  _globals['_RESOLVEDSTEP']._serialized_start=1417
+  _globals['_RESOLVEDSTEP']._serialized_end=1671
+  _globals['_RESOLVEDSTEP_CHECKSENTRY']._serialized_start=1259
+  _globals['_RESOLVEDSTEP_CHECKSENTRY']._serialized_end=1304
+  _globals['_CREATEPIPELINEREQUEST']._serialized_start=1673
+  _globals['_CREATEPIPELINEREQUEST']._serialized_end=1767
+  _globals['_PIPELINEVERSION']._serialized_start=1770
+  _globals['_PIPELINEVERSION']._serialized_end=1927
+  _globals['_PIPELINE']._serialized_start=1930
+  _globals['_PIPELINE']._serialized_end=2058
+  _globals['_GETPIPELINEREQUEST']._serialized_start=2060
+  _globals['_GETPIPELINEREQUEST']._serialized_end=2113
+  _globals['_LISTPIPELINESREQUEST']._serialized_start=2115
+  _globals['_LISTPIPELINESREQUEST']._serialized_end=2156
+  _globals['_LISTPIPELINESRESPONSE']._serialized_start=2158
+  _globals['_LISTPIPELINESRESPONSE']._serialized_end=2219
+  _globals['_PIPELINETOPICS']._serialized_start=2221
+  _globals['_PIPELINETOPICS']._serialized_end=2286
+  _globals['_DEPLOYREQUEST']._serialized_start=2288
+  _globals['_DEPLOYREQUEST']._serialized_end=2384
+  _globals['_UNDEPLOYREQUEST']._serialized_start=2386
+  _globals['_UNDEPLOYREQUEST']._serialized_end=2440
+  _globals['_DEPLOYMENT']._serialized_start=2443
+  _globals['_DEPLOYMENT']._serialized_end=2664
+  _globals['_DEPLOYMENTSPEC']._serialized_start=2667
+  _globals['_DEPLOYMENTSPEC']._serialized_end=2915
+  _globals['_GETDEPLOYMENTSTATUSREQUEST']._serialized_start=2917
+  _globals['_GETDEPLOYMENTSTATUSREQUEST']._serialized_end=2982
+  _globals['_REPLICASTATUS']._serialized_start=2985
+  _globals['_REPLICASTATUS']._serialized_end=3159
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=3162
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=3311
+  _globals['_QUERYLOGSREQUEST']._serialized_start=3314
+  _globals['_QUERYLOGSREQUEST']._serialized_end=3552
+  _globals['_MODELREF']._serialized_start=3554
+  _globals['_MODELREF']._serialized_end=3611
+  _globals['_LOGENTRY']._serialized_start=3614
+  _globals['_LOGENTRY']._serialized_end=3927
+  _globals['_QUERYLOGSRESPONSE']._serialized_start=3929
+  _globals['_QUERYLOGSRESPONSE']._serialized_end=4024
+  _globals['_REGISTRY']._serialized_start=4110
+  _globals['_REGISTRY']._serialized_end=5112
 # @@protoc_insertion_point(module_scope)

@@ -424,22 +424,71 @@ class ModelStep(_message.Message):
 Global___ModelStep: _TypeAlias = ModelStep  # noqa: Y015
 
 @_typing.final
+class ValidationsStep(_message.Message):
+    """Checks over a record's inputs and the outputs of the model step before this step, in the
+    expression language of joey.expressions, e.g. {"too_sure": "out.probabilities[0] > 0.99"}.
+    A check that evaluates true flags an anomaly: its name goes to check_failures.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ChecksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CHECKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        checks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationsStep: _TypeAlias = ValidationsStep  # noqa: Y015
+
+@_typing.final
 class PipelineStep(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    VALIDATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def model(self) -> Global___ModelStep: ...
+    @_builtins.property
+    def validations(self) -> Global___ValidationsStep: ...
     def __init__(
         self,
         *,
         model: Global___ModelStep | None = ...,
+        validations: Global___ValidationsStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "validations", b"validations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "validations", b"validations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["model", "validations"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -447,9 +496,31 @@ Global___PipelineStep: _TypeAlias = PipelineStep  # noqa: Y015
 
 @_typing.final
 class ResolvedStep(_message.Message):
-    """A step with every reference resolved to a concrete, content-addressed artifact."""
+    """A step with every reference resolved to a concrete, content-addressed artifact.
+    A validations step has `checks` set and no model.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ChecksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
@@ -457,6 +528,7 @@ class ResolvedStep(_message.Message):
     FRAMEWORK_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     sha256: _builtins.str
@@ -465,6 +537,8 @@ class ResolvedStep(_message.Message):
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    @_builtins.property
+    def checks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
         self,
         *,
@@ -474,10 +548,11 @@ class ResolvedStep(_message.Message):
         framework: _builtins.str = ...,
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
+        checks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["framework", b"framework", "inputs", b"inputs", "model", b"model", "outputs", b"outputs", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "framework", b"framework", "inputs", b"inputs", "model", b"model", "outputs", b"outputs", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -913,6 +988,7 @@ class QueryLogsRequest(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     VALIDITY_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ANOMALIES_ONLY_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     limit: _builtins.int
@@ -920,6 +996,8 @@ class QueryLogsRequest(_message.Message):
     validity: Global___LogValidity.ValueType
     page_token: _builtins.str
     """Continue a previous query: its next_page_token. Pages follow the same order and filter."""
+    anomalies_only: _builtins.bool
+    """only rows with at least one failed check"""
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
         """unset = unbounded"""
@@ -938,10 +1016,11 @@ class QueryLogsRequest(_message.Message):
         end: _timestamp_pb2.Timestamp | None = ...,
         validity: Global___LogValidity.ValueType = ...,
         page_token: _builtins.str = ...,
+        anomalies_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "limit", b"limit", "page_token", b"page_token", "pipeline", b"pipeline", "start", b"start", "validity", b"validity", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalies_only", b"anomalies_only", "end", b"end", "limit", b"limit", "page_token", b"page_token", "pipeline", b"pipeline", "start", b"start", "validity", b"validity", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
