@@ -16,7 +16,8 @@ install: $(STAMP)
 
 # Generated stubs are committed; this regenerates them from proto/.
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=src --grpc_python_out=src --mypy_out=src proto/joey/v1/*.proto
+	$(BIN)/python -m grpc_tools.protoc -I proto --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+		--python_out=src --grpc_python_out=src --mypy_out=src proto/joey/v1/*.proto
 
 proto-check: proto
 	@git diff --exit-code -- src/joey/v1 || (echo "generated stubs differ from proto/: run 'make proto' and commit" >&2; exit 1)
