@@ -163,26 +163,55 @@ def pipeline() -> None:
     """Pipelines and deployments."""
 
 
+def _parse_checks(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    for value in values:
+        # Split at the first "=" only: expressions contain "==" and "!=".
+        name, sep, expression = value.partition("=")
+        name, expression = name.strip(), expression.strip()
+        if not sep or not name or not expression:
+            raise click.BadParameter(
+                f"expected NAME=EXPRESSION, e.g. --check 'too_sure=out.probabilities[0] > 0.99', "
+                f"got {value!r}",
+                ctx,
+                param,
+            )
+        if name in checks:
+            raise click.BadParameter(f"check {name!r} is given twice", ctx, param)
+        checks[name] = expression
+    return checks
+
+
 @pipeline.command("create")
 @click.argument("name")
 @click.option(
     "--model", "-m", "models", multiple=True, required=True, help="MODEL or MODEL:VERSION, in step order."
 )
+@click.option(
+    "--check",
+    "-c",
+    "checks",
+    multiple=True,
+    callback=_parse_checks,
+    help="NAME=EXPRESSION over in.<field> and out.<field>; true flags an anomaly. "
+    "All checks form one validations step after the model steps.",
+)
 @click.pass_obj
-def pipeline_create(obj: Context, name: str, models: tuple[str, ...]) -> None:
-    """Create pipeline NAME (or a new version of it) from model steps."""
+def pipeline_create(obj: Context, name: str, models: tuple[str, ...], checks: dict[str, str]) -> None:
+    """Create pipeline NAME (or a new version of it) from model steps and validation checks."""
     from joey.sdk import JoeyError
 
     builder = obj.client.build_pipeline(name)
     for spec in models:
         model_name, _, version = spec.partition(":")
         builder.add_model_step(model_name, int(version) if version else None)
+    if checks:
+        builder.add_validations(**checks)
     try:
         pv = builder.create()
     except JoeyError as exc:
         _fail(exc)
-    steps = " -> ".join(f"{m}:{v}" for m, v, _ in pv.steps)
-    click.echo(f"{pv.pipeline} version {pv.version}: {steps}")
+    click.echo(f"{pv.pipeline} version {pv.version}: {' -> '.join(str(s) for s in pv.steps)}")
 
 
 @pipeline.command("list")
@@ -305,21 +334,33 @@ def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: 
     click.echo(f"{len(frame)} records, {failed} failed", err=True)
 
 
+_ANOMALIES_HELP = "Only inferences where a validation check was true."
+
+
 @main.command()
 @click.argument("pipeline_name", metavar="PIPELINE")
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--failed", is_flag=True, help="Only failed inferences.")
+@click.option("--anomalies", is_flag=True, help=_ANOMALIES_HELP)
 @click.option("--start", help="ISO time; returns rows chronologically from here.")
 @click.option("--end", help="ISO time.")
 @click.pass_obj
 def logs(
-    obj: Context, pipeline_name: str, limit: int, failed: bool, start: str | None, end: str | None
+    obj: Context,
+    pipeline_name: str,
+    limit: int,
+    failed: bool,
+    anomalies: bool,
+    start: str | None,
+    end: str | None,
 ) -> None:
     """Show logged inferences of PIPELINE (newest first unless a range is given)."""
     from joey.sdk import JoeyError, Pipeline
 
     try:
-        frame = Pipeline(obj.client, pipeline_name).logs(limit, start, end, valid=False if failed else None)
+        frame = Pipeline(obj.client, pipeline_name).logs(
+            limit, start, end, valid=False if failed else None, anomalies_only=anomalies
+        )
     except JoeyError as exc:
         _fail(exc)
     with _wide_pandas():
@@ -341,6 +382,7 @@ def logs(
 @click.option("--start", help="ISO time; default: the oldest row.")
 @click.option("--end", help="ISO time (exclusive).")
 @click.option("--failed", is_flag=True, help="Only failed inferences.")
+@click.option("--anomalies", is_flag=True, help=_ANOMALIES_HELP)
 @click.option("--rows-per-file", type=click.IntRange(min=1), default=100_000, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace files of an earlier export to the same place.")
 @click.pass_obj
@@ -352,6 +394,7 @@ def export_logs(
     start: str | None,
     end: str | None,
     failed: bool,
+    anomalies: bool,
     rows_per_file: int,
     overwrite: bool,
 ) -> None:
@@ -382,6 +425,7 @@ def export_logs(
                 rows_per_file=rows_per_file,
                 progress=progress,
                 overwrite=overwrite,
+                anomalies_only=anomalies,
             )
         except (JoeyError, OSError, ValueError) as exc:
             _fail(exc)

@@ -3,9 +3,11 @@
 client = joey.Client()
 model = client.upload_model("iris", "iris.onnx")
 pipeline = client.build_pipeline("iris-pipeline").add_model_step(model)
+pipeline.add_validations(too_sure="out.probabilities[0] > 0.99")
 pipeline.deploy(replicas=2)
 results = pipeline.infer([{"features": [5.1, 3.5, 1.4, 0.2]}])
 pipeline.logs(limit=10)
+pipeline.logs(anomalies_only=True)  # records where a validation check was true
 pipeline.export_logs("exports/")  # every logged inference, as Parquet files
 pipeline.undeploy()
 """
@@ -112,16 +114,48 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
+class ModelStep:
+    """A model step of a stored pipeline version, pinned to one artifact."""
+
+    model: str
+    version: int
+    sha256: str
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.version}"
+
+
+@dataclass(frozen=True)
+class ValidationsStep:
+    """Named checks (name -> expression) flagging anomalies; kept sorted by name."""
+
+    checks: dict[str, str] = field(hash=False)
+
+    def __str__(self) -> str:
+        return f"validations({', '.join(self.checks)})"
+
+
+PipelineStep = ModelStep | ValidationsStep
+
+
+def _pipeline_step(step: pb.ResolvedStep) -> PipelineStep:
+    # A resolved validations step is the one with checks (and no model).
+    if step.checks:
+        return ValidationsStep(dict(sorted(step.checks.items())))
+    return ModelStep(step.model, step.version, step.sha256)
+
+
+@dataclass(frozen=True)
 class PipelineVersion:
     workspace: str
     pipeline: str
     version: int
-    steps: tuple[tuple[str, int, str], ...]  # (model, version, sha256)
+    steps: tuple[PipelineStep, ...]
     created_at: datetime | None
 
     @classmethod
     def from_proto(cls, pv: pb.PipelineVersion) -> PipelineVersion:
-        steps = tuple((s.model, s.version, s.sha256) for s in pv.steps)
+        steps = tuple(_pipeline_step(s) for s in pv.steps)
         return cls(pv.workspace, pv.pipeline, pv.version, steps, _time(pv.created_at))
 
 
@@ -265,7 +299,7 @@ class Client:
         if not response.versions:
             return Pipeline(self, name)
         latest = response.versions[-1]
-        steps = [pb.ModelStep(model=s.model, version=s.version) for s in latest.steps]
+        steps = [_step_request(s) for s in latest.steps]
         return Pipeline(self, name, steps, latest.version)
 
     def list_pipelines(self) -> list[str]:
@@ -273,11 +307,17 @@ class Client:
         return [p.name for p in response.pipelines]
 
 
+def _step_request(step: pb.ResolvedStep) -> pb.PipelineStep:
+    if step.checks:
+        return pb.PipelineStep(validations=pb.ValidationsStep(checks=step.checks))
+    return pb.PipelineStep(model=pb.ModelStep(model=step.model, version=step.version))
+
+
 @dataclass
 class Pipeline:
     client: Client
     name: str
-    _steps: list[pb.ModelStep] = field(default_factory=list)
+    _steps: list[pb.PipelineStep] = field(default_factory=list)
     _version: int | None = None
     """The version last created or loaded; None until then."""
 
@@ -294,9 +334,21 @@ class Pipeline:
     def add_model_step(self, model: ModelVersion | str, version: int | None = None) -> Pipeline:
         """Append a model step: a ModelVersion pins that version; a name takes the latest at create time."""
         if isinstance(model, ModelVersion):
-            self._steps.append(pb.ModelStep(model=model.name, version=model.version))
+            step = pb.ModelStep(model=model.name, version=model.version)
         else:
-            self._steps.append(pb.ModelStep(model=model, version=version or 0))
+            step = pb.ModelStep(model=model, version=version or 0)
+        self._steps.append(pb.PipelineStep(model=step))
+        return self
+
+    def add_validations(self, **checks: str) -> Pipeline:
+        """Append a validations step: each check is a named expression over ``in.<field>`` (the
+        input record) and ``out.<field>`` (outputs of the model step before it), e.g.
+        ``add_validations(too_sure="out.probabilities[0] > 0.99")``. A check that is true flags the
+        record as an anomaly; the record is answered all the same. The registry compiles the
+        expressions when the pipeline version is created."""
+        if not checks:
+            raise ValueError('add_validations needs at least one check, e.g. too_sure="out.score > 0.99"')
+        self._steps.append(pb.PipelineStep(validations=pb.ValidationsStep(checks=checks)))
         return self
 
     def clear(self) -> Pipeline:
@@ -305,9 +357,7 @@ class Pipeline:
 
     def create(self) -> PipelineVersion:
         """Store the steps; a new pipeline version is made only when they changed."""
-        request = pb.CreatePipelineRequest(
-            workspace=self.workspace, name=self.name, steps=[pb.PipelineStep(model=s) for s in self._steps]
-        )
+        request = pb.CreatePipelineRequest(workspace=self.workspace, name=self.name, steps=self._steps)
         version = PipelineVersion.from_proto(self.client.call("CreatePipeline", request))
         self._version = version.version
         return version
@@ -386,16 +436,21 @@ class Pipeline:
         start: datetime | str | None = None,
         end: datetime | str | None = None,
         valid: bool | None = None,
+        anomalies_only: bool = False,
     ) -> pd.DataFrame:
         """Logged inferences: newest first without a time range, chronological with one.
 
-        ``valid=False`` returns only failures, ``valid=True`` only successes.
+        ``valid=False`` returns only failures, ``valid=True`` only successes; ``anomalies_only``
+        only records that failed at least one validation check.
         """
-        response = self.client.call("QueryLogs", self._log_request(limit, start, end, valid))
-        return log_entries_to_frame(response.entries)
+        request = self._log_request(limit, start, end, valid, anomalies_only)
+        return log_entries_to_frame(self.client.call("QueryLogs", request).entries)
 
-    def log_count(self, start: datetime | str | None = None, valid: bool | None = None) -> int:
-        return int(self.client.call("QueryLogs", self._log_request(1, start, None, valid)).total)
+    def log_count(
+        self, start: datetime | str | None = None, valid: bool | None = None, anomalies_only: bool = False
+    ) -> int:
+        request = self._log_request(1, start, None, valid, anomalies_only)
+        return int(self.client.call("QueryLogs", request).total)
 
     def export_logs(
         self,
@@ -409,6 +464,7 @@ class Pipeline:
         rows_per_file: int = 100_000,
         progress: Callable[[int, int], None] | None = None,
         overwrite: bool = False,
+        anomalies_only: bool = False,
     ) -> list[Path]:
         """Write every matching logged inference, oldest first, to ``<prefix>-00001.<format>``...
         in ``directory`` (created if missing) and return the files written (none if no rows match).
@@ -419,16 +475,23 @@ class Pipeline:
         ISO-8601. ``progress(rows_written, total)`` is called after each page; ``total`` is counted
         when the export starts, so rows logged meanwhile may take the count past it. Existing files
         with the same prefix and format are refused unless ``overwrite``, which replaces them.
+        ``valid`` and ``anomalies_only`` filter as in ``logs()``.
         """
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
         export = LogExport(directory, format, file_prefix or self.name, rows_per_file, overwrite)
         # A start, even the earliest one, makes the registry return rows chronologically.
         first = start if start is not None else datetime.min.replace(tzinfo=UTC)
-        return export.write(self._log_pages(self._log_request(page_size, first, end, valid)), progress)
+        request = self._log_request(page_size, first, end, valid, anomalies_only)
+        return export.write(self._log_pages(request), progress)
 
     def _log_request(
-        self, limit: int, start: datetime | str | None, end: datetime | str | None, valid: bool | None
+        self,
+        limit: int,
+        start: datetime | str | None,
+        end: datetime | str | None,
+        valid: bool | None,
+        anomalies_only: bool,
     ) -> pb.QueryLogsRequest:
         validity = {None: pb.LOG_VALIDITY_ALL, True: pb.LOG_VALIDITY_OK, False: pb.LOG_VALIDITY_FAILED}[valid]
         return pb.QueryLogsRequest(
@@ -436,6 +499,7 @@ class Pipeline:
             pipeline=self.name,
             limit=limit,
             validity=validity,
+            anomalies_only=anomalies_only,
             start=_timestamp(start),
             end=_timestamp(end),
         )
@@ -457,6 +521,8 @@ def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
         row: dict[str, Any] = {"time": pd.Timestamp(body["time"]), "request_id": reply.request_id}
         row |= flatten("in", body.get("in") if reply.ok else body.get("input"))
         row |= flatten("out", body.get("out"))
+        # Present only when the pipeline has validations: anomaly.count and anomaly.<check>.
+        row |= flatten("anomaly", body.get("anomaly"))
         row["check_failures"] = body.get("check_failures", [])
         row["error"] = None if reply.ok else body.get("error")
         row |= flatten(

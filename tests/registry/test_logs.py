@@ -92,6 +92,14 @@ def test_validity_filter(stub: Stub, logged: str) -> None:
     assert query(stub, logged, validity=pb.LOG_VALIDITY_OK).total == 4
 
 
+def test_anomalies_filter(stub: Stub, logged: str) -> None:
+    anomalies = query(stub, logged, anomalies_only=True)
+    assert (ids(anomalies), anomalies.total) == (["r1"], 1)
+    assert list(anomalies.entries[0].check_failures) == ["too small"]
+    assert query(stub, logged, anomalies_only=True, validity=pb.LOG_VALIDITY_FAILED).total == 0
+    assert ids(query(stub, logged, anomalies_only=True, start=ts(T0 + timedelta(minutes=2)))) == []
+
+
 def test_entry_fields(stub: Stub, logged: str) -> None:
     entries = {e.request_id: e for e in query(stub, logged).entries}
     ok = entries["r1"]
@@ -129,16 +137,27 @@ ROWS = 250
 @pytest.fixture
 def many(stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection) -> str:
     """Pipeline "p" with 250 rows, three per second (ties broken by id), inserted out of time order
-    so ids and times disagree; every fifth row failed (50 failed, 200 ok)."""
+    so ids and times disagree; every fifth row failed (50 failed, 200 ok); every fourth row from r1
+    that did not fail is an anomaly (a failed check)."""
     upload(stub, workspace, "iris", iris_bytes)
     stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("iris")]))
     order = random.Random(7).sample(range(ROWS), ROWS)
     with db.cursor() as cur:
         cur.executemany(
             "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id, "
-            "time, input_topic, input_partition, input_offset, ok) "
-            "VALUES (%s, 'p', 1, 'd1', %s, %s, 'in', 0, %s, %s)",
-            [(workspace, f"r{i}", T0 + timedelta(seconds=i // 3), i, i % 5 != 0) for i in order],
+            "time, input_topic, input_partition, input_offset, ok, check_failures) "
+            "VALUES (%s, 'p', 1, 'd1', %s, %s, 'in', 0, %s, %s, %s)",
+            [
+                (
+                    workspace,
+                    f"r{i}",
+                    T0 + timedelta(seconds=i // 3),
+                    i,
+                    i % 5 != 0,
+                    Jsonb(["too_sure"] if i % 4 == 1 and i % 5 != 0 else []),
+                )
+                for i in order
+            ],
         )
     return workspace
 
@@ -161,6 +180,9 @@ def all_pages(stub: Stub, workspace: str, token: str = "", **fields: object) -> 
     return pages
 
 
+ANOMALY = "jsonb_array_length(check_failures) > 0"
+
+
 @pytest.mark.parametrize(
     ("fields", "chronological", "where"),
     [
@@ -174,6 +196,14 @@ def all_pages(stub: Stub, workspace: str, token: str = "", **fields: object) -> 
             f"time >= '{T0 + timedelta(seconds=10)}' AND time < '{T0 + timedelta(seconds=70)}'",
         ),
         ({"end": ts(T0 + timedelta(seconds=200)), "validity": pb.LOG_VALIDITY_OK}, True, "ok"),
+        ({"anomalies_only": True}, False, ANOMALY),
+        ({"anomalies_only": True, "validity": pb.LOG_VALIDITY_OK}, False, f"ok AND {ANOMALY}"),
+        ({"anomalies_only": True, "validity": pb.LOG_VALIDITY_FAILED}, False, "false"),
+        (
+            {"anomalies_only": True, "start": ts(T0 + timedelta(seconds=20))},
+            True,
+            f"time >= '{T0 + timedelta(seconds=20)}' AND {ANOMALY}",
+        ),
     ],
 )
 def test_pages_cover_the_result_exactly(
@@ -201,6 +231,7 @@ def test_token_of_another_query_is_refused(stub: Stub, many: str) -> None:
         {"validity": pb.LOG_VALIDITY_FAILED},
         {"start": ts(T0)},
         {"end": ts(T0 + timedelta(days=1))},
+        {"anomalies_only": True},
     ):
         error = rpc_error(lambda other=other: query(stub, many, limit=40, page_token=token, **other))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
+from google.protobuf import json_format
 
+from joey import topics
+from joey.expressions import ExpressionError, compile_expression
 from joey.v1 import registry_pb2 as pb
-from tests.registry.helpers import Stub, identity_model, rpc_error, step, upload
+from joey_registry.app import RegistryServer
+from joey_registry.settings import RegistrySettings
+from tests.registry.helpers import Stub, identity_model, read_deployments, rpc_error, step, upload
 
 
 def create(stub: Stub, workspace: str, name: str, *steps: pb.PipelineStep) -> pb.PipelineVersion:
@@ -77,7 +84,7 @@ def test_unknown_step_model_or_version(stub: Stub, workspace: str, iris_bytes: b
     [
         ("p", [], "needs at least one step"),
         ("Bad_Name", [step("iris")], "invalid pipeline name"),
-        ("p", [pb.PipelineStep()], "step 1 is empty"),
+        ("p", [pb.PipelineStep()], "step 1 is empty: set its model or its validations"),
         ("p", [step("iris", -1)], "version must be a positive number"),
     ],
 )
@@ -94,3 +101,144 @@ def test_get_unknown_pipeline(stub: Stub, workspace: str) -> None:
     error = rpc_error(lambda: stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="ghost")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "'ghost'" in error.details()
+
+
+def checks(**named: str) -> pb.PipelineStep:
+    return pb.PipelineStep(validations=pb.ValidationsStep(checks=named))
+
+
+TOO_SURE = "out.probabilities[0] > 0.99"
+BAD_LEN = "len(in.features) != 4"
+
+
+def test_validations_step_is_stored_and_versions_bump_only_on_change(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    first = create(stub, workspace, "p", step("iris"), checks(too_sure=TOO_SURE, bad_len=BAD_LEN))
+    assert first.version == 1
+    model_step, validations = first.steps
+    assert model_step.model == "iris" and not model_step.checks
+    assert (validations.model, validations.sha256, list(validations.outputs)) == ("", "", [])
+    assert dict(validations.checks) == {"too_sure": TOO_SURE, "bad_len": BAD_LEN}
+
+    # The same checks, in another order: maps carry no order, so nothing changed.
+    assert create(stub, workspace, "p", step("iris"), checks(bad_len=BAD_LEN, too_sure=TOO_SURE)).version == 1
+    assert (
+        create(stub, workspace, "p", step("iris"), checks(too_sure="out.probabilities[0] > 0.9")).version == 2
+    )
+    assert create(stub, workspace, "p", step("iris")).version == 3
+    assert create(stub, workspace, "p", step("iris")).version == 3
+    assert create(stub, workspace, "p", step("iris"), checks(too_sure=TOO_SURE, bad_len=BAD_LEN)).version == 4
+
+    stored = stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).versions
+    assert [[dict(s.checks) for s in v.steps if s.checks] for v in stored] == [
+        [{"too_sure": TOO_SURE, "bad_len": BAD_LEN}],
+        [{"too_sure": "out.probabilities[0] > 0.9"}],
+        [],
+        [{"too_sure": TOO_SURE, "bad_len": BAD_LEN}],
+    ]
+
+
+def test_validations_on_inputs_may_come_first(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    version = create(stub, workspace, "p", checks(bad_len=BAD_LEN, odd='in.note == "odd"'), step("iris"))
+    assert [bool(s.checks) for s in version.steps] == [True, False]
+
+
+def test_chaining_skips_validations_steps(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "probs", identity_model("probabilities", "float32", "copy", width=3))
+    version = create(
+        stub,
+        workspace,
+        "chain",
+        step("iris"),
+        checks(a=TOO_SURE),
+        step("probs"),
+        checks(b="out.copy[0] > 0.5"),
+    )
+    assert [s.model for s in version.steps] == ["iris", "", "probs", ""]
+    # The validations step of step 4 reads the outputs of step 3, not of step 1.
+    error = rpc_error(
+        lambda: create(
+            stub, workspace, "chain", step("iris"), checks(a=TOO_SURE), step("probs"), checks(b=TOO_SURE)
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        error.details()
+        == "step 4: check 'b' reads out.probabilities, but step 3 (probs v1) produces only 'copy' (float32)"
+    )
+    error = rpc_error(
+        lambda: create(stub, workspace, "chain", step("iris"), checks(a=TOO_SURE), step("iris"))
+    )
+    assert error.details().startswith(
+        "step 3 (iris v1) needs input 'features' (float32), but step 1 (iris v1) produces only"
+    )
+
+
+def test_bad_expression_names_check_and_position(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    text = "out.label > > 1"
+    with pytest.raises(ExpressionError) as compiled:
+        compile_expression(text)
+    error = rpc_error(lambda: create(stub, workspace, "p", step("iris"), checks(ok=BAD_LEN, broken=text)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == f"step 2: check 'broken': {compiled.value}"
+    # The second ">" is at column 13 (12 counting from 0).
+    assert re.search(r"\b1[23]\b", error.details()), error.details()
+    assert stub.ListPipelines(pb.ListPipelinesRequest(workspace=workspace)).pipelines == []
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        (
+            [step("iris"), checks(x="out.score > 0.5 and out.label == 1")],
+            "step 2: check 'x' reads out.score, but step 1 (iris v1) produces only "
+            "'label' (int64), 'probabilities' (float32)",
+        ),
+        (
+            [checks(x=TOO_SURE), step("iris")],
+            "step 1: check 'x' reads out.probabilities, but no model step comes before it",
+        ),
+        ([step("iris"), checks()], "step 2: a validations step needs at least one check"),
+        ([checks(x=BAD_LEN)], "a pipeline needs at least one model step"),
+        ([step("iris"), checks(**{"1st": BAD_LEN})], "step 2: invalid check name '1st'"),
+        ([step("iris"), checks(**{"has-dash": BAD_LEN})], "step 2: invalid check name 'has-dash'"),
+        ([step("iris"), checks(**{"x" * 64: BAD_LEN})], "at most 63 characters"),
+        ([step("iris"), checks(count=BAD_LEN)], "step 2: check name 'count' is reserved"),
+        (
+            [step("iris"), checks(x=BAD_LEN), checks(x=TOO_SURE)],
+            "step 3: check 'x' is already defined in step 2",
+        ),
+    ],
+)
+def test_invalid_validations(
+    stub: Stub, workspace: str, iris_bytes: bytes, steps: list[pb.PipelineStep], expected: str
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    error = rpc_error(lambda: create(stub, workspace, "p", *steps))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in error.details()
+    assert stub.ListPipelines(pb.ListPipelinesRequest(workspace=workspace)).pipelines == []
+
+
+def test_deployed_and_republished_specs_carry_checks(
+    stub: Stub, workspace: str, iris_bytes: bytes, registry_settings: RegistrySettings
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    create(stub, workspace, "p", step("iris"), checks(too_sure=TOO_SURE, bad_len=BAD_LEN))
+    deployment = stub.Deploy(pb.DeployRequest(workspace=workspace, pipeline="p"), timeout=30)
+    restarted = RegistryServer(registry_settings)
+    restarted.start()
+    restarted.stop()
+    key = topics.deployment_key(workspace, "p")
+    messages = read_deployments(registry_settings, lambda found: len(found) >= 2, key)
+    for message in messages:
+        spec = json_format.Parse(message.value(), pb.DeploymentSpec())
+        assert spec.deployment_id == deployment.deployment_id
+        assert [s.model for s in spec.steps] == ["iris", ""]
+        assert dict(spec.steps[1].checks) == {"too_sure": TOO_SURE, "bad_len": BAD_LEN}
+    stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline="p"))

@@ -62,17 +62,23 @@ def upload_header(header: pb.UploadModelHeader) -> domain.UploadHeader:
     return domain.UploadHeader(workspace=header.workspace, name=header.name, framework=header.framework)
 
 
-def step_refs(steps: list[pb.PipelineStep]) -> list[domain.StepRef]:
-    refs = []
+def step_requests(steps: list[pb.PipelineStep]) -> list[domain.StepRequest]:
+    requests: list[domain.StepRequest] = []
     for number, step in enumerate(steps, 1):
-        if step.WhichOneof("kind") != "model":
+        kind = step.WhichOneof("kind")
+        if kind == "model":
+            requests.append(domain.StepRef(model=step.model.model, version=step.model.version))
+        elif kind == "validations":
+            requests.append(domain.ValidationsStep.of(step.validations.checks))
+        else:
             # Rejected here because only the wire format can express an empty step.
-            raise InvalidArgument(f"step {number} is empty: set its model")
-        refs.append(domain.StepRef(model=step.model.model, version=step.model.version))
-    return refs
+            raise InvalidArgument(f"step {number} is empty: set its model or its validations")
+    return requests
 
 
-def resolved_step(step: domain.ResolvedStep) -> pb.ResolvedStep:
+def resolved_step(step: domain.Step) -> pb.ResolvedStep:
+    if isinstance(step, domain.ValidationsStep):
+        return pb.ResolvedStep(checks=dict(step.checks))
     return pb.ResolvedStep(
         model=step.model,
         version=step.version,
@@ -169,6 +175,7 @@ def log_query(request: pb.QueryLogsRequest) -> domain.LogQuery:
         start=optional_datetime(request, "start"),
         end=optional_datetime(request, "end"),
         validity=_validity(request.validity),
+        anomalies_only=request.anomalies_only,
         page_token=request.page_token,
     )
 

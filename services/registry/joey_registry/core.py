@@ -32,8 +32,9 @@ from joey_registry.domain import (
     Pipeline,
     PipelineVersion,
     ResolvedStep,
+    Step,
     StepRef,
-    TensorSpec,
+    StepRequest,
     UploadHeader,
     Workspace,
 )
@@ -41,8 +42,9 @@ from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgum
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
 from joey_registry.status import compute_status
+from joey_registry.steps import check_steps
 from joey_registry.store import Store, WorkspaceRef
-from joey_registry.validation import dtypes_compatible, validator_for
+from joey_registry.validation import validator_for
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +64,6 @@ def _non_negative_version(what: str, version: int) -> int:
     if version < 0:
         raise InvalidArgument(f"{what} version must be a positive number or 0 for the latest, got {version}")
     return version
-
-
-def _describe(specs: tuple[TensorSpec, ...]) -> str:
-    return ", ".join(f"{s.name!r} ({s.dtype})" for s in specs) or "nothing"
-
-
-def _check_chaining(steps: list[ResolvedStep]) -> None:
-    """Each step after the first is fed the outputs of the step before it."""
-    for number, (prev, step) in enumerate(zip(steps, steps[1:], strict=False), 2):
-        produced = {o.name: o for o in prev.outputs}
-        for needed in step.inputs:
-            where = (
-                f"step {number} ({step.model} v{step.version}) needs input {needed.name!r} ({needed.dtype})"
-            )
-            source = f"step {number - 1} ({prev.model} v{prev.version})"
-            out = produced.get(needed.name)
-            if out is None:
-                raise InvalidArgument(f"{where}, but {source} produces only {_describe(prev.outputs)}")
-            if not dtypes_compatible(out.dtype, needed.dtype):
-                raise InvalidArgument(f"{where}, but {source} produces {out.name!r} as {out.dtype}")
 
 
 class Registry:
@@ -208,20 +190,23 @@ class Registry:
     # --- pipelines ---
 
     def create_pipeline(
-        self, caller: Caller, workspace: str, name: str, steps: list[StepRef]
+        self, caller: Caller, workspace: str, name: str, steps: list[StepRequest]
     ) -> PipelineVersion:
         """A new pipeline version when the resolved steps differ from the latest, else the latest."""
         ws = self.access.authorize(caller, workspace, Action.WRITE)
         _valid_name("pipeline", name)
         if not steps:
             raise InvalidArgument(f"pipeline {name!r} needs at least one step")
-        resolved = []
+        resolved: list[Step] = []
         for number, ref in enumerate(steps, 1):
+            if not isinstance(ref, StepRef):
+                resolved.append(ref)
+                continue
             try:
                 resolved.append(ResolvedStep.of(self._model_version(ws, ref.model, ref.version)))
             except (NotFound, InvalidArgument) as exc:
                 raise type(exc)(f"step {number}: {exc}") from None
-        _check_chaining(resolved)
+        check_steps(resolved)
         version, created = self.store.add_pipeline_version(ws, name, tuple(resolved))
         if created:
             log.info("created pipeline %s/%s version %d", ws.name, name, version.version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -63,7 +64,7 @@ class UploadHeader:
 
 @dataclass(frozen=True)
 class StepRef:
-    """A pipeline step as the user wrote it; version 0 means the latest."""
+    """A model step as the user wrote it; version 0 means the latest."""
 
     model: str
     version: int
@@ -71,6 +72,8 @@ class StepRef:
 
 @dataclass(frozen=True)
 class ResolvedStep:
+    """A model step resolved to a concrete, content-addressed artifact."""
+
     model: str
     version: int
     sha256: str
@@ -83,6 +86,7 @@ class ResolvedStep:
         return cls(mv.name, mv.version, mv.sha256, mv.framework, mv.inputs, mv.outputs)
 
     def to_json(self) -> dict[str, Any]:
+        # Stored without a "kind", as every model step stored before validations steps existed.
         return {
             "model": self.model,
             "version": self.version,
@@ -105,11 +109,43 @@ class ResolvedStep:
 
 
 @dataclass(frozen=True)
+class ValidationsStep:
+    """Named checks (name -> expression) over a record's inputs and the outputs of the model step
+    before this one. Needs no resolving, so it is both what the user writes and what is stored.
+
+    Checks are kept sorted by name: protobuf maps carry no order, so sorting is what makes the same
+    checks compare equal (no new pipeline version) and reach engines in the same order every time.
+    """
+
+    checks: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, checks: Mapping[str, str]) -> ValidationsStep:
+        return cls(tuple(sorted(checks.items())))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "validations", "checks": dict(self.checks)}
+
+
+Step = ResolvedStep | ValidationsStep
+StepRequest = StepRef | ValidationsStep
+
+
+def step_from_json(data: dict[str, Any]) -> Step:
+    kind = data.get("kind", "model")
+    if kind == "validations":
+        return ValidationsStep.of(data["checks"])
+    if kind == "model":
+        return ResolvedStep.from_json(data)
+    raise ValueError(f"stored pipeline step of unknown kind {kind!r}")
+
+
+@dataclass(frozen=True)
 class PipelineVersion:
     workspace: str
     pipeline: str
     version: int
-    steps: tuple[ResolvedStep, ...]
+    steps: tuple[Step, ...]
     created_at: datetime
 
 
@@ -130,7 +166,7 @@ class DeploymentSpec:
     """What engines run: an active deployment with its steps resolved (deployed_at = updated_at)."""
 
     deployment: Deployment
-    steps: tuple[ResolvedStep, ...]
+    steps: tuple[Step, ...]
 
 
 @dataclass(frozen=True)
@@ -175,6 +211,7 @@ class LogQuery:
     start: datetime | None = None
     end: datetime | None = None
     validity: LogValidity = LogValidity.ALL
+    anomalies_only: bool = False
     page_token: str = ""
 
     @property

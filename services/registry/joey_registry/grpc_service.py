@@ -128,7 +128,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     @_unary
     def CreatePipeline(self, request: pb.CreatePipelineRequest, caller: Caller) -> pb.PipelineVersion:
-        steps = convert.step_refs(list(request.steps))
+        steps = convert.step_requests(list(request.steps))
         version = self.registry.create_pipeline(caller, request.workspace, request.name, steps)
         return convert.pipeline_version(version)
 

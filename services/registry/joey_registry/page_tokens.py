@@ -37,6 +37,7 @@ def _fingerprint(query: LogQuery) -> str:
         query.end.isoformat() if query.end else None,
         query.validity.value,
         "asc" if query.chronological else "desc",
+        query.anomalies_only,
     ]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
@@ -58,7 +59,8 @@ def decode(query: LogQuery, token: str) -> tuple[LogCursor, int]:
     body = _body(token)
     if body["f"] != _fingerprint(query):
         raise InvalidArgument(
-            "page token does not belong to this query: workspace, pipeline, start, end or validity differ"
+            "page token does not belong to this query: workspace, pipeline, start, end, validity "
+            "or anomalies_only differ"
         )
     return LogCursor(_EPOCH + timedelta(microseconds=body["t"]), body["i"]), body["n"]
 

@@ -29,10 +29,11 @@ from joey_registry.domain import (
     ModelVersion,
     Pipeline,
     PipelineVersion,
-    ResolvedStep,
+    Step,
     TensorSpec,
     Workspace,
     specs_from_json,
+    step_from_json,
 )
 
 Connection = psycopg.Connection[DictRow]
@@ -82,8 +83,8 @@ def _model_version(workspace: str, row: DictRow) -> ModelVersion:
     )
 
 
-def _steps(data: list[dict[str, Any]]) -> tuple[ResolvedStep, ...]:
-    return tuple(ResolvedStep.from_json(step) for step in data)
+def _steps(data: list[dict[str, Any]]) -> tuple[Step, ...]:
+    return tuple(step_from_json(step) for step in data)
 
 
 def _pipeline_version(workspace: str, pipeline: str, row: DictRow) -> PipelineVersion:
@@ -309,7 +310,7 @@ class Store:
     # --- pipelines ---
 
     def add_pipeline_version(
-        self, ws: WorkspaceRef, name: str, steps: tuple[ResolvedStep, ...]
+        self, ws: WorkspaceRef, name: str, steps: tuple[Step, ...]
     ) -> tuple[PipelineVersion, bool]:
         """The next version of the pipeline (created=True), or its latest version if that
         already has exactly these steps (created=False)."""
@@ -414,6 +415,8 @@ class Store:
             where.append("time < %(end)s")
         if query.validity is not LogValidity.ALL:
             where.append("ok = %(ok)s")
+        if query.anomalies_only:
+            where.append("jsonb_array_length(check_failures) > 0")
         direction, beyond, reach = ("ASC", ">", ">=") if query.chronological else ("DESC", "<", "<=")
         condition = " AND ".join(where)
         page_condition = condition
