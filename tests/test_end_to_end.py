@@ -165,3 +165,34 @@ def test_engine_kill9_loses_nothing_and_logs_each_inference_once(
 
     wait_until(lambda: logged() == (total, total), 60, "exactly one log row per inference")
     pipeline.undeploy()
+
+
+def test_validation_checks_flag_anomalies_end_to_end(client: Client, iris_model: Path) -> None:
+    model = client.upload_model("iris-checks", iris_model)
+    pipeline = (
+        client.build_pipeline("checks")
+        .add_model_step(model)
+        .add_validations(too_sure="out.probabilities[0] > 0.99", long_sepal="in.features[0] > 7.0")
+    )
+    pipeline.deploy(timeout=90)
+    started = datetime.now(UTC)
+    records = [
+        {"features": [5.0, 3.5, 1.3, 0.3]},
+        {"features": [7.7, 3.0, 6.1, 2.3]},
+        {"features": [6.0, 2.9, 4.5, 1.5]},
+    ]
+    results = pipeline.infer(records, timeout=60)
+
+    expected_sure = [p[0] > 0.99 for p in results["out.probabilities"]]
+    assert list(results["anomaly.too_sure"]) == expected_sure
+    assert list(results["anomaly.long_sepal"]) == [False, True, False]
+    counts = [int(s) + int(lng) for s, lng in zip(expected_sure, [False, True, False], strict=True)]
+    assert list(results["anomaly.count"]) == counts
+    assert results["error"].isna().all(), "a check never turns a good inference into an error"
+
+    flagged = sum(1 for c in counts if c)
+    wait_until(lambda: pipeline.log_count(start=started) == len(records), 60, "every inference logged")
+    assert pipeline.log_count(start=started, anomalies_only=True) == flagged
+    anomalies = pipeline.logs(start=started, anomalies_only=True)
+    assert all(len(f) > 0 for f in anomalies["check_failures"])
+    pipeline.undeploy()

@@ -94,6 +94,16 @@ def make_step() -> Callable[..., registry_pb2.ResolvedStep]:
     return iris_step
 
 
+def validations_step(**checks: str) -> registry_pb2.ResolvedStep:
+    """A resolved validations step, as the registry resolves ``add_validations(**checks)``."""
+    return registry_pb2.ResolvedStep(checks=checks)
+
+
+@pytest.fixture(scope="session")
+def make_validations() -> Callable[..., registry_pb2.ResolvedStep]:
+    return validations_step
+
+
 SpecFactory = Callable[..., registry_pb2.DeploymentSpec]
 
 

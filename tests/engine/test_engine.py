@@ -302,6 +302,68 @@ def test_serves_outputs_errors_and_logs(
     assert beat.partitions == list(range(settings.pipeline_partitions))
 
 
+def test_checks_flag_anomalies_in_outputs_and_logs(
+    engine: Engine,
+    settings: CommonSettings,
+    engine_workspace: str,
+    make_spec: Callable[..., Any],
+    make_step: Callable[..., Any],
+    make_validations: Callable[..., Any],
+    iris_sha: str,
+    iris_model: Path,
+) -> None:
+    ws, pipeline = engine_workspace, "iris-checked"
+    names = topics.pipeline_topics(ws, pipeline)
+    checks = {"too_sure": "out.probabilities[0] > 0.99", "risky": "in.score > 0.5"}
+    spec = make_spec(ws, pipeline, steps=[make_step(iris_sha), make_validations(**checks)])
+    deploy(settings, ws, pipeline, spec)
+    rows: list[dict[str, Any]] = [
+        {"features": [5.1, 3.5, 1.4, 0.2], "score": 0.1},
+        {"features": [6.7, 3.0, 5.2, 2.3], "score": 0.9},
+        {"features": [5.9, 2.8, 4.3, 1.3]},  # no score: "risky" counts as failed, the record is answered
+    ]
+    session = ort.InferenceSession(str(iris_model), providers=["CPUExecutionProvider"])
+    features = np.asarray([row["features"] for row in rows], np.float32)
+    setosa = session.run(["probabilities"], {"features": features})[0][:, 0]
+    expected = {
+        f"chk-{i}": [
+            name
+            for name, hit in (("risky", "score" not in row or row["score"] > 0.5), ("too_sure", p > 0.99))
+            if hit
+        ]
+        for i, (row, p) in enumerate(zip(rows, setosa, strict=True))
+    }
+    assert expected["chk-0"] == ["too_sure"]  # the model is sure of the first row
+    produce(settings, names.inputs, [(f"chk-{i}", json.dumps(row).encode()) for i, row in enumerate(rows)])
+    outputs = TopicReader(settings, names.outputs)
+    logs = TopicReader(settings, topics.LOGS)
+    try:
+        answered = outputs.read_until(lambda ms: len(ms) >= len(rows), "all outputs")
+        by_id = {request_id(m): json.loads(m.value()) for m in answered}  # type: ignore[arg-type]
+        assert by_id.keys() == expected.keys()
+        for rid, failures in expected.items():
+            body = by_id[rid]
+            assert body["check_failures"] == failures
+            assert body["anomaly"] == {"count": len(failures)} | {
+                name: name in failures for name in sorted(checks)
+            }
+            assert len(body["metadata"]["elapsed_ns"]) == 2
+        entries = logs.read_until(
+            lambda ms: sum(records.decode_log(m.value())["pipeline"] == pipeline for m in ms) >= len(rows),  # type: ignore[arg-type]
+            "all logs",
+        )
+        logged = {
+            log["request_id"]: log["check_failures"]
+            for log in (records.decode_log(m.value()) for m in entries)  # type: ignore[arg-type]
+            if (log["workspace"], log["pipeline"]) == (ws, pipeline)
+        }
+        assert logged == expected
+    finally:
+        outputs.close()
+        logs.close()
+    deploy(settings, ws, pipeline, None)
+
+
 def test_replicas_split_partitions_then_redeploy_and_undeploy(
     engine: Engine,
     settings: CommonSettings,
@@ -474,6 +536,13 @@ def test_crashed_replica_is_reported_and_restarted(
     deploy(settings, ws, pipeline, None)
 
 
+@pytest.mark.parametrize(
+    ("pipeline", "error"),
+    [
+        ("junk-model", ""),
+        ("bad-check", "step 2 (validations): check 'shaky' is invalid: "),
+    ],
+)
 def test_model_that_fails_to_load_in_the_replica_is_reported(
     engine: Engine,
     settings: CommonSettings,
@@ -481,17 +550,27 @@ def test_model_that_fails_to_load_in_the_replica_is_reported(
     engine_workspace: str,
     redis_client: redis.Redis,
     make_spec: Callable[..., Any],
+    make_step: Callable[..., Any],
+    make_validations: Callable[..., Any],
     artifact_server: tuple[Any, str],
+    iris_sha: str,
+    pipeline: str,
+    error: str,
 ) -> None:
-    ws, pipeline = engine_workspace, "junk-model"
-    sha = artifact_server[0].add(b"not an onnx model")
-    spec = make_spec(ws, pipeline, sha)
+    ws = engine_workspace
+    if pipeline == "junk-model":
+        spec = make_spec(ws, pipeline, artifact_server[0].add(b"not an onnx model"))
+    else:
+        spec = make_spec(
+            ws, pipeline, steps=[make_step(iris_sha), make_validations(shaky="out.probabilities[0] >")]
+        )
     deploy(settings, ws, pipeline, spec)
     [beat] = wait_for(
         lambda: [b for b in replicas(redis_client, engine_settings, ws, pipeline) if b.error],
         "a load error",
     )
     assert not beat.loaded and beat.error.startswith(f"cannot load {ws}/{pipeline} v1"), beat.error
+    assert error in beat.error
     deploy(settings, ws, pipeline, None)
     wait_for(
         lambda: not heartbeats.read(redis_client, engine_settings.redis_prefix, ws, pipeline),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from joey import records
 from joey_engine.deployment import Deployment
@@ -66,3 +67,42 @@ def test_error_and_log_of_a_record_that_is_not_json(make_deployment: Callable[..
     log = records.decode_log(log_value(deployment, source(raw), failure, NOW))
     assert not log["ok"] and log["inputs"] is None and log["raw_input"] == raw
     assert (log["input_partition"], log["input_offset"], log["request_id"]) == (2, 7, "req-7")
+
+
+def test_records_of_a_pipeline_with_checks_carry_the_anomalies(
+    make_deployment: Callable[..., Deployment],
+    make_step: Callable[..., Any],
+    make_validations: Callable[..., Any],
+) -> None:
+    checks = make_validations(too_sure="out.probabilities[0] > 0.99", wide="in.features[0] > 7.0")
+    deployment = make_deployment(steps=[make_step("0" * 64), checks])
+    raw = b'{"features": [7.5, 2.5, 3, 4]}'
+    outputs = {"label": 0, "probabilities": [1.0, 0.0, 0.0]}
+    flagged = Success(json.loads(raw), outputs, (1500, 20), ("too_sure", "wide"))
+    body = json.loads(output_value(deployment, source(raw), flagged, NOW))
+    assert body["check_failures"] == ["too_sure", "wide"]
+    assert body["anomaly"] == {"count": 2, "too_sure": True, "wide": True}
+    assert list(body) == ["time", "request_id", "in", "out", "check_failures", "anomaly", "metadata"]
+    assert body["metadata"]["elapsed_ns"] == [1500, 20]
+    log = records.decode_log(log_value(deployment, source(raw), flagged, NOW))
+    assert log["check_failures"] == ["too_sure", "wide"] and log["ok"]
+
+    one = Success(json.loads(raw), outputs, (1500, 20), ("wide",))
+    body = json.loads(output_value(deployment, source(raw, 8), one, NOW))
+    assert body["check_failures"] == ["wide"]
+    assert body["anomaly"] == {"count": 1, "too_sure": False, "wide": True}
+
+    clean = Success(json.loads(raw), outputs, (1500, 20))
+    body = json.loads(output_value(deployment, source(raw, 9), clean, NOW))
+    assert body["check_failures"] == [] and body["anomaly"] == {"count": 0, "too_sure": False, "wide": False}
+    assert records.decode_log(log_value(deployment, source(raw, 9), clean, NOW))["check_failures"] == []
+
+
+def test_records_of_a_pipeline_without_checks_have_no_anomaly_object(
+    make_deployment: Callable[..., Deployment],
+) -> None:
+    deployment = make_deployment()
+    raw = b'{"features": [1, 2, 3, 4]}'
+    value = output_value(deployment, source(raw), Success(json.loads(raw), {"label": 1}, (10,)), NOW)
+    assert b'"out":{"label":1},"check_failures":[],"metadata":{' in value
+    assert b"anomaly" not in value

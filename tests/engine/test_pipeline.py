@@ -10,7 +10,7 @@ import pytest
 
 from joey.v1 import registry_pb2
 from joey_engine.deployment import Deployment
-from joey_engine.pipeline import Failure, PipelineRunner, Success
+from joey_engine.pipeline import Failure, PipelineRunner, Result, Success
 from joey_engine.runtime import OnnxRuntime, create_runtime
 from joey_engine.settings import EngineSettings
 
@@ -218,3 +218,170 @@ def test_integer_records_feed_a_float_model_in_one_batch(iris_runner: PipelineRu
     one_by_one = [iris_runner.run([encode({"features": row})])[0] for row in as_ints]
     assert all(isinstance(r, Success) for r in batch + one_by_one)
     assert [(r.inputs, r.outputs) for r in batch] == [(r.inputs, r.outputs) for r in one_by_one]  # type: ignore[union-attr]
+
+
+CHECKS = {"too_sure": "out.probabilities[0] > 0.99", "wide": "in.features[0] > 7.0"}
+# Two iris-setosa rows (class 0, certain), two wide ones (first feature above 7) and the usual mix.
+CHECKED_ROWS = ROWS + [[4.9, 3.0, 1.4, 0.2], [7.7, 3.0, 6.1, 2.3], [7.2, 3.6, 6.1, 2.5]]
+
+
+def expected_flags(model: Path, rows: list[list[float]]) -> list[tuple[str, ...]]:
+    """The checks of CHECKS computed directly; the thresholds must not sit on a value the model gives."""
+    setosa = direct(model, rows)["probabilities"][:, 0]
+    assert not np.isclose(setosa, 0.99, atol=1e-4).any()
+    return [
+        tuple(name for name, hit in (("too_sure", p > 0.99), ("wide", row[0] > 7.0)) if hit)
+        for p, row in zip(setosa, rows, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def checked_runner(
+    iris_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_validations: StepFactory,
+) -> PipelineRunner:
+    deployment = make_deployment(steps=[make_step("0" * 64), make_validations(**CHECKS)])
+    assert deployment.check_names == ("too_sure", "wide")
+    assert deployment.models == [{"name": "iris", "version": 1, "sha256": "0" * 64}]
+    return PipelineRunner(deployment, [load(iris_model)])
+
+
+def successes(results: list[Result]) -> list[Success]:
+    assert all(isinstance(r, Success) for r in results), results
+    return [r for r in results if isinstance(r, Success)]
+
+
+def test_checks_flag_records_after_the_model_step(
+    checked_runner: PipelineRunner, iris_runner: PipelineRunner, iris_model: Path
+) -> None:
+    values = [encode({"features": row}) for row in CHECKED_ROWS]
+    results = successes(checked_runner.run(values))
+    expected = expected_flags(iris_model, CHECKED_ROWS)
+    assert {(), ("too_sure",), ("wide",)} <= set(expected)  # the test sees every outcome
+    assert [r.check_failures for r in results] == expected
+    assert all(r.check_errors == () for r in results)
+    # The checks' time is a step of its own; the outputs are the model's, untouched by the checks.
+    assert len(results[0].elapsed_ns) == 2 and all(t > 0 for t in results[0].elapsed_ns)
+    plain = successes(iris_runner.run(values))
+    assert [r.outputs for r in results] == [r.outputs for r in plain]
+    assert all(r.check_failures == () and len(r.elapsed_ns) == 1 for r in plain)
+    # Alone, each record gets the verdict it got in the batch.
+    assert [successes(checked_runner.run([v]))[0].check_failures for v in values] == expected
+
+
+def test_check_on_a_field_missing_from_some_records_flags_only_them(
+    iris_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_validations: StepFactory,
+) -> None:
+    checks = {"risky": "in.score > 0.5", "many_tags": "len(in.tags) > 2"}
+    deployment = make_deployment(steps=[make_step("0" * 64), make_validations(**checks)])
+    runner = PipelineRunner(deployment, [load(iris_model)])
+    rows: list[dict[str, object]] = [
+        {"features": ROWS[0], "score": 0.9, "tags": ["a", "b", "c"]},
+        {"features": ROWS[1], "tags": ["a"]},  # no score: "risky" cannot be evaluated
+        {"features": ROWS[2], "score": 0.1, "tags": []},
+        {"features": ROWS[3], "score": "high", "tags": ["a", "b"]},  # a string is not a number
+    ]
+    # Tags of different lengths do not make a column: "many_tags" goes record by record, without failing any.
+    # A bad record sends the batch down the record-by-record validation: the checks see the good ones only.
+    *results, bad = runner.run([encode(row) for row in rows] + [b'{"features": [1, 2, 3]}'])
+    assert isinstance(bad, Failure) and "has shape [3]" in bad.reason
+    results = successes(results)
+    assert [r.check_failures for r in results[:4]] == [("many_tags", "risky"), ("risky",), (), ("risky",)]
+    assert results[1].check_errors == ("check 'risky' cannot be evaluated: the record has no field 'score'",)
+    assert len(results[3].check_errors) == 1 and results[3].check_errors[0].startswith("check 'risky'")
+    assert results[0].check_errors == results[2].check_errors == ()
+    # Still answered: the model's outputs are there as without checks.
+    assert [r.outputs["label"] for r in results[:4]] == direct(iris_model, ROWS)["label"].tolist()
+
+
+def test_validations_step_between_two_models_checks_the_first(
+    iris_model: Path,
+    max_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_validations: StepFactory,
+) -> None:
+    max_step = registry_pb2.ResolvedStep(model="max", version=2, sha256="1" * 64, framework="onnx")
+    deployment = make_deployment(steps=[make_step("0" * 64), make_validations(**CHECKS), max_step])
+    assert [m["name"] for m in deployment.models] == ["iris", "max"]
+    runner = PipelineRunner(deployment, [load(iris_model), load(max_model)])
+    results = successes(runner.run([encode({"features": row}) for row in CHECKED_ROWS]))
+    assert [r.check_failures for r in results] == expected_flags(iris_model, CHECKED_ROWS)
+    expected = direct(iris_model, CHECKED_ROWS)["probabilities"].max(axis=1)
+    np.testing.assert_allclose([r.outputs["max_probability"] for r in results], expected)
+    assert list(results[0].outputs) == ["max_probability"]
+    assert len(results[0].elapsed_ns) == 3
+
+
+def test_checks_evaluated_when_records_run_one_at_a_time(
+    iris_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_validations: StepFactory,
+) -> None:
+    class Picky(OnnxRuntime):
+        def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if (inputs["features"][:, 0] < 0).any():
+                raise RuntimeError("negative feature")
+            return super().predict(inputs)
+
+    runtime = Picky(SETTINGS)
+    runtime.load(iris_model)
+    deployment = make_deployment(steps=[make_step("0" * 64), make_validations(**CHECKS)])
+    runner = PipelineRunner(deployment, [runtime])
+    *results, failure = runner.run(
+        [encode({"features": row}) for row in CHECKED_ROWS] + [encode({"features": [-1, 1, 1, 1]})]
+    )
+    assert isinstance(failure, Failure) and "negative feature" in failure.reason
+    assert [r.check_failures for r in successes(results)] == expected_flags(iris_model, CHECKED_ROWS)
+
+
+@pytest.mark.parametrize(
+    ("steps", "error"),
+    [
+        (
+            ["iris", {"shaky": "out.probabilities[0] >"}],
+            r"step 2 \(validations\): check 'shaky' is invalid: ",
+        ),
+        (
+            ["iris", {"odd": "out.score > 1"}],
+            r"step 2 \(validations\): checks refer to outputs \['score'\] that the model step before them "
+            r"does not produce; it produces \['label', 'probabilities'\]",
+        ),
+        (
+            [{"early": "out.label == 0"}, "iris"],
+            r"step 1 \(validations\): checks refer to model outputs \['label'\] but no model step comes",
+        ),
+    ],
+)
+def test_unusable_checks_fail_the_load(
+    iris_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_validations: StepFactory,
+    steps: list[str | dict[str, str]],
+    error: str,
+) -> None:
+    deployment = make_deployment(
+        steps=[make_validations(**s) if isinstance(s, dict) else make_step("0" * 64) for s in steps]
+    )
+    with pytest.raises(ValueError, match=error):
+        PipelineRunner(deployment, [load(iris_model)])
+
+
+def test_checks_on_inputs_alone_may_come_first(
+    iris_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_validations: StepFactory,
+) -> None:
+    deployment = make_deployment(steps=[make_validations(wide="in.features[0] > 7.0"), make_step("0" * 64)])
+    runner = PipelineRunner(deployment, [load(iris_model)])
+    results = successes(runner.run([encode({"features": row}) for row in CHECKED_ROWS]))
+    assert [r.check_failures for r in results] == [("wide",) if row[0] > 7.0 else () for row in CHECKED_ROWS]
+    assert [r.outputs["label"] for r in results] == direct(iris_model, CHECKED_ROWS)["label"].tolist()

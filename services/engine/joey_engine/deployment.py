@@ -35,13 +35,24 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Validations:
+    """Named checks over the input record (``in.*``) and the previous model step's outputs (``out.*``).
+
+    Only their text travels (replicas get the deployment pickled); the runner compiles them at load.
+    """
+
+    checks: tuple[tuple[str, str], ...]
+    """(name, expression) pairs, by name: a proto map has no order of its own."""
+
+
+@dataclass(frozen=True)
 class Deployment:
     workspace: str
     pipeline: str
     pipeline_version: int
     replicas: int
     deployment_id: str
-    steps: tuple[Step, ...]
+    steps: tuple[Step | Validations, ...]
     topics: topics.PipelineTopics
 
     @property
@@ -53,8 +64,19 @@ class Deployment:
         return topics.engine_group(self.workspace, self.pipeline)
 
     @property
+    def model_steps(self) -> tuple[Step, ...]:
+        """The steps that run a model, each with an artifact; validations steps have none."""
+        return tuple(step for step in self.steps if isinstance(step, Step))
+
+    @property
     def models(self) -> list[dict[str, str | int]]:
-        return [step.ref() for step in self.steps]
+        return [step.ref() for step in self.model_steps]
+
+    @cached_property
+    def check_names(self) -> tuple[str, ...]:
+        """Every check's name, in step order; a name repeated in a later step is one check."""
+        names = (name for step in self.steps if isinstance(step, Validations) for name, _ in step.checks)
+        return tuple(dict.fromkeys(names))
 
     @cached_property
     def shared_metadata_json(self) -> str:
@@ -76,13 +98,29 @@ def _tensors(specs: Iterable[registry_pb2.TensorSpec]) -> tuple[Tensor, ...]:
     return tuple(Tensor(t.name, t.dtype, tuple(t.shape)) for t in specs)
 
 
+def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations:
+    if spec.checks:
+        if spec.model:
+            raise ValueError(f"step of model {spec.model!r} also has checks; a step is one or the other")
+        return Validations(tuple(sorted(spec.checks.items())))
+    return Step(
+        spec.model,
+        spec.version,
+        spec.sha256,
+        spec.framework or "onnx",
+        _tensors(spec.inputs),
+        _tensors(spec.outputs),
+    )
+
+
 def from_proto(spec: registry_pb2.DeploymentSpec) -> Deployment:
     topics.validate_name("workspace", spec.workspace)
     topics.validate_name("pipeline", spec.pipeline)
     if not spec.deployment_id:
         raise ValueError(f"deployment of {spec.workspace}/{spec.pipeline} has no deployment_id")
-    if not spec.steps:
-        raise ValueError(f"deployment of {spec.workspace}/{spec.pipeline} has no steps")
+    steps = tuple(_step(s) for s in spec.steps)
+    if not any(isinstance(step, Step) for step in steps):
+        raise ValueError(f"deployment of {spec.workspace}/{spec.pipeline} has no model steps")
     names = topics.pipeline_topics(spec.workspace, spec.pipeline)
     return Deployment(
         workspace=spec.workspace,
@@ -90,10 +128,7 @@ def from_proto(spec: registry_pb2.DeploymentSpec) -> Deployment:
         pipeline_version=spec.pipeline_version,
         replicas=max(spec.replicas, 1),
         deployment_id=spec.deployment_id,
-        steps=tuple(
-            Step(s.model, s.version, s.sha256, s.framework or "onnx", _tensors(s.inputs), _tensors(s.outputs))
-            for s in spec.steps
-        ),
+        steps=steps,
         topics=topics.PipelineTopics(
             inputs=spec.topics.inputs or names.inputs,
             outputs=spec.topics.outputs or names.outputs,

@@ -74,13 +74,31 @@ def _time_text(now: datetime) -> str:
     return now.isoformat(timespec="microseconds")
 
 
+_NO_CHECKS = '"check_failures":[]'
+
+
+@lru_cache(maxsize=1024)
+def _checks_text(names: tuple[str, ...], failures: tuple[str, ...]) -> str:
+    """``check_failures`` and the ``anomaly`` object of a pipeline with checks, as JSON members.
+
+    Records mostly share a handful of outcomes (usually no anomaly), so each is encoded once.
+    """
+    anomaly: dict[str, int | bool] = {"count": len(failures)}
+    # A check named "count" would hide the count; its flag is still in check_failures.
+    anomaly.update((name, name in failures) for name in names if name != "count")
+    return f'"check_failures":{records.dumps_text(list(failures))},"anomaly":{records.dumps_text(anomaly)}'
+
+
 def output_value(deployment: Deployment, source: Source, result: Success, now: datetime) -> bytes:
     # The engine's per-record hot path: the record is assembled from JSON texts that are each
     # produced once (the input's own bytes, the outputs shared with the log, per-deployment
     # metadata) instead of encoding one nested dict per record.
+    names = deployment.check_names
+    checks = _checks_text(names, result.check_failures) if names else _NO_CHECKS
     return (
         f'{{"time":"{_time_text(now)}","request_id":{json.dumps(source.request_id)},'
-        f'"in":{source.value_json},"out":{result.outputs_json},"check_failures":[],'
+        f'"in":{source.value_json},"out":{result.outputs_json},'
+        f"{checks},"
         f'"metadata":{_metadata_text(deployment, source, result.elapsed_ns)}}}'
     ).encode()
 
@@ -130,7 +148,7 @@ def log_value(deployment: Deployment, source: Source, result: Result, now: datet
             "inputs": inputs,
             "raw_input": source.value if inputs is None else None,
             "shadow_outputs": None,
-            "check_failures": [],
+            "check_failures": list(result.check_failures) if isinstance(result, Success) else [],
             "models": deployment.models,
         }
         | outcome

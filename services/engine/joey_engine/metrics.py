@@ -16,7 +16,7 @@ BATCH_SIZE = Histogram(
 # Model steps of small models take well under a millisecond, so buckets start at 50 us.
 STEP_SECONDS = Histogram(
     "joey_engine_step_seconds",
-    "Time of one model step on one batch",
+    "Time of one step (a model or a validations step's checks) on one batch",
     (*_LABELS, "step"),
     buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0),
 )

@@ -1,7 +1,8 @@
-"""Runs a batch of raw input records through a deployment's model steps (no Kafka here).
+"""Runs a batch of raw input records through a deployment's steps (no Kafka here).
 
 Each record is validated on its own, so a bad record fails alone with a reason naming the
-problem; the valid ones are stacked into one batch per input and run through the steps.
+problem; the valid ones are stacked into one batch per input and run through the model steps,
+and each validations step checks the batch after the model step before it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import numpy as np
 
 from joey.records import RecordError, decode_input, dumps_text
 from joey_engine import metrics
-from joey_engine.deployment import Deployment, Step, Tensor
+from joey_engine.checks import Checks
+from joey_engine.deployment import Deployment, Step, Tensor, Validations
 from joey_engine.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass pays an object.__setattr__ call per field at creation, and a
+# Success is made for every record (treat it as immutable all the same).
+@dataclass
 class Success:
     inputs: dict[str, Any]
     """The input record as received, including fields that are not model inputs."""
@@ -31,6 +35,10 @@ class Success:
     """The last step's outputs for this record, as plain Python values."""
     elapsed_ns: tuple[int, ...]
     """Time of each step for the batch this record ran in."""
+    check_failures: tuple[str, ...] = ()
+    """The checks that flagged this record, in the deployment's order of check names."""
+    check_errors: tuple[str, ...] = ()
+    """Why checks that count as failed could not be evaluated on this record."""
 
     @cached_property
     def outputs_json(self) -> str:
@@ -50,6 +58,32 @@ Result = Success | Failure
 
 class StepError(Exception):
     """A model step failed on a batch; the message names the step."""
+
+
+@dataclass(frozen=True)
+class _ModelStage:
+    position: int
+    step: Step
+    runtime: ModelRuntime
+
+
+@dataclass(frozen=True)
+class _ChecksStage:
+    position: int
+    checks: Checks
+    columns: np.ndarray
+    """Where each of the step's checks goes among the deployment's check names."""
+
+
+@dataclass(frozen=True)
+class _Ran:
+    """A batch after all steps."""
+
+    outputs: dict[str, np.ndarray]
+    elapsed_ns: tuple[int, ...]
+    flagged: np.ndarray | None
+    """Bool array (records, check names), None when the pipeline has no checks."""
+    problems: dict[int, list[str]]
 
 
 _KIND_NAMES = {"f": "numbers", "i": "integers", "u": "integers", "b": "booleans", "U": "strings"}
@@ -103,22 +137,35 @@ class PipelineRunner:
     """Thread-safe: holds only loaded runtimes, which support concurrent ``predict`` calls."""
 
     def __init__(self, deployment: Deployment, runtimes: Sequence[ModelRuntime]) -> None:
-        if len(runtimes) != len(deployment.steps):
-            raise ValueError(f"{len(deployment.steps)} steps but {len(runtimes)} runtimes")
-        self._steps: list[tuple[Step, ModelRuntime]] = list(zip(deployment.steps, runtimes, strict=True))
-        for k in range(1, len(self._steps)):
-            (before, produced), (step, runtime) = self._steps[k - 1], self._steps[k]
-            available = {t.name for t in produced.outputs}
-            missing = [t.name for t in runtime.inputs if t.name not in available]
-            if missing:
-                raise ValueError(
-                    f"step {k + 1} (model {step.model!r}) needs inputs {missing} that step {k} "
-                    f"(model {before.model!r}) does not produce; it produces {sorted(available)}"
-                )
+        """``runtimes`` are those of the model steps, in order; validations steps need none."""
+        model_steps = deployment.model_steps
+        if len(runtimes) != len(model_steps):
+            raise ValueError(f"{len(model_steps)} model steps but {len(runtimes)} runtimes")
+        self._check_names = deployment.check_names
+        self._stages: list[_ModelStage | _ChecksStage] = []
+        loaded = iter(runtimes)
+        before: _ModelStage | None = None
+        for k, step in enumerate(deployment.steps, start=1):
+            if isinstance(step, Validations):
+                checks = Checks(step, k, None if before is None else before.runtime.outputs)
+                columns = np.asarray([self._check_names.index(name) for name in checks.names])
+                self._stages.append(_ChecksStage(k, checks, columns))
+                continue
+            runtime = next(loaded)
+            if before is not None:
+                available = {t.name for t in before.step.outputs}
+                missing = [t.name for t in runtime.inputs if t.name not in available]
+                if missing:
+                    raise ValueError(
+                        f"step {k} (model {step.model!r}) needs inputs {missing} that step {before.position} "
+                        f"(model {before.step.model!r}) does not produce; it produces {sorted(available)}"
+                    )
+            before = _ModelStage(k, step, runtime)
+            self._stages.append(before)
         self._inputs = runtimes[0].inputs
         self._step_seconds = [
             metrics.STEP_SECONDS.labels(deployment.workspace, deployment.pipeline, str(k))
-            for k in range(1, len(runtimes) + 1)
+            for k in range(1, len(deployment.steps) + 1)
         ]
 
     def run(self, values: Sequence[bytes | None]) -> list[Result]:
@@ -207,7 +254,7 @@ class PipelineRunner:
             if feeds is None:
                 assert arrays is not None
                 feeds = {t.name: np.stack([a[t.name] for a in arrays]) for t in self._inputs}
-            outputs, elapsed = self._infer(feeds, len(rows))
+            ran = self._infer(feeds, rows)
         except (StepError, ValueError) as exc:
             # Dynamic dimensions of different sizes cannot be stacked, and one odd record can make a model
             # fail the whole batch: run the records one by one so only the culprit fails.
@@ -216,38 +263,80 @@ class PipelineRunner:
             if arrays is None:
                 arrays = [self._validate(row) for row in rows]
             return [self._run_one(row, array) for row, array in zip(rows, arrays, strict=True)]
-        columns = {name: output.tolist() for name, output in outputs.items()}
+        columns = {name: output.tolist() for name, output in ran.outputs.items()}
+        elapsed = ran.elapsed_ns
+        if ran.flagged is None:
+            return [
+                Success(row, {name: column[i] for name, column in columns.items()}, elapsed)
+                for i, row in enumerate(rows)
+            ]
+        failures = self._failures(ran.flagged)
         return [
-            Success(row, {name: column[i] for name, column in columns.items()}, elapsed)
+            Success(
+                row,
+                {name: column[i] for name, column in columns.items()},
+                elapsed,
+                failures[i],
+                tuple(ran.problems.get(i, ())),
+            )
             for i, row in enumerate(rows)
         ]
 
     def _run_one(self, row: dict[str, Any], array: dict[str, np.ndarray]) -> Result:
         try:
-            outputs, elapsed = self._infer({name: value[np.newaxis] for name, value in array.items()}, 1)
+            ran = self._infer({name: value[np.newaxis] for name, value in array.items()}, [row])
         except StepError as exc:
             return Failure(str(exc), row)
-        return Success(row, {name: output[0].tolist() for name, output in outputs.items()}, elapsed)
+        outputs = {name: output[0].tolist() for name, output in ran.outputs.items()}
+        if ran.flagged is None:
+            return Success(row, outputs, ran.elapsed_ns)
+        return Success(
+            row, outputs, ran.elapsed_ns, self._failures(ran.flagged)[0], tuple(ran.problems.get(0, ()))
+        )
 
-    def _infer(self, feeds: dict[str, np.ndarray], n: int) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+    def _failures(self, flagged: np.ndarray) -> list[tuple[str, ...]]:
+        """Each record's flagged check names; records flagged by none (the usual case) share one tuple."""
+        failures: list[tuple[str, ...]] = [()] * len(flagged)
+        for i in np.flatnonzero(flagged.any(axis=1)):
+            failures[i] = tuple(self._check_names[j] for j in np.flatnonzero(flagged[i]))
+        return failures
+
+    def _infer(self, feeds: dict[str, np.ndarray], rows: list[dict[str, Any]]) -> _Ran:
+        n = len(rows)
         elapsed: list[int] = []
         current = feeds
-        for k, (step, runtime) in enumerate(self._steps, start=1):
-            step_feeds = {t.name: _cast(current[t.name], t.dtype) for t in runtime.inputs}
+        outputs: dict[str, np.ndarray] = {}
+        flagged = np.zeros((n, len(self._check_names)), dtype=bool) if self._check_names else None
+        problems: dict[int, list[str]] = {}
+        for stage in self._stages:
             start = time.perf_counter_ns()
-            try:
-                current = self._predict(runtime, step_feeds, n)
-            except Exception as exc:
-                raise StepError(f"step {k} (model {step.model!r} v{step.version}) failed: {exc}") from exc
+            if isinstance(stage, _ChecksStage):
+                assert flagged is not None
+                # ``outputs`` are the last model step's so far: the one before this validations step.
+                verdicts = stage.checks.evaluate(rows, outputs)
+                flagged[:, stage.columns] |= verdicts.failed
+                for i, reasons in verdicts.problems.items():
+                    problems.setdefault(i, []).extend(reasons)
+            else:
+                outputs = current = self._run_step(stage, current, n)
             elapsed.append(time.perf_counter_ns() - start)
-            self._step_seconds[k - 1].observe(elapsed[-1] / 1e9)
-            for name, output in current.items():
-                if output.ndim == 0 or output.shape[0] != n:
-                    raise StepError(
-                        f"step {k} (model {step.model!r} v{step.version}) output {name!r} has shape "
-                        f"{list(output.shape)}, expected a first dimension of {n} (one row per record)"
-                    )
-        return current, tuple(elapsed)
+            self._step_seconds[stage.position - 1].observe(elapsed[-1] / 1e9)
+        return _Ran(current, tuple(elapsed), flagged, problems)
+
+    def _run_step(self, stage: _ModelStage, current: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        step, runtime, k = stage.step, stage.runtime, stage.position
+        step_feeds = {t.name: _cast(current[t.name], t.dtype) for t in runtime.inputs}
+        try:
+            produced = self._predict(runtime, step_feeds, n)
+        except Exception as exc:
+            raise StepError(f"step {k} (model {step.model!r} v{step.version}) failed: {exc}") from exc
+        for name, output in produced.items():
+            if output.ndim == 0 or output.shape[0] != n:
+                raise StepError(
+                    f"step {k} (model {step.model!r} v{step.version}) output {name!r} has shape "
+                    f"{list(output.shape)}, expected a first dimension of {n} (one row per record)"
+                )
+        return produced
 
     @staticmethod
     def _predict(runtime: ModelRuntime, feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:

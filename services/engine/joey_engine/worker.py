@@ -168,8 +168,11 @@ class ReplicaWorker:
         now = datetime.now(UTC)
         deployment, names, deliver = self.deployment, self.deployment.topics, self._tracker.on_delivery
         failures = []
+        unchecked = []
         for source, result in zip(sources, results, strict=True):
             if isinstance(result, Success):
+                if result.check_errors:
+                    unchecked.append((source, result.check_errors[0]))
                 value = messages.output_value(deployment, source, result, now)
                 producer.produce(
                     names.outputs, value, source.key, headers=source.headers, on_delivery=deliver
@@ -193,6 +196,17 @@ class ReplicaWorker:
             self._log.warning(
                 "%d of %d records failed; first at partition %d offset %d: %s",
                 len(failures),
+                len(batch),
+                source.partition,
+                source.offset,
+                reason,
+            )
+        if unchecked:
+            source, reason = unchecked[0]
+            self._log.warning(
+                "%d of %d records have checks that could not be evaluated (counted as failed); "
+                "first at partition %d offset %d: %s",
+                len(unchecked),
                 len(batch),
                 source.partition,
                 source.offset,
