@@ -196,3 +196,16 @@ def test_validation_checks_flag_anomalies_end_to_end(client: Client, iris_model:
     anomalies = pipeline.logs(start=started, anomalies_only=True)
     assert all(len(f) > 0 for f in anomalies["check_failures"])
     pipeline.undeploy()
+
+
+def test_input_mapping_feeds_a_model_from_a_differently_named_field(client: Client, iris_model: Path) -> None:
+    model = client.upload_model("iris-mapped", iris_model)
+    pipeline = client.build_pipeline("mapped").add_model_step(model, inputs={"features": "petals"})
+    pipeline.deploy(timeout=90)
+    rows = make_records(20, seed=5)
+    results = pipeline.infer(
+        [{"petals": r["features"]} for r in rows] + [{"features": [1, 2, 3, 4]}], timeout=60
+    )
+    assert [int(v) for v in results["out.label"][:20]] == direct_labels(iris_model, rows)
+    assert "record field 'petals'" in results["error"].iloc[20]
+    pipeline.undeploy()

@@ -182,10 +182,41 @@ def _parse_checks(ctx: click.Context, param: click.Parameter, values: tuple[str,
     return checks
 
 
+_MAP_USAGE = "expected STEP:INPUT=SOURCE, e.g. --map 2:x=probabilities"
+
+
+def _parse_maps(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[int, dict[str, str]]:
+    maps: dict[int, dict[str, str]] = {}
+    for value in values:
+        index, colon, assignment = value.partition(":")
+        name, equals, source = assignment.partition("=")
+        index, name, source = index.strip(), name.strip(), source.strip()
+        if not colon or not equals or not index.isdigit() or int(index) < 1 or not name or not source:
+            raise click.BadParameter(
+                f"{_MAP_USAGE} (STEP counts the --model steps from 1), got {value!r}", ctx, param
+            )
+        step_map = maps.setdefault(int(index), {})
+        if name in step_map:
+            raise click.BadParameter(f"input {name!r} of model step {index} is mapped twice", ctx, param)
+        step_map[name] = source
+    return maps
+
+
 @pipeline.command("create")
 @click.argument("name")
 @click.option(
     "--model", "-m", "models", multiple=True, required=True, help="MODEL or MODEL:VERSION, in step order."
+)
+@click.option(
+    "--map",
+    "maps",
+    multiple=True,
+    callback=_parse_maps,
+    help="STEP:INPUT=SOURCE: feed input INPUT of the STEP-th --model from SOURCE, a field of the "
+    "input record for step 1, an output of the previous model otherwise. Unmapped inputs are fed "
+    "by their own name.",
 )
 @click.option(
     "--check",
@@ -197,14 +228,25 @@ def _parse_checks(ctx: click.Context, param: click.Parameter, values: tuple[str,
     "All checks form one validations step after the model steps.",
 )
 @click.pass_obj
-def pipeline_create(obj: Context, name: str, models: tuple[str, ...], checks: dict[str, str]) -> None:
+def pipeline_create(
+    obj: Context,
+    name: str,
+    models: tuple[str, ...],
+    maps: dict[int, dict[str, str]],
+    checks: dict[str, str],
+) -> None:
     """Create pipeline NAME (or a new version of it) from model steps and validation checks."""
     from joey.sdk import JoeyError
 
+    beyond = sorted(index for index in maps if index > len(models))
+    if beyond:
+        raise click.BadParameter(
+            f"there is no model step {beyond[0]}: {len(models)} --model given", param_hint="'--map'"
+        )
     builder = obj.client.build_pipeline(name)
-    for spec in models:
+    for index, spec in enumerate(models, 1):
         model_name, _, version = spec.partition(":")
-        builder.add_model_step(model_name, int(version) if version else None)
+        builder.add_model_step(model_name, int(version) if version else None, maps.get(index))
     if checks:
         builder.add_validations(**checks)
     try:

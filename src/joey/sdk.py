@@ -115,14 +115,18 @@ class ModelVersion:
 
 @dataclass(frozen=True)
 class ModelStep:
-    """A model step of a stored pipeline version, pinned to one artifact."""
+    """A model step of a stored pipeline version, pinned to one artifact. ``inputs`` maps model
+    inputs to the names they are fed from (record fields for the first model step, outputs of the
+    previous model step otherwise); inputs not listed are fed by their own name."""
 
     model: str
     version: int
     sha256: str
+    inputs: dict[str, str] = field(default_factory=dict, hash=False)
 
     def __str__(self) -> str:
-        return f"{self.model}:{self.version}"
+        mapping = ", ".join(f"{name}<-{source}" for name, source in self.inputs.items())
+        return f"{self.model}:{self.version}" + (f"({mapping})" if mapping else "")
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ def _pipeline_step(step: pb.ResolvedStep) -> PipelineStep:
     # A resolved validations step is the one with checks (and no model).
     if step.checks:
         return ValidationsStep(dict(sorted(step.checks.items())))
-    return ModelStep(step.model, step.version, step.sha256)
+    return ModelStep(step.model, step.version, step.sha256, dict(sorted(step.input_mapping.items())))
 
 
 @dataclass(frozen=True)
@@ -310,7 +314,9 @@ class Client:
 def _step_request(step: pb.ResolvedStep) -> pb.PipelineStep:
     if step.checks:
         return pb.PipelineStep(validations=pb.ValidationsStep(checks=step.checks))
-    return pb.PipelineStep(model=pb.ModelStep(model=step.model, version=step.version))
+    return pb.PipelineStep(
+        model=pb.ModelStep(model=step.model, version=step.version, input_mapping=step.input_mapping)
+    )
 
 
 @dataclass
@@ -331,12 +337,20 @@ class Pipeline:
 
         return pipeline_topics(self.workspace, self.name)
 
-    def add_model_step(self, model: ModelVersion | str, version: int | None = None) -> Pipeline:
-        """Append a model step: a ModelVersion pins that version; a name takes the latest at create time."""
+    def add_model_step(
+        self, model: ModelVersion | str, version: int | None = None, inputs: dict[str, str] | None = None
+    ) -> Pipeline:
+        """Append a model step: a ModelVersion pins that version; a name takes the latest at create time.
+
+        ``inputs`` maps this model's input names to the names they are fed from: fields of the
+        input record for the first model step, outputs of the previous model step for later ones,
+        e.g. ``add_model_step("b", inputs={"x": "probabilities"})``. Inputs not listed are fed by
+        their own name. The registry checks the mapping when the pipeline version is created.
+        """
         if isinstance(model, ModelVersion):
-            step = pb.ModelStep(model=model.name, version=model.version)
+            step = pb.ModelStep(model=model.name, version=model.version, input_mapping=inputs)
         else:
-            step = pb.ModelStep(model=model, version=version or 0)
+            step = pb.ModelStep(model=model, version=version or 0, input_mapping=inputs)
         self._steps.append(pb.PipelineStep(model=step))
         return self
 

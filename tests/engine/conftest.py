@@ -55,20 +55,31 @@ def artifact_server() -> Iterator[tuple[ArtifactServer, str]]:
     server.stop(grace=None)
 
 
-@pytest.fixture(scope="session")
-def max_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Second step for chaining: ``probabilities`` float [N, 3] -> ``max_probability`` float [N]."""
+def reduce_max_model(directory: Path, input_name: str, output_name: str) -> Path:
+    """A model to chain after iris: ``input_name`` float [N, 3] -> row maxima ``output_name`` float [N]."""
     graph = helper.make_graph(
-        [helper.make_node("ReduceMax", ["probabilities"], ["max_probability"], axes=[1], keepdims=0)],
-        "max-probability",
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
-        [helper.make_tensor_value_info("max_probability", TensorProto.FLOAT, ["N"])],
+        [helper.make_node("ReduceMax", [input_name], [output_name], axes=[1], keepdims=0)],
+        "reduce-max",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N"])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
-    path = tmp_path_factory.mktemp("max-model") / "max.onnx"
+    path = directory / f"{input_name}-max.onnx"
     path.write_bytes(model.SerializeToString())
     return path
+
+
+@pytest.fixture(scope="session")
+def max_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Second step chained by name: ``probabilities`` float [N, 3] -> ``max_probability`` float [N]."""
+    return reduce_max_model(tmp_path_factory.mktemp("max-model"), "probabilities", "max_probability")
+
+
+@pytest.fixture(scope="session")
+def x_max_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Second step that needs a mapping after iris: ``x`` float [N, 3] -> ``top`` float [N]."""
+    return reduce_max_model(tmp_path_factory.mktemp("x-max-model"), "x", "top")
 
 
 IRIS_INPUTS = [registry_pb2.TensorSpec(name="features", dtype="float32", shape=[-1, 4])]
@@ -78,7 +89,9 @@ IRIS_OUTPUTS = [
 ]
 
 
-def iris_step(sha256: str, model: str = "iris", version: int = 1) -> registry_pb2.ResolvedStep:
+def iris_step(
+    sha256: str, model: str = "iris", version: int = 1, input_mapping: dict[str, str] | None = None
+) -> registry_pb2.ResolvedStep:
     return registry_pb2.ResolvedStep(
         model=model,
         version=version,
@@ -86,6 +99,7 @@ def iris_step(sha256: str, model: str = "iris", version: int = 1) -> registry_pb
         framework="onnx",
         inputs=IRIS_INPUTS,
         outputs=IRIS_OUTPUTS,
+        input_mapping=input_mapping,
     )
 
 
@@ -109,7 +123,7 @@ SpecFactory = Callable[..., registry_pb2.DeploymentSpec]
 
 @pytest.fixture(scope="session")
 def make_spec() -> SpecFactory:
-    """DeploymentSpec of an iris pipeline; pass ``steps`` for another chain."""
+    """DeploymentSpec of an iris pipeline fed per ``input_mapping``; pass ``steps`` for another chain."""
 
     def make(
         workspace: str,
@@ -118,6 +132,7 @@ def make_spec() -> SpecFactory:
         replicas: int = 1,
         version: int = 1,
         steps: list[registry_pb2.ResolvedStep] | None = None,
+        input_mapping: dict[str, str] | None = None,
     ) -> registry_pb2.DeploymentSpec:
         return registry_pb2.DeploymentSpec(
             workspace=workspace,
@@ -125,7 +140,7 @@ def make_spec() -> SpecFactory:
             pipeline_version=version,
             replicas=replicas,
             deployment_id=secrets.token_hex(8),
-            steps=steps or [iris_step(sha256)],
+            steps=steps or [iris_step(sha256, input_mapping=input_mapping)],
         )
 
     return make

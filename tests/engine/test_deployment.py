@@ -50,3 +50,17 @@ def test_a_step_is_a_model_or_checks(make_spec: Callable[..., registry_pb2.Deplo
     step = registry_pb2.ResolvedStep(model="iris", version=1, sha256="0" * 64, checks={"x": "in.a > 1"})
     with pytest.raises(ValueError, match="step of model 'iris' also has checks"):
         from_proto(make_spec("w", "p", steps=[step]))
+
+
+def test_input_mapping_keeps_only_renamed_inputs(
+    make_spec: Callable[..., registry_pb2.DeploymentSpec], make_step: StepFactory
+) -> None:
+    mapping = {"features": "petals", "same": "same"}
+    [step] = from_proto(make_spec("w", "p", input_mapping=mapping)).steps
+    assert isinstance(step, Step)
+    # An identity entry is the same as none (the registry drops them too).
+    assert step.input_mapping == (("features", "petals"),)
+    assert step.source("features") == "petals"
+    assert step.source("other") == "other"
+    [plain] = from_proto(make_spec("w", "p", steps=[make_step("0" * 64)])).steps
+    assert isinstance(plain, Step) and plain.input_mapping == ()

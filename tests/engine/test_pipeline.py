@@ -385,3 +385,112 @@ def test_checks_on_inputs_alone_may_come_first(
     results = successes(runner.run([encode({"features": row}) for row in CHECKED_ROWS]))
     assert [r.check_failures for r in results] == [("wide",) if row[0] > 7.0 else () for row in CHECKED_ROWS]
     assert [r.outputs["label"] for r in results] == direct(iris_model, CHECKED_ROWS)["label"].tolist()
+
+
+@pytest.fixture(scope="module")
+def petals_runner(iris_model: Path, make_deployment: Callable[..., Deployment]) -> PipelineRunner:
+    """Iris fed from the record field ``petals`` instead of ``features``."""
+    return PipelineRunner(make_deployment(input_mapping={"features": "petals"}), [load(iris_model)])
+
+
+def test_first_step_reads_inputs_from_the_mapped_record_field(
+    petals_runner: PipelineRunner, iris_model: Path
+) -> None:
+    values = [encode({"petals": row, "id": i}) for i, row in enumerate(ROWS)]
+    expected = direct(iris_model, ROWS)["label"].tolist()
+    results = successes(petals_runner.run(values))
+    assert [r.outputs["label"] for r in results] == expected
+    # A mapping must not cost the column-wise fast path.
+    assert petals_runner._stack_batch([json.loads(v) for v in values], values) is not None
+    # ``in`` stays the record as received.
+    assert [r.inputs for r in results] == [{"petals": row, "id": i} for i, row in enumerate(ROWS)]
+    # The same through the record-by-record path, which a bad record in the batch forces.
+    *mixed, bad = petals_runner.run(values + [encode({"petals": [1, 2, 3]})])
+    assert [r.outputs["label"] for r in successes(mixed)] == expected
+    assert isinstance(bad, Failure)
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        (
+            {"features": ROWS[0]},
+            "missing input 'features' (the pipeline reads it from record field 'petals'); "
+            "the pipeline expects inputs 'features' (record field 'petals')",
+        ),
+        ({"petals": [1, 2, 3]}, "input 'features' (record field 'petals') has shape [3], expected [4]"),
+        ({"petals": "abc"}, "input 'features' (record field 'petals') must hold float32 values, got strings"),
+        ({"petals": [1, 2], "features": ROWS[0]}, "input 'features' (record field 'petals') has shape [2]"),
+    ],
+)
+def test_bad_mapped_field_is_named_in_the_error(
+    petals_runner: PipelineRunner, row: dict[str, object], reason: str
+) -> None:
+    alone = petals_runner.run([encode(row)])[0]
+    assert isinstance(alone, Failure) and alone.inputs == row
+    assert alone.reason.startswith(reason), alone.reason
+    *good, in_batch = petals_runner.run([encode({"petals": r}) for r in ROWS] + [encode(row)])
+    assert len(successes(good)) == len(ROWS)
+    assert in_batch == alone
+
+
+def test_mapping_an_input_the_model_lacks_fails_the_load(
+    iris_model: Path, make_deployment: Callable[..., Deployment]
+) -> None:
+    deployment = make_deployment(input_mapping={"petals": "features"})
+    with pytest.raises(
+        ValueError,
+        match=r"step 1 \(model 'iris'\) maps inputs \['petals'\] that it does not have; "
+        r"its inputs are \['features'\]",
+    ):
+        PipelineRunner(deployment, [load(iris_model)])
+
+
+def x_step(**input_mapping: str) -> registry_pb2.ResolvedStep:
+    return registry_pb2.ResolvedStep(
+        model="top", version=1, sha256="2" * 64, framework="onnx", input_mapping=input_mapping
+    )
+
+
+def test_two_steps_chain_by_mapping_across_validations(
+    iris_model: Path,
+    x_max_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_validations: StepFactory,
+) -> None:
+    checks = {"too_sure": "out.probabilities[0] > 0.99", "wide": "in.petals[0] > 7.0"}
+    deployment = make_deployment(
+        steps=[
+            make_step("0" * 64, input_mapping={"features": "petals"}),
+            make_validations(**checks),
+            x_step(x="probabilities"),
+        ]
+    )
+    runner = PipelineRunner(deployment, [load(iris_model), load(x_max_model)])
+    results = successes(runner.run([encode({"petals": row}) for row in CHECKED_ROWS]))
+    expected = direct(iris_model, CHECKED_ROWS)["probabilities"].max(axis=1)
+    assert list(results[0].outputs) == ["top"]
+    np.testing.assert_allclose([r.outputs["top"] for r in results], expected)
+    assert [r.check_failures for r in results] == expected_flags(iris_model, CHECKED_ROWS)
+    assert len(results[0].elapsed_ns) == 3
+
+
+@pytest.mark.parametrize(
+    ("mapping", "error"),
+    [
+        ({}, r"step 2 \(model 'top'\) needs inputs \['x'\] that step 1 \(model 'iris'\) does not produce"),
+        ({"x": "probs"}, r"needs inputs \['x<-probs'\] .* it produces \['label', 'probabilities'\]"),
+    ],
+)
+def test_chain_mapped_to_missing_outputs_is_rejected(
+    iris_model: Path,
+    x_max_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    mapping: dict[str, str],
+    error: str,
+) -> None:
+    deployment = make_deployment(steps=[make_step("0" * 64), x_step(**mapping)])
+    with pytest.raises(ValueError, match=error):
+        PipelineRunner(deployment, [load(iris_model), load(x_max_model)])

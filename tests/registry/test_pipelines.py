@@ -242,3 +242,172 @@ def test_deployed_and_republished_specs_carry_checks(
         assert [s.model for s in spec.steps] == ["iris", ""]
         assert dict(spec.steps[1].checks) == {"too_sure": TOO_SURE, "bad_len": BAD_LEN}
     stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline="p"))
+
+
+def mapped(model: str, version: int = 0, **inputs: str) -> pb.PipelineStep:
+    return pb.PipelineStep(model=pb.ModelStep(model=model, version=version, input_mapping=inputs))
+
+
+def test_mapped_steps_are_stored_and_versions_bump_only_on_change(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "b", identity_model("x", "float32", "y", width=3))
+    first = create(stub, workspace, "p", mapped("iris", features="petals"), mapped("b", x="probabilities"))
+    assert first.version == 1
+    assert [dict(s.input_mapping) for s in first.steps] == [{"features": "petals"}, {"x": "probabilities"}]
+
+    # An identity entry feeds the input by its own name, which is what no entry does.
+    assert (
+        create(
+            stub, workspace, "p", mapped("iris", features="petals"), mapped("b", x="probabilities")
+        ).version
+        == 1
+    )
+    assert create(stub, workspace, "p", step("iris"), mapped("b", x="probabilities")).version == 2
+    assert (
+        create(
+            stub, workspace, "p", mapped("iris", features="features"), mapped("b", x="probabilities")
+        ).version
+        == 2
+    )
+    assert (
+        create(
+            stub, workspace, "p", mapped("iris", features="sepals"), mapped("b", x="probabilities")
+        ).version
+        == 3
+    )
+    assert (
+        create(
+            stub, workspace, "p", mapped("iris", features="petals"), mapped("b", x="probabilities")
+        ).version
+        == 4
+    )
+
+    stored = stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).versions
+    assert [[dict(s.input_mapping) for s in v.steps] for v in stored] == [
+        [{"features": "petals"}, {"x": "probabilities"}],
+        [{}, {"x": "probabilities"}],
+        [{"features": "sepals"}, {"x": "probabilities"}],
+        [{"features": "petals"}, {"x": "probabilities"}],
+    ]
+
+
+def test_identity_mapping_is_the_unmapped_pipeline(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "probs", identity_model("probabilities", "float32", "copy", width=3))
+    plain = create(stub, workspace, "p", step("iris"), step("probs"))
+    same = create(
+        stub,
+        workspace,
+        "p",
+        mapped("iris", features="features"),
+        mapped("probs", probabilities="probabilities"),
+    )
+    assert same.version == plain.version == 1
+    assert [dict(s.input_mapping) for s in same.steps] == [{}, {}]
+
+
+def test_mapping_reads_the_model_step_before_validations(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "b", identity_model("x", "float32", "y", width=3))
+    version = create(
+        stub,
+        workspace,
+        "p",
+        checks(odd='in.note == "odd"'),
+        mapped("iris", features="sepal.petal-width_2"),
+        checks(a=TOO_SURE),
+        mapped("b", x="probabilities"),
+    )
+    assert [dict(s.input_mapping) for s in version.steps] == [
+        {},
+        {"features": "sepal.petal-width_2"},
+        {},
+        {"x": "probabilities"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        (
+            [step("iris"), mapped("b", y="probabilities")],
+            "step 2 (b v1): model 'b' has no input 'y'; its inputs are: 'x' (float32)",
+        ),
+        (
+            [mapped("iris", x="petals")],
+            "step 1 (iris v1): model 'iris' has no input 'x'; its inputs are: 'features' (float32)",
+        ),
+        (
+            # Keys are checked even when they map an input to its own name.
+            [step("iris"), mapped("b", x="probabilities", y="y")],
+            "step 2 (b v1): model 'b' has no input 'y'",
+        ),
+        (
+            [step("iris"), mapped("b", x="score")],
+            "step 2 (b v1) needs input 'x' (float32) from 'score', but step 1 (iris v1) produces only "
+            "'label' (int64), 'probabilities' (float32)",
+        ),
+        (
+            [step("iris"), checks(a=TOO_SURE), mapped("b", x="")],
+            "step 3 (b v1) needs input 'x' (float32) from '', but step 1 (iris v1) produces only",
+        ),
+        (
+            [step("iris"), mapped("names", label="probabilities")],
+            "step 2 (names v1) needs input 'label' (string) from 'probabilities', "
+            "but step 1 (iris v1) produces 'probabilities' as float32",
+        ),
+        (
+            [step("iris"), mapped("wide", x="probabilities")],
+            "step 2 (wide v1) needs input 'x' (float32) from 'probabilities', but step 1 (iris v1) "
+            "produces 'probabilities' with shape [?, 3], which does not fit the input's shape [?, 4]",
+        ),
+        (
+            # int64 feeds float32, but a [N] tensor does not feed a [N, 3] input.
+            [step("iris"), mapped("b", x="label")],
+            "step 2 (b v1) needs input 'x' (float32) from 'label', but step 1 (iris v1) "
+            "produces 'label' with shape [?], which does not fit the input's shape [?, 3]",
+        ),
+        (
+            [mapped("iris", features="1st")],
+            "step 1 (iris v1): input 'features' is mapped from record field '1st', "
+            "which is not a valid field name",
+        ),
+        (
+            [checks(odd='in.note == "odd"'), mapped("iris", features="in features")],
+            "step 2 (iris v1): input 'features' is mapped from record field 'in features'",
+        ),
+    ],
+)
+def test_invalid_mappings(
+    stub: Stub, workspace: str, iris_bytes: bytes, steps: list[pb.PipelineStep], expected: str
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "b", identity_model("x", "float32", "y", width=3))
+    upload(stub, workspace, "wide", identity_model("x", "float32", "y", width=4))
+    upload(stub, workspace, "names", identity_model("label", "string", "name"))
+    error = rpc_error(lambda: create(stub, workspace, "p", *steps))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(expected), error.details()
+    assert stub.ListPipelines(pb.ListPipelinesRequest(workspace=workspace)).pipelines == []
+
+
+def test_deployed_spec_carries_input_mappings(
+    stub: Stub, workspace: str, iris_bytes: bytes, registry_settings: RegistrySettings
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "b", identity_model("x", "float32", "y", width=3))
+    create(stub, workspace, "p", mapped("iris", features="petals"), mapped("b", x="probabilities"))
+    deployment = stub.Deploy(pb.DeployRequest(workspace=workspace, pipeline="p"), timeout=30)
+    key = topics.deployment_key(workspace, "p")
+    (message,) = read_deployments(registry_settings, lambda found: len(found) >= 1, key)
+    spec = json_format.Parse(message.value(), pb.DeploymentSpec())
+    assert spec.deployment_id == deployment.deployment_id
+    assert [(s.model, dict(s.input_mapping)) for s in spec.steps] == [
+        ("iris", {"features": "petals"}),
+        ("b", {"x": "probabilities"}),
+    ]
+    stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline="p"))

@@ -28,6 +28,13 @@ class Step:
     framework: str
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
+    input_mapping: tuple[tuple[str, str], ...] = ()
+    """(input, source) pairs by input name, for the inputs not fed by their own name: the source is a
+    record field for the first model step, else an output of the model step before."""
+
+    def source(self, name: str) -> str:
+        """Where input ``name`` is fed from."""
+        return dict(self.input_mapping).get(name, name)
 
     def ref(self) -> dict[str, str | int]:
         """The step as it appears in the ``models`` list of outputs, errors and logs."""
@@ -110,6 +117,7 @@ def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations:
         spec.framework or "onnx",
         _tensors(spec.inputs),
         _tensors(spec.outputs),
+        tuple(sorted((name, source) for name, source in spec.input_mapping.items() if source != name)),
     )
 
 

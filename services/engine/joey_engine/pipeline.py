@@ -65,6 +65,23 @@ class _ModelStage:
     position: int
     step: Step
     runtime: ModelRuntime
+    sources: tuple[tuple[Tensor, str], ...]
+    """Each input with the name it takes from the feeds it runs on: an output of the model step before, or
+    for the first model step the input's own name (its feeds are built from the record under input names)."""
+
+
+@dataclass(frozen=True)
+class _RecordInput:
+    """An input of the first model step and the record field that feeds it."""
+
+    tensor: Tensor
+    field: str
+
+    @cached_property
+    def label(self) -> str:
+        """How error messages name it: by the field too when the user's record names it differently."""
+        name = repr(self.tensor.name)
+        return name if self.field == self.tensor.name else f"{name} (record field {self.field!r})"
 
 
 @dataclass(frozen=True)
@@ -95,24 +112,27 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "[" + ", ".join("?" if dim < 0 else str(dim) for dim in shape) + "]"
 
 
-def _convert(tensor: Tensor, value: Any) -> np.ndarray:
-    """One record's value for ``tensor`` as an array of the model's dtype, without the batch dimension."""
+def _convert(tensor: Tensor, value: Any, label: str) -> np.ndarray:
+    """One record's value for ``tensor`` as an array of the model's dtype, without the batch dimension.
+
+    ``label`` names the input in error messages.
+    """
     target = np.dtype(tensor.dtype)
     expected_shape = tensor.shape[1:]
     try:
         raw = np.asarray(value)
     except ValueError:
         raise RecordError(
-            f"input {tensor.name!r} is not a rectangular array: expected shape {_shape_text(expected_shape)}"
+            f"input {label} is not a rectangular array: expected shape {_shape_text(expected_shape)}"
         ) from None
     if raw.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
         got = _KIND_NAMES.get(raw.dtype.kind, "null or mixed values")
-        raise RecordError(f"input {tensor.name!r} must hold {tensor.dtype} values, got {got}")
+        raise RecordError(f"input {label} must hold {tensor.dtype} values, got {got}")
     want_text = _shape_text(expected_shape)
     if raw.ndim != len(expected_shape) or any(
         want >= 0 and want != got for want, got in zip(expected_shape, raw.shape, strict=True)
     ):
-        raise RecordError(f"input {tensor.name!r} has shape {_shape_text(raw.shape)}, expected {want_text}")
+        raise RecordError(f"input {label} has shape {_shape_text(raw.shape)}, expected {want_text}")
     if target.kind == "U":
         return raw
     try:
@@ -120,10 +140,15 @@ def _convert(tensor: Tensor, value: Any) -> np.ndarray:
         with np.errstate(over="ignore"):
             array = np.asarray(value, dtype=target)
     except OverflowError:
-        raise RecordError(f"input {tensor.name!r} has values out of range for {tensor.dtype}") from None
+        raise RecordError(f"input {label} has values out of range for {tensor.dtype}") from None
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise RecordError(f"input {tensor.name!r} contains NaN/inf")
+        raise RecordError(f"input {label} contains NaN/inf")
     return array
+
+
+def _fed(name: str, source: str) -> str:
+    """An input as the SDK shows a mapping: ``x<-probabilities``, or the bare name when fed by it."""
+    return name if source == name else f"{name}<-{source}"
 
 
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -152,17 +177,27 @@ class PipelineRunner:
                 self._stages.append(_ChecksStage(k, checks, columns))
                 continue
             runtime = next(loaded)
-            if before is not None:
+            names = [t.name for t in runtime.inputs]
+            unknown = sorted({name for name, _ in step.input_mapping} - set(names))
+            if unknown:
+                raise ValueError(
+                    f"step {k} (model {step.model!r}) maps inputs {unknown} that it does not have; "
+                    f"its inputs are {names}"
+                )
+            if before is None:
+                self._record_inputs = tuple(_RecordInput(t, step.source(t.name)) for t in runtime.inputs)
+                sources = tuple((t, t.name) for t in runtime.inputs)
+            else:
+                sources = tuple((t, step.source(t.name)) for t in runtime.inputs)
                 available = {t.name for t in before.step.outputs}
-                missing = [t.name for t in runtime.inputs if t.name not in available]
+                missing = [_fed(t.name, source) for t, source in sources if source not in available]
                 if missing:
                     raise ValueError(
                         f"step {k} (model {step.model!r}) needs inputs {missing} that step {before.position} "
                         f"(model {before.step.model!r}) does not produce; it produces {sorted(available)}"
                     )
-            before = _ModelStage(k, step, runtime)
+            before = _ModelStage(k, step, runtime, sources)
             self._stages.append(before)
-        self._inputs = runtimes[0].inputs
         self._step_seconds = [
             metrics.STEP_SECONDS.labels(deployment.workspace, deployment.pipeline, str(k))
             for k in range(1, len(deployment.steps) + 1)
@@ -209,12 +244,13 @@ class PipelineRunner:
         if any(b"true" in v or b"false" in v for v in values if v is not None):
             return None
         feeds = {}
-        for tensor in self._inputs:
+        for record_input in self._record_inputs:
+            tensor = record_input.tensor
             target = np.dtype(tensor.dtype)
             if target.kind not in "fiu":
                 return None
             try:
-                column = np.asarray([row[tensor.name] for row in rows])
+                column = np.asarray([row[record_input.field] for row in rows])
             except (KeyError, ValueError):
                 return None
             expected = tensor.shape[1:]
@@ -238,11 +274,19 @@ class PipelineRunner:
         return feeds
 
     def _validate(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
-        missing = [t.name for t in self._inputs if t.name not in row]
+        missing = [i for i in self._record_inputs if i.field not in row]
         if missing:
-            expected = ", ".join(repr(t.name) for t in self._inputs)
-            raise RecordError(f"missing input {missing[0]!r}; the pipeline expects inputs {expected}")
-        return {t.name: _convert(t, row[t.name]) for t in self._inputs}
+            first = missing[0]
+            where = (
+                ""
+                if first.field == first.tensor.name
+                else f" (the pipeline reads it from record field {first.field!r})"
+            )
+            expected = ", ".join(i.label for i in self._record_inputs)
+            raise RecordError(
+                f"missing input {first.tensor.name!r}{where}; the pipeline expects inputs {expected}"
+            )
+        return {i.tensor.name: _convert(i.tensor, row[i.field], i.label) for i in self._record_inputs}
 
     def _run_valid(
         self,
@@ -253,7 +297,8 @@ class PipelineRunner:
         try:
             if feeds is None:
                 assert arrays is not None
-                feeds = {t.name: np.stack([a[t.name] for a in arrays]) for t in self._inputs}
+                names = [i.tensor.name for i in self._record_inputs]
+                feeds = {name: np.stack([a[name] for a in arrays]) for name in names}
             ran = self._infer(feeds, rows)
         except (StepError, ValueError) as exc:
             # Dynamic dimensions of different sizes cannot be stacked, and one odd record can make a model
@@ -325,7 +370,7 @@ class PipelineRunner:
 
     def _run_step(self, stage: _ModelStage, current: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         step, runtime, k = stage.step, stage.runtime, stage.position
-        step_feeds = {t.name: _cast(current[t.name], t.dtype) for t in runtime.inputs}
+        step_feeds = {t.name: _cast(current[source], t.dtype) for t, source in stage.sources}
         try:
             produced = self._predict(runtime, step_feeds, n)
         except Exception as exc:

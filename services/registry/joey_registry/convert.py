@@ -67,7 +67,13 @@ def step_requests(steps: list[pb.PipelineStep]) -> list[domain.StepRequest]:
     for number, step in enumerate(steps, 1):
         kind = step.WhichOneof("kind")
         if kind == "model":
-            requests.append(domain.StepRef(model=step.model.model, version=step.model.version))
+            requests.append(
+                domain.StepRef(
+                    model=step.model.model,
+                    version=step.model.version,
+                    input_mapping=domain.input_mapping(step.model.input_mapping),
+                )
+            )
         elif kind == "validations":
             requests.append(domain.ValidationsStep.of(step.validations.checks))
         else:
@@ -86,6 +92,7 @@ def resolved_step(step: domain.Step) -> pb.ResolvedStep:
         framework=step.framework,
         inputs=tensor_specs(step.inputs),
         outputs=tensor_specs(step.outputs),
+        input_mapping=dict(step.input_mapping),
     )
 
 

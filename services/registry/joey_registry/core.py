@@ -42,7 +42,7 @@ from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgum
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
 from joey_registry.status import compute_status
-from joey_registry.steps import check_steps
+from joey_registry.steps import check_steps, map_inputs
 from joey_registry.store import Store, WorkspaceRef
 from joey_registry.validation import validator_for
 
@@ -203,9 +203,10 @@ class Registry:
                 resolved.append(ref)
                 continue
             try:
-                resolved.append(ResolvedStep.of(self._model_version(ws, ref.model, ref.version)))
+                model_step = ResolvedStep.of(self._model_version(ws, ref.model, ref.version))
             except (NotFound, InvalidArgument) as exc:
                 raise type(exc)(f"step {number}: {exc}") from None
+            resolved.append(map_inputs(number, model_step, ref.input_mapping))
         check_steps(resolved)
         version, created = self.store.add_pipeline_version(ws, name, tuple(resolved))
         if created:

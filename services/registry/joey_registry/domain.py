@@ -62,12 +62,21 @@ class UploadHeader:
     framework: str
 
 
+InputMapping = tuple[tuple[str, str], ...]
+"""(model input, source name) pairs, sorted by input: protobuf maps carry no order."""
+
+
+def input_mapping(mapping: Mapping[str, str]) -> InputMapping:
+    return tuple(sorted(mapping.items()))
+
+
 @dataclass(frozen=True)
 class StepRef:
     """A model step as the user wrote it; version 0 means the latest."""
 
     model: str
     version: int
+    input_mapping: InputMapping = ()
 
 
 @dataclass(frozen=True)
@@ -80,14 +89,21 @@ class ResolvedStep:
     framework: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Only inputs fed from another name: an identity entry would make an equal pipeline differ.
+    input_mapping: InputMapping = ()
 
     @classmethod
     def of(cls, mv: ModelVersion) -> ResolvedStep:
         return cls(mv.name, mv.version, mv.sha256, mv.framework, mv.inputs, mv.outputs)
 
+    def source(self, input_name: str) -> str:
+        """The name this model's input is fed from."""
+        return dict(self.input_mapping).get(input_name, input_name)
+
     def to_json(self) -> dict[str, Any]:
-        # Stored without a "kind", as every model step stored before validations steps existed.
-        return {
+        # Stored without a "kind", as every model step stored before validations steps existed,
+        # and without an empty "input_mapping", so steps stored before mappings compare equal.
+        data: dict[str, Any] = {
             "model": self.model,
             "version": self.version,
             "sha256": self.sha256,
@@ -95,6 +111,9 @@ class ResolvedStep:
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
         }
+        if self.input_mapping:
+            data["input_mapping"] = dict(self.input_mapping)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ResolvedStep:
@@ -105,6 +124,7 @@ class ResolvedStep:
             framework=data["framework"],
             inputs=specs_from_json(data["inputs"]),
             outputs=specs_from_json(data["outputs"]),
+            input_mapping=input_mapping(data.get("input_mapping", {})),
         )
 
 

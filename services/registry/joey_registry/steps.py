@@ -1,13 +1,15 @@
-"""Whether resolved pipeline steps fit together: model steps chain, validations steps compile and
-read only fields that exist. Every error names the step (and check) and what is wrong."""
+"""Whether resolved pipeline steps fit together: model steps chain (by name or by their input
+mapping), validations steps compile and read only fields that exist. Every error names the step
+(and check or input) and what is wrong."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 from joey.expressions import ExpressionError, compile_expression
-from joey_registry.domain import ResolvedStep, Step, TensorSpec, ValidationsStep
+from joey_registry.domain import InputMapping, ResolvedStep, Step, TensorSpec, ValidationsStep
 from joey_registry.errors import InvalidArgument
 from joey_registry.validation import dtypes_compatible
 
@@ -15,6 +17,7 @@ CHECK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_CHECK_NAME = 63
 # Outputs carry anomaly.count next to anomaly.<name>, so a check may not be named "count".
 RESERVED_CHECK_NAMES = frozenset({"count"})
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 
 def describe(specs: tuple[TensorSpec, ...]) -> str:
@@ -25,9 +28,36 @@ def _label(number: int, step: ResolvedStep) -> str:
     return f"step {number} ({step.model} v{step.version})"
 
 
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join("?" if d < 0 else str(d) for d in shape) + "]"
+
+
+def _shapes_compatible(produced: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """An empty shape is an unknown rank; beyond the batch dimension, a dimension of -1 fits any."""
+    if not produced or not expected:
+        return True
+    if len(produced) != len(expected):
+        return False
+    return all(p < 0 or e < 0 or p == e for p, e in zip(produced[1:], expected[1:], strict=True))
+
+
+def map_inputs(number: int, step: ResolvedStep, mapping: InputMapping) -> ResolvedStep:
+    """``step`` fed per ``mapping`` (model input -> source name), keeping only the entries that
+    rename: an identity mapping is the same pipeline as no mapping."""
+    inputs = {i.name for i in step.inputs}
+    for name, _ in mapping:
+        if name not in inputs:
+            raise InvalidArgument(
+                f"{_label(number, step)}: model {step.model!r} has no input {name!r}; "
+                f"its inputs are: {describe(step.inputs)}"
+            )
+    return replace(step, input_mapping=tuple((name, source) for name, source in mapping if name != source))
+
+
 def check_steps(steps: Sequence[Step]) -> None:
-    """A model step is fed the outputs of the last model step before it (validations steps in
-    between pass records through); a validations step's ``out.*`` are that model step's outputs."""
+    """The first model step is fed fields of the input record; a later model step is fed the
+    outputs of the last model step before it (validations steps in between pass records through);
+    a validations step's ``out.*`` are that model step's outputs."""
     if not any(isinstance(s, ResolvedStep) for s in steps):
         raise InvalidArgument("a pipeline needs at least one model step")
     previous: tuple[int, ResolvedStep] | None = None
@@ -36,17 +66,32 @@ def check_steps(steps: Sequence[Step]) -> None:
         if isinstance(step, ValidationsStep):
             _check_validations(number, step, previous, named)
             continue
-        if previous is not None:
+        if previous is None:
+            _check_record_fields(number, step)
+        else:
             _check_feeds(previous, number, step)
         previous = number, step
+
+
+def _check_record_fields(number: int, step: ResolvedStep) -> None:
+    # Only a field name can be checked: which fields records carry is known when they arrive.
+    for name, field in step.input_mapping:
+        if not FIELD_NAME.fullmatch(field):
+            raise InvalidArgument(
+                f"{_label(number, step)}: input {name!r} is mapped from record field {field!r}, "
+                f"which is not a valid field name ({FIELD_NAME.pattern})"
+            )
 
 
 def _check_feeds(previous: tuple[int, ResolvedStep], number: int, step: ResolvedStep) -> None:
     source_number, source = previous
     produced = {o.name: o for o in source.outputs}
     for needed in step.inputs:
+        fed_from = step.source(needed.name)
         where = f"{_label(number, step)} needs input {needed.name!r} ({needed.dtype})"
-        out = produced.get(needed.name)
+        if fed_from != needed.name:
+            where += f" from {fed_from!r}"
+        out = produced.get(fed_from)
         if out is None:
             raise InvalidArgument(
                 f"{where}, but {_label(source_number, source)} produces only {describe(source.outputs)}"
@@ -54,6 +99,11 @@ def _check_feeds(previous: tuple[int, ResolvedStep], number: int, step: Resolved
         if not dtypes_compatible(out.dtype, needed.dtype):
             raise InvalidArgument(
                 f"{where}, but {_label(source_number, source)} produces {out.name!r} as {out.dtype}"
+            )
+        if not _shapes_compatible(out.shape, needed.shape):
+            raise InvalidArgument(
+                f"{where}, but {_label(source_number, source)} produces {out.name!r} with shape "
+                f"{_shape_text(out.shape)}, which does not fit the input's shape {_shape_text(needed.shape)}"
             )
 
 
