@@ -497,26 +497,58 @@ class ValidationsStep(_message.Message):
 Global___ValidationsStep: _TypeAlias = ValidationsStep  # noqa: Y015
 
 @_typing.final
+class ShadowStep(_message.Message):
+    """Every model sees every input; only the champion's outputs continue down the pipeline and
+    become the result. Each challenger's outputs (or its error) are kept with the inference.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAMPION_FIELD_NUMBER: _builtins.int
+    CHALLENGERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def champion(self) -> Global___ModelStep: ...
+    @_builtins.property
+    def challengers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStep]: ...
+    def __init__(
+        self,
+        *,
+        champion: Global___ModelStep | None = ...,
+        challengers: _abc.Iterable[Global___ModelStep] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["champion", b"champion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challengers", b"challengers", "champion", b"champion"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowStep: _TypeAlias = ShadowStep  # noqa: Y015
+
+@_typing.final
 class PipelineStep(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     VALIDATIONS_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def model(self) -> Global___ModelStep: ...
     @_builtins.property
     def validations(self) -> Global___ValidationsStep: ...
+    @_builtins.property
+    def shadow(self) -> Global___ShadowStep: ...
     def __init__(
         self,
         *,
         model: Global___ModelStep | None = ...,
         validations: Global___ValidationsStep | None = ...,
+        shadow: Global___ShadowStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "validations", b"validations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "shadow", b"shadow", "validations", b"validations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "validations", b"validations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "shadow", b"shadow", "validations", b"validations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["model", "validations"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["model", "validations", "shadow"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -578,6 +610,7 @@ class ResolvedStep(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
     INPUT_MAPPING_FIELD_NUMBER: _builtins.int
+    CHALLENGERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     sha256: _builtins.str
@@ -592,6 +625,12 @@ class ResolvedStep(_message.Message):
     def input_mapping(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """as in ModelStep; only the entries that differ from the input name"""
 
+    @_builtins.property
+    def challengers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolvedStep]:
+        """Set on a shadow step: this step's model is the champion; each challenger is a model step fed
+        from the same sources (with its own input_mapping) whose outputs are only recorded.
+        """
+
     def __init__(
         self,
         *,
@@ -603,10 +642,11 @@ class ResolvedStep(_message.Message):
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         checks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         input_mapping: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        challengers: _abc.Iterable[Global___ResolvedStep] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "framework", b"framework", "input_mapping", b"input_mapping", "inputs", b"inputs", "model", b"model", "outputs", b"outputs", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challengers", b"challengers", "checks", b"checks", "framework", b"framework", "input_mapping", b"input_mapping", "inputs", b"inputs", "model", b"model", "outputs", b"outputs", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1122,6 +1162,7 @@ class LogEntry(_message.Message):
     INPUT_PARTITION_FIELD_NUMBER: _builtins.int
     INPUT_OFFSET_FIELD_NUMBER: _builtins.int
     RAW_INPUT_FIELD_NUMBER: _builtins.int
+    SHADOW_JSON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     pipeline_version: _builtins.int
     ok: _builtins.bool
@@ -1134,6 +1175,8 @@ class LogEntry(_message.Message):
     input_offset: _builtins.int
     raw_input: _builtins.bytes
     """set when inputs_json could not be"""
+    shadow_json: _builtins.str
+    """{"<challenger>": {"<output>": value}}; empty without a shadow step"""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1158,10 +1201,11 @@ class LogEntry(_message.Message):
         input_partition: _builtins.int = ...,
         input_offset: _builtins.int = ...,
         raw_input: _builtins.bytes = ...,
+        shadow_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_failures", b"check_failures", "elapsed_ns", b"elapsed_ns", "error", b"error", "input_offset", b"input_offset", "input_partition", b"input_partition", "inputs_json", b"inputs_json", "models", b"models", "ok", b"ok", "outputs_json", b"outputs_json", "pipeline_version", b"pipeline_version", "raw_input", b"raw_input", "request_id", b"request_id", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_failures", b"check_failures", "elapsed_ns", b"elapsed_ns", "error", b"error", "input_offset", b"input_offset", "input_partition", b"input_partition", "inputs_json", b"inputs_json", "models", b"models", "ok", b"ok", "outputs_json", b"outputs_json", "pipeline_version", b"pipeline_version", "raw_input", b"raw_input", "request_id", b"request_id", "shadow_json", b"shadow_json", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
