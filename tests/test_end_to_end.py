@@ -209,3 +209,22 @@ def test_input_mapping_feeds_a_model_from_a_differently_named_field(client: Clie
     assert [int(v) for v in results["out.label"][:20]] == direct_labels(iris_model, rows)
     assert "record field 'petals'" in results["error"].iloc[20]
     pipeline.undeploy()
+
+
+def test_shadow_challenger_sees_every_input_without_changing_results(
+    client: Client, iris_model: Path
+) -> None:
+    champion = client.upload_model("iris-champion", iris_model)
+    challenger = client.upload_model("iris-challenger", iris_model)
+    pipeline = client.build_pipeline("shadowed").add_shadow_deploy(champion, [challenger])
+    pipeline.deploy(timeout=90)
+    started = datetime.now(UTC)
+    rows = make_records(30, seed=9)
+    results = pipeline.infer(rows, timeout=60)
+
+    assert [int(v) for v in results["out.label"]] == direct_labels(iris_model, rows)
+    assert list(results["shadow.iris-challenger.label"]) == list(results["out.label"])
+    wait_until(lambda: pipeline.log_count(start=started) == len(rows), 60, "every inference logged")
+    logs = pipeline.logs(start=started, limit=100)
+    assert logs["shadow.iris-challenger.label"].notna().all()
+    pipeline.undeploy()

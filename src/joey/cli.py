@@ -204,6 +204,21 @@ def _parse_maps(
     return maps
 
 
+def _parse_challengers(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    challengers: list[str] = []
+    for value in values:
+        model, colon, version = value.strip().partition(":")
+        if not model or (colon and not (version.isdigit() and int(version) > 0)):
+            raise click.BadParameter(
+                "expected MODEL or MODEL:VERSION (VERSION a positive number), e.g. --challenger iris-b:2, "
+                f"got {value!r}",
+                ctx,
+                param,
+            )
+        challengers.append(value.strip())
+    return challengers
+
+
 @pipeline.command("create")
 @click.argument("name")
 @click.option(
@@ -217,6 +232,15 @@ def _parse_maps(
     help="STEP:INPUT=SOURCE: feed input INPUT of the STEP-th --model from SOURCE, a field of the "
     "input record for step 1, an output of the previous model otherwise. Unmapped inputs are fed "
     "by their own name.",
+)
+@click.option(
+    "--challenger",
+    "challengers",
+    multiple=True,
+    callback=_parse_challengers,
+    help="MODEL or MODEL:VERSION: makes the last --model the champion of a shadow step with this "
+    "challenger (repeatable). Challengers see every record, fed by their own input names (a --map of "
+    "that step applies to the champion); only the champion's outputs are the result.",
 )
 @click.option(
     "--check",
@@ -233,9 +257,11 @@ def pipeline_create(
     name: str,
     models: tuple[str, ...],
     maps: dict[int, dict[str, str]],
+    challengers: list[str],
     checks: dict[str, str],
 ) -> None:
-    """Create pipeline NAME (or a new version of it) from model steps and validation checks."""
+    """Create pipeline NAME (or a new version of it) from model steps, validation checks and
+    optionally a shadow step (--challenger)."""
     from joey.sdk import JoeyError
 
     beyond = sorted(index for index in maps if index > len(models))
@@ -246,7 +272,10 @@ def pipeline_create(
     builder = obj.client.build_pipeline(name)
     for index, spec in enumerate(models, 1):
         model_name, _, version = spec.partition(":")
-        builder.add_model_step(model_name, int(version) if version else None, maps.get(index))
+        if index == len(models) and challengers:
+            builder.add_shadow_deploy(spec, challengers, {model_name: maps[index]} if index in maps else None)
+        else:
+            builder.add_model_step(model_name, int(version) if version else None, maps.get(index))
     if checks:
         builder.add_validations(**checks)
     try:
@@ -367,9 +396,8 @@ def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: 
         frame.to_json(output, orient="records", lines=True, date_format="iso")
         click.echo(f"wrote {len(frame)} results to {output}")
     else:
-        shown = [
-            c for c in frame.columns if c.split(".")[0] in ("time", "in", "out", "check_failures", "error")
-        ]
+        groups = ("time", "in", "out", "shadow", "shadow_errors", "check_failures", "error")
+        shown = [c for c in frame.columns if c.split(".")[0] in groups]
         with _wide_pandas():
             click.echo(frame[shown].to_string())
     failed = int(frame["error"].notna().sum()) if "error" in frame else 0

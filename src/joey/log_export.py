@@ -52,6 +52,14 @@ def flatten(prefix: str, values: dict[str, Any] | None) -> Row:
     return {f"{prefix}.{k}": v for k, v in (values or {}).items()}
 
 
+def flatten_shadow(shadow: dict[str, dict[str, Any]] | None) -> Row:
+    """Challenger outputs ({model: {output: value}}) as ``shadow.<model>.<output>`` columns."""
+    row: Row = {}
+    for model, outputs in (shadow or {}).items():
+        row |= flatten(f"shadow.{model}", outputs)
+    return row
+
+
 def log_entry_row(e: pb.LogEntry) -> Row:
     """One logged inference as a flat row: the columns of ``joey.sdk.log_entries_to_frame``."""
     row: Row = {
@@ -63,6 +71,7 @@ def log_entry_row(e: pb.LogEntry) -> Row:
     }
     row |= flatten("in", json.loads(e.inputs_json) if e.inputs_json else None)
     row |= flatten("out", json.loads(e.outputs_json) if e.outputs_json else None)
+    row |= flatten_shadow(json.loads(e.shadow_json) if e.shadow_json else None)
     row["check_failures"] = list(e.check_failures)
     row["models"] = [f"{m.name}:{m.version}" for m in e.models]
     row["elapsed_ns"] = list(e.elapsed_ns)

@@ -4,6 +4,7 @@ client = joey.Client()
 model = client.upload_model("iris", "iris.onnx")
 pipeline = client.build_pipeline("iris-pipeline").add_model_step(model)
 pipeline.add_validations(too_sure="out.probabilities[0] > 0.99")
+pipeline.add_shadow_deploy("iris-b", ["iris-c"])  # iris-c sees every record; iris-b answers
 pipeline.deploy(replicas=2)
 results = pipeline.infer([{"features": [5.1, 3.5, 1.4, 0.2]}])
 pipeline.logs(limit=10)
@@ -26,7 +27,7 @@ import grpc
 import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from joey.log_export import LogExport, flatten, log_entry_row
+from joey.log_export import LogExport, flatten, flatten_shadow, log_entry_row
 from joey.settings import CommonSettings
 from joey.streaming import PipelineStream, Progress, Reply
 from joey.topics import PipelineTopics
@@ -139,14 +140,33 @@ class ValidationsStep:
         return f"validations({', '.join(self.checks)})"
 
 
-PipelineStep = ModelStep | ValidationsStep
+@dataclass(frozen=True)
+class ShadowStep:
+    """Every model sees every record; only the champion's outputs are the result and continue
+    down the pipeline, each challenger's are kept with the inference as ``shadow.<model>.*``."""
+
+    champion: ModelStep
+    challengers: tuple[ModelStep, ...]
+
+    def __str__(self) -> str:
+        return f"shadow({self.champion} vs {', '.join(str(c) for c in self.challengers)})"
+
+
+PipelineStep = ModelStep | ValidationsStep | ShadowStep
+
+
+def _model_step(step: pb.ResolvedStep) -> ModelStep:
+    return ModelStep(step.model, step.version, step.sha256, dict(sorted(step.input_mapping.items())))
 
 
 def _pipeline_step(step: pb.ResolvedStep) -> PipelineStep:
-    # A resolved validations step is the one with checks (and no model).
+    # A resolved validations step is the one with checks (and no model); a shadow step the one
+    # with challengers.
     if step.checks:
         return ValidationsStep(dict(sorted(step.checks.items())))
-    return ModelStep(step.model, step.version, step.sha256, dict(sorted(step.input_mapping.items())))
+    if step.challengers:
+        return ShadowStep(_model_step(step), tuple(_model_step(c) for c in step.challengers))
+    return _model_step(step)
 
 
 @dataclass(frozen=True)
@@ -314,9 +334,25 @@ class Client:
 def _step_request(step: pb.ResolvedStep) -> pb.PipelineStep:
     if step.checks:
         return pb.PipelineStep(validations=pb.ValidationsStep(checks=step.checks))
-    return pb.PipelineStep(
-        model=pb.ModelStep(model=step.model, version=step.version, input_mapping=step.input_mapping)
-    )
+    if step.challengers:
+        shadow = pb.ShadowStep(
+            champion=_model_step_request(step), challengers=[_model_step_request(c) for c in step.challengers]
+        )
+        return pb.PipelineStep(shadow=shadow)
+    return pb.PipelineStep(model=_model_step_request(step))
+
+
+def _model_step_request(step: pb.ResolvedStep) -> pb.ModelStep:
+    return pb.ModelStep(model=step.model, version=step.version, input_mapping=step.input_mapping)
+
+
+def _model_ref(
+    model: ModelVersion | str, version: int | None = None, inputs: dict[str, str] | None = None
+) -> pb.ModelStep:
+    """A ModelVersion pins that version; a name takes ``version``, or the latest at create time."""
+    if isinstance(model, ModelVersion):
+        return pb.ModelStep(model=model.name, version=model.version, input_mapping=inputs)
+    return pb.ModelStep(model=model, version=version or 0, input_mapping=inputs)
 
 
 @dataclass
@@ -347,11 +383,41 @@ class Pipeline:
         e.g. ``add_model_step("b", inputs={"x": "probabilities"})``. Inputs not listed are fed by
         their own name. The registry checks the mapping when the pipeline version is created.
         """
-        if isinstance(model, ModelVersion):
-            step = pb.ModelStep(model=model.name, version=model.version, input_mapping=inputs)
-        else:
-            step = pb.ModelStep(model=model, version=version or 0, input_mapping=inputs)
-        self._steps.append(pb.PipelineStep(model=step))
+        self._steps.append(pb.PipelineStep(model=_model_ref(model, version, inputs)))
+        return self
+
+    def add_shadow_deploy(
+        self,
+        champion: ModelVersion | str,
+        challengers: Sequence[ModelVersion | str],
+        inputs: dict[str, dict[str, str]] | None = None,
+    ) -> Pipeline:
+        """Append a shadow step: the champion and every challenger see every record; only the
+        champion's outputs are the result (``out.*``) and continue down the pipeline. Each
+        challenger's outputs are kept with the inference (``shadow.<model>.<output>`` in results
+        and logs), and a failing challenger (``shadow_errors.<model>``) never affects the result.
+
+        A ModelVersion pins that version; a string is ``"name"`` (the latest at create time) or
+        ``"name:version"``. Challengers must be models other than the champion and each other.
+        ``inputs`` maps a model name to its input mapping, as in ``add_model_step``, e.g.
+        ``inputs={"iris-b": {"features": "petals"}}``. The registry checks that every challenger
+        can be fed from the same sources as the champion when the pipeline version is created.
+        """
+        if not challengers:
+            raise ValueError("add_shadow_deploy needs at least one challenger, e.g. ['iris-b']")
+        mappings = inputs or {}
+
+        def ref(model: ModelVersion | str) -> pb.ModelStep:
+            if isinstance(model, ModelVersion):
+                return _model_ref(model, inputs=mappings.get(model.name))
+            # Model names cannot contain ":", so "name:version" is unambiguous.
+            name, colon, version = model.partition(":")
+            if colon and not (version.isdigit() and int(version) > 0):
+                raise ValueError(f"expected 'name' or 'name:version' (a positive number), got {model!r}")
+            return _model_ref(name, int(version) if colon else None, mappings.get(name))
+
+        shadow = pb.ShadowStep(champion=ref(champion), challengers=[ref(c) for c in challengers])
+        self._steps.append(pb.PipelineStep(shadow=shadow))
         return self
 
     def add_validations(self, **checks: str) -> Pipeline:
@@ -535,6 +601,9 @@ def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
         row: dict[str, Any] = {"time": pd.Timestamp(body["time"]), "request_id": reply.request_id}
         row |= flatten("in", body.get("in") if reply.ok else body.get("input"))
         row |= flatten("out", body.get("out"))
+        # Present only when the pipeline has a shadow step: challenger outputs, and their failures.
+        row |= flatten_shadow(body.get("shadow"))
+        row |= flatten("shadow_errors", body.get("shadow_errors"))
         # Present only when the pipeline has validations: anomaly.count and anomaly.<check>.
         row |= flatten("anomaly", body.get("anomaly"))
         row["check_failures"] = body.get("check_failures", [])

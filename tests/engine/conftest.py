@@ -82,6 +82,39 @@ def x_max_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return reduce_max_model(tmp_path_factory.mktemp("x-max-model"), "x", "top")
 
 
+def features_model(
+    directory: Path, node: onnx.NodeProto, output: str, output_shape: list[Any], axes: list[int]
+) -> Path:
+    """A challenger for iris: ``features`` float [N, 4] -> ``output`` float through one reducing ``node``."""
+    graph = helper.make_graph(
+        [node],
+        node.op_type,
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
+        # ReduceSum takes its axes as an input since opset 13: a constant of the graph.
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [len(axes)], axes)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path = directory / f"{node.op_type}-{output}.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture(scope="session")
+def sum_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A challenger taking iris's inputs: ``features`` float [N, 4] -> row sums ``total`` float [N]."""
+    node = helper.make_node("ReduceSum", ["features", "axes"], ["total"], keepdims=0)
+    return features_model(tmp_path_factory.mktemp("sum-model"), node, "total", ["N"], [1])
+
+
+@pytest.fixture(scope="session")
+def one_row_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A broken challenger: one row for the whole batch (``features`` column sums ``pooled`` [1, 4])."""
+    node = helper.make_node("ReduceSum", ["features", "axes"], ["pooled"], keepdims=1)
+    return features_model(tmp_path_factory.mktemp("one-row-model"), node, "pooled", [1, 4], [0])
+
+
 IRIS_INPUTS = [registry_pb2.TensorSpec(name="features", dtype="float32", shape=[-1, 4])]
 IRIS_OUTPUTS = [
     registry_pb2.TensorSpec(name="label", dtype="int64", shape=[-1]),
@@ -90,8 +123,13 @@ IRIS_OUTPUTS = [
 
 
 def iris_step(
-    sha256: str, model: str = "iris", version: int = 1, input_mapping: dict[str, str] | None = None
+    sha256: str,
+    model: str = "iris",
+    version: int = 1,
+    input_mapping: dict[str, str] | None = None,
+    challengers: list[registry_pb2.ResolvedStep] | None = None,
 ) -> registry_pb2.ResolvedStep:
+    """Iris as a model step, or as the champion of a shadow step when ``challengers`` are given."""
     return registry_pb2.ResolvedStep(
         model=model,
         version=version,
@@ -100,7 +138,22 @@ def iris_step(
         inputs=IRIS_INPUTS,
         outputs=IRIS_OUTPUTS,
         input_mapping=input_mapping,
+        challengers=challengers,
     )
+
+
+def challenger_step(
+    model: str, sha256: str = "3" * 64, version: int = 1, **input_mapping: str
+) -> registry_pb2.ResolvedStep:
+    """A resolved challenger; the runner takes its signature from the loaded model."""
+    return registry_pb2.ResolvedStep(
+        model=model, version=version, sha256=sha256, framework="onnx", input_mapping=input_mapping
+    )
+
+
+@pytest.fixture(scope="session")
+def make_challenger() -> Callable[..., registry_pb2.ResolvedStep]:
+    return challenger_step
 
 
 @pytest.fixture(scope="session")

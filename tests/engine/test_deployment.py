@@ -64,3 +64,67 @@ def test_input_mapping_keeps_only_renamed_inputs(
     assert step.source("other") == "other"
     [plain] = from_proto(make_spec("w", "p", steps=[make_step("0" * 64)])).steps
     assert isinstance(plain, Step) and plain.input_mapping == ()
+
+
+def test_shadow_step_loads_its_challengers_after_the_champion(
+    make_spec: Callable[..., registry_pb2.DeploymentSpec],
+    make_step: StepFactory,
+    make_challenger: StepFactory,
+) -> None:
+    challengers = [
+        make_challenger("sum", "3" * 64, 2, features="petals"),
+        make_challenger("pooled", "4" * 64),
+    ]
+    spec = make_spec(
+        "w", "p", steps=[make_step("0" * 64, challengers=challengers), make_step("1" * 64, "second")]
+    )
+    deployment = from_proto(spec)
+    first, second = deployment.steps
+    assert isinstance(first, Step) and isinstance(second, Step)
+    assert [(c.model, c.version, c.sha256) for c in first.challengers] == [
+        ("sum", 2, "3" * 64),
+        ("pooled", 1, "4" * 64),
+    ]
+    assert first.challengers[0].input_mapping == (("features", "petals"),)
+    assert first.challengers[1].challengers == () and second.challengers == ()
+    assert deployment.has_shadow
+    # Challengers are loaded with their champion but do not produce the result.
+    assert [s.sha256 for s in deployment.artifact_steps] == ["0" * 64, "3" * 64, "4" * 64, "1" * 64]
+    assert [m["name"] for m in deployment.models] == ["iris", "second"]
+    plain = from_proto(make_spec("w", "p"))
+    assert not plain.has_shadow and plain.artifact_steps == plain.model_steps
+
+
+@pytest.mark.parametrize(
+    ("champion", "challengers", "error"),
+    [
+        ("iris", ["sum", "sum"], r"shadow step models \['iris', 'sum', 'sum'\] are not distinct"),
+        ("iris", ["iris"], r"shadow step models \['iris', 'iris'\] are not distinct"),
+        ("", ["sum"], "shadow step without a champion model"),
+        ("iris", [""], "a challenger of model 'iris' must be a plain model step"),
+    ],
+)
+def test_unusable_shadow_steps_are_rejected(
+    make_spec: Callable[..., registry_pb2.DeploymentSpec],
+    make_step: StepFactory,
+    make_challenger: StepFactory,
+    champion: str,
+    challengers: list[str],
+    error: str,
+) -> None:
+    step = make_step("0" * 64, champion, challengers=[make_challenger(name) for name in challengers])
+    with pytest.raises(ValueError, match=error):
+        from_proto(make_spec("w", "p", steps=[step]))
+
+
+def test_a_challenger_is_a_plain_model_step(
+    make_spec: Callable[..., registry_pb2.DeploymentSpec],
+    make_step: StepFactory,
+    make_challenger: StepFactory,
+) -> None:
+    checked = registry_pb2.ResolvedStep(model="sum", sha256="3" * 64, checks={"x": "in.a > 1"})
+    with pytest.raises(ValueError, match="a challenger of model 'iris' must be a plain model step"):
+        from_proto(make_spec("w", "p", steps=[make_step("0" * 64, challengers=[checked])]))
+    both = registry_pb2.ResolvedStep(checks={"x": "in.a > 1"}, challengers=[make_challenger("sum")])
+    with pytest.raises(ValueError, match="step with challengers also has checks"):
+        from_proto(make_spec("w", "p", steps=[both]))

@@ -364,6 +364,53 @@ def test_checks_flag_anomalies_in_outputs_and_logs(
     deploy(settings, ws, pipeline, None)
 
 
+def test_shadow_step_serves_the_champion_and_logs_the_challenger(
+    engine: Engine,
+    settings: CommonSettings,
+    engine_workspace: str,
+    artifact_server: tuple[Any, str],
+    make_spec: Callable[..., Any],
+    make_step: Callable[..., Any],
+    make_challenger: Callable[..., Any],
+    iris_sha: str,
+    iris_model: Path,
+    sum_model: Path,
+) -> None:
+    ws, pipeline = engine_workspace, "iris-shadow"
+    names = topics.pipeline_topics(ws, pipeline)
+    sum_sha = artifact_server[0].add(sum_model.read_bytes())
+    spec = make_spec(ws, pipeline, steps=[make_step(iris_sha, challengers=[make_challenger("sum", sum_sha)])])
+    deploy(settings, ws, pipeline, spec)
+    rows = [{"features": [5.1, 3.5, 1.4, 0.2]}, {"features": [6.7, 3.0, 5.2, 2.3]}]
+    expected = {f"shd-{i}": row for i, row in enumerate(rows)}
+    produce(settings, names.inputs, [(rid, json.dumps(row).encode()) for rid, row in expected.items()])
+    outputs = TopicReader(settings, names.outputs)
+    logs = TopicReader(settings, topics.LOGS)
+    try:
+        answered = outputs.read_until(lambda ms: len(ms) >= len(rows), "all outputs")
+        by_id = {request_id(m): json.loads(m.value()) for m in answered}  # type: ignore[arg-type]
+        assert by_id.keys() == expected.keys()
+        assert [by_id[rid]["out"]["label"] for rid in expected] == labels(iris_model, rows)
+        for rid, row in expected.items():
+            assert by_id[rid]["shadow"] == {"sum": {"total": pytest.approx(sum(row["features"]))}}
+            assert "shadow_errors" not in by_id[rid]
+            assert [m["name"] for m in by_id[rid]["metadata"]["models"]] == ["iris"]
+        entries = logs.read_until(
+            lambda ms: sum(records.decode_log(m.value())["pipeline"] == pipeline for m in ms) >= len(rows),  # type: ignore[arg-type]
+            "all logs",
+        )
+        logged = {
+            log["request_id"]: json.loads(log["shadow_outputs"])
+            for log in (records.decode_log(m.value()) for m in entries)  # type: ignore[arg-type]
+            if (log["workspace"], log["pipeline"]) == (ws, pipeline)
+        }
+        assert logged == {rid: by_id[rid]["shadow"] for rid in expected}
+    finally:
+        outputs.close()
+        logs.close()
+    deploy(settings, ws, pipeline, None)
+
+
 def test_replicas_split_partitions_then_redeploy_and_undeploy(
     engine: Engine,
     settings: CommonSettings,

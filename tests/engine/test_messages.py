@@ -106,3 +106,49 @@ def test_records_of_a_pipeline_without_checks_have_no_anomaly_object(
     value = output_value(deployment, source(raw), Success(json.loads(raw), {"label": 1}, (10,)), NOW)
     assert b'"out":{"label":1},"check_failures":[],"metadata":{' in value
     assert b"anomaly" not in value
+
+
+def test_records_of_a_pipeline_with_a_shadow_step_carry_the_challengers(
+    make_deployment: Callable[..., Deployment],
+    make_step: Callable[..., Any],
+    make_challenger: Callable[..., Any],
+) -> None:
+    challengers = [make_challenger("sum"), make_challenger("pooled", sha256="4" * 64)]
+    deployment = make_deployment(steps=[make_step("0" * 64, challengers=challengers)])
+    raw = b'{"features": [1, 2, 3, 4]}'
+    outputs = {"label": 1, "probabilities": [0.0, 1.0, 0.0]}
+    shadow = {"sum": {"total": 10.0}, "pooled": {"pooled": [1.0, 2.0, 3.0, 4.0]}}
+    ok = Success(json.loads(raw), outputs, (1500,), shadow=shadow, shadow_errors={})
+    value = output_value(deployment, source(raw), ok, NOW)
+    body = json.loads(value)
+    assert body["out"] == outputs and body["shadow"] == shadow
+    assert list(body) == ["time", "request_id", "in", "out", "shadow", "check_failures", "metadata"]
+    # Only the champion produced the result.
+    assert body["metadata"]["models"] == [{"name": "iris", "version": 1, "sha256": "0" * 64}]
+    log = records.decode_log(log_value(deployment, source(raw), ok, NOW))
+    assert json.loads(log["shadow_outputs"]) == shadow and json.loads(log["outputs"]) == outputs
+    assert log["models"] == body["metadata"]["models"]
+
+    reason = "challenger 'pooled' v1 of step 1 output 'pooled' has shape [1, 4], expected ..."
+    partly = Success(
+        json.loads(raw), outputs, (1500,), shadow={"sum": {"total": 10.0}}, shadow_errors={"pooled": reason}
+    )
+    body = json.loads(output_value(deployment, source(raw, 8), partly, NOW))
+    assert body["shadow"] == {"sum": {"total": 10.0}} and body["shadow_errors"] == {"pooled": reason}
+    assert list(body)[3:6] == ["out", "shadow", "shadow_errors"]
+    log = records.decode_log(log_value(deployment, source(raw, 8), partly, NOW))
+    assert json.loads(log["shadow_outputs"]) == {"sum": {"total": 10.0}}
+
+    failed = Failure("missing input 'features'; ...", {"x": 1})
+    assert (
+        records.decode_log(log_value(deployment, source(b'{"x": 1}', 9), failed, NOW))["shadow_outputs"]
+        is None
+    )
+
+
+def test_records_without_a_shadow_step_have_no_shadow(make_deployment: Callable[..., Deployment]) -> None:
+    deployment = make_deployment()
+    raw = b'{"features": [1, 2, 3, 4]}'
+    result = Success(json.loads(raw), {"label": 1}, (10,))
+    assert b"shadow" not in output_value(deployment, source(raw), result, NOW)
+    assert records.decode_log(log_value(deployment, source(raw), result, NOW))["shadow_outputs"] is None

@@ -494,3 +494,175 @@ def test_chain_mapped_to_missing_outputs_is_rejected(
     deployment = make_deployment(steps=[make_step("0" * 64), x_step(**mapping)])
     with pytest.raises(ValueError, match=error):
         PipelineRunner(deployment, [load(iris_model), load(x_max_model)])
+
+
+def sums(rows: list[list[float]]) -> list[float]:
+    return np.asarray(rows, np.float32).sum(axis=1).tolist()
+
+
+@pytest.fixture(scope="module")
+def shadow_runner(
+    iris_model: Path,
+    sum_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_challenger: StepFactory,
+) -> PipelineRunner:
+    """Iris as the champion, ``sum`` (row sums of the same ``features``) as its challenger."""
+    deployment = make_deployment(steps=[make_step("0" * 64, challengers=[make_challenger("sum")])])
+    assert deployment.has_shadow and [m["name"] for m in deployment.models] == ["iris"]
+    return PipelineRunner(deployment, [load(iris_model), load(sum_model)])
+
+
+def test_shadow_step_answers_with_the_champion_and_records_each_challenger(
+    shadow_runner: PipelineRunner, iris_runner: PipelineRunner
+) -> None:
+    values = [encode({"features": row, "id": i}) for i, row in enumerate(ROWS)]
+    results = successes(shadow_runner.run(values))
+    plain = successes(iris_runner.run(values))
+    assert [(r.inputs, r.outputs) for r in results] == [(r.inputs, r.outputs) for r in plain]
+    np.testing.assert_allclose([r.shadow["sum"]["total"] for r in results if r.shadow], sums(ROWS), rtol=1e-6)
+    assert all(r.shadow is not None and list(r.shadow) == ["sum"] for r in results)
+    assert all(r.shadow_errors == {} for r in results)
+    # One time per step: the shadow step's covers the champion and its challengers.
+    assert len(results[0].elapsed_ns) == 1
+    # Without a shadow step there is nothing of it.
+    assert all(r.shadow is None and r.shadow_errors is None for r in plain)
+    # Through the record-by-record path too, which a bad record in the batch forces.
+    *mixed, bad = shadow_runner.run(values + [encode({"features": [1, 2, 3]})])
+    assert [r.shadow for r in successes(mixed)] == [r.shadow for r in results]
+    assert isinstance(bad, Failure) and "has shape [3]" in bad.reason
+
+
+def test_failing_challengers_leave_the_result_and_checks_intact(
+    iris_model: Path,
+    sum_model: Path,
+    one_row_model: Path,
+    checked_runner: PipelineRunner,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_challenger: StepFactory,
+    make_validations: StepFactory,
+) -> None:
+    class Picky(OnnxRuntime):
+        def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if (inputs["features"][:, 0] > 7).any():
+                raise RuntimeError("too wide")
+            return super().predict(inputs)
+
+    picky = Picky(SETTINGS)
+    picky.load(sum_model)
+    challengers = [make_challenger("pooled"), make_challenger("picky"), make_challenger("sum")]
+    deployment = make_deployment(
+        steps=[make_step("0" * 64, challengers=challengers), make_validations(**CHECKS)]
+    )
+    runner = PipelineRunner(deployment, [load(iris_model), load(one_row_model), picky, load(sum_model)])
+    values = [encode({"features": row}) for row in CHECKED_ROWS]
+    results = successes(runner.run(values))
+    checked = successes(checked_runner.run(values))
+    assert [(r.outputs, r.check_failures, r.check_errors) for r in results] == [
+        (r.outputs, r.check_failures, r.check_errors) for r in checked
+    ]
+    assert len(results[0].elapsed_ns) == 2
+    # The batch holds wide rows: "picky" fails all of it; "pooled" never gives one row per record.
+    assert all(r.shadow_errors is not None and list(r.shadow_errors) == ["pooled", "picky"] for r in results)
+    errors = results[0].shadow_errors or {}
+    assert errors["pooled"] == (
+        f"challenger 'pooled' v1 of step 1 output 'pooled' has shape [1, 4], expected a first dimension "
+        f"of {len(CHECKED_ROWS)} (one row per record)"
+    )
+    assert errors["picky"] == "challenger 'picky' v1 of step 1 failed: too wide"
+    # The challenger that works is still recorded.
+    np.testing.assert_allclose(
+        [(r.shadow or {})["sum"]["total"] for r in results], sums(CHECKED_ROWS), rtol=1e-6
+    )
+    assert all(list(r.shadow or {}) == ["sum"] for r in results)
+    # Alone, a narrow record suits "picky"; and "pooled" gives the one row a single record needs.
+    [alone] = successes(runner.run([values[0]]))
+    assert alone.shadow_errors == {} and list(alone.shadow or {}) == ["pooled", "picky", "sum"]
+
+
+def test_challenger_reads_its_own_record_field(
+    iris_model: Path,
+    sum_model: Path,
+    iris_runner: PipelineRunner,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_challenger: StepFactory,
+) -> None:
+    challenger = make_challenger("sum", features="petals")
+    deployment = make_deployment(steps=[make_step("0" * 64, challengers=[challenger])])
+    runner = PipelineRunner(deployment, [load(iris_model), load(sum_model)])
+    rows: list[dict[str, object]] = [
+        {"features": ROWS[0], "petals": ROWS[1]},
+        {"features": ROWS[1]},  # nothing for the challenger: only it fails on this record
+        {"features": ROWS[2], "petals": [1, 2]},
+        {"features": ROWS[3], "petals": ROWS[0]},
+    ]
+    values = [encode(row) for row in rows]
+    results = successes(runner.run(values))
+    assert [r.outputs for r in results] == [r.outputs for r in successes(iris_runner.run(values))]
+    assert results[0].shadow == {"sum": {"total": pytest.approx(sums([ROWS[1]])[0])}}
+    assert results[3].shadow == {"sum": {"total": pytest.approx(sums([ROWS[0]])[0])}}
+    assert results[1].shadow == results[2].shadow == {}
+    assert results[1].shadow_errors == {
+        "sum": "missing input 'features' (the pipeline reads it from record field 'petals'); "
+        "the model expects inputs 'features' (record field 'petals')"
+    }
+    assert results[2].shadow_errors == {
+        "sum": "input 'features' (record field 'petals') has shape [2], expected [4]"
+    }
+    assert results[0].shadow_errors == results[3].shadow_errors == {}
+
+
+def test_shadow_step_after_a_model_chains_from_its_outputs(
+    iris_model: Path,
+    max_model: Path,
+    x_max_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_challenger: StepFactory,
+) -> None:
+    champion = registry_pb2.ResolvedStep(
+        model="max",
+        version=2,
+        sha256="1" * 64,
+        framework="onnx",
+        challengers=[make_challenger("top", x="probabilities")],
+    )
+    deployment = make_deployment(steps=[make_step("0" * 64), champion])
+    runner = PipelineRunner(deployment, [load(iris_model), load(max_model), load(x_max_model)])
+    results = successes(runner.run([encode({"features": row}) for row in ROWS]))
+    expected = direct(iris_model, ROWS)["probabilities"].max(axis=1)
+    np.testing.assert_allclose([r.outputs["max_probability"] for r in results], expected)
+    np.testing.assert_allclose([(r.shadow or {})["top"]["top"] for r in results], expected)
+    assert list(results[0].outputs) == ["max_probability"] and len(results[0].elapsed_ns) == 2
+
+
+@pytest.mark.parametrize(
+    ("mapping", "error"),
+    [
+        (
+            {},
+            r"challenger 'top' v1 of step 2 needs inputs \['x'\] that step 1 \(model 'iris'\) does not "
+            r"produce",
+        ),
+        ({"y": "probabilities"}, r"challenger 'top' v1 of step 2 maps inputs \['y'\] that it does not have"),
+    ],
+)
+def test_challenger_that_cannot_be_fed_fails_the_load(
+    iris_model: Path,
+    max_model: Path,
+    x_max_model: Path,
+    make_deployment: Callable[..., Deployment],
+    make_step: StepFactory,
+    make_challenger: StepFactory,
+    mapping: dict[str, str],
+    error: str,
+) -> None:
+    champion = registry_pb2.ResolvedStep(
+        model="max", version=2, sha256="1" * 64, challengers=[make_challenger("top", **mapping)]
+    )
+    deployment = make_deployment(steps=[make_step("0" * 64), champion])
+    with pytest.raises(ValueError, match=error):
+        PipelineRunner(deployment, [load(iris_model), load(max_model), load(x_max_model)])

@@ -272,3 +272,29 @@ def test_damaged_tokens_are_invalid_arguments(stub: Stub, many: str) -> None:
     # A well-formed cursor moved by hand stays inside the caller's own filter.
     moved = query(stub, many, limit=500, page_token=_token(body | {"t": 0, "i": 1}))
     assert (len(moved.entries), moved.next_page_token) == (0, "")
+
+
+def test_shadow_outputs_are_returned_as_shadow_json(
+    stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("iris")]))
+    shadow = {"iris-b": {"label": [1], "probabilities": [0.25, 0.5, 0.25]}, "iris-c": {"label": [2]}}
+    for i, outputs in enumerate([shadow, None]):
+        db.execute(
+            "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id, "
+            "time, input_topic, input_partition, input_offset, ok, outputs, shadow_outputs) "
+            "VALUES (%s, 'p', 1, 'd', %s, %s, 'in', 0, %s, true, %s, %s)",
+            (
+                workspace,
+                f"r{i}",
+                T0 + timedelta(minutes=i),
+                i,
+                Jsonb({"label": [0]}),
+                outputs and Jsonb(outputs),
+            ),
+        )
+    entries = query(stub, workspace, start=ts(T0)).entries
+    assert [e.request_id for e in entries] == ["r0", "r1"]
+    assert json.loads(entries[0].shadow_json) == shadow
+    assert entries[1].shadow_json == ""

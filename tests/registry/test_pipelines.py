@@ -84,7 +84,7 @@ def test_unknown_step_model_or_version(stub: Stub, workspace: str, iris_bytes: b
     [
         ("p", [], "needs at least one step"),
         ("Bad_Name", [step("iris")], "invalid pipeline name"),
-        ("p", [pb.PipelineStep()], "step 1 is empty: set its model or its validations"),
+        ("p", [pb.PipelineStep()], "step 1 is empty: set its model, validations or shadow"),
         ("p", [step("iris", -1)], "version must be a positive number"),
     ],
 )
@@ -410,4 +410,185 @@ def test_deployed_spec_carries_input_mappings(
         ("iris", {"features": "petals"}),
         ("b", {"x": "probabilities"}),
     ]
+    stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline="p"))
+
+
+def shadow(champion: pb.ModelStep, *challengers: pb.ModelStep) -> pb.PipelineStep:
+    return pb.PipelineStep(shadow=pb.ShadowStep(champion=champion, challengers=list(challengers)))
+
+
+def model(name: str, version: int = 0, **inputs: str) -> pb.ModelStep:
+    return pb.ModelStep(model=name, version=version, input_mapping=inputs)
+
+
+def test_shadow_step_resolves_latest_versions_and_chains_from_the_champion(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "iris-b", iris_bytes)
+    upload(stub, workspace, "iris-b", iris_bytes)
+    upload(stub, workspace, "iris-c", iris_bytes)
+    upload(stub, workspace, "probs", identity_model("probabilities", "float32", "copy", width=3))
+    version = create(
+        stub,
+        workspace,
+        "p",
+        shadow(model("iris"), model("iris-b"), model("iris-c", features="petals")),
+        step("probs"),
+    )
+    first = version.steps[0]
+    assert (first.model, first.version, [o.name for o in first.outputs]) == (
+        "iris",
+        1,
+        ["label", "probabilities"],
+    )
+    assert [(c.model, c.version, dict(c.input_mapping)) for c in first.challengers] == [
+        ("iris-b", 2, {}),
+        ("iris-c", 1, {"features": "petals"}),
+    ]
+    assert all(
+        c.sha256 == first.sha256 and [i.name for i in c.inputs] == ["features"] for c in first.challengers
+    )
+    assert (version.steps[1].model, list(version.steps[1].challengers)) == ("probs", [])
+    # Read back as stored.
+    stored = stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).versions
+    assert list(stored) == [version]
+
+
+def test_shadow_versions_bump_only_when_challengers_change(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    for name in ("iris", "iris-b", "iris-c"):
+        upload(stub, workspace, name, iris_bytes)
+    assert create(stub, workspace, "p", shadow(model("iris"), model("iris-b"))).version == 1
+    assert create(stub, workspace, "p", shadow(model("iris", 1), model("iris-b", 1))).version == 1
+    # A plain model step of the champion is another pipeline.
+    assert create(stub, workspace, "p", step("iris")).version == 2
+    assert create(stub, workspace, "p", shadow(model("iris"), model("iris-b"))).version == 3
+    assert create(stub, workspace, "p", shadow(model("iris"), model("iris-b"), model("iris-c"))).version == 4
+    assert create(stub, workspace, "p", shadow(model("iris"), model("iris-c"), model("iris-b"))).version == 5
+    assert create(stub, workspace, "p", shadow(model("iris"), model("iris-c"), model("iris-b"))).version == 5
+    upload(stub, workspace, "iris-b", iris_bytes)
+    # The latest challenger is now iris-b v2.
+    assert create(stub, workspace, "p", shadow(model("iris"), model("iris-c"), model("iris-b"))).version == 6
+    assert (
+        create(stub, workspace, "p", shadow(model("iris"), model("iris-c"), model("iris-b", 2))).version == 6
+    )
+    mapped_b = model("iris-b", features="petals")
+    assert create(stub, workspace, "p", shadow(model("iris"), model("iris-c"), mapped_b)).version == 7
+
+
+@pytest.mark.parametrize(
+    ("steps", "code", "message"),
+    [
+        ([shadow(model("iris"))], "INVALID_ARGUMENT", "step 1: a shadow step needs at least one challenger"),
+        (
+            [shadow(model("iris"), model("iris-b"), model("iris-b", 1))],
+            "INVALID_ARGUMENT",
+            "step 1: challenger 'iris-b' is given twice; challenger outputs are kept by model name, "
+            "so each challenger must be a different model",
+        ),
+        (
+            [shadow(model("iris", 1), model("iris-b"), model("iris"))],
+            "INVALID_ARGUMENT",
+            "step 1: challenger 'iris' is the champion's model; challenger outputs are kept by model "
+            "name, so upload the challenger under a name of its own",
+        ),
+        (
+            [pb.PipelineStep(shadow=pb.ShadowStep(challengers=[model("iris-b")]))],
+            "INVALID_ARGUMENT",
+            "step 1: a shadow step needs a champion model",
+        ),
+        (
+            [step("iris"), shadow(model("probs"), model("ghost"))],
+            "NOT_FOUND",
+            "step 2: challenger model 'ghost' not found in workspace",
+        ),
+        (
+            [shadow(model("iris", 9), model("iris-b"))],
+            "NOT_FOUND",
+            "step 1: champion model 'iris' has no version 9",
+        ),
+        (
+            [shadow(model("iris"), model("iris-b", features="bad field!"))],
+            "INVALID_ARGUMENT",
+            "step 1 (challenger iris-b v1): input 'features' is mapped from record field 'bad field!'",
+        ),
+        (
+            [shadow(model("iris"), model("iris-b", petals="x"))],
+            "INVALID_ARGUMENT",
+            "step 1 (challenger iris-b v1): model 'iris-b' has no input 'petals'; its inputs are: "
+            "'features' (float32)",
+        ),
+        (
+            [step("iris"), shadow(model("probs"), model("iris-b"))],
+            "INVALID_ARGUMENT",
+            "step 2 (challenger iris-b v1) needs input 'features' (float32), but step 1 (iris v1) "
+            "produces only 'label' (int64), 'probabilities' (float32)",
+        ),
+        (
+            [step("iris"), shadow(model("probs"), model("names", label="probabilities"))],
+            "INVALID_ARGUMENT",
+            "step 2 (challenger names v1) needs input 'label' (string) from 'probabilities', but "
+            "step 1 (iris v1) produces 'probabilities' as float32",
+        ),
+        (
+            # What follows a shadow step is fed by the champion only.
+            [shadow(model("probs"), model("iris")), step("iris-b")],
+            "INVALID_ARGUMENT",
+            "step 2 (iris-b v1) needs input 'features' (float32), but step 1 (champion probs v1) "
+            "produces only 'copy' (float32)",
+        ),
+    ],
+)
+def test_invalid_shadow_steps(
+    stub: Stub, workspace: str, iris_bytes: bytes, steps: list[pb.PipelineStep], code: str, message: str
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "iris-b", iris_bytes)
+    upload(stub, workspace, "probs", identity_model("probabilities", "float32", "copy", width=3))
+    upload(stub, workspace, "names", identity_model("label", "string", "name"))
+    error = rpc_error(lambda: create(stub, workspace, "p", *steps))
+    assert error.code().name == code, error.details()
+    assert error.details().startswith(message), error.details()
+    assert stub.ListPipelines(pb.ListPipelinesRequest(workspace=workspace)).pipelines == []
+
+
+def test_validations_after_a_shadow_step_read_the_champion(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "probs", identity_model("features", "float32", "copy", width=4))
+    checks = pb.PipelineStep(validations=pb.ValidationsStep(checks={"big": "out.copy[0] > 9"}))
+    version = create(stub, workspace, "p", shadow(model("probs"), model("iris")), checks)
+    assert [s.model for s in version.steps] == ["probs", ""]
+    error = rpc_error(lambda: create(stub, workspace, "q", shadow(model("iris"), model("probs")), checks))
+    assert error.details() == (
+        "step 2: check 'big' reads out.copy, but step 1 (champion iris v1) produces only "
+        "'label' (int64), 'probabilities' (float32)"
+    )
+
+
+def test_deployed_spec_carries_challengers(
+    stub: Stub, workspace: str, iris_bytes: bytes, registry_settings: RegistrySettings
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "iris-b", iris_bytes)
+    upload(stub, workspace, "iris-b", iris_bytes)
+    created = create(stub, workspace, "p", shadow(model("iris"), model("iris-b", features="petals")))
+    deployment = stub.Deploy(pb.DeployRequest(workspace=workspace, pipeline="p"), timeout=30)
+    key = topics.deployment_key(workspace, "p")
+    (message,) = read_deployments(registry_settings, lambda found: len(found) >= 1, key)
+    spec = json_format.Parse(message.value(), pb.DeploymentSpec())
+    assert spec.deployment_id == deployment.deployment_id
+    (resolved,) = spec.steps
+    assert resolved == created.steps[0]
+    assert (resolved.model, resolved.version) == ("iris", 1)
+    (challenger,) = resolved.challengers
+    assert (challenger.model, challenger.version, dict(challenger.input_mapping)) == (
+        "iris-b",
+        2,
+        {"features": "petals"},
+    )
+    assert challenger.sha256 and [o.name for o in challenger.outputs] == ["label", "probabilities"]
     stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline="p"))

@@ -31,6 +31,9 @@ class Step:
     input_mapping: tuple[tuple[str, str], ...] = ()
     """(input, source) pairs by input name, for the inputs not fed by their own name: the source is a
     record field for the first model step, else an output of the model step before."""
+    challengers: tuple[Step, ...] = ()
+    """Set on a shadow step (this step's model is the champion): models fed from the same sources, each
+    per its own mapping, whose outputs are only recorded; they never change the step's result."""
 
     def source(self, name: str) -> str:
         """Where input ``name`` is fed from."""
@@ -76,7 +79,17 @@ class Deployment:
         return tuple(step for step in self.steps if isinstance(step, Step))
 
     @property
+    def artifact_steps(self) -> tuple[Step, ...]:
+        """Every model to load, in order: each model step followed by its challengers."""
+        return tuple(model for step in self.model_steps for model in (step, *step.challengers))
+
+    @cached_property
+    def has_shadow(self) -> bool:
+        return any(step.challengers for step in self.model_steps)
+
+    @property
     def models(self) -> list[dict[str, str | int]]:
+        """The models that produce the result: challengers are not among them."""
         return [step.ref() for step in self.model_steps]
 
     @cached_property
@@ -105,11 +118,7 @@ def _tensors(specs: Iterable[registry_pb2.TensorSpec]) -> tuple[Tensor, ...]:
     return tuple(Tensor(t.name, t.dtype, tuple(t.shape)) for t in specs)
 
 
-def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations:
-    if spec.checks:
-        if spec.model:
-            raise ValueError(f"step of model {spec.model!r} also has checks; a step is one or the other")
-        return Validations(tuple(sorted(spec.checks.items())))
+def _model_step(spec: registry_pb2.ResolvedStep, challengers: tuple[Step, ...] = ()) -> Step:
     return Step(
         spec.model,
         spec.version,
@@ -118,7 +127,32 @@ def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations:
         _tensors(spec.inputs),
         _tensors(spec.outputs),
         tuple(sorted((name, source) for name, source in spec.input_mapping.items() if source != name)),
+        challengers,
     )
+
+
+def _challenger(champion: str, spec: registry_pb2.ResolvedStep) -> Step:
+    if not spec.model or spec.checks or spec.challengers:
+        raise ValueError(f"a challenger of model {champion!r} must be a plain model step")
+    return _model_step(spec)
+
+
+def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations:
+    if spec.checks:
+        if spec.model or spec.challengers:
+            what = f"of model {spec.model!r}" if spec.model else "with challengers"
+            raise ValueError(f"step {what} also has checks; a step is one or the other")
+        return Validations(tuple(sorted(spec.checks.items())))
+    if not spec.challengers:
+        return _model_step(spec)
+    if not spec.model:
+        raise ValueError("shadow step without a champion model")
+    challengers = tuple(_challenger(spec.model, c) for c in spec.challengers)
+    names = [spec.model, *(c.model for c in challengers)]
+    if len(set(names)) != len(names):
+        # Challengers' outputs are keyed by model name.
+        raise ValueError(f"shadow step models {names} are not distinct")
+    return _model_step(spec, challengers)
 
 
 def from_proto(spec: registry_pb2.DeploymentSpec) -> Deployment:

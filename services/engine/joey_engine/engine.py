@@ -250,8 +250,10 @@ class Engine:
         return delay
 
     def _fetch(self, deployment: Deployment) -> tuple[Path, ...]:
-        """The model of every model step in the local cache; the replicas load them."""
-        return tuple(self._store.fetch(deployment.workspace, step.sha256) for step in deployment.model_steps)
+        """The model of every model step and challenger in the local cache; the replicas load them."""
+        return tuple(
+            self._store.fetch(deployment.workspace, step.sha256) for step in deployment.artifact_steps
+        )
 
     def _stop(self, parts: list[tuple[_Deployed, set[int]]]) -> None:
         """Stop the replicas of the given slots, then give the slots up.

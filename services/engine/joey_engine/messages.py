@@ -89,16 +89,23 @@ def _checks_text(names: tuple[str, ...], failures: tuple[str, ...]) -> str:
     return f'"check_failures":{records.dumps_text(list(failures))},"anomaly":{records.dumps_text(anomaly)}'
 
 
+def _shadow_text(result: Success) -> str:
+    """``shadow`` and, when a challenger failed, ``shadow_errors``, as JSON members with a trailing comma."""
+    errors = f'"shadow_errors":{records.dumps_text(result.shadow_errors)},' if result.shadow_errors else ""
+    return f'"shadow":{result.shadow_json},{errors}'
+
+
 def output_value(deployment: Deployment, source: Source, result: Success, now: datetime) -> bytes:
     # The engine's per-record hot path: the record is assembled from JSON texts that are each
     # produced once (the input's own bytes, the outputs shared with the log, per-deployment
     # metadata) instead of encoding one nested dict per record.
     names = deployment.check_names
     checks = _checks_text(names, result.check_failures) if names else _NO_CHECKS
+    shadow = "" if result.shadow is None else _shadow_text(result)
     return (
         f'{{"time":"{_time_text(now)}","request_id":{json.dumps(source.request_id)},'
         f'"in":{source.value_json},"out":{result.outputs_json},'
-        f"{checks},"
+        f"{shadow}{checks},"
         f'"metadata":{_metadata_text(deployment, source, result.elapsed_ns)}}}'
     ).encode()
 
@@ -128,10 +135,17 @@ def log_value(deployment: Deployment, source: Source, result: Result, now: datet
             "ok": True,
             "error": None,
             "outputs": result.outputs_json,
+            "shadow_outputs": None if result.shadow is None else result.shadow_json,
             "elapsed_ns": list(result.elapsed_ns),
         }
     else:
-        outcome = {"ok": False, "error": result.reason, "outputs": None, "elapsed_ns": []}
+        outcome = {
+            "ok": False,
+            "error": result.reason,
+            "outputs": None,
+            "shadow_outputs": None,
+            "elapsed_ns": [],
+        }
     inputs = None if result.inputs is None else source.value_json
     return records.encode_log(
         {
@@ -147,7 +161,6 @@ def log_value(deployment: Deployment, source: Source, result: Result, now: datet
             "input_offset": source.offset,
             "inputs": inputs,
             "raw_input": source.value if inputs is None else None,
-            "shadow_outputs": None,
             "check_failures": list(result.check_failures) if isinstance(result, Success) else [],
             "models": deployment.models,
         }

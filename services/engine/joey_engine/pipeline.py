@@ -2,7 +2,9 @@
 
 Each record is validated on its own, so a bad record fails alone with a reason naming the
 problem; the valid ones are stacked into one batch per input and run through the model steps,
-and each validations step checks the batch after the model step before it.
+and each validations step checks the batch after the model step before it. A shadow step runs its
+champion like a model step, then each challenger on the same feeds; a challenger that fails is
+reported with the records it ran on and never changes their result.
 """
 
 from __future__ import annotations
@@ -39,11 +41,20 @@ class Success:
     """The checks that flagged this record, in the deployment's order of check names."""
     check_errors: tuple[str, ...] = ()
     """Why checks that count as failed could not be evaluated on this record."""
+    shadow: dict[str, dict[str, Any]] | None = None
+    """Each challenger's outputs for this record, by model name; None when the pipeline has no shadow step."""
+    shadow_errors: dict[str, str] | None = None
+    """Why challengers failed on this record, by model name (the ones missing from ``shadow``)."""
 
     @cached_property
     def outputs_json(self) -> str:
         """``outputs`` as JSON text, encoded once for both the output record and the log."""
         return dumps_text(self.outputs)
+
+    @cached_property
+    def shadow_json(self) -> str:
+        """``shadow`` as JSON text, for both the output record and the log."""
+        return dumps_text(self.shadow)
 
 
 @dataclass(frozen=True)
@@ -61,16 +72,6 @@ class StepError(Exception):
 
 
 @dataclass(frozen=True)
-class _ModelStage:
-    position: int
-    step: Step
-    runtime: ModelRuntime
-    sources: tuple[tuple[Tensor, str], ...]
-    """Each input with the name it takes from the feeds it runs on: an output of the model step before, or
-    for the first model step the input's own name (its feeds are built from the record under input names)."""
-
-
-@dataclass(frozen=True)
 class _RecordInput:
     """An input of the first model step and the record field that feeds it."""
 
@@ -82,6 +83,45 @@ class _RecordInput:
         """How error messages name it: by the field too when the user's record names it differently."""
         name = repr(self.tensor.name)
         return name if self.field == self.tensor.name else f"{name} (record field {self.field!r})"
+
+
+@dataclass(frozen=True)
+class _Challenger:
+    what: str
+    """How errors name it."""
+    step: Step
+    runtime: ModelRuntime
+    sources: tuple[tuple[Tensor, str], ...]
+    """The inputs taken from the champion's feeds, as in ``_ModelStage.sources``."""
+    record_inputs: tuple[_RecordInput, ...]
+    """First step only: the inputs the champion's feeds cannot give (another record field, dtype or
+    shape), converted from each record, so that a record unfit for the challenger fails only there."""
+
+
+@dataclass(frozen=True)
+class _ModelStage:
+    position: int
+    step: Step
+    runtime: ModelRuntime
+    sources: tuple[tuple[Tensor, str], ...]
+    """Each input with the name it takes from the feeds it runs on: an output of the model step before, or
+    for the first model step the input's own name (its feeds are built from the record under input names)."""
+    challengers: tuple[_Challenger, ...] = ()
+
+    @cached_property
+    def what(self) -> str:
+        return f"step {self.position} (model {self.step.model!r} v{self.step.version})"
+
+
+@dataclass(frozen=True)
+class _Shadowed:
+    """A challenger's run over a batch."""
+
+    model: str
+    columns: dict[str, list[Any]]
+    """Output name -> one value per record of the batch (None where it failed)."""
+    errors: dict[int, str]
+    """Why it failed, by record index in the batch."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +141,8 @@ class _Ran:
     flagged: np.ndarray | None
     """Bool array (records, check names), None when the pipeline has no checks."""
     problems: dict[int, list[str]]
+    shadow: list[_Shadowed] | None
+    """None when the pipeline has no shadow step."""
 
 
 _KIND_NAMES = {"f": "numbers", "i": "integers", "u": "integers", "b": "booleans", "U": "strings"}
@@ -151,6 +193,70 @@ def _fed(name: str, source: str) -> str:
     return name if source == name else f"{name}<-{source}"
 
 
+def _record_arrays(
+    record_inputs: Sequence[_RecordInput], row: dict[str, Any], expects: str
+) -> dict[str, np.ndarray]:
+    """A record's value for each input; ``expects`` names who expects them in the error of a missing one."""
+    missing = [i for i in record_inputs if i.field not in row]
+    if missing:
+        first = missing[0]
+        where = (
+            ""
+            if first.field == first.tensor.name
+            else f" (the pipeline reads it from record field {first.field!r})"
+        )
+        expected = ", ".join(i.label for i in record_inputs)
+        raise RecordError(f"missing input {first.tensor.name!r}{where}; {expects} expects inputs {expected}")
+    return {i.tensor.name: _convert(i.tensor, row[i.field], i.label) for i in record_inputs}
+
+
+def _fits(fed: Tensor, wanted: Tensor) -> bool:
+    """Whether an array valid for ``fed`` is valid as is for ``wanted``."""
+    return (
+        fed.dtype == wanted.dtype
+        and len(fed.shape) == len(wanted.shape)
+        and all(want < 0 or want == got for want, got in zip(wanted.shape[1:], fed.shape[1:], strict=True))
+    )
+
+
+def _check_mapping(what: str, step: Step, runtime: ModelRuntime) -> None:
+    names = [t.name for t in runtime.inputs]
+    unknown = sorted({name for name, _ in step.input_mapping} - set(names))
+    if unknown:
+        raise ValueError(f"{what} maps inputs {unknown} that it does not have; its inputs are {names}")
+
+
+def _chained(
+    what: str, step: Step, runtime: ModelRuntime, before: _ModelStage
+) -> tuple[tuple[Tensor, str], ...]:
+    """The inputs of a model fed by the model step before, with the output that feeds each."""
+    sources = tuple((t, step.source(t.name)) for t in runtime.inputs)
+    available = {t.name for t in before.step.outputs}
+    missing = [_fed(t.name, source) for t, source in sources if source not in available]
+    if missing:
+        raise ValueError(
+            f"{what} needs inputs {missing} that step {before.position} "
+            f"(model {before.step.model!r}) does not produce; it produces {sorted(available)}"
+        )
+    return sources
+
+
+def _by_record(shadowed: list[_Shadowed], n: int) -> list[tuple[dict[str, dict[str, Any]], dict[str, str]]]:
+    """Each record's ``shadow`` and ``shadow_errors``."""
+    per_record = []
+    for i in range(n):
+        shadow: dict[str, dict[str, Any]] = {}
+        errors: dict[str, str] = {}
+        for run in shadowed:
+            reason = run.errors.get(i)
+            if reason is None:
+                shadow[run.model] = {name: column[i] for name, column in run.columns.items()}
+            else:
+                errors[run.model] = reason
+        per_record.append((shadow, errors))
+    return per_record
+
+
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
     target = np.dtype(dtype)
     if target.kind == "U":
@@ -162,11 +268,12 @@ class PipelineRunner:
     """Thread-safe: holds only loaded runtimes, which support concurrent ``predict`` calls."""
 
     def __init__(self, deployment: Deployment, runtimes: Sequence[ModelRuntime]) -> None:
-        """``runtimes`` are those of the model steps, in order; validations steps need none."""
-        model_steps = deployment.model_steps
-        if len(runtimes) != len(model_steps):
-            raise ValueError(f"{len(model_steps)} model steps but {len(runtimes)} runtimes")
+        """``runtimes`` are those of ``deployment.artifact_steps``, in order; validations steps need none."""
+        models = deployment.artifact_steps
+        if len(runtimes) != len(models):
+            raise ValueError(f"{len(models)} models to run but {len(runtimes)} runtimes")
         self._check_names = deployment.check_names
+        self._has_shadow = deployment.has_shadow
         self._stages: list[_ModelStage | _ChecksStage] = []
         loaded = iter(runtimes)
         before: _ModelStage | None = None
@@ -177,31 +284,42 @@ class PipelineRunner:
                 self._stages.append(_ChecksStage(k, checks, columns))
                 continue
             runtime = next(loaded)
-            names = [t.name for t in runtime.inputs]
-            unknown = sorted({name for name, _ in step.input_mapping} - set(names))
-            if unknown:
-                raise ValueError(
-                    f"step {k} (model {step.model!r}) maps inputs {unknown} that it does not have; "
-                    f"its inputs are {names}"
-                )
+            what = f"step {k} (model {step.model!r})"
+            _check_mapping(what, step, runtime)
             if before is None:
                 self._record_inputs = tuple(_RecordInput(t, step.source(t.name)) for t in runtime.inputs)
                 sources = tuple((t, t.name) for t in runtime.inputs)
             else:
-                sources = tuple((t, step.source(t.name)) for t in runtime.inputs)
-                available = {t.name for t in before.step.outputs}
-                missing = [_fed(t.name, source) for t, source in sources if source not in available]
-                if missing:
-                    raise ValueError(
-                        f"step {k} (model {step.model!r}) needs inputs {missing} that step {before.position} "
-                        f"(model {before.step.model!r}) does not produce; it produces {sorted(available)}"
-                    )
-            before = _ModelStage(k, step, runtime, sources)
+                sources = _chained(what, step, runtime, before)
+            challengers = tuple(
+                self._challenger(k, challenger, next(loaded), before) for challenger in step.challengers
+            )
+            before = _ModelStage(k, step, runtime, sources, challengers)
             self._stages.append(before)
         self._step_seconds = [
             metrics.STEP_SECONDS.labels(deployment.workspace, deployment.pipeline, str(k))
             for k in range(1, len(deployment.steps) + 1)
         ]
+
+    def _challenger(
+        self, k: int, step: Step, runtime: ModelRuntime, before: _ModelStage | None
+    ) -> _Challenger:
+        what = f"challenger {step.model!r} v{step.version} of step {k}"
+        _check_mapping(what, step, runtime)
+        if before is not None:
+            return _Challenger(what, step, runtime, _chained(what, step, runtime, before), ())
+        # Inputs that read the same field as the champion's at a compatible type reuse its converted column.
+        fed = {i.field: i.tensor for i in self._record_inputs}
+        sources: list[tuple[Tensor, str]] = []
+        record_inputs: list[_RecordInput] = []
+        for tensor in runtime.inputs:
+            field = step.source(tensor.name)
+            champion = fed.get(field)
+            if champion is not None and _fits(champion, tensor):
+                sources.append((tensor, champion.name))
+            else:
+                record_inputs.append(_RecordInput(tensor, field))
+        return _Challenger(what, step, runtime, tuple(sources), tuple(record_inputs))
 
     def run(self, values: Sequence[bytes | None]) -> list[Result]:
         """One result per value, in order."""
@@ -274,19 +392,7 @@ class PipelineRunner:
         return feeds
 
     def _validate(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
-        missing = [i for i in self._record_inputs if i.field not in row]
-        if missing:
-            first = missing[0]
-            where = (
-                ""
-                if first.field == first.tensor.name
-                else f" (the pipeline reads it from record field {first.field!r})"
-            )
-            expected = ", ".join(i.label for i in self._record_inputs)
-            raise RecordError(
-                f"missing input {first.tensor.name!r}{where}; the pipeline expects inputs {expected}"
-            )
-        return {i.tensor.name: _convert(i.tensor, row[i.field], i.label) for i in self._record_inputs}
+        return _record_arrays(self._record_inputs, row, "the pipeline")
 
     def _run_valid(
         self,
@@ -308,14 +414,26 @@ class PipelineRunner:
             if arrays is None:
                 arrays = [self._validate(row) for row in rows]
             return [self._run_one(row, array) for row, array in zip(rows, arrays, strict=True)]
+        return self._successes(rows, ran)
+
+    def _run_one(self, row: dict[str, Any], array: dict[str, np.ndarray]) -> Result:
+        try:
+            ran = self._infer({name: value[np.newaxis] for name, value in array.items()}, [row])
+        except StepError as exc:
+            return Failure(str(exc), row)
+        return self._successes([row], ran)[0]
+
+    def _successes(self, rows: list[dict[str, Any]], ran: _Ran) -> list[Result]:
         columns = {name: output.tolist() for name, output in ran.outputs.items()}
         elapsed = ran.elapsed_ns
-        if ran.flagged is None:
+        if ran.flagged is None and ran.shadow is None:
             return [
                 Success(row, {name: column[i] for name, column in columns.items()}, elapsed)
                 for i, row in enumerate(rows)
             ]
-        failures = self._failures(ran.flagged)
+        n = len(rows)
+        failures = [()] * n if ran.flagged is None else self._failures(ran.flagged)
+        shadows = [(None, None)] * n if ran.shadow is None else _by_record(ran.shadow, n)
         return [
             Success(
                 row,
@@ -323,21 +441,10 @@ class PipelineRunner:
                 elapsed,
                 failures[i],
                 tuple(ran.problems.get(i, ())),
+                *shadows[i],
             )
             for i, row in enumerate(rows)
         ]
-
-    def _run_one(self, row: dict[str, Any], array: dict[str, np.ndarray]) -> Result:
-        try:
-            ran = self._infer({name: value[np.newaxis] for name, value in array.items()}, [row])
-        except StepError as exc:
-            return Failure(str(exc), row)
-        outputs = {name: output[0].tolist() for name, output in ran.outputs.items()}
-        if ran.flagged is None:
-            return Success(row, outputs, ran.elapsed_ns)
-        return Success(
-            row, outputs, ran.elapsed_ns, self._failures(ran.flagged)[0], tuple(ran.problems.get(0, ()))
-        )
 
     def _failures(self, flagged: np.ndarray) -> list[tuple[str, ...]]:
         """Each record's flagged check names; records flagged by none (the usual case) share one tuple."""
@@ -353,6 +460,7 @@ class PipelineRunner:
         outputs: dict[str, np.ndarray] = {}
         flagged = np.zeros((n, len(self._check_names)), dtype=bool) if self._check_names else None
         problems: dict[int, list[str]] = {}
+        shadowed: list[_Shadowed] | None = [] if self._has_shadow else None
         for stage in self._stages:
             start = time.perf_counter_ns()
             if isinstance(stage, _ChecksStage):
@@ -363,25 +471,72 @@ class PipelineRunner:
                 for i, reasons in verdicts.problems.items():
                     problems.setdefault(i, []).extend(reasons)
             else:
-                outputs = current = self._run_step(stage, current, n)
+                step_feeds = {t.name: _cast(current[source], t.dtype) for t, source in stage.sources}
+                produced = self._run_model(stage.what, stage.runtime, step_feeds, n)
+                if stage.challengers:
+                    assert shadowed is not None
+                    shadowed.extend(self._shadow(c, current, rows) for c in stage.challengers)
+                outputs = current = produced
             elapsed.append(time.perf_counter_ns() - start)
             self._step_seconds[stage.position - 1].observe(elapsed[-1] / 1e9)
-        return _Ran(current, tuple(elapsed), flagged, problems)
+        return _Ran(current, tuple(elapsed), flagged, problems, shadowed)
 
-    def _run_step(self, stage: _ModelStage, current: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        step, runtime, k = stage.step, stage.runtime, stage.position
-        step_feeds = {t.name: _cast(current[source], t.dtype) for t, source in stage.sources}
+    def _run_model(
+        self, what: str, runtime: ModelRuntime, feeds: dict[str, np.ndarray], n: int
+    ) -> dict[str, np.ndarray]:
         try:
-            produced = self._predict(runtime, step_feeds, n)
+            produced = self._predict(runtime, feeds, n)
         except Exception as exc:
-            raise StepError(f"step {k} (model {step.model!r} v{step.version}) failed: {exc}") from exc
+            raise StepError(f"{what} failed: {exc}") from exc
         for name, output in produced.items():
             if output.ndim == 0 or output.shape[0] != n:
                 raise StepError(
-                    f"step {k} (model {step.model!r} v{step.version}) output {name!r} has shape "
-                    f"{list(output.shape)}, expected a first dimension of {n} (one row per record)"
+                    f"{what} output {name!r} has shape {list(output.shape)}, "
+                    f"expected a first dimension of {n} (one row per record)"
                 )
         return produced
+
+    def _shadow(
+        self, challenger: _Challenger, current: dict[str, np.ndarray], rows: list[dict[str, Any]]
+    ) -> _Shadowed:
+        """Run a challenger on the feeds its champion ran on; whatever goes wrong is only reported."""
+        model, n = challenger.step.model, len(rows)
+        errors: dict[int, str] = {}
+        kept: Sequence[int] = range(n)  # the records it runs on
+        feeds = {t.name: current[source] for t, source in challenger.sources}
+        arrays: list[dict[str, np.ndarray]] = []
+        if challenger.record_inputs:
+            fit = []
+            for i, row in enumerate(rows):
+                try:
+                    arrays.append(_record_arrays(challenger.record_inputs, row, "the model"))
+                    fit.append(i)
+                except RecordError as exc:
+                    errors[i] = str(exc)
+            if not fit:
+                return _Shadowed(model, {}, errors)
+            if len(fit) < n:
+                kept = fit
+                feeds = {name: value[fit] for name, value in feeds.items()}
+        try:
+            # Records whose dynamic dimensions differ cannot be stacked: that too is only the challenger's.
+            names = [i.tensor.name for i in challenger.record_inputs]
+            feeds |= {name: np.stack([a[name] for a in arrays]) for name in names}
+            feeds = {t.name: _cast(feeds[t.name], t.dtype) for t in challenger.runtime.inputs}
+            produced = self._run_model(challenger.what, challenger.runtime, feeds, len(kept))
+        except Exception as exc:  # a challenger must never fail the record
+            reason = str(exc)
+            errors.update(dict.fromkeys(kept, reason))
+            return _Shadowed(model, {}, errors)
+        if not errors:
+            return _Shadowed(model, {name: output.tolist() for name, output in produced.items()}, errors)
+        columns: dict[str, list[Any]] = {}
+        for name, output in produced.items():
+            column: list[Any] = [None] * n
+            for i, value in zip(kept, output.tolist(), strict=True):
+                column[i] = value
+            columns[name] = column
+        return _Shadowed(model, columns, errors)
 
     @staticmethod
     def _predict(runtime: ModelRuntime, feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:

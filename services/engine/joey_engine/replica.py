@@ -41,7 +41,7 @@ class ReplicaSpec:
     settings: EngineSettings
     deployment: Deployment
     artifacts: tuple[Path, ...]
-    """The local file of each model step's model, in step order."""
+    """The local file of each model to load, in the order of ``Deployment.artifact_steps``."""
     replica_id: str
 
 
@@ -49,7 +49,7 @@ def load_runner(
     settings: EngineSettings, deployment: Deployment, artifacts: Sequence[Path]
 ) -> PipelineRunner:
     runtimes = []
-    for step, path in zip(deployment.model_steps, artifacts, strict=True):
+    for step, path in zip(deployment.artifact_steps, artifacts, strict=True):
         runtime = create_runtime(step.framework, settings)
         runtime.load(path)
         runtimes.append(runtime)
@@ -180,7 +180,7 @@ def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter) -> st
         "replica %s of %s loaded models %s in process %d",
         spec.replica_id,
         deployment,
-        [f"{s.model} v{s.version}" for s in deployment.model_steps],
+        [f"{s.model} v{s.version}" for s in deployment.artifact_steps],
         os.getpid(),
     )
     client = redis.Redis.from_url(settings.redis_url)

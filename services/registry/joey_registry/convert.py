@@ -67,24 +67,38 @@ def step_requests(steps: list[pb.PipelineStep]) -> list[domain.StepRequest]:
     for number, step in enumerate(steps, 1):
         kind = step.WhichOneof("kind")
         if kind == "model":
-            requests.append(
-                domain.StepRef(
-                    model=step.model.model,
-                    version=step.model.version,
-                    input_mapping=domain.input_mapping(step.model.input_mapping),
-                )
-            )
+            requests.append(_step_ref(step.model))
         elif kind == "validations":
             requests.append(domain.ValidationsStep.of(step.validations.checks))
+        elif kind == "shadow":
+            # Rejected here because only the wire format can leave the champion out.
+            if not step.shadow.HasField("champion"):
+                raise InvalidArgument(f"step {number}: a shadow step needs a champion model")
+            requests.append(
+                domain.ShadowRef(
+                    champion=_step_ref(step.shadow.champion),
+                    challengers=tuple(_step_ref(c) for c in step.shadow.challengers),
+                )
+            )
         else:
             # Rejected here because only the wire format can express an empty step.
-            raise InvalidArgument(f"step {number} is empty: set its model or its validations")
+            raise InvalidArgument(f"step {number} is empty: set its model, validations or shadow")
     return requests
+
+
+def _step_ref(step: pb.ModelStep) -> domain.StepRef:
+    return domain.StepRef(
+        model=step.model, version=step.version, input_mapping=domain.input_mapping(step.input_mapping)
+    )
 
 
 def resolved_step(step: domain.Step) -> pb.ResolvedStep:
     if isinstance(step, domain.ValidationsStep):
         return pb.ResolvedStep(checks=dict(step.checks))
+    if isinstance(step, domain.ShadowStep):
+        message = resolved_step(step.champion)
+        message.challengers.extend(resolved_step(c) for c in step.challengers)
+        return message
     return pb.ResolvedStep(
         model=step.model,
         version=step.version,
@@ -203,6 +217,7 @@ def log_entry(e: domain.LogEntry) -> pb.LogEntry:
         error=e.error,
         inputs_json=e.inputs_json,
         outputs_json=e.outputs_json,
+        shadow_json=e.shadow_json,
         check_failures=list(e.check_failures),
         models=[pb.ModelRef(name=m.name, version=m.version, sha256=m.sha256) for m in e.models],
         elapsed_ns=list(e.elapsed_ns),

@@ -32,6 +32,8 @@ from joey_registry.domain import (
     Pipeline,
     PipelineVersion,
     ResolvedStep,
+    ShadowRef,
+    ShadowStep,
     Step,
     StepRef,
     StepRequest,
@@ -199,19 +201,27 @@ class Registry:
             raise InvalidArgument(f"pipeline {name!r} needs at least one step")
         resolved: list[Step] = []
         for number, ref in enumerate(steps, 1):
-            if not isinstance(ref, StepRef):
+            if isinstance(ref, StepRef):
+                resolved.append(self._resolve(ws, number, ref))
+            elif isinstance(ref, ShadowRef):
+                champion = self._resolve(ws, number, ref.champion, "champion ")
+                challengers = tuple(self._resolve(ws, number, c, "challenger ") for c in ref.challengers)
+                resolved.append(ShadowStep(champion, challengers))
+            else:
                 resolved.append(ref)
-                continue
-            try:
-                model_step = ResolvedStep.of(self._model_version(ws, ref.model, ref.version))
-            except (NotFound, InvalidArgument) as exc:
-                raise type(exc)(f"step {number}: {exc}") from None
-            resolved.append(map_inputs(number, model_step, ref.input_mapping))
         check_steps(resolved)
         version, created = self.store.add_pipeline_version(ws, name, tuple(resolved))
         if created:
             log.info("created pipeline %s/%s version %d", ws.name, name, version.version)
         return version
+
+    def _resolve(self, ws: WorkspaceRef, number: int, ref: StepRef, role: str = "") -> ResolvedStep:
+        """``ref`` pinned to a model version (0 = the latest now); ``role`` is its part in a shadow step."""
+        try:
+            model_step = ResolvedStep.of(self._model_version(ws, ref.model, ref.version))
+        except (NotFound, InvalidArgument) as exc:
+            raise type(exc)(f"step {number}: {role}{exc}") from None
+        return map_inputs(number, model_step, ref.input_mapping, role)
 
     def get_pipeline(self, caller: Caller, workspace: str, name: str) -> Pipeline:
         ws = self.access.authorize(caller, workspace, Action.READ)

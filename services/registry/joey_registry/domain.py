@@ -147,14 +147,50 @@ class ValidationsStep:
         return {"kind": "validations", "checks": dict(self.checks)}
 
 
-Step = ResolvedStep | ValidationsStep
-StepRequest = StepRef | ValidationsStep
+@dataclass(frozen=True)
+class ShadowRef:
+    """A shadow step as the user wrote it: every model is fed every record, only the champion's
+    outputs continue down the pipeline."""
+
+    champion: StepRef
+    challengers: tuple[StepRef, ...]
+
+
+@dataclass(frozen=True)
+class ShadowStep:
+    """A resolved shadow step. Challengers keep their order as given; their outputs are keyed by
+    model name, so their names differ from each other and from the champion's."""
+
+    champion: ResolvedStep
+    challengers: tuple[ResolvedStep, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        # The champion's fields at the top level, as in a model step: the step reads as the model
+        # step whose outputs continue, with challengers alongside.
+        return {
+            "kind": "shadow",
+            **self.champion.to_json(),
+            "challengers": [c.to_json() for c in self.challengers],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShadowStep:
+        return cls(
+            champion=ResolvedStep.from_json(data),
+            challengers=tuple(ResolvedStep.from_json(c) for c in data["challengers"]),
+        )
+
+
+Step = ResolvedStep | ValidationsStep | ShadowStep
+StepRequest = StepRef | ValidationsStep | ShadowRef
 
 
 def step_from_json(data: dict[str, Any]) -> Step:
     kind = data.get("kind", "model")
     if kind == "validations":
         return ValidationsStep.of(data["checks"])
+    if kind == "shadow":
+        return ShadowStep.from_json(data)
     if kind == "model":
         return ResolvedStep.from_json(data)
     raise ValueError(f"stored pipeline step of unknown kind {kind!r}")
@@ -264,6 +300,7 @@ class LogEntry:
     error: str
     inputs_json: str
     outputs_json: str
+    shadow_json: str
     check_failures: tuple[str, ...]
     models: tuple[ModelRef, ...]
     elapsed_ns: tuple[int, ...]

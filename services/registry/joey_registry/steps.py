@@ -1,6 +1,7 @@
 """Whether resolved pipeline steps fit together: model steps chain (by name or by their input
-mapping), validations steps compile and read only fields that exist. Every error names the step
-(and check or input) and what is wrong."""
+mapping), validations steps compile and read only fields that exist, a shadow step's champion and
+challengers are all fed from the same sources. Every error names the step (and model, check or
+input) and what is wrong."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from joey.expressions import ExpressionError, compile_expression
-from joey_registry.domain import InputMapping, ResolvedStep, Step, TensorSpec, ValidationsStep
+from joey_registry.domain import InputMapping, ResolvedStep, ShadowStep, Step, TensorSpec, ValidationsStep
 from joey_registry.errors import InvalidArgument
 from joey_registry.validation import dtypes_compatible
 
@@ -24,8 +25,9 @@ def describe(specs: tuple[TensorSpec, ...]) -> str:
     return ", ".join(f"{s.name!r} ({s.dtype})" for s in specs) or "nothing"
 
 
-def _label(number: int, step: ResolvedStep) -> str:
-    return f"step {number} ({step.model} v{step.version})"
+def _label(number: int, step: ResolvedStep, role: str = "") -> str:
+    """E.g. "step 2 (iris v1)"; ``role`` ("champion ", "challenger ") places a model in a shadow step."""
+    return f"step {number} ({role}{step.model} v{step.version})"
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
@@ -41,74 +43,104 @@ def _shapes_compatible(produced: tuple[int, ...], expected: tuple[int, ...]) -> 
     return all(p < 0 or e < 0 or p == e for p, e in zip(produced[1:], expected[1:], strict=True))
 
 
-def map_inputs(number: int, step: ResolvedStep, mapping: InputMapping) -> ResolvedStep:
+def map_inputs(number: int, step: ResolvedStep, mapping: InputMapping, role: str = "") -> ResolvedStep:
     """``step`` fed per ``mapping`` (model input -> source name), keeping only the entries that
     rename: an identity mapping is the same pipeline as no mapping."""
     inputs = {i.name for i in step.inputs}
     for name, _ in mapping:
         if name not in inputs:
             raise InvalidArgument(
-                f"{_label(number, step)}: model {step.model!r} has no input {name!r}; "
+                f"{_label(number, step, role)}: model {step.model!r} has no input {name!r}; "
                 f"its inputs are: {describe(step.inputs)}"
             )
     return replace(step, input_mapping=tuple((name, source) for name, source in mapping if name != source))
 
 
+Source = tuple[str, ResolvedStep]
+"""The model step whose outputs feed what follows, with its label for messages."""
+
+
 def check_steps(steps: Sequence[Step]) -> None:
     """The first model step is fed fields of the input record; a later model step is fed the
     outputs of the last model step before it (validations steps in between pass records through);
-    a validations step's ``out.*`` are that model step's outputs."""
-    if not any(isinstance(s, ResolvedStep) for s in steps):
+    a validations step's ``out.*`` are that model step's outputs. A shadow step is fed like a model
+    step, every challenger from the same sources as the champion, and only the champion's outputs
+    feed what follows."""
+    if not any(isinstance(s, ResolvedStep | ShadowStep) for s in steps):
         raise InvalidArgument("a pipeline needs at least one model step")
-    previous: tuple[int, ResolvedStep] | None = None
+    previous: Source | None = None
     named: dict[str, int] = {}
     for number, step in enumerate(steps, 1):
         if isinstance(step, ValidationsStep):
             _check_validations(number, step, previous, named)
             continue
-        if previous is None:
-            _check_record_fields(number, step)
+        if isinstance(step, ShadowStep):
+            _check_challengers(number, step)
+            fed = [(_label(number, step.champion, "champion "), step.champion)]
+            fed += [(_label(number, c, "challenger "), c) for c in step.challengers]
         else:
-            _check_feeds(previous, number, step)
-        previous = number, step
+            fed = [(_label(number, step), step)]
+        for label, model in fed:
+            if previous is None:
+                _check_record_fields(label, model)
+            else:
+                _check_feeds(previous, label, model)
+        previous = fed[0]
 
 
-def _check_record_fields(number: int, step: ResolvedStep) -> None:
+def _check_challengers(number: int, step: ShadowStep) -> None:
+    if not step.challengers:
+        raise InvalidArgument(f"step {number}: a shadow step needs at least one challenger")
+    champion = step.champion.model
+    seen: set[str] = set()
+    for challenger in step.challengers:
+        name = challenger.model
+        # Challenger outputs are kept under the model name, so two entries would collide.
+        if name == champion:
+            raise InvalidArgument(
+                f"step {number}: challenger {name!r} is the champion's model; challenger outputs are "
+                "kept by model name, so upload the challenger under a name of its own"
+            )
+        if name in seen:
+            raise InvalidArgument(
+                f"step {number}: challenger {name!r} is given twice; challenger outputs are kept by "
+                "model name, so each challenger must be a different model"
+            )
+        seen.add(name)
+
+
+def _check_record_fields(label: str, step: ResolvedStep) -> None:
     # Only a field name can be checked: which fields records carry is known when they arrive.
     for name, field in step.input_mapping:
         if not FIELD_NAME.fullmatch(field):
             raise InvalidArgument(
-                f"{_label(number, step)}: input {name!r} is mapped from record field {field!r}, "
+                f"{label}: input {name!r} is mapped from record field {field!r}, "
                 f"which is not a valid field name ({FIELD_NAME.pattern})"
             )
 
 
-def _check_feeds(previous: tuple[int, ResolvedStep], number: int, step: ResolvedStep) -> None:
-    source_number, source = previous
+def _check_feeds(previous: Source, label: str, step: ResolvedStep) -> None:
+    source_label, source = previous
     produced = {o.name: o for o in source.outputs}
     for needed in step.inputs:
         fed_from = step.source(needed.name)
-        where = f"{_label(number, step)} needs input {needed.name!r} ({needed.dtype})"
+        where = f"{label} needs input {needed.name!r} ({needed.dtype})"
         if fed_from != needed.name:
             where += f" from {fed_from!r}"
         out = produced.get(fed_from)
         if out is None:
-            raise InvalidArgument(
-                f"{where}, but {_label(source_number, source)} produces only {describe(source.outputs)}"
-            )
+            raise InvalidArgument(f"{where}, but {source_label} produces only {describe(source.outputs)}")
         if not dtypes_compatible(out.dtype, needed.dtype):
-            raise InvalidArgument(
-                f"{where}, but {_label(source_number, source)} produces {out.name!r} as {out.dtype}"
-            )
+            raise InvalidArgument(f"{where}, but {source_label} produces {out.name!r} as {out.dtype}")
         if not _shapes_compatible(out.shape, needed.shape):
             raise InvalidArgument(
-                f"{where}, but {_label(source_number, source)} produces {out.name!r} with shape "
+                f"{where}, but {source_label} produces {out.name!r} with shape "
                 f"{_shape_text(out.shape)}, which does not fit the input's shape {_shape_text(needed.shape)}"
             )
 
 
 def _check_validations(
-    number: int, step: ValidationsStep, previous: tuple[int, ResolvedStep] | None, named: dict[str, int]
+    number: int, step: ValidationsStep, previous: Source | None, named: dict[str, int]
 ) -> None:
     if not step.checks:
         raise InvalidArgument(f"step {number}: a validations step needs at least one check")
@@ -128,13 +160,13 @@ def _check_validations(
                 f"{where} reads {reads}, but no model step comes before it; "
                 "put the validations step after the model step whose outputs it checks"
             )
-        source_number, source = previous
+        source_label, source = previous
         produced = {o.name for o in source.outputs}
         missing = [o for o in outs if o not in produced]
         if missing:
             raise InvalidArgument(
                 f"{where} reads {', '.join(f'out.{o}' for o in missing)}, but "
-                f"{_label(source_number, source)} produces only {describe(source.outputs)}"
+                f"{source_label} produces only {describe(source.outputs)}"
             )
 
 

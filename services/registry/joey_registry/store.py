@@ -117,6 +117,7 @@ def _log_entry(row: DictRow) -> LogEntry:
         error=row["error"] or "",
         inputs_json=_json_text(row["inputs"]),
         outputs_json=_json_text(row["outputs"]),
+        shadow_json=_json_text(row["shadow"]),
         check_failures=tuple(str(f) for f in row["check_failures"]),
         models=tuple(ModelRef(m["name"], int(m["version"]), m["sha256"]) for m in row["models"]),
         elapsed_ns=tuple(int(n) for n in row["elapsed_ns"]),
@@ -446,8 +447,9 @@ class Store:
                 total = int(counted["n"]) if counted else 0
             rows = conn.execute(
                 "SELECT id, request_id, time, pipeline_version, ok, error, inputs::text AS inputs, "
-                "outputs::text AS outputs, check_failures, models, elapsed_ns, input_partition, "
-                f"input_offset, raw_input FROM inference_logs WHERE {page_condition} "
+                "outputs::text AS outputs, shadow_outputs::text AS shadow, check_failures, models, "
+                "elapsed_ns, input_partition, input_offset, raw_input "
+                f"FROM inference_logs WHERE {page_condition} "
                 f"ORDER BY time {direction}, id {direction} LIMIT %(limit)s",
                 params,
             ).fetchall()
