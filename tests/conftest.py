@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,14 +61,23 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
         gc.collect()
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    name = f"joey_test_{secrets.token_hex(4)}"
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A fresh, migrated database with a random name, dropped afterwards."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
     db.prepare(url)
-    yield url
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    try:
+        yield url
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with scratch_database("joey_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

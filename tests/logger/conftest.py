@@ -9,14 +9,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 
-import psycopg
 import pytest
-from psycopg import sql
 
-from joey import db
 from joey.settings import CommonSettings
 from joey_logger.settings import LoggerSettings
-from tests.conftest import POSTGRES_ADMIN_URL, wait_until
+from tests.conftest import scratch_database, wait_until
 from tests.logger.helpers import InProcessLogger, LogProducer, is_live
 
 
@@ -34,12 +31,8 @@ def produce(settings: CommonSettings) -> LogProducer:
 @pytest.fixture
 def isolated_database() -> Iterator[str]:
     """A fresh, migrated database that only this test's loggers write to."""
-    name = f"joey_logtest_{secrets.token_hex(4)}"
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    db.prepare(url)
-    yield url
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with scratch_database("joey_logtest") as url:
+        yield url
 
 
 @pytest.fixture

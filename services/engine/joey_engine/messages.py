@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, lru_cache
-from typing import Any, cast
+from typing import cast
 
 from confluent_kafka import Message
 
@@ -57,10 +57,6 @@ class Source:
     def value_json(self) -> str:
         """The value as strict JSON text; only valid for a value that parsed as a JSON object."""
         return records.strict_json_text(self.value, lambda: json.loads(self.value or b"null"))
-
-
-def _metadata(deployment: Deployment, source: Source) -> dict[str, Any]:
-    return json.loads(_metadata_text(deployment, source))
 
 
 def _metadata_text(deployment: Deployment, source: Source, elapsed_ns: tuple[int, ...] | None = None) -> str:
@@ -117,16 +113,17 @@ def _raw_text(failure: Failure, source: Source) -> str | None:
 
 
 def error_value(deployment: Deployment, source: Source, result: Failure, now: datetime) -> bytes:
-    return records.dumps(
+    body = records.dumps_text(
         {
-            "time": now.isoformat(timespec="microseconds"),
+            "time": _time_text(now),
             "request_id": source.request_id,
             "error": result.reason,
             "input": result.inputs,
             "raw_input": _raw_text(result, source),
-            "metadata": _metadata(deployment, source),
         }
     )
+    # The metadata members are already JSON text (shared with output records): append, don't re-encode.
+    return f'{body[:-1]},"metadata":{_metadata_text(deployment, source)}}}'.encode()
 
 
 def log_value(deployment: Deployment, source: Source, result: Result, now: datetime) -> bytes:

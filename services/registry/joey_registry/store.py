@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -239,14 +240,7 @@ class Store:
         """Insert the next version of ``name`` (creating the model); ``before_commit`` runs inside
         the transaction, so if it raises no row is written."""
         with self._conn() as conn:
-            conn.execute(
-                "INSERT INTO models (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (ws.id, name),
-            )
-            model = conn.execute(
-                "SELECT id FROM models WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
-            ).fetchone()
-            assert model is not None
+            model_id = _lock_named(conn, "models", ws, name)
             row = conn.execute(
                 """
                 INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, outputs)
@@ -256,7 +250,7 @@ class Store:
                 RETURNING version, created_at
                 """,
                 {
-                    "model_id": model["id"],
+                    "model_id": model_id,
                     "sha256": sha256,
                     "size": size_bytes,
                     "framework": framework,
@@ -316,18 +310,11 @@ class Store:
         """The next version of the pipeline (created=True), or its latest version if that
         already has exactly these steps (created=False)."""
         with self._conn() as conn:
-            conn.execute(
-                "INSERT INTO pipelines (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (ws.id, name),
-            )
-            pipeline = conn.execute(
-                "SELECT id FROM pipelines WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
-            ).fetchone()
-            assert pipeline is not None
+            pipeline_id = _lock_named(conn, "pipelines", ws, name)
             latest = conn.execute(
                 "SELECT version, steps, created_at FROM pipeline_versions WHERE pipeline_id = %s "
                 "ORDER BY version DESC LIMIT 1",
-                (pipeline["id"],),
+                (pipeline_id,),
             ).fetchone()
             if latest is not None and _steps(latest["steps"]) == steps:
                 return _pipeline_version(ws.name, name, latest), False
@@ -335,7 +322,7 @@ class Store:
                 "INSERT INTO pipeline_versions (pipeline_id, version, steps) VALUES (%s, %s, %s) "
                 "RETURNING version, steps, created_at",
                 (
-                    pipeline["id"],
+                    pipeline_id,
                     (latest["version"] if latest else 0) + 1,
                     Jsonb([s.to_json() for s in steps]),
                 ),
@@ -456,3 +443,19 @@ class Store:
         page = rows[:limit]
         following = LogCursor(page[-1]["time"], page[-1]["id"]) if len(rows) > limit else None
         return LogSlice(tuple(_log_entry(r) for r in page), total, following)
+
+
+def _lock_named(conn: Connection, table: str, ws: WorkspaceRef, name: str) -> int:
+    """The id of ``table``'s row named ``name`` in ``ws``, created if missing and locked for this transaction,
+    so concurrent creators of its next version queue up instead of racing for the same number."""
+    ident = sql.Identifier(table)
+    conn.execute(
+        sql.SQL("INSERT INTO {} (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(ident),
+        (ws.id, name),
+    )
+    row = conn.execute(
+        sql.SQL("SELECT id FROM {} WHERE workspace_id = %s AND name = %s FOR UPDATE").format(ident),
+        (ws.id, name),
+    ).fetchone()
+    assert row is not None
+    return int(row["id"])
