@@ -16,7 +16,6 @@ import io
 import json
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -102,10 +101,6 @@ def strict_json_text(raw: bytes | None, parse: Callable[[], Any]) -> str:
         except UnicodeDecodeError:
             pass
     return dumps_text(parse())
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @cache
