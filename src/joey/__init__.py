@@ -6,16 +6,16 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "__version__"]
+__all__ = ["Autoscale", "Client", "__version__"]
 
 if TYPE_CHECKING:
-    from joey.sdk import Client
+    from joey.sdk import Autoscale, Client
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that services importing joey.settings do not pay for the SDK's imports.
-    if name == "Client":
-        from joey.sdk import Client
+    if name in __all__:
+        from joey import sdk
 
-        return Client
+        return getattr(sdk, name)
     raise AttributeError(name)

@@ -293,35 +293,97 @@ def pipeline_list(obj: Context) -> None:
 
 
 def _print_status(status: Any) -> None:
+    scaling = ""
+    if status.autoscale is not None:
+        a = status.autoscale
+        scaling = (
+            f", autoscaling {a.min_replicas}-{a.max_replicas} on queue age > {a.queue_age_threshold_s:g} s"
+        )
     click.echo(
-        f"{status.status} (version {status.pipeline_version}, {status.replicas_wanted} replicas): "
+        f"{status.status} (version {status.pipeline_version}, {status.replicas_wanted} replicas{scaling}): "
         f"{status.message}"
     )
     for r in status.replicas:
         state = "alive" if r.alive else "DEAD"
         click.echo(
             f"  {r.replica_id}: {state}, version {r.pipeline_version}, loaded={r.loaded}, "
-            f"partitions={list(r.partitions)}" + (f", error: {r.error}" if r.error else "")
+            f"partitions={list(r.partitions)}, queue age {r.queue_age_s:.2f} s"
+            + (f", error: {r.error}" if r.error else "")
         )
+
+
+def _on_status(status: Any) -> None:
+    click.echo(f"  {status.status}: {status.message}")
 
 
 @pipeline.command("deploy")
 @click.argument("name")
 @click.option("--version", type=int, help="Pipeline version (default: latest).")
-@click.option("--replicas", type=int, default=1, show_default=True)
+@click.option("--replicas", type=int, help="Replicas (default: 1, or the autoscaling minimum).")
+@click.option(
+    "--autoscale",
+    metavar="MIN-MAX",
+    help="Scale between MIN and MAX replicas on queue age, e.g. 1-4.",
+)
+@click.option(
+    "--queue-age", type=float, default=1.0, show_default=True, help="Autoscaling threshold in seconds."
+)
+@click.option("--scale-up-after", type=float, default=10.0, show_default=True, help="Seconds above it.")
+@click.option("--scale-down-after", type=float, default=300.0, show_default=True, help="Seconds below it.")
+@click.option("--cpus", help='Per-replica CPU request for production manifests, e.g. "2" or "500m".')
+@click.option("--memory", help='Per-replica memory request, e.g. "2Gi".')
 @click.option("--timeout", type=float, default=120.0, show_default=True)
 @click.pass_obj
-def pipeline_deploy(obj: Context, name: str, version: int | None, replicas: int, timeout: float) -> None:
-    """Deploy NAME and wait until every replica is ready."""
-    from joey.sdk import JoeyError, Pipeline
+def pipeline_deploy(
+    obj: Context,
+    name: str,
+    version: int | None,
+    replicas: int | None,
+    autoscale: str | None,
+    queue_age: float,
+    scale_up_after: float,
+    scale_down_after: float,
+    cpus: str | None,
+    memory: str | None,
+    timeout: float,
+) -> None:
+    """Deploy NAME and wait until every replica is ready; a running deployment is rolled over to it."""
+    from joey.sdk import Autoscale, JoeyError, Pipeline
 
+    scaling = None
+    if autoscale is not None:
+        low, sep, high = autoscale.partition("-")
+        if not (sep and low.isdigit() and high.isdigit()):
+            raise click.BadParameter(
+                f"expected MIN-MAX such as 1-4, got {autoscale!r}", param_hint="--autoscale"
+            )
+        scaling = Autoscale(int(low), int(high), queue_age, scale_up_after, scale_down_after)
     try:
         status = Pipeline(obj.client, name).deploy(
             replicas,
             version,
             timeout=timeout,
-            on_status=lambda st: click.echo(f"  {st.status}: {st.message}"),
+            on_status=_on_status,
+            autoscale=scaling,
+            cpus=cpus,
+            memory=memory,
         )
+    except JoeyError as exc:
+        _fail(exc)
+    _print_status(status)
+
+
+@pipeline.command("rollback")
+@click.argument("name")
+@click.option("--version", type=int, help="Version to roll back to (default: the one deployed before).")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.pass_obj
+def pipeline_rollback(obj: Context, name: str, version: int | None, timeout: float) -> None:
+    """Roll NAME back to an earlier version without a pause in serving."""
+    from joey.sdk import JoeyError, Pipeline
+
+    try:
+        status = Pipeline(obj.client, name).rollback(version, timeout=timeout, on_status=_on_status)
     except JoeyError as exc:
         _fail(exc)
     _print_status(status)

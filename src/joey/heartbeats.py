@@ -29,6 +29,10 @@ class ReplicaHeartbeat:
     error: str = ""
     host: str = ""
     sent_at: float = field(default_factory=time.time)
+    assigned: bool = False
+    """Joined the consumer group: the group has assigned it partitions (possibly none) at least once."""
+    queue_age_s: float = 0.0
+    """The longest a record taken since the previous heartbeat had waited in the inputs topic."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

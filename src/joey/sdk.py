@@ -192,6 +192,25 @@ class ReplicaStatus:
     partitions: tuple[int, ...]
     last_seen: datetime | None
     error: str
+    queue_age_s: float = 0.0
+    """The longest a record it took lately had waited in the inputs topic: the autoscaling signal."""
+    deployment_id: str = ""
+
+
+@dataclass(frozen=True)
+class Autoscale:
+    """Scale a deployment between ``min_replicas`` and ``max_replicas`` on queue age: one replica more
+    once records have waited longer than ``queue_age_threshold_s`` for ``scale_up_after_s``, one less
+    after ``scale_down_after_s`` below it."""
+
+    min_replicas: int
+    max_replicas: int
+    queue_age_threshold_s: float = 1.0
+    scale_up_after_s: float = 10.0
+    scale_down_after_s: float = 300.0
+
+    def to_proto(self) -> pb.AutoscaleConfig:
+        return pb.AutoscaleConfig(**self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -202,6 +221,8 @@ class DeploymentStatus:
     replicas_wanted: int
     replicas: tuple[ReplicaStatus, ...]
     message: str
+    deployment_id: str = ""
+    autoscale: Autoscale | None = None
 
     @classmethod
     def from_proto(cls, st: pb.DeploymentStatus) -> DeploymentStatus:
@@ -214,16 +235,31 @@ class DeploymentStatus:
                 tuple(r.partitions),
                 _time(r.last_seen),
                 r.error,
+                r.queue_age_s,
+                r.deployment_id,
             )
             for r in st.replicas
         )
+        d = st.deployment
+        autoscale = None
+        if d.HasField("autoscale"):
+            a = d.autoscale
+            autoscale = Autoscale(
+                a.min_replicas,
+                a.max_replicas,
+                a.queue_age_threshold_s,
+                a.scale_up_after_s,
+                a.scale_down_after_s,
+            )
         return cls(
             st.status,
             st.ready,
-            st.deployment.pipeline_version,
-            st.deployment.replicas,
+            d.pipeline_version,
+            d.replicas,
             replicas,
             st.message,
+            d.deployment_id,
+            autoscale,
         )
 
 
@@ -450,19 +486,47 @@ class Pipeline:
 
     def deploy(
         self,
-        replicas: int = 1,
+        replicas: int | None = None,
+        version: int | None = None,
+        wait: bool = True,
+        timeout: float = 120.0,
+        on_status: StatusCallback | None = None,
+        autoscale: Autoscale | None = None,
+        cpus: str | float | None = None,
+        memory: str | None = None,
+    ) -> DeploymentStatus:
+        """Deploy (creating a version from the current steps first) and wait until every replica is ready.
+
+        On a running deployment the new version is rolled out while records keep flowing: its replicas
+        join before the current ones leave, and each record is answered by one version. ``replicas``
+        defaults to 1, or to ``autoscale.min_replicas``; ``cpus``/``memory`` (e.g. 2, "4Gi") are
+        per-replica hints for production manifests."""
+        if version is None and self._steps:
+            version = self.create().version
+        request = pb.DeployRequest(
+            workspace=self.workspace,
+            pipeline=self.name,
+            pipeline_version=version or 0,
+            replicas=replicas or 0,
+            autoscale=autoscale.to_proto() if autoscale else None,
+            resources=pb.ResourceHints(cpus=str(cpus or ""), memory=memory or "") if cpus or memory else None,
+        )
+        self.client.call("Deploy", request)
+        return self.wait_ready(timeout, on_status) if wait else self.status()
+
+    def rollback(
+        self,
         version: int | None = None,
         wait: bool = True,
         timeout: float = 120.0,
         on_status: StatusCallback | None = None,
     ) -> DeploymentStatus:
-        """Deploy (creating a version from the current steps first) and wait until every replica is ready."""
-        if version is None and self._steps:
-            version = self.create().version
-        request = pb.DeployRequest(
-            workspace=self.workspace, pipeline=self.name, pipeline_version=version or 0, replicas=replicas
+        """Roll the deployment back to ``version``, by default the version deployed before the current one,
+        keeping its replicas and autoscaling; rolled out like any deploy, with no pause in serving."""
+        request = pb.RollbackRequest(
+            workspace=self.workspace, pipeline=self.name, pipeline_version=version or 0
         )
-        self.client.call("Deploy", request)
+        self.client.call("Rollback", request)
         return self.wait_ready(timeout, on_status) if wait else self.status()
 
     def wait_ready(self, timeout: float = 120.0, on_status: StatusCallback | None = None) -> DeploymentStatus:

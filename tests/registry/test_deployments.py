@@ -165,7 +165,10 @@ def test_status_from_heartbeats(
     publish(beat("old", "previous-deployment", [2, 3]))
     status = stub.GetDeploymentStatus(request)
     assert (status.status, status.ready) == ("Starting", False)
-    assert status.message == "1/2 replicas ready; partitions 2,3 unassigned; 1 still on a previous deployment"
+    assert (
+        status.message == "1/2 replicas ready; partitions 2,3 unassigned; "
+        "1 still on a previous deployment (serving until the new one is ready)"
+    )
 
     publish(beat("r2", deployment.deployment_id, [2, 3]), ttl_s=1.0)
     status = stub.GetDeploymentStatus(request)

@@ -14,6 +14,7 @@ import math
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,8 @@ class Engine:
         )
         self._desired: dict[str, Deployment | None] = {}
         self._deployed: dict[str, _Deployed] = {}
+        self._retiring: dict[str, _Deployed] = {}
+        """Deployments replaced by a rollout, serving until their successor is up."""
         self._next_lease_tick = 0.0
         self._live_engines = 1
         self.ready = threading.Event()
@@ -94,7 +97,9 @@ class Engine:
                     self._reconcile()
         finally:
             log.info("engine %s stopping", settings.instance_id)
-            self._stop([(state, set(state.slots)) for state in self._deployed.values()])
+            everything = [*self._retiring.values(), *self._deployed.values()]
+            self._stop([(state, set(state.slots)) for state in everything])
+            self._retiring.clear()
             self._deployed.clear()
             consumer.close()
             try:
@@ -151,10 +156,16 @@ class Engine:
             self._announce()
         for key, state in list(self._deployed.items()):
             wanted = self._desired.get(key)
-            if wanted is None or wanted.deployment_id != state.deployment.deployment_id:
-                log.info("%s %s", "replacing" if wanted else "undeploying", state.deployment)
-                self._stop([(state, set(state.slots))])
+            if wanted is None:
+                log.info("undeploying %s", state.deployment)
+                retiring = self._retiring.pop(key, None)
+                self._stop([(s, set(s.slots)) for s in (retiring, state) if s is not None])
                 del self._deployed[key]
+            elif wanted.deployment_id != state.deployment.deployment_id:
+                self._roll_out(key, state, wanted)
+            elif wanted != state.deployment:
+                log.info("%s now has %d replicas", wanted, wanted.replicas)
+                state.deployment = wanted
         for key, wanted in self._desired.items():
             if wanted is None:
                 continue
@@ -165,6 +176,65 @@ class Engine:
                 except redis.RedisError as exc:
                     log.warning("cannot maintain replica slots of %s: %s", wanted, exc)
             self._supervise(state, now)
+        if lease_tick:
+            self._retire_replaced()
+
+    def _roll_out(self, key: str, state: _Deployed, wanted: Deployment) -> None:
+        """Start ``wanted`` beside ``state``, which keeps serving until ``wanted`` is up (make before
+        break): both are members of the pipeline's consumer group, and each batch runs in one replica,
+        so every record is answered by one version, named in its output and log row."""
+        serving = self._retiring.get(key)
+        if serving is None:
+            log.info("rolling out %s; %s serves until it is up", wanted, state.deployment)
+            self._retiring[key] = state
+        else:
+            # Replaced before it was up: the deployment still serving stays until the newest is up.
+            log.info(
+                "rolling out %s instead of %s; %s serves until it is up", wanted, state.deployment, serving
+            )
+            self._stop([(state, set(state.slots))])
+        del self._deployed[key]
+
+    def _retire_replaced(self) -> None:
+        for key, old in list(self._retiring.items()):
+            # Replicas of a replaced deployment are not restarted: their partitions go to the group's others.
+            for slot, replica in list(old.replicas.items()):
+                if not replica.running:
+                    log.warning(
+                        "replica %s of replaced %s ended: %s",
+                        replica.replica_id,
+                        old.deployment,
+                        replica.error,
+                    )
+                    del old.replicas[slot]
+                    self._close(replica)
+            new = self._deployed.get(key)
+            if new is None or not self._is_up(new.deployment):
+                continue
+            log.info("%s is up; stopping the replicas of %s", new.deployment, old.deployment)
+            self._stop([(old, set(old.slots))], staying=list(new.replicas.values()))
+            del self._retiring[key]
+
+    def _is_up(self, deployment: Deployment) -> bool:
+        """Whether every replica of ``deployment``, on whichever engine, has loaded and joined the group."""
+        settings = self._settings
+        try:
+            views = heartbeats.read(
+                self._redis, settings.redis_prefix, deployment.workspace, deployment.pipeline
+            )
+        except redis.RedisError as exc:
+            log.warning("cannot read the replicas of %s: %s", deployment, exc)
+            return False
+        up = [
+            v
+            for v in views
+            if v.alive
+            and v.beat.deployment_id == deployment.deployment_id
+            and v.beat.loaded
+            and v.beat.assigned
+            and not v.beat.error
+        ]
+        return len(up) >= deployment.replicas
 
     def _announce(self) -> None:
         settings = self._settings
@@ -186,6 +256,10 @@ class Engine:
                 "slots %s of %s went to another engine; stopping their replicas", sorted(lost), deployment
             )
             self._stop([(state, lost)])
+        excess = {slot for slot in state.slots if slot >= deployment.replicas}
+        if excess:
+            log.info("scaling %s down: stopping the replicas of slots %s", deployment, sorted(excess))
+            self._stop([(state, excess)])
         # Taking at most a fair share leaves slots for the other engines.
         share = math.ceil(deployment.replicas / self._live_engines)
         for slot in range(deployment.replicas):
@@ -199,7 +273,7 @@ class Engine:
             error = state.load_error or state.failed.get(slot)
             if error:
                 beat = heartbeats.ReplicaHeartbeat(
-                    self._replica_id(slot),
+                    self._replica_id(deployment, slot),
                     deployment.deployment_id,
                     deployment.pipeline_version,
                     loaded=False,
@@ -239,7 +313,9 @@ class Engine:
             state.load_error = ""
             state.failures = 0
         for slot in sorted(state.slots - state.replicas.keys()):
-            spec = ReplicaSpec(self._settings, deployment, state.artifacts, self._replica_id(slot))
+            spec = ReplicaSpec(
+                self._settings, deployment, state.artifacts, self._replica_id(deployment, slot)
+            )
             state.replicas[slot] = ReplicaProcess(spec).start()
             state.failed.pop(slot, None)
 
@@ -255,25 +331,26 @@ class Engine:
             self._store.fetch(deployment.workspace, step.sha256) for step in deployment.artifact_steps
         )
 
-    def _stop(self, parts: list[tuple[_Deployed, set[int]]]) -> None:
+    def _stop(self, parts: list[tuple[_Deployed, set[int]]], staying: Sequence[ReplicaProcess] = ()) -> None:
         """Stop the replicas of the given slots, then give the slots up.
 
         The replicas of one deployment share a consumer group and leave it one at a time, each once the
         group has settled after the previous one left: the embedded broker drops a LeaveGroup that arrives
         during a rebalance and then never completes a rebalance of that group again. Different
-        deployments stop in parallel.
+        deployments stop in parallel. ``staying`` are more members of the same groups that stay (the
+        successor's replicas in a rollout).
         """
         queues = [
             [state.replicas.pop(s) for s in sorted(slots) if s in state.replicas] for state, slots in parts
         ]
         while any(queues):
             leaving = [queue.pop() for queue in queues if queue]
-            staying = [
+            remaining = [
                 w
                 for (state, _), queue in zip(parts, queues, strict=True)
                 for w in [*queue, *state.replicas.values()]
-            ]
-            generations = [w.assignments for w in staying]
+            ] + list(staying)
+            generations = [w.assignments for w in remaining]
             for replica in leaving:
                 replica.stop()
             for replica in leaving:
@@ -288,7 +365,8 @@ class Engine:
                 self._close(replica)
             deadline = time.monotonic() + REBALANCE_TIMEOUT_S
             while time.monotonic() < deadline and any(
-                w.running and w.assignments == before for w, before in zip(staying, generations, strict=True)
+                w.running and w.assignments == before
+                for w, before in zip(remaining, generations, strict=True)
             ):
                 time.sleep(0.05)
         for state, slots in parts:
@@ -304,7 +382,7 @@ class Engine:
                         self._settings.redis_prefix,
                         deployment.workspace,
                         deployment.pipeline,
-                        self._replica_id(slot),
+                        self._replica_id(deployment, slot),
                     )
                 except redis.RedisError as exc:
                     log.warning("cannot release slot %d of %s: %s", slot, deployment, exc)
@@ -322,8 +400,9 @@ class Engine:
         replicas = list(state.replicas.values()) if state else []
         return {replica.replica_id: replica.pid for replica in replicas if replica.pid is not None}
 
-    def _replica_id(self, slot: int) -> str:
-        return f"{self._settings.instance_id}-{slot}"
+    def _replica_id(self, deployment: Deployment, slot: int) -> str:
+        # Unique per deployment too: during a rollout a slot has a replica of each deployment.
+        return f"{self._settings.instance_id}-{deployment.deployment_id[:8]}-{slot}"
 
     def _publish(self, deployment: Deployment, beat: heartbeats.ReplicaHeartbeat) -> None:
         settings = self._settings

@@ -19,7 +19,15 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from joey import heartbeats, kafka, topics
 from joey_engine import messages, metrics
@@ -85,6 +93,7 @@ class ReplicaWorker:
             host=socket.gethostname(),
         )
         self._next_beat = 0.0
+        self._queue_age_s = 0.0
         self._log = _Context(log, {"context": f"{deployment} replica {replica_id}"})
         labels = (deployment.workspace, deployment.pipeline)
         self._ok = metrics.RECORDS.labels(*labels, "ok")
@@ -159,7 +168,17 @@ class ReplicaWorker:
                 raise KafkaException(error)
             else:
                 self._log.warning("consumer error: %s", error)
+        self._note_queue_age(batch)
         return batch
+
+    def _note_queue_age(self, batch: list[Message]) -> None:
+        """Keep the longest time a record of the batch waited in its topic, for the next heartbeat.
+
+        Record timestamps make this right on any broker, unlike lag from high-watermarks."""
+        stamps = [ms for kind, ms in (m.timestamp() for m in batch) if kind != TIMESTAMP_NOT_AVAILABLE]
+        if stamps:
+            waited = time.time() - min(stamps) / 1000
+            self._queue_age_s = max(self._queue_age_s, waited)
 
     def _process(self, batch: list[Message], consumer: Consumer, producer: Producer) -> None:
         start = time.perf_counter()
@@ -239,6 +258,7 @@ class ReplicaWorker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._held |= {tp.partition for tp in partitions}
         self._assignments.value += 1
+        self._beat.assigned = True
         self._log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
         self._heartbeat()
 
@@ -268,6 +288,8 @@ class ReplicaWorker:
 
     def _heartbeat(self) -> None:
         self._beat.partitions = sorted(self._held)
+        self._beat.queue_age_s = round(self._queue_age_s, 3)
+        self._queue_age_s = 0.0
         self._next_beat = time.monotonic() + self._settings.heartbeat_interval_s
         d = self.deployment
         try:

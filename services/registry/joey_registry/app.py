@@ -11,6 +11,7 @@ import redis
 from joey import db, kafka, lifecycle
 from joey.v1 import registry_pb2_grpc
 from joey_registry.artifacts import create_store
+from joey_registry.autoscaler import Autoscaler
 from joey_registry.core import Registry
 from joey_registry.grpc_service import RegistryServicer
 from joey_registry.publisher import DeploymentPublisher
@@ -49,6 +50,7 @@ class RegistryServer:
             ],
         )
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry), self.server)
+        self.autoscaler = Autoscaler(self.registry, settings.autoscale_interval_s)
         self.port = 0
 
     def start(self) -> int:
@@ -60,10 +62,12 @@ class RegistryServer:
         if not self.port:
             raise OSError(f"could not listen on {self.settings.registry_addr} (JOEY_REGISTRY_ADDR)")
         self.server.start()
+        self.autoscaler.start()
         log.info("registry listening on %s (port %d)", self.settings.registry_addr, self.port)
         return self.port
 
     def stop(self) -> None:
+        self.autoscaler.stop()
         self.server.stop(self.settings.grpc_grace_s).wait()
         self.publisher.close()
         self.store.close()

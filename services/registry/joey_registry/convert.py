@@ -124,6 +124,36 @@ def topics(t: PipelineTopics) -> pb.PipelineTopics:
     return pb.PipelineTopics(inputs=t.inputs, outputs=t.outputs, errors=t.errors)
 
 
+def autoscale(config: domain.Autoscale | None) -> pb.AutoscaleConfig | None:
+    if config is None:
+        return None
+    return pb.AutoscaleConfig(**config.to_json())
+
+
+def resources(hints: domain.Resources | None) -> pb.ResourceHints | None:
+    return None if hints is None else pb.ResourceHints(cpus=hints.cpus, memory=hints.memory)
+
+
+def autoscale_from(request: pb.DeployRequest) -> domain.Autoscale | None:
+    """The request's autoscaling, with the defaults for fields left at 0."""
+    if not request.HasField("autoscale"):
+        return None
+    a, defaults = request.autoscale, domain.Autoscale(0, 0)
+    return domain.Autoscale(
+        min_replicas=a.min_replicas,
+        max_replicas=a.max_replicas,
+        queue_age_threshold_s=a.queue_age_threshold_s or defaults.queue_age_threshold_s,
+        scale_up_after_s=a.scale_up_after_s or defaults.scale_up_after_s,
+        scale_down_after_s=a.scale_down_after_s or defaults.scale_down_after_s,
+    )
+
+
+def resources_from(request: pb.DeployRequest) -> domain.Resources | None:
+    if not request.HasField("resources"):
+        return None
+    return domain.Resources(cpus=request.resources.cpus.strip(), memory=request.resources.memory.strip())
+
+
 def deployment(d: domain.Deployment) -> pb.Deployment:
     return pb.Deployment(
         workspace=d.workspace,
@@ -134,6 +164,8 @@ def deployment(d: domain.Deployment) -> pb.Deployment:
         deployment_id=d.deployment_id,
         topics=topics(d.topics),
         updated_at=timestamp(d.updated_at),
+        autoscale=autoscale(d.autoscale),
+        resources=resources(d.resources),
     )
 
 
@@ -157,6 +189,8 @@ def deployment_spec(spec: domain.DeploymentSpec) -> pb.DeploymentSpec:
         steps=[resolved_step(s) for s in spec.steps],
         topics=topics(d.topics),
         deployed_at=timestamp(d.updated_at),
+        autoscale=autoscale(d.autoscale),
+        resources=resources(d.resources),
     )
 
 
@@ -179,6 +213,8 @@ def deployment_status(status: domain.DeploymentStatus) -> pb.DeploymentStatus:
                 partitions=list(r.partitions),
                 last_seen=timestamp(r.last_seen),
                 error=r.error,
+                queue_age_s=r.queue_age_s,
+                deployment_id=r.deployment_id,
             )
             for r in status.replicas
         ],

@@ -21,7 +21,9 @@ from joey import heartbeats, kafka, topics
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
+from joey_registry.deploy_config import check_autoscale, check_resources
 from joey_registry.domain import (
+    Autoscale,
     Deployment,
     DeploymentSpec,
     DeploymentStatus,
@@ -32,6 +34,7 @@ from joey_registry.domain import (
     Pipeline,
     PipelineVersion,
     ResolvedStep,
+    Resources,
     ShadowRef,
     ShadowStep,
     Step,
@@ -45,7 +48,7 @@ from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
 from joey_registry.status import compute_status
 from joey_registry.steps import check_steps, map_inputs
-from joey_registry.store import Store, WorkspaceRef
+from joey_registry.store import PipelineLock, Store, WorkspaceRef
 from joey_registry.validation import validator_for
 
 log = logging.getLogger(__name__)
@@ -241,39 +244,130 @@ class Registry:
     # --- deployments ---
 
     def deploy(
-        self, caller: Caller, workspace: str, pipeline: str, version: int, replicas: int
+        self,
+        caller: Caller,
+        workspace: str,
+        pipeline: str,
+        version: int,
+        replicas: int,
+        autoscale: Autoscale | None = None,
+        resources: Resources | None = None,
     ) -> Deployment:
         """Publish the desired state, acknowledged by the broker, before recording it: a failed
-        publish leaves both the topic and the database as they were."""
+        publish leaves both the topic and the database as they were. On a running deployment,
+        engines roll the new one out while the current one keeps serving."""
         ws = self.access.authorize(caller, workspace, Action.DEPLOY)
-        replicas = replicas or 1
+        replicas = self._replicas(replicas, autoscale)
+        check_resources(resources)
+        _non_negative_version(f"pipeline {pipeline!r}", version)
+        with self.store.lock_pipeline(ws, pipeline) as lock:
+            if lock is None:
+                raise NotFound(f"pipeline {pipeline!r} not found in workspace {workspace!r}")
+            return self._deploy(lock, version, replicas, autoscale, resources)
+
+    def rollback(self, caller: Caller, workspace: str, pipeline: str, version: int) -> Deployment:
+        """Redeploy ``version`` (0 = the one deployed before the current one) with the current
+        deployment's replicas, autoscaling and resources, rolled out like any deploy."""
+        ws = self.access.authorize(caller, workspace, Action.DEPLOY)
+        _non_negative_version(f"pipeline {pipeline!r}", version)
+        with self.store.lock_pipeline(ws, pipeline) as lock:
+            if lock is None:
+                raise NotFound(f"pipeline {pipeline!r} not found in workspace {workspace!r}")
+            current = lock.deployment()
+            if current is None or not current.active:
+                raise FailedPrecondition(
+                    f"pipeline {pipeline!r} in workspace {workspace!r} is not deployed; "
+                    "deploy the version you want instead"
+                )
+            target = version or lock.previous_version(current)
+            if target is None:
+                raise FailedPrecondition(
+                    f"pipeline {pipeline!r} has no earlier deployed version than the current "
+                    f"version {current.pipeline_version}; name the version to roll back to"
+                )
+            if target == current.pipeline_version:
+                raise FailedPrecondition(
+                    f"pipeline {pipeline!r} already runs version {target}; name another version"
+                )
+            log.info(
+                "rolling %s/%s back from v%d to v%d", ws.name, pipeline, current.pipeline_version, target
+            )
+            return self._deploy(lock, target, current.replicas, current.autoscale, current.resources)
+
+    def _replicas(self, replicas: int, autoscale: Autoscale | None) -> int:
+        """The replicas to start with, after checking them (and ``autoscale``) against the partitions."""
         limit = self.settings.pipeline_partitions
+        if autoscale is not None:
+            check_autoscale(autoscale, limit)
+            replicas = replicas or autoscale.min_replicas
+            if not autoscale.min_replicas <= replicas <= autoscale.max_replicas:
+                raise InvalidArgument(
+                    f"replicas ({replicas}) must be between the autoscaling min ({autoscale.min_replicas}) "
+                    f"and max ({autoscale.max_replicas})"
+                )
+            return replicas
+        replicas = replicas or 1
         if not 1 <= replicas <= limit:
             raise InvalidArgument(
                 f"replicas must be between 1 and {limit} (the partitions of each pipeline topic, "
                 f"JOEY_PIPELINE_PARTITIONS), got {replicas}"
             )
-        _non_negative_version(f"pipeline {pipeline!r}", version)
-        with self.store.lock_pipeline(ws, pipeline) as lock:
-            if lock is None:
-                raise NotFound(f"pipeline {pipeline!r} not found in workspace {workspace!r}")
-            pv = lock.version(version)
-            if pv is None:
-                raise NotFound(f"pipeline {pipeline!r} has no version {version} in workspace {workspace!r}")
-            self._ensure_topics(ws.name, pipeline, replicas)
-            deployment = Deployment(
-                workspace=ws.name,
-                pipeline=pipeline,
-                pipeline_version=pv.version,
-                replicas=replicas,
-                active=True,
-                deployment_id=str(uuid.uuid4()),
-                topics=topics.pipeline_topics(ws.name, pipeline),
-                updated_at=datetime.now(UTC),
+        return replicas
+
+    def _deploy(
+        self,
+        lock: PipelineLock,
+        version: int,
+        replicas: int,
+        autoscale: Autoscale | None,
+        resources: Resources | None,
+    ) -> Deployment:
+        pv = lock.version(version)
+        if pv is None:
+            raise NotFound(
+                f"pipeline {lock.name!r} has no version {version} in workspace {lock.workspace.name!r}"
             )
-            self.publisher.publish(DeploymentSpec(deployment, pv.steps))
-            lock.save_deployment(deployment)
+        ws_name, pipeline = lock.workspace.name, lock.name
+        self._ensure_topics(ws_name, pipeline, autoscale.max_replicas if autoscale else replicas)
+        deployment = Deployment(
+            workspace=ws_name,
+            pipeline=pipeline,
+            pipeline_version=pv.version,
+            replicas=replicas,
+            active=True,
+            deployment_id=str(uuid.uuid4()),
+            topics=topics.pipeline_topics(ws_name, pipeline),
+            updated_at=datetime.now(UTC),
+            autoscale=autoscale,
+            resources=resources,
+        )
+        self.publisher.publish(DeploymentSpec(deployment, pv.steps))
+        lock.save_deployment(deployment)
         return deployment
+
+    def scale(self, workspace: str, pipeline: str, deployment_id: str, replicas: int) -> Deployment | None:
+        """Set the replicas of a running deployment (the autoscaler's call): same deployment id, so
+        engines add or remove replicas without a rollout. None when that deployment is no longer current."""
+        ws = self.store.workspace(workspace)
+        if ws is None:
+            return None
+        with self.store.lock_pipeline(ws, pipeline) as lock:
+            current = lock.deployment() if lock else None
+            if (
+                lock is None
+                or current is None
+                or not current.active
+                or current.deployment_id != deployment_id
+            ):
+                return None
+            if current.replicas == replicas:
+                return current
+            pv = lock.version(current.pipeline_version)
+            assert pv is not None
+            scaled = replace(current, replicas=replicas, updated_at=datetime.now(UTC))
+            self.publisher.publish(DeploymentSpec(scaled, pv.steps))
+            lock.save_deployment(scaled)
+        return scaled
 
     def undeploy(self, caller: Caller, workspace: str, pipeline: str) -> Deployment:
         ws = self.access.authorize(caller, workspace, Action.DEPLOY)
@@ -338,7 +432,9 @@ class Registry:
         for spec in self.store.active_deployments():
             d = spec.deployment
             try:
-                self._ensure_topics(d.workspace, d.pipeline, d.replicas)
+                self._ensure_topics(
+                    d.workspace, d.pipeline, d.autoscale.max_replicas if d.autoscale else d.replicas
+                )
             except FailedPrecondition as exc:
                 # One deployment whose topics cannot hold it must not keep the registry down.
                 log.error("not republishing %s/%s: %s", d.workspace, d.pipeline, exc)

@@ -206,15 +206,51 @@ class PipelineVersion:
 
 
 @dataclass(frozen=True)
+class Autoscale:
+    """Scale between min and max replicas on the queue age reported by the replicas."""
+
+    min_replicas: int
+    max_replicas: int
+    queue_age_threshold_s: float = 1.0
+    scale_up_after_s: float = 10.0
+    scale_down_after_s: float = 300.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Autoscale:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-replica requests for production manifests, as Kubernetes quantities ("1.5", "2Gi")."""
+
+    cpus: str = ""
+    memory: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Resources:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
 class Deployment:
     workspace: str
     pipeline: str
     pipeline_version: int
     replicas: int
+    """The current count; with autoscaling it moves between its min and max."""
     active: bool
     deployment_id: str
     topics: PipelineTopics
     updated_at: datetime
+    autoscale: Autoscale | None = None
+    resources: Resources | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +278,8 @@ class ReplicaStatus:
     partitions: tuple[int, ...]
     last_seen: datetime
     error: str
+    queue_age_s: float = 0.0
+    deployment_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_unary
     def Deploy(self, request: pb.DeployRequest, caller: Caller) -> pb.Deployment:
         deployment = self.registry.deploy(
-            caller, request.workspace, request.pipeline, request.pipeline_version, request.replicas
+            caller,
+            request.workspace,
+            request.pipeline,
+            request.pipeline_version,
+            request.replicas,
+            convert.autoscale_from(request),
+            convert.resources_from(request),
+        )
+        return convert.deployment(deployment)
+
+    @_unary
+    def Rollback(self, request: pb.RollbackRequest, caller: Caller) -> pb.Deployment:
+        deployment = self.registry.rollback(
+            caller, request.workspace, request.pipeline, request.pipeline_version
         )
         return convert.deployment(deployment)
 

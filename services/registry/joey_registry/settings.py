@@ -34,6 +34,9 @@ class RegistrySettings(CommonSettings):
     forget_replicas_after_s: float = Field(default=300.0, gt=0)
     """Dead replicas last seen longer ago than this drop out of the deployment status."""
 
+    autoscale_interval_s: float = Field(default=2.0, gt=0)
+    """How often the autoscaler looks at the queue age of autoscaled deployments."""
+
     @field_validator("artifact_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

@@ -29,6 +29,8 @@ def compute_status(
             partitions=tuple(sorted(v.beat.partitions)),
             last_seen=datetime.fromtimestamp(v.beat.sent_at, UTC),
             error=v.beat.error,
+            queue_age_s=v.beat.queue_age_s,
+            deployment_id=v.beat.deployment_id,
         )
         for v in views
     )
@@ -58,7 +60,7 @@ def compute_status(
         parts.append(f"{loading} loading")
     stale = sum(1 for v in views if v.alive and v.beat.deployment_id != deployment.deployment_id)
     if stale:
-        parts.append(f"{stale} still on a previous deployment")
+        parts.append(f"{stale} still on a previous deployment (serving until the new one is ready)")
     if errors:
         parts.append("errors: " + "; ".join(errors))
     message = "; ".join(parts)

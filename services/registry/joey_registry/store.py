@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from joey import topics
 from joey_registry.domain import (
+    Autoscale,
     Deployment,
     DeploymentSpec,
     LogCursor,
@@ -30,6 +31,7 @@ from joey_registry.domain import (
     ModelVersion,
     Pipeline,
     PipelineVersion,
+    Resources,
     Step,
     TensorSpec,
     Workspace,
@@ -62,7 +64,7 @@ _MODEL_VERSION_COLUMNS = """
 
 _DEPLOYMENT_COLUMNS = """
     p.name AS pipeline, pv.version AS pipeline_version, pv.steps, d.replicas, d.active,
-    d.deployment_id, d.updated_at, w.name AS workspace
+    d.deployment_id, d.updated_at, d.autoscale, d.resources, w.name AS workspace
     FROM deployments d
     JOIN pipelines p ON p.id = d.pipeline_id
     JOIN workspaces w ON w.id = p.workspace_id
@@ -102,6 +104,8 @@ def _deployment(row: DictRow) -> Deployment:
         deployment_id=row["deployment_id"],
         topics=topics.pipeline_topics(row["workspace"], row["pipeline"]),
         updated_at=row["updated_at"],
+        autoscale=Autoscale.from_json(row["autoscale"]) if row["autoscale"] else None,
+        resources=Resources.from_json(row["resources"]) if row["resources"] else None,
     )
 
 
@@ -158,26 +162,62 @@ class PipelineLock:
         return _deployment(row) if row else None
 
     def save_deployment(self, deployment: Deployment) -> None:
+        """Record the current state; a deployment id seen for the first time also goes to the history."""
+        params = {
+            "pipeline_id": self._pipeline_id,
+            "version": deployment.pipeline_version,
+            "replicas": deployment.replicas,
+            "active": deployment.active,
+            "deployment_id": deployment.deployment_id,
+            "updated_at": deployment.updated_at,
+            "autoscale": Jsonb(deployment.autoscale.to_json()) if deployment.autoscale else None,
+            "resources": Jsonb(deployment.resources.to_json()) if deployment.resources else None,
+        }
         self._conn.execute(
             """
-            INSERT INTO deployments
-                (pipeline_id, pipeline_version_id, replicas, active, deployment_id, updated_at)
-            SELECT %(pipeline_id)s, id, %(replicas)s, %(active)s, %(deployment_id)s, %(updated_at)s
+            INSERT INTO deployments (pipeline_id, pipeline_version_id, replicas, active, deployment_id,
+                                     updated_at, autoscale, resources)
+            SELECT %(pipeline_id)s, id, %(replicas)s, %(active)s, %(deployment_id)s, %(updated_at)s,
+                   %(autoscale)s, %(resources)s
               FROM pipeline_versions WHERE pipeline_id = %(pipeline_id)s AND version = %(version)s
             ON CONFLICT (pipeline_id) DO UPDATE SET
                 pipeline_version_id = EXCLUDED.pipeline_version_id, replicas = EXCLUDED.replicas,
                 active = EXCLUDED.active, deployment_id = EXCLUDED.deployment_id,
-                updated_at = EXCLUDED.updated_at
+                updated_at = EXCLUDED.updated_at, autoscale = EXCLUDED.autoscale,
+                resources = EXCLUDED.resources
+            """,
+            params,
+        )
+        if deployment.active:
+            self._conn.execute(
+                """
+                INSERT INTO deployment_history (pipeline_id, pipeline_version_id, deployment_id, deployed_at)
+                SELECT %(pipeline_id)s, id, %(deployment_id)s, %(updated_at)s
+                  FROM pipeline_versions WHERE pipeline_id = %(pipeline_id)s AND version = %(version)s
+                ON CONFLICT (deployment_id) DO NOTHING
+                """,
+                params,
+            )
+
+    def previous_version(self, current: Deployment) -> int | None:
+        """The pipeline version deployed most recently before ``current`` that differs from it."""
+        row = self._conn.execute(
+            """
+            SELECT pv.version FROM deployment_history h
+              JOIN pipeline_versions pv ON pv.id = h.pipeline_version_id
+             WHERE h.pipeline_id = %(pipeline_id)s AND pv.version <> %(version)s
+               AND h.id < COALESCE(
+                   (SELECT id FROM deployment_history WHERE deployment_id = %(deployment_id)s),
+                   9223372036854775807)
+             ORDER BY h.id DESC LIMIT 1
             """,
             {
                 "pipeline_id": self._pipeline_id,
-                "version": deployment.pipeline_version,
-                "replicas": deployment.replicas,
-                "active": deployment.active,
-                "deployment_id": deployment.deployment_id,
-                "updated_at": deployment.updated_at,
+                "version": current.pipeline_version,
+                "deployment_id": current.deployment_id,
             },
-        )
+        ).fetchone()
+        return int(row["version"]) if row else None
 
 
 class Store:

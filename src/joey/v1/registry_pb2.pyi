@@ -832,6 +832,74 @@ class PipelineTopics(_message.Message):
 Global___PipelineTopics: _TypeAlias = PipelineTopics  # noqa: Y015
 
 @_typing.final
+class AutoscaleConfig(_message.Message):
+    """Scale a deployment between min and max replicas on its queue age: how long the records a replica
+    takes from the inputs topic had waited there. Measured from record timestamps when they are
+    consumed, it is right on any Kafka-compatible broker (consumer lag needs high-watermarks, which the
+    embedded broker reports wrongly).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_REPLICAS_FIELD_NUMBER: _builtins.int
+    MAX_REPLICAS_FIELD_NUMBER: _builtins.int
+    QUEUE_AGE_THRESHOLD_S_FIELD_NUMBER: _builtins.int
+    SCALE_UP_AFTER_S_FIELD_NUMBER: _builtins.int
+    SCALE_DOWN_AFTER_S_FIELD_NUMBER: _builtins.int
+    min_replicas: _builtins.int
+    """>= 1"""
+    max_replicas: _builtins.int
+    """<= partitions of the inputs topic"""
+    queue_age_threshold_s: _builtins.float
+    """0 = 1 s"""
+    scale_up_after_s: _builtins.float
+    """the age stays above the threshold this long; 0 = 10 s"""
+    scale_down_after_s: _builtins.float
+    """quiet period below the threshold before one replica goes; 0 = 300 s"""
+    def __init__(
+        self,
+        *,
+        min_replicas: _builtins.int = ...,
+        max_replicas: _builtins.int = ...,
+        queue_age_threshold_s: _builtins.float = ...,
+        scale_up_after_s: _builtins.float = ...,
+        scale_down_after_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "queue_age_threshold_s", b"queue_age_threshold_s", "scale_down_after_s", b"scale_down_after_s", "scale_up_after_s", b"scale_up_after_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoscaleConfig: _TypeAlias = AutoscaleConfig  # noqa: Y015
+
+@_typing.final
+class ResourceHints(_message.Message):
+    """What each replica asks of its host in production manifests (compose, Kubernetes); informational for
+    the embedded stack. Kubernetes quantities, e.g. cpus "1.5", memory "2Gi".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPUS_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
+    cpus: _builtins.str
+    memory: _builtins.str
+    def __init__(
+        self,
+        *,
+        cpus: _builtins.str = ...,
+        memory: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "memory", b"memory"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResourceHints: _TypeAlias = ResourceHints  # noqa: Y015
+
+@_typing.final
 class DeployRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -839,12 +907,20 @@ class DeployRequest(_message.Message):
     PIPELINE_FIELD_NUMBER: _builtins.int
     PIPELINE_VERSION_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    AUTOSCALE_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     pipeline_version: _builtins.int
     """0 = latest"""
     replicas: _builtins.int
-    """0 = 1"""
+    """0 = 1, or autoscale.min_replicas with autoscale"""
+    @_builtins.property
+    def autoscale(self) -> Global___AutoscaleConfig:
+        """unset = a fixed number of replicas"""
+
+    @_builtins.property
+    def resources(self) -> Global___ResourceHints: ...
     def __init__(
         self,
         *,
@@ -852,14 +928,42 @@ class DeployRequest(_message.Message):
         pipeline: _builtins.str = ...,
         pipeline_version: _builtins.int = ...,
         replicas: _builtins.int = ...,
+        autoscale: Global___AutoscaleConfig | None = ...,
+        resources: Global___ResourceHints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["autoscale", b"autoscale", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "replicas", b"replicas", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscale", b"autoscale", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "replicas", b"replicas", "resources", b"resources", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeployRequest: _TypeAlias = DeployRequest  # noqa: Y015
+
+@_typing.final
+class RollbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    PIPELINE_VERSION_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    pipeline: _builtins.str
+    pipeline_version: _builtins.int
+    """0 = the version deployed before the current one"""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        pipeline_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
 
 @_typing.final
 class UndeployRequest(_message.Message):
@@ -895,17 +999,25 @@ class Deployment(_message.Message):
     DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
     TOPICS_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    AUTOSCALE_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     pipeline_version: _builtins.int
     replicas: _builtins.int
     active: _builtins.bool
     deployment_id: _builtins.str
-    """changes on every deploy"""
+    """changes on every deploy (not on autoscaling)"""
     @_builtins.property
     def topics(self) -> Global___PipelineTopics: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def autoscale(self) -> Global___AutoscaleConfig:
+        """unset = fixed replicas; with it, replicas is the current count"""
+
+    @_builtins.property
+    def resources(self) -> Global___ResourceHints: ...
     def __init__(
         self,
         *,
@@ -917,10 +1029,12 @@ class Deployment(_message.Message):
         deployment_id: _builtins.str = ...,
         topics: Global___PipelineTopics | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        autoscale: Global___AutoscaleConfig | None = ...,
+        resources: Global___ResourceHints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["topics", b"topics", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["autoscale", b"autoscale", "resources", b"resources", "topics", b"topics", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "deployment_id", b"deployment_id", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "replicas", b"replicas", "topics", b"topics", "updated_at", b"updated_at", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "autoscale", b"autoscale", "deployment_id", b"deployment_id", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "replicas", b"replicas", "resources", b"resources", "topics", b"topics", "updated_at", b"updated_at", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -943,6 +1057,8 @@ class DeploymentSpec(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     TOPICS_FIELD_NUMBER: _builtins.int
     DEPLOYED_AT_FIELD_NUMBER: _builtins.int
+    AUTOSCALE_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     pipeline: _builtins.str
     pipeline_version: _builtins.int
@@ -954,6 +1070,10 @@ class DeploymentSpec(_message.Message):
     def topics(self) -> Global___PipelineTopics: ...
     @_builtins.property
     def deployed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def autoscale(self) -> Global___AutoscaleConfig: ...
+    @_builtins.property
+    def resources(self) -> Global___ResourceHints: ...
     def __init__(
         self,
         *,
@@ -965,10 +1085,12 @@ class DeploymentSpec(_message.Message):
         steps: _abc.Iterable[Global___ResolvedStep] | None = ...,
         topics: Global___PipelineTopics | None = ...,
         deployed_at: _timestamp_pb2.Timestamp | None = ...,
+        autoscale: Global___AutoscaleConfig | None = ...,
+        resources: Global___ResourceHints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deployed_at", b"deployed_at", "topics", b"topics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["autoscale", b"autoscale", "deployed_at", b"deployed_at", "resources", b"resources", "topics", b"topics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployed_at", b"deployed_at", "deployment_id", b"deployment_id", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "replicas", b"replicas", "steps", b"steps", "topics", b"topics", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscale", b"autoscale", "deployed_at", b"deployed_at", "deployment_id", b"deployment_id", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "replicas", b"replicas", "resources", b"resources", "steps", b"steps", "topics", b"topics", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1007,11 +1129,19 @@ class ReplicaStatus(_message.Message):
     PARTITIONS_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    QUEUE_AGE_S_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     alive: _builtins.bool
     pipeline_version: _builtins.int
     loaded: _builtins.bool
     error: _builtins.str
+    queue_age_s: _builtins.float
+    """How long the records this replica took from the inputs topic since its previous heartbeat had
+    waited there at most (0 when it took none): the autoscaling signal.
+    """
+    deployment_id: _builtins.str
+    """during a rollout, old and new replicas are listed together"""
     @_builtins.property
     def partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -1026,10 +1156,12 @@ class ReplicaStatus(_message.Message):
         partitions: _abc.Iterable[_builtins.int] | None = ...,
         last_seen: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
+        queue_age_s: _builtins.float = ...,
+        deployment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "error", b"error", "last_seen", b"last_seen", "loaded", b"loaded", "partitions", b"partitions", "pipeline_version", b"pipeline_version", "replica_id", b"replica_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "deployment_id", b"deployment_id", "error", b"error", "last_seen", b"last_seen", "loaded", b"loaded", "partitions", b"partitions", "pipeline_version", b"pipeline_version", "queue_age_s", b"queue_age_s", "replica_id", b"replica_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,6 +89,11 @@ class RegistryStub:
                 request_serializer=joey_dot_v1_dot_registry__pb2.DeployRequest.SerializeToString,
                 response_deserializer=joey_dot_v1_dot_registry__pb2.Deployment.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/joey.v1.Registry/Rollback',
+                request_serializer=joey_dot_v1_dot_registry__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=joey_dot_v1_dot_registry__pb2.Deployment.FromString,
+                _registered_method=True)
         self.Undeploy = channel.unary_unary(
                 '/joey.v1.Registry/Undeploy',
                 request_serializer=joey_dot_v1_dot_registry__pb2.UndeployRequest.SerializeToString,
@@ -172,7 +177,17 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Deploy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deploys a pipeline version. On a running deployment the new version is rolled out while records
+        keep flowing: new replicas join before the old ones leave.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Redeploys an earlier pipeline version (by default the one deployed before the current one) with
+        the current deployment's replicas, autoscaling and resources.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -251,6 +266,11 @@ def add_RegistryServicer_to_server(servicer, server):
             'Deploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Deploy,
                     request_deserializer=joey_dot_v1_dot_registry__pb2.DeployRequest.FromString,
+                    response_serializer=joey_dot_v1_dot_registry__pb2.Deployment.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=joey_dot_v1_dot_registry__pb2.RollbackRequest.FromString,
                     response_serializer=joey_dot_v1_dot_registry__pb2.Deployment.SerializeToString,
             ),
             'Undeploy': grpc.unary_unary_rpc_method_handler(
@@ -565,6 +585,33 @@ class Registry:
             target,
             '/joey.v1.Registry/Deploy',
             joey_dot_v1_dot_registry__pb2.DeployRequest.SerializeToString,
+            joey_dot_v1_dot_registry__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/Rollback',
+            joey_dot_v1_dot_registry__pb2.RollbackRequest.SerializeToString,
             joey_dot_v1_dot_registry__pb2.Deployment.FromString,
             options,
             channel_credentials,
