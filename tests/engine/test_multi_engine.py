@@ -78,7 +78,8 @@ class Deployed:
         held = list(running.values())
         if (
             len(holders) == self.spec.replicas
-            and set(running) == {f"{engine}-{slot}" for slot, engine in holders.items()}
+            and set(running)
+            == {f"{engine}-{self.spec.deployment_id[:8]}-{slot}" for slot, engine in holders.items()}
             and all(held)
             and sum(map(len, held)) == len(self.all_partitions)
             and set().union(*held) == self.all_partitions

@@ -69,6 +69,27 @@ def test_up_upload_deploy_infer_logs_down(cli_env: dict[str, str], iris_model: P
             "the failure in the log",
         )
 
+        joey(
+            cli_env, "pipeline", "create", "cli-pipe", "--model", "iris-cli", "--check", "sure=out.label > 5"
+        )
+        rolled = joey(
+            cli_env,
+            "pipeline",
+            "deploy",
+            "cli-pipe",
+            "--autoscale",
+            "1-2",
+            "--cpus",
+            "500m",
+            "--memory",
+            "1Gi",
+        )
+        assert "Running (version 2, 1 replicas, autoscaling 1-2 on queue age > 1 s)" in rolled.stdout
+        back = joey(cli_env, "pipeline", "rollback", "cli-pipe")
+        assert "Running (version 1, 1 replicas, autoscaling 1-2" in back.stdout, back.stdout
+        bad_scale = joey(cli_env, "pipeline", "deploy", "cli-pipe", "--autoscale", "2", check=False)
+        assert bad_scale.returncode != 0 and "expected MIN-MAX" in bad_scale.stderr
+
         assert "undeployed" in joey(cli_env, "pipeline", "undeploy", "cli-pipe").stdout
     finally:
         down = joey(cli_env, "down", check=False)

@@ -172,10 +172,13 @@ def test_status_from_heartbeats(
 
     publish(beat("r2", deployment.deployment_id, [2, 3]), ttl_s=1.0)
     status = stub.GetDeploymentStatus(request)
+    assert (status.status, status.ready) == ("Starting", False), "the replaced deployment still serves"
+    heartbeats.retire(redis_client, prefix, workspace, pipeline, "old")
+    status = stub.GetDeploymentStatus(request)
     assert (status.status, status.ready) == ("Running", True)
     assert status.deployment.deployment_id == deployment.deployment_id
     replicas = {r.replica_id: r for r in status.replicas}
-    assert sorted(replicas) == ["old", "r1", "r2"]
+    assert sorted(replicas) == ["r1", "r2"]
     assert list(replicas["r2"].partitions) == [2, 3] and replicas["r2"].alive and replicas["r2"].loaded
     assert abs(replicas["r2"].last_seen.ToDatetime().timestamp() - time.time()) < 30
 

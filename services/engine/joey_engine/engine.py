@@ -192,7 +192,7 @@ class Engine:
             log.info(
                 "rolling out %s instead of %s; %s serves until it is up", wanted, state.deployment, serving
             )
-            self._stop([(state, set(state.slots))])
+            self._stop([(state, set(state.slots))], staying=list(serving.replicas.values()))
         del self._deployed[key]
 
     def _retire_replaced(self) -> None:

@@ -19,7 +19,8 @@ def compute_status(
     """``partitions`` is the partition count of the inputs topic, None if the topic is missing.
 
     A replica counts toward readiness when it is alive, runs the current deployment, has
-    loaded its models, reports no error and holds at least one partition."""
+    loaded its models, reports no error and holds at least one partition; a rollout is ready once
+    no replica of the deployment it replaced is alive."""
     replicas = tuple(
         ReplicaStatus(
             replica_id=v.beat.replica_id,
@@ -67,5 +68,6 @@ def compute_status(
 
     if errors:
         return DeploymentStatus(deployment, ERROR, False, replicas, message)
-    ready = len(counting) == deployment.replicas and all_assigned
+    # Until the replicas of a replaced deployment are gone, records may still be answered by them.
+    ready = len(counting) == deployment.replicas and all_assigned and not stale
     return DeploymentStatus(deployment, RUNNING if ready else STARTING, ready, replicas, message)
