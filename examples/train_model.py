@@ -1,7 +1,8 @@
-"""Train the example classifier on scikit-learn's bundled iris data and export it to ONNX.
+"""Train the example classifiers on scikit-learn's bundled iris data and export them to ONNX.
 
-The model takes one input, ``features`` (float32, shape [batch, 4]), and returns ``label``
-(int64, [batch]) and ``probabilities`` (float32, [batch, 3]). Nothing is downloaded.
+Each model takes one input, ``features`` (float32, shape [batch, 4]), and returns ``label``
+(int64, [batch]) and ``probabilities`` (float32, [batch, 3]), so they can stand in for each other
+(shadow challengers, A/B split arms). Nothing is downloaded.
 
     python examples/train_model.py examples/model/iris.onnx
 """
@@ -16,16 +17,22 @@ import numpy as np
 from skl2onnx import to_onnx
 from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 HERE = Path(__file__).resolve().parent
 
 
-def train_and_export(path: Path) -> Path:
+def train_and_export(path: Path, kind: str = "forest") -> Path:
+    """``kind``: "forest" (a random forest) or "logreg" (a logistic regression)."""
     iris = load_iris()
     x = iris.data.astype(np.float32)
     x_train, x_test, y_train, y_test = train_test_split(x, iris.target, test_size=0.3, random_state=7)
-    model = RandomForestClassifier(n_estimators=20, max_depth=5, random_state=7).fit(x_train, y_train)
+    estimators = {
+        "forest": lambda: RandomForestClassifier(n_estimators=20, max_depth=5, random_state=7),
+        "logreg": lambda: LogisticRegression(max_iter=500),
+    }
+    model = estimators[kind]().fit(x_train, y_train)
     onnx_model = to_onnx(
         model,
         initial_types=None,
