@@ -17,7 +17,7 @@ from joey.kafka import producer_config
 from joey.records import REQUEST_ID_HEADER, dumps
 from joey.sdk import Autoscale, Client, JoeyError, Pipeline
 from joey.settings import CommonSettings
-from train_model import make_records  # examples/, put on sys.path by conftest
+from train_model import make_records, train_and_export  # examples/, put on sys.path by conftest
 
 from .conftest import Stack, wait_until
 
@@ -245,3 +245,30 @@ def test_bad_deployment_config_is_refused_and_changes_nothing(
     assert error.value.code == "INVALID_ARGUMENT"
     after = pipeline.status()
     assert (after.status, after.deployment_id) == (before.status, before.deployment_id)
+
+
+def test_hot_swap_of_a_model_version_is_a_new_pipeline_version_naming_the_new_model(
+    client: Client, iris_model: Path, tmp_path: Path
+) -> None:
+    forest = client.upload_model("iris-swap", iris_model)
+    logreg = client.upload_model("iris-swap", train_and_export(tmp_path / "logreg.onnx", "logreg"))
+    assert logreg.version == forest.version + 1 and logreg.sha256 != forest.sha256
+    pipeline = client.build_pipeline("swap").add_model_step(forest).add_validations(odd="out.label == 1")
+    first = pipeline.deploy(timeout=90)
+    rows = make_records(20, seed=13)
+    before = pipeline.infer(rows, timeout=60)
+
+    second = pipeline.replace_with_model_step(0, logreg).deploy(timeout=120)
+    after = pipeline.infer(rows, timeout=60)
+
+    assert second.pipeline_version == first.pipeline_version + 1
+    swapped = pipeline.versions()[-1].steps[0]
+    assert (swapped.model, swapped.version) == ("iris-swap", logreg.version)
+    assert {m["version"] for models in before["metadata.models"] for m in models} == {forest.version}
+    assert {m["version"] for models in after["metadata.models"] for m in models} == {logreg.version}
+    assert set(after["metadata.pipeline_version"]) == {second.pipeline_version}
+    assert "anomaly.odd" in after.columns, "the other steps stay as they were"
+    with pytest.raises(IndexError, match="no step at index 5"):
+        pipeline.replace_with_model_step(5, forest)
+    assert pipeline.remove_step(1).create().version == second.pipeline_version + 1
+    pipeline.undeploy()

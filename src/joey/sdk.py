@@ -471,6 +471,30 @@ class Pipeline:
         self._steps.clear()
         return self
 
+    def remove_step(self, index: int) -> Pipeline:
+        """Drop the step at ``index`` (0-based, as in ``versions()[-1].steps``)."""
+        self._step_at(index)
+        del self._steps[index]
+        return self
+
+    def replace_with_model_step(
+        self,
+        index: int,
+        model: ModelVersion | str,
+        version: int | None = None,
+        inputs: dict[str, str] | None = None,
+    ) -> Pipeline:
+        """Put a model step at ``index`` in place of the step there: the hot swap of a model. The next
+        ``deploy()`` makes a new pipeline version and rolls it out with no pause in serving."""
+        self._step_at(index)
+        self._steps[index] = pb.PipelineStep(model=_model_ref(model, version, inputs))
+        return self
+
+    def _step_at(self, index: int) -> pb.PipelineStep:
+        if not 0 <= index < len(self._steps):
+            raise IndexError(f"pipeline {self.name!r} has {len(self._steps)} steps; no step at index {index}")
+        return self._steps[index]
+
     def create(self) -> PipelineVersion:
         """Store the steps; a new pipeline version is made only when they changed."""
         request = pb.CreatePipelineRequest(workspace=self.workspace, name=self.name, steps=self._steps)
