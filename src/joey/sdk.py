@@ -505,17 +505,22 @@ class Pipeline:
         self,
         default: ModelVersion | str,
         meta_key: str,
-        options: dict[str, ModelVersion | str],
+        options: dict[Any, ModelVersion | str],
         inputs: dict[str, dict[str, str]] | None = None,
     ) -> Pipeline:
         """Append a key split: each record is served by the model that the value of its ``meta_key``
         field maps to in ``options``, and by ``default`` when the field is missing or its value is not
         mapped, e.g. ``add_key_split("iris", "tier", {"gold": "iris-b"})``. Values compare as text: a
-        string as is, anything else as its JSON text (``1`` matches ``"1"``). Models and ``inputs``
-        as in ``add_random_split``; several values may route to the same model.
+        string as is, anything else as its JSON text (``1`` matches ``"1"``, and a key ``True`` the
+        value ``true``). Models and ``inputs`` as in ``add_random_split``; several values may route to
+        the same model.
         """
         mappings = inputs or {}
-        routes = {str(value): _named_ref(model, mappings) for value, model in options.items()}
+        # Keys are matched as the engine compares record values: strings as is, others as JSON text.
+        routes = {
+            value if isinstance(value, str) else json.dumps(value): _named_ref(model, mappings)
+            for value, model in options.items()
+        }
         split = pb.KeySplitStep(default_model=_named_ref(default, mappings), meta_key=meta_key, routes=routes)
         self._steps.append(pb.PipelineStep(key_split=split))
         return self

@@ -66,6 +66,18 @@ def test_sdk_refuses_malformed_arms() -> None:
         pipeline.add_key_split("iris", "tier", {"gold": "iris-b:x"})
 
 
+def test_key_split_options_are_matched_as_the_engine_compares_values() -> None:
+    pipeline = Client(registry_addr="127.0.0.1:1").build_pipeline("p")
+    pipeline.add_key_split("a", "tier", {"gold": "b", 7: "b", False: "c", 2.5: "c"})
+    (step,) = pipeline._steps
+    assert {value: ref.model for value, ref in step.key_split.routes.items()} == {
+        "gold": "b",
+        "7": "b",
+        "false": "c",
+        "2.5": "c",
+    }
+
+
 def create_args(*args: str, registry: str = "127.0.0.1:1", workspace: str = "default") -> list[str]:
     return ["--registry", registry, "-w", workspace, "pipeline", "create", "p", *args]
 
