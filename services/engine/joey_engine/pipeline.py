@@ -159,6 +159,11 @@ class _SplitStage:
     def label(self) -> str:
         return f"step {self.position} (split of {', '.join(repr(a.step.model) for a in self.arms)})"
 
+    @cached_property
+    def names(self) -> np.ndarray:
+        """The arms' model names, indexable by an array of arm indexes."""
+        return np.asarray([a.step.model for a in self.arms], dtype=object)
+
     @property
     def declared_outputs(self) -> tuple[Tensor, ...]:
         return self.arms[0].step.outputs
@@ -560,10 +565,10 @@ class PipelineRunner:
             return None
         return np.column_stack([stage.choose(rows, self._rng) for stage in self._splits])
 
-    def _chosen(self, choices: np.ndarray | None, i: int) -> tuple[str, ...] | None:
-        if choices is None:
-            return None
-        return tuple(stage.arms[a].step.model for stage, a in zip(self._splits, choices[i], strict=True))
+    def _chosen(self, choices: np.ndarray) -> list[tuple[str, ...]]:
+        """Each record's chosen model names, in split step order."""
+        names = [stage.names[choices[:, stage.index]].tolist() for stage in self._splits]
+        return list(zip(*names, strict=True))
 
     def _run_one(
         self, row: dict[str, Any], array: dict[str, np.ndarray], choices: np.ndarray | None
@@ -571,7 +576,7 @@ class PipelineRunner:
         try:
             ran = self._infer({name: value[np.newaxis] for name, value in array.items()}, [row], choices)
         except StepError as exc:
-            return Failure(str(exc), row, self._chosen(choices, 0))
+            return Failure(str(exc), row, None if choices is None else self._chosen(choices)[0])
         return self._successes([row], ran, choices)[0]
 
     def _successes(self, rows: list[dict[str, Any]], ran: _Ran, choices: np.ndarray | None) -> list[Result]:
@@ -585,10 +590,13 @@ class PipelineRunner:
         n = len(rows)
         failures = [()] * n if ran.flagged is None else self._failures(ran.flagged)
         shadows = [(None, None)] * n if ran.shadow is None else _by_record(ran.shadow, n)
+        chosen_all: list[tuple[str, ...]] | list[None] = (
+            [None] * n if choices is None else self._chosen(choices)
+        )
         results: list[Result] = []
         for i, row in enumerate(rows):
             outputs = {name: column[i] for name, column in columns.items()}
-            chosen = self._chosen(choices, i)
+            chosen = chosen_all[i]
             if chosen is not None:
                 outputs[MODEL_SPLIT] = chosen[0] if len(chosen) == 1 else list(chosen)
             results.append(
