@@ -518,7 +518,9 @@ class Pipeline:
         mappings = inputs or {}
         # Keys are matched as the engine compares record values: strings as is, others as JSON text.
         routes = {
-            value if isinstance(value, str) else json.dumps(value): _named_ref(model, mappings)
+            value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":")): (
+                _named_ref(model, mappings)
+            )
             for value, model in options.items()
         }
         split = pb.KeySplitStep(default_model=_named_ref(default, mappings), meta_key=meta_key, routes=routes)

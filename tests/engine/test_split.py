@@ -173,6 +173,9 @@ def test_hash_key_is_sticky_across_runners_and_batches(
     # Any JSON value is a key; records without one are assigned at random (so both arms serve them).
     keyed = [encode({"features": ROWS[0], "user": {"id": 7, "org": [1, 2]}})] * 20
     assert len({served_by(r) for r in successes(again.run(keyed))}) == 1
+    # Even text that cannot be encoded as UTF-8 (a lone surrogate) is a key.
+    surrogate = [b'{"features": [1, 2, 3, 4], "user": "\\ud800"}'] * 20
+    assert len({served_by(r) for r in successes(again.run(surrogate))}) == 1
     unkeyed = successes(again.run([encode({"features": ROWS[0]})] * 200))
     assert {served_by(r) for r in unkeyed} == {"a", "b"}
 

@@ -203,17 +203,19 @@ class _SplitStage:
         return np.minimum(np.searchsorted(self._cumulative, units, side="right"), len(self.arms) - 1)
 
 
+def _canonical_json(value: Any) -> str:
+    """One text per JSON value: sorted keys, no spaces, ASCII only (so even a lone surrogate encodes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def _key_text(value: Any) -> str:
     """A key split compares values as text: a string as is, anything else as its JSON text."""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return value if isinstance(value, str) else _canonical_json(value)
 
 
 def _hash_unit(value: Any) -> float:
     """``value`` mapped to [0, 1) by a hash of its canonical JSON that is the same in every process."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(_canonical_json(value).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
