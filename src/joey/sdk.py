@@ -517,12 +517,12 @@ class Pipeline:
         """
         mappings = inputs or {}
         # Keys are matched as the engine compares record values: strings as is, others as JSON text.
-        routes = {
-            value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":")): (
-                _named_ref(model, mappings)
+        routes: dict[str, pb.ModelStep] = {}
+        for value, model in options.items():
+            key = (
+                value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
             )
-            for value, model in options.items()
-        }
+            routes[key] = _named_ref(model, mappings)
         split = pb.KeySplitStep(default_model=_named_ref(default, mappings), meta_key=meta_key, routes=routes)
         self._steps.append(pb.PipelineStep(key_split=split))
         return self
