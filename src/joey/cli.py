@@ -219,11 +219,51 @@ def _parse_challengers(ctx: click.Context, param: click.Parameter, values: tuple
     return challengers
 
 
+def _model_spec(ctx: click.Context, param: click.Parameter, value: str, usage: str) -> str:
+    model, colon, version = value.strip().partition(":")
+    if not model or (colon and not (version.isdigit() and int(version) > 0)):
+        raise click.BadParameter(f"expected {usage} (VERSION a positive number), got {value!r}", ctx, param)
+    return value.strip()
+
+
+def _parse_splits(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[tuple[float, str]]:
+    arms: list[tuple[float, str]] = []
+    for value in values:
+        weight, _, model = value.partition(":")
+        try:
+            number = float(weight)
+        except ValueError:
+            number = 0.0
+        if not number > 0:
+            raise click.BadParameter(
+                f"expected WEIGHT:MODEL[:VERSION] with a positive WEIGHT, e.g. --split 2:iris, got {value!r}",
+                ctx,
+                param,
+            )
+        arms.append((number, _model_spec(ctx, param, model, "WEIGHT:MODEL[:VERSION], e.g. --split 2:iris")))
+    return arms
+
+
+def _parse_routes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    routes: dict[str, str] = {}
+    for value in values:
+        # Split at the last "=": the routed value is free text.
+        key, equals, model = value.rpartition("=")
+        if not equals:
+            raise click.BadParameter(
+                f"expected VALUE=MODEL[:VERSION], e.g. --route gold=iris-b, got {value!r}"
+            )
+        if key in routes:
+            raise click.BadParameter(f"value {key!r} is routed twice", ctx, param)
+        routes[key] = _model_spec(ctx, param, model, "VALUE=MODEL[:VERSION], e.g. --route gold=iris-b")
+    return routes
+
+
 @pipeline.command("create")
 @click.argument("name")
-@click.option(
-    "--model", "-m", "models", multiple=True, required=True, help="MODEL or MODEL:VERSION, in step order."
-)
+@click.option("--model", "-m", "models", multiple=True, help="MODEL or MODEL:VERSION, in step order.")
 @click.option(
     "--map",
     "maps",
@@ -251,6 +291,32 @@ def _parse_challengers(ctx: click.Context, param: click.Parameter, values: tuple
     help="NAME=EXPRESSION over in.<field> and out.<field>; true flags an anomaly. "
     "All checks form one validations step after the model steps.",
 )
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    callback=_parse_splits,
+    help="WEIGHT:MODEL[:VERSION] (repeatable, at least 2): a random split step after the --model steps; "
+    "each record is served by one arm, chosen in proportion to the weights.",
+)
+@click.option("--hash-key", default="", help="FIELD: make --split sticky per value of this record field.")
+@click.option(
+    "--key-split",
+    "meta_key",
+    default="",
+    help="FIELD: a key split step (after any --split): the record field whose value picks the model "
+    "among the --route options, else the --default model.",
+)
+@click.option(
+    "--route",
+    "routes",
+    multiple=True,
+    callback=_parse_routes,
+    help="VALUE=MODEL[:VERSION] (repeatable): records whose --key-split field is VALUE go to MODEL.",
+)
+@click.option(
+    "--default", "default_model", default="", help="MODEL[:VERSION]: the --key-split default model."
+)
 @click.pass_obj
 def pipeline_create(
     obj: Context,
@@ -259,11 +325,23 @@ def pipeline_create(
     maps: dict[int, dict[str, str]],
     challengers: list[str],
     checks: dict[str, str],
+    splits: list[tuple[float, str]],
+    hash_key: str,
+    meta_key: str,
+    routes: dict[str, str],
+    default_model: str,
 ) -> None:
     """Create pipeline NAME (or a new version of it) from model steps, validation checks and
-    optionally a shadow step (--challenger)."""
+    optionally a shadow step (--challenger), a random split (--split) and a key split (--key-split).
+    Steps run in that order: --model steps, --split, --key-split, then the checks."""
     from joey.sdk import JoeyError
 
+    if not (models or splits or meta_key):
+        raise click.UsageError("give at least one --model, --split or --key-split")
+    if hash_key and not splits:
+        raise click.BadParameter("applies to a --split step; give --split too", param_hint="'--hash-key'")
+    if bool(meta_key) != bool(default_model) or (routes and not meta_key):
+        raise click.UsageError("a key split needs --key-split FIELD, --default MODEL and --route VALUE=MODEL")
     beyond = sorted(index for index in maps if index > len(models))
     if beyond:
         raise click.BadParameter(
@@ -276,6 +354,10 @@ def pipeline_create(
             builder.add_shadow_deploy(spec, challengers, {model_name: maps[index]} if index in maps else None)
         else:
             builder.add_model_step(model_name, int(version) if version else None, maps.get(index))
+    if splits:
+        builder.add_random_split(splits, hash_key=hash_key or None)
+    if meta_key:
+        builder.add_key_split(default_model, meta_key, dict(routes))
     if checks:
         builder.add_validations(**checks)
     try:

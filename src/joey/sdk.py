@@ -5,6 +5,7 @@ model = client.upload_model("iris", "iris.onnx")
 pipeline = client.build_pipeline("iris-pipeline").add_model_step(model)
 pipeline.add_validations(too_sure="out.probabilities[0] > 0.99")
 pipeline.add_shadow_deploy("iris-b", ["iris-c"])  # iris-c sees every record; iris-b answers
+# or A/B: pipeline.add_random_split([(2, "iris"), (1, "iris-b")], hash_key="user_id")
 pipeline.deploy(replicas=2)
 results = pipeline.infer([{"features": [5.1, 3.5, 1.4, 0.2]}])
 pipeline.logs(limit=10)
@@ -152,16 +153,53 @@ class ShadowStep:
         return f"shadow({self.champion} vs {', '.join(str(c) for c in self.challengers)})"
 
 
-PipelineStep = ModelStep | ValidationsStep | ShadowStep
+@dataclass(frozen=True)
+class RandomSplitStep:
+    """One of the arms (weight, model) serves each record, at random in proportion to the weights;
+    with ``hash_key``, records carrying that field are assigned by its value, always to the same model."""
+
+    arms: tuple[tuple[float, ModelStep], ...]
+    hash_key: str = ""
+
+    def __str__(self) -> str:
+        arms = ", ".join(f"{weight:g}*{model}" for weight, model in self.arms)
+        return f"random_split({arms}" + (f"; hash_key={self.hash_key})" if self.hash_key else ")")
+
+
+@dataclass(frozen=True)
+class KeySplitStep:
+    """Each record is served by the model its ``meta_key`` field's value routes to, else ``default``."""
+
+    default: ModelStep
+    meta_key: str
+    routes: dict[str, ModelStep] = field(hash=False)
+
+    def __str__(self) -> str:
+        routes = ", ".join(f"{value}->{model}" for value, model in self.routes.items())
+        return f"key_split({self.meta_key}: {routes}; default {self.default})"
+
+
+PipelineStep = ModelStep | ValidationsStep | ShadowStep | RandomSplitStep | KeySplitStep
 
 
 def _model_step(step: pb.ResolvedStep) -> ModelStep:
     return ModelStep(step.model, step.version, step.sha256, dict(sorted(step.input_mapping.items())))
 
 
+def _split_step(step: pb.ResolvedStep) -> RandomSplitStep | KeySplitStep:
+    arms = [_model_step(arm) for arm in step.arms]
+    if not step.meta_key:
+        return RandomSplitStep(tuple(zip(step.weights, arms, strict=True)), step.hash_key)
+    by_name = {arm.model: arm for arm in arms}
+    routes = {value: by_name[step.routes[value]] for value in sorted(step.routes)}
+    return KeySplitStep(arms[0], step.meta_key, routes)
+
+
 def _pipeline_step(step: pb.ResolvedStep) -> PipelineStep:
     # A resolved validations step is the one with checks (and no model); a shadow step the one
-    # with challengers.
+    # with challengers; a split step the one with arms.
+    if step.arms:
+        return _split_step(step)
     if step.checks:
         return ValidationsStep(dict(sorted(step.checks.items())))
     if step.challengers:
@@ -368,6 +406,17 @@ class Client:
 
 
 def _step_request(step: pb.ResolvedStep) -> pb.PipelineStep:
+    if step.arms and step.meta_key:
+        by_name = {arm.model: _model_step_request(arm) for arm in step.arms}
+        routes = {value: by_name[model] for value, model in step.routes.items()}
+        split = pb.KeySplitStep(
+            default_model=by_name[step.arms[0].model], meta_key=step.meta_key, routes=routes
+        )
+        return pb.PipelineStep(key_split=split)
+    if step.arms:
+        pairs = zip(step.weights, step.arms, strict=True)
+        arms = [pb.WeightedModel(weight=w, model=_model_step_request(a)) for w, a in pairs]
+        return pb.PipelineStep(random_split=pb.RandomSplitStep(arms=arms, hash_key=step.hash_key))
     if step.checks:
         return pb.PipelineStep(validations=pb.ValidationsStep(checks=step.checks))
     if step.challengers:
@@ -389,6 +438,17 @@ def _model_ref(
     if isinstance(model, ModelVersion):
         return pb.ModelStep(model=model.name, version=model.version, input_mapping=inputs)
     return pb.ModelStep(model=model, version=version or 0, input_mapping=inputs)
+
+
+def _named_ref(model: ModelVersion | str, mappings: dict[str, dict[str, str]]) -> pb.ModelStep:
+    """A ModelVersion, or ``"name"`` / ``"name:version"``, with its input mapping from ``mappings``."""
+    if isinstance(model, ModelVersion):
+        return _model_ref(model, inputs=mappings.get(model.name))
+    # Model names cannot contain ":", so "name:version" is unambiguous.
+    name, colon, version = model.partition(":")
+    if colon and not (version.isdigit() and int(version) > 0):
+        raise ValueError(f"expected 'name' or 'name:version' (a positive number), got {model!r}")
+    return _model_ref(name, int(version) if colon else None, mappings.get(name))
 
 
 @dataclass
@@ -442,18 +502,65 @@ class Pipeline:
         if not challengers:
             raise ValueError("add_shadow_deploy needs at least one challenger, e.g. ['iris-b']")
         mappings = inputs or {}
-
-        def ref(model: ModelVersion | str) -> pb.ModelStep:
-            if isinstance(model, ModelVersion):
-                return _model_ref(model, inputs=mappings.get(model.name))
-            # Model names cannot contain ":", so "name:version" is unambiguous.
-            name, colon, version = model.partition(":")
-            if colon and not (version.isdigit() and int(version) > 0):
-                raise ValueError(f"expected 'name' or 'name:version' (a positive number), got {model!r}")
-            return _model_ref(name, int(version) if colon else None, mappings.get(name))
-
-        shadow = pb.ShadowStep(champion=ref(champion), challengers=[ref(c) for c in challengers])
+        shadow = pb.ShadowStep(
+            champion=_named_ref(champion, mappings),
+            challengers=[_named_ref(c, mappings) for c in challengers],
+        )
         self._steps.append(pb.PipelineStep(shadow=shadow))
+        return self
+
+    def add_random_split(
+        self,
+        arms: Sequence[tuple[float, ModelVersion | str]],
+        hash_key: str | None = None,
+        inputs: dict[str, dict[str, str]] | None = None,
+    ) -> Pipeline:
+        """Append an A/B split: each record is served by one of the ``(weight, model)`` arms, chosen
+        at random in proportion to the weights (positive numbers, any scale), e.g.
+        ``add_random_split([(2, "iris"), (1, "iris-b")])``. With ``hash_key="user_id"``, a record
+        carrying that field is assigned by a stable hash of its value, so a value always goes to the
+        same model (across replicas and restarts); records without it are assigned at random.
+
+        The result names the model that served it in ``out._model_split`` (a list with several split
+        steps). Models are given as in ``add_shadow_deploy``, each a different model; all arms must be
+        fed from the same sources and produce the same outputs, which the registry checks when the
+        pipeline version is created. ``inputs`` maps a model name to its input mapping.
+        """
+        mappings = inputs or {}
+        weighted = []
+        for arm in arms:
+            if not (isinstance(arm, tuple | list) and len(arm) == 2):
+                raise ValueError(f"each arm is a (weight, model) pair, e.g. (2, 'iris'), got {arm!r}")
+            weight, model = arm
+            weighted.append(pb.WeightedModel(weight=float(weight), model=_named_ref(model, mappings)))
+        split = pb.RandomSplitStep(arms=weighted, hash_key=hash_key or "")
+        self._steps.append(pb.PipelineStep(random_split=split))
+        return self
+
+    def add_key_split(
+        self,
+        default: ModelVersion | str,
+        meta_key: str,
+        options: dict[Any, ModelVersion | str],
+        inputs: dict[str, dict[str, str]] | None = None,
+    ) -> Pipeline:
+        """Append a key split: each record is served by the model that the value of its ``meta_key``
+        field maps to in ``options``, and by ``default`` when the field is missing or its value is not
+        mapped, e.g. ``add_key_split("iris", "tier", {"gold": "iris-b"})``. Values compare as text: a
+        string as is, anything else as its JSON text (``1`` matches ``"1"``, and a key ``True`` the
+        value ``true``). Models and ``inputs`` as in ``add_random_split``; several values may route to
+        the same model.
+        """
+        mappings = inputs or {}
+        # Keys are matched as the engine compares record values: strings as is, others as JSON text.
+        routes: dict[str, pb.ModelStep] = {}
+        for value, model in options.items():
+            key = (
+                value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+            )
+            routes[key] = _named_ref(model, mappings)
+        split = pb.KeySplitStep(default_model=_named_ref(default, mappings), meta_key=meta_key, routes=routes)
+        self._steps.append(pb.PipelineStep(key_split=split))
         return self
 
     def add_validations(self, **checks: str) -> Pipeline:

@@ -84,7 +84,7 @@ def test_unknown_step_model_or_version(stub: Stub, workspace: str, iris_bytes: b
     [
         ("p", [], "needs at least one step"),
         ("Bad_Name", [step("iris")], "invalid pipeline name"),
-        ("p", [pb.PipelineStep()], "step 1 is empty: set its model, validations or shadow"),
+        ("p", [pb.PipelineStep()], "step 1 is empty: set its model, validations, shadow, random_split or"),
         ("p", [step("iris", -1)], "version must be a positive number"),
     ],
 )

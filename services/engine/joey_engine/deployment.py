@@ -56,13 +56,31 @@ class Validations:
 
 
 @dataclass(frozen=True)
+class Split:
+    """A step one of whose arms serves each record: at random with ``weights`` (sticky per value of
+    record field ``hash_key`` when set), or by the value of record field ``meta_key`` looked up in
+    ``routes`` (``arms[0]`` being the default). Arms are distinct models, fed from the same sources
+    (each per its own mapping) and producing the same outputs."""
+
+    arms: tuple[Step, ...]
+    weights: tuple[float, ...] = ()
+    hash_key: str = ""
+    meta_key: str = ""
+    routes: tuple[tuple[str, str], ...] = ()
+    """(value, model name) pairs of a key split."""
+
+    def arm(self, model: str) -> Step:
+        return next(arm for arm in self.arms if arm.model == model)
+
+
+@dataclass(frozen=True)
 class Deployment:
     workspace: str
     pipeline: str
     pipeline_version: int
     replicas: int
     deployment_id: str
-    steps: tuple[Step | Validations, ...]
+    steps: tuple[Step | Validations | Split, ...]
     topics: topics.PipelineTopics
 
     @property
@@ -80,17 +98,41 @@ class Deployment:
 
     @property
     def artifact_steps(self) -> tuple[Step, ...]:
-        """Every model to load, in order: each model step followed by its challengers."""
-        return tuple(model for step in self.model_steps for model in (step, *step.challengers))
+        """Every model to load, in order: each model step followed by its challengers, each split's arms."""
+        loaded: list[Step] = []
+        for step in self.steps:
+            if isinstance(step, Step):
+                loaded += (step, *step.challengers)
+            elif isinstance(step, Split):
+                loaded += step.arms
+        return tuple(loaded)
 
     @cached_property
     def has_shadow(self) -> bool:
         return any(step.challengers for step in self.model_steps)
 
+    @cached_property
+    def splits(self) -> tuple[Split, ...]:
+        return tuple(step for step in self.steps if isinstance(step, Split))
+
     @property
     def models(self) -> list[dict[str, str | int]]:
-        """The models that produce the result: challengers are not among them."""
+        """The models that produce the result, but for split arms (see ``models_of``); no challengers."""
         return [step.ref() for step in self.model_steps]
+
+    def models_of(self, chosen: tuple[str, ...] | None) -> list[dict[str, str | int]]:
+        """The models that served one record: every model step and, per split step, the arm named in
+        ``chosen`` (in step order). None means the record failed before any arm was chosen for it."""
+        if not self.splits:
+            return self.models
+        picks = iter(chosen or ())
+        refs = []
+        for step in self.steps:
+            if isinstance(step, Step):
+                refs.append(step.ref())
+            elif isinstance(step, Split) and chosen is not None:
+                refs.append(step.arm(next(picks)).ref())
+        return refs
 
     @cached_property
     def check_names(self) -> tuple[str, ...]:
@@ -101,13 +143,15 @@ class Deployment:
     @cached_property
     def shared_metadata_json(self) -> str:
         """The metadata members every record of this deployment carries, as JSON object members."""
-        shared = {
+        shared: dict[str, object] = {
             "workspace": self.workspace,
             "pipeline": self.pipeline,
             "pipeline_version": self.pipeline_version,
             "deployment_id": self.deployment_id,
-            "models": self.models,
         }
+        if not self.splits:
+            # With a split step the models differ per record: each record carries its own.
+            shared["models"] = self.models
         return dumps_text(shared)[1:-1]
 
     def __str__(self) -> str:
@@ -137,7 +181,30 @@ def _challenger(champion: str, spec: registry_pb2.ResolvedStep) -> Step:
     return _model_step(spec)
 
 
-def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations:
+def _split(spec: registry_pb2.ResolvedStep) -> Split:
+    if spec.model or spec.checks or spec.challengers:
+        raise ValueError("a split step has arms and nothing else (no model, checks or challengers)")
+    if any(not arm.model or arm.checks or arm.challengers or arm.arms for arm in spec.arms):
+        raise ValueError("every arm of a split must be a plain model step")
+    arms = tuple(_model_step(arm) for arm in spec.arms)
+    names = [arm.model for arm in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"split arms {names} are not distinct models")
+    if spec.meta_key:
+        routes = tuple(sorted(spec.routes.items()))
+        unknown = sorted({model for _, model in routes} - set(names))
+        if unknown or spec.weights:
+            raise ValueError(f"key split with weights, or routing to {unknown}, not among its arms {names}")
+        return Split(arms, meta_key=spec.meta_key, routes=routes)
+    weights = tuple(spec.weights)
+    if len(weights) != len(arms) or len(arms) < 2 or not all(w > 0 for w in weights):
+        raise ValueError(f"random split needs 2 or more arms with one positive weight each, got {weights}")
+    return Split(arms, weights, hash_key=spec.hash_key)
+
+
+def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations | Split:
+    if spec.arms:
+        return _split(spec)
     if spec.checks:
         if spec.model or spec.challengers:
             what = f"of model {spec.model!r}" if spec.model else "with challengers"
@@ -161,7 +228,7 @@ def from_proto(spec: registry_pb2.DeploymentSpec) -> Deployment:
     if not spec.deployment_id:
         raise ValueError(f"deployment of {spec.workspace}/{spec.pipeline} has no deployment_id")
     steps = tuple(_step(s) for s in spec.steps)
-    if not any(isinstance(step, Step) for step in steps):
+    if not any(isinstance(step, Step | Split) for step in steps):
         raise ValueError(f"deployment of {spec.workspace}/{spec.pipeline} has no model steps")
     names = topics.pipeline_topics(spec.workspace, spec.pipeline)
     return Deployment(

@@ -59,10 +59,16 @@ class Source:
         return records.strict_json_text(self.value, lambda: json.loads(self.value or b"null"))
 
 
-def _metadata_text(deployment: Deployment, source: Source, elapsed_ns: tuple[int, ...] | None = None) -> str:
+def _metadata_text(
+    deployment: Deployment, source: Source, result: Result, elapsed_ns: tuple[int, ...] | None = None
+) -> str:
     elapsed = "" if elapsed_ns is None else f',"elapsed_ns":[{",".join(map(str, elapsed_ns))}]'
     position = f'"partition":{source.partition},"offset":{source.offset}'
-    return f"{{{deployment.shared_metadata_json},{position}{elapsed}}}"
+    # With split steps the models differ per record, so they are not among the shared members.
+    models = (
+        f',"models":{records.dumps_text(deployment.models_of(result.split))}' if deployment.splits else ""
+    )
+    return f"{{{deployment.shared_metadata_json}{models},{position}{elapsed}}}"
 
 
 @lru_cache(maxsize=4)
@@ -102,7 +108,7 @@ def output_value(deployment: Deployment, source: Source, result: Success, now: d
         f'{{"time":"{_time_text(now)}","request_id":{json.dumps(source.request_id)},'
         f'"in":{source.value_json},"out":{result.outputs_json},'
         f"{shadow}{checks},"
-        f'"metadata":{_metadata_text(deployment, source, result.elapsed_ns)}}}'
+        f'"metadata":{_metadata_text(deployment, source, result, result.elapsed_ns)}}}'
     ).encode()
 
 
@@ -123,7 +129,7 @@ def error_value(deployment: Deployment, source: Source, result: Failure, now: da
         }
     )
     # The metadata members are already JSON text (shared with output records): append, don't re-encode.
-    return f'{body[:-1]},"metadata":{_metadata_text(deployment, source)}}}'.encode()
+    return f'{body[:-1]},"metadata":{_metadata_text(deployment, source, result)}}}'.encode()
 
 
 def log_value(deployment: Deployment, source: Source, result: Result, now: datetime) -> bytes:
@@ -159,7 +165,7 @@ def log_value(deployment: Deployment, source: Source, result: Result, now: datet
             "inputs": inputs,
             "raw_input": source.value if inputs is None else None,
             "check_failures": list(result.check_failures) if isinstance(result, Success) else [],
-            "models": deployment.models,
+            "models": deployment.models_of(result.split),
         }
         | outcome
     )

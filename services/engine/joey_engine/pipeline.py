@@ -4,11 +4,15 @@ Each record is validated on its own, so a bad record fails alone with a reason n
 problem; the valid ones are stacked into one batch per input and run through the model steps,
 and each validations step checks the batch after the model step before it. A shadow step runs its
 champion like a model step, then each challenger on the same feeds; a challenger that fails is
-reported with the records it ran on and never changes their result.
+reported with the records it ran on and never changes their result. A split step's arm is chosen for
+every record before the batch runs (so a batch that is retried record by record keeps each record's
+arm); the step runs each arm's records as one sub-batch and scatters the outputs back in order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -21,7 +25,7 @@ import numpy as np
 from joey.records import RecordError, decode_input, dumps_text
 from joey_engine import metrics
 from joey_engine.checks import Checks
-from joey_engine.deployment import Deployment, Step, Tensor, Validations
+from joey_engine.deployment import Deployment, Split, Step, Tensor, Validations
 from joey_engine.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ class Success:
     """Each challenger's outputs for this record, by model name; None when the pipeline has no shadow step."""
     shadow_errors: dict[str, str] | None = None
     """Why challengers failed on this record, by model name (the ones missing from ``shadow``)."""
+    split: tuple[str, ...] | None = None
+    """The model each split step chose for this record, in step order; None without split steps."""
 
     @cached_property
     def outputs_json(self) -> str:
@@ -62,6 +68,8 @@ class Failure:
     reason: str
     inputs: dict[str, Any] | None
     """The input record when it was a JSON object, else None."""
+    split: tuple[str, ...] | None = None
+    """As in Success, when the record failed after its split arms were chosen."""
 
 
 Result = Success | Failure
@@ -112,6 +120,104 @@ class _ModelStage:
     def what(self) -> str:
         return f"step {self.position} (model {self.step.model!r} v{self.step.version})"
 
+    @cached_property
+    def label(self) -> str:
+        """How a step fed by this one names it."""
+        return f"step {self.position} (model {self.step.model!r})"
+
+    @property
+    def declared_outputs(self) -> tuple[Tensor, ...]:
+        return self.step.outputs
+
+    @property
+    def outputs(self) -> tuple[Tensor, ...]:
+        return self.runtime.outputs
+
+
+@dataclass(frozen=True)
+class _Arm:
+    what: str
+    step: Step
+    runtime: ModelRuntime
+    sources: tuple[tuple[Tensor, str], ...]
+    """As in ``_ModelStage.sources``: for the first step, the record inputs' names that feed it."""
+
+
+MODEL_SPLIT = "_model_split"
+"""The output field naming the model(s) a split chose for a record, as Wallaroo's ``out._model_split``."""
+
+
+@dataclass(frozen=True)
+class _SplitStage:
+    position: int
+    split: Split
+    arms: tuple[_Arm, ...]
+    index: int
+    """Which of the deployment's split steps this is: its column of the batch's choices."""
+
+    @cached_property
+    def label(self) -> str:
+        return f"step {self.position} (split of {', '.join(repr(a.step.model) for a in self.arms)})"
+
+    @cached_property
+    def names(self) -> np.ndarray:
+        """The arms' model names, indexable by an array of arm indexes."""
+        return np.asarray([a.step.model for a in self.arms], dtype=object)
+
+    @property
+    def declared_outputs(self) -> tuple[Tensor, ...]:
+        return self.arms[0].step.outputs
+
+    @property
+    def outputs(self) -> tuple[Tensor, ...]:
+        return self.arms[0].runtime.outputs
+
+    @cached_property
+    def _cumulative(self) -> np.ndarray:
+        weights = np.asarray(self.split.weights, dtype=np.float64)
+        return np.cumsum(weights) / weights.sum()
+
+    @cached_property
+    def _routes(self) -> dict[str, int]:
+        index = {arm.step.model: a for a, arm in enumerate(self.arms)}
+        return {value: index[model] for value, model in self.split.routes}
+
+    def choose(self, rows: Sequence[dict[str, Any]], rng: np.random.Generator) -> np.ndarray:
+        """The arm index of each record."""
+        split = self.split
+        if split.meta_key:
+            return np.fromiter(
+                (
+                    self._routes.get(_key_text(row[split.meta_key]), 0) if split.meta_key in row else 0
+                    for row in rows
+                ),
+                dtype=np.intp,
+                count=len(rows),
+            )
+        units = rng.random(len(rows))
+        if split.hash_key:
+            for i, row in enumerate(rows):
+                if split.hash_key in row:
+                    units[i] = _hash_unit(row[split.hash_key])
+        # Rounding can leave the last cumulative weight a hair under 1.
+        return np.minimum(np.searchsorted(self._cumulative, units, side="right"), len(self.arms) - 1)
+
+
+def _canonical_json(value: Any) -> str:
+    """One text per JSON value: sorted keys, no spaces, ASCII only (so even a lone surrogate encodes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _key_text(value: Any) -> str:
+    """A key split compares values as text: a string as is, anything else as its JSON text."""
+    return value if isinstance(value, str) else _canonical_json(value)
+
+
+def _hash_unit(value: Any) -> float:
+    """``value`` mapped to [0, 1) by a hash of its canonical JSON that is the same in every process."""
+    digest = hashlib.blake2b(_canonical_json(value).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
 
 @dataclass(frozen=True)
 class _Shadowed:
@@ -130,6 +236,10 @@ class _ChecksStage:
     checks: Checks
     columns: np.ndarray
     """Where each of the step's checks goes among the deployment's check names."""
+
+
+_Feeder = _ModelStage | _SplitStage
+"""A stage whose outputs feed what follows."""
 
 
 @dataclass(frozen=True)
@@ -226,17 +336,15 @@ def _check_mapping(what: str, step: Step, runtime: ModelRuntime) -> None:
         raise ValueError(f"{what} maps inputs {unknown} that it does not have; its inputs are {names}")
 
 
-def _chained(
-    what: str, step: Step, runtime: ModelRuntime, before: _ModelStage
-) -> tuple[tuple[Tensor, str], ...]:
+def _chained(what: str, step: Step, runtime: ModelRuntime, before: _Feeder) -> tuple[tuple[Tensor, str], ...]:
     """The inputs of a model fed by the model step before, with the output that feeds each."""
     sources = tuple((t, step.source(t.name)) for t in runtime.inputs)
-    available = {t.name for t in before.step.outputs}
+    available = {t.name for t in before.declared_outputs}
     missing = [_fed(t.name, source) for t, source in sources if source not in available]
     if missing:
         raise ValueError(
-            f"{what} needs inputs {missing} that step {before.position} "
-            f"(model {before.step.model!r}) does not produce; it produces {sorted(available)}"
+            f"{what} needs inputs {missing} that {before.label} does not produce; "
+            f"it produces {sorted(available)}"
         )
     return sources
 
@@ -274,14 +382,21 @@ class PipelineRunner:
             raise ValueError(f"{len(models)} models to run but {len(runtimes)} runtimes")
         self._check_names = deployment.check_names
         self._has_shadow = deployment.has_shadow
-        self._stages: list[_ModelStage | _ChecksStage] = []
+        self._stages: list[_ModelStage | _ChecksStage | _SplitStage] = []
+        self._splits: list[_SplitStage] = []
+        self._rng = np.random.default_rng()
         loaded = iter(runtimes)
-        before: _ModelStage | None = None
+        before: _Feeder | None = None
         for k, step in enumerate(deployment.steps, start=1):
             if isinstance(step, Validations):
-                checks = Checks(step, k, None if before is None else before.runtime.outputs)
+                checks = Checks(step, k, None if before is None else before.outputs)
                 columns = np.asarray([self._check_names.index(name) for name in checks.names])
                 self._stages.append(_ChecksStage(k, checks, columns))
+                continue
+            if isinstance(step, Split):
+                before = self._split(k, step, [next(loaded) for _ in step.arms], before)
+                self._splits.append(before)
+                self._stages.append(before)
                 continue
             runtime = next(loaded)
             what = f"step {k} (model {step.model!r})"
@@ -301,9 +416,35 @@ class PipelineRunner:
             for k in range(1, len(deployment.steps) + 1)
         ]
 
-    def _challenger(
-        self, k: int, step: Step, runtime: ModelRuntime, before: _ModelStage | None
-    ) -> _Challenger:
+    def _split(
+        self, k: int, split: Split, runtimes: list[ModelRuntime], before: _Feeder | None
+    ) -> _SplitStage:
+        arms: list[_Arm] = []
+        for step, runtime in zip(split.arms, runtimes, strict=True):
+            what = f"step {k} (split arm {step.model!r} v{step.version})"
+            _check_mapping(what, step, runtime)
+            if before is not None:
+                sources = _chained(what, step, runtime, before)
+            elif not arms:
+                # The first arm defines how records are validated and stacked; the others read its fields.
+                self._record_inputs = tuple(_RecordInput(t, step.source(t.name)) for t in runtime.inputs)
+                sources = tuple((t, t.name) for t in runtime.inputs)
+            else:
+                fed = {i.field: i.tensor.name for i in self._record_inputs}
+                unfed = [t.name for t in runtime.inputs if step.source(t.name) not in fed]
+                if unfed:
+                    raise ValueError(f"{what} reads record fields for {unfed} that the first arm does not")
+                sources = tuple((t, fed[step.source(t.name)]) for t in runtime.inputs)
+            produces = sorted(t.name for t in runtime.outputs)
+            if arms and produces != sorted(t.name for t in arms[0].runtime.outputs):
+                raise ValueError(
+                    f"{what} produces {produces}, unlike the arm {arms[0].step.model!r}: "
+                    f"{sorted(t.name for t in arms[0].runtime.outputs)}"
+                )
+            arms.append(_Arm(what, step, runtime, sources))
+        return _SplitStage(k, split, tuple(arms), len(self._splits))
+
+    def _challenger(self, k: int, step: Step, runtime: ModelRuntime, before: _Feeder | None) -> _Challenger:
         what = f"challenger {step.model!r} v{step.version} of step {k}"
         _check_mapping(what, step, runtime)
         if before is not None:
@@ -400,12 +541,13 @@ class PipelineRunner:
         arrays: list[dict[str, np.ndarray]] | None,
         feeds: dict[str, np.ndarray] | None,
     ) -> list[Result]:
+        choices = self._choose(rows)
         try:
             if feeds is None:
                 assert arrays is not None
                 names = [i.tensor.name for i in self._record_inputs]
                 feeds = {name: np.stack([a[name] for a in arrays]) for name in names}
-            ran = self._infer(feeds, rows)
+            ran = self._infer(feeds, rows, choices)
         except (StepError, ValueError) as exc:
             # Dynamic dimensions of different sizes cannot be stacked, and one odd record can make a model
             # fail the whole batch: run the records one by one so only the culprit fails.
@@ -413,20 +555,36 @@ class PipelineRunner:
                 log.warning("batch of %d records failed (%s); running them one at a time", len(rows), exc)
             if arrays is None:
                 arrays = [self._validate(row) for row in rows]
-            return [self._run_one(row, array) for row, array in zip(rows, arrays, strict=True)]
-        return self._successes(rows, ran)
+            return [
+                self._run_one(row, array, None if choices is None else choices[i : i + 1])
+                for i, (row, array) in enumerate(zip(rows, arrays, strict=True))
+            ]
+        return self._successes(rows, ran, choices)
 
-    def _run_one(self, row: dict[str, Any], array: dict[str, np.ndarray]) -> Result:
+    def _choose(self, rows: list[dict[str, Any]]) -> np.ndarray | None:
+        """The arm of every split step for each record: (records, split steps); None without splits."""
+        if not self._splits:
+            return None
+        return np.column_stack([stage.choose(rows, self._rng) for stage in self._splits])
+
+    def _chosen(self, choices: np.ndarray) -> list[tuple[str, ...]]:
+        """Each record's chosen model names, in split step order."""
+        names = [stage.names[choices[:, stage.index]].tolist() for stage in self._splits]
+        return list(zip(*names, strict=True))
+
+    def _run_one(
+        self, row: dict[str, Any], array: dict[str, np.ndarray], choices: np.ndarray | None
+    ) -> Result:
         try:
-            ran = self._infer({name: value[np.newaxis] for name, value in array.items()}, [row])
+            ran = self._infer({name: value[np.newaxis] for name, value in array.items()}, [row], choices)
         except StepError as exc:
-            return Failure(str(exc), row)
-        return self._successes([row], ran)[0]
+            return Failure(str(exc), row, None if choices is None else self._chosen(choices)[0])
+        return self._successes([row], ran, choices)[0]
 
-    def _successes(self, rows: list[dict[str, Any]], ran: _Ran) -> list[Result]:
+    def _successes(self, rows: list[dict[str, Any]], ran: _Ran, choices: np.ndarray | None) -> list[Result]:
         columns = {name: output.tolist() for name, output in ran.outputs.items()}
         elapsed = ran.elapsed_ns
-        if ran.flagged is None and ran.shadow is None:
+        if ran.flagged is None and ran.shadow is None and choices is None:
             return [
                 Success(row, {name: column[i] for name, column in columns.items()}, elapsed)
                 for i, row in enumerate(rows)
@@ -434,17 +592,28 @@ class PipelineRunner:
         n = len(rows)
         failures = [()] * n if ran.flagged is None else self._failures(ran.flagged)
         shadows = [(None, None)] * n if ran.shadow is None else _by_record(ran.shadow, n)
-        return [
-            Success(
-                row,
-                {name: column[i] for name, column in columns.items()},
-                elapsed,
-                failures[i],
-                tuple(ran.problems.get(i, ())),
-                *shadows[i],
+        chosen_all: list[tuple[str, ...]] | list[None] = (
+            [None] * n if choices is None else self._chosen(choices)
+        )
+        results: list[Result] = []
+        for i, row in enumerate(rows):
+            outputs = {name: column[i] for name, column in columns.items()}
+            chosen = chosen_all[i]
+            if chosen is not None:
+                outputs[MODEL_SPLIT] = chosen[0] if len(chosen) == 1 else list(chosen)
+            results.append(
+                Success(
+                    row,
+                    outputs,
+                    elapsed,
+                    failures[i],
+                    tuple(ran.problems.get(i, ())),
+                    shadow=shadows[i][0],
+                    shadow_errors=shadows[i][1],
+                    split=chosen,
+                )
             )
-            for i, row in enumerate(rows)
-        ]
+        return results
 
     def _failures(self, flagged: np.ndarray) -> list[tuple[str, ...]]:
         """Each record's flagged check names; records flagged by none (the usual case) share one tuple."""
@@ -453,7 +622,9 @@ class PipelineRunner:
             failures[i] = tuple(self._check_names[j] for j in np.flatnonzero(flagged[i]))
         return failures
 
-    def _infer(self, feeds: dict[str, np.ndarray], rows: list[dict[str, Any]]) -> _Ran:
+    def _infer(
+        self, feeds: dict[str, np.ndarray], rows: list[dict[str, Any]], choices: np.ndarray | None
+    ) -> _Ran:
         n = len(rows)
         elapsed: list[int] = []
         current = feeds
@@ -470,6 +641,9 @@ class PipelineRunner:
                 flagged[:, stage.columns] |= verdicts.failed
                 for i, reasons in verdicts.problems.items():
                     problems.setdefault(i, []).extend(reasons)
+            elif isinstance(stage, _SplitStage):
+                assert choices is not None
+                outputs = current = self._run_split(stage, current, choices[:, stage.index])
             else:
                 step_feeds = {t.name: _cast(current[source], t.dtype) for t, source in stage.sources}
                 produced = self._run_model(stage.what, stage.runtime, step_feeds, n)
@@ -480,6 +654,37 @@ class PipelineRunner:
             elapsed.append(time.perf_counter_ns() - start)
             self._step_seconds[stage.position - 1].observe(elapsed[-1] / 1e9)
         return _Ran(current, tuple(elapsed), flagged, problems, shadowed)
+
+    def _run_split(
+        self, stage: _SplitStage, current: dict[str, np.ndarray], chosen: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Each arm run on its records as one sub-batch, the outputs scattered back into record order."""
+        n = len(chosen)
+        parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        for a, arm in enumerate(stage.arms):
+            picked = np.flatnonzero(chosen == a)
+            if not picked.size:
+                continue
+            whole = picked.size == n
+            feeds = {
+                t.name: _cast(current[source] if whole else current[source][picked], t.dtype)
+                for t, source in arm.sources
+            }
+            parts.append((picked, self._run_model(arm.what, arm.runtime, feeds, picked.size)))
+        if len(parts) == 1:
+            return parts[0][1]
+        merged: dict[str, np.ndarray] = {}
+        for name in parts[0][1]:
+            pieces = [produced[name] for _, produced in parts]
+            tails = {piece.shape[1:] for piece in pieces}
+            if len(tails) > 1:
+                # Dynamic dimensions differ between arms; one record at a time they never need merging.
+                raise StepError(f"{stage.label}: arms produce {name!r} in shapes {sorted(tails)}")
+            column = np.empty((n, *pieces[0].shape[1:]), dtype=np.result_type(*pieces))
+            for (picked, _), piece in zip(parts, pieces, strict=True):
+                column[picked] = piece
+            merged[name] = column
+        return merged
 
     def _run_model(
         self, what: str, runtime: ModelRuntime, feeds: dict[str, np.ndarray], n: int

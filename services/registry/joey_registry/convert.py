@@ -80,9 +80,23 @@ def step_requests(steps: list[pb.PipelineStep]) -> list[domain.StepRequest]:
                     challengers=tuple(_step_ref(c) for c in step.shadow.challengers),
                 )
             )
+        elif kind == "random_split":
+            weighted = step.random_split
+            if any(not arm.HasField("model") for arm in weighted.arms):
+                raise InvalidArgument(f"step {number}: every arm of a random split needs a model")
+            arms = tuple((arm.weight, _step_ref(arm.model)) for arm in weighted.arms)
+            requests.append(domain.RandomSplitRef(arms, weighted.hash_key))
+        elif kind == "key_split":
+            split = step.key_split
+            if not split.HasField("default_model"):
+                raise InvalidArgument(f"step {number}: a key split needs a default model")
+            routes = tuple((value, _step_ref(split.routes[value])) for value in sorted(split.routes))
+            requests.append(domain.KeySplitRef(_step_ref(split.default_model), split.meta_key, routes))
         else:
             # Rejected here because only the wire format can express an empty step.
-            raise InvalidArgument(f"step {number} is empty: set its model, validations or shadow")
+            raise InvalidArgument(
+                f"step {number} is empty: set its model, validations, shadow, random_split or key_split"
+            )
     return requests
 
 
@@ -99,6 +113,14 @@ def resolved_step(step: domain.Step) -> pb.ResolvedStep:
         message = resolved_step(step.champion)
         message.challengers.extend(resolved_step(c) for c in step.challengers)
         return message
+    if isinstance(step, domain.RandomSplitStep):
+        return pb.ResolvedStep(
+            arms=[resolved_step(a) for a in step.arms], weights=list(step.weights), hash_key=step.hash_key
+        )
+    if isinstance(step, domain.KeySplitStep):
+        return pb.ResolvedStep(
+            arms=[resolved_step(a) for a in step.arms], meta_key=step.meta_key, routes=dict(step.routes)
+        )
     return pb.ResolvedStep(
         model=step.model,
         version=step.version,

@@ -27,12 +27,15 @@ from joey_registry.domain import (
     Deployment,
     DeploymentSpec,
     DeploymentStatus,
+    KeySplitRef,
     LogPage,
     LogQuery,
     Model,
     ModelVersion,
     Pipeline,
     PipelineVersion,
+    RandomSplitRef,
+    RandomSplitStep,
     ResolvedStep,
     Resources,
     ShadowRef,
@@ -47,7 +50,7 @@ from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgum
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
 from joey_registry.status import compute_status
-from joey_registry.steps import check_steps, map_inputs
+from joey_registry.steps import check_steps, key_split, map_inputs
 from joey_registry.store import PipelineLock, Store, WorkspaceRef
 from joey_registry.validation import validator_for
 
@@ -210,6 +213,13 @@ class Registry:
                 champion = self._resolve(ws, number, ref.champion, "champion ")
                 challengers = tuple(self._resolve(ws, number, c, "challenger ") for c in ref.challengers)
                 resolved.append(ShadowStep(champion, challengers))
+            elif isinstance(ref, RandomSplitRef):
+                arms = tuple(self._resolve(ws, number, arm, "arm ") for _, arm in ref.arms)
+                resolved.append(RandomSplitStep(arms, tuple(w for w, _ in ref.arms), ref.hash_key))
+            elif isinstance(ref, KeySplitRef):
+                default = self._resolve(ws, number, ref.default, "default ")
+                routes = [(v, self._resolve(ws, number, m, f"route {v!r} ")) for v, m in ref.routes]
+                resolved.append(key_split(number, default, ref.meta_key, routes))
             else:
                 resolved.append(ref)
         check_steps(resolved)

@@ -181,8 +181,79 @@ class ShadowStep:
         )
 
 
-Step = ResolvedStep | ValidationsStep | ShadowStep
-StepRequest = StepRef | ValidationsStep | ShadowRef
+@dataclass(frozen=True)
+class RandomSplitRef:
+    """A random split as the user wrote it: (weight, model) arms, and the record field whose value
+    makes the assignment sticky ("" = always random)."""
+
+    arms: tuple[tuple[float, StepRef], ...]
+    hash_key: str = ""
+
+
+@dataclass(frozen=True)
+class KeySplitRef:
+    """A key split as the user wrote it: the value of record field ``meta_key`` picks the model."""
+
+    default: StepRef
+    meta_key: str
+    routes: tuple[tuple[str, StepRef], ...]
+    """(value, model) pairs, sorted by value: protobuf maps carry no order."""
+
+
+@dataclass(frozen=True)
+class RandomSplitStep:
+    """A resolved random split: one of ``arms`` serves each record, chosen with ``weights``."""
+
+    arms: tuple[ResolvedStep, ...]
+    weights: tuple[float, ...]
+    hash_key: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "random_split",
+            "arms": [a.to_json() for a in self.arms],
+            "weights": list(self.weights),
+            "hash_key": self.hash_key,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RandomSplitStep:
+        return cls(
+            arms=tuple(ResolvedStep.from_json(a) for a in data["arms"]),
+            weights=tuple(float(w) for w in data["weights"]),
+            hash_key=data.get("hash_key", ""),
+        )
+
+
+@dataclass(frozen=True)
+class KeySplitStep:
+    """A resolved key split: ``arms[0]`` is the default model; routes name the other arms by model."""
+
+    arms: tuple[ResolvedStep, ...]
+    meta_key: str
+    routes: tuple[tuple[str, str], ...]
+    """(value, model name) pairs, sorted by value."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "key_split",
+            "arms": [a.to_json() for a in self.arms],
+            "meta_key": self.meta_key,
+            "routes": dict(self.routes),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KeySplitStep:
+        return cls(
+            arms=tuple(ResolvedStep.from_json(a) for a in data["arms"]),
+            meta_key=data["meta_key"],
+            routes=tuple(sorted(data["routes"].items())),
+        )
+
+
+SplitStep = RandomSplitStep | KeySplitStep
+Step = ResolvedStep | ValidationsStep | ShadowStep | RandomSplitStep | KeySplitStep
+StepRequest = StepRef | ValidationsStep | ShadowRef | RandomSplitRef | KeySplitRef
 
 
 def step_from_json(data: dict[str, Any]) -> Step:
@@ -191,6 +262,10 @@ def step_from_json(data: dict[str, Any]) -> Step:
         return ValidationsStep.of(data["checks"])
     if kind == "shadow":
         return ShadowStep.from_json(data)
+    if kind == "random_split":
+        return RandomSplitStep.from_json(data)
+    if kind == "key_split":
+        return KeySplitStep.from_json(data)
     if kind == "model":
         return ResolvedStep.from_json(data)
     raise ValueError(f"stored pipeline step of unknown kind {kind!r}")

@@ -1,16 +1,27 @@
 """Whether resolved pipeline steps fit together: model steps chain (by name or by their input
 mapping), validations steps compile and read only fields that exist, a shadow step's champion and
-challengers are all fed from the same sources. Every error names the step (and model, check or
-input) and what is wrong."""
+challengers are all fed from the same sources, a split step's arms are interchangeable (same
+sources, same outputs). Every error names the step (and model, check or input) and what is wrong."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import replace
 
 from joey.expressions import ExpressionError, compile_expression
-from joey_registry.domain import InputMapping, ResolvedStep, ShadowStep, Step, TensorSpec, ValidationsStep
+from joey_registry.domain import (
+    InputMapping,
+    KeySplitStep,
+    RandomSplitStep,
+    ResolvedStep,
+    ShadowStep,
+    SplitStep,
+    Step,
+    TensorSpec,
+    ValidationsStep,
+)
 from joey_registry.errors import InvalidArgument
 from joey_registry.validation import dtypes_compatible
 
@@ -66,13 +77,16 @@ def check_steps(steps: Sequence[Step]) -> None:
     a validations step's ``out.*`` are that model step's outputs. A shadow step is fed like a model
     step, every challenger from the same sources as the champion, and only the champion's outputs
     feed what follows."""
-    if not any(isinstance(s, ResolvedStep | ShadowStep) for s in steps):
+    if not any(isinstance(s, ResolvedStep | ShadowStep | RandomSplitStep | KeySplitStep) for s in steps):
         raise InvalidArgument("a pipeline needs at least one model step")
     previous: Source | None = None
     named: dict[str, int] = {}
     for number, step in enumerate(steps, 1):
         if isinstance(step, ValidationsStep):
             _check_validations(number, step, previous, named)
+            continue
+        if isinstance(step, RandomSplitStep | KeySplitStep):
+            previous = _check_split(number, step, previous)
             continue
         if isinstance(step, ShadowStep):
             _check_challengers(number, step)
@@ -86,6 +100,116 @@ def check_steps(steps: Sequence[Step]) -> None:
             else:
                 _check_feeds(previous, label, model)
         previous = fed[0]
+
+
+def key_split(
+    number: int, default: ResolvedStep, meta_key: str, routes: Sequence[tuple[str, ResolvedStep]]
+) -> KeySplitStep:
+    """The key split of ``default`` and ``routes`` (value -> model): values routed to the same model
+    share its arm, which must then be the same model version with the same input mapping, because
+    results are keyed by model name."""
+    arms = {default.model: default}
+    for value, model in routes:
+        arm = arms.setdefault(model.model, model)
+        if arm != model:
+            raise InvalidArgument(
+                f"step {number}: model {model.model!r} is routed to as v{model.version} for value "
+                f"{value!r} but is also v{arm.version} (or fed differently) elsewhere in the split; "
+                "results are keyed by model name, so each model may appear in one form only"
+            )
+    return KeySplitStep(tuple(arms.values()), meta_key, tuple((value, m.model) for value, m in routes))
+
+
+def _check_split(number: int, step: SplitStep, previous: Source | None) -> Source:
+    """A split's arms are fed like a model step and must be interchangeable: later steps and checks
+    read whichever arm served a record."""
+    names = ", ".join(repr(a.model) for a in step.arms)
+    if isinstance(step, RandomSplitStep):
+        _check_random_split(number, step)
+        field = step.hash_key
+        what = "hash key"
+    else:
+        if not step.routes:
+            raise InvalidArgument(
+                f"step {number}: a key split needs at least one route (value -> model) besides its default"
+            )
+        field = step.meta_key
+        what = "meta key"
+        if not field:
+            raise InvalidArgument(f"step {number}: a key split needs a meta key (a record field)")
+    if field and not FIELD_NAME.fullmatch(field):
+        raise InvalidArgument(
+            f"step {number}: {what} {field!r} is not a valid record field name ({FIELD_NAME.pattern})"
+        )
+    for arm in step.arms:
+        label = _label(number, arm, "split arm ")
+        if previous is None:
+            _check_record_fields(label, arm)
+        else:
+            _check_feeds(previous, label, arm)
+    first = step.arms[0]
+    for arm in step.arms[1:]:
+        if previous is None:
+            _check_same_fields(number, first, arm)
+        _check_same_outputs(number, first, arm)
+    return f"step {number} (split of {names})", first
+
+
+def _check_random_split(number: int, step: RandomSplitStep) -> None:
+    if len(step.arms) < 2:
+        raise InvalidArgument(f"step {number}: a random split needs at least 2 arms, got {len(step.arms)}")
+    seen: set[str] = set()
+    for arm, weight in zip(step.arms, step.weights, strict=True):
+        if not (math.isfinite(weight) and weight > 0):
+            raise InvalidArgument(
+                f"step {number}: arm {arm.model!r} has weight {weight}; weights must be positive numbers"
+            )
+        if arm.model in seen:
+            raise InvalidArgument(
+                f"step {number}: model {arm.model!r} is in two arms; results are keyed by model name, "
+                "so each arm must be a different model"
+            )
+        seen.add(arm.model)
+
+
+def _record_fields(step: ResolvedStep) -> dict[str, TensorSpec]:
+    return {step.source(i.name): i for i in step.inputs}
+
+
+def _check_same_fields(number: int, first: ResolvedStep, arm: ResolvedStep) -> None:
+    ours, theirs = _record_fields(first), _record_fields(arm)
+    where = f"step {number}: split arms {first.model!r} and {arm.model!r}"
+    if set(ours) != set(theirs):
+        raise InvalidArgument(
+            f"{where} read different record fields ({sorted(ours)} vs {sorted(theirs)}); the arms of a "
+            "split are fed from the same fields (map an arm's inputs to them)"
+        )
+    for name, spec in ours.items():
+        other = theirs[name]
+        if spec.dtype != other.dtype or not _shapes_compatible(spec.shape, other.shape):
+            raise InvalidArgument(
+                f"{where} read record field {name!r} differently: as {spec.dtype} "
+                f"{_shape_text(spec.shape)} vs {other.dtype} {_shape_text(other.shape)}"
+            )
+
+
+def _check_same_outputs(number: int, first: ResolvedStep, arm: ResolvedStep) -> None:
+    ours = {o.name: o for o in first.outputs}
+    theirs = {o.name: o for o in arm.outputs}
+    where = f"step {number}: split arms {first.model!r} and {arm.model!r}"
+    if set(ours) != set(theirs):
+        raise InvalidArgument(
+            f"{where} produce different outputs ({describe(first.outputs)} vs {describe(arm.outputs)}); "
+            "every arm must produce the same outputs, which later steps read whichever arm served"
+        )
+    for name, spec in ours.items():
+        other = theirs[name]
+        same_kind = dtypes_compatible(spec.dtype, other.dtype) or dtypes_compatible(other.dtype, spec.dtype)
+        if not same_kind or not _shapes_compatible(spec.shape, other.shape):
+            raise InvalidArgument(
+                f"{where} produce output {name!r} differently: as {spec.dtype} {_shape_text(spec.shape)} "
+                f"vs {other.dtype} {_shape_text(other.shape)}"
+            )
 
 
 def _check_challengers(number: int, step: ShadowStep) -> None:

@@ -525,30 +525,151 @@ class ShadowStep(_message.Message):
 Global___ShadowStep: _TypeAlias = ShadowStep  # noqa: Y015
 
 @_typing.final
+class WeightedModel(_message.Message):
+    """One arm of a random split: a model and its weight, proportional to the others' (any scale)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    weight: _builtins.float
+    """> 0"""
+    @_builtins.property
+    def model(self) -> Global___ModelStep: ...
+    def __init__(
+        self,
+        *,
+        weight: _builtins.float = ...,
+        model: Global___ModelStep | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightedModel: _TypeAlias = WeightedModel  # noqa: Y015
+
+@_typing.final
+class RandomSplitStep(_message.Message):
+    """Each record is served by one of the arms, at random with the given weights. With hash_key set,
+    a record carrying that field is assigned by a stable hash of the field's value, so a value always
+    goes to the same model; records without the field are assigned at random. The arms are
+    interchangeable: fed from the same sources and producing the same outputs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARMS_FIELD_NUMBER: _builtins.int
+    HASH_KEY_FIELD_NUMBER: _builtins.int
+    hash_key: _builtins.str
+    """a record field; empty = always random"""
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___WeightedModel]:
+        """at least 2, distinct models"""
+
+    def __init__(
+        self,
+        *,
+        arms: _abc.Iterable[Global___WeightedModel] | None = ...,
+        hash_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "hash_key", b"hash_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RandomSplitStep: _TypeAlias = RandomSplitStep  # noqa: Y015
+
+@_typing.final
+class KeySplitStep(_message.Message):
+    """Each record is served by the model its `meta_key` field's value maps to (values compared as
+    text: a string as is, anything else as its JSON text); a record without the field or with an
+    unmapped value goes to the default model.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RoutesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ModelStep: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ModelStep | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DEFAULT_MODEL_FIELD_NUMBER: _builtins.int
+    META_KEY_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
+    meta_key: _builtins.str
+    @_builtins.property
+    def default_model(self) -> Global___ModelStep: ...
+    @_builtins.property
+    def routes(self) -> _containers.MessageMap[_builtins.str, Global___ModelStep]:
+        """value -> model"""
+
+    def __init__(
+        self,
+        *,
+        default_model: Global___ModelStep | None = ...,
+        meta_key: _builtins.str = ...,
+        routes: _abc.Mapping[_builtins.str, Global___ModelStep] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_model", b"default_model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_model", b"default_model", "meta_key", b"meta_key", "routes", b"routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeySplitStep: _TypeAlias = KeySplitStep  # noqa: Y015
+
+@_typing.final
 class PipelineStep(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     VALIDATIONS_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
+    RANDOM_SPLIT_FIELD_NUMBER: _builtins.int
+    KEY_SPLIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def model(self) -> Global___ModelStep: ...
     @_builtins.property
     def validations(self) -> Global___ValidationsStep: ...
     @_builtins.property
     def shadow(self) -> Global___ShadowStep: ...
+    @_builtins.property
+    def random_split(self) -> Global___RandomSplitStep: ...
+    @_builtins.property
+    def key_split(self) -> Global___KeySplitStep: ...
     def __init__(
         self,
         *,
         model: Global___ModelStep | None = ...,
         validations: Global___ValidationsStep | None = ...,
         shadow: Global___ShadowStep | None = ...,
+        random_split: Global___RandomSplitStep | None = ...,
+        key_split: Global___KeySplitStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "shadow", b"shadow", "validations", b"validations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_split", b"key_split", "kind", b"kind", "model", b"model", "random_split", b"random_split", "shadow", b"shadow", "validations", b"validations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "shadow", b"shadow", "validations", b"validations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_split", b"key_split", "kind", b"kind", "model", b"model", "random_split", b"random_split", "shadow", b"shadow", "validations", b"validations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["model", "validations", "shadow"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["model", "validations", "shadow", "random_split", "key_split"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -602,6 +723,26 @@ class ResolvedStep(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RoutesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
@@ -611,10 +752,17 @@ class ResolvedStep(_message.Message):
     CHECKS_FIELD_NUMBER: _builtins.int
     INPUT_MAPPING_FIELD_NUMBER: _builtins.int
     CHALLENGERS_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    HASH_KEY_FIELD_NUMBER: _builtins.int
+    META_KEY_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     sha256: _builtins.str
     framework: _builtins.str
+    hash_key: _builtins.str
+    meta_key: _builtins.str
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -631,6 +779,19 @@ class ResolvedStep(_message.Message):
         from the same sources (with its own input_mapping) whose outputs are only recorded.
         """
 
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolvedStep]:
+        """Set on a split step (which has no model of its own): the distinct models one of which serves
+        each record, all fed from the same sources and producing the same outputs. A random split has
+        one weight per arm; a key split has meta_key, with arms[0] its default model.
+        """
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def routes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """key split: value -> model name (one of the arms)"""
+
     def __init__(
         self,
         *,
@@ -643,10 +804,15 @@ class ResolvedStep(_message.Message):
         checks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         input_mapping: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         challengers: _abc.Iterable[Global___ResolvedStep] | None = ...,
+        arms: _abc.Iterable[Global___ResolvedStep] | None = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        hash_key: _builtins.str = ...,
+        meta_key: _builtins.str = ...,
+        routes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challengers", b"challengers", "checks", b"checks", "framework", b"framework", "input_mapping", b"input_mapping", "inputs", b"inputs", "model", b"model", "outputs", b"outputs", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "challengers", b"challengers", "checks", b"checks", "framework", b"framework", "hash_key", b"hash_key", "input_mapping", b"input_mapping", "inputs", b"inputs", "meta_key", b"meta_key", "model", b"model", "outputs", b"outputs", "routes", b"routes", "sha256", b"sha256", "version", b"version", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
