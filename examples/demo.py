@@ -1,8 +1,10 @@
 """The end-to-end demo behind `make demo`.
 
-Starts the local stack, trains and uploads the example model, deploys a pipeline with two
-replicas, streams records through its Kafka input topic, prints a few results and the
-number of logged inferences, undeploys, and stops the stack.
+Starts the local stack, trains and uploads two interchangeable classifiers, deploys a pipeline
+in which the forest answers and the logistic regression shadows it, streams records through its
+Kafka input topic and compares the two; then rolls out a new version that A/B-splits traffic 2:1
+between them (sticky per customer) while the pipeline keeps serving, streams again, rolls back,
+checks that every inference was logged, undeploys, and stops the stack.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 import joey
+import joey.sdk
 from joey.stack import StackSettings, start_detached, stop_detached
 
 HERE = Path(__file__).resolve().parent
@@ -42,19 +45,28 @@ def main() -> None:
 
 
 def run_demo() -> None:
-    step("training the example classifier on scikit-learn's iris data")
-    model_path = train_and_export(HERE / "model" / "iris.onnx")
+    step("training two classifiers on scikit-learn's iris data")
+    forest_path = train_and_export(HERE / "model" / "iris.onnx")
+    logreg_path = train_and_export(HERE / "model" / "iris-logreg.onnx", kind="logreg")
 
     client = joey.Client()
-    step("uploading the model")
-    model = client.upload_model("iris", model_path)
-    print(f"model {model.name} version {model.version}, sha256 {model.sha256[:16]}...")
-    for spec in model.inputs + model.outputs:
+    step("uploading the models")
+    forest = client.upload_model("iris", forest_path)
+    logreg = client.upload_model("iris-logreg", logreg_path)
+    for model in (forest, logreg):
+        print(f"model {model.name} version {model.version}, sha256 {model.sha256[:16]}...")
+    for spec in forest.inputs + forest.outputs:
         print(f"  {spec.name}: {spec.dtype} {list(spec.shape)}")
 
-    step("building and deploying the pipeline with 2 replicas")
-    pipeline = client.build_pipeline(PIPELINE).add_model_step(model)
-    status = pipeline.deploy(replicas=2, on_status=lambda st: print(f"  {st.status}: {st.message}"))
+    step("deploying v1 with 2 replicas: the forest answers, the logistic regression shadows it")
+    pipeline = (
+        client.build_pipeline(PIPELINE)
+        .add_shadow_deploy(forest, [logreg])
+        .add_validations(
+            unsure="out.probabilities[0] < 0.6 and out.probabilities[1] < 0.6 and out.probabilities[2] < 0.6"
+        )
+    )
+    status = pipeline.deploy(replicas=2, on_status=on_status)
     print(f"{status.status}: pipeline version {status.pipeline_version}")
     for replica in status.replicas:
         if replica.alive:
@@ -63,29 +75,65 @@ def run_demo() -> None:
     started = datetime.now(UTC)
     records: list = make_records(RECORDS)
     records[7] = {"features": [1.0, 2.0]}  # wrong shape: goes to the errors topic, the rest keep flowing
-    step(f"streaming {RECORDS} records through topic {pipeline.topics.inputs}")
+    results = stream(pipeline, records)
+    ok = results["error"].isna()
+    with pd.option_context("display.width", 160, "display.max_colwidth", 40):
+        columns = ["in.features", "out.label", "shadow.iris-logreg.label", "anomaly.count"]
+        print(results[columns][ok].head(5).to_string())
+        print(results.loc[~ok, ["in.features", "error"]].to_string())
+    agree = (results.loc[ok, "out.label"] == results.loc[ok, "shadow.iris-logreg.label"]).mean()
+    print(
+        f"the challenger agrees with the champion on {agree:.1%} of records; "
+        f"{int(results.loc[ok, 'anomaly.count'].sum())} flagged unsure"
+    )
+
+    step("rolling out v2 while serving: an A/B split, 2 parts forest to 1 part logistic regression")
+    pipeline.clear().add_random_split([(2, forest), (1, logreg)], hash_key="customer")
+    status = pipeline.deploy(replicas=2, on_status=on_status)
+    print(f"{status.status}: pipeline version {status.pipeline_version}")
+    customers = [
+        {**record, "customer": f"c{i % 400}"} for i, record in enumerate(make_records(RECORDS, seed=1))
+    ]
+    results = stream(pipeline, customers)
+    chosen = results["out._model_split"].map(lambda names: names[0] if isinstance(names, list) else names)
+    print("records per model:", chosen.value_counts().to_dict())
+    by_customer = chosen.groupby(results["in.customer"]).nunique()
+    print(
+        f"every one of {len(by_customer)} customers stayed with one model: {bool((by_customer == 1).all())}"
+    )
+
+    step("rolling back to v1 (the version deployed before)")
+    status = pipeline.rollback(on_status=on_status)
+    print(f"{status.status}: pipeline version {status.pipeline_version}")
+
+    step("waiting for the logger to record every inference")
+    expected = 2 * RECORDS
+    deadline = time.monotonic() + 60
+    while (count := pipeline.log_count(start=started)) < expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+    failures = pipeline.log_count(start=started, valid=False)
+    print(f"{count} inferences logged for this run ({failures} failed)")
+    if count != expected:
+        raise SystemExit(f"expected {expected} logged inferences, found {count}")
+
+    step("undeploying")
+    pipeline.undeploy()
+    print(pipeline.status().status)
+
+
+def on_status(status: joey.sdk.DeploymentStatus) -> None:
+    print(f"  {status.status}: {status.message}")
+
+
+def stream(pipeline: joey.sdk.Pipeline, records: list) -> pd.DataFrame:
+    step(f"streaming {len(records)} records through topic {pipeline.topics.inputs}")
     t0 = time.perf_counter()
     results = pipeline.infer(records, timeout=120)
     elapsed = time.perf_counter() - t0
     ok = results["error"].isna()
     rate = len(results) / elapsed
     print(f"{int(ok.sum())} results and {int((~ok).sum())} errors in {elapsed:.2f}s ({rate:.0f} records/s)")
-    with pd.option_context("display.width", 160, "display.max_colwidth", 48):
-        print(results[["time", "in.features", "out.label", "out.probabilities"]][ok].head(5).to_string())
-        print(results.loc[~ok, ["in.features", "error"]].to_string())
-
-    step("waiting for the logger to record every inference")
-    deadline = time.monotonic() + 60
-    while (count := pipeline.log_count(start=started)) < RECORDS and time.monotonic() < deadline:
-        time.sleep(0.25)
-    failures = pipeline.log_count(start=started, valid=False)
-    print(f"{count} inferences logged for this run ({failures} failed)")
-    if count != RECORDS:
-        raise SystemExit(f"expected {RECORDS} logged inferences, found {count}")
-
-    step("undeploying")
-    pipeline.undeploy()
-    print(pipeline.status().status)
+    return results
 
 
 if __name__ == "__main__":
