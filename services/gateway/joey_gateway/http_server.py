@@ -125,6 +125,9 @@ def encode_response(rest: RestRequest, response: InferResponse) -> tuple[bytes, 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body are separate writes: with Nagle's algorithm the body waits for the client's
+    # delayed ACK (~40 ms) on a keep-alive connection.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -68,7 +68,12 @@ class ReplyReader:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                for message in self._consumer.consume(num_messages=1000, timeout=0.1):
+                # consume() waits out its whole timeout unless the batch fills: wait for the first reply
+                # with poll, then take whatever else already arrived.
+                first = self._consumer.poll(0.1)
+                if first is None:
+                    continue
+                for message in [first, *self._consumer.consume(num_messages=1000, timeout=0)]:
                     if message.error():
                         log.warning("reading replies of %s: %s", self.topics.outputs, message.error())
                         continue
