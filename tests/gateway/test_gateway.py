@@ -284,6 +284,10 @@ def test_requests_in_flight_survive_an_engine_crash(
             thread.join(150)
         pipeline.undeploy()
     assert failures == []
+    # Undeployed, the pipeline is refused as unavailable (once the gateway's short status cache expires).
+    body = {"inputs": [{"name": "features", "shape": [4, 4], "datatype": "FP32", "data": x.tolist()}]}
+    wait_until(lambda: post(f"{gateway.http_url}/v2/models/iris-rb/infer", body)[0] == 503, 30, "a 503")
+    assert "not deployed" in post(f"{gateway.http_url}/v2/models/iris-rb/infer", body)[1]["error"]
     in_flight = [c for c in calls if c[0] < killed_at < c[1]]
     assert in_flight, "calls in flight when the engine was killed were answered"
     log.info(

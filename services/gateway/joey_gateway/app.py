@@ -39,9 +39,12 @@ def serve() -> None:
             if stop.wait(settings.heartbeat_ttl_s / 3):
                 break
     finally:
-        # Refuse new calls, let the ones in flight finish, then stop reading replies.
+        # Refuse new calls, let those in flight finish (each ends by its deadline), then stop reading replies.
         http.shutdown()
-        grpc.stop(grace=settings.request_timeout_s).wait()
+        stopped = grpc.stop(grace=settings.request_timeout_s)
+        if not gateway.drain(settings.request_timeout_s):
+            log.warning("requests still in flight after %.0f s; stopping anyway", settings.request_timeout_s)
+        stopped.wait()
         with contextlib.suppress(redis.RedisError):
             heartbeats.retire_service(client, settings.redis_prefix, SERVICE, settings.instance_id)
         gateway.close()

@@ -42,6 +42,8 @@ class Gateway:
         self._readers: dict[str, ReplyReader] = {}
         self._readers_lock = threading.Lock()
         self._stop = threading.Event()
+        self._in_flight = 0
+        self._idle = threading.Condition()
         self._poller = threading.Thread(target=self._poll_producer, name="producer-poll", daemon=True)
         self._poller.start()
 
@@ -78,6 +80,21 @@ class Gateway:
     def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
         """Run ``request`` through its pipeline. ``deadline`` (epoch seconds) is the transport's own, if any;
         the earliest of it, the request's timeout and the gateway's default applies."""
+        with self._idle:
+            self._in_flight += 1
+        try:
+            return self._infer(request, deadline)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True), or ``timeout`` passed (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def _infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
         info = self.model(request.model, request.version)
         rows = to_rows(request.inputs)
         now = time.time()
