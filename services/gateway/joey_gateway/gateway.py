@@ -170,7 +170,7 @@ class Gateway:
     def _reader(self, names: topics.PipelineTopics) -> ReplyReader:
         with self._readers_lock:
             reader = self._readers.get(names.outputs)
-            if reader is None:
+            if reader is None or not reader.alive:
                 try:
                     reader = ReplyReader(self._settings, names)
                 except LookupError as exc:

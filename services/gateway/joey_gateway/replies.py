@@ -84,8 +84,15 @@ class ReplyReader:
                         call = self._waiting.pop(request_id, None)
                     if call is not None:
                         call.deliver(self._reply(request_id, message.topic(), message.value()))
+        except Exception:
+            # The gateway replaces a reader that stopped; its waiters get their deadline error.
+            log.exception("reader of %s stopped", self.topics.outputs)
         finally:
             self._consumer.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _reply(self, request_id: str, topic: str | None, value: bytes | None) -> Reply:
         body: dict[str, Any]
