@@ -37,6 +37,7 @@ class Gateway:
     process: ServiceProcess
     grpc_addr: str
     http_addr: str
+    metrics_port: int
 
     @property
     def http_url(self) -> str:
@@ -58,13 +59,28 @@ def iris(client: Client, iris_model: Path) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def gateway(stack: Stack, service_factory: Callable[..., ServiceProcess]) -> Gateway:
-    grpc_addr, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    grpc_addr, http_addr, metrics_port = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", free_port()
     # Long enough for calls waiting on a killed engine's partitions to see them taken over.
     process = service_factory(
-        "gateway", JOEY_OIP_GRPC_ADDR=grpc_addr, JOEY_OIP_HTTP_ADDR=http_addr, JOEY_REQUEST_TIMEOUT_S="120"
+        "gateway",
+        JOEY_OIP_GRPC_ADDR=grpc_addr,
+        JOEY_OIP_HTTP_ADDR=http_addr,
+        JOEY_REQUEST_TIMEOUT_S="120",
+        JOEY_METRICS_PORT=str(metrics_port),
     )
     wait_service_ready(stack.env, "gateway")
-    return Gateway(process, grpc_addr, http_addr)
+    return Gateway(process, grpc_addr, http_addr, metrics_port)
+
+
+def counter(gateway: Gateway, outcome: str, pipeline: str = PIPELINE) -> float:
+    """joey_gateway_requests_total of ``pipeline`` ("" for unknown models) and ``outcome``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    workspace = "default" if pipeline else ""
+    series = (
+        f'joey_gateway_requests_total{{outcome="{outcome}",pipeline="{pipeline}",workspace="{workspace}"}}'
+    )
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " "))
 
 
 def features(count: int, seed: int) -> np.ndarray:
@@ -155,6 +171,8 @@ def test_tritonclient_http(gateway: Gateway, iris: Pipeline, iris_model: Path) -
 
 def test_plain_rest(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
     url = gateway.http_url
+    before = {outcome: counter(gateway, outcome) for outcome in ("ok", "invalid_argument")}
+    unknown_before = counter(gateway, "not_found", pipeline="")
     assert get(f"{url}/v2/health/live") == (200, {"live": True})
     assert get(f"{url}/v2")[1]["name"] == "joey"
     status, ready = get(f"{url}/v2/models/{PIPELINE}/ready")
@@ -192,6 +210,11 @@ def test_plain_rest(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
     wrong_count = {"inputs": [{"name": "features", "shape": [2, 4], "datatype": "FP32", "data": [1, 2, 3]}]}
     status, reply = post(f"{url}/v2/models/{PIPELINE}/infer", wrong_count)
     assert status == 400 and "8 elements" in reply["error"]
+
+    # Two answered, two refused (the engine's reason, the element count); one unknown model.
+    assert counter(gateway, "ok") == before["ok"] + 2
+    assert counter(gateway, "invalid_argument") == before["invalid_argument"] + 2
+    assert counter(gateway, "not_found", pipeline="") == unknown_before + 1
 
 
 def test_deadline_exceeded_is_answered_and_reported(gateway: Gateway, iris: Pipeline) -> None:

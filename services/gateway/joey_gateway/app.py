@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 import redis
+from prometheus_client import start_http_server
 
 from joey import heartbeats
 from joey.lifecycle import configure_logging, shutdown_event
@@ -22,6 +23,9 @@ def serve() -> None:
     settings = GatewaySettings()
     configure_logging(settings.log_level)
     stop = shutdown_event()
+    if settings.metrics_port is not None:
+        start_http_server(settings.metrics_port)
+        log.info("metrics on port %d", settings.metrics_port)
     gateway = Gateway(settings)
     grpc, grpc_port = grpc_server.start_server(gateway, settings.oip_grpc_addr, settings.grpc_workers)
     http, http_port = http_server.start_server(gateway, settings.oip_http_addr)

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, Producer
@@ -20,6 +21,7 @@ from joey import topics
 from joey.kafka import producer_config
 from joey.records import DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
 from joey.streaming import Reply
+from joey_gateway import metrics
 from joey_gateway.catalog import Catalog, PipelineInfo
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.replies import Call, ReplyReader
@@ -77,14 +79,32 @@ class Gateway:
                 return False
             raise
 
-    def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
-        """Run ``request`` through its pipeline. ``deadline`` (epoch seconds) is the transport's own, if any;
-        the earliest of it, the request's timeout and the gateway's default applies."""
+    def infer(
+        self, model: str, version: str, decode: Callable[[], InferRequest], deadline: float | None = None
+    ) -> InferResponse:
+        """Run the request for ``model`` (``decode`` builds it from the transport's message, so a malformed
+        one counts as a refused request of that model) through its pipeline. ``deadline`` (epoch seconds)
+        is the transport's own, if any; the earliest of it, the request's timeout and the gateway's
+        default applies."""
         with self._idle:
             self._in_flight += 1
+        start = time.perf_counter()
+        labels = ("", "")
+        outcome = "ok"
         try:
-            return self._infer(request, deadline)
+            info = self.model(model, version)
+            labels = (info.workspace, info.pipeline)
+            return self._infer(info, decode(), deadline)
+        except GatewayError as exc:
+            outcome = exc.status.name.lower()
+            raise
+        except Exception:
+            outcome = "internal"
+            raise
         finally:
+            metrics.REQUESTS.labels(*labels, outcome).inc()
+            if labels[1]:
+                metrics.REQUEST_SECONDS.labels(*labels).observe(time.perf_counter() - start)
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
@@ -94,8 +114,7 @@ class Gateway:
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
-    def _infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        info = self.model(request.model, request.version)
+    def _infer(self, info: PipelineInfo, request: InferRequest, deadline: float | None) -> InferResponse:
         rows = to_rows(request.inputs)
         now = time.time()
         limits = [now + self._settings.request_timeout_s]

@@ -137,7 +137,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
-        result = _call(context, lambda: self._gateway.infer(decode_request(request), deadline))
+        result = _call(
+            context,
+            lambda: self._gateway.infer(
+                request.model_name, request.model_version, lambda: decode_request(request), deadline
+            ),
+        )
         return pb.ModelInferResponse(
             model_name=result.model,
             model_version=result.version,

@@ -208,16 +208,19 @@ class _Handler(BaseHTTPRequestHandler):
             if match is None or match["action"] != "/infer":
                 self._json(404, {"error": f"no such endpoint: POST {path}"})
                 return
-            length = self.headers.get(HEADER_LENGTH)
-            if length is not None and not length.isdigit():
-                raise _bad(f"{HEADER_LENGTH} must be an integer, got {length!r}")
-            rest = decode_request(
-                unquote(match["model"]),
-                unquote(match["version"] or ""),
-                body,
-                None if length is None else int(length),
-            )
-            response = self.server.gateway.infer(rest.request)
+            model, version = unquote(match["model"]), unquote(match["version"] or "")
+            rest: RestRequest | None = None
+
+            def decode() -> InferRequest:
+                nonlocal rest
+                length = self.headers.get(HEADER_LENGTH)
+                if length is not None and not length.isdigit():
+                    raise _bad(f"{HEADER_LENGTH} must be an integer, got {length!r}")
+                rest = decode_request(model, version, body, None if length is None else int(length))
+                return rest.request
+
+            response = self.server.gateway.infer(model, version, decode)
+            assert rest is not None  # infer() decoded the request before answering it
             self._send(200, *encode_response(rest, response))
         except GatewayError as exc:
             self._error(exc)

@@ -40,3 +40,6 @@ class GatewaySettings(CommonSettings):
 
     instance_id: str = Field(default_factory=default_instance_id)
     """Name of this gateway process in heartbeats and logs."""
+
+    metrics_port: int | None = None
+    """Port of the Prometheus endpoint; none when unset."""
