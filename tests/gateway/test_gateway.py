@@ -20,8 +20,11 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from tritonclient.utils import InferenceServerException
 
+from joey import topics
+from joey.records import DEADLINE_HEADER, dumps, header_value
 from joey.sdk import Client, Pipeline
 from joey.settings import CommonSettings
 from tests.conftest import ServiceProcess, Stack, free_port, wait_service_ready, wait_until
@@ -319,3 +322,51 @@ def test_requests_in_flight_survive_an_engine_crash(
         len(in_flight),
         max(end - start for start, end in in_flight),
     )
+
+
+def deadline_of_record(settings: CommonSettings, features: list[float]) -> float:
+    """The deadline-ms header of the input record the gateway wrote for a row of ``features``."""
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "unused", "enable.auto.commit": False}
+    )
+    try:
+        inputs = topics.pipeline_topics("default", PIPELINE).inputs
+        partitions = consumer.list_topics(inputs, timeout=10).topics[inputs].partitions
+        consumer.assign([TopicPartition(inputs, p, OFFSET_BEGINNING) for p in partitions])
+        wanted = dumps({"features": features})
+        found: list[float] = []
+
+        def read() -> bool:
+            for message in consumer.consume(500, 0.5):
+                if message.error() is None and message.value() == wanted:
+                    found.append(float(header_value(message.headers(), DEADLINE_HEADER) or "nan"))
+            return bool(found)
+
+        wait_until(read, 30, "the gateway's input record")
+        return found[0]
+    finally:
+        consumer.close()
+
+
+def test_callers_deadlines_travel_with_the_records(
+    gateway: Gateway, iris: Pipeline, settings: CommonSettings
+) -> None:
+    """The gateway's default is 120 s here; a gRPC deadline of 5 s and a REST timeout of 7 s win."""
+    grpc_row = [7.125, 3.25, 5.5, 1.75]
+    x = np.array([grpc_row], dtype=np.float32)
+    tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    sent_ms = time.time() * 1000
+    grpcclient.InferenceServerClient(gateway.grpc_addr).infer(PIPELINE, [tensor], client_timeout=5.0)
+    answered_ms = time.time() * 1000
+    assert sent_ms + 3000 < deadline_of_record(settings, grpc_row) <= answered_ms + 5000
+
+    rest_row = [6.125, 2.25, 4.5, 1.5]
+    body = {
+        "parameters": {"timeout": 7_000_000},
+        "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [rest_row]}],
+    }
+    sent_ms = time.time() * 1000
+    assert post(f"{gateway.http_url}/v2/models/{PIPELINE}/infer", body)[0] == 200
+    answered_ms = time.time() * 1000
+    assert sent_ms + 5000 < deadline_of_record(settings, rest_row) <= answered_ms + 7000
