@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +53,12 @@ def client(stack: Stack, settings: CommonSettings) -> Client:
 
 
 @pytest.fixture(scope="module")
-def iris(client: Client, iris_model: Path) -> Pipeline:
+def iris(client: Client, iris_model: Path) -> Iterator[Pipeline]:
     model = client.upload_model("iris-gw", iris_model)
     pipeline = client.build_pipeline(PIPELINE).add_model_step(model)
     pipeline.deploy(replicas=1, timeout=90)
-    return pipeline
+    yield pipeline
+    pipeline.undeploy()  # its replica would otherwise take a share of the machine for the rest of the session
 
 
 @pytest.fixture(scope="module")
