@@ -32,7 +32,7 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/joe
 USER joey
 WORKDIR /home/joey
 
-# The registry's gRPC port.
-EXPOSE 50051
+# The registry's gRPC port; the gateway's Open Inference Protocol REST and gRPC ports.
+EXPOSE 50051 8080 8081
 ENTRYPOINT ["joey"]
 CMD ["serve", "registry"]

@@ -1,7 +1,9 @@
 """Wire formats of the records Joey moves over Kafka.
 
 * Input record: a JSON object mapping input names to values (one row). The record key and
-  the ``request-id`` header travel through to outputs, errors and logs.
+  the ``request-id`` header travel through to outputs, errors and logs. An optional
+  ``deadline-ms`` header (epoch milliseconds) marks when the caller stops waiting: a replica
+  reaching the record later does not run it and reports it as an error instead.
 * Output record: JSON with ``time``, ``in``, ``out``, ``check_failures`` and ``metadata``.
 * Error record: JSON with ``time``, ``request_id``, ``error``, ``input`` (or ``raw_input``)
   and ``metadata``.
@@ -24,6 +26,7 @@ import fastavro
 import numpy as np
 
 REQUEST_ID_HEADER = "request-id"
+DEADLINE_HEADER = "deadline-ms"
 CONTENT_TYPE_HEADER = "content-type"
 LOG_CONTENT_TYPE = "application/avro; schema=joey.v1.InferenceLog"
 

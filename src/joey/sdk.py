@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 import pandas as pd
+import pyarrow as pa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from joey.log_export import LogExport, flatten, flatten_shadow, log_entry_row
@@ -686,16 +687,22 @@ class Pipeline:
 
     def infer(
         self,
-        data: pd.DataFrame | Sequence[dict[str, Any]] | dict[str, Any],
+        data: pa.Table | pd.DataFrame | Sequence[dict[str, Any]] | dict[str, Any],
         timeout: float = 60.0,
         progress: Progress | None = None,
-    ) -> pd.DataFrame:
+    ) -> pd.DataFrame | pa.Table:
         """Stream records through the pipeline's input topic and return one result row per record, in order.
 
-        Failed records are returned too, with the reason in the ``error`` column.
+        Failed records are returned too, with the reason in the ``error`` column. An Apache Arrow table
+        (one record per row) gets an Arrow table back, with the columns of the DataFrame result.
         """
         if self.status().status == "Undeployed":
             raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
+        if isinstance(data, pa.Table):
+            replies = PipelineStream(self.client.settings, self.topics).infer(
+                data.to_pylist(), timeout, progress
+            )
+            return pa.Table.from_pandas(replies_to_frame(replies), preserve_index=False)
         if isinstance(data, pd.DataFrame):
             rows: list[Any] = json.loads(data.to_json(orient="records", double_precision=15))
         elif isinstance(data, dict):

@@ -43,34 +43,40 @@ class Reply:
     body: dict[str, Any]
 
 
+def reply_consumer(settings: CommonSettings, topics: PipelineTopics) -> Consumer:
+    """An assign-only reader of a pipeline's outputs and errors topics, positioned at their ends.
+
+    It joins no group, so no rebalance can take a partition away from it; every reply
+    produced after this returns is read.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            # Assign-only reader: the group id is never joined and nothing is committed.
+            "group.id": f"joey.client.{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    assignments = []
+    metadata = consumer.list_topics(timeout=10)
+    for topic in (topics.outputs, topics.errors):
+        if topic not in metadata.topics:
+            consumer.close()
+            raise LookupError(f"topic {topic} does not exist: deploy the pipeline first")
+        for partition in metadata.topics[topic].partitions:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            assignments.append(TopicPartition(topic, partition, high))
+    consumer.assign(assignments)
+    return consumer
+
+
 class PipelineStream:
     """Produces records to one pipeline's inputs topic and waits for their replies."""
 
     def __init__(self, settings: CommonSettings, topics: PipelineTopics) -> None:
         self._settings = settings
         self._topics = topics
-
-    def _reply_consumer(self) -> Consumer:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self._settings.kafka_bootstrap,
-                # Assign-only reader: the group id is never joined and nothing is committed.
-                "group.id": f"joey.client.{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": 10,
-            }
-        )
-        assignments = []
-        metadata = consumer.list_topics(timeout=10)
-        for topic in (self._topics.outputs, self._topics.errors):
-            if topic not in metadata.topics:
-                consumer.close()
-                raise LookupError(f"topic {topic} does not exist: deploy the pipeline first")
-            for partition in metadata.topics[topic].partitions:
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-                assignments.append(TopicPartition(topic, partition, high))
-        consumer.assign(assignments)
-        return consumer
 
     def infer(
         self, rows: Sequence[dict[str, Any] | bytes], timeout: float = 60.0, progress: Progress | None = None
@@ -79,7 +85,7 @@ class PipelineStream:
         request_ids = [uuid.uuid4().hex for _ in rows]
         pending = set(request_ids)
         replies: dict[str, Reply] = {}
-        consumer = self._reply_consumer()
+        consumer = reply_consumer(self._settings, self._topics)
         try:
             producer = Producer(producer_config(self._settings))
             tracker = DeliveryTracker()

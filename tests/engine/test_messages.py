@@ -152,3 +152,21 @@ def test_records_without_a_shadow_step_have_no_shadow(make_deployment: Callable[
     result = Success(json.loads(raw), {"label": 1}, (10,))
     assert b"shadow" not in output_value(deployment, source(raw), result, NOW)
     assert records.decode_log(log_value(deployment, source(raw), result, NOW))["shadow_outputs"] is None
+
+
+def test_a_record_past_its_deadline_fails_with_the_reason_in_error_and_log(
+    make_deployment: Callable[..., Deployment],
+) -> None:
+    deployment = make_deployment()
+    raw = b'{"features": [1, 2, 3, 4]}'
+    late = Source("joey.w.p.inputs", 2, 7, b"key", raw, "req-7", deadline_ms=1_000_000.0)
+    assert late.expired(now_ms=1_000_000.0) is None, "a deadline is met up to and including its instant"
+    assert source(raw).expired(now_ms=2e12) is None, "a record without a deadline never expires"
+    failure = late.expired(now_ms=1_000_250.0)
+    assert isinstance(failure, Failure)
+    assert failure.reason.startswith("deadline exceeded 250 ms")
+    error = json.loads(error_value(deployment, late, failure, NOW))
+    assert error["request_id"] == "req-7" and error["error"] == failure.reason
+    assert error["raw_input"] == raw.decode()
+    log = records.decode_log(log_value(deployment, late, failure, NOW))
+    assert not log["ok"] and log["error"] == failure.reason

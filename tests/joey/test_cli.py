@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,8 @@ def cli_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
             "JOEY_REGISTRY_ADDR": f"127.0.0.1:{free_port()}",
             "JOEY_STATE_DIR": str(tmp_path / "state"),
             "JOEY_REDIS_PREFIX": env["JOEY_REDIS_PREFIX"] + "cli",
+            "JOEY_OIP_GRPC_ADDR": f"127.0.0.1:{free_port()}",
+            "JOEY_OIP_HTTP_ADDR": f"127.0.0.1:{free_port()}",
         }
     )
 
@@ -62,6 +65,27 @@ def test_up_upload_deploy_infer_logs_down(cli_env: dict[str, str], iris_model: P
         inferred = joey(cli_env, "infer", "cli-pipe", "--file", str(records))
         assert "26 records, 1 failed" in inferred.stderr
         assert "out.label" in inferred.stdout
+
+        # `joey up` started the gateway too: the pipeline answers a plain Open Inference Protocol request.
+        infer = urllib.request.Request(
+            f"http://{cli_env['JOEY_OIP_HTTP_ADDR']}/v2/models/cli-pipe/infer",
+            data=json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "features",
+                            "shape": [1, 4],
+                            "datatype": "FP32",
+                            "data": [5.1, 3.5, 1.4, 0.2],
+                        }
+                    ]
+                }
+            ).encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(infer, timeout=60) as response:
+            outputs = {o["name"]: o for o in json.loads(response.read())["outputs"]}
+        assert outputs["label"]["shape"] == [1] and outputs["probabilities"]["shape"] == [1, 3]
 
         wait_until(
             lambda: "oops" in joey(cli_env, "logs", "cli-pipe", "--failed").stdout,

@@ -31,6 +31,8 @@ class Source:
     key: bytes | None
     value: bytes | None
     request_id: str
+    deadline_ms: float | None = None
+    """When the caller stops waiting (epoch ms), from the record's deadline header."""
 
     @classmethod
     def of(cls, message: Message) -> Source:
@@ -40,6 +42,7 @@ class Source:
         # Consumed records always carry headers as a list of (name, bytes) pairs.
         headers = cast(list[tuple[str, bytes | None]], message.headers())
         request_id = records.header_value(headers, records.REQUEST_ID_HEADER)
+        deadline = records.header_value(headers, records.DEADLINE_HEADER)
         return cls(
             topic=topic,
             partition=partition,
@@ -47,6 +50,16 @@ class Source:
             key=message.key(),
             value=message.value(),
             request_id=request_id or f"{topic}/{partition}/{offset}",
+            deadline_ms=_deadline_ms(deadline),
+        )
+
+    def expired(self, now_ms: float) -> Failure | None:
+        """A failure when the caller's deadline passed before the record was reached, else None."""
+        if self.deadline_ms is None or now_ms <= self.deadline_ms:
+            return None
+        late = now_ms - self.deadline_ms
+        return Failure(
+            f"deadline exceeded {late:.0f} ms before a replica reached the record; not processed", None
         )
 
     @property
@@ -57,6 +70,14 @@ class Source:
     def value_json(self) -> str:
         """The value as strict JSON text; only valid for a value that parsed as a JSON object."""
         return records.strict_json_text(self.value, lambda: json.loads(self.value or b"null"))
+
+
+def _deadline_ms(text: str | None) -> float | None:
+    # A malformed deadline cannot be honoured; the record is processed as if it had none.
+    try:
+        return None if text is None else float(text)
+    except ValueError:
+        return None
 
 
 def _metadata_text(

@@ -1,0 +1,55 @@
+"""Entry point of `joey serve gateway`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import redis
+from prometheus_client import start_http_server
+
+from joey import heartbeats
+from joey.lifecycle import configure_logging, shutdown_event
+from joey_gateway import grpc_server, http_server
+from joey_gateway.gateway import Gateway
+from joey_gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+SERVICE = "gateway"
+
+
+def serve() -> None:
+    settings = GatewaySettings()
+    configure_logging(settings.log_level)
+    stop = shutdown_event()
+    if settings.metrics_port is not None:
+        start_http_server(settings.metrics_port)
+        log.info("metrics on port %d", settings.metrics_port)
+    gateway = Gateway(settings)
+    grpc, grpc_port = grpc_server.start_server(gateway, settings.oip_grpc_addr, settings.grpc_workers)
+    http, http_port = http_server.start_server(gateway, settings.oip_http_addr)
+    log.info("Open Inference Protocol on gRPC port %d and HTTP port %d", grpc_port, http_port)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        # The heartbeat says "ready" (what `joey up` waits for) only once both listeners accept calls.
+        while True:
+            try:
+                heartbeats.publish_service(
+                    client, settings.redis_prefix, SERVICE, settings.instance_id, settings.heartbeat_ttl_s
+                )
+            except redis.RedisError as exc:
+                log.warning("cannot publish the gateway's heartbeat: %s", exc)
+            if stop.wait(settings.heartbeat_ttl_s / 3):
+                break
+    finally:
+        # Refuse new calls, let those in flight finish (each ends by its deadline), then stop reading replies.
+        http.shutdown()
+        stopped = grpc.stop(grace=settings.request_timeout_s)
+        if not gateway.drain(settings.request_timeout_s):
+            log.warning("requests still in flight after %.0f s; stopping anyway", settings.request_timeout_s)
+        stopped.wait()
+        with contextlib.suppress(redis.RedisError):
+            heartbeats.retire_service(client, settings.redis_prefix, SERVICE, settings.instance_id)
+        gateway.close()
+        log.info("stopped")

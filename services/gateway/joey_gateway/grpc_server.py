@@ -1,0 +1,169 @@
+"""The Open Inference Protocol gRPC transport: proto messages in and out, the logic in :class:`Gateway`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+import joey
+from joey.oip import grpc_predict_v2_pb2 as pb
+from joey.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from joey_gateway.errors import GatewayError, Status
+from joey_gateway.gateway import SERVER_NAME, Gateway
+from joey_gateway.tensors import InferRequest, Tensor, from_raw, from_values, to_raw
+
+_CODES = {
+    Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Status.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+# Which InferTensorContents field holds each datatype.
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+T = TypeVar("T")
+
+
+def _abort(context: grpc.ServicerContext, exc: GatewayError) -> NoReturn:
+    context.abort(_CODES[exc.status], exc.message)
+    raise AssertionError("unreachable")  # abort raises
+
+
+def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except GatewayError as exc:
+        _abort(context, exc)
+
+
+def parameter_value(parameter: pb.InferParameter) -> Any:
+    choice = parameter.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(parameter, choice)
+
+
+def _timeout_s(parameters: Any) -> float | None:
+    # Triton's request parameter: a timeout in microseconds.
+    if "timeout" in parameters:
+        value = parameter_value(parameters["timeout"])
+        if isinstance(value, int | float) and value > 0:
+            return float(value) / 1e6
+    return None
+
+
+def decode_request(request: pb.ModelInferRequest) -> InferRequest:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise GatewayError(
+            Status.INVALID_ARGUMENT,
+            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: send one per input or none",
+        )
+    inputs = []
+    for index, tensor in enumerate(request.inputs):
+        shape = list(tensor.shape)
+        if raw:
+            data = from_raw(tensor.name, tensor.datatype, shape, raw[index])
+        else:
+            field = _CONTENTS.get(tensor.datatype)
+            if field is None:
+                raise GatewayError(
+                    Status.INVALID_ARGUMENT,
+                    f"input {tensor.name!r}: {tensor.datatype} data must be sent in raw_input_contents",
+                )
+            data = from_values(tensor.name, tensor.datatype, shape, list(getattr(tensor.contents, field)))
+        inputs.append(Tensor(tensor.name, tensor.datatype, data))
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version,
+        id=request.id,
+        inputs=inputs,
+        outputs=[output.name for output in request.outputs],
+        timeout_s=_timeout_s(request.parameters),
+    )
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> pb.ServerLiveResponse:  # noqa: N802
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> pb.ServerReadyResponse:  # noqa: N802
+        return pb.ServerReadyResponse(ready=True)
+
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> pb.ServerMetadataResponse:  # noqa: N802
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=joey.__version__)
+
+    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> pb.ModelReadyResponse:  # noqa: N802
+        ready = _call(context, lambda: self._gateway.model_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=ready)
+
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> pb.ModelMetadataResponse:  # noqa: N802
+        info = _call(context, lambda: self._gateway.model(request.name, request.version))
+
+        def tensors(specs: Any) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+            return [
+                pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+                for t in specs
+            ]
+
+        return pb.ModelMetadataResponse(
+            name=request.name,
+            versions=[str(info.version)],
+            platform="joey_pipeline",
+            inputs=tensors(info.inputs),
+            outputs=tensors(info.outputs),
+        )
+
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.time() + remaining
+        result = _call(
+            context,
+            lambda: self._gateway.infer(
+                request.model_name, request.model_version, lambda: decode_request(request), deadline
+            ),
+        )
+        return pb.ModelInferResponse(
+            model_name=result.model,
+            model_version=result.version,
+            id=result.id,
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                for t in result.outputs
+            ],
+            raw_output_contents=[to_raw(t) for t in result.outputs],
+        )
+
+
+def start_server(gateway: Gateway, addr: str, workers: int) -> tuple[grpc.Server, int]:
+    """Serve on ``addr``; returns the server and the bound port (``addr`` may ask for port 0)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip-grpc"),
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(gateway), server)
+    port = server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"cannot listen on {addr} for the OIP gRPC service")
+    server.start()
+    return server, port

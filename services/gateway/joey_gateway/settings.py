@@ -1,0 +1,45 @@
+"""Settings of the gateway service."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+
+from pydantic import Field
+
+from joey.heartbeats import DEFAULT_TTL_S
+from joey.settings import CommonSettings
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class GatewaySettings(CommonSettings):
+    oip_grpc_addr: str = "127.0.0.1:8081"
+    """host:port the Open Inference Protocol gRPC service (inference.GRPCInferenceService) listens on."""
+
+    oip_http_addr: str = "127.0.0.1:8080"
+    """host:port the Open Inference Protocol REST API (/v2/...) listens on."""
+
+    workspace: str = "default"
+    """Workspace of the pipelines served by model name alone; `<workspace>.<pipeline>` names any other."""
+
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    """Deadline of a request whose caller sets none; a caller's shorter deadline wins."""
+
+    status_cache_s: float = Field(default=1.0, ge=0)
+    """How long a pipeline's deployment status and metadata from the registry are reused."""
+
+    grpc_workers: int = Field(default=32, ge=1)
+    """Threads serving gRPC calls; each waits for its reply, so this bounds concurrent gRPC requests."""
+
+    heartbeat_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0)
+    """Lifetime of the service heartbeat in Redis; it is refreshed three times per TTL."""
+
+    instance_id: str = Field(default_factory=default_instance_id)
+    """Name of this gateway process in heartbeats and logs."""
+
+    metrics_port: int | None = None
+    """Port of the Prometheus endpoint; none when unset."""

@@ -1,0 +1,205 @@
+"""Open Inference Protocol tensors as numpy arrays, and their conversion to and from Joey records.
+
+A request's tensors share a first (batch) dimension; row ``i`` of every input becomes one input
+record ``{name: value}``, and the replies' outputs are stacked back along that dimension.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from joey_gateway.errors import GatewayError, Status
+
+_NUMPY = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+_OIP = {dtype.name: name for name, dtype in _NUMPY.items() if name != "BYTES"}
+_TEXT_DTYPES = {"string", "str", "object", "bytes"}
+
+
+def oip_datatype(numpy_name: str) -> str:
+    """The OIP datatype of a numpy dtype name (float32 -> FP32, string -> BYTES)."""
+    if numpy_name in _TEXT_DTYPES or numpy_name.startswith(("str", "<U", "|S")):
+        return "BYTES"
+    return _OIP.get(numpy_name, "BYTES")
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    try:
+        return _NUMPY[datatype]
+    except KeyError:
+        raise GatewayError(
+            Status.INVALID_ARGUMENT, f"unknown datatype {datatype!r}; use one of {', '.join(_NUMPY)}"
+        ) from None
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    data: np.ndarray[Any, Any]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self.data.shape)
+
+
+@dataclass
+class InferRequest:
+    model: str
+    version: str
+    id: str
+    inputs: list[Tensor]
+    outputs: list[str]
+    """Requested outputs by name; empty means all."""
+    timeout_s: float | None = None
+    """The caller's own timeout, when it sent one."""
+
+
+@dataclass
+class InferResponse:
+    model: str
+    version: str
+    id: str
+    outputs: list[Tensor]
+
+
+def _check_count(name: str, shape: Sequence[int], count: int) -> None:
+    expected = int(np.prod(shape)) if shape else 1
+    if count != expected:
+        raise GatewayError(
+            Status.INVALID_ARGUMENT,
+            f"input {name!r}: shape {list(shape)} needs {expected} elements, got {count}",
+        )
+
+
+def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray[Any, Any]:
+    """Decode little-endian tensor bytes; BYTES elements are each prefixed by a 4-byte length."""
+    dtype = numpy_dtype(datatype)
+    if datatype == "BYTES":
+        items: list[bytes] = []
+        offset = 0
+        while offset < len(raw):
+            if offset + 4 > len(raw):
+                raise GatewayError(Status.INVALID_ARGUMENT, f"input {name!r}: truncated BYTES element length")
+            (length,) = struct.unpack_from("<I", raw, offset)
+            offset += 4
+            if offset + length > len(raw):
+                raise GatewayError(Status.INVALID_ARGUMENT, f"input {name!r}: truncated BYTES element")
+            items.append(raw[offset : offset + length])
+            offset += length
+        _check_count(name, shape, len(items))
+        return np.array(items, dtype=np.object_).reshape(shape)
+    if len(raw) % dtype.itemsize:
+        raise GatewayError(
+            Status.INVALID_ARGUMENT,
+            f"input {name!r}: {len(raw)} bytes is not a whole number of {datatype} elements",
+        )
+    _check_count(name, shape, len(raw) // dtype.itemsize)
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+
+
+def to_raw(tensor: Tensor) -> bytes:
+    if tensor.datatype == "BYTES":
+        parts = []
+        for item in tensor.data.reshape(-1):
+            data = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(data)) + data)
+        return b"".join(parts)
+    return tensor.data.astype(tensor.data.dtype.newbyteorder("<")).tobytes()
+
+
+def from_values(
+    name: str, datatype: str, shape: Sequence[int], values: Sequence[Any]
+) -> np.ndarray[Any, Any]:
+    """A tensor from its elements (flat, or nested as REST clients may send them)."""
+    dtype = numpy_dtype(datatype)
+    try:
+        array = np.array(values, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise GatewayError(
+            Status.INVALID_ARGUMENT, f"input {name!r}: data is not {datatype}: {exc}"
+        ) from None
+    _check_count(name, shape, array.size)
+    return array.reshape(shape)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def to_rows(inputs: Sequence[Tensor]) -> list[dict[str, Any]]:
+    """One input record per entry of the batch (first) dimension shared by every input."""
+    if not inputs:
+        raise GatewayError(Status.INVALID_ARGUMENT, "request has no inputs")
+    sizes = {}
+    for tensor in inputs:
+        if tensor.data.ndim == 0:
+            raise GatewayError(
+                Status.INVALID_ARGUMENT,
+                f"input {tensor.name!r} has shape []: the first dimension is the batch of records",
+            )
+        sizes[tensor.name] = tensor.data.shape[0]
+    if len(set(sizes.values())) > 1:
+        raise GatewayError(
+            Status.INVALID_ARGUMENT,
+            f"inputs disagree on the batch (first) dimension: {sizes}; each row of it is one record",
+        )
+    count = next(iter(sizes.values()))
+    columns = {tensor.name: tensor.data.tolist() for tensor in inputs}
+    text = {tensor.name for tensor in inputs if tensor.datatype == "BYTES"}
+    return [
+        {name: _jsonable(values[i]) if name in text else values[i] for name, values in columns.items()}
+        for i in range(count)
+    ]
+
+
+def _guess_datatype(array: np.ndarray[Any, Any]) -> str:
+    if array.dtype.kind == "f":
+        return "FP64"
+    if array.dtype.kind in "iu":
+        return "INT64"
+    if array.dtype.kind == "b":
+        return "BOOL"
+    return "BYTES"
+
+
+def from_rows(name: str, datatype: str | None, values: list[Any]) -> Tensor:
+    """Stack one output's per-record values into a tensor whose first dimension is the batch."""
+    try:
+        array = np.array(values)
+    except ValueError:
+        raise GatewayError(
+            Status.INTERNAL, f"output {name!r} has values of different shapes across the batch"
+        ) from None
+    datatype = datatype or _guess_datatype(array)
+    if datatype == "BYTES":
+        array = np.array([str(v) for v in array.reshape(-1)], dtype=np.object_).reshape(array.shape)
+    else:
+        try:
+            array = array.astype(numpy_dtype(datatype))
+        except (TypeError, ValueError):
+            raise GatewayError(Status.INTERNAL, f"output {name!r} is not {datatype}") from None
+    return Tensor(name, datatype, array)

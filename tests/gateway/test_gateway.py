@@ -1,0 +1,373 @@
+"""The gateway as a separate process serving a deployed iris pipeline to standard Open Inference
+Protocol clients (tritonclient over gRPC and REST, and plain HTTP requests)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from tritonclient.utils import InferenceServerException
+
+from joey import topics
+from joey.records import DEADLINE_HEADER, dumps, header_value
+from joey.sdk import Client, Pipeline
+from joey.settings import CommonSettings
+from tests.conftest import ServiceProcess, Stack, free_port, wait_service_ready, wait_until
+from train_model import make_records  # examples/, put on sys.path by conftest
+
+log = logging.getLogger(__name__)
+
+PIPELINE = "iris-gw"
+
+
+@dataclass
+class Gateway:
+    process: ServiceProcess
+    grpc_addr: str
+    http_addr: str
+    metrics_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_addr}"
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack, settings: CommonSettings) -> Client:
+    return Client(settings=settings)
+
+
+@pytest.fixture(scope="module")
+def iris(client: Client, iris_model: Path) -> Iterator[Pipeline]:
+    model = client.upload_model("iris-gw", iris_model)
+    pipeline = client.build_pipeline(PIPELINE).add_model_step(model)
+    pipeline.deploy(replicas=1, timeout=90)
+    yield pipeline
+    pipeline.undeploy()  # its replica would otherwise take a share of the machine for the rest of the session
+
+
+@pytest.fixture(scope="module")
+def gateway(stack: Stack, service_factory: Callable[..., ServiceProcess]) -> Gateway:
+    grpc_addr, http_addr, metrics_port = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", free_port()
+    # Long enough for calls waiting on a killed engine's partitions to see them taken over.
+    process = service_factory(
+        "gateway",
+        JOEY_OIP_GRPC_ADDR=grpc_addr,
+        JOEY_OIP_HTTP_ADDR=http_addr,
+        JOEY_REQUEST_TIMEOUT_S="120",
+        JOEY_METRICS_PORT=str(metrics_port),
+    )
+    wait_service_ready(stack.env, "gateway")
+    return Gateway(process, grpc_addr, http_addr, metrics_port)
+
+
+def counter(gateway: Gateway, outcome: str, pipeline: str = PIPELINE) -> float:
+    """joey_gateway_requests_total of ``pipeline`` ("" for unknown models) and ``outcome``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    workspace = "default" if pipeline else ""
+    series = (
+        f'joey_gateway_requests_total{{outcome="{outcome}",pipeline="{pipeline}",workspace="{workspace}"}}'
+    )
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " "))
+
+
+def features(count: int, seed: int) -> np.ndarray:
+    return np.array([r["features"] for r in make_records(count, seed)], dtype=np.float32)
+
+
+def direct(model_path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    session = ort.InferenceSession(str(model_path))
+    label, probabilities = session.run(["label", "probabilities"], {"features": x})
+    return label, probabilities
+
+
+def post(url: str, body: Any) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_tritonclient_grpc(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
+    triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    assert triton.is_model_ready(PIPELINE)
+    metadata = triton.get_model_metadata(PIPELINE, as_json=True)
+    assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [
+        ("features", "FP32", ["-1", "4"])
+    ]
+    assert {t["name"]: t["datatype"] for t in metadata["outputs"]} == {
+        "label": "INT64",
+        "probabilities": "FP32",
+    }
+
+    x = features(7, seed=3)
+    tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = triton.infer(PIPELINE, [tensor], request_id="req-1")
+    label, probabilities = direct(iris_model, x)
+    assert result.get_response().id == "req-1"
+    np.testing.assert_array_equal(result.as_numpy("label"), label)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, rtol=1e-6)
+    assert result.as_numpy("label").dtype == np.int64
+
+    with pytest.raises(InferenceServerException) as missing:
+        triton.infer("no-such-pipeline", [tensor])
+    assert missing.value.status() == "StatusCode.NOT_FOUND"
+    assert "no-such-pipeline" in missing.value.message()
+
+
+def test_tritonclient_http(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
+    triton = httpclient.InferenceServerClient(gateway.http_addr)
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    assert triton.is_model_ready(PIPELINE)
+    assert not triton.is_model_ready("no-such-pipeline")
+    metadata = triton.get_model_metadata(PIPELINE)
+    assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
+
+    x = features(5, seed=4)
+    label, probabilities = direct(iris_model, x)
+    for binary in (True, False):  # tritonclient's default is the binary tensor extension
+        tensor = httpclient.InferInput("features", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        outputs = [
+            httpclient.InferRequestedOutput(name, binary_data=binary) for name in ("label", "probabilities")
+        ]
+        result = triton.infer(PIPELINE, [tensor], outputs=outputs)
+        np.testing.assert_array_equal(result.as_numpy("label"), label)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, rtol=1e-6)
+    tensor = httpclient.InferInput("features", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    only_label = triton.infer(PIPELINE, [tensor], outputs=[httpclient.InferRequestedOutput("label")])
+    assert only_label.as_numpy("probabilities") is None
+    np.testing.assert_array_equal(only_label.as_numpy("label"), label)
+
+
+def test_plain_rest(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
+    url = gateway.http_url
+    before = {outcome: counter(gateway, outcome) for outcome in ("ok", "invalid_argument")}
+    unknown_before = counter(gateway, "not_found", pipeline="")
+    assert get(f"{url}/v2/health/live") == (200, {"live": True})
+    assert get(f"{url}/v2")[1]["name"] == "joey"
+    status, ready = get(f"{url}/v2/models/{PIPELINE}/ready")
+    assert (status, ready["ready"]) == (200, True)
+
+    x = features(3, seed=5)
+    body = {
+        "id": "abc",
+        "inputs": [{"name": "features", "shape": [3, 4], "datatype": "FP32", "data": x.tolist()}],
+    }
+    status, reply = post(f"{url}/v2/models/{PIPELINE}/infer", body)
+    assert status == 200, reply
+    assert reply["id"] == "abc" and reply["model_name"] == PIPELINE
+    outputs = {o["name"]: o for o in reply["outputs"]}
+    label, _ = direct(iris_model, x)
+    assert outputs["label"]["shape"] == [3] and outputs["label"]["datatype"] == "INT64"
+    assert outputs["label"]["data"] == label.tolist()
+    assert outputs["probabilities"]["shape"] == [3, 3]
+
+    version = reply["model_version"]
+    status, _ = post(f"{url}/v2/models/{PIPELINE}/versions/{version}/infer", body)
+    assert status == 200
+
+    # Three features per row where the model takes four: the engine's reason comes back as a 400.
+    bad = {"inputs": [{"name": "features", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}
+    status, reply = post(f"{url}/v2/models/{PIPELINE}/infer", bad)
+    assert status == 400, reply
+    assert "features" in reply["error"] and PIPELINE in reply["error"]
+
+    status, reply = post(f"{url}/v2/models/no-such-pipeline/infer", body)
+    assert status == 404 and "no-such-pipeline" in reply["error"]
+    status, reply = get(f"{url}/v2/models/no-such-pipeline")
+    assert status == 404
+
+    wrong_count = {"inputs": [{"name": "features", "shape": [2, 4], "datatype": "FP32", "data": [1, 2, 3]}]}
+    status, reply = post(f"{url}/v2/models/{PIPELINE}/infer", wrong_count)
+    assert status == 400 and "8 elements" in reply["error"]
+
+    # Two answered, two refused (the engine's reason, the element count); one unknown model.
+    assert counter(gateway, "ok") == before["ok"] + 2
+    assert counter(gateway, "invalid_argument") == before["invalid_argument"] + 2
+    assert counter(gateway, "not_found", pipeline="") == unknown_before + 1
+
+
+def test_deadline_exceeded_is_answered_and_reported(gateway: Gateway, iris: Pipeline) -> None:
+    """A caller's 1 ms timeout expires before any replica reaches the record: the caller gets 504 /
+    DEADLINE_EXCEEDED, and the engine drops the expired record with a failure in the inference log."""
+    x = features(1, seed=6)
+    body = {
+        "parameters": {"timeout": 1000},  # microseconds, as tritonclient sends it
+        "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": x.tolist()}],
+    }
+    status, reply = post(f"{gateway.http_url}/v2/models/{PIPELINE}/infer", body)
+    assert status == 504, reply
+    assert "deadline exceeded" in reply["error"]
+
+    triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+    tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as expired:
+        triton.infer(PIPELINE, [tensor], timeout=1000)
+    assert expired.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+
+    def dropped() -> int:
+        logs = iris.logs(limit=50, valid=False)
+        return int(logs["error"].str.startswith("deadline exceeded").sum()) if len(logs) else 0
+
+    wait_until(lambda: dropped() >= 2, 60, "both expired records reported in the inference log")
+
+
+def test_requests_in_flight_survive_an_engine_crash(
+    gateway: Gateway,
+    client: Client,
+    stack: Stack,
+    service_factory: Callable[..., ServiceProcess],
+    iris_model: Path,
+) -> None:
+    """Synchronous calls keep flowing while the engine's consumer group rebalances: a second engine
+    runs one of two replicas and is killed mid-load, its partitions go to a replica the first engine
+    starts. Every call is answered correctly, including those in flight on the killed replica."""
+    instance = f"gw-engine-{secrets.token_hex(3)}"
+    second = service_factory("engine", JOEY_INSTANCE_ID=instance)
+    # Deployed once both engines are live, each takes its fair share: one replica.
+    wait_service_ready(stack.env, "engine", count=2)
+    model = client.upload_model("iris-rb", iris_model)
+    pipeline = client.build_pipeline("iris-rb").add_model_step(model)
+    status = pipeline.deploy(replicas=2, timeout=90)
+    owners = sorted(r.replica_id for r in status.replicas if r.alive)
+    assert len(owners) == 2 and any(o.startswith(instance) for o in owners), owners
+
+    x = features(4, seed=7)
+    label, _ = direct(iris_model, x)
+    stop = threading.Event()
+    calls: list[tuple[float, float]] = []
+    failures: list[str] = []
+
+    def load() -> None:
+        triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+        while not stop.is_set():
+            tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            started = time.monotonic()
+            try:
+                result = triton.infer("iris-rb", [tensor])
+                if result.as_numpy("label").tolist() != label.tolist():
+                    failures.append(f"wrong labels {result.as_numpy('label')}")
+                calls.append((started, time.monotonic()))
+            except InferenceServerException as exc:
+                failures.append(f"{exc.status()}: {exc.message()}")
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: failures or len(calls) >= 20, 60, "load flowing")
+        second.kill9()
+        killed_at = time.monotonic()
+
+        def taken_over() -> bool:
+            current = pipeline.status()
+            live = [r for r in current.replicas if r.alive and r.partitions]
+            return (
+                current.ready and len(live) == 2 and not any(r.replica_id.startswith(instance) for r in live)
+            )
+
+        wait_until(taken_over, 90, "the first engine to take over the killed engine's replica", interval=0.2)
+        after = len(calls)
+        wait_until(lambda: failures or len(calls) >= after + 50, 60, "load after the takeover")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(150)
+        pipeline.undeploy()
+    assert failures == []
+    # Undeployed, the pipeline is refused as unavailable (once the gateway's short status cache expires).
+    body = {"inputs": [{"name": "features", "shape": [4, 4], "datatype": "FP32", "data": x.tolist()}]}
+    wait_until(lambda: post(f"{gateway.http_url}/v2/models/iris-rb/infer", body)[0] == 503, 30, "a 503")
+    assert "not deployed" in post(f"{gateway.http_url}/v2/models/iris-rb/infer", body)[1]["error"]
+    in_flight = [c for c in calls if c[0] < killed_at < c[1]]
+    assert in_flight, "calls in flight when the engine was killed were answered"
+    log.info(
+        "%d calls answered, %d in flight at the kill, the longest took %.1f s",
+        len(calls),
+        len(in_flight),
+        max(end - start for start, end in in_flight),
+    )
+
+
+def deadline_of_record(settings: CommonSettings, features: list[float]) -> float:
+    """The deadline-ms header of the input record the gateway wrote for a row of ``features``."""
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "unused", "enable.auto.commit": False}
+    )
+    try:
+        inputs = topics.pipeline_topics("default", PIPELINE).inputs
+        partitions = consumer.list_topics(inputs, timeout=10).topics[inputs].partitions
+        consumer.assign([TopicPartition(inputs, p, OFFSET_BEGINNING) for p in partitions])
+        wanted = dumps({"features": features})
+        found: list[float] = []
+
+        def read() -> bool:
+            for message in consumer.consume(500, 0.5):
+                if message.error() is None and message.value() == wanted:
+                    found.append(float(header_value(message.headers(), DEADLINE_HEADER) or "nan"))
+            return bool(found)
+
+        wait_until(read, 30, "the gateway's input record")
+        return found[0]
+    finally:
+        consumer.close()
+
+
+def test_callers_deadlines_travel_with_the_records(
+    gateway: Gateway, iris: Pipeline, settings: CommonSettings
+) -> None:
+    """The gateway's default is 120 s here; a gRPC deadline of 5 s and a REST timeout of 7 s win."""
+    grpc_row = [7.125, 3.25, 5.5, 1.75]
+    x = np.array([grpc_row], dtype=np.float32)
+    tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    sent_ms = time.time() * 1000
+    grpcclient.InferenceServerClient(gateway.grpc_addr).infer(PIPELINE, [tensor], client_timeout=5.0)
+    answered_ms = time.time() * 1000
+    assert sent_ms + 3000 < deadline_of_record(settings, grpc_row) <= answered_ms + 5000
+
+    rest_row = [6.125, 2.25, 4.5, 1.5]
+    body = {
+        "parameters": {"timeout": 7_000_000},
+        "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [rest_row]}],
+    }
+    sent_ms = time.time() * 1000
+    assert post(f"{gateway.http_url}/v2/models/{PIPELINE}/infer", body)[0] == 200
+    answered_ms = time.time() * 1000
+    assert sent_ms + 5000 < deadline_of_record(settings, rest_row) <= answered_ms + 7000

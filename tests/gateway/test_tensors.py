@@ -1,0 +1,106 @@
+"""Open Inference Protocol tensors <-> Joey records, and the REST body with binary tensors.
+
+(Only modules without the generated OIP stubs are imported here: tritonclient.grpc, used by the
+end-to-end tests in this session, registers the same `inference.*` protobuf names.)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from joey_gateway.errors import GatewayError, Status
+from joey_gateway.http_server import decode_request, encode_response
+from joey_gateway.tensors import InferResponse, Tensor, from_raw, from_rows, oip_datatype, to_raw, to_rows
+
+
+def test_raw_tensors_round_trip() -> None:
+    text = Tensor("s", "BYTES", np.array([[b"ab", b""], [b"\xc3\xa9", b"xyz"]], dtype=np.object_))
+    raw = to_raw(text)
+    assert raw[:6] == struct.pack("<I", 2) + b"ab"
+    assert from_raw("s", "BYTES", [2, 2], raw).tolist() == text.data.tolist()
+    numbers = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert from_raw("x", "FP32", [2, 3], to_raw(Tensor("x", "FP32", numbers))).tolist() == numbers.tolist()
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "raw", "message"),
+    [
+        ("FP32", [2, 3], b"\0" * 20, "needs 6 elements, got 5"),
+        ("FP32", [1], b"\0" * 3, "not a whole number of FP32"),
+        ("BYTES", [1], b"\5\0\0\0ab", "truncated BYTES element"),
+        ("COMPLEX", [1], b"", "unknown datatype 'COMPLEX'"),
+    ],
+)
+def test_malformed_raw_tensors_are_refused(datatype: str, shape: list[int], raw: bytes, message: str) -> None:
+    with pytest.raises(GatewayError) as refused:
+        from_raw("x", datatype, shape, raw)
+    assert refused.value.status == Status.INVALID_ARGUMENT
+    assert message in refused.value.message
+
+
+def test_rows_follow_the_batch_dimension() -> None:
+    inputs = [
+        Tensor("features", "FP32", np.array([[1, 2], [3, 4]], dtype=np.float32)),
+        Tensor("name", "BYTES", np.array([b"a", b"b"], dtype=np.object_)),
+    ]
+    assert to_rows(inputs) == [{"features": [1.0, 2.0], "name": "a"}, {"features": [3.0, 4.0], "name": "b"}]
+    with pytest.raises(GatewayError, match="disagree on the batch"):
+        to_rows([inputs[0], Tensor("y", "INT64", np.array([1, 2, 3]))])
+    with pytest.raises(GatewayError, match="shape \\[\\]"):
+        to_rows([Tensor("y", "INT64", np.array(1))])
+
+
+def test_outputs_are_stacked_with_the_declared_datatype() -> None:
+    label = from_rows("label", "INT64", [0, 2, 1])
+    assert label.shape == [3] and label.data.dtype == np.int64
+    guessed = from_rows("p", None, [[0.5, 0.5], [1.0, 0.0]])
+    assert guessed.datatype == "FP64" and guessed.shape == [2, 2]
+    with pytest.raises(GatewayError) as ragged:
+        from_rows("p", "FP32", [[0.5, 0.5], [1.0]])
+    assert ragged.value.status == Status.INTERNAL
+    assert oip_datatype("float32") == "FP32" and oip_datatype("string") == "BYTES"
+
+
+def test_rest_body_with_binary_tensors() -> None:
+    x = np.array([[1, 2, 3, 4]], dtype=np.float32)
+    header = json.dumps(
+        {
+            "id": "r1",
+            "parameters": {"binary_data_output": True, "timeout": 250_000},
+            "inputs": [
+                {
+                    "name": "features",
+                    "shape": [1, 4],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 16},
+                }
+            ],
+            "outputs": [{"name": "label", "parameters": {"binary_data": False}}, {"name": "probabilities"}],
+        }
+    ).encode()
+    rest = decode_request("iris", "", header + x.tobytes(), len(header))
+    assert rest.request.inputs[0].data.tolist() == x.tolist()
+    assert rest.request.outputs == ["label", "probabilities"]
+    assert rest.request.timeout_s == 0.25
+    assert not rest.wants_binary("label") and rest.wants_binary("probabilities")
+
+    probabilities = np.array([[0.1, 0.2, 0.7]], dtype=np.float32)
+    response = InferResponse(
+        "iris",
+        "1",
+        "r1",
+        [Tensor("label", "INT64", np.array([2])), Tensor("probabilities", "FP32", probabilities)],
+    )
+    body, length = encode_response(rest, response)
+    assert length is not None
+    document = json.loads(body[:length])
+    assert document["outputs"][0]["data"] == [2]
+    assert document["outputs"][1]["parameters"] == {"binary_data_size": 12}
+    assert np.frombuffer(body[length:], dtype=np.float32).tolist() == probabilities.reshape(-1).tolist()
+
+    with pytest.raises(GatewayError, match="does not fit the binary body"):
+        decode_request("iris", "", header + x.tobytes()[:8], len(header))
