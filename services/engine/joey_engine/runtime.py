@@ -252,8 +252,8 @@ class PythonRuntime(ModelRuntime):
         outputs = sandbox.decode_arrays(reply[1:])
         for t in self._outputs:
             # The sandbox conforms outputs to the declared ones; a reply that does not is not trusted.
-            array = outputs.get(t.name)
-            if array is None or array.dtype != np.dtype(t.dtype):
+            array, expected = outputs.get(t.name), np.dtype(t.dtype)
+            if array is None or (array.dtype != expected and not array.dtype.kind == expected.kind == "U"):
                 raise RuntimeAborted(f"python step {self._name!r} sent a reply that breaks the protocol")
         return outputs
 
