@@ -11,7 +11,7 @@ import pytest
 
 from joey.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
-from tests.registry.helpers import Stub, rpc_error, step
+from tests.registry.helpers import Stub, rpc_error, step, upload
 
 PREP = b"""
 import numpy as np
@@ -139,8 +139,6 @@ def create(stub: Stub, workspace: str, *models: str) -> pb.PipelineVersion:
 
 
 def test_python_steps_chain_around_an_onnx_model(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
-    from tests.registry.helpers import upload
-
     upload(stub, workspace, "iris", iris_bytes)
     upload_python(stub, workspace, "prep", PREP)
     post = b"def process_data(inputs):\n    return {'species': inputs['label'].astype(str)}\n"
@@ -161,6 +159,6 @@ def test_python_steps_chain_around_an_onnx_model(stub: Stub, workspace: str, iri
         PREP,
         outputs=[pb.TensorSpec(name="features", dtype="string", shape=[-1, 4])],
     )
-    error = rpc_error(lambda: create(stub, workspace, "prep-int", "iris"))
+    error = rpc_error(lambda: create(stub, workspace, "prep-text", "iris"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "step 2 (iris v1) needs input 'features' (float32)" in error.details()
