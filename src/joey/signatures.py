@@ -28,6 +28,8 @@ def dtype_name(dtype: Any) -> str:
         resolved = np.dtype(dtype)
     except TypeError:
         raise ValueError(f"{dtype!r} is not a numpy dtype") from None
+    if resolved.kind not in "biufU":
+        raise ValueError(f"{resolved} is not a tensor dtype: tensors hold numbers, booleans or strings")
     return "string" if resolved.kind == "U" else resolved.name
 
 
