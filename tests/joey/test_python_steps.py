@@ -219,3 +219,21 @@ def test_a_crashing_step_loses_nothing_and_leaves_other_pipelines_serving(
     assert guarded.log_count(start=started, valid=False) == 1 + failures
     guarded.undeploy()
     steady.undeploy()
+
+
+def test_docs_example_runs(
+    stack: Stack, env: dict[str, str], iris_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = STEPS.parents[1]
+    text = (root / "docs" / "python-steps.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"examples/model/iris.onnx"', repr(str(iris_model)))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(root)
+    scope: dict[str, object] = {}
+    exec(code, scope)  # noqa: S102 - the documented example, as a user would run it
+    results = scope["results"]
+    assert results["error"].isna().tolist() == [True, False]  # type: ignore[index]
+    assert results["out.species"].iloc[0] == "setosa"  # type: ignore[index]
+    assert "ValueError: sepal_length_mm must be positive, got 0.0" in results["error"].iloc[1]  # type: ignore[index]
