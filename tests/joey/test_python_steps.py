@@ -5,6 +5,7 @@ crashes its process on a poison record without losing anything or disturbing ano
 from __future__ import annotations
 
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from joey.cli import main
-from joey.sdk import Client, TensorSpec
+from joey.sdk import Client, Pipeline, TensorSpec
 from joey.settings import CommonSettings
 from joey.signatures import parse_option, tensor_specs
 from tests.conftest import Stack, wait_until
@@ -82,13 +83,15 @@ PREP_OUTPUTS = pa.schema([("features", pa.list_(pa.float32(), 4))])
 POST_INPUTS = {"label": ("int64", (-1,)), "probabilities": ("float32", (-1, 3))}
 POST_OUTPUTS = {"species": ("string", (-1,)), "confidence": ("float32", (-1,))}
 
-# Crashes its own process on a poison record: sepal length 666.
+# Crashes its own process on a poison record (sepal length 666), hangs on another (777).
 GUARD = """
-import os
+import os, time
 
 def process_data(inputs):
     if (inputs["features"][:, 0] == 666).any():
         os._exit(1)
+    if (inputs["features"][:, 0] == 777).any():
+        time.sleep(3600)
     return {"features": inputs["features"]}
 """
 
@@ -168,9 +171,8 @@ def test_python_pre_and_post_steps_around_iris(client: Client, iris_model: Path)
     pipeline.undeploy()
 
 
-def test_a_crashing_step_loses_nothing_and_leaves_other_pipelines_serving(
-    client: Client, iris_model: Path, tmp_path: Path
-) -> None:
+def deploy_guarded(client: Client, iris_model: Path, tmp_path: Path) -> tuple[Pipeline, Pipeline]:
+    """``guard -> iris``, and a plain iris pipeline beside it."""
     guard = tmp_path / "guard.py"
     guard.write_text(GUARD)
     features = {"features": ("float32", (-1, 4))}
@@ -180,6 +182,13 @@ def test_a_crashing_step_loses_nothing_and_leaves_other_pipelines_serving(
     steady = client.build_pipeline("steady").add_model_step("iris")
     guarded.deploy(timeout=90)
     steady.deploy(timeout=90)
+    return guarded, steady
+
+
+def test_a_crashing_step_loses_nothing_and_leaves_other_pipelines_serving(
+    client: Client, iris_model: Path, tmp_path: Path
+) -> None:
+    guarded, steady = deploy_guarded(client, iris_model, tmp_path)
     started = datetime.now(UTC)
 
     poison = {"features": [666.0, 3.0, 1.4, 0.2]}
@@ -217,6 +226,31 @@ def test_a_crashing_step_loses_nothing_and_leaves_other_pipelines_serving(
     total = 1 + len(later) + 1 + len(after)
     wait_until(lambda: guarded.log_count(start=started) == total, 60, "every inference logged")
     assert guarded.log_count(start=started, valid=False) == 1 + failures
+    guarded.undeploy()
+    steady.undeploy()
+
+
+def test_a_hanging_step_is_killed_after_the_timeout_while_other_pipelines_serve(
+    client: Client, iris_model: Path, tmp_path: Path
+) -> None:
+    guarded, steady = deploy_guarded(client, iris_model, tmp_path)
+    started = datetime.now(UTC)
+    hang = {"features": [777.0, 3.0, 1.4, 0.2]}
+    with ThreadPoolExecutor(1) as pool:
+        # The stack's engine runs with the default timeout, 30 s: the other pipeline answers meanwhile.
+        hung = pool.submit(guarded.infer, [hang], 120)
+        others = make_records(20, seed=8)
+        answered = steady.infer(others, timeout=60)
+        assert [int(v) for v in answered["out.label"]] == direct_labels(iris_model, others)
+        first = hung.result()
+    assert first["error"].tolist() == [
+        "step 1 (model 'guard' v1) failed: python step 'guard' timed out after 30 s; its process was killed"
+    ]
+    later = make_records(20, seed=6)
+    results = guarded.infer(later, timeout=60)
+    assert [int(v) for v in results["out.label"]] == direct_labels(iris_model, later)
+    wait_until(lambda: guarded.log_count(start=started) == 1 + len(later), 60, "every inference logged")
+    assert guarded.log_count(start=started, valid=False) == 1
     guarded.undeploy()
     steady.undeploy()
 
