@@ -202,7 +202,7 @@ from joey_engine.runtime import PythonRuntime
 from joey_engine.settings import EngineSettings
 
 step = Step("prep", 1, "0" * 64, "python", (Tensor("x", "float64", (-1,)),), (Tensor("y", "float64", (-1,)),))
-runtime = PythonRuntime(EngineSettings(instance_id="unit", python_step_timeout_s=3600))
+runtime = PythonRuntime(EngineSettings(instance_id="unit", python_step_timeout_s=120))
 runtime.load(Path(sys.argv[1]), step)
 print(runtime._sandbox.process.pid, flush=True)
 if sys.argv[2] == "busy":
@@ -222,7 +222,9 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("state", ["idle", "busy"])
-def test_sandbox_exits_when_its_replica_dies(write_step: Callable[..., Path], state: str) -> None:
+def test_sandbox_exits_when_its_replica_dies(
+    write_step: Callable[..., Path], tmp_path: Path, state: str
+) -> None:
     replica = subprocess.Popen(
         [sys.executable, "-c", ORPHAN, str(write_step()), state], stdout=subprocess.PIPE, text=True
     )
@@ -230,6 +232,8 @@ def test_sandbox_exits_when_its_replica_dies(write_step: Callable[..., Path], st
         assert replica.stdout is not None
         sandbox_pid = int(replica.stdout.readline())
         assert alive(sandbox_pid)
+        if state == "busy":
+            wait_until(lambda: calls(tmp_path) == [(sandbox_pid, 1)], 10, "user code running")
     finally:
         replica.kill()
         replica.wait()
