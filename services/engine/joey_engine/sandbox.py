@@ -18,6 +18,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -168,6 +169,8 @@ def main(argv: Sequence[str]) -> None:
     requests = Connection(int(requests_fd), writable=False)
     replies = Connection(int(replies_fd), readable=False)
     _watch_parent(os.getppid())
+    # Ctrl-C reaches the whole process group: the replica decides when its sandbox stops (EOF).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.dont_write_bytecode = True  # never write next to the artifact cache
     outputs = [(o["name"], o["dtype"], tuple(o["shape"])) for o in json.loads(outputs_json)]
     try:
