@@ -240,7 +240,10 @@ class PythonRuntime(ModelRuntime):
         return self._outputs
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        request = sandbox.encode_arrays(inputs)
+        # onnxruntime gives strings as object arrays, which travel only pickled: send them as str.
+        request = sandbox.encode_arrays(
+            {name: array.astype(str) if array.dtype.kind == "O" else array for name, array in inputs.items()}
+        )
         with self._lock:
             reply = self._started().exchange(request, self._timeout)
             if isinstance(reply, str):
