@@ -152,13 +152,8 @@ def test_python_steps_chain_around_an_onnx_model(stub: Stub, workspace: str, iri
     ]
 
     # A python step that does not produce what the next step needs is refused like any model.
-    upload_python(
-        stub,
-        workspace,
-        "prep-int",
-        PREP,
-        outputs=[pb.TensorSpec(name="features", dtype="string", shape=[-1, 4])],
-    )
+    as_text = [pb.TensorSpec(name="features", dtype="string", shape=[-1, 4])]
+    upload_python(stub, workspace, "prep-text", PREP, outputs=as_text)
     error = rpc_error(lambda: create(stub, workspace, "prep-text", "iris"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "step 2 (iris v1) needs input 'features' (float32)" in error.details()
