@@ -110,11 +110,34 @@ def model() -> None:
 @model.command("upload")
 @click.argument("name")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--framework", default="onnx", show_default=True)
+@click.option("--framework", default="onnx", show_default=True, help="onnx, or python for a python step")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME:DTYPE:SHAPE",
+    help="A declared input of a python step, e.g. features:float32:-1,4 (repeatable).",
+)
+@click.option(
+    "--output",
+    "outputs",
+    multiple=True,
+    metavar="NAME:DTYPE:SHAPE",
+    help="A declared output of a python step (repeatable).",
+)
 @click.pass_obj
-def model_upload(obj: Context, name: str, path: Path, framework: str) -> None:
+def model_upload(
+    obj: Context, name: str, path: Path, framework: str, inputs: tuple[str, ...], outputs: tuple[str, ...]
+) -> None:
     """Upload PATH as a new version of model NAME."""
     from joey.sdk import JoeyError
+    from joey.signatures import parse_option
+
+    try:
+        input_schema = dict(parse_option(text) for text in inputs) or None
+        output_schema = dict(parse_option(text) for text in outputs) or None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
     with click.progressbar(
         length=path.stat().st_size, label=f"uploading {path.name}", file=sys.stderr
@@ -126,7 +149,14 @@ def model_upload(obj: Context, name: str, path: Path, framework: str) -> None:
             sent[0] = done
 
         try:
-            mv = obj.client.upload_model(name, path, framework, progress=progress)
+            mv = obj.client.upload_model(
+                name,
+                path,
+                framework,
+                progress=progress,
+                input_schema=input_schema,
+                output_schema=output_schema,
+            )
         except JoeyError as exc:
             _fail(exc)
     click.echo(f"{mv.name} version {mv.version} sha256 {mv.sha256}")

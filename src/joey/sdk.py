@@ -31,6 +31,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from joey.log_export import LogExport, flatten, flatten_shadow, log_entry_row
 from joey.settings import CommonSettings
+from joey.signatures import Schema, tensor_specs
 from joey.streaming import PipelineStream, Progress, Reply
 from joey.topics import PipelineTopics
 from joey.v1 import registry_pb2 as pb
@@ -354,15 +355,26 @@ class Client:
         path: str | Path,
         framework: str = "onnx",
         progress: Callable[[int, int], None] | None = None,
+        input_schema: Schema | None = None,
+        output_schema: Schema | None = None,
     ) -> ModelVersion:
-        """Upload a model file as a new version of ``name``; it is validated by loading it."""
+        """Upload a model file as a new version of ``name``; it is validated by loading it.
+
+        A python step (``framework="python"``, a ``.py`` file defining ``process_data``) needs its
+        ``input_schema`` and ``output_schema``: a ``pyarrow.Schema`` or see :mod:`joey.signatures`.
+        """
         path = Path(path)
         total = path.stat().st_size
+        header = pb.UploadModelHeader(
+            workspace=self.workspace,
+            name=name,
+            framework=framework,
+            inputs=tensor_specs(input_schema) if input_schema is not None else [],
+            outputs=tensor_specs(output_schema) if output_schema is not None else [],
+        )
 
         def chunks() -> Iterator[pb.UploadModelRequest]:
-            yield pb.UploadModelRequest(
-                header=pb.UploadModelHeader(workspace=self.workspace, name=name, framework=framework)
-            )
+            yield pb.UploadModelRequest(header=header)
             sent = 0
             with path.open("rb") as f:
                 while block := f.read(UPLOAD_CHUNK_BYTES):

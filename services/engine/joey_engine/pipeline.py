@@ -26,7 +26,7 @@ from joey.records import RecordError, decode_input, dumps_text
 from joey_engine import metrics
 from joey_engine.checks import Checks
 from joey_engine.deployment import Deployment, Split, Step, Tensor, Validations
-from joey_engine.runtime import ModelRuntime
+from joey_engine.runtime import ModelRuntime, RuntimeAborted
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ Result = Success | Failure
 
 class StepError(Exception):
     """A model step failed on a batch; the message names the step."""
+
+
+class StepAborted(StepError):
+    """A model step's runtime gave up on the whole batch (a python step crashed or hung): its records
+    all fail, without the one-by-one retry that could cost a timeout per record."""
 
 
 @dataclass(frozen=True)
@@ -548,6 +553,8 @@ class PipelineRunner:
                 names = [i.tensor.name for i in self._record_inputs]
                 feeds = {name: np.stack([a[name] for a in arrays]) for name in names}
             ran = self._infer(feeds, rows, choices)
+        except StepAborted as exc:
+            return [Failure(str(exc), row) for row in rows]
         except (StepError, ValueError) as exc:
             # Dynamic dimensions of different sizes cannot be stacked, and one odd record can make a model
             # fail the whole batch: run the records one by one so only the culprit fails.
@@ -691,6 +698,8 @@ class PipelineRunner:
     ) -> dict[str, np.ndarray]:
         try:
             produced = self._predict(runtime, feeds, n)
+        except RuntimeAborted as exc:
+            raise StepAborted(f"{what} failed: {exc}") from exc
         except Exception as exc:
             raise StepError(f"{what} failed: {exc}") from exc
         for name, output in produced.items():

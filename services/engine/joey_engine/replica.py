@@ -51,7 +51,7 @@ def load_runner(
     runtimes = []
     for step, path in zip(deployment.artifact_steps, artifacts, strict=True):
         runtime = create_runtime(step.framework, settings)
-        runtime.load(path)
+        runtime.load(path, step)
         runtimes.append(runtime)
     return PipelineRunner(deployment, runtimes)
 

@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from joey_engine.deployment import Tensor
+from joey_engine import sandbox
+from joey_engine.deployment import Step, Tensor
 from joey_engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+class RuntimeAborted(RuntimeError):
+    """The runtime gave up on a whole call (its process crashed or hung): every record of the call
+    fails with this reason. Running them again one by one could cost as much again for each."""
 
 
 class ModelRuntime(ABC):
     """One loaded model. ``predict`` may be called from several threads at once."""
 
     @abstractmethod
-    def load(self, path: Path) -> None:
-        """Load the artifact at ``path``; raise if it is not a valid model for this runtime."""
+    def load(self, path: Path, step: Step | None = None) -> None:
+        """Load the artifact at ``path``; raise if it is not a valid model for this runtime. ``step`` is
+        the registered model: runtimes whose artifact carries no signature take it from there."""
 
     @property
     @abstractmethod
@@ -32,6 +50,10 @@ class ModelRuntime(ABC):
     @abstractmethod
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on a batch; every array's first dimension is the batch."""
+
+    def close(self) -> None:
+        """Release what ``load`` holds beyond memory (processes); nothing by default."""
+        return None
 
 
 RuntimeFactory = Callable[[EngineSettings], ModelRuntime]
@@ -92,7 +114,7 @@ class OnnxRuntime(ModelRuntime):
         self._inputs: tuple[Tensor, ...] = ()
         self._outputs: tuple[Tensor, ...] = ()
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, step: Step | None = None) -> None:
         session = ort.InferenceSession(str(path), self._options, providers=["CPUExecutionProvider"])
         self._inputs = tuple(_onnx_tensor(arg) for arg in session.get_inputs())
         self._outputs = tuple(_onnx_tensor(arg) for arg in session.get_outputs())
@@ -111,3 +133,153 @@ class OnnxRuntime(ModelRuntime):
             raise RuntimeError("model not loaded")
         names = [t.name for t in self._outputs]
         return dict(zip(names, self._session.run(names, inputs), strict=True))
+
+
+class _Sandbox:
+    """One running sandbox process and its pipes (see :mod:`joey_engine.sandbox`)."""
+
+    def __init__(self, path: Path, outputs: tuple[Tensor, ...]) -> None:
+        requests_read, requests_write = os.pipe()
+        replies_read, replies_write = os.pipe()
+        declared = json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in outputs])
+        # User code needs none of the engine's settings, credentials among them.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("JOEY_")}
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-P", "-m", "joey_engine.sandbox"]
+                + [str(requests_read), str(replies_write), str(path), declared],
+                pass_fds=(requests_read, replies_write),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except BaseException:
+            os.close(requests_write)
+            os.close(replies_read)
+            raise
+        finally:
+            os.close(requests_read)
+            os.close(replies_write)
+        self.requests = Connection(requests_write, readable=False)
+        self.replies = Connection(replies_read, writable=False)
+        # Also stops it when the replica exits without closing its runtimes.
+        self._finalizer = weakref.finalize(self, _stop, self.process, self.requests, self.replies)
+
+    def exchange(self, request: bytes | None, timeout: float) -> bytes | str:
+        """The reply to ``request`` (None: the ready message), or why there is none; on a timeout or
+        crash the process is gone afterwards."""
+        try:
+            if request is not None:
+                self.requests.send_bytes(request)
+            if not self.replies.poll(timeout):
+                self.process.kill()
+                self.stop()
+                return f"timed out after {timeout:g} s; its process was killed"
+            return self.replies.recv_bytes()
+        except (EOFError, OSError):
+            try:
+                code = self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                return "lost its process's pipe; the process was killed"
+            self.stop()
+            return f"process {_exit_text(code)}"
+
+    def stop(self) -> None:
+        self._finalizer()
+
+
+def _stop(process: subprocess.Popen[bytes], *pipes: Connection) -> None:
+    for pipe in pipes:
+        pipe.close()  # EOF on the request pipe asks an idle sandbox to exit
+    try:
+        process.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+@register_runtime("python")
+class PythonRuntime(ModelRuntime):
+    """A python step: the user's ``process_data`` run in a sandbox process of its own, restarted when it
+    crashes or hangs, so that user code can never take the replica down."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self._timeout = settings.python_step_timeout_s
+        self._start_timeout = settings.python_step_start_timeout_s
+        self._lock = threading.Lock()  # one batch at a time per sandbox
+        self._sandbox: _Sandbox | None = None
+        self._path = Path()
+        self._name = ""
+        self._inputs: tuple[Tensor, ...] = ()
+        self._outputs: tuple[Tensor, ...] = ()
+
+    def load(self, path: Path, step: Step | None = None) -> None:
+        if step is None or not step.inputs or not step.outputs:
+            raise ValueError("a python step needs its declared inputs and outputs")
+        self._path, self._name = path, step.model
+        self._inputs = tuple(_declared(t) for t in step.inputs)
+        self._outputs = tuple(_declared(t) for t in step.outputs)
+        with self._lock:
+            self._started()
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[Tensor, ...]:
+        return self._outputs
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # onnxruntime gives strings as object arrays, which travel only pickled: send them as str.
+        request = sandbox.encode_arrays(
+            {name: array.astype(str) if array.dtype.kind == "O" else array for name, array in inputs.items()}
+        )
+        with self._lock:
+            reply = self._started().exchange(request, self._timeout)
+            if isinstance(reply, str):
+                self._sandbox = None  # the next call starts a fresh one
+                log.warning("python step %r %s; restarting it", self._name, reply)
+                raise RuntimeAborted(f"python step {self._name!r} {reply}")
+        if reply[:1] == sandbox.ERROR:
+            raise RuntimeError(reply[1:].decode(errors="replace"))
+        outputs = sandbox.decode_arrays(reply[1:])
+        for t in self._outputs:
+            # The sandbox conforms outputs to the declared ones; a reply that does not is not trusted.
+            array, expected = outputs.get(t.name), np.dtype(t.dtype)
+            if array is None or (array.dtype != expected and not array.dtype.kind == expected.kind == "U"):
+                raise RuntimeAborted(f"python step {self._name!r} sent a reply that breaks the protocol")
+        return outputs
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sandbox is not None:
+                self._sandbox.stop()
+                self._sandbox = None
+
+    def _started(self) -> _Sandbox:
+        """The running sandbox, started if there is none (under the lock)."""
+        if self._sandbox is not None:
+            return self._sandbox
+        started = _Sandbox(self._path, self._outputs)
+        reply = started.exchange(None, self._start_timeout)
+        if reply != sandbox.READY:
+            started.stop()
+            why = reply if isinstance(reply, str) else reply[1:].decode(errors="replace")
+            raise RuntimeAborted(f"python step {self._name!r} did not start: {why}")
+        self._sandbox = started
+        return started
+
+
+def _declared(tensor: Tensor) -> Tensor:
+    # The registry names strings "string"; the engine's runtimes speak numpy ("str").
+    return Tensor(tensor.name, "str" if tensor.dtype == "string" else tensor.dtype, tensor.shape)

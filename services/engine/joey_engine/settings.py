@@ -47,3 +47,11 @@ class EngineSettings(CommonSettings):
 
     load_retry_max_s: float = Field(default=30.0, gt=0)
     """Longest wait between attempts to fetch and load a deployment that failed to load."""
+
+    python_step_timeout_s: float = Field(default=30.0, gt=0, le=120)
+    """Longest a python step may take over one batch; past it its process is killed and restarted, and
+    the batch's records fail. Capped well under Kafka's max.poll.interval (5 min): a replica that polls
+    no more for that long leaves its consumer group."""
+
+    python_step_start_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest a python step's process may take to start and import the user's file."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from google.protobuf import json_format
@@ -59,7 +60,17 @@ def model(m: domain.Model) -> pb.Model:
 
 
 def upload_header(header: pb.UploadModelHeader) -> domain.UploadHeader:
-    return domain.UploadHeader(workspace=header.workspace, name=header.name, framework=header.framework)
+    return domain.UploadHeader(
+        workspace=header.workspace,
+        name=header.name,
+        framework=header.framework,
+        inputs=_declared(header.inputs),
+        outputs=_declared(header.outputs),
+    )
+
+
+def _declared(specs: Iterable[pb.TensorSpec]) -> tuple[domain.TensorSpec, ...]:
+    return tuple(domain.TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in specs)
 
 
 def step_requests(steps: list[pb.PipelineStep]) -> list[domain.StepRequest]:

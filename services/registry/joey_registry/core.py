@@ -52,7 +52,7 @@ from joey_registry.settings import RegistrySettings
 from joey_registry.status import compute_status
 from joey_registry.steps import check_steps, key_split, map_inputs
 from joey_registry.store import PipelineLock, Store, WorkspaceRef
-from joey_registry.validation import validator_for
+from joey_registry.validation import Signature, validator_for
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Registry:
         with self._staged(chunks) as (path, sha256, size):
             if size == 0:
                 raise InvalidArgument(f"empty upload for model {name!r}: no artifact bytes were received")
-            signature = validator.inspect(path)
+            signature = validator.inspect(path, Signature(header.inputs, header.outputs))
             stored_new = False
 
             def store_artifact() -> None:

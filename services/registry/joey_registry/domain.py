@@ -60,6 +60,9 @@ class UploadHeader:
     workspace: str
     name: str
     framework: str
+    inputs: tuple[TensorSpec, ...] = ()
+    """The declared signature, for frameworks whose artifact carries none (python)."""
+    outputs: tuple[TensorSpec, ...] = ()
 
 
 InputMapping = tuple[tuple[str, str], ...]
