@@ -1,6 +1,6 @@
 """Python steps in the engine: user code runs in a sandbox process that the runtime restarts after a
 crash or a timeout; user errors and broken return values name the problem; the pipeline runner fails a
-crashed or hung batch as a whole, and only the culprits of a user exception."""
+hung batch as a whole, and only the culprits of a crash or a user exception."""
 
 from __future__ import annotations
 
@@ -323,13 +323,16 @@ def test_hang_fails_the_batch_once_without_retrying_each_record(
     assert [r.outputs for r in later if isinstance(r, Success)] == [{"y": 10.0}, {"y": 12.0}]
 
 
-def test_crash_fails_the_batch_and_later_batches_are_answered(
+def test_crash_fails_only_the_record_that_crashes_it_and_later_batches_are_answered(
     python_pipeline: Callable[[list[object]], list[object]], tmp_path: Path
 ) -> None:
-    results = python_pipeline([{"x": 99}, {"x": 2}])
+    results = python_pipeline([{"x": 1}, {"x": 99}, {"x": 3}, {"x": 4}])
     assert [r.reason for r in results if isinstance(r, Failure)] == [
         "step 1 (model 'prep' v1) failed: python step 'prep' process exited with code 7"
-    ] * 2
+    ]
+    assert [r.inputs for r in results if isinstance(r, Failure)] == [{"x": 99}]
+    assert [r.outputs for r in results if isinstance(r, Success)] == [{"y": 2.0}, {"y": 6.0}, {"y": 8.0}]
+    # Halves until the culprit is alone: the batch, its first half, each of that half's records, the rest.
+    assert [n for _, n in calls(tmp_path)] == [4, 2, 1, 1, 2]
     later = python_pipeline([{"x": 5}])
     assert [r.outputs for r in later if isinstance(r, Success)] == [{"y": 10.0}]
-    assert [n for _, n in calls(tmp_path)] == [2, 1]

@@ -80,8 +80,13 @@ class StepError(Exception):
 
 
 class StepAborted(StepError):
-    """A model step's runtime gave up on the whole batch (a python step crashed or hung): its records
-    all fail, without the one-by-one retry that could cost a timeout per record."""
+    """A model step's runtime gave up on the whole batch (a python step crashed or hung). A hung batch
+    fails whole, without the one-by-one retry that could cost a timeout per record; a crashed one
+    (``crashed``) is split in halves until the records that crash it fail alone."""
+
+    def __init__(self, message: str, crashed: bool) -> None:
+        super().__init__(message)
+        self.crashed = crashed
 
 
 @dataclass(frozen=True)
@@ -370,6 +375,13 @@ def _by_record(shadowed: list[_Shadowed], n: int) -> list[tuple[dict[str, dict[s
     return per_record
 
 
+def _part(batch: Any, start: int, stop: int | None) -> Any:
+    """Records ``start:stop`` of a batch: a list of per-record arrays or a dict of columns (or None)."""
+    if isinstance(batch, dict):
+        return {name: column[start:stop] for name, column in batch.items()}
+    return None if batch is None else batch[start:stop]
+
+
 def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
     target = np.dtype(dtype)
     if target.kind == "U":
@@ -554,7 +566,15 @@ class PipelineRunner:
                 feeds = {name: np.stack([a[name] for a in arrays]) for name in names}
             ran = self._infer(feeds, rows, choices)
         except StepAborted as exc:
-            return [Failure(str(exc), row) for row in rows]
+            if not exc.crashed or len(rows) == 1:
+                return [Failure(str(exc), row) for row in rows]
+            # A restart costs a fraction of a second: bisecting finds the culprits in about log2(n) of them.
+            half = len(rows) // 2
+            log.warning("batch of %d records crashed a step (%s); retrying it in halves", len(rows), exc)
+            return [
+                *self._run_valid(rows[:half], _part(arrays, 0, half), _part(feeds, 0, half)),
+                *self._run_valid(rows[half:], _part(arrays, half, None), _part(feeds, half, None)),
+            ]
         except (StepError, ValueError) as exc:
             # Dynamic dimensions of different sizes cannot be stacked, and one odd record can make a model
             # fail the whole batch: run the records one by one so only the culprit fails.
@@ -699,7 +719,7 @@ class PipelineRunner:
         try:
             produced = self._predict(runtime, feeds, n)
         except RuntimeAborted as exc:
-            raise StepAborted(f"{what} failed: {exc}") from exc
+            raise StepAborted(f"{what} failed: {exc}", exc.crashed) from exc
         except Exception as exc:
             raise StepError(f"{what} failed: {exc}") from exc
         for name, output in produced.items():

@@ -12,6 +12,7 @@ import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -27,7 +28,22 @@ log = logging.getLogger(__name__)
 
 class RuntimeAborted(RuntimeError):
     """The runtime gave up on a whole call (its process crashed or hung): every record of the call
-    fails with this reason. Running them again one by one could cost as much again for each."""
+    fails with this reason. Running them again one by one could cost as much again for each.
+
+    ``crashed``: the process died at once rather than hanging, so running parts of the call again is
+    cheap, and finds the records that crash it."""
+
+    def __init__(self, message: str, crashed: bool = False) -> None:
+        super().__init__(message)
+        self.crashed = crashed
+
+
+@dataclass(frozen=True)
+class _Lost:
+    """Why a sandbox call has no reply; ``crashed`` when its process died rather than timed out."""
+
+    reason: str
+    crashed: bool = False
 
 
 class ModelRuntime(ABC):
@@ -164,7 +180,7 @@ class _Sandbox:
         # Also stops it when the replica exits without closing its runtimes.
         self._finalizer = weakref.finalize(self, _stop, self.process, self.requests, self.replies)
 
-    def exchange(self, request: bytes | None, timeout: float) -> bytes | str:
+    def exchange(self, request: bytes | None, timeout: float) -> bytes | _Lost:
         """The reply to ``request`` (None: the ready message), or why there is none; on a timeout or
         crash the process is gone afterwards."""
         try:
@@ -173,16 +189,16 @@ class _Sandbox:
             if not self.replies.poll(timeout):
                 self.process.kill()
                 self.stop()
-                return f"timed out after {timeout:g} s; its process was killed"
+                return _Lost(f"timed out after {timeout:g} s; its process was killed")
             return self.replies.recv_bytes()
         except (EOFError, OSError):
             try:
                 code = self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.stop()
-                return "lost its process's pipe; the process was killed"
+                return _Lost("lost its process's pipe; the process was killed")
             self.stop()
-            return f"process {_exit_text(code)}"
+            return _Lost(f"process {_exit_text(code)}", crashed=True)
 
     def stop(self) -> None:
         self._finalizer()
@@ -246,10 +262,10 @@ class PythonRuntime(ModelRuntime):
         )
         with self._lock:
             reply = self._started().exchange(request, self._timeout)
-            if isinstance(reply, str):
+            if isinstance(reply, _Lost):
                 self._sandbox = None  # the next call starts a fresh one
-                log.warning("python step %r %s; restarting it", self._name, reply)
-                raise RuntimeAborted(f"python step {self._name!r} {reply}")
+                log.warning("python step %r %s; restarting it", self._name, reply.reason)
+                raise RuntimeAborted(f"python step {self._name!r} {reply.reason}", reply.crashed)
         if reply[:1] == sandbox.ERROR:
             raise RuntimeError(reply[1:].decode(errors="replace"))
         outputs = sandbox.decode_arrays(reply[1:])
@@ -274,7 +290,7 @@ class PythonRuntime(ModelRuntime):
         reply = started.exchange(None, self._start_timeout)
         if reply != sandbox.READY:
             started.stop()
-            why = reply if isinstance(reply, str) else reply[1:].decode(errors="replace")
+            why = reply.reason if isinstance(reply, _Lost) else reply[1:].decode(errors="replace")
             raise RuntimeAborted(f"python step {self._name!r} did not start: {why}")
         self._sandbox = started
         return started
