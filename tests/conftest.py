@@ -106,6 +106,8 @@ def env(
         "JOEY_CACHE_DIR": str(data / "cache"),
         "JOEY_PIPELINE_PARTITIONS": "4",
         "JOEY_LOGS_PARTITIONS": "4",
+        # A hung python step costs a test this long; the tests' steps take milliseconds.
+        "JOEY_PYTHON_STEP_TIMEOUT_S": "5",
     }
 
 
