@@ -27,6 +27,12 @@ import grpc
 import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from joey.assays_sdk import Assay as Assay
+from joey.assays_sdk import AssayBuilder as AssayBuilder
+from joey.assays_sdk import AssayClientMixin
+from joey.assays_sdk import AssayResult as AssayResult
+from joey.assays_sdk import AssayResults as AssayResults
+from joey.assays_sdk import AssaySummary as AssaySummary
 from joey.log_export import LogExport, flatten, flatten_shadow, log_entry_row
 from joey.settings import CommonSettings
 from joey.streaming import PipelineStream, Progress, Reply
@@ -263,7 +269,7 @@ class DeploymentStatus:
         )
 
 
-class Client:
+class Client(AssayClientMixin):
     """Connection to a Joey registry, working in one workspace at a time."""
 
     def __init__(
