@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-SERVICES = ("registry", "engine", "logger")
+SERVICES = ("registry", "engine", "logger", "assayer")
 
 
 class Context:
@@ -54,7 +54,7 @@ def serve(service: str) -> None:
 @main.command()
 @click.option("--detach", "-d", is_flag=True, help="Run in the background; `joey down` stops it.")
 def up(detach: bool) -> None:
-    """Start broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine and logger."""
+    """Start broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine, logger and assayer."""
     from joey.lifecycle import configure_logging
     from joey.stack import StackError, StackSettings, run_foreground, start_detached
 

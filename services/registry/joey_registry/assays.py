@@ -100,7 +100,7 @@ class AssayStore:
                 "SELECT r.window_start, r.window_end, r.score, r.scores, r.bin_index, r.status, r.summaries "
                 "FROM assay_results r "
                 "JOIN assays a ON a.id = r.assay_id WHERE a.workspace_id = %s AND a.name = %s "
-                "AND (%s::timestamptz IS NULL OR r.window_start >= %s) "
+                "AND r.status <> 'NoData' AND (%s::timestamptz IS NULL OR r.window_start >= %s) "
                 "AND (%s::timestamptz IS NULL OR r.window_start < %s) ORDER BY r.window_start",
                 (ws.id, definition.name, start, start, end, end),
             ).fetchall()
