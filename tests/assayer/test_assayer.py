@@ -145,3 +145,41 @@ def test_live_results_survive_kill9_and_equal_interactive_ones(
     alerting = {f"{prefix}{r.window_start.isoformat()}" for r in live if r.status in ("Warning", "Alert")}
     assert alerting, "the drift grows past the warning threshold"
     assert read_keys(settings, topics.ASSAY_ALERTS, prefix, lambda k: k >= alerting) == alerting
+
+
+def test_event_time_closes_a_window_before_the_wall_clock(
+    client: Client,
+    settings: CommonSettings,
+    database_url: str,
+    env: dict[str, str],
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    """With 5 minutes of allowed lateness, a record 5 minutes past the window's end closes it at once."""
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=100)
+    end = start + timedelta(seconds=10)
+    window = [1.0, 2.0, 2.5, 3.0, 4.0, 8.0]
+    inputs = [json.dumps({"features": [5.0, 3.0, v, 1.0]}) for v in window]
+    assayer = service_factory("assayer", JOEY_TICK_S="0.2", JOEY_ALLOWED_LATENESS_S="300")
+    wait_service_ready(env, "assayer")
+    client.build_assay(
+        "watermark", "live", "input features 2", baseline_data=[1.0, 2.0, 3.0, 4.0, 5.0]
+    ).add_width(seconds=10).add_start(start).upload()
+    producer = LogProducer(settings)
+    producer.records(
+        log_record("live", i, workspace=client.workspace, time=start + timedelta(seconds=i), inputs=text)
+        for i, text in enumerate(inputs)
+    )
+    # Event time moves past end + lateness long before the wall clock does (in about 3.5 minutes).
+    producer.records(
+        [
+            log_record(
+                "live", 99, workspace=client.workspace, time=end + timedelta(seconds=301), inputs=inputs[0]
+            )
+        ]
+    )
+    wait_until(lambda: results_in_db(database_url, client.workspace), 60, "the window closed by event time")
+    assert datetime.now(UTC) < end + timedelta(seconds=300)
+    (result,) = client.get_assay_results("watermark")
+    assert (result.window_start, result.window_end) == (start, end)
+    assert result.score == assays.score([1.0, 2.0, 3.0, 4.0, 5.0], window).score
+    assayer.stop()
