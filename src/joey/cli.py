@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from joey.assays_cli import assay
+
 SERVICES = ("registry", "engine", "logger", "assayer")
 
 
@@ -571,6 +573,8 @@ def _wide_pandas() -> Any:
 
     return pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 60)
 
+
+main.add_command(assay)
 
 if __name__ == "__main__":
     main()

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from joey import assays
+from joey.cli import main
 from joey.sdk import Client, JoeyError
 from joey.settings import CommonSettings
 from tests.conftest import Stack, wait_until
@@ -117,3 +119,51 @@ def test_bad_definition_is_refused_with_the_reason(client: Client, iris_model: P
     with pytest.raises(ValueError, match="whole seconds"):
         builder.add_width(seconds=0.5)
     assert client.list_assays() == []
+
+
+def test_cli_assay_commands(
+    client: Client, iris_model: Path, settings: CommonSettings, tmp_path: Path
+) -> None:
+    client.upload_model("iris", iris_model)
+    pipeline = client.build_pipeline("cli-p").add_model_step("iris")
+    pipeline.deploy(replicas=1, timeout=90)
+    before = datetime.now(UTC)
+    pipeline.infer(records(np.linspace(1.0, 6.0, 40)))
+    wait_until(lambda: pipeline.log_count() == 40, 60, "40 inferences logged")
+    wait_until(lambda: datetime.now(UTC) >= before + timedelta(seconds=3), 5, "the window end")
+    pipeline.undeploy()
+    runner = CliRunner()
+    base = ["--registry", settings.registry_addr, "-w", client.workspace, "assay"]
+    definition = [
+        "-p",
+        "cli-p",
+        "--iopath",
+        "input features 2",
+        "--width",
+        "2",
+        "--start",
+        before.isoformat(),
+    ]
+    baseline = tmp_path / "baseline.txt"
+    baseline.write_text("\n".join(str(v) for v in np.linspace(1.0, 6.0, 40)))
+    definition += ["--baseline-file", str(baseline), "--metric", "sumdiff"]
+
+    def run(*args: str, ok: bool = True) -> str:
+        result = runner.invoke(main, [*base, *args])
+        assert (result.exit_code == 0) == ok, result.output
+        return result.output
+
+    preview = run("preview", "a", *definition, "--chart", str(tmp_path / "b.png"))
+    assert "count 40" in preview and "left_outlier" in preview
+    assert (tmp_path / "b.png").read_bytes().startswith(PNG)
+    ran = run("run", "a", *definition, "--chart", str(tmp_path / "s.png"))
+    assert "sumdiff" in ran and (tmp_path / "s.png").read_bytes().startswith(PNG)
+    assert "a\tcli-p\tinput features 2\tactive" in run("create", "a", *definition)
+    assert "a\tcli-p" in run("list")
+    assert "paused" in run("pause", "a") and "paused" in run("get", "a")
+    assert "active" in run("resume", "a")
+    assert "no results" in run("results", "a", "--start", "2020-01-01T00:00:00+00:00")
+    bad = run("create", "b", *definition[:3], "input nothing 0", *definition[4:], ok=False)
+    assert "no input field 'nothing'" in bad
+    assert "deleted assay a" in run("delete", "a")
+    assert "no assays" in run("list")
