@@ -181,6 +181,7 @@ def test_create_list_pause_delete(stub: Stub, workspace: str, logged: dict[str, 
         ({"summarizer": pb.AssaySummarizer(bin_weights=[1, 1, 1])}, "expected 7, got 3"),
         ({"summarizer": pb.AssaySummarizer(metric="kl")}, "unknown metric 'kl'"),
         ({"name": "Bad Name"}, "invalid assay name"),
+        ({"model": "nope"}, "model 'nope' is not a step"),
     ],
 )
 def test_bad_definitions_store_nothing(
@@ -206,3 +207,17 @@ def test_output_field_and_unknown_workspace(
     assert not math.isnan(result.score)
     missing = rpc_error(lambda: stub.ListAssays(pb.ListAssaysRequest(workspace="no-such-ws")))
     assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_model_filter(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], db: psycopg.Connection
+) -> None:
+    """Only rows of inferences the model took part in count; the rows of "p" start without models."""
+    db.execute(
+        "UPDATE inference_logs SET models = %s WHERE workspace = %s AND request_id LIKE 'baseline-%%' "
+        "AND input_offset %% 2 = 0",
+        (Jsonb([{"name": "iris", "version": 1, "sha256": "ab" * 32}]), workspace),
+    )
+    preview = stub.PreviewBaseline(pb.PreviewBaselineRequest(definition=definition(workspace, model="iris")))
+    assert preview.count == 200
+    assert preview.mean == assays.baseline_summary(logged["baseline"][::2]).mean

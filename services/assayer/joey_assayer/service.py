@@ -22,6 +22,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import redis
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
@@ -56,16 +57,21 @@ class Assayer:
         # Never subscribes: it only reads the loggers' committed offsets.
         logger_offsets = Consumer(consumer_config(s, s.logger_group))
         producer = Producer(producer_config(s))
-        consumer.subscribe([topics.LOGS])
+        consumer.subscribe([topics.LOGS], on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("assayer %s following %s (lateness %.0fs)", s.instance_id, topics.LOGS, s.allowed_lateness_s)
         try:
             while not stop.is_set():
                 self.observe(consumer.consume(1000, timeout=s.tick_s))
-                self.publish(producer)
-                if self.logger_caught_up(logger_offsets):
-                    self.close_windows(datetime.now(UTC))
+                try:
                     self.publish(producer)
-                    self.commit(consumer)
+                    if self.logger_caught_up(logger_offsets):
+                        self.close_windows(datetime.now(UTC))
+                        self.publish(producer)
+                        self.commit(consumer)
+                except psycopg.OperationalError as exc:
+                    # Nothing is lost while Postgres is away: windows stay due and are scored later.
+                    log.warning("database unavailable, scoring later: %s", exc)
+                    stop.wait(s.tick_s)
                 self._heartbeat()
         finally:
             self._retire()
@@ -106,7 +112,7 @@ class Assayer:
             return False
         behind = [tp.partition for tp in committed if tp.offset < self.positions[tp.partition]]
         if behind:
-            log.debug("waiting for the logger on partitions %s", behind)
+            log.info("waiting for the logger to store partitions %s", behind)
         return not behind
 
     def due(self, assay: LiveAssay, end: datetime, now: datetime) -> bool:
@@ -166,6 +172,15 @@ class Assayer:
         except KafkaException as exc:
             # Only the watermark is rebuilt from a replay; results never depend on these offsets.
             log.warning("offset commit failed: %s", exc)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+        # Another assayer reads these now; waiting for the logger on them would be waiting for nothing.
+        for tp in partitions:
+            self.positions.pop(tp.partition, None)
 
     def _heartbeat(self) -> None:
         now = time.monotonic()

@@ -66,7 +66,8 @@ class AssayerStore:
         return start, start + d.width
 
     def score_window(self, assay: LiveAssay, start: datetime, end: datetime) -> bool:
-        """Score ``[start, end)`` from the stored logs and store it; False if it was stored already.
+        """Score ``[start, end)`` from the stored logs and store it; False if it was stored already
+        (or the assay was deleted meanwhile).
 
         The unique (assay_id, window_start) key makes this idempotent: after a crash, or with a
         second assayer, the window keeps the one result stored first.
@@ -84,12 +85,17 @@ class AssayerStore:
                     "window": summary_to_json(result.window),
                 }
                 values = (s.score, Jsonb(list(s.scores)), s.bin_index, str(s.status), Jsonb(summaries), False)
-            row = conn.execute(
-                "INSERT INTO assay_results (assay_id, window_start, window_end, score, scores, bin_index, "
-                "status, summaries, published) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (assay_id, window_start) DO NOTHING RETURNING id",
-                (assay.id, start, end, *values),
-            ).fetchone()
+            try:
+                row = conn.execute(
+                    "INSERT INTO assay_results (assay_id, window_start, window_end, score, scores, "
+                    "bin_index, status, summaries, published) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (assay_id, window_start) DO NOTHING RETURNING id",
+                    (assay.id, start, end, *values),
+                ).fetchone()
+            except psycopg.errors.ForeignKeyViolation:
+                # Deleted while its window was being scored: there is nothing left to store it for.
+                conn.rollback()
+                return False
         return row is not None
 
     def unpublished(self, limit: int = 500) -> list[Unpublished]:

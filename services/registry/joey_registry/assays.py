@@ -155,6 +155,17 @@ def _record_fields(kind: str, pipeline: Pipeline) -> dict[str, TensorSpec] | Non
     return {spec.name: spec for spec in steps[-1].outputs}
 
 
+def _model_names(pipeline: Pipeline) -> set[str]:
+    names: set[str] = set()
+    for version in pipeline.versions:
+        for step in version.steps:
+            if isinstance(step, ResolvedStep):
+                names.add(step.model)
+            elif isinstance(step, ShadowStep):
+                names.update(m.model for m in (step.champion, *step.challengers))
+    return names
+
+
 def check_iopath(iopath: IoPath, pipeline: Pipeline) -> None:
     fields = _record_fields(iopath.kind, pipeline)
     if fields is None:
@@ -275,6 +286,11 @@ class Assays:
         if pipeline is None:
             raise InvalidArgument(f"pipeline {d.pipeline!r} not found in workspace {ws.name!r}")
         check_iopath(d.iopath, pipeline)
+        if d.model and d.model not in _model_names(pipeline):
+            raise InvalidArgument(
+                f"model {d.model!r} is not a step of any version of pipeline {d.pipeline!r}; "
+                f"its models are {', '.join(sorted(_model_names(pipeline)))}"
+            )
         if d.width.total_seconds() <= 0:
             raise InvalidArgument(f"window width must be positive, got {d.width.total_seconds()} s")
         if d.interval is not None and d.interval.total_seconds() <= 0:
