@@ -6,6 +6,8 @@ Systems, on the same rows of a scratch database (one pipeline, ``inputs.features
   nothing else. What reading the rows costs, the floor of any scorer reading the log.
 * joey: ``joey.assay_runs.window_result``: the same read, then the window summary and the score
   against a baseline of 10,000 values (5 quantile bins, PSI).
+* joey-chunked: the same with the window binned chunk by chunk (what windows of more than
+  ``MAX_IN_MEMORY_VALUES`` values get), plus Postgres' median of the window.
 
 Each figure is the median of ``--repeats`` timed runs after one warm-up run.
 
@@ -97,6 +99,7 @@ def main() -> None:
             systems = {
                 "fetch-only": lambda: log_values(conn, definition, T0, end),
                 "joey": lambda: window_result(conn, definition, T0, end),
+                "joey-chunked": lambda: window_result(conn, definition, T0, end, max_in_memory=0),
             }
             results = {system: timed(run, args.repeats) for system, run in systems.items()}
     finally:

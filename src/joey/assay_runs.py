@@ -31,7 +31,9 @@ from joey.assays import (
     Metric,
     Scores,
     Summary,
+    aggregate,
     baseline_summary,
+    bin_counts,
     score_counts,
     summarize,
 )
@@ -40,6 +42,8 @@ DEFAULT_WIDTH = timedelta(hours=24)
 DEFAULT_ALERT_THRESHOLD = 0.25
 # Values fetched from Postgres per round trip when a window or baseline is read.
 FETCH_ROWS = 50_000
+# Larger windows are binned chunk by chunk (8 bytes a value: 80 MB).
+MAX_IN_MEMORY_VALUES = 10_000_000
 
 _IOPATH = re.compile(r"^\s*(input|output)\s+(\S+)(?:\s+(\d+))?\s*$")
 
@@ -315,20 +319,9 @@ def summary_from_json(data: dict[str, Any]) -> Summary:
 # --- reading values from the inference log ---
 
 
-def log_values(
-    conn: psycopg.Connection[Any],
-    definition: AssayDefinition,
-    start: datetime | None,
-    end: datetime | None,
-) -> npt.NDArray[np.float64]:
-    """The iopath's numbers in the pipeline's logs with ``start <= time < end``, oldest first.
-
-    Rows where the path is missing or not a number (failed inferences have no outputs) are
-    skipped. Read in chunks through a server-side cursor, so Postgres never builds the whole
-    result in the client's memory twice.
-    """
+def _values_query(definition: AssayDefinition) -> sql.Composed:
     value = definition.iopath.expression()
-    query = sql.SQL(
+    return sql.SQL(
         "SELECT ({value})::float8 FROM inference_logs "
         "WHERE workspace = %(workspace)s AND pipeline = %(pipeline)s "
         "AND (%(start)s::timestamptz IS NULL OR time >= %(start)s) "
@@ -337,19 +330,44 @@ def log_values(
         "AND (%(model)s = '' OR models @> jsonb_build_array(jsonb_build_object('name', %(model)s::text))) "
         "ORDER BY time, id"
     ).format(value=value)
-    params = {
+
+
+def _params(definition: AssayDefinition, start: datetime | None, end: datetime | None) -> dict[str, Any]:
+    return {
         "workspace": definition.workspace,
         "pipeline": definition.pipeline,
         "start": start,
         "end": end,
         "model": definition.model,
     }
-    chunks: list[npt.NDArray[np.float64]] = []
+
+
+def value_chunks(
+    conn: psycopg.Connection[Any],
+    definition: AssayDefinition,
+    start: datetime | None,
+    end: datetime | None,
+) -> Iterator[npt.NDArray[np.float64]]:
+    """The iopath's numbers in the pipeline's logs with ``start <= time < end``, oldest first, in
+    chunks of at most FETCH_ROWS read through a server-side cursor.
+
+    Rows where the path is missing or not a number (failed inferences have no outputs) are skipped.
+    """
     with conn.cursor(name="assay_values") as cursor:
         cursor.itersize = FETCH_ROWS
-        cursor.execute(query, params)
+        cursor.execute(_values_query(definition), _params(definition, start, end))
         while rows := cursor.fetchmany(FETCH_ROWS):
-            chunks.append(np.fromiter((_first(row) for row in rows), dtype=np.float64, count=len(rows)))
+            yield np.fromiter((_first(row) for row in rows), dtype=np.float64, count=len(rows))
+
+
+def log_values(
+    conn: psycopg.Connection[Any],
+    definition: AssayDefinition,
+    start: datetime | None,
+    end: datetime | None,
+) -> npt.NDArray[np.float64]:
+    """Every value of :func:`value_chunks` in one array."""
+    chunks = list(value_chunks(conn, definition, start, end))
     return np.concatenate(chunks) if chunks else np.empty(0, dtype=np.float64)
 
 
@@ -369,12 +387,92 @@ def first_log_time(conn: psycopg.Connection[Any], workspace: str, pipeline: str)
 
 
 def window_result(
-    conn: psycopg.Connection[Any], definition: AssayDefinition, start: datetime, end: datetime
+    conn: psycopg.Connection[Any],
+    definition: AssayDefinition,
+    start: datetime,
+    end: datetime,
+    max_in_memory: int = MAX_IN_MEMORY_VALUES,
 ) -> WindowResult | None:
-    """The score of the window ``[start, end)``, or None when it holds no value."""
-    assert definition.baseline is not None
-    values = log_values(conn, definition, start, end)
-    if values.size == 0:
+    """The score of the window ``[start, end)``, or None when it holds no value.
+
+    A window of up to ``max_in_memory`` values is summarised exactly as :func:`joey.assays.score`
+    does. A larger one is binned chunk by chunk, so memory stays bounded by the chunk size: its
+    bin counts, and so its scores and status, are still exact; mean and std are then summed chunk
+    by chunk and the median is Postgres' ``percentile_cont(0.5)``, equal to numpy's up to rounding
+    in the last digits.
+    """
+    baseline = definition.baseline
+    assert baseline is not None
+    aggregation = definition.summarizer.aggregation
+    held: list[npt.NDArray[np.float64]] = []
+    held_count = 0
+    streamed: _Moments | None = None
+    for chunk in value_chunks(conn, definition, start, end):
+        if streamed is None:
+            held.append(chunk)
+            held_count += chunk.size
+            if held_count <= max_in_memory:
+                continue
+            streamed = _Moments(baseline.bins.count)
+            for part in held:
+                streamed.add(part, baseline.bins)
+            held = []
+        else:
+            streamed.add(chunk, baseline.bins)
+    if streamed is not None:
+        window = streamed.summary(baseline.bins, aggregation, _median(conn, definition, start, end))
+    elif held_count:
+        window = summarize(np.concatenate(held), baseline.bins, aggregation=aggregation)
+    else:
         return None
-    window = summarize(values, definition.baseline.bins, aggregation=definition.summarizer.aggregation)
-    return WindowResult(start, end, definition.score(window), definition.baseline, window)
+    return WindowResult(start, end, definition.score(window), baseline, window)
+
+
+class _Moments:
+    """Counts and moments of a window added chunk by chunk (Chan et al.'s parallel variance)."""
+
+    def __init__(self, bins: int) -> None:
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, chunk: npt.NDArray[np.float64], bins: Bins) -> None:
+        self.counts += bin_counts(chunk, bins)
+        n = chunk.size
+        mean = float(chunk.mean())
+        m2 = float(((chunk - mean) ** 2).sum())
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.n = total
+        self.min = min(self.min, float(chunk.min()))
+        self.max = max(self.max, float(chunk.max()))
+
+    def summary(self, bins: Bins, aggregation: Aggregation, median: float) -> Summary:
+        return Summary(
+            count=self.n,
+            min=self.min,
+            max=self.max,
+            mean=self.mean,
+            median=median,
+            std=math.sqrt(self.m2 / self.n),
+            bins=bins,
+            bin_counts=tuple(self.counts.tolist()),
+            aggregation=aggregation,
+            aggregated_values=tuple(aggregate(self.counts, aggregation).tolist()),
+        )
+
+
+def _median(
+    conn: psycopg.Connection[Any], definition: AssayDefinition, start: datetime, end: datetime
+) -> float:
+    query = sql.SQL("SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v) FROM ({values}) AS w(v)").format(
+        values=_values_query(definition)
+    )
+    row = conn.execute(query, _params(definition, start, end)).fetchone()
+    assert row is not None
+    return float(row[0] if isinstance(row, tuple) else next(iter(row.values())))
