@@ -24,6 +24,7 @@ _DEFINITION_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--bins", "num_bins", type=int, default=5, show_default=True),
     click.option("--bin-mode", type=click.Choice(["quantile", "equal", "provided"]), default="quantile"),
     click.option("--edges", help="Comma-separated edges, with --bin-mode provided."),
+    click.option("--no-outlier-bins", is_flag=True, help="No bins for values outside the baseline's range."),
     click.option("--metric", type=click.Choice(["psi", "maxdiff", "sumdiff"]), default="psi"),
     click.option("--aggregation", type=click.Choice(["density", "cumulative"]), default="density"),
     click.option("--weights", help="Comma-separated bin weights, outlier bins included."),
@@ -75,7 +76,7 @@ def _builder(obj: Any, name: str, o: dict[str, Any]) -> Any:
     )
     builder.add_width(seconds=o["width"]).add_num_bins(o["num_bins"]).add_metric(o["metric"])
     builder.add_bin_mode(o["bin_mode"], _floats(o["edges"], "--edges")).add_aggregation(o["aggregation"])
-    builder.add_alert_threshold(o["alert"])
+    builder.add_alert_threshold(o["alert"]).add_outlier_bins(not o["no_outlier_bins"])
     if o["interval"] is not None:
         builder.add_interval(seconds=o["interval"])
     if o["start"]:

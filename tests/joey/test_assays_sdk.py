@@ -156,6 +156,7 @@ def test_cli_assay_commands(
     preview = run("preview", "a", *definition, "--chart", str(tmp_path / "b.png"))
     assert "count 40" in preview and "left_outlier" in preview
     assert (tmp_path / "b.png").read_bytes().startswith(PNG)
+    assert "left_outlier" not in run("preview", "a", *definition, "--no-outlier-bins")
     ran = run("run", "a", *definition, "--chart", str(tmp_path / "s.png"))
     assert "sumdiff" in ran and (tmp_path / "s.png").read_bytes().startswith(PNG)
     assert "a\tcli-p\tinput features 2\tactive" in run("create", "a", *definition)
