@@ -11,7 +11,9 @@ from typing import Any
 
 import click
 
-SERVICES = ("registry", "engine", "logger", "gateway")
+from joey.assays_cli import assay
+
+SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
 
 
 class Context:
@@ -54,7 +56,7 @@ def serve(service: str) -> None:
 @main.command()
 @click.option("--detach", "-d", is_flag=True, help="Run in the background; `joey down` stops it.")
 def up(detach: bool) -> None:
-    """Start broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine, logger and gateway."""
+    """Start broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine, logger, assayer and gateway."""
     from joey.lifecycle import configure_logging
     from joey.stack import StackError, StackSettings, run_foreground, start_detached
 
@@ -683,6 +685,8 @@ def _wide_pandas() -> Any:
 
     return pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 60)
 
+
+main.add_command(assay)
 
 if __name__ == "__main__":
     main()

@@ -65,6 +65,8 @@ def platform_topics(settings: CommonSettings) -> list[TopicSpec]:
         TopicSpec(topics.DEPLOYMENTS, 1, {"cleanup.policy": "compact"}),
         TopicSpec(topics.LOGS, settings.logs_partitions),
         TopicSpec(topics.LOGS_DEAD_LETTER, 1),
+        TopicSpec(topics.ASSAY_RESULTS, 1),
+        TopicSpec(topics.ASSAY_ALERTS, 1),
     ]
 
 

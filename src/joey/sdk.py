@@ -29,6 +29,12 @@ import pandas as pd
 import pyarrow as pa
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from joey.assays_sdk import Assay as Assay
+from joey.assays_sdk import AssayBuilder as AssayBuilder
+from joey.assays_sdk import AssayClientMixin
+from joey.assays_sdk import AssayResult as AssayResult
+from joey.assays_sdk import AssayResults as AssayResults
+from joey.assays_sdk import AssaySummary as AssaySummary
 from joey.log_export import LogExport, flatten, flatten_shadow, log_entry_row
 from joey.settings import CommonSettings
 from joey.signatures import Schema, tensor_specs
@@ -303,7 +309,7 @@ class DeploymentStatus:
         )
 
 
-class Client:
+class Client(AssayClientMixin):
     """Connection to a Joey registry, working in one workspace at a time."""
 
     def __init__(

@@ -32,7 +32,7 @@ from joey.v1 import registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("registry", "engine", "logger", "gateway")
+SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
 
 

@@ -14,6 +14,12 @@ LOGS = "joey.logs"
 LOGS_DEAD_LETTER = "joey.logs.dead-letter"
 """Log records the logger could not decode, kept verbatim for inspection."""
 
+ASSAY_RESULTS = "joey.assays.results"
+"""One JSON record per scored assay window; key ``<workspace>/<assay>/<window start>``."""
+
+ASSAY_ALERTS = "joey.assays.alerts"
+"""The results of ASSAY_RESULTS whose status is Warning or Alert."""
+
 NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 63
 
@@ -53,3 +59,5 @@ def engine_group(workspace: str, pipeline: str) -> str:
 
 
 LOGGER_GROUP = "joey.logger"
+
+ASSAYER_GROUP = "joey.assayer"

@@ -1,1 +1,1 @@
-"""Placeholder: assayer lands in a later issue (see docs/architecture.md)."""
+"""The assayer: scores every active assay's windows as they close, from the inference log."""

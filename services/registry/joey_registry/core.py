@@ -18,9 +18,12 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey import heartbeats, kafka, topics
+from joey.assay_runs import AssayDefinition, WindowResult
+from joey.assays import Summary
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
+from joey_registry.assays import Assays, StoredAssay
 from joey_registry.deploy_config import check_autoscale, check_resources
 from joey_registry.domain import (
     Autoscale,
@@ -91,6 +94,7 @@ class Registry:
         self.admin = admin
         self.redis = redis_client
         self.access = Access(store)
+        self.assays = Assays(store, self.access)
         # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
         self._partitions: dict[str, int] = {}
 
@@ -472,3 +476,33 @@ class Registry:
         total = counted if counted is not None else found.total or 0
         token = page_tokens.encode(query, found.following, total) if found.following else ""
         return LogPage(found.entries, total, token)
+
+    # --- assays (the logic is in joey_registry.assays; each call authorizes there) ---
+
+    def create_assay(self, caller: Caller, definition: AssayDefinition) -> StoredAssay:
+        return self.assays.create(caller, definition)
+
+    def list_assays(self, caller: Caller, workspace: str, pipeline: str) -> list[StoredAssay]:
+        return self.assays.list_all(caller, workspace, pipeline)
+
+    def get_assay(self, caller: Caller, workspace: str, name: str) -> StoredAssay:
+        return self.assays.get(caller, workspace, name)
+
+    def set_assay_active(self, caller: Caller, workspace: str, name: str, active: bool) -> StoredAssay:
+        return self.assays.set_active(caller, workspace, name, active)
+
+    def delete_assay(self, caller: Caller, workspace: str, name: str) -> None:
+        self.assays.delete(caller, workspace, name)
+
+    def preview_baseline(self, caller: Caller, definition: AssayDefinition) -> Summary:
+        return self.assays.preview_baseline(caller, definition)
+
+    def run_assay_interactive(
+        self, caller: Caller, definition: AssayDefinition, end: datetime | None
+    ) -> list[WindowResult]:
+        return self.assays.run_interactive(caller, definition, end)
+
+    def assay_results(
+        self, caller: Caller, workspace: str, name: str, start: datetime | None, end: datetime | None
+    ) -> list[WindowResult]:
+        return self.assays.results(caller, workspace, name, start, end)

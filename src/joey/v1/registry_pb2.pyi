@@ -1550,3 +1550,517 @@ class QueryLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryLogsResponse: _TypeAlias = QueryLogsResponse  # noqa: Y015
+
+@_typing.final
+class AssaySummarizer(_message.Message):
+    """--- assays ---"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_BINS_FIELD_NUMBER: _builtins.int
+    BIN_MODE_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
+    NO_OUTLIER_BINS_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    BIN_WEIGHTS_FIELD_NUMBER: _builtins.int
+    num_bins: _builtins.int
+    """0 = 5"""
+    bin_mode: _builtins.str
+    """"quantile" (default) | "equal" | "provided" """
+    no_outlier_bins: _builtins.bool
+    """outlier bins are on by default"""
+    aggregation: _builtins.str
+    """"density" (default) | "cumulative" """
+    metric: _builtins.str
+    """"psi" (default) | "maxdiff" | "sumdiff" """
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """num_bins edges with bin_mode "provided" """
+
+    @_builtins.property
+    def bin_weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """one per bin, outlier bins included; empty = unweighted"""
+
+    def __init__(
+        self,
+        *,
+        num_bins: _builtins.int = ...,
+        bin_mode: _builtins.str = ...,
+        edges: _abc.Iterable[_builtins.float] | None = ...,
+        no_outlier_bins: _builtins.bool = ...,
+        aggregation: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        bin_weights: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "bin_mode", b"bin_mode", "bin_weights", b"bin_weights", "edges", b"edges", "metric", b"metric", "no_outlier_bins", b"no_outlier_bins", "num_bins", b"num_bins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssaySummarizer: _TypeAlias = AssaySummarizer  # noqa: Y015
+
+@_typing.final
+class AssayDefinition(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    IOPATH_FIELD_NUMBER: _builtins.int
+    BASELINE_START_FIELD_NUMBER: _builtins.int
+    BASELINE_END_FIELD_NUMBER: _builtins.int
+    BASELINE_DATA_FIELD_NUMBER: _builtins.int
+    WIDTH_SECONDS_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    SUMMARIZER_FIELD_NUMBER: _builtins.int
+    ALERT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    WARNING_THRESHOLD_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    pipeline: _builtins.str
+    model: _builtins.str
+    """only logs of inferences this model took part in; empty = all"""
+    iopath: _builtins.str
+    """"input <field> [<index>]" or "output <field> [<index>]" """
+    width_seconds: _builtins.int
+    """0 = 24 hours"""
+    interval_seconds: _builtins.int
+    """0 = the width"""
+    alert_threshold: _builtins.float
+    """unset = 0.25"""
+    warning_threshold: _builtins.float
+    @_builtins.property
+    def baseline_start(self) -> _timestamp_pb2.Timestamp:
+        """The baseline: a time range of the pipeline's logs, or values given by the user."""
+
+    @_builtins.property
+    def baseline_end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def baseline_data(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """unset = the baseline end (or the first log)"""
+
+    @_builtins.property
+    def summarizer(self) -> Global___AssaySummarizer: ...
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        model: _builtins.str = ...,
+        iopath: _builtins.str = ...,
+        baseline_start: _timestamp_pb2.Timestamp | None = ...,
+        baseline_end: _timestamp_pb2.Timestamp | None = ...,
+        baseline_data: _abc.Iterable[_builtins.float] | None = ...,
+        width_seconds: _builtins.int = ...,
+        interval_seconds: _builtins.int = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        summarizer: Global___AssaySummarizer | None = ...,
+        alert_threshold: _builtins.float | None = ...,
+        warning_threshold: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alert_threshold", b"_alert_threshold", "_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "baseline_end", b"baseline_end", "baseline_start", b"baseline_start", "start", b"start", "summarizer", b"summarizer", "warning_threshold", b"warning_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alert_threshold", b"_alert_threshold", "_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "baseline_data", b"baseline_data", "baseline_end", b"baseline_end", "baseline_start", b"baseline_start", "interval_seconds", b"interval_seconds", "iopath", b"iopath", "model", b"model", "name", b"name", "pipeline", b"pipeline", "start", b"start", "summarizer", b"summarizer", "warning_threshold", b"warning_threshold", "width_seconds", b"width_seconds", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__alert_threshold: _TypeAlias = _typing.Literal["alert_threshold"]  # noqa: Y015
+    _WhichOneofArgType__alert_threshold: _TypeAlias = _typing.Literal["_alert_threshold", b"_alert_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__warning_threshold: _TypeAlias = _typing.Literal["warning_threshold"]  # noqa: Y015
+    _WhichOneofArgType__warning_threshold: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alert_threshold) -> _WhichOneofReturnType__alert_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warning_threshold) -> _WhichOneofReturnType__warning_threshold | None: ...
+
+Global___AssayDefinition: _TypeAlias = AssayDefinition  # noqa: Y015
+
+@_typing.final
+class AssaySummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    MEDIAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
+    EDGE_NAMES_FIELD_NUMBER: _builtins.int
+    AGGREGATED_VALUES_FIELD_NUMBER: _builtins.int
+    BIN_COUNTS_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    min: _builtins.float
+    max: _builtins.float
+    mean: _builtins.float
+    median: _builtins.float
+    std: _builtins.float
+    aggregation: _builtins.str
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """upper edge of every bin"""
+
+    @_builtins.property
+    def edge_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def aggregated_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def bin_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+        mean: _builtins.float = ...,
+        median: _builtins.float = ...,
+        std: _builtins.float = ...,
+        edges: _abc.Iterable[_builtins.float] | None = ...,
+        edge_names: _abc.Iterable[_builtins.str] | None = ...,
+        aggregated_values: _abc.Iterable[_builtins.float] | None = ...,
+        bin_counts: _abc.Iterable[_builtins.int] | None = ...,
+        aggregation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregated_values", b"aggregated_values", "aggregation", b"aggregation", "bin_counts", b"bin_counts", "count", b"count", "edge_names", b"edge_names", "edges", b"edges", "max", b"max", "mean", b"mean", "median", b"median", "min", b"min", "std", b"std"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssaySummary: _TypeAlias = AssaySummary  # noqa: Y015
+
+@_typing.final
+class Assay(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    active: _builtins.bool
+    @_builtins.property
+    def definition(self) -> Global___AssayDefinition:
+        """with the defaults filled in"""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def baseline(self) -> Global___AssaySummary: ...
+    def __init__(
+        self,
+        *,
+        definition: Global___AssayDefinition | None = ...,
+        active: _builtins.bool = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        baseline: Global___AssaySummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "created_at", b"created_at", "definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "baseline", b"baseline", "created_at", b"created_at", "definition", b"definition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Assay: _TypeAlias = Assay  # noqa: Y015
+
+@_typing.final
+class AssayResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSAY_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    BIN_INDEX_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    BASELINE_SUMMARY_FIELD_NUMBER: _builtins.int
+    WINDOW_SUMMARY_FIELD_NUMBER: _builtins.int
+    assay: _builtins.str
+    """empty for interactive runs"""
+    score: _builtins.float
+    bin_index: _builtins.int
+    """MaxDiff's bin; -1 for other metrics"""
+    status: _builtins.str
+    """"Ok" | "Warning" | "Alert" """
+    metric: _builtins.str
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def window_end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def baseline_summary(self) -> Global___AssaySummary: ...
+    @_builtins.property
+    def window_summary(self) -> Global___AssaySummary: ...
+    def __init__(
+        self,
+        *,
+        assay: _builtins.str = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        window_end: _timestamp_pb2.Timestamp | None = ...,
+        score: _builtins.float = ...,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
+        bin_index: _builtins.int = ...,
+        status: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        baseline_summary: Global___AssaySummary | None = ...,
+        window_summary: Global___AssaySummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline_summary", b"baseline_summary", "window_end", b"window_end", "window_start", b"window_start", "window_summary", b"window_summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assay", b"assay", "baseline_summary", b"baseline_summary", "bin_index", b"bin_index", "metric", b"metric", "score", b"score", "scores", b"scores", "status", b"status", "window_end", b"window_end", "window_start", b"window_start", "window_summary", b"window_summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssayResult: _TypeAlias = AssayResult  # noqa: Y015
+
+@_typing.final
+class AssayResults(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssayResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AssayResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssayResults: _TypeAlias = AssayResults  # noqa: Y015
+
+@_typing.final
+class CreateAssayRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definition(self) -> Global___AssayDefinition: ...
+    def __init__(
+        self,
+        *,
+        definition: Global___AssayDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAssayRequest: _TypeAlias = CreateAssayRequest  # noqa: Y015
+
+@_typing.final
+class ListAssaysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    pipeline: _builtins.str
+    """empty = every pipeline"""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAssaysRequest: _TypeAlias = ListAssaysRequest  # noqa: Y015
+
+@_typing.final
+class ListAssaysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSAYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assays(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assay]: ...
+    def __init__(
+        self,
+        *,
+        assays: _abc.Iterable[Global___Assay] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assays", b"assays"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAssaysResponse: _TypeAlias = ListAssaysResponse  # noqa: Y015
+
+@_typing.final
+class GetAssayRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAssayRequest: _TypeAlias = GetAssayRequest  # noqa: Y015
+
+@_typing.final
+class SetAssayActiveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    active: _builtins.bool
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "name", b"name", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAssayActiveRequest: _TypeAlias = SetAssayActiveRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAssayRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAssayRequest: _TypeAlias = DeleteAssayRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAssayResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAssayResponse: _TypeAlias = DeleteAssayResponse  # noqa: Y015
+
+@_typing.final
+class PreviewBaselineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definition(self) -> Global___AssayDefinition: ...
+    def __init__(
+        self,
+        *,
+        definition: Global___AssayDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewBaselineRequest: _TypeAlias = PreviewBaselineRequest  # noqa: Y015
+
+@_typing.final
+class RunAssayInteractiveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definition(self) -> Global___AssayDefinition: ...
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp:
+        """last window ends by then; unset = now"""
+
+    def __init__(
+        self,
+        *,
+        definition: Global___AssayDefinition | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "end", b"end"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "end", b"end"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunAssayInteractiveRequest: _TypeAlias = RunAssayInteractiveRequest  # noqa: Y015
+
+@_typing.final
+class GetAssayResultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "name", b"name", "start", b"start", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAssayResultsRequest: _TypeAlias = GetAssayResultsRequest  # noqa: Y015

@@ -109,6 +109,46 @@ class RegistryStub:
                 request_serializer=joey_dot_v1_dot_registry__pb2.QueryLogsRequest.SerializeToString,
                 response_deserializer=joey_dot_v1_dot_registry__pb2.QueryLogsResponse.FromString,
                 _registered_method=True)
+        self.CreateAssay = channel.unary_unary(
+                '/joey.v1.Registry/CreateAssay',
+                request_serializer=joey_dot_v1_dot_registry__pb2.CreateAssayRequest.SerializeToString,
+                response_deserializer=joey_dot_v1_dot_registry__pb2.Assay.FromString,
+                _registered_method=True)
+        self.ListAssays = channel.unary_unary(
+                '/joey.v1.Registry/ListAssays',
+                request_serializer=joey_dot_v1_dot_registry__pb2.ListAssaysRequest.SerializeToString,
+                response_deserializer=joey_dot_v1_dot_registry__pb2.ListAssaysResponse.FromString,
+                _registered_method=True)
+        self.GetAssay = channel.unary_unary(
+                '/joey.v1.Registry/GetAssay',
+                request_serializer=joey_dot_v1_dot_registry__pb2.GetAssayRequest.SerializeToString,
+                response_deserializer=joey_dot_v1_dot_registry__pb2.Assay.FromString,
+                _registered_method=True)
+        self.SetAssayActive = channel.unary_unary(
+                '/joey.v1.Registry/SetAssayActive',
+                request_serializer=joey_dot_v1_dot_registry__pb2.SetAssayActiveRequest.SerializeToString,
+                response_deserializer=joey_dot_v1_dot_registry__pb2.Assay.FromString,
+                _registered_method=True)
+        self.DeleteAssay = channel.unary_unary(
+                '/joey.v1.Registry/DeleteAssay',
+                request_serializer=joey_dot_v1_dot_registry__pb2.DeleteAssayRequest.SerializeToString,
+                response_deserializer=joey_dot_v1_dot_registry__pb2.DeleteAssayResponse.FromString,
+                _registered_method=True)
+        self.PreviewBaseline = channel.unary_unary(
+                '/joey.v1.Registry/PreviewBaseline',
+                request_serializer=joey_dot_v1_dot_registry__pb2.PreviewBaselineRequest.SerializeToString,
+                response_deserializer=joey_dot_v1_dot_registry__pb2.AssaySummary.FromString,
+                _registered_method=True)
+        self.RunAssayInteractive = channel.unary_unary(
+                '/joey.v1.Registry/RunAssayInteractive',
+                request_serializer=joey_dot_v1_dot_registry__pb2.RunAssayInteractiveRequest.SerializeToString,
+                response_deserializer=joey_dot_v1_dot_registry__pb2.AssayResults.FromString,
+                _registered_method=True)
+        self.GetAssayResults = channel.unary_unary(
+                '/joey.v1.Registry/GetAssayResults',
+                request_serializer=joey_dot_v1_dot_registry__pb2.GetAssayResultsRequest.SerializeToString,
+                response_deserializer=joey_dot_v1_dot_registry__pb2.AssayResults.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -210,6 +250,61 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAssay(self, request, context):
+        """Assays: drift of one input or output value of a pipeline against a baseline (docs/assays.md).
+        Stores a definition after checking it; its baseline summary is computed once, here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAssays(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAssay(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAssayActive(self, request, context):
+        """Pauses (active = false) or resumes the live scoring of an assay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAssay(self, request, context):
+        """Deletes the assay and its results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewBaseline(self, request, context):
+        """The baseline summary of a definition, nothing stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunAssayInteractive(self, request, context):
+        """Scores a definition over past logs, one result per window with data, nothing stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAssayResults(self, request, context):
+        """Stored results of an uploaded assay whose window starts in [start, end).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -287,6 +382,46 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.QueryLogs,
                     request_deserializer=joey_dot_v1_dot_registry__pb2.QueryLogsRequest.FromString,
                     response_serializer=joey_dot_v1_dot_registry__pb2.QueryLogsResponse.SerializeToString,
+            ),
+            'CreateAssay': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAssay,
+                    request_deserializer=joey_dot_v1_dot_registry__pb2.CreateAssayRequest.FromString,
+                    response_serializer=joey_dot_v1_dot_registry__pb2.Assay.SerializeToString,
+            ),
+            'ListAssays': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAssays,
+                    request_deserializer=joey_dot_v1_dot_registry__pb2.ListAssaysRequest.FromString,
+                    response_serializer=joey_dot_v1_dot_registry__pb2.ListAssaysResponse.SerializeToString,
+            ),
+            'GetAssay': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAssay,
+                    request_deserializer=joey_dot_v1_dot_registry__pb2.GetAssayRequest.FromString,
+                    response_serializer=joey_dot_v1_dot_registry__pb2.Assay.SerializeToString,
+            ),
+            'SetAssayActive': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAssayActive,
+                    request_deserializer=joey_dot_v1_dot_registry__pb2.SetAssayActiveRequest.FromString,
+                    response_serializer=joey_dot_v1_dot_registry__pb2.Assay.SerializeToString,
+            ),
+            'DeleteAssay': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAssay,
+                    request_deserializer=joey_dot_v1_dot_registry__pb2.DeleteAssayRequest.FromString,
+                    response_serializer=joey_dot_v1_dot_registry__pb2.DeleteAssayResponse.SerializeToString,
+            ),
+            'PreviewBaseline': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewBaseline,
+                    request_deserializer=joey_dot_v1_dot_registry__pb2.PreviewBaselineRequest.FromString,
+                    response_serializer=joey_dot_v1_dot_registry__pb2.AssaySummary.SerializeToString,
+            ),
+            'RunAssayInteractive': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunAssayInteractive,
+                    request_deserializer=joey_dot_v1_dot_registry__pb2.RunAssayInteractiveRequest.FromString,
+                    response_serializer=joey_dot_v1_dot_registry__pb2.AssayResults.SerializeToString,
+            ),
+            'GetAssayResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAssayResults,
+                    request_deserializer=joey_dot_v1_dot_registry__pb2.GetAssayResultsRequest.FromString,
+                    response_serializer=joey_dot_v1_dot_registry__pb2.AssayResults.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -694,6 +829,222 @@ class Registry:
             '/joey.v1.Registry/QueryLogs',
             joey_dot_v1_dot_registry__pb2.QueryLogsRequest.SerializeToString,
             joey_dot_v1_dot_registry__pb2.QueryLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAssay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/CreateAssay',
+            joey_dot_v1_dot_registry__pb2.CreateAssayRequest.SerializeToString,
+            joey_dot_v1_dot_registry__pb2.Assay.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAssays(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListAssays',
+            joey_dot_v1_dot_registry__pb2.ListAssaysRequest.SerializeToString,
+            joey_dot_v1_dot_registry__pb2.ListAssaysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAssay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/GetAssay',
+            joey_dot_v1_dot_registry__pb2.GetAssayRequest.SerializeToString,
+            joey_dot_v1_dot_registry__pb2.Assay.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAssayActive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/SetAssayActive',
+            joey_dot_v1_dot_registry__pb2.SetAssayActiveRequest.SerializeToString,
+            joey_dot_v1_dot_registry__pb2.Assay.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAssay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/DeleteAssay',
+            joey_dot_v1_dot_registry__pb2.DeleteAssayRequest.SerializeToString,
+            joey_dot_v1_dot_registry__pb2.DeleteAssayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewBaseline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/PreviewBaseline',
+            joey_dot_v1_dot_registry__pb2.PreviewBaselineRequest.SerializeToString,
+            joey_dot_v1_dot_registry__pb2.AssaySummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunAssayInteractive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/RunAssayInteractive',
+            joey_dot_v1_dot_registry__pb2.RunAssayInteractiveRequest.SerializeToString,
+            joey_dot_v1_dot_registry__pb2.AssayResults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAssayResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/GetAssayResults',
+            joey_dot_v1_dot_registry__pb2.GetAssayResultsRequest.SerializeToString,
+            joey_dot_v1_dot_registry__pb2.AssayResults.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,122 @@
+"""Time of scoring one assay window from the inference log, as the assayer and interactive runs do.
+
+Systems, on the same rows of a scratch database (one pipeline, ``inputs.features[2]`` ~ N(0, 1)):
+
+* fetch-only: the same SQL and server-side cursor reading the window's values into numpy,
+  nothing else. What reading the rows costs, the floor of any scorer reading the log.
+* joey: ``joey.assay_runs.window_result``: the same read, then the window summary and the score
+  against a baseline of 10,000 values (5 quantile bins, PSI).
+* joey-chunked: the same with the window binned chunk by chunk (what windows of more than
+  ``MAX_IN_MEMORY_VALUES`` values get), plus Postgres' median of the window.
+
+Each figure is the median of ``--repeats`` timed runs after one warm-up run.
+
+    python bench/assay_window.py --rows 1000000 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from joey import db
+from joey.assay_runs import AssayDefinition, IoPath, log_values, window_result
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def fill(conn: psycopg.Connection[Any], rows: int, seed: int) -> None:
+    values = np.random.default_rng(seed).normal(0, 1, rows).tolist()
+    step_us = 3_600_000_000 // rows
+    with conn.cursor().copy(
+        "COPY inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id, time, "
+        "input_topic, input_partition, input_offset, ok, inputs, outputs) FROM STDIN"
+    ) as copy:
+        for i, v in enumerate(values):
+            copy.write_row(
+                (
+                    "default",
+                    "bench",
+                    1,
+                    "d",
+                    f"r{i}",
+                    T0 + timedelta(microseconds=i * step_us),
+                    "in",
+                    0,
+                    i,
+                    True,
+                    f'{{"features": [5.0, 3.0, {v!r}, 1.0]}}',
+                    '{"label": 1}',
+                )
+            )
+    conn.commit()
+    conn.execute("ANALYZE inference_logs")
+
+
+def timed(run: Callable[[], object], repeats: int) -> list[float]:
+    run()
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - began)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
+    args = parser.parse_args()
+
+    name = f"bench_assay_{secrets.token_hex(4)}"
+    with psycopg.connect(f"{args.server}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"{args.server}/{name}"
+    try:
+        db.prepare(url)
+        with psycopg.connect(url) as conn:
+            began = time.perf_counter()
+            fill(conn, args.rows, args.seed)
+            print(f"wrote {args.rows:,} log rows in {time.perf_counter() - began:.1f} s")
+            definition = AssayDefinition(
+                workspace="default", name="bench", pipeline="bench", iopath=IoPath.parse("input features 2")
+            ).with_baseline(np.random.default_rng(args.seed + 1).normal(0, 1, 10_000))
+            end = T0 + timedelta(hours=2)
+            assert log_values(conn, definition, T0, end).size == args.rows
+            systems = {
+                "fetch-only": lambda: log_values(conn, definition, T0, end),
+                "joey": lambda: window_result(conn, definition, T0, end),
+                "joey-chunked": lambda: window_result(conn, definition, T0, end, max_in_memory=0),
+            }
+            results = {system: timed(run, args.repeats) for system, run in systems.items()}
+    finally:
+        with psycopg.connect(f"{args.server}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    floor = statistics.median(results["fetch-only"])
+    print(f"\nwindow of {args.rows:,} rows, median of {args.repeats} runs\n")
+    print("| system | median ms | min ms | rows/s | time / fetch-only |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for system, samples in results.items():
+        median = statistics.median(samples)
+        print(
+            f"| {system} | {median * 1000:.0f} | {min(samples) * 1000:.0f} | "
+            f"{args.rows / median:,.0f} | {median / floor:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

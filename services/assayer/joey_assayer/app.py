@@ -1,0 +1,19 @@
+"""Entry point of `joey serve assayer`."""
+
+from __future__ import annotations
+
+from joey.lifecycle import configure_logging, shutdown_event
+from joey_assayer.service import Assayer
+from joey_assayer.settings import AssayerSettings
+from joey_assayer.store import AssayerStore
+
+
+def serve() -> None:
+    settings = AssayerSettings()
+    configure_logging(settings.log_level)
+    stop = shutdown_event()
+    store = AssayerStore(settings.database_url)
+    try:
+        Assayer(settings, store).run(stop)
+    finally:
+        store.close()

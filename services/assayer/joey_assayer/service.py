@@ -1,0 +1,201 @@
+"""The live assayer loop.
+
+Design (docs/assays.md, "Live assays"): a closed window is scored from the logger's table, which
+is the source of truth and already holds each inference once. The assayer follows ``joey.logs``
+only to know how far event time has advanced (the watermark) and how far it has read; it keeps
+no per-row state, so a crash loses nothing.
+
+A window ``[start, end)`` is due when the watermark of its pipeline (the latest event time seen
+on ``joey.logs``) minus the allowed lateness has passed ``end``, or when the wall clock has
+passed ``end`` plus the lateness. It is scored only once the logger's committed offsets have
+reached what the assayer has read, so every record seen so far is in the table. The result is
+inserted with ON CONFLICT DO NOTHING on (assay_id, window_start): exactly one result per window
+across crashes and restarts. Results are published on ``joey.assays.results`` (Warning and
+Alert also on ``joey.assays.alerts``) and marked published after the broker acknowledged them,
+so a crash between storing and publishing republishes (at least once, keyed by window).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import redis
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from joey import heartbeats, kafka, topics
+from joey.kafka import DeliveryTracker, consumer_config, producer_config
+from joey.records import RecordError
+from joey_assayer.settings import AssayerSettings
+from joey_assayer.store import AssayerStore, LiveAssay
+from joey_logger.messages import LogMessage
+
+log = logging.getLogger(__name__)
+
+SERVICE = "assayer"
+ALERTING = ("Warning", "Alert")
+
+
+class Assayer:
+    def __init__(self, settings: AssayerSettings, store: AssayerStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.lateness = timedelta(seconds=settings.allowed_lateness_s)
+        # Latest event time seen per (workspace, pipeline), and the next offset per partition read.
+        self.watermarks: dict[tuple[str, str], datetime] = {}
+        self.positions: dict[int, int] = {}
+        self._redis = redis.Redis.from_url(settings.redis_url)
+        self._next_beat = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        s = self.settings
+        kafka.ensure_topics(kafka.admin_client(s), kafka.platform_topics(s))
+        consumer = Consumer(consumer_config(s, s.assayer_group))
+        # Never subscribes: it only reads the loggers' committed offsets.
+        logger_offsets = Consumer(consumer_config(s, s.logger_group))
+        producer = Producer(producer_config(s))
+        consumer.subscribe([topics.LOGS], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        log.info("assayer %s following %s (lateness %.0fs)", s.instance_id, topics.LOGS, s.allowed_lateness_s)
+        try:
+            while not stop.is_set():
+                self.observe(consumer.consume(1000, timeout=s.tick_s))
+                try:
+                    self.publish(producer)
+                    if self.logger_caught_up(logger_offsets):
+                        self.close_windows(datetime.now(UTC))
+                        self.publish(producer)
+                        self.commit(consumer)
+                except psycopg.OperationalError as exc:
+                    # Nothing is lost while Postgres is away: windows stay due and are scored later.
+                    log.warning("database unavailable, scoring later: %s", exc)
+                    stop.wait(s.tick_s)
+                self._heartbeat()
+        finally:
+            self._retire()
+            consumer.close()
+            logger_offsets.close()
+            producer.flush(10)
+
+    def observe(self, messages: list[Message]) -> None:
+        """Advance watermarks and read positions; records the logger cannot decode are its business."""
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                log.warning("consumer error: %s", error)
+                continue
+            partition, offset = message.partition(), message.offset()
+            if partition is not None and offset is not None:
+                self.positions[partition] = max(self.positions.get(partition, 0), offset + 1)
+            try:
+                record = LogMessage.from_kafka(message).decode()
+            except (RecordError, ValueError):
+                continue
+            key = (record["workspace"], record["pipeline"])
+            event_time = record["time"]
+            if key not in self.watermarks or event_time > self.watermarks[key]:
+                self.watermarks[key] = event_time
+
+    def logger_caught_up(self, logger_offsets: Consumer) -> bool:
+        """True when the loggers have stored every record this assayer has read."""
+        if not self.positions:
+            return True
+        wanted = [TopicPartition(topics.LOGS, p) for p in sorted(self.positions)]
+        try:
+            committed = logger_offsets.committed(wanted, timeout=10)
+        except KafkaException as exc:
+            log.warning("could not read the loggers' offsets: %s", exc)
+            return False
+        behind = [tp.partition for tp in committed if tp.offset < self.positions[tp.partition]]
+        if behind:
+            log.info("waiting for the logger to store partitions %s", behind)
+        return not behind
+
+    def due(self, assay: LiveAssay, end: datetime, now: datetime) -> bool:
+        d = assay.definition
+        if now >= end + self.lateness:
+            return True
+        watermark = self.watermarks.get((d.workspace, d.pipeline))
+        return watermark is not None and watermark - self.lateness >= end
+
+    def close_windows(self, now: datetime) -> int:
+        """Score every due window of every active assay (up to the per-tick limit); the number stored."""
+        budget = self.settings.max_windows_per_tick
+        stored = 0
+        for assay in self.store.active_assays():
+            while budget > 0:
+                start, end = self.store.next_window(assay)
+                if not self.due(assay, end, now):
+                    break
+                budget -= 1
+                if self.store.score_window(assay, start, end):
+                    stored += 1
+                    log.info(
+                        "scored assay %s/%s window %s",
+                        assay.definition.workspace,
+                        assay.definition.name,
+                        start,
+                    )
+        return stored
+
+    def publish(self, producer: Producer) -> None:
+        pending = self.store.unpublished()
+        if not pending:
+            return
+        tracker = DeliveryTracker()
+        for result in pending:
+            producer.produce(
+                topics.ASSAY_RESULTS, result.payload, result.key, on_delivery=tracker.on_delivery
+            )
+            if result.status in ALERTING:
+                producer.produce(
+                    topics.ASSAY_ALERTS, result.payload, result.key, on_delivery=tracker.on_delivery
+                )
+        try:
+            tracker.flush(producer)
+        except (KafkaException, TimeoutError) as exc:
+            log.warning("results not acknowledged, publishing again later: %s", exc)
+            return
+        self.store.mark_published([r.id for r in pending])
+
+    def commit(self, consumer: Consumer) -> None:
+        """Commit what was read: the results of every window it closed are stored by now."""
+        offsets = [TopicPartition(topics.LOGS, p, o) for p, o in self.positions.items()]
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # Only the watermark is rebuilt from a replay; results never depend on these offsets.
+            log.warning("offset commit failed: %s", exc)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+        # Another assayer reads these now; waiting for the logger on them would be waiting for nothing.
+        for tp in partitions:
+            self.positions.pop(tp.partition, None)
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.settings.heartbeat_ttl_s / 3
+        s = self.settings
+        try:
+            heartbeats.publish_service(self._redis, s.redis_prefix, SERVICE, s.instance_id, s.heartbeat_ttl_s)
+        except redis.RedisError as exc:
+            log.warning("could not publish heartbeat: %s", exc)
+
+    def _retire(self) -> None:
+        s = self.settings
+        try:
+            heartbeats.retire_service(self._redis, s.redis_prefix, SERVICE, s.instance_id)
+        except redis.RedisError as exc:
+            log.warning("could not retire heartbeat: %s", exc)

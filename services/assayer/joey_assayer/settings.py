@@ -1,0 +1,34 @@
+"""Settings of the assayer service."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from joey import topics
+from joey.heartbeats import DEFAULT_TTL_S
+from joey.settings import CommonSettings
+from joey_logger.settings import default_instance_id
+
+
+class AssayerSettings(CommonSettings):
+    assayer_group: str = topics.ASSAYER_GROUP
+    """Consumer group of the assayers on joey.logs."""
+
+    logger_group: str = topics.LOGGER_GROUP
+    """Consumer group of the loggers whose committed offsets tell which log records are stored."""
+
+    allowed_lateness_s: float = Field(default=60.0, ge=0)
+    """How long after a window's end (in event time, or on the wall clock) records may still
+    arrive for it; the window is scored only then."""
+
+    tick_s: float = Field(default=1.0, gt=0)
+    """Pause between two looks for windows that have closed."""
+
+    max_windows_per_tick: int = Field(default=100, ge=1)
+    """Most windows scored between two polls of joey.logs (a long backlog is worked off in steps)."""
+
+    heartbeat_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0)
+    """Lifetime of the service heartbeat in Redis; it is refreshed three times per TTL."""
+
+    instance_id: str = Field(default_factory=default_instance_id)
+    """Name of this assayer process in heartbeats and logs."""

@@ -1,0 +1,137 @@
+"""Postgres access of the assayer: active assays, their next window, and storing results once."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from joey.assay_runs import AssayDefinition, summary_to_json, window_result
+
+NO_DATA = "NoData"
+"""Status of a closed window without any value: stored so the next window follows it, never published."""
+
+
+@dataclass(frozen=True)
+class LiveAssay:
+    id: int
+    definition: AssayDefinition
+
+
+@dataclass(frozen=True)
+class Unpublished:
+    id: int
+    key: str
+    status: str
+    payload: bytes
+
+
+class AssayerStore:
+    def __init__(self, database_url: str) -> None:
+        self.pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
+            database_url, min_size=1, max_size=2, kwargs={"row_factory": dict_row}, open=True
+        )
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def active_assays(self) -> list[LiveAssay]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT a.id, w.name AS workspace, a.name, a.definition FROM assays a "
+                "JOIN workspaces w ON w.id = a.workspace_id WHERE a.active ORDER BY a.id"
+            ).fetchall()
+        return [
+            LiveAssay(r["id"], AssayDefinition.from_json(r["workspace"], r["name"], r["definition"]))
+            for r in rows
+        ]
+
+    def next_window(self, assay: LiveAssay) -> tuple[datetime, datetime]:
+        """The first window after the last stored one (or the assay's first window)."""
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT max(window_start) AS last FROM assay_results WHERE assay_id = %s", (assay.id,)
+            ).fetchone()
+        d = assay.definition
+        assert d.start is not None
+        last = row["last"] if row else None
+        start = d.start if last is None else last + d.step
+        return start, start + d.width
+
+    def score_window(self, assay: LiveAssay, start: datetime, end: datetime) -> bool:
+        """Score ``[start, end)`` from the stored logs and store it; False if it was stored already
+        (or the assay was deleted meanwhile).
+
+        The unique (assay_id, window_start) key makes this idempotent: after a crash, or with a
+        second assayer, the window keeps the one result stored first.
+        """
+        d = assay.definition
+        assert d.baseline is not None
+        with self.pool.connection() as conn:
+            result = window_result(conn, d, start, end)
+            if result is None:
+                values: tuple[Any, ...] = (math.nan, Jsonb([]), None, NO_DATA, Jsonb({"window": None}), True)
+            else:
+                s = result.scores
+                summaries = {
+                    "baseline": summary_to_json(result.baseline),
+                    "window": summary_to_json(result.window),
+                }
+                values = (s.score, Jsonb(list(s.scores)), s.bin_index, str(s.status), Jsonb(summaries), False)
+            try:
+                row = conn.execute(
+                    "INSERT INTO assay_results (assay_id, window_start, window_end, score, scores, "
+                    "bin_index, status, summaries, published) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (assay_id, window_start) DO NOTHING RETURNING id",
+                    (assay.id, start, end, *values),
+                ).fetchone()
+            except psycopg.errors.ForeignKeyViolation:
+                # Deleted while its window was being scored: there is nothing left to store it for.
+                conn.rollback()
+                return False
+        return row is not None
+
+    def unpublished(self, limit: int = 500) -> list[Unpublished]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT r.id, w.name AS workspace, a.name AS assay, a.pipeline, a.definition, "
+                "r.window_start, r.window_end, r.score, r.scores, r.bin_index, r.status, r.summaries "
+                "FROM assay_results r JOIN assays a ON a.id = r.assay_id "
+                "JOIN workspaces w ON w.id = a.workspace_id WHERE NOT r.published ORDER BY r.id LIMIT %s",
+                (limit,),
+            ).fetchall()
+        return [_unpublished(r) for r in rows]
+
+    def mark_published(self, ids: list[int]) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("UPDATE assay_results SET published = true WHERE id = ANY(%s)", (ids,))
+
+
+def _unpublished(row: DictRow) -> Unpublished:
+    start = row["window_start"].isoformat()
+    payload = {
+        "workspace": row["workspace"],
+        "assay": row["assay"],
+        "pipeline": row["pipeline"],
+        "iopath": row["definition"]["iopath"],
+        "metric": row["definition"]["summarizer"]["metric"],
+        "window_start": start,
+        "window_end": row["window_end"].isoformat(),
+        "score": row["score"],
+        "scores": row["scores"],
+        "bin_index": row["bin_index"],
+        "status": row["status"],
+        "alert_threshold": row["definition"]["alert_threshold"],
+        "warning_threshold": row["definition"]["warning_threshold"],
+        "baseline_summary": row["summaries"]["baseline"],
+        "window_summary": row["summaries"]["window"],
+    }
+    key = f"{row['workspace']}/{row['assay']}/{start}"
+    return Unpublished(row["id"], key, row["status"], json.dumps(payload).encode())

@@ -1,0 +1,128 @@
+"""Assay messages <-> domain types, at the gRPC edge."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import cast
+
+from joey.assay_runs import DEFAULT_ALERT_THRESHOLD, AssayDefinition, IoPath, Summarizer, WindowResult
+from joey.assays import Aggregation, BinMode, Metric, Summary
+from joey.v1 import registry_pb2 as pb
+from joey_registry.assays import StoredAssay
+from joey_registry.convert import optional_datetime, timestamp
+from joey_registry.errors import InvalidArgument
+
+
+def definition(message: pb.AssayDefinition) -> AssayDefinition:
+    try:
+        iopath = IoPath.parse(message.iopath)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+    s = message.summarizer
+    summarizer = Summarizer(
+        num_bins=s.num_bins or 5,
+        bin_mode=cast(BinMode, s.bin_mode or "quantile"),
+        edges=tuple(s.edges) if s.edges else None,
+        outlier_bins=not s.no_outlier_bins,
+        aggregation=cast(Aggregation, s.aggregation or "density"),
+        metric=cast(Metric, s.metric or "psi"),
+        bin_weights=tuple(s.bin_weights) if s.bin_weights else None,
+    )
+    if message.width_seconds < 0 or message.interval_seconds < 0:
+        raise InvalidArgument(
+            f"window width and interval must be positive, got {message.width_seconds} s "
+            f"and {message.interval_seconds} s"
+        )
+    return AssayDefinition(
+        workspace=message.workspace,
+        name=message.name,
+        pipeline=message.pipeline,
+        model=message.model,
+        iopath=iopath,
+        baseline_start=optional_datetime(message, "baseline_start"),  # type: ignore[arg-type]
+        baseline_end=optional_datetime(message, "baseline_end"),  # type: ignore[arg-type]
+        baseline_data=tuple(message.baseline_data) if message.baseline_data else None,
+        width=timedelta(seconds=message.width_seconds or 24 * 3600),
+        interval=timedelta(seconds=message.interval_seconds) if message.interval_seconds else None,
+        start=optional_datetime(message, "start"),  # type: ignore[arg-type]
+        summarizer=summarizer,
+        alert_threshold=(
+            message.alert_threshold if message.HasField("alert_threshold") else DEFAULT_ALERT_THRESHOLD
+        ),
+        warning_threshold=message.warning_threshold if message.HasField("warning_threshold") else None,
+    )
+
+
+def definition_message(d: AssayDefinition) -> pb.AssayDefinition:
+    s = d.summarizer
+    message = pb.AssayDefinition(
+        workspace=d.workspace,
+        name=d.name,
+        pipeline=d.pipeline,
+        model=d.model,
+        iopath=str(d.iopath),
+        width_seconds=int(d.width.total_seconds()),
+        interval_seconds=int(d.step.total_seconds()),
+        summarizer=pb.AssaySummarizer(
+            num_bins=s.num_bins,
+            bin_mode=s.bin_mode,
+            edges=list(s.edges or ()),
+            no_outlier_bins=not s.outlier_bins,
+            aggregation=s.aggregation,
+            metric=s.metric,
+            bin_weights=list(s.bin_weights or ()),
+        ),
+        alert_threshold=d.alert_threshold,
+    )
+    if d.warning_threshold is not None:
+        message.warning_threshold = d.warning_threshold
+    for field in ("baseline_start", "baseline_end", "start"):
+        value = getattr(d, field)
+        if value is not None:
+            getattr(message, field).CopyFrom(timestamp(value))
+    return message
+
+
+def summary(s: Summary) -> pb.AssaySummary:
+    return pb.AssaySummary(
+        count=s.count,
+        min=s.min,
+        max=s.max,
+        mean=s.mean,
+        median=s.median,
+        std=s.std,
+        edges=list(s.edges),
+        edge_names=list(s.edge_names),
+        aggregated_values=list(s.aggregated_values),
+        bin_counts=list(s.bin_counts),
+        aggregation=s.aggregation,
+    )
+
+
+def assay(stored: StoredAssay) -> pb.Assay:
+    assert stored.definition.baseline is not None
+    return pb.Assay(
+        definition=definition_message(stored.definition),
+        active=stored.active,
+        created_at=timestamp(stored.created_at),
+        baseline=summary(stored.definition.baseline),
+    )
+
+
+def result(r: WindowResult, assay_name: str = "") -> pb.AssayResult:
+    return pb.AssayResult(
+        assay=assay_name,
+        window_start=timestamp(r.window_start),
+        window_end=timestamp(r.window_end),
+        score=r.scores.score,
+        scores=list(r.scores.scores),
+        bin_index=-1 if r.scores.bin_index is None else r.scores.bin_index,
+        status=str(r.scores.status),
+        metric=r.scores.metric,
+        baseline_summary=summary(r.baseline),
+        window_summary=summary(r.window),
+    )
+
+
+def results(rs: list[WindowResult], assay_name: str = "") -> pb.AssayResults:
+    return pb.AssayResults(results=[result(r, assay_name) for r in rs])

@@ -1,0 +1,334 @@
+"""Assays in the registry: checking definitions, storing them, and interactive runs over the log.
+
+A definition is checked completely (pipeline, iopath against the pipeline's signature, window,
+summarizer, baseline) before anything is stored. The baseline is summarised once, at creation:
+the stored assay keeps its bins and counts, so later windows are always binned the same way.
+Scoring itself is :mod:`joey.assay_runs`, shared with the live assayer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from joey import topics
+from joey.assay_runs import (
+    AssayDefinition,
+    IoPath,
+    WindowResult,
+    first_log_time,
+    log_values,
+    summary_from_json,
+    window_result,
+)
+from joey.assays import Scores, Status, Summary
+from joey_registry.access import Access, Action, Caller
+from joey_registry.domain import Pipeline, ResolvedStep, ShadowStep, TensorSpec
+from joey_registry.errors import AlreadyExists, InvalidArgument, NotFound
+from joey_registry.store import Store, WorkspaceRef
+
+log = logging.getLogger(__name__)
+
+MAX_INTERACTIVE_WINDOWS = 10_000
+
+
+@dataclass(frozen=True)
+class StoredAssay:
+    definition: AssayDefinition
+    active: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    assay: str
+    result: WindowResult
+
+
+class AssayStore:
+    """The SQL of the assays and assay_results tables, over the registry's connection pool."""
+
+    def __init__(self, store: Store) -> None:
+        self._pool = store.pool
+
+    def insert(self, ws: WorkspaceRef, definition: AssayDefinition) -> StoredAssay | None:
+        """The stored assay, or None when the name is taken in the workspace."""
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "INSERT INTO assays (workspace_id, name, pipeline, definition) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (workspace_id, name) DO NOTHING RETURNING active, created_at",
+                (ws.id, definition.name, definition.pipeline, Jsonb(definition.to_json())),
+            ).fetchone()
+        return StoredAssay(definition, row["active"], row["created_at"]) if row else None
+
+    def find(self, ws: WorkspaceRef, pipeline: str, name: str = "") -> list[StoredAssay]:
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT name, definition, active, created_at FROM assays WHERE workspace_id = %s "
+                "AND (%s = '' OR pipeline = %s) AND (%s = '' OR name = %s) ORDER BY name",
+                (ws.id, pipeline, pipeline, name, name),
+            ).fetchall()
+        return [
+            StoredAssay(
+                AssayDefinition.from_json(ws.name, r["name"], r["definition"]), r["active"], r["created_at"]
+            )
+            for r in rows
+        ]
+
+    def set_active(self, ws: WorkspaceRef, name: str, active: bool) -> bool:
+        with self._pool.connection() as conn:
+            cursor = conn.execute(
+                "UPDATE assays SET active = %s WHERE workspace_id = %s AND name = %s", (active, ws.id, name)
+            )
+            return cursor.rowcount == 1
+
+    def delete(self, ws: WorkspaceRef, name: str) -> bool:
+        with self._pool.connection() as conn:
+            cursor = conn.execute("DELETE FROM assays WHERE workspace_id = %s AND name = %s", (ws.id, name))
+            return cursor.rowcount == 1
+
+    def results(
+        self, ws: WorkspaceRef, definition: AssayDefinition, start: datetime | None, end: datetime | None
+    ) -> list[WindowResult]:
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT r.window_start, r.window_end, r.score, r.scores, r.bin_index, r.status, r.summaries "
+                "FROM assay_results r "
+                "JOIN assays a ON a.id = r.assay_id WHERE a.workspace_id = %s AND a.name = %s "
+                "AND r.status <> 'NoData' AND (%s::timestamptz IS NULL OR r.window_start >= %s) "
+                "AND (%s::timestamptz IS NULL OR r.window_start < %s) ORDER BY r.window_start",
+                (ws.id, definition.name, start, start, end, end),
+            ).fetchall()
+        return [stored_result(definition, r) for r in rows]
+
+    def values(self, definition: AssayDefinition, start: datetime | None, end: datetime | None) -> Any:
+        with self._pool.connection() as conn:
+            return log_values(conn, definition, start, end)
+
+    def first_log_time(self, workspace: str, pipeline: str) -> datetime | None:
+        with self._pool.connection() as conn:
+            return first_log_time(conn, workspace, pipeline)
+
+    def window(self, definition: AssayDefinition, start: datetime, end: datetime) -> WindowResult | None:
+        with self._pool.connection() as conn:
+            return window_result(conn, definition, start, end)
+
+
+def stored_result(definition: AssayDefinition, row: dict[str, Any]) -> WindowResult:
+    scores = Scores(
+        metric=definition.summarizer.metric,
+        score=row["score"],
+        scores=tuple(row["scores"]),
+        bin_index=row["bin_index"],
+        status=Status(row["status"]),
+    )
+    summaries = row["summaries"]
+    return WindowResult(
+        row["window_start"],
+        row["window_end"],
+        scores,
+        summary_from_json(summaries["baseline"]),
+        summary_from_json(summaries["window"]),
+    )
+
+
+def _record_fields(kind: str, pipeline: Pipeline) -> dict[str, TensorSpec] | None:
+    """Fields of a record's inputs (or outputs) with their specs, from the deployed (else latest)
+    version; None when the pipeline's steps do not tell."""
+    version = pipeline.versions[-1]
+    if pipeline.deployment is not None:
+        version = next(
+            (v for v in pipeline.versions if v.version == pipeline.deployment.pipeline_version), version
+        )
+    models = [s.champion if isinstance(s, ShadowStep) else s for s in version.steps]
+    steps = [s for s in models if isinstance(s, ResolvedStep)]
+    if not steps:
+        return None
+    if kind == "input":
+        first = steps[0]
+        return {first.source(spec.name): spec for spec in first.inputs}
+    return {spec.name: spec for spec in steps[-1].outputs}
+
+
+def _model_names(pipeline: Pipeline) -> set[str]:
+    names: set[str] = set()
+    for version in pipeline.versions:
+        for step in version.steps:
+            if isinstance(step, ResolvedStep):
+                names.add(step.model)
+            elif isinstance(step, ShadowStep):
+                names.update(m.model for m in (step.champion, *step.challengers))
+    return names
+
+
+def check_iopath(iopath: IoPath, pipeline: Pipeline) -> None:
+    fields = _record_fields(iopath.kind, pipeline)
+    if fields is None:
+        return
+    spec = fields.get(iopath.field)
+    if spec is None:
+        raise InvalidArgument(
+            f"pipeline {pipeline.name!r} has no {iopath.kind} field {iopath.field!r}; "
+            f"its {iopath.kind}s are {', '.join(sorted(fields)) or 'none'}"
+        )
+    # The first dimension of a model's tensor is the batch; a record holds one row of it.
+    per_record = spec.shape[1:]
+    if len(per_record) > 1:
+        return
+    if not per_record:
+        if iopath.index is not None:
+            raise InvalidArgument(
+                f"{iopath.kind} {iopath.field!r} is a scalar per record; drop the index {iopath.index}"
+            )
+        return
+    width = per_record[0]
+    if iopath.index is None:
+        raise InvalidArgument(
+            f"{iopath.kind} {iopath.field!r} is a vector per record; give an index, e.g. "
+            f"'{iopath.kind} {iopath.field} 0'"
+        )
+    if width > 0 and iopath.index >= width:
+        raise InvalidArgument(
+            f"index {iopath.index} is out of range for {iopath.kind} {iopath.field!r} "
+            f"of {width} values (indices 0..{width - 1})"
+        )
+
+
+class Assays:
+    """Assay operations; each authorizes the caller in the definition's workspace first."""
+
+    def __init__(self, store: Store, access: Access) -> None:
+        self.store = store
+        self.sql = AssayStore(store)
+        self.access = access
+
+    def create(self, caller: Caller, definition: AssayDefinition) -> StoredAssay:
+        ws = self.access.authorize(caller, definition.workspace, Action.WRITE)
+        try:
+            topics.validate_name("assay", definition.name)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        resolved = self._resolve(ws, definition, live=True)
+        stored = self.sql.insert(ws, resolved)
+        if stored is None:
+            raise AlreadyExists(f"assay {definition.name!r} already exists in workspace {ws.name!r}")
+        log.info(
+            "created assay %s/%s on %s %s", ws.name, definition.name, definition.pipeline, definition.iopath
+        )
+        return stored
+
+    def list_all(self, caller: Caller, workspace: str, pipeline: str) -> list[StoredAssay]:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        return self.sql.find(ws, pipeline)
+
+    def get(self, caller: Caller, workspace: str, name: str) -> StoredAssay:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        return self._get(ws, name)
+
+    def _get(self, ws: WorkspaceRef, name: str) -> StoredAssay:
+        found = self.sql.find(ws, "", name) if name else []
+        if not found:
+            raise NotFound(f"assay {name!r} not found in workspace {ws.name!r}")
+        return found[0]
+
+    def set_active(self, caller: Caller, workspace: str, name: str, active: bool) -> StoredAssay:
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
+        if not self.sql.set_active(ws, name, active):
+            raise NotFound(f"assay {name!r} not found in workspace {ws.name!r}")
+        log.info("%s assay %s/%s", "resumed" if active else "paused", ws.name, name)
+        return self._get(ws, name)
+
+    def delete(self, caller: Caller, workspace: str, name: str) -> None:
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
+        if not self.sql.delete(ws, name):
+            raise NotFound(f"assay {name!r} not found in workspace {ws.name!r}")
+        log.info("deleted assay %s/%s", ws.name, name)
+
+    def preview_baseline(self, caller: Caller, definition: AssayDefinition) -> Summary:
+        ws = self.access.authorize(caller, definition.workspace, Action.READ)
+        resolved = self._resolve(ws, definition, live=False)
+        assert resolved.baseline is not None
+        return resolved.baseline
+
+    def run_interactive(
+        self, caller: Caller, definition: AssayDefinition, end: datetime | None
+    ) -> list[WindowResult]:
+        ws = self.access.authorize(caller, definition.workspace, Action.READ)
+        resolved = self._resolve(ws, definition, live=False)
+        until = end or datetime.now(UTC)
+        if resolved.start is None:
+            return []  # nothing logged yet
+        windows = list(resolved.windows(resolved.start, until))
+        if len(windows) > MAX_INTERACTIVE_WINDOWS:
+            raise InvalidArgument(
+                f"{len(windows)} windows from {resolved.start.isoformat()} to {until.isoformat()}: "
+                f"at most {MAX_INTERACTIVE_WINDOWS} per run; "
+                "use a later start, an earlier end or a longer interval"
+            )
+        results = (self.sql.window(resolved, start, stop) for start, stop in windows)
+        return [r for r in results if r is not None]
+
+    def results(
+        self, caller: Caller, workspace: str, name: str, start: datetime | None, end: datetime | None
+    ) -> list[WindowResult]:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        stored = self._get(ws, name)
+        return self.sql.results(ws, stored.definition, start, end)
+
+    def _resolve(self, ws: WorkspaceRef, d: AssayDefinition, live: bool) -> AssayDefinition:
+        """``d`` checked, with its baseline summarised and its start filled in."""
+        pipeline = self.store.get_pipeline(ws, d.pipeline)
+        if pipeline is None:
+            raise InvalidArgument(f"pipeline {d.pipeline!r} not found in workspace {ws.name!r}")
+        check_iopath(d.iopath, pipeline)
+        if d.model and d.model not in _model_names(pipeline):
+            raise InvalidArgument(
+                f"model {d.model!r} is not a step of any version of pipeline {d.pipeline!r}; "
+                f"its models are {', '.join(sorted(_model_names(pipeline)))}"
+            )
+        if d.width.total_seconds() <= 0:
+            raise InvalidArgument(f"window width must be positive, got {d.width.total_seconds()} s")
+        if d.interval is not None and d.interval.total_seconds() <= 0:
+            raise InvalidArgument(f"window interval must be positive, got {d.interval.total_seconds()} s")
+        for name, threshold in (
+            ("alert_threshold", d.alert_threshold),
+            ("warning_threshold", d.warning_threshold),
+        ):
+            if threshold is not None and not math.isfinite(threshold):
+                raise InvalidArgument(f"{name} must be a finite number, got {threshold}")
+        try:
+            d.summarizer.check()
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        has_range = d.baseline_start is not None or d.baseline_end is not None
+        if has_range == (d.baseline_data is not None):
+            raise InvalidArgument(
+                "give the baseline as a time range (baseline_start, baseline_end) or as data"
+            )
+        if d.baseline_data is not None:
+            values: Any = d.baseline_data
+            where = "baseline_data"
+        else:
+            if d.baseline_start is None or d.baseline_end is None or d.baseline_start >= d.baseline_end:
+                raise InvalidArgument("the baseline range needs baseline_start before baseline_end")
+            values = self.sql.values(d, d.baseline_start, d.baseline_end)
+            where = (
+                f"the logs of pipeline {d.pipeline!r} at {d.iopath} from "
+                f"{d.baseline_start.isoformat()} to {d.baseline_end.isoformat()}"
+            )
+        if len(values) == 0:
+            raise InvalidArgument(f"the baseline is empty: no values in {where}")
+        try:
+            resolved = d.with_baseline(values)
+        except ValueError as exc:
+            raise InvalidArgument(f"bad baseline or summarizer: {exc}") from None
+        start = d.start or d.baseline_end
+        if start is None:
+            start = datetime.now(UTC) if live else self.sql.first_log_time(ws.name, d.pipeline)
+        # The stored form keeps the baseline summary only; its values are not kept.
+        return replace(resolved, start=start, interval=d.step)

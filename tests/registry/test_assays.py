@@ -1,0 +1,223 @@
+"""Assay definitions and interactive runs through the gRPC API, over log rows written to the database."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import numpy as np
+import psycopg
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg.types.json import Jsonb
+
+from joey import assays
+from joey.v1 import registry_pb2 as pb
+from tests.registry.helpers import Stub, rpc_error, step, upload
+
+T0 = datetime(2025, 3, 1, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+
+
+def ts(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def insert_logs(
+    db: psycopg.Connection, workspace: str, start: datetime, values: np.ndarray, tag: str
+) -> None:
+    """One log row per value, spread evenly over the hour from ``start``; the value is features[2]."""
+    step_s = 3600 / len(values)
+    with db.cursor() as cursor:
+        cursor.executemany(
+            """
+            INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id,
+                time, input_topic, input_partition, input_offset, ok, inputs, outputs)
+            VALUES (%s, 'p', 1, 'd1', %s, %s, 'in', 0, %s, true, %s, %s)
+            """,
+            [
+                (
+                    workspace,
+                    f"{tag}-{i}",
+                    start + timedelta(seconds=i * step_s),
+                    i,
+                    Jsonb({"features": [1.0, 2.0, float(v), 3.0]}),
+                    Jsonb({"label": int(v > 0), "probabilities": [0.5, 0.25, 0.25]}),
+                )
+                for i, v in enumerate(values)
+            ],
+        )
+
+
+@pytest.fixture
+def logged(stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection) -> dict[str, np.ndarray]:
+    """Pipeline "p" (iris) with a baseline hour and three window hours of logged features[2]."""
+    upload(stub, workspace, "iris", iris_bytes)
+    stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("iris")]))
+    rng = np.random.default_rng(7)
+    hours = {
+        "baseline": rng.normal(0, 1, 400),
+        "w0": rng.normal(0, 1, 300),
+        "w1": rng.normal(0.5, 1, 350),
+        "w2": rng.normal(2, 1.5, 250),
+    }
+    for n, (tag, values) in enumerate(hours.items()):
+        insert_logs(db, workspace, T0 + n * HOUR, values, tag)
+    # A failed inference (no outputs) and another pipeline's row are never counted.
+    db.execute(
+        "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id, time, "
+        "input_topic, input_partition, input_offset, ok, inputs) VALUES "
+        "(%s, 'other', 1, 'd', 'x', %s, 'in', 0, 0, true, %s)",
+        (workspace, T0 + HOUR, Jsonb({"features": [0, 0, 99.0, 0]})),
+    )
+    return hours
+
+
+def definition(workspace: str, **fields: object) -> pb.AssayDefinition:
+    values: dict[str, object] = {
+        "workspace": workspace,
+        "name": "drift",
+        "pipeline": "p",
+        "iopath": "input features 2",
+        "baseline_start": ts(T0),
+        "baseline_end": ts(T0 + HOUR),
+        "width_seconds": 3600,
+    }
+    return pb.AssayDefinition(**(values | fields))  # type: ignore[arg-type]
+
+
+def test_interactive_run_equals_offline_score(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray]
+) -> None:
+    summarizer = pb.AssaySummarizer(metric="maxdiff", num_bins=6, bin_mode="equal")
+    request = pb.RunAssayInteractiveRequest(
+        definition=definition(workspace, summarizer=summarizer, warning_threshold=0.1),
+        end=ts(T0 + 4 * HOUR),
+    )
+    results = stub.RunAssayInteractive(request).results
+    assert [r.window_start.ToDatetime(tzinfo=UTC) for r in results] == [T0 + k * HOUR for k in (1, 2, 3)]
+    for result, tag in zip(results, ("w0", "w1", "w2"), strict=True):
+        expected = assays.score(
+            logged["baseline"],
+            logged[tag],
+            num_bins=6,
+            bin_mode="equal",
+            metric="maxdiff",
+            warning_threshold=0.1,
+        )
+        assert result.score == expected.score
+        assert list(result.scores) == list(expected.scores)
+        assert result.bin_index == expected.bin_index
+        assert result.status == str(expected.status)
+        assert list(result.window_summary.bin_counts) == list(expected.window_summary.bin_counts)
+        assert list(result.baseline_summary.edges) == list(expected.baseline_summary.edges)
+        assert result.window_summary.mean == expected.window_summary.mean
+        assert result.window_summary.median == expected.window_summary.median
+    assert [r.status for r in results][-1] == "Alert"
+
+
+def test_sliding_windows_and_baseline_data(stub: Stub, workspace: str, logged: dict[str, np.ndarray]) -> None:
+    baseline = [float(v) for v in np.linspace(-2, 2, 50)]
+    request = pb.RunAssayInteractiveRequest(
+        definition=definition(
+            workspace,
+            baseline_start=None,
+            baseline_end=None,
+            baseline_data=baseline,
+            start=ts(T0 + HOUR),
+            width_seconds=7200,
+            interval_seconds=3600,
+        ),
+        end=ts(T0 + 4 * HOUR),
+    )
+    results = stub.RunAssayInteractive(request).results
+    assert len(results) == 2
+    expected = assays.score(baseline, np.concatenate([logged["w1"], logged["w2"]]))
+    assert results[1].score == expected.score
+    assert results[1].window_end.ToDatetime(tzinfo=UTC) == T0 + 4 * HOUR
+
+
+def test_preview_baseline(stub: Stub, workspace: str, logged: dict[str, np.ndarray]) -> None:
+    preview = stub.PreviewBaseline(pb.PreviewBaselineRequest(definition=definition(workspace)))
+    expected = assays.baseline_summary(logged["baseline"])
+    assert preview.count == 400 and preview.mean == expected.mean and preview.std == expected.std
+    assert list(preview.edge_names) == list(expected.edge_names)
+    assert list(preview.bin_counts) == list(expected.bin_counts)
+
+
+def test_create_list_pause_delete(stub: Stub, workspace: str, logged: dict[str, np.ndarray]) -> None:
+    created = stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace)))
+    assert created.active and created.baseline.count == 400
+    assert created.definition.start.ToDatetime(tzinfo=UTC) == T0 + HOUR  # defaults to the baseline end
+    assert created.definition.interval_seconds == 3600
+    again = rpc_error(lambda: stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace))))
+    assert again.code() == grpc.StatusCode.ALREADY_EXISTS
+    listed = stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
+    assert [a.definition.name for a in listed] == ["drift"]
+    assert not stub.ListAssays(pb.ListAssaysRequest(workspace=workspace, pipeline="other")).assays
+    paused = stub.SetAssayActive(pb.SetAssayActiveRequest(workspace=workspace, name="drift", active=False))
+    assert not paused.active
+    got = stub.GetAssay(pb.GetAssayRequest(workspace=workspace, name="drift"))
+    assert not got.active and list(got.baseline.bin_counts) == list(created.baseline.bin_counts)
+    stub.DeleteAssay(pb.DeleteAssayRequest(workspace=workspace, name="drift"))
+    gone = rpc_error(lambda: stub.GetAssay(pb.GetAssayRequest(workspace=workspace, name="drift")))
+    assert gone.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"pipeline": "nope"}, "pipeline 'nope' not found"),
+        ({"iopath": "input petals 0"}, "no input field 'petals'"),
+        ({"iopath": "input features 4"}, "index 4 is out of range"),
+        ({"iopath": "input features"}, "give an index"),
+        ({"iopath": "output label 1"}, "scalar"),
+        ({"iopath": "sideways features 1"}, "invalid iopath"),
+        ({"baseline_start": ts(T0 - 10 * HOUR), "baseline_end": ts(T0 - 9 * HOUR)}, "baseline is empty"),
+        ({"width_seconds": -5}, "must be positive"),
+        ({"summarizer": pb.AssaySummarizer(bin_weights=[1, 1, 1])}, "expected 7, got 3"),
+        ({"summarizer": pb.AssaySummarizer(metric="kl")}, "unknown metric 'kl'"),
+        ({"name": "Bad Name"}, "invalid assay name"),
+        ({"model": "nope"}, "model 'nope' is not a step"),
+    ],
+)
+def test_bad_definitions_store_nothing(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], fields: dict[str, object], message: str
+) -> None:
+    error = rpc_error(
+        lambda: stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace, **fields)))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (error.details() or "")
+    assert not stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
+
+
+def test_output_field_and_unknown_workspace(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray]
+) -> None:
+    request = pb.RunAssayInteractiveRequest(
+        definition=definition(workspace, iopath="output label"), end=ts(T0 + 2 * HOUR)
+    )
+    (result,) = stub.RunAssayInteractive(request).results
+    labels = lambda tag: (logged[tag] > 0).astype(float)  # noqa: E731
+    assert result.score == assays.score(labels("baseline"), labels("w0")).score
+    assert not math.isnan(result.score)
+    missing = rpc_error(lambda: stub.ListAssays(pb.ListAssaysRequest(workspace="no-such-ws")))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_model_filter(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], db: psycopg.Connection
+) -> None:
+    """Only rows of inferences the model took part in count; the rows of "p" start without models."""
+    db.execute(
+        "UPDATE inference_logs SET models = %s WHERE workspace = %s AND request_id LIKE 'baseline-%%' "
+        "AND input_offset %% 2 = 0",
+        (Jsonb([{"name": "iris", "version": 1, "sha256": "ab" * 32}]), workspace),
+    )
+    preview = stub.PreviewBaseline(pb.PreviewBaselineRequest(definition=definition(workspace, model="iris")))
+    assert preview.count == 200
+    assert preview.mean == assays.baseline_summary(logged["baseline"][::2]).mean
