@@ -58,7 +58,7 @@ def run_demo() -> None:
     for spec in forest.inputs + forest.outputs:
         print(f"  {spec.name}: {spec.dtype} {list(spec.shape)}")
 
-    step("deploying v1 with 2 replicas: the forest answers, the logistic regression shadows it")
+    step("deploying with 2 replicas: the forest answers, the logistic regression shadows it")
     pipeline = (
         client.build_pipeline(PIPELINE)
         .add_shadow_deploy(forest, [logreg])
@@ -87,7 +87,7 @@ def run_demo() -> None:
         f"{int(results.loc[ok, 'anomaly.count'].sum())} flagged unsure"
     )
 
-    step("rolling out v2 while serving: an A/B split, 2 parts forest to 1 part logistic regression")
+    step("rolling out a new version while serving: an A/B split, 2 parts forest to 1 part logistic regression")
     pipeline.clear().add_random_split([(2, forest), (1, logreg)], hash_key="customer")
     status = pipeline.deploy(replicas=2, on_status=on_status)
     print(f"{status.status}: pipeline version {status.pipeline_version}")
@@ -102,7 +102,7 @@ def run_demo() -> None:
         f"every one of {len(by_customer)} customers stayed with one model: {bool((by_customer == 1).all())}"
     )
 
-    step("rolling back to v1 (the version deployed before)")
+    step("rolling back to the version deployed before (the shadowed one)")
     status = pipeline.rollback(on_status=on_status)
     print(f"{status.status}: pipeline version {status.pipeline_version}")
 
