@@ -87,7 +87,7 @@ def run_demo() -> None:
         f"{int(results.loc[ok, 'anomaly.count'].sum())} flagged unsure"
     )
 
-    step("rolling out a new version while serving: an A/B split, 2 parts forest to 1 part logistic regression")
+    step("rolling out a new version while serving: an A/B split, forest 2 : 1 logistic regression")
     pipeline.clear().add_random_split([(2, forest), (1, logreg)], hash_key="customer")
     status = pipeline.deploy(replicas=2, on_status=on_status)
     print(f"{status.status}: pipeline version {status.pipeline_version}")
