@@ -34,6 +34,14 @@ POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run engines of their own go first. The `stack` fixture's engine serves every workspace
+    and finds models in its cache by sha256, so once it runs it would join their pipelines' consumer
+    groups (they publish to the same joey.deployments) and take partitions their assertions expect."""
+    engine_tests = Path(__file__).parent / "engine"
+    items.sort(key=lambda item: not item.path.is_relative_to(engine_tests))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
