@@ -18,12 +18,10 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey import heartbeats, kafka, topics
-from joey.assay_runs import AssayDefinition, WindowResult
-from joey.assays import Summary
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
-from joey_registry.assays import Assays, StoredAssay
+from joey_registry.assays import Assays
 from joey_registry.deploy_config import check_autoscale, check_resources
 from joey_registry.domain import (
     Autoscale,
@@ -274,9 +272,7 @@ class Registry:
         replicas = self._replicas(replicas, autoscale)
         check_resources(resources)
         _non_negative_version(f"pipeline {pipeline!r}", version)
-        with self.store.lock_pipeline(ws, pipeline) as lock:
-            if lock is None:
-                raise NotFound(f"pipeline {pipeline!r} not found in workspace {workspace!r}")
+        with self._locked(ws, pipeline) as lock:
             return self._deploy(lock, version, replicas, autoscale, resources)
 
     def rollback(self, caller: Caller, workspace: str, pipeline: str, version: int) -> Deployment:
@@ -284,9 +280,7 @@ class Registry:
         deployment's replicas, autoscaling and resources, rolled out like any deploy."""
         ws = self.access.authorize(caller, workspace, Action.DEPLOY)
         _non_negative_version(f"pipeline {pipeline!r}", version)
-        with self.store.lock_pipeline(ws, pipeline) as lock:
-            if lock is None:
-                raise NotFound(f"pipeline {pipeline!r} not found in workspace {workspace!r}")
+        with self._locked(ws, pipeline) as lock:
             current = lock.deployment()
             if current is None or not current.active:
                 raise FailedPrecondition(
@@ -307,6 +301,14 @@ class Registry:
                 "rolling %s/%s back from v%d to v%d", ws.name, pipeline, current.pipeline_version, target
             )
             return self._deploy(lock, target, current.replicas, current.autoscale, current.resources)
+
+    @contextmanager
+    def _locked(self, ws: WorkspaceRef, pipeline: str) -> Iterator[PipelineLock]:
+        """The pipeline's row lock for the block; NotFound when there is no such pipeline."""
+        with self.store.lock_pipeline(ws, pipeline) as lock:
+            if lock is None:
+                raise NotFound(f"pipeline {pipeline!r} not found in workspace {ws.name!r}")
+            yield lock
 
     def _replicas(self, replicas: int, autoscale: Autoscale | None) -> int:
         """The replicas to start with, after checking them (and ``autoscale``) against the partitions."""
@@ -385,9 +387,7 @@ class Registry:
 
     def undeploy(self, caller: Caller, workspace: str, pipeline: str) -> Deployment:
         ws = self.access.authorize(caller, workspace, Action.DEPLOY)
-        with self.store.lock_pipeline(ws, pipeline) as lock:
-            if lock is None:
-                raise NotFound(f"pipeline {pipeline!r} not found in workspace {workspace!r}")
+        with self._locked(ws, pipeline) as lock:
             current = lock.deployment()
             if current is None or not current.active:
                 raise FailedPrecondition(f"pipeline {pipeline!r} in workspace {workspace!r} is not deployed")
@@ -476,33 +476,3 @@ class Registry:
         total = counted if counted is not None else found.total or 0
         token = page_tokens.encode(query, found.following, total) if found.following else ""
         return LogPage(found.entries, total, token)
-
-    # --- assays (the logic is in joey_registry.assays; each call authorizes there) ---
-
-    def create_assay(self, caller: Caller, definition: AssayDefinition) -> StoredAssay:
-        return self.assays.create(caller, definition)
-
-    def list_assays(self, caller: Caller, workspace: str, pipeline: str) -> list[StoredAssay]:
-        return self.assays.list_all(caller, workspace, pipeline)
-
-    def get_assay(self, caller: Caller, workspace: str, name: str) -> StoredAssay:
-        return self.assays.get(caller, workspace, name)
-
-    def set_assay_active(self, caller: Caller, workspace: str, name: str, active: bool) -> StoredAssay:
-        return self.assays.set_active(caller, workspace, name, active)
-
-    def delete_assay(self, caller: Caller, workspace: str, name: str) -> None:
-        self.assays.delete(caller, workspace, name)
-
-    def preview_baseline(self, caller: Caller, definition: AssayDefinition) -> Summary:
-        return self.assays.preview_baseline(caller, definition)
-
-    def run_assay_interactive(
-        self, caller: Caller, definition: AssayDefinition, end: datetime | None
-    ) -> list[WindowResult]:
-        return self.assays.run_interactive(caller, definition, end)
-
-    def assay_results(
-        self, caller: Caller, workspace: str, name: str, start: datetime | None, end: datetime | None
-    ) -> list[WindowResult]:
-        return self.assays.results(caller, workspace, name, start, end)

@@ -180,37 +180,37 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     @_unary
     def CreateAssay(self, request: pb.CreateAssayRequest, caller: Caller) -> pb.Assay:
-        stored = self.registry.create_assay(caller, assay_convert.definition(request.definition))
+        stored = self.registry.assays.create(caller, assay_convert.definition(request.definition))
         return assay_convert.assay(stored)
 
     @_unary
     def ListAssays(self, request: pb.ListAssaysRequest, caller: Caller) -> pb.ListAssaysResponse:
-        assays = self.registry.list_assays(caller, request.workspace, request.pipeline)
+        assays = self.registry.assays.list_all(caller, request.workspace, request.pipeline)
         return pb.ListAssaysResponse(assays=[assay_convert.assay(a) for a in assays])
 
     @_unary
     def GetAssay(self, request: pb.GetAssayRequest, caller: Caller) -> pb.Assay:
-        return assay_convert.assay(self.registry.get_assay(caller, request.workspace, request.name))
+        return assay_convert.assay(self.registry.assays.get(caller, request.workspace, request.name))
 
     @_unary
     def SetAssayActive(self, request: pb.SetAssayActiveRequest, caller: Caller) -> pb.Assay:
-        stored = self.registry.set_assay_active(caller, request.workspace, request.name, request.active)
+        stored = self.registry.assays.set_active(caller, request.workspace, request.name, request.active)
         return assay_convert.assay(stored)
 
     @_unary
     def DeleteAssay(self, request: pb.DeleteAssayRequest, caller: Caller) -> pb.DeleteAssayResponse:
-        self.registry.delete_assay(caller, request.workspace, request.name)
+        self.registry.assays.delete(caller, request.workspace, request.name)
         return pb.DeleteAssayResponse()
 
     @_unary
     def PreviewBaseline(self, request: pb.PreviewBaselineRequest, caller: Caller) -> pb.AssaySummary:
-        summary = self.registry.preview_baseline(caller, assay_convert.definition(request.definition))
+        summary = self.registry.assays.preview_baseline(caller, assay_convert.definition(request.definition))
         return assay_convert.summary(summary)
 
     @_unary
     def RunAssayInteractive(self, request: pb.RunAssayInteractiveRequest, caller: Caller) -> pb.AssayResults:
         end = convert.optional_datetime(request, "end")  # type: ignore[arg-type]
-        results = self.registry.run_assay_interactive(
+        results = self.registry.assays.run_interactive(
             caller, assay_convert.definition(request.definition), end
         )
         return assay_convert.results(results)
@@ -219,5 +219,5 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def GetAssayResults(self, request: pb.GetAssayResultsRequest, caller: Caller) -> pb.AssayResults:
         start = convert.optional_datetime(request, "start")  # type: ignore[arg-type]
         end = convert.optional_datetime(request, "end")  # type: ignore[arg-type]
-        results = self.registry.assay_results(caller, request.workspace, request.name, start, end)
+        results = self.registry.assays.results(caller, request.workspace, request.name, start, end)
         return assay_convert.results(results, request.name)
