@@ -141,11 +141,6 @@ class AssayDefinition:
             yield window_start, window_start + self.width
             window_start += self.step
 
-    def window_at(self, index: int) -> tuple[datetime, datetime]:
-        assert self.start is not None
-        window_start = self.start + index * self.step
-        return window_start, window_start + self.width
-
     def score(self, window: Summary) -> Scores:
         assert self.baseline is not None
         s = self.summarizer
@@ -231,21 +226,6 @@ class WindowResult:
     scores: Scores
     baseline: Summary
     window: Summary
-
-    def to_json(self, assay: str) -> dict[str, Any]:
-        """The record published on joey.assays.results."""
-        return {
-            "assay": assay,
-            "window_start": self.window_start.isoformat(),
-            "window_end": self.window_end.isoformat(),
-            "score": self.scores.score,
-            "scores": list(self.scores.scores),
-            "bin_index": self.scores.bin_index,
-            "status": str(self.scores.status),
-            "metric": self.scores.metric,
-            "baseline_summary": summary_to_json(self.baseline),
-            "window_summary": summary_to_json(self.window),
-        }
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -237,18 +237,8 @@ def _parse_maps(
 
 
 def _parse_challengers(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
-    challengers: list[str] = []
-    for value in values:
-        model, colon, version = value.strip().partition(":")
-        if not model or (colon and not (version.isdigit() and int(version) > 0)):
-            raise click.BadParameter(
-                "expected MODEL or MODEL:VERSION (VERSION a positive number), e.g. --challenger iris-b:2, "
-                f"got {value!r}",
-                ctx,
-                param,
-            )
-        challengers.append(value.strip())
-    return challengers
+    usage = "MODEL or MODEL:VERSION, e.g. --challenger iris-b:2"
+    return [_model_spec(ctx, param, value, usage) for value in values]
 
 
 def _model_spec(ctx: click.Context, param: click.Parameter, value: str, usage: str) -> str:
@@ -285,7 +275,7 @@ def _parse_routes(ctx: click.Context, param: click.Parameter, values: tuple[str,
         key, equals, model = value.rpartition("=")
         if not equals:
             raise click.BadParameter(
-                f"expected VALUE=MODEL[:VERSION], e.g. --route gold=iris-b, got {value!r}"
+                f"expected VALUE=MODEL[:VERSION], e.g. --route gold=iris-b, got {value!r}", ctx, param
             )
         if key in routes:
             raise click.BadParameter(f"value {key!r} is routed twice", ctx, param)

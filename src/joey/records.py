@@ -27,6 +27,8 @@ import numpy as np
 
 REQUEST_ID_HEADER = "request-id"
 DEADLINE_HEADER = "deadline-ms"
+DEADLINE_EXCEEDED = "deadline exceeded"
+"""How the reason of a record dropped past its deadline starts; synchronous callers match on it."""
 CONTENT_TYPE_HEADER = "content-type"
 LOG_CONTENT_TYPE = "application/avro; schema=joey.v1.InferenceLog"
 

@@ -63,11 +63,11 @@ class Assayer:
             while not stop.is_set():
                 self.observe(consumer.consume(1000, timeout=s.tick_s))
                 try:
-                    self.publish(producer)
                     if self.logger_caught_up(logger_offsets):
                         self.close_windows(datetime.now(UTC))
-                        self.publish(producer)
                         self.commit(consumer)
+                    # Also retries what an earlier tick stored but could not publish.
+                    self.publish(producer)
                 except psycopg.OperationalError as exc:
                     # Nothing is lost while Postgres is away: windows stay due and are scored later.
                     log.warning("database unavailable, scoring later: %s", exc)
@@ -122,25 +122,20 @@ class Assayer:
         watermark = self.watermarks.get((d.workspace, d.pipeline))
         return watermark is not None and watermark - self.lateness >= end
 
-    def close_windows(self, now: datetime) -> int:
-        """Score every due window of every active assay (up to the per-tick limit); the number stored."""
+    def close_windows(self, now: datetime) -> None:
+        """Score every due window of every active assay, up to the per-tick limit."""
         budget = self.settings.max_windows_per_tick
-        stored = 0
         for assay in self.store.active_assays():
-            while budget > 0:
-                start, end = self.store.next_window(assay)
-                if not self.due(assay, end, now):
-                    break
+            start, end = self.store.next_window(assay)
+            step = assay.definition.step
+            while budget > 0 and self.due(assay, end, now):
                 budget -= 1
-                if self.store.score_window(assay, start, end):
-                    stored += 1
-                    log.info(
-                        "scored assay %s/%s window %s",
-                        assay.definition.workspace,
-                        assay.definition.name,
-                        start,
-                    )
-        return stored
+                if not self.store.score_window(assay, start, end):
+                    break  # stored by another assayer, or the assay was deleted: look again next tick
+                log.info(
+                    "scored assay %s/%s window %s", assay.definition.workspace, assay.definition.name, start
+                )
+                start, end = start + step, end + step
 
     def publish(self, producer: Producer) -> None:
         pending = self.store.unpublished()

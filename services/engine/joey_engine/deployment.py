@@ -115,24 +115,44 @@ class Deployment:
     def splits(self) -> tuple[Split, ...]:
         return tuple(step for step in self.steps if isinstance(step, Split))
 
-    @property
+    @cached_property
     def models(self) -> list[dict[str, str | int]]:
         """The models that produce the result, but for split arms (see ``models_of``); no challengers."""
         return [step.ref() for step in self.model_steps]
 
     def models_of(self, chosen: tuple[str, ...] | None) -> list[dict[str, str | int]]:
         """The models that served one record: every model step and, per split step, the arm named in
-        ``chosen`` (in step order). None means the record failed before any arm was chosen for it."""
+        ``chosen`` (in step order). None means the record failed before any arm was chosen for it.
+
+        Built once per distinct choice (a handful), since every record of a split pipeline asks."""
         if not self.splits:
             return self.models
-        picks = iter(chosen or ())
-        refs = []
-        for step in self.steps:
-            if isinstance(step, Step):
-                refs.append(step.ref())
-            elif isinstance(step, Split) and chosen is not None:
-                refs.append(step.arm(next(picks)).ref())
-        return refs
+        found = self._served.get(chosen)
+        if found is None:
+            picks = iter(chosen or ())
+            found = []
+            for step in self.steps:
+                if isinstance(step, Step):
+                    found.append(step.ref())
+                elif isinstance(step, Split) and chosen is not None:
+                    found.append(step.arm(next(picks)).ref())
+            self._served[chosen] = found
+        return found
+
+    def models_json(self, chosen: tuple[str, ...] | None) -> str:
+        """``models_of(chosen)`` as JSON text, encoded once per distinct choice."""
+        text = self._served_json.get(chosen)
+        if text is None:
+            text = self._served_json[chosen] = dumps_text(self.models_of(chosen))
+        return text
+
+    @cached_property
+    def _served(self) -> dict[tuple[str, ...] | None, list[dict[str, str | int]]]:
+        return {}
+
+    @cached_property
+    def _served_json(self) -> dict[tuple[str, ...] | None, str]:
+        return {}
 
     @cached_property
     def check_names(self) -> tuple[str, ...]:

@@ -59,7 +59,8 @@ class Source:
             return None
         late = now_ms - self.deadline_ms
         return Failure(
-            f"deadline exceeded {late:.0f} ms before a replica reached the record; not processed", None
+            f"{records.DEADLINE_EXCEEDED} {late:.0f} ms before a replica reached the record; not processed",
+            None,
         )
 
     @property
@@ -80,15 +81,13 @@ def _deadline_ms(text: str | None) -> float | None:
         return None
 
 
-def _metadata_text(
-    deployment: Deployment, source: Source, result: Result, elapsed_ns: tuple[int, ...] | None = None
-) -> str:
-    elapsed = "" if elapsed_ns is None else f',"elapsed_ns":[{",".join(map(str, elapsed_ns))}]'
+def _metadata_text(deployment: Deployment, source: Source, result: Result) -> str:
+    elapsed = (
+        f',"elapsed_ns":[{",".join(map(str, result.elapsed_ns))}]' if isinstance(result, Success) else ""
+    )
     position = f'"partition":{source.partition},"offset":{source.offset}'
     # With split steps the models differ per record, so they are not among the shared members.
-    models = (
-        f',"models":{records.dumps_text(deployment.models_of(result.split))}' if deployment.splits else ""
-    )
+    models = f',"models":{deployment.models_json(result.split)}' if deployment.splits else ""
     return f"{{{deployment.shared_metadata_json}{models},{position}{elapsed}}}"
 
 
@@ -129,7 +128,7 @@ def output_value(deployment: Deployment, source: Source, result: Success, now: d
         f'{{"time":"{_time_text(now)}","request_id":{json.dumps(source.request_id)},'
         f'"in":{source.value_json},"out":{result.outputs_json},'
         f"{shadow}{checks},"
-        f'"metadata":{_metadata_text(deployment, source, result, result.elapsed_ns)}}}'
+        f'"metadata":{_metadata_text(deployment, source, result)}}}'
     ).encode()
 
 

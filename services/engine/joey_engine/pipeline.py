@@ -376,7 +376,7 @@ def _by_record(shadowed: list[_Shadowed], n: int) -> list[tuple[dict[str, dict[s
 
 
 def _part(batch: Any, start: int, stop: int | None) -> Any:
-    """Records ``start:stop`` of a batch: a list of per-record arrays or a dict of columns (or None)."""
+    """Records ``start:stop`` of a batch: per-record arrays, a dict of columns, split choices (or None)."""
     if isinstance(batch, dict):
         return {name: column[start:stop] for name, column in batch.items()}
     return None if batch is None else batch[start:stop]
@@ -557,8 +557,11 @@ class PipelineRunner:
         rows: list[dict[str, Any]],
         arrays: list[dict[str, np.ndarray]] | None,
         feeds: dict[str, np.ndarray] | None,
+        choices: np.ndarray | None = None,
     ) -> list[Result]:
-        choices = self._choose(rows)
+        """``choices``: the split arms already drawn for these records (a retried record keeps its arm)."""
+        if choices is None:
+            choices = self._choose(rows)
         try:
             if feeds is None:
                 assert arrays is not None
@@ -567,13 +570,21 @@ class PipelineRunner:
             ran = self._infer(feeds, rows, choices)
         except StepAborted as exc:
             if not exc.crashed or len(rows) == 1:
-                return [Failure(str(exc), row) for row in rows]
+                chosen = [None] * len(rows) if choices is None else self._chosen(choices)
+                return [Failure(str(exc), row, split) for row, split in zip(rows, chosen, strict=True)]
             # A restart costs a fraction of a second: bisecting finds the culprits in about log2(n) of them.
             half = len(rows) // 2
             log.warning("batch of %d records crashed a step (%s); retrying it in halves", len(rows), exc)
             return [
-                *self._run_valid(rows[:half], _part(arrays, 0, half), _part(feeds, 0, half)),
-                *self._run_valid(rows[half:], _part(arrays, half, None), _part(feeds, half, None)),
+                *self._run_valid(
+                    rows[:half], _part(arrays, 0, half), _part(feeds, 0, half), _part(choices, 0, half)
+                ),
+                *self._run_valid(
+                    rows[half:],
+                    _part(arrays, half, None),
+                    _part(feeds, half, None),
+                    _part(choices, half, None),
+                ),
             ]
         except (StepError, ValueError) as exc:
             # Dynamic dimensions of different sizes cannot be stacked, and one odd record can make a model

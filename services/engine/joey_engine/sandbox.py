@@ -36,11 +36,6 @@ ERROR = b"E"
 _PARENT_POLL_S = 0.2
 
 
-def numpy_dtype(dtype: str) -> np.dtype[Any]:
-    """A declared dtype (the registry's names) as numpy's: the registry calls strings "string"."""
-    return np.dtype("str" if dtype in ("string", "str") else dtype)
-
-
 def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     out = io.BytesIO()
     header = json.dumps(list(arrays)).encode()
@@ -83,7 +78,7 @@ def conform(result: Any, outputs: Sequence[tuple[str, str, Sequence[int]]], n: i
             array = np.asarray(result[name])
         except ValueError:
             raise ContractError(f"output {name!r} is not a rectangular array") from None
-        target = numpy_dtype(dtype)
+        target = np.dtype(dtype)  # numpy's names: the runtime declares strings as str
         if target.kind == "U":
             if array.dtype.kind not in "USO":
                 raise ContractError(f"output {name!r} has dtype {array.dtype}, declared {dtype}")

@@ -187,7 +187,7 @@ class ReplicaWorker:
         now_ms = time.time() * 1000
         expired = {i: failure for i, s in enumerate(sources) if (failure := s.expired(now_ms)) is not None}
         fresh = [s.value for i, s in enumerate(sources) if i not in expired]
-        ran = iter(self._runner.run(fresh) if fresh else [])
+        ran = iter(self._runner.run(fresh))
         results = [expired[i] if i in expired else next(ran) for i in range(len(sources))]
         now = datetime.now(UTC)
         deployment, names, deliver = self.deployment, self.deployment.topics, self._tracker.on_delivery

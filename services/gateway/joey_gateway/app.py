@@ -43,7 +43,8 @@ def serve() -> None:
             if stop.wait(settings.heartbeat_ttl_s / 3):
                 break
     finally:
-        # Refuse new calls, let those in flight finish (each ends by its deadline), then stop reading replies.
+        # Stop accepting connections (an open keep-alive one can still send), let calls in flight finish
+        # (each ends by its deadline), then stop reading replies.
         http.shutdown()
         stopped = grpc.stop(grace=settings.request_timeout_s)
         if not gateway.drain(settings.request_timeout_s):

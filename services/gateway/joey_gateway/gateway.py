@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, Producer
 
 from joey import topics
 from joey.kafka import producer_config
-from joey.records import DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
+from joey.records import DEADLINE_EXCEEDED, DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
 from joey.streaming import Reply
 from joey_gateway import metrics
 from joey_gateway.catalog import Catalog, PipelineInfo
@@ -31,8 +31,6 @@ from joey_gateway.tensors import InferRequest, InferResponse, Tensor, from_rows,
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "joey"
-DEADLINE_REASON = "deadline exceeded"
-"""How the engine's reason for a record it dropped as expired begins."""
 
 
 class Gateway:
@@ -145,7 +143,7 @@ class Gateway:
             if not call.done.wait(max(0.0, deadline - time.time())):
                 raise GatewayError(
                     Status.DEADLINE_EXCEEDED,
-                    f"deadline exceeded: {len(call.replies)} of {len(rows)} records answered in time "
+                    f"{DEADLINE_EXCEEDED}: {len(call.replies)} of {len(rows)} records answered in time "
                     f"by pipeline {info.pipeline!r} (status {info.status})",
                 )
         except BufferError:
@@ -165,7 +163,7 @@ class Gateway:
                 reason = str(reply.body.get("error", "unknown error"))
                 status = (
                     Status.DEADLINE_EXCEEDED
-                    if reason.startswith(DEADLINE_REASON)
+                    if reason.startswith(DEADLINE_EXCEEDED)
                     else Status.INVALID_ARGUMENT
                 )
                 where = f" (row {index} of the batch)" if len(replies) > 1 else ""

@@ -92,7 +92,6 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
         inputs.append(Tensor(tensor.name, tensor.datatype, data))
     return InferRequest(
         model=request.model_name,
-        version=request.model_version,
         id=request.id,
         inputs=inputs,
         outputs=[output.name for output in request.outputs],

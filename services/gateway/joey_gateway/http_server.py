@@ -81,7 +81,6 @@ def decode_request(model: str, version: str, body: bytes, header_length: int | N
     timeout = parameters.get("timeout")
     request = InferRequest(
         model=model,
-        version=version,
         id=str(document.get("id", "")),
         inputs=inputs,
         outputs=[str(o["name"]) for o in outputs],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,13 +31,10 @@ _NUMPY = {
     "BYTES": np.dtype(np.object_),
 }
 _OIP = {dtype.name: name for name, dtype in _NUMPY.items() if name != "BYTES"}
-_TEXT_DTYPES = {"string", "str", "object", "bytes"}
 
 
 def oip_datatype(numpy_name: str) -> str:
-    """The OIP datatype of a numpy dtype name (float32 -> FP32, string -> BYTES)."""
-    if numpy_name in _TEXT_DTYPES or numpy_name.startswith(("str", "<U", "|S")):
-        return "BYTES"
+    """The OIP datatype of a numpy dtype name: float32 -> FP32; anything not numeric (string) -> BYTES."""
     return _OIP.get(numpy_name, "BYTES")
 
 
@@ -55,7 +52,6 @@ class Tensor:
     name: str
     datatype: str
     data: np.ndarray[Any, Any]
-    parameters: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shape(self) -> list[int]:
@@ -65,7 +61,6 @@ class Tensor:
 @dataclass
 class InferRequest:
     model: str
-    version: str
     id: str
     inputs: list[Tensor]
     outputs: list[str]

@@ -28,11 +28,6 @@ def definition(message: pb.AssayDefinition) -> AssayDefinition:
         metric=cast(Metric, s.metric or "psi"),
         bin_weights=tuple(s.bin_weights) if s.bin_weights else None,
     )
-    if message.width_seconds < 0 or message.interval_seconds < 0:
-        raise InvalidArgument(
-            f"window width and interval must be positive, got {message.width_seconds} s "
-            f"and {message.interval_seconds} s"
-        )
     return AssayDefinition(
         workspace=message.workspace,
         name=message.name,
