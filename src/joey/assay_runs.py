@@ -1,10 +1,10 @@
 """Assay definitions, their windows, and scoring a window from the inference log.
 
-Shared by the registry (interactive runs over past logs) and the assayer (live results): both
-score a window with :func:`window_result`, which reads the window's values from
-``inference_logs`` and scores them with :mod:`joey.assays`, so the two paths give the same
-numbers for the same window by construction. The logger's table is deduplicated on the input
-record's identity, so a replayed log record is one row and counted once.
+Shared by the registry (interactive runs over past logs), the loggers (which count each new
+log row into its assays' open windows) and the assayer (live results). Every path selects
+values with :func:`values_query` and counts them into :class:`joey.assays.streaming.WindowCounts`,
+whose summary depends only on the set of values, so the live and interactive results of a
+window are the same to the last bit.
 """
 
 from __future__ import annotations
@@ -31,19 +31,15 @@ from joey.assays import (
     Metric,
     Scores,
     Summary,
-    aggregate,
     baseline_summary,
-    bin_counts,
     score_counts,
-    summarize,
 )
+from joey.assays.streaming import WindowCounts
 
 DEFAULT_WIDTH = timedelta(hours=24)
 DEFAULT_ALERT_THRESHOLD = 0.25
 # Values fetched from Postgres per round trip when a window or baseline is read.
 FETCH_ROWS = 50_000
-# Larger windows are binned chunk by chunk (8 bytes a value: 80 MB).
-MAX_IN_MEMORY_VALUES = 10_000_000
 
 _IOPATH = re.compile(r"^\s*(input|output)\s+(\S+)(?:\s+(\d+))?\s*$")
 
@@ -299,26 +295,39 @@ def summary_from_json(data: dict[str, Any]) -> Summary:
 # --- reading values from the inference log ---
 
 
-def _values_query(definition: AssayDefinition) -> sql.Composed:
+def values_query(
+    definition: AssayDefinition, rows: sql.Composable, *, with_time: bool = False
+) -> sql.Composed:
+    """The iopath's numbers in the pipeline's log rows matching ``rows`` (a condition on
+    ``inference_logs``), oldest first; with their ``time`` first when ``with_time``.
+
+    Rows where the path is missing or not a number (failed inferences have no outputs) are
+    skipped. The interactive runs, the assayer's backfill and the loggers' live counting all
+    select values with this one query, so they agree on which rows count and on their values.
+    """
     value = definition.iopath.expression()
+    columns = sql.SQL("time, ({value})::float8" if with_time else "({value})::float8").format(value=value)
     return sql.SQL(
-        "SELECT ({value})::float8 FROM inference_logs "
-        "WHERE workspace = %(workspace)s AND pipeline = %(pipeline)s "
-        "AND (%(start)s::timestamptz IS NULL OR time >= %(start)s) "
-        "AND (%(end)s::timestamptz IS NULL OR time < %(end)s) "
+        "SELECT {columns} FROM inference_logs "
+        "WHERE workspace = %(workspace)s AND pipeline = %(pipeline)s AND {rows} "
         "AND jsonb_typeof({value}) = 'number' "
         "AND (%(model)s = '' OR models @> jsonb_build_array(jsonb_build_object('name', %(model)s::text))) "
         "ORDER BY time, id"
-    ).format(value=value)
+    ).format(columns=columns, rows=rows, value=value)
 
 
-def _params(definition: AssayDefinition, start: datetime | None, end: datetime | None) -> dict[str, Any]:
+_IN_RANGE = sql.SQL(
+    "(%(start)s::timestamptz IS NULL OR time >= %(start)s) "
+    "AND (%(end)s::timestamptz IS NULL OR time < %(end)s)"
+)
+
+
+def query_params(definition: AssayDefinition, **extra: Any) -> dict[str, Any]:
     return {
         "workspace": definition.workspace,
         "pipeline": definition.pipeline,
-        "start": start,
-        "end": end,
         "model": definition.model,
+        **extra,
     }
 
 
@@ -329,13 +338,10 @@ def value_chunks(
     end: datetime | None,
 ) -> Iterator[npt.NDArray[np.float64]]:
     """The iopath's numbers in the pipeline's logs with ``start <= time < end``, oldest first, in
-    chunks of at most FETCH_ROWS read through a server-side cursor.
-
-    Rows where the path is missing or not a number (failed inferences have no outputs) are skipped.
-    """
+    chunks of at most FETCH_ROWS read through a server-side cursor."""
     with conn.cursor(name="assay_values") as cursor:
         cursor.itersize = FETCH_ROWS
-        cursor.execute(_values_query(definition), _params(definition, start, end))
+        cursor.execute(values_query(definition, _IN_RANGE), query_params(definition, start=start, end=end))
         while rows := cursor.fetchmany(FETCH_ROWS):
             yield np.fromiter((_first(row) for row in rows), dtype=np.float64, count=len(rows))
 
@@ -366,93 +372,27 @@ def first_log_time(conn: psycopg.Connection[Any], workspace: str, pipeline: str)
     return cast(datetime | None, first)
 
 
-def window_result(
-    conn: psycopg.Connection[Any],
-    definition: AssayDefinition,
-    start: datetime,
-    end: datetime,
-    max_in_memory: int = MAX_IN_MEMORY_VALUES,
-) -> WindowResult | None:
-    """The score of the window ``[start, end)``, or None when it holds no value.
-
-    A window of up to ``max_in_memory`` values is summarised exactly as :func:`joey.assays.score`
-    does. A larger one is binned chunk by chunk, so memory stays bounded by the chunk size: its
-    bin counts, and so its scores and status, are still exact; mean and std are then summed chunk
-    by chunk and the median is Postgres' ``percentile_cont(0.5)``, equal to numpy's up to rounding
-    in the last digits.
-    """
+def result_of(
+    definition: AssayDefinition, start: datetime, end: datetime, counts: WindowCounts
+) -> WindowResult:
+    """The result of the window ``[start, end)`` whose values were counted into ``counts``."""
     baseline = definition.baseline
     assert baseline is not None
-    aggregation = definition.summarizer.aggregation
-    held: list[npt.NDArray[np.float64]] = []
-    held_count = 0
-    streamed: _Moments | None = None
-    for chunk in value_chunks(conn, definition, start, end):
-        if streamed is None:
-            held.append(chunk)
-            held_count += chunk.size
-            if held_count <= max_in_memory:
-                continue
-            streamed = _Moments(baseline.bins.count)
-            for part in held:
-                streamed.add(part, baseline.bins)
-            held = []
-        else:
-            streamed.add(chunk, baseline.bins)
-    if streamed is not None:
-        window = streamed.summary(baseline.bins, aggregation, _median(conn, definition, start, end))
-    elif held_count:
-        window = summarize(np.concatenate(held), baseline.bins, aggregation=aggregation)
-    else:
-        return None
+    window = counts.summary(baseline.bins, definition.summarizer.aggregation)
     return WindowResult(start, end, definition.score(window), baseline, window)
 
 
-class _Moments:
-    """Counts and moments of a window added chunk by chunk (Chan et al.'s parallel variance)."""
-
-    def __init__(self, bins: int) -> None:
-        self.counts = np.zeros(bins, dtype=np.int64)
-        self.n = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-        self.min = math.inf
-        self.max = -math.inf
-
-    def add(self, chunk: npt.NDArray[np.float64], bins: Bins) -> None:
-        self.counts += bin_counts(chunk, bins)
-        n = chunk.size
-        mean = float(chunk.mean())
-        m2 = float(((chunk - mean) ** 2).sum())
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta * delta * self.n * n / total
-        self.n = total
-        self.min = min(self.min, float(chunk.min()))
-        self.max = max(self.max, float(chunk.max()))
-
-    def summary(self, bins: Bins, aggregation: Aggregation, median: float) -> Summary:
-        return Summary(
-            count=self.n,
-            min=self.min,
-            max=self.max,
-            mean=self.mean,
-            median=median,
-            std=math.sqrt(self.m2 / self.n),
-            bins=bins,
-            bin_counts=tuple(self.counts.tolist()),
-            aggregation=aggregation,
-            aggregated_values=tuple(aggregate(self.counts, aggregation).tolist()),
-        )
-
-
-def _median(
+def window_result(
     conn: psycopg.Connection[Any], definition: AssayDefinition, start: datetime, end: datetime
-) -> float:
-    query = sql.SQL("SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v) FROM ({values}) AS w(v)").format(
-        values=_values_query(definition)
-    )
-    row = conn.execute(query, _params(definition, start, end)).fetchone()
-    assert row is not None
-    return float(row[0] if isinstance(row, tuple) else next(iter(row.values())))
+) -> WindowResult | None:
+    """The score of the window ``[start, end)`` read from the log, or None when it holds no value.
+
+    The values are counted chunk by chunk into :class:`joey.assays.streaming.WindowCounts`, the
+    state the live assayer keeps per window, so memory stays bounded and the result is the
+    live one to the last bit.
+    """
+    assert definition.baseline is not None
+    counts = WindowCounts.empty(definition.baseline.bins)
+    for chunk in value_chunks(conn, definition, start, end):
+        counts.add(chunk, definition.baseline.bins)
+    return result_of(definition, start, end, counts) if counts.count else None

@@ -1,4 +1,4 @@
-"""Scoring a window from the inference log: in memory, and chunk by chunk for large windows."""
+"""Scoring a window from the inference log, read in chunks into the live assayer's counts."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from psycopg.types.json import Jsonb
 
 from joey import assay_runs, assays
 from joey.assay_runs import AssayDefinition, IoPath, window_result
+from joey.assays.streaming import WindowCounts
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
 
-def test_large_windows_are_binned_in_chunks_with_the_same_scores(
+def test_a_window_read_in_chunks_equals_its_values_counted_at_once(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(assay_runs, "FETCH_ROWS", 64)  # 16 chunks, the last one partial
@@ -37,19 +38,12 @@ def test_large_windows_are_binned_in_chunks_with_the_same_scores(
         definition = AssayDefinition(
             workspace=workspace, name="a", pipeline="p", iopath=IoPath.parse("input x 1")
         ).with_baseline(baseline)
-        end = T0 + timedelta(hours=1)
-        exact = window_result(conn, definition, T0, end)
-        chunked = window_result(conn, definition, T0, end, max_in_memory=100)
+        result = window_result(conn, definition, T0, T0 + timedelta(hours=1))
+        empty = window_result(conn, definition, T0 - timedelta(hours=1), T0)
+    assert result is not None and empty is None
+    bins = result.baseline.bins
+    assert result.window == WindowCounts.of(values[::-1], bins).summary(bins, "density")
     expected = assays.score(baseline, values)
-    assert exact is not None and chunked is not None
-    assert exact.window == expected.window_summary and exact.scores.score == expected.score
-    assert chunked.scores == exact.scores  # counts are exact, so every score and the status are too
-    assert chunked.window.bin_counts == exact.window.bin_counts
-    assert (chunked.window.count, chunked.window.min, chunked.window.max) == (
-        1001,
-        values.min(),
-        values.max(),
-    )
-    assert chunked.window.mean == pytest.approx(values.mean(), rel=1e-12)
-    assert chunked.window.std == pytest.approx(values.std(), rel=1e-12)
-    assert chunked.window.median == pytest.approx(np.median(values), rel=1e-12)
+    assert result.scores.score == expected.score and result.scores.status == expected.status
+    assert result.window.bin_counts == expected.window_summary.bin_counts
+    assert (result.window.count, result.window.min, result.window.max) == (1001, values.min(), values.max())

@@ -114,8 +114,17 @@ def test_interactive_run_equals_offline_score(
         assert result.status == str(expected.status)
         assert list(result.window_summary.bin_counts) == list(expected.window_summary.bin_counts)
         assert list(result.baseline_summary.edges) == list(expected.baseline_summary.edges)
-        assert result.window_summary.mean == expected.window_summary.mean
-        assert result.window_summary.median == expected.window_summary.median
+        # A window's summary is the live assayer's (joey.assays.streaming): its mean is the
+        # correctly rounded one, numpy's may differ in the last bit; its median is estimated.
+        window = result.window_summary
+        assert (window.count, window.min, window.max) == (
+            len(logged[tag]),
+            logged[tag].min(),
+            logged[tag].max(),
+        )
+        assert window.mean == pytest.approx(expected.window_summary.mean, rel=1e-14)
+        assert window.std == pytest.approx(expected.window_summary.std, rel=1e-14)
+        assert window.median == pytest.approx(expected.window_summary.median, rel=0.02)
     assert [r.status for r in results][-1] == "Alert"
 
 

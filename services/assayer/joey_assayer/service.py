@@ -1,9 +1,11 @@
 """The live assayer loop.
 
-Design (docs/assays.md, "Live assays"): a closed window is scored from the logger's table, which
-is the source of truth and already holds each inference once. The assayer follows ``joey.logs``
-only to know how far event time has advanced (the watermark) and how far it has read; it keeps
-no per-row state, so a crash loses nothing.
+Design (docs/assays.md, "Live assays"): the loggers count each log row they store into its
+assays' open windows in the same transaction (:mod:`joey.assay_windows`), so every inference is
+counted once; a closed window is scored from those counts alone, whatever its number of rows.
+The assayer counts, once, the rows stored before an assay existed (its backfill), and follows
+``joey.logs`` only to know how far event time has advanced (the watermark) and how far it has
+read; it keeps no per-row state, so a crash loses nothing.
 
 A window ``[start, end)`` is due when the watermark of its pipeline (the latest event time seen
 on ``joey.logs``) minus the allowed lateness has passed ``end``, or when the wall clock has
@@ -127,6 +129,8 @@ class Assayer:
         budget = self.settings.max_windows_per_tick
         for assay in self.store.active_assays():
             start, end = self.store.next_window(assay)
+            if not assay.backfilled:
+                self.store.backfill(assay, start)
             step = assay.definition.step
             while budget > 0 and self.due(assay, end, now):
                 budget -= 1

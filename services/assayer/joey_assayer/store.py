@@ -1,7 +1,9 @@
-"""Postgres access of the assayer: active assays, their next window, and storing results once."""
+"""Postgres access of the assayer: active assays, their next window, scoring a window from its
+counts and storing the result once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -13,7 +15,9 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from joey.assay_runs import AssayDefinition, summary_to_json, window_result
+from joey import assay_windows
+from joey.assay_runs import AssayDefinition, result_of, summary_to_json
+from joey.assays.streaming import WindowCounts
 
 NO_DATA = "NoData"
 """Status of a closed window without any value: stored so the next window follows it, never published."""
@@ -23,6 +27,8 @@ NO_DATA = "NoData"
 class LiveAssay:
     id: int
     definition: AssayDefinition
+    backfilled: bool
+    """False until the log rows stored before the assay existed are counted."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +51,24 @@ class AssayerStore:
     def active_assays(self) -> list[LiveAssay]:
         with self.pool.connection() as conn:
             rows = conn.execute(
-                "SELECT a.id, w.name AS workspace, a.name, a.definition FROM assays a "
+                "SELECT a.id, w.name AS workspace, a.name, a.definition, "
+                "a.backfill_until IS NULL AS backfilled FROM assays a "
                 "JOIN workspaces w ON w.id = a.workspace_id WHERE a.active ORDER BY a.id"
             ).fetchall()
         return [
-            LiveAssay(r["id"], AssayDefinition.from_json(r["workspace"], r["name"], r["definition"]))
+            LiveAssay(
+                r["id"],
+                AssayDefinition.from_json(r["workspace"], r["name"], r["definition"]),
+                r["backfilled"],
+            )
             for r in rows
         ]
+
+    def backfill(self, assay: LiveAssay, since: datetime) -> None:
+        """Count the log rows stored before the assay existed into its windows from ``since``."""
+        # Deleted meanwhile: there is nothing left to count for.
+        with self.pool.connection() as conn, contextlib.suppress(psycopg.errors.ForeignKeyViolation):
+            assay_windows.backfill(conn, assay.id, assay.definition, since)
 
     def next_window(self, assay: LiveAssay) -> tuple[datetime, datetime]:
         """The first window after the last stored one (or the assay's first window)."""
@@ -66,19 +83,24 @@ class AssayerStore:
         return start, start + d.width
 
     def score_window(self, assay: LiveAssay, start: datetime, end: datetime) -> bool:
-        """Score ``[start, end)`` from the stored logs and store it; False if it was stored already
+        """Score ``[start, end)`` from its counts and store it; False if it was stored already
         (or the assay was deleted meanwhile).
 
         The unique (assay_id, window_start) key makes this idempotent: after a crash, or with a
-        second assayer, the window keeps the one result stored first.
+        second assayer, the window keeps the one result stored first. The counts of this window
+        and of earlier ones (a late record may have reopened one) go in the same transaction.
         """
         d = assay.definition
-        assert d.baseline is not None
         with self.pool.connection() as conn:
-            result = window_result(conn, d, start, end)
-            if result is None:
+            row = conn.execute(
+                "SELECT counts FROM assay_windows WHERE assay_id = %s AND window_start = %s",
+                (assay.id, start),
+            ).fetchone()
+            counts = WindowCounts.from_json(row["counts"]) if row else None
+            if counts is None or counts.count == 0:
                 values: tuple[Any, ...] = (math.nan, Jsonb([]), None, NO_DATA, Jsonb({"window": None}), True)
             else:
+                result = result_of(d, start, end, counts)
                 s = result.scores
                 summaries = {
                     "baseline": summary_to_json(result.baseline),
@@ -86,7 +108,7 @@ class AssayerStore:
                 }
                 values = (s.score, Jsonb(list(s.scores)), s.bin_index, str(s.status), Jsonb(summaries), False)
             try:
-                row = conn.execute(
+                inserted = conn.execute(
                     "INSERT INTO assay_results (assay_id, window_start, window_end, score, scores, "
                     "bin_index, status, summaries, published) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (assay_id, window_start) DO NOTHING RETURNING id",
@@ -96,7 +118,10 @@ class AssayerStore:
                 # Deleted while its window was being scored: there is nothing left to store it for.
                 conn.rollback()
                 return False
-        return row is not None
+            conn.execute(
+                "DELETE FROM assay_windows WHERE assay_id = %s AND window_start <= %s", (assay.id, start)
+            )
+        return inserted is not None
 
     def unpublished(self, limit: int = 500) -> list[Unpublished]:
         with self.pool.connection() as conn:

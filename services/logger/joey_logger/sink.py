@@ -16,6 +16,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from joey import db
+from joey.assay_windows import LiveCounter, hold_for_logging
 from joey_logger.settings import LoggerSettings
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ _CREATE_STAGING = (
 _COPY = f"COPY {_STAGING} ({_COLUMN_LIST}) FROM STDIN"
 _INSERT = (
     f"INSERT INTO inference_logs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGING} "
-    f"ON CONFLICT ({', '.join(IDENTITY)}) DO NOTHING"
+    f"ON CONFLICT ({', '.join(IDENTITY)}) DO NOTHING RETURNING id, workspace, pipeline"
 )
 
 
@@ -139,12 +140,17 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
 
 @register_sink("postgres")
 class PostgresLogSink(LogSink):
-    """Writes ``inference_logs``: COPY into a temporary table, then INSERT ... ON CONFLICT DO NOTHING."""
+    """Writes ``inference_logs``: COPY into a temporary table, then INSERT ... ON CONFLICT DO NOTHING.
+
+    The rows actually inserted are counted into their live assays' windows in the same
+    transaction (:mod:`joey.assay_windows`), so each inference is counted once.
+    """
 
     def __init__(self, database_url: str, connect_timeout_s: int = 5) -> None:
         self._url = database_url
         self._connect_timeout_s = connect_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
+        self._assays = LiveCounter()
 
     @classmethod
     def from_settings(cls, settings: LoggerSettings) -> PostgresLogSink:
@@ -164,11 +170,13 @@ class PostgresLogSink(LogSink):
         try:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cursor:
+                hold_for_logging(conn)
                 with cursor.copy(_COPY) as copy:
                     for record in rows:
                         copy.write_row(_row(record))
-                cursor.execute(_INSERT)
-                written = cursor.rowcount
+                inserted = cursor.execute(_INSERT).fetchall()
+                written = len(inserted)
+                self._assays.count(conn, inserted)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self.close()
             raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc

@@ -26,6 +26,7 @@ from joey.assay_runs import (
     summary_from_json,
     window_result,
 )
+from joey.assay_windows import hold_for_change
 from joey.assays import Scores, Status, Summary
 from joey_registry.access import Access, Action, Caller
 from joey_registry.domain import Pipeline, ResolvedStep, ShadowStep, TensorSpec
@@ -59,10 +60,13 @@ class AssayStore:
     def insert(self, ws: WorkspaceRef, definition: AssayDefinition) -> StoredAssay | None:
         """The stored assay, or None when the name is taken in the workspace."""
         with self._pool.connection() as conn:
+            # Log rows stored so far are the assayer's to count, every later one the loggers'.
+            stored = hold_for_change(conn)
             row = conn.execute(
-                "INSERT INTO assays (workspace_id, name, pipeline, definition) VALUES (%s, %s, %s, %s) "
+                "INSERT INTO assays (workspace_id, name, pipeline, definition, backfill_until) "
+                "VALUES (%s, %s, %s, %s, %s) "
                 "ON CONFLICT (workspace_id, name) DO NOTHING RETURNING active, created_at",
-                (ws.id, definition.name, definition.pipeline, Jsonb(definition.to_json())),
+                (ws.id, definition.name, definition.pipeline, Jsonb(definition.to_json()), stored),
             ).fetchone()
         return StoredAssay(definition, row["active"], row["created_at"]) if row else None
 
@@ -89,6 +93,8 @@ class AssayStore:
 
     def delete(self, ws: WorkspaceRef, name: str) -> bool:
         with self._pool.connection() as conn:
+            # No logger may be adding to the assay's windows while it goes.
+            hold_for_change(conn)
             cursor = conn.execute("DELETE FROM assays WHERE workspace_id = %s AND name = %s", (ws.id, name))
             return cursor.rowcount == 1
 

@@ -1,0 +1,262 @@
+"""A window summary kept incrementally, in memory bounded by the bins and the values' range.
+
+:class:`WindowCounts` takes a window's values in any number of pieces, in any order, and
+gives a :class:`~joey.assays.summary.Summary` that depends only on the set of values seen,
+never on how they were split or ordered. That is what lets the live assayer (whose counts are
+added batch by batch by the loggers, across processes and restarts) and an interactive run
+(which reads the same rows from the log in one pass) agree to the last bit:
+
+* bin counts, count, min and max are exact;
+* mean and std are computed from exact sums: every float64 is an integer multiple of
+  ``2**-1126``, so sums of values and of their squares (each square split exactly into three
+  floats, Dekker's product) are kept as Python integers, and the mean is correctly rounded;
+* the median is the one statistic no bounded state can give exactly. It is estimated from a
+  log-bucketed histogram (DDSketch's mapping, buckets ``(gamma**(i-1), gamma**i]`` of the
+  magnitude with ``gamma`` about 1.02) that also keeps each bucket's smallest and largest
+  value: interpolated by rank between those two, so within 2% of the true middle values'
+  magnitude, and exact when they are alone or equal in their bucket (small windows, integers).
+
+:func:`joey.assays.score` keeps numpy's own mean, std and exact median, since it holds every
+value anyway; its bin counts, and so its scores and status, are the same as these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from joey.assays.binning import Bins, bin_counts
+from joey.assays.summary import Aggregation, Summary, aggregate
+
+# Bucket bounds grow by this factor: the median's worst relative error is GAMMA - 1 (2%), while
+# a window of a million N(0, 1) values needs about 1,100 buckets.
+GAMMA = 1.01 / 0.99
+_LOG_GAMMA = math.log(GAMMA)
+# Magnitudes below the smallest normal float share one bucket (their log is not meaningful).
+_TINY = np.finfo(np.float64).tiny
+
+# Every finite float64 is m * 2**(e - 53) with |m| < 2**53 and e - 53 >= -1126.
+_SCALE_BITS = 1126
+_SCALE = 1 << _SCALE_BITS
+# bincount adds its weights as float64: halves of 26 bits summed over 2**25 values stay exact.
+_CHUNK = 1 << 25
+_LOW_MASK = (1 << 26) - 1
+_SPLITTER = 134217729.0  # 2**27 + 1: Veltkamp's split of a float64 into two 26-bit halves
+_SQUARE_LIMIT = 2.0**500  # beyond, the split overflows; such squares are not summed exactly
+
+
+def exact_sum(values: npt.NDArray[np.float64]) -> int:
+    """The exact sum of finite ``values``, as an integer count of ``2**-1126``."""
+    total = 0
+    for start in range(0, values.size, _CHUNK):
+        fraction, exponent = np.frexp(values[start : start + _CHUNK])
+        mantissa = (fraction * 2.0**53).astype(np.int64)
+        scale = exponent.astype(np.int64) + (_SCALE_BITS - 53)
+        base = int(scale.min())
+        slot = scale - base
+        high = np.bincount(slot, weights=mantissa >> 26)
+        low = np.bincount(slot, weights=mantissa & _LOW_MASK)
+        for k in np.flatnonzero((high != 0) | (low != 0)):
+            total += ((int(high[k]) << 26) + int(low[k])) << (int(k) + base)
+    return total
+
+
+def exact_sum_of_squares(values: npt.NDArray[np.float64]) -> int | None:
+    """The exact sum of squares of finite ``values`` (scaled like :func:`exact_sum`), or None
+    when a square overflows float64's range."""
+    if values.size and float(np.abs(values).max()) >= _SQUARE_LIMIT:
+        return None
+    scaled = _SPLITTER * values
+    high = scaled - (scaled - values)
+    low = values - high
+    return exact_sum(np.concatenate((high * high, 2.0 * high * low, low * low)))
+
+
+Buckets = dict[int, tuple[int, float, float]]
+"""Log bucket index -> (count, smallest, largest magnitude in it)."""
+
+
+def _buckets(magnitudes: npt.NDArray[np.float64]) -> Buckets:
+    if magnitudes.size == 0:
+        return {}
+    ordered = np.sort(magnitudes)
+    index = np.ceil(np.log(ordered) / _LOG_GAMMA).astype(np.int64)
+    starts = np.flatnonzero(np.diff(index, prepend=index[:1] - 1))
+    ends = np.append(starts[1:], ordered.size)
+    return {
+        int(index[s]): (int(e - s), float(ordered[s]), float(ordered[e - 1]))
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+    }
+
+
+def _add(into: Buckets, other: Buckets) -> None:
+    for key, (count, low, high) in other.items():
+        if key in into:
+            had, had_low, had_high = into[key]
+            into[key] = (had + count, min(had_low, low), max(had_high, high))
+        else:
+            into[key] = (count, low, high)
+
+
+@dataclass
+class WindowCounts:
+    """Mergeable counts and sums of a window's values, binned with the baseline's ``bins``."""
+
+    bin_counts: list[int]
+    count: int = 0
+    present: int = 0  # values that are not NaN
+    min: float = math.inf
+    max: float = -math.inf
+    sum: int = 0
+    sum_squares: int | None = 0
+    positive: Buckets = field(default_factory=dict)
+    negative: Buckets = field(default_factory=dict)
+    zero: int = 0
+
+    @classmethod
+    def empty(cls, bins: Bins) -> WindowCounts:
+        return cls([0] * bins.count)
+
+    @classmethod
+    def of(cls, values: npt.ArrayLike, bins: Bins) -> WindowCounts:
+        counts = cls.empty(bins)
+        counts.add(values, bins)
+        return counts
+
+    def add(self, values: npt.ArrayLike, bins: Bins) -> None:
+        """Count ``values`` (finite numbers or NaN) in."""
+        x = np.asarray(values, dtype=np.float64)
+        if x.size == 0:
+            return
+        self.bin_counts = (np.asarray(self.bin_counts, dtype=np.int64) + bin_counts(x, bins)).tolist()
+        self.count += int(x.size)
+        present = x[~np.isnan(x)]
+        if present.size == 0:
+            return
+        if not np.isfinite(present).all():
+            raise ValueError("values must be finite numbers or NaN")
+        self.present += int(present.size)
+        self.min = min(self.min, float(present.min()))
+        self.max = max(self.max, float(present.max()))
+        self.sum += exact_sum(present)
+        squares = exact_sum_of_squares(present)
+        self.sum_squares = None if squares is None or self.sum_squares is None else self.sum_squares + squares
+        magnitude = np.abs(present)
+        tiny = magnitude < _TINY
+        self.zero += int(np.count_nonzero(tiny))
+        _add(self.positive, _buckets(present[(present > 0) & ~tiny]))
+        _add(self.negative, _buckets(-present[(present < 0) & ~tiny]))
+
+    def merge(self, other: WindowCounts) -> None:
+        if len(other.bin_counts) != len(self.bin_counts):
+            raise ValueError(f"cannot merge {len(other.bin_counts)} bins into {len(self.bin_counts)}")
+        self.bin_counts = [a + b for a, b in zip(self.bin_counts, other.bin_counts, strict=True)]
+        self.count += other.count
+        self.present += other.present
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.sum += other.sum
+        if self.sum_squares is not None:
+            self.sum_squares = None if other.sum_squares is None else self.sum_squares + other.sum_squares
+        _add(self.positive, other.positive)
+        _add(self.negative, other.negative)
+        self.zero += other.zero
+
+    def summary(self, bins: Bins, aggregation: Aggregation) -> Summary:
+        """The window's summary; raises ValueError when nothing was counted."""
+        if self.count == 0:
+            raise ValueError("no values to summarize")
+        if len(self.bin_counts) != bins.count:
+            raise ValueError(f"{len(self.bin_counts)} counts for {bins.count} bins")
+        if self.present:
+            n = self.present
+            total = Fraction(self.sum, _SCALE)
+            mean = float(total / n)
+            if self.sum_squares is None:
+                std = math.inf
+            else:
+                std = math.sqrt(float((Fraction(self.sum_squares, _SCALE) - total * total / n) / n))
+            lowest, highest, median = self.min, self.max, self._median()
+        else:
+            lowest = highest = mean = median = std = math.nan
+        return Summary(
+            count=self.count,
+            min=lowest,
+            max=highest,
+            mean=mean,
+            median=median,
+            std=std,
+            bins=bins,
+            bin_counts=tuple(self.bin_counts),
+            aggregation=aggregation,
+            aggregated_values=tuple(aggregate(self.bin_counts, aggregation).tolist()),
+        )
+
+    def _median(self) -> float:
+        # np.median's rule: the mean of the middle one (odd count) or two (even count) values.
+        n = self.present
+        return (self._value_at(n // 2 if n % 2 else n // 2 - 1) + self._value_at(n // 2)) / 2
+
+    def _value_at(self, rank: int) -> float:
+        """The value of 0-based ``rank`` in ascending order: exact at either end; otherwise
+        interpolated by rank between the smallest and largest value of its bucket, so exact
+        when those are equal (e.g. integers) and within a factor ``gamma`` in any case."""
+        if rank == 0:
+            return self.min
+        if rank == self.present - 1:
+            return self.max
+        seen = 0
+        for sign, buckets in ((-1.0, self.negative), (1.0, self.positive)):
+            if sign > 0:
+                if rank < seen + self.zero:
+                    return 0.0
+                seen += self.zero
+            # Ascending values: the largest magnitudes first on the negative side.
+            for key in sorted(buckets, reverse=sign < 0):
+                count, low, high = buckets[key]
+                if rank < seen + count:
+                    share = (rank - seen) / (count - 1) if count > 1 else 0.0
+                    return low + (high - low) * share if sign > 0 else -(high - (high - low) * share)
+                seen += count
+        raise AssertionError(f"rank {rank} beyond {self.present} values")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bin_counts": self.bin_counts,
+            "count": self.count,
+            "present": self.present,
+            # jsonb has no infinity: an empty window's min and max are null.
+            "min": self.min if self.present else None,
+            "max": self.max if self.present else None,
+            "sum": str(self.sum),
+            "sum_squares": None if self.sum_squares is None else str(self.sum_squares),
+            "positive": {str(k): list(b) for k, b in self.positive.items()},
+            "negative": {str(k): list(b) for k, b in self.negative.items()},
+            "zero": self.zero,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WindowCounts:
+        present = int(data["present"])
+        squares = data["sum_squares"]
+        return cls(
+            bin_counts=[int(c) for c in data["bin_counts"]],
+            count=int(data["count"]),
+            present=present,
+            min=float(data["min"]) if present else math.inf,
+            max=float(data["max"]) if present else -math.inf,
+            sum=int(data["sum"]),
+            sum_squares=None if squares is None else int(squares),
+            positive=_buckets_from_json(data["positive"]),
+            negative=_buckets_from_json(data["negative"]),
+            zero=int(data["zero"]),
+        )
+
+
+def _buckets_from_json(data: dict[str, list[Any]]) -> Buckets:
+    return {int(k): (int(c), float(low), float(high)) for k, (c, low, high) in data.items()}

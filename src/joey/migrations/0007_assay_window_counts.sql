@@ -1,0 +1,14 @@
+-- Live assays keep each open window's counts here (see docs/assays.md, "Live assays"): the
+-- loggers add every newly stored log row to the windows it falls in, in the transaction that
+-- stores it, so each inference is counted once whatever Kafka replays.
+CREATE TABLE assay_windows (
+    assay_id     bigint NOT NULL REFERENCES assays(id) ON DELETE CASCADE,
+    window_start timestamptz NOT NULL,
+    counts       jsonb NOT NULL,   -- joey.assays.streaming.WindowCounts
+    PRIMARY KEY (assay_id, window_start)
+);
+
+-- Log rows stored before an assay existed (id <= backfill_until) are counted once by the
+-- assayer, which then clears this; rows stored after are counted by the loggers.
+ALTER TABLE assays ADD COLUMN backfill_until bigint;
+UPDATE assays SET backfill_until = (SELECT coalesce(max(id), 0) FROM inference_logs);
