@@ -1,13 +1,15 @@
-"""Time of scoring one assay window from the inference log, as the assayer and interactive runs do.
+"""Time of scoring one assay window: from the log's rows (interactive runs) and from the window's
+counts (the live assayer, whose loggers counted the rows as they stored them).
 
 Systems, on the same rows of a scratch database (one pipeline, ``inputs.features[2]`` ~ N(0, 1)):
 
-* fetch-only: the same SQL and server-side cursor reading the window's values into numpy,
-  nothing else. What reading the rows costs, the floor of any scorer reading the log.
-* joey: ``joey.assay_runs.window_result``: the same read, then the window summary and the score
-  against a baseline of 10,000 values (5 quantile bins, PSI).
-* joey-chunked: the same with the window binned chunk by chunk (what windows of more than
-  ``MAX_IN_MEMORY_VALUES`` values get), plus Postgres' median of the window.
+* fetch-only: the SQL and server-side cursor reading the window's values into numpy, nothing
+  else. What reading the rows costs, the floor of any scorer reading the log.
+* interactive: ``joey.assay_runs.window_result``: the same read, counted chunk by chunk into
+  ``WindowCounts``, then summarised and scored against a baseline of 10,000 values (5 quantile
+  bins, PSI).
+* live close: what the assayer does when the window closes: read the window's one
+  ``assay_windows`` row, summarise and score it. Its cost does not grow with the rows.
 
 Each figure is the median of ``--repeats`` timed runs after one warm-up run.
 
@@ -26,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg.types.json import Jsonb
 
 from joey import db
-from joey.assay_runs import AssayDefinition, IoPath, log_values, window_result
+from joey.assay_runs import AssayDefinition, IoPath, log_values, result_of, window_result
+from joey.assays.streaming import WindowCounts
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -59,6 +63,24 @@ def fill(conn: psycopg.Connection[Any], rows: int, seed: int) -> None:
             )
     conn.commit()
     conn.execute("ANALYZE inference_logs")
+
+
+def store_counts(conn: psycopg.Connection[Any], definition: AssayDefinition, values: Any) -> int:
+    """An assay whose window holds the counts the loggers would have added, row by row."""
+    assert definition.baseline is not None
+    row = conn.execute(
+        "INSERT INTO assays (workspace_id, name, pipeline, definition) "
+        "SELECT id, %s, %s, %s FROM workspaces WHERE name = 'default' RETURNING id",
+        (definition.name, definition.pipeline, Jsonb(definition.to_json())),
+    ).fetchone()
+    assert row is not None
+    counts = WindowCounts.of(values, definition.baseline.bins)
+    conn.execute(
+        "INSERT INTO assay_windows (assay_id, window_start, counts) VALUES (%s, %s, %s)",
+        (row[0], T0, Jsonb(counts.to_json())),
+    )
+    conn.commit()
+    return int(row[0])
 
 
 def timed(run: Callable[[], object], repeats: int) -> list[float]:
@@ -96,11 +118,22 @@ def main() -> None:
             ).with_baseline(np.random.default_rng(args.seed + 1).normal(0, 1, 10_000))
             end = T0 + timedelta(hours=2)
             assert log_values(conn, definition, T0, end).size == args.rows
+            assay_id = store_counts(conn, definition, log_values(conn, definition, T0, end))
+
+            def live_close() -> object:
+                row = conn.execute(
+                    "SELECT counts FROM assay_windows WHERE assay_id = %s", (assay_id,)
+                ).fetchone()
+                assert row is not None
+                return result_of(definition, T0, end, WindowCounts.from_json(row[0]))
+
             systems = {
                 "fetch-only": lambda: log_values(conn, definition, T0, end),
-                "joey": lambda: window_result(conn, definition, T0, end),
-                "joey-chunked": lambda: window_result(conn, definition, T0, end, max_in_memory=0),
+                "interactive": lambda: window_result(conn, definition, T0, end),
+                "live close": live_close,
             }
+            interactive = window_result(conn, definition, T0, end)
+            assert interactive is not None and live_close() == interactive
             results = {system: timed(run, args.repeats) for system, run in systems.items()}
     finally:
         with psycopg.connect(f"{args.server}/postgres", autocommit=True) as admin:

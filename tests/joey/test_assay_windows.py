@@ -1,0 +1,203 @@
+"""Live per-window counts: which windows a row falls in, adding counts concurrently, and the
+split between rows counted by the assayer's backfill and rows counted by the loggers."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from joey.assay_runs import AssayDefinition, IoPath, window_result
+from joey.assay_windows import add_counts, backfill, hold_for_change, hold_for_logging, windows_of
+from joey.assays.streaming import WindowCounts
+from joey_logger.sink import PostgresLogSink
+from tests.conftest import scratch_database, wait_until
+from tests.logger.helpers import log_record
+
+T0 = datetime(2025, 6, 1, tzinfo=UTC)
+MINUTE = timedelta(minutes=1)
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with scratch_database("joey_windows") as url:
+        yield url
+
+
+def definition(**fields: Any) -> AssayDefinition:
+    base = AssayDefinition(
+        workspace="default", name="a", pipeline="p", iopath=IoPath.parse("input features 2")
+    )
+    return replace(base, **({"start": T0} | fields)).with_baseline([1.0, 2.0, 3.0, 4.0])
+
+
+def create_assay(conn: psycopg.Connection[Any], d: AssayDefinition) -> int:
+    """What the registry does: log rows stored so far are left to the backfill."""
+    with conn.transaction():
+        stored = hold_for_change(conn)
+        row = conn.execute(
+            "INSERT INTO assays (workspace_id, name, pipeline, definition, backfill_until) "
+            "SELECT id, %s, %s, %s, %s FROM workspaces WHERE name = %s RETURNING id",
+            (d.name, d.pipeline, Jsonb(d.to_json()), stored, d.workspace),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def stored_counts(conn: psycopg.Connection[Any], assay_id: int) -> dict[datetime, WindowCounts]:
+    rows = conn.execute(
+        "SELECT window_start, counts FROM assay_windows WHERE assay_id = %s", (assay_id,)
+    ).fetchall()
+    return {r[0]: WindowCounts.from_json(r[1]) for r in rows}
+
+
+def test_a_time_falls_in_every_window_covering_it_and_none_before_the_start() -> None:
+    times = [T0 - MINUTE, T0, T0 + 90 * timedelta(seconds=1), T0 + 5 * MINUTE, T0 + 7 * MINUTE]
+
+    def windows(d: AssayDefinition) -> dict[datetime, list[int]]:
+        return {start: positions.tolist() for start, positions in windows_of(d, times)}
+
+    tumbling = definition(width=2 * MINUTE)
+    assert windows(tumbling) == {T0: [1, 2], T0 + 4 * MINUTE: [3], T0 + 6 * MINUTE: [4]}
+    sliding = definition(width=3 * MINUTE, interval=MINUTE)
+    assert windows(sliding) == {
+        T0: [1, 2],
+        T0 + MINUTE: [2],
+        T0 + 3 * MINUTE: [3],
+        T0 + 4 * MINUTE: [3],
+        T0 + 5 * MINUTE: [3, 4],
+        T0 + 6 * MINUTE: [4],
+        T0 + 7 * MINUTE: [4],
+    }
+    gapped = definition(width=MINUTE, interval=3 * MINUTE)  # windows [0, 1), [3, 4), [6, 7) minutes
+    assert windows(gapped) == {T0: [1]}
+
+
+def test_concurrent_additions_to_the_same_windows_all_count(url: str) -> None:
+    d = definition(name=f"c-{secrets.token_hex(3)}")
+    bins = d.baseline.bins if d.baseline else None
+    assert bins is not None
+    with psycopg.connect(url) as conn:
+        assay_id = create_assay(conn, d)
+    starts = [T0 + k * MINUTE for k in range(3)]
+    rng = np.random.default_rng(1)
+    batches = [[rng.normal(2, 1, 50) for _ in starts] for _ in range(40)]
+
+    def add(mine: list[list[np.ndarray]], reverse: bool) -> None:
+        with psycopg.connect(url) as conn:
+            for batch in mine:
+                keys = list(zip(starts, batch, strict=True))
+                # Built in opposite orders by the two threads: add_counts locks in key order anyway.
+                updates = {
+                    (assay_id, start): WindowCounts.of(v, bins) for start, v in keys[:: -1 if reverse else 1]
+                }
+                with conn.transaction():
+                    add_counts(conn, updates)
+
+    threads = [threading.Thread(target=add, args=(batches[i::2], i == 1)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with psycopg.connect(url) as conn:
+        stored = stored_counts(conn, assay_id)
+    for k, start in enumerate(starts):
+        assert stored[start] == WindowCounts.of(np.concatenate([batch[k] for batch in batches]), bins)
+
+
+def test_rows_stored_before_and_after_an_assay_appears_are_each_counted_once(url: str) -> None:
+    pipeline = f"p-{secrets.token_hex(3)}"
+    d = definition(name=f"b-{secrets.token_hex(3)}", pipeline=pipeline, width=10 * MINUTE)
+    values = np.round(np.random.default_rng(2).normal(2.5, 1, 300), 6)
+
+    def record(i: int) -> dict[str, Any]:
+        inputs = f'{{"features": [0, 0, {float(values[i])!r}, 0]}}'
+        return log_record(pipeline, i, time=T0 + i * timedelta(seconds=6), inputs=inputs)
+
+    sink = PostgresLogSink(url)
+    sink.open()
+    try:
+        sink.write([record(i) for i in range(120)])
+        with psycopg.connect(url) as conn:
+            assay_id = create_assay(conn, d)
+        sink.write([record(i) for i in range(100, 300)])  # 20 replays, 180 new
+        sink.write([record(i) for i in range(0, 300, 7)])  # all replays
+    finally:
+        sink.close()
+    with psycopg.connect(url) as conn:
+        live_only = sum(c.count for c in stored_counts(conn, assay_id).values())
+        assert live_only == 180
+        assert backfill(conn, assay_id, d, T0) is True
+        assert backfill(conn, assay_id, d, T0) is False  # once per assay
+        stored = stored_counts(conn, assay_id)
+        assert sorted(stored) == [T0 + k * 10 * MINUTE for k in range(3)]
+        for k, start in enumerate(sorted(stored)):
+            interactive = window_result(conn, d, start, start + d.width)
+            assert interactive is not None
+            assert stored[start].summary(interactive.baseline.bins, "density") == interactive.window
+            assert stored[start].count == 100 and interactive.window.count == 100
+            assert stored[start] == WindowCounts.of(
+                values[k * 100 : (k + 1) * 100], interactive.baseline.bins
+            )
+
+
+def test_creating_an_assay_waits_for_the_logs_being_stored(url: str) -> None:
+    """Otherwise rows committed just after the creation would be counted by nobody."""
+    created = threading.Event()
+    with psycopg.connect(url) as logger:
+        hold_for_logging(logger)  # a logger's transaction in flight
+
+        def create() -> None:
+            with psycopg.connect(url) as conn:
+                create_assay(conn, definition(name=f"w-{secrets.token_hex(3)}"))
+            created.set()
+
+        thread = threading.Thread(target=create)
+        thread.start()
+        with psycopg.connect(url) as observer:
+            wait_until(
+                lambda: (
+                    observer.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    ).fetchone()
+                    == (1,)
+                ),
+                10,
+                "the creation to wait for the advisory lock",
+            )
+        assert not created.is_set()
+        logger.commit()
+    thread.join(10)
+    assert created.is_set()
+
+
+def test_a_deleted_assay_is_no_longer_counted_and_logging_goes_on(url: str) -> None:
+    pipeline = f"p-{secrets.token_hex(3)}"
+    d = definition(name=f"d-{secrets.token_hex(3)}", pipeline=pipeline)
+    sink = PostgresLogSink(url)
+    sink.open()
+    try:
+        with psycopg.connect(url) as conn:
+            assay_id = create_assay(conn, d)
+        assert sink.write([log_record(pipeline, i, time=T0) for i in range(10)]).written == 10
+        with psycopg.connect(url) as conn:
+            assert stored_counts(conn, assay_id)[T0].count == 10
+            with conn.transaction():
+                hold_for_change(conn)
+                conn.execute("DELETE FROM assays WHERE id = %s", (assay_id,))
+        # The sink read the deleted assay's definition before; it must not count into it now.
+        assert sink.write([log_record(pipeline, i, time=T0) for i in range(10, 20)]).written == 10
+    finally:
+        sink.close()
+    with psycopg.connect(url) as conn:
+        assert stored_counts(conn, assay_id) == {}
+        row = conn.execute("SELECT count(*) FROM inference_logs WHERE pipeline = %s", (pipeline,)).fetchone()
+        assert row == (20,)
