@@ -5,7 +5,7 @@ Systems, on the same rows of a scratch database (one pipeline, ``inputs.features
 
 * fetch-only: the SQL and server-side cursor reading the window's values into numpy, nothing
   else. What reading the rows costs, the floor of any scorer reading the log.
-* interactive: ``joey.assay_runs.window_result``: the same read, counted chunk by chunk into
+* interactive: ``joey.assay_runs.window_results``: the same read, counted chunk by chunk into
   ``WindowCounts``, then summarised and scored against a baseline of 10,000 values (5 quantile
   bins, PSI).
 * live close: what the assayer does when the window closes: read the window's one
@@ -31,7 +31,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from joey import db
-from joey.assay_runs import AssayDefinition, IoPath, log_values, result_of, window_result
+from joey.assay_runs import AssayDefinition, IoPath, log_values, result_of, window_results
 from joey.assays.streaming import WindowCounts
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -113,10 +113,15 @@ def main() -> None:
             began = time.perf_counter()
             fill(conn, args.rows, args.seed)
             print(f"wrote {args.rows:,} log rows in {time.perf_counter() - began:.1f} s")
-            definition = AssayDefinition(
-                workspace="default", name="bench", pipeline="bench", iopath=IoPath.parse("input features 2")
-            ).with_baseline(np.random.default_rng(args.seed + 1).normal(0, 1, 10_000))
             end = T0 + timedelta(hours=2)
+            definition = AssayDefinition(
+                workspace="default",
+                name="bench",
+                pipeline="bench",
+                iopath=IoPath.parse("input features 2"),
+                start=T0,
+                width=end - T0,
+            ).with_baseline(np.random.default_rng(args.seed + 1).normal(0, 1, 10_000))
             assert log_values(conn, definition, T0, end).size == args.rows
             assay_id = store_counts(conn, definition, log_values(conn, definition, T0, end))
 
@@ -129,11 +134,10 @@ def main() -> None:
 
             systems = {
                 "fetch-only": lambda: log_values(conn, definition, T0, end),
-                "interactive": lambda: window_result(conn, definition, T0, end),
+                "interactive": lambda: window_results(conn, definition, end),
                 "live close": live_close,
             }
-            interactive = window_result(conn, definition, T0, end)
-            assert interactive is not None and live_close() == interactive
+            assert [live_close()] == window_results(conn, definition, end)
             results = {system: timed(run, args.repeats) for system, run in systems.items()}
     finally:
         with psycopg.connect(f"{args.server}/postgres", autocommit=True) as admin:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 from joey.assays import (
     AGGREGATIONS,
@@ -37,6 +38,8 @@ from joey.assays import (
 from joey.assays.streaming import WindowCounts
 
 DEFAULT_WIDTH = timedelta(hours=24)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
 DEFAULT_ALERT_THRESHOLD = 0.25
 # Values fetched from Postgres per round trip when a window or baseline is read.
 FETCH_ROWS = 50_000
@@ -136,6 +139,40 @@ class AssayDefinition:
         while window_start + self.width <= end:
             yield window_start, window_start + self.width
             window_start += self.step
+
+    def windows_containing(
+        self, times: Sequence[datetime]
+    ) -> Iterator[tuple[datetime, npt.NDArray[np.intp]]]:
+        """Each window start with the positions of ``times`` in ``[start, start + width)``; a time
+        is in several windows when they slide (interval < width), and in none before the start."""
+        assert self.start is not None
+        if not times:
+            return
+        origin = (self.start - EPOCH) // MICROSECOND
+        width, step = self.width // MICROSECOND, self.step // MICROSECOND
+        micros = np.fromiter(((t - EPOCH) // MICROSECOND for t in times), dtype=np.int64, count=len(times))
+        inside = np.flatnonzero(micros >= origin)
+        since = micros[inside] - origin
+        last = since // step
+        first = np.maximum((since - width) // step + 1, 0)
+        spans = np.maximum(last - first + 1, 0)
+        positions = np.repeat(inside, spans)
+        offsets = np.arange(int(spans.sum())) - np.repeat(np.cumsum(spans) - spans, spans)
+        window = np.repeat(first, spans) + offsets
+        order = np.argsort(window, kind="stable")
+        window, positions = window[order], positions[order]
+        starts = np.flatnonzero(np.diff(window, prepend=-1))
+        for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), window.size], strict=True):
+            yield self.start + int(window[begin]) * self.step, positions[begin:end]
+
+    def count(
+        self, times: Sequence[datetime], values: npt.NDArray[np.float64], into: dict[datetime, WindowCounts]
+    ) -> None:
+        """Add the values, at their times, to the counts of the windows (by start) they fall in."""
+        assert self.baseline is not None
+        bins = self.baseline.bins
+        for start, positions in self.windows_containing(times):
+            into.setdefault(start, WindowCounts.empty(bins)).add(values[positions], bins)
 
     def score(self, window: Summary) -> Scores:
         assert self.baseline is not None
@@ -339,11 +376,30 @@ def value_chunks(
 ) -> Iterator[npt.NDArray[np.float64]]:
     """The iopath's numbers in the pipeline's logs with ``start <= time < end``, oldest first, in
     chunks of at most FETCH_ROWS read through a server-side cursor."""
-    with conn.cursor(name="assay_values") as cursor:
+    query = values_query(definition, _IN_RANGE)
+    for rows in _chunks(conn, query, query_params(definition, start=start, end=end)):
+        yield np.fromiter((row[0] for row in rows), dtype=np.float64, count=len(rows))
+
+
+def timed_value_chunks(
+    conn: psycopg.Connection[Any], definition: AssayDefinition, rows: sql.Composable, **params: Any
+) -> Iterator[tuple[list[datetime], npt.NDArray[np.float64]]]:
+    """The times and values of :func:`values_query` over ``rows``, in chunks of at most FETCH_ROWS."""
+    query = values_query(definition, rows, with_time=True)
+    for chunk in _chunks(conn, query, query_params(definition, **params)):
+        times = [row[0] for row in chunk]
+        yield times, np.fromiter((row[1] for row in chunk), dtype=np.float64, count=len(chunk))
+
+
+def _chunks(
+    conn: psycopg.Connection[Any], query: sql.Composed, params: dict[str, Any]
+) -> Iterator[list[Any]]:
+    # Tuples whatever the connection's row factory: values are read by position, fast.
+    with conn.cursor(name="assay_values", row_factory=tuple_row) as cursor:
         cursor.itersize = FETCH_ROWS
-        cursor.execute(values_query(definition, _IN_RANGE), query_params(definition, start=start, end=end))
+        cursor.execute(query, params)
         while rows := cursor.fetchmany(FETCH_ROWS):
-            yield np.fromiter((_first(row) for row in rows), dtype=np.float64, count=len(rows))
+            yield rows
 
 
 def log_values(
@@ -355,10 +411,6 @@ def log_values(
     """Every value of :func:`value_chunks` in one array."""
     chunks = list(value_chunks(conn, definition, start, end))
     return np.concatenate(chunks) if chunks else np.empty(0, dtype=np.float64)
-
-
-def _first(row: Any) -> float:
-    return float(row[0] if isinstance(row, tuple) else next(iter(row.values())))
 
 
 def first_log_time(conn: psycopg.Connection[Any], workspace: str, pipeline: str) -> datetime | None:
@@ -382,17 +434,23 @@ def result_of(
     return WindowResult(start, end, definition.score(window), baseline, window)
 
 
-def window_result(
-    conn: psycopg.Connection[Any], definition: AssayDefinition, start: datetime, end: datetime
-) -> WindowResult | None:
-    """The score of the window ``[start, end)`` read from the log, or None when it holds no value.
+def window_results(
+    conn: psycopg.Connection[Any], definition: AssayDefinition, end: datetime
+) -> list[WindowResult]:
+    """The result of every window from the definition's start that has closed by ``end`` and
+    holds a value, reading the log once whatever the number of windows.
 
-    The values are counted chunk by chunk into :class:`joey.assays.streaming.WindowCounts`, the
-    state the live assayer keeps per window, so memory stays bounded and the result is the
-    live one to the last bit.
+    Each window's values are counted into :class:`joey.assays.streaming.WindowCounts`, the state
+    the live assayer keeps per window, so memory is bounded by the windows and the result is
+    the live one to the last bit.
     """
-    assert definition.baseline is not None
-    counts = WindowCounts.empty(definition.baseline.bins)
-    for chunk in value_chunks(conn, definition, start, end):
-        counts.add(chunk, definition.baseline.bins)
-    return result_of(definition, start, end, counts) if counts.count else None
+    assert definition.start is not None
+    windows = list(definition.windows(definition.start, end))
+    if not windows:
+        return []
+    counts: dict[datetime, WindowCounts] = {}
+    for times, values in timed_value_chunks(
+        conn, definition, _IN_RANGE, start=windows[0][0], end=windows[-1][1]
+    ):
+        definition.count(times, values, counts)
+    return [result_of(definition, start, stop, counts[start]) for start, stop in windows if start in counts]

@@ -17,25 +17,23 @@ its result.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
-from joey.assay_runs import FETCH_ROWS, AssayDefinition, query_params, values_query
+from joey.assay_runs import AssayDefinition, timed_value_chunks
 from joey.assays.streaming import WindowCounts
 
 log = logging.getLogger(__name__)
 
 LOCK = 0x4A6F6579_41737379  # "JoeyAssy": pg advisory lock between storing log rows and changing assays
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
+_JUST_INSERTED = sql.SQL("id = ANY(%(ids)s)")
+_STORED_BEFORE = sql.SQL("id <= %(until)s AND time >= %(since)s")
 
 WindowKey = tuple[int, datetime]
 """(assay id, window start)."""
@@ -50,56 +48,8 @@ def hold_for_change(conn: psycopg.Connection[Any]) -> int:
     """Taken by the transaction that creates or deletes an assay; waits for the loggers' open
     transactions to end. Returns the largest log row id, every one of them committed."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK,))
-    row = conn.execute("SELECT coalesce(max(id), 0) FROM inference_logs").fetchone()
-    assert row is not None
-    return int(row[0] if isinstance(row, tuple) else next(iter(row.values())))
-
-
-def _micros(times: Sequence[datetime]) -> npt.NDArray[np.int64]:
-    return np.fromiter(((t - EPOCH) // _MICROSECOND for t in times), dtype=np.int64, count=len(times))
-
-
-def windows_of(
-    definition: AssayDefinition, times: Sequence[datetime]
-) -> Iterator[tuple[datetime, npt.NDArray[np.intp]]]:
-    """Each window start with the positions of ``times`` in ``[start, start + width)``; a time
-    is in several windows when they slide (interval < width), and in none before the start."""
-    assert definition.start is not None
-    if not times:
-        return
-    origin = (definition.start - EPOCH) // _MICROSECOND
-    width = definition.width // _MICROSECOND
-    step = definition.step // _MICROSECOND
-    since = _micros(times) - origin
-    inside = np.flatnonzero(since >= 0)
-    since = since[inside]
-    last = since // step
-    first = np.maximum((since - width) // step + 1, 0)
-    spans = np.maximum(last - first + 1, 0)
-    positions = np.repeat(inside, spans)
-    offsets = np.arange(int(spans.sum())) - np.repeat(np.cumsum(spans) - spans, spans)
-    window = np.repeat(first, spans) + offsets
-    order = np.argsort(window, kind="stable")
-    window, positions = window[order], positions[order]
-    starts = np.flatnonzero(np.diff(window, prepend=-1))
-    for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), window.size], strict=True):
-        k = int(window[begin])
-        yield definition.start + k * definition.step, positions[begin:end]
-
-
-def count_into(
-    updates: dict[WindowKey, WindowCounts],
-    assay_id: int,
-    definition: AssayDefinition,
-    times: Sequence[datetime],
-    values: npt.NDArray[np.float64],
-) -> None:
-    """Add the values, at their times, to the counts of the windows they fall in."""
-    bins = definition.baseline.bins if definition.baseline else None
-    assert bins is not None
-    for start, positions in windows_of(definition, times):
-        counts = updates.setdefault((assay_id, start), WindowCounts.empty(bins))
-        counts.add(values[positions], bins)
+    ((stored,),) = _rows(conn, "SELECT coalesce(max(id), 0) FROM inference_logs", ())
+    return int(stored)
 
 
 def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCounts]) -> None:
@@ -113,28 +63,29 @@ def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCou
     keys = sorted(updates)
     ids = [k[0] for k in keys]
     starts = [k[1] for k in keys]
-    inserted = conn.execute(
+    inserted = _rows(
+        conn,
         "INSERT INTO assay_windows (assay_id, window_start, counts) "
         "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::jsonb[]) ORDER BY 1, 2 "
         "ON CONFLICT (assay_id, window_start) DO NOTHING RETURNING assay_id, window_start",
         (ids, starts, [Jsonb(updates[k].to_json()) for k in keys]),
-    ).fetchall()
-    done = {(_at(r, 0), _at(r, 1)) for r in inserted}
+    )
+    done = {(assay_id, start) for assay_id, start in inserted}
     rest = [k for k in keys if k not in done]
     if not rest:
         return
-    rows = conn.execute(
+    rows = _rows(
+        conn,
         "SELECT assay_id, window_start, counts FROM assay_windows "
         "WHERE (assay_id, window_start) IN (SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])) "
         "ORDER BY assay_id, window_start FOR UPDATE",
         ([k[0] for k in rest], [k[1] for k in rest]),
-    ).fetchall()
+    )
     merged = []
-    for row in rows:
-        key = (_at(row, 0), _at(row, 1))
-        counts = WindowCounts.from_json(_at(row, 2))
-        counts.merge(updates[key])
-        merged.append((key, counts))
+    for assay_id, start, data in rows:
+        counts = WindowCounts.from_json(data)
+        counts.merge(updates[(assay_id, start)])
+        merged.append(((assay_id, start), counts))
     conn.execute(
         "UPDATE assay_windows w SET counts = u.counts "
         "FROM unnest(%s::bigint[], %s::timestamptz[], %s::jsonb[]) AS u(assay_id, window_start, counts) "
@@ -143,14 +94,10 @@ def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCou
     )
 
 
-def _at(row: Any, index: int) -> Any:
-    return row[index] if isinstance(row, tuple) else list(row.values())[index]
-
-
-@dataclass(frozen=True)
-class CountedAssay:
-    id: int
-    definition: AssayDefinition
+def _rows(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    # Tuples whatever the connection's row factory (the loggers' and the assayer's differ).
+    with conn.cursor(row_factory=tuple_row) as cursor:
+        return cursor.execute(query, params).fetchall()
 
 
 class LiveCounter:
@@ -169,38 +116,40 @@ class LiveCounter:
             return 0
         assays = self._assays(conn, {(workspace, pipeline) for _, workspace, pipeline in inserted})
         updates: dict[WindowKey, WindowCounts] = {}
-        for assay in assays:
-            d = assay.definition
+        for assay_id, d in assays:
             ids = [
                 i for i, workspace, pipeline in inserted if (workspace, pipeline) == (d.workspace, d.pipeline)
             ]
-            rows = conn.execute(
-                values_query(d, sql.SQL("id = ANY(%(ids)s)"), with_time=True), query_params(d, ids=ids)
-            ).fetchall()
-            if rows:
-                times = [_at(r, 0) for r in rows]
-                values = np.fromiter((_at(r, 1) for r in rows), dtype=np.float64, count=len(rows))
-                count_into(updates, assay.id, d, times, values)
+            windows: dict[datetime, WindowCounts] = {}
+            for times, values in timed_value_chunks(conn, d, _JUST_INSERTED, ids=ids):
+                d.count(times, values, windows)
+            updates.update({(assay_id, start): counts for start, counts in windows.items()})
         add_counts(conn, updates)
         return len(updates)
 
-    def _assays(self, conn: psycopg.Connection[Any], pipelines: set[tuple[str, str]]) -> list[CountedAssay]:
+    def _assays(
+        self, conn: psycopg.Connection[Any], pipelines: set[tuple[str, str]]
+    ) -> list[tuple[int, AssayDefinition]]:
         """Every assay (paused ones too, so a resumed one lacks nothing) of these pipelines."""
-        rows = conn.execute(
-            "SELECT a.id, w.name, a.pipeline FROM assays a JOIN workspaces w ON w.id = a.workspace_id "
-            "WHERE (w.name, a.pipeline) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
-            ([w for w, _ in pipelines], [p for _, p in pipelines]),
-        ).fetchall()
-        found = [(_at(r, 0), _at(r, 1)) for r in rows]
-        missing = [i for i, _ in found if i not in self._definitions]
+        ids = [
+            row[0]
+            for row in _rows(
+                conn,
+                "SELECT a.id FROM assays a JOIN workspaces w ON w.id = a.workspace_id "
+                "WHERE (w.name, a.pipeline) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                ([w for w, _ in pipelines], [p for _, p in pipelines]),
+            )
+        ]
+        missing = [i for i in ids if i not in self._definitions]
         if missing:
-            for r in conn.execute(
+            for assay_id, workspace, name, data in _rows(
+                conn,
                 "SELECT a.id, w.name, a.name, a.definition FROM assays a "
                 "JOIN workspaces w ON w.id = a.workspace_id WHERE a.id = ANY(%s)",
                 (missing,),
-            ).fetchall():
-                self._definitions[_at(r, 0)] = AssayDefinition.from_json(_at(r, 1), _at(r, 2), _at(r, 3))
-        return [CountedAssay(i, self._definitions[i]) for i, _ in found]
+            ):
+                self._definitions[assay_id] = AssayDefinition.from_json(workspace, name, data)
+        return [(i, self._definitions[i]) for i in ids]
 
 
 def backfill(
@@ -213,27 +162,16 @@ def backfill(
     assay was deleted or already backfilled.
     """
     with conn.transaction():
-        row = conn.execute(
-            "SELECT backfill_until FROM assays WHERE id = %s FOR UPDATE", (assay_id,)
-        ).fetchone()
-        if row is None or _at(row, 0) is None:
+        rows = _rows(conn, "SELECT backfill_until FROM assays WHERE id = %s FOR UPDATE", (assay_id,))
+        if not rows or rows[0][0] is None:
             return False
-        until = int(_at(row, 0))
-        updates: dict[WindowKey, WindowCounts] = {}
-        rows = sql.SQL("id <= %(until)s AND time >= %(since)s")
-        with conn.cursor(name="assay_backfill") as cursor:
-            cursor.itersize = FETCH_ROWS
-            cursor.execute(
-                values_query(definition, rows, with_time=True),
-                query_params(definition, until=until, since=since),
-            )
-            while chunk := cursor.fetchmany(FETCH_ROWS):
-                times = [_at(r, 0) for r in chunk]
-                values = np.fromiter((_at(r, 1) for r in chunk), dtype=np.float64, count=len(chunk))
-                count_into(updates, assay_id, definition, times, values)
-        add_counts(conn, updates)
+        windows: dict[datetime, WindowCounts] = {}
+        chunks = timed_value_chunks(conn, definition, _STORED_BEFORE, until=rows[0][0], since=since)
+        for times, values in chunks:
+            definition.count(times, values, windows)
+        add_counts(conn, {(assay_id, start): counts for start, counts in windows.items()})
         conn.execute("UPDATE assays SET backfill_until = NULL WHERE id = %s", (assay_id,))
     log.info(
-        "assay %s/%s: counted %d windows of earlier logs", definition.workspace, definition.name, len(updates)
+        "assay %s/%s: counted %d windows of earlier logs", definition.workspace, definition.name, len(windows)
     )
     return True

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from joey.sdk import Client
 
 
-def _timestamp(value: datetime | str) -> Timestamp:
+def timestamp(value: datetime | str) -> Timestamp:
+    """A protobuf Timestamp; naive datetimes and ISO strings are taken as UTC."""
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if value.tzinfo is None:
@@ -275,9 +276,9 @@ class AssayBuilder:
             workspace=client.workspace, name=name, pipeline=pipeline, iopath=iopath, model=model
         )
         if baseline_start is not None:
-            self.definition.baseline_start.CopyFrom(_timestamp(baseline_start))
+            self.definition.baseline_start.CopyFrom(timestamp(baseline_start))
         if baseline_end is not None:
-            self.definition.baseline_end.CopyFrom(_timestamp(baseline_end))
+            self.definition.baseline_end.CopyFrom(timestamp(baseline_end))
         if baseline_data is not None:
             self.definition.baseline_data.extend(float(v) for v in baseline_data)
 
@@ -291,7 +292,7 @@ class AssayBuilder:
         return self
 
     def add_start(self, start: datetime | str) -> AssayBuilder:
-        self.definition.start.CopyFrom(_timestamp(start))
+        self.definition.start.CopyFrom(timestamp(start))
         return self
 
     # summarizer
@@ -346,7 +347,7 @@ class AssayBuilder:
         """One result per window with data, from the start up to ``end`` (default now)."""
         request = pb.RunAssayInteractiveRequest(definition=self.definition)
         if end is not None:
-            request.end.CopyFrom(_timestamp(end))
+            request.end.CopyFrom(timestamp(end))
         response = self.client.call("RunAssayInteractive", request, timeout=600)
         alert, warning = thresholds(self.definition)
         return AssayResults([AssayResult.from_proto(r) for r in response.results], alert, warning)
@@ -417,12 +418,14 @@ class AssayClientMixin:
         """Stored results of an uploaded assay whose window starts in ``[start, end)``."""
         request = pb.GetAssayResultsRequest(workspace=self.workspace, name=name)
         if start is not None:
-            request.start.CopyFrom(_timestamp(start))
+            request.start.CopyFrom(timestamp(start))
         if end is not None:
-            request.end.CopyFrom(_timestamp(end))
+            request.end.CopyFrom(timestamp(end))
         response = self.call("GetAssayResults", request)
-        alert, warning = thresholds(self.get_assay(name).definition)
-        return AssayResults([AssayResult.from_proto(r) for r in response.results], alert, warning)
+        warning = response.warning_threshold if response.HasField("warning_threshold") else None
+        return AssayResults(
+            [AssayResult.from_proto(r) for r in response.results], response.alert_threshold, warning
+        )
 
 
 __all__ = ["Assay", "AssayBuilder", "AssayClientMixin", "AssayResult", "AssayResults", "AssaySummary"]

@@ -31,7 +31,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from joey.assays_sdk import Assay as Assay
 from joey.assays_sdk import AssayBuilder as AssayBuilder
-from joey.assays_sdk import AssayClientMixin
+from joey.assays_sdk import AssayClientMixin, timestamp
 from joey.assays_sdk import AssayResult as AssayResult
 from joey.assays_sdk import AssayResults as AssayResults
 from joey.assays_sdk import AssaySummary as AssaySummary
@@ -71,18 +71,6 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def _time(ts: Timestamp) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
-
-
-def _timestamp(value: datetime | str | None) -> Timestamp | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 @dataclass(frozen=True)
@@ -800,8 +788,8 @@ class Pipeline:
             limit=limit,
             validity=validity,
             anomalies_only=anomalies_only,
-            start=_timestamp(start),
-            end=_timestamp(end),
+            start=None if start is None else timestamp(start),
+            end=None if end is None else timestamp(end),
         )
 
     def _log_pages(self, request: pb.QueryLogsRequest) -> Iterator[tuple[Sequence[pb.LogEntry], int]]:

@@ -1,4 +1,4 @@
-"""Scoring a window from the inference log, read in chunks into the live assayer's counts."""
+"""Scoring windows from the inference log, read in chunks into the live assayer's counts."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from joey import assay_runs, assays
-from joey.assay_runs import AssayDefinition, IoPath, window_result
+from joey.assay_runs import AssayDefinition, IoPath, window_results
 from joey.assays.streaming import WindowCounts
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
 
-def test_a_window_read_in_chunks_equals_its_values_counted_at_once(
+def test_windows_read_in_chunks_equal_their_values_counted_at_once(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(assay_runs, "FETCH_ROWS", 64)  # 16 chunks, the last one partial
@@ -36,11 +36,16 @@ def test_a_window_read_in_chunks_equals_its_values_counted_at_once(
             )
         baseline = np.random.default_rng(6).lognormal(0.2, 1, 500)
         definition = AssayDefinition(
-            workspace=workspace, name="a", pipeline="p", iopath=IoPath.parse("input x 1")
+            workspace=workspace,
+            name="a",
+            pipeline="p",
+            iopath=IoPath.parse("input x 1"),
+            start=T0 - timedelta(hours=1),
+            width=timedelta(hours=1),
         ).with_baseline(baseline)
-        result = window_result(conn, definition, T0, T0 + timedelta(hours=1))
-        empty = window_result(conn, definition, T0 - timedelta(hours=1), T0)
-    assert result is not None and empty is None
+        # The first window holds nothing and has no result; the third has not closed yet.
+        (result,) = window_results(conn, definition, T0 + timedelta(hours=1, minutes=59))
+    assert (result.window_start, result.window_end) == (T0, T0 + timedelta(hours=1))
     bins = result.baseline.bins
     assert result.window == WindowCounts.of(values[::-1], bins).summary(bins, "density")
     expected = assays.score(baseline, values)

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from joey.assay_runs import AssayDefinition, IoPath, window_result
-from joey.assay_windows import add_counts, backfill, hold_for_change, hold_for_logging, windows_of
+from joey.assay_runs import AssayDefinition, IoPath, window_results
+from joey.assay_windows import add_counts, backfill, hold_for_change, hold_for_logging
 from joey.assays.streaming import WindowCounts
 from joey_logger.sink import PostgresLogSink
 from tests.conftest import scratch_database, wait_until
@@ -63,7 +63,7 @@ def test_a_time_falls_in_every_window_covering_it_and_none_before_the_start() ->
     times = [T0 - MINUTE, T0, T0 + 90 * timedelta(seconds=1), T0 + 5 * MINUTE, T0 + 7 * MINUTE]
 
     def windows(d: AssayDefinition) -> dict[datetime, list[int]]:
-        return {start: positions.tolist() for start, positions in windows_of(d, times)}
+        return {start: positions.tolist() for start, positions in d.windows_containing(times)}
 
     tumbling = definition(width=2 * MINUTE)
     assert windows(tumbling) == {T0: [1, 2], T0 + 4 * MINUTE: [3], T0 + 6 * MINUTE: [4]}
@@ -138,15 +138,13 @@ def test_rows_stored_before_and_after_an_assay_appears_are_each_counted_once(url
         assert backfill(conn, assay_id, d, T0) is True
         assert backfill(conn, assay_id, d, T0) is False  # once per assay
         stored = stored_counts(conn, assay_id)
-        assert sorted(stored) == [T0 + k * 10 * MINUTE for k in range(3)]
-        for k, start in enumerate(sorted(stored)):
-            interactive = window_result(conn, d, start, start + d.width)
-            assert interactive is not None
-            assert stored[start].summary(interactive.baseline.bins, "density") == interactive.window
-            assert stored[start].count == 100 and interactive.window.count == 100
-            assert stored[start] == WindowCounts.of(
-                values[k * 100 : (k + 1) * 100], interactive.baseline.bins
-            )
+        interactive = window_results(conn, d, T0 + 30 * MINUTE)
+    assert sorted(stored) == [r.window_start for r in interactive] == [T0 + k * 10 * MINUTE for k in range(3)]
+    for k, result in enumerate(interactive):
+        counts = stored[result.window_start]
+        assert counts.summary(result.baseline.bins, "density") == result.window
+        assert counts.count == 100
+        assert counts == WindowCounts.of(values[k * 100 : (k + 1) * 100], result.baseline.bins)
 
 
 def test_creating_an_assay_waits_for_the_logs_being_stored(url: str) -> None:

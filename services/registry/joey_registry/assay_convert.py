@@ -119,5 +119,9 @@ def result(r: WindowResult, assay_name: str = "") -> pb.AssayResult:
     )
 
 
-def results(rs: list[WindowResult], assay_name: str = "") -> pb.AssayResults:
-    return pb.AssayResults(results=[result(r, assay_name) for r in rs])
+def results(rs: list[WindowResult], d: AssayDefinition, assay_name: str = "") -> pb.AssayResults:
+    return pb.AssayResults(
+        results=[result(r, assay_name) for r in rs],
+        alert_threshold=d.alert_threshold,
+        warning_threshold=d.warning_threshold,
+    )

@@ -24,7 +24,7 @@ from joey.assay_runs import (
     first_log_time,
     log_values,
     summary_from_json,
-    window_result,
+    window_results,
 )
 from joey.assay_windows import hold_for_change
 from joey.assays import Scores, Status, Summary
@@ -120,9 +120,9 @@ class AssayStore:
         with self._pool.connection() as conn:
             return first_log_time(conn, workspace, pipeline)
 
-    def window(self, definition: AssayDefinition, start: datetime, end: datetime) -> WindowResult | None:
+    def window_results(self, definition: AssayDefinition, end: datetime) -> list[WindowResult]:
         with self._pool.connection() as conn:
-            return window_result(conn, definition, start, end)
+            return window_results(conn, definition, end)
 
 
 def stored_result(definition: AssayDefinition, row: dict[str, Any]) -> WindowResult:
@@ -276,15 +276,15 @@ class Assays:
                 f"at most {MAX_INTERACTIVE_WINDOWS} per run; "
                 "use a later start, an earlier end or a longer interval"
             )
-        results = (self.sql.window(resolved, start, stop) for start, stop in windows)
-        return [r for r in results if r is not None]
+        return self.sql.window_results(resolved, until)
 
     def results(
         self, caller: Caller, workspace: str, name: str, start: datetime | None, end: datetime | None
-    ) -> list[WindowResult]:
+    ) -> tuple[AssayDefinition, list[WindowResult]]:
+        """The assay's definition and its stored results whose window starts in ``[start, end)``."""
         ws = self.access.authorize(caller, workspace, Action.READ)
         stored = self._get(ws, name)
-        return self.sql.results(ws, stored.definition, start, end)
+        return stored.definition, self.sql.results(ws, stored.definition, start, end)
 
     def _resolve(self, ws: WorkspaceRef, d: AssayDefinition, live: bool) -> AssayDefinition:
         """``d`` checked, with its baseline summarised and its start filled in."""

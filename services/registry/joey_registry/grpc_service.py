@@ -210,14 +210,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_unary
     def RunAssayInteractive(self, request: pb.RunAssayInteractiveRequest, caller: Caller) -> pb.AssayResults:
         end = convert.optional_datetime(request, "end")  # type: ignore[arg-type]
-        results = self.registry.assays.run_interactive(
-            caller, assay_convert.definition(request.definition), end
-        )
-        return assay_convert.results(results)
+        definition = assay_convert.definition(request.definition)
+        results = self.registry.assays.run_interactive(caller, definition, end)
+        return assay_convert.results(results, definition)
 
     @_unary
     def GetAssayResults(self, request: pb.GetAssayResultsRequest, caller: Caller) -> pb.AssayResults:
         start = convert.optional_datetime(request, "start")  # type: ignore[arg-type]
         end = convert.optional_datetime(request, "end")  # type: ignore[arg-type]
-        results = self.registry.assays.results(caller, request.workspace, request.name, start, end)
-        return assay_convert.results(results, request.name)
+        definition, results = self.registry.assays.results(
+            caller, request.workspace, request.name, start, end
+        )
+        return assay_convert.results(results, definition, request.name)

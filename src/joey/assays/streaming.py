@@ -10,8 +10,9 @@ added batch by batch by the loggers, across processes and restarts) and an inter
 * mean and std are computed from exact sums: every float64 is an integer multiple of
   ``2**-1126``, so sums of values and of their squares (each square split exactly into three
   floats, Dekker's product) are kept as Python integers, and the mean is correctly rounded;
-* the median is the one statistic no bounded state can give exactly. It is estimated from a
-  log-bucketed histogram (DDSketch's mapping, buckets ``(gamma**(i-1), gamma**i]`` of the
+* the median is the one statistic no bounded state can give exactly. A window of at most
+  ``EXACT_MEDIAN_UP_TO`` values keeps them and has numpy's exact median; a larger one's is
+  estimated from a log-bucketed histogram (DDSketch's mapping, buckets ``(gamma**(i-1), gamma**i]`` of the
   magnitude with ``gamma`` about 1.02) that also keeps each bucket's smallest and largest
   value: interpolated by rank between those two, so within 2% of the true middle values'
   magnitude, and exact when they are alone or equal in their bucket (small windows, integers).
@@ -32,6 +33,9 @@ import numpy.typing as npt
 
 from joey.assays.binning import Bins, bin_counts
 from joey.assays.summary import Aggregation, Summary, aggregate
+
+EXACT_MEDIAN_UP_TO = 1000
+"""Windows of at most this many values keep them (sorted), so their median is numpy's exactly."""
 
 # Bucket bounds grow by this factor: the median's worst relative error is GAMMA - 1 (2%), while
 # a window of a million N(0, 1) values needs about 1,100 buckets.
@@ -117,6 +121,8 @@ class WindowCounts:
     positive: Buckets = field(default_factory=dict)
     negative: Buckets = field(default_factory=dict)
     zero: int = 0
+    values: list[float] | None = field(default_factory=list)
+    """The values themselves, sorted, while there are at most EXACT_MEDIAN_UP_TO; then None."""
 
     @classmethod
     def empty(cls, bins: Bins) -> WindowCounts:
@@ -151,6 +157,13 @@ class WindowCounts:
         self.zero += int(np.count_nonzero(tiny))
         _add(self.positive, _buckets(present[(present > 0) & ~tiny]))
         _add(self.negative, _buckets(-present[(present < 0) & ~tiny]))
+        self._keep(present.tolist())
+
+    def _keep(self, values: list[float] | None) -> None:
+        if self.values is None or values is None or len(self.values) + len(values) > EXACT_MEDIAN_UP_TO:
+            self.values = None
+        else:
+            self.values = sorted(self.values + values)
 
     def merge(self, other: WindowCounts) -> None:
         if len(other.bin_counts) != len(self.bin_counts):
@@ -166,6 +179,7 @@ class WindowCounts:
         _add(self.positive, other.positive)
         _add(self.negative, other.negative)
         self.zero += other.zero
+        self._keep(other.values)
 
     def summary(self, bins: Bins, aggregation: Aggregation) -> Summary:
         """The window's summary; raises ValueError when nothing was counted."""
@@ -198,6 +212,8 @@ class WindowCounts:
         )
 
     def _median(self) -> float:
+        if self.values is not None:
+            return float(np.median(self.values))
         # np.median's rule: the mean of the middle one (odd count) or two (even count) values.
         n = self.present
         return (self._value_at(n // 2 if n % 2 else n // 2 - 1) + self._value_at(n // 2)) / 2
@@ -238,6 +254,7 @@ class WindowCounts:
             "positive": {str(k): list(b) for k, b in self.positive.items()},
             "negative": {str(k): list(b) for k, b in self.negative.items()},
             "zero": self.zero,
+            "values": self.values,
         }
 
     @classmethod
@@ -255,6 +272,7 @@ class WindowCounts:
             positive=_buckets_from_json(data["positive"]),
             negative=_buckets_from_json(data["negative"]),
             zero=int(data["zero"]),
+            values=None if data["values"] is None else [float(v) for v in data["values"]],
         )
 
 

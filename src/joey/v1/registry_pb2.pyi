@@ -1827,18 +1827,27 @@ class AssayResults(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    ALERT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    WARNING_THRESHOLD_FIELD_NUMBER: _builtins.int
+    alert_threshold: _builtins.float
+    """The thresholds the results were scored against, for charts and checks."""
+    warning_threshold: _builtins.float
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssayResult]: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___AssayResult] | None = ...,
+        alert_threshold: _builtins.float = ...,
+        warning_threshold: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold", "warning_threshold", b"warning_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "results", b"results", "warning_threshold", b"warning_threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__warning_threshold: _TypeAlias = _typing.Literal["warning_threshold"]  # noqa: Y015
+    _WhichOneofArgType__warning_threshold: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warning_threshold) -> _WhichOneofReturnType__warning_threshold | None: ...
 
 Global___AssayResults: _TypeAlias = AssayResults  # noqa: Y015
 

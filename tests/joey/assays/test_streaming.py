@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from joey.assays import make_bins, summarize
-from joey.assays.streaming import GAMMA, WindowCounts, exact_sum, exact_sum_of_squares
+from joey.assays.streaming import EXACT_MEDIAN_UP_TO, GAMMA, WindowCounts, exact_sum, exact_sum_of_squares
 
 RNG = np.random.default_rng(3)
 BINS = make_bins(RNG.normal(0, 1, 1000), num_bins=5)
@@ -34,15 +34,22 @@ def test_sums_are_exact_for_any_float() -> None:
     assert exact_sum_of_squares(np.array([1e200])) is None
 
 
-def test_the_summary_depends_only_on_the_values_not_their_order_or_pieces() -> None:
-    values = RNG.normal(0.3, 2, 20_001)
+@pytest.mark.parametrize("size", [20_001, 1_300, EXACT_MEDIAN_UP_TO])
+def test_the_summary_depends_only_on_the_values_not_their_order_or_pieces(size: int) -> None:
+    values = RNG.normal(0.3, 2, size)
     whole = WindowCounts.of(values, BINS)
     pieces = WindowCounts.empty(BINS)
     for piece in np.array_split(values[RNG.permutation(values.size)], 13):
         part = WindowCounts.of(piece, BINS)
         pieces.merge(WindowCounts.from_json(json.loads(json.dumps(part.to_json()))))
     assert pieces == whole
+    assert (whole.values is None) == (size > EXACT_MEDIAN_UP_TO)
     assert pieces.summary(BINS, "cumulative") == whole.summary(BINS, "cumulative")
+
+
+def test_small_windows_have_numpys_median() -> None:
+    values = RNG.normal(3, 2, EXACT_MEDIAN_UP_TO)
+    assert WindowCounts.of(values, BINS).summary(BINS, "density").median == np.median(values)
 
 
 def test_statistics_are_exact_and_the_median_close() -> None:
@@ -63,6 +70,10 @@ def test_statistics_are_exact_and_the_median_close() -> None:
 )
 def test_the_median_of_few_or_repeated_values_is_exact(values: list[float]) -> None:
     assert WindowCounts.of(values, BINS).summary(BINS, "density").median == np.median(values)
+    # Also from the histogram alone, as when the window is too large to keep its values.
+    counts = WindowCounts.of(values, BINS)
+    counts.values = None
+    assert counts.summary(BINS, "density").median == np.median(values)
 
 
 def test_integers_keep_an_exact_median() -> None:
