@@ -9,8 +9,9 @@ read; it keeps no per-row state, so a crash loses nothing.
 
 A window ``[start, end)`` is due when the watermark of its pipeline (the latest event time seen
 on ``joey.logs``) minus the allowed lateness has passed ``end``, or when the wall clock has
-passed ``end`` plus the lateness. It is scored only once the logger's committed offsets have
-reached what the assayer has read, so every record seen so far is in the table. The result is
+passed ``end`` plus the lateness while the assayer has read all of ``joey.logs``. It is scored
+only once the loggers' committed offsets have reached what the assayer has read, so every
+record seen so far is counted. The result is
 inserted with ON CONFLICT DO NOTHING on (assay_id, window_start): exactly one result per window
 across crashes and restarts. Results are published on ``joey.assays.results`` (Warning and
 Alert also on ``joey.assays.alerts``) and marked published after the broker acknowledged them,
@@ -38,6 +39,7 @@ from joey_logger.messages import LogMessage
 log = logging.getLogger(__name__)
 
 SERVICE = "assayer"
+POLL_RECORDS = 1000
 ALERTING = ("Warning", "Alert")
 
 
@@ -49,21 +51,31 @@ class Assayer:
         # Latest event time seen per (workspace, pipeline), and the next offset per partition read.
         self.watermarks: dict[tuple[str, str], datetime] = {}
         self.positions: dict[int, int] = {}
+        # Whether the last poll drained joey.logs: only then can the wall clock close a window,
+        # or a backlog not yet read could hold records for it.
+        self.at_end = False
         self._redis = redis.Redis.from_url(settings.redis_url)
         self._next_beat = 0.0
 
     def run(self, stop: threading.Event) -> None:
         s = self.settings
-        kafka.ensure_topics(kafka.admin_client(s), kafka.platform_topics(s))
+        admin = kafka.admin_client(s)
+        kafka.ensure_topics(admin, kafka.platform_topics(s))
         consumer = Consumer(consumer_config(s, s.assayer_group))
         # Never subscribes: it only reads the loggers' committed offsets.
         logger_offsets = Consumer(consumer_config(s, s.logger_group))
         producer = Producer(producer_config(s))
-        consumer.subscribe([topics.LOGS], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        # Every assayer reads every partition (from its group's committed offsets): the work per
+        # record is tiny, and so each one sees the whole watermark and waits for the loggers on
+        # all partitions. Without group membership, no rebalance can leave it without partitions.
+        partitions = kafka.topic_partitions(admin, [topics.LOGS])[topics.LOGS]
+        consumer.assign([TopicPartition(topics.LOGS, p) for p in range(partitions)])
         log.info("assayer %s following %s (lateness %.0fs)", s.instance_id, topics.LOGS, s.allowed_lateness_s)
         try:
             while not stop.is_set():
-                self.observe(consumer.consume(1000, timeout=s.tick_s))
+                messages = consumer.consume(POLL_RECORDS, timeout=s.tick_s)
+                self.observe(messages)
+                self.at_end = len(messages) < POLL_RECORDS
                 try:
                     if self.logger_caught_up(logger_offsets):
                         self.close_windows(datetime.now(UTC))
@@ -119,7 +131,7 @@ class Assayer:
 
     def due(self, assay: LiveAssay, end: datetime, now: datetime) -> bool:
         d = assay.definition
-        if now >= end + self.lateness:
+        if self.at_end and now >= end + self.lateness:
             return True
         watermark = self.watermarks.get((d.workspace, d.pipeline))
         return watermark is not None and watermark - self.lateness >= end
@@ -171,15 +183,6 @@ class Assayer:
         except KafkaException as exc:
             # Only the watermark is rebuilt from a replay; results never depend on these offsets.
             log.warning("offset commit failed: %s", exc)
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
-        # Another assayer reads these now; waiting for the logger on them would be waiting for nothing.
-        for tp in partitions:
-            self.positions.pop(tp.partition, None)
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
