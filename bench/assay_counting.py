@@ -43,6 +43,7 @@ from psycopg.types.json import Jsonb
 
 from joey import db
 from joey.assay_runs import AssayDefinition, IoPath
+from joey.assays.streaming import WindowCounts
 from joey_logger.sink import PostgresLogSink
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -140,16 +141,18 @@ def check_counts(conn: psycopg.Connection[Any], written: dict[str, int]) -> None
     stored = dict(conn.execute("SELECT pipeline, count(*) FROM inference_logs GROUP BY pipeline").fetchall())
     if stored != written:
         raise RuntimeError(f"the log holds {stored} rows per pipeline, {written} were written")
-    rows = conn.execute(
-        "SELECT a.name, a.pipeline, coalesce(sum((w.counts->>'count')::bigint), 0) "
-        "FROM assays a LEFT JOIN assay_windows w ON w.assay_id = a.id GROUP BY a.id ORDER BY a.id"
-    ).fetchall()
-    if len(rows) != sum(ASSAY_COUNTS):
-        raise RuntimeError(f"expected {sum(ASSAY_COUNTS)} assays, found {len(rows)}")
-    for name, pipeline, counted in rows:
+    counted_by: dict[tuple[str, str], int] = {}
+    for name, pipeline, counts in conn.execute(
+        "SELECT a.name, a.pipeline, w.counts FROM assays a LEFT JOIN assay_windows w ON w.assay_id = a.id"
+    ).fetchall():
+        added = 0 if counts is None else WindowCounts.from_bytes(counts).count
+        counted_by[(name, pipeline)] = counted_by.get((name, pipeline), 0) + added
+    if len(counted_by) != sum(ASSAY_COUNTS):
+        raise RuntimeError(f"expected {sum(ASSAY_COUNTS)} assays, found {len(counted_by)}")
+    for (name, pipeline), counted in counted_by.items():
         if counted != written[pipeline]:
             raise RuntimeError(f"assay {name} counted {counted} rows, {written[pipeline]} were written")
-    print(f"counts checked: {len(rows)} assays, each counted every row written to its pipeline")
+    print(f"counts checked: {len(counted_by)} assays, each counted every row written to its pipeline")
 
 
 def measure(url: str, args: argparse.Namespace) -> dict[System, list[float]]:

@@ -77,7 +77,7 @@ def store_counts(conn: psycopg.Connection[Any], definition: AssayDefinition, val
     counts = WindowCounts.of(values, definition.baseline.bins)
     conn.execute(
         "INSERT INTO assay_windows (assay_id, window_start, counts) VALUES (%s, %s, %s)",
-        (row[0], T0, Jsonb(counts.to_json())),
+        (row[0], T0, counts.to_bytes()),
     )
     conn.commit()
     return int(row[0])

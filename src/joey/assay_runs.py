@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
@@ -40,6 +40,8 @@ from joey.assays.streaming import WindowCounts
 DEFAULT_WIDTH = timedelta(hours=24)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
+MICROS_SQL = sql.SQL("(extract(epoch FROM time) * 1000000)::bigint")
+"""A log row's time as microseconds since the epoch: windows are assigned on integers."""
 DEFAULT_ALERT_THRESHOLD = 0.25
 # Values fetched from Postgres per round trip when a window or baseline is read.
 FETCH_ROWS = 50_000
@@ -141,16 +143,16 @@ class AssayDefinition:
             window_start += self.step
 
     def windows_containing(
-        self, times: Sequence[datetime]
+        self, micros: npt.NDArray[np.int64]
     ) -> Iterator[tuple[datetime, npt.NDArray[np.intp]]]:
-        """Each window start with the positions of ``times`` in ``[start, start + width)``; a time
-        is in several windows when they slide (interval < width), and in none before the start."""
+        """Each window start with the positions of ``micros`` (times as microseconds since the
+        epoch, see MICROS_SQL) in ``[start, start + width)``; a time is in several windows when
+        they slide (interval < width), and in none before the start."""
         assert self.start is not None
-        if not times:
+        if micros.size == 0:
             return
         origin = (self.start - EPOCH) // MICROSECOND
         width, step = self.width // MICROSECOND, self.step // MICROSECOND
-        micros = np.fromiter(((t - EPOCH) // MICROSECOND for t in times), dtype=np.int64, count=len(times))
         inside = np.flatnonzero(micros >= origin)
         since = micros[inside] - origin
         last = since // step
@@ -166,12 +168,15 @@ class AssayDefinition:
             yield self.start + int(window[begin]) * self.step, positions[begin:end]
 
     def count(
-        self, times: Sequence[datetime], values: npt.NDArray[np.float64], into: dict[datetime, WindowCounts]
+        self,
+        micros: npt.NDArray[np.int64],
+        values: npt.NDArray[np.float64],
+        into: dict[datetime, WindowCounts],
     ) -> None:
         """Add the values, at their times, to the counts of the windows (by start) they fall in."""
         assert self.baseline is not None
         bins = self.baseline.bins
-        for start, positions in self.windows_containing(times):
+        for start, positions in self.windows_containing(micros):
             into.setdefault(start, WindowCounts.empty(bins)).add(values[positions], bins)
 
     def score(self, window: Summary) -> Scores:
@@ -332,40 +337,54 @@ def summary_from_json(data: dict[str, Any]) -> Summary:
 # --- reading values from the inference log ---
 
 
+def value_sql(definition: AssayDefinition) -> sql.Composed:
+    """The followed value of an ``inference_logs`` row as float8; NULL when the row does not count
+    (another pipeline, the path missing or not a number as in failed inferences, another model).
+
+    The one definition of which rows count and what their value is: the interactive runs and the
+    assayer's backfill select with it (:func:`values_query`), and the loggers evaluate it on the
+    rows they insert (``INSERT ... RETURNING``), so every path counts the same values.
+    """
+    value = definition.iopath.expression()
+    model: sql.Composable = sql.SQL("TRUE")
+    if definition.model:
+        model = sql.SQL("models @> jsonb_build_array(jsonb_build_object('name', {}::text))").format(
+            sql.Literal(definition.model)
+        )
+    return sql.SQL(
+        "CASE WHEN workspace = {workspace} AND pipeline = {pipeline} AND jsonb_typeof({value}) = 'number' "
+        "AND {model} THEN ({value})::float8 END"
+    ).format(
+        workspace=sql.Literal(definition.workspace),
+        pipeline=sql.Literal(definition.pipeline),
+        value=value,
+        model=model,
+    )
+
+
 def values_query(
     definition: AssayDefinition, rows: sql.Composable, *, with_time: bool = False
 ) -> sql.Composed:
-    """The iopath's numbers in the pipeline's log rows matching ``rows`` (a condition on
-    ``inference_logs``), oldest first; with their ``time`` first when ``with_time``.
-
-    Rows where the path is missing or not a number (failed inferences have no outputs) are
-    skipped. The interactive runs, the assayer's backfill and the loggers' live counting all
-    select values with this one query, so they agree on which rows count and on their values.
-    """
-    value = definition.iopath.expression()
-    columns = sql.SQL("time, ({value})::float8" if with_time else "({value})::float8").format(value=value)
+    """The values (:func:`value_sql`) of the pipeline's log rows matching ``rows`` (a condition on
+    ``inference_logs``), oldest first; with their time (MICROS_SQL) first when ``with_time``."""
     return sql.SQL(
-        "SELECT {columns} FROM inference_logs "
-        "WHERE workspace = %(workspace)s AND pipeline = %(pipeline)s AND {rows} "
-        "AND jsonb_typeof({value}) = 'number' "
-        "AND (%(model)s = '' OR models @> jsonb_build_array(jsonb_build_object('name', %(model)s::text))) "
-        "ORDER BY time, id"
-    ).format(columns=columns, rows=rows, value=value)
+        "SELECT {columns} FROM (SELECT time, id, {micros} AS micros, {value} AS v FROM inference_logs "
+        "WHERE workspace = {workspace} AND pipeline = {pipeline} AND {rows}) AS logged "
+        "WHERE v IS NOT NULL ORDER BY time, id"
+    ).format(
+        columns=sql.SQL("micros, v" if with_time else "v"),
+        micros=MICROS_SQL,
+        value=value_sql(definition),
+        workspace=sql.Literal(definition.workspace),
+        pipeline=sql.Literal(definition.pipeline),
+        rows=rows,
+    )
 
 
 _IN_RANGE = sql.SQL(
     "(%(start)s::timestamptz IS NULL OR time >= %(start)s) "
     "AND (%(end)s::timestamptz IS NULL OR time < %(end)s)"
 )
-
-
-def query_params(definition: AssayDefinition, **extra: Any) -> dict[str, Any]:
-    return {
-        "workspace": definition.workspace,
-        "pipeline": definition.pipeline,
-        "model": definition.model,
-        **extra,
-    }
 
 
 def value_chunks(
@@ -377,18 +396,19 @@ def value_chunks(
     """The iopath's numbers in the pipeline's logs with ``start <= time < end``, oldest first, in
     chunks of at most FETCH_ROWS read through a server-side cursor."""
     query = values_query(definition, _IN_RANGE)
-    for rows in _chunks(conn, query, query_params(definition, start=start, end=end)):
+    for rows in _chunks(conn, query, {"start": start, "end": end}):
         yield np.fromiter((row[0] for row in rows), dtype=np.float64, count=len(rows))
 
 
 def timed_value_chunks(
     conn: psycopg.Connection[Any], definition: AssayDefinition, rows: sql.Composable, **params: Any
-) -> Iterator[tuple[list[datetime], npt.NDArray[np.float64]]]:
-    """The times and values of :func:`values_query` over ``rows``, in chunks of at most FETCH_ROWS."""
+) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
+    """The times (MICROS_SQL) and values of :func:`values_query` over ``rows``, in chunks of at
+    most FETCH_ROWS."""
     query = values_query(definition, rows, with_time=True)
-    for chunk in _chunks(conn, query, query_params(definition, **params)):
-        times = [row[0] for row in chunk]
-        yield times, np.fromiter((row[1] for row in chunk), dtype=np.float64, count=len(chunk))
+    for chunk in _chunks(conn, query, params):
+        micros = np.fromiter((row[0] for row in chunk), dtype=np.int64, count=len(chunk))
+        yield micros, np.fromiter((row[1] for row in chunk), dtype=np.float64, count=len(chunk))
 
 
 def _chunks(
@@ -449,8 +469,7 @@ def window_results(
     if not windows:
         return []
     counts: dict[datetime, WindowCounts] = {}
-    for times, values in timed_value_chunks(
-        conn, definition, _IN_RANGE, start=windows[0][0], end=windows[-1][1]
-    ):
-        definition.count(times, values, counts)
+    chunks = timed_value_chunks(conn, definition, _IN_RANGE, start=windows[0][0], end=windows[-1][1])
+    for micros, values in chunks:
+        definition.count(micros, values, counts)
     return [result_of(definition, start, stop, counts[start]) for start, stop in windows if start in counts]

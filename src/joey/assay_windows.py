@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
-from psycopg.types.json import Jsonb
 
-from joey.assay_runs import AssayDefinition, timed_value_chunks
+from joey.assay_runs import MICROS_SQL, AssayDefinition, timed_value_chunks, value_sql
 from joey.assays.streaming import WindowCounts
 
 log = logging.getLogger(__name__)
 
 LOCK = 0x4A6F6579_41737379  # "JoeyAssy": pg advisory lock between storing log rows and changing assays
-_JUST_INSERTED = sql.SQL("id = ANY(%(ids)s)")
 _STORED_BEFORE = sql.SQL("id <= %(until)s AND time >= %(since)s")
 
 WindowKey = tuple[int, datetime]
@@ -66,9 +66,9 @@ def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCou
     inserted = _rows(
         conn,
         "INSERT INTO assay_windows (assay_id, window_start, counts) "
-        "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::jsonb[]) ORDER BY 1, 2 "
+        "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) ORDER BY 1, 2 "
         "ON CONFLICT (assay_id, window_start) DO NOTHING RETURNING assay_id, window_start",
-        (ids, starts, [Jsonb(updates[k].to_json()) for k in keys]),
+        (ids, starts, [updates[k].to_bytes() for k in keys]),
     )
     done = {(assay_id, start) for assay_id, start in inserted}
     rest = [k for k in keys if k not in done]
@@ -83,14 +83,14 @@ def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCou
     )
     merged = []
     for assay_id, start, data in rows:
-        counts = WindowCounts.from_json(data)
+        counts = WindowCounts.from_bytes(data)
         counts.merge(updates[(assay_id, start)])
         merged.append(((assay_id, start), counts))
     conn.execute(
         "UPDATE assay_windows w SET counts = u.counts "
-        "FROM unnest(%s::bigint[], %s::timestamptz[], %s::jsonb[]) AS u(assay_id, window_start, counts) "
+        "FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) AS u(assay_id, window_start, counts) "
         "WHERE w.assay_id = u.assay_id AND w.window_start = u.window_start",
-        ([k[0] for k, _ in merged], [k[1] for k, _ in merged], [Jsonb(c.to_json()) for _, c in merged]),
+        ([k[0] for k, _ in merged], [k[1] for k, _ in merged], [c.to_bytes() for _, c in merged]),
     )
 
 
@@ -101,42 +101,22 @@ def _rows(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) ->
 
 
 class LiveCounter:
-    """What a logger runs in its write transaction: count the rows it just inserted."""
+    """What a logger runs in its write transaction: count the rows it inserts."""
 
     def __init__(self) -> None:
         # Definitions never change once stored, so each is read once per logger.
         self._definitions: dict[int, AssayDefinition] = {}
 
-    def count(self, conn: psycopg.Connection[Any], inserted: Sequence[tuple[int, str, str]]) -> int:
-        """Count the rows ``(id, workspace, pipeline)`` just inserted; returns the windows touched.
-
-        The caller holds :func:`hold_for_logging` since before the insert.
-        """
-        if not inserted:
-            return 0
-        assays = self._assays(conn, {(workspace, pipeline) for _, workspace, pipeline in inserted})
-        updates: dict[WindowKey, WindowCounts] = {}
-        for assay_id, d in assays:
-            ids = [
-                i for i, workspace, pipeline in inserted if (workspace, pipeline) == (d.workspace, d.pipeline)
-            ]
-            windows: dict[datetime, WindowCounts] = {}
-            for times, values in timed_value_chunks(conn, d, _JUST_INSERTED, ids=ids):
-                d.count(times, values, windows)
-            updates.update({(assay_id, start): counts for start, counts in windows.items()})
-        add_counts(conn, updates)
-        return len(updates)
-
-    def _assays(
-        self, conn: psycopg.Connection[Any], pipelines: set[tuple[str, str]]
-    ) -> list[tuple[int, AssayDefinition]]:
-        """Every assay (paused ones too, so a resumed one lacks nothing) of these pipelines."""
+    def prepare(self, conn: psycopg.Connection[Any], pipelines: set[tuple[str, str]]) -> Counting:
+        """Hold :func:`hold_for_logging` and find the assays of these ``(workspace, pipeline)``:
+        every one, paused ones too, so a resumed assay lacks nothing."""
+        hold_for_logging(conn)
         ids = [
             row[0]
             for row in _rows(
                 conn,
                 "SELECT a.id FROM assays a JOIN workspaces w ON w.id = a.workspace_id "
-                "WHERE (w.name, a.pipeline) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                "WHERE (w.name, a.pipeline) IN (SELECT * FROM unnest(%s::text[], %s::text[])) ORDER BY a.id",
                 ([w for w, _ in pipelines], [p for _, p in pipelines]),
             )
         ]
@@ -149,7 +129,36 @@ class LiveCounter:
                 (missing,),
             ):
                 self._definitions[assay_id] = AssayDefinition.from_json(workspace, name, data)
-        return [(i, self._definitions[i]) for i in ids]
+        return Counting([(i, self._definitions[i]) for i in ids])
+
+
+@dataclass(frozen=True)
+class Counting:
+    """The assays a batch of log rows is counted into."""
+
+    assays: list[tuple[int, AssayDefinition]]
+
+    def returning(self, insert: sql.Composable) -> sql.Composed:
+        """``insert`` returning each inserted row's time and its value for every assay: the values
+        come with the insert, so counting costs no second look at the table."""
+        values = [value_sql(d) for _, d in self.assays]
+        return sql.SQL("{} RETURNING {}").format(insert, sql.SQL(", ").join([MICROS_SQL, *values]))
+
+    def count(self, conn: psycopg.Connection[Any], inserted: Sequence[tuple[Any, ...]]) -> None:
+        """Add the rows ``returning`` gave back to their windows' counts."""
+        if not self.assays or not inserted:
+            return
+        micros = np.array([row[0] for row in inserted], dtype=np.int64)
+        updates: dict[WindowKey, WindowCounts] = {}
+        for column, (assay_id, definition) in enumerate(self.assays, start=1):
+            raw = np.array([row[column] for row in inserted], dtype=np.float64)  # None -> NaN
+            counted = np.flatnonzero(~np.isnan(raw))
+            if counted.size == 0:
+                continue
+            windows: dict[datetime, WindowCounts] = {}
+            definition.count(micros[counted], raw[counted], windows)
+            updates.update({(assay_id, start): counts for start, counts in windows.items()})
+        add_counts(conn, updates)
 
 
 def backfill(
@@ -167,8 +176,8 @@ def backfill(
             return False
         windows: dict[datetime, WindowCounts] = {}
         chunks = timed_value_chunks(conn, definition, _STORED_BEFORE, until=rows[0][0], since=since)
-        for times, values in chunks:
-            definition.count(times, values, windows)
+        for micros, values in chunks:
+            definition.count(micros, values, windows)
         add_counts(conn, {(assay_id, start): counts for start, counts in windows.items()})
         conn.execute("UPDATE assays SET backfill_until = NULL WHERE id = %s", (assay_id,))
     log.info(

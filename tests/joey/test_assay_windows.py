@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from joey.assay_runs import AssayDefinition, IoPath, window_results
+from joey.assay_runs import EPOCH, MICROSECOND, AssayDefinition, IoPath, window_results
 from joey.assay_windows import add_counts, backfill, hold_for_change, hold_for_logging
 from joey.assays.streaming import WindowCounts
 from joey_logger.sink import PostgresLogSink
@@ -56,14 +56,16 @@ def stored_counts(conn: psycopg.Connection[Any], assay_id: int) -> dict[datetime
     rows = conn.execute(
         "SELECT window_start, counts FROM assay_windows WHERE assay_id = %s", (assay_id,)
     ).fetchall()
-    return {r[0]: WindowCounts.from_json(r[1]) for r in rows}
+    return {r[0]: WindowCounts.from_bytes(r[1]) for r in rows}
 
 
 def test_a_time_falls_in_every_window_covering_it_and_none_before_the_start() -> None:
     times = [T0 - MINUTE, T0, T0 + 90 * timedelta(seconds=1), T0 + 5 * MINUTE, T0 + 7 * MINUTE]
 
+    micros = np.array([(t - EPOCH) // MICROSECOND for t in times], dtype=np.int64)
+
     def windows(d: AssayDefinition) -> dict[datetime, list[int]]:
-        return {start: positions.tolist() for start, positions in d.windows_containing(times)}
+        return {start: positions.tolist() for start, positions in d.windows_containing(micros)}
 
     tumbling = definition(width=2 * MINUTE)
     assert windows(tumbling) == {T0: [1, 2], T0 + 4 * MINUTE: [3], T0 + 6 * MINUTE: [4]}

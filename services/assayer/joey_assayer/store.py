@@ -96,7 +96,7 @@ class AssayerStore:
                 "SELECT counts FROM assay_windows WHERE assay_id = %s AND window_start = %s",
                 (assay.id, start),
             ).fetchone()
-            counts = WindowCounts.from_json(row["counts"]) if row else None
+            counts = WindowCounts.from_bytes(row["counts"]) if row else None
             if counts is None or counts.count == 0:
                 values: tuple[Any, ...] = (math.nan, Jsonb([]), None, NO_DATA, Jsonb({"window": None}), True)
             else:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from joey import db
-from joey.assay_windows import LiveCounter, hold_for_logging
+from joey.assay_windows import LiveCounter
 from joey_logger.settings import LoggerSettings
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,9 @@ _CREATE_STAGING = (
     f"SELECT {_COLUMN_LIST} FROM inference_logs WITH NO DATA"
 )
 _COPY = f"COPY {_STAGING} ({_COLUMN_LIST}) FROM STDIN"
-_INSERT = (
+_INSERT = sql.SQL(
     f"INSERT INTO inference_logs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGING} "
-    f"ON CONFLICT ({', '.join(IDENTITY)}) DO NOTHING RETURNING id, workspace, pipeline"
+    f"ON CONFLICT ({', '.join(IDENTITY)}) DO NOTHING"
 )
 
 
@@ -170,13 +171,13 @@ class PostgresLogSink(LogSink):
         try:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cursor:
-                hold_for_logging(conn)
+                counting = self._assays.prepare(conn, {(r["workspace"], r["pipeline"]) for r in rows})
                 with cursor.copy(_COPY) as copy:
                     for record in rows:
                         copy.write_row(_row(record))
-                inserted = cursor.execute(_INSERT).fetchall()
+                inserted = cursor.execute(counting.returning(_INSERT)).fetchall()
+                counting.count(conn, inserted)
                 written = len(inserted)
-                self._assays.count(conn, inserted)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self.close()
             raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc

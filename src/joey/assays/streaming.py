@@ -24,6 +24,7 @@ value anyway; its bin counts, and so its scores and status, are the same as thes
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -241,40 +242,86 @@ class WindowCounts:
                 seen += count
         raise AssertionError(f"rank {rank} beyond {self.present} values")
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "bin_counts": self.bin_counts,
-            "count": self.count,
-            "present": self.present,
-            # jsonb has no infinity: an empty window's min and max are null.
-            "min": self.min if self.present else None,
-            "max": self.max if self.present else None,
-            "sum": str(self.sum),
-            "sum_squares": None if self.sum_squares is None else str(self.sum_squares),
-            "positive": {str(k): list(b) for k, b in self.positive.items()},
-            "negative": {str(k): list(b) for k, b in self.negative.items()},
-            "zero": self.zero,
-            "values": self.values,
-        }
+    def to_bytes(self) -> bytes:
+        """A compact binary form (what ``assay_windows`` stores): loggers rewrite it every batch,
+        so it must be cheap to encode, decode and write."""
+        values = self.values
+        squares = None if self.sum_squares is None else _int_bytes(self.sum_squares)
+        total = _int_bytes(self.sum)
+        header = _HEADER.pack(
+            len(self.bin_counts),
+            self.count,
+            self.present,
+            self.zero,
+            self.min,
+            self.max,
+            len(self.positive),
+            len(self.negative),
+            -1 if values is None else len(values),
+            len(total),
+            -1 if squares is None else len(squares),
+        )
+        parts = [header, np.asarray(self.bin_counts, dtype="<i8").tobytes()]
+        for buckets in (self.positive, self.negative):
+            keys = sorted(buckets)
+            parts.append(np.asarray(keys, dtype="<i4").tobytes())
+            columns = list(zip(*(buckets[k] for k in keys), strict=True)) or [(), (), ()]
+            parts.append(np.asarray(columns[0], dtype="<i8").tobytes())
+            parts.append(np.asarray(columns[1], dtype="<f8").tobytes())
+            parts.append(np.asarray(columns[2], dtype="<f8").tobytes())
+        parts.append(np.asarray(values or [], dtype="<f8").tobytes())
+        parts.append(total)
+        parts.append(squares or b"")
+        return b"".join(parts)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> WindowCounts:
-        present = int(data["present"])
-        squares = data["sum_squares"]
+    def from_bytes(cls, data: bytes) -> WindowCounts:
+        (bins, count, present, zero, lowest, highest, positives, negatives, kept, total, squares) = (
+            _HEADER.unpack_from(data)
+        )
+        reader = _Reader(data, _HEADER.size)
+        bin_counts = reader.array("<i8", bins).tolist()
+        buckets = []
+        for size in (positives, negatives):
+            keys = reader.array("<i4", size).tolist()
+            counts = reader.array("<i8", size).tolist()
+            lows = reader.array("<f8", size).tolist()
+            highs = reader.array("<f8", size).tolist()
+            buckets.append(dict(zip(keys, zip(counts, lows, highs, strict=True), strict=True)))
+        values = reader.array("<f8", kept).tolist() if kept >= 0 else None
         return cls(
-            bin_counts=[int(c) for c in data["bin_counts"]],
-            count=int(data["count"]),
+            bin_counts=bin_counts,
+            count=count,
             present=present,
-            min=float(data["min"]) if present else math.inf,
-            max=float(data["max"]) if present else -math.inf,
-            sum=int(data["sum"]),
-            sum_squares=None if squares is None else int(squares),
-            positive=_buckets_from_json(data["positive"]),
-            negative=_buckets_from_json(data["negative"]),
-            zero=int(data["zero"]),
-            values=None if data["values"] is None else [float(v) for v in data["values"]],
+            min=lowest,
+            max=highest,
+            sum=int.from_bytes(reader.raw(total), "little", signed=True),
+            sum_squares=None if squares < 0 else int.from_bytes(reader.raw(squares), "little", signed=True),
+            positive=buckets[0],
+            negative=buckets[1],
+            zero=zero,
+            values=values,
         )
 
 
-def _buckets_from_json(data: dict[str, list[Any]]) -> Buckets:
-    return {int(k): (int(c), float(low), float(high)) for k, (c, low, high) in data.items()}
+_HEADER = struct.Struct("<iqqqddiiiii")
+
+
+def _int_bytes(value: int) -> bytes:
+    return value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
+
+
+class _Reader:
+    def __init__(self, data: bytes, offset: int) -> None:
+        self._data = data
+        self._offset = offset
+
+    def raw(self, size: int) -> bytes:
+        chunk = self._data[self._offset : self._offset + size]
+        if len(chunk) != size:
+            raise ValueError("window counts are truncated")
+        self._offset += size
+        return chunk
+
+    def array(self, dtype: str, count: int) -> npt.NDArray[Any]:
+        return np.frombuffer(self.raw(np.dtype(dtype).itemsize * count), dtype=dtype)

@@ -4,7 +4,7 @@
 CREATE TABLE assay_windows (
     assay_id     bigint NOT NULL REFERENCES assays(id) ON DELETE CASCADE,
     window_start timestamptz NOT NULL,
-    counts       jsonb NOT NULL,   -- joey.assays.streaming.WindowCounts
+    counts       bytea NOT NULL,   -- joey.assays.streaming.WindowCounts.to_bytes()
     PRIMARY KEY (assay_id, window_start)
 );
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from fractions import Fraction
 
@@ -41,7 +40,7 @@ def test_the_summary_depends_only_on_the_values_not_their_order_or_pieces(size: 
     pieces = WindowCounts.empty(BINS)
     for piece in np.array_split(values[RNG.permutation(values.size)], 13):
         part = WindowCounts.of(piece, BINS)
-        pieces.merge(WindowCounts.from_json(json.loads(json.dumps(part.to_json()))))
+        pieces.merge(WindowCounts.from_bytes(part.to_bytes()))
     assert pieces == whole
     assert (whole.values is None) == (size > EXACT_MEDIAN_UP_TO)
     assert pieces.summary(BINS, "cumulative") == whole.summary(BINS, "cumulative")
