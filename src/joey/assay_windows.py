@@ -168,10 +168,11 @@ def backfill(
 
     Runs in one transaction that locks the assay row, so a second assayer waits and then finds
     nothing to do; a crash counts nothing and the next run starts over. Returns False when the
-    assay was deleted or already backfilled.
+    assay was deleted or already backfilled. The lock is NO KEY UPDATE: loggers adding counts
+    meanwhile (their foreign keys take KEY SHARE on the row) are not held up.
     """
     with conn.transaction():
-        rows = _rows(conn, "SELECT backfill_until FROM assays WHERE id = %s FOR UPDATE", (assay_id,))
+        rows = _rows(conn, "SELECT backfill_until FROM assays WHERE id = %s FOR NO KEY UPDATE", (assay_id,))
         if not rows or rows[0][0] is None:
             return False
         windows: dict[datetime, WindowCounts] = {}

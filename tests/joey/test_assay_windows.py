@@ -201,3 +201,31 @@ def test_a_deleted_assay_is_no_longer_counted_and_logging_goes_on(url: str) -> N
         assert stored_counts(conn, assay_id) == {}
         row = conn.execute("SELECT count(*) FROM inference_logs WHERE pipeline = %s", (pipeline,)).fetchone()
         assert row == (20,)
+
+
+def test_a_backfill_in_progress_does_not_hold_up_the_loggers(url: str) -> None:
+    pipeline = f"p-{secrets.token_hex(3)}"
+    d = definition(name=f"f-{secrets.token_hex(3)}", pipeline=pipeline)
+    with psycopg.connect(url) as conn:
+        assay_id = create_assay(conn, d)
+    written = threading.Event()
+    with psycopg.connect(url) as assayer:
+        # What backfill() holds for its whole transaction.
+        assayer.execute("SELECT backfill_until FROM assays WHERE id = %s FOR NO KEY UPDATE", (assay_id,))
+
+        def log() -> None:
+            sink = PostgresLogSink(url)
+            sink.open()
+            try:
+                sink.write([log_record(pipeline, i, time=T0) for i in range(5)])
+            finally:
+                sink.close()
+            written.set()
+
+        thread = threading.Thread(target=log)
+        thread.start()
+        assert written.wait(10), "the logger waited for the backfill's lock"
+        thread.join()
+        assayer.rollback()
+    with psycopg.connect(url) as conn:
+        assert stored_counts(conn, assay_id)[T0].count == 5
