@@ -130,7 +130,7 @@ def main() -> None:
                     "SELECT counts FROM assay_windows WHERE assay_id = %s", (assay_id,)
                 ).fetchone()
                 assert row is not None
-                return result_of(definition, T0, end, WindowCounts.from_json(row[0]))
+                return result_of(definition, T0, end, WindowCounts.from_bytes(row[0]))
 
             systems = {
                 "fetch-only": lambda: log_values(conn, definition, T0, end),

@@ -9,7 +9,7 @@ exclusively: no log row is being stored while an assay appears, so ``backfill_un
 largest row id then) splits the rows into counted-by-backfill and counted-by-loggers.
 
 Counts live in ``assay_windows`` (one row per assay and window start, a
-:class:`~joey.assays.streaming.WindowCounts` as jsonb): memory and storage grow with the bins
+:class:`~joey.assays.streaming.WindowCounts` as bytes): memory and storage grow with the bins
 and the open windows, never with rows. The assayer deletes a window's counts when it stores
 its result.
 """
