@@ -13,9 +13,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message, Producer, TopicPartition
 
 from joey.kafka import DeliveryTracker, producer_config
 from joey.records import REQUEST_ID_HEADER, dumps, header_value
@@ -41,6 +42,35 @@ class Reply:
     request_id: str
     ok: bool
     body: dict[str, Any]
+
+
+def decode_reply(message: Message, request_id: str, outputs_topic: str) -> Reply:
+    """The reply a record of a pipeline's outputs or errors topic carries.
+
+    A value that is not a JSON object becomes a failed reply naming the problem, shaped like an error
+    record, so that only its own row fails rather than the whole call waiting for it.
+    """
+    topic = message.topic()
+    try:
+        body = json.loads(message.value() or b"{}")
+    except ValueError as exc:  # undecodable bytes too: UnicodeDecodeError is a ValueError
+        problem = f"is not valid JSON: {exc}"
+    else:
+        if isinstance(body, dict):
+            return Reply(request_id, topic == outputs_topic, body)
+        problem = f"is not a JSON object but {type(body).__name__}"
+    return Reply(
+        request_id,
+        False,
+        {"time": _written_at(message), "request_id": request_id, "error": f"reply on {topic} {problem}"},
+    )
+
+
+def _written_at(message: Message) -> str:
+    """When the record was written: error records carry a time, and the SDK's result frames need one."""
+    kind, ms = message.timestamp()
+    at = datetime.now(UTC) if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(ms / 1000, UTC)
+    return at.isoformat(timespec="microseconds")
 
 
 def reply_consumer(settings: CommonSettings, topics: PipelineTopics) -> Consumer:
@@ -111,8 +141,7 @@ class PipelineStream:
                     if reply_id is None or reply_id not in pending:
                         continue
                     pending.discard(reply_id)
-                    body = json.loads(message.value() or b"{}")
-                    replies[reply_id] = Reply(reply_id, message.topic() == self._topics.outputs, body)
+                    replies[reply_id] = decode_reply(message, reply_id, self._topics.outputs)
                 if progress:
                     progress(len(replies), len(rows))
         finally:

@@ -118,9 +118,13 @@ def deploy(settings: CommonSettings, workspace: str, pipeline: str, spec: Any | 
 
 
 def produce(
-    settings: CommonSettings, topic: str, values: list[tuple[str, bytes]]
+    settings: CommonSettings,
+    topic: str,
+    values: list[tuple[str, bytes]],
+    extra_headers: dict[str, list[tuple[str, bytes]]] | None = None,
 ) -> dict[str, tuple[int, int]]:
-    """Produce (request id, value) pairs keyed by request id; return where each request id landed."""
+    """Produce (request id, value) pairs keyed by request id, with ``extra_headers`` by request id; return
+    where each request id landed."""
     positions: dict[str, tuple[int, int]] = {}
 
     def delivered(rid: str, err: Any, message: Message) -> None:
@@ -129,7 +133,10 @@ def produce(
 
     producer = Producer(kafka.producer_config(settings))
     for rid, value in values:
-        headers = [(records.REQUEST_ID_HEADER, rid.encode())]
+        headers: list[tuple[str, str | bytes | None]] = [
+            (records.REQUEST_ID_HEADER, rid.encode()),
+            *(extra_headers or {}).get(rid, []),
+        ]
         producer.produce(
             topic, value, rid.encode(), headers=headers, on_delivery=functools.partial(delivered, rid)
         )
@@ -300,6 +307,51 @@ def test_serves_outputs_errors_and_logs(
     [beat] = wait_for(lambda: replicas(redis_client, engine_settings, ws, pipeline), "replica heartbeat")
     assert beat.loaded and beat.error == "" and beat.deployment_id == spec.deployment_id
     assert beat.partitions == list(range(settings.pipeline_partitions))
+
+
+def test_records_past_their_deadline_fail_in_place_while_the_rest_are_served(
+    engine: Engine,
+    settings: CommonSettings,
+    engine_workspace: str,
+    make_spec: Callable[..., Any],
+    iris_sha: str,
+    iris_model: Path,
+) -> None:
+    """Every other record's deadline has passed: those are reported as errors, unprocessed, and the ones
+    between them, in the same batches, are answered with their own outputs."""
+    from train_model import make_records  # examples/, put on sys.path by the iris_model fixture
+
+    ws, pipeline = engine_workspace, "iris-deadlines"
+    names = topics.pipeline_topics(ws, pipeline)
+    deploy(settings, ws, pipeline, make_spec(ws, pipeline, iris_sha))
+    rows = make_records(40, seed=3)
+    values = [(f"dl-{i}", json.dumps(row).encode()) for i, row in enumerate(rows)]
+    expired = {rid for rid, _ in values[::2]}
+    later = str(time.time() * 1000 + 600_000).encode()
+    deadlines = {rid: [(records.DEADLINE_HEADER, b"1" if rid in expired else later)] for rid, _ in values}
+    positions = produce(settings, names.inputs, values, deadlines)
+    expected_labels = dict(zip((rid for rid, _ in values), labels(iris_model, rows), strict=True))
+
+    outputs = TopicReader(settings, names.outputs)
+    errors = TopicReader(settings, names.errors)
+    try:
+        answered = outputs.read_until(lambda ms: len(ms) >= len(values) - len(expired), "all outputs")
+        failed = errors.read_until(lambda ms: len(ms) >= len(expired), "all errors")
+        by_id = {request_id(m): json.loads(m.value()) for m in answered}  # type: ignore[arg-type]
+        assert by_id.keys() == expected_labels.keys() - expired
+        for rid, body in by_id.items():
+            assert body["out"]["label"] == expected_labels[rid]  # type: ignore[index]
+            assert body["in"] == rows[int(rid.removeprefix("dl-"))]  # type: ignore[union-attr]
+        reported = {request_id(m): json.loads(m.value()) for m in failed}  # type: ignore[arg-type]
+        assert reported.keys() == expired
+        for rid, body in reported.items():
+            assert body["error"].startswith(records.DEADLINE_EXCEEDED), body["error"]
+            assert body["input"] is None and body["raw_input"] == dict(values)[rid].decode()  # type: ignore[index]
+            assert (body["metadata"]["partition"], body["metadata"]["offset"]) == positions[rid]  # type: ignore[index]
+    finally:
+        outputs.close()
+        errors.close()
+    deploy(settings, ws, pipeline, None)
 
 
 def test_checks_flag_anomalies_in_outputs_and_logs(

@@ -126,6 +126,23 @@ def test_each_bad_record_fails_alone(iris_runner: PipelineRunner, iris_model: Pa
     assert bad[3].reason == "missing input 'features'; the pipeline expects inputs 'features'"  # type: ignore[union-attr]
 
 
+def test_records_failed_before_running_keep_their_place(
+    iris_runner: PipelineRunner, iris_model: Path
+) -> None:
+    """Records a replica drops (past their deadline) come back as given, in their places, without being
+    read; the others run and each gets its own result."""
+    dropped = Failure("deadline exceeded 5 ms before a replica reached the record; not processed", None)
+    values = [encode({"features": row, "id": i}) for i, row in enumerate(ROWS)] + [b"not json"]
+    results = iris_runner.run(values, {1: dropped, 4: dropped})
+    assert results[1] is dropped and results[4] is dropped, "a dropped record is not decoded"
+    ran = [results[i] for i in (0, 2, 3)]
+    assert all(isinstance(r, Success) for r in ran), ran
+    assert [r.inputs["id"] for r in ran if isinstance(r, Success)] == [0, 2, 3]
+    expected = direct(iris_model, [ROWS[0], ROWS[2], ROWS[3]])["label"].tolist()
+    assert [r.outputs["label"] for r in ran if isinstance(r, Success)] == expected
+    assert iris_runner.run(values[:2], {0: dropped, 1: dropped}) == [dropped, dropped]
+
+
 def test_integers_are_valid_floats(iris_runner: PipelineRunner, iris_model: Path) -> None:
     [result] = iris_runner.run([encode({"features": [6, 3, 5, 2]})])
     assert isinstance(result, Success)

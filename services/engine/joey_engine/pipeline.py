@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -479,11 +479,16 @@ class PipelineRunner:
                 record_inputs.append(_RecordInput(tensor, field))
         return _Challenger(what, step, runtime, tuple(sources), tuple(record_inputs))
 
-    def run(self, values: Sequence[bytes | None]) -> list[Result]:
-        """One result per value, in order."""
-        invalid: dict[int, Failure] = {}
+    def run(
+        self, values: Sequence[bytes | None], failed: Mapping[int, Failure] | None = None
+    ) -> list[Result]:
+        """One result per value, in order. ``failed``: records that fail without being run, by index (a
+        replica drops those past their deadline); they take their place among the results as they are."""
+        invalid: dict[int, Failure] = dict(failed or {})
         rows: list[dict[str, Any]] = []
         for i, value in enumerate(values):
+            if i in invalid:
+                continue
             try:
                 rows.append(decode_input(value))
             except RecordError as exc:

@@ -186,9 +186,7 @@ class ReplicaWorker:
         # Work whose caller has given up is not run: it is reported on the errors topic and in the log.
         now_ms = time.time() * 1000
         expired = {i: failure for i, s in enumerate(sources) if (failure := s.expired(now_ms)) is not None}
-        fresh = [s.value for i, s in enumerate(sources) if i not in expired]
-        ran = iter(self._runner.run(fresh))
-        results = [expired[i] if i in expired else next(ran) for i in range(len(sources))]
+        results = self._runner.run([s.value for s in sources], expired)
         now = datetime.now(UTC)
         deployment, names, deliver = self.deployment, self.deployment.topics, self._tracker.on_delivery
         failures = []

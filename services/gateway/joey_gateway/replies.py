@@ -9,16 +9,14 @@ for (older ones, or a second delivery of an at-least-once reply) are skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from typing import Any
 
 from confluent_kafka import Consumer
 
 from joey.records import REQUEST_ID_HEADER, header_value
 from joey.settings import CommonSettings
-from joey.streaming import Reply, reply_consumer
+from joey.streaming import Reply, decode_reply, reply_consumer
 from joey.topics import PipelineTopics
 
 log = logging.getLogger(__name__)
@@ -83,7 +81,7 @@ class ReplyReader:
                     with self._lock:
                         call = self._waiting.pop(request_id, None)
                     if call is not None:
-                        call.deliver(self._reply(request_id, message.topic(), message.value()))
+                        call.deliver(decode_reply(message, request_id, self.topics.outputs))
         except Exception:
             # The gateway replaces a reader that stopped; its waiters get their deadline error.
             log.exception("reader of %s stopped", self.topics.outputs)
@@ -93,15 +91,6 @@ class ReplyReader:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
-
-    def _reply(self, request_id: str, topic: str | None, value: bytes | None) -> Reply:
-        body: dict[str, Any]
-        try:
-            body = json.loads(value or b"{}")
-        except ValueError:
-            body = {"error": "reply is not valid JSON"}
-            return Reply(request_id, False, body)
-        return Reply(request_id, topic == self.topics.outputs, body)
 
     def close(self) -> None:
         self._stop.set()
