@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from joey.assays.binning import Bins, bin_counts
-from joey.assays.summary import Aggregation, Summary, aggregate
+from joey.assays.summary import Aggregation, Summary
 
 EXACT_MEDIAN_UP_TO = 1000
 """Windows of at most this many values keep them (sorted), so their median is numpy's exactly."""
@@ -199,17 +199,8 @@ class WindowCounts:
             lowest, highest, median = self.min, self.max, self._median()
         else:
             lowest = highest = mean = median = std = math.nan
-        return Summary(
-            count=self.count,
-            min=lowest,
-            max=highest,
-            mean=mean,
-            median=median,
-            std=std,
-            bins=bins,
-            bin_counts=tuple(self.bin_counts),
-            aggregation=aggregation,
-            aggregated_values=tuple(aggregate(self.bin_counts, aggregation).tolist()),
+        return Summary.of_counts(
+            self.bin_counts, bins, aggregation, count=self.count, stats=(lowest, highest, mean, median, std)
         )
 
     def _median(self) -> float:

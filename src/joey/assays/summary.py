@@ -37,6 +37,31 @@ class Summary:
     aggregation: Aggregation
     aggregated_values: tuple[float, ...]
 
+    @classmethod
+    def of_counts(
+        cls,
+        counts: npt.ArrayLike,
+        bins: Bins,
+        aggregation: Aggregation,
+        *,
+        count: int,
+        stats: tuple[float, float, float, float, float],
+    ) -> Summary:
+        """A summary of bin ``counts``, its values aggregated; ``stats`` are min, max, mean, median, std."""
+        lowest, highest, mean, median, std = stats
+        return cls(
+            count=count,
+            min=lowest,
+            max=highest,
+            mean=mean,
+            median=median,
+            std=std,
+            bins=bins,
+            bin_counts=tuple(int(c) for c in np.asarray(counts).tolist()),
+            aggregation=aggregation,
+            aggregated_values=tuple(aggregate(counts, aggregation).tolist()),
+        )
+
     @property
     def edges(self) -> tuple[float, ...]:
         return self.bins.upper_edges
@@ -76,17 +101,8 @@ def _summarize(
         # and these should equal what np.mean / np.std give on the same values.
         unordered = x if present.size == x.size else x[~np.isnan(x)]
         mean, std = float(unordered.mean()), float(unordered.std())
-    return Summary(
-        count=int(x.size),
-        min=lowest,
-        max=highest,
-        mean=mean,
-        median=median,
-        std=std,
-        bins=bins,
-        bin_counts=tuple(counts.tolist()),
-        aggregation=aggregation,
-        aggregated_values=tuple(aggregate(counts, aggregation).tolist()),
+    return Summary.of_counts(
+        counts, bins, aggregation, count=int(x.size), stats=(lowest, highest, mean, median, std)
     )
 
 
