@@ -18,6 +18,7 @@ import io
 import json
 import math
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -122,3 +123,46 @@ def encode_log(record: dict[str, Any]) -> bytes:
 
 def decode_log(data: bytes) -> dict[str, Any]:
     return fastavro.schemaless_reader(io.BytesIO(data), log_schema(), log_schema())  # type: ignore[return-value]
+
+
+def log_event_time(data: bytes) -> tuple[str, str, datetime]:
+    """``(workspace, pipeline, time)`` of an encoded InferenceLog, read without decoding the rest.
+
+    What a watermark needs, several times faster than :func:`decode_log`: the fields are read in
+    the schema's order (workspace, pipeline, pipeline_version, deployment_id, request_id,
+    record_key, time) straight from Avro's binary encoding. Raises RecordError on bad input.
+    """
+    try:
+        size, at = _avro_long(data, 0)
+        workspace, at = data[at : at + size].decode(), at + size
+        size, at = _avro_long(data, at)
+        pipeline, at = data[at : at + size].decode(), at + size
+        _, at = _avro_long(data, at)  # pipeline_version
+        for _ in range(2):  # deployment_id, request_id
+            size, at = _avro_long(data, at)
+            at += size
+        branch, at = _avro_long(data, at)  # record_key: null or bytes
+        if branch == 1:
+            size, at = _avro_long(data, at)
+            at += size
+        micros, at = _avro_long(data, at)
+    except (IndexError, UnicodeDecodeError) as exc:
+        raise RecordError(f"not an Avro joey.v1.InferenceLog ({type(exc).__name__}: {exc})") from None
+    if at > len(data) or size < 0 or branch not in (0, 1):
+        raise RecordError("not an Avro joey.v1.InferenceLog (fields run past the record)")
+    return workspace, pipeline, _EPOCH + timedelta(microseconds=micros)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _avro_long(data: bytes, at: int) -> tuple[int, int]:
+    """A zigzag varint (Avro's int and long) at ``at``, and the position after it."""
+    shift = raw = 0
+    while True:
+        byte = data[at]
+        at += 1
+        raw |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (raw >> 1) ^ -(raw & 1), at
+        shift += 7

@@ -33,8 +33,8 @@ def test_dumps_turns_numpy_and_non_finite_values_into_json() -> None:
     assert records.dumps(value) == b'{"a":1.5,"b":[[1,2]],"c":null,"d":[null,2.0]}'
 
 
-def test_log_record_round_trips_through_avro() -> None:
-    record = {
+def log(**fields: object) -> dict[str, object]:
+    return {
         "workspace": "default",
         "pipeline": "p",
         "pipeline_version": 3,
@@ -54,8 +54,38 @@ def test_log_record_round_trips_through_avro() -> None:
         "check_failures": [],
         "models": [{"name": "m", "version": 1, "sha256": "ab" * 32}],
         "elapsed_ns": [120, 340],
-    }
+    } | fields
+
+
+def test_log_record_round_trips_through_avro() -> None:
+    record = log()
     assert records.decode_log(records.encode_log(record)) == record
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"record_key": None},
+        {"record_key": b"\xff" * 300, "workspace": "équipe", "pipeline": "ü" * 70},
+        {"pipeline_version": 2**40, "request_id": "r" * 1000},
+        {"time": datetime(1969, 7, 20, 20, 17, 40, 1, tzinfo=UTC)},
+        {"time": datetime(2999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)},
+    ],
+)
+def test_the_event_time_is_read_without_decoding_the_whole_log_record(fields: dict[str, object]) -> None:
+    record = log(**fields)
+    assert records.log_event_time(records.encode_log(record)) == (
+        record["workspace"],
+        record["pipeline"],
+        record["time"],
+    )
+
+
+@pytest.mark.parametrize("data", [b"", b"\x10ab", b"\xff\xff\xff", b"\x02a\x02b\x02\x00\x00\x06"])
+def test_a_record_that_is_not_a_log_has_no_event_time(data: bytes) -> None:
+    with pytest.raises(records.RecordError, match="not an Avro"):
+        records.log_event_time(data)
 
 
 def test_header_value_finds_the_request_id() -> None:
