@@ -283,8 +283,8 @@ def _tuple(values: list[float] | None) -> tuple[float, ...] | None:
 
 
 def _number(value: float) -> float | None:
-    # jsonb has no NaN: the statistics of a window without numbers are stored as null.
-    return None if math.isnan(value) else value
+    # jsonb has no NaN or infinity: the statistics of a window without numbers are stored as null.
+    return value if math.isfinite(value) else None
 
 
 def summary_to_json(summary: Summary) -> dict[str, Any]:
@@ -339,7 +339,8 @@ def summary_from_json(data: dict[str, Any]) -> Summary:
 
 def value_sql(definition: AssayDefinition) -> sql.Composed:
     """The followed value of an ``inference_logs`` row as float8; NULL when the row does not count
-    (another pipeline, the path missing or not a number as in failed inferences, another model).
+    (another pipeline, the path missing or not a number as in failed inferences, another model, a
+    number float64 cannot hold).
 
     The one definition of which rows count and what their value is: the interactive runs and the
     assayer's backfill select with it (:func:`values_query`), and the loggers evaluate it on the
@@ -351,9 +352,12 @@ def value_sql(definition: AssayDefinition) -> sql.Composed:
         model = sql.SQL("models @> jsonb_build_array(jsonb_build_object('name', {}::text))").format(
             sql.Literal(definition.model)
         )
+    # A JSON number beyond float64 (1e400, or 1e-400 but not 0) cannot be cast: it does not count.
     return sql.SQL(
         "CASE WHEN workspace = {workspace} AND pipeline = {pipeline} AND jsonb_typeof({value}) = 'number' "
-        "AND {model} THEN ({value})::float8 END"
+        "AND {model} AND abs(({value})::numeric) <= 1.7976931348623157e308 "
+        "AND (({value})::numeric = 0 OR abs(({value})::numeric) >= 4.9406564584124654e-324) "
+        "THEN ({value})::float8 END"
     ).format(
         workspace=sql.Literal(definition.workspace),
         pipeline=sql.Literal(definition.pipeline),

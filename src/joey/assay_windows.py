@@ -81,6 +81,9 @@ def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCou
         "ORDER BY assay_id, window_start FOR UPDATE",
         ([k[0] for k in rest], [k[1] for k in rest]),
     )
+    if len(rows) < len(rest):
+        # Scored and dropped by the assayer in between: these rows come too late for their window.
+        log.warning("%d window counts closed before this batch could add to them", len(rest) - len(rows))
     merged = []
     for assay_id, start, data in rows:
         counts = WindowCounts.from_bytes(data)

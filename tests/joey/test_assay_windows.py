@@ -229,3 +229,29 @@ def test_a_backfill_in_progress_does_not_hold_up_the_loggers(url: str) -> None:
         assayer.rollback()
     with psycopg.connect(url) as conn:
         assert stored_counts(conn, assay_id)[T0].count == 5
+
+
+def test_numbers_beyond_float64_are_stored_but_not_counted(url: str) -> None:
+    pipeline = f"p-{secrets.token_hex(3)}"
+    d = definition(name=f"r-{secrets.token_hex(3)}", pipeline=pipeline)
+    texts = ["1e400", "-1e400", "1e-400", "0", "5e-324", "1.7976931348623157e308", "2.5"]
+
+    def record(i: int, text: str) -> dict[str, Any]:
+        return log_record(pipeline, i, time=T0, inputs=f'{{"features": [0, 0, {text}, 0]}}')
+
+    sink = PostgresLogSink(url)
+    sink.open()
+    try:
+        sink.write([record(i, text) for i, text in enumerate(texts[:3])])  # stored before: the backfill's
+        with psycopg.connect(url) as conn:
+            assay_id = create_assay(conn, d)
+        written = sink.write([record(i, text) for i, text in enumerate(texts) if i >= 3])
+    finally:
+        sink.close()
+    assert written.written == 4
+    with psycopg.connect(url) as conn:
+        assert backfill(conn, assay_id, d, T0) is True
+        counts = stored_counts(conn, assay_id)[T0]
+        (result,) = window_results(conn, d, T0 + d.width)
+    assert counts.count == 4 and counts.values == [0.0, 5e-324, 2.5, 1.7976931348623157e308]
+    assert result.window.count == 4 and result.window.max == 1.7976931348623157e308

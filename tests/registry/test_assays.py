@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -14,6 +15,9 @@ from psycopg.types.json import Jsonb
 
 from joey import assays
 from joey.v1 import registry_pb2 as pb
+from joey_logger.sink import PostgresLogSink
+from tests.conftest import wait_until
+from tests.logger.helpers import log_record
 from tests.registry.helpers import Stub, rpc_error, step, upload
 
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
@@ -230,3 +234,46 @@ def test_model_filter(
     preview = stub.PreviewBaseline(pb.PreviewBaselineRequest(definition=definition(workspace, model="iris")))
     assert preview.count == 200
     assert preview.mean == assays.baseline_summary(logged["baseline"][::2]).mean
+
+
+def test_deleting_an_assay_during_its_backfill_does_not_hold_up_logging(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], database_url: str
+) -> None:
+    stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace)))
+    deleted, written = threading.Event(), threading.Event()
+
+    def delete() -> None:
+        stub.DeleteAssay(pb.DeleteAssayRequest(workspace=workspace, name="drift"))
+        deleted.set()
+
+    def log_elsewhere() -> None:
+        sink = PostgresLogSink(database_url)
+        sink.open()
+        try:
+            sink.write([log_record("elsewhere", i, workspace=workspace) for i in range(3)])
+        finally:
+            sink.close()
+        written.set()
+
+    with psycopg.connect(database_url) as assayer:
+        # What the assayer's backfill holds on the assay row for as long as it counts.
+        assayer.execute(
+            "SELECT a.id FROM assays a JOIN workspaces w ON w.id = a.workspace_id "
+            "WHERE w.name = %s AND a.name = 'drift' FOR NO KEY UPDATE",
+            (workspace,),
+        )
+        deleting = threading.Thread(target=delete)
+        deleting.start()
+        wait_until(
+            lambda: assayer.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone() != (0,),
+            10,
+            "the delete to wait for the backfill",
+        )
+        logging_thread = threading.Thread(target=log_elsewhere)
+        logging_thread.start()
+        assert written.wait(10), "logging waited for a backfill of an unrelated assay"
+        assert not deleted.is_set()
+        assayer.rollback()
+    deleting.join(10)
+    logging_thread.join(10)
+    assert deleted.is_set()

@@ -146,18 +146,27 @@ class Assayer:
         """Score every due window of every active assay, up to the per-tick limit."""
         budget = self.settings.max_windows_per_tick
         for assay in self.store.active_assays():
-            start, end = self.store.next_window(assay)
-            if not assay.backfilled:
-                self.store.backfill(assay, start)
-            step = assay.definition.step
-            while budget > 0 and self.due(assay, end, now):
-                budget -= 1
-                if not self.store.score_window(assay, start, end):
-                    break  # stored by another assayer, or the assay was deleted: look again next tick
-                log.info(
-                    "scored assay %s/%s window %s", assay.definition.workspace, assay.definition.name, start
-                )
-                start, end = start + step, end + step
+            try:
+                budget = self._close_windows_of(assay, now, budget)
+            except psycopg.OperationalError:
+                raise  # the database, not the assay: the loop waits for it
+            except Exception:
+                # One assay that cannot be scored must not stop the others; it is retried every tick.
+                d = assay.definition
+                log.exception("assay %s/%s could not be scored", d.workspace, d.name)
+
+    def _close_windows_of(self, assay: LiveAssay, now: datetime, budget: int) -> int:
+        start, end = self.store.next_window(assay)
+        if not assay.backfilled:
+            self.store.backfill(assay, start)
+        step = assay.definition.step
+        while budget > 0 and self.due(assay, end, now):
+            budget -= 1
+            if not self.store.score_window(assay, start, end):
+                break  # stored by another assayer, or the assay was deleted: look again next tick
+            log.info("scored assay %s/%s window %s", assay.definition.workspace, assay.definition.name, start)
+            start, end = start + step, end + step
+        return budget
 
     def publish(self, producer: Producer) -> None:
         pending = self.store.unpublished()

@@ -3,7 +3,6 @@ counts and storing the result once."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -66,8 +65,7 @@ class AssayerStore:
 
     def backfill(self, assay: LiveAssay, since: datetime) -> None:
         """Count the log rows stored before the assay existed into its windows from ``since``."""
-        # Deleted meanwhile: there is nothing left to count for.
-        with self.pool.connection() as conn, contextlib.suppress(psycopg.errors.ForeignKeyViolation):
+        with self.pool.connection() as conn:
             assay_windows.backfill(conn, assay.id, assay.definition, since)
 
     def next_window(self, assay: LiveAssay) -> tuple[datetime, datetime]:

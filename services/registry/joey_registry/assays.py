@@ -93,7 +93,11 @@ class AssayStore:
 
     def delete(self, ws: WorkspaceRef, name: str) -> bool:
         with self._pool.connection() as conn:
-            # No logger may be adding to the assay's windows while it goes.
+            # First wait for a backfill of the assay (it locks the row this way), without holding
+            # up the loggers; then for the loggers that may be adding to its windows.
+            conn.execute(
+                "SELECT id FROM assays WHERE workspace_id = %s AND name = %s FOR NO KEY UPDATE", (ws.id, name)
+            )
             hold_for_change(conn)
             cursor = conn.execute("DELETE FROM assays WHERE workspace_id = %s AND name = %s", (ws.id, name))
             return cursor.rowcount == 1

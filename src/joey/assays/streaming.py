@@ -8,8 +8,8 @@ added batch by batch by the loggers, across processes and restarts) and an inter
 
 * bin counts, count, min and max are exact;
 * mean and std are computed from exact sums: every float64 is an integer multiple of
-  ``2**-1126``, so sums of values and of their squares (each square split exactly into three
-  floats, Dekker's product) are kept as Python integers, and the mean is correctly rounded;
+  ``2**-1126`` (its square of ``2**-2252``), so the sums of the values and of their squares are
+  kept as Python integers, exact for any finite input; the mean is correctly rounded;
 * the median is the one statistic no bounded state can give exactly. A window of at most
   ``EXACT_MEDIAN_UP_TO`` values keeps them and has numpy's exact median; a larger one's is
   estimated from a log-bucketed histogram (DDSketch's mapping, buckets ``(gamma**(i-1), gamma**i]`` of the
@@ -45,41 +45,58 @@ _LOG_GAMMA = math.log(GAMMA)
 # Magnitudes below the smallest normal float share one bucket (their log is not meaningful).
 _TINY = np.finfo(np.float64).tiny
 
-# Every finite float64 is m * 2**(e - 53) with |m| < 2**53 and e - 53 >= -1126.
-_SCALE_BITS = 1126
-_SCALE = 1 << _SCALE_BITS
-# bincount adds its weights as float64: halves of 26 bits summed over 2**25 values stay exact.
-_CHUNK = 1 << 25
-_LOW_MASK = (1 << 26) - 1
-_SPLITTER = 134217729.0  # 2**27 + 1: Veltkamp's split of a float64 into two 26-bit halves
-_SQUARE_LIMIT = 2.0**500  # beyond, the split overflows; such squares are not summed exactly
+# Every finite float64 is m * 2**e with m an integer, |m| < 2**53, and e >= -1126; so its square
+# is m**2 * 2**(2e) with 2e >= -2252. Sums are kept as integers in these units, exact for any input.
+_SUM_UNIT_BITS = 1126
+_SQUARES_UNIT_BITS = 2 * _SUM_UNIT_BITS
+# np.bincount adds float64 weights: digits below 2**k summed over at most 2**(53 - k) values are exact.
+_SUM_CHUNK = 1 << 25  # digits of 27 bits
+_SQUARES_CHUNK = 1 << 15  # digits of 37 bits (the 18-bit pieces of a mantissa, multiplied in pairs)
+
+
+def _mantissas(values: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``m`` and ``e`` with ``values == m * 2**e`` exactly."""
+    fraction, exponent = np.frexp(values)
+    return (fraction * 2.0**53).astype(np.int64), exponent.astype(np.int64) - 53
+
+
+def _exact_total(digits: list[tuple[npt.NDArray[np.int64], int]], shifts: npt.NDArray[np.int64]) -> int:
+    """The sum over i of ``digit[i] * 2**(offset + shifts[i])`` for every (digit, offset), exactly;
+    ``shifts`` are non-negative. Values sharing a shift are summed by np.bincount, so Python adds
+    only one integer per distinct shift and digit."""
+    base = int(shifts.min())
+    slot = shifts - base
+    sums = [np.bincount(slot, weights=digit) for digit, _ in digits]
+    total = 0
+    for k in np.flatnonzero(np.any([column != 0 for column in sums], axis=0)):
+        at = int(k)
+        total += sum(int(column[at]) << offset for column, (_, offset) in zip(sums, digits, strict=True)) << (
+            at + base
+        )
+    return total
 
 
 def exact_sum(values: npt.NDArray[np.float64]) -> int:
     """The exact sum of finite ``values``, as an integer count of ``2**-1126``."""
     total = 0
-    for start in range(0, values.size, _CHUNK):
-        fraction, exponent = np.frexp(values[start : start + _CHUNK])
-        mantissa = (fraction * 2.0**53).astype(np.int64)
-        scale = exponent.astype(np.int64) + (_SCALE_BITS - 53)
-        base = int(scale.min())
-        slot = scale - base
-        high = np.bincount(slot, weights=mantissa >> 26)
-        low = np.bincount(slot, weights=mantissa & _LOW_MASK)
-        for k in np.flatnonzero((high != 0) | (low != 0)):
-            total += ((int(high[k]) << 26) + int(low[k])) << (int(k) + base)
+    for start in range(0, values.size, _SUM_CHUNK):
+        mantissa, exponent = _mantissas(values[start : start + _SUM_CHUNK])
+        digits = [(mantissa >> 26, 26), (mantissa & ((1 << 26) - 1), 0)]
+        total += _exact_total(digits, exponent + _SUM_UNIT_BITS)
     return total
 
 
-def exact_sum_of_squares(values: npt.NDArray[np.float64]) -> int | None:
-    """The exact sum of squares of finite ``values`` (scaled like :func:`exact_sum`), or None
-    when a square overflows float64's range."""
-    if values.size and float(np.abs(values).max()) >= _SQUARE_LIMIT:
-        return None
-    scaled = _SPLITTER * values
-    high = scaled - (scaled - values)
-    low = values - high
-    return exact_sum(np.concatenate((high * high, 2.0 * high * low, low * low)))
+def exact_sum_of_squares(values: npt.NDArray[np.float64]) -> int:
+    """The exact sum of the squares of finite ``values``, as an integer count of ``2**-2252``."""
+    total = 0
+    for start in range(0, values.size, _SQUARES_CHUNK):
+        mantissa, exponent = _mantissas(values[start : start + _SQUARES_CHUNK])
+        m = np.abs(mantissa)
+        a, b, c = m >> 36, (m >> 18) & 0x3FFFF, m & 0x3FFFF
+        # (a 2**36 + b 2**18 + c)**2, term by term: each product stays below 2**37.
+        digits = [(a * a, 72), (2 * a * b, 54), (2 * a * c + b * b, 36), (2 * b * c, 18), (c * c, 0)]
+        total += _exact_total(digits, 2 * exponent + _SQUARES_UNIT_BITS)
+    return total
 
 
 Buckets = dict[int, tuple[int, float, float]]
@@ -118,7 +135,7 @@ class WindowCounts:
     min: float = math.inf
     max: float = -math.inf
     sum: int = 0
-    sum_squares: int | None = 0
+    sum_squares: int = 0
     positive: Buckets = field(default_factory=dict)
     negative: Buckets = field(default_factory=dict)
     zero: int = 0
@@ -151,8 +168,7 @@ class WindowCounts:
         self.min = min(self.min, float(present.min()))
         self.max = max(self.max, float(present.max()))
         self.sum += exact_sum(present)
-        squares = exact_sum_of_squares(present)
-        self.sum_squares = None if squares is None or self.sum_squares is None else self.sum_squares + squares
+        self.sum_squares += exact_sum_of_squares(present)
         magnitude = np.abs(present)
         tiny = magnitude < _TINY
         self.zero += int(np.count_nonzero(tiny))
@@ -175,8 +191,7 @@ class WindowCounts:
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
         self.sum += other.sum
-        if self.sum_squares is not None:
-            self.sum_squares = None if other.sum_squares is None else self.sum_squares + other.sum_squares
+        self.sum_squares += other.sum_squares
         _add(self.positive, other.positive)
         _add(self.negative, other.negative)
         self.zero += other.zero
@@ -190,12 +205,9 @@ class WindowCounts:
             raise ValueError(f"{len(self.bin_counts)} counts for {bins.count} bins")
         if self.present:
             n = self.present
-            total = Fraction(self.sum, _SCALE)
+            total = Fraction(self.sum, 1 << _SUM_UNIT_BITS)
             mean = float(total / n)
-            if self.sum_squares is None:
-                std = math.inf
-            else:
-                std = math.sqrt(float((Fraction(self.sum_squares, _SCALE) - total * total / n) / n))
+            std = _sqrt((Fraction(self.sum_squares, 1 << _SQUARES_UNIT_BITS) - total * total / n) / n)
             lowest, highest, median = self.min, self.max, self._median()
         else:
             lowest = highest = mean = median = std = math.nan
@@ -237,9 +249,10 @@ class WindowCounts:
         """A compact binary form (what ``assay_windows`` stores): loggers rewrite it every batch,
         so it must be cheap to encode, decode and write."""
         values = self.values
-        squares = None if self.sum_squares is None else _int_bytes(self.sum_squares)
+        squares = _int_bytes(self.sum_squares)
         total = _int_bytes(self.sum)
         header = _HEADER.pack(
+            _FORMAT,
             len(self.bin_counts),
             self.count,
             self.present,
@@ -250,7 +263,7 @@ class WindowCounts:
             len(self.negative),
             -1 if values is None else len(values),
             len(total),
-            -1 if squares is None else len(squares),
+            len(squares),
         )
         parts = [header, np.asarray(self.bin_counts, dtype="<i8").tobytes()]
         for buckets in (self.positive, self.negative):
@@ -262,14 +275,20 @@ class WindowCounts:
             parts.append(np.asarray(columns[2], dtype="<f8").tobytes())
         parts.append(np.asarray(values or [], dtype="<f8").tobytes())
         parts.append(total)
-        parts.append(squares or b"")
+        parts.append(squares)
         return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> WindowCounts:
-        (bins, count, present, zero, lowest, highest, positives, negatives, kept, total, squares) = (
-            _HEADER.unpack_from(data)
-        )
+        """Counts stored by :meth:`to_bytes`; ValueError if ``data`` is not exactly that."""
+        if len(data) < _HEADER.size:
+            raise ValueError("window counts are truncated")
+        header = _HEADER.unpack_from(data)
+        if header[0] != _FORMAT:
+            raise ValueError(f"window counts in format {header[0]}, expected {_FORMAT}")
+        bins, count, present, zero, lowest, highest, positives, negatives, kept, total, squares = header[1:]
+        if min(bins, positives, negatives, total, squares) < 0:
+            raise ValueError("window counts have a negative length")
         reader = _Reader(data, _HEADER.size)
         bin_counts = reader.array("<i8", bins).tolist()
         buckets = []
@@ -280,22 +299,36 @@ class WindowCounts:
             highs = reader.array("<f8", size).tolist()
             buckets.append(dict(zip(keys, zip(counts, lows, highs, strict=True), strict=True)))
         values = reader.array("<f8", kept).tolist() if kept >= 0 else None
-        return cls(
+        counts = cls(
             bin_counts=bin_counts,
             count=count,
             present=present,
             min=lowest,
             max=highest,
             sum=int.from_bytes(reader.raw(total), "little", signed=True),
-            sum_squares=None if squares < 0 else int.from_bytes(reader.raw(squares), "little", signed=True),
+            sum_squares=int.from_bytes(reader.raw(squares), "little", signed=True),
             positive=buckets[0],
             negative=buckets[1],
             zero=zero,
             values=values,
         )
+        if not reader.done():
+            raise ValueError("window counts have trailing bytes")
+        return counts
 
 
-_HEADER = struct.Struct("<iqqqddiiiii")
+_FORMAT = 1
+_HEADER = struct.Struct("<Biqqqddiiiii")
+
+
+def _sqrt(value: Fraction) -> float:
+    """The square root of a non-negative rational, also when the rational itself is beyond
+    float64's range (variances of values near its ends): scaled by a power of 4 near 1 first."""
+    if value == 0:
+        return 0.0
+    halves = (value.numerator.bit_length() - value.denominator.bit_length()) // 2
+    scaled = value / (1 << 2 * halves) if halves >= 0 else value * (1 << -2 * halves)
+    return math.ldexp(math.sqrt(float(scaled)), halves)
 
 
 def _int_bytes(value: int) -> bytes:
@@ -313,6 +346,9 @@ class _Reader:
             raise ValueError("window counts are truncated")
         self._offset += size
         return chunk
+
+    def done(self) -> bool:
+        return self._offset == len(self._data)
 
     def array(self, dtype: str, count: int) -> npt.NDArray[Any]:
         return np.frombuffer(self.raw(np.dtype(dtype).itemsize * count), dtype=dtype)
