@@ -1,7 +1,7 @@
 """Time of the logger's Postgres sink writing a batch of inference logs, with and without live assays.
 
 ``PostgresLogSink.write`` stores a batch in ``inference_logs`` and, in the same transaction, counts the
-rows it inserted into the open windows of every assay of their pipeline (``joey.assay_windows``). This
+rows it inserted into the open windows of every assay of their pipeline (``joey.assay_panes``). This
 asks whether the logger still keeps up with the engine's log rate once assays are counted live.
 
 One scratch database, one sink (one connection, as in one logger), one pipeline per system:
@@ -143,7 +143,7 @@ def check_counts(conn: psycopg.Connection[Any], written: dict[str, int]) -> None
         raise RuntimeError(f"the log holds {stored} rows per pipeline, {written} were written")
     counted_by: dict[tuple[str, str], int] = {}
     for name, pipeline, counts in conn.execute(
-        "SELECT a.name, a.pipeline, w.counts FROM assays a LEFT JOIN assay_windows w ON w.assay_id = a.id"
+        "SELECT a.name, a.pipeline, w.counts FROM assays a LEFT JOIN assay_panes w ON w.assay_id = a.id"
     ).fetchall():
         added = 0 if counts is None else WindowCounts.from_bytes(counts).count
         counted_by[(name, pipeline)] = counted_by.get((name, pipeline), 0) + added

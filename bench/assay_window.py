@@ -9,7 +9,7 @@ Systems, on the same rows of a scratch database (one pipeline, ``inputs.features
   ``WindowCounts``, then summarised and scored against a baseline of 10,000 values (5 quantile
   bins, PSI).
 * live close: what the assayer does when the window closes: read the window's one
-  ``assay_windows`` row, summarise and score it. Its cost does not grow with the rows.
+  ``assay_panes`` row, summarise and score it. Its cost does not grow with the rows.
 
 Each figure is the median of ``--repeats`` timed runs after one warm-up run.
 
@@ -76,7 +76,7 @@ def store_counts(conn: psycopg.Connection[Any], definition: AssayDefinition, val
     assert row is not None
     counts = WindowCounts.of(values, definition.baseline.bins)
     conn.execute(
-        "INSERT INTO assay_windows (assay_id, window_start, counts) VALUES (%s, %s, %s)",
+        "INSERT INTO assay_panes (assay_id, pane_start, counts) VALUES (%s, %s, %s)",
         (row[0], T0, counts.to_bytes()),
     )
     conn.commit()
@@ -127,7 +127,7 @@ def main() -> None:
 
             def live_close() -> object:
                 row = conn.execute(
-                    "SELECT counts FROM assay_windows WHERE assay_id = %s", (assay_id,)
+                    "SELECT counts FROM assay_panes WHERE assay_id = %s", (assay_id,)
                 ).fetchone()
                 assert row is not None
                 return result_of(definition, T0, end, WindowCounts.from_bytes(row[0]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
@@ -142,30 +142,30 @@ class AssayDefinition:
             yield window_start, window_start + self.width
             window_start += self.step
 
-    def windows_containing(
-        self, micros: npt.NDArray[np.int64]
-    ) -> Iterator[tuple[datetime, npt.NDArray[np.intp]]]:
-        """Each window start with the positions of ``micros`` (times as microseconds since the
-        epoch, see MICROS_SQL) in ``[start, start + width)``; a time is in several windows when
-        they slide (interval < width), and in none before the start."""
+    @property
+    def pane(self) -> timedelta:
+        """Every window is a union of consecutive panes of this length (the gcd of width and
+        interval), so a log row is counted in one pane however much windows overlap."""
+        return math.gcd(self.width // MICROSECOND, self.step // MICROSECOND) * MICROSECOND
+
+    def panes_of(self, micros: npt.NDArray[np.int64]) -> Iterator[tuple[datetime, npt.NDArray[np.intp]]]:
+        """Each pane start with the positions of ``micros`` (times as microseconds since the
+        epoch, see MICROS_SQL) in that pane; times before the start, or in the gaps between
+        windows (interval > width), are in none."""
         assert self.start is not None
-        if micros.size == 0:
-            return
         origin = (self.start - EPOCH) // MICROSECOND
-        width, step = self.width // MICROSECOND, self.step // MICROSECOND
-        inside = np.flatnonzero(micros >= origin)
-        since = micros[inside] - origin
-        last = since // step
-        first = np.maximum((since - width) // step + 1, 0)
-        spans = np.maximum(last - first + 1, 0)
-        positions = np.repeat(inside, spans)
-        offsets = np.arange(int(spans.sum())) - np.repeat(np.cumsum(spans) - spans, spans)
-        window = np.repeat(first, spans) + offsets
-        order = np.argsort(window, kind="stable")
-        window, positions = window[order], positions[order]
-        starts = np.flatnonzero(np.diff(window, prepend=-1))
-        for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), window.size], strict=True):
-            yield self.start + int(window[begin]) * self.step, positions[begin:end]
+        pane, width, step = self.pane // MICROSECOND, self.width // MICROSECOND, self.step // MICROSECOND
+        since = micros - origin
+        index = since // pane
+        kept = np.flatnonzero((since >= 0) & ((index * pane) % step < width))
+        order = kept[np.argsort(index[kept], kind="stable")]
+        index = index[order]
+        starts = np.flatnonzero(np.diff(index, prepend=-1))
+        for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), index.size], strict=True):
+            yield self.start + int(index[begin]) * self.pane, order[begin:end]
+
+    def panes_in(self, window_start: datetime) -> list[datetime]:
+        return [window_start + k * self.pane for k in range(self.width // self.pane)]
 
     def count(
         self,
@@ -173,11 +173,20 @@ class AssayDefinition:
         values: npt.NDArray[np.float64],
         into: dict[datetime, WindowCounts],
     ) -> None:
-        """Add the values, at their times, to the counts of the windows (by start) they fall in."""
+        """Add the values, at their times, to the counts of their panes (by pane start)."""
         assert self.baseline is not None
         bins = self.baseline.bins
-        for start, positions in self.windows_containing(micros):
+        for start, positions in self.panes_of(micros):
             into.setdefault(start, WindowCounts.empty(bins)).add(values[positions], bins)
+
+    def window_counts(self, window_start: datetime, panes: Mapping[datetime, WindowCounts]) -> WindowCounts:
+        """The counts of the window from its panes' (missing panes hold nothing)."""
+        assert self.baseline is not None
+        counts = WindowCounts.empty(self.baseline.bins)
+        for pane_start in self.panes_in(window_start):
+            if pane_start in panes:
+                counts.merge(panes[pane_start])
+        return counts
 
     def score(self, window: Summary) -> Scores:
         assert self.baseline is not None
@@ -464,16 +473,21 @@ def window_results(
     """The result of every window from the definition's start that has closed by ``end`` and
     holds a value, reading the log once whatever the number of windows.
 
-    Each window's values are counted into :class:`joey.assays.streaming.WindowCounts`, the state
-    the live assayer keeps per window, so memory is bounded by the windows and the result is
-    the live one to the last bit.
+    Values are counted by pane into :class:`joey.assays.streaming.WindowCounts`, as the loggers
+    count them for the live assayer, and each window merges its panes: memory is bounded by
+    the panes and the result is the live one to the last bit.
     """
     assert definition.start is not None
     windows = list(definition.windows(definition.start, end))
     if not windows:
         return []
-    counts: dict[datetime, WindowCounts] = {}
+    panes: dict[datetime, WindowCounts] = {}
     chunks = timed_value_chunks(conn, definition, _IN_RANGE, start=windows[0][0], end=windows[-1][1])
     for micros, values in chunks:
-        definition.count(micros, values, counts)
-    return [result_of(definition, start, stop, counts[start]) for start, stop in windows if start in counts]
+        definition.count(micros, values, panes)
+    results = []
+    for start, stop in windows:
+        counts = definition.window_counts(start, panes)
+        if counts.count:
+            results.append(result_of(definition, start, stop, counts))
+    return results

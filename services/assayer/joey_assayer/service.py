@@ -1,7 +1,7 @@
 """The live assayer loop.
 
 Design (docs/assays.md, "Live assays"): the loggers count each log row they store into its
-assays' open windows in the same transaction (:mod:`joey.assay_windows`), so every inference is
+assays' open windows in the same transaction (:mod:`joey.assay_panes`), so every inference is
 counted once; a closed window is scored from those counts alone, whatever its number of rows.
 The assayer counts, once, the rows stored before an assay existed (its backfill), and follows
 ``joey.logs`` only to know how far event time has advanced (the watermark) and how far it has

@@ -14,7 +14,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from joey import assay_windows
+from joey import assay_panes
 from joey.assay_runs import AssayDefinition, result_of, summary_to_json
 from joey.assays.streaming import WindowCounts
 
@@ -66,7 +66,7 @@ class AssayerStore:
     def backfill(self, assay: LiveAssay, since: datetime) -> None:
         """Count the log rows stored before the assay existed into its windows from ``since``."""
         with self.pool.connection() as conn:
-            assay_windows.backfill(conn, assay.id, assay.definition, since)
+            assay_panes.backfill(conn, assay.id, assay.definition, since)
 
     def next_window(self, assay: LiveAssay) -> tuple[datetime, datetime]:
         """The first window after the last stored one (or the assay's first window)."""
@@ -85,17 +85,21 @@ class AssayerStore:
         (or the assay was deleted meanwhile).
 
         The unique (assay_id, window_start) key makes this idempotent: after a crash, or with a
-        second assayer, the window keeps the one result stored first. The counts of this window
-        and of earlier ones (a late record may have reopened one) go in the same transaction.
+        second assayer, the window keeps the one result stored first. The window is counted from
+        its panes; panes no later window needs (a late record may have reopened one) go in the
+        same transaction.
         """
         d = assay.definition
         with self.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT counts FROM assay_windows WHERE assay_id = %s AND window_start = %s",
-                (assay.id, start),
-            ).fetchone()
-            counts = WindowCounts.from_bytes(row["counts"]) if row else None
-            if counts is None or counts.count == 0:
+            rows = conn.execute(
+                "SELECT pane_start, counts FROM assay_panes "
+                "WHERE assay_id = %s AND pane_start >= %s AND pane_start < %s",
+                (assay.id, start, end),
+            ).fetchall()
+            counts = d.window_counts(
+                start, {r["pane_start"]: WindowCounts.from_bytes(r["counts"]) for r in rows}
+            )
+            if counts.count == 0:
                 values: tuple[Any, ...] = (math.nan, Jsonb([]), None, NO_DATA, Jsonb({"window": None}), True)
             else:
                 result = result_of(d, start, end, counts)
@@ -116,8 +120,9 @@ class AssayerStore:
                 # Deleted while its window was being scored: there is nothing left to store it for.
                 conn.rollback()
                 return False
+            # Panes before the next window's start are in no window left to score.
             conn.execute(
-                "DELETE FROM assay_windows WHERE assay_id = %s AND window_start <= %s", (assay.id, start)
+                "DELETE FROM assay_panes WHERE assay_id = %s AND pane_start < %s", (assay.id, start + d.step)
             )
         return inserted is not None
 

@@ -17,6 +17,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from joey import topics
+from joey.assay_panes import hold_for_change
 from joey.assay_runs import (
     AssayDefinition,
     IoPath,
@@ -26,7 +27,6 @@ from joey.assay_runs import (
     summary_from_json,
     window_results,
 )
-from joey.assay_windows import hold_for_change
 from joey.assays import Scores, Status, Summary
 from joey_registry.access import Access, Action, Caller
 from joey_registry.domain import Pipeline, ResolvedStep, ShadowStep, TensorSpec
@@ -34,6 +34,10 @@ from joey_registry.errors import AlreadyExists, InvalidArgument, NotFound
 from joey_registry.store import Store, WorkspaceRef
 
 log = logging.getLogger(__name__)
+
+MAX_PANES_PER_WINDOW = 1440
+"""Live windows are counted in panes (see AssayDefinition.pane) and merged when scored: a bound
+on the panes of one window bounds that merge (a day every minute is 1,440)."""
 
 MAX_INTERACTIVE_WINDOWS = 10_000
 
@@ -305,6 +309,12 @@ class Assays:
             raise InvalidArgument(f"window width must be positive, got {d.width.total_seconds()} s")
         if d.interval is not None and d.interval.total_seconds() <= 0:
             raise InvalidArgument(f"window interval must be positive, got {d.interval.total_seconds()} s")
+        if d.width // d.pane > MAX_PANES_PER_WINDOW:
+            raise InvalidArgument(
+                f"a window of {d.width.total_seconds():g} s every {d.step.total_seconds():g} s is made of "
+                f"{d.width // d.pane} panes of {d.pane.total_seconds():g} s (their greatest common divisor); "
+                f"at most {MAX_PANES_PER_WINDOW}: use an interval that divides the width"
+            )
         for name, threshold in (
             ("alert_threshold", d.alert_threshold),
             ("warning_threshold", d.warning_threshold),

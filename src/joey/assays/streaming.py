@@ -246,7 +246,7 @@ class WindowCounts:
         raise AssertionError(f"rank {rank} beyond {self.present} values")
 
     def to_bytes(self) -> bytes:
-        """A compact binary form (what ``assay_windows`` stores): loggers rewrite it every batch,
+        """A compact binary form (what ``assay_panes`` stores): loggers rewrite it every batch,
         so it must be cheap to encode, decode and write."""
         values = self.values
         squares = _int_bytes(self.sum_squares)

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from joey.assay_panes import add_counts, backfill, hold_for_change, hold_for_logging
 from joey.assay_runs import EPOCH, MICROSECOND, AssayDefinition, IoPath, window_results
-from joey.assay_windows import add_counts, backfill, hold_for_change, hold_for_logging
 from joey.assays.streaming import WindowCounts
 from joey_logger.sink import PostgresLogSink
 from tests.conftest import scratch_database, wait_until
@@ -54,33 +54,35 @@ def create_assay(conn: psycopg.Connection[Any], d: AssayDefinition) -> int:
 
 def stored_counts(conn: psycopg.Connection[Any], assay_id: int) -> dict[datetime, WindowCounts]:
     rows = conn.execute(
-        "SELECT window_start, counts FROM assay_windows WHERE assay_id = %s", (assay_id,)
+        "SELECT pane_start, counts FROM assay_panes WHERE assay_id = %s", (assay_id,)
     ).fetchall()
     return {r[0]: WindowCounts.from_bytes(r[1]) for r in rows}
 
 
-def test_a_time_falls_in_every_window_covering_it_and_none_before_the_start() -> None:
+def test_a_time_falls_in_one_pane_and_windows_are_made_of_panes() -> None:
     times = [T0 - MINUTE, T0, T0 + 90 * timedelta(seconds=1), T0 + 5 * MINUTE, T0 + 7 * MINUTE]
-
     micros = np.array([(t - EPOCH) // MICROSECOND for t in times], dtype=np.int64)
 
-    def windows(d: AssayDefinition) -> dict[datetime, list[int]]:
-        return {start: positions.tolist() for start, positions in d.windows_containing(micros)}
+    def panes(d: AssayDefinition) -> dict[datetime, list[int]]:
+        return {start: positions.tolist() for start, positions in d.panes_of(micros)}
 
     tumbling = definition(width=2 * MINUTE)
-    assert windows(tumbling) == {T0: [1, 2], T0 + 4 * MINUTE: [3], T0 + 6 * MINUTE: [4]}
-    sliding = definition(width=3 * MINUTE, interval=MINUTE)
-    assert windows(sliding) == {
-        T0: [1, 2],
-        T0 + MINUTE: [2],
-        T0 + 3 * MINUTE: [3],
-        T0 + 4 * MINUTE: [3],
-        T0 + 5 * MINUTE: [3, 4],
-        T0 + 6 * MINUTE: [4],
-        T0 + 7 * MINUTE: [4],
-    }
+    assert tumbling.pane == 2 * MINUTE
+    assert panes(tumbling) == {T0: [1, 2], T0 + 4 * MINUTE: [3], T0 + 6 * MINUTE: [4]}
+    sliding = definition(width=3 * MINUTE, interval=2 * MINUTE)  # windows [0, 3), [2, 5), [4, 7), ...
+    assert sliding.pane == MINUTE
+    assert panes(sliding) == {T0: [1], T0 + MINUTE: [2], T0 + 5 * MINUTE: [3], T0 + 7 * MINUTE: [4]}
+    assert sliding.panes_in(T0 + 4 * MINUTE) == [T0 + k * MINUTE for k in (4, 5, 6)]
     gapped = definition(width=MINUTE, interval=3 * MINUTE)  # windows [0, 1), [3, 4), [6, 7) minutes
-    assert windows(gapped) == {T0: [1]}
+    assert panes(gapped) == {T0: [1]}
+
+    bins = tumbling.baseline.bins if tumbling.baseline else None
+    assert bins is not None
+    values = np.arange(len(times), dtype=np.float64)
+    counted: dict[datetime, WindowCounts] = {}
+    sliding.count(micros, values, counted)
+    window = sliding.window_counts(T0 + 4 * MINUTE, counted)  # panes 4, 5, 6: only the time at 5 min
+    assert window == WindowCounts.of([3.0], bins)
 
 
 def test_concurrent_additions_to_the_same_windows_all_count(url: str) -> None:

@@ -8,7 +8,7 @@ assayer's :func:`backfill`. The boundary between the two is exact because logger
 exclusively: no log row is being stored while an assay appears, so ``backfill_until`` (the
 largest row id then) splits the rows into counted-by-backfill and counted-by-loggers.
 
-Counts live in ``assay_windows`` (one row per assay and window start, a
+Counts live in ``assay_panes`` (one row per assay and window start, a
 :class:`~joey.assays.streaming.WindowCounts` as bytes): memory and storage grow with the bins
 and the open windows, never with rows. The assayer deletes a window's counts when it stores
 its result.
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 LOCK = 0x4A6F6579_41737379  # "JoeyAssy": pg advisory lock between storing log rows and changing assays
 _STORED_BEFORE = sql.SQL("id <= %(until)s AND time >= %(since)s")
 
-WindowKey = tuple[int, datetime]
-"""(assay id, window start)."""
+PaneKey = tuple[int, datetime]
+"""(assay id, pane start)."""
 
 
 def hold_for_logging(conn: psycopg.Connection[Any]) -> None:
@@ -52,7 +52,7 @@ def hold_for_change(conn: psycopg.Connection[Any]) -> int:
     return int(stored)
 
 
-def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCounts]) -> None:
+def add_counts(conn: psycopg.Connection[Any], updates: dict[PaneKey, WindowCounts]) -> None:
     """Add ``updates`` to the stored counts, within the caller's transaction.
 
     Windows are inserted and locked in key order, so concurrent loggers adding to the same
@@ -65,9 +65,9 @@ def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCou
     starts = [k[1] for k in keys]
     inserted = _rows(
         conn,
-        "INSERT INTO assay_windows (assay_id, window_start, counts) "
+        "INSERT INTO assay_panes (assay_id, pane_start, counts) "
         "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) ORDER BY 1, 2 "
-        "ON CONFLICT (assay_id, window_start) DO NOTHING RETURNING assay_id, window_start",
+        "ON CONFLICT (assay_id, pane_start) DO NOTHING RETURNING assay_id, pane_start",
         (ids, starts, [updates[k].to_bytes() for k in keys]),
     )
     done = {(assay_id, start) for assay_id, start in inserted}
@@ -76,9 +76,9 @@ def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCou
         return
     rows = _rows(
         conn,
-        "SELECT assay_id, window_start, counts FROM assay_windows "
-        "WHERE (assay_id, window_start) IN (SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])) "
-        "ORDER BY assay_id, window_start FOR UPDATE",
+        "SELECT assay_id, pane_start, counts FROM assay_panes "
+        "WHERE (assay_id, pane_start) IN (SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])) "
+        "ORDER BY assay_id, pane_start FOR UPDATE",
         ([k[0] for k in rest], [k[1] for k in rest]),
     )
     if len(rows) < len(rest):
@@ -90,9 +90,9 @@ def add_counts(conn: psycopg.Connection[Any], updates: dict[WindowKey, WindowCou
         counts.merge(updates[(assay_id, start)])
         merged.append(((assay_id, start), counts))
     conn.execute(
-        "UPDATE assay_windows w SET counts = u.counts "
-        "FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) AS u(assay_id, window_start, counts) "
-        "WHERE w.assay_id = u.assay_id AND w.window_start = u.window_start",
+        "UPDATE assay_panes w SET counts = u.counts "
+        "FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) AS u(assay_id, pane_start, counts) "
+        "WHERE w.assay_id = u.assay_id AND w.pane_start = u.pane_start",
         ([k[0] for k, _ in merged], [k[1] for k, _ in merged], [c.to_bytes() for _, c in merged]),
     )
 
@@ -152,7 +152,7 @@ class Counting:
         if not self.assays or not inserted:
             return
         micros = np.array([row[0] for row in inserted], dtype=np.int64)
-        updates: dict[WindowKey, WindowCounts] = {}
+        updates: dict[PaneKey, WindowCounts] = {}
         for column, (assay_id, definition) in enumerate(self.assays, start=1):
             raw = np.array([row[column] for row in inserted], dtype=np.float64)  # None -> NaN
             counted = np.flatnonzero(~np.isnan(raw))

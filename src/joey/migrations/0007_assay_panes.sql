@@ -1,14 +1,15 @@
--- Live assays keep each open window's counts here (see docs/assays.md, "Live assays"): the
--- loggers add every newly stored log row to the windows it falls in, in the transaction that
--- stores it, so each inference is counted once whatever Kafka replays.
-CREATE TABLE assay_windows (
+-- Live assays keep the counts of their open windows here (see docs/assays.md, "Live assays"),
+-- by pane: windows are unions of panes (the gcd of width and interval), so a log row is counted
+-- in one pane however much windows overlap. The loggers add every newly stored log row to its
+-- pane in the transaction that stores it, so each inference is counted once whatever Kafka replays.
+CREATE TABLE assay_panes (
     assay_id     bigint NOT NULL REFERENCES assays(id) ON DELETE CASCADE,
-    window_start timestamptz NOT NULL,
+    pane_start   timestamptz NOT NULL,
     counts       bytea NOT NULL,   -- joey.assays.streaming.WindowCounts.to_bytes()
-    PRIMARY KEY (assay_id, window_start)
+    PRIMARY KEY (assay_id, pane_start)
 );
 -- Rewritten by every logger batch; its floats barely compress, so do not try (saves CPU per write).
-ALTER TABLE assay_windows ALTER COLUMN counts SET STORAGE EXTERNAL;
+ALTER TABLE assay_panes ALTER COLUMN counts SET STORAGE EXTERNAL;
 
 -- Log rows stored before an assay existed (id <= backfill_until) are counted once by the
 -- assayer, which then clears this; rows stored after are counted by the loggers.
