@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from joey import assays, topics
-from joey.kafka import consumer_config
+from joey.kafka import admin_client, consumer_config, topic_partitions
 from joey.sdk import Client
 from joey.settings import CommonSettings
 from tests.conftest import ServiceProcess, Stack, wait_service_ready, wait_until
@@ -212,4 +212,37 @@ def test_a_window_of_a_deleted_assay_is_dropped(client: Client, settings: Common
         client.delete_assay("gone")
         assert store.score_window(assay, start, start + timedelta(days=1)) is False
     finally:
+        store.close()
+
+
+def test_the_wall_clock_closes_windows_only_up_to_what_was_read(
+    settings: CommonSettings, database_url: str
+) -> None:
+    from joey_assayer.service import Assayer
+    from joey_assayer.settings import AssayerSettings
+    from joey_assayer.store import AssayerStore
+
+    LogProducer(settings).records(log_record("unread", i) for i in range(20))
+    assayer_settings = AssayerSettings(**settings.model_dump())
+    store = AssayerStore(database_url)
+    consumer = Consumer(consumer_config(settings, f"assay-test-{secrets.token_hex(4)}"))
+    try:
+        assayer = Assayer(assayer_settings, store)
+        partitions = topic_partitions(admin_client(settings), [topics.LOGS])[topics.LOGS]
+        assigned = [TopicPartition(topics.LOGS, p) for p in range(partitions)]
+        consumer.assign(assigned)
+        before = datetime.now(UTC)
+        assayer.track_reading(consumer, assigned)  # marks the ends of joey.logs now
+        assayer.track_reading(consumer, assigned)
+        assert assayer.read_until is None  # nothing read yet: the wall clock closes nothing
+
+        def read_to_the_mark() -> bool:
+            assayer.observe(consumer.consume(1000, timeout=0.2))
+            assayer.track_reading(consumer, assigned)
+            return assayer.read_until is not None
+
+        wait_until(read_to_the_mark, 60, "the assayer to read up to its mark")
+        assert assayer.read_until is not None and before <= assayer.read_until <= datetime.now(UTC)
+    finally:
+        consumer.close()
         store.close()

@@ -9,13 +9,13 @@ read; it keeps no per-row state, so a crash loses nothing.
 
 A window ``[start, end)`` is due when the watermark of its pipeline (the latest event time seen
 on ``joey.logs``) minus the allowed lateness has passed ``end``, or when the wall clock has
-passed ``end`` plus the lateness while the assayer has read all of ``joey.logs``. It is scored
-only once the loggers' committed offsets have reached what the assayer has read, so every
-record seen so far is counted. The result is
-inserted with ON CONFLICT DO NOTHING on (assay_id, window_start): exactly one result per window
-across crashes and restarts. Results are published on ``joey.assays.results`` (Warning and
-Alert also on ``joey.assays.alerts``) and marked published after the broker acknowledged them,
-so a crash between storing and publishing republishes (at least once, keyed by window).
+passed ``end`` plus the lateness and the assayer has read every record written to ``joey.logs``
+before that moment. It is scored only once the loggers' committed offsets have reached what the
+assayer has read, so every record seen so far is counted. The result is inserted with ON
+CONFLICT DO NOTHING on (assay_id, window_start): exactly one result per window across crashes
+and restarts. Results are published on ``joey.assays.results`` (Warning and Alert also on
+``joey.assays.alerts``) and marked published after the broker acknowledged them, so a crash
+between storing and publishing republishes (at least once, keyed by window).
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ class Assayer:
         # Latest event time seen per (workspace, pipeline), and the next offset per partition read.
         self.watermarks: dict[tuple[str, str], datetime] = {}
         self.positions: dict[int, int] = {}
-        # Whether the last poll drained joey.logs: only then can the wall clock close a window,
-        # or a backlog not yet read could hold records for it.
-        self.at_end = False
+        # A wall-clock time before which every record written to joey.logs has been read: the wall
+        # clock closes windows only up to it, or a backlog not read yet could hold their records.
+        self.read_until: datetime | None = None
+        self._mark: tuple[datetime, dict[int, int]] | None = None
         self._redis = redis.Redis.from_url(settings.redis_url)
         self._next_beat = 0.0
 
@@ -68,14 +69,20 @@ class Assayer:
         # Every assayer reads every partition (from its group's committed offsets): the work per
         # record is tiny, and so each one sees the whole watermark and waits for the loggers on
         # all partitions. Without group membership, no rebalance can leave it without partitions.
-        partitions = kafka.topic_partitions(admin, [topics.LOGS])[topics.LOGS]
-        consumer.assign([TopicPartition(topics.LOGS, p) for p in range(partitions)])
+        assigned = [
+            TopicPartition(topics.LOGS, p)
+            for p in range(kafka.topic_partitions(admin, [topics.LOGS])[topics.LOGS])
+        ]
+        consumer.assign(assigned)
+        # Where reading resumes, also on partitions with nothing new to read.
+        for tp in consumer.committed(assigned, timeout=10):
+            if tp.offset >= 0:
+                self.positions[tp.partition] = tp.offset
         log.info("assayer %s following %s (lateness %.0fs)", s.instance_id, topics.LOGS, s.allowed_lateness_s)
         try:
             while not stop.is_set():
-                messages = consumer.consume(POLL_RECORDS, timeout=s.tick_s)
-                self.observe(messages)
-                self.at_end = len(messages) < POLL_RECORDS
+                self.observe(consumer.consume(POLL_RECORDS, timeout=s.tick_s))
+                self.track_reading(consumer, assigned)
                 try:
                     if self.logger_caught_up(logger_offsets):
                         self.close_windows(datetime.now(UTC))
@@ -120,6 +127,28 @@ class Assayer:
             if key not in self.watermarks or event_time > self.watermarks[key]:
                 self.watermarks[key] = event_time
 
+    def track_reading(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        """Advance ``read_until`` to the last mark whose log ends this assayer has read up to, then
+        mark again: the time now and the partitions' high watermarks.
+
+        The embedded broker reports a high watermark at the start of a partition's last batch
+        (docs/assays.md); on Kafka it is the end, so then nothing written before the mark is unread.
+        """
+        if self._mark is not None:
+            marked_at, ends = self._mark
+            if any(self.positions.get(p, 0) < end for p, end in ends.items()):
+                return
+            self.read_until = marked_at
+        now = datetime.now(UTC)
+        ends = {}
+        for tp in assigned:
+            try:
+                _, ends[tp.partition] = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            except KafkaException as exc:
+                log.warning("could not read the end of %s[%d]: %s", tp.topic, tp.partition, exc)
+                return
+        self._mark = (now, ends)
+
     def logger_caught_up(self, logger_offsets: Consumer) -> bool:
         """True when the loggers have stored every record this assayer has read."""
         if not self.positions:
@@ -137,7 +166,7 @@ class Assayer:
 
     def due(self, assay: LiveAssay, end: datetime, now: datetime) -> bool:
         d = assay.definition
-        if self.at_end and now >= end + self.lateness:
+        if self.read_until is not None and self.read_until >= end + self.lateness:
             return True
         watermark = self.watermarks.get((d.workspace, d.pipeline))
         return watermark is not None and watermark - self.lateness >= end
