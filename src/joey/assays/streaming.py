@@ -15,7 +15,7 @@ added batch by batch by the loggers, across processes and restarts) and an inter
   estimated from a log-bucketed histogram (DDSketch's mapping, buckets ``(gamma**(i-1), gamma**i]`` of the
   magnitude with ``gamma`` about 1.02) that also keeps each bucket's smallest and largest
   value: interpolated by rank between those two, so within 2% of the true middle values'
-  magnitude, and exact when they are alone or equal in their bucket (small windows, integers).
+  magnitude, and exact when they are alone or equal in their bucket (small integers, for instance).
 
 :func:`joey.assays.score` keeps numpy's own mean, std and exact median, since it holds every
 value anyway; its bin counts, and so its scores and status, are the same as these.
@@ -225,7 +225,7 @@ class WindowCounts:
     def _value_at(self, rank: int) -> float:
         """The value of 0-based ``rank`` in ascending order: exact at either end; otherwise
         interpolated by rank between the smallest and largest value of its bucket, so exact
-        when those are equal (e.g. integers) and within a factor ``gamma`` in any case."""
+        when those are equal (small integers, for instance) and within a factor ``gamma`` in any case."""
         if rank == 0:
             return self.min
         if rank == self.present - 1:
