@@ -123,6 +123,12 @@ class LiveCounter:
                 ([w for w, _ in pipelines], [p for _, p in pipelines]),
             )
         ]
+        # Deleted assays of these pipelines are forgotten.
+        deleted = [
+            i for i, d in self._definitions.items() if (d.workspace, d.pipeline) in pipelines and i not in ids
+        ]
+        for assay_id in deleted:
+            del self._definitions[assay_id]
         missing = [i for i in ids if i not in self._definitions]
         if missing:
             for assay_id, workspace, name, data in _rows(
