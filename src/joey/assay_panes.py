@@ -55,46 +55,43 @@ def hold_for_change(conn: psycopg.Connection[Any]) -> int:
 def add_counts(conn: psycopg.Connection[Any], updates: dict[PaneKey, WindowCounts]) -> None:
     """Add ``updates`` to the stored counts, within the caller's transaction.
 
-    Windows are inserted and locked in key order, so concurrent loggers adding to the same
-    windows wait for each other instead of deadlocking.
+    Stored panes are locked in key order, merged and written back; missing ones are inserted in
+    key order. A pane another logger inserted meanwhile is merged into on the next round. The
+    common case, a pane that exists, costs two statements.
     """
-    if not updates:
-        return
-    keys = sorted(updates)
-    ids = [k[0] for k in keys]
-    starts = [k[1] for k in keys]
-    inserted = _rows(
-        conn,
-        "INSERT INTO assay_panes (assay_id, pane_start, counts) "
-        "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) ORDER BY 1, 2 "
-        "ON CONFLICT (assay_id, pane_start) DO NOTHING RETURNING assay_id, pane_start",
-        (ids, starts, [updates[k].to_bytes() for k in keys]),
-    )
-    done = {(assay_id, start) for assay_id, start in inserted}
-    rest = [k for k in keys if k not in done]
-    if not rest:
-        return
-    rows = _rows(
-        conn,
-        "SELECT assay_id, pane_start, counts FROM assay_panes "
-        "WHERE (assay_id, pane_start) IN (SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])) "
-        "ORDER BY assay_id, pane_start FOR UPDATE",
-        ([k[0] for k in rest], [k[1] for k in rest]),
-    )
-    if len(rows) < len(rest):
-        # Scored and dropped by the assayer in between: these rows come too late for their window.
-        log.warning("%d window counts closed before this batch could add to them", len(rest) - len(rows))
-    merged = []
-    for assay_id, start, data in rows:
-        counts = WindowCounts.from_bytes(data)
-        counts.merge(updates[(assay_id, start)])
-        merged.append(((assay_id, start), counts))
-    conn.execute(
-        "UPDATE assay_panes w SET counts = u.counts "
-        "FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) AS u(assay_id, pane_start, counts) "
-        "WHERE w.assay_id = u.assay_id AND w.pane_start = u.pane_start",
-        ([k[0] for k, _ in merged], [k[1] for k, _ in merged], [c.to_bytes() for _, c in merged]),
-    )
+    pending = dict(updates)
+    while pending:
+        keys = sorted(pending)
+        rows = _rows(
+            conn,
+            "SELECT assay_id, pane_start, counts FROM assay_panes "
+            "WHERE (assay_id, pane_start) IN (SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])) "
+            "ORDER BY assay_id, pane_start FOR UPDATE",
+            ([k[0] for k in keys], [k[1] for k in keys]),
+        )
+        if rows:
+            merged = []
+            for assay_id, start, data in rows:
+                counts = WindowCounts.from_bytes(data)
+                counts.merge(pending.pop((assay_id, start)))
+                merged.append((assay_id, start, counts.to_bytes()))
+            conn.execute(
+                "UPDATE assay_panes p SET counts = u.counts FROM unnest(%s::bigint[], %s::timestamptz[], "
+                "%s::bytea[]) AS u(assay_id, pane_start, counts) "
+                "WHERE p.assay_id = u.assay_id AND p.pane_start = u.pane_start",
+                tuple(list(column) for column in zip(*merged, strict=True)),
+            )
+        if not pending:
+            return
+        missing = sorted(pending)
+        for key in _rows(
+            conn,
+            "INSERT INTO assay_panes (assay_id, pane_start, counts) "
+            "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) ORDER BY 1, 2 "
+            "ON CONFLICT (assay_id, pane_start) DO NOTHING RETURNING assay_id, pane_start",
+            ([k[0] for k in missing], [k[1] for k in missing], [pending[k].to_bytes() for k in missing]),
+        ):
+            del pending[(key[0], key[1])]
 
 
 def _rows(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
