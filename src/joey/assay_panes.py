@@ -52,46 +52,63 @@ def hold_for_change(conn: psycopg.Connection[Any]) -> int:
     return int(stored)
 
 
+class _Contended(Exception):
+    """Another logger inserted one of the panes meanwhile."""
+
+
 def add_counts(conn: psycopg.Connection[Any], updates: dict[PaneKey, WindowCounts]) -> None:
     """Add ``updates`` to the stored counts, within the caller's transaction.
 
-    Stored panes are locked in key order, merged and written back; missing ones are inserted in
-    key order. A pane another logger inserted meanwhile is merged into on the next round. The
-    common case, a pane that exists, costs two statements.
+    Stored panes are locked in key order, merged and written back (two statements when every
+    pane exists, the common case); missing ones are inserted in key order. If another logger
+    inserted one of them meanwhile, this round is rolled back to its savepoint, releasing the
+    locks it took, and run again: a transaction never waits for a pane while holding a later
+    one's lock, so loggers cannot deadlock. Each round reads anew (READ COMMITTED), so the pane
+    the other logger inserted is found and merged into.
     """
-    pending = dict(updates)
-    while pending:
-        keys = sorted(pending)
-        rows = _rows(
-            conn,
-            "SELECT assay_id, pane_start, counts FROM assay_panes "
-            "WHERE (assay_id, pane_start) IN (SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])) "
-            "ORDER BY assay_id, pane_start FOR UPDATE",
-            ([k[0] for k in keys], [k[1] for k in keys]),
-        )
-        if rows:
-            merged = []
-            for assay_id, start, data in rows:
-                counts = WindowCounts.from_bytes(data)
-                counts.merge(pending.pop((assay_id, start)))
-                merged.append((assay_id, start, counts.to_bytes()))
-            conn.execute(
-                "UPDATE assay_panes p SET counts = u.counts FROM unnest(%s::bigint[], %s::timestamptz[], "
-                "%s::bytea[]) AS u(assay_id, pane_start, counts) "
-                "WHERE p.assay_id = u.assay_id AND p.pane_start = u.pane_start",
-                tuple(list(column) for column in zip(*merged, strict=True)),
-            )
-        if not pending:
+    while updates:
+        try:
+            with conn.transaction():
+                _add_once(conn, updates)
             return
-        missing = sorted(pending)
-        for key in _rows(
-            conn,
-            "INSERT INTO assay_panes (assay_id, pane_start, counts) "
-            "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) ORDER BY 1, 2 "
-            "ON CONFLICT (assay_id, pane_start) DO NOTHING RETURNING assay_id, pane_start",
-            ([k[0] for k in missing], [k[1] for k in missing], [pending[k].to_bytes() for k in missing]),
-        ):
-            del pending[(key[0], key[1])]
+        except _Contended:
+            continue
+
+
+def _add_once(conn: psycopg.Connection[Any], updates: dict[PaneKey, WindowCounts]) -> None:
+    keys = sorted(updates)
+    stored = _rows(
+        conn,
+        "SELECT assay_id, pane_start, counts FROM assay_panes "
+        "WHERE (assay_id, pane_start) IN (SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])) "
+        "ORDER BY assay_id, pane_start FOR UPDATE",
+        ([k[0] for k in keys], [k[1] for k in keys]),
+    )
+    if stored:
+        merged = []
+        for assay_id, start, data in stored:
+            counts = WindowCounts.from_bytes(data)
+            counts.merge(updates[(assay_id, start)])
+            merged.append((assay_id, start, counts.to_bytes()))
+        conn.execute(
+            "UPDATE assay_panes p SET counts = u.counts FROM unnest(%s::bigint[], %s::timestamptz[], "
+            "%s::bytea[]) AS u(assay_id, pane_start, counts) "
+            "WHERE p.assay_id = u.assay_id AND p.pane_start = u.pane_start",
+            tuple(list(column) for column in zip(*merged, strict=True)),
+        )
+    found = {(assay_id, start) for assay_id, start, _ in stored}
+    missing = [k for k in keys if k not in found]
+    if not missing:
+        return
+    inserted = _rows(
+        conn,
+        "INSERT INTO assay_panes (assay_id, pane_start, counts) "
+        "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) ORDER BY 1, 2 "
+        "ON CONFLICT (assay_id, pane_start) DO NOTHING RETURNING assay_id, pane_start",
+        ([k[0] for k in missing], [k[1] for k in missing], [updates[k].to_bytes() for k in missing]),
+    )
+    if len(inserted) < len(missing):
+        raise _Contended
 
 
 def _rows(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:

@@ -133,24 +133,22 @@ def log_event_time(data: bytes) -> tuple[str, str, datetime]:
     record_key, time) straight from Avro's binary encoding. Raises RecordError on bad input.
     """
     try:
-        size, at = _avro_long(data, 0)
-        workspace, at = data[at : at + size].decode(), at + size
-        size, at = _avro_long(data, at)
-        pipeline, at = data[at : at + size].decode(), at + size
+        workspace_bytes, at = _avro_bytes(data, 0)
+        pipeline_bytes, at = _avro_bytes(data, at)
         _, at = _avro_long(data, at)  # pipeline_version
         for _ in range(2):  # deployment_id, request_id
-            size, at = _avro_long(data, at)
-            at += size
+            _, at = _avro_bytes(data, at)
         branch, at = _avro_long(data, at)  # record_key: null or bytes
+        if branch not in (0, 1):
+            raise ValueError(f"union branch {branch} of record_key")
         if branch == 1:
-            size, at = _avro_long(data, at)
-            at += size
+            _, at = _avro_bytes(data, at)
         micros, at = _avro_long(data, at)
-    except (IndexError, UnicodeDecodeError) as exc:
+        workspace, pipeline = workspace_bytes.decode(), pipeline_bytes.decode()
+        return workspace, pipeline, _EPOCH + timedelta(microseconds=micros)
+    # Corrupt bytes trip over whatever they hit: an index past the end, bad UTF-8, a huge time.
+    except (IndexError, ValueError, OverflowError) as exc:
         raise RecordError(f"not an Avro joey.v1.InferenceLog ({type(exc).__name__}: {exc})") from None
-    if at > len(data) or size < 0 or branch not in (0, 1):
-        raise RecordError("not an Avro joey.v1.InferenceLog (fields run past the record)")
-    return workspace, pipeline, _EPOCH + timedelta(microseconds=micros)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -158,11 +156,19 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def _avro_long(data: bytes, at: int) -> tuple[int, int]:
     """A zigzag varint (Avro's int and long) at ``at``, and the position after it."""
-    shift = raw = 0
-    while True:
+    raw = 0
+    for shift in range(0, 70, 7):  # a long takes at most 10 bytes
         byte = data[at]
         at += 1
         raw |= (byte & 0x7F) << shift
         if byte < 0x80:
             return (raw >> 1) ^ -(raw & 1), at
-        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
+def _avro_bytes(data: bytes, at: int) -> tuple[bytes, int]:
+    """Avro bytes or string at ``at`` (a length, then the bytes), and the position after them."""
+    size, at = _avro_long(data, at)
+    if size < 0 or at + size > len(data):
+        raise ValueError(f"a length of {size} at byte {at} runs outside the record")
+    return data[at : at + size], at + size

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from joey import assay_panes
 from joey.assay_panes import add_counts, backfill, hold_for_change, hold_for_logging
 from joey.assay_runs import EPOCH, MICROSECOND, AssayDefinition, IoPath, window_results
 from joey.assays.streaming import WindowCounts
@@ -257,3 +258,62 @@ def test_numbers_beyond_float64_are_stored_but_not_counted(url: str) -> None:
         (result,) = window_results(conn, d, T0 + d.width)
     assert counts.count == 4 and counts.values == [0.0, 5e-324, 2.5, 1.7976931348623157e308]
     assert result.window.count == 4 and result.window.max == 1.7976931348623157e308
+
+
+def test_loggers_racing_to_create_the_same_panes_do_not_deadlock(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reads before A1 creates pane e; A2 then locks e; B inserts pane m and finds e taken;
+    A2 inserts m. Without rolling back B's round, B would wait on e holding m: a deadlock."""
+    d = definition(name=f"race-{secrets.token_hex(3)}")
+    bins = d.baseline.bins if d.baseline else None
+    assert bins is not None
+    with psycopg.connect(url) as conn:
+        assay_id = create_assay(conn, d)
+    m, e = (assay_id, T0), (assay_id, T0 + MINUTE)
+    paused = {name: (threading.Event(), threading.Event()) for name in ("B", "A2")}
+    calls: dict[str, int] = {}
+    original = assay_panes._rows
+
+    def rows(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        found = original(conn, query, params)
+        name = threading.current_thread().name
+        calls[name] = calls.get(name, 0) + 1
+        if name in paused and calls[name] == 1:  # right after its first SELECT ... FOR UPDATE
+            reached, go = paused[name]
+            reached.set()
+            go.wait(10)
+        return found
+
+    monkeypatch.setattr(assay_panes, "_rows", rows)
+    outcome: dict[str, str] = {}
+
+    def add(name: str, keys: list[tuple[int, datetime]]) -> None:
+        try:
+            with psycopg.connect(url) as conn, conn.transaction():
+                add_counts(conn, {k: WindowCounts.of([1.5], bins) for k in keys})
+            outcome[name] = "ok"
+        except psycopg.Error as exc:
+            outcome[name] = type(exc).__name__
+
+    b = threading.Thread(target=add, name="B", args=("B", [m, e]))
+    b.start()
+    assert paused["B"][0].wait(10)  # B saw neither pane
+    add("A1", [e])  # another batch creates e
+    a2 = threading.Thread(target=add, name="A2", args=("A2", [m, e]))
+    a2.start()
+    assert paused["A2"][0].wait(10)  # A2 holds e and did not see m
+    paused["B"][1].set()
+    with psycopg.connect(url) as observer:
+        wait_until(
+            lambda: observer.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone() != (0,),
+            10,
+            "B to wait for pane e",
+        )
+    paused["A2"][1].set()
+    b.join(30)
+    a2.join(30)
+    assert outcome == {"A1": "ok", "B": "ok", "A2": "ok"}
+    with psycopg.connect(url) as conn:
+        stored = stored_counts(conn, assay_id)
+    assert (stored[T0].count, stored[T0 + MINUTE].count) == (2, 3)

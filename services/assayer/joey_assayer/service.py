@@ -54,7 +54,7 @@ class Assayer:
         # A wall-clock time before which every record written to joey.logs has been read: the wall
         # clock closes windows only up to it, or a backlog not read yet could hold their records.
         self.read_until: datetime | None = None
-        self._mark: tuple[datetime, dict[int, int]] | None = None
+        self._mark: tuple[datetime, dict[int, tuple[int, int]]] | None = None
         self._redis = redis.Redis.from_url(settings.redis_url)
         self._next_beat = 0.0
 
@@ -74,9 +74,11 @@ class Assayer:
             for p in range(kafka.topic_partitions(admin, [topics.LOGS])[topics.LOGS])
         ]
         consumer.assign(assigned)
-        # Where reading resumes, also on partitions with nothing new to read.
+        # Where reading resumes, also on partitions with nothing new to read; an offset outside
+        # what the partition holds now (expired, or truncated) is not where reading resumes.
         for tp in consumer.committed(assigned, timeout=10):
-            if tp.offset >= 0:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            if low <= tp.offset <= high:
                 self.positions[tp.partition] = tp.offset
         log.info("assayer %s following %s (lateness %.0fs)", s.instance_id, topics.LOGS, s.allowed_lateness_s)
         try:
@@ -85,7 +87,7 @@ class Assayer:
                 self.track_reading(consumer, assigned)
                 try:
                     if self.logger_caught_up(logger_offsets):
-                        self.close_windows(datetime.now(UTC))
+                        self.close_windows()
                         self.commit(consumer)
                     # Also retries what an earlier tick stored but could not publish.
                     self.publish(producer)
@@ -106,6 +108,7 @@ class Assayer:
         Only the fields of a watermark are read from each record (``log_event_time``), several
         times faster than decoding it: following ``joey.logs`` must outpace the engine's logging.
         """
+        horizon = datetime.now(UTC) + self.lateness
         for message in messages:
             error = message.error()
             if error is not None:
@@ -123,29 +126,32 @@ class Assayer:
                 workspace, pipeline, event_time = log_event_time(record.value or b"")
             except RecordError:
                 continue
+            if event_time > horizon:
+                continue  # a clock far ahead must not close windows early; the row still counts
             key = (workspace, pipeline)
             if key not in self.watermarks or event_time > self.watermarks[key]:
                 self.watermarks[key] = event_time
 
     def track_reading(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
         """Advance ``read_until`` to the last mark whose log ends this assayer has read up to, then
-        mark again: the time now and the partitions' high watermarks.
+        mark again: the time now and the partitions' watermarks.
 
         The embedded broker reports a high watermark at the start of a partition's last batch
         (docs/assays.md); on Kafka it is the end, so then nothing written before the mark is unread.
         """
         if self._mark is not None:
             marked_at, ends = self._mark
-            if any(self.positions.get(p, 0) < end for p, end in ends.items()):
+            # A partition never read from this run is read up to its low watermark (retention).
+            if any(max(self.positions.get(p, low), low) < high for p, (low, high) in ends.items()):
                 return
             self.read_until = marked_at
         now = datetime.now(UTC)
         ends = {}
         for tp in assigned:
             try:
-                _, ends[tp.partition] = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                ends[tp.partition] = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
             except KafkaException as exc:
-                log.warning("could not read the end of %s[%d]: %s", tp.topic, tp.partition, exc)
+                log.warning("could not read the ends of %s[%d]: %s", tp.topic, tp.partition, exc)
                 return
         self._mark = (now, ends)
 
@@ -164,19 +170,19 @@ class Assayer:
             log.info("waiting for the logger to store partitions %s", behind)
         return not behind
 
-    def due(self, assay: LiveAssay, end: datetime, now: datetime) -> bool:
+    def due(self, assay: LiveAssay, end: datetime) -> bool:
         d = assay.definition
         if self.read_until is not None and self.read_until >= end + self.lateness:
             return True
         watermark = self.watermarks.get((d.workspace, d.pipeline))
         return watermark is not None and watermark - self.lateness >= end
 
-    def close_windows(self, now: datetime) -> None:
+    def close_windows(self) -> None:
         """Score every due window of every active assay, up to the per-tick limit."""
         budget = self.settings.max_windows_per_tick
         for assay in self.store.active_assays():
             try:
-                budget = self._close_windows_of(assay, now, budget)
+                budget = self._close_windows_of(assay, budget)
             except psycopg.OperationalError:
                 raise  # the database, not the assay: the loop waits for it
             except Exception:
@@ -184,12 +190,12 @@ class Assayer:
                 d = assay.definition
                 log.exception("assay %s/%s could not be scored", d.workspace, d.name)
 
-    def _close_windows_of(self, assay: LiveAssay, now: datetime, budget: int) -> int:
+    def _close_windows_of(self, assay: LiveAssay, budget: int) -> int:
         start, end = self.store.next_window(assay)
         if not assay.backfilled:
             self.store.backfill(assay, start)
         step = assay.definition.step
-        while budget > 0 and self.due(assay, end, now):
+        while budget > 0 and self.due(assay, end):
             budget -= 1
             if not self.store.score_window(assay, start, end):
                 break  # stored by another assayer, or the assay was deleted: look again next tick

@@ -120,9 +120,12 @@ class AssayerStore:
                 # Deleted while its window was being scored: there is nothing left to store it for.
                 conn.rollback()
                 return False
-            # Panes before the next window's start are in no window left to score.
+            # Panes before the next window's start are in no window left to score; locked in key
+            # order, as loggers lock them, so a late logger and this cannot deadlock.
             conn.execute(
-                "DELETE FROM assay_panes WHERE assay_id = %s AND pane_start < %s", (assay.id, start + d.step)
+                "DELETE FROM assay_panes WHERE (assay_id, pane_start) IN (SELECT assay_id, pane_start "
+                "FROM assay_panes WHERE assay_id = %s AND pane_start < %s ORDER BY pane_start FOR UPDATE)",
+                (assay.id, start + d.step),
             )
         return inserted is not None
 
