@@ -74,11 +74,10 @@ class Assayer:
             for p in range(kafka.topic_partitions(admin, [topics.LOGS])[topics.LOGS])
         ]
         consumer.assign(assigned)
-        # Where reading resumes, also on partitions with nothing new to read; an offset outside
-        # what the partition holds now (expired, or truncated) is not where reading resumes.
+        # Where reading resumes, also on partitions with nothing new to read. An offset below the
+        # low watermark (expired) counts as read up to it, in track_reading.
         for tp in consumer.committed(assigned, timeout=10):
-            low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-            if low <= tp.offset <= high:
+            if tp.offset >= 0:
                 self.positions[tp.partition] = tp.offset
         log.info("assayer %s following %s (lateness %.0fs)", s.instance_id, topics.LOGS, s.allowed_lateness_s)
         try:
