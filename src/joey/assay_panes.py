@@ -1,17 +1,18 @@
-"""Per-window counts of live assays, kept in Postgres as the log rows are stored.
+"""Counts of live assays by pane, kept in Postgres as the log rows are stored.
 
-Each inference is counted exactly once: a logger adds the log rows it has just inserted (a
-replayed or duplicated log record inserts nothing) to their assays' windows, in the same
+A window is a union of panes (see ``AssayDefinition.pane``), so a row is counted in one pane
+however much windows overlap. Each inference is counted exactly once: a logger adds the log rows
+it has just inserted (a replayed or duplicated log record inserts nothing) to their panes, in the same
 transaction as the insert. Rows stored before an assay existed are counted once by the
 assayer's :func:`backfill`. The boundary between the two is exact because loggers hold
 :data:`LOCK` shared for their whole transaction while creating or deleting an assay holds it
 exclusively: no log row is being stored while an assay appears, so ``backfill_until`` (the
 largest row id then) splits the rows into counted-by-backfill and counted-by-loggers.
 
-Counts live in ``assay_panes`` (one row per assay and window start, a
+Counts live in ``assay_panes`` (one row per assay and pane start, a
 :class:`~joey.assays.streaming.WindowCounts` as bytes): memory and storage grow with the bins
-and the open windows, never with rows. The assayer deletes a window's counts when it stores
-its result.
+and the open panes, never with rows. The assayer deletes the panes no later window needs when
+it stores a window's result.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class Counting:
         return sql.SQL("{} RETURNING {}").format(insert, sql.SQL(", ").join([MICROS_SQL, *values]))
 
     def count(self, conn: psycopg.Connection[Any], inserted: Sequence[tuple[Any, ...]]) -> None:
-        """Add the rows ``returning`` gave back to their windows' counts."""
+        """Add the rows ``returning`` gave back to their panes' counts."""
         if not self.assays or not inserted:
             return
         micros = np.array([row[0] for row in inserted], dtype=np.int64)
@@ -178,9 +179,9 @@ class Counting:
             counted = np.flatnonzero(~np.isnan(raw))
             if counted.size == 0:
                 continue
-            windows: dict[datetime, WindowCounts] = {}
-            definition.count(micros[counted], raw[counted], windows)
-            updates.update({(assay_id, start): counts for start, counts in windows.items()})
+            panes: dict[datetime, WindowCounts] = {}
+            definition.count(micros[counted], raw[counted], panes)
+            updates.update({(assay_id, start): counts for start, counts in panes.items()})
         add_counts(conn, updates)
 
 
@@ -198,13 +199,13 @@ def backfill(
         rows = _rows(conn, "SELECT backfill_until FROM assays WHERE id = %s FOR NO KEY UPDATE", (assay_id,))
         if not rows or rows[0][0] is None:
             return False
-        windows: dict[datetime, WindowCounts] = {}
+        panes: dict[datetime, WindowCounts] = {}
         chunks = timed_value_chunks(conn, definition, _STORED_BEFORE, until=rows[0][0], since=since)
         for micros, values in chunks:
-            definition.count(micros, values, windows)
-        add_counts(conn, {(assay_id, start): counts for start, counts in windows.items()})
+            definition.count(micros, values, panes)
+        add_counts(conn, {(assay_id, start): counts for start, counts in panes.items()})
         conn.execute("UPDATE assays SET backfill_until = NULL WHERE id = %s", (assay_id,))
     log.info(
-        "assay %s/%s: counted %d windows of earlier logs", definition.workspace, definition.name, len(windows)
+        "assay %s/%s: counted %d panes of earlier logs", definition.workspace, definition.name, len(panes)
     )
     return True

@@ -192,6 +192,7 @@ def test_create_list_pause_delete(stub: Stub, workspace: str, logged: dict[str, 
         ({"baseline_start": ts(T0 - 10 * HOUR), "baseline_end": ts(T0 - 9 * HOUR)}, "baseline is empty"),
         ({"width_seconds": -5}, "must be positive"),
         ({"width_seconds": 86400, "interval_seconds": 7}, "86400 panes of 1 s"),
+        ({"width_seconds": 3651 * 86400}, "at most 3650 days"),
         ({"summarizer": pb.AssaySummarizer(bin_weights=[1, 1, 1])}, "expected 7, got 3"),
         ({"summarizer": pb.AssaySummarizer(metric="kl")}, "unknown metric 'kl'"),
         ({"name": "Bad Name"}, "invalid assay name"),
@@ -278,3 +279,14 @@ def test_deleting_an_assay_during_its_backfill_does_not_hold_up_logging(
     deleting.join(10)
     logging_thread.join(10)
     assert deleted.is_set()
+
+
+def test_an_interactive_run_too_large_is_refused(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray]
+) -> None:
+    request = pb.RunAssayInteractiveRequest(
+        definition=definition(workspace, width_seconds=60), end=ts(T0 + timedelta(days=80))
+    )
+    error = rpc_error(lambda: stub.RunAssayInteractive(request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 100000 panes per run" in (error.details() or "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -39,7 +39,11 @@ MAX_PANES_PER_WINDOW = 1440
 """Live windows are counted in panes (see AssayDefinition.pane) and merged when scored: a bound
 on the panes of one window bounds that merge (a day every minute is 1,440)."""
 
-MAX_INTERACTIVE_WINDOWS = 10_000
+MAX_INTERACTIVE_PANE_MERGES = 100_000
+"""An interactive run is bounded by the panes its windows merge: 100,000 tumbling windows, or 69
+windows of a day every minute."""
+
+MAX_WINDOW = timedelta(days=3650)
 
 
 @dataclass(frozen=True)
@@ -278,10 +282,13 @@ class Assays:
         if resolved.start is None:
             return []  # nothing logged yet
         windows = list(resolved.windows(resolved.start, until))
-        if len(windows) > MAX_INTERACTIVE_WINDOWS:
+        # Each window merges its panes: the run's cost is windows times panes per window.
+        merges = len(windows) * (resolved.width // resolved.pane)
+        if merges > MAX_INTERACTIVE_PANE_MERGES:
             raise InvalidArgument(
-                f"{len(windows)} windows from {resolved.start.isoformat()} to {until.isoformat()}: "
-                f"at most {MAX_INTERACTIVE_WINDOWS} per run; "
+                f"{len(windows)} windows of {resolved.width // resolved.pane} panes each from "
+                f"{resolved.start.isoformat()} to {until.isoformat()}: at most "
+                f"{MAX_INTERACTIVE_PANE_MERGES} panes per run; "
                 "use a later start, an earlier end or a longer interval"
             )
         return self.sql.window_results(resolved, until)
@@ -309,11 +316,13 @@ class Assays:
             raise InvalidArgument(f"window width must be positive, got {d.width.total_seconds()} s")
         if d.interval is not None and d.interval.total_seconds() <= 0:
             raise InvalidArgument(f"window interval must be positive, got {d.interval.total_seconds()} s")
+        if max(d.width, d.step) > MAX_WINDOW:
+            raise InvalidArgument(f"window width and interval must be at most {MAX_WINDOW.days} days")
         if d.width // d.pane > MAX_PANES_PER_WINDOW:
             raise InvalidArgument(
                 f"a window of {d.width.total_seconds():g} s every {d.step.total_seconds():g} s is made of "
                 f"{d.width // d.pane} panes of {d.pane.total_seconds():g} s (their greatest common divisor); "
-                f"at most {MAX_PANES_PER_WINDOW}: use an interval that divides the width"
+                f"at most {MAX_PANES_PER_WINDOW}: choose a width and an interval with a larger common divisor"
             )
         for name, threshold in (
             ("alert_threshold", d.alert_threshold),
