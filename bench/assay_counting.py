@@ -30,21 +30,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from joey import db
 from joey.assay_runs import AssayDefinition, IoPath
 from joey.assays.streaming import WindowCounts
 from joey_logger.sink import PostgresLogSink
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine_throughput import scratch_database  # noqa: E402
+from measure import log_record  # noqa: E402
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 WIDTH = timedelta(hours=1)
@@ -82,34 +87,9 @@ class Records:
         first = self.next_offset
         self.next_offset += rows
         return [
-            self._record(pipeline, first + i, T0 + timedelta(seconds=s), f)
+            log_record(WORKSPACE, pipeline, first + i, T0 + timedelta(seconds=s), json.dumps({"features": f}))
             for i, (s, f) in enumerate(zip(seconds, features, strict=True))
         ]
-
-    @staticmethod
-    def _record(pipeline: str, offset: int, at: datetime, features: list[float]) -> dict[str, Any]:
-        # The fields of a decoded joey.v1.InferenceLog, as the logger hands them to its sink.
-        return {
-            "workspace": WORKSPACE,
-            "pipeline": pipeline,
-            "pipeline_version": 1,
-            "deployment_id": "bench-1",
-            "request_id": f"req-{offset}",
-            "record_key": f"key-{offset}".encode(),
-            "time": at,
-            "input_topic": f"joey.{WORKSPACE}.{pipeline}.inputs",
-            "input_partition": 0,
-            "input_offset": offset,
-            "ok": True,
-            "error": None,
-            "inputs": json.dumps({"features": features}),
-            "raw_input": None,
-            "outputs": '{"label": [1]}',
-            "shadow_outputs": None,
-            "check_failures": [],
-            "models": [{"name": "bench", "version": 1, "sha256": "ab" * 32}],
-            "elapsed_ns": [1200],
-        }
 
 
 def create_assays(conn: psycopg.Connection[Any], seed: int) -> None:
@@ -206,23 +186,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9, help="timed batches per system")
     parser.add_argument("--rows-per-batch", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
     args = parser.parse_args()
     if args.batches < 1:
         parser.error("--batches must be at least 1: the replayed batch is one of them")
 
-    name = f"bench_counting_{secrets.token_hex(4)}"
-    with psycopg.connect(f"{args.server}/postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"{args.server}/{name}"
-    try:
-        db.prepare(url)
+    with scratch_database() as url:
         with psycopg.connect(url) as conn:
             create_assays(conn, args.seed + 1)
         results = measure(url, args)
-    finally:
-        with psycopg.connect(f"{args.server}/postgres", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     baseline = statistics.median(results[SYSTEMS[0]])
     print(

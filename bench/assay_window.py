@@ -10,6 +10,12 @@ Systems, on the same rows of a scratch database (one pipeline, ``inputs.features
   bins, PSI).
 * live close: what the assayer does when the window closes: read the window's one
   ``assay_panes`` row, summarise and score it. Its cost does not grow with the rows.
+* live close, 1,440 panes: the same for a window that slides every 2.5 s, so it is made of
+  1,440 panes (the most a definition may have) to read and merge.
+
+The panes are filled by the code the loggers and the assayer's backfill use
+(``AssayDefinition.count``, ``joey.assay_panes.add_counts``), and the bench checks that each
+live result equals the interactive one.
 
 Each figure is the median of ``--repeats`` timed runs after one warm-up run.
 
@@ -19,20 +25,35 @@ Each figure is the median of ``--repeats`` timed runs after one warm-up run.
 from __future__ import annotations
 
 import argparse
-import secrets
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from joey import db
-from joey.assay_runs import AssayDefinition, IoPath, log_values, result_of, window_results
+from joey.assay_panes import add_counts
+from joey.assay_runs import (
+    AssayDefinition,
+    IoPath,
+    WindowResult,
+    log_values,
+    result_of,
+    timed_value_chunks,
+    window_results,
+)
 from joey.assays.streaming import WindowCounts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine_throughput import scratch_database  # noqa: E402
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -65,22 +86,32 @@ def fill(conn: psycopg.Connection[Any], rows: int, seed: int) -> None:
     conn.execute("ANALYZE inference_logs")
 
 
-def store_counts(conn: psycopg.Connection[Any], definition: AssayDefinition, values: Any) -> int:
-    """An assay whose window holds the counts the loggers would have added, row by row."""
-    assert definition.baseline is not None
+def create_assay(conn: psycopg.Connection[Any], definition: AssayDefinition) -> int:
+    """An assay whose panes hold the counts the loggers would have added, row by row."""
     row = conn.execute(
         "INSERT INTO assays (workspace_id, name, pipeline, definition) "
         "SELECT id, %s, %s, %s FROM workspaces WHERE name = 'default' RETURNING id",
         (definition.name, definition.pipeline, Jsonb(definition.to_json())),
     ).fetchone()
     assert row is not None
-    counts = WindowCounts.of(values, definition.baseline.bins)
-    conn.execute(
-        "INSERT INTO assay_panes (assay_id, pane_start, counts) VALUES (%s, %s, %s)",
-        (row[0], T0, counts.to_bytes()),
-    )
+    panes: dict[datetime, WindowCounts] = {}
+    for micros, values in timed_value_chunks(conn, definition, sql.SQL("TRUE")):
+        definition.count(micros, values, panes)
+    add_counts(conn, {(row[0], start): counts for start, counts in panes.items()})
     conn.commit()
     return int(row[0])
+
+
+def live_close(conn: psycopg.Connection[Any], definition: AssayDefinition, assay_id: int) -> WindowResult:
+    """What the assayer does when the window from T0 closes."""
+    assert definition.start is not None
+    rows = conn.execute(
+        "SELECT pane_start, counts FROM assay_panes WHERE assay_id = %s", (assay_id,)
+    ).fetchall()
+    counts = definition.window_counts(
+        definition.start, {start: WindowCounts.from_bytes(data) for start, data in rows}
+    )
+    return result_of(definition, definition.start, definition.start + definition.width, counts)
 
 
 def timed(run: Callable[[], object], repeats: int) -> list[float]:
@@ -100,48 +131,34 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
     args = parser.parse_args()
 
-    name = f"bench_assay_{secrets.token_hex(4)}"
-    with psycopg.connect(f"{args.server}/postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"{args.server}/{name}"
-    try:
-        db.prepare(url)
-        with psycopg.connect(url) as conn:
-            began = time.perf_counter()
-            fill(conn, args.rows, args.seed)
-            print(f"wrote {args.rows:,} log rows in {time.perf_counter() - began:.1f} s")
-            end = T0 + timedelta(hours=2)
-            definition = AssayDefinition(
-                workspace="default",
-                name="bench",
-                pipeline="bench",
-                iopath=IoPath.parse("input features 2"),
-                start=T0,
-                width=end - T0,
-            ).with_baseline(np.random.default_rng(args.seed + 1).normal(0, 1, 10_000))
-            assert log_values(conn, definition, T0, end).size == args.rows
-            assay_id = store_counts(conn, definition, log_values(conn, definition, T0, end))
-
-            def live_close() -> object:
-                row = conn.execute(
-                    "SELECT counts FROM assay_panes WHERE assay_id = %s", (assay_id,)
-                ).fetchone()
-                assert row is not None
-                return result_of(definition, T0, end, WindowCounts.from_bytes(row[0]))
-
-            systems = {
-                "fetch-only": lambda: log_values(conn, definition, T0, end),
-                "interactive": lambda: window_results(conn, definition, end),
-                "live close": live_close,
-            }
-            assert [live_close()] == window_results(conn, definition, end)
-            results = {system: timed(run, args.repeats) for system, run in systems.items()}
-    finally:
-        with psycopg.connect(f"{args.server}/postgres", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database() as url, psycopg.connect(url) as conn:
+        began = time.perf_counter()
+        fill(conn, args.rows, args.seed)
+        print(f"wrote {args.rows:,} log rows in {time.perf_counter() - began:.1f} s")
+        end = T0 + timedelta(hours=1)
+        tumbling = AssayDefinition(
+            workspace="default",
+            name="bench",
+            pipeline="bench",
+            iopath=IoPath.parse("input features 2"),
+            start=T0,
+            width=end - T0,
+        ).with_baseline(np.random.default_rng(args.seed + 1).normal(0, 1, 10_000))
+        sliding = replace(tumbling, name="bench-sliding", interval=(end - T0) / 1440)
+        assert sliding.width // sliding.pane == 1440
+        assert log_values(conn, tumbling, T0, end).size == args.rows
+        ids = {d.name: create_assay(conn, d) for d in (tumbling, sliding)}
+        systems: dict[str, Callable[[], object]] = {
+            "fetch-only": lambda: log_values(conn, tumbling, T0, end),
+            "interactive": lambda: window_results(conn, tumbling, end),
+            "live close": lambda: live_close(conn, tumbling, ids[tumbling.name]),
+            "live close, 1,440 panes": lambda: live_close(conn, sliding, ids[sliding.name]),
+        }
+        for d in (tumbling, sliding):
+            assert [live_close(conn, d, ids[d.name])] == window_results(conn, d, end)
+        results = {system: timed(run, args.repeats) for system, run in systems.items()}
 
     floor = statistics.median(results["fetch-only"])
     print(f"\nwindow of {args.rows:,} rows, median of {args.repeats} runs\n")

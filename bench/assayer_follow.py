@@ -59,6 +59,7 @@ from joey_logger.messages import LogMessage
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import measure  # noqa: E402
 from engine_throughput import free_port, interrupt, scratch_database  # noqa: E402
 
 WORKSPACE = "default"
@@ -69,29 +70,10 @@ STALL_S = 60.0
 
 
 def log_record(i: int) -> dict[str, Any]:
-    """The i-th inference log, shaped like the engine's (an iris model, one step)."""
+    """The i-th inference log, spread over the bench's pipelines, event time rising by 1 ms."""
     pipeline = f"bench-{i % PIPELINES}"
-    return {
-        "workspace": WORKSPACE,
-        "pipeline": pipeline,
-        "pipeline_version": 1,
-        "deployment_id": "dep-1",
-        "request_id": f"req-{i:09d}",
-        "record_key": f"key-{i}".encode(),
-        "time": T0 + timedelta(milliseconds=i),
-        "input_topic": f"joey.{WORKSPACE}.{pipeline}.inputs",
-        "input_partition": i % 8,
-        "input_offset": i,
-        "ok": True,
-        "error": None,
-        "inputs": f'{{"features": [{5 + i % 30 / 10}, 3.4, 1.5, 0.2]}}',
-        "raw_input": None,
-        "outputs": f'{{"label": [{i % 3}]}}',
-        "shadow_outputs": None,
-        "check_failures": [],
-        "models": [{"name": "iris", "version": 1, "sha256": "ab" * 32}],
-        "elapsed_ns": [1200],
-    }
+    inputs = f'{{"features": [{5 + i % 30 / 10}, 3.4, 1.5, 0.2]}}'
+    return measure.log_record(WORKSPACE, pipeline, i, T0 + timedelta(milliseconds=i), inputs)
 
 
 @dataclass(frozen=True)

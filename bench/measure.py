@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -238,3 +240,29 @@ def median(samples: Sequence[Sample]) -> Sample:
         statistics.median(s.p50_ms for s in samples),
         statistics.median(s.p99_ms for s in samples),
     )
+
+
+def log_record(workspace: str, pipeline: str, offset: int, at: datetime, inputs: str) -> dict[str, Any]:
+    """A decoded joey.v1.InferenceLog of an iris-like model, as the engine writes and the logger
+    hands to its sink; ``offset`` makes its identity unique."""
+    return {
+        "workspace": workspace,
+        "pipeline": pipeline,
+        "pipeline_version": 1,
+        "deployment_id": "bench-1",
+        "request_id": f"req-{offset:09d}",
+        "record_key": f"key-{offset}".encode(),
+        "time": at,
+        "input_topic": f"joey.{workspace}.{pipeline}.inputs",
+        "input_partition": 0,
+        "input_offset": offset,
+        "ok": True,
+        "error": None,
+        "inputs": inputs,
+        "raw_input": None,
+        "outputs": f'{{"label": [{offset % 3}]}}',
+        "shadow_outputs": None,
+        "check_failures": [],
+        "models": [{"name": "iris", "version": 1, "sha256": "ab" * 32}],
+        "elapsed_ns": [1200],
+    }
