@@ -17,10 +17,10 @@ install: $(STAMP)
 # Generated stubs are committed; this regenerates them from proto/.
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I proto --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
-		--python_out=src --grpc_python_out=src --mypy_out=src proto/joey/v1/*.proto proto/joey/oip/*.proto
+		--python_out=src --grpc_python_out=src --mypy_out=src proto/joey_core/v1/*.proto proto/joey_core/oip/*.proto
 
 proto-check: proto
-	@git diff --exit-code -- src/joey/v1 src/joey/oip || (echo "generated stubs differ from proto/: run 'make proto' and commit" >&2; exit 1)
+	@git diff --exit-code -- src/joey_core/v1 src/joey_core/oip || (echo "generated stubs differ from proto/: run 'make proto' and commit" >&2; exit 1)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
@@ -31,6 +31,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

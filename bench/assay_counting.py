@@ -1,7 +1,7 @@
 """Time of the logger's Postgres sink writing a batch of inference logs, with and without live assays.
 
 ``PostgresLogSink.write`` stores a batch in ``inference_logs`` and, in the same transaction, counts the
-rows it inserted into the open windows of every assay of their pipeline (``joey.assay_panes``). This
+rows it inserted into the open windows of every assay of their pipeline (``joey_core.assays.panes``). This
 asks whether the logger still keeps up with the engine's log rate once assays are counted live.
 
 One scratch database, one sink (one connection, as in one logger), one pipeline per system:
@@ -42,8 +42,8 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from joey.assay_runs import AssayDefinition, IoPath
-from joey.assays.streaming import WindowCounts
+from joey_core.assays.runs import AssayDefinition, IoPath
+from joey_core.assays.streaming import WindowCounts
 from joey_logger.sink import PostgresLogSink
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

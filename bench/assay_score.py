@@ -1,8 +1,8 @@
-"""Time of scoring one window against one baseline: joey.assays.score next to simpler ways.
+"""Time of scoring one window against one baseline: joey_core.assays.score next to simpler ways.
 
 Systems, each on the same seeded data (baseline ~ N(0, 1), window ~ N(--shift, 1)):
 
-* joey: ``joey.assays.score`` with its defaults (5 quantile bins, outlier bins, density, PSI),
+* joey: ``joey_core.assays.score`` with its defaults (5 quantile bins, outlier bins, density, PSI),
   summaries of both sides included.
 * naive-numpy: the same rules written the obvious way: ``np.quantile`` for the edges,
   ``np.searchsorted`` + ``np.bincount`` per value, ``np.median`` and friends for the stats.
@@ -28,7 +28,7 @@ from importlib.metadata import version
 import numpy as np
 import numpy.typing as npt
 
-from joey.assays import score
+from joey_core.assays import score
 
 Scorer = Callable[[npt.NDArray[np.float64], npt.NDArray[np.float64]], float]
 
@@ -46,7 +46,7 @@ def naive_score(baseline: npt.NDArray[np.float64], window: npt.NDArray[np.float6
         index[(x < lowest) | np.isnan(x)] = 0
         return np.bincount(index, minlength=bins + 2) / x.size
 
-    # The summaries joey.assays.score also returns, computed and dropped.
+    # The summaries joey_core.assays.score also returns, computed and dropped.
     _ = [(x.min(), x.max(), x.mean(), np.median(x), x.std()) for x in (baseline, window)]
     b, w = densities(baseline), densities(window)
     b[b == 0], w[w == 0] = 0.005, 0.005

@@ -5,7 +5,7 @@ Systems, on the same rows of a scratch database (one pipeline, ``inputs.features
 
 * fetch-only: the SQL and server-side cursor reading the window's values into numpy, nothing
   else. What reading the rows costs, the floor of any scorer reading the log.
-* interactive: ``joey.assay_runs.window_results``: the same read, counted chunk by chunk into
+* interactive: ``joey_core.assays.runs.window_results``: the same read, counted chunk by chunk into
   ``WindowCounts``, then summarised and scored against a baseline of 10,000 values (5 quantile
   bins, PSI).
 * live close: what the assayer does when the window closes: read the window's one
@@ -14,7 +14,7 @@ Systems, on the same rows of a scratch database (one pipeline, ``inputs.features
   1,440 panes (the most a definition may have) to read and merge.
 
 The panes are filled by the code the loggers and the assayer's backfill use
-(``AssayDefinition.count``, ``joey.assay_panes.add_counts``), and the bench checks that each
+(``AssayDefinition.count``, ``joey_core.assays.panes.add_counts``), and the bench checks that each
 live result equals the interactive one.
 
 Each figure is the median of ``--repeats`` timed runs after one warm-up run.
@@ -39,8 +39,8 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from joey.assay_panes import add_counts
-from joey.assay_runs import (
+from joey_core.assays.panes import add_counts
+from joey_core.assays.runs import (
     AssayDefinition,
     IoPath,
     WindowResult,
@@ -49,7 +49,7 @@ from joey.assay_runs import (
     timed_value_chunks,
     window_results,
 )
-from joey.assays.streaming import WindowCounts
+from joey_core.assays.streaming import WindowCounts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

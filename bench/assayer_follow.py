@@ -41,8 +41,11 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from joey.broker import EmbeddedBroker
-from joey.kafka import (
+from joey.cli.broker import EmbeddedBroker
+from joey_assayer.service import POLL_RECORDS, Assayer
+from joey_assayer.settings import AssayerSettings
+from joey_assayer.store import AssayerStore
+from joey_core.kafka import (
     DeliveryTracker,
     TopicSpec,
     admin_client,
@@ -50,10 +53,7 @@ from joey.kafka import (
     ensure_topics,
     producer_config,
 )
-from joey.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, encode_log
-from joey_assayer.service import POLL_RECORDS, Assayer
-from joey_assayer.settings import AssayerSettings
-from joey_assayer.store import AssayerStore
+from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, encode_log
 from joey_logger.messages import LogMessage
 
 HERE = Path(__file__).resolve().parent

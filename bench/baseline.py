@@ -5,7 +5,7 @@ the engine's replicas. A batch is: wait for one record, then up to ``--batch-del
 for more (at most ``--batch-size``), JSON-decode, stack into one float32 array, one
 onnxruntime run, produce one JSON output per record (headers copied), flush, commit.
 
-The Kafka client settings are Joey's own (``joey.kafka.consumer_config`` /
+The Kafka client settings are Joey's own (``joey_core.kafka.consumer_config`` /
 ``producer_config``) so the comparison measures Joey's code, not different client tuning.
 
 Prints ``READY`` on stdout once the group's partitions are all assigned; SIGTERM stops it.
@@ -23,8 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
-from joey.kafka import consumer_config, producer_config
-from joey.settings import CommonSettings
+from joey_core.kafka import consumer_config, producer_config
+from joey_core.settings import CommonSettings
 
 
 class Assignment:

@@ -46,13 +46,13 @@ import psycopg
 import redis
 from psycopg import sql
 
-from joey import db
-from joey.broker import EmbeddedBroker
-from joey.kafka import TopicSpec, admin_client, ensure_topics
-from joey.sdk import Client, ModelVersion, Pipeline
-from joey.settings import CommonSettings
-from joey.topics import pipeline_topics
-from joey.v1 import registry_pb2, registry_pb2_grpc
+from joey.cli.broker import EmbeddedBroker
+from joey.client import Client, ModelVersion, Pipeline
+from joey_core import db
+from joey_core.kafka import TopicSpec, admin_client, ensure_topics
+from joey_core.settings import CommonSettings
+from joey_core.topics import pipeline_topics
+from joey_core.v1 import registry_pb2, registry_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))

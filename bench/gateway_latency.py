@@ -31,10 +31,10 @@ import redis
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from joey import heartbeats
-from joey.broker import EmbeddedBroker
-from joey.sdk import Client
-from joey.settings import CommonSettings
+from joey.cli.broker import EmbeddedBroker
+from joey.client import Client
+from joey_core import heartbeats
+from joey_core.settings import CommonSettings
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

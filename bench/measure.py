@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from joey.kafka import producer_config
-from joey.records import REQUEST_ID_HEADER
-from joey.settings import CommonSettings
+from joey_core.kafka import producer_config
+from joey_core.records import REQUEST_ID_HEADER
+from joey_core.settings import CommonSettings
 
 PRODUCED_AT_HEADER = "bench-produced-at"
 

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from joey.v1 import registry_pb2 as pb  # noqa: E402
+from joey_core.v1 import registry_pb2 as pb  # noqa: E402
 from joey_engine.deployment import from_proto  # noqa: E402
 from joey_engine.replica import load_runner  # noqa: E402
 from joey_engine.settings import EngineSettings  # noqa: E402

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE.parent / "services" / "engine"))
 
-from joey.v1 import registry_pb2  # noqa: E402
+from joey_core.v1 import registry_pb2  # noqa: E402
 from joey_engine.deployment import from_proto  # noqa: E402
 from joey_engine.pipeline import PipelineRunner  # noqa: E402
 from joey_engine.runtime import OnnxRuntime  # noqa: E402

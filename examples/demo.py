@@ -20,8 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 import joey
-import joey.sdk
-from joey.stack import StackSettings, start_detached, stop_detached
+from joey.cli.stack import StackSettings, start_detached, stop_detached
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -132,13 +131,13 @@ def run_demo() -> None:
 
 
 def watch_drift(
-    client: joey.Client, pipeline: joey.sdk.Pipeline, baseline_start: datetime, baseline_end: datetime
+    client: joey.Client, pipeline: joey.Pipeline, baseline_start: datetime, baseline_end: datetime
 ) -> None:
     step("watching petal length (`input features 2`) for drift; baseline: the first stream's inferences")
     if any(a.name == ASSAY for a in client.list_assays()):
         client.delete_assay(ASSAY)  # from an earlier run of the demo
 
-    def assay(start: datetime) -> joey.sdk.AssayBuilder:
+    def assay(start: datetime) -> joey.AssayBuilder:
         return (
             client.build_assay(
                 ASSAY, PIPELINE, "input features 2", baseline_start=baseline_start, baseline_end=baseline_end
@@ -177,11 +176,11 @@ def watch_drift(
     print(f"the same window scored interactively from the logs gives the same result: {same}")
 
 
-def on_status(status: joey.sdk.DeploymentStatus) -> None:
+def on_status(status: joey.DeploymentStatus) -> None:
     print(f"  {status.status}: {status.message}")
 
 
-def stream(pipeline: joey.sdk.Pipeline, records: list) -> pd.DataFrame:
+def stream(pipeline: joey.Pipeline, records: list) -> pd.DataFrame:
     step(f"streaming {len(records)} records through topic {pipeline.topics.inputs}")
     t0 = time.perf_counter()
     results = pipeline.infer(records, timeout=120)

@@ -21,11 +21,11 @@ import pytest
 import redis
 from psycopg import sql
 
-from joey import db, heartbeats
-from joey.broker import EmbeddedBroker
-from joey.kafka import admin_client, ensure_topics, platform_topics
-from joey.settings import CommonSettings
-from joey.stack import registry_ready
+from joey.cli.broker import EmbeddedBroker
+from joey.cli.stack import registry_ready
+from joey_core import db, heartbeats
+from joey_core.kafka import admin_client, ensure_topics, platform_topics
+from joey_core.settings import CommonSettings
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -139,7 +139,7 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "joey.cli", "serve", self.name],
+                [sys.executable, "-m", f"joey_{self.name}"],
                 env=os.environ | self.env | self.extra_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

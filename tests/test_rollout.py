@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from joey.kafka import producer_config
-from joey.records import REQUEST_ID_HEADER, dumps
-from joey.sdk import Autoscale, Client, JoeyError, Pipeline
-from joey.settings import CommonSettings
+from joey.client import Autoscale, Client, JoeyError, Pipeline
+from joey_core.kafka import producer_config
+from joey_core.records import REQUEST_ID_HEADER, dumps
+from joey_core.settings import CommonSettings
 from train_model import make_records, train_and_export  # examples/, put on sys.path by conftest
 
 from .conftest import Stack, wait_until

@@ -1,21 +1,32 @@
-"""Joey: Kafka-native MLOps. ``joey.Client`` is the entry point of the Python SDK."""
+"""Joey: Kafka-native MLOps. ``joey.Client`` is the entry point of the Python SDK.
 
-from __future__ import annotations
+The public API is what this package and :mod:`joey.client` export; :mod:`joey.assays` scores drift
+offline and :mod:`joey.cli` is the ``joey`` command. Services never import this package (they share
+:mod:`joey_core`), so loading the SDK here costs them nothing.
+"""
 
-from typing import TYPE_CHECKING, Any
+from joey.client import (
+    Assay,
+    AssayBuilder,
+    Autoscale,
+    Client,
+    DeploymentStatus,
+    JoeyError,
+    ModelVersion,
+    Pipeline,
+    TensorSpec,
+)
+from joey_core import __version__
 
-__version__ = "0.1.0"
-
-__all__ = ["Autoscale", "Client", "__version__"]
-
-if TYPE_CHECKING:
-    from joey.sdk import Autoscale, Client
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy so that services importing joey.settings do not pay for the SDK's imports.
-    if name in __all__:
-        from joey import sdk
-
-        return getattr(sdk, name)
-    raise AttributeError(name)
+__all__ = [
+    "Assay",
+    "AssayBuilder",
+    "Autoscale",
+    "Client",
+    "DeploymentStatus",
+    "JoeyError",
+    "ModelVersion",
+    "Pipeline",
+    "TensorSpec",
+    "__version__",
+]

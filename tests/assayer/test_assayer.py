@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from joey import assays, topics
-from joey.kafka import admin_client, consumer_config, topic_partitions
-from joey.sdk import Client
-from joey.settings import CommonSettings
+from joey.client import Client
+from joey_core import assays, topics
+from joey_core.kafka import admin_client, consumer_config, topic_partitions
+from joey_core.settings import CommonSettings
 from tests.conftest import ServiceProcess, Stack, wait_service_ready, wait_until
 from tests.logger.helpers import LogProducer, log_record
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 from onnx import TensorProto, helper
 
-from joey.v1 import registry_pb2, registry_pb2_grpc
+from joey_core.v1 import registry_pb2, registry_pb2_grpc
 from joey_engine.deployment import Deployment, from_proto
 from joey_engine.settings import EngineSettings
 

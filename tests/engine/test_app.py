@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from joey import heartbeats
+from joey_core import heartbeats
 
 
 def test_serve_runs_until_sigterm_and_retires(

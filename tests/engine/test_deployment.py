@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from joey.v1 import registry_pb2
+from joey_core.v1 import registry_pb2
 from joey_engine.deployment import Step, Validations, from_proto
 
 StepFactory = Callable[..., registry_pb2.ResolvedStep]

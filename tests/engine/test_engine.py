@@ -24,10 +24,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
 
-from joey import heartbeats, kafka, records, topics
-from joey.settings import CommonSettings
-from joey.v1 import registry_pb2
-from joey_engine.engine import Engine
+from joey_core import heartbeats, kafka, records, topics
+from joey_core.settings import CommonSettings
+from joey_core.v1 import registry_pb2
+from joey_engine.service import Engine
 from joey_engine.settings import EngineSettings
 
 TIMEOUT = 30.0

@@ -26,8 +26,8 @@ from test_engine import (
     wait_for,
 )
 
-from joey import heartbeats, kafka, topics
-from joey.settings import CommonSettings
+from joey_core import heartbeats, kafka, topics
+from joey_core.settings import CommonSettings
 from joey_engine.settings import EngineSettings
 from tests.conftest import ServiceProcess
 
@@ -37,7 +37,7 @@ HEARTBEAT_INTERVAL_S = 0.5
 LEASE_TTL_S = 3.0
 """Slot leases, replica and engine heartbeats all live this long after their last refresh."""
 SESSION_TIMEOUT_S = 6.0
-"""The replicas' consumer-group session timeout (joey.kafka.consumer_config)."""
+"""The replicas' consumer-group session timeout (joey_core.kafka.consumer_config)."""
 TAKEOVER_S = LEASE_TTL_S + SESSION_TIMEOUT_S + 10.0
 """Bound on the takeover: the dead engine's lease and its replica's group session expire, then the new
 replica loads the model and joins the group (~3 s); the rest is slack for a busy machine."""

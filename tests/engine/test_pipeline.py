@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from joey.v1 import registry_pb2
+from joey_core.v1 import registry_pb2
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import Failure, PipelineRunner, Result, Success
 from joey_engine.runtime import OnnxRuntime, create_runtime

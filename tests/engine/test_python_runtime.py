@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from joey.v1 import registry_pb2
+from joey_core.v1 import registry_pb2
 from joey_engine.deployment import Deployment, Step, Tensor
 from joey_engine.pipeline import Failure, Success
 from joey_engine.replica import load_runner

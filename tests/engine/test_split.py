@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from joey import records
-from joey.v1 import registry_pb2
+from joey_core import records
+from joey_core.v1 import registry_pb2
 from joey_engine.deployment import Deployment, Split
-from joey_engine.messages import Source, error_value, log_value, output_value
 from joey_engine.pipeline import MODEL_SPLIT, Failure, PipelineRunner, Result, Success
+from joey_engine.produced_records import Source, error_value, log_value, output_value
 from joey_engine.runtime import OnnxRuntime
 from joey_engine.settings import EngineSettings
 

@@ -23,10 +23,10 @@ import tritonclient.http as httpclient
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from tritonclient.utils import InferenceServerException
 
-from joey import topics
-from joey.records import DEADLINE_HEADER, dumps, header_value
-from joey.sdk import Client, Pipeline
-from joey.settings import CommonSettings
+from joey.client import Client, Pipeline
+from joey_core import topics
+from joey_core.records import DEADLINE_HEADER, dumps, header_value
+from joey_core.settings import CommonSettings
 from tests.conftest import ServiceProcess, Stack, free_port, wait_service_ready, wait_until
 from train_model import make_records  # examples/, put on sys.path by conftest
 

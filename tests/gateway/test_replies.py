@@ -6,8 +6,8 @@ import secrets
 
 from confluent_kafka import Producer
 
-from joey import kafka, records, topics
-from joey.settings import CommonSettings
+from joey_core import kafka, records, topics
+from joey_core.settings import CommonSettings
 from joey_gateway.replies import Call, ReplyReader
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from joey.settings import CommonSettings
+from joey_core.settings import CommonSettings
 from joey_logger.settings import LoggerSettings
 from tests.conftest import scratch_database, wait_until
 from tests.logger.helpers import InProcessLogger, LogProducer, is_live

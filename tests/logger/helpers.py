@@ -13,10 +13,10 @@ import psycopg
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from joey import heartbeats, topics
-from joey.kafka import DeliveryTracker, admin_client, consumer_config, producer_config, topic_partitions
-from joey.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, encode_log
-from joey.settings import CommonSettings
+from joey_core import heartbeats, topics
+from joey_core.kafka import DeliveryTracker, admin_client, consumer_config, producer_config, topic_partitions
+from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, encode_log
+from joey_core.settings import CommonSettings
 from joey_logger.service import SERVICE, LoggerService
 from joey_logger.settings import LoggerSettings
 from joey_logger.sink import create_sink

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import redis
 
-from joey import heartbeats
-from joey.settings import CommonSettings
+from joey_core import heartbeats
+from joey_core.settings import CommonSettings
 from joey_logger.service import SERVICE
 from tests.conftest import ServiceProcess, wait_until
 from tests.logger.helpers import LogProducer, count_rows, log_record

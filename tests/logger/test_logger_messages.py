@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from joey.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, encode_log
+from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, encode_log
 from joey_logger.messages import LogMessage
 from tests.logger.helpers import log_record
 

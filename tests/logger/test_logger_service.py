@@ -7,9 +7,9 @@ from prometheus_client import REGISTRY
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from joey import db
-from joey.records import encode_log, header_value
-from joey.settings import CommonSettings
+from joey_core import db
+from joey_core.records import encode_log, header_value
+from joey_core.settings import CommonSettings
 from joey_logger.messages import LogMessage
 from joey_logger.service import REASON_HEADER, SOURCE_HEADER
 from joey_logger.settings import LoggerSettings

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from joey.settings import CommonSettings
+from joey_core.settings import CommonSettings
 from joey_logger.settings import LoggerSettings
 from joey_logger.sink import (
     SINKS,

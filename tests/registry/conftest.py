@@ -10,9 +10,9 @@ import grpc
 import psycopg
 import pytest
 
-from joey.settings import CommonSettings
-from joey.v1 import registry_pb2 as pb
-from joey.v1 import registry_pb2_grpc
+from joey_core.settings import CommonSettings
+from joey_core.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2_grpc
 from joey_registry.app import RegistryServer
 from joey_registry.settings import RegistrySettings
 from tests.registry.helpers import Stub

@@ -12,11 +12,11 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from onnx import TensorProto, helper
 
-from joey import topics
-from joey.kafka import consumer_config
-from joey.settings import CommonSettings
-from joey.v1 import registry_pb2 as pb
-from joey.v1 import registry_pb2_grpc
+from joey_core import topics
+from joey_core.kafka import consumer_config
+from joey_core.settings import CommonSettings
+from joey_core.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2_grpc
 
 Stub = registry_pb2_grpc.RegistryStub
 

@@ -13,8 +13,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg.types.json import Jsonb
 
-from joey import assays
-from joey.v1 import registry_pb2 as pb
+from joey_core import assays
+from joey_core.v1 import registry_pb2 as pb
 from joey_logger.sink import PostgresLogSink
 from tests.conftest import wait_until
 from tests.logger.helpers import log_record
@@ -118,7 +118,7 @@ def test_interactive_run_equals_offline_score(
         assert result.status == str(expected.status)
         assert list(result.window_summary.bin_counts) == list(expected.window_summary.bin_counts)
         assert list(result.baseline_summary.edges) == list(expected.baseline_summary.edges)
-        # A window's summary is the live assayer's (joey.assays.streaming): its mean is the
+        # A window's summary is the live assayer's (joey_core.assays.streaming): its mean is the
         # correctly rounded one, numpy's may differ in the last bit; small windows keep numpy's median.
         window = result.window_summary
         assert (window.count, window.min, window.max) == (

@@ -7,10 +7,10 @@ import pytest
 import redis
 from google.protobuf import json_format
 
-from joey import heartbeats, topics
-from joey.heartbeats import ReplicaHeartbeat
-from joey.kafka import TopicSpec, admin_client, ensure_topics, topic_partitions
-from joey.v1 import registry_pb2 as pb
+from joey_core import heartbeats, topics
+from joey_core.heartbeats import ReplicaHeartbeat
+from joey_core.kafka import TopicSpec, admin_client, ensure_topics, topic_partitions
+from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
 from joey_registry.settings import RegistrySettings
 from tests.conftest import REDIS_URL, wait_until

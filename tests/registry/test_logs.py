@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg.types.json import Jsonb
 
-from joey.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2 as pb
 from tests.registry.helpers import Stub, rpc_error, step, upload
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)

@@ -9,7 +9,7 @@ import grpc
 import psycopg
 import pytest
 
-from joey.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
 from tests.registry.helpers import Stub, rpc_error, step, upload
 

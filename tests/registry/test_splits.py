@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from google.protobuf import json_format
 
-from joey import topics
-from joey.v1 import registry_pb2 as pb
+from joey_core import topics
+from joey_core.v1 import registry_pb2 as pb
 from joey_registry.settings import RegistrySettings
 from tests.registry.helpers import Stub, identity_model, read_deployments, rpc_error, step, upload
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from joey.heartbeats import ReplicaHeartbeat, ReplicaView
-from joey.topics import pipeline_topics
+from joey_core.heartbeats import ReplicaHeartbeat, ReplicaView
+from joey_core.topics import pipeline_topics
 from joey_registry.domain import Deployment
 from joey_registry.status import compute_status
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from joey.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2 as pb
 from tests.registry.helpers import Stub, rpc_error, step, upload_requests
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from joey.lifecycle import configure_logging, shutdown_event
 from joey_assayer.service import Assayer
 from joey_assayer.settings import AssayerSettings
 from joey_assayer.store import AssayerStore
+from joey_core.lifecycle import configure_logging, shutdown_event
 
 
 def serve() -> None:

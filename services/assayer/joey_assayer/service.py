@@ -1,7 +1,7 @@
 """The live assayer loop.
 
 Design (docs/assays.md, "Live assays"): the loggers count each log row they store into its
-assays' open windows in the same transaction (:mod:`joey.assay_panes`), so every inference is
+assays' open windows in the same transaction (:mod:`joey_core.assays.panes`), so every inference is
 counted once; a closed window is scored from those counts alone, whatever its number of rows.
 The assayer counts, once, the rows stored before an assay existed (its backfill), and follows
 ``joey.logs`` only to know how far event time has advanced (the watermark) and how far it has
@@ -29,11 +29,11 @@ import psycopg
 import redis
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from joey import heartbeats, kafka, topics
-from joey.kafka import DeliveryTracker, consumer_config, producer_config
-from joey.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, header_value, log_event_time
 from joey_assayer.settings import AssayerSettings
 from joey_assayer.store import AssayerStore, LiveAssay
+from joey_core import heartbeats, kafka, topics
+from joey_core.kafka import DeliveryTracker, consumer_config, producer_config
+from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, header_value, log_event_time
 from joey_logger.messages import LogMessage
 
 log = logging.getLogger(__name__)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from joey import topics
-from joey.heartbeats import DEFAULT_TTL_S
-from joey.settings import CommonSettings
+from joey_core import topics
+from joey_core.heartbeats import DEFAULT_TTL_S
+from joey_core.settings import CommonSettings
 from joey_logger.settings import default_instance_id
 
 

@@ -14,9 +14,9 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from joey import assay_panes
-from joey.assay_runs import AssayDefinition, result_of, summary_to_json
-from joey.assays.streaming import WindowCounts
+from joey_core.assays import panes
+from joey_core.assays.runs import AssayDefinition, result_of, summary_to_json
+from joey_core.assays.streaming import WindowCounts
 
 NO_DATA = "NoData"
 """Status of a closed window without any value: stored so the next window follows it, never published."""
@@ -66,7 +66,7 @@ class AssayerStore:
     def backfill(self, assay: LiveAssay, since: datetime) -> None:
         """Count the log rows stored before the assay existed into its windows from ``since``."""
         with self.pool.connection() as conn:
-            assay_panes.backfill(conn, assay.id, assay.definition, since)
+            panes.backfill(conn, assay.id, assay.definition, since)
 
     def next_window(self, assay: LiveAssay) -> tuple[datetime, datetime]:
         """The first window after the last stored one (or the assay's first window)."""

@@ -11,8 +11,8 @@ from pathlib import Path
 import prometheus_client
 from prometheus_client import multiprocess
 
-from joey import lifecycle
-from joey_engine.engine import Engine
+from joey_core import lifecycle
+from joey_engine.service import Engine
 from joey_engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)

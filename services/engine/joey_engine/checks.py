@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from joey.expressions import Expression, ExpressionError, compile_expression
+from joey_core.expressions import Expression, ExpressionError, compile_expression
 from joey_engine.deployment import Tensor, Validations
 
 Columns = dict[tuple[str, str], np.ndarray]

@@ -8,9 +8,9 @@ from functools import cached_property
 
 from google.protobuf import json_format
 
-from joey import topics
-from joey.records import dumps_text
-from joey.v1 import registry_pb2
+from joey_core import topics
+from joey_core.records import dumps_text
+from joey_core.v1 import registry_pb2
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from joey.records import RecordError, decode_input, dumps_text
+from joey_core.records import RecordError, decode_input, dumps_text
 from joey_engine import metrics
 from joey_engine.checks import Checks
 from joey_engine.deployment import Deployment, Split, Step, Tensor, Validations

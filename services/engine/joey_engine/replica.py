@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis
 
-from joey import lifecycle
+from joey_core import lifecycle
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import PipelineRunner
 from joey_engine.runtime import create_runtime

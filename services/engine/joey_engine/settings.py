@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from joey.settings import CommonSettings
+from joey_core.settings import CommonSettings
 
 
 def default_instance_id() -> str:

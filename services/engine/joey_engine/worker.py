@@ -29,11 +29,11 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from joey import heartbeats, kafka, topics
-from joey_engine import messages, metrics
+from joey_core import heartbeats, kafka, topics
+from joey_engine import metrics, produced_records
 from joey_engine.deployment import Deployment
-from joey_engine.messages import Source
 from joey_engine.pipeline import PipelineRunner, Success
+from joey_engine.produced_records import Source
 from joey_engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -195,20 +195,20 @@ class ReplicaWorker:
             if isinstance(result, Success):
                 if result.check_errors:
                     unchecked.append((source, result.check_errors[0]))
-                value = messages.output_value(deployment, source, result, now)
+                value = produced_records.output_value(deployment, source, result, now)
                 producer.produce(
                     names.outputs, value, source.key, headers=source.headers, on_delivery=deliver
                 )
             else:
                 failures.append((source, result.reason))
-                value = messages.error_value(deployment, source, result, now)
+                value = produced_records.error_value(deployment, source, result, now)
                 producer.produce(names.errors, value, source.key, headers=source.headers, on_delivery=deliver)
-            log_record = messages.log_value(deployment, source, result, now)
+            log_record = produced_records.log_value(deployment, source, result, now)
             producer.produce(
                 topics.LOGS,
                 log_record,
                 source.request_id.encode(),
-                headers=messages.LOG_HEADERS,
+                headers=produced_records.LOG_HEADERS,
                 on_delivery=deliver,
             )
         self._tracker.flush(producer)

@@ -8,10 +8,10 @@ import logging
 import redis
 from prometheus_client import start_http_server
 
-from joey import heartbeats
-from joey.lifecycle import configure_logging, shutdown_event
+from joey_core import heartbeats
+from joey_core.lifecycle import configure_logging, shutdown_event
 from joey_gateway import grpc_server, http_server
-from joey_gateway.gateway import Gateway
+from joey_gateway.service import Gateway
 from joey_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from joey.v1 import registry_pb2 as pb
-from joey.v1 import registry_pb2_grpc
+from joey_core.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2_grpc
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.tensors import oip_datatype
 

@@ -9,11 +9,11 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-import joey
-from joey.oip import grpc_predict_v2_pb2 as pb
-from joey.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+import joey_core
+from joey_core.oip import grpc_predict_v2_pb2 as pb
+from joey_core.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from joey_gateway.errors import GatewayError, Status
-from joey_gateway.gateway import SERVER_NAME, Gateway
+from joey_gateway.service import SERVER_NAME, Gateway
 from joey_gateway.tensors import InferRequest, Tensor, from_raw, from_values, to_raw
 
 _CODES = {
@@ -110,7 +110,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=True)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> pb.ServerMetadataResponse:  # noqa: N802
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=joey.__version__)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=joey_core.__version__)
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> pb.ModelReadyResponse:  # noqa: N802
         ready = _call(context, lambda: self._gateway.model_ready(request.name, request.version))

@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
-import joey
+import joey_core
 from joey_gateway.errors import GatewayError, Status
-from joey_gateway.gateway import SERVER_NAME, Gateway
+from joey_gateway.service import SERVER_NAME, Gateway
 from joey_gateway.tensors import InferRequest, InferResponse, Tensor, from_raw, from_values, to_raw
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,11 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/v2":
                 self._json(
                     200,
-                    {"name": SERVER_NAME, "version": joey.__version__, "extensions": ["binary_tensor_data"]},
+                    {
+                        "name": SERVER_NAME,
+                        "version": joey_core.__version__,
+                        "extensions": ["binary_tensor_data"],
+                    },
                 )
             elif path == "/v2/health/live":
                 self._json(200, {"live": True})

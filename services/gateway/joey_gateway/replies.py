@@ -14,10 +14,10 @@ import threading
 
 from confluent_kafka import Consumer
 
-from joey.records import REQUEST_ID_HEADER, header_value
-from joey.settings import CommonSettings
-from joey.streaming import Reply, decode_reply, reply_consumer
-from joey.topics import PipelineTopics
+from joey_core.records import REQUEST_ID_HEADER, header_value
+from joey_core.replies import Reply, decode_reply, reply_consumer
+from joey_core.settings import CommonSettings
+from joey_core.topics import PipelineTopics
 
 log = logging.getLogger(__name__)
 

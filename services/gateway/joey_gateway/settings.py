@@ -8,8 +8,8 @@ import socket
 
 from pydantic import Field
 
-from joey.heartbeats import DEFAULT_TTL_S
-from joey.settings import CommonSettings
+from joey_core.heartbeats import DEFAULT_TTL_S
+from joey_core.settings import CommonSettings
 
 
 def default_instance_id() -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from joey.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, decode_log, header_value
+from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, decode_log, header_value
 
 Headers = list[tuple[str, bytes | None]]
 

@@ -38,9 +38,9 @@ from typing import Any
 import redis
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from joey import heartbeats, topics
-from joey.kafka import DeliveryTracker, consumer_config, producer_config
-from joey.records import RecordError
+from joey_core import heartbeats, topics
+from joey_core.kafka import DeliveryTracker, consumer_config, producer_config
+from joey_core.records import RecordError
 from joey_logger import metrics
 from joey_logger.messages import LogMessage
 from joey_logger.settings import LoggerSettings

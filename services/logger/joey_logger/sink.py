@@ -16,8 +16,8 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from joey import db
-from joey.assay_panes import LiveCounter
+from joey_core import db
+from joey_core.assays.panes import LiveCounter
 from joey_logger.settings import LoggerSettings
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class WriteResult:
 
 
 class LogSink(ABC):
-    """Stores decoded ``joey.v1.InferenceLog`` records (dicts as decoded by ``joey.records.decode_log``)."""
+    """Stores decoded ``joey.v1.InferenceLog`` records (dicts from ``joey_core.records.decode_log``)."""
 
     @classmethod
     @abstractmethod
@@ -144,7 +144,7 @@ class PostgresLogSink(LogSink):
     """Writes ``inference_logs``: COPY into a temporary table, then INSERT ... ON CONFLICT DO NOTHING.
 
     The rows actually inserted are counted into their live assays' windows in the same
-    transaction (:mod:`joey.assay_panes`), so each inference is counted once.
+    transaction (:mod:`joey_core.assays.panes`), so each inference is counted once.
     """
 
     def __init__(self, database_url: str, connect_timeout_s: int = 5) -> None:

@@ -8,13 +8,13 @@ from concurrent import futures
 import grpc
 import redis
 
-from joey import db, kafka, lifecycle
-from joey.v1 import registry_pb2_grpc
+from joey_core import db, kafka, lifecycle
+from joey_core.v1 import registry_pb2_grpc
 from joey_registry.artifacts import create_store
 from joey_registry.autoscaler import Autoscaler
-from joey_registry.core import Registry
-from joey_registry.grpc_service import RegistryServicer
+from joey_registry.grpc_server import RegistryServicer
 from joey_registry.publisher import DeploymentPublisher
+from joey_registry.service import Registry
 from joey_registry.settings import RegistrySettings
 from joey_registry.store import Store
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import cast
 
-from joey.assay_runs import DEFAULT_ALERT_THRESHOLD, AssayDefinition, IoPath, Summarizer, WindowResult
-from joey.assays import Aggregation, BinMode, Metric, Summary
-from joey.v1 import registry_pb2 as pb
+from joey_core.assays import Aggregation, BinMode, Metric, Summary
+from joey_core.assays.runs import DEFAULT_ALERT_THRESHOLD, AssayDefinition, IoPath, Summarizer, WindowResult
+from joey_core.v1 import registry_pb2 as pb
 from joey_registry.assays import StoredAssay
 from joey_registry.convert import optional_datetime, timestamp
 from joey_registry.errors import InvalidArgument

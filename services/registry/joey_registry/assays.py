@@ -3,7 +3,7 @@
 A definition is checked completely (pipeline, iopath against the pipeline's signature, window,
 summarizer, baseline) before anything is stored. The baseline is summarised once, at creation:
 the stored assay keeps its bins and counts, so later windows are always binned the same way.
-Scoring itself is :mod:`joey.assay_runs`, shared with the live assayer.
+Scoring itself is :mod:`joey_core.assays.runs`, shared with the live assayer.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from joey import topics
-from joey.assay_panes import hold_for_change
-from joey.assay_runs import (
+from joey_core import topics
+from joey_core.assays import Scores, Status, Summary
+from joey_core.assays.panes import hold_for_change
+from joey_core.assays.runs import (
     AssayDefinition,
     IoPath,
     WindowResult,
@@ -27,7 +28,6 @@ from joey.assay_runs import (
     summary_from_json,
     window_results,
 )
-from joey.assays import Scores, Status, Summary
 from joey_registry.access import Access, Action, Caller
 from joey_registry.domain import Pipeline, ResolvedStep, ShadowStep, TensorSpec
 from joey_registry.errors import AlreadyExists, InvalidArgument, NotFound

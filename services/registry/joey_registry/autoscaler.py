@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import redis
 
-from joey import heartbeats
-from joey_registry.core import Registry
+from joey_core import heartbeats
 from joey_registry.domain import Autoscale
+from joey_registry.service import Registry
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from joey.topics import PipelineTopics
-from joey.v1 import registry_pb2 as pb
+from joey_core.topics import PipelineTopics
+from joey_core.v1 import registry_pb2 as pb
 from joey_registry import domain
 from joey_registry.errors import InvalidArgument
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from joey.topics import PipelineTopics
+from joey_core.topics import PipelineTopics
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import threading
 
 from confluent_kafka import KafkaException, Producer
 
-from joey import topics
-from joey.kafka import DeliveryTracker, producer_config
+from joey_core import topics
+from joey_core.kafka import DeliveryTracker, producer_config
 from joey_registry import convert
 from joey_registry.domain import DeploymentSpec
 from joey_registry.errors import Unavailable

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from joey.settings import CommonSettings
+from joey_core.settings import CommonSettings
 
 
 class RegistrySettings(CommonSettings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from joey.heartbeats import ReplicaView
+from joey_core.heartbeats import ReplicaView
 from joey_registry.domain import Deployment, DeploymentStatus, ReplicaStatus
 
 RUNNING = "Running"

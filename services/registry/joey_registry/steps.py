@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 
-from joey.expressions import ExpressionError, compile_expression
+from joey_core.expressions import ExpressionError, compile_expression
 from joey_registry.domain import (
     InputMapping,
     KeySplitStep,

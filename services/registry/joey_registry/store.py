@@ -17,7 +17,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from joey import topics
+from joey_core import topics
 from joey_registry.domain import (
     Autoscale,
     Deployment,

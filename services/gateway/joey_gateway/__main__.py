@@ -1,0 +1,5 @@
+"""`python -m joey_gateway`: the gateway service in the foreground, as `joey serve gateway` runs it."""
+
+from joey_gateway.app import serve
+
+serve()

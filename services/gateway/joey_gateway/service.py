@@ -1,0 +1,210 @@
+"""The gateway's logic, shared by its gRPC and REST transports.
+
+An inference request becomes one input record per row of its batch dimension, produced to the
+pipeline's inputs topic with a ``request-id`` and a ``deadline-ms`` header. The replies, read by
+the pipeline's :class:`ReplyReader`, are stacked back into the response's output tensors in
+request order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+
+from joey_core import topics
+from joey_core.kafka import producer_config
+from joey_core.records import DEADLINE_EXCEEDED, DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
+from joey_core.replies import Reply
+from joey_gateway import metrics
+from joey_gateway.catalog import Catalog, PipelineInfo
+from joey_gateway.errors import GatewayError, Status
+from joey_gateway.replies import Call, ReplyReader
+from joey_gateway.settings import GatewaySettings
+from joey_gateway.tensors import InferRequest, InferResponse, Tensor, from_rows, to_rows
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "joey"
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, catalog: Catalog | None = None) -> None:
+        self._settings = settings
+        self._catalog = catalog or Catalog(settings.registry_addr, settings.status_cache_s)
+        # Latency over throughput: a synchronous caller waits for every record it sends.
+        self._producer = Producer(producer_config(settings, **{"linger.ms": 0}))
+        self._readers: dict[str, ReplyReader] = {}
+        self._readers_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self._poller = threading.Thread(target=self._poll_producer, name="producer-poll", daemon=True)
+        self._poller.start()
+
+    def resolve(self, model: str) -> tuple[str, str]:
+        """Workspace and pipeline served under a model name: ``<pipeline>`` or ``<workspace>.<pipeline>``."""
+        workspace, _, pipeline = model.rpartition(".")
+        workspace = workspace or self._settings.workspace
+        try:
+            topics.validate_name("workspace", workspace)
+            topics.validate_name("pipeline", pipeline)
+        except ValueError as exc:
+            raise GatewayError(Status.NOT_FOUND, f"model {model!r}: {exc}") from None
+        return workspace, pipeline
+
+    def model(self, model: str, version: str = "") -> PipelineInfo:
+        """The deployed pipeline served as ``model`` (and ``version``, when given)."""
+        info = self._catalog.pipeline(*self.resolve(model))
+        if version and version != str(info.version):
+            raise GatewayError(
+                Status.NOT_FOUND,
+                f"model {model!r} version {version!r} is not deployed; "
+                f"the deployed version is {info.version}",
+            )
+        return info
+
+    def model_ready(self, model: str, version: str = "") -> bool:
+        try:
+            return self.model(model, version).ready
+        except GatewayError as exc:
+            if exc.status == Status.UNAVAILABLE:
+                return False
+            raise
+
+    def infer(
+        self, model: str, version: str, decode: Callable[[], InferRequest], deadline: float | None = None
+    ) -> InferResponse:
+        """Run the request for ``model`` (``decode`` builds it from the transport's message, so a malformed
+        one counts as a refused request of that model) through its pipeline. ``deadline`` (epoch seconds)
+        is the transport's own, if any; the earliest of it, the request's timeout and the gateway's
+        default applies."""
+        with self._idle:
+            self._in_flight += 1
+        start = time.perf_counter()
+        labels = ("", "")
+        outcome = "ok"
+        try:
+            info = self.model(model, version)
+            labels = (info.workspace, info.pipeline)
+            return self._infer(info, decode(), deadline)
+        except GatewayError as exc:
+            outcome = exc.status.name.lower()
+            raise
+        except Exception:
+            outcome = "internal"
+            raise
+        finally:
+            metrics.REQUESTS.labels(*labels, outcome).inc()
+            if labels[1]:
+                metrics.REQUEST_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True), or ``timeout`` passed (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def _infer(self, info: PipelineInfo, request: InferRequest, deadline: float | None) -> InferResponse:
+        rows = to_rows(request.inputs)
+        now = time.time()
+        limits = [now + self._settings.request_timeout_s]
+        if deadline is not None:
+            limits.append(deadline)
+        if request.timeout_s is not None:
+            limits.append(now + request.timeout_s)
+        deadline = min(limits)
+        names = topics.pipeline_topics(info.workspace, info.pipeline)
+        reader = self._reader(names)
+        call = Call([uuid.uuid4().hex for _ in rows])
+        reader.expect(call)
+        try:
+            deadline_header = str(int(deadline * 1000)).encode()
+
+            def delivered(err: KafkaError | None, msg: Any) -> None:
+                if err is not None:
+                    call.fail(f"request not accepted by Kafka: {err}")
+
+            for request_id, row in zip(call.request_ids, rows, strict=True):
+                self._producer.produce(
+                    names.inputs,
+                    dumps(row),
+                    request_id.encode(),
+                    headers=[(REQUEST_ID_HEADER, request_id.encode()), (DEADLINE_HEADER, deadline_header)],
+                    on_delivery=delivered,
+                )
+            if not call.done.wait(max(0.0, deadline - time.time())):
+                raise GatewayError(
+                    Status.DEADLINE_EXCEEDED,
+                    f"{DEADLINE_EXCEEDED}: {len(call.replies)} of {len(rows)} records answered in time "
+                    f"by pipeline {info.pipeline!r} (status {info.status})",
+                )
+        except BufferError:
+            raise GatewayError(
+                Status.UNAVAILABLE, "too many requests in flight: Kafka's queue is full"
+            ) from None
+        finally:
+            reader.forget(call)
+        if call.failure is not None:
+            raise GatewayError(Status.UNAVAILABLE, call.failure)
+        replies = [call.replies[request_id] for request_id in call.request_ids]
+        return self._response(request, info, replies)
+
+    def _response(self, request: InferRequest, info: PipelineInfo, replies: list[Reply]) -> InferResponse:
+        for index, reply in enumerate(replies):
+            if not reply.ok:
+                reason = str(reply.body.get("error", "unknown error"))
+                status = (
+                    Status.DEADLINE_EXCEEDED
+                    if reason.startswith(DEADLINE_EXCEEDED)
+                    else Status.INVALID_ARGUMENT
+                )
+                where = f" (row {index} of the batch)" if len(replies) > 1 else ""
+                raise GatewayError(status, f"pipeline {info.pipeline!r}{where}: {reason}")
+        outs = [reply.body.get("out", {}) for reply in replies]
+        produced = list(outs[0])
+        declared = [t.name for t in info.outputs if t.name in produced]
+        names = declared + [name for name in produced if name not in declared]
+        if request.outputs:
+            unknown = [name for name in request.outputs if name not in produced]
+            if unknown:
+                raise GatewayError(
+                    Status.INVALID_ARGUMENT, f"unknown outputs {unknown}; pipeline outputs are {names}"
+                )
+            names = list(request.outputs)
+        tensors: list[Tensor] = []
+        for name in names:
+            tensors.append(from_rows(name, info.output_datatype(name), [out.get(name) for out in outs]))
+        return InferResponse(request.model, str(info.version), request.id, tensors)
+
+    def _reader(self, names: topics.PipelineTopics) -> ReplyReader:
+        with self._readers_lock:
+            reader = self._readers.get(names.outputs)
+            if reader is None or not reader.alive:
+                try:
+                    reader = ReplyReader(self._settings, names)
+                except LookupError as exc:
+                    raise GatewayError(Status.UNAVAILABLE, str(exc)) from None
+                self._readers[names.outputs] = reader
+            return reader
+
+    def _poll_producer(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join(5)
+        self._producer.flush(5)
+        with self._readers_lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()
+        self._catalog.close()

@@ -1,0 +1,5 @@
+"""`python -m joey_logger`: the logger service in the foreground, as `joey serve logger` runs it."""
+
+from joey_logger.app import serve
+
+serve()

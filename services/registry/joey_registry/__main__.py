@@ -1,0 +1,5 @@
+"""`python -m joey_registry`: the registry service in the foreground, as `joey serve registry` runs it."""
+
+from joey_registry.app import serve
+
+serve()

@@ -1,0 +1,478 @@
+"""The registry: every rule about workspaces, models, pipelines and deployments, in domain terms."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import redis
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from joey_core import heartbeats, kafka, topics
+from joey_registry import page_tokens
+from joey_registry.access import Access, Action, Caller
+from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
+from joey_registry.assays import Assays
+from joey_registry.deploy_config import check_autoscale, check_resources
+from joey_registry.domain import (
+    Autoscale,
+    Deployment,
+    DeploymentSpec,
+    DeploymentStatus,
+    KeySplitRef,
+    LogPage,
+    LogQuery,
+    Model,
+    ModelVersion,
+    Pipeline,
+    PipelineVersion,
+    RandomSplitRef,
+    RandomSplitStep,
+    ResolvedStep,
+    Resources,
+    ShadowRef,
+    ShadowStep,
+    Step,
+    StepRef,
+    StepRequest,
+    UploadHeader,
+    Workspace,
+)
+from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from joey_registry.publisher import DeploymentPublisher
+from joey_registry.settings import RegistrySettings
+from joey_registry.status import compute_status
+from joey_registry.steps import check_steps, key_split, map_inputs
+from joey_registry.store import PipelineLock, Store, WorkspaceRef
+from joey_registry.validation import Signature, validator_for
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+DEFAULT_LOG_LIMIT = 100
+MAX_LOG_LIMIT = 10_000
+
+
+def _valid_name(kind: str, name: str) -> str:
+    try:
+        return topics.validate_name(kind, name)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def _non_negative_version(what: str, version: int) -> int:
+    if version < 0:
+        raise InvalidArgument(f"{what} version must be a positive number or 0 for the latest, got {version}")
+    return version
+
+
+class Registry:
+    def __init__(
+        self,
+        settings: RegistrySettings,
+        store: Store,
+        artifacts: ArtifactStore,
+        publisher: DeploymentPublisher,
+        admin: AdminClient,
+        redis_client: redis.Redis,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.artifacts = artifacts
+        self.publisher = publisher
+        self.admin = admin
+        self.redis = redis_client
+        self.access = Access(store)
+        self.assays = Assays(store, self.access)
+        # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
+        self._partitions: dict[str, int] = {}
+
+    # --- workspaces ---
+
+    def create_workspace(self, caller: Caller, name: str) -> Workspace:
+        self.access.authorize_global(caller, Action.ADMIN)
+        created = self.store.create_workspace(_valid_name("workspace", name))
+        if created is None:
+            raise AlreadyExists(f"workspace {name!r} already exists")
+        log.info("created workspace %s", name)
+        return created
+
+    def list_workspaces(self, caller: Caller) -> list[Workspace]:
+        self.access.authorize_global(caller, Action.READ)
+        return self.store.list_workspaces()
+
+    # --- models ---
+
+    def upload_model(self, caller: Caller, header: UploadHeader, chunks: Iterable[bytes]) -> ModelVersion:
+        """Spool, hash and validate the upload, then store artifact and version together (or neither)."""
+        ws = self.access.authorize(caller, header.workspace, Action.WRITE)
+        name = _valid_name("model", header.name)
+        framework, validator = validator_for(header.framework)
+        with self._staged(chunks) as (path, sha256, size):
+            if size == 0:
+                raise InvalidArgument(f"empty upload for model {name!r}: no artifact bytes were received")
+            signature = validator.inspect(path, Signature(header.inputs, header.outputs))
+            stored_new = False
+
+            def store_artifact() -> None:
+                nonlocal stored_new
+                stored_new = self.artifacts.put(sha256, path)
+
+            try:
+                version = self.store.add_model_version(
+                    ws, name, sha256, size, framework, signature.inputs, signature.outputs, store_artifact
+                )
+            except BaseException:
+                # The rows were rolled back; an artifact stored only for them would be orphaned.
+                if stored_new:
+                    self.artifacts.delete(sha256)
+                raise
+        log.info("stored model %s/%s version %d (%s, %d bytes)", ws.name, name, version.version, sha256, size)
+        return version
+
+    @contextmanager
+    def _staged(self, chunks: Iterable[bytes]) -> Iterator[tuple[Path, str, int]]:
+        """Write the chunks to a staging file while hashing, never holding the artifact in memory."""
+        limit = self.settings.max_upload_bytes
+        fd, name = tempfile.mkstemp(dir=self.artifacts.staging_dir(), suffix=".upload")
+        path = Path(name)
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise InvalidArgument(
+                            f"upload exceeds the limit of {limit} bytes (JOEY_MAX_UPLOAD_BYTES)"
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+            yield path, digest.hexdigest(), size
+        finally:
+            path.unlink(missing_ok=True)
+
+    def list_models(self, caller: Caller, workspace: str) -> list[Model]:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        return self.store.list_models(ws)
+
+    def get_model(self, caller: Caller, workspace: str, name: str) -> Model:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        model = self.store.get_model(ws, name)
+        if model is None:
+            raise NotFound(f"model {name!r} not found in workspace {workspace!r}")
+        return model
+
+    def get_model_version(self, caller: Caller, workspace: str, name: str, version: int) -> ModelVersion:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        return self._model_version(ws, name, version)
+
+    def _model_version(self, ws: WorkspaceRef, name: str, version: int) -> ModelVersion:
+        found = self.store.get_model_version(ws, name, _non_negative_version(f"model {name!r}", version))
+        if found is not None:
+            return found
+        latest = self.store.get_model_version(ws, name, 0)
+        if latest is None:
+            raise NotFound(f"model {name!r} not found in workspace {ws.name!r}")
+        raise NotFound(
+            f"model {name!r} has no version {version} in workspace {ws.name!r} (latest is {latest.version})"
+        )
+
+    def artifact_chunks(self, caller: Caller, workspace: str, sha256: str) -> Iterator[bytes]:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        if not SHA256_PATTERN.match(sha256):
+            raise InvalidArgument(f"not a sha256 hex digest (64 lowercase hex characters): {sha256!r}")
+        if not self.store.has_artifact(ws, sha256):
+            raise NotFound(f"no model version with artifact {sha256} in workspace {workspace!r}")
+        if not self.artifacts.exists(sha256):
+            raise NotFound(f"artifact {sha256} is recorded but missing from the artifact store")
+        return self.artifacts.read_chunks(sha256, DOWNLOAD_CHUNK_BYTES)
+
+    # --- pipelines ---
+
+    def create_pipeline(
+        self, caller: Caller, workspace: str, name: str, steps: list[StepRequest]
+    ) -> PipelineVersion:
+        """A new pipeline version when the resolved steps differ from the latest, else the latest."""
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
+        _valid_name("pipeline", name)
+        if not steps:
+            raise InvalidArgument(f"pipeline {name!r} needs at least one step")
+        resolved: list[Step] = []
+        for number, ref in enumerate(steps, 1):
+            if isinstance(ref, StepRef):
+                resolved.append(self._resolve(ws, number, ref))
+            elif isinstance(ref, ShadowRef):
+                champion = self._resolve(ws, number, ref.champion, "champion ")
+                challengers = tuple(self._resolve(ws, number, c, "challenger ") for c in ref.challengers)
+                resolved.append(ShadowStep(champion, challengers))
+            elif isinstance(ref, RandomSplitRef):
+                arms = tuple(self._resolve(ws, number, arm, "arm ") for _, arm in ref.arms)
+                resolved.append(RandomSplitStep(arms, tuple(w for w, _ in ref.arms), ref.hash_key))
+            elif isinstance(ref, KeySplitRef):
+                default = self._resolve(ws, number, ref.default, "default ")
+                routes = [(v, self._resolve(ws, number, m, f"route {v!r} ")) for v, m in ref.routes]
+                resolved.append(key_split(number, default, ref.meta_key, routes))
+            else:
+                resolved.append(ref)
+        check_steps(resolved)
+        version, created = self.store.add_pipeline_version(ws, name, tuple(resolved))
+        if created:
+            log.info("created pipeline %s/%s version %d", ws.name, name, version.version)
+        return version
+
+    def _resolve(self, ws: WorkspaceRef, number: int, ref: StepRef, role: str = "") -> ResolvedStep:
+        """``ref`` pinned to a model version (0 = the latest now); ``role`` is its part in a shadow step."""
+        try:
+            model_step = ResolvedStep.of(self._model_version(ws, ref.model, ref.version))
+        except (NotFound, InvalidArgument) as exc:
+            raise type(exc)(f"step {number}: {role}{exc}") from None
+        return map_inputs(number, model_step, ref.input_mapping, role)
+
+    def get_pipeline(self, caller: Caller, workspace: str, name: str) -> Pipeline:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        pipeline = self.store.get_pipeline(ws, name)
+        if pipeline is None:
+            raise NotFound(f"pipeline {name!r} not found in workspace {workspace!r}")
+        return pipeline
+
+    def list_pipelines(self, caller: Caller, workspace: str) -> list[Pipeline]:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        return self.store.list_pipelines(ws)
+
+    def _require_pipeline(self, ws: WorkspaceRef, name: str) -> None:
+        if not self.store.pipeline_exists(ws, name):
+            raise NotFound(f"pipeline {name!r} not found in workspace {ws.name!r}")
+
+    # --- deployments ---
+
+    def deploy(
+        self,
+        caller: Caller,
+        workspace: str,
+        pipeline: str,
+        version: int,
+        replicas: int,
+        autoscale: Autoscale | None = None,
+        resources: Resources | None = None,
+    ) -> Deployment:
+        """Publish the desired state, acknowledged by the broker, before recording it: a failed
+        publish leaves both the topic and the database as they were. On a running deployment,
+        engines roll the new one out while the current one keeps serving."""
+        ws = self.access.authorize(caller, workspace, Action.DEPLOY)
+        replicas = self._replicas(replicas, autoscale)
+        check_resources(resources)
+        _non_negative_version(f"pipeline {pipeline!r}", version)
+        with self._locked(ws, pipeline) as lock:
+            return self._deploy(lock, version, replicas, autoscale, resources)
+
+    def rollback(self, caller: Caller, workspace: str, pipeline: str, version: int) -> Deployment:
+        """Redeploy ``version`` (0 = the one deployed before the current one) with the current
+        deployment's replicas, autoscaling and resources, rolled out like any deploy."""
+        ws = self.access.authorize(caller, workspace, Action.DEPLOY)
+        _non_negative_version(f"pipeline {pipeline!r}", version)
+        with self._locked(ws, pipeline) as lock:
+            current = lock.deployment()
+            if current is None or not current.active:
+                raise FailedPrecondition(
+                    f"pipeline {pipeline!r} in workspace {workspace!r} is not deployed; "
+                    "deploy the version you want instead"
+                )
+            target = version or lock.previous_version(current)
+            if target is None:
+                raise FailedPrecondition(
+                    f"pipeline {pipeline!r} has no earlier deployed version than the current "
+                    f"version {current.pipeline_version}; name the version to roll back to"
+                )
+            if target == current.pipeline_version:
+                raise FailedPrecondition(
+                    f"pipeline {pipeline!r} already runs version {target}; name another version"
+                )
+            log.info(
+                "rolling %s/%s back from v%d to v%d", ws.name, pipeline, current.pipeline_version, target
+            )
+            return self._deploy(lock, target, current.replicas, current.autoscale, current.resources)
+
+    @contextmanager
+    def _locked(self, ws: WorkspaceRef, pipeline: str) -> Iterator[PipelineLock]:
+        """The pipeline's row lock for the block; NotFound when there is no such pipeline."""
+        with self.store.lock_pipeline(ws, pipeline) as lock:
+            if lock is None:
+                raise NotFound(f"pipeline {pipeline!r} not found in workspace {ws.name!r}")
+            yield lock
+
+    def _replicas(self, replicas: int, autoscale: Autoscale | None) -> int:
+        """The replicas to start with, after checking them (and ``autoscale``) against the partitions."""
+        limit = self.settings.pipeline_partitions
+        if autoscale is not None:
+            check_autoscale(autoscale, limit)
+            replicas = replicas or autoscale.min_replicas
+            if not autoscale.min_replicas <= replicas <= autoscale.max_replicas:
+                raise InvalidArgument(
+                    f"replicas ({replicas}) must be between the autoscaling min ({autoscale.min_replicas}) "
+                    f"and max ({autoscale.max_replicas})"
+                )
+            return replicas
+        replicas = replicas or 1
+        if not 1 <= replicas <= limit:
+            raise InvalidArgument(
+                f"replicas must be between 1 and {limit} (the partitions of each pipeline topic, "
+                f"JOEY_PIPELINE_PARTITIONS), got {replicas}"
+            )
+        return replicas
+
+    def _deploy(
+        self,
+        lock: PipelineLock,
+        version: int,
+        replicas: int,
+        autoscale: Autoscale | None,
+        resources: Resources | None,
+    ) -> Deployment:
+        pv = lock.version(version)
+        if pv is None:
+            raise NotFound(
+                f"pipeline {lock.name!r} has no version {version} in workspace {lock.workspace.name!r}"
+            )
+        ws_name, pipeline = lock.workspace.name, lock.name
+        self._ensure_topics(ws_name, pipeline, autoscale.max_replicas if autoscale else replicas)
+        deployment = Deployment(
+            workspace=ws_name,
+            pipeline=pipeline,
+            pipeline_version=pv.version,
+            replicas=replicas,
+            active=True,
+            deployment_id=str(uuid.uuid4()),
+            topics=topics.pipeline_topics(ws_name, pipeline),
+            updated_at=datetime.now(UTC),
+            autoscale=autoscale,
+            resources=resources,
+        )
+        self.publisher.publish(DeploymentSpec(deployment, pv.steps))
+        lock.save_deployment(deployment)
+        return deployment
+
+    def scale(self, workspace: str, pipeline: str, deployment_id: str, replicas: int) -> Deployment | None:
+        """Set the replicas of a running deployment (the autoscaler's call): same deployment id, so
+        engines add or remove replicas without a rollout. None when that deployment is no longer current."""
+        ws = self.store.workspace(workspace)
+        if ws is None:
+            return None
+        with self.store.lock_pipeline(ws, pipeline) as lock:
+            current = lock.deployment() if lock else None
+            if (
+                lock is None
+                or current is None
+                or not current.active
+                or current.deployment_id != deployment_id
+            ):
+                return None
+            if current.replicas == replicas:
+                return current
+            pv = lock.version(current.pipeline_version)
+            assert pv is not None
+            scaled = replace(current, replicas=replicas, updated_at=datetime.now(UTC))
+            self.publisher.publish(DeploymentSpec(scaled, pv.steps))
+            lock.save_deployment(scaled)
+        return scaled
+
+    def undeploy(self, caller: Caller, workspace: str, pipeline: str) -> Deployment:
+        ws = self.access.authorize(caller, workspace, Action.DEPLOY)
+        with self._locked(ws, pipeline) as lock:
+            current = lock.deployment()
+            if current is None or not current.active:
+                raise FailedPrecondition(f"pipeline {pipeline!r} in workspace {workspace!r} is not deployed")
+            self.publisher.retract(ws.name, pipeline)
+            undeployed = replace(current, active=False, updated_at=datetime.now(UTC))
+            lock.save_deployment(undeployed)
+        return undeployed
+
+    def _ensure_topics(self, workspace: str, pipeline: str, replicas: int) -> None:
+        inputs = topics.pipeline_topics(workspace, pipeline).inputs
+        try:
+            counts = kafka.ensure_topics(
+                self.admin, kafka.pipeline_topic_specs(self.settings, workspace, pipeline)
+            )
+        except (KafkaException, TimeoutError) as exc:
+            raise Unavailable(f"could not create the topics of pipeline {pipeline!r}: {exc}") from exc
+        count = self._partitions[inputs] = counts[inputs]
+        if count < replicas:
+            raise FailedPrecondition(
+                f"topic {inputs} has {count} partitions, fewer than the {replicas} replicas requested; "
+                f"partitions cannot be added, so deploy at most {count} replicas"
+            )
+
+    def _input_partitions(self, topic: str) -> int | None:
+        if topic not in self._partitions:
+            try:
+                count = kafka.topic_partitions(self.admin, [topic]).get(topic)
+            except KafkaException as exc:
+                raise Unavailable(f"could not read the partitions of {topic}: {exc}") from exc
+            if count is None:
+                return None
+            self._partitions[topic] = count
+        return self._partitions[topic]
+
+    def deployment_status(self, caller: Caller, workspace: str, pipeline: str) -> DeploymentStatus:
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        self._require_pipeline(ws, pipeline)
+        deployment = self.store.deployment(ws, pipeline)
+        prefix = self.settings.redis_prefix
+        try:
+            heartbeats.forget_dead(
+                self.redis, prefix, ws.name, pipeline, self.settings.forget_replicas_after_s
+            )
+            views = heartbeats.read(self.redis, prefix, ws.name, pipeline)
+        except redis.RedisError as exc:
+            raise Unavailable(f"could not read replica heartbeats from Redis: {exc}") from exc
+        partitions = None
+        if deployment is not None and deployment.active:
+            partitions = self._input_partitions(deployment.topics.inputs)
+        return compute_status(deployment, views, partitions)
+
+    def republish_active(self) -> int:
+        """Publish every active deployment again (and recreate its topics): a broker that lost
+        its data learns the desired state back; engines ignore a spec they already run."""
+        published = 0
+        for spec in self.store.active_deployments():
+            d = spec.deployment
+            try:
+                self._ensure_topics(
+                    d.workspace, d.pipeline, d.autoscale.max_replicas if d.autoscale else d.replicas
+                )
+            except FailedPrecondition as exc:
+                # One deployment whose topics cannot hold it must not keep the registry down.
+                log.error("not republishing %s/%s: %s", d.workspace, d.pipeline, exc)
+                continue
+            self.publisher.publish(spec)
+            published += 1
+        return published
+
+    # --- inference logs ---
+
+    def query_logs(self, caller: Caller, query: LogQuery) -> LogPage:
+        ws = self.access.authorize(caller, query.workspace, Action.READ)
+        self._require_pipeline(ws, query.pipeline)
+        limit = query.limit or DEFAULT_LOG_LIMIT
+        if not 1 <= limit <= MAX_LOG_LIMIT:
+            raise InvalidArgument(
+                f"limit must be between 1 and {MAX_LOG_LIMIT} (0 = {DEFAULT_LOG_LIMIT}), got {limit}"
+            )
+        if query.start is not None and query.end is not None and query.start > query.end:
+            raise InvalidArgument(f"start {query.start.isoformat()} is after end {query.end.isoformat()}")
+        after, counted = page_tokens.decode(query, query.page_token) if query.page_token else (None, None)
+        # Only the first page counts; later pages repeat its total, so paging through a large
+        # log costs one count, and the total stays the same from page to page.
+        found = self.store.query_logs(query, limit, after, count=counted is None)
+        total = counted if counted is not None else found.total or 0
+        token = page_tokens.encode(query, found.following, total) if found.following else ""
+        return LogPage(found.entries, total, token)

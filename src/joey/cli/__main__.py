@@ -1,0 +1,3 @@
+from joey.cli import main
+
+main()

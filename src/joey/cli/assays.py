@@ -1,0 +1,231 @@
+"""`joey assay ...`: the SDK's assay verbs on the command line (registered by joey.cli)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any
+
+import click
+
+_DEFINITION_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option("--pipeline", "-p", required=True, help="Pipeline whose logs are assayed."),
+    click.option("--iopath", required=True, help="'input <field> [<index>]' or 'output <field> [<index>]'."),
+    click.option("--baseline-start", help="ISO time: the baseline is the logs from here..."),
+    click.option("--baseline-end", help="...to here (exclusive)."),
+    click.option(
+        "--baseline-file", type=click.Path(exists=True, dir_okay=False), help="Or: baseline values."
+    ),
+    click.option("--model", default="", help="Only inferences this model took part in."),
+    click.option("--width", type=int, default=24 * 3600, show_default=True, help="Window width in seconds."),
+    click.option("--interval", type=int, help="Seconds between window starts (default: the width)."),
+    click.option("--start", help="ISO time of the first window (default: the baseline end)."),
+    click.option("--bins", "num_bins", type=int, default=5, show_default=True),
+    click.option("--bin-mode", type=click.Choice(["quantile", "equal", "provided"]), default="quantile"),
+    click.option("--edges", help="Comma-separated edges, with --bin-mode provided."),
+    click.option("--no-outlier-bins", is_flag=True, help="No bins for values outside the baseline's range."),
+    click.option("--metric", type=click.Choice(["psi", "maxdiff", "sumdiff"]), default="psi"),
+    click.option("--aggregation", type=click.Choice(["density", "cumulative"]), default="density"),
+    click.option("--weights", help="Comma-separated bin weights, outlier bins included."),
+    click.option("--alert", type=float, default=0.25, show_default=True, help="Alert threshold."),
+    click.option("--warning", type=float, help="Warning threshold."),
+]
+
+
+def _definition_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_DEFINITION_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace("\n", ",").split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{what}: expected numbers separated by commas or lines, got {text[:60]!r}"
+        ) from None
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    from joey.client import JoeyError
+
+    try:
+        yield
+    except (JoeyError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _builder(obj: Any, name: str, o: dict[str, Any]) -> Any:
+    data = None
+    if o["baseline_file"]:
+        with open(o["baseline_file"]) as f:
+            data = _floats(f.read(), "--baseline-file")
+    builder = obj.client.build_assay(
+        name,
+        o["pipeline"],
+        o["iopath"],
+        baseline_start=o["baseline_start"],
+        baseline_end=o["baseline_end"],
+        baseline_data=data,
+        model=o["model"],
+    )
+    builder.add_width(seconds=o["width"]).add_num_bins(o["num_bins"]).add_metric(o["metric"])
+    builder.add_bin_mode(o["bin_mode"], _floats(o["edges"], "--edges")).add_aggregation(o["aggregation"])
+    builder.add_alert_threshold(o["alert"]).add_outlier_bins(not o["no_outlier_bins"])
+    if o["interval"] is not None:
+        builder.add_interval(seconds=o["interval"])
+    if o["start"]:
+        builder.add_start(o["start"])
+    if o["weights"]:
+        builder.add_bin_weights(_floats(o["weights"], "--weights"))
+    if o["warning"] is not None:
+        builder.add_warning_threshold(o["warning"])
+    return builder
+
+
+def _wide() -> Any:
+    import pandas as pd
+
+    return pd.option_context("display.width", 200, "display.max_columns", 14, "display.max_colwidth", 40)
+
+
+def _echo_results(results: Any, chart: str | None) -> None:
+    frame = results.to_dataframe().drop(columns=["scores"])
+    with _wide():
+        click.echo(frame.to_string(index=False) if len(frame) else "no results")
+    if chart and len(results):
+        click.echo(f"chart: {results.chart_scores(chart)}", err=True)
+
+
+def _describe(a: Any) -> str:
+    d = a.definition
+    state = "active" if a.active else "paused"
+    return (
+        f"{a.name}\t{d.pipeline}\t{d.iopath}\t{state}\twidth {d.width_seconds}s\t"
+        f"{d.summarizer.metric}\talert > {d.alert_threshold:g}"
+    )
+
+
+@click.group()
+def assay() -> None:
+    """Drift detection: assays over a pipeline's inference log (docs/assays.md)."""
+
+
+def _with_definition(command: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(command)
+    def run(obj: Any, name: str, **options: Any) -> None:
+        with _errors():
+            command(obj, _builder(obj, name, options), options)
+
+    return _definition_options(run)
+
+
+@assay.command("create")
+@click.argument("name")
+@click.pass_obj
+@_with_definition
+def create(obj: Any, builder: Any, options: dict[str, Any]) -> None:
+    """Store assay NAME; the assayer scores each window as it closes."""
+    click.echo(_describe(builder.upload()))
+
+
+@assay.command("preview")
+@click.argument("name")
+@click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG histogram of the baseline.")
+@click.pass_obj
+@_with_definition
+def preview(obj: Any, builder: Any, options: dict[str, Any]) -> None:
+    """Show the baseline summary of a definition (nothing stored)."""
+    summary = builder.interactive_baseline_run()
+    click.echo(
+        f"count {summary.count}  min {summary.min:.6g}  max {summary.max:.6g}  mean {summary.mean:.6g}  "
+        f"median {summary.median:.6g}  std {summary.std:.6g}"
+    )
+    with _wide():
+        click.echo(summary.to_dataframe().to_string(index=False))
+    if options.get("chart"):
+        click.echo(f"chart: {summary.chart(options['chart'])}", err=True)
+
+
+@assay.command("run")
+@click.argument("name")
+@click.option("--end", help="ISO time: the last window ends by then (default now).")
+@click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG of the scores.")
+@click.pass_obj
+@_with_definition
+def run(obj: Any, builder: Any, options: dict[str, Any]) -> None:
+    """Score a definition over past logs, one row per window with data (nothing stored)."""
+    _echo_results(builder.interactive_run(end=options.get("end")), options.get("chart"))
+
+
+@assay.command("list")
+@click.option("--pipeline", "-p", default="", help="Only assays of this pipeline.")
+@click.pass_obj
+def list_assays(obj: Any, pipeline: str) -> None:
+    """List the workspace's assays."""
+    with _errors():
+        found = obj.client.list_assays(pipeline)
+    for a in found:
+        click.echo(_describe(a))
+    if not found:
+        click.echo("no assays")
+
+
+@assay.command("get")
+@click.argument("name")
+@click.pass_obj
+def get(obj: Any, name: str) -> None:
+    """Show assay NAME: its definition and baseline."""
+    from google.protobuf.json_format import MessageToJson
+
+    with _errors():
+        found = obj.client.get_assay(name)
+    click.echo(_describe(found))
+    click.echo(MessageToJson(found.definition))
+    b = found.baseline
+    click.echo(f"baseline: count {b.count}, bins {', '.join(b.edge_names)}, counts {list(b.bin_counts)}")
+
+
+@assay.command("pause")
+@click.argument("name")
+@click.pass_obj
+def pause(obj: Any, name: str) -> None:
+    """Stop scoring new windows of NAME."""
+    with _errors():
+        click.echo(_describe(obj.client.pause_assay(name)))
+
+
+@assay.command("resume")
+@click.argument("name")
+@click.pass_obj
+def resume(obj: Any, name: str) -> None:
+    """Resume NAME; windows closed while paused are scored too."""
+    with _errors():
+        click.echo(_describe(obj.client.resume_assay(name)))
+
+
+@assay.command("delete")
+@click.argument("name")
+@click.pass_obj
+def delete(obj: Any, name: str) -> None:
+    """Delete NAME and its results."""
+    with _errors():
+        obj.client.delete_assay(name)
+    click.echo(f"deleted assay {name}")
+
+
+@assay.command("results")
+@click.argument("name")
+@click.option("--start", help="ISO time: windows starting from here.")
+@click.option("--end", help="ISO time: windows starting before this.")
+@click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG of the scores.")
+@click.pass_obj
+def results(obj: Any, name: str, start: str | None, end: str | None, chart: str | None) -> None:
+    """Stored results of NAME, one row per window."""
+    with _errors():
+        _echo_results(obj.client.get_assay_results(name, start=start, end=end), chart)

@@ -1,0 +1,684 @@
+"""The `joey` command line: the local stack, the services, and the SDK's verbs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from joey.cli.assays import assay
+
+SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
+
+
+class Context:
+    def __init__(self, registry: str | None, workspace: str) -> None:
+        self.registry = registry
+        self.workspace = workspace
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from joey.client import Client
+
+            self._client = Client(self.registry, self.workspace)
+        return self._client
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc))
+
+
+@click.group()
+@click.option(
+    "--registry", envvar="JOEY_REGISTRY_ADDR", help="Registry host:port (default $JOEY_REGISTRY_ADDR)."
+)
+@click.option("--workspace", "-w", envvar="JOEY_WORKSPACE", default="default", show_default=True)
+@click.pass_context
+def main(ctx: click.Context, registry: str | None, workspace: str) -> None:
+    """Joey: Kafka-native MLOps."""
+    ctx.obj = Context(registry, workspace)
+
+
+@main.command()
+@click.argument("service", type=click.Choice(SERVICES))
+def serve(service: str) -> None:
+    """Run one service in the foreground (what compose.yaml and production run)."""
+    # Replaced by `python -m joey_<service>` (same pid, so signals still reach it): the service then
+    # starts without the SDK this command loaded, and so do the replica processes the engine spawns.
+    os.execv(sys.executable, [sys.executable, "-m", f"joey_{service}"])  # noqa: S606  # a fixed module
+
+
+@main.command()
+@click.option("--detach", "-d", is_flag=True, help="Run in the background; `joey down` stops it.")
+def up(detach: bool) -> None:
+    """Start broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine, logger, assayer and gateway."""
+    from joey.cli.stack import StackError, StackSettings, run_foreground, start_detached
+    from joey_core.lifecycle import configure_logging
+
+    settings = StackSettings()
+    configure_logging(settings.log_level)
+    try:
+        if detach:
+            state = start_detached(settings)
+            click.echo(
+                f"Joey is up (pid {state['pid']}): registry {state['registry_addr']}, "
+                f"Kafka {state['kafka_bootstrap']}. `joey down` stops it."
+            )
+        else:
+            run_foreground(settings)
+    except StackError as exc:
+        _fail(exc)
+
+
+@main.command()
+def down() -> None:
+    """Stop the stack started by `joey up`."""
+    from joey.cli.stack import StackSettings, stop_detached
+
+    click.echo("stopped" if stop_detached(StackSettings()) else "Joey was not running")
+
+
+# Workspaces
+@main.group()
+def workspace() -> None:
+    """Workspaces."""
+
+
+@workspace.command("create")
+@click.argument("name")
+@click.pass_obj
+def workspace_create(obj: Context, name: str) -> None:
+    click.echo(obj.client.create_workspace(name))
+
+
+@workspace.command("list")
+@click.pass_obj
+def workspace_list(obj: Context) -> None:
+    for name in obj.client.list_workspaces():
+        click.echo(name)
+
+
+# Models
+@main.group()
+def model() -> None:
+    """Models and model versions."""
+
+
+@model.command("upload")
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--framework", default="onnx", show_default=True, help="onnx, or python for a python step")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME:DTYPE:SHAPE",
+    help="A declared input of a python step, e.g. features:float32:-1,4 (repeatable).",
+)
+@click.option(
+    "--output",
+    "outputs",
+    multiple=True,
+    metavar="NAME:DTYPE:SHAPE",
+    help="A declared output of a python step (repeatable).",
+)
+@click.pass_obj
+def model_upload(
+    obj: Context, name: str, path: Path, framework: str, inputs: tuple[str, ...], outputs: tuple[str, ...]
+) -> None:
+    """Upload PATH as a new version of model NAME."""
+    from joey.client import JoeyError
+    from joey.client.signatures import parse_option
+
+    try:
+        input_schema = dict(parse_option(text) for text in inputs) or None
+        output_schema = dict(parse_option(text) for text in outputs) or None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+    with click.progressbar(
+        length=path.stat().st_size, label=f"uploading {path.name}", file=sys.stderr
+    ) as bar:
+        sent = [0]
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - sent[0])
+            sent[0] = done
+
+        try:
+            mv = obj.client.upload_model(
+                name,
+                path,
+                framework,
+                progress=progress,
+                input_schema=input_schema,
+                output_schema=output_schema,
+            )
+        except JoeyError as exc:
+            _fail(exc)
+    click.echo(f"{mv.name} version {mv.version} sha256 {mv.sha256}")
+    for kind, specs in (("input", mv.inputs), ("output", mv.outputs)):
+        for s in specs:
+            click.echo(f"  {kind} {s.name}: {s.dtype} {list(s.shape)}")
+
+
+@model.command("list")
+@click.pass_obj
+def model_list(obj: Context) -> None:
+    for mv in obj.client.list_models():
+        click.echo(f"{mv.name}\tversion {mv.version}\t{mv.sha256[:12]}\t{mv.created_at:%Y-%m-%d %H:%M:%S}")
+
+
+@model.command("get")
+@click.argument("name")
+@click.option("--version", type=int)
+@click.pass_obj
+def model_get(obj: Context, name: str, version: int | None) -> None:
+    from joey.client import JoeyError
+
+    try:
+        versions = [obj.client.get_model(name, version)] if version else obj.client.model_versions(name)
+    except JoeyError as exc:
+        _fail(exc)
+    for mv in versions:
+        click.echo(f"{mv.name} version {mv.version} sha256 {mv.sha256} ({mv.size_bytes} bytes)")
+
+
+# Pipelines
+@main.group()
+def pipeline() -> None:
+    """Pipelines and deployments."""
+
+
+def _parse_checks(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    for value in values:
+        # Split at the first "=" only: expressions contain "==" and "!=".
+        name, sep, expression = value.partition("=")
+        name, expression = name.strip(), expression.strip()
+        if not sep or not name or not expression:
+            raise click.BadParameter(
+                f"expected NAME=EXPRESSION, e.g. --check 'too_sure=out.probabilities[0] > 0.99', "
+                f"got {value!r}",
+                ctx,
+                param,
+            )
+        if name in checks:
+            raise click.BadParameter(f"check {name!r} is given twice", ctx, param)
+        checks[name] = expression
+    return checks
+
+
+_MAP_USAGE = "expected STEP:INPUT=SOURCE, e.g. --map 2:x=probabilities"
+
+
+def _parse_maps(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[int, dict[str, str]]:
+    maps: dict[int, dict[str, str]] = {}
+    for value in values:
+        index, colon, assignment = value.partition(":")
+        name, equals, source = assignment.partition("=")
+        index, name, source = index.strip(), name.strip(), source.strip()
+        if not colon or not equals or not index.isdigit() or int(index) < 1 or not name or not source:
+            raise click.BadParameter(
+                f"{_MAP_USAGE} (STEP counts the --model steps from 1), got {value!r}", ctx, param
+            )
+        step_map = maps.setdefault(int(index), {})
+        if name in step_map:
+            raise click.BadParameter(f"input {name!r} of model step {index} is mapped twice", ctx, param)
+        step_map[name] = source
+    return maps
+
+
+def _parse_challengers(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    usage = "MODEL or MODEL:VERSION, e.g. --challenger iris-b:2"
+    return [_model_spec(ctx, param, value, usage) for value in values]
+
+
+def _model_spec(ctx: click.Context, param: click.Parameter, value: str, usage: str) -> str:
+    model, colon, version = value.strip().partition(":")
+    if not model or (colon and not (version.isdigit() and int(version) > 0)):
+        raise click.BadParameter(f"expected {usage} (VERSION a positive number), got {value!r}", ctx, param)
+    return value.strip()
+
+
+def _parse_splits(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[tuple[float, str]]:
+    arms: list[tuple[float, str]] = []
+    for value in values:
+        weight, _, model = value.partition(":")
+        try:
+            number = float(weight)
+        except ValueError:
+            number = 0.0
+        if not number > 0:
+            raise click.BadParameter(
+                f"expected WEIGHT:MODEL[:VERSION] with a positive WEIGHT, e.g. --split 2:iris, got {value!r}",
+                ctx,
+                param,
+            )
+        arms.append((number, _model_spec(ctx, param, model, "WEIGHT:MODEL[:VERSION], e.g. --split 2:iris")))
+    return arms
+
+
+def _parse_routes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    routes: dict[str, str] = {}
+    for value in values:
+        # Split at the last "=": the routed value is free text.
+        key, equals, model = value.rpartition("=")
+        if not equals:
+            raise click.BadParameter(
+                f"expected VALUE=MODEL[:VERSION], e.g. --route gold=iris-b, got {value!r}", ctx, param
+            )
+        if key in routes:
+            raise click.BadParameter(f"value {key!r} is routed twice", ctx, param)
+        routes[key] = _model_spec(ctx, param, model, "VALUE=MODEL[:VERSION], e.g. --route gold=iris-b")
+    return routes
+
+
+@pipeline.command("create")
+@click.argument("name")
+@click.option("--model", "-m", "models", multiple=True, help="MODEL or MODEL:VERSION, in step order.")
+@click.option(
+    "--map",
+    "maps",
+    multiple=True,
+    callback=_parse_maps,
+    help="STEP:INPUT=SOURCE: feed input INPUT of the STEP-th --model from SOURCE, a field of the "
+    "input record for step 1, an output of the previous model otherwise. Unmapped inputs are fed "
+    "by their own name.",
+)
+@click.option(
+    "--challenger",
+    "challengers",
+    multiple=True,
+    callback=_parse_challengers,
+    help="MODEL or MODEL:VERSION: makes the last --model the champion of a shadow step with this "
+    "challenger (repeatable). Challengers see every record, fed by their own input names (a --map of "
+    "that step applies to the champion); only the champion's outputs are the result.",
+)
+@click.option(
+    "--check",
+    "-c",
+    "checks",
+    multiple=True,
+    callback=_parse_checks,
+    help="NAME=EXPRESSION over in.<field> and out.<field>; true flags an anomaly. "
+    "All checks form one validations step after the model steps.",
+)
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    callback=_parse_splits,
+    help="WEIGHT:MODEL[:VERSION] (repeatable, at least 2): a random split step after the --model steps; "
+    "each record is served by one arm, chosen in proportion to the weights.",
+)
+@click.option("--hash-key", default="", help="FIELD: make --split sticky per value of this record field.")
+@click.option(
+    "--key-split",
+    "meta_key",
+    default="",
+    help="FIELD: a key split step (after any --split): the record field whose value picks the model "
+    "among the --route options, else the --default model.",
+)
+@click.option(
+    "--route",
+    "routes",
+    multiple=True,
+    callback=_parse_routes,
+    help="VALUE=MODEL[:VERSION] (repeatable): records whose --key-split field is VALUE go to MODEL.",
+)
+@click.option(
+    "--default", "default_model", default="", help="MODEL[:VERSION]: the --key-split default model."
+)
+@click.pass_obj
+def pipeline_create(
+    obj: Context,
+    name: str,
+    models: tuple[str, ...],
+    maps: dict[int, dict[str, str]],
+    challengers: list[str],
+    checks: dict[str, str],
+    splits: list[tuple[float, str]],
+    hash_key: str,
+    meta_key: str,
+    routes: dict[str, str],
+    default_model: str,
+) -> None:
+    """Create pipeline NAME (or a new version of it) from model steps, validation checks and
+    optionally a shadow step (--challenger), a random split (--split) and a key split (--key-split).
+    Steps run in that order: --model steps, --split, --key-split, then the checks."""
+    from joey.client import JoeyError
+
+    if not (models or splits or meta_key):
+        raise click.UsageError("give at least one --model, --split or --key-split")
+    if hash_key and not splits:
+        raise click.BadParameter("applies to a --split step; give --split too", param_hint="'--hash-key'")
+    if bool(meta_key) != bool(default_model) or (routes and not meta_key):
+        raise click.UsageError("a key split needs --key-split FIELD, --default MODEL and --route VALUE=MODEL")
+    beyond = sorted(index for index in maps if index > len(models))
+    if beyond:
+        raise click.BadParameter(
+            f"there is no model step {beyond[0]}: {len(models)} --model given", param_hint="'--map'"
+        )
+    builder = obj.client.build_pipeline(name)
+    for index, spec in enumerate(models, 1):
+        model_name, _, version = spec.partition(":")
+        if index == len(models) and challengers:
+            builder.add_shadow_deploy(spec, challengers, {model_name: maps[index]} if index in maps else None)
+        else:
+            builder.add_model_step(model_name, int(version) if version else None, maps.get(index))
+    if splits:
+        builder.add_random_split(splits, hash_key=hash_key or None)
+    if meta_key:
+        builder.add_key_split(default_model, meta_key, dict(routes))
+    if checks:
+        builder.add_validations(**checks)
+    try:
+        pv = builder.create()
+    except JoeyError as exc:
+        _fail(exc)
+    click.echo(f"{pv.pipeline} version {pv.version}: {' -> '.join(str(s) for s in pv.steps)}")
+
+
+@pipeline.command("list")
+@click.pass_obj
+def pipeline_list(obj: Context) -> None:
+    for name in obj.client.list_pipelines():
+        click.echo(name)
+
+
+def _print_status(status: Any) -> None:
+    scaling = ""
+    if status.autoscale is not None:
+        a = status.autoscale
+        scaling = (
+            f", autoscaling {a.min_replicas}-{a.max_replicas} on queue age > {a.queue_age_threshold_s:g} s"
+        )
+    click.echo(
+        f"{status.status} (version {status.pipeline_version}, {status.replicas_wanted} replicas{scaling}): "
+        f"{status.message}"
+    )
+    for r in status.replicas:
+        state = "alive" if r.alive else "DEAD"
+        click.echo(
+            f"  {r.replica_id}: {state}, version {r.pipeline_version}, loaded={r.loaded}, "
+            f"partitions={list(r.partitions)}, queue age {r.queue_age_s:.2f} s"
+            + (f", error: {r.error}" if r.error else "")
+        )
+
+
+def _on_status(status: Any) -> None:
+    click.echo(f"  {status.status}: {status.message}")
+
+
+@pipeline.command("deploy")
+@click.argument("name")
+@click.option("--version", type=int, help="Pipeline version (default: latest).")
+@click.option("--replicas", type=int, help="Replicas (default: 1, or the autoscaling minimum).")
+@click.option(
+    "--autoscale",
+    metavar="MIN-MAX",
+    help="Scale between MIN and MAX replicas on queue age, e.g. 1-4.",
+)
+@click.option(
+    "--queue-age", type=float, default=1.0, show_default=True, help="Autoscaling threshold in seconds."
+)
+@click.option("--scale-up-after", type=float, default=10.0, show_default=True, help="Seconds above it.")
+@click.option("--scale-down-after", type=float, default=300.0, show_default=True, help="Seconds below it.")
+@click.option("--cpus", help='Per-replica CPU request for production manifests, e.g. "2" or "500m".')
+@click.option("--memory", help='Per-replica memory request, e.g. "2Gi".')
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.pass_obj
+def pipeline_deploy(
+    obj: Context,
+    name: str,
+    version: int | None,
+    replicas: int | None,
+    autoscale: str | None,
+    queue_age: float,
+    scale_up_after: float,
+    scale_down_after: float,
+    cpus: str | None,
+    memory: str | None,
+    timeout: float,
+) -> None:
+    """Deploy NAME and wait until every replica is ready; a running deployment is rolled over to it."""
+    from joey.client import Autoscale, JoeyError, Pipeline
+
+    scaling = None
+    if autoscale is not None:
+        low, sep, high = autoscale.partition("-")
+        if not (sep and low.isdigit() and high.isdigit()):
+            raise click.BadParameter(
+                f"expected MIN-MAX such as 1-4, got {autoscale!r}", param_hint="--autoscale"
+            )
+        scaling = Autoscale(int(low), int(high), queue_age, scale_up_after, scale_down_after)
+    try:
+        status = Pipeline(obj.client, name).deploy(
+            replicas,
+            version,
+            timeout=timeout,
+            on_status=_on_status,
+            autoscale=scaling,
+            cpus=cpus,
+            memory=memory,
+        )
+    except JoeyError as exc:
+        _fail(exc)
+    _print_status(status)
+
+
+@pipeline.command("rollback")
+@click.argument("name")
+@click.option("--version", type=int, help="Version to roll back to (default: the one deployed before).")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.pass_obj
+def pipeline_rollback(obj: Context, name: str, version: int | None, timeout: float) -> None:
+    """Roll NAME back to an earlier version without a pause in serving."""
+    from joey.client import JoeyError, Pipeline
+
+    try:
+        status = Pipeline(obj.client, name).rollback(version, timeout=timeout, on_status=_on_status)
+    except JoeyError as exc:
+        _fail(exc)
+    _print_status(status)
+
+
+@pipeline.command("status")
+@click.argument("name")
+@click.pass_obj
+def pipeline_status(obj: Context, name: str) -> None:
+    from joey.client import JoeyError, Pipeline
+
+    try:
+        _print_status(Pipeline(obj.client, name).status())
+    except JoeyError as exc:
+        _fail(exc)
+
+
+@pipeline.command("undeploy")
+@click.argument("name")
+@click.pass_obj
+def pipeline_undeploy(obj: Context, name: str) -> None:
+    from joey.client import JoeyError, Pipeline
+
+    try:
+        Pipeline(obj.client, name).undeploy()
+    except JoeyError as exc:
+        _fail(exc)
+    click.echo(f"{name} undeployed")
+
+
+@main.command()
+@click.argument("pipeline_name", metavar="PIPELINE")
+@click.option(
+    "--file",
+    "-f",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A JSON array of records, or JSON lines (one record per line).",
+)
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write results as JSON lines here instead of a table on stdout.",
+)
+@click.pass_obj
+def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: Path | None) -> None:
+    """Stream the records of a file through PIPELINE and show the results."""
+    from joey.client import JoeyError, Pipeline
+
+    text = path.read_text()
+    try:
+        records = json.loads(text)
+        if isinstance(records, dict):
+            records = [records]
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    with click.progressbar(length=len(records), label="inferring", file=sys.stderr) as bar:
+        seen = [0]
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - seen[0])
+            seen[0] = done
+
+        try:
+            frame = Pipeline(obj.client, pipeline_name).infer(records, timeout, progress)
+        except (JoeyError, TimeoutError, LookupError) as exc:
+            _fail(exc)
+    if output:
+        frame.to_json(output, orient="records", lines=True, date_format="iso")
+        click.echo(f"wrote {len(frame)} results to {output}")
+    else:
+        groups = ("time", "in", "out", "shadow", "shadow_errors", "check_failures", "error")
+        shown = [c for c in frame.columns if c.split(".")[0] in groups]
+        with _wide_pandas():
+            click.echo(frame[shown].to_string())
+    failed = int(frame["error"].notna().sum()) if "error" in frame else 0
+    click.echo(f"{len(frame)} records, {failed} failed", err=True)
+
+
+_ANOMALIES_HELP = "Only inferences where a validation check was true."
+
+
+@main.command()
+@click.argument("pipeline_name", metavar="PIPELINE")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--failed", is_flag=True, help="Only failed inferences.")
+@click.option("--anomalies", is_flag=True, help=_ANOMALIES_HELP)
+@click.option("--start", help="ISO time; returns rows chronologically from here.")
+@click.option("--end", help="ISO time.")
+@click.pass_obj
+def logs(
+    obj: Context,
+    pipeline_name: str,
+    limit: int,
+    failed: bool,
+    anomalies: bool,
+    start: str | None,
+    end: str | None,
+) -> None:
+    """Show logged inferences of PIPELINE (newest first unless a range is given)."""
+    from joey.client import JoeyError, Pipeline
+
+    try:
+        frame = Pipeline(obj.client, pipeline_name).logs(
+            limit, start, end, valid=False if failed else None, anomalies_only=anomalies
+        )
+    except JoeyError as exc:
+        _fail(exc)
+    with _wide_pandas():
+        click.echo(frame.to_string() if len(frame) else "no logged inferences")
+
+
+@main.command("export-logs")
+@click.argument("pipeline_name", metavar="PIPELINE")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for the files (created if missing).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True
+)
+@click.option("--start", help="ISO time; default: the oldest row.")
+@click.option("--end", help="ISO time (exclusive).")
+@click.option("--failed", is_flag=True, help="Only failed inferences.")
+@click.option("--anomalies", is_flag=True, help=_ANOMALIES_HELP)
+@click.option("--rows-per-file", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace files of an earlier export to the same place.")
+@click.pass_obj
+def export_logs(
+    obj: Context,
+    pipeline_name: str,
+    directory: Path,
+    fmt: str,
+    start: str | None,
+    end: str | None,
+    failed: bool,
+    anomalies: bool,
+    rows_per_file: int,
+    overwrite: bool,
+) -> None:
+    """Write every logged inference of PIPELINE, oldest first, to numbered files in DIR."""
+    from joey.client import JoeyError, Pipeline
+
+    written = [0]
+    with contextlib.ExitStack() as stack:
+        bars: list[Any] = []
+
+        def progress(done: int, total: int) -> None:
+            # The total is known only once the first page arrives.
+            if not bars and total:
+                bars.append(
+                    stack.enter_context(click.progressbar(length=total, label="exporting", file=sys.stderr))
+                )
+            if bars:
+                bars[0].update(done - written[0])
+            written[0] = done
+
+        try:
+            files = Pipeline(obj.client, pipeline_name).export_logs(
+                directory,
+                fmt,
+                start,
+                end,
+                valid=False if failed else None,
+                rows_per_file=rows_per_file,
+                progress=progress,
+                overwrite=overwrite,
+                anomalies_only=anomalies,
+            )
+        except (JoeyError, OSError, ValueError) as exc:
+            _fail(exc)
+    for path in files:
+        click.echo(str(path))
+    click.echo(f"wrote {written[0]} rows to {len(files)} file(s) in {directory}", err=True)
+
+
+def _wide_pandas() -> Any:
+    import pandas as pd
+
+    return pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 60)
+
+
+main.add_command(assay)
+
+if __name__ == "__main__":
+    main()

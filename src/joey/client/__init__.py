@@ -1,0 +1,49 @@
+"""The Python SDK: what ``import joey`` gives a user. Verbs follow what Wallaroo users know.
+
+:class:`Client` talks to the registry over gRPC and hands out pipelines, models and assays; inference
+goes straight to the pipeline's Kafka topics. Everything here is client-side: the services never
+import this package.
+"""
+
+from joey.client.assays import Assay, AssayBuilder, AssayResult, AssayResults, AssaySummary
+from joey.client.calls import JoeyError
+from joey.client.client import Client
+from joey.client.pipelines import (
+    Autoscale,
+    DeploymentStatus,
+    KeySplitStep,
+    ModelStep,
+    Pipeline,
+    PipelineStep,
+    PipelineVersion,
+    RandomSplitStep,
+    ReplicaStatus,
+    ShadowStep,
+    ValidationsStep,
+)
+from joey.client.streaming import InferenceTimeout
+from joey_core.models import ModelVersion, TensorSpec
+
+__all__ = [
+    "Assay",
+    "AssayBuilder",
+    "AssayResult",
+    "AssayResults",
+    "AssaySummary",
+    "Autoscale",
+    "Client",
+    "DeploymentStatus",
+    "InferenceTimeout",
+    "JoeyError",
+    "KeySplitStep",
+    "ModelStep",
+    "ModelVersion",
+    "Pipeline",
+    "PipelineStep",
+    "PipelineVersion",
+    "RandomSplitStep",
+    "ReplicaStatus",
+    "ShadowStep",
+    "TensorSpec",
+    "ValidationsStep",
+]

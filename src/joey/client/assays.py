@@ -1,0 +1,430 @@
+"""Assays in the SDK, shaped like Wallaroo's::
+
+    assay = client.build_assay("petal-drift", pipeline, "input features 2",
+                               baseline_start=t0, baseline_end=t1)
+    assay.add_width(hours=1).add_metric("maxdiff").add_alert_threshold(0.3)
+    assay.interactive_baseline_run().chart("baseline.png")
+    results = assay.interactive_run()
+    results.to_dataframe(); results.chart_scores("scores.png")
+    assay.upload()
+    client.get_assay_results("petal-drift", start=t1)
+
+The math is :mod:`joey_core.assays`; the registry runs it over the pipeline's inference log.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from joey_core.settings import CommonSettings
+from joey_core.v1 import registry_pb2 as pb
+
+
+def timestamp(value: datetime | str) -> Timestamp:
+    """A protobuf Timestamp; naive datetimes and ISO strings are taken as UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _time(stamp: Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _seconds(hours: float, minutes: float, seconds: float) -> int:
+    total = timedelta(hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+    if total != int(total):
+        raise ValueError(f"window durations are whole seconds, got {total} s")
+    return int(total)
+
+
+@dataclass(frozen=True)
+class AssaySummary:
+    count: int
+    min: float
+    max: float
+    mean: float
+    median: float
+    std: float
+    edges: tuple[float, ...]
+    edge_names: tuple[str, ...]
+    bin_counts: tuple[int, ...]
+    aggregated_values: tuple[float, ...]
+    aggregation: str
+
+    @classmethod
+    def from_proto(cls, s: pb.AssaySummary) -> AssaySummary:
+        return cls(
+            count=s.count,
+            min=s.min,
+            max=s.max,
+            mean=s.mean,
+            median=s.median,
+            std=s.std,
+            edges=tuple(s.edges),
+            edge_names=tuple(s.edge_names),
+            bin_counts=tuple(s.bin_counts),
+            aggregated_values=tuple(s.aggregated_values),
+            aggregation=s.aggregation,
+        )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per bin: name, upper edge, count and aggregated value."""
+        return pd.DataFrame(
+            {
+                "bin": list(self.edge_names),
+                "upper_edge": list(self.edges),
+                "count": list(self.bin_counts),
+                self.aggregation: list(self.aggregated_values),
+            }
+        )
+
+    def chart(self, path: str | Path) -> Path:
+        """A bar chart of the bins' aggregated values, written as a PNG."""
+        plt = _pyplot()
+        figure, axes = plt.subplots(figsize=(8, 4))
+        axes.bar(range(len(self.edge_names)), self.aggregated_values, color="#4c72b0")
+        axes.set_xticks(range(len(self.edge_names)), self.edge_names, rotation=30, ha="right")
+        axes.set_ylabel(self.aggregation)
+        axes.set_title(f"baseline: {self.count} values, mean {self.mean:.4g}, std {self.std:.4g}")
+        figure.tight_layout()
+        return _save(plt, figure, path)
+
+
+@dataclass(frozen=True)
+class AssayResult:
+    assay: str
+    window_start: datetime
+    window_end: datetime
+    score: float
+    scores: tuple[float, ...]
+    bin_index: int | None
+    status: str
+    metric: str
+    baseline_summary: AssaySummary
+    window_summary: AssaySummary
+
+    @classmethod
+    def from_proto(cls, r: pb.AssayResult) -> AssayResult:
+        return cls(
+            assay=r.assay,
+            window_start=_time(r.window_start),
+            window_end=_time(r.window_end),
+            score=r.score,
+            scores=tuple(r.scores),
+            bin_index=None if r.bin_index < 0 else r.bin_index,
+            status=r.status,
+            metric=r.metric,
+            baseline_summary=AssaySummary.from_proto(r.baseline_summary),
+            window_summary=AssaySummary.from_proto(r.window_summary),
+        )
+
+
+class AssayResults(list[AssayResult]):
+    """Results in window order, with a table and a chart."""
+
+    def __init__(
+        self, results: Sequence[AssayResult], alert_threshold: float | None, warning_threshold: float | None
+    ) -> None:
+        super().__init__(results)
+        self.alert_threshold = alert_threshold
+        self.warning_threshold = warning_threshold
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                {
+                    "assay": r.assay,
+                    "window_start": r.window_start,
+                    "window_end": r.window_end,
+                    "score": r.score,
+                    "status": r.status,
+                    "metric": r.metric,
+                    "bin_index": r.bin_index,
+                    "count": r.window_summary.count,
+                    "mean": r.window_summary.mean,
+                    "median": r.window_summary.median,
+                    "std": r.window_summary.std,
+                    "scores": list(r.scores),
+                }
+                for r in self
+            ],
+            columns=[
+                "assay",
+                "window_start",
+                "window_end",
+                "score",
+                "status",
+                "metric",
+                "bin_index",
+                "count",
+                "mean",
+                "median",
+                "std",
+                "scores",
+            ],
+        )
+
+    def chart_scores(self, path: str | Path, title: str = "") -> Path:
+        """Scores over time with the alert (and warning) threshold, written as a PNG."""
+        plt = _pyplot()
+        figure, axes = plt.subplots(figsize=(10, 4))
+        colors = {"Ok": "#55a868", "Warning": "#dd8452", "Alert": "#c44e52"}
+        starts = [r.window_start for r in self]
+        scores = [r.score for r in self]
+        axes.plot(starts, scores, color="#4c72b0", linewidth=1)
+        axes.scatter(starts, scores, c=[colors.get(r.status, "gray") for r in self], zorder=3)
+        if self.alert_threshold is not None:
+            axes.axhline(self.alert_threshold, color=colors["Alert"], linestyle="--", label="alert")
+        if self.warning_threshold is not None:
+            axes.axhline(self.warning_threshold, color=colors["Warning"], linestyle=":", label="warning")
+        axes.set_ylabel(self[0].metric if self else "score")
+        axes.set_xlabel("window start")
+        axes.set_title(title or (self[0].assay if self and self[0].assay else "assay scores"))
+        if self.alert_threshold is not None or self.warning_threshold is not None:
+            axes.legend()
+        figure.autofmt_xdate()
+        figure.tight_layout()
+        return _save(plt, figure, path)
+
+
+def _pyplot() -> Any:
+    # Imported on first use: matplotlib is slow to import and only charts need it. Agg renders
+    # to files without a display.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt: Any, figure: Any, path: str | Path) -> Path:
+    out = Path(path)
+    figure.savefig(out, format="png", dpi=100)
+    plt.close(figure)
+    return out
+
+
+@dataclass(frozen=True)
+class Assay:
+    """An uploaded assay."""
+
+    client: AssayClientMixin
+    definition: pb.AssayDefinition
+    active: bool
+    created_at: datetime
+    baseline: AssaySummary
+
+    @classmethod
+    def from_proto(cls, client: AssayClientMixin, a: pb.Assay) -> Assay:
+        return cls(client, a.definition, a.active, _time(a.created_at), AssaySummary.from_proto(a.baseline))
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    def results(self, start: datetime | str | None = None, end: datetime | str | None = None) -> AssayResults:
+        return self.client.get_assay_results(self.name, start=start, end=end)
+
+    def pause(self) -> Assay:
+        return self.client.pause_assay(self.name)
+
+    def resume(self) -> Assay:
+        return self.client.resume_assay(self.name)
+
+    def delete(self) -> None:
+        self.client.delete_assay(self.name)
+
+
+def thresholds(definition: pb.AssayDefinition) -> tuple[float, float | None]:
+    alert = definition.alert_threshold if definition.HasField("alert_threshold") else 0.25
+    warning = definition.warning_threshold if definition.HasField("warning_threshold") else None
+    return alert, warning
+
+
+class AssayBuilder:
+    """A definition being built; nothing reaches the registry until a run or :meth:`upload`."""
+
+    def __init__(
+        self,
+        client: AssayClientMixin,
+        name: str,
+        pipeline: str,
+        iopath: str,
+        *,
+        baseline_start: datetime | str | None = None,
+        baseline_end: datetime | str | None = None,
+        baseline_data: Sequence[float] | None = None,
+        model: str = "",
+    ) -> None:
+        self.client = client
+        self.definition = pb.AssayDefinition(
+            workspace=client.workspace, name=name, pipeline=pipeline, iopath=iopath, model=model
+        )
+        if baseline_start is not None:
+            self.definition.baseline_start.CopyFrom(timestamp(baseline_start))
+        if baseline_end is not None:
+            self.definition.baseline_end.CopyFrom(timestamp(baseline_end))
+        if baseline_data is not None:
+            self.definition.baseline_data.extend(float(v) for v in baseline_data)
+
+    # window
+    def add_width(self, *, hours: float = 0, minutes: float = 0, seconds: float = 0) -> AssayBuilder:
+        self.definition.width_seconds = _seconds(hours, minutes, seconds)
+        return self
+
+    def add_interval(self, *, hours: float = 0, minutes: float = 0, seconds: float = 0) -> AssayBuilder:
+        self.definition.interval_seconds = _seconds(hours, minutes, seconds)
+        return self
+
+    def add_start(self, start: datetime | str) -> AssayBuilder:
+        self.definition.start.CopyFrom(timestamp(start))
+        return self
+
+    # summarizer
+    def add_num_bins(self, num_bins: int) -> AssayBuilder:
+        self.definition.summarizer.num_bins = num_bins
+        return self
+
+    def add_bin_mode(self, bin_mode: str, edges: Sequence[float] | None = None) -> AssayBuilder:
+        """``quantile``, ``equal`` or ``provided`` (with ``edges``, one per bin)."""
+        self.definition.summarizer.bin_mode = bin_mode.lower()
+        del self.definition.summarizer.edges[:]
+        if edges is not None:
+            self.definition.summarizer.edges.extend(edges)
+            self.definition.summarizer.num_bins = len(edges)
+        return self
+
+    def add_outlier_bins(self, enabled: bool = True) -> AssayBuilder:
+        self.definition.summarizer.no_outlier_bins = not enabled
+        return self
+
+    def add_metric(self, metric: str) -> AssayBuilder:
+        """``psi``, ``maxdiff`` or ``sumdiff``."""
+        self.definition.summarizer.metric = metric.lower()
+        return self
+
+    def add_aggregation(self, aggregation: str) -> AssayBuilder:
+        """``density`` or ``cumulative``."""
+        self.definition.summarizer.aggregation = aggregation.lower()
+        return self
+
+    def add_bin_weights(self, weights: Sequence[float]) -> AssayBuilder:
+        """One weight per bin, outlier bins included."""
+        del self.definition.summarizer.bin_weights[:]
+        self.definition.summarizer.bin_weights.extend(weights)
+        return self
+
+    # thresholds
+    def add_alert_threshold(self, threshold: float) -> AssayBuilder:
+        self.definition.alert_threshold = threshold
+        return self
+
+    def add_warning_threshold(self, threshold: float) -> AssayBuilder:
+        self.definition.warning_threshold = threshold
+        return self
+
+    # runs
+    def interactive_baseline_run(self) -> AssaySummary:
+        summary = self.client.call("PreviewBaseline", pb.PreviewBaselineRequest(definition=self.definition))
+        return AssaySummary.from_proto(summary)
+
+    def interactive_run(self, end: datetime | str | None = None) -> AssayResults:
+        """One result per window with data, from the start up to ``end`` (default now)."""
+        request = pb.RunAssayInteractiveRequest(definition=self.definition)
+        if end is not None:
+            request.end.CopyFrom(timestamp(end))
+        response = self.client.call("RunAssayInteractive", request, timeout=600)
+        alert, warning = thresholds(self.definition)
+        return AssayResults([AssayResult.from_proto(r) for r in response.results], alert, warning)
+
+    def upload(self) -> Assay:
+        """Store the assay; the assayer then scores every window as it closes."""
+        created = self.client.call("CreateAssay", pb.CreateAssayRequest(definition=self.definition))
+        return Assay.from_proto(self.client, created)
+
+
+class AssayClientMixin(ABC):
+    """The assay verbs of :class:`joey.Client`, which provides ``workspace``, ``settings`` and ``call``."""
+
+    workspace: str
+    settings: CommonSettings
+
+    @abstractmethod
+    def call(self, name: str, request: Any, timeout: float = 60.0) -> Any: ...
+
+    def build_assay(
+        self,
+        assay_name: str,
+        pipeline: Any,
+        iopath: str,
+        *,
+        baseline_start: datetime | str | None = None,
+        baseline_end: datetime | str | None = None,
+        baseline_data: Sequence[float] | None = None,
+        model: str = "",
+    ) -> AssayBuilder:
+        """``pipeline`` is a pipeline name or an SDK Pipeline; ``iopath`` e.g. ``"input features 2"``."""
+        name = pipeline if isinstance(pipeline, str) else pipeline.name
+        return AssayBuilder(
+            self,
+            assay_name,
+            name,
+            iopath,
+            baseline_start=baseline_start,
+            baseline_end=baseline_end,
+            baseline_data=baseline_data,
+            model=model,
+        )
+
+    def list_assays(self, pipeline: str = "") -> list[Assay]:
+        response = self.call("ListAssays", pb.ListAssaysRequest(workspace=self.workspace, pipeline=pipeline))
+        return [Assay.from_proto(self, a) for a in response.assays]
+
+    def get_assay(self, name: str) -> Assay:
+        found = self.call("GetAssay", pb.GetAssayRequest(workspace=self.workspace, name=name))
+        return Assay.from_proto(self, found)
+
+    def _set_assay_active(self, name: str, active: bool) -> Assay:
+        request = pb.SetAssayActiveRequest(workspace=self.workspace, name=name, active=active)
+        return Assay.from_proto(self, self.call("SetAssayActive", request))
+
+    def pause_assay(self, name: str) -> Assay:
+        return self._set_assay_active(name, False)
+
+    def resume_assay(self, name: str) -> Assay:
+        return self._set_assay_active(name, True)
+
+    def delete_assay(self, name: str) -> None:
+        self.call("DeleteAssay", pb.DeleteAssayRequest(workspace=self.workspace, name=name))
+
+    def get_assay_results(
+        self, name: str, *, start: datetime | str | None = None, end: datetime | str | None = None
+    ) -> AssayResults:
+        """Stored results of an uploaded assay whose window starts in ``[start, end)``."""
+        request = pb.GetAssayResultsRequest(workspace=self.workspace, name=name)
+        if start is not None:
+            request.start.CopyFrom(timestamp(start))
+        if end is not None:
+            request.end.CopyFrom(timestamp(end))
+        response = self.call("GetAssayResults", request)
+        warning = response.warning_threshold if response.HasField("warning_threshold") else None
+        return AssayResults(
+            [AssayResult.from_proto(r) for r in response.results], response.alert_threshold, warning
+        )
+
+
+__all__ = ["Assay", "AssayBuilder", "AssayClientMixin", "AssayResult", "AssayResults", "AssaySummary"]

@@ -1,0 +1,639 @@
+"""Pipelines as the SDK sees them: the builder and its verbs (create, deploy, infer, logs), versions,
+steps and deployment status."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from joey.client.assays import Assay as Assay
+from joey.client.assays import AssayBuilder as AssayBuilder
+from joey.client.assays import AssayResult as AssayResult
+from joey.client.assays import AssayResults as AssayResults
+from joey.client.assays import AssaySummary as AssaySummary
+from joey.client.assays import timestamp
+from joey.client.calls import JoeyError, RegistryCaller
+from joey.client.log_export import LogExport, flatten, flatten_shadow, log_entry_row
+from joey.client.streaming import PipelineStream, Progress
+from joey_core.models import ModelVersion
+from joey_core.replies import Reply
+from joey_core.topics import PipelineTopics
+from joey_core.v1 import registry_pb2 as pb
+
+StatusCallback = Callable[["DeploymentStatus"], None]
+
+
+def _time(ts: Timestamp) -> datetime | None:
+    return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
+
+
+@dataclass(frozen=True)
+class ModelStep:
+    """A model step of a stored pipeline version, pinned to one artifact. ``inputs`` maps model
+    inputs to the names they are fed from (record fields for the first model step, outputs of the
+    previous model step otherwise); inputs not listed are fed by their own name."""
+
+    model: str
+    version: int
+    sha256: str
+    inputs: dict[str, str] = field(default_factory=dict, hash=False)
+
+    def __str__(self) -> str:
+        mapping = ", ".join(f"{name}<-{source}" for name, source in self.inputs.items())
+        return f"{self.model}:{self.version}" + (f"({mapping})" if mapping else "")
+
+
+@dataclass(frozen=True)
+class ValidationsStep:
+    """Named checks (name -> expression) flagging anomalies; kept sorted by name."""
+
+    checks: dict[str, str] = field(hash=False)
+
+    def __str__(self) -> str:
+        return f"validations({', '.join(self.checks)})"
+
+
+@dataclass(frozen=True)
+class ShadowStep:
+    """Every model sees every record; only the champion's outputs are the result and continue
+    down the pipeline, each challenger's are kept with the inference as ``shadow.<model>.*``."""
+
+    champion: ModelStep
+    challengers: tuple[ModelStep, ...]
+
+    def __str__(self) -> str:
+        return f"shadow({self.champion} vs {', '.join(str(c) for c in self.challengers)})"
+
+
+@dataclass(frozen=True)
+class RandomSplitStep:
+    """One of the arms (weight, model) serves each record, at random in proportion to the weights;
+    with ``hash_key``, records carrying that field are assigned by its value, always to the same model."""
+
+    arms: tuple[tuple[float, ModelStep], ...]
+    hash_key: str = ""
+
+    def __str__(self) -> str:
+        arms = ", ".join(f"{weight:g}*{model}" for weight, model in self.arms)
+        return f"random_split({arms}" + (f"; hash_key={self.hash_key})" if self.hash_key else ")")
+
+
+@dataclass(frozen=True)
+class KeySplitStep:
+    """Each record is served by the model its ``meta_key`` field's value routes to, else ``default``."""
+
+    default: ModelStep
+    meta_key: str
+    routes: dict[str, ModelStep] = field(hash=False)
+
+    def __str__(self) -> str:
+        routes = ", ".join(f"{value}->{model}" for value, model in self.routes.items())
+        return f"key_split({self.meta_key}: {routes}; default {self.default})"
+
+
+PipelineStep = ModelStep | ValidationsStep | ShadowStep | RandomSplitStep | KeySplitStep
+
+
+def _model_step(step: pb.ResolvedStep) -> ModelStep:
+    return ModelStep(step.model, step.version, step.sha256, dict(sorted(step.input_mapping.items())))
+
+
+def _split_step(step: pb.ResolvedStep) -> RandomSplitStep | KeySplitStep:
+    arms = [_model_step(arm) for arm in step.arms]
+    if not step.meta_key:
+        return RandomSplitStep(tuple(zip(step.weights, arms, strict=True)), step.hash_key)
+    by_name = {arm.model: arm for arm in arms}
+    routes = {value: by_name[step.routes[value]] for value in sorted(step.routes)}
+    return KeySplitStep(arms[0], step.meta_key, routes)
+
+
+def _pipeline_step(step: pb.ResolvedStep) -> PipelineStep:
+    # A resolved validations step is the one with checks (and no model); a shadow step the one
+    # with challengers; a split step the one with arms.
+    if step.arms:
+        return _split_step(step)
+    if step.checks:
+        return ValidationsStep(dict(sorted(step.checks.items())))
+    if step.challengers:
+        return ShadowStep(_model_step(step), tuple(_model_step(c) for c in step.challengers))
+    return _model_step(step)
+
+
+@dataclass(frozen=True)
+class PipelineVersion:
+    workspace: str
+    pipeline: str
+    version: int
+    steps: tuple[PipelineStep, ...]
+    created_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, pv: pb.PipelineVersion) -> PipelineVersion:
+        steps = tuple(_pipeline_step(s) for s in pv.steps)
+        return cls(pv.workspace, pv.pipeline, pv.version, steps, _time(pv.created_at))
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    replica_id: str
+    alive: bool
+    pipeline_version: int
+    loaded: bool
+    partitions: tuple[int, ...]
+    last_seen: datetime | None
+    error: str
+    queue_age_s: float = 0.0
+    """The longest a record it took lately had waited in the inputs topic: the autoscaling signal."""
+    deployment_id: str = ""
+
+
+@dataclass(frozen=True)
+class Autoscale:
+    """Scale a deployment between ``min_replicas`` and ``max_replicas`` on queue age: one replica more
+    once records have waited longer than ``queue_age_threshold_s`` for ``scale_up_after_s``, one less
+    after ``scale_down_after_s`` below it."""
+
+    min_replicas: int
+    max_replicas: int
+    queue_age_threshold_s: float = 1.0
+    scale_up_after_s: float = 10.0
+    scale_down_after_s: float = 300.0
+
+    def to_proto(self) -> pb.AutoscaleConfig:
+        return pb.AutoscaleConfig(**self.__dict__)
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    status: str
+    ready: bool
+    pipeline_version: int
+    replicas_wanted: int
+    replicas: tuple[ReplicaStatus, ...]
+    message: str
+    deployment_id: str = ""
+    autoscale: Autoscale | None = None
+
+    @classmethod
+    def from_proto(cls, st: pb.DeploymentStatus) -> DeploymentStatus:
+        replicas = tuple(
+            ReplicaStatus(
+                r.replica_id,
+                r.alive,
+                r.pipeline_version,
+                r.loaded,
+                tuple(r.partitions),
+                _time(r.last_seen),
+                r.error,
+                r.queue_age_s,
+                r.deployment_id,
+            )
+            for r in st.replicas
+        )
+        d = st.deployment
+        autoscale = None
+        if d.HasField("autoscale"):
+            a = d.autoscale
+            autoscale = Autoscale(
+                a.min_replicas,
+                a.max_replicas,
+                a.queue_age_threshold_s,
+                a.scale_up_after_s,
+                a.scale_down_after_s,
+            )
+        return cls(
+            st.status,
+            st.ready,
+            d.pipeline_version,
+            d.replicas,
+            replicas,
+            st.message,
+            d.deployment_id,
+            autoscale,
+        )
+
+
+def step_request(step: pb.ResolvedStep) -> pb.PipelineStep:
+    if step.arms and step.meta_key:
+        by_name = {arm.model: _modelstep_request(arm) for arm in step.arms}
+        routes = {value: by_name[model] for value, model in step.routes.items()}
+        split = pb.KeySplitStep(
+            default_model=by_name[step.arms[0].model], meta_key=step.meta_key, routes=routes
+        )
+        return pb.PipelineStep(key_split=split)
+    if step.arms:
+        pairs = zip(step.weights, step.arms, strict=True)
+        arms = [pb.WeightedModel(weight=w, model=_modelstep_request(a)) for w, a in pairs]
+        return pb.PipelineStep(random_split=pb.RandomSplitStep(arms=arms, hash_key=step.hash_key))
+    if step.checks:
+        return pb.PipelineStep(validations=pb.ValidationsStep(checks=step.checks))
+    if step.challengers:
+        shadow = pb.ShadowStep(
+            champion=_modelstep_request(step), challengers=[_modelstep_request(c) for c in step.challengers]
+        )
+        return pb.PipelineStep(shadow=shadow)
+    return pb.PipelineStep(model=_modelstep_request(step))
+
+
+def _modelstep_request(step: pb.ResolvedStep) -> pb.ModelStep:
+    return pb.ModelStep(model=step.model, version=step.version, input_mapping=step.input_mapping)
+
+
+def _model_ref(
+    model: ModelVersion | str, version: int | None = None, inputs: dict[str, str] | None = None
+) -> pb.ModelStep:
+    """A ModelVersion pins that version; a name takes ``version``, or the latest at create time."""
+    if isinstance(model, ModelVersion):
+        return pb.ModelStep(model=model.name, version=model.version, input_mapping=inputs)
+    return pb.ModelStep(model=model, version=version or 0, input_mapping=inputs)
+
+
+def _named_ref(model: ModelVersion | str, mappings: dict[str, dict[str, str]]) -> pb.ModelStep:
+    """A ModelVersion, or ``"name"`` / ``"name:version"``, with its input mapping from ``mappings``."""
+    if isinstance(model, ModelVersion):
+        return _model_ref(model, inputs=mappings.get(model.name))
+    # Model names cannot contain ":", so "name:version" is unambiguous.
+    name, colon, version = model.partition(":")
+    if colon and not (version.isdigit() and int(version) > 0):
+        raise ValueError(f"expected 'name' or 'name:version' (a positive number), got {model!r}")
+    return _model_ref(name, int(version) if colon else None, mappings.get(name))
+
+
+@dataclass
+class Pipeline:
+    client: RegistryCaller
+    name: str
+    _steps: list[pb.PipelineStep] = field(default_factory=list)
+    _version: int | None = None
+    """The version last created or loaded; None until then."""
+
+    @property
+    def workspace(self) -> str:
+        return self.client.workspace
+
+    @property
+    def topics(self) -> PipelineTopics:
+        from joey_core.topics import pipeline_topics
+
+        return pipeline_topics(self.workspace, self.name)
+
+    def add_model_step(
+        self, model: ModelVersion | str, version: int | None = None, inputs: dict[str, str] | None = None
+    ) -> Pipeline:
+        """Append a model step: a ModelVersion pins that version; a name takes the latest at create time.
+
+        ``inputs`` maps this model's input names to the names they are fed from: fields of the
+        input record for the first model step, outputs of the previous model step for later ones,
+        e.g. ``add_model_step("b", inputs={"x": "probabilities"})``. Inputs not listed are fed by
+        their own name. The registry checks the mapping when the pipeline version is created.
+        """
+        self._steps.append(pb.PipelineStep(model=_model_ref(model, version, inputs)))
+        return self
+
+    def add_shadow_deploy(
+        self,
+        champion: ModelVersion | str,
+        challengers: Sequence[ModelVersion | str],
+        inputs: dict[str, dict[str, str]] | None = None,
+    ) -> Pipeline:
+        """Append a shadow step: the champion and every challenger see every record; only the
+        champion's outputs are the result (``out.*``) and continue down the pipeline. Each
+        challenger's outputs are kept with the inference (``shadow.<model>.<output>`` in results
+        and logs), and a failing challenger (``shadow_errors.<model>``) never affects the result.
+
+        A ModelVersion pins that version; a string is ``"name"`` (the latest at create time) or
+        ``"name:version"``. Challengers must be models other than the champion and each other.
+        ``inputs`` maps a model name to its input mapping, as in ``add_model_step``, e.g.
+        ``inputs={"iris-b": {"features": "petals"}}``. The registry checks that every challenger
+        can be fed from the same sources as the champion when the pipeline version is created.
+        """
+        if not challengers:
+            raise ValueError("add_shadow_deploy needs at least one challenger, e.g. ['iris-b']")
+        mappings = inputs or {}
+        shadow = pb.ShadowStep(
+            champion=_named_ref(champion, mappings),
+            challengers=[_named_ref(c, mappings) for c in challengers],
+        )
+        self._steps.append(pb.PipelineStep(shadow=shadow))
+        return self
+
+    def add_random_split(
+        self,
+        arms: Sequence[tuple[float, ModelVersion | str]],
+        hash_key: str | None = None,
+        inputs: dict[str, dict[str, str]] | None = None,
+    ) -> Pipeline:
+        """Append an A/B split: each record is served by one of the ``(weight, model)`` arms, chosen
+        at random in proportion to the weights (positive numbers, any scale), e.g.
+        ``add_random_split([(2, "iris"), (1, "iris-b")])``. With ``hash_key="user_id"``, a record
+        carrying that field is assigned by a stable hash of its value, so a value always goes to the
+        same model (across replicas and restarts); records without it are assigned at random.
+
+        The result names the model that served it in ``out._model_split`` (a list with several split
+        steps). Models are given as in ``add_shadow_deploy``, each a different model; all arms must be
+        fed from the same sources and produce the same outputs, which the registry checks when the
+        pipeline version is created. ``inputs`` maps a model name to its input mapping.
+        """
+        mappings = inputs or {}
+        weighted = []
+        for arm in arms:
+            if not (isinstance(arm, tuple | list) and len(arm) == 2):
+                raise ValueError(f"each arm is a (weight, model) pair, e.g. (2, 'iris'), got {arm!r}")
+            weight, model = arm
+            weighted.append(pb.WeightedModel(weight=float(weight), model=_named_ref(model, mappings)))
+        split = pb.RandomSplitStep(arms=weighted, hash_key=hash_key or "")
+        self._steps.append(pb.PipelineStep(random_split=split))
+        return self
+
+    def add_key_split(
+        self,
+        default: ModelVersion | str,
+        meta_key: str,
+        options: dict[Any, ModelVersion | str],
+        inputs: dict[str, dict[str, str]] | None = None,
+    ) -> Pipeline:
+        """Append a key split: each record is served by the model that the value of its ``meta_key``
+        field maps to in ``options``, and by ``default`` when the field is missing or its value is not
+        mapped, e.g. ``add_key_split("iris", "tier", {"gold": "iris-b"})``. Values compare as text: a
+        string as is, anything else as its JSON text (``1`` matches ``"1"``, and a key ``True`` the
+        value ``true``). Models and ``inputs`` as in ``add_random_split``; several values may route to
+        the same model.
+        """
+        mappings = inputs or {}
+        # Keys are matched as the engine compares record values: strings as is, others as JSON text.
+        routes: dict[str, pb.ModelStep] = {}
+        for value, model in options.items():
+            key = (
+                value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+            )
+            routes[key] = _named_ref(model, mappings)
+        split = pb.KeySplitStep(default_model=_named_ref(default, mappings), meta_key=meta_key, routes=routes)
+        self._steps.append(pb.PipelineStep(key_split=split))
+        return self
+
+    def add_validations(self, **checks: str) -> Pipeline:
+        """Append a validations step: each check is a named expression over ``in.<field>`` (the
+        input record) and ``out.<field>`` (outputs of the model step before it), e.g.
+        ``add_validations(too_sure="out.probabilities[0] > 0.99")``. A check that is true flags the
+        record as an anomaly; the record is answered all the same. The registry compiles the
+        expressions when the pipeline version is created."""
+        if not checks:
+            raise ValueError('add_validations needs at least one check, e.g. too_sure="out.score > 0.99"')
+        self._steps.append(pb.PipelineStep(validations=pb.ValidationsStep(checks=checks)))
+        return self
+
+    def clear(self) -> Pipeline:
+        self._steps.clear()
+        return self
+
+    def remove_step(self, index: int) -> Pipeline:
+        """Drop the step at ``index`` (0-based, as in ``versions()[-1].steps``)."""
+        self._step_at(index)
+        del self._steps[index]
+        return self
+
+    def replace_with_model_step(
+        self,
+        index: int,
+        model: ModelVersion | str,
+        version: int | None = None,
+        inputs: dict[str, str] | None = None,
+    ) -> Pipeline:
+        """Put a model step at ``index`` in place of the step there: the hot swap of a model. The next
+        ``deploy()`` makes a new pipeline version and rolls it out with no pause in serving."""
+        self._step_at(index)
+        self._steps[index] = pb.PipelineStep(model=_model_ref(model, version, inputs))
+        return self
+
+    def _step_at(self, index: int) -> pb.PipelineStep:
+        if not 0 <= index < len(self._steps):
+            raise IndexError(f"pipeline {self.name!r} has {len(self._steps)} steps; no step at index {index}")
+        return self._steps[index]
+
+    def create(self) -> PipelineVersion:
+        """Store the steps; a new pipeline version is made only when they changed."""
+        request = pb.CreatePipelineRequest(workspace=self.workspace, name=self.name, steps=self._steps)
+        version = PipelineVersion.from_proto(self.client.call("CreatePipeline", request))
+        self._version = version.version
+        return version
+
+    def versions(self) -> list[PipelineVersion]:
+        response = self.client.call(
+            "GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=self.name)
+        )
+        return [PipelineVersion.from_proto(v) for v in response.versions]
+
+    def deploy(
+        self,
+        replicas: int | None = None,
+        version: int | None = None,
+        wait: bool = True,
+        timeout: float = 120.0,
+        on_status: StatusCallback | None = None,
+        autoscale: Autoscale | None = None,
+        cpus: str | float | None = None,
+        memory: str | None = None,
+    ) -> DeploymentStatus:
+        """Deploy (creating a version from the current steps first) and wait until every replica is ready.
+
+        On a running deployment the new version is rolled out while records keep flowing: its replicas
+        join before the current ones leave, and each record is answered by one version. ``replicas``
+        defaults to 1, or to ``autoscale.min_replicas``; ``cpus``/``memory`` (e.g. 2, "4Gi") are
+        per-replica hints for production manifests."""
+        if version is None and self._steps:
+            version = self.create().version
+        request = pb.DeployRequest(
+            workspace=self.workspace,
+            pipeline=self.name,
+            pipeline_version=version or 0,
+            replicas=replicas or 0,
+            autoscale=autoscale.to_proto() if autoscale else None,
+            resources=pb.ResourceHints(cpus=str(cpus or ""), memory=memory or "") if cpus or memory else None,
+        )
+        self.client.call("Deploy", request)
+        return self.wait_ready(timeout, on_status) if wait else self.status()
+
+    def rollback(
+        self,
+        version: int | None = None,
+        wait: bool = True,
+        timeout: float = 120.0,
+        on_status: StatusCallback | None = None,
+    ) -> DeploymentStatus:
+        """Roll the deployment back to ``version``, by default the version deployed before the current one,
+        keeping its replicas and autoscaling; rolled out like any deploy, with no pause in serving."""
+        request = pb.RollbackRequest(
+            workspace=self.workspace, pipeline=self.name, pipeline_version=version or 0
+        )
+        self.client.call("Rollback", request)
+        return self.wait_ready(timeout, on_status) if wait else self.status()
+
+    def wait_ready(self, timeout: float = 120.0, on_status: StatusCallback | None = None) -> DeploymentStatus:
+        deadline = time.monotonic() + timeout
+        last_message = None
+        while True:
+            status = self.status()
+            if on_status and status.message != last_message:
+                on_status(status)
+                last_message = status.message
+            if status.ready:
+                return status
+            if status.status == "Error" or time.monotonic() > deadline:
+                raise JoeyError(
+                    "DEADLINE_EXCEEDED" if status.status != "Error" else "ERROR",
+                    f"pipeline {self.name} not ready: {status.status}: {status.message}",
+                )
+            time.sleep(0.2)
+
+    def status(self) -> DeploymentStatus:
+        request = pb.GetDeploymentStatusRequest(workspace=self.workspace, pipeline=self.name)
+        return DeploymentStatus.from_proto(self.client.call("GetDeploymentStatus", request))
+
+    def undeploy(self) -> None:
+        self.client.call("Undeploy", pb.UndeployRequest(workspace=self.workspace, pipeline=self.name))
+
+    def infer(
+        self,
+        data: pa.Table | pd.DataFrame | Sequence[dict[str, Any]] | dict[str, Any],
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+    ) -> pd.DataFrame | pa.Table:
+        """Stream records through the pipeline's input topic and return one result row per record, in order.
+
+        Failed records are returned too, with the reason in the ``error`` column. An Apache Arrow table
+        (one record per row) gets an Arrow table back, with the columns of the DataFrame result.
+        """
+        if self.status().status == "Undeployed":
+            raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
+        if isinstance(data, pa.Table):
+            replies = PipelineStream(self.client.settings, self.topics).infer(
+                data.to_pylist(), timeout, progress
+            )
+            return pa.Table.from_pandas(replies_to_frame(replies), preserve_index=False)
+        if isinstance(data, pd.DataFrame):
+            rows: list[Any] = json.loads(data.to_json(orient="records", double_precision=15))
+        elif isinstance(data, dict):
+            rows = [data]
+        else:
+            rows = list(data)
+        replies = PipelineStream(self.client.settings, self.topics).infer(rows, timeout, progress)
+        return replies_to_frame(replies)
+
+    def logs(
+        self,
+        limit: int = 100,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        valid: bool | None = None,
+        anomalies_only: bool = False,
+    ) -> pd.DataFrame:
+        """Logged inferences: newest first without a time range, chronological with one.
+
+        ``valid=False`` returns only failures, ``valid=True`` only successes; ``anomalies_only``
+        only records that failed at least one validation check.
+        """
+        request = self._log_request(limit, start, end, valid, anomalies_only)
+        return log_entries_to_frame(self.client.call("QueryLogs", request).entries)
+
+    def log_count(
+        self, start: datetime | str | None = None, valid: bool | None = None, anomalies_only: bool = False
+    ) -> int:
+        request = self._log_request(1, start, None, valid, anomalies_only)
+        return int(self.client.call("QueryLogs", request).total)
+
+    def export_logs(
+        self,
+        directory: str | Path,
+        format: str = "parquet",
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        valid: bool | None = None,
+        file_prefix: str | None = None,
+        page_size: int = 5000,
+        rows_per_file: int = 100_000,
+        progress: Callable[[int, int], None] | None = None,
+        overwrite: bool = False,
+        anomalies_only: bool = False,
+    ) -> list[Path]:
+        """Write every matching logged inference, oldest first, to ``<prefix>-00001.<format>``...
+        in ``directory`` (created if missing) and return the files written (none if no rows match).
+
+        Rows are read ``page_size`` at a time, so memory holds one page and one open file. Each file
+        has at most ``rows_per_file`` rows; a Parquet file also ends early when rows do not fit its
+        schema (see ``joey.client.log_export``). Columns are those of ``logs()``; JSON lines write time as
+        ISO-8601. ``progress(rows_written, total)`` is called after each page; ``total`` is counted
+        when the export starts, so rows logged meanwhile may take the count past it. Existing files
+        with the same prefix and format are refused unless ``overwrite``, which replaces them.
+        ``valid`` and ``anomalies_only`` filter as in ``logs()``.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        export = LogExport(directory, format, file_prefix or self.name, rows_per_file, overwrite)
+        # A start, even the earliest one, makes the registry return rows chronologically.
+        first = start if start is not None else datetime.min.replace(tzinfo=UTC)
+        request = self._log_request(page_size, first, end, valid, anomalies_only)
+        return export.write(self._log_pages(request), progress)
+
+    def _log_request(
+        self,
+        limit: int,
+        start: datetime | str | None,
+        end: datetime | str | None,
+        valid: bool | None,
+        anomalies_only: bool,
+    ) -> pb.QueryLogsRequest:
+        validity = {None: pb.LOG_VALIDITY_ALL, True: pb.LOG_VALIDITY_OK, False: pb.LOG_VALIDITY_FAILED}[valid]
+        return pb.QueryLogsRequest(
+            workspace=self.workspace,
+            pipeline=self.name,
+            limit=limit,
+            validity=validity,
+            anomalies_only=anomalies_only,
+            start=None if start is None else timestamp(start),
+            end=None if end is None else timestamp(end),
+        )
+
+    def _log_pages(self, request: pb.QueryLogsRequest) -> Iterator[tuple[Sequence[pb.LogEntry], int]]:
+        while True:
+            response = self.client.call("QueryLogs", request)
+            yield response.entries, int(response.total)
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+
+def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
+    rows = []
+    for reply in replies:
+        body = reply.body
+        meta = body.get("metadata", {})
+        row: dict[str, Any] = {"time": pd.Timestamp(body["time"]), "request_id": reply.request_id}
+        row |= flatten("in", body.get("in") if reply.ok else body.get("input"))
+        row |= flatten("out", body.get("out"))
+        # Present only when the pipeline has a shadow step: challenger outputs, and their failures.
+        row |= flatten_shadow(body.get("shadow"))
+        row |= flatten("shadow_errors", body.get("shadow_errors"))
+        # Present only when the pipeline has validations: anomaly.count and anomaly.<check>.
+        row |= flatten("anomaly", body.get("anomaly"))
+        row["check_failures"] = body.get("check_failures", [])
+        row["error"] = None if reply.ok else body.get("error")
+        row |= flatten(
+            "metadata",
+            {k: meta.get(k) for k in ("pipeline_version", "models", "elapsed_ns", "partition", "offset")},
+        )
+        rows.append(row)
+    # Nullable dtypes keep integer outputs integers when a failed row leaves a gap.
+    return pd.DataFrame(rows).convert_dtypes()
+
+
+def log_entries_to_frame(entries: Sequence[pb.LogEntry]) -> pd.DataFrame:
+    return pd.DataFrame([log_entry_row(e) for e in entries]).convert_dtypes()

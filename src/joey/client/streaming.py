@@ -1,0 +1,83 @@
+"""Client side of the streaming path: send records to a pipeline's input topic and collect
+the matching outputs and errors by request id.
+
+Reply positions are taken before anything is produced, so no reply can be missed. The
+embedded broker under-reports high-watermarks, which only means some older replies are
+read and skipped here; on real Kafka the positions are exact.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import Producer
+
+from joey_core.kafka import DeliveryTracker, producer_config
+from joey_core.records import REQUEST_ID_HEADER, dumps, header_value
+from joey_core.replies import Reply, decode_reply, reply_consumer
+from joey_core.settings import CommonSettings
+from joey_core.topics import PipelineTopics
+
+Progress = Callable[[int, int], None]
+"""Called with (answered, total) as replies arrive."""
+
+
+class InferenceTimeout(TimeoutError):
+    def __init__(self, answered: int, total: int, timeout: float) -> None:
+        super().__init__(
+            f"{answered} of {total} records answered within {timeout:.0f}s; "
+            "is the pipeline deployed and ready? (check `joey pipeline status`)"
+        )
+        self.answered = answered
+        self.total = total
+
+
+class PipelineStream:
+    """Produces records to one pipeline's inputs topic and waits for their replies."""
+
+    def __init__(self, settings: CommonSettings, topics: PipelineTopics) -> None:
+        self._settings = settings
+        self._topics = topics
+
+    def infer(
+        self, rows: Sequence[dict[str, Any] | bytes], timeout: float = 60.0, progress: Progress | None = None
+    ) -> list[Reply]:
+        """Send ``rows`` (one input record each; bytes are sent as they are); return replies in order."""
+        request_ids = [uuid.uuid4().hex for _ in rows]
+        pending = set(request_ids)
+        replies: dict[str, Reply] = {}
+        consumer = reply_consumer(self._settings, self._topics)
+        try:
+            producer = Producer(producer_config(self._settings))
+            tracker = DeliveryTracker()
+            for request_id, row in zip(request_ids, rows, strict=True):
+                producer.produce(
+                    self._topics.inputs,
+                    value=row if isinstance(row, bytes) else dumps(row),
+                    key=request_id.encode(),
+                    headers=[(REQUEST_ID_HEADER, request_id.encode())],
+                    on_delivery=tracker.on_delivery,
+                )
+                producer.poll(0)
+            tracker.flush(producer, timeout)
+            deadline = time.monotonic() + timeout
+            while pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise InferenceTimeout(len(replies), len(rows), timeout)
+                for message in consumer.consume(num_messages=1000, timeout=min(remaining, 0.5)):
+                    if message.error():
+                        continue
+                    reply_id = header_value(message.headers(), REQUEST_ID_HEADER)  # type: ignore[arg-type]
+                    if reply_id is None or reply_id not in pending:
+                        continue
+                    pending.discard(reply_id)
+                    replies[reply_id] = decode_reply(message, reply_id, self._topics.outputs)
+                if progress:
+                    progress(len(replies), len(rows))
+        finally:
+            consumer.close()
+        return [replies[request_id] for request_id in request_ids]

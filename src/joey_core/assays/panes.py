@@ -1,0 +1,211 @@
+"""Counts of live assays by pane, kept in Postgres as the log rows are stored.
+
+A window is a union of panes (see ``AssayDefinition.pane``), so a row is counted in one pane
+however much windows overlap. Each inference is counted exactly once: a logger adds the log rows
+it has just inserted (a replayed or duplicated log record inserts nothing) to their panes, in the same
+transaction as the insert. Rows stored before an assay existed are counted once by the
+assayer's :func:`backfill`. The boundary between the two is exact because loggers hold
+:data:`LOCK` shared for their whole transaction while creating or deleting an assay holds it
+exclusively: no log row is being stored while an assay appears, so ``backfill_until`` (the
+largest row id then) splits the rows into counted-by-backfill and counted-by-loggers.
+
+Counts live in ``assay_panes`` (one row per assay and pane start, a
+:class:`~joey_core.assays.streaming.WindowCounts` as bytes): memory and storage grow with the bins
+and the open panes, never with rows. The assayer deletes the panes no later window needs when
+it stores a window's result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+
+from joey_core.assays.runs import MICROS_SQL, AssayDefinition, timed_value_chunks, value_sql
+from joey_core.assays.streaming import WindowCounts
+
+log = logging.getLogger(__name__)
+
+LOCK = 0x4A6F6579_41737379  # "JoeyAssy": pg advisory lock between storing log rows and changing assays
+_STORED_BEFORE = sql.SQL("id <= %(until)s AND time >= %(since)s")
+
+PaneKey = tuple[int, datetime]
+"""(assay id, pane start)."""
+
+
+def hold_for_logging(conn: psycopg.Connection[Any]) -> None:
+    """Taken by a logger's transaction before it stores rows: assays cannot appear or vanish meanwhile."""
+    conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (LOCK,))
+
+
+def hold_for_change(conn: psycopg.Connection[Any]) -> int:
+    """Taken by the transaction that creates or deletes an assay; waits for the loggers' open
+    transactions to end. Returns the largest log row id, every one of them committed."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK,))
+    ((stored,),) = _rows(conn, "SELECT coalesce(max(id), 0) FROM inference_logs", ())
+    return int(stored)
+
+
+class _Contended(Exception):
+    """Another logger inserted one of the panes meanwhile."""
+
+
+def add_counts(conn: psycopg.Connection[Any], updates: dict[PaneKey, WindowCounts]) -> None:
+    """Add ``updates`` to the stored counts, within the caller's transaction.
+
+    Stored panes are locked in key order, merged and written back (two statements when every
+    pane exists, the common case); missing ones are inserted in key order. If another logger
+    inserted one of them meanwhile, this round is rolled back to its savepoint, releasing the
+    locks it took, and run again: a transaction never waits for a pane while holding a later
+    one's lock, so loggers cannot deadlock. Each round reads anew (READ COMMITTED), so the pane
+    the other logger inserted is found and merged into.
+    """
+    while updates:
+        try:
+            with conn.transaction():
+                _add_once(conn, updates)
+            return
+        except _Contended:
+            continue
+
+
+def _add_once(conn: psycopg.Connection[Any], updates: dict[PaneKey, WindowCounts]) -> None:
+    keys = sorted(updates)
+    stored = _rows(
+        conn,
+        "SELECT assay_id, pane_start, counts FROM assay_panes "
+        "WHERE (assay_id, pane_start) IN (SELECT * FROM unnest(%s::bigint[], %s::timestamptz[])) "
+        "ORDER BY assay_id, pane_start FOR UPDATE",
+        ([k[0] for k in keys], [k[1] for k in keys]),
+    )
+    if stored:
+        merged = []
+        for assay_id, start, data in stored:
+            counts = WindowCounts.from_bytes(data)
+            counts.merge(updates[(assay_id, start)])
+            merged.append((assay_id, start, counts.to_bytes()))
+        conn.execute(
+            "UPDATE assay_panes p SET counts = u.counts FROM unnest(%s::bigint[], %s::timestamptz[], "
+            "%s::bytea[]) AS u(assay_id, pane_start, counts) "
+            "WHERE p.assay_id = u.assay_id AND p.pane_start = u.pane_start",
+            tuple(list(column) for column in zip(*merged, strict=True)),
+        )
+    found = {(assay_id, start) for assay_id, start, _ in stored}
+    missing = [k for k in keys if k not in found]
+    if not missing:
+        return
+    inserted = _rows(
+        conn,
+        "INSERT INTO assay_panes (assay_id, pane_start, counts) "
+        "SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bytea[]) ORDER BY 1, 2 "
+        "ON CONFLICT (assay_id, pane_start) DO NOTHING RETURNING assay_id, pane_start",
+        ([k[0] for k in missing], [k[1] for k in missing], [updates[k].to_bytes() for k in missing]),
+    )
+    if len(inserted) < len(missing):
+        raise _Contended
+
+
+def _rows(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    # Tuples whatever the connection's row factory (the loggers' and the assayer's differ).
+    with conn.cursor(row_factory=tuple_row) as cursor:
+        return cursor.execute(query, params).fetchall()
+
+
+class LiveCounter:
+    """What a logger runs in its write transaction: count the rows it inserts."""
+
+    def __init__(self) -> None:
+        # Definitions never change once stored, so each is read once per logger.
+        self._definitions: dict[int, AssayDefinition] = {}
+
+    def prepare(self, conn: psycopg.Connection[Any], pipelines: set[tuple[str, str]]) -> Counting:
+        """Hold :func:`hold_for_logging` and find the assays of these ``(workspace, pipeline)``:
+        every one, paused ones too, so a resumed assay lacks nothing."""
+        hold_for_logging(conn)
+        ids = [
+            row[0]
+            for row in _rows(
+                conn,
+                "SELECT a.id FROM assays a JOIN workspaces w ON w.id = a.workspace_id "
+                "WHERE (w.name, a.pipeline) IN (SELECT * FROM unnest(%s::text[], %s::text[])) ORDER BY a.id",
+                ([w for w, _ in pipelines], [p for _, p in pipelines]),
+            )
+        ]
+        # Deleted assays of these pipelines are forgotten.
+        deleted = [
+            i for i, d in self._definitions.items() if (d.workspace, d.pipeline) in pipelines and i not in ids
+        ]
+        for assay_id in deleted:
+            del self._definitions[assay_id]
+        missing = [i for i in ids if i not in self._definitions]
+        if missing:
+            for assay_id, workspace, name, data in _rows(
+                conn,
+                "SELECT a.id, w.name, a.name, a.definition FROM assays a "
+                "JOIN workspaces w ON w.id = a.workspace_id WHERE a.id = ANY(%s)",
+                (missing,),
+            ):
+                self._definitions[assay_id] = AssayDefinition.from_json(workspace, name, data)
+        return Counting([(i, self._definitions[i]) for i in ids])
+
+
+@dataclass(frozen=True)
+class Counting:
+    """The assays a batch of log rows is counted into."""
+
+    assays: list[tuple[int, AssayDefinition]]
+
+    def returning(self, insert: sql.Composable) -> sql.Composed:
+        """``insert`` returning each inserted row's time and its value for every assay: the values
+        come with the insert, so counting costs no second look at the table."""
+        values = [value_sql(d) for _, d in self.assays]
+        return sql.SQL("{} RETURNING {}").format(insert, sql.SQL(", ").join([MICROS_SQL, *values]))
+
+    def count(self, conn: psycopg.Connection[Any], inserted: Sequence[tuple[Any, ...]]) -> None:
+        """Add the rows ``returning`` gave back to their panes' counts."""
+        if not self.assays or not inserted:
+            return
+        micros = np.array([row[0] for row in inserted], dtype=np.int64)
+        updates: dict[PaneKey, WindowCounts] = {}
+        for column, (assay_id, definition) in enumerate(self.assays, start=1):
+            raw = np.array([row[column] for row in inserted], dtype=np.float64)  # None -> NaN
+            counted = np.flatnonzero(~np.isnan(raw))
+            if counted.size == 0:
+                continue
+            panes: dict[datetime, WindowCounts] = {}
+            definition.count(micros[counted], raw[counted], panes)
+            updates.update({(assay_id, start): counts for start, counts in panes.items()})
+        add_counts(conn, updates)
+
+
+def backfill(
+    conn: psycopg.Connection[Any], assay_id: int, definition: AssayDefinition, since: datetime
+) -> bool:
+    """Count the log rows stored before the assay existed, from ``since``; once per assay.
+
+    Runs in one transaction that locks the assay row, so a second assayer waits and then finds
+    nothing to do; a crash counts nothing and the next run starts over. Returns False when the
+    assay was deleted or already backfilled. The lock is NO KEY UPDATE: loggers adding counts
+    meanwhile (their foreign keys take KEY SHARE on the row) are not held up.
+    """
+    with conn.transaction():
+        rows = _rows(conn, "SELECT backfill_until FROM assays WHERE id = %s FOR NO KEY UPDATE", (assay_id,))
+        if not rows or rows[0][0] is None:
+            return False
+        panes: dict[datetime, WindowCounts] = {}
+        chunks = timed_value_chunks(conn, definition, _STORED_BEFORE, until=rows[0][0], since=since)
+        for micros, values in chunks:
+            definition.count(micros, values, panes)
+        add_counts(conn, {(assay_id, start): counts for start, counts in panes.items()})
+        conn.execute("UPDATE assays SET backfill_until = NULL WHERE id = %s", (assay_id,))
+    log.info(
+        "assay %s/%s: counted %d panes of earlier logs", definition.workspace, definition.name, len(panes)
+    )
+    return True

@@ -1,0 +1,75 @@
+"""Postgres bootstrap shared by the services that own tables: create the database, migrate.
+
+Migrations are the numbered ``migrations/*.sql`` files, applied in order once each, under
+an advisory lock so services starting together do not race.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_LOCK = 0x4A4F4559  # "JOEY"
+
+
+def ensure_database(url: str) -> None:
+    """Create the database named in ``url`` if it does not exist."""
+    params = conninfo_to_dict(url)
+    name = params.get("dbname") or "postgres"
+    admin_url = make_conninfo(url, dbname="postgres")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(str(name))))
+                log.info("created database %s", name)
+            except psycopg.errors.DuplicateDatabase:
+                pass
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for entry in resources.files("joey_core.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            number = int(entry.name.split("_", 1)[0])
+            found.append((number, entry.name, entry.read_text()))
+    return sorted(found)
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending migrations; return the names applied."""
+    applied: list[str] = []
+    with psycopg.connect(url) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            conn.commit()
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            for number, name, text in _migrations():
+                if number in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(text.encode())
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (number, name)
+                    )
+                applied.append(name)
+                log.info("applied migration %s", name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+            conn.commit()
+    return applied
+
+
+def prepare(url: str) -> None:
+    ensure_database(url)
+    migrate(url)

@@ -1,0 +1,174 @@
+"""Wire formats of the records Joey moves over Kafka.
+
+* Input record: a JSON object mapping input names to values (one row). The record key and
+  the ``request-id`` header travel through to outputs, errors and logs. An optional
+  ``deadline-ms`` header (epoch milliseconds) marks when the caller stops waiting: a replica
+  reaching the record later does not run it and reports it as an error instead.
+* Output record: JSON with ``time``, ``in``, ``out``, ``check_failures`` and ``metadata``.
+* Error record: JSON with ``time``, ``request_id``, ``error``, ``input`` (or ``raw_input``)
+  and ``metadata``.
+* Log record: Avro (``schemas/inference_log.avsc``), schemaless body with a
+  ``content-type`` header naming the schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import fastavro
+import numpy as np
+
+REQUEST_ID_HEADER = "request-id"
+DEADLINE_HEADER = "deadline-ms"
+DEADLINE_EXCEEDED = "deadline exceeded"
+"""How the reason of a record dropped past its deadline starts; synchronous callers match on it."""
+CONTENT_TYPE_HEADER = "content-type"
+LOG_CONTENT_TYPE = "application/avro; schema=joey.v1.InferenceLog"
+
+
+class RecordError(ValueError):
+    """A record that cannot be processed; the message is the reason shown to the user."""
+
+
+def header_value(headers: list[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    for key, value in headers or ():
+        if key == name and value is not None:
+            return value.decode("utf-8", errors="replace")
+    return None
+
+
+def decode_input(value: bytes | None) -> dict[str, Any]:
+    """Parse one input record; raise RecordError naming what is wrong."""
+    if value is None:
+        raise RecordError("empty record: expected a JSON object mapping input names to values")
+    try:
+        row = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"record is not valid JSON: {exc}") from None
+    if not isinstance(row, dict):
+        raise RecordError(
+            f"record must be a JSON object mapping input names to values, got {type(row).__name__}"
+        )
+    return row
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert numpy values to JSON; non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def dumps_text(value: Any) -> str:
+    """Strict JSON text. Plain Python values (the common case) skip the conversion walk."""
+    try:
+        return _ENCODER.encode(value)
+    except (TypeError, ValueError):
+        return _ENCODER.encode(to_jsonable(value))
+
+
+def dumps(value: Any) -> bytes:
+    return dumps_text(value).encode()
+
+
+_NON_STRICT_TOKENS = (b"NaN", b"Infinity")
+
+
+def strict_json_text(raw: bytes | None, parse: Callable[[], Any]) -> str:
+    """Strict JSON text of a record that parses as JSON: ``raw`` itself when it is strict already.
+
+    Python's parser accepts NaN and Infinity, which JSON (and Postgres jsonb) do not; only then
+    is the value parsed (``parse()``) and encoded again, with those values as null.
+    """
+    if raw is not None and not any(token in raw for token in _NON_STRICT_TOKENS):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return dumps_text(parse())
+
+
+@cache
+def log_schema() -> Any:
+    text = resources.files("joey_core.schemas").joinpath("inference_log.avsc").read_text()
+    return fastavro.parse_schema(json.loads(text))
+
+
+def encode_log(record: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, log_schema(), record)
+    return buffer.getvalue()
+
+
+def decode_log(data: bytes) -> dict[str, Any]:
+    return fastavro.schemaless_reader(io.BytesIO(data), log_schema(), log_schema())  # type: ignore[return-value]
+
+
+def log_event_time(data: bytes) -> tuple[str, str, datetime]:
+    """``(workspace, pipeline, time)`` of an encoded InferenceLog, read without decoding the rest.
+
+    What a watermark needs, several times faster than :func:`decode_log`: the fields are read in
+    the schema's order (workspace, pipeline, pipeline_version, deployment_id, request_id,
+    record_key, time) straight from Avro's binary encoding. Raises RecordError on bad input.
+    """
+    try:
+        workspace_bytes, at = _avro_bytes(data, 0)
+        pipeline_bytes, at = _avro_bytes(data, at)
+        _, at = _avro_long(data, at)  # pipeline_version
+        for _ in range(2):  # deployment_id, request_id
+            _, at = _avro_bytes(data, at)
+        branch, at = _avro_long(data, at)  # record_key: null or bytes
+        if branch not in (0, 1):
+            raise ValueError(f"union branch {branch} of record_key")
+        if branch == 1:
+            _, at = _avro_bytes(data, at)
+        micros, at = _avro_long(data, at)
+        workspace, pipeline = workspace_bytes.decode(), pipeline_bytes.decode()
+        return workspace, pipeline, _EPOCH + timedelta(microseconds=micros)
+    # Corrupt bytes trip over whatever they hit: an index past the end, bad UTF-8, a huge time.
+    except (IndexError, ValueError, OverflowError) as exc:
+        raise RecordError(f"not an Avro joey.v1.InferenceLog ({type(exc).__name__}: {exc})") from None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _avro_long(data: bytes, at: int) -> tuple[int, int]:
+    """A zigzag varint (Avro's int and long) at ``at``, and the position after it."""
+    raw = 0
+    for shift in range(0, 70, 7):  # a long takes at most 10 bytes
+        byte = data[at]
+        at += 1
+        raw |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (raw >> 1) ^ -(raw & 1), at
+    raise ValueError("varint longer than 10 bytes")
+
+
+def _avro_bytes(data: bytes, at: int) -> tuple[bytes, int]:
+    """Avro bytes or string at ``at`` (a length, then the bytes), and the position after them."""
+    size, at = _avro_long(data, at)
+    if size < 0 or at + size > len(data):
+        raise ValueError(f"a length of {size} at byte {at} runs outside the record")
+    return data[at : at + size], at + size

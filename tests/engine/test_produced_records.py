@@ -1,0 +1,172 @@
+"""The records a replica writes: strict JSON outputs and errors, Avro logs that round-trip."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from joey_core import records
+from joey_engine.deployment import Deployment
+from joey_engine.pipeline import Failure, Success
+from joey_engine.produced_records import Source, error_value, log_value, output_value
+
+NOW = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def source(value: bytes | None, offset: int = 7) -> Source:
+    return Source("joey.w.p.inputs", 2, offset, b"key", value, f"req-{offset}")
+
+
+def test_output_record_carries_input_output_and_metadata(make_deployment: Callable[..., Deployment]) -> None:
+    deployment = make_deployment()
+    raw = b'{"features": [1, 2.5, 3, 4], "note": "keep me"}'
+    result = Success(json.loads(raw), {"label": 2, "probabilities": [0.0, 0.1, 0.9]}, (1500, 20))
+    body = json.loads(output_value(deployment, source(raw), result, NOW))
+    assert body == {
+        "time": "2026-11-25T12:00:00.123456+00:00",
+        "request_id": "req-7",
+        "in": {"features": [1, 2.5, 3, 4], "note": "keep me"},
+        "out": {"label": 2, "probabilities": [0.0, 0.1, 0.9]},
+        "check_failures": [],
+        "metadata": {
+            "workspace": deployment.workspace,
+            "pipeline": deployment.pipeline,
+            "pipeline_version": deployment.pipeline_version,
+            "deployment_id": deployment.deployment_id,
+            "models": deployment.models,
+            "partition": 2,
+            "offset": 7,
+            "elapsed_ns": [1500, 20],
+        },
+    }
+
+
+def test_non_strict_json_input_is_made_strict_everywhere(make_deployment: Callable[..., Deployment]) -> None:
+    deployment = make_deployment()
+    raw = b'{"features": [1, 2, 3, 4], "extra": NaN}'
+    result = Success(json.loads(raw), {"label": 1}, (10,))
+    output = output_value(deployment, source(raw), result, NOW)
+    assert json.loads(output, parse_constant=lambda c: 1 / 0)["in"] == {
+        "features": [1, 2, 3, 4],
+        "extra": None,
+    }
+    log = records.decode_log(log_value(deployment, source(raw), result, NOW))
+    assert json.loads(log["inputs"]) == {"features": [1, 2, 3, 4], "extra": None}
+    assert log["ok"] and json.loads(log["outputs"]) == {"label": 1}
+
+
+def test_error_and_log_of_a_record_that_is_not_json(make_deployment: Callable[..., Deployment]) -> None:
+    deployment = make_deployment()
+    raw = b"\xffnot json"
+    failure = Failure("record is not valid JSON: ...", None)
+    error = json.loads(error_value(deployment, source(raw), failure, NOW))
+    assert error["error"] == failure.reason and error["input"] is None
+    assert error["raw_input"] == raw.decode("utf-8", errors="replace")
+    log = records.decode_log(log_value(deployment, source(raw), failure, NOW))
+    assert not log["ok"] and log["inputs"] is None and log["raw_input"] == raw
+    assert (log["input_partition"], log["input_offset"], log["request_id"]) == (2, 7, "req-7")
+
+
+def test_records_of_a_pipeline_with_checks_carry_the_anomalies(
+    make_deployment: Callable[..., Deployment],
+    make_step: Callable[..., Any],
+    make_validations: Callable[..., Any],
+) -> None:
+    checks = make_validations(too_sure="out.probabilities[0] > 0.99", wide="in.features[0] > 7.0")
+    deployment = make_deployment(steps=[make_step("0" * 64), checks])
+    raw = b'{"features": [7.5, 2.5, 3, 4]}'
+    outputs = {"label": 0, "probabilities": [1.0, 0.0, 0.0]}
+    flagged = Success(json.loads(raw), outputs, (1500, 20), ("too_sure", "wide"))
+    body = json.loads(output_value(deployment, source(raw), flagged, NOW))
+    assert body["check_failures"] == ["too_sure", "wide"]
+    assert body["anomaly"] == {"count": 2, "too_sure": True, "wide": True}
+    assert list(body) == ["time", "request_id", "in", "out", "check_failures", "anomaly", "metadata"]
+    assert body["metadata"]["elapsed_ns"] == [1500, 20]
+    log = records.decode_log(log_value(deployment, source(raw), flagged, NOW))
+    assert log["check_failures"] == ["too_sure", "wide"] and log["ok"]
+
+    one = Success(json.loads(raw), outputs, (1500, 20), ("wide",))
+    body = json.loads(output_value(deployment, source(raw, 8), one, NOW))
+    assert body["check_failures"] == ["wide"]
+    assert body["anomaly"] == {"count": 1, "too_sure": False, "wide": True}
+
+    clean = Success(json.loads(raw), outputs, (1500, 20))
+    body = json.loads(output_value(deployment, source(raw, 9), clean, NOW))
+    assert body["check_failures"] == [] and body["anomaly"] == {"count": 0, "too_sure": False, "wide": False}
+    assert records.decode_log(log_value(deployment, source(raw, 9), clean, NOW))["check_failures"] == []
+
+
+def test_records_of_a_pipeline_without_checks_have_no_anomaly_object(
+    make_deployment: Callable[..., Deployment],
+) -> None:
+    deployment = make_deployment()
+    raw = b'{"features": [1, 2, 3, 4]}'
+    value = output_value(deployment, source(raw), Success(json.loads(raw), {"label": 1}, (10,)), NOW)
+    assert b'"out":{"label":1},"check_failures":[],"metadata":{' in value
+    assert b"anomaly" not in value
+
+
+def test_records_of_a_pipeline_with_a_shadow_step_carry_the_challengers(
+    make_deployment: Callable[..., Deployment],
+    make_step: Callable[..., Any],
+    make_challenger: Callable[..., Any],
+) -> None:
+    challengers = [make_challenger("sum"), make_challenger("pooled", sha256="4" * 64)]
+    deployment = make_deployment(steps=[make_step("0" * 64, challengers=challengers)])
+    raw = b'{"features": [1, 2, 3, 4]}'
+    outputs = {"label": 1, "probabilities": [0.0, 1.0, 0.0]}
+    shadow = {"sum": {"total": 10.0}, "pooled": {"pooled": [1.0, 2.0, 3.0, 4.0]}}
+    ok = Success(json.loads(raw), outputs, (1500,), shadow=shadow, shadow_errors={})
+    value = output_value(deployment, source(raw), ok, NOW)
+    body = json.loads(value)
+    assert body["out"] == outputs and body["shadow"] == shadow
+    assert list(body) == ["time", "request_id", "in", "out", "shadow", "check_failures", "metadata"]
+    # Only the champion produced the result.
+    assert body["metadata"]["models"] == [{"name": "iris", "version": 1, "sha256": "0" * 64}]
+    log = records.decode_log(log_value(deployment, source(raw), ok, NOW))
+    assert json.loads(log["shadow_outputs"]) == shadow and json.loads(log["outputs"]) == outputs
+    assert log["models"] == body["metadata"]["models"]
+
+    reason = "challenger 'pooled' v1 of step 1 output 'pooled' has shape [1, 4], expected ..."
+    partly = Success(
+        json.loads(raw), outputs, (1500,), shadow={"sum": {"total": 10.0}}, shadow_errors={"pooled": reason}
+    )
+    body = json.loads(output_value(deployment, source(raw, 8), partly, NOW))
+    assert body["shadow"] == {"sum": {"total": 10.0}} and body["shadow_errors"] == {"pooled": reason}
+    assert list(body)[3:6] == ["out", "shadow", "shadow_errors"]
+    log = records.decode_log(log_value(deployment, source(raw, 8), partly, NOW))
+    assert json.loads(log["shadow_outputs"]) == {"sum": {"total": 10.0}}
+
+    failed = Failure("missing input 'features'; ...", {"x": 1})
+    assert (
+        records.decode_log(log_value(deployment, source(b'{"x": 1}', 9), failed, NOW))["shadow_outputs"]
+        is None
+    )
+
+
+def test_records_without_a_shadow_step_have_no_shadow(make_deployment: Callable[..., Deployment]) -> None:
+    deployment = make_deployment()
+    raw = b'{"features": [1, 2, 3, 4]}'
+    result = Success(json.loads(raw), {"label": 1}, (10,))
+    assert b"shadow" not in output_value(deployment, source(raw), result, NOW)
+    assert records.decode_log(log_value(deployment, source(raw), result, NOW))["shadow_outputs"] is None
+
+
+def test_a_record_past_its_deadline_fails_with_the_reason_in_error_and_log(
+    make_deployment: Callable[..., Deployment],
+) -> None:
+    deployment = make_deployment()
+    raw = b'{"features": [1, 2, 3, 4]}'
+    late = Source("joey.w.p.inputs", 2, 7, b"key", raw, "req-7", deadline_ms=1_000_000.0)
+    assert late.expired(now_ms=1_000_000.0) is None, "a deadline is met up to and including its instant"
+    assert source(raw).expired(now_ms=2e12) is None, "a record without a deadline never expires"
+    failure = late.expired(now_ms=1_000_250.0)
+    assert isinstance(failure, Failure)
+    assert failure.reason.startswith("deadline exceeded 250 ms")
+    error = json.loads(error_value(deployment, late, failure, NOW))
+    assert error["request_id"] == "req-7" and error["error"] == failure.reason
+    assert error["raw_input"] == raw.decode()
+    log = records.decode_log(log_value(deployment, late, failure, NOW))
+    assert not log["ok"] and log["error"] == failure.reason

@@ -1,0 +1,110 @@
+"""The SDK's streaming path against the real broker, with a stand-in for the engine that answers each
+input record on the pipeline's outputs or errors topic: some of its answers are broken."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import pandas as pd
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+
+from joey.client.pipelines import replies_to_frame
+from joey.client.streaming import PipelineStream
+from joey_core import kafka, records, topics
+from joey_core.settings import CommonSettings
+
+WORKSPACE = "streaming"
+BROKEN = {1: b'{"time": "2025-05-01T09:00:00+00:00", "out": {"doub', 2: b"[1, 2]", 3: b'{"in": "\xff"}'}
+"""What the stand-in writes on the outputs topic for the records with these ids."""
+REFUSED = 4
+"""The id of the record the stand-in answers with an error record."""
+
+
+def answer(names: topics.PipelineTopics, message: Message) -> tuple[str, bytes]:
+    """The topic and value of the stand-in's reply to an input record."""
+    row = json.loads(message.value())  # type: ignore[arg-type]
+    request_id = records.header_value(message.headers(), records.REQUEST_ID_HEADER)  # type: ignore[arg-type]
+    now = datetime.now(UTC).isoformat()
+    if row["id"] in BROKEN:
+        return names.outputs, BROKEN[row["id"]]
+    if row["id"] == REFUSED:
+        body = {
+            "time": now,
+            "request_id": request_id,
+            "error": "x is too large",
+            "input": row,
+            "metadata": {},
+        }
+        return names.errors, records.dumps(body)
+    out = {"double": 2 * row["x"]}
+    body = {
+        "time": now,
+        "request_id": request_id,
+        "in": row,
+        "out": out,
+        "check_failures": [],
+        "metadata": {},
+    }
+    return names.outputs, records.dumps(body)
+
+
+@contextmanager
+def stand_in_engine(settings: CommonSettings, names: topics.PipelineTopics) -> Iterator[list[BaseException]]:
+    """Answers every record of the inputs topic until the block ends; yields the errors it stopped on."""
+    partitions = kafka.topic_partitions(kafka.admin_client(settings), [names.inputs])[names.inputs]
+    consumer = Consumer(kafka.consumer_config(settings, f"stand-in-{secrets.token_hex(4)}"))
+    consumer.assign([TopicPartition(names.inputs, p, OFFSET_BEGINNING) for p in range(partitions)])
+    producer = Producer(kafka.producer_config(settings))
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            while not stop.is_set():
+                for message in consumer.consume(100, 0.1):
+                    assert message.error() is None, message.error()
+                    topic, value = answer(names, message)
+                    producer.produce(topic, value, message.key(), headers=message.headers())
+                producer.flush(10)
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    thread = threading.Thread(target=serve, name="stand-in-engine", daemon=True)
+    thread.start()
+    try:
+        yield failures
+    finally:
+        stop.set()
+        thread.join(30)
+        consumer.close()
+
+
+def test_a_broken_reply_fails_its_own_row_and_the_others_are_answered(settings: CommonSettings) -> None:
+    pipeline = f"broken-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    rows = [{"id": i, "x": float(i)} for i in range(6)]
+    started = pd.Timestamp.now(tz=UTC)
+    with stand_in_engine(settings, names) as failures:
+        replies = PipelineStream(settings, names).infer(rows, timeout=30)
+    assert failures == []
+    assert [r.ok for r in replies] == [True, False, False, False, False, True]
+    frame = replies_to_frame(replies)
+    errors = frame["error"].tolist()
+    assert errors[1].startswith(f"reply on {names.outputs} is not valid JSON: "), errors[1]
+    assert errors[2] == f"reply on {names.outputs} is not a JSON object but list"
+    assert errors[3].startswith(f"reply on {names.outputs} is not valid JSON: 'utf-8' codec"), errors[3]
+    assert errors[4] == "x is too large"
+    assert frame["error"].isna().tolist() == [True, False, False, False, False, True]
+    assert frame["out.double"].tolist() == [0.0, pd.NA, pd.NA, pd.NA, pd.NA, 10.0]
+    assert frame["request_id"].tolist() == [r.request_id for r in replies]
+    # A broken reply is dated by when it was written, like the error records the engine writes.
+    assert all(started <= t <= pd.Timestamp.now(tz=UTC) for t in frame["time"][1:4]), frame["time"]

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import contextlib
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from joey_core import records
+
+
+def test_decode_input_accepts_a_json_object() -> None:
+    assert records.decode_input(b'{"features": [1, 2]}') == {"features": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "empty record"),
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2, 3]", "got list"),
+        (b'"text"', "got str"),
+    ],
+)
+def test_decode_input_names_the_problem(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(records.RecordError, match=reason):
+        records.decode_input(raw)
+
+
+def test_dumps_turns_numpy_and_non_finite_values_into_json() -> None:
+    value = {"a": np.float32(1.5), "b": np.array([[1, 2]], dtype=np.int64), "c": math.nan, "d": [np.inf, 2.0]}
+    assert records.dumps(value) == b'{"a":1.5,"b":[[1,2]],"c":null,"d":[null,2.0]}'
+
+
+def log(**fields: object) -> dict[str, object]:
+    return {
+        "workspace": "default",
+        "pipeline": "p",
+        "pipeline_version": 3,
+        "deployment_id": "d-1",
+        "request_id": "r-1",
+        "record_key": b"k",
+        "time": datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        "input_topic": "joey.default.p.inputs",
+        "input_partition": 2,
+        "input_offset": 41,
+        "ok": False,
+        "error": "missing input 'features'",
+        "inputs": None,
+        "raw_input": b"\x00garbage",
+        "outputs": None,
+        "shadow_outputs": None,
+        "check_failures": [],
+        "models": [{"name": "m", "version": 1, "sha256": "ab" * 32}],
+        "elapsed_ns": [120, 340],
+    } | fields
+
+
+def test_log_record_round_trips_through_avro() -> None:
+    record = log()
+    assert records.decode_log(records.encode_log(record)) == record
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"record_key": None},
+        {"record_key": b"\xff" * 300, "workspace": "équipe", "pipeline": "ü" * 70},
+        {"pipeline_version": 2**40, "request_id": "r" * 1000},
+        {"time": datetime(1969, 7, 20, 20, 17, 40, 1, tzinfo=UTC)},
+        {"time": datetime(2999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)},
+    ],
+)
+def test_the_event_time_is_read_without_decoding_the_whole_log_record(fields: dict[str, object]) -> None:
+    record = log(**fields)
+    assert records.log_event_time(records.encode_log(record)) == (
+        record["workspace"],
+        record["pipeline"],
+        record["time"],
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x10ab",
+        b"\xff\xff\xff",
+        b"\x02a\x02b\x02\x00\x00\x06",
+        b"\x02a\x02b\x02\x00\x00\x00" + b"\xff" * 12,  # a varint that never ends
+        b"\x02a\x02b\x02\x00\x00\x00\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",  # a time past year 9999
+    ],
+)
+def test_a_record_that_is_not_a_log_has_no_event_time(data: bytes) -> None:
+    with pytest.raises(records.RecordError, match="not an Avro"):
+        records.log_event_time(data)
+
+
+def test_header_value_finds_the_request_id() -> None:
+    headers = [("other", b"x"), (records.REQUEST_ID_HEADER, b"abc")]
+    assert records.header_value(headers, records.REQUEST_ID_HEADER) == "abc"
+    assert records.header_value(None, records.REQUEST_ID_HEADER) is None
+
+
+def test_corrupt_log_records_raise_only_record_errors() -> None:
+    rng = np.random.default_rng(4)
+    data = bytearray(records.encode_log(log()))
+    for _ in range(5000):
+        corrupt = bytearray(data)
+        corrupt[rng.integers(0, 40)] = rng.integers(0, 256)
+        # Any other exception fails the test: the assayer would stop on it.
+        with contextlib.suppress(records.RecordError):
+            records.log_event_time(bytes(corrupt))
