@@ -13,7 +13,7 @@ partition and polling ``consume(1000, tick_s)`` like the assayer:
 * assayer observe: each batch goes to a real ``Assayer(settings, store).observe``; at the end its
   watermarks must equal the latest event time written per pipeline and its positions the
   partition ends, so a no-op cannot pass.
-* logger decode: ``LogMessage.from_kafka(m).decode()`` for every message, what the logger does
+* logger decode: ``decode_log_record`` of ``ConsumedRecord.of(m)`` for every message, what the logger does
   before writing a batch; for comparison.
 
 Each system runs once as a warm-up, then ``--repeats`` times, the order rotating from one
@@ -46,6 +46,7 @@ from joey_assayer.service import POLL_RECORDS, Assayer
 from joey_assayer.settings import AssayerSettings
 from joey_assayer.store import AssayerStore
 from joey_core.kafka import (
+    ConsumedRecord,
     DeliveryTracker,
     TopicSpec,
     admin_client,
@@ -53,8 +54,7 @@ from joey_core.kafka import (
     ensure_topics,
     producer_config,
 )
-from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, encode_log
-from joey_logger.messages import LogMessage
+from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, decode_log_record, encode_log
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -164,7 +164,7 @@ def logger_decode(settings: AssayerSettings, store: AssayerStore, written: Writt
 
     def decode(messages: list[Message]) -> None:
         nonlocal decoded
-        decoded += len([LogMessage.from_kafka(m).decode() for m in messages])
+        decoded += len([decode_log_record(r.headers, r.value) for r in map(ConsumedRecord.of, messages)])
 
     elapsed = follow(settings, written, decode)
     if decoded != written.records:

@@ -1,4 +1,5 @@
-"""Replica heartbeats in Redis: written by engine replicas, read by the registry's status.
+"""Heartbeats in Redis: engine replicas' (read by the registry's status) and every service instance's
+(:class:`ServiceHeartbeat`, read by `joey up` and the engines to know who is ready).
 
 Two keys per replica:
 * ``<prefix>:hb:<workspace>/<pipeline>:<replica_id>`` holds the latest heartbeat, with a TTL:
@@ -10,13 +11,16 @@ Two keys per replica:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
 
-DEFAULT_TTL_S = 5.0
+from joey_core.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,16 +106,50 @@ def _service_key(prefix: str, service: str, instance: str) -> str:
     return f"{prefix}:svc:{service}:{instance}"
 
 
-def publish_service(client: redis.Redis, prefix: str, service: str, instance: str, ttl_s: float) -> None:
-    """Mark a service instance (engine, logger, ...) alive and ready for ``ttl_s`` seconds."""
-    client.set(_service_key(prefix, service, instance), json.dumps({"at": time.time()}), px=int(ttl_s * 1000))
-
-
-def retire_service(client: redis.Redis, prefix: str, service: str, instance: str) -> None:
-    client.delete(_service_key(prefix, service, instance))
-
-
 def live_services(client: redis.Redis, prefix: str, service: str) -> list[str]:
     """Instance ids of the ready instances of ``service``."""
     keys: list[bytes] = client.keys(_service_key(prefix, service, "*"))  # type: ignore[assignment]
     return sorted(k.decode().rsplit(":", 1)[1] for k in keys)
+
+
+class ServiceHeartbeat:
+    """Marks one service instance ready in Redis for ``heartbeat_ttl_s``, refreshed every ``interval_s``.
+
+    Readiness is advisory: a Redis outage is logged and never stops the service's work.
+    """
+
+    def __init__(
+        self, client: redis.Redis, settings: ServiceSettings, service: str, interval_s: float | None = None
+    ) -> None:
+        self.client = client
+        self.service = service
+        self.interval_s = settings.heartbeat_ttl_s / 3 if interval_s is None else interval_s
+        self._prefix = settings.redis_prefix
+        self._key = _service_key(settings.redis_prefix, service, settings.instance_id)
+        self._ttl_ms = int(settings.heartbeat_ttl_s * 1000)
+        self._next = 0.0
+
+    def beat(self) -> bool:
+        """Refresh the heartbeat if it is due; True when it was refreshed."""
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.interval_s
+        payload = json.dumps({"at": time.time()})
+        try:
+            self.client.set(self._key, payload, px=self._ttl_ms)
+        except redis.RedisError as exc:
+            log.warning("cannot publish the %s heartbeat: %s", self.service, exc)
+            return False
+        return True
+
+    def live_instances(self) -> list[str]:
+        """The ready instances of this service, this one included once it has beaten."""
+        return live_services(self.client, self._prefix, self.service)
+
+    def retire(self) -> None:
+        """Stop counting as ready, at once rather than when the heartbeat expires."""
+        try:
+            self.client.delete(self._key)
+        except redis.RedisError as exc:
+            log.warning("cannot retire the %s heartbeat: %s", self.service, exc)

@@ -1,4 +1,11 @@
-"""Thin helpers over confluent-kafka: client configs, topic creation, readiness.
+"""Thin helpers over confluent-kafka: client configs, topic creation, readiness, and the toolkit every
+Kafka loop of Joey is built from.
+
+The toolkit: :class:`ConsumedRecord` (a consumed record as a plain value), :func:`usable` (drops
+records that carry a consumer error; a fatal one raises), :class:`DeliveryTracker` (flush and check
+what a batch produced) and :func:`commit` (synchronous, per-partition errors included, with a
+:class:`CommitPolicy` each loop names). A loop polls a batch, processes it, produces, flushes and
+only then commits.
 
 Everything here works unchanged on a real Kafka cluster: topics are created explicitly
 with their final partition count, and nothing relies on high-watermarks or aborted
@@ -7,16 +14,26 @@ transactions (the embedded broker gets both wrong).
 
 from __future__ import annotations
 
+import enum
+import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from joey_core import topics
+from joey_core import records, topics
 from joey_core.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -153,3 +170,141 @@ class DeliveryTracker:
         if self.errors:
             errors, self.errors = self.errors, []
             raise KafkaException(errors[0])
+
+
+Headers = list[tuple[str, bytes | None]]
+
+
+@dataclass(frozen=True)
+class ConsumedRecord:
+    """A record read from a topic, as a plain value: where it came from, and what it carries."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = field(default_factory=list)
+    timestamp_ms: int | None = None
+    """When it was written, by the broker's or the producer's clock; None when the broker has none."""
+
+    @classmethod
+    def of(cls, message: Message) -> ConsumedRecord:
+        """A message :func:`usable` kept (one without an error)."""
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        if topic is None or partition is None or offset is None:
+            raise ValueError(f"not a consumed record: {message.error()}")
+        raw = message.headers() or []
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        headers = [(name, value.encode() if isinstance(value, str) else value) for name, value in pairs]
+        kind, ms = message.timestamp()
+        stamp = None if kind == TIMESTAMP_NOT_AVAILABLE else ms
+        return cls(topic, partition, offset, message.key(), message.value(), headers, stamp)
+
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def header(self, name: str) -> str | None:
+        return records.header_value(self.headers, name)
+
+    @cached_property
+    def request_id(self) -> str:
+        """The caller's request id, or the record's position when it came without one."""
+        return self.header(records.REQUEST_ID_HEADER) or f"{self.topic}/{self.partition}/{self.offset}"
+
+    @cached_property
+    def deadline_ms(self) -> float | None:
+        """When the caller stops waiting (epoch ms), from the deadline header."""
+        text = self.header(records.DEADLINE_HEADER)
+        # A malformed deadline cannot be honoured; the record is processed as if it had none.
+        try:
+            return None if text is None else float(text)
+        except ValueError:
+            return None
+
+    @cached_property
+    def value_json(self) -> str:
+        """The value as strict JSON text (what output and log records embed); only valid for a value
+        that parsed as a JSON object."""
+        return records.strict_json_text(self.value, lambda: json.loads(self.value or b"null"))
+
+
+def usable(messages: Iterable[Message], log: logging.Logger | logging.LoggerAdapter[Any]) -> list[Message]:
+    """The messages that are records; a consumer error is logged and dropped, a fatal one raises.
+
+    Non-fatal errors (a partition's end, a broker reconnecting) are the client telling, not failing: it
+    goes on by itself. A fatal error means this client can do nothing more, so the loop must stop.
+    """
+    kept = []
+    for message in messages:
+        error = message.error()
+        if error is None:
+            kept.append(message)
+        elif error.fatal():
+            raise KafkaException(error)
+        else:
+            log.warning("consumer error on %s[%s]: %s", message.topic(), message.partition(), error)
+    return kept
+
+
+def next_offsets(consumed: Iterable[ConsumedRecord]) -> list[TopicPartition]:
+    """The offsets to commit once ``consumed`` is done: one past the last record of each partition."""
+    ends: dict[tuple[str, int], int] = {}
+    for record in consumed:
+        position = (record.topic, record.partition)
+        ends[position] = max(ends.get(position, 0), record.offset + 1)
+    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in ends.items()]
+
+
+# The group moved on while a batch ran: its members must rejoin before anything can be committed.
+REBALANCING = frozenset(
+    {
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError._ASSIGNMENT_LOST,  # noqa: SLF001  # librdkafka's local error codes start with "_"
+    }
+)
+
+
+class CommitPolicy(enum.Enum):
+    """What a refused commit means to the loop; every loop names its own."""
+
+    RETRY_WHEN_REBALANCING = "retry when rebalancing"
+    """Refused because the group rebalances: keep the offsets and commit them later (on revoke or
+    with the next batch). Any other failure raises: the loop cannot know what was stored."""
+
+    BEST_EFFORT = "best effort"
+    """Logged and forgotten: what the batch produced is durable and idempotent, so the partition's
+    next owner replays it into no-ops."""
+
+
+def commit(
+    consumer: Consumer,
+    offsets: Sequence[TopicPartition],
+    policy: CommitPolicy,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+) -> bool:
+    """Commit ``offsets`` synchronously; True when every one was committed.
+
+    A partition the broker refused counts as a failed commit, handled by ``policy`` like the whole
+    request failing.
+    """
+    if not offsets:
+        return True
+    try:
+        results = consumer.commit(offsets=list(offsets), asynchronous=False) or []
+        refused = [tp for tp in results if tp.error is not None]
+        if refused:
+            raise KafkaException(refused[0].error)
+    except KafkaException as exc:
+        error = exc.args[0]
+        code = error.code() if isinstance(error, KafkaError) else None
+        if policy is CommitPolicy.RETRY_WHEN_REBALANCING:
+            if code not in REBALANCING:
+                raise
+            log.warning("commit refused while the group rebalances (%s); retrying later", error)
+        else:
+            log.warning("offset commit failed; the next owner replays these records: %s", error)
+        return False
+    return True

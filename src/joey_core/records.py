@@ -125,6 +125,26 @@ def decode_log(data: bytes) -> dict[str, Any]:
     return fastavro.schemaless_reader(io.BytesIO(data), log_schema(), log_schema())  # type: ignore[return-value]
 
 
+def is_log_record(headers: list[tuple[str, bytes | None]] | None) -> bool:
+    """Whether a record's headers allow it to be a log record (one without a content type may be)."""
+    return header_value(headers, CONTENT_TYPE_HEADER) in (None, LOG_CONTENT_TYPE)
+
+
+def decode_log_record(headers: list[tuple[str, bytes | None]] | None, value: bytes | None) -> dict[str, Any]:
+    """The InferenceLog a ``joey.logs`` record carries; raise RecordError naming what is wrong."""
+    content_type = header_value(headers, CONTENT_TYPE_HEADER)
+    if content_type is not None and content_type != LOG_CONTENT_TYPE:
+        raise RecordError(f"unexpected content-type {content_type!r}, expected {LOG_CONTENT_TYPE!r}")
+    if not value:
+        raise RecordError("empty record: expected an Avro joey.v1.InferenceLog")
+    try:
+        return decode_log(value)
+    # fastavro reports corrupt input with whatever the bytes happen to trip over (EOFError,
+    # IndexError, UnicodeDecodeError, ...), so every failure is a reason to dead-letter.
+    except Exception as exc:
+        raise RecordError(f"not an Avro joey.v1.InferenceLog ({type(exc).__name__}: {exc})") from None
+
+
 def log_event_time(data: bytes) -> tuple[str, str, datetime]:
     """``(workspace, pipeline, time)`` of an encoded InferenceLog, read without decoding the rest.
 

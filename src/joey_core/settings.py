@@ -1,11 +1,16 @@
 """Settings shared by every Joey process.
 
-Each service subclasses :class:`CommonSettings` with its own fields. A settings object
+Each service subclasses :class:`ServiceSettings` with its own fields; the SDK and the CLI use
+:class:`CommonSettings`. A settings object
 is built once at start (``XSettings()`` reads ``JOEY_*`` environment variables) and
 passed down; nothing below the entry points reads the environment.
 """
 
 from __future__ import annotations
+
+import os
+import secrets
+import socket
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,3 +45,18 @@ class CommonSettings(BaseSettings):
     """Partitions of each pipeline's topics; also the maximum replicas of a deployment."""
 
     log_level: str = "INFO"
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class ServiceSettings(CommonSettings):
+    """What every service process has: a name of its own and a heartbeat in Redis."""
+
+    instance_id: str = Field(default_factory=default_instance_id)
+    """Name of this process in heartbeats, consumer client ids and logs (`joey up` sets one per service)."""
+
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0)
+    """How long a heartbeat (and an engine's slot lease) outlives its last refresh: an instance not
+    heard from for this long counts as gone."""

@@ -8,15 +8,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from joey_core import records
+from joey_core.kafka import ConsumedRecord
+from joey_core.records import DEADLINE_HEADER, REQUEST_ID_HEADER
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import Failure, Success
-from joey_engine.produced_records import Source, error_value, log_value, output_value
+from joey_engine.produced_records import error_value, expired, log_value, output_value
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
 
 
-def source(value: bytes | None, offset: int = 7) -> Source:
-    return Source("joey.w.p.inputs", 2, offset, b"key", value, f"req-{offset}")
+def source(value: bytes | None, offset: int = 7, deadline_ms: float | None = None) -> ConsumedRecord:
+    headers = [(REQUEST_ID_HEADER, f"req-{offset}".encode())]
+    if deadline_ms is not None:
+        headers.append((DEADLINE_HEADER, str(deadline_ms).encode()))
+    return ConsumedRecord("joey.w.p.inputs", 2, offset, b"key", value, headers)
 
 
 def test_output_record_carries_input_output_and_metadata(make_deployment: Callable[..., Deployment]) -> None:
@@ -159,10 +164,10 @@ def test_a_record_past_its_deadline_fails_with_the_reason_in_error_and_log(
 ) -> None:
     deployment = make_deployment()
     raw = b'{"features": [1, 2, 3, 4]}'
-    late = Source("joey.w.p.inputs", 2, 7, b"key", raw, "req-7", deadline_ms=1_000_000.0)
-    assert late.expired(now_ms=1_000_000.0) is None, "a deadline is met up to and including its instant"
-    assert source(raw).expired(now_ms=2e12) is None, "a record without a deadline never expires"
-    failure = late.expired(now_ms=1_000_250.0)
+    late = source(raw, deadline_ms=1_000_000.0)
+    assert expired(late, now_ms=1_000_000.0) is None, "a deadline is met up to and including its instant"
+    assert expired(source(raw), now_ms=2e12) is None, "a record without a deadline never expires"
+    failure = expired(late, now_ms=1_000_250.0)
     assert isinstance(failure, Failure)
     assert failure.reason.startswith("deadline exceeded 250 ms")
     error = json.loads(error_value(deployment, late, failure, NOW))

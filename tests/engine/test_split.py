@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from joey_core import records
+from joey_core.kafka import ConsumedRecord
+from joey_core.records import REQUEST_ID_HEADER
 from joey_core.v1 import registry_pb2
 from joey_engine.deployment import Deployment, Split
 from joey_engine.pipeline import MODEL_SPLIT, Failure, PipelineRunner, Result, Success
-from joey_engine.produced_records import Source, error_value, log_value, output_value
+from joey_engine.produced_records import error_value, log_value, output_value
 from joey_engine.runtime import OnnxRuntime
 from joey_engine.settings import EngineSettings
 
@@ -259,7 +261,7 @@ def test_outputs_errors_and_logs_name_the_models_that_served_each_record(
 ) -> None:
     deployment = make_deployment(steps=[random_split(make_step, 1, 1)])
     raw = b'{"features": [1, 2, 3, 4]}'
-    source = Source("joey.w.p.inputs", 2, 7, b"key", raw, "req-7")
+    source = ConsumedRecord("joey.w.p.inputs", 2, 7, b"key", raw, [(REQUEST_ID_HEADER, b"req-7")])
     ok = Success(json.loads(raw), {"label": 1, MODEL_SPLIT: "b"}, (10,), split=("b",))
     body = json.loads(output_value(deployment, source, ok, NOW))
     assert body["out"] == {"label": 1, "_model_split": "b"}

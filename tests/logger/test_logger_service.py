@@ -8,9 +8,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from joey_core import db
+from joey_core.kafka import ConsumedRecord
 from joey_core.records import encode_log, header_value
 from joey_core.settings import CommonSettings
-from joey_logger.messages import LogMessage
 from joey_logger.service import REASON_HEADER, SOURCE_HEADER
 from joey_logger.settings import LoggerSettings
 from tests.conftest import POSTGRES_ADMIN_URL, wait_until
@@ -52,7 +52,7 @@ def test_replays_add_no_rows_and_bad_records_are_dead_lettered(
 
     found = read_dead_letters(settings, {*undecodable, refused}, timeout=60)
     for value, message in found.items():
-        headers = LogMessage.from_kafka(message).headers
+        headers = ConsumedRecord.of(message).headers
         expected = "rejected by the postgres sink" if value == refused else "not an Avro joey.v1.InferenceLog"
         assert expected in (header_value(headers, REASON_HEADER) or ""), headers
         assert (header_value(headers, SOURCE_HEADER) or "").startswith("joey.logs["), headers

@@ -16,13 +16,15 @@ CONFLICT DO NOTHING on (assay_id, window_start): exactly one result per window a
 and restarts. Results are published on ``joey.assays.results`` (Warning and Alert also on
 ``joey.assays.alerts``) and marked published after the broker acknowledged them, so a crash
 between storing and publishing republishes (at least once, keyed by window).
+
+Commit policy: best effort (``CommitPolicy.BEST_EFFORT``): its offsets on ``joey.logs`` only say how far
+it has read; a replay rebuilds the watermark, and results never depend on them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -31,10 +33,10 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 
 from joey_assayer.settings import AssayerSettings
 from joey_assayer.store import AssayerStore, LiveAssay
-from joey_core import heartbeats, kafka, topics
+from joey_core import kafka, topics
+from joey_core.heartbeats import ServiceHeartbeat
 from joey_core.kafka import DeliveryTracker, consumer_config, producer_config
-from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, header_value, log_event_time
-from joey_logger.messages import LogMessage
+from joey_core.records import RecordError, is_log_record, log_event_time
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,7 @@ class Assayer:
         # clock closes windows only up to it, or a backlog not read yet could hold their records.
         self.read_until: datetime | None = None
         self._mark: tuple[datetime, dict[int, tuple[int, int]]] | None = None
-        self._redis = redis.Redis.from_url(settings.redis_url)
-        self._next_beat = 0.0
+        self._heartbeat = ServiceHeartbeat(redis.Redis.from_url(settings.redis_url), settings, SERVICE)
 
     def run(self, stop: threading.Event) -> None:
         s = self.settings
@@ -94,9 +95,9 @@ class Assayer:
                     # Nothing is lost while Postgres is away: windows stay due and are scored later.
                     log.warning("database unavailable, scoring later: %s", exc)
                     stop.wait(s.tick_s)
-                self._heartbeat()
+                self._heartbeat.beat()
         finally:
-            self._retire()
+            self._heartbeat.retire()
             consumer.close()
             logger_offsets.close()
             producer.flush(10)
@@ -108,18 +109,10 @@ class Assayer:
         times faster than decoding it: following ``joey.logs`` must outpace the engine's logging.
         """
         horizon = datetime.now(UTC) + self.lateness
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.fatal():
-                    raise KafkaException(error)
-                log.warning("consumer error: %s", error)
-                continue
-            partition, offset = message.partition(), message.offset()
-            if partition is not None and offset is not None:
-                self.positions[partition] = max(self.positions.get(partition, 0), offset + 1)
-            record = LogMessage.from_kafka(message)
-            if header_value(record.headers, CONTENT_TYPE_HEADER) not in (None, LOG_CONTENT_TYPE):
+        for message in kafka.usable(messages, log):
+            record = kafka.ConsumedRecord.of(message)
+            self.positions[record.partition] = max(self.positions.get(record.partition, 0), record.offset + 1)
+            if not is_log_record(record.headers):
                 continue  # not a log record: the logger dead-letters it
             try:
                 workspace, pipeline, event_time = log_event_time(record.value or b"")
@@ -225,28 +218,4 @@ class Assayer:
     def commit(self, consumer: Consumer) -> None:
         """Commit what was read: the results of every window it closed are stored by now."""
         offsets = [TopicPartition(topics.LOGS, p, o) for p, o in self.positions.items()]
-        if not offsets:
-            return
-        try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            # Only the watermark is rebuilt from a replay; results never depend on these offsets.
-            log.warning("offset commit failed: %s", exc)
-
-    def _heartbeat(self) -> None:
-        now = time.monotonic()
-        if now < self._next_beat:
-            return
-        self._next_beat = now + self.settings.heartbeat_ttl_s / 3
-        s = self.settings
-        try:
-            heartbeats.publish_service(self._redis, s.redis_prefix, SERVICE, s.instance_id, s.heartbeat_ttl_s)
-        except redis.RedisError as exc:
-            log.warning("could not publish heartbeat: %s", exc)
-
-    def _retire(self) -> None:
-        s = self.settings
-        try:
-            heartbeats.retire_service(self._redis, s.redis_prefix, SERVICE, s.instance_id)
-        except redis.RedisError as exc:
-            log.warning("could not retire heartbeat: %s", exc)
+        kafka.commit(consumer, offsets, kafka.CommitPolicy.BEST_EFFORT, log)

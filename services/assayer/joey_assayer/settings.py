@@ -5,12 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from joey_core import topics
-from joey_core.heartbeats import DEFAULT_TTL_S
-from joey_core.settings import CommonSettings
-from joey_logger.settings import default_instance_id
+from joey_core.settings import ServiceSettings
 
 
-class AssayerSettings(CommonSettings):
+class AssayerSettings(ServiceSettings):
     assayer_group: str = topics.ASSAYER_GROUP
     """Consumer group of the assayers on joey.logs."""
 
@@ -26,9 +24,3 @@ class AssayerSettings(CommonSettings):
 
     max_windows_per_tick: int = Field(default=100, ge=1)
     """Most windows scored between two polls of joey.logs (a long backlog is worked off in steps)."""
-
-    heartbeat_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0)
-    """Lifetime of the service heartbeat in Redis; it is refreshed three times per TTL."""
-
-    instance_id: str = Field(default_factory=default_instance_id)
-    """Name of this assayer process in heartbeats and logs."""

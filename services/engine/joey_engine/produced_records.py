@@ -7,81 +7,34 @@ deployment, where the input came from, and its result.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property, lru_cache
-from typing import cast
-
-from confluent_kafka import Message
+from functools import lru_cache
 
 from joey_core import records
+from joey_core.kafka import ConsumedRecord
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import Failure, Result, Success
 
 Headers = list[tuple[str, str | bytes | None]]
 
 
-@dataclass(frozen=True)
-class Source:
-    """An input record's identity, carried to every record derived from it."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    request_id: str
-    deadline_ms: float | None = None
-    """When the caller stops waiting (epoch ms), from the record's deadline header."""
-
-    @classmethod
-    def of(cls, message: Message) -> Source:
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        if topic is None or partition is None or offset is None:
-            raise ValueError(f"not a consumed record: {message.error()}")
-        # Consumed records always carry headers as a list of (name, bytes) pairs.
-        headers = cast(list[tuple[str, bytes | None]], message.headers())
-        request_id = records.header_value(headers, records.REQUEST_ID_HEADER)
-        deadline = records.header_value(headers, records.DEADLINE_HEADER)
-        return cls(
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            key=message.key(),
-            value=message.value(),
-            request_id=request_id or f"{topic}/{partition}/{offset}",
-            deadline_ms=_deadline_ms(deadline),
-        )
-
-    def expired(self, now_ms: float) -> Failure | None:
-        """A failure when the caller's deadline passed before the record was reached, else None."""
-        if self.deadline_ms is None or now_ms <= self.deadline_ms:
-            return None
-        late = now_ms - self.deadline_ms
-        return Failure(
-            f"{records.DEADLINE_EXCEEDED} {late:.0f} ms before a replica reached the record; not processed",
-            None,
-        )
-
-    @property
-    def headers(self) -> Headers:
-        return [(records.REQUEST_ID_HEADER, self.request_id.encode())]
-
-    @cached_property
-    def value_json(self) -> str:
-        """The value as strict JSON text; only valid for a value that parsed as a JSON object."""
-        return records.strict_json_text(self.value, lambda: json.loads(self.value or b"null"))
-
-
-def _deadline_ms(text: str | None) -> float | None:
-    # A malformed deadline cannot be honoured; the record is processed as if it had none.
-    try:
-        return None if text is None else float(text)
-    except ValueError:
+def expired(source: ConsumedRecord, now_ms: float) -> Failure | None:
+    """A failure when the caller's deadline passed before the record was reached, else None."""
+    if source.deadline_ms is None or now_ms <= source.deadline_ms:
         return None
+    late = now_ms - source.deadline_ms
+    return Failure(
+        f"{records.DEADLINE_EXCEEDED} {late:.0f} ms before a replica reached the record; not processed",
+        None,
+    )
 
 
-def _metadata_text(deployment: Deployment, source: Source, result: Result) -> str:
+def reply_headers(source: ConsumedRecord) -> Headers:
+    """Headers of the output or error record answering ``source``: its request id."""
+    return [(records.REQUEST_ID_HEADER, source.request_id.encode())]
+
+
+def _metadata_text(deployment: Deployment, source: ConsumedRecord, result: Result) -> str:
     elapsed = (
         f',"elapsed_ns":[{",".join(map(str, result.elapsed_ns))}]' if isinstance(result, Success) else ""
     )
@@ -117,7 +70,7 @@ def _shadow_text(result: Success) -> str:
     return f'"shadow":{result.shadow_json},{errors}'
 
 
-def output_value(deployment: Deployment, source: Source, result: Success, now: datetime) -> bytes:
+def output_value(deployment: Deployment, source: ConsumedRecord, result: Success, now: datetime) -> bytes:
     # The engine's per-record hot path: the record is assembled from JSON texts that are each
     # produced once (the input's own bytes, the outputs shared with the log, per-deployment
     # metadata) instead of encoding one nested dict per record.
@@ -132,13 +85,13 @@ def output_value(deployment: Deployment, source: Source, result: Success, now: d
     ).encode()
 
 
-def _raw_text(failure: Failure, source: Source) -> str | None:
+def _raw_text(failure: Failure, source: ConsumedRecord) -> str | None:
     if failure.inputs is not None or source.value is None:
         return None
     return source.value.decode("utf-8", errors="replace")
 
 
-def error_value(deployment: Deployment, source: Source, result: Failure, now: datetime) -> bytes:
+def error_value(deployment: Deployment, source: ConsumedRecord, result: Failure, now: datetime) -> bytes:
     body = records.dumps_text(
         {
             "time": _time_text(now),
@@ -152,7 +105,7 @@ def error_value(deployment: Deployment, source: Source, result: Failure, now: da
     return f'{body[:-1]},"metadata":{_metadata_text(deployment, source, result)}}}'.encode()
 
 
-def log_value(deployment: Deployment, source: Source, result: Result, now: datetime) -> bytes:
+def log_value(deployment: Deployment, source: ConsumedRecord, result: Result, now: datetime) -> bytes:
     if isinstance(result, Success):
         outcome = {
             "ok": True,

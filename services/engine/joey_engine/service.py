@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client import multiprocess
 
 from joey_core import heartbeats, kafka, topics
+from joey_core.heartbeats import ServiceHeartbeat
 from joey_engine.artifact_cache import ArtifactCache
 from joey_engine.deployment import Deployment, parse
 from joey_engine.replica import ReplicaProcess, ReplicaSpec
@@ -32,6 +33,7 @@ from joey_engine.slots import SlotLeases
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+SERVICE = "engine"
 """How long one read of the deployments topic waits; also the pace of reconciliation."""
 
 STOP_TIMEOUT_S = 30.0
@@ -77,6 +79,8 @@ class Engine:
         self._retiring: dict[str, _Deployed] = {}
         """Deployments replaced by a rollout, serving until their successor is up."""
         self._next_lease_tick = 0.0
+        # Refreshed on the lease tick, so it says alive exactly as long as the slot leases do.
+        self._heartbeat = ServiceHeartbeat(self._redis, settings, SERVICE, interval_s=0)
         self._live_engines = 1
         self.ready = threading.Event()
         """Set once the engine has read the deployments topic up to its end."""
@@ -86,7 +90,8 @@ class Engine:
         settings = self._settings
         # Creating them here too keeps a missing joey.deployments from being auto-created uncompacted.
         kafka.ensure_topics(kafka.admin_client(settings), kafka.platform_topics(settings))
-        # Never subscribes or commits: the group id only satisfies the client.
+        # Commit policy: none. It never subscribes nor commits (the compacted topic is read from its
+        # start on every start); the group id only satisfies the client.
         consumer = Consumer(kafka.consumer_config(settings, f"joey.engine-control.{settings.instance_id}"))
         consumer.assign([TopicPartition(topics.DEPLOYMENTS, 0, OFFSET_BEGINNING)])
         log.info("engine %s started", settings.instance_id)
@@ -102,20 +107,11 @@ class Engine:
             self._retiring.clear()
             self._deployed.clear()
             consumer.close()
-            try:
-                heartbeats.retire_service(self._redis, settings.redis_prefix, "engine", settings.instance_id)
-            except redis.RedisError as exc:
-                log.warning("cannot retire the engine's heartbeat: %s", exc)
+            self._heartbeat.retire()
 
     def _follow(self, consumer: Consumer) -> None:
         messages = consumer.consume(500, POLL_S)
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.fatal():
-                    raise KafkaException(error)
-                log.warning("deployments consumer error: %s", error)
-                continue
+        for message in kafka.usable(messages, log):
             key = (message.key() or b"").decode("utf-8", errors="replace")
             if self._settings.workspaces and key.partition("/")[0] not in self._settings.workspaces:
                 continue
@@ -237,16 +233,12 @@ class Engine:
         return len(up) >= deployment.replicas
 
     def _announce(self) -> None:
-        settings = self._settings
+        if not self._heartbeat.beat():
+            return
         try:
-            heartbeats.publish_service(
-                self._redis, settings.redis_prefix, "engine", settings.instance_id, settings.heartbeat_ttl_s
-            )
-            self._live_engines = max(
-                1, len(heartbeats.live_services(self._redis, settings.redis_prefix, "engine"))
-            )
+            self._live_engines = max(1, len(self._heartbeat.live_instances()))
         except redis.RedisError as exc:
-            log.warning("cannot publish the engine's heartbeat: %s", exc)
+            log.warning("cannot count the live engines: %s", exc)
 
     def _maintain_slots(self, state: _Deployed) -> None:
         deployment = state.deployment

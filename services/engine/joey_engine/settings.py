@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-import socket
 from pathlib import Path
 
 from pydantic import Field
 
-from joey_core.settings import CommonSettings
+from joey_core.settings import ServiceSettings
 
 
-def default_instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-class EngineSettings(CommonSettings):
+class EngineSettings(ServiceSettings):
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "joey" / "artifacts")
     """Where model artifacts fetched from the registry are kept, one file per sha256."""
 
@@ -28,12 +21,6 @@ class EngineSettings(CommonSettings):
 
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     """How often replica and service heartbeats (and slot leases) are refreshed."""
-
-    heartbeat_ttl_s: float = Field(default=5.0, gt=0)
-    """How long a heartbeat or slot lease outlives its last refresh."""
-
-    instance_id: str = Field(default_factory=default_instance_id)
-    """Identity of this engine process in Redis (slot leases, heartbeats)."""
 
     intra_op_threads: int = Field(default=1, ge=0)
     """onnxruntime intra-op threads per model; parallelism comes from replicas (0 = onnxruntime's default)."""

@@ -1,11 +1,12 @@
 """One replica of one deployment: consume a batch, run it, produce results, commit.
 
-Offsets are committed synchronously after every batch, once its outputs, errors and logs
-are acknowledged by the broker, and before the next poll. Rebalance callbacks only run
-inside a poll, so when partitions are revoked nothing is outstanding: the only exception is
-a commit refused because the group was rebalancing, which is retried in the revoke callback
-(or with the next batch). Anything not committed is processed again by the partition's next
-owner: at least once.
+Commit policy: retry when rebalancing (``CommitPolicy.RETRY_WHEN_REBALANCING``); on revoke, best effort.
+
+Offsets are committed synchronously after every batch, once its outputs, errors and logs are
+acknowledged by the broker, and before the next poll. Rebalance callbacks only run inside a poll, so
+when partitions are revoked nothing is outstanding: the only exception is a commit refused because the
+group was rebalancing, which is retried in the revoke callback (or with the next batch).
+Anything not committed is processed again by the partition's next owner: at least once.
 """
 
 from __future__ import annotations
@@ -19,36 +20,19 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
-from confluent_kafka import (
-    TIMESTAMP_NOT_AVAILABLE,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from joey_core import heartbeats, kafka, topics
+from joey_core.kafka import ConsumedRecord
 from joey_engine import metrics, produced_records
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import PipelineRunner, Success
-from joey_engine.produced_records import Source
 from joey_engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.1
 """Longest a poll waits for the first record of a batch, which bounds how fast a stop is noticed."""
-
-# The group moved on while the batch ran: its offsets stay pending and are committed on revoke or with
-# the next batch; if the partition went elsewhere, its new owner reprocesses them.
-_REBALANCING = {
-    KafkaError.REBALANCE_IN_PROGRESS,
-    KafkaError.ILLEGAL_GENERATION,
-    KafkaError.UNKNOWN_MEMBER_ID,
-    KafkaError._ASSIGNMENT_LOST,  # noqa: SLF001  # librdkafka's local error codes start with "_"
-}
 
 
 class _Context(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -149,7 +133,7 @@ class ReplicaWorker:
             producer.flush(10.0)
         self._log.info("stopped")
 
-    def _consume(self, consumer: Consumer) -> list[Message]:
+    def _consume(self, consumer: Consumer) -> list[ConsumedRecord]:
         # Waiting for the first record with poll keeps an idle replica quiet; once one arrived, the batch
         # gathers whatever else comes within max_batch_delay_ms.
         first = consumer.poll(IDLE_POLL_S)
@@ -159,50 +143,56 @@ class ReplicaWorker:
         messages = [first]
         if settings.max_batch_size > 1:
             messages += consumer.consume(settings.max_batch_size - 1, settings.max_batch_delay_ms / 1000)
-        batch = []
-        for message in messages:
-            error = message.error()
-            if error is None:
-                batch.append(message)
-            elif error.fatal():
-                raise KafkaException(error)
-            else:
-                self._log.warning("consumer error: %s", error)
+        batch = [ConsumedRecord.of(message) for message in kafka.usable(messages, self._log)]
         self._note_queue_age(batch)
         return batch
 
-    def _note_queue_age(self, batch: list[Message]) -> None:
+    def _note_queue_age(self, batch: list[ConsumedRecord]) -> None:
         """Keep the longest time a record of the batch waited in its topic, for the next heartbeat.
 
         Record timestamps make this right on any broker, unlike lag from high-watermarks."""
-        stamps = [ms for kind, ms in (m.timestamp() for m in batch) if kind != TIMESTAMP_NOT_AVAILABLE]
+        stamps = [r.timestamp_ms for r in batch if r.timestamp_ms is not None]
         if stamps:
             waited = time.time() - min(stamps) / 1000
             self._queue_age_s = max(self._queue_age_s, waited)
 
-    def _process(self, batch: list[Message], consumer: Consumer, producer: Producer) -> None:
+    def _process(self, sources: list[ConsumedRecord], consumer: Consumer, producer: Producer) -> None:
         start = time.perf_counter()
-        sources = [Source.of(message) for message in batch]
         # Work whose caller has given up is not run: it is reported on the errors topic and in the log.
         now_ms = time.time() * 1000
-        expired = {i: failure for i, s in enumerate(sources) if (failure := s.expired(now_ms)) is not None}
+        expired = {
+            i: failure
+            for i, s in enumerate(sources)
+            if (failure := produced_records.expired(s, now_ms)) is not None
+        }
         results = self._runner.run([s.value for s in sources], expired)
         now = datetime.now(UTC)
         deployment, names, deliver = self.deployment, self.deployment.topics, self._tracker.on_delivery
         failures = []
         unchecked = []
         for source, result in zip(sources, results, strict=True):
+            headers = produced_records.reply_headers(source)
             if isinstance(result, Success):
                 if result.check_errors:
                     unchecked.append((source, result.check_errors[0]))
                 value = produced_records.output_value(deployment, source, result, now)
                 producer.produce(
-                    names.outputs, value, source.key, headers=source.headers, on_delivery=deliver
+                    names.outputs,
+                    value,
+                    source.key,
+                    headers=headers,
+                    on_delivery=deliver,
                 )
             else:
                 failures.append((source, result.reason))
                 value = produced_records.error_value(deployment, source, result, now)
-                producer.produce(names.errors, value, source.key, headers=source.headers, on_delivery=deliver)
+                producer.produce(
+                    names.errors,
+                    value,
+                    source.key,
+                    headers=headers,
+                    on_delivery=deliver,
+                )
             log_record = produced_records.log_value(deployment, source, result, now)
             producer.produce(
                 topics.LOGS,
@@ -218,7 +208,7 @@ class ReplicaWorker:
             self._log.warning(
                 "%d of %d records failed; first at partition %d offset %d: %s",
                 len(failures),
-                len(batch),
+                len(sources),
                 source.partition,
                 source.offset,
                 reason,
@@ -229,34 +219,25 @@ class ReplicaWorker:
                 "%d of %d records have checks that could not be evaluated (counted as failed); "
                 "first at partition %d offset %d: %s",
                 len(unchecked),
-                len(batch),
+                len(sources),
                 source.partition,
                 source.offset,
                 reason,
             )
-        self._ok.inc(len(batch) - len(failures))
+        self._ok.inc(len(sources) - len(failures))
         self._failed.inc(len(failures))
-        self._batch_size.observe(len(batch))
+        self._batch_size.observe(len(sources))
         self._batch_seconds.observe(time.perf_counter() - start)
 
-    def _commit(self, consumer: Consumer, sources: list[Source]) -> None:
-        for source in sources:
-            position = (source.topic, source.partition)
-            self._pending[position] = max(self._pending.get(position, 0), source.offset + 1)
+    def _commit(self, consumer: Consumer, sources: list[ConsumedRecord]) -> None:
+        for tp in kafka.next_offsets(sources):
+            position = (tp.topic, tp.partition)
+            self._pending[position] = max(self._pending.get(position, 0), tp.offset)
         offsets = [
             TopicPartition(topic, partition, offset) for (topic, partition), offset in self._pending.items()
         ]
-        try:
-            committed = consumer.commit(offsets=offsets, asynchronous=False) or []
-            errors = [tp.error for tp in committed if tp.error is not None]
-            if errors:
-                raise KafkaException(errors[0])
-        except KafkaException as exc:
-            if exc.args[0].code() not in _REBALANCING:
-                raise
-            self._log.warning("commit refused while the group rebalances (%s); retrying later", exc.args[0])
-            return
-        self._pending.clear()
+        if kafka.commit(consumer, offsets, kafka.CommitPolicy.RETRY_WHEN_REBALANCING, self._log):
+            self._pending.clear()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._held |= {tp.partition for tp in partitions}
@@ -268,13 +249,8 @@ class ReplicaWorker:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         pending = [TopicPartition(t, p, o) for (t, p), o in self._pending.items() if (t, p) in revoked]
-        if pending:
-            try:
-                consumer.commit(offsets=pending, asynchronous=False)
-            except KafkaException as exc:
-                self._log.warning(
-                    "could not commit %s on revoke; the next owner reprocesses them: %s", pending, exc
-                )
+        # The partitions are leaving: what cannot be committed now, their next owner reprocesses.
+        kafka.commit(consumer, pending, kafka.CommitPolicy.BEST_EFFORT, self._log)
         self._release(partitions)
         self._log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
 

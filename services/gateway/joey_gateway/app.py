@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import redis
 from prometheus_client import start_http_server
 
-from joey_core import heartbeats
+from joey_core.heartbeats import ServiceHeartbeat
 from joey_core.lifecycle import configure_logging, shutdown_event
 from joey_gateway import grpc_server, http_server
 from joey_gateway.service import Gateway
@@ -30,18 +29,12 @@ def serve() -> None:
     grpc, grpc_port = grpc_server.start_server(gateway, settings.oip_grpc_addr, settings.grpc_workers)
     http, http_port = http_server.start_server(gateway, settings.oip_http_addr)
     log.info("Open Inference Protocol on gRPC port %d and HTTP port %d", grpc_port, http_port)
-    client = redis.Redis.from_url(settings.redis_url)
+    heartbeat = ServiceHeartbeat(redis.Redis.from_url(settings.redis_url), settings, SERVICE)
     try:
         # The heartbeat says "ready" (what `joey up` waits for) only once both listeners accept calls.
-        while True:
-            try:
-                heartbeats.publish_service(
-                    client, settings.redis_prefix, SERVICE, settings.instance_id, settings.heartbeat_ttl_s
-                )
-            except redis.RedisError as exc:
-                log.warning("cannot publish the gateway's heartbeat: %s", exc)
-            if stop.wait(settings.heartbeat_ttl_s / 3):
-                break
+        heartbeat.beat()
+        while not stop.wait(heartbeat.interval_s):
+            heartbeat.beat()
     finally:
         # Stop accepting connections (an open keep-alive one can still send), let calls in flight finish
         # (each ends by its deadline), then stop reading replies.
@@ -50,7 +43,6 @@ def serve() -> None:
         if not gateway.drain(settings.request_timeout_s):
             log.warning("requests still in flight after %.0f s; stopping anyway", settings.request_timeout_s)
         stopped.wait()
-        with contextlib.suppress(redis.RedisError):
-            heartbeats.retire_service(client, settings.redis_prefix, SERVICE, settings.instance_id)
+        heartbeat.retire()
         gateway.close()
         log.info("stopped")

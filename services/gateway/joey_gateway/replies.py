@@ -5,6 +5,8 @@ on every partition and never joins a consumer group, so rebalances of the engine
 revoke anything from it: a reply is read wherever and whenever a replica writes it. The reader is
 positioned before the first request is produced, so no reply can be missed. Replies nobody waits
 for (older ones, or a second delivery of an at-least-once reply) are skipped.
+
+Commit policy: none. The reader joins no group and never commits; a new reader starts at the ends.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 
 from confluent_kafka import Consumer
 
+from joey_core import kafka
 from joey_core.records import REQUEST_ID_HEADER, header_value
 from joey_core.replies import Reply, decode_reply, reply_consumer
 from joey_core.settings import CommonSettings
@@ -71,10 +74,8 @@ class ReplyReader:
                 first = self._consumer.poll(0.1)
                 if first is None:
                     continue
-                for message in [first, *self._consumer.consume(num_messages=1000, timeout=0)]:
-                    if message.error():
-                        log.warning("reading replies of %s: %s", self.topics.outputs, message.error())
-                        continue
+                batch = [first, *self._consumer.consume(num_messages=1000, timeout=0)]
+                for message in kafka.usable(batch, log):
                     request_id = header_value(message.headers(), REQUEST_ID_HEADER)  # type: ignore[arg-type]
                     if request_id is None:
                         continue

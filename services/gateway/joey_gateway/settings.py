@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-import socket
-
 from pydantic import Field
 
-from joey_core.heartbeats import DEFAULT_TTL_S
-from joey_core.settings import CommonSettings
+from joey_core.settings import ServiceSettings
 
 
-def default_instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-class GatewaySettings(CommonSettings):
+class GatewaySettings(ServiceSettings):
     oip_grpc_addr: str = "127.0.0.1:8081"
     """host:port the Open Inference Protocol gRPC service (inference.GRPCInferenceService) listens on."""
 
@@ -34,12 +25,6 @@ class GatewaySettings(CommonSettings):
 
     grpc_workers: int = Field(default=32, ge=1)
     """Threads serving gRPC calls; each waits for its reply, so this bounds concurrent gRPC requests."""
-
-    heartbeat_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0)
-    """Lifetime of the service heartbeat in Redis; it is refreshed three times per TTL."""
-
-    instance_id: str = Field(default_factory=default_instance_id)
-    """Name of this gateway process in heartbeats and logs."""
 
     metrics_port: int | None = None
     """Port of the Prometheus endpoint; none when unset."""

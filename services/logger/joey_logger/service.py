@@ -11,6 +11,9 @@ Order of a batch, which is what makes it at-least-once without doubles:
    flushed and delivery-checked;
 5. only then are the batch's offsets committed, synchronously.
 
+Commit policy: best effort (``CommitPolicy.BEST_EFFORT``): the rows are durable before the commit, so
+a refused commit only replays the batch into no-ops.
+
 A crash anywhere before 5 replays the batch from the last committed offsets, and the sink
 turns the replayed rows into no-ops (dead-lettered records may appear twice on the
 dead-letter topic, which is only read by people).
@@ -38,11 +41,11 @@ from typing import Any
 import redis
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from joey_core import heartbeats, topics
-from joey_core.kafka import DeliveryTracker, consumer_config, producer_config
-from joey_core.records import RecordError
+from joey_core import kafka, topics
+from joey_core.heartbeats import ServiceHeartbeat
+from joey_core.kafka import ConsumedRecord, DeliveryTracker, consumer_config, producer_config
+from joey_core.records import RecordError, decode_log_record
 from joey_logger import metrics
-from joey_logger.messages import LogMessage
 from joey_logger.settings import LoggerSettings
 from joey_logger.sink import BatchRejected, LogSink, SinkUnavailable, WriteResult
 
@@ -82,9 +85,8 @@ class LoggerService:
         self._settings = settings
         self._sink = sink
         self._backoff = Backoff(min(0.5, settings.retry_backoff_max_s), settings.retry_backoff_max_s)
-        self._redis = redis.Redis.from_url(settings.redis_url)
+        self._heartbeat = ServiceHeartbeat(redis.Redis.from_url(settings.redis_url), settings, SERVICE)
         self._joined = False
-        self._next_beat = 0.0
         self._resume_at: float | None = None
 
     def run(self, stop: threading.Event) -> None:
@@ -99,7 +101,9 @@ class LoggerService:
             )
             log.info("logger %s consuming %s", self._settings.instance_id, topics.LOGS)
             while not stop.is_set():
-                self._heartbeat()
+                # Ready once it has joined the group: `joey up` waits for that.
+                if self._joined:
+                    self._heartbeat.beat()
                 self._maybe_resume(consumer)
                 messages = consumer.consume(self._settings.batch_size, self._settings.batch_timeout_ms / 1000)
                 if messages:
@@ -109,7 +113,7 @@ class LoggerService:
             consumer.close()
             producer.flush(5)
             self._sink.close()
-            self._retire()
+            self._heartbeat.retire()
 
     def _open_sink(self, stop: threading.Event) -> bool:
         while not stop.is_set():
@@ -125,14 +129,14 @@ class LoggerService:
 
     def _handle(self, consumer: Consumer, producer: Producer, messages: Sequence[Message]) -> None:
         started = time.perf_counter()
-        batch = [LogMessage.from_kafka(m) for m in messages if not self._is_error(m)]
+        batch = [ConsumedRecord.of(m) for m in kafka.usable(messages, log)]
         if not batch:
             return
-        decoded: list[tuple[LogMessage, dict[str, Any]]] = []
-        dead: list[tuple[LogMessage, str]] = []
+        decoded: list[tuple[ConsumedRecord, dict[str, Any]]] = []
+        dead: list[tuple[ConsumedRecord, str]] = []
         for message in batch:
             try:
-                decoded.append((message, message.decode()))
+                decoded.append((message, decode_log_record(message.headers, message.value)))
             except RecordError as exc:
                 dead.append((message, str(exc)))
         try:
@@ -150,8 +154,8 @@ class LoggerService:
         log.debug("batch of %d: %d rows, %d duplicates", len(batch), result.written, result.duplicates)
 
     def _write(
-        self, decoded: Sequence[tuple[LogMessage, dict[str, Any]]]
-    ) -> tuple[WriteResult, list[tuple[LogMessage, str]]]:
+        self, decoded: Sequence[tuple[ConsumedRecord, dict[str, Any]]]
+    ) -> tuple[WriteResult, list[tuple[ConsumedRecord, str]]]:
         """Write the batch; if the sink rejects it, write record by record to single out the bad ones."""
         try:
             return self._sink.write([record for _, record in decoded]), []
@@ -160,7 +164,7 @@ class LoggerService:
         except BatchRejected as exc:
             log.warning("sink rejected a batch of %d (%s); writing its records one by one", len(decoded), exc)
         written = duplicates = 0
-        rejected: list[tuple[LogMessage, str]] = []
+        rejected: list[tuple[ConsumedRecord, str]] = []
         for message, record in decoded:
             try:
                 result = self._sink.write([record])
@@ -176,8 +180,8 @@ class LoggerService:
     def _dead_letter(
         self,
         producer: Producer,
-        undecodable: list[tuple[LogMessage, str]],
-        rejected: list[tuple[LogMessage, str]],
+        undecodable: list[tuple[ConsumedRecord, str]],
+        rejected: list[tuple[ConsumedRecord, str]],
     ) -> None:
         if not undecodable and not rejected:
             return
@@ -201,24 +205,10 @@ class LoggerService:
         metrics.DEAD_LETTERED.labels("undecodable").inc(len(undecodable))
         metrics.DEAD_LETTERED.labels("rejected").inc(len(rejected))
 
-    def _commit(self, consumer: Consumer, batch: Sequence[LogMessage]) -> None:
-        last: dict[tuple[str, int], int] = {}
-        for message in batch:
-            key = (message.topic, message.partition)
-            last[key] = max(last.get(key, -1), message.offset)
-        offsets = [TopicPartition(topic, part, offset + 1) for (topic, part), offset in last.items()]
-        # A failed commit loses nothing: the rows are durable, so at worst the batch is replayed
-        # into no-ops by whoever owns the partition next.
-        try:
-            results = consumer.commit(offsets=offsets, asynchronous=False) or []
-        except KafkaException as exc:
-            log.warning("offset commit failed, the batch will be replayed into duplicates: %s", exc)
-            return
-        for tp in results:
-            if tp.error is not None:
-                log.warning("offset commit failed for %s[%d]: %s", tp.topic, tp.partition, tp.error)
+    def _commit(self, consumer: Consumer, batch: Sequence[ConsumedRecord]) -> None:
+        kafka.commit(consumer, kafka.next_offsets(batch), kafka.CommitPolicy.BEST_EFFORT, log)
 
-    def _retry_later(self, consumer: Consumer, batch: Sequence[LogMessage], reason: str) -> None:
+    def _retry_later(self, consumer: Consumer, batch: Sequence[ConsumedRecord], reason: str) -> None:
         """Rewind every partition of the batch to its first record and pause consumption for a while."""
         first: dict[tuple[str, int], int] = {}
         for message in batch:
@@ -237,15 +227,6 @@ class LoggerService:
             self._resume_at = None
             consumer.resume(consumer.assignment())
 
-    def _is_error(self, message: Message) -> bool:
-        error = message.error()
-        if error is None:
-            return False
-        if error.fatal():
-            raise KafkaException(error)
-        log.warning("consumer error on %s[%s]: %s", message.topic(), message.partition(), error)
-        return True
-
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
         self._joined = True
@@ -257,25 +238,3 @@ class LoggerService:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = [f"{tp.topic}[{tp.partition}]" for tp in partitions]
         log.warning("lost %s; their uncommitted records go to the next owner", lost)
-
-    def _heartbeat(self) -> None:
-        """Mark the instance ready once it has joined the group; refreshed three times per TTL."""
-        now = time.monotonic()
-        if not self._joined or now < self._next_beat:
-            return
-        self._next_beat = now + self._settings.heartbeat_ttl_s / 3
-        settings = self._settings
-        try:
-            heartbeats.publish_service(
-                self._redis, settings.redis_prefix, SERVICE, settings.instance_id, settings.heartbeat_ttl_s
-            )
-        # Readiness is advisory: a Redis outage must not stop the logs from being stored.
-        except redis.RedisError as exc:
-            log.warning("could not publish heartbeat: %s", exc)
-
-    def _retire(self) -> None:
-        settings = self._settings
-        try:
-            heartbeats.retire_service(self._redis, settings.redis_prefix, SERVICE, settings.instance_id)
-        except redis.RedisError as exc:
-            log.warning("could not retire heartbeat: %s", exc)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from joey_core.settings import CommonSettings
+from joey_core.settings import ServiceSettings
 
 
-class RegistrySettings(CommonSettings):
+class RegistrySettings(ServiceSettings):
     artifact_store: str = "filesystem"
     """Name of the artifact store implementation (see joey_registry.artifacts.STORES)."""
 

@@ -8,6 +8,7 @@ read and skipped here; on real Kafka the positions are exact.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -15,11 +16,14 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from joey_core import kafka
 from joey_core.kafka import DeliveryTracker, producer_config
 from joey_core.records import REQUEST_ID_HEADER, dumps, header_value
 from joey_core.replies import Reply, decode_reply, reply_consumer
 from joey_core.settings import CommonSettings
 from joey_core.topics import PipelineTopics
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 """Called with (answered, total) as replies arrive."""
@@ -68,9 +72,8 @@ class PipelineStream:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise InferenceTimeout(len(replies), len(rows), timeout)
-                for message in consumer.consume(num_messages=1000, timeout=min(remaining, 0.5)):
-                    if message.error():
-                        continue
+                batch = consumer.consume(num_messages=1000, timeout=min(remaining, 0.5))
+                for message in kafka.usable(batch, log):
                     reply_id = header_value(message.headers(), REQUEST_ID_HEADER)  # type: ignore[arg-type]
                     if reply_id is None or reply_id not in pending:
                         continue

@@ -22,7 +22,7 @@ from joey_core.settings import CommonSettings
 from tests.conftest import Stack, wait_until
 from train_model import make_records  # examples/, put on sys.path by conftest
 
-STEPS = Path(__file__).resolve().parents[2] / "examples" / "steps"
+STEPS = Path(__file__).resolve().parents[3] / "examples" / "steps"
 FIELDS = ("sepal_length_mm", "sepal_width_mm", "petal_length_mm", "petal_width_mm")
 SPECIES = ["setosa", "versicolor", "virginica"]
 

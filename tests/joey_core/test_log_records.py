@@ -2,24 +2,34 @@ from __future__ import annotations
 
 import pytest
 
-from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, RecordError, encode_log
-from joey_logger.messages import LogMessage
+from joey_core.kafka import ConsumedRecord
+from joey_core.records import (
+    CONTENT_TYPE_HEADER,
+    LOG_CONTENT_TYPE,
+    RecordError,
+    decode_log_record,
+    encode_log,
+)
 from tests.logger.helpers import log_record
 
 
-def message(value: bytes | None, content_type: str | None = LOG_CONTENT_TYPE) -> LogMessage:
+def message(value: bytes | None, content_type: str | None = LOG_CONTENT_TYPE) -> ConsumedRecord:
     headers = [] if content_type is None else [(CONTENT_TYPE_HEADER, content_type.encode())]
-    return LogMessage("joey.logs", 2, 41, b"key", value, headers)
+    return ConsumedRecord("joey.logs", 2, 41, b"key", value, headers)
+
+
+def decode(record: ConsumedRecord) -> dict:
+    return decode_log_record(record.headers, record.value)
 
 
 def test_a_log_record_decodes() -> None:
     record = log_record("p", 7, raw_input=b"\x00raw", inputs=None)
-    decoded = message(encode_log(record)).decode()
+    decoded = decode(message(encode_log(record)))
     assert decoded == record
 
 
 def test_a_record_without_content_type_still_decodes() -> None:
-    assert message(encode_log(log_record("p", 1)), content_type=None).decode()["request_id"] == "req-1"
+    assert decode(message(encode_log(log_record("p", 1)), content_type=None))["request_id"] == "req-1"
 
 
 @pytest.mark.parametrize(
@@ -34,7 +44,7 @@ def test_a_record_without_content_type_still_decodes() -> None:
 )
 def test_undecodable_records_name_the_problem(value: bytes | None, content_type: str, reason: str) -> None:
     with pytest.raises(RecordError) as caught:
-        message(value, content_type).decode()
+        decode(message(value, content_type))
     assert reason in str(caught.value)
 
 
