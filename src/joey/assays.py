@@ -1,51 +1,9 @@
 """Drift scoring offline, with Wallaroo's assay semantics: ``from joey.assays import score``.
 
 The same math scores live assays in the services; it lives in :mod:`joey_core.assays`, whose
-documentation states the binning and metric rules.
+documentation states the binning and metric rules. This module is its public face: it exports exactly
+what that package exports.
 """
 
-from joey_core.assays import (
-    AGGREGATIONS,
-    BIN_MODES,
-    METRICS,
-    PSI_ZERO_SUBSTITUTE,
-    Aggregation,
-    AssayResult,
-    BinMode,
-    Bins,
-    Metric,
-    Scores,
-    Status,
-    Summary,
-    aggregate,
-    baseline_summary,
-    bin_counts,
-    make_bins,
-    score,
-    score_counts,
-    status_of,
-    summarize,
-)
-
-__all__ = [
-    "AGGREGATIONS",
-    "BIN_MODES",
-    "METRICS",
-    "PSI_ZERO_SUBSTITUTE",
-    "Aggregation",
-    "AssayResult",
-    "BinMode",
-    "Bins",
-    "Metric",
-    "Scores",
-    "Status",
-    "Summary",
-    "aggregate",
-    "baseline_summary",
-    "bin_counts",
-    "make_bins",
-    "score",
-    "score_counts",
-    "status_of",
-    "summarize",
-]
+from joey_core.assays import *  # noqa: F403  # the public API is joey_core.assays.__all__, nothing else
+from joey_core.assays import __all__ as __all__

@@ -1,0 +1,35 @@
+"""The layout's promises that import contracts cannot see: what a process actually loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
+
+
+def loaded(module: str) -> set[str]:
+    """Top-level packages of Joey a fresh interpreter has loaded after importing ``module``."""
+    probe = f"import sys, {module}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return {name for name in out.split() if name == "joey" or name.startswith("joey_")}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_service_process_loads_neither_the_sdk_nor_another_service(service: str) -> None:
+    # `joey serve <name>` execs `python -m joey_<name>`, which runs joey_<name>.app: the SDK (pandas,
+    # pyarrow: ~100 MB per process) must not come along, nor must another service's code.
+    assert loaded(f"joey_{service}.app") == {"joey_core", f"joey_{service}"}
+
+
+def test_the_documented_imports_work() -> None:
+    import joey
+    import joey_core.assays
+    from joey.assays import score
+
+    assert joey.Client.__module__ == "joey.client.client"
+    assert joey.Autoscale.__module__ == "joey.client.pipelines"
+    assert joey.__version__ == joey_core.__version__
+    assert score is joey_core.assays.score
