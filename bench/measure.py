@@ -9,6 +9,7 @@ timed by identical code. Times are ``time.perf_counter()`` of this process; the
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import threading
 import time
@@ -20,9 +21,12 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from joey_core import kafka
 from joey_core.kafka import producer_config
 from joey_core.records import REQUEST_ID_HEADER
 from joey_core.settings import CommonSettings
+
+log = logging.getLogger(__name__)
 
 PRODUCED_AT_HEADER = "bench-produced-at"
 
@@ -156,9 +160,7 @@ class Collector:
                 continue
             batch = [first, *self._consumer.consume(10_000, 0)]
             now = time.perf_counter()
-            for message in batch:
-                if message.error() is not None:
-                    continue
+            for message in kafka.usable(batch, log):
                 rid = next(
                     (v.decode() for k, v in message.headers() or () if k == REQUEST_ID_HEADER and v), None
                 )
