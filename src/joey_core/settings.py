@@ -30,7 +30,7 @@ class CommonSettings(BaseSettings):
     """Postgres database holding registry metadata and the inference log."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis used for replica heartbeats."""
+    """Redis: replica and service heartbeats, engine slot leases and the autoscaler's lease."""
 
     redis_prefix: str = "joey"
     """Prefix of every Redis key, so several stacks can share one Redis."""

@@ -3,7 +3,7 @@
 A schema is a ``pyarrow.Schema`` (what Wallaroo users pass: one field per input, describing one
 record, so the batch dimension is added: a fixed-size list of 4 floats is shape ``[-1, 4]``, a list
 of any length ``[-1, -1]``), a dict ``{name: (dtype, shape)}`` or a sequence of objects with ``name``,
-``dtype`` and ``shape`` (such as :class:`joey.client.client.TensorSpec`); in the last two the shape includes
+``dtype`` and ``shape`` (such as :class:`joey.TensorSpec`); in the last two the shape includes
 the batch dimension, -1.
 """
 

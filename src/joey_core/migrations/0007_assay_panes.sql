@@ -5,7 +5,7 @@
 CREATE TABLE assay_panes (
     assay_id     bigint NOT NULL REFERENCES assays(id) ON DELETE CASCADE,
     pane_start   timestamptz NOT NULL,
-    counts       bytea NOT NULL,   -- joey.assays.streaming.WindowCounts.to_bytes()
+    counts       bytea NOT NULL,   -- joey_core.assays.streaming.WindowCounts.to_bytes()
     PRIMARY KEY (assay_id, pane_start)
 );
 -- Rewritten by every logger batch; its floats barely compress, so do not try (saves CPU per write).
