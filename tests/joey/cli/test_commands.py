@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
+from joey_core import heartbeats
+from joey_core.settings import CommonSettings
 from tests.conftest import free_port, wait_until
 from train_model import make_records
 
@@ -120,3 +124,30 @@ def test_up_upload_deploy_infer_logs_down(cli_env: dict[str, str], iris_model: P
     assert down.stdout.strip() == "stopped"
     assert not (Path(cli_env["JOEY_STATE_DIR"]) / "stack.json").exists()
     assert joey(cli_env, "down").stdout.strip() == "Joey was not running"
+
+
+def test_serve_becomes_the_service_process(env: dict[str, str], settings: CommonSettings) -> None:
+    # `joey serve` execs `python -m joey_<name>`: the same pid, so a supervisor's signals reach the
+    # service, which then stops cleanly; and the service runs without the SDK the command loaded.
+    # (`settings` creates the platform topics the logger reads.)
+    instance = f"serve-test-{os.getpid()}"
+    client = redis.Redis.from_url(env["JOEY_REDIS_URL"])
+
+    def ready() -> bool:
+        return instance in heartbeats.live_services(client, env["JOEY_REDIS_PREFIX"], "logger")
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "joey.cli", "serve", "logger"],
+        env=os.environ | env | {"JOEY_INSTANCE_ID": instance, "JOEY_LOGGER_GROUP": f"joey.logger.{instance}"},
+    )
+    try:
+        wait_until(ready, 60, "logger ready")
+        command = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+        assert command[1:3] == [b"-m", b"joey_logger"], command
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert not ready(), "a clean stop retires the heartbeat"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
