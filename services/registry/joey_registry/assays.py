@@ -54,12 +54,6 @@ class StoredAssay:
     created_at: datetime
 
 
-@dataclass(frozen=True)
-class StoredResult:
-    assay: str
-    result: WindowResult
-
-
 class AssayStore:
     """The SQL of the assays and assay_results tables, over the registry's connection pool."""
 
