@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from joey_core.models import TensorSpec
 from joey_core.v1 import registry_pb2
-from joey_engine.deployment import Deployment, Step, Tensor
+from joey_engine.deployment import Deployment, Step
 from joey_engine.pipeline import Failure, Success
 from joey_engine.replica import load_runner
 from joey_engine.runtime import PythonRuntime, RuntimeAborted, create_runtime
@@ -45,8 +46,8 @@ def process_data(inputs):
 """
 
 
-def signature(outputs: tuple[Tensor, ...] = (Tensor("y", "float64", (-1,)),)) -> Step:
-    return Step("prep", 1, "0" * 64, "python", (Tensor("x", "float64", (-1,)),), outputs)
+def signature(outputs: tuple[TensorSpec, ...] = (TensorSpec("y", "float64", (-1,)),)) -> Step:
+    return Step("prep", 1, "0" * 64, "python", (TensorSpec("x", "float64", (-1,)),), outputs)
 
 
 @pytest.fixture
@@ -140,14 +141,14 @@ def test_segfault_is_reported_with_its_signal(write_step: Callable[..., Path]) -
         ('return {"y": np.stack([x, x], axis=1)}', None, "output 'y' has shape [2, 2], declared [?]"),
         (
             'return {"y": x * 1.5}',
-            (Tensor("y", "int64", (-1,)),),
+            (TensorSpec("y", "int64", (-1,)),),
             "output 'y' has dtype float64, which does not convert to the declared int64",
         ),
         ('return {"y": [1, [2, 3]]}', None, "output 'y' is not a rectangular array"),
     ],
 )
 def test_return_value_is_checked_against_the_declared_outputs(
-    write_step: Callable[..., Path], body: str, outputs: tuple[Tensor, ...] | None, reason: str
+    write_step: Callable[..., Path], body: str, outputs: tuple[TensorSpec, ...] | None, reason: str
 ) -> None:
     runtime = PythonRuntime(SETTINGS)
     runtime.load(write_step(body), signature(outputs) if outputs else signature())
@@ -160,7 +161,7 @@ def test_return_value_is_checked_against_the_declared_outputs(
 
 def test_outputs_are_cast_to_the_declared_dtype_and_strings_travel(write_step: Callable[..., Path]) -> None:
     runtime = create_runtime("python", SETTINGS)
-    outputs = (Tensor("y", "float32", (-1,)), Tensor("name", "string", (-1,)))
+    outputs = (TensorSpec("y", "float32", (-1,)), TensorSpec("name", "string", (-1,)))
     runtime.load(write_step('return {"y": [1, 2], "name": ["a", "bb"], "extra": x}'), signature(outputs))
     try:
         out = runtime.predict(batch(1, 2))
@@ -176,7 +177,12 @@ def test_string_inputs_travel_even_as_object_arrays(tmp_path: Path) -> None:
     path.write_text("def process_data(inputs):\n    return {'n': [len(s) for s in inputs['s']]}\n")
     runtime = PythonRuntime(SETTINGS)
     step = Step(
-        "lengths", 1, "0" * 64, "python", (Tensor("s", "string", (-1,)),), (Tensor("n", "int64", (-1,)),)
+        "lengths",
+        1,
+        "0" * 64,
+        "python",
+        (TensorSpec("s", "string", (-1,)),),
+        (TensorSpec("n", "int64", (-1,)),),
     )
     runtime.load(path, step)
     try:
@@ -212,11 +218,13 @@ ORPHAN = """
 import sys, time
 from pathlib import Path
 import numpy as np
-from joey_engine.deployment import Step, Tensor
+from joey_core.models import TensorSpec
+from joey_engine.deployment import Step
 from joey_engine.runtime import PythonRuntime
 from joey_engine.settings import EngineSettings
 
-step = Step("prep", 1, "0" * 64, "python", (Tensor("x", "float64", (-1,)),), (Tensor("y", "float64", (-1,)),))
+x, y = TensorSpec("x", "float64", (-1,)), TensorSpec("y", "float64", (-1,))
+step = Step("prep", 1, "0" * 64, "python", (x,), (y,))
 runtime = PythonRuntime(EngineSettings(instance_id="unit", python_step_timeout_s=120))
 runtime.load(Path(sys.argv[1]), step)
 print(runtime._sandbox.process.pid, flush=True)

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from joey_core.expressions import Expression, ExpressionError, compile_expression
-from joey_engine.deployment import Tensor, Validations
+from joey_core.models import TensorSpec
+from joey_engine.deployment import Validations
 
 Columns = dict[tuple[str, str], np.ndarray]
 
@@ -39,7 +40,7 @@ class Verdicts:
 
 
 class Checks:
-    def __init__(self, step: Validations, position: int, outputs: Sequence[Tensor] | None) -> None:
+    def __init__(self, step: Validations, position: int, outputs: Sequence[TensorSpec] | None) -> None:
         """Compile the checks of the step at ``position`` (1-based) of a pipeline.
 
         ``outputs`` are those of the model step before it, None when no model step comes before.

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 from google.protobuf import json_format
 
 from joey_core import topics
+from joey_core.models import TensorSpec, specs_from_proto
 from joey_core.records import dumps_text
 from joey_core.v1 import registry_pb2
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -26,8 +19,8 @@ class Step:
     version: int
     sha256: str
     framework: str
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[Tensor, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
     input_mapping: tuple[tuple[str, str], ...] = ()
     """(input, source) pairs by input name, for the inputs not fed by their own name: the source is a
     record field for the first model step, else an output of the model step before."""
@@ -178,18 +171,14 @@ class Deployment:
         return f"{self.key} v{self.pipeline_version} ({self.deployment_id})"
 
 
-def _tensors(specs: Iterable[registry_pb2.TensorSpec]) -> tuple[Tensor, ...]:
-    return tuple(Tensor(t.name, t.dtype, tuple(t.shape)) for t in specs)
-
-
 def _model_step(spec: registry_pb2.ResolvedStep, challengers: tuple[Step, ...] = ()) -> Step:
     return Step(
         spec.model,
         spec.version,
         spec.sha256,
         spec.framework or "onnx",
-        _tensors(spec.inputs),
-        _tensors(spec.outputs),
+        specs_from_proto(spec.inputs),
+        specs_from_proto(spec.outputs),
         tuple(sorted((name, source) for name, source in spec.input_mapping.items() if source != name)),
         challengers,
     )

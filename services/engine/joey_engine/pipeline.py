@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from joey_core.models import TensorSpec
 from joey_core.records import RecordError, decode_input, dumps_text
 from joey_engine import metrics
 from joey_engine.checks import Checks
-from joey_engine.deployment import Deployment, Split, Step, Tensor, Validations
+from joey_engine.deployment import Deployment, Split, Step, Validations
 from joey_engine.runtime import ModelRuntime, RuntimeAborted
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class StepAborted(StepError):
 class _RecordInput:
     """An input of the first model step and the record field that feeds it."""
 
-    tensor: Tensor
+    tensor: TensorSpec
     field: str
 
     @cached_property
@@ -109,7 +110,7 @@ class _Challenger:
     """How errors name it."""
     step: Step
     runtime: ModelRuntime
-    sources: tuple[tuple[Tensor, str], ...]
+    sources: tuple[tuple[TensorSpec, str], ...]
     """The inputs taken from the champion's feeds, as in ``_ModelStage.sources``."""
     record_inputs: tuple[_RecordInput, ...]
     """First step only: the inputs the champion's feeds cannot give (another record field, dtype or
@@ -121,7 +122,7 @@ class _ModelStage:
     position: int
     step: Step
     runtime: ModelRuntime
-    sources: tuple[tuple[Tensor, str], ...]
+    sources: tuple[tuple[TensorSpec, str], ...]
     """Each input with the name it takes from the feeds it runs on: an output of the model step before, or
     for the first model step the input's own name (its feeds are built from the record under input names)."""
     challengers: tuple[_Challenger, ...] = ()
@@ -136,11 +137,11 @@ class _ModelStage:
         return f"step {self.position} (model {self.step.model!r})"
 
     @property
-    def declared_outputs(self) -> tuple[Tensor, ...]:
+    def declared_outputs(self) -> tuple[TensorSpec, ...]:
         return self.step.outputs
 
     @property
-    def outputs(self) -> tuple[Tensor, ...]:
+    def outputs(self) -> tuple[TensorSpec, ...]:
         return self.runtime.outputs
 
 
@@ -149,7 +150,7 @@ class _Arm:
     what: str
     step: Step
     runtime: ModelRuntime
-    sources: tuple[tuple[Tensor, str], ...]
+    sources: tuple[tuple[TensorSpec, str], ...]
     """As in ``_ModelStage.sources``: for the first step, the record inputs' names that feed it."""
 
 
@@ -175,11 +176,11 @@ class _SplitStage:
         return np.asarray([a.step.model for a in self.arms], dtype=object)
 
     @property
-    def declared_outputs(self) -> tuple[Tensor, ...]:
+    def declared_outputs(self) -> tuple[TensorSpec, ...]:
         return self.arms[0].step.outputs
 
     @property
-    def outputs(self) -> tuple[Tensor, ...]:
+    def outputs(self) -> tuple[TensorSpec, ...]:
         return self.arms[0].runtime.outputs
 
     @cached_property
@@ -274,7 +275,7 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "[" + ", ".join("?" if dim < 0 else str(dim) for dim in shape) + "]"
 
 
-def _convert(tensor: Tensor, value: Any, label: str) -> np.ndarray:
+def _convert(tensor: TensorSpec, value: Any, label: str) -> np.ndarray:
     """One record's value for ``tensor`` as an array of the model's dtype, without the batch dimension.
 
     ``label`` names the input in error messages.
@@ -330,7 +331,7 @@ def _record_arrays(
     return {i.tensor.name: _convert(i.tensor, row[i.field], i.label) for i in record_inputs}
 
 
-def _fits(fed: Tensor, wanted: Tensor) -> bool:
+def _fits(fed: TensorSpec, wanted: TensorSpec) -> bool:
     """Whether an array valid for ``fed`` is valid as is for ``wanted``."""
     return (
         fed.dtype == wanted.dtype
@@ -346,7 +347,9 @@ def _check_mapping(what: str, step: Step, runtime: ModelRuntime) -> None:
         raise ValueError(f"{what} maps inputs {unknown} that it does not have; its inputs are {names}")
 
 
-def _chained(what: str, step: Step, runtime: ModelRuntime, before: _Feeder) -> tuple[tuple[Tensor, str], ...]:
+def _chained(
+    what: str, step: Step, runtime: ModelRuntime, before: _Feeder
+) -> tuple[tuple[TensorSpec, str], ...]:
     """The inputs of a model fed by the model step before, with the output that feeds each."""
     sources = tuple((t, step.source(t.name)) for t in runtime.inputs)
     available = {t.name for t in before.declared_outputs}
@@ -468,7 +471,7 @@ class PipelineRunner:
             return _Challenger(what, step, runtime, _chained(what, step, runtime, before), ())
         # Inputs that read the same field as the champion's at a compatible type reuse its converted column.
         fed = {i.field: i.tensor for i in self._record_inputs}
-        sources: list[tuple[Tensor, str]] = []
+        sources: list[tuple[TensorSpec, str]] = []
         record_inputs: list[_RecordInput] = []
         for tensor in runtime.inputs:
             field = step.source(tensor.name)

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from joey_core.models import TensorSpec
 from joey_engine import sandbox
-from joey_engine.deployment import Step, Tensor
+from joey_engine.deployment import Step
 from joey_engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,12 @@ class ModelRuntime(ABC):
 
     @property
     @abstractmethod
-    def inputs(self) -> tuple[Tensor, ...]:
+    def inputs(self) -> tuple[TensorSpec, ...]:
         """Input signature; dtype is a numpy dtype name (``str`` for strings), -1 marks a dynamic dim."""
 
     @property
     @abstractmethod
-    def outputs(self) -> tuple[Tensor, ...]: ...
+    def outputs(self) -> tuple[TensorSpec, ...]: ...
 
     @abstractmethod
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,12 +112,12 @@ _ONNX_DTYPES = {
 }
 
 
-def _onnx_tensor(arg: ort.NodeArg) -> Tensor:
+def _onnx_tensor(arg: ort.NodeArg) -> TensorSpec:
     if arg.type not in _ONNX_DTYPES:
         raise ValueError(f"ONNX tensor {arg.name!r} has unsupported type {arg.type}")
     # Symbolic ("N", "batch") and unknown (None) dimensions are dynamic.
     shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape)
-    return Tensor(arg.name, _ONNX_DTYPES[arg.type], shape)
+    return TensorSpec(arg.name, _ONNX_DTYPES[arg.type], shape)
 
 
 @register_runtime("onnx")
@@ -127,8 +128,8 @@ class OnnxRuntime(ModelRuntime):
         # Replicas already run in parallel processes; a second level of parallelism only contends.
         self._options.inter_op_num_threads = 1
         self._session: ort.InferenceSession | None = None
-        self._inputs: tuple[Tensor, ...] = ()
-        self._outputs: tuple[Tensor, ...] = ()
+        self._inputs: tuple[TensorSpec, ...] = ()
+        self._outputs: tuple[TensorSpec, ...] = ()
 
     def load(self, path: Path, step: Step | None = None) -> None:
         session = ort.InferenceSession(str(path), self._options, providers=["CPUExecutionProvider"])
@@ -137,11 +138,11 @@ class OnnxRuntime(ModelRuntime):
         self._session = session
 
     @property
-    def inputs(self) -> tuple[Tensor, ...]:
+    def inputs(self) -> tuple[TensorSpec, ...]:
         return self._inputs
 
     @property
-    def outputs(self) -> tuple[Tensor, ...]:
+    def outputs(self) -> tuple[TensorSpec, ...]:
         return self._outputs
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,7 +155,7 @@ class OnnxRuntime(ModelRuntime):
 class _Sandbox:
     """One running sandbox process and its pipes (see :mod:`joey_engine.sandbox`)."""
 
-    def __init__(self, path: Path, outputs: tuple[Tensor, ...]) -> None:
+    def __init__(self, path: Path, outputs: tuple[TensorSpec, ...]) -> None:
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
         declared = json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in outputs])
@@ -235,8 +236,8 @@ class PythonRuntime(ModelRuntime):
         self._sandbox: _Sandbox | None = None
         self._path = Path()
         self._name = ""
-        self._inputs: tuple[Tensor, ...] = ()
-        self._outputs: tuple[Tensor, ...] = ()
+        self._inputs: tuple[TensorSpec, ...] = ()
+        self._outputs: tuple[TensorSpec, ...] = ()
 
     def load(self, path: Path, step: Step | None = None) -> None:
         if step is None or not step.inputs or not step.outputs:
@@ -248,11 +249,11 @@ class PythonRuntime(ModelRuntime):
             self._started()
 
     @property
-    def inputs(self) -> tuple[Tensor, ...]:
+    def inputs(self) -> tuple[TensorSpec, ...]:
         return self._inputs
 
     @property
-    def outputs(self) -> tuple[Tensor, ...]:
+    def outputs(self) -> tuple[TensorSpec, ...]:
         return self._outputs
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -296,6 +297,6 @@ class PythonRuntime(ModelRuntime):
         return started
 
 
-def _declared(tensor: Tensor) -> Tensor:
+def _declared(tensor: TensorSpec) -> TensorSpec:
     # The registry names strings "string"; the engine's runtimes speak numpy ("str").
-    return Tensor(tensor.name, "str" if tensor.dtype == "string" else tensor.dtype, tensor.shape)
+    return TensorSpec(tensor.name, "str" if tensor.dtype == "string" else tensor.dtype, tensor.shape)

@@ -20,6 +20,8 @@ from joey_gateway.tensors import oip_datatype
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """Open Inference Protocol tensor metadata (OIP datatype, batched shape), not a model's TensorSpec."""
+
     name: str
     datatype: str
     shape: tuple[int, ...]

@@ -28,8 +28,9 @@ from joey_core.assays.runs import (
     summary_from_json,
     window_results,
 )
+from joey_core.models import TensorSpec
 from joey_registry.access import Access, Action, Caller
-from joey_registry.domain import Pipeline, ResolvedStep, ShadowStep, TensorSpec
+from joey_registry.domain import Pipeline, ResolvedStep, ShadowStep
 from joey_registry.errors import AlreadyExists, InvalidArgument, NotFound
 from joey_registry.store import Store, WorkspaceRef
 
@@ -51,12 +52,6 @@ class StoredAssay:
     definition: AssayDefinition
     active: bool
     created_at: datetime
-
-
-@dataclass(frozen=True)
-class StoredResult:
-    assay: str
-    result: WindowResult
 
 
 class AssayStore:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from joey_core.models import specs_from_proto
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry import domain
@@ -37,26 +37,8 @@ def workspace(ws: domain.Workspace) -> pb.Workspace:
     return pb.Workspace(name=ws.name, created_at=timestamp(ws.created_at))
 
 
-def tensor_specs(specs: tuple[domain.TensorSpec, ...]) -> list[pb.TensorSpec]:
-    return [pb.TensorSpec(name=s.name, dtype=s.dtype, shape=list(s.shape)) for s in specs]
-
-
-def model_version(mv: domain.ModelVersion) -> pb.ModelVersion:
-    return pb.ModelVersion(
-        workspace=mv.workspace,
-        name=mv.name,
-        version=mv.version,
-        sha256=mv.sha256,
-        size_bytes=mv.size_bytes,
-        framework=mv.framework,
-        inputs=tensor_specs(mv.inputs),
-        outputs=tensor_specs(mv.outputs),
-        created_at=timestamp(mv.created_at),
-    )
-
-
 def model(m: domain.Model) -> pb.Model:
-    return pb.Model(workspace=m.workspace, name=m.name, versions=[model_version(v) for v in m.versions])
+    return pb.Model(workspace=m.workspace, name=m.name, versions=[v.to_proto() for v in m.versions])
 
 
 def upload_header(header: pb.UploadModelHeader) -> domain.UploadHeader:
@@ -64,13 +46,9 @@ def upload_header(header: pb.UploadModelHeader) -> domain.UploadHeader:
         workspace=header.workspace,
         name=header.name,
         framework=header.framework,
-        inputs=_declared(header.inputs),
-        outputs=_declared(header.outputs),
+        inputs=specs_from_proto(header.inputs),
+        outputs=specs_from_proto(header.outputs),
     )
-
-
-def _declared(specs: Iterable[pb.TensorSpec]) -> tuple[domain.TensorSpec, ...]:
-    return tuple(domain.TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in specs)
 
 
 def step_requests(steps: list[pb.PipelineStep]) -> list[domain.StepRequest]:
@@ -137,8 +115,8 @@ def resolved_step(step: domain.Step) -> pb.ResolvedStep:
         version=step.version,
         sha256=step.sha256,
         framework=step.framework,
-        inputs=tensor_specs(step.inputs),
-        outputs=tensor_specs(step.outputs),
+        inputs=[s.to_proto() for s in step.inputs],
+        outputs=[s.to_proto() for s in step.outputs],
         input_mapping=dict(step.input_mapping),
     )
 

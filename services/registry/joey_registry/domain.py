@@ -1,4 +1,5 @@
-"""Domain types of the registry: plain dataclasses, free of protobuf and gRPC."""
+"""Domain types of the registry: plain dataclasses, free of protobuf and gRPC. Model versions and
+their tensor specs are the shared ``joey_core.models`` types, which convert themselves to the wire."""
 
 from __future__ import annotations
 
@@ -8,43 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from joey_core.models import ModelVersion, TensorSpec, specs_from_json
 from joey_core.topics import PipelineTopics
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(int(d) for d in data["shape"]))
-
-
-def specs_from_json(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec.from_json(item) for item in items)
 
 
 @dataclass(frozen=True)
 class Workspace:
     name: str
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    workspace: str
-    name: str
-    version: int
-    sha256: str
-    size_bytes: int
-    framework: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
     created_at: datetime
 
 

@@ -101,9 +101,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_unary
     def UploadModel(self, request: Iterator[pb.UploadModelRequest], caller: Caller) -> pb.ModelVersion:
         header, chunks = _upload_parts(request)
-        return convert.model_version(
-            self.registry.upload_model(caller, convert.upload_header(header), chunks)
-        )
+        return self.registry.upload_model(caller, convert.upload_header(header), chunks).to_proto()
 
     @_unary
     def ListModels(self, request: pb.ListModelsRequest, caller: Caller) -> pb.ListModelsResponse:
@@ -117,7 +115,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_unary
     def GetModelVersion(self, request: pb.GetModelVersionRequest, caller: Caller) -> pb.ModelVersion:
         version = self.registry.get_model_version(caller, request.workspace, request.name, request.version)
-        return convert.model_version(version)
+        return version.to_proto()
 
     @_streaming
     def DownloadArtifact(

@@ -18,6 +18,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey_core import heartbeats, kafka, topics
+from joey_core.models import ModelVersion
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
@@ -32,7 +33,6 @@ from joey_registry.domain import (
     LogPage,
     LogQuery,
     Model,
-    ModelVersion,
     Pipeline,
     PipelineVersion,
     RandomSplitRef,

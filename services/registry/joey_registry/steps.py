@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from joey_core.expressions import ExpressionError, compile_expression
+from joey_core.models import TensorSpec
 from joey_registry.domain import (
     InputMapping,
     KeySplitStep,
@@ -19,7 +20,6 @@ from joey_registry.domain import (
     ShadowStep,
     SplitStep,
     Step,
-    TensorSpec,
     ValidationsStep,
 )
 from joey_registry.errors import InvalidArgument

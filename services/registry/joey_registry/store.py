@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from joey_core import topics
+from joey_core.models import ModelVersion, TensorSpec, specs_from_json
 from joey_registry.domain import (
     Autoscale,
     Deployment,
@@ -28,14 +29,11 @@ from joey_registry.domain import (
     LogValidity,
     Model,
     ModelRef,
-    ModelVersion,
     Pipeline,
     PipelineVersion,
     Resources,
     Step,
-    TensorSpec,
     Workspace,
-    specs_from_json,
     step_from_json,
 )
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from joey_registry.domain import TensorSpec
+from joey_core.models import TensorSpec
 from joey_registry.errors import InvalidArgument
 
 DEFAULT_FRAMEWORK = "onnx"
