@@ -41,10 +41,10 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from joey.cli.broker import EmbeddedBroker
 from joey_assayer.service import POLL_RECORDS, Assayer
 from joey_assayer.settings import AssayerSettings
 from joey_assayer.store import AssayerStore
+from joey_cli.broker import EmbeddedBroker
 from joey_core.kafka import (
     ConsumedRecord,
     DeliveryTracker,

@@ -46,8 +46,8 @@ import psycopg
 import redis
 from psycopg import sql
 
-from joey.cli.broker import EmbeddedBroker
 from joey.client import Client, ModelVersion, Pipeline
+from joey_cli.broker import EmbeddedBroker
 from joey_core import db
 from joey_core.kafka import TopicSpec, admin_client, ensure_topics
 from joey_core.settings import CommonSettings
@@ -373,7 +373,7 @@ def start_joey(
     logs: Path,
 ) -> Joey:
     """Registry and engine processes up, the model uploaded."""
-    registry = Process("registry", [sys.executable, "-m", "joey.cli", "serve", "registry"], env, logs).start()
+    registry = Process("registry", [sys.executable, "-m", "joey_cli", "serve", "registry"], env, logs).start()
     stack.callback(registry.stop)
 
     def registry_up() -> bool:
@@ -382,9 +382,9 @@ def start_joey(
 
     wait_until(registry_up, 60, "the registry")
     if args.logger:
-        logger = Process("logger", [sys.executable, "-m", "joey.cli", "serve", "logger"], env, logs).start()
+        logger = Process("logger", [sys.executable, "-m", "joey_cli", "serve", "logger"], env, logs).start()
         stack.callback(logger.stop)
-    engine = Process("engine", [sys.executable, "-m", "joey.cli", "serve", "engine"], env, logs).start()
+    engine = Process("engine", [sys.executable, "-m", "joey_cli", "serve", "engine"], env, logs).start()
     stack.callback(engine.stop)
     client = Client(settings=settings, workspace=WORKSPACE)
     stack.callback(client.close)

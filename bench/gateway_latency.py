@@ -31,8 +31,8 @@ import redis
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from joey.cli.broker import EmbeddedBroker
 from joey.client import Client
+from joey_cli.broker import EmbeddedBroker
 from joey_core import heartbeats
 from joey_core.settings import CommonSettings
 
@@ -107,7 +107,7 @@ def main() -> None:
         settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items()})
 
         def serve(name: str) -> Process:
-            process = Process(name, [sys.executable, "-m", "joey.cli", "serve", name], env, logs).start()
+            process = Process(name, [sys.executable, "-m", "joey_cli", "serve", name], env, logs).start()
             stack.callback(process.stop)
             return process
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import joey
-from joey.cli.stack import StackSettings, start_detached, stop_detached
+from joey_cli.stack import StackSettings, start_detached, stop_detached
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 import joey
-from joey.cli.stack import StackSettings, start_detached, stop_detached
+from joey_cli.stack import StackSettings, start_detached, stop_detached
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

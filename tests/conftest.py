@@ -21,8 +21,8 @@ import pytest
 import redis
 from psycopg import sql
 
-from joey.cli.broker import EmbeddedBroker
-from joey.cli.stack import registry_ready
+from joey_cli.broker import EmbeddedBroker
+from joey_cli.stack import registry_ready
 from joey_core import db, heartbeats
 from joey_core.kafka import admin_client, ensure_topics, platform_topics
 from joey_core.settings import CommonSettings
@@ -139,7 +139,7 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", f"joey_{self.name}"],
+                [sys.executable, "-P", "-m", f"joey_{self.name}"],
                 env=os.environ | self.env | self.extra_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -24,6 +24,12 @@ def test_a_service_process_loads_neither_the_sdk_nor_another_service(service: st
     assert loaded(f"joey_{service}.app") == {"joey_core", f"joey_{service}"}
 
 
+def test_the_cli_loads_the_sdk_only_for_the_commands_that_use_it() -> None:
+    # `joey --help`, `joey up`'s supervisor and `joey serve` (before its exec) stay light.
+    assert loaded("joey_cli") == {"joey_cli"}
+    assert loaded("joey_cli.stack") == {"joey_cli", "joey_core"}
+
+
 def test_the_documented_imports_work() -> None:
     import joey
     import joey_core.assays
@@ -33,3 +39,14 @@ def test_the_documented_imports_work() -> None:
     assert joey.Autoscale.__module__ == "joey.client.pipelines"
     assert joey.__version__ == joey_core.__version__
     assert score is joey_core.assays.score
+
+
+def test_code_written_against_joey_sdk_still_works_and_is_told_where_the_sdk_went() -> None:
+    import joey.client
+
+    with pytest.warns(DeprecationWarning, match="joey.sdk is deprecated"):
+        sys.modules.pop("joey.sdk", None)
+        import joey.sdk
+
+    assert joey.sdk.__all__ == joey.client.__all__
+    assert all(getattr(joey.sdk, name) is getattr(joey.client, name) for name in joey.client.__all__)

@@ -1,7 +1,7 @@
 """Joey: Kafka-native MLOps. ``joey.Client`` is the entry point of the Python SDK.
 
 The public API is what this package and :mod:`joey.client` export; :mod:`joey.assays` scores drift
-offline and :mod:`joey.cli` is the ``joey`` command. Services never import this package (they share
+offline and :mod:`joey_cli` is the ``joey`` command. Services never import this package (they share
 :mod:`joey_core`), so loading the SDK here costs them nothing.
 """
 
@@ -11,6 +11,7 @@ from joey.client import (
     Autoscale,
     Client,
     DeploymentStatus,
+    InferenceTimeout,
     JoeyError,
     ModelVersion,
     Pipeline,
@@ -24,6 +25,7 @@ __all__ = [
     "Autoscale",
     "Client",
     "DeploymentStatus",
+    "InferenceTimeout",
     "JoeyError",
     "ModelVersion",
     "Pipeline",

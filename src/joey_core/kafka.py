@@ -20,8 +20,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -173,20 +172,60 @@ class DeliveryTracker:
 
 
 Headers = list[tuple[str, bytes | None]]
+AnyLogger = logging.Logger | logging.LoggerAdapter[Any]
 
 
-@dataclass(frozen=True)
 class ConsumedRecord:
-    """A record read from a topic, as a plain value: where it came from, and what it carries."""
+    """A record read from a topic, as a plain value: where it came from, and what it carries.
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers = field(default_factory=list)
-    timestamp_ms: int | None = None
-    """When it was written, by the broker's or the producer's clock; None when the broker has none."""
+    Read-only by convention. Built once per record on the engine's hot path, so the headers are
+    scanned once, here, for the request id and deadline every consumer of an input record needs.
+    """
+
+    __slots__ = (
+        "_value_json",
+        "deadline_ms",
+        "headers",
+        "key",
+        "offset",
+        "partition",
+        "request_id",
+        "timestamp_ms",
+        "topic",
+        "value",
+    )
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.key = key
+        self.value = value
+        self.headers: Headers = headers or []
+        self.timestamp_ms = timestamp_ms
+        """When it was written, by the broker's or the producer's clock; None when the broker has none."""
+        request_id = deadline = None
+        for name, raw in self.headers:
+            if raw is None:
+                continue
+            if name == records.REQUEST_ID_HEADER and request_id is None:
+                request_id = raw.decode("utf-8", errors="replace")
+            elif name == records.DEADLINE_HEADER and deadline is None:
+                deadline = raw
+        self.request_id: str = request_id or f"{topic}/{partition}/{offset}"
+        """The caller's request id, or the record's position when it came without one."""
+        self.deadline_ms: float | None = _deadline_ms(deadline)
+        """When the caller stops waiting (epoch ms), from the deadline header."""
+        self._value_json: str | None = None
 
     @classmethod
     def of(cls, message: Message) -> ConsumedRecord:
@@ -194,9 +233,8 @@ class ConsumedRecord:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         if topic is None or partition is None or offset is None:
             raise ValueError(f"not a consumed record: {message.error()}")
-        raw = message.headers() or []
-        pairs = raw.items() if isinstance(raw, dict) else raw
-        headers = [(name, value.encode() if isinstance(value, str) else value) for name, value in pairs]
+        # A consumed record's headers are always a list of (str, bytes | None) pairs.
+        headers = cast(Headers, message.headers())
         kind, ms = message.timestamp()
         stamp = None if kind == TIMESTAMP_NOT_AVAILABLE else ms
         return cls(topic, partition, offset, message.key(), message.value(), headers, stamp)
@@ -207,29 +245,31 @@ class ConsumedRecord:
     def header(self, name: str) -> str | None:
         return records.header_value(self.headers, name)
 
-    @cached_property
-    def request_id(self) -> str:
-        """The caller's request id, or the record's position when it came without one."""
-        return self.header(records.REQUEST_ID_HEADER) or f"{self.topic}/{self.partition}/{self.offset}"
-
-    @cached_property
-    def deadline_ms(self) -> float | None:
-        """When the caller stops waiting (epoch ms), from the deadline header."""
-        text = self.header(records.DEADLINE_HEADER)
-        # A malformed deadline cannot be honoured; the record is processed as if it had none.
-        try:
-            return None if text is None else float(text)
-        except ValueError:
-            return None
-
-    @cached_property
+    @property
     def value_json(self) -> str:
         """The value as strict JSON text (what output and log records embed); only valid for a value
         that parsed as a JSON object."""
-        return records.strict_json_text(self.value, lambda: json.loads(self.value or b"null"))
+        if self._value_json is None:
+            self._value_json = records.strict_json_text(self.value, lambda: json.loads(self.value or b"null"))
+        return self._value_json
+
+    def __repr__(self) -> str:
+        return f"ConsumedRecord({self.where()}, request_id={self.request_id!r})"
 
 
-def usable(messages: Iterable[Message], log: logging.Logger | logging.LoggerAdapter[Any]) -> list[Message]:
+def _deadline_ms(raw: bytes | None) -> float | None:
+    # A malformed deadline cannot be honoured; the record is processed as if it had none.
+    try:
+        return None if raw is None else float(raw)
+    except ValueError:
+        return None
+
+
+def usable(
+    messages: Iterable[Message],
+    log: AnyLogger,
+    level: int = logging.WARNING,
+) -> list[Message]:
     """The messages that are records; a consumer error is logged and dropped, a fatal one raises.
 
     Non-fatal errors (a partition's end, a broker reconnecting) are the client telling, not failing: it
@@ -243,7 +283,8 @@ def usable(messages: Iterable[Message], log: logging.Logger | logging.LoggerAdap
         elif error.fatal():
             raise KafkaException(error)
         else:
-            log.warning("consumer error on %s[%s]: %s", message.topic(), message.partition(), error)
+            where = f" on {message.topic()}[{message.partition()}]" if message.topic() is not None else ""
+            log.log(level, "consumer error%s: %s", where, error)
     return kept
 
 
@@ -283,7 +324,7 @@ def commit(
     consumer: Consumer,
     offsets: Sequence[TopicPartition],
     policy: CommitPolicy,
-    log: logging.Logger | logging.LoggerAdapter[Any],
+    log: AnyLogger,
 ) -> bool:
     """Commit ``offsets`` synchronously; True when every one was committed.
 
@@ -298,7 +339,7 @@ def commit(
         if refused:
             raise KafkaException(refused[0].error)
     except KafkaException as exc:
-        error = exc.args[0]
+        error = exc.args[0] if exc.args else exc
         code = error.code() if isinstance(error, KafkaError) else None
         if policy is CommitPolicy.RETRY_WHEN_REBALANCING:
             if code not in REBALANCING:

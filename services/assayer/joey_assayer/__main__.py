@@ -2,4 +2,5 @@
 
 from joey_assayer.app import serve
 
-serve()
+if __name__ == "__main__":
+    serve()

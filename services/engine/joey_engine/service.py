@@ -32,8 +32,9 @@ from joey_engine.slots import SlotLeases
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.2
 SERVICE = "engine"
+
+POLL_S = 0.2
 """How long one read of the deployments topic waits; also the pace of reconciliation."""
 
 STOP_TIMEOUT_S = 30.0

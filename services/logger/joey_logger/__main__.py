@@ -2,4 +2,5 @@
 
 from joey_logger.app import serve
 
-serve()
+if __name__ == "__main__":
+    serve()

@@ -15,11 +15,6 @@ import pandas as pd
 import pyarrow as pa
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from joey.client.assays import Assay as Assay
-from joey.client.assays import AssayBuilder as AssayBuilder
-from joey.client.assays import AssayResult as AssayResult
-from joey.client.assays import AssayResults as AssayResults
-from joey.client.assays import AssaySummary as AssaySummary
 from joey.client.assays import timestamp
 from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.log_export import LogExport, flatten, flatten_shadow, log_entry_row

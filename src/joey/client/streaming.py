@@ -73,7 +73,8 @@ class PipelineStream:
                 if remaining <= 0:
                     raise InferenceTimeout(len(replies), len(rows), timeout)
                 batch = consumer.consume(num_messages=1000, timeout=min(remaining, 0.5))
-                for message in kafka.usable(batch, log):
+                # The client recovers from non-fatal errors by itself: not the user's concern.
+                for message in kafka.usable(batch, log, logging.DEBUG):
                     reply_id = header_value(message.headers(), REQUEST_ID_HEADER)  # type: ignore[arg-type]
                     if reply_id is None or reply_id not in pending:
                         continue

@@ -466,7 +466,7 @@ Global___ModelStep: _TypeAlias = ModelStep  # noqa: Y015
 @_typing.final
 class ValidationsStep(_message.Message):
     """Checks over a record's inputs and the outputs of the model step before this step, in the
-    expression language of joey.expressions, e.g. {"too_sure": "out.probabilities[0] > 0.99"}.
+    expression language of joey_core.expressions, e.g. {"too_sure": "out.probabilities[0] > 0.99"}.
     A check that evaluates true flags an anomaly: its name goes to check_failures.
     """
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from joey.cli import main
 from joey.client import Client, JoeyError
+from joey_cli import main
 from joey_core import assays
 from joey_core.settings import CommonSettings
 from tests.conftest import Stack, wait_until

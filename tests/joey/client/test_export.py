@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 from psycopg.types.json import Jsonb
 
-from joey.cli import main
 from joey.client import Client, Pipeline
 from joey.client.log_export import JSON_ENCODING
+from joey_cli import main
 from joey_core.settings import CommonSettings
 from tests.conftest import Stack
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from joey.cli import main
 from joey.client import Client, ModelStep, PipelineVersion
+from joey_cli import main
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from tests.conftest import Stack

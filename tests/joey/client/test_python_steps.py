@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from joey.cli import main
 from joey.client import Client, Pipeline, TensorSpec
 from joey.client.signatures import parse_option, tensor_specs
+from joey_cli import main
 from joey_core.settings import CommonSettings
 from tests.conftest import Stack, wait_until
 from train_model import make_records  # examples/, put on sys.path by conftest

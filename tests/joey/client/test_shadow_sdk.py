@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from joey.cli import main
 from joey.client import Client, ModelStep, PipelineVersion, ShadowStep
 from joey.client.pipelines import log_entries_to_frame, replies_to_frame
+from joey_cli import main
 from joey_core.replies import Reply
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb

@@ -17,9 +17,9 @@ from skl2onnx import to_onnx
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from joey.cli import main
 from joey.client import Client, KeySplitStep, ModelStep, PipelineVersion, RandomSplitStep
 from joey.client.pipelines import replies_to_frame
+from joey_cli import main
 from joey_core.replies import Reply
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb

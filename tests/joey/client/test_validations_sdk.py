@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 from psycopg.types.json import Jsonb
 
-from joey.cli import main
 from joey.client import Client, ModelStep, PipelineVersion, ValidationsStep
 from joey.client.pipelines import replies_to_frame
+from joey_cli import main
 from joey_core.replies import Reply
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb

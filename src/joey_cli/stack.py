@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import redis
 
-from joey.cli.broker import EmbeddedBroker
+from joey_cli.broker import EmbeddedBroker
 from joey_core import db, heartbeats
 from joey_core.kafka import admin_client, ensure_topics, platform_topics, wait_for_broker
 from joey_core.settings import CommonSettings
@@ -88,7 +88,7 @@ class _Service:
     def start(self) -> None:
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", f"joey_{self.name}"],
+                [sys.executable, "-P", "-m", f"joey_{self.name}"],
                 env=self.env | {"JOEY_INSTANCE_ID": self.instance_id},
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -237,7 +237,7 @@ def start_detached(settings: StackSettings) -> dict[str, object]:
     log_path = settings.state_dir / "up.log"
     with log_path.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "joey.cli", "up"],
+            [sys.executable, "-m", "joey_cli", "up"],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -1,4 +1,4 @@
-"""`joey assay ...`: the SDK's assay verbs on the command line (registered by joey.cli)."""
+"""`joey assay ...`: the SDK's assay verbs on the command line (registered by joey_cli)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from joey.cli.assays import assay
+from joey_cli.assays import assay
 
 SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
 
@@ -50,16 +50,17 @@ def main(ctx: click.Context, registry: str | None, workspace: str) -> None:
 @click.argument("service", type=click.Choice(SERVICES))
 def serve(service: str) -> None:
     """Run one service in the foreground (what compose.yaml and production run)."""
-    # Replaced by `python -m joey_<service>` (same pid, so signals still reach it): the service then
-    # starts without the SDK this command loaded, and so do the replica processes the engine spawns.
-    os.execv(sys.executable, [sys.executable, "-m", f"joey_{service}"])  # noqa: S606  # a fixed module
+    # Replaced by `python -P -m joey_<service>` (same pid, so signals still reach it): the service runs as its
+    # own main module, which the engine's spawned replicas rely on; -P keeps the current directory off
+    # sys.path, as the console script did.
+    os.execv(sys.executable, [sys.executable, "-P", "-m", f"joey_{service}"])  # noqa: S606  # a fixed module
 
 
 @main.command()
 @click.option("--detach", "-d", is_flag=True, help="Run in the background; `joey down` stops it.")
 def up(detach: bool) -> None:
     """Start broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine, logger, assayer and gateway."""
-    from joey.cli.stack import StackError, StackSettings, run_foreground, start_detached
+    from joey_cli.stack import StackError, StackSettings, run_foreground, start_detached
     from joey_core.lifecycle import configure_logging
 
     settings = StackSettings()
@@ -80,7 +81,7 @@ def up(detach: bool) -> None:
 @main.command()
 def down() -> None:
     """Stop the stack started by `joey up`."""
-    from joey.cli.stack import StackSettings, stop_detached
+    from joey_cli.stack import StackSettings, stop_detached
 
     click.echo("stopped" if stop_detached(StackSettings()) else "Joey was not running")
 

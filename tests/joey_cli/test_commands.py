@@ -21,7 +21,7 @@ from train_model import make_records
 
 def joey(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "joey.cli", *args], env=env, capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "joey_cli", *args], env=env, capture_output=True, text=True, timeout=180
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -137,13 +137,13 @@ def test_serve_becomes_the_service_process(env: dict[str, str], settings: Common
         return instance in heartbeats.live_services(client, env["JOEY_REDIS_PREFIX"], "logger")
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "joey.cli", "serve", "logger"],
+        [sys.executable, "-m", "joey_cli", "serve", "logger"],
         env=os.environ | env | {"JOEY_INSTANCE_ID": instance, "JOEY_LOGGER_GROUP": f"joey.logger.{instance}"},
     )
     try:
         wait_until(ready, 60, "logger ready")
         command = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
-        assert command[1:3] == [b"-m", b"joey_logger"], command
+        assert command[1:4] == [b"-P", b"-m", b"joey_logger"], command
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
         assert not ready(), "a clean stop retires the heartbeat"

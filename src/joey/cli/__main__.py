@@ -1,3 +1,0 @@
-from joey.cli import main
-
-main()

@@ -1,0 +1,3 @@
+from joey_cli import main
+
+main()
