@@ -17,6 +17,13 @@ _DEFINITION_OPTIONS: list[Callable[[Any], Any]] = [
     click.option(
         "--baseline-file", type=click.Path(exists=True, dir_okay=False), help="Or: baseline values."
     ),
+    click.option("--baseline-first", type=int, metavar="N", help="Or: the first N values logged."),
+    click.option("--baseline-last", type=int, metavar="N", help="Or: the last N values logged."),
+    click.option(
+        "--baseline-rows",
+        metavar="START:STOP",
+        help="Or: values START to STOP logged (0-based, STOP excluded), in log order (time, row id).",
+    ),
     click.option("--model", default="", help="Only inferences this model took part in."),
     click.option("--width", type=int, default=24 * 3600, show_default=True, help="Window width in seconds."),
     click.option("--interval", type=int, help="Seconds between window starts (default: the width)."),
@@ -30,6 +37,11 @@ _DEFINITION_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--weights", help="Comma-separated bin weights, outlier bins included."),
     click.option("--alert", type=float, default=0.25, show_default=True, help="Alert threshold."),
     click.option("--warning", type=float, help="Warning threshold."),
+    click.option(
+        "--min-count",
+        type=int,
+        help="Windows with fewer values are NoData, not judged (default 30; 0 judges every window).",
+    ),
 ]
 
 
@@ -60,6 +72,16 @@ def _errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
 
 
+def _row_range(text: str) -> tuple[int, int]:
+    start, sep, stop = text.partition(":")
+    try:
+        if sep:
+            return int(start), int(stop)
+    except ValueError:
+        pass
+    raise click.BadParameter(f"expected START:STOP, e.g. 0:5000, got {text!r}", param_hint="--baseline-rows")
+
+
 def _builder(obj: Any, name: str, o: dict[str, Any]) -> Any:
     data = None
     if o["baseline_file"]:
@@ -85,6 +107,22 @@ def _builder(obj: Any, name: str, o: dict[str, Any]) -> Any:
         builder.add_bin_weights(_floats(o["weights"], "--weights"))
     if o["warning"] is not None:
         builder.add_warning_threshold(o["warning"])
+    if o["min_count"] is not None:
+        builder.add_min_count(o["min_count"])
+    rows = [
+        f"--{k.replace('_', '-')}"
+        for k in ("baseline_first", "baseline_last", "baseline_rows")
+        if o[k] is not None
+    ]
+    if len(rows) > 1:
+        raise click.UsageError(f"give one of {', '.join(rows)}, not several")
+    # A row baseline with a time range or a file is refused by the registry, which names both.
+    if o["baseline_first"] is not None:
+        builder.baseline_first(o["baseline_first"])
+    if o["baseline_last"] is not None:
+        builder.baseline_last(o["baseline_last"])
+    if o["baseline_rows"] is not None:
+        builder.baseline_rows(*_row_range(o["baseline_rows"]))
     return builder
 
 
@@ -98,6 +136,8 @@ def _echo_results(results: Any, chart: str | None) -> None:
     frame = results.to_dataframe().drop(columns=["scores"])
     with _wide():
         click.echo(frame.to_string(index=False) if len(frame) else "no results")
+    for note in results.notes():
+        click.echo(note)
     if chart and len(results):
         click.echo(f"chart: {results.chart_scores(chart)}", err=True)
 
@@ -107,7 +147,7 @@ def _describe(a: Any) -> str:
     state = "active" if a.active else "paused"
     return (
         f"{a.name}\t{d.pipeline}\t{d.iopath}\t{state}\twidth {d.width_seconds}s\t"
-        f"{d.summarizer.metric}\talert > {d.alert_threshold:g}"
+        f"{d.summarizer.metric}\talert > {d.alert_threshold:g}\tmin_count {d.min_count}"
     )
 
 
@@ -159,7 +199,8 @@ def preview(obj: Any, builder: Any, options: dict[str, Any]) -> None:
 @click.pass_obj
 @_with_definition
 def run(obj: Any, builder: Any, options: dict[str, Any]) -> None:
-    """Score a definition over past logs, one row per window with data (nothing stored)."""
+    """Score a definition over past logs, one row per window with data and one for the window
+    still open (nothing stored)."""
     _echo_results(builder.interactive_run(end=options.get("end")), options.get("chart"))
 
 

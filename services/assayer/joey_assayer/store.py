@@ -14,12 +14,9 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from joey_core.assays import panes
+from joey_core.assays import Status, panes
 from joey_core.assays.runs import AssayDefinition, result_of, summary_to_json
 from joey_core.assays.streaming import WindowCounts
-
-NO_DATA = "NoData"
-"""Status of a closed window without any value: stored so the next window follows it, never published."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,9 @@ class AssayerStore:
         The unique (assay_id, window_start) key makes this idempotent: after a crash, or with a
         second assayer, the window keeps the one result stored first. The window is counted from
         its panes; panes no later window needs (a late record may have reopened one) go in the
-        same transaction.
+        same transaction. A window without any value is stored as NoData without summaries, so
+        the next window follows it, and never published; one with fewer values than the assay's
+        min_count is scored, NoData too (``result_of``), and published like any result.
         """
         d = assay.definition
         with self.pool.connection() as conn:
@@ -100,7 +99,8 @@ class AssayerStore:
                 start, {r["pane_start"]: WindowCounts.from_bytes(r["counts"]) for r in rows}
             )
             if counts.count == 0:
-                values: tuple[Any, ...] = (math.nan, Jsonb([]), None, NO_DATA, Jsonb({"window": None}), True)
+                empty = Jsonb({"window": None})
+                values: tuple[Any, ...] = (math.nan, Jsonb([]), None, str(Status.NO_DATA), empty, True)
             else:
                 result = result_of(d, start, end, counts)
                 s = result.scores

@@ -6,7 +6,15 @@ from datetime import timedelta
 from typing import cast
 
 from joey_core.assays import Aggregation, BinMode, Metric, Summary
-from joey_core.assays.runs import DEFAULT_ALERT_THRESHOLD, AssayDefinition, IoPath, Summarizer, WindowResult
+from joey_core.assays.runs import (
+    DEFAULT_ALERT_THRESHOLD,
+    DEFAULT_MIN_COUNT,
+    AssayDefinition,
+    BaselineRows,
+    IoPath,
+    Summarizer,
+    WindowResult,
+)
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.assays import StoredAssay
 from joey_registry.convert import optional_datetime, timestamp
@@ -37,6 +45,7 @@ def definition(message: pb.AssayDefinition) -> AssayDefinition:
         baseline_start=optional_datetime(message, "baseline_start"),  # type: ignore[arg-type]
         baseline_end=optional_datetime(message, "baseline_end"),  # type: ignore[arg-type]
         baseline_data=tuple(message.baseline_data) if message.baseline_data else None,
+        baseline_rows=baseline_rows(message.baseline_rows) if message.HasField("baseline_rows") else None,
         width=timedelta(seconds=message.width_seconds or 24 * 3600),
         interval=timedelta(seconds=message.interval_seconds) if message.interval_seconds else None,
         start=optional_datetime(message, "start"),  # type: ignore[arg-type]
@@ -45,7 +54,12 @@ def definition(message: pb.AssayDefinition) -> AssayDefinition:
             message.alert_threshold if message.HasField("alert_threshold") else DEFAULT_ALERT_THRESHOLD
         ),
         warning_threshold=message.warning_threshold if message.HasField("warning_threshold") else None,
+        min_count=message.min_count if message.HasField("min_count") else DEFAULT_MIN_COUNT,
     )
+
+
+def baseline_rows(message: pb.AssayBaselineRows) -> BaselineRows:
+    return BaselineRows(message.start, message.stop, message.from_end)
 
 
 def definition_message(d: AssayDefinition) -> pb.AssayDefinition:
@@ -68,7 +82,12 @@ def definition_message(d: AssayDefinition) -> pb.AssayDefinition:
             bin_weights=list(s.bin_weights or ()),
         ),
         alert_threshold=d.alert_threshold,
+        min_count=d.min_count,
     )
+    if d.baseline_rows is not None:
+        rows = d.baseline_rows
+        message.baseline_rows.start, message.baseline_rows.stop = rows.start, rows.stop
+        message.baseline_rows.from_end = rows.from_end
     if d.warning_threshold is not None:
         message.warning_threshold = d.warning_threshold
     for field in ("baseline_start", "baseline_end", "start"):
@@ -104,7 +123,7 @@ def assay(stored: StoredAssay) -> pb.Assay:
     )
 
 
-def result(r: WindowResult, assay_name: str = "") -> pb.AssayResult:
+def result(r: WindowResult, assay_name: str) -> pb.AssayResult:
     return pb.AssayResult(
         assay=assay_name,
         window_start=timestamp(r.window_start),
@@ -119,9 +138,13 @@ def result(r: WindowResult, assay_name: str = "") -> pb.AssayResult:
     )
 
 
-def results(rs: list[WindowResult], d: AssayDefinition, assay_name: str = "") -> pb.AssayResults:
+def results(rs: list[WindowResult], d: AssayDefinition) -> pb.AssayResults:
+    """The results of the assay ``d``, each named after it (interactive runs too)."""
     return pb.AssayResults(
-        results=[result(r, assay_name) for r in rs],
+        results=[result(r, d.name) for r in rs],
         alert_threshold=d.alert_threshold,
         warning_threshold=d.warning_threshold,
+        assay=d.name,
+        iopath=str(d.iopath),
+        min_count=d.min_count,
     )

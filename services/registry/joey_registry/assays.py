@@ -21,11 +21,15 @@ from joey_core.assays import Scores, Status, Summary
 from joey_core.assays.panes import hold_for_change
 from joey_core.assays.runs import (
     AssayDefinition,
+    BaselineRows,
     IoPath,
     WindowResult,
+    count_values,
     first_log_time,
     log_values,
+    row_values,
     summary_from_json,
+    time_of,
     window_results,
 )
 from joey_core.models import TensorSpec
@@ -113,7 +117,9 @@ class AssayStore:
                 "SELECT r.window_start, r.window_end, r.score, r.scores, r.bin_index, r.status, r.summaries "
                 "FROM assay_results r "
                 "JOIN assays a ON a.id = r.assay_id WHERE a.workspace_id = %s AND a.name = %s "
-                "AND r.status <> 'NoData' AND (%s::timestamptz IS NULL OR r.window_start >= %s) "
+                # Windows without any value have no summary: not results, as in interactive runs.
+                "AND jsonb_typeof(r.summaries->'window') = 'object' "
+                "AND (%s::timestamptz IS NULL OR r.window_start >= %s) "
                 "AND (%s::timestamptz IS NULL OR r.window_start < %s) ORDER BY r.window_start",
                 (ws.id, definition.name, start, start, end, end),
             ).fetchall()
@@ -123,13 +129,23 @@ class AssayStore:
         with self._pool.connection() as conn:
             return log_values(conn, definition, start, end)
 
+    def row_values(self, definition: AssayDefinition, rows: BaselineRows) -> tuple[Any, Any]:
+        with self._pool.connection() as conn:
+            return row_values(conn, definition, rows)
+
+    def count_values(self, definition: AssayDefinition) -> int:
+        with self._pool.connection() as conn:
+            return count_values(conn, definition)
+
     def first_log_time(self, workspace: str, pipeline: str) -> datetime | None:
         with self._pool.connection() as conn:
             return first_log_time(conn, workspace, pipeline)
 
-    def window_results(self, definition: AssayDefinition, end: datetime) -> list[WindowResult]:
+    def window_results(
+        self, definition: AssayDefinition, end: datetime, include_open: bool
+    ) -> list[WindowResult]:
         with self._pool.connection() as conn:
-            return window_results(conn, definition, end)
+            return window_results(conn, definition, end, include_open=include_open)
 
 
 def stored_result(definition: AssayDefinition, row: dict[str, Any]) -> WindowResult:
@@ -273,20 +289,23 @@ class Assays:
     ) -> list[WindowResult]:
         ws = self.access.authorize(caller, definition.workspace, Action.READ)
         resolved = self._resolve(ws, definition, live=False)
-        until = end or datetime.now(UTC)
+        # A window ending later than now has not closed: a run goes up to now at most, and only
+        # a run up to now shows the window still open (one ending earlier stops where it was asked to).
+        now = datetime.now(UTC)
+        until = min(end, now) if end else now
         if resolved.start is None:
             return []  # nothing logged yet
-        windows = list(resolved.windows(resolved.start, until))
         # Each window merges its panes: the run's cost is windows times panes per window.
-        merges = len(windows) * (resolved.width // resolved.pane)
+        windows = len(list(resolved.windows(resolved.start, until))) + (until == now)
+        merges = windows * (resolved.width // resolved.pane)
         if merges > MAX_INTERACTIVE_PANE_MERGES:
             raise InvalidArgument(
-                f"{len(windows)} windows of {resolved.width // resolved.pane} panes each from "
+                f"{windows} windows of {resolved.width // resolved.pane} panes each from "
                 f"{resolved.start.isoformat()} to {until.isoformat()}: at most "
                 f"{MAX_INTERACTIVE_PANE_MERGES} panes per run; "
                 "use a later start, an earlier end or a longer interval"
             )
-        return self.sql.window_results(resolved, until)
+        return self.sql.window_results(resolved, until, include_open=until == now)
 
     def results(
         self, caller: Caller, workspace: str, name: str, start: datetime | None, end: datetime | None
@@ -327,16 +346,56 @@ class Assays:
                 raise InvalidArgument(f"{name} must be a finite number, got {threshold}")
         try:
             d.summarizer.check()
+            d.check_min_count()
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        has_range = d.baseline_start is not None or d.baseline_end is not None
-        if has_range == (d.baseline_data is not None):
+        values, start = self._baseline(d)
+        try:
+            resolved = d.with_baseline(values)
+        except ValueError as exc:
+            raise InvalidArgument(f"bad baseline or summarizer: {exc}") from None
+        start = d.start or start
+        if start is None:
+            start = datetime.now(UTC) if live else self.sql.first_log_time(ws.name, d.pipeline)
+        # The stored form keeps the baseline summary only; its values are not kept.
+        return replace(resolved, start=start, interval=d.step)
+
+    def _baseline(self, d: AssayDefinition) -> tuple[Any, datetime | None]:
+        """The baseline's values, and where its windows start by default: the baseline's end (the
+        time of its last row for a row baseline), None for values given as data."""
+        given = [
+            name
+            for name, present in (
+                ("a time range (baseline_start, baseline_end)", d.baseline_start or d.baseline_end),
+                ("rows (first, last or a row range)", d.baseline_rows),
+                ("data (baseline_data)", d.baseline_data is not None),
+            )
+            if present
+        ]
+        if len(given) != 1:
+            found = f"got {' and '.join(given)}" if given else "got none"
             raise InvalidArgument(
-                "give the baseline as a time range (baseline_start, baseline_end) or as data"
+                f"give the baseline one way: as a time range, as rows of the log or as data; {found}"
             )
         if d.baseline_data is not None:
             values: Any = d.baseline_data
-            where = "baseline_data"
+            where, start = "baseline_data", None
+        elif d.baseline_rows is not None:
+            try:
+                d.baseline_rows.check()
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            micros, values = self.sql.row_values(d, d.baseline_rows)
+            wanted = d.baseline_rows.stop - d.baseline_rows.start
+            if len(values) < wanted:
+                raise InvalidArgument(
+                    f"the baseline is {d.baseline_rows}, but the logs of pipeline {d.pipeline!r} hold only "
+                    f"{self.sql.count_values(d)} values at {d.iopath}: choose fewer rows, or log more first"
+                )
+            where = f"the logs of pipeline {d.pipeline!r} at {d.iopath} ({d.baseline_rows})"
+            # Windows are by time and rows of one batch share theirs: starting at the baseline's last
+            # row's time leaves no later row out (the first window may hold the baseline's last rows).
+            start = time_of(int(micros[-1]))
         else:
             if d.baseline_start is None or d.baseline_end is None or d.baseline_start >= d.baseline_end:
                 raise InvalidArgument("the baseline range needs baseline_start before baseline_end")
@@ -345,14 +404,7 @@ class Assays:
                 f"the logs of pipeline {d.pipeline!r} at {d.iopath} from "
                 f"{d.baseline_start.isoformat()} to {d.baseline_end.isoformat()}"
             )
+            start = d.baseline_end
         if len(values) == 0:
             raise InvalidArgument(f"the baseline is empty: no values in {where}")
-        try:
-            resolved = d.with_baseline(values)
-        except ValueError as exc:
-            raise InvalidArgument(f"bad baseline or summarizer: {exc}") from None
-        start = d.start or d.baseline_end
-        if start is None:
-            start = datetime.now(UTC) if live else self.sql.first_log_time(ws.name, d.pipeline)
-        # The stored form keeps the baseline summary only; its values are not kept.
-        return replace(resolved, start=start, interval=d.step)
+        return values, start

@@ -219,4 +219,4 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         definition, results = self.registry.assays.results(
             caller, request.workspace, request.name, start, end
         )
-        return assay_convert.results(results, definition, request.name)
+        return assay_convert.results(results, definition)

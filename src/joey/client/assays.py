@@ -1,8 +1,8 @@
 """Assays in the SDK, shaped like Wallaroo's::
 
     assay = client.build_assay("petal-drift", pipeline, "input features 2",
-                               baseline_start=t0, baseline_end=t1)
-    assay.add_width(hours=1).add_metric("maxdiff").add_alert_threshold(0.3)
+                               baseline_start=t0, baseline_end=t1)  # or .baseline_first(5000)
+    assay.add_width(hours=1).add_metric("maxdiff").add_alert_threshold(0.3).add_min_count(100)
     assay.interactive_baseline_run().chart("baseline.png")
     results = assay.interactive_run()
     results.to_dataframe(); results.chart_scores("scores.png")
@@ -132,15 +132,73 @@ class AssayResult:
         )
 
 
+JUDGED = ("Ok", "Warning", "Alert")
+"""The statuses of windows scored against the thresholds; NoData and Open ones are not."""
+
+
 class AssayResults(list[AssayResult]):
     """Results in window order, with a table and a chart."""
 
     def __init__(
-        self, results: Sequence[AssayResult], alert_threshold: float | None, warning_threshold: float | None
+        self,
+        results: Sequence[AssayResult],
+        alert_threshold: float | None,
+        warning_threshold: float | None,
+        *,
+        assay: str = "",
+        iopath: str = "",
+        min_count: int | None = None,
     ) -> None:
         super().__init__(results)
         self.alert_threshold = alert_threshold
         self.warning_threshold = warning_threshold
+        self.assay = assay
+        self.iopath = iopath
+        self.min_count = min_count
+
+    @classmethod
+    def from_proto(cls, response: pb.AssayResults) -> AssayResults:
+        return cls(
+            [AssayResult.from_proto(r) for r in response.results],
+            response.alert_threshold,
+            response.warning_threshold if response.HasField("warning_threshold") else None,
+            assay=response.assay,
+            iopath=response.iopath,
+            min_count=response.min_count,
+        )
+
+    def notes(self) -> list[str]:
+        """What the table does not say by itself: windows too small to judge, and the open one."""
+        notes = []
+        small = [r for r in self if r.status == "NoData"]
+        if small:
+            notes.append(
+                f"{len(small)} of {len(self)} windows hold fewer than {self.min_count} values (min_count): "
+                "NoData, their scores are not judged against the thresholds"
+            )
+        for r in self:
+            if r.status == "Open":
+                notes.append(
+                    f"window {r.window_start.isoformat()} is open: {r.window_summary.count:,} values so far, "
+                    f"closes at {r.window_end.isoformat()}"
+                )
+        return notes
+
+    @property
+    def title(self) -> str:
+        """The chart's title: the assay, its iopath, and how many values its windows hold."""
+        name = " · ".join(part for part in (self.assay, self.iopath) if part) or "assay scores"
+        judged = [r.window_summary.count for r in self if r.status in JUDGED]
+        counts = [
+            f"{len(judged)} windows scored, {sum(judged):,} values ({min(judged):,}-{max(judged):,} each)"
+            if judged
+            else "no window scored"
+        ]
+        small = sum(r.status == "NoData" for r in self)
+        if small:
+            counts.append(f"{small} NoData (< {self.min_count} values)")
+        counts += [f"open: {r.window_summary.count:,} so far" for r in self if r.status == "Open"]
+        return f"{name}\n{'; '.join(counts)}"
 
     def to_dataframe(self) -> pd.DataFrame:
         return pd.DataFrame(
@@ -178,25 +236,60 @@ class AssayResults(list[AssayResult]):
         )
 
     def chart_scores(self, path: str | Path, title: str = "") -> Path:
-        """Scores over time with the alert (and warning) threshold, written as a PNG."""
+        """Scores over time with the alert (and warning) threshold, and each window's count of
+        values as a bar behind them, written as a PNG (title: :attr:`title` unless given).
+
+        Only windows judged against the thresholds are plotted at their score: a NoData window
+        (fewer values than min_count) is a grey cross on the axis, whatever its score, and the
+        open window a hollow circle (at its score so far once it holds min_count values)."""
         plt = _pyplot()
-        figure, axes = plt.subplots(figsize=(10, 4))
+        figure, axes = plt.subplots(figsize=(10, 4.5))
         colors = {"Ok": "#55a868", "Warning": "#dd8452", "Alert": "#c44e52"}
-        starts = [r.window_start for r in self]
-        scores = [r.score for r in self]
-        axes.plot(starts, scores, color="#4c72b0", linewidth=1)
-        axes.scatter(starts, scores, c=[colors.get(r.status, "gray") for r in self], zorder=3)
+        middles = [r.window_start + (r.window_end - r.window_start) / 2 for r in self]
+        counts = axes.twinx()
+        counts.set_ylabel("values per window", color="gray")
+        counts.bar(
+            middles,
+            [r.window_summary.count for r in self],
+            width=[(r.window_end - r.window_start).total_seconds() / 86400 for r in self],
+            color=["#d0d0d0" if r.status in JUDGED else "#f0f0f0" for r in self],
+            edgecolor="white",
+        )
+        if self.min_count:
+            counts.axhline(self.min_count, color="gray", linestyle=":", linewidth=1)
+        # The scores in front of the bars.
+        axes.set_zorder(counts.get_zorder() + 1)
+        axes.patch.set_visible(False)
+        judged = [(m, r) for m, r in zip(middles, self, strict=True) if r.status in JUDGED]
+        axes.plot([m for m, _ in judged], [r.score for _, r in judged], color="#4c72b0", linewidth=1)
+        axes.scatter(
+            [m for m, _ in judged], [r.score for _, r in judged], c=[colors[r.status] for _, r in judged]
+        )
+        small = [m for m, r in zip(middles, self, strict=True) if r.status == "NoData"]
+        if small:
+            label = f"NoData (< {self.min_count} values)"
+            axes.scatter(small, [0] * len(small), marker="x", color="gray", label=label)
+        for m, r in zip(middles, self, strict=True):
+            if r.status == "Open":
+                enough = r.window_summary.count >= (self.min_count or 1)
+                axes.scatter(
+                    [m],
+                    [r.score if enough else 0],
+                    facecolors="none",
+                    edgecolors="#4c72b0",
+                    label=f"open: {r.window_summary.count:,} values so far",
+                )
         if self.alert_threshold is not None:
             axes.axhline(self.alert_threshold, color=colors["Alert"], linestyle="--", label="alert")
         if self.warning_threshold is not None:
             axes.axhline(self.warning_threshold, color=colors["Warning"], linestyle=":", label="warning")
+        axes.set_ylim(bottom=0)
         axes.set_ylabel(self[0].metric if self else "score")
-        axes.set_xlabel("window start")
-        axes.set_title(title or (self[0].assay if self and self[0].assay else "assay scores"))
-        if self.alert_threshold is not None or self.warning_threshold is not None:
-            axes.legend()
+        axes.set_xlabel("window")
+        axes.set_title(title or self.title, fontsize=10)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
         figure.autofmt_xdate()
-        figure.tight_layout()
         return _save(plt, figure, path)
 
 
@@ -247,12 +340,6 @@ class Assay:
 
     def delete(self) -> None:
         self.client.delete_assay(self.name)
-
-
-def thresholds(definition: pb.AssayDefinition) -> tuple[float, float | None]:
-    alert = definition.alert_threshold if definition.HasField("alert_threshold") else 0.25
-    warning = definition.warning_threshold if definition.HasField("warning_threshold") else None
-    return alert, warning
 
 
 class AssayBuilder:
@@ -328,7 +415,31 @@ class AssayBuilder:
         self.definition.summarizer.bin_weights.extend(weights)
         return self
 
+    # baseline by rows of the log (instead of a time range or data given to build_assay)
+    def baseline_first(self, n: int) -> AssayBuilder:
+        """The first ``n`` values logged at the iopath, in log order (time, then row id)."""
+        return self.baseline_rows(0, n)
+
+    def baseline_last(self, n: int) -> AssayBuilder:
+        """The last ``n`` values logged at the iopath when the assay is run or uploaded; an uploaded
+        assay keeps that baseline."""
+        self.definition.baseline_rows.CopyFrom(pb.AssayBaselineRows(start=0, stop=n, from_end=True))
+        return self
+
+    def baseline_rows(self, start: int, stop: int) -> AssayBuilder:
+        """Values ``start`` to ``stop`` (0-based, stop excluded) logged at the iopath, in log order
+        (time, then row id: the order of ``pipeline.logs()`` pages; rows without a number at the
+        iopath, as failed inferences, are not counted)."""
+        self.definition.baseline_rows.CopyFrom(pb.AssayBaselineRows(start=start, stop=stop))
+        return self
+
     # thresholds
+    def add_min_count(self, min_count: int) -> AssayBuilder:
+        """Windows with fewer values are NoData, not judged against the thresholds (default 30;
+        0 judges every window, as Wallaroo does)."""
+        self.definition.min_count = min_count
+        return self
+
     def add_alert_threshold(self, threshold: float) -> AssayBuilder:
         self.definition.alert_threshold = threshold
         return self
@@ -343,13 +454,13 @@ class AssayBuilder:
         return AssaySummary.from_proto(summary)
 
     def interactive_run(self, end: datetime | str | None = None) -> AssayResults:
-        """One result per window with data, from the start up to ``end`` (default now)."""
+        """One result per window with data, from the start up to ``end`` (default now), then the
+        window still open at ``end`` (status Open, with its values so far; ``window_end`` is when
+        it closes). Windows with fewer values than min_count have the status NoData."""
         request = pb.RunAssayInteractiveRequest(definition=self.definition)
         if end is not None:
             request.end.CopyFrom(timestamp(end))
-        response = self.client.call("RunAssayInteractive", request, timeout=600)
-        alert, warning = thresholds(self.definition)
-        return AssayResults([AssayResult.from_proto(r) for r in response.results], alert, warning)
+        return AssayResults.from_proto(self.client.call("RunAssayInteractive", request, timeout=600))
 
     def upload(self) -> Assay:
         """Store the assay; the assayer then scores every window as it closes."""
@@ -420,11 +531,7 @@ class AssayClientMixin(ABC):
             request.start.CopyFrom(timestamp(start))
         if end is not None:
             request.end.CopyFrom(timestamp(end))
-        response = self.call("GetAssayResults", request)
-        warning = response.warning_threshold if response.HasField("warning_threshold") else None
-        return AssayResults(
-            [AssayResult.from_proto(r) for r in response.results], response.alert_threshold, warning
-        )
+        return AssayResults.from_proto(self.call("GetAssayResults", request))
 
 
 __all__ = ["Assay", "AssayBuilder", "AssayClientMixin", "AssayResult", "AssayResults", "AssaySummary"]

@@ -20,7 +20,9 @@ The rules, in brief (details on each function):
 * PSI replaces an aggregated value of exactly 0 by 0.005; SumDiff is half the summed absolute
   differences; MaxDiff is the largest one and reports its bin. Bin weights are normalised to
   sum 1 and multiply the per-bin scores, so even uniform weights scale the score by 1/bins.
-* Status is Alert above the alert threshold, Warning above the warning threshold, else Ok.
+* Status is Alert above the alert threshold, Warning above the warning threshold, else Ok;
+  NoData when the window holds fewer than ``min_count`` values (0 offline, as in Wallaroo; 30
+  by default for stored assays), whatever its score.
 """
 
 from joey_core.assays.binning import BIN_MODES, BinMode, Bins, bin_counts, make_bins

@@ -17,3 +17,10 @@ def check_num_bins(num_bins: object) -> None:
         raise ValueError(f"num_bins must be an integer, got {num_bins!r}")
     if num_bins < 1:
         raise ValueError(f"num_bins must be at least 1, got {num_bins}")
+
+
+def check_min_count(min_count: object) -> None:
+    if isinstance(min_count, bool) or not isinstance(min_count, int | np.integer):
+        raise ValueError(f"min_count must be an integer, got {min_count!r}")
+    if min_count < 0:
+        raise ValueError(f"min_count must be 0 or more (0 judges every window with a value), got {min_count}")

@@ -31,10 +31,12 @@ from joey_core.assays import (
     Bins,
     Metric,
     Scores,
+    Status,
     Summary,
     baseline_summary,
     score_counts,
 )
+from joey_core.assays._checks import check_min_count
 from joey_core.assays.streaming import WindowCounts
 
 DEFAULT_WIDTH = timedelta(hours=24)
@@ -43,6 +45,11 @@ MICROSECOND = timedelta(microseconds=1)
 MICROS_SQL = sql.SQL("(extract(epoch FROM time) * 1000000)::bigint")
 """A log row's time as microseconds since the epoch: windows are assigned on integers."""
 DEFAULT_ALERT_THRESHOLD = 0.25
+DEFAULT_MIN_COUNT = 30
+"""Windows with fewer values are NoData. Below about 30 values an empty bin decides the score: with
+the default 5 quantile bins, windows drawn from the baseline's own distribution leave a bin empty
+every time at 1-3 values (PSI 2.7-4.2), half the time at 10, 1 in 140 at 30 (docs/assays.md,
+"Small windows")."""
 # Values fetched from Postgres per round trip when a window or baseline is read.
 FETCH_ROWS = 50_000
 
@@ -111,9 +118,34 @@ class Summarizer:
 
 
 @dataclass(frozen=True)
+class BaselineRows:
+    """A baseline of log rows chosen by position: ``[start, stop)``, 0-based, among the values the
+    assay counts, in log order (time, then row id: the order of ``joey logs`` pages, deterministic
+    also for the rows of one batch, which share their time). With ``from_end``, positions count
+    back from the newest value: the last N are ``BaselineRows(0, N, from_end=True)``."""
+
+    start: int
+    stop: int
+    from_end: bool = False
+
+    def check(self) -> None:
+        if self.start < 0 or self.stop <= self.start:
+            raise ValueError(
+                f"a row baseline needs 0 <= start < stop, got start {self.start}, stop {self.stop}"
+            )
+
+    def __str__(self) -> str:
+        if self.start == 0:
+            return f"the {'last' if self.from_end else 'first'} {self.stop} values"
+        where = " counted from the newest" if self.from_end else ""
+        return f"values {self.start} to {self.stop}{where} (0-based, stop excluded)"
+
+
+@dataclass(frozen=True)
 class AssayDefinition:
     """What to assay. ``baseline`` is the frozen baseline summary of a stored assay; a definition
-    being built has ``baseline_start``/``baseline_end`` or ``baseline_data`` instead."""
+    being built has ``baseline_start``/``baseline_end``, ``baseline_rows`` or ``baseline_data``
+    instead."""
 
     workspace: str
     name: str
@@ -123,12 +155,14 @@ class AssayDefinition:
     baseline_start: datetime | None = None
     baseline_end: datetime | None = None
     baseline_data: tuple[float, ...] | None = None
+    baseline_rows: BaselineRows | None = None
     width: timedelta = DEFAULT_WIDTH
     interval: timedelta | None = None
     start: datetime | None = None
     summarizer: Summarizer = field(default_factory=Summarizer)
     alert_threshold: float = DEFAULT_ALERT_THRESHOLD
     warning_threshold: float | None = None
+    min_count: int = DEFAULT_MIN_COUNT
     baseline: Summary | None = None
 
     @property
@@ -141,6 +175,9 @@ class AssayDefinition:
         while window_start + self.width <= end:
             yield window_start, window_start + self.width
             window_start += self.step
+
+    def check_min_count(self) -> None:
+        check_min_count(self.min_count)
 
     @property
     def pane(self) -> timedelta:
@@ -199,6 +236,7 @@ class AssayDefinition:
             bin_weights=s.bin_weights,
             alert_threshold=self.alert_threshold,
             warning_threshold=self.warning_threshold,
+            min_count=self.min_count,
         )
 
     def with_baseline(self, values: npt.ArrayLike) -> AssayDefinition:
@@ -223,6 +261,7 @@ class AssayDefinition:
             "baseline_start": _iso(self.baseline_start),
             "baseline_end": _iso(self.baseline_end),
             "baseline_values": None if self.baseline_data is None else len(self.baseline_data),
+            "baseline_rows": None if self.baseline_rows is None else asdict(self.baseline_rows),
             "width_s": self.width.total_seconds(),
             "interval_s": self.step.total_seconds(),
             "start": _iso(self.start),
@@ -233,6 +272,7 @@ class AssayDefinition:
             },
             "alert_threshold": self.alert_threshold,
             "warning_threshold": self.warning_threshold,
+            "min_count": self.min_count,
             "baseline": summary_to_json(self.baseline),
         }
 
@@ -248,6 +288,8 @@ class AssayDefinition:
             metric=s["metric"],
             bin_weights=_tuple(s["bin_weights"]),
         )
+        # Assays stored before these keys existed have the defaults.
+        rows = data.get("baseline_rows")
         return cls(
             workspace=workspace,
             name=name,
@@ -256,12 +298,14 @@ class AssayDefinition:
             iopath=IoPath.parse(data["iopath"]),
             baseline_start=_time(data["baseline_start"]),
             baseline_end=_time(data["baseline_end"]),
+            baseline_rows=None if rows is None else BaselineRows(**rows),
             width=timedelta(seconds=data["width_s"]),
             interval=timedelta(seconds=data["interval_s"]),
             start=_time(data["start"]),
             summarizer=summarizer,
             alert_threshold=float(data["alert_threshold"]),
             warning_threshold=data["warning_threshold"],
+            min_count=int(data.get("min_count", DEFAULT_MIN_COUNT)),
             baseline=summary_from_json(data["baseline"]),
         )
 
@@ -375,22 +419,28 @@ def value_sql(definition: AssayDefinition) -> sql.Composed:
     )
 
 
-def values_query(
-    definition: AssayDefinition, rows: sql.Composable, *, with_time: bool = False
-) -> sql.Composed:
-    """The values (:func:`value_sql`) of the pipeline's log rows matching ``rows`` (a condition on
-    ``inference_logs``), oldest first; with their time (MICROS_SQL) first when ``with_time``."""
+def _counted(definition: AssayDefinition, rows: sql.Composable) -> sql.Composed:
+    """The pipeline's log rows matching ``rows`` (a condition on ``inference_logs``) that count,
+    as ``time, id, micros`` (MICROS_SQL) and ``v`` (:func:`value_sql`), in no order."""
     return sql.SQL(
-        "SELECT {columns} FROM (SELECT time, id, {micros} AS micros, {value} AS v FROM inference_logs "
-        "WHERE workspace = {workspace} AND pipeline = {pipeline} AND {rows}) AS logged "
-        "WHERE v IS NOT NULL ORDER BY time, id"
+        "SELECT * FROM (SELECT time, id, {micros} AS micros, {value} AS v FROM inference_logs "
+        "WHERE workspace = {workspace} AND pipeline = {pipeline} AND {rows}) AS logged WHERE v IS NOT NULL"
     ).format(
-        columns=sql.SQL("micros, v" if with_time else "v"),
         micros=MICROS_SQL,
         value=value_sql(definition),
         workspace=sql.Literal(definition.workspace),
         pipeline=sql.Literal(definition.pipeline),
         rows=rows,
+    )
+
+
+def values_query(
+    definition: AssayDefinition, rows: sql.Composable, *, with_time: bool = False
+) -> sql.Composed:
+    """The values (:func:`value_sql`) of the pipeline's log rows matching ``rows`` (a condition on
+    ``inference_logs``), oldest first; with their time (MICROS_SQL) first when ``with_time``."""
+    return sql.SQL("SELECT {columns} FROM ({counted}) AS counted ORDER BY time, id").format(
+        columns=sql.SQL("micros, v" if with_time else "v"), counted=_counted(definition, rows)
     )
 
 
@@ -435,6 +485,40 @@ def _chunks(
             yield rows
 
 
+def row_values(
+    conn: psycopg.Connection[Any], definition: AssayDefinition, rows: BaselineRows
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """The times (MICROS_SQL) and values of the counted log rows ``rows`` selects, oldest first;
+    fewer than asked for when the log holds fewer."""
+    newest_first = sql.SQL(" DESC" if rows.from_end else "")
+    query = sql.SQL(
+        "SELECT micros, v FROM (SELECT time, id, micros, v FROM ({counted}) AS counted "
+        "ORDER BY time{desc}, id{desc} LIMIT {limit} OFFSET {offset}) AS chosen ORDER BY time, id"
+    ).format(
+        counted=_counted(definition, sql.SQL("TRUE")),
+        desc=newest_first,
+        limit=sql.Literal(rows.stop - rows.start),
+        offset=sql.Literal(rows.start),
+    )
+    chunks = list(_chunks(conn, query, {}))
+    micros = np.fromiter((r[0] for chunk in chunks for r in chunk), dtype=np.int64)
+    return micros, np.fromiter((r[1] for chunk in chunks for r in chunk), dtype=np.float64)
+
+
+def count_values(conn: psycopg.Connection[Any], definition: AssayDefinition) -> int:
+    """How many of the pipeline's log rows count (have a number at the iopath, of the model)."""
+    query = sql.SQL("SELECT count(*) FROM ({counted}) AS counted").format(
+        counted=_counted(definition, sql.SQL("TRUE"))
+    )
+    with conn.cursor(row_factory=tuple_row) as cursor:
+        row = cursor.execute(query).fetchone()
+    return int(row[0]) if row else 0
+
+
+def time_of(micros: int) -> datetime:
+    return EPOCH + micros * MICROSECOND
+
+
 def log_values(
     conn: psycopg.Connection[Any],
     definition: AssayDefinition,
@@ -467,11 +551,40 @@ def result_of(
     return WindowResult(start, end, definition.score(window), baseline, window)
 
 
+def open_result(
+    definition: AssayDefinition, start: datetime, end: datetime, counts: WindowCounts
+) -> WindowResult:
+    """The window ``[start, end)`` that has not closed yet, with what it holds so far: status Open
+    whatever its score, which is provisional (NaN while it holds nothing)."""
+    baseline = definition.baseline
+    assert baseline is not None
+    if counts.count:
+        result = result_of(definition, start, end, counts)
+        return replace(result, scores=replace(result.scores, status=Status.OPEN))
+    bins, nan = baseline.bins, math.nan
+    nothing = Summary(
+        count=0,
+        min=nan,
+        max=nan,
+        mean=nan,
+        median=nan,
+        std=nan,
+        bins=bins,
+        bin_counts=(0,) * bins.count,
+        aggregation=definition.summarizer.aggregation,
+        aggregated_values=(nan,) * bins.count,
+    )
+    scores = Scores(definition.summarizer.metric, nan, (), None, Status.OPEN)
+    return WindowResult(start, end, scores, baseline, nothing)
+
+
 def window_results(
-    conn: psycopg.Connection[Any], definition: AssayDefinition, end: datetime
+    conn: psycopg.Connection[Any], definition: AssayDefinition, end: datetime, *, include_open: bool = False
 ) -> list[WindowResult]:
     """The result of every window from the definition's start that has closed by ``end`` and
-    holds a value, reading the log once whatever the number of windows.
+    holds a value, reading the log once whatever the number of windows; with ``include_open``,
+    then the next window to close when it has started by ``end`` (:func:`open_result`, counted
+    up to ``end``), even empty.
 
     Values are counted by pane into :class:`joey_core.assays.streaming.WindowCounts`, as the loggers
     count them for the live assayer, and each window merges its panes: memory is bounded by
@@ -479,15 +592,21 @@ def window_results(
     """
     assert definition.start is not None
     windows = list(definition.windows(definition.start, end))
-    if not windows:
+    following = definition.start + len(windows) * definition.step
+    opened = include_open and following < end
+    if not windows and not opened:
         return []
     panes: dict[datetime, WindowCounts] = {}
-    chunks = timed_value_chunks(conn, definition, _IN_RANGE, start=windows[0][0], end=windows[-1][1])
-    for micros, values in chunks:
+    first = windows[0][0] if windows else following
+    last = end if opened else windows[-1][1]
+    for micros, values in timed_value_chunks(conn, definition, _IN_RANGE, start=first, end=last):
         definition.count(micros, values, panes)
     results = []
     for start, stop in windows:
         counts = definition.window_counts(start, panes)
         if counts.count:
             results.append(result_of(definition, start, stop, counts))
+    if opened:
+        counts = definition.window_counts(following, panes)
+        results.append(open_result(definition, following, following + definition.width, counts))
     return results

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from joey_core.assays._checks import check_choice
+from joey_core.assays._checks import check_choice, check_min_count
 from joey_core.assays.binning import BinMode
 from joey_core.assays.summary import Aggregation, Summary, aggregate, baseline_summary, summarize
 
@@ -30,6 +30,10 @@ class Status(StrEnum):
     OK = "Ok"
     WARNING = "Warning"
     ALERT = "Alert"
+    NO_DATA = "NoData"
+    """Fewer values than ``min_count``: the score is kept but not judged against the thresholds."""
+    OPEN = "Open"
+    """A window that has not closed yet (interactive runs): its score so far is provisional."""
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,17 @@ def score_counts(
     bin_weights: Sequence[float] | None = None,
     alert_threshold: float = 0.25,
     warning_threshold: float | None = None,
+    min_count: int = 0,
 ) -> Scores:
-    """Score a window's bin counts against the baseline's (both binned with the same bins)."""
+    """Score a window's bin counts against the baseline's (both binned with the same bins).
+
+    A window of fewer than ``min_count`` values gets its score all the same, but the status
+    NoData: a handful of values scores high by chance alone (see docs/assays.md, "min_count").
+    """
     check_choice("metric", metric, METRICS)
     _check_threshold("alert_threshold", alert_threshold)
     _check_threshold("warning_threshold", warning_threshold)
+    check_min_count(min_count)
     baseline = _counts(baseline_counts, "baseline")
     window = _counts(window_counts, "window")
     if baseline.shape != window.shape:
@@ -139,6 +149,8 @@ def score_counts(
         if metric == "sumdiff":
             total *= 0.5
     status = status_of(total, alert_threshold, warning_threshold)
+    if int(window.sum()) < min_count:
+        status = Status.NO_DATA
     return Scores(metric, total, tuple(per_bin.tolist()), bin_index, status)
 
 
@@ -155,19 +167,22 @@ def score(
     bin_weights: Sequence[float] | None = None,
     alert_threshold: float = 0.25,
     warning_threshold: float | None = None,
+    min_count: int = 0,
 ) -> AssayResult:
     """Drift of ``window`` from ``baseline``, binned with edges derived from the baseline.
 
     The same as :func:`joey_core.assays.summary.baseline_summary` (``num_bins``, ``bin_mode``,
     ``edges``, ``outlier_bins``), :func:`joey_core.assays.summary.summarize` of the window with the
-    baseline's bins, and :func:`score_counts` (``metric``, ``bin_weights``, thresholds) of the
-    two summaries' counts. NaN is rejected in the baseline and counted in the left-most bin of
-    the window. Bad arguments raise ValueError naming the problem.
+    baseline's bins, and :func:`score_counts` (``metric``, ``bin_weights``, thresholds and
+    ``min_count``, by default 0: every window is judged, as Wallaroo does) of the two summaries'
+    counts. NaN is rejected in the baseline and counted in the left-most bin of the window. Bad
+    arguments raise ValueError naming the problem.
     """
     # Cheap argument checks first, so a typo does not cost a pass over a million values.
     check_choice("metric", metric, METRICS)
     _check_threshold("alert_threshold", alert_threshold)
     _check_threshold("warning_threshold", warning_threshold)
+    check_min_count(min_count)
     if np.size(window) == 0:
         raise ValueError("window is empty")
     base = baseline_summary(
@@ -187,6 +202,7 @@ def score(
         bin_weights=bin_weights,
         alert_threshold=alert_threshold,
         warning_threshold=warning_threshold,
+        min_count=min_count,
     )
     return AssayResult(
         metric=result.metric,

@@ -1602,6 +1602,37 @@ class AssaySummarizer(_message.Message):
 Global___AssaySummarizer: _TypeAlias = AssaySummarizer  # noqa: Y015
 
 @_typing.final
+class AssayBaselineRows(_message.Message):
+    """A baseline of log rows by position, [start, stop), 0-based, among the values the assay counts
+    (rows with a number at the iopath), in log order: time, then row id (rows of one batch share
+    their time). first N = {start: 0, stop: N}; last N = {start: 0, stop: N, from_end: true}.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    FROM_END_FIELD_NUMBER: _builtins.int
+    start: _builtins.int
+    stop: _builtins.int
+    from_end: _builtins.bool
+    """positions count back from the newest value"""
+    def __init__(
+        self,
+        *,
+        start: _builtins.int = ...,
+        stop: _builtins.int = ...,
+        from_end: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_end", b"from_end", "start", b"start", "stop", b"stop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssayBaselineRows: _TypeAlias = AssayBaselineRows  # noqa: Y015
+
+@_typing.final
 class AssayDefinition(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1619,6 +1650,8 @@ class AssayDefinition(_message.Message):
     SUMMARIZER_FIELD_NUMBER: _builtins.int
     ALERT_THRESHOLD_FIELD_NUMBER: _builtins.int
     WARNING_THRESHOLD_FIELD_NUMBER: _builtins.int
+    BASELINE_ROWS_FIELD_NUMBER: _builtins.int
+    MIN_COUNT_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     pipeline: _builtins.str
@@ -1633,9 +1666,13 @@ class AssayDefinition(_message.Message):
     alert_threshold: _builtins.float
     """unset = 0.25"""
     warning_threshold: _builtins.float
+    min_count: _builtins.int
+    """Windows with fewer values are NoData, not judged against the thresholds; unset = 30, 0 = none."""
     @_builtins.property
     def baseline_start(self) -> _timestamp_pb2.Timestamp:
-        """The baseline: a time range of the pipeline's logs, or values given by the user."""
+        """The baseline, one of: a time range of the pipeline's logs, rows of them (baseline_rows), or
+        values given by the user.
+        """
 
     @_builtins.property
     def baseline_end(self) -> _timestamp_pb2.Timestamp: ...
@@ -1647,6 +1684,8 @@ class AssayDefinition(_message.Message):
 
     @_builtins.property
     def summarizer(self) -> Global___AssaySummarizer: ...
+    @_builtins.property
+    def baseline_rows(self) -> Global___AssayBaselineRows: ...
     def __init__(
         self,
         *,
@@ -1664,17 +1703,23 @@ class AssayDefinition(_message.Message):
         summarizer: Global___AssaySummarizer | None = ...,
         alert_threshold: _builtins.float | None = ...,
         warning_threshold: _builtins.float | None = ...,
+        baseline_rows: Global___AssayBaselineRows | None = ...,
+        min_count: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alert_threshold", b"_alert_threshold", "_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "baseline_end", b"baseline_end", "baseline_start", b"baseline_start", "start", b"start", "summarizer", b"summarizer", "warning_threshold", b"warning_threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alert_threshold", b"_alert_threshold", "_min_count", b"_min_count", "_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "baseline_end", b"baseline_end", "baseline_rows", b"baseline_rows", "baseline_start", b"baseline_start", "min_count", b"min_count", "start", b"start", "summarizer", b"summarizer", "warning_threshold", b"warning_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alert_threshold", b"_alert_threshold", "_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "baseline_data", b"baseline_data", "baseline_end", b"baseline_end", "baseline_start", b"baseline_start", "interval_seconds", b"interval_seconds", "iopath", b"iopath", "model", b"model", "name", b"name", "pipeline", b"pipeline", "start", b"start", "summarizer", b"summarizer", "warning_threshold", b"warning_threshold", "width_seconds", b"width_seconds", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alert_threshold", b"_alert_threshold", "_min_count", b"_min_count", "_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "baseline_data", b"baseline_data", "baseline_end", b"baseline_end", "baseline_rows", b"baseline_rows", "baseline_start", b"baseline_start", "interval_seconds", b"interval_seconds", "iopath", b"iopath", "min_count", b"min_count", "model", b"model", "name", b"name", "pipeline", b"pipeline", "start", b"start", "summarizer", b"summarizer", "warning_threshold", b"warning_threshold", "width_seconds", b"width_seconds", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alert_threshold: _TypeAlias = _typing.Literal["alert_threshold"]  # noqa: Y015
     _WhichOneofArgType__alert_threshold: _TypeAlias = _typing.Literal["_alert_threshold", b"_alert_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__min_count: _TypeAlias = _typing.Literal["min_count"]  # noqa: Y015
+    _WhichOneofArgType__min_count: _TypeAlias = _typing.Literal["_min_count", b"_min_count"]  # noqa: Y015
     _WhichOneofReturnType__warning_threshold: _TypeAlias = _typing.Literal["warning_threshold"]  # noqa: Y015
     _WhichOneofArgType__warning_threshold: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__alert_threshold) -> _WhichOneofReturnType__alert_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_count) -> _WhichOneofReturnType__min_count | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__warning_threshold) -> _WhichOneofReturnType__warning_threshold | None: ...
 
@@ -1783,12 +1828,14 @@ class AssayResult(_message.Message):
     BASELINE_SUMMARY_FIELD_NUMBER: _builtins.int
     WINDOW_SUMMARY_FIELD_NUMBER: _builtins.int
     assay: _builtins.str
-    """empty for interactive runs"""
+    """the definition's name"""
     score: _builtins.float
     bin_index: _builtins.int
     """MaxDiff's bin; -1 for other metrics"""
     status: _builtins.str
-    """"Ok" | "Warning" | "Alert" """
+    """"Ok" | "Warning" | "Alert"; "NoData": fewer values than min_count (score kept, not judged);
+    "Open" (interactive runs): not closed by the run's end, score so far (NaN when empty).
+    """
     metric: _builtins.str
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp: ...
@@ -1829,9 +1876,16 @@ class AssayResults(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     ALERT_THRESHOLD_FIELD_NUMBER: _builtins.int
     WARNING_THRESHOLD_FIELD_NUMBER: _builtins.int
+    ASSAY_FIELD_NUMBER: _builtins.int
+    IOPATH_FIELD_NUMBER: _builtins.int
+    MIN_COUNT_FIELD_NUMBER: _builtins.int
     alert_threshold: _builtins.float
     """The thresholds the results were scored against, for charts and checks."""
     warning_threshold: _builtins.float
+    assay: _builtins.str
+    """What the results are of, for charts."""
+    iopath: _builtins.str
+    min_count: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssayResult]: ...
     def __init__(
@@ -1840,10 +1894,13 @@ class AssayResults(_message.Message):
         results: _abc.Iterable[Global___AssayResult] | None = ...,
         alert_threshold: _builtins.float = ...,
         warning_threshold: _builtins.float | None = ...,
+        assay: _builtins.str = ...,
+        iopath: _builtins.str = ...,
+        min_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold", "warning_threshold", b"warning_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "results", b"results", "warning_threshold", b"warning_threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "assay", b"assay", "iopath", b"iopath", "min_count", b"min_count", "results", b"results", "warning_threshold", b"warning_threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__warning_threshold: _TypeAlias = _typing.Literal["warning_threshold"]  # noqa: Y015
     _WhichOneofArgType__warning_threshold: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold"]  # noqa: Y015
