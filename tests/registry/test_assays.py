@@ -197,6 +197,20 @@ def test_create_list_pause_delete(stub: Stub, workspace: str, logged: dict[str, 
         ({"summarizer": pb.AssaySummarizer(metric="kl")}, "unknown metric 'kl'"),
         ({"name": "Bad Name"}, "invalid assay name"),
         ({"model": "nope"}, "model 'nope' is not a step"),
+        ({"min_count": -1}, "min_count must be 0 or more"),
+        (
+            {"baseline_rows": pb.AssayBaselineRows(stop=10)},
+            "got a time range (baseline_start, baseline_end) and rows",
+        ),
+        ({"baseline_start": None, "baseline_end": None}, "give the baseline one way"),
+        (
+            {"baseline_start": None, "baseline_end": None, "baseline_rows": pb.AssayBaselineRows(start=9)},
+            "0 <= start < stop, got start 9, stop 0",
+        ),
+        (
+            {"baseline_start": None, "baseline_end": None, "baseline_rows": pb.AssayBaselineRows(stop=5000)},
+            "the baseline is the first 5000 values, but the logs of pipeline 'p' hold only 1300 values",
+        ),
     ],
 )
 def test_bad_definitions_store_nothing(
@@ -290,3 +304,83 @@ def test_an_interactive_run_too_large_is_refused(
     error = rpc_error(lambda: stub.RunAssayInteractive(request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 100000 panes per run" in (error.details() or "")
+
+
+def test_a_window_of_a_few_values_is_no_data_not_alert(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], db: psycopg.Connection
+) -> None:
+    few = np.array([9.0, 9.5, 10.0])
+    insert_logs(db, workspace, T0 + 4 * HOUR, few, "few")
+    request = pb.RunAssayInteractiveRequest(definition=definition(workspace), end=ts(T0 + 5 * HOUR))
+    response = stub.RunAssayInteractive(request)
+    # Results name their assay (interactive runs too) and say what they are of, for charts.
+    assert (response.assay, response.iopath, response.min_count) == ("drift", "input features 2", 30)
+    assert {r.assay for r in response.results} == {"drift"}
+    *scored, small = response.results
+    assert [r.window_summary.count for r in scored] == [300, 350, 250]
+    assert [r.status for r in scored][-1] == "Alert"
+    offline = assays.score(logged["baseline"], few)
+    assert small.window_summary.count == 3 and small.score == offline.score and offline.status == "Alert"
+    assert small.status == "NoData"
+    # min_count 0 judges every window, as Wallaroo does.
+    request.definition.min_count = 0
+    assert stub.RunAssayInteractive(request).results[-1].status == "Alert"
+
+
+def test_baselines_by_rows_of_the_log(stub: Stub, workspace: str, logged: dict[str, np.ndarray]) -> None:
+    """Rows in log order: the baseline hour's 400, then w0's 300, w1's 350 and w2's 250."""
+
+    def preview(rows: pb.AssayBaselineRows) -> pb.AssaySummary:
+        d = definition(workspace, baseline_start=None, baseline_end=None, baseline_rows=rows)
+        return stub.PreviewBaseline(pb.PreviewBaselineRequest(definition=d))
+
+    cases = [
+        (pb.AssayBaselineRows(stop=400), logged["baseline"]),
+        (pb.AssayBaselineRows(stop=250, from_end=True), logged["w2"]),
+        (pb.AssayBaselineRows(start=400, stop=700), logged["w0"]),
+    ]
+    for rows, values in cases:
+        summary, expected = preview(rows), assays.baseline_summary(values)
+        assert (summary.count, summary.mean, summary.std) == (len(values), expected.mean, expected.std)
+        assert list(summary.bin_counts) == list(expected.bin_counts)
+
+    d = definition(
+        workspace, baseline_start=None, baseline_end=None, baseline_rows=pb.AssayBaselineRows(stop=400)
+    )
+    d.min_count = 100
+    created = stub.CreateAssay(pb.CreateAssayRequest(definition=d))
+    got = stub.GetAssay(pb.GetAssayRequest(workspace=workspace, name="drift"))
+    for assay in (created, got):
+        assert assay.definition.baseline_rows == pb.AssayBaselineRows(stop=400)
+        assert assay.definition.min_count == 100
+        # Windows start at the time of the baseline's last row (the 400th, 9 s apart from T0).
+        assert assay.definition.start.ToDatetime(tzinfo=UTC) == T0 + timedelta(seconds=399 * 9)
+        assert list(assay.baseline.bin_counts) == list(assays.baseline_summary(logged["baseline"]).bin_counts)
+    unset = stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace, name="defaults")))
+    assert unset.definition.min_count == 30 and not unset.definition.HasField("baseline_rows")
+
+
+def test_a_run_up_to_now_shows_the_window_still_open(
+    stub: Stub, workspace: str, logged: object, db: psycopg.Connection
+) -> None:
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+    with db.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id, "
+            "time, input_topic, input_partition, input_offset, ok, inputs) "
+            "VALUES (%s, 'p', 1, 'd1', %s, %s, 'in', 1, %s, true, %s)",
+            [
+                (workspace, f"now-{i}", start + timedelta(seconds=i), i, Jsonb({"features": [0, 0, v, 0]}))
+                for i, v in enumerate([1.0, 2.0, 3.0, 4.0, 5.0])
+            ],
+        )
+    d = definition(
+        workspace, baseline_start=None, baseline_end=None, baseline_data=[1.0, 2.0, 3.0], start=ts(start)
+    )
+    (still_open,) = stub.RunAssayInteractive(pb.RunAssayInteractiveRequest(definition=d)).results
+    assert still_open.status == "Open" and still_open.window_summary.count == 5
+    assert still_open.window_end.ToDatetime(tzinfo=UTC) == start + HOUR  # when it closes
+    assert still_open.score == assays.score([1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0]).score
+    # A run that ends earlier stops there: at its end the window had not closed, nothing to show.
+    earlier = pb.RunAssayInteractiveRequest(definition=d, end=ts(start + timedelta(minutes=5)))
+    assert not stub.RunAssayInteractive(earlier).results

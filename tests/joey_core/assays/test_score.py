@@ -141,6 +141,23 @@ def test_status_thresholds_and_their_boundaries() -> None:
     assert score_counts([1, 1], [1, 1]).status == "Ok"  # identical distributions score 0
 
 
+def test_a_window_below_min_count_keeps_its_score_but_is_not_judged() -> None:
+    # One value scores PSI 4.16 against 5 quantile bins, as in the issue: too few to judge.
+    one = score(BASELINE, [5.0], min_count=30)
+    assert one.status == Status.NO_DATA == "NoData"
+    by_hand = 4 * psi_term(0.0, 0.2) + psi_term(1.0, 0.2)  # four empty bins, all in (4.5, 6.5]
+    assert one.score == score(BASELINE, [5.0]).score == pytest.approx(by_hand, rel=1e-12)
+    assert round(by_hand, 2) == 4.16
+    assert score(BASELINE, [5.0]).status == Status.ALERT  # Wallaroo's rule: min_count 0 by default
+    # NaN values count, as they are binned; at min_count the window is judged.
+    assert score(BASELINE, WINDOW, min_count=len(WINDOW)).status == Status.ALERT
+    assert score(BASELINE, WINDOW, min_count=len(WINDOW) + 1).status == Status.NO_DATA
+    assert score_counts([1, 1], [1, 1], min_count=3).status == Status.NO_DATA
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="min_count must be"):
+            score_counts([1, 1], [1, 1], min_count=bad)  # type: ignore[arg-type]
+
+
 CONFIGS: list[dict[str, Any]] = [
     {},
     {"metric": "maxdiff", "num_bins": 7},
