@@ -114,6 +114,8 @@ def test_live_results_survive_kill9_and_equal_interactive_ones(
             .add_start(t0)
             .add_warning_threshold(0.1)
             .add_alert_threshold(0.4)
+            # Windows of 12 values, below the default min_count: judged all the same, as Wallaroo does.
+            .add_min_count(0)
         )
         assay.upload()
         producer.records(records[half:])
@@ -198,6 +200,11 @@ def test_event_time_closes_a_window_before_the_wall_clock(
     (result,) = client.get_assay_results("watermark")
     assert (result.window_start, result.window_end) == (start, end)
     assert result.score == assays.score([1.0, 2.0, 3.0, 4.0, 5.0], window).score
+    # Six values, below the default min_count: scored, NoData rather than judged, and published as
+    # a result (alerts are Warning and Alert only).
+    assert result.status == "NoData" and result.window_summary.count == 6
+    key = f"{client.workspace}/watermark/{start.isoformat()}"
+    assert read_keys(settings, topics.ASSAY_RESULTS, key, lambda k: key in k) == {key}
     assayer.stop()
 
 

@@ -14,6 +14,7 @@ The math is :mod:`joey_core.assays`; the registry runs it over the pipeline's in
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -189,14 +190,14 @@ class AssayResults(list[AssayResult]):
         """The chart's title: the assay, its iopath, and how many values its windows hold."""
         name = " · ".join(part for part in (self.assay, self.iopath) if part) or "assay scores"
         judged = [r.window_summary.count for r in self if r.status in JUDGED]
-        counts = [
-            f"{len(judged)} windows scored, {sum(judged):,} values ({min(judged):,}-{max(judged):,} each)"
-            if judged
-            else "no window scored"
-        ]
+        counts = ["no window scored"]
+        if judged:
+            low, high = min(judged), max(judged)
+            each = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+            counts = [f"{_windows(len(judged))} scored, {sum(judged):,} values ({each} each)"]
         small = sum(r.status == "NoData" for r in self)
         if small:
-            counts.append(f"{small} NoData (< {self.min_count} values)")
+            counts.append(f"{_windows(small)} NoData (< {self.min_count} values)")
         counts += [f"open: {r.window_summary.count:,} so far" for r in self if r.status == "Open"]
         return f"{name}\n{'; '.join(counts)}"
 
@@ -260,15 +261,16 @@ class AssayResults(list[AssayResult]):
         # The scores in front of the bars.
         axes.set_zorder(counts.get_zorder() + 1)
         axes.patch.set_visible(False)
+        # The line breaks where a window is not judged, rather than bridging it.
+        axes.plot(middles, [r.score if r.status in JUDGED else math.nan for r in self], color="#4c72b0", lw=1)
         judged = [(m, r) for m, r in zip(middles, self, strict=True) if r.status in JUDGED]
-        axes.plot([m for m, _ in judged], [r.score for _, r in judged], color="#4c72b0", linewidth=1)
         axes.scatter(
             [m for m, _ in judged], [r.score for _, r in judged], c=[colors[r.status] for _, r in judged]
         )
         small = [m for m, r in zip(middles, self, strict=True) if r.status == "NoData"]
         if small:
             label = f"NoData (< {self.min_count} values)"
-            axes.scatter(small, [0] * len(small), marker="x", color="gray", label=label)
+            axes.scatter(small, [0] * len(small), marker="x", color="gray", label=label, clip_on=False)
         for m, r in zip(middles, self, strict=True):
             if r.status == "Open":
                 enough = r.window_summary.count >= (self.min_count or 1)
@@ -277,6 +279,7 @@ class AssayResults(list[AssayResult]):
                     [r.score if enough else 0],
                     facecolors="none",
                     edgecolors="#4c72b0",
+                    clip_on=False,
                     label=f"open: {r.window_summary.count:,} values so far",
                 )
         if self.alert_threshold is not None:
@@ -291,6 +294,10 @@ class AssayResults(list[AssayResult]):
             axes.legend(fontsize=8)
         figure.autofmt_xdate()
         return _save(plt, figure, path)
+
+
+def _windows(n: int) -> str:
+    return f"{n} window{'' if n == 1 else 's'}"
 
 
 def _pyplot() -> Any:

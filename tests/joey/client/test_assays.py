@@ -66,7 +66,9 @@ def test_interactive_runs_over_real_inferences(client: Client, iris_model: Path,
     assert preview.chart(tmp_path / "baseline.png").read_bytes().startswith(PNG)
     assert list(preview.to_dataframe()["bin"]) == list(expected_baseline.edge_names)
 
-    results = assay.interactive_run()
+    # Up to the window's end: a run up to now would also show the window open since then.
+    window_end = middle + timedelta(seconds=width)
+    results = assay.interactive_run(end=window_end)
     (result,) = results
     expected = assays.score(baseline, drifted, num_bins=4, alert_threshold=0.5, warning_threshold=0.1)
     assert result.score == expected.score and result.scores == expected.scores
@@ -87,7 +89,41 @@ def test_interactive_runs_over_real_inferences(client: Client, iris_model: Path,
         .add_start(middle)
     )
     assert by_output.interactive_baseline_run().count == 120
-    assert len(by_output.interactive_run()) == 1
+    assert len(by_output.interactive_run(end=window_end)) == 1
+
+    # Up to now: the closed window, then the one open since (empty: nothing was inferred after).
+    up_to_now = assay.interactive_run()
+    assert [r.status for r in up_to_now] == ["Alert", "Open"]
+    still_open = up_to_now[-1]
+    assert still_open.window_summary.count == 0 and still_open.window_end > datetime.now(UTC)
+    assert up_to_now.to_dataframe()["status"].tolist() == ["Alert", "Open"]
+    assert up_to_now.title == (
+        "petal-drift · input features 2\n1 window scored, 90 values (90 each); open: 0 so far"
+    )
+    (note,) = up_to_now.notes()
+    opened = still_open.window_start.isoformat()
+    assert note.startswith(f"window {opened} is open: 0 values so far, closes at")
+    assert up_to_now.chart_scores(tmp_path / "open.png").read_bytes().startswith(PNG)
+    # With a min_count above the window's 90 values, it is NoData: charted, titled, not judged.
+    small = assay.add_min_count(100).interactive_run(end=window_end)
+    assert [r.status for r in small] == ["NoData"] and small[0].score == expected.score
+    assert small.title == "petal-drift · input features 2\nno window scored; 1 window NoData (< 100 values)"
+    assert small.notes()[0].startswith("1 of 1 windows hold fewer than 100 values (min_count): NoData")
+    assert small.chart_scores(tmp_path / "small.png").read_bytes().startswith(PNG)
+    assay.add_min_count(30)
+
+    # Baselines by rows of the log: every row of a batch shares its time, so only rows can pick
+    # the first 120 inferences (the baseline batch) or the last 90 (the drifted one).
+    by_rows = client.build_assay("rows", pipeline, "input features 2").add_num_bins(4)
+    first = by_rows.baseline_first(120).interactive_baseline_run()
+    assert (first.count, first.bin_counts) == (120, expected_baseline.bin_counts)
+    last = by_rows.baseline_last(90).interactive_baseline_run()
+    assert (last.count, last.mean) == (90, pytest.approx(float(np.mean(drifted)), rel=1e-12))
+    ranged = by_rows.baseline_rows(100, 130).interactive_baseline_run()
+    assert ranged.count == 30
+    with pytest.raises(JoeyError) as too_many:
+        by_rows.baseline_first(1000).interactive_baseline_run()
+    assert "hold only 210 values" in too_many.value.message
 
     uploaded = assay.upload()
     assert uploaded.active and uploaded.baseline.bin_counts == preview.bin_counts
