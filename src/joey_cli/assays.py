@@ -79,7 +79,7 @@ def _row_range(text: str) -> tuple[int, int]:
             return int(start), int(stop)
     except ValueError:
         pass
-    raise click.BadParameter(f"expected START:STOP, e.g. 0:5000, got {text!r}", param_hint="--baseline-rows")
+    raise click.ClickException(f"--baseline-rows: expected START:STOP, e.g. 0:5000, got {text!r}")
 
 
 def _builder(obj: Any, name: str, o: dict[str, Any]) -> Any:
@@ -115,7 +115,7 @@ def _builder(obj: Any, name: str, o: dict[str, Any]) -> Any:
         if o[k] is not None
     ]
     if len(rows) > 1:
-        raise click.UsageError(f"give one of {', '.join(rows)}, not several")
+        raise click.ClickException(f"give one of {' or '.join(rows)}, not several")
     # A row baseline with a time range or a file is refused by the registry, which names both.
     if o["baseline_first"] is not None:
         builder.baseline_first(o["baseline_first"])
