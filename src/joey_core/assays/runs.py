@@ -551,7 +551,7 @@ def result_of(
     return WindowResult(start, end, definition.score(window), baseline, window)
 
 
-def open_result(
+def _open_result(
     definition: AssayDefinition, start: datetime, end: datetime, counts: WindowCounts
 ) -> WindowResult:
     """The window ``[start, end)`` that has not closed yet, with what it holds so far: status Open
@@ -583,7 +583,7 @@ def window_results(
 ) -> list[WindowResult]:
     """The result of every window from the definition's start that has closed by ``end`` and
     holds a value, reading the log once whatever the number of windows; with ``include_open``,
-    then the next window to close when it has started by ``end`` (:func:`open_result`, counted
+    then the next window to close when it has started by ``end`` (:func:`_open_result`, counted
     up to ``end``), even empty.
 
     Values are counted by pane into :class:`joey_core.assays.streaming.WindowCounts`, as the loggers
@@ -608,5 +608,5 @@ def window_results(
             results.append(result_of(definition, start, stop, counts))
     if opened:
         counts = definition.window_counts(following, panes)
-        results.append(open_result(definition, following, following + definition.width, counts))
+        results.append(_open_result(definition, following, following + definition.width, counts))
     return results
