@@ -132,12 +132,19 @@ def _frame_records(frame: pd.DataFrame, inputs: Sequence[RecordInput], pipeline:
 def _packed(frame: pd.DataFrame, field: str) -> list[Any]:
     """Each row's values, in the frame's column order, as the one input's vector."""
     if all(pd.api.types.is_integer_dtype(d) and not frame[c].isna().any() for c, d in frame.dtypes.items()):
-        values: np.ndarray = frame.to_numpy(dtype=np.int64)
-        return [{field: row} for row in values.tolist()]
-    floats = frame.to_numpy(dtype=np.float64, na_value=np.nan)
-    cells = floats.astype(object)
-    cells[~np.isfinite(floats)] = None  # JSON has no NaN
-    return [{field: row} for row in cells.tolist()]
+        values = frame.to_numpy(dtype=np.int64)
+    else:
+        values = frame.to_numpy(dtype=np.float64, na_value=np.nan)
+    return [{field: row} for row in _json_values(values)]
+
+
+def _json_values(values: np.ndarray) -> list[Any]:
+    """The rows of ``values`` as Python values, NaN and inf as None (JSON has no NaN)."""
+    if values.dtype.kind != "f":
+        return list(values.tolist())
+    cells = values.astype(object)
+    cells[~np.isfinite(values)] = None
+    return list(cells.tolist())
 
 
 def _frame_advice(
@@ -191,11 +198,7 @@ def _array_records(array: np.ndarray, inputs: Sequence[RecordInput], pipeline: s
             f"pipeline {pipeline!r} reads {only}: an array for it has shape {batched}, one row per record, "
             f"but this one has shape {_shape(array.shape)}{hint}"
         )
-    if array.dtype.kind == "f":
-        cells = array.astype(object)
-        cells[~np.isfinite(array)] = None  # JSON has no NaN
-        return [{only.field: row} for row in cells.tolist()]
-    return [{only.field: row} for row in array.tolist()]
+    return [{only.field: row} for row in _json_values(array)]
 
 
 def _fits(shape: Sequence[int], expected: Sequence[int]) -> bool:
