@@ -161,12 +161,19 @@ BAD = {
     "bad-array": (b"[1, 2, 3]", "record must be a JSON object mapping input names to values, got list"),
     "bad-missing": (
         b'{"petals": [1, 2, 3, 4]}',
-        "missing input 'features'; the pipeline expects inputs 'features'",
+        "missing input 'features'; the pipeline expects inputs 'features' (float32 [4]); "
+        "the record has fields 'petals'",
     ),
     "bad-shape": (b'{"features": [1, 2, 3]}', "input 'features' has shape [3], expected [4]"),
-    "bad-type": (b'{"features": "wide"}', "input 'features' must hold float32 values, got strings"),
-    "bad-nan": (b'{"features": [NaN, 1, 2, 3]}', "input 'features' contains NaN/inf"),
-    "bad-inf": (b'{"features": [1, 2, Infinity, 3]}', "input 'features' contains NaN/inf"),
+    "bad-type": (
+        b'{"features": "wide"}',
+        "input 'features' must hold float32 values, got a string (\"wide\")",
+    ),
+    "bad-nan": (b'{"features": [NaN, 1, 2, 3]}', "input 'features' contains NaN/inf at element [0] (nan)"),
+    "bad-inf": (
+        b'{"features": [1, 2, Infinity, 3]}',
+        "input 'features' contains NaN/inf at element [2] (inf)",
+    ),
 }
 
 

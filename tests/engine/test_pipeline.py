@@ -93,19 +93,32 @@ BAD_RECORDS = [
     (
         encode({"features": "abc"}),
         {"features": "abc"},
-        "input 'features' must hold float32 values, got strings",
+        "input 'features' must hold float32 values, got a string (\"abc\")",
     ),
     (
         encode({"features": [1, "a", 2, 3]}),
         {"features": [1, "a", 2, 3]},
-        "must hold float32 values, got strings",
+        'must hold float32 values, got a string at element [1] ("a")',
     ),
-    (encode({"features": [1, None, 2, 3]}), {"features": [1, None, 2, 3]}, "got null or mixed values"),
-    (encode({"features": [True] * 4}), {"features": [True] * 4}, "must hold float32 values, got booleans"),
-    (b'{"features": [NaN, 1, 2, 3]}', ..., "input 'features' contains NaN/inf"),
-    (b'{"features": [1, Infinity, 2, 3]}', ..., "input 'features' contains NaN/inf"),
-    (b'{"features": [1, -Infinity, 2, 3]}', ..., "input 'features' contains NaN/inf"),
-    (b'{"features": [1, 1e300, 2, 3]}', ..., "input 'features' contains NaN/inf"),
+    # A DataFrame's NaN arrives as null: the error says where, and why null is refused.
+    (
+        encode({"features": [1, 2, None, 3]}),
+        {"features": [1, 2, None, 3]},
+        "input 'features' must hold float32 values, got null at element [2]: JSON has no NaN",
+    ),
+    (
+        encode({"features": [True] * 4}),
+        {"features": [True] * 4},
+        "must hold float32 values, got a boolean at element [0] (true)",
+    ),
+    (b'{"features": [NaN, 1, 2, 3]}', ..., "input 'features' contains NaN/inf at element [0] (nan)"),
+    (b'{"features": [1, Infinity, 2, 3]}', ..., "input 'features' contains NaN/inf at element [1] (inf)"),
+    (b'{"features": [1, 2, -Infinity, 3]}', ..., "input 'features' contains NaN/inf at element [2] (-inf)"),
+    (
+        b'{"features": [1, 1e300, 2, 3]}',
+        ...,
+        "input 'features' contains NaN/inf at element [1] (1e+300, out of range for float32)",
+    ),
 ]
 
 
@@ -122,8 +135,11 @@ def test_each_bad_record_fails_alone(iris_runner: PipelineRunner, iris_model: Pa
         assert reason in result.reason, (value, result.reason)
         if parsed is not ...:
             assert result.inputs == parsed
-    # The expected inputs are listed for a missing one.
-    assert bad[3].reason == "missing input 'features'; the pipeline expects inputs 'features'"  # type: ignore[union-attr]
+    # The expected inputs are listed for a missing one, and the fields the record has instead.
+    assert bad[3].reason == (  # type: ignore[union-attr]
+        "missing input 'features'; the pipeline expects inputs 'features' (float32 [4]); "
+        "the record has fields 'feature'"
+    )
 
 
 def test_records_failed_before_running_keep_their_place(
@@ -433,10 +449,14 @@ def test_first_step_reads_inputs_from_the_mapped_record_field(
         (
             {"features": ROWS[0]},
             "missing input 'features' (the pipeline reads it from record field 'petals'); "
-            "the pipeline expects inputs 'features' (record field 'petals')",
+            "the pipeline expects inputs 'features' (record field 'petals', float32 [4]); "
+            "the record has fields 'features'",
         ),
         ({"petals": [1, 2, 3]}, "input 'features' (record field 'petals') has shape [3], expected [4]"),
-        ({"petals": "abc"}, "input 'features' (record field 'petals') must hold float32 values, got strings"),
+        (
+            {"petals": "abc"},
+            "input 'features' (record field 'petals') must hold float32 values, got a string (\"abc\")",
+        ),
         ({"petals": [1, 2], "features": ROWS[0]}, "input 'features' (record field 'petals') has shape [2]"),
     ],
 )
@@ -624,7 +644,8 @@ def test_challenger_reads_its_own_record_field(
     assert results[1].shadow == results[2].shadow == {}
     assert results[1].shadow_errors == {
         "sum": "missing input 'features' (the pipeline reads it from record field 'petals'); "
-        "the model expects inputs 'features' (record field 'petals')"
+        "the model expects inputs 'features' (record field 'petals', float32 [4]); "
+        "the record has fields 'features'"
     }
     assert results[2].shadow_errors == {
         "sum": "input 'features' (record field 'petals') has shape [2], expected [4]"

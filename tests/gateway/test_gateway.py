@@ -200,7 +200,7 @@ def test_plain_rest(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
     status, _ = post(f"{url}/v2/models/{PIPELINE}/versions/{version}/infer", body)
     assert status == 200
 
-    # Three features per row where the model takes four: the engine's reason comes back as a 400.
+    # Three features per row where the model takes four: refused by the gateway as a 400.
     bad = {"inputs": [{"name": "features", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}
     status, reply = post(f"{url}/v2/models/{PIPELINE}/infer", bad)
     assert status == 400, reply
@@ -219,6 +219,40 @@ def test_plain_rest(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
     assert counter(gateway, "ok") == before["ok"] + 2
     assert counter(gateway, "invalid_argument") == before["invalid_argument"] + 2
     assert counter(gateway, "not_found", pipeline="") == unknown_before + 1
+
+
+def test_a_request_without_the_batch_dimension_is_refused_once(gateway: Gateway, iris: Pipeline) -> None:
+    """Shape [4] for a model taking [-1, 4]: one 400 / INVALID_ARGUMENT naming both shapes, and no record
+    reaches the pipeline (rows of the batch dimension would each have failed alone in the log)."""
+    refused = [9.125, 8.125, 7.125, 6.125]
+    body = {"inputs": [{"name": "features", "shape": [4], "datatype": "FP32", "data": refused}]}
+    status, reply = post(f"{gateway.http_url}/v2/models/{PIPELINE}/infer", body)
+    assert status == 400, reply
+    assert reply["error"].startswith(
+        f"pipeline {PIPELINE!r} input 'features' has shape [4], expected [-1, 4]: the first dimension is "
+        "the batch, one row per record; add the batch dimension: shape [1, 4] for one record"
+    )
+
+    triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+    tensor = grpcclient.InferInput("features", [4], "FP32")
+    tensor.set_data_from_numpy(np.array(refused, dtype=np.float32))
+    with pytest.raises(InferenceServerException) as error:
+        triton.infer(PIPELINE, [tensor])
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "has shape [4], expected [-1, 4]" in error.value.message()
+
+    # A request sent after the refused ones is logged; none of the refused values ever were.
+    sentinel = [4.875, 3.125, 1.625, 0.375]
+    body = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [sentinel]}]}
+    assert post(f"{gateway.http_url}/v2/models/{PIPELINE}/infer", body)[0] == 200
+    logged: list[object] = []
+
+    def sentinel_logged() -> bool:
+        logged[:] = iris.logs(limit=1000)["in.features"].tolist()
+        return sentinel in logged
+
+    wait_until(sentinel_logged, 60, "the request after the refused ones in the inference log")
+    assert not [value for value in logged if value in refused]
 
 
 def test_deadline_exceeded_is_answered_and_reported(gateway: Gateway, iris: Pipeline) -> None:

@@ -14,7 +14,16 @@ import pytest
 
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.http_server import decode_request, encode_response
-from joey_gateway.tensors import InferResponse, Tensor, from_raw, from_rows, oip_datatype, to_raw, to_rows
+from joey_gateway.tensors import (
+    InferResponse,
+    Tensor,
+    check_inputs,
+    from_raw,
+    from_rows,
+    oip_datatype,
+    to_raw,
+    to_rows,
+)
 
 
 def test_raw_tensors_round_trip() -> None:
@@ -52,6 +61,36 @@ def test_rows_follow_the_batch_dimension() -> None:
         to_rows([inputs[0], Tensor("y", "INT64", np.array([1, 2, 3]))])
     with pytest.raises(GatewayError, match="shape \\[\\]"):
         to_rows([Tensor("y", "INT64", np.array(1))])
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        (
+            [4],
+            "pipeline 'iris' input 'features' has shape [4], expected [-1, 4]: the first dimension is the "
+            "batch, one row per record; add the batch dimension: shape [1, 4] for one record",
+        ),
+        ([2, 3], "input 'features' has shape [2, 3], expected [-1, 4]: the first dimension is the batch"),
+        ([1, 2, 2], "has shape [1, 2, 2], expected [-1, 4]"),
+    ],
+)
+def test_a_shape_that_does_not_fit_the_pipeline_is_refused_once(shape: list[int], message: str) -> None:
+    tensor = Tensor("features", "FP32", np.zeros(shape, dtype=np.float32))
+    with pytest.raises(GatewayError) as refused:
+        check_inputs("iris", [tensor], {"features": (-1, 4)})
+    assert refused.value.status == Status.INVALID_ARGUMENT
+    assert message in refused.value.message
+
+
+def test_inputs_that_fit_pass_and_a_missing_one_is_named() -> None:
+    fits = [Tensor("x", "FP32", np.zeros((3, 4, 7))), Tensor("extra", "INT64", np.zeros(3))]
+    check_inputs("p", fits, {"x": (-1, 4, -1)})  # extra fields are the record's (split keys, checks)
+    with pytest.raises(GatewayError) as refused:
+        check_inputs("p", [Tensor("X", "FP32", np.zeros((1, 4)))], {"features": (-1, 4)})
+    assert refused.value.message == (
+        "pipeline 'p' needs input 'features'; its inputs are 'features' [-1, 4], the request has 'X'"
+    )
 
 
 def test_outputs_are_stacked_with_the_declared_datatype() -> None:

@@ -1,13 +1,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pickle
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import joblib
+import numpy as np
 import psycopg
 import pytest
+from sklearn.linear_model import LinearRegression
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
@@ -69,14 +75,55 @@ def test_concurrent_uploads_get_distinct_versions(stub: Stub, workspace: str, ir
     assert sorted(versions) == [1, 2, 3, 4]
 
 
-def _bad_uploads(iris: bytes) -> dict[str, tuple[list[pb.UploadModelRequest], str]]:
+def _joblib(tmp: Path, compress: int) -> bytes:
+    """A scikit-learn model as users save it: ``joblib.dump``."""
+    model = LinearRegression().fit(np.arange(12.0).reshape(4, 3), np.arange(4.0))
+    joblib.dump(model, tmp / "model.joblib", compress=compress)
+    return (tmp / "model.joblib").read_bytes()
+
+
+def _torch_zip(tmp: Path) -> bytes:
+    """The layout ``torch.save`` writes: a zip archive with ``<name>/data.pkl``."""
+    with zipfile.ZipFile(tmp / "model.pt", "w") as archive:
+        archive.writestr("model/data.pkl", pickle.dumps({"weight": [1.0, 2.0]}))
+        archive.writestr("model/version", "3\n")
+    return (tmp / "model.pt").read_bytes()
+
+
+# The shape of ``Booster.save_model("model.json")`` (xgboost itself is not a dependency).
+XGBOOST_JSON = json.dumps(
+    {
+        "learner": {
+            "attributes": {},
+            "feature_names": [],
+            "gradient_booster": {"name": "gbtree", "model": {"trees": []}},
+            "learner_model_param": {"base_score": "5E-1", "num_feature": "4"},
+            "objective": {"name": "reg:squarederror"},
+        },
+        "version": [2, 1, 0],
+    }
+).encode()
+
+
+def _bad_uploads(iris: bytes, tmp: Path) -> dict[str, tuple[list[pb.UploadModelRequest], str]]:
     def requests(data: bytes, framework: str = "") -> list[pb.UploadModelRequest]:
         return list(upload_requests("WS", "bad", data, framework))
 
     return {
         "empty": (requests(b""), "empty upload"),
-        "truncated": (requests(iris[: len(iris) // 2]), "not a loadable ONNX model"),
+        "truncated": (
+            requests(iris[: len(iris) // 2]),
+            "not a loadable ONNX model: this looks like an ONNX model cut short",
+        ),
         "random": (requests(os.urandom(5000)), "not a loadable ONNX model"),
+        "joblib": (requests(_joblib(tmp, 0)), "looks like a Python pickle (protocol 4)"),
+        "joblib-compressed": (requests(_joblib(tmp, 3)), "looks like a pickle compressed with zlib"),
+        "xgboost-json": (requests(XGBOOST_JSON), "looks like an XGBoost model saved as JSON"),
+        "torch": (requests(_torch_zip(tmp)), "looks like a PyTorch model"),
+        "python-step": (
+            requests(b"def process_data(inputs):\n    return inputs\n"),
+            "upload it with framework 'python'",
+        ),
         "header-missing": (requests(iris)[1:], "first UploadModel message must be the header"),
         "header-twice": (requests(iris)[:2] + requests(iris), "second header"),
         "unknown-framework": (requests(iris, framework="tensorflow"), "unsupported framework 'tensorflow'"),
@@ -89,7 +136,20 @@ def _bad_uploads(iris: bytes) -> dict[str, tuple[list[pb.UploadModelRequest], st
 
 @pytest.mark.parametrize(
     "case",
-    ["empty", "truncated", "random", "header-missing", "header-twice", "unknown-framework", "invalid-name"],
+    [
+        "empty",
+        "truncated",
+        "random",
+        "joblib",
+        "joblib-compressed",
+        "xgboost-json",
+        "torch",
+        "python-step",
+        "header-missing",
+        "header-twice",
+        "unknown-framework",
+        "invalid-name",
+    ],
 )
 def test_bad_upload_is_rejected_and_stores_nothing(
     stub: Stub,
@@ -97,10 +157,11 @@ def test_bad_upload_is_rejected_and_stores_nothing(
     iris_bytes: bytes,
     registry_server: RegistryServer,
     db: psycopg.Connection,
+    tmp_path: Path,
     case: str,
 ) -> None:
     before = artifact_files(registry_server)
-    requests, expected = _bad_uploads(iris_bytes)[case]
+    requests, expected = _bad_uploads(iris_bytes, tmp_path)[case]
     for request in requests:
         if request.HasField("header"):
             request.header.workspace = workspace

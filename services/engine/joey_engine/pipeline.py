@@ -103,6 +103,13 @@ class _RecordInput:
         name = repr(self.tensor.name)
         return name if self.field == self.tensor.name else f"{name} (record field {self.field!r})"
 
+    @cached_property
+    def signature(self) -> str:
+        """How a missing input's error lists it: with the field that feeds it, its dtype and shape."""
+        spec = f"{self.tensor.dtype} {_shape_text(self.tensor.shape[1:])}"
+        fed = "" if self.field == self.tensor.name else f"record field {self.field!r}, "
+        return f"{self.tensor.name!r} ({fed}{spec})"
+
 
 @dataclass(frozen=True)
 class _Challenger:
@@ -266,9 +273,14 @@ class _Ran:
     """None when the pipeline has no shadow step."""
 
 
-_KIND_NAMES = {"f": "numbers", "i": "integers", "u": "integers", "b": "booleans", "U": "strings"}
+_KIND_NAMES = {"f": "a number", "i": "an integer", "u": "an integer", "b": "a boolean", "U": "a string"}
 # JSON value kinds each model dtype kind accepts: integers are valid floats, nothing else converts implicitly.
 _ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "U": "U"}
+_NULL_FLOAT = (
+    ": JSON has no NaN, so a NaN or missing value arrives as null, and inputs must be finite numbers; "
+    "fill or drop missing values before sending"
+)
+_SHOWN_FIELDS = 10
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -288,9 +300,9 @@ def _convert(tensor: TensorSpec, value: Any, label: str) -> np.ndarray:
         raise RecordError(
             f"input {label} is not a rectangular array: expected shape {_shape_text(expected_shape)}"
         ) from None
-    if raw.dtype.kind not in _ACCEPTED_KINDS.get(target.kind, target.kind):
-        got = _KIND_NAMES.get(raw.dtype.kind, "null or mixed values")
-        raise RecordError(f"input {label} must hold {tensor.dtype} values, got {got}")
+    accepted = _ACCEPTED_KINDS.get(target.kind, target.kind)
+    if raw.dtype.kind not in accepted:
+        raise _wrong_values(tensor, value, accepted, label)
     want_text = _shape_text(expected_shape)
     if raw.ndim != len(expected_shape) or any(
         want >= 0 and want != got for want, got in zip(expected_shape, raw.shape, strict=True)
@@ -305,8 +317,46 @@ def _convert(tensor: TensorSpec, value: Any, label: str) -> np.ndarray:
     except OverflowError:
         raise RecordError(f"input {label} has values out of range for {tensor.dtype}") from None
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise RecordError(f"input {label} contains NaN/inf")
+        first = tuple(np.argwhere(~np.isfinite(array))[0])
+        sent = raw[first]
+        what = f"{sent}, out of range for {tensor.dtype}" if np.isfinite(sent) else str(sent)
+        raise RecordError(
+            f"input {label} contains NaN/inf{_at(first)} ({what}): inputs must be finite numbers"
+        )
     return array
+
+
+def _at(index: tuple[int, ...]) -> str:
+    """Where an element is within a record's value: nothing for a scalar input."""
+    return f" at element {list(map(int, index))}" if index else ""
+
+
+def _wrong_values(tensor: TensorSpec, value: Any, accepted: str, label: str) -> RecordError:
+    """The error naming the first element of ``value`` of a kind ``tensor`` does not accept, and where."""
+    elements = np.asarray(value, dtype=object)
+    for index in np.ndindex(elements.shape):
+        element = elements[index]
+        kind = "null" if element is None else np.asarray(element).dtype.kind
+        if kind not in accepted:
+            break
+    else:  # numpy found a kind no single element has: report the whole value
+        return RecordError(f"input {label} must hold {tensor.dtype} values, got {dumps_text(value)[:60]}")
+    if element is None:
+        why = _NULL_FLOAT if np.dtype(tensor.dtype).kind == "f" else ""
+        return RecordError(f"input {label} must hold {tensor.dtype} values, got null{_at(index)}{why}")
+    got = _KIND_NAMES.get(kind, "an object" if isinstance(element, dict) else type(element).__name__)
+    return RecordError(
+        f"input {label} must hold {tensor.dtype} values, got {got}{_at(index)} ({dumps_text(element)[:60]})"
+    )
+
+
+def _fields(row: dict[str, Any]) -> str:
+    """The fields a record has, as a missing input's error names them."""
+    if not row:
+        return "the record has no fields"
+    names = ", ".join(repr(name) for name in list(row)[:_SHOWN_FIELDS])
+    more = f", ... ({len(row)} fields)" if len(row) > _SHOWN_FIELDS else ""
+    return f"the record has fields {names}{more}"
 
 
 def _fed(name: str, source: str) -> str:
@@ -326,8 +376,10 @@ def _record_arrays(
             if first.field == first.tensor.name
             else f" (the pipeline reads it from record field {first.field!r})"
         )
-        expected = ", ".join(i.label for i in record_inputs)
-        raise RecordError(f"missing input {first.tensor.name!r}{where}; {expects} expects inputs {expected}")
+        expected = ", ".join(i.signature for i in record_inputs)
+        raise RecordError(
+            f"missing input {first.tensor.name!r}{where}; {expects} expects inputs {expected}; {_fields(row)}"
+        )
     return {i.tensor.name: _convert(i.tensor, row[i.field], i.label) for i in record_inputs}
 
 

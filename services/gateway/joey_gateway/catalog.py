@@ -53,7 +53,9 @@ def _batched(spec: pb.TensorSpec, name: str) -> TensorInfo:
 
 def _info(status: pb.DeploymentStatus, version: pb.PipelineVersion | None) -> PipelineInfo:
     deployment = status.deployment
-    models = [step for step in version.steps if step.model] if version else []
+    # A split step has no model of its own: its first arm stands for it (the arms are interchangeable).
+    models = [step.arms[0] if step.arms else step for step in version.steps] if version else []
+    models = [step for step in models if step.model]
     inputs: tuple[TensorInfo, ...] = ()
     outputs: tuple[TensorInfo, ...] = ()
     if models:

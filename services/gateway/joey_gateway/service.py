@@ -26,7 +26,7 @@ from joey_gateway.catalog import Catalog, PipelineInfo
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.replies import Call, ReplyReader
 from joey_gateway.settings import GatewaySettings
-from joey_gateway.tensors import InferRequest, InferResponse, Tensor, from_rows, to_rows
+from joey_gateway.tensors import InferRequest, InferResponse, Tensor, check_inputs, from_rows, to_rows
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class Gateway:
 
     def _infer(self, info: PipelineInfo, request: InferRequest, deadline: float | None) -> InferResponse:
         rows = to_rows(request.inputs)
+        check_inputs(info.pipeline, request.inputs, {t.name: t.shape for t in info.inputs})
         now = time.time()
         limits = [now + self._settings.request_timeout_s]
         if deadline is not None:

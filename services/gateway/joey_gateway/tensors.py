@@ -7,7 +7,7 @@ record ``{name: value}``, and the replies' outputs are stacked back along that d
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,6 +169,40 @@ def to_rows(inputs: Sequence[Tensor]) -> list[dict[str, Any]]:
         {name: _jsonable(values[i]) if name in text else values[i] for name, values in columns.items()}
         for i in range(count)
     ]
+
+
+def _fits(shape: Sequence[int], expected: Sequence[int]) -> bool:
+    return len(shape) == len(expected) and all(
+        want < 0 or want == got for want, got in zip(expected, shape, strict=True)
+    )
+
+
+def check_inputs(pipeline: str, inputs: Sequence[Tensor], expected: Mapping[str, Sequence[int]]) -> None:
+    """Refuse, before any record is produced, a request that lacks one of the pipeline's inputs or whose
+    shape does not fit one (``expected``: input name -> batched shape, -1 for any size). Otherwise each row
+    would become a record that fails alone, one failure per row for one mistake."""
+    sent = {tensor.name: tensor for tensor in inputs}
+    missing = [name for name in expected if name not in sent]
+    if missing:
+        wanted = ", ".join(f"{name!r} {list(shape)}" for name, shape in expected.items())
+        raise GatewayError(
+            Status.INVALID_ARGUMENT,
+            f"pipeline {pipeline!r} needs input {missing[0]!r}; its inputs are {wanted}, "
+            f"the request has {', '.join(repr(name) for name in sent)}",
+        )
+    for name, shape in expected.items():
+        got = sent[name].shape
+        if _fits(got, shape):
+            continue
+        if _fits(got, shape[1:]):
+            hint = f"; add the batch dimension: shape {[1, *got]} for one record"
+        else:
+            hint = f"; each record's {name!r} has shape {list(shape[1:])} (-1: any size)"
+        raise GatewayError(
+            Status.INVALID_ARGUMENT,
+            f"pipeline {pipeline!r} input {name!r} has shape {got}, expected {list(shape)}: the first "
+            f"dimension is the batch, one row per record{hint}",
+        )
 
 
 def _guess_datatype(array: np.ndarray[Any, Any]) -> str:

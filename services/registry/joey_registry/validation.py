@@ -4,6 +4,11 @@ python steps by parsing the source (the registry never runs user code)."""
 from __future__ import annotations
 
 import ast
+import bz2
+import json
+import lzma
+import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +68,9 @@ class OnnxValidator(RuntimeValidator):
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise InvalidArgument(
-                f"the uploaded file is not a loadable ONNX model: {_ort_reason(exc)}"
-            ) from None
+            # onnxruntime says "Protobuf parsing failed" of anything that is not ONNX: say what it is instead.
+            reason = what_file_is(path) or _ort_reason(exc)
+            raise InvalidArgument(f"the uploaded file is not a loadable ONNX model: {reason}") from None
         return Signature(
             inputs=tuple(_tensor_spec("input", arg) for arg in session.get_inputs()),
             outputs=tuple(_tensor_spec("output", arg) for arg in session.get_outputs()),
@@ -76,6 +81,159 @@ def _ort_reason(exc: Exception) -> str:
     # onnxruntime prefixes the reason with its error code and the (temporary, meaningless) file path.
     text = str(exc)
     return text.split(" failed:", 1)[1].strip() if " failed:" in text else text
+
+
+_SNIFF_BYTES = 1 << 16
+_PICKLE_ADVICE = (
+    "Joey runs ONNX models: convert a scikit-learn model with skl2onnx, e.g. "
+    "`skl2onnx.to_onnx(model, X[:1].astype(numpy.float32))`, and upload the .onnx file"
+)
+_TF_ADVICE = (
+    "Joey runs ONNX models: convert it with tf2onnx (`python -m tf2onnx.convert`) and upload the .onnx file"
+)
+# The first bytes of compressed streams joblib.dump(compress=...) writes, with a decompressor for each.
+_COMPRESSED: tuple[tuple[bytes, str, Any], ...] = (
+    (b"\x1f\x8b", "gzip", lambda: zlib.decompressobj(wbits=31)),
+    (b"BZh", "bz2", bz2.BZ2Decompressor),
+    (b"\xfd7zXZ\x00", "xz", lzma.LZMADecompressor),
+    (b"]\x00\x00", "lzma", lzma.LZMADecompressor),
+    *((bytes([0x78, second]), "zlib", zlib.decompressobj) for second in (0x01, 0x5E, 0x9C, 0xDA)),
+)
+
+
+def what_file_is(path: Path) -> str | None:
+    """What a file that is not a loadable ONNX model looks like, and what to do with it; None when unknown."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        head = file.read(_SNIFF_BYTES)
+    if head.startswith(b"\x80") and len(head) > 1 and 2 <= head[1] <= 5:
+        return (
+            f"this looks like a Python pickle (protocol {head[1]}), as joblib.dump and pickle.dump write "
+            f"(a scikit-learn model?). {_PICKLE_ADVICE}"
+        )
+    for magic, kind, decompressor in _COMPRESSED:
+        if head.startswith(magic):
+            return _compressed(head, kind, decompressor())
+    if head.startswith(b"PK\x03\x04"):
+        return _zip(path)
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return f"this looks like an HDF5 file (a Keras .h5 model?). {_TF_ADVICE}"
+    if head.lstrip().startswith(b"{"):
+        return _json(path, size)
+    if head.startswith(b"tree\nversion="):
+        return (
+            "this looks like a LightGBM text model. Joey runs ONNX models: convert it with onnxmltools "
+            "(`onnxmltools.convert_lightgbm`) and upload the .onnx file"
+        )
+    if b"def process_data" in head:
+        return (
+            "this looks like a python step (it defines process_data): upload it with framework 'python' "
+            "and its input and output schemas"
+        )
+    return _cut_short_onnx(path, head, size)
+
+
+def _compressed(head: bytes, kind: str, decompressor: Any) -> str:
+    try:
+        inner = decompressor.decompress(head)
+    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):
+        inner = b""
+    if inner.startswith(b"\x80"):
+        return (
+            f"this looks like a pickle compressed with {kind}, as joblib.dump(compress=...) writes "
+            f"(a scikit-learn model?). {_PICKLE_ADVICE}"
+        )
+    return f"this looks like a file compressed with {kind}: decompress it and upload the .onnx model itself"
+
+
+def _zip(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return "this looks like a damaged or incomplete zip archive: upload the .onnx model itself"
+    leaves = {name.rsplit("/", 1)[-1] for name in names}
+    if "data.pkl" in leaves:
+        return (
+            "this looks like a PyTorch model (a zip archive with data.pkl). Joey runs ONNX models: export it "
+            "with `torch.onnx.export(model, example_input, 'model.onnx')` and upload the .onnx file"
+        )
+    if "saved_model.pb" in leaves:
+        return f"this looks like a zipped TensorFlow SavedModel. {_TF_ADVICE}"
+    if {"config.json", "model.weights.h5"} <= leaves:
+        return f"this looks like a Keras .keras model. {_TF_ADVICE}"
+    onnx = [name for name in names if name.endswith(".onnx")]
+    if onnx:
+        return f"this is a zip archive holding {', '.join(onnx[:3])}: extract the .onnx file and upload it"
+    listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return f"this is a zip archive ({len(names)} files: {listed}): upload the .onnx model itself"
+
+
+def _json(path: Path, size: int) -> str:
+    try:
+        document = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return f"this looks like JSON text ({size} bytes) but does not parse as JSON; Joey runs ONNX models"
+    if isinstance(document, dict) and "learner" in document:
+        return (
+            'this looks like an XGBoost model saved as JSON (it has xgboost\'s "learner" key). Joey runs '
+            "ONNX models: convert it with onnxmltools, e.g. `onnxmltools.convert_xgboost(booster, "
+            "initial_types=[('features', FloatTensorType([None, n_features]))])`, and upload the .onnx file"
+        )
+    keys = ", ".join(repr(k) for k in list(document)[:5]) if isinstance(document, dict) else ""
+    return f"this is a JSON document (keys {keys}), not a model; Joey runs ONNX models (.onnx files)"
+
+
+def _cut_short_onnx(path: Path, head: bytes, size: int) -> str | None:
+    """An ONNX file (a protobuf ModelProto, which starts with its ir_version, field 1) whose fields run past
+    its end, or that ends before its graph (field 7)."""
+    if not head.startswith(b"\x08"):
+        return None
+    data = path.read_bytes()
+    fields: set[int] = set()
+    at = 0
+    try:
+        while at < size:
+            start = at
+            tag, at = _varint(data, at)
+            number, wire_type = tag >> 3, tag & 7
+            if wire_type == 0:
+                _, at = _varint(data, at)
+            elif wire_type == 2:
+                length, at = _varint(data, at)
+                if at + length > size:
+                    return (
+                        f"this looks like an ONNX model cut short: field {number} at byte {start} needs "
+                        f"{at + length} bytes but the file has {size}; upload the complete file (was a "
+                        "download or copy interrupted?)"
+                    )
+                at += length
+            elif wire_type in (1, 5):
+                at += 8 if wire_type == 1 else 4
+            else:
+                return None
+            fields.add(number)
+    except IndexError:
+        return f"this looks like an ONNX model cut short at byte {size}: upload the complete file"
+    if at > size:
+        return f"this looks like an ONNX model cut short at byte {size}: upload the complete file"
+    if 7 not in fields:
+        return (
+            f"this looks like the start of an ONNX model without its graph ({size} bytes): upload the "
+            "complete file (was a download or copy interrupted?)"
+        )
+    return None
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+    raise IndexError("varint longer than 10 bytes")
 
 
 def _tensor_spec(kind: str, arg: Any) -> TensorSpec:

@@ -11,12 +11,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from joey.client.assays import timestamp
 from joey.client.calls import JoeyError, RegistryCaller
+from joey.client.inputs import deployed_inputs, to_records
 from joey.client.log_export import LogExport, flatten, flatten_shadow, log_entry_row
 from joey.client.streaming import PipelineStream, Progress
 from joey_core.models import ModelVersion
@@ -498,7 +500,7 @@ class Pipeline:
 
     def infer(
         self,
-        data: pa.Table | pd.DataFrame | Sequence[dict[str, Any]] | dict[str, Any],
+        data: pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any],
         timeout: float = 60.0,
         progress: Progress | None = None,
     ) -> pd.DataFrame | pa.Table:
@@ -506,21 +508,22 @@ class Pipeline:
 
         Failed records are returned too, with the reason in the ``error`` column. An Apache Arrow table
         (one record per row) gets an Arrow table back, with the columns of the DataFrame result.
+
+        A DataFrame (or Arrow table) has a column per record field; when no column is named after the
+        pipeline's input and that input is one vector of N numbers, a frame of exactly N numeric columns
+        is packed into it, in the frame's column order. A numpy array, for a pipeline with one input, is
+        one record per row of its first dimension. NaN is sent as null, which float inputs refuse (JSON
+        has no NaN). Data that fits neither way raises InputError, before anything is sent.
         """
-        if self.status().status == "Undeployed":
+        status = self.status()
+        if status.status == "Undeployed":
             raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
-        if isinstance(data, pa.Table):
-            replies = PipelineStream(self.client.settings, self.topics).infer(
-                data.to_pylist(), timeout, progress
-            )
-            return pa.Table.from_pandas(replies_to_frame(replies), preserve_index=False)
-        if isinstance(data, pd.DataFrame):
-            rows: list[Any] = json.loads(data.to_json(orient="records", double_precision=15))
-        elif isinstance(data, dict):
-            rows = [data]
-        else:
-            rows = list(data)
+        rows = to_records(
+            data, lambda: deployed_inputs(self.client, self.name, status.pipeline_version), self.name
+        )
         replies = PipelineStream(self.client.settings, self.topics).infer(rows, timeout, progress)
+        if isinstance(data, pa.Table):
+            return pa.Table.from_pandas(replies_to_frame(replies), preserve_index=False)
         return replies_to_frame(replies)
 
     def logs(

@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from joey.client.inputs import InputError
 from joey_core import kafka
 from joey_core.kafka import DeliveryTracker, producer_config
 from joey_core.records import REQUEST_ID_HEADER, dumps, header_value
@@ -39,6 +40,16 @@ class InferenceTimeout(TimeoutError):
         self.total = total
 
 
+def check_rows(rows: Sequence[Any]) -> None:
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict | bytes):
+            raise InputError(
+                f"record {index} is a {type(row).__name__}, not a dict mapping input names to values "
+                "(e.g. {'features': [5.1, 3.5, 1.4, 0.2]}); Pipeline.infer also takes a pandas DataFrame "
+                "or a numpy array and shapes it for the pipeline's input"
+            )
+
+
 class PipelineStream:
     """Produces records to one pipeline's inputs topic and waits for their replies."""
 
@@ -49,7 +60,11 @@ class PipelineStream:
     def infer(
         self, rows: Sequence[dict[str, Any] | bytes], timeout: float = 60.0, progress: Progress | None = None
     ) -> list[Reply]:
-        """Send ``rows`` (one input record each; bytes are sent as they are); return replies in order."""
+        """Send ``rows`` (one input record each; bytes are sent as they are); return replies in order.
+
+        Raise InputError, having sent nothing, when a row is neither a dict nor bytes: the engine would
+        refuse each such record alone."""
+        check_rows(rows)
         request_ids = [uuid.uuid4().hex for _ in rows]
         pending = set(request_ids)
         replies: dict[str, Reply] = {}
