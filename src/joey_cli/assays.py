@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from joey_cli.errors import fail
+
 _DEFINITION_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--pipeline", "-p", required=True, help="Pipeline whose logs are assayed."),
     click.option("--iopath", required=True, help="'input <field> [<index>]' or 'output <field> [<index>]'."),
@@ -72,7 +74,7 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except (JoeyError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        fail(exc)
 
 
 def _builder(obj: Any, name: str, o: dict[str, Any]) -> Any:

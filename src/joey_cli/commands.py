@@ -7,11 +7,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from joey_cli.assays import assay
+from joey_cli.errors import error_line
+from joey_cli.errors import fail as _fail
 
 SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
 
@@ -40,38 +42,6 @@ class Context:
         return self.registry or CommonSettings().registry_addr
 
 
-def _error_line(exc: Exception, obj: Context | None) -> str | None:
-    """The one line an SDK or gRPC error becomes; None for any other exception (a bug: traceback)."""
-    # Only a module a failing command has loaded can have raised; importing the SDK here would cost
-    # every command that failed otherwise a second.
-    calls = sys.modules.get("joey.client.calls")
-    grpc = sys.modules.get("grpc")
-    if calls is not None and isinstance(exc, calls.JoeyError):
-        code, text = exc.code, str(exc)
-    elif grpc is not None and isinstance(exc, grpc.RpcError):
-        code = exc.code().name  # type: ignore[attr-defined]
-        text = f"{exc.details()} ({code})"  # type: ignore[attr-defined]
-    else:
-        return None
-    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and grpc is not None:
-        addr = obj.registry_addr if obj is not None else Context(None, "default").registry_addr
-        # The registry itself answers UNAVAILABLE when Kafka or Redis fail it: say so only when it is away.
-        with grpc.insecure_channel(addr) as channel:
-            try:
-                grpc.channel_ready_future(channel).result(timeout=2)
-            except grpc.FutureTimeoutError:
-                return (
-                    f"cannot reach the registry at {addr}: is Joey running? Start it with `joey up`, "
-                    "or point --registry / JOEY_REGISTRY_ADDR at a running registry"
-                )
-    return text
-
-
-def _fail(exc: Exception) -> NoReturn:
-    ctx = click.get_current_context(silent=True)
-    raise click.ClickException(_error_line(exc, ctx.obj if ctx else None) or str(exc)) from None
-
-
 class _Group(click.Group):
     """The `joey` group: an SDK or gRPC error of any command ends as one `Error:` line, never a traceback."""
 
@@ -79,7 +49,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            message = _error_line(exc, ctx.obj)
+            message = error_line(exc, ctx.obj)
             if message is None:
                 raise
             raise click.ClickException(message) from None
