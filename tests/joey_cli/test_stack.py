@@ -3,8 +3,11 @@ directory, a second `up` refused without touching it, a stale state cleared."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -115,5 +118,29 @@ def test_a_killed_supervisor_leaves_a_stale_stack_that_down_clears(cli_stack: Cl
     assert last == "Joey was not running"
     assert not any(pid_alive(p) for p in left.values())
     assert not (cli_stack.state_dir / "stack.json").exists()
-    # Its ports are free again: a new stack starts.
-    joey(env, "up", "--detach")
+
+
+def test_a_stale_state_never_stops_a_process_that_merely_reuses_a_pid(tmp_path: Path) -> None:
+    # Pids are reused: a live process named in a stale state is stopped only if it is still the one started.
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "joey_logger"])
+    stranger = subprocess.Popen(["sleep", "600"])
+    try:
+        services = {"logger": leftover.pid, "engine": stranger.pid}
+        (state_dir / "stack.json").write_text(json.dumps({"pid": gone.pid, "services": services}))
+        down = joey(os.environ | {"JOEY_STATE_DIR": str(state_dir)}, "down")
+        assert down.stdout.splitlines() == [
+            f"the stack of pid {gone.pid} exited without stopping: stopping what it left, "
+            f"logger (pid {leftover.pid})",
+            "Joey was not running",
+        ]
+        assert leftover.wait(10) == -signal.SIGTERM
+        assert stranger.poll() is None, "not the engine it was: left alone"
+        assert not (state_dir / "stack.json").exists()
+    finally:
+        for process in (leftover, stranger):
+            process.kill()
+            process.wait()
