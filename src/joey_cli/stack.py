@@ -135,6 +135,9 @@ class StackDir:
             return dict(json.loads(self.state_file.read_text()))
         except FileNotFoundError:
             return None
+        except ValueError:
+            log.warning("ignoring %s: not the JSON `joey up` writes", self.state_file)
+            return None
 
     def write(self, state: State) -> None:
         # Replaced whole, so a reader never sees half a file.
