@@ -144,3 +144,14 @@ def test_a_stale_state_never_stops_a_process_that_merely_reuses_a_pid(tmp_path: 
         for process in (leftover, stranger):
             process.kill()
             process.wait()
+
+
+def test_a_state_file_that_is_not_json_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "stack.json").write_text("{half a stat")
+    status = joey(os.environ | {"JOEY_STATE_DIR": str(tmp_path)}, "status", check=False)
+    assert status.returncode == 1
+    state_file = tmp_path / "stack.json"
+    assert status.stderr.splitlines()[0] == f"ignoring {state_file}: not the JSON `joey up` writes"
+    assert error_line(status) == (
+        f"Error: Joey is not running (no stack in {tmp_path}): start it with `joey up`"
+    )
