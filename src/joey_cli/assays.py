@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from joey_cli.errors import fail
+
 _DEFINITION_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--pipeline", "-p", required=True, help="Pipeline whose logs are assayed."),
     click.option("--iopath", required=True, help="'input <field> [<index>]' or 'output <field> [<index>]'."),
@@ -28,12 +30,27 @@ _DEFINITION_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--width", type=int, default=24 * 3600, show_default=True, help="Window width in seconds."),
     click.option("--interval", type=int, help="Seconds between window starts (default: the width)."),
     click.option("--start", help="ISO time of the first window (default: the baseline end)."),
-    click.option("--bins", "num_bins", type=int, default=5, show_default=True),
-    click.option("--bin-mode", type=click.Choice(["quantile", "equal", "provided"]), default="quantile"),
+    click.option("--bins", "num_bins", type=int, default=5, show_default=True, help="Number of bins."),
+    click.option(
+        "--bin-mode",
+        type=click.Choice(["quantile", "equal", "provided"]),
+        default="quantile",
+        help="How the bins' edges are chosen from the baseline (provided: --edges).",
+    ),
     click.option("--edges", help="Comma-separated edges, with --bin-mode provided."),
     click.option("--no-outlier-bins", is_flag=True, help="No bins for values outside the baseline's range."),
-    click.option("--metric", type=click.Choice(["psi", "maxdiff", "sumdiff"]), default="psi"),
-    click.option("--aggregation", type=click.Choice(["density", "cumulative"]), default="density"),
+    click.option(
+        "--metric",
+        type=click.Choice(["psi", "maxdiff", "sumdiff"]),
+        default="psi",
+        help="How a window's bins are compared with the baseline's.",
+    ),
+    click.option(
+        "--aggregation",
+        type=click.Choice(["density", "cumulative"]),
+        default="density",
+        help="Compare the bins' shares (density) or their running totals (cumulative).",
+    ),
     click.option("--weights", help="Comma-separated bin weights, outlier bins included."),
     click.option("--alert", type=float, default=0.25, show_default=True, help="Alert threshold."),
     click.option("--warning", type=float, help="Warning threshold."),
@@ -69,7 +86,7 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except (JoeyError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        fail(exc)
 
 
 def _row_range(text: str) -> tuple[int, int]:

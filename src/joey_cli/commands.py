@@ -12,6 +12,8 @@ from typing import Any
 import click
 
 from joey_cli.assays import assay
+from joey_cli.errors import error_line
+from joey_cli.errors import fail as _fail
 
 SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
 
@@ -30,16 +32,42 @@ class Context:
             self._client = Client(self.registry, self.workspace)
         return self._client
 
+    @property
+    def registry_addr(self) -> str:
+        """The address the client calls (or would call)."""
+        if self._client is not None:
+            return str(self._client.settings.registry_addr)
+        from joey_core.settings import CommonSettings
 
-def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc))
+        return self.registry or CommonSettings().registry_addr
 
 
-@click.group()
+class _Group(click.Group):
+    """The `joey` group: an SDK or gRPC error of any command ends as one `Error:` line, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = error_line(exc, ctx.obj)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="joey", prog_name="joey", message="%(prog)s %(version)s")
 @click.option(
     "--registry", envvar="JOEY_REGISTRY_ADDR", help="Registry host:port (default $JOEY_REGISTRY_ADDR)."
 )
-@click.option("--workspace", "-w", envvar="JOEY_WORKSPACE", default="default", show_default=True)
+@click.option(
+    "--workspace",
+    "-w",
+    envvar="JOEY_WORKSPACE",
+    default="default",
+    show_default=True,
+    help="Workspace to work in (default $JOEY_WORKSPACE).",
+)
 @click.pass_context
 def main(ctx: click.Context, registry: str | None, workspace: str) -> None:
     """Joey: Kafka-native MLOps."""
@@ -57,33 +85,85 @@ def serve(service: str) -> None:
 
 
 @main.command()
-@click.option("--detach", "-d", is_flag=True, help="Run in the background; `joey down` stops it.")
+@click.option(
+    "--detach",
+    "-d",
+    is_flag=True,
+    help="Run in the background and return once it is ready; `joey down` stops it.",
+)
 def up(detach: bool) -> None:
-    """Start broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine, logger, assayer and gateway."""
-    from joey_cli.stack import StackError, StackSettings, run_foreground, start_detached
+    """Start the local stack: the embedded broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine,
+    logger, assayer and gateway.
+
+    One stack per user, refused while one runs: its state and logs are in JOEY_STATE_DIR (default
+    ~/.local/state/joey), so `joey status` and `joey down` find it from any directory."""
+    from joey_cli.stack import StackError, StackSettings, describe, run_foreground, start_detached
     from joey_core.lifecycle import configure_logging
 
     settings = StackSettings()
     configure_logging(settings.log_level)
     try:
         if detach:
-            state = start_detached(settings)
-            click.echo(
-                f"Joey is up (pid {state['pid']}): registry {state['registry_addr']}, "
-                f"Kafka {state['kafka_bootstrap']}. `joey down` stops it."
-            )
+            state = start_detached(settings, say=click.echo)
+            click.echo(f"Joey is up (pid {state['pid']}); `joey down` stops it")
+            click.echo("\n".join(describe(state)))
         else:
-            run_foreground(settings)
+            run_foreground(settings, say=click.echo)
     except StackError as exc:
         _fail(exc)
 
 
 @main.command()
 def down() -> None:
-    """Stop the stack started by `joey up`."""
-    from joey_cli.stack import StackSettings, stop_detached
+    """Stop the stack started by `joey up`, from any directory (it is found through JOEY_STATE_DIR)."""
+    from joey_cli.stack import StackError, StackSettings, stop_detached
 
-    click.echo("stopped" if stop_detached(StackSettings()) else "Joey was not running")
+    try:
+        state = stop_detached(StackSettings(), say=click.echo)
+    except StackError as exc:
+        _fail(exc)
+    click.echo(f"Joey stopped (pid {state['pid']})" if state else "Joey was not running")
+
+
+@main.command()
+def status() -> None:
+    """Show the stack `joey up` started: its pid, addresses, services and logs."""
+    from joey_cli.stack import StackSettings, describe, pid_alive, stack_status
+
+    settings = StackSettings()
+    running, stale = stack_status(settings)
+    if running is None:
+        left = ""
+        if stale:
+            left = f"; pid {stale['pid']} exited without stopping it, `joey down` stops what it left"
+        raise click.ClickException(
+            f"Joey is not running (no stack in {settings.state_dir}{left}): start it with `joey up`"
+        )
+    started = f", since {running['started_at']}" if "started_at" in running else ""
+    phase = "up" if running.get("status") == "ready" else "starting"
+    click.echo(f"Joey is {phase} (pid {running['pid']}{started}); `joey down` stops it")
+    click.echo("\n".join(describe(running)))
+    services = running.get("services", {})
+    if services:
+        shown = (f"{name} {pid}" + ("" if pid_alive(pid) else " (exited)") for name, pid in services.items())
+        click.echo(f"  services  {', '.join(shown)}")
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the script that completes `joey` commands and options in SHELL.
+
+    \b
+    bash: add  eval "$(joey completion bash)"  to ~/.bashrc
+    zsh:  add  eval "$(joey completion zsh)"   to ~/.zshrc
+    fish: run  joey completion fish > ~/.config/fish/completions/joey.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell)
+    assert completer is not None  # one for each of the choices
+    click.echo(completer(main, {}, "joey", "_JOEY_COMPLETE").source())
 
 
 # Workspaces
@@ -96,12 +176,14 @@ def workspace() -> None:
 @click.argument("name")
 @click.pass_obj
 def workspace_create(obj: Context, name: str) -> None:
+    """Create workspace NAME."""
     click.echo(obj.client.create_workspace(name))
 
 
 @workspace.command("list")
 @click.pass_obj
 def workspace_list(obj: Context) -> None:
+    """List the workspaces."""
     for name in obj.client.list_workspaces():
         click.echo(name)
 
@@ -173,15 +255,17 @@ def model_upload(
 @model.command("list")
 @click.pass_obj
 def model_list(obj: Context) -> None:
+    """List the latest version of every model in the workspace."""
     for mv in obj.client.list_models():
         click.echo(f"{mv.name}\tversion {mv.version}\t{mv.sha256[:12]}\t{mv.created_at:%Y-%m-%d %H:%M:%S}")
 
 
 @model.command("get")
 @click.argument("name")
-@click.option("--version", type=int)
+@click.option("--version", type=int, help="Only this version (default: every version).")
 @click.pass_obj
 def model_get(obj: Context, name: str, version: int | None) -> None:
+    """Show the versions of model NAME."""
     from joey.client import JoeyError
 
     try:
@@ -395,6 +479,7 @@ def pipeline_create(
 @pipeline.command("list")
 @click.pass_obj
 def pipeline_list(obj: Context) -> None:
+    """List the pipelines of the workspace."""
     for name in obj.client.list_pipelines():
         click.echo(name)
 
@@ -439,7 +524,9 @@ def _on_status(status: Any) -> None:
 @click.option("--scale-down-after", type=float, default=300.0, show_default=True, help="Seconds below it.")
 @click.option("--cpus", help='Per-replica CPU request for production manifests, e.g. "2" or "500m".')
 @click.option("--memory", help='Per-replica memory request, e.g. "2Gi".')
-@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option(
+    "--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait until it is ready."
+)
 @click.pass_obj
 def pipeline_deploy(
     obj: Context,
@@ -483,7 +570,9 @@ def pipeline_deploy(
 @pipeline.command("rollback")
 @click.argument("name")
 @click.option("--version", type=int, help="Version to roll back to (default: the one deployed before).")
-@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option(
+    "--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait until it is ready."
+)
 @click.pass_obj
 def pipeline_rollback(obj: Context, name: str, version: int | None, timeout: float) -> None:
     """Roll NAME back to an earlier version without a pause in serving."""
@@ -500,6 +589,7 @@ def pipeline_rollback(obj: Context, name: str, version: int | None, timeout: flo
 @click.argument("name")
 @click.pass_obj
 def pipeline_status(obj: Context, name: str) -> None:
+    """Show the deployment status of NAME and each of its replicas."""
     from joey.client import JoeyError, Pipeline
 
     try:
@@ -512,6 +602,7 @@ def pipeline_status(obj: Context, name: str) -> None:
 @click.argument("name")
 @click.pass_obj
 def pipeline_undeploy(obj: Context, name: str) -> None:
+    """Stop serving NAME: its replicas stop; its versions and logs stay."""
     from joey.client import JoeyError, Pipeline
 
     try:
@@ -531,7 +622,9 @@ def pipeline_undeploy(obj: Context, name: str) -> None:
     required=True,
     help="A JSON array of records, or JSON lines (one record per line).",
 )
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option(
+    "--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for every result."
+)
 @click.option(
     "--output",
     "-o",
@@ -540,7 +633,9 @@ def pipeline_undeploy(obj: Context, name: str) -> None:
 )
 @click.pass_obj
 def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: Path | None) -> None:
-    """Stream the records of a file through PIPELINE and show the results."""
+    """Stream the records of a file through PIPELINE and show the results.
+
+    Exits with code 1 when any record failed (the count is on stderr, the reasons in the error column)."""
     from joey.client import JoeyError, Pipeline
 
     text = path.read_text()
@@ -571,6 +666,9 @@ def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: 
             click.echo(frame[shown].to_string())
     failed = int(frame["error"].notna().sum()) if "error" in frame else 0
     click.echo(f"{len(frame)} records, {failed} failed", err=True)
+    if failed:
+        # A script must not take a partly failed batch for a success; the results are written all the same.
+        raise click.exceptions.Exit(1)
 
 
 _ANOMALIES_HELP = "Only inferences where a validation check was true."
@@ -578,7 +676,7 @@ _ANOMALIES_HELP = "Only inferences where a validation check was true."
 
 @main.command()
 @click.argument("pipeline_name", metavar="PIPELINE")
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=int, default=20, show_default=True, help="At most this many rows.")
 @click.option("--failed", is_flag=True, help="Only failed inferences.")
 @click.option("--anomalies", is_flag=True, help=_ANOMALIES_HELP)
 @click.option("--start", help="ISO time; returns rows chronologically from here.")
@@ -616,13 +714,24 @@ def logs(
     help="Directory for the files (created if missing).",
 )
 @click.option(
-    "--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["parquet", "jsonl"]),
+    default="parquet",
+    show_default=True,
+    help="File format: Parquet, or JSON lines.",
 )
 @click.option("--start", help="ISO time; default: the oldest row.")
 @click.option("--end", help="ISO time (exclusive).")
 @click.option("--failed", is_flag=True, help="Only failed inferences.")
 @click.option("--anomalies", is_flag=True, help=_ANOMALIES_HELP)
-@click.option("--rows-per-file", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option(
+    "--rows-per-file",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Rows in each file before the next one starts.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace files of an earlier export to the same place.")
 @click.pass_obj
 def export_logs(

@@ -1,0 +1,78 @@
+"""Every command that needs the registry, run while none answers: one `Error:` line naming the address and
+what to do, exit code 1, never a traceback (the group turns SDK and gRPC errors into that line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from joey_cli.commands import main
+from tests.conftest import free_port
+
+# Commands that run without the registry: the stack's own and the shell's.
+LOCAL = {"serve", "up", "down", "status", "completion"}
+
+ASSAY = ["-p", "iris", "--iopath", "input features 0", "--baseline-start", "2025-01-01T00:00:00Z"]
+ASSAY += ["--baseline-end", "2025-01-02T00:00:00Z", "--width", "60"]
+
+
+# Arguments for each command, valid enough to reach the registry; RECORDS and DIR are made per test.
+INVOCATIONS = {
+    "workspace create": ["w"],
+    "workspace list": [],
+    "model upload": ["m", __file__, "--framework", "python"],
+    "model list": [],
+    "model get": ["m"],
+    "pipeline create": ["p", "--model", "m"],
+    "pipeline list": [],
+    "pipeline deploy": ["p"],
+    "pipeline rollback": ["p"],
+    "pipeline status": ["p"],
+    "pipeline undeploy": ["p"],
+    "infer": ["p", "--file", "RECORDS"],
+    "logs": ["p"],
+    "export-logs": ["p", "--dir", "DIR"],
+    "assay create": ["a", *ASSAY],
+    "assay preview": ["a", *ASSAY],
+    "assay run": ["a", *ASSAY],
+    "assay list": [],
+    "assay get": ["a"],
+    "assay pause": ["a"],
+    "assay resume": ["a"],
+    "assay delete": ["a"],
+    "assay results": ["a"],
+}
+
+
+def leaf_commands(group: click.Group, prefix: str = "") -> list[str]:
+    names = []
+    for name, command in group.commands.items():
+        path = f"{prefix}{name}"
+        names += leaf_commands(command, f"{path} ") if isinstance(command, click.Group) else [path]
+    return names
+
+
+def test_the_table_covers_every_command() -> None:
+    missing = sorted(set(leaf_commands(main)) - LOCAL - set(INVOCATIONS))
+    assert not missing, f"add to INVOCATIONS, with arguments that reach the registry: {missing}"
+
+
+@pytest.mark.parametrize("command", sorted(INVOCATIONS))
+def test_an_unreachable_registry_is_one_error_line(command: str, tmp_path: Path) -> None:
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"features": [1.0, 2.0, 3.0, 4.0]}]))
+    made = {"RECORDS": str(records), "DIR": str(tmp_path / "export")}
+    addr = f"127.0.0.1:{free_port()}"  # nothing listens there
+    args = ["--registry", addr, *command.split(), *(made.get(a, a) for a in INVOCATIONS[command])]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, (result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert lines == [
+        f"Error: cannot reach the registry at {addr}: is Joey running? Start it with `joey up`, "
+        "or point --registry / JOEY_REGISTRY_ADDR at a running registry"
+    ], result.output
+    assert "Traceback" not in result.output
