@@ -59,8 +59,18 @@ class Listing(list[Row], Generic[Row]):
             return item in self.names()
         return super().__contains__(item)
 
+    def table(self) -> str:
+        """The listing as a text table, times to the second; empty text for an empty listing."""
+        if not self:
+            return ""
+        frame = self.to_frame()
+        for column in frame.columns:
+            if pd.api.types.is_datetime64_any_dtype(frame[column]):
+                frame[column] = frame[column].dt.strftime("%Y-%m-%d %H:%M:%S")
+        return str(frame.to_string(index=False))
+
     def __repr__(self) -> str:
-        return self.to_frame().to_string(index=False) if self else "[]"
+        return self.table() or "[]"
 
     def _repr_html_(self) -> str:
         return str(self.to_frame().to_html(index=False))
@@ -158,20 +168,25 @@ class ModelDescription:
     def used_by(self, version: int) -> tuple[ModelUse, ...]:
         return tuple(u for u in self.uses if u.model_version == version)
 
-    def __str__(self) -> str:
-        lines = [
-            f"model {self.model.name} (workspace {self.model.workspace}), {len(self.model.versions)} versions"
-        ]
-        for mv in self.model.versions:
-            lines.append(
-                f"  version {mv.version}: {mv.framework}, {mv.size_bytes} bytes, sha256 {mv.sha256}, "
-                f"uploaded {_when(mv.created_at)}"
-            )
-            lines.append(f"    inputs:  {signature(mv.inputs)}")
-            lines.append(f"    outputs: {signature(mv.outputs)}")
+    def text(self, version: int | None = None) -> str:
+        """What ``joey model describe`` prints: every version, or only ``version``."""
+        model = self.model
+        lines = [f"model {model.name} (workspace {model.workspace}), {len(model.versions)} versions"]
+        for mv in model.versions:
+            if version and mv.version != version:
+                continue
             users = self.used_by(mv.version)
-            lines.append(f"    used by: {', '.join(map(str, users)) if users else 'no pipeline'}")
+            lines += [
+                f"  version {mv.version}: {mv.framework}, {mv.size_bytes} bytes, sha256 {mv.sha256}, "
+                f"uploaded {_when(mv.created_at)}",
+                f"    inputs:  {signature(mv.inputs)}",
+                f"    outputs: {signature(mv.outputs)}",
+                f"    used by: {', '.join(map(str, users)) if users else 'no pipeline'}",
+            ]
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.text()
 
 
 @dataclass(frozen=True)
