@@ -336,7 +336,7 @@ class RegistryServicer:
 
     def DeleteModel(self, request, context):
         """Deletes one version, or every version and the model. Refused while the current version of an
-        active deployment uses a version to delete. Version numbers are never reused.
+        active deployment uses a version to delete. Version numbers are never reused while the model exists.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
