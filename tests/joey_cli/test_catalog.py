@@ -86,7 +86,8 @@ def test_lists_describe_and_deletes(
         "Error: pipeline 'p' is deployed (version 1, 1 replicas"
     )
     assert refused(cli_env, "workspace", "delete", ws).startswith(
-        f"Error: workspace '{ws}' is not empty: it holds models 'iris'; pipelines 'idle', 'p'"
+        f"Error: workspace '{ws}' is not empty: it holds pipelines 'idle', 'p'; models 'iris'; delete them "
+        f"first, in that order (`joey -w {ws} pipeline delete idle`, `joey -w {ws} model delete iris`)"
     )
     assert refused(cli_env, "workspace", "delete", "default").startswith(
         "Error: the 'default' workspace cannot be deleted"

@@ -227,8 +227,8 @@ def test_delete_workspace_only_when_empty_and_never_default(
     error = rpc_error(lambda: delete(workspace))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error.details() == (
-        f"workspace {workspace!r} is not empty: it holds models 'iris'; pipelines 'p'; delete them first "
-        f"(`joey -w {workspace} assay delete`, `pipeline delete`, `model delete`)"
+        f"workspace {workspace!r} is not empty: it holds pipelines 'p'; models 'iris'; delete them first, "
+        f"in that order (`joey -w {workspace} pipeline delete p`, `joey -w {workspace} model delete iris`)"
     )
     assert workspace in names()
 

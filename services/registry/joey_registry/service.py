@@ -126,19 +126,22 @@ class Registry:
         ws = self.access.authorize(caller, name, Action.ADMIN)
 
         def check(contents: WorkspaceContents) -> None:
+            # In the order they can be deleted: assays hold their pipelines, deployments their models.
             held = [
-                f"{kind} {', '.join(map(repr, names))}"
+                (kind, names)
                 for kind, names in (
-                    ("models", contents.models),
-                    ("pipelines", contents.pipelines),
-                    ("assays", contents.assays),
+                    ("assay", contents.assays),
+                    ("pipeline", contents.pipelines),
+                    ("model", contents.models),
                 )
                 if names
             ]
             if held:
+                what = "; ".join(f"{kind}s {', '.join(map(repr, names))}" for kind, names in held)
+                how = ", ".join(f"`joey -w {name} {kind} delete {names[0]}`" for kind, names in held)
                 raise FailedPrecondition(
-                    f"workspace {name!r} is not empty: it holds {'; '.join(held)}; delete them first "
-                    f"(`joey -w {name} assay delete`, `pipeline delete`, `model delete`)"
+                    f"workspace {name!r} is not empty: it holds {what}; "
+                    f"delete them first, in that order ({how})"
                 )
 
         self.store.delete_workspace(ws, check)
