@@ -86,7 +86,8 @@ def _row(item: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ModelSummary:
     """A model with all its versions (oldest first); ``str()`` is its name, and ``version``,
-    ``framework``, ``inputs``, ``outputs``, ``sha256`` and ``created_at`` are its latest version's."""
+    ``framework``, ``inputs``, ``outputs``, ``sha256``, ``size_bytes`` and ``created_at`` are its latest
+    version's, so it reads like the ``ModelVersion`` that ``list_models()`` used to return."""
 
     workspace: str
     name: str
@@ -119,6 +120,10 @@ class ModelSummary:
     @property
     def sha256(self) -> str:
         return self.latest.sha256
+
+    @property
+    def size_bytes(self) -> int:
+        return self.latest.size_bytes
 
     @property
     def created_at(self) -> datetime | None:
