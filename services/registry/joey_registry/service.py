@@ -248,16 +248,15 @@ class Registry:
         found = self.store.delete_model(ws, name, choose)
         if found is None:
             raise NotFound(f"model {name!r} not found in workspace {workspace!r}")
-        deleted, orphans = found
-        for sha256 in orphans:
-            self.artifacts.delete(sha256)
+        deleted, sha256s = found
+        removed = self.store.remove_artifacts(sha256s, self.artifacts.delete)
         log.info(
-            "deleted model %s/%s versions %s%s, %d artifacts",
+            "deleted model %s/%s versions %s%s, %d artifacts removed",
             ws.name,
             name,
             ",".join(map(str, deleted.versions)),
             " (and the model)" if deleted.model_deleted else "",
-            len(orphans),
+            removed,
         )
         return deleted
 

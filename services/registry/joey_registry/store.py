@@ -375,6 +375,7 @@ class Store:
                 },
             ).fetchone()
             assert row is not None
+            _lock_artifact(conn, sha256)
             before_commit()
         return ModelVersion(
             ws.name, name, row["version"], sha256, size_bytes, framework, inputs, outputs, row["created_at"]
@@ -418,8 +419,8 @@ class Store:
     ) -> tuple[DeletedModel, list[str]] | None:
         """Delete the versions ``choose(existing versions, their uses)`` returns (it raises to refuse,
         leaving everything as it was), and the model when none is left. Returns what was deleted and
-        the sha256s no model version of any workspace uses any more, whose artifacts may go once this
-        has committed; None when there is no such model."""
+        the sha256s of the deleted versions, for ``remove_artifacts`` once this has committed; None
+        when there is no such model."""
         with self._conn() as conn:
             row = conn.execute(
                 "SELECT id FROM models WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
@@ -447,13 +448,23 @@ class Store:
             ).fetchone()
             if remaining is None:
                 conn.execute("DELETE FROM models WHERE id = %s", (model_id,))
-            orphans = conn.execute(
-                "SELECT DISTINCT sha FROM unnest(%s::text[]) AS sha "
-                "WHERE NOT EXISTS (SELECT 1 FROM model_versions WHERE sha256 = sha)",
-                ([r["sha256"] for r in deleted],),
-            ).fetchall()
         versions = tuple(sorted(r["version"] for r in deleted))
-        return DeletedModel(versions, remaining is None), [r["sha"] for r in orphans]
+        return DeletedModel(versions, remaining is None), sorted({r["sha256"] for r in deleted})
+
+    def remove_artifacts(self, sha256s: list[str], remove: Callable[[str], None]) -> int:
+        """Call ``remove`` for each of ``sha256s`` that no model version of any workspace uses, under
+        the artifact's lock (see ``_lock_artifact``); returns how many were removed."""
+        removed = 0
+        for sha256 in sha256s:
+            with self._conn() as conn:
+                _lock_artifact(conn, sha256)
+                used = conn.execute(
+                    "SELECT 1 FROM model_versions WHERE sha256 = %s LIMIT 1", (sha256,)
+                ).fetchone()
+                if used is None:
+                    remove(sha256)
+                    removed += 1
+        return removed
 
     def has_artifact(self, ws: WorkspaceRef, sha256: str) -> bool:
         with self._conn() as conn:
@@ -630,17 +641,31 @@ def _model_uses(conn: Connection, ws: WorkspaceRef, name: str) -> list[ModelVers
     return sorted(uses, key=lambda u: (u.model_version, u.pipeline, u.pipeline_version))
 
 
+_ARTIFACT_LOCKS = 0x4A41  # advisory lock class of artifacts ("JA"), keyed by their sha256's first 28 bits
+
+
+def _lock_artifact(conn: Connection, sha256: str) -> None:
+    """Held until commit by an upload recording an artifact and by the removal of an unused one, so a
+    removal never deletes the file an upload of the same bytes just found there and did not write."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_ARTIFACT_LOCKS, int(sha256[:7], 16)))
+
+
 def _lock_named(conn: Connection, table: str, ws: WorkspaceRef, name: str) -> int:
     """The id of ``table``'s row named ``name`` in ``ws``, created if missing and locked for this transaction,
     so concurrent creators of its next version queue up instead of racing for the same number."""
     ident = sql.Identifier(table)
-    conn.execute(
-        sql.SQL("INSERT INTO {} (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(ident),
-        (ws.id, name),
-    )
-    row = conn.execute(
-        sql.SQL("SELECT id FROM {} WHERE workspace_id = %s AND name = %s FOR UPDATE").format(ident),
-        (ws.id, name),
-    ).fetchone()
-    assert row is not None
-    return int(row["id"])
+    # A second round when the row was deleted (its model deleted) while this waited for its lock.
+    for _ in range(2):
+        conn.execute(
+            sql.SQL("INSERT INTO {} (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
+                ident
+            ),
+            (ws.id, name),
+        )
+        row = conn.execute(
+            sql.SQL("SELECT id FROM {} WHERE workspace_id = %s AND name = %s FOR UPDATE").format(ident),
+            (ws.id, name),
+        ).fetchone()
+        if row is not None:
+            return int(row["id"])
+    raise AssertionError(f"{table} row {name!r} vanished twice while being locked")
