@@ -169,29 +169,59 @@ def completion(shell: str) -> None:
 # Workspaces
 @main.group()
 def workspace() -> None:
-    """Workspaces."""
+    """Workspaces: separate sets of models, pipelines and assays (select one with -w)."""
 
 
 @workspace.command("create")
 @click.argument("name")
 @click.pass_obj
 def workspace_create(obj: Context, name: str) -> None:
-    """Create workspace NAME."""
-    click.echo(obj.client.create_workspace(name))
+    """Create workspace NAME (lowercase letters, digits and dashes)."""
+    from joey.client import JoeyError
+
+    try:
+        click.echo(f"created workspace {obj.client.create_workspace(name)}")
+    except JoeyError as exc:
+        _fail(exc)
 
 
 @workspace.command("list")
 @click.pass_obj
 def workspace_list(obj: Context) -> None:
-    """List the workspaces."""
-    for name in obj.client.list_workspaces():
-        click.echo(name)
+    """List the workspaces; * marks the current one.
+
+    The current workspace is chosen with -w or $JOEY_WORKSPACE."""
+    from joey.client import JoeyError
+
+    try:
+        names = obj.client.list_workspaces()
+    except JoeyError as exc:
+        _fail(exc)
+    for name in names:
+        click.echo(f"{'*' if name == obj.workspace else ' '} {name}")
+
+
+@workspace.command("delete")
+@click.argument("name")
+@click.pass_obj
+def workspace_delete(obj: Context, name: str) -> None:
+    """Delete the empty workspace NAME.
+
+    Refused while it holds models, pipelines or assays (delete them first), and for the default
+    workspace."""
+    from joey.client import JoeyError
+
+    try:
+        obj.client.delete_workspace(name)
+    except JoeyError as exc:
+        _fail(exc)
+    click.echo(f"deleted workspace {name}")
 
 
 # Models
 @main.group()
 def model() -> None:
-    """Models and model versions."""
+    """Models and their versions: upload, list, describe, delete."""
 
 
 @model.command("upload")
@@ -252,34 +282,93 @@ def model_upload(
             click.echo(f"  {kind} {s.name}: {s.dtype} {list(s.shape)}")
 
 
+_VERSION_HELP = "Only this version (default: every version)."
+
+
 @model.command("list")
 @click.pass_obj
 def model_list(obj: Context) -> None:
-    """List the latest version of every model in the workspace."""
-    for mv in obj.client.list_models():
-        click.echo(f"{mv.name}\tversion {mv.version}\t{mv.sha256[:12]}\t{mv.created_at:%Y-%m-%d %H:%M:%S}")
+    """List the models.
+
+    One row per model: versions, latest version, framework, its inputs and outputs (name, dtype,
+    shape; -1 is any size) and upload time."""
+    from joey.client import JoeyError
+
+    try:
+        models = obj.client.list_models()
+    except JoeyError as exc:
+        _fail(exc)
+    _echo_table(models, f"no models in workspace {obj.workspace}")
 
 
 @model.command("get")
 @click.argument("name")
-@click.option("--version", type=int, help="Only this version (default: every version).")
+@click.option("--version", type=int, help=_VERSION_HELP)
 @click.pass_obj
 def model_get(obj: Context, name: str, version: int | None) -> None:
-    """Show the versions of model NAME."""
+    """Show the versions of model NAME.
+
+    One row per version: framework, inputs, outputs, sha256, size and upload time."""
+    from joey.client import JoeyError
+    from joey.client.catalog import Listing
+
+    try:
+        versions = (
+            Listing([obj.client.get_model(name, version)]) if version else obj.client.model_versions(name)
+        )
+    except JoeyError as exc:
+        _fail(exc)
+    _echo_table(versions, f"model {name} has no versions")
+
+
+@model.command("describe")
+@click.argument("name")
+@click.option("--version", type=int, help=_VERSION_HELP)
+@click.pass_obj
+def model_describe(obj: Context, name: str, version: int | None) -> None:
+    """Show model NAME in full and what uses it.
+
+    Each version's framework, signature, artifact and the pipeline versions that use it (deployed
+    or not)."""
     from joey.client import JoeyError
 
     try:
-        versions = [obj.client.get_model(name, version)] if version else obj.client.model_versions(name)
+        described = obj.client.describe_model(name)
+        if version:
+            # Fetched for its message: NOT_FOUND names the versions there are.
+            obj.client.get_model(name, version)
     except JoeyError as exc:
         _fail(exc)
-    for mv in versions:
-        click.echo(f"{mv.name} version {mv.version} sha256 {mv.sha256} ({mv.size_bytes} bytes)")
+    click.echo(described.text(version))
+
+
+@model.command("delete")
+@click.argument("name")
+@click.option("--version", type=int, help="Delete only this version (default: every version, and the model).")
+@click.pass_obj
+def model_delete(obj: Context, name: str, version: int | None) -> None:
+    """Delete model NAME, or one version of it.
+
+    Refused while a deployed pipeline's current version uses a version to delete. Pipeline versions
+    that are not deployed may keep naming it, but can no longer be deployed. A deleted version's
+    number is never reused."""
+    from joey.client import JoeyError
+
+    try:
+        click.echo(str(obj.client.delete_model(name, version)))
+    except JoeyError as exc:
+        _fail(exc)
+
+
+def _echo_table(listing: Any, empty: str) -> None:
+    with _wide_pandas():
+        click.echo(listing.table() or empty)
 
 
 # Pipelines
 @main.group()
 def pipeline() -> None:
-    """Pipelines and deployments."""
+    """Pipelines (steps, stored as numbered versions) and their deployments."""
 
 
 def _parse_checks(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -372,7 +461,13 @@ def _parse_routes(ctx: click.Context, param: click.Parameter, values: tuple[str,
 
 @pipeline.command("create")
 @click.argument("name")
-@click.option("--model", "-m", "models", multiple=True, help="MODEL or MODEL:VERSION, in step order.")
+@click.option(
+    "--model",
+    "-m",
+    "models",
+    multiple=True,
+    help="MODEL or MODEL:VERSION (repeatable): model steps, in order.",
+)
 @click.option(
     "--map",
     "maps",
@@ -440,8 +535,10 @@ def pipeline_create(
     routes: dict[str, str],
     default_model: str,
 ) -> None:
-    """Create pipeline NAME (or a new version of it) from model steps, validation checks and
-    optionally a shadow step (--challenger), a random split (--split) and a key split (--key-split).
+    """Create pipeline NAME, or a new version of it.
+
+    From model steps, validation checks and optionally a shadow step (--challenger), a random split
+    (--split) and a key split (--key-split); a new version is made only when the steps changed.
     Steps run in that order: --model steps, --split, --key-split, then the checks."""
     from joey.client import JoeyError
 
@@ -479,9 +576,47 @@ def pipeline_create(
 @pipeline.command("list")
 @click.pass_obj
 def pipeline_list(obj: Context) -> None:
-    """List the pipelines of the workspace."""
-    for name in obj.client.list_pipelines():
-        click.echo(name)
+    """List the pipelines.
+
+    One row per pipeline: latest version, deployed version, replicas, status and last change."""
+    from joey.client import JoeyError
+
+    try:
+        pipelines = obj.client.list_pipelines()
+    except JoeyError as exc:
+        _fail(exc)
+    _echo_table(pipelines, f"no pipelines in workspace {obj.workspace}")
+
+
+@pipeline.command("describe")
+@click.argument("name")
+@click.pass_obj
+def pipeline_describe(obj: Context, name: str) -> None:
+    """Show pipeline NAME in full.
+
+    Its versions and their steps, its deployment and status, its topics and assays."""
+    from joey.client import JoeyError
+
+    try:
+        click.echo(str(obj.client.describe_pipeline(name)))
+    except JoeyError as exc:
+        _fail(exc)
+
+
+@pipeline.command("delete")
+@click.argument("name")
+@click.pass_obj
+def pipeline_delete(obj: Context, name: str) -> None:
+    """Delete the undeployed pipeline NAME.
+
+    Its versions, deployment history and logged inferences go with it. Refused while it is deployed
+    (`joey pipeline undeploy NAME` first) or while assays watch it. Its Kafka topics stay."""
+    from joey.client import JoeyError
+
+    try:
+        click.echo(str(obj.client.delete_pipeline(name)))
+    except JoeyError as exc:
+        _fail(exc)
 
 
 def _print_status(status: Any) -> None:
@@ -571,7 +706,11 @@ def pipeline_deploy(
 @click.argument("name")
 @click.option("--version", type=int, help="Version to roll back to (default: the one deployed before).")
 @click.option(
-    "--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait until it is ready."
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for every replica to be ready.",
 )
 @click.pass_obj
 def pipeline_rollback(obj: Context, name: str, version: int | None, timeout: float) -> None:

@@ -39,6 +39,10 @@ def test_invalid_workspace_name(stub: Stub, name: str) -> None:
         lambda s: s.Undeploy(pb.UndeployRequest(workspace="nope", pipeline="p")),
         lambda s: s.GetDeploymentStatus(pb.GetDeploymentStatusRequest(workspace="nope", pipeline="p")),
         lambda s: s.QueryLogs(pb.QueryLogsRequest(workspace="nope", pipeline="p")),
+        lambda s: s.DescribeModel(pb.DescribeModelRequest(workspace="nope", name="m")),
+        lambda s: s.DeleteModel(pb.DeleteModelRequest(workspace="nope", name="m")),
+        lambda s: s.DeletePipeline(pb.DeletePipelineRequest(workspace="nope", name="p")),
+        lambda s: s.DeleteWorkspace(pb.DeleteWorkspaceRequest(name="nope")),
     ],
 )
 def test_unknown_workspace_is_not_found(stub: Stub, call) -> None:  # type: ignore[no-untyped-def]

@@ -41,6 +41,19 @@ def model(m: domain.Model) -> pb.Model:
     return pb.Model(workspace=m.workspace, name=m.name, versions=[v.to_proto() for v in m.versions])
 
 
+def model_description(d: domain.ModelDescription) -> pb.ModelDescription:
+    uses = [
+        pb.ModelVersionUse(
+            model_version=u.model_version,
+            pipeline=u.pipeline,
+            pipeline_version=u.pipeline_version,
+            deployed=u.deployed,
+        )
+        for u in d.uses
+    ]
+    return pb.ModelDescription(model=model(d.model), uses=uses)
+
+
 def upload_header(header: pb.UploadModelHeader) -> domain.UploadHeader:
     return domain.UploadHeader(
         workspace=header.workspace,
@@ -182,7 +195,11 @@ def deployment(d: domain.Deployment) -> pb.Deployment:
 
 def pipeline(p: domain.Pipeline) -> pb.Pipeline:
     message = pb.Pipeline(
-        workspace=p.workspace, name=p.name, versions=[pipeline_version(v) for v in p.versions]
+        workspace=p.workspace,
+        name=p.name,
+        versions=[pipeline_version(v) for v in p.versions],
+        updated_at=timestamp(p.updated_at),
+        status=p.status,
     )
     if p.deployment is not None:
         message.deployment.CopyFrom(deployment(p.deployment))

@@ -230,6 +230,17 @@ Step = ResolvedStep | ValidationsStep | ShadowStep | RandomSplitStep | KeySplitS
 StepRequest = StepRef | ValidationsStep | ShadowRef | RandomSplitRef | KeySplitRef
 
 
+def models_of(step: Step) -> tuple[ResolvedStep, ...]:
+    """Every model a step runs: itself, a shadow step's champion and challengers, a split's arms."""
+    if isinstance(step, ResolvedStep):
+        return (step,)
+    if isinstance(step, ShadowStep):
+        return (step.champion, *step.challengers)
+    if isinstance(step, RandomSplitStep | KeySplitStep):
+        return step.arms
+    return ()
+
+
 def step_from_json(data: dict[str, Any]) -> Step:
     kind = data.get("kind", "model")
     if kind == "validations":
@@ -316,6 +327,45 @@ class Pipeline:
     name: str
     versions: tuple[PipelineVersion, ...]  # oldest first
     deployment: Deployment | None
+    status: str = ""
+    """The deployment's status now; set by listings only (reading it costs heartbeat reads)."""
+
+    @property
+    def updated_at(self) -> datetime:
+        """When it last changed: its newest version was created or its deployment changed."""
+        times = [self.versions[-1].created_at]
+        if self.deployment is not None:
+            times.append(self.deployment.updated_at)
+        return max(times)
+
+
+@dataclass(frozen=True)
+class ModelVersionUse:
+    """A pipeline version whose steps use a model version; ``deployed`` when its pipeline's active
+    deployment runs that pipeline version."""
+
+    model_version: int
+    pipeline: str
+    pipeline_version: int
+    deployed: bool
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    model: Model
+    uses: tuple[ModelVersionUse, ...]
+
+
+@dataclass(frozen=True)
+class DeletedModel:
+    versions: tuple[int, ...]
+    model_deleted: bool
+
+
+@dataclass(frozen=True)
+class DeletedPipeline:
+    versions: int
+    log_entries: int
 
 
 @dataclass(frozen=True)

@@ -220,3 +220,28 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             caller, request.workspace, request.name, start, end
         )
         return assay_convert.results(results, definition)
+
+    # --- catalog: descriptions and deletes ---
+
+    @_unary
+    def DescribeModel(self, request: pb.DescribeModelRequest, caller: Caller) -> pb.ModelDescription:
+        return convert.model_description(
+            self.registry.describe_model(caller, request.workspace, request.name)
+        )
+
+    @_unary
+    def DeleteModel(self, request: pb.DeleteModelRequest, caller: Caller) -> pb.DeleteModelResponse:
+        deleted = self.registry.delete_model(caller, request.workspace, request.name, request.version)
+        return pb.DeleteModelResponse(versions=deleted.versions, model_deleted=deleted.model_deleted)
+
+    @_unary
+    def DeletePipeline(self, request: pb.DeletePipelineRequest, caller: Caller) -> pb.DeletePipelineResponse:
+        deleted = self.registry.delete_pipeline(caller, request.workspace, request.name)
+        return pb.DeletePipelineResponse(versions=deleted.versions, log_entries=deleted.log_entries)
+
+    @_unary
+    def DeleteWorkspace(
+        self, request: pb.DeleteWorkspaceRequest, caller: Caller
+    ) -> pb.DeleteWorkspaceResponse:
+        self.registry.delete_workspace(caller, request.name)
+        return pb.DeleteWorkspaceResponse()

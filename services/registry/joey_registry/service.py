@@ -26,6 +26,8 @@ from joey_registry.assays import Assays
 from joey_registry.deploy_config import check_autoscale, check_resources
 from joey_registry.domain import (
     Autoscale,
+    DeletedModel,
+    DeletedPipeline,
     Deployment,
     DeploymentSpec,
     DeploymentStatus,
@@ -33,6 +35,8 @@ from joey_registry.domain import (
     LogPage,
     LogQuery,
     Model,
+    ModelDescription,
+    ModelVersionUse,
     Pipeline,
     PipelineVersion,
     RandomSplitRef,
@@ -50,13 +54,14 @@ from joey_registry.domain import (
 from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
-from joey_registry.status import compute_status
+from joey_registry.status import UNDEPLOYED, compute_status
 from joey_registry.steps import check_steps, key_split, map_inputs
-from joey_registry.store import PipelineLock, Store, WorkspaceRef
+from joey_registry.store import PipelineLock, Store, WorkspaceContents, WorkspaceRef
 from joey_registry.validation import Signature, validator_for
 
 log = logging.getLogger(__name__)
 
+DEFAULT_WORKSPACE = "default"
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 DEFAULT_LOG_LIMIT = 100
 MAX_LOG_LIMIT = 10_000
@@ -109,6 +114,38 @@ class Registry:
     def list_workspaces(self, caller: Caller) -> list[Workspace]:
         self.access.authorize_global(caller, Action.READ)
         return self.store.list_workspaces()
+
+    def delete_workspace(self, caller: Caller, name: str) -> None:
+        """Delete an empty workspace. What it holds is never deleted along with it: each delete of a
+        model or pipeline has its own refusals (deployed, used, watched by assays)."""
+        self.access.authorize_global(caller, Action.ADMIN)
+        if name == DEFAULT_WORKSPACE:
+            raise FailedPrecondition(
+                f"the {DEFAULT_WORKSPACE!r} workspace cannot be deleted: clients start in it"
+            )
+        ws = self.access.authorize(caller, name, Action.ADMIN)
+
+        def check(contents: WorkspaceContents) -> None:
+            # In the order they can be deleted: assays hold their pipelines, deployments their models.
+            held = [
+                (kind, names)
+                for kind, names in (
+                    ("assay", contents.assays),
+                    ("pipeline", contents.pipelines),
+                    ("model", contents.models),
+                )
+                if names
+            ]
+            if held:
+                what = "; ".join(f"{kind}s {', '.join(map(repr, names))}" for kind, names in held)
+                how = ", ".join(f"`joey -w {name} {kind} delete {names[0]}`" for kind, names in held)
+                raise FailedPrecondition(
+                    f"workspace {name!r} is not empty: it holds {what}; "
+                    f"delete them first, in that order ({how})"
+                )
+
+        self.store.delete_workspace(ws, check)
+        log.info("deleted workspace %s", name)
 
     # --- models ---
 
@@ -166,11 +203,62 @@ class Registry:
         return self.store.list_models(ws)
 
     def get_model(self, caller: Caller, workspace: str, name: str) -> Model:
-        ws = self.access.authorize(caller, workspace, Action.READ)
+        return self._model(self.access.authorize(caller, workspace, Action.READ), name)
+
+    def _model(self, ws: WorkspaceRef, name: str) -> Model:
         model = self.store.get_model(ws, name)
         if model is None:
-            raise NotFound(f"model {name!r} not found in workspace {workspace!r}")
+            raise NotFound(f"model {name!r} not found in workspace {ws.name!r}")
         return model
+
+    def describe_model(self, caller: Caller, workspace: str, name: str) -> ModelDescription:
+        """The model's versions and every pipeline version that uses one of them."""
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        return ModelDescription(self._model(ws, name), tuple(self.store.model_uses(ws, name)))
+
+    def delete_model(self, caller: Caller, workspace: str, name: str, version: int) -> DeletedModel:
+        """Delete ``version`` of the model, or every version and the model (0). Refused while the
+        current version of an active deployment uses a version to delete; pipeline versions not
+        deployed may keep referring to it, and deploying one of them later is refused (see ``_deploy``).
+        Artifacts no model version refers to any more are removed once the deletion has committed."""
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
+        _non_negative_version(f"model {name!r}", version)
+
+        def choose(existing: tuple[int, ...], uses: list[ModelVersionUse]) -> tuple[int, ...]:
+            if version and version not in existing:
+                raise NotFound(
+                    f"model {name!r} has no version {version} in workspace {workspace!r} "
+                    f"(versions: {', '.join(map(str, existing))})"
+                )
+            chosen = (version,) if version else existing
+            blocking = [u for u in uses if u.deployed and u.model_version in chosen]
+            if blocking:
+                what = f"version {version} of model {name!r}" if version else f"model {name!r}"
+                users = ", ".join(
+                    f"pipeline {u.pipeline!r} (version {u.pipeline_version} uses {name} v{u.model_version})"
+                    for u in blocking
+                )
+                first = blocking[0].pipeline
+                raise FailedPrecondition(
+                    f"{what} is in use by deployed {users}; undeploy it first (`joey pipeline undeploy "
+                    f"{first}`) or deploy a pipeline version without it"
+                )
+            return chosen
+
+        found = self.store.delete_model(ws, name, choose)
+        if found is None:
+            raise NotFound(f"model {name!r} not found in workspace {workspace!r}")
+        deleted, sha256s = found
+        removed = self.store.remove_artifacts(sha256s, self.artifacts.delete)
+        log.info(
+            "deleted model %s/%s versions %s%s, %d artifacts removed",
+            ws.name,
+            name,
+            ",".join(map(str, deleted.versions)),
+            " (and the model)" if deleted.model_deleted else "",
+            removed,
+        )
+        return deleted
 
     def get_model_version(self, caller: Caller, workspace: str, name: str, version: int) -> ModelVersion:
         ws = self.access.authorize(caller, workspace, Action.READ)
@@ -246,8 +334,46 @@ class Registry:
         return pipeline
 
     def list_pipelines(self, caller: Caller, workspace: str) -> list[Pipeline]:
+        """Every pipeline with its deployment's status now (heartbeats are read only for active ones)."""
         ws = self.access.authorize(caller, workspace, Action.READ)
-        return self.store.list_pipelines(ws)
+        return [
+            replace(
+                p,
+                status=self.deployment_status(caller, workspace, p.name).status
+                if p.deployment is not None and p.deployment.active
+                else UNDEPLOYED,
+            )
+            for p in self.store.list_pipelines(ws)
+        ]
+
+    def delete_pipeline(self, caller: Caller, workspace: str, name: str) -> DeletedPipeline:
+        """Delete an undeployed pipeline with its versions, deployment history and inference logs.
+        Refused while it is deployed, and while assays watch it (their baselines and results are
+        worth keeping: the user deletes them by name). Its Kafka topics are left to their retention."""
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
+        with self._locked(ws, name) as lock:
+            current = lock.deployment()
+            if current is not None and current.active:
+                raise FailedPrecondition(
+                    f"pipeline {name!r} is deployed (version {current.pipeline_version}, "
+                    f"{current.replicas} replicas, deployment {current.deployment_id}); "
+                    f"undeploy it first: `joey pipeline undeploy {name}`"
+                )
+            assays = lock.assay_names()
+            if assays:
+                raise FailedPrecondition(
+                    f"pipeline {name!r} is watched by assays {', '.join(map(repr, assays))}; delete them "
+                    f"first: `joey assay delete {assays[0]}`"
+                )
+            deleted = lock.delete()
+        log.info(
+            "deleted pipeline %s/%s: %d versions, %d log entries",
+            ws.name,
+            name,
+            deleted.versions,
+            deleted.log_entries,
+        )
+        return deleted
 
     def _require_pipeline(self, ws: WorkspaceRef, name: str) -> None:
         if not self.store.pipeline_exists(ws, name):
@@ -344,6 +470,13 @@ class Registry:
                 f"pipeline {lock.name!r} has no version {version} in workspace {lock.workspace.name!r}"
             )
         ws_name, pipeline = lock.workspace.name, lock.name
+        missing = lock.missing_models(pv.steps)
+        if missing:
+            gone = ", ".join(f"{m.model} v{m.version}" for m in missing)
+            raise FailedPrecondition(
+                f"pipeline {pipeline!r} version {pv.version} uses deleted model versions {gone}; "
+                "create a new pipeline version with models that exist and deploy that"
+            )
         self._ensure_topics(ws_name, pipeline, autoscale.max_replicas if autoscale else replicas)
         deployment = Deployment(
             workspace=ws_name,

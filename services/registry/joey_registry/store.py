@@ -21,6 +21,8 @@ from joey_core import topics
 from joey_core.models import ModelVersion, TensorSpec, specs_from_json
 from joey_registry.domain import (
     Autoscale,
+    DeletedModel,
+    DeletedPipeline,
     Deployment,
     DeploymentSpec,
     LogCursor,
@@ -29,11 +31,14 @@ from joey_registry.domain import (
     LogValidity,
     Model,
     ModelRef,
+    ModelVersionUse,
     Pipeline,
     PipelineVersion,
+    ResolvedStep,
     Resources,
     Step,
     Workspace,
+    models_of,
     step_from_json,
 )
 
@@ -44,6 +49,15 @@ Connection = psycopg.Connection[DictRow]
 class WorkspaceRef:
     id: int
     name: str
+
+
+@dataclass(frozen=True)
+class WorkspaceContents:
+    """The names of what a workspace holds, each sorted."""
+
+    models: tuple[str, ...]
+    pipelines: tuple[str, ...]
+    assays: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -217,6 +231,45 @@ class PipelineLock:
         ).fetchone()
         return int(row["version"]) if row else None
 
+    def missing_models(self, steps: tuple[Step, ...]) -> list[ResolvedStep]:
+        """The model versions ``steps`` use that were deleted (or re-uploaded under the same number)."""
+        used = [m for step in steps for m in models_of(step)]
+        rows = self._conn.execute(
+            "SELECT m.name, v.version, v.sha256 FROM model_versions v JOIN models m ON m.id = v.model_id "
+            "WHERE m.workspace_id = %s AND m.name = ANY(%s)",
+            (self.workspace.id, sorted({m.model for m in used})),
+        ).fetchall()
+        stored = {(r["name"], r["version"], r["sha256"]) for r in rows}
+        return [m for m in used if (m.model, m.version, m.sha256) not in stored]
+
+    def assay_names(self) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT name FROM assays WHERE workspace_id = %s AND pipeline = %s ORDER BY name",
+            (self.workspace.id, self.name),
+        ).fetchall()
+        return [r["name"] for r in rows]
+
+    def delete(self) -> DeletedPipeline:
+        """The pipeline, its versions, deployment and history, and its inference logs: a later pipeline
+        of the same name starts again at version 1 and must not inherit them."""
+        logs = self._conn.execute(
+            "DELETE FROM inference_logs WHERE workspace = %s AND pipeline = %s",
+            (self.workspace.name, self.name),
+        ).rowcount
+        for table in ("deployment_history", "deployments"):
+            self._conn.execute(
+                sql.SQL("DELETE FROM {} WHERE pipeline_id = %s").format(sql.Identifier(table)),
+                (self._pipeline_id,),
+            )
+        versions = self._conn.execute(
+            "DELETE FROM pipeline_versions WHERE pipeline_id = %s", (self._pipeline_id,)
+        ).rowcount
+        self._conn.execute("DELETE FROM pipelines WHERE id = %s", (self._pipeline_id,))
+        return DeletedPipeline(versions, logs)
+
+
+ChooseVersions = Callable[[tuple[int, ...], list[ModelVersionUse]], tuple[int, ...]]
+
 
 class Store:
     def __init__(self, database_url: str, max_size: int = 8) -> None:
@@ -246,6 +299,26 @@ class Store:
         with self._conn() as conn:
             row = conn.execute("SELECT id, name FROM workspaces WHERE name = %s", (name,)).fetchone()
         return WorkspaceRef(row["id"], row["name"]) if row else None
+
+    def delete_workspace(self, ws: WorkspaceRef, check: Callable[[WorkspaceContents], None]) -> None:
+        """Delete the workspace unless ``check`` (given what it holds) raises. Its row is locked first, so
+        nothing can be created in it meanwhile (inserting a row that references it waits for the lock)."""
+        with self._conn() as conn:
+            conn.execute("SELECT id FROM workspaces WHERE id = %s FOR UPDATE", (ws.id,))
+            named = {
+                table: tuple(
+                    r["name"]
+                    for r in conn.execute(
+                        sql.SQL("SELECT name FROM {} WHERE workspace_id = %s ORDER BY name").format(
+                            sql.Identifier(table)
+                        ),
+                        (ws.id,),
+                    ).fetchall()
+                )
+                for table in ("models", "pipelines", "assays")
+            }
+            check(WorkspaceContents(named["models"], named["pipelines"], named["assays"]))
+            conn.execute("DELETE FROM workspaces WHERE id = %s", (ws.id,))
 
     def create_workspace(self, name: str) -> Workspace | None:
         """The new workspace, or None if the name is taken."""
@@ -279,12 +352,17 @@ class Store:
         the transaction, so if it raises no row is written."""
         with self._conn() as conn:
             model_id = _lock_named(conn, "models", ws, name)
+            # Numbered from the model's highest version ever, so a deleted version's number never returns.
             row = conn.execute(
                 """
+                WITH next AS (
+                    UPDATE models SET last_version = last_version + 1 WHERE id = %(model_id)s
+                    RETURNING last_version
+                )
                 INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, outputs)
-                SELECT %(model_id)s, coalesce(max(version), 0) + 1, %(sha256)s, %(size)s, %(framework)s,
+                SELECT %(model_id)s, last_version, %(sha256)s, %(size)s, %(framework)s,
                        %(inputs)s, %(outputs)s
-                  FROM model_versions WHERE model_id = %(model_id)s
+                  FROM next
                 RETURNING version, created_at
                 """,
                 {
@@ -297,6 +375,7 @@ class Store:
                 },
             ).fetchone()
             assert row is not None
+            _lock_artifact(conn, sha256)
             before_commit()
         return ModelVersion(
             ws.name, name, row["version"], sha256, size_bytes, framework, inputs, outputs, row["created_at"]
@@ -330,6 +409,62 @@ class Store:
                 (ws.id, name, version, version),
             ).fetchone()
         return _model_version(ws.name, row) if row else None
+
+    def model_uses(self, ws: WorkspaceRef, name: str) -> list[ModelVersionUse]:
+        with self._conn() as conn:
+            return _model_uses(conn, ws, name)
+
+    def delete_model(
+        self, ws: WorkspaceRef, name: str, choose: ChooseVersions
+    ) -> tuple[DeletedModel, list[str]] | None:
+        """Delete the versions ``choose(existing versions, their uses)`` returns (it raises to refuse,
+        leaving everything as it was), and the model when none is left. Returns what was deleted and
+        the sha256s of the deleted versions, for ``remove_artifacts`` once this has committed; None
+        when there is no such model."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT id FROM models WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
+            ).fetchone()
+            if row is None:
+                return None
+            model_id = row["id"]
+            # A deploy holds its pipeline's row FOR UPDATE: with every pipeline of the workspace held
+            # FOR SHARE, a deploy and this deletion run one after the other and each sees the other's result.
+            conn.execute("SELECT id FROM pipelines WHERE workspace_id = %s FOR SHARE", (ws.id,))
+            existing = tuple(
+                r["version"]
+                for r in conn.execute(
+                    "SELECT version FROM model_versions WHERE model_id = %s ORDER BY version", (model_id,)
+                ).fetchall()
+            )
+            chosen = choose(existing, _model_uses(conn, ws, name))
+            deleted = conn.execute(
+                "DELETE FROM model_versions WHERE model_id = %s AND version = ANY(%s) "
+                "RETURNING version, sha256",
+                (model_id, list(chosen)),
+            ).fetchall()
+            remaining = conn.execute(
+                "SELECT 1 FROM model_versions WHERE model_id = %s LIMIT 1", (model_id,)
+            ).fetchone()
+            if remaining is None:
+                conn.execute("DELETE FROM models WHERE id = %s", (model_id,))
+        versions = tuple(sorted(r["version"] for r in deleted))
+        return DeletedModel(versions, remaining is None), sorted({r["sha256"] for r in deleted})
+
+    def remove_artifacts(self, sha256s: list[str], remove: Callable[[str], None]) -> int:
+        """Call ``remove`` for each of ``sha256s`` that no model version of any workspace uses, under
+        the artifact's lock (see ``_lock_artifact``); returns how many were removed."""
+        removed = 0
+        for sha256 in sha256s:
+            with self._conn() as conn:
+                _lock_artifact(conn, sha256)
+                used = conn.execute(
+                    "SELECT 1 FROM model_versions WHERE sha256 = %s LIMIT 1", (sha256,)
+                ).fetchone()
+                if used is None:
+                    remove(sha256)
+                    removed += 1
+        return removed
 
     def has_artifact(self, ws: WorkspaceRef, sha256: str) -> bool:
         with self._conn() as conn:
@@ -483,17 +618,54 @@ class Store:
         return LogSlice(tuple(_log_entry(r) for r in page), total, following)
 
 
+def _model_uses(conn: Connection, ws: WorkspaceRef, name: str) -> list[ModelVersionUse]:
+    rows = conn.execute(
+        """
+        SELECT p.name, pv.version, pv.steps,
+               coalesce(d.active AND d.pipeline_version_id = pv.id, false) AS deployed
+          FROM pipeline_versions pv
+          JOIN pipelines p ON p.id = pv.pipeline_id
+          LEFT JOIN deployments d ON d.pipeline_id = p.id
+         WHERE p.workspace_id = %s AND jsonb_path_exists(pv.steps, '$.**.model ? (@ == $name)', %s)
+         ORDER BY p.name, pv.version
+        """,
+        (ws.id, Jsonb({"name": name})),
+    ).fetchall()
+    uses = {
+        ModelVersionUse(m.version, row["name"], row["version"], row["deployed"])
+        for row in rows
+        for step in _steps(row["steps"])
+        for m in models_of(step)
+        if m.model == name
+    }
+    return sorted(uses, key=lambda u: (u.model_version, u.pipeline, u.pipeline_version))
+
+
+_ARTIFACT_LOCKS = 0x4A41  # advisory lock class of artifacts ("JA"), keyed by their sha256's first 28 bits
+
+
+def _lock_artifact(conn: Connection, sha256: str) -> None:
+    """Held until commit by an upload recording an artifact and by the removal of an unused one, so a
+    removal never deletes the file an upload of the same bytes just found there and did not write."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_ARTIFACT_LOCKS, int(sha256[:7], 16)))
+
+
 def _lock_named(conn: Connection, table: str, ws: WorkspaceRef, name: str) -> int:
     """The id of ``table``'s row named ``name`` in ``ws``, created if missing and locked for this transaction,
     so concurrent creators of its next version queue up instead of racing for the same number."""
     ident = sql.Identifier(table)
-    conn.execute(
-        sql.SQL("INSERT INTO {} (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(ident),
-        (ws.id, name),
-    )
-    row = conn.execute(
-        sql.SQL("SELECT id FROM {} WHERE workspace_id = %s AND name = %s FOR UPDATE").format(ident),
-        (ws.id, name),
-    ).fetchone()
-    assert row is not None
-    return int(row["id"])
+    # A second round when the row was deleted (its model deleted) while this waited for its lock.
+    for _ in range(2):
+        conn.execute(
+            sql.SQL("INSERT INTO {} (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
+                ident
+            ),
+            (ws.id, name),
+        )
+        row = conn.execute(
+            sql.SQL("SELECT id FROM {} WHERE workspace_id = %s AND name = %s FOR UPDATE").format(ident),
+            (ws.id, name),
+        ).fetchone()
+        if row is not None:
+            return int(row["id"])
+    raise AssertionError(f"{table} row {name!r} vanished twice while being locked")

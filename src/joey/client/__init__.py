@@ -7,6 +7,15 @@ import this package.
 
 from joey.client.assays import Assay, AssayBuilder, AssayResult, AssayResults, AssaySummary
 from joey.client.calls import JoeyError
+from joey.client.catalog import (
+    DeletedModel,
+    DeletedPipeline,
+    Listing,
+    ModelDescription,
+    ModelSummary,
+    ModelUse,
+    PipelineSummary,
+)
 from joey.client.client import Client
 from joey.client.pipelines import (
     Autoscale,
@@ -14,6 +23,7 @@ from joey.client.pipelines import (
     KeySplitStep,
     ModelStep,
     Pipeline,
+    PipelineDescription,
     PipelineStep,
     PipelineVersion,
     RandomSplitStep,
@@ -32,14 +42,22 @@ __all__ = [
     "AssaySummary",
     "Autoscale",
     "Client",
+    "DeletedModel",
+    "DeletedPipeline",
     "DeploymentStatus",
     "InferenceTimeout",
     "JoeyError",
     "KeySplitStep",
+    "Listing",
+    "ModelDescription",
     "ModelStep",
+    "ModelSummary",
+    "ModelUse",
     "ModelVersion",
     "Pipeline",
+    "PipelineDescription",
     "PipelineStep",
+    "PipelineSummary",
     "PipelineVersion",
     "RandomSplitStep",
     "ReplicaStatus",

@@ -24,7 +24,15 @@ import grpc
 
 from joey.client.assays import AssayClientMixin
 from joey.client.calls import call_rpc
-from joey.client.pipelines import Pipeline, step_request
+from joey.client.catalog import (
+    DeletedModel,
+    DeletedPipeline,
+    Listing,
+    ModelDescription,
+    ModelSummary,
+    PipelineSummary,
+)
+from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
 from joey.client.signatures import Schema, tensor_specs
 from joey_core.models import ModelVersion
 from joey_core.settings import CommonSettings
@@ -79,6 +87,11 @@ class Client(AssayClientMixin):
     def set_current_workspace(self, name: str) -> None:
         self.workspace = name
 
+    def delete_workspace(self, name: str) -> None:
+        """Delete an empty workspace; refused while it holds models, pipelines or assays, and for
+        ``default``. Its contents are never deleted along with it: delete each first."""
+        self.call("DeleteWorkspace", pb.DeleteWorkspaceRequest(name=name))
+
     # Models
     def upload_model(
         self,
@@ -122,14 +135,29 @@ class Client(AssayClientMixin):
         request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)
         return ModelVersion.from_proto(self.call("GetModelVersion", request))
 
-    def model_versions(self, name: str) -> list[ModelVersion]:
+    def model_versions(self, name: str) -> Listing[ModelVersion]:
+        """Every version of ``name``, oldest first, as a table (``.to_frame()`` for a DataFrame)."""
         model = self.call("GetModel", pb.GetModelRequest(workspace=self.workspace, name=name))
-        return [ModelVersion.from_proto(v) for v in model.versions]
+        return Listing(ModelVersion.from_proto(v) for v in model.versions)
 
-    def list_models(self) -> list[ModelVersion]:
-        """The latest version of every model in the workspace."""
+    def list_models(self) -> Listing[ModelSummary]:
+        """Every model of the workspace with its versions; each item reads as its latest version
+        (``m.version``, ``m.framework``, ``m.inputs``...), the listing prints as a table."""
         response = self.call("ListModels", pb.ListModelsRequest(workspace=self.workspace))
-        return [ModelVersion.from_proto(m.versions[-1]) for m in response.models if m.versions]
+        return Listing(ModelSummary.from_proto(m) for m in response.models if m.versions)
+
+    def describe_model(self, name: str) -> ModelDescription:
+        """Every version of ``name`` with its signature, and the pipeline versions using each."""
+        request = pb.DescribeModelRequest(workspace=self.workspace, name=name)
+        return ModelDescription.from_proto(self.call("DescribeModel", request))
+
+    def delete_model(self, name: str, version: int | None = None) -> DeletedModel:
+        """Delete ``version`` of ``name``, or every version and the model. Refused while the current
+        version of a deployed pipeline uses a version to delete (the error names the pipeline). A
+        deleted version's number is never given to a later upload of the model."""
+        request = pb.DeleteModelRequest(workspace=self.workspace, name=name, version=version or 0)
+        response = self.call("DeleteModel", request)
+        return DeletedModel(name, tuple(response.versions), response.model_deleted)
 
     # Pipelines
     def build_pipeline(self, name: str) -> Pipeline:
@@ -138,12 +166,19 @@ class Client(AssayClientMixin):
 
     def get_pipeline(self, name: str) -> Pipeline:
         response = self.call("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=name))
-        if not response.versions:
-            return Pipeline(self, name)
-        latest = response.versions[-1]
-        steps = [step_request(s) for s in latest.steps]
-        return Pipeline(self, name, steps, latest.version)
+        return load_pipeline(self, response)
 
-    def list_pipelines(self) -> list[str]:
+    def list_pipelines(self) -> Listing[PipelineSummary]:
+        """Every pipeline of the workspace: latest version, deployed or not, replicas, status and when it
+        last changed. Prints as a table; ``str(p)`` / ``p.name`` is the name, ``"name" in listing`` works,
+        ``client.get_pipeline(p.name)`` gives the pipeline itself."""
         response = self.call("ListPipelines", pb.ListPipelinesRequest(workspace=self.workspace))
-        return [p.name for p in response.pipelines]
+        return Listing(PipelineSummary.from_proto(p) for p in response.pipelines)
+
+    def describe_pipeline(self, name: str) -> PipelineDescription:
+        """Versions and steps, deployment and status, topics and assays of pipeline ``name``."""
+        return Pipeline(self, name).describe()
+
+    def delete_pipeline(self, name: str) -> DeletedPipeline:
+        """Delete an undeployed pipeline with its versions and logged inferences (see ``Pipeline.delete``)."""
+        return Pipeline(self, name).delete()

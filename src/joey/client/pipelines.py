@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from joey.client.assays import timestamp
 from joey.client.calls import JoeyError, RegistryCaller
+from joey.client.catalog import DeletedPipeline, topics_text
 from joey.client.inputs import deployed_inputs, to_records
 from joey.client.log_export import LogExport, flatten, flatten_shadow, log_entry_row
 from joey.client.streaming import PipelineStream, Progress
@@ -607,6 +608,81 @@ class Pipeline:
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+    def describe(self) -> PipelineDescription:
+        """Its stored versions and their steps, its deployment and status now, topics and assays."""
+        found = self.client.call(
+            "GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=self.name)
+        )
+        status = DeploymentStatus.from_proto(
+            self.client.call(
+                "GetDeploymentStatus",
+                pb.GetDeploymentStatusRequest(workspace=self.workspace, pipeline=self.name),
+            )
+        )
+        assays = self.client.call(
+            "ListAssays", pb.ListAssaysRequest(workspace=self.workspace, pipeline=self.name)
+        )
+        return PipelineDescription(
+            self.workspace,
+            self.name,
+            tuple(PipelineVersion.from_proto(v) for v in found.versions),
+            status,
+            self.topics,
+            tuple(sorted(a.definition.name for a in assays.assays)),
+        )
+
+    def delete(self) -> DeletedPipeline:
+        """Delete the pipeline with its versions, deployment history and logged inferences. Refused
+        while it is deployed (undeploy first) or while assays watch it (delete them first)."""
+        response = self.client.call(
+            "DeletePipeline", pb.DeletePipelineRequest(workspace=self.workspace, name=self.name)
+        )
+        self._version = None
+        return DeletedPipeline(self.name, response.versions, response.log_entries)
+
+
+def load_pipeline(client: RegistryCaller, found: pb.Pipeline) -> Pipeline:
+    """A builder holding the steps of the stored pipeline's latest version, so ``deploy()`` redeploys them."""
+    if not found.versions:
+        return Pipeline(client, found.name)
+    latest = found.versions[-1]
+    return Pipeline(client, found.name, [step_request(s) for s in latest.steps], latest.version)
+
+
+@dataclass(frozen=True)
+class PipelineDescription:
+    """What ``joey pipeline describe`` prints: versions and steps, deployment, topics, assays."""
+
+    workspace: str
+    name: str
+    versions: tuple[PipelineVersion, ...]
+    status: DeploymentStatus
+    topics: PipelineTopics
+    assays: tuple[str, ...]
+
+    def __str__(self) -> str:
+        lines = [f"pipeline {self.name} (workspace {self.workspace}), {len(self.versions)} versions"]
+        for v in self.versions:
+            created = f"{v.created_at:%Y-%m-%d %H:%M:%S}" if v.created_at else "-"
+            steps = " -> ".join(str(s) for s in v.steps)
+            lines.append(f"  version {v.version} (created {created}): {steps}")
+        st = self.status
+        if st.status == "Undeployed":
+            lines.append(f"deployment: none ({st.message})")
+        else:
+            lines.append(
+                f"deployment: {st.status}, version {st.pipeline_version}, {st.replicas_wanted} replicas"
+                + (
+                    f" (autoscaling {st.autoscale.min_replicas}-{st.autoscale.max_replicas})"
+                    if st.autoscale
+                    else ""
+                )
+                + f": {st.message}"
+            )
+        lines.append(f"topics: {topics_text(self.topics)}")
+        lines.append(f"assays: {', '.join(self.assays) if self.assays else 'none'}")
+        return "\n".join(lines)
 
 
 def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:

@@ -149,6 +149,26 @@ class RegistryStub:
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.GetAssayResultsRequest.SerializeToString,
                 response_deserializer=joey__core_dot_v1_dot_registry__pb2.AssayResults.FromString,
                 _registered_method=True)
+        self.DescribeModel = channel.unary_unary(
+                '/joey.v1.Registry/DescribeModel',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ModelDescription.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/joey.v1.Registry/DeleteModel',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
+        self.DeletePipeline = channel.unary_unary(
+                '/joey.v1.Registry/DeletePipeline',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.DeletePipelineRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.DeletePipelineResponse.FromString,
+                _registered_method=True)
+        self.DeleteWorkspace = channel.unary_unary(
+                '/joey.v1.Registry/DeleteWorkspace',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -305,6 +325,38 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeModel(self, request, context):
+        """Catalog: what a model is used by, and deletes that refuse (FAILED_PRECONDITION, state unchanged)
+        while something still uses what they would delete.
+        A model's versions with the pipeline versions that use each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Deletes one version, or every version and the model. Refused while the current version of an
+        active deployment uses a version to delete. Version numbers are never reused while the model exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePipeline(self, request, context):
+        """Deletes an undeployed pipeline: its versions, deployment history and inference logs. Refused
+        while deployed or while assays watch it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWorkspace(self, request, context):
+        """Deletes an empty workspace (no models, pipelines or assays); never `default`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -422,6 +474,26 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.GetAssayResults,
                     request_deserializer=joey__core_dot_v1_dot_registry__pb2.GetAssayResultsRequest.FromString,
                     response_serializer=joey__core_dot_v1_dot_registry__pb2.AssayResults.SerializeToString,
+            ),
+            'DescribeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeModel,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.DescribeModelRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ModelDescription.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.DeleteModelRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'DeletePipeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePipeline,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.DeletePipelineRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.DeletePipelineResponse.SerializeToString,
+            ),
+            'DeleteWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWorkspace,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1045,6 +1117,114 @@ class Registry:
             '/joey.v1.Registry/GetAssayResults',
             joey__core_dot_v1_dot_registry__pb2.GetAssayResultsRequest.SerializeToString,
             joey__core_dot_v1_dot_registry__pb2.AssayResults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/DescribeModel',
+            joey__core_dot_v1_dot_registry__pb2.DescribeModelRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ModelDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/DeleteModel',
+            joey__core_dot_v1_dot_registry__pb2.DeleteModelRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePipeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/DeletePipeline',
+            joey__core_dot_v1_dot_registry__pb2.DeletePipelineRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.DeletePipelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/DeleteWorkspace',
+            joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,267 @@
+"""What the registry holds, as the SDK lists and describes it: models and pipelines with what each is,
+how it runs and what uses it, in listings that print as tables and convert to DataFrames."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import pandas as pd
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from joey_core.models import ModelVersion, TensorSpec
+from joey_core.topics import PipelineTopics
+from joey_core.v1 import registry_pb2 as pb
+
+Row = TypeVar("Row")
+
+
+def _time(ts: Timestamp) -> datetime | None:
+    return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
+
+
+def _when(value: datetime | None) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S}" if value else "-"
+
+
+def signature(specs: Iterable[TensorSpec]) -> str:
+    """``features float32[-1,4], label int64[-1]``: names, dtypes and shapes (-1 = any size)."""
+    return ", ".join(f"{s.name} {s.dtype}[{','.join(map(str, s.shape))}]" for s in specs)
+
+
+def model_version_row(mv: ModelVersion) -> dict[str, Any]:
+    return {
+        "name": mv.name,
+        "version": mv.version,
+        "framework": mv.framework,
+        "inputs": signature(mv.inputs),
+        "outputs": signature(mv.outputs),
+        "sha256": mv.sha256[:12],
+        "size_bytes": mv.size_bytes,
+        "uploaded": mv.created_at,
+    }
+
+
+class Listing(list[Row], Generic[Row]):
+    """A list that prints as a table (in a terminal and in notebooks) and converts to a DataFrame.
+    ``"name" in listing`` is true when an item has that name."""
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([_row(item) for item in self])
+
+    def names(self) -> list[str]:
+        return [str(item) for item in self]
+
+    def __contains__(self, item: object) -> bool:
+        if isinstance(item, str):
+            return item in self.names()
+        return super().__contains__(item)
+
+    def table(self) -> str:
+        """The listing as a text table, times to the second; empty text for an empty listing."""
+        if not self:
+            return ""
+        frame = self.to_frame()
+        for column in frame.columns:
+            if pd.api.types.is_datetime64_any_dtype(frame[column]):
+                frame[column] = frame[column].dt.strftime("%Y-%m-%d %H:%M:%S")
+        return str(frame.to_string(index=False))
+
+    def __repr__(self) -> str:
+        return self.table() or "[]"
+
+    def _repr_html_(self) -> str:
+        return str(self.to_frame().to_html(index=False))
+
+
+def _row(item: Any) -> dict[str, Any]:
+    if isinstance(item, ModelVersion):
+        return model_version_row(item)
+    row: dict[str, Any] = item.row()
+    return row
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model with all its versions (oldest first); ``str()`` is its name, and ``version``,
+    ``framework``, ``inputs``, ``outputs``, ``sha256``, ``size_bytes`` and ``created_at`` are its latest
+    version's, so it reads like the ``ModelVersion`` that ``list_models()`` used to return."""
+
+    workspace: str
+    name: str
+    versions: tuple[ModelVersion, ...]
+
+    @classmethod
+    def from_proto(cls, model: pb.Model) -> ModelSummary:
+        return cls(model.workspace, model.name, tuple(ModelVersion.from_proto(v) for v in model.versions))
+
+    @property
+    def latest(self) -> ModelVersion:
+        return self.versions[-1]
+
+    @property
+    def version(self) -> int:
+        return self.latest.version
+
+    @property
+    def framework(self) -> str:
+        return self.latest.framework
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.latest.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.latest.outputs
+
+    @property
+    def sha256(self) -> str:
+        return self.latest.sha256
+
+    @property
+    def size_bytes(self) -> int:
+        return self.latest.size_bytes
+
+    @property
+    def created_at(self) -> datetime | None:
+        return self.latest.created_at
+
+    def __str__(self) -> str:
+        return self.name
+
+    def row(self) -> dict[str, Any]:
+        latest = model_version_row(self.latest)
+        return {
+            "name": self.name,
+            "versions": len(self.versions),
+            "latest": self.version,
+            "framework": self.framework,
+            "inputs": latest["inputs"],
+            "outputs": latest["outputs"],
+            "uploaded": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    """A pipeline version that uses a model version; ``deployed`` when its pipeline runs it now."""
+
+    model_version: int
+    pipeline: str
+    pipeline_version: int
+    deployed: bool
+
+    def __str__(self) -> str:
+        return f"{self.pipeline} v{self.pipeline_version}" + (" (deployed)" if self.deployed else "")
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """A model's versions with their signatures, and the pipeline versions that use each."""
+
+    model: ModelSummary
+    uses: tuple[ModelUse, ...]
+
+    @classmethod
+    def from_proto(cls, d: pb.ModelDescription) -> ModelDescription:
+        uses = tuple(ModelUse(u.model_version, u.pipeline, u.pipeline_version, u.deployed) for u in d.uses)
+        return cls(ModelSummary.from_proto(d.model), uses)
+
+    def used_by(self, version: int) -> tuple[ModelUse, ...]:
+        return tuple(u for u in self.uses if u.model_version == version)
+
+    def text(self, version: int | None = None) -> str:
+        """What ``joey model describe`` prints: every version, or only ``version``."""
+        model = self.model
+        lines = [f"model {model.name} (workspace {model.workspace}), {len(model.versions)} versions"]
+        for mv in model.versions:
+            if version and mv.version != version:
+                continue
+            users = self.used_by(mv.version)
+            lines += [
+                f"  version {mv.version}: {mv.framework}, {mv.size_bytes} bytes, sha256 {mv.sha256}, "
+                f"uploaded {_when(mv.created_at)}",
+                f"    inputs:  {signature(mv.inputs)}",
+                f"    outputs: {signature(mv.outputs)}",
+                f"    used by: {', '.join(map(str, users)) if users else 'no pipeline'}",
+            ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    """One pipeline of ``client.list_pipelines()``; ``str()`` is its name. ``replicas`` is the
+    deployment's current count (None when not deployed), ``status`` what ``pipeline.status()`` says."""
+
+    workspace: str
+    name: str
+    latest_version: int
+    versions: int
+    deployed: bool
+    deployed_version: int | None
+    replicas: int | None
+    status: str
+    updated_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, p: pb.Pipeline) -> PipelineSummary:
+        d = p.deployment if p.HasField("deployment") else None
+        deployed = d is not None and d.active
+        return cls(
+            workspace=p.workspace,
+            name=p.name,
+            latest_version=p.versions[-1].version if p.versions else 0,
+            versions=len(p.versions),
+            deployed=deployed,
+            deployed_version=d.pipeline_version if d is not None and deployed else None,
+            replicas=d.replicas if d is not None and deployed else None,
+            status=p.status,
+            updated_at=_time(p.updated_at),
+        )
+
+    def __str__(self) -> str:
+        return self.name
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "latest": self.latest_version,
+            "deployed": f"v{self.deployed_version}" if self.deployed else "no",
+            "replicas": self.replicas if self.replicas is not None else "-",
+            "status": self.status,
+            "updated": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class DeletedModel:
+    name: str
+    versions: tuple[int, ...]
+    model_deleted: bool
+    """No version was left, so the model is gone too (a new upload of the name starts at version 1)."""
+
+    def __str__(self) -> str:
+        gone = ", ".join(map(str, self.versions))
+        return f"deleted model {self.name} version{'s' if len(self.versions) > 1 else ''} {gone}" + (
+            "; no version is left, the model is gone" if self.model_deleted else ""
+        )
+
+
+@dataclass(frozen=True)
+class DeletedPipeline:
+    name: str
+    versions: int
+    log_entries: int
+
+    def __str__(self) -> str:
+        return f"deleted pipeline {self.name}: {self.versions} versions, {self.log_entries} logged inferences"
+
+
+def topics_text(topics: PipelineTopics) -> str:
+    return f"inputs {topics.inputs}, outputs {topics.outputs}, errors {topics.errors}"

@@ -1,0 +1,130 @@
+"""`joey model|pipeline|workspace` listings, descriptions and deletes: the real CLI in a subprocess
+against the session's stack, checking exit codes and the first line of what it says."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import click
+import pytest
+
+from joey.client import Client
+from joey_cli import main
+from joey_core.settings import CommonSettings
+from tests.conftest import Stack
+from tests.joey_cli.test_commands import joey
+
+# Owned by the deployment commands, whose help is checked with them.
+DEPLOYMENT_COMMANDS = {("pipeline", "deploy"), ("pipeline", "undeploy"), ("pipeline", "status")}
+
+
+@pytest.fixture
+def cli_env(stack: Stack) -> dict[str, str]:
+    return os.environ | stack.env | {"JOEY_WORKSPACE": f"ws-{secrets.token_hex(4)}"}
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def refused(env: dict[str, str], *args: str) -> str:
+    """The first line of the error of a command that must fail with exit code 1."""
+    result = joey(env, *args, check=False)
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    return first_line(result.stderr)
+
+
+def test_lists_describe_and_deletes(
+    cli_env: dict[str, str], settings: CommonSettings, iris_model: Path
+) -> None:
+    ws = cli_env["JOEY_WORKSPACE"]
+    assert joey(cli_env, "workspace", "create", ws).stdout.strip() == f"created workspace {ws}"
+    # What is not under test is set up through the SDK, in-process: each CLI run costs a second.
+    client = Client(settings=settings, workspace=ws)
+    client.upload_model("iris", iris_model)
+    client.upload_model("iris", iris_model)
+    client.build_pipeline("idle").add_model_step("iris").create()
+    deployed = client.build_pipeline("p").add_model_step("iris", 1)
+    deployed.deploy(replicas=1)
+
+    assert f"* {ws}" in joey(cli_env, "workspace", "list").stdout.splitlines()
+    models = joey(cli_env, "model", "list").stdout.splitlines()
+    assert models[0].split() == ["name", "versions", "latest", "framework", "inputs", "outputs", "uploaded"]
+    assert models[1].split()[:6] == ["iris", "2", "2", "onnx", "features", "float32[-1,4]"]
+    assert "label int64[-1], probabilities float32[-1,3]" in models[1]
+    versions = joey(cli_env, "model", "get", "iris").stdout.splitlines()
+    assert versions[0].split()[:5] == ["name", "version", "framework", "inputs", "outputs"]
+    assert [line.split()[1] for line in versions[1:]] == ["1", "2"]
+    pipelines = joey(cli_env, "pipeline", "list").stdout.splitlines()
+    assert pipelines[0].split() == ["name", "latest", "deployed", "replicas", "status", "updated"]
+    assert pipelines[1].split()[:5] == ["idle", "1", "no", "-", "Undeployed"]
+    assert pipelines[2].split()[:5] == ["p", "1", "v1", "1", "Running"]
+
+    described = joey(cli_env, "pipeline", "describe", "p").stdout.splitlines()
+    assert described[0] == f"pipeline p (workspace {ws}), 1 versions"
+    assert described[2].startswith("deployment: Running, version 1, 1 replicas")
+    model = joey(cli_env, "model", "describe", "iris", "--version", "1").stdout.splitlines()
+    assert model[0] == f"model iris (workspace {ws}), 2 versions"
+    assert model[1].startswith("  version 1: onnx, ")
+    assert model[2:] == [
+        "    inputs:  features float32[-1,4]",
+        "    outputs: label int64[-1], probabilities float32[-1,3]",
+        "    used by: p v1 (deployed)",
+    ]
+    assert refused(cli_env, "model", "describe", "iris", "--version", "9").startswith(
+        f"Error: model 'iris' has no version 9 in workspace '{ws}' (latest is 2)"
+    )
+
+    # Refusals say why and what to do, and change nothing.
+    assert refused(cli_env, "model", "delete", "iris", "--version", "1").startswith(
+        "Error: version 1 of model 'iris' is in use by deployed pipeline 'p' (version 1 uses iris v1); "
+        "undeploy it first (`joey pipeline undeploy p`)"
+    )
+    assert refused(cli_env, "pipeline", "delete", "p").startswith(
+        "Error: pipeline 'p' is deployed (version 1, 1 replicas"
+    )
+    assert refused(cli_env, "workspace", "delete", ws).startswith(
+        f"Error: workspace '{ws}' is not empty: it holds pipelines 'idle', 'p'; models 'iris'; delete them "
+        f"first, in that order (`joey -w {ws} pipeline delete idle`, `joey -w {ws} model delete iris`)"
+    )
+    assert refused(cli_env, "workspace", "delete", "default").startswith(
+        "Error: the 'default' workspace cannot be deleted"
+    )
+    assert [m.version for m in client.model_versions("iris")] == [1, 2]
+    assert len(client.list_pipelines()) == 2
+
+    assert joey(cli_env, "model", "delete", "iris", "--version", "2").stdout.strip() == (
+        "deleted model iris version 2"
+    )
+    deployed.undeploy()
+    assert joey(cli_env, "pipeline", "delete", "p").stdout.strip() == (
+        "deleted pipeline p: 1 versions, 0 logged inferences"
+    )
+    client.delete_pipeline("idle")
+    assert joey(cli_env, "model", "delete", "iris").stdout.strip() == (
+        "deleted model iris version 1; no version is left, the model is gone"
+    )
+    assert first_line(joey(cli_env, "model", "list").stdout) == f"no models in workspace {ws}"
+    assert joey(cli_env, "workspace", "delete", ws).stdout.strip() == f"deleted workspace {ws}"
+    assert ws not in client.list_workspaces()
+    client.close()
+
+
+def test_every_catalog_command_and_option_has_help() -> None:
+    missing = []
+    for group_name in ("model", "pipeline", "workspace"):
+        group = main.commands[group_name]
+        assert isinstance(group, click.Group) and group.help, group_name
+        for name, command in group.commands.items():
+            if (group_name, name) in DEPLOYMENT_COMMANDS:
+                continue
+            if not command.help:
+                missing.append(f"joey {group_name} {name}")
+            missing += [
+                f"joey {group_name} {name} {param.opts[0]}"
+                for param in command.params
+                if isinstance(param, click.Option) and not param.help
+            ]
+    assert missing == []

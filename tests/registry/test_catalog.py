@@ -1,0 +1,241 @@
+"""Listings that say what each thing is and how it is used, and deletes that refuse while in use."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+import grpc
+import psycopg
+from psycopg.types.json import Jsonb
+
+from joey_core.v1 import registry_pb2 as pb
+from joey_registry.app import RegistryServer
+from tests.registry.helpers import Stub, identity_model, rpc_error, step, upload
+
+
+def create(stub: Stub, workspace: str, name: str, *steps: pb.PipelineStep) -> pb.PipelineVersion:
+    return stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name=name, steps=list(steps)))
+
+
+def deploy(stub: Stub, workspace: str, pipeline: str, version: int = 0) -> pb.Deployment:
+    request = pb.DeployRequest(workspace=workspace, pipeline=pipeline, pipeline_version=version)
+    return stub.Deploy(request, timeout=30)
+
+
+def undeploy(stub: Stub, workspace: str, pipeline: str) -> None:
+    stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline))
+
+
+def delete_model(stub: Stub, workspace: str, name: str, version: int = 0) -> pb.DeleteModelResponse:
+    return stub.DeleteModel(pb.DeleteModelRequest(workspace=workspace, name=name, version=version))
+
+
+def versions(stub: Stub, workspace: str, name: str) -> list[int]:
+    return [v.version for v in stub.GetModel(pb.GetModelRequest(workspace=workspace, name=name)).versions]
+
+
+def has_artifact(server: RegistryServer, sha256: str) -> bool:
+    return any(p.name == sha256 for p in server.settings.artifact_dir.rglob("*") if p.is_file())
+
+
+def stamp(ts: object) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)  # type: ignore[attr-defined]
+
+
+def test_list_pipelines_reports_status_and_when_it_changed(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    idle = create(stub, workspace, "idle", step("iris"))
+    create(stub, workspace, "live", step("iris"))
+    deployed = deploy(stub, workspace, "live")
+
+    listed = {p.name: p for p in stub.ListPipelines(pb.ListPipelinesRequest(workspace=workspace)).pipelines}
+    assert listed["idle"].status == "Undeployed" and not listed["idle"].HasField("deployment")
+    assert stamp(listed["idle"].updated_at) == stamp(idle.created_at)
+    # No engine runs in these tests: the deployment waits for replicas.
+    assert listed["live"].status == "Starting"
+    assert listed["live"].deployment.replicas == 1 and listed["live"].deployment.active
+    assert stamp(listed["live"].updated_at) == stamp(deployed.updated_at)
+
+    undeploy(stub, workspace, "live")
+    live = stub.ListPipelines(pb.ListPipelinesRequest(workspace=workspace)).pipelines[1]
+    assert (live.name, live.status) == ("live", "Undeployed")
+    assert stamp(live.updated_at) > stamp(deployed.updated_at)
+
+
+def test_describe_model_names_every_pipeline_version_using_it(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "iris-b", iris_bytes)
+    create(stub, workspace, "plain", step("iris", 1))
+    create(stub, workspace, "plain", step("iris", 2))
+    split = pb.RandomSplitStep(
+        arms=[
+            pb.WeightedModel(weight=1, model=pb.ModelStep(model="iris-b")),
+            pb.WeightedModel(weight=1, model=pb.ModelStep(model="iris", version=1)),
+        ]
+    )
+    create(stub, workspace, "ab", pb.PipelineStep(random_split=split))
+    deploy(stub, workspace, "plain", 1)
+
+    described = stub.DescribeModel(pb.DescribeModelRequest(workspace=workspace, name="iris"))
+    assert [v.version for v in described.model.versions] == [1, 2]
+    assert [(u.model_version, u.pipeline, u.pipeline_version, u.deployed) for u in described.uses] == [
+        (1, "ab", 1, False),
+        (1, "plain", 1, True),
+        (2, "plain", 2, False),
+    ]
+    error = rpc_error(lambda: stub.DescribeModel(pb.DescribeModelRequest(workspace=workspace, name="nope")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == f"model 'nope' not found in workspace '{workspace}'"
+
+
+def test_delete_model_refuses_versions_a_deployment_runs(
+    stub: Stub, workspace: str, iris_bytes: bytes, registry_server: RegistryServer
+) -> None:
+    iris_sha = hashlib.sha256(iris_bytes).hexdigest()
+    other = identity_model("features", "float32", "copy", width=4)
+    other_sha = hashlib.sha256(other).hexdigest()
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, workspace, "iris", other)
+    create(stub, workspace, "p", step("iris", 1))
+    deploy(stub, workspace, "p")
+
+    for version, what in ((1, "version 1 of model 'iris'"), (0, "model 'iris'")):
+        error = rpc_error(lambda v=version: delete_model(stub, workspace, "iris", v))  # type: ignore[misc]
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error.details() == (
+            f"{what} is in use by deployed pipeline 'p' (version 1 uses iris v1); undeploy it first "
+            "(`joey pipeline undeploy p`) or deploy a pipeline version without it"
+        )
+    assert versions(stub, workspace, "iris") == [1, 2]
+
+    error = rpc_error(lambda: delete_model(stub, workspace, "iris", 7))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == f"model 'iris' has no version 7 in workspace '{workspace}' (versions: 1, 2)"
+
+    deleted = delete_model(stub, workspace, "iris", 2)
+    assert (list(deleted.versions), deleted.model_deleted) == ([2], False)
+    assert not has_artifact(registry_server, other_sha) and has_artifact(registry_server, iris_sha)
+    # A deleted number never comes back: "iris v2" keeps meaning the deleted artifact in old logs.
+    assert upload(stub, workspace, "iris", other).version == 3
+
+    undeploy(stub, workspace, "p")
+    deleted = delete_model(stub, workspace, "iris")
+    assert (list(deleted.versions), deleted.model_deleted) == ([1, 3], True)
+    error = rpc_error(lambda: stub.GetModel(pb.GetModelRequest(workspace=workspace, name="iris")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert not has_artifact(registry_server, other_sha)
+
+    # The pipeline version still names iris v1: deploying it is refused, saying why.
+    error = rpc_error(lambda: deploy(stub, workspace, "p"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == (
+        "pipeline 'p' version 1 uses deleted model versions iris v1; create a new pipeline version "
+        "with models that exist and deploy that"
+    )
+
+
+def test_deleting_an_artifact_another_workspace_shares_keeps_the_file(
+    stub: Stub, workspace: str, iris_bytes: bytes, registry_server: RegistryServer
+) -> None:
+    other = f"{workspace}-2"
+    stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=other))
+    upload(stub, workspace, "iris", iris_bytes)
+    upload(stub, other, "iris", iris_bytes)
+    delete_model(stub, workspace, "iris")
+    assert has_artifact(registry_server, hashlib.sha256(iris_bytes).hexdigest())
+    assert versions(stub, other, "iris") == [1]
+
+
+def test_delete_pipeline_only_when_undeployed_and_unwatched(
+    stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    create(stub, workspace, "p", step("iris"))
+    create(
+        stub,
+        workspace,
+        "p",
+        step("iris"),
+        pb.PipelineStep(validations=pb.ValidationsStep(checks={"c": "out.label > 5"})),
+    )
+    deployment = deploy(stub, workspace, "p")
+    db.execute(
+        "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id, time, "
+        "input_topic, input_partition, input_offset, ok, inputs) VALUES "
+        "(%s, 'p', 2, 'd', 'r1', now(), 'in', 0, 0, true, %s)",
+        (workspace, Jsonb({"features": [1, 2, 3, 4]})),
+    )
+
+    def delete() -> pb.DeletePipelineResponse:
+        return stub.DeletePipeline(pb.DeletePipelineRequest(workspace=workspace, name="p"))
+
+    error = rpc_error(delete)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == (
+        f"pipeline 'p' is deployed (version 2, 1 replicas, deployment {deployment.deployment_id}); "
+        "undeploy it first: `joey pipeline undeploy p`"
+    )
+    undeploy(stub, workspace, "p")
+    assay = pb.AssayDefinition(
+        workspace=workspace, name="drift", pipeline="p", iopath="input features 2", baseline_data=[1.0, 2.0]
+    )
+    stub.CreateAssay(pb.CreateAssayRequest(definition=assay))
+    error = rpc_error(delete)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        error.details()
+        == "pipeline 'p' is watched by assays 'drift'; delete them first: `joey assay delete drift`"
+    )
+    assert len(stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).versions) == 2
+
+    stub.DeleteAssay(pb.DeleteAssayRequest(workspace=workspace, name="drift"))
+    deleted = delete()
+    assert (deleted.versions, deleted.log_entries) == (2, 1)
+    error = rpc_error(lambda: stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = rpc_error(delete)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.NOT_FOUND,
+        f"pipeline 'p' not found in workspace {workspace!r}",
+    )
+    # A new pipeline of the same name starts afresh: version 1, no logs of the old one.
+    assert create(stub, workspace, "p", step("iris")).version == 1
+    assert stub.QueryLogs(pb.QueryLogsRequest(workspace=workspace, pipeline="p")).total == 0
+
+
+def test_delete_workspace_only_when_empty_and_never_default(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    def delete(name: str) -> pb.DeleteWorkspaceResponse:
+        return stub.DeleteWorkspace(pb.DeleteWorkspaceRequest(name=name))
+
+    def names() -> list[str]:
+        return [w.name for w in stub.ListWorkspaces(pb.ListWorkspacesRequest()).workspaces]
+
+    error = rpc_error(lambda: delete("default"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == "the 'default' workspace cannot be deleted: clients start in it"
+
+    upload(stub, workspace, "iris", iris_bytes)
+    create(stub, workspace, "p", step("iris"))
+    error = rpc_error(lambda: delete(workspace))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == (
+        f"workspace {workspace!r} is not empty: it holds pipelines 'p'; models 'iris'; delete them first, "
+        f"in that order (`joey -w {workspace} pipeline delete p`, `joey -w {workspace} model delete iris`)"
+    )
+    assert workspace in names()
+
+    stub.DeletePipeline(pb.DeletePipelineRequest(workspace=workspace, name="p"))
+    delete_model(stub, workspace, "iris")
+    delete(workspace)
+    assert workspace not in names()
+    error = rpc_error(lambda: delete(workspace))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == f"workspace {workspace!r} not found"
