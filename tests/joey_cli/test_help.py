@@ -44,8 +44,8 @@ def test_bash_completion_completes_commands(tmp_path: Path) -> None:
     bash = shutil.which("bash")
     assert bash, "bash is needed to run the completion script"
     (tmp_path / "joey.bash").write_text(script)
-    # bash calls the function with the command's name, after `joey pipeline de` is typed.
-    typed = "source joey.bash; COMP_WORDS=(joey pipeline de); COMP_CWORD=2; _joey_completion joey; "
+    # bash calls the function with the command's name, after `joey pipeline dep` is typed.
+    typed = "source joey.bash; COMP_WORDS=(joey pipeline dep); COMP_CWORD=2; _joey_completion joey; "
     typed += 'echo "${COMPREPLY[@]}"'
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run(
