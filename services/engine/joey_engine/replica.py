@@ -14,8 +14,10 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from joey_core import lifecycle
+from joey_core import heartbeats, lifecycle
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import PipelineRunner
 from joey_engine.runtime import create_runtime
@@ -48,12 +50,34 @@ class ReplicaSpec:
 def load_runner(
     settings: EngineSettings, deployment: Deployment, artifacts: Sequence[Path]
 ) -> PipelineRunner:
-    runtimes = []
-    for step, path in zip(deployment.artifact_steps, artifacts, strict=True):
-        runtime = create_runtime(step.framework, settings)
-        runtime.load(path, step)
-        runtimes.append(runtime)
+    """Every step's runtime loaded; python steps' sandboxes start side by side, and while the
+    other models load, since each spends most of its start importing in a process of its own."""
+    steps = list(zip(deployment.artifact_steps, artifacts, strict=True))
+    runtimes = [create_runtime(step.framework, settings) for step, _ in steps]
+    try:
+        # Those that start processes first, so those processes start while the rest load here.
+        order = sorted(range(len(steps)), key=lambda i: steps[i][0].framework != "python")
+        for i in order:
+            runtimes[i].start_loading(steps[i][1], steps[i][0])
+        for runtime in runtimes:
+            runtime.finish_loading()
+    except BaseException:
+        for runtime in runtimes:
+            runtime.close()
+        raise
     return PipelineRunner(deployment, runtimes)
+
+
+def loading_detail(deployment: Deployment) -> str:
+    """What loading this deployment's replica involves, for its heartbeat: "loading 1 model, starting
+    1 python step sandbox"."""
+    frameworks = [step.framework for step in deployment.artifact_steps]
+    python = frameworks.count("python")
+    models = len(frameworks) - python
+    parts = [f"loading {models} model{'s' if models != 1 else ''}"] if models else []
+    if python:
+        parts.append(f"starting {python} python step sandbox{'es' if python != 1 else ''}")
+    return ", ".join(parts)
 
 
 class ReplicaProcess:
@@ -170,21 +194,49 @@ def _watch(control: Connection, stop: threading.Event) -> None:
 
 def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter) -> str | None:
     deployment, settings = spec.deployment, spec.settings
-    try:
-        runner = load_runner(settings, deployment, spec.artifacts)
-    except Exception as exc:
-        error = f"cannot load {deployment}: {exc}"
-        log.error("%s", error)
-        return error
-    log.info(
-        "replica %s of %s loaded models %s in process %d",
-        spec.replica_id,
-        deployment,
-        [f"{s.model} v{s.version}" for s in deployment.artifact_steps],
-        os.getpid(),
-    )
     client = redis.Redis.from_url(settings.redis_url)
     try:
+        _announce_loading(spec, client)
+        started = time.monotonic()
+        try:
+            runner = load_runner(settings, deployment, spec.artifacts)
+        except Exception as exc:
+            error = f"cannot load {deployment}: {exc}"
+            log.error("%s", error)
+            return error
+        log.info(
+            "replica %s of %s loaded models %s in process %d in %.2f s",
+            spec.replica_id,
+            deployment,
+            [f"{s.model} v{s.version}" for s in deployment.artifact_steps],
+            os.getpid(),
+            time.monotonic() - started,
+        )
         return ReplicaWorker(settings, deployment, runner, client, spec.replica_id, stop, assignments).run()
     finally:
         client.close()
+
+
+def _announce_loading(spec: ReplicaSpec, client: redis.Redis) -> None:
+    """Say the replica is loading, which can take seconds (python steps start processes)."""
+    deployment, settings = spec.deployment, spec.settings
+    beat = heartbeats.ReplicaHeartbeat(
+        spec.replica_id,
+        deployment.deployment_id,
+        deployment.pipeline_version,
+        loaded=False,
+        host=socket.gethostname(),
+        phase="loading",
+        detail=loading_detail(deployment),
+    )
+    try:
+        heartbeats.publish(
+            client,
+            settings.redis_prefix,
+            deployment.workspace,
+            deployment.pipeline,
+            beat,
+            settings.heartbeat_ttl_s,
+        )
+    except redis.RedisError as exc:
+        log.warning("cannot publish the loading heartbeat of replica %s: %s", spec.replica_id, exc)

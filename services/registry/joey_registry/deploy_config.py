@@ -35,12 +35,18 @@ def check_autoscale(config: Autoscale, partitions: int) -> None:
 def check_resources(resources: Resources | None) -> None:
     if resources is None:
         return
-    if resources.cpus and not _CPUS.fullmatch(resources.cpus):
+    if resources.cpus and not (_CPUS.fullmatch(resources.cpus) and _positive(resources.cpus)):
         raise InvalidArgument(
-            f'cpus {resources.cpus!r} is not a CPU quantity: use cores ("2", "0.5") or millicores ("500m")'
+            f'cpus {resources.cpus!r} is not a positive CPU quantity: use cores ("2", "0.5") or '
+            'millicores ("500m")'
         )
-    if resources.memory and not _MEMORY.fullmatch(resources.memory):
+    if resources.memory and not (_MEMORY.fullmatch(resources.memory) and _positive(resources.memory)):
         raise InvalidArgument(
-            f"memory {resources.memory!r} is not a memory quantity: use bytes with an optional suffix "
-            '("512Mi", "2Gi", "1G")'
+            f"memory {resources.memory!r} is not a positive memory quantity: use bytes with an optional "
+            'suffix ("512Mi", "2Gi", "1G")'
         )
+
+
+def _positive(quantity: str) -> bool:
+    """Whether a quantity that matched its pattern is more than zero ("0", "0m" and "0Gi" are not)."""
+    return float(re.sub(r"[A-Za-z]+$", "", quantity)) > 0
