@@ -91,9 +91,11 @@ class ReplicaProcess:
         self._reports, reports = context.Pipe(duplex=False)
         # Written only by the child, read here: an aligned int needs no lock.
         self._assignments = context.Value("i", 0, lock=False)
+        # Set by the child once it reports itself in Redis; until then its engine reports it as starting.
+        self._reported = context.Value("i", 0, lock=False)
         self._process = context.Process(
             target=_main,
-            args=(spec, control, reports, self._assignments),
+            args=(spec, control, reports, self._assignments, self._reported),
             name=f"replica-{spec.replica_id}",
             daemon=True,
         )
@@ -133,6 +135,11 @@ class ReplicaProcess:
         return self._process.is_alive()
 
     @property
+    def reported(self) -> bool:
+        """Whether the replica has published a heartbeat of its own (its process is up)."""
+        return bool(self._reported.value)
+
+    @property
     def assignments(self) -> int:
         """How many times the group assigned partitions to this replica (a new one after every rebalance)."""
         return int(self._assignments.value)
@@ -159,7 +166,9 @@ class ReplicaProcess:
         return self._error
 
 
-def _main(spec: ReplicaSpec, control: Connection, reports: Connection, assignments: Counter) -> None:
+def _main(
+    spec: ReplicaSpec, control: Connection, reports: Connection, assignments: Counter, reported: Counter
+) -> None:
     """The child process: serve until the engine asks to stop, exit at once if the engine dies."""
     stop = threading.Event()
     # Ctrl-C in a terminal, or a service manager's SIGTERM, may reach the whole process group. Only the
@@ -169,7 +178,7 @@ def _main(spec: ReplicaSpec, control: Connection, reports: Connection, assignmen
         signal.signal(sig, signal.SIG_IGN)
     lifecycle.configure_logging(spec.settings.log_level)
     threading.Thread(target=_watch, args=(control, stop), name="engine-watch", daemon=True).start()
-    error = _serve(spec, stop, assignments)
+    error = _serve(spec, stop, assignments, reported)
     if error is not None:
         reports.send(error)
         sys.exit(1)
@@ -192,10 +201,11 @@ def _watch(control: Connection, stop: threading.Event) -> None:
     os._exit(ORPHANED_EXIT_CODE)
 
 
-def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter) -> str | None:
+def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter, reported: Counter) -> str | None:
     deployment, settings = spec.deployment, spec.settings
     client = redis.Redis.from_url(settings.redis_url)
     try:
+        reported.value = 1  # before publishing, so the engine's "starting" never follows "loading"
         _announce_loading(spec, client)
         started = time.monotonic()
         try:

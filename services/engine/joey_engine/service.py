@@ -268,10 +268,13 @@ class Engine:
             if slot not in state.slots and self._leases.claim(deployment, slot):
                 log.info("claimed replica slot %d of %s", slot, deployment)
                 state.slots.add(slot)
-        # A running replica reports itself; the engine speaks for slots that have none: why they failed,
-        # or that they are starting (fetching the models comes before the replica's process).
-        for slot in state.slots - state.replicas.keys():
-            error = state.load_error or state.failed.get(slot, "")
+        # A running replica reports itself; the engine speaks for slots that have none (why they failed,
+        # or that the models are being fetched) and for replicas whose process is still starting, which
+        # can take seconds on a busy machine.
+        starting = {slot for slot, replica in state.replicas.items() if not replica.reported}
+        for slot in (state.slots - state.replicas.keys()) | starting:
+            error = "" if slot in starting else state.load_error or state.failed.get(slot, "")
+            detail = "starting the replica process" if slot in starting else "fetching models"
             beat = heartbeats.ReplicaHeartbeat(
                 self._replica_id(deployment, slot),
                 deployment.deployment_id,
@@ -280,7 +283,7 @@ class Engine:
                 error=error,
                 host=socket.gethostname(),
                 phase="" if error else "starting",
-                detail="" if error or state.artifacts else "fetching models",
+                detail="" if error else detail,
             )
             self._publish(deployment, beat)
 
@@ -320,6 +323,7 @@ class Engine:
             )
             state.replicas[slot] = ReplicaProcess(spec).start()
             state.failed.pop(slot, None)
+            self._next_lease_tick = now  # report it as starting right away
 
     def _backoff(self, state: _Deployed, now: float) -> float:
         state.failures += 1
