@@ -522,7 +522,6 @@ def pipeline_deploy(
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--autoscale") from None
     progress = _DeployProgress()
-    click.echo(f"deploying {name}", err=True)
     try:
         status = Pipeline(obj.client, name).deploy(
             replicas,

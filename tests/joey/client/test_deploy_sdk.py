@@ -74,6 +74,7 @@ def test_deploying_a_pipeline_without_steps_says_so(client: Client) -> None:
 
 def test_status_of_an_undeployed_pipeline_is_history_and_no_replica_is_alive(client: Client) -> None:
     pipeline = client.build_pipeline("p").add_model_step("iris")
+    pipeline.create()
     never = pipeline.status()
     assert (never.deployed, never.message, never.undeployed_at) == (False, "never deployed", None)
 
