@@ -8,6 +8,9 @@ first deploy. The progress lines the SDK reports (``on_status``) are printed wit
 ``--verbose``.
 
     python bench/deploy_time.py --repeats 5 --replicas 2
+
+``--checkout DIR`` runs the services from another source tree (e.g. ``git archive main | tar -x -C DIR``)
+instead of this one, to compare two versions on the same machine; the SDK doing the timing is this one.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--verbose", action="store_true", help="print each run's progress lines")
     parser.add_argument("--keep-logs", type=Path, help="copy the service logs here")
+    parser.add_argument("--checkout", type=Path, help="run the services from this source tree")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, interrupt)
     with ExitStack() as stack:
@@ -75,6 +79,10 @@ def main() -> None:
             "JOEY_PIPELINE_PARTITIONS": str(args.partitions),
             "JOEY_LOGS_PARTITIONS": str(args.partitions),
         }
+        if args.checkout:
+            # Ahead of the editable install's finder, which Python consults after PYTHONPATH.
+            roots = [args.checkout / "src", *sorted((args.checkout / "services").glob("*"))]
+            env["PYTHONPATH"] = ":".join(str(root.resolve()) for root in roots)
         settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items()})
 
         def serve(name: str) -> Process:

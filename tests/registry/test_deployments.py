@@ -133,8 +133,8 @@ def test_bad_autoscaling_and_resources_are_refused_and_change_nothing(
             "replicas": 3,
             "autoscale": pb.AutoscaleConfig(min_replicas=1, max_replicas=2),
         },
-        "cpus '0' is not a positive CPU quantity": {"resources": pb.ResourceHints(cpus="0")},
-        "memory '0Gi' is not a positive memory quantity": {"resources": pb.ResourceHints(memory="0Gi")},
+        "cpus must be more than zero, got '0'": {"resources": pb.ResourceHints(cpus="0")},
+        "memory must be more than zero, got '0Gi'": {"resources": pb.ResourceHints(memory="0Gi")},
     }
     for expected, fields in refused.items():
         replicas = fields.pop("replicas", None)

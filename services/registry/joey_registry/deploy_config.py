@@ -35,16 +35,20 @@ def check_autoscale(config: Autoscale, partitions: int) -> None:
 def check_resources(resources: Resources | None) -> None:
     if resources is None:
         return
-    if resources.cpus and not (_CPUS.fullmatch(resources.cpus) and _positive(resources.cpus)):
+    if resources.cpus and not _CPUS.fullmatch(resources.cpus):
         raise InvalidArgument(
-            f'cpus {resources.cpus!r} is not a positive CPU quantity: use cores ("2", "0.5") or '
-            'millicores ("500m")'
+            f'cpus {resources.cpus!r} is not a CPU quantity: use cores ("2", "0.5") or millicores ("500m")'
         )
-    if resources.memory and not (_MEMORY.fullmatch(resources.memory) and _positive(resources.memory)):
+    if resources.memory and not _MEMORY.fullmatch(resources.memory):
         raise InvalidArgument(
-            f"memory {resources.memory!r} is not a positive memory quantity: use bytes with an optional "
-            'suffix ("512Mi", "2Gi", "1G")'
+            f"memory {resources.memory!r} is not a memory quantity: use bytes with an optional suffix "
+            '("512Mi", "2Gi", "1G")'
         )
+    for name, quantity in (("cpus", resources.cpus), ("memory", resources.memory)):
+        if quantity and not _positive(quantity):
+            raise InvalidArgument(
+                f"{name} must be more than zero, got {quantity!r}; leave it out for no hint"
+            )
 
 
 def _positive(quantity: str) -> bool:

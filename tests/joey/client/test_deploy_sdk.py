@@ -50,7 +50,7 @@ def test_zero_replicas_and_other_bad_numbers_are_refused_and_change_nothing(clie
     assert refused.value.code == "INVALID_ARGUMENT"
     assert refused.value.message.startswith("replicas must be between 1 and 4 ")
     assert "got 0" in refused.value.message
-    with pytest.raises(JoeyError, match="cpus '0' is not a positive CPU quantity"):
+    with pytest.raises(JoeyError, match="cpus must be more than zero, got '0'"):
         pipeline.deploy(cpus=0)
 
     after = pipeline.status()
