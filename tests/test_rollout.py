@@ -222,12 +222,19 @@ def test_autoscaling_follows_queue_age_up_and_back_down(
     pipeline.undeploy()
 
 
+def test_autoscaling_bounds_are_refused_by_the_sdk_before_any_call() -> None:
+    with pytest.raises(ValueError, match="min_replicas <= max_replicas, got min 3 and max 2"):
+        Autoscale(3, 2)
+    with pytest.raises(
+        ValueError, match="queue_age_threshold_s must be a positive number of seconds, got -1"
+    ):
+        Autoscale(1, 2, queue_age_threshold_s=-1)
+
+
 @pytest.mark.parametrize(
     ("autoscale", "extra", "message"),
     [
-        (Autoscale(3, 2), {}, "min_replicas <= max_replicas"),
         (Autoscale(1, PARTITIONS + 1), {}, "exceeds the 4 partitions"),
-        (Autoscale(1, 2, queue_age_threshold_s=-1), {}, "queue_age_threshold_s must be a positive"),
         (Autoscale(1, 2), {"replicas": 3}, "between the autoscaling min"),
         (None, {"cpus": "lots"}, "not a CPU quantity"),
         (None, {"memory": "2 gigs"}, "not a memory quantity"),

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -619,7 +620,16 @@ def pipeline_delete(obj: Context, name: str) -> None:
         _fail(exc)
 
 
-def _print_status(status: Any) -> None:
+def _print_status(status: Any, name: str = "") -> None:
+    if not status.deployed:
+        prefix = f"{name}: " if name else ""
+        if status.undeployed_at is None:
+            click.echo(f"{prefix}not deployed (never deployed)")
+        else:
+            click.echo(f"{prefix}{status.message}")
+        for r in status.replicas:
+            click.echo(f"  {r.replica_id}: {r.phase} (finishing its batch, then leaving)")
+        return
     scaling = ""
     if status.autoscale is not None:
         a = status.autoscale
@@ -631,9 +641,8 @@ def _print_status(status: Any) -> None:
         f"{status.message}"
     )
     for r in status.replicas:
-        state = "alive" if r.alive else "DEAD"
         click.echo(
-            f"  {r.replica_id}: {state}, version {r.pipeline_version}, loaded={r.loaded}, "
+            f"  {r.replica_id}: {r.phase or ('alive' if r.alive else 'dead')}, version {r.pipeline_version}, "
             f"partitions={list(r.partitions)}, queue age {r.queue_age_s:.2f} s"
             + (f", error: {r.error}" if r.error else "")
         )
@@ -643,24 +652,65 @@ def _on_status(status: Any) -> None:
     click.echo(f"  {status.status}: {status.message}")
 
 
+class _DeployProgress:
+    """Prints each change of a deployment's progress with the time since the deploy began, to stderr."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def __call__(self, status: Any) -> None:
+        click.echo(f"  {self.elapsed:5.1f} s  {status.message}", err=True)
+
+
+_POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
+
+
 @pipeline.command("deploy")
 @click.argument("name")
-@click.option("--version", type=int, help="Pipeline version (default: latest).")
-@click.option("--replicas", type=int, help="Replicas (default: 1, or the autoscaling minimum).")
+@click.option("--version", type=click.IntRange(min=1), help="Pipeline version to deploy (default: latest).")
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    help="Replicas, 1 to the partitions of the pipeline's topics (default: 1, or the autoscaling minimum).",
+)
 @click.option(
     "--autoscale",
     metavar="MIN-MAX",
-    help="Scale between MIN and MAX replicas on queue age, e.g. 1-4.",
+    help="Scale between MIN and MAX replicas (1 <= MIN <= MAX) on queue age, e.g. 1-4.",
 )
 @click.option(
-    "--queue-age", type=float, default=1.0, show_default=True, help="Autoscaling threshold in seconds."
+    "--queue-age",
+    type=_POSITIVE_SECONDS,
+    default=1.0,
+    show_default=True,
+    help="Autoscaling threshold: seconds records may wait in the inputs topic.",
 )
-@click.option("--scale-up-after", type=float, default=10.0, show_default=True, help="Seconds above it.")
-@click.option("--scale-down-after", type=float, default=300.0, show_default=True, help="Seconds below it.")
+@click.option(
+    "--scale-up-after",
+    type=_POSITIVE_SECONDS,
+    default=10.0,
+    show_default=True,
+    help="Seconds the queue age must stay above the threshold before one replica is added.",
+)
+@click.option(
+    "--scale-down-after",
+    type=_POSITIVE_SECONDS,
+    default=300.0,
+    show_default=True,
+    help="Seconds the queue age must stay below the threshold before one replica is removed.",
+)
 @click.option("--cpus", help='Per-replica CPU request for production manifests, e.g. "2" or "500m".')
-@click.option("--memory", help='Per-replica memory request, e.g. "2Gi".')
+@click.option("--memory", help='Per-replica memory request for production manifests, e.g. "2Gi".')
 @click.option(
-    "--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait until it is ready."
+    "--timeout",
+    type=_POSITIVE_SECONDS,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for every replica to be ready.",
 )
 @click.pass_obj
 def pipeline_deploy(
@@ -676,7 +726,8 @@ def pipeline_deploy(
     memory: str | None,
     timeout: float,
 ) -> None:
-    """Deploy NAME and wait until every replica is ready; a running deployment is rolled over to it."""
+    """Deploy NAME and wait until every replica is ready, showing progress; a running deployment is
+    rolled over to it."""
     from joey.client import Autoscale, JoeyError, Pipeline
 
     scaling = None
@@ -686,19 +737,24 @@ def pipeline_deploy(
             raise click.BadParameter(
                 f"expected MIN-MAX such as 1-4, got {autoscale!r}", param_hint="--autoscale"
             )
-        scaling = Autoscale(int(low), int(high), queue_age, scale_up_after, scale_down_after)
+        try:
+            scaling = Autoscale(int(low), int(high), queue_age, scale_up_after, scale_down_after)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--autoscale") from None
+    progress = _DeployProgress()
     try:
         status = Pipeline(obj.client, name).deploy(
             replicas,
             version,
             timeout=timeout,
-            on_status=_on_status,
+            on_status=progress,
             autoscale=scaling,
             cpus=cpus,
             memory=memory,
         )
-    except JoeyError as exc:
+    except (JoeyError, ValueError) as exc:
         _fail(exc)
+    click.echo(f"{name} ready in {progress.elapsed:.1f} s")
     _print_status(status)
 
 
@@ -728,11 +784,11 @@ def pipeline_rollback(obj: Context, name: str, version: int | None, timeout: flo
 @click.argument("name")
 @click.pass_obj
 def pipeline_status(obj: Context, name: str) -> None:
-    """Show the deployment status of NAME and each of its replicas."""
+    """Show whether NAME is deployed, what each replica is doing, and what readiness still waits for."""
     from joey.client import JoeyError, Pipeline
 
     try:
-        _print_status(Pipeline(obj.client, name).status())
+        _print_status(Pipeline(obj.client, name).status(), name)
     except JoeyError as exc:
         _fail(exc)
 
@@ -741,14 +797,19 @@ def pipeline_status(obj: Context, name: str) -> None:
 @click.argument("name")
 @click.pass_obj
 def pipeline_undeploy(obj: Context, name: str) -> None:
-    """Stop serving NAME: its replicas stop; its versions and logs stay."""
+    """Stop serving NAME: its replicas finish their current batch, commit and leave."""
     from joey.client import JoeyError, Pipeline
 
+    pipeline = Pipeline(obj.client, name)
     try:
-        Pipeline(obj.client, name).undeploy()
+        pipeline.undeploy()
+        stopping = len(pipeline.status().replicas)
     except JoeyError as exc:
         _fail(exc)
-    click.echo(f"{name} undeployed")
+    click.echo(
+        f"{name} undeployed"
+        + (f"; {stopping} replica{'s' if stopping != 1 else ''} finishing their batch" if stopping else "")
+    )
 
 
 @main.command()

@@ -37,6 +37,11 @@ class ReplicaHeartbeat:
     """Joined the consumer group: the group has assigned it partitions (possibly none) at least once."""
     queue_age_s: float = 0.0
     """The longest a record taken since the previous heartbeat had waited in the inputs topic."""
+    phase: str = ""
+    """Where the replica is in its start: "starting" (its engine fetches the models), "loading" (its process
+    loads them), "joining" (loaded, waiting for partitions) or "running"; empty from older engines."""
+    detail: str = ""
+    """What the phase is doing, for people, e.g. "starting 1 python step sandbox"."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

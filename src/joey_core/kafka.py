@@ -50,7 +50,9 @@ def consumer_config(settings: CommonSettings, group_id: str, **overrides: Any) -
         "enable.partition.eof": False,
     }
     if settings.kafka_dev_timeouts:
-        config |= {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+        # The embedded broker holds every join and rebalance of a group for half the session timeout
+        # (rounded up to a second): 4 s makes that 2 s instead of 3, and still allows 8 heartbeats.
+        config |= {"session.timeout.ms": 4000, "heartbeat.interval.ms": 500}
     return config | overrides
 
 

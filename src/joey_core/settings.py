@@ -23,7 +23,7 @@ class CommonSettings(BaseSettings):
     """Kafka bootstrap servers. The default is where `joey up` starts the embedded broker."""
 
     kafka_dev_timeouts: bool = True
-    """Short consumer-group session timeouts (6 s / 0.5 s heartbeat) so groups form fast.
+    """Short consumer-group session timeouts (4 s / 0.5 s heartbeat) so groups form fast.
     Valid on real Kafka too; turn off for large production groups."""
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/joey"

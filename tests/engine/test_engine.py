@@ -557,7 +557,11 @@ def test_unloadable_deployment_reports_and_retries_while_others_serve(
     spec = make_spec(ws, pipeline, steps=[step])
     deploy(settings, ws, pipeline, spec)
 
-    [beat] = wait_for(lambda: replicas(redis_client, engine_settings, ws, pipeline), "an error heartbeat")
+    # The engine reports the slot as starting (fetching models) first, then why it cannot load.
+    [beat] = wait_for(
+        lambda: [b for b in replicas(redis_client, engine_settings, ws, pipeline) if b.error],
+        "an error heartbeat",
+    )
     assert not beat.loaded and beat.deployment_id == spec.deployment_id
     assert "NOT_FOUND" in beat.error and sha in beat.error
 

@@ -22,10 +22,13 @@ from tests.registry.helpers import Stub
 def registry_settings(
     env: dict[str, str], settings: CommonSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> RegistrySettings:
-    # Port 0 and a private artifact dir: a `joey serve registry` process of other tests keeps its own.
+    # Port 0 and a private artifact dir: a `joey serve registry` process of other tests keeps its own. Redis
+    # keys of its own too: the session stack's engine, once started, serves every deployment published and
+    # reports its replicas, which must not mix with the heartbeats these tests publish.
     overrides = {
         "registry_addr": "127.0.0.1:0",
         "artifact_dir": str(tmp_path_factory.mktemp("registry-artifacts")),
+        "redis_prefix": f"{env['JOEY_REDIS_PREFIX']}:registry-tests",
     }
     return RegistrySettings(**({k.removeprefix("JOEY_").lower(): v for k, v in env.items()} | overrides))
 

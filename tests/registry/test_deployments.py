@@ -31,9 +31,12 @@ def redis_client() -> redis.Redis:
     return redis.Redis.from_url(REDIS_URL)
 
 
-def deploy(stub: Stub, workspace: str, pipeline: str, version: int = 0, replicas: int = 0) -> pb.Deployment:
+def deploy(
+    stub: Stub, workspace: str, pipeline: str, version: int = 0, replicas: int | None = None, **extra: object
+) -> pb.Deployment:
+    """``replicas`` None leaves the field unset (the default)."""
     request = pb.DeployRequest(
-        workspace=workspace, pipeline=pipeline, pipeline_version=version, replicas=replicas
+        workspace=workspace, pipeline=pipeline, pipeline_version=version, replicas=replicas, **extra
     )
     return stub.Deploy(request, timeout=30)
 
@@ -99,6 +102,49 @@ def test_replicas_beyond_partitions_are_rejected(stub: Stub, workspace: str, pip
     assert not stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).HasField("deployment")
 
 
+def test_zero_or_negative_replicas_are_refused_and_change_nothing(
+    stub: Stub, workspace: str, pipeline: str
+) -> None:
+    running = deploy(stub, workspace, pipeline, replicas=2)
+    for replicas in (0, -1):
+        error = rpc_error(lambda r=replicas: deploy(stub, workspace, pipeline, replicas=r))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details().startswith("replicas must be between 1 and 4 ")
+        assert f"got {replicas}; to stop serving, undeploy the pipeline" in error.details()
+    current = stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).deployment
+    assert (current.deployment_id, current.replicas) == (running.deployment_id, 2)
+    # Left unset, replicas is the default: one.
+    assert deploy(stub, workspace, pipeline).replicas == 1
+
+
+def test_bad_autoscaling_and_resources_are_refused_and_change_nothing(
+    stub: Stub, workspace: str, pipeline: str
+) -> None:
+    running = deploy(stub, workspace, pipeline, replicas=2)
+    refused = {
+        "min_replicas <= max_replicas, got min 3 and max 2": {
+            "autoscale": pb.AutoscaleConfig(min_replicas=3, max_replicas=2)
+        },
+        "got min 0 and max 2": {"autoscale": pb.AutoscaleConfig(min_replicas=0, max_replicas=2)},
+        "queue_age_threshold_s must be a positive number of seconds, got -1.0": {
+            "autoscale": pb.AutoscaleConfig(min_replicas=1, max_replicas=2, queue_age_threshold_s=-1)
+        },
+        "replicas (3) must be between the autoscaling min (1) and max (2)": {
+            "replicas": 3,
+            "autoscale": pb.AutoscaleConfig(min_replicas=1, max_replicas=2),
+        },
+        "cpus must be more than zero, got '0'": {"resources": pb.ResourceHints(cpus="0")},
+        "memory must be more than zero, got '0Gi'": {"resources": pb.ResourceHints(memory="0Gi")},
+    }
+    for expected, fields in refused.items():
+        replicas = fields.pop("replicas", None)
+        error = rpc_error(lambda f=fields, r=replicas: deploy(stub, workspace, pipeline, replicas=r, **f))  # type: ignore[misc]
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, expected
+        assert expected in error.details()
+    current = stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).deployment
+    assert (current.deployment_id, current.replicas) == (running.deployment_id, 2)
+
+
 def test_existing_topic_with_too_few_partitions(
     stub: Stub, workspace: str, pipeline: str, registry_settings: RegistrySettings
 ) -> None:
@@ -113,7 +159,10 @@ def test_existing_topic_with_too_few_partitions(
 def test_deploy_unknown_pipeline_or_version(stub: Stub, workspace: str, pipeline: str) -> None:
     error = rpc_error(lambda: deploy(stub, workspace, "ghost"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert "'ghost'" in error.details()
+    assert error.details() == (
+        f"pipeline 'ghost' not found in workspace {workspace!r}; "
+        "create it with at least one step before deploying it"
+    )
     error = rpc_error(lambda: deploy(stub, workspace, pipeline, version=9))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "no version 9" in error.details()
@@ -156,7 +205,9 @@ def test_status_from_heartbeats(
     deployment = deploy(stub, workspace, pipeline, replicas=2)
     status = stub.GetDeploymentStatus(request)
     assert (status.status, status.ready, list(status.replicas)) == ("Starting", False, [])
-    assert status.message == "0/2 replicas ready; partitions 0,1,2,3 unassigned"
+    assert (
+        status.message == "0/2 replicas ready; 2 not started by an engine yet; partitions 0,1,2,3 unassigned"
+    )
 
     def publish(b: ReplicaHeartbeat, ttl_s: float = 30.0) -> None:
         heartbeats.publish(redis_client, prefix, workspace, pipeline, b, ttl_s)
@@ -166,7 +217,7 @@ def test_status_from_heartbeats(
     status = stub.GetDeploymentStatus(request)
     assert (status.status, status.ready) == ("Starting", False)
     assert (
-        status.message == "1/2 replicas ready; partitions 2,3 unassigned; "
+        status.message == "1/2 replicas ready; 1 not started by an engine yet; partitions 2,3 unassigned; "
         "1 still on a previous deployment (serving until the new one is ready)"
     )
 
@@ -190,7 +241,9 @@ def test_status_from_heartbeats(
 
     status = wait_until(r2_dead, 10, "replica r2 reported dead")  # type: ignore[assignment]
     assert (status.status, status.ready) == ("Starting", False)
-    assert status.message.startswith("1/2 replicas ready; partitions 2,3 unassigned")
+    assert status.message.startswith(
+        "1/2 replicas ready; 1 dead (heartbeat expired); partitions 2,3 unassigned"
+    )
 
     publish(beat("r3", deployment.deployment_id, [], error="model iris v2 failed to load: boom"))
     status = stub.GetDeploymentStatus(request)

@@ -14,8 +14,10 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from joey_core import lifecycle
+from joey_core import heartbeats, lifecycle
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import PipelineRunner
 from joey_engine.runtime import create_runtime
@@ -48,12 +50,34 @@ class ReplicaSpec:
 def load_runner(
     settings: EngineSettings, deployment: Deployment, artifacts: Sequence[Path]
 ) -> PipelineRunner:
-    runtimes = []
-    for step, path in zip(deployment.artifact_steps, artifacts, strict=True):
-        runtime = create_runtime(step.framework, settings)
-        runtime.load(path, step)
-        runtimes.append(runtime)
+    """Every step's runtime loaded; python steps' sandboxes start side by side, and while the
+    other models load, since each spends most of its start importing in a process of its own."""
+    steps = list(zip(deployment.artifact_steps, artifacts, strict=True))
+    runtimes = [create_runtime(step.framework, settings) for step, _ in steps]
+    try:
+        # Those that start processes first, so those processes start while the rest load here.
+        order = sorted(range(len(steps)), key=lambda i: steps[i][0].framework != "python")
+        for i in order:
+            runtimes[i].start_loading(steps[i][1], steps[i][0])
+        for runtime in runtimes:
+            runtime.finish_loading()
+    except BaseException:
+        for runtime in runtimes:
+            runtime.close()
+        raise
     return PipelineRunner(deployment, runtimes)
+
+
+def loading_detail(deployment: Deployment) -> str:
+    """What loading this deployment's replica involves, for its heartbeat: "loading 1 model, starting
+    1 python step sandbox"."""
+    frameworks = [step.framework for step in deployment.artifact_steps]
+    python = frameworks.count("python")
+    models = len(frameworks) - python
+    parts = [f"loading {models} model{'s' if models != 1 else ''}"] if models else []
+    if python:
+        parts.append(f"starting {python} python step sandbox{'es' if python != 1 else ''}")
+    return ", ".join(parts)
 
 
 class ReplicaProcess:
@@ -67,9 +91,11 @@ class ReplicaProcess:
         self._reports, reports = context.Pipe(duplex=False)
         # Written only by the child, read here: an aligned int needs no lock.
         self._assignments = context.Value("i", 0, lock=False)
+        # Set by the child once it reports itself in Redis; until then its engine reports it as starting.
+        self._reported = context.Value("i", 0, lock=False)
         self._process = context.Process(
             target=_main,
-            args=(spec, control, reports, self._assignments),
+            args=(spec, control, reports, self._assignments, self._reported),
             name=f"replica-{spec.replica_id}",
             daemon=True,
         )
@@ -109,6 +135,11 @@ class ReplicaProcess:
         return self._process.is_alive()
 
     @property
+    def reported(self) -> bool:
+        """Whether the replica has published a heartbeat of its own (its process is up)."""
+        return bool(self._reported.value)
+
+    @property
     def assignments(self) -> int:
         """How many times the group assigned partitions to this replica (a new one after every rebalance)."""
         return int(self._assignments.value)
@@ -135,7 +166,9 @@ class ReplicaProcess:
         return self._error
 
 
-def _main(spec: ReplicaSpec, control: Connection, reports: Connection, assignments: Counter) -> None:
+def _main(
+    spec: ReplicaSpec, control: Connection, reports: Connection, assignments: Counter, reported: Counter
+) -> None:
     """The child process: serve until the engine asks to stop, exit at once if the engine dies."""
     stop = threading.Event()
     # Ctrl-C in a terminal, or a service manager's SIGTERM, may reach the whole process group. Only the
@@ -145,7 +178,7 @@ def _main(spec: ReplicaSpec, control: Connection, reports: Connection, assignmen
         signal.signal(sig, signal.SIG_IGN)
     lifecycle.configure_logging(spec.settings.log_level)
     threading.Thread(target=_watch, args=(control, stop), name="engine-watch", daemon=True).start()
-    error = _serve(spec, stop, assignments)
+    error = _serve(spec, stop, assignments, reported)
     if error is not None:
         reports.send(error)
         sys.exit(1)
@@ -168,23 +201,52 @@ def _watch(control: Connection, stop: threading.Event) -> None:
     os._exit(ORPHANED_EXIT_CODE)
 
 
-def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter) -> str | None:
+def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter, reported: Counter) -> str | None:
     deployment, settings = spec.deployment, spec.settings
-    try:
-        runner = load_runner(settings, deployment, spec.artifacts)
-    except Exception as exc:
-        error = f"cannot load {deployment}: {exc}"
-        log.error("%s", error)
-        return error
-    log.info(
-        "replica %s of %s loaded models %s in process %d",
-        spec.replica_id,
-        deployment,
-        [f"{s.model} v{s.version}" for s in deployment.artifact_steps],
-        os.getpid(),
-    )
     client = redis.Redis.from_url(settings.redis_url)
     try:
+        reported.value = 1  # before publishing, so the engine's "starting" never follows "loading"
+        _announce_loading(spec, client)
+        started = time.monotonic()
+        try:
+            runner = load_runner(settings, deployment, spec.artifacts)
+        except Exception as exc:
+            error = f"cannot load {deployment}: {exc}"
+            log.error("%s", error)
+            return error
+        log.info(
+            "replica %s of %s loaded models %s in process %d in %.2f s",
+            spec.replica_id,
+            deployment,
+            [f"{s.model} v{s.version}" for s in deployment.artifact_steps],
+            os.getpid(),
+            time.monotonic() - started,
+        )
         return ReplicaWorker(settings, deployment, runner, client, spec.replica_id, stop, assignments).run()
     finally:
         client.close()
+
+
+def _announce_loading(spec: ReplicaSpec, client: redis.Redis) -> None:
+    """Say the replica is loading, which can take seconds (python steps start processes)."""
+    deployment, settings = spec.deployment, spec.settings
+    beat = heartbeats.ReplicaHeartbeat(
+        spec.replica_id,
+        deployment.deployment_id,
+        deployment.pipeline_version,
+        loaded=False,
+        host=socket.gethostname(),
+        phase="loading",
+        detail=loading_detail(deployment),
+    )
+    try:
+        heartbeats.publish(
+            client,
+            settings.redis_prefix,
+            deployment.workspace,
+            deployment.pipeline,
+            beat,
+            settings.heartbeat_ttl_s,
+        )
+    except redis.RedisError as exc:
+        log.warning("cannot publish the loading heartbeat of replica %s: %s", spec.replica_id, exc)

@@ -72,6 +72,15 @@ class ModelRuntime(ABC):
         """Release what ``load`` holds beyond memory (processes); nothing by default."""
         return None
 
+    def start_loading(self, path: Path, step: Step | None = None) -> None:
+        """The first half of ``load``: runtimes that wait for something (a process to start) begin it
+        here and wait in ``finish_loading``, so that a replica's runtimes load side by side."""
+        self.load(path, step)
+
+    def finish_loading(self) -> None:
+        """Wait until what ``start_loading`` began is ready; raise if it cannot be."""
+        return None
+
 
 RuntimeFactory = Callable[[EngineSettings], ModelRuntime]
 _RUNTIMES: dict[str, RuntimeFactory] = {}
@@ -234,17 +243,28 @@ class PythonRuntime(ModelRuntime):
         self._start_timeout = settings.python_step_start_timeout_s
         self._lock = threading.Lock()  # one batch at a time per sandbox
         self._sandbox: _Sandbox | None = None
+        self._starting: _Sandbox | None = None
+        """Started by ``start_loading``, not yet ready."""
         self._path = Path()
         self._name = ""
         self._inputs: tuple[TensorSpec, ...] = ()
         self._outputs: tuple[TensorSpec, ...] = ()
 
     def load(self, path: Path, step: Step | None = None) -> None:
+        self.start_loading(path, step)
+        self.finish_loading()
+
+    def start_loading(self, path: Path, step: Step | None = None) -> None:
         if step is None or not step.inputs or not step.outputs:
             raise ValueError("a python step needs its declared inputs and outputs")
         self._path, self._name = path, step.model
         self._inputs = tuple(_declared(t) for t in step.inputs)
         self._outputs = tuple(_declared(t) for t in step.outputs)
+        with self._lock:
+            if self._sandbox is None and self._starting is None:
+                self._starting = _Sandbox(self._path, self._outputs)
+
+    def finish_loading(self) -> None:
         with self._lock:
             self._started()
 
@@ -279,15 +299,17 @@ class PythonRuntime(ModelRuntime):
 
     def close(self) -> None:
         with self._lock:
-            if self._sandbox is not None:
-                self._sandbox.stop()
-                self._sandbox = None
+            for sandbox in (self._sandbox, self._starting):
+                if sandbox is not None:
+                    sandbox.stop()
+            self._sandbox = self._starting = None
 
     def _started(self) -> _Sandbox:
         """The running sandbox, started if there is none (under the lock)."""
         if self._sandbox is not None:
             return self._sandbox
-        started = _Sandbox(self._path, self._outputs)
+        started = self._starting or _Sandbox(self._path, self._outputs)
+        self._starting = None
         reply = started.exchange(None, self._start_timeout)
         if reply != sandbox.READY:
             started.stop()

@@ -151,6 +151,7 @@ class Engine:
         if lease_tick:
             self._next_lease_tick = now + self._settings.heartbeat_interval_s
             self._announce()
+        changed = set()
         for key, state in list(self._deployed.items()):
             wanted = self._desired.get(key)
             if wanted is None:
@@ -163,17 +164,23 @@ class Engine:
             elif wanted != state.deployment:
                 log.info("%s now has %d replicas", wanted, wanted.replicas)
                 state.deployment = wanted
+                changed.add(key)
         for key, wanted in self._desired.items():
             if wanted is None:
                 continue
-            state = self._deployed.setdefault(key, _Deployed(wanted))
-            if lease_tick:
+            if key not in self._deployed:
+                self._deployed[key] = _Deployed(wanted)
+                changed.add(key)
+            state = self._deployed[key]
+            # A new or rescaled deployment claims its slots now rather than at the next lease tick.
+            if lease_tick or key in changed:
                 try:
                     self._maintain_slots(state)
                 except redis.RedisError as exc:
                     log.warning("cannot maintain replica slots of %s: %s", wanted, exc)
             self._supervise(state, now)
-        if lease_tick:
+        if self._retiring:
+            # Every pass, so the replaced replicas stop as soon as their successors are up.
             self._retire_replaced()
 
     def _roll_out(self, key: str, state: _Deployed, wanted: Deployment) -> None:
@@ -261,19 +268,24 @@ class Engine:
             if slot not in state.slots and self._leases.claim(deployment, slot):
                 log.info("claimed replica slot %d of %s", slot, deployment)
                 state.slots.add(slot)
-        # A running replica reports itself; the engine speaks for slots that have none.
-        for slot in state.slots - state.replicas.keys():
-            error = state.load_error or state.failed.get(slot)
-            if error:
-                beat = heartbeats.ReplicaHeartbeat(
-                    self._replica_id(deployment, slot),
-                    deployment.deployment_id,
-                    deployment.pipeline_version,
-                    loaded=False,
-                    error=error,
-                    host=socket.gethostname(),
-                )
-                self._publish(deployment, beat)
+        # A running replica reports itself; the engine speaks for slots that have none (why they failed,
+        # or that the models are being fetched) and for replicas whose process is still starting, which
+        # can take seconds on a busy machine.
+        starting = {slot for slot, replica in state.replicas.items() if not replica.reported}
+        for slot in (state.slots - state.replicas.keys()) | starting:
+            error = "" if slot in starting else state.load_error or state.failed.get(slot, "")
+            detail = "starting the replica process" if slot in starting else "fetching models"
+            beat = heartbeats.ReplicaHeartbeat(
+                self._replica_id(deployment, slot),
+                deployment.deployment_id,
+                deployment.pipeline_version,
+                loaded=False,
+                error=error,
+                host=socket.gethostname(),
+                phase="" if error else "starting",
+                detail="" if error else detail,
+            )
+            self._publish(deployment, beat)
 
     def _supervise(self, state: _Deployed, now: float) -> None:
         deployment = state.deployment
@@ -311,6 +323,7 @@ class Engine:
             )
             state.replicas[slot] = ReplicaProcess(spec).start()
             state.failed.pop(slot, None)
+            self._next_lease_tick = now  # report it as starting right away
 
     def _backoff(self, state: _Deployed, now: float) -> float:
         state.failures += 1

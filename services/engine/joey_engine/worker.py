@@ -75,6 +75,7 @@ class ReplicaWorker:
             deployment.pipeline_version,
             loaded=False,
             host=socket.gethostname(),
+            phase="joining",
         )
         self._next_beat = 0.0
         self._queue_age_s = 0.0
@@ -243,6 +244,7 @@ class ReplicaWorker:
         self._held |= {tp.partition for tp in partitions}
         self._assignments.value += 1
         self._beat.assigned = True
+        self._beat.phase = "running"
         self._log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
         self._heartbeat()
 

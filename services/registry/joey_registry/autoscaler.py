@@ -111,7 +111,12 @@ class Autoscaler:
             except redis.RedisError as exc:
                 log.warning("cannot read the replicas of %s: %s", key, exc)
                 continue
-            ages = [v.beat.queue_age_s for v in views if v.alive and v.beat.deployment_id == d.deployment_id]
+            # A replica still loading has taken no records: its 0 is not a measurement.
+            ages = [
+                v.beat.queue_age_s
+                for v in views
+                if v.alive and v.beat.loaded and v.beat.deployment_id == d.deployment_id
+            ]
             if not ages:
                 continue  # nothing measured yet (starting, or every replica down)
             age = max(ages)

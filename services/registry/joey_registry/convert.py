@@ -243,6 +243,7 @@ def deployment_status(status: domain.DeploymentStatus) -> pb.DeploymentStatus:
                 error=r.error,
                 queue_age_s=r.queue_age_s,
                 deployment_id=r.deployment_id,
+                phase=r.phase,
             )
             for r in status.replicas
         ],

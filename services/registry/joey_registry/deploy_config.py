@@ -44,3 +44,13 @@ def check_resources(resources: Resources | None) -> None:
             f"memory {resources.memory!r} is not a memory quantity: use bytes with an optional suffix "
             '("512Mi", "2Gi", "1G")'
         )
+    for name, quantity in (("cpus", resources.cpus), ("memory", resources.memory)):
+        if quantity and not _positive(quantity):
+            raise InvalidArgument(
+                f"{name} must be more than zero, got {quantity!r}; leave it out for no hint"
+            )
+
+
+def _positive(quantity: str) -> bool:
+    """Whether a quantity that matched its pattern is more than zero ("0", "0m" and "0Gi" are not)."""
+    return float(re.sub(r"[A-Za-z]+$", "", quantity)) > 0

@@ -379,6 +379,8 @@ class ReplicaStatus:
     error: str
     queue_age_s: float = 0.0
     deployment_id: str = ""
+    phase: str = ""
+    """starting, loading, joining, running, retiring, stopping, failed or dead (see status.py)."""
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             request.workspace,
             request.pipeline,
             request.pipeline_version,
-            request.replicas,
+            request.replicas if request.HasField("replicas") else None,
             convert.autoscale_from(request),
             convert.resources_from(request),
         )

@@ -387,18 +387,19 @@ class Registry:
         workspace: str,
         pipeline: str,
         version: int,
-        replicas: int,
+        replicas: int | None,
         autoscale: Autoscale | None = None,
         resources: Resources | None = None,
     ) -> Deployment:
         """Publish the desired state, acknowledged by the broker, before recording it: a failed
         publish leaves both the topic and the database as they were. On a running deployment,
-        engines roll the new one out while the current one keeps serving."""
+        engines roll the new one out while the current one keeps serving. ``replicas`` None is the
+        default (1, or the autoscaling minimum)."""
         ws = self.access.authorize(caller, workspace, Action.DEPLOY)
         replicas = self._replicas(replicas, autoscale)
         check_resources(resources)
         _non_negative_version(f"pipeline {pipeline!r}", version)
-        with self._locked(ws, pipeline) as lock:
+        with self._locked(ws, pipeline, "create it with at least one step before deploying it") as lock:
             return self._deploy(lock, version, replicas, autoscale, resources)
 
     def rollback(self, caller: Caller, workspace: str, pipeline: str, version: int) -> Deployment:
@@ -429,30 +430,32 @@ class Registry:
             return self._deploy(lock, target, current.replicas, current.autoscale, current.resources)
 
     @contextmanager
-    def _locked(self, ws: WorkspaceRef, pipeline: str) -> Iterator[PipelineLock]:
-        """The pipeline's row lock for the block; NotFound when there is no such pipeline."""
+    def _locked(self, ws: WorkspaceRef, pipeline: str, hint: str = "") -> Iterator[PipelineLock]:
+        """The pipeline's row lock for the block; NotFound (with ``hint``) when there is no such pipeline."""
         with self.store.lock_pipeline(ws, pipeline) as lock:
             if lock is None:
-                raise NotFound(f"pipeline {pipeline!r} not found in workspace {ws.name!r}")
+                found = f"pipeline {pipeline!r} not found in workspace {ws.name!r}"
+                raise NotFound(f"{found}; {hint}" if hint else found)
             yield lock
 
-    def _replicas(self, replicas: int, autoscale: Autoscale | None) -> int:
-        """The replicas to start with, after checking them (and ``autoscale``) against the partitions."""
+    def _replicas(self, replicas: int | None, autoscale: Autoscale | None) -> int:
+        """The replicas to start with (None: the default), after checking them and ``autoscale``
+        against the partitions. An explicit 0 is refused: it never means the default."""
         limit = self.settings.pipeline_partitions
         if autoscale is not None:
             check_autoscale(autoscale, limit)
-            replicas = replicas or autoscale.min_replicas
+            replicas = autoscale.min_replicas if replicas is None else replicas
             if not autoscale.min_replicas <= replicas <= autoscale.max_replicas:
                 raise InvalidArgument(
                     f"replicas ({replicas}) must be between the autoscaling min ({autoscale.min_replicas}) "
-                    f"and max ({autoscale.max_replicas})"
+                    f"and max ({autoscale.max_replicas}); leave replicas unset to start at the min"
                 )
             return replicas
-        replicas = replicas or 1
+        replicas = 1 if replicas is None else replicas
         if not 1 <= replicas <= limit:
             raise InvalidArgument(
                 f"replicas must be between 1 and {limit} (the partitions of each pipeline topic, "
-                f"JOEY_PIPELINE_PARTITIONS), got {replicas}"
+                f"JOEY_PIPELINE_PARTITIONS), got {replicas}; to stop serving, undeploy the pipeline"
             )
         return replicas
 

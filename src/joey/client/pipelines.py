@@ -4,6 +4,7 @@ steps and deployment status."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -144,6 +145,8 @@ class PipelineVersion:
 class ReplicaStatus:
     replica_id: str
     alive: bool
+    """Serving or about to: its heartbeat is current and its pipeline is deployed. A replica still
+    draining after ``undeploy()`` is not alive: its phase is "stopping"."""
     pipeline_version: int
     loaded: bool
     partitions: tuple[int, ...]
@@ -152,6 +155,10 @@ class ReplicaStatus:
     queue_age_s: float = 0.0
     """The longest a record it took lately had waited in the inputs topic: the autoscaling signal."""
     deployment_id: str = ""
+    phase: str = ""
+    """"starting" (its engine fetches the models), "loading" (models and python step sandboxes),
+    "joining" (waiting for partitions), "running", "retiring" (of a replaced deployment, serving until
+    the new one is ready), "stopping" (its pipeline was undeployed), "failed" (see ``error``) or "dead"."""
 
 
 @dataclass(frozen=True)
@@ -166,12 +173,30 @@ class Autoscale:
     scale_up_after_s: float = 10.0
     scale_down_after_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(
+                f"autoscaling needs 1 <= min_replicas <= max_replicas, got min {self.min_replicas} and "
+                f"max {self.max_replicas}"
+            )
+        for name in ("queue_age_threshold_s", "scale_up_after_s", "scale_down_after_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"autoscaling {name} must be a positive number of seconds, got {value!r}")
+
     def to_proto(self) -> pb.AutoscaleConfig:
         return pb.AutoscaleConfig(**self.__dict__)
 
 
 @dataclass(frozen=True)
 class DeploymentStatus:
+    """A pipeline's deployment as the replicas' heartbeats show it. ``status`` is "Running" (``ready``),
+    "Starting", "Error" or "Undeployed"; ``message`` says what is missing, in words.
+
+    For an undeployed pipeline, ``pipeline_version``, ``replicas_wanted`` and ``autoscale`` describe the
+    last deployment (history; 0 and None when it was never deployed), ``undeployed_at`` says when it
+    ended, and ``replicas`` lists only replicas still stopping."""
+
     status: str
     ready: bool
     pipeline_version: int
@@ -180,6 +205,17 @@ class DeploymentStatus:
     message: str
     deployment_id: str = ""
     autoscale: Autoscale | None = None
+    undeployed_at: datetime | None = None
+
+    @property
+    def deployed(self) -> bool:
+        return self.status != "Undeployed"
+
+    def current_replicas(self) -> tuple[ReplicaStatus, ...]:
+        """The replicas of the current deployment (not those of a replaced or undeployed one)."""
+        if not self.deployed:
+            return ()
+        return tuple(r for r in self.replicas if r.deployment_id == self.deployment_id)
 
     @classmethod
     def from_proto(cls, st: pb.DeploymentStatus) -> DeploymentStatus:
@@ -194,6 +230,7 @@ class DeploymentStatus:
                 r.error,
                 r.queue_age_s,
                 r.deployment_id,
+                r.phase,
             )
             for r in st.replicas
         )
@@ -208,6 +245,7 @@ class DeploymentStatus:
                 a.scale_up_after_s,
                 a.scale_down_after_s,
             )
+        undeployed_at = _time(d.updated_at) if st.HasField("deployment") and not d.active else None
         return cls(
             st.status,
             st.ready,
@@ -217,6 +255,7 @@ class DeploymentStatus:
             st.message,
             d.deployment_id,
             autoscale,
+            undeployed_at,
         )
 
 
@@ -445,20 +484,50 @@ class Pipeline:
 
         On a running deployment the new version is rolled out while records keep flowing: its replicas
         join before the current ones leave, and each record is answered by one version. ``replicas``
-        defaults to 1, or to ``autoscale.min_replicas``; ``cpus``/``memory`` (e.g. 2, "4Gi") are
-        per-replica hints for production manifests."""
+        defaults to 1, or to ``autoscale.min_replicas``; it must be at least 1 (to stop serving,
+        ``undeploy()``) and at most the partitions of the pipeline's topics. ``version`` deploys that
+        stored version instead of the current steps. ``cpus``/``memory`` (e.g. 2, "4Gi") are
+        per-replica hints for production manifests.
+
+        While waiting, ``on_status(status)`` is called whenever the progress message changes, e.g.
+        "0/2 replicas ready; 2 loading (starting 1 python step sandbox); ..." then "1/2 replicas ready;
+        1 joining the consumer group; ...": a refused request raises before anything changed."""
+        _check_positive("replicas", replicas, "to stop serving, undeploy() the pipeline")
+        _check_positive("version", version, "leave it out to deploy the current steps or the latest version")
+        _check_timeout(timeout)
         if version is None and self._steps:
             version = self.create().version
+        elif version is None:
+            self._require_stored_version()
         request = pb.DeployRequest(
             workspace=self.workspace,
             pipeline=self.name,
             pipeline_version=version or 0,
-            replicas=replicas or 0,
+            replicas=replicas,
             autoscale=autoscale.to_proto() if autoscale else None,
-            resources=pb.ResourceHints(cpus=str(cpus or ""), memory=memory or "") if cpus or memory else None,
+            resources=(
+                pb.ResourceHints(cpus="" if cpus is None else str(cpus), memory=memory or "")
+                if cpus is not None or memory is not None
+                else None
+            ),
         )
         self.client.call("Deploy", request)
         return self.wait_ready(timeout, on_status) if wait else self.status()
+
+    def _require_stored_version(self) -> None:
+        """Deploying without steps deploys the latest stored version: say so when there is none."""
+        try:
+            self.client.call("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=self.name))
+        except JoeyError as exc:
+            if exc.code != "NOT_FOUND" or not exc.message.startswith(f"pipeline {self.name!r} "):
+                raise
+            raise JoeyError(
+                "FAILED_PRECONDITION",
+                f"pipeline {self.name!r} has no steps, and workspace {self.workspace!r} has no stored "
+                f"version of it to deploy: add a step first, e.g. "
+                f"client.build_pipeline({self.name!r}).add_model_step('my-model').deploy() "
+                f"(CLI: joey pipeline create {self.name} --model MODEL)",
+            ) from None
 
     def rollback(
         self,
@@ -469,6 +538,8 @@ class Pipeline:
     ) -> DeploymentStatus:
         """Roll the deployment back to ``version``, by default the version deployed before the current one,
         keeping its replicas and autoscaling; rolled out like any deploy, with no pause in serving."""
+        _check_positive("version", version, "leave it out to roll back to the version deployed before")
+        _check_timeout(timeout)
         request = pb.RollbackRequest(
             workspace=self.workspace, pipeline=self.name, pipeline_version=version or 0
         )
@@ -476,6 +547,8 @@ class Pipeline:
         return self.wait_ready(timeout, on_status) if wait else self.status()
 
     def wait_ready(self, timeout: float = 120.0, on_status: StatusCallback | None = None) -> DeploymentStatus:
+        """Wait until every replica is ready, calling ``on_status`` whenever the progress message changes;
+        raises JoeyError when a replica fails, the pipeline is not deployed, or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
         last_message = None
         while True:
@@ -485,18 +558,24 @@ class Pipeline:
                 last_message = status.message
             if status.ready:
                 return status
+            if not status.deployed:
+                raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is {status.message}")
             if status.status == "Error" or time.monotonic() > deadline:
                 raise JoeyError(
                     "DEADLINE_EXCEEDED" if status.status != "Error" else "ERROR",
                     f"pipeline {self.name} not ready: {status.status}: {status.message}",
                 )
-            time.sleep(0.2)
+            # Replicas report each step of their start at once; polling often shows it as it happens.
+            time.sleep(0.1)
 
     def status(self) -> DeploymentStatus:
+        """The deployment as the replicas report it: see :class:`DeploymentStatus`."""
         request = pb.GetDeploymentStatusRequest(workspace=self.workspace, pipeline=self.name)
         return DeploymentStatus.from_proto(self.client.call("GetDeploymentStatus", request))
 
     def undeploy(self) -> None:
+        """Stop serving: the replicas finish their batch, commit and leave (``status()`` lists them as
+        stopping meanwhile). Refused (FAILED_PRECONDITION) when the pipeline is not deployed."""
         self.client.call("Undeploy", pb.UndeployRequest(workspace=self.workspace, pipeline=self.name))
 
     def infer(
@@ -683,6 +762,17 @@ class PipelineDescription:
         lines.append(f"topics: {topics_text(self.topics)}")
         lines.append(f"assays: {', '.join(self.assays) if self.assays else 'none'}")
         return "\n".join(lines)
+
+
+def _check_positive(name: str, value: int | None, otherwise: str) -> None:
+    """Refuse a count or version below 1 before anything is sent: none of them means a default."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}; {otherwise}")
+
+
+def _check_timeout(timeout: float) -> None:
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
 
 def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:

@@ -1104,7 +1104,9 @@ class DeployRequest(_message.Message):
     pipeline_version: _builtins.int
     """0 = latest"""
     replicas: _builtins.int
-    """0 = 1, or autoscale.min_replicas with autoscale"""
+    """Unset = 1, or autoscale.min_replicas with autoscale; set, it must be 1..partitions of the inputs
+    topic (0 is refused, never read as a default).
+    """
     @_builtins.property
     def autoscale(self) -> Global___AutoscaleConfig:
         """unset = a fixed number of replicas"""
@@ -1117,15 +1119,17 @@ class DeployRequest(_message.Message):
         workspace: _builtins.str = ...,
         pipeline: _builtins.str = ...,
         pipeline_version: _builtins.int = ...,
-        replicas: _builtins.int = ...,
+        replicas: _builtins.int | None = ...,
         autoscale: Global___AutoscaleConfig | None = ...,
         resources: Global___ResourceHints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["autoscale", b"autoscale", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_replicas", b"_replicas", "autoscale", b"autoscale", "replicas", b"replicas", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscale", b"autoscale", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "replicas", b"replicas", "resources", b"resources", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_replicas", b"_replicas", "autoscale", b"autoscale", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "replicas", b"replicas", "resources", b"resources", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__replicas: _TypeAlias = _typing.Literal["replicas"]  # noqa: Y015
+    _WhichOneofArgType__replicas: _TypeAlias = _typing.Literal["_replicas", b"_replicas"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replicas) -> _WhichOneofReturnType__replicas | None: ...
 
 Global___DeployRequest: _TypeAlias = DeployRequest  # noqa: Y015
 
@@ -1321,6 +1325,7 @@ class ReplicaStatus(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     QUEUE_AGE_S_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     alive: _builtins.bool
     pipeline_version: _builtins.int
@@ -1332,6 +1337,13 @@ class ReplicaStatus(_message.Message):
     """
     deployment_id: _builtins.str
     """during a rollout, old and new replicas are listed together"""
+    phase: _builtins.str
+    """Where the replica is in its life: "starting" (its engine is fetching the models), "loading" (its
+    process loads the models and starts the python steps' sandboxes), "joining" (loaded, waiting for
+    the consumer group to assign it partitions), "running", "retiring" (of a replaced deployment,
+    serving until the new one is ready), "stopping" (its pipeline was undeployed; draining), "failed"
+    (see error) or "dead" (its heartbeat expired). Only "running" replicas serve the current deployment.
+    """
     @_builtins.property
     def partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -1348,10 +1360,11 @@ class ReplicaStatus(_message.Message):
         error: _builtins.str = ...,
         queue_age_s: _builtins.float = ...,
         deployment_id: _builtins.str = ...,
+        phase: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "deployment_id", b"deployment_id", "error", b"error", "last_seen", b"last_seen", "loaded", b"loaded", "partitions", b"partitions", "pipeline_version", b"pipeline_version", "queue_age_s", b"queue_age_s", "replica_id", b"replica_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "deployment_id", b"deployment_id", "error", b"error", "last_seen", b"last_seen", "loaded", b"loaded", "partitions", b"partitions", "phase", b"phase", "pipeline_version", b"pipeline_version", "queue_age_s", b"queue_age_s", "replica_id", b"replica_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1368,7 +1381,8 @@ class DeploymentStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """"Running" (every replica alive, loaded and holding partitions), "Starting",
-    "Error", or "Undeployed".
+    "Error", or "Undeployed". When "Undeployed", deployment (if set) is the last one, now history:
+    active is false and updated_at is when it was undeployed.
     """
     ready: _builtins.bool
     message: _builtins.str
