@@ -50,3 +50,11 @@ def test_code_written_against_joey_sdk_still_works_and_is_told_where_the_sdk_wen
 
     assert joey.sdk.__all__ == joey.client.__all__
     assert all(getattr(joey.sdk, name) is getattr(joey.client, name) for name in joey.client.__all__)
+
+
+def test_dir_and_tab_completion_show_the_public_api() -> None:
+    import joey
+
+    # IPython and the REPL complete from dir(): every exported name must be there, eagerly.
+    assert {"Client", "Pipeline", "Autoscale", "JoeyError"} <= set(dir(joey))
+    assert set(joey.__all__) <= set(dir(joey))
