@@ -133,6 +133,9 @@ def _builder(obj: Any, name: str, o: dict[str, Any]) -> Any:
     ]
     if len(rows) > 1:
         raise click.ClickException(f"give one of {' or '.join(rows)}, not several")
+    for option in ("baseline_first", "baseline_last"):
+        if o[option] is not None and o[option] < 1:
+            raise click.ClickException(f"--{option.replace('_', '-')} needs N >= 1, got {o[option]}")
     # A row baseline with a time range or a file is refused by the registry, which names both.
     if o["baseline_first"] is not None:
         builder.baseline_first(o["baseline_first"])
@@ -211,13 +214,18 @@ def preview(obj: Any, builder: Any, options: dict[str, Any]) -> None:
 
 @assay.command("run")
 @click.argument("name")
-@click.option("--end", help="ISO time: the last window ends by then (default now).")
+@click.option(
+    "--end", help="ISO time: the windows shown end by then (default: as far as windows have closed)."
+)
 @click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG of the scores.")
 @click.pass_obj
 @_with_definition
 def run(obj: Any, builder: Any, options: dict[str, Any]) -> None:
-    """Score a definition over past logs, one row per window with data and one for the window
-    still open (nothing stored)."""
+    """Score a definition over past logs, one row per closed window with data (nothing stored).
+
+    Without --end (or with one no earlier than windows have closed), one more row for the window
+    still open, if it has started; with an earlier --end, a note names the window that extends
+    past it instead."""
     _echo_results(builder.interactive_run(end=options.get("end")), options.get("chart"))
 
 

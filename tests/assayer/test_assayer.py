@@ -165,11 +165,14 @@ def test_event_time_closes_a_window_before_the_wall_clock(
     env: dict[str, str],
     service_factory: Callable[..., ServiceProcess],
 ) -> None:
-    """With 5 minutes of allowed lateness, a record 5 minutes past the window's end closes it at once."""
+    """With 5 minutes of allowed lateness, a record 5 minutes past the windows' end closes them at
+    once; under the default min_count, live and interactive agree window by window on NoData."""
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=100)
     end = start + timedelta(seconds=10)
-    window = [1.0, 2.0, 2.5, 3.0, 4.0, 8.0]
-    inputs = [json.dumps({"features": [5.0, 3.0, v, 1.0]}) for v in window]
+    window, second = [1.0, 2.0, 2.5, 3.0, 4.0, 8.0], [2.0, 3.0, 9.0]
+    inputs = [json.dumps({"features": [5.0, 3.0, v, 1.0]}) for v in window + second]
+    times = [start + timedelta(seconds=i) for i in range(len(window))]
+    times += [end + timedelta(seconds=i) for i in range(len(second))]
     # A group of its own: the embedded broker can be slow to hand over a group whose last members
     # were killed and stopped back to back (the previous test does both).
     assayer = service_factory(
@@ -179,30 +182,42 @@ def test_event_time_closes_a_window_before_the_wall_clock(
         JOEY_ASSAYER_GROUP=f"assayer-{secrets.token_hex(3)}",
     )
     wait_service_ready(env, "assayer")
-    client.build_assay(
+    assay = client.build_assay(
         "watermark", "live", "input features 2", baseline_data=[1.0, 2.0, 3.0, 4.0, 5.0]
-    ).add_width(seconds=10).add_start(start).upload()
+    ).add_width(seconds=10)
+    assay.add_start(start).upload()
     producer = LogProducer(settings)
     producer.records(
-        log_record("live", i, workspace=client.workspace, time=start + timedelta(seconds=i), inputs=text)
-        for i, text in enumerate(inputs)
+        log_record("live", i, workspace=client.workspace, time=time, inputs=text)
+        for i, (time, text) in enumerate(zip(times, inputs, strict=True))
     )
-    # Event time moves past end + lateness long before the wall clock does (in about 3.5 minutes).
-    producer.records(
-        [
-            log_record(
-                "live", 99, workspace=client.workspace, time=end + timedelta(seconds=301), inputs=inputs[0]
-            )
-        ]
+    # Event time moves past the second window's end + lateness long before the wall clock does
+    # (in about 3.5 minutes).
+    later = end + timedelta(seconds=10 + 301)
+    producer.records([log_record("live", 99, workspace=client.workspace, time=later, inputs=inputs[0])])
+    wait_until(
+        lambda: len(results_in_db(database_url, client.workspace)) == 2,
+        60,
+        "the windows closed by event time",
     )
-    wait_until(lambda: results_in_db(database_url, client.workspace), 60, "the window closed by event time")
     assert datetime.now(UTC) < end + timedelta(seconds=300)
-    (result,) = client.get_assay_results("watermark")
+    live = client.get_assay_results("watermark")
+    result = live[0]
     assert (result.window_start, result.window_end) == (start, end)
     assert result.score == assays.score([1.0, 2.0, 3.0, 4.0, 5.0], window).score
-    # Six values, below the default min_count: scored, NoData rather than judged, and published as
-    # a result (alerts are Warning and Alert only).
-    assert result.status == "NoData" and result.window_summary.count == 6
+    # Six and three values, below the default min_count: scored, NoData rather than judged, and
+    # published as results (alerts are Warning and Alert only).
+    assert [(r.status, r.window_summary.count) for r in live] == [("NoData", 6), ("NoData", 3)]
+    interactive = assay.interactive_run(end=end + timedelta(seconds=10))
+    assert len(interactive) == len(live) and interactive.min_count == live.min_count == 30
+    for a, b in zip(live, interactive, strict=True):
+        assert (a.window_start, a.window_end, a.status) == (b.window_start, b.window_end, b.status)
+        assert (a.score, a.scores, a.bin_index, a.window_summary) == (
+            b.score,
+            b.scores,
+            b.bin_index,
+            b.window_summary,
+        )
     key = f"{client.workspace}/watermark/{start.isoformat()}"
     assert read_keys(settings, topics.ASSAY_RESULTS, key, lambda k: key in k) == {key}
     assayer.stop()

@@ -66,16 +66,57 @@ def test_assay_run_names_the_assay_and_marks_small_windows(env: dict[str, str], 
     assert ran.returncode == 0, ran.stderr
     header, *rows = ran.stdout.splitlines()
     assert header.split()[:5] == ["assay", "window_start", "window_end", "score", "status"]
-    # The windows start at the baseline's last row's time: the first hour holds the baseline itself.
-    first, second, third, note = rows
-    assert first.split()[0] == second.split()[0] == third.split()[0] == "drift"
-    assert [line.split()[6] for line in (first, second, third)] == ["Ok", "Alert", "NoData"]
-    assert note == (
-        "1 of 3 windows hold fewer than 30 values (min_count): NoData, "
+    # The windows start just after the baseline's last row: no window holds the baseline itself.
+    first, second, small, cut = rows
+    assert first.split()[0] == second.split()[0] == "drift"
+    assert first.split()[1:3] == ["2025-05-01", "00:00:00.000001+00:00"]
+    assert [(line.split()[6], line.split()[9]) for line in (first, second)] == [
+        ("Alert", "150"),
+        ("NoData", "3"),
+    ]
+    assert small == (
+        "1 of 2 windows hold fewer than 30 values (min_count): NoData, "
         "their scores are not judged against the thresholds"
     )
+    # The run's end cuts the third window: said, not dropped silently.
+    assert cut == (
+        "window 2025-05-01T02:00:00.000001+00:00 to 2025-05-01T03:00:00.000001+00:00 "
+        "extends past end: not shown"
+    )
     judged = joey(env, workspace, *RUN, "--baseline-first", "200", "--min-count", "0", *UNTIL)
-    assert judged.returncode == 0 and judged.stdout.splitlines()[3].split()[6] == "Alert"
+    assert judged.returncode == 0 and judged.stdout.splitlines()[2].split()[6] == "Alert"
+
+
+def test_a_row_baseline_splitting_a_batch_shares_its_time_with_the_first_window(
+    env: dict[str, str], workspace: str
+) -> None:
+    # The first 100 of the first hour's 200 rows: the other 100 share their time, so the windows
+    # start at it, and the first holds all 200 (the documented overlap) rather than leaving 100 out.
+    ran = joey(env, workspace, *RUN, "--baseline-first", "100", *UNTIL)
+    assert ran.returncode == 0, ran.stderr
+    _, *rows, note = ran.stdout.splitlines()
+    assert [(r.split()[1:3], r.split()[9]) for r in rows] == [
+        (["2025-05-01", "00:00:00+00:00"], "200"),
+        (["2025-05-01", "01:00:00+00:00"], "150"),
+        (["2025-05-01", "02:00:00+00:00"], "3"),
+    ]
+    # The end is exactly at the next window's start: nothing cut.
+    assert note.startswith("1 of 3 windows hold fewer than 30 values")
+
+
+def test_baseline_last_and_min_count_in_stored_assays(env: dict[str, str], workspace: str) -> None:
+    base = ["-p", "p", "--iopath", "input features 2"]
+    last = joey(env, workspace, "preview", "drift", *base, "--baseline-last", "3")
+    assert last.returncode == 0, last.stderr
+    assert last.stdout.splitlines()[0].startswith("count 3  min 4  max 6  mean 5  median 5")
+    created = joey(env, workspace, "create", "drift", *base, "--baseline-first", "200", "--min-count", "50")
+    assert created.returncode == 0, created.stderr
+    listed = joey(env, workspace, "list")
+    got = joey(env, workspace, "get", "drift")
+    for shown in (created, listed, got):
+        assert shown.returncode == 0, shown.stderr
+        first = shown.stdout.splitlines()[0]
+        assert first.startswith("drift\tp\tinput features 2\tactive") and first.endswith("\tmin_count 50")
 
 
 def test_assay_run_refuses_what_it_cannot_do(env: dict[str, str], workspace: str) -> None:
@@ -97,5 +138,10 @@ def test_assay_run_refuses_what_it_cannot_do(env: dict[str, str], workspace: str
         "Error: --baseline-rows: expected START:STOP, e.g. 0:5000, got '100-1000'",
     )
     negative = joey(env, workspace, *RUN, "--baseline-first", "10", "--min-count", "-1")
-    assert negative.returncode == 1
-    assert "min_count must be 0 or more (0 judges every window with a value), got -1" in negative.stderr
+    assert (negative.returncode, negative.stderr.splitlines()[0]) == (
+        1,
+        "Error: min_count must be 0 or more (0 judges every window with a value), got -1 (INVALID_ARGUMENT)",
+    )
+    for option, n in (("--baseline-last", "-3"), ("--baseline-first", "0")):
+        none = joey(env, workspace, *RUN, option, n)
+        assert (none.returncode, none.stderr.splitlines()[0]) == (1, f"Error: {option} needs N >= 1, got {n}")

@@ -22,6 +22,7 @@ from tests.registry.helpers import Stub, rpc_error, step, upload
 
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 HOUR = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
 
 
 def ts(value: datetime) -> Timestamp:
@@ -205,7 +206,20 @@ def test_create_list_pause_delete(stub: Stub, workspace: str, logged: dict[str, 
         ({"baseline_start": None, "baseline_end": None}, "give the baseline one way"),
         (
             {"baseline_start": None, "baseline_end": None, "baseline_rows": pb.AssayBaselineRows(start=9)},
-            "0 <= start < stop, got start 9, stop 0",
+            "baseline_rows needs 0 <= start < stop, got start 9, stop 0",
+        ),
+        # The SDK's baseline_first(0) and baseline_last(-3), named as the user called them.
+        (
+            {"baseline_start": None, "baseline_end": None, "baseline_rows": pb.AssayBaselineRows(stop=0)},
+            "baseline_first needs N >= 1, got 0",
+        ),
+        (
+            {
+                "baseline_start": None,
+                "baseline_end": None,
+                "baseline_rows": pb.AssayBaselineRows(stop=-3, from_end=True),
+            },
+            "baseline_last needs N >= 1, got -3",
         ),
         (
             {"baseline_start": None, "baseline_end": None, "baseline_rows": pb.AssayBaselineRows(stop=5000)},
@@ -353,8 +367,10 @@ def test_baselines_by_rows_of_the_log(stub: Stub, workspace: str, logged: dict[s
     for assay in (created, got):
         assert assay.definition.baseline_rows == pb.AssayBaselineRows(stop=400)
         assert assay.definition.min_count == 100
-        # Windows start at the time of the baseline's last row (the 400th, 9 s apart from T0).
-        assert assay.definition.start.ToDatetime(tzinfo=UTC) == T0 + timedelta(seconds=399 * 9)
+        # Windows start just after the baseline's last row (the 400th, 9 s apart from T0): the
+        # next row is 9 s later, so no window holds a row of the baseline.
+        start = T0 + timedelta(seconds=399 * 9, microseconds=1)
+        assert assay.definition.start.ToDatetime(tzinfo=UTC) == start
         assert list(assay.baseline.bin_counts) == list(assays.baseline_summary(logged["baseline"]).bin_counts)
     unset = stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace, name="defaults")))
     assert unset.definition.min_count == 30 and not unset.definition.HasField("baseline_rows")
@@ -381,6 +397,50 @@ def test_a_run_up_to_now_shows_the_window_still_open(
     assert still_open.status == "Open" and still_open.window_summary.count == 5
     assert still_open.window_end.ToDatetime(tzinfo=UTC) == start + HOUR  # when it closes
     assert still_open.score == assays.score([1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0]).score
-    # A run that ends earlier stops there: at its end the window had not closed, nothing to show.
-    earlier = pb.RunAssayInteractiveRequest(definition=d, end=ts(start + timedelta(minutes=5)))
-    assert not stub.RunAssayInteractive(earlier).results
+    # A run that ends earlier stops there: the window extends past its end, named, not shown.
+    earlier = stub.RunAssayInteractive(
+        pb.RunAssayInteractiveRequest(definition=d, end=ts(start + timedelta(minutes=5)))
+    )
+    assert not earlier.results
+    cut = (earlier.cut_window_start.ToDatetime(tzinfo=UTC), earlier.cut_window_end.ToDatetime(tzinfo=UTC))
+    assert cut == (start, start + HOUR)
+    # Up to now, nothing is cut.
+    assert not stub.RunAssayInteractive(pb.RunAssayInteractiveRequest(definition=d)).HasField(
+        "cut_window_start"
+    )
+
+
+def test_event_time_ahead_of_the_wall_clock_closes_windows(
+    stub: Stub, workspace: str, logged: object, db: psycopg.Connection
+) -> None:
+    """As the live assayer, a window has closed once event time passed its end, even if the wall
+    clock has not: a run up to a later end scores it, then shows the window open at the latest row."""
+    start = datetime.now(UTC).replace(microsecond=0) + HOUR
+    values = [float(v) for v in np.random.default_rng(3).uniform(1, 3, 40)] + [1.0, 2.0, 3.0]
+    times = [start + timedelta(seconds=i) for i in range(40)] + [
+        start + HOUR + timedelta(seconds=i) for i in range(3)
+    ]
+    with db.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id, "
+            "time, input_topic, input_partition, input_offset, ok, inputs) "
+            "VALUES (%s, 'p', 1, 'd1', %s, %s, 'in', 2, %s, true, %s)",
+            [
+                (workspace, f"ahead-{i}", time, i, Jsonb({"features": [0, 0, v, 0]}))
+                for i, (time, v) in enumerate(zip(times, values, strict=True))
+            ],
+        )
+    d = definition(
+        workspace, baseline_start=None, baseline_end=None, baseline_data=[1.0, 2.0, 3.0], start=ts(start)
+    )
+    for end in (start + 5 * HOUR, None):
+        request = pb.RunAssayInteractiveRequest(definition=d, end=None if end is None else ts(end))
+        closed, still_open = stub.RunAssayInteractive(request).results
+        assert closed.window_start.ToDatetime(tzinfo=UTC) == start and closed.window_summary.count == 40
+        assert closed.status in ("Ok", "Warning", "Alert")
+        assert closed.score == assays.score([1.0, 2.0, 3.0], values[:40]).score
+        assert (still_open.status, still_open.window_summary.count) == ("Open", 3)
+        assert still_open.window_start.ToDatetime(tzinfo=UTC) == start + HOUR
+    # Ending inside the first window, before event time had passed: that window is cut.
+    early = stub.RunAssayInteractive(pb.RunAssayInteractiveRequest(definition=d, end=ts(start + 10 * MINUTE)))
+    assert not early.results and early.cut_window_start.ToDatetime(tzinfo=UTC) == start

@@ -34,6 +34,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from joey_assayer.settings import AssayerSettings
 from joey_assayer.store import AssayerStore, LiveAssay
 from joey_core import kafka, topics
+from joey_core.assays import ALERTING
 from joey_core.heartbeats import ServiceHeartbeat
 from joey_core.kafka import DeliveryTracker, consumer_config, producer_config
 from joey_core.records import RecordError, is_log_record, log_event_time
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = "assayer"
 POLL_RECORDS = 1000
-ALERTING = ("Warning", "Alert")
 
 
 class Assayer:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import cast
 
 from joey_core.assays import Aggregation, BinMode, Metric, Summary
@@ -138,9 +138,12 @@ def result(r: WindowResult, assay_name: str) -> pb.AssayResult:
     )
 
 
-def results(rs: list[WindowResult], d: AssayDefinition) -> pb.AssayResults:
-    """The results of the assay ``d``, each named after it (interactive runs too)."""
-    return pb.AssayResults(
+def results(
+    rs: list[WindowResult], d: AssayDefinition, *, cut: tuple[datetime, datetime] | None = None
+) -> pb.AssayResults:
+    """The results of the assay ``d``, each named after it (interactive runs too); ``cut``, the
+    window extending past an interactive run's end."""
+    message = pb.AssayResults(
         results=[result(r, d.name) for r in rs],
         alert_threshold=d.alert_threshold,
         warning_threshold=d.warning_threshold,
@@ -148,3 +151,7 @@ def results(rs: list[WindowResult], d: AssayDefinition) -> pb.AssayResults:
         iopath=str(d.iopath),
         min_count=d.min_count,
     )
+    if cut is not None:
+        message.cut_window_start.CopyFrom(timestamp(cut[0]))
+        message.cut_window_end.CopyFrom(timestamp(cut[1]))
+    return message

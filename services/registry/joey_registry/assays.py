@@ -20,15 +20,18 @@ from joey_core import topics
 from joey_core.assays import Scores, Status, Summary
 from joey_core.assays.panes import hold_for_change
 from joey_core.assays.runs import (
+    MICROSECOND,
     AssayDefinition,
     BaselineRows,
     IoPath,
+    RunWindows,
     WindowResult,
     count_values,
-    first_log_time,
+    log_times,
     log_values,
     row_values,
     summary_from_json,
+    time_after,
     time_of,
     window_results,
 )
@@ -117,7 +120,9 @@ class AssayStore:
                 "SELECT r.window_start, r.window_end, r.score, r.scores, r.bin_index, r.status, r.summaries "
                 "FROM assay_results r "
                 "JOIN assays a ON a.id = r.assay_id WHERE a.workspace_id = %s AND a.name = %s "
-                # Windows without any value have no summary: not results, as in interactive runs.
+                # The assayer stores a window without any value (NoData, so the next window follows
+                # it) with no window summary, and one of fewer values than min_count (NoData too)
+                # with its summary: only the latter is a result, as in interactive runs.
                 "AND jsonb_typeof(r.summaries->'window') = 'object' "
                 "AND (%s::timestamptz IS NULL OR r.window_start >= %s) "
                 "AND (%s::timestamptz IS NULL OR r.window_start < %s) ORDER BY r.window_start",
@@ -133,19 +138,21 @@ class AssayStore:
         with self._pool.connection() as conn:
             return row_values(conn, definition, rows)
 
+    def time_after(self, definition: AssayDefinition, rows: BaselineRows) -> int | None:
+        with self._pool.connection() as conn:
+            return time_after(conn, definition, rows)
+
     def count_values(self, definition: AssayDefinition) -> int:
         with self._pool.connection() as conn:
             return count_values(conn, definition)
 
-    def first_log_time(self, workspace: str, pipeline: str) -> datetime | None:
+    def log_times(self, workspace: str, pipeline: str) -> tuple[datetime | None, datetime | None]:
         with self._pool.connection() as conn:
-            return first_log_time(conn, workspace, pipeline)
+            return log_times(conn, workspace, pipeline)
 
-    def window_results(
-        self, definition: AssayDefinition, end: datetime, include_open: bool
-    ) -> list[WindowResult]:
+    def window_results(self, definition: AssayDefinition, windows: RunWindows) -> list[WindowResult]:
         with self._pool.connection() as conn:
-            return window_results(conn, definition, end, include_open=include_open)
+            return window_results(conn, definition, windows.until, open_window=windows.open)
 
 
 def stored_result(definition: AssayDefinition, row: dict[str, Any]) -> WindowResult:
@@ -286,26 +293,33 @@ class Assays:
 
     def run_interactive(
         self, caller: Caller, definition: AssayDefinition, end: datetime | None
-    ) -> list[WindowResult]:
+    ) -> tuple[list[WindowResult], tuple[datetime, datetime] | None]:
+        """The results of the windows closed by ``end`` (None: as far as windows have closed), then
+        the window still open, if it has started; with an ``end`` before windows had closed there,
+        no open window, and the window that extends past ``end`` (second), not shown.
+
+        A window has closed once its end has passed on the wall clock or in event time (the
+        pipeline's latest logged time): the live assayer's rule, which also waits out its allowed
+        lateness for late records (docs/assays.md, "The open window").
+        """
         ws = self.access.authorize(caller, definition.workspace, Action.READ)
         resolved = self._resolve(ws, definition, live=False)
-        # A window ending later than now has not closed: a run goes up to now at most, and only
-        # a run up to now shows the window still open (one ending earlier stops where it was asked to).
-        now = datetime.now(UTC)
-        until = min(end, now) if end else now
         if resolved.start is None:
-            return []  # nothing logged yet
+            return [], None  # nothing logged yet
+        _, watermark = self.sql.log_times(ws.name, definition.pipeline)
+        now = datetime.now(UTC)
+        windows = resolved.run_windows(end, max(now, watermark or now))
         # Each window merges its panes: the run's cost is windows times panes per window.
-        windows = len(list(resolved.windows(resolved.start, until))) + (until == now)
-        merges = windows * (resolved.width // resolved.pane)
+        count = len(windows.closed) + (windows.open is not None)
+        merges = count * (resolved.width // resolved.pane)
         if merges > MAX_INTERACTIVE_PANE_MERGES:
             raise InvalidArgument(
-                f"{windows} windows of {resolved.width // resolved.pane} panes each from "
-                f"{resolved.start.isoformat()} to {until.isoformat()}: at most "
+                f"{count} windows of {resolved.width // resolved.pane} panes each from "
+                f"{resolved.start.isoformat()} to {windows.until.isoformat()}: at most "
                 f"{MAX_INTERACTIVE_PANE_MERGES} panes per run; "
                 "use a later start, an earlier end or a longer interval"
             )
-        return self.sql.window_results(resolved, until, include_open=until == now)
+        return self.sql.window_results(resolved, windows), windows.cut
 
     def results(
         self, caller: Caller, workspace: str, name: str, start: datetime | None, end: datetime | None
@@ -356,13 +370,21 @@ class Assays:
             raise InvalidArgument(f"bad baseline or summarizer: {exc}") from None
         start = d.start or start
         if start is None:
-            start = datetime.now(UTC) if live else self.sql.first_log_time(ws.name, d.pipeline)
+            start = datetime.now(UTC) if live else self.sql.log_times(ws.name, d.pipeline)[0]
         # The stored form keeps the baseline summary only; its values are not kept.
         return replace(resolved, start=start, interval=d.step)
 
+    def _after_rows(self, d: AssayDefinition, rows: BaselineRows, last: int) -> datetime:
+        """Where the windows after a row baseline whose last row's time is ``last`` start: just
+        after it, so no window holds the baseline's own rows; but at it when the row after the
+        baseline shares that time (the baseline splits a batch), so no later row is left out
+        and the first window holds the baseline's last rows of that batch too."""
+        after = self.sql.time_after(d, rows)
+        return time_of(last) if after == last else time_of(last) + MICROSECOND
+
     def _baseline(self, d: AssayDefinition) -> tuple[Any, datetime | None]:
-        """The baseline's values, and where its windows start by default: the baseline's end (the
-        time of its last row for a row baseline), None for values given as data."""
+        """The baseline's values, and where its windows start by default: the baseline's end (for
+        a row baseline, see :meth:`_after_rows`), None for values given as data."""
         given = [
             name
             for name, present in (
@@ -393,9 +415,7 @@ class Assays:
                     f"{self.sql.count_values(d)} values at {d.iopath}: choose fewer rows, or log more first"
                 )
             where = f"the logs of pipeline {d.pipeline!r} at {d.iopath} ({d.baseline_rows})"
-            # Windows are by time and rows of one batch share theirs: starting at the baseline's last
-            # row's time leaves no later row out (the first window may hold the baseline's last rows).
-            start = time_of(int(micros[-1]))
+            start = self._after_rows(d, d.baseline_rows, int(micros[-1]))
         else:
             if d.baseline_start is None or d.baseline_end is None or d.baseline_start >= d.baseline_end:
                 raise InvalidArgument("the baseline range needs baseline_start before baseline_end")

@@ -209,8 +209,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def RunAssayInteractive(self, request: pb.RunAssayInteractiveRequest, caller: Caller) -> pb.AssayResults:
         end = convert.optional_datetime(request, "end")  # type: ignore[arg-type]
         definition = assay_convert.definition(request.definition)
-        results = self.registry.assays.run_interactive(caller, definition, end)
-        return assay_convert.results(results, definition)
+        results, cut = self.registry.assays.run_interactive(caller, definition, end)
+        return assay_convert.results(results, definition, cut=cut)
 
     @_unary
     def GetAssayResults(self, request: pb.GetAssayResultsRequest, caller: Caller) -> pb.AssayResults:

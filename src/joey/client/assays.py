@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from joey_core.assays import JUDGED, Status
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 
@@ -133,12 +134,9 @@ class AssayResult:
         )
 
 
-JUDGED = ("Ok", "Warning", "Alert")
-"""The statuses of windows scored against the thresholds; NoData and Open ones are not."""
-
-
 class AssayResults(list[AssayResult]):
-    """Results in window order, with a table and a chart."""
+    """Results in window order, with a table and a chart. ``cut`` is the window that extends
+    past an interactive run's end (start, end), not among the results."""
 
     def __init__(
         self,
@@ -146,9 +144,10 @@ class AssayResults(list[AssayResult]):
         alert_threshold: float | None,
         warning_threshold: float | None,
         *,
-        assay: str = "",
-        iopath: str = "",
-        min_count: int | None = None,
+        assay: str,
+        iopath: str,
+        min_count: int,
+        cut: tuple[datetime, datetime] | None = None,
     ) -> None:
         super().__init__(results)
         self.alert_threshold = alert_threshold
@@ -156,6 +155,7 @@ class AssayResults(list[AssayResult]):
         self.assay = assay
         self.iopath = iopath
         self.min_count = min_count
+        self.cut = cut
 
     @classmethod
     def from_proto(cls, response: pb.AssayResults) -> AssayResults:
@@ -166,19 +166,29 @@ class AssayResults(list[AssayResult]):
             assay=response.assay,
             iopath=response.iopath,
             min_count=response.min_count,
+            cut=(
+                (_time(response.cut_window_start), _time(response.cut_window_end))
+                if response.HasField("cut_window_start")
+                else None
+            ),
         )
 
     def notes(self) -> list[str]:
-        """What the table does not say by itself: windows too small to judge, and the open one."""
+        """What the table does not say by itself: windows too small to judge, the open one, and
+        the one cut by the run's end."""
         notes = []
-        small = [r for r in self if r.status == "NoData"]
+        closed = [r for r in self if r.status != Status.OPEN]
+        small = [r for r in closed if r.status == Status.NO_DATA]
         if small:
             notes.append(
-                f"{len(small)} of {len(self)} windows hold fewer than {self.min_count} values (min_count): "
+                f"{len(small)} of {len(closed)} windows hold fewer than {self.min_count} values (min_count): "
                 "NoData, their scores are not judged against the thresholds"
             )
+        if self.cut is not None:
+            start, end = self.cut
+            notes.append(f"window {start.isoformat()} to {end.isoformat()} extends past end: not shown")
         for r in self:
-            if r.status == "Open":
+            if r.status == Status.OPEN:
                 notes.append(
                     f"window {r.window_start.isoformat()} is open: {r.window_summary.count:,} values so far, "
                     f"closes at {r.window_end.isoformat()}"
@@ -195,10 +205,10 @@ class AssayResults(list[AssayResult]):
             low, high = min(judged), max(judged)
             each = f"{low:,}" if low == high else f"{low:,}-{high:,}"
             counts = [f"{_windows(len(judged))} scored, {sum(judged):,} values ({each} each)"]
-        small = sum(r.status == "NoData" for r in self)
+        small = sum(r.status == Status.NO_DATA for r in self)
         if small:
             counts.append(f"{_windows(small)} NoData (< {self.min_count} values)")
-        counts += [f"open: {r.window_summary.count:,} so far" for r in self if r.status == "Open"]
+        counts += [f"open: {r.window_summary.count:,} so far" for r in self if r.status == Status.OPEN]
         return f"{name}\n{'; '.join(counts)}"
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -267,12 +277,12 @@ class AssayResults(list[AssayResult]):
         axes.scatter(
             [m for m, _ in judged], [r.score for _, r in judged], c=[colors[r.status] for _, r in judged]
         )
-        small = [m for m, r in zip(middles, self, strict=True) if r.status == "NoData"]
+        small = [m for m, r in zip(middles, self, strict=True) if r.status == Status.NO_DATA]
         if small:
             label = f"NoData (< {self.min_count} values)"
             axes.scatter(small, [0] * len(small), marker="x", color="gray", label=label, clip_on=False)
         for m, r in zip(middles, self, strict=True):
-            if r.status == "Open":
+            if r.status == Status.OPEN:
                 enough = r.window_summary.count >= (self.min_count or 1)
                 axes.scatter(
                     [m],
@@ -294,6 +304,11 @@ class AssayResults(list[AssayResult]):
             axes.legend(fontsize=8)
         figure.autofmt_xdate()
         return _save(plt, figure, path)
+
+
+def _check_rows(call: str, n: int) -> None:
+    if n < 1:
+        raise ValueError(f"{call} needs N >= 1, got {n}")
 
 
 def _windows(n: int) -> str:
@@ -425,11 +440,14 @@ class AssayBuilder:
     # baseline by rows of the log (instead of a time range or data given to build_assay)
     def baseline_first(self, n: int) -> AssayBuilder:
         """The first ``n`` values logged at the iopath, in log order (time, then row id)."""
-        return self.baseline_rows(0, n)
+        _check_rows("baseline_first", n)
+        self.definition.baseline_rows.CopyFrom(pb.AssayBaselineRows(start=0, stop=n))
+        return self
 
     def baseline_last(self, n: int) -> AssayBuilder:
         """The last ``n`` values logged at the iopath when the assay is run or uploaded; an uploaded
         assay keeps that baseline."""
+        _check_rows("baseline_last", n)
         self.definition.baseline_rows.CopyFrom(pb.AssayBaselineRows(start=0, stop=n, from_end=True))
         return self
 
@@ -437,6 +455,8 @@ class AssayBuilder:
         """Values ``start`` to ``stop`` (0-based, stop excluded) logged at the iopath, in log order
         (time, then row id: the order of ``pipeline.logs()`` pages; rows without a number at the
         iopath, as failed inferences, are not counted)."""
+        if start < 0 or stop <= start:
+            raise ValueError(f"baseline_rows needs 0 <= start < stop, got start {start}, stop {stop}")
         self.definition.baseline_rows.CopyFrom(pb.AssayBaselineRows(start=start, stop=stop))
         return self
 
@@ -461,9 +481,16 @@ class AssayBuilder:
         return AssaySummary.from_proto(summary)
 
     def interactive_run(self, end: datetime | str | None = None) -> AssayResults:
-        """One result per window with data, from the start up to ``end`` (default now), then the
-        window still open at ``end`` (status Open, with its values so far; ``window_end`` is when
-        it closes). Windows with fewer values than min_count have the status NoData."""
+        """One result per window with data that has closed, from the start up to ``end``, then
+        the window still open (status Open, with its values so far; ``window_end`` is when it
+        closes) if it has started. A window has closed once its end has passed on the wall clock
+        or in event time (the pipeline's latest logged time), as for the live assayer.
+
+        Without ``end``, or with an ``end`` no earlier than windows have closed, the run goes as
+        far as windows have closed and shows the open window. With an earlier ``end``, it stops
+        there and shows no open window; a window that extends past ``end`` is named in
+        :meth:`AssayResults.notes` (``cut``). Windows with fewer values than min_count have the
+        status NoData."""
         request = pb.RunAssayInteractiveRequest(definition=self.definition)
         if end is not None:
             request.end.CopyFrom(timestamp(end))

@@ -27,6 +27,8 @@ The rules, in brief (details on each function):
 
 from joey_core.assays.binning import BIN_MODES, BinMode, Bins, bin_counts, make_bins
 from joey_core.assays.scoring import (
+    ALERTING,
+    JUDGED,
     METRICS,
     PSI_ZERO_SUBSTITUTE,
     AssayResult,
@@ -48,7 +50,9 @@ from joey_core.assays.summary import (
 
 __all__ = [
     "AGGREGATIONS",
+    "ALERTING",
     "BIN_MODES",
+    "JUDGED",
     "METRICS",
     "PSI_ZERO_SUBSTITUTE",
     "Aggregation",

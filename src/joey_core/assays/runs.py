@@ -129,9 +129,13 @@ class BaselineRows:
     from_end: bool = False
 
     def check(self) -> None:
+        """ValueError naming the SDK's call (baseline_first/baseline_last(N) are start 0)."""
+        if self.start == 0 and self.stop < 1:
+            raise ValueError(f"baseline_{'last' if self.from_end else 'first'} needs N >= 1, got {self.stop}")
         if self.start < 0 or self.stop <= self.start:
+            where = " (counted from the newest)" if self.from_end else ""
             raise ValueError(
-                f"a row baseline needs 0 <= start < stop, got start {self.start}, stop {self.stop}"
+                f"baseline_rows{where} needs 0 <= start < stop, got start {self.start}, stop {self.stop}"
             )
 
     def __str__(self) -> str:
@@ -175,6 +179,27 @@ class AssayDefinition:
         while window_start + self.width <= end:
             yield window_start, window_start + self.width
             window_start += self.step
+
+    def run_windows(self, end: datetime | None, closed_by: datetime) -> RunWindows:
+        """The windows of an interactive run up to ``end`` (None: as far as windows have closed)
+        when the windows ending by ``closed_by`` have closed.
+
+        Closed windows end by ``end`` and by ``closed_by``. After them, when ``end`` is before
+        ``closed_by`` (a run stopping where windows had closed), the next window is ``cut`` if it
+        starts before ``end``: it extends past the run's end. Otherwise the next window to close
+        is ``open`` if it has started by ``closed_by``: with sliding windows (interval < width),
+        several have started and not closed, and it is the one that started first; with gaps
+        between windows (interval > width), none while ``closed_by`` is in a gap.
+        """
+        assert self.start is not None
+        until = end if end is not None and end < closed_by else closed_by
+        stops_early = until < closed_by
+        closed = list(self.windows(self.start, until))
+        following = self.start + len(closed) * self.step
+        window = (following, following + self.width)
+        if stops_early:
+            return RunWindows(until, closed, cut=window if following < until else None)
+        return RunWindows(until, closed, open=window if following <= until else None)
 
     def check_min_count(self) -> None:
         check_min_count(self.min_count)
@@ -288,7 +313,8 @@ class AssayDefinition:
             metric=s["metric"],
             bin_weights=_tuple(s["bin_weights"]),
         )
-        # Assays stored before these keys existed have the defaults.
+        # Assays stored before these keys existed: no row baseline, and min_count 0, the rule they
+        # were created (and may already have results) under, not today's default.
         rows = data.get("baseline_rows")
         return cls(
             workspace=workspace,
@@ -305,9 +331,21 @@ class AssayDefinition:
             summarizer=summarizer,
             alert_threshold=float(data["alert_threshold"]),
             warning_threshold=data["warning_threshold"],
-            min_count=int(data.get("min_count", DEFAULT_MIN_COUNT)),
+            min_count=int(data.get("min_count", 0)),
             baseline=summary_from_json(data["baseline"]),
         )
+
+
+@dataclass(frozen=True)
+class RunWindows:
+    """The windows of an interactive run (:meth:`AssayDefinition.run_windows`): those ``closed``
+    by ``until``, then the ``open`` one shown with its values so far, or the ``cut`` one that
+    extends past the run's end and is not shown."""
+
+    until: datetime
+    closed: list[tuple[datetime, datetime]]
+    open: tuple[datetime, datetime] | None = None
+    cut: tuple[datetime, datetime] | None = None
 
 
 @dataclass(frozen=True)
@@ -515,6 +553,23 @@ def count_values(conn: psycopg.Connection[Any], definition: AssayDefinition) -> 
     return int(row[0]) if row else 0
 
 
+def time_after(conn: psycopg.Connection[Any], definition: AssayDefinition, rows: BaselineRows) -> int | None:
+    """The time (MICROS_SQL) of the counted log row right after those ``rows`` selects, in log
+    order; None when they end with the newest."""
+    if rows.from_end:
+        if rows.start == 0:
+            return None
+        order, offset = sql.SQL(" DESC"), rows.start - 1
+    else:
+        order, offset = sql.SQL(""), rows.stop
+    query = sql.SQL(
+        "SELECT micros FROM ({counted}) AS counted ORDER BY time{d}, id{d} LIMIT 1 OFFSET {o}"
+    ).format(counted=_counted(definition, sql.SQL("TRUE")), d=order, o=sql.Literal(offset))
+    with conn.cursor(row_factory=tuple_row) as cursor:
+        row = cursor.execute(query).fetchone()
+    return None if row is None else int(row[0])
+
+
 def time_of(micros: int) -> datetime:
     return EPOCH + micros * MICROSECOND
 
@@ -530,15 +585,17 @@ def log_values(
     return np.concatenate(chunks) if chunks else np.empty(0, dtype=np.float64)
 
 
-def first_log_time(conn: psycopg.Connection[Any], workspace: str, pipeline: str) -> datetime | None:
-    row = conn.execute(
-        "SELECT min(time) AS first FROM inference_logs WHERE workspace = %s AND pipeline = %s",
-        (workspace, pipeline),
-    ).fetchone()
-    if row is None:
-        return None
-    first = row[0] if isinstance(row, tuple) else row["first"]
-    return cast(datetime | None, first)
+def log_times(
+    conn: psycopg.Connection[Any], workspace: str, pipeline: str
+) -> tuple[datetime | None, datetime | None]:
+    """The times of the first and the latest row of the pipeline's log (None, None when empty):
+    the latest is its event-time watermark, as the live assayer's (failed inferences included)."""
+    with conn.cursor(row_factory=tuple_row) as cursor:
+        row = cursor.execute(
+            "SELECT min(time), max(time) FROM inference_logs WHERE workspace = %s AND pipeline = %s",
+            (workspace, pipeline),
+        ).fetchone()
+    return (None, None) if row is None else (row[0], row[1])
 
 
 def result_of(
@@ -574,17 +631,20 @@ def _open_result(
         aggregation=definition.summarizer.aggregation,
         aggregated_values=(nan,) * bins.count,
     )
-    scores = Scores(definition.summarizer.metric, nan, (), None, Status.OPEN)
+    scores = Scores(definition.summarizer.metric, nan, (nan,) * bins.count, None, Status.OPEN)
     return WindowResult(start, end, scores, baseline, nothing)
 
 
 def window_results(
-    conn: psycopg.Connection[Any], definition: AssayDefinition, end: datetime, *, include_open: bool = False
+    conn: psycopg.Connection[Any],
+    definition: AssayDefinition,
+    end: datetime,
+    *,
+    open_window: tuple[datetime, datetime] | None = None,
 ) -> list[WindowResult]:
     """The result of every window from the definition's start that has closed by ``end`` and
-    holds a value, reading the log once whatever the number of windows; with ``include_open``,
-    then the next window to close when it has started by ``end`` (:func:`_open_result`, counted
-    up to ``end``), even empty.
+    holds a value, reading the log once whatever the number of windows; then, given one, the
+    ``open_window`` (:func:`_open_result`, with every value logged in it so far), even empty.
 
     Values are counted by pane into :class:`joey_core.assays.streaming.WindowCounts`, as the loggers
     count them for the live assayer, and each window merges its panes: memory is bounded by
@@ -592,21 +652,18 @@ def window_results(
     """
     assert definition.start is not None
     windows = list(definition.windows(definition.start, end))
-    following = definition.start + len(windows) * definition.step
-    opened = include_open and following < end
-    if not windows and not opened:
+    read = [*windows, *([open_window] if open_window else [])]
+    if not read:
         return []
     panes: dict[datetime, WindowCounts] = {}
-    first = windows[0][0] if windows else following
-    last = end if opened else windows[-1][1]
-    for micros, values in timed_value_chunks(conn, definition, _IN_RANGE, start=first, end=last):
+    for micros, values in timed_value_chunks(conn, definition, _IN_RANGE, start=read[0][0], end=read[-1][1]):
         definition.count(micros, values, panes)
     results = []
     for start, stop in windows:
         counts = definition.window_counts(start, panes)
         if counts.count:
             results.append(result_of(definition, start, stop, counts))
-    if opened:
-        counts = definition.window_counts(following, panes)
-        results.append(_open_result(definition, following, following + definition.width, counts))
+    if open_window is not None:
+        start, stop = open_window
+        results.append(_open_result(definition, start, stop, definition.window_counts(start, panes)))
     return results

@@ -36,6 +36,12 @@ class Status(StrEnum):
     """A window that has not closed yet (interactive runs): its score so far is provisional."""
 
 
+JUDGED = (Status.OK, Status.WARNING, Status.ALERT)
+"""The statuses of windows judged against the thresholds; NoData and Open ones are not."""
+ALERTING = (Status.WARNING, Status.ALERT)
+"""The statuses published as alerts."""
+
+
 @dataclass(frozen=True)
 class Scores:
     """The score of a window against a baseline.

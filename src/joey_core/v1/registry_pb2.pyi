@@ -1860,7 +1860,7 @@ class AssayResult(_message.Message):
     """MaxDiff's bin; -1 for other metrics"""
     status: _builtins.str
     """"Ok" | "Warning" | "Alert"; "NoData": fewer values than min_count (score kept, not judged);
-    "Open" (interactive runs): not closed by the run's end, score so far (NaN when empty).
+    "Open" (interactive runs): not closed yet, score so far (NaN when empty).
     """
     metric: _builtins.str
     @_builtins.property
@@ -1905,6 +1905,8 @@ class AssayResults(_message.Message):
     ASSAY_FIELD_NUMBER: _builtins.int
     IOPATH_FIELD_NUMBER: _builtins.int
     MIN_COUNT_FIELD_NUMBER: _builtins.int
+    CUT_WINDOW_START_FIELD_NUMBER: _builtins.int
+    CUT_WINDOW_END_FIELD_NUMBER: _builtins.int
     alert_threshold: _builtins.float
     """The thresholds the results were scored against, for charts and checks."""
     warning_threshold: _builtins.float
@@ -1914,6 +1916,14 @@ class AssayResults(_message.Message):
     min_count: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssayResult]: ...
+    @_builtins.property
+    def cut_window_start(self) -> _timestamp_pb2.Timestamp:
+        """Interactive runs with an end before windows had closed there: the window that extends past
+        that end, not shown (unset when none).
+        """
+
+    @_builtins.property
+    def cut_window_end(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -1923,10 +1933,12 @@ class AssayResults(_message.Message):
         assay: _builtins.str = ...,
         iopath: _builtins.str = ...,
         min_count: _builtins.int = ...,
+        cut_window_start: _timestamp_pb2.Timestamp | None = ...,
+        cut_window_end: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold", "warning_threshold", b"warning_threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold", "cut_window_end", b"cut_window_end", "cut_window_start", b"cut_window_start", "warning_threshold", b"warning_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "assay", b"assay", "iopath", b"iopath", "min_count", b"min_count", "results", b"results", "warning_threshold", b"warning_threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold", "alert_threshold", b"alert_threshold", "assay", b"assay", "cut_window_end", b"cut_window_end", "cut_window_start", b"cut_window_start", "iopath", b"iopath", "min_count", b"min_count", "results", b"results", "warning_threshold", b"warning_threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__warning_threshold: _TypeAlias = _typing.Literal["warning_threshold"]  # noqa: Y015
     _WhichOneofArgType__warning_threshold: _TypeAlias = _typing.Literal["_warning_threshold", b"_warning_threshold"]  # noqa: Y015
@@ -2111,7 +2123,7 @@ class RunAssayInteractiveRequest(_message.Message):
     def definition(self) -> Global___AssayDefinition: ...
     @_builtins.property
     def end(self) -> _timestamp_pb2.Timestamp:
-        """last window ends by then; unset = now"""
+        """Closed windows end by then; unset = as far as windows have closed, then the open window."""
 
     def __init__(
         self,

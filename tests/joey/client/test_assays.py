@@ -110,7 +110,17 @@ def test_interactive_runs_over_real_inferences(client: Client, iris_model: Path,
     assert small.title == "petal-drift · input features 2\nno window scored; 1 window NoData (< 100 values)"
     assert small.notes()[0].startswith("1 of 1 windows hold fewer than 100 values (min_count): NoData")
     assert small.chart_scores(tmp_path / "small.png").read_bytes().startswith(PNG)
+    # Up to now, the open window is not among the closed windows the note counts.
+    small_then_open = assay.interactive_run()
+    assert [r.status for r in small_then_open] == ["NoData", "Open"]
+    assert small_then_open.notes()[0].startswith("1 of 1 windows hold fewer than 100 values (min_count)")
     assay.add_min_count(30)
+    # An end inside the window, long closed since: the window is named, not dropped silently.
+    cut = assay.interactive_run(end=middle + timedelta(seconds=1))
+    assert not cut and cut.cut == (middle, window_end)
+    assert cut.notes() == [
+        f"window {middle.isoformat()} to {window_end.isoformat()} extends past end: not shown"
+    ]
 
     # Baselines by rows of the log: every row of a batch shares its time, so only rows can pick
     # the first 120 inferences (the baseline batch) or the last 90 (the drifted one).
@@ -154,6 +164,12 @@ def test_bad_definition_is_refused_with_the_reason(client: Client, iris_model: P
     assert "expected 7, got 2" in weights.value.message
     with pytest.raises(ValueError, match="whole seconds"):
         builder.add_width(seconds=0.5)
+    with pytest.raises(ValueError, match=r"^baseline_first needs N >= 1, got 0$"):
+        builder.baseline_first(0)
+    with pytest.raises(ValueError, match=r"^baseline_last needs N >= 1, got -3$"):
+        builder.baseline_last(-3)
+    with pytest.raises(ValueError, match=r"^baseline_rows needs 0 <= start < stop, got start 5, stop 5$"):
+        builder.baseline_rows(5, 5)
     assert client.list_assays() == []
 
 

@@ -95,8 +95,13 @@ def test_small_windows_are_no_data_and_the_open_window_is_counted_so_far(databas
         insert(conn, workspace, rows)
         definition = definition_of(workspace, min_count=30)
         closed = window_results(conn, definition, end)
-        full, few, still_open = window_results(conn, definition, end, include_open=True)
-        empty_open = window_results(conn, definition, T0 + timedelta(hours=3, minutes=5), include_open=True)
+        windows = definition.run_windows(None, end)
+        assert windows.open == (T0 + 2 * HOUR, T0 + 3 * HOUR) and windows.cut is None
+        full, few, still_open = window_results(conn, definition, end, open_window=windows.open)
+        after = T0 + timedelta(hours=3, minutes=5)
+        empty_open = window_results(
+            conn, definition, after, open_window=definition.run_windows(None, after).open
+        )
     assert closed == [full, few]  # the open window only when asked for
     assert full.scores == definition.score(full.window) and full.scores.status in ("Ok", "Warning", "Alert")
     # Two values: scored exactly as offline, but not judged.
@@ -104,12 +109,15 @@ def test_small_windows_are_no_data_and_the_open_window_is_counted_so_far(databas
     assert few.window.count == 2 and few.scores.score == offline.score and offline.status == "Alert"
     assert few.scores.status == "NoData"
     assert (still_open.window_start, still_open.window_end) == (T0 + 2 * HOUR, T0 + 3 * HOUR)
-    assert still_open.scores.status == "Open" and still_open.window.count == 20
-    assert still_open.scores.score == assays.score(np.arange(1.0, 11.0), later[:20]).score
+    # Every value logged in the open window so far, also those after the run's end.
+    assert still_open.scores.status == "Open" and still_open.window.count == 25
+    assert still_open.scores.score == assays.score(np.arange(1.0, 11.0), later).score
     # The window after the last row has started and holds nothing yet: shown, empty.
     assert [r.scores.status for r in empty_open][1:] == ["NoData", "NoData", "Open"]  # 25 < min_count
     last = empty_open[-1]
     assert (last.window_start, last.window.count, math.isnan(last.scores.score)) == (T0 + 3 * HOUR, 0, True)
+    # One score per bin, as for every window: NaN while empty.
+    assert len(last.scores.scores) == len(full.scores.scores) and all(map(math.isnan, last.scores.scores))
 
 
 def test_row_baselines_follow_log_order_also_within_one_timestamp(database_url: str) -> None:
@@ -128,6 +136,20 @@ def test_row_baselines_follow_log_order_also_within_one_timestamp(database_url: 
         _, middle = assay_runs.row_values(conn, definition, BaselineRows(5, 25))
         _, beyond = assay_runs.row_values(conn, definition, BaselineRows(25, 40))
         assert assay_runs.count_values(conn, definition) == 30
+        # The row after a selection, in log order: none after the newest.
+        after = [
+            assay_runs.time_after(conn, definition, rows)
+            for rows in (
+                BaselineRows(0, 15),
+                BaselineRows(0, 20),
+                BaselineRows(0, 30),
+                BaselineRows(0, 5, True),
+            )
+        ]
+        assert after[:3] == [micros[-1], micros_of(T0 + timedelta(minutes=2)), None] and after[3] is None
+        assert assay_runs.time_after(conn, definition, BaselineRows(10, 20, from_end=True)) == micros_of(
+            T0 + timedelta(minutes=2)
+        )
     assert first.tolist() == in_order[:15].tolist()
     assert assay_runs.time_of(int(micros[-1])) == T0 + timedelta(minutes=1)
     assert last.tolist() == in_order[-12:].tolist()
@@ -135,8 +157,12 @@ def test_row_baselines_follow_log_order_also_within_one_timestamp(database_url: 
     assert beyond.tolist() == in_order[25:].tolist()
     assert str(BaselineRows(0, 15)) == "the first 15 values"
     assert str(BaselineRows(0, 12, from_end=True)) == "the last 12 values"
-    with pytest.raises(ValueError, match="0 <= start < stop, got start 5, stop 5"):
+    with pytest.raises(ValueError, match="baseline_rows needs 0 <= start < stop, got start 5, stop 5"):
         BaselineRows(5, 5).check()
+    with pytest.raises(ValueError, match="baseline_last needs N >= 1, got -3"):
+        BaselineRows(0, -3, from_end=True).check()
+    with pytest.raises(ValueError, match="baseline_first needs N >= 1, got 0"):
+        BaselineRows(0, 0).check()
 
 
 def test_definitions_stored_before_min_count_and_row_baselines_read_with_the_defaults() -> None:
@@ -145,4 +171,45 @@ def test_definitions_stored_before_min_count_and_row_baselines_read_with_the_def
     assert AssayDefinition.from_json("w", "a", stored) == replace(definition, interval=definition.step)
     del stored["min_count"], stored["baseline_rows"]
     older = AssayDefinition.from_json("w", "a", stored)
-    assert (older.min_count, older.baseline_rows) == (assay_runs.DEFAULT_MIN_COUNT, None)
+    # The rule they were created under: every window judged. New ones default to 30.
+    assert (older.min_count, older.baseline_rows) == (0, None)
+    assert definition_of("w").min_count == assay_runs.DEFAULT_MIN_COUNT == 30
+
+
+def micros_of(time: datetime) -> int:
+    return (time - assay_runs.EPOCH) // assay_runs.MICROSECOND
+
+
+def test_which_windows_an_interactive_run_shows() -> None:
+    """Closed windows end by the run's end and by when windows have closed (``closed_by``)."""
+    tumbling = definition_of("w")
+    now = T0 + timedelta(hours=2, minutes=30)
+    # Up to when windows have closed (no end, or a later one): the open window after them.
+    for end in (None, now, T0 + 5 * HOUR):
+        windows = tumbling.run_windows(end, now)
+        assert windows.closed == [(T0, T0 + HOUR), (T0 + HOUR, T0 + 2 * HOUR)]
+        assert (windows.until, windows.open, windows.cut) == (now, (T0 + 2 * HOUR, T0 + 3 * HOUR), None)
+    # An earlier end cutting a window: it is named, not shown, and nothing is open.
+    early = tumbling.run_windows(T0 + timedelta(hours=1, minutes=10), now)
+    assert (early.closed, early.open, early.cut) == ([(T0, T0 + HOUR)], None, (T0 + HOUR, T0 + 2 * HOUR))
+    # An end exactly at a window's start cuts nothing: that window holds no value before it.
+    exact = tumbling.run_windows(T0 + HOUR, now)
+    assert (exact.closed, exact.open, exact.cut) == ([(T0, T0 + HOUR)], None, None)
+    # Closed by exactly a window's start (a row at that time): that window has started, open.
+    assert tumbling.run_windows(None, T0 + HOUR).open == (T0 + HOUR, T0 + 2 * HOUR)
+    # Sliding windows (an hour every 15 minutes): of the four started and not closed, the first to close.
+    sliding = definition_of("w", interval=timedelta(minutes=15))
+    windows = sliding.run_windows(None, T0 + timedelta(hours=1, minutes=40))
+    assert windows.closed[-1] == (T0 + timedelta(minutes=30), T0 + timedelta(hours=1, minutes=30))
+    assert windows.open == (T0 + timedelta(minutes=45), T0 + timedelta(hours=1, minutes=45))
+    # Gaps (10 minutes every hour): closed by a time in a gap, no window is open; an end in a gap cuts none.
+    gaps = definition_of("w", width=timedelta(minutes=10), interval=HOUR)
+    in_gap = T0 + timedelta(hours=1, minutes=30)
+    windows = gaps.run_windows(None, in_gap)
+    assert (len(windows.closed), windows.open, windows.cut) == (2, None, None)
+    windows = gaps.run_windows(in_gap, now)
+    assert (len(windows.closed), windows.open, windows.cut) == (2, None, None)
+    assert gaps.run_windows(T0 + timedelta(hours=2, minutes=5), now).cut == (
+        T0 + 2 * HOUR,
+        T0 + timedelta(hours=2, minutes=10),
+    )
