@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
+import random
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import joblib
 import numpy as np
+import onnx
 import psycopg
 import pytest
 from sklearn.linear_model import LinearRegression
@@ -75,7 +76,7 @@ def test_concurrent_uploads_get_distinct_versions(stub: Stub, workspace: str, ir
     assert sorted(versions) == [1, 2, 3, 4]
 
 
-def _joblib(tmp: Path, compress: int) -> bytes:
+def _joblib(tmp: Path, compress: int | tuple[str, int]) -> bytes:
     """A scikit-learn model as users save it: ``joblib.dump``."""
     model = LinearRegression().fit(np.arange(12.0).reshape(4, 3), np.arange(4.0))
     joblib.dump(model, tmp / "model.joblib", compress=compress)
@@ -88,6 +89,13 @@ def _torch_zip(tmp: Path) -> bytes:
         archive.writestr("model/data.pkl", pickle.dumps({"weight": [1.0, 2.0]}))
         archive.writestr("model/version", "3\n")
     return (tmp / "model.pt").read_bytes()
+
+
+def _zip(tmp: Path, files: dict[str, bytes]) -> bytes:
+    with zipfile.ZipFile(tmp / "archive.zip", "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return (tmp / "archive.zip").read_bytes()
 
 
 # The shape of ``Booster.save_model("model.json")`` (xgboost itself is not a dependency).
@@ -115,9 +123,41 @@ def _bad_uploads(iris: bytes, tmp: Path) -> dict[str, tuple[list[pb.UploadModelR
             requests(iris[: len(iris) // 2]),
             "not a loadable ONNX model: this looks like an ONNX model cut short",
         ),
-        "random": (requests(os.urandom(5000)), "not a loadable ONNX model"),
+        # Bytes that look like nothing known: onnxruntime's own reason is passed on.
+        "random": (
+            requests(random.Random(11).randbytes(5000)),
+            "not a loadable ONNX model: Protobuf parsing failed",
+        ),
         "joblib": (requests(_joblib(tmp, 0)), "looks like a Python pickle (protocol 4)"),
         "joblib-compressed": (requests(_joblib(tmp, 3)), "looks like a pickle compressed with zlib"),
+        **{
+            f"joblib-{kind}": (
+                requests(_joblib(tmp, (kind, 3))),
+                f"looks like a pickle compressed with {kind}, as joblib.dump(compress=...) writes",
+            )
+            for kind in ("gzip", "bz2", "xz")
+        },
+        "hdf5": (
+            requests(b"\x89HDF\r\n\x1a\n" + bytes(4000)),
+            "this looks like an HDF5 file (a Keras .h5 model?). Joey runs ONNX models: convert it with "
+            "tf2onnx",
+        ),
+        "lightgbm": (
+            requests(b"tree\nversion=v4\nnum_class=1\nmax_feature_idx=3\n"),
+            "this looks like a LightGBM text model. Joey runs ONNX models: convert it with onnxmltools",
+        ),
+        "keras": (
+            requests(_zip(tmp, {"metadata.json": b"{}", "config.json": b"{}", "model.weights.h5": b""})),
+            "this looks like a Keras .keras model. Joey runs ONNX models: convert it with tf2onnx",
+        ),
+        "zipped-onnx": (
+            requests(_zip(tmp, {"export/iris.onnx": iris})),
+            "this is a zip archive holding export/iris.onnx: extract the .onnx file and upload it",
+        ),
+        "onnx-without-graph": (
+            requests(onnx.ModelProto(ir_version=8, producer_name="skl2onnx").SerializeToString()),
+            "this looks like the start of an ONNX model without its graph",
+        ),
         "xgboost-json": (requests(XGBOOST_JSON), "looks like an XGBoost model saved as JSON"),
         "torch": (requests(_torch_zip(tmp)), "looks like a PyTorch model"),
         "python-step": (
@@ -142,6 +182,14 @@ def _bad_uploads(iris: bytes, tmp: Path) -> dict[str, tuple[list[pb.UploadModelR
         "random",
         "joblib",
         "joblib-compressed",
+        "joblib-gzip",
+        "joblib-bz2",
+        "joblib-xz",
+        "hdf5",
+        "lightgbm",
+        "keras",
+        "zipped-onnx",
+        "onnx-without-graph",
         "xgboost-json",
         "torch",
         "python-step",

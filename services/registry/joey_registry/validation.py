@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import ast
 import bz2
+import codecs
 import json
 import lzma
+import struct
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnxruntime as ort
@@ -84,6 +86,12 @@ def _ort_reason(exc: Exception) -> str:
 
 
 _SNIFF_BYTES = 1 << 16
+_INNER_BYTES = 16
+# Beyond these, a file is described by its head alone: sniffing must stay cheap for any upload.
+_MAX_JSON_BYTES = 32 << 20
+_MAX_ZIP_ENTRIES = 10_000
+_MAX_ZIP_DIRECTORY_BYTES = 16 << 20
+_MAX_ONNX_FIELDS = 1_000
 _PICKLE_ADVICE = (
     "Joey runs ONNX models: convert a scikit-learn model with skl2onnx, e.g. "
     "`skl2onnx.to_onnx(model, X[:1].astype(numpy.float32))`, and upload the .onnx file"
@@ -115,27 +123,38 @@ def what_file_is(path: Path) -> str | None:
         if head.startswith(magic):
             return _compressed(head, kind, decompressor())
     if head.startswith(b"PK\x03\x04"):
-        return _zip(path)
+        return _zip(path, size)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return f"this looks like an HDF5 file (a Keras .h5 model?). {_TF_ADVICE}"
     if head.lstrip().startswith(b"{"):
-        return _json(path, size)
+        return _json(path, head, size)
     if head.startswith(b"tree\nversion="):
         return (
             "this looks like a LightGBM text model. Joey runs ONNX models: convert it with onnxmltools "
             "(`onnxmltools.convert_lightgbm`) and upload the .onnx file"
         )
-    if b"def process_data" in head:
+    if b"def process_data" in head and _is_text(head) and not head.startswith(b"\x08"):
         return (
             "this looks like a python step (it defines process_data): upload it with framework 'python' "
             "and its input and output schemas"
         )
-    return _cut_short_onnx(path, head, size)
+    return _cut_short_onnx(path, size)
+
+
+def _is_text(head: bytes) -> bool:
+    # An ONNX file (which starts with its ir_version's tag, 0x08) can hold source text in a doc_string; a
+    # python step is UTF-8 throughout. ``final=False``: the sniffed head may end inside a character.
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _compressed(head: bytes, kind: str, decompressor: Any) -> str:
     try:
-        inner = decompressor.decompress(head)
+        # Only the first bytes tell a pickle: a small file can expand to gigabytes.
+        inner = decompressor.decompress(head, _INNER_BYTES)
     except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):
         inner = b""
     if inner.startswith(b"\x80"):
@@ -146,7 +165,27 @@ def _compressed(head: bytes, kind: str, decompressor: Any) -> str:
     return f"this looks like a file compressed with {kind}: decompress it and upload the .onnx model itself"
 
 
-def _zip(path: Path) -> str:
+def _zip_entries(path: Path, size: int) -> tuple[int, int] | None:
+    """The entry count and central directory size an archive's end record gives; None when it has none."""
+    # The end record is the last 22 bytes, or followed by a comment of at most 64 KiB.
+    with path.open("rb") as file:
+        file.seek(max(0, size - (22 + 0xFFFF)))
+        tail = file.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return None
+    entries, directory = struct.unpack_from("<HI", tail, at + 10)
+    return entries, directory
+
+
+def _zip(path: Path, size: int) -> str:
+    end = _zip_entries(path, size)
+    if end is None:
+        return "this looks like a damaged or incomplete zip archive: upload the .onnx model itself"
+    entries, directory = end
+    # 0xFFFF and 0xFFFFFFFF mean the counts are in a zip64 record: far too many to list anyway.
+    if entries > _MAX_ZIP_ENTRIES or directory > _MAX_ZIP_DIRECTORY_BYTES:
+        return "this is a zip archive of many files: upload the .onnx model itself"
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -169,55 +208,69 @@ def _zip(path: Path) -> str:
     return f"this is a zip archive ({len(names)} files: {listed}): upload the .onnx model itself"
 
 
-def _json(path: Path, size: int) -> str:
+_XGBOOST_JSON = (
+    'this looks like an XGBoost model saved as JSON (it has xgboost\'s "learner" key). Joey runs '
+    "ONNX models: convert it with onnxmltools, e.g. `onnxmltools.convert_xgboost(booster, "
+    "initial_types=[('features', FloatTensorType([None, n_features]))])`, and upload the .onnx file"
+)
+
+
+def _json(path: Path, head: bytes, size: int) -> str:
+    if size > _MAX_JSON_BYTES:
+        if b'"learner"' in head:
+            return _XGBOOST_JSON
+        return f"this looks like JSON text ({size} bytes), not a model; Joey runs ONNX models (.onnx files)"
     try:
         document = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return f"this looks like JSON text ({size} bytes) but does not parse as JSON; Joey runs ONNX models"
     if isinstance(document, dict) and "learner" in document:
-        return (
-            'this looks like an XGBoost model saved as JSON (it has xgboost\'s "learner" key). Joey runs '
-            "ONNX models: convert it with onnxmltools, e.g. `onnxmltools.convert_xgboost(booster, "
-            "initial_types=[('features', FloatTensorType([None, n_features]))])`, and upload the .onnx file"
-        )
+        return _XGBOOST_JSON
     keys = ", ".join(repr(k) for k in list(document)[:5]) if isinstance(document, dict) else ""
     return f"this is a JSON document (keys {keys}), not a model; Joey runs ONNX models (.onnx files)"
 
 
-def _cut_short_onnx(path: Path, head: bytes, size: int) -> str | None:
+# ModelProto's fields (onnx.proto) and their wire types: 0 for varints, 2 for length-delimited.
+_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+_IR_VERSIONS = range(1, 21)
+_GRAPH = 7
+
+
+def _cut_short_onnx(path: Path, size: int) -> str | None:
     """An ONNX file (a protobuf ModelProto, which starts with its ir_version, field 1) whose fields run past
-    its end, or that ends before its graph (field 7)."""
-    if not head.startswith(b"\x08"):
-        return None
-    data = path.read_bytes()
+    its end, or that ends before its graph (field 7). Only the top-level fields are walked, seeking past
+    their contents; None when the file stops looking like ONNX or has more fields than a model has."""
     fields: set[int] = set()
-    at = 0
-    try:
-        while at < size:
-            start = at
-            tag, at = _varint(data, at)
-            number, wire_type = tag >> 3, tag & 7
-            if wire_type == 0:
-                _, at = _varint(data, at)
-            elif wire_type == 2:
-                length, at = _varint(data, at)
-                if at + length > size:
-                    return (
-                        f"this looks like an ONNX model cut short: field {number} at byte {start} needs "
-                        f"{at + length} bytes but the file has {size}; upload the complete file (was a "
-                        "download or copy interrupted?)"
-                    )
-                at += length
-            elif wire_type in (1, 5):
-                at += 8 if wire_type == 1 else 4
+    with path.open("rb") as file:
+        try:
+            for _ in range(_MAX_ONNX_FIELDS):
+                start = file.tell()
+                if start == size:
+                    break
+                tag = _varint(file)
+                number, wire_type = tag >> 3, tag & 7
+                if _MODEL_FIELDS.get(number) != wire_type or (start == 0) != (number == 1):
+                    return None
+                value = _varint(file)
+                if start == 0 and value not in _IR_VERSIONS:
+                    return None
+                if wire_type == 2:
+                    end = file.tell() + value
+                    if end > size:
+                        return (
+                            f"this looks like an ONNX model cut short: field {number} at byte {start} needs "
+                            f"{end} bytes but the file has {size}; upload the complete file (was a "
+                            "download or copy interrupted?)"
+                        )
+                    file.seek(end)
+                fields.add(number)
             else:
                 return None
-            fields.add(number)
-    except IndexError:
-        return f"this looks like an ONNX model cut short at byte {size}: upload the complete file"
-    if at > size:
-        return f"this looks like an ONNX model cut short at byte {size}: upload the complete file"
-    if 7 not in fields:
+        except EOFError:
+            return f"this looks like an ONNX model cut short at byte {size}: upload the complete file"
+        except ValueError:  # a varint longer than protobuf's
+            return None
+    if _GRAPH not in fields:
         return (
             f"this looks like the start of an ONNX model without its graph ({size} bytes): upload the "
             "complete file (was a download or copy interrupted?)"
@@ -225,15 +278,17 @@ def _cut_short_onnx(path: Path, head: bytes, size: int) -> str | None:
     return None
 
 
-def _varint(data: bytes, at: int) -> tuple[int, int]:
+def _varint(file: BinaryIO) -> int:
+    """The protobuf varint at the file's position."""
     value = 0
     for shift in range(0, 70, 7):
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, at
-    raise IndexError("varint longer than 10 bytes")
+        byte = file.read(1)
+        if not byte:
+            raise EOFError
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+    raise ValueError("varint longer than 10 bytes")
 
 
 def _tensor_spec(kind: str, arg: Any) -> TensorSpec:

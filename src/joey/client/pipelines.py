@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from joey.client.assays import timestamp
 from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.catalog import DeletedPipeline, topics_text
-from joey.client.inputs import deployed_inputs, to_records
+from joey.client.inputs import RecordInput, deployed_inputs, to_records
 from joey.client.log_export import LogExport, flatten, flatten_shadow, log_entry_row
 from joey.client.streaming import PipelineStream, Progress
 from joey_core.models import ModelVersion
@@ -312,6 +312,10 @@ class Pipeline:
     _steps: list[pb.PipelineStep] = field(default_factory=list)
     _version: int | None = None
     """The version last created or loaded; None until then."""
+    _inputs: tuple[tuple[str, int], tuple[RecordInput, ...]] | None = field(
+        default=None, repr=False, compare=False
+    )
+    """The record inputs ``infer`` last shaped data for, with the deployment and version they are of."""
 
     @property
     def workspace(self) -> str:
@@ -590,21 +594,28 @@ class Pipeline:
         (one record per row) gets an Arrow table back, with the columns of the DataFrame result.
 
         A DataFrame (or Arrow table) has a column per record field; when no column is named after the
-        pipeline's input and that input is one vector of N numbers, a frame of exactly N numeric columns
-        is packed into it, in the frame's column order. A numpy array, for a pipeline with one input, is
-        one record per row of its first dimension. NaN is sent as null, which float inputs refuse (JSON
-        has no NaN). Data that fits neither way raises InputError, before anything is sent.
+        pipeline's input and that input is one vector of N numbers (or one number), a frame of exactly N
+        numeric columns is packed into it, in the frame's column order. A numpy array, for a pipeline with
+        one input, is one record per row of its first dimension. Packed values are converted for the
+        input's dtype; NaN, inf and values the input cannot take raise InputError naming the row and
+        column, as does data that fits neither way, before anything is sent.
         """
         status = self.status()
         if status.status == "Undeployed":
             raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
-        rows = to_records(
-            data, lambda: deployed_inputs(self.client, self.name, status.pipeline_version), self.name
-        )
+        deployed = (status.deployment_id, status.pipeline_version)
+        rows = to_records(data, lambda: self._record_inputs(deployed), self.name)
         replies = PipelineStream(self.client.settings, self.topics).infer(rows, timeout, progress)
         if isinstance(data, pa.Table):
             return pa.Table.from_pandas(replies_to_frame(replies), preserve_index=False)
         return replies_to_frame(replies)
+
+    def _record_inputs(self, deployed: tuple[str, int]) -> tuple[RecordInput, ...]:
+        """The inputs of the deployed version, fetched once per deployment and version: a version's steps
+        never change, and a new deployment or version (from any client) changes the key."""
+        if self._inputs is None or self._inputs[0] != deployed:
+            self._inputs = (deployed, deployed_inputs(self.client, self.name, deployed[1]))
+        return self._inputs[1]
 
     def logs(
         self,

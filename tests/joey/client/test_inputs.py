@@ -17,9 +17,10 @@ from joey.client import Client, JoeyError, Pipeline
 from joey.client.inputs import InputError, RecordInput, to_records
 from joey.client.streaming import PipelineStream
 from joey_core.models import TensorSpec
+from joey_core.records import dumps_text
 from joey_core.settings import CommonSettings
 from joey_core.topics import pipeline_topics
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_until
 from train_model import make_records  # examples/, put on sys.path by conftest
 
 FEATURES = RecordInput("features", TensorSpec("features", "float32", (-1, 4)))
@@ -49,11 +50,154 @@ def test_a_frame_naming_the_input_is_sent_as_it_is() -> None:
     assert to_records(frame, iris_signature, "iris") == [{"features": [1.0, 2.0, 3.0, 4.0], "id": 7}]
 
 
-def test_nan_is_sent_as_null() -> None:
-    frame = pd.DataFrame([[1.0, np.nan, 3.0, 4.0]], columns=COLUMNS)
-    assert to_records(frame, iris_signature, "iris") == [{"features": [1.0, None, 3.0, 4.0]}]
-    array = np.array([[1.0, 2.0, np.inf, 4.0]])
-    assert to_records(array, iris_signature, "iris") == [{"features": [1.0, 2.0, None, 4.0]}]
+def test_nan_in_a_frame_naming_the_input_is_sent_as_null() -> None:
+    frame = pd.DataFrame({"features": [[1.0, np.nan, 3.0, 4.0]], "weight": [np.nan]})
+    assert to_records(frame, iris_signature, "iris") == [
+        {"features": [1.0, np.nan, 3.0, 4.0], "weight": None}
+    ]
+    assert (
+        dumps_text(to_records(frame, iris_signature, "iris"))
+        == '[{"features":[1.0,null,3.0,4.0],"weight":null}]'
+    )
+
+
+def test_a_frame_naming_the_input_keeps_full_precision() -> None:
+    third = 1 / 3
+    frame = pd.DataFrame({"features": [[third] * 4], "weight": [third]})
+    assert to_records(frame, iris_signature, "iris") == [{"features": [third] * 4, "weight": third}]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            pd.DataFrame([[1.0, 2.0, 3.0, 4.0], [1.0, np.nan, 3.0, 4.0]], columns=COLUMNS, index=[10, 11]),
+            "pipeline 'iris' reads 'features' (float32 [4]): row 11, column 'sepal_width' is NaN (or "
+            "missing), but inputs must be finite numbers (JSON has no NaN); fill or drop missing values "
+            "before calling infer",
+        ),
+        (
+            pd.DataFrame([[1.0, 2.0, np.inf, 4.0]], columns=COLUMNS, index=["a"]),
+            "row 'a', column 'petal_length' is inf, but inputs must be finite numbers",
+        ),
+        (
+            pd.DataFrame([[1, 2, 3, None]], columns=COLUMNS, dtype="Int64"),
+            "row 0, column 'petal_width' is NaN (or missing)",
+        ),
+        (np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, -np.inf, 4.0]]), "row 1, element [2] is -inf"),
+        (
+            pd.DataFrame([[1.0, 2.0, 3.0, 1e39]], columns=COLUMNS),
+            "row 0, column 'petal_width' is 1e+39, out of range for float32",
+        ),
+    ],
+)
+def test_values_the_engine_refuses_are_refused_naming_where_they_are(data: object, message: str) -> None:
+    with pytest.raises(InputError) as refused:
+        to_records(data, iris_signature, "iris")  # type: ignore[arg-type]
+    assert message in refused.value.message
+
+
+COUNTS = RecordInput("counts", TensorSpec("counts", "int64", (-1, 3)))
+
+
+def counts_signature() -> list[RecordInput]:
+    return [COUNTS]
+
+
+def test_an_integer_input_gets_integers() -> None:
+    # Integral floats (a column made float by another one, or by pandas) are sent as integers.
+    frame = pd.DataFrame({"a": [1.0, 4.0], "b": [2, 5], "c": [3.0, 6.0]})
+    records = to_records(frame, counts_signature, "p")
+    assert records == [{"counts": [1, 2, 3]}, {"counts": [4, 5, 6]}]
+    assert all(type(v) is int for r in records for v in r["counts"])
+    nullable = pd.DataFrame({"a": [1, 4], "b": [2, 5], "c": [3, 6]}, dtype="Int64")
+    assert to_records(nullable, counts_signature, "p") == [{"counts": [1, 2, 3]}, {"counts": [4, 5, 6]}]
+    array = to_records(np.array([[1.0, 2.0, 3.0]]), counts_signature, "p")
+    assert array == [{"counts": [1, 2, 3]}]
+    assert all(type(v) is int for v in array[0]["counts"])
+    # Booleans are 0 and 1 to a numeric input (the engine refuses JSON true for a number).
+    assert to_records(np.array([[True, False, True]]), counts_signature, "p") == [{"counts": [1, 0, 1]}]
+    unsigned = RecordInput("u", TensorSpec("u", "uint64", (-1, 1)))
+    assert to_records(np.array([[2**64 - 1]], dtype=np.uint64), lambda: [unsigned], "p") == [
+        {"u": [2**64 - 1]}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            pd.DataFrame({"a": [1.0, 4.0], "b": [2.0, 5.5], "c": [3.0, 6.0]}),
+            "pipeline 'p' reads 'counts' (int64 [3]): row 1, column 'b' is 5.5, a non-integer number; round "
+            "or convert the values (e.g. frame.round().astype('int64')) if that is what is meant",
+        ),
+        (
+            pd.DataFrame({"a": [1, None], "b": [2, 5], "c": [3, 6]}, dtype="Int64"),
+            "row 1, column 'a' is NaN (or missing)",
+        ),
+        (np.array([[1.0, 2.5, 3.0]]), "row 0, element [1] is 2.5, a non-integer number"),
+        (
+            pd.DataFrame({"a": np.array([2**64 - 1], dtype=np.uint64), "b": [2], "c": [3]}),
+            "row 0, column 'a' is 18446744073709551615, out of range for int64",
+        ),
+        (
+            np.array([[1.0, 2.0, 2.0**63]]),
+            "row 0, element [2] is 9.223372036854776e+18, out of range for int64",
+        ),
+        (
+            np.array([[1 + 2j, 0, 0]]),
+            "reads 'counts' (int64 [3]), which takes int64 values, not complex128 values",
+        ),
+        (np.array([["1", "2", "3"]]), "which takes int64 values, not <U1 values"),
+    ],
+)
+def test_what_an_integer_input_cannot_take_is_refused(data: object, message: str) -> None:
+    with pytest.raises(InputError) as refused:
+        to_records(data, counts_signature, "p")  # type: ignore[arg-type]
+    assert message in refused.value.message
+
+
+def test_booleans_are_numbers_to_a_numeric_input() -> None:
+    # pd.get_dummies writes bool columns (pandas >= 2).
+    frame = pd.get_dummies(pd.Series(["a", "c", "b"]), dtype=bool).assign(d=[1.5, 2.5, 3.5])
+    assert to_records(frame, iris_signature, "iris") == [
+        {"features": [1.0, 0.0, 0.0, 1.5]},
+        {"features": [0.0, 0.0, 1.0, 2.5]},
+        {"features": [0.0, 1.0, 0.0, 3.5]},
+    ]
+    assert to_records(np.array([[True, False, True, True]]), iris_signature, "iris") == [
+        {"features": [1.0, 0.0, 1.0, 1.0]}
+    ]
+    nullable = pd.DataFrame([[True, False, True, False]], columns=COLUMNS, dtype="boolean")
+    assert to_records(nullable, iris_signature, "iris") == [{"features": [1.0, 0.0, 1.0, 0.0]}]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pd.DataFrame([[1, 2, 3, 4]], columns=["a", "b", "a", "c"]),
+        pd.DataFrame([[1.0, 2.0, 3.0, 4.0]], columns=["a", "b", "a", "c"]),
+        pd.DataFrame([[[1.0, 2.0, 3.0, 4.0], 1, 2]], columns=["features", "id", "id"]),
+    ],
+)
+def test_duplicate_column_names_are_refused(frame: pd.DataFrame) -> None:
+    with pytest.raises(InputError) as refused:
+        to_records(frame, iris_signature, "iris")
+    assert refused.value.message.startswith("the frame has more than one column named 'a'") or (
+        refused.value.message.startswith("the frame has more than one column named 'id'")
+    )
+    assert "names must be unique; rename or drop the duplicates" in refused.value.message
+    with pytest.raises(InputError, match="more than one column named"):
+        to_records(
+            pa.Table.from_arrays([pa.array([1.0])] * 4, names=["a", "b", "a", "c"]), iris_signature, "iris"
+        )
+
+
+def test_a_number_input_takes_one_numeric_column() -> None:
+    scalar = RecordInput("x", TensorSpec("x", "float32", (-1,)))
+    assert to_records(pd.DataFrame({"v": [1.5, 2]}), lambda: [scalar], "p") == [{"x": 1.5}, {"x": 2.0}]
+    with pytest.raises(InputError, match="pass one numeric column, whose values are sent as 'x', or name"):
+        to_records(pd.DataFrame({"v": [1.5], "w": [2]}), lambda: [scalar], "p")
 
 
 @pytest.mark.parametrize(
@@ -71,7 +215,7 @@ def test_nan_is_sent_as_null() -> None:
             "'species'), 1 of them not numeric ('species'): pass exactly 4 numeric columns",
         ),
         (
-            pd.DataFrame([[1.0, 2.0, 3.0, True]], columns=COLUMNS),
+            pd.DataFrame([[1.0, 2.0, 3.0, 1 + 1j]], columns=COLUMNS),
             "1 of them not numeric ('petal_width')",
         ),
     ],
@@ -162,16 +306,52 @@ def test_infer_takes_a_per_feature_frame_and_an_array(iris: Pipeline, iris_model
 
 
 def test_infer_refuses_what_it_cannot_shape_before_sending(iris: Pipeline) -> None:
-    with pytest.raises(JoeyError) as refused:
-        iris.infer(pd.DataFrame([[1.0, 2.0, 3.0]], columns=COLUMNS[:3]), timeout=60)
-    assert refused.value.code == "INVALID_ARGUMENT"
-    assert "pipeline 'iris-inputs' reads record field 'features' (float32 [4])" in refused.value.message
+    # Values seen nowhere else, so the log shows whether any of them was sent.
+    refused = [9.125, 8.125, 7.125]
+    with pytest.raises(JoeyError) as error:
+        iris.infer(pd.DataFrame([refused], columns=COLUMNS[:3]), timeout=60)
+    assert error.value.code == "INVALID_ARGUMENT"
+    assert "pipeline 'iris-inputs' reads record field 'features' (float32 [4])" in error.value.message
     with pytest.raises(JoeyError, match="has shape \\[4\\]; for one record, add the batch dimension"):
-        iris.infer(np.array([5.1, 3.5, 1.4, 0.2]), timeout=60)
+        iris.infer(np.array([*refused, 6.125]), timeout=60)
+    with pytest.raises(JoeyError, match="row 0, column 'petal_width' is NaN \\(or missing\\)"):
+        iris.infer(pd.DataFrame([[*refused, np.nan]], columns=COLUMNS), timeout=60)
+
+    # A record sent after the refused data is logged; none of the refused values ever were.
+    sentinel = [4.875, 3.125, 1.625, 0.375]
+    assert iris.infer({"features": sentinel}, timeout=60)["error"].isna().all()
+    logs = pd.DataFrame()
+
+    def sentinel_logged() -> bool:
+        nonlocal logs
+        logs = iris.logs(limit=1000)
+        return sentinel in logs["in.features"].tolist()
+
+    wait_until(sentinel_logged, 60, "the record after the refused data in the inference log")
+    assert [c for c in logs.columns if c.startswith("in.")] == ["in.features"]
+    assert not [v for v in logs["in.features"] if isinstance(v, list) and set(v) & set(refused)]
 
 
-def test_nan_fails_its_record_naming_the_element_and_why(iris: Pipeline) -> None:
-    frame = pd.DataFrame([[5.1, 3.5, 1.4, 0.2], [6.7, np.nan, 5.2, 2.3]], columns=COLUMNS)
+def test_the_signature_is_fetched_once_per_deployed_version(
+    iris: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetched: list[str] = []
+    call = iris.client.call
+
+    def counting(method: str, request: object) -> object:
+        fetched.append(method)
+        return call(method, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(iris.client, "call", counting)
+    frame = pd.DataFrame([[5.1, 3.5, 1.4, 0.2]], columns=COLUMNS)
+    for data in (frame, frame, frame.to_numpy()):
+        assert iris.infer(data, timeout=60)["error"].isna().all()
+    assert fetched.count("GetPipeline") <= 1
+    assert fetched.count("GetDeploymentStatus") == 3  # each infer still checks what is deployed
+
+
+def test_nan_in_a_named_column_fails_its_record_naming_the_element_and_why(iris: Pipeline) -> None:
+    frame = pd.DataFrame({"features": [[5.1, 3.5, 1.4, 0.2], [6.7, np.nan, 5.2, 2.3]]})
     results = iris.infer(frame, timeout=60)
     assert isinstance(results, pd.DataFrame)
     assert pd.isna(results["error"].iloc[0])
