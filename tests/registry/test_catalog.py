@@ -27,8 +27,14 @@ def undeploy(stub: Stub, workspace: str, pipeline: str) -> None:
     stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline))
 
 
-def delete_model(stub: Stub, workspace: str, name: str, version: int = 0) -> pb.DeleteModelResponse:
-    return stub.DeleteModel(pb.DeleteModelRequest(workspace=workspace, name=name, version=version))
+def delete_model(stub: Stub, workspace: str, name: str, version: int | None = None) -> pb.DeleteModelResponse:
+    """Delete ``version``, or every version and the model."""
+    request = pb.DeleteModelRequest(workspace=workspace, name=name)
+    if version is None:
+        request.all_versions = True
+    else:
+        request.version = version
+    return stub.DeleteModel(request)
 
 
 def versions(stub: Stub, workspace: str, name: str) -> list[int]:
@@ -105,7 +111,7 @@ def test_delete_model_refuses_versions_a_deployment_runs(
     create(stub, workspace, "p", step("iris", 1))
     deploy(stub, workspace, "p")
 
-    for version, what in ((1, "version 1 of model 'iris'"), (0, "model 'iris'")):
+    for version, what in ((1, "version 1 of model 'iris'"), (None, "model 'iris'")):
         error = rpc_error(lambda v=version: delete_model(stub, workspace, "iris", v))  # type: ignore[misc]
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error.details() == (
@@ -138,6 +144,39 @@ def test_delete_model_refuses_versions_a_deployment_runs(
         "pipeline 'p' version 1 uses deleted model versions iris v1; create a new pipeline version "
         "with models that exist and deploy that"
     )
+
+
+def test_delete_model_version_must_be_named_and_positive(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    for version in (0, -1):
+        error = rpc_error(lambda v=version: delete_model(stub, workspace, "iris", v))  # type: ignore[misc]
+        assert (error.code(), error.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"version of model 'iris' to delete must be 1 or more, got {version}; to delete every version "
+            "and the model, ask for all versions (`joey model delete NAME`)",
+        )
+    both = pb.DeleteModelRequest(workspace=workspace, name="iris", version=1, all_versions=True)
+    error = rpc_error(lambda: stub.DeleteModel(both))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "give either version (1) or all_versions to delete model 'iris', not both",
+    )
+    assert versions(stub, workspace, "iris") == [1]
+
+
+def test_deleting_the_last_version_keeps_the_model_and_its_numbering(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    deleted = delete_model(stub, workspace, "iris", 1)
+    assert (list(deleted.versions), deleted.model_deleted) == ([1], False)
+    assert versions(stub, workspace, "iris") == []
+    assert upload(stub, workspace, "iris", iris_bytes).version == 2
+    deleted = delete_model(stub, workspace, "iris")
+    assert (list(deleted.versions), deleted.model_deleted) == ([2], True)
+    assert upload(stub, workspace, "iris", iris_bytes).version == 1
 
 
 def test_deleting_an_artifact_another_workspace_shares_keeps_the_file(
@@ -196,7 +235,7 @@ def test_delete_pipeline_only_when_undeployed_and_unwatched(
 
     stub.DeleteAssay(pb.DeleteAssayRequest(workspace=workspace, name="drift"))
     deleted = delete()
-    assert (deleted.versions, deleted.log_entries) == (2, 1)
+    assert (deleted.version_count, deleted.log_entries) == (2, 1)
     error = rpc_error(lambda: stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     error = rpc_error(delete)

@@ -216,24 +216,35 @@ class Registry:
         ws = self.access.authorize(caller, workspace, Action.READ)
         return ModelDescription(self._model(ws, name), tuple(self.store.model_uses(ws, name)))
 
-    def delete_model(self, caller: Caller, workspace: str, name: str, version: int) -> DeletedModel:
-        """Delete ``version`` of the model, or every version and the model (0). Refused while the
+    def delete_model(
+        self, caller: Caller, workspace: str, name: str, version: int, all_versions: bool = False
+    ) -> DeletedModel:
+        """Delete ``version`` of the model, or with ``all_versions`` every version and the model (the
+        model stays when only its versions are deleted, so its numbering goes on). Refused while the
         current version of an active deployment uses a version to delete; pipeline versions not
         deployed may keep referring to it, and deploying one of them later is refused (see ``_deploy``).
         Artifacts no model version refers to any more are removed once the deletion has committed."""
         ws = self.access.authorize(caller, workspace, Action.WRITE)
-        _non_negative_version(f"model {name!r}", version)
+        if all_versions and version:
+            raise InvalidArgument(
+                f"give either version ({version}) or all_versions to delete model {name!r}, not both"
+            )
+        if not all_versions and version <= 0:
+            raise InvalidArgument(
+                f"version of model {name!r} to delete must be 1 or more, got {version}; "
+                "to delete every version and the model, ask for all versions (`joey model delete NAME`)"
+            )
 
         def choose(existing: tuple[int, ...], uses: list[ModelVersionUse]) -> tuple[int, ...]:
-            if version and version not in existing:
+            if not all_versions and version not in existing:
+                listed = ", ".join(map(str, existing)) or "none left"
                 raise NotFound(
-                    f"model {name!r} has no version {version} in workspace {workspace!r} "
-                    f"(versions: {', '.join(map(str, existing))})"
+                    f"model {name!r} has no version {version} in workspace {workspace!r} (versions: {listed})"
                 )
-            chosen = (version,) if version else existing
+            chosen = existing if all_versions else (version,)
             blocking = [u for u in uses if u.deployed and u.model_version in chosen]
             if blocking:
-                what = f"version {version} of model {name!r}" if version else f"model {name!r}"
+                what = f"model {name!r}" if all_versions else f"version {version} of model {name!r}"
                 users = ", ".join(
                     f"pipeline {u.pipeline!r} (version {u.pipeline_version} uses {name} v{u.model_version})"
                     for u in blocking
@@ -245,7 +256,7 @@ class Registry:
                 )
             return chosen
 
-        found = self.store.delete_model(ws, name, choose)
+        found = self.store.delete_model(ws, name, choose, delete_model=all_versions)
         if found is None:
             raise NotFound(f"model {name!r} not found in workspace {workspace!r}")
         deleted, sha256s = found

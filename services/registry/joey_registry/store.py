@@ -236,7 +236,7 @@ class PipelineLock:
         used = [m for step in steps for m in models_of(step)]
         rows = self._conn.execute(
             "SELECT m.name, v.version, v.sha256 FROM model_versions v JOIN models m ON m.id = v.model_id "
-            "WHERE m.workspace_id = %s AND m.name = ANY(%s)",
+            "WHERE m.workspace_id = %s AND m.name = ANY(%s) FOR SHARE OF v",
             (self.workspace.id, sorted({m.model for m in used})),
         ).fetchall()
         stored = {(r["name"], r["version"], r["sha256"]) for r in rows}
@@ -352,11 +352,16 @@ class Store:
         the transaction, so if it raises no row is written."""
         with self._conn() as conn:
             model_id = _lock_named(conn, "models", ws, name)
-            # Numbered from the model's highest version ever, so a deleted version's number never returns.
+            # Numbered from the model's highest version ever, so a deleted version's number never returns
+            # (and from its versions too, should last_version lag behind them).
             row = conn.execute(
                 """
                 WITH next AS (
-                    UPDATE models SET last_version = last_version + 1 WHERE id = %(model_id)s
+                    UPDATE models SET last_version = 1 + greatest(
+                        last_version,
+                        (SELECT coalesce(max(version), 0) FROM model_versions WHERE model_id = %(model_id)s)
+                    )
+                    WHERE id = %(model_id)s
                     RETURNING last_version
                 )
                 INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, outputs)
@@ -390,14 +395,18 @@ class Store:
 
     def _models(self, ws: WorkspaceRef, name: str | None) -> list[Model]:
         with self._conn() as conn:
+            # A model whose versions were deleted one by one is still there (its numbering goes on).
             rows = conn.execute(
-                f"SELECT {_MODEL_VERSION_COLUMNS} WHERE m.workspace_id = %s "
-                "AND (%s::text IS NULL OR m.name = %s) ORDER BY m.name, v.version",
+                "SELECT m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, "
+                "v.created_at FROM models m LEFT JOIN model_versions v ON v.model_id = m.id "
+                "WHERE m.workspace_id = %s AND (%s::text IS NULL OR m.name = %s) ORDER BY m.name, v.version",
                 (ws.id, name, name),
             ).fetchall()
         grouped: dict[str, list[ModelVersion]] = {}
         for row in rows:
-            grouped.setdefault(row["name"], []).append(_model_version(ws.name, row))
+            versions = grouped.setdefault(row["name"], [])
+            if row["version"] is not None:
+                versions.append(_model_version(ws.name, row))
         return [Model(ws.name, model, tuple(versions)) for model, versions in grouped.items()]
 
     def get_model_version(self, ws: WorkspaceRef, name: str, version: int) -> ModelVersion | None:
@@ -415,12 +424,12 @@ class Store:
             return _model_uses(conn, ws, name)
 
     def delete_model(
-        self, ws: WorkspaceRef, name: str, choose: ChooseVersions
+        self, ws: WorkspaceRef, name: str, choose: ChooseVersions, delete_model: bool
     ) -> tuple[DeletedModel, list[str]] | None:
         """Delete the versions ``choose(existing versions, their uses)`` returns (it raises to refuse,
-        leaving everything as it was), and the model when none is left. Returns what was deleted and
-        the sha256s of the deleted versions, for ``remove_artifacts`` once this has committed; None
-        when there is no such model."""
+        leaving everything as it was), and the model itself when ``delete_model``. Returns what was
+        deleted and the sha256s of the deleted versions, for ``remove_artifacts`` once this has
+        committed; None when there is no such model."""
         with self._conn() as conn:
             row = conn.execute(
                 "SELECT id FROM models WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
@@ -428,13 +437,14 @@ class Store:
             if row is None:
                 return None
             model_id = row["id"]
-            # A deploy holds its pipeline's row FOR UPDATE: with every pipeline of the workspace held
-            # FOR SHARE, a deploy and this deletion run one after the other and each sees the other's result.
-            conn.execute("SELECT id FROM pipelines WHERE workspace_id = %s FOR SHARE", (ws.id,))
+            # Locked before reading their uses: a deploy reads the versions it runs FOR SHARE
+            # (``PipelineLock.missing_models``), so either it waits and finds them gone, or this waits
+            # and, reading the uses after its commit, sees the deployment.
             existing = tuple(
                 r["version"]
                 for r in conn.execute(
-                    "SELECT version FROM model_versions WHERE model_id = %s ORDER BY version", (model_id,)
+                    "SELECT version FROM model_versions WHERE model_id = %s ORDER BY version FOR UPDATE",
+                    (model_id,),
                 ).fetchall()
             )
             chosen = choose(existing, _model_uses(conn, ws, name))
@@ -443,13 +453,10 @@ class Store:
                 "RETURNING version, sha256",
                 (model_id, list(chosen)),
             ).fetchall()
-            remaining = conn.execute(
-                "SELECT 1 FROM model_versions WHERE model_id = %s LIMIT 1", (model_id,)
-            ).fetchone()
-            if remaining is None:
+            if delete_model:
                 conn.execute("DELETE FROM models WHERE id = %s", (model_id,))
         versions = tuple(sorted(r["version"] for r in deleted))
-        return DeletedModel(versions, remaining is None), sorted({r["sha256"] for r in deleted})
+        return DeletedModel(versions, delete_model), sorted({r["sha256"] for r in deleted})
 
     def remove_artifacts(self, sha256s: list[str], remove: Callable[[str], None]) -> int:
         """Call ``remove`` for each of ``sha256s`` that no model version of any workspace uses, under

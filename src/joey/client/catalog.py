@@ -26,6 +26,12 @@ def _when(value: datetime | None) -> str:
     return f"{value:%Y-%m-%d %H:%M:%S}" if value else "-"
 
 
+def plural(count: int, noun: str, with_count: bool = True) -> str:
+    """``1 version``, ``2 versions``; only the word when not ``with_count``."""
+    word = noun if count == 1 else f"{noun}s"
+    return f"{count} {word}" if with_count else word
+
+
 def signature(specs: Iterable[TensorSpec]) -> str:
     """``features float32[-1,4], label int64[-1]``: names, dtypes and shapes (-1 = any size)."""
     return ", ".join(f"{s.name} {s.dtype}[{','.join(map(str, s.shape))}]" for s in specs)
@@ -99,6 +105,8 @@ class ModelSummary:
 
     @property
     def latest(self) -> ModelVersion:
+        if not self.versions:
+            raise LookupError(f"model {self.name!r} has no versions left; upload one")
         return self.versions[-1]
 
     @property
@@ -133,6 +141,14 @@ class ModelSummary:
         return self.name
 
     def row(self) -> dict[str, Any]:
+        if not self.versions:
+            return dict.fromkeys(
+                ("name", "versions", "latest", "framework", "inputs", "outputs", "uploaded"), "-"
+            ) | {
+                "name": self.name,
+                "versions": 0,
+                "uploaded": None,
+            }
         latest = model_version_row(self.latest)
         return {
             "name": self.name,
@@ -244,12 +260,14 @@ class DeletedModel:
     name: str
     versions: tuple[int, ...]
     model_deleted: bool
-    """No version was left, so the model is gone too (a new upload of the name starts at version 1)."""
+    """Every version was deleted and the model with them (a new upload of the name starts at version 1)."""
 
     def __str__(self) -> str:
+        if not self.versions:
+            return f"deleted model {self.name} (it had no versions left)"
         gone = ", ".join(map(str, self.versions))
-        return f"deleted model {self.name} version{'s' if len(self.versions) > 1 else ''} {gone}" + (
-            "; no version is left, the model is gone" if self.model_deleted else ""
+        return f"deleted model {self.name} {plural(len(self.versions), 'version', False)} {gone}" + (
+            ", and the model" if self.model_deleted else ""
         )
 
 

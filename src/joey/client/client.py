@@ -142,9 +142,10 @@ class Client(AssayClientMixin):
 
     def list_models(self) -> Listing[ModelSummary]:
         """Every model of the workspace with its versions; each item reads as its latest version
-        (``m.version``, ``m.framework``, ``m.inputs``...), the listing prints as a table."""
+        (``m.version``, ``m.framework``, ``m.inputs``...), the listing prints as a table. A model
+        whose versions were all deleted one by one is listed with none."""
         response = self.call("ListModels", pb.ListModelsRequest(workspace=self.workspace))
-        return Listing(ModelSummary.from_proto(m) for m in response.models if m.versions)
+        return Listing(ModelSummary.from_proto(m) for m in response.models)
 
     def describe_model(self, name: str) -> ModelDescription:
         """Every version of ``name`` with its signature, and the pipeline versions using each."""
@@ -152,12 +153,17 @@ class Client(AssayClientMixin):
         return ModelDescription.from_proto(self.call("DescribeModel", request))
 
     def delete_model(self, name: str, version: int | None = None) -> DeletedModel:
-        """Delete ``version`` of ``name``, or every version and the model. Refused while the current
-        version of a deployed pipeline uses a version to delete (the error names the pipeline). A
-        deleted version's number is never given to a later upload of the model."""
-        request = pb.DeleteModelRequest(workspace=self.workspace, name=name, version=version or 0)
+        """Delete ``version`` of ``name`` (the model stays, and its numbering goes on), or without a
+        version every version and the model. Refused while the current version of a deployed pipeline
+        uses a version to delete (the error names the pipeline). A deleted version's number is never
+        given to a later upload of the model."""
+        request = pb.DeleteModelRequest(workspace=self.workspace, name=str(name))
+        if version is None:
+            request.all_versions = True
+        else:
+            request.version = version
         response = self.call("DeleteModel", request)
-        return DeletedModel(name, tuple(response.versions), response.model_deleted)
+        return DeletedModel(str(name), tuple(response.versions), response.model_deleted)
 
     # Pipelines
     def build_pipeline(self, name: str) -> Pipeline:

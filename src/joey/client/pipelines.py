@@ -636,7 +636,7 @@ class Pipeline:
             "DeletePipeline", pb.DeletePipelineRequest(workspace=self.workspace, name=self.name)
         )
         self._version = None
-        return DeletedPipeline(self.name, response.versions, response.log_entries)
+        return DeletedPipeline(self.name, response.version_count, response.log_entries)
 
 
 def load_pipeline(client: RegistryCaller, found: pb.Pipeline) -> Pipeline:
