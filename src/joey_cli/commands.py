@@ -123,7 +123,7 @@ def workspace_create(obj: Context, name: str) -> None:
 @workspace.command("list")
 @click.pass_obj
 def workspace_list(obj: Context) -> None:
-    """List the workspaces; * marks the current one.
+    """List the workspaces; in a terminal, * marks the current one.
 
     The current workspace is chosen with -w or $JOEY_WORKSPACE."""
     from joey.client import JoeyError
@@ -132,8 +132,10 @@ def workspace_list(obj: Context) -> None:
         names = obj.client.list_workspaces()
     except JoeyError as exc:
         _fail(exc)
+    # Marked only for a person: piped, the names are bare, one a line.
+    marked = sys.stdout.isatty()
     for name in names:
-        click.echo(f"{'*' if name == obj.workspace else ' '} {name}")
+        click.echo(f"{'*' if name == obj.workspace else ' '} {name}" if marked else name)
 
 
 @workspace.command("delete")

@@ -102,6 +102,16 @@ def forget_dead(client: redis.Redis, prefix: str, workspace: str, pipeline: str,
             client.hdel(_index_key(prefix, workspace, pipeline), view.beat.replica_id)
 
 
+def forget_pipeline(client: redis.Redis, prefix: str, workspace: str, pipeline: str) -> None:
+    """Drop every replica known for a deleted pipeline, so a new one of the same name starts with none."""
+    ids = [k.decode() for k in client.hkeys(_index_key(prefix, workspace, pipeline))]  # type: ignore[union-attr]
+    pipe = client.pipeline()
+    for rid in ids:
+        pipe.delete(_live_key(prefix, workspace, pipeline, rid))
+    pipe.delete(_index_key(prefix, workspace, pipeline))
+    pipe.execute()
+
+
 def _service_key(prefix: str, service: str, instance: str) -> str:
     return f"{prefix}:svc:{service}:{instance}"
 

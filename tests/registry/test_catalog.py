@@ -217,7 +217,7 @@ def test_delete_pipeline_only_when_undeployed_and_unwatched(
     error = rpc_error(delete)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error.details() == (
-        f"pipeline 'p' is deployed (version 2, 1 replicas, deployment {deployment.deployment_id}); "
+        f"pipeline 'p' is deployed (version 2, 1 replica, deployment {deployment.deployment_id}); "
         "undeploy it first: `joey pipeline undeploy p`"
     )
     undeploy(stub, workspace, "p")

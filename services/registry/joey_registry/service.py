@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE = "default"
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+KAFKA_ADMIN_TIMEOUT_S = 10.0
 DEFAULT_LOG_LIMIT = 100
 MAX_LOG_LIMIT = 10_000
 
@@ -358,16 +359,18 @@ class Registry:
         ]
 
     def delete_pipeline(self, caller: Caller, workspace: str, name: str) -> DeletedPipeline:
-        """Delete an undeployed pipeline with its versions, deployment history and inference logs.
-        Refused while it is deployed, and while assays watch it (their baselines and results are
-        worth keeping: the user deletes them by name). Its Kafka topics are left to their retention."""
+        """Delete an undeployed pipeline with its versions, deployment history and inference logs,
+        then (best effort) its topics, the engines' consumer group and its replicas' heartbeats, so a
+        new pipeline of the same name inherits nothing. Refused while it is deployed, while a replica
+        of it is still alive (finishing its batch), and while assays watch it (their baselines and
+        results are worth keeping: the user deletes them by name)."""
         ws = self.access.authorize(caller, workspace, Action.WRITE)
         with self._locked(ws, name) as lock:
             current = lock.deployment()
             if current is not None and current.active:
                 raise FailedPrecondition(
                     f"pipeline {name!r} is deployed (version {current.pipeline_version}, "
-                    f"{current.replicas} replicas, deployment {current.deployment_id}); "
+                    f"{_plural(current.replicas, 'replica')}, deployment {current.deployment_id}); "
                     f"undeploy it first: `joey pipeline undeploy {name}`"
                 )
             assays = lock.assay_names()
@@ -375,6 +378,20 @@ class Registry:
                 raise FailedPrecondition(
                     f"pipeline {name!r} is watched by assays {', '.join(map(repr, assays))}; delete them "
                     f"first: `joey assay delete {assays[0]}`"
+                )
+            # An undeployed replica finishes its batch before it stops: what it still consumes and
+            # logs would otherwise outlive the deletion.
+            try:
+                alive = [v.beat.replica_id for v in self._replica_views(ws.name, name) if v.alive]
+            except redis.RedisError as exc:
+                raise Unavailable(
+                    f"could not read the replica heartbeats of pipeline {name!r} from Redis: {exc}; "
+                    "retry once Redis answers"
+                ) from exc
+            if alive:
+                raise FailedPrecondition(
+                    f"pipeline {name!r} has {_plural(len(alive), 'replica')} still stopping "
+                    f"({', '.join(alive)}); retry in a few seconds"
                 )
             deleted = lock.delete()
         log.info(
@@ -384,7 +401,47 @@ class Registry:
             deleted.versions,
             deleted.log_entries,
         )
+        self._forget_pipeline(ws.name, name)
         return deleted
+
+    def _replica_views(self, workspace: str, pipeline: str) -> list[heartbeats.ReplicaView]:
+        return heartbeats.read(self.redis, self.settings.redis_prefix, workspace, pipeline)
+
+    def _forget_pipeline(self, workspace: str, pipeline: str) -> None:
+        """After a pipeline's deletion committed: delete its topics (with the input records still
+        waiting in them), the engines' consumer group (with its offsets) and the replicas' heartbeats.
+        Best effort: the deletion stands; what fails is logged, and a new pipeline of the same name
+        would find it (old records and offsets, or stale dead replicas)."""
+        names = topics.pipeline_topics(workspace, pipeline)
+        group = topics.engine_group(workspace, pipeline)
+        for topic in names.all():
+            self._partitions.pop(topic, None)
+        timeout = KAFKA_ADMIN_TIMEOUT_S
+        try:
+            for future in self.admin.delete_consumer_groups([group], request_timeout=timeout).values():
+                future.result()
+        except KafkaException as exc:
+            log.warning(
+                "pipeline %s/%s deleted, but not its consumer group %s: %s", workspace, pipeline, group, exc
+            )
+        try:
+            for topic, future in self.admin.delete_topics(
+                list(names.all()), operation_timeout=timeout
+            ).items():
+                try:
+                    future.result()
+                except KafkaException as exc:
+                    log.warning(
+                        "pipeline %s/%s deleted, but not its topic %s: %s", workspace, pipeline, topic, exc
+                    )
+        except KafkaException as exc:
+            log.warning("pipeline %s/%s deleted, but not its topics: %s", workspace, pipeline, exc)
+        try:
+            heartbeats.forget_pipeline(self.redis, self.settings.redis_prefix, workspace, pipeline)
+        except redis.RedisError as exc:
+            log.warning(
+                "pipeline %s/%s deleted, but not its replicas' heartbeats: %s", workspace, pipeline, exc
+            )
 
     def _require_pipeline(self, ws: WorkspaceRef, name: str) -> None:
         if not self.store.pipeline_exists(ws, name):
@@ -620,3 +677,7 @@ class Registry:
         total = counted if counted is not None else found.total or 0
         token = page_tokens.encode(query, found.following, total) if found.following else ""
         return LogPage(found.entries, total, token)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun if count == 1 else noun + 's'}"

@@ -17,7 +17,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from joey_core import topics
+from joey_core import db, topics
 from joey_core.models import ModelVersion, TensorSpec, specs_from_json
 from joey_registry.domain import (
     Autoscale,
@@ -251,11 +251,31 @@ class PipelineLock:
 
     def delete(self) -> DeletedPipeline:
         """The pipeline, its versions, deployment and history, and its inference logs: a later pipeline
-        of the same name starts again at version 1 and must not inherit them."""
-        logs = self._conn.execute(
-            "DELETE FROM inference_logs WHERE workspace = %s AND pipeline = %s",
+        of the same name starts again at version 1 and must not inherit them. Its deployments are
+        recorded in ``deleted_deployments``, so log records of theirs the logger has yet to write are
+        dropped; the logs lock (see ``db.lock_pipeline_logs``) makes this see every row written before."""
+        db.lock_pipeline_logs(self._conn, self.workspace.name, self.name, shared=False)
+        self._conn.execute(
+            "INSERT INTO deleted_deployments (deployment_id) "
+            "SELECT deployment_id FROM deployment_history WHERE pipeline_id = %(id)s "
+            "UNION SELECT deployment_id FROM deployments WHERE pipeline_id = %(id)s "
+            "ON CONFLICT DO NOTHING",
+            {"id": self._pipeline_id},
+        )
+        # Rows may also come from deployments older than the history (before migration 0005).
+        row = self._conn.execute(
+            """
+            WITH gone AS (
+                DELETE FROM inference_logs WHERE workspace = %s AND pipeline = %s RETURNING deployment_id
+            ), marked AS (
+                INSERT INTO deleted_deployments (deployment_id) SELECT DISTINCT deployment_id FROM gone
+                ON CONFLICT DO NOTHING
+            )
+            SELECT count(*) AS n FROM gone
+            """,
             (self.workspace.name, self.name),
-        ).rowcount
+        ).fetchone()
+        logs = int(row["n"]) if row else 0
         for table in ("deployment_history", "deployments"):
             self._conn.execute(
                 sql.SQL("DELETE FROM {} WHERE pipeline_id = %s").format(sql.Identifier(table)),

@@ -17,13 +17,16 @@ from joey_core.v1 import registry_pb2 as pb
 
 Row = TypeVar("Row")
 
+DELETE_PIPELINE_TIMEOUT_S = 600.0
+"""How long a pipeline's deletion may take: its logs are deleted with it, in one transaction."""
+
 
 def _time(ts: Timestamp) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
 
 
 def _when(value: datetime | None) -> str:
-    return f"{value:%Y-%m-%d %H:%M:%S}" if value else "-"
+    return f"{value:%Y-%m-%d %H:%M:%S} UTC" if value else "-"
 
 
 def plural(count: int, noun: str, with_count: bool = True) -> str:
@@ -66,13 +69,13 @@ class Listing(list[Row], Generic[Row]):
         return super().__contains__(item)
 
     def table(self) -> str:
-        """The listing as a text table, times to the second; empty text for an empty listing."""
+        """The listing as a text table, times to the second in UTC; empty text for an empty listing."""
         if not self:
             return ""
         frame = self.to_frame()
         for column in frame.columns:
             if pd.api.types.is_datetime64_any_dtype(frame[column]):
-                frame[column] = frame[column].dt.strftime("%Y-%m-%d %H:%M:%S")
+                frame[column] = frame[column].dt.strftime("%Y-%m-%d %H:%M:%S UTC")
         return str(frame.to_string(index=False))
 
     def __repr__(self) -> str:
@@ -192,7 +195,9 @@ class ModelDescription:
     def text(self, version: int | None = None) -> str:
         """What ``joey model describe`` prints: every version, or only ``version``."""
         model = self.model
-        lines = [f"model {model.name} (workspace {model.workspace}), {len(model.versions)} versions"]
+        lines = [
+            f"model {model.name} (workspace {model.workspace}), {plural(len(model.versions), 'version')}"
+        ]
         for mv in model.versions:
             if version and mv.version != version:
                 continue
@@ -278,7 +283,8 @@ class DeletedPipeline:
     log_entries: int
 
     def __str__(self) -> str:
-        return f"deleted pipeline {self.name}: {self.versions} versions, {self.log_entries} logged inferences"
+        logged = plural(self.log_entries, "logged inference")
+        return f"deleted pipeline {self.name}: {plural(self.versions, 'version')}, {logged}"
 
 
 def topics_text(topics: PipelineTopics) -> str:
