@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import grpc
@@ -11,6 +12,7 @@ from psycopg.types.json import Jsonb
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
+from tests.conftest import wait_until
 from tests.registry.helpers import Stub, identity_model, rpc_error, step, upload
 
 
@@ -278,3 +280,41 @@ def test_delete_workspace_only_when_empty_and_never_default(
     error = rpc_error(lambda: delete(workspace))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert error.details() == f"workspace {workspace!r} not found"
+
+
+def test_an_assay_on_a_pipeline_being_deleted_is_refused(
+    stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection, database_url: str
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    create(stub, workspace, "p", step("iris"))
+    assay = pb.AssayDefinition(
+        workspace=workspace, name="drift", pipeline="p", iopath="input features 2", baseline_data=[1.0, 2.0]
+    )
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(database_url) as deleting:
+        # A deletion that has passed its checks (no assay yet) and not committed.
+        (pipeline_id,) = deleting.execute(
+            "SELECT p.id FROM pipelines p JOIN workspaces w ON w.id = p.workspace_id "
+            "WHERE w.name = %s AND p.name = 'p' FOR UPDATE",
+            (workspace,),
+        ).fetchone()  # type: ignore[misc]
+        deleting.execute("DELETE FROM pipeline_versions WHERE pipeline_id = %s", (pipeline_id,))
+        deleting.execute("DELETE FROM pipelines WHERE id = %s", (pipeline_id,))
+        creating = pool.submit(lambda: stub.CreateAssay(pb.CreateAssayRequest(definition=assay)))
+        wait_until(
+            lambda: (
+                creating.done()
+                or db.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()
+            ),
+            30,
+            "the assay's creation to wait for the pipeline's row",
+        )
+        deleting.commit()
+        error = rpc_error(creating.result)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.NOT_FOUND,
+        f"pipeline 'p' not found in workspace {workspace!r}",
+    )
+    assert not stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
