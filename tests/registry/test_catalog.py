@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import psycopg
+import pytest
 from psycopg.types.json import Jsonb
 
 from joey_core.v1 import registry_pb2 as pb
@@ -318,3 +320,30 @@ def test_an_assay_on_a_pipeline_being_deleted_is_refused(
         f"pipeline 'p' not found in workspace {workspace!r}",
     )
     assert not stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
+
+
+def test_a_failed_upload_keeps_the_file_an_upload_of_the_same_bytes_recorded_meanwhile(
+    stub: Stub,
+    workspace: str,
+    registry_server: RegistryServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = identity_model("features", "float32", workspace, width=4)  # bytes no other test uploads
+    sha256 = hashlib.sha256(data).hexdigest()
+    other = f"{workspace}-2"
+    stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=other))
+    store = registry_server.registry.store
+    original = store.add_model_version
+
+    def store_then_fail(ws: Any, name: str, *args: Any) -> Any:
+        *fields, store_artifact = args
+        store_artifact()  # this upload writes the file...
+        monkeypatch.setattr(store, "add_model_version", original)
+        upload(stub, other, "same", data)  # ...which a concurrent one finds and records
+        raise RuntimeError("this upload fails before its commit")
+
+    monkeypatch.setattr(store, "add_model_version", store_then_fail)
+    error = rpc_error(lambda: upload(stub, workspace, "iris", data))
+    assert error.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+    assert versions(stub, other, "same") == [1]
+    assert has_artifact(registry_server, sha256)

@@ -170,9 +170,11 @@ class Registry:
                     ws, name, sha256, size, framework, signature.inputs, signature.outputs, store_artifact
                 )
             except BaseException:
-                # The rows were rolled back; an artifact stored only for them would be orphaned.
+                # The rows were rolled back; an artifact stored only for them would be orphaned. Under
+                # the artifact's lock, and only if unused: an upload of the same bytes may have found
+                # the file meanwhile and recorded its own version.
                 if stored_new:
-                    self.artifacts.delete(sha256)
+                    self.store.remove_artifacts([sha256], self.artifacts.delete)
                 raise
         log.info("stored model %s/%s version %d (%s, %d bytes)", ws.name, name, version.version, sha256, size)
         return version
