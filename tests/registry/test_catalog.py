@@ -10,11 +10,12 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+import redis
 from psycopg.types.json import Jsonb
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.registry.helpers import Stub, identity_model, rpc_error, step, upload
 
 
@@ -347,3 +348,24 @@ def test_a_failed_upload_keeps_the_file_an_upload_of_the_same_bytes_recorded_mea
     assert error.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
     assert versions(stub, other, "same") == [1]
     assert has_artifact(registry_server, sha256)
+
+
+def test_list_pipelines_without_redis_says_unknown_and_writes_nothing(
+    stub: Stub,
+    workspace: str,
+    iris_bytes: bytes,
+    registry_server: RegistryServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    create(stub, workspace, "idle", step("iris"))
+    create(stub, workspace, "live", step("iris"))
+    deploy(stub, workspace, "live")
+
+    def statuses() -> dict[str, str]:
+        listed = stub.ListPipelines(pb.ListPipelinesRequest(workspace=workspace)).pipelines
+        return {p.name: p.status for p in listed}
+
+    assert statuses() == {"idle": "Undeployed", "live": "Starting"}
+    monkeypatch.setattr(registry_server.registry, "redis", redis.Redis(port=free_port(), socket_timeout=1))
+    assert statuses() == {"idle": "Undeployed", "live": "Unknown"}
