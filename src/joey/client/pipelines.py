@@ -17,7 +17,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from joey.client.assays import timestamp
 from joey.client.calls import JoeyError, RegistryCaller
-from joey.client.catalog import DELETE_PIPELINE_TIMEOUT_S, DeletedPipeline, plural, topics_text
+from joey.client.catalog import (
+    DELETE_PIPELINE_TIMEOUT_S,
+    DeletedPipeline,
+    ModelSummary,
+    plural,
+    topics_text,
+)
 from joey.client.log_export import LogExport, flatten, flatten_shadow, log_entry_row
 from joey.client.streaming import PipelineStream, Progress
 from joey_core.models import ModelVersion
@@ -245,17 +251,21 @@ def _modelstep_request(step: pb.ResolvedStep) -> pb.ModelStep:
 
 
 def _model_ref(
-    model: ModelVersion | str, version: int | None = None, inputs: dict[str, str] | None = None
+    model: ModelVersion | ModelSummary | str, version: int | None = None, inputs: dict[str, str] | None = None
 ) -> pb.ModelStep:
-    """A ModelVersion pins that version; a name takes ``version``, or the latest at create time."""
+    """A ModelVersion pins that version, a ModelSummary (an item of ``list_models()``) its latest; a
+    name takes ``version``, or the latest at create time."""
+    if isinstance(model, ModelSummary):
+        model = model.latest
     if isinstance(model, ModelVersion):
         return pb.ModelStep(model=model.name, version=model.version, input_mapping=inputs)
     return pb.ModelStep(model=model, version=version or 0, input_mapping=inputs)
 
 
-def _named_ref(model: ModelVersion | str, mappings: dict[str, dict[str, str]]) -> pb.ModelStep:
-    """A ModelVersion, or ``"name"`` / ``"name:version"``, with its input mapping from ``mappings``."""
-    if isinstance(model, ModelVersion):
+def _named_ref(model: ModelVersion | ModelSummary | str, mappings: dict[str, dict[str, str]]) -> pb.ModelStep:
+    """A ModelVersion or ModelSummary, or ``"name"`` / ``"name:version"``, with its input mapping
+    from ``mappings``."""
+    if isinstance(model, ModelVersion | ModelSummary):
         return _model_ref(model, inputs=mappings.get(model.name))
     # Model names cannot contain ":", so "name:version" is unambiguous.
     name, colon, version = model.partition(":")

@@ -112,6 +112,13 @@ def test_listings_are_tables_of_what_each_thing_is(client: Client, iris_model: P
         f"errors joey.{client.workspace}.live.errors"
     )
     assert text[4] == "assays: none"
+
+    # Listing items go where names and model versions went before.
+    assert [client.get_pipeline(p).name for p in pipelines] == ["idle", "live"]
+    assert str(client.describe_pipeline(pipelines[1])).startswith("pipeline live ")
+    from_listing = client.build_pipeline("from-listing").add_model_step(models[0]).create()
+    assert [str(s) for s in from_listing.steps] == ["iris:2"]
+    assert client.describe_model(models[0]).model.name == "iris"
     live.undeploy()
 
 
