@@ -369,3 +369,36 @@ def test_list_pipelines_without_redis_says_unknown_and_writes_nothing(
     assert statuses() == {"idle": "Undeployed", "live": "Starting"}
     monkeypatch.setattr(registry_server.registry, "redis", redis.Redis(port=free_port(), socket_timeout=1))
     assert statuses() == {"idle": "Undeployed", "live": "Unknown"}
+
+
+def test_a_deploy_waits_for_a_deletion_of_its_model_versions(
+    stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection, database_url: str
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    create(stub, workspace, "p", step("iris"))
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(database_url) as deleting:
+        # A deletion of iris v1 that has checked its uses (no deployment yet) and not committed.
+        deleting.execute(
+            "DELETE FROM model_versions v USING models m, workspaces w WHERE m.id = v.model_id "
+            "AND w.id = m.workspace_id AND w.name = %s AND m.name = 'iris'",
+            (workspace,),
+        )
+        deploying = pool.submit(lambda: deploy(stub, workspace, "p"))
+        wait_until(
+            lambda: (
+                deploying.done()
+                or db.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()
+            ),
+            30,
+            "the deploy to wait for the model versions",
+        )
+        deleting.commit()
+        error = rpc_error(deploying.result)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "pipeline 'p' version 1 uses deleted model versions iris v1; create a new pipeline version "
+        "with models that exist and deploy that",
+    )
