@@ -41,6 +41,7 @@ from joey_registry.domain import (
     models_of,
     step_from_json,
 )
+from joey_registry.errors import NotFound
 
 Connection = psycopg.Connection[DictRow]
 
@@ -683,12 +684,18 @@ def _lock_named(conn: Connection, table: str, ws: WorkspaceRef, name: str) -> in
     ident = sql.Identifier(table)
     # A second round when the row was deleted (its model deleted) while this waited for its lock.
     for _ in range(2):
-        conn.execute(
-            sql.SQL("INSERT INTO {} (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
-                ident
-            ),
-            (ws.id, name),
-        )
+        try:
+            conn.execute(
+                sql.SQL("INSERT INTO {} (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
+                    ident
+                ),
+                (ws.id, name),
+            )
+        except psycopg.errors.ForeignKeyViolation:
+            # The insert waited for a deletion of the workspace (it locks the workspace's row).
+            raise NotFound(
+                f"workspace {ws.name!r} was deleted; create it again (`joey workspace create {ws.name}`)"
+            ) from None
         row = conn.execute(
             sql.SQL("SELECT id FROM {} WHERE workspace_id = %s AND name = %s FOR UPDATE").format(ident),
             (ws.id, name),

@@ -174,6 +174,8 @@ def test_a_new_pipeline_of_a_deleted_ones_name_inherits_nothing(
     delete_when_stopped(old)
     wait_for_the_logger(settings)
     new = client.build_pipeline("p").add_model_step("iris")
+    new.create()
+    assert new.status().replicas == ()  # the old pipeline's stopped replica is forgotten
     new.deploy(replicas=1)
     assert new.log_count() == 0
     new.infer([IRIS_RECORD])
