@@ -43,6 +43,21 @@ class Context:
         return self.registry or CommonSettings().registry_addr
 
 
+_YES = click.option("--yes", "-y", is_flag=True, help="Delete without asking for confirmation.")
+
+
+def _confirm(yes: bool, what: str, question: Any) -> None:
+    """Ask ``question()`` (what the delete removes) unless ``yes``; without a terminal to ask in,
+    refuse: a script must say --yes, so nothing is deleted by a pipe or a CI job by accident."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.ClickException(
+            f"not deleting {what}: there is no terminal to confirm in; pass --yes (-y) to delete it"
+        )
+    click.confirm(question(), abort=True)
+
+
 class _Group(click.Group):
     """The `joey` group: an SDK or gRPC error of any command ends as one `Error:` line, never a traceback."""
 
@@ -189,7 +204,7 @@ def workspace_create(obj: Context, name: str) -> None:
 @workspace.command("list")
 @click.pass_obj
 def workspace_list(obj: Context) -> None:
-    """List the workspaces; * marks the current one.
+    """List the workspaces; in a terminal, * marks the current one.
 
     The current workspace is chosen with -w or $JOEY_WORKSPACE."""
     from joey.client import JoeyError
@@ -198,21 +213,25 @@ def workspace_list(obj: Context) -> None:
         names = obj.client.list_workspaces()
     except JoeyError as exc:
         _fail(exc)
+    # Marked only for a person: piped, the names are bare, one a line.
+    marked = sys.stdout.isatty()
     for name in names:
-        click.echo(f"{'*' if name == obj.workspace else ' '} {name}")
+        click.echo(f"{'*' if name == obj.workspace else ' '} {name}" if marked else name)
 
 
 @workspace.command("delete")
 @click.argument("name")
+@_YES
 @click.pass_obj
-def workspace_delete(obj: Context, name: str) -> None:
+def workspace_delete(obj: Context, name: str, yes: bool) -> None:
     """Delete the empty workspace NAME.
 
     Refused while it holds models, pipelines or assays (delete them first), and for the default
-    workspace."""
+    workspace. Asks first (--yes does not)."""
     from joey.client import JoeyError
 
     try:
+        _confirm(yes, f"workspace {name}", lambda: f"delete workspace {name}?")
         obj.client.delete_workspace(name)
     except JoeyError as exc:
         _fail(exc)
@@ -335,27 +354,44 @@ def model_describe(obj: Context, name: str, version: int | None) -> None:
 
     try:
         described = obj.client.describe_model(name)
-        if version:
-            # Fetched for its message: NOT_FOUND names the versions there are.
-            obj.client.get_model(name, version)
     except JoeyError as exc:
         _fail(exc)
+    numbers = [mv.version for mv in described.model.versions]
+    if version and version not in numbers:
+        have = f"latest is {numbers[-1]}" if numbers else "it has no versions"
+        raise click.ClickException(
+            f"model {name!r} has no version {version} in workspace {obj.workspace!r} ({have})"
+        )
     click.echo(described.text(version))
 
 
 @model.command("delete")
 @click.argument("name")
-@click.option("--version", type=int, help="Delete only this version (default: every version, and the model).")
+@click.option(
+    "--version",
+    type=click.IntRange(min=1),
+    help="Delete only this version; the model stays (default: every version, and the model).",
+)
+@_YES
 @click.pass_obj
-def model_delete(obj: Context, name: str, version: int | None) -> None:
+def model_delete(obj: Context, name: str, version: int | None, yes: bool) -> None:
     """Delete model NAME, or one version of it.
 
     Refused while a deployed pipeline's current version uses a version to delete. Pipeline versions
     that are not deployed may keep naming it, but can no longer be deployed. A deleted version's
-    number is never reused."""
+    number is never reused. Deleting every version asks first (--yes does not)."""
     from joey.client import JoeyError
+    from joey.client.catalog import plural
+
+    def question() -> str:
+        numbers = [mv.version for mv in obj.client.model_versions(name)]
+        listed = ", ".join(map(str, numbers))
+        listed = f": {plural(len(numbers), 'version', False)} {listed}" if numbers else ""
+        return f"delete model {name}{listed}, and the model itself?"
 
     try:
+        if version is None:
+            _confirm(yes, f"model {name}", question)
         click.echo(str(obj.client.delete_model(name, version)))
     except JoeyError as exc:
         _fail(exc)
@@ -606,15 +642,29 @@ def pipeline_describe(obj: Context, name: str) -> None:
 
 @pipeline.command("delete")
 @click.argument("name")
+@_YES
 @click.pass_obj
-def pipeline_delete(obj: Context, name: str) -> None:
+def pipeline_delete(obj: Context, name: str, yes: bool) -> None:
     """Delete the undeployed pipeline NAME.
 
-    Its versions, deployment history and logged inferences go with it. Refused while it is deployed
-    (`joey pipeline undeploy NAME` first) or while assays watch it. Its Kafka topics stay."""
+    Its versions, deployment history and logged inferences go with it, then its topics. Refused
+    while it is deployed (`joey pipeline undeploy NAME` first), while its replicas are still
+    stopping, or while assays watch it. Asks first, saying what goes (--yes does not)."""
     from joey.client import JoeyError
+    from joey.client.catalog import plural
+
+    def question() -> str:
+        pipe = obj.client.build_pipeline(name)  # a handle: no steps, nothing stored
+        logged = pipe.log_count()
+        return (
+            f"delete pipeline {name}: {plural(len(pipe.versions()), 'version')}, "
+            f"{logged:,} logged {'inference' if logged == 1 else 'inferences'}"
+            + (f" (export them first: joey export-logs {name} --dir DIR)" if logged else "")
+            + "?"
+        )
 
     try:
+        _confirm(yes, f"pipeline {name}", question)
         click.echo(str(obj.client.delete_pipeline(name)))
     except JoeyError as exc:
         _fail(exc)

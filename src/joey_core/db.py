@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -16,6 +17,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 log = logging.getLogger(__name__)
 
 _MIGRATION_LOCK = 0x4A4F4559  # "JOEY"
+_PIPELINE_LOGS_LOCK = 0x4A4C  # "JL": advisory lock class of a pipeline's inference logs
 
 
 def ensure_database(url: str) -> None:
@@ -73,3 +75,14 @@ def migrate(url: str) -> list[str]:
 def prepare(url: str) -> None:
     ensure_database(url)
     migrate(url)
+
+
+def lock_pipeline_logs(conn: psycopg.Connection[Any], workspace: str, pipeline: str, shared: bool) -> None:
+    """Held until commit: shared by a logger writing the pipeline's rows, exclusive by the registry
+    deleting the pipeline. So the deletion sees every row a logger wrote before it, and a logger
+    writing after it sees its ``deleted_deployments`` and drops those rows."""
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    conn.execute(
+        sql.SQL("SELECT {}(%s, hashtext(%s))").format(sql.Identifier(function)),
+        (_PIPELINE_LOGS_LOCK, f"{workspace}/{pipeline}"),
+    )

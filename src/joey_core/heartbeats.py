@@ -87,15 +87,30 @@ class ReplicaView:
 
 def read(client: redis.Redis, prefix: str, workspace: str, pipeline: str) -> list[ReplicaView]:
     """Every replica known for the pipeline, alive or dead, sorted by replica id."""
-    index: dict[bytes, bytes] = client.hgetall(_index_key(prefix, workspace, pipeline))  # type: ignore[assignment]
-    if not index:
-        return []
-    ids = sorted(k.decode() for k in index)
-    live = client.mget([_live_key(prefix, workspace, pipeline, rid) for rid in ids])
-    views = []
-    for rid, current in zip(ids, live, strict=True):
-        text = current if current is not None else index[rid.encode()]
-        views.append(ReplicaView(ReplicaHeartbeat.from_json(text), alive=current is not None))
+    return read_many(client, prefix, [(workspace, pipeline)])[(workspace, pipeline)]
+
+
+def read_many(
+    client: redis.Redis, prefix: str, pipelines: list[tuple[str, str]]
+) -> dict[tuple[str, str], list[ReplicaView]]:
+    """``read`` for each (workspace, pipeline) at once: two round trips to Redis however many."""
+    pipe = client.pipeline(transaction=False)
+    for workspace, pipeline in pipelines:
+        pipe.hgetall(_index_key(prefix, workspace, pipeline))
+    indexes: list[dict[bytes, bytes]] = pipe.execute() if pipelines else []
+    keys = [
+        _live_key(prefix, workspace, pipeline, rid.decode())
+        for (workspace, pipeline), index in zip(pipelines, indexes, strict=True)
+        for rid in sorted(index)
+    ]
+    live = iter(client.mget(keys) if keys else [])
+    views: dict[tuple[str, str], list[ReplicaView]] = {}
+    for key, index in zip(pipelines, indexes, strict=True):
+        views[key] = []
+        for rid in sorted(index):
+            current = next(live)
+            text = current if current is not None else index[rid]
+            views[key].append(ReplicaView(ReplicaHeartbeat.from_json(text), alive=current is not None))
     return views
 
 
@@ -105,6 +120,16 @@ def forget_dead(client: redis.Redis, prefix: str, workspace: str, pipeline: str,
     for view in read(client, prefix, workspace, pipeline):
         if not view.alive and view.beat.sent_at < cutoff:
             client.hdel(_index_key(prefix, workspace, pipeline), view.beat.replica_id)
+
+
+def forget_pipeline(client: redis.Redis, prefix: str, workspace: str, pipeline: str) -> None:
+    """Drop every replica known for a deleted pipeline, so a new one of the same name starts with none."""
+    ids = [k.decode() for k in client.hkeys(_index_key(prefix, workspace, pipeline))]  # type: ignore[union-attr]
+    pipe = client.pipeline()
+    for rid in ids:
+        pipe.delete(_live_key(prefix, workspace, pipeline, rid))
+    pipe.delete(_index_key(prefix, workspace, pipeline))
+    pipe.execute()
 
 
 def _service_key(prefix: str, service: str, instance: str) -> str:

@@ -4,20 +4,18 @@ against the session's stack, checking exit codes and the first line of what it s
 from __future__ import annotations
 
 import os
+import pty
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 
-import click
 import pytest
 
 from joey.client import Client
-from joey_cli import main
 from joey_core.settings import CommonSettings
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_until
 from tests.joey_cli.test_commands import joey
-
-# Owned by the deployment commands, whose help is checked with them.
-DEPLOYMENT_COMMANDS = {("pipeline", "deploy"), ("pipeline", "undeploy"), ("pipeline", "status")}
 
 
 @pytest.fixture
@@ -49,7 +47,8 @@ def test_lists_describe_and_deletes(
     deployed = client.build_pipeline("p").add_model_step("iris", 1)
     deployed.deploy(replicas=1)
 
-    assert f"* {ws}" in joey(cli_env, "workspace", "list").stdout.splitlines()
+    # Not a terminal: bare names, for scripts.
+    assert ws in joey(cli_env, "workspace", "list").stdout.splitlines()
     models = joey(cli_env, "model", "list").stdout.splitlines()
     assert models[0].split() == ["name", "versions", "latest", "framework", "inputs", "outputs", "uploaded"]
     assert models[1].split()[:6] == ["iris", "2", "2", "onnx", "features", "float32[-1,4]"]
@@ -61,10 +60,11 @@ def test_lists_describe_and_deletes(
     assert pipelines[0].split() == ["name", "latest", "deployed", "replicas", "status", "updated"]
     assert pipelines[1].split()[:5] == ["idle", "1", "no", "-", "Undeployed"]
     assert pipelines[2].split()[:5] == ["p", "1", "v1", "1", "Running"]
+    assert pipelines[2].endswith(" UTC") and models[1].endswith(" UTC")
 
     described = joey(cli_env, "pipeline", "describe", "p").stdout.splitlines()
-    assert described[0] == f"pipeline p (workspace {ws}), 1 versions"
-    assert described[2].startswith("deployment: Running, version 1, 1 replicas")
+    assert described[0] == f"pipeline p (workspace {ws}), 1 version"
+    assert described[2].startswith("deployment: Running, version 1, 1 replica")
     model = joey(cli_env, "model", "describe", "iris", "--version", "1").stdout.splitlines()
     assert model[0] == f"model iris (workspace {ws}), 2 versions"
     assert model[1].startswith("  version 1: onnx, ")
@@ -78,18 +78,23 @@ def test_lists_describe_and_deletes(
     )
 
     # Refusals say why and what to do, and change nothing.
+    usage = joey(cli_env, "model", "delete", "iris", "--version", "0", check=False)
+    assert usage.returncode == 2, (usage.stdout, usage.stderr)
+    assert usage.stderr.strip().splitlines()[-1] == (
+        "Error: Invalid value for '--version': 0 is not in the range x>=1."
+    )
     assert refused(cli_env, "model", "delete", "iris", "--version", "1").startswith(
         "Error: version 1 of model 'iris' is in use by deployed pipeline 'p' (version 1 uses iris v1); "
         "undeploy it first (`joey pipeline undeploy p`)"
     )
-    assert refused(cli_env, "pipeline", "delete", "p").startswith(
-        "Error: pipeline 'p' is deployed (version 1, 1 replicas"
+    assert refused(cli_env, "pipeline", "delete", "p", "--yes").startswith(
+        "Error: pipeline 'p' is deployed (version 1, 1 replica,"
     )
-    assert refused(cli_env, "workspace", "delete", ws).startswith(
+    assert refused(cli_env, "workspace", "delete", ws, "-y").startswith(
         f"Error: workspace '{ws}' is not empty: it holds pipelines 'idle', 'p'; models 'iris'; delete them "
         f"first, in that order (`joey -w {ws} pipeline delete idle`, `joey -w {ws} model delete iris`)"
     )
-    assert refused(cli_env, "workspace", "delete", "default").startswith(
+    assert refused(cli_env, "workspace", "delete", "default", "-y").startswith(
         "Error: the 'default' workspace cannot be deleted"
     )
     assert [m.version for m in client.model_versions("iris")] == [1, 2]
@@ -99,32 +104,87 @@ def test_lists_describe_and_deletes(
         "deleted model iris version 2"
     )
     deployed.undeploy()
-    assert joey(cli_env, "pipeline", "delete", "p").stdout.strip() == (
-        "deleted pipeline p: 1 versions, 0 logged inferences"
+    wait_until(
+        lambda: not any(r.alive for r in deployed.status().replicas), 60, "the replicas to stop", interval=0.5
+    )
+    assert joey(cli_env, "pipeline", "delete", "p", "--yes").stdout.strip() == (
+        "deleted pipeline p: 1 version, 0 logged inferences"
     )
     client.delete_pipeline("idle")
-    assert joey(cli_env, "model", "delete", "iris").stdout.strip() == (
-        "deleted model iris version 1; no version is left, the model is gone"
+    assert joey(cli_env, "model", "delete", "iris", "--yes").stdout.strip() == (
+        "deleted model iris version 1, and the model"
     )
     assert first_line(joey(cli_env, "model", "list").stdout) == f"no models in workspace {ws}"
-    assert joey(cli_env, "workspace", "delete", ws).stdout.strip() == f"deleted workspace {ws}"
+    assert joey(cli_env, "workspace", "delete", ws, "--yes").stdout.strip() == f"deleted workspace {ws}"
     assert ws not in client.list_workspaces()
     client.close()
 
 
-def test_every_catalog_command_and_option_has_help() -> None:
-    missing = []
-    for group_name in ("model", "pipeline", "workspace"):
-        group = main.commands[group_name]
-        assert isinstance(group, click.Group) and group.help, group_name
-        for name, command in group.commands.items():
-            if (group_name, name) in DEPLOYMENT_COMMANDS:
-                continue
-            if not command.help:
-                missing.append(f"joey {group_name} {name}")
-            missing += [
-                f"joey {group_name} {name} {param.opts[0]}"
-                for param in command.params
-                if isinstance(param, click.Option) and not param.help
-            ]
-    assert missing == []
+def without_terminal(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "joey_cli", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def in_terminal(env: dict[str, str], answer: str, *args: str) -> tuple[int, str]:
+    """Run with a terminal as stdin and stdout, answering ``answer`` to a prompt; exit code and output."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "joey_cli", *args], env=env, stdin=follower, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    output = b""
+    answered = False
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+        if not answered and b"[y/N]" in output:
+            os.write(leader, answer.encode() + b"\n")
+            answered = True
+    os.close(leader)
+    return process.wait(timeout=60), output.decode().replace("\r\n", "\n")
+
+
+def test_deletes_ask_first_and_refuse_without_a_terminal(
+    cli_env: dict[str, str], settings: CommonSettings, iris_model: Path
+) -> None:
+    ws = cli_env["JOEY_WORKSPACE"]
+    client = Client(settings=settings, workspace=ws)
+    client.create_workspace(ws)
+    client.upload_model("iris", iris_model)
+    client.build_pipeline("p").add_model_step("iris").create()
+    client.build_pipeline("p").add_model_step("iris").add_validations(high="out.label > 1").create()
+
+    for args, what in (
+        (("pipeline", "delete", "p"), "pipeline p"),
+        (("model", "delete", "iris"), "model iris"),
+        (("workspace", "delete", ws), f"workspace {ws}"),
+    ):
+        result = without_terminal(cli_env, *args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert first_line(result.stderr) == (
+            f"Error: not deleting {what}: there is no terminal to confirm in; pass --yes (-y) to delete it"
+        )
+
+    code, output = in_terminal(cli_env, "n", "pipeline", "delete", "p")
+    assert code == 1, output
+    assert first_line(output) == "delete pipeline p: 2 versions, 0 logged inferences? [y/N]: n"
+    assert "Aborted!" in output
+    assert len(client.get_pipeline("p").versions()) == 2
+    # One version: no question.
+    code, output = in_terminal(cli_env, "y", "model", "delete", "iris", "--version", "1")
+    assert (code, output.strip()) == (0, "deleted model iris version 1"), output
+    code, output = in_terminal(cli_env, "y", "pipeline", "delete", "p")
+    assert code == 0, output
+    assert output.splitlines()[-1] == "deleted pipeline p: 2 versions, 0 logged inferences"
+    client.close()

@@ -152,3 +152,13 @@ def test_sinks_are_created_by_name(settings: CommonSettings) -> None:
     assert isinstance(create_sink(LoggerSettings(**settings.model_dump())), PostgresLogSink)
     with pytest.raises(ValueError, match="unknown log sink 'kafka'; registered sinks: postgres"):
         create_sink(LoggerSettings(**(settings.model_dump() | {"sink": "kafka"})))
+
+
+def test_records_of_a_deleted_pipelines_deployments_are_dropped(
+    sink: PostgresLogSink, database_url: str, pipeline: str
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO deleted_deployments (deployment_id) VALUES (%s)", (f"gone-{pipeline}",))
+    late = [log_record(pipeline, i, deployment_id=f"gone-{pipeline}") for i in range(3)]
+    assert sink.write([*late, log_record(pipeline, 3)]).written == 1
+    assert count_rows(database_url, pipeline) == (1, 1)

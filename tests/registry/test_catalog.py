@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import psycopg
+import pytest
+import redis
 from psycopg.types.json import Jsonb
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
+from tests.conftest import free_port, wait_until
 from tests.registry.helpers import Stub, identity_model, rpc_error, step, upload
 
 
@@ -27,8 +32,14 @@ def undeploy(stub: Stub, workspace: str, pipeline: str) -> None:
     stub.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline))
 
 
-def delete_model(stub: Stub, workspace: str, name: str, version: int = 0) -> pb.DeleteModelResponse:
-    return stub.DeleteModel(pb.DeleteModelRequest(workspace=workspace, name=name, version=version))
+def delete_model(stub: Stub, workspace: str, name: str, version: int | None = None) -> pb.DeleteModelResponse:
+    """Delete ``version``, or every version and the model."""
+    request = pb.DeleteModelRequest(workspace=workspace, name=name)
+    if version is None:
+        request.all_versions = True
+    else:
+        request.version = version
+    return stub.DeleteModel(request)
 
 
 def versions(stub: Stub, workspace: str, name: str) -> list[int]:
@@ -105,7 +116,7 @@ def test_delete_model_refuses_versions_a_deployment_runs(
     create(stub, workspace, "p", step("iris", 1))
     deploy(stub, workspace, "p")
 
-    for version, what in ((1, "version 1 of model 'iris'"), (0, "model 'iris'")):
+    for version, what in ((1, "version 1 of model 'iris'"), (None, "model 'iris'")):
         error = rpc_error(lambda v=version: delete_model(stub, workspace, "iris", v))  # type: ignore[misc]
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error.details() == (
@@ -138,6 +149,39 @@ def test_delete_model_refuses_versions_a_deployment_runs(
         "pipeline 'p' version 1 uses deleted model versions iris v1; create a new pipeline version "
         "with models that exist and deploy that"
     )
+
+
+def test_delete_model_version_must_be_named_and_positive(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    for version in (0, -1):
+        error = rpc_error(lambda v=version: delete_model(stub, workspace, "iris", v))  # type: ignore[misc]
+        assert (error.code(), error.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"version of model 'iris' to delete must be 1 or more, got {version}; to delete every version "
+            "and the model, ask for all versions (`joey model delete NAME`)",
+        )
+    both = pb.DeleteModelRequest(workspace=workspace, name="iris", version=1, all_versions=True)
+    error = rpc_error(lambda: stub.DeleteModel(both))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "give either version (1) or all_versions to delete model 'iris', not both",
+    )
+    assert versions(stub, workspace, "iris") == [1]
+
+
+def test_deleting_the_last_version_keeps_the_model_and_its_numbering(
+    stub: Stub, workspace: str, iris_bytes: bytes
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    deleted = delete_model(stub, workspace, "iris", 1)
+    assert (list(deleted.versions), deleted.model_deleted) == ([1], False)
+    assert versions(stub, workspace, "iris") == []
+    assert upload(stub, workspace, "iris", iris_bytes).version == 2
+    deleted = delete_model(stub, workspace, "iris")
+    assert (list(deleted.versions), deleted.model_deleted) == ([2], True)
+    assert upload(stub, workspace, "iris", iris_bytes).version == 1
 
 
 def test_deleting_an_artifact_another_workspace_shares_keeps_the_file(
@@ -178,7 +222,7 @@ def test_delete_pipeline_only_when_undeployed_and_unwatched(
     error = rpc_error(delete)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error.details() == (
-        f"pipeline 'p' is deployed (version 2, 1 replicas, deployment {deployment.deployment_id}); "
+        f"pipeline 'p' is deployed (version 2, 1 replica, deployment {deployment.deployment_id}); "
         "undeploy it first: `joey pipeline undeploy p`"
     )
     undeploy(stub, workspace, "p")
@@ -196,7 +240,7 @@ def test_delete_pipeline_only_when_undeployed_and_unwatched(
 
     stub.DeleteAssay(pb.DeleteAssayRequest(workspace=workspace, name="drift"))
     deleted = delete()
-    assert (deleted.versions, deleted.log_entries) == (2, 1)
+    assert (deleted.version_count, deleted.log_entries) == (2, 1)
     error = rpc_error(lambda: stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     error = rpc_error(delete)
@@ -239,3 +283,122 @@ def test_delete_workspace_only_when_empty_and_never_default(
     error = rpc_error(lambda: delete(workspace))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert error.details() == f"workspace {workspace!r} not found"
+
+
+def test_an_assay_on_a_pipeline_being_deleted_is_refused(
+    stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection, database_url: str
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    create(stub, workspace, "p", step("iris"))
+    assay = pb.AssayDefinition(
+        workspace=workspace, name="drift", pipeline="p", iopath="input features 2", baseline_data=[1.0, 2.0]
+    )
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(database_url) as deleting:
+        # A deletion that has passed its checks (no assay yet) and not committed.
+        (pipeline_id,) = deleting.execute(
+            "SELECT p.id FROM pipelines p JOIN workspaces w ON w.id = p.workspace_id "
+            "WHERE w.name = %s AND p.name = 'p' FOR UPDATE",
+            (workspace,),
+        ).fetchone()  # type: ignore[misc]
+        deleting.execute("DELETE FROM pipeline_versions WHERE pipeline_id = %s", (pipeline_id,))
+        deleting.execute("DELETE FROM pipelines WHERE id = %s", (pipeline_id,))
+        creating = pool.submit(lambda: stub.CreateAssay(pb.CreateAssayRequest(definition=assay)))
+        wait_until(
+            lambda: (
+                creating.done()
+                or db.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()
+            ),
+            30,
+            "the assay's creation to wait for the pipeline's row",
+        )
+        deleting.commit()
+        error = rpc_error(creating.result)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.NOT_FOUND,
+        f"pipeline 'p' not found in workspace {workspace!r}",
+    )
+    assert not stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
+
+
+def test_a_failed_upload_keeps_the_file_an_upload_of_the_same_bytes_recorded_meanwhile(
+    stub: Stub,
+    workspace: str,
+    registry_server: RegistryServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = identity_model("features", "float32", workspace, width=4)  # bytes no other test uploads
+    sha256 = hashlib.sha256(data).hexdigest()
+    other = f"{workspace}-2"
+    stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=other))
+    store = registry_server.registry.store
+    original = store.add_model_version
+
+    def store_then_fail(ws: Any, name: str, *args: Any) -> Any:
+        *fields, store_artifact = args
+        store_artifact()  # this upload writes the file...
+        monkeypatch.setattr(store, "add_model_version", original)
+        upload(stub, other, "same", data)  # ...which a concurrent one finds and records
+        raise RuntimeError("this upload fails before its commit")
+
+    monkeypatch.setattr(store, "add_model_version", store_then_fail)
+    error = rpc_error(lambda: upload(stub, workspace, "iris", data))
+    assert error.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+    assert versions(stub, other, "same") == [1]
+    assert has_artifact(registry_server, sha256)
+
+
+def test_list_pipelines_without_redis_says_unknown_and_writes_nothing(
+    stub: Stub,
+    workspace: str,
+    iris_bytes: bytes,
+    registry_server: RegistryServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    create(stub, workspace, "idle", step("iris"))
+    create(stub, workspace, "live", step("iris"))
+    deploy(stub, workspace, "live")
+
+    def statuses() -> dict[str, str]:
+        listed = stub.ListPipelines(pb.ListPipelinesRequest(workspace=workspace)).pipelines
+        return {p.name: p.status for p in listed}
+
+    assert statuses() == {"idle": "Undeployed", "live": "Starting"}
+    monkeypatch.setattr(registry_server.registry, "redis", redis.Redis(port=free_port(), socket_timeout=1))
+    assert statuses() == {"idle": "Undeployed", "live": "Unknown"}
+
+
+def test_a_deploy_waits_for_a_deletion_of_its_model_versions(
+    stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection, database_url: str
+) -> None:
+    upload(stub, workspace, "iris", iris_bytes)
+    create(stub, workspace, "p", step("iris"))
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(database_url) as deleting:
+        # A deletion of iris v1 that has checked its uses (no deployment yet) and not committed.
+        deleting.execute(
+            "DELETE FROM model_versions v USING models m, workspaces w WHERE m.id = v.model_id "
+            "AND w.id = m.workspace_id AND w.name = %s AND m.name = 'iris'",
+            (workspace,),
+        )
+        deploying = pool.submit(lambda: deploy(stub, workspace, "p"))
+        wait_until(
+            lambda: (
+                deploying.done()
+                or db.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()
+            ),
+            30,
+            "the deploy to wait for the model versions",
+        )
+        deleting.commit()
+        error = rpc_error(deploying.result)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "pipeline 'p' version 1 uses deleted model versions iris v1; create a new pipeline version "
+        "with models that exist and deploy that",
+    )

@@ -16,9 +16,12 @@ import psycopg
 import pytest
 from sklearn.linear_model import LinearRegression
 
+from joey_core import db
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
 from joey_registry.settings import RegistrySettings
+from joey_registry.store import Store
+from tests.conftest import scratch_database
 from tests.registry.helpers import Stub, rpc_error, upload, upload_requests
 
 
@@ -273,3 +276,39 @@ def test_download_needs_a_model_version_in_the_workspace(
         lambda: list(stub.DownloadArtifact(pb.DownloadArtifactRequest(workspace=workspace, sha256="abc")))
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_migrating_a_database_that_holds_model_versions_keeps_their_numbering() -> None:
+    with scratch_database("joey_migrate") as url:
+        # The database as it was before migration 0010, holding iris v1..v3 of which v3 was deleted.
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE models DROP COLUMN last_version")
+            conn.execute("DROP TABLE deleted_deployments")
+            conn.execute("DELETE FROM schema_migrations WHERE version = 10")
+            (model_id,) = conn.execute(
+                "INSERT INTO models (workspace_id, name) SELECT id, 'iris' FROM workspaces "
+                "WHERE name = 'default' RETURNING id"
+            ).fetchone()  # type: ignore[misc]
+            for version in (1, 2):
+                conn.execute(
+                    "INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, "
+                    "outputs) VALUES (%s, %s, %s, 1, 'onnx', '[]', '[]')",
+                    (model_id, version, f"{version:064x}"),
+                )
+        assert db.migrate(url) == ["0010_catalog.sql"]
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT last_version FROM models WHERE id = %s", (model_id,)).fetchone() == (
+                2,
+            )
+            # Even should last_version lag behind the versions, numbering goes on from the highest.
+            conn.execute("UPDATE models SET last_version = 0 WHERE id = %s", (model_id,))
+            conn.commit()
+        store = Store(url, max_size=1)
+        store.open()
+        try:
+            ws = store.workspace("default")
+            assert ws is not None
+            added = store.add_model_version(ws, "iris", "f" * 64, 1, "onnx", (), (), lambda: None)
+        finally:
+            store.close()
+        assert added.version == 3

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
+import psycopg
 import pytest
 
 from joey_core.v1 import registry_pb2 as pb
-from tests.registry.helpers import Stub, rpc_error, step, upload_requests
+from tests.conftest import wait_until
+from tests.registry.helpers import Stub, rpc_error, step, upload, upload_requests
 
 
 def test_create_and_list_workspaces(stub: Stub, workspace: str) -> None:
@@ -57,3 +61,29 @@ def test_token_is_refused_until_tokens_exist(stub: Stub) -> None:
     )
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "token" in error.details()
+
+
+def test_an_upload_into_a_workspace_being_deleted_is_not_found(
+    stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection, database_url: str
+) -> None:
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(database_url) as deleting:
+        # DeleteWorkspace's transaction: the row locked, found empty, deleted, not yet committed.
+        deleting.execute("DELETE FROM workspaces WHERE name = %s", (workspace,))
+        uploading = pool.submit(lambda: upload(stub, workspace, "iris", iris_bytes))
+        wait_until(
+            lambda: (
+                uploading.done()
+                or db.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                ).fetchone()
+            ),
+            30,
+            "the upload to wait for the workspace's row",
+        )
+        deleting.commit()
+        error = rpc_error(uploading.result)
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.NOT_FOUND,
+        f"workspace {workspace!r} was deleted; create it again (`joey workspace create {workspace}`)",
+    )

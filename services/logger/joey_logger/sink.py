@@ -129,8 +129,10 @@ _CREATE_STAGING = (
     f"SELECT {_COLUMN_LIST} FROM inference_logs WITH NO DATA"
 )
 _COPY = f"COPY {_STAGING} ({_COLUMN_LIST}) FROM STDIN"
+# Rows of a deleted pipeline's deployments are dropped: a new pipeline of the same name must not get them.
 _INSERT = sql.SQL(
-    f"INSERT INTO inference_logs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGING} "
+    f"INSERT INTO inference_logs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGING} s "
+    "WHERE NOT EXISTS (SELECT 1 FROM deleted_deployments d WHERE d.deployment_id = s.deployment_id) "
     f"ON CONFLICT ({', '.join(IDENTITY)}) DO NOTHING"
 )
 
@@ -171,7 +173,10 @@ class PostgresLogSink(LogSink):
         try:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cursor:
-                counting = self._assays.prepare(conn, {(r["workspace"], r["pipeline"]) for r in rows})
+                pipelines = {(r["workspace"], r["pipeline"]) for r in rows}
+                for workspace, pipeline in sorted(pipelines):
+                    db.lock_pipeline_logs(conn, workspace, pipeline, shared=True)
+                counting = self._assays.prepare(conn, pipelines)
                 with cursor.copy(_COPY) as copy:
                     for record in rows:
                         copy.write_row(_row(record))

@@ -68,8 +68,17 @@ class AssayStore:
         self._pool = store.pool
 
     def insert(self, ws: WorkspaceRef, definition: AssayDefinition) -> StoredAssay | None:
-        """The stored assay, or None when the name is taken in the workspace."""
+        """The stored assay, or None when the name is taken in the workspace; NotFound when its
+        pipeline was deleted meanwhile."""
         with self._pool.connection() as conn:
+            # Held until commit: a deletion of the pipeline (which refuses while assays watch it)
+            # either went first, and the assay is refused, or waits and then sees it.
+            pipeline = conn.execute(
+                "SELECT id FROM pipelines WHERE workspace_id = %s AND name = %s FOR SHARE",
+                (ws.id, definition.pipeline),
+            ).fetchone()
+            if pipeline is None:
+                raise NotFound(f"pipeline {definition.pipeline!r} not found in workspace {ws.name!r}")
             # Log rows stored so far are the assayer's to count, every later one the loggers'.
             stored = hold_for_change(conn)
             row = conn.execute(

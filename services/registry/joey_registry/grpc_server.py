@@ -231,13 +231,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     @_unary
     def DeleteModel(self, request: pb.DeleteModelRequest, caller: Caller) -> pb.DeleteModelResponse:
-        deleted = self.registry.delete_model(caller, request.workspace, request.name, request.version)
+        deleted = self.registry.delete_model(
+            caller, request.workspace, request.name, request.version, request.all_versions
+        )
         return pb.DeleteModelResponse(versions=deleted.versions, model_deleted=deleted.model_deleted)
 
     @_unary
     def DeletePipeline(self, request: pb.DeletePipelineRequest, caller: Caller) -> pb.DeletePipelineResponse:
         deleted = self.registry.delete_pipeline(caller, request.workspace, request.name)
-        return pb.DeletePipelineResponse(versions=deleted.versions, log_entries=deleted.log_entries)
+        return pb.DeletePipelineResponse(version_count=deleted.versions, log_entries=deleted.log_entries)
 
     @_unary
     def DeleteWorkspace(

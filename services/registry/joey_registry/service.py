@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE = "default"
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+KAFKA_ADMIN_TIMEOUT_S = 10.0
+UNKNOWN = "Unknown"  # a listed pipeline's status when the heartbeats or partitions could not be read
 DEFAULT_LOG_LIMIT = 100
 MAX_LOG_LIMIT = 10_000
 
@@ -169,9 +171,11 @@ class Registry:
                     ws, name, sha256, size, framework, signature.inputs, signature.outputs, store_artifact
                 )
             except BaseException:
-                # The rows were rolled back; an artifact stored only for them would be orphaned.
+                # The rows were rolled back; an artifact stored only for them would be orphaned. Under
+                # the artifact's lock, and only if unused: an upload of the same bytes may have found
+                # the file meanwhile and recorded its own version.
                 if stored_new:
-                    self.artifacts.delete(sha256)
+                    self.store.remove_artifacts([sha256], self.artifacts.delete)
                 raise
         log.info("stored model %s/%s version %d (%s, %d bytes)", ws.name, name, version.version, sha256, size)
         return version
@@ -216,24 +220,35 @@ class Registry:
         ws = self.access.authorize(caller, workspace, Action.READ)
         return ModelDescription(self._model(ws, name), tuple(self.store.model_uses(ws, name)))
 
-    def delete_model(self, caller: Caller, workspace: str, name: str, version: int) -> DeletedModel:
-        """Delete ``version`` of the model, or every version and the model (0). Refused while the
+    def delete_model(
+        self, caller: Caller, workspace: str, name: str, version: int, all_versions: bool = False
+    ) -> DeletedModel:
+        """Delete ``version`` of the model, or with ``all_versions`` every version and the model (the
+        model stays when only its versions are deleted, so its numbering goes on). Refused while the
         current version of an active deployment uses a version to delete; pipeline versions not
         deployed may keep referring to it, and deploying one of them later is refused (see ``_deploy``).
         Artifacts no model version refers to any more are removed once the deletion has committed."""
         ws = self.access.authorize(caller, workspace, Action.WRITE)
-        _non_negative_version(f"model {name!r}", version)
+        if all_versions and version:
+            raise InvalidArgument(
+                f"give either version ({version}) or all_versions to delete model {name!r}, not both"
+            )
+        if not all_versions and version <= 0:
+            raise InvalidArgument(
+                f"version of model {name!r} to delete must be 1 or more, got {version}; "
+                "to delete every version and the model, ask for all versions (`joey model delete NAME`)"
+            )
 
         def choose(existing: tuple[int, ...], uses: list[ModelVersionUse]) -> tuple[int, ...]:
-            if version and version not in existing:
+            if not all_versions and version not in existing:
+                listed = ", ".join(map(str, existing)) or "none left"
                 raise NotFound(
-                    f"model {name!r} has no version {version} in workspace {workspace!r} "
-                    f"(versions: {', '.join(map(str, existing))})"
+                    f"model {name!r} has no version {version} in workspace {workspace!r} (versions: {listed})"
                 )
-            chosen = (version,) if version else existing
+            chosen = existing if all_versions else (version,)
             blocking = [u for u in uses if u.deployed and u.model_version in chosen]
             if blocking:
-                what = f"version {version} of model {name!r}" if version else f"model {name!r}"
+                what = f"model {name!r}" if all_versions else f"version {version} of model {name!r}"
                 users = ", ".join(
                     f"pipeline {u.pipeline!r} (version {u.pipeline_version} uses {name} v{u.model_version})"
                     for u in blocking
@@ -245,7 +260,7 @@ class Registry:
                 )
             return chosen
 
-        found = self.store.delete_model(ws, name, choose)
+        found = self.store.delete_model(ws, name, choose, delete_model=all_versions)
         if found is None:
             raise NotFound(f"model {name!r} not found in workspace {workspace!r}")
         deleted, sha256s = found
@@ -334,29 +349,58 @@ class Registry:
         return pipeline
 
     def list_pipelines(self, caller: Caller, workspace: str) -> list[Pipeline]:
-        """Every pipeline with its deployment's status now (heartbeats are read only for active ones)."""
+        """Every pipeline with its deployment's status now, from the deployments just loaded: the
+        heartbeats of the active ones in one Redis read, the partitions of their inputs topics from
+        the cache (one Kafka call for those not cached). A read changes nothing; when Redis or Kafka
+        does not answer, the status of the active ones is "Unknown" rather than the listing failing."""
         ws = self.access.authorize(caller, workspace, Action.READ)
-        return [
-            replace(
-                p,
-                status=self.deployment_status(caller, workspace, p.name).status
-                if p.deployment is not None and p.deployment.active
-                else UNDEPLOYED,
+        pipelines = self.store.list_pipelines(ws)
+        active = [p for p in pipelines if p.deployment is not None and p.deployment.active]
+        try:
+            views = heartbeats.read_many(
+                self.redis, self.settings.redis_prefix, [(ws.name, p.name) for p in active]
             )
-            for p in self.store.list_pipelines(ws)
-        ]
+        except redis.RedisError as exc:
+            log.warning("listing pipelines of %s without their status: Redis: %s", ws.name, exc)
+            views = None
+        partitions = self._cached_partitions([p.deployment.topics.inputs for p in active if p.deployment])
+        listed = []
+        for p in pipelines:
+            if p.deployment is None or not p.deployment.active:
+                status = UNDEPLOYED
+            elif views is None or partitions is None:
+                status = UNKNOWN
+            else:
+                inputs = p.deployment.topics.inputs
+                status = compute_status(p.deployment, views[(ws.name, p.name)], partitions.get(inputs)).status
+            listed.append(replace(p, status=status))
+        return listed
+
+    def _cached_partitions(self, inputs: list[str]) -> dict[str, int] | None:
+        """The partition counts of ``inputs`` topics, asking Kafka once for those not cached; None
+        when Kafka does not answer. A missing topic is left out."""
+        missing = [t for t in inputs if t not in self._partitions]
+        if missing:
+            try:
+                self._partitions.update(kafka.topic_partitions(self.admin, missing))
+            except (KafkaException, TimeoutError) as exc:
+                log.warning("listing pipelines without their status: Kafka: %s", exc)
+                return None
+        return {t: self._partitions[t] for t in inputs if t in self._partitions}
 
     def delete_pipeline(self, caller: Caller, workspace: str, name: str) -> DeletedPipeline:
-        """Delete an undeployed pipeline with its versions, deployment history and inference logs.
-        Refused while it is deployed, and while assays watch it (their baselines and results are
-        worth keeping: the user deletes them by name). Its Kafka topics are left to their retention."""
+        """Delete an undeployed pipeline with its versions, deployment history and inference logs,
+        then (best effort) its topics, the engines' consumer group and its replicas' heartbeats, so a
+        new pipeline of the same name inherits nothing. Refused while it is deployed, while a replica
+        of it is still alive (finishing its batch), and while assays watch it (their baselines and
+        results are worth keeping: the user deletes them by name)."""
         ws = self.access.authorize(caller, workspace, Action.WRITE)
         with self._locked(ws, name) as lock:
             current = lock.deployment()
             if current is not None and current.active:
                 raise FailedPrecondition(
                     f"pipeline {name!r} is deployed (version {current.pipeline_version}, "
-                    f"{current.replicas} replicas, deployment {current.deployment_id}); "
+                    f"{_plural(current.replicas, 'replica')}, deployment {current.deployment_id}); "
                     f"undeploy it first: `joey pipeline undeploy {name}`"
                 )
             assays = lock.assay_names()
@@ -364,6 +408,20 @@ class Registry:
                 raise FailedPrecondition(
                     f"pipeline {name!r} is watched by assays {', '.join(map(repr, assays))}; delete them "
                     f"first: `joey assay delete {assays[0]}`"
+                )
+            # An undeployed replica finishes its batch before it stops: what it still consumes and
+            # logs would otherwise outlive the deletion.
+            try:
+                alive = [v.beat.replica_id for v in self._replica_views(ws.name, name) if v.alive]
+            except redis.RedisError as exc:
+                raise Unavailable(
+                    f"could not read the replica heartbeats of pipeline {name!r} from Redis: {exc}; "
+                    "retry once Redis answers"
+                ) from exc
+            if alive:
+                raise FailedPrecondition(
+                    f"pipeline {name!r} has {_plural(len(alive), 'replica')} still stopping "
+                    f"({', '.join(alive)}); retry in a few seconds"
                 )
             deleted = lock.delete()
         log.info(
@@ -373,7 +431,47 @@ class Registry:
             deleted.versions,
             deleted.log_entries,
         )
+        self._forget_pipeline(ws.name, name)
         return deleted
+
+    def _replica_views(self, workspace: str, pipeline: str) -> list[heartbeats.ReplicaView]:
+        return heartbeats.read(self.redis, self.settings.redis_prefix, workspace, pipeline)
+
+    def _forget_pipeline(self, workspace: str, pipeline: str) -> None:
+        """After a pipeline's deletion committed: delete its topics (with the input records still
+        waiting in them), the engines' consumer group (with its offsets) and the replicas' heartbeats.
+        Best effort: the deletion stands; what fails is logged, and a new pipeline of the same name
+        would find it (old records and offsets, or stale dead replicas)."""
+        names = topics.pipeline_topics(workspace, pipeline)
+        group = topics.engine_group(workspace, pipeline)
+        for topic in names.all():
+            self._partitions.pop(topic, None)
+        timeout = KAFKA_ADMIN_TIMEOUT_S
+        try:
+            for future in self.admin.delete_consumer_groups([group], request_timeout=timeout).values():
+                future.result()
+        except KafkaException as exc:
+            log.warning(
+                "pipeline %s/%s deleted, but not its consumer group %s: %s", workspace, pipeline, group, exc
+            )
+        try:
+            for topic, future in self.admin.delete_topics(
+                list(names.all()), operation_timeout=timeout
+            ).items():
+                try:
+                    future.result()
+                except KafkaException as exc:
+                    log.warning(
+                        "pipeline %s/%s deleted, but not its topic %s: %s", workspace, pipeline, topic, exc
+                    )
+        except KafkaException as exc:
+            log.warning("pipeline %s/%s deleted, but not its topics: %s", workspace, pipeline, exc)
+        try:
+            heartbeats.forget_pipeline(self.redis, self.settings.redis_prefix, workspace, pipeline)
+        except redis.RedisError as exc:
+            log.warning(
+                "pipeline %s/%s deleted, but not its replicas' heartbeats: %s", workspace, pipeline, exc
+            )
 
     def _require_pipeline(self, ws: WorkspaceRef, name: str) -> None:
         if not self.store.pipeline_exists(ws, name):
@@ -612,3 +710,7 @@ class Registry:
         total = counted if counted is not None else found.total or 0
         token = page_tokens.encode(query, found.following, total) if found.following else ""
         return LogPage(found.entries, total, token)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun if count == 1 else noun + 's'}"

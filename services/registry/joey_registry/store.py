@@ -17,7 +17,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from joey_core import topics
+from joey_core import db, topics
 from joey_core.models import ModelVersion, TensorSpec, specs_from_json
 from joey_registry.domain import (
     Autoscale,
@@ -41,6 +41,7 @@ from joey_registry.domain import (
     models_of,
     step_from_json,
 )
+from joey_registry.errors import NotFound
 
 Connection = psycopg.Connection[DictRow]
 
@@ -236,7 +237,7 @@ class PipelineLock:
         used = [m for step in steps for m in models_of(step)]
         rows = self._conn.execute(
             "SELECT m.name, v.version, v.sha256 FROM model_versions v JOIN models m ON m.id = v.model_id "
-            "WHERE m.workspace_id = %s AND m.name = ANY(%s)",
+            "WHERE m.workspace_id = %s AND m.name = ANY(%s) FOR SHARE OF v",
             (self.workspace.id, sorted({m.model for m in used})),
         ).fetchall()
         stored = {(r["name"], r["version"], r["sha256"]) for r in rows}
@@ -251,11 +252,31 @@ class PipelineLock:
 
     def delete(self) -> DeletedPipeline:
         """The pipeline, its versions, deployment and history, and its inference logs: a later pipeline
-        of the same name starts again at version 1 and must not inherit them."""
-        logs = self._conn.execute(
-            "DELETE FROM inference_logs WHERE workspace = %s AND pipeline = %s",
+        of the same name starts again at version 1 and must not inherit them. Its deployments are
+        recorded in ``deleted_deployments``, so log records of theirs the logger has yet to write are
+        dropped; the logs lock (see ``db.lock_pipeline_logs``) makes this see every row written before."""
+        db.lock_pipeline_logs(self._conn, self.workspace.name, self.name, shared=False)
+        self._conn.execute(
+            "INSERT INTO deleted_deployments (deployment_id) "
+            "SELECT deployment_id FROM deployment_history WHERE pipeline_id = %(id)s "
+            "UNION SELECT deployment_id FROM deployments WHERE pipeline_id = %(id)s "
+            "ON CONFLICT DO NOTHING",
+            {"id": self._pipeline_id},
+        )
+        # Rows may also come from deployments older than the history (before migration 0005).
+        row = self._conn.execute(
+            """
+            WITH gone AS (
+                DELETE FROM inference_logs WHERE workspace = %s AND pipeline = %s RETURNING deployment_id
+            ), marked AS (
+                INSERT INTO deleted_deployments (deployment_id) SELECT DISTINCT deployment_id FROM gone
+                ON CONFLICT DO NOTHING
+            )
+            SELECT count(*) AS n FROM gone
+            """,
             (self.workspace.name, self.name),
-        ).rowcount
+        ).fetchone()
+        logs = int(row["n"]) if row else 0
         for table in ("deployment_history", "deployments"):
             self._conn.execute(
                 sql.SQL("DELETE FROM {} WHERE pipeline_id = %s").format(sql.Identifier(table)),
@@ -352,11 +373,16 @@ class Store:
         the transaction, so if it raises no row is written."""
         with self._conn() as conn:
             model_id = _lock_named(conn, "models", ws, name)
-            # Numbered from the model's highest version ever, so a deleted version's number never returns.
+            # Numbered from the model's highest version ever, so a deleted version's number never returns
+            # (and from its versions too, should last_version lag behind them).
             row = conn.execute(
                 """
                 WITH next AS (
-                    UPDATE models SET last_version = last_version + 1 WHERE id = %(model_id)s
+                    UPDATE models SET last_version = 1 + greatest(
+                        last_version,
+                        (SELECT coalesce(max(version), 0) FROM model_versions WHERE model_id = %(model_id)s)
+                    )
+                    WHERE id = %(model_id)s
                     RETURNING last_version
                 )
                 INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, outputs)
@@ -390,14 +416,18 @@ class Store:
 
     def _models(self, ws: WorkspaceRef, name: str | None) -> list[Model]:
         with self._conn() as conn:
+            # A model whose versions were deleted one by one is still there (its numbering goes on).
             rows = conn.execute(
-                f"SELECT {_MODEL_VERSION_COLUMNS} WHERE m.workspace_id = %s "
-                "AND (%s::text IS NULL OR m.name = %s) ORDER BY m.name, v.version",
+                "SELECT m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, "
+                "v.created_at FROM models m LEFT JOIN model_versions v ON v.model_id = m.id "
+                "WHERE m.workspace_id = %s AND (%s::text IS NULL OR m.name = %s) ORDER BY m.name, v.version",
                 (ws.id, name, name),
             ).fetchall()
         grouped: dict[str, list[ModelVersion]] = {}
         for row in rows:
-            grouped.setdefault(row["name"], []).append(_model_version(ws.name, row))
+            versions = grouped.setdefault(row["name"], [])
+            if row["version"] is not None:
+                versions.append(_model_version(ws.name, row))
         return [Model(ws.name, model, tuple(versions)) for model, versions in grouped.items()]
 
     def get_model_version(self, ws: WorkspaceRef, name: str, version: int) -> ModelVersion | None:
@@ -415,12 +445,12 @@ class Store:
             return _model_uses(conn, ws, name)
 
     def delete_model(
-        self, ws: WorkspaceRef, name: str, choose: ChooseVersions
+        self, ws: WorkspaceRef, name: str, choose: ChooseVersions, delete_model: bool
     ) -> tuple[DeletedModel, list[str]] | None:
         """Delete the versions ``choose(existing versions, their uses)`` returns (it raises to refuse,
-        leaving everything as it was), and the model when none is left. Returns what was deleted and
-        the sha256s of the deleted versions, for ``remove_artifacts`` once this has committed; None
-        when there is no such model."""
+        leaving everything as it was), and the model itself when ``delete_model``. Returns what was
+        deleted and the sha256s of the deleted versions, for ``remove_artifacts`` once this has
+        committed; None when there is no such model."""
         with self._conn() as conn:
             row = conn.execute(
                 "SELECT id FROM models WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
@@ -428,13 +458,14 @@ class Store:
             if row is None:
                 return None
             model_id = row["id"]
-            # A deploy holds its pipeline's row FOR UPDATE: with every pipeline of the workspace held
-            # FOR SHARE, a deploy and this deletion run one after the other and each sees the other's result.
-            conn.execute("SELECT id FROM pipelines WHERE workspace_id = %s FOR SHARE", (ws.id,))
+            # Locked before reading their uses: a deploy reads the versions it runs FOR SHARE
+            # (``PipelineLock.missing_models``), so either it waits and finds them gone, or this waits
+            # and, reading the uses after its commit, sees the deployment.
             existing = tuple(
                 r["version"]
                 for r in conn.execute(
-                    "SELECT version FROM model_versions WHERE model_id = %s ORDER BY version", (model_id,)
+                    "SELECT version FROM model_versions WHERE model_id = %s ORDER BY version FOR UPDATE",
+                    (model_id,),
                 ).fetchall()
             )
             chosen = choose(existing, _model_uses(conn, ws, name))
@@ -443,13 +474,10 @@ class Store:
                 "RETURNING version, sha256",
                 (model_id, list(chosen)),
             ).fetchall()
-            remaining = conn.execute(
-                "SELECT 1 FROM model_versions WHERE model_id = %s LIMIT 1", (model_id,)
-            ).fetchone()
-            if remaining is None:
+            if delete_model:
                 conn.execute("DELETE FROM models WHERE id = %s", (model_id,))
         versions = tuple(sorted(r["version"] for r in deleted))
-        return DeletedModel(versions, remaining is None), sorted({r["sha256"] for r in deleted})
+        return DeletedModel(versions, delete_model), sorted({r["sha256"] for r in deleted})
 
     def remove_artifacts(self, sha256s: list[str], remove: Callable[[str], None]) -> int:
         """Call ``remove`` for each of ``sha256s`` that no model version of any workspace uses, under
@@ -656,12 +684,18 @@ def _lock_named(conn: Connection, table: str, ws: WorkspaceRef, name: str) -> in
     ident = sql.Identifier(table)
     # A second round when the row was deleted (its model deleted) while this waited for its lock.
     for _ in range(2):
-        conn.execute(
-            sql.SQL("INSERT INTO {} (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
-                ident
-            ),
-            (ws.id, name),
-        )
+        try:
+            conn.execute(
+                sql.SQL("INSERT INTO {} (workspace_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
+                    ident
+                ),
+                (ws.id, name),
+            )
+        except psycopg.errors.ForeignKeyViolation:
+            # The insert waited for a deletion of the workspace (it locks the workspace's row).
+            raise NotFound(
+                f"workspace {ws.name!r} was deleted; create it again (`joey workspace create {ws.name}`)"
+            ) from None
         row = conn.execute(
             sql.SQL("SELECT id FROM {} WHERE workspace_id = %s AND name = %s FOR UPDATE").format(ident),
             (ws.id, name),

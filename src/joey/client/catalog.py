@@ -17,13 +17,22 @@ from joey_core.v1 import registry_pb2 as pb
 
 Row = TypeVar("Row")
 
+DELETE_PIPELINE_TIMEOUT_S = 600.0
+"""How long a pipeline's deletion may take: its logs are deleted with it, in one transaction."""
+
 
 def _time(ts: Timestamp) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
 
 
 def _when(value: datetime | None) -> str:
-    return f"{value:%Y-%m-%d %H:%M:%S}" if value else "-"
+    return f"{value:%Y-%m-%d %H:%M:%S} UTC" if value else "-"
+
+
+def plural(count: int, noun: str, with_count: bool = True) -> str:
+    """``1 version``, ``2 versions``; only the word when not ``with_count``."""
+    word = noun if count == 1 else f"{noun}s"
+    return f"{count} {word}" if with_count else word
 
 
 def signature(specs: Iterable[TensorSpec]) -> str:
@@ -60,13 +69,13 @@ class Listing(list[Row], Generic[Row]):
         return super().__contains__(item)
 
     def table(self) -> str:
-        """The listing as a text table, times to the second; empty text for an empty listing."""
+        """The listing as a text table, times to the second in UTC; empty text for an empty listing."""
         if not self:
             return ""
         frame = self.to_frame()
         for column in frame.columns:
             if pd.api.types.is_datetime64_any_dtype(frame[column]):
-                frame[column] = frame[column].dt.strftime("%Y-%m-%d %H:%M:%S")
+                frame[column] = frame[column].dt.strftime("%Y-%m-%d %H:%M:%S UTC")
         return str(frame.to_string(index=False))
 
     def __repr__(self) -> str:
@@ -99,6 +108,8 @@ class ModelSummary:
 
     @property
     def latest(self) -> ModelVersion:
+        if not self.versions:
+            raise LookupError(f"model {self.name!r} has no versions left; upload one")
         return self.versions[-1]
 
     @property
@@ -133,6 +144,14 @@ class ModelSummary:
         return self.name
 
     def row(self) -> dict[str, Any]:
+        if not self.versions:
+            return dict.fromkeys(
+                ("name", "versions", "latest", "framework", "inputs", "outputs", "uploaded"), "-"
+            ) | {
+                "name": self.name,
+                "versions": 0,
+                "uploaded": None,
+            }
         latest = model_version_row(self.latest)
         return {
             "name": self.name,
@@ -176,7 +195,9 @@ class ModelDescription:
     def text(self, version: int | None = None) -> str:
         """What ``joey model describe`` prints: every version, or only ``version``."""
         model = self.model
-        lines = [f"model {model.name} (workspace {model.workspace}), {len(model.versions)} versions"]
+        lines = [
+            f"model {model.name} (workspace {model.workspace}), {plural(len(model.versions), 'version')}"
+        ]
         for mv in model.versions:
             if version and mv.version != version:
                 continue
@@ -244,12 +265,14 @@ class DeletedModel:
     name: str
     versions: tuple[int, ...]
     model_deleted: bool
-    """No version was left, so the model is gone too (a new upload of the name starts at version 1)."""
+    """Every version was deleted and the model with them (a new upload of the name starts at version 1)."""
 
     def __str__(self) -> str:
+        if not self.versions:
+            return f"deleted model {self.name} (it had no versions left)"
         gone = ", ".join(map(str, self.versions))
-        return f"deleted model {self.name} version{'s' if len(self.versions) > 1 else ''} {gone}" + (
-            "; no version is left, the model is gone" if self.model_deleted else ""
+        return f"deleted model {self.name} {plural(len(self.versions), 'version', False)} {gone}" + (
+            ", and the model" if self.model_deleted else ""
         )
 
 
@@ -260,7 +283,8 @@ class DeletedPipeline:
     log_entries: int
 
     def __str__(self) -> str:
-        return f"deleted pipeline {self.name}: {self.versions} versions, {self.log_entries} logged inferences"
+        logged = plural(self.log_entries, "logged inference")
+        return f"deleted pipeline {self.name}: {plural(self.versions, 'version')}, {logged}"
 
 
 def topics_text(topics: PipelineTopics) -> str:

@@ -135,37 +135,44 @@ class Client(AssayClientMixin):
         request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)
         return ModelVersion.from_proto(self.call("GetModelVersion", request))
 
-    def model_versions(self, name: str) -> Listing[ModelVersion]:
+    def model_versions(self, name: str | ModelSummary) -> Listing[ModelVersion]:
         """Every version of ``name``, oldest first, as a table (``.to_frame()`` for a DataFrame)."""
-        model = self.call("GetModel", pb.GetModelRequest(workspace=self.workspace, name=name))
+        model = self.call("GetModel", pb.GetModelRequest(workspace=self.workspace, name=str(name)))
         return Listing(ModelVersion.from_proto(v) for v in model.versions)
 
     def list_models(self) -> Listing[ModelSummary]:
         """Every model of the workspace with its versions; each item reads as its latest version
-        (``m.version``, ``m.framework``, ``m.inputs``...), the listing prints as a table."""
+        (``m.version``, ``m.framework``, ``m.inputs``...), the listing prints as a table. A model
+        whose versions were all deleted one by one is listed with none."""
         response = self.call("ListModels", pb.ListModelsRequest(workspace=self.workspace))
-        return Listing(ModelSummary.from_proto(m) for m in response.models if m.versions)
+        return Listing(ModelSummary.from_proto(m) for m in response.models)
 
-    def describe_model(self, name: str) -> ModelDescription:
+    def describe_model(self, name: str | ModelSummary) -> ModelDescription:
         """Every version of ``name`` with its signature, and the pipeline versions using each."""
-        request = pb.DescribeModelRequest(workspace=self.workspace, name=name)
+        request = pb.DescribeModelRequest(workspace=self.workspace, name=str(name))
         return ModelDescription.from_proto(self.call("DescribeModel", request))
 
-    def delete_model(self, name: str, version: int | None = None) -> DeletedModel:
-        """Delete ``version`` of ``name``, or every version and the model. Refused while the current
-        version of a deployed pipeline uses a version to delete (the error names the pipeline). A
-        deleted version's number is never given to a later upload of the model."""
-        request = pb.DeleteModelRequest(workspace=self.workspace, name=name, version=version or 0)
+    def delete_model(self, name: str | ModelSummary, version: int | None = None) -> DeletedModel:
+        """Delete ``version`` of ``name`` (the model stays, and its numbering goes on), or without a
+        version every version and the model. Refused while the current version of a deployed pipeline
+        uses a version to delete (the error names the pipeline). A deleted version's number is never
+        given to a later upload of the model."""
+        request = pb.DeleteModelRequest(workspace=self.workspace, name=str(name))
+        if version is None:
+            request.all_versions = True
+        else:
+            request.version = version
         response = self.call("DeleteModel", request)
-        return DeletedModel(name, tuple(response.versions), response.model_deleted)
+        return DeletedModel(str(name), tuple(response.versions), response.model_deleted)
 
     # Pipelines
     def build_pipeline(self, name: str) -> Pipeline:
         """A pipeline builder; nothing is stored until ``create()`` or ``deploy()``."""
         return Pipeline(self, name)
 
-    def get_pipeline(self, name: str) -> Pipeline:
-        response = self.call("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=name))
+    def get_pipeline(self, name: str | PipelineSummary) -> Pipeline:
+        """Stored pipeline ``name`` (or an item of ``list_pipelines()``) with its latest version's steps."""
+        response = self.call("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=str(name)))
         return load_pipeline(self, response)
 
     def list_pipelines(self) -> Listing[PipelineSummary]:
@@ -175,10 +182,10 @@ class Client(AssayClientMixin):
         response = self.call("ListPipelines", pb.ListPipelinesRequest(workspace=self.workspace))
         return Listing(PipelineSummary.from_proto(p) for p in response.pipelines)
 
-    def describe_pipeline(self, name: str) -> PipelineDescription:
+    def describe_pipeline(self, name: str | PipelineSummary) -> PipelineDescription:
         """Versions and steps, deployment and status, topics and assays of pipeline ``name``."""
-        return Pipeline(self, name).describe()
+        return Pipeline(self, str(name)).describe()
 
-    def delete_pipeline(self, name: str) -> DeletedPipeline:
+    def delete_pipeline(self, name: str | PipelineSummary) -> DeletedPipeline:
         """Delete an undeployed pipeline with its versions and logged inferences (see ``Pipeline.delete``)."""
-        return Pipeline(self, name).delete()
+        return Pipeline(self, str(name)).delete()

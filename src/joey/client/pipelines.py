@@ -19,7 +19,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from joey.client.assays import timestamp
 from joey.client.calls import JoeyError, RegistryCaller
-from joey.client.catalog import DeletedPipeline, topics_text
+from joey.client.catalog import (
+    DELETE_PIPELINE_TIMEOUT_S,
+    DeletedPipeline,
+    ModelSummary,
+    plural,
+    topics_text,
+)
 from joey.client.inputs import RecordInput, deployed_inputs, to_records
 from joey.client.log_export import LogExport, flatten, flatten_shadow, log_entry_row
 from joey.client.streaming import PipelineStream, Progress
@@ -286,17 +292,21 @@ def _modelstep_request(step: pb.ResolvedStep) -> pb.ModelStep:
 
 
 def _model_ref(
-    model: ModelVersion | str, version: int | None = None, inputs: dict[str, str] | None = None
+    model: ModelVersion | ModelSummary | str, version: int | None = None, inputs: dict[str, str] | None = None
 ) -> pb.ModelStep:
-    """A ModelVersion pins that version; a name takes ``version``, or the latest at create time."""
+    """A ModelVersion pins that version, a ModelSummary (an item of ``list_models()``) its latest; a
+    name takes ``version``, or the latest at create time."""
+    if isinstance(model, ModelSummary):
+        model = model.latest
     if isinstance(model, ModelVersion):
         return pb.ModelStep(model=model.name, version=model.version, input_mapping=inputs)
     return pb.ModelStep(model=model, version=version or 0, input_mapping=inputs)
 
 
-def _named_ref(model: ModelVersion | str, mappings: dict[str, dict[str, str]]) -> pb.ModelStep:
-    """A ModelVersion, or ``"name"`` / ``"name:version"``, with its input mapping from ``mappings``."""
-    if isinstance(model, ModelVersion):
+def _named_ref(model: ModelVersion | ModelSummary | str, mappings: dict[str, dict[str, str]]) -> pb.ModelStep:
+    """A ModelVersion or ModelSummary, or ``"name"`` / ``"name:version"``, with its input mapping
+    from ``mappings``."""
+    if isinstance(model, ModelVersion | ModelSummary):
         return _model_ref(model, inputs=mappings.get(model.name))
     # Model names cannot contain ":", so "name:version" is unambiguous.
     name, colon, version = model.partition(":")
@@ -723,13 +733,18 @@ class Pipeline:
         )
 
     def delete(self) -> DeletedPipeline:
-        """Delete the pipeline with its versions, deployment history and logged inferences. Refused
-        while it is deployed (undeploy first) or while assays watch it (delete them first)."""
+        """Delete the pipeline with its versions, deployment history and logged inferences, then its
+        topics. Refused while it is deployed (undeploy first), for the few seconds its replicas take to
+        stop after an undeploy (retry), or while assays watch it (delete them first). Waits up to 10
+        minutes: deleting many logs takes a while."""
+        # The logs go in the same transaction as the rest: many take a while.
         response = self.client.call(
-            "DeletePipeline", pb.DeletePipelineRequest(workspace=self.workspace, name=self.name)
+            "DeletePipeline",
+            pb.DeletePipelineRequest(workspace=self.workspace, name=self.name),
+            timeout=DELETE_PIPELINE_TIMEOUT_S,
         )
         self._version = None
-        return DeletedPipeline(self.name, response.versions, response.log_entries)
+        return DeletedPipeline(self.name, response.version_count, response.log_entries)
 
 
 def load_pipeline(client: RegistryCaller, found: pb.Pipeline) -> Pipeline:
@@ -752,9 +767,11 @@ class PipelineDescription:
     assays: tuple[str, ...]
 
     def __str__(self) -> str:
-        lines = [f"pipeline {self.name} (workspace {self.workspace}), {len(self.versions)} versions"]
+        lines = [
+            f"pipeline {self.name} (workspace {self.workspace}), {plural(len(self.versions), 'version')}"
+        ]
         for v in self.versions:
-            created = f"{v.created_at:%Y-%m-%d %H:%M:%S}" if v.created_at else "-"
+            created = f"{v.created_at:%Y-%m-%d %H:%M:%S} UTC" if v.created_at else "-"
             steps = " -> ".join(str(s) for s in v.steps)
             lines.append(f"  version {v.version} (created {created}): {steps}")
         st = self.status
@@ -762,7 +779,8 @@ class PipelineDescription:
             lines.append(f"deployment: none ({st.message})")
         else:
             lines.append(
-                f"deployment: {st.status}, version {st.pipeline_version}, {st.replicas_wanted} replicas"
+                f"deployment: {st.status}, version {st.pipeline_version}, "
+                f"{plural(st.replicas_wanted, 'replica')}"
                 + (
                     f" (autoscaling {st.autoscale.min_replicas}-{st.autoscale.max_replicas})"
                     if st.autoscale

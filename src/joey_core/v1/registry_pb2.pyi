@@ -902,8 +902,9 @@ class Pipeline(_message.Message):
     workspace: _builtins.str
     name: _builtins.str
     status: _builtins.str
-    """Set by ListPipelines only (GetPipeline, called by the gateway, reads no heartbeats): the status
-    GetDeploymentStatus would report, "Running", "Starting", "Error" or "Undeployed".
+    """Set by ListPipelines only, empty elsewhere (GetPipeline, called by the gateway, reads no
+    heartbeats): the status GetDeploymentStatus would report, "Running", "Starting", "Error" or
+    "Undeployed", or "Unknown" when the heartbeats could not be read.
     """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PipelineVersion]:
@@ -2257,20 +2258,24 @@ class DeleteModelRequest(_message.Message):
     WORKSPACE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ALL_VERSIONS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     version: _builtins.int
-    """0 = every version, and the model"""
+    """the version to delete (>= 1); unset with all_versions"""
+    all_versions: _builtins.bool
+    """delete every version and the model itself"""
     def __init__(
         self,
         *,
         workspace: _builtins.str = ...,
         name: _builtins.str = ...,
         version: _builtins.int = ...,
+        all_versions: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_versions", b"all_versions", "name", b"name", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2283,7 +2288,7 @@ class DeleteModelResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _builtins.int
     MODEL_DELETED_FIELD_NUMBER: _builtins.int
     model_deleted: _builtins.bool
-    """no version is left: the model is gone too"""
+    """all_versions was asked: the model is gone too"""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """the versions deleted"""
@@ -2328,21 +2333,21 @@ Global___DeletePipelineRequest: _TypeAlias = DeletePipelineRequest  # noqa: Y015
 class DeletePipelineResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    VERSIONS_FIELD_NUMBER: _builtins.int
+    VERSION_COUNT_FIELD_NUMBER: _builtins.int
     LOG_ENTRIES_FIELD_NUMBER: _builtins.int
-    versions: _builtins.int
+    version_count: _builtins.int
     """pipeline versions deleted"""
     log_entries: _builtins.int
     """inference log rows deleted"""
     def __init__(
         self,
         *,
-        versions: _builtins.int = ...,
+        version_count: _builtins.int = ...,
         log_entries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_entries", b"log_entries", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_entries", b"log_entries", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

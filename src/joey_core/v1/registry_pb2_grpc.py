@@ -335,16 +335,18 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Deletes one version, or every version and the model. Refused while the current version of an
-        active deployment uses a version to delete. Version numbers are never reused while the model exists.
+        """Deletes one version (the model stays, even with no version left), or with all_versions every
+        version and the model. Refused while the current version of an active deployment uses a version
+        to delete. Version numbers are never reused while the model exists.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeletePipeline(self, request, context):
-        """Deletes an undeployed pipeline: its versions, deployment history and inference logs. Refused
-        while deployed or while assays watch it.
+        """Deletes an undeployed pipeline: its versions, deployment history and inference logs, then (best
+        effort) its topics and the engines' consumer group. Refused while deployed, while a replica is
+        still stopping, or while assays watch it. Deleting many logs takes time: call it with a long deadline.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from joey.client import Client, JoeyError, ModelSummary, PipelineSummary
+from joey.client import Client, JoeyError, ModelSummary, Pipeline, PipelineSummary
+from joey.client.catalog import DeletedPipeline
+from joey_core import topics
+from joey_core.kafka import consumer_config, producer_config
 from joey_core.settings import CommonSettings
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_until
+
+IRIS_RECORD = {"features": [5.1, 3.5, 1.4, 0.2]}
 
 
 @pytest.fixture
@@ -19,6 +26,38 @@ def client(stack: Stack, settings: CommonSettings) -> Iterator[Client]:
     client.create_workspace(client.workspace)
     yield client
     client.close()
+
+
+def delete_when_stopped(pipeline: Pipeline) -> DeletedPipeline:
+    """Delete an undeployed pipeline once its replicas have stopped (until then it is refused)."""
+
+    def attempt() -> DeletedPipeline | None:
+        try:
+            return pipeline.delete()
+        except JoeyError as exc:
+            if not exc.message.endswith("still stopping") and "still stopping" not in exc.message:
+                raise
+            return None
+
+    deleted = wait_until(attempt, 60, f"pipeline {pipeline.name}'s replicas to stop", interval=0.5)
+    assert isinstance(deleted, DeletedPipeline)
+    return deleted
+
+
+def wait_for_the_logger(settings: CommonSettings) -> None:
+    """Until the logger has committed every record of joey.logs: what it will ever write is written."""
+    consumer = Consumer(consumer_config(settings, topics.LOGGER_GROUP))
+    try:
+        partitions = consumer.list_topics(topics.LOGS, timeout=10).topics[topics.LOGS].partitions
+
+        def caught_up() -> bool:
+            committed = consumer.committed([TopicPartition(topics.LOGS, p) for p in partitions], timeout=10)
+            ends = [consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in committed]
+            return all(end == 0 or tp.offset >= end for tp, end in zip(committed, ends, strict=True))
+
+        wait_until(caught_up, 60, "the logger to consume every log record", interval=0.2)
+    finally:
+        consumer.close()
 
 
 def test_listings_are_tables_of_what_each_thing_is(client: Client, iris_model: Path) -> None:
@@ -65,14 +104,21 @@ def test_listings_are_tables_of_what_each_thing_is(client: Client, iris_model: P
     assert "    used by: live v1 (deployed)" in str(described).splitlines()
 
     text = str(live.describe()).splitlines()
-    assert text[0] == f"pipeline live (workspace {client.workspace}), 1 versions"
+    assert text[0] == f"pipeline live (workspace {client.workspace}), 1 version"
     assert text[1].startswith("  version 1 (created ") and text[1].endswith("): iris:1")
-    assert text[2].startswith("deployment: Running, version 1, 1 replicas: 1/1 replicas ready")
+    assert text[2].startswith("deployment: Running, version 1, 1 replica: 1/1 replicas ready")
     assert text[3] == (
         f"topics: inputs joey.{client.workspace}.live.inputs, outputs joey.{client.workspace}.live.outputs, "
         f"errors joey.{client.workspace}.live.errors"
     )
     assert text[4] == "assays: none"
+
+    # Listing items go where names and model versions went before.
+    assert [client.get_pipeline(p).name for p in pipelines] == ["idle", "live"]
+    assert str(client.describe_pipeline(pipelines[1])).startswith("pipeline live ")
+    from_listing = client.build_pipeline("from-listing").add_model_step(models[0]).create()
+    assert [str(s) for s in from_listing.steps] == ["iris:2"]
+    assert client.describe_model(models[0]).model.name == "iris"
     live.undeploy()
 
 
@@ -97,9 +143,42 @@ def test_deletes_refuse_while_in_use_and_say_what_to_do(client: Client, iris_mod
 
     assert str(client.delete_model("iris", 2)) == "deleted model iris version 2"
     live.undeploy()
-    assert str(live.delete()) == "deleted pipeline live: 1 versions, 0 logged inferences"
+    assert str(delete_when_stopped(live)) == "deleted pipeline live: 1 version, 0 logged inferences"
     assert client.list_pipelines() == []
     deleted = client.delete_model("iris")
     assert (deleted.versions, deleted.model_deleted) == ((1,), True)
     client.delete_workspace(client.workspace)
     assert client.workspace not in client.list_workspaces()
+
+
+def test_a_new_pipeline_of_a_deleted_ones_name_inherits_nothing(
+    client: Client, iris_model: Path, settings: CommonSettings
+) -> None:
+    client.upload_model("iris", iris_model)
+    old = client.build_pipeline("p").add_model_step("iris")
+    old.deploy(replicas=1)
+    old.infer([IRIS_RECORD] * 20)
+    old.undeploy()
+    with pytest.raises(JoeyError) as refused:
+        # Right after undeploy its replica is still finishing (heartbeats outlive it by their TTL).
+        old.delete()
+    assert refused.value.code == "FAILED_PRECONDITION"
+    assert refused.value.message.startswith("pipeline 'p' has 1 replica still stopping (")
+    assert refused.value.message.endswith("); retry in a few seconds")
+    # Input records no replica will read: a new pipeline of the same name must not answer them.
+    producer = Producer(producer_config(settings))
+    for _ in range(5):
+        producer.produce(old.topics.inputs, json.dumps(IRIS_RECORD).encode())
+    assert producer.flush(10) == 0
+
+    delete_when_stopped(old)
+    wait_for_the_logger(settings)
+    new = client.build_pipeline("p").add_model_step("iris")
+    new.create()
+    assert new.status().replicas == ()  # the old pipeline's stopped replica is forgotten
+    new.deploy(replicas=1)
+    assert new.log_count() == 0
+    new.infer([IRIS_RECORD])
+    wait_for_the_logger(settings)
+    assert new.log_count() == 1
+    new.undeploy()
