@@ -15,14 +15,15 @@ import click
 from joey_cli.assays import assay
 from joey_cli.errors import error_line
 from joey_cli.errors import fail as _fail
-
-SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
+from joey_cli.services import SERVICES
 
 
 class Context:
-    def __init__(self, registry: str | None, workspace: str) -> None:
+    def __init__(self, registry: str | None, workspace: str, registry_given: bool = False) -> None:
         self.registry = registry
         self.workspace = workspace
+        self.registry_given = registry_given
+        """Whether --registry was on the command line (not only in JOEY_REGISTRY_ADDR)."""
         self._client: Any = None
 
     @property
@@ -38,9 +39,16 @@ class Context:
         """The address the client calls (or would call)."""
         if self._client is not None:
             return str(self._client.settings.registry_addr)
+        if self.registry:
+            return self.registry
+        from pydantic import ValidationError
+
         from joey_core.settings import CommonSettings
 
-        return self.registry or CommonSettings().registry_addr
+        try:
+            return CommonSettings().registry_addr
+        except ValidationError:  # another JOEY_* variable is invalid; this is asked while reporting an error
+            return str(CommonSettings.model_fields["registry_addr"].default)
 
 
 _YES = click.option("--yes", "-y", is_flag=True, help="Delete without asking for confirmation.")
@@ -87,7 +95,8 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, registry: str | None, workspace: str) -> None:
     """Joey: Kafka-native MLOps."""
-    ctx.obj = Context(registry, workspace)
+    given = ctx.get_parameter_source("registry") == click.core.ParameterSource.COMMANDLINE
+    ctx.obj = Context(registry, workspace, given)
 
 
 @main.command()
@@ -107,16 +116,20 @@ def serve(service: str) -> None:
     is_flag=True,
     help="Run in the background and return once it is ready; `joey down` stops it.",
 )
-def up(detach: bool) -> None:
+@click.pass_obj
+def up(obj: Context, detach: bool) -> None:
     """Start the local stack: the embedded broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine,
     logger, assayer and gateway.
 
     One stack per user, refused while one runs: its state and logs are in JOEY_STATE_DIR (default
-    ~/.local/state/joey), so `joey status` and `joey down` find it from any directory."""
+    ~/.local/state/joey), so `joey status` and `joey down` find it from any directory. --registry is
+    the address the registry listens on."""
     from joey_cli.stack import StackError, StackSettings, describe, run_foreground, start_detached
     from joey_core.lifecycle import configure_logging
 
     settings = StackSettings()
+    if obj.registry_given:
+        settings = settings.model_copy(update={"registry_addr": obj.registry})
     configure_logging(settings.log_level)
     try:
         if detach:
@@ -129,23 +142,34 @@ def up(detach: bool) -> None:
         _fail(exc)
 
 
+def _no_registry(obj: Context, command: str) -> None:
+    if obj.registry_given:
+        raise click.ClickException(
+            f"--registry does not apply to `joey {command}`: it finds the stack through JOEY_STATE_DIR; "
+            "leave --registry out"
+        )
+
+
 @main.command()
-def down() -> None:
+@click.pass_obj
+def down(obj: Context) -> None:
     """Stop the stack started by `joey up`, from any directory (it is found through JOEY_STATE_DIR)."""
     from joey_cli.stack import StackError, StackSettings, stop_detached
 
+    _no_registry(obj, "down")
     try:
-        state = stop_detached(StackSettings(), say=click.echo)
+        click.echo(stop_detached(StackSettings()))
     except StackError as exc:
         _fail(exc)
-    click.echo(f"Joey stopped (pid {state['pid']})" if state else "Joey was not running")
 
 
 @main.command()
-def status() -> None:
+@click.pass_obj
+def status(obj: Context) -> None:
     """Show the stack `joey up` started: its pid, addresses, services and logs."""
     from joey_cli.stack import StackSettings, describe, pid_alive, stack_status
 
+    _no_registry(obj, "status")
     settings = StackSettings()
     running, stale = stack_status(settings)
     if running is None:
@@ -156,8 +180,8 @@ def status() -> None:
             f"Joey is not running (no stack in {settings.state_dir}{left}): start it with `joey up`"
         )
     started = f", since {running['started_at']}" if "started_at" in running else ""
-    phase = "up" if running.get("status") == "ready" else "starting"
-    click.echo(f"Joey is {phase} (pid {running['pid']}{started}); `joey down` stops it")
+    phase = {"ready": "up"}.get(running.get("status", ""), running.get("status", "starting"))
+    click.echo(f"Joey is {phase} (pid {running['pid'] or 'unknown'}{started}); `joey down` stops it")
     click.echo("\n".join(describe(running)))
     services = running.get("services", {})
     if services:

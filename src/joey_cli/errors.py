@@ -9,16 +9,6 @@ from typing import Any, NoReturn
 import click
 
 
-def registry_addr(obj: Any) -> str:
-    """The address the command's client calls (or would call)."""
-    addr = getattr(obj, "registry_addr", None)
-    if addr:
-        return str(addr)
-    from joey_core.settings import CommonSettings
-
-    return CommonSettings().registry_addr
-
-
 def error_line(exc: BaseException, obj: Any) -> str | None:
     """The line an SDK or gRPC error becomes; None for any other exception (a bug: its traceback shows).
 
@@ -30,11 +20,15 @@ def error_line(exc: BaseException, obj: Any) -> str | None:
     if calls is not None and isinstance(exc, calls.JoeyError):
         code, text = exc.code, str(exc)
     elif grpc is not None and isinstance(exc, grpc.RpcError):
-        code = exc.code().name  # type: ignore[attr-defined]
-        text = f"{exc.details()} ({code})"  # type: ignore[attr-defined]
+        # A bare RpcError (not a call's outcome) has neither code() nor details().
+        status = getattr(exc, "code", None)
+        code = status().name if callable(status) else "UNKNOWN"
+        details = getattr(exc, "details", None)
+        text = f"{(details() if callable(details) else str(exc)) or type(exc).__name__} ({code})"
     else:
         return None
-    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and not _listening(addr := registry_addr(obj)):
+    addr = getattr(obj, "registry_addr", None)
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and addr and not listening(addr):
         # Only then: the registry itself answers UNAVAILABLE when Kafka or Redis fail it.
         return (
             f"cannot reach the registry at {addr}: is Joey running? Start it with `joey up`, "
@@ -43,10 +37,12 @@ def error_line(exc: BaseException, obj: Any) -> str | None:
     return text
 
 
-def _listening(addr: str) -> bool:
+def listening(addr: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts connections at ``host:port`` (a wildcard address: on the loopback)."""
     host, _, port = addr.rpartition(":")
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host.strip("[]")  # noqa: S104
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+        with socket.create_connection((host, int(port)), timeout=timeout):
             return True
     except (OSError, ValueError):
         return False

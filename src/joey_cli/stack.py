@@ -7,8 +7,13 @@ everything in reverse order.
 
 One stack per state directory (per user by default, whatever the current directory): its
 supervisor holds ``stack.lock`` for as long as it lives, so a second `joey up` is refused and
-`joey down` finds it from anywhere. ``stack.json`` describes it (pid, addresses, service pids); one
-left behind by a supervisor that was killed is stale, and `joey up` / `joey down` stop what it left.
+`joey down` finds it from anywhere. The lock file names its holder (pid and start time, written as
+soon as the lock is taken); ``stack.json`` describes the stack (pid, addresses, the pid and start
+time of each process it started) and counts only when its pid is the lock holder's. One left behind
+by a supervisor that was killed is stale, and `joey up` / `joey down` stop what it left.
+
+Processes are named by pid and start time (Linux's /proc), so a reused pid is never taken for one
+of ours.
 """
 
 from __future__ import annotations
@@ -29,10 +34,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+import click
 import platformdirs
 from pydantic import Field, field_validator
 
+from joey_cli.errors import listening
+from joey_cli.services import SERVICES
 from joey_core.settings import CommonSettings
 
 if TYPE_CHECKING:
@@ -40,14 +49,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
+SERVICE_STOP_S = 30.0
+"""How long a service has to stop after SIGTERM before it is killed."""
+BROKER_STOP_S = 10.0
+"""The same for the embedded broker (EmbeddedBroker.stop)."""
+DOWN_WAIT_S = SERVICE_STOP_S * len(SERVICES) + BROKER_STOP_S + 10.0
+"""How long `joey down` waits: the supervisor stops the services one by one, then the broker."""
+LOCK_WAIT_S = 1.0
+"""How long a lock's holder may take to write its name into the lock file."""
 
 State = dict[str, Any]
 
 
+def _default_state_dir() -> Path:
+    return platformdirs.user_state_path("joey")
+
+
 class StackSettings(CommonSettings):
-    state_dir: Path = Field(default_factory=lambda: platformdirs.user_state_path("joey"))
+    state_dir: Path = Field(default_factory=_default_state_dir)
     """Where `joey up` keeps its lock, state and service logs: one stack per user, found from any
     directory (``~/.local/state/joey``, or ``$XDG_STATE_HOME/joey``, on Linux)."""
 
@@ -63,11 +83,38 @@ class StackSettings(CommonSettings):
     """Start the embedded broker on JOEY_KAFKA_BOOTSTRAP's port.
     Default: only when JOEY_KAFKA_BOOTSTRAP is unset."""
 
+    stack_lock_fd: int | None = None
+    """Set by `joey up --detach` for the supervisor it starts: the stack's lock, already held, handed over."""
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # An empty JOEY_STATE_DIR would otherwise be the current directory.
+        return _default_state_dir() if value == "" else value
+
     @field_validator("state_dir")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
         # Recorded and printed as given to every later command, whichever directory it runs in.
         return path.expanduser().absolute()
+
+    @property
+    def embedded(self) -> bool:
+        if self.embedded_broker is not None:
+            return self.embedded_broker
+        return "kafka_bootstrap" not in self.model_fields_set
+
+
+def settings_env(settings: StackSettings) -> dict[str, str]:
+    """The environment of a process the stack starts: this one's, with the settings the stack runs with
+    spelled out, whether they came from the environment, a command-line option or code."""
+    env = {name: value for name, value in os.environ.items() if name != "JOEY_STACK_LOCK_FD"}
+    fields = settings.model_dump(mode="json", exclude={"stack_lock_fd", "embedded_broker"})
+    fields["embedded_broker"] = settings.embedded
+    return env | {
+        f"JOEY_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+        for name, value in fields.items()
+    }
 
 
 class StackError(RuntimeError):
@@ -77,10 +124,9 @@ class StackError(RuntimeError):
 class AlreadyRunning(StackError):
     def __init__(self, state: State) -> None:
         super().__init__(
-            f"Joey is already running (pid {state['pid']}); `joey down` stops it\n"
+            f"Joey is already running (pid {state.get('pid') or 'unknown'}); `joey down` stops it\n"
             + "\n".join(describe(state))
         )
-        self.state = state
 
 
 def describe(state: State) -> list[str]:
@@ -95,19 +141,56 @@ def describe(state: State) -> list[str]:
     ]
 
 
+def process_start(pid: object) -> str | None:
+    """When process ``pid`` started: with its pid, this names one process, however pids are reused.
+
+    None when it is gone, a zombie, or another user's (never ours to stop)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    proc = Path(f"/proc/{pid}")
+    if not Path("/proc/self").exists():  # macOS, BSD: ps, to the second
+        found = subprocess.run(
+            ["ps", "-o", "uid=,stat=,lstart=", "-p", str(pid)], capture_output=True, text=True
+        ).stdout.split(maxsplit=2)
+        if len(found) < 3 or int(found[0]) != os.getuid() or found[1].startswith("Z"):
+            return None
+        return found[2].strip()
+    try:
+        if proc.stat().st_uid != os.getuid():
+            return None
+        # After the command's parenthesis: field 3 of proc(5), the state, ... field 22, the start time.
+        fields = (proc / "stat").read_text().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether ``pid`` is a live process of this user's (a zombie counts as gone; nothing is reaped)."""
+    return process_start(pid) is not None
+
+
+def _same_process(pid: object, started: object) -> bool:
+    return started is not None and process_start(pid) == started
+
+
 class _Lock:
-    """An exclusive flock, held by the supervisor while it lives; the kernel drops it when it exits."""
+    """The exclusive flock on stack.lock. The supervisor holds it while it lives (the kernel drops it
+    when the last process holding the open file exits); a `joey up` or `joey down` clearing a stale
+    state holds it meanwhile, and a detaching `joey up` until its supervisor takes it over."""
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        self.fd = fd
 
-    def record(self, pid: int) -> None:
-        # The pid inside the lock file too: `joey down` can find the holder before its state is written.
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(pid).encode(), 0)
+    def record(self, command: str) -> None:
+        """Name this process in the lock file: `joey down` stops only the process the lock names."""
+        me = {"pid": os.getpid(), "started": process_start(os.getpid()), "command": command}
+        text = json.dumps(me).encode()
+        os.pwrite(self.fd, text, 0)
+        os.ftruncate(self.fd, len(text))  # what an earlier, longer name left after it
 
     def release(self) -> None:
-        os.close(self._fd)
+        os.close(self.fd)
 
 
 class StackDir:
@@ -120,7 +203,7 @@ class StackDir:
         self.logs = path / "logs"
         self.up_log = path / "up.log"
 
-    def try_lock(self) -> _Lock | None:
+    def _try_lock(self) -> _Lock | None:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -130,13 +213,70 @@ class StackDir:
             return None
         return _Lock(fd)
 
+    def lock(self, command: str) -> _Lock | None:
+        """The lock, taken and named after this process (running ``command``); None while another
+        process holds it."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while (lock := self._try_lock()) is None:
+            # Refused at once when a holder has named itself. Otherwise it may be a held() probe, gone in
+            # a moment, or a process that has not named itself yet: ask again for a while.
+            if self.holder() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+        lock.record(command)
+        return lock
+
+    def adopt(self, fd: int) -> _Lock:
+        """The lock a detaching `joey up` handed over (already held), named after this process."""
+        try:
+            handed = os.path.samestat(os.fstat(fd), self.lock_file.stat())
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a no-op when it is the held lock
+        except OSError:
+            handed = False
+        if not handed:
+            raise StackError(
+                f"JOEY_STACK_LOCK_FD={fd} is not {self.lock_file}, held: it is set by `joey up --detach` "
+                "for the supervisor it starts; unset it"
+            )
+        lock = _Lock(fd)
+        lock.record("up")
+        return lock
+
+    def held(self) -> bool:
+        """Whether some process holds the lock. Probed with a shared lock for a moment: a claim that
+        meets the probe asks again (lock())."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def holder(self) -> dict[str, Any] | None:
+        """The process holding the lock, as it named itself; None when none holds it, or the holder has
+        not named itself yet (the file may still name an earlier holder, gone or no longer holding)."""
+        if not self.held():
+            return None
+        try:
+            named = json.loads(self.lock_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if isinstance(named, dict) and _same_process(named.get("pid"), named.get("started")):
+            return named
+        return None
+
     def read(self) -> State | None:
         try:
             return dict(json.loads(self.state_file.read_text()))
         except FileNotFoundError:
             return None
         except ValueError:
-            log.warning("ignoring %s: not the JSON `joey up` writes", self.state_file)
+            click.echo(f"Warning: ignoring {self.state_file}: not the JSON `joey up` writes", err=True)
             return None
 
     def write(self, state: State) -> None:
@@ -148,79 +288,67 @@ class StackDir:
     def remove(self) -> None:
         self.state_file.unlink(missing_ok=True)
 
-    def held(self) -> bool:
-        """Whether a supervisor holds the lock, i.e. the stack runs."""
-        if not self.lock_file.exists():
-            return False
-        lock = self.try_lock()
-        if lock is not None:
-            lock.release()
-        return lock is None
-
     def running(self) -> State | None:
-        """The running stack's state; None when no supervisor holds the lock."""
-        if not self.held():
-            return None
-        deadline = time.monotonic() + 2
-        while (state := self.read()) is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # the supervisor writes its state right after taking the lock
-        if state is None:
-            text = self.lock_file.read_text().strip()
-            state = {"pid": int(text) if text.isdigit() else "unknown", "status": "starting"}
-        return state
+        """The running stack's state; None when no process holds the lock.
 
-    def clear_stale(self, say: Callable[[str], None]) -> None:
-        """With the lock held: stop what a supervisor that died without stopping left, and forget it."""
+        ``stack.json`` counts only when its pid is the holder's: before the holder writes its own, the
+        file may be a stale one. Until then the state is the holder's pid and ``starting`` (or
+        ``stopping`` when the holder is a `joey down` clearing a stale state)."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while (holder := self.holder()) is None:
+            if not self.held():
+                return None
+            if time.monotonic() > deadline:
+                return {"pid": None, "status": "starting"}
+            time.sleep(0.02)  # the holder names itself right after taking the lock
+        state = self.read()
+        if state is not None and state.get("pid") == holder["pid"]:
+            return state
+        return {"pid": holder["pid"], "status": "starting" if holder.get("command") == "up" else "stopping"}
+
+    def clear_stale(self) -> str | None:
+        """With the lock held: stop what a supervisor that died without stopping left, and forget it.
+
+        What was done, or None when no state was left."""
         state = self.read()
         if state is None:
-            return
-        leftovers = [
-            (name, pid)
-            for name, pid in [*state.get("services", {}).items(), ("broker", state.get("broker"))]
-            if pid and _runs(int(pid), "tansu" if name == "broker" else f"joey_{name}")
-        ]
-        message = f"the stack of pid {state.get('pid')} exited without stopping"
-        if leftovers:
-            say(f"{message}: stopping what it left, " + ", ".join(f"{n} (pid {p})" for n, p in leftovers))
-            for _, pid in reversed(leftovers):
-                _terminate(int(pid))
-        else:
-            say(f"{message}; removing its state {self.state_file}")
+            return None
+        started = state.get("started", {})
+        # The services newest first, then the broker they used: the order LocalStack.stop keeps.
+        named = [*reversed(state.get("services", {}).items()), ("broker", state.get("broker"))]
+        left = [(name, pid) for name, pid in named if _same_process(pid, started.get(name))]
+        for name, pid in left:
+            _terminate(pid, BROKER_STOP_S if name == "broker" else SERVICE_STOP_S)
         self.remove()
+        done = f"the stack of pid {state.get('pid')} had exited without stopping"
+        if left:
+            return f"{done}: stopped what it left, " + ", ".join(f"{n} (pid {p})" for n, p in left)
+        return f"{done}; removed its state {self.state_file}"
 
 
-def _runs(pid: int, marker: str) -> bool:
-    """Whether ``pid`` is alive and still the process we started (pids are reused)."""
-    if not pid_alive(pid):
-        return False
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except FileNotFoundError:
-        if Path("/proc/self").exists():
-            return False
-        command = subprocess.run(
-            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True
-        ).stdout
-    return marker in command
-
-
-def _terminate(pid: int, timeout: float = 30.0) -> None:
+def _terminate(pid: int, timeout: float) -> None:
+    """Stop a process the stack started, with its session: each leads one, and what it started goes too."""
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while pid_alive(pid):
             if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
 
 
 def claim(files: StackDir, say: Callable[[str], None]) -> _Lock:
     """The stack's lock, refused while another stack runs; a stale stack's leftovers are stopped."""
-    lock = files.try_lock()
+    lock = files.lock("up")
     if lock is None:
-        raise AlreadyRunning(files.running() or {"pid": "unknown"})
-    files.clear_stale(say)
+        raise AlreadyRunning(files.running() or {"pid": None})
+    try:
+        if (cleared := files.clear_stale()) is not None:
+            say(cleared)
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 
@@ -249,6 +377,18 @@ def registry_ready(addr: str) -> bool:
         return False
 
 
+def _redacted(url: str) -> str:
+    password = urlsplit(url).password
+    return url.replace(f":{password}@", ":***@", 1) if password else url
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """The first line of a client library's error, without the password it might quote."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    password = urlsplit(url).password
+    return first.replace(password, "***") if password else first
+
+
 @dataclass
 class _Service:
     name: str
@@ -267,6 +407,7 @@ class _Service:
             self.process = subprocess.Popen(
                 [sys.executable, "-P", "-m", f"joey_{self.name}"],
                 env=self.env | {"JOEY_INSTANCE_ID": self.instance_id},
+                stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order.
@@ -281,13 +422,13 @@ class _Service:
                 f"the end of {self.log_path}:\n" + "\n".join(tail)
             )
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout)
+                self.process.wait(SERVICE_STOP_S)
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0fs; killing it", self.name, timeout)
+                log.warning("%s did not stop within %.0fs; killing it", self.name, SERVICE_STOP_S)
                 self.process.kill()
                 self.process.wait()
 
@@ -301,84 +442,116 @@ class LocalStack:
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
-    def embedded(self) -> bool:
-        if self.settings.embedded_broker is not None:
-            return self.settings.embedded_broker
-        return "kafka_bootstrap" not in self.settings.model_fields_set
-
-    @property
     def files(self) -> StackDir:
         return StackDir(self.settings.state_dir)
 
     def state(self, status: str) -> State:
         s = self.settings
+        services = {svc.name: svc.process.pid for svc in self.services if svc.process}
+        broker = self.broker.process.pid if self.broker and self.broker.process else None
+        processes = {**services, "broker": broker} if broker else services
         return {
             "status": status,
             "pid": os.getpid(),
             "started_at": self.started_at,
             "kafka_bootstrap": s.kafka_bootstrap,
-            "embedded": self.embedded,
+            "embedded": s.embedded,
             "registry_addr": s.registry_addr,
             "oip_http_addr": s.oip_http_addr,
             "oip_grpc_addr": s.oip_grpc_addr,
             "logs": str(self.files.logs),
-            "services": {s.name: s.process.pid for s in self.services if s.process},
-            "broker": self.broker.process.pid if self.broker and self.broker.process else None,
+            "services": services,
+            "broker": broker,
+            # With the pids: a stale state's leftovers are stopped only if they are still these processes.
+            "started": {name: process_start(pid) for name, pid in processes.items()},
         }
 
     def _write_state(self, status: str) -> None:
         self.files.write(self.state(status))
 
-    def start(self, stop: threading.Event) -> None:
-        # Imported here: `joey status` and `joey down` read the state without loading Kafka and numpy.
+    def _check_prerequisites(self) -> None:
+        """Redis and Postgres answer, before anything starts: the error says which and what to do."""
+        import psycopg
         import redis
 
-        from joey_cli.broker import EmbeddedBroker
-        from joey_core import db, heartbeats
-        from joey_core.kafka import admin_client, ensure_topics, platform_topics, wait_for_broker
+        from joey_core import db
 
         s = self.settings
-        logs = self.files.logs
-        logs.mkdir(parents=True, exist_ok=True)
-        self._write_state("starting")
         # Refused up front: a service that cannot bind its port would only show up as a timeout.
         addresses = {
             "registry": s.registry_addr,
             "gateway REST": s.oip_http_addr,
             "gateway gRPC": s.oip_grpc_addr,
         }
-        taken = [f"{what} {addr}" for what, addr in addresses.items() if _addr_in_use(addr)]
+        taken = [f"{what} {addr}" for what, addr in addresses.items() if listening(addr)]
         if taken:
             raise StackError(
                 f"{', '.join(taken)} already in use by another process (a stack with another "
                 "JOEY_STATE_DIR?): stop it, or set JOEY_REGISTRY_ADDR / JOEY_OIP_HTTP_ADDR / "
                 "JOEY_OIP_GRPC_ADDR"
             )
-        if self.embedded:
-            if _addr_in_use(s.kafka_bootstrap):
-                raise StackError(
-                    f"{s.kafka_bootstrap} is already in use by another process (a stack with another "
-                    "JOEY_STATE_DIR, or a Kafka broker): stop it, or set JOEY_KAFKA_BOOTSTRAP to use "
-                    "a running Kafka cluster"
-                )
+        if s.embedded and listening(s.kafka_bootstrap):
+            raise StackError(
+                f"{s.kafka_bootstrap} is already in use by another process (a stack with another "
+                "JOEY_STATE_DIR, or a Kafka broker): stop it, or set JOEY_KAFKA_BOOTSTRAP to use "
+                "a running Kafka cluster"
+            )
+        try:
+            redis.Redis.from_url(s.redis_url).ping()
+        except redis.RedisError as exc:
+            raise StackError(
+                f"cannot reach Redis at {_redacted(s.redis_url)} ({_reason(exc, s.redis_url)}): "
+                "start it, or set JOEY_REDIS_URL"
+            ) from None
+        self.say("preparing the Postgres database")
+        try:
+            db.prepare(s.database_url)
+        except psycopg.OperationalError as exc:
+            raise StackError(
+                f"cannot reach Postgres at {_redacted(s.database_url)} ({_reason(exc, s.database_url)}): "
+                "start it, or set JOEY_DATABASE_URL"
+            ) from None
+
+    def _start_kafka(self) -> None:
+        from joey_cli.broker import EmbeddedBroker
+        from joey_core.kafka import admin_client, ensure_topics, platform_topics, wait_for_broker
+
+        s = self.settings
+        if s.embedded:
             self.say(f"starting embedded Kafka-compatible broker on {s.kafka_bootstrap}")
             _, _, port = s.kafka_bootstrap.rpartition(":")
-            self.broker = EmbeddedBroker(int(port), logs / "broker.log").start()
+            log_path = self.files.logs / "broker.log"
+            try:
+                self.broker = EmbeddedBroker(int(port), log_path).start()
+            except FileNotFoundError as exc:
+                raise StackError(f"cannot start the embedded broker: {exc}") from None
+            except TimeoutError as exc:
+                raise StackError(f"the embedded broker did not start ({exc}); see {log_path}") from None
         else:
             self.say(f"using Kafka at {s.kafka_bootstrap}")
-            wait_for_broker(s.kafka_bootstrap)
-        self.say("preparing Postgres database and Kafka topics")
-        redis.Redis.from_url(s.redis_url).ping()
-        db.prepare(s.database_url)
+            try:
+                wait_for_broker(s.kafka_bootstrap)
+            except TimeoutError as exc:
+                raise StackError(
+                    f"cannot reach Kafka at {s.kafka_bootstrap} ({exc}): start it, or unset "
+                    "JOEY_KAFKA_BOOTSTRAP to have `joey up` start the embedded broker"
+                ) from None
+        self.say("creating Kafka topics")
         ensure_topics(admin_client(s), platform_topics(s))
-        # The settings this stack runs with, whether read from the environment or given in code.
-        env = os.environ | {
-            "JOEY_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-            "JOEY_REGISTRY_ADDR": s.registry_addr,
-            "JOEY_OIP_HTTP_ADDR": s.oip_http_addr,
-            "JOEY_OIP_GRPC_ADDR": s.oip_grpc_addr,
-        }
-        self.services = [_Service(name, logs / f"{name}.log", env) for name in SERVICES]
+
+    def start(self, stop: threading.Event) -> None:
+        # Imported here: `joey status` and `joey down` read the state without loading Kafka and numpy.
+        import redis
+
+        from joey_core import heartbeats
+
+        s = self.settings
+        self.files.logs.mkdir(parents=True, exist_ok=True)
+        self._write_state("starting")
+        self._check_prerequisites()
+        self._start_kafka()
+        env = settings_env(s)
+        self.services = [_Service(name, self.files.logs / f"{name}.log", env) for name in SERVICES]
         registry, *workers = self.services
         registry.start()
         self._write_state("starting")
@@ -427,32 +600,25 @@ class LocalStack:
                     self._write_state("ready")
 
     def stop(self) -> None:
-        self.say("stopping Joey")
-        for service in reversed(self.services):
-            service.stop()
-        if self.broker:
-            self.broker.stop()
+        """Services newest first, then the broker; said only when something was started."""
+        started = [service for service in reversed(self.services) if service.process]
+        if started or self.broker:
+            self.say("stopping Joey")
+            for service in started:
+                service.stop()
+            if self.broker:
+                self.broker.stop()
+            self.say("stopped")
         self.files.remove()
-        self.say("stopped")
-
-
-def _addr_in_use(addr: str) -> bool:
-    host, _, port = addr.rpartition(":")
-    # A wildcard listen address is reached on the loopback.
-    host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host.strip("[]")  # noqa: S104
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, int(port))) == 0
 
 
 def run_foreground(settings: StackSettings, say: Callable[[str], None] = print) -> None:
     """`joey up`: start, supervise until Ctrl-C / SIGTERM, stop."""
     from joey_core.lifecycle import shutdown_event
 
-    files = StackDir(settings.state_dir)
-    lock = claim(files, say)
-    lock.record(os.getpid())
     stop = shutdown_event()
+    files = StackDir(settings.state_dir)
+    lock = files.adopt(settings.stack_lock_fd) if settings.stack_lock_fd is not None else claim(files, say)
     stack = LocalStack(settings, say)
     try:
         stack.start(stop)
@@ -466,53 +632,92 @@ def run_foreground(settings: StackSettings, say: Callable[[str], None] = print) 
 
 
 def start_detached(settings: StackSettings, say: Callable[[str], None] = print) -> State:
-    """`joey up --detach`: run the stack in a background process and return its state once it is ready."""
+    """`joey up --detach`: run the stack in a background process and return its state once it is ready.
+
+    The lock is taken here, so that a second `joey up` is refused before anything starts, and handed to
+    the supervisor, so that no other `joey up` can take it in between."""
+    from joey_core.lifecycle import shutdown_event
+
     files = StackDir(settings.state_dir)
-    # Checked here too, so that a second `joey up --detach` is refused before anything starts.
-    claim(files, say).release()
-    with files.up_log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "joey_cli", "up"],
-            env=os.environ | {"JOEY_STATE_DIR": str(files.path)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    lock = claim(files, say)
+    try:
+        # Emptied: while the lock is ours, it is the output of this stack's supervisor alone.
+        with files.up_log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-P", "-u", "-m", "joey_cli", "up"],
+                env=settings_env(settings) | {"JOEY_STACK_LOCK_FD": str(lock.fd)},
+                pass_fds=(lock.fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    finally:
+        lock.release()  # the supervisor holds it now; `joey down` stops it by stopping us meanwhile
+    stop = shutdown_event()
     deadline = time.monotonic() + settings.ready_timeout_s + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = files.up_log.read_text(errors="replace").splitlines()[-15:]
-            raise StackError(f"`joey up` failed; the end of {files.up_log}:\n" + "\n".join(tail))
-        state = files.read()
-        if state and state.get("status") == "ready" and state.get("pid") == process.pid:
-            return state
-        time.sleep(0.1)
-    process.terminate()
-    raise StackError(f"stack not ready in time; see {files.up_log}")
+    try:
+        while not stop.wait(0.1):
+            if process.poll() is not None:
+                raise StackError(_failure(files.up_log, process))
+            state = files.read()
+            if state and state.get("status") == "ready" and state.get("pid") == process.pid:
+                return state
+            if time.monotonic() > deadline:
+                raise StackError(f"Joey was not ready in time and was stopped; see {files.up_log}")
+        raise StackError("interrupted: the stack that was starting was stopped")
+    except BaseException:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+        raise
 
 
-def stop_detached(
-    settings: StackSettings, timeout: float = 60.0, say: Callable[[str], None] = print
-) -> State | None:
-    """`joey down`: stop the stack of this state directory; its state, or None if none was running."""
+def _failure(up_log: Path, process: subprocess.Popen[bytes]) -> str:
+    """Why a detached supervisor exited: its own `Error:` message, else its exit code; and where its
+    output is."""
+    lines = up_log.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Error: ")]
+    if starts:
+        reason = "\n".join(lines[starts[-1] :]).removeprefix("Error: ")
+    else:
+        reason = f"`joey up` (pid {process.pid}) exited with code {process.returncode}"
+    return f"{reason}\n(the whole output of `joey up`: {up_log})"
+
+
+def stop_detached(settings: StackSettings) -> str:
+    """`joey down`: stop the stack of this state directory; the line saying what was done."""
     files = StackDir(settings.state_dir)
     state = files.running()
-    if state is None:
-        if files.state_file.exists() and (lock := files.try_lock()) is not None:
-            files.clear_stale(say)
+    if state is None and (lock := files.lock("down")) is not None:
+        try:
+            cleared = files.clear_stale()
+        finally:
             lock.release()
-        return None
+        return "Joey was not running" + (f"; {cleared}" if cleared else "")
+    state = state or files.running()  # a `joey up` took the lock in between
+    if state is None:
+        return "Joey was not running"
     pid = state["pid"]
-    if not isinstance(pid, int):
-        raise StackError(f"a stack holds {files.lock_file} but its pid is unknown; stop it yourself")
+    if pid is None:
+        raise StackError(
+            f"a process holds {files.lock_file} without naming itself: is it a `joey up`? "
+            "Try again, or see `joey status`"
+        )
+    if state["status"] == "stopping":
+        raise StackError(f"another `joey down` (pid {pid}) is stopping what a stack left; see `joey status`")
+    # The lock's holder, named by pid and start time (holder()): whatever stack.json says.
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while files.held() or pid_alive(pid):
+    deadline = time.monotonic() + DOWN_WAIT_S
+    while files.held() or pid_alive(pid):  # it releases the lock just before it exits
         if time.monotonic() > deadline:
-            raise StackError(f"stack (pid {pid}) did not stop within {timeout:.0f}s; see {files.logs}")
+            raise StackError(
+                f"Joey (pid {pid}) is still stopping after {DOWN_WAIT_S:.0f}s: check `joey status`; its "
+                f"logs are in {files.logs}"
+            )
         time.sleep(0.1)
-    return state
+    return f"Joey stopped (pid {pid})"
 
 
 def stack_status(settings: StackSettings) -> tuple[State | None, State | None]:
@@ -520,22 +725,3 @@ def stack_status(settings: StackSettings) -> tuple[State | None, State | None]:
     files = StackDir(settings.state_dir)
     running = files.running()
     return running, None if running else files.read()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie counts as gone: a child of ours is reaped here; an orphan waits for a reaper that may be slow.
-    try:
-        finished, _ = os.waitpid(pid, os.WNOHANG)
-        return finished == 0
-    except ChildProcessError:
-        pass
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()
