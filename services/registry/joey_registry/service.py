@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey_core import heartbeats, kafka, topics
@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKSPACE = "default"
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 KAFKA_ADMIN_TIMEOUT_S = 10.0
+_ALREADY_GONE = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.GROUP_ID_NOT_FOUND})
 UNKNOWN = "Unknown"  # a listed pipeline's status when the heartbeats or partitions could not be read
 DEFAULT_LOG_LIMIT = 100
 MAX_LOG_LIMIT = 10_000
@@ -412,7 +413,8 @@ class Registry:
             # An undeployed replica finishes its batch before it stops: what it still consumes and
             # logs would otherwise outlive the deletion.
             try:
-                alive = [v.beat.replica_id for v in self._replica_views(ws.name, name) if v.alive]
+                views = heartbeats.read(self.redis, self.settings.redis_prefix, ws.name, name)
+                alive = [v.beat.replica_id for v in views if v.alive]
             except redis.RedisError as exc:
                 raise Unavailable(
                     f"could not read the replica heartbeats of pipeline {name!r} from Redis: {exc}; "
@@ -434,9 +436,6 @@ class Registry:
         self._forget_pipeline(ws.name, name)
         return deleted
 
-    def _replica_views(self, workspace: str, pipeline: str) -> list[heartbeats.ReplicaView]:
-        return heartbeats.read(self.redis, self.settings.redis_prefix, workspace, pipeline)
-
     def _forget_pipeline(self, workspace: str, pipeline: str) -> None:
         """After a pipeline's deletion committed: delete its topics (with the input records still
         waiting in them), the engines' consumer group (with its offsets) and the replicas' heartbeats.
@@ -446,26 +445,27 @@ class Registry:
         group = topics.engine_group(workspace, pipeline)
         for topic in names.all():
             self._partitions.pop(topic, None)
-        timeout = KAFKA_ADMIN_TIMEOUT_S
-        try:
-            for future in self.admin.delete_consumer_groups([group], request_timeout=timeout).values():
-                future.result()
-        except KafkaException as exc:
-            log.warning(
-                "pipeline %s/%s deleted, but not its consumer group %s: %s", workspace, pipeline, group, exc
-            )
-        try:
-            for topic, future in self.admin.delete_topics(
-                list(names.all()), operation_timeout=timeout
-            ).items():
+        for what, futures in (
+            (
+                "consumer group",
+                self.admin.delete_consumer_groups([group], request_timeout=KAFKA_ADMIN_TIMEOUT_S),
+            ),
+            ("topic", self.admin.delete_topics(list(names.all()), operation_timeout=KAFKA_ADMIN_TIMEOUT_S)),
+        ):
+            for name, future in futures.items():
                 try:
                     future.result()
                 except KafkaException as exc:
-                    log.warning(
-                        "pipeline %s/%s deleted, but not its topic %s: %s", workspace, pipeline, topic, exc
-                    )
-        except KafkaException as exc:
-            log.warning("pipeline %s/%s deleted, but not its topics: %s", workspace, pipeline, exc)
+                    # Never deployed, or never consumed: there was nothing to delete.
+                    if exc.args[0].code() not in _ALREADY_GONE:
+                        log.warning(
+                            "pipeline %s/%s deleted, but not its %s %s: %s",
+                            workspace,
+                            pipeline,
+                            what,
+                            name,
+                            exc,
+                        )
         try:
             heartbeats.forget_pipeline(self.redis, self.settings.redis_prefix, workspace, pipeline)
         except redis.RedisError as exc:

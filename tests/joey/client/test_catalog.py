@@ -35,7 +35,7 @@ def delete_when_stopped(pipeline: Pipeline) -> DeletedPipeline:
         try:
             return pipeline.delete()
         except JoeyError as exc:
-            if not exc.message.endswith("still stopping") and "still stopping" not in exc.message:
+            if "still stopping" not in exc.message:
                 raise
             return None
 
