@@ -97,9 +97,10 @@ def test_bad_upload_stores_nothing(client: Client, tmp_path: Path) -> None:
 
 
 def test_unknown_pipeline_is_a_clear_error(client: Client) -> None:
+    # Deploying a pipeline that has no steps, here or stored, says so and how to add one.
     with pytest.raises(JoeyError) as err:
         client.build_pipeline("nowhere").deploy()
-    assert err.value.code == "NOT_FOUND" and "nowhere" in err.value.message
+    assert err.value.code == "FAILED_PRECONDITION" and "'nowhere' has no steps" in err.value.message
 
 
 def test_engine_kill9_loses_nothing_and_logs_each_inference_once(

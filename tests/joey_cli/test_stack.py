@@ -142,6 +142,11 @@ def test_a_stale_state_never_stops_a_process_that_merely_reuses_a_pid(tmp_path: 
     earlier.wait()
     leftover = _idle("sleep", "600")
     stranger = _idle("sleep", "600")  # reuses a pid: its start time is not the one recorded
+    while process_start(stranger.pid) == earlier_start:
+        # Start times count clock ticks (10 ms): one started in the same tick is not a stranger yet.
+        stranger.kill()
+        stranger.wait()
+        stranger = _idle("sleep", "600")
     # Another user's process (pid 1 when not root): never ours to stop, whatever the state says.
     others = _idle("sleep", "600", user=65534) if os.getuid() == 0 else None
     other_pid = others.pid if others else 1
