@@ -81,11 +81,10 @@ def _floats(text: str | None, what: str) -> list[float] | None:
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    from joey.client import JoeyError
-
+    # SDK and gRPC errors are the group's to report; these are the user's input and files.
     try:
         yield
-    except (JoeyError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         fail(exc)
 
 

@@ -217,12 +217,8 @@ def workspace() -> None:
 @click.pass_obj
 def workspace_create(obj: Context, name: str) -> None:
     """Create workspace NAME (lowercase letters, digits and dashes)."""
-    from joey.client import JoeyError
 
-    try:
-        click.echo(f"created workspace {obj.client.create_workspace(name)}")
-    except JoeyError as exc:
-        _fail(exc)
+    click.echo(f"created workspace {obj.client.create_workspace(name)}")
 
 
 @workspace.command("list")
@@ -231,12 +227,8 @@ def workspace_list(obj: Context) -> None:
     """List the workspaces; in a terminal, * marks the current one.
 
     The current workspace is chosen with -w or $JOEY_WORKSPACE."""
-    from joey.client import JoeyError
 
-    try:
-        names = obj.client.list_workspaces()
-    except JoeyError as exc:
-        _fail(exc)
+    names = obj.client.list_workspaces()
     # Marked only for a person: piped, the names are bare, one a line.
     marked = sys.stdout.isatty()
     for name in names:
@@ -252,13 +244,9 @@ def workspace_delete(obj: Context, name: str, yes: bool) -> None:
 
     Refused while it holds models, pipelines or assays (delete them first), and for the default
     workspace. Asks first (--yes does not)."""
-    from joey.client import JoeyError
 
-    try:
-        _confirm(yes, f"workspace {name}", lambda: f"delete workspace {name}?")
-        obj.client.delete_workspace(name)
-    except JoeyError as exc:
-        _fail(exc)
+    _confirm(yes, f"workspace {name}", lambda: f"delete workspace {name}?")
+    obj.client.delete_workspace(name)
     click.echo(f"deleted workspace {name}")
 
 
@@ -291,7 +279,6 @@ def model_upload(
     obj: Context, name: str, path: Path, framework: str, inputs: tuple[str, ...], outputs: tuple[str, ...]
 ) -> None:
     """Upload PATH as a new version of model NAME."""
-    from joey.client import JoeyError
     from joey.client.signatures import parse_option
 
     try:
@@ -309,17 +296,14 @@ def model_upload(
             bar.update(done - sent[0])
             sent[0] = done
 
-        try:
-            mv = obj.client.upload_model(
-                name,
-                path,
-                framework,
-                progress=progress,
-                input_schema=input_schema,
-                output_schema=output_schema,
-            )
-        except JoeyError as exc:
-            _fail(exc)
+        mv = obj.client.upload_model(
+            name,
+            path,
+            framework,
+            progress=progress,
+            input_schema=input_schema,
+            output_schema=output_schema,
+        )
     click.echo(f"{mv.name} version {mv.version} sha256 {mv.sha256}")
     for kind, specs in (("input", mv.inputs), ("output", mv.outputs)):
         for s in specs:
@@ -336,12 +320,8 @@ def model_list(obj: Context) -> None:
 
     One row per model: versions, latest version, framework, its inputs and outputs (name, dtype,
     shape; -1 is any size) and upload time."""
-    from joey.client import JoeyError
 
-    try:
-        models = obj.client.list_models()
-    except JoeyError as exc:
-        _fail(exc)
+    models = obj.client.list_models()
     _echo_table(models, f"no models in workspace {obj.workspace}")
 
 
@@ -353,15 +333,9 @@ def model_get(obj: Context, name: str, version: int | None) -> None:
     """Show the versions of model NAME.
 
     One row per version: framework, inputs, outputs, sha256, size and upload time."""
-    from joey.client import JoeyError
     from joey.client.catalog import Listing
 
-    try:
-        versions = (
-            Listing([obj.client.get_model(name, version)]) if version else obj.client.model_versions(name)
-        )
-    except JoeyError as exc:
-        _fail(exc)
+    versions = Listing([obj.client.get_model(name, version)]) if version else obj.client.model_versions(name)
     _echo_table(versions, f"model {name} has no versions")
 
 
@@ -374,12 +348,8 @@ def model_describe(obj: Context, name: str, version: int | None) -> None:
 
     Each version's framework, signature, artifact and the pipeline versions that use it (deployed
     or not)."""
-    from joey.client import JoeyError
 
-    try:
-        described = obj.client.describe_model(name)
-    except JoeyError as exc:
-        _fail(exc)
+    described = obj.client.describe_model(name)
     numbers = [mv.version for mv in described.model.versions]
     if version and version not in numbers:
         have = f"latest is {numbers[-1]}" if numbers else "it has no versions"
@@ -404,7 +374,6 @@ def model_delete(obj: Context, name: str, version: int | None, yes: bool) -> Non
     Refused while a deployed pipeline's current version uses a version to delete. Pipeline versions
     that are not deployed may keep naming it, but can no longer be deployed. A deleted version's
     number is never reused. Deleting every version asks first (--yes does not)."""
-    from joey.client import JoeyError
     from joey.client.catalog import plural
 
     def question() -> str:
@@ -413,12 +382,9 @@ def model_delete(obj: Context, name: str, version: int | None, yes: bool) -> Non
         listed = f": {plural(len(numbers), 'version', False)} {listed}" if numbers else ""
         return f"delete model {name}{listed}, and the model itself?"
 
-    try:
-        if version is None:
-            _confirm(yes, f"model {name}", question)
-        click.echo(str(obj.client.delete_model(name, version)))
-    except JoeyError as exc:
-        _fail(exc)
+    if version is None:
+        _confirm(yes, f"model {name}", question)
+    click.echo(str(obj.client.delete_model(name, version)))
 
 
 def _echo_table(listing: Any, empty: str) -> None:
@@ -601,7 +567,6 @@ def pipeline_create(
     From model steps, validation checks and optionally a shadow step (--challenger), a random split
     (--split) and a key split (--key-split); a new version is made only when the steps changed.
     Steps run in that order: --model steps, --split, --key-split, then the checks."""
-    from joey.client import JoeyError
 
     if not (models or splits or meta_key):
         raise click.UsageError("give at least one --model, --split or --key-split")
@@ -627,10 +592,7 @@ def pipeline_create(
         builder.add_key_split(default_model, meta_key, dict(routes))
     if checks:
         builder.add_validations(**checks)
-    try:
-        pv = builder.create()
-    except JoeyError as exc:
-        _fail(exc)
+    pv = builder.create()
     click.echo(f"{pv.pipeline} version {pv.version}: {' -> '.join(str(s) for s in pv.steps)}")
 
 
@@ -640,12 +602,8 @@ def pipeline_list(obj: Context) -> None:
     """List the pipelines.
 
     One row per pipeline: latest version, deployed version, replicas, status and last change."""
-    from joey.client import JoeyError
 
-    try:
-        pipelines = obj.client.list_pipelines()
-    except JoeyError as exc:
-        _fail(exc)
+    pipelines = obj.client.list_pipelines()
     _echo_table(pipelines, f"no pipelines in workspace {obj.workspace}")
 
 
@@ -656,12 +614,8 @@ def pipeline_describe(obj: Context, name: str) -> None:
     """Show pipeline NAME in full.
 
     Its versions and their steps, its deployment and status, its topics and assays."""
-    from joey.client import JoeyError
 
-    try:
-        click.echo(str(obj.client.describe_pipeline(name)))
-    except JoeyError as exc:
-        _fail(exc)
+    click.echo(str(obj.client.describe_pipeline(name)))
 
 
 @pipeline.command("delete")
@@ -674,7 +628,6 @@ def pipeline_delete(obj: Context, name: str, yes: bool) -> None:
     Its versions, deployment history and logged inferences go with it, then its topics. Refused
     while it is deployed (`joey pipeline undeploy NAME` first), while its replicas are still
     stopping, or while assays watch it. Asks first, saying what goes (--yes does not)."""
-    from joey.client import JoeyError
     from joey.client.catalog import plural
 
     def question() -> str:
@@ -687,11 +640,8 @@ def pipeline_delete(obj: Context, name: str, yes: bool) -> None:
             + "?"
         )
 
-    try:
-        _confirm(yes, f"pipeline {name}", question)
-        click.echo(str(obj.client.delete_pipeline(name)))
-    except JoeyError as exc:
-        _fail(exc)
+    _confirm(yes, f"pipeline {name}", question)
+    click.echo(str(obj.client.delete_pipeline(name)))
 
 
 def _print_status(status: Any, name: str = "") -> None:
@@ -802,7 +752,7 @@ def pipeline_deploy(
 ) -> None:
     """Deploy NAME and wait until every replica is ready, showing progress; a running deployment is
     rolled over to it."""
-    from joey.client import Autoscale, JoeyError, Pipeline
+    from joey.client import Autoscale, Pipeline
 
     scaling = None
     if autoscale is not None:
@@ -826,7 +776,7 @@ def pipeline_deploy(
             cpus=cpus,
             memory=memory,
         )
-    except (JoeyError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     click.echo(f"{name} ready in {progress.elapsed:.1f} s")
     _print_status(status)
@@ -845,12 +795,9 @@ def pipeline_deploy(
 @click.pass_obj
 def pipeline_rollback(obj: Context, name: str, version: int | None, timeout: float) -> None:
     """Roll NAME back to an earlier version without a pause in serving."""
-    from joey.client import JoeyError, Pipeline
+    from joey.client import Pipeline
 
-    try:
-        status = Pipeline(obj.client, name).rollback(version, timeout=timeout, on_status=_on_status)
-    except JoeyError as exc:
-        _fail(exc)
+    status = Pipeline(obj.client, name).rollback(version, timeout=timeout, on_status=_on_status)
     _print_status(status)
 
 
@@ -859,12 +806,9 @@ def pipeline_rollback(obj: Context, name: str, version: int | None, timeout: flo
 @click.pass_obj
 def pipeline_status(obj: Context, name: str) -> None:
     """Show whether NAME is deployed, what each replica is doing, and what readiness still waits for."""
-    from joey.client import JoeyError, Pipeline
+    from joey.client import Pipeline
 
-    try:
-        _print_status(Pipeline(obj.client, name).status(), name)
-    except JoeyError as exc:
-        _fail(exc)
+    _print_status(Pipeline(obj.client, name).status(), name)
 
 
 @pipeline.command("undeploy")
@@ -872,14 +816,11 @@ def pipeline_status(obj: Context, name: str) -> None:
 @click.pass_obj
 def pipeline_undeploy(obj: Context, name: str) -> None:
     """Stop serving NAME: its replicas finish their current batch, commit and leave."""
-    from joey.client import JoeyError, Pipeline
+    from joey.client import Pipeline
 
     pipeline = Pipeline(obj.client, name)
-    try:
-        pipeline.undeploy()
-        stopping = len(pipeline.status().replicas)
-    except JoeyError as exc:
-        _fail(exc)
+    pipeline.undeploy()
+    stopping = len(pipeline.status().replicas)
     click.echo(
         f"{name} undeployed"
         + (f"; {stopping} replica{'s' if stopping != 1 else ''} finishing their batch" if stopping else "")
@@ -910,7 +851,7 @@ def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: 
     """Stream the records of a file through PIPELINE and show the results.
 
     Exits with code 1 when any record failed (the count is on stderr, the reasons in the error column)."""
-    from joey.client import JoeyError, Pipeline
+    from joey.client import Pipeline
 
     text = path.read_text()
     try:
@@ -928,7 +869,7 @@ def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: 
 
         try:
             frame = Pipeline(obj.client, pipeline_name).infer(records, timeout, progress)
-        except (JoeyError, TimeoutError, LookupError) as exc:
+        except (TimeoutError, LookupError) as exc:
             _fail(exc)
     if output:
         frame.to_json(output, orient="records", lines=True, date_format="iso")
@@ -966,14 +907,11 @@ def logs(
     end: str | None,
 ) -> None:
     """Show logged inferences of PIPELINE (newest first unless a range is given)."""
-    from joey.client import JoeyError, Pipeline
+    from joey.client import Pipeline
 
-    try:
-        frame = Pipeline(obj.client, pipeline_name).logs(
-            limit, start, end, valid=False if failed else None, anomalies_only=anomalies
-        )
-    except JoeyError as exc:
-        _fail(exc)
+    frame = Pipeline(obj.client, pipeline_name).logs(
+        limit, start, end, valid=False if failed else None, anomalies_only=anomalies
+    )
     with _wide_pandas():
         click.echo(frame.to_string() if len(frame) else "no logged inferences")
 
@@ -1021,7 +959,7 @@ def export_logs(
     overwrite: bool,
 ) -> None:
     """Write every logged inference of PIPELINE, oldest first, to numbered files in DIR."""
-    from joey.client import JoeyError, Pipeline
+    from joey.client import Pipeline
 
     written = [0]
     with contextlib.ExitStack() as stack:
@@ -1049,7 +987,7 @@ def export_logs(
                 overwrite=overwrite,
                 anomalies_only=anomalies,
             )
-        except (JoeyError, OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             _fail(exc)
     for path in files:
         click.echo(str(path))
