@@ -206,14 +206,21 @@ def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter, repor
     client = redis.Redis.from_url(settings.redis_url)
     try:
         reported.value = 1  # before publishing, so the engine's "starting" never follows "loading"
-        _announce_loading(spec, client)
         started = time.monotonic()
+        loaded = threading.Event()
+        # Loading can outlast a heartbeat's TTL (big models, python steps starting): keep saying so,
+        # or the replica would read as dead until its worker's first beat.
+        beats = threading.Thread(target=_announce_loading, args=(spec, client, loaded), daemon=True)
+        beats.start()
         try:
             runner = load_runner(settings, deployment, spec.artifacts)
         except Exception as exc:
             error = f"cannot load {deployment}: {exc}"
             log.error("%s", error)
             return error
+        finally:
+            loaded.set()
+            beats.join()
         log.info(
             "replica %s of %s loaded models %s in process %d in %.2f s",
             spec.replica_id,
@@ -227,8 +234,8 @@ def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter, repor
         client.close()
 
 
-def _announce_loading(spec: ReplicaSpec, client: redis.Redis) -> None:
-    """Say the replica is loading, which can take seconds (python steps start processes)."""
+def _announce_loading(spec: ReplicaSpec, client: redis.Redis, loaded: threading.Event) -> None:
+    """Say the replica is loading, which can take seconds (python steps start processes), until ``loaded``."""
     deployment, settings = spec.deployment, spec.settings
     beat = heartbeats.ReplicaHeartbeat(
         spec.replica_id,
@@ -239,14 +246,17 @@ def _announce_loading(spec: ReplicaSpec, client: redis.Redis) -> None:
         phase="loading",
         detail=loading_detail(deployment),
     )
-    try:
-        heartbeats.publish(
-            client,
-            settings.redis_prefix,
-            deployment.workspace,
-            deployment.pipeline,
-            beat,
-            settings.heartbeat_ttl_s,
-        )
-    except redis.RedisError as exc:
-        log.warning("cannot publish the loading heartbeat of replica %s: %s", spec.replica_id, exc)
+    while True:
+        try:
+            heartbeats.publish(
+                client,
+                settings.redis_prefix,
+                deployment.workspace,
+                deployment.pipeline,
+                beat,
+                settings.heartbeat_ttl_s,
+            )
+        except redis.RedisError as exc:
+            log.warning("cannot publish the loading heartbeat of replica %s: %s", spec.replica_id, exc)
+        if loaded.wait(settings.heartbeat_ttl_s / 3):
+            return

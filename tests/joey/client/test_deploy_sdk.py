@@ -84,8 +84,8 @@ def test_status_of_an_undeployed_pipeline_is_history_and_no_replica_is_alive(cli
     assert (status.status, status.deployed, status.ready) == ("Undeployed", False, False)
     assert status.message.startswith("not deployed; last deployed: version 1 with 2 replicas, undeployed ")
     assert status.undeployed_at is not None
-    # Replicas may still be finishing their batch: listed as stopping, never as alive.
-    assert all(not r.alive and r.phase == "stopping" for r in status.replicas), status.replicas
+    # Replicas are still finishing their batch (each leaves the group in turn): stopping, never alive.
+    assert status.replicas and all(not r.alive and r.phase == "stopping" for r in status.replicas), status
     assert status.current_replicas() == ()
     wait_until(lambda: not pipeline.status().replicas, 60, "the replicas to leave")
     assert pipeline.status().message.startswith("not deployed; last deployed: version 1 with 2 replicas")
@@ -115,4 +115,29 @@ def test_deploy_reports_each_step_of_the_replicas_start(client: Client) -> None:
     phases = {r.phase for s in seen for r in s.current_replicas()}
     assert {"loading", "joining", "running"} <= phases, phases
     assert [r.phase for r in final.replicas] == ["running", "running"]
+    pipeline.undeploy()
+
+
+def test_a_replica_loading_longer_than_a_heartbeat_lives_is_loading_not_dead(
+    client: Client, tmp_path: Path
+) -> None:
+    # A step that takes longer to import than a heartbeat's TTL (5 s here), as a large model can.
+    slow = tmp_path / "slow_prep.py"
+    source = (STEPS / "iris_preprocess.py").read_text()
+    slow.write_text(
+        source.replace("import numpy as np\n", "import time\n\nimport numpy as np\n\ntime.sleep(7)\n", 1)
+    )
+    client.upload_model(
+        "slow-prep",
+        slow,
+        framework="python",
+        input_schema=pa.schema([(name, pa.float64()) for name in FIELDS]),
+        output_schema=pa.schema([("features", pa.list_(pa.float32(), 4))]),
+    )
+    pipeline = client.build_pipeline("slow").add_model_step("slow-prep").add_model_step("iris")
+    seen: list[DeploymentStatus] = []
+    final = pipeline.deploy(replicas=1, timeout=120, on_status=seen.append)
+    assert final.ready
+    phases = [r.phase for s in seen for r in s.replicas]
+    assert "loading" in phases and "dead" not in phases, phases
     pipeline.undeploy()
