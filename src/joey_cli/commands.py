@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +328,7 @@ def model_list(obj: Context) -> None:
 
 @model.command("get")
 @click.argument("name")
-@click.option("--version", type=int, help=_VERSION_HELP)
+@click.option("--version", type=click.IntRange(min=1), help=_VERSION_HELP)
 @click.pass_obj
 def model_get(obj: Context, name: str, version: int | None) -> None:
     """Show the versions of model NAME.
@@ -341,7 +342,7 @@ def model_get(obj: Context, name: str, version: int | None) -> None:
 
 @model.command("describe")
 @click.argument("name")
-@click.option("--version", type=int, help=_VERSION_HELP)
+@click.option("--version", type=click.IntRange(min=1), help=_VERSION_HELP)
 @click.pass_obj
 def model_describe(obj: Context, name: str, version: int | None) -> None:
     """Show model NAME in full and what uses it.
@@ -693,6 +694,23 @@ class _DeployProgress:
 _POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
 
 
+class _IsoTime(click.ParamType):
+    """An ISO 8601 time, checked here so a typo is a usage error naming it, not a traceback."""
+
+    name = "ISO time"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO time, e.g. 2026-12-01T09:00:00Z", param, ctx)
+
+
+_ISO_TIME = _IsoTime()
+
+
 @pipeline.command("deploy")
 @click.argument("name")
 @click.option("--version", type=click.IntRange(min=1), help="Pipeline version to deploy (default: latest).")
@@ -784,10 +802,14 @@ def pipeline_deploy(
 
 @pipeline.command("rollback")
 @click.argument("name")
-@click.option("--version", type=int, help="Version to roll back to (default: the one deployed before).")
+@click.option(
+    "--version",
+    type=click.IntRange(min=1),
+    help="Version to roll back to (default: the one deployed before).",
+)
 @click.option(
     "--timeout",
-    type=float,
+    type=_POSITIVE_SECONDS,
     default=120.0,
     show_default=True,
     help="Seconds to wait for every replica to be ready.",
@@ -859,7 +881,14 @@ def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: 
         if isinstance(records, dict):
             records = [records]
     except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as exc:
+                raise click.BadParameter(
+                    f"{path} is neither JSON nor JSON lines: line {number}: {exc.msg}", param_hint="--file"
+                ) from None
     with click.progressbar(length=len(records), label="inferring", file=sys.stderr) as bar:
         seen = [0]
 
@@ -894,8 +923,8 @@ _ANOMALIES_HELP = "Only inferences where a validation check was true."
 @click.option("--limit", type=int, default=20, show_default=True, help="At most this many rows.")
 @click.option("--failed", is_flag=True, help="Only failed inferences.")
 @click.option("--anomalies", is_flag=True, help=_ANOMALIES_HELP)
-@click.option("--start", help="ISO time; returns rows chronologically from here.")
-@click.option("--end", help="ISO time.")
+@click.option("--start", type=_ISO_TIME, help="ISO time; returns rows chronologically from here.")
+@click.option("--end", type=_ISO_TIME, help="ISO time.")
 @click.pass_obj
 def logs(
     obj: Context,
@@ -903,8 +932,8 @@ def logs(
     limit: int,
     failed: bool,
     anomalies: bool,
-    start: str | None,
-    end: str | None,
+    start: datetime | None,
+    end: datetime | None,
 ) -> None:
     """Show logged inferences of PIPELINE (newest first unless a range is given)."""
     from joey.client import Pipeline
@@ -933,8 +962,8 @@ def logs(
     show_default=True,
     help="File format: Parquet, or JSON lines.",
 )
-@click.option("--start", help="ISO time; default: the oldest row.")
-@click.option("--end", help="ISO time (exclusive).")
+@click.option("--start", type=_ISO_TIME, help="ISO time; default: the oldest row.")
+@click.option("--end", type=_ISO_TIME, help="ISO time (exclusive).")
 @click.option("--failed", is_flag=True, help="Only failed inferences.")
 @click.option("--anomalies", is_flag=True, help=_ANOMALIES_HELP)
 @click.option(
@@ -951,8 +980,8 @@ def export_logs(
     pipeline_name: str,
     directory: Path,
     fmt: str,
-    start: str | None,
-    end: str | None,
+    start: datetime | None,
+    end: datetime | None,
     failed: bool,
     anomalies: bool,
     rows_per_file: int,

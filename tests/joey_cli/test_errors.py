@@ -81,3 +81,24 @@ def test_an_unreachable_registry_is_one_error_line(command: str, tmp_path: Path)
         "or point --registry / JOEY_REGISTRY_ADDR at a running registry"
     ], result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["pipeline", "rollback", "p", "--version", "0"], "'--version': 0 is not in the range x>=1"),
+        (["pipeline", "rollback", "p", "--timeout", "0"], "'--timeout': 0.0 is not in the range x>0"),
+        (["model", "get", "m", "--version", "0"], "'--version': 0 is not in the range x>=1"),
+        (["logs", "p", "--start", "notatime"], "'notatime' is not an ISO time"),
+        (["export-logs", "p", "--dir", "x", "--end", "soon"], "'soon' is not an ISO time"),
+        (["infer", "p", "--file", "BAD"], "is neither JSON nor JSON lines: line 2"),
+    ],
+)
+def test_a_bad_argument_is_a_usage_error_naming_it(args: list[str], named: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{not json\n')
+    args = [str(bad) if a == "BAD" else a for a in args]
+    result = CliRunner().invoke(main, ["--registry", f"127.0.0.1:{free_port()}", *args])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a usage error, not a crash
+    assert named in result.output, result.output
