@@ -113,8 +113,9 @@ class Gateway:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
     def _infer(self, info: PipelineInfo, request: InferRequest, deadline: float | None) -> InferResponse:
-        rows = to_rows(request.inputs)
+        # Refused whole before any work on its rows.
         check_inputs(info.pipeline, request.inputs, {t.name: t.shape for t in info.inputs})
+        rows = to_rows(request.inputs)
         now = time.time()
         limits = [now + self._settings.request_timeout_s]
         if deadline is not None:

@@ -61,7 +61,7 @@ class Listing(list[Row], Generic[Row]):
         return pd.DataFrame([_row(item) for item in self])
 
     def names(self) -> list[str]:
-        return [str(item) for item in self]
+        return [getattr(item, "name", None) or str(item) for item in self]
 
     def __contains__(self, item: object) -> bool:
         if isinstance(item, str):
