@@ -166,11 +166,15 @@ class Engine:
                 state.deployment = wanted
                 changed.add(key)
         for key, wanted in self._desired.items():
-            if wanted is None:
-                continue
-            if key not in self._deployed:
+            if wanted is not None and key not in self._deployed:
                 self._deployed[key] = _Deployed(wanted)
                 changed.add(key)
+        if changed and not lease_tick:
+            # A fair share needs today's count of engines: one may have started since the last tick.
+            self._count_live_engines()
+        for key, wanted in self._desired.items():
+            if wanted is None:
+                continue
             state = self._deployed[key]
             # A new or rescaled deployment claims its slots now rather than at the next lease tick.
             if lease_tick or key in changed:
@@ -241,8 +245,10 @@ class Engine:
         return len(up) >= deployment.replicas
 
     def _announce(self) -> None:
-        if not self._heartbeat.beat():
-            return
+        if self._heartbeat.beat():
+            self._count_live_engines()
+
+    def _count_live_engines(self) -> None:
         try:
             self._live_engines = max(1, len(self._heartbeat.live_instances()))
         except redis.RedisError as exc:
