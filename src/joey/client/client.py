@@ -16,6 +16,7 @@ pipeline.undeploy()
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class Client(AssayClientMixin):
         base = settings or CommonSettings()
         self.settings = base.model_copy(update={k: v for k, v in overrides.items() if v})
         self.workspace = workspace
+        token = token or os.environ.get("JOEY_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(
             self.settings.registry_addr,

@@ -169,6 +169,81 @@ class RegistryStub:
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceRequest.SerializeToString,
                 response_deserializer=joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceResponse.FromString,
                 _registered_method=True)
+        self.Login = channel.unary_unary(
+                '/joey.v1.Registry/Login',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.LoginRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.LoginResponse.FromString,
+                _registered_method=True)
+        self.Logout = channel.unary_unary(
+                '/joey.v1.Registry/Logout',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.LogoutRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.LogoutResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/joey.v1.Registry/WhoAmI',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.User.FromString,
+                _registered_method=True)
+        self.ChangePassword = channel.unary_unary(
+                '/joey.v1.Registry/ChangePassword',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ChangePasswordRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ChangePasswordResponse.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/joey.v1.Registry/CreateToken',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/joey.v1.Registry/ListTokens',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/joey.v1.Registry/RevokeToken',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.CreateUser = channel.unary_unary(
+                '/joey.v1.Registry/CreateUser',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.CreateUserRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.User.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/joey.v1.Registry/ListUsers',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.SetUserActive = channel.unary_unary(
+                '/joey.v1.Registry/SetUserActive',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.SetUserActiveRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.User.FromString,
+                _registered_method=True)
+        self.AddWorkspaceMember = channel.unary_unary(
+                '/joey.v1.Registry/AddWorkspaceMember',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.AddWorkspaceMemberRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.WorkspaceMember.FromString,
+                _registered_method=True)
+        self.RemoveWorkspaceMember = channel.unary_unary(
+                '/joey.v1.Registry/RemoveWorkspaceMember',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.RemoveWorkspaceMemberRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.RemoveWorkspaceMemberResponse.FromString,
+                _registered_method=True)
+        self.ListWorkspaceMembers = channel.unary_unary(
+                '/joey.v1.Registry/ListWorkspaceMembers',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ListWorkspaceMembersRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ListWorkspaceMembersResponse.FromString,
+                _registered_method=True)
+        self.Authorize = channel.unary_unary(
+                '/joey.v1.Registry/Authorize',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.AuthorizeRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.User.FromString,
+                _registered_method=True)
+        self.QueryAudit = channel.unary_unary(
+                '/joey.v1.Registry/QueryAudit',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.QueryAuditRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.QueryAuditResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -359,6 +434,108 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Login(self, request, context):
+        """Identity. Login is the one RPC that needs no token; it answers the same UNAUTHENTICATED for an
+        unknown user, a wrong password and a deactivated user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logout(self, request, context):
+        """Revokes the session or API token the call carries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangePassword(self, request, context):
+        """Needs the current password; revokes the caller's other session tokens (API tokens stay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """API tokens of the caller, for CI and services. The secret is returned once and stored only hashed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateUser(self, request, context):
+        """Users: platform admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetUserActive(self, request, context):
+        """Deactivating a user refuses their tokens from the next call on; the last active admin stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddWorkspaceMember(self, request, context):
+        """Workspace members: owners and platform admins manage them; every member may list them.
+        Adding an existing member sets their role. A workspace always keeps at least one owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveWorkspaceMember(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkspaceMembers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Authorize(self, request, context):
+        """May the caller perform `action` in `workspace`? OK with the caller, or the error the registry
+        would answer. The gateway asks this with the token its client sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryAudit(self, request, context):
+        """The audit trail of management actions, newest first: platform admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -496,6 +673,81 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.DeleteWorkspace,
                     request_deserializer=joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceRequest.FromString,
                     response_serializer=joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceResponse.SerializeToString,
+            ),
+            'Login': grpc.unary_unary_rpc_method_handler(
+                    servicer.Login,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.LoginRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.LoginResponse.SerializeToString,
+            ),
+            'Logout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Logout,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.LogoutRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.LogoutResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.WhoAmIRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.User.SerializeToString,
+            ),
+            'ChangePassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePassword,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ChangePasswordRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ChangePasswordResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.CreateTokenRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ListTokensRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'CreateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUser,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.CreateUserRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.User.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ListUsersRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'SetUserActive': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserActive,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.SetUserActiveRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.User.SerializeToString,
+            ),
+            'AddWorkspaceMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddWorkspaceMember,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.AddWorkspaceMemberRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.WorkspaceMember.SerializeToString,
+            ),
+            'RemoveWorkspaceMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveWorkspaceMember,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.RemoveWorkspaceMemberRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.RemoveWorkspaceMemberResponse.SerializeToString,
+            ),
+            'ListWorkspaceMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkspaceMembers,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ListWorkspaceMembersRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ListWorkspaceMembersResponse.SerializeToString,
+            ),
+            'Authorize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Authorize,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.AuthorizeRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.User.SerializeToString,
+            ),
+            'QueryAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryAudit,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.QueryAuditRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.QueryAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1227,6 +1479,411 @@ class Registry:
             '/joey.v1.Registry/DeleteWorkspace',
             joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceRequest.SerializeToString,
             joey__core_dot_v1_dot_registry__pb2.DeleteWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Login(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/Login',
+            joey__core_dot_v1_dot_registry__pb2.LoginRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.LoginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/Logout',
+            joey__core_dot_v1_dot_registry__pb2.LogoutRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.LogoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/WhoAmI',
+            joey__core_dot_v1_dot_registry__pb2.WhoAmIRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ChangePassword',
+            joey__core_dot_v1_dot_registry__pb2.ChangePasswordRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ChangePasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/CreateToken',
+            joey__core_dot_v1_dot_registry__pb2.CreateTokenRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListTokens',
+            joey__core_dot_v1_dot_registry__pb2.ListTokensRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/RevokeToken',
+            joey__core_dot_v1_dot_registry__pb2.RevokeTokenRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/CreateUser',
+            joey__core_dot_v1_dot_registry__pb2.CreateUserRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListUsers',
+            joey__core_dot_v1_dot_registry__pb2.ListUsersRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserActive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/SetUserActive',
+            joey__core_dot_v1_dot_registry__pb2.SetUserActiveRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddWorkspaceMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/AddWorkspaceMember',
+            joey__core_dot_v1_dot_registry__pb2.AddWorkspaceMemberRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.WorkspaceMember.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveWorkspaceMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/RemoveWorkspaceMember',
+            joey__core_dot_v1_dot_registry__pb2.RemoveWorkspaceMemberRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.RemoveWorkspaceMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkspaceMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListWorkspaceMembers',
+            joey__core_dot_v1_dot_registry__pb2.ListWorkspaceMembersRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ListWorkspaceMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Authorize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/Authorize',
+            joey__core_dot_v1_dot_registry__pb2.AuthorizeRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/QueryAudit',
+            joey__core_dot_v1_dot_registry__pb2.QueryAuditRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.QueryAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,
