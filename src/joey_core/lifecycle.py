@@ -12,6 +12,9 @@ import signal
 import threading
 from types import FrameType
 
+from joey_core.redaction import RedactingFormatter, secrets_of
+from joey_core.settings import CommonSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -29,8 +32,11 @@ def shutdown_event() -> threading.Event:
     return stop
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+def configure_logging(settings: CommonSettings) -> None:
+    """Log to stderr at the settings' level, with the settings' secrets scrubbed from every line, whatever
+    library wrote it."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", secrets_of(settings))
     )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])

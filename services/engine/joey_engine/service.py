@@ -70,8 +70,8 @@ class Engine:
         """``metrics_dir``: where replica processes write their metrics, when they are served."""
         self._settings = settings
         self._metrics_dir = metrics_dir
-        self._redis = redis_client or redis.Redis.from_url(settings.redis_url)
-        self._store = ArtifactCache(settings.cache_dir, settings.registry_addr)
+        self._redis = redis_client or redis.Redis.from_url(settings.redis_url.get_secret_value())
+        self._store = ArtifactCache(settings.cache_dir, settings.registry_addr, settings)
         self._leases = SlotLeases(
             self._redis, settings.redis_prefix, settings.instance_id, settings.heartbeat_ttl_s
         )

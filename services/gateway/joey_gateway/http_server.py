@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -240,9 +241,18 @@ class _Server(ThreadingHTTPServer):
         self.gateway = gateway
 
 
-def start_server(gateway: Gateway, addr: str) -> tuple[ThreadingHTTPServer, int]:
-    """Serve on ``addr`` (host:port; port 0 picks one) in a background thread; returns server and port."""
+def start_server(
+    gateway: Gateway, addr: str, tls_context: ssl.SSLContext | None = None
+) -> tuple[ThreadingHTTPServer, int]:
+    """Serve on ``addr`` (host:port; port 0 picks one) in a background thread, over TLS with
+    ``tls_context``; returns server and port."""
     host, _, port = addr.rpartition(":")
     server = _Server((host or "0.0.0.0", int(port)), gateway)  # noqa: S104 - an empty host means every interface
+    if tls_context is not None:
+        # Each connection's handshake happens in its own handler thread, on its first read: a client
+        # that never completes it holds up no other.
+        server.socket = tls_context.wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False
+        )
     threading.Thread(target=server.serve_forever, name="oip-http", daemon=True).start()
     return server, int(server.server_address[1])
