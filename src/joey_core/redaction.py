@@ -22,6 +22,11 @@ MASK = "***"
 _SECRET_KEY = re.compile(r"password|secret|token|credential", re.IGNORECASE)
 
 
+def secret_key(name: str) -> bool:
+    """Whether a librdkafka property (of JOEY_KAFKA_CONFIG) holds a secret, by its name."""
+    return _SECRET_KEY.search(name) is not None
+
+
 def url(text: str) -> str:
     """``text`` with the password of the URL it is replaced by ``***``."""
     try:
@@ -40,7 +45,7 @@ def secrets_of(settings: BaseModel) -> list[str]:
         if isinstance(value, SecretStr):
             found.append(_secret_part(value.get_secret_value()))
         elif name == "kafka_config":
-            found += [str(v) for k, v in value.items() if _SECRET_KEY.search(k)]
+            found += [str(v) for k, v in value.items() if secret_key(k)]
     # Longest first: a secret containing another is replaced whole.
     return sorted({s for s in found if s}, key=len, reverse=True)
 

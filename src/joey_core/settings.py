@@ -18,8 +18,10 @@ import socket
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_serializer, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from joey_core.redaction import MASK, secret_key
 
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"]
@@ -100,6 +102,11 @@ class CommonSettings(BaseSettings):
     """Partitions of each pipeline's topics; also the maximum replicas of a deployment."""
 
     log_level: str = "INFO"
+
+    @field_serializer("kafka_config", when_used="json")
+    def _masked(self, config: dict[str, str | int | float | bool]) -> dict[str, str | int | float | bool]:
+        # Like a SecretStr's: shown as JSON, a secret property's value is masked.
+        return {key: MASK if secret_key(key) else value for key, value in config.items()}
 
     @model_validator(mode="after")
     def _kafka_security(self) -> Self:

@@ -37,8 +37,9 @@ def _abort(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
         log.info("%s: %s %s", rpc, code.name, exc)
         context.abort(code, str(exc))
     else:
+        # The detail stays in the log: an unexpected error's text may quote anything, a connection string too.
         log.exception("%s failed", rpc)
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc}: {exc}; see the registry log")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc}; see the registry log")
     raise AssertionError("context.abort returned")
 
 
