@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import ssl
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -239,6 +240,15 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], gateway: Gateway) -> None:
         super().__init__(addr, _Handler)
         self.gateway = gateway
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that speaks plain HTTP to the TLS port, or does not trust its certificate, is its own
+        # problem: one line, not socketserver's traceback on stderr.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError):
+            log.info("TLS handshake with %s failed: %s", client_address[0], exc.reason or exc)
+        else:
+            super().handle_error(request, client_address)
 
 
 def start_server(
