@@ -11,13 +11,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import redis
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from joey_core import heartbeats
-from joey_core.oip import grpc_predict_v2_pb2 as pb
-from joey_core.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.certificates import self_signed
 from tests.conftest import ServiceProcess, free_port, wait_until
 
@@ -82,16 +81,13 @@ def test_rest_refuses_plain_http_and_untrusting_clients(gateway: TlsGateway) -> 
 
 
 def test_grpc_is_served_over_tls_and_refused_in_plaintext(gateway: TlsGateway) -> None:
-    metadata = [(k.lower(), v) for k, v in _headers().items()]
-    credentials = grpc.ssl_channel_credentials(root_certificates=gateway.cert.read_bytes())
-    with grpc.secure_channel(gateway.grpc_addr, credentials) as channel:
-        live = pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(
-            pb.ServerLiveRequest(), timeout=10, metadata=metadata
-        )
-        assert live.live
-    with grpc.insecure_channel(gateway.grpc_addr) as channel, pytest.raises(grpc.RpcError) as refused:
-        pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    # tritonclient's stubs, not Joey's: both register the same proto names, and the gateway tests load these.
+    secure = grpcclient.InferenceServerClient(
+        gateway.grpc_addr, ssl=True, root_certificates=str(gateway.cert)
+    )
+    assert secure.is_server_live(headers=_headers())
+    with pytest.raises(InferenceServerException, match="UNAVAILABLE"):
+        grpcclient.InferenceServerClient(gateway.grpc_addr).is_server_live(headers=_headers())
 
 
 def test_the_log_says_tls_and_metrics_listen_on_loopback(gateway: TlsGateway) -> None:
