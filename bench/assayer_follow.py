@@ -212,7 +212,7 @@ def main() -> None:
         settings = AssayerSettings(
             kafka_bootstrap=bootstrap, database_url=stack.enter_context(scratch_database())
         )
-        store = AssayerStore(settings.database_url)
+        store = AssayerStore(settings.database_url.get_secret_value())
         stack.callback(store.close)
         topic = stack.enter_context(scratch_topic(settings, args.partitions))
 

@@ -50,7 +50,7 @@ class EmbeddedBroker:
         )
         try:
             self._wait_for_port(timeout)
-            wait_for_broker(self.bootstrap, timeout)
+            wait_for_broker({"bootstrap.servers": self.bootstrap}, timeout)
         except TimeoutError:
             self.stop()
             raise

@@ -131,7 +131,7 @@ def up(obj: Context, detach: bool) -> None:
     settings = StackSettings()
     if obj.registry_given:
         settings = settings.model_copy(update={"registry_addr": obj.registry})
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     try:
         if detach:
             state = start_detached(settings, say=click.echo)

@@ -2,3 +2,6 @@
 command line names them without loading the stack's code."""
 
 SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
+
+DATABASE_SERVICES = frozenset({"registry", "logger", "assayer"})
+"""The services given the database URL; the others (engine, gateway) use no database."""

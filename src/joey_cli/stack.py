@@ -34,16 +34,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import click
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from joey_cli import bootstrap
 from joey_cli.errors import listening
-from joey_cli.services import SERVICES
-from joey_core.settings import CommonSettings
+from joey_cli.services import DATABASE_SERVICES, SERVICES
+from joey_core import redaction
+from joey_core.settings import CommonSettings, DatabaseSettings
 
 if TYPE_CHECKING:
     from joey_cli.broker import EmbeddedBroker
@@ -67,7 +67,7 @@ def _default_state_dir() -> Path:
     return platformdirs.user_state_path("joey")
 
 
-class StackSettings(CommonSettings):
+class StackSettings(DatabaseSettings):
     state_dir: Path = Field(default_factory=_default_state_dir)
     """Where `joey up` keeps its lock, state and service logs: one stack per user, found from any
     directory (``~/.local/state/joey``, or ``$XDG_STATE_HOME/joey``, on Linux)."""
@@ -110,12 +110,26 @@ def settings_env(settings: StackSettings) -> dict[str, str]:
     """The environment of a process the stack starts: this one's, with the settings the stack runs with
     spelled out, whether they came from the environment, a command-line option or code."""
     env = {name: value for name, value in os.environ.items() if name != "JOEY_STACK_LOCK_FD"}
-    fields = settings.model_dump(mode="json", exclude={"stack_lock_fd", "embedded_broker"})
+    fields = settings.model_dump(exclude={"stack_lock_fd", "embedded_broker"})
     fields["embedded_broker"] = settings.embedded
     return env | {
-        f"JOEY_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
-        for name, value in fields.items()
+        f"JOEY_{name.upper()}": _env_value(value) for name, value in fields.items() if value is not None
     }
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def service_env(env: dict[str, str], service: str) -> dict[str, str]:
+    """The environment of ``service``: a service that uses no database is not given its URL."""
+    return env if service in DATABASE_SERVICES else {k: v for k, v in env.items() if k != "JOEY_DATABASE_URL"}
 
 
 class StackError(RuntimeError):
@@ -363,13 +377,15 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str, stop: thread
         time.sleep(0.1)
 
 
-def registry_ready(addr: str) -> bool:
+def registry_ready(addr: str, settings: CommonSettings | None = None) -> bool:
+    """Whether the registry at ``addr`` answers; over TLS when ``settings`` say so (none: plaintext)."""
     import grpc
 
+    from joey_core import tls
     from joey_core.v1 import registry_pb2, registry_pb2_grpc
 
     try:
-        with grpc.insecure_channel(addr) as channel:
+        with tls.channel(addr, settings) if settings else grpc.insecure_channel(addr) as channel:
             registry_pb2_grpc.RegistryStub(channel).WhoAmI(registry_pb2.WhoAmIRequest(), timeout=2)
         return True
     except grpc.RpcError as exc:
@@ -377,16 +393,10 @@ def registry_ready(addr: str) -> bool:
         return bool(exc.code() == grpc.StatusCode.UNAUTHENTICATED)
 
 
-def _redacted(url: str) -> str:
-    password = urlsplit(url).password
-    return url.replace(f":{password}@", ":***@", 1) if password else url
-
-
-def _reason(exc: BaseException, url: str) -> str:
-    """The first line of a client library's error, without the password it might quote."""
+def _reason(exc: BaseException, settings: StackSettings) -> str:
+    """The first line of a client library's error, without the secrets it might quote."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    password = urlsplit(url).password
-    return first.replace(password, "***") if password else first
+    return redaction.scrub(first, redaction.secrets_of(settings))
 
 
 @dataclass
@@ -496,25 +506,32 @@ class LocalStack:
                 "JOEY_STATE_DIR, or a Kafka broker): stop it, or set JOEY_KAFKA_BOOTSTRAP to use "
                 "a running Kafka cluster"
             )
+        redis_url, database_url = s.redis_url.get_secret_value(), s.database_url.get_secret_value()
         try:
-            redis.Redis.from_url(s.redis_url).ping()
+            redis.Redis.from_url(redis_url).ping()
         except redis.RedisError as exc:
             raise StackError(
-                f"cannot reach Redis at {_redacted(s.redis_url)} ({_reason(exc, s.redis_url)}): "
+                f"cannot reach Redis at {redaction.url(redis_url)} ({_reason(exc, s)}): "
                 "start it, or set JOEY_REDIS_URL"
             ) from None
         self.say("preparing the Postgres database")
         try:
-            db.prepare(s.database_url)
+            db.prepare(database_url)
         except psycopg.OperationalError as exc:
             raise StackError(
-                f"cannot reach Postgres at {_redacted(s.database_url)} ({_reason(exc, s.database_url)}): "
+                f"cannot reach Postgres at {redaction.url(database_url)} ({_reason(exc, s)}): "
                 "start it, or set JOEY_DATABASE_URL"
             ) from None
 
     def _start_kafka(self) -> None:
         from joey_cli.broker import EmbeddedBroker
-        from joey_core.kafka import admin_client, ensure_topics, platform_topics, wait_for_broker
+        from joey_core.kafka import (
+            admin_client,
+            client_config,
+            ensure_topics,
+            platform_topics,
+            wait_for_broker,
+        )
 
         s = self.settings
         if s.embedded:
@@ -530,7 +547,7 @@ class LocalStack:
         else:
             self.say(f"using Kafka at {s.kafka_bootstrap}")
             try:
-                wait_for_broker(s.kafka_bootstrap)
+                wait_for_broker(client_config(s))
             except TimeoutError as exc:
                 raise StackError(
                     f"cannot reach Kafka at {s.kafka_bootstrap} ({exc}): start it, or unset "
@@ -552,7 +569,11 @@ class LocalStack:
         self._start_kafka()
         env = settings_env(s)
         self.services = [
-            _Service(name, self.files.logs / f"{name}.log", env | bootstrap.service_env(name, s.state_dir))
+            _Service(
+                name,
+                self.files.logs / f"{name}.log",
+                service_env(env, name) | bootstrap.service_env(name, s.state_dir),
+            )
             for name in SERVICES
         ]
         registry, *workers = self.services
@@ -562,14 +583,14 @@ class LocalStack:
 
         def registry_up() -> bool:
             registry.check_running()
-            return registry_ready(s.registry_addr)
+            return registry_ready(s.registry_addr, s)
 
         _wait(registry_up, s.ready_timeout_s, "registry", stop)
         for service in workers:
             self.say(f"starting {service.name}")
             service.start()
         self._write_state("starting")
-        client = redis.Redis.from_url(s.redis_url)
+        client = redis.Redis.from_url(s.redis_url.get_secret_value())
         for service in workers:
 
             def ready(svc: _Service = service) -> bool:

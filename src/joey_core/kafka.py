@@ -38,10 +38,36 @@ from joey_core.settings import CommonSettings
 log = logging.getLogger(__name__)
 
 
+def client_config(settings: CommonSettings, **overrides: Any) -> dict[str, Any]:
+    """What every Kafka client of Joey is built from: the cluster, its security settings and
+    JOEY_KAFKA_CONFIG; then ``overrides``, the caller's own."""
+    return _config(settings, {}, overrides)
+
+
+def _config(settings: CommonSettings, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    # JOEY_KAFKA_CONFIG may tune Joey's defaults (linger.ms, ...); what a caller sets (its group) wins.
+    config = {"bootstrap.servers": settings.kafka_bootstrap, **_security(settings), **defaults}
+    return config | settings.kafka_config | overrides
+
+
+def _security(settings: CommonSettings) -> dict[str, Any]:
+    """librdkafka's security properties, from the JOEY_KAFKA_* settings (validated together there)."""
+    security: dict[str, Any] = {}
+    if settings.kafka_security_protocol is not None:
+        security["security.protocol"] = settings.kafka_security_protocol
+    if settings.kafka_sasl_mechanism is not None:
+        security["sasl.mechanism"] = settings.kafka_sasl_mechanism
+    if settings.kafka_sasl_username is not None:
+        security["sasl.username"] = settings.kafka_sasl_username
+    if settings.kafka_sasl_password is not None:
+        security["sasl.password"] = settings.kafka_sasl_password.get_secret_value()
+    if settings.kafka_ssl_ca_location is not None:
+        security["ssl.ca.location"] = str(settings.kafka_ssl_ca_location)
+    return security
+
+
 def consumer_config(settings: CommonSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "group.id": group_id,
+    defaults: dict[str, Any] = {
         # Offsets are committed by hand, synchronously, after outputs are acknowledged.
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -52,23 +78,22 @@ def consumer_config(settings: CommonSettings, group_id: str, **overrides: Any) -
     if settings.kafka_dev_timeouts:
         # The embedded broker holds every join and rebalance of a group for half the session timeout
         # (rounded up to a second): 4 s makes that 2 s instead of 3, and still allows 8 heartbeats.
-        config |= {"session.timeout.ms": 4000, "heartbeat.interval.ms": 500}
-    return config | overrides
+        defaults |= {"session.timeout.ms": 4000, "heartbeat.interval.ms": 500}
+    return _config(settings, defaults, {"group.id": group_id} | overrides)
 
 
 def producer_config(settings: CommonSettings, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "bootstrap.servers": settings.kafka_bootstrap,
+    defaults: dict[str, Any] = {
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": 2,
         "compression.type": "lz4",
     }
-    return config | overrides
+    return _config(settings, defaults, overrides)
 
 
 def admin_client(settings: CommonSettings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    return AdminClient(client_config(settings))
 
 
 @dataclass(frozen=True)
@@ -135,9 +160,10 @@ def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], timeout: float
         time.sleep(0.05)
 
 
-def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
-    """Block until the broker answers a metadata request."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+def wait_for_broker(config: dict[str, Any], timeout: float = 30.0) -> None:
+    """Block until the cluster of a client ``config`` (:func:`client_config`) answers a metadata request."""
+    bootstrap = config["bootstrap.servers"]
+    admin = AdminClient(config)
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
-from types import FrameType
+from types import FrameType, TracebackType
+
+from joey_core.redaction import RedactingFormatter, secrets_of
+from joey_core.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +33,26 @@ def shutdown_event() -> threading.Event:
     return stop
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+def configure_logging(settings: CommonSettings) -> None:
+    """Log to stderr at the settings' level, with the settings' secrets scrubbed from every line, whatever
+    library wrote it."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", secrets_of(settings))
     )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
+
+    # Uncaught exceptions too go through the formatter: Python's own traceback printer scrubs nothing.
+    def uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        log.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+    def uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None:
+            log.critical(
+                "uncaught exception in thread %s",
+                args.thread.name if args.thread else "?",
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+            )
+
+    sys.excepthook = uncaught
+    threading.excepthook = uncaught_in_thread

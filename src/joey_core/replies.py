@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
 
+from joey_core.kafka import client_config
 from joey_core.settings import CommonSettings
 from joey_core.topics import PipelineTopics
 
@@ -63,13 +64,15 @@ def reply_consumer(settings: CommonSettings, topics: PipelineTopics) -> Consumer
     produced after this returns is read.
     """
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            # Assign-only reader: the group id is never joined and nothing is committed.
-            "group.id": f"joey.client.{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 10,
-        }
+        client_config(
+            settings,
+            **{
+                # Assign-only reader: the group id is never joined and nothing is committed.
+                "group.id": f"joey.client.{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 10,
+            },
+        )
     )
     assignments = []
     metadata = consumer.list_topics(timeout=10)

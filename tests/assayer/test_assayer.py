@@ -223,12 +223,12 @@ def test_event_time_closes_a_window_before_the_wall_clock(
     assayer.stop()
 
 
-def test_a_window_of_a_deleted_assay_is_dropped(client: Client, settings: CommonSettings) -> None:
+def test_a_window_of_a_deleted_assay_is_dropped(client: Client, database_url: str) -> None:
     from joey_assayer.store import AssayerStore
 
     start = datetime(2025, 1, 1, tzinfo=UTC)
     client.build_assay("gone", "live", "input features 2", baseline_data=[1.0, 2.0]).add_start(start).upload()
-    store = AssayerStore(settings.database_url)
+    store = AssayerStore(database_url)
     try:
         (assay,) = [a for a in store.active_assays() if a.definition.workspace == client.workspace]
         client.delete_assay("gone")

@@ -238,4 +238,4 @@ def engine_settings(
 
 @pytest.fixture(scope="session")
 def redis_client(engine_settings: EngineSettings) -> redis.Redis:
-    return redis.Redis.from_url(engine_settings.redis_url)
+    return redis.Redis.from_url(engine_settings.redis_url.get_secret_value())

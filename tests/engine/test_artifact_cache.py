@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from joey_core.settings import CommonSettings
 from joey_engine.artifact_cache import ArtifactCache, ArtifactError
 
 
@@ -17,7 +18,7 @@ def server(artifact_server: tuple[Any, str]) -> Any:
 
 @pytest.fixture
 def store(artifact_server: tuple[Any, str], tmp_path: Path) -> ArtifactCache:
-    return ArtifactCache(tmp_path / "cache", artifact_server[1])
+    return ArtifactCache(tmp_path / "cache", artifact_server[1], CommonSettings())
 
 
 def test_fetches_in_chunks_and_reuses_the_cache(server: Any, store: ArtifactCache) -> None:

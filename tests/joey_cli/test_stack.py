@@ -13,7 +13,17 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from joey_cli.stack import StackDir, claim, pid_alive, process_start, registry_ready
+from joey_cli.services import DATABASE_SERVICES, SERVICES
+from joey_cli.stack import (
+    StackDir,
+    StackSettings,
+    claim,
+    pid_alive,
+    process_start,
+    registry_ready,
+    service_env,
+    settings_env,
+)
 from tests.conftest import free_port, wait_until
 from tests.joey_cli.conftest import CliStack, error_line, joey
 
@@ -437,3 +447,55 @@ def test_ctrl_c_while_a_detached_stack_starts_stops_it(env: dict[str, str], tmp_
     assert not pid_alive(supervisor)
     status = joey(own, "status", check=False)
     assert error_line(status).startswith("Error: Joey is not running (no stack in ")
+
+
+def _environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(pair.decode().partition("=")[::2] for pair in pairs if pair)
+
+
+def test_only_the_services_that_use_the_database_are_given_its_url(cli_stack: CliStack) -> None:
+    cli_stack.ensure_up()
+    services = cli_stack.state()["services"]
+    assert isinstance(services, dict) and set(services) == set(SERVICES)
+    for name, pid in services.items():
+        environ = _environ(pid)
+        assert ("JOEY_DATABASE_URL" in environ) == (name in DATABASE_SERVICES), name
+        # Given as they were: secrets spelled out for the service, not as a masked repr.
+        assert environ["JOEY_REDIS_URL"] == cli_stack.env["JOEY_REDIS_URL"]
+    assert _environ(services["registry"])["JOEY_DATABASE_URL"] == cli_stack.env["JOEY_DATABASE_URL"]
+
+
+def test_the_services_given_the_database_are_those_whose_settings_have_it() -> None:
+    from joey_assayer.settings import AssayerSettings
+    from joey_engine.settings import EngineSettings
+    from joey_gateway.settings import GatewaySettings
+    from joey_logger.settings import LoggerSettings
+    from joey_registry.settings import RegistrySettings
+
+    classes = {
+        "registry": RegistrySettings,
+        "engine": EngineSettings,
+        "logger": LoggerSettings,
+        "assayer": AssayerSettings,
+        "gateway": GatewaySettings,
+    }
+    assert set(classes) == set(SERVICES)
+    assert {name for name, cls in classes.items() if "database_url" in cls.model_fields} == DATABASE_SERVICES
+
+
+def test_the_environment_of_a_service_spells_out_secrets_and_json(tmp_path: Path) -> None:
+    settings = StackSettings(
+        state_dir=tmp_path,
+        database_url="postgresql://u:pw@h/db",
+        kafka_config={"client.dns.lookup": "use_all_dns_ips", "socket.keepalive.enable": True},
+    )
+    env = settings_env(settings)
+    assert env["JOEY_DATABASE_URL"] == "postgresql://u:pw@h/db"
+    assert json.loads(env["JOEY_KAFKA_CONFIG"]) == {
+        "client.dns.lookup": "use_all_dns_ips",
+        "socket.keepalive.enable": True,
+    }
+    assert "JOEY_TLS_CA" not in env  # unset stays unset, not "None"
+    assert "JOEY_DATABASE_URL" not in service_env(env, "engine")
+    assert service_env(env, "logger")["JOEY_DATABASE_URL"] == "postgresql://u:pw@h/db"

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from pydantic import ValidationError
 
 from joey_core.kafka import (
     CommitPolicy,
@@ -13,6 +16,7 @@ from joey_core.kafka import (
     DeliveryTracker,
     TopicSpec,
     admin_client,
+    client_config,
     commit,
     consumer_config,
     ensure_topics,
@@ -133,3 +137,93 @@ def test_commit_policies(settings: CommonSettings) -> None:
             commit(consumer, refused, CommitPolicy.RETRY_WHEN_REBALANCING, log)
     finally:
         consumer.close()
+
+
+SCRAM = {
+    "kafka_bootstrap": "kafka-1.example.com:9093",
+    "kafka_security_protocol": "SASL_SSL",
+    "kafka_sasl_mechanism": "SCRAM-SHA-512",
+    "kafka_sasl_username": "joey",
+    "kafka_sasl_password": "s3cret-sasl",
+    "kafka_ssl_ca_location": "/etc/ssl/kafka-ca.pem",
+    "kafka_config": {"ssl.endpoint.identification.algorithm": "https", "linger.ms": 7},
+}
+SECURITY = {
+    "bootstrap.servers": "kafka-1.example.com:9093",
+    "security.protocol": "SASL_SSL",
+    "sasl.mechanism": "SCRAM-SHA-512",
+    "sasl.username": "joey",
+    "sasl.password": "s3cret-sasl",
+    "ssl.ca.location": "/etc/ssl/kafka-ca.pem",
+    "ssl.endpoint.identification.algorithm": "https",
+}
+
+
+def test_every_client_config_carries_the_security_settings() -> None:
+    settings = CommonSettings(**SCRAM)  # type: ignore[arg-type]
+    configs = {
+        "consumer": consumer_config(settings, "g"),
+        "producer": producer_config(settings),
+        "client": client_config(settings),
+    }
+    for built in configs.values():
+        assert built.items() >= SECURITY.items()
+    # JOEY_KAFKA_CONFIG tunes Joey's defaults; a caller's own settings win over both.
+    assert configs["producer"]["linger.ms"] == 7
+    assert producer_config(settings, **{"linger.ms": 0})["linger.ms"] == 0
+    assert configs["consumer"]["group.id"] == "g" and configs["consumer"]["enable.auto.commit"] is False
+
+
+def test_the_kafka_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SCRAM.items():
+        monkeypatch.setenv(f"JOEY_{name.upper()}", json.dumps(value) if isinstance(value, dict) else value)
+    assert client_config(CommonSettings()).items() >= (SECURITY | {"linger.ms": 7}).items()
+
+
+def test_plaintext_by_default() -> None:
+    config = producer_config(CommonSettings(kafka_bootstrap="b:9092"))
+    assert not [key for key in config if key.startswith(("security.", "sasl.", "ssl."))]
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        (
+            {"kafka_security_protocol": "SASL_SSL"},
+            "JOEY_KAFKA_SECURITY_PROTOCOL=SASL_SSL needs JOEY_KAFKA_SASL_MECHANISM",
+        ),
+        (
+            {"kafka_sasl_mechanism": "PLAIN", "kafka_sasl_username": "u", "kafka_sasl_password": "p"},
+            "JOEY_KAFKA_SASL_MECHANISM, JOEY_KAFKA_SASL_USERNAME, JOEY_KAFKA_SASL_PASSWORD set, but "
+            "JOEY_KAFKA_SECURITY_PROTOCOL is PLAINTEXT",
+        ),
+        (
+            {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_mechanism": "SCRAM-SHA-256"},
+            "JOEY_KAFKA_SASL_MECHANISM=SCRAM-SHA-256 needs JOEY_KAFKA_SASL_USERNAME and "
+            "JOEY_KAFKA_SASL_PASSWORD",
+        ),
+        (
+            {
+                "kafka_security_protocol": "SASL_PLAINTEXT",
+                "kafka_sasl_mechanism": "GSSAPI",
+                "kafka_ssl_ca_location": "/ca.pem",
+            },
+            "JOEY_KAFKA_SSL_CA_LOCATION set, but JOEY_KAFKA_SECURITY_PROTOCOL is SASL_PLAINTEXT",
+        ),
+        ({"kafka_security_protocol": "TLS"}, "kafka_security_protocol"),
+        (
+            {"kafka_config": {"sasl.password": "p"}},
+            "JOEY_KAFKA_CONFIG sets 'sasl.password': set JOEY_KAFKA_SASL_PASSWORD",
+        ),
+        (
+            {"kafka_config": {"enable.auto.commit": True}},
+            "JOEY_KAFKA_CONFIG sets 'enable.auto.commit': Joey sets it",
+        ),
+    ],
+)
+def test_an_invalid_combination_is_a_clear_settings_error(settings: dict[str, Any], error: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        CommonSettings(**settings)
+    assert error in str(refused.value)
+    # The error never quotes what was given: a password beside the refused setting stays out of it.
+    assert "input_value" not in str(refused.value)

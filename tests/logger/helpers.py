@@ -104,7 +104,7 @@ def read_dead_letters(settings: CommonSettings, wanted: set[bytes], timeout: flo
 
 
 def is_live(settings: LoggerSettings) -> bool:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     return settings.instance_id in heartbeats.live_services(client, settings.redis_prefix, SERVICE)
 
 

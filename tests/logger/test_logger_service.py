@@ -35,7 +35,7 @@ def test_replays_add_no_rows_and_bad_records_are_dead_lettered(
     produce: LogProducer,
     pipeline: str,
 ) -> None:
-    database_url = logger_settings.database_url
+    database_url = logger_settings.database_url.get_secret_value()
     n = 400
     records = [log_record(pipeline, i) for i in range(n)]
     produce.records(records)
@@ -73,7 +73,7 @@ def drop_database(url: str) -> None:
 def test_records_wait_out_a_database_outage(
     logger: InProcessLogger, logger_settings: LoggerSettings, produce: LogProducer, pipeline: str
 ) -> None:
-    database_url = logger_settings.database_url
+    database_url = logger_settings.database_url.get_secret_value()
     drop_database(database_url)
     retried = sample("joey_logger_batches_total", outcome="retried")
     n = 300

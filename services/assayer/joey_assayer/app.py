@@ -10,9 +10,9 @@ from joey_core.lifecycle import configure_logging, shutdown_event
 
 def serve() -> None:
     settings = AssayerSettings()
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     stop = shutdown_event()
-    store = AssayerStore(settings.database_url)
+    store = AssayerStore(settings.database_url.get_secret_value())
     try:
         Assayer(settings, store).run(stop)
     finally:

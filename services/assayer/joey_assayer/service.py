@@ -57,7 +57,9 @@ class Assayer:
         # clock closes windows only up to it, or a backlog not read yet could hold their records.
         self.read_until: datetime | None = None
         self._mark: tuple[datetime, dict[int, tuple[int, int]]] | None = None
-        self._heartbeat = ServiceHeartbeat(redis.Redis.from_url(settings.redis_url), settings, SERVICE)
+        self._heartbeat = ServiceHeartbeat(
+            redis.Redis.from_url(settings.redis_url.get_secret_value()), settings, SERVICE
+        )
 
     def run(self, stop: threading.Event) -> None:
         s = self.settings

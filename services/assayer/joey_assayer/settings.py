@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from joey_core import topics
-from joey_core.settings import ServiceSettings
+from joey_core.settings import DatabaseSettings, ServiceSettings
 
 
-class AssayerSettings(ServiceSettings):
+class AssayerSettings(ServiceSettings, DatabaseSettings):
     assayer_group: str = topics.ASSAYER_GROUP
     """Consumer group of the assayers on joey.logs."""
 

@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 
 def serve() -> None:
     settings = EngineSettings()
-    lifecycle.configure_logging(settings.log_level)
+    lifecycle.configure_logging(settings)
     stop = lifecycle.shutdown_event()
-    metrics_dir = _serve_metrics(settings.metrics_port) if settings.metrics_port else None
+    metrics_dir = _serve_metrics(settings) if settings.metrics_port else None
     try:
         Engine(settings, metrics_dir=metrics_dir).run(stop)
     finally:
@@ -30,7 +30,7 @@ def serve() -> None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _serve_metrics(port: int) -> Path:
+def _serve_metrics(settings: EngineSettings) -> Path:
     """Serve the metrics of every replica process; returns the directory they write them to."""
     # prometheus_client's multiprocess mode: each replica process writes its metrics to files in this
     # directory, which the endpoint sums up. Replicas inherit the environment variable and read it when
@@ -39,6 +39,6 @@ def _serve_metrics(port: int) -> Path:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     registry = prometheus_client.CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, str(directory))
-    prometheus_client.start_http_server(port, registry=registry)
-    log.info("metrics on port %d", port)
+    prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+    log.info("metrics on %s port %d", settings.metrics_host, settings.metrics_port)
     return directory

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from joey_core import tls
+from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -26,10 +28,16 @@ class ArtifactCache:
     """Files are named by their sha256 and only appear once verified, so a cached file is trusted as is."""
 
     def __init__(
-        self, cache_dir: Path, registry_addr: str, service_token: str | None = None, timeout_s: float = 300.0
+        self,
+        cache_dir: Path,
+        registry_addr: str,
+        settings: CommonSettings,
+        service_token: str | None = None,
+        timeout_s: float = 300.0,
     ) -> None:
         self._cache_dir = cache_dir
         self._registry_addr = registry_addr
+        self._settings = settings
         self._metadata = (("authorization", f"Bearer {service_token}"),) if service_token else ()
         self._timeout_s = timeout_s
 
@@ -46,7 +54,7 @@ class ArtifactCache:
         try:
             digest = hashlib.sha256()
             size = 0
-            with os.fdopen(fd, "wb") as out, grpc.insecure_channel(self._registry_addr) as channel:
+            with os.fdopen(fd, "wb") as out, tls.channel(self._registry_addr, self._settings) as channel:
                 request = registry_pb2.DownloadArtifactRequest(workspace=workspace, sha256=sha256)
                 for chunk in registry_pb2_grpc.RegistryStub(channel).DownloadArtifact(
                     request, timeout=self._timeout_s, metadata=self._metadata

@@ -176,7 +176,7 @@ def _main(
     # at a time; a stuck engine is still ended by the manager's SIGKILL, and its replicas follow it.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    lifecycle.configure_logging(spec.settings.log_level)
+    lifecycle.configure_logging(spec.settings)
     threading.Thread(target=_watch, args=(control, stop), name="engine-watch", daemon=True).start()
     error = _serve(spec, stop, assignments, reported)
     if error is not None:
@@ -203,7 +203,7 @@ def _watch(control: Connection, stop: threading.Event) -> None:
 
 def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter, reported: Counter) -> str | None:
     deployment, settings = spec.deployment, spec.settings
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     try:
         reported.value = 1  # before publishing, so the engine's "starting" never follows "loading"
         started = time.monotonic()

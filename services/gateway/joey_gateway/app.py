@@ -7,6 +7,7 @@ import logging
 import redis
 from prometheus_client import start_http_server
 
+from joey_core import tls
 from joey_core.heartbeats import ServiceHeartbeat
 from joey_core.lifecycle import configure_logging, shutdown_event
 from joey_gateway import grpc_server, http_server
@@ -20,16 +21,25 @@ SERVICE = "gateway"
 
 def serve() -> None:
     settings = GatewaySettings()
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     stop = shutdown_event()
     if settings.metrics_port is not None:
-        start_http_server(settings.metrics_port)
-        log.info("metrics on port %d", settings.metrics_port)
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        log.info("metrics on %s port %d", settings.metrics_host, settings.metrics_port)
     gateway = Gateway(settings)
-    grpc, grpc_port = grpc_server.start_server(gateway, settings.oip_grpc_addr, settings.grpc_workers)
-    http, http_port = http_server.start_server(gateway, settings.oip_http_addr)
-    log.info("Open Inference Protocol on gRPC port %d and HTTP port %d", grpc_port, http_port)
-    heartbeat = ServiceHeartbeat(redis.Redis.from_url(settings.redis_url), settings, SERVICE)
+    grpc, grpc_port = grpc_server.start_server(
+        gateway, settings.oip_grpc_addr, settings.grpc_workers, settings
+    )
+    http, http_port = http_server.start_server(gateway, settings.oip_http_addr, tls.server_context(settings))
+    log.info(
+        "Open Inference Protocol on gRPC port %d and HTTP port %d (%s)",
+        grpc_port,
+        http_port,
+        "TLS" if settings.tls_cert else "plaintext",
+    )
+    heartbeat = ServiceHeartbeat(
+        redis.Redis.from_url(settings.redis_url.get_secret_value()), settings, SERVICE
+    )
     try:
         # The heartbeat says "ready" (what `joey up` waits for) only once both listeners accept calls.
         heartbeat.beat()

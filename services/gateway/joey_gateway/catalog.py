@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from joey_core import tls
+from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 from joey_gateway.errors import GatewayError, Status
@@ -75,8 +77,8 @@ def _info(status: pb.DeploymentStatus, version: pb.PipelineVersion | None) -> Pi
 
 
 class Catalog:
-    def __init__(self, registry_addr: str, cache_s: float) -> None:
-        self._channel = grpc.insecure_channel(registry_addr)
+    def __init__(self, registry_addr: str, cache_s: float, settings: CommonSettings) -> None:
+        self._channel = tls.channel(registry_addr, settings)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         self._cache_s = cache_s
         self._lock = threading.Lock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -10,10 +11,12 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 import joey_core
+from joey_core import tls
 from joey_core.oip import grpc_predict_v2_pb2 as pb
 from joey_core.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.service import SERVER_NAME, Gateway
+from joey_gateway.settings import GatewaySettings
 from joey_gateway.tensors import InferRequest, Tensor, from_raw, from_values, to_raw
 
 _CODES = {
@@ -42,6 +45,8 @@ _CONTENTS = {
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 def _abort(context: grpc.ServicerContext, exc: GatewayError) -> NoReturn:
     context.abort(_CODES[exc.status], exc.message)
@@ -53,6 +58,10 @@ def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         return fn()
     except GatewayError as exc:
         _abort(context, exc)
+    except Exception:
+        # Not grpc's own "Exception calling application: <the exception>": the detail may name anything.
+        log.exception("inference request failed")
+        _abort(context, GatewayError(Status.INTERNAL, "internal error; see the gateway's log"))
 
 
 def parameter_value(parameter: pb.InferParameter) -> Any:
@@ -154,14 +163,17 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
-def start_server(gateway: Gateway, addr: str, workers: int) -> tuple[grpc.Server, int]:
-    """Serve on ``addr``; returns the server and the bound port (``addr`` may ask for port 0)."""
+def start_server(
+    gateway: Gateway, addr: str, workers: int, settings: GatewaySettings
+) -> tuple[grpc.Server, int]:
+    """Serve on ``addr`` (over TLS when the settings name a certificate); returns the server and the bound
+    port (``addr`` may ask for port 0)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip-grpc"),
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(gateway), server)
-    port = server.add_insecure_port(addr)
+    port = tls.add_port(server, addr, settings)
     if port == 0:
         raise OSError(f"cannot listen on {addr} for the OIP gRPC service")
     server.start()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -239,10 +241,28 @@ class _Server(ThreadingHTTPServer):
         super().__init__(addr, _Handler)
         self.gateway = gateway
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that speaks plain HTTP to the TLS port, or does not trust its certificate, is its own
+        # problem: one line, not socketserver's traceback on stderr.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError):
+            log.info("TLS handshake with %s failed: %s", client_address[0], exc.reason or exc)
+        else:
+            super().handle_error(request, client_address)
 
-def start_server(gateway: Gateway, addr: str) -> tuple[ThreadingHTTPServer, int]:
-    """Serve on ``addr`` (host:port; port 0 picks one) in a background thread; returns server and port."""
+
+def start_server(
+    gateway: Gateway, addr: str, tls_context: ssl.SSLContext | None = None
+) -> tuple[ThreadingHTTPServer, int]:
+    """Serve on ``addr`` (host:port; port 0 picks one) in a background thread, over TLS with
+    ``tls_context``; returns server and port."""
     host, _, port = addr.rpartition(":")
     server = _Server((host or "0.0.0.0", int(port)), gateway)  # noqa: S104 - an empty host means every interface
+    if tls_context is not None:
+        # Each connection's handshake happens in its own handler thread, on its first read: a client
+        # that never completes it holds up no other.
+        server.socket = tls_context.wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False
+        )
     threading.Thread(target=server.serve_forever, name="oip-http", daemon=True).start()
     return server, int(server.server_address[1])

@@ -36,7 +36,7 @@ SERVER_NAME = "joey"
 class Gateway:
     def __init__(self, settings: GatewaySettings, catalog: Catalog | None = None) -> None:
         self._settings = settings
-        self._catalog = catalog or Catalog(settings.registry_addr, settings.status_cache_s)
+        self._catalog = catalog or Catalog(settings.registry_addr, settings.status_cache_s, settings)
         # Latency over throughput: a synchronous caller waits for every record it sends.
         self._producer = Producer(producer_config(settings, **{"linger.ms": 0}))
         self._readers: dict[str, ReplyReader] = {}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from joey_core.settings import ServiceSettings
+from joey_core.settings import ServiceSettings, TlsServerSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(ServiceSettings, TlsServerSettings):
     oip_grpc_addr: str = "127.0.0.1:8081"
     """host:port the Open Inference Protocol gRPC service (inference.GRPCInferenceService) listens on."""
 

@@ -16,10 +16,10 @@ log = logging.getLogger(__name__)
 
 def serve() -> None:
     settings = LoggerSettings()
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     stop = shutdown_event()
     if settings.metrics_port is not None:
-        start_http_server(settings.metrics_port)
-        log.info("metrics on port %d", settings.metrics_port)
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        log.info("metrics on %s port %d", settings.metrics_host, settings.metrics_port)
     # run() closes the consumer, sink and heartbeat on any exit; a fatal error then propagates.
     LoggerService(settings, create_sink(settings)).run(stop)

@@ -85,7 +85,9 @@ class LoggerService:
         self._settings = settings
         self._sink = sink
         self._backoff = Backoff(min(0.5, settings.retry_backoff_max_s), settings.retry_backoff_max_s)
-        self._heartbeat = ServiceHeartbeat(redis.Redis.from_url(settings.redis_url), settings, SERVICE)
+        self._heartbeat = ServiceHeartbeat(
+            redis.Redis.from_url(settings.redis_url.get_secret_value()), settings, SERVICE
+        )
         self._joined = False
         self._resume_at: float | None = None
 

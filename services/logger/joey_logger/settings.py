@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from joey_core import topics
-from joey_core.settings import ServiceSettings
+from joey_core.settings import DatabaseSettings, ServiceSettings
 
 
-class LoggerSettings(ServiceSettings):
+class LoggerSettings(ServiceSettings, DatabaseSettings):
     batch_size: int = Field(default=2000, ge=1)
     """Most log records written to the sink in one transaction."""
 

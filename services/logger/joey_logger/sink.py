@@ -157,7 +157,7 @@ class PostgresLogSink(LogSink):
 
     @classmethod
     def from_settings(cls, settings: LoggerSettings) -> PostgresLogSink:
-        return cls(settings.database_url)
+        return cls(settings.database_url.get_secret_value())
 
     def open(self) -> None:
         try:

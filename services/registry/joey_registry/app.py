@@ -8,7 +8,7 @@ from concurrent import futures
 import grpc
 import redis
 
-from joey_core import db, kafka, lifecycle
+from joey_core import db, kafka, lifecycle, tls
 from joey_core.v1 import registry_pb2_grpc
 from joey_registry.artifacts import create_store
 from joey_registry.autoscaler import Autoscaler
@@ -31,7 +31,7 @@ class RegistryServer:
 
     def __init__(self, settings: RegistrySettings) -> None:
         self.settings = settings
-        self.store = Store(settings.database_url, settings.db_pool_size)
+        self.store = Store(settings.database_url.get_secret_value(), settings.db_pool_size)
         self.publisher = DeploymentPublisher(settings)
         self.registry = Registry(
             settings,
@@ -39,7 +39,7 @@ class RegistryServer:
             create_store(settings),
             self.publisher,
             kafka.admin_client(settings),
-            redis.Redis.from_url(settings.redis_url),
+            redis.Redis.from_url(settings.redis_url.get_secret_value()),
         )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(
@@ -64,12 +64,17 @@ class RegistryServer:
         kafka.ensure_topics(self.registry.admin, kafka.platform_topics(self.settings))
         republished = self.registry.republish_active()
         log.info("republished %d active deployments", republished)
-        self.port = self.server.add_insecure_port(self.settings.registry_addr)
+        self.port = tls.add_port(self.server, self.settings.registry_addr, self.settings)
         if not self.port:
             raise OSError(f"could not listen on {self.settings.registry_addr} (JOEY_REGISTRY_ADDR)")
         self.server.start()
         self.autoscaler.start()
-        log.info("registry listening on %s (port %d)", self.settings.registry_addr, self.port)
+        log.info(
+            "registry listening on %s (port %d, %s)",
+            self.settings.registry_addr,
+            self.port,
+            "TLS" if self.settings.tls_cert else "plaintext",
+        )
         return self.port
 
     def stop(self) -> None:
@@ -82,10 +87,10 @@ class RegistryServer:
 
 def serve() -> None:
     settings = RegistrySettings()
-    lifecycle.configure_logging(settings.log_level)
+    lifecycle.configure_logging(settings)
     stop = lifecycle.shutdown_event()
-    db.prepare(settings.database_url)
-    kafka.wait_for_broker(settings.kafka_bootstrap, timeout=60)
+    db.prepare(settings.database_url.get_secret_value())
+    kafka.wait_for_broker(kafka.client_config(settings), timeout=60)
     server = RegistryServer(settings)
     try:
         server.start()

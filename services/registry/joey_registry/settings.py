@@ -6,10 +6,10 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 
-from joey_core.settings import ServiceSettings
+from joey_core.settings import DatabaseSettings, ServiceSettings, TlsServerSettings
 
 
-class RegistrySettings(ServiceSettings):
+class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     artifact_store: str = "filesystem"
     """Name of the artifact store implementation (see joey_registry.artifacts.STORES)."""
 

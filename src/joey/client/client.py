@@ -21,8 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from joey.client.assays import AssayClientMixin
 from joey.client.calls import call_rpc
 from joey.client.catalog import (
@@ -35,6 +33,7 @@ from joey.client.catalog import (
 )
 from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
 from joey.client.signatures import Schema, tensor_specs
+from joey_core import tls
 from joey_core.models import ModelVersion
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
@@ -61,8 +60,9 @@ class Client(AssayClientMixin):
         self.workspace = workspace
         token = token or os.environ.get("JOEY_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(
+        self._channel = tls.channel(
             self.settings.registry_addr,
+            self.settings,
             options=[("grpc.max_receive_message_length", 64 << 20)],
         )
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
