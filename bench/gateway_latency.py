@@ -17,6 +17,7 @@ next one, so the rate is a ceiling, not a guarantee (the table reports what was 
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import redis
@@ -35,6 +37,7 @@ from joey.client import Client
 from joey_cli.broker import EmbeddedBroker
 from joey_core import heartbeats
 from joey_core.settings import CommonSettings
+from joey_core.v1 import registry_pb2, registry_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -56,6 +59,24 @@ PIPELINE = "bench-gateway"
 WARMUP_CALLS = 50
 
 Call = Callable[[], np.ndarray]
+
+
+class Bearer(grpcclient.InferenceServerClientPlugin):
+    """Presents the bench's token to the gateway on every tritonclient call."""
+
+    def __init__(self, token: str) -> None:
+        self._header = f"Bearer {token}"
+
+    def __call__(self, request: object) -> None:
+        request.headers["authorization"] = self._header  # type: ignore[attr-defined]
+
+
+def admin_token(registry_addr: str, password: str) -> str:
+    with grpc.insecure_channel(registry_addr) as channel:
+        login = registry_pb2_grpc.RegistryStub(channel).Login(
+            registry_pb2.LoginRequest(username="admin", password=password), timeout=10
+        )
+    return str(login.token)
 
 
 def paced(call: Call, rate: float, seconds: float) -> tuple[list[float], float]:
@@ -90,6 +111,7 @@ def main() -> None:
         logs.mkdir()
         broker = stack.enter_context(EmbeddedBroker(free_port(), work / "tansu.log"))
         grpc_addr, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        password = secrets.token_urlsafe(24)
         env = {
             "JOEY_KAFKA_BOOTSTRAP": broker.bootstrap,
             "JOEY_DATABASE_URL": stack.enter_context(scratch_database()),
@@ -103,6 +125,9 @@ def main() -> None:
             "JOEY_MAX_BATCH_DELAY_MS": str(args.batch_delay_ms),
             "JOEY_OIP_GRPC_ADDR": grpc_addr,
             "JOEY_OIP_HTTP_ADDR": http_addr,
+            # The registry makes `admin` with this password on its empty database.
+            "JOEY_ADMIN_PASSWORD": password,
+            "JOEY_SERVICE_TOKEN": "joey_" + secrets.token_urlsafe(32),
         }
         settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items()})
 
@@ -114,7 +139,8 @@ def main() -> None:
         registry = serve("registry")
         wait_until(lambda: registry.check() or registry_ready(settings.registry_addr), 60, "the registry")
         engine, gateway = serve("engine"), serve("gateway")
-        client = Client(settings=settings)
+        token = admin_token(settings.registry_addr, password)
+        client = Client(settings=settings, token=token)
         stack.callback(client.close)
         model_path = train_and_export(work / "iris.onnx")
         pipeline = client.build_pipeline(PIPELINE).add_model_step(client.upload_model("iris", model_path))
@@ -133,6 +159,8 @@ def main() -> None:
         direct = ort.InferenceSession(str(model_path), session)
         grpc_client = grpcclient.InferenceServerClient(grpc_addr)
         http_client = httpclient.InferenceServerClient(http_addr)
+        for triton in (grpc_client, http_client):
+            triton.register_plugin(Bearer(token))
 
         def via_grpc() -> np.ndarray:
             tensor = grpcclient.InferInput("features", list(x.shape), "FP32")

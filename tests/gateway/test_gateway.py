@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -27,7 +28,9 @@ from joey.client import Client, Pipeline
 from joey_core import topics
 from joey_core.records import DEADLINE_HEADER, dumps, header_value
 from joey_core.settings import CommonSettings
+from joey_core.v1 import registry_pb2 as pb
 from tests.conftest import ServiceProcess, Stack, free_port, wait_service_ready, wait_until
+from tests.registry.helpers import Person, Stub
 from train_model import make_records  # examples/, put on sys.path by conftest
 
 log = logging.getLogger(__name__)
@@ -97,31 +100,65 @@ def direct(model_path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return label, probabilities
 
 
-def post(url: str, body: Any) -> tuple[int, dict[str, Any]]:
+def bearer(token: str | None = None) -> dict[str, str]:
+    """The header presenting ``token``, the session admin's by default. Lower case: gRPC metadata keys
+    must be (HTTP headers are case-insensitive)."""
+    return {"authorization": f"Bearer {token or os.environ['JOEY_TOKEN']}"}
+
+
+class Bearer(grpcclient.InferenceServerClientPlugin):
+    """Adds the admin's header to every call of a tritonclient client."""
+
+    def __call__(self, request: Any) -> None:
+        request.headers.update(bearer())
+
+
+def triton_grpc(gateway: Gateway) -> grpcclient.InferenceServerClient:
+    triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+    triton.register_plugin(Bearer())
+    return triton
+
+
+@dataclass
+class Answer:
+    status: int
+    document: dict[str, Any]
+    headers: Any
+
+
+def call(url: str, body: Any = None, headers: dict[str, str] | None = None) -> Answer:
+    """GET (or POST ``body`` as JSON) with ``headers``, the admin's token by default."""
+    data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        url,
+        data=data,
+        headers={"Content-Type": "application/json", **(bearer() if headers is None else headers)},
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
+            return Answer(response.status, json.loads(response.read()), response.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        return Answer(exc.code, json.loads(exc.read()), exc.headers)
+
+
+def post(url: str, body: Any) -> tuple[int, dict[str, Any]]:
+    answer = call(url, body)
+    return answer.status, answer.document
 
 
 def get(url: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    answer = call(url)
+    return answer.status, answer.document
 
 
 def test_tritonclient_grpc(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
     triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
-    assert triton.is_server_live()
-    assert triton.is_server_ready()
-    assert triton.is_model_ready(PIPELINE)
-    metadata = triton.get_model_metadata(PIPELINE, as_json=True)
+    headers = bearer()
+    assert triton.is_server_live()  # liveness needs no token
+    assert triton.is_server_ready(headers=headers)
+    assert triton.get_server_metadata(headers=headers).name == "joey"
+    assert triton.is_model_ready(PIPELINE, headers=headers)
+    metadata = triton.get_model_metadata(PIPELINE, as_json=True, headers=headers)
     assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [
         ("features", "FP32", ["-1", "4"])
     ]
@@ -133,7 +170,7 @@ def test_tritonclient_grpc(gateway: Gateway, iris: Pipeline, iris_model: Path) -
     x = features(7, seed=3)
     tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
-    result = triton.infer(PIPELINE, [tensor], request_id="req-1")
+    result = triton.infer(PIPELINE, [tensor], request_id="req-1", headers=headers)
     label, probabilities = direct(iris_model, x)
     assert result.get_response().id == "req-1"
     np.testing.assert_array_equal(result.as_numpy("label"), label)
@@ -141,18 +178,21 @@ def test_tritonclient_grpc(gateway: Gateway, iris: Pipeline, iris_model: Path) -
     assert result.as_numpy("label").dtype == np.int64
 
     with pytest.raises(InferenceServerException) as missing:
-        triton.infer("no-such-pipeline", [tensor])
+        triton.infer("no-such-pipeline", [tensor], headers=headers)
     assert missing.value.status() == "StatusCode.NOT_FOUND"
     assert "no-such-pipeline" in missing.value.message()
 
 
 def test_tritonclient_http(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
     triton = httpclient.InferenceServerClient(gateway.http_addr)
-    assert triton.is_server_live()
-    assert triton.is_server_ready()
-    assert triton.is_model_ready(PIPELINE)
-    assert not triton.is_model_ready("no-such-pipeline")
-    metadata = triton.get_model_metadata(PIPELINE)
+    headers = {"Authorization": bearer()["authorization"]}
+    # A copy per infer(): tritonclient.http adds its Inference-Header-Content-Length to the dict it is given.
+    assert triton.is_server_live()  # liveness needs no token
+    assert triton.is_server_ready(headers=headers)
+    assert not triton.is_server_ready()
+    assert triton.is_model_ready(PIPELINE, headers=headers)
+    assert not triton.is_model_ready("no-such-pipeline", headers=headers)
+    metadata = triton.get_model_metadata(PIPELINE, headers=headers)
     assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
 
     x = features(5, seed=4)
@@ -163,12 +203,14 @@ def test_tritonclient_http(gateway: Gateway, iris: Pipeline, iris_model: Path) -
         outputs = [
             httpclient.InferRequestedOutput(name, binary_data=binary) for name in ("label", "probabilities")
         ]
-        result = triton.infer(PIPELINE, [tensor], outputs=outputs)
+        result = triton.infer(PIPELINE, [tensor], outputs=outputs, headers=dict(headers))
         np.testing.assert_array_equal(result.as_numpy("label"), label)
         np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, rtol=1e-6)
     tensor = httpclient.InferInput("features", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
-    only_label = triton.infer(PIPELINE, [tensor], outputs=[httpclient.InferRequestedOutput("label")])
+    only_label = triton.infer(
+        PIPELINE, [tensor], outputs=[httpclient.InferRequestedOutput("label")], headers=dict(headers)
+    )
     assert only_label.as_numpy("probabilities") is None
     np.testing.assert_array_equal(only_label.as_numpy("label"), label)
 
@@ -221,6 +263,121 @@ def test_plain_rest(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
     assert counter(gateway, "not_found", pipeline="") == unknown_before + 1
 
 
+def test_anonymous_and_bad_tokens_are_refused(gateway: Gateway, iris: Pipeline) -> None:
+    """Every route but liveness needs a valid token: 401 naming the Bearer scheme on REST, UNAUTHENTICATED
+    on gRPC; the gateway's own environment (which holds the admin's JOEY_TOKEN here) lends it none."""
+    url = gateway.http_url
+    unauthenticated_before = counter(gateway, "unauthenticated", pipeline="")
+    body = {
+        "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [[5.1, 3.5, 1.4, 0.2]]}]
+    }
+    routes = [
+        ("/v2", None),
+        ("/v2/health/ready", None),
+        (f"/v2/models/{PIPELINE}", None),
+        (f"/v2/models/{PIPELINE}/ready", None),
+        ("/v2/models/no-such-pipeline", None),
+        ("/v2/models/not..a-name", None),
+        (f"/v2/models/{PIPELINE}/infer", body),
+    ]
+    for headers in ({}, bearer("joey_not-a-token"), {"Authorization": "Basic YWRtaW46YWRtaW4="}):
+        for path, sent in routes:
+            answer = call(url + path, sent, headers)
+            assert answer.status == 401, (path, headers, answer.document)
+            assert answer.headers["WWW-Authenticate"] == 'Bearer realm="joey"'
+    assert call(f"{url}/v2/health/live", headers={}).document == {"live": True}
+    assert counter(gateway, "unauthenticated", pipeline="") == unauthenticated_before + 3
+
+    x = features(1, seed=8)
+    tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+    assert triton.is_server_live()
+    for headers in ({}, bearer("joey_not-a-token"), {"authorization": "Token abc"}):
+        calls: list[tuple[str, tuple[Any, ...]]] = [
+            ("is_server_ready", ()),
+            ("get_server_metadata", ()),
+            ("is_model_ready", (PIPELINE,)),
+            ("get_model_metadata", (PIPELINE,)),
+            ("infer", (PIPELINE, [tensor])),
+        ]
+        for method, args in calls:
+            with pytest.raises(InferenceServerException) as refused:
+                getattr(triton, method)(*args, headers=headers)
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED", (method, headers)
+
+
+def test_members_infer_and_others_learn_nothing(
+    gateway: Gateway,
+    settings: CommonSettings,
+    iris_model: Path,
+    workspace: tuple[str, Person],
+    new_person: Callable[[], Person],
+    admin_stub: Stub,
+) -> None:
+    """A pipeline of a workspace of its own, served as `<workspace>.<pipeline>`: its owner, a collaborator and
+    the platform admin infer; a non-member is told the workspace does not exist, as for one that does not.
+    A revoked token and a deactivated user are refused once the gateway's one-second answer expires."""
+    name, owner = workspace
+    collaborator, stranger = new_person(), new_person()
+    owner.stub.AddWorkspaceMember(
+        pb.AddWorkspaceMemberRequest(workspace=name, username=collaborator.username)
+    )
+    sdk = Client(settings=settings, workspace=name, token=owner.token)
+    pipeline = sdk.build_pipeline("iris-ws").add_model_step(sdk.upload_model("iris-ws", iris_model))
+    pipeline.deploy(replicas=1, timeout=90)
+    model = f"{name}.iris-ws"
+    x = features(2, seed=9)
+    label, _ = direct(iris_model, x)
+    body = {"inputs": [{"name": "features", "shape": [2, 4], "datatype": "FP32", "data": x.tolist()}]}
+    triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+
+    def rest_infer(token: str) -> Answer:
+        return call(f"{gateway.http_url}/v2/models/{model}/infer", body, bearer(token))
+
+    def grpc_infer(token: str) -> np.ndarray:
+        tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        return triton.infer(model, [tensor], headers=bearer(token)).as_numpy("label")
+
+    try:
+        for person in (owner, collaborator):
+            answer = rest_infer(person.token)
+            assert answer.status == 200, answer.document
+            assert answer.document["outputs"][0]["data"] == label.tolist()
+            np.testing.assert_array_equal(grpc_infer(person.token), label)
+            assert triton.is_model_ready(model, headers=bearer(person.token))
+        np.testing.assert_array_equal(grpc_infer(os.environ["JOEY_TOKEN"]), label)
+
+        # The stranger holds a valid token (server routes pass) but learns nothing of the workspace.
+        assert call(f"{gateway.http_url}/v2/health/ready", headers=bearer(stranger.token)).status == 200
+        missing = call(f"{gateway.http_url}/v2/models/gw-missing.iris-ws/infer", body, bearer(stranger.token))
+        assert (missing.status, missing.document) == (404, {"error": "workspace 'gw-missing' not found"})
+        for path, sent in ((f"/v2/models/{model}/infer", body), (f"/v2/models/{model}", None)):
+            answer = call(gateway.http_url + path, sent, bearer(stranger.token))
+            assert (answer.status, answer.document) == (404, {"error": f"workspace {name!r} not found"})
+        with pytest.raises(InferenceServerException) as hidden:
+            grpc_infer(stranger.token)
+        assert hidden.value.status() == "StatusCode.NOT_FOUND"
+        assert hidden.value.message() == f"workspace {name!r} not found"
+
+        collaborator.stub.RevokeToken(pb.RevokeTokenRequest(name="tests"))
+        wait_until(lambda: rest_infer(collaborator.token).status == 401, 30, "the revoked token refused")
+        admin_stub.SetUserActive(pb.SetUserActiveRequest(username=owner.username, active=False))
+
+        def owner_refused() -> bool:
+            try:
+                grpc_infer(owner.token)
+            except InferenceServerException as exc:
+                return exc.status() == "StatusCode.UNAUTHENTICATED"
+            return False
+
+        wait_until(owner_refused, 30, "the deactivated owner refused")
+    finally:
+        admin_stub.SetUserActive(pb.SetUserActiveRequest(username=owner.username, active=True))
+        pipeline.undeploy()
+
+
 def test_a_request_without_the_batch_dimension_is_refused_once(gateway: Gateway, iris: Pipeline) -> None:
     """Shape [4] for a model taking [-1, 4]: one 400 / INVALID_ARGUMENT naming both shapes, and no record
     reaches the pipeline (rows of the batch dimension would each have failed alone in the log)."""
@@ -233,7 +390,7 @@ def test_a_request_without_the_batch_dimension_is_refused_once(gateway: Gateway,
         "the batch, one row per record; add the batch dimension: shape [1, 4] for one record"
     )
 
-    triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+    triton = triton_grpc(gateway)
     tensor = grpcclient.InferInput("features", [4], "FP32")
     tensor.set_data_from_numpy(np.array(refused, dtype=np.float32))
     with pytest.raises(InferenceServerException) as error:
@@ -267,7 +424,7 @@ def test_deadline_exceeded_is_answered_and_reported(gateway: Gateway, iris: Pipe
     assert status == 504, reply
     assert "deadline exceeded" in reply["error"]
 
-    triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+    triton = triton_grpc(gateway)
     tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     with pytest.raises(InferenceServerException) as expired:
@@ -308,7 +465,7 @@ def test_requests_in_flight_survive_an_engine_crash(
     failures: list[str] = []
 
     def load() -> None:
-        triton = grpcclient.InferenceServerClient(gateway.grpc_addr)
+        triton = triton_grpc(gateway)
         while not stop.is_set():
             tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x)
@@ -392,7 +549,7 @@ def test_callers_deadlines_travel_with_the_records(
     tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     sent_ms = time.time() * 1000
-    grpcclient.InferenceServerClient(gateway.grpc_addr).infer(PIPELINE, [tensor], client_timeout=5.0)
+    triton_grpc(gateway).infer(PIPELINE, [tensor], client_timeout=5.0)
     answered_ms = time.time() * 1000
     assert sent_ms + 3000 < deadline_of_record(settings, grpc_row) <= answered_ms + 5000
 

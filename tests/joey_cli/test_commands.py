@@ -48,7 +48,7 @@ def test_up_upload_deploy_infer_logs(cli_stack: CliStack, iris_model: Path, tmp_
     assert to_file.returncode == 1 and len(written.read_text().splitlines()) == 26
 
     # `joey up` started the gateway too, on the addresses it printed: the pipeline answers a plain Open
-    # Inference Protocol request.
+    # Inference Protocol request with the caller's token.
     infer = urllib.request.Request(
         f"http://{cli_env['JOEY_OIP_HTTP_ADDR']}/v2/models/cli-pipe/infer",
         data=json.dumps(
@@ -58,6 +58,7 @@ def test_up_upload_deploy_infer_logs(cli_stack: CliStack, iris_model: Path, tmp_
                 ]
             }
         ).encode(),
+        headers={"Authorization": f"Bearer {cli_env['JOEY_TOKEN']}"},
         method="POST",
     )
     with urllib.request.urlopen(infer, timeout=60) as response:

@@ -1,7 +1,8 @@
 """What the registry says about a pipeline served as a model: deployed or not, ready, its tensors.
 
 Answers are reused for ``status_cache_s`` so that readiness probes and requests do not each
-cost a registry call.
+cost a registry call. They are shared by every caller: each request is authorized before it asks, and the
+registry is asked with that caller's token.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from joey_core import tls
-from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 from joey_gateway.errors import GatewayError, Status
+from joey_gateway.registry_auth import bearer_metadata, refusal
 from joey_gateway.tensors import oip_datatype
 
 
@@ -77,23 +77,23 @@ def _info(status: pb.DeploymentStatus, version: pb.PipelineVersion | None) -> Pi
 
 
 class Catalog:
-    def __init__(self, registry_addr: str, cache_s: float, settings: CommonSettings) -> None:
-        self._channel = tls.channel(registry_addr, settings)
-        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+    def __init__(self, stub: registry_pb2_grpc.RegistryStub, cache_s: float) -> None:
+        self._stub = stub
         self._cache_s = cache_s
         self._lock = threading.Lock()
         self._cached: dict[tuple[str, str], tuple[float, PipelineInfo]] = {}
         self._versions: dict[tuple[str, str, int], pb.PipelineVersion] = {}
 
-    def pipeline(self, workspace: str, pipeline: str) -> PipelineInfo:
-        """The pipeline's deployment; NOT_FOUND when it does not exist, UNAVAILABLE when undeployed."""
+    def pipeline(self, workspace: str, pipeline: str, token: str) -> PipelineInfo:
+        """The pipeline's deployment; NOT_FOUND when it does not exist, UNAVAILABLE when undeployed.
+        ``token`` is the caller's, already authorized to read ``workspace``."""
         key = (workspace, pipeline)
         with self._lock:
             cached = self._cached.get(key)
         if cached is not None and time.monotonic() - cached[0] < self._cache_s:
             info = cached[1]
         else:
-            info = self._load(workspace, pipeline)
+            info = self._load(workspace, pipeline, bearer_metadata(token))
             with self._lock:
                 self._cached[key] = (time.monotonic(), info)
         if info.status == "Undeployed":
@@ -102,10 +102,12 @@ class Catalog:
             )
         return info
 
-    def _load(self, workspace: str, pipeline: str) -> PipelineInfo:
+    def _load(self, workspace: str, pipeline: str, metadata: tuple[tuple[str, str], ...]) -> PipelineInfo:
         try:
             status = self._stub.GetDeploymentStatus(
-                pb.GetDeploymentStatusRequest(workspace=workspace, pipeline=pipeline), timeout=10
+                pb.GetDeploymentStatusRequest(workspace=workspace, pipeline=pipeline),
+                metadata=metadata,
+                timeout=10,
             )
             version = None
             number = status.deployment.pipeline_version
@@ -113,7 +115,9 @@ class Catalog:
                 version = self._versions.get((workspace, pipeline, number))
                 if version is None:
                     found = self._stub.GetPipeline(
-                        pb.GetPipelineRequest(workspace=workspace, name=pipeline), timeout=10
+                        pb.GetPipelineRequest(workspace=workspace, name=pipeline),
+                        metadata=metadata,
+                        timeout=10,
                     )
                     version = next((v for v in found.versions if v.version == number), None)
                     if version is not None:
@@ -125,11 +129,5 @@ class Catalog:
                 raise GatewayError(
                     Status.NOT_FOUND, f"model {pipeline!r}: no such pipeline in workspace {workspace!r}"
                 ) from None
-            raise GatewayError(
-                Status.UNAVAILABLE,
-                f"registry unavailable: {exc.details()}",  # type: ignore[attr-defined]
-            ) from None
+            raise refusal(exc) from None
         return _info(status, version)
-
-    def close(self) -> None:
-        self._channel.close()

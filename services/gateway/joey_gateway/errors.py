@@ -7,6 +7,8 @@ import enum
 
 class Status(enum.Enum):
     INVALID_ARGUMENT = 400
+    UNAUTHENTICATED = 401
+    PERMISSION_DENIED = 403
     NOT_FOUND = 404
     DEADLINE_EXCEEDED = 504
     UNAVAILABLE = 503

@@ -21,6 +21,8 @@ from joey_gateway.tensors import InferRequest, Tensor, from_raw, from_values, to
 
 _CODES = {
     Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Status.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
@@ -62,6 +64,11 @@ def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         # Not grpc's own "Exception calling application: <the exception>": the detail may name anything.
         log.exception("inference request failed")
         _abort(context, GatewayError(Status.INTERNAL, "internal error; see the gateway's log"))
+
+
+def _authorization(context: grpc.ServicerContext) -> str | None:
+    """The caller's ``authorization`` metadata (``Bearer <token>``), if any."""
+    return next((str(v) for k, v in context.invocation_metadata() if k == "authorization"), None)
 
 
 def parameter_value(parameter: pb.InferParameter) -> Any:
@@ -113,20 +120,28 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._gateway = gateway
 
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> pb.ServerLiveResponse:  # noqa: N802
+        # Liveness needs no token: orchestrators probe it.
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> pb.ServerReadyResponse:  # noqa: N802
+        _call(context, lambda: self._gateway.authenticate(_authorization(context)))
         return pb.ServerReadyResponse(ready=True)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> pb.ServerMetadataResponse:  # noqa: N802
+        _call(context, lambda: self._gateway.authenticate(_authorization(context)))
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=joey_core.__version__)
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> pb.ModelReadyResponse:  # noqa: N802
-        ready = _call(context, lambda: self._gateway.model_ready(request.name, request.version))
+        ready = _call(
+            context,
+            lambda: self._gateway.model_ready(request.name, request.version, _authorization(context)),
+        )
         return pb.ModelReadyResponse(ready=ready)
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> pb.ModelMetadataResponse:  # noqa: N802
-        info = _call(context, lambda: self._gateway.model(request.name, request.version))
+        info = _call(
+            context, lambda: self._gateway.model(request.name, request.version, _authorization(context))
+        )
 
         def tensors(specs: Any) -> list[pb.ModelMetadataResponse.TensorMetadata]:
             return [
@@ -148,7 +163,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         result = _call(
             context,
             lambda: self._gateway.infer(
-                request.model_name, request.model_version, lambda: decode_request(request), deadline
+                request.model_name,
+                request.model_version,
+                lambda: decode_request(request),
+                _authorization(context),
+                deadline,
             ),
         )
         return pb.ModelInferResponse(

@@ -134,8 +134,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: int, body: bytes, header_length: int | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        header_length: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header(
             "Content-Type", "application/json" if header_length is None else "application/octet-stream"
         )
@@ -145,11 +153,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _json(self, status: int, document: Any) -> None:
-        self._send(status, json.dumps(document).encode())
+    def _json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(document).encode(), headers=headers)
 
     def _error(self, exc: GatewayError) -> None:
-        self._json(exc.status.http, {"error": exc.message})
+        # RFC 6750: a 401 names the scheme the caller must use.
+        unauthenticated = exc.status == Status.UNAUTHENTICATED
+        headers = {"WWW-Authenticate": 'Bearer realm="joey"'} if unauthenticated else None
+        self._json(exc.status.http, {"error": exc.message}, headers)
+
+    def _authorization(self) -> str | None:
+        return self.headers.get("Authorization")
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -161,7 +175,11 @@ class _Handler(BaseHTTPRequestHandler):
         gateway = self.server.gateway
         path = self.path.split("?", 1)[0].rstrip("/")
         try:
-            if path == "/v2":
+            if path == "/v2/health/live":
+                # Liveness needs no token: orchestrators probe it.
+                self._json(200, {"live": True})
+            elif path == "/v2":
+                gateway.authenticate(self._authorization())
                 self._json(
                     200,
                     {
@@ -170,18 +188,17 @@ class _Handler(BaseHTTPRequestHandler):
                         "extensions": ["binary_tensor_data"],
                     },
                 )
-            elif path == "/v2/health/live":
-                self._json(200, {"live": True})
             elif path == "/v2/health/ready":
+                gateway.authenticate(self._authorization())
                 self._json(200, {"ready": True})
             elif match := _MODEL.match(path):
                 model, version = unquote(match["model"]), unquote(match["version"] or "")
                 if match["action"] == "/ready":
-                    ready = gateway.model_ready(model, version)
+                    ready = gateway.model_ready(model, version, self._authorization())
                     # The protocol answers readiness with the status code: 200 ready, 4xx not.
                     self._json(200 if ready else 400, {"name": model, "ready": ready})
                 elif match["action"] is None:
-                    info = gateway.model(model, version)
+                    info = gateway.model(model, version, self._authorization())
                     self._json(
                         200,
                         {
@@ -224,7 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
                 rest = decode_request(model, version, body, None if length is None else int(length))
                 return rest.request
 
-            response = self.server.gateway.infer(model, version, decode)
+            response = self.server.gateway.infer(model, version, decode, self._authorization())
             assert rest is not None  # infer() decoded the request before answering it
             self._send(200, *encode_response(rest, response))
         except GatewayError as exc:

@@ -13,17 +13,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, Producer
 
-from joey_core import topics
+from joey_core import tls, topics
 from joey_core.kafka import producer_config
 from joey_core.records import DEADLINE_EXCEEDED, DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
 from joey_core.replies import Reply
+from joey_core.v1 import registry_pb2_grpc
 from joey_gateway import metrics
 from joey_gateway.catalog import Catalog, PipelineInfo
 from joey_gateway.errors import GatewayError, Status
+from joey_gateway.registry_auth import RegistryAuth, bearer_token
 from joey_gateway.replies import Call, ReplyReader
 from joey_gateway.settings import GatewaySettings
 from joey_gateway.tensors import InferRequest, InferResponse, Tensor, check_inputs, from_rows, to_rows
@@ -32,11 +34,27 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "joey"
 
+# The registry's actions a gateway call needs in the model's workspace.
+READ = "read"
+INFER = "infer"
+
+
+class _Access(NamedTuple):
+    """A caller authorized for a pipeline, and the token that says so (the registry is asked with it)."""
+
+    workspace: str
+    pipeline: str
+    token: str
+
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, catalog: Catalog | None = None) -> None:
+    def __init__(self, settings: GatewaySettings) -> None:
         self._settings = settings
-        self._catalog = catalog or Catalog(settings.registry_addr, settings.status_cache_s, settings)
+        # The gateway holds no credentials: every registry call carries its caller's token.
+        self._registry = tls.channel(settings.registry_addr, settings)
+        stub = registry_pb2_grpc.RegistryStub(self._registry)
+        self._auth = RegistryAuth(stub, settings.auth_cache_s)
+        self._catalog = Catalog(stub, settings.status_cache_s)
         # Latency over throughput: a synchronous caller waits for every record it sends.
         self._producer = Producer(producer_config(settings, **{"linger.ms": 0}))
         self._readers: dict[str, ReplyReader] = {}
@@ -58,9 +76,39 @@ class Gateway:
             raise GatewayError(Status.NOT_FOUND, f"model {model!r}: {exc}") from None
         return workspace, pipeline
 
-    def model(self, model: str, version: str = "") -> PipelineInfo:
-        """The deployed pipeline served as ``model`` (and ``version``, when given)."""
-        info = self._catalog.pipeline(*self.resolve(model))
+    def authenticate(self, authorization: str | None) -> None:
+        """Server-level routes (metadata, readiness) need a valid token, whatever its workspaces.
+        ``authorization`` is the caller's ``Authorization`` header (or metadata) value, if any."""
+        self._auth.authenticate(bearer_token(authorization))
+
+    def model(self, model: str, version: str, authorization: str | None) -> PipelineInfo:
+        """The deployed pipeline served as ``model`` (and ``version``, when given), for a caller who may
+        read its workspace."""
+        return self._deployed(model, version, self._authorized(model, authorization, READ))
+
+    def model_ready(self, model: str, version: str, authorization: str | None) -> bool:
+        # Refusals stand (a caller who may not read the model learns nothing of it); only an
+        # unavailable deployment reads as not ready.
+        access = self._authorized(model, authorization, READ)
+        try:
+            return self._deployed(model, version, access).ready
+        except GatewayError as exc:
+            if exc.status == Status.UNAVAILABLE:
+                return False
+            raise
+
+    def _authorized(self, model: str, authorization: str | None, action: str) -> _Access:
+        token = bearer_token(authorization)
+        try:
+            workspace, pipeline = self.resolve(model)
+        except GatewayError:
+            self._auth.authenticate(token)  # a bad token is refused as such, whatever the model name
+            raise
+        self._auth.authorize(token, workspace, action)
+        return _Access(workspace, pipeline, token)
+
+    def _deployed(self, model: str, version: str, access: _Access) -> PipelineInfo:
+        info = self._catalog.pipeline(access.workspace, access.pipeline, access.token)
         if version and version != str(info.version):
             raise GatewayError(
                 Status.NOT_FOUND,
@@ -69,28 +117,25 @@ class Gateway:
             )
         return info
 
-    def model_ready(self, model: str, version: str = "") -> bool:
-        try:
-            return self.model(model, version).ready
-        except GatewayError as exc:
-            if exc.status == Status.UNAVAILABLE:
-                return False
-            raise
-
     def infer(
-        self, model: str, version: str, decode: Callable[[], InferRequest], deadline: float | None = None
+        self,
+        model: str,
+        version: str,
+        decode: Callable[[], InferRequest],
+        authorization: str | None,
+        deadline: float | None = None,
     ) -> InferResponse:
         """Run the request for ``model`` (``decode`` builds it from the transport's message, so a malformed
-        one counts as a refused request of that model) through its pipeline. ``deadline`` (epoch seconds)
-        is the transport's own, if any; the earliest of it, the request's timeout and the gateway's
-        default applies."""
+        one counts as a refused request of that model) through its pipeline, for a caller who may infer in
+        its workspace. ``deadline`` (epoch seconds) is the transport's own, if any; the earliest of it, the
+        request's timeout and the gateway's default applies."""
         with self._idle:
             self._in_flight += 1
         start = time.perf_counter()
         labels = ("", "")
         outcome = "ok"
         try:
-            info = self.model(model, version)
+            info = self._deployed(model, version, self._authorized(model, authorization, INFER))
             labels = (info.workspace, info.pipeline)
             return self._infer(info, decode(), deadline)
         except GatewayError as exc:
@@ -209,4 +254,4 @@ class Gateway:
             for reader in self._readers.values():
                 reader.close()
             self._readers.clear()
-        self._catalog.close()
+        self._registry.close()

@@ -23,6 +23,10 @@ class GatewaySettings(ServiceSettings, TlsServerSettings):
     status_cache_s: float = Field(default=1.0, ge=0)
     """How long a pipeline's deployment status and metadata from the registry are reused."""
 
+    auth_cache_s: float = Field(default=1.0, ge=0, le=1)
+    """How long the registry's "yes" to a caller's token is reused; a revoked token is refused after at most
+    this long. Refusals are never reused."""
+
     grpc_workers: int = Field(default=32, ge=1)
     """Threads serving gRPC calls; each waits for its reply, so this bounds concurrent gRPC requests."""
 

@@ -1,0 +1,128 @@
+"""Who may call the gateway: the registry decides, asked with the token the caller sent.
+
+The gateway holds no credentials of its own; it forwards the caller's ``Bearer`` token. A positive answer
+is reused for at most ``cache_s`` (at most a second, so a revoked token or a deactivated user is refused
+within a second). A refusal is never cached, and a registry that cannot answer refuses the call: no access
+check, no inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+
+import grpc
+
+from joey_core.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2_grpc
+from joey_gateway.errors import GatewayError, Status
+
+log = logging.getLogger(__name__)
+
+MAX_CACHED = 10_000
+"""Positive answers kept at once: bounds the memory a flood of distinct tokens can take."""
+
+REGISTRY_TIMEOUT_S = 10.0
+
+# Visible ASCII only: what an HTTP header and gRPC metadata can carry unchanged.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+# The registry's refusals, answered to the caller as they are: NOT_FOUND for a workspace the caller is not a
+# member of (the same answer as a missing one, so a non-member learns nothing).
+_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED: Status.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: Status.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND: Status.NOT_FOUND,
+}
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization`` header (REST) or ``authorization`` metadata (gRPC) value."""
+    if not authorization:
+        raise GatewayError(
+            Status.UNAUTHENTICATED, "no token: send the header 'Authorization: Bearer <token>'"
+        )
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not _TOKEN.fullmatch(token):
+        raise GatewayError(
+            Status.UNAUTHENTICATED, "malformed Authorization header: expected 'Bearer <token>'"
+        )
+    return token
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata presenting ``token`` to the registry."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def refusal(exc: grpc.RpcError) -> GatewayError:
+    """The gateway's answer to a registry call that failed: its refusal as it is, UNAVAILABLE when it could
+    not answer (never a pass)."""
+    code = exc.code()  # type: ignore[attr-defined]
+    details = exc.details()  # type: ignore[attr-defined]
+    status = _REFUSALS.get(code)
+    if status is not None:
+        return GatewayError(status, details)
+    if code in _UNREACHABLE:
+        return GatewayError(Status.UNAVAILABLE, f"registry unavailable: {details}")
+    log.error("the registry answered %s: %s", code, details)
+    return GatewayError(Status.INTERNAL, "the registry failed; see the gateway's log")
+
+
+class RegistryAuth:
+    def __init__(
+        self, stub: registry_pb2_grpc.RegistryStub, cache_s: float, max_cached: int = MAX_CACHED
+    ) -> None:
+        self._stub = stub
+        self._cache_s = cache_s
+        self._max_cached = max_cached
+        self._lock = threading.Lock()
+        # (sha256 of the token, workspace, action) -> monotonic time the answer expires; oldest first.
+        # Keyed by the hash so that no token is kept in memory past its request.
+        self._granted: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+
+    def authorize(self, token: str, workspace: str, action: str) -> None:
+        """Pass if the caller presenting ``token`` may perform ``action`` ("read" or "infer") in
+        ``workspace``, else raise :class:`GatewayError`: UNAUTHENTICATED, NOT_FOUND (not a member),
+        PERMISSION_DENIED, or UNAVAILABLE when the registry cannot answer."""
+        self._check(token, workspace, action)
+
+    def authenticate(self, token: str) -> None:
+        """Pass if ``token`` is valid (a user, whatever their workspaces): the server-level routes."""
+        self._check(token, "", "")
+
+    def _check(self, token: str, workspace: str, action: str) -> None:
+        key = (hashlib.sha256(token.encode()).hexdigest(), workspace, action)
+        # Counted from before the question: an answer is never reused longer than cache_s after it was asked.
+        asked = time.monotonic()
+        with self._lock:
+            expires = self._granted.get(key)
+            if expires is not None:
+                if asked < expires:
+                    return
+                del self._granted[key]
+        metadata = bearer_metadata(token)
+        try:
+            if workspace:
+                self._stub.Authorize(
+                    pb.AuthorizeRequest(workspace=workspace, action=action),
+                    metadata=metadata,
+                    timeout=REGISTRY_TIMEOUT_S,
+                )
+            else:
+                self._stub.WhoAmI(pb.WhoAmIRequest(), metadata=metadata, timeout=REGISTRY_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise refusal(exc) from None
+        if self._cache_s <= 0:
+            return
+        with self._lock:
+            self._granted[key] = asked + self._cache_s
+            self._granted.move_to_end(key)
+            while len(self._granted) > self._max_cached:
+                self._granted.popitem(last=False)

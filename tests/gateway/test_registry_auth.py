@@ -1,0 +1,135 @@
+"""The gateway's access check against the session's real registry: the caller's token is forwarded, the
+registry's refusals come back as they are, a "yes" is reused for at most the cache time and a refusal
+never, and a registry that cannot answer refuses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from joey_core.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2_grpc
+from joey_gateway.errors import GatewayError, Status
+from joey_gateway.registry_auth import RegistryAuth, bearer_token
+from tests.conftest import free_port, wait_until
+from tests.registry.helpers import Person, Stub
+
+
+@pytest.fixture(scope="module")
+def stub(registry_channel: grpc.Channel) -> registry_pb2_grpc.RegistryStub:
+    """No token of its own: RegistryAuth sends its caller's."""
+    return registry_pb2_grpc.RegistryStub(registry_channel)
+
+
+def refused(call: Callable[[], object]) -> GatewayError:
+    with pytest.raises(GatewayError) as info:
+        call()
+    return info.value
+
+
+def test_the_bearer_token_is_read_from_the_header() -> None:
+    assert bearer_token("Bearer joey_abc") == "joey_abc"
+    assert bearer_token("bearer  joey_abc ") == "joey_abc"
+    assert refused(lambda: bearer_token(None)).message.startswith("no token: send the header")
+    for malformed in ("joey_abc", "Basic dXNlcjpwdw==", "Bearer ", "Bearer a b", "Bearer jöey"):
+        error = refused(lambda value=malformed: bearer_token(value))  # type: ignore[misc]
+        assert (error.status, error.message) == (
+            Status.UNAUTHENTICATED,
+            "malformed Authorization header: expected 'Bearer <token>'",
+        ), malformed
+
+
+def test_the_registry_decides_with_the_callers_token(
+    stub: registry_pb2_grpc.RegistryStub,
+    admin_token: str,
+    workspace: tuple[str, Person],
+    new_person: Callable[[], Person],
+) -> None:
+    name, owner = workspace
+    auth = RegistryAuth(stub, cache_s=1.0)
+    auth.authenticate(admin_token)
+    auth.authorize(admin_token, name, "infer")  # the platform admin sees every workspace
+    auth.authorize(owner.token, name, "read")
+    auth.authorize(owner.token, name, "infer")
+
+    stranger = new_person()
+    auth.authenticate(stranger.token)  # any user passes the server-level routes
+    denied = refused(lambda: auth.authorize(stranger.token, name, "infer"))
+    missing = refused(lambda: auth.authorize(admin_token, "gw-no-such-workspace", "infer"))
+    # A non-member learns nothing: the answer is the one for a workspace that does not exist.
+    assert (denied.status, denied.message) == (Status.NOT_FOUND, f"workspace {name!r} not found")
+    assert (missing.status, missing.message) == (
+        Status.NOT_FOUND,
+        "workspace 'gw-no-such-workspace' not found",
+    )
+
+    for call in (
+        lambda: auth.authenticate("joey_not-a-token"),
+        lambda: auth.authorize("joey_x", name, "read"),
+    ):
+        assert refused(call).status == Status.UNAUTHENTICATED
+
+
+def test_a_refusal_is_never_reused(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person], new_person: Callable[[], Person]
+) -> None:
+    name, owner = workspace
+    auth = RegistryAuth(stub, cache_s=1.0)
+    newcomer = new_person()
+    assert refused(lambda: auth.authorize(newcomer.token, name, "infer")).status == Status.NOT_FOUND
+    owner.stub.AddWorkspaceMember(pb.AddWorkspaceMemberRequest(workspace=name, username=newcomer.username))
+    auth.authorize(newcomer.token, name, "infer")  # at once: the refusal was not kept
+
+
+def test_a_revoked_token_is_refused_once_its_answer_expires(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person]
+) -> None:
+    name, owner = workspace
+    auth = RegistryAuth(stub, cache_s=1.0)
+    auth.authorize(owner.token, name, "infer")
+    owner.stub.RevokeToken(pb.RevokeTokenRequest(name="tests"))
+
+    def refused_now() -> bool:
+        try:
+            auth.authorize(owner.token, name, "infer")
+        except GatewayError as exc:
+            return exc.status == Status.UNAUTHENTICATED
+        return False
+
+    wait_until(refused_now, 30, "the revoked token refused")
+
+
+def test_without_a_cache_a_deactivated_user_is_refused_at_once(
+    stub: registry_pb2_grpc.RegistryStub, admin_stub: Stub, workspace: tuple[str, Person]
+) -> None:
+    name, owner = workspace
+    auth = RegistryAuth(stub, cache_s=0)
+    auth.authorize(owner.token, name, "read")
+    admin_stub.SetUserActive(pb.SetUserActiveRequest(username=owner.username, active=False))
+    assert refused(lambda: auth.authorize(owner.token, name, "read")).status == Status.UNAUTHENTICATED
+    assert refused(lambda: auth.authenticate(owner.token)).status == Status.UNAUTHENTICATED
+
+
+def test_the_cache_keeps_only_the_newest_answers(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person]
+) -> None:
+    """Bounded: beyond ``max_cached`` the oldest answer goes, so its next call asks the registry again."""
+    name, owner = workspace
+    auth = RegistryAuth(stub, cache_s=1.0, max_cached=1)
+    auth.authorize(owner.token, name, "read")
+    auth.authorize(owner.token, name, "infer")  # the "read" answer is dropped
+    owner.stub.RevokeToken(pb.RevokeTokenRequest(name="tests"))
+    assert refused(lambda: auth.authorize(owner.token, name, "read")).status == Status.UNAUTHENTICATED
+
+
+def test_a_registry_that_cannot_answer_refuses(admin_token: str) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        auth = RegistryAuth(registry_pb2_grpc.RegistryStub(channel), cache_s=1.0)
+        for call in (
+            lambda: auth.authorize(admin_token, "default", "infer"),
+            lambda: auth.authenticate(admin_token),
+        ):
+            error = refused(call)
+            assert error.status == Status.UNAVAILABLE and error.message.startswith("registry unavailable: ")
