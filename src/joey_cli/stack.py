@@ -39,6 +39,7 @@ import click
 import platformdirs
 from pydantic import Field, SecretStr, field_validator
 
+from joey_cli import bootstrap
 from joey_cli.errors import listening
 from joey_cli.services import DATABASE_SERVICES, SERVICES
 from joey_core import redaction
@@ -385,12 +386,11 @@ def registry_ready(addr: str, settings: CommonSettings | None = None) -> bool:
 
     try:
         with tls.channel(addr, settings) if settings else grpc.insecure_channel(addr) as channel:
-            registry_pb2_grpc.RegistryStub(channel).ListWorkspaces(
-                registry_pb2.ListWorkspacesRequest(), timeout=2
-            )
+            registry_pb2_grpc.RegistryStub(channel).WhoAmI(registry_pb2.WhoAmIRequest(), timeout=2)
         return True
-    except grpc.RpcError:
-        return False
+    except grpc.RpcError as exc:
+        # Asked without a token: refusing it is the registry answering.
+        return bool(exc.code() == grpc.StatusCode.UNAUTHENTICATED)
 
 
 def _reason(exc: BaseException, settings: StackSettings) -> str:
@@ -569,7 +569,12 @@ class LocalStack:
         self._start_kafka()
         env = settings_env(s)
         self.services = [
-            _Service(name, self.files.logs / f"{name}.log", service_env(env, name)) for name in SERVICES
+            _Service(
+                name,
+                self.files.logs / f"{name}.log",
+                service_env(env, name) | bootstrap.service_env(name, s.state_dir),
+            )
+            for name in SERVICES
         ]
         registry, *workers = self.services
         registry.start()
