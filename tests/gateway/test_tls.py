@@ -31,7 +31,7 @@ class TlsGateway:
 
 def _headers() -> dict[str, str]:
     token = os.environ.get("JOEY_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 @pytest.fixture(scope="module")
