@@ -5,6 +5,8 @@ goes on serving."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,3 +153,38 @@ def _alive(pid: int) -> bool:
         return False
     finally:
         os.sched_yield()
+
+
+REPLICA = """
+import ctypes, sys
+from pathlib import Path
+import numpy as np
+from joey_engine.replica import PR_SET_DUMPABLE
+from joey_engine.runtime import PythonRuntime
+from joey_engine.settings import EngineSettings
+from tests.engine.test_sandbox import STEP_SIGNATURE
+
+ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # as a replica does
+runtime = PythonRuntime(EngineSettings(instance_id="unit"))
+runtime.load(Path(sys.argv[1]), STEP_SIGNATURE)
+try:
+    runtime.predict({"x": np.asarray([1.0])})
+except RuntimeError as exc:
+    print(exc)
+runtime.close()
+"""
+
+
+def test_the_replicas_environment_is_not_readable_through_proc(tmp_path: Path) -> None:
+    step = tmp_path / "step"
+    step.write_text(
+        STEP.format(
+            body="        open(f'/proc/{os.getppid()}/environ', 'rb').read()\n"
+            "        raise RuntimeError('read it')"
+        )
+    )
+    env = os.environ | {"JOEY_SERVICE_TOKEN": "joey_canary"}
+    replica = subprocess.run(
+        [sys.executable, "-c", REPLICA, str(step)], env=env, capture_output=True, text=True, check=True
+    )
+    assert replica.stdout.startswith("PermissionError: [Errno 13] Permission denied: '/proc/")
