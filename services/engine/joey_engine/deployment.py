@@ -242,8 +242,7 @@ def _split(spec: registry_pb2.ResolvedStep) -> Split:
     _bounded("arms of a split", len(spec.arms), MAX_BRANCHES)
     if any(not arm.model or arm.checks or arm.challengers or arm.arms for arm in spec.arms):
         raise ValueError("every arm of a split must be a plain model step")
-    arms = tuple(_model_step(arm) for arm in spec.arms)
-    names = [arm.model for arm in arms]
+    names = [arm.model for arm in spec.arms]
     if len(set(names)) != len(names):
         raise ValueError(f"split arms {names} are not distinct models")
     _bounded("routes of a split", len(spec.routes), MAX_TENSORS)
@@ -257,11 +256,15 @@ def _split(spec: registry_pb2.ResolvedStep) -> Split:
         unknown = sorted({model for _, model in routes} - set(names))
         if unknown or spec.weights:
             raise ValueError(f"key split with weights, or routing to {unknown}, not among its arms {names}")
-        return Split(arms, meta_key=spec.meta_key, routes=routes)
+        return Split(_arms(spec), meta_key=spec.meta_key, routes=routes)
     weights = tuple(spec.weights)
-    if len(weights) != len(arms) or len(arms) < 2 or not all(w > 0 for w in weights):
+    if len(weights) != len(names) or len(names) < 2 or not all(w > 0 for w in weights):
         raise ValueError(f"random split needs 2 or more arms with one positive weight each, got {weights}")
-    return Split(arms, weights, hash_key=spec.hash_key)
+    return Split(_arms(spec), weights, hash_key=spec.hash_key)
+
+
+def _arms(spec: registry_pb2.ResolvedStep) -> tuple[Step, ...]:
+    return tuple(_model_step(arm) for arm in spec.arms)
 
 
 def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations | Split:
