@@ -51,3 +51,12 @@ def test_invalid_sha_is_refused_without_a_call(server: Any, store: ArtifactCache
     with pytest.raises(ArtifactError, match="invalid artifact sha256"):
         store.fetch("ws", "../../etc/passwd")
     assert len(server.downloads) == before
+
+
+def test_a_tampered_cache_file_is_fetched_again(server: Any, store: ArtifactCache) -> None:
+    data = secrets.token_bytes(1000)
+    sha = server.add(data)
+    path = store.fetch("ws", sha)
+    path.write_bytes(b"another pipeline's model")
+    assert store.fetch("ws", sha).read_bytes() == data
+    assert server.downloads.count(sha) == 2

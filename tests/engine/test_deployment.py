@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from google.protobuf import json_format
 
 from joey_core.v1 import registry_pb2
-from joey_engine.deployment import Step, Validations, from_proto
+from joey_engine.deployment import Step, Validations, from_proto, parse
 
 StepFactory = Callable[..., registry_pb2.ResolvedStep]
 
@@ -128,3 +130,31 @@ def test_a_challenger_is_a_plain_model_step(
     both = registry_pb2.ResolvedStep(checks={"x": "in.a > 1"}, challengers=[make_challenger("sum")])
     with pytest.raises(ValueError, match="step with challengers also has checks"):
         from_proto(make_spec("w", "p", steps=[both]))
+
+
+def test_replicas_are_capped_and_topics_are_derived(
+    make_spec: Callable[..., registry_pb2.DeploymentSpec],
+) -> None:
+    spec = make_spec("ws", "pipe", replicas=1_000_000)
+    deployment = parse(json_format.MessageToJson(spec).encode(), max_replicas=8)
+    assert deployment.replicas == 8
+    assert deployment.topics.all() == ("joey.ws.pipe.inputs", "joey.ws.pipe.outputs", "joey.ws.pipe.errors")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda s: s.topics.__setattr__("outputs", "joey.x.y.outputs"), "names topics"),
+        (lambda s: s.steps[0].__setattr__("sha256", "A" * 64), "invalid artifact sha256"),
+        (lambda s: s.steps[0].__setattr__("model", "a/../b"), "invalid model name"),
+        (lambda s: s.__setattr__("deployment_id", "x" * 65), "no valid deployment_id"),
+        (lambda s: s.steps.extend([s.steps[0]] * 64), "more than 64"),
+    ],
+)
+def test_records_out_of_bounds_are_refused(
+    make_spec: Callable[..., registry_pb2.DeploymentSpec], change: Callable[[Any], object], reason: str
+) -> None:
+    spec = make_spec("ws", "pipe")
+    change(spec)
+    with pytest.raises(ValueError, match=reason):
+        parse(json_format.MessageToJson(spec).encode())

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from joey_core import heartbeats, kafka, records, topics
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2
+from joey_engine import metrics
 from joey_engine.service import Engine
 from joey_engine.settings import EngineSettings
 
@@ -595,6 +596,46 @@ def test_unloadable_deployment_reports_and_retries_while_others_serve(
     finally:
         outputs.close()
     deploy(settings, ws, pipeline, None)
+
+
+def test_hostile_deployment_records_are_ignored_and_the_good_one_serves(
+    engine: Engine, settings: CommonSettings, engine_workspace: str, make_spec: Callable[..., Any]
+) -> None:
+    ws = engine_workspace
+    key = topics.deployment_key(ws, "iris")
+    good = engine._desired[key]
+    assert good is not None
+    override = make_spec(ws, "iris")
+    override.topics.inputs = "joey.other-ws.victim.inputs"
+    path_like = make_spec(ws, "iris")
+    path_like.steps[0].model = "../../etc/passwd"
+    bad_sha = make_spec(ws, "iris", sha256="../" * 30)
+    hostile = [
+        b"{not json",
+        b'{"workspace": 7, "pipeline": ["iris"]}',
+        b'{"workspace": "%s", "pipeline": "iris", "replicas": 1000000000000}' % ws.encode(),
+        b"[" * 100_000,
+        json_format.MessageToJson(override).encode(),
+        json_format.MessageToJson(path_like).encode(),
+        json_format.MessageToJson(bad_sha).encode(),
+    ]
+    rejected = metrics.REJECTED_DEPLOYMENTS._value.get()
+    producer = Producer(kafka.producer_config(settings))
+    for value in hostile:
+        producer.produce(topics.DEPLOYMENTS, value, key.encode())
+    assert producer.flush(10) == 0
+    wait_for(lambda: metrics.REJECTED_DEPLOYMENTS._value.get() >= rejected + len(hostile), "records rejected")
+    assert engine._desired[key] is good
+    served = TopicReader(settings, topics.pipeline_topics(ws, "iris").outputs)
+    try:
+        produce(
+            settings,
+            topics.pipeline_topics(ws, "iris").inputs,
+            [("after-hostile", b'{"features": [5, 3, 1, 0]}')],
+        )
+        served.read_until(lambda ms: "after-hostile" in {request_id(m) for m in ms}, "iris still serving")
+    finally:
+        served.close()
 
 
 def test_crashed_replica_is_reported_and_restarted(

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 def serve() -> None:
     settings = EngineSettings()
+    # Read once: replicas get the settings pickled and python steps a minimal environment, and with
+    # the variables gone no child process inherits a credential through its environment.
+    for key in [key for key in os.environ if key.startswith("JOEY_")]:
+        del os.environ[key]
     lifecycle.configure_logging(settings)
     stop = lifecycle.shutdown_event()
     metrics_dir = _serve_metrics(settings) if settings.metrics_port else None

@@ -24,8 +24,13 @@ class ArtifactError(Exception):
     """An artifact could not be fetched or did not match its sha256."""
 
 
+def _digest(path: Path) -> str:
+    with path.open("rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()
+
+
 class ArtifactCache:
-    """Files are named by their sha256 and only appear once verified, so a cached file is trusted as is."""
+    """Files are named by their sha256, appear once verified and are verified again on every load."""
 
     def __init__(
         self,
@@ -47,7 +52,12 @@ class ArtifactCache:
             raise ArtifactError(f"invalid artifact sha256 {sha256!r}")
         target = self._cache_dir / sha256
         if target.exists():
-            return target
+            # Verified on every load, not only on download: anything that can write the cache (a python
+            # step running as the engine's user, say) could otherwise swap another pipeline's model.
+            if _digest(target) == sha256:
+                return target
+            log.warning("cached artifact %s does not match its sha256; fetching it again", sha256)
+            target.unlink(missing_ok=True)
         self._cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self._cache_dir, prefix=f".{sha256}.", suffix=".part")
         tmp = Path(tmp_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -11,6 +12,20 @@ from joey_core import topics
 from joey_core.models import TensorSpec, specs_from_proto
 from joey_core.records import dumps_text
 from joey_core.v1 import registry_pb2
+
+# Bounds on what a joey.deployments record may ask of an engine: anyone who can write that topic could
+# otherwise make every engine load thousands of models or allocate without limit.
+MAX_RECORD_BYTES = 1 << 20
+MAX_STEPS = 64
+MAX_BRANCHES = 16
+"""Most challengers of a shadow step, or arms of a split."""
+MAX_TENSORS = 256
+"""Most inputs or outputs of one model, checks of a validations step, or routes of a key split."""
+MAX_TEXT = 4096
+"""Longest check expression, tensor or field name, route value."""
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+DEPLOYMENT_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+FRAMEWORK = re.compile(r"^[a-z0-9_-]{1,32}$")
 
 
 @dataclass(frozen=True)
@@ -171,7 +186,38 @@ class Deployment:
         return f"{self.key} v{self.pipeline_version} ({self.deployment_id})"
 
 
+def _bounded(what: str, count: int, most: int) -> None:
+    if count > most:
+        raise ValueError(f"{what}: {count}, more than {most}")
+
+
+def _text(what: str, value: str) -> str:
+    if not value or len(value) > MAX_TEXT:
+        raise ValueError(f"{what} must be 1 to {MAX_TEXT} characters")
+    return value
+
+
+def _check_model(spec: registry_pb2.ResolvedStep) -> None:
+    topics.validate_name("model", spec.model)
+    if not SHA256.match(spec.sha256):
+        raise ValueError(f"model {spec.model!r} has an invalid artifact sha256 {spec.sha256[:80]!r}")
+    if not 1 <= spec.version < 2**31:
+        raise ValueError(f"model {spec.model!r} has an invalid version {spec.version}")
+    if spec.framework and not FRAMEWORK.match(spec.framework):
+        raise ValueError(f"model {spec.model!r} has an invalid framework {spec.framework[:80]!r}")
+    for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        _bounded(f"{kind} of model {spec.model!r}", len(tensors), MAX_TENSORS)
+        for tensor in tensors:
+            _text(f"a tensor name of model {spec.model!r}", tensor.name)
+            _bounded(f"dimensions of tensor {tensor.name!r}", len(tensor.shape), 32)
+    _bounded(f"input mapping of model {spec.model!r}", len(spec.input_mapping), MAX_TENSORS)
+    for name, source in spec.input_mapping.items():
+        _text(f"an input mapping of model {spec.model!r}", name)
+        _text(f"an input mapping of model {spec.model!r}", source)
+
+
 def _model_step(spec: registry_pb2.ResolvedStep, challengers: tuple[Step, ...] = ()) -> Step:
+    _check_model(spec)
     return Step(
         spec.model,
         spec.version,
@@ -193,22 +239,32 @@ def _challenger(champion: str, spec: registry_pb2.ResolvedStep) -> Step:
 def _split(spec: registry_pb2.ResolvedStep) -> Split:
     if spec.model or spec.checks or spec.challengers:
         raise ValueError("a split step has arms and nothing else (no model, checks or challengers)")
+    _bounded("arms of a split", len(spec.arms), MAX_BRANCHES)
     if any(not arm.model or arm.checks or arm.challengers or arm.arms for arm in spec.arms):
         raise ValueError("every arm of a split must be a plain model step")
-    arms = tuple(_model_step(arm) for arm in spec.arms)
-    names = [arm.model for arm in arms]
+    names = [arm.model for arm in spec.arms]
     if len(set(names)) != len(names):
         raise ValueError(f"split arms {names} are not distinct models")
+    _bounded("routes of a split", len(spec.routes), MAX_TENSORS)
+    for value, _ in spec.routes.items():
+        _text("a route value of a split", value)
+    if spec.hash_key:
+        _text("the hash key of a split", spec.hash_key)
     if spec.meta_key:
+        _text("the meta key of a split", spec.meta_key)
         routes = tuple(sorted(spec.routes.items()))
         unknown = sorted({model for _, model in routes} - set(names))
         if unknown or spec.weights:
             raise ValueError(f"key split with weights, or routing to {unknown}, not among its arms {names}")
-        return Split(arms, meta_key=spec.meta_key, routes=routes)
+        return Split(_arms(spec), meta_key=spec.meta_key, routes=routes)
     weights = tuple(spec.weights)
-    if len(weights) != len(arms) or len(arms) < 2 or not all(w > 0 for w in weights):
+    if len(weights) != len(names) or len(names) < 2 or not all(w > 0 for w in weights):
         raise ValueError(f"random split needs 2 or more arms with one positive weight each, got {weights}")
-    return Split(arms, weights, hash_key=spec.hash_key)
+    return Split(_arms(spec), weights, hash_key=spec.hash_key)
+
+
+def _arms(spec: registry_pb2.ResolvedStep) -> tuple[Step, ...]:
+    return tuple(_model_step(arm) for arm in spec.arms)
 
 
 def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations | Split:
@@ -218,11 +274,16 @@ def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations | Split:
         if spec.model or spec.challengers:
             what = f"of model {spec.model!r}" if spec.model else "with challengers"
             raise ValueError(f"step {what} also has checks; a step is one or the other")
+        _bounded("checks of a validations step", len(spec.checks), MAX_TENSORS)
+        for name, expression in spec.checks.items():
+            _text("a check name", name)
+            _text(f"check {name!r}", expression)
         return Validations(tuple(sorted(spec.checks.items())))
     if not spec.challengers:
         return _model_step(spec)
     if not spec.model:
         raise ValueError("shadow step without a champion model")
+    _bounded(f"challengers of model {spec.model!r}", len(spec.challengers), MAX_BRANCHES)
     challengers = tuple(_challenger(spec.model, c) for c in spec.challengers)
     names = [spec.model, *(c.model for c in challengers)]
     if len(set(names)) != len(names):
@@ -231,34 +292,46 @@ def _step(spec: registry_pb2.ResolvedStep) -> Step | Validations | Split:
     return _model_step(spec, challengers)
 
 
-def from_proto(spec: registry_pb2.DeploymentSpec) -> Deployment:
+def from_proto(spec: registry_pb2.DeploymentSpec, max_replicas: int = 2**31 - 1) -> Deployment:
+    """The deployment ``spec`` asks for, if every field it uses is within bounds, else ValueError.
+
+    Topic names are the engine's own, derived from workspace and pipeline: a record naming other topics
+    could make the engine read or write another pipeline's records. Replicas beyond ``max_replicas``
+    (the partitions of a pipeline's topics) would get no partition: they are capped."""
     topics.validate_name("workspace", spec.workspace)
     topics.validate_name("pipeline", spec.pipeline)
-    if not spec.deployment_id:
-        raise ValueError(f"deployment of {spec.workspace}/{spec.pipeline} has no deployment_id")
+    what = f"deployment of {spec.workspace}/{spec.pipeline}"
+    if not DEPLOYMENT_ID.match(spec.deployment_id):
+        raise ValueError(f"{what} has no valid deployment_id (1 to 64 letters, digits or '-')")
+    if not 1 <= spec.pipeline_version < 2**31:
+        raise ValueError(f"{what} has an invalid pipeline_version {spec.pipeline_version}")
+    names = topics.pipeline_topics(spec.workspace, spec.pipeline)
+    given = (spec.topics.inputs, spec.topics.outputs, spec.topics.errors)
+    if any(name and name != derived for name, derived in zip(given, names.all(), strict=True)):
+        raise ValueError(f"{what} names topics {list(given)} other than its own {list(names.all())}")
+    _bounded(f"steps of the {what}", len(spec.steps), MAX_STEPS)
     steps = tuple(_step(s) for s in spec.steps)
     if not any(isinstance(step, Step | Split) for step in steps):
-        raise ValueError(f"deployment of {spec.workspace}/{spec.pipeline} has no model steps")
-    names = topics.pipeline_topics(spec.workspace, spec.pipeline)
+        raise ValueError(f"{what} has no model steps")
     return Deployment(
         workspace=spec.workspace,
         pipeline=spec.pipeline,
         pipeline_version=spec.pipeline_version,
-        replicas=max(spec.replicas, 1),
+        replicas=min(max(spec.replicas, 1), max_replicas),
         deployment_id=spec.deployment_id,
         steps=steps,
-        topics=topics.PipelineTopics(
-            inputs=spec.topics.inputs or names.inputs,
-            outputs=spec.topics.outputs or names.outputs,
-            errors=spec.topics.errors or names.errors,
-        ),
+        topics=names,
     )
 
 
-def parse(value: bytes) -> Deployment:
+def parse(value: bytes, max_replicas: int = 2**31 - 1) -> Deployment:
     """Decode one ``joey.deployments`` value; raise ValueError when it is not a usable spec."""
+    if len(value) > MAX_RECORD_BYTES:
+        raise ValueError(f"record of {len(value)} bytes, more than {MAX_RECORD_BYTES}")
     try:
         spec = json_format.Parse(value, registry_pb2.DeploymentSpec(), ignore_unknown_fields=True)
-    except json_format.ParseError as exc:
-        raise ValueError(f"not a DeploymentSpec: {exc}") from None
-    return from_proto(spec)
+    except (json_format.ParseError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a DeploymentSpec: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise ValueError("not a DeploymentSpec: nested too deeply") from None
+    return from_proto(spec, max_replicas)

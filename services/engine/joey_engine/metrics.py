@@ -31,3 +31,6 @@ REPLICAS = Gauge(
     "joey_engine_replicas", "Replicas running in this engine", _LABELS, multiprocess_mode="livesum"
 )
 REPLICA_FAILURES = Counter("joey_engine_replica_failures", "Replicas stopped by a fatal error", _LABELS)
+REJECTED_DEPLOYMENTS = Counter(
+    "joey_engine_rejected_deployments", "joey.deployments records ignored because they failed validation"
+)

@@ -10,6 +10,7 @@ cache and runs a :class:`~joey_engine.worker.ReplicaWorker`.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -33,6 +34,8 @@ from joey_engine.settings import EngineSettings
 from joey_engine.worker import Counter, ReplicaWorker
 
 log = logging.getLogger(__name__)
+
+PR_SET_DUMPABLE = 4
 
 ORPHANED_EXIT_CODE = 3
 """Exit code of a replica that exited because its engine died."""
@@ -177,6 +180,9 @@ def _main(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     lifecycle.configure_logging(spec.settings)
+    # Its python steps' sandboxes run as the same user unless told otherwise: they must not read this
+    # process's memory or environment (settings, credentials) through /proc.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     threading.Thread(target=_watch, args=(control, stop), name="engine-watch", daemon=True).start()
     error = _serve(spec, stop, assignments, reported)
     if error is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -164,19 +165,19 @@ class OnnxRuntime(ModelRuntime):
 class _Sandbox:
     """One running sandbox process and its pipes (see :mod:`joey_engine.sandbox`)."""
 
-    def __init__(self, path: Path, outputs: tuple[TensorSpec, ...]) -> None:
+    def __init__(self, path: Path, outputs: tuple[TensorSpec, ...], limits: str) -> None:
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
         declared = json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in outputs])
-        # User code needs none of the engine's settings, credentials among them.
-        env = {key: value for key, value in os.environ.items() if not key.startswith("JOEY_")}
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-P", "-m", "joey_engine.sandbox"]
-                + [str(requests_read), str(replies_write), str(path), declared],
+                + [str(requests_read), str(replies_write), str(path), declared, limits],
                 pass_fds=(requests_read, replies_write),
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=_sandbox_environment(),
+                # A group of its own, so that a timeout ends whatever the user code started too.
+                start_new_session=True,
             )
         except BaseException:
             os.close(requests_write)
@@ -197,7 +198,7 @@ class _Sandbox:
             if request is not None:
                 self.requests.send_bytes(request)
             if not self.replies.poll(timeout):
-                self.process.kill()
+                _kill_group(self.process)
                 self.stop()
                 return _Lost(f"timed out after {timeout:g} s; its process was killed")
             return self.replies.recv_bytes()
@@ -214,14 +215,30 @@ class _Sandbox:
         self._finalizer()
 
 
+_PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+
+
+def _sandbox_environment() -> dict[str, str]:
+    """User code sees none of the engine's settings or credentials: only these few variables, and one
+    thread per math library (parallelism comes from replicas, and threads count against RLIMIT_NPROC)."""
+    env = {key: os.environ[key] for key in _PASSED_ENVIRONMENT if key in os.environ}
+    threads = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    return env | dict.fromkeys(threads, "1") | {"HOME": "/nonexistent"}
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    # The sandbox leads its own session: its group is its pid, and holds what user code forked.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def _stop(process: subprocess.Popen[bytes], *pipes: Connection) -> None:
     for pipe in pipes:
         pipe.close()  # EOF on the request pipe asks an idle sandbox to exit
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=1)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    _kill_group(process)  # and whatever user code left running
+    process.wait()
 
 
 def _exit_text(code: int) -> str:
@@ -240,6 +257,14 @@ class PythonRuntime(ModelRuntime):
 
     def __init__(self, settings: EngineSettings) -> None:
         self._timeout = settings.python_step_timeout_s
+        self._limits = json.dumps(
+            {
+                "memory_mb": settings.sandbox_max_memory_mb,
+                "cpu_s": settings.sandbox_max_cpu_s,
+                "processes": settings.sandbox_max_processes,
+                "file_mb": settings.sandbox_max_file_mb,
+            }
+        )
         self._start_timeout = settings.python_step_start_timeout_s
         self._lock = threading.Lock()  # one batch at a time per sandbox
         self._sandbox: _Sandbox | None = None
@@ -262,7 +287,7 @@ class PythonRuntime(ModelRuntime):
         self._outputs = tuple(_declared(t) for t in step.outputs)
         with self._lock:
             if self._sandbox is None and self._starting is None:
-                self._starting = _Sandbox(self._path, self._outputs)
+                self._starting = _Sandbox(self._path, self._outputs, self._limits)
 
     def finish_loading(self) -> None:
         with self._lock:
@@ -308,7 +333,7 @@ class PythonRuntime(ModelRuntime):
         """The running sandbox, started if there is none (under the lock)."""
         if self._sandbox is not None:
             return self._sandbox
-        started = self._starting or _Sandbox(self._path, self._outputs)
+        started = self._starting or _Sandbox(self._path, self._outputs, self._limits)
         self._starting = None
         reply = started.exchange(None, self._start_timeout)
         if reply != sandbox.READY:

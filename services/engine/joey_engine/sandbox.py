@@ -13,11 +13,13 @@ unpickle anything.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.machinery
 import importlib.util
 import io
 import json
 import os
+import resource
 import signal
 import sys
 import threading
@@ -25,6 +27,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,10 @@ READY = b"R"
 OUTPUTS = b"O"
 ERROR = b"E"
 _PARENT_POLL_S = 0.2
+PR_SET_DUMPABLE = 4
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_CAPABILITY_VERSION_3 = 0x20080522
 
 
 def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
@@ -130,6 +137,52 @@ def _load(path: str) -> Callable[[dict[str, np.ndarray]], Any]:
     return function  # type: ignore[no-any-return]
 
 
+def _tasks_of(uid: int) -> int:
+    """Processes and threads of ``uid`` now: RLIMIT_NPROC counts them all, not only this sandbox's."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid:
+                count += len(os.listdir(f"/proc/{entry.name}/task"))
+        except OSError:
+            pass  # ended meanwhile
+    return count
+
+
+def _drop_capabilities(libc: ctypes.CDLL) -> None:
+    """As root, user code would ignore RLIMIT_NPROC and read any process's /proc: it keeps uid 0 but no
+    capability, now or after an exec."""
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for capability in range(last + 1):
+        libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    empty = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; two words each
+    if libc.capset(header, empty) != 0:
+        raise OSError(ctypes.get_errno(), "cannot drop the sandbox's capabilities")
+
+
+def confine(limits: dict[str, int]) -> None:
+    """Before any user code runs: limits on memory, CPU, processes and file size, no capabilities, and no
+    /proc access to this process for others of its user (its memory holds the records it serves)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    mb = 1 << 20
+    for which, value in (
+        (resource.RLIMIT_AS, limits["memory_mb"] * mb),
+        (resource.RLIMIT_FSIZE, limits["file_mb"] * mb),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, _tasks_of(os.getuid()) + limits["processes"]),
+    ):
+        resource.setrlimit(which, (value, value))
+    # SIGXCPU at the soft limit, SIGKILL a second later at the hard one.
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
+    # A write past RLIMIT_FSIZE then fails with an error the user sees, rather than killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if os.geteuid() == 0:
+        _drop_capabilities(libc)
+
+
 def _watch_parent(parent: int) -> None:
     """Exit once orphaned: user code that loops forever never reads the request pipe's EOF."""
 
@@ -160,7 +213,7 @@ def _answer(
 
 
 def main(argv: Sequence[str]) -> None:
-    requests_fd, replies_fd, path, outputs_json = argv
+    requests_fd, replies_fd, path, outputs_json, limits_json = argv
     requests = Connection(int(requests_fd), writable=False)
     replies = Connection(int(replies_fd), readable=False)
     _watch_parent(os.getppid())
@@ -168,6 +221,7 @@ def main(argv: Sequence[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.dont_write_bytecode = True  # never write next to the artifact cache
     outputs = [(o["name"], o["dtype"], tuple(o["shape"])) for o in json.loads(outputs_json)]
+    confine(json.loads(limits_json))
     try:
         function = _load(path)
     except Exception as exc:

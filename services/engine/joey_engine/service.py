@@ -24,6 +24,7 @@ from prometheus_client import multiprocess
 
 from joey_core import heartbeats, kafka, topics
 from joey_core.heartbeats import ServiceHeartbeat
+from joey_engine import metrics
 from joey_engine.artifact_cache import ArtifactCache
 from joey_engine.deployment import Deployment, parse
 from joey_engine.replica import ReplicaProcess, ReplicaSpec
@@ -122,11 +123,16 @@ class Engine:
                 self._desired[key] = None
                 continue
             try:
-                deployment = parse(value)
+                deployment = parse(value, self._settings.pipeline_partitions)
                 if deployment.key != key:
                     raise ValueError(f"spec is for {deployment.key}")
-            except ValueError as exc:
-                log.error("ignoring deployment record for %r at offset %d: %s", key, message.offset(), exc)
+            except Exception as exc:
+                # Whoever can write the topic must not be able to stop the engine: the record is ignored
+                # (read once per start, so logged once), and what was deployed before stays.
+                metrics.REJECTED_DEPLOYMENTS.inc()
+                log.error(
+                    "ignoring deployment record for %r at offset %d: %s", key[:200], message.offset(), exc
+                )
                 continue
             self._desired[key] = deployment
         if not self.ready.is_set() and not messages and self._caught_up(consumer):

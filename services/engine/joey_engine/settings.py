@@ -45,3 +45,16 @@ class EngineSettings(ServiceSettings):
 
     python_step_start_timeout_s: float = Field(default=60.0, gt=0)
     """Longest a python step's process may take to start and import the user's file."""
+
+    sandbox_max_memory_mb: int = Field(default=2048, ge=64)
+    """Address space of a python step's process (RLIMIT_AS), in MiB."""
+
+    sandbox_max_cpu_s: int = Field(default=600, ge=1)
+    """CPU seconds a python step's process may use over its life (RLIMIT_CPU); past it the kernel kills
+    it and the runtime starts another."""
+
+    sandbox_max_processes: int = Field(default=64, ge=1)
+    """Processes and threads a python step may add to its user's count (RLIMIT_NPROC, counted per user)."""
+
+    sandbox_max_file_mb: int = Field(default=64, ge=0)
+    """Largest file a python step may write (RLIMIT_FSIZE), in MiB."""
