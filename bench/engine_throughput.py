@@ -358,10 +358,11 @@ def registry_ready(addr: str) -> bool:
     try:
         with grpc.insecure_channel(addr) as channel:
             stub = registry_pb2_grpc.RegistryStub(channel)
-            stub.ListWorkspaces(registry_pb2.ListWorkspacesRequest(), timeout=2)
+            stub.WhoAmI(registry_pb2.WhoAmIRequest(), timeout=2)
         return True
-    except grpc.RpcError:
-        return False
+    except grpc.RpcError as exc:
+        # Asked without a token: refusing it is the registry answering.
+        return bool(exc.code() == grpc.StatusCode.UNAUTHENTICATED)
 
 
 def start_joey(

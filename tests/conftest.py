@@ -32,6 +32,9 @@ sys.path.insert(0, str(EXAMPLES))
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
+# Fresh per session, so a test that finds one stored in plain text finds this session's.
+ADMIN_PASSWORD = f"admin-{secrets.token_urlsafe(16)}"
+SERVICE_TOKEN = f"joey_{secrets.token_urlsafe(32)}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -116,7 +119,43 @@ def env(
         "JOEY_LOGS_PARTITIONS": "4",
         # A hung python step costs a test this long; the tests' steps take milliseconds.
         "JOEY_PYTHON_STEP_TIMEOUT_S": "5",
+        "JOEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "JOEY_SERVICE_TOKEN": SERVICE_TOKEN,
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def admin_token(database_url: str) -> Iterator[str]:
+    """An API token of the platform admin, in JOEY_TOKEN for every SDK and CLI call of the session.
+
+    Made by the registry's own identity core on the session database, which every registry of the
+    session (in-process or `joey serve registry`) serves: it bootstraps `admin` exactly as a registry
+    starting on an empty database does, logs in and creates the token, without waiting for one."""
+    from joey_registry.access import Access
+    from joey_registry.identity import Identity
+    from joey_registry.identity_store import IdentityStore
+    from joey_registry.settings import RegistrySettings
+    from joey_registry.store import Store
+
+    settings = RegistrySettings(database_url=database_url, admin_password=ADMIN_PASSWORD)
+    store = Store(database_url, max_size=1)
+    store.open()
+    try:
+        identity = Identity(settings, IdentityStore(store.pool), Access(store))
+        identity.bootstrap()
+        session, _, _ = identity.login("admin", ADMIN_PASSWORD, None)
+        caller = identity.resolve([("authorization", f"Bearer {session}")])
+        token, _ = identity.create_token(caller, f"tests-{secrets.token_hex(4)}", None)
+        identity.logout(caller)
+    finally:
+        store.close()
+    previous = os.environ.get("JOEY_TOKEN")
+    os.environ["JOEY_TOKEN"] = token
+    yield token
+    if previous is None:
+        os.environ.pop("JOEY_TOKEN", None)
+    else:
+        os.environ["JOEY_TOKEN"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ import click
 import platformdirs
 from pydantic import Field, field_validator
 
+from joey_cli import bootstrap
 from joey_cli.errors import listening
 from joey_cli.services import SERVICES
 from joey_core.settings import CommonSettings
@@ -369,12 +370,11 @@ def registry_ready(addr: str) -> bool:
 
     try:
         with grpc.insecure_channel(addr) as channel:
-            registry_pb2_grpc.RegistryStub(channel).ListWorkspaces(
-                registry_pb2.ListWorkspacesRequest(), timeout=2
-            )
+            registry_pb2_grpc.RegistryStub(channel).WhoAmI(registry_pb2.WhoAmIRequest(), timeout=2)
         return True
-    except grpc.RpcError:
-        return False
+    except grpc.RpcError as exc:
+        # Asked without a token: refusing it is the registry answering.
+        return bool(exc.code() == grpc.StatusCode.UNAUTHENTICATED)
 
 
 def _redacted(url: str) -> str:
@@ -551,7 +551,10 @@ class LocalStack:
         self._check_prerequisites()
         self._start_kafka()
         env = settings_env(s)
-        self.services = [_Service(name, self.files.logs / f"{name}.log", env) for name in SERVICES]
+        self.services = [
+            _Service(name, self.files.logs / f"{name}.log", env | bootstrap.service_env(name, s.state_dir))
+            for name in SERVICES
+        ]
         registry, *workers = self.services
         registry.start()
         self._write_state("starting")

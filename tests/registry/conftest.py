@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -15,7 +15,7 @@ from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 from joey_registry.app import RegistryServer
 from joey_registry.settings import RegistrySettings
-from tests.registry.helpers import Stub
+from tests.registry.helpers import Person, Stub, token_stub
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +42,40 @@ def registry_server(registry_settings: RegistrySettings) -> Iterator[RegistrySer
 
 
 @pytest.fixture(scope="session")
-def stub(registry_server: RegistryServer) -> Iterator[Stub]:
-    with grpc.insecure_channel(f"127.0.0.1:{registry_server.port}") as channel:
-        yield registry_pb2_grpc.RegistryStub(channel)
+def registry_addr(registry_server: RegistryServer) -> str:
+    return f"127.0.0.1:{registry_server.port}"
+
+
+@pytest.fixture(scope="session")
+def channel(registry_addr: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(registry_addr) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel, admin_token: str) -> Stub:
+    """The platform admin's stub: every call carries their token."""
+    return token_stub(channel, admin_token)
+
+
+@pytest.fixture(scope="session")
+def anonymous_stub(channel: grpc.Channel) -> Stub:
+    return registry_pb2_grpc.RegistryStub(channel)
+
+
+@pytest.fixture(scope="session")
+def new_person(stub: Stub, anonymous_stub: Stub, channel: grpc.Channel) -> Callable[..., Person]:
+    """Make a user (by the admin) with an API token of their own."""
+
+    def make(admin: bool = False) -> Person:
+        username = f"user-{secrets.token_hex(4)}"
+        password = f"pw-{secrets.token_urlsafe(12)}"
+        stub.CreateUser(pb.CreateUserRequest(username=username, password=password, admin=admin))
+        session = anonymous_stub.Login(pb.LoginRequest(username=username, password=password)).token
+        token = token_stub(channel, session).CreateToken(pb.CreateTokenRequest(name="tests")).token
+        return Person(username, password, token, token_stub(channel, token))
+
+    return make
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import onnx
@@ -19,6 +21,48 @@ from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 
 Stub = registry_pb2_grpc.RegistryStub
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call, of any shape."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+
+def token_stub(channel: grpc.Channel, token: str) -> Stub:
+    """A stub whose calls carry ``token``."""
+    return registry_pb2_grpc.RegistryStub(grpc.intercept_channel(channel, _Bearer(token)))
+
+
+@dataclass(frozen=True)
+class Person:
+    """A user of the tests, with an API token and a stub carrying it."""
+
+    username: str
+    password: str
+    token: str
+    stub: Stub
 
 
 def upload_requests(

@@ -22,7 +22,7 @@ from joey_registry.app import RegistryServer
 from joey_registry.settings import RegistrySettings
 from joey_registry.store import Store
 from tests.conftest import scratch_database
-from tests.registry.helpers import Stub, rpc_error, upload, upload_requests
+from tests.registry.helpers import Stub, rpc_error, token_stub, upload, upload_requests
 
 
 def artifact_files(server: RegistryServer) -> list[Path]:
@@ -235,14 +235,15 @@ def test_unknown_framework_lists_supported(stub: Stub, workspace: str, iris_byte
 
 
 def test_upload_over_the_size_limit(
-    registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes
+    registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes, admin_token: str
 ) -> None:
     settings = registry_settings.model_copy(update={"max_upload_bytes": 1000})
     server = RegistryServer(settings)
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            error = rpc_error(lambda: upload(Stub(channel), workspace, "big", iris_bytes))
+            stub = token_stub(channel, admin_token)
+            error = rpc_error(lambda: upload(stub, workspace, "big", iris_bytes))
     finally:
         server.stop()
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

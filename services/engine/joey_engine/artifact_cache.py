@@ -25,9 +25,12 @@ class ArtifactError(Exception):
 class ArtifactCache:
     """Files are named by their sha256 and only appear once verified, so a cached file is trusted as is."""
 
-    def __init__(self, cache_dir: Path, registry_addr: str, timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, cache_dir: Path, registry_addr: str, service_token: str | None = None, timeout_s: float = 300.0
+    ) -> None:
         self._cache_dir = cache_dir
         self._registry_addr = registry_addr
+        self._metadata = (("authorization", f"Bearer {service_token}"),) if service_token else ()
         self._timeout_s = timeout_s
 
     def fetch(self, workspace: str, sha256: str) -> Path:
@@ -46,7 +49,7 @@ class ArtifactCache:
             with os.fdopen(fd, "wb") as out, grpc.insecure_channel(self._registry_addr) as channel:
                 request = registry_pb2.DownloadArtifactRequest(workspace=workspace, sha256=sha256)
                 for chunk in registry_pb2_grpc.RegistryStub(channel).DownloadArtifact(
-                    request, timeout=self._timeout_s
+                    request, timeout=self._timeout_s, metadata=self._metadata
                 ):
                     out.write(chunk.data)
                     digest.update(chunk.data)

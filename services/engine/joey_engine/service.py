@@ -71,7 +71,8 @@ class Engine:
         self._settings = settings
         self._metrics_dir = metrics_dir
         self._redis = redis_client or redis.Redis.from_url(settings.redis_url)
-        self._store = ArtifactCache(settings.cache_dir, settings.registry_addr)
+        service_token = settings.service_token.get_secret_value() if settings.service_token else None
+        self._store = ArtifactCache(settings.cache_dir, settings.registry_addr, service_token)
         self._leases = SlotLeases(
             self._redis, settings.redis_prefix, settings.instance_id, settings.heartbeat_ttl_s
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from joey_core.settings import ServiceSettings
 
@@ -12,6 +12,9 @@ from joey_core.settings import ServiceSettings
 class EngineSettings(ServiceSettings):
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "joey" / "artifacts")
     """Where model artifacts fetched from the registry are kept, one file per sha256."""
+
+    service_token: SecretStr | None = None
+    """The registry's JOEY_SERVICE_TOKEN: the engine presents it to download artifacts."""
 
     max_batch_size: int = Field(default=256, ge=1)
     """Most input records run through the models in one batch."""

@@ -1,61 +1,86 @@
 """Who is calling, and may they do this: the one place the registry decides access.
 
-Until users, roles and tokens land, a caller without a token is the local anonymous
-admin; a caller presenting a token is refused rather than silently trusted.
+A caller is a user (by their token) or the engines' service token, which may only fetch artifacts.
+Platform admins may do everything. In a workspace, owners and collaborators read and write; only
+owners manage it. A workspace the caller is not a member of does not exist for them: they get the
+same NOT_FOUND as for a missing one, so a non-member learns nothing of what it holds.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 from dataclasses import dataclass
 
+from joey_registry.domain import User
 from joey_registry.errors import NotFound, PermissionDenied, Unauthenticated
 from joey_registry.store import Store, WorkspaceRef
 
 
 class Action(enum.Enum):
     READ = "read"
+    """Models, pipelines, status, logs, assays, members."""
     WRITE = "write"
-    DEPLOY = "deploy"
+    """Upload models, create and delete pipelines, deploy, undeploy, roll back, assays, infer."""
+    MANAGE = "manage"
+    """Add and remove members, delete the workspace."""
     ADMIN = "admin"
+    """Users and the audit trail: platform admins only."""
+    FETCH_ARTIFACT = "fetch artifact"
+    """Download a model artifact: what READ allows, and all the service token may do."""
+
+
+_OWNER_ONLY = frozenset({Action.MANAGE})
 
 
 @dataclass(frozen=True)
 class Caller:
-    name: str
-    admin: bool
+    user: User | None
+    """None for the service token."""
+    token_id: int | None
+    is_service: bool
 
-
-ANONYMOUS_ADMIN = Caller(name="anonymous", admin=True)
-
-
-def caller_from_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> Caller:
-    for key, value in metadata:
-        if key.lower() != "authorization":
-            continue
-        text = value.decode() if isinstance(value, bytes) else value
-        scheme, _, token = text.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("malformed authorization metadata: expected 'Bearer <token>'")
-        raise Unauthenticated("token authentication is not enabled on this registry; call without a token")
-    return ANONYMOUS_ADMIN
+    @property
+    def name(self) -> str:
+        return self.user.username if self.user else "the service token" if self.is_service else ""
 
 
 class Access:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def authorize_global(self, caller: Caller, action: Action) -> None:
-        """Actions outside any workspace (creating or listing workspaces)."""
-        if not caller.admin:
-            raise PermissionDenied(f"{caller.name} may not {action.value} workspaces")
+    def user(self, caller: Caller) -> User:
+        """The calling user; the service token is no user and may only fetch artifacts."""
+        if caller.user is None:
+            if caller.is_service:
+                raise PermissionDenied("the service token may only download artifacts")
+            raise Unauthenticated("this call needs a token: log in (`joey login`) or set JOEY_TOKEN")
+        return caller.user
+
+    def admin(self, caller: Caller) -> User:
+        user = self.user(caller)
+        if not user.admin:
+            raise PermissionDenied(f"only platform admins may do this; {user.username!r} is not one")
+        return user
 
     def authorize(self, caller: Caller, workspace: str, action: Action) -> WorkspaceRef:
-        """The workspace, if it exists and ``caller`` may perform ``action`` in it."""
-        ws = self._store.workspace(workspace)
-        if ws is None:
+        """The workspace, if it exists for ``caller`` and they may perform ``action`` in it."""
+        if caller.is_service and action is Action.FETCH_ARTIFACT:
+            ws = self._store.workspace(workspace)
+            if ws is None:
+                raise NotFound(f"workspace {workspace!r} not found")
+            return ws
+        user = self.user(caller)
+        found = self._store.workspace_role(workspace, user.username)
+        if found is None or (found[1] is None and not user.admin):
             raise NotFound(f"workspace {workspace!r} not found")
-        if not caller.admin:
-            raise PermissionDenied(f"{caller.name} may not {action.value} in workspace {workspace!r}")
+        ws, role = found
+        if user.admin:
+            return ws
+        if action is Action.ADMIN:
+            raise PermissionDenied(f"only platform admins may do this; {user.username!r} is not one")
+        if action in _OWNER_ONLY and role != "owner":
+            raise PermissionDenied(
+                f"{user.username!r} is a {role} of workspace {workspace!r}: "
+                f"only its owners may {action.value} it"
+            )
         return ws

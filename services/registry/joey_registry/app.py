@@ -13,6 +13,7 @@ from joey_core.v1 import registry_pb2_grpc
 from joey_registry.artifacts import create_store
 from joey_registry.autoscaler import Autoscaler
 from joey_registry.grpc_server import RegistryServicer
+from joey_registry.identity import BootstrapRefused
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.service import Registry
 from joey_registry.settings import RegistrySettings
@@ -55,6 +56,11 @@ class RegistryServer:
 
     def start(self) -> int:
         self.store.open()
+        try:
+            self.registry.identity.bootstrap()
+        except BootstrapRefused:
+            self.store.close()
+            raise
         kafka.ensure_topics(self.registry.admin, kafka.platform_topics(self.settings))
         republished = self.registry.republish_active()
         log.info("republished %d active deployments", republished)
@@ -81,7 +87,10 @@ def serve() -> None:
     db.prepare(settings.database_url)
     kafka.wait_for_broker(settings.kafka_bootstrap, timeout=60)
     server = RegistryServer(settings)
-    server.start()
+    try:
+        server.start()
+    except BootstrapRefused as exc:
+        raise SystemExit(f"the registry cannot start: {exc}") from None
     try:
         stop.wait()
     finally:

@@ -34,7 +34,7 @@ def optional_datetime(message: pb.QueryLogsRequest, field: str) -> datetime | No
 
 
 def workspace(ws: domain.Workspace) -> pb.Workspace:
-    return pb.Workspace(name=ws.name, created_at=timestamp(ws.created_at))
+    return pb.Workspace(name=ws.name, created_at=timestamp(ws.created_at), role=ws.role)
 
 
 def model(m: domain.Model) -> pb.Model:
@@ -295,4 +295,46 @@ def log_entry(e: domain.LogEntry) -> pb.LogEntry:
 def log_page(page: domain.LogPage) -> pb.QueryLogsResponse:
     return pb.QueryLogsResponse(
         entries=[log_entry(e) for e in page.entries], total=page.total, next_page_token=page.next_page_token
+    )
+
+
+def user(u: domain.User) -> pb.User:
+    return pb.User(
+        username=u.username, email=u.email, admin=u.admin, active=u.active, created_at=timestamp(u.created_at)
+    )
+
+
+def token_info(t: domain.TokenInfo) -> pb.TokenInfo:
+    info = pb.TokenInfo(name=t.name, kind=t.kind, created_at=timestamp(t.created_at))
+    if t.expires_at is not None:
+        info.expires_at.CopyFrom(timestamp(t.expires_at))
+    if t.last_used_at is not None:
+        info.last_used_at.CopyFrom(timestamp(t.last_used_at))
+    return info
+
+
+def member(m: domain.Member) -> pb.WorkspaceMember:
+    return pb.WorkspaceMember(username=m.username, role=m.role)
+
+
+def audit_query(request: pb.QueryAuditRequest) -> domain.AuditQuery:
+    return domain.AuditQuery(
+        username=request.username,
+        workspace=request.workspace,
+        action=request.action,
+        start=request.start.ToDatetime(tzinfo=UTC) if request.HasField("start") else None,
+        end=request.end.ToDatetime(tzinfo=UTC) if request.HasField("end") else None,
+        limit=request.limit,
+    )
+
+
+def audit_entry(e: domain.AuditEntry) -> pb.AuditEntry:
+    return pb.AuditEntry(
+        time=timestamp(e.time),
+        username=e.username,
+        action=e.action,
+        workspace=e.workspace,
+        target=e.target,
+        outcome=e.outcome,
+        message=e.message,
     )

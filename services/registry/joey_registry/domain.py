@@ -17,6 +17,53 @@ from joey_core.topics import PipelineTopics
 class Workspace:
     name: str
     created_at: datetime
+    role: str = ""
+    """The caller's role in it ("owner" or "collaborator"); empty for a platform admin who is no member."""
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    email: str
+    admin: bool
+    active: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    name: str
+    kind: str  # "session" or "api"
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Member:
+    username: str
+    role: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    time: datetime
+    username: str
+    action: str
+    workspace: str
+    target: str
+    outcome: str
+    message: str
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    username: str
+    workspace: str
+    action: str
+    start: datetime | None
+    end: datetime | None
+    limit: int
 
 
 @dataclass(frozen=True)

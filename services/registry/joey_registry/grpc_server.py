@@ -1,18 +1,29 @@
-"""The gRPC transport: resolve the caller, convert messages, map registry errors to status codes."""
+"""The gRPC transport: resolve the caller, convert messages, map registry errors to status codes,
+and write the audit trail.
+
+Every handler is declared with one of three decorators, so no RPC can skip resolving its caller by
+accident: ``_read`` (a token is required), ``_audited`` (a token is required, and the call is recorded
+in the audit trail, refused or not) and ``_public`` (no token: only Login, recorded too).
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import secrets
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 from joey_registry import assay_convert, convert, errors
-from joey_registry.access import Caller, caller_from_metadata
+from joey_registry.access import Caller
+from joey_registry.domain import AuditEntry
 from joey_registry.service import Registry
 
 log = logging.getLogger(__name__)
@@ -27,45 +38,129 @@ _CODES: dict[type[errors.RegistryError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
+READ, AUDITED, PUBLIC = "read", "audited", "public"
+RPC_KINDS: dict[str, str] = {}
+"""How each RPC is guarded, by name: filled by the decorators, checked by the tests."""
+
+# Request fields that name what a call acts on, for the audit trail. A list of what to keep rather
+# than what to drop: a secret field added later stays out of the trail.
+_TARGET_FIELDS = frozenset(
+    {
+        "name",
+        "pipeline",
+        "model",
+        "username",
+        "role",
+        "version",
+        "pipeline_version",
+        "replicas",
+        "active",
+        "all_versions",
+        "admin",
+        "action",
+    }
+)
+_WORKSPACE_NAMED = frozenset({"CreateWorkspace", "DeleteWorkspace"})
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+Method = Callable[[Any, Any, Caller], Any]
+Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
+
+_NO_CALLER = Caller(user=None, token_id=None, is_service=False)
 
 
-def _abort(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
+def _status(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, errors.RegistryError):
         code = _CODES.get(type(exc), grpc.StatusCode.UNKNOWN)
         log.info("%s: %s %s", rpc, code.name, exc)
-        context.abort(code, str(exc))
-    else:
-        log.exception("%s failed", rpc)
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc}: {exc}; see the registry log")
-    raise AssertionError("context.abort returned")
+        return code, str(exc)
+    # The exception may name hosts, paths or SQL: the detail stays in the log, the caller gets a reference.
+    reference = secrets.token_hex(4)
+    log.exception("%s failed (reference %s)", rpc, reference)
+    return grpc.StatusCode.INTERNAL, f"internal error in {rpc} (reference {reference}); see the registry log"
 
 
-def _unary(
-    method: Callable[[Any, Request, Caller], Response],
-) -> Callable[[Any, Request, grpc.ServicerContext], Response]:
-    @functools.wraps(method)
-    def handler(self: Any, request: Request, context: grpc.ServicerContext) -> Response:
-        try:
-            return method(self, request, caller_from_metadata(context.invocation_metadata()))
-        except Exception as exc:
-            _abort(context, method.__name__, exc)
+class _Recorded:
+    """A request stream that keeps its first message, which names what the call acts on."""
 
-    return handler
+    def __init__(self, requests: Iterator[Message]) -> None:
+        self._requests = requests
+        self.first: Message | None = None
+
+    def __iter__(self) -> _Recorded:
+        return self
+
+    def __next__(self) -> Message:
+        message = next(self._requests)
+        if self.first is None:
+            self.first = message
+        return message
 
 
-def _streaming(
-    method: Callable[[Any, Request, Caller], Iterator[Response]],
-) -> Callable[[Any, Request, grpc.ServicerContext], Iterator[Response]]:
-    @functools.wraps(method)
-    def handler(self: Any, request: Request, context: grpc.ServicerContext) -> Iterator[Response]:
-        try:
-            yield from method(self, request, caller_from_metadata(context.invocation_metadata()))
-        except Exception as exc:
-            _abort(context, method.__name__, exc)
+def _subject(rpc: str, request: Message | None) -> tuple[str, str]:
+    """The workspace and target of a call, from its request (never a secret)."""
+    if request is None:
+        return "", ""
+    for wrapper in ("definition", "header"):
+        if wrapper in request.DESCRIPTOR.fields_by_name and request.HasField(wrapper):
+            request = getattr(request, wrapper)
+    fields = {fd.name: value for fd, value in request.ListFields() if fd.type != fd.TYPE_MESSAGE}
+    if rpc in _WORKSPACE_NAMED:
+        return str(fields.get("name", "")), ""
+    target = " ".join(f"{name}={fields[name]}" for name in sorted(fields) if name in _TARGET_FIELDS)
+    return str(fields.get("workspace", "")), target
 
-    return handler
+
+def _guarded(kind: str) -> Callable[[Method], Handler]:
+    def decorate(method: Method) -> Handler:
+        rpc = method.__name__
+        RPC_KINDS[rpc] = kind
+
+        def caller_of(self: RegistryServicer, context: grpc.ServicerContext) -> Caller:
+            if kind == PUBLIC:
+                return _NO_CALLER
+            return self.registry.identity.resolve(context.invocation_metadata())
+
+        if inspect.isgeneratorfunction(method):
+            if kind != READ:
+                raise TypeError(f"{rpc}: streamed responses are reads; audit needs a unary handler")
+
+            @functools.wraps(method)
+            def stream(self: RegistryServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from method(self, request, caller_of(self, context))
+                except Exception as exc:
+                    context.abort(*_status(rpc, exc))
+
+            return stream
+
+        @functools.wraps(method)
+        def unary(self: RegistryServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            recorded = None if isinstance(request, Message) else _Recorded(request)
+            # A refused login is recorded under the name it tried.
+            who = getattr(request, "username", "") if kind == PUBLIC else ""
+            try:
+                caller = caller_of(self, context)
+                who = caller.name or who
+                response = method(self, recorded or request, caller)
+            except Exception as exc:
+                code, message = _status(rpc, exc)
+                if kind != READ:
+                    self.audit(rpc, who, recorded.first if recorded else request, code.name, message)
+                context.abort(code, message)
+            if kind != READ:
+                self.audit(rpc, who, recorded.first if recorded else request, "OK", "")
+            return response
+
+        return unary
+
+    return decorate
+
+
+_read = _guarded(READ)
+_audited = _guarded(AUDITED)
+_public = _guarded(PUBLIC)
 
 
 def _upload_parts(requests: Iterator[pb.UploadModelRequest]) -> tuple[pb.UploadModelHeader, Iterator[bytes]]:
@@ -88,58 +183,67 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
-    @_unary
+    def audit(self, rpc: str, who: str, request: Message | None, outcome: str, message: str) -> None:
+        workspace, target = _subject(rpc, request)
+        entry = AuditEntry(datetime.now(UTC), who, rpc, workspace, target, outcome, message)
+        try:
+            self.registry.identity.record(entry)
+        except Exception:
+            # The call's outcome stands (it may have changed state already); the log keeps the entry.
+            log.exception("could not record the audit entry %s", entry)
+
+    @_audited
     def CreateWorkspace(self, request: pb.CreateWorkspaceRequest, caller: Caller) -> pb.Workspace:
         return convert.workspace(self.registry.create_workspace(caller, request.name))
 
-    @_unary
+    @_read
     def ListWorkspaces(self, request: pb.ListWorkspacesRequest, caller: Caller) -> pb.ListWorkspacesResponse:
         return pb.ListWorkspacesResponse(
             workspaces=[convert.workspace(w) for w in self.registry.list_workspaces(caller)]
         )
 
-    @_unary
+    @_audited
     def UploadModel(self, request: Iterator[pb.UploadModelRequest], caller: Caller) -> pb.ModelVersion:
         header, chunks = _upload_parts(request)
         return self.registry.upload_model(caller, convert.upload_header(header), chunks).to_proto()
 
-    @_unary
+    @_read
     def ListModels(self, request: pb.ListModelsRequest, caller: Caller) -> pb.ListModelsResponse:
         models = self.registry.list_models(caller, request.workspace)
         return pb.ListModelsResponse(models=[convert.model(m) for m in models])
 
-    @_unary
+    @_read
     def GetModel(self, request: pb.GetModelRequest, caller: Caller) -> pb.Model:
         return convert.model(self.registry.get_model(caller, request.workspace, request.name))
 
-    @_unary
+    @_read
     def GetModelVersion(self, request: pb.GetModelVersionRequest, caller: Caller) -> pb.ModelVersion:
         version = self.registry.get_model_version(caller, request.workspace, request.name, request.version)
         return version.to_proto()
 
-    @_streaming
+    @_read
     def DownloadArtifact(
         self, request: pb.DownloadArtifactRequest, caller: Caller
     ) -> Iterator[pb.ArtifactChunk]:
         for data in self.registry.artifact_chunks(caller, request.workspace, request.sha256):
             yield pb.ArtifactChunk(data=data)
 
-    @_unary
+    @_audited
     def CreatePipeline(self, request: pb.CreatePipelineRequest, caller: Caller) -> pb.PipelineVersion:
         steps = convert.step_requests(list(request.steps))
         version = self.registry.create_pipeline(caller, request.workspace, request.name, steps)
         return convert.pipeline_version(version)
 
-    @_unary
+    @_read
     def GetPipeline(self, request: pb.GetPipelineRequest, caller: Caller) -> pb.Pipeline:
         return convert.pipeline(self.registry.get_pipeline(caller, request.workspace, request.name))
 
-    @_unary
+    @_read
     def ListPipelines(self, request: pb.ListPipelinesRequest, caller: Caller) -> pb.ListPipelinesResponse:
         pipelines = self.registry.list_pipelines(caller, request.workspace)
         return pb.ListPipelinesResponse(pipelines=[convert.pipeline(p) for p in pipelines])
 
-    @_unary
+    @_audited
     def Deploy(self, request: pb.DeployRequest, caller: Caller) -> pb.Deployment:
         deployment = self.registry.deploy(
             caller,
@@ -152,67 +256,67 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         )
         return convert.deployment(deployment)
 
-    @_unary
+    @_audited
     def Rollback(self, request: pb.RollbackRequest, caller: Caller) -> pb.Deployment:
         deployment = self.registry.rollback(
             caller, request.workspace, request.pipeline, request.pipeline_version
         )
         return convert.deployment(deployment)
 
-    @_unary
+    @_audited
     def Undeploy(self, request: pb.UndeployRequest, caller: Caller) -> pb.Deployment:
         return convert.deployment(self.registry.undeploy(caller, request.workspace, request.pipeline))
 
-    @_unary
+    @_read
     def GetDeploymentStatus(
         self, request: pb.GetDeploymentStatusRequest, caller: Caller
     ) -> pb.DeploymentStatus:
         status = self.registry.deployment_status(caller, request.workspace, request.pipeline)
         return convert.deployment_status(status)
 
-    @_unary
+    @_read
     def QueryLogs(self, request: pb.QueryLogsRequest, caller: Caller) -> pb.QueryLogsResponse:
         return convert.log_page(self.registry.query_logs(caller, convert.log_query(request)))
 
     # --- assays ---
 
-    @_unary
+    @_audited
     def CreateAssay(self, request: pb.CreateAssayRequest, caller: Caller) -> pb.Assay:
         stored = self.registry.assays.create(caller, assay_convert.definition(request.definition))
         return assay_convert.assay(stored)
 
-    @_unary
+    @_read
     def ListAssays(self, request: pb.ListAssaysRequest, caller: Caller) -> pb.ListAssaysResponse:
         assays = self.registry.assays.list_all(caller, request.workspace, request.pipeline)
         return pb.ListAssaysResponse(assays=[assay_convert.assay(a) for a in assays])
 
-    @_unary
+    @_read
     def GetAssay(self, request: pb.GetAssayRequest, caller: Caller) -> pb.Assay:
         return assay_convert.assay(self.registry.assays.get(caller, request.workspace, request.name))
 
-    @_unary
+    @_audited
     def SetAssayActive(self, request: pb.SetAssayActiveRequest, caller: Caller) -> pb.Assay:
         stored = self.registry.assays.set_active(caller, request.workspace, request.name, request.active)
         return assay_convert.assay(stored)
 
-    @_unary
+    @_audited
     def DeleteAssay(self, request: pb.DeleteAssayRequest, caller: Caller) -> pb.DeleteAssayResponse:
         self.registry.assays.delete(caller, request.workspace, request.name)
         return pb.DeleteAssayResponse()
 
-    @_unary
+    @_read
     def PreviewBaseline(self, request: pb.PreviewBaselineRequest, caller: Caller) -> pb.AssaySummary:
         summary = self.registry.assays.preview_baseline(caller, assay_convert.definition(request.definition))
         return assay_convert.summary(summary)
 
-    @_unary
+    @_read
     def RunAssayInteractive(self, request: pb.RunAssayInteractiveRequest, caller: Caller) -> pb.AssayResults:
         end = convert.optional_datetime(request, "end")  # type: ignore[arg-type]
         definition = assay_convert.definition(request.definition)
         results, cut = self.registry.assays.run_interactive(caller, definition, end)
         return assay_convert.results(results, definition, cut=cut)
 
-    @_unary
+    @_read
     def GetAssayResults(self, request: pb.GetAssayResultsRequest, caller: Caller) -> pb.AssayResults:
         start = convert.optional_datetime(request, "start")  # type: ignore[arg-type]
         end = convert.optional_datetime(request, "end")  # type: ignore[arg-type]
@@ -223,27 +327,114 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     # --- catalog: descriptions and deletes ---
 
-    @_unary
+    @_read
     def DescribeModel(self, request: pb.DescribeModelRequest, caller: Caller) -> pb.ModelDescription:
         return convert.model_description(
             self.registry.describe_model(caller, request.workspace, request.name)
         )
 
-    @_unary
+    @_audited
     def DeleteModel(self, request: pb.DeleteModelRequest, caller: Caller) -> pb.DeleteModelResponse:
         deleted = self.registry.delete_model(
             caller, request.workspace, request.name, request.version, request.all_versions
         )
         return pb.DeleteModelResponse(versions=deleted.versions, model_deleted=deleted.model_deleted)
 
-    @_unary
+    @_audited
     def DeletePipeline(self, request: pb.DeletePipelineRequest, caller: Caller) -> pb.DeletePipelineResponse:
         deleted = self.registry.delete_pipeline(caller, request.workspace, request.name)
         return pb.DeletePipelineResponse(version_count=deleted.versions, log_entries=deleted.log_entries)
 
-    @_unary
+    @_audited
     def DeleteWorkspace(
         self, request: pb.DeleteWorkspaceRequest, caller: Caller
     ) -> pb.DeleteWorkspaceResponse:
         self.registry.delete_workspace(caller, request.name)
         return pb.DeleteWorkspaceResponse()
+
+    # --- identity ---
+
+    @_public
+    def Login(self, request: pb.LoginRequest, caller: Caller) -> pb.LoginResponse:
+        expires_in_s = request.expires_in_s if request.HasField("expires_in_s") else None
+        token, expires_at, user = self.registry.identity.login(
+            request.username, request.password, expires_in_s
+        )
+        return pb.LoginResponse(
+            token=token, expires_at=convert.timestamp(expires_at), user=convert.user(user)
+        )
+
+    @_audited
+    def Logout(self, request: pb.LogoutRequest, caller: Caller) -> pb.LogoutResponse:
+        self.registry.identity.logout(caller)
+        return pb.LogoutResponse()
+
+    @_read
+    def WhoAmI(self, request: pb.WhoAmIRequest, caller: Caller) -> pb.User:
+        return convert.user(self.registry.identity.whoami(caller))
+
+    @_audited
+    def ChangePassword(self, request: pb.ChangePasswordRequest, caller: Caller) -> pb.ChangePasswordResponse:
+        self.registry.identity.change_password(caller, request.old_password, request.new_password)
+        return pb.ChangePasswordResponse()
+
+    @_audited
+    def CreateToken(self, request: pb.CreateTokenRequest, caller: Caller) -> pb.CreateTokenResponse:
+        expires_in_s = request.expires_in_s if request.HasField("expires_in_s") else None
+        token, info = self.registry.identity.create_token(caller, request.name, expires_in_s)
+        return pb.CreateTokenResponse(token=token, info=convert.token_info(info))
+
+    @_read
+    def ListTokens(self, request: pb.ListTokensRequest, caller: Caller) -> pb.ListTokensResponse:
+        tokens = self.registry.identity.list_tokens(caller)
+        return pb.ListTokensResponse(tokens=[convert.token_info(t) for t in tokens])
+
+    @_audited
+    def RevokeToken(self, request: pb.RevokeTokenRequest, caller: Caller) -> pb.RevokeTokenResponse:
+        self.registry.identity.revoke_token(caller, request.name)
+        return pb.RevokeTokenResponse()
+
+    @_audited
+    def CreateUser(self, request: pb.CreateUserRequest, caller: Caller) -> pb.User:
+        user = self.registry.identity.create_user(
+            caller, request.username, request.password, request.email, request.admin
+        )
+        return convert.user(user)
+
+    @_read
+    def ListUsers(self, request: pb.ListUsersRequest, caller: Caller) -> pb.ListUsersResponse:
+        return pb.ListUsersResponse(
+            users=[convert.user(u) for u in self.registry.identity.list_users(caller)]
+        )
+
+    @_audited
+    def SetUserActive(self, request: pb.SetUserActiveRequest, caller: Caller) -> pb.User:
+        return convert.user(self.registry.identity.set_user_active(caller, request.username, request.active))
+
+    @_audited
+    def AddWorkspaceMember(self, request: pb.AddWorkspaceMemberRequest, caller: Caller) -> pb.WorkspaceMember:
+        added = self.registry.identity.set_member(caller, request.workspace, request.username, request.role)
+        return convert.member(added)
+
+    @_audited
+    def RemoveWorkspaceMember(
+        self, request: pb.RemoveWorkspaceMemberRequest, caller: Caller
+    ) -> pb.RemoveWorkspaceMemberResponse:
+        self.registry.identity.remove_member(caller, request.workspace, request.username)
+        return pb.RemoveWorkspaceMemberResponse()
+
+    @_read
+    def ListWorkspaceMembers(
+        self, request: pb.ListWorkspaceMembersRequest, caller: Caller
+    ) -> pb.ListWorkspaceMembersResponse:
+        members = self.registry.identity.members(caller, request.workspace)
+        return pb.ListWorkspaceMembersResponse(members=[convert.member(m) for m in members])
+
+    @_read
+    def Authorize(self, request: pb.AuthorizeRequest, caller: Caller) -> pb.User:
+        return convert.user(self.registry.identity.authorize(caller, request.workspace, request.action))
+
+    @_read
+    def QueryAudit(self, request: pb.QueryAuditRequest, caller: Caller) -> pb.QueryAuditResponse:
+        entries = self.registry.identity.audit(caller, convert.audit_query(request))
+        return pb.QueryAuditResponse(entries=[convert.audit_entry(e) for e in entries])

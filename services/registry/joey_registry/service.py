@@ -52,6 +52,8 @@ from joey_registry.domain import (
     Workspace,
 )
 from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from joey_registry.identity import Identity
+from joey_registry.identity_store import IdentityStore
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
 from joey_registry.status import UNDEPLOYED, compute_status
@@ -101,32 +103,32 @@ class Registry:
         self.redis = redis_client
         self.access = Access(store)
         self.assays = Assays(store, self.access)
+        self.identity = Identity(settings, IdentityStore(store.pool), self.access)
         # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
         self._partitions: dict[str, int] = {}
 
     # --- workspaces ---
 
     def create_workspace(self, caller: Caller, name: str) -> Workspace:
-        self.access.authorize_global(caller, Action.ADMIN)
-        created = self.store.create_workspace(_valid_name("workspace", name))
+        owner = self.access.user(caller)
+        created = self.store.create_workspace(_valid_name("workspace", name), owner.username)
         if created is None:
             raise AlreadyExists(f"workspace {name!r} already exists")
         log.info("created workspace %s", name)
         return created
 
     def list_workspaces(self, caller: Caller) -> list[Workspace]:
-        self.access.authorize_global(caller, Action.READ)
-        return self.store.list_workspaces()
+        user = self.access.user(caller)
+        return self.store.list_workspaces(user.username, every=user.admin)
 
     def delete_workspace(self, caller: Caller, name: str) -> None:
         """Delete an empty workspace. What it holds is never deleted along with it: each delete of a
         model or pipeline has its own refusals (deployed, used, watched by assays)."""
-        self.access.authorize_global(caller, Action.ADMIN)
+        ws = self.access.authorize(caller, name, Action.MANAGE)
         if name == DEFAULT_WORKSPACE:
             raise FailedPrecondition(
                 f"the {DEFAULT_WORKSPACE!r} workspace cannot be deleted: clients start in it"
             )
-        ws = self.access.authorize(caller, name, Action.ADMIN)
 
         def check(contents: WorkspaceContents) -> None:
             # In the order they can be deleted: assays hold their pipelines, deployments their models.
@@ -292,7 +294,7 @@ class Registry:
         )
 
     def artifact_chunks(self, caller: Caller, workspace: str, sha256: str) -> Iterator[bytes]:
-        ws = self.access.authorize(caller, workspace, Action.READ)
+        ws = self.access.authorize(caller, workspace, Action.FETCH_ARTIFACT)
         if not SHA256_PATTERN.match(sha256):
             raise InvalidArgument(f"not a sha256 hex digest (64 lowercase hex characters): {sha256!r}")
         if not self.store.has_artifact(ws, sha256):
@@ -493,7 +495,7 @@ class Registry:
         publish leaves both the topic and the database as they were. On a running deployment,
         engines roll the new one out while the current one keeps serving. ``replicas`` None is the
         default (1, or the autoscaling minimum)."""
-        ws = self.access.authorize(caller, workspace, Action.DEPLOY)
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
         replicas = self._replicas(replicas, autoscale)
         check_resources(resources)
         _non_negative_version(f"pipeline {pipeline!r}", version)
@@ -503,7 +505,7 @@ class Registry:
     def rollback(self, caller: Caller, workspace: str, pipeline: str, version: int) -> Deployment:
         """Redeploy ``version`` (0 = the one deployed before the current one) with the current
         deployment's replicas, autoscaling and resources, rolled out like any deploy."""
-        ws = self.access.authorize(caller, workspace, Action.DEPLOY)
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
         _non_negative_version(f"pipeline {pipeline!r}", version)
         with self._locked(ws, pipeline) as lock:
             current = lock.deployment()
@@ -620,7 +622,7 @@ class Registry:
         return scaled
 
     def undeploy(self, caller: Caller, workspace: str, pipeline: str) -> Deployment:
-        ws = self.access.authorize(caller, workspace, Action.DEPLOY)
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
         with self._locked(ws, pipeline) as lock:
             current = lock.deployment()
             if current is None or not current.active:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from joey_core.settings import ServiceSettings
 
@@ -36,6 +36,16 @@ class RegistrySettings(ServiceSettings):
 
     autoscale_interval_s: float = Field(default=2.0, gt=0)
     """How often the autoscaler looks at the queue age of autoscaled deployments."""
+
+    admin_password: SecretStr | None = None
+    """Password of the platform admin `admin`, created at start while no user exists (then required,
+    at least 12 characters); ignored once users exist."""
+
+    service_token: SecretStr | None = None
+    """Shared secret the engines present to download artifacts, and nothing else (JOEY_SERVICE_TOKEN)."""
+
+    session_ttl_s: int = Field(default=43200, gt=0)
+    """Lifetime of a Login session token (default 12 h); a login may ask for less, never more."""
 
     @field_validator("artifact_dir")
     @classmethod

@@ -341,20 +341,41 @@ class Store:
             check(WorkspaceContents(named["models"], named["pipelines"], named["assays"]))
             conn.execute("DELETE FROM workspaces WHERE id = %s", (ws.id,))
 
-    def create_workspace(self, name: str) -> Workspace | None:
-        """The new workspace, or None if the name is taken."""
+    def workspace_role(self, name: str, username: str) -> tuple[WorkspaceRef, str | None] | None:
+        """The workspace and the user's role in it (None: no member), or None if it does not exist."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT w.id, w.name, m.role FROM workspaces w LEFT JOIN workspace_members m "
+                "ON m.workspace_id = w.id AND m.username = %s WHERE w.name = %s",
+                (username, name),
+            ).fetchone()
+        return (WorkspaceRef(row["id"], row["name"]), row["role"]) if row else None
+
+    def create_workspace(self, name: str, owner: str) -> Workspace | None:
+        """The new workspace, owned by ``owner``, or None if the name is taken."""
         with self._conn() as conn:
             row = conn.execute(
                 "INSERT INTO workspaces (name) VALUES (%s) ON CONFLICT (name) DO NOTHING "
-                "RETURNING name, created_at",
+                "RETURNING id, name, created_at",
                 (name,),
             ).fetchone()
-        return Workspace(row["name"], row["created_at"]) if row else None
+            if row is None:
+                return None
+            conn.execute(
+                "INSERT INTO workspace_members (workspace_id, username, role) VALUES (%s, %s, 'owner')",
+                (row["id"], owner),
+            )
+        return Workspace(row["name"], row["created_at"], "owner")
 
-    def list_workspaces(self) -> list[Workspace]:
+    def list_workspaces(self, username: str, every: bool) -> list[Workspace]:
+        """The user's workspaces with their role in each; with ``every``, the others too (no role)."""
         with self._conn() as conn:
-            rows = conn.execute("SELECT name, created_at FROM workspaces ORDER BY name").fetchall()
-        return [Workspace(r["name"], r["created_at"]) for r in rows]
+            rows = conn.execute(
+                "SELECT w.name, w.created_at, m.role FROM workspaces w LEFT JOIN workspace_members m "
+                "ON m.workspace_id = w.id AND m.username = %s WHERE %s OR m.role IS NOT NULL ORDER BY w.name",
+                (username, every),
+            ).fetchall()
+        return [Workspace(r["name"], r["created_at"], r["role"] or "") for r in rows]
 
     # --- models ---
 

@@ -1,0 +1,51 @@
+"""The secrets of a laptop stack, made by `joey up` on its first start and kept in its state directory.
+
+The platform admin's password (the registry creates `admin` with it while no user exists) and the
+service token the engines present to download artifacts. Each is a file readable by its owner only;
+one given in the environment (JOEY_ADMIN_PASSWORD, JOEY_SERVICE_TOKEN) is used instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+ADMIN_PASSWORD_FILE = "admin-password"  # noqa: S105 (a file name)
+SERVICE_TOKEN_FILE = "service-token"  # noqa: S105 (a file name)
+
+
+def _secret(path: Path, make: str) -> str:
+    """The file's secret, or ``make`` written there (mode 0600) if it does not exist yet."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as out:
+        out.write(make + "\n")
+    return make
+
+
+def admin_password(state_dir: Path) -> str:
+    return os.environ.get("JOEY_ADMIN_PASSWORD") or _secret(
+        state_dir / ADMIN_PASSWORD_FILE, secrets.token_urlsafe(24)
+    )
+
+
+def service_token(state_dir: Path) -> str:
+    return os.environ.get("JOEY_SERVICE_TOKEN") or _secret(
+        state_dir / SERVICE_TOKEN_FILE, "joey_" + secrets.token_urlsafe(32)
+    )
+
+
+def service_env(name: str, state_dir: Path) -> dict[str, str]:
+    """The secrets service ``name`` needs, as environment variables: only those it uses."""
+    if name == "registry":
+        return {
+            "JOEY_ADMIN_PASSWORD": admin_password(state_dir),
+            "JOEY_SERVICE_TOKEN": service_token(state_dir),
+        }
+    if name == "engine":
+        return {"JOEY_SERVICE_TOKEN": service_token(state_dir)}
+    return {}

@@ -1,0 +1,292 @@
+"""Users, passwords, tokens and sessions, through the registry's gRPC API; the bootstrap of the
+platform admin on an empty and on an upgraded database."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import psycopg
+import pytest
+from psycopg import sql
+
+from joey_core import db as migrations
+from joey_core.v1 import registry_pb2 as pb
+from joey_registry.access import Access, Caller
+from joey_registry.errors import FailedPrecondition
+from joey_registry.identity import BootstrapRefused, Identity
+from joey_registry.identity_store import IdentityStore
+from joey_registry.settings import RegistrySettings
+from joey_registry.store import Store
+from tests.conftest import ADMIN_PASSWORD, SERVICE_TOKEN, ServiceProcess, scratch_database, wait_until
+from tests.registry.helpers import Person, Stub, rpc_error, token_stub
+
+BAD_LOGIN = "invalid username or password"
+
+
+def login(anonymous: Stub, username: str, password: str, **kwargs: int) -> pb.LoginResponse:
+    return anonymous.Login(pb.LoginRequest(username=username, password=password, **kwargs))
+
+
+def test_login_gives_a_session_token(
+    anonymous_stub: Stub, channel: grpc.Channel, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    before = datetime.now(UTC)
+    reply = login(anonymous_stub, person.username, person.password)
+    assert reply.token.startswith("joey_") and len(reply.token) > 40
+    assert reply.user.username == person.username and not reply.user.admin and reply.user.active
+    lifetime = reply.expires_at.ToDatetime(tzinfo=UTC) - before
+    assert timedelta(hours=11, minutes=59) < lifetime <= timedelta(hours=12, seconds=5)
+    assert token_stub(channel, reply.token).WhoAmI(pb.WhoAmIRequest()).username == person.username
+    sessions = [t for t in person.stub.ListTokens(pb.ListTokensRequest()).tokens if t.kind == "session"]
+    assert len(sessions) == 2  # the one new_person logged in with, and this one
+
+
+def test_unknown_user_wrong_password_and_deactivated_user_get_the_same_error(
+    stub: Stub, anonymous_stub: Stub, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    stub.SetUserActive(pb.SetUserActiveRequest(username=person.username, active=False))
+    attempts = {
+        "unknown user": ("nobody-" + secrets.token_hex(4), "whatever-password"),
+        "wrong password": ("admin", "not-the-admin-password"),
+        "deactivated user": (person.username, person.password),
+        "empty": ("", ""),
+    }
+    for what, (username, password) in attempts.items():
+        error = rpc_error(lambda u=username, p=password: login(anonymous_stub, u, p))  # type: ignore[misc]
+        assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, BAD_LOGIN), what
+
+
+def test_password_and_username_rules(stub: Stub) -> None:
+    def create(username: str, password: str) -> grpc.RpcError:
+        return rpc_error(lambda: stub.CreateUser(pb.CreateUserRequest(username=username, password=password)))
+
+    short = create(f"u-{secrets.token_hex(4)}", "elevenchars")
+    assert short.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at least 12 characters" in short.details()
+    for bad in ["Upper", "-dash", "a", "sp ace", "x" * 64]:
+        error = create(bad, "long-enough-password")
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "invalid username" in error.details()
+    taken = create("admin", "long-enough-password")
+    assert (taken.code(), taken.details()) == (grpc.StatusCode.ALREADY_EXISTS, "user 'admin' already exists")
+
+
+def test_api_tokens_are_listed_and_revocation_acts_at_once(
+    anonymous_stub: Stub, channel: grpc.Channel, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    created = person.stub.CreateToken(pb.CreateTokenRequest(name="ci", expires_in_s=3600))
+    assert created.token.startswith("joey_") and created.info.kind == "api"
+    assert created.info.HasField("expires_at")
+    ci = token_stub(channel, created.token)
+    assert ci.WhoAmI(pb.WhoAmIRequest()).username == person.username
+    names = {(t.name, t.kind) for t in person.stub.ListTokens(pb.ListTokensRequest()).tokens}
+    assert {("ci", "api"), ("tests", "api")} <= names
+
+    taken = rpc_error(lambda: person.stub.CreateToken(pb.CreateTokenRequest(name="ci")))
+    assert taken.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    person.stub.RevokeToken(pb.RevokeTokenRequest(name="ci"))
+    refused = rpc_error(lambda: ci.WhoAmI(pb.WhoAmIRequest()))
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "ci" not in {t.name for t in person.stub.ListTokens(pb.ListTokensRequest()).tokens}
+    again = rpc_error(lambda: person.stub.RevokeToken(pb.RevokeTokenRequest(name="ci")))
+    assert (again.code(), again.details()) == (grpc.StatusCode.NOT_FOUND, "no live token named 'ci'")
+    # The name is free again; the new secret is a different one.
+    assert person.stub.CreateToken(pb.CreateTokenRequest(name="ci")).token != created.token
+
+
+@pytest.mark.parametrize(
+    "metadata", [(), (("authorization", "Basic abc"),), (("authorization", "Bearer joey_nope"),)]
+)
+def test_calls_without_a_valid_token_are_unauthenticated(anonymous_stub: Stub, metadata: tuple) -> None:
+    error = rpc_error(lambda: anonymous_stub.ListWorkspaces(pb.ListWorkspacesRequest(), metadata=metadata))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_deactivation_acts_at_once(
+    stub: Stub, anonymous_stub: Stub, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    assert person.stub.WhoAmI(pb.WhoAmIRequest()).active
+    off = stub.SetUserActive(pb.SetUserActiveRequest(username=person.username, active=False))
+    assert not off.active
+    assert rpc_error(lambda: person.stub.WhoAmI(pb.WhoAmIRequest())).code() == grpc.StatusCode.UNAUTHENTICATED
+    listed = {u.username: u.active for u in stub.ListUsers(pb.ListUsersRequest()).users}
+    assert listed[person.username] is False
+    stub.SetUserActive(pb.SetUserActiveRequest(username=person.username, active=True))
+    assert person.stub.WhoAmI(pb.WhoAmIRequest()).username == person.username
+    assert login(anonymous_stub, person.username, person.password).token
+
+
+def test_logout_revokes_the_token_it_carries(
+    anonymous_stub: Stub, channel: grpc.Channel, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    session = token_stub(channel, login(anonymous_stub, person.username, person.password).token)
+    session.Logout(pb.LogoutRequest())
+    assert rpc_error(lambda: session.WhoAmI(pb.WhoAmIRequest())).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert person.stub.WhoAmI(pb.WhoAmIRequest()).username == person.username
+
+
+def test_a_session_expires(
+    anonymous_stub: Stub, channel: grpc.Channel, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    reply = login(anonymous_stub, person.username, person.password, expires_in_s=1)
+    session = token_stub(channel, reply.token)
+
+    def refused() -> bool:
+        try:
+            session.WhoAmI(pb.WhoAmIRequest())
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+            return True
+        return False
+
+    wait_until(refused, 30, "the session to expire")
+    assert datetime.now(UTC) >= reply.expires_at.ToDatetime(tzinfo=UTC)
+    for bad in (0, 43201):
+        error = rpc_error(
+            lambda b=bad: login(anonymous_stub, person.username, person.password, expires_in_s=b)
+        )  # type: ignore[misc]
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expires_in_s" in error.details()
+
+
+def test_change_password_revokes_the_other_sessions(
+    anonymous_stub: Stub, channel: grpc.Channel, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    current = token_stub(channel, login(anonymous_stub, person.username, person.password).token)
+    other = token_stub(channel, login(anonymous_stub, person.username, person.password).token)
+    new = "a-brand-new-password"
+
+    wrong = rpc_error(
+        lambda: current.ChangePassword(
+            pb.ChangePasswordRequest(old_password="wrong-password!", new_password=new)
+        )
+    )
+    assert (wrong.code(), wrong.details()) == (grpc.StatusCode.PERMISSION_DENIED, "current password is wrong")
+    short = rpc_error(
+        lambda: current.ChangePassword(
+            pb.ChangePasswordRequest(old_password=person.password, new_password="short")
+        )
+    )
+    assert short.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    current.ChangePassword(pb.ChangePasswordRequest(old_password=person.password, new_password=new))
+    assert current.WhoAmI(pb.WhoAmIRequest()).username == person.username
+    assert rpc_error(lambda: other.WhoAmI(pb.WhoAmIRequest())).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert person.stub.WhoAmI(pb.WhoAmIRequest()).username == person.username  # API tokens stay
+    assert rpc_error(lambda: login(anonymous_stub, person.username, person.password)).details() == BAD_LOGIN
+    assert login(anonymous_stub, person.username, new).user.username == person.username
+
+
+def test_only_admins_manage_users(new_person: Callable[..., Person]) -> None:
+    person = new_person()
+    for call in (
+        lambda: person.stub.CreateUser(
+            pb.CreateUserRequest(username="someone", password="long-enough-password")
+        ),
+        lambda: person.stub.ListUsers(pb.ListUsersRequest()),
+        lambda: person.stub.SetUserActive(pb.SetUserActiveRequest(username="admin", active=False)),
+    ):
+        assert rpc_error(call).code() == grpc.StatusCode.PERMISSION_DENIED
+    admin = new_person(admin=True)
+    assert admin.stub.WhoAmI(pb.WhoAmIRequest()).admin
+    assert person.username in {u.username for u in admin.stub.ListUsers(pb.ListUsersRequest()).users}
+
+
+def test_no_password_or_token_is_stored_in_plain_text(
+    database_url: str, admin_token: str, anonymous_stub: Stub, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    session = login(anonymous_stub, person.username, person.password).token
+    api = person.stub.CreateToken(pb.CreateTokenRequest(name="scan")).token
+    secrets_used = [ADMIN_PASSWORD, SERVICE_TOKEN, admin_token, person.password, person.token, session, api]
+    with psycopg.connect(database_url) as conn:
+        columns = conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public' "
+            "AND data_type IN ('text', 'character varying', 'jsonb', 'json', 'character')"
+        ).fetchall()
+        assert ("users", "password_hash") in columns and ("tokens", "token_sha256") in columns
+        for table, column in columns:
+            for secret in secrets_used:
+                found = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE strpos({}::text, %s) > 0").format(
+                        sql.Identifier(table), sql.Identifier(column)
+                    ),
+                    (secret,),
+                ).fetchone()
+                assert found == (0,), f"a secret is stored in plain text in {table}.{column}"
+
+
+# --- the bootstrap, on databases of their own ---
+
+
+@contextmanager
+def identity_core(url: str, admin_password: str | None) -> Iterator[Identity]:
+    settings = RegistrySettings(database_url=url, admin_password=admin_password)
+    store = Store(url, max_size=2)
+    store.open()
+    try:
+        yield Identity(settings, IdentityStore(store.pool), Access(store))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("password", "problem"), [("", "is not set"), ("short-pw", "is shorter than 12 characters")]
+)
+def test_the_registry_refuses_to_start_without_an_admin_password(
+    env: dict[str, str], service_factory: Callable[..., ServiceProcess], password: str, problem: str
+) -> None:
+    with scratch_database("joey_bootstrap") as url:
+        registry = service_factory("registry", JOEY_DATABASE_URL=url, JOEY_ADMIN_PASSWORD=password)
+        wait_until(lambda: not registry.alive(), 60, "the registry to refuse to start")
+        assert registry.stop() != 0
+        log = registry.log_text()
+        assert f"no user exists yet and JOEY_ADMIN_PASSWORD {problem}" in log
+        assert "Traceback" not in log
+        with identity_core(url, password) as identity, pytest.raises(BootstrapRefused):
+            identity.bootstrap()
+
+
+def test_bootstrap_creates_the_admin_once() -> None:
+    with scratch_database("joey_bootstrap") as url:
+        with identity_core(url, "first-admin-password") as identity:
+            identity.bootstrap()
+            assert identity.login("admin", "first-admin-password", None)[2].admin
+        # Users exist: a later start ignores the password, and needs none.
+        with identity_core(url, None) as identity:
+            identity.bootstrap()
+            token, _, admin = identity.login("admin", "first-admin-password", None)
+            caller = identity.resolve([("authorization", f"Bearer {token}")])
+            assert caller == Caller(user=admin, token_id=caller.token_id, is_service=False)
+            with pytest.raises(FailedPrecondition, match="last active platform admin"):
+                identity.set_user_active(caller, "admin", False)
+
+
+def test_an_upgraded_database_keeps_its_workspaces_owned_by_admin() -> None:
+    with scratch_database("joey_upgrade") as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            # Back to the schema before identity, with a workspace of its own besides `default`.
+            conn.execute("DROP TABLE audit_log, workspace_members, tokens, users")
+            conn.execute("DELETE FROM schema_migrations WHERE version = 11")
+            conn.execute("INSERT INTO workspaces (name) VALUES ('team-a')")
+        assert migrations.migrate(url) == ["0011_identity.sql"]
+        with identity_core(url, "the-admin-password") as identity:
+            identity.bootstrap()
+        with psycopg.connect(url) as conn:
+            owners = conn.execute(
+                "SELECT w.name, m.username, m.role FROM workspaces w "
+                "JOIN workspace_members m ON m.workspace_id = w.id ORDER BY w.name"
+            ).fetchall()
+        assert owners == [("default", "admin", "owner"), ("team-a", "admin", "owner")]
