@@ -125,6 +125,20 @@ def env(
 
 
 @pytest.fixture(scope="session", autouse=True)
+def credentials_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """JOEY_CREDENTIALS of the session (and of every process it starts): `joey up` and `joey login` in
+    tests store their tokens there, never in the user's ~/.config/joey/credentials."""
+    path = tmp_path_factory.mktemp("config") / "joey" / "credentials"
+    previous = os.environ.get("JOEY_CREDENTIALS")
+    os.environ["JOEY_CREDENTIALS"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("JOEY_CREDENTIALS", None)
+    else:
+        os.environ["JOEY_CREDENTIALS"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
 def admin_token(database_url: str) -> Iterator[str]:
     """An API token of the platform admin, in JOEY_TOKEN for every SDK and CLI call of the session.
 

@@ -16,6 +16,8 @@ from joey.client import (
     ModelVersion,
     Pipeline,
     TensorSpec,
+    User,
+    Workspace,
 )
 from joey_core import __version__
 
@@ -30,5 +32,7 @@ __all__ = [
     "ModelVersion",
     "Pipeline",
     "TensorSpec",
+    "User",
+    "Workspace",
     "__version__",
 ]

@@ -13,10 +13,12 @@ from typing import Any
 
 import click
 
+from joey_cli import identity
 from joey_cli.assays import assay
 from joey_cli.errors import error_line
 from joey_cli.errors import fail as _fail
 from joey_cli.services import SERVICES
+from joey_cli.tables import echo_table, wide_pandas
 
 
 class Context:
@@ -217,23 +219,26 @@ def workspace() -> None:
 @click.argument("name")
 @click.pass_obj
 def workspace_create(obj: Context, name: str) -> None:
-    """Create workspace NAME (lowercase letters, digits and dashes)."""
+    """Create workspace NAME (lowercase letters, digits and dashes); you are its owner."""
 
-    click.echo(f"created workspace {obj.client.create_workspace(name)}")
+    click.echo(f"created workspace {obj.client.create_workspace(name).name}")
 
 
 @workspace.command("list")
 @click.pass_obj
 def workspace_list(obj: Context) -> None:
-    """List the workspaces; in a terminal, * marks the current one.
+    """List your workspaces (every one, for a platform admin); in a terminal, * marks the current one,
+    and your role in each is shown.
 
     The current workspace is chosen with -w or $JOEY_WORKSPACE."""
 
-    names = obj.client.list_workspaces()
+    workspaces = obj.client.list_workspaces()
     # Marked only for a person: piped, the names are bare, one a line.
     marked = sys.stdout.isatty()
-    for name in names:
-        click.echo(f"{'*' if name == obj.workspace else ' '} {name}" if marked else name)
+    width = max((len(w.name) for w in workspaces), default=0)
+    for ws in workspaces:
+        current = "*" if ws.name == obj.workspace else " "
+        click.echo(f"{current} {ws.name:<{width}}  {ws.role or '-'}" if marked else ws.name)
 
 
 @workspace.command("delete")
@@ -323,7 +328,7 @@ def model_list(obj: Context) -> None:
     shape; -1 is any size) and upload time."""
 
     models = obj.client.list_models()
-    _echo_table(models, f"no models in workspace {obj.workspace}")
+    echo_table(models, f"no models in workspace {obj.workspace}")
 
 
 @model.command("get")
@@ -337,7 +342,7 @@ def model_get(obj: Context, name: str, version: int | None) -> None:
     from joey.client.catalog import Listing
 
     versions = Listing([obj.client.get_model(name, version)]) if version else obj.client.model_versions(name)
-    _echo_table(versions, f"model {name} has no versions")
+    echo_table(versions, f"model {name} has no versions")
 
 
 @model.command("describe")
@@ -386,11 +391,6 @@ def model_delete(obj: Context, name: str, version: int | None, yes: bool) -> Non
     if version is None:
         _confirm(yes, f"model {name}", question)
     click.echo(str(obj.client.delete_model(name, version)))
-
-
-def _echo_table(listing: Any, empty: str) -> None:
-    with _wide_pandas():
-        click.echo(listing.table() or empty)
 
 
 # Pipelines
@@ -605,7 +605,7 @@ def pipeline_list(obj: Context) -> None:
     One row per pipeline: latest version, deployed version, replicas, status and last change."""
 
     pipelines = obj.client.list_pipelines()
-    _echo_table(pipelines, f"no pipelines in workspace {obj.workspace}")
+    echo_table(pipelines, f"no pipelines in workspace {obj.workspace}")
 
 
 @pipeline.command("describe")
@@ -906,7 +906,7 @@ def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: 
     else:
         groups = ("time", "in", "out", "shadow", "shadow_errors", "check_failures", "error")
         shown = [c for c in frame.columns if c.split(".")[0] in groups]
-        with _wide_pandas():
+        with wide_pandas():
             click.echo(frame[shown].to_string())
     failed = int(frame["error"].notna().sum()) if "error" in frame else 0
     click.echo(f"{len(frame)} records, {failed} failed", err=True)
@@ -941,7 +941,7 @@ def logs(
     frame = Pipeline(obj.client, pipeline_name).logs(
         limit, start, end, valid=False if failed else None, anomalies_only=anomalies
     )
-    with _wide_pandas():
+    with wide_pandas():
         click.echo(frame.to_string() if len(frame) else "no logged inferences")
 
 
@@ -1023,13 +1023,11 @@ def export_logs(
     click.echo(f"wrote {written[0]} rows to {len(files)} file(s) in {directory}", err=True)
 
 
-def _wide_pandas() -> Any:
-    import pandas as pd
-
-    return pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 60)
-
-
 main.add_command(assay)
+for _command in identity.COMMANDS:
+    main.add_command(_command)
+for _command in identity.WORKSPACE_COMMANDS:
+    workspace.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -153,6 +153,7 @@ def describe(state: State) -> list[str]:
         "(gRPC): the Open Inference Protocol",
         f"  Kafka     {kafka}",
         f"  logs      {state.get('logs', '?')}",
+        *([f"  login     {state['login']}"] if state.get("login") else []),
     ]
 
 
@@ -450,6 +451,8 @@ class LocalStack:
     broker: EmbeddedBroker | None = None
     services: list[_Service] = field(default_factory=list)
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    login: str = ""
+    """Who `joey up` logged in (see joey_cli.local_login), once the registry is ready."""
 
     @property
     def files(self) -> StackDir:
@@ -470,6 +473,7 @@ class LocalStack:
             "oip_http_addr": s.oip_http_addr,
             "oip_grpc_addr": s.oip_grpc_addr,
             "logs": str(self.files.logs),
+            "login": self.login,
             "services": services,
             "broker": broker,
             # With the pids: a stale state's leftovers are stopped only if they are still these processes.
@@ -560,6 +564,7 @@ class LocalStack:
         # Imported here: `joey status` and `joey down` read the state without loading Kafka and numpy.
         import redis
 
+        from joey_cli.local_login import log_in_admin
         from joey_core import heartbeats
 
         s = self.settings
@@ -586,6 +591,7 @@ class LocalStack:
             return registry_ready(s.registry_addr, s)
 
         _wait(registry_up, s.ready_timeout_s, "registry", stop)
+        self.login = log_in_admin(s.registry_addr, bootstrap.admin_password(s.state_dir))
         for service in workers:
             self.say(f"starting {service.name}")
             service.start()

@@ -16,11 +16,12 @@ from tests.conftest import free_port
 
 
 def joey(
-    env: dict[str, str], *args: str, check: bool = True, cwd: Path | None = None
+    env: dict[str, str], *args: str, check: bool = True, cwd: Path | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "joey_cli", *args],
         env=env,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=180,

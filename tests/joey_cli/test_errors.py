@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from joey_cli.commands import main
+from joey_core.credentials import Credential, CredentialsFile
 from tests.conftest import free_port
 
 # Commands that run without the registry: the stack's own and the shell's.
@@ -50,7 +51,23 @@ INVOCATIONS = {
     "assay resume": ["a"],
     "assay delete": ["a"],
     "assay results": ["a"],
+    "login": ["--username", "u", "--password-stdin"],
+    "logout": [],
+    "whoami": [],
+    "user create": ["u", "--password-stdin"],
+    "user list": [],
+    "user deactivate": ["u"],
+    "user activate": ["u"],
+    "token create": ["t"],
+    "token list": [],
+    "token revoke": ["t"],
+    "workspace add-user": ["w", "u"],
+    "workspace remove-user": ["w", "u"],
+    "workspace users": ["w"],
+    "audit": [],
 }
+PASSWORD = "a-password-on-stdin\n"
+"""What --password-stdin reads."""
 
 
 def leaf_commands(group: click.Group, prefix: str = "") -> list[str]:
@@ -67,13 +84,19 @@ def test_the_table_covers_every_command() -> None:
 
 
 @pytest.mark.parametrize("command", sorted(INVOCATIONS))
-def test_an_unreachable_registry_is_one_error_line(command: str, tmp_path: Path) -> None:
+def test_an_unreachable_registry_is_one_error_line(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     records = tmp_path / "records.json"
     records.write_text(json.dumps([{"features": [1.0, 2.0, 3.0, 4.0]}]))
     made = {"RECORDS": str(records), "DIR": str(tmp_path / "export")}
     addr = f"127.0.0.1:{free_port()}"  # nothing listens there
+    # `joey logout` calls the registry with the token stored for it.
+    credentials = tmp_path / "credentials"
+    CredentialsFile(credentials).put(addr, Credential("u", "joey_stored"))
+    monkeypatch.setenv("JOEY_CREDENTIALS", str(credentials))
     args = ["--registry", addr, *command.split(), *(made.get(a, a) for a in INVOCATIONS[command])]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, args, input=PASSWORD)
     assert result.exit_code == 1, (result.output, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert lines == [
@@ -92,6 +115,8 @@ def test_an_unreachable_registry_is_one_error_line(command: str, tmp_path: Path)
         (["logs", "p", "--start", "notatime"], "'notatime' is not an ISO time"),
         (["export-logs", "p", "--dir", "x", "--end", "soon"], "'soon' is not an ISO time"),
         (["infer", "p", "--file", "BAD"], "is neither JSON nor JSON lines: line 2"),
+        (["token", "create", "t", "--expires-in", "0"], "'0' is not a duration"),
+        (["audit", "--since", "yesterday"], "'yesterday' is neither an ISO time"),
     ],
 )
 def test_a_bad_argument_is_a_usage_error_naming_it(args: list[str], named: str, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ def test_up_prints_the_addresses_of_every_entry_point(cli_stack: CliStack) -> No
         "the Open Inference Protocol",
         f"  Kafka     {env['JOEY_KAFKA_BOOTSTRAP']} (embedded broker)",
         f"  logs      {cli_stack.state_dir / 'logs'}",
+        f"  login     admin (token in {env['JOEY_CREDENTIALS']})",
     ]
     # The printed gRPC address is the gateway's. A standard OIP client asks: Joey's own OIP stubs
     # register the same proto names as tritonclient's, and the gateway tests load those.
@@ -52,8 +53,8 @@ def test_up_prints_the_addresses_of_every_entry_point(cli_stack: CliStack) -> No
     status = joey(env, "status", cwd=Path("/"))
     first, *rest = status.stdout.splitlines()
     assert first.startswith(f"Joey is up (pid {cli_stack.state()['pid']}, since ")
-    assert rest[:4] == lines[up + 1 :]
-    assert rest[4].startswith("  services  registry ") and "gateway" in rest[4]
+    assert rest[:5] == lines[up + 1 :]
+    assert rest[5].startswith("  services  registry ") and "gateway" in rest[5]
 
 
 def test_second_up_is_refused_and_down_stops_the_stack_from_anywhere(

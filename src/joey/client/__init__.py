@@ -17,6 +17,7 @@ from joey.client.catalog import (
     PipelineSummary,
 )
 from joey.client.client import Client
+from joey.client.identity import AuditEntry, TokenInfo, User
 from joey.client.pipelines import (
     Autoscale,
     DeploymentStatus,
@@ -32,6 +33,7 @@ from joey.client.pipelines import (
     ValidationsStep,
 )
 from joey.client.streaming import InferenceTimeout
+from joey.client.workspaces import Member, Workspace
 from joey_core.models import ModelVersion, TensorSpec
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "AssayResult",
     "AssayResults",
     "AssaySummary",
+    "AuditEntry",
     "Autoscale",
     "Client",
     "DeletedModel",
@@ -49,6 +52,7 @@ __all__ = [
     "JoeyError",
     "KeySplitStep",
     "Listing",
+    "Member",
     "ModelDescription",
     "ModelStep",
     "ModelSummary",
@@ -63,5 +67,8 @@ __all__ = [
     "ReplicaStatus",
     "ShadowStep",
     "TensorSpec",
+    "TokenInfo",
+    "User",
     "ValidationsStep",
+    "Workspace",
 ]

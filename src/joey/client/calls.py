@@ -20,16 +20,25 @@ class JoeyError(Exception):
         self.message = message
 
 
-def call_rpc(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+LOGIN_HOW = "log in with `joey login` (or joey.Client.login(username, password) in Python)"
+
+
+def call_rpc(fn: Callable[..., Any], *args: Any, token_sent: str = "", **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, its gRPC error raised as a :class:`JoeyError`. An UNAUTHENTICATED error
+    also says which token was sent (``token_sent``: where it came from) and how to log in."""
     try:
         return fn(*args, **kwargs)
     except grpc.RpcError as exc:
         code = exc.code()  # type: ignore[attr-defined]
+        details = exc.details()  # type: ignore[attr-defined]
         if code == grpc.StatusCode.UNAVAILABLE:
             raise JoeyError(
-                code.name, f"registry unreachable: {exc.details()}; is the stack up (`joey up`)?"
-            ) from None  # type: ignore[attr-defined]
-        raise JoeyError(code.name, exc.details()) from None  # type: ignore[attr-defined]
+                code.name, f"registry unreachable: {details}; is the stack up (`joey up`)?"
+            ) from None
+        if code == grpc.StatusCode.UNAUTHENTICATED and token_sent:
+            how = "" if "joey login" in details else f": {LOGIN_HOW}"
+            raise JoeyError(code.name, f"{details}; {token_sent}{how}") from None
+        raise JoeyError(code.name, details) from None
 
 
 class RegistryCaller(Protocol):

@@ -21,7 +21,8 @@ DELETE_PIPELINE_TIMEOUT_S = 600.0
 """How long a pipeline's deletion may take: its logs are deleted with it, in one transaction."""
 
 
-def _time(ts: Timestamp) -> datetime | None:
+def optional_time(ts: Timestamp) -> datetime | None:
+    """A Timestamp as a UTC datetime; None for an unset one."""
     return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
 
 
@@ -243,7 +244,7 @@ class PipelineSummary:
             deployed_version=d.pipeline_version if d is not None and deployed else None,
             replicas=d.replicas if d is not None and deployed else None,
             status=p.status,
-            updated_at=_time(p.updated_at),
+            updated_at=optional_time(p.updated_at),
         )
 
     def __str__(self) -> str:

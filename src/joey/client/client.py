@@ -1,6 +1,6 @@
 """The Python SDK. Verbs follow what Wallaroo users know::
 
-client = joey.Client()
+client = joey.Client()  # the token of `joey login` / `joey up`, or JOEY_TOKEN; or Client.login(user, pw)
 model = client.upload_model("iris", "iris.onnx")
 pipeline = client.build_pipeline("iris-pipeline").add_model_step(model)
 pipeline.add_validations(too_sure="out.probabilities[0] > 0.99")
@@ -16,12 +16,13 @@ pipeline.undeploy()
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from joey.client.assays import AssayClientMixin
+from joey.client.auth import Bearer
 from joey.client.calls import call_rpc
 from joey.client.catalog import (
     DeletedModel,
@@ -31,8 +32,10 @@ from joey.client.catalog import (
     ModelSummary,
     PipelineSummary,
 )
+from joey.client.identity import IdentityClientMixin
 from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
 from joey.client.signatures import Schema, tensor_specs
+from joey.client.workspaces import WorkspaceClientMixin
 from joey_core import tls
 from joey_core.models import ModelVersion
 from joey_core.settings import CommonSettings
@@ -42,8 +45,12 @@ from joey_core.v1 import registry_pb2_grpc
 UPLOAD_CHUNK_BYTES = 1 << 20
 
 
-class Client(AssayClientMixin):
-    """Connection to a Joey registry, working in one workspace at a time."""
+class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
+    """Connection to a Joey registry, working in one workspace at a time.
+
+    It calls with ``token``, else ``$JOEY_TOKEN``, else the token `joey login` (or `joey up`) stored
+    for its registry in the credentials file (``$JOEY_CREDENTIALS``, default ``~/.config/joey/credentials``);
+    :meth:`login` makes one with a password instead."""
 
     def __init__(
         self,
@@ -58,8 +65,10 @@ class Client(AssayClientMixin):
         base = settings or CommonSettings()
         self.settings = base.model_copy(update={k: v for k, v in overrides.items() if v})
         self.workspace = workspace
-        token = token or os.environ.get("JOEY_TOKEN")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._token = token
+        self._bearer: Bearer | None = None
+        self.session_expires_at: datetime | None = None
+        """When the session of :meth:`login` expires (None for a client given a token)."""
         self._channel = tls.channel(
             self.settings.registry_addr,
             self.settings,
@@ -67,8 +76,48 @@ class Client(AssayClientMixin):
         )
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
 
-    def call(self, name: str, request: Any, timeout: float = 60.0) -> Any:
-        return call_rpc(getattr(self._stub, name), request, timeout=timeout, metadata=self._metadata)
+    @classmethod
+    def login(
+        cls,
+        username: str,
+        password: str,
+        registry_addr: str | None = None,
+        workspace: str = "default",
+        *,
+        expires_in_s: int | None = None,
+        store: bool = False,
+        kafka_bootstrap: str | None = None,
+        settings: CommonSettings | None = None,
+    ) -> Client:
+        """A client logged in as ``username``: its session token expires after ``expires_in_s`` (default:
+        the registry's session lifetime, 12 h) or at :meth:`logout`. The token is kept in the client
+        only, unless ``store`` writes it to the credentials file for the registry (as `joey login` does),
+        where every later ``joey.Client()`` and `joey` command finds it."""
+        client = cls(registry_addr, workspace, kafka_bootstrap=kafka_bootstrap, settings=settings)
+        client._log_in(username, password, expires_in_s, store)
+        return client
+
+    @property
+    def bearer(self) -> Bearer:
+        """The token every call carries, found on the first call (so that a client that never calls
+        reads no credentials)."""
+        if self._bearer is None:
+            self._bearer = Bearer.resolve(self._token, self.settings.registry_addr)
+        return self._bearer
+
+    @bearer.setter
+    def bearer(self, bearer: Bearer) -> None:
+        self._bearer = bearer
+
+    def call(self, name: str, request: Any, timeout: float = 60.0, *, anonymous: bool = False) -> Any:
+        """Call registry RPC ``name``; ``anonymous`` sends no token (only Login needs none)."""
+        return self._call(getattr(self._stub, name), request, timeout, anonymous)
+
+    def _call(self, fn: Callable[..., Any], request: Any, timeout: float, anonymous: bool = False) -> Any:
+        if anonymous:
+            return call_rpc(fn, request, timeout=timeout)
+        bearer = self.bearer
+        return call_rpc(fn, request, timeout=timeout, metadata=bearer.metadata, token_sent=bearer.sent)
 
     def close(self) -> None:
         self._channel.close()
@@ -78,21 +127,6 @@ class Client(AssayClientMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # Workspaces
-    def create_workspace(self, name: str) -> str:
-        return str(self.call("CreateWorkspace", pb.CreateWorkspaceRequest(name=name)).name)
-
-    def list_workspaces(self) -> list[str]:
-        return [w.name for w in self.call("ListWorkspaces", pb.ListWorkspacesRequest()).workspaces]
-
-    def set_current_workspace(self, name: str) -> None:
-        self.workspace = name
-
-    def delete_workspace(self, name: str) -> None:
-        """Delete an empty workspace; refused while it holds models, pipelines or assays, and for
-        ``default``. Its contents are never deleted along with it: delete each first."""
-        self.call("DeleteWorkspace", pb.DeleteWorkspaceRequest(name=name))
 
     # Models
     def upload_model(
@@ -129,9 +163,7 @@ class Client(AssayClientMixin):
                     if progress:
                         progress(sent, total)
 
-        return ModelVersion.from_proto(
-            call_rpc(self._stub.UploadModel, chunks(), timeout=600, metadata=self._metadata)
-        )
+        return ModelVersion.from_proto(self._call(self._stub.UploadModel, chunks(), timeout=600))
 
     def get_model(self, name: str, version: int | None = None) -> ModelVersion:
         request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)
