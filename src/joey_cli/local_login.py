@@ -16,7 +16,9 @@ import re
 
 import grpc
 
+from joey_core import tls
 from joey_core.credentials import Credential, CredentialsError, CredentialsFile
+from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 
@@ -43,12 +45,17 @@ def _accepted(stub: registry_pb2_grpc.RegistryStub, token: str) -> bool:
     return True
 
 
-def log_in_admin(registry_addr: str, password: str, credentials: CredentialsFile | None = None) -> str:
+def log_in_admin(
+    registry_addr: str,
+    password: str,
+    credentials: CredentialsFile | None = None,
+    settings: CommonSettings | None = None,
+) -> str:
     """Store a token of `admin` for ``registry_addr`` unless a working one is stored; says who is
     logged in, or why no one is (never raises: a stack that runs is worth more than a login)."""
     credentials = credentials or CredentialsFile()
     try:
-        with grpc.insecure_channel(registry_addr) as channel:
+        with tls.channel(registry_addr, settings or CommonSettings()) as channel:
             stub = registry_pb2_grpc.RegistryStub(channel)
             stored = credentials.get(registry_addr)
             if stored is not None and _accepted(stub, stored.token):

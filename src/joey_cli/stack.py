@@ -106,10 +106,17 @@ class StackSettings(DatabaseSettings):
         return "kafka_bootstrap" not in self.model_fields_set
 
 
+# The lock is the supervisor's; the others are a user's or the stack's credentials, which a service gets
+# only when it uses them (joey_cli.bootstrap.service_env), never because the shell exported them.
+_NOT_INHERITED = frozenset(
+    {"JOEY_STACK_LOCK_FD", "JOEY_TOKEN", "JOEY_CREDENTIALS", "JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN"}
+)
+
+
 def settings_env(settings: StackSettings) -> dict[str, str]:
     """The environment of a process the stack starts: this one's, with the settings the stack runs with
     spelled out, whether they came from the environment, a command-line option or code."""
-    env = {name: value for name, value in os.environ.items() if name != "JOEY_STACK_LOCK_FD"}
+    env = {name: value for name, value in os.environ.items() if name not in _NOT_INHERITED}
     fields = settings.model_dump(exclude={"stack_lock_fd", "embedded_broker"})
     fields["embedded_broker"] = settings.embedded
     return env | {
@@ -591,7 +598,7 @@ class LocalStack:
             return registry_ready(s.registry_addr, s)
 
         _wait(registry_up, s.ready_timeout_s, "registry", stop)
-        self.login = log_in_admin(s.registry_addr, bootstrap.admin_password(s.state_dir))
+        self.login = log_in_admin(s.registry_addr, bootstrap.admin_password(s.state_dir), settings=s)
         for service in workers:
             self.say(f"starting {service.name}")
             service.start()

@@ -7,6 +7,7 @@ A second Ctrl-C restores the default handler so a stuck drain can still be inter
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import sys
@@ -31,6 +32,17 @@ def shutdown_event() -> threading.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handle)
     return stop
+
+
+_PR_SET_DUMPABLE = 4
+
+
+def harden_process() -> None:
+    """Make this process non-dumpable before it reads a secret: its environment and memory are then out
+    of reach through /proc (and ptrace) for other processes of the same user, python steps included.
+    Removing variables from os.environ would not do it: /proc/<pid>/environ keeps the start environment."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def configure_logging(settings: CommonSettings) -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, SecretStr
 MASK = "***"
 
 # Names of librdkafka properties (in JOEY_KAFKA_CONFIG) whose values are secrets.
-_SECRET_KEY = re.compile(r"password|secret|token|credential", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"password|secret|token|credential|key\.pem|oauthbearer\.config", re.IGNORECASE)
 
 
 def secret_key(name: str) -> bool:

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import json_format
 
 from joey_core.v1 import registry_pb2
-from joey_engine.deployment import Step, Validations, from_proto, parse
+from joey_engine.deployment import MAX_STEPS, Step, Validations, from_proto, parse
 
 StepFactory = Callable[..., registry_pb2.ResolvedStep]
 
@@ -148,7 +148,7 @@ def test_replicas_are_capped_and_topics_are_derived(
         (lambda s: s.steps[0].__setattr__("sha256", "A" * 64), "invalid artifact sha256"),
         (lambda s: s.steps[0].__setattr__("model", "a/../b"), "invalid model name"),
         (lambda s: s.__setattr__("deployment_id", "x" * 65), "no valid deployment_id"),
-        (lambda s: s.steps.extend([s.steps[0]] * 64), "more than 64"),
+        (lambda s: s.steps.extend([s.steps[0]] * MAX_STEPS), f"more than {MAX_STEPS}"),
     ],
 )
 def test_records_out_of_bounds_are_refused(

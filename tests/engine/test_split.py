@@ -85,6 +85,9 @@ def test_spec_of_a_split_loads_its_arms(
     (by_key,) = keyed.splits
     assert (by_key.meta_key, by_key.routes, by_key.weights) == ("tier", (("gold", "b"), ("silver", "c")), ())
     assert [a.model for a in by_key.arms] == ["a", "b", "c"]
+    # The registry accepts a route for records whose key is empty: the engine must not refuse it.
+    (empty_key,) = make_deployment(steps=[key_split(make_step, **{"": "b"})]).splits
+    assert empty_key.routes == (("", "b"),)
 
 
 @pytest.mark.parametrize(

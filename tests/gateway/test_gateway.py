@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 import urllib.error
@@ -562,3 +563,19 @@ def test_callers_deadlines_travel_with_the_records(
     assert post(f"{gateway.http_url}/v2/models/{PIPELINE}/infer", body)[0] == 200
     answered_ms = time.time() * 1000
     assert sent_ms + 5000 < deadline_of_record(settings, rest_row) <= answered_ms + 7000
+
+
+def test_a_body_without_a_usable_length_is_refused_unread(gateway: Gateway) -> None:
+    """Content-Length -1 once made the server read until the client hung up, before asking who it was."""
+    host, port = gateway.http_addr.rsplit(":", 1)
+
+    def post(headers: str) -> str:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"POST /v2/models/{PIPELINE}/infer HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+            # The connection stays open and nothing more is sent: an answer proves nothing was waited for.
+            return sock.recv(65536).decode(errors="replace").split("\r\n", 1)[0]
+
+    assert post("Content-Length: -1\r\n") == "HTTP/1.1 401 Unauthorized"
+    token = bearer()["authorization"]
+    assert post(f"Authorization: {token}\r\nContent-Length: -1\r\n") == "HTTP/1.1 400 Bad Request"
+    assert post(f"Authorization: {token}\r\n") == "HTTP/1.1 400 Bad Request"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tritonclient.grpc as grpcclient
 
 from joey_cli.services import DATABASE_SERVICES, SERVICES
@@ -500,3 +501,13 @@ def test_the_environment_of_a_service_spells_out_secrets_and_json(tmp_path: Path
     assert "JOEY_TLS_CA" not in env  # unset stays unset, not "None"
     assert "JOEY_DATABASE_URL" not in service_env(env, "engine")
     assert service_env(env, "logger")["JOEY_DATABASE_URL"] == "postgresql://u:pw@h/db"
+
+
+def test_services_inherit_no_credentials_from_the_shell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token or password exported in the shell that runs `joey up` reaches no service by inheritance."""
+    for name in ("JOEY_TOKEN", "JOEY_CREDENTIALS", "JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN"):
+        monkeypatch.setenv(name, f"secret-of-{name}")
+    env = settings_env(StackSettings(state_dir=tmp_path))
+    assert not [value for value in env.values() if value.startswith("secret-of-")]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from joey_assayer.service import Assayer
 from joey_assayer.settings import AssayerSettings
 from joey_assayer.store import AssayerStore
-from joey_core.lifecycle import configure_logging, shutdown_event
+from joey_core.lifecycle import configure_logging, harden_process, shutdown_event
 
 
 def serve() -> None:
+    harden_process()
     settings = AssayerSettings()
     configure_logging(settings)
     stop = shutdown_event()

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def serve() -> None:
+    lifecycle.harden_process()
     settings = EngineSettings()
     # Read once: replicas get the settings pickled and python steps a minimal environment, and with
     # the variables gone no child process inherits a credential through its environment.

@@ -9,7 +9,7 @@ from prometheus_client import start_http_server
 
 from joey_core import tls
 from joey_core.heartbeats import ServiceHeartbeat
-from joey_core.lifecycle import configure_logging, shutdown_event
+from joey_core.lifecycle import configure_logging, harden_process, shutdown_event
 from joey_gateway import grpc_server, http_server
 from joey_gateway.service import Gateway
 from joey_gateway.settings import GatewaySettings
@@ -20,6 +20,7 @@ SERVICE = "gateway"
 
 
 def serve() -> None:
+    harden_process()
     settings = GatewaySettings()
     configure_logging(settings)
     stop = shutdown_event()

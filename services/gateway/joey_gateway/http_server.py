@@ -129,6 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body are separate writes: with Nagle's algorithm the body waits for the client's
     # delayed ACK (~40 ms) on a keep-alive connection.
     disable_nagle_algorithm = True
+    # A client that stalls (slowloris, a half-done TLS handshake) gives its thread back after this long.
+    timeout = 30
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -166,7 +168,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self.headers.get("Authorization")
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        declared = self.headers.get("Content-Length")
+        if declared is None or not declared.isdigit():
+            # Without a length the body would be read to the end of the connection, without a bound.
+            raise GatewayError(
+                Status.INVALID_ARGUMENT, f"Content-Length must be a non-negative integer, got {declared!r}"
+            )
+        length = int(declared)
         if length > MAX_BODY_BYTES:
             raise GatewayError(Status.INVALID_ARGUMENT, f"request body over {MAX_BODY_BYTES} bytes")
         return self.rfile.read(length)
@@ -225,6 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0].rstrip("/")
         try:
+            # Who is asking comes before reading what they send: a stranger's body is never read.
+            self.server.gateway.authenticate(self._authorization())
             body = self._body()
             match = _MODEL.match(path)
             if match is None or match["action"] != "/infer":

@@ -6,7 +6,7 @@ import logging
 
 from prometheus_client import start_http_server
 
-from joey_core.lifecycle import configure_logging, shutdown_event
+from joey_core.lifecycle import configure_logging, harden_process, shutdown_event
 from joey_logger.service import LoggerService
 from joey_logger.settings import LoggerSettings
 from joey_logger.sink import create_sink
@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def serve() -> None:
+    harden_process()
     settings = LoggerSettings()
     configure_logging(settings)
     stop = shutdown_event()

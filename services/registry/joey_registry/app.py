@@ -86,6 +86,7 @@ class RegistryServer:
 
 
 def serve() -> None:
+    lifecycle.harden_process()
     settings = RegistrySettings()
     lifecycle.configure_logging(settings)
     stop = lifecycle.shutdown_event()
