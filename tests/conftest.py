@@ -125,7 +125,7 @@ def env(
 
 
 @pytest.fixture(scope="session", autouse=True)
-def admin_token(database_url: str) -> Iterator[str]:
+def admin_token(database_url: str, redis_prefix: str) -> Iterator[str]:
     """An API token of the platform admin, in JOEY_TOKEN for every SDK and CLI call of the session.
 
     Made by the registry's own identity core on the session database, which every registry of the
@@ -137,15 +137,23 @@ def admin_token(database_url: str) -> Iterator[str]:
     from joey_registry.settings import RegistrySettings
     from joey_registry.store import Store
 
-    settings = RegistrySettings(database_url=database_url, admin_password=ADMIN_PASSWORD)
+    settings = RegistrySettings(
+        database_url=database_url,
+        admin_password=ADMIN_PASSWORD,
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+    )
     store = Store(database_url, max_size=1)
     store.open()
     try:
-        identity = Identity(settings, IdentityStore(store.pool), Access(store))
+        client = redis.Redis.from_url(REDIS_URL)
+        identity = Identity(settings, IdentityStore(store.pool), Access(store), client)
         identity.bootstrap()
         session, _, _ = identity.login("admin", ADMIN_PASSWORD, None)
         caller = identity.resolve([("authorization", f"Bearer {session}")])
-        token, _ = identity.create_token(caller, f"tests-{secrets.token_hex(4)}", None)
+        # A token made with a session expires with it at the latest: a test session is far shorter.
+        lifetime = settings.session_ttl_s - 60
+        token, _ = identity.create_token(caller, f"tests-{secrets.token_hex(4)}", lifetime)
         identity.logout(caller)
     finally:
         store.close()

@@ -11,17 +11,27 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import psycopg
 import pytest
+import redis
 from psycopg import sql
+from pydantic import ValidationError
 
 from joey_core import db as migrations
 from joey_core.v1 import registry_pb2 as pb
-from joey_registry.access import Access, Caller
+from joey_registry.access import Access
+from joey_registry.app import RegistryServer
 from joey_registry.errors import FailedPrecondition
-from joey_registry.identity import BootstrapRefused, Identity
+from joey_registry.identity import BootstrapRefused, Identity, token_sha256
 from joey_registry.identity_store import IdentityStore
 from joey_registry.settings import RegistrySettings
 from joey_registry.store import Store
-from tests.conftest import ADMIN_PASSWORD, SERVICE_TOKEN, ServiceProcess, scratch_database, wait_until
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    REDIS_URL,
+    SERVICE_TOKEN,
+    ServiceProcess,
+    scratch_database,
+    wait_until,
+)
 from tests.registry.helpers import Person, Stub, rpc_error, token_stub
 
 BAD_LOGIN = "invalid username or password"
@@ -81,7 +91,7 @@ def test_api_tokens_are_listed_and_revocation_acts_at_once(
     anonymous_stub: Stub, channel: grpc.Channel, new_person: Callable[..., Person]
 ) -> None:
     person = new_person()
-    created = person.stub.CreateToken(pb.CreateTokenRequest(name="ci", expires_in_s=3600))
+    created = person.stub.CreateToken(pb.CreateTokenRequest(name="ci", expires_in_s=600))
     assert created.token.startswith("joey_") and created.info.kind == "api"
     assert created.info.HasField("expires_at")
     ci = token_stub(channel, created.token)
@@ -89,7 +99,7 @@ def test_api_tokens_are_listed_and_revocation_acts_at_once(
     names = {(t.name, t.kind) for t in person.stub.ListTokens(pb.ListTokensRequest()).tokens}
     assert {("ci", "api"), ("tests", "api")} <= names
 
-    taken = rpc_error(lambda: person.stub.CreateToken(pb.CreateTokenRequest(name="ci")))
+    taken = rpc_error(lambda: person.stub.CreateToken(pb.CreateTokenRequest(name="ci", expires_in_s=60)))
     assert taken.code() == grpc.StatusCode.ALREADY_EXISTS
 
     person.stub.RevokeToken(pb.RevokeTokenRequest(name="ci"))
@@ -99,7 +109,7 @@ def test_api_tokens_are_listed_and_revocation_acts_at_once(
     again = rpc_error(lambda: person.stub.RevokeToken(pb.RevokeTokenRequest(name="ci")))
     assert (again.code(), again.details()) == (grpc.StatusCode.NOT_FOUND, "no live token named 'ci'")
     # The name is free again; the new secret is a different one.
-    assert person.stub.CreateToken(pb.CreateTokenRequest(name="ci")).token != created.token
+    assert person.stub.CreateToken(pb.CreateTokenRequest(name="ci", expires_in_s=60)).token != created.token
 
 
 @pytest.mark.parametrize(
@@ -209,7 +219,7 @@ def test_no_password_or_token_is_stored_in_plain_text(
 ) -> None:
     person = new_person()
     session = login(anonymous_stub, person.username, person.password).token
-    api = person.stub.CreateToken(pb.CreateTokenRequest(name="scan")).token
+    api = person.stub.CreateToken(pb.CreateTokenRequest(name="scan", expires_in_s=60)).token
     secrets_used = [ADMIN_PASSWORD, SERVICE_TOKEN, admin_token, person.password, person.token, session, api]
     with psycopg.connect(database_url) as conn:
         columns = conn.execute(
@@ -237,7 +247,7 @@ def identity_core(url: str, admin_password: str | None) -> Iterator[Identity]:
     store = Store(url, max_size=2)
     store.open()
     try:
-        yield Identity(settings, IdentityStore(store.pool), Access(store))
+        yield Identity(settings, IdentityStore(store.pool), Access(store), redis.Redis.from_url(REDIS_URL))
     finally:
         store.close()
 
@@ -269,7 +279,7 @@ def test_bootstrap_creates_the_admin_once() -> None:
             identity.bootstrap()
             token, _, admin = identity.login("admin", "first-admin-password", None)
             caller = identity.resolve([("authorization", f"Bearer {token}")])
-            assert caller == Caller(user=admin, token_id=caller.token_id, is_service=False)
+            assert (caller.user, caller.token_kind, caller.is_service) == (admin, "session", False)
             with pytest.raises(FailedPrecondition, match="last active platform admin"):
                 identity.set_user_active(caller, "admin", False)
 
@@ -290,3 +300,57 @@ def test_an_upgraded_database_keeps_its_workspaces_owned_by_admin() -> None:
                 "JOIN workspace_members m ON m.workspace_id = w.id ORDER BY w.name"
             ).fetchall()
         assert owners == [("default", "admin", "owner"), ("team-a", "admin", "owner")]
+
+
+def test_a_token_expires_no_later_than_the_token_that_made_it(
+    anonymous_stub: Stub,
+    channel: grpc.Channel,
+    registry_server: RegistryServer,
+    new_person: Callable[..., Person],
+) -> None:
+    person = new_person()
+    session = token_stub(
+        channel, login(anonymous_stub, person.username, person.password, expires_in_s=600).token
+    )
+    for expires_in_s in (None, 3600):
+        refused = rpc_error(
+            lambda e=expires_in_s: session.CreateToken(pb.CreateTokenRequest(name="long", expires_in_s=e))  # type: ignore[misc]
+        )
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expires_in_s must be at most" in refused.details()
+    assert session.CreateToken(pb.CreateTokenRequest(name="short", expires_in_s=60)).info.HasField(
+        "expires_at"
+    )
+    # A token that never expires (made before this rule, or by an operator) may make any.
+    forever = f"joey_{secrets.token_urlsafe(32)}"
+    store = registry_server.registry.identity.store
+    assert store.add_token(person.username, token_sha256(forever), "forever", "api", None)
+    made = token_stub(channel, forever).CreateToken(pb.CreateTokenRequest(name="ci-forever"))
+    assert not made.info.HasField("expires_at")
+
+
+def test_deactivation_ends_sessions_and_keeps_api_tokens(
+    stub: Stub, anonymous_stub: Stub, channel: grpc.Channel, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    session = token_stub(channel, login(anonymous_stub, person.username, person.password).token)
+    stub.SetUserActive(pb.SetUserActiveRequest(username=person.username, active=False))
+    stub.SetUserActive(pb.SetUserActiveRequest(username=person.username, active=True))
+    assert rpc_error(lambda: session.WhoAmI(pb.WhoAmIRequest())).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert person.stub.WhoAmI(pb.WhoAmIRequest()).username == person.username
+
+
+def test_logout_with_an_api_token_is_refused(new_person: Callable[..., Person]) -> None:
+    person = new_person()
+    refused = rpc_error(lambda: person.stub.Logout(pb.LogoutRequest()))
+    assert (refused.code(), refused.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "logout ends a session; revoke API tokens with `joey token revoke <name>`",
+    )
+    assert person.stub.WhoAmI(pb.WhoAmIRequest()).username == person.username
+
+
+def test_a_short_service_token_is_refused() -> None:
+    with pytest.raises(ValidationError, match="JOEY_SERVICE_TOKEN is shorter than 32 characters"):
+        RegistrySettings(service_token="joey_short")
+    assert RegistrySettings(service_token="x" * 32).service_token

@@ -6,6 +6,7 @@ import logging
 from concurrent import futures
 
 import grpc
+import pydantic
 import redis
 
 from joey_core import db, kafka, lifecycle
@@ -81,7 +82,10 @@ class RegistryServer:
 
 
 def serve() -> None:
-    settings = RegistrySettings()
+    try:
+        settings = RegistrySettings()
+    except pydantic.ValidationError as exc:
+        raise SystemExit(f"the registry cannot start: {exc}") from None
     lifecycle.configure_logging(settings.log_level)
     stop = lifecycle.shutdown_event()
     db.prepare(settings.database_url)
