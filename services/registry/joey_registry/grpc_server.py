@@ -85,7 +85,8 @@ def _refusal(exc: Exception) -> bool:
 
 
 def _attempted(request: Message) -> str:
-    """The username a login tried, for the audit trail: a refused login is recorded under it."""
+    """The username a request names, for the audit trail (a refused login is recorded under it), if
+    it is one."""
     username = str(getattr(request, "username", ""))
     return username if not username or USERNAME_PATTERN.fullmatch(username) else INVALID_USERNAME
 
@@ -130,6 +131,8 @@ def _subject(rpc: str, request: Message | None) -> tuple[str, str]:
         if wrapper in request.DESCRIPTOR.fields_by_name and request.HasField(wrapper):
             request = getattr(request, wrapper)
     fields = {fd.name: value for fd, value in request.ListFields() if fd.type != fd.TYPE_MESSAGE}
+    if "username" in fields:
+        fields["username"] = _attempted(request)
     if rpc in _WORKSPACE_NAMED:
         return str(fields.get("name", "")), ""
     target = " ".join(f"{name}={fields[name]}" for name in sorted(fields) if name in _TARGET_FIELDS)
