@@ -13,10 +13,11 @@ import psycopg
 import pytest
 import redis
 from psycopg import sql
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from joey_core import db as migrations
 from joey_core.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2_grpc
 from joey_registry.access import Access
 from joey_registry.app import RegistryServer
 from joey_registry.errors import FailedPrecondition
@@ -354,3 +355,28 @@ def test_a_short_service_token_is_refused() -> None:
     with pytest.raises(ValidationError, match="JOEY_SERVICE_TOKEN is shorter than 32 characters"):
         RegistrySettings(service_token="joey_short")
     assert RegistrySettings(service_token="x" * 32).service_token
+
+
+def test_a_registry_on_a_fresh_database_lets_admin_log_in(registry_settings: RegistrySettings) -> None:
+    password = f"fresh-{secrets.token_urlsafe(12)}"
+    with scratch_database("joey_fresh") as url:
+        settings = registry_settings.model_copy(
+            update={
+                "database_url": url,
+                "admin_password": SecretStr(password),
+                "redis_prefix": f"{registry_settings.redis_prefix}:fresh-{secrets.token_hex(4)}",
+            }
+        )
+        server = RegistryServer(settings)
+        port = server.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                anonymous = registry_pb2_grpc.RegistryStub(channel)
+                reply = login(anonymous, "admin", password)
+                assert reply.user.admin
+                admin = token_stub(channel, reply.token)
+                assert admin.WhoAmI(pb.WhoAmIRequest()).username == "admin"
+                listed = {w.name for w in admin.ListWorkspaces(pb.ListWorkspacesRequest()).workspaces}
+                assert listed == {"default"}
+        finally:
+            server.stop()
