@@ -73,11 +73,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 @contextmanager
-def scratch_database(prefix: str) -> Iterator[str]:
-    """A fresh, migrated database with a random name, dropped afterwards."""
+def scratch_database(prefix: str, up_to: int | None = None) -> Iterator[str]:
+    """A fresh database with a random name, migrated (up to migration ``up_to`` if given), dropped
+    afterwards."""
     name = f"{prefix}_{secrets.token_hex(4)}"
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    db.prepare(url)
+    db.ensure_database(url)
+    db.migrate(url, up_to)
     try:
         yield url
     finally:

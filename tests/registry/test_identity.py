@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import redis
 from psycopg import sql
+from psycopg.types.json import Jsonb
 from pydantic import SecretStr, ValidationError
 
 from joey_core import db as migrations
@@ -33,7 +34,7 @@ from tests.conftest import (
     scratch_database,
     wait_until,
 )
-from tests.registry.helpers import Person, Stub, rpc_error, token_stub
+from tests.registry.helpers import Person, Stub, identity_model, rpc_error, step, token_stub, upload
 
 BAD_LOGIN = "invalid username or password"
 
@@ -285,22 +286,93 @@ def test_bootstrap_creates_the_admin_once() -> None:
                 identity.set_user_active(caller, "admin", False)
 
 
-def test_an_upgraded_database_keeps_its_workspaces_owned_by_admin() -> None:
-    with scratch_database("joey_upgrade") as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            # Back to the schema before identity, with a workspace of its own besides `default`.
-            conn.execute("DROP TABLE audit_log, workspace_members, tokens, users")
-            conn.execute("DELETE FROM schema_migrations WHERE version = 11")
-            conn.execute("INSERT INTO workspaces (name) VALUES ('team-a')")
-        assert migrations.migrate(url) == ["0011_identity.sql"]
-        with identity_core(url, "the-admin-password") as identity:
-            identity.bootstrap()
-        with psycopg.connect(url) as conn:
-            owners = conn.execute(
-                "SELECT w.name, m.username, m.role FROM workspaces w "
-                "JOIN workspace_members m ON m.workspace_id = w.id ORDER BY w.name"
+# Copied from the session database into one at migration 0010, in dependency order.
+_SEEDED = {
+    "models": "id, workspace_id, name, created_at, last_version",
+    "model_versions": "id, model_id, version, sha256, size_bytes, framework, inputs, outputs, created_at",
+    "pipelines": "id, workspace_id, name, created_at",
+    "pipeline_versions": "id, pipeline_id, version, steps, created_at",
+    "assays": "id, workspace_id, name, pipeline, definition, active, created_at",
+}
+
+
+def _seed_from(database_url: str, workspace: str, url: str) -> None:
+    """Copy what ``workspace`` holds in the session database into ``url``'s workspace 'team-a'."""
+    with psycopg.connect(database_url) as source, psycopg.connect(url) as target:
+        (ws_id,) = source.execute("SELECT id FROM workspaces WHERE name = %s", (workspace,)).fetchone()  # type: ignore[misc]
+        target.execute("INSERT INTO workspaces (id, name) VALUES (%s, 'team-a')", (ws_id,))
+        for table, columns in _SEEDED.items():
+            rows = source.execute(
+                sql.SQL("SELECT {} FROM {} t WHERE {}").format(
+                    sql.SQL(columns),
+                    sql.Identifier(table),
+                    sql.SQL(
+                        "t.workspace_id = %(ws)s"
+                        if "workspace_id" in columns
+                        else "t.model_id IN (SELECT id FROM models WHERE workspace_id = %(ws)s)"
+                        if table == "model_versions"
+                        else "t.pipeline_id IN (SELECT id FROM pipelines WHERE workspace_id = %(ws)s)"
+                    ),
+                ),
+                {"ws": ws_id},
             ).fetchall()
-        assert owners == [("default", "admin", "owner"), ("team-a", "admin", "owner")]
+            assert rows, table
+            marks = ", ".join(["%s"] * len(rows[0]))
+            with target.cursor() as cur:
+                cur.executemany(
+                    sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                        sql.Identifier(table), sql.SQL(columns), sql.SQL(marks)
+                    ),
+                    [tuple(Jsonb(v) if isinstance(v, dict | list) else v for v in row) for row in rows],
+                )
+        target.execute(
+            "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id, "
+            "time, input_topic, input_partition, input_offset, ok, inputs, outputs) "
+            "VALUES ('team-a', 'p', 1, 'd1', 'r1', now(), 'in', 0, 0, true, %s, %s)",
+            (Jsonb({"x": 1.0}), Jsonb({"y": 1.0})),
+        )
+
+
+def test_an_upgraded_database_keeps_what_it_held_owned_by_admin(
+    stub: Stub, workspace: str, database_url: str, registry_settings: RegistrySettings
+) -> None:
+    upload(stub, workspace, "m", identity_model("x", "float32", "y"))
+    stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("m")]))
+    assay = pb.AssayDefinition(
+        workspace=workspace, name="drift", pipeline="p", iopath="input x", baseline_data=[1.0, 2.0]
+    )
+    stub.CreateAssay(pb.CreateAssayRequest(definition=assay))
+    password = f"upgrade-{secrets.token_urlsafe(12)}"
+    with scratch_database("joey_upgrade", up_to=10) as url:
+        _seed_from(database_url, workspace, url)
+        assert migrations.migrate(url) == ["0011_identity.sql"]
+        settings = registry_settings.model_copy(
+            update={
+                "database_url": url,
+                "admin_password": SecretStr(password),
+                "redis_prefix": f"{registry_settings.redis_prefix}:upgrade-{secrets.token_hex(4)}",
+            }
+        )
+        server = RegistryServer(settings)
+        port = server.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                token = login(registry_pb2_grpc.RegistryStub(channel), "admin", password).token
+                admin = token_stub(channel, token)
+                workspaces = {
+                    w.name: w.role for w in admin.ListWorkspaces(pb.ListWorkspacesRequest()).workspaces
+                }
+                assert workspaces == {"default": "owner", "team-a": "owner"}
+                models = admin.ListModels(pb.ListModelsRequest(workspace="team-a")).models
+                assert [m.name for m in models] == ["m"]
+                pipelines = admin.ListPipelines(pb.ListPipelinesRequest(workspace="team-a")).pipelines
+                assert [p.name for p in pipelines] == ["p"]
+                logs = admin.QueryLogs(pb.QueryLogsRequest(workspace="team-a", pipeline="p")).entries
+                assert [e.request_id for e in logs] == ["r1"]
+                assays = admin.ListAssays(pb.ListAssaysRequest(workspace="team-a")).assays
+                assert [a.definition.name for a in assays] == ["drift"]
+        finally:
+            server.stop()
 
 
 def test_a_token_expires_no_later_than_the_token_that_made_it(
