@@ -273,6 +273,8 @@ class Identity:
         return self.store.list_users()
 
     def set_user_active(self, caller: Caller, username: str, active: bool) -> User:
+        """Deactivating revokes the user's sessions for good; their API tokens are refused while they
+        are inactive and work again once they are reactivated (CI jobs holding them carry on)."""
         self.access.admin(caller)
 
         def check(user: User, other_active_admins: int) -> None:
