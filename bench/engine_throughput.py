@@ -365,6 +365,15 @@ def registry_ready(addr: str) -> bool:
         return bool(exc.code() == grpc.StatusCode.UNAUTHENTICATED)
 
 
+def admin_token(registry_addr: str, password: str) -> str:
+    """A session of the platform admin the bench's registry created."""
+    with grpc.insecure_channel(registry_addr) as channel:
+        login = registry_pb2_grpc.RegistryStub(channel).Login(
+            registry_pb2.LoginRequest(username="admin", password=password), timeout=10
+        )
+    return str(login.token)
+
+
 def start_joey(
     args: argparse.Namespace,
     settings: CommonSettings,
@@ -387,7 +396,8 @@ def start_joey(
         stack.callback(logger.stop)
     engine = Process("engine", [sys.executable, "-m", "joey_cli", "serve", "engine"], env, logs).start()
     stack.callback(engine.stop)
-    client = Client(settings=settings, workspace=WORKSPACE)
+    token = admin_token(settings.registry_addr, env["JOEY_ADMIN_PASSWORD"])
+    client = Client(settings=settings, workspace=WORKSPACE, token=token)
     stack.callback(client.close)
     return Joey(args, client, client.upload_model("iris", model), engine)
 
@@ -484,6 +494,8 @@ def main() -> None:
             "JOEY_LOGS_PARTITIONS": str(args.partitions),
             "JOEY_MAX_BATCH_SIZE": str(args.batch_size),
             "JOEY_MAX_BATCH_DELAY_MS": str(args.batch_delay_ms),
+            "JOEY_ADMIN_PASSWORD": secrets.token_urlsafe(24),
+            "JOEY_SERVICE_TOKEN": "joey_" + secrets.token_urlsafe(32),
         }
         settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items()})
         model = train_and_export(work / "iris.onnx")

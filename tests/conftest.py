@@ -73,11 +73,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 @contextmanager
-def scratch_database(prefix: str) -> Iterator[str]:
-    """A fresh, migrated database with a random name, dropped afterwards."""
+def scratch_database(prefix: str, up_to: int | None = None) -> Iterator[str]:
+    """A fresh database with a random name, migrated (up to migration ``up_to`` if given), dropped
+    afterwards."""
     name = f"{prefix}_{secrets.token_hex(4)}"
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    db.prepare(url)
+    db.ensure_database(url)
+    db.migrate(url, up_to)
     try:
         yield url
     finally:
@@ -139,7 +141,7 @@ def credentials_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def admin_token(database_url: str) -> Iterator[str]:
+def admin_token(database_url: str, redis_prefix: str) -> Iterator[str]:
     """An API token of the platform admin, in JOEY_TOKEN for every SDK and CLI call of the session.
 
     Made by the registry's own identity core on the session database, which every registry of the
@@ -151,15 +153,23 @@ def admin_token(database_url: str) -> Iterator[str]:
     from joey_registry.settings import RegistrySettings
     from joey_registry.store import Store
 
-    settings = RegistrySettings(database_url=database_url, admin_password=ADMIN_PASSWORD)
+    settings = RegistrySettings(
+        database_url=database_url,
+        admin_password=ADMIN_PASSWORD,
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+    )
     store = Store(database_url, max_size=1)
     store.open()
     try:
-        identity = Identity(settings, IdentityStore(store.pool), Access(store))
+        client = redis.Redis.from_url(REDIS_URL)
+        identity = Identity(settings, IdentityStore(store.pool), Access(store), client)
         identity.bootstrap()
         session, _, _ = identity.login("admin", ADMIN_PASSWORD, None)
         caller = identity.resolve([("authorization", f"Bearer {session}")])
-        token, _ = identity.create_token(caller, f"tests-{secrets.token_hex(4)}", None)
+        # A token made with a session expires with it at the latest: a test session is far shorter.
+        lifetime = settings.session_ttl_s - 60
+        token, _ = identity.create_token(caller, f"tests-{secrets.token_hex(4)}", lifetime)
         identity.logout(caller)
     finally:
         store.close()

@@ -16,12 +16,17 @@ SERVICE_TOKEN_FILE = "service-token"  # noqa: S105 (a file name)
 
 
 def _secret(path: Path, make: str) -> str:
-    """The file's secret, or ``make`` written there (mode 0600) if it does not exist yet."""
+    """The file's secret, or ``make`` written there (mode 0600) if it does not exist yet or holds
+    none (an empty file, as a crash while writing it leaves)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return path.read_text().strip()
+        kept = path.read_text().strip()
+        if kept:
+            return kept
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(make + "\n")
     return make

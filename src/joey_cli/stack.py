@@ -106,17 +106,10 @@ class StackSettings(DatabaseSettings):
         return "kafka_bootstrap" not in self.model_fields_set
 
 
-# The lock is the supervisor's; the others are a user's or the stack's credentials, which a service gets
-# only when it uses them (joey_cli.bootstrap.service_env), never because the shell exported them.
-_NOT_INHERITED = frozenset(
-    {"JOEY_STACK_LOCK_FD", "JOEY_TOKEN", "JOEY_CREDENTIALS", "JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN"}
-)
-
-
 def settings_env(settings: StackSettings) -> dict[str, str]:
     """The environment of a process the stack starts: this one's, with the settings the stack runs with
     spelled out, whether they came from the environment, a command-line option or code."""
-    env = {name: value for name, value in os.environ.items() if name not in _NOT_INHERITED}
+    env = {name: value for name, value in os.environ.items() if name != "JOEY_STACK_LOCK_FD"}
     fields = settings.model_dump(exclude={"stack_lock_fd", "embedded_broker"})
     fields["embedded_broker"] = settings.embedded
     return env | {
@@ -134,9 +127,16 @@ def _env_value(value: object) -> str:
     return str(value)
 
 
+# A user's or the stack's credentials: a service gets them only when it uses them
+# (joey_cli.bootstrap.service_env), never because the shell that ran `joey up` exported them.
+_CREDENTIALS = frozenset({"JOEY_TOKEN", "JOEY_CREDENTIALS", "JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN"})
+
+
 def service_env(env: dict[str, str], service: str) -> dict[str, str]:
-    """The environment of ``service``: a service that uses no database is not given its URL."""
-    return env if service in DATABASE_SERVICES else {k: v for k, v in env.items() if k != "JOEY_DATABASE_URL"}
+    """The environment of ``service``: no inherited credentials, and for a service that uses no database
+    not its URL either."""
+    dropped = _CREDENTIALS if service in DATABASE_SERVICES else _CREDENTIALS | {"JOEY_DATABASE_URL"}
+    return {k: v for k, v in env.items() if k not in dropped}
 
 
 class StackError(RuntimeError):

@@ -44,8 +44,8 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def migrate(url: str) -> list[str]:
-    """Apply pending migrations; return the names applied."""
+def migrate(url: str, up_to: int | None = None) -> list[str]:
+    """Apply pending migrations (numbered ``up_to`` at most, if given); return the names applied."""
     applied: list[str] = []
     with psycopg.connect(url) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
@@ -57,7 +57,7 @@ def migrate(url: str) -> list[str]:
             conn.commit()
             done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
             for number, name, text in _migrations():
-                if number in done:
+                if number in done or (up_to is not None and number > up_to):
                     continue
                 with conn.transaction():
                     conn.execute(text.encode())

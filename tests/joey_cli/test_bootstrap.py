@@ -27,3 +27,14 @@ def test_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("JOEY_ADMIN_PASSWORD", "given-admin-password")
     assert bootstrap.admin_password(tmp_path) == "given-admin-password"
     assert not (tmp_path / bootstrap.ADMIN_PASSWORD_FILE).exists()
+
+
+def test_an_empty_secrets_file_is_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JOEY_SERVICE_TOKEN", raising=False)
+    path = tmp_path / bootstrap.SERVICE_TOKEN_FILE
+    path.write_text(" \n")
+    path.chmod(0o644)
+    token = bootstrap.service_token(tmp_path)
+    assert token.startswith("joey_")
+    assert path.read_text().strip() == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -510,4 +510,6 @@ def test_services_inherit_no_credentials_from_the_shell(
     for name in ("JOEY_TOKEN", "JOEY_CREDENTIALS", "JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN"):
         monkeypatch.setenv(name, f"secret-of-{name}")
     env = settings_env(StackSettings(state_dir=tmp_path))
-    assert not [value for value in env.values() if value.startswith("secret-of-")]
+    for service in SERVICES:
+        inherited = service_env(env, service)
+        assert not [value for value in inherited.values() if value.startswith("secret-of-")], service

@@ -72,7 +72,8 @@ def new_person(stub: Stub, anonymous_stub: Stub, channel: grpc.Channel) -> Calla
         password = f"pw-{secrets.token_urlsafe(12)}"
         stub.CreateUser(pb.CreateUserRequest(username=username, password=password, admin=admin))
         session = anonymous_stub.Login(pb.LoginRequest(username=username, password=password)).token
-        token = token_stub(channel, session).CreateToken(pb.CreateTokenRequest(name="tests")).token
+        request = pb.CreateTokenRequest(name="tests", expires_in_s=3600)
+        token = token_stub(channel, session).CreateToken(request).token
         return Person(username, password, token, token_stub(channel, token))
 
     return make

@@ -17,17 +17,27 @@ import pytest
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry import grpc_server
-from tests.conftest import SERVICE_TOKEN
+from tests.conftest import SERVICE_TOKEN, wait_until
 from tests.registry.helpers import Person, Stub, identity_model, step, token_stub, upload, upload_requests
 
 ALLOWED, HIDDEN, DENIED, UNAUTHENTICATED = "allowed", "hidden", "permission denied", "unauthenticated"
-ROLES = ("admin", "owner", "collaborator", "non-member", "deactivated", "bad token", "no token", "service")
+ROLES = (
+    "admin",
+    "owner",
+    "collaborator",
+    "non-member",
+    "deactivated",
+    "expired session",
+    "bad token",
+    "no token",
+    "service",
+)
 RPCS = [method.name for method in pb.DESCRIPTOR.services_by_name["Registry"].methods]
 
 
 def _expect(**by_role: str) -> dict[str, str]:
     # Whatever a call needs, a caller who cannot be authenticated is refused as such.
-    refused = {"deactivated": UNAUTHENTICATED, "bad token": UNAUTHENTICATED, "no token": UNAUTHENTICATED}
+    refused = dict.fromkeys(("deactivated", "expired session", "bad token", "no token"), UNAUTHENTICATED)
     return refused | by_role
 
 
@@ -272,11 +282,30 @@ def world(
     model = owner.UploadModel(upload_requests(workspace, "model", MODEL))
     owner.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="pipe", steps=[step("model")]))
     stubs = {role: person.stub for role, person in people.items()} | {
+        "expired session": _expired_session(anonymous_stub, channel, people["owner"]),
         "bad token": token_stub(channel, f"joey_{secrets.token_urlsafe(32)}"),
         "no token": anonymous_stub,
         "service": token_stub(channel, SERVICE_TOKEN),
     }
     return World(workspace, "model", model.sha256, "pipe", new_person(), new_person(), people, stubs, channel)
+
+
+def _expired_session(anonymous: Stub, channel: grpc.Channel, person: Person) -> Stub:
+    """A stub on a session of the workspace owner that has expired."""
+    reply = anonymous.Login(
+        pb.LoginRequest(username=person.username, password=person.password, expires_in_s=1)
+    )
+    session = token_stub(channel, reply.token)
+
+    def expired() -> bool:
+        try:
+            session.WhoAmI(pb.WhoAmIRequest())
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined,no-any-return]
+        return False
+
+    wait_until(expired, 30, "the session to expire")
+    return session
 
 
 def _outcome(call: Callable[[], object], workspace: str) -> str:
@@ -304,6 +333,14 @@ def test_access_matrix(world: World, rpc: str, role: str) -> None:
     expected, call = rule
     got = _outcome(lambda: call(world.stubs[role], world, role), world.workspace)
     assert got.split(" (")[0] == expected[role], f"{rpc} as {role}: {got}"
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("action", ["read", "infer"])
+def test_authorize_for_reads_and_inferences(world: World, action: str, role: str) -> None:
+    request = pb.AuthorizeRequest(workspace=world.workspace, action=action)
+    got = _outcome(lambda: world.stubs[role].Authorize(request), world.workspace)
+    assert got.split(" (")[0] == IN_WORKSPACE[role], f"Authorize {action} as {role}: {got}"
 
 
 def test_every_rule_is_of_an_rpc() -> None:

@@ -1,4 +1,5 @@
-"""The audit trail: management calls are recorded, refused ones included; only platform admins read it."""
+"""The audit trail: management calls are recorded, refused ones included, and refused reads; only platform
+admins read it."""
 
 from __future__ import annotations
 
@@ -27,9 +28,8 @@ def test_management_calls_are_recorded_refused_or_not(
     person = new_person()
     workspace = f"audit-{secrets.token_hex(4)}"
     person.stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=workspace))
-    person.stub.ListModels(pb.ListModelsRequest(workspace=workspace))  # a read: not recorded
+    person.stub.ListModels(pb.ListModelsRequest(workspace=workspace))  # an answered read: not recorded
     rpc_error(lambda: person.stub.CreateUser(pb.CreateUserRequest(username="x" + secrets.token_hex(4))))
-    rpc_error(lambda: anonymous_stub.Deploy(pb.DeployRequest(workspace=workspace, pipeline="p")))
     rpc_error(
         lambda: anonymous_stub.Login(pb.LoginRequest(username=person.username, password="wrong-password"))
     )
@@ -43,8 +43,41 @@ def test_management_calls_are_recorded_refused_or_not(
     assert "ListModels" not in {e.action for e in mine}
     assert mine[1].message.startswith("only platform admins")
     assert "wrong-password" not in mine[0].target + mine[0].message
-    anonymous = entries(stub, workspace=workspace, action="Deploy")
-    assert [(e.username, e.target, e.outcome) for e in anonymous] == [("", "pipeline=p", "UNAUTHENTICATED")]
+
+
+def test_refused_reads_are_recorded(stub: Stub, new_person: Callable[..., Person]) -> None:
+    person, outsider = new_person(), new_person()
+    workspace = person.stub.CreateWorkspace(
+        pb.CreateWorkspaceRequest(name=f"audit-{secrets.token_hex(4)}")
+    ).name
+    rpc_error(lambda: person.stub.ListUsers(pb.ListUsersRequest()))
+    rpc_error(lambda: outsider.stub.ListModels(pb.ListModelsRequest(workspace=workspace)))
+    rpc_error(
+        lambda: person.stub.GetModel(pb.GetModelRequest(workspace=workspace, name="nope"))
+    )  # no refusal
+    mine = entries(stub, username=person.username)
+    assert [(e.action, e.outcome) for e in mine][:2] == [
+        ("ListUsers", "PERMISSION_DENIED"),
+        ("CreateWorkspace", "OK"),
+    ]
+    theirs = entries(stub, username=outsider.username)
+    assert [(e.action, e.workspace, e.outcome) for e in theirs][:1] == [
+        ("ListModels", workspace, "NOT_FOUND")
+    ]
+
+
+def test_calls_without_a_token_are_not_recorded_and_login_names_are_checked(
+    stub: Stub, anonymous_stub: Stub
+) -> None:
+    workspace = f"audit-{secrets.token_hex(4)}"
+    rpc_error(lambda: anonymous_stub.Deploy(pb.DeployRequest(workspace=workspace, pipeline="p")))
+    rpc_error(lambda: anonymous_stub.ListModels(pb.ListModelsRequest(workspace=workspace)))
+    assert entries(stub, workspace=workspace) == []
+    pasted = f"Pasted Password {secrets.token_hex(4)}!"
+    rpc_error(lambda: anonymous_stub.Login(pb.LoginRequest(username=pasted, password="x")))
+    logins = entries(stub, action="Login", username="<invalid>")
+    assert logins and logins[0].outcome == "UNAUTHENTICATED"
+    assert all(pasted not in e.username + e.target + e.message for e in entries(stub, limit=10_000))
 
 
 def test_the_limit_is_bounded(stub: Stub) -> None:

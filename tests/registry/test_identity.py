@@ -11,18 +11,30 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import psycopg
 import pytest
+import redis
 from psycopg import sql
+from psycopg.types.json import Jsonb
+from pydantic import SecretStr, ValidationError
 
 from joey_core import db as migrations
 from joey_core.v1 import registry_pb2 as pb
-from joey_registry.access import Access, Caller
+from joey_core.v1 import registry_pb2_grpc
+from joey_registry.access import Access
+from joey_registry.app import RegistryServer
 from joey_registry.errors import FailedPrecondition
-from joey_registry.identity import BootstrapRefused, Identity
+from joey_registry.identity import BootstrapRefused, Identity, token_sha256
 from joey_registry.identity_store import IdentityStore
 from joey_registry.settings import RegistrySettings
 from joey_registry.store import Store
-from tests.conftest import ADMIN_PASSWORD, SERVICE_TOKEN, ServiceProcess, scratch_database, wait_until
-from tests.registry.helpers import Person, Stub, rpc_error, token_stub
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    REDIS_URL,
+    SERVICE_TOKEN,
+    ServiceProcess,
+    scratch_database,
+    wait_until,
+)
+from tests.registry.helpers import Person, Stub, identity_model, rpc_error, step, token_stub, upload
 
 BAD_LOGIN = "invalid username or password"
 
@@ -81,7 +93,7 @@ def test_api_tokens_are_listed_and_revocation_acts_at_once(
     anonymous_stub: Stub, channel: grpc.Channel, new_person: Callable[..., Person]
 ) -> None:
     person = new_person()
-    created = person.stub.CreateToken(pb.CreateTokenRequest(name="ci", expires_in_s=3600))
+    created = person.stub.CreateToken(pb.CreateTokenRequest(name="ci", expires_in_s=600))
     assert created.token.startswith("joey_") and created.info.kind == "api"
     assert created.info.HasField("expires_at")
     ci = token_stub(channel, created.token)
@@ -89,7 +101,7 @@ def test_api_tokens_are_listed_and_revocation_acts_at_once(
     names = {(t.name, t.kind) for t in person.stub.ListTokens(pb.ListTokensRequest()).tokens}
     assert {("ci", "api"), ("tests", "api")} <= names
 
-    taken = rpc_error(lambda: person.stub.CreateToken(pb.CreateTokenRequest(name="ci")))
+    taken = rpc_error(lambda: person.stub.CreateToken(pb.CreateTokenRequest(name="ci", expires_in_s=60)))
     assert taken.code() == grpc.StatusCode.ALREADY_EXISTS
 
     person.stub.RevokeToken(pb.RevokeTokenRequest(name="ci"))
@@ -99,7 +111,7 @@ def test_api_tokens_are_listed_and_revocation_acts_at_once(
     again = rpc_error(lambda: person.stub.RevokeToken(pb.RevokeTokenRequest(name="ci")))
     assert (again.code(), again.details()) == (grpc.StatusCode.NOT_FOUND, "no live token named 'ci'")
     # The name is free again; the new secret is a different one.
-    assert person.stub.CreateToken(pb.CreateTokenRequest(name="ci")).token != created.token
+    assert person.stub.CreateToken(pb.CreateTokenRequest(name="ci", expires_in_s=60)).token != created.token
 
 
 @pytest.mark.parametrize(
@@ -209,7 +221,7 @@ def test_no_password_or_token_is_stored_in_plain_text(
 ) -> None:
     person = new_person()
     session = login(anonymous_stub, person.username, person.password).token
-    api = person.stub.CreateToken(pb.CreateTokenRequest(name="scan")).token
+    api = person.stub.CreateToken(pb.CreateTokenRequest(name="scan", expires_in_s=60)).token
     secrets_used = [ADMIN_PASSWORD, SERVICE_TOKEN, admin_token, person.password, person.token, session, api]
     with psycopg.connect(database_url) as conn:
         columns = conn.execute(
@@ -237,7 +249,7 @@ def identity_core(url: str, admin_password: str | None) -> Iterator[Identity]:
     store = Store(url, max_size=2)
     store.open()
     try:
-        yield Identity(settings, IdentityStore(store.pool), Access(store))
+        yield Identity(settings, IdentityStore(store.pool), Access(store), redis.Redis.from_url(REDIS_URL))
     finally:
         store.close()
 
@@ -269,24 +281,180 @@ def test_bootstrap_creates_the_admin_once() -> None:
             identity.bootstrap()
             token, _, admin = identity.login("admin", "first-admin-password", None)
             caller = identity.resolve([("authorization", f"Bearer {token}")])
-            assert caller == Caller(user=admin, token_id=caller.token_id, is_service=False)
+            assert (caller.user, caller.token_kind, caller.is_service) == (admin, "session", False)
             with pytest.raises(FailedPrecondition, match="last active platform admin"):
                 identity.set_user_active(caller, "admin", False)
 
 
-def test_an_upgraded_database_keeps_its_workspaces_owned_by_admin() -> None:
-    with scratch_database("joey_upgrade") as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            # Back to the schema before identity, with a workspace of its own besides `default`.
-            conn.execute("DROP TABLE audit_log, workspace_members, tokens, users")
-            conn.execute("DELETE FROM schema_migrations WHERE version = 11")
-            conn.execute("INSERT INTO workspaces (name) VALUES ('team-a')")
-        assert migrations.migrate(url) == ["0011_identity.sql"]
-        with identity_core(url, "the-admin-password") as identity:
-            identity.bootstrap()
-        with psycopg.connect(url) as conn:
-            owners = conn.execute(
-                "SELECT w.name, m.username, m.role FROM workspaces w "
-                "JOIN workspace_members m ON m.workspace_id = w.id ORDER BY w.name"
+# Copied from the session database into one at migration 0010, in dependency order.
+_SEEDED = {
+    "models": "id, workspace_id, name, created_at, last_version",
+    "model_versions": "id, model_id, version, sha256, size_bytes, framework, inputs, outputs, created_at",
+    "pipelines": "id, workspace_id, name, created_at",
+    "pipeline_versions": "id, pipeline_id, version, steps, created_at",
+    "assays": "id, workspace_id, name, pipeline, definition, active, created_at",
+}
+
+
+def _seed_from(database_url: str, workspace: str, url: str) -> None:
+    """Copy what ``workspace`` holds in the session database into ``url``'s workspace 'team-a'."""
+    with psycopg.connect(database_url) as source, psycopg.connect(url) as target:
+        (ws_id,) = source.execute("SELECT id FROM workspaces WHERE name = %s", (workspace,)).fetchone()  # type: ignore[misc]
+        target.execute("INSERT INTO workspaces (id, name) VALUES (%s, 'team-a')", (ws_id,))
+        for table, columns in _SEEDED.items():
+            rows = source.execute(
+                sql.SQL("SELECT {} FROM {} t WHERE {}").format(
+                    sql.SQL(columns),
+                    sql.Identifier(table),
+                    sql.SQL(
+                        "t.workspace_id = %(ws)s"
+                        if "workspace_id" in columns
+                        else "t.model_id IN (SELECT id FROM models WHERE workspace_id = %(ws)s)"
+                        if table == "model_versions"
+                        else "t.pipeline_id IN (SELECT id FROM pipelines WHERE workspace_id = %(ws)s)"
+                    ),
+                ),
+                {"ws": ws_id},
             ).fetchall()
-        assert owners == [("default", "admin", "owner"), ("team-a", "admin", "owner")]
+            assert rows, table
+            marks = ", ".join(["%s"] * len(rows[0]))
+            with target.cursor() as cur:
+                cur.executemany(
+                    sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                        sql.Identifier(table), sql.SQL(columns), sql.SQL(marks)
+                    ),
+                    [tuple(Jsonb(v) if isinstance(v, dict | list) else v for v in row) for row in rows],
+                )
+        target.execute(
+            "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, request_id, "
+            "time, input_topic, input_partition, input_offset, ok, inputs, outputs) "
+            "VALUES ('team-a', 'p', 1, 'd1', 'r1', now(), 'in', 0, 0, true, %s, %s)",
+            (Jsonb({"x": 1.0}), Jsonb({"y": 1.0})),
+        )
+
+
+def test_an_upgraded_database_keeps_what_it_held_owned_by_admin(
+    stub: Stub, workspace: str, database_url: str, registry_settings: RegistrySettings
+) -> None:
+    upload(stub, workspace, "m", identity_model("x", "float32", "y"))
+    stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("m")]))
+    assay = pb.AssayDefinition(
+        workspace=workspace, name="drift", pipeline="p", iopath="input x", baseline_data=[1.0, 2.0]
+    )
+    stub.CreateAssay(pb.CreateAssayRequest(definition=assay))
+    password = f"upgrade-{secrets.token_urlsafe(12)}"
+    with scratch_database("joey_upgrade", up_to=10) as url:
+        _seed_from(database_url, workspace, url)
+        assert migrations.migrate(url) == ["0011_identity.sql"]
+        settings = registry_settings.model_copy(
+            update={
+                "database_url": url,
+                "admin_password": SecretStr(password),
+                "redis_prefix": f"{registry_settings.redis_prefix}:upgrade-{secrets.token_hex(4)}",
+            }
+        )
+        server = RegistryServer(settings)
+        port = server.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                token = login(registry_pb2_grpc.RegistryStub(channel), "admin", password).token
+                admin = token_stub(channel, token)
+                workspaces = {
+                    w.name: w.role for w in admin.ListWorkspaces(pb.ListWorkspacesRequest()).workspaces
+                }
+                assert workspaces == {"default": "owner", "team-a": "owner"}
+                models = admin.ListModels(pb.ListModelsRequest(workspace="team-a")).models
+                assert [m.name for m in models] == ["m"]
+                pipelines = admin.ListPipelines(pb.ListPipelinesRequest(workspace="team-a")).pipelines
+                assert [p.name for p in pipelines] == ["p"]
+                logs = admin.QueryLogs(pb.QueryLogsRequest(workspace="team-a", pipeline="p")).entries
+                assert [e.request_id for e in logs] == ["r1"]
+                assays = admin.ListAssays(pb.ListAssaysRequest(workspace="team-a")).assays
+                assert [a.definition.name for a in assays] == ["drift"]
+        finally:
+            server.stop()
+
+
+def test_an_api_token_makes_none_outliving_it_and_a_session_makes_any(
+    anonymous_stub: Stub,
+    channel: grpc.Channel,
+    registry_server: RegistryServer,
+    new_person: Callable[..., Person],
+) -> None:
+    person = new_person()
+    session = token_stub(
+        channel, login(anonymous_stub, person.username, person.password, expires_in_s=600).token
+    )
+    # A session proves the password: it makes CI tokens that never expire.
+    ci = session.CreateToken(pb.CreateTokenRequest(name="ci"))
+    assert not ci.info.HasField("expires_at")
+    short = token_stub(
+        channel, session.CreateToken(pb.CreateTokenRequest(name="short", expires_in_s=600)).token
+    )
+    for expires_in_s in (None, 3600):
+        refused = rpc_error(
+            lambda e=expires_in_s: short.CreateToken(pb.CreateTokenRequest(name="long", expires_in_s=e))  # type: ignore[misc]
+        )
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expires_in_s must be at most" in refused.details()
+    assert short.CreateToken(pb.CreateTokenRequest(name="shorter", expires_in_s=60)).info.HasField(
+        "expires_at"
+    )
+    # A token that never expires (made before this rule, or by an operator) may make any.
+    forever = f"joey_{secrets.token_urlsafe(32)}"
+    store = registry_server.registry.identity.store
+    assert store.add_token(person.username, token_sha256(forever), "forever", "api", None)
+    made = token_stub(channel, forever).CreateToken(pb.CreateTokenRequest(name="ci-forever"))
+    assert not made.info.HasField("expires_at")
+
+
+def test_deactivation_ends_sessions_and_keeps_api_tokens(
+    stub: Stub, anonymous_stub: Stub, channel: grpc.Channel, new_person: Callable[..., Person]
+) -> None:
+    person = new_person()
+    session = token_stub(channel, login(anonymous_stub, person.username, person.password).token)
+    stub.SetUserActive(pb.SetUserActiveRequest(username=person.username, active=False))
+    stub.SetUserActive(pb.SetUserActiveRequest(username=person.username, active=True))
+    assert rpc_error(lambda: session.WhoAmI(pb.WhoAmIRequest())).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert person.stub.WhoAmI(pb.WhoAmIRequest()).username == person.username
+
+
+def test_logout_with_an_api_token_is_refused(new_person: Callable[..., Person]) -> None:
+    person = new_person()
+    refused = rpc_error(lambda: person.stub.Logout(pb.LogoutRequest()))
+    assert (refused.code(), refused.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "logout ends a session; revoke API tokens with `joey token revoke <name>`",
+    )
+    assert person.stub.WhoAmI(pb.WhoAmIRequest()).username == person.username
+
+
+def test_a_short_service_token_is_refused() -> None:
+    with pytest.raises(ValidationError, match="JOEY_SERVICE_TOKEN is shorter than 32 characters"):
+        RegistrySettings(service_token="joey_short")
+    assert RegistrySettings(service_token="x" * 32).service_token
+
+
+def test_a_registry_on_a_fresh_database_lets_admin_log_in(registry_settings: RegistrySettings) -> None:
+    password = f"fresh-{secrets.token_urlsafe(12)}"
+    with scratch_database("joey_fresh") as url:
+        settings = registry_settings.model_copy(
+            update={
+                "database_url": url,
+                "admin_password": SecretStr(password),
+                "redis_prefix": f"{registry_settings.redis_prefix}:fresh-{secrets.token_hex(4)}",
+            }
+        )
+        server = RegistryServer(settings)
+        port = server.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                anonymous = registry_pb2_grpc.RegistryStub(channel)
+                reply = login(anonymous, "admin", password)
+                assert reply.user.admin
+                admin = token_stub(channel, reply.token)
+                assert admin.WhoAmI(pb.WhoAmIRequest()).username == "admin"
+                listed = {w.name for w in admin.ListWorkspaces(pb.ListWorkspacesRequest()).workspaces}
+                assert listed == {"default"}
+        finally:
+            server.stop()

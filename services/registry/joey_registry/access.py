@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 
 from joey_registry.domain import User
-from joey_registry.errors import NotFound, PermissionDenied, Unauthenticated
+from joey_registry.errors import PermissionDenied, Unauthenticated, WorkspaceNotFound
 from joey_registry.store import Store, WorkspaceRef
 
 
@@ -38,6 +39,12 @@ class Caller:
     """None for the service token."""
     token_id: int | None
     is_service: bool
+    token_kind: str = ""
+    """'session' or 'api' for a user's token."""
+    expires_at: datetime | None = None
+    """When the calling token expires; None if it never does."""
+    peer: str = ""
+    """Where the call comes from (gRPC's ``ipv4:host:port``): logins back off per host."""
 
     @property
     def name(self) -> str:
@@ -67,12 +74,12 @@ class Access:
         if caller.is_service and action is Action.FETCH_ARTIFACT:
             ws = self._store.workspace(workspace)
             if ws is None:
-                raise NotFound(f"workspace {workspace!r} not found")
+                raise WorkspaceNotFound(workspace)
             return ws
         user = self.user(caller)
         found = self._store.workspace_role(workspace, user.username)
         if found is None or (found[1] is None and not user.admin):
-            raise NotFound(f"workspace {workspace!r} not found")
+            raise WorkspaceNotFound(workspace)
         ws, role = found
         if user.admin:
             return ws

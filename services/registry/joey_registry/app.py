@@ -6,6 +6,7 @@ import logging
 from concurrent import futures
 
 import grpc
+import pydantic
 import redis
 
 from joey_core import db, kafka, lifecycle, tls
@@ -87,7 +88,10 @@ class RegistryServer:
 
 def serve() -> None:
     lifecycle.harden_process()
-    settings = RegistrySettings()
+    try:
+        settings = RegistrySettings()
+    except pydantic.ValidationError as exc:
+        raise SystemExit(f"the registry cannot start: {exc}") from None
     lifecycle.configure_logging(settings)
     stop = lifecycle.shutdown_event()
     db.prepare(settings.database_url.get_secret_value())

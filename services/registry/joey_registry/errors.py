@@ -11,6 +11,13 @@ class NotFound(RegistryError):
     pass
 
 
+class WorkspaceNotFound(NotFound):
+    """A missing workspace, or one hidden from a non-member: the same answer for both."""
+
+    def __init__(self, workspace: str) -> None:
+        super().__init__(f"workspace {workspace!r} not found")
+
+
 class InvalidArgument(RegistryError):
     pass
 
@@ -33,3 +40,7 @@ class PermissionDenied(RegistryError):
 
 class Unavailable(RegistryError):
     """A dependency (the broker) did not answer; retrying later may succeed."""
+
+
+class ResourceExhausted(RegistryError):
+    """Too many such calls at once; retrying shortly may succeed."""

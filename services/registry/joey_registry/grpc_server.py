@@ -2,8 +2,12 @@
 and write the audit trail.
 
 Every handler is declared with one of three decorators, so no RPC can skip resolving its caller by
-accident: ``_read`` (a token is required), ``_audited`` (a token is required, and the call is recorded
-in the audit trail, refused or not) and ``_public`` (no token: only Login, recorded too).
+accident: ``_read`` (a token is required; refusals are recorded in the audit trail, answered reads are
+not: Authorize runs on every inference), ``_audited`` (a token is required, and the call is recorded,
+refused or not) and ``_public`` (no token: only Login, recorded too).
+
+A call carrying no token at all is not recorded (but Login): anyone could grow the trail with such
+calls, and they learn nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import inspect
 import logging
 import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -24,6 +29,7 @@ from joey_core.v1 import registry_pb2_grpc
 from joey_registry import assay_convert, convert, errors
 from joey_registry.access import Caller
 from joey_registry.domain import AuditEntry
+from joey_registry.identity import USERNAME_PATTERN
 from joey_registry.service import Registry
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,7 @@ _CODES: dict[type[errors.RegistryError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 READ, AUDITED, PUBLIC = "read", "audited", "public"
@@ -68,11 +75,29 @@ Method = Callable[[Any, Any, Caller], Any]
 Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
 
 _NO_CALLER = Caller(user=None, token_id=None, is_service=False)
+INVALID_USERNAME = "<invalid>"
+"""Recorded for a refused login whose username is not one: it may be a password pasted in its place."""
+
+
+def _refusal(exc: Exception) -> bool:
+    """A read refused by access control, worth recording: not a missing model or a bad argument."""
+    return isinstance(exc, errors.PermissionDenied | errors.WorkspaceNotFound | errors.Unauthenticated)
+
+
+def _attempted(request: Message) -> str:
+    """The username a request names, for the audit trail (a refused login is recorded under it), if
+    it is one."""
+    username = str(getattr(request, "username", ""))
+    return username if not username or USERNAME_PATTERN.fullmatch(username) else INVALID_USERNAME
+
+
+def _token_presented(context: grpc.ServicerContext) -> bool:
+    return any(key.lower() == "authorization" for key, _ in context.invocation_metadata() or ())
 
 
 def _status(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, errors.RegistryError):
-        code = _CODES.get(type(exc), grpc.StatusCode.UNKNOWN)
+        code = next((_CODES[c] for c in type(exc).__mro__ if c in _CODES), grpc.StatusCode.UNKNOWN)
         log.info("%s: %s %s", rpc, code.name, exc)
         return code, str(exc)
     # The exception may name hosts, paths or SQL: the detail stays in the log, the caller gets a reference.
@@ -106,6 +131,8 @@ def _subject(rpc: str, request: Message | None) -> tuple[str, str]:
         if wrapper in request.DESCRIPTOR.fields_by_name and request.HasField(wrapper):
             request = getattr(request, wrapper)
     fields = {fd.name: value for fd, value in request.ListFields() if fd.type != fd.TYPE_MESSAGE}
+    if "username" in fields:
+        fields["username"] = _attempted(request)
     if rpc in _WORKSPACE_NAMED:
         return str(fields.get("name", "")), ""
     target = " ".join(f"{name}={fields[name]}" for name in sorted(fields) if name in _TARGET_FIELDS)
@@ -119,7 +146,7 @@ def _guarded(kind: str) -> Callable[[Method], Handler]:
 
         def caller_of(self: RegistryServicer, context: grpc.ServicerContext) -> Caller:
             if kind == PUBLIC:
-                return _NO_CALLER
+                return replace(_NO_CALLER, peer=context.peer())
             return self.registry.identity.resolve(context.invocation_metadata())
 
         if inspect.isgeneratorfunction(method):
@@ -128,25 +155,31 @@ def _guarded(kind: str) -> Callable[[Method], Handler]:
 
             @functools.wraps(method)
             def stream(self: RegistryServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                who = ""
                 try:
-                    yield from method(self, request, caller_of(self, context))
+                    caller = caller_of(self, context)
+                    who = caller.name
+                    yield from method(self, request, caller)
                 except Exception as exc:
-                    context.abort(*_status(rpc, exc))
+                    code, message = _status(rpc, exc)
+                    if _refusal(exc) and _token_presented(context):
+                        self.audit(rpc, who, request, code.name, message)
+                    context.abort(code, message)
 
             return stream
 
         @functools.wraps(method)
         def unary(self: RegistryServicer, request: Any, context: grpc.ServicerContext) -> Any:
             recorded = None if isinstance(request, Message) else _Recorded(request)
-            # A refused login is recorded under the name it tried.
-            who = getattr(request, "username", "") if kind == PUBLIC else ""
+            who = _attempted(request) if kind == PUBLIC else ""
+            recordable = kind == PUBLIC or _token_presented(context)
             try:
                 caller = caller_of(self, context)
                 who = caller.name or who
                 response = method(self, recorded or request, caller)
             except Exception as exc:
                 code, message = _status(rpc, exc)
-                if kind != READ:
+                if recordable and (kind != READ or _refusal(exc)):
                     self.audit(rpc, who, recorded.first if recorded else request, code.name, message)
                 context.abort(code, message)
             if kind != READ:
@@ -358,7 +391,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def Login(self, request: pb.LoginRequest, caller: Caller) -> pb.LoginResponse:
         expires_in_s = request.expires_in_s if request.HasField("expires_in_s") else None
         token, expires_at, user = self.registry.identity.login(
-            request.username, request.password, expires_in_s
+            request.username, request.password, expires_in_s, caller.peer
         )
         return pb.LoginResponse(
             token=token, expires_at=convert.timestamp(expires_at), user=convert.user(user)

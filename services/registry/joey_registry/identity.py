@@ -16,6 +16,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import argon2
+import redis
 
 from joey_registry.access import Access, Action, Caller
 from joey_registry.domain import AuditEntry, AuditQuery, Member, TokenInfo, User
@@ -28,6 +29,7 @@ from joey_registry.errors import (
     Unauthenticated,
 )
 from joey_registry.identity_store import IdentityStore
+from joey_registry.login_guard import LoginGuard, peer_host
 from joey_registry.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ BAD_LOGIN = "invalid username or password"
 # Error messages, no secrets.
 BAD_TOKEN = "invalid, expired or revoked token: log in again (`joey login`) or use a valid JOEY_TOKEN"  # noqa: S105
 NO_TOKEN = "this call needs a token: log in (`joey login`) or set JOEY_TOKEN"  # noqa: S105
+SESSION = "session"  # noqa: S105 (a token kind)
+WRONG_PASSWORD = "current password is wrong"  # noqa: S105 (a message)
+LOGOUT_API_TOKEN = "logout ends a session; revoke API tokens with `joey token revoke <name>`"  # noqa: S105
 
 
 class BootstrapRefused(RuntimeError):
@@ -90,10 +95,13 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str:
 
 
 class Identity:
-    def __init__(self, settings: RegistrySettings, store: IdentityStore, access: Access) -> None:
+    def __init__(
+        self, settings: RegistrySettings, store: IdentityStore, access: Access, redis_client: redis.Redis
+    ) -> None:
         self.settings = settings
         self.store = store
         self.access = access
+        self.guard = LoginGuard(settings, redis_client)
         self._hasher = argon2.PasswordHasher()  # Argon2id with the library's recommended parameters
         # Verified against for unknown users, so they take as long as a wrong password.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
@@ -115,7 +123,7 @@ class Identity:
                 f"no user exists yet and JOEY_ADMIN_PASSWORD {problem}: set it (at least "
                 f"{MIN_PASSWORD_CHARS} characters) to create the platform admin {ADMIN_USERNAME!r}"
             )
-        if self.store.bootstrap_admin(ADMIN_USERNAME, self._hasher.hash(password)):
+        if self.store.bootstrap_admin(ADMIN_USERNAME, self._hash(password)):
             log.info("created the platform admin %r, owner of every existing workspace", ADMIN_USERNAME)
 
     # --- callers ---
@@ -127,25 +135,48 @@ class Identity:
         owner = self.store.token_owner(token_sha256(token))
         if owner is None:
             raise Unauthenticated(BAD_TOKEN)
-        return Caller(user=owner.user, token_id=owner.token_id, is_service=False)
+        return Caller(
+            user=owner.user,
+            token_id=owner.token_id,
+            is_service=False,
+            token_kind=owner.kind,
+            expires_at=owner.expires_at,
+        )
 
-    def login(self, username: str, password: str, expires_in_s: int | None) -> tuple[str, datetime, User]:
+    def _hash(self, password: str) -> str:
+        with self.guard.hashing():
+            return self._hasher.hash(password)
+
+    def login(
+        self, username: str, password: str, expires_in_s: int | None, peer: str = ""
+    ) -> tuple[str, datetime, User]:
+        """A session for the user; wrong passwords for a username from one host back off (see
+        LoginGuard), refused with the same error as a wrong password."""
         expires_at = _expiry(
             expires_in_s if expires_in_s is not None else self.settings.session_ttl_s,
             self.settings.session_ttl_s,
         )
         assert expires_at is not None
-        user = self._verify(username, password)
-        token = self._issue(user.username, f"session-{secrets.token_hex(4)}", "session", expires_at)[0]
+        key = (username, peer_host(peer))
+        if self.guard.blocked(*key):
+            raise Unauthenticated(BAD_LOGIN)
+        try:
+            user = self._verify(username, password)
+        except Unauthenticated:
+            self.guard.failed(*key)
+            raise
+        self.guard.succeeded(*key)
+        token = self._issue(user.username, f"session-{secrets.token_hex(4)}", SESSION, expires_at)[0]
         return token, expires_at, user
 
     def _verify(self, username: str, password: str) -> User:
         """The active user with this password; the same error, after the same work, otherwise."""
         found = self.store.credentials(username) if len(password) <= MAX_PASSWORD_CHARS else None
         try:
-            self._hasher.verify(
-                found.password_hash if found else self._dummy_hash, password[:MAX_PASSWORD_CHARS]
-            )
+            with self.guard.hashing():
+                self._hasher.verify(
+                    found.password_hash if found else self._dummy_hash, password[:MAX_PASSWORD_CHARS]
+                )
         except argon2.exceptions.VerificationError:
             raise Unauthenticated(BAD_LOGIN) from None
         except argon2.exceptions.InvalidHashError:
@@ -154,7 +185,7 @@ class Identity:
         if found is None or not found.user.active:
             raise Unauthenticated(BAD_LOGIN)
         if self._hasher.check_needs_rehash(found.password_hash):
-            self.store.set_password(username, self._hasher.hash(password))
+            self.store.set_password(username, self._hash(password))
         return found.user
 
     def _issue(
@@ -168,6 +199,8 @@ class Identity:
 
     def logout(self, caller: Caller) -> None:
         self.access.user(caller)
+        if caller.token_kind != SESSION:
+            raise FailedPrecondition(LOGOUT_API_TOKEN)
         assert caller.token_id is not None
         self.store.revoke(caller.token_id)
 
@@ -177,23 +210,40 @@ class Identity:
     def change_password(self, caller: Caller, old: str, new: str) -> None:
         user = self.access.user(caller)
         check_password(new, "new password")
+        # Keyed by username alone: whoever holds the token, from wherever, guesses the same password.
+        key = ("change-password", user.username)
+        if self.guard.blocked(*key):
+            raise PermissionDenied(WRONG_PASSWORD)
         try:
             self._verify(user.username, old)
         except Unauthenticated:
-            raise PermissionDenied("current password is wrong") from None
-        self.store.set_password(user.username, self._hasher.hash(new))
+            self.guard.failed(*key)
+            raise PermissionDenied(WRONG_PASSWORD) from None
+        self.guard.succeeded(*key)
+        self.store.set_password(user.username, self._hash(new))
         self.store.revoke_sessions(user.username, keep=caller.token_id)
 
     # --- API tokens ---
 
     def create_token(self, caller: Caller, name: str, expires_in_s: int | None) -> tuple[str, TokenInfo]:
+        """An API token of the caller's. Called with a session (the password was shown for it) any
+        expiry, as for CI tokens; called with an API token, none later than the calling token's, so a
+        leaked short-lived token cannot turn itself into one that never expires."""
         user = self.access.user(caller)
         if not TOKEN_NAME_PATTERN.fullmatch(name):
             raise InvalidArgument(
                 f"invalid token name {name!r}: 1-63 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
             )
-        return self._issue(user.username, name, "api", _expiry(expires_in_s, None))
+        expires_at = _expiry(expires_in_s, None)
+        limit = caller.expires_at if caller.token_kind != SESSION else None
+        if limit is not None and (expires_at is None or expires_at > limit):
+            left = max(0, int((limit - datetime.now(UTC)).total_seconds()))
+            raise InvalidArgument(
+                f"the calling token expires at {limit.isoformat(timespec='seconds')}: a token it creates "
+                f"must expire by then too, so expires_in_s must be at most {left} seconds"
+            )
+        return self._issue(user.username, name, "api", expires_at)
 
     def list_tokens(self, caller: Caller) -> list[TokenInfo]:
         return self.store.live_tokens(self.access.user(caller).username)
@@ -213,7 +263,7 @@ class Identity:
                 "starting with a letter or digit"
             )
         check_password(password)
-        created = self.store.create_user(username, self._hasher.hash(password), email, admin)
+        created = self.store.create_user(username, self._hash(password), email, admin)
         if created is None:
             raise AlreadyExists(f"user {username!r} already exists")
         log.info("created user %s (admin: %s)", username, admin)
@@ -224,6 +274,8 @@ class Identity:
         return self.store.list_users()
 
     def set_user_active(self, caller: Caller, username: str, active: bool) -> User:
+        """Deactivating revokes the user's sessions for good; their API tokens are refused while they
+        are inactive and work again once they are reactivated (CI jobs holding them carry on)."""
         self.access.admin(caller)
 
         def check(user: User, other_active_admins: int) -> None:

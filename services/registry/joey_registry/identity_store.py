@@ -43,6 +43,8 @@ class Credentials:
 class TokenOwner:
     token_id: int
     user: User
+    kind: str
+    expires_at: datetime | None
 
 
 class IdentityStore:
@@ -114,7 +116,11 @@ class IdentityStore:
 
     def set_active(self, username: str, active: bool, check: Callable[[User, int], None]) -> User | None:
         """Set the flag unless ``check(user, other active admins)`` raises; None for an unknown user.
-        The active admins are locked first, so two admins deactivating each other cannot both succeed."""
+        The active admins are locked first, so two admins deactivating each other cannot both succeed.
+
+        Deactivating revokes the user's sessions: a reactivated user logs in again. Their API tokens
+        are refused while they are inactive (token_owner needs an active user) and work again on
+        reactivation, so reactivating does not break the CI jobs that hold them."""
         with self._conn() as conn:
             admins = conn.execute(
                 "SELECT username FROM users WHERE admin AND active ORDER BY username FOR UPDATE"
@@ -129,6 +135,12 @@ class IdentityStore:
                 f"UPDATE users u SET active = %s WHERE username = %s RETURNING {_USER_COLUMNS}",
                 (active, username),
             ).fetchone()
+            if not active:
+                conn.execute(
+                    "UPDATE tokens SET revoked_at = now() WHERE username = %s AND kind = 'session' "
+                    "AND revoked_at IS NULL",
+                    (username,),
+                )
         assert row is not None
         return _user(row)
 
@@ -158,7 +170,8 @@ class IdentityStore:
         deactivation acts on the next call."""
         with self._conn() as conn:
             row = conn.execute(
-                f"SELECT t.id, t.last_used_at < now() - interval '{_LAST_USED_RESOLUTION}' "
+                "SELECT t.id, t.kind, t.expires_at, "
+                f"t.last_used_at < now() - interval '{_LAST_USED_RESOLUTION}' "
                 f"OR t.last_used_at IS NULL AS stale, {_USER_COLUMNS} "
                 "FROM tokens t JOIN users u ON u.username = t.username "
                 "WHERE t.token_sha256 = %s AND t.revoked_at IS NULL "
@@ -169,7 +182,7 @@ class IdentityStore:
                 return None
             if row["stale"]:
                 conn.execute("UPDATE tokens SET last_used_at = now() WHERE id = %s", (row["id"],))
-        return TokenOwner(row["id"], _user(row))
+        return TokenOwner(row["id"], _user(row), row["kind"], row["expires_at"])
 
     def live_tokens(self, username: str) -> list[TokenInfo]:
         with self._conn() as conn:

@@ -103,7 +103,7 @@ class Registry:
         self.redis = redis_client
         self.access = Access(store)
         self.assays = Assays(store, self.access)
-        self.identity = Identity(settings, IdentityStore(store.pool), self.access)
+        self.identity = Identity(settings, IdentityStore(store.pool), self.access, redis_client)
         # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
         self._partitions: dict[str, int] = {}
 

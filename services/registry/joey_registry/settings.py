@@ -8,6 +8,9 @@ from pydantic import Field, SecretStr, field_validator
 
 from joey_core.settings import DatabaseSettings, ServiceSettings, TlsServerSettings
 
+# Anyone holding it downloads every artifact: long enough not to be guessed.
+MIN_SERVICE_TOKEN_CHARS = 32
+
 
 class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     artifact_store: str = "filesystem"
@@ -46,6 +49,32 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
 
     session_ttl_s: int = Field(default=43200, gt=0)
     """Lifetime of a Login session token (default 12 h); a login may ask for less, never more."""
+
+    login_concurrency: int = Field(default=2, ge=1)
+    """Password hashes and checks (Argon2, slow and memory-hungry by design) that may run at once."""
+
+    login_wait_s: float = Field(default=1.0, gt=0)
+    """How long a login waits for a free hashing slot before it is refused (RESOURCE_EXHAUSTED)."""
+
+    login_max_failures: int = Field(default=5, ge=1)
+    """Wrong passwords for one username from one host, within the window, before logins back off."""
+
+    login_failure_window_s: int = Field(default=900, gt=0)
+    """How long a wrong password counts against its username and host (default 15 min)."""
+
+    login_backoff_base_s: float = Field(default=1.0, gt=0)
+    """After n wrong passwords (n at the limit or above), logins are refused for base * 2^n seconds,
+    at most the window, without checking the password."""
+
+    @field_validator("service_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SERVICE_TOKEN_CHARS:
+            raise ValueError(
+                f"JOEY_SERVICE_TOKEN is shorter than {MIN_SERVICE_TOKEN_CHARS} characters: "
+                "use a long random secret (`joey up` makes one)"
+            )
+        return value
 
     @field_validator("artifact_dir")
     @classmethod

@@ -443,7 +443,8 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Revokes the session or API token the call carries.
+        """Ends the session the call carries. Refused (FAILED_PRECONDITION) with an API token: revoke it
+        with RevokeToken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -464,6 +465,8 @@ class RegistryServicer:
 
     def CreateToken(self, request, context):
         """API tokens of the caller, for CI and services. The secret is returned once and stored only hashed.
+        Made with a session token: any expiry. Made with an API token: expiring no later than that token
+        (INVALID_ARGUMENT otherwise), so a short-lived token cannot mint a longer-lived one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
