@@ -140,6 +140,9 @@ def test_users_workspaces_members_and_audit(
     assert joey(admin_env, "user", "deactivate", bob).stdout == f"deactivated user {bob}\n"
     assert "UNAUTHENTICATED" in error_line(joey(user_env, "whoami", check=False))
     assert joey(admin_env, "user", "activate", bob).stdout == f"activated user {bob}\n"
+    # Deactivation ended bob's session: reactivated, he logs in again.
+    assert "UNAUTHENTICATED" in error_line(joey(user_env, "whoami", check=False))
+    login(user_env, bob, password)
 
     audit = joey(admin_env, "audit", "--user", bob, "--action", "AddWorkspaceMember", "--since", "1h").stdout
     header, *rows = audit.splitlines()

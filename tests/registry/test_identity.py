@@ -348,7 +348,7 @@ def test_an_upgraded_database_keeps_what_it_held_owned_by_admin(
         assert migrations.migrate(url) == ["0011_identity.sql"]
         settings = registry_settings.model_copy(
             update={
-                "database_url": url,
+                "database_url": SecretStr(url),
                 "admin_password": SecretStr(password),
                 "redis_prefix": f"{registry_settings.redis_prefix}:upgrade-{secrets.token_hex(4)}",
             }
@@ -440,7 +440,7 @@ def test_a_registry_on_a_fresh_database_lets_admin_log_in(registry_settings: Reg
     with scratch_database("joey_fresh") as url:
         settings = registry_settings.model_copy(
             update={
-                "database_url": url,
+                "database_url": SecretStr(url),
                 "admin_password": SecretStr(password),
                 "redis_prefix": f"{registry_settings.redis_prefix}:fresh-{secrets.token_hex(4)}",
             }
