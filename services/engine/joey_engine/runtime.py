@@ -170,7 +170,7 @@ class _Launch:
     python: str
     uid: int | None = None
     gid: int | None = None
-    groups: list[int] | None = None
+    groups: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, settings: EngineSettings) -> _Launch:
@@ -179,7 +179,7 @@ class _Launch:
             return cls(python)
         user = pwd.getpwnam(settings.sandbox_user)
         # As initgroups would: the user's supplementary groups, then its gid, then its uid.
-        groups = os.getgrouplist(user.pw_name, user.pw_gid)
+        groups = tuple(os.getgrouplist(user.pw_name, user.pw_gid))
         return cls(python, user.pw_uid, user.pw_gid, groups)
 
 

@@ -48,9 +48,10 @@ def check(settings: EngineSettings) -> None:
         try:
             runtime.load(path, _PROBE_STEP)
         except OSError as exc:
+            failed = f"cannot execute {exc.filename}: {exc.strerror}" if exc.filename else str(exc)
             raise ValueError(
-                f"JOEY_SANDBOX_USER {user!r} cannot run python steps: cannot execute {exc.filename}: "
-                f"{exc.strerror}; set JOEY_SANDBOX_PYTHON to an interpreter with numpy that it can run"
+                f"JOEY_SANDBOX_USER {user!r} cannot run python steps: {failed}; "
+                "set JOEY_SANDBOX_PYTHON to an interpreter with numpy that it can run"
             ) from None
         except RuntimeAborted as exc:
             raise ValueError(
