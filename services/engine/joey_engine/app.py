@@ -12,6 +12,7 @@ import prometheus_client
 from prometheus_client import multiprocess
 
 from joey_core import lifecycle
+from joey_engine import sandbox_user
 from joey_engine.service import Engine
 from joey_engine.settings import EngineSettings
 
@@ -26,6 +27,10 @@ def serve() -> None:
     for key in [key for key in os.environ if key.startswith("JOEY_")]:
         del os.environ[key]
     lifecycle.configure_logging(settings)
+    try:
+        sandbox_user.check(settings)
+    except ValueError as exc:
+        raise SystemExit(f"joey engine: {exc}") from None
     stop = lifecycle.shutdown_event()
     metrics_dir = _serve_metrics(settings) if settings.metrics_port else None
     try:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -162,22 +163,47 @@ class OnnxRuntime(ModelRuntime):
         return dict(zip(names, self._session.run(names, inputs), strict=True))
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """How sandboxes start: their interpreter and, with a sandbox user, who they run as."""
+
+    python: str
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, settings: EngineSettings) -> _Launch:
+        python = str(settings.sandbox_python or sys.executable)
+        if settings.sandbox_user is None:
+            return cls(python)
+        user = pwd.getpwnam(settings.sandbox_user)
+        # As initgroups would: the user's supplementary groups, then its gid, then its uid.
+        groups = tuple(os.getgrouplist(user.pw_name, user.pw_gid))
+        return cls(python, user.pw_uid, user.pw_gid, groups)
+
+
 class _Sandbox:
     """One running sandbox process and its pipes (see :mod:`joey_engine.sandbox`)."""
 
-    def __init__(self, path: Path, outputs: tuple[TensorSpec, ...], limits: str) -> None:
+    def __init__(self, path: Path, outputs: tuple[TensorSpec, ...], limits: str, launch: _Launch) -> None:
+        declared = json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in outputs])
+        source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
-        declared = json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in outputs])
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "joey_engine.sandbox"]
-                + [str(requests_read), str(replies_write), str(path), declared, limits],
-                pass_fds=(requests_read, replies_write),
+                [launch.python, "-P", sandbox.__file__]
+                + [str(requests_read), str(replies_write), str(source), str(path), declared, limits],
+                pass_fds=(requests_read, replies_write, source),
                 stdin=subprocess.DEVNULL,
                 env=_sandbox_environment(),
                 # A group of its own, so that a timeout ends whatever the user code started too.
                 start_new_session=True,
+                # Switched in the child before it execs: before any capability is dropped or user code runs.
+                user=launch.uid,
+                group=launch.gid,
+                extra_groups=launch.groups,
             )
         except BaseException:
             os.close(requests_write)
@@ -186,6 +212,7 @@ class _Sandbox:
         finally:
             os.close(requests_read)
             os.close(replies_write)
+            os.close(source)
         self.requests = Connection(requests_write, readable=False)
         self.replies = Connection(replies_read, writable=False)
         # Also stops it when the replica exits without closing its runtimes.
@@ -266,6 +293,7 @@ class PythonRuntime(ModelRuntime):
             }
         )
         self._start_timeout = settings.python_step_start_timeout_s
+        self._launch = _Launch.of(settings)
         self._lock = threading.Lock()  # one batch at a time per sandbox
         self._sandbox: _Sandbox | None = None
         self._starting: _Sandbox | None = None
@@ -287,7 +315,7 @@ class PythonRuntime(ModelRuntime):
         self._outputs = tuple(_declared(t) for t in step.outputs)
         with self._lock:
             if self._sandbox is None and self._starting is None:
-                self._starting = _Sandbox(self._path, self._outputs, self._limits)
+                self._starting = _Sandbox(self._path, self._outputs, self._limits, self._launch)
 
     def finish_loading(self) -> None:
         with self._lock:
@@ -333,7 +361,7 @@ class PythonRuntime(ModelRuntime):
         """The running sandbox, started if there is none (under the lock)."""
         if self._sandbox is not None:
             return self._sandbox
-        started = self._starting or _Sandbox(self._path, self._outputs, self._limits)
+        started = self._starting or _Sandbox(self._path, self._outputs, self._limits, self._launch)
         self._starting = None
         reply = started.exchange(None, self._start_timeout)
         if reply != sandbox.READY:

@@ -1,11 +1,13 @@
 """The process a python step's user code runs in, apart from its replica.
 
-Started by :class:`joey_engine.runtime.PythonRuntime` as ``python -m joey_engine.sandbox``: it imports
-the user's file, then answers one request at a time over a pair of pipes. A request is a batch of
-input arrays; the reply is the step's outputs, checked against the declared signature, or the
-user's error. Whatever the user code does to this process (``os._exit``, a segfault, an endless
-loop) costs only this process; the runtime notices and starts another. The sandbox exits when its
-replica goes away: on EOF of the request pipe, or when it is orphaned while user code runs.
+Started by :class:`joey_engine.runtime.PythonRuntime` as ``python -P .../joey_engine/sandbox.py`` (a
+script, so that an interpreter with only numpy can run it): it runs the user's file, read from a
+descriptor the runtime opened (its sandbox user may not read the artifact cache), then answers one
+request at a time over a pair of pipes. A request is a batch of input arrays; the reply is the step's
+outputs, checked against the declared signature, or the user's error. Whatever the user code does to
+this process (``os._exit``, a segfault, an endless loop) costs only this process; the runtime notices
+and starts another. The sandbox exits when its replica goes away: on EOF of the request pipe, or when
+it is orphaned while user code runs.
 
 Arrays travel as ``.npy`` blobs read with ``allow_pickle=False``: a reply cannot make the replica
 unpickle anything.
@@ -14,10 +16,9 @@ unpickle anything.
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
-import importlib.util
 import io
 import json
+import linecache
 import os
 import resource
 import signal
@@ -28,6 +29,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -123,14 +125,16 @@ def describe(exc: BaseException, path: str) -> str:
     return text
 
 
-def _load(path: str) -> Callable[[dict[str, np.ndarray]], Any]:
-    # The artifact is a cache file named by its sha256: load it as source whatever its name.
-    loader = importlib.machinery.SourceFileLoader("joey_python_step", path)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
+def _load(source_fd: int, path: str) -> Callable[[dict[str, np.ndarray]], Any]:
+    with os.fdopen(source_fd, "rb") as source_file:
+        source = source_file.read()
+    # Tracebacks then quote the user's lines, which this process may not be able to read from ``path``.
+    text = source.decode(errors="replace")
+    linecache.cache[path] = (len(text), None, text.splitlines(keepends=True), path)
+    module = ModuleType("joey_python_step")
+    module.__file__ = path
+    sys.modules[module.__name__] = module
+    exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102 running it is this process's purpose
     function = getattr(module, ENTRY_POINT, None)
     if not callable(function):
         raise TypeError(f"the step defines no function {ENTRY_POINT}")
@@ -213,7 +217,7 @@ def _answer(
 
 
 def main(argv: Sequence[str]) -> None:
-    requests_fd, replies_fd, path, outputs_json, limits_json = argv
+    requests_fd, replies_fd, source_fd, path, outputs_json, limits_json = argv
     requests = Connection(int(requests_fd), writable=False)
     replies = Connection(int(replies_fd), readable=False)
     _watch_parent(os.getppid())
@@ -223,7 +227,7 @@ def main(argv: Sequence[str]) -> None:
     outputs = [(o["name"], o["dtype"], tuple(o["shape"])) for o in json.loads(outputs_json)]
     confine(json.loads(limits_json))
     try:
-        function = _load(path)
+        function = _load(int(source_fd), path)
     except Exception as exc:
         replies.send_bytes(ERROR + f"could not load the step: {describe(exc, path)}".encode())
         return

@@ -58,3 +58,11 @@ class EngineSettings(ServiceSettings):
 
     sandbox_max_file_mb: int = Field(default=64, ge=0)
     """Largest file a python step may write (RLIMIT_FSIZE), in MiB."""
+
+    sandbox_user: str | None = None
+    """User python steps run as when the engine runs as root (docs/security.md); it must be able to run
+    ``sandbox_python``. Unset, a root engine's python steps run as root without capabilities."""
+
+    sandbox_python: Path | None = None
+    """Interpreter of python steps' processes, with numpy (and what the steps import); the engine's own
+    when unset. Set it when ``sandbox_user`` cannot run the engine's (one under /root, say)."""
