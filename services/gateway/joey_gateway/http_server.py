@@ -234,7 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         try:
             # Who is asking comes before reading what they send: a stranger's body is never read.
-            self.server.gateway.authenticate(self._authorization())
+            self.server.gateway.admit(self._authorization())
             body = self._body()
             match = _MODEL.match(path)
             if match is None or match["action"] != "/infer":

@@ -81,6 +81,15 @@ class Gateway:
         ``authorization`` is the caller's ``Authorization`` header (or metadata) value, if any."""
         self._auth.authenticate(bearer_token(authorization))
 
+    def admit(self, authorization: str | None) -> None:
+        """Before a request's body is read: a caller without a valid token is refused unread, and counted
+        as a refused request (of no pipeline, as infer counts a refusal)."""
+        try:
+            self.authenticate(authorization)
+        except GatewayError as exc:
+            metrics.REQUESTS.labels("", "", exc.status.name.lower()).inc()
+            raise
+
     def model(self, model: str, version: str, authorization: str | None) -> PipelineInfo:
         """The deployed pipeline served as ``model`` (and ``version``, when given), for a caller who may
         read its workspace."""
