@@ -37,11 +37,13 @@ sys.path.insert(0, str(HERE))
 from engine_throughput import (  # noqa: E402
     REDIS_URL,
     Process,
+    admin_token,
     free_port,
     interrupt,
     registry_ready,
     scratch_database,
     scratch_redis_prefix,
+    stack_secrets,
     wait_until,
 )
 
@@ -78,6 +80,7 @@ def main() -> None:
             "JOEY_CACHE_DIR": str(work / "cache"),
             "JOEY_PIPELINE_PARTITIONS": str(args.partitions),
             "JOEY_LOGS_PARTITIONS": str(args.partitions),
+            **stack_secrets(),
         }
         if args.checkout:
             # Ahead of the editable install's finder, which Python consults after PYTHONPATH.
@@ -93,7 +96,9 @@ def main() -> None:
         registry = serve("registry")
         wait_until(lambda: registry.check() or registry_ready(settings.registry_addr), 60, "the registry")
         serve("engine")
-        client = Client(settings=settings)
+        client = Client(
+            settings=settings, token=admin_token(settings.registry_addr, env["JOEY_ADMIN_PASSWORD"])
+        )
         stack.callback(client.close)
         iris = client.upload_model("iris", train_and_export(work / "iris.onnx"))
         prep = client.upload_model(

@@ -365,6 +365,15 @@ def registry_ready(addr: str) -> bool:
         return bool(exc.code() == grpc.StatusCode.UNAUTHENTICATED)
 
 
+def stack_secrets() -> dict[str, str]:
+    """The identity secrets of a bench stack: the registry makes `admin` with the password on its empty
+    database; engines present the service token to download artifacts."""
+    return {
+        "JOEY_ADMIN_PASSWORD": secrets.token_urlsafe(24),
+        "JOEY_SERVICE_TOKEN": "joey_" + secrets.token_urlsafe(32),
+    }
+
+
 def admin_token(registry_addr: str, password: str) -> str:
     """A session of the platform admin the bench's registry created."""
     with grpc.insecure_channel(registry_addr) as channel:
@@ -494,8 +503,7 @@ def main() -> None:
             "JOEY_LOGS_PARTITIONS": str(args.partitions),
             "JOEY_MAX_BATCH_SIZE": str(args.batch_size),
             "JOEY_MAX_BATCH_DELAY_MS": str(args.batch_delay_ms),
-            "JOEY_ADMIN_PASSWORD": secrets.token_urlsafe(24),
-            "JOEY_SERVICE_TOKEN": "joey_" + secrets.token_urlsafe(32),
+            **stack_secrets(),
         }
         settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items()})
         model = train_and_export(work / "iris.onnx")

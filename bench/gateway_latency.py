@@ -17,7 +17,6 @@ next one, so the rate is a ceiling, not a guarantee (the table reports what was 
 from __future__ import annotations
 
 import argparse
-import secrets
 import signal
 import sys
 import tempfile
@@ -26,7 +25,6 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 import redis
@@ -37,7 +35,6 @@ from joey.client import Client
 from joey_cli.broker import EmbeddedBroker
 from joey_core import heartbeats
 from joey_core.settings import CommonSettings
-from joey_core.v1 import registry_pb2, registry_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -45,11 +42,13 @@ sys.path.insert(0, str(HERE))
 from engine_throughput import (  # noqa: E402
     REDIS_URL,
     Process,
+    admin_token,
     free_port,
     interrupt,
     registry_ready,
     scratch_database,
     scratch_redis_prefix,
+    stack_secrets,
     wait_until,
 )
 
@@ -69,14 +68,6 @@ class Bearer(grpcclient.InferenceServerClientPlugin):
 
     def __call__(self, request: object) -> None:
         request.headers["authorization"] = self._header  # type: ignore[attr-defined]
-
-
-def admin_token(registry_addr: str, password: str) -> str:
-    with grpc.insecure_channel(registry_addr) as channel:
-        login = registry_pb2_grpc.RegistryStub(channel).Login(
-            registry_pb2.LoginRequest(username="admin", password=password), timeout=10
-        )
-    return str(login.token)
 
 
 def paced(call: Call, rate: float, seconds: float) -> tuple[list[float], float]:
@@ -111,7 +102,6 @@ def main() -> None:
         logs.mkdir()
         broker = stack.enter_context(EmbeddedBroker(free_port(), work / "tansu.log"))
         grpc_addr, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        password = secrets.token_urlsafe(24)
         env = {
             "JOEY_KAFKA_BOOTSTRAP": broker.bootstrap,
             "JOEY_DATABASE_URL": stack.enter_context(scratch_database()),
@@ -125,9 +115,7 @@ def main() -> None:
             "JOEY_MAX_BATCH_DELAY_MS": str(args.batch_delay_ms),
             "JOEY_OIP_GRPC_ADDR": grpc_addr,
             "JOEY_OIP_HTTP_ADDR": http_addr,
-            # The registry makes `admin` with this password on its empty database.
-            "JOEY_ADMIN_PASSWORD": password,
-            "JOEY_SERVICE_TOKEN": "joey_" + secrets.token_urlsafe(32),
+            **stack_secrets(),
         }
         settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items()})
 
@@ -139,7 +127,7 @@ def main() -> None:
         registry = serve("registry")
         wait_until(lambda: registry.check() or registry_ready(settings.registry_addr), 60, "the registry")
         engine, gateway = serve("engine"), serve("gateway")
-        token = admin_token(settings.registry_addr, password)
+        token = admin_token(settings.registry_addr, env["JOEY_ADMIN_PASSWORD"])
         client = Client(settings=settings, token=token)
         stack.callback(client.close)
         model_path = train_and_export(work / "iris.onnx")
