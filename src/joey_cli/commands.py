@@ -17,6 +17,7 @@ from joey_cli import identity
 from joey_cli.assays import assay
 from joey_cli.errors import error_line
 from joey_cli.errors import fail as _fail
+from joey_cli.params import POSITIVE_SECONDS, IsoTime
 from joey_cli.services import SERVICES
 from joey_cli.tables import echo_table, wide_pandas
 
@@ -691,24 +692,7 @@ class _DeployProgress:
         click.echo(f"  {self.elapsed:5.1f} s  {status.message}", err=True)
 
 
-_POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
-
-
-class _IsoTime(click.ParamType):
-    """An ISO 8601 time, checked here so a typo is a usage error naming it, not a traceback."""
-
-    name = "ISO time"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, datetime):
-            return value
-        try:
-            return datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO time, e.g. 2026-12-01T09:00:00Z", param, ctx)
-
-
-_ISO_TIME = _IsoTime()
+_ISO_TIME = IsoTime()
 
 
 @pipeline.command("deploy")
@@ -726,21 +710,21 @@ _ISO_TIME = _IsoTime()
 )
 @click.option(
     "--queue-age",
-    type=_POSITIVE_SECONDS,
+    type=POSITIVE_SECONDS,
     default=1.0,
     show_default=True,
     help="Autoscaling threshold: seconds records may wait in the inputs topic.",
 )
 @click.option(
     "--scale-up-after",
-    type=_POSITIVE_SECONDS,
+    type=POSITIVE_SECONDS,
     default=10.0,
     show_default=True,
     help="Seconds the queue age must stay above the threshold before one replica is added.",
 )
 @click.option(
     "--scale-down-after",
-    type=_POSITIVE_SECONDS,
+    type=POSITIVE_SECONDS,
     default=300.0,
     show_default=True,
     help="Seconds the queue age must stay below the threshold before one replica is removed.",
@@ -749,7 +733,7 @@ _ISO_TIME = _IsoTime()
 @click.option("--memory", help='Per-replica memory request for production manifests, e.g. "2Gi".')
 @click.option(
     "--timeout",
-    type=_POSITIVE_SECONDS,
+    type=POSITIVE_SECONDS,
     default=120.0,
     show_default=True,
     help="Seconds to wait for every replica to be ready.",
@@ -809,7 +793,7 @@ def pipeline_deploy(
 )
 @click.option(
     "--timeout",
-    type=_POSITIVE_SECONDS,
+    type=POSITIVE_SECONDS,
     default=120.0,
     show_default=True,
     help="Seconds to wait for every replica to be ready.",

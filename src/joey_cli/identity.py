@@ -8,50 +8,15 @@ prompted for with hidden input, or read from stdin with --password-stdin.
 from __future__ import annotations
 
 import os
-import re
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import click
 
 from joey_cli.errors import fail
+from joey_cli.params import Duration, Since
 from joey_cli.tables import echo_table
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class _Duration(click.ParamType):
-    """Seconds, or a number with a unit: 90s, 30m, 12h, 7d."""
-
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, int):
-            return value
-        match = re.fullmatch(r"(\d+)([smhd]?)", value.strip())
-        if not match or int(match[1]) == 0:
-            self.fail(f"{value!r} is not a duration, e.g. 3600, 30m, 12h or 7d", param, ctx)
-        return int(match[1]) * _UNITS[match[2] or "s"]
-
-
-class _Since(click.ParamType):
-    """An ISO time, or a duration back from now (30m, 12h, 7d)."""
-
-    name = "time"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, datetime):
-            return value
-        try:
-            return datetime.fromisoformat(value)
-        except ValueError:
-            pass
-        if re.fullmatch(r"\d+[smhd]", value.strip()):
-            return datetime.now(UTC) - timedelta(seconds=_Duration().convert(value, param, ctx))
-        self.fail(
-            f"{value!r} is neither an ISO time (2026-12-01T09:00:00Z) nor a duration (30m, 7d)", param, ctx
-        )
 
 
 def _password(from_stdin: bool, confirm: bool = False) -> str:
@@ -81,7 +46,7 @@ def _credentials() -> Any:
 @_PASSWORD_STDIN
 @click.option(
     "--expires-in",
-    type=_Duration(),
+    type=Duration(),
     help="Session lifetime, e.g. 8h (default and most: the registry's, 12 h).",
 )
 @click.pass_obj
@@ -202,7 +167,7 @@ def token() -> None:
 
 @token.command("create")
 @click.argument("name")
-@click.option("--expires-in", type=_Duration(), help="Lifetime, e.g. 90d (default: until revoked).")
+@click.option("--expires-in", type=Duration(), help="Lifetime, e.g. 90d (default: until revoked).")
 @click.pass_obj
 def token_create(obj: Any, name: str, expires_in: int | None) -> None:
     """Create API token NAME and print its secret, this once: the registry keeps only its hash."""
@@ -273,8 +238,8 @@ WORKSPACE_COMMANDS = (workspace_add_user, workspace_remove_user, workspace_users
 @click.option("--user", "username", help="Only actions of this user.")
 @click.option("--workspace", help="Only actions in this workspace.")
 @click.option("--action", help="Only this action: the registry call, e.g. Deploy or CreateToken.")
-@click.option("--since", type=_Since(), help="From this ISO time, or this long ago (30m, 12h, 7d).")
-@click.option("--until", type=_Since(), help="Up to this ISO time, or this long ago.")
+@click.option("--since", type=Since(), help="From this ISO time, or this long ago (30m, 12h, 7d).")
+@click.option("--until", type=Since(), help="Up to this ISO time, or this long ago.")
 @click.option(
     "--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="At most this many."
 )

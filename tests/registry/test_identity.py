@@ -296,6 +296,26 @@ _SEEDED = {
 }
 
 
+@contextmanager
+def registry_on(settings: RegistrySettings, url: str, admin_password: str) -> Iterator[grpc.Channel]:
+    """A registry of its own on the database at ``url``, bootstrapping `admin` there, and a channel to it."""
+    server = RegistryServer(
+        settings.model_copy(
+            update={
+                "database_url": SecretStr(url),
+                "admin_password": SecretStr(admin_password),
+                "redis_prefix": f"{settings.redis_prefix}:own-{secrets.token_hex(4)}",
+            }
+        )
+    )
+    port = server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        server.stop()
+
+
 def _seed_from(database_url: str, workspace: str, url: str) -> None:
     """Copy what ``workspace`` holds in the session database into ``url``'s workspace 'team-a'."""
     with psycopg.connect(database_url) as source, psycopg.connect(url) as target:
@@ -346,33 +366,19 @@ def test_an_upgraded_database_keeps_what_it_held_owned_by_admin(
     with scratch_database("joey_upgrade", up_to=10) as url:
         _seed_from(database_url, workspace, url)
         assert migrations.migrate(url) == ["0011_identity.sql"]
-        settings = registry_settings.model_copy(
-            update={
-                "database_url": SecretStr(url),
-                "admin_password": SecretStr(password),
-                "redis_prefix": f"{registry_settings.redis_prefix}:upgrade-{secrets.token_hex(4)}",
-            }
-        )
-        server = RegistryServer(settings)
-        port = server.start()
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                token = login(registry_pb2_grpc.RegistryStub(channel), "admin", password).token
-                admin = token_stub(channel, token)
-                workspaces = {
-                    w.name: w.role for w in admin.ListWorkspaces(pb.ListWorkspacesRequest()).workspaces
-                }
-                assert workspaces == {"default": "owner", "team-a": "owner"}
-                models = admin.ListModels(pb.ListModelsRequest(workspace="team-a")).models
-                assert [m.name for m in models] == ["m"]
-                pipelines = admin.ListPipelines(pb.ListPipelinesRequest(workspace="team-a")).pipelines
-                assert [p.name for p in pipelines] == ["p"]
-                logs = admin.QueryLogs(pb.QueryLogsRequest(workspace="team-a", pipeline="p")).entries
-                assert [e.request_id for e in logs] == ["r1"]
-                assays = admin.ListAssays(pb.ListAssaysRequest(workspace="team-a")).assays
-                assert [a.definition.name for a in assays] == ["drift"]
-        finally:
-            server.stop()
+        with registry_on(registry_settings, url, password) as channel:
+            token = login(registry_pb2_grpc.RegistryStub(channel), "admin", password).token
+            admin = token_stub(channel, token)
+            workspaces = {w.name: w.role for w in admin.ListWorkspaces(pb.ListWorkspacesRequest()).workspaces}
+            assert workspaces == {"default": "owner", "team-a": "owner"}
+            models = admin.ListModels(pb.ListModelsRequest(workspace="team-a")).models
+            assert [m.name for m in models] == ["m"]
+            pipelines = admin.ListPipelines(pb.ListPipelinesRequest(workspace="team-a")).pipelines
+            assert [p.name for p in pipelines] == ["p"]
+            logs = admin.QueryLogs(pb.QueryLogsRequest(workspace="team-a", pipeline="p")).entries
+            assert [e.request_id for e in logs] == ["r1"]
+            assays = admin.ListAssays(pb.ListAssaysRequest(workspace="team-a")).assays
+            assert [a.definition.name for a in assays] == ["drift"]
 
 
 def test_an_api_token_makes_none_outliving_it_and_a_session_makes_any(
@@ -437,24 +443,10 @@ def test_a_short_service_token_is_refused() -> None:
 
 def test_a_registry_on_a_fresh_database_lets_admin_log_in(registry_settings: RegistrySettings) -> None:
     password = f"fresh-{secrets.token_urlsafe(12)}"
-    with scratch_database("joey_fresh") as url:
-        settings = registry_settings.model_copy(
-            update={
-                "database_url": SecretStr(url),
-                "admin_password": SecretStr(password),
-                "redis_prefix": f"{registry_settings.redis_prefix}:fresh-{secrets.token_hex(4)}",
-            }
-        )
-        server = RegistryServer(settings)
-        port = server.start()
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                anonymous = registry_pb2_grpc.RegistryStub(channel)
-                reply = login(anonymous, "admin", password)
-                assert reply.user.admin
-                admin = token_stub(channel, reply.token)
-                assert admin.WhoAmI(pb.WhoAmIRequest()).username == "admin"
-                listed = {w.name for w in admin.ListWorkspaces(pb.ListWorkspacesRequest()).workspaces}
-                assert listed == {"default"}
-        finally:
-            server.stop()
+    with scratch_database("joey_fresh") as url, registry_on(registry_settings, url, password) as channel:
+        reply = login(registry_pb2_grpc.RegistryStub(channel), "admin", password)
+        assert reply.user.admin
+        admin = token_stub(channel, reply.token)
+        assert admin.WhoAmI(pb.WhoAmIRequest()).username == "admin"
+        listed = {w.name for w in admin.ListWorkspaces(pb.ListWorkspacesRequest()).workspaces}
+        assert listed == {"default"}
