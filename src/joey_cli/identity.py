@@ -96,9 +96,14 @@ def logout(obj: Any) -> None:
                 f"not logged in to {addr}: no token is stored for it in {credentials.path}"
             )
         try:
-            Client(addr, token=stored.token).logout()
+            client = Client(addr, token=stored.token)
+            if stored.api_token_name is None:
+                client.logout()
+            else:
+                # Logout ends sessions only (a CI token is not ended by mistake): revoke it by name.
+                client.revoke_token(stored.api_token_name)
         except JoeyError as exc:
-            if exc.code != "UNAUTHENTICATED":
+            if exc.code not in ("UNAUTHENTICATED", "NOT_FOUND"):
                 raise
             # Expired or revoked already: nothing is left to revoke, only the entry to remove.
         credentials.remove(addr)

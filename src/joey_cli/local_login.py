@@ -70,7 +70,7 @@ def log_in_admin(
                     raise
             created = stub.CreateToken(pb.CreateTokenRequest(name=name), timeout=TIMEOUT_S, metadata=session)
             try:
-                credentials.put(registry_addr, Credential(ADMIN, created.token))
+                credentials.put(registry_addr, Credential(ADMIN, created.token, api_token_name=name))
             except BaseException:
                 # Nobody could use or revoke it by its secret.
                 stub.RevokeToken(pb.RevokeTokenRequest(name=name), timeout=TIMEOUT_S, metadata=session)

@@ -36,6 +36,9 @@ class Credential:
 
     username: str
     token: str = field(repr=False)
+    api_token_name: str | None = None
+    """The name of an API token (`joey up` stores one), which logging out revokes by name; None for a
+    session, which logging out ends."""
 
 
 def default_path(environ: Mapping[str, str] = os.environ) -> Path:
@@ -61,7 +64,10 @@ class CredentialsFile:
         """Store ``credential`` for ``registry_addr``, replacing any entry it had."""
         with self._locked():
             entries = self._read()
-            entries[registry_addr] = {"username": credential.username, "token": credential.token}
+            entry = {"username": credential.username, "token": credential.token}
+            if credential.api_token_name is not None:
+                entry["api_token_name"] = credential.api_token_name
+            entries[registry_addr] = entry
             self._write(entries)
 
     def remove(self, registry_addr: str) -> bool:
@@ -77,7 +83,10 @@ class CredentialsFile:
         if entry is None:
             return None
         try:
-            return Credential(str(entry["username"]), str(entry["token"]))
+            name = entry.get("api_token_name")
+            return Credential(
+                str(entry["username"]), str(entry["token"]), None if name is None else str(name)
+            )
         except (KeyError, TypeError):
             raise CredentialsError(
                 f"the entry for {registry_addr} in {self.path} is malformed; log in again with `joey login`"

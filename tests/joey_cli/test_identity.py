@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from joey.client import Client
-from joey_core.credentials import CredentialsFile
+from joey_cli.local_login import token_name
+from joey_core.credentials import Credential, CredentialsFile
 from joey_core.settings import CommonSettings
 from tests.conftest import Stack
 from tests.joey_cli.conftest import CliStack, error_line, joey
@@ -92,6 +93,21 @@ def test_a_revoked_stored_token_says_how_to_log_in(
     assert joey(user_env, "logout").stdout.startswith(f"logged out of {settings.registry_addr}")
 
 
+def test_logout_revokes_a_stored_api_token_by_name(
+    user_env: dict[str, str], settings: CommonSettings
+) -> None:
+    """`joey up` stores an API token, which the Logout RPC refuses to end: logout revokes it by name."""
+    name, password = new_user(settings)
+    secret = Client.login(name, password, settings.registry_addr).create_token("laptop")
+    path = Path(user_env["JOEY_CREDENTIALS"])
+    CredentialsFile(path).put(settings.registry_addr, Credential(name, secret, api_token_name="laptop"))
+    assert joey(user_env, "whoami").stdout == f"{name}\n"
+    assert joey(user_env, "logout").stdout.startswith(f"logged out of {settings.registry_addr} as {name}")
+    assert settings.registry_addr not in json.loads(path.read_text())
+    refused = error_line(joey(user_env | {"JOEY_TOKEN": secret}, "whoami", check=False))
+    assert "UNAUTHENTICATED" in refused, refused
+
+
 def test_a_wrong_password_is_one_error_line(user_env: dict[str, str], settings: CommonSettings) -> None:
     name, password = new_user(settings)
     failed = joey(user_env, "login", "-u", name, "--password-stdin", check=False, stdin="wrong-password-x\n")
@@ -157,6 +173,7 @@ def test_up_logs_the_local_admin_in(cli_stack: CliStack) -> None:
     env = {k: v for k, v in cli_stack.env.items() if k != "JOEY_TOKEN"}
     addr, path = env["JOEY_REGISTRY_ADDR"], Path(env["JOEY_CREDENTIALS"])
     assert json.loads(path.read_text())[addr]["username"] == "admin"
+    assert json.loads(path.read_text())[addr]["api_token_name"] == token_name(addr), "so logout can revoke it"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert joey(env, "whoami").stdout == "admin (platform admin)\n", "no prompt, no JOEY_TOKEN"
     assert f"  login     admin (token in {path})" in joey(env, "status").stdout.splitlines()

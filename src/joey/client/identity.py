@@ -151,7 +151,8 @@ class IdentityClientMixin(ABC):
         return User.from_proto(self.call("WhoAmI", pb.WhoAmIRequest()))
 
     def logout(self) -> None:
-        """Revoke the token this client calls with (a session, or an API token): refused from now on."""
+        """End the session this client calls with: its token is refused from now on. Refused
+        (FAILED_PRECONDITION) for an API token, which :meth:`revoke_token` revokes by name."""
         self.call("Logout", pb.LogoutRequest())
 
     def change_password(self, old_password: str, new_password: str) -> None:
