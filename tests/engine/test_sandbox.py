@@ -220,10 +220,13 @@ def world_venv() -> Iterator[Path]:
 
 
 def _with_numpy(venv: Path) -> Path:
-    # The project venv's numpy: same python version and ABI, and readable by others (its interpreter is not).
-    (venv / "lib" / SYSTEM_PYTHON.name / "site-packages" / "numpy.pth").write_text(
-        str(Path(np.__file__).parents[1])
-    )
+    # A copy of the project venv's numpy (same python version and ABI): the project's venv may sit where
+    # others cannot reach it (a checkout in a private directory), as its interpreter may.
+    installed = Path(np.__file__).parents[1]
+    site = venv / "lib" / SYSTEM_PYTHON.name / "site-packages"
+    for package in ("numpy", "numpy.libs"):
+        if (installed / package).is_dir():
+            shutil.copytree(installed / package, site / package)
     return venv / "bin" / "python"
 
 

@@ -189,13 +189,16 @@ class _Sandbox:
     def __init__(self, path: Path, outputs: tuple[TensorSpec, ...], limits: str, launch: _Launch) -> None:
         declared = json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in outputs])
         source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # The sandbox's own script goes by descriptor too: a sandbox user need not reach the install (a
+        # checkout in a private directory, say) any more than the artifact cache.
+        script = os.open(sandbox.__file__, os.O_RDONLY | os.O_CLOEXEC)
         requests_read, requests_write = os.pipe()
         replies_read, replies_write = os.pipe()
         try:
             self.process = subprocess.Popen(
-                [launch.python, "-P", sandbox.__file__]
+                [launch.python, "-P", f"/dev/fd/{script}"]
                 + [str(requests_read), str(replies_write), str(source), str(path), declared, limits],
-                pass_fds=(requests_read, replies_write, source),
+                pass_fds=(requests_read, replies_write, source, script),
                 stdin=subprocess.DEVNULL,
                 env=_sandbox_environment(),
                 # A group of its own, so that a timeout ends whatever the user code started too.
@@ -213,6 +216,7 @@ class _Sandbox:
             os.close(requests_read)
             os.close(replies_write)
             os.close(source)
+            os.close(script)
         self.requests = Connection(requests_write, readable=False)
         self.replies = Connection(replies_read, writable=False)
         # Also stops it when the replica exits without closing its runtimes.

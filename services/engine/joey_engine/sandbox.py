@@ -1,8 +1,9 @@
 """The process a python step's user code runs in, apart from its replica.
 
-Started by :class:`joey_engine.runtime.PythonRuntime` as ``python -P .../joey_engine/sandbox.py`` (a
-script, so that an interpreter with only numpy can run it): it runs the user's file, read from a
-descriptor the runtime opened (its sandbox user may not read the artifact cache), then answers one
+Started by :class:`joey_engine.runtime.PythonRuntime` as ``python -P /dev/fd/N``, N an open
+descriptor of this file (a script, so that an interpreter with only numpy can run it, and its user
+need not reach the engine's install): it runs the user's file, read from a descriptor the runtime
+opened (its sandbox user may not read the artifact cache), then answers one
 request at a time over a pair of pipes. A request is a batch of input arrays; the reply is the step's
 outputs, checked against the declared signature, or the user's error. Whatever the user code does to
 this process (``os._exit``, a segfault, an endless loop) costs only this process; the runtime notices

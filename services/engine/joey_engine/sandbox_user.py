@@ -56,8 +56,7 @@ def check(settings: EngineSettings) -> None:
         except RuntimeAborted as exc:
             raise ValueError(
                 f"JOEY_SANDBOX_USER {user!r} cannot run python steps: {exc} (its error is on the engine's "
-                "stderr); JOEY_SANDBOX_PYTHON must be an interpreter with numpy that it can run, and "
-                "joey_engine/sandbox.py readable by it"
+                "stderr); JOEY_SANDBOX_PYTHON must be an interpreter with numpy that it can run"
             ) from None
         finally:
             runtime.close()
