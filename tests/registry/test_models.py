@@ -4,8 +4,11 @@ import hashlib
 import json
 import pickle
 import random
+import threading
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -21,7 +24,7 @@ from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
 from joey_registry.settings import RegistrySettings
 from joey_registry.store import Store
-from tests.conftest import scratch_database
+from tests.conftest import scratch_database, wait_until
 from tests.registry.helpers import Stub, rpc_error, token_stub, upload, upload_requests
 
 
@@ -116,6 +119,25 @@ XGBOOST_JSON = json.dumps(
 ).encode()
 
 
+def _folds_into_gigabytes() -> bytes:
+    """A model of 200 bytes whose ConstantOfShape fills [100000, 100000] floats (40 GB)."""
+    shape = onnx.numpy_helper.from_array(np.array([100_000, 100_000], dtype=np.int64), "shape")
+    one = onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0])
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("ConstantOfShape", ["shape"], ["big"], value=one),
+            onnx.helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+            onnx.helper.make_node("Add", ["x", "total"], ["y"]),
+        ],
+        "folds",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 1])],
+        initializer=[shape],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    return model.SerializeToString()
+
+
 def _bad_uploads(iris: bytes, tmp: Path) -> dict[str, tuple[list[pb.UploadModelRequest], str]]:
     def requests(data: bytes, framework: str = "") -> list[pb.UploadModelRequest]:
         return list(upload_requests("WS", "bad", data, framework))
@@ -167,6 +189,11 @@ def _bad_uploads(iris: bytes, tmp: Path) -> dict[str, tuple[list[pb.UploadModelR
             requests(b"def process_data(inputs):\n    return inputs\n"),
             "upload it with framework 'python'",
         ),
+        "folds-into-gigabytes": (
+            requests(_folds_into_gigabytes()),
+            "tensor 'big' of the model has shape [100000, 100000] (37.3 GiB), more than the 4096 MiB a "
+            "model check may use (JOEY_UPLOAD_CHECK_MEMORY_MB)",
+        ),
         "header-missing": (requests(iris)[1:], "first UploadModel message must be the header"),
         "header-twice": (requests(iris)[:2] + requests(iris), "second header"),
         "unknown-framework": (requests(iris, framework="tensorflow"), "unsupported framework 'tensorflow'"),
@@ -196,6 +223,7 @@ def _bad_uploads(iris: bytes, tmp: Path) -> dict[str, tuple[list[pb.UploadModelR
         "xgboost-json",
         "torch",
         "python-step",
+        "folds-into-gigabytes",
         "header-missing",
         "header-twice",
         "unknown-framework",
@@ -313,3 +341,111 @@ def test_migrating_a_database_that_holds_model_versions_keeps_their_numbering() 
         finally:
             store.close()
         assert added.version == 3
+
+
+@contextmanager
+def private_registry(
+    registry_settings: RegistrySettings, admin_token: str, **overrides: object
+) -> Iterator[tuple[RegistryServer, Stub]]:
+    """A registry of its own with ``overrides``, on the session's database (so its workspaces)."""
+    server = RegistryServer(registry_settings.model_copy(update=overrides))
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield server, token_stub(channel, admin_token)
+    finally:
+        server.stop()
+
+
+def staged(server: RegistryServer) -> list[Path]:
+    return list(server.settings.artifact_dir.glob("staging/*"))
+
+
+def test_a_model_that_folds_into_gigabytes_leaves_the_registry_serving(
+    stub: Stub, workspace: str, iris_bytes: bytes, registry_server: RegistryServer
+) -> None:
+    error = rpc_error(lambda: upload(stub, workspace, "bomb", _folds_into_gigabytes()))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "[100000, 100000]" in error.details() and "JOEY_UPLOAD_CHECK_MEMORY_MB" in error.details()
+    assert stub.WhoAmI(pb.WhoAmIRequest(), timeout=10).username == "admin"
+    assert upload(stub, workspace, "iris", iris_bytes).version == 1
+    assert [m.name for m in stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models] == ["iris"]
+
+
+def test_a_check_over_its_timeout_is_refused(
+    registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes, admin_token: str
+) -> None:
+    # No interpreter starts, let alone loads onnxruntime, in a millisecond.
+    with private_registry(registry_settings, admin_token, upload_check_timeout_s=0.001) as (server, stub):
+        error = rpc_error(lambda: upload(stub, workspace, "slow", iris_bytes))
+        assert not staged(server)
+        assert not stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "took longer than 0.001 s (JOEY_UPLOAD_CHECK_TIMEOUT_S)" in error.details()
+
+
+def _stalled(workspace: str, name: str, release: threading.Event) -> Iterator[pb.UploadModelRequest]:
+    """A client that sends a header and a first chunk, then nothing until released."""
+    yield pb.UploadModelRequest(header=pb.UploadModelHeader(workspace=workspace, name=name))
+    yield pb.UploadModelRequest(chunk=b"\x08\x08" * 1000)
+    release.wait()
+
+
+def _code(future: grpc.Future) -> grpc.StatusCode:
+    error = future.exception()
+    return grpc.StatusCode.OK if error is None else error.code()  # type: ignore[no-any-return]
+
+
+def test_stalled_uploads_hold_only_their_pool_and_are_cut_off(
+    registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes, admin_token: str
+) -> None:
+    # Six threads in all: without a pool of their own, six stalled uploads would take every one.
+    limits = {"grpc_max_workers": 6, "upload_concurrency": 4, "upload_idle_timeout_s": 10.0}
+    release = threading.Event()
+    with private_registry(registry_settings, admin_token, **limits) as (server, stub):
+        try:
+            calls = [
+                stub.UploadModel.future(_stalled(workspace, f"stalled-{i}", release), timeout=60)
+                for i in range(16)
+            ]
+
+            def refused() -> list[grpc.Future]:
+                return [c for c in calls if c.done() and _code(c) == grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+            wait_until(lambda: len(refused()) == 12, 30, "12 uploads refused while 4 are admitted")
+            admitted = [c for c in calls if c not in refused()]
+            # The four hold their slots (nothing can end them but their idle timeout) while others are served.
+            for _ in range(20):
+                listed = stub.ListWorkspaces(pb.ListWorkspacesRequest(), timeout=5).workspaces
+                assert workspace in [w.name for w in listed]
+                assert stub.WhoAmI(pb.WhoAmIRequest(), timeout=5).username == "admin"
+            assert not any(c.done() for c in admitted)
+            error = rpc_error(lambda: upload(stub, workspace, "one-more", iris_bytes))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "(JOEY_UPLOAD_CONCURRENCY)" in error.details()
+
+            wait_until(lambda: all(c.done() for c in admitted), 60, "the stalled uploads to be cut off")
+            assert [_code(c) for c in admitted] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
+            assert "sent nothing for 10 s (JOEY_UPLOAD_IDLE_TIMEOUT_S)" in admitted[0].exception().details()
+        finally:
+            release.set()
+        assert not staged(server)
+        # Their slots are free again.
+        assert upload(stub, workspace, "iris", iris_bytes).version == 1
+        assert [m.name for m in stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models] == ["iris"]
+
+
+def test_an_upload_slower_than_its_deadline_is_cut_off(
+    registry_settings: RegistrySettings, workspace: str, admin_token: str
+) -> None:
+    release = threading.Event()
+    limits = {"upload_deadline_s": 1.0, "upload_idle_timeout_s": 60.0}
+    with private_registry(registry_settings, admin_token, **limits) as (server, stub):
+        try:
+            error = rpc_error(lambda: stub.UploadModel(_stalled(workspace, "late", release), timeout=60))
+        finally:
+            release.set()
+        assert not staged(server)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not arrive within its deadline (JOEY_UPLOAD_DEADLINE_S)" in error.details()

@@ -19,6 +19,7 @@ from joey_registry.publisher import DeploymentPublisher
 from joey_registry.service import Registry
 from joey_registry.settings import RegistrySettings
 from joey_registry.store import Store
+from joey_registry.upload_gate import UploadGate
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,12 @@ class RegistryServer:
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ],
         )
-        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry), self.server)
+        # Uploads are admitted up to a limit below the pool's size: the other threads serve other calls.
+        uploads = UploadGate(
+            settings.upload_concurrency, settings.upload_idle_timeout_s, settings.upload_deadline_s
+        )
+        servicer = RegistryServicer(self.registry, uploads)
+        registry_pb2_grpc.add_RegistryServicer_to_server(servicer, self.server)
         self.autoscaler = Autoscaler(self.registry, settings.autoscale_interval_s)
         self.port = 0
 

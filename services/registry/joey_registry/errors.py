@@ -44,3 +44,7 @@ class Unavailable(RegistryError):
 
 class ResourceExhausted(RegistryError):
     """Too many such calls at once; retrying shortly may succeed."""
+
+
+class DeadlineExceeded(RegistryError):
+    """A call took longer than its limit (a stalled upload); nothing it sent was kept."""

@@ -31,6 +31,7 @@ from joey_registry.access import Caller
 from joey_registry.domain import AuditEntry
 from joey_registry.identity import USERNAME_PATTERN
 from joey_registry.service import Registry
+from joey_registry.upload_gate import UploadGate
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ _CODES: dict[type[errors.RegistryError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 READ, AUDITED, PUBLIC = "read", "audited", "public"
@@ -213,8 +215,9 @@ def _upload_parts(requests: Iterator[pb.UploadModelRequest]) -> tuple[pb.UploadM
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, uploads: UploadGate) -> None:
         self.registry = registry
+        self.uploads = uploads
 
     def audit(self, rpc: str, who: str, request: Message | None, outcome: str, message: str) -> None:
         workspace, target = _subject(rpc, request)
@@ -237,8 +240,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     @_audited
     def UploadModel(self, request: Iterator[pb.UploadModelRequest], caller: Caller) -> pb.ModelVersion:
-        header, chunks = _upload_parts(request)
-        return self.registry.upload_model(caller, convert.upload_header(header), chunks).to_proto()
+        with self.uploads.admitted(), self.uploads.receive(request) as messages:
+            header, chunks = _upload_parts(messages)
+            return self.registry.upload_model(caller, convert.upload_header(header), chunks).to_proto()
 
     @_read
     def ListModels(self, request: pb.ListModelsRequest, caller: Caller) -> pb.ListModelsResponse:

@@ -59,7 +59,7 @@ from joey_registry.settings import RegistrySettings
 from joey_registry.status import UNDEPLOYED, compute_status
 from joey_registry.steps import check_steps, key_split, map_inputs
 from joey_registry.store import PipelineLock, Store, WorkspaceContents, WorkspaceRef
-from joey_registry.validation import Signature, validator_for
+from joey_registry.validation import ModelCheck, Signature, framework_name
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,9 @@ class Registry:
         self.access = Access(store)
         self.assays = Assays(store, self.access)
         self.identity = Identity(settings, IdentityStore(store.pool), self.access, redis_client)
+        self.checks = ModelCheck(
+            settings.upload_check_memory_mb, settings.upload_check_cpu_s, settings.upload_check_timeout_s
+        )
         # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
         self._partitions: dict[str, int] = {}
 
@@ -158,11 +161,11 @@ class Registry:
         """Spool, hash and validate the upload, then store artifact and version together (or neither)."""
         ws = self.access.authorize(caller, header.workspace, Action.WRITE)
         name = _valid_name("model", header.name)
-        framework, validator = validator_for(header.framework)
+        framework = framework_name(header.framework)
         with self._staged(chunks) as (path, sha256, size):
             if size == 0:
                 raise InvalidArgument(f"empty upload for model {name!r}: no artifact bytes were received")
-            signature = validator.inspect(path, Signature(header.inputs, header.outputs))
+            signature = self.checks.inspect(framework, path, Signature(header.inputs, header.outputs))
             stored_new = False
 
             def store_artifact() -> None:

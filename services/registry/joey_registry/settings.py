@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from joey_core.settings import DatabaseSettings, ServiceSettings, TlsServerSettings
 
@@ -19,14 +19,33 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     artifact_dir: Path = Path("~/.local/share/joey/artifacts")
     """Where the filesystem store keeps model artifacts, one file per sha256."""
 
-    grpc_max_workers: int = Field(default=16, ge=1)
-    """Threads serving gRPC calls; also the number of uploads that can run at once."""
+    grpc_max_workers: int = Field(default=16, ge=2)
+    """Threads serving gRPC calls; more than JOEY_UPLOAD_CONCURRENCY, so uploads never hold them all."""
 
     grpc_grace_s: float = Field(default=5.0, ge=0)
     """How long in-flight calls may finish after a shutdown signal."""
 
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
     """Largest model artifact accepted by UploadModel."""
+
+    upload_concurrency: int = Field(default=4, ge=1)
+    """Uploads received and checked at once; one more is refused at once (RESOURCE_EXHAUSTED)."""
+
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0)
+    """An upload that sends nothing for this long is cut off (DEADLINE_EXCEEDED) and its bytes dropped."""
+
+    upload_deadline_s: float = Field(default=900.0, gt=0)
+    """How long an upload may take to arrive, in all (2 GiB at about 2.5 MB/s)."""
+
+    upload_check_memory_mb: int = Field(default=4096, ge=512)
+    """Address space of the child process that checks an upload; also the largest tensor a model may
+    declare or infer (a tiny file can describe a tensor of gigabytes)."""
+
+    upload_check_cpu_s: int = Field(default=60, ge=1)
+    """CPU seconds the child process that checks an upload may use."""
+
+    upload_check_timeout_s: float = Field(default=120.0, gt=0)
+    """Wall-clock time the child process that checks an upload may take."""
 
     db_pool_size: int = Field(default=8, ge=1)
     """Maximum Postgres connections held by the registry."""
@@ -75,6 +94,15 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
                 "use a long random secret (`joey up` makes one)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _threads_left_for_other_calls(self) -> RegistrySettings:
+        if self.upload_concurrency >= self.grpc_max_workers:
+            raise ValueError(
+                f"JOEY_UPLOAD_CONCURRENCY ({self.upload_concurrency}) must be below JOEY_GRPC_MAX_WORKERS "
+                f"({self.grpc_max_workers}): uploads would take every thread that serves other calls"
+            )
+        return self
 
     @field_validator("artifact_dir")
     @classmethod

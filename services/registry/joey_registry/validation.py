@@ -1,5 +1,6 @@
 """Validate an uploaded artifact and read its signature: ONNX models by loading them in onnxruntime,
-python steps by parsing the source (the registry never runs user code)."""
+python steps by parsing the source (the registry never runs user code). The validators run in a child
+process with limits (:class:`ModelCheck`, :mod:`joey_registry.check_process`), never in the registry."""
 
 from __future__ import annotations
 
@@ -7,20 +8,32 @@ import ast
 import bz2
 import codecs
 import json
+import logging
 import lzma
+import math
+import os
+import signal
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import onnx
+import onnx.shape_inference
 import onnxruntime as ort
 
 from joey_core.models import TensorSpec
+from joey_registry import check_process
 from joey_registry.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FRAMEWORK = "onnx"
 
@@ -59,6 +72,9 @@ _ONNX_DTYPES = {
 
 
 class OnnxValidator(RuntimeValidator):
+    def __init__(self, max_tensor_bytes: int) -> None:
+        self.max_tensor_bytes = max_tensor_bytes
+
     def inspect(self, path: Path, declared: Signature) -> Signature:
         if declared.inputs or declared.outputs:
             raise InvalidArgument(
@@ -67,16 +83,57 @@ class OnnxValidator(RuntimeValidator):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
+        # No constant folding while checking: a tiny file can fold into gigabytes. The sizes it would
+        # fold into are checked from the shapes instead (_check_tensor_sizes).
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3  # errors only: the reason is in the exception
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
+            if _out_of_memory(exc):
+                raise MemoryError from None
             # onnxruntime says "Protobuf parsing failed" of anything that is not ONNX: say what it is instead.
             reason = what_file_is(path) or _ort_reason(exc)
             raise InvalidArgument(f"the uploaded file is not a loadable ONNX model: {reason}") from None
-        return Signature(
+        signature = Signature(
             inputs=tuple(_tensor_spec("input", arg) for arg in session.get_inputs()),
             outputs=tuple(_tensor_spec("output", arg) for arg in session.get_outputs()),
         )
+        del session
+        self._check_tensor_sizes(path)
+        return signature
+
+    def _check_tensor_sizes(self, path: Path) -> None:
+        """Refuse a tensor whose shape is known and too large: the engine would fold or compute it."""
+        try:
+            model = onnx.shape_inference.infer_shapes(
+                onnx.load(str(path), load_external_data=False), data_prop=True
+            )
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+            raise InvalidArgument(f"the model's types and shapes do not check out: {exc}") from None
+        graph = model.graph
+        tensors = [(i.name, i.data_type, list(i.dims)) for i in graph.initializer]
+        for value in (*graph.value_info, *graph.output):
+            kind = value.type.tensor_type
+            if kind.HasField("shape") and all(d.HasField("dim_value") for d in kind.shape.dim):
+                tensors.append((value.name, kind.elem_type, [d.dim_value for d in kind.shape.dim]))
+        for name, element, dims in tensors:
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(element).itemsize
+            except KeyError:
+                continue  # an undefined or string type: no size to tell
+            size = math.prod(dims) * itemsize
+            if size > self.max_tensor_bytes:
+                raise InvalidArgument(
+                    f"tensor {name!r} of the model has shape {dims} ({size / 2**30:.1f} GiB), more than "
+                    f"the {self.max_tensor_bytes >> 20} MiB a model check may use "
+                    "(JOEY_UPLOAD_CHECK_MEMORY_MB): engines could not hold it"
+                )
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "bad_alloc" in text or "bad allocation" in text or "failed to allocate" in text
 
 
 def _ort_reason(exc: Exception) -> str:
@@ -383,18 +440,107 @@ def _check_declared(kind: str, specs: tuple[TensorSpec, ...]) -> None:
             )
 
 
-VALIDATORS: dict[str, RuntimeValidator] = {DEFAULT_FRAMEWORK: OnnxValidator(), "python": PythonValidator()}
+VALIDATORS: dict[str, Callable[[int], RuntimeValidator]] = {
+    DEFAULT_FRAMEWORK: OnnxValidator,
+    "python": lambda _: PythonValidator(),
+}
 
 
-def validator_for(framework: str) -> tuple[str, RuntimeValidator]:
-    """The normalised framework name and its validator; empty means the default framework."""
+def framework_name(framework: str) -> str:
+    """The normalised framework name; empty means the default framework."""
     name = framework.strip().lower() or DEFAULT_FRAMEWORK
-    try:
-        return name, VALIDATORS[name]
-    except KeyError:
+    if name not in VALIDATORS:
         raise InvalidArgument(
             f"unsupported framework {framework!r}; supported: {', '.join(sorted(VALIDATORS))}"
-        ) from None
+        )
+    return name
+
+
+def validator_for(framework: str, memory_bytes: int) -> RuntimeValidator:
+    """The validator of ``framework`` (a name framework_name gave), for a process of ``memory_bytes``."""
+    return VALIDATORS[framework](memory_bytes)
+
+
+# What the checking process sees of the environment: no JOEY_* secret, no database URL, no token.
+_CHECK_ENVIRONMENT = {
+    "PATH": os.defpath,
+    "LC_ALL": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
+_STDERR_LOGGED = 4000
+
+
+class ModelCheck:
+    """Runs an upload's validator in a child process with memory, CPU and wall-clock limits, so that no
+    upload can exhaust, stall or crash the registry. Spawned, not forked: the registry is threaded."""
+
+    def __init__(self, memory_mb: int, cpu_s: int, timeout_s: float) -> None:
+        self.memory_mb = memory_mb
+        self.cpu_s = cpu_s
+        self.timeout_s = timeout_s
+
+    def inspect(self, framework: str, path: Path, declared: Signature) -> Signature:
+        request = {
+            "framework": framework,
+            "path": str(path),
+            "inputs": [[s.name, s.dtype, list(s.shape)] for s in declared.inputs],
+            "outputs": [[s.name, s.dtype, list(s.shape)] for s in declared.outputs],
+            "memory_mb": self.memory_mb,
+            "cpu_s": self.cpu_s,
+        }
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-m", check_process.__name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_CHECK_ENVIRONMENT,
+            cwd="/",
+        )
+        try:
+            out, err = child.communicate(json.dumps(request).encode(), timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise InvalidArgument(
+                f"checking the model took longer than {self.timeout_s:g} s (JOEY_UPLOAD_CHECK_TIMEOUT_S); "
+                "nothing was stored"
+            ) from None
+        finally:
+            if child.poll() is None:  # the registry is stopping, or communicate failed
+                child.kill()
+                child.wait()
+        if child.returncode == 0:
+            reply = json.loads(out)
+            if "refused" in reply:
+                raise InvalidArgument(reply["refused"])
+            return Signature(tensor_specs(reply["inputs"]), tensor_specs(reply["outputs"]))
+        raise InvalidArgument(self._limit_hit(child.returncode, err))
+
+    def _limit_hit(self, code: int, err: bytes) -> str:
+        if code == check_process.EXIT_MEMORY:
+            return (
+                f"checking the model needed more than {self.memory_mb} MiB of memory "
+                "(JOEY_UPLOAD_CHECK_MEMORY_MB); nothing was stored"
+            )
+        if code in (-signal.SIGXCPU, -signal.SIGKILL):
+            return (
+                f"checking the model used more than {self.cpu_s} s of CPU (JOEY_UPLOAD_CHECK_CPU_S); "
+                "nothing was stored"
+            )
+        # Not a limit the check knows of: a crash in a loader, or a bug here. The log tells which.
+        log.error("the model check exited with %d: %s", code, err[-_STDERR_LOGGED:].decode(errors="replace"))
+        what = f"signal {-code}" if code < 0 else f"exit status {code}"
+        return (
+            f"checking the model crashed its process ({what}; a loader may have run out of its "
+            f"{self.memory_mb} MiB, JOEY_UPLOAD_CHECK_MEMORY_MB): the file is not a model engines can "
+            "load; nothing was stored"
+        )
+
+
+def tensor_specs(items: list[list[Any]]) -> tuple[TensorSpec, ...]:
+    """Tensor specs from their JSON form, ``[name, dtype, shape]`` each."""
+    return tuple(TensorSpec(name=name, dtype=dtype, shape=tuple(shape)) for name, dtype, shape in items)
 
 
 def dtypes_compatible(produced: str, expected: str) -> bool:

@@ -1,0 +1,66 @@
+"""The child process an upload is checked in, apart from the registry.
+
+Loading an untrusted model (onnxruntime, onnx's shape inference, or parsing a python step) can take any
+amount of memory or time, or crash: here that costs this process only. The registry starts it for each
+upload (``python -I -m joey_registry.check_process``, spawned with a minimal environment: no secret,
+no database URL) and writes one request to its stdin; this process limits itself before it imports
+anything that reads the file, checks, and writes one reply to stdout. Only the standard library is
+imported at the top, so that the limits cover everything the check loads.
+
+Request: ``{"framework", "path", "inputs", "outputs", "memory_mb", "cpu_s"}``, a tensor spec being
+``[name, dtype, shape]``. Reply: ``{"inputs": [...], "outputs": [...]}`` (the signature) or
+``{"refused": reason}``. Running out of memory exits with :data:`EXIT_MEMORY`; the CPU limit ends the
+process with SIGXCPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from typing import Any
+
+EXIT_MEMORY = 3
+_MB = 1 << 20
+
+
+def confine(memory_mb: int, cpu_s: int) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (memory_mb * _MB, memory_mb * _MB))
+    # SIGXCPU at the soft limit, SIGKILL a second later at the hard one.
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+    # A check writes no file, and leaves no core dump of the model behind.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _check(request: dict[str, Any]) -> dict[str, Any]:
+    from pathlib import Path
+
+    from joey_registry.errors import InvalidArgument
+    from joey_registry.validation import Signature, tensor_specs, validator_for
+
+    declared = Signature(tensor_specs(request["inputs"]), tensor_specs(request["outputs"]))
+    validator = validator_for(request["framework"], request["memory_mb"] * _MB)
+    try:
+        signature = validator.inspect(Path(request["path"]), declared)
+    except InvalidArgument as exc:
+        return {"refused": str(exc)}
+    return {
+        kind: [[s.name, s.dtype, list(s.shape)] for s in specs]
+        for kind, specs in (("inputs", signature.inputs), ("outputs", signature.outputs))
+    }
+
+
+def main() -> None:
+    request = json.loads(sys.stdin.buffer.read())
+    confine(request["memory_mb"], request["cpu_s"])
+    try:
+        reply = _check(request)
+    except MemoryError:
+        os._exit(EXIT_MEMORY)  # writing a reply could need memory too
+    sys.stdout.write(json.dumps(reply))
+
+
+if __name__ == "__main__":
+    main()
