@@ -54,12 +54,13 @@ from joey_registry.domain import (
 from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from joey_registry.identity import Identity
 from joey_registry.identity_store import IdentityStore
+from joey_registry.model_check import ModelCheck
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
 from joey_registry.status import UNDEPLOYED, compute_status
 from joey_registry.steps import check_steps, key_split, map_inputs
 from joey_registry.store import PipelineLock, Store, WorkspaceContents, WorkspaceRef
-from joey_registry.validation import ModelCheck, Signature, framework_name
+from joey_registry.validation import Signature, framework_name
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Validate an uploaded artifact and read its signature: ONNX models by loading them in onnxruntime,
 python steps by parsing the source (the registry never runs user code). The validators run in a child
-process with limits (:class:`ModelCheck`, :mod:`joey_registry.check_process`), never in the registry."""
+process with limits (:mod:`joey_registry.model_check`), never in the registry."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ import ast
 import bz2
 import codecs
 import json
-import logging
 import lzma
 import math
-import os
-import signal
 import struct
-import subprocess
-import sys
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -30,10 +25,7 @@ import onnx.shape_inference
 import onnxruntime as ort
 
 from joey_core.models import TensorSpec
-from joey_registry import check_process
 from joey_registry.errors import InvalidArgument
-
-log = logging.getLogger(__name__)
 
 DEFAULT_FRAMEWORK = "onnx"
 
@@ -459,83 +451,6 @@ def framework_name(framework: str) -> str:
 def validator_for(framework: str, memory_bytes: int) -> RuntimeValidator:
     """The validator of ``framework`` (a name framework_name gave), for a process of ``memory_bytes``."""
     return VALIDATORS[framework](memory_bytes)
-
-
-# What the checking process sees of the environment: no JOEY_* secret, no database URL, no token.
-_CHECK_ENVIRONMENT = {
-    "PATH": os.defpath,
-    "LC_ALL": "C.UTF-8",
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-}
-_STDERR_LOGGED = 4000
-
-
-class ModelCheck:
-    """Runs an upload's validator in a child process with memory, CPU and wall-clock limits, so that no
-    upload can exhaust, stall or crash the registry. Spawned, not forked: the registry is threaded."""
-
-    def __init__(self, memory_mb: int, cpu_s: int, timeout_s: float) -> None:
-        self.memory_mb = memory_mb
-        self.cpu_s = cpu_s
-        self.timeout_s = timeout_s
-
-    def inspect(self, framework: str, path: Path, declared: Signature) -> Signature:
-        request = {
-            "framework": framework,
-            "path": str(path),
-            "inputs": [[s.name, s.dtype, list(s.shape)] for s in declared.inputs],
-            "outputs": [[s.name, s.dtype, list(s.shape)] for s in declared.outputs],
-            "memory_mb": self.memory_mb,
-            "cpu_s": self.cpu_s,
-        }
-        child = subprocess.Popen(
-            [sys.executable, "-I", "-m", check_process.__name__],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=_CHECK_ENVIRONMENT,
-            cwd="/",
-        )
-        try:
-            out, err = child.communicate(json.dumps(request).encode(), timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-            raise InvalidArgument(
-                f"checking the model took longer than {self.timeout_s:g} s (JOEY_UPLOAD_CHECK_TIMEOUT_S); "
-                "nothing was stored"
-            ) from None
-        finally:
-            if child.poll() is None:  # the registry is stopping, or communicate failed
-                child.kill()
-                child.wait()
-        if child.returncode == 0:
-            reply = json.loads(out)
-            if "refused" in reply:
-                raise InvalidArgument(reply["refused"])
-            return Signature(tensor_specs(reply["inputs"]), tensor_specs(reply["outputs"]))
-        raise InvalidArgument(self._limit_hit(child.returncode, err))
-
-    def _limit_hit(self, code: int, err: bytes) -> str:
-        if code == check_process.EXIT_MEMORY:
-            return (
-                f"checking the model needed more than {self.memory_mb} MiB of memory "
-                "(JOEY_UPLOAD_CHECK_MEMORY_MB); nothing was stored"
-            )
-        if code in (-signal.SIGXCPU, -signal.SIGKILL):
-            return (
-                f"checking the model used more than {self.cpu_s} s of CPU (JOEY_UPLOAD_CHECK_CPU_S); "
-                "nothing was stored"
-            )
-        # Not a limit the check knows of: a crash in a loader, or a bug here. The log tells which.
-        log.error("the model check exited with %d: %s", code, err[-_STDERR_LOGGED:].decode(errors="replace"))
-        what = f"signal {-code}" if code < 0 else f"exit status {code}"
-        return (
-            f"checking the model crashed its process ({what}; a loader may have run out of its "
-            f"{self.memory_mb} MiB, JOEY_UPLOAD_CHECK_MEMORY_MB): the file is not a model engines can "
-            "load; nothing was stored"
-        )
 
 
 def tensor_specs(items: list[list[Any]]) -> tuple[TensorSpec, ...]:

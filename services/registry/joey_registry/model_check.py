@@ -1,0 +1,93 @@
+"""Running an upload's validator in a child process (:mod:`joey_registry.check_process`) with memory,
+CPU and wall-clock limits, so that no upload can exhaust, stall or crash the registry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from joey_registry import check_process
+from joey_registry.errors import InvalidArgument
+from joey_registry.validation import Signature, tensor_specs
+
+log = logging.getLogger(__name__)
+
+# What the checking process sees of the environment: no JOEY_* secret, no database URL, no token.
+_CHECK_ENVIRONMENT = {
+    "PATH": os.defpath,
+    "LC_ALL": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
+_STDERR_LOGGED = 4000
+
+
+class ModelCheck:
+    """Spawned, not forked: the registry is threaded, and the child must not inherit its memory."""
+
+    def __init__(self, memory_mb: int, cpu_s: int, timeout_s: float) -> None:
+        self.memory_mb = memory_mb
+        self.cpu_s = cpu_s
+        self.timeout_s = timeout_s
+
+    def inspect(self, framework: str, path: Path, declared: Signature) -> Signature:
+        request = {
+            "framework": framework,
+            "path": str(path.resolve()),  # the child runs in /
+            "inputs": [[s.name, s.dtype, list(s.shape)] for s in declared.inputs],
+            "outputs": [[s.name, s.dtype, list(s.shape)] for s in declared.outputs],
+            "memory_mb": self.memory_mb,
+            "cpu_s": self.cpu_s,
+        }
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-m", check_process.__name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_CHECK_ENVIRONMENT,
+            cwd="/",
+        )
+        try:
+            out, err = child.communicate(json.dumps(request).encode(), timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise InvalidArgument(
+                f"checking the model took longer than {self.timeout_s:g} s (JOEY_UPLOAD_CHECK_TIMEOUT_S); "
+                "nothing was stored"
+            ) from None
+        finally:
+            if child.poll() is None:  # the registry is stopping, or communicate failed
+                child.kill()
+                child.wait()
+        if child.returncode == 0:
+            reply = json.loads(out)
+            if "refused" in reply:
+                raise InvalidArgument(reply["refused"])
+            return Signature(tensor_specs(reply["inputs"]), tensor_specs(reply["outputs"]))
+        raise InvalidArgument(self._limit_hit(child.returncode, err))
+
+    def _limit_hit(self, code: int, err: bytes) -> str:
+        if code == check_process.EXIT_MEMORY:
+            return (
+                f"checking the model needed more than {self.memory_mb} MiB of memory "
+                "(JOEY_UPLOAD_CHECK_MEMORY_MB); nothing was stored"
+            )
+        if code in (-signal.SIGXCPU, -signal.SIGKILL):
+            return (
+                f"checking the model used more than {self.cpu_s} s of CPU (JOEY_UPLOAD_CHECK_CPU_S); "
+                "nothing was stored"
+            )
+        log.error("the model check exited with %d: %s", code, err[-_STDERR_LOGGED:].decode(errors="replace"))
+        if code > 0:  # an exception the check did not expect: a bug here, not the caller's to fix
+            raise RuntimeError(f"the model check failed with exit status {code}")
+        return (
+            f"checking the model crashed its process (signal {-code}; a loader may have run out of its "
+            f"{self.memory_mb} MiB, JOEY_UPLOAD_CHECK_MEMORY_MB): the file is not a model engines can "
+            "load; nothing was stored"
+        )

@@ -1,0 +1,99 @@
+"""The child process an upload is checked in: its limits, and what it can see of the registry."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from joey_core.models import TensorSpec
+from joey_registry.errors import InvalidArgument
+from joey_registry.model_check import ModelCheck
+from joey_registry.validation import Signature
+from tests.conftest import wait_until
+
+SPECS = (TensorSpec(name="x", dtype="float32", shape=(-1,)),)
+
+
+def heavy_step(tmp_path: Path) -> Path:
+    """A python step whose parse takes seconds of CPU and gigabytes of syntax tree."""
+    lines = "".join(f"x{i} = [{i}, ({i}, {{{i}: {i}}})]\n" for i in range(400_000))
+    path = tmp_path / "step.py"
+    path.write_text(f"def process_data(inputs):\n    return inputs\n{lines}")
+    return path
+
+
+def refusal(check: ModelCheck, path: Path, framework: str = "python") -> str:
+    with pytest.raises(InvalidArgument) as info:
+        check.inspect(framework, path, Signature(SPECS, SPECS))
+    return str(info.value)
+
+
+def test_a_check_over_its_memory_is_refused(tmp_path: Path) -> None:
+    # About 210 MiB hold the interpreter and onnxruntime; the syntax tree needs far more than the rest.
+    message = refusal(ModelCheck(memory_mb=300, cpu_s=60, timeout_s=60), heavy_step(tmp_path))
+    assert message == (
+        "checking the model needed more than 300 MiB of memory (JOEY_UPLOAD_CHECK_MEMORY_MB); "
+        "nothing was stored"
+    )
+
+
+def test_a_check_over_its_cpu_is_refused(tmp_path: Path) -> None:
+    message = refusal(ModelCheck(memory_mb=8192, cpu_s=1, timeout_s=60), heavy_step(tmp_path))
+    assert (
+        message
+        == "checking the model used more than 1 s of CPU (JOEY_UPLOAD_CHECK_CPU_S); nothing was stored"
+    )
+
+
+def test_the_check_reads_the_signature(iris_model: Path) -> None:
+    signature = ModelCheck(memory_mb=4096, cpu_s=60, timeout_s=60).inspect(
+        "onnx", iris_model, Signature((), ())
+    )
+    assert [(s.name, s.dtype, s.shape) for s in signature.inputs] == [("features", "float32", (-1, 4))]
+
+
+def _checker_pids() -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            if (
+                entry.name.isdigit()
+                and b"joey_registry.check_process" in Path(entry.path, "cmdline").read_bytes()
+            ):
+                found.append(int(entry.name))
+        except OSError:
+            pass  # ended meanwhile
+    return found
+
+
+def test_the_checking_process_sees_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_aside: Callable[[Callable[[], object]], None]
+) -> None:
+    secret = secrets.token_hex(16)
+    monkeypatch.setenv("JOEY_SERVICE_TOKEN", secret)
+    monkeypatch.setenv("JOEY_DATABASE_URL", f"postgresql://joey:{secret}@127.0.0.1/joey")
+    path = heavy_step(tmp_path)
+    run_aside(lambda: refusal(ModelCheck(memory_mb=8192, cpu_s=2, timeout_s=60), path))
+    pids = wait_until(_checker_pids, 30, "the checking process to start")
+    environment = Path(f"/proc/{pids[0]}/environ").read_bytes()  # type: ignore[index]
+    assert environment  # it has one (PATH, the locale)
+    assert b"JOEY_" not in environment and secret.encode() not in environment
+
+
+@pytest.fixture
+def run_aside() -> Callable[[Callable[[], object]], None]:
+    threads: list[threading.Thread] = []
+
+    def run(work: Callable[[], object]) -> None:
+        thread = threading.Thread(target=work)
+        thread.start()
+        threads.append(thread)
+
+    yield run  # type: ignore[misc]
+    for thread in threads:
+        thread.join()
