@@ -431,6 +431,12 @@ def test_stalled_uploads_hold_only_their_pool_and_are_cut_off(
         finally:
             release.set()
         assert not staged(server)
+        # The threads that read them ended with their calls.
+        wait_until(
+            lambda: not [t for t in threading.enumerate() if t.name == "upload-reader"],
+            30,
+            "the stalled uploads' readers to end",
+        )
         # Their slots are free again.
         assert upload(stub, workspace, "iris", iris_bytes).version == 1
         assert [m.name for m in stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models] == ["iris"]

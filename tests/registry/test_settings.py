@@ -1,0 +1,17 @@
+"""The registry's settings refuse combinations it could not serve."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from joey_registry.settings import RegistrySettings
+
+
+def test_uploads_cannot_take_every_thread(env: dict[str, str]) -> None:
+    given = {k.removeprefix("JOEY_").lower(): v for k, v in env.items()}
+    with pytest.raises(pydantic.ValidationError) as info:
+        RegistrySettings(**(given | {"grpc_max_workers": 8, "upload_concurrency": 8}))
+    assert "JOEY_UPLOAD_CONCURRENCY (8) must be below JOEY_GRPC_MAX_WORKERS (8)" in str(info.value)
+    settings = RegistrySettings(**(given | {"grpc_max_workers": 8, "upload_concurrency": 7}))
+    assert settings.upload_concurrency == 7
