@@ -34,8 +34,16 @@ GOOD_FEATURES = [5.1, 3.5, 1.4, 0.2]
 
 # name -> (value, request-id header, the start of the reason)
 HOSTILE: dict[str, tuple[bytes | None, bytes, str]] = {
-    "deep-array": (b'{"features":' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"", "record is not valid JSON: nested too deeply"),
-    "deep-object": (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, b"", "record is not valid JSON: nested too deeply"),
+    "deep-array": (
+        b'{"features":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b"",
+        "record is not valid JSON: nested too deeply",
+    ),
+    "deep-object": (
+        b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+        b"",
+        "record is not valid JSON: nested too deeply",
+    ),
     "huge-integer": (b'{"features":[1,2,3,' + b"9" * 5000 + b"]}", b"", "record is not valid JSON"),
     "nan": (b'{"features":[NaN,1,2,3]}', b"", "input 'features' contains NaN/inf"),
     "minus-infinity": (b'{"features":[1,-Infinity,2,3]}', b"", "input 'features' contains NaN/inf"),
