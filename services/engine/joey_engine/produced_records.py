@@ -230,8 +230,8 @@ def bounded(
     size = len(source.value or b"")
     excerpt = (source.value or b"")[:EXCERPT_BYTES]
     shown = f"raw_input holds its first {len(excerpt)} of {size} bytes"
-    reason = why if isinstance(result, Success) else f"{result.reason}; {why}"
-    reason = _clean(reason, REASON_MAX_CHARS)
+    why = _clean(why, REASON_MAX_CHARS // 4)
+    reason = why if isinstance(result, Success) else f"{_clean(result.reason, REASON_MAX_CHARS)}; {why}"
     failure = Failure(f"{reason}; {shown}", None, result.split)
     key = source.key
     if key is not None and len(key) > KEY_MAX_BYTES:
