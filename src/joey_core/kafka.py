@@ -28,6 +28,7 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
+    Producer,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -176,11 +177,35 @@ def wait_for_broker(config: dict[str, Any], timeout: float = 30.0) -> None:
     raise TimeoutError(f"Kafka at {bootstrap} not reachable after {timeout:.0f}s: {last}")
 
 
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+"""librdkafka's default ``message.max.bytes``; a real cluster's default limit is about the same."""
+
+RECORD_OVERHEAD_BYTES = 512
+"""Room kept under the limit for what Kafka adds to a record (lengths, timestamps, its batch's header)."""
+
+
+def max_record_bytes(settings: CommonSettings) -> int:
+    """Largest key + value + headers a producer of ``settings`` may send: the producer's
+    ``message.max.bytes`` (JOEY_KAFKA_CONFIG), less Kafka's overhead. Checked before ``produce``, since
+    the embedded broker accepts records far larger than a real cluster does."""
+    limit = int(settings.kafka_config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
+    return max(limit - RECORD_OVERHEAD_BYTES, 0)
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, Any]] = ()) -> int:
+    """What a record weighs against ``message.max.bytes``: key, value and headers."""
+    size = len(key or b"") + len(value or b"")
+    for name, header in headers:
+        size += len(name) + len(header or b"")
+    return size
+
+
 class DeliveryTracker:
     """Collects delivery reports so a batch can be flushed and checked as a whole.
 
-    Pass :meth:`on_delivery` as the ``on_delivery`` callback of every ``produce`` of a
-    batch, then call :meth:`flush` before committing the batch's input offsets.
+    Produce every record of a batch through :meth:`produce` (or pass :meth:`on_delivery` as the
+    ``on_delivery`` callback of ``produce``), then call :meth:`flush` before committing the batch's input
+    offsets. Use one tracker per batch: a report that arrives late then counts for its own batch.
     """
 
     def __init__(self) -> None:
@@ -190,9 +215,40 @@ class DeliveryTracker:
         if err is not None:
             self.errors.append(err)
 
+    def produce(
+        self,
+        producer: Producer,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, Any]] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """``producer.produce`` with this tracker's callback; a full local queue is waited out (its
+        deliveries served) for up to ``timeout`` rather than raised at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=list(headers or ()), on_delivery=self.on_delivery)
+                return
+            except BufferError:
+                if time.monotonic() > deadline:
+                    raise
+                producer.poll(0.1)
+
     def flush(self, producer: Any, timeout: float = 30.0) -> None:
+        """Wait for every delivery; raise TimeoutError or KafkaException when one failed.
+
+        On a failure what is still queued is purged first: the caller retries the batch, and records of
+        a failed batch delivered later (with the next batch's flush, or a dying process's) would only be
+        duplicates that grow with every retry.
+        """
         remaining = producer.flush(timeout)
+        if remaining or self.errors:
+            producer.purge(in_queue=True, in_flight=False)
+            producer.poll(0)
         if remaining:
+            self.errors = []
             raise TimeoutError(f"{remaining} records not acknowledged by the broker within {timeout:.0f}s")
         if self.errors:
             errors, self.errors = self.errors, []
@@ -218,6 +274,7 @@ class ConsumedRecord:
         "offset",
         "partition",
         "request_id",
+        "request_id_problem",
         "timestamp_ms",
         "topic",
         "value",
@@ -241,16 +298,22 @@ class ConsumedRecord:
         self.headers: Headers = headers or []
         self.timestamp_ms = timestamp_ms
         """When it was written, by the broker's or the producer's clock; None when the broker has none."""
-        request_id = deadline = None
+        request_id: bytes | None = None
+        deadline: bytes | None = None
         for name, raw in self.headers:
             if raw is None:
                 continue
             if name == records.REQUEST_ID_HEADER and request_id is None:
-                request_id = raw.decode("utf-8", errors="replace")
+                request_id = raw
             elif name == records.DEADLINE_HEADER and deadline is None:
                 deadline = raw
-        self.request_id: str = request_id or f"{topic}/{partition}/{offset}"
-        """The caller's request id, or the record's position when it came without one."""
+        self.request_id: str = (
+            records.bounded_request_id(request_id) if request_id else f"{topic}/{partition}/{offset}"
+        )
+        """The caller's request id (bounded, see records.bounded_request_id), or the record's position
+        when it came without one."""
+        self.request_id_problem: str | None = records.request_id_problem(request_id) if request_id else None
+        """Why the request-id header could not be used as sent (too long, not UTF-8), or None."""
         self.deadline_ms: float | None = _deadline_ms(deadline)
         """When the caller stops waiting (epoch ms), from the deadline header."""
         self._value_json: str | None = None

@@ -1,7 +1,9 @@
 """Wire formats of the records Joey moves over Kafka.
 
-* Input record: a JSON object mapping input names to values (one row). The record key and
-  the ``request-id`` header travel through to outputs, errors and logs. An optional
+* Input record: a JSON object mapping input names to values (one row); a key that appears twice
+  in one object makes the record invalid (parsers disagree on which one wins). The record key and
+  the ``request-id`` header travel through to outputs, errors and logs (a request id is at most
+  :data:`REQUEST_ID_MAX_BYTES` of UTF-8; see :func:`bounded_request_id`). An optional
   ``deadline-ms`` header (epoch milliseconds) marks when the caller stops waiting: a replica
   reaching the record later does not run it and reports it as an error instead.
 * Output record: JSON with ``time``, ``in``, ``out``, ``check_failures`` and ``metadata``.
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
@@ -30,6 +33,8 @@ REQUEST_ID_HEADER = "request-id"
 DEADLINE_HEADER = "deadline-ms"
 DEADLINE_EXCEEDED = "deadline exceeded"
 """How the reason of a record dropped past its deadline starts; synchronous callers match on it."""
+REQUEST_ID_MAX_BYTES = 1024
+"""Longest request id that travels as it was sent; a longer one fails its record (see bounded_request_id)."""
 CONTENT_TYPE_HEADER = "content-type"
 LOG_CONTENT_TYPE = "application/avro; schema=joey.v1.InferenceLog"
 
@@ -46,18 +51,66 @@ def header_value(headers: list[tuple[str, bytes | None]] | None, name: str) -> s
 
 
 def decode_input(value: bytes | None) -> dict[str, Any]:
-    """Parse one input record; raise RecordError naming what is wrong."""
+    """Parse one input record; raise RecordError naming what is wrong, and nothing else."""
     if value is None:
         raise RecordError("empty record: expected a JSON object mapping input names to values")
     try:
-        row = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError(f"record is not valid JSON: {exc}") from None
+        row = json.loads(value, object_pairs_hook=_unique_keys)
+    except RecordError:
+        raise
+    except RecursionError:
+        raise RecordError("record is not valid JSON: nested too deeply") from None
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is an integer of more digits
+    # than Python converts (sys.get_int_max_str_digits): whatever json raises is the record's fault.
+    except ValueError as exc:
+        raise RecordError(f"record is not valid JSON: {_bounded_text(str(exc), 200)}") from None
     if not isinstance(row, dict):
         raise RecordError(
             f"record must be a JSON object mapping input names to values, got {type(row).__name__}"
         )
     return row
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of duplicate keys, other readers of the same bytes (the outputs' "in", jsonb)
+    # may keep another: refusing them leaves one meaning for every record.
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RecordError(
+                    f"record has the key {_bounded_text(key, 100)!r} more than once in one object"
+                )
+            seen.add(key)
+    return row
+
+
+def _bounded_text(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def bounded_request_id(raw: bytes) -> str:
+    """The request id a record's ``request-id`` header carries into outputs, errors and logs.
+
+    Bytes that are not UTF-8 are replaced (U+FFFD); past :data:`REQUEST_ID_MAX_BYTES` the id is cut and
+    ends in a digest of the whole, so it stays bounded, deterministic and distinct.
+    """
+    if len(raw) <= REQUEST_ID_MAX_BYTES:
+        return raw.decode("utf-8", errors="replace")
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    return f"{raw[:256].decode('utf-8', errors='replace')}...sha256:{digest}"
+
+
+def request_id_problem(raw: bytes) -> str | None:
+    """Why a ``request-id`` header cannot be used as sent, or None."""
+    if len(raw) > REQUEST_ID_MAX_BYTES:
+        return f"request-id header is {len(raw)} bytes, over the {REQUEST_ID_MAX_BYTES} allowed"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"request-id header is not UTF-8 (byte {exc.start})"
+    return None
 
 
 def to_jsonable(value: Any) -> Any:

@@ -780,3 +780,27 @@ def test_challenger_that_cannot_be_fed_fails_the_load(
     deployment = make_deployment(steps=[make_step("0" * 64), champion])
     with pytest.raises(ValueError, match=error):
         PipelineRunner(deployment, [load(iris_model), load(max_model), load(x_max_model)])
+
+
+class _Tripping(PipelineRunner):
+    """A runner with a bug that one record trips over (its value raises past the validation)."""
+
+    def _validate(self, row: dict[str, object]) -> dict[str, np.ndarray]:
+        if row.get("trip"):
+            raise KeyError("a bug")
+        return super()._validate(row)  # type: ignore[arg-type]
+
+
+def test_an_exception_escaping_the_runner_fails_only_the_record_that_raises_it(
+    iris_model: Path, make_deployment: Callable[..., Deployment]
+) -> None:
+    runner = _Tripping(make_deployment(), [load(iris_model)])
+    rows: list[dict[str, object]] = [{"features": row} for row in ROWS]
+    rows.insert(2, {"features": ROWS[0], "trip": True})
+    late = Failure("deadline exceeded", None)
+    results = runner.run([encode(row) for row in rows], {4: late})
+    assert [type(r).__name__ for r in results] == ["Success", "Success", "Failure", "Success", "Failure"]
+    assert results[2] == Failure("the engine failed on this record: KeyError: 'a bug'", None)
+    assert results[4] is late, "a record failed before the run keeps its failure"
+    expected = direct(iris_model, [ROWS[0], ROWS[1], ROWS[2]])["label"].tolist()
+    assert [r.outputs["label"] for r in results if isinstance(r, Success)] == expected

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from joey_core import records
+from joey_core import records, topics
 from joey_core.kafka import ConsumedRecord
 from joey_core.records import DEADLINE_HEADER, REQUEST_ID_HEADER
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import Failure, Success
-from joey_engine.produced_records import error_value, expired, log_value, output_value
+from joey_engine.produced_records import error_value, expired, log_value, output_value, produced, refused
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -175,3 +176,80 @@ def test_a_record_past_its_deadline_fails_with_the_reason_in_error_and_log(
     assert error["raw_input"] == raw.decode()
     log = records.decode_log(log_value(deployment, late, failure, NOW))
     assert not log["ok"] and log["error"] == failure.reason
+
+
+def test_records_that_fit_are_produced_as_they_are(make_deployment: Callable[..., Deployment]) -> None:
+    deployment = make_deployment()
+    raw = b'{"features": [1, 2, 3, 4]}'
+    result = Success(json.loads(raw), {"label": 1}, (10,))
+    answer, produced_ = produced(deployment, source(raw), result, NOW, 10_000)
+    assert answer is result
+    reply, log = produced_
+    assert (reply.topic, reply.key, reply.value) == (
+        deployment.topics.outputs,
+        b"key",
+        output_value(deployment, source(raw), result, NOW),
+    )
+    assert (log.topic, log.key, log.value) == (
+        topics.LOGS,
+        b"req-7",
+        log_value(deployment, source(raw), result, NOW),
+    )
+
+
+def test_an_output_over_the_limit_becomes_a_bounded_error(make_deployment: Callable[..., Deployment]) -> None:
+    deployment = make_deployment()
+    raw = json.dumps({"features": [1, 2, 3, 4], "pad": "é" * 20_000}).encode()
+    result = Success(json.loads(raw), {"label": 1}, (10,))
+    limit = 8_000
+    answer, produced_ = produced(deployment, source(raw), result, NOW, limit)
+    assert isinstance(answer, Failure) and answer.inputs is None
+    assert answer.reason.startswith("its output record would be ")
+    assert answer.reason.endswith(
+        f"over the {limit}-byte limit of a record (the producer's message.max.bytes less "
+        f"Kafka's overhead); raw_input holds its first 1024 of {len(raw)} bytes"
+    )
+    error, log = produced_
+    assert error.topic == deployment.topics.errors and error.size <= limit and log.size <= limit
+    body = json.loads(error.value)
+    assert body["error"] == answer.reason and body["input"] is None
+    assert body["raw_input"] == raw[:1024].decode("utf-8", errors="replace")
+    logged = records.decode_log(log.value)
+    assert (logged["ok"], logged["error"], logged["inputs"], logged["raw_input"]) == (
+        False,
+        answer.reason,
+        None,
+        raw[:1024],
+    )
+
+
+def test_a_failure_whose_error_is_too_large_keeps_its_reason_and_a_huge_key_is_digested(
+    make_deployment: Callable[..., Deployment],
+) -> None:
+    deployment = make_deployment()
+    raw = json.dumps({"features": "x" * 50_000}).encode()
+    big_key = ConsumedRecord("joey.w.p.inputs", 2, 7, b"k" * 50_000, raw, [(REQUEST_ID_HEADER, b"r")])
+    answer, (error, log) = produced(
+        deployment, big_key, Failure("wrong type " * 1000, json.loads(raw)), NOW, 20_000
+    )
+    assert isinstance(answer, Failure) and answer.reason.startswith("wrong type wrong type")
+    assert "its error record would be" in answer.reason and len(answer.reason) < 5_000
+    assert error.key == b"sha256:" + hashlib.sha256(b"k" * 50_000).hexdigest().encode()
+    assert records.decode_log(log.value)["record_key"] == error.key
+
+
+def test_a_record_that_cannot_be_encoded_fails_alone(make_deployment: Callable[..., Deployment]) -> None:
+    deployment = make_deployment()
+    # A lone surrogate (a python step's error message can hold one) has no UTF-8 form for Avro.
+    answer, (error, log) = produced(deployment, source(b"{}"), Failure("bad \udc80 value", {}), NOW, 100_000)
+    assert isinstance(answer, Failure)
+    assert answer.reason.startswith("bad ? value; its records could not be encoded (UnicodeEncodeError: ")
+    assert json.loads(error.value)["error"] == answer.reason
+    assert records.decode_log(log.value)["error"] == answer.reason
+
+
+def test_a_record_with_an_unusable_request_id_is_refused() -> None:
+    bad = ConsumedRecord("joey.w.p.inputs", 2, 7, None, b"{}", [(REQUEST_ID_HEADER, b"\xff")])
+    failure = refused(bad, now_ms=0)
+    assert failure == Failure("request-id header is not UTF-8 (byte 0)", None)
+    assert refused(source(b"{}"), now_ms=0) is None

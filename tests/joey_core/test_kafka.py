@@ -10,6 +10,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from pydantic import ValidationError
 
+from joey_core import kafka, records
 from joey_core.kafka import (
     CommitPolicy,
     ConsumedRecord,
@@ -26,6 +27,7 @@ from joey_core.kafka import (
 )
 from joey_core.records import DEADLINE_HEADER, REQUEST_ID_HEADER
 from joey_core.settings import CommonSettings
+from tests.conftest import free_port
 
 
 def test_ensure_topics_creates_once_with_the_requested_partitions(settings: CommonSettings) -> None:
@@ -227,3 +229,35 @@ def test_an_invalid_combination_is_a_clear_settings_error(settings: dict[str, An
     assert error in str(refused.value)
     # The error never quotes what was given: a password beside the refused setting stays out of it.
     assert "input_value" not in str(refused.value)
+
+
+def test_the_record_limit_follows_the_producers_message_max_bytes() -> None:
+    assert (
+        kafka.max_record_bytes(CommonSettings())
+        == kafka.DEFAULT_MESSAGE_MAX_BYTES - kafka.RECORD_OVERHEAD_BYTES
+    )
+    tuned = CommonSettings(kafka_config={"message.max.bytes": 20_000})
+    assert kafka.max_record_bytes(tuned) == 20_000 - kafka.RECORD_OVERHEAD_BYTES
+    assert kafka.record_size(b"k", b"value", [("request-id", b"r-1"), ("empty", None)]) == 1 + 5 + 13 + 5
+
+
+def test_a_failed_flush_raises_and_leaves_nothing_queued_to_be_delivered_later() -> None:
+    unreachable = CommonSettings(kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    producer = Producer(producer_config(unreachable))
+    tracker = DeliveryTracker()
+    tracker.produce(producer, "t", b"v", b"k")
+    with pytest.raises(TimeoutError, match="^1 records not acknowledged"):
+        tracker.flush(producer, timeout=0.5)
+    assert len(producer) == 0, "purged: a later flush cannot deliver the failed batch's records"
+    expiring = Producer(producer_config(unreachable, **{"message.timeout.ms": 200}))
+    tracker.produce(expiring, "t", b"v", b"k")
+    with pytest.raises(KafkaException):
+        tracker.flush(expiring, timeout=10)
+    assert tracker.errors == [], "its reports do not count against the next batch"
+
+
+def test_a_consumed_request_id_is_bounded_and_its_problem_kept() -> None:
+    huge = ConsumedRecord("t", 0, 5, None, b"{}", [(REQUEST_ID_HEADER, b"r" * 5000)])
+    assert huge.request_id == records.bounded_request_id(b"r" * 5000)
+    assert huge.request_id_problem == records.request_id_problem(b"r" * 5000) is not None
+    assert ConsumedRecord("t", 0, 5, None, b"{}", [(REQUEST_ID_HEADER, b"ok")]).request_id_problem is None

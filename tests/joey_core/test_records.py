@@ -114,3 +114,42 @@ def test_corrupt_log_records_raise_only_record_errors() -> None:
         # Any other exception fails the test: the assayer would stop on it.
         with contextlib.suppress(records.RecordError):
             records.log_event_time(bytes(corrupt))
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "record is not valid JSON: nested too deeply"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "record is not valid JSON: nested too deeply"),
+        (b'{"x": ' + b"9" * 5000 + b"}", "record is not valid JSON: Exceeds the limit"),
+        (b'{"x": 1, "x": 2}', "record has the key 'x' more than once in one object"),
+        (b'{"x": {"y": 1, "y": 1}}', "record has the key 'y' more than once in one object"),
+        (b'{"x": [nan]}', "record is not valid JSON"),
+        (b"", "record is not valid JSON"),
+    ],
+)
+def test_decode_input_raises_only_record_errors(raw: bytes, reason: str) -> None:
+    with pytest.raises(records.RecordError) as error:
+        records.decode_input(raw)
+    assert str(error.value).startswith(reason), str(error.value)
+    assert len(str(error.value)) < 400
+
+
+def test_decode_input_keeps_python_spellings_of_non_finite_numbers_for_validation_to_name() -> None:
+    row = records.decode_input(b'{"x": [NaN, Infinity, -Infinity]}')
+    assert [math.isnan(row["x"][0]), row["x"][1:]] == [True, [math.inf, -math.inf]]
+
+
+def test_request_ids_are_bounded_and_their_problems_named() -> None:
+    assert records.bounded_request_id(b"r-1") == "r-1" and records.request_id_problem(b"r-1") is None
+    assert records.bounded_request_id(b"\xff-1") == "\ufffd-1"
+    assert records.request_id_problem(b"\xff-1") == "request-id header is not UTF-8 (byte 0)"
+    limit = records.REQUEST_ID_MAX_BYTES
+    assert records.request_id_problem(b"r" * limit) is None
+    assert records.request_id_problem(b"r" * (limit + 1)) == (
+        f"request-id header is {limit + 1} bytes, over the {limit} allowed"
+    )
+    long_one, other = records.bounded_request_id(b"r" * 100_000), records.bounded_request_id(b"r" * 100_001)
+    assert len(long_one.encode()) <= limit and long_one.startswith("r" * 256 + "...sha256:")
+    assert long_one != other, "cut ids stay distinct"
+    assert records.bounded_request_id(b"r" * 100_000) == long_one, "and deterministic"

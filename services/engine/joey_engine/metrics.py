@@ -31,6 +31,21 @@ REPLICAS = Gauge(
     "joey_engine_replicas", "Replicas running in this engine", _LABELS, multiprocess_mode="livesum"
 )
 REPLICA_FAILURES = Counter("joey_engine_replica_failures", "Replicas stopped by a fatal error", _LABELS)
+DELIVERY_FAILURES = Counter(
+    "joey_engine_delivery_failures",
+    "Batches whose records the broker did not acknowledge (run again)",
+    _LABELS,
+)
+DEAD_LETTERED = Counter(
+    "joey_engine_dead_lettered",
+    "Records failed unrun because replicas processing them kept stopping",
+    _LABELS,
+)
+OVERSIZED = Counter(
+    "joey_engine_bounded_replies",
+    "Records answered by a bounded error because their records could not be encoded or were too large",
+    _LABELS,
+)
 REJECTED_DEPLOYMENTS = Counter(
     "joey_engine_rejected_deployments", "joey.deployments records ignored because they failed validation"
 )

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -475,6 +475,12 @@ def _by_record(shadowed: list[_Shadowed], n: int) -> list[tuple[dict[str, dict[s
     return per_record
 
 
+def _bisect(n: int, run: Callable[[int, int], list[Result]]) -> list[Result]:
+    """The results of records ``0:n`` run as two halves, ``run(start, stop)`` each."""
+    half = n // 2
+    return [*run(0, half), *run(half, n)]
+
+
 def _part(batch: Any, start: int, stop: int | None) -> Any:
     """Records ``start:stop`` of a batch: per-record arrays, a dict of columns, split choices (or None)."""
     if isinstance(batch, dict):
@@ -583,8 +589,30 @@ class PipelineRunner:
         self, values: Sequence[bytes | None], failed: Mapping[int, Failure] | None = None
     ) -> list[Result]:
         """One result per value, in order. ``failed``: records that fail without being run, by index (a
-        replica drops those past their deadline); they take their place among the results as they are."""
-        invalid: dict[int, Failure] = dict(failed or {})
+        replica drops those past their deadline); they take their place among the results as they are.
+
+        Never raises for what the records hold: a batch that makes the runner raise (a bug one record
+        trips over) is bisected like one that crashes a step, until the record that does fails alone.
+        """
+        failed = failed or {}
+        try:
+            return self._run(values, failed)
+        except Exception as exc:
+            if len(values) == 1:
+                return [
+                    failed.get(0)
+                    or Failure(f"the engine failed on this record: {type(exc).__name__}: {exc}", None)
+                ]
+            log.exception("batch of %d records failed in the engine; retrying it in halves", len(values))
+            return _bisect(
+                len(values),
+                lambda start, stop: self.run(
+                    values[start:stop], {i - start: f for i, f in failed.items() if start <= i < stop}
+                ),
+            )
+
+    def _run(self, values: Sequence[bytes | None], failed: Mapping[int, Failure]) -> list[Result]:
+        invalid: dict[int, Failure] = dict(failed)
         rows: list[dict[str, Any]] = []
         for i, value in enumerate(values):
             if i in invalid:
@@ -678,19 +706,16 @@ class PipelineRunner:
                 chosen = [None] * len(rows) if choices is None else self._chosen(choices)
                 return [Failure(str(exc), row, split) for row, split in zip(rows, chosen, strict=True)]
             # A restart costs a fraction of a second: bisecting finds the culprits in about log2(n) of them.
-            half = len(rows) // 2
             log.warning("batch of %d records crashed a step (%s); retrying it in halves", len(rows), exc)
-            return [
-                *self._run_valid(
-                    rows[:half], _part(arrays, 0, half), _part(feeds, 0, half), _part(choices, 0, half)
+            return _bisect(
+                len(rows),
+                lambda start, stop: self._run_valid(
+                    rows[start:stop],
+                    _part(arrays, start, stop),
+                    _part(feeds, start, stop),
+                    _part(choices, start, stop),
                 ),
-                *self._run_valid(
-                    rows[half:],
-                    _part(arrays, half, None),
-                    _part(feeds, half, None),
-                    _part(choices, half, None),
-                ),
-            ]
+            )
         except (StepError, ValueError) as exc:
             # Dynamic dimensions of different sizes cannot be stacked, and one odd record can make a model
             # fail the whole batch: run the records one by one so only the culprit fails.

@@ -2,20 +2,55 @@
 
 Formats are described in :mod:`joey_core.records`; everything here is a pure function of the
 deployment, where the input came from, and its result.
+
+:func:`produced` is what a replica sends for one input, and it never raises for one record: a record
+whose output, error or log cannot be encoded, or would not fit the broker's message limit, is answered
+by a bounded error record instead (its reason, and an excerpt of the raw input).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from joey_core import records
+from joey_core import kafka, records, topics
 from joey_core.kafka import ConsumedRecord
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import Failure, Result, Success
 
 Headers = list[tuple[str, str | bytes | None]]
+
+
+EXCERPT_BYTES = 1024
+"""How much of an input a bounded error record and its log carry."""
+REASON_MAX_CHARS = 4096
+"""Longest reason a bounded error record carries (a user exception's message can be any size)."""
+KEY_MAX_BYTES = 1024
+"""Longest record key a bounded error record keeps; a longer one is replaced by its digest."""
+
+
+@dataclass(frozen=True)
+class Produced:
+    """One record to produce."""
+
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: Headers
+
+    @property
+    def size(self) -> int:
+        return kafka.record_size(self.key, self.value, self.headers)
+
+
+def refused(source: ConsumedRecord, now_ms: float) -> Failure | None:
+    """A failure for a record that is not to be run: its request id is unusable or its deadline passed."""
+    if source.request_id_problem is not None:
+        return Failure(source.request_id_problem, None)
+    return expired(source, now_ms)
 
 
 def expired(source: ConsumedRecord, now_ms: float) -> Failure | None:
@@ -106,6 +141,12 @@ def error_value(deployment: Deployment, source: ConsumedRecord, result: Failure,
 
 
 def log_value(deployment: Deployment, source: ConsumedRecord, result: Result, now: datetime) -> bytes:
+    return records.encode_log(_log_fields(deployment, source, result, now))
+
+
+def _log_fields(
+    deployment: Deployment, source: ConsumedRecord, result: Result, now: datetime
+) -> dict[str, object]:
     if isinstance(result, Success):
         outcome = {
             "ok": True,
@@ -123,25 +164,99 @@ def log_value(deployment: Deployment, source: ConsumedRecord, result: Result, no
             "elapsed_ns": [],
         }
     inputs = None if result.inputs is None else source.value_json
-    return records.encode_log(
-        {
-            "workspace": deployment.workspace,
-            "pipeline": deployment.pipeline,
-            "pipeline_version": deployment.pipeline_version,
-            "deployment_id": deployment.deployment_id,
-            "request_id": source.request_id,
-            "record_key": source.key,
-            "time": now,
-            "input_topic": source.topic,
-            "input_partition": source.partition,
-            "input_offset": source.offset,
-            "inputs": inputs,
-            "raw_input": source.value if inputs is None else None,
-            "check_failures": list(result.check_failures) if isinstance(result, Success) else [],
-            "models": deployment.models_of(result.split),
-        }
-        | outcome
-    )
+    return {
+        "workspace": deployment.workspace,
+        "pipeline": deployment.pipeline,
+        "pipeline_version": deployment.pipeline_version,
+        "deployment_id": deployment.deployment_id,
+        "request_id": source.request_id,
+        "record_key": source.key,
+        "time": now,
+        "input_topic": source.topic,
+        "input_partition": source.partition,
+        "input_offset": source.offset,
+        "inputs": inputs,
+        "raw_input": source.value if inputs is None else None,
+        "check_failures": list(result.check_failures) if isinstance(result, Success) else [],
+        "models": deployment.models_of(result.split),
+    } | outcome
 
 
 LOG_HEADERS: Headers = [(records.CONTENT_TYPE_HEADER, records.LOG_CONTENT_TYPE.encode())]
+
+
+def produced(
+    deployment: Deployment, source: ConsumedRecord, result: Result, now: datetime, limit: int
+) -> tuple[Result, list[Produced]]:
+    """The reply (output or error record) and the log record answering ``source``, each at most
+    ``limit`` bytes (``kafka.max_record_bytes``), and the result they report: ``result``, or the failure
+    that replaced it when its records could not be encoded or were too large."""
+    names = deployment.topics
+    try:
+        if isinstance(result, Success):
+            reply = Produced(
+                names.outputs,
+                output_value(deployment, source, result, now),
+                source.key,
+                reply_headers(source),
+            )
+        else:
+            reply = Produced(
+                names.errors, error_value(deployment, source, result, now), source.key, reply_headers(source)
+            )
+        log = Produced(
+            topics.LOGS, log_value(deployment, source, result, now), source.request_id.encode(), LOG_HEADERS
+        )
+    # Whatever one record's values make the encoders raise (a lone surrogate for Avro, nesting too deep
+    # for the JSON encoder) fails that record alone.
+    except Exception as exc:
+        why = f"its records could not be encoded ({type(exc).__name__}: {exc})"
+        return bounded(deployment, source, result, why, now)
+    for record, what in ((reply, "output" if isinstance(result, Success) else "error"), (log, "log")):
+        if record.size > limit:
+            why = (
+                f"its {what} record would be {record.size} bytes, over the {limit}-byte limit of a record "
+                f"(the producer's message.max.bytes less Kafka's overhead)"
+            )
+            return bounded(deployment, source, result, why, now)
+    return result, [reply, log]
+
+
+def bounded(
+    deployment: Deployment, source: ConsumedRecord, result: Result, why: str, now: datetime
+) -> tuple[Failure, list[Produced]]:
+    """An error record and a failure log of a few KiB at most whatever the input: the reason (the
+    original failure's first), the input's first :data:`EXCERPT_BYTES` as ``raw_input``."""
+    size = len(source.value or b"")
+    excerpt = (source.value or b"")[:EXCERPT_BYTES]
+    shown = f"raw_input holds its first {len(excerpt)} of {size} bytes"
+    why = _clean(why, REASON_MAX_CHARS // 4)
+    reason = why if isinstance(result, Success) else f"{_clean(result.reason, REASON_MAX_CHARS)}; {why}"
+    failure = Failure(f"{reason}; {shown}", None, result.split)
+    key = source.key
+    if key is not None and len(key) > KEY_MAX_BYTES:
+        key = b"sha256:" + hashlib.sha256(key).hexdigest().encode()
+    body = records.dumps_text(
+        {
+            "time": _time_text(now),
+            "request_id": source.request_id,
+            "error": failure.reason,
+            "input": None,
+            "raw_input": excerpt.decode("utf-8", errors="replace"),
+        }
+    )
+    error = f'{body[:-1]},"metadata":{_metadata_text(deployment, source, failure)}}}'.encode()
+    log = records.encode_log(
+        _log_fields(deployment, source, failure, now) | {"record_key": key, "raw_input": excerpt}
+    )
+    return failure, [
+        Produced(deployment.topics.errors, error, key, reply_headers(source)),
+        Produced(topics.LOGS, log, source.request_id.encode(), LOG_HEADERS),
+    ]
+
+
+def _clean(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, with anything UTF-8 cannot encode (lone surrogates) replaced."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text.encode("utf-8", errors="replace").decode("utf-8")

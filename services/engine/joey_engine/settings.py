@@ -38,6 +38,13 @@ class EngineSettings(ServiceSettings):
     load_retry_max_s: float = Field(default=30.0, gt=0)
     """Longest wait between attempts to fetch and load a deployment that failed to load."""
 
+    max_record_attempts: int = Field(default=3, ge=1)
+    """Times a record may be in the batch of a replica that stopped (crashed, was killed) before it is
+    dead-lettered: answered by an error record and a failure log instead of being run again."""
+
+    delivery_retry_max_s: float = Field(default=10.0, gt=0)
+    """Longest wait before a batch whose records the broker did not acknowledge is run again."""
+
     python_step_timeout_s: float = Field(default=30.0, gt=0, le=120)
     """Longest a python step may take over one batch; past it its process is killed and restarted, and
     the batch's records fail. Capped well under Kafka's max.poll.interval (5 min): a replica that polls

@@ -7,6 +7,12 @@ acknowledged by the broker, and before the next poll. Rebalance callbacks only r
 when partitions are revoked nothing is outstanding: the only exception is a commit refused because the
 group was rebalancing, which is retried in the revoke callback (or with the next batch).
 Anything not committed is processed again by the partition's next owner: at least once.
+
+A batch whose records the broker did not acknowledge is not committed: what was still queued is purged,
+the partitions are rewound to the batch and it runs again after a backoff, in the same replica. Before a
+batch runs, its offsets are noted in Redis (:mod:`joey_engine.attempts`): a replica that stops mid-batch
+leaves them behind, and the next owner runs those records one at a time, dead-lettering one that was
+tried ``max_record_attempts`` times.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from joey_core import heartbeats, kafka, topics
+from joey_core import heartbeats, kafka
 from joey_core.kafka import ConsumedRecord
 from joey_engine import metrics, produced_records
+from joey_engine.attempts import AttemptNotes
 from joey_engine.deployment import Deployment
-from joey_engine.pipeline import PipelineRunner, Success
+from joey_engine.pipeline import Failure, PipelineRunner, Success
 from joey_engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -68,7 +75,9 @@ class ReplicaWorker:
         self._assignments = assignments
         """Counts the group's assignments to this replica (one after every rebalance); the engine reads it."""
         self._pending: dict[tuple[str, int], int] = {}
-        self._tracker = kafka.DeliveryTracker()
+        self._limit = kafka.max_record_bytes(settings)
+        self._retry_s = 0.0
+        """The wait before the last batch that could not be delivered runs again; 0 after a delivery."""
         self._beat = heartbeats.ReplicaHeartbeat(
             replica_id,
             deployment.deployment_id,
@@ -80,11 +89,15 @@ class ReplicaWorker:
         self._next_beat = 0.0
         self._queue_age_s = 0.0
         self._log = _Context(log, {"context": f"{deployment} replica {replica_id}"})
+        self._notes = AttemptNotes(redis_client, settings.redis_prefix, deployment.consumer_group, self._log)
         labels = (deployment.workspace, deployment.pipeline)
         self._ok = metrics.RECORDS.labels(*labels, "ok")
         self._failed = metrics.RECORDS.labels(*labels, "error")
         self._batch_size = metrics.BATCH_SIZE.labels(*labels)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(*labels)
+        self._undelivered = metrics.DELIVERY_FAILURES.labels(*labels)
+        self._dead_lettered = metrics.DEAD_LETTERED.labels(*labels)
+        self._bounded = metrics.OVERSIZED.labels(*labels)
 
     def run(self) -> str | None:
         """Serve until stopped; returns why the replica stopped when a fatal error stopped it."""
@@ -131,7 +144,10 @@ class ReplicaWorker:
         finally:
             # Leaving the group runs the revoke callback, which commits anything still pending.
             consumer.close()
-            producer.flush(10.0)
+            # Every committed batch was flushed first: anything still queued answers a batch that was not
+            # committed and is answered again by the next owner, so delivering it now (on every restart of
+            # a crashing replica) would only add duplicates.
+            producer.purge(in_queue=True, in_flight=False)
         self._log.info("stopped")
 
     def _consume(self, consumer: Consumer) -> list[ConsumedRecord]:
@@ -159,51 +175,86 @@ class ReplicaWorker:
 
     def _process(self, sources: list[ConsumedRecord], consumer: Consumer, producer: Producer) -> None:
         start = time.perf_counter()
+        tried = self._notes.tried(sources)
+        if not tried:
+            self._notes.begin(sources, 1)
+            self._answer(sources, {}, sources, consumer, producer)
+        else:
+            first = min(tried)
+            self._log.warning(
+                "a replica stopped while processing %d of these %d records (first at partition %d offset %d, "
+                "tried %d times): running them one at a time",
+                len(tried),
+                len(sources),
+                sources[first].partition,
+                sources[first].offset,
+                tried[first],
+            )
+            for i, source in enumerate(sources):
+                attempts = tried.get(i, 0)
+                failed = {}
+                if attempts >= self._settings.max_record_attempts:
+                    failed[0] = Failure(
+                        f"dead-lettered after {attempts} attempts: a replica processing this record stopped "
+                        "(crashed or was killed) every time; it is not run again",
+                        None,
+                    )
+                    self._dead_lettered.inc()
+                    self._log.error(
+                        "dead-lettering partition %d offset %d after %d attempts",
+                        source.partition,
+                        source.offset,
+                        attempts,
+                    )
+                else:
+                    self._notes.begin([source], attempts + 1)
+                if not self._answer([source], failed, sources[i:], consumer, producer):
+                    break
+        self._batch_size.observe(len(sources))
+        self._batch_seconds.observe(time.perf_counter() - start)
+
+    def _answer(
+        self,
+        sources: list[ConsumedRecord],
+        failed: dict[int, Failure],
+        unanswered: list[ConsumedRecord],
+        consumer: Consumer,
+        producer: Producer,
+    ) -> bool:
+        """Run ``sources``, produce their records and commit once they are acknowledged; False when they
+        were not, and the consumer is rewound to ``unanswered`` (``sources`` and what follows them)."""
         # Work whose caller has given up is not run: it is reported on the errors topic and in the log.
         now_ms = time.time() * 1000
-        expired = {
-            i: failure
-            for i, s in enumerate(sources)
-            if (failure := produced_records.expired(s, now_ms)) is not None
-        }
-        results = self._runner.run([s.value for s in sources], expired)
+        for i, source in enumerate(sources):
+            if i not in failed and (failure := produced_records.refused(source, now_ms)) is not None:
+                failed[i] = failure
+        results = self._runner.run([s.value for s in sources], failed)
         now = datetime.now(UTC)
-        deployment, names, deliver = self.deployment, self.deployment.topics, self._tracker.on_delivery
         failures = []
         unchecked = []
-        for source, result in zip(sources, results, strict=True):
-            headers = produced_records.reply_headers(source)
-            if isinstance(result, Success):
-                if result.check_errors:
-                    unchecked.append((source, result.check_errors[0]))
-                value = produced_records.output_value(deployment, source, result, now)
-                producer.produce(
-                    names.outputs,
-                    value,
-                    source.key,
-                    headers=headers,
-                    on_delivery=deliver,
-                )
-            else:
-                failures.append((source, result.reason))
-                value = produced_records.error_value(deployment, source, result, now)
-                producer.produce(
-                    names.errors,
-                    value,
-                    source.key,
-                    headers=headers,
-                    on_delivery=deliver,
-                )
-            log_record = produced_records.log_value(deployment, source, result, now)
-            producer.produce(
-                topics.LOGS,
-                log_record,
-                source.request_id.encode(),
-                headers=produced_records.LOG_HEADERS,
-                on_delivery=deliver,
-            )
-        self._tracker.flush(producer)
+        tracker = kafka.DeliveryTracker()
+        try:
+            for source, result in zip(sources, results, strict=True):
+                answer, records = produced_records.produced(self.deployment, source, result, now, self._limit)
+                if answer is not result:
+                    self._bounded.inc()
+                if isinstance(answer, Success):
+                    if answer.check_errors:
+                        unchecked.append((source, answer.check_errors[0]))
+                else:
+                    failures.append((source, answer.reason))
+                for record in records:
+                    tracker.produce(producer, record.topic, record.value, record.key, record.headers)
+            tracker.flush(producer)
+        except (KafkaException, BufferError, TimeoutError) as exc:
+            producer.purge(in_queue=True, in_flight=False)
+            # Not the records' fault (the broker is away, or refuses them): no attempt is counted.
+            self._notes.end(sources)
+            self._retry(consumer, unanswered, exc)
+            return False
+        self._retry_s = 0.0
         self._commit(consumer, sources)
+        self._notes.end(sources)
         if failures:
             source, reason = failures[0]
             self._log.warning(
@@ -212,7 +263,7 @@ class ReplicaWorker:
                 len(sources),
                 source.partition,
                 source.offset,
-                reason,
+                reason[:1000],
             )
         if unchecked:
             source, reason = unchecked[0]
@@ -223,12 +274,36 @@ class ReplicaWorker:
                 len(sources),
                 source.partition,
                 source.offset,
-                reason,
+                reason[:1000],
             )
         self._ok.inc(len(sources) - len(failures))
         self._failed.inc(len(failures))
-        self._batch_size.observe(len(sources))
-        self._batch_seconds.observe(time.perf_counter() - start)
+        return True
+
+    def _retry(self, consumer: Consumer, unanswered: list[ConsumedRecord], exc: BaseException) -> None:
+        """Rewind to the first record of each partition that was not answered, and back off."""
+        self._undelivered.inc()
+        self._retry_s = min(max(0.5, self._retry_s * 2), self._settings.delivery_retry_max_s)
+        starts: dict[tuple[str, int], int] = {}
+        for source in unanswered:
+            position = (source.topic, source.partition)
+            starts[position] = min(starts.get(position, source.offset), source.offset)
+        self._log.error(
+            "the broker did not acknowledge the records answering %d inputs (%s: %s); not committed, "
+            "running them again in %.1f s from %s",
+            len(unanswered),
+            type(exc).__name__,
+            exc,
+            self._retry_s,
+            ", ".join(f"partition {p} offset {o}" for (_, p), o in sorted(starts.items())),
+        )
+        for (topic, partition), offset in starts.items():
+            try:
+                consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as error:
+                # Not held any more: its next owner starts from the last commit, before these records.
+                self._log.warning("cannot rewind partition %d: %s", partition, error)
+        self._stop.wait(self._retry_s)
 
     def _commit(self, consumer: Consumer, sources: list[ConsumedRecord]) -> None:
         for tp in kafka.next_offsets(sources):

@@ -1,0 +1,83 @@
+"""Which input records were being processed when a replica stopped, kept where its death cannot erase it.
+
+Before running a batch a replica notes, in Redis, the range of offsets it takes from each partition and
+how many times those offsets have been tried; a batch that ends (answered, or its delivery failed and it
+will be retried) removes its notes. A note left behind means the replica stopped in the middle: a native
+crash in a runtime, the kernel's OOM killer, anything that ends the process. The partition's next owner,
+whichever replica or engine that is, finds it and runs the noted records one at a time, each with its
+own note, so the one that stops the replica is known; once a record was tried ``max_record_attempts``
+times it is dead-lettered instead of being run again. Restarts are bounded by that count per record.
+
+Notes live in one hash per consumer group (``<prefix>:attempts:<group>``), a field per partition:
+``"<first offset>:<last offset>:<attempts>"``. Without Redis a replica runs without notes (and says so):
+inference goes on, only a record that kills replicas is then retried until Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import redis
+
+from joey_core.kafka import AnyLogger, ConsumedRecord
+
+log = logging.getLogger(__name__)
+
+
+def _field(record: ConsumedRecord) -> str:
+    return f"{record.topic}:{record.partition}"
+
+
+class AttemptNotes:
+    def __init__(self, client: redis.Redis, prefix: str, group: str, log: AnyLogger = log) -> None:
+        self._redis = client
+        self._key = f"{prefix}:attempts:{group}"
+        self._log = log
+
+    def tried(self, batch: Sequence[ConsumedRecord]) -> dict[int, int]:
+        """How many times each record of ``batch`` was in a run that never ended, by index in ``batch``;
+        records that were not are left out (usually all of them)."""
+        fields = sorted({_field(r) for r in batch})
+        try:
+            notes = dict(zip(fields, self._redis.hmget(self._key, fields), strict=True))
+        except redis.RedisError as exc:
+            self._log.warning("cannot read the attempt notes (a crashing record is not counted): %s", exc)
+            return {}
+        ranges: dict[str, tuple[int, int, int]] = {}
+        for name, note in notes.items():
+            if note is None:
+                continue
+            text = note.decode() if isinstance(note, bytes) else str(note)
+            try:
+                first, last, attempts = (int(part) for part in text.split(":"))
+            except ValueError:
+                self._log.warning("ignoring a malformed attempt note for %s: %r", name, text[:100])
+                continue
+            ranges[name] = (first, last, attempts)
+        tried = {}
+        for i, record in enumerate(batch):
+            noted = ranges.get(_field(record))
+            if noted is not None and noted[0] <= record.offset <= noted[1]:
+                tried[i] = noted[2]
+        return tried
+
+    def begin(self, records: Sequence[ConsumedRecord], attempts: int) -> None:
+        """Note that ``records`` are being tried, for the ``attempts``-th time."""
+        spans: dict[str, tuple[int, int]] = {}
+        for record in records:
+            name = _field(record)
+            first, last = spans.get(name, (record.offset, record.offset))
+            spans[name] = (min(first, record.offset), max(last, record.offset))
+        mapping = {name: f"{first}:{last}:{attempts}" for name, (first, last) in spans.items()}
+        try:
+            self._redis.hset(self._key, mapping=mapping)  # type: ignore[arg-type]
+        except redis.RedisError as exc:
+            self._log.warning("cannot note the records being tried: %s", exc)
+
+    def end(self, records: Sequence[ConsumedRecord]) -> None:
+        """The run of ``records`` ended without stopping the replica."""
+        try:
+            self._redis.hdel(self._key, *sorted({_field(r) for r in records}))
+        except redis.RedisError as exc:
+            self._log.warning("cannot clear the attempt notes: %s", exc)

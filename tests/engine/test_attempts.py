@@ -1,0 +1,66 @@
+"""Attempt notes in the real Redis: what a replica that stopped mid-batch leaves for the next owner."""
+
+from __future__ import annotations
+
+import secrets
+
+import redis
+
+from joey_core.kafka import ConsumedRecord
+from joey_engine.attempts import AttemptNotes
+from joey_engine.settings import EngineSettings
+
+
+def records(partition: int, *offsets: int) -> list[ConsumedRecord]:
+    return [ConsumedRecord("joey.w.p.inputs", partition, offset, None, b"{}") for offset in offsets]
+
+
+def notes(client: redis.Redis, settings: EngineSettings, group: str) -> AttemptNotes:
+    return AttemptNotes(client, settings.redis_prefix, group)
+
+
+def test_a_batch_that_never_ended_is_found_by_the_next_owner(
+    redis_client: redis.Redis, engine_settings: EngineSettings
+) -> None:
+    group = f"g-{secrets.token_hex(4)}"
+    batch = records(0, 10, 11, 12) + records(3, 4)
+    first = notes(redis_client, engine_settings, group)
+    assert first.tried(batch) == {}
+    first.begin(batch, 1)
+    # The replica dies here. Its successor polls from the last commit, and further.
+    later = records(0, 11, 12, 13) + records(3, 4, 5) + records(1, 11)
+    second = notes(redis_client, engine_settings, group)
+    assert second.tried(later) == {0: 1, 1: 1, 3: 1}
+    second.begin(later[:1], 2)
+    assert second.tried(later) == {0: 2, 3: 1}, "a record tried alone narrows its partition's note to itself"
+    second.end(later[:1])
+    assert second.tried(later) == {3: 1}
+    second.end(later[3:4])
+    assert second.tried(later) == {}
+    assert notes(redis_client, engine_settings, "another-group").tried(batch) == {}
+
+
+def test_a_batch_that_ended_leaves_nothing(
+    redis_client: redis.Redis, engine_settings: EngineSettings
+) -> None:
+    group = f"g-{secrets.token_hex(4)}"
+    batch = records(2, 1, 2)
+    keeper = notes(redis_client, engine_settings, group)
+    keeper.begin(batch, 1)
+    keeper.end(batch)
+    assert keeper.tried(batch) == {}
+    assert not redis_client.exists(f"{engine_settings.redis_prefix}:attempts:{group}")
+
+
+def test_a_malformed_note_is_ignored(redis_client: redis.Redis, engine_settings: EngineSettings) -> None:
+    group = f"g-{secrets.token_hex(4)}"
+    redis_client.hset(f"{engine_settings.redis_prefix}:attempts:{group}", "joey.w.p.inputs:0", "garbage")
+    assert notes(redis_client, engine_settings, group).tried(records(0, 1)) == {}
+
+
+def test_without_redis_records_run_without_notes(engine_settings: EngineSettings) -> None:
+    gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    keeper = AttemptNotes(gone, engine_settings.redis_prefix, "g")
+    keeper.begin(records(0, 1), 1)
+    assert keeper.tried(records(0, 1)) == {}
+    keeper.end(records(0, 1))
