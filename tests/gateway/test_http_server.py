@@ -24,9 +24,11 @@ import schemathesis
 import tritonclient.grpc as grpcclient
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from hypothesis import HealthCheck, settings
-from schemathesis.specs.openapi.checks import (
+from schemathesis.checks import (
     content_type_conformance,
+    negative_data_rejection,
     not_a_server_error,
+    positive_data_acceptance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -186,8 +188,9 @@ def test_lying_and_malformed_lengths_are_answered_without_waiting(
 ) -> None:
     assert raw_exchange(limited, infer_head(-1)) == "HTTP/1.1 400 Bad Request"
     assert raw_exchange(limited, infer_head("12abc")) == "HTTP/1.1 400 Bad Request"
+    assert raw_exchange(limited, infer_head(10**20)) == "HTTP/1.1 400 Bad Request"  # over h11's 20 digits
     # Larger than the limit: refused before a byte of the body is read.
-    assert raw_exchange(limited, infer_head(10**20)) == "HTTP/1.1 413 Request Entity Too Large"
+    assert raw_exchange(limited, infer_head(10**18)) == "HTTP/1.1 413 Request Entity Too Large"
     assert raw_exchange(limited, infer_head(MAX_BYTES + 1)) == "HTTP/1.1 413 Request Entity Too Large"
 
     # Claims 100 bytes, sends 10 and waits: answered 400 when the body timeout expires, naming what came.
@@ -367,7 +370,13 @@ def test_the_rest_api_conforms_to_its_openapi_document(limited: Limited, healthy
         @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @schemathesis.given(case=op.as_strategy())  # type: ignore[misc]
         def run(case: Any) -> None:
-            case.call_and_validate(headers=bearer(), checks=checks)
+            # Valid by the schema is no promise of a 2xx (most generated model names do not exist), and the
+            # protocol's objects take unknown fields, so data the schema calls invalid may be served.
+            case.call_and_validate(
+                headers=bearer(),
+                checks=checks,
+                excluded_checks=[positive_data_acceptance, negative_data_rejection],
+            )
 
         try:
             run()
