@@ -136,3 +136,5 @@ def post(url: str, body: Any, token: str) -> tuple[int, dict[str, Any]]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+    except urllib.error.URLError as exc:  # not listening yet
+        return 0, {"error": str(exc.reason)}

@@ -52,6 +52,7 @@ def serve() -> None:
         if not gateway.drain(settings.request_timeout_s):
             log.warning("requests still in flight after %.0f s; stopping anyway", settings.request_timeout_s)
         stopped.wait()
+        http.wait()
         heartbeat.retire()
         gateway.close()
         log.info("stopped")

@@ -368,8 +368,11 @@ class HttpServer:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop accepting connections, finish the requests in flight (each ends by its deadline)."""
+        """Stop accepting connections; the requests in flight finish (each ends by its deadline)."""
         self._server.should_exit = True
+
+    def wait(self) -> None:
+        """Until the requests in flight are answered and the server stopped."""
         self._thread.join()
 
 
