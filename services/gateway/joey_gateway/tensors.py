@@ -6,6 +6,7 @@ record ``{name: value}``, and the replies' outputs are stacked back along that d
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -77,8 +78,45 @@ class InferResponse:
     outputs: list[Tensor]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold; checked on its declared shapes before any element is decoded."""
+
+    max_rows: int
+    max_elements: int
+
+
+def check_shape(name: str, shape: Sequence[int], limits: Limits) -> None:
+    """Refuse a shape that is no list of non-negative integers, holds no element (``[1000000, 0]`` would be
+    a million empty records), has more rows or elements than ``limits``. Computed on Python integers: no
+    overflow, nothing allocated."""
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise GatewayError(
+            Status.INVALID_ARGUMENT, f"input {name!r}: shape must be non-negative integers, got {list(shape)}"
+        )
+    if shape and 0 in shape:
+        raise GatewayError(
+            Status.INVALID_ARGUMENT,
+            f"input {name!r} has shape {list(shape)}: a dimension of 0 leaves its rows without elements",
+        )
+    if shape and shape[0] > limits.max_rows:
+        raise GatewayError(
+            Status.TOO_LARGE,
+            f"input {name!r} has {shape[0]} rows; a request may hold at most {limits.max_rows}",
+        )
+    elements = 1
+    for dimension in shape:
+        elements *= dimension
+        if elements > limits.max_elements:
+            raise GatewayError(
+                Status.TOO_LARGE,
+                f"input {name!r}: shape {list(shape)} is over {limits.max_elements} elements, "
+                "the most one input may hold",
+            )
+
+
 def _check_count(name: str, shape: Sequence[int], count: int) -> None:
-    expected = int(np.prod(shape)) if shape else 1
+    expected = math.prod(shape)
     if count != expected:
         raise GatewayError(
             Status.INVALID_ARGUMENT,
@@ -86,13 +124,24 @@ def _check_count(name: str, shape: Sequence[int], count: int) -> None:
         )
 
 
-def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray[Any, Any]:
+def from_raw(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes, limits: Limits
+) -> np.ndarray[Any, Any]:
     """Decode little-endian tensor bytes; BYTES elements are each prefixed by a 4-byte length."""
+    check_shape(name, shape, limits)
     dtype = numpy_dtype(datatype)
     if datatype == "BYTES":
         items: list[bytes] = []
         offset = 0
-        while offset < len(raw):
+        expected = math.prod(shape)
+        # Each element takes at least its 4-byte length: a shape that cannot fit is refused unread.
+        if expected * 4 > len(raw):
+            raise GatewayError(
+                Status.INVALID_ARGUMENT,
+                f"input {name!r}: shape {list(shape)} needs {expected} elements, more than its "
+                f"{len(raw)} bytes can hold",
+            )
+        while offset < len(raw) and len(items) < expected:
             if offset + 4 > len(raw):
                 raise GatewayError(Status.INVALID_ARGUMENT, f"input {name!r}: truncated BYTES element length")
             (length,) = struct.unpack_from("<I", raw, offset)
@@ -101,6 +150,12 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.n
                 raise GatewayError(Status.INVALID_ARGUMENT, f"input {name!r}: truncated BYTES element")
             items.append(raw[offset : offset + length])
             offset += length
+        if offset < len(raw):
+            raise GatewayError(
+                Status.INVALID_ARGUMENT,
+                f"input {name!r}: {len(raw) - offset} bytes left after the {expected} elements of shape "
+                f"{list(shape)}",
+            )
         _check_count(name, shape, len(items))
         return np.array(items, dtype=np.object_).reshape(shape)
     if len(raw) % dtype.itemsize:
@@ -123,9 +178,10 @@ def to_raw(tensor: Tensor) -> bytes:
 
 
 def from_values(
-    name: str, datatype: str, shape: Sequence[int], values: Sequence[Any]
+    name: str, datatype: str, shape: Sequence[int], values: Sequence[Any], limits: Limits
 ) -> np.ndarray[Any, Any]:
     """A tensor from its elements (flat, or nested as REST clients may send them)."""
+    check_shape(name, shape, limits)
     dtype = numpy_dtype(datatype)
     try:
         array = np.array(values, dtype=dtype)
