@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from confluent_kafka import KafkaError, Producer
 
 from joey_core import tls, topics
-from joey_core.kafka import producer_config
+from joey_core.kafka import max_record_bytes, producer_config
 from joey_core.records import DEADLINE_EXCEEDED, DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
 from joey_core.replies import Reply
 from joey_core.v1 import registry_pb2_grpc
@@ -46,12 +46,6 @@ SERVER_NAME = "joey"
 READ = "read"
 INFER = "infer"
 
-DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
-"""librdkafka's ``message.max.bytes`` when JOEY_KAFKA_CONFIG sets none (a real cluster's default is alike)."""
-
-RECORD_OVERHEAD_BYTES = 512
-"""What Kafka adds to a record's key and value: its framing, its batch's, the header names."""
-
 
 class _Access(NamedTuple):
     """A caller authorized for a pipeline, and the token that says so (the registry is asked with it)."""
@@ -72,7 +66,7 @@ class Gateway:
         self.limits = Limits(settings.max_rows, settings.max_elements)
         # Latency over throughput: a synchronous caller waits for every record it sends.
         config = producer_config(settings, **{"linger.ms": 0})
-        self._message_max_bytes = int(config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
+        self._max_record_bytes = max_record_bytes(settings)
         self._producer = Producer(config)
         # Each pipeline's requests in flight, bounded so that a slow pipeline cannot hold every thread.
         self._slots: dict[tuple[str, str], threading.BoundedSemaphore] = {}
@@ -261,14 +255,15 @@ class Gateway:
     def _records(self, rows: list[dict[str, Any]], id_bytes: int, deadline_bytes: int) -> list[bytes]:
         """Every row's record value, each checked against the broker's message limit before any is produced:
         a request is refused whole, naming its first row that would not fit, or produced whole."""
-        room = self._message_max_bytes - RECORD_OVERHEAD_BYTES - 2 * id_bytes - deadline_bytes
+        room = self._max_record_bytes - 2 * id_bytes - deadline_bytes
         values = [dumps(row) for row in rows]
         for index, value in enumerate(values):
             if len(value) > room:
                 raise GatewayError(
                     Status.TOO_LARGE,
                     f"row {index} of the batch makes a record of {len(value)} bytes; a record holds at "
-                    f"most {room} (the producer's message.max.bytes is {self._message_max_bytes}): "
+                    f"most {room} (the producer's message.max.bytes less Kafka's overhead and the "
+                    "request's headers): "
                     "nothing was sent",
                 )
         return values
