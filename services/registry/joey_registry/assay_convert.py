@@ -27,8 +27,10 @@ registry's own window bounds (assays.MAX_WINDOW) are checked later with the rest
 
 def _seconds(message: pb.AssayDefinition, field: str) -> int:
     value = int(getattr(message, field))
-    if not 0 <= value <= MAX_SECONDS:
-        raise InvalidArgument(f"{field} must be between 1 and {MAX_SECONDS} (3650 days), got {value}")
+    if value < 0:
+        raise InvalidArgument(f"{field} must be positive (or 0 for the default), got {value}")
+    if value > MAX_SECONDS:
+        raise InvalidArgument(f"{field} must be at most 3650 days ({MAX_SECONDS} s), got {value}")
     return value
 
 
