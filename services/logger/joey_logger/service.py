@@ -57,6 +57,8 @@ SERVICE = "logger"
 REASON_HEADER = "joey-dead-letter-reason"
 SOURCE_HEADER = "joey-dead-letter-source"
 """``<topic>[<partition>]@<offset>`` of the dead-lettered record."""
+DROPPED_HEADER = "joey-dead-letter-value-dropped"
+"""Bytes of a value left out because the dead letter would not fit with it (it stays at its source)."""
 
 
 class Backoff:
@@ -196,16 +198,29 @@ class LoggerService:
                 source = message.where()
                 log.error("dead-lettering log record at %s: %s", source, reason)
                 trail = [(REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())]
-                producer.produce(
-                    topics.LOGS_DEAD_LETTER,
-                    value=message.value,
-                    key=message.key,
-                    headers=[*message.headers, *trail],
-                    on_delivery=tracker.on_delivery,
-                )
+                try:
+                    producer.produce(
+                        topics.LOGS_DEAD_LETTER,
+                        value=message.value,
+                        key=message.key,
+                        headers=[*message.headers, *trail],
+                        on_delivery=tracker.on_delivery,
+                    )
+                except KafkaException as exc:
+                    # Too large with the trail added (the record itself fit on joey.logs): the
+                    # reason and source still go, so the record can be found where it came from.
+                    log.error("dead letter of %s without its value: %s", source, exc)
+                    dropped = (DROPPED_HEADER, str(len(message.value or b"")).encode())
+                    producer.produce(
+                        topics.LOGS_DEAD_LETTER,
+                        value=None,
+                        key=message.key,
+                        headers=[*trail, dropped],
+                        on_delivery=tracker.on_delivery,
+                    )
         try:
             tracker.flush(producer)
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             raise RetryLater(f"dead-letter topic unavailable: {exc}") from exc
         metrics.DEAD_LETTERED.labels("undecodable").inc(len(undecodable))
         metrics.DEAD_LETTERED.labels("rejected").inc(len(rejected))
