@@ -480,3 +480,9 @@ def test_an_assay_that_cannot_be_counted_shows_why_and_logging_goes_on(
     (listed,) = stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
     assert "its values cannot be counted" in listed.failure and "jsonb" in listed.failure, listed.failure
     assert listed.HasField("failed_at")
+    resume = pb.SetAssayActiveRequest(workspace=workspace, name="broken", active=True)
+    error = rpc_error(lambda: stub.SetAssayActive(resume))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "failed and cannot be resumed" in (error.details() or "")
+    pause = stub.SetAssayActive(pb.SetAssayActiveRequest(workspace=workspace, name="broken", active=False))
+    assert not pause.active and pause.failure == listed.failure

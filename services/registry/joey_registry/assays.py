@@ -44,7 +44,7 @@ from joey_core.models import TensorSpec
 from joey_core.topics import MAX_NAME_LENGTH
 from joey_registry.access import Access, Action, Caller
 from joey_registry.domain import Pipeline, ResolvedStep, ShadowStep
-from joey_registry.errors import AlreadyExists, InvalidArgument, NotFound
+from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from joey_registry.store import Store, WorkspaceRef
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,11 @@ class Assays:
 
     def set_active(self, caller: Caller, workspace: str, name: str, active: bool) -> StoredAssay:
         ws = self.access.authorize(caller, workspace, Action.WRITE)
+        if active and (failure := self._get(ws, name).failure):
+            # Its windows lack what was logged since it failed: resuming would score them as if whole.
+            raise FailedPrecondition(
+                f"assay {name!r} failed and cannot be resumed ({failure}); delete it and create it anew"
+            )
         if not self.sql.set_active(ws, name, active):
             raise NotFound(f"assay {name!r} not found in workspace {ws.name!r}")
         log.info("%s assay %s/%s", "resumed" if active else "paused", ws.name, name)
