@@ -163,7 +163,7 @@ def _echo_results(results: Any, chart: str | None) -> None:
 
 def _describe(a: Any) -> str:
     d = a.definition
-    state = "active" if a.active else "paused"
+    state = f"failed: {a.failure}" if a.failure else "active" if a.active else "paused"
     return (
         f"{a.name}\t{d.pipeline}\t{d.iopath}\t{state}\twidth {d.width_seconds}s\t"
         f"{d.summarizer.metric}\talert > {d.alert_threshold:g}\tmin_count {d.min_count}"

@@ -86,3 +86,27 @@ def lock_pipeline_logs(conn: psycopg.Connection[Any], workspace: str, pipeline: 
         sql.SQL("SELECT {}(%s, hashtext(%s))").format(sql.Identifier(function)),
         (_PIPELINE_LOGS_LOCK, f"{workspace}/{pipeline}"),
     )
+
+
+# SQLSTATE classes of a database that cannot serve now, whatever it is asked: connection exceptions,
+# transaction rollbacks (serialization failures, deadlocks: they pass when tried again), insufficient
+# resources (disk full, out of memory, too many connections), operator intervention (shutdown, a
+# cancelled statement) and system errors. Everything else (bad data, a key or row too large, an
+# error in a query) is a refusal of what was asked, and asking again gives the same answer.
+_UNAVAILABLE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+_UNAVAILABLE_STATES = frozenset({"55P03"})  # lock_not_available: a lock timeout
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot serve now (retry the same work later), as opposed
+    to a refusal of the work itself (which no retry changes)."""
+    if isinstance(exc, psycopg.InterfaceError):
+        return True  # the connection is closed or broken
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        # No answer from the server: a lost connection, or a pool timeout (an OperationalError too).
+        # A DataError without one is the client refusing a value (a NUL in text), not an outage.
+        return isinstance(exc, psycopg.OperationalError)
+    return state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_STATES

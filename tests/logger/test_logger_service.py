@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import secrets
+
 import psycopg
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client import REGISTRY
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from joey_core import db
-from joey_core.kafka import ConsumedRecord
+from joey_core import db, topics
+from joey_core.kafka import ConsumedRecord, consumer_config
 from joey_core.records import encode_log, header_value
 from joey_core.settings import CommonSettings
-from joey_logger.service import REASON_HEADER, SOURCE_HEADER
+from joey_logger.service import DROPPED_HEADER, REASON_HEADER, SOURCE_HEADER
 from joey_logger.settings import LoggerSettings
 from tests.conftest import POSTGRES_ADMIN_URL, wait_until
 from tests.logger.helpers import (
@@ -85,4 +88,85 @@ def test_records_wait_out_a_database_outage(
 
     db.prepare(database_url)
     wait_until(lambda: count_rows(database_url, pipeline) == (n, n), 60, f"{n} rows after the outage")
+    logger.stop()
+
+
+def test_long_request_ids_and_a_refused_row_never_stop_logging(
+    logger: InProcessLogger,
+    logger_settings: LoggerSettings,
+    settings: CommonSettings,
+    produce: LogProducer,
+    pipeline: str,
+) -> None:
+    database_url = logger_settings.database_url.get_secret_value()
+    other = f"{pipeline}-other"
+    long_ids = [
+        log_record(pipeline, 0, request_id="a" * 3 * 1024),
+        log_record(pipeline, 1, request_id="b" * 100 * 1024),
+    ]
+    # Decodes, but its unique-key entry is too large for Postgres's index (random: entries are compressed).
+    refused_record = log_record(pipeline, 2, workspace=secrets.token_urlsafe(6000))
+    refused = encode_log(refused_record)
+    good = [*long_ids, *(log_record(pipeline, i) for i in range(3, 200))]
+    others = [log_record(other, i) for i in range(100)]
+    # Produced together, so the refused row shares its batches with good rows of both pipelines.
+    produce.values(
+        [*(encode_log(r) for r in good[:100]), refused, *(encode_log(r) for r in [*good[100:], *others])]
+    )
+    wait_until(lambda: count_rows(database_url, pipeline) == (199, 199), 60, "the pipeline's 199 good rows")
+    wait_until(lambda: count_rows(database_url, other) == (100, 100), 60, "the other pipeline's rows")
+    found = read_dead_letters(settings, {refused}, timeout=60)
+    reason = header_value(ConsumedRecord.of(found[refused]).headers, REASON_HEADER) or ""
+    assert "rejected by the postgres sink: ProgramLimitExceeded 54000: index row size" in reason, reason
+
+    # A replay of everything (as after a crash) adds no row; markers show it has all been handled.
+    produce.records([*good, *others])
+    markers = f"{pipeline}-marker"
+    produce.records(log_record(markers, p) for p in range(produce.partitions))
+    wait_until(lambda: count_rows(database_url, markers)[0] == produce.partitions, 60, "marker rows")
+    assert count_rows(database_url, pipeline) == (199, 199)
+    assert count_rows(database_url, other) == (100, 100)
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            "SELECT request_id FROM inference_logs WHERE pipeline = %s AND input_offset < 2 "
+            "ORDER BY input_offset",
+            (pipeline,),
+        ).fetchall()
+    assert stored == [(r["request_id"],) for r in long_ids]
+    assert logger.alive()
+    logger.stop()
+
+
+def test_a_dead_letter_too_large_with_its_reason_goes_without_its_value(
+    logger: InProcessLogger,
+    logger_settings: LoggerSettings,
+    settings: CommonSettings,
+    produce: LogProducer,
+    pipeline: str,
+) -> None:
+    database_url = logger_settings.database_url.get_secret_value()
+    # Fits under librdkafka's message.max.bytes (1,000,000, checked on the uncompressed record) on
+    # joey.logs, not with the reason and source headers added (about 140 bytes).
+    marker = f"{pipeline}-too-large".encode()
+    produce.values([marker + b"x" * (999_825 - len(marker))])
+    produce.records([log_record(pipeline, 1)])
+    consumer = Consumer(consumer_config(settings, f"logtest-dlq-{secrets.token_hex(4)}"))
+    consumer.assign([TopicPartition(topics.LOGS_DEAD_LETTER, 0, OFFSET_BEGINNING)])
+    found: list[ConsumedRecord] = []
+
+    def dropped_found() -> bool:
+        for message in consumer.consume(500, 0.5):
+            if message.error() is None and message.value() is None:
+                record = ConsumedRecord.of(message)
+                if header_value(record.headers, DROPPED_HEADER) == str(999_825):
+                    found.append(record)
+        return bool(found)
+
+    try:
+        wait_until(dropped_found, 60, "the dead letter without its value")
+    finally:
+        consumer.close()
+    assert "not an Avro joey.v1.InferenceLog" in (header_value(found[0].headers, REASON_HEADER) or "")
+    wait_until(lambda: count_rows(database_url, pipeline) == (1, 1), 60, "the next record's row")
+    assert logger.alive()
     logger.stop()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 
+from joey_core import db
 from joey_core.settings import CommonSettings
 from joey_logger.settings import LoggerSettings
 from joey_logger.sink import (
@@ -18,6 +20,7 @@ from joey_logger.sink import (
     WriteResult,
     create_sink,
 )
+from tests.conftest import scratch_database
 from tests.logger.helpers import count_rows, log_record
 
 
@@ -162,3 +165,72 @@ def test_records_of_a_deleted_pipelines_deployments_are_dropped(
     late = [log_record(pipeline, i, deployment_id=f"gone-{pipeline}") for i in range(3)]
     assert sink.write([*late, log_record(pipeline, 3)]).written == 1
     assert count_rows(database_url, pipeline) == (1, 1)
+
+
+def test_long_request_ids_are_stored_whole_and_once(
+    sink: PostgresLogSink, database_url: str, pipeline: str
+) -> None:
+    # Over the ~2.7 KB a btree entry holds: only their hash is in the unique key.
+    ids = ["r" * 3 * 1024, "é" * 50 * 1024, "s" * 3 * 1024 + "-other"]
+    batch = [log_record(pipeline, i, request_id=request_id) for i, request_id in enumerate(ids)]
+    assert sink.write(batch) == WriteResult(written=3, duplicates=0)
+    assert sink.write(batch) == WriteResult(written=0, duplicates=3)
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            "SELECT request_id, request_key FROM inference_logs WHERE pipeline = %s ORDER BY input_offset",
+            (pipeline,),
+        ).fetchall()
+    assert [row[0] for row in stored] == ids
+    assert all(row[1].startswith("sha256:") and len(row[1]) == 71 for row in stored)
+    assert len({row[1] for row in stored}) == 3
+
+
+def test_a_row_too_large_for_the_index_is_refused_not_an_outage(
+    sink: PostgresLogSink, database_url: str, pipeline: str
+) -> None:
+    # A long workspace name (random: Postgres compresses index entries) still makes the unique key's
+    # entry too large (ProgramLimitExceeded, an OperationalError in psycopg's classes): the data's
+    # fault, not the database's.
+    with pytest.raises(BatchRejected, match="ProgramLimitExceeded 54000: index row size"):
+        sink.write([log_record(pipeline, 1), log_record(pipeline, 2, workspace=secrets.token_urlsafe(6000))])
+    assert count_rows(database_url, pipeline) == (0, 0)
+    assert sink.write([log_record(pipeline, 1)]).written == 1
+
+
+def test_a_lost_connection_is_an_outage_and_the_next_write_reconnects(
+    sink: PostgresLogSink, database_url: str, pipeline: str
+) -> None:
+    assert sink.write([log_record(pipeline, 1)]).written == 1
+    assert sink._conn is not None  # its backend, and no other: the session database is shared
+    pid = sink._conn.info.backend_pid
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        ended = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchall()
+    with pytest.raises(SinkUnavailable):
+        sink.write([log_record(pipeline, 2)])
+    assert sink.write([log_record(pipeline, 2)]).written == 1
+    assert ended == [(True,)]
+
+
+def test_a_database_at_migration_0011_upgrades_and_keeps_one_row_per_input(pipeline: str) -> None:
+    with scratch_database("joey_logupgrade", up_to=11) as url:
+        # Rows stored under the old key, one with a request id long enough (600 bytes) to be hashed now.
+        old = [log_record(pipeline, 0), log_record(pipeline, 1, request_id="q" * 600)]
+        with psycopg.connect(url) as conn, conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, "
+                "request_id, time, input_topic, input_partition, input_offset, ok) "
+                "VALUES (%(workspace)s, %(pipeline)s, 1, 'd', %(request_id)s, now(), 't', "
+                "%(input_partition)s, %(input_offset)s, true)",
+                old,
+            )
+        assert db.migrate(url, up_to=13) == ["0012_log_request_key.sql", "0013_assay_failure.sql"]
+        sink = PostgresLogSink(url)
+        sink.open()
+        try:
+            # The same inputs again (a replay across the upgrade) add nothing; a long id is stored.
+            longest = log_record(pipeline, 2, request_id="z" * 100 * 1024)
+            assert sink.write([*old, longest]) == WriteResult(written=1, duplicates=2)
+            assert sink.write([longest]) == WriteResult(written=0, duplicates=1)
+        finally:
+            sink.close()
+        assert count_rows(url, pipeline) == (3, 3)

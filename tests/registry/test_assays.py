@@ -194,6 +194,17 @@ def test_create_list_pause_delete(stub: Stub, workspace: str, logged: dict[str, 
         ({"width_seconds": -5}, "must be positive"),
         ({"width_seconds": 86400, "interval_seconds": 7}, "86400 panes of 1 s"),
         ({"width_seconds": 3651 * 86400}, "at most 3650 days"),
+        # Bounds checked before anything else, each naming its field (a timedelta of 10**15 s overflows).
+        ({"width_seconds": 10**15}, "width_seconds must be at most 3650 days"),
+        ({"interval_seconds": -5}, "interval_seconds must be positive"),
+        ({"iopath": f"input features {2**31}"}, f"iopath index {2**31} is too large: at most {2**31 - 1}"),
+        ({"iopath": f"input {'f' * 300} 0"}, "iopath field name has 300 characters: at most 256"),
+        ({"model": "m" * 64}, "model name has 64 characters: at most 63"),
+        ({"summarizer": pb.AssaySummarizer(num_bins=10**6)}, "num_bins must be at most 1000, got 1000000"),
+        (
+            {"baseline_start": None, "baseline_end": None, "baseline_rows": pb.AssayBaselineRows(stop=10**7)},
+            "baseline_rows selects 10000000 values: at most 1000000",
+        ),
         ({"summarizer": pb.AssaySummarizer(bin_weights=[1, 1, 1])}, "expected 7, got 3"),
         ({"summarizer": pb.AssaySummarizer(metric="kl")}, "unknown metric 'kl'"),
         ({"name": "Bad Name"}, "invalid assay name"),
@@ -444,3 +455,34 @@ def test_event_time_ahead_of_the_wall_clock_closes_windows(
     # Ending inside the first window, before event time had passed: that window is cut.
     early = stub.RunAssayInteractive(pb.RunAssayInteractiveRequest(definition=d, end=ts(start + 10 * MINUTE)))
     assert not early.results and early.cut_window_start.ToDatetime(tzinfo=UTC) == start
+
+
+def test_an_assay_that_cannot_be_counted_shows_why_and_logging_goes_on(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], db: psycopg.Connection, database_url: str
+) -> None:
+    stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace, name="broken")))
+    # Written around the registry's checks: an index Postgres's jsonb cannot take (beyond int4).
+    db.execute(
+        "UPDATE assays SET definition = jsonb_set(definition, '{iopath}', %s) "
+        "WHERE name = 'broken' AND workspace_id = (SELECT id FROM workspaces WHERE name = %s)",
+        (Jsonb(f"input features {2**40}"), workspace),
+    )
+    (listed,) = stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
+    assert listed.failure == "" and not listed.HasField("failed_at")
+    sink = PostgresLogSink(database_url)
+    sink.open()
+    try:
+        rows = [log_record("p", 10_000 + i, workspace=workspace, time=T0 + 4 * HOUR) for i in range(5)]
+        assert sink.write(rows).written == 5
+        assert sink.write([log_record("p", 20_000, workspace=workspace)]).written == 1
+    finally:
+        sink.close()
+    (listed,) = stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
+    assert "its values cannot be counted" in listed.failure and "jsonb" in listed.failure, listed.failure
+    assert listed.HasField("failed_at")
+    resume = pb.SetAssayActiveRequest(workspace=workspace, name="broken", active=True)
+    error = rpc_error(lambda: stub.SetAssayActive(resume))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "failed and cannot be resumed" in (error.details() or "")
+    pause = stub.SetAssayActive(pb.SetAssayActiveRequest(workspace=workspace, name="broken", active=False))
+    assert not pause.active and pause.failure == listed.failure

@@ -49,7 +49,8 @@ class AssayerStore:
             rows = conn.execute(
                 "SELECT a.id, w.name AS workspace, a.name, a.definition, "
                 "a.backfill_until IS NULL AS backfilled FROM assays a "
-                "JOIN workspaces w ON w.id = a.workspace_id WHERE a.active ORDER BY a.id"
+                "JOIN workspaces w ON w.id = a.workspace_id "
+                "WHERE a.active AND a.failure IS NULL ORDER BY a.id"
             ).fetchall()
         return [
             LiveAssay(

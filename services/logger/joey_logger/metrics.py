@@ -18,6 +18,10 @@ DEAD_LETTERED = Counter(
     "Log records sent to the dead-letter topic; reason is undecodable or rejected (by the sink).",
     ["reason"],
 )
+ASSAYS_FAILED = Counter(
+    "joey_logger_assays_failed_total",
+    "Assays this logger found it could not count and marked failed (they are then left out).",
+)
 BATCH_SECONDS = Histogram(
     "joey_logger_batch_seconds",
     "Time from a consumed batch to its committed offsets.",

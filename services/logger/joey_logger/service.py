@@ -5,8 +5,8 @@ Order of a batch, which is what makes it at-least-once without doubles:
 1. consume up to ``batch_size`` records within ``batch_timeout_ms``;
 2. decode each; an undecodable record is set aside for the dead-letter topic;
 3. the sink writes the decoded records in one transaction (idempotently: a record whose row
-   exists is skipped); if the sink refuses the batch's data, the records are written one by
-   one and the refused ones are set aside too;
+   exists is skipped); if the sink refuses the batch's data, the batch is bisected until the
+   refused records are alone, and they are set aside too (with the database's reason);
 4. the set-aside records are produced to ``joey.logs.dead-letter`` with a reason header,
    flushed and delivery-checked;
 5. only then are the batch's offsets committed, synchronously.
@@ -18,7 +18,9 @@ A crash anywhere before 5 replays the batch from the last committed offsets, and
 turns the replayed rows into no-ops (dead-lettered records may appear twice on the
 dead-letter topic, which is only read by people).
 
-When the sink or the dead-letter topic is unavailable, nothing is committed: the consumer
+Only an unavailable sink (a database that cannot serve: a lost connection, a shutdown, a full
+disk, see ``joey_core.db.is_unavailable``) or dead-letter topic holds the batch back; a record the
+database refuses never does. When either is unavailable, nothing is committed: the consumer
 seeks back to the first offset of the batch, pauses its partitions for a growing backoff, and
 keeps polling meanwhile so group membership and rebalances go on as usual. A stop during
 that pause closes the consumer without a commit, leaving the batch to the next owner.
@@ -55,6 +57,8 @@ SERVICE = "logger"
 REASON_HEADER = "joey-dead-letter-reason"
 SOURCE_HEADER = "joey-dead-letter-source"
 """``<topic>[<partition>]@<offset>`` of the dead-lettered record."""
+DROPPED_HEADER = "joey-dead-letter-value-dropped"
+"""Bytes of a value left out because the dead letter would not fit with it (it stays at its source)."""
 
 
 class Backoff:
@@ -158,26 +162,27 @@ class LoggerService:
     def _write(
         self, decoded: Sequence[tuple[ConsumedRecord, dict[str, Any]]]
     ) -> tuple[WriteResult, list[tuple[ConsumedRecord, str]]]:
-        """Write the batch; if the sink rejects it, write record by record to single out the bad ones."""
+        """Write the batch; if the sink refuses it, bisect it to single out the refused records.
+
+        k bad records among n cost about 2k log2(n) more transactions, not n; the good records
+        of a refused half are stored by its halves. Each write is tried once: only an unavailable
+        sink replays the batch, never a refusal.
+        """
         try:
             return self._sink.write([record for _, record in decoded]), []
         except SinkUnavailable as exc:
             raise RetryLater(str(exc)) from exc
         except BatchRejected as exc:
-            log.warning("sink rejected a batch of %d (%s); writing its records one by one", len(decoded), exc)
-        written = duplicates = 0
-        rejected: list[tuple[ConsumedRecord, str]] = []
-        for message, record in decoded:
-            try:
-                result = self._sink.write([record])
-            except SinkUnavailable as exc:
-                raise RetryLater(str(exc)) from exc
-            except BatchRejected as exc:
-                rejected.append((message, f"rejected by the {self._settings.sink} sink: {exc}"))
-                continue
-            written += result.written
-            duplicates += result.duplicates
-        return WriteResult(written, duplicates), rejected
+            if len(decoded) == 1:
+                return WriteResult(0, 0), [
+                    (decoded[0][0], f"rejected by the {self._settings.sink} sink: {exc}")
+                ]
+            log.warning("sink rejected a batch of %d (%s); bisecting it", len(decoded), exc)
+        middle = len(decoded) // 2
+        first, first_rejected = self._write(decoded[:middle])
+        second, second_rejected = self._write(decoded[middle:])
+        written = WriteResult(first.written + second.written, first.duplicates + second.duplicates)
+        return written, first_rejected + second_rejected
 
     def _dead_letter(
         self,
@@ -193,16 +198,29 @@ class LoggerService:
                 source = message.where()
                 log.error("dead-lettering log record at %s: %s", source, reason)
                 trail = [(REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())]
-                producer.produce(
-                    topics.LOGS_DEAD_LETTER,
-                    value=message.value,
-                    key=message.key,
-                    headers=[*message.headers, *trail],
-                    on_delivery=tracker.on_delivery,
-                )
+                try:
+                    producer.produce(
+                        topics.LOGS_DEAD_LETTER,
+                        value=message.value,
+                        key=message.key,
+                        headers=[*message.headers, *trail],
+                        on_delivery=tracker.on_delivery,
+                    )
+                except KafkaException as exc:
+                    # Too large with the trail added (the record itself fit on joey.logs): the
+                    # reason and source still go, so the record can be found where it came from.
+                    log.error("dead letter of %s without its value: %s", source, exc)
+                    dropped = (DROPPED_HEADER, str(len(message.value or b"")).encode())
+                    producer.produce(
+                        topics.LOGS_DEAD_LETTER,
+                        value=None,
+                        key=message.key,
+                        headers=[*trail, dropped],
+                        on_delivery=tracker.on_delivery,
+                    )
         try:
             tracker.flush(producer)
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             raise RetryLater(f"dead-letter topic unavailable: {exc}") from exc
         metrics.DEAD_LETTERED.labels("undecodable").inc(len(undecodable))
         metrics.DEAD_LETTERED.labels("rejected").inc(len(rejected))

@@ -17,7 +17,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from joey_core import db
-from joey_core.assays.panes import LiveCounter
+from joey_core.assays.panes import LiveCounter, failure_text
+from joey_logger import metrics
 from joey_logger.settings import LoggerSettings
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ COLUMNS = (
 _ARRAY_COLUMNS = frozenset({"check_failures", "models", "elapsed_ns"})
 
 _COLUMN_LIST = ", ".join(COLUMNS)
+# The table's unique key (migration 0012): request_key is the request id, or a hash of a long one.
+_UNIQUE_KEY = ("workspace", "pipeline", "request_key", "input_partition", "input_offset")
 _STAGING = "joey_logger_staging"
 # Rows vanish at the end of every transaction, so one table per connection serves every batch
 # without the catalog churn of creating and dropping a table per batch.
@@ -133,7 +136,7 @@ _COPY = f"COPY {_STAGING} ({_COLUMN_LIST}) FROM STDIN"
 _INSERT = sql.SQL(
     f"INSERT INTO inference_logs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGING} s "
     "WHERE NOT EXISTS (SELECT 1 FROM deleted_deployments d WHERE d.deployment_id = s.deployment_id) "
-    f"ON CONFLICT ({', '.join(IDENTITY)}) DO NOTHING"
+    f"ON CONFLICT ({', '.join(_UNIQUE_KEY)}) DO NOTHING"
 )
 
 
@@ -146,7 +149,8 @@ class PostgresLogSink(LogSink):
     """Writes ``inference_logs``: COPY into a temporary table, then INSERT ... ON CONFLICT DO NOTHING.
 
     The rows actually inserted are counted into their live assays' windows in the same
-    transaction (:mod:`joey_core.assays.panes`), so each inference is counted once.
+    transaction (:mod:`joey_core.assays.panes`), so each inference is counted once; an assay that
+    cannot be counted marks itself failed there and never keeps the rows from being stored.
     """
 
     def __init__(self, database_url: str, connect_timeout_s: int = 5) -> None:
@@ -172,6 +176,10 @@ class PostgresLogSink(LogSink):
             return WriteResult(written=0, duplicates=0)
         try:
             conn = self._connection()
+        except psycopg.Error as exc:  # whatever stops a connection, it is never the batch's data
+            self.close()
+            raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc
+        try:
             with conn.transaction(), conn.cursor() as cursor:
                 pipelines = {(r["workspace"], r["pipeline"]) for r in rows}
                 for workspace, pipeline in sorted(pipelines):
@@ -180,14 +188,16 @@ class PostgresLogSink(LogSink):
                 with cursor.copy(_COPY) as copy:
                     for record in rows:
                         copy.write_row(_row(record))
-                inserted = cursor.execute(counting.returning(_INSERT)).fetchall()
-                counting.count(conn, inserted)
-                written = len(inserted)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self.close()
-            raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc
-        except (psycopg.DataError, psycopg.IntegrityError) as exc:
-            raise BatchRejected(str(exc)) from exc
+                written = counting.insert(conn, _INSERT)
+        except Exception as exc:
+            # Only a database that cannot serve is an outage; anything else is a refusal of this
+            # batch's data (a value, a key or row too large), which retrying never changes.
+            if db.is_unavailable(exc):
+                self.close()
+                raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc
+            raise BatchRejected(failure_text(exc)) from exc
+        if counting.failed:
+            metrics.ASSAYS_FAILED.inc(len(counting.failed))
         return WriteResult(written=written, duplicates=len(records) - written)
 
     def close(self) -> None:

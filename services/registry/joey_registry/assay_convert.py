@@ -20,12 +20,29 @@ from joey_registry.assays import StoredAssay
 from joey_registry.convert import optional_datetime, timestamp
 from joey_registry.errors import InvalidArgument
 
+MAX_SECONDS = 3650 * 24 * 3600
+"""Larger width_seconds or interval_seconds are refused here, before a timedelta overflows; the
+registry's own window bounds (assays.MAX_WINDOW) are checked later with the rest."""
+
+
+def _seconds(message: pb.AssayDefinition, field: str) -> int:
+    value = int(getattr(message, field))
+    if value < 0:
+        raise InvalidArgument(f"{field} must be positive (or 0 for the default), got {value}")
+    if value > MAX_SECONDS:
+        raise InvalidArgument(f"{field} must be at most 3650 days ({MAX_SECONDS} s), got {value}")
+    return value
+
 
 def definition(message: pb.AssayDefinition) -> AssayDefinition:
     try:
         iopath = IoPath.parse(message.iopath)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
+    width_seconds, interval_seconds = (
+        _seconds(message, "width_seconds"),
+        _seconds(message, "interval_seconds"),
+    )
     s = message.summarizer
     summarizer = Summarizer(
         num_bins=s.num_bins or 5,
@@ -46,8 +63,8 @@ def definition(message: pb.AssayDefinition) -> AssayDefinition:
         baseline_end=optional_datetime(message, "baseline_end"),  # type: ignore[arg-type]
         baseline_data=tuple(message.baseline_data) if message.baseline_data else None,
         baseline_rows=baseline_rows(message.baseline_rows) if message.HasField("baseline_rows") else None,
-        width=timedelta(seconds=message.width_seconds or 24 * 3600),
-        interval=timedelta(seconds=message.interval_seconds) if message.interval_seconds else None,
+        width=timedelta(seconds=width_seconds or 24 * 3600),
+        interval=timedelta(seconds=interval_seconds) if interval_seconds else None,
         start=optional_datetime(message, "start"),  # type: ignore[arg-type]
         summarizer=summarizer,
         alert_threshold=(
@@ -115,12 +132,16 @@ def summary(s: Summary) -> pb.AssaySummary:
 
 def assay(stored: StoredAssay) -> pb.Assay:
     assert stored.definition.baseline is not None
-    return pb.Assay(
+    message = pb.Assay(
         definition=definition_message(stored.definition),
         active=stored.active,
         created_at=timestamp(stored.created_at),
         baseline=summary(stored.definition.baseline),
+        failure=stored.failure,
     )
+    if stored.failed_at is not None:
+        message.failed_at.CopyFrom(timestamp(stored.failed_at))
+    return message
 
 
 def result(r: WindowResult, assay_name: str) -> pb.AssayResult:

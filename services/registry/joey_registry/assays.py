@@ -14,12 +14,16 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
+import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from joey_core import topics
 from joey_core.assays import Scores, Status, Summary
 from joey_core.assays.panes import hold_for_change
 from joey_core.assays.runs import (
+    MICROS_SQL,
     MICROSECOND,
     AssayDefinition,
     BaselineRows,
@@ -33,12 +37,14 @@ from joey_core.assays.runs import (
     summary_from_json,
     time_after,
     time_of,
+    value_sql,
     window_results,
 )
 from joey_core.models import TensorSpec
+from joey_core.topics import MAX_NAME_LENGTH
 from joey_registry.access import Access, Action, Caller
 from joey_registry.domain import Pipeline, ResolvedStep, ShadowStep
-from joey_registry.errors import AlreadyExists, InvalidArgument, NotFound
+from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from joey_registry.store import Store, WorkspaceRef
 
 log = logging.getLogger(__name__)
@@ -53,12 +59,24 @@ windows of a day every minute."""
 
 MAX_WINDOW = timedelta(days=3650)
 
+MAX_IOPATH_INDEX = 2**31 - 1
+"""Postgres's jsonb index is an int4: a larger one cannot be looked up at all."""
+MAX_IOPATH_FIELD = 256
+"""Characters of an iopath's field name: far above any tensor's, bounded so a definition stays small."""
+MAX_BINS = 1000
+"""Bins of a summarizer: every window's counts, stored per pane and merged per window, grow with them."""
+MAX_BASELINE_VALUES = 1_000_000
+"""Values a baseline is summarised from, given as data or read from the log (8 MB of float64)."""
+
 
 @dataclass(frozen=True)
 class StoredAssay:
     definition: AssayDefinition
     active: bool
     created_at: datetime
+    failure: str = ""
+    """Why the assay stopped (migration 0013); empty while it works."""
+    failed_at: datetime | None = None
 
 
 class AssayStore:
@@ -92,13 +110,18 @@ class AssayStore:
     def find(self, ws: WorkspaceRef, pipeline: str, name: str = "") -> list[StoredAssay]:
         with self._pool.connection() as conn:
             rows = conn.execute(
-                "SELECT name, definition, active, created_at FROM assays WHERE workspace_id = %s "
+                "SELECT name, definition, active, created_at, failure, failed_at FROM assays "
+                "WHERE workspace_id = %s "
                 "AND (%s = '' OR pipeline = %s) AND (%s = '' OR name = %s) ORDER BY name",
                 (ws.id, pipeline, pipeline, name, name),
             ).fetchall()
         return [
             StoredAssay(
-                AssayDefinition.from_json(ws.name, r["name"], r["definition"]), r["active"], r["created_at"]
+                AssayDefinition.from_json(ws.name, r["name"], r["definition"]),
+                r["active"],
+                r["created_at"],
+                r["failure"] or "",
+                r["failed_at"],
             )
             for r in rows
         ]
@@ -138,6 +161,16 @@ class AssayStore:
                 (ws.id, definition.name, start, start, end, end),
             ).fetchall()
         return [stored_result(definition, r) for r in rows]
+
+    def compile_values(self, definition: AssayDefinition) -> None:
+        """Plan the SQL that gives the assay's values, as the loggers and the assayer run it; the
+        database's error, if any, propagates. Planning resolves every operator, reading no row."""
+        with self._pool.connection() as conn:
+            conn.execute(
+                sql.SQL("SELECT {}, {} FROM inference_logs WHERE false").format(
+                    MICROS_SQL, value_sql(definition)
+                )
+            )
 
     def values(self, definition: AssayDefinition, start: datetime | None, end: datetime | None) -> Any:
         with self._pool.connection() as conn:
@@ -259,6 +292,7 @@ class Assays:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         resolved = self._resolve(ws, definition, live=True)
+        self._test_compile(resolved)
         stored = self.sql.insert(ws, resolved)
         if stored is None:
             raise AlreadyExists(f"assay {definition.name!r} already exists in workspace {ws.name!r}")
@@ -283,6 +317,11 @@ class Assays:
 
     def set_active(self, caller: Caller, workspace: str, name: str, active: bool) -> StoredAssay:
         ws = self.access.authorize(caller, workspace, Action.WRITE)
+        if active and (failure := self._get(ws, name).failure):
+            # Its windows lack what was logged since it failed: resuming would score them as if whole.
+            raise FailedPrecondition(
+                f"assay {name!r} failed and cannot be resumed ({failure}); delete it and create it anew"
+            )
         if not self.sql.set_active(ws, name, active):
             raise NotFound(f"assay {name!r} not found in workspace {ws.name!r}")
         log.info("%s assay %s/%s", "resumed" if active else "paused", ws.name, name)
@@ -338,8 +377,51 @@ class Assays:
         stored = self._get(ws, name)
         return stored.definition, self.sql.results(ws, stored.definition, start, end)
 
+    def _test_compile(self, d: AssayDefinition) -> None:
+        """Run what a logger runs for the stored assay, on nothing and on its baseline's median at
+        its start: a definition that cannot be counted is refused here instead of failing live."""
+        assert d.baseline is not None and d.start is not None
+        try:
+            self.sql.compile_values(d)
+        except psycopg.Error as exc:
+            raise InvalidArgument(f"the values at {d.iopath} cannot be computed: {exc}") from None
+        micros = np.array([(d.start - datetime(1970, 1, 1, tzinfo=UTC)) // MICROSECOND], dtype=np.int64)
+        median = d.baseline.median if math.isfinite(d.baseline.median) else 0.0
+        try:
+            d.count(micros, np.array([median], dtype=np.float64), {})
+        except (ValueError, OverflowError, ArithmeticError) as exc:
+            raise InvalidArgument(f"the assay's windows cannot be counted: {exc}") from None
+
+    @staticmethod
+    def _check_bounds(d: AssayDefinition) -> None:
+        """InvalidArgument naming the first field beyond what the platform can store or count."""
+        index = d.iopath.index
+        if index is not None and index > MAX_IOPATH_INDEX:
+            raise InvalidArgument(f"iopath index {index} is too large: at most {MAX_IOPATH_INDEX}")
+        if len(d.iopath.field) > MAX_IOPATH_FIELD:
+            raise InvalidArgument(
+                f"iopath field name has {len(d.iopath.field)} characters: at most {MAX_IOPATH_FIELD}"
+            )
+        if len(d.model) > MAX_NAME_LENGTH:
+            raise InvalidArgument(f"model name has {len(d.model)} characters: at most {MAX_NAME_LENGTH}")
+        s = d.summarizer
+        if s.num_bins > MAX_BINS:
+            raise InvalidArgument(f"num_bins must be at most {MAX_BINS}, got {s.num_bins}")
+        if s.edges is not None and len(s.edges) > MAX_BINS + 1:
+            raise InvalidArgument(f"edges must be at most {MAX_BINS + 1} values, got {len(s.edges)}")
+        if d.baseline_data is not None and len(d.baseline_data) > MAX_BASELINE_VALUES:
+            raise InvalidArgument(
+                f"baseline_data has {len(d.baseline_data)} values: at most {MAX_BASELINE_VALUES}"
+            )
+        rows = d.baseline_rows
+        if rows is not None and rows.stop - rows.start > MAX_BASELINE_VALUES:
+            raise InvalidArgument(
+                f"baseline_rows selects {rows.stop - rows.start} values: at most {MAX_BASELINE_VALUES}"
+            )
+
     def _resolve(self, ws: WorkspaceRef, d: AssayDefinition, live: bool) -> AssayDefinition:
         """``d`` checked, with its baseline summarised and its start filled in."""
+        self._check_bounds(d)
         pipeline = self.store.get_pipeline(ws, d.pipeline)
         if pipeline is None:
             raise InvalidArgument(f"pipeline {d.pipeline!r} not found in workspace {ws.name!r}")

@@ -342,10 +342,13 @@ class Assay:
     active: bool
     created_at: datetime
     baseline: AssaySummary
+    failure: str = ""
+    """Why the assay stopped being counted and scored; empty while it works."""
 
     @classmethod
     def from_proto(cls, client: AssayClientMixin, a: pb.Assay) -> Assay:
-        return cls(client, a.definition, a.active, _time(a.created_at), AssaySummary.from_proto(a.baseline))
+        baseline = AssaySummary.from_proto(a.baseline)
+        return cls(client, a.definition, a.active, _time(a.created_at), baseline, a.failure)
 
     @property
     def name(self) -> str:

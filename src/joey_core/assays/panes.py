@@ -30,6 +30,7 @@ from psycopg.rows import tuple_row
 
 from joey_core.assays.runs import MICROS_SQL, AssayDefinition, timed_value_chunks, value_sql
 from joey_core.assays.streaming import WindowCounts
+from joey_core.db import is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,37 @@ def _add_once(conn: psycopg.Connection[Any], updates: dict[PaneKey, WindowCounts
         raise _Contended
 
 
-def _rows(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+def _rows(
+    conn: psycopg.Connection[Any], query: str | sql.Composed, params: tuple[Any, ...]
+) -> list[tuple[Any, ...]]:
     # Tuples whatever the connection's row factory (the loggers' and the assayer's differ).
     with conn.cursor(row_factory=tuple_row) as cursor:
         return cursor.execute(query, params).fetchall()
+
+
+MAX_FAILURE_LENGTH = 1000
+"""Characters of an error kept as an assay's failure: enough to say what broke, bounded whatever the error."""
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a stored failure, a dead letter's reason or a log line says about ``exc``, bounded."""
+    state = getattr(exc, "sqlstate", None)
+    text = f"{type(exc).__name__}{f' {state}' if state else ''}: {exc}"
+    return text if len(text) <= MAX_FAILURE_LENGTH else text[: MAX_FAILURE_LENGTH - 3] + "..."
+
+
+def mark_failed(conn: psycopg.Connection[Any], assay_id: int, reason: str) -> bool:
+    """Mark the assay failed with ``reason``, within the caller's transaction; False when it was
+    already failed, deleted, or its row is locked. Never waits for the row: a deletion holds it
+    while it waits for the loggers' transactions, so waiting could deadlock. A skipped mark is made
+    by the next batch, which fails the same way."""
+    marked = _rows(
+        conn,
+        "UPDATE assays SET failure = %s, failed_at = now() WHERE id = (SELECT id FROM assays "
+        "WHERE id = %s AND failure IS NULL FOR NO KEY UPDATE SKIP LOCKED) RETURNING id",
+        (reason, assay_id),
+    )
+    return bool(marked)
 
 
 class LiveCounter:
@@ -127,23 +155,26 @@ class LiveCounter:
 
     def prepare(self, conn: psycopg.Connection[Any], pipelines: set[tuple[str, str]]) -> Counting:
         """Hold :func:`hold_for_logging` and find the assays of these ``(workspace, pipeline)``:
-        every one, paused ones too, so a resumed assay lacks nothing."""
+        every one that has not failed, paused ones too, so a resumed assay lacks nothing. A stored
+        definition that cannot be read fails its assay."""
         hold_for_logging(conn)
         ids = [
             row[0]
             for row in _rows(
                 conn,
                 "SELECT a.id FROM assays a JOIN workspaces w ON w.id = a.workspace_id "
-                "WHERE (w.name, a.pipeline) IN (SELECT * FROM unnest(%s::text[], %s::text[])) ORDER BY a.id",
+                "WHERE (w.name, a.pipeline) IN (SELECT * FROM unnest(%s::text[], %s::text[])) "
+                "AND a.failure IS NULL ORDER BY a.id",
                 ([w for w, _ in pipelines], [p for _, p in pipelines]),
             )
         ]
-        # Deleted assays of these pipelines are forgotten.
+        # Deleted (and failed) assays of these pipelines are forgotten.
         deleted = [
             i for i, d in self._definitions.items() if (d.workspace, d.pipeline) in pipelines and i not in ids
         ]
         for assay_id in deleted:
             del self._definitions[assay_id]
+        failed: list[tuple[int, str]] = []
         missing = [i for i in ids if i not in self._definitions]
         if missing:
             for assay_id, workspace, name, data in _rows(
@@ -152,8 +183,19 @@ class LiveCounter:
                 "JOIN workspaces w ON w.id = a.workspace_id WHERE a.id = ANY(%s)",
                 (missing,),
             ):
-                self._definitions[assay_id] = AssayDefinition.from_json(workspace, name, data)
-        return Counting([(i, self._definitions[i]) for i in ids])
+                try:
+                    self._definitions[assay_id] = AssayDefinition.from_json(workspace, name, data)
+                except Exception as exc:  # whatever is wrong with it, it is this assay's alone
+                    failed.append((assay_id, _fail(conn, assay_id, f"{workspace}/{name}", exc)))
+        assays = [(i, self._definitions[i]) for i in ids if i in self._definitions]
+        return Counting(assays, failed)
+
+
+def _fail(conn: psycopg.Connection[Any], assay_id: int, name: str, exc: BaseException) -> str:
+    reason = f"its values cannot be counted: {failure_text(exc)}"
+    if mark_failed(conn, assay_id, reason):
+        log.error("assay %s failed, it is no longer counted or scored: %s", name, reason)
+    return reason
 
 
 @dataclass(frozen=True)
@@ -161,10 +203,50 @@ class Counting:
     """The assays a batch of log rows is counted into."""
 
     assays: list[tuple[int, AssayDefinition]]
+    failed: list[tuple[int, str]]
+    """Assays found failing meanwhile, with the reason (marked failed in the caller's transaction)."""
+
+    def insert(self, conn: psycopg.Connection[Any], insert: sql.Composable) -> int:
+        """Run ``insert`` (an INSERT without RETURNING) and count the rows it inserts into the
+        assays; the number of rows inserted.
+
+        The assays' values come with the insert (:meth:`returning`), so counting costs no second
+        look at the table. If that fails, the insert is undone to its savepoint and run alone, and
+        each assay is counted in a savepoint of its own: one that cannot be counted is marked
+        failed and the rows are stored all the same. An error of the insert alone (a row the
+        database refuses) or of the database itself propagates.
+        """
+        if self.assays:
+            try:
+                with conn.transaction():
+                    inserted = _rows(conn, self.returning(insert), ())
+                    self.count(conn, inserted)
+                return len(inserted)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise
+                log.warning("counting into %d assays failed, counting each alone: %s", len(self.assays), exc)
+        ids = [row[0] for row in _rows(conn, sql.SQL("{} RETURNING id").format(insert), ())]
+        for assay_id, definition in self.assays:
+            try:
+                with conn.transaction():
+                    rows = _rows(
+                        conn,
+                        sql.SQL("SELECT {}, {} FROM inference_logs WHERE id = ANY(%s)").format(
+                            MICROS_SQL, value_sql(definition)
+                        ),
+                        (ids,),
+                    )
+                    Counting([(assay_id, definition)], []).count(conn, rows)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise
+                name = f"{definition.workspace}/{definition.name}"
+                self.failed.append((assay_id, _fail(conn, assay_id, name, exc)))
+        return len(ids)
 
     def returning(self, insert: sql.Composable) -> sql.Composed:
-        """``insert`` returning each inserted row's time and its value for every assay: the values
-        come with the insert, so counting costs no second look at the table."""
+        """``insert`` returning each inserted row's time and its value for every assay."""
         values = [value_sql(d) for _, d in self.assays]
         return sql.SQL("{} RETURNING {}").format(insert, sql.SQL(", ").join([MICROS_SQL, *values]))
 
@@ -192,19 +274,31 @@ def backfill(
 
     Runs in one transaction that locks the assay row, so a second assayer waits and then finds
     nothing to do; a crash counts nothing and the next run starts over. Returns False when the
-    assay was deleted or already backfilled. The lock is NO KEY UPDATE: loggers adding counts
-    meanwhile (their foreign keys take KEY SHARE on the row) are not held up.
+    assay was deleted, failed or already backfilled; an assay whose values cannot be counted is
+    marked failed. The lock is NO KEY UPDATE: loggers adding counts meanwhile (their foreign keys
+    take KEY SHARE on the row) are not held up.
     """
-    with conn.transaction():
-        rows = _rows(conn, "SELECT backfill_until FROM assays WHERE id = %s FOR NO KEY UPDATE", (assay_id,))
-        if not rows or rows[0][0] is None:
-            return False
-        panes: dict[datetime, WindowCounts] = {}
-        chunks = timed_value_chunks(conn, definition, _STORED_BEFORE, until=rows[0][0], since=since)
-        for micros, values in chunks:
-            definition.count(micros, values, panes)
-        add_counts(conn, {(assay_id, start): counts for start, counts in panes.items()})
-        conn.execute("UPDATE assays SET backfill_until = NULL WHERE id = %s", (assay_id,))
+    try:
+        with conn.transaction():
+            rows = _rows(
+                conn,
+                "SELECT backfill_until FROM assays WHERE id = %s AND failure IS NULL FOR NO KEY UPDATE",
+                (assay_id,),
+            )
+            if not rows or rows[0][0] is None:
+                return False
+            panes: dict[datetime, WindowCounts] = {}
+            chunks = timed_value_chunks(conn, definition, _STORED_BEFORE, until=rows[0][0], since=since)
+            for micros, values in chunks:
+                definition.count(micros, values, panes)
+            add_counts(conn, {(assay_id, start): counts for start, counts in panes.items()})
+            conn.execute("UPDATE assays SET backfill_until = NULL WHERE id = %s", (assay_id,))
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise
+        with conn.transaction():
+            _fail(conn, assay_id, f"{definition.workspace}/{definition.name}", exc)
+        return False
     log.info(
         "assay %s/%s: counted %d panes of earlier logs", definition.workspace, definition.name, len(panes)
     )

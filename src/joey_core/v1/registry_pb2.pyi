@@ -1823,7 +1823,13 @@ class Assay(_message.Message):
     ACTIVE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     BASELINE_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
     active: _builtins.bool
+    failure: _builtins.str
+    """Why the assay stopped being counted and scored (its values could not be computed); "" while it
+    works. A failed assay stays failed: delete it and create it anew.
+    """
     @_builtins.property
     def definition(self) -> Global___AssayDefinition:
         """with the defaults filled in"""
@@ -1832,6 +1838,10 @@ class Assay(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def baseline(self) -> Global___AssaySummary: ...
+    @_builtins.property
+    def failed_at(self) -> _timestamp_pb2.Timestamp:
+        """unset while it works"""
+
     def __init__(
         self,
         *,
@@ -1839,10 +1849,12 @@ class Assay(_message.Message):
         active: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         baseline: Global___AssaySummary | None = ...,
+        failure: _builtins.str = ...,
+        failed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "created_at", b"created_at", "definition", b"definition"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "created_at", b"created_at", "definition", b"definition", "failed_at", b"failed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "baseline", b"baseline", "created_at", b"created_at", "definition", b"definition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "baseline", b"baseline", "created_at", b"created_at", "definition", b"definition", "failed_at", b"failed_at", "failure", b"failure"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -317,3 +317,59 @@ def test_loggers_racing_to_create_the_same_panes_do_not_deadlock(
     with psycopg.connect(url) as conn:
         stored = stored_counts(conn, assay_id)
     assert (stored[T0].count, stored[T0 + MINUTE].count) == (2, 3)
+
+
+def failures(conn: psycopg.Connection[Any], *ids: int) -> list[str | None]:
+    rows = dict(conn.execute("SELECT id, failure FROM assays WHERE id = ANY(%s)", (list(ids),)).fetchall())
+    return [rows[i] for i in ids]
+
+
+def test_an_assay_that_cannot_be_counted_fails_alone_and_the_rows_are_stored(url: str) -> None:
+    pipeline = f"p-{secrets.token_hex(3)}"
+    good = definition(name=f"g-{secrets.token_hex(3)}", pipeline=pipeline)
+    with psycopg.connect(url) as conn:
+        good_id = create_assay(conn, good)
+        # Written around the registry's checks: an index beyond int4 (its SQL fails) and a
+        # definition that cannot even be read.
+        beyond_int4 = create_assay(
+            conn, replace(good, name=f"i-{secrets.token_hex(3)}", iopath=IoPath("input", "features", 2**40))
+        )
+        unreadable = create_assay(conn, replace(good, name=f"u-{secrets.token_hex(3)}"))
+        conn.execute("UPDATE assays SET definition = definition - 'summarizer' WHERE id = %s", (unreadable,))
+        conn.commit()
+    sink = PostgresLogSink(url)
+    sink.open()
+    try:
+        assert sink.write([log_record(pipeline, i, time=T0) for i in range(10)]).written == 10
+        # Failed assays are left out from then on: the next batch takes the quick path again.
+        assert sink.write([log_record(pipeline, i, time=T0) for i in range(10, 15)]).written == 5
+    finally:
+        sink.close()
+    with psycopg.connect(url) as conn:
+        assert stored_counts(conn, good_id)[T0].count == 15
+        assert stored_counts(conn, beyond_int4) == {} and stored_counts(conn, unreadable) == {}
+        good_failure, index_failure, read_failure = failures(conn, good_id, beyond_int4, unreadable)
+        row = conn.execute("SELECT count(*) FROM inference_logs WHERE pipeline = %s", (pipeline,)).fetchone()
+    assert row == (15,)
+    assert good_failure is None
+    assert index_failure is not None and "UndefinedFunction" in index_failure and "jsonb" in index_failure
+    assert read_failure is not None and "KeyError" in read_failure and "summarizer" in read_failure
+
+
+def test_a_backfill_that_cannot_count_fails_its_assay(url: str) -> None:
+    pipeline = f"p-{secrets.token_hex(3)}"
+    d = definition(
+        name=f"b-{secrets.token_hex(3)}", pipeline=pipeline, iopath=IoPath("input", "features", 2**40)
+    )
+    sink = PostgresLogSink(url)
+    sink.open()
+    try:
+        sink.write([log_record(pipeline, i, time=T0) for i in range(3)])  # stored before: the backfill's
+    finally:
+        sink.close()
+    with psycopg.connect(url) as conn:
+        assay_id = create_assay(conn, d)
+        assert backfill(conn, assay_id, d, T0) is False
+        (failure,) = failures(conn, assay_id)
+        assert failure is not None and "UndefinedFunction" in failure
+        assert backfill(conn, assay_id, d, T0) is False  # a failed assay is not tried again
