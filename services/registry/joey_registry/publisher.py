@@ -60,7 +60,7 @@ class DeploymentPublisher:
             except (KafkaException, BufferError, TimeoutError) as exc:
                 raise Unavailable(
                     f"the broker did not acknowledge the change on {topics.DEPLOYMENTS}: {exc}; nothing "
-                    "was changed, retry once the broker answers (`joey status` shows it)"
+                    "was changed, retry once the broker answers"
                 ) from exc
 
     def close(self) -> None:

@@ -635,7 +635,7 @@ class Store:
         published: until ``PipelineLock.clear_intent`` commits, Kafka may disagree with Postgres.
         Not from the pool: callers each hold a pooled connection already, and as many of them as the
         pool has would wait for one another's second connection forever."""
-        with psycopg.connect(self._url, autocommit=True) as conn:
+        with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
             conn.execute(
                 "INSERT INTO deployment_intents (workspace, pipeline, deployment_id) VALUES (%s, %s, %s) "
                 "ON CONFLICT (workspace, pipeline) DO UPDATE SET deployment_id = EXCLUDED.deployment_id, "
