@@ -32,13 +32,18 @@ Progress = Callable[[int, int], None]
 
 
 class InferenceTimeout(TimeoutError):
-    def __init__(self, answered: int, total: int, timeout: float) -> None:
+    """Not every record was answered in time. ``replies`` has one entry per record, in order: its reply
+    (a failed one for a record that was not sent), or None for a record sent and not answered yet."""
+
+    def __init__(self, replies: list[Reply | None], timeout: float) -> None:
+        answered = sum(r is not None for r in replies)
         super().__init__(
-            f"{answered} of {total} records answered within {timeout:.0f}s; "
+            f"{answered} of {len(replies)} records answered within {timeout:.0f}s; "
             "is the pipeline deployed and ready? (check `joey pipeline status`)"
         )
         self.answered = answered
-        self.total = total
+        self.total = len(replies)
+        self.replies = replies
 
 
 def check_rows(rows: Sequence[Any]) -> None:
@@ -89,7 +94,7 @@ class PipelineStream:
             while pending:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise InferenceTimeout(len(replies), len(rows), timeout)
+                    raise InferenceTimeout([replies.get(r) for r in request_ids], timeout)
                 batch = consumer.consume(num_messages=1000, timeout=min(remaining, 0.5))
                 # The client recovers from non-fatal errors by itself: not the user's concern.
                 for message in kafka.usable(batch, log, logging.DEBUG):

@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 
 from joey.client import Client
 from joey.client.pipelines import replies_to_frame
-from joey.client.streaming import PipelineStream
+from joey.client.streaming import InferenceTimeout, PipelineStream
 from joey_core import kafka, records, topics
 from joey_core.settings import CommonSettings
 from tests.conftest import Stack
@@ -28,6 +28,8 @@ BROKEN = {1: b'{"time": "2025-05-01T09:00:00+00:00", "out": {"doub', 2: b"[1, 2]
 """What the stand-in writes on the outputs topic for the records with these ids."""
 REFUSED = 4
 """The id of the record the stand-in answers with an error record."""
+SILENT = 99
+"""The id of the record the stand-in never answers."""
 
 
 def answer(names: topics.PipelineTopics, message: Message) -> tuple[str, bytes]:
@@ -73,6 +75,8 @@ def stand_in_engine(settings: CommonSettings, names: topics.PipelineTopics) -> I
             while not stop.is_set():
                 for message in consumer.consume(100, 0.1):
                     assert message.error() is None, message.error()
+                    if json.loads(message.value())["id"] == SILENT:  # type: ignore[arg-type]
+                        continue
                     topic, value = answer(names, message)
                     producer.produce(topic, value, message.key(), headers=message.headers())
                 producer.flush(10)
@@ -150,3 +154,23 @@ def test_a_row_the_producer_refuses_fails_alone_and_the_others_are_answered(
     assert replies[1].body["error"].startswith("not sent to the pipeline: ")
     assert "too large" in replies[1].body["error"].lower()
     assert [r.body["out"]["double"] for r in (replies[0], replies[2])] == [2, 4]
+
+
+def test_a_timeout_says_which_rows_were_answered_which_were_not_sent_and_which_are_waited_for(
+    settings: CommonSettings,
+) -> None:
+    pipeline = f"silent-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    rows: list[dict[str, object] | bytes] = [{"id": 20, "x": 1}, {"id": SILENT, "x": 2}, b"x" * 2_000_000]
+    with stand_in_engine(settings, names) as errors, pytest.raises(InferenceTimeout) as info:
+        PipelineStream(settings, names).infer(rows, timeout=10)
+    assert not errors
+    answered, silent, too_large = info.value.replies
+    assert answered is not None and answered.ok and answered.body["out"] == {"double": 2}
+    assert silent is None
+    assert too_large is not None and not too_large.ok
+    assert too_large.body["error"].startswith("not sent to the pipeline: ")
+    assert (info.value.answered, info.value.total) == (2, 3)
