@@ -29,6 +29,9 @@ def registry_settings(
         "registry_addr": "127.0.0.1:0",
         "artifact_dir": str(tmp_path_factory.mktemp("registry-artifacts")),
         "redis_prefix": f"{env['JOEY_REDIS_PREFIX']}:registry-tests",
+        # Reconciling is the test's move: a registry of a test, on a broker of its own, leaves intents in
+        # this shared database that this one would otherwise settle on the session's broker.
+        "reconcile_interval_s": "3600",
     }
     return RegistrySettings(**({k.removeprefix("JOEY_").lower(): v for k, v in env.items()} | overrides))
 

@@ -1,20 +1,26 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 import redis
 from google.protobuf import json_format
 
+from joey_cli.broker import EmbeddedBroker
 from joey_core import heartbeats, topics
 from joey_core.heartbeats import ReplicaHeartbeat
 from joey_core.kafka import TopicSpec, admin_client, ensure_topics, topic_partitions
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
+from joey_registry.domain import DeploymentSpec
 from joey_registry.settings import RegistrySettings
-from tests.conftest import REDIS_URL, wait_until
-from tests.registry.helpers import Stub, read_deployments, rpc_error, step, upload
+from tests.conftest import REDIS_URL, free_port, wait_until
+from tests.registry.helpers import Stub, read_deployments, rpc_error, step, token_stub, upload
 
 
 @pytest.fixture
@@ -257,3 +263,120 @@ def test_status_of_unknown_pipeline(stub: Stub, workspace: str) -> None:
         lambda: stub.GetDeploymentStatus(pb.GetDeploymentStatusRequest(workspace=workspace, pipeline="ghost"))
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def intents(db: psycopg.Connection, workspace: str) -> list[tuple[str, str | None]]:
+    rows = db.execute(
+        "SELECT pipeline, deployment_id FROM deployment_intents WHERE workspace = %s", (workspace,)
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A broker of this test's own, to stop and start again without disturbing the session's."""
+    broker = EmbeddedBroker(free_port(), tmp_path / "broker.log").start()
+    yield broker
+    broker.stop()
+
+
+def test_a_change_the_broker_does_not_acknowledge_is_unavailable_changes_nothing_and_is_reconciled(
+    registry_settings: RegistrySettings,
+    own_broker: EmbeddedBroker,
+    admin_token: str,
+    workspace: str,
+    pipeline: str,
+    db: psycopg.Connection,
+) -> None:
+    settings = registry_settings.model_copy(
+        update={
+            "kafka_bootstrap": own_broker.bootstrap,
+            "publish_timeout_s": 1.0,
+            # Reconciled by the restart below, not by a round of the running registry's reconciler.
+            "reconcile_interval_s": 3600.0,
+        }
+    )
+    server = RegistryServer(settings)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            own = token_stub(channel, admin_token)
+            running = deploy(own, workspace, pipeline, version=1, replicas=2)
+            own_broker.stop()
+
+            # The undeploy reaches the publish (its topics exist): the tombstone is never acknowledged.
+            error = rpc_error(
+                lambda: own.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline))
+            )
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+            assert "did not acknowledge the change on joey.deployments" in error.details()
+            error = rpc_error(lambda: deploy(own, workspace, pipeline, version=2))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+
+            shown = own.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name=pipeline)).deployment
+            assert (shown.active, shown.deployment_id, shown.pipeline_version, shown.replicas) == (
+                True,
+                running.deployment_id,
+                1,
+                2,
+            )
+            # The tombstone may have reached the broker unacknowledged: Kafka is suspect until reconciled.
+            assert intents(db, workspace) == [(pipeline, None)]
+    finally:
+        server.stop()
+
+    # The broker comes back (empty: the embedded one forgets everything), and so does the registry.
+    own_broker.start()
+    restarted = RegistryServer(settings)
+    restarted.start()
+    restarted.stop()
+    assert intents(db, workspace) == []
+    specs = specs_of(
+        read_deployments(settings, lambda found: len(found) >= 1, topics.deployment_key(workspace, pipeline))
+    )
+    assert [(s.deployment_id, s.pipeline_version, s.replicas) for s in specs if s] == [
+        (running.deployment_id, 1, 2)
+    ]
+    assert len(specs) == 1
+
+
+def test_a_registry_killed_after_publishing_is_reconciled_to_what_postgres_holds(
+    registry_server: RegistryServer,
+    registry_settings: RegistrySettings,
+    stub: Stub,
+    workspace: str,
+    pipeline: str,
+    db: psycopg.Connection,
+) -> None:
+    registry = registry_server.registry
+    running = deploy(stub, workspace, pipeline, version=1)
+    [spec] = [
+        s
+        for s in registry.store.active_deployments()
+        if (s.deployment.workspace, s.deployment.pipeline) == (workspace, pipeline)
+    ]
+    # What a deploy of version 2 leaves when the registry dies between the acknowledged publish and
+    # the commit: the intent and the spec on Kafka, Postgres still at version 1.
+    crashed = replace(spec.deployment, deployment_id="crashed-deploy", pipeline_version=2)
+    registry.store.record_intent(workspace, pipeline, crashed.deployment_id)
+    registry.publisher.publish(DeploymentSpec(crashed, spec.steps))
+    # And a first deploy of another pipeline, dead at the same point.
+    stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="never", steps=[step("iris", 1)]))
+    registry.store.record_intent(workspace, "never", "crashed-first-deploy")
+    registry.publisher.publish(DeploymentSpec(replace(crashed, pipeline="never"), spec.steps))
+
+    assert registry.reconcile(everything=False) >= 2
+    assert intents(db, workspace) == []
+    key = topics.deployment_key(workspace, pipeline)
+    specs = specs_of(read_deployments(registry_settings, lambda found: len(found) >= 3, key))
+    assert [s.deployment_id if s else None for s in specs] == [
+        running.deployment_id,
+        "crashed-deploy",
+        running.deployment_id,
+    ]
+    never = topics.deployment_key(workspace, "never")
+    assert specs_of(read_deployments(registry_settings, lambda found: len(found) >= 2, never))[1] is None
+    shown = stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name=pipeline)).deployment
+    assert (shown.deployment_id, shown.pipeline_version) == (running.deployment_id, 1)
+    # Nothing left to reconcile: a second round publishes nothing.
+    assert registry.reconcile(everything=False) == 0

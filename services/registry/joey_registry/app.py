@@ -16,6 +16,7 @@ from joey_registry.autoscaler import Autoscaler
 from joey_registry.grpc_server import RegistryServicer
 from joey_registry.identity import BootstrapRefused
 from joey_registry.publisher import DeploymentPublisher
+from joey_registry.reconciler import Reconciler
 from joey_registry.service import Registry
 from joey_registry.settings import RegistrySettings
 from joey_registry.store import Store
@@ -59,6 +60,7 @@ class RegistryServer:
         servicer = RegistryServicer(self.registry, uploads)
         registry_pb2_grpc.add_RegistryServicer_to_server(servicer, self.server)
         self.autoscaler = Autoscaler(self.registry, settings.autoscale_interval_s)
+        self.reconciler = Reconciler(self.registry, settings.reconcile_interval_s)
         self.port = 0
 
     def start(self) -> int:
@@ -69,13 +71,14 @@ class RegistryServer:
             self.store.close()
             raise
         kafka.ensure_topics(self.registry.admin, kafka.platform_topics(self.settings))
-        republished = self.registry.republish_active()
-        log.info("republished %d active deployments", republished)
+        republished = self.registry.reconcile(everything=True)
+        log.info("reconciled joey.deployments with Postgres: %d pipelines republished", republished)
         self.port = tls.add_port(self.server, self.settings.registry_addr, self.settings)
         if not self.port:
             raise OSError(f"could not listen on {self.settings.registry_addr} (JOEY_REGISTRY_ADDR)")
         self.server.start()
         self.autoscaler.start()
+        self.reconciler.start()
         log.info(
             "registry listening on %s (port %d, %s)",
             self.settings.registry_addr,
@@ -86,6 +89,7 @@ class RegistryServer:
 
     def stop(self) -> None:
         self.autoscaler.stop()
+        self.reconciler.stop()
         self.server.stop(self.settings.grpc_grace_s).wait()
         self.publisher.close()
         self.store.close()

@@ -16,6 +16,10 @@ from joey_registry.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
 
+# How much longer than a record's own timeout a publish waits for its report: by then librdkafka has
+# either delivered the record or failed it, so a record reported lost cannot still go out later.
+_REPORT_MARGIN_S = 5.0
+
 
 class DeploymentPublisher:
     def __init__(self, settings: RegistrySettings) -> None:
@@ -52,9 +56,12 @@ class DeploymentPublisher:
                 self._producer.produce(
                     topics.DEPLOYMENTS, value=value, key=key, on_delivery=tracker.on_delivery
                 )
-                tracker.flush(self._producer, self._timeout)
-            except (KafkaException, BufferError) as exc:
-                raise Unavailable(f"could not publish to {topics.DEPLOYMENTS}: {exc}") from exc
+                tracker.flush(self._producer, self._timeout + _REPORT_MARGIN_S)
+            except (KafkaException, BufferError, TimeoutError) as exc:
+                raise Unavailable(
+                    f"the broker did not acknowledge the change on {topics.DEPLOYMENTS}: {exc}; nothing "
+                    "was changed, retry once the broker answers"
+                ) from exc
 
     def close(self) -> None:
         self._producer.flush(self._timeout)

@@ -8,11 +8,12 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import redis
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
@@ -495,8 +496,8 @@ class Registry:
         autoscale: Autoscale | None = None,
         resources: Resources | None = None,
     ) -> Deployment:
-        """Publish the desired state, acknowledged by the broker, before recording it: a failed
-        publish leaves both the topic and the database as they were. On a running deployment,
+        """Record the intent, publish the new deployment, and record it once the broker acknowledged it
+        (see ``_change``): a failed publish is UNAVAILABLE and changes nothing. On a running deployment,
         engines roll the new one out while the current one keeps serving. ``replicas`` None is the
         default (1, or the autoscaling minimum)."""
         ws = self.access.authorize(caller, workspace, Action.WRITE)
@@ -535,12 +536,21 @@ class Registry:
 
     @contextmanager
     def _locked(self, ws: WorkspaceRef, pipeline: str, hint: str = "") -> Iterator[PipelineLock]:
-        """The pipeline's row lock for the block; NotFound (with ``hint``) when there is no such pipeline."""
-        with self.store.lock_pipeline(ws, pipeline) as lock:
-            if lock is None:
-                found = f"pipeline {pipeline!r} not found in workspace {ws.name!r}"
-                raise NotFound(f"{found}; {hint}" if hint else found)
-            yield lock
+        """The pipeline's row lock for the block; NotFound (with ``hint``) when there is no such pipeline.
+        Postgres failing (refusing the commit, or not answering) is UNAVAILABLE: the transaction is rolled
+        back, and a change it may have published meanwhile is undone by the reconciler (see ``_change``)."""
+        try:
+            with self.store.lock_pipeline(ws, pipeline) as lock:
+                if lock is None:
+                    found = f"pipeline {pipeline!r} not found in workspace {ws.name!r}"
+                    raise NotFound(f"{found}; {hint}" if hint else found)
+                yield lock
+        except psycopg.OperationalError as exc:
+            # The detail may name hosts: it stays in the log.
+            log.warning("pipeline %s/%s: Postgres failed: %s", ws.name, pipeline, exc)
+            raise Unavailable(
+                f"the database did not answer; pipeline {pipeline!r} was left as it was, retry shortly"
+            ) from exc
 
     def _replicas(self, replicas: int | None, autoscale: Autoscale | None) -> int:
         """The replicas to start with (None: the default), after checking them and ``autoscale``
@@ -597,9 +607,28 @@ class Registry:
             autoscale=autoscale,
             resources=resources,
         )
-        self.publisher.publish(DeploymentSpec(deployment, pv.steps))
-        lock.save_deployment(deployment)
-        return deployment
+        return self._change(lock, deployment, pv.steps)
+
+    def _change(self, lock: PipelineLock, change: Deployment, steps: tuple[Step, ...]) -> Deployment:
+        """Make ``change`` the pipeline's deployment, in this order: commit the intent, publish ``change``
+        (its spec, or the tombstone of an inactive one) and wait for the broker's acknowledgement, then
+        record it and drop the intent in the lock's transaction. Until that commits, readers see the
+        previous deployment. When the publish fails (UNAVAILABLE), the registry dies, or the commit fails,
+        the intent stays behind: the broker may have taken the record without acknowledging it, so
+        ``reconcile`` publishes again what Postgres holds, and both agree once the broker answers."""
+        self.store.record_intent(
+            lock.workspace.name, lock.name, change.deployment_id if change.active else None
+        )
+        self._publish(change, steps)
+        lock.save_deployment(change)
+        lock.clear_intent()
+        return change
+
+    def _publish(self, deployment: Deployment, steps: tuple[Step, ...]) -> None:
+        if deployment.active:
+            self.publisher.publish(DeploymentSpec(deployment, steps))
+        else:
+            self.publisher.retract(deployment.workspace, deployment.pipeline)
 
     def scale(self, workspace: str, pipeline: str, deployment_id: str, replicas: int) -> Deployment | None:
         """Set the replicas of a running deployment (the autoscaler's call): same deployment id, so
@@ -620,10 +649,9 @@ class Registry:
                 return current
             pv = lock.version(current.pipeline_version)
             assert pv is not None
-            scaled = replace(current, replicas=replicas, updated_at=datetime.now(UTC))
-            self.publisher.publish(DeploymentSpec(scaled, pv.steps))
-            lock.save_deployment(scaled)
-        return scaled
+            return self._change(
+                lock, replace(current, replicas=replicas, updated_at=datetime.now(UTC)), pv.steps
+            )
 
     def undeploy(self, caller: Caller, workspace: str, pipeline: str) -> Deployment:
         ws = self.access.authorize(caller, workspace, Action.WRITE)
@@ -631,10 +659,7 @@ class Registry:
             current = lock.deployment()
             if current is None or not current.active:
                 raise FailedPrecondition(f"pipeline {pipeline!r} in workspace {workspace!r} is not deployed")
-            self.publisher.retract(ws.name, pipeline)
-            undeployed = replace(current, active=False, updated_at=datetime.now(UTC))
-            lock.save_deployment(undeployed)
-        return undeployed
+            return self._change(lock, replace(current, active=False, updated_at=datetime.now(UTC)), ())
 
     def _ensure_topics(self, workspace: str, pipeline: str, replicas: int) -> None:
         inputs = topics.pipeline_topics(workspace, pipeline).inputs
@@ -679,23 +704,50 @@ class Registry:
             partitions = self._input_partitions(deployment.topics.inputs)
         return compute_status(deployment, views, partitions)
 
-    def republish_active(self) -> int:
-        """Publish every active deployment again (and recreate its topics): a broker that lost
-        its data learns the desired state back; engines ignore a spec they already run."""
-        published = 0
-        for spec in self.store.active_deployments():
-            d = spec.deployment
-            try:
-                self._ensure_topics(
-                    d.workspace, d.pipeline, d.autoscale.max_replicas if d.autoscale else d.replicas
-                )
-            except FailedPrecondition as exc:
-                # One deployment whose topics cannot hold it must not keep the registry down.
-                log.error("not republishing %s/%s: %s", d.workspace, d.pipeline, exc)
-                continue
-            self.publisher.publish(spec)
-            published += 1
-        return published
+    def reconcile(self, everything: bool) -> int:
+        """Publish again what Postgres holds for each pipeline with an intent left behind (see ``_change``)
+        and, when ``everything`` (at start), for every pipeline ever deployed: the spec of its deployment
+        (its topics recreated first) or, undeployed or gone, a tombstone. So a broker that lost its data
+        learns the desired state back, and a change Postgres did not record is withdrawn; engines ignore
+        a spec they already run. Returns how many pipelines were published; UNAVAILABLE when the broker
+        does not answer (the intents stay for the next round)."""
+        keys = set(self.store.intents())
+        if everything:
+            keys.update(self.store.deployed_pipelines())
+        return sum(self._reconcile(workspace, pipeline, everything) for workspace, pipeline in sorted(keys))
+
+    def _reconcile(self, workspace: str, pipeline: str, everything: bool) -> bool:
+        ws = self.store.workspace(workspace)
+        with self.store.lock_pipeline(ws, pipeline) if ws else nullcontext() as lock:
+            if lock is None:  # deleted since its intent was recorded: nothing may run it
+                self.publisher.retract(workspace, pipeline)
+                self.store.forget_intent(workspace, pipeline)
+                return True
+            # Under the lock a change in progress has finished: its intent is gone if it succeeded.
+            if not everything and not lock.has_intent():
+                return False
+            current = lock.deployment()
+            steps: tuple[Step, ...] = ()
+            if current is not None and current.active:
+                try:
+                    self._ensure_topics(
+                        workspace,
+                        pipeline,
+                        current.autoscale.max_replicas if current.autoscale else current.replicas,
+                    )
+                except FailedPrecondition as exc:
+                    # One deployment whose topics cannot hold it must not keep the registry down.
+                    log.error("not republishing %s/%s: %s", workspace, pipeline, exc)
+                    return False
+                pv = lock.version(current.pipeline_version)
+                assert pv is not None
+                steps = pv.steps
+            if current is None:
+                self.publisher.retract(workspace, pipeline)
+            else:
+                self._publish(current, steps)
+            lock.clear_intent()
+        return True
 
     # --- inference logs ---
 

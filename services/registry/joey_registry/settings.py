@@ -53,6 +53,10 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     publish_timeout_s: float = Field(default=15.0, gt=0)
     """How long a deploy waits for the broker to acknowledge the deployment spec."""
 
+    reconcile_interval_s: float = Field(default=5.0, gt=0)
+    """How often a change of a deployment whose publish failed is withdrawn from joey.deployments
+    (Postgres's state published again) once the broker answers."""
+
     forget_replicas_after_s: float = Field(default=300.0, gt=0)
     """Dead replicas last seen longer ago than this drop out of the deployment status."""
 

@@ -212,6 +212,21 @@ class PipelineLock:
                 params,
             )
 
+    def has_intent(self) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM deployment_intents WHERE workspace = %s AND pipeline = %s",
+            (self.workspace.name, self.name),
+        ).fetchone()
+        return row is not None
+
+    def clear_intent(self) -> None:
+        """Forget the pipeline's intent (see ``Store.record_intent``) when this transaction commits:
+        the change it announced is then recorded, and was acknowledged on joey.deployments."""
+        self._conn.execute(
+            "DELETE FROM deployment_intents WHERE workspace = %s AND pipeline = %s",
+            (self.workspace.name, self.name),
+        )
+
     def previous_version(self, current: Deployment) -> int | None:
         """The pipeline version deployed most recently before ``current`` that differs from it."""
         row = self._conn.execute(
@@ -294,6 +309,7 @@ ChooseVersions = Callable[[tuple[int, ...], list[ModelVersionUse]], tuple[int, .
 
 class Store:
     def __init__(self, database_url: str, max_size: int = 8) -> None:
+        self._url = database_url
         self.pool: ConnectionPool[Connection] = ConnectionPool(
             database_url,
             min_size=1,
@@ -612,6 +628,46 @@ class Store:
                 f"SELECT {_DEPLOYMENT_COLUMNS} WHERE d.active ORDER BY w.name, p.name"
             ).fetchall()
         return [DeploymentSpec(_deployment(row), _steps(row["steps"])) for row in rows]
+
+    def record_intent(self, workspace: str, pipeline: str, deployment_id: str | None) -> None:
+        """Commit, on a connection of its own (the caller's transaction holds the pipeline's lock and
+        commits only after the publish), that a change of the pipeline's deployment is about to be
+        published: until ``PipelineLock.clear_intent`` commits, Kafka may disagree with Postgres.
+        Not from the pool: callers each hold a pooled connection already, and as many of them as the
+        pool has would wait for one another's second connection forever."""
+        with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(
+                "INSERT INTO deployment_intents (workspace, pipeline, deployment_id) VALUES (%s, %s, %s) "
+                "ON CONFLICT (workspace, pipeline) DO UPDATE SET deployment_id = EXCLUDED.deployment_id, "
+                "recorded_at = now()",
+                (workspace, pipeline, deployment_id),
+            )
+
+    def intents(self) -> list[tuple[str, str]]:
+        """The (workspace, pipeline) of every change recorded as about to be published and not
+        known to have been both acknowledged and recorded."""
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT workspace, pipeline FROM deployment_intents ORDER BY workspace, pipeline"
+            ).fetchall()
+        return [(r["workspace"], r["pipeline"]) for r in rows]
+
+    def forget_intent(self, workspace: str, pipeline: str) -> None:
+        """Delete the intent of a pipeline that no longer exists, once its tombstone was acknowledged."""
+        with self._conn() as conn:
+            conn.execute(
+                "DELETE FROM deployment_intents WHERE workspace = %s AND pipeline = %s", (workspace, pipeline)
+            )
+
+    def deployed_pipelines(self) -> list[tuple[str, str]]:
+        """The (workspace, pipeline) of every pipeline ever deployed (active or not)."""
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT w.name AS workspace, p.name AS pipeline FROM deployments d "
+                "JOIN pipelines p ON p.id = d.pipeline_id JOIN workspaces w ON w.id = p.workspace_id "
+                "ORDER BY w.name, p.name"
+            ).fetchall()
+        return [(r["workspace"], r["pipeline"]) for r in rows]
 
     # --- inference logs ---
 

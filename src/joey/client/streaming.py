@@ -12,13 +12,14 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from joey.client.inputs import InputError
 from joey_core import kafka
-from joey_core.kafka import DeliveryTracker, producer_config
+from joey_core.kafka import producer_config
 from joey_core.records import REQUEST_ID_HEADER, dumps, header_value
 from joey_core.replies import Reply, decode_reply, reply_consumer
 from joey_core.settings import CommonSettings
@@ -31,13 +32,18 @@ Progress = Callable[[int, int], None]
 
 
 class InferenceTimeout(TimeoutError):
-    def __init__(self, answered: int, total: int, timeout: float) -> None:
+    """Not every record was answered in time. ``replies`` has one entry per record, in order: its reply
+    (a failed one for a record that was not sent), or None for a record sent and not answered yet."""
+
+    def __init__(self, replies: list[Reply | None], timeout: float) -> None:
+        answered = sum(r is not None for r in replies)
         super().__init__(
-            f"{answered} of {total} records answered within {timeout:.0f}s; "
+            f"{answered} of {len(replies)} records answered within {timeout:.0f}s; "
             "is the pipeline deployed and ready? (check `joey pipeline status`)"
         )
         self.answered = answered
-        self.total = total
+        self.total = len(replies)
+        self.replies = replies
 
 
 def check_rows(rows: Sequence[Any]) -> None:
@@ -62,6 +68,10 @@ class PipelineStream:
     ) -> list[Reply]:
         """Send ``rows`` (one input record each; bytes are sent as they are); return replies in order.
 
+        Any number of rows: when the producer's queue is full this waits for deliveries to free it, so
+        memory stays bounded by the queue. A row the broker refuses or never acknowledges (too large, or
+        the broker gone) is a failed reply of its own saying it was not sent, and is not waited for.
+
         Raise InputError, having sent nothing, when a row is neither a dict nor bytes: the engine would
         refuse each such record alone."""
         check_rows(rows)
@@ -71,22 +81,20 @@ class PipelineStream:
         consumer = reply_consumer(self._settings, self._topics)
         try:
             producer = Producer(producer_config(self._settings))
-            tracker = DeliveryTracker()
             for request_id, row in zip(request_ids, rows, strict=True):
-                producer.produce(
-                    self._topics.inputs,
-                    value=row if isinstance(row, bytes) else dumps(row),
-                    key=request_id.encode(),
-                    headers=[(REQUEST_ID_HEADER, request_id.encode())],
-                    on_delivery=tracker.on_delivery,
-                )
-                producer.poll(0)
-            tracker.flush(producer, timeout)
+                failure = self._produce(producer, request_id, row, replies)
+                if failure is not None:
+                    pending.discard(request_id)
+                    replies[request_id] = failure
+            # Records the producer could not deliver are failed by their delivery reports (the local
+            # message timeout bounds the wait), each as its own row.
+            producer.flush(timeout)
+            pending.difference_update(replies)
             deadline = time.monotonic() + timeout
             while pending:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise InferenceTimeout(len(replies), len(rows), timeout)
+                    raise InferenceTimeout([replies.get(r) for r in request_ids], timeout)
                 batch = consumer.consume(num_messages=1000, timeout=min(remaining, 0.5))
                 # The client recovers from non-fatal errors by itself: not the user's concern.
                 for message in kafka.usable(batch, log, logging.DEBUG):
@@ -100,3 +108,45 @@ class PipelineStream:
         finally:
             consumer.close()
         return [replies[request_id] for request_id in request_ids]
+
+    def _produce(
+        self, producer: Producer, request_id: str, row: dict[str, Any] | bytes, replies: dict[str, Reply]
+    ) -> Reply | None:
+        """Queue one row; the failed reply when the producer refuses it at once. A delivery failure
+        reported later is put in ``replies`` by the callback (run from ``poll`` and ``flush``)."""
+
+        def delivered(err: KafkaError | None, _msg: object) -> None:
+            if err is not None:
+                replies[request_id] = not_sent(request_id, str(err))
+
+        value = row if isinstance(row, bytes) else dumps(row)
+        while True:
+            try:
+                producer.produce(
+                    self._topics.inputs,
+                    value=value,
+                    key=request_id.encode(),
+                    headers=[(REQUEST_ID_HEADER, request_id.encode())],
+                    on_delivery=delivered,
+                )
+            except BufferError:
+                # The queue is full: back-pressure until deliveries make room.
+                producer.poll(0.1)
+                continue
+            except KafkaException as exc:  # e.g. larger than the producer's message.max.bytes
+                return not_sent(request_id, str(exc.args[0]))
+            producer.poll(0)
+            return None
+
+
+def not_sent(request_id: str, reason: str) -> Reply:
+    """The failed reply of a row that never reached the pipeline's inputs topic."""
+    return Reply(
+        request_id,
+        False,
+        {
+            "time": datetime.now(UTC).isoformat(),
+            "request_id": request_id,
+            "error": f"not sent to the pipeline: {reason}",
+        },
+    )

@@ -9,20 +9,27 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
+from joey.client import Client
 from joey.client.pipelines import replies_to_frame
-from joey.client.streaming import PipelineStream
+from joey.client.streaming import InferenceTimeout, PipelineStream
 from joey_core import kafka, records, topics
 from joey_core.settings import CommonSettings
+from tests.conftest import Stack
 
 WORKSPACE = "streaming"
 BROKEN = {1: b'{"time": "2025-05-01T09:00:00+00:00", "out": {"doub', 2: b"[1, 2]", 3: b'{"in": "\xff"}'}
 """What the stand-in writes on the outputs topic for the records with these ids."""
 REFUSED = 4
 """The id of the record the stand-in answers with an error record."""
+SILENT = 99
+"""The id of the record the stand-in never answers."""
 
 
 def answer(names: topics.PipelineTopics, message: Message) -> tuple[str, bytes]:
@@ -68,6 +75,8 @@ def stand_in_engine(settings: CommonSettings, names: topics.PipelineTopics) -> I
             while not stop.is_set():
                 for message in consumer.consume(100, 0.1):
                     assert message.error() is None, message.error()
+                    if json.loads(message.value())["id"] == SILENT:  # type: ignore[arg-type]
+                        continue
                     topic, value = answer(names, message)
                     producer.produce(topic, value, message.key(), headers=message.headers())
                 producer.flush(10)
@@ -108,3 +117,60 @@ def test_a_broken_reply_fails_its_own_row_and_the_others_are_answered(settings: 
     assert frame["request_id"].tolist() == [r.request_id for r in replies]
     # A broken reply is dated by when it was written, like the error records the engine writes.
     assert all(started <= t <= pd.Timestamp.now(tz=UTC) for t in frame["time"][1:4]), frame["time"]
+
+
+def test_more_rows_than_the_producer_queue_holds_are_all_sent_and_answered(
+    stack: Stack, settings: CommonSettings, iris_model: Path
+) -> None:
+    # 150,000 is past the producer's 100,000-message queue: a produce beyond it raised BufferError
+    # after part of the rows had gone out.
+    client = Client(settings=settings, workspace=f"many-{secrets.token_hex(4)}")
+    client.create_workspace(client.workspace)
+    client.upload_model("iris", iris_model)
+    pipeline = client.build_pipeline("many").add_model_step("iris")
+    pipeline.deploy(replicas=2, timeout=90)
+    rows = np.tile(np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32), (75_000, 1))
+    result = pipeline.infer(rows, timeout=300)
+    assert len(result) == len(rows)
+    assert result["error"].isna().all()
+    assert result["request_id"].nunique() == len(rows)
+    assert result["in.features"].iloc[-1] == pytest.approx([6.7, 3.0, 5.2, 2.3])
+    pipeline.undeploy()
+
+
+def test_a_row_the_producer_refuses_fails_alone_and_the_others_are_answered(
+    settings: CommonSettings,
+) -> None:
+    pipeline = f"huge-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    rows: list[dict[str, object] | bytes] = [{"id": 10, "x": 1}, b"x" * 2_000_000, {"id": 11, "x": 2}]
+    with stand_in_engine(settings, names) as errors:
+        replies = PipelineStream(settings, names).infer(rows, timeout=60)
+    assert not errors
+    assert [r.ok for r in replies] == [True, False, True]
+    assert replies[1].body["error"].startswith("not sent to the pipeline: ")
+    assert "too large" in replies[1].body["error"].lower()
+    assert [r.body["out"]["double"] for r in (replies[0], replies[2])] == [2, 4]
+
+
+def test_a_timeout_says_which_rows_were_answered_which_were_not_sent_and_which_are_waited_for(
+    settings: CommonSettings,
+) -> None:
+    pipeline = f"silent-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    rows: list[dict[str, object] | bytes] = [{"id": 20, "x": 1}, {"id": SILENT, "x": 2}, b"x" * 2_000_000]
+    with stand_in_engine(settings, names) as errors, pytest.raises(InferenceTimeout) as info:
+        PipelineStream(settings, names).infer(rows, timeout=10)
+    assert not errors
+    answered, silent, too_large = info.value.replies
+    assert answered is not None and answered.ok and answered.body["out"] == {"double": 2}
+    assert silent is None
+    assert too_large is not None and not too_large.ok
+    assert too_large.body["error"].startswith("not sent to the pipeline: ")
+    assert (info.value.answered, info.value.total) == (2, 3)
