@@ -6,6 +6,7 @@ record ``{name: value}``, and the replies' outputs are stacked back along that d
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -77,13 +78,26 @@ class InferResponse:
     outputs: list[Tensor]
 
 
-def _check_count(name: str, shape: Sequence[int], count: int) -> None:
-    expected = int(np.prod(shape)) if shape else 1
-    if count != expected:
+def _shaped(name: str, array: np.ndarray[Any, Any], shape: Sequence[int]) -> np.ndarray[Any, Any]:
+    """``array`` reshaped to the request's ``shape``, which must hold exactly its elements."""
+    # A negative dimension would pass the count (and reshape reads -1 as "any"); math.prod, unlike
+    # np.prod, does not wrap around int64 to a count that matches.
+    if any(dim < 0 for dim in shape):
+        raise GatewayError(
+            Status.INVALID_ARGUMENT, f"input {name!r}: shape {list(shape)} has a negative dimension"
+        )
+    expected = math.prod(shape)
+    if array.size != expected:
         raise GatewayError(
             Status.INVALID_ARGUMENT,
-            f"input {name!r}: shape {list(shape)} needs {expected} elements, got {count}",
+            f"input {name!r}: shape {list(shape)} needs {expected} elements, got {array.size}",
         )
+    try:
+        return array.reshape(shape)
+    except (ValueError, OverflowError):  # an empty tensor with a dimension numpy cannot index
+        raise GatewayError(
+            Status.INVALID_ARGUMENT, f"input {name!r}: shape {list(shape)} is too large"
+        ) from None
 
 
 def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray[Any, Any]:
@@ -101,15 +115,13 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.n
                 raise GatewayError(Status.INVALID_ARGUMENT, f"input {name!r}: truncated BYTES element")
             items.append(raw[offset : offset + length])
             offset += length
-        _check_count(name, shape, len(items))
-        return np.array(items, dtype=np.object_).reshape(shape)
+        return _shaped(name, np.array(items, dtype=np.object_), shape)
     if len(raw) % dtype.itemsize:
         raise GatewayError(
             Status.INVALID_ARGUMENT,
             f"input {name!r}: {len(raw)} bytes is not a whole number of {datatype} elements",
         )
-    _check_count(name, shape, len(raw) // dtype.itemsize)
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
+    return _shaped(name, np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype), shape)
 
 
 def to_raw(tensor: Tensor) -> bytes:
@@ -129,12 +141,12 @@ def from_values(
     dtype = numpy_dtype(datatype)
     try:
         array = np.array(values, dtype=dtype)
-    except (TypeError, ValueError) as exc:
+    # OverflowError: an integer outside the datatype's range, e.g. 300 as INT8.
+    except (TypeError, ValueError, OverflowError) as exc:
         raise GatewayError(
             Status.INVALID_ARGUMENT, f"input {name!r}: data is not {datatype}: {exc}"
         ) from None
-    _check_count(name, shape, array.size)
-    return array.reshape(shape)
+    return _shaped(name, array, shape)
 
 
 def _jsonable(value: Any) -> Any:
