@@ -575,7 +575,10 @@ def test_a_body_without_a_usable_length_is_refused_unread(gateway: Gateway) -> N
             # The connection stays open and nothing more is sent: an answer proves nothing was waited for.
             return sock.recv(65536).decode(errors="replace").split("\r\n", 1)[0]
 
-    assert post("Content-Length: -1\r\n") == "HTTP/1.1 401 Unauthorized"
+    # A malformed length is refused by the HTTP parser, before anything else.
+    assert post("Content-Length: -1\r\n") == "HTTP/1.1 400 Bad Request"
     token = bearer()["authorization"]
     assert post(f"Authorization: {token}\r\nContent-Length: -1\r\n") == "HTTP/1.1 400 Bad Request"
+    assert post(f"Authorization: {token}\r\nContent-Length: 1e3\r\n") == "HTTP/1.1 400 Bad Request"
     assert post(f"Authorization: {token}\r\n") == "HTTP/1.1 400 Bad Request"
+    assert post("") == "HTTP/1.1 401 Unauthorized"

@@ -1,10 +1,11 @@
 """The gateway's access check against the session's real registry: the caller's token is forwarded, the
 registry's refusals come back as they are, a "yes" is reused for at most the cache time and a refusal
-never, and a registry that cannot answer refuses."""
+never, and a registry that cannot answer refuses all but the callers it authorized within the grace."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -133,3 +134,37 @@ def test_a_registry_that_cannot_answer_refuses(admin_token: str) -> None:
         ):
             error = refused(call)
             assert error.status == Status.UNAVAILABLE and error.message.startswith("registry unavailable: ")
+
+
+class _Switchable:
+    """The registry's stub until ``down`` is set, then one of a port where nothing listens."""
+
+    def __init__(self, up: registry_pb2_grpc.RegistryStub, down: registry_pb2_grpc.RegistryStub) -> None:
+        self._up, self._down = up, down
+        self.is_down = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._down if self.is_down else self._up, name)
+
+
+def test_while_the_registry_cannot_answer_only_callers_it_recently_authorized_are_served(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person], new_person: Callable[[], Person]
+) -> None:
+    name, owner = workspace
+    other = new_person()
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        registry = _Switchable(stub, registry_pb2_grpc.RegistryStub(channel))
+        auth = RegistryAuth(cast(registry_pb2_grpc.RegistryStub, registry), cache_s=0, outage_grace_s=30)
+        auth.authorize(owner.token, name, "infer")
+        auth.authenticate(other.token)
+        registry.is_down = True
+        auth.authorize(owner.token, name, "infer")  # asked (no cache), could not answer: the grace
+        auth.authenticate(other.token)
+        for call in (
+            lambda: auth.authorize(owner.token, name, "read"),  # never granted
+            lambda: auth.authorize(other.token, name, "infer"),
+        ):
+            assert refused(call).status == Status.UNAVAILABLE
+        registry.is_down = False
+        # Answering again, the registry decides afresh: the other user is no member.
+        assert refused(lambda: auth.authorize(other.token, name, "infer")).status == Status.NOT_FOUND

@@ -16,23 +16,30 @@ from joey_gateway.errors import GatewayError, Status
 from joey_gateway.http_server import decode_request, encode_response
 from joey_gateway.tensors import (
     InferResponse,
+    Limits,
     Tensor,
     check_inputs,
     from_raw,
     from_rows,
+    from_values,
     oip_datatype,
     to_raw,
     to_rows,
 )
+
+LIMITS = Limits(max_rows=100, max_elements=1000)
 
 
 def test_raw_tensors_round_trip() -> None:
     text = Tensor("s", "BYTES", np.array([[b"ab", b""], [b"\xc3\xa9", b"xyz"]], dtype=np.object_))
     raw = to_raw(text)
     assert raw[:6] == struct.pack("<I", 2) + b"ab"
-    assert from_raw("s", "BYTES", [2, 2], raw).tolist() == text.data.tolist()
+    assert from_raw("s", "BYTES", [2, 2], raw, LIMITS).tolist() == text.data.tolist()
     numbers = np.arange(6, dtype=np.float32).reshape(2, 3)
-    assert from_raw("x", "FP32", [2, 3], to_raw(Tensor("x", "FP32", numbers))).tolist() == numbers.tolist()
+    assert (
+        from_raw("x", "FP32", [2, 3], to_raw(Tensor("x", "FP32", numbers)), LIMITS).tolist()
+        == numbers.tolist()
+    )
 
 
 @pytest.mark.parametrize(
@@ -41,12 +48,14 @@ def test_raw_tensors_round_trip() -> None:
         ("FP32", [2, 3], b"\0" * 20, "needs 6 elements, got 5"),
         ("FP32", [1], b"\0" * 3, "not a whole number of FP32"),
         ("BYTES", [1], b"\5\0\0\0ab", "truncated BYTES element"),
+        ("BYTES", [3], b"\1\0\0\0ab", "needs 3 elements, more than its 6 bytes can hold"),
+        ("BYTES", [1], b"\1\0\0\0ab", "1 bytes left after the 1 elements"),
         ("COMPLEX", [1], b"", "unknown datatype 'COMPLEX'"),
     ],
 )
 def test_malformed_raw_tensors_are_refused(datatype: str, shape: list[int], raw: bytes, message: str) -> None:
     with pytest.raises(GatewayError) as refused:
-        from_raw("x", datatype, shape, raw)
+        from_raw("x", datatype, shape, raw, LIMITS)
     assert refused.value.status == Status.INVALID_ARGUMENT
     assert message in refused.value.message
 
@@ -121,7 +130,7 @@ def test_rest_body_with_binary_tensors() -> None:
             "outputs": [{"name": "label", "parameters": {"binary_data": False}}, {"name": "probabilities"}],
         }
     ).encode()
-    rest = decode_request("iris", "", header + x.tobytes(), len(header))
+    rest = decode_request("iris", "", header + x.tobytes(), len(header), LIMITS)
     assert rest.request.inputs[0].data.tolist() == x.tolist()
     assert rest.request.outputs == ["label", "probabilities"]
     assert rest.request.timeout_s == 0.25
@@ -142,4 +151,35 @@ def test_rest_body_with_binary_tensors() -> None:
     assert np.frombuffer(body[length:], dtype=np.float32).tolist() == probabilities.reshape(-1).tolist()
 
     with pytest.raises(GatewayError, match="does not fit the binary body"):
-        decode_request("iris", "", header + x.tobytes()[:8], len(header))
+        decode_request("iris", "", header + x.tobytes()[:8], len(header), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("shape", "status", "message"),
+    [
+        ([1_000_000, 0], Status.INVALID_ARGUMENT, "a dimension of 0 leaves its rows without elements"),
+        ([0, 4], Status.INVALID_ARGUMENT, "a dimension of 0"),
+        ([101, 1], Status.TOO_LARGE, "101 rows; a request may hold at most 100"),
+        ([10, 10**30, 10**30], Status.TOO_LARGE, "over 1000 elements"),
+        ([1, -4], Status.INVALID_ARGUMENT, "non-negative integers"),
+        ([1, True], Status.INVALID_ARGUMENT, "non-negative integers"),
+    ],
+)
+def test_shapes_are_checked_before_any_element(shape: list[int], status: Status, message: str) -> None:
+    """Refused whatever the data: nothing is decoded or allocated for a shape the limits refuse."""
+    for decode in (
+        lambda: from_raw("x", "FP32", shape, b"", LIMITS),
+        lambda: from_values("x", "FP32", shape, [], LIMITS),
+    ):
+        with pytest.raises(GatewayError) as refused:
+            decode()
+        assert refused.value.status == status
+        assert message in refused.value.message
+
+
+def test_a_rest_body_nested_too_deeply_is_refused() -> None:
+    body = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(GatewayError) as refused:
+        decode_request("iris", "", body, None, LIMITS)
+    assert refused.value.status == Status.INVALID_ARGUMENT
+    assert "not valid JSON" in refused.value.message

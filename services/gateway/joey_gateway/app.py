@@ -28,10 +28,8 @@ def serve() -> None:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
         log.info("metrics on %s port %d", settings.metrics_host, settings.metrics_port)
     gateway = Gateway(settings)
-    grpc, grpc_port = grpc_server.start_server(
-        gateway, settings.oip_grpc_addr, settings.grpc_workers, settings
-    )
-    http, http_port = http_server.start_server(gateway, settings.oip_http_addr, tls.server_context(settings))
+    grpc, grpc_port = grpc_server.start_server(gateway, settings)
+    http, http_port = http_server.start_server(gateway, settings, tls.server_context(settings))
     log.info(
         "Open Inference Protocol on gRPC port %d and HTTP port %d (%s)",
         grpc_port,
@@ -54,6 +52,7 @@ def serve() -> None:
         if not gateway.drain(settings.request_timeout_s):
             log.warning("requests still in flight after %.0f s; stopping anyway", settings.request_timeout_s)
         stopped.wait()
+        http.wait()
         heartbeat.retire()
         gateway.close()
         log.info("stopped")

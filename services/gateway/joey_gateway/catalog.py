@@ -3,10 +3,15 @@
 Answers are reused for ``status_cache_s`` so that readiness probes and requests do not each
 cost a registry call. They are shared by every caller: each request is authorized before it asks, and the
 registry is asked with that caller's token.
+
+When the registry cannot answer (it, its database or Redis is down), the last answer it gave is used for at
+most ``stale_s`` after it was fetched, and asked again every ``cache_s``: a blip of the control plane does not
+stop inference. A refusal (NOT_FOUND, PERMISSION_DENIED) is never replaced by an old answer.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -15,9 +20,15 @@ import grpc
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
+from joey_gateway import metrics
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.registry_auth import bearer_metadata, refusal
 from joey_gateway.tensors import oip_datatype
+
+log = logging.getLogger(__name__)
+
+# The registry's failures an old answer stands in for: it could not answer, or failed answering.
+_OUTAGE = {Status.UNAVAILABLE, Status.INTERNAL}
 
 
 @dataclass(frozen=True)
@@ -76,13 +87,25 @@ def _info(status: pb.DeploymentStatus, version: pb.PipelineVersion | None) -> Pi
     )
 
 
+@dataclass(frozen=True)
+class _Cached:
+    info: PipelineInfo
+    fetched: float
+    """monotonic time the registry gave it"""
+    reuse_until: float
+    """monotonic time the registry is asked again"""
+
+
 class Catalog:
-    def __init__(self, stub: registry_pb2_grpc.RegistryStub, cache_s: float) -> None:
+    def __init__(self, stub: registry_pb2_grpc.RegistryStub, cache_s: float, stale_s: float) -> None:
         self._stub = stub
         self._cache_s = cache_s
+        self._stale_s = stale_s
         self._lock = threading.Lock()
-        self._cached: dict[tuple[str, str], tuple[float, PipelineInfo]] = {}
+        self._cached: dict[tuple[str, str], _Cached] = {}
         self._versions: dict[tuple[str, str, int], pb.PipelineVersion] = {}
+        self._outage_since: float | None = None
+        """When the registry first failed to answer and an old answer was used; logged once per outage."""
 
     def pipeline(self, workspace: str, pipeline: str, token: str) -> PipelineInfo:
         """The pipeline's deployment; NOT_FOUND when it does not exist, UNAVAILABLE when undeployed.
@@ -90,17 +113,49 @@ class Catalog:
         key = (workspace, pipeline)
         with self._lock:
             cached = self._cached.get(key)
-        if cached is not None and time.monotonic() - cached[0] < self._cache_s:
-            info = cached[1]
+        asked = time.monotonic()
+        if cached is not None and asked < cached.reuse_until:
+            info = cached.info
         else:
-            info = self._load(workspace, pipeline, bearer_metadata(token))
-            with self._lock:
-                self._cached[key] = (time.monotonic(), info)
+            try:
+                info = self._load(workspace, pipeline, bearer_metadata(token))
+            except GatewayError as exc:
+                if exc.status not in _OUTAGE or cached is None or asked - cached.fetched > self._stale_s:
+                    raise
+                info = self._last_known(key, cached, asked, exc)
+            else:
+                with self._lock:
+                    self._cached[key] = _Cached(info, asked, asked + self._cache_s)
+                    if self._outage_since is not None:
+                        log.info(
+                            "the registry answers again after %.1f s; the catalog is current",
+                            asked - self._outage_since,
+                        )
+                        self._outage_since = None
+                        metrics.CATALOG_STALE.set(0)
         if info.status == "Undeployed":
             raise GatewayError(
                 Status.UNAVAILABLE, f"pipeline {pipeline!r} is not deployed: deploy it to serve inferences"
             )
         return info
+
+    def _last_known(
+        self, key: tuple[str, str], cached: _Cached, asked: float, exc: GatewayError
+    ) -> PipelineInfo:
+        """The old answer, asked again after ``cache_s`` (not on every request while the registry is down)."""
+        metrics.STALE_ANSWERS.labels("catalog").inc()
+        with self._lock:
+            self._cached[key] = _Cached(cached.info, cached.fetched, asked + self._cache_s)
+            if self._outage_since is None:
+                self._outage_since = asked
+                metrics.CATALOG_STALE.set(1)
+                log.warning(
+                    "the registry cannot answer (%s): serving the last known catalog, each pipeline's for at "
+                    "most %.0f s after it was fetched",
+                    exc.message,
+                    self._stale_s,
+                )
+        return cached.info
 
     def _load(self, workspace: str, pipeline: str, metadata: tuple[tuple[str, str], ...]) -> PipelineInfo:
         try:

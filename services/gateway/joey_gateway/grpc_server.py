@@ -17,13 +17,16 @@ from joey_core.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.service import SERVER_NAME, Gateway
 from joey_gateway.settings import GatewaySettings
-from joey_gateway.tensors import InferRequest, Tensor, from_raw, from_values, to_raw
+from joey_gateway.tensors import InferRequest, Limits, Tensor, from_raw, from_values, to_raw
 
 _CODES = {
     Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     Status.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    # Not RESOURCE_EXHAUSTED: a client retrying what the limits refuse would be refused again.
+    Status.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Status.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Status.INTERNAL: grpc.StatusCode.INTERNAL,
@@ -85,7 +88,7 @@ def _timeout_s(parameters: Any) -> float | None:
     return None
 
 
-def decode_request(request: pb.ModelInferRequest) -> InferRequest:
+def decode_request(request: pb.ModelInferRequest, limits: Limits) -> InferRequest:
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise GatewayError(
@@ -96,7 +99,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
     for index, tensor in enumerate(request.inputs):
         shape = list(tensor.shape)
         if raw:
-            data = from_raw(tensor.name, tensor.datatype, shape, raw[index])
+            data = from_raw(tensor.name, tensor.datatype, shape, raw[index], limits)
         else:
             field = _CONTENTS.get(tensor.datatype)
             if field is None:
@@ -104,7 +107,8 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
                     Status.INVALID_ARGUMENT,
                     f"input {tensor.name!r}: {tensor.datatype} data must be sent in raw_input_contents",
                 )
-            data = from_values(tensor.name, tensor.datatype, shape, list(getattr(tensor.contents, field)))
+            values = list(getattr(tensor.contents, field))
+            data = from_values(tensor.name, tensor.datatype, shape, values, limits)
         inputs.append(Tensor(tensor.name, tensor.datatype, data))
     return InferRequest(
         model=request.model_name,
@@ -165,7 +169,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             lambda: self._gateway.infer(
                 request.model_name,
                 request.model_version,
-                lambda: decode_request(request),
+                lambda: decode_request(request, self._gateway.limits),
                 _authorization(context),
                 deadline,
             ),
@@ -182,18 +186,23 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
-def start_server(
-    gateway: Gateway, addr: str, workers: int, settings: GatewaySettings
-) -> tuple[grpc.Server, int]:
-    """Serve on ``addr`` (over TLS when the settings name a certificate); returns the server and the bound
-    port (``addr`` may ask for port 0)."""
+def start_server(gateway: Gateway, settings: GatewaySettings) -> tuple[grpc.Server, int]:
+    """Serve on ``settings.oip_grpc_addr`` (over TLS when the settings name a certificate); returns the
+    server and the bound port (the address may ask for port 0)."""
+    workers = settings.grpc_workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip-grpc"),
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.max_send_message_length", 64 << 20),
+        ],
+        # A call beyond the threads is refused (RESOURCE_EXHAUSTED), not queued without bound; each
+        # pipeline's share of them is bounded by the gateway.
+        maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(gateway), server)
-    port = tls.add_port(server, addr, settings)
+    port = tls.add_port(server, settings.oip_grpc_addr, settings)
     if port == 0:
-        raise OSError(f"cannot listen on {addr} for the OIP gRPC service")
+        raise OSError(f"cannot listen on {settings.oip_grpc_addr} for the OIP gRPC service")
     server.start()
     return server, port

@@ -1,34 +1,50 @@
 """The Open Inference Protocol REST transport (``/v2/...``), with Triton's binary tensor extension
 (``Inference-Header-Content-Length``) that tritonclient uses by default. The logic is in :class:`Gateway`.
 
-A threading HTTP/1.1 server with keep-alive: each request waits for its replies in its own thread.
+Starlette routes served by uvicorn (h11) on an event loop of its own thread: the connections cost no thread
+each, so a client that stalls holds a socket, not a worker. The limits, each answered without waiting on the
+client: open connections and requests (``http_max_connections``, 503), headers within ``header_timeout_s`` of
+the connection's opening or last answer (the connection is closed), a body no longer than
+``max_request_bytes`` by its Content-Length (413, unread) and whole within ``body_timeout_s`` (400). The
+gateway's blocking calls run on ``http_workers`` threads; each pipeline's share of them is bounded by the
+gateway itself (429).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
+import socket
 import ssl
-import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import unquote
+from typing import Any, TypeVar
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import joey_core
+from joey_gateway import openapi
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.service import SERVER_NAME, Gateway
-from joey_gateway.tensors import InferRequest, InferResponse, Tensor, from_raw, from_values, to_raw
+from joey_gateway.settings import GatewaySettings
+from joey_gateway.tensors import InferRequest, InferResponse, Limits, Tensor, from_raw, from_values, to_raw
 
 log = logging.getLogger(__name__)
 
-_MODEL = re.compile(
-    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$"
-)
 HEADER_LENGTH = "Inference-Header-Content-Length"
-MAX_BODY_BYTES = 64 << 20
+RETRY_AFTER_S = 1
+"""What a 429 (a pipeline's requests all in flight) asks the caller to wait: its requests take ms."""
+
+T = TypeVar("T")
 
 
 def _bad(message: str) -> GatewayError:
@@ -47,38 +63,46 @@ class RestRequest:
         return self.binary.get(name, self.binary_default)
 
 
-def _input(item: Any, binary: bytes, offset: int) -> tuple[Tensor, int]:
+def _input(item: Any, binary: bytes, offset: int, limits: Limits) -> tuple[Tensor, int]:
     if not isinstance(item, dict) or not {"name", "shape", "datatype"} <= item.keys():
         raise _bad('each input needs "name", "shape" and "datatype"')
     name, shape, datatype = str(item["name"]), item["shape"], str(item["datatype"])
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list):
         raise _bad(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
     size = (item.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise _bad(f"input {name!r}: binary_data_size {size!r} does not fit the binary body")
         return Tensor(
-            name, datatype, from_raw(name, datatype, shape, binary[offset : offset + size])
+            name, datatype, from_raw(name, datatype, shape, binary[offset : offset + size], limits)
         ), offset + size
     if "data" not in item:
         raise _bad(f'input {name!r} has no "data"')
-    return Tensor(name, datatype, from_values(name, datatype, shape, item["data"])), offset
+    return Tensor(name, datatype, from_values(name, datatype, shape, item["data"], limits)), offset
 
 
-def decode_request(model: str, version: str, body: bytes, header_length: int | None) -> RestRequest:
+def decode_request(
+    model: str, version: str, body: bytes, header_length: int | None, limits: Limits
+) -> RestRequest:
+    if header_length is not None and header_length > len(body):
+        raise _bad(f"{HEADER_LENGTH} {header_length} is longer than the {len(body)}-byte body")
     text, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
     try:
         document = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _bad("request body is not valid JSON: nested too deeply") from None
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
         raise _bad('request body must be a JSON object with an "inputs" list')
     inputs = []
     offset = 0
     for item in document["inputs"]:
-        tensor, offset = _input(item, binary, offset)
+        tensor, offset = _input(item, binary, offset, limits)
         inputs.append(tensor)
     parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise _bad('"parameters" must be a JSON object')
     outputs = [o for o in document.get("outputs") or [] if isinstance(o, dict) and "name" in o]
     timeout = parameters.get("timeout")
     request = InferRequest(
@@ -92,7 +116,7 @@ def decode_request(model: str, version: str, body: bytes, header_length: int | N
     binary_outputs = {
         str(o["name"]): bool(o["parameters"]["binary_data"])
         for o in outputs
-        if "binary_data" in (o.get("parameters") or {})
+        if isinstance(o.get("parameters"), dict) and "binary_data" in o["parameters"]
     }
     return RestRequest(request, bool(parameters.get("binary_data_output", False)), binary_outputs)
 
@@ -124,172 +148,256 @@ def encode_response(rest: RestRequest, response: InferResponse) -> tuple[bytes, 
     return header + b"".join(blobs), len(header)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body are separate writes: with Nagle's algorithm the body waits for the client's
-    # delayed ACK (~40 ms) on a keep-alive connection.
-    disable_nagle_algorithm = True
-    # A client that stalls (slowloris, a half-done TLS handshake) gives its thread back after this long.
-    timeout = 30
-    server: _Server
+def _error(exc: GatewayError, close: bool = False) -> JSONResponse:
+    headers = {}
+    if exc.status == Status.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = 'Bearer realm="joey"'  # RFC 6750: a 401 names the scheme to use
+    elif exc.status == Status.RESOURCE_EXHAUSTED:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if close:
+        # The body was not read to its end: the connection cannot carry another request.
+        headers["Connection"] = "close"
+    return JSONResponse({"error": exc.message}, exc.status.http, headers)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
 
-    def _send(
-        self,
-        status: int,
-        body: bytes,
-        header_length: int | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header(
-            "Content-Type", "application/json" if header_length is None else "application/octet-stream"
+def _tensors(specs: Any) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in specs]
+
+
+class RestApi:
+    """The routes, each a thin adapter: read the request, call the gateway on a worker thread, answer."""
+
+    def __init__(self, gateway: Gateway, settings: GatewaySettings) -> None:
+        self._gateway = gateway
+        self._settings = settings
+        self._limiter: anyio.CapacityLimiter | None = None
+        self.app = Starlette(
+            routes=[
+                Route("/v2/health/live", self._live),
+                Route("/v2/health/ready", self._ready),
+                Route("/v2", self._server_metadata),
+                Route("/v2/openapi.json", self._openapi),
+                Route("/v2/models/{model}", self._model_metadata),
+                Route("/v2/models/{model}/versions/{version}", self._model_metadata),
+                Route("/v2/models/{model}/ready", self._model_ready),
+                Route("/v2/models/{model}/versions/{version}/ready", self._model_ready),
+                Route("/v2/models/{model}/infer", self._infer, methods=["POST"]),
+                Route("/v2/models/{model}/versions/{version}/infer", self._infer, methods=["POST"]),
+            ],
+            exception_handlers={HTTPException: self._http_error},
         )
-        self.send_header("Content-Length", str(len(body)))
-        if header_length is not None:
-            self.send_header(HEADER_LENGTH, str(header_length))
-        self.end_headers()
-        self.wfile.write(body)
+        # A trailing slash is the same route, not a redirect (as the stdlib server answered).
+        self.app.router.redirect_slashes = False
 
-    def _json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(document).encode(), headers=headers)
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._limiter is None:  # made on the server's own event loop
+            self._limiter = anyio.CapacityLimiter(self._settings.http_workers)
+        return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
 
-    def _error(self, exc: GatewayError) -> None:
-        # RFC 6750: a 401 names the scheme the caller must use.
-        unauthenticated = exc.status == Status.UNAUTHENTICATED
-        headers = {"WWW-Authenticate": 'Bearer realm="joey"'} if unauthenticated else None
-        self._json(exc.status.http, {"error": exc.message}, headers)
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            message = f"{request.method} is not served on {request.url.path}"
+        else:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        return JSONResponse({"error": message}, exc.status_code, exc.headers)
 
-    def _authorization(self) -> str | None:
-        return self.headers.get("Authorization")
+    async def _live(self, request: Request) -> Response:
+        # Liveness needs no token: orchestrators probe it.
+        return JSONResponse({"live": True})
 
-    def _body(self) -> bytes:
-        declared = self.headers.get("Content-Length")
-        if declared is None or not declared.isdigit():
-            # Without a length the body would be read to the end of the connection, without a bound.
-            raise GatewayError(
-                Status.INVALID_ARGUMENT, f"Content-Length must be a non-negative integer, got {declared!r}"
-            )
-        length = int(declared)
-        if length > MAX_BODY_BYTES:
-            raise GatewayError(Status.INVALID_ARGUMENT, f"request body over {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(length)
+    async def _openapi(self, request: Request) -> Response:
+        # Open like liveness: the document describes the protocol, nothing of any deployment.
+        return JSONResponse(openapi.DOCUMENT)
 
-    def do_GET(self) -> None:  # noqa: N802
-        gateway = self.server.gateway
-        path = self.path.split("?", 1)[0].rstrip("/")
+    async def _ready(self, request: Request) -> Response:
         try:
-            if path == "/v2/health/live":
-                # Liveness needs no token: orchestrators probe it.
-                self._json(200, {"live": True})
-            elif path == "/v2":
-                gateway.authenticate(self._authorization())
-                self._json(
-                    200,
-                    {
-                        "name": SERVER_NAME,
-                        "version": joey_core.__version__,
-                        "extensions": ["binary_tensor_data"],
-                    },
-                )
-            elif path == "/v2/health/ready":
-                gateway.authenticate(self._authorization())
-                self._json(200, {"ready": True})
-            elif match := _MODEL.match(path):
-                model, version = unquote(match["model"]), unquote(match["version"] or "")
-                if match["action"] == "/ready":
-                    ready = gateway.model_ready(model, version, self._authorization())
-                    # The protocol answers readiness with the status code: 200 ready, 4xx not.
-                    self._json(200 if ready else 400, {"name": model, "ready": ready})
-                elif match["action"] is None:
-                    info = gateway.model(model, version, self._authorization())
-                    self._json(
-                        200,
-                        {
-                            "name": model,
-                            "versions": [str(info.version)],
-                            "platform": "joey_pipeline",
-                            "inputs": [
-                                {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
-                                for t in info.inputs
-                            ],
-                            "outputs": [
-                                {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
-                                for t in info.outputs
-                            ],
-                        },
-                    )
-                else:
-                    self._json(405, {"error": f"use POST for {path}"})
-            else:
-                self._json(404, {"error": f"no such endpoint: GET {path}"})
+            await self._run(lambda: self._gateway.authenticate(request.headers.get("Authorization")))
         except GatewayError as exc:
-            self._error(exc)
+            return _error(exc)
+        return JSONResponse({"ready": True})
 
-    def do_POST(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0].rstrip("/")
+    async def _server_metadata(self, request: Request) -> Response:
+        try:
+            await self._run(lambda: self._gateway.authenticate(request.headers.get("Authorization")))
+        except GatewayError as exc:
+            return _error(exc)
+        return JSONResponse(
+            {"name": SERVER_NAME, "version": joey_core.__version__, "extensions": ["binary_tensor_data"]}
+        )
+
+    async def _model_ready(self, request: Request) -> Response:
+        model, version = request.path_params["model"], request.path_params.get("version", "")
+        authorization = request.headers.get("Authorization")
+        try:
+            ready = await self._run(lambda: self._gateway.model_ready(model, version, authorization))
+        except GatewayError as exc:
+            return _error(exc)
+        # The protocol answers readiness with the status code: 200 ready, 4xx not.
+        return JSONResponse({"name": model, "ready": ready}, 200 if ready else 400)
+
+    async def _model_metadata(self, request: Request) -> Response:
+        model, version = request.path_params["model"], request.path_params.get("version", "")
+        authorization = request.headers.get("Authorization")
+        try:
+            info = await self._run(lambda: self._gateway.model(model, version, authorization))
+        except GatewayError as exc:
+            return _error(exc)
+        return JSONResponse(
+            {
+                "name": model,
+                "versions": [str(info.version)],
+                "platform": "joey_pipeline",
+                "inputs": _tensors(info.inputs),
+                "outputs": _tensors(info.outputs),
+            }
+        )
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("Content-Length")
+        if declared is None or not declared.isdigit():
+            # h11 refuses a malformed one; without one (chunked), the size is unknown until read.
+            raise _bad(f"Content-Length must be a non-negative integer, got {declared!r}")
+        length, limit = int(declared), self._settings.max_request_bytes
+        if length > limit:
+            raise GatewayError(
+                Status.TOO_LARGE, f"request body of {length} bytes; the gateway takes at most {limit}"
+            )
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            with anyio.fail_after(self._settings.body_timeout_s):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _bad(
+                f"{received} of the body's {length} bytes (its Content-Length) arrived in "
+                f"{self._settings.body_timeout_s:g} s"
+            ) from None
+        except ClientDisconnect:
+            raise _bad(f"the client left after {received} of the body's {length} bytes") from None
+        return b"".join(chunks)
+
+    async def _infer(self, request: Request) -> Response:
+        model, version = request.path_params["model"], request.path_params.get("version", "")
+        authorization = request.headers.get("Authorization")
         try:
             # Who is asking comes before reading what they send: a stranger's body is never read.
-            self.server.gateway.admit(self._authorization())
-            body = self._body()
-            match = _MODEL.match(path)
-            if match is None or match["action"] != "/infer":
-                self._json(404, {"error": f"no such endpoint: POST {path}"})
-                return
-            model, version = unquote(match["model"]), unquote(match["version"] or "")
-            rest: RestRequest | None = None
-
-            def decode() -> InferRequest:
-                nonlocal rest
-                length = self.headers.get(HEADER_LENGTH)
-                if length is not None and not length.isdigit():
-                    raise _bad(f"{HEADER_LENGTH} must be an integer, got {length!r}")
-                rest = decode_request(model, version, body, None if length is None else int(length))
-                return rest.request
-
-            response = self.server.gateway.infer(model, version, decode, self._authorization())
-            assert rest is not None  # infer() decoded the request before answering it
-            self._send(200, *encode_response(rest, response))
+            await self._run(lambda: self._gateway.admit(authorization))
         except GatewayError as exc:
-            self._error(exc)
+            return _error(exc, close=True)
+        try:
+            body = await self._body(request)
+        except GatewayError as exc:
+            self._gateway.refused(exc)
+            return _error(exc, close=True)
+        length = request.headers.get(HEADER_LENGTH)
+        rest: RestRequest | None = None
+
+        def decode() -> InferRequest:
+            nonlocal rest
+            if length is not None and not length.isdigit():
+                raise _bad(f"{HEADER_LENGTH} must be an integer, got {length!r}")
+            header = None if length is None else int(length)
+            rest = decode_request(model, version, body, header, self._gateway.limits)
+            return rest.request
+
+        try:
+            response = await self._run(lambda: self._gateway.infer(model, version, decode, authorization))
+        except GatewayError as exc:
+            return _error(exc)
         except Exception:
             log.exception("inference request failed")
-            self._json(500, {"error": "internal error; see the gateway's log"})
+            return JSONResponse({"error": "internal error; see the gateway's log"}, 500)
+        assert rest is not None  # infer() decoded the request before answering it
+        content, header_length = encode_response(rest, response)
+        if header_length is None:
+            return Response(content, media_type="application/json")
+        return Response(
+            content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
+        )
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+def _protocol(header_timeout_s: float) -> type[H11Protocol]:
+    class Protocol(H11Protocol):
+        """uvicorn's h11 protocol, and a deadline on each request's headers: its keep-alive timeout restarts
+        on every byte, so a client sending headers a byte at a time (slowloris) would hold the connection
+        forever. A connection serving no request ``header_timeout_s`` after it opened or last answered is
+        closed, however busy its client is."""
 
-    def __init__(self, addr: tuple[str, int], gateway: Gateway) -> None:
-        super().__init__(addr, _Handler)
-        self.gateway = gateway
+        _deadline: asyncio.TimerHandle | None = None
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that speaks plain HTTP to the TLS port, or does not trust its certificate, is its own
-        # problem: one line, not socketserver's traceback on stderr.
-        exc = sys.exc_info()[1]
-        if isinstance(exc, ssl.SSLError):
-            log.info("TLS handshake with %s failed: %s", client_address[0], exc.reason or exc)
-        else:
-            super().handle_error(request, client_address)
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            self._arm()
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(header_timeout_s, self._expire)
+
+        def _expire(self) -> None:
+            serving = self.cycle is not None and not self.cycle.response_complete
+            if not serving and not self.transport.is_closing():
+                log.info(
+                    "closing a connection from %s: no request within %g s", self.client, header_timeout_s
+                )
+                self.transport.close()
+
+    return Protocol
+
+
+class HttpServer:
+    """uvicorn on a thread of its own."""
+
+    def __init__(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="oip-http", daemon=True
+        )
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop accepting connections; the requests in flight finish (each ends by its deadline)."""
+        self._server.should_exit = True
+
+    def wait(self) -> None:
+        """Until the requests in flight are answered and the server stopped."""
+        self._thread.join()
 
 
 def start_server(
-    gateway: Gateway, addr: str, tls_context: ssl.SSLContext | None = None
-) -> tuple[ThreadingHTTPServer, int]:
-    """Serve on ``addr`` (host:port; port 0 picks one) in a background thread, over TLS with
-    ``tls_context``; returns server and port."""
-    host, _, port = addr.rpartition(":")
-    server = _Server((host or "0.0.0.0", int(port)), gateway)  # noqa: S104 - an empty host means every interface
-    if tls_context is not None:
-        # Each connection's handshake happens in its own handler thread, on its first read: a client
-        # that never completes it holds up no other.
-        server.socket = tls_context.wrap_socket(
-            server.socket, server_side=True, do_handshake_on_connect=False
-        )
-    threading.Thread(target=server.serve_forever, name="oip-http", daemon=True).start()
-    return server, int(server.server_address[1])
+    gateway: Gateway, settings: GatewaySettings, tls_context: ssl.SSLContext | None = None
+) -> tuple[HttpServer, int]:
+    """Serve on ``settings.oip_http_addr`` (host:port; port 0 picks one) in a background thread, over TLS
+    with ``tls_context``; returns the server and its port."""
+    host, _, port = settings.oip_http_addr.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - an empty host means every interface
+    # Bound here, not by uvicorn: the port is known (and refused, if taken) before the thread starts.
+    sock = socket.create_server(
+        (host, int(port)), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=2048
+    )
+    config = uvicorn.Config(
+        RestApi(gateway, settings).app,
+        http=_protocol(settings.header_timeout_s),
+        lifespan="off",
+        log_config=None,  # the service's logging, configured once
+        access_log=False,
+        limit_concurrency=settings.http_max_connections,
+        timeout_keep_alive=int(max(1, settings.header_timeout_s)),
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
+        # joey_core.tls's context, the one the registry's clients are documented against.
+        ssl_context_factory=None if tls_context is None else (lambda config, default: tls_context),
+        server_header=False,
+    )
+    return HttpServer(uvicorn.Server(config), sock), int(sock.getsockname()[1])

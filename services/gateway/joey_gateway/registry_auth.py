@@ -2,8 +2,9 @@
 
 The gateway holds no credentials of its own; it forwards the caller's ``Bearer`` token. A positive answer
 is reused for at most ``cache_s`` (at most a second, so a revoked token or a deactivated user is refused
-within a second). A refusal is never cached, and a registry that cannot answer refuses the call: no access
-check, no inference.
+within a second). A refusal is never cached. A registry that cannot answer (down, or its database is)
+refuses the call, except to a caller it said yes to at most ``outage_grace_s`` ago: a blip of the control
+plane does not stop inference for callers already served, and no one it never authorized is let in.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import grpc
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
+from joey_gateway import metrics
 from joey_gateway.errors import GatewayError, Status
 
 log = logging.getLogger(__name__)
@@ -77,15 +79,21 @@ def refusal(exc: grpc.RpcError) -> GatewayError:
 
 class RegistryAuth:
     def __init__(
-        self, stub: registry_pb2_grpc.RegistryStub, cache_s: float, max_cached: int = MAX_CACHED
+        self,
+        stub: registry_pb2_grpc.RegistryStub,
+        cache_s: float,
+        outage_grace_s: float = 0.0,
+        max_cached: int = MAX_CACHED,
     ) -> None:
         self._stub = stub
         self._cache_s = cache_s
+        self._outage_grace_s = outage_grace_s
         self._max_cached = max_cached
         self._lock = threading.Lock()
-        # (sha256 of the token, workspace, action) -> monotonic time the answer expires; oldest first.
+        # (sha256 of the token, workspace, action) -> monotonic time the registry said yes; oldest first.
         # Keyed by the hash so that no token is kept in memory past its request.
         self._granted: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._outage_logged = False
 
     def authorize(self, token: str, workspace: str, action: str) -> None:
         """Pass if the caller presenting ``token`` may perform ``action`` ("read" or "infer") in
@@ -102,11 +110,13 @@ class RegistryAuth:
         # Counted from before the question: an answer is never reused longer than cache_s after it was asked.
         asked = time.monotonic()
         with self._lock:
-            expires = self._granted.get(key)
-            if expires is not None:
-                if asked < expires:
+            granted = self._granted.get(key)
+            if granted is not None:
+                if asked < granted + self._cache_s:
                     return
-                del self._granted[key]
+                if asked >= granted + max(self._cache_s, self._outage_grace_s):
+                    del self._granted[key]
+                    granted = None
         metadata = bearer_metadata(token)
         try:
             if workspace:
@@ -118,11 +128,30 @@ class RegistryAuth:
             else:
                 self._stub.WhoAmI(pb.WhoAmIRequest(), metadata=metadata, timeout=REGISTRY_TIMEOUT_S)
         except grpc.RpcError as exc:
-            raise refusal(exc) from None
-        if self._cache_s <= 0:
+            refused = refusal(exc)
+            if granted is None or refused.status not in (Status.UNAVAILABLE, Status.INTERNAL):
+                raise refused from None
+            self._outage(refused)
             return
         with self._lock:
-            self._granted[key] = asked + self._cache_s
+            if self._outage_logged:
+                log.info("the registry answers again; callers are authorized afresh")
+                self._outage_logged = False
+            if self._cache_s <= 0 and self._outage_grace_s <= 0:
+                return
+            self._granted[key] = asked
             self._granted.move_to_end(key)
             while len(self._granted) > self._max_cached:
                 self._granted.popitem(last=False)
+
+    def _outage(self, refused: GatewayError) -> None:
+        metrics.STALE_ANSWERS.labels("auth").inc()
+        with self._lock:
+            if not self._outage_logged:
+                self._outage_logged = True
+                log.warning(
+                    "the registry cannot answer (%s): callers it authorized in the last %.0f s are still "
+                    "served, no one else",
+                    refused.message,
+                    self._outage_grace_s,
+                )

@@ -28,7 +28,15 @@ from joey_gateway.errors import GatewayError, Status
 from joey_gateway.registry_auth import RegistryAuth, bearer_token
 from joey_gateway.replies import Call, ReplyReader
 from joey_gateway.settings import GatewaySettings
-from joey_gateway.tensors import InferRequest, InferResponse, Tensor, check_inputs, from_rows, to_rows
+from joey_gateway.tensors import (
+    InferRequest,
+    InferResponse,
+    Limits,
+    Tensor,
+    check_inputs,
+    from_rows,
+    to_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,12 @@ SERVER_NAME = "joey"
 # The registry's actions a gateway call needs in the model's workspace.
 READ = "read"
 INFER = "infer"
+
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+"""librdkafka's ``message.max.bytes`` when JOEY_KAFKA_CONFIG sets none (a real cluster's default is alike)."""
+
+RECORD_OVERHEAD_BYTES = 512
+"""What Kafka adds to a record's key and value: its framing, its batch's, the header names."""
 
 
 class _Access(NamedTuple):
@@ -53,10 +67,16 @@ class Gateway:
         # The gateway holds no credentials: every registry call carries its caller's token.
         self._registry = tls.channel(settings.registry_addr, settings)
         stub = registry_pb2_grpc.RegistryStub(self._registry)
-        self._auth = RegistryAuth(stub, settings.auth_cache_s)
-        self._catalog = Catalog(stub, settings.status_cache_s)
+        self._auth = RegistryAuth(stub, settings.auth_cache_s, settings.auth_outage_grace_s)
+        self._catalog = Catalog(stub, settings.status_cache_s, settings.catalog_stale_s)
+        self.limits = Limits(settings.max_rows, settings.max_elements)
         # Latency over throughput: a synchronous caller waits for every record it sends.
-        self._producer = Producer(producer_config(settings, **{"linger.ms": 0}))
+        config = producer_config(settings, **{"linger.ms": 0})
+        self._message_max_bytes = int(config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
+        self._producer = Producer(config)
+        # Each pipeline's requests in flight, bounded so that a slow pipeline cannot hold every thread.
+        self._slots: dict[tuple[str, str], threading.BoundedSemaphore] = {}
+        self._slots_lock = threading.Lock()
         self._readers: dict[str, ReplyReader] = {}
         self._readers_lock = threading.Lock()
         self._stop = threading.Event()
@@ -87,8 +107,12 @@ class Gateway:
         try:
             self.authenticate(authorization)
         except GatewayError as exc:
-            metrics.REQUESTS.labels("", "", exc.status.name.lower()).inc()
+            self.refused(exc)
             raise
+
+    def refused(self, exc: GatewayError) -> None:
+        """Count a request the transport refused before it named a pipeline (its body unusable)."""
+        metrics.REQUESTS.labels("", "", exc.status.name.lower()).inc()
 
     def model(self, model: str, version: str, authorization: str | None) -> PipelineInfo:
         """The deployed pipeline served as ``model`` (and ``version``, when given), for a caller who may
@@ -146,7 +170,14 @@ class Gateway:
         try:
             info = self._deployed(model, version, self._authorized(model, authorization, INFER))
             labels = (info.workspace, info.pipeline)
-            return self._infer(info, decode(), deadline)
+            slot = self._slot(info)
+            in_flight = metrics.IN_FLIGHT.labels(*labels)
+            in_flight.inc()
+            try:
+                return self._infer(info, decode(), deadline)
+            finally:
+                in_flight.dec()
+                slot.release()
         except GatewayError as exc:
             outcome = exc.status.name.lower()
             raise
@@ -160,6 +191,21 @@ class Gateway:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
+
+    def _slot(self, info: PipelineInfo) -> threading.BoundedSemaphore:
+        """One of the pipeline's request slots, taken (release it), or RESOURCE_EXHAUSTED when all are."""
+        key = (info.workspace, info.pipeline)
+        with self._slots_lock:
+            slots = self._slots.get(key)
+            if slots is None:
+                slots = self._slots[key] = threading.BoundedSemaphore(self._settings.pipeline_concurrency)
+        if not slots.acquire(blocking=False):
+            raise GatewayError(
+                Status.RESOURCE_EXHAUSTED,
+                f"pipeline {info.pipeline!r} already has {self._settings.pipeline_concurrency} requests in "
+                "flight at this gateway; retry later",
+            )
+        return slots
 
     def drain(self, timeout: float) -> bool:
         """Wait until no request is in flight (True), or ``timeout`` passed (False)."""
@@ -177,24 +223,27 @@ class Gateway:
         if request.timeout_s is not None:
             limits.append(now + request.timeout_s)
         deadline = min(limits)
+        call = Call([uuid.uuid4().hex for _ in rows])
+        deadline_header = str(int(deadline * 1000)).encode()
+        values = self._records(rows, len(call.request_ids[0]) if rows else 0, len(deadline_header))
         names = topics.pipeline_topics(info.workspace, info.pipeline)
         reader = self._reader(names)
-        call = Call([uuid.uuid4().hex for _ in rows])
         reader.expect(call)
         try:
-            deadline_header = str(int(deadline * 1000)).encode()
 
             def delivered(err: KafkaError | None, msg: Any) -> None:
                 if err is not None:
                     call.fail(f"request not accepted by Kafka: {err}")
 
-            for request_id, row in zip(call.request_ids, rows, strict=True):
-                self._producer.produce(
+            for sent, (request_id, value) in enumerate(zip(call.request_ids, values, strict=True)):
+                self._produce(
                     names.inputs,
-                    dumps(row),
+                    value,
                     request_id.encode(),
-                    headers=[(REQUEST_ID_HEADER, request_id.encode()), (DEADLINE_HEADER, deadline_header)],
-                    on_delivery=delivered,
+                    [(REQUEST_ID_HEADER, request_id.encode()), (DEADLINE_HEADER, deadline_header)],
+                    delivered,
+                    # Nothing sent yet: refused whole at once. Part sent: the rest follows when there is room.
+                    None if sent == 0 else deadline,
                 )
             if not call.done.wait(max(0.0, deadline - time.time())):
                 raise GatewayError(
@@ -202,16 +251,54 @@ class Gateway:
                     f"{DEADLINE_EXCEEDED}: {len(call.replies)} of {len(rows)} records answered in time "
                     f"by pipeline {info.pipeline!r} (status {info.status})",
                 )
-        except BufferError:
-            raise GatewayError(
-                Status.UNAVAILABLE, "too many requests in flight: Kafka's queue is full"
-            ) from None
         finally:
             reader.forget(call)
         if call.failure is not None:
             raise GatewayError(Status.UNAVAILABLE, call.failure)
         replies = [call.replies[request_id] for request_id in call.request_ids]
         return self._response(request, info, replies)
+
+    def _records(self, rows: list[dict[str, Any]], id_bytes: int, deadline_bytes: int) -> list[bytes]:
+        """Every row's record value, each checked against the broker's message limit before any is produced:
+        a request is refused whole, naming its first row that would not fit, or produced whole."""
+        room = self._message_max_bytes - RECORD_OVERHEAD_BYTES - 2 * id_bytes - deadline_bytes
+        values = [dumps(row) for row in rows]
+        for index, value in enumerate(values):
+            if len(value) > room:
+                raise GatewayError(
+                    Status.TOO_LARGE,
+                    f"row {index} of the batch makes a record of {len(value)} bytes; a record holds at "
+                    f"most {room} (the producer's message.max.bytes is {self._message_max_bytes}): "
+                    "nothing was sent",
+                )
+        return values
+
+    def _produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes,
+        headers: list[tuple[str, str | bytes | None]],
+        delivered: Callable[[KafkaError | None, Any], None],
+        deadline: float | None,
+    ) -> None:
+        """Produce one record. With the producer's queue full: UNAVAILABLE at once when ``deadline`` is None,
+        else retried as deliveries make room, until the deadline (DEADLINE_EXCEEDED)."""
+        while True:
+            try:
+                self._producer.produce(topic, value, key, headers=headers, on_delivery=delivered)
+                return
+            except BufferError:
+                if deadline is None:
+                    raise GatewayError(
+                        Status.UNAVAILABLE, "too many requests in flight: Kafka's queue is full"
+                    ) from None
+                if time.time() >= deadline:
+                    raise GatewayError(
+                        Status.DEADLINE_EXCEEDED,
+                        f"{DEADLINE_EXCEEDED}: Kafka's queue stayed full; part of the batch was sent",
+                    ) from None
+                self._producer.poll(0.05)  # serves delivery reports, which frees queue room
 
     def _response(self, request: InferRequest, info: PipelineInfo, replies: list[Reply]) -> InferResponse:
         for index, reply in enumerate(replies):

@@ -78,35 +78,70 @@ class InferResponse:
     outputs: list[Tensor]
 
 
-def _shaped(name: str, array: np.ndarray[Any, Any], shape: Sequence[int]) -> np.ndarray[Any, Any]:
-    """``array`` reshaped to the request's ``shape``, which must hold exactly its elements."""
-    # A negative dimension would pass the count (and reshape reads -1 as "any"); math.prod, unlike
-    # np.prod, does not wrap around int64 to a count that matches.
-    if any(dim < 0 for dim in shape):
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold; checked on its declared shapes before any element is decoded."""
+
+    max_rows: int
+    max_elements: int
+
+
+def check_shape(name: str, shape: Sequence[int], limits: Limits) -> None:
+    """Refuse a shape that is no list of non-negative integers, holds no element (``[1000000, 0]`` would be
+    a million empty records), has more rows or elements than ``limits``. Computed on Python integers: no
+    overflow, nothing allocated."""
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise GatewayError(
-            Status.INVALID_ARGUMENT, f"input {name!r}: shape {list(shape)} has a negative dimension"
+            Status.INVALID_ARGUMENT, f"input {name!r}: shape must be non-negative integers, got {list(shape)}"
         )
-    expected = math.prod(shape)
-    if array.size != expected:
+    if shape and 0 in shape:
         raise GatewayError(
             Status.INVALID_ARGUMENT,
-            f"input {name!r}: shape {list(shape)} needs {expected} elements, got {array.size}",
+            f"input {name!r} has shape {list(shape)}: a dimension of 0 leaves its rows without elements",
         )
-    try:
-        return array.reshape(shape)
-    except (ValueError, OverflowError):  # an empty tensor with a dimension numpy cannot index
+    if shape and shape[0] > limits.max_rows:
         raise GatewayError(
-            Status.INVALID_ARGUMENT, f"input {name!r}: shape {list(shape)} is too large"
-        ) from None
+            Status.TOO_LARGE,
+            f"input {name!r} has {shape[0]} rows; a request may hold at most {limits.max_rows}",
+        )
+    elements = 1
+    for dimension in shape:
+        elements *= dimension
+        if elements > limits.max_elements:
+            raise GatewayError(
+                Status.TOO_LARGE,
+                f"input {name!r}: shape {list(shape)} is over {limits.max_elements} elements, "
+                "the most one input may hold",
+            )
 
 
-def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray[Any, Any]:
+def _check_count(name: str, shape: Sequence[int], count: int) -> None:
+    expected = math.prod(shape)
+    if count != expected:
+        raise GatewayError(
+            Status.INVALID_ARGUMENT,
+            f"input {name!r}: shape {list(shape)} needs {expected} elements, got {count}",
+        )
+
+
+def from_raw(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes, limits: Limits
+) -> np.ndarray[Any, Any]:
     """Decode little-endian tensor bytes; BYTES elements are each prefixed by a 4-byte length."""
+    check_shape(name, shape, limits)
     dtype = numpy_dtype(datatype)
     if datatype == "BYTES":
         items: list[bytes] = []
         offset = 0
-        while offset < len(raw):
+        expected = math.prod(shape)
+        # Each element takes at least its 4-byte length: a shape that cannot fit is refused unread.
+        if expected * 4 > len(raw):
+            raise GatewayError(
+                Status.INVALID_ARGUMENT,
+                f"input {name!r}: shape {list(shape)} needs {expected} elements, more than its "
+                f"{len(raw)} bytes can hold",
+            )
+        while offset < len(raw) and len(items) < expected:
             if offset + 4 > len(raw):
                 raise GatewayError(Status.INVALID_ARGUMENT, f"input {name!r}: truncated BYTES element length")
             (length,) = struct.unpack_from("<I", raw, offset)
@@ -115,13 +150,21 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.n
                 raise GatewayError(Status.INVALID_ARGUMENT, f"input {name!r}: truncated BYTES element")
             items.append(raw[offset : offset + length])
             offset += length
-        return _shaped(name, np.array(items, dtype=np.object_), shape)
+        if offset < len(raw):
+            raise GatewayError(
+                Status.INVALID_ARGUMENT,
+                f"input {name!r}: {len(raw) - offset} bytes left after the {expected} elements of shape "
+                f"{list(shape)}",
+            )
+        _check_count(name, shape, len(items))
+        return np.array(items, dtype=np.object_).reshape(shape)
     if len(raw) % dtype.itemsize:
         raise GatewayError(
             Status.INVALID_ARGUMENT,
             f"input {name!r}: {len(raw)} bytes is not a whole number of {datatype} elements",
         )
-    return _shaped(name, np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype), shape)
+    _check_count(name, shape, len(raw) // dtype.itemsize)
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
 
 
 def to_raw(tensor: Tensor) -> bytes:
@@ -135,18 +178,19 @@ def to_raw(tensor: Tensor) -> bytes:
 
 
 def from_values(
-    name: str, datatype: str, shape: Sequence[int], values: Sequence[Any]
+    name: str, datatype: str, shape: Sequence[int], values: Sequence[Any], limits: Limits
 ) -> np.ndarray[Any, Any]:
     """A tensor from its elements (flat, or nested as REST clients may send them)."""
+    check_shape(name, shape, limits)
     dtype = numpy_dtype(datatype)
     try:
         array = np.array(values, dtype=dtype)
-    # OverflowError: an integer outside the datatype's range, e.g. 300 as INT8.
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError) as exc:
         raise GatewayError(
             Status.INVALID_ARGUMENT, f"input {name!r}: data is not {datatype}: {exc}"
         ) from None
-    return _shaped(name, array, shape)
+    _check_count(name, shape, array.size)
+    return array.reshape(shape)
 
 
 def _jsonable(value: Any) -> Any:
