@@ -684,8 +684,13 @@ class _Evaluator:
         data = value.data
         if data.ndim < 2:
             return value
-        if name in ("min", "max") and math.prod(data.shape[1:]) == 0 and self._rows:
-            raise _error(f"{context} of an empty vector {self._source(node.argument)}", node.argument.start)
+        if name in ("min", "max") and math.prod(data.shape[1:]) == 0:
+            if self._rows:
+                raise _error(
+                    f"{context} of an empty vector {self._source(node.argument)}", node.argument.start
+                )
+            # An empty batch of empty vectors: numpy refuses even this empty reduction (found by tests/fuzz).
+            return _Value(np.empty(0, dtype=data.dtype), value.kind)
         axes = tuple(range(1, data.ndim))
         if name == "mean":
             # sum / count instead of np.mean: an empty vector gives nan without np.mean's Python warning.

@@ -185,7 +185,8 @@ def from_values(
     dtype = numpy_dtype(datatype)
     try:
         array = np.array(values, dtype=dtype)
-    except (TypeError, ValueError) as exc:
+    # OverflowError: an integer outside the datatype's range, e.g. 300 as INT8 (found by tests/fuzz).
+    except (TypeError, ValueError, OverflowError) as exc:
         raise GatewayError(
             Status.INVALID_ARGUMENT, f"input {name!r}: data is not {datatype}: {exc}"
         ) from None
