@@ -61,20 +61,14 @@ def test_moderate_nesting(depth: int, opener: str) -> None:
     assert_contract(('{"x":' + opener * depth + "1" + closer * depth + "}").encode())
 
 
-# Deep nesting makes json.loads raise RecursionError, which decode_input lets escape: the known case of
-# issue 13 (engine work, "decode_input lets RecursionError escape"). The lead removes this xfail on merging.
-@pytest.mark.xfail(raises=RecursionError, strict=True, reason="issue 13: decode_input on deep JSON")
+# Deep nesting made json.loads raise RecursionError, which decode_input let escape (issue 13).
 @pytest.mark.parametrize("opener", ["[", '{"a":'])
 def test_deep_nesting_is_refused(opener: str) -> None:
     closer = "]" if opener == "[" else "}"
     assert_contract(('{"x":' + opener * 100_000 + "1" + closer * 100_000 + "}").encode())
 
 
-# Found by test_number_spellings: an integer of more than 4300 digits makes json.loads raise a plain
-# ValueError (Python's int-conversion limit), which decode_input lets escape. decode_input is task A's in
-# issue 13; this xfail marks the case until it is fixed there and is to be removed with it.
-@pytest.mark.xfail(
-    raises=ValueError, strict=True, reason="issue 13: decode_input on integers over 4300 digits"
-)
+# Found by test_number_spellings: an integer of more than 4300 digits made json.loads raise a plain
+# ValueError (Python's int-conversion limit), which decode_input let escape.
 def test_an_integer_too_long_to_convert_is_refused() -> None:
     assert_contract(b'{"x": ' + b"9" * 4301 + b"}")
