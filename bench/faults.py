@@ -51,6 +51,7 @@ import psycopg
 import redis
 import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from joey.client import Client
 from joey_cli.broker import EmbeddedBroker
@@ -167,7 +168,12 @@ class Stack:
         }
         self.settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in self.env.items()})
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("JOEY_")}
-        own = {"registry": self.secrets, "engine": {"JOEY_SERVICE_TOKEN": self.secrets["JOEY_SERVICE_TOKEN"]}}
+        self.engine_metrics = f"http://127.0.0.1:{free_port()}/metrics"
+        engine = {
+            "JOEY_SERVICE_TOKEN": self.secrets["JOEY_SERVICE_TOKEN"],
+            "JOEY_METRICS_PORT": self.engine_metrics.rsplit(":", 1)[1].split("/")[0],
+        }
+        own = {"registry": self.secrets, "engine": engine}
         self.services = {
             name: Service(
                 name,
@@ -235,6 +241,19 @@ class Stack:
         finally:
             self._supervising.set()
 
+    def replica_failures(self) -> float:
+        """The engine's count of replicas stopped by a fatal error, since it started (0 when unreachable)."""
+        try:
+            text = requests.get(self.engine_metrics, timeout=5).text
+        except requests.RequestException:
+            return 0.0
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "joey_engine_replica_failures_total"
+        )
+
     def resume_broker(self) -> None:
         if self.broker.process is not None and self.broker.process.poll() is None:
             self.broker.process.send_signal(signal.SIGCONT)
@@ -266,7 +285,9 @@ class Phase:
     end: float = 0.0
     recovered: bool = False
     unplanned_exits: int = 0
+    replica_failures: float = 0.0
     hostile: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class Feeder(threading.Thread):
@@ -332,10 +353,12 @@ class Feeder(threading.Thread):
                 self._send(*self.injected.popleft())
             self.producer.poll(0.005)
         self.producer.flush(60)
+        del self.producer  # now, while the broker is up: a live producer would reconnect as it stops
 
-    def pending(self) -> int:
+    def settled(self, keys: list[str]) -> bool:
+        """Whether the broker acknowledged or refused each of ``keys``."""
         with self.lock:
-            return len(self.produced) - len(self.acked) - len(self.failed)
+            return all(k in self.acked or k in self.failed for k in keys)
 
 
 class GatewayCaller(threading.Thread):
@@ -349,6 +372,8 @@ class GatewayCaller(threading.Thread):
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self.phase: Phase | None = None
         self.calls: list[tuple[str, float, str]] = []
+        self.examples: dict[tuple[str, str], str] = {}
+        """(phase name, outcome) -> the first answer of that kind, shortened"""
         """(phase name, when sent, outcome: ok, HTTP <status>, or unreachable)"""
         self.stopping = threading.Event()
 
@@ -363,8 +388,10 @@ class GatewayCaller(threading.Thread):
             try:
                 response = session.post(self.url, json=body, headers=self.headers, timeout=15)
                 outcome = "ok" if response.status_code == 200 else f"HTTP {response.status_code}"
-            except requests.RequestException:
-                outcome = "unreachable"
+                example = response.text[:200]
+            except requests.RequestException as exc:
+                outcome, example = "unreachable", type(exc).__name__
+            self.examples.setdefault((self.phase.name, outcome), example)
             self.calls.append((self.phase.name, sent, outcome))
             i += 2
 
@@ -491,7 +518,10 @@ def hostile(make: Callable[[Context, str], tuple[bytes, bytes]]) -> Callable[[Co
             phase.hostile.append(key)
             ctx.feeder.inject(key, value, request_id)
             time.sleep(0.2)  # spread among the good records
-        wait_until(lambda: ctx.feeder.pending() == 0 and not ctx.feeder.injected, 60, "hostile records sent")
+        try:
+            wait_until(lambda: ctx.feeder.settled(phase.hostile), 60, "the broker's acks")
+        except TimeoutError as exc:
+            phase.notes.append(f"hostile records: {exc}")
 
     return apply
 
@@ -574,13 +604,18 @@ class Run:
     def phase(self, index: int, name: str) -> Phase:
         args = self.ctx.args
         phase = Phase(name, f"{self.ctx.args.run_id}-{index:02d}", start=now())
-        exits_before = sum(s.unplanned_exits for s in self.ctx.stack.services.values())
+        stack = self.ctx.stack
+        exits_before = sum(s.unplanned_exits for s in stack.services.values())
+        engine_starts, failures_before = stack.services["engine"].starts, stack.replica_failures()
         self.ctx.feeder.phase = self.gateway.phase = phase
         self.phases.append(phase)
         print(f"{datetime.now(UTC):%H:%M:%S} {name}", flush=True)
         time.sleep(args.lead_s)  # the steady stream before the fault
         phase.fault_start = now()
-        FAULTS[name](self.ctx, phase)
+        try:
+            FAULTS[name](self.ctx, phase)
+        except Exception as exc:  # reported in the table; the run goes on with the next fault
+            phase.notes.append(f"the fault failed: {exc!r}")
         phase.fault_end = now()
         deadline = time.monotonic() + args.recover_s
         while not self.recovered(phase) and time.monotonic() < deadline:
@@ -590,9 +625,10 @@ class Run:
             print(f"  ! not recovered within {args.recover_s:.0f}s", flush=True)
         time.sleep(args.tail_s)
         phase.end = now()
-        phase.unplanned_exits = (
-            sum(s.unplanned_exits for s in self.ctx.stack.services.values()) - exits_before
-        )
+        phase.unplanned_exits = sum(s.unplanned_exits for s in stack.services.values()) - exits_before
+        # A restarted engine counts from 0 again.
+        restarted = stack.services["engine"].starts != engine_starts
+        phase.replica_failures = stack.replica_failures() - (0.0 if restarted else failures_before)
         return phase
 
     def settle(self) -> None:
@@ -661,12 +697,15 @@ def figures(run: Run) -> list[Row]:
         backlog = run.keys(phase, before=phase.fault_end)
 
         calls = [outcome for name, _, outcome in run.gateway.calls if name == phase.name]
-        notes = []
+        notes = list(phase.notes)
         if phase.hostile:
             failed = [k for k in phase.hostile if k in errors]
-            example = f", e.g. {errors[failed[0]]!r}" if failed else ""
+            example = f" (e.g. {errors[failed[0]]!r})" if failed else ""
+            answered_ok = sum(1 for k in phase.hostile if k in first and k not in errors)
+            unanswered = sum(1 for k in phase.hostile if k not in first)
             notes.append(
-                f"{len(failed)} of {len(phase.hostile)} hostile records on the errors topic{example}"
+                f"of {len(phase.hostile)} hostile records, {len(failed)} on the errors topic{example}, "
+                f"{answered_ok} answered on the outputs topic, {unanswered} unanswered"
             )
         unlogged = [k for k in answered if k not in logged]
         if unlogged:
@@ -678,7 +717,13 @@ def figures(run: Run) -> list[Row]:
             notes.append(f"{len(good_errors)} good records failed, e.g. {errors[good_errors[0]]!r}")
         refused = collections.Counter(o for o in calls if o != "ok")
         if refused:
-            notes.append("gateway " + ", ".join(f"{n}x {o}" for o, n in refused.most_common()))
+            notes.append(
+                "gateway "
+                + ", ".join(
+                    f"{n}x {o} ({run.gateway.examples.get((phase.name, o), '')!r})"
+                    for o, n in refused.most_common()
+                )
+            )
         if not phase.recovered:
             notes.append(f"not recovered within {run.ctx.args.recover_s:.0f}s")
         rows.append(
@@ -711,14 +756,15 @@ def seconds(value: float | None) -> str:
 def markdown(rows: list[Row], settings: str) -> str:
     header = (
         "| fault | sent | answered | errors | logged | duplicated log rows | lost | outputs repeated "
-        "| service exits | longest stall s | first answer s | answers drained s | logs drained s "
-        "| gateway ok/calls |"
+        "| service exits | replica failures | longest stall s | first answer s | answers drained s "
+        "| logs drained s | gateway ok/calls |"
     )
     lines = [settings, "", header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r.phase.name} | {r.sent} | {r.answered} | {r.errors} | {r.logged} | {r.duplicated} | "
-            f"{r.lost} | {r.dup_outputs} | {r.phase.unplanned_exits} | {r.stall:.1f} | "
+            f"{r.lost} | {r.dup_outputs} | {r.phase.unplanned_exits} | {r.phase.replica_failures:.0f} | "
+            f"{r.stall:.1f} | "
             f"{seconds(r.first_answer)} | {seconds(r.drained)} | {seconds(r.logs_drained)} | {r.gateway} |"
         )
     notes = [f"- {r.phase.name}: " + "; ".join(r.notes) for r in rows if r.notes]
