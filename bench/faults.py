@@ -374,7 +374,7 @@ class GatewayCaller(threading.Thread):
         self.calls: list[tuple[str, float, str]] = []
         self.examples: dict[tuple[str, str], str] = {}
         """(phase name, outcome) -> the first answer of that kind, shortened"""
-        """(phase name, when sent, outcome: ok, HTTP <status>, or unreachable)"""
+        """(phase name, when sent, outcome: ok, HTTP <status>, no answer in 15 s, or unreachable)"""
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -389,6 +389,8 @@ class GatewayCaller(threading.Thread):
                 response = session.post(self.url, json=body, headers=self.headers, timeout=15)
                 outcome = "ok" if response.status_code == 200 else f"HTTP {response.status_code}"
                 example = response.text[:200]
+            except requests.Timeout:
+                outcome, example = "no answer in 15 s", ""
             except requests.RequestException as exc:
                 outcome, example = "unreachable", type(exc).__name__
             self.examples.setdefault((self.phase.name, outcome), example)
