@@ -667,6 +667,8 @@ class Row:
     logged: int
     duplicated: int
     lost: int
+    unlogged: int
+    unanswered: int
     dup_outputs: int
     stall: float
     first_answer: float | None
@@ -712,8 +714,9 @@ def figures(run: Run) -> list[Row]:
                 f"{answered_ok} answered on the outputs topic, {unanswered} unanswered"
             )
         unlogged = [k for k in answered if k not in logged]
-        if unlogged:
-            notes.append(f"{len(unlogged)} answered but not logged (e.g. {unlogged[0]})")
+        unanswered = [k for k in logged_keys if k not in first]
+        if unanswered:
+            notes.append(f"{len(unanswered)} logged but not answered (e.g. {unanswered[0]})")
         if lost:
             notes.append(f"lost e.g. {lost[0]}")
         good_errors = [k for k in keys if k in errors and k not in phase.hostile]
@@ -739,6 +742,8 @@ def figures(run: Run) -> list[Row]:
                 logged=len(logged_keys),
                 duplicated=sum(logged[k][0] - 1 for k in logged_keys),
                 lost=len(lost),
+                unlogged=len(unlogged),
+                unanswered=len(unanswered),
                 dup_outputs=sum(1 for k in answered if seen[k] > 1),
                 stall=stall,
                 first_answer=max(0.0, min(since) - phase.fault_end) if since else None,
@@ -759,7 +764,8 @@ def seconds(value: float | None) -> str:
 
 def markdown(rows: list[Row], settings: str) -> str:
     header = (
-        "| fault | sent | answered | errors | logged | duplicated log rows | lost | outputs repeated "
+        "| fault | sent | answered | errors | logged | duplicated log rows | lost | answered, not logged "
+        "| outputs repeated "
         "| service exits | replica failures | longest stall s | first answer s | answers drained s "
         "| logs drained s | gateway ok/calls |"
     )
@@ -767,8 +773,8 @@ def markdown(rows: list[Row], settings: str) -> str:
     for r in rows:
         lines.append(
             f"| {r.phase.name} | {r.sent} | {r.answered} | {r.errors} | {r.logged} | {r.duplicated} | "
-            f"{r.lost} | {r.dup_outputs} | {r.phase.unplanned_exits} | {r.phase.replica_failures:.0f} | "
-            f"{r.stall:.1f} | "
+            f"{r.lost} | {r.unlogged} | {r.dup_outputs} | {r.phase.unplanned_exits} | "
+            f"{r.phase.replica_failures:.0f} | {r.stall:.1f} | "
             f"{seconds(r.first_answer)} | {seconds(r.drained)} | {seconds(r.logs_drained)} | {r.gateway} |"
         )
     notes = [f"- {r.phase.name}: " + "; ".join(r.notes) for r in rows if r.notes]
@@ -891,7 +897,8 @@ def main() -> None:
             f"Logger dead letters: {collector.dead_letters}. Input records the broker refused: "
             f"{len(ctx.feeder.failed)}."
         )
-        if any(r.lost or r.duplicated for r in result) or gateway_dups:
+        # Lost or duplicated, or answered and never logged (the log is the record of what was served).
+        if any(r.lost or r.duplicated or r.unlogged or r.unanswered for r in result) or gateway_dups:
             raise SystemExit(1)
 
 
