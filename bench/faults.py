@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -183,7 +184,8 @@ class Stack:
             )
             for name in SERVICES
         }
-        self._supervising = threading.Event()
+        self._supervising = threading.Lock()
+        """Held while a service is checked or restarted: a planned kill is never taken for a crash."""
         self._stopped = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True)
 
@@ -200,18 +202,21 @@ class Stack:
         registry = self.services["registry"]
         registry.start()
         stack.callback(self.stop_services)
-        wait_until(lambda: self.ready("registry"), 90, "the registry")
+        wait_until(lambda: self.ready("registry", starting=True), 90, "the registry")
         for name, service in self.services.items():
             if name != "registry":
                 service.start()
-        wait_until(self.healthy, 90, "every service")
+        wait_until(
+            lambda: all(self.ready(name, starting=True) for name in self.services), 90, "every service"
+        )
         self._supervisor.start()
-        self._supervising.set()
 
-    def ready(self, name: str) -> bool:
+    def ready(self, name: str, starting: bool = False) -> bool:
         service = self.services[name]
         if service.exited():
-            raise RuntimeError(f"{name} exited while starting; see {service.log_path}")
+            if starting:
+                raise RuntimeError(f"{name} exited while starting; see {service.log_path}")
+            return False  # the supervisor restarts it
         if name == "registry":
             return registry_ready(self.env["JOEY_REGISTRY_ADDR"])
         try:
@@ -225,22 +230,18 @@ class Stack:
 
     def _supervise(self) -> None:
         while not self._stopped.wait(0.5):
-            if not self._supervising.is_set():
-                continue
-            for service in self.services.values():
-                if service.exited():
-                    service.unplanned_exits += 1
-                    code = service.process.returncode if service.process else None
-                    print(f"  ! {service.name} exited by itself (code {code}); restarting it", flush=True)
-                    service.start()
+            with self._supervising:
+                for service in self.services.values():
+                    if service.exited():
+                        service.unplanned_exits += 1
+                        code = service.process.returncode if service.process else None
+                        print(f"  ! {service.name} exited by itself (code {code}); restarting it", flush=True)
+                        service.start()
 
     def kill_and_restart(self, name: str) -> None:
-        self._supervising.clear()  # this exit is the fault, not a crash
-        try:
+        with self._supervising:  # this exit is the fault, not a crash
             self.services[name].kill9()
             self.services[name].start()
-        finally:
-            self._supervising.set()
 
     def replica_failures(self) -> float:
         """The engine's count of replicas stopped by a fatal error, since it started (0 when unreachable)."""
@@ -261,8 +262,9 @@ class Stack:
 
     def stop_services(self) -> None:
         self._stopped.set()
-        for service in reversed(self.services.values()):
-            service.stop()
+        with self._supervising:
+            for service in reversed(self.services.values()):
+                service.stop()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -389,7 +391,8 @@ class GatewayCaller(threading.Thread):
             try:
                 response = session.post(self.url, json=body, headers=self.headers, timeout=15)
                 outcome = "ok" if response.status_code == 200 else f"HTTP {response.status_code}"
-                example = response.text[:200]
+                # An HTML error page (the standard library's) shortened to its words.
+                example = " ".join(re.sub(r"<[^>]*>", " ", response.text).split())[:160]
             except requests.Timeout:
                 outcome, example = "no answer in 15 s", ""
             except requests.RequestException as exc:
