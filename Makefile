@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck proto proto-check bench clean
+.PHONY: install demo test lint typecheck proto proto-check bench faults clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py
+
+# The fault suite (docs/reliability.md): a private stack, one fault after another, about 10 minutes.
+# FAULTS_ARGS=--quick for a short smoke run. Not part of `make test`.
+faults: $(STAMP)
+	$(BIN)/python bench/faults.py $(FAULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
