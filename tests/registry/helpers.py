@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,12 +14,15 @@ import onnx
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from onnx import TensorProto, helper
+from pydantic import SecretStr
 
 from joey_core import topics
 from joey_core.kafka import consumer_config
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
+from joey_registry.app import RegistryServer
+from joey_registry.settings import RegistrySettings
 
 Stub = registry_pb2_grpc.RegistryStub
 
@@ -132,3 +136,23 @@ def read_deployments(
     finally:
         consumer.close()
     return found
+
+
+@contextmanager
+def registry_on(settings: RegistrySettings, url: str, admin_password: str) -> Iterator[grpc.Channel]:
+    """A registry of its own on the database at ``url``, bootstrapping `admin` there, and a channel to it."""
+    server = RegistryServer(
+        settings.model_copy(
+            update={
+                "database_url": SecretStr(url),
+                "admin_password": SecretStr(admin_password),
+                "redis_prefix": f"{settings.redis_prefix}:own-{secrets.token_hex(4)}",
+            }
+        )
+    )
+    port = server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        server.stop()

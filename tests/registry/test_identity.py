@@ -14,7 +14,7 @@ import pytest
 import redis
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from joey_core import db as migrations
 from joey_core.v1 import registry_pb2 as pb
@@ -34,7 +34,16 @@ from tests.conftest import (
     scratch_database,
     wait_until,
 )
-from tests.registry.helpers import Person, Stub, identity_model, rpc_error, step, token_stub, upload
+from tests.registry.helpers import (
+    Person,
+    Stub,
+    identity_model,
+    registry_on,
+    rpc_error,
+    step,
+    token_stub,
+    upload,
+)
 
 BAD_LOGIN = "invalid username or password"
 
@@ -294,26 +303,6 @@ _SEEDED = {
     "pipeline_versions": "id, pipeline_id, version, steps, created_at",
     "assays": "id, workspace_id, name, pipeline, definition, active, created_at",
 }
-
-
-@contextmanager
-def registry_on(settings: RegistrySettings, url: str, admin_password: str) -> Iterator[grpc.Channel]:
-    """A registry of its own on the database at ``url``, bootstrapping `admin` there, and a channel to it."""
-    server = RegistryServer(
-        settings.model_copy(
-            update={
-                "database_url": SecretStr(url),
-                "admin_password": SecretStr(admin_password),
-                "redis_prefix": f"{settings.redis_prefix}:own-{secrets.token_hex(4)}",
-            }
-        )
-    )
-    port = server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
-    finally:
-        server.stop()
 
 
 def _seed_from(database_url: str, workspace: str, url: str) -> None:

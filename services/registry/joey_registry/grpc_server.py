@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
+import psycopg
 from google.protobuf.message import Message
 
 from joey_core.v1 import registry_pb2 as pb
@@ -104,6 +105,12 @@ def _status(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
         return code, str(exc)
     # The exception may name hosts, paths or SQL: the detail stays in the log, the caller gets a reference.
     reference = secrets.token_hex(4)
+    if isinstance(exc, psycopg.OperationalError):
+        # A lost or refused connection, or a pool that found none in time: worth retrying, not a bug.
+        log.warning("%s: the database is unavailable (reference %s): %s", rpc, reference, exc)
+        return grpc.StatusCode.UNAVAILABLE, (
+            f"the registry's database is unavailable; retry later (reference {reference})"
+        )
     log.exception("%s failed (reference %s)", rpc, reference)
     return grpc.StatusCode.INTERNAL, f"internal error in {rpc} (reference {reference}); see the registry log"
 
