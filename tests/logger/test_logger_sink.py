@@ -211,6 +211,22 @@ def test_a_lost_connection_is_an_outage_and_the_next_write_reconnects(
     assert ended == [(True,)]
 
 
+def test_a_read_only_database_is_an_outage_not_a_refusal(
+    sink: PostgresLogSink, database_url: str, pipeline: str
+) -> None:
+    # As on a standby after a failover, or under default_transaction_read_only: every write fails
+    # (ReadOnlySqlTransaction 25006), and the records must wait for a writable server, not be
+    # dead-lettered as if their data were refused. Its session only: the database is shared.
+    assert sink.write([log_record(pipeline, 1)]).written == 1
+    assert sink._conn is not None
+    sink._conn.execute("SET default_transaction_read_only = on")
+    sink._conn.commit()
+    with pytest.raises(SinkUnavailable, match="ReadOnlySqlTransaction 25006"):
+        sink.write([log_record(pipeline, 2)])
+    assert count_rows(database_url, pipeline) == (1, 1)
+    assert sink.write([log_record(pipeline, 2)]).written == 1  # a new connection, writable
+
+
 def test_a_database_at_migration_0011_upgrades_and_keeps_one_row_per_input(pipeline: str) -> None:
     with scratch_database("joey_logupgrade", up_to=11) as url:
         # Rows stored under the old key, one with a request id long enough (600 bytes) to be hashed now.

@@ -18,12 +18,12 @@ A crash anywhere before 5 replays the batch from the last committed offsets, and
 turns the replayed rows into no-ops (dead-lettered records may appear twice on the
 dead-letter topic, which is only read by people).
 
-Only an unavailable sink (a database that cannot serve: a lost connection, a shutdown, a full
-disk, see ``joey_core.db.is_unavailable``) or dead-letter topic holds the batch back; a record the
-database refuses never does. When either is unavailable, nothing is committed: the consumer
-seeks back to the first offset of the batch, pauses its partitions for a growing backoff, and
-keeps polling meanwhile so group membership and rebalances go on as usual. A stop during
-that pause closes the consumer without a commit, leaving the batch to the next owner.
+Only an unavailable sink (anything but a refusal of the data: a lost connection, a shutdown, a
+read-only server, a schema mismatch, see ``joey_core.db.is_refusal``) or dead-letter topic holds
+the batch back; a record the database refuses never does. When either is unavailable, nothing is
+committed: the consumer seeks back to the first offset of the batch, pauses its partitions for a
+growing backoff, and keeps polling meanwhile so group membership and rebalances go on as usual. A
+stop during that pause closes the consumer without a commit, leaving the batch to the next owner.
 
 Rebalances: the batch is handled start to finish between two ``consume`` calls, and
 rebalance callbacks only run inside ``consume`` (or ``close``), so when partitions are revoked
