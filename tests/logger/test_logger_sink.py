@@ -170,8 +170,9 @@ def test_records_of_a_deleted_pipelines_deployments_are_dropped(
 def test_long_request_ids_are_stored_whole_and_once(
     sink: PostgresLogSink, database_url: str, pipeline: str
 ) -> None:
-    # Over the ~2.7 KB a btree entry holds: only their hash is in the unique key.
-    ids = ["r" * 3 * 1024, "é" * 50 * 1024, "s" * 3 * 1024 + "-other"]
+    # Over the ~2.7 KB a btree entry holds, and random: Postgres compresses index entries, so
+    # repeated characters would fit the old key and not test it. Only their hash is in the key.
+    ids = [secrets.token_hex(1536), secrets.token_hex(50 * 1024), "é" + secrets.token_hex(1536)]
     batch = [log_record(pipeline, i, request_id=request_id) for i, request_id in enumerate(ids)]
     assert sink.write(batch) == WriteResult(written=3, duplicates=0)
     assert sink.write(batch) == WriteResult(written=0, duplicates=3)
@@ -230,7 +231,7 @@ def test_a_read_only_database_is_an_outage_not_a_refusal(
 def test_a_database_at_migration_0011_upgrades_and_keeps_one_row_per_input(pipeline: str) -> None:
     with scratch_database("joey_logupgrade", up_to=11) as url:
         # Rows stored under the old key, one with a request id long enough (600 bytes) to be hashed now.
-        old = [log_record(pipeline, 0), log_record(pipeline, 1, request_id="q" * 600)]
+        old = [log_record(pipeline, 0), log_record(pipeline, 1, request_id=secrets.token_hex(300))]
         with psycopg.connect(url) as conn, conn.cursor() as cursor:
             cursor.executemany(
                 "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, "
@@ -244,7 +245,7 @@ def test_a_database_at_migration_0011_upgrades_and_keeps_one_row_per_input(pipel
         sink.open()
         try:
             # The same inputs again (a replay across the upgrade) add nothing; a long id is stored.
-            longest = log_record(pipeline, 2, request_id="z" * 100 * 1024)
+            longest = log_record(pipeline, 2, request_id=secrets.token_hex(50 * 1024))
             assert sink.write([*old, longest]) == WriteResult(written=1, duplicates=2)
             assert sink.write([longest]) == WriteResult(written=0, duplicates=1)
         finally:
