@@ -178,12 +178,16 @@ def test_long_request_ids_are_stored_whole_and_once(
     assert sink.write(batch) == WriteResult(written=0, duplicates=3)
     with psycopg.connect(database_url) as conn:
         stored = conn.execute(
-            "SELECT request_id, request_key FROM inference_logs WHERE pipeline = %s ORDER BY input_offset",
+            "SELECT request_id, joey_request_key(request_id) FROM inference_logs WHERE pipeline = %s "
+            "ORDER BY input_offset",
             (pipeline,),
         ).fetchall()
     assert [row[0] for row in stored] == ids
     assert all(row[1].startswith("sha256:") and len(row[1]) == 71 for row in stored)
     assert len({row[1] for row in stored}) == 3
+    # A short id spelling out a long one's key is a different request, with a key of its own.
+    spoof = log_record(pipeline, 0, request_id=stored[0][1])
+    assert sink.write([spoof, batch[0]]) == WriteResult(written=1, duplicates=1)
 
 
 def test_a_row_too_large_for_the_index_is_refused_not_an_outage(

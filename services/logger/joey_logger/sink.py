@@ -122,8 +122,8 @@ COLUMNS = (
 _ARRAY_COLUMNS = frozenset({"check_failures", "models", "elapsed_ns"})
 
 _COLUMN_LIST = ", ".join(COLUMNS)
-# The table's unique key (migration 0012): request_key is the request id, or a hash of a long one.
-_UNIQUE_KEY = ("workspace", "pipeline", "request_key", "input_partition", "input_offset")
+# The table's unique index (migration 0012): joey_request_key is the request id, or a hash of a long one.
+_UNIQUE_KEY = ("workspace", "pipeline", "(joey_request_key(request_id))", "input_partition", "input_offset")
 _STAGING = "joey_logger_staging"
 # Rows vanish at the end of every transaction, so one table per connection serves every batch
 # without the catalog churn of creating and dropping a table per batch.
