@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import grpc
 import numpy as np
@@ -12,10 +13,15 @@ import psycopg
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg.types.json import Jsonb
+from psycopg_pool import PoolTimeout
 
 from joey_core import assays
+from joey_core.assays.runs import AssayDefinition
 from joey_core.v1 import registry_pb2 as pb
 from joey_logger.sink import PostgresLogSink
+from joey_registry.access import Access
+from joey_registry.assays import Assays
+from joey_registry.store import Store
 from tests.conftest import wait_until
 from tests.logger.helpers import log_record
 from tests.registry.helpers import Stub, rpc_error, step, upload
@@ -486,3 +492,25 @@ def test_an_assay_that_cannot_be_counted_shows_why_and_logging_goes_on(
     assert "failed and cannot be resumed" in (error.details() or "")
     pause = stub.SetAssayActive(pb.SetAssayActiveRequest(workspace=workspace, name="broken", active=False))
     assert not pause.active and pause.failure == listed.failure
+
+
+def test_a_database_outage_while_creating_an_assay_is_no_invalid_argument(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], db: psycopg.Connection
+) -> None:
+    stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace, name="checked")))
+    row = db.execute(
+        "SELECT definition FROM assays WHERE name = 'checked' "
+        "AND workspace_id = (SELECT id FROM workspaces WHERE name = %s)",
+        (workspace,),
+    ).fetchone()
+    assert row is not None
+    stored = AssayDefinition.from_json(workspace, "checked", row[0])
+    # The same check over a pool whose database cannot be reached (nothing listens on port 1).
+    unreachable = Store("postgresql://postgres@127.0.0.1:1/joey?connect_timeout=1")
+    unreachable.pool.timeout = 1
+    unreachable.pool.open(wait=False)
+    try:
+        with pytest.raises(PoolTimeout):
+            Assays(unreachable, cast(Access, None))._test_compile(stored)
+    finally:
+        unreachable.close()

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from joey_core import topics
+from joey_core import db, topics
 from joey_core.assays import Scores, Status, Summary
 from joey_core.assays.panes import hold_for_change
 from joey_core.assays.runs import (
@@ -384,6 +384,8 @@ class Assays:
         try:
             self.sql.compile_values(d)
         except psycopg.Error as exc:
+            if not db.is_query_error(exc):
+                raise  # the database failing (an outage, a pool timeout), not the definition
             raise InvalidArgument(f"the values at {d.iopath} cannot be computed: {exc}") from None
         micros = np.array([(d.start - datetime(1970, 1, 1, tzinfo=UTC)) // MICROSECOND], dtype=np.int64)
         median = d.baseline.median if math.isfinite(d.baseline.median) else 0.0
