@@ -514,3 +514,24 @@ def test_a_database_outage_while_creating_an_assay_is_no_invalid_argument(
             Assays(unreachable, cast(Access, None))._test_compile(stored)
     finally:
         unreachable.close()
+
+
+def test_an_unreadable_definition_is_listed_failed_with_the_others(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], db: psycopg.Connection
+) -> None:
+    for name in ("good", "unreadable"):
+        stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace, name=name)))
+    # Written around the registry's checks (or by another version): it cannot be read.
+    db.execute(
+        "UPDATE assays SET definition = definition - 'summarizer' "
+        "WHERE name = 'unreadable' AND workspace_id = (SELECT id FROM workspaces WHERE name = %s)",
+        (workspace,),
+    )
+    good, unreadable = stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
+    assert good.definition.name == "good" and good.failure == "" and good.baseline.bin_counts
+    assert (unreadable.definition.name, unreadable.definition.pipeline) == ("unreadable", "p")
+    assert "its definition cannot be read: KeyError" in unreadable.failure, unreadable.failure
+    error = rpc_error(
+        lambda: stub.GetAssayResults(pb.GetAssayResultsRequest(workspace=workspace, name="unreadable"))
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -121,15 +121,15 @@ def _rows(
         return cursor.execute(query, params).fetchall()
 
 
-_DEFINITION_ERRORS = (ValueError, ArithmeticError, LookupError, TypeError)
-"""What reading or counting a bad definition raises in Python; anything else (MemoryError, a
-RuntimeError) is no fault of the assay's and must not fail it for good."""
+DEFINITION_ERRORS = (ValueError, ArithmeticError, LookupError, TypeError)
+"""What reading (``AssayDefinition.from_json``) or counting a bad definition raises in Python;
+anything else (MemoryError, a RuntimeError) is no fault of the assay's and must not fail it for good."""
 
 
 def assays_fault(exc: BaseException, conn: psycopg.Connection[Any]) -> bool:
     """Whether ``exc``, raised computing or counting an assay's values, is the assay's own doing (so
     it fails), not the database's or the platform's (so the work is tried again later)."""
-    return isinstance(exc, _DEFINITION_ERRORS) or db.is_query_error(exc, conn)
+    return isinstance(exc, DEFINITION_ERRORS) or db.is_query_error(exc, conn)
 
 
 # Raised by the INSERT itself (a key or row the table refuses): the assays' part cannot cause these,
@@ -201,7 +201,7 @@ class LiveCounter:
             ):
                 try:
                     self._definitions[assay_id] = AssayDefinition.from_json(workspace, name, data)
-                except _DEFINITION_ERRORS as exc:  # whatever is wrong with it, it is this assay's alone
+                except DEFINITION_ERRORS as exc:  # whatever is wrong with it, it is this assay's alone
                     if reason := _fail(conn, assay_id, f"{workspace}/{name}", exc):
                         failed.append((assay_id, reason))
         assays = [(i, self._definitions[i]) for i in ids if i in self._definitions]
