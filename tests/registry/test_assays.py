@@ -19,6 +19,7 @@ from joey_core import assays
 from joey_core.assays.runs import AssayDefinition
 from joey_core.v1 import registry_pb2 as pb
 from joey_logger.sink import PostgresLogSink
+from joey_registry import assays as registry_assays
 from joey_registry.access import Access
 from joey_registry.assays import Assays
 from joey_registry.store import Store
@@ -535,3 +536,15 @@ def test_an_unreadable_definition_is_listed_failed_with_the_others(
         lambda: stub.GetAssayResults(pb.GetAssayResultsRequest(workspace=workspace, name="unreadable"))
     )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_baseline_range_over_the_bound_is_refused_having_read_no_more(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bound lowered under what the range holds (the registry runs in this process), rather than
+    # logging a million rows: the range is read up to one value past it, then refused.
+    monkeypatch.setattr(registry_assays, "MAX_BASELINE_VALUES", 10)
+    error = rpc_error(lambda: stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "baseline_start/baseline_end select over 10 values" in (error.details() or ""), error.details()
+    assert not stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays

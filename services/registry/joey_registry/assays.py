@@ -186,9 +186,15 @@ class AssayStore:
                 )
             )
 
-    def values(self, definition: AssayDefinition, start: datetime | None, end: datetime | None) -> Any:
+    def values(
+        self,
+        definition: AssayDefinition,
+        start: datetime | None,
+        end: datetime | None,
+        limit: int | None = None,
+    ) -> Any:
         with self._pool.connection() as conn:
-            return log_values(conn, definition, start, end)
+            return log_values(conn, definition, start, end, limit)
 
     def row_values(self, definition: AssayDefinition, rows: BaselineRows) -> tuple[Any, Any]:
         with self._pool.connection() as conn:
@@ -528,7 +534,12 @@ class Assays:
         else:
             if d.baseline_start is None or d.baseline_end is None or d.baseline_start >= d.baseline_end:
                 raise InvalidArgument("the baseline range needs baseline_start before baseline_end")
-            values = self.sql.values(d, d.baseline_start, d.baseline_end)
+            values = self.sql.values(d, d.baseline_start, d.baseline_end, limit=MAX_BASELINE_VALUES)
+            if len(values) > MAX_BASELINE_VALUES:
+                raise InvalidArgument(
+                    f"baseline_start/baseline_end select over {MAX_BASELINE_VALUES} values of pipeline "
+                    f"{d.pipeline!r} at {d.iopath}: at most {MAX_BASELINE_VALUES}, choose a shorter range"
+                )
             where = (
                 f"the logs of pipeline {d.pipeline!r} at {d.iopath} from "
                 f"{d.baseline_start.isoformat()} to {d.baseline_end.isoformat()}"
