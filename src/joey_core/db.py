@@ -88,25 +88,42 @@ def lock_pipeline_logs(conn: psycopg.Connection[Any], workspace: str, pipeline: 
     )
 
 
-# SQLSTATE classes of a database that cannot serve now, whatever it is asked: connection exceptions,
-# transaction rollbacks (serialization failures, deadlocks: they pass when tried again), insufficient
-# resources (disk full, out of memory, too many connections), operator intervention (shutdown, a
-# cancelled statement) and system errors. Everything else (bad data, a key or row too large, an
-# error in a query) is a refusal of what was asked, and asking again gives the same answer.
-_UNAVAILABLE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
-_UNAVAILABLE_STATES = frozenset({"55P03"})  # lock_not_available: a lock timeout
+# A refusal is an allow-list: SQLSTATE classes caused by the data itself (22 data exception: a value
+# out of range, an invalid byte sequence; 23 integrity violation; 54 program limit: an index row or a
+# value too large), where the same rows are refused again and other rows pass. Anything else (a
+# read-only or failing-over server, a revoked privilege, a schema that does not match during a rolling
+# upgrade, an internal error, a lost connection, a bug of ours) is the platform failing, not the data:
+# calling that a refusal would throw every record away for as long as it lasts.
+_REFUSAL_CLASSES = frozenset({"22", "23", "54"})
+# Class 42 is a query the server refuses as written (an undefined operator, a cast that cannot be
+# made): the query's fault when it comes from a definition, except these, which are the platform's.
+_NOT_THE_QUERYS_FAULT = frozenset({"42501", "42P01", "42703", "42P10"})  # privilege, missing table/column
+
+
+def is_refusal(exc: BaseException, conn: psycopg.Connection[Any] | None = None) -> bool:
+    """Whether the database refused the data it was given (another batch would pass, the same one
+    never); False for everything else, which is an outage to wait out. An error after which
+    ``conn`` is broken is always an outage."""
+    if conn is not None and conn.broken:
+        return False
+    if isinstance(exc, psycopg.Error):
+        if exc.sqlstate is None:
+            return isinstance(exc, psycopg.DataError)  # refused by the client (a NUL in text)
+        return exc.sqlstate[:2] in _REFUSAL_CLASSES
+    return isinstance(exc, UnicodeEncodeError)
+
+
+def is_query_error(exc: BaseException, conn: psycopg.Connection[Any] | None = None) -> bool:
+    """Whether the database refused a query as written or the data it computed (:func:`is_refusal`
+    or SQLSTATE class 42 but for the platform's own): what a bad assay definition causes."""
+    if is_refusal(exc, conn):
+        return True
+    if not isinstance(exc, psycopg.Error) or exc.sqlstate is None or (conn is not None and conn.broken):
+        return False
+    return exc.sqlstate[:2] == "42" and exc.sqlstate not in _NOT_THE_QUERYS_FAULT
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means the database cannot serve now (retry the same work later), as opposed
-    to a refusal of the work itself (which no retry changes)."""
-    if isinstance(exc, psycopg.InterfaceError):
-        return True  # the connection is closed or broken
-    if not isinstance(exc, psycopg.Error):
-        return False
-    state = exc.sqlstate
-    if state is None:
-        # No answer from the server: a lost connection, or a pool timeout (an OperationalError too).
-        # A DataError without one is the client refusing a value (a NUL in text), not an outage.
-        return isinstance(exc, psycopg.OperationalError)
-    return state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_STATES
+    """Whether a database error is the database's (wait and retry the same work), not a refusal of
+    the query or its data (:func:`is_query_error`, which no retry changes)."""
+    return isinstance(exc, psycopg.Error) and not is_query_error(exc)

@@ -101,8 +101,9 @@ def test_long_request_ids_and_a_refused_row_never_stop_logging(
     database_url = logger_settings.database_url.get_secret_value()
     other = f"{pipeline}-other"
     long_ids = [
-        log_record(pipeline, 0, request_id="a" * 3 * 1024),
-        log_record(pipeline, 1, request_id="b" * 100 * 1024),
+        # 3 KB and 100 KB, random: repeated characters compress into an index entry that fits.
+        log_record(pipeline, 0, request_id=secrets.token_hex(1536)),
+        log_record(pipeline, 1, request_id=secrets.token_hex(50 * 1024)),
     ]
     # Decodes, but its unique-key entry is too large for Postgres's index (random: entries are compressed).
     refused_record = log_record(pipeline, 2, workspace=secrets.token_urlsafe(6000))

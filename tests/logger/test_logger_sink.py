@@ -170,19 +170,24 @@ def test_records_of_a_deleted_pipelines_deployments_are_dropped(
 def test_long_request_ids_are_stored_whole_and_once(
     sink: PostgresLogSink, database_url: str, pipeline: str
 ) -> None:
-    # Over the ~2.7 KB a btree entry holds: only their hash is in the unique key.
-    ids = ["r" * 3 * 1024, "é" * 50 * 1024, "s" * 3 * 1024 + "-other"]
+    # Over the ~2.7 KB a btree entry holds, and random: Postgres compresses index entries, so
+    # repeated characters would fit the old key and not test it. Only their hash is in the key.
+    ids = [secrets.token_hex(1536), secrets.token_hex(50 * 1024), "é" + secrets.token_hex(1536)]
     batch = [log_record(pipeline, i, request_id=request_id) for i, request_id in enumerate(ids)]
     assert sink.write(batch) == WriteResult(written=3, duplicates=0)
     assert sink.write(batch) == WriteResult(written=0, duplicates=3)
     with psycopg.connect(database_url) as conn:
         stored = conn.execute(
-            "SELECT request_id, request_key FROM inference_logs WHERE pipeline = %s ORDER BY input_offset",
+            "SELECT request_id, joey_request_key(request_id) FROM inference_logs WHERE pipeline = %s "
+            "ORDER BY input_offset",
             (pipeline,),
         ).fetchall()
     assert [row[0] for row in stored] == ids
     assert all(row[1].startswith("sha256:") and len(row[1]) == 71 for row in stored)
     assert len({row[1] for row in stored}) == 3
+    # A short id spelling out a long one's key is a different request, with a key of its own.
+    spoof = log_record(pipeline, 0, request_id=stored[0][1])
+    assert sink.write([spoof, batch[0]]) == WriteResult(written=1, duplicates=1)
 
 
 def test_a_row_too_large_for_the_index_is_refused_not_an_outage(
@@ -211,10 +216,26 @@ def test_a_lost_connection_is_an_outage_and_the_next_write_reconnects(
     assert ended == [(True,)]
 
 
+def test_a_read_only_database_is_an_outage_not_a_refusal(
+    sink: PostgresLogSink, database_url: str, pipeline: str
+) -> None:
+    # As on a standby after a failover, or under default_transaction_read_only: every write fails
+    # (ReadOnlySqlTransaction 25006), and the records must wait for a writable server, not be
+    # dead-lettered as if their data were refused. Its session only: the database is shared.
+    assert sink.write([log_record(pipeline, 1)]).written == 1
+    assert sink._conn is not None
+    sink._conn.execute("SET default_transaction_read_only = on")
+    sink._conn.commit()
+    with pytest.raises(SinkUnavailable, match="ReadOnlySqlTransaction 25006"):
+        sink.write([log_record(pipeline, 2)])
+    assert count_rows(database_url, pipeline) == (1, 1)
+    assert sink.write([log_record(pipeline, 2)]).written == 1  # a new connection, writable
+
+
 def test_a_database_at_migration_0011_upgrades_and_keeps_one_row_per_input(pipeline: str) -> None:
     with scratch_database("joey_logupgrade", up_to=11) as url:
         # Rows stored under the old key, one with a request id long enough (600 bytes) to be hashed now.
-        old = [log_record(pipeline, 0), log_record(pipeline, 1, request_id="q" * 600)]
+        old = [log_record(pipeline, 0), log_record(pipeline, 1, request_id=secrets.token_hex(300))]
         with psycopg.connect(url) as conn, conn.cursor() as cursor:
             cursor.executemany(
                 "INSERT INTO inference_logs (workspace, pipeline, pipeline_version, deployment_id, "
@@ -228,7 +249,7 @@ def test_a_database_at_migration_0011_upgrades_and_keeps_one_row_per_input(pipel
         sink.open()
         try:
             # The same inputs again (a replay across the upgrade) add nothing; a long id is stored.
-            longest = log_record(pipeline, 2, request_id="z" * 100 * 1024)
+            longest = log_record(pipeline, 2, request_id=secrets.token_hex(50 * 1024))
             assert sink.write([*old, longest]) == WriteResult(written=1, duplicates=2)
             assert sink.write([longest]) == WriteResult(written=0, duplicates=1)
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import grpc
 import numpy as np
@@ -12,10 +13,16 @@ import psycopg
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg.types.json import Jsonb
+from psycopg_pool import PoolTimeout
 
 from joey_core import assays
+from joey_core.assays.runs import AssayDefinition
 from joey_core.v1 import registry_pb2 as pb
 from joey_logger.sink import PostgresLogSink
+from joey_registry import assays as registry_assays
+from joey_registry.access import Access
+from joey_registry.assays import Assays
+from joey_registry.store import Store
 from tests.conftest import wait_until
 from tests.logger.helpers import log_record
 from tests.registry.helpers import Stub, rpc_error, step, upload
@@ -486,3 +493,62 @@ def test_an_assay_that_cannot_be_counted_shows_why_and_logging_goes_on(
     assert "failed and cannot be resumed" in (error.details() or "")
     pause = stub.SetAssayActive(pb.SetAssayActiveRequest(workspace=workspace, name="broken", active=False))
     assert not pause.active and pause.failure == listed.failure
+
+
+def test_a_database_outage_while_creating_an_assay_is_no_invalid_argument(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], db: psycopg.Connection
+) -> None:
+    stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace, name="checked")))
+    row = db.execute(
+        "SELECT definition FROM assays WHERE name = 'checked' "
+        "AND workspace_id = (SELECT id FROM workspaces WHERE name = %s)",
+        (workspace,),
+    ).fetchone()
+    assert row is not None
+    stored = AssayDefinition.from_json(workspace, "checked", row[0])
+    # Deleted at once: a live assay from 2025 would keep an assayer of a later test busy scoring.
+    stub.DeleteAssay(pb.DeleteAssayRequest(workspace=workspace, name="checked"))
+    # The same check over a pool whose database cannot be reached (nothing listens on port 1).
+    unreachable = Store("postgresql://postgres@127.0.0.1:1/joey?connect_timeout=1")
+    unreachable.pool.timeout = 1
+    unreachable.pool.open(wait=False)
+    try:
+        with pytest.raises(PoolTimeout):
+            Assays(unreachable, cast(Access, None))._test_compile(stored)
+    finally:
+        unreachable.close()
+
+
+def test_an_unreadable_definition_is_listed_failed_with_the_others(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], db: psycopg.Connection
+) -> None:
+    for name in ("good", "unreadable"):
+        stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace, name=name)))
+    # Written around the registry's checks (or by another version): it cannot be read.
+    db.execute(
+        "UPDATE assays SET definition = definition - 'summarizer' "
+        "WHERE name = 'unreadable' AND workspace_id = (SELECT id FROM workspaces WHERE name = %s)",
+        (workspace,),
+    )
+    good, unreadable = stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays
+    assert good.definition.name == "good" and good.failure == "" and good.baseline.bin_counts
+    assert (unreadable.definition.name, unreadable.definition.pipeline) == ("unreadable", "p")
+    assert "its definition cannot be read: KeyError" in unreadable.failure, unreadable.failure
+    error = rpc_error(
+        lambda: stub.GetAssayResults(pb.GetAssayResultsRequest(workspace=workspace, name="unreadable"))
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    for name in ("good", "unreadable"):  # a live assay from 2025 would keep a later assayer busy
+        stub.DeleteAssay(pb.DeleteAssayRequest(workspace=workspace, name=name))
+
+
+def test_a_baseline_range_over_the_bound_is_refused_having_read_no_more(
+    stub: Stub, workspace: str, logged: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bound lowered under what the range holds (the registry runs in this process), rather than
+    # logging a million rows: the range is read up to one value past it, then refused.
+    monkeypatch.setattr(registry_assays, "MAX_BASELINE_VALUES", 10)
+    error = rpc_error(lambda: stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "baseline_start/baseline_end select over 10 values" in (error.details() or ""), error.details()
+    assert not stub.ListAssays(pb.ListAssaysRequest(workspace=workspace)).assays

@@ -33,7 +33,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 
 from joey_assayer.settings import AssayerSettings
 from joey_assayer.store import AssayerStore, LiveAssay
-from joey_core import kafka, topics
+from joey_core import db, kafka, topics
 from joey_core.assays import ALERTING
 from joey_core.heartbeats import ServiceHeartbeat
 from joey_core.kafka import DeliveryTracker, consumer_config, producer_config
@@ -93,7 +93,9 @@ class Assayer:
                         self.commit(consumer)
                     # Also retries what an earlier tick stored but could not publish.
                     self.publish(producer)
-                except psycopg.OperationalError as exc:
+                except psycopg.Error as exc:
+                    if not db.is_unavailable(exc):
+                        raise
                     # Nothing is lost while Postgres is away: windows stay due and are scored later.
                     log.warning("database unavailable, scoring later: %s", exc)
                     stop.wait(s.tick_s)
@@ -177,9 +179,9 @@ class Assayer:
         for assay in self.store.active_assays():
             try:
                 budget = self._close_windows_of(assay, budget)
-            except psycopg.OperationalError:
-                raise  # the database, not the assay: the loop waits for it
-            except Exception:
+            except Exception as exc:
+                if db.is_unavailable(exc):
+                    raise  # the database, not the assay: the loop waits for it
                 # One assay that cannot be scored must not stop the others; it is retried every tick.
                 d = assay.definition
                 log.exception("assay %s/%s could not be scored", d.workspace, d.name)

@@ -4,6 +4,7 @@ counts and storing the result once."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,8 @@ from psycopg_pool import ConnectionPool
 from joey_core.assays import Status, panes
 from joey_core.assays.runs import AssayDefinition, result_of, summary_to_json
 from joey_core.assays.streaming import WindowCounts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,14 +55,22 @@ class AssayerStore:
                 "JOIN workspaces w ON w.id = a.workspace_id "
                 "WHERE a.active AND a.failure IS NULL ORDER BY a.id"
             ).fetchall()
-        return [
-            LiveAssay(
-                r["id"],
-                AssayDefinition.from_json(r["workspace"], r["name"], r["definition"]),
-                r["backfilled"],
-            )
-            for r in rows
-        ]
+        live = []
+        for r in rows:
+            try:
+                definition = AssayDefinition.from_json(r["workspace"], r["name"], r["definition"])
+            except panes.DEFINITION_ERRORS as exc:
+                # Its alone: the others are scored all the same, and it is never tried again.
+                self.fail(r["id"], f"{r['workspace']}/{r['name']}", exc)
+                continue
+            live.append(LiveAssay(r["id"], definition, r["backfilled"]))
+        return live
+
+    def fail(self, assay_id: int, name: str, exc: BaseException) -> None:
+        reason = f"its definition cannot be read: {panes.failure_text(exc)}"
+        with self.pool.connection() as conn:
+            if panes.mark_failed(conn, assay_id, reason):
+                log.error("assay %s failed, it is no longer counted or scored: %s", name, reason)
 
     def backfill(self, assay: LiveAssay, since: datetime) -> None:
         """Count the log rows stored before the assay existed into its windows from ``since``."""

@@ -18,12 +18,12 @@ A crash anywhere before 5 replays the batch from the last committed offsets, and
 turns the replayed rows into no-ops (dead-lettered records may appear twice on the
 dead-letter topic, which is only read by people).
 
-Only an unavailable sink (a database that cannot serve: a lost connection, a shutdown, a full
-disk, see ``joey_core.db.is_unavailable``) or dead-letter topic holds the batch back; a record the
-database refuses never does. When either is unavailable, nothing is committed: the consumer
-seeks back to the first offset of the batch, pauses its partitions for a growing backoff, and
-keeps polling meanwhile so group membership and rebalances go on as usual. A stop during
-that pause closes the consumer without a commit, leaving the batch to the next owner.
+Only an unavailable sink (anything but a refusal of the data: a lost connection, a shutdown, a
+read-only server, a schema mismatch, see ``joey_core.db.is_refusal``) or dead-letter topic holds
+the batch back; a record the database refuses never does. When either is unavailable, nothing is
+committed: the consumer seeks back to the first offset of the batch, pauses its partitions for a
+growing backoff, and keeps polling meanwhile so group membership and rebalances go on as usual. A
+stop during that pause closes the consumer without a commit, leaving the batch to the next owner.
 
 Rebalances: the batch is handled start to finish between two ``consume`` calls, and
 rebalance callbacks only run inside ``consume`` (or ``close``), so when partitions are revoked
@@ -37,11 +37,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from joey_core import kafka, topics
 from joey_core.heartbeats import ServiceHeartbeat
@@ -59,6 +59,11 @@ SOURCE_HEADER = "joey-dead-letter-source"
 """``<topic>[<partition>]@<offset>`` of the dead-lettered record."""
 DROPPED_HEADER = "joey-dead-letter-value-dropped"
 """Bytes of a value left out because the dead letter would not fit with it (it stays at its source)."""
+# Errors of producing one record that no retry fixes: the record too large (for the producer, the
+# broker or the topic) or invalid for the broker. Anything else is the topic being unavailable.
+_UNFIXABLE = frozenset(
+    {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD}
+)
 
 
 class Backoff:
@@ -190,40 +195,66 @@ class LoggerService:
         undecodable: list[tuple[ConsumedRecord, str]],
         rejected: list[tuple[ConsumedRecord, str]],
     ) -> None:
-        if not undecodable and not rejected:
+        letters = [*undecodable, *rejected]
+        if not letters:
             return
+        for message, reason in letters:
+            log.error("dead-lettering log record at %s: %s", message.where(), reason)
+        # Refused for good as they are (too large with the reason headers added, or for the
+        # dead-letter topic's own limit, or invalid): retrying never changes that, so they go without
+        # their values; the reason and source still go, and the record stays where it came from.
+        refused = self._send(producer, letters, with_values=True)
+        if refused and self._send(producer, refused, with_values=False):
+            raise RetryLater(
+                f"dead-letter topic refuses even the value-less dead letter of {refused[0][0].where()}"
+            )
+        metrics.DEAD_LETTERED.labels("undecodable").inc(len(undecodable))
+        metrics.DEAD_LETTERED.labels("rejected").inc(len(rejected))
+
+    def _send(
+        self, producer: Producer, letters: list[tuple[ConsumedRecord, str]], with_values: bool
+    ) -> list[tuple[ConsumedRecord, str]]:
+        """Produce and flush the dead letters; the ones refused for a reason no retry can fix.
+        RetryLater for anything else (the topic unavailable, a flush timing out)."""
         tracker = DeliveryTracker()
-        for failures in (undecodable, rejected):
-            for message, reason in failures:
-                source = message.where()
-                log.error("dead-lettering log record at %s: %s", source, reason)
-                trail = [(REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())]
-                try:
-                    producer.produce(
-                        topics.LOGS_DEAD_LETTER,
-                        value=message.value,
-                        key=message.key,
-                        headers=[*message.headers, *trail],
-                        on_delivery=tracker.on_delivery,
-                    )
-                except KafkaException as exc:
-                    # Too large with the trail added (the record itself fit on joey.logs): the
-                    # reason and source still go, so the record can be found where it came from.
-                    log.error("dead letter of %s without its value: %s", source, exc)
-                    dropped = (DROPPED_HEADER, str(len(message.value or b"")).encode())
-                    producer.produce(
-                        topics.LOGS_DEAD_LETTER,
-                        value=None,
-                        key=message.key,
-                        headers=[*trail, dropped],
-                        on_delivery=tracker.on_delivery,
-                    )
+        refused: list[tuple[ConsumedRecord, str]] = []
+
+        def delivered(letter: tuple[ConsumedRecord, str]) -> Callable[[KafkaError | None, Message], None]:
+            def on_delivery(err: KafkaError | None, msg: Message) -> None:
+                if err is not None and err.code() in _UNFIXABLE:
+                    refused.append(letter)
+                else:
+                    tracker.on_delivery(err, msg)
+
+            return on_delivery
+
+        for message, reason in letters:
+            source = message.where()
+            trail = [(REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())]
+            headers: list[tuple[str, str | bytes | None]]
+            if with_values:
+                value, headers = message.value, [*message.headers, *trail]
+            else:
+                log.error("dead letter of %s goes without its value", source)
+                value, headers = None, [*trail, (DROPPED_HEADER, str(len(message.value or b"")).encode())]
+            try:
+                producer.produce(
+                    topics.LOGS_DEAD_LETTER,
+                    value=value,
+                    key=message.key,
+                    headers=headers,
+                    on_delivery=delivered((message, reason)),
+                )
+            except KafkaException as exc:
+                if exc.args[0].code() not in _UNFIXABLE:
+                    raise RetryLater(f"dead-letter topic unavailable: {exc}") from exc
+                log.error("dead letter of %s refused by the producer: %s", source, exc)
+                refused.append((message, reason))
         try:
             tracker.flush(producer)
         except (KafkaException, TimeoutError) as exc:
             raise RetryLater(f"dead-letter topic unavailable: {exc}") from exc
-        metrics.DEAD_LETTERED.labels("undecodable").inc(len(undecodable))
-        metrics.DEAD_LETTERED.labels("rejected").inc(len(rejected))
+        return refused
 
     def _commit(self, consumer: Consumer, batch: Sequence[ConsumedRecord]) -> None:
         kafka.commit(consumer, kafka.next_offsets(batch), kafka.CommitPolicy.BEST_EFFORT, log)

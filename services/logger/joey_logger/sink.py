@@ -122,8 +122,8 @@ COLUMNS = (
 _ARRAY_COLUMNS = frozenset({"check_failures", "models", "elapsed_ns"})
 
 _COLUMN_LIST = ", ".join(COLUMNS)
-# The table's unique key (migration 0012): request_key is the request id, or a hash of a long one.
-_UNIQUE_KEY = ("workspace", "pipeline", "request_key", "input_partition", "input_offset")
+# The table's unique index (migration 0012): joey_request_key is the request id, or a hash of a long one.
+_UNIQUE_KEY = ("workspace", "pipeline", "(joey_request_key(request_id))", "input_partition", "input_offset")
 _STAGING = "joey_logger_staging"
 # Rows vanish at the end of every transaction, so one table per connection serves every batch
 # without the catalog churn of creating and dropping a table per batch.
@@ -167,7 +167,7 @@ class PostgresLogSink(LogSink):
         try:
             db.prepare(self._url)
             self._connection()
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:  # a database that cannot be prepared (even read-only) holds it back
             raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc
 
     def write(self, records: Sequence[dict[str, Any]]) -> WriteResult:
@@ -190,12 +190,13 @@ class PostgresLogSink(LogSink):
                         copy.write_row(_row(record))
                 written = counting.insert(conn, _INSERT)
         except Exception as exc:
-            # Only a database that cannot serve is an outage; anything else is a refusal of this
-            # batch's data (a value, a key or row too large), which retrying never changes.
-            if db.is_unavailable(exc):
-                self.close()
-                raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc
-            raise BatchRejected(failure_text(exc)) from exc
+            # Only the data's fault (a value, a key or row too large) is a refusal, which retrying
+            # never changes; anything else (a read-only server, a schema mismatch, a lost connection,
+            # a bug) is an outage: dead-lettering would throw away every record for as long as it lasts.
+            if db.is_refusal(exc, conn):
+                raise BatchRejected(failure_text(exc)) from exc
+            self.close()
+            raise SinkUnavailable(f"Postgres unavailable: {failure_text(exc)}") from exc
         if counting.failed:
             metrics.ASSAYS_FAILED.inc(len(counting.failed))
         return WriteResult(written=written, duplicates=len(records) - written)

@@ -16,7 +16,7 @@ from joey_core.assays.runs import (
     WindowResult,
 )
 from joey_core.v1 import registry_pb2 as pb
-from joey_registry.assays import StoredAssay
+from joey_registry.assays import StoredAssay, UnreadableDefinition
 from joey_registry.convert import optional_datetime, timestamp
 from joey_registry.errors import InvalidArgument
 
@@ -131,14 +131,16 @@ def summary(s: Summary) -> pb.AssaySummary:
 
 
 def assay(stored: StoredAssay) -> pb.Assay:
-    assert stored.definition.baseline is not None
-    message = pb.Assay(
-        definition=definition_message(stored.definition),
-        active=stored.active,
-        created_at=timestamp(stored.created_at),
-        baseline=summary(stored.definition.baseline),
-        failure=stored.failure,
-    )
+    d = stored.definition
+    message = pb.Assay(active=stored.active, created_at=timestamp(stored.created_at), failure=stored.failure)
+    if isinstance(d, UnreadableDefinition):
+        message.definition.CopyFrom(
+            pb.AssayDefinition(workspace=d.workspace, name=d.name, pipeline=d.pipeline)
+        )
+    else:
+        assert d.baseline is not None
+        message.definition.CopyFrom(definition_message(d))
+        message.baseline.CopyFrom(summary(d.baseline))
     if stored.failed_at is not None:
         message.failed_at.CopyFrom(timestamp(stored.failed_at))
     return message

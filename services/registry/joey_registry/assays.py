@@ -19,9 +19,9 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from joey_core import topics
+from joey_core import db, topics
 from joey_core.assays import Scores, Status, Summary
-from joey_core.assays.panes import hold_for_change
+from joey_core.assays.panes import DEFINITION_ERRORS, failure_text, hold_for_change
 from joey_core.assays.runs import (
     MICROS_SQL,
     MICROSECOND,
@@ -70,13 +70,36 @@ MAX_BASELINE_VALUES = 1_000_000
 
 
 @dataclass(frozen=True)
+class UnreadableDefinition:
+    """What is known of a stored assay whose definition cannot be read (written around the
+    registry's checks, or by another version): it is listed, failed, instead of failing the list."""
+
+    workspace: str
+    name: str
+    pipeline: str
+
+
+@dataclass(frozen=True)
 class StoredAssay:
-    definition: AssayDefinition
+    definition: AssayDefinition | UnreadableDefinition
     active: bool
     created_at: datetime
     failure: str = ""
     """Why the assay stopped (migration 0013); empty while it works."""
     failed_at: datetime | None = None
+
+
+def _stored(ws: WorkspaceRef, row: dict[str, Any]) -> StoredAssay:
+    """The assay of an ``assays`` row; one whose definition cannot be read is failed, saying why
+    (the loggers and the assayer mark it so too), and the others are listed all the same."""
+    failure = row["failure"] or ""
+    definition: AssayDefinition | UnreadableDefinition
+    try:
+        definition = AssayDefinition.from_json(ws.name, row["name"], row["definition"])
+    except DEFINITION_ERRORS as exc:
+        definition = UnreadableDefinition(ws.name, row["name"], row["pipeline"])
+        failure = failure or f"its definition cannot be read: {failure_text(exc)}"
+    return StoredAssay(definition, row["active"], row["created_at"], failure, row["failed_at"])
 
 
 class AssayStore:
@@ -110,21 +133,12 @@ class AssayStore:
     def find(self, ws: WorkspaceRef, pipeline: str, name: str = "") -> list[StoredAssay]:
         with self._pool.connection() as conn:
             rows = conn.execute(
-                "SELECT name, definition, active, created_at, failure, failed_at FROM assays "
+                "SELECT name, pipeline, definition, active, created_at, failure, failed_at FROM assays "
                 "WHERE workspace_id = %s "
                 "AND (%s = '' OR pipeline = %s) AND (%s = '' OR name = %s) ORDER BY name",
                 (ws.id, pipeline, pipeline, name, name),
             ).fetchall()
-        return [
-            StoredAssay(
-                AssayDefinition.from_json(ws.name, r["name"], r["definition"]),
-                r["active"],
-                r["created_at"],
-                r["failure"] or "",
-                r["failed_at"],
-            )
-            for r in rows
-        ]
+        return [_stored(ws, r) for r in rows]
 
     def set_active(self, ws: WorkspaceRef, name: str, active: bool) -> bool:
         with self._pool.connection() as conn:
@@ -172,9 +186,15 @@ class AssayStore:
                 )
             )
 
-    def values(self, definition: AssayDefinition, start: datetime | None, end: datetime | None) -> Any:
+    def values(
+        self,
+        definition: AssayDefinition,
+        start: datetime | None,
+        end: datetime | None,
+        limit: int | None = None,
+    ) -> Any:
         with self._pool.connection() as conn:
-            return log_values(conn, definition, start, end)
+            return log_values(conn, definition, start, end, limit)
 
     def row_values(self, definition: AssayDefinition, rows: BaselineRows) -> tuple[Any, Any]:
         with self._pool.connection() as conn:
@@ -375,6 +395,8 @@ class Assays:
         """The assay's definition and its stored results whose window starts in ``[start, end)``."""
         ws = self.access.authorize(caller, workspace, Action.READ)
         stored = self._get(ws, name)
+        if isinstance(stored.definition, UnreadableDefinition):
+            raise FailedPrecondition(f"assay {name!r} has no results: {stored.failure}")
         return stored.definition, self.sql.results(ws, stored.definition, start, end)
 
     def _test_compile(self, d: AssayDefinition) -> None:
@@ -384,6 +406,8 @@ class Assays:
         try:
             self.sql.compile_values(d)
         except psycopg.Error as exc:
+            if not db.is_query_error(exc):
+                raise  # the database failing (an outage, a pool timeout), not the definition
             raise InvalidArgument(f"the values at {d.iopath} cannot be computed: {exc}") from None
         micros = np.array([(d.start - datetime(1970, 1, 1, tzinfo=UTC)) // MICROSECOND], dtype=np.int64)
         median = d.baseline.median if math.isfinite(d.baseline.median) else 0.0
@@ -510,7 +534,12 @@ class Assays:
         else:
             if d.baseline_start is None or d.baseline_end is None or d.baseline_start >= d.baseline_end:
                 raise InvalidArgument("the baseline range needs baseline_start before baseline_end")
-            values = self.sql.values(d, d.baseline_start, d.baseline_end)
+            values = self.sql.values(d, d.baseline_start, d.baseline_end, limit=MAX_BASELINE_VALUES)
+            if len(values) > MAX_BASELINE_VALUES:
+                raise InvalidArgument(
+                    f"baseline_start/baseline_end select over {MAX_BASELINE_VALUES} values of pipeline "
+                    f"{d.pipeline!r} at {d.iopath}: at most {MAX_BASELINE_VALUES}, choose a shorter range"
+                )
             where = (
                 f"the logs of pipeline {d.pipeline!r} at {d.iopath} from "
                 f"{d.baseline_start.isoformat()} to {d.baseline_end.isoformat()}"

@@ -28,9 +28,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
+from joey_core import db
 from joey_core.assays.runs import MICROS_SQL, AssayDefinition, timed_value_chunks, value_sql
 from joey_core.assays.streaming import WindowCounts
-from joey_core.db import is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,22 @@ def _rows(
         return cursor.execute(query, params).fetchall()
 
 
+DEFINITION_ERRORS = (ValueError, ArithmeticError, LookupError, TypeError)
+"""What reading (``AssayDefinition.from_json``) or counting a bad definition raises in Python;
+anything else (MemoryError, a RuntimeError) is no fault of the assay's and must not fail it for good."""
+
+
+def assays_fault(exc: BaseException, conn: psycopg.Connection[Any]) -> bool:
+    """Whether ``exc``, raised computing or counting an assay's values, is the assay's own doing (so
+    it fails), not the database's or the platform's (so the work is tried again later)."""
+    return isinstance(exc, DEFINITION_ERRORS) or db.is_query_error(exc, conn)
+
+
+# Raised by the INSERT itself (a key or row the table refuses): the assays' part cannot cause these,
+# so the insert is not run a second time without them only to be refused again.
+_INSERT_REFUSALS = frozenset({"23", "54"})
+
+
 MAX_FAILURE_LENGTH = 1000
 """Characters of an error kept as an assay's failure: enough to say what broke, bounded whatever the error."""
 
@@ -185,16 +201,19 @@ class LiveCounter:
             ):
                 try:
                     self._definitions[assay_id] = AssayDefinition.from_json(workspace, name, data)
-                except Exception as exc:  # whatever is wrong with it, it is this assay's alone
-                    failed.append((assay_id, _fail(conn, assay_id, f"{workspace}/{name}", exc)))
+                except DEFINITION_ERRORS as exc:  # whatever is wrong with it, it is this assay's alone
+                    if reason := _fail(conn, assay_id, f"{workspace}/{name}", exc):
+                        failed.append((assay_id, reason))
         assays = [(i, self._definitions[i]) for i in ids if i in self._definitions]
         return Counting(assays, failed)
 
 
-def _fail(conn: psycopg.Connection[Any], assay_id: int, name: str, exc: BaseException) -> str:
+def _fail(conn: psycopg.Connection[Any], assay_id: int, name: str, exc: BaseException) -> str | None:
+    """The reason, when this call marked the assay failed (None when it was not: see mark_failed)."""
     reason = f"its values cannot be counted: {failure_text(exc)}"
-    if mark_failed(conn, assay_id, reason):
-        log.error("assay %s failed, it is no longer counted or scored: %s", name, reason)
+    if not mark_failed(conn, assay_id, reason):
+        return None
+    log.error("assay %s failed, it is no longer counted or scored: %s", name, reason)
     return reason
 
 
@@ -204,7 +223,7 @@ class Counting:
 
     assays: list[tuple[int, AssayDefinition]]
     failed: list[tuple[int, str]]
-    """Assays found failing meanwhile, with the reason (marked failed in the caller's transaction)."""
+    """Assays this batch marked failed, with the reason (in the caller's transaction)."""
 
     def insert(self, conn: psycopg.Connection[Any], insert: sql.Composable) -> int:
         """Run ``insert`` (an INSERT without RETURNING) and count the rows it inserts into the
@@ -213,8 +232,8 @@ class Counting:
         The assays' values come with the insert (:meth:`returning`), so counting costs no second
         look at the table. If that fails, the insert is undone to its savepoint and run alone, and
         each assay is counted in a savepoint of its own: one that cannot be counted is marked
-        failed and the rows are stored all the same. An error of the insert alone (a row the
-        database refuses) or of the database itself propagates.
+        failed and the rows are stored all the same. An error only the insert causes (a key or row
+        the table refuses), or one of the database or the platform, propagates.
         """
         if self.assays:
             try:
@@ -223,7 +242,10 @@ class Counting:
                     self.count(conn, inserted)
                 return len(inserted)
             except Exception as exc:
-                if is_unavailable(exc):
+                if (
+                    not assays_fault(exc, conn)
+                    or (getattr(exc, "sqlstate", None) or "")[:2] in _INSERT_REFUSALS
+                ):
                     raise
                 log.warning("counting into %d assays failed, counting each alone: %s", len(self.assays), exc)
         ids = [row[0] for row in _rows(conn, sql.SQL("{} RETURNING id").format(insert), ())]
@@ -239,10 +261,11 @@ class Counting:
                     )
                     Counting([(assay_id, definition)], []).count(conn, rows)
             except Exception as exc:
-                if is_unavailable(exc):
+                if not assays_fault(exc, conn):
                     raise
                 name = f"{definition.workspace}/{definition.name}"
-                self.failed.append((assay_id, _fail(conn, assay_id, name, exc)))
+                if reason := _fail(conn, assay_id, name, exc):
+                    self.failed.append((assay_id, reason))
         return len(ids)
 
     def returning(self, insert: sql.Composable) -> sql.Composed:
@@ -294,7 +317,7 @@ def backfill(
             add_counts(conn, {(assay_id, start): counts for start, counts in panes.items()})
             conn.execute("UPDATE assays SET backfill_until = NULL WHERE id = %s", (assay_id,))
     except Exception as exc:
-        if is_unavailable(exc):
+        if not assays_fault(exc, conn):
             raise
         with conn.transaction():
             _fail(conn, assay_id, f"{definition.workspace}/{definition.name}", exc)

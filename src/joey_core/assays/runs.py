@@ -9,9 +9,10 @@ window are the same to the last bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
@@ -493,7 +494,7 @@ def value_chunks(
     definition: AssayDefinition,
     start: datetime | None,
     end: datetime | None,
-) -> Iterator[npt.NDArray[np.float64]]:
+) -> Generator[npt.NDArray[np.float64]]:
     """The iopath's numbers in the pipeline's logs with ``start <= time < end``, oldest first, in
     chunks of at most FETCH_ROWS read through a server-side cursor."""
     query = values_query(definition, _IN_RANGE)
@@ -579,10 +580,20 @@ def log_values(
     definition: AssayDefinition,
     start: datetime | None,
     end: datetime | None,
+    limit: int | None = None,
 ) -> npt.NDArray[np.float64]:
-    """Every value of :func:`value_chunks` in one array."""
-    chunks = list(value_chunks(conn, definition, start, end))
-    return np.concatenate(chunks) if chunks else np.empty(0, dtype=np.float64)
+    """Every value of :func:`value_chunks` in one array; with ``limit``, at most ``limit + 1`` of
+    them (read no further than that: more than ``limit`` says the range holds too many)."""
+    chunks: list[npt.NDArray[np.float64]] = []
+    read = 0
+    with contextlib.closing(value_chunks(conn, definition, start, end)) as found:
+        for chunk in found:
+            chunks.append(chunk)
+            read += len(chunk)
+            if limit is not None and read > limit:
+                break
+    values = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.float64)
+    return values if limit is None else values[: limit + 1]
 
 
 def log_times(
