@@ -194,6 +194,13 @@ def test_lying_and_malformed_lengths_are_answered_without_waiting(
     # Larger than the limit: refused before a byte of the body is read.
     assert raw_exchange(limited, infer_head(10**18)) == "HTTP/1.1 413 Request Entity Too Large"
     assert raw_exchange(limited, infer_head(MAX_BYTES + 1)) == "HTTP/1.1 413 Request Entity Too Large"
+    # h11 frames a body by Transfer-Encoding over a Content-Length beside it: a small declared length with
+    # a chunked body of any size. Refused before a chunk is read, as is a chunked body alone.
+    chunk = b"%x\r\n%s\r\n" % (1 << 16, b"x" * (1 << 16))
+    chunked = "Transfer-Encoding: chunked\r\n"
+    assert raw_exchange(limited, infer_head(10) + chunked, chunk) == "HTTP/1.1 400 Bad Request"
+    no_length = infer_head(0).replace("Content-Length: 0\r\n", chunked)
+    assert raw_exchange(limited, no_length, chunk) == "HTTP/1.1 400 Bad Request"
 
     # Claims 100 bytes, sends 10 and waits: answered 400 when the body timeout expires, naming what came.
     with socket.create_connection((limited.host, limited.port), timeout=30) as sock:

@@ -4,10 +4,10 @@
 Starlette routes served by uvicorn (h11) on an event loop of its own thread: the connections cost no thread
 each, so a client that stalls holds a socket, not a worker. The limits, each answered without waiting on the
 client: open connections and requests (``http_max_connections``, 503), headers within ``header_timeout_s`` of
-the connection's opening or last answer (the connection is closed), a body no longer than
-``max_request_bytes`` by its Content-Length (413, unread) and whole within ``body_timeout_s`` (400). The
-gateway's blocking calls run on ``http_workers`` threads; each pipeline's share of them is bounded by the
-gateway itself (429).
+the connection's opening or last answer (the connection is closed), no Transfer-Encoding (400), a body no
+longer than ``max_request_bytes`` by its Content-Length (413, unread) and by the bytes that arrive (413, read
+no further), whole within ``body_timeout_s`` (400). The gateway's blocking calls run on ``http_workers``
+threads; each pipeline's share of them is bounded by the gateway itself (429).
 """
 
 from __future__ import annotations
@@ -254,9 +254,12 @@ class RestApi:
         )
 
     async def _body(self, request: Request) -> bytes:
+        if "Transfer-Encoding" in request.headers:
+            # h11 lets Transfer-Encoding win over a Content-Length sent beside it: the declared length
+            # would bound nothing. A chunked body's size is unknown until read, so none is taken.
+            raise _bad("Transfer-Encoding is not accepted: send the body with a Content-Length")
         declared = request.headers.get("Content-Length")
         if declared is None or not declared.isdigit():
-            # h11 refuses a malformed one; without one (chunked), the size is unknown until read.
             raise _bad(f"Content-Length must be a non-negative integer, got {declared!r}")
         length, limit = int(declared), self._settings.max_request_bytes
         if length > limit:
@@ -269,6 +272,13 @@ class RestApi:
             with anyio.fail_after(self._settings.body_timeout_s):
                 async for chunk in request.stream():
                     received += len(chunk)
+                    # Counted as it arrives, not trusted from the header: should the parser ever frame a
+                    # body by anything but the Content-Length checked above, reading still stops here.
+                    if received > limit:
+                        raise GatewayError(
+                            Status.TOO_LARGE,
+                            f"request body over {limit} bytes, the most the gateway takes; not read further",
+                        )
                     chunks.append(chunk)
         except TimeoutError:
             raise _bad(
