@@ -168,3 +168,64 @@ def test_while_the_registry_cannot_answer_only_callers_it_recently_authorized_ar
         registry.is_down = False
         # Answering again, the registry decides afresh: the other user is no member.
         assert refused(lambda: auth.authorize(other.token, name, "infer")).status == Status.NOT_FOUND
+
+
+def test_a_token_refused_after_its_grant_is_not_served_by_the_grace(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person]
+) -> None:
+    """The registry said yes, then (the token revoked) no: the refusal erases the yes, so when the registry
+    then goes down the grace has nothing to serve the token on, in any workspace or for any action."""
+    name, owner = workspace
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        registry = _Switchable(stub, registry_pb2_grpc.RegistryStub(channel))
+        auth = RegistryAuth(cast(registry_pb2_grpc.RegistryStub, registry), cache_s=0, outage_grace_s=30)
+        auth.authorize(owner.token, name, "infer")
+        auth.authorize(owner.token, name, "read")
+        auth.authenticate(owner.token)
+        owner.stub.RevokeToken(pb.RevokeTokenRequest(name="tests"))
+        assert refused(lambda: auth.authorize(owner.token, name, "infer")).status == Status.UNAUTHENTICATED
+        registry.is_down = True
+        for call in (
+            lambda: auth.authorize(owner.token, name, "infer"),
+            lambda: auth.authorize(owner.token, name, "read"),  # not asked since: gone with the token
+            lambda: auth.authenticate(owner.token),
+        ):
+            assert refused(call).status == Status.UNAVAILABLE
+
+
+def test_a_non_members_refusal_erases_that_grant_only(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person], new_person: Callable[[], Person]
+) -> None:
+    name, owner = workspace
+    member = new_person()
+    owner.stub.AddWorkspaceMember(pb.AddWorkspaceMemberRequest(workspace=name, username=member.username))
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        registry = _Switchable(stub, registry_pb2_grpc.RegistryStub(channel))
+        auth = RegistryAuth(cast(registry_pb2_grpc.RegistryStub, registry), cache_s=0, outage_grace_s=30)
+        auth.authorize(member.token, name, "infer")
+        auth.authenticate(member.token)
+        owner.stub.RemoveWorkspaceMember(
+            pb.RemoveWorkspaceMemberRequest(workspace=name, username=member.username)
+        )
+        assert refused(lambda: auth.authorize(member.token, name, "infer")).status == Status.NOT_FOUND
+        registry.is_down = True
+        assert refused(lambda: auth.authorize(member.token, name, "infer")).status == Status.UNAVAILABLE
+        auth.authenticate(member.token)  # still a valid user: that yes stands for the grace
+
+
+def test_the_grace_ends(stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person]) -> None:
+    name, owner = workspace
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        registry = _Switchable(stub, registry_pb2_grpc.RegistryStub(channel))
+        auth = RegistryAuth(cast(registry_pb2_grpc.RegistryStub, registry), cache_s=0, outage_grace_s=1)
+        auth.authorize(owner.token, name, "infer")
+        registry.is_down = True
+
+        def refused_now() -> bool:
+            try:
+                auth.authorize(owner.token, name, "infer")
+            except GatewayError as exc:
+                return exc.status == Status.UNAVAILABLE
+            return False
+
+        wait_until(refused_now, 30, "the grace over")
