@@ -259,6 +259,30 @@ def test_slow_headers_are_cut_off_while_others_are_served(limited: Limited, heal
     assert limited.process.alive()
 
 
+def test_slow_headers_of_a_keep_alive_connections_next_request_are_cut_off(limited: Limited) -> None:
+    """The header deadline is armed again by each answer: a client served once, then trickling its next
+    request's headers a byte at a time, is cut off like a new one."""
+    with socket.create_connection((limited.host, limited.port), timeout=30) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b'{"live":true}' not in first:
+            chunk = sock.recv(65536)
+            assert chunk, first
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 200 OK"), first
+        trickle = iter((infer_head(10) * 100).encode())
+
+        def cut_off() -> bool:
+            try:
+                sock.sendall(bytes([next(trickle)]))
+            except OSError:  # reset or broken pipe: the server closed it
+                return True
+            return False
+
+        wait_until(cut_off, 60, "the keep-alive connection cut off", 0.1)
+    assert _status(f"{limited.url}/v2/health/live") == 200
+
+
 def test_shapes_of_empty_or_too_many_rows_are_refused(limited: Limited, healthy: Pipeline) -> None:
     for shape, status, message in (
         ([1_000_000, 0], 400, "a dimension of 0 leaves its rows without elements"),
