@@ -321,7 +321,9 @@ class RestApi:
             log.exception("inference request failed")
             return JSONResponse({"error": "internal error; see the gateway's log"}, 500)
         assert rest is not None  # infer() decoded the request before answering it
-        content, header_length = encode_response(rest, response)
+        decoded = rest
+        # Off the event loop: up to max_rows x max_elements values to list, dump and join.
+        content, header_length = await self._run(lambda: encode_response(decoded, response))
         if header_length is None:
             return Response(content, media_type="application/json")
         return Response(
