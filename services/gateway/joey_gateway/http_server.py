@@ -70,7 +70,10 @@ def _input(item: Any, binary: bytes, offset: int, limits: Limits) -> tuple[Tenso
     name, shape, datatype = str(item["name"]), item["shape"], str(item["datatype"])
     if not isinstance(shape, list):
         raise _bad(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-    size = (item.get("parameters") or {}).get("binary_data_size")
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise _bad(f'input {name!r}: "parameters" must be a JSON object')
+    size = parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise _bad(f"input {name!r}: binary_data_size {size!r} does not fit the binary body")
@@ -106,13 +109,15 @@ def decode_request(
         raise _bad('"parameters" must be a JSON object')
     outputs = [o for o in document.get("outputs") or [] if isinstance(o, dict) and "name" in o]
     timeout = parameters.get("timeout")
+    # Triton's request parameter: a timeout in microseconds. A JSON integer has no bound; past a float's, it
+    # is longer than the gateway's own deadline anyway.
+    timeout_s = float(min(timeout, 1e300)) / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None
     request = InferRequest(
         model=model,
         id=str(document.get("id", "")),
         inputs=inputs,
         outputs=[str(o["name"]) for o in outputs],
-        # Triton's request parameter: a timeout in microseconds.
-        timeout_s=float(timeout) / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None,
+        timeout_s=timeout_s,
     )
     binary_outputs = {
         str(o["name"]): bool(o["parameters"]["binary_data"])

@@ -185,7 +185,7 @@ def from_values(
     dtype = numpy_dtype(datatype)
     try:
         array = np.array(values, dtype=dtype)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: 1000 as INT8, 10**30 as INT64
         raise GatewayError(
             Status.INVALID_ARGUMENT, f"input {name!r}: data is not {datatype}: {exc}"
         ) from None
