@@ -25,7 +25,8 @@ _CODES = {
     Status.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    # Not RESOURCE_EXHAUSTED: a client retrying what the limits refuse would be refused again.
+    # Not RESOURCE_EXHAUSTED: a client retrying what the limits refuse would be refused again. (A message
+    # over max_request_bytes is refused by grpc itself, before the gateway sees it, as RESOURCE_EXHAUSTED.)
     Status.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
     Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Status.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
