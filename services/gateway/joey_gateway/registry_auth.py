@@ -32,6 +32,9 @@ MAX_CACHED = 10_000
 
 REGISTRY_TIMEOUT_S = 10.0
 
+QUIET_S = 1.0
+"""After the registry could not answer, how long no one asks it again (the grace serves, or 503)."""
+
 # Visible ASCII only: what an HTTP header and gRPC metadata can carry unchanged.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 
@@ -94,11 +97,13 @@ class RegistryAuth:
         cache_s: float,
         outage_grace_s: float = 0.0,
         max_cached: int = MAX_CACHED,
+        quiet_s: float = QUIET_S,
     ) -> None:
         self._stub = stub
         self._cache_s = cache_s
         self._outage_grace_s = outage_grace_s
         self._max_cached = max_cached
+        self._quiet_s = quiet_s
         self._lock = threading.Lock()
         # (sha256 of the token, workspace, action) -> monotonic time the registry said yes; oldest first.
         # Keyed by the hash so that no token is kept in memory past its request.
@@ -106,6 +111,10 @@ class RegistryAuth:
         # Token hash -> its keys in _granted: a token the registry no longer knows loses every "yes" at once.
         self._keys: dict[str, set[tuple[str, str, str]]] = {}
         self._outage_logged = False
+        self._quiet_until = 0.0
+        """Until then the registry, which could not answer, is not asked: a hung one costs one request its
+        timeout, not every request."""
+        self._quiet_reason = ""
 
     def authorize(self, token: str, workspace: str, action: str) -> None:
         """Pass if the caller presenting ``token`` may perform ``action`` ("read" or "infer") in
@@ -129,6 +138,13 @@ class RegistryAuth:
                 if asked >= granted + max(self._cache_s, self._outage_grace_s):
                     self._drop(key)
                     granted = None
+            quiet = asked < self._quiet_until
+            reason = self._quiet_reason
+        if quiet:
+            if granted is None:
+                raise RegistryUnreachable(reason)
+            metrics.STALE_ANSWERS.labels("auth").inc()
+            return
         metadata = bearer_metadata(token)
         try:
             if workspace:
@@ -146,6 +162,9 @@ class RegistryAuth:
                 if refused.status in _REFUSALS.values():
                     self._revoke(key, refused.status)
                 raise refused from None
+            with self._lock:
+                self._quiet_until = time.monotonic() + self._quiet_s
+                self._quiet_reason = exc.details()  # type: ignore[attr-defined]
             if granted is None:
                 raise refused from None
             self._outage(refused)
