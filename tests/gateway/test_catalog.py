@@ -127,6 +127,55 @@ def test_the_last_known_catalog_serves_while_the_registry_and_redis_are_down(
         pipeline.undeploy()
 
 
+def test_the_last_known_catalog_serves_while_the_registrys_redis_is_down_then_expires(
+    stack: Stack,
+    settings: CommonSettings,
+    service_factory: Callable[..., ServiceProcess],
+    iris_model: Path,
+    own_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """The registry keeps running but its Redis (the test's own) dies: it answers the deployment status
+    UNAVAILABLE, and the gateway serves the last known catalog until JOEY_CATALOG_STALE_S after it was
+    fetched, then refuses (503) rather than serve it unbounded."""
+    redis_url, redis_process = own_redis
+    registry_addr = f"127.0.0.1:{free_port()}"
+    registry = service_factory("registry", JOEY_REGISTRY_ADDR=registry_addr, JOEY_REDIS_URL=redis_url)
+    wait_registry_ready(registry_addr)
+    client = Client(settings=settings)
+    pipeline = client.build_pipeline("iris-stale-redis").add_model_step(
+        client.upload_model("iris-stale-redis", iris_model)
+    )
+    pipeline.deploy(replicas=1, timeout=90)
+    http_port = free_port()
+    gateway = service_factory(
+        "gateway",
+        JOEY_INSTANCE_ID=f"gateway-stale-redis-{secrets.token_hex(3)}",
+        JOEY_REGISTRY_ADDR=registry_addr,
+        JOEY_OIP_GRPC_ADDR=f"127.0.0.1:{free_port()}",
+        JOEY_OIP_HTTP_ADDR=f"127.0.0.1:{http_port}",
+        JOEY_CATALOG_STALE_S="10",
+    )
+    url = f"http://127.0.0.1:{http_port}/v2/models/iris-stale-redis/infer"
+    body = {
+        "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [[5.1, 3.5, 1.4, 0.2]]}]
+    }
+    admin = os.environ["JOEY_TOKEN"]
+    try:
+        wait_until(lambda: post(url, body, admin)[0] == 200, 60, "the gateway serving")
+        redis_process.kill()
+        redis_process.wait()
+        status, reply = post(url, body, admin)
+        assert status == 200, reply
+        wait_until(lambda: post(url, body, admin)[0] == 503, 60, "the last known catalog expired")
+        status, reply = post(url, body, admin)
+        assert status == 503 and "Redis" in reply["error"], reply
+        assert gateway.log_text().count("serving the last known catalog") == 1
+        assert registry.alive() and gateway.alive()
+    finally:
+        gateway.stop()
+        pipeline.undeploy()
+
+
 def post(url: str, body: Any, token: str) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Authorization": f"Bearer {token}"}

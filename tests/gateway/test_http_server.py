@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import schemathesis
 import tritonclient.grpc as grpcclient
+import uvicorn
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -39,6 +40,7 @@ from tritonclient.utils import InferenceServerException
 from joey.client import Client, Pipeline
 from joey_core import topics
 from joey_core.settings import CommonSettings
+from joey_gateway.http_server import HttpServer
 from tests.conftest import ServiceProcess, Stack, free_port, wait_service_ready, wait_until
 
 MAX_BYTES = 8 << 20
@@ -60,6 +62,7 @@ def process_data(inputs):
     return {"text": inputs["text"]}
 """
 SLOW_PIPELINE = "slow-limits"
+SLOW_TOO = "slow-limits-too"
 TEXT_PIPELINE = "text-limits"
 
 
@@ -94,6 +97,10 @@ def limited(stack: Stack, service_factory: Callable[..., ServiceProcess]) -> Lim
         JOEY_HEADER_TIMEOUT_S="1",
         JOEY_BODY_TIMEOUT_S="2",
         JOEY_PIPELINE_CONCURRENCY=str(CONCURRENCY),
+        # Two slow pipelines fill the inference workers: health and metadata must still be answered.
+        JOEY_HTTP_WORKERS=str(2 * CONCURRENCY),
+        JOEY_GRPC_WORKERS=str(2 * CONCURRENCY),
+        JOEY_WORKER_WAIT_S="1",
         JOEY_KAFKA_CONFIG=json.dumps({"message.max.bytes": MESSAGE_MAX_BYTES}),
     )
     wait_service_ready(stack.env, "gateway")
@@ -115,6 +122,15 @@ def slow(client: Client, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         SLOW_PIPELINE, step, framework="python", input_schema=features, output_schema=features
     )
     pipeline = client.build_pipeline(SLOW_PIPELINE).add_model_step(SLOW_PIPELINE)
+    pipeline.deploy(replicas=1, timeout=90)
+    yield pipeline
+    pipeline.undeploy()
+
+
+@pytest.fixture(scope="module")
+def slow_too(client: Client, slow: Pipeline) -> Iterator[Pipeline]:
+    """A second pipeline of the slow step."""
+    pipeline = client.build_pipeline(SLOW_TOO).add_model_step(SLOW_PIPELINE)
     pipeline.deploy(replicas=1, timeout=90)
     yield pipeline
     pipeline.undeploy()
@@ -194,6 +210,13 @@ def test_lying_and_malformed_lengths_are_answered_without_waiting(
     # Larger than the limit: refused before a byte of the body is read.
     assert raw_exchange(limited, infer_head(10**18)) == "HTTP/1.1 413 Request Entity Too Large"
     assert raw_exchange(limited, infer_head(MAX_BYTES + 1)) == "HTTP/1.1 413 Request Entity Too Large"
+    # h11 frames a body by Transfer-Encoding over a Content-Length beside it: a small declared length with
+    # a chunked body of any size. Refused before a chunk is read, as is a chunked body alone.
+    chunk = b"%x\r\n%s\r\n" % (1 << 16, b"x" * (1 << 16))
+    chunked = "Transfer-Encoding: chunked\r\n"
+    assert raw_exchange(limited, infer_head(10) + chunked, chunk) == "HTTP/1.1 400 Bad Request"
+    no_length = infer_head(0).replace("Content-Length: 0\r\n", chunked)
+    assert raw_exchange(limited, no_length, chunk) == "HTTP/1.1 400 Bad Request"
 
     # Claims 100 bytes, sends 10 and waits: answered 400 when the body timeout expires, naming what came.
     with socket.create_connection((limited.host, limited.port), timeout=30) as sock:
@@ -250,6 +273,30 @@ def test_slow_headers_are_cut_off_while_others_are_served(limited: Limited, heal
             thread.join(30)
     assert _status(f"{limited.url}/v2/health/live") == 200
     assert limited.process.alive()
+
+
+def test_slow_headers_of_a_keep_alive_connections_next_request_are_cut_off(limited: Limited) -> None:
+    """The header deadline is armed again by each answer: a client served once, then trickling its next
+    request's headers a byte at a time, is cut off like a new one."""
+    with socket.create_connection((limited.host, limited.port), timeout=30) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b'{"live":true}' not in first:
+            chunk = sock.recv(65536)
+            assert chunk, first
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 200 OK"), first
+        trickle = iter((infer_head(10) * 100).encode())
+
+        def cut_off() -> bool:
+            try:
+                sock.sendall(bytes([next(trickle)]))
+            except OSError:  # reset or broken pipe: the server closed it
+                return True
+            return False
+
+        wait_until(cut_off, 60, "the keep-alive connection cut off", 0.1)
+    assert _status(f"{limited.url}/v2/health/live") == 200
 
 
 def test_shapes_of_empty_or_too_many_rows_are_refused(limited: Limited, healthy: Pipeline) -> None:
@@ -349,6 +396,37 @@ def test_a_saturated_pipeline_is_refused_while_another_keeps_serving(
         for future in held:
             status, _ = future.result(timeout=300)  # the engine's step timeout fails them
             assert status != 200
+    # Each slot is given back once its request ends: the slow pipeline serves again.
+    wait_until(lambda: in_flight(limited, SLOW_PIPELINE) == 0, 60, "the slow pipeline's slots released")
+    assert infer(limited.url, SLOW_PIPELINE, [[1.0, 1.0, 1.0, 1.0]])[0] == 200
+
+
+def test_slow_pipelines_holding_every_worker_leave_health_and_metadata_answered(
+    limited: Limited, healthy: Pipeline, slow: Pipeline, slow_too: Pipeline
+) -> None:
+    """Two slow pipelines, each at its limit, hold every REST inference worker: a third pipeline's request
+    waits JOEY_WORKER_WAIT_S and is answered 503, while readiness and metadata (threads of their own) answer
+    at once, over REST and gRPC, and gRPC inference (workers of its own) goes on."""
+    stuck = [[777.0, 1.0, 1.0, 1.0]]
+    pipelines = (SLOW_PIPELINE, SLOW_TOO)
+    with ThreadPoolExecutor(2 * CONCURRENCY) as pool:
+        held = [pool.submit(infer, limited.url, p, stuck) for p in pipelines for _ in range(CONCURRENCY)]
+        for pipeline in pipelines:
+            wait_until(lambda p=pipeline: in_flight(limited, p) == CONCURRENCY, 60, f"{pipeline} full")
+        status, reply = infer(limited.url, "iris-limits", [[5.1, 3.5, 1.4, 0.2]])
+        assert (status, "every gateway worker stayed busy" in reply["error"]) == (503, True), reply
+        assert _status(f"{limited.url}/v2/health/ready", headers=bearer()) == 200
+        assert _status(f"{limited.url}/v2/models/iris-limits", headers=bearer()) == 200
+        triton = grpcclient.InferenceServerClient(limited.grpc_addr)
+        assert triton.is_server_ready(headers=bearer())
+        ok = grpcclient.InferInput("features", [1, 4], "FP32")
+        ok.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+        assert triton.infer("iris-limits", [ok], headers=bearer()).as_numpy("label") is not None
+        for future in held:
+            assert future.result(timeout=300)[0] != 200
+    for pipeline in pipelines:
+        wait_until(lambda p=pipeline: in_flight(limited, p) == 0, 60, f"{pipeline}'s slots released")
+    assert infer(limited.url, "iris-limits", [[5.1, 3.5, 1.4, 0.2]])[0] == 200
 
 
 def in_flight(gateway: Limited, pipeline: str) -> float:
@@ -404,3 +482,15 @@ def test_the_rest_api_conforms_to_its_openapi_document(limited: Limited, healthy
     assert failures == []
     assert runs >= 20  # every operation of the document was driven
     assert limited.process.alive()
+
+
+def test_a_rest_server_that_dies_before_serving_is_noticed() -> None:
+    """uvicorn ends its thread when it cannot start (here: an application it cannot import): the gateway
+    is told instead of beating as ready without REST."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config("joey_gateway.no_such_module:app", log_config=None)
+    server = HttpServer(uvicorn.Server(config), sock)
+    with pytest.raises(RuntimeError, match="stopped before it started serving"):
+        server.wait_started()
+    assert not server.alive
+    sock.close()

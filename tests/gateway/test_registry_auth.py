@@ -142,8 +142,10 @@ class _Switchable:
     def __init__(self, up: registry_pb2_grpc.RegistryStub, down: registry_pb2_grpc.RegistryStub) -> None:
         self._up, self._down = up, down
         self.is_down = False
+        self.asked = 0
 
     def __getattr__(self, name: str) -> Any:
+        self.asked += 1
         return getattr(self._down if self.is_down else self._up, name)
 
 
@@ -166,5 +168,91 @@ def test_while_the_registry_cannot_answer_only_callers_it_recently_authorized_ar
         ):
             assert refused(call).status == Status.UNAVAILABLE
         registry.is_down = False
-        # Answering again, the registry decides afresh: the other user is no member.
-        assert refused(lambda: auth.authorize(other.token, name, "infer")).status == Status.NOT_FOUND
+
+        def decided_afresh() -> bool:
+            # Asked again once the quiet after the outage ends: the other user is no member.
+            return refused(lambda: auth.authorize(other.token, name, "infer")).status == Status.NOT_FOUND
+
+        wait_until(decided_afresh, 30, "the registry asked again")
+
+
+def test_a_token_refused_after_its_grant_is_not_served_by_the_grace(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person]
+) -> None:
+    """The registry said yes, then (the token revoked) no: the refusal erases the yes, so when the registry
+    then goes down the grace has nothing to serve the token on, in any workspace or for any action."""
+    name, owner = workspace
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        registry = _Switchable(stub, registry_pb2_grpc.RegistryStub(channel))
+        auth = RegistryAuth(cast(registry_pb2_grpc.RegistryStub, registry), cache_s=0, outage_grace_s=30)
+        auth.authorize(owner.token, name, "infer")
+        auth.authorize(owner.token, name, "read")
+        auth.authenticate(owner.token)
+        owner.stub.RevokeToken(pb.RevokeTokenRequest(name="tests"))
+        assert refused(lambda: auth.authorize(owner.token, name, "infer")).status == Status.UNAUTHENTICATED
+        registry.is_down = True
+        for call in (
+            lambda: auth.authorize(owner.token, name, "infer"),
+            lambda: auth.authorize(owner.token, name, "read"),  # not asked since: gone with the token
+            lambda: auth.authenticate(owner.token),
+        ):
+            assert refused(call).status == Status.UNAVAILABLE
+
+
+def test_a_non_members_refusal_erases_that_grant_only(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person], new_person: Callable[[], Person]
+) -> None:
+    name, owner = workspace
+    member = new_person()
+    owner.stub.AddWorkspaceMember(pb.AddWorkspaceMemberRequest(workspace=name, username=member.username))
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        registry = _Switchable(stub, registry_pb2_grpc.RegistryStub(channel))
+        auth = RegistryAuth(cast(registry_pb2_grpc.RegistryStub, registry), cache_s=0, outage_grace_s=30)
+        auth.authorize(member.token, name, "infer")
+        auth.authenticate(member.token)
+        owner.stub.RemoveWorkspaceMember(
+            pb.RemoveWorkspaceMemberRequest(workspace=name, username=member.username)
+        )
+        assert refused(lambda: auth.authorize(member.token, name, "infer")).status == Status.NOT_FOUND
+        registry.is_down = True
+        assert refused(lambda: auth.authorize(member.token, name, "infer")).status == Status.UNAVAILABLE
+        auth.authenticate(member.token)  # still a valid user: that yes stands for the grace
+
+
+def test_the_grace_ends(stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person]) -> None:
+    name, owner = workspace
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        registry = _Switchable(stub, registry_pb2_grpc.RegistryStub(channel))
+        auth = RegistryAuth(cast(registry_pb2_grpc.RegistryStub, registry), cache_s=0, outage_grace_s=1)
+        auth.authorize(owner.token, name, "infer")
+        registry.is_down = True
+
+        def refused_now() -> bool:
+            try:
+                auth.authorize(owner.token, name, "infer")
+            except GatewayError as exc:
+                return exc.status == Status.UNAVAILABLE
+            return False
+
+        wait_until(refused_now, 30, "the grace over")
+
+
+def test_a_registry_that_cannot_answer_is_not_asked_again_at_once(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person], new_person: Callable[[], Person]
+) -> None:
+    """One request learns the registry cannot answer; the next ones within the quiet time are answered without
+    asking it (the grace, or 503), so a registry that hangs costs one request its timeout, not each."""
+    name, owner = workspace
+    stranger = new_person()
+    with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        registry = _Switchable(stub, registry_pb2_grpc.RegistryStub(channel))
+        auth = RegistryAuth(
+            cast(registry_pb2_grpc.RegistryStub, registry), cache_s=0, outage_grace_s=60, quiet_s=60
+        )
+        auth.authorize(owner.token, name, "infer")
+        registry.is_down = True
+        auth.authorize(owner.token, name, "infer")
+        asked = registry.asked
+        auth.authorize(owner.token, name, "infer")
+        assert refused(lambda: auth.authenticate(stranger.token)).status == Status.UNAVAILABLE
+        assert registry.asked == asked

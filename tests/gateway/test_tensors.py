@@ -183,3 +183,23 @@ def test_a_rest_body_nested_too_deeply_is_refused() -> None:
         decode_request("iris", "", body, None, LIMITS)
     assert refused.value.status == Status.INVALID_ARGUMENT
     assert "not valid JSON" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"inputs": [], "parameters": {"timeout": 10**400}},
+        {"inputs": [{"name": "f", "shape": [1], "datatype": "INT8", "data": [1000]}]},
+        {"inputs": [{"name": "f", "shape": [1], "datatype": "INT64", "data": [10**30]}]},
+        {"inputs": [{"name": "f", "shape": [1], "datatype": "UINT8", "data": [-1]}]},
+        {"inputs": [{"name": "f", "shape": [1], "datatype": "FP32", "data": [1], "parameters": [1]}]},
+    ],
+)
+def test_numbers_out_of_range_and_odd_parameters_are_a_bad_request_not_a_failure(
+    document: dict[str, object],
+) -> None:
+    """Found by schemathesis as 500s: JSON numbers have no bound, numpy's types do."""
+    try:
+        decode_request("iris", "", json.dumps(document).encode(), None, LIMITS)
+    except GatewayError as exc:
+        assert exc.status == Status.INVALID_ARGUMENT, exc.message

@@ -30,19 +30,26 @@ def serve() -> None:
     gateway = Gateway(settings)
     grpc, grpc_port = grpc_server.start_server(gateway, settings)
     http, http_port = http_server.start_server(gateway, settings, tls.server_context(settings))
-    log.info(
-        "Open Inference Protocol on gRPC port %d and HTTP port %d (%s)",
-        grpc_port,
-        http_port,
-        "TLS" if settings.tls_cert else "plaintext",
-    )
     heartbeat = ServiceHeartbeat(
         redis.Redis.from_url(settings.redis_url.get_secret_value()), settings, SERVICE
     )
+    failed = False
     try:
         # The heartbeat says "ready" (what `joey up` waits for) only once both listeners accept calls.
+        http.wait_started()
+        log.info(
+            "Open Inference Protocol on gRPC port %d and HTTP port %d (%s)",
+            grpc_port,
+            http_port,
+            "TLS" if settings.tls_cert else "plaintext",
+        )
         heartbeat.beat()
         while not stop.wait(heartbeat.interval_s):
+            if not http.alive:
+                # A gateway half serving would still beat as ready: stop, and let the supervisor see it.
+                log.error("the REST server stopped on its own; stopping the gateway")
+                failed = True
+                break
             heartbeat.beat()
     finally:
         # Stop accepting connections (an open keep-alive one can still send), let calls in flight finish
@@ -56,3 +63,5 @@ def serve() -> None:
         heartbeat.retire()
         gateway.close()
         log.info("stopped")
+    if failed:
+        raise SystemExit(1)

@@ -4,9 +4,10 @@ Answers are reused for ``status_cache_s`` so that readiness probes and requests 
 cost a registry call. They are shared by every caller: each request is authorized before it asks, and the
 registry is asked with that caller's token.
 
-When the registry cannot answer (it, its database or Redis is down), the last answer it gave is used for at
-most ``stale_s`` after it was fetched, and asked again every ``cache_s``: a blip of the control plane does not
-stop inference. A refusal (NOT_FOUND, PERMISSION_DENIED) is never replaced by an old answer.
+When the registry cannot answer (UNAVAILABLE or DEADLINE_EXCEEDED: it, its database or Redis is down), the
+last answer it gave is used for at most ``stale_s`` after it was fetched, and asked again every ``cache_s``:
+a blip of the control plane does not stop inference. Any other answer (a refusal such as NOT_FOUND, an
+error) stands, and erases the old answer, so that no later outage brings it back.
 """
 
 from __future__ import annotations
@@ -22,13 +23,10 @@ from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 from joey_gateway import metrics
 from joey_gateway.errors import GatewayError, Status
-from joey_gateway.registry_auth import bearer_metadata, refusal
+from joey_gateway.registry_auth import RegistryUnreachable, bearer_metadata, refusal
 from joey_gateway.tensors import oip_datatype
 
 log = logging.getLogger(__name__)
-
-# The registry's failures an old answer stands in for: it could not answer, or failed answering.
-_OUTAGE = {Status.UNAVAILABLE, Status.INTERNAL}
 
 
 @dataclass(frozen=True)
@@ -119,10 +117,15 @@ class Catalog:
         else:
             try:
                 info = self._load(workspace, pipeline, bearer_metadata(token))
-            except GatewayError as exc:
-                if exc.status not in _OUTAGE or cached is None or asked - cached.fetched > self._stale_s:
+            except RegistryUnreachable as exc:
+                # Only when it could not answer: what it did answer (a refusal, an error) stands.
+                if cached is None or asked - cached.fetched > self._stale_s:
                     raise
                 info = self._last_known(key, cached, asked, exc)
+            except GatewayError:
+                with self._lock:
+                    self._cached.pop(key, None)
+                raise
             else:
                 with self._lock:
                     self._cached[key] = _Cached(info, asked, asked + self._cache_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -16,7 +17,7 @@ from joey_core.oip import grpc_predict_v2_pb2 as pb
 from joey_core.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.service import SERVER_NAME, Gateway
-from joey_gateway.settings import GatewaySettings
+from joey_gateway.settings import CONTROL_WORKERS, GatewaySettings
 from joey_gateway.tensors import InferRequest, Limits, Tensor, from_raw, from_values, to_raw
 
 _CODES = {
@@ -24,7 +25,8 @@ _CODES = {
     Status.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    # Not RESOURCE_EXHAUSTED: a client retrying what the limits refuse would be refused again.
+    # Not RESOURCE_EXHAUSTED: a client retrying what the limits refuse would be refused again. (A message
+    # over max_request_bytes is refused by grpc itself, before the gateway sees it, as RESOURCE_EXHAUSTED.)
     Status.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
     Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Status.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -119,31 +121,52 @@ def decode_request(request: pb.ModelInferRequest, limits: Limits) -> InferReques
     )
 
 
+class _Pool:
+    """A share of the server's threads: a call beyond it is RESOURCE_EXHAUSTED at once, so that inference
+    calls waiting on slow pipelines never take the threads readiness and metadata are answered on."""
+
+    def __init__(self, size: int, what: str) -> None:
+        self._slots = threading.BoundedSemaphore(size)
+        self._refusal = GatewayError(
+            Status.RESOURCE_EXHAUSTED, f"all {size} of the gateway's {what} workers are busy; retry later"
+        )
+
+    def call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+        if not self._slots.acquire(blocking=False):
+            _abort(context, self._refusal)
+        try:
+            return _call(context, fn)
+        finally:
+            self._slots.release()
+
+
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, inference_workers: int) -> None:
         self._gateway = gateway
+        self._inference = _Pool(inference_workers, "inference")
+        self._control = _Pool(CONTROL_WORKERS, "health and metadata")
 
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> pb.ServerLiveResponse:  # noqa: N802
         # Liveness needs no token: orchestrators probe it.
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> pb.ServerReadyResponse:  # noqa: N802
-        _call(context, lambda: self._gateway.authenticate(_authorization(context)))
+        self._control.call(context, lambda: self._gateway.authenticate(_authorization(context)))
         return pb.ServerReadyResponse(ready=True)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> pb.ServerMetadataResponse:  # noqa: N802
-        _call(context, lambda: self._gateway.authenticate(_authorization(context)))
+        self._control.call(context, lambda: self._gateway.authenticate(_authorization(context)))
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=joey_core.__version__)
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> pb.ModelReadyResponse:  # noqa: N802
-        ready = _call(
+        ready = self._control.call(
             context,
             lambda: self._gateway.model_ready(request.name, request.version, _authorization(context)),
         )
         return pb.ModelReadyResponse(ready=ready)
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> pb.ModelMetadataResponse:  # noqa: N802
-        info = _call(
+        info = self._control.call(
             context, lambda: self._gateway.model(request.name, request.version, _authorization(context))
         )
 
@@ -164,7 +187,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
-        result = _call(
+        result = self._inference.call(
             context,
             lambda: self._gateway.infer(
                 request.model_name,
@@ -189,18 +212,19 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 def start_server(gateway: Gateway, settings: GatewaySettings) -> tuple[grpc.Server, int]:
     """Serve on ``settings.oip_grpc_addr`` (over TLS when the settings name a certificate); returns the
     server and the bound port (the address may ask for port 0)."""
-    workers = settings.grpc_workers
+    workers = settings.grpc_workers + CONTROL_WORKERS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oip-grpc"),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", 64 << 20),
         ],
-        # A call beyond the threads is refused (RESOURCE_EXHAUSTED), not queued without bound; each
-        # pipeline's share of them is bounded by the gateway.
+        # A call beyond the threads is refused (RESOURCE_EXHAUSTED), not queued without bound; the
+        # servicer divides them between inference and the rest, each pipeline's share bounded by the gateway.
         maximum_concurrent_rpcs=workers,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(gateway), server)
+    servicer = OipServicer(gateway, settings.grpc_workers)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     port = tls.add_port(server, settings.oip_grpc_addr, settings)
     if port == 0:
         raise OSError(f"cannot listen on {settings.oip_grpc_addr} for the OIP gRPC service")

@@ -4,10 +4,11 @@
 Starlette routes served by uvicorn (h11) on an event loop of its own thread: the connections cost no thread
 each, so a client that stalls holds a socket, not a worker. The limits, each answered without waiting on the
 client: open connections and requests (``http_max_connections``, 503), headers within ``header_timeout_s`` of
-the connection's opening or last answer (the connection is closed), a body no longer than
-``max_request_bytes`` by its Content-Length (413, unread) and whole within ``body_timeout_s`` (400). The
-gateway's blocking calls run on ``http_workers`` threads; each pipeline's share of them is bounded by the
-gateway itself (429).
+the connection's opening or last answer (the connection is closed), no Transfer-Encoding (400), a body no
+longer than ``max_request_bytes`` by its Content-Length (413, unread) and by the bytes that arrive (413, read
+no further), whole within ``body_timeout_s`` (400). The gateway's inference calls run on ``http_workers``
+threads, each pipeline's share of them bounded by the gateway itself (429); health, metadata and token
+checks on a few threads of their own; a request finding no free worker within ``worker_wait_s`` is 503.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import joey_core
 from joey_gateway import openapi
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.service import SERVER_NAME, Gateway
-from joey_gateway.settings import GatewaySettings
+from joey_gateway.settings import CONTROL_WORKERS, GatewaySettings
 from joey_gateway.tensors import InferRequest, InferResponse, Limits, Tensor, from_raw, from_values, to_raw
 
 log = logging.getLogger(__name__)
@@ -111,14 +112,15 @@ def decode_request(
         raise _bad('"outputs" must be a list')
     outputs = [o for o in requested if isinstance(o, dict) and "name" in o]
     timeout = parameters.get("timeout")
+    # Triton's request parameter: a timeout in microseconds. A JSON integer has no bound; past a float's, it
+    # is longer than the gateway's own deadline anyway.
+    timeout_s = float(min(timeout, 1e300)) / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None
     request = InferRequest(
         model=model,
         id=str(document.get("id", "")),
         inputs=inputs,
         outputs=[str(o["name"]) for o in outputs],
-        # Triton's request parameter: a timeout in microseconds. Capped at 10**15 (31 years): a larger
-        # integer has no float (OverflowError, found by tests/fuzz) and waits no longer in practice.
-        timeout_s=min(timeout, 10**15) / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None,
+        timeout_s=timeout_s,
     )
     binary_outputs = {
         str(o["name"]): bool(o["parameters"]["binary_data"])
@@ -171,13 +173,20 @@ def _tensors(specs: Any) -> list[dict[str, Any]]:
     return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in specs]
 
 
+@dataclass(frozen=True)
+class _Pools:
+    inference: anyio.CapacityLimiter
+    control: anyio.CapacityLimiter
+    threads: anyio.CapacityLimiter
+
+
 class RestApi:
     """The routes, each a thin adapter: read the request, call the gateway on a worker thread, answer."""
 
     def __init__(self, gateway: Gateway, settings: GatewaySettings) -> None:
         self._gateway = gateway
         self._settings = settings
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._pools_: _Pools | None = None
         self.app = Starlette(
             routes=[
                 Route("/v2/health/live", self._live),
@@ -196,10 +205,33 @@ class RestApi:
         # A trailing slash is the same route, not a redirect (as the stdlib server answered).
         self.app.router.redirect_slashes = False
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        if self._limiter is None:  # made on the server's own event loop
-            self._limiter = anyio.CapacityLimiter(self._settings.http_workers)
-        return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+    def _pools(self) -> _Pools:
+        if self._pools_ is None:  # made on the server's own event loop
+            self._pools_ = _Pools(
+                anyio.CapacityLimiter(self._settings.http_workers),
+                anyio.CapacityLimiter(CONTROL_WORKERS),
+                anyio.CapacityLimiter(self._settings.http_workers + CONTROL_WORKERS),
+            )
+        return self._pools_
+
+    async def _run(self, fn: Callable[[], T], inference: bool = False) -> T:
+        """``fn`` on a worker thread of the inference pool or of the small one that health, metadata and
+        token checks have to themselves; UNAVAILABLE when none frees within ``worker_wait_s``."""
+        pools = self._pools()
+        pool = pools.inference if inference else pools.control
+        try:
+            with anyio.fail_after(self._settings.worker_wait_s):
+                await pool.acquire()
+        except TimeoutError:
+            raise GatewayError(
+                Status.UNAVAILABLE,
+                f"every gateway worker stayed busy for {self._settings.worker_wait_s:g} s; retry later",
+            ) from None
+        try:
+            # Not bounded by anyio's default 40 threads: the pools above are the bound.
+            return await anyio.to_thread.run_sync(fn, limiter=pools.threads)
+        finally:
+            pool.release()
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -261,9 +293,12 @@ class RestApi:
         )
 
     async def _body(self, request: Request) -> bytes:
+        if "Transfer-Encoding" in request.headers:
+            # h11 lets Transfer-Encoding win over a Content-Length sent beside it: the declared length
+            # would bound nothing. A chunked body's size is unknown until read, so none is taken.
+            raise _bad("Transfer-Encoding is not accepted: send the body with a Content-Length")
         declared = request.headers.get("Content-Length")
         if declared is None or not declared.isdigit():
-            # h11 refuses a malformed one; without one (chunked), the size is unknown until read.
             raise _bad(f"Content-Length must be a non-negative integer, got {declared!r}")
         length, limit = int(declared), self._settings.max_request_bytes
         if length > limit:
@@ -276,6 +311,13 @@ class RestApi:
             with anyio.fail_after(self._settings.body_timeout_s):
                 async for chunk in request.stream():
                     received += len(chunk)
+                    # Counted as it arrives, not trusted from the header: should the parser ever frame a
+                    # body by anything but the Content-Length checked above, reading still stops here.
+                    if received > limit:
+                        raise GatewayError(
+                            Status.TOO_LARGE,
+                            f"request body over {limit} bytes, the most the gateway takes; not read further",
+                        )
                     chunks.append(chunk)
         except TimeoutError:
             raise _bad(
@@ -310,15 +352,19 @@ class RestApi:
             rest = decode_request(model, version, body, header, self._gateway.limits)
             return rest.request
 
+        def serve() -> tuple[bytes, int | None]:
+            response = self._gateway.infer(model, version, decode, authorization)
+            assert rest is not None  # infer() decoded the request before answering it
+            # Off the event loop: up to max_rows x max_elements values to list, dump and join.
+            return encode_response(rest, response)
+
         try:
-            response = await self._run(lambda: self._gateway.infer(model, version, decode, authorization))
+            content, header_length = await self._run(serve, inference=True)
         except GatewayError as exc:
             return _error(exc)
         except Exception:
             log.exception("inference request failed")
             return JSONResponse({"error": "internal error; see the gateway's log"}, 500)
-        assert rest is not None  # infer() decoded the request before answering it
-        content, header_length = encode_response(rest, response)
         if header_length is None:
             return Response(content, media_type="application/json")
         return Response(
@@ -369,10 +415,28 @@ class HttpServer:
 
     def __init__(self, server: uvicorn.Server, sock: socket.socket) -> None:
         self._server = server
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="oip-http", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, args=(sock,), name="oip-http", daemon=True)
         self._thread.start()
+
+    def _run(self, sock: socket.socket) -> None:
+        try:
+            self._server.run(sockets=[sock])
+        except SystemExit as exc:  # how uvicorn ends when it cannot start; it logged why
+            log.error("the REST server stopped: uvicorn's exit status %s", exc.code)
+        except Exception:
+            log.exception("the REST server failed")
+
+    def wait_started(self) -> None:
+        """Until uvicorn accepts connections; RuntimeError if its thread ended first (uvicorn logged why)."""
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the REST server stopped before it started serving")
+            self._thread.join(0.05)
+
+    @property
+    def alive(self) -> bool:
+        """False once uvicorn's thread ended: the gateway no longer serves REST."""
+        return self._thread.is_alive()
 
     def shutdown(self) -> None:
         """Stop accepting connections; the requests in flight finish (each ends by its deadline)."""

@@ -2,9 +2,11 @@
 
 The gateway holds no credentials of its own; it forwards the caller's ``Bearer`` token. A positive answer
 is reused for at most ``cache_s`` (at most a second, so a revoked token or a deactivated user is refused
-within a second). A refusal is never cached. A registry that cannot answer (down, or its database is)
-refuses the call, except to a caller it said yes to at most ``outage_grace_s`` ago: a blip of the control
-plane does not stop inference for callers already served, and no one it never authorized is let in.
+within a second). A refusal is never cached, and it erases the earlier "yes" it contradicts (every one of
+the token's, when the registry no longer knows the token). A registry that cannot answer (UNAVAILABLE or
+DEADLINE_EXCEEDED: down, or its database is) refuses the call, except to a caller it said yes to at most
+``outage_grace_s`` ago and has not refused since: a blip of the control plane does not stop inference for
+callers already served, and no one it never authorized is let in. Any other answer of the registry stands.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ MAX_CACHED = 10_000
 """Positive answers kept at once: bounds the memory a flood of distinct tokens can take."""
 
 REGISTRY_TIMEOUT_S = 10.0
+
+QUIET_S = 1.0
+"""After the registry could not answer, how long no one asks it again (the grace serves, or 503)."""
 
 # Visible ASCII only: what an HTTP header and gRPC metadata can carry unchanged.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
@@ -63,16 +68,24 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+class RegistryUnreachable(GatewayError):
+    """The registry could not answer (UNAVAILABLE, DEADLINE_EXCEEDED): the only failure an earlier answer
+    may stand in for. Any answer it gave, refusal or error, stands as it is."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(Status.UNAVAILABLE, f"registry unavailable: {details}")
+
+
 def refusal(exc: grpc.RpcError) -> GatewayError:
-    """The gateway's answer to a registry call that failed: its refusal as it is, UNAVAILABLE when it could
-    not answer (never a pass)."""
+    """The gateway's answer to a registry call that failed: its refusal as it is,
+    :class:`RegistryUnreachable` when it could not answer, INTERNAL for any other answer (never a pass)."""
     code = exc.code()  # type: ignore[attr-defined]
     details = exc.details()  # type: ignore[attr-defined]
     status = _REFUSALS.get(code)
     if status is not None:
         return GatewayError(status, details)
     if code in _UNREACHABLE:
-        return GatewayError(Status.UNAVAILABLE, f"registry unavailable: {details}")
+        return RegistryUnreachable(details)
     log.error("the registry answered %s: %s", code, details)
     return GatewayError(Status.INTERNAL, "the registry failed; see the gateway's log")
 
@@ -84,16 +97,24 @@ class RegistryAuth:
         cache_s: float,
         outage_grace_s: float = 0.0,
         max_cached: int = MAX_CACHED,
+        quiet_s: float = QUIET_S,
     ) -> None:
         self._stub = stub
         self._cache_s = cache_s
         self._outage_grace_s = outage_grace_s
         self._max_cached = max_cached
+        self._quiet_s = quiet_s
         self._lock = threading.Lock()
         # (sha256 of the token, workspace, action) -> monotonic time the registry said yes; oldest first.
         # Keyed by the hash so that no token is kept in memory past its request.
         self._granted: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        # Token hash -> its keys in _granted: a token the registry no longer knows loses every "yes" at once.
+        self._keys: dict[str, set[tuple[str, str, str]]] = {}
         self._outage_logged = False
+        self._quiet_until = 0.0
+        """Until then the registry, which could not answer, is not asked: a hung one costs one request its
+        timeout, not every request."""
+        self._quiet_reason = ""
 
     def authorize(self, token: str, workspace: str, action: str) -> None:
         """Pass if the caller presenting ``token`` may perform ``action`` ("read" or "infer") in
@@ -115,8 +136,15 @@ class RegistryAuth:
                 if asked < granted + self._cache_s:
                     return
                 if asked >= granted + max(self._cache_s, self._outage_grace_s):
-                    del self._granted[key]
+                    self._drop(key)
                     granted = None
+            quiet = asked < self._quiet_until
+            reason = self._quiet_reason
+        if quiet:
+            if granted is None:
+                raise RegistryUnreachable(reason)
+            metrics.STALE_ANSWERS.labels("auth").inc()
+            return
         metadata = bearer_metadata(token)
         try:
             if workspace:
@@ -129,20 +157,50 @@ class RegistryAuth:
                 self._stub.WhoAmI(pb.WhoAmIRequest(), metadata=metadata, timeout=REGISTRY_TIMEOUT_S)
         except grpc.RpcError as exc:
             refused = refusal(exc)
-            if granted is None or refused.status not in (Status.UNAVAILABLE, Status.INTERNAL):
+            if not isinstance(refused, RegistryUnreachable):
+                self._answered()
+                if refused.status in _REFUSALS.values():
+                    self._revoke(key, refused.status)
+                raise refused from None
+            with self._lock:
+                self._quiet_until = time.monotonic() + self._quiet_s
+                self._quiet_reason = exc.details()  # type: ignore[attr-defined]
+            if granted is None:
                 raise refused from None
             self._outage(refused)
             return
+        self._answered()
+        if self._cache_s <= 0 and self._outage_grace_s <= 0:
+            return
+        with self._lock:
+            self._granted[key] = asked
+            self._granted.move_to_end(key)
+            self._keys.setdefault(key[0], set()).add(key)
+            while len(self._granted) > self._max_cached:
+                self._drop(next(iter(self._granted)))
+
+    def _revoke(self, key: tuple[str, str, str], status: Status) -> None:
+        """A refusal overrides every older "yes" it covers, so that no outage can bring one back: of the
+        token, whatever the workspace, when the registry no longer knows it; else of this question."""
+        with self._lock:
+            keys = list(self._keys.get(key[0], ())) if status == Status.UNAUTHENTICATED else [key]
+            for each in keys:
+                if each in self._granted:
+                    self._drop(each)
+
+    def _drop(self, key: tuple[str, str, str]) -> None:
+        """Forget one "yes"; the caller holds the lock."""
+        del self._granted[key]
+        keys = self._keys[key[0]]
+        keys.discard(key)
+        if not keys:
+            del self._keys[key[0]]
+
+    def _answered(self) -> None:
         with self._lock:
             if self._outage_logged:
                 log.info("the registry answers again; callers are authorized afresh")
                 self._outage_logged = False
-            if self._cache_s <= 0 and self._outage_grace_s <= 0:
-                return
-            self._granted[key] = asked
-            self._granted.move_to_end(key)
-            while len(self._granted) > self._max_cached:
-                self._granted.popitem(last=False)
 
     def _outage(self, refused: GatewayError) -> None:
         metrics.STALE_ANSWERS.labels("auth").inc()

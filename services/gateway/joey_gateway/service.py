@@ -165,12 +165,14 @@ class Gateway:
             info = self._deployed(model, version, self._authorized(model, authorization, INFER))
             labels = (info.workspace, info.pipeline)
             slot = self._slot(info)
-            in_flight = metrics.IN_FLIGHT.labels(*labels)
-            in_flight.inc()
-            try:
-                return self._infer(info, decode(), deadline)
+            try:  # from the moment it is taken: nothing after may keep the slot
+                in_flight = metrics.IN_FLIGHT.labels(*labels)
+                in_flight.inc()
+                try:
+                    return self._infer(info, decode(), deadline)
+                finally:
+                    in_flight.dec()
             finally:
-                in_flight.dec()
                 slot.release()
         except GatewayError as exc:
             outcome = exc.status.name.lower()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from joey_core.settings import ServiceSettings, TlsServerSettings
+
+CONTROL_WORKERS = 4
+"""Threads of each transport for health, metadata and token checks, beside the inference workers: a gateway
+whose inference workers are all waiting on slow pipelines still answers its probes."""
 
 
 class GatewaySettings(ServiceSettings, TlsServerSettings):
@@ -28,19 +32,26 @@ class GatewaySettings(ServiceSettings, TlsServerSettings):
     this long. Refusals are never reused."""
 
     grpc_workers: int = Field(default=32, ge=1)
-    """Threads serving gRPC calls; each waits for its reply, so this bounds concurrent gRPC requests. A call
-    beyond them is answered RESOURCE_EXHAUSTED at once rather than queued."""
+    """Threads serving gRPC inference calls; each waits for its reply, so this bounds concurrent gRPC
+    requests. A call beyond them is answered RESOURCE_EXHAUSTED at once rather than queued. Health and
+    metadata calls have a few threads of their own."""
 
     http_workers: int = Field(default=32, ge=1)
-    """Threads serving REST requests (each waits for its replies); a request beyond them waits for one."""
+    """Threads serving REST inference requests (each waits for its replies); a request beyond them waits
+    JOEY_WORKER_WAIT_S for one, then 503. Health, metadata and token checks have a few threads of their
+    own."""
 
     http_max_connections: int = Field(default=256, ge=1)
     """Open REST connections and requests at once; one more is answered 503 at once."""
 
-    pipeline_concurrency: int = Field(default=16, ge=1)
+    pipeline_concurrency: int = Field(default=8, ge=1)
     """Requests of one pipeline in flight at once (REST and gRPC together); one more is answered 429 /
     RESOURCE_EXHAUSTED, so that a slow pipeline holds at most this many threads and the others keep serving.
-    Keep it below JOEY_GRPC_WORKERS and JOEY_HTTP_WORKERS."""
+    At most half of JOEY_GRPC_WORKERS and of JOEY_HTTP_WORKERS, so that one slow pipeline never holds them
+    all (the default, a quarter, leaves room for three)."""
+
+    worker_wait_s: float = Field(default=5.0, gt=0)
+    """How long a REST request waits for a free worker thread before it is answered 503."""
 
     header_timeout_s: float = Field(default=10.0, gt=0)
     """A REST connection that has not sent a request's headers this long after it opened (or after its last
@@ -68,3 +79,13 @@ class GatewaySettings(ServiceSettings, TlsServerSettings):
 
     metrics_port: int | None = None
     """Port of the Prometheus endpoint; none when unset."""
+
+    @model_validator(mode="after")
+    def _pipelines_share_the_workers(self) -> GatewaySettings:
+        workers = min(self.http_workers, self.grpc_workers)
+        if self.pipeline_concurrency > workers // 2:
+            raise ValueError(
+                f"JOEY_PIPELINE_CONCURRENCY {self.pipeline_concurrency} would let one or two slow pipelines "
+                f"hold all {workers} workers: keep it at most half of JOEY_HTTP_WORKERS and JOEY_GRPC_WORKERS"
+            )
+        return self
