@@ -10,6 +10,7 @@ import codecs
 import json
 import lzma
 import math
+import resource
 import struct
 import zipfile
 import zlib
@@ -367,14 +368,45 @@ class PythonValidator(RuntimeValidator):
             raise InvalidArgument(
                 f"a python step must be UTF-8 text: {exc.reason} at byte {exc.start}"
             ) from None
+        tree = _parse(source)
         try:
-            tree = ast.parse(source, filename="step.py")
-        except SyntaxError as exc:
-            raise InvalidArgument(f"python step has a syntax error at line {exc.lineno}: {exc.msg}") from None
-        _check_entry_point(tree)
+            _check_entry_point(tree)
+        except RecursionError:  # ast.unparse of a deeply nested default, naming the wrong parameters
+            raise InvalidArgument(_TOO_DEEP) from None
         for kind, specs in (("input", declared.inputs), ("output", declared.outputs)):
             _check_declared(kind, specs)
         return declared
+
+
+_TOO_DEEP = (
+    "the python step is nested too deeply to check (an expression thousands of operators or attributes "
+    "deep); split it into smaller expressions"
+)
+
+
+def _parse(source: str) -> ast.Module:
+    try:
+        return ast.parse(source, filename="step.py")
+    except SyntaxError as exc:
+        raise InvalidArgument(f"python step has a syntax error at line {exc.lineno}: {exc.msg}") from None
+    except RecursionError:  # `a.b.b.b...`, `1+1+...`: deeper than the AST builder recurses
+        raise InvalidArgument(_TOO_DEEP) from None
+    except MemoryError:
+        # CPython's parser also says MemoryError when its stack overflows (`- - - ... 1`, a few thousand
+        # deep), having used next to no memory; a tree too large for the limit has used nearly all of it.
+        if _memory_nearly_used():
+            raise
+        raise InvalidArgument(_TOO_DEEP) from None
+
+
+def _memory_nearly_used() -> bool:
+    """Whether this process's peak address space came within half of its limit (RLIMIT_AS)."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return False
+    status = Path("/proc/self/status").read_text()
+    peak_kb = int(status.split("VmPeak:", 1)[1].split()[0])
+    return peak_kb * 1024 > limit // 2
 
 
 def _check_entry_point(tree: ast.Module) -> None:
