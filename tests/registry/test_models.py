@@ -25,7 +25,7 @@ from joey_registry.app import RegistryServer
 from joey_registry.settings import RegistrySettings
 from joey_registry.store import Store
 from tests.conftest import scratch_database, wait_until
-from tests.registry.helpers import Stub, rpc_error, token_stub, upload, upload_requests
+from tests.registry.helpers import Stub, heavy_step, rpc_error, token_stub, upload, upload_requests
 
 
 def artifact_files(server: RegistryServer) -> list[Path]:
@@ -361,16 +361,37 @@ def staged(server: RegistryServer) -> list[Path]:
     return list(server.settings.artifact_dir.glob("staging/*"))
 
 
-def test_a_model_that_folds_into_gigabytes_leaves_the_registry_serving(
-    stub: Stub, workspace: str, iris_bytes: bytes, registry_server: RegistryServer
+def test_a_model_that_would_fold_into_gigabytes_is_refused_from_its_shapes(
+    stub: Stub, workspace: str, iris_bytes: bytes
 ) -> None:
+    # Refused by the static size check, before anything is allocated: nothing reaches a memory limit.
     error = rpc_error(lambda: upload(stub, workspace, "bomb", _folds_into_gigabytes()))
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "[100000, 100000]" in error.details() and "JOEY_UPLOAD_CHECK_MEMORY_MB" in error.details()
-    assert stub.WhoAmI(pb.WhoAmIRequest(), timeout=10).username == "admin"
     assert upload(stub, workspace, "iris", iris_bytes).version == 1
-    assert [m.name for m in stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models] == ["iris"]
+
+
+def test_a_check_over_its_memory_is_contained_and_the_registry_serves_on(
+    registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes, admin_token: str
+) -> None:
+    # The step's syntax tree really is built in the check process, and needs more than its 512 MiB.
+    spec = pb.TensorSpec(name="x", dtype="float32", shape=[-1])
+    header = pb.UploadModelHeader(
+        workspace=workspace, name="heavy", framework="python", inputs=[spec], outputs=[spec]
+    )
+    source = heavy_step()
+    requests = [pb.UploadModelRequest(header=header)] + [
+        pb.UploadModelRequest(chunk=source[at : at + (1 << 20)]) for at in range(0, len(source), 1 << 20)
+    ]
+    with private_registry(registry_settings, admin_token, upload_check_memory_mb=512) as (server, stub):
+        error = rpc_error(lambda: stub.UploadModel(iter(requests), timeout=120))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "needed more than 512 MiB of memory (JOEY_UPLOAD_CHECK_MEMORY_MB)" in error.details()
+        assert not staged(server)
+        assert stub.WhoAmI(pb.WhoAmIRequest(), timeout=10).username == "admin"
+        assert upload(stub, workspace, "iris", iris_bytes).version == 1
+        assert [m.name for m in stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models] == ["iris"]
 
 
 def test_a_check_over_its_timeout_is_refused(
@@ -397,49 +418,70 @@ def _code(future: grpc.Future) -> grpc.StatusCode:
     return grpc.StatusCode.OK if error is None else error.code()  # type: ignore[no-any-return]
 
 
-def test_stalled_uploads_hold_only_their_pool_and_are_cut_off(
+def test_stalled_uploads_hold_only_their_pool(
     registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes, admin_token: str
 ) -> None:
-    # Six threads in all: without a pool of their own, six stalled uploads would take every one.
-    limits = {"grpc_max_workers": 6, "upload_concurrency": 4, "upload_idle_timeout_s": 10.0}
+    # Six threads in all: without a pool of their own, six stalled uploads would take every one. The idle
+    # timeout is far beyond the test, so only the release ends the four admitted.
+    limits = {"grpc_max_workers": 6, "upload_concurrency": 4, "upload_idle_timeout_s": 3600.0}
     release = threading.Event()
     with private_registry(registry_settings, admin_token, **limits) as (server, stub):
         try:
             calls = [
-                stub.UploadModel.future(_stalled(workspace, f"stalled-{i}", release), timeout=60)
+                stub.UploadModel.future(_stalled(workspace, f"stalled-{i}", release), timeout=600)
                 for i in range(16)
             ]
 
             def refused() -> list[grpc.Future]:
                 return [c for c in calls if c.done() and _code(c) == grpc.StatusCode.RESOURCE_EXHAUSTED]
 
-            wait_until(lambda: len(refused()) == 12, 30, "12 uploads refused while 4 are admitted")
+            wait_until(lambda: len(refused()) == 12, 60, "12 uploads refused while 4 are admitted")
             admitted = [c for c in calls if c not in refused()]
-            # The four hold their slots (nothing can end them but their idle timeout) while others are served.
             for _ in range(20):
-                listed = stub.ListWorkspaces(pb.ListWorkspacesRequest(), timeout=5).workspaces
+                listed = stub.ListWorkspaces(pb.ListWorkspacesRequest(), timeout=10).workspaces
                 assert workspace in [w.name for w in listed]
-                assert stub.WhoAmI(pb.WhoAmIRequest(), timeout=5).username == "admin"
+                assert stub.WhoAmI(pb.WhoAmIRequest(), timeout=10).username == "admin"
             assert not any(c.done() for c in admitted)
             error = rpc_error(lambda: upload(stub, workspace, "one-more", iris_bytes))
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "(JOEY_UPLOAD_CONCURRENCY)" in error.details()
-
-            wait_until(lambda: all(c.done() for c in admitted), 60, "the stalled uploads to be cut off")
-            assert [_code(c) for c in admitted] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
-            assert "sent nothing for 10 s (JOEY_UPLOAD_IDLE_TIMEOUT_S)" in admitted[0].exception().details()
         finally:
             release.set()
-        assert not staged(server)
-        # The threads that read them ended with their calls.
-        wait_until(
-            lambda: not [t for t in threading.enumerate() if t.name == "upload-reader"],
-            30,
-            "the stalled uploads' readers to end",
-        )
-        # Their slots are free again.
-        assert upload(stub, workspace, "iris", iris_bytes).version == 1
-        assert [m.name for m in stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models] == ["iris"]
+        # Released, each ends its stream: the bytes it sent are no model.
+        wait_until(lambda: all(c.done() for c in admitted), 120, "the released uploads to end")
+        assert [_code(c) for c in admitted] == [grpc.StatusCode.INVALID_ARGUMENT] * 4
+        _assert_slots_free_again(server, stub, workspace, iris_bytes)
+
+
+def _assert_slots_free_again(server: RegistryServer, stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    assert not staged(server)
+    # The threads that read them ended with their calls.
+    wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name == "upload-reader"],
+        30,
+        "the stalled uploads' readers to end",
+    )
+    assert upload(stub, workspace, "iris", iris_bytes).version == 1
+    assert [m.name for m in stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models] == ["iris"]
+
+
+def test_stalled_uploads_are_cut_off_at_the_idle_timeout(
+    registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes, admin_token: str
+) -> None:
+    limits = {"grpc_max_workers": 4, "upload_concurrency": 2, "upload_idle_timeout_s": 1.0}
+    release = threading.Event()
+    with private_registry(registry_settings, admin_token, **limits) as (server, stub):
+        try:
+            calls = [
+                stub.UploadModel.future(_stalled(workspace, f"stalled-{i}", release), timeout=600)
+                for i in range(2)
+            ]
+            wait_until(lambda: all(c.done() for c in calls), 120, "the stalled uploads to be cut off")
+        finally:
+            release.set()
+        assert [_code(c) for c in calls] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+        assert "sent nothing for 1 s (JOEY_UPLOAD_IDLE_TIMEOUT_S)" in calls[0].exception().details()
+        _assert_slots_free_again(server, stub, workspace, iris_bytes)
 
 
 def test_an_upload_slower_than_its_deadline_is_cut_off(
