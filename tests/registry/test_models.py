@@ -119,23 +119,75 @@ XGBOOST_JSON = json.dumps(
 ).encode()
 
 
-def _folds_into_gigabytes() -> bytes:
-    """A model of 200 bytes whose ConstantOfShape fills [100000, 100000] floats (40 GB)."""
-    shape = onnx.numpy_helper.from_array(np.array([100_000, 100_000], dtype=np.int64), "shape")
-    one = onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0])
+def _model(nodes: list[onnx.NodeProto], **extra: object) -> bytes:
+    """A model of ``nodes``, which compute ``total`` (a scalar): y = x + total."""
     graph = onnx.helper.make_graph(
-        [
-            onnx.helper.make_node("ConstantOfShape", ["shape"], ["big"], value=one),
-            onnx.helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
-            onnx.helper.make_node("Add", ["x", "total"], ["y"]),
-        ],
+        [*nodes, onnx.helper.make_node("Add", ["x", "total"], ["y"])],
         "folds",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 1])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 1])],
-        initializer=[shape],
+        **extra,  # type: ignore[arg-type]
     )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    model = onnx.helper.make_model(graph, opset_imports=[_OPSET, _LOCAL], ir_version=8)
     return model.SerializeToString()
+
+
+_OPSET = onnx.helper.make_opsetid("", 17)
+_LOCAL = onnx.helper.make_opsetid("local", 1)
+
+
+def _sum_of_ones(shape: list[int]) -> list[onnx.NodeProto]:
+    """Nodes that fill ``shape`` with ones (ConstantOfShape) and sum them into ``total``."""
+    dims = onnx.numpy_helper.from_array(np.array(shape, dtype=np.int64), "shape")
+    one = onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0])
+    return [
+        onnx.helper.make_node("Constant", [], ["shape"], value=dims),
+        onnx.helper.make_node("ConstantOfShape", ["shape"], ["big"], value=one),
+        onnx.helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+    ]
+
+
+def _folds_into_gigabytes() -> bytes:
+    """A model of 200 bytes whose ConstantOfShape fills [100000, 100000] floats (40 GB)."""
+    return _model(_sum_of_ones([100_000, 100_000]))
+
+
+def _folds_inside_if() -> bytes:
+    """The same, in the branch of an If whose condition is a constant."""
+    scalar = [onnx.helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, [])]
+    zero = onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0])
+    then = onnx.helper.make_graph(_sum_of_ones([100_000, 100_000]), "then", [], scalar)
+    other = onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], ["total"], value=zero)], "else", [], scalar
+    )
+    true = onnx.helper.make_tensor("true", onnx.TensorProto.BOOL, [], [True])
+    return _model(
+        [
+            onnx.helper.make_node("Constant", [], ["condition"], value=true),
+            onnx.helper.make_node("If", ["condition"], ["total"], then_branch=then, else_branch=other),
+        ]
+    )
+
+
+def _folds_inside_a_function() -> bytes:
+    """The same, in a model-local function the graph calls."""
+    function = onnx.helper.make_function(
+        "local", "Ones", [], ["total"], _sum_of_ones([100_000, 100_000]), [_OPSET]
+    )
+    nodes = [onnx.helper.make_node("Ones", [], ["total"], domain="local")]
+    graph = onnx.ModelProto()
+    graph.ParseFromString(_model(nodes))
+    graph.functions.append(function)
+    return graph.SerializeToString()
+
+
+def _sparse_initializer() -> bytes:
+    """A sparse initializer of one value, [40000, 40000] dense (6.4 GB once onnxruntime expands it)."""
+    values = onnx.numpy_helper.from_array(np.array([1.0], dtype=np.float32), "big")
+    indices = onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), "indices")
+    sparse = onnx.helper.make_sparse_tensor(values, indices, [40_000, 40_000])
+    nodes = [onnx.helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0)]
+    return _model(nodes, sparse_initializer=[sparse])
 
 
 def _bad_uploads(iris: bytes, tmp: Path) -> dict[str, tuple[list[pb.UploadModelRequest], str]]:
@@ -194,6 +246,18 @@ def _bad_uploads(iris: bytes, tmp: Path) -> dict[str, tuple[list[pb.UploadModelR
             "tensor 'big' of the model has shape [100000, 100000] (37.3 GiB), more than the 4096 MiB a "
             "model check may use (JOEY_UPLOAD_CHECK_MEMORY_MB)",
         ),
+        "folds-inside-if": (
+            requests(_folds_inside_if()),
+            "tensor 'big' of the model has shape [100000, 100000]",
+        ),
+        "folds-inside-a-function": (
+            requests(_folds_inside_a_function()),
+            "of the model has shape [100000, 100000]",
+        ),
+        "sparse-initializer": (
+            requests(_sparse_initializer()),
+            "tensor 'big' of the model has shape [40000, 40000] (6.0 GiB), more than the 4096 MiB",
+        ),
         "header-missing": (requests(iris)[1:], "first UploadModel message must be the header"),
         "header-twice": (requests(iris)[:2] + requests(iris), "second header"),
         "unknown-framework": (requests(iris, framework="tensorflow"), "unsupported framework 'tensorflow'"),
@@ -224,6 +288,9 @@ def _bad_uploads(iris: bytes, tmp: Path) -> dict[str, tuple[list[pb.UploadModelR
         "torch",
         "python-step",
         "folds-into-gigabytes",
+        "folds-inside-if",
+        "folds-inside-a-function",
+        "sparse-initializer",
         "header-missing",
         "header-twice",
         "unknown-framework",

@@ -15,13 +15,14 @@ import struct
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnx.shape_inference
 import onnxruntime as ort
 
@@ -73,6 +74,13 @@ class OnnxValidator(RuntimeValidator):
             raise InvalidArgument(
                 "an ONNX model carries its own signature: upload it without input and output schemas"
             )
+        try:
+            model: onnx.ModelProto | None = onnx.load(str(path), load_external_data=False)
+        except Exception:  # not ONNX: onnxruntime's refusal below says why
+            model = None
+        if model is not None:
+            # The tensors the file declares, before onnxruntime expands them (a sparse initializer).
+            self._check_tensor_sizes(model)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
@@ -93,24 +101,13 @@ class OnnxValidator(RuntimeValidator):
             outputs=tuple(_tensor_spec("output", arg) for arg in session.get_outputs()),
         )
         del session
-        self._check_tensor_sizes(path)
+        if model is not None:
+            self._check_tensor_sizes(_inferred(model))
         return signature
 
-    def _check_tensor_sizes(self, path: Path) -> None:
+    def _check_tensor_sizes(self, model: onnx.ModelProto) -> None:
         """Refuse a tensor whose shape is known and too large: the engine would fold or compute it."""
-        try:
-            model = onnx.shape_inference.infer_shapes(
-                onnx.load(str(path), load_external_data=False), data_prop=True
-            )
-        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-            raise InvalidArgument(f"the model's types and shapes do not check out: {exc}") from None
-        graph = model.graph
-        tensors = [(i.name, i.data_type, list(i.dims)) for i in graph.initializer]
-        for value in (*graph.value_info, *graph.output):
-            kind = value.type.tensor_type
-            if kind.HasField("shape") and all(d.HasField("dim_value") for d in kind.shape.dim):
-                tensors.append((value.name, kind.elem_type, [d.dim_value for d in kind.shape.dim]))
-        for name, element, dims in tensors:
+        for name, element, dims in _graph_tensors(model.graph):
             try:
                 itemsize = onnx.helper.tensor_dtype_to_np_dtype(element).itemsize
             except KeyError:
@@ -122,6 +119,42 @@ class OnnxValidator(RuntimeValidator):
                     f"the {self.max_tensor_bytes >> 20} MiB a model check may use "
                     "(JOEY_UPLOAD_CHECK_MEMORY_MB): engines could not hold it"
                 )
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the shapes of its values inferred, subgraphs and model-local functions included."""
+    try:
+        # Functions are inlined so that inference sees (and types) the nodes in them.
+        return onnx.shape_inference.infer_shapes(onnx.inliner.inline_local_functions(model), data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise InvalidArgument(f"the model's types and shapes do not check out: {exc}") from None
+
+
+_Tensor = tuple[str, int, list[int]]
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[_Tensor]:
+    """Every tensor of ``graph`` and its subgraphs (If, Loop, Scan bodies) whose shape is known: initializers
+    (sparse ones by their dense shape, which onnxruntime expands them to), constants and inferred values."""
+    for tensor in graph.initializer:
+        yield tensor.name, tensor.data_type, list(tensor.dims)
+    for sparse in graph.sparse_initializer:
+        yield sparse.values.name, sparse.values.data_type, list(sparse.dims)
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        kind = value.type.tensor_type
+        if kind.HasField("shape") and all(d.HasField("dim_value") for d in kind.shape.dim):
+            yield value.name, kind.elem_type, [d.dim_value for d in kind.shape.dim]
+    for node in graph.node:
+        for attribute in node.attribute:
+            for tensor in (*([attribute.t] if attribute.HasField("t") else ()), *attribute.tensors):
+                yield tensor.name or node.name, tensor.data_type, list(tensor.dims)
+            for sparse in (
+                *([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else ()),
+                *attribute.sparse_tensors,
+            ):
+                yield sparse.values.name or node.name, sparse.values.data_type, list(sparse.dims)
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else ()), *attribute.graphs):
+                yield from _graph_tensors(subgraph)
 
 
 def _out_of_memory(exc: Exception) -> bool:
