@@ -469,8 +469,10 @@ def test_a_check_over_its_timeout_is_refused(
         error = rpc_error(lambda: upload(stub, workspace, "slow", iris_bytes))
         assert not staged(server)
         assert not stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Far below its CPU limit: the wall clock ran out on load, not on the model.
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "took longer than 0.001 s (JOEY_UPLOAD_CHECK_TIMEOUT_S)" in error.details()
+    assert "the registry is busy; retry" in error.details()
 
 
 def _stalled(workspace: str, name: str, release: threading.Event) -> Iterator[pb.UploadModelRequest]:
