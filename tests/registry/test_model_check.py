@@ -84,6 +84,21 @@ def test_the_checking_process_sees_no_secret(
     assert b"JOEY_" not in environment and secret.encode() not in environment
 
 
+def test_the_checking_process_imports_from_the_registrys_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_aside: Callable[[Callable[[], object]], None]
+) -> None:
+    # A registry run from a checkout (PYTHONPATH) checks with that checkout's code, not the installed one.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.syspath_prepend(str(checkout))
+    path = heavy_step_file(tmp_path)
+    run_aside(lambda: refusal(ModelCheck(memory_mb=8192, cpu_s=2, timeout_s=60), path))
+    pids = wait_until(_checker_pids, 30, "the checking process to start")
+    environment = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")  # type: ignore[index]
+    python_path = next(v for v in environment if v.startswith(b"PYTHONPATH="))
+    assert str(checkout).encode() in python_path.removeprefix(b"PYTHONPATH=").split(b":")
+
+
 @pytest.fixture
 def run_aside() -> Callable[[Callable[[], object]], None]:
     threads: list[threading.Thread] = []

@@ -45,11 +45,14 @@ class ModelCheck:
             "cpu_s": self.cpu_s,
         }
         child = subprocess.Popen(
-            [sys.executable, "-I", "-m", check_process.__name__],
+            # Not -I, which would drop the registry's own path (a checkout run with PYTHONPATH would check
+            # uploads with the installed code): its sys.path is given instead. -s -P: no user site, and
+            # not the working directory; nothing else of the environment is passed.
+            [sys.executable, "-s", "-P", "-m", check_process.__name__],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=_CHECK_ENVIRONMENT,
+            env=_CHECK_ENVIRONMENT | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
             cwd="/",
         )
         try:
