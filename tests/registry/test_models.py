@@ -492,7 +492,12 @@ def test_stalled_uploads_hold_only_their_pool(
 ) -> None:
     # Six threads in all: without a pool of their own, six stalled uploads would take every one. The idle
     # timeout is far beyond the test, so only the release ends the four admitted.
-    limits = {"grpc_max_workers": 6, "upload_concurrency": 4, "upload_idle_timeout_s": 3600.0}
+    limits = {
+        "grpc_max_workers": 6,
+        "upload_concurrency": 4,
+        "upload_per_caller": 5,  # above the pool: the pool is what is full
+        "upload_idle_timeout_s": 3600.0,
+    }
     release = threading.Event()
     with private_registry(registry_settings, admin_token, **limits) as (server, stub):
         try:
@@ -532,6 +537,30 @@ def _assert_slots_free_again(server: RegistryServer, stub: Stub, workspace: str,
     )
     assert upload(stub, workspace, "iris", iris_bytes).version == 1
     assert [m.name for m in stub.ListModels(pb.ListModelsRequest(workspace=workspace)).models] == ["iris"]
+
+
+def test_one_caller_holds_at_most_its_share_of_the_upload_slots(
+    registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes, admin_token: str
+) -> None:
+    limits = {"upload_concurrency": 4, "upload_per_caller": 2, "upload_idle_timeout_s": 3600.0}
+    release = threading.Event()
+    with private_registry(registry_settings, admin_token, **limits) as (server, stub):
+        try:
+            calls = [
+                stub.UploadModel.future(_stalled(workspace, f"stalled-{i}", release), timeout=600)
+                for i in range(3)
+            ]
+            wait_until(lambda: sum(c.done() for c in calls) == 1, 60, "one of three uploads refused")
+            refused = next(c for c in calls if c.done())
+            # Refused for its caller's share, though two of the registry's four slots are free.
+            assert _code(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert (
+                "you are sending 2 uploads already (JOEY_UPLOAD_PER_CALLER)" in refused.exception().details()
+            )
+        finally:
+            release.set()
+        wait_until(lambda: all(c.done() for c in calls), 120, "the released uploads to end")
+        _assert_slots_free_again(server, stub, workspace, iris_bytes)
 
 
 def test_stalled_uploads_are_cut_off_at_the_idle_timeout(

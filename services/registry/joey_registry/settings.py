@@ -33,6 +33,9 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     or one less than JOEY_GRPC_MAX_WORKERS, whichever is fewer (1 with a single worker, which uploads
     then share with every other call)."""
 
+    upload_per_caller: int = Field(default=2, ge=1)
+    """Uploads one caller (user or token) may send at once, so that one caller cannot hold every slot."""
+
     upload_idle_timeout_s: float = Field(default=30.0, gt=0)
     """An upload that sends nothing for this long is cut off (DEADLINE_EXCEEDED) and its bytes dropped."""
 
