@@ -76,8 +76,15 @@ def test_missing_model_and_version(stub: Stub, workspace: str, iris_bytes: bytes
     assert "no version 7" in error.details() and "latest is 1" in error.details()
 
 
-def test_concurrent_uploads_get_distinct_versions(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
-    with ThreadPoolExecutor(4) as pool:
+def test_concurrent_uploads_get_distinct_versions(
+    registry_settings: RegistrySettings, workspace: str, iris_bytes: bytes, admin_token: str
+) -> None:
+    # Four at once from one caller: more than JOEY_UPLOAD_PER_CALLER allows by default.
+    limits = {"upload_per_caller": 4}
+    with (
+        private_registry(registry_settings, admin_token, **limits) as (_, stub),
+        ThreadPoolExecutor(4) as pool,
+    ):
         versions = list(pool.map(lambda _: upload(stub, workspace, "iris", iris_bytes).version, range(4)))
     assert sorted(versions) == [1, 2, 3, 4]
 
