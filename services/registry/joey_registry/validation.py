@@ -10,6 +10,7 @@ import codecs
 import json
 import lzma
 import math
+import re
 import resource
 import struct
 import zipfile
@@ -165,7 +166,12 @@ def _out_of_memory(exc: Exception) -> bool:
 def _ort_reason(exc: Exception) -> str:
     # onnxruntime prefixes the reason with its error code and the (temporary, meaningless) file path.
     text = str(exc)
-    return text.split(" failed:", 1)[1].strip() if " failed:" in text else text
+    reason = text.split(" failed:", 1)[1].strip() if " failed:" in text else text
+    # Paths in the reason (the staging directory, onnxruntime's sources) tell the caller of the server.
+    return _ABSOLUTE_PATH.sub(r"\1", reason)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?:/[\w.+-]+)+/([\w.+-]+)")
 
 
 _SNIFF_BYTES = 1 << 16
