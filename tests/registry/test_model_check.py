@@ -82,6 +82,9 @@ def test_the_checking_process_sees_no_secret(
     environment = Path(f"/proc/{pids[0]}/environ").read_bytes()  # type: ignore[index]
     assert environment  # it has one (PATH, the locale)
     assert b"JOEY_" not in environment and secret.encode() not in environment
+    # And it yields to the registry: the CPU, and the OOM killer's choice.
+    assert wait_until(lambda: Path(f"/proc/{pids[0]}/oom_score_adj").read_text().strip() == "1000", 30, "oom")  # type: ignore[index]
+    assert os.getpriority(os.PRIO_PROCESS, pids[0]) >= 10  # type: ignore[index]
 
 
 def test_the_checking_process_imports_from_the_registrys_path(
