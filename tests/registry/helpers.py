@@ -79,6 +79,12 @@ def upload_requests(
         yield pb.UploadModelRequest(chunk=data[start : start + chunk])
 
 
+def heavy_step() -> bytes:
+    """A python step (14 MB) whose parse takes seconds of CPU and gigabytes of syntax tree."""
+    lines = "".join(f"x{i} = [{i}, ({i}, {{{i}: {i}}})]\n" for i in range(400_000))
+    return f"def process_data(inputs):\n    return inputs\n{lines}".encode()
+
+
 def upload(stub: Stub, workspace: str, name: str, data: bytes, framework: str = "") -> pb.ModelVersion:
     return stub.UploadModel(upload_requests(workspace, name, data, framework), timeout=30)
 

@@ -15,15 +15,14 @@ from joey_registry.errors import InvalidArgument
 from joey_registry.model_check import ModelCheck
 from joey_registry.validation import Signature
 from tests.conftest import wait_until
+from tests.registry.helpers import heavy_step
 
 SPECS = (TensorSpec(name="x", dtype="float32", shape=(-1,)),)
 
 
-def heavy_step(tmp_path: Path) -> Path:
-    """A python step whose parse takes seconds of CPU and gigabytes of syntax tree."""
-    lines = "".join(f"x{i} = [{i}, ({i}, {{{i}: {i}}})]\n" for i in range(400_000))
+def heavy_step_file(tmp_path: Path) -> Path:
     path = tmp_path / "step.py"
-    path.write_text(f"def process_data(inputs):\n    return inputs\n{lines}")
+    path.write_bytes(heavy_step())
     return path
 
 
@@ -35,7 +34,7 @@ def refusal(check: ModelCheck, path: Path, framework: str = "python") -> str:
 
 def test_a_check_over_its_memory_is_refused(tmp_path: Path) -> None:
     # About 210 MiB hold the interpreter and onnxruntime; the syntax tree needs far more than the rest.
-    message = refusal(ModelCheck(memory_mb=300, cpu_s=60, timeout_s=60), heavy_step(tmp_path))
+    message = refusal(ModelCheck(memory_mb=300, cpu_s=60, timeout_s=60), heavy_step_file(tmp_path))
     assert message == (
         "checking the model needed more than 300 MiB of memory (JOEY_UPLOAD_CHECK_MEMORY_MB); "
         "nothing was stored"
@@ -43,7 +42,7 @@ def test_a_check_over_its_memory_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_check_over_its_cpu_is_refused(tmp_path: Path) -> None:
-    message = refusal(ModelCheck(memory_mb=8192, cpu_s=1, timeout_s=60), heavy_step(tmp_path))
+    message = refusal(ModelCheck(memory_mb=8192, cpu_s=1, timeout_s=60), heavy_step_file(tmp_path))
     assert (
         message
         == "checking the model used more than 1 s of CPU (JOEY_UPLOAD_CHECK_CPU_S); nothing was stored"
@@ -77,12 +76,30 @@ def test_the_checking_process_sees_no_secret(
     secret = secrets.token_hex(16)
     monkeypatch.setenv("JOEY_SERVICE_TOKEN", secret)
     monkeypatch.setenv("JOEY_DATABASE_URL", f"postgresql://joey:{secret}@127.0.0.1/joey")
-    path = heavy_step(tmp_path)
+    path = heavy_step_file(tmp_path)
     run_aside(lambda: refusal(ModelCheck(memory_mb=8192, cpu_s=2, timeout_s=60), path))
     pids = wait_until(_checker_pids, 30, "the checking process to start")
     environment = Path(f"/proc/{pids[0]}/environ").read_bytes()  # type: ignore[index]
     assert environment  # it has one (PATH, the locale)
     assert b"JOEY_" not in environment and secret.encode() not in environment
+    # And it yields to the registry: the CPU, and the OOM killer's choice.
+    assert wait_until(lambda: Path(f"/proc/{pids[0]}/oom_score_adj").read_text().strip() == "1000", 30, "oom")  # type: ignore[index]
+    assert os.getpriority(os.PRIO_PROCESS, pids[0]) >= 10  # type: ignore[index]
+
+
+def test_the_checking_process_imports_from_the_registrys_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_aside: Callable[[Callable[[], object]], None]
+) -> None:
+    # A registry run from a checkout (PYTHONPATH) checks with that checkout's code, not the installed one.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.syspath_prepend(str(checkout))
+    path = heavy_step_file(tmp_path)
+    run_aside(lambda: refusal(ModelCheck(memory_mb=8192, cpu_s=2, timeout_s=60), path))
+    pids = wait_until(_checker_pids, 30, "the checking process to start")
+    environment = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")  # type: ignore[index]
+    python_path = next(v for v in environment if v.startswith(b"PYTHONPATH="))
+    assert str(checkout).encode() in python_path.removeprefix(b"PYTHONPATH=").split(b":")
 
 
 @pytest.fixture

@@ -90,6 +90,20 @@ BAD = {
         "process_data (line 1) must take exactly one positional parameter, the dict of input arrays; "
         "it takes (inputs, extra)",
     ),
+    # Small files whose parse recurses (the AST builder, ast.unparse) or overflows the parser's stack.
+    **{
+        f"nested-{kind}": (
+            b"def process_data(inputs):\n    return inputs\n" + source,
+            {},
+            "the python step is nested too deeply to check",
+        )
+        for kind, source in (
+            ("attributes", b"x = a" + b".b" * 200_000 + b"\n"),
+            ("sums", b"x = " + b"1+" * 200_000 + b"1\n"),
+            ("unary-minus", b"x = " + b"-" * 200_000 + b"1\n"),
+            ("default", b"def process_data(inputs, extra=" + b"1+" * 2_000 + b"1):\n    pass\n"),
+        )
+    },
     "not-utf8": (b"def process_data(x):\n    return '\xff'\n", {}, "a python step must be UTF-8 text"),
     "no-input-schema": (PREP, {"inputs": []}, "a python step needs its inputs declared"),
     "no-output-schema": (PREP, {"outputs": []}, "a python step needs its outputs declared"),

@@ -15,3 +15,12 @@ def test_uploads_cannot_take_every_thread(env: dict[str, str]) -> None:
     assert "JOEY_UPLOAD_CONCURRENCY (8) must be below JOEY_GRPC_MAX_WORKERS (8)" in str(info.value)
     settings = RegistrySettings(**(given | {"grpc_max_workers": 8, "upload_concurrency": 7}))
     assert settings.upload_concurrency == 7
+
+
+@pytest.mark.parametrize(("workers", "expected"), [(1, 1), (2, 1), (4, 3), (5, 4), (16, 4)])
+def test_an_unset_upload_concurrency_fits_the_workers(
+    env: dict[str, str], workers: int, expected: int
+) -> None:
+    given = {k.removeprefix("JOEY_").lower(): v for k, v in env.items()}
+    given.pop("upload_concurrency", None)
+    assert RegistrySettings(**(given | {"grpc_max_workers": workers})).upload_concurrency == expected

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from joey_registry.validation import what_file_is
+from joey_registry.validation import _ort_reason, what_file_is
 
 ZEROS = bytes(8 << 20)
 # Sniffing a file reads its head, 64 KiB; well beyond that would mean it read the file or expanded it.
@@ -106,3 +106,11 @@ def test_an_archive_of_many_entries_is_not_listed(tmp_path: Path) -> None:
     found, peak = sniffed(path)
     assert found == "this is a zip archive of many files: upload the .onnx model itself"
     assert peak < BOUNDED
+
+
+def test_an_onnxruntime_reason_tells_no_server_path() -> None:
+    error = RuntimeError(
+        "[ONNXRuntimeError] : 1 : FAIL : Load model from /srv/joey/artifacts/staging/tmp1 failed: "
+        "Node (n) Op (X) is not supported; see /onnxruntime_src/onnxruntime/core/graph/model.cc:149"
+    )
+    assert _ort_reason(error) == "Node (n) Op (X) is not supported; see model.cc:149"

@@ -55,7 +55,10 @@ class RegistryServer:
         )
         # Uploads are admitted up to a limit below the pool's size: the other threads serve other calls.
         uploads = UploadGate(
-            settings.upload_concurrency, settings.upload_idle_timeout_s, settings.upload_deadline_s
+            settings.upload_concurrency,
+            settings.upload_per_caller,
+            settings.upload_idle_timeout_s,
+            settings.upload_deadline_s,
         )
         servicer = RegistryServicer(self.registry, uploads)
         registry_pb2_grpc.add_RegistryServicer_to_server(servicer, self.server)

@@ -2,9 +2,10 @@
 
 Loading an untrusted model (onnxruntime, onnx's shape inference, or parsing a python step) can take any
 amount of memory or time, or crash: here that costs this process only. The registry starts it for each
-upload (``python -I -m joey_registry.check_process``, spawned with a minimal environment: no secret,
-no database URL) and writes one request to its stdin; this process limits itself before it imports
-anything that reads the file, checks, and writes one reply to stdout. Only the standard library is
+upload (``python -s -P -m joey_registry.check_process``, spawned with a minimal environment: no secret,
+no database URL, the registry's sys.path as PYTHONPATH) and writes one request to its stdin; this
+process limits itself before it imports anything that reads the file, checks, and writes one reply to
+stdout. Only the standard library is
 imported at the top, so that the limits cover everything the check loads.
 
 Request: ``{"framework", "path", "inputs", "outputs", "memory_mb", "cpu_s"}``, a tensor spec being
@@ -32,6 +33,11 @@ def confine(memory_mb: int, cpu_s: int) -> None:
     # A check writes no file, and leaves no core dump of the model behind.
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Under load the registry's own calls go first, and under memory pressure the kernel kills a check
+    # before the registry (raising one's own OOM score needs no privilege).
+    os.nice(10)
+    with open("/proc/self/oom_score_adj", "w") as score:
+        score.write("1000")
 
 
 def _check(request: dict[str, Any]) -> dict[str, Any]:

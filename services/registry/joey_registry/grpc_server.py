@@ -247,7 +247,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     @_audited
     def UploadModel(self, request: Iterator[pb.UploadModelRequest], caller: Caller) -> pb.ModelVersion:
-        with self.uploads.admitted(), self.uploads.receive(request) as messages:
+        with self.uploads.admitted(caller.name), self.uploads.receive(request) as messages:
             header, chunks = _upload_parts(messages)
             return self.registry.upload_model(caller, convert.upload_header(header), chunks).to_proto()
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from joey_registry import check_process
-from joey_registry.errors import InvalidArgument
+from joey_registry.errors import InvalidArgument, Unavailable
 from joey_registry.validation import Signature, tensor_specs
 
 log = logging.getLogger(__name__)
@@ -45,18 +45,29 @@ class ModelCheck:
             "cpu_s": self.cpu_s,
         }
         child = subprocess.Popen(
-            [sys.executable, "-I", "-m", check_process.__name__],
+            # Not -I, which would drop the registry's own path (a checkout run with PYTHONPATH would check
+            # uploads with the installed code): its sys.path is given instead. -s -P: no user site, and
+            # not the working directory; nothing else of the environment is passed.
+            [sys.executable, "-s", "-P", "-m", check_process.__name__],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=_CHECK_ENVIRONMENT,
+            env=_CHECK_ENVIRONMENT | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
             cwd="/",
         )
         try:
             out, err = child.communicate(json.dumps(request).encode(), timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
+            used = _cpu_seconds(child.pid)
             child.kill()
             child.communicate()
+            if used < self.cpu_s:
+                # It waited for the CPU rather than used it (other checks, other services): load, not the
+                # model; the CPU limit refuses a model that is itself too slow to check.
+                raise Unavailable(
+                    f"checking the model took longer than {self.timeout_s:g} s (JOEY_UPLOAD_CHECK_TIMEOUT_S) "
+                    f"having used {used:.1f} s of CPU: the registry is busy; retry; nothing was stored"
+                ) from None
             raise InvalidArgument(
                 f"checking the model took longer than {self.timeout_s:g} s (JOEY_UPLOAD_CHECK_TIMEOUT_S); "
                 "nothing was stored"
@@ -78,7 +89,8 @@ class ModelCheck:
                 f"checking the model needed more than {self.memory_mb} MiB of memory "
                 "(JOEY_UPLOAD_CHECK_MEMORY_MB); nothing was stored"
             )
-        if code in (-signal.SIGXCPU, -signal.SIGKILL):
+        # SIGXCPU's default action ends the process at the soft limit; a SIGKILL is the OOM killer's.
+        if code == -signal.SIGXCPU:
             return (
                 f"checking the model used more than {self.cpu_s} s of CPU (JOEY_UPLOAD_CHECK_CPU_S); "
                 "nothing was stored"
@@ -86,8 +98,20 @@ class ModelCheck:
         log.error("the model check exited with %d: %s", code, err[-_STDERR_LOGGED:].decode(errors="replace"))
         if code > 0:  # an exception the check did not expect: a bug here, not the caller's to fix
             raise RuntimeError(f"the model check failed with exit status {code}")
+        if code == -signal.SIGKILL:
+            return (
+                "checking the model was killed (out of memory?): the file is not a model engines can load; "
+                "nothing was stored"
+            )
         return (
             f"checking the model crashed its process (signal {-code}; a loader may have run out of its "
             f"{self.memory_mb} MiB, JOEY_UPLOAD_CHECK_MEMORY_MB): the file is not a model engines can "
             "load; nothing was stored"
         )
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) the running process ``pid`` has used."""
+    # /proc/<pid>/stat: the command may hold spaces and parentheses, so split after its closing one.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -19,7 +19,7 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     artifact_dir: Path = Path("~/.local/share/joey/artifacts")
     """Where the filesystem store keeps model artifacts, one file per sha256."""
 
-    grpc_max_workers: int = Field(default=16, ge=2)
+    grpc_max_workers: int = Field(default=16, ge=1)
     """Threads serving gRPC calls; more than JOEY_UPLOAD_CONCURRENCY, so uploads never hold them all."""
 
     grpc_grace_s: float = Field(default=5.0, ge=0)
@@ -29,7 +29,12 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     """Largest model artifact accepted by UploadModel."""
 
     upload_concurrency: int = Field(default=4, ge=1)
-    """Uploads received and checked at once; one more is refused at once (RESOURCE_EXHAUSTED)."""
+    """Uploads received and checked at once; one more is refused at once (RESOURCE_EXHAUSTED). Unset, 4
+    or one less than JOEY_GRPC_MAX_WORKERS, whichever is fewer (1 with a single worker, which uploads
+    then share with every other call)."""
+
+    upload_per_caller: int = Field(default=2, ge=1)
+    """Uploads one caller (user or token) may send at once, so that one caller cannot hold every slot."""
 
     upload_idle_timeout_s: float = Field(default=30.0, gt=0)
     """An upload that sends nothing for this long is cut off (DEADLINE_EXCEEDED) and its bytes dropped."""
@@ -101,7 +106,11 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
 
     @model_validator(mode="after")
     def _threads_left_for_other_calls(self) -> RegistrySettings:
-        if self.upload_concurrency >= self.grpc_max_workers:
+        if "upload_concurrency" not in self.model_fields_set:
+            # A configuration of few workers from before the upload pool keeps starting. The settings are
+            # frozen once built; this is part of building them.
+            object.__setattr__(self, "upload_concurrency", max(1, min(4, self.grpc_max_workers - 1)))
+        elif self.upload_concurrency >= self.grpc_max_workers:
             raise ValueError(
                 f"JOEY_UPLOAD_CONCURRENCY ({self.upload_concurrency}) must be below JOEY_GRPC_MAX_WORKERS "
                 f"({self.grpc_max_workers}): uploads would take every thread that serves other calls"

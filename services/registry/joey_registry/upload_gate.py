@@ -32,24 +32,40 @@ _PUT_POLL_S = 0.5
 
 
 class UploadGate:
-    def __init__(self, concurrency: int, idle_timeout_s: float, deadline_s: float) -> None:
+    def __init__(self, concurrency: int, per_caller: int, idle_timeout_s: float, deadline_s: float) -> None:
         self.concurrency = concurrency
+        self.per_caller = per_caller
         self.idle_timeout_s = idle_timeout_s
         self.deadline_s = deadline_s
         self._slots = threading.BoundedSemaphore(concurrency)
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}  # slots held by caller, so that no one caller takes them all
 
     @contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Hold one of the upload slots; ResourceExhausted when none is free (never waits)."""
-        if not self._slots.acquire(blocking=False):
-            log.warning("refused an upload: %d are running already", self.concurrency)
-            raise ResourceExhausted(
-                f"the registry is receiving {self.concurrency} uploads already (JOEY_UPLOAD_CONCURRENCY); "
-                "retry when one has finished"
-            )
+    def admitted(self, caller: str) -> Iterator[None]:
+        """Hold one of the upload slots for ``caller``; ResourceExhausted when none is free, or when the
+        caller holds its share already (never waits)."""
+        with self._lock:
+            if self._held.get(caller, 0) >= self.per_caller:
+                log.warning("refused an upload of %s: it is sending %d already", caller, self.per_caller)
+                raise ResourceExhausted(
+                    f"you are sending {self.per_caller} uploads already (JOEY_UPLOAD_PER_CALLER); "
+                    "retry when one has finished"
+                )
+            if not self._slots.acquire(blocking=False):
+                log.warning("refused an upload: %d are running already", self.concurrency)
+                raise ResourceExhausted(
+                    f"the registry is receiving {self.concurrency} uploads already "
+                    "(JOEY_UPLOAD_CONCURRENCY); retry when one has finished"
+                )
+            self._held[caller] = self._held.get(caller, 0) + 1
         try:
             yield
         finally:
+            with self._lock:
+                self._held[caller] -= 1
+                if not self._held[caller]:
+                    del self._held[caller]
             self._slots.release()
 
     @contextmanager

@@ -10,17 +10,20 @@ import codecs
 import json
 import lzma
 import math
+import re
+import resource
 import struct
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnx.shape_inference
 import onnxruntime as ort
 
@@ -72,6 +75,13 @@ class OnnxValidator(RuntimeValidator):
             raise InvalidArgument(
                 "an ONNX model carries its own signature: upload it without input and output schemas"
             )
+        try:
+            model: onnx.ModelProto | None = onnx.load(str(path), load_external_data=False)
+        except Exception:  # not ONNX: onnxruntime's refusal below says why
+            model = None
+        if model is not None:
+            # The tensors the file declares, before onnxruntime expands them (a sparse initializer).
+            self._check_tensor_sizes(model)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
@@ -92,24 +102,13 @@ class OnnxValidator(RuntimeValidator):
             outputs=tuple(_tensor_spec("output", arg) for arg in session.get_outputs()),
         )
         del session
-        self._check_tensor_sizes(path)
+        if model is not None:
+            self._check_tensor_sizes(_inferred(model))
         return signature
 
-    def _check_tensor_sizes(self, path: Path) -> None:
+    def _check_tensor_sizes(self, model: onnx.ModelProto) -> None:
         """Refuse a tensor whose shape is known and too large: the engine would fold or compute it."""
-        try:
-            model = onnx.shape_inference.infer_shapes(
-                onnx.load(str(path), load_external_data=False), data_prop=True
-            )
-        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-            raise InvalidArgument(f"the model's types and shapes do not check out: {exc}") from None
-        graph = model.graph
-        tensors = [(i.name, i.data_type, list(i.dims)) for i in graph.initializer]
-        for value in (*graph.value_info, *graph.output):
-            kind = value.type.tensor_type
-            if kind.HasField("shape") and all(d.HasField("dim_value") for d in kind.shape.dim):
-                tensors.append((value.name, kind.elem_type, [d.dim_value for d in kind.shape.dim]))
-        for name, element, dims in tensors:
+        for name, element, dims in _graph_tensors(model.graph):
             try:
                 itemsize = onnx.helper.tensor_dtype_to_np_dtype(element).itemsize
             except KeyError:
@@ -123,6 +122,42 @@ class OnnxValidator(RuntimeValidator):
                 )
 
 
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the shapes of its values inferred, subgraphs and model-local functions included."""
+    try:
+        # Functions are inlined so that inference sees (and types) the nodes in them.
+        return onnx.shape_inference.infer_shapes(onnx.inliner.inline_local_functions(model), data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise InvalidArgument(f"the model's types and shapes do not check out: {exc}") from None
+
+
+_Tensor = tuple[str, int, list[int]]
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[_Tensor]:
+    """Every tensor of ``graph`` and its subgraphs (If, Loop, Scan bodies) whose shape is known: initializers
+    (sparse ones by their dense shape, which onnxruntime expands them to), constants and inferred values."""
+    for tensor in graph.initializer:
+        yield tensor.name, tensor.data_type, list(tensor.dims)
+    for sparse in graph.sparse_initializer:
+        yield sparse.values.name, sparse.values.data_type, list(sparse.dims)
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        kind = value.type.tensor_type
+        if kind.HasField("shape") and all(d.HasField("dim_value") for d in kind.shape.dim):
+            yield value.name, kind.elem_type, [d.dim_value for d in kind.shape.dim]
+    for node in graph.node:
+        for attribute in node.attribute:
+            for tensor in (*([attribute.t] if attribute.HasField("t") else ()), *attribute.tensors):
+                yield tensor.name or node.name, tensor.data_type, list(tensor.dims)
+            for sparse in (
+                *([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else ()),
+                *attribute.sparse_tensors,
+            ):
+                yield sparse.values.name or node.name, sparse.values.data_type, list(sparse.dims)
+            for subgraph in (*([attribute.g] if attribute.HasField("g") else ()), *attribute.graphs):
+                yield from _graph_tensors(subgraph)
+
+
 def _out_of_memory(exc: Exception) -> bool:
     text = str(exc).lower()
     return "bad_alloc" in text or "bad allocation" in text or "failed to allocate" in text
@@ -131,7 +166,12 @@ def _out_of_memory(exc: Exception) -> bool:
 def _ort_reason(exc: Exception) -> str:
     # onnxruntime prefixes the reason with its error code and the (temporary, meaningless) file path.
     text = str(exc)
-    return text.split(" failed:", 1)[1].strip() if " failed:" in text else text
+    reason = text.split(" failed:", 1)[1].strip() if " failed:" in text else text
+    # Paths in the reason (the staging directory, onnxruntime's sources) tell the caller of the server.
+    return _ABSOLUTE_PATH.sub(r"\1", reason)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?:/[\w.+-]+)+/([\w.+-]+)")
 
 
 _SNIFF_BYTES = 1 << 16
@@ -367,14 +407,45 @@ class PythonValidator(RuntimeValidator):
             raise InvalidArgument(
                 f"a python step must be UTF-8 text: {exc.reason} at byte {exc.start}"
             ) from None
+        tree = _parse(source)
         try:
-            tree = ast.parse(source, filename="step.py")
-        except SyntaxError as exc:
-            raise InvalidArgument(f"python step has a syntax error at line {exc.lineno}: {exc.msg}") from None
-        _check_entry_point(tree)
+            _check_entry_point(tree)
+        except RecursionError:  # ast.unparse of a deeply nested default, naming the wrong parameters
+            raise InvalidArgument(_TOO_DEEP) from None
         for kind, specs in (("input", declared.inputs), ("output", declared.outputs)):
             _check_declared(kind, specs)
         return declared
+
+
+_TOO_DEEP = (
+    "the python step is nested too deeply to check (an expression thousands of operators or attributes "
+    "deep); split it into smaller expressions"
+)
+
+
+def _parse(source: str) -> ast.Module:
+    try:
+        return ast.parse(source, filename="step.py")
+    except SyntaxError as exc:
+        raise InvalidArgument(f"python step has a syntax error at line {exc.lineno}: {exc.msg}") from None
+    except RecursionError:  # `a.b.b.b...`, `1+1+...`: deeper than the AST builder recurses
+        raise InvalidArgument(_TOO_DEEP) from None
+    except MemoryError:
+        # CPython's parser also says MemoryError when its stack overflows (`- - - ... 1`, a few thousand
+        # deep), having used next to no memory; a tree too large for the limit has used nearly all of it.
+        if _memory_nearly_used():
+            raise
+        raise InvalidArgument(_TOO_DEEP) from None
+
+
+def _memory_nearly_used() -> bool:
+    """Whether this process's peak address space came within half of its limit (RLIMIT_AS)."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return False
+    status = Path("/proc/self/status").read_text()
+    peak_kb = int(status.split("VmPeak:", 1)[1].split()[0])
+    return peak_kb * 1024 > limit // 2
 
 
 def _check_entry_point(tree: ast.Module) -> None:

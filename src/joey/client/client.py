@@ -163,7 +163,8 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
                     if progress:
                         progress(sent, total)
 
-        return ModelVersion.from_proto(self._call(self._stub.UploadModel, chunks(), timeout=600))
+        # Beyond the registry's defaults: 900 s to arrive (JOEY_UPLOAD_DEADLINE_S), 120 s to check.
+        return ModelVersion.from_proto(self._call(self._stub.UploadModel, chunks(), timeout=1080))
 
     def get_model(self, name: str, version: int | None = None) -> ModelVersion:
         request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)
