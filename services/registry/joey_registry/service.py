@@ -8,7 +8,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -713,15 +713,14 @@ class Registry:
         return sum(self._reconcile(workspace, pipeline, everything) for workspace, pipeline in sorted(keys))
 
     def _reconcile(self, workspace: str, pipeline: str, everything: bool) -> bool:
-        ws = self.store.workspace(workspace)
-        with self.store.lock_pipeline(ws, pipeline) if ws else nullcontext() as lock:
-            if lock is None:  # deleted since its intent was recorded: nothing may run it
-                self.publisher.retract(workspace, pipeline)
-                self.store.forget_intent(workspace, pipeline)
-                return True
+        with self.store.lock_name(workspace, pipeline) as lock:
             # Under the lock a change in progress has finished: its intent is gone if it succeeded.
             if not everything and not lock.has_intent():
                 return False
+            if not isinstance(lock, PipelineLock):  # deleted since its intent was recorded
+                self.publisher.retract(workspace, pipeline)
+                lock.clear_intent()
+                return True
             current = lock.deployment()
             steps: tuple[Step, ...] = ()
             if current is not None and current.active:
