@@ -8,6 +8,7 @@ import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -173,3 +174,20 @@ def test_a_timeout_says_which_rows_were_answered_which_were_not_sent_and_which_a
     assert too_large is not None and not too_large.ok
     assert too_large.body["error"].startswith("not sent to the pipeline: ")
     assert (info.value.answered, info.value.total) == (2, 3)
+
+
+def test_rows_still_queued_when_the_time_is_up_fail_as_not_sent(settings: CommonSettings) -> None:
+    # An inputs topic that does not exist: the producer holds the rows in its queue waiting for the
+    # topic, and none ever leaves. They must come back failed as not sent, not waited for as if sent.
+    pipeline = f"nowhere-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    nowhere = replace(names, inputs=f"joey.{WORKSPACE}.missing-{secrets.token_hex(4)}.inputs")
+    no_topic_creation = settings.model_copy(update={"kafka_config": {"allow.auto.create.topics": False}})
+    replies = PipelineStream(no_topic_creation, nowhere).infer(
+        [{"id": 30, "x": 1}, {"id": 31, "x": 2}], timeout=3
+    )
+    assert [r.ok for r in replies] == [False, False]
+    assert all(r.body["error"].startswith("not sent to the pipeline: ") for r in replies), replies
