@@ -705,12 +705,28 @@ class Registry:
         and, when ``everything`` (at start), for every pipeline ever deployed: the spec of its deployment
         (its topics recreated first) or, undeployed or gone, a tombstone. So a broker that lost its data
         learns the desired state back, and a change Postgres did not record is withdrawn; engines ignore
-        a spec they already run. Returns how many pipelines were published; UNAVAILABLE when the broker
-        does not answer (the intents stay for the next round)."""
+        a spec they already run. Returns how many pipelines were published. A pipeline the broker does not
+        answer for is logged and left for the next round (at start, an intent is recorded for it so the
+        running reconciler retries it), the others are reconciled; UNAVAILABLE at the end names them."""
         keys = set(self.store.intents())
         if everything:
             keys.update(self.store.deployed_pipelines())
-        return sum(self._reconcile(workspace, pipeline, everything) for workspace, pipeline in sorted(keys))
+        published = 0
+        left: list[str] = []
+        for workspace, pipeline in sorted(keys):
+            try:
+                published += self._reconcile(workspace, pipeline, everything)
+            except Unavailable as exc:
+                log.warning("not reconciled yet, %s/%s: %s", workspace, pipeline, exc)
+                left.append(f"{workspace}/{pipeline}")
+                if everything:
+                    self.store.record_intent(workspace, pipeline, None)
+        if left:
+            raise Unavailable(
+                f"{len(left)} pipelines left to reconcile with {topics.DEPLOYMENTS} ({', '.join(left[:5])}"
+                f"{', ...' if len(left) > 5 else ''}): the broker did not answer; retried every round"
+            )
+        return published
 
     def _reconcile(self, workspace: str, pipeline: str, everything: bool) -> bool:
         with self.store.lock_name(workspace, pipeline) as lock:
@@ -731,9 +747,9 @@ class Registry:
                         current.autoscale.max_replicas if current.autoscale else current.replicas,
                     )
                 except FailedPrecondition as exc:
-                    # One deployment whose topics cannot hold it must not keep the registry down.
-                    log.error("not republishing %s/%s: %s", workspace, pipeline, exc)
-                    return False
+                    # Topics with fewer partitions than the replicas: still what Postgres holds, and
+                    # what must replace any record Postgres did not; the engines run what fits.
+                    log.error("republishing %s/%s although: %s", workspace, pipeline, exc)
                 pv = lock.version(current.pipeline_version)
                 assert pv is not None
                 steps = pv.steps
