@@ -414,3 +414,36 @@ def test_a_registry_killed_after_publishing_is_reconciled_to_what_postgres_holds
         assert (shown.deployment_id, shown.pipeline_version) == (running.deployment_id, 1)
         # Nothing left to reconcile: a second round publishes nothing.
         assert registry.reconcile(everything=False) == 0
+
+
+def test_a_running_registry_reconciles_a_failed_change_once_the_broker_is_back(
+    isolated: RegistrySettings, own_broker: EmbeddedBroker, iris_bytes: bytes
+) -> None:
+    settings = isolated.model_copy(
+        update={
+            "kafka_bootstrap": own_broker.bootstrap,
+            "publish_timeout_s": 1.0,
+            # This registry's own reconciler settles the intent, without a restart.
+            "reconcile_interval_s": 0.2,
+        }
+    )
+    with serving(settings) as (_, own), psycopg.connect(settings.database_url.get_secret_value()) as db:
+        db.autocommit = True
+        workspace = own_workspace(own)
+        pipeline = make_pipeline(own, workspace, iris_bytes)
+        running = deploy(own, workspace, pipeline, version=1, replicas=2)
+        own_broker.stop()
+        error = rpc_error(lambda: own.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        # Rounds of the reconciler fail while the broker is gone: the intent stays.
+        assert intents(db, workspace) == [(pipeline, None)]
+
+        own_broker.start()  # empty: the embedded broker forgets everything
+        wait_until(lambda: intents(db, workspace) == [], 60, "the reconciler to settle the intent")
+        key = topics.deployment_key(workspace, pipeline)
+        specs = specs_of(read_deployments(settings, lambda found: len(found) >= 1, key))
+        assert [(s.deployment_id, s.pipeline_version, s.replicas) if s else None for s in specs] == [
+            (running.deployment_id, 1, 2)
+        ]
+        shown = own.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name=pipeline)).deployment
+        assert (shown.active, shown.deployment_id) == (True, running.deployment_id)

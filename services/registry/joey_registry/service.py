@@ -711,6 +711,13 @@ class Registry:
         keys = set(self.store.intents())
         if everything:
             keys.update(self.store.deployed_pipelines())
+        if keys:
+            # A broker that restarted empty no longer has joey.deployments: auto-created, it would not
+            # be the compacted single-partition topic engines read.
+            try:
+                kafka.ensure_topics(self.admin, kafka.platform_topics(self.settings))
+            except (KafkaException, TimeoutError) as exc:
+                raise Unavailable(f"could not create the platform topics: {exc}") from exc
         published = 0
         left: list[str] = []
         for workspace, pipeline in sorted(keys):
