@@ -545,7 +545,8 @@ class Registry:
             # The detail may name hosts: it stays in the log.
             log.warning("pipeline %s/%s: Postgres failed: %s", ws.name, pipeline, exc)
             raise Unavailable(
-                f"the database did not answer; pipeline {pipeline!r} was left as it was, retry shortly"
+                f"the database did not answer; the change of pipeline {pipeline!r} may not have been "
+                "applied: check `joey pipeline status` before retrying"
             ) from exc
 
     def _replicas(self, replicas: int | None, autoscale: Autoscale | None) -> int:
