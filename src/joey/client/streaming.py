@@ -21,7 +21,7 @@ from joey.client.inputs import InputError
 from joey_core import kafka
 from joey_core.kafka import producer_config
 from joey_core.records import REQUEST_ID_HEADER, dumps, header_value
-from joey_core.replies import Reply, decode_reply, reply_consumer
+from joey_core.replies import Reply, decode_reply, failed_reply, reply_consumer
 from joey_core.settings import CommonSettings
 from joey_core.topics import PipelineTopics
 
@@ -163,12 +163,4 @@ class PipelineStream:
 
 def not_sent(request_id: str, reason: str) -> Reply:
     """The failed reply of a row that never reached the pipeline's inputs topic."""
-    return Reply(
-        request_id,
-        False,
-        {
-            "time": datetime.now(UTC).isoformat(),
-            "request_id": request_id,
-            "error": f"not sent to the pipeline: {reason}",
-        },
-    )
+    return failed_reply(request_id, f"not sent to the pipeline: {reason}", datetime.now(UTC).isoformat())
