@@ -633,22 +633,21 @@ class Registry:
         ws = self.store.workspace(workspace)
         if ws is None:
             return None
-        with self.store.lock_pipeline(ws, pipeline) as lock:
-            current = lock.deployment() if lock else None
-            if (
-                lock is None
-                or current is None
-                or not current.active
-                or current.deployment_id != deployment_id
-            ):
-                return None
-            if current.replicas == replicas:
-                return current
-            pv = lock.version(current.pipeline_version)
-            assert pv is not None
-            return self._change(
-                lock, replace(current, replicas=replicas, updated_at=datetime.now(UTC)), pv.steps
-            )
+        try:
+            # _locked: Postgres failing here is UNAVAILABLE, as for a user's change.
+            with self._locked(ws, pipeline) as lock:
+                current = lock.deployment()
+                if current is None or not current.active or current.deployment_id != deployment_id:
+                    return None
+                if current.replicas == replicas:
+                    return current
+                pv = lock.version(current.pipeline_version)
+                assert pv is not None
+                return self._change(
+                    lock, replace(current, replicas=replicas, updated_at=datetime.now(UTC)), pv.steps
+                )
+        except NotFound:  # the pipeline was deleted meanwhile
+            return None
 
     def undeploy(self, caller: Caller, workspace: str, pipeline: str) -> Deployment:
         ws = self.access.authorize(caller, workspace, Action.WRITE)
