@@ -43,11 +43,12 @@ def decode_reply(message: Message, request_id: str, outputs_topic: str) -> Reply
         if isinstance(body, dict):
             return Reply(request_id, topic == outputs_topic, body)
         problem = f"is not a JSON object but {type(body).__name__}"
-    return Reply(
-        request_id,
-        False,
-        {"time": _written_at(message), "request_id": request_id, "error": f"reply on {topic} {problem}"},
-    )
+    return failed_reply(request_id, f"reply on {topic} {problem}", _written_at(message))
+
+
+def failed_reply(request_id: str, error: str, time: str) -> Reply:
+    """A failed reply shaped like an error record, for a row that failed on the caller's side."""
+    return Reply(request_id, False, {"time": time, "request_id": request_id, "error": error})
 
 
 def _written_at(message: Message) -> str:

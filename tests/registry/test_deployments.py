@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,26 +12,33 @@ import psycopg
 import pytest
 import redis
 from google.protobuf import json_format
+from pydantic import SecretStr
 
 from joey_cli.broker import EmbeddedBroker
 from joey_core import heartbeats, topics
 from joey_core.heartbeats import ReplicaHeartbeat
 from joey_core.kafka import TopicSpec, admin_client, ensure_topics, topic_partitions
 from joey_core.v1 import registry_pb2 as pb
+from joey_core.v1 import registry_pb2_grpc
 from joey_registry.app import RegistryServer
 from joey_registry.domain import DeploymentSpec
 from joey_registry.settings import RegistrySettings
-from tests.conftest import REDIS_URL, free_port, wait_until
+from tests.conftest import REDIS_URL, free_port, scratch_database, wait_until
 from tests.registry.helpers import Stub, read_deployments, rpc_error, step, token_stub, upload
 
 
-@pytest.fixture
-def pipeline(stub: Stub, workspace: str, iris_bytes: bytes) -> str:
+def make_pipeline(stub: Stub, workspace: str, iris_bytes: bytes) -> str:
+    """Pipeline "p" of ``workspace`` at two versions, each of one iris model version."""
     upload(stub, workspace, "iris", iris_bytes)
     upload(stub, workspace, "iris", iris_bytes)
     stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("iris", 1)]))
     stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("iris", 2)]))
     return "p"
+
+
+@pytest.fixture
+def pipeline(stub: Stub, workspace: str, iris_bytes: bytes) -> str:
+    return make_pipeline(stub, workspace, iris_bytes)
 
 
 @pytest.fixture
@@ -280,15 +289,46 @@ def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     broker.stop()
 
 
+@pytest.fixture
+def isolated(registry_settings: RegistrySettings) -> Iterator[RegistrySettings]:
+    """Settings of a registry on a database of its own. The session's other registries (the stack's
+    reconciles every few seconds) would otherwise settle this test's intents, on their own broker."""
+    with scratch_database("joey_deployments") as url:
+        yield registry_settings.model_copy(
+            update={
+                "database_url": SecretStr(url),
+                "redis_prefix": f"{registry_settings.redis_prefix}:own-{secrets.token_hex(4)}",
+            }
+        )
+
+
+@contextmanager
+def serving(settings: RegistrySettings) -> Iterator[tuple[RegistryServer, Stub]]:
+    """A registry of the test's own on ``settings`` and the admin's stub to it (the registry bootstraps
+    `admin` on a fresh database)."""
+    assert settings.admin_password is not None
+    server = RegistryServer(settings)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            login = pb.LoginRequest(username="admin", password=settings.admin_password.get_secret_value())
+            token = registry_pb2_grpc.RegistryStub(channel).Login(login).token
+            yield server, token_stub(channel, token)
+    finally:
+        server.stop()
+
+
+def own_workspace(stub: Stub) -> str:
+    # Random: records of joey.deployments are keyed by names, and the session's broker is shared.
+    name = f"ws-{secrets.token_hex(4)}"
+    stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=name))
+    return name
+
+
 def test_a_change_the_broker_does_not_acknowledge_is_unavailable_changes_nothing_and_is_reconciled(
-    registry_settings: RegistrySettings,
-    own_broker: EmbeddedBroker,
-    admin_token: str,
-    workspace: str,
-    pipeline: str,
-    db: psycopg.Connection,
+    isolated: RegistrySettings, own_broker: EmbeddedBroker, iris_bytes: bytes
 ) -> None:
-    settings = registry_settings.model_copy(
+    settings = isolated.model_copy(
         update={
             "kafka_bootstrap": own_broker.bootstrap,
             "publish_timeout_s": 1.0,
@@ -296,41 +336,37 @@ def test_a_change_the_broker_does_not_acknowledge_is_unavailable_changes_nothing
             "reconcile_interval_s": 3600.0,
         }
     )
-    server = RegistryServer(settings)
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            own = token_stub(channel, admin_token)
-            running = deploy(own, workspace, pipeline, version=1, replicas=2)
-            own_broker.stop()
+    with serving(settings) as (_, own), psycopg.connect(settings.database_url.get_secret_value()) as db:
+        db.autocommit = True
+        workspace = own_workspace(own)
+        pipeline = make_pipeline(own, workspace, iris_bytes)
+        running = deploy(own, workspace, pipeline, version=1, replicas=2)
+        own_broker.stop()
 
-            # The undeploy reaches the publish (its topics exist): the tombstone is never acknowledged.
-            error = rpc_error(
-                lambda: own.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline))
-            )
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
-            assert "did not acknowledge the change on joey.deployments" in error.details()
-            error = rpc_error(lambda: deploy(own, workspace, pipeline, version=2))
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        # The undeploy reaches the publish (its topics exist): the tombstone is never acknowledged.
+        error = rpc_error(lambda: own.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert "did not acknowledge the change on joey.deployments" in error.details()
+        error = rpc_error(lambda: deploy(own, workspace, pipeline, version=2))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
 
-            shown = own.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name=pipeline)).deployment
-            assert (shown.active, shown.deployment_id, shown.pipeline_version, shown.replicas) == (
-                True,
-                running.deployment_id,
-                1,
-                2,
-            )
-            # The tombstone may have reached the broker unacknowledged: Kafka is suspect until reconciled.
-            assert intents(db, workspace) == [(pipeline, None)]
-    finally:
-        server.stop()
+        shown = own.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name=pipeline)).deployment
+        assert (shown.active, shown.deployment_id, shown.pipeline_version, shown.replicas) == (
+            True,
+            running.deployment_id,
+            1,
+            2,
+        )
+        # The tombstone may have reached the broker unacknowledged: Kafka is suspect until reconciled.
+        assert intents(db, workspace) == [(pipeline, None)]
 
     # The broker comes back (empty: the embedded one forgets everything), and so does the registry.
     own_broker.start()
     restarted = RegistryServer(settings)
     restarted.start()
     restarted.stop()
-    assert intents(db, workspace) == []
+    with psycopg.connect(settings.database_url.get_secret_value()) as db:
+        assert intents(db, workspace) == []
     specs = specs_of(
         read_deployments(settings, lambda found: len(found) >= 1, topics.deployment_key(workspace, pipeline))
     )
@@ -341,42 +377,73 @@ def test_a_change_the_broker_does_not_acknowledge_is_unavailable_changes_nothing
 
 
 def test_a_registry_killed_after_publishing_is_reconciled_to_what_postgres_holds(
-    registry_server: RegistryServer,
-    registry_settings: RegistrySettings,
-    stub: Stub,
-    workspace: str,
-    pipeline: str,
-    db: psycopg.Connection,
+    isolated: RegistrySettings, iris_bytes: bytes
 ) -> None:
-    registry = registry_server.registry
-    running = deploy(stub, workspace, pipeline, version=1)
-    [spec] = [
-        s
-        for s in registry.store.active_deployments()
-        if (s.deployment.workspace, s.deployment.pipeline) == (workspace, pipeline)
-    ]
-    # What a deploy of version 2 leaves when the registry dies between the acknowledged publish and
-    # the commit: the intent and the spec on Kafka, Postgres still at version 1.
-    crashed = replace(spec.deployment, deployment_id="crashed-deploy", pipeline_version=2)
-    registry.store.record_intent(workspace, pipeline, crashed.deployment_id)
-    registry.publisher.publish(DeploymentSpec(crashed, spec.steps))
-    # And a first deploy of another pipeline, dead at the same point.
-    stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="never", steps=[step("iris", 1)]))
-    registry.store.record_intent(workspace, "never", "crashed-first-deploy")
-    registry.publisher.publish(DeploymentSpec(replace(crashed, pipeline="never"), spec.steps))
+    settings = isolated.model_copy(update={"reconcile_interval_s": 3600.0})  # reconcile() is called here
+    with serving(settings) as (server, stub), psycopg.connect(settings.database_url.get_secret_value()) as db:
+        db.autocommit = True
+        registry = server.registry
+        workspace = own_workspace(stub)
+        pipeline = make_pipeline(stub, workspace, iris_bytes)
+        running = deploy(stub, workspace, pipeline, version=1)
+        [spec] = registry.store.active_deployments()
+        # What a deploy of version 2 leaves when the registry dies between the acknowledged publish and
+        # the commit: the intent and the spec on Kafka, Postgres still at version 1.
+        crashed = replace(spec.deployment, deployment_id="crashed-deploy", pipeline_version=2)
+        registry.store.record_intent(workspace, pipeline, crashed.deployment_id)
+        registry.publisher.publish(DeploymentSpec(crashed, spec.steps))
+        # And a first deploy of another pipeline, dead at the same point.
+        stub.CreatePipeline(
+            pb.CreatePipelineRequest(workspace=workspace, name="never", steps=[step("iris", 1)])
+        )
+        registry.store.record_intent(workspace, "never", "crashed-first-deploy")
+        registry.publisher.publish(DeploymentSpec(replace(crashed, pipeline="never"), spec.steps))
 
-    assert registry.reconcile(everything=False) >= 2
-    assert intents(db, workspace) == []
-    key = topics.deployment_key(workspace, pipeline)
-    specs = specs_of(read_deployments(registry_settings, lambda found: len(found) >= 3, key))
-    assert [s.deployment_id if s else None for s in specs] == [
-        running.deployment_id,
-        "crashed-deploy",
-        running.deployment_id,
-    ]
-    never = topics.deployment_key(workspace, "never")
-    assert specs_of(read_deployments(registry_settings, lambda found: len(found) >= 2, never))[1] is None
-    shown = stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name=pipeline)).deployment
-    assert (shown.deployment_id, shown.pipeline_version) == (running.deployment_id, 1)
-    # Nothing left to reconcile: a second round publishes nothing.
-    assert registry.reconcile(everything=False) == 0
+        assert registry.reconcile(everything=False) == 2
+        assert intents(db, workspace) == []
+        key = topics.deployment_key(workspace, pipeline)
+        specs = specs_of(read_deployments(settings, lambda found: len(found) >= 3, key))
+        assert [s.deployment_id if s else None for s in specs] == [
+            running.deployment_id,
+            "crashed-deploy",
+            running.deployment_id,
+        ]
+        never = topics.deployment_key(workspace, "never")
+        assert specs_of(read_deployments(settings, lambda found: len(found) >= 2, never))[1] is None
+        shown = stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name=pipeline)).deployment
+        assert (shown.deployment_id, shown.pipeline_version) == (running.deployment_id, 1)
+        # Nothing left to reconcile: a second round publishes nothing.
+        assert registry.reconcile(everything=False) == 0
+
+
+def test_a_running_registry_reconciles_a_failed_change_once_the_broker_is_back(
+    isolated: RegistrySettings, own_broker: EmbeddedBroker, iris_bytes: bytes
+) -> None:
+    settings = isolated.model_copy(
+        update={
+            "kafka_bootstrap": own_broker.bootstrap,
+            "publish_timeout_s": 1.0,
+            # This registry's own reconciler settles the intent, without a restart.
+            "reconcile_interval_s": 0.2,
+        }
+    )
+    with serving(settings) as (_, own), psycopg.connect(settings.database_url.get_secret_value()) as db:
+        db.autocommit = True
+        workspace = own_workspace(own)
+        pipeline = make_pipeline(own, workspace, iris_bytes)
+        running = deploy(own, workspace, pipeline, version=1, replicas=2)
+        own_broker.stop()
+        error = rpc_error(lambda: own.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        # Rounds of the reconciler fail while the broker is gone: the intent stays.
+        assert intents(db, workspace) == [(pipeline, None)]
+
+        own_broker.start()  # empty: the embedded broker forgets everything
+        wait_until(lambda: intents(db, workspace) == [], 60, "the reconciler to settle the intent")
+        key = topics.deployment_key(workspace, pipeline)
+        specs = specs_of(read_deployments(settings, lambda found: len(found) >= 1, key))
+        assert [(s.deployment_id, s.pipeline_version, s.replicas) if s else None for s in specs] == [
+            (running.deployment_id, 1, 2)
+        ]
+        shown = own.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name=pipeline)).deployment
+        assert (shown.active, shown.deployment_id) == (True, running.deployment_id)

@@ -13,6 +13,7 @@ from joey_core import db, kafka, lifecycle, tls
 from joey_core.v1 import registry_pb2_grpc
 from joey_registry.artifacts import create_store
 from joey_registry.autoscaler import Autoscaler
+from joey_registry.errors import Unavailable
 from joey_registry.grpc_server import RegistryServicer
 from joey_registry.identity import BootstrapRefused
 from joey_registry.publisher import DeploymentPublisher
@@ -74,8 +75,13 @@ class RegistryServer:
             self.store.close()
             raise
         kafka.ensure_topics(self.registry.admin, kafka.platform_topics(self.settings))
-        republished = self.registry.reconcile(everything=True)
-        log.info("reconciled joey.deployments with Postgres: %d pipelines republished", republished)
+        try:
+            republished = self.registry.reconcile(everything=True)
+        except Unavailable as exc:
+            # The others were republished; the reconciler retries these, the registry serves meanwhile.
+            log.warning("joey.deployments not reconciled with Postgres at start: %s", exc)
+        else:
+            log.info("reconciled joey.deployments with Postgres: %d pipelines republished", republished)
         self.port = tls.add_port(self.server, self.settings.registry_addr, self.settings)
         if not self.port:
             raise OSError(f"could not listen on {self.settings.registry_addr} (JOEY_REGISTRY_ADDR)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from joey_core import topics
 from joey_core.kafka import DeliveryTracker, producer_config
@@ -24,9 +24,10 @@ _REPORT_MARGIN_S = 5.0
 class DeploymentPublisher:
     def __init__(self, settings: RegistrySettings) -> None:
         self._timeout = settings.publish_timeout_s
-        self._producer = Producer(
-            producer_config(settings, **{"message.timeout.ms": int(settings.publish_timeout_s * 1000)})
+        self._config = producer_config(
+            settings, **{"message.timeout.ms": int(settings.publish_timeout_s * 1000)}
         )
+        self._producer = Producer(self._config)
         # One publish at a time: flush() waits for every in-flight record, and a deploy must
         # only report the delivery of its own.
         self._lock = threading.Lock()
@@ -58,6 +59,11 @@ class DeploymentPublisher:
                 )
                 tracker.flush(self._producer, self._timeout + _REPORT_MARGIN_S)
             except (KafkaException, BufferError, TimeoutError) as exc:
+                if isinstance(exc, KafkaException) and _fatal(exc.args[0]):
+                    # An idempotent producer is dead after a fatal error (e.g. a broker that restarted
+                    # empty and no longer knows its producer id): a new one serves the next publish.
+                    log.warning("replacing the deployments producer after a fatal error: %s", exc)
+                    self._producer = Producer(self._config)
                 raise Unavailable(
                     f"the broker did not acknowledge the change on {topics.DEPLOYMENTS}: {exc}; nothing "
                     "was changed, retry once the broker answers"
@@ -65,3 +71,8 @@ class DeploymentPublisher:
 
     def close(self) -> None:
         self._producer.flush(self._timeout)
+
+
+def _fatal(err: KafkaError) -> bool:
+    # produce() on a producer already failed reports a plain _FATAL error, not flagged fatal itself.
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL  # noqa: SLF001 (librdkafka's public code)

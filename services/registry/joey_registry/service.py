@@ -8,7 +8,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -549,7 +549,8 @@ class Registry:
             # The detail may name hosts: it stays in the log.
             log.warning("pipeline %s/%s: Postgres failed: %s", ws.name, pipeline, exc)
             raise Unavailable(
-                f"the database did not answer; pipeline {pipeline!r} was left as it was, retry shortly"
+                f"the database did not answer; the change of pipeline {pipeline!r} may not have been "
+                "applied: check `joey pipeline status` before retrying"
             ) from exc
 
     def _replicas(self, replicas: int | None, autoscale: Autoscale | None) -> int:
@@ -636,22 +637,21 @@ class Registry:
         ws = self.store.workspace(workspace)
         if ws is None:
             return None
-        with self.store.lock_pipeline(ws, pipeline) as lock:
-            current = lock.deployment() if lock else None
-            if (
-                lock is None
-                or current is None
-                or not current.active
-                or current.deployment_id != deployment_id
-            ):
-                return None
-            if current.replicas == replicas:
-                return current
-            pv = lock.version(current.pipeline_version)
-            assert pv is not None
-            return self._change(
-                lock, replace(current, replicas=replicas, updated_at=datetime.now(UTC)), pv.steps
-            )
+        try:
+            # _locked: Postgres failing here is UNAVAILABLE, as for a user's change.
+            with self._locked(ws, pipeline) as lock:
+                current = lock.deployment()
+                if current is None or not current.active or current.deployment_id != deployment_id:
+                    return None
+                if current.replicas == replicas:
+                    return current
+                pv = lock.version(current.pipeline_version)
+                assert pv is not None
+                return self._change(
+                    lock, replace(current, replicas=replicas, updated_at=datetime.now(UTC)), pv.steps
+                )
+        except NotFound:  # the pipeline was deleted meanwhile
+            return None
 
     def undeploy(self, caller: Caller, workspace: str, pipeline: str) -> Deployment:
         ws = self.access.authorize(caller, workspace, Action.WRITE)
@@ -709,23 +709,45 @@ class Registry:
         and, when ``everything`` (at start), for every pipeline ever deployed: the spec of its deployment
         (its topics recreated first) or, undeployed or gone, a tombstone. So a broker that lost its data
         learns the desired state back, and a change Postgres did not record is withdrawn; engines ignore
-        a spec they already run. Returns how many pipelines were published; UNAVAILABLE when the broker
-        does not answer (the intents stay for the next round)."""
+        a spec they already run. Returns how many pipelines were published. A pipeline the broker does not
+        answer for is logged and left for the next round (at start, an intent is recorded for it so the
+        running reconciler retries it), the others are reconciled; UNAVAILABLE at the end names them."""
         keys = set(self.store.intents())
         if everything:
             keys.update(self.store.deployed_pipelines())
-        return sum(self._reconcile(workspace, pipeline, everything) for workspace, pipeline in sorted(keys))
+        if keys:
+            # A broker that restarted empty no longer has joey.deployments: auto-created, it would not
+            # be the compacted single-partition topic engines read.
+            try:
+                kafka.ensure_topics(self.admin, kafka.platform_topics(self.settings))
+            except (KafkaException, TimeoutError) as exc:
+                raise Unavailable(f"could not create the platform topics: {exc}") from exc
+        published = 0
+        left: list[str] = []
+        for workspace, pipeline in sorted(keys):
+            try:
+                published += self._reconcile(workspace, pipeline, everything)
+            except Unavailable as exc:
+                log.warning("not reconciled yet, %s/%s: %s", workspace, pipeline, exc)
+                left.append(f"{workspace}/{pipeline}")
+                if everything:
+                    self.store.record_intent(workspace, pipeline, None)
+        if left:
+            raise Unavailable(
+                f"{len(left)} pipelines left to reconcile with {topics.DEPLOYMENTS} ({', '.join(left[:5])}"
+                f"{', ...' if len(left) > 5 else ''}): the broker did not answer; retried every round"
+            )
+        return published
 
     def _reconcile(self, workspace: str, pipeline: str, everything: bool) -> bool:
-        ws = self.store.workspace(workspace)
-        with self.store.lock_pipeline(ws, pipeline) if ws else nullcontext() as lock:
-            if lock is None:  # deleted since its intent was recorded: nothing may run it
-                self.publisher.retract(workspace, pipeline)
-                self.store.forget_intent(workspace, pipeline)
-                return True
+        with self.store.lock_name(workspace, pipeline) as lock:
             # Under the lock a change in progress has finished: its intent is gone if it succeeded.
             if not everything and not lock.has_intent():
                 return False
+            if not isinstance(lock, PipelineLock):  # deleted since its intent was recorded
+                self.publisher.retract(workspace, pipeline)
+                lock.clear_intent()
+                return True
             current = lock.deployment()
             steps: tuple[Step, ...] = ()
             if current is not None and current.active:
@@ -736,9 +758,9 @@ class Registry:
                         current.autoscale.max_replicas if current.autoscale else current.replicas,
                     )
                 except FailedPrecondition as exc:
-                    # One deployment whose topics cannot hold it must not keep the registry down.
-                    log.error("not republishing %s/%s: %s", workspace, pipeline, exc)
-                    return False
+                    # Topics with fewer partitions than the replicas: still what Postgres holds, and
+                    # what must replace any record Postgres did not; the engines run what fits.
+                    log.error("republishing %s/%s although: %s", workspace, pipeline, exc)
                 pv = lock.version(current.pipeline_version)
                 assert pv is not None
                 steps = pv.steps

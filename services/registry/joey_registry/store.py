@@ -149,14 +149,39 @@ def _specs_json(specs: tuple[TensorSpec, ...]) -> Jsonb:
     return Jsonb([s.to_json() for s in specs])
 
 
-class PipelineLock:
-    """A transaction holding the row lock of one pipeline: deploys and undeploys of the same
-    pipeline run one at a time, so the order on joey.deployments matches the database."""
+class NameLock:
+    """A transaction holding the deployment lock of a pipeline's name (see ``Store.lock_name``),
+    whether or not a pipeline of that name exists."""
+
+    def __init__(self, conn: Connection, workspace: str, name: str) -> None:
+        self._conn = conn
+        self._workspace_name = workspace
+        self.name = name
+
+    def has_intent(self) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM deployment_intents WHERE workspace = %s AND pipeline = %s",
+            (self._workspace_name, self.name),
+        ).fetchone()
+        return row is not None
+
+    def clear_intent(self) -> None:
+        """Forget the pipeline's intent (see ``Store.record_intent``) when this transaction commits:
+        the change it announced is then recorded, and was acknowledged on joey.deployments."""
+        self._conn.execute(
+            "DELETE FROM deployment_intents WHERE workspace = %s AND pipeline = %s",
+            (self._workspace_name, self.name),
+        )
+
+
+class PipelineLock(NameLock):
+    """A transaction holding the deployment lock of one pipeline and its row lock: deploys and
+    undeploys of the same pipeline run one at a time, so the order on joey.deployments matches the
+    database."""
 
     def __init__(self, conn: Connection, workspace: WorkspaceRef, name: str, pipeline_id: int) -> None:
-        self._conn = conn
+        super().__init__(conn, workspace.name, name)
         self.workspace = workspace
-        self.name = name
         self._pipeline_id = pipeline_id
 
     def version(self, version: int) -> PipelineVersion | None:
@@ -211,21 +236,6 @@ class PipelineLock:
                 """,
                 params,
             )
-
-    def has_intent(self) -> bool:
-        row = self._conn.execute(
-            "SELECT 1 FROM deployment_intents WHERE workspace = %s AND pipeline = %s",
-            (self.workspace.name, self.name),
-        ).fetchone()
-        return row is not None
-
-    def clear_intent(self) -> None:
-        """Forget the pipeline's intent (see ``Store.record_intent``) when this transaction commits:
-        the change it announced is then recorded, and was acknowledged on joey.deployments."""
-        self._conn.execute(
-            "DELETE FROM deployment_intents WHERE workspace = %s AND pipeline = %s",
-            (self.workspace.name, self.name),
-        )
 
     def previous_version(self, current: Deployment) -> int | None:
         """The pipeline version deployed most recently before ``current`` that differs from it."""
@@ -613,13 +623,32 @@ class Store:
 
     @contextmanager
     def lock_pipeline(self, ws: WorkspaceRef, name: str) -> Iterator[PipelineLock | None]:
-        """A transaction holding the pipeline's row lock (None if the pipeline does not exist);
-        committed when the block ends, rolled back if it raises."""
+        """A transaction holding the pipeline's deployment lock and row lock (None if the pipeline does
+        not exist); committed when the block ends, rolled back if it raises."""
         with self._conn() as conn:
+            _lock_deployment(conn, ws.name, name)
             row = conn.execute(
                 "SELECT id FROM pipelines WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
             ).fetchone()
             yield PipelineLock(conn, ws, name, row["id"]) if row else None
+
+    @contextmanager
+    def lock_name(self, workspace: str, name: str) -> Iterator[NameLock]:
+        """Like ``lock_pipeline``, by names: the reconciler's view, since joey.deployments is keyed by
+        names and the pipeline (or its workspace) may be gone. A plain ``NameLock`` when no such
+        pipeline exists; a pipeline created meanwhile cannot be deployed until this commits."""
+        with self._conn() as conn:
+            _lock_deployment(conn, workspace, name)
+            row = conn.execute(
+                "SELECT p.id, w.id AS workspace_id FROM pipelines p "
+                "JOIN workspaces w ON w.id = p.workspace_id "
+                "WHERE w.name = %s AND p.name = %s FOR UPDATE OF p",
+                (workspace, name),
+            ).fetchone()
+            if row is None:
+                yield NameLock(conn, workspace, name)
+            else:
+                yield PipelineLock(conn, WorkspaceRef(row["workspace_id"], workspace), name, row["id"])
 
     def active_deployments(self) -> list[DeploymentSpec]:
         """Every active deployment of every workspace, with its resolved steps."""
@@ -651,13 +680,6 @@ class Store:
                 "SELECT workspace, pipeline FROM deployment_intents ORDER BY workspace, pipeline"
             ).fetchall()
         return [(r["workspace"], r["pipeline"]) for r in rows]
-
-    def forget_intent(self, workspace: str, pipeline: str) -> None:
-        """Delete the intent of a pipeline that no longer exists, once its tombstone was acknowledged."""
-        with self._conn() as conn:
-            conn.execute(
-                "DELETE FROM deployment_intents WHERE workspace = %s AND pipeline = %s", (workspace, pipeline)
-            )
 
     def deployed_pipelines(self) -> list[tuple[str, str]]:
         """The (workspace, pipeline) of every pipeline ever deployed (active or not)."""
@@ -744,6 +766,18 @@ def _model_uses(conn: Connection, ws: WorkspaceRef, name: str) -> list[ModelVers
         if m.model == name
     }
     return sorted(uses, key=lambda u: (u.model_version, u.pipeline, u.pipeline_version))
+
+
+_DEPLOYMENT_LOCKS = 0x4A44  # advisory lock class of deployments ("JD"), keyed by the pipeline's names
+
+
+def _lock_deployment(conn: Connection, workspace: str, pipeline: str) -> None:
+    """Held until commit by every change of a pipeline's deployment and by its reconciling. Keyed by
+    names, not the row, so that the reconciler finding a pipeline gone and a pipeline of the same name
+    created and deployed meanwhile take turns: its tombstone then never follows the new spec."""
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_DEPLOYMENT_LOCKS, f"{workspace}/{pipeline}")
+    )
 
 
 _ARTIFACT_LOCKS = 0x4A41  # advisory lock class of artifacts ("JA"), keyed by their sha256's first 28 bits

@@ -21,11 +21,13 @@ from joey.client.inputs import InputError
 from joey_core import kafka
 from joey_core.kafka import producer_config
 from joey_core.records import REQUEST_ID_HEADER, dumps, header_value
-from joey_core.replies import Reply, decode_reply, reply_consumer
+from joey_core.replies import Reply, decode_reply, failed_reply, reply_consumer
 from joey_core.settings import CommonSettings
 from joey_core.topics import PipelineTopics
 
 log = logging.getLogger(__name__)
+
+_PURGE_MARGIN_S = 5.0
 
 Progress = Callable[[int, int], None]
 """Called with (answered, total) as replies arrive."""
@@ -69,8 +71,10 @@ class PipelineStream:
         """Send ``rows`` (one input record each; bytes are sent as they are); return replies in order.
 
         Any number of rows: when the producer's queue is full this waits for deliveries to free it, so
-        memory stays bounded by the queue. A row the broker refuses or never acknowledges (too large, or
-        the broker gone) is a failed reply of its own saying it was not sent, and is not waited for.
+        memory stays bounded by the queue. Sending takes at most ``timeout``, and waiting for replies
+        ``timeout`` more. A row that did not leave (refused as too large, the broker refusing it, or still
+        queued when the time is up) is a failed reply of its own saying it was not sent, and is not waited
+        for; a row whose delivery timed out may have reached the pipeline and is waited for.
 
         Raise InputError, having sent nothing, when a row is neither a dict nor bytes: the engine would
         refuse each such record alone."""
@@ -80,15 +84,22 @@ class PipelineStream:
         replies: dict[str, Reply] = {}
         consumer = reply_consumer(self._settings, self._topics)
         try:
-            producer = Producer(producer_config(self._settings))
+            # Longer than the sending time, so that a row still queued when it is up is purged below
+            # (known never to have left) rather than timed out (which a row in flight also is).
+            timeout_ms = int((timeout + _PURGE_MARGIN_S) * 1000)
+            config = producer_config(self._settings, **{"message.timeout.ms": timeout_ms})
+            producer = Producer(config)
+            sending_until = time.monotonic() + timeout
             for request_id, row in zip(request_ids, rows, strict=True):
-                failure = self._produce(producer, request_id, row, replies)
+                failure = self._produce(producer, request_id, row, replies, sending_until)
                 if failure is not None:
-                    pending.discard(request_id)
                     replies[request_id] = failure
-            # Records the producer could not deliver are failed by their delivery reports (the local
-            # message timeout bounds the wait), each as its own row.
-            producer.flush(timeout)
+            producer.flush(max(sending_until - time.monotonic(), 0))
+            if len(producer):
+                # Rows still queued here never left: purged, their reports fail them as not sent. Rows in
+                # flight may reach the pipeline: they stay pending, answered if a reply comes.
+                producer.purge(in_queue=True, in_flight=False)
+                producer.flush(0)
             pending.difference_update(replies)
             deadline = time.monotonic() + timeout
             while pending:
@@ -110,13 +121,22 @@ class PipelineStream:
         return [replies[request_id] for request_id in request_ids]
 
     def _produce(
-        self, producer: Producer, request_id: str, row: dict[str, Any] | bytes, replies: dict[str, Reply]
+        self,
+        producer: Producer,
+        request_id: str,
+        row: dict[str, Any] | bytes,
+        replies: dict[str, Reply],
+        until: float,
     ) -> Reply | None:
-        """Queue one row; the failed reply when the producer refuses it at once. A delivery failure
-        reported later is put in ``replies`` by the callback (run from ``poll`` and ``flush``)."""
+        """Queue one row, waiting for room in the producer's queue until the monotonic time ``until``; the
+        failed reply when the producer refuses it or has no room. A delivery failure reported later is put
+        in ``replies`` by the callback (run from ``poll`` and ``flush``)."""
 
         def delivered(err: KafkaError | None, _msg: object) -> None:
-            if err is not None:
+            # A record that timed out may have reached the broker unacknowledged: it stays pending, so
+            # the reply of a record the pipeline did process is not hidden by a failure.
+            # (librdkafka's local error codes are public under these underscored names.)
+            if err is not None and err.code() != KafkaError._MSG_TIMED_OUT:  # noqa: SLF001
                 replies[request_id] = not_sent(request_id, str(err))
 
         value = row if isinstance(row, bytes) else dumps(row)
@@ -130,7 +150,9 @@ class PipelineStream:
                     on_delivery=delivered,
                 )
             except BufferError:
-                # The queue is full: back-pressure until deliveries make room.
+                # The queue is full: back-pressure until deliveries make room, or the time is up.
+                if time.monotonic() >= until:
+                    return not_sent(request_id, "the producer's queue stayed full (is the broker reachable?)")
                 producer.poll(0.1)
                 continue
             except KafkaException as exc:  # e.g. larger than the producer's message.max.bytes
@@ -141,12 +163,4 @@ class PipelineStream:
 
 def not_sent(request_id: str, reason: str) -> Reply:
     """The failed reply of a row that never reached the pipeline's inputs topic."""
-    return Reply(
-        request_id,
-        False,
-        {
-            "time": datetime.now(UTC).isoformat(),
-            "request_id": request_id,
-            "error": f"not sent to the pipeline: {reason}",
-        },
-    )
+    return failed_reply(request_id, f"not sent to the pipeline: {reason}", datetime.now(UTC).isoformat())

@@ -8,20 +8,17 @@ import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from joey.client import Client
 from joey.client.pipelines import replies_to_frame
 from joey.client.streaming import InferenceTimeout, PipelineStream
 from joey_core import kafka, records, topics
 from joey_core.settings import CommonSettings
-from tests.conftest import Stack
 
 WORKSPACE = "streaming"
 BROKEN = {1: b'{"time": "2025-05-01T09:00:00+00:00", "out": {"doub', 2: b"[1, 2]", 3: b'{"in": "\xff"}'}
@@ -120,22 +117,25 @@ def test_a_broken_reply_fails_its_own_row_and_the_others_are_answered(settings: 
 
 
 def test_more_rows_than_the_producer_queue_holds_are_all_sent_and_answered(
-    stack: Stack, settings: CommonSettings, iris_model: Path
+    settings: CommonSettings,
 ) -> None:
-    # 150,000 is past the producer's 100,000-message queue: a produce beyond it raised BufferError
-    # after part of the rows had gone out.
-    client = Client(settings=settings, workspace=f"many-{secrets.token_hex(4)}")
-    client.create_workspace(client.workspace)
-    client.upload_model("iris", iris_model)
-    pipeline = client.build_pipeline("many").add_model_step("iris")
-    pipeline.deploy(replicas=2, timeout=90)
-    rows = np.tile(np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float32), (75_000, 1))
-    result = pipeline.infer(rows, timeout=300)
-    assert len(result) == len(rows)
-    assert result["error"].isna().all()
-    assert result["request_id"].nunique() == len(rows)
-    assert result["in.features"].iloc[-1] == pytest.approx([6.7, 3.0, 5.2, 2.3])
-    pipeline.undeploy()
+    # A producer queue of 5 messages stands in for the default 100,000, past which a produce raised
+    # BufferError after part of the rows had gone out: the same back-pressure path, in seconds.
+    pipeline = f"many-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    small_queue = settings.model_copy(
+        update={"kafka_config": {"queue.buffering.max.messages": 5, "linger.ms": 50}}
+    )
+    rows = [{"id": 1000 + i, "x": float(i)} for i in range(200)]
+    with stand_in_engine(settings, names) as failures:
+        replies = PipelineStream(small_queue, names).infer(rows, timeout=60)
+    assert failures == []
+    assert [r.body["out"]["double"] for r in replies] == [2 * row["x"] for row in rows]
+    assert [r.body["in"]["id"] for r in replies] == [row["id"] for row in rows]
+    assert len({r.request_id for r in replies}) == len(rows)
 
 
 def test_a_row_the_producer_refuses_fails_alone_and_the_others_are_answered(
@@ -174,3 +174,20 @@ def test_a_timeout_says_which_rows_were_answered_which_were_not_sent_and_which_a
     assert too_large is not None and not too_large.ok
     assert too_large.body["error"].startswith("not sent to the pipeline: ")
     assert (info.value.answered, info.value.total) == (2, 3)
+
+
+def test_rows_still_queued_when_the_time_is_up_fail_as_not_sent(settings: CommonSettings) -> None:
+    # An inputs topic that does not exist: the producer holds the rows in its queue waiting for the
+    # topic, and none ever leaves. They must come back failed as not sent, not waited for as if sent.
+    pipeline = f"nowhere-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    nowhere = replace(names, inputs=f"joey.{WORKSPACE}.missing-{secrets.token_hex(4)}.inputs")
+    no_topic_creation = settings.model_copy(update={"kafka_config": {"allow.auto.create.topics": False}})
+    replies = PipelineStream(no_topic_creation, nowhere).infer(
+        [{"id": 30, "x": 1}, {"id": 31, "x": 2}], timeout=3
+    )
+    assert [r.ok for r in replies] == [False, False]
+    assert all(r.body["error"].startswith("not sent to the pipeline: ") for r in replies), replies
