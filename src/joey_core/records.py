@@ -93,11 +93,16 @@ def _bounded_text(text: str, limit: int) -> str:
 def bounded_request_id(raw: bytes) -> str:
     """The request id a record's ``request-id`` header carries into outputs, errors and logs.
 
-    Bytes that are not UTF-8 are replaced (U+FFFD); past :data:`REQUEST_ID_MAX_BYTES` the id is cut and
-    ends in a digest of the whole, so it stays bounded, deterministic and distinct.
+    A UTF-8 id of at most :data:`REQUEST_ID_MAX_BYTES` travels as sent. Any other (longer, or not UTF-8)
+    is cut and ends in a digest of its raw bytes, so it stays bounded (its UTF-8 form too: replacing bad
+    bytes by U+FFFD would triple them), deterministic and distinct (two ids that differ only in their
+    bad bytes do not collapse into one).
     """
     if len(raw) <= REQUEST_ID_MAX_BYTES:
-        return raw.decode("utf-8", errors="replace")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     digest = hashlib.sha256(raw).hexdigest()[:32]
     return f"{raw[:256].decode('utf-8', errors='replace')}...sha256:{digest}"
 
