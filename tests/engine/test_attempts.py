@@ -16,7 +16,7 @@ def records(partition: int, *offsets: int) -> list[ConsumedRecord]:
 
 
 def notes(client: redis.Redis, settings: EngineSettings, group: str) -> AttemptNotes:
-    return AttemptNotes(client, settings.redis_prefix, group)
+    return AttemptNotes(client, settings.redis_prefix, group, settings.attempt_notes_ttl_s)
 
 
 def test_a_batch_that_never_ended_is_found_by_the_next_owner(
@@ -47,6 +47,8 @@ def test_a_batch_that_ended_leaves_nothing(
     batch = records(2, 1, 2)
     keeper = notes(redis_client, engine_settings, group)
     keeper.begin(batch, 1)
+    key = f"{engine_settings.redis_prefix}:attempts:{group}"
+    assert 0 < redis_client.pttl(key) <= engine_settings.attempt_notes_ttl_s * 1000, "notes expire"
     keeper.end(batch)
     assert keeper.tried(batch) == {}
     assert not redis_client.exists(f"{engine_settings.redis_prefix}:attempts:{group}")
@@ -60,7 +62,7 @@ def test_a_malformed_note_is_ignored(redis_client: redis.Redis, engine_settings:
 
 def test_without_redis_records_run_without_notes(engine_settings: EngineSettings) -> None:
     gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
-    keeper = AttemptNotes(gone, engine_settings.redis_prefix, "g")
+    keeper = AttemptNotes(gone, engine_settings.redis_prefix, "g", engine_settings.attempt_notes_ttl_s)
     keeper.begin(records(0, 1), 1)
     assert keeper.tried(records(0, 1)) == {}
     keeper.end(records(0, 1))

@@ -9,8 +9,9 @@ own note, so the one that stops the replica is known; once a record was tried ``
 times it is dead-lettered instead of being run again. Restarts are bounded by that count per record.
 
 Notes live in one hash per consumer group (``<prefix>:attempts:<group>``), a field per partition:
-``"<first offset>:<last offset>:<attempts>"``. Without Redis a replica runs without notes (and says so):
-inference goes on, only a record that kills replicas is then retried until Redis is back.
+``"<first offset>:<last offset>:<attempts>"``. The hash expires ``attempt_notes_ttl_s`` after the last
+note was taken, and the registry deletes it with the pipeline. Without Redis a replica runs without
+notes (and says so): inference goes on, only a record that kills replicas is then retried until Redis is back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 import redis
 
+from joey_core import topics
 from joey_core.kafka import AnyLogger, ConsumedRecord
 
 log = logging.getLogger(__name__)
@@ -30,9 +32,12 @@ def _field(record: ConsumedRecord) -> str:
 
 
 class AttemptNotes:
-    def __init__(self, client: redis.Redis, prefix: str, group: str, log: AnyLogger = log) -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str, group: str, ttl_s: float, log: AnyLogger = log
+    ) -> None:
         self._redis = client
-        self._key = f"{prefix}:attempts:{group}"
+        self._key = topics.attempt_notes_key(prefix, group)
+        self._ttl_ms = int(ttl_s * 1000)
         self._log = log
 
     def tried(self, batch: Sequence[ConsumedRecord]) -> dict[int, int]:
@@ -71,7 +76,12 @@ class AttemptNotes:
             spans[name] = (min(first, record.offset), max(last, record.offset))
         mapping = {name: f"{first}:{last}:{attempts}" for name, (first, last) in spans.items()}
         try:
-            self._redis.hset(self._key, mapping=mapping)  # type: ignore[arg-type]
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(self._key, mapping=mapping)  # type: ignore[arg-type]
+            # Offsets are not forever (a re-created topic, a broker that forgot them, starts again at 0):
+            # a note nobody came back to within the TTL must not dead-letter new records unrun.
+            pipe.pexpire(self._key, self._ttl_ms)
+            pipe.execute()
         except redis.RedisError as exc:
             self._log.warning("cannot note the records being tried: %s", exc)
 
