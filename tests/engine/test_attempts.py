@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 
+import pytest
 import redis
 
 from joey_core.kafka import ConsumedRecord
@@ -60,9 +62,15 @@ def test_a_malformed_note_is_ignored(redis_client: redis.Redis, engine_settings:
     assert notes(redis_client, engine_settings, group).tried(records(0, 1)) == {}
 
 
-def test_without_redis_records_run_without_notes(engine_settings: EngineSettings) -> None:
+def test_without_redis_records_run_without_notes(
+    engine_settings: EngineSettings, caplog: pytest.LogCaptureFixture
+) -> None:
     gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     keeper = AttemptNotes(gone, engine_settings.redis_prefix, "g", engine_settings.attempt_notes_ttl_s)
-    keeper.begin(records(0, 1), 1)
-    assert keeper.tried(records(0, 1)) == {}
-    keeper.end(records(0, 1))
+    with caplog.at_level(logging.WARNING, logger="joey_engine.attempts"):
+        for _ in range(3):
+            keeper.begin(records(0, 1), 1)
+            assert keeper.tried(records(0, 1)) == {}
+            keeper.end(records(0, 1))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, "an outage is reported once, not on every batch"

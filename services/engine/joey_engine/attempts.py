@@ -39,6 +39,20 @@ class AttemptNotes:
         self._key = topics.attempt_notes_key(prefix, group)
         self._ttl_ms = int(ttl_s * 1000)
         self._log = log
+        self._down = False
+        """Redis failed the last call: the outage was reported, and is not again until it ends."""
+
+    def _failed(self, what: str, exc: redis.RedisError) -> None:
+        if not self._down:
+            self._down = True
+            self._log.warning(
+                "cannot %s (a crashing record is not counted until Redis is back): %s", what, exc
+            )
+
+    def _reached(self) -> None:
+        if self._down:
+            self._down = False
+            self._log.info("attempt notes written again: Redis is back")
 
     def tried(self, batch: Sequence[ConsumedRecord]) -> dict[int, int]:
         """How many times each record of ``batch`` was in a run that never ended, by index in ``batch``;
@@ -47,7 +61,7 @@ class AttemptNotes:
         try:
             notes = dict(zip(fields, self._redis.hmget(self._key, fields), strict=True))
         except redis.RedisError as exc:
-            self._log.warning("cannot read the attempt notes (a crashing record is not counted): %s", exc)
+            self._failed("read the attempt notes", exc)
             return {}
         ranges: dict[str, tuple[int, int, int]] = {}
         for name, note in notes.items():
@@ -83,11 +97,13 @@ class AttemptNotes:
             pipe.pexpire(self._key, self._ttl_ms)
             pipe.execute()
         except redis.RedisError as exc:
-            self._log.warning("cannot note the records being tried: %s", exc)
+            self._failed("note the records being tried", exc)
+        else:
+            self._reached()
 
     def end(self, records: Sequence[ConsumedRecord]) -> None:
         """The run of ``records`` ended without stopping the replica."""
         try:
             self._redis.hdel(self._key, *sorted({_field(r) for r in records}))
         except redis.RedisError as exc:
-            self._log.warning("cannot clear the attempt notes: %s", exc)
+            self._failed("clear the attempt notes", exc)
