@@ -38,6 +38,9 @@ def test_a_batch_that_never_ended_is_found_by_the_next_owner(
     second.end(later[:1])
     assert second.tried(later) == {3: 1}
     second.end(later[3:4])
+    assert second.tried(later) == {3: 1}, "a note another replica wrote is not this one's to end"
+    second.begin(later[3:4], 2)
+    second.end(later[3:4])
     assert second.tried(later) == {}
     assert notes(redis_client, engine_settings, "another-group").tried(batch) == {}
 
@@ -74,3 +77,17 @@ def test_without_redis_records_run_without_notes(
             keeper.end(records(0, 1))
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1, "an outage is reported once, not on every batch"
+
+
+def test_a_replica_that_lost_its_partition_does_not_end_its_successors_note(
+    redis_client: redis.Redis, engine_settings: EngineSettings
+) -> None:
+    group = f"g-{secrets.token_hex(4)}"
+    batch = records(0, 7, 8)
+    old, new = notes(redis_client, engine_settings, group), notes(redis_client, engine_settings, group)
+    old.begin(batch, 1)
+    new.begin(batch, 2)  # the partition moved while the old owner was still running the batch
+    old.end(batch)
+    assert new.tried(batch) == {0: 2, 1: 2}, "the successor's note survives"
+    new.end(batch)
+    assert new.tried(batch) == {}

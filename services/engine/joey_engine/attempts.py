@@ -27,6 +27,19 @@ from joey_core.kafka import AnyLogger, ConsumedRecord
 log = logging.getLogger(__name__)
 
 
+# Deletes a field only if it still holds the note this replica wrote: a replica that lost its partition
+# mid-batch must not erase the note of the replica that took it over.
+_END_MINE = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
+
+
 def _field(record: ConsumedRecord) -> str:
     return f"{record.topic}:{record.partition}"
 
@@ -39,6 +52,9 @@ class AttemptNotes:
         self._key = topics.attempt_notes_key(prefix, group)
         self._ttl_ms = int(ttl_s * 1000)
         self._log = log
+        self._end_mine = client.register_script(_END_MINE)
+        self._mine: dict[str, str] = {}
+        """The notes this replica wrote and has not ended, by field."""
         self._down = False
         """Redis failed the last call: the outage was reported, and is not again until it ends."""
 
@@ -99,11 +115,19 @@ class AttemptNotes:
         except redis.RedisError as exc:
             self._failed("note the records being tried", exc)
         else:
+            self._mine.update(mapping)
             self._reached()
 
     def end(self, records: Sequence[ConsumedRecord]) -> None:
         """The run of ``records`` ended without stopping the replica."""
+        mine = [
+            (name, self._mine.pop(name))
+            for name in sorted({_field(r) for r in records})
+            if name in self._mine
+        ]
+        if not mine:
+            return
         try:
-            self._redis.hdel(self._key, *sorted({_field(r) for r in records}))
+            self._end_mine(keys=[self._key], args=[part for pair in mine for part in pair])
         except redis.RedisError as exc:
             self._failed("clear the attempt notes", exc)

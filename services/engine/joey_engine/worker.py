@@ -234,8 +234,9 @@ class ReplicaWorker:
                         source.offset,
                         attempts,
                     )
-                else:
-                    self._notes.begin([source], attempts + 1)
+                # A dead-lettered record is noted too (with its count unchanged), so that this replica
+                # owns, and ends, the note the dead one left.
+                self._notes.begin([source], attempts if failed else attempts + 1)
                 if not self._answer([source], failed, sources[i:], consumer, producer):
                     break
 
