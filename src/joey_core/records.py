@@ -55,7 +55,9 @@ def decode_input(value: bytes | None) -> dict[str, Any]:
     if value is None:
         raise RecordError("empty record: expected a JSON object mapping input names to values")
     try:
-        row = json.loads(value, object_pairs_hook=_unique_keys)
+        row = json.loads(value)
+        if not _surely_unique(value, row):
+            row = json.loads(value, object_pairs_hook=_unique_keys)
     except RecordError:
         raise
     except RecursionError:
@@ -69,6 +71,13 @@ def decode_input(value: bytes | None) -> dict[str, Any]:
             f"record must be a JSON object mapping input names to values, got {type(row).__name__}"
         )
     return row
+
+
+def _surely_unique(value: bytes, row: Any) -> bool:
+    """True when ``row`` (parsed from ``value``) cannot have lost a duplicate key: a flat object with as
+    many keys as the text has colons (every key is followed by one, colons in strings only add to the
+    count). Anything else is parsed again with the checking hook, which is three times slower."""
+    return isinstance(row, dict) and value.count(b"{") == 1 and len(row) == value.count(b":")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

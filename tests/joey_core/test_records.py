@@ -124,6 +124,8 @@ def test_corrupt_log_records_raise_only_record_errors() -> None:
         (b'{"x": ' + b"9" * 5000 + b"}", "record is not valid JSON: Exceeds the limit"),
         (b'{"x": 1, "x": 2}', "record has the key 'x' more than once in one object"),
         (b'{"x": {"y": 1, "y": 1}}', "record has the key 'y' more than once in one object"),
+        (b'{"x": 1, "\\u0078": 2}', "record has the key 'x' more than once in one object"),
+        (b'{"t": "12:00", "t": 1}', "record has the key 't' more than once in one object"),
         (b'{"x": [nan]}', "record is not valid JSON"),
         (b"", "record is not valid JSON"),
     ],
