@@ -200,6 +200,49 @@ def record_size(key: bytes | None, value: bytes | None, headers: Iterable[tuple[
     return size
 
 
+TRANSIENT_DELIVERY_ERRORS = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT,  # noqa: SLF001  # librdkafka's local error codes start with "_"
+        KafkaError._TIMED_OUT,  # noqa: SLF001
+        KafkaError._TRANSPORT,  # noqa: SLF001
+        KafkaError._ALL_BROKERS_DOWN,  # noqa: SLF001
+        KafkaError._PURGE_QUEUE,  # noqa: SLF001
+        KafkaError._PURGE_INFLIGHT,  # noqa: SLF001
+        KafkaError.REQUEST_TIMED_OUT,
+    }
+)
+"""Delivery errors that say the broker was not reached (or the record was purged), not that it refused
+the record: sending it again later may work."""
+
+
+def refused_for_good(err: KafkaError) -> bool:
+    """True when the broker will never accept this record (too large, invalid, topic missing or not
+    authorized): sending it again only repeats the failure. A fatal error is not one: the producer itself
+    is broken, not the record."""
+    return not err.fatal() and not err.retriable() and err.code() not in TRANSIENT_DELIVERY_ERRORS
+
+
+class DeliveryError(KafkaException):
+    """Some records of a batch were not acknowledged; ``errors`` holds each one's tag (what the caller
+    passed to :meth:`DeliveryTracker.produce`) with its error."""
+
+    def __init__(self, errors: list[tuple[Any, KafkaError]]) -> None:
+        super().__init__(errors[0][1])
+        self.errors = errors
+
+    @property
+    def fatal(self) -> bool:
+        """The producer can deliver nothing more: it must be replaced."""
+        return any(err.fatal() for _, err in self.errors)
+
+    def refused(self) -> set[Any] | None:
+        """The tags of the records the broker refused for good, when that is every failure; None when
+        some failure may pass if retried (or is fatal)."""
+        if all(refused_for_good(err) for _, err in self.errors):
+            return {tag for tag, _ in self.errors}
+        return None
+
+
 class DeliveryTracker:
     """Collects delivery reports so a batch can be flushed and checked as a whole.
 
@@ -209,11 +252,11 @@ class DeliveryTracker:
     """
 
     def __init__(self) -> None:
-        self.errors: list[KafkaError] = []
+        self.errors: list[tuple[Any, KafkaError]] = []
 
-    def on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+    def on_delivery(self, err: KafkaError | None, msg: Any, tag: Any = None) -> None:
         if err is not None:
-            self.errors.append(err)
+            self.errors.append((tag, err))
 
     def produce(
         self,
@@ -223,13 +266,19 @@ class DeliveryTracker:
         key: bytes | None = None,
         headers: Sequence[tuple[str, Any]] | None = None,
         timeout: float = 30.0,
+        tag: Any = None,
     ) -> None:
         """``producer.produce`` with this tracker's callback; a full local queue is waited out (its
-        deliveries served) for up to ``timeout`` rather than raised at once."""
+        deliveries served) for up to ``timeout`` rather than raised at once. ``tag`` names the record in
+        a :class:`DeliveryError`, so the caller knows which one failed."""
         deadline = time.monotonic() + timeout
+
+        def report(err: KafkaError | None, msg: Any) -> None:
+            self.on_delivery(err, msg, tag)
+
         while True:
             try:
-                producer.produce(topic, value, key, headers=list(headers or ()), on_delivery=self.on_delivery)
+                producer.produce(topic, value, key, headers=list(headers or ()), on_delivery=report)
                 return
             except BufferError:
                 if time.monotonic() > deadline:
@@ -237,7 +286,7 @@ class DeliveryTracker:
                 producer.poll(0.1)
 
     def flush(self, producer: Any, timeout: float = 30.0) -> None:
-        """Wait for every delivery; raise TimeoutError or KafkaException when one failed.
+        """Wait for every delivery; raise TimeoutError, or DeliveryError when one failed.
 
         On a failure what is still queued is purged first: the caller retries the batch, and records of
         a failed batch delivered later (with the next batch's flush, or a dying process's) would only be
@@ -252,7 +301,7 @@ class DeliveryTracker:
             raise TimeoutError(f"{remaining} records not acknowledged by the broker within {timeout:.0f}s")
         if self.errors:
             errors, self.errors = self.errors, []
-            raise KafkaException(errors[0])
+            raise DeliveryError(errors)
 
 
 Headers = list[tuple[str, bytes | None]]

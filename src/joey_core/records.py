@@ -55,7 +55,9 @@ def decode_input(value: bytes | None) -> dict[str, Any]:
     if value is None:
         raise RecordError("empty record: expected a JSON object mapping input names to values")
     try:
-        row = json.loads(value, object_pairs_hook=_unique_keys)
+        row = json.loads(value)
+        if not _surely_unique(value, row):
+            row = json.loads(value, object_pairs_hook=_unique_keys)
     except RecordError:
         raise
     except RecursionError:
@@ -69,6 +71,13 @@ def decode_input(value: bytes | None) -> dict[str, Any]:
             f"record must be a JSON object mapping input names to values, got {type(row).__name__}"
         )
     return row
+
+
+def _surely_unique(value: bytes, row: Any) -> bool:
+    """True when ``row`` (parsed from ``value``) cannot have lost a duplicate key: a flat object with as
+    many keys as the text has colons (every key is followed by one, colons in strings only add to the
+    count). Anything else is parsed again with the checking hook, which is three times slower."""
+    return isinstance(row, dict) and value.count(b"{") == 1 and len(row) == value.count(b":")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -93,11 +102,16 @@ def _bounded_text(text: str, limit: int) -> str:
 def bounded_request_id(raw: bytes) -> str:
     """The request id a record's ``request-id`` header carries into outputs, errors and logs.
 
-    Bytes that are not UTF-8 are replaced (U+FFFD); past :data:`REQUEST_ID_MAX_BYTES` the id is cut and
-    ends in a digest of the whole, so it stays bounded, deterministic and distinct.
+    A UTF-8 id of at most :data:`REQUEST_ID_MAX_BYTES` travels as sent. Any other (longer, or not UTF-8)
+    is cut and ends in a digest of its raw bytes, so it stays bounded (its UTF-8 form too: replacing bad
+    bytes by U+FFFD would triple them), deterministic and distinct (two ids that differ only in their
+    bad bytes do not collapse into one).
     """
     if len(raw) <= REQUEST_ID_MAX_BYTES:
-        return raw.decode("utf-8", errors="replace")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     digest = hashlib.sha256(raw).hexdigest()[:32]
     return f"{raw[:256].decode('utf-8', errors='replace')}...sha256:{digest}"
 

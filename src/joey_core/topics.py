@@ -58,6 +58,12 @@ def engine_group(workspace: str, pipeline: str) -> str:
     return f"joey.engine.{workspace}.{pipeline}"
 
 
+def attempt_notes_key(prefix: str, group: str) -> str:
+    """Redis hash where an engine group's replicas note the records they are processing (the engine's
+    attempts module); the registry deletes it with the pipeline, so a new one does not inherit notes."""
+    return f"{prefix}:attempts:{group}"
+
+
 LOGGER_GROUP = "joey.logger"
 
 ASSAYER_GROUP = "joey.assayer"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 
+import pytest
 import redis
 
 from joey_core.kafka import ConsumedRecord
@@ -16,7 +18,7 @@ def records(partition: int, *offsets: int) -> list[ConsumedRecord]:
 
 
 def notes(client: redis.Redis, settings: EngineSettings, group: str) -> AttemptNotes:
-    return AttemptNotes(client, settings.redis_prefix, group)
+    return AttemptNotes(client, settings.redis_prefix, group, settings.attempt_notes_ttl_s)
 
 
 def test_a_batch_that_never_ended_is_found_by_the_next_owner(
@@ -36,6 +38,9 @@ def test_a_batch_that_never_ended_is_found_by_the_next_owner(
     second.end(later[:1])
     assert second.tried(later) == {3: 1}
     second.end(later[3:4])
+    assert second.tried(later) == {3: 1}, "a note another replica wrote is not this one's to end"
+    second.begin(later[3:4], 2)
+    second.end(later[3:4])
     assert second.tried(later) == {}
     assert notes(redis_client, engine_settings, "another-group").tried(batch) == {}
 
@@ -47,6 +52,8 @@ def test_a_batch_that_ended_leaves_nothing(
     batch = records(2, 1, 2)
     keeper = notes(redis_client, engine_settings, group)
     keeper.begin(batch, 1)
+    key = f"{engine_settings.redis_prefix}:attempts:{group}"
+    assert 0 < redis_client.pttl(key) <= engine_settings.attempt_notes_ttl_s * 1000, "notes expire"
     keeper.end(batch)
     assert keeper.tried(batch) == {}
     assert not redis_client.exists(f"{engine_settings.redis_prefix}:attempts:{group}")
@@ -58,9 +65,29 @@ def test_a_malformed_note_is_ignored(redis_client: redis.Redis, engine_settings:
     assert notes(redis_client, engine_settings, group).tried(records(0, 1)) == {}
 
 
-def test_without_redis_records_run_without_notes(engine_settings: EngineSettings) -> None:
+def test_without_redis_records_run_without_notes(
+    engine_settings: EngineSettings, caplog: pytest.LogCaptureFixture
+) -> None:
     gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
-    keeper = AttemptNotes(gone, engine_settings.redis_prefix, "g")
-    keeper.begin(records(0, 1), 1)
-    assert keeper.tried(records(0, 1)) == {}
-    keeper.end(records(0, 1))
+    keeper = AttemptNotes(gone, engine_settings.redis_prefix, "g", engine_settings.attempt_notes_ttl_s)
+    with caplog.at_level(logging.WARNING, logger="joey_engine.attempts"):
+        for _ in range(3):
+            keeper.begin(records(0, 1), 1)
+            assert keeper.tried(records(0, 1)) == {}
+            keeper.end(records(0, 1))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, "an outage is reported once, not on every batch"
+
+
+def test_a_replica_that_lost_its_partition_does_not_end_its_successors_note(
+    redis_client: redis.Redis, engine_settings: EngineSettings
+) -> None:
+    group = f"g-{secrets.token_hex(4)}"
+    batch = records(0, 7, 8)
+    old, new = notes(redis_client, engine_settings, group), notes(redis_client, engine_settings, group)
+    old.begin(batch, 1)
+    new.begin(batch, 2)  # the partition moved while the old owner was still running the batch
+    old.end(batch)
+    assert new.tried(batch) == {0: 2, 1: 2}, "the successor's note survives"
+    new.end(batch)
+    assert new.tried(batch) == {}

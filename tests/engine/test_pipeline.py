@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -804,3 +805,26 @@ def test_an_exception_escaping_the_runner_fails_only_the_record_that_raises_it(
     assert results[4] is late, "a record failed before the run keeps its failure"
     expected = direct(iris_model, [ROWS[0], ROWS[1], ROWS[2]])["label"].tolist()
     assert [r.outputs["label"] for r in results if isinstance(r, Success)] == expected
+
+
+class _Broken(PipelineRunner):
+    """A runner every record breaks, as a broken runtime or a full machine would."""
+
+    def __init__(self, *args: Any, error: Exception) -> None:
+        super().__init__(*args)
+        self.error = error
+
+    def _run(self, values: object, failed: object) -> list[Result]:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [KeyError("a bug"), OSError(11, "Resource temporarily unavailable")])
+def test_an_exception_no_record_escapes_raises_instead_of_failing_every_record(
+    iris_model: Path, make_deployment: Callable[..., Deployment], error: Exception
+) -> None:
+    runner = _Broken(make_deployment(), [load(iris_model)], error=error)
+    rows = [encode({"features": row}) for row in ROWS]
+    with pytest.raises(type(error)):
+        runner.run(rows)
+    with pytest.raises(type(error)):
+        runner.run(rows[:1])

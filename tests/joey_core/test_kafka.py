@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from pydantic import ValidationError
 
 from joey_core import kafka, records
@@ -261,3 +261,25 @@ def test_a_consumed_request_id_is_bounded_and_its_problem_kept() -> None:
     assert huge.request_id == records.bounded_request_id(b"r" * 5000)
     assert huge.request_id_problem == records.request_id_problem(b"r" * 5000) is not None
     assert ConsumedRecord("t", 0, 5, None, b"{}", [(REQUEST_ID_HEADER, b"ok")]).request_id_problem is None
+
+
+def test_a_delivery_error_names_each_failed_record_and_tells_refused_from_transient() -> None:
+    unreachable = CommonSettings(kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    expiring = Producer(producer_config(unreachable, **{"message.timeout.ms": 200}))
+    tracker = DeliveryTracker()
+    tracker.produce(expiring, "t", b"a", tag=0)
+    tracker.produce(expiring, "t", b"b", tag=1)
+    with pytest.raises(kafka.DeliveryError) as raised:
+        tracker.flush(expiring, timeout=10)
+    assert sorted(tag for tag, _ in raised.value.errors) == [0, 1]
+    assert raised.value.refused() is None, "a timed-out record may pass when sent again"
+    assert not raised.value.fatal
+    too_large = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+    refused = kafka.DeliveryError([(3, too_large), (5, KafkaError(KafkaError.INVALID_RECORD))])
+    assert refused.refused() == {3, 5}
+    assert not refused.fatal
+    mixed = kafka.DeliveryError([(3, too_large), (4, KafkaError(KafkaError._MSG_TIMED_OUT))])  # noqa: SLF001
+    assert mixed.refused() is None
+    fatal = kafka.DeliveryError([(1, KafkaError(KafkaError._FATAL, fatal=True))])  # noqa: SLF001
+    assert fatal.fatal
+    assert fatal.refused() is None

@@ -124,6 +124,8 @@ def test_corrupt_log_records_raise_only_record_errors() -> None:
         (b'{"x": ' + b"9" * 5000 + b"}", "record is not valid JSON: Exceeds the limit"),
         (b'{"x": 1, "x": 2}', "record has the key 'x' more than once in one object"),
         (b'{"x": {"y": 1, "y": 1}}', "record has the key 'y' more than once in one object"),
+        (b'{"x": 1, "\\u0078": 2}', "record has the key 'x' more than once in one object"),
+        (b'{"t": "12:00", "t": 1}', "record has the key 't' more than once in one object"),
         (b'{"x": [nan]}', "record is not valid JSON"),
         (b"", "record is not valid JSON"),
     ],
@@ -142,9 +144,13 @@ def test_decode_input_keeps_python_spellings_of_non_finite_numbers_for_validatio
 
 def test_request_ids_are_bounded_and_their_problems_named() -> None:
     assert records.bounded_request_id(b"r-1") == "r-1" and records.request_id_problem(b"r-1") is None
-    assert records.bounded_request_id(b"\xff-1") == "\ufffd-1"
-    assert records.request_id_problem(b"\xff-1") == "request-id header is not UTF-8 (byte 0)"
+    bad = records.bounded_request_id(b"\xff-1")
+    assert bad.startswith("\ufffd-1...sha256:"), bad
+    assert bad != records.bounded_request_id(b"\xfe-1"), "ids differing in their bad bytes stay distinct"
     limit = records.REQUEST_ID_MAX_BYTES
+    worst = records.bounded_request_id(b"\xff" * limit)
+    assert len(worst.encode()) <= limit, "bad bytes replaced by U+FFFD cannot grow an id past the limit"
+    assert records.request_id_problem(b"\xff-1") == "request-id header is not UTF-8 (byte 0)"
     assert records.request_id_problem(b"r" * limit) is None
     assert records.request_id_problem(b"r" * (limit + 1)) == (
         f"request-id header is {limit + 1} bytes, over the {limit} allowed"

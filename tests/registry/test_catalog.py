@@ -13,8 +13,10 @@ import pytest
 import redis
 from psycopg.types.json import Jsonb
 
+from joey_core import topics
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
+from joey_registry.settings import RegistrySettings
 from tests.conftest import free_port, wait_until
 from tests.registry.helpers import Stub, identity_model, rpc_error, step, upload
 
@@ -197,7 +199,11 @@ def test_deleting_an_artifact_another_workspace_shares_keeps_the_file(
 
 
 def test_delete_pipeline_only_when_undeployed_and_unwatched(
-    stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection
+    stub: Stub,
+    workspace: str,
+    iris_bytes: bytes,
+    db: psycopg.Connection,
+    registry_settings: RegistrySettings,
 ) -> None:
     upload(stub, workspace, "iris", iris_bytes)
     create(stub, workspace, "p", step("iris"))
@@ -239,7 +245,12 @@ def test_delete_pipeline_only_when_undeployed_and_unwatched(
     assert len(stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")).versions) == 2
 
     stub.DeleteAssay(pb.DeleteAssayRequest(workspace=workspace, name="drift"))
+    # An engine's note of records it was processing must not outlive the pipeline (see attempts.py).
+    notes = topics.attempt_notes_key(registry_settings.redis_prefix, topics.engine_group(workspace, "p"))
+    client = redis.Redis.from_url(registry_settings.redis_url.get_secret_value())
+    client.hset(notes, "topic:0", "0:9:2")
     deleted = delete()
+    assert not client.exists(notes), "the attempt notes are deleted with the pipeline"
     assert (deleted.version_count, deleted.log_entries) == (2, 1)
     error = rpc_error(lambda: stub.GetPipeline(pb.GetPipelineRequest(workspace=workspace, name="p")))
     assert error.code() == grpc.StatusCode.NOT_FOUND

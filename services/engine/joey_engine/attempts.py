@@ -9,8 +9,9 @@ own note, so the one that stops the replica is known; once a record was tried ``
 times it is dead-lettered instead of being run again. Restarts are bounded by that count per record.
 
 Notes live in one hash per consumer group (``<prefix>:attempts:<group>``), a field per partition:
-``"<first offset>:<last offset>:<attempts>"``. Without Redis a replica runs without notes (and says so):
-inference goes on, only a record that kills replicas is then retried until Redis is back.
+``"<first offset>:<last offset>:<attempts>"``. The hash expires ``attempt_notes_ttl_s`` after the last
+note was taken, and the registry deletes it with the pipeline. Without Redis a replica runs without
+notes (and says so): inference goes on, only a record that kills replicas is then retried until Redis is back.
 """
 
 from __future__ import annotations
@@ -20,9 +21,23 @@ from collections.abc import Sequence
 
 import redis
 
+from joey_core import topics
 from joey_core.kafka import AnyLogger, ConsumedRecord
 
 log = logging.getLogger(__name__)
+
+
+# Deletes a field only if it still holds the note this replica wrote: a replica that lost its partition
+# mid-batch must not erase the note of the replica that took it over.
+_END_MINE = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
 
 
 def _field(record: ConsumedRecord) -> str:
@@ -30,10 +45,30 @@ def _field(record: ConsumedRecord) -> str:
 
 
 class AttemptNotes:
-    def __init__(self, client: redis.Redis, prefix: str, group: str, log: AnyLogger = log) -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str, group: str, ttl_s: float, log: AnyLogger = log
+    ) -> None:
         self._redis = client
-        self._key = f"{prefix}:attempts:{group}"
+        self._key = topics.attempt_notes_key(prefix, group)
+        self._ttl_ms = int(ttl_s * 1000)
         self._log = log
+        self._end_mine = client.register_script(_END_MINE)
+        self._mine: dict[str, str] = {}
+        """The notes this replica wrote and has not ended, by field."""
+        self._down = False
+        """Redis failed the last call: the outage was reported, and is not again until it ends."""
+
+    def _failed(self, what: str, exc: redis.RedisError) -> None:
+        if not self._down:
+            self._down = True
+            self._log.warning(
+                "cannot %s (a crashing record is not counted until Redis is back): %s", what, exc
+            )
+
+    def _reached(self) -> None:
+        if self._down:
+            self._down = False
+            self._log.info("attempt notes written again: Redis is back")
 
     def tried(self, batch: Sequence[ConsumedRecord]) -> dict[int, int]:
         """How many times each record of ``batch`` was in a run that never ended, by index in ``batch``;
@@ -42,7 +77,7 @@ class AttemptNotes:
         try:
             notes = dict(zip(fields, self._redis.hmget(self._key, fields), strict=True))
         except redis.RedisError as exc:
-            self._log.warning("cannot read the attempt notes (a crashing record is not counted): %s", exc)
+            self._failed("read the attempt notes", exc)
             return {}
         ranges: dict[str, tuple[int, int, int]] = {}
         for name, note in notes.items():
@@ -71,13 +106,28 @@ class AttemptNotes:
             spans[name] = (min(first, record.offset), max(last, record.offset))
         mapping = {name: f"{first}:{last}:{attempts}" for name, (first, last) in spans.items()}
         try:
-            self._redis.hset(self._key, mapping=mapping)  # type: ignore[arg-type]
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(self._key, mapping=mapping)  # type: ignore[arg-type]
+            # Offsets are not forever (a re-created topic, a broker that forgot them, starts again at 0):
+            # a note nobody came back to within the TTL must not dead-letter new records unrun.
+            pipe.pexpire(self._key, self._ttl_ms)
+            pipe.execute()
         except redis.RedisError as exc:
-            self._log.warning("cannot note the records being tried: %s", exc)
+            self._failed("note the records being tried", exc)
+        else:
+            self._mine.update(mapping)
+            self._reached()
 
     def end(self, records: Sequence[ConsumedRecord]) -> None:
         """The run of ``records`` ended without stopping the replica."""
+        mine = [
+            (name, self._mine.pop(name))
+            for name in sorted({_field(r) for r in records})
+            if name in self._mine
+        ]
+        if not mine:
+            return
         try:
-            self._redis.hdel(self._key, *sorted({_field(r) for r in records}))
+            self._end_mine(keys=[self._key], args=[part for pair in mine for part in pair])
         except redis.RedisError as exc:
-            self._log.warning("cannot clear the attempt notes: %s", exc)
+            self._failed("clear the attempt notes", exc)

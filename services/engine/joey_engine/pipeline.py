@@ -593,23 +593,48 @@ class PipelineRunner:
 
         Never raises for what the records hold: a batch that makes the runner raise (a bug one record
         trips over) is bisected like one that crashes a step, until the record that does fails alone.
+        An error that is not any record's fault raises: OSError and MemoryError (the machine is short of
+        processes, files or memory), or an exception every record raises alone (a broken runtime); the
+        replica then restarts and the batch is retried instead of being answered with errors.
         """
         failed = failed or {}
         try:
             return self._run(values, failed)
+        except (OSError, MemoryError):
+            raise
+        except Exception:
+            if len(values) == 1:
+                raise
+            log.exception("batch of %d records failed in the engine; retrying it in halves", len(values))
+            ran: list[bool] = []
+            results = self._isolating(values, failed, ran)
+            if not ran:
+                raise
+            return results
+
+    def _isolating(
+        self, values: Sequence[bytes | None], failed: Mapping[int, Failure], ran: list[bool]
+    ) -> list[Result]:
+        """Bisect down to the records that raise alone, each answered by a failure; ``ran`` gets an entry
+        for every part that ran without raising."""
+        try:
+            results = self._run(values, failed)
+        except (OSError, MemoryError):
+            raise
         except Exception as exc:
             if len(values) == 1:
                 return [
                     failed.get(0)
                     or Failure(f"the engine failed on this record: {type(exc).__name__}: {exc}", None)
                 ]
-            log.exception("batch of %d records failed in the engine; retrying it in halves", len(values))
             return _bisect(
                 len(values),
-                lambda start, stop: self.run(
-                    values[start:stop], {i - start: f for i, f in failed.items() if start <= i < stop}
+                lambda start, stop: self._isolating(
+                    values[start:stop], {i - start: f for i, f in failed.items() if start <= i < stop}, ran
                 ),
             )
+        ran.append(True)
+        return results
 
     def _run(self, values: Sequence[bytes | None], failed: Mapping[int, Failure]) -> list[Result]:
         invalid: dict[int, Failure] = dict(failed)

@@ -209,7 +209,13 @@ def _watch(control: Connection, stop: threading.Event) -> None:
 
 def _serve(spec: ReplicaSpec, stop: threading.Event, assignments: Counter, reported: Counter) -> str | None:
     deployment, settings = spec.deployment, spec.settings
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    # Every batch talks to Redis (attempt notes, heartbeats): a hung server must cost a bounded wait,
+    # not stall the loop for good.
+    client = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
     try:
         reported.value = 1  # before publishing, so the engine's "starting" never follows "loading"
         started = time.monotonic()

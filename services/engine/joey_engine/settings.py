@@ -42,6 +42,18 @@ class EngineSettings(ServiceSettings):
     """Times a record may be in the batch of a replica that stopped (crashed, was killed) before it is
     dead-lettered: answered by an error record and a failure log instead of being run again."""
 
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+    """Longest a replica waits for Redis (connecting, or one command) before going on without it."""
+
+    attempt_notes_ttl_s: float = Field(default=86_400.0, gt=0)
+    """How long the notes of records being processed outlive the last one taken; a note older than that
+    is forgotten (its records are run again as new) so it cannot dead-letter records of a re-created
+    topic or a broker that forgot its offsets."""
+
+    max_delivery_rewinds: int = Field(default=30, ge=1)
+    """Times in a row a batch the broker did not acknowledge is run again before the replica stops with
+    an error (and restarts with a new producer): a broker that stays away shows as failing replicas."""
+
     delivery_retry_max_s: float = Field(default=10.0, gt=0)
     """Longest wait before a batch whose records the broker did not acknowledge is run again."""
 

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from joey_core import heartbeats, kafka
 from joey_core.kafka import ConsumedRecord
@@ -45,6 +45,10 @@ IDLE_POLL_S = 0.1
 class _Context(logging.LoggerAdapter):  # type: ignore[type-arg]
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         return f"[{self.extra['context'] if self.extra else ''}] {msg}", kwargs
+
+
+class _NotRun(Exception):
+    """The runner raised on a batch: none of its records was answered."""
 
 
 class Counter(Protocol):
@@ -76,6 +80,8 @@ class ReplicaWorker:
         """Counts the group's assignments to this replica (one after every rebalance); the engine reads it."""
         self._pending: dict[tuple[str, int], int] = {}
         self._limit = kafka.max_record_bytes(settings)
+        self._rewinds = 0
+        """Consecutive batches rewound because the broker did not acknowledge them."""
         self._retry_s = 0.0
         """The wait before the last batch that could not be delivered runs again; 0 after a delivery."""
         self._beat = heartbeats.ReplicaHeartbeat(
@@ -89,7 +95,13 @@ class ReplicaWorker:
         self._next_beat = 0.0
         self._queue_age_s = 0.0
         self._log = _Context(log, {"context": f"{deployment} replica {replica_id}"})
-        self._notes = AttemptNotes(redis_client, settings.redis_prefix, deployment.consumer_group, self._log)
+        self._notes = AttemptNotes(
+            redis_client,
+            settings.redis_prefix,
+            deployment.consumer_group,
+            settings.attempt_notes_ttl_s,
+            self._log,
+        )
         labels = (deployment.workspace, deployment.pipeline)
         self._ok = metrics.RECORDS.labels(*labels, "ok")
         self._failed = metrics.RECORDS.labels(*labels, "error")
@@ -175,6 +187,22 @@ class ReplicaWorker:
 
     def _process(self, sources: list[ConsumedRecord], consumer: Consumer, producer: Producer) -> None:
         start = time.perf_counter()
+        try:
+            self._attempt(sources, consumer, producer)
+        except _NotRun:
+            # Nothing was answered, and the runner raises only when no record of the batch ran without
+            # raising: counted like a crash, so a record that does so alone is dead-lettered in the end.
+            raise
+        except BaseException:
+            # Otherwise notes count only runs the process did not survive: an error raised after the run
+            # (a refused commit, a fatal producer) restarts the replica without counting against the
+            # records, which may already be answered.
+            self._notes.end(sources)
+            raise
+        self._batch_size.observe(len(sources))
+        self._batch_seconds.observe(time.perf_counter() - start)
+
+    def _attempt(self, sources: list[ConsumedRecord], consumer: Consumer, producer: Producer) -> None:
         tried = self._notes.tried(sources)
         if not tried:
             self._notes.begin(sources, 1)
@@ -206,12 +234,11 @@ class ReplicaWorker:
                         source.offset,
                         attempts,
                     )
-                else:
-                    self._notes.begin([source], attempts + 1)
+                # A dead-lettered record is noted too (with its count unchanged), so that this replica
+                # owns, and ends, the note the dead one left.
+                self._notes.begin([source], attempts if failed else attempts + 1)
                 if not self._answer([source], failed, sources[i:], consumer, producer):
                     break
-        self._batch_size.observe(len(sources))
-        self._batch_seconds.observe(time.perf_counter() - start)
 
     def _answer(
         self,
@@ -228,31 +255,68 @@ class ReplicaWorker:
         for i, source in enumerate(sources):
             if i not in failed and (failure := produced_records.refused(source, now_ms)) is not None:
                 failed[i] = failure
-        results = self._runner.run([s.value for s in sources], failed)
+        try:
+            results = self._runner.run([s.value for s in sources], failed)
+        except Exception as exc:
+            raise _NotRun(f"{type(exc).__name__}: {exc}") from exc
         now = datetime.now(UTC)
+        answers: dict[int, Success | Failure] = {}
+        todo = dict(enumerate(results))
+        # A second pass only answers, by an error record, the inputs whose records the broker refused for
+        # good in the first: they fail alone, and the batch is committed instead of retried forever.
+        for second in (False, True):
+            tracker = kafka.DeliveryTracker()
+            try:
+                for i, result in todo.items():
+                    answer, records = produced_records.produced(
+                        self.deployment, sources[i], result, now, self._limit
+                    )
+                    if answer is not result:
+                        self._bounded.inc()
+                    answers[i] = answer
+                    for record in records:
+                        tracker.produce(
+                            producer, record.topic, record.value, record.key, record.headers, tag=i
+                        )
+                tracker.flush(producer)
+            except kafka.DeliveryError as exc:
+                if exc.fatal:
+                    # The producer can send nothing more; the replica restarts with a new one.
+                    raise
+                refused = exc.refused()
+                if refused is None or second:
+                    self._rewind(consumer, sources, unanswered, exc)
+                    return False
+                self._undelivered.inc()
+                self._log.error(
+                    "the broker refused for good the records answering %d of %d inputs (%s); each is "
+                    "answered by an error record instead",
+                    len(refused),
+                    len(sources),
+                    exc,
+                )
+                why = dict(exc.errors)
+                todo = {
+                    i: Failure(f"the broker refused the record answering this input: {why[i]}", None)
+                    for i in sorted(refused)
+                }
+                continue
+            except (BufferError, TimeoutError) as exc:
+                # A failed flush purged the queue already; a produce that gave up on a full queue did not.
+                producer.purge(in_queue=True, in_flight=False)
+                self._rewind(consumer, sources, unanswered, exc)
+                return False
+            break
         failures = []
         unchecked = []
-        tracker = kafka.DeliveryTracker()
-        try:
-            for source, result in zip(sources, results, strict=True):
-                answer, records = produced_records.produced(self.deployment, source, result, now, self._limit)
-                if answer is not result:
-                    self._bounded.inc()
-                if isinstance(answer, Success):
-                    if answer.check_errors:
-                        unchecked.append((source, answer.check_errors[0]))
-                else:
-                    failures.append((source, answer.reason))
-                for record in records:
-                    tracker.produce(producer, record.topic, record.value, record.key, record.headers)
-            tracker.flush(producer)
-        except (KafkaException, BufferError, TimeoutError) as exc:
-            producer.purge(in_queue=True, in_flight=False)
-            # Not the records' fault (the broker is away, or refuses them): no attempt is counted.
-            self._notes.end(sources)
-            self._retry(consumer, unanswered, exc)
-            return False
+        for i, answer in sorted(answers.items()):
+            if isinstance(answer, Success):
+                if answer.check_errors:
+                    unchecked.append((sources[i], answer.check_errors[0]))
+            else:
+                failures.append((sources[i], answer.reason))
         self._retry_s = 0.0
+        self._rewinds = 0
         self._commit(consumer, sources)
         self._notes.end(sources)
         if failures:
@@ -280,8 +344,24 @@ class ReplicaWorker:
         self._failed.inc(len(failures))
         return True
 
-    def _retry(self, consumer: Consumer, unanswered: list[ConsumedRecord], exc: BaseException) -> None:
-        """Rewind to the first record of each partition that was not answered, and back off."""
+    def _rewind(
+        self,
+        consumer: Consumer,
+        sources: list[ConsumedRecord],
+        unanswered: list[ConsumedRecord],
+        exc: BaseException,
+    ) -> None:
+        """Rewind to the first record of each partition that was not answered, and back off; raise once
+        that happened ``max_delivery_rewinds`` times in a row (a broker that stays away, or refuses every
+        record): each rewind sends the batch again, so they must be bounded."""
+        # Not the records' fault (the broker is away, or refuses them): no attempt is counted.
+        self._notes.end(sources)
+        self._rewinds += 1
+        if self._rewinds > self._settings.max_delivery_rewinds:
+            raise RuntimeError(
+                f"the broker did not acknowledge a batch {self._rewinds} times in a row; last: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         self._undelivered.inc()
         self._retry_s = min(max(0.5, self._retry_s * 2), self._settings.delivery_retry_max_s)
         starts: dict[tuple[str, int], int] = {}
@@ -298,11 +378,8 @@ class ReplicaWorker:
             ", ".join(f"partition {p} offset {o}" for (_, p), o in sorted(starts.items())),
         )
         for (topic, partition), offset in starts.items():
-            try:
-                consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as error:
-                # Not held any more: its next owner starts from the last commit, before these records.
-                self._log.warning("cannot rewind partition %d: %s", partition, error)
+            # A failed seek raises: going on would commit the next batches past these records.
+            consumer.seek(TopicPartition(topic, partition, offset))
         self._stop.wait(self._retry_s)
 
     def _commit(self, consumer: Consumer, sources: list[ConsumedRecord]) -> None:

@@ -445,7 +445,8 @@ class Registry:
 
     def _forget_pipeline(self, workspace: str, pipeline: str) -> None:
         """After a pipeline's deletion committed: delete its topics (with the input records still
-        waiting in them), the engines' consumer group (with its offsets) and the replicas' heartbeats.
+        waiting in them), the engines' consumer group (with its offsets), the replicas' heartbeats and
+        the engines' attempt notes.
         Best effort: the deletion stands; what fails is logged, and a new pipeline of the same name
         would find it (old records and offsets, or stale dead replicas)."""
         names = topics.pipeline_topics(workspace, pipeline)
@@ -475,9 +476,13 @@ class Registry:
                         )
         try:
             heartbeats.forget_pipeline(self.redis, self.settings.redis_prefix, workspace, pipeline)
+            self.redis.delete(topics.attempt_notes_key(self.settings.redis_prefix, group))
         except redis.RedisError as exc:
             log.warning(
-                "pipeline %s/%s deleted, but not its replicas' heartbeats: %s", workspace, pipeline, exc
+                "pipeline %s/%s deleted, but not its replicas' heartbeats or attempt notes: %s",
+                workspace,
+                pipeline,
+                exc,
             )
 
     def _require_pipeline(self, ws: WorkspaceRef, name: str) -> None:

@@ -1,0 +1,85 @@
+"""A replica's batch loop against the real broker and Redis: a batch whose delivery fails is rewound."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from joey_core import kafka
+from joey_core.kafka import ConsumedRecord
+from joey_core.settings import CommonSettings
+from joey_engine.deployment import from_proto
+from joey_engine.pipeline import PipelineRunner
+from joey_engine.settings import EngineSettings
+from joey_engine.worker import ReplicaWorker
+from tests.conftest import free_port, wait_until
+from tests.engine.test_engine import TIMEOUT, TopicReader, request_id
+from tests.engine.test_hostile_records import GOOD_FEATURES, send
+from tests.engine.test_pipeline import load
+
+
+def gather(worker: ReplicaWorker, consumer: Consumer, count: int) -> list[ConsumedRecord]:
+    batch: list[ConsumedRecord] = []
+    wait_until(lambda: batch.extend(worker._consume(consumer)) or len(batch) >= count, TIMEOUT, "the batch")  # noqa: SLF001
+    return batch
+
+
+def committed(consumer: Consumer, topic: str) -> int:
+    [tp] = consumer.committed([TopicPartition(topic, 0)], timeout=10)
+    return int(tp.offset)
+
+
+def test_a_batch_the_broker_did_not_acknowledge_is_rewound_then_answered_once(
+    settings: CommonSettings,
+    engine_settings: EngineSettings,
+    redis_client: redis.Redis,
+    make_spec: Callable[..., Any],
+    iris_model: Path,
+) -> None:
+    ws, pipeline = f"worker-{secrets.token_hex(3)}", "rewound"
+    deployment = from_proto(make_spec(ws, pipeline))
+    names = deployment.topics
+    admin = kafka.admin_client(settings)
+    kafka.ensure_topics(
+        admin, [kafka.TopicSpec(name, 1) for name in (names.inputs, names.outputs, names.errors)]
+    )
+    rids = [f"r-{i}".encode() for i in range(5)]
+    send(settings, names.inputs, [(rid, json.dumps({"features": GOOD_FEATURES}).encode()) for rid in rids])
+    worker = ReplicaWorker(
+        engine_settings,
+        deployment,
+        PipelineRunner(deployment, [load(iris_model)]),
+        redis_client,
+        "r-test",
+        threading.Event(),
+        SimpleNamespace(value=0),
+    )
+    consumer = Consumer(kafka.consumer_config(settings, deployment.consumer_group))
+    consumer.subscribe([names.inputs], on_assign=worker._on_assign)  # noqa: SLF001
+    unreachable = CommonSettings(kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    away = Producer(kafka.producer_config(unreachable, **{"message.timeout.ms": 300}))
+    producer = Producer(kafka.producer_config(settings))
+    outputs = TopicReader(settings, names.outputs)
+    try:
+        batch = gather(worker, consumer, len(rids))
+        worker._process(batch, consumer, away)  # noqa: SLF001
+        assert committed(consumer, names.inputs) < 0, "nothing committed while undelivered"
+        again = gather(worker, consumer, len(rids))
+        assert [r.offset for r in again] == [r.offset for r in batch], "rewound to the batch"
+        worker._process(again, consumer, producer)  # noqa: SLF001
+        assert committed(consumer, names.inputs) == batch[-1].offset + 1
+        answered = outputs.read_until(lambda ms: len(ms) >= len(rids), "the answers")
+        answered = outputs.drain()
+    finally:
+        outputs.close()
+        consumer.close()
+    assert Counter(request_id(m) for m in answered) == Counter(rid.decode() for rid in rids)
