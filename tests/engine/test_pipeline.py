@@ -826,5 +826,14 @@ def test_an_exception_no_record_escapes_raises_instead_of_failing_every_record(
     rows = [encode({"features": row}) for row in ROWS]
     with pytest.raises(type(error)):
         runner.run(rows)
-    with pytest.raises(type(error)):
-        runner.run(rows[:1])
+
+
+def test_a_record_alone_that_makes_the_runner_raise_is_answered_by_its_failure_unless_the_machine_is_short(
+    iris_model: Path, make_deployment: Callable[..., Deployment]
+) -> None:
+    one = [encode({"features": ROWS[0]})]
+    bug = _Broken(make_deployment(), [load(iris_model)], error=KeyError("a bug"))
+    assert bug.run(one) == [Failure("the engine failed on this record: KeyError: 'a bug'", None)]
+    short = _Broken(make_deployment(), [load(iris_model)], error=OSError(24, "Too many open files"))
+    with pytest.raises(OSError, match="Too many open files"):
+        short.run(one)

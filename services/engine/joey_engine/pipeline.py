@@ -592,10 +592,11 @@ class PipelineRunner:
         replica drops those past their deadline); they take their place among the results as they are.
 
         Never raises for what the records hold: a batch that makes the runner raise (a bug one record
-        trips over) is bisected like one that crashes a step, until the record that does fails alone.
-        An error that is not any record's fault raises: OSError and MemoryError (the machine is short of
-        processes, files or memory), or an exception every record raises alone (a broken runtime); the
-        replica then restarts and the batch is retried instead of being answered with errors.
+        trips over) is bisected like one that crashes a step, until the record that does fails alone; a
+        batch of one record is answered by its failure. An error that is not any record's fault raises:
+        OSError and MemoryError (the machine is short of processes, files or memory), or an exception
+        every record of a larger batch raises alone (a broken runtime); the replica then restarts and the
+        batch is retried instead of being answered with errors.
         """
         failed = failed or {}
         try:
@@ -603,12 +604,10 @@ class PipelineRunner:
         except (OSError, MemoryError):
             raise
         except Exception:
-            if len(values) == 1:
-                raise
-            log.exception("batch of %d records failed in the engine; retrying it in halves", len(values))
+            log.exception("batch of %d records failed in the engine; isolating the record", len(values))
             ran: list[bool] = []
             results = self._isolating(values, failed, ran)
-            if not ran:
+            if not ran and len(values) > 1:
                 raise
             return results
 

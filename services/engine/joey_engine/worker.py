@@ -47,10 +47,6 @@ class _Context(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[{self.extra['context'] if self.extra else ''}] {msg}", kwargs
 
 
-class _NotRun(Exception):
-    """The runner raised on a batch: none of its records was answered."""
-
-
 class Counter(Protocol):
     value: int
 
@@ -189,14 +185,11 @@ class ReplicaWorker:
         start = time.perf_counter()
         try:
             self._attempt(sources, consumer, producer)
-        except _NotRun:
-            # Nothing was answered, and the runner raises only when no record of the batch ran without
-            # raising: counted like a crash, so a record that does so alone is dead-lettered in the end.
-            raise
         except BaseException:
-            # Otherwise notes count only runs the process did not survive: an error raised after the run
-            # (a refused commit, a fatal producer) restarts the replica without counting against the
-            # records, which may already be answered.
+            # Notes count only runs the process did not survive. An exception is not a record's fault:
+            # the runner answers a record that raises alone, and raises only for the machine (OSError,
+            # MemoryError) or a runtime every record breaks; after the run (a refused commit, a fatal
+            # producer) the records may already be answered. The replica restarts, uncounted.
             self._notes.end(sources)
             raise
         self._batch_size.observe(len(sources))
@@ -255,10 +248,7 @@ class ReplicaWorker:
         for i, source in enumerate(sources):
             if i not in failed and (failure := produced_records.refused(source, now_ms)) is not None:
                 failed[i] = failure
-        try:
-            results = self._runner.run([s.value for s in sources], failed)
-        except Exception as exc:
-            raise _NotRun(f"{type(exc).__name__}: {exc}") from exc
+        results = self._runner.run([s.value for s in sources], failed)
         now = datetime.now(UTC)
         answers: dict[int, Success | Failure] = {}
         todo = dict(enumerate(results))
