@@ -276,7 +276,11 @@ class DeliveryTracker:
     ) -> None:
         """``producer.produce`` with this tracker's callback; a full local queue is waited out (its
         deliveries served) for up to ``timeout`` rather than raised at once. ``tag`` names the record in
-        a :class:`DeliveryError`, so the caller knows which one failed."""
+        a :class:`DeliveryError`, so the caller knows which one failed.
+
+        A record ``produce`` refuses at once (over the producer's own size limit, a topic known to be
+        missing, a fatal producer) counts as one whose delivery failed: :meth:`flush` reports it with the
+        others, so the caller classifies both alike and the rest of the batch is still produced."""
         deadline = time.monotonic() + timeout
 
         def report(err: KafkaError | None, msg: Any) -> None:
@@ -285,6 +289,9 @@ class DeliveryTracker:
         while True:
             try:
                 producer.produce(topic, value, key, headers=list(headers or ()), on_delivery=report)
+                return
+            except KafkaException as exc:
+                self.errors.append((tag, exc.args[0]))
                 return
             except BufferError:
                 if time.monotonic() > deadline:

@@ -296,3 +296,17 @@ def test_a_delivery_error_names_each_failed_record_and_tells_refused_from_transi
     assert not KafkaError(KafkaError._FATAL).fatal(), "as in a delivery report"  # noqa: SLF001
     assert fatal.fatal
     assert fatal.refused() is None
+
+
+def test_a_record_produce_refuses_at_once_is_reported_by_flush_with_its_tag(settings: CommonSettings) -> None:
+    topic = f"test.{uuid.uuid4().hex}"
+    ensure_topics(admin_client(settings), [TopicSpec(topic, 1)])
+    producer = Producer(producer_config(settings, **{"message.max.bytes": 2000}))
+    tracker = DeliveryTracker()
+    tracker.produce(producer, topic, b"x" * 5000, tag=7)
+    tracker.produce(producer, topic, b"small", tag=8)
+    with pytest.raises(kafka.DeliveryError) as raised:
+        tracker.flush(producer)
+    assert [(tag, err.code()) for tag, err in raised.value.errors] == [(7, KafkaError.MSG_SIZE_TOO_LARGE)]
+    assert raised.value.refused() == {7}, "refused for good, like a delivery report saying so"
+    assert not raised.value.fatal
