@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -805,6 +805,26 @@ def test_an_exception_escaping_the_runner_fails_only_the_record_that_raises_it(
     assert results[4] is late, "a record failed before the run keeps its failure"
     expected = direct(iris_model, [ROWS[0], ROWS[1], ROWS[2]])["label"].tolist()
     assert [r.outputs["label"] for r in results if isinstance(r, Success)] == expected
+
+
+class _Counting(_Tripping):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.sizes: list[int] = []
+
+    def _run(self, values: Sequence[bytes | None], failed: Mapping[int, Failure]) -> list[Result]:
+        self.sizes.append(len(values))
+        return super()._run(values, failed)
+
+
+def test_a_batch_that_makes_the_runner_raise_is_run_whole_once_then_in_parts(
+    iris_model: Path, make_deployment: Callable[..., Deployment]
+) -> None:
+    runner = _Counting(make_deployment(), [load(iris_model)])
+    rows: list[dict[str, object]] = [{"features": row} for row in ROWS]
+    rows.insert(1, {"features": ROWS[0], "trip": True})
+    runner.run([encode(row) for row in rows])
+    assert runner.sizes.count(len(rows)) == 1, runner.sizes
 
 
 class _Broken(PipelineRunner):

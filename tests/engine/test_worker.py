@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -142,3 +143,28 @@ def test_an_input_whose_records_the_broker_refuses_for_good_is_answered_alone_an
             entry = records.decode_log(message.value())  # type: ignore[arg-type]
             ok[(entry["request_id"], entry["ok"])] += 1
     assert ok == Counter({**{(rid.decode(), True): 1 for rid in good}, (big.decode(), False): 1})
+
+
+def test_a_batch_rewound_more_times_in_a_row_than_allowed_stops_the_replica_uncommitted(
+    settings: CommonSettings,
+    engine_settings: EngineSettings,
+    redis_client: redis.Redis,
+    make_spec: Callable[..., Any],
+    iris_model: Path,
+) -> None:
+    bounded = engine_settings.model_copy(update={"max_delivery_rewinds": 1, "delivery_retry_max_s": 0.1})
+    worker, deployment = replica(settings, bounded, redis_client, make_spec, iris_model, "bounded")
+    names = deployment.topics
+    send(settings, names.inputs, [(b"r-0", json.dumps({"features": GOOD_FEATURES}).encode())])
+    consumer = Consumer(kafka.consumer_config(settings, deployment.consumer_group))
+    consumer.subscribe([names.inputs], on_assign=worker._on_assign)  # noqa: SLF001
+    unreachable = CommonSettings(kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    away = Producer(kafka.producer_config(unreachable, **{"message.timeout.ms": 300}))
+    try:
+        worker._process(gather(worker, consumer, 1), consumer, away)  # noqa: SLF001
+        again = gather(worker, consumer, 1)
+        with pytest.raises(RuntimeError, match="did not acknowledge a batch 2 times in a row"):
+            worker._process(again, consumer, away)  # noqa: SLF001
+        assert committed(consumer, names.inputs) < 0, "nothing committed"
+    finally:
+        consumer.close()
