@@ -200,26 +200,32 @@ def record_size(key: bytes | None, value: bytes | None, headers: Iterable[tuple[
     return size
 
 
-TRANSIENT_DELIVERY_ERRORS = frozenset(
+REFUSED_FOR_GOOD_ERRORS = frozenset(
     {
-        KafkaError._MSG_TIMED_OUT,  # noqa: SLF001  # librdkafka's local error codes start with "_"
-        KafkaError._TIMED_OUT,  # noqa: SLF001
-        KafkaError._TRANSPORT,  # noqa: SLF001
-        KafkaError._ALL_BROKERS_DOWN,  # noqa: SLF001
-        KafkaError._PURGE_QUEUE,  # noqa: SLF001
-        KafkaError._PURGE_INFLIGHT,  # noqa: SLF001
-        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.MSG_SIZE_TOO_LARGE,  # also what librdkafka reports for a record over its own limit
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,  # Java's CORRUPT_MESSAGE
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
     }
 )
-"""Delivery errors that say the broker was not reached (or the record was purged), not that it refused
-the record: sending it again later may work."""
+"""Delivery errors that say the broker will never accept this record, whatever the cluster's state."""
 
 
 def refused_for_good(err: KafkaError) -> bool:
-    """True when the broker will never accept this record (too large, invalid, topic missing or not
-    authorized): sending it again only repeats the failure. A fatal error is not one: the producer itself
-    is broken, not the record."""
-    return not err.fatal() and not err.retriable() and err.code() not in TRANSIENT_DELIVERY_ERRORS
+    """True when the broker will never accept this record (too large, invalid, not authorized): sending
+    it again only repeats the failure.
+
+    An allow-list, because a delivery report's error never says whether it is retriable or fatal
+    (confluent-kafka builds it with both flags false): any other code (a missing topic or leader, too few
+    replicas, a timeout) may pass later, and the batch is retried rather than answered with errors."""
+    return err.code() in REFUSED_FOR_GOOD_ERRORS
+
+
+def is_fatal(err: KafkaError) -> bool:
+    """The producer can deliver nothing more (its idempotence state is broken): it must be replaced.
+    Told by the code, since a delivery report's ``err.fatal()`` is always false."""
+    return err.fatal() or err.code() == KafkaError._FATAL  # noqa: SLF001
 
 
 class DeliveryError(KafkaException):
@@ -233,7 +239,7 @@ class DeliveryError(KafkaException):
     @property
     def fatal(self) -> bool:
         """The producer can deliver nothing more: it must be replaced."""
-        return any(err.fatal() for _, err in self.errors)
+        return any(is_fatal(err) for _, err in self.errors)
 
     def refused(self) -> set[Any] | None:
         """The tags of the records the broker refused for good, when that is every failure; None when
@@ -270,7 +276,11 @@ class DeliveryTracker:
     ) -> None:
         """``producer.produce`` with this tracker's callback; a full local queue is waited out (its
         deliveries served) for up to ``timeout`` rather than raised at once. ``tag`` names the record in
-        a :class:`DeliveryError`, so the caller knows which one failed."""
+        a :class:`DeliveryError`, so the caller knows which one failed.
+
+        A record ``produce`` refuses at once (over the producer's own size limit, a topic known to be
+        missing, a fatal producer) counts as one whose delivery failed: :meth:`flush` reports it with the
+        others, so the caller classifies both alike and the rest of the batch is still produced."""
         deadline = time.monotonic() + timeout
 
         def report(err: KafkaError | None, msg: Any) -> None:
@@ -279,6 +289,9 @@ class DeliveryTracker:
         while True:
             try:
                 producer.produce(topic, value, key, headers=list(headers or ()), on_delivery=report)
+                return
+            except KafkaException as exc:
+                self.errors.append((tag, exc.args[0]))
                 return
             except BufferError:
                 if time.monotonic() > deadline:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -807,6 +807,26 @@ def test_an_exception_escaping_the_runner_fails_only_the_record_that_raises_it(
     assert [r.outputs["label"] for r in results if isinstance(r, Success)] == expected
 
 
+class _Counting(_Tripping):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.sizes: list[int] = []
+
+    def _run(self, values: Sequence[bytes | None], failed: Mapping[int, Failure]) -> list[Result]:
+        self.sizes.append(len(values))
+        return super()._run(values, failed)
+
+
+def test_a_batch_that_makes_the_runner_raise_is_run_whole_once_then_in_parts(
+    iris_model: Path, make_deployment: Callable[..., Deployment]
+) -> None:
+    runner = _Counting(make_deployment(), [load(iris_model)])
+    rows: list[dict[str, object]] = [{"features": row} for row in ROWS]
+    rows.insert(1, {"features": ROWS[0], "trip": True})
+    runner.run([encode(row) for row in rows])
+    assert runner.sizes.count(len(rows)) == 1, runner.sizes
+
+
 class _Broken(PipelineRunner):
     """A runner every record breaks, as a broken runtime or a full machine would."""
 
@@ -826,5 +846,14 @@ def test_an_exception_no_record_escapes_raises_instead_of_failing_every_record(
     rows = [encode({"features": row}) for row in ROWS]
     with pytest.raises(type(error)):
         runner.run(rows)
-    with pytest.raises(type(error)):
-        runner.run(rows[:1])
+
+
+def test_a_record_alone_that_makes_the_runner_raise_is_answered_by_its_failure_unless_the_machine_is_short(
+    iris_model: Path, make_deployment: Callable[..., Deployment]
+) -> None:
+    one = [encode({"features": ROWS[0]})]
+    bug = _Broken(make_deployment(), [load(iris_model)], error=KeyError("a bug"))
+    assert bug.run(one) == [Failure("the engine failed on this record: KeyError: 'a bug'", None)]
+    short = _Broken(make_deployment(), [load(iris_model)], error=OSError(24, "Too many open files"))
+    with pytest.raises(OSError, match="Too many open files"):
+        short.run(one)

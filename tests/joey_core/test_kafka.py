@@ -274,12 +274,39 @@ def test_a_delivery_error_names_each_failed_record_and_tells_refused_from_transi
     assert sorted(tag for tag, _ in raised.value.errors) == [0, 1]
     assert raised.value.refused() is None, "a timed-out record may pass when sent again"
     assert not raised.value.fatal
+    # Built as delivery reports build them: neither fatal nor retriable, whatever the code.
     too_large = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
     refused = kafka.DeliveryError([(3, too_large), (5, KafkaError(KafkaError.INVALID_RECORD))])
     assert refused.refused() == {3, 5}
     assert not refused.fatal
     mixed = kafka.DeliveryError([(3, too_large), (4, KafkaError(KafkaError._MSG_TIMED_OUT))])  # noqa: SLF001
     assert mixed.refused() is None
-    fatal = kafka.DeliveryError([(1, KafkaError(KafkaError._FATAL, fatal=True))])  # noqa: SLF001
+    for passing in (
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,  # noqa: SLF001
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.KAFKA_STORAGE_ERROR,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    ):
+        may_pass = kafka.DeliveryError([(2, KafkaError(passing))])
+        assert may_pass.refused() is None, f"{KafkaError(passing)} may pass when sent again"
+        assert not may_pass.fatal
+    fatal = kafka.DeliveryError([(1, KafkaError(KafkaError._FATAL))])  # noqa: SLF001
+    assert not KafkaError(KafkaError._FATAL).fatal(), "as in a delivery report"  # noqa: SLF001
     assert fatal.fatal
     assert fatal.refused() is None
+
+
+def test_a_record_produce_refuses_at_once_is_reported_by_flush_with_its_tag(settings: CommonSettings) -> None:
+    topic = f"test.{uuid.uuid4().hex}"
+    ensure_topics(admin_client(settings), [TopicSpec(topic, 1)])
+    producer = Producer(producer_config(settings, **{"message.max.bytes": 2000}))
+    tracker = DeliveryTracker()
+    tracker.produce(producer, topic, b"x" * 5000, tag=7)
+    tracker.produce(producer, topic, b"small", tag=8)
+    with pytest.raises(kafka.DeliveryError) as raised:
+        tracker.flush(producer)
+    assert [(tag, err.code()) for tag, err in raised.value.errors] == [(7, KafkaError.MSG_SIZE_TOO_LARGE)]
+    assert raised.value.refused() == {7}, "refused for good, like a delivery report saying so"
+    assert not raised.value.fatal

@@ -592,49 +592,59 @@ class PipelineRunner:
         replica drops those past their deadline); they take their place among the results as they are.
 
         Never raises for what the records hold: a batch that makes the runner raise (a bug one record
-        trips over) is bisected like one that crashes a step, until the record that does fails alone.
-        An error that is not any record's fault raises: OSError and MemoryError (the machine is short of
-        processes, files or memory), or an exception every record raises alone (a broken runtime); the
-        replica then restarts and the batch is retried instead of being answered with errors.
+        trips over) is bisected like one that crashes a step, until the record that does fails alone; a
+        batch of one record is answered by its failure. An error that is not any record's fault raises:
+        OSError and MemoryError (the machine is short of processes, files or memory), or an exception
+        every record of a larger batch raises alone (a broken runtime); the replica then restarts and the
+        batch is retried instead of being answered with errors.
         """
         failed = failed or {}
         try:
             return self._run(values, failed)
         except (OSError, MemoryError):
             raise
-        except Exception:
-            if len(values) == 1:
-                raise
-            log.exception("batch of %d records failed in the engine; retrying it in halves", len(values))
+        except Exception as exc:
+            log.exception("batch of %d records failed in the engine; isolating the record", len(values))
             ran: list[bool] = []
-            results = self._isolating(values, failed, ran)
-            if not ran:
+            results = self._isolated(values, failed, ran, exc)
+            if not ran and len(values) > 1:
                 raise
             return results
 
     def _isolating(
         self, values: Sequence[bytes | None], failed: Mapping[int, Failure], ran: list[bool]
     ) -> list[Result]:
-        """Bisect down to the records that raise alone, each answered by a failure; ``ran`` gets an entry
-        for every part that ran without raising."""
+        """Run ``values``; when they raise, bisect down to the records that raise alone, each answered by
+        a failure. ``ran`` gets an entry for every part that ran without raising."""
         try:
             results = self._run(values, failed)
         except (OSError, MemoryError):
             raise
         except Exception as exc:
-            if len(values) == 1:
-                return [
-                    failed.get(0)
-                    or Failure(f"the engine failed on this record: {type(exc).__name__}: {exc}", None)
-                ]
-            return _bisect(
-                len(values),
-                lambda start, stop: self._isolating(
-                    values[start:stop], {i - start: f for i, f in failed.items() if start <= i < stop}, ran
-                ),
-            )
+            return self._isolated(values, failed, ran, exc)
         ran.append(True)
         return results
+
+    def _isolated(
+        self,
+        values: Sequence[bytes | None],
+        failed: Mapping[int, Failure],
+        ran: list[bool],
+        exc: Exception,
+    ) -> list[Result]:
+        """The results of ``values``, which raised ``exc`` when run together: one record's failure, or
+        its halves run apart (not the whole again)."""
+        if len(values) == 1:
+            return [
+                failed.get(0)
+                or Failure(f"the engine failed on this record: {type(exc).__name__}: {exc}", None)
+            ]
+        return _bisect(
+            len(values),
+            lambda start, stop: self._isolating(
+                values[start:stop], {i - start: f for i, f in failed.items() if start <= i < stop}, ran
+            ),
+        )
 
     def _run(self, values: Sequence[bytes | None], failed: Mapping[int, Failure]) -> list[Result]:
         invalid: dict[int, Failure] = dict(failed)

@@ -47,10 +47,6 @@ class _Context(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[{self.extra['context'] if self.extra else ''}] {msg}", kwargs
 
 
-class _NotRun(Exception):
-    """The runner raised on a batch: none of its records was answered."""
-
-
 class Counter(Protocol):
     value: int
 
@@ -189,14 +185,11 @@ class ReplicaWorker:
         start = time.perf_counter()
         try:
             self._attempt(sources, consumer, producer)
-        except _NotRun:
-            # Nothing was answered, and the runner raises only when no record of the batch ran without
-            # raising: counted like a crash, so a record that does so alone is dead-lettered in the end.
-            raise
         except BaseException:
-            # Otherwise notes count only runs the process did not survive: an error raised after the run
-            # (a refused commit, a fatal producer) restarts the replica without counting against the
-            # records, which may already be answered.
+            # Notes count only runs the process did not survive. An exception is not a record's fault:
+            # the runner answers a record that raises alone, and raises only for the machine (OSError,
+            # MemoryError) or a runtime every record breaks; after the run (a refused commit, a fatal
+            # producer) the records may already be answered. The replica restarts, uncounted.
             self._notes.end(sources)
             raise
         self._batch_size.observe(len(sources))
@@ -255,58 +248,36 @@ class ReplicaWorker:
         for i, source in enumerate(sources):
             if i not in failed and (failure := produced_records.refused(source, now_ms)) is not None:
                 failed[i] = failure
-        try:
-            results = self._runner.run([s.value for s in sources], failed)
-        except Exception as exc:
-            raise _NotRun(f"{type(exc).__name__}: {exc}") from exc
+        results = self._runner.run([s.value for s in sources], failed)
         now = datetime.now(UTC)
         answers: dict[int, Success | Failure] = {}
-        todo = dict(enumerate(results))
-        # A second pass only answers, by an error record, the inputs whose records the broker refused for
-        # good in the first: they fail alone, and the batch is committed instead of retried forever.
-        for second in (False, True):
-            tracker = kafka.DeliveryTracker()
-            try:
-                for i, result in todo.items():
-                    answer, records = produced_records.produced(
-                        self.deployment, sources[i], result, now, self._limit
-                    )
-                    if answer is not result:
-                        self._bounded.inc()
-                    answers[i] = answer
-                    for record in records:
-                        tracker.produce(
-                            producer, record.topic, record.value, record.key, record.headers, tag=i
-                        )
-                tracker.flush(producer)
-            except kafka.DeliveryError as exc:
-                if exc.fatal:
-                    # The producer can send nothing more; the replica restarts with a new one.
-                    raise
-                refused = exc.refused()
-                if refused is None or second:
-                    self._rewind(consumer, sources, unanswered, exc)
-                    return False
-                self._undelivered.inc()
-                self._log.error(
-                    "the broker refused for good the records answering %d of %d inputs (%s); each is "
-                    "answered by an error record instead",
-                    len(refused),
-                    len(sources),
-                    exc,
+        tracker = kafka.DeliveryTracker()
+        try:
+            for i, result in enumerate(results):
+                answer, records = produced_records.produced(
+                    self.deployment, sources[i], result, now, self._limit
                 )
-                why = dict(exc.errors)
-                todo = {
-                    i: Failure(f"the broker refused the record answering this input: {why[i]}", None)
-                    for i in sorted(refused)
-                }
-                continue
-            except (BufferError, TimeoutError) as exc:
-                # A failed flush purged the queue already; a produce that gave up on a full queue did not.
-                producer.purge(in_queue=True, in_flight=False)
+                if answer is not result:
+                    self._bounded.inc()
+                answers[i] = answer
+                for part, record in zip(("reply", "log"), records, strict=True):
+                    tracker.produce(
+                        producer, record.topic, record.value, record.key, record.headers, tag=(i, part)
+                    )
+            tracker.flush(producer)
+        except kafka.DeliveryError as exc:
+            if exc.fatal:
+                # The producer can send nothing more; the replica restarts with a new one.
+                raise
+            if exc.refused() is None:
                 self._rewind(consumer, sources, unanswered, exc)
                 return False
-            break
+            self._answer_refused(sources, answers, exc, now, producer)
+        except (BufferError, TimeoutError) as exc:
+            # A failed flush purged the queue already; a produce that gave up on a full queue did not.
+            producer.purge(in_queue=True, in_flight=False)
+            self._rewind(consumer, sources, unanswered, exc)
+            return False
         failures = []
         unchecked = []
         for i, answer in sorted(answers.items()):
@@ -343,6 +314,61 @@ class ReplicaWorker:
         self._ok.inc(len(sources) - len(failures))
         self._failed.inc(len(failures))
         return True
+
+    def _answer_refused(
+        self,
+        sources: list[ConsumedRecord],
+        answers: dict[int, Success | Failure],
+        exc: kafka.DeliveryError,
+        now: datetime,
+        producer: Producer,
+    ) -> None:
+        """Answer alone each input whose reply or log the broker refused for good, by small bounded
+        records, so the batch can be committed instead of retried forever: a refused reply by an error
+        record (and a failure log only if its log was refused too: one log per input), a refused log
+        alone by a failure log. Raises when these are not delivered either: nothing is committed, and
+        rewinding would re-send what was delivered."""
+        self._undelivered.inc()
+        self._log.error(
+            "the broker refused for good %d records answering inputs of this %d-record batch (%s); each "
+            "input is answered alone by a bounded error instead",
+            len(exc.errors),
+            len(sources),
+            exc,
+        )
+        why = dict(exc.errors)
+        tracker = kafka.DeliveryTracker()
+        for i in sorted({i for i, _ in why}):
+            reply, log = why.get((i, "reply")), why.get((i, "log"))
+            what = "reply" if reply is not None else "log"
+            failure, (error, failure_log) = produced_records.bounded(
+                self.deployment,
+                sources[i],
+                answers[i],
+                f"the broker refused its {what} record ({reply or log})",
+                now,
+            )
+            if reply is not None:
+                answers[i] = failure
+                tracker.produce(
+                    producer, error.topic, error.value, error.key, error.headers, tag=(i, "reply")
+                )
+            if log is not None:
+                tracker.produce(
+                    producer,
+                    failure_log.topic,
+                    failure_log.value,
+                    failure_log.key,
+                    failure_log.headers,
+                    tag=(i, "log"),
+                )
+        try:
+            tracker.flush(producer)
+        except (kafka.DeliveryError, TimeoutError) as again:
+            raise RuntimeError(
+                f"the records answering inputs whose records the broker refused were not delivered either: "
+                f"{again}"
+            ) from again
 
     def _rewind(
         self,
