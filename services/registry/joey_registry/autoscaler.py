@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import redis
 
 from joey_core import heartbeats
 from joey_registry.domain import Autoscale
+from joey_registry.periodic import Periodic
 from joey_registry.service import Registry
 
 log = logging.getLogger(__name__)
@@ -52,33 +52,20 @@ def decide(config: Autoscale, replicas: int, queue_age_s: float, trend: Trend, n
     return min(max(replicas, config.min_replicas), config.max_replicas)
 
 
-class Autoscaler:
+class Autoscaler(Periodic):
     """Runs :func:`decide` for every autoscaled deployment every ``interval_s``. When several
     registries run, the one holding a Redis lease does it, so two never scale the same deployment."""
 
     def __init__(self, registry: Registry, interval_s: float) -> None:
+        super().__init__("autoscaler", interval_s, self._round)
         self._registry = registry
         self._instance_id = secrets.token_hex(8)
         self._interval_s = interval_s
         self._trends: dict[str, Trend] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="autoscaler", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                if self._lead():
-                    self.tick(time.monotonic())
-            except Exception:
-                # Scaling is best effort: a broken tick must not stop the next one.
-                log.exception("autoscaling tick failed")
+    def _round(self) -> None:
+        if self._lead():
+            self.tick(time.monotonic())
 
     def _lead(self) -> bool:
         client = self._registry.redis
