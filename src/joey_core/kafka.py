@@ -302,12 +302,12 @@ class DeliveryTracker:
                     raise
                 producer.poll(0.1)
 
-    def flush(self, producer: Any, timeout: float = 30.0) -> None:
-        """Wait for every delivery; raise TimeoutError, or DeliveryError when one failed.
+    def settle(self, producer: Any, timeout: float) -> int:
+        """Wait up to ``timeout`` for every delivery; return how many were not acknowledged in time.
 
-        On a failure what is still queued is purged first: the caller retries the batch, and records of
-        a failed batch delivered later (with the next batch's flush, or a dying process's) would only be
-        duplicates that grow with every retry.
+        On a failure what is still queued is purged, and the purged records' reports served (each counts
+        in :attr:`errors`, as ``_PURGE_QUEUE``): records of a failed batch delivered later (with the next
+        batch's flush, or a dying process's) would only be duplicates that grow with every retry.
         """
         remaining = producer.flush(timeout)
         if remaining or self.errors:
@@ -315,6 +315,11 @@ class DeliveryTracker:
             # The purged records' reports may not be ready at once (a loaded machine): serve them, or one
             # would count as still outstanding and reach a later batch's tracker.
             producer.flush(PURGE_REPORTS_S)
+        return int(remaining)
+
+    def flush(self, producer: Any, timeout: float = 30.0) -> None:
+        """Wait for every delivery (:meth:`settle`); raise TimeoutError, or DeliveryError when one failed."""
+        remaining = self.settle(producer, timeout)
         if remaining:
             self.errors = []
             raise TimeoutError(f"{remaining} records not acknowledged by the broker within {timeout:.0f}s")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, Producer
 
 from joey.client.inputs import InputError
 from joey_core import kafka
@@ -89,17 +89,31 @@ class PipelineStream:
             timeout_ms = int((timeout + _PURGE_MARGIN_S) * 1000)
             config = producer_config(self._settings, **{"message.timeout.ms": timeout_ms})
             producer = Producer(config)
+            tracker = kafka.DeliveryTracker()
             sending_until = time.monotonic() + timeout
             for request_id, row in zip(request_ids, rows, strict=True):
-                failure = self._produce(producer, request_id, row, replies, sending_until)
-                if failure is not None:
-                    replies[request_id] = failure
-            producer.flush(max(sending_until - time.monotonic(), 0))
-            if len(producer):
-                # Rows still queued here never left: purged, their reports fail them as not sent. Rows in
-                # flight may reach the pipeline: they stay pending, answered if a reply comes.
-                producer.purge(in_queue=True, in_flight=False)
-                producer.flush(0)
+                try:
+                    tracker.produce(
+                        producer,
+                        self._topics.inputs,
+                        row if isinstance(row, bytes) else dumps(row),
+                        request_id.encode(),
+                        headers=[(REQUEST_ID_HEADER, request_id.encode())],
+                        timeout=max(sending_until - time.monotonic(), 0),
+                        tag=request_id,
+                    )
+                except BufferError:
+                    replies[request_id] = not_sent(
+                        request_id, "the producer's queue stayed full (is the broker reachable?)"
+                    )
+                producer.poll(0)
+            # Rows still queued when the time is up never left: purged, they fail as not sent. A row whose
+            # delivery timed out may have reached the pipeline unacknowledged: it stays pending, so the
+            # reply of a record the pipeline did process is not hidden by a failure.
+            tracker.settle(producer, max(sending_until - time.monotonic(), 0))
+            for request_id, err in tracker.errors:
+                if err.code() != KafkaError._MSG_TIMED_OUT:  # noqa: SLF001 (librdkafka's public local codes)
+                    replies[request_id] = not_sent(request_id, str(err))
             pending.difference_update(replies)
             deadline = time.monotonic() + timeout
             while pending:
@@ -119,46 +133,6 @@ class PipelineStream:
         finally:
             consumer.close()
         return [replies[request_id] for request_id in request_ids]
-
-    def _produce(
-        self,
-        producer: Producer,
-        request_id: str,
-        row: dict[str, Any] | bytes,
-        replies: dict[str, Reply],
-        until: float,
-    ) -> Reply | None:
-        """Queue one row, waiting for room in the producer's queue until the monotonic time ``until``; the
-        failed reply when the producer refuses it or has no room. A delivery failure reported later is put
-        in ``replies`` by the callback (run from ``poll`` and ``flush``)."""
-
-        def delivered(err: KafkaError | None, _msg: object) -> None:
-            # A record that timed out may have reached the broker unacknowledged: it stays pending, so
-            # the reply of a record the pipeline did process is not hidden by a failure.
-            # (librdkafka's local error codes are public under these underscored names.)
-            if err is not None and err.code() != KafkaError._MSG_TIMED_OUT:  # noqa: SLF001
-                replies[request_id] = not_sent(request_id, str(err))
-
-        value = row if isinstance(row, bytes) else dumps(row)
-        while True:
-            try:
-                producer.produce(
-                    self._topics.inputs,
-                    value=value,
-                    key=request_id.encode(),
-                    headers=[(REQUEST_ID_HEADER, request_id.encode())],
-                    on_delivery=delivered,
-                )
-            except BufferError:
-                # The queue is full: back-pressure until deliveries make room, or the time is up.
-                if time.monotonic() >= until:
-                    return not_sent(request_id, "the producer's queue stayed full (is the broker reachable?)")
-                producer.poll(0.1)
-                continue
-            except KafkaException as exc:  # e.g. larger than the producer's message.max.bytes
-                return not_sent(request_id, str(exc.args[0]))
-            producer.poll(0)
-            return None
 
 
 def not_sent(request_id: str, reason: str) -> Reply:
