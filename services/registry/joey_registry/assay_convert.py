@@ -16,13 +16,12 @@ from joey_core.assays.runs import (
     WindowResult,
 )
 from joey_core.v1 import registry_pb2 as pb
-from joey_registry.assays import StoredAssay, UnreadableDefinition
+from joey_registry.assays import MAX_WINDOW, StoredAssay, UnreadableDefinition
 from joey_registry.convert import optional_datetime, timestamp
 from joey_registry.errors import InvalidArgument
 
-MAX_SECONDS = 3650 * 24 * 3600
-"""Larger width_seconds or interval_seconds are refused here, before a timedelta overflows; the
-registry's own window bounds (assays.MAX_WINDOW) are checked later with the rest."""
+MAX_SECONDS = int(MAX_WINDOW.total_seconds())
+"""Larger width_seconds or interval_seconds are refused here, before a timedelta overflows."""
 
 
 def _seconds(message: pb.AssayDefinition, field: str) -> int:
@@ -30,7 +29,9 @@ def _seconds(message: pb.AssayDefinition, field: str) -> int:
     if value < 0:
         raise InvalidArgument(f"{field} must be positive (or 0 for the default), got {value}")
     if value > MAX_SECONDS:
-        raise InvalidArgument(f"{field} must be at most 3650 days ({MAX_SECONDS} s), got {value}")
+        raise InvalidArgument(
+            f"{field} must be at most {MAX_WINDOW.days} days ({MAX_SECONDS} s), got {value}"
+        )
     return value
 
 

@@ -60,7 +60,6 @@ class Autoscaler(Periodic):
         super().__init__("autoscaler", interval_s, self._round)
         self._registry = registry
         self._instance_id = secrets.token_hex(8)
-        self._interval_s = interval_s
         self._trends: dict[str, Trend] = {}
 
     def _round(self) -> None:

@@ -8,8 +8,8 @@ process limits itself before it imports anything that reads the file, checks, an
 stdout. Only the standard library is
 imported at the top, so that the limits cover everything the check loads.
 
-Request: ``{"framework", "path", "inputs", "outputs", "memory_mb", "cpu_s"}``, a tensor spec being
-``[name, dtype, shape]``. Reply: ``{"inputs": [...], "outputs": [...]}`` (the signature) or
+Request: ``{"framework", "path", "inputs", "outputs", "memory_mb", "cpu_s"}``, tensor specs in their JSON
+form (``TensorSpec.to_json``). Reply: ``{"inputs": [...], "outputs": [...]}`` (the signature) or
 ``{"refused": reason}``. Running out of memory exits with :data:`EXIT_MEMORY`; the CPU limit ends the
 process with SIGXCPU.
 """
@@ -43,17 +43,18 @@ def confine(memory_mb: int, cpu_s: int) -> None:
 def _check(request: dict[str, Any]) -> dict[str, Any]:
     from pathlib import Path
 
+    from joey_core.models import specs_from_json
     from joey_registry.errors import InvalidArgument
-    from joey_registry.validation import Signature, tensor_specs, validator_for
+    from joey_registry.validation import Signature, validator_for
 
-    declared = Signature(tensor_specs(request["inputs"]), tensor_specs(request["outputs"]))
+    declared = Signature(specs_from_json(request["inputs"]), specs_from_json(request["outputs"]))
     validator = validator_for(request["framework"], request["memory_mb"] * _MB)
     try:
         signature = validator.inspect(Path(request["path"]), declared)
     except InvalidArgument as exc:
         return {"refused": str(exc)}
     return {
-        kind: [[s.name, s.dtype, list(s.shape)] for s in specs]
+        kind: [s.to_json() for s in specs]
         for kind, specs in (("inputs", signature.inputs), ("outputs", signature.outputs))
     }
 

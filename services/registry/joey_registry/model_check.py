@@ -11,9 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from joey_core.models import specs_from_json
 from joey_registry import check_process
 from joey_registry.errors import InvalidArgument, Unavailable
-from joey_registry.validation import Signature, tensor_specs
+from joey_registry.validation import Signature
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ class ModelCheck:
         request = {
             "framework": framework,
             "path": str(path.resolve()),  # the child runs in /
-            "inputs": [[s.name, s.dtype, list(s.shape)] for s in declared.inputs],
-            "outputs": [[s.name, s.dtype, list(s.shape)] for s in declared.outputs],
+            "inputs": [s.to_json() for s in declared.inputs],
+            "outputs": [s.to_json() for s in declared.outputs],
             "memory_mb": self.memory_mb,
             "cpu_s": self.cpu_s,
         }
@@ -80,7 +81,7 @@ class ModelCheck:
             reply = json.loads(out)
             if "refused" in reply:
                 raise InvalidArgument(reply["refused"])
-            return Signature(tensor_specs(reply["inputs"]), tensor_specs(reply["outputs"]))
+            return Signature(specs_from_json(reply["inputs"]), specs_from_json(reply["outputs"]))
         raise InvalidArgument(self._limit_hit(child.returncode, err))
 
     def _limit_hit(self, code: int, err: bytes) -> str:

@@ -19,10 +19,10 @@ log = logging.getLogger(__name__)
 
 class Reconciler(Periodic):
     def __init__(self, registry: Registry, interval_s: float) -> None:
-        super().__init__("reconciler", interval_s, self.round)
+        super().__init__("reconciler", interval_s, self._round)
         self._registry = registry
 
-    def round(self) -> None:
+    def _round(self) -> None:
         try:
             reconciled = self._registry.reconcile(everything=False)
         except Unavailable as exc:

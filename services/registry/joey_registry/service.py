@@ -720,9 +720,10 @@ class Registry:
         keys = set(self.store.intents())
         if everything:
             keys.update(self.store.deployed_pipelines())
-        if keys:
+        if keys and not everything:
             # A broker that restarted empty no longer has joey.deployments: auto-created, it would not
-            # be the compacted single-partition topic engines read.
+            # be the compacted single-partition topic engines read. (At start the registry has just
+            # created them.)
             try:
                 kafka.ensure_topics(self.admin, kafka.platform_topics(self.settings))
             except (KafkaException, TimeoutError) as exc:

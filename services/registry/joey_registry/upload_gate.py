@@ -37,7 +37,6 @@ class UploadGate:
         self.per_caller = per_caller
         self.idle_timeout_s = idle_timeout_s
         self.deadline_s = deadline_s
-        self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}  # slots held by caller, so that no one caller takes them all
 
@@ -52,7 +51,7 @@ class UploadGate:
                     f"you are sending {self.per_caller} uploads already (JOEY_UPLOAD_PER_CALLER); "
                     "retry when one has finished"
                 )
-            if not self._slots.acquire(blocking=False):
+            if sum(self._held.values()) >= self.concurrency:
                 log.warning("refused an upload: %d are running already", self.concurrency)
                 raise ResourceExhausted(
                     f"the registry is receiving {self.concurrency} uploads already "
@@ -66,7 +65,6 @@ class UploadGate:
                 self._held[caller] -= 1
                 if not self._held[caller]:
                     del self._held[caller]
-            self._slots.release()
 
     @contextmanager
     def receive(self, requests: Iterator[T]) -> Iterator[Iterator[T]]:

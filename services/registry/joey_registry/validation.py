@@ -524,11 +524,6 @@ def validator_for(framework: str, memory_bytes: int) -> RuntimeValidator:
     return VALIDATORS[framework](memory_bytes)
 
 
-def tensor_specs(items: list[list[Any]]) -> tuple[TensorSpec, ...]:
-    """Tensor specs from their JSON form, ``[name, dtype, shape]`` each."""
-    return tuple(TensorSpec(name=name, dtype=dtype, shape=tuple(shape)) for name, dtype, shape in items)
-
-
 def dtypes_compatible(produced: str, expected: str) -> bool:
     """Whether a tensor of dtype ``produced`` can feed an input of dtype ``expected`` without
     changing kind of value (int -> float is fine, float -> int or anything <-> string is not)."""
