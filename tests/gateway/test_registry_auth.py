@@ -241,7 +241,7 @@ def test_a_registry_that_cannot_answer_is_not_asked_again_at_once(
     stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person], new_person: Callable[[], Person]
 ) -> None:
     """One request learns the registry cannot answer; the next ones within the quiet time are answered without
-    asking it (the grace, or 503), so a registry that hangs costs one request its timeout, not each."""
+    asking it (the grace, or 503)."""
     name, owner = workspace
     stranger = new_person()
     with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:

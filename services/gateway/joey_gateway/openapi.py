@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from joey_gateway.tensors import DATATYPES
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -36,8 +38,6 @@ _TENSOR_METADATA: dict[str, Any] = {
     "required": ["name", "datatype", "shape"],
     "properties": _TENSOR_SHAPE,
 }
-_DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"]
-_DATATYPES += ["FP16", "FP32", "FP64", "BYTES"]
 
 
 def _model_paths(suffix: str, method: str, operation: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +75,7 @@ DOCUMENT: dict[str, Any] = {
                 "properties": {
                     "name": {"type": "string"},
                     "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                    "datatype": {"type": "string", "enum": _DATATYPES},
+                    "datatype": {"type": "string", "enum": list(DATATYPES)},
                     "parameters": {"type": "object"},
                     "data": {"type": "array"},
                 },

@@ -112,8 +112,8 @@ class RegistryAuth:
         self._keys: dict[str, set[tuple[str, str, str]]] = {}
         self._outage_logged = False
         self._quiet_until = 0.0
-        """Until then the registry, which could not answer, is not asked: a hung one costs one request its
-        timeout, not every request."""
+        """Until then the registry, which could not answer, is not asked for authorization. (Requests that
+        arrive while a hung registry is being asked still ask too.)"""
         self._quiet_reason = ""
 
     def authorize(self, token: str, workspace: str, action: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from confluent_kafka import KafkaError, Producer
 
 from joey_core import tls, topics
-from joey_core.kafka import max_record_bytes, producer_config
+from joey_core.kafka import max_record_bytes, producer_config, record_size
 from joey_core.records import DEADLINE_EXCEEDED, DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
 from joey_core.replies import Reply
 from joey_core.v1 import registry_pb2_grpc
@@ -45,6 +45,9 @@ SERVER_NAME = "joey"
 # The registry's actions a gateway call needs in the model's workspace.
 READ = "read"
 INFER = "infer"
+
+
+_Headers = list[tuple[str, str | bytes | None]]
 
 
 class _Access(NamedTuple):
@@ -221,7 +224,11 @@ class Gateway:
         deadline = min(limits)
         call = Call([uuid.uuid4().hex for _ in rows])
         deadline_header = str(int(deadline * 1000)).encode()
-        values = self._records(rows, len(call.request_ids[0]) if rows else 0, len(deadline_header))
+        headers: list[_Headers] = [
+            [(REQUEST_ID_HEADER, request_id.encode()), (DEADLINE_HEADER, deadline_header)]
+            for request_id in call.request_ids
+        ]
+        values = self._records(rows, call.request_ids, headers)
         names = topics.pipeline_topics(info.workspace, info.pipeline)
         reader = self._reader(names)
         reader.expect(call)
@@ -231,12 +238,14 @@ class Gateway:
                 if err is not None:
                     call.fail(f"request not accepted by Kafka: {err}")
 
-            for sent, (request_id, value) in enumerate(zip(call.request_ids, values, strict=True)):
+            for sent, (request_id, value, record_headers) in enumerate(
+                zip(call.request_ids, values, headers, strict=True)
+            ):
                 self._produce(
                     names.inputs,
                     value,
                     request_id.encode(),
-                    [(REQUEST_ID_HEADER, request_id.encode()), (DEADLINE_HEADER, deadline_header)],
+                    record_headers,
                     delivered,
                     # Nothing sent yet: refused whole at once. Part sent: the rest follows when there is room.
                     None if sent == 0 else deadline,
@@ -254,19 +263,22 @@ class Gateway:
         replies = [call.replies[request_id] for request_id in call.request_ids]
         return self._response(request, info, replies)
 
-    def _records(self, rows: list[dict[str, Any]], id_bytes: int, deadline_bytes: int) -> list[bytes]:
+    def _records(
+        self, rows: list[dict[str, Any]], request_ids: list[str], headers: list[_Headers]
+    ) -> list[bytes]:
         """Every row's record value, each checked against the broker's message limit before any is produced:
         a request is refused whole, naming its first row that would not fit, or produced whole."""
-        room = self._max_record_bytes - 2 * id_bytes - deadline_bytes
         values = [dumps(row) for row in rows]
-        for index, value in enumerate(values):
-            if len(value) > room:
+        for index, (value, request_id, record_headers) in enumerate(
+            zip(values, request_ids, headers, strict=True)
+        ):
+            size = record_size(request_id.encode(), value, record_headers)
+            if size > self._max_record_bytes:
                 raise GatewayError(
                     Status.TOO_LARGE,
-                    f"row {index} of the batch makes a record of {len(value)} bytes; a record holds at "
-                    f"most {room} (the producer's message.max.bytes less Kafka's overhead and the "
-                    "request's headers): "
-                    "nothing was sent",
+                    f"row {index} of the batch makes a record of {size} bytes with its key and headers; a "
+                    f"record holds at most {self._max_record_bytes} (the producer's message.max.bytes less "
+                    "Kafka's overhead): nothing was sent",
                 )
         return values
 
@@ -275,7 +287,7 @@ class Gateway:
         topic: str,
         value: bytes,
         key: bytes,
-        headers: list[tuple[str, str | bytes | None]],
+        headers: _Headers,
         delivered: Callable[[KafkaError | None, Any], None],
         deadline: float | None,
     ) -> None:

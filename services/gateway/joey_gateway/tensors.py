@@ -31,6 +31,8 @@ _NUMPY = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(np.object_),
 }
+DATATYPES = tuple(_NUMPY)
+"""The OIP datatypes the gateway decodes."""
 _OIP = {dtype.name: name for name, dtype in _NUMPY.items() if name != "BYTES"}
 
 
