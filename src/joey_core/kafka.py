@@ -279,7 +279,8 @@ class DeliveryTracker:
         tag: Any = None,
     ) -> None:
         """``producer.produce`` with this tracker's callback; a full local queue is waited out (its
-        deliveries served) for up to ``timeout`` rather than raised at once. ``tag`` names the record in
+        deliveries served) for up to ``timeout`` rather than raised at once; raised then, with what the
+        batch still had queued purged. ``tag`` names the record in
         a :class:`DeliveryError`, so the caller knows which one failed.
 
         A record ``produce`` refuses at once (over the producer's own size limit, a topic known to be
@@ -299,6 +300,8 @@ class DeliveryTracker:
                 return
             except BufferError:
                 if time.monotonic() > deadline:
+                    # The batch failed: like a failed flush, it leaves nothing queued to be delivered later.
+                    self._purge(producer)
                     raise
                 producer.poll(0.1)
 
@@ -311,11 +314,15 @@ class DeliveryTracker:
         """
         remaining = producer.flush(timeout)
         if remaining or self.errors:
-            producer.purge(in_queue=True, in_flight=False)
-            # The purged records' reports may not be ready at once (a loaded machine): serve them, or one
-            # would count as still outstanding and reach a later batch's tracker.
-            producer.flush(PURGE_REPORTS_S)
+            self._purge(producer)
         return int(remaining)
+
+    @staticmethod
+    def _purge(producer: Any) -> None:
+        producer.purge(in_queue=True, in_flight=False)
+        # The purged records' reports may not be ready at once (a loaded machine): serve them, or one
+        # would count as still outstanding and reach a later batch's tracker.
+        producer.flush(PURGE_REPORTS_S)
 
     def flush(self, producer: Any, timeout: float = 30.0) -> None:
         """Wait for every delivery (:meth:`settle`); raise TimeoutError, or DeliveryError when one failed."""
@@ -380,13 +387,13 @@ class ConsumedRecord:
                 request_id = raw
             elif name == records.DEADLINE_HEADER and deadline is None:
                 deadline = raw
-        self.request_id: str = (
-            records.bounded_request_id(request_id) if request_id else f"{topic}/{partition}/{offset}"
-        )
-        """The caller's request id (bounded, see records.bounded_request_id), or the record's position
+        self.request_id: str = f"{topic}/{partition}/{offset}"
+        """The caller's request id (bounded, see records.parse_request_id), or the record's position
         when it came without one."""
-        self.request_id_problem: str | None = records.request_id_problem(request_id) if request_id else None
+        self.request_id_problem: str | None = None
         """Why the request-id header could not be used as sent (too long, not UTF-8), or None."""
+        if request_id:
+            self.request_id, self.request_id_problem = records.parse_request_id(request_id)
         self.deadline_ms: float | None = _deadline_ms(deadline)
         """When the caller stops waiting (epoch ms), from the deadline header."""
         self._value_json: str | None = None

@@ -3,7 +3,7 @@
 * Input record: a JSON object mapping input names to values (one row); a key that appears twice
   in one object makes the record invalid (parsers disagree on which one wins). The record key and
   the ``request-id`` header travel through to outputs, errors and logs (a request id is at most
-  :data:`REQUEST_ID_MAX_BYTES` of UTF-8; see :func:`bounded_request_id`). An optional
+  :data:`REQUEST_ID_MAX_BYTES` of UTF-8; see :func:`parse_request_id`). An optional
   ``deadline-ms`` header (epoch milliseconds) marks when the caller stops waiting: a replica
   reaching the record later does not run it and reports it as an error instead.
 * Output record: JSON with ``time``, ``in``, ``out``, ``check_failures`` and ``metadata``.
@@ -34,7 +34,7 @@ DEADLINE_HEADER = "deadline-ms"
 DEADLINE_EXCEEDED = "deadline exceeded"
 """How the reason of a record dropped past its deadline starts; synchronous callers match on it."""
 REQUEST_ID_MAX_BYTES = 1024
-"""Longest request id that travels as it was sent; a longer one fails its record (see bounded_request_id)."""
+"""Longest request id that travels as it was sent; a longer one fails its record (see parse_request_id)."""
 CONTENT_TYPE_HEADER = "content-type"
 LOG_CONTENT_TYPE = "application/avro; schema=joey.v1.InferenceLog"
 
@@ -65,7 +65,7 @@ def decode_input(value: bytes | None) -> dict[str, Any]:
     # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is an integer of more digits
     # than Python converts (sys.get_int_max_str_digits): whatever json raises is the record's fault.
     except ValueError as exc:
-        raise RecordError(f"record is not valid JSON: {_bounded_text(str(exc), 200)}") from None
+        raise RecordError(f"record is not valid JSON: {bounded_text(str(exc), 200)}") from None
     if not isinstance(row, dict):
         raise RecordError(
             f"record must be a JSON object mapping input names to values, got {type(row).__name__}"
@@ -89,42 +89,35 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         for key, _ in pairs:
             if key in seen:
                 raise RecordError(
-                    f"record has the key {_bounded_text(key, 100)!r} more than once in one object"
+                    f"record has the key {bounded_text(key, 100)!r} more than once in one object"
                 )
             seen.add(key)
     return row
 
 
-def _bounded_text(text: str, limit: int) -> str:
+def bounded_text(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def bounded_request_id(raw: bytes) -> str:
-    """The request id a record's ``request-id`` header carries into outputs, errors and logs.
+def parse_request_id(raw: bytes) -> tuple[str, str | None]:
+    """The request id a record's ``request-id`` header carries into outputs, errors and logs, and why the
+    header cannot be used as sent (None when it can).
 
     A UTF-8 id of at most :data:`REQUEST_ID_MAX_BYTES` travels as sent. Any other (longer, or not UTF-8)
     is cut and ends in a digest of its raw bytes, so it stays bounded (its UTF-8 form too: replacing bad
     bytes by U+FFFD would triple them), deterministic and distinct (two ids that differ only in their
     bad bytes do not collapse into one).
     """
-    if len(raw) <= REQUEST_ID_MAX_BYTES:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-    digest = hashlib.sha256(raw).hexdigest()[:32]
-    return f"{raw[:256].decode('utf-8', errors='replace')}...sha256:{digest}"
-
-
-def request_id_problem(raw: bytes) -> str | None:
-    """Why a ``request-id`` header cannot be used as sent, or None."""
     if len(raw) > REQUEST_ID_MAX_BYTES:
-        return f"request-id header is {len(raw)} bytes, over the {REQUEST_ID_MAX_BYTES} allowed"
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return f"request-id header is not UTF-8 (byte {exc.start})"
-    return None
+        problem = f"request-id header is {len(raw)} bytes, over the {REQUEST_ID_MAX_BYTES} allowed"
+    else:
+        try:
+            return raw.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            problem = f"request-id header is not UTF-8 (byte {exc.start})"
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    return f"{raw[:256].decode('utf-8', errors='replace')}...sha256:{digest}", problem
 
 
 def to_jsonable(value: Any) -> Any:

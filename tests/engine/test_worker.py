@@ -91,7 +91,7 @@ def test_a_batch_the_broker_did_not_acknowledge_is_rewound_then_answered_once(
         assert [r.offset for r in again] == [r.offset for r in batch], "rewound to the batch"
         worker._process(again, consumer, producer)  # noqa: SLF001
         assert committed(consumer, names.inputs) == batch[-1].offset + 1
-        answered = outputs.read_until(lambda ms: len(ms) >= len(rids), "the answers")
+        outputs.read_until(lambda ms: len(ms) >= len(rids), "the answers")
         answered = outputs.drain()
     finally:
         outputs.close()

@@ -142,20 +142,28 @@ def test_decode_input_keeps_python_spellings_of_non_finite_numbers_for_validatio
     assert [math.isnan(row["x"][0]), row["x"][1:]] == [True, [math.inf, -math.inf]]
 
 
+def _bounded(raw: bytes) -> str:
+    return records.parse_request_id(raw)[0]
+
+
+def _problem(raw: bytes) -> str | None:
+    return records.parse_request_id(raw)[1]
+
+
 def test_request_ids_are_bounded_and_their_problems_named() -> None:
-    assert records.bounded_request_id(b"r-1") == "r-1" and records.request_id_problem(b"r-1") is None
-    bad = records.bounded_request_id(b"\xff-1")
+    assert records.parse_request_id(b"r-1") == ("r-1", None)
+    bad = _bounded(b"\xff-1")
     assert bad.startswith("\ufffd-1...sha256:"), bad
-    assert bad != records.bounded_request_id(b"\xfe-1"), "ids differing in their bad bytes stay distinct"
+    assert bad != _bounded(b"\xfe-1"), "ids differing in their bad bytes stay distinct"
     limit = records.REQUEST_ID_MAX_BYTES
-    worst = records.bounded_request_id(b"\xff" * limit)
+    worst = _bounded(b"\xff" * limit)
     assert len(worst.encode()) <= limit, "bad bytes replaced by U+FFFD cannot grow an id past the limit"
-    assert records.request_id_problem(b"\xff-1") == "request-id header is not UTF-8 (byte 0)"
-    assert records.request_id_problem(b"r" * limit) is None
-    assert records.request_id_problem(b"r" * (limit + 1)) == (
+    assert _problem(b"\xff-1") == "request-id header is not UTF-8 (byte 0)"
+    assert _problem(b"r" * limit) is None
+    assert _problem(b"r" * (limit + 1)) == (
         f"request-id header is {limit + 1} bytes, over the {limit} allowed"
     )
-    long_one, other = records.bounded_request_id(b"r" * 100_000), records.bounded_request_id(b"r" * 100_001)
+    long_one, other = _bounded(b"r" * 100_000), _bounded(b"r" * 100_001)
     assert len(long_one.encode()) <= limit and long_one.startswith("r" * 256 + "...sha256:")
     assert long_one != other, "cut ids stay distinct"
-    assert records.bounded_request_id(b"r" * 100_000) == long_one, "and deterministic"
+    assert _bounded(b"r" * 100_000) == long_one, "and deterministic"

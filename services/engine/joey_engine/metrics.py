@@ -33,7 +33,8 @@ REPLICAS = Gauge(
 REPLICA_FAILURES = Counter("joey_engine_replica_failures", "Replicas stopped by a fatal error", _LABELS)
 DELIVERY_FAILURES = Counter(
     "joey_engine_delivery_failures",
-    "Batches whose records the broker did not acknowledge (run again)",
+    "Batches whose records the broker did not acknowledge (run again, or answered by bounded errors when "
+    "refused for good)",
     _LABELS,
 )
 DEAD_LETTERED = Counter(

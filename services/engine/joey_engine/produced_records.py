@@ -126,14 +126,21 @@ def _raw_text(failure: Failure, source: ConsumedRecord) -> str | None:
     return source.value.decode("utf-8", errors="replace")
 
 
-def error_value(deployment: Deployment, source: ConsumedRecord, result: Failure, now: datetime) -> bytes:
+def error_value(
+    deployment: Deployment,
+    source: ConsumedRecord,
+    result: Failure,
+    now: datetime,
+    raw_input: str | None = None,
+) -> bytes:
+    """The error record answering ``source``; ``raw_input`` in place of its whole undecoded input if given."""
     body = records.dumps_text(
         {
             "time": _time_text(now),
             "request_id": source.request_id,
             "error": result.reason,
             "input": result.inputs,
-            "raw_input": _raw_text(result, source),
+            "raw_input": raw_input if raw_input is not None else _raw_text(result, source),
         }
     )
     # The metadata members are already JSON text (shared with output records): append, don't re-encode.
@@ -236,16 +243,7 @@ def bounded(
     key = source.key
     if key is not None and len(key) > KEY_MAX_BYTES:
         key = b"sha256:" + hashlib.sha256(key).hexdigest().encode()
-    body = records.dumps_text(
-        {
-            "time": _time_text(now),
-            "request_id": source.request_id,
-            "error": failure.reason,
-            "input": None,
-            "raw_input": excerpt.decode("utf-8", errors="replace"),
-        }
-    )
-    error = f'{body[:-1]},"metadata":{_metadata_text(deployment, source, failure)}}}'.encode()
+    error = error_value(deployment, source, failure, now, raw_input=excerpt.decode("utf-8", errors="replace"))
     log = records.encode_log(
         _log_fields(deployment, source, failure, now) | {"record_key": key, "raw_input": excerpt}
     )
@@ -257,6 +255,4 @@ def bounded(
 
 def _clean(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, with anything UTF-8 cannot encode (lone surrogates) replaced."""
-    if len(text) > limit:
-        text = f"{text[:limit]}... ({len(text)} characters)"
-    return text.encode("utf-8", errors="replace").decode("utf-8")
+    return records.bounded_text(text, limit).encode("utf-8", errors="replace").decode("utf-8")

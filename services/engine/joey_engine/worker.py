@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from joey_core import heartbeats, kafka
 from joey_core.kafka import ConsumedRecord
+from joey_core.records import bounded_text
 from joey_engine import metrics, produced_records
 from joey_engine.attempts import AttemptNotes
 from joey_engine.deployment import Deployment
@@ -250,7 +251,7 @@ class ReplicaWorker:
                 failed[i] = failure
         results = self._runner.run([s.value for s in sources], failed)
         now = datetime.now(UTC)
-        answers: dict[int, Success | Failure] = {}
+        answers: list[Success | Failure] = []
         tracker = kafka.DeliveryTracker()
         try:
             for i, result in enumerate(results):
@@ -259,7 +260,7 @@ class ReplicaWorker:
                 )
                 if answer is not result:
                     self._bounded.inc()
-                answers[i] = answer
+                answers.append(answer)
                 for part, record in zip(("reply", "log"), records, strict=True):
                     tracker.produce(
                         producer, record.topic, record.value, record.key, record.headers, tag=(i, part)
@@ -274,13 +275,12 @@ class ReplicaWorker:
                 return False
             self._answer_refused(sources, answers, exc, now, producer)
         except (BufferError, TimeoutError) as exc:
-            # A failed flush purged the queue already; a produce that gave up on a full queue did not.
-            producer.purge(in_queue=True, in_flight=False)
+            # The tracker purged what was queued: nothing of this batch is delivered after its rewind.
             self._rewind(consumer, sources, unanswered, exc)
             return False
         failures = []
         unchecked = []
-        for i, answer in sorted(answers.items()):
+        for i, answer in enumerate(answers):
             if isinstance(answer, Success):
                 if answer.check_errors:
                     unchecked.append((sources[i], answer.check_errors[0]))
@@ -298,7 +298,7 @@ class ReplicaWorker:
                 len(sources),
                 source.partition,
                 source.offset,
-                reason[:1000],
+                bounded_text(reason, 1000),
             )
         if unchecked:
             source, reason = unchecked[0]
@@ -309,7 +309,7 @@ class ReplicaWorker:
                 len(sources),
                 source.partition,
                 source.offset,
-                reason[:1000],
+                bounded_text(reason, 1000),
             )
         self._ok.inc(len(sources) - len(failures))
         self._failed.inc(len(failures))
@@ -318,7 +318,7 @@ class ReplicaWorker:
     def _answer_refused(
         self,
         sources: list[ConsumedRecord],
-        answers: dict[int, Success | Failure],
+        answers: list[Success | Failure],
         exc: kafka.DeliveryError,
         now: datetime,
         producer: Producer,
@@ -350,18 +350,11 @@ class ReplicaWorker:
             )
             if reply is not None:
                 answers[i] = failure
-                tracker.produce(
-                    producer, error.topic, error.value, error.key, error.headers, tag=(i, "reply")
-                )
-            if log is not None:
-                tracker.produce(
-                    producer,
-                    failure_log.topic,
-                    failure_log.value,
-                    failure_log.key,
-                    failure_log.headers,
-                    tag=(i, "log"),
-                )
+            for part, refusal, record in (("reply", reply, error), ("log", log, failure_log)):
+                if refusal is not None:
+                    tracker.produce(
+                        producer, record.topic, record.value, record.key, record.headers, tag=(i, part)
+                    )
         try:
             tracker.flush(producer)
         except (kafka.DeliveryError, TimeoutError) as again:

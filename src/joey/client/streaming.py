@@ -91,7 +91,7 @@ class PipelineStream:
             producer = Producer(config)
             tracker = kafka.DeliveryTracker()
             sending_until = time.monotonic() + timeout
-            for request_id, row in zip(request_ids, rows, strict=True):
+            for sent, (request_id, row) in enumerate(zip(request_ids, rows, strict=True)):
                 try:
                     tracker.produce(
                         producer,
@@ -103,9 +103,13 @@ class PipelineStream:
                         tag=request_id,
                     )
                 except BufferError:
-                    replies[request_id] = not_sent(
-                        request_id, "the producer's queue stayed full (is the broker reachable?)"
-                    )
+                    # The queue stayed full until the time was up: the tracker purged what it held (those
+                    # rows fail below, from their reports), and the rest is not sent.
+                    for unsent in request_ids[sent:]:
+                        replies[unsent] = not_sent(
+                            unsent, "the producer's queue stayed full (is the broker reachable?)"
+                        )
+                    break
                 producer.poll(0)
             # Rows still queued when the time is up never left: purged, they fail as not sent. A row whose
             # delivery timed out may have reached the pipeline unacknowledged: it stays pending, so the
