@@ -313,7 +313,9 @@ class DeliveryTracker:
         batch's flush, or a dying process's) would only be duplicates that grow with every retry.
         """
         remaining = producer.flush(timeout)
-        if remaining or self.errors:
+        if remaining:
+            # Only then is anything still queued. (A purge with nothing queued is not harmless: it can
+            # still fail a record produced right after it, e.g. the bounded answers to refused ones.)
             self._purge(producer)
         return int(remaining)
 
