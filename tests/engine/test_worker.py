@@ -110,14 +110,15 @@ def test_an_input_whose_records_the_broker_refuses_for_good_is_answered_alone_an
     names = deployment.topics
     good = [f"good-{secrets.token_hex(4)}-{i}".encode() for i in range(4)]
     big = f"big-{secrets.token_hex(4)}".encode()
-    # Its output and log carry the whole input: over the producer's limit, while their bounded forms fit.
-    padded = json.dumps({"features": GOOD_FEATURES, "pad": "x" * 3000}).encode()
+    # Its output and log carry the whole input: over the producer's limit, while their bounded forms (a few
+    # KiB) fit with room to spare: the limit also bounds a whole produce request, which may carry several.
+    padded = json.dumps({"features": GOOD_FEATURES, "pad": "x" * 40_000}).encode()
     items = [(rid, json.dumps({"features": GOOD_FEATURES}).encode()) for rid in good]
     items.insert(2, (big, padded))
     send(settings, names.inputs, items)
     consumer = Consumer(kafka.consumer_config(settings, deployment.consumer_group))
     consumer.subscribe([names.inputs], on_assign=worker._on_assign)  # noqa: SLF001
-    strict = Producer(kafka.producer_config(settings, **{"message.max.bytes": 2500}))
+    strict = Producer(kafka.producer_config(settings, **{"message.max.bytes": 20_000}))
     outputs, errors = TopicReader(settings, names.outputs), TopicReader(settings, names.errors)
     logs = TopicReader(settings, topics.LOGS)
     try:
