@@ -101,6 +101,7 @@ class RegistryServer:
         self.reconciler.stop()
         self.server.stop(self.settings.grpc_grace_s).wait()
         self.publisher.close()
+        self.registry.checks.close()
         self.store.close()
         log.info("registry stopped")
 

@@ -1,12 +1,12 @@
 """The child process an upload is checked in, apart from the registry.
 
 Loading an untrusted model (onnxruntime, onnx's shape inference, or parsing a python step) can take any
-amount of memory or time, or crash: here that costs this process only. The registry starts it for each
-upload (``python -s -P -m joey_registry.check_process``, spawned with a minimal environment: no secret,
-no database URL, the registry's sys.path as PYTHONPATH) and writes one request to its stdin; this
-process limits itself before it imports anything that reads the file, checks, and writes one reply to
-stdout. Only the standard library is
-imported at the top, so that the limits cover everything the check loads.
+amount of memory or time, or crash: here that costs this process only. The registry starts one per
+upload, ahead of it (``python -s -P -m joey_registry.check_process``, spawned with a minimal environment:
+no secret, no database URL, the registry's sys.path as PYTHONPATH); this process imports the validators,
+waits for one request on its stdin, limits itself before it reads the file, checks, and writes one
+reply to stdout. The CPU limit counts from the request: the imports done while waiting are not the
+upload's.
 
 Request: ``{"framework", "path", "inputs", "outputs", "memory_mb", "cpu_s"}``, tensor specs in their JSON
 form (``TensorSpec.to_json``). Reply: ``{"inputs": [...], "outputs": [...]}`` (the signature) or
@@ -17,10 +17,16 @@ process with SIGXCPU.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
+from pathlib import Path
 from typing import Any
+
+from joey_core.models import specs_from_json
+from joey_registry.errors import InvalidArgument
+from joey_registry.validation import Signature, validator_for
 
 EXIT_MEMORY = 3
 _MB = 1 << 20
@@ -28,8 +34,11 @@ _MB = 1 << 20
 
 def confine(memory_mb: int, cpu_s: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_mb * _MB, memory_mb * _MB))
-    # SIGXCPU at the soft limit, SIGKILL a second later at the hard one.
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+    # SIGXCPU at the soft limit, SIGKILL a second later at the hard one; RLIMIT_CPU counts the process's
+    # whole life, so the limit starts from what it used so far.
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    start = math.ceil(used.ru_utime + used.ru_stime)
+    resource.setrlimit(resource.RLIMIT_CPU, (start + cpu_s, start + cpu_s + 1))
     # A check writes no file, and leaves no core dump of the model behind.
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -41,12 +50,6 @@ def confine(memory_mb: int, cpu_s: int) -> None:
 
 
 def _check(request: dict[str, Any]) -> dict[str, Any]:
-    from pathlib import Path
-
-    from joey_core.models import specs_from_json
-    from joey_registry.errors import InvalidArgument
-    from joey_registry.validation import Signature, validator_for
-
     declared = Signature(specs_from_json(request["inputs"]), specs_from_json(request["outputs"]))
     validator = validator_for(request["framework"], request["memory_mb"] * _MB)
     try:
@@ -60,7 +63,10 @@ def _check(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    request = json.loads(sys.stdin.buffer.read())
+    data = sys.stdin.buffer.read()
+    if not data:
+        return  # started ahead for an upload that never came: the registry stopped
+    request = json.loads(data)
     confine(request["memory_mb"], request["cpu_s"])
     try:
         reply = _check(request)

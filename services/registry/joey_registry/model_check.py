@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from joey_core.models import specs_from_json
@@ -29,12 +30,35 @@ _STDERR_LOGGED = 4000
 
 
 class ModelCheck:
-    """Spawned, not forked: the registry is threaded, and the child must not inherit its memory."""
+    """Spawned, not forked: the registry is threaded, and the child must not inherit its memory.
+
+    Each upload is checked by a process of its own, used once. The next one is started as soon as one is
+    taken, so that its interpreter start and imports (most of a small model's check) happen before the
+    next upload arrives rather than while it waits."""
 
     def __init__(self, memory_mb: int, cpu_s: int, timeout_s: float) -> None:
         self.memory_mb = memory_mb
         self.cpu_s = cpu_s
         self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._ready: subprocess.Popen[bytes] | None = None
+
+    def close(self) -> None:
+        """End the process started ahead for the next upload."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            ready.kill()
+            ready.communicate()
+
+    def _take(self) -> subprocess.Popen[bytes]:
+        with self._lock:
+            ready, self._ready = self._ready, _spawn()
+        if ready is not None and ready.poll() is None:
+            return ready
+        if ready is not None:
+            ready.communicate()  # it ended while waiting: reap it, start one for this upload
+        return _spawn()
 
     def inspect(self, framework: str, path: Path, declared: Signature) -> Signature:
         request = {
@@ -45,17 +69,7 @@ class ModelCheck:
             "memory_mb": self.memory_mb,
             "cpu_s": self.cpu_s,
         }
-        child = subprocess.Popen(
-            # Not -I, which would drop the registry's own path (a checkout run with PYTHONPATH would check
-            # uploads with the installed code): its sys.path is given instead. -s -P: no user site, and
-            # not the working directory; nothing else of the environment is passed.
-            [sys.executable, "-s", "-P", "-m", check_process.__name__],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=_CHECK_ENVIRONMENT | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-            cwd="/",
-        )
+        child = self._take()
         try:
             out, err = child.communicate(json.dumps(request).encode(), timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
@@ -109,6 +123,20 @@ class ModelCheck:
             f"{self.memory_mb} MiB, JOEY_UPLOAD_CHECK_MEMORY_MB): the file is not a model engines can "
             "load; nothing was stored"
         )
+
+
+def _spawn() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        # Not -I, which would drop the registry's own path (a checkout run with PYTHONPATH would check
+        # uploads with the installed code): its sys.path is given instead. -s -P: no user site, and not
+        # the working directory; nothing else of the environment is passed.
+        [sys.executable, "-s", "-P", "-m", check_process.__name__],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_CHECK_ENVIRONMENT | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        cwd="/",
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
