@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 from datetime import UTC, datetime
 
+import fastavro
 import numpy as np
 import pytest
 
@@ -167,3 +169,90 @@ def test_request_ids_are_bounded_and_their_problems_named() -> None:
     assert len(long_one.encode()) <= limit and long_one.startswith("r" * 256 + "...sha256:")
     assert long_one != other, "cut ids stay distinct"
     assert _bounded(b"r" * 100_000) == long_one, "and deterministic"
+
+
+BATCH_HEADERS = [(records.CONTENT_TYPE_HEADER, records.LOG_BATCH_CONTENT_TYPE.encode())]
+
+
+def batch_entries(n: int = 3) -> list[dict[str, object]]:
+    return [
+        log(request_id=f"r-{i}", input_offset=i, time=datetime(2026, 1, 2, 3, 4, 5 - i, tzinfo=UTC))
+        for i in range(n)
+    ]
+
+
+def test_a_log_batch_round_trips_and_its_watermark_is_its_latest_entry() -> None:
+    entries = batch_entries()
+    value = records.encode_log_batch(entries)
+    assert records.decode_log_entries(BATCH_HEADERS, value) == entries
+    assert records.log_watermark(BATCH_HEADERS, value) == (
+        "default",
+        "p",
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    )
+
+
+@pytest.mark.parametrize("content_type", [records.LOG_CONTENT_TYPE, None])
+def test_a_single_log_record_still_reads_as_one_entry(content_type: str | None) -> None:
+    headers = [] if content_type is None else [(records.CONTENT_TYPE_HEADER, content_type.encode())]
+    value = records.encode_log(log())
+    assert records.decode_log_entries(headers, value) == [log()]
+    assert records.log_watermark(headers, value) == ("default", "p", log()["time"])
+    assert records.is_log_record(headers)
+
+
+def test_a_log_batch_of_nothing_or_of_two_pipelines_is_not_encoded() -> None:
+    with pytest.raises(ValueError, match="at least one entry"):
+        records.encode_log_batch([])
+    with pytest.raises(ValueError, match="one workspace and pipeline"):
+        records.encode_log_batch([log(), log(pipeline="q")])
+
+
+def _raw_batch(workspace: str, pipeline: str, latest: datetime, entries: list[dict[str, object]]) -> bytes:
+    """A batch as any producer could write it, bypassing encode_log_batch's own checks."""
+    buffer = io.BytesIO()
+    batch = {"workspace": workspace, "pipeline": pipeline, "latest": latest, "entries": entries}
+    fastavro.schemaless_writer(buffer, records.log_batch_schema(), batch)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("value", "headers", "reason"),
+    [
+        (
+            _raw_batch("default", "q", datetime(2030, 1, 1, tzinfo=UTC), [log()]),
+            BATCH_HEADERS,
+            "is of default/p",
+        ),
+        (_raw_batch("default", "p", datetime(2020, 1, 1, tzinfo=UTC), [log()]), BATCH_HEADERS, "later than"),
+        (_raw_batch("default", "p", datetime(2030, 1, 1, tzinfo=UTC), []), BATCH_HEADERS, "without entries"),
+        (b"", BATCH_HEADERS, "empty record"),
+        (b"\x02a\x02b", BATCH_HEADERS, "not an Avro joey.v1.InferenceLogBatch"),
+        (
+            records.encode_log(log()),
+            [(records.CONTENT_TYPE_HEADER, b"application/json")],
+            "unexpected content-type",
+        ),
+    ],
+)
+def test_a_log_record_that_cannot_be_read_says_why(
+    value: bytes, headers: list[tuple[str, bytes | None]], reason: str
+) -> None:
+    with pytest.raises(records.RecordError, match=reason):
+        records.decode_log_entries(headers, value)
+
+
+def test_corrupt_log_batches_raise_only_record_errors() -> None:
+    rng = np.random.default_rng(5)
+    data = bytearray(records.encode_log_batch(batch_entries(4)))
+    for _ in range(3000):
+        corrupt = bytearray(data)
+        for _ in range(rng.integers(1, 4)):
+            corrupt[rng.integers(0, len(corrupt))] = rng.integers(0, 256)
+        cut = bytes(corrupt[: rng.integers(0, len(corrupt) + 1)])
+        # Any other exception fails the test: the logger or the assayer would stop on it.
+        for value in (bytes(corrupt), cut):
+            with contextlib.suppress(records.RecordError):
+                records.decode_log_entries(BATCH_HEADERS, value)
+            with contextlib.suppress(records.RecordError):
+                records.log_watermark(BATCH_HEADERS, value)
