@@ -7,6 +7,8 @@ import secrets
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from joey_core.kafka import ConsumedRecord
 from joey_engine.attempts import AttemptNotes
@@ -68,7 +70,9 @@ def test_a_malformed_note_is_ignored(redis_client: redis.Redis, engine_settings:
 def test_without_redis_records_run_without_notes(
     engine_settings: EngineSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    # No retries: redis-py's default retries a refused connection with backoff, seconds on every call;
+    # what is under test is how the notes live with the error, not the client's retry policy.
+    gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     keeper = AttemptNotes(gone, engine_settings.redis_prefix, "g", engine_settings.attempt_notes_ttl_s)
     with caplog.at_level(logging.WARNING, logger="joey_engine.attempts"):
         for _ in range(3):
