@@ -103,6 +103,10 @@ class Feed:
     def sent_between(self, start: float, end: float) -> list[str]:
         return [rid for rid, at in self.sent if start <= at < end]
 
+    def wait_sent_since(self, start: float, what: str, count: int = 100) -> None:
+        """Until ``count`` records were produced since ``start`` (a third of a second at the feed's rate)."""
+        wait_until(lambda: len(self.sent_between(start, float("inf"))) >= count, 30, what)
+
 
 def test_rollout_and_rollback_keep_serving_every_record_with_one_version_each(
     client: Client, iris_model: Path, settings: CommonSettings, database_url: str
@@ -121,12 +125,12 @@ def test_rollout_and_rollback_keep_serving_every_record_with_one_version_each(
         v2 = v2_status.pipeline_version
         assert v2 != v1 and v2_status.ready
         assert {r.pipeline_version for r in v2_status.replicas if r.alive} == {v2}
-        time.sleep(1.0)  # let v2 alone answer a while
+        feed.wait_sent_since(v2_ready, "v2 alone taking records a while")
         rolling_back = time.monotonic()
         back = pipeline.rollback()
         rolled_back = time.monotonic()
         assert back.pipeline_version == v1 and back.ready
-        time.sleep(1.0)
+        feed.wait_sent_since(rolled_back, "v1 alone taking records again")
     finally:
         feed.stop()
     feed.wait_all_answered()

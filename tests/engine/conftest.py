@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 from joey_core.v1 import registry_pb2, registry_pb2_grpc
 from joey_engine.deployment import Deployment, from_proto
 from joey_engine.settings import EngineSettings
+from tests.conftest import SHORT_GROUP_SESSION
 
 CHUNK = 1 << 20
 
@@ -232,6 +233,7 @@ def engine_settings(
             "heartbeat_interval_s": 0.5,
             "heartbeat_ttl_s": 3.0,
             "instance_id": f"test-engine-{secrets.token_hex(3)}",
+            "kafka_config": SHORT_GROUP_SESSION,
         }
     )
 
