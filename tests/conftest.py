@@ -252,15 +252,23 @@ def wait_service_ready(env: dict[str, str], service: str, count: int = 1, timeou
     )
 
 
+SHORT_GROUP_SESSION = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 250}
+"""librdkafka settings of the engines the tests start (see `stack`): half the production session, as many
+heartbeats in it; a killed replica's partitions also move on after 2 s instead of 4."""
+
+
 @pytest.fixture(scope="session")
 def service_factory(
     env: dict[str, str], settings: CommonSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., ServiceProcess]]:
-    """Start `joey serve <name>` processes; every one still running is stopped at session end."""
+    """Start `joey serve <name>` processes; every one still running is stopped at session end. Engines
+    get SHORT_GROUP_SESSION unless the test sets JOEY_KAFKA_CONFIG itself."""
     started: list[ServiceProcess] = []
     logs = tmp_path_factory.mktemp("service-logs")
 
     def start(name: str, **extra_env: str) -> ServiceProcess:
+        if name == "engine":
+            extra_env = {"JOEY_KAFKA_CONFIG": json.dumps(SHORT_GROUP_SESSION)} | extra_env
         service = ServiceProcess(name, env, logs / f"{name}-{len(started)}.log", extra_env=extra_env).start()
         started.append(service)
         return service
@@ -268,11 +276,6 @@ def service_factory(
     yield start
     for service in started:
         service.stop()
-
-
-SHORT_GROUP_SESSION = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 250}
-"""librdkafka settings of the engines the tests start (see `stack`): half the production session, as many
-heartbeats in it; a killed replica's partitions also move on after 2 s instead of 4."""
 
 
 @dataclass
@@ -289,13 +292,13 @@ def stack(env: dict[str, str], service_factory: Callable[..., ServiceProcess]) -
 
     Test-only settings, for shorter waits the production defaults are right to take: the registry's
     autoscaler looks every 0.5 s (autoscaling tests wait for its decisions), and the engine's replicas
-    join their groups with a 2 s session, 8 heartbeats as with the default 4 s: the embedded broker holds
+    join their groups with SHORT_GROUP_SESSION, 2 s with 8 heartbeats as the default 4 s: the broker holds
     every join and rebalance of a group for half the session timeout, so each deploy, rollout, undeploy
     and crash takeover of the stack waits 1 s instead of 2 per round (measured: 2.0 s -> 1.0 s to join,
     3.0 s -> 2.0 s for a second member, 2.5 s -> 1.3 s to rebalance when one leaves)."""
     registry = service_factory("registry", JOEY_AUTOSCALE_INTERVAL_S="0.5")
     wait_registry_ready(env["JOEY_REGISTRY_ADDR"])
-    engine = service_factory("engine", JOEY_KAFKA_CONFIG=json.dumps(SHORT_GROUP_SESSION))
+    engine = service_factory("engine")
     logger = service_factory("logger")
     wait_service_ready(env, "engine")
     wait_service_ready(env, "logger")
