@@ -60,7 +60,12 @@ def deployment_spec(sha256: str) -> registry_pb2.DeploymentSpec:
         ],
     )
     return registry_pb2.DeploymentSpec(
-        workspace="default", pipeline="bench", pipeline_version=1, replicas=1, deployment_id="0" * 16, steps=[step]
+        workspace="default",
+        pipeline="bench",
+        pipeline_version=1,
+        replicas=1,
+        deployment_id="0" * 16,
+        steps=[step],
     )
 
 
@@ -126,7 +131,8 @@ class Stages:
             timed(
                 "output records",
                 lambda s=sources, r=results: [
-                    produced_records.output_value(self.deployment, x, y, now) for x, y in zip(s, r, strict=True)
+                    produced_records.output_value(self.deployment, x, y, now)
+                    for x, y in zip(s, r, strict=True)
                 ],
             )
             timed(
@@ -152,7 +158,9 @@ class Stages:
         tracker = kafka.DeliveryTracker()
         for i, (_, produced) in enumerate(answered):
             for part, record in zip(("reply", "log"), produced, strict=True):
-                tracker.produce(self.producer, record.topic, record.value, record.key, record.headers, tag=(i, part))
+                tracker.produce(
+                    self.producer, record.topic, record.value, record.key, record.headers, tag=(i, part)
+                )
 
     def note(self, sources: list[ConsumedRecord]) -> None:
         if not self.notes.tried(sources):

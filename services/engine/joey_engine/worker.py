@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from joey_core import heartbeats, kafka
 from joey_core.kafka import ConsumedRecord
@@ -251,20 +251,25 @@ class ReplicaWorker:
                 failed[i] = failure
         results = self._runner.run([s.value for s in sources], failed)
         now = datetime.now(UTC)
-        answers: list[Success | Failure] = []
+        answered = produced_records.answered(self.deployment, sources, results, now, self._limit)
+        answers = answered.results
+        self._bounded.inc(answered.bounded)
         tracker = kafka.DeliveryTracker()
         try:
-            for i, result in enumerate(results):
-                answer, records = produced_records.produced(
-                    self.deployment, sources[i], result, now, self._limit
+            for i, reply in enumerate(answered.replies):
+                tracker.produce(
+                    producer, reply.topic, reply.value, reply.key, reply.headers, tag=(i, "reply")
                 )
-                if answer is not result:
-                    self._bounded.inc()
-                answers.append(answer)
-                for part, record in zip(("reply", "log"), records, strict=True):
-                    tracker.produce(
-                        producer, record.topic, record.value, record.key, record.headers, tag=(i, part)
-                    )
+            for log_batch in answered.logs:
+                record = log_batch.record
+                tracker.produce(
+                    producer,
+                    record.topic,
+                    record.value,
+                    record.key,
+                    record.headers,
+                    tag=(log_batch.inputs, "log"),
+                )
             tracker.flush(producer)
         except kafka.DeliveryError as exc:
             if exc.fatal:
@@ -273,7 +278,7 @@ class ReplicaWorker:
             if exc.refused() is None:
                 self._rewind(consumer, sources, unanswered, exc)
                 return False
-            self._answer_refused(sources, answers, exc, now, producer)
+            self._answer_refused(sources, answered, exc, now, producer)
         except (BufferError, TimeoutError) as exc:
             # The tracker purged what was queued: nothing of this batch is delivered after its rewind.
             self._rewind(consumer, sources, unanswered, exc)
@@ -318,7 +323,7 @@ class ReplicaWorker:
     def _answer_refused(
         self,
         sources: list[ConsumedRecord],
-        answers: list[Success | Failure],
+        answered: produced_records.Answered,
         exc: kafka.DeliveryError,
         now: datetime,
         producer: Producer,
@@ -326,8 +331,10 @@ class ReplicaWorker:
         """Answer alone each input whose reply or log the broker refused for good, by small bounded
         records, so the batch can be committed instead of retried forever: a refused reply by an error
         record (and a failure log only if its log was refused too: one log per input), a refused log
-        alone by a failure log. Raises when these are not delivered either: nothing is committed, and
-        rewinding would re-send what was delivered."""
+        alone by a failure log. A refused log record of several inputs refused the others' logs with
+        it: those are sent again each in a record of its own, and one refused alone too gets a failure
+        log. Raises when these are not delivered either: nothing is committed, and rewinding would
+        re-send what was delivered."""
         self._undelivered.inc()
         self._log.error(
             "the broker refused for good %d records answering inputs of this %d-record batch (%s); each "
@@ -336,32 +343,64 @@ class ReplicaWorker:
             len(sources),
             exc,
         )
-        why = dict(exc.errors)
-        tracker = kafka.DeliveryTracker()
-        for i in sorted({i for i, _ in why}):
-            reply, log = why.get((i, "reply")), why.get((i, "log"))
-            what = "reply" if reply is not None else "log"
-            failure, (error, failure_log) = produced_records.bounded(
-                self.deployment,
-                sources[i],
-                answers[i],
-                f"the broker refused its {what} record ({reply or log})",
-                now,
-            )
-            if reply is not None:
-                answers[i] = failure
-            for part, refusal, record in (("reply", reply, error), ("log", log, failure_log)):
-                if refusal is not None:
+        answers = answered.results
+        replies = {i: err for (i, part), err in exc.errors if part == "reply"}
+        logs: dict[int, KafkaError] = {}
+        again: dict[int, dict[str, object]] = {}
+        """Entries sent again alone: their record held others, any of which the broker may have refused."""
+        for (k, part), err in exc.errors:
+            if part == "log":
+                batch = answered.logs[k]
+                logs |= dict.fromkeys(batch.inputs, err)
+                if len(batch.inputs) > 1:
+                    again |= {
+                        i: e for i, e in zip(batch.inputs, batch.entries, strict=True) if i not in replies
+                    }
+        for last in (False, True):
+            tracker = kafka.DeliveryTracker()
+            for i in sorted(replies.keys() | logs.keys()):
+                if i in again:
+                    record = produced_records.log_record([again[i]])
                     tracker.produce(
-                        producer, record.topic, record.value, record.key, record.headers, tag=(i, part)
+                        producer, record.topic, record.value, record.key, record.headers, tag=(i, "log")
                     )
-        try:
-            tracker.flush(producer)
-        except (kafka.DeliveryError, TimeoutError) as again:
+                    continue
+                reply, log = replies.get(i), logs.get(i)
+                what = "reply" if reply is not None else "log"
+                failure, error, entry = produced_records.bounded(
+                    self.deployment,
+                    sources[i],
+                    answers[i],
+                    f"the broker refused its {what} record ({reply or log})",
+                    now,
+                )
+                if reply is not None:
+                    answers[i] = failure
+                    tracker.produce(
+                        producer, error.topic, error.value, error.key, error.headers, tag=(i, "reply")
+                    )
+                if log is not None:
+                    record = produced_records.log_record([entry])
+                    tracker.produce(
+                        producer, record.topic, record.value, record.key, record.headers, tag=(i, "log")
+                    )
+            try:
+                tracker.flush(producer)
+                return
+            except kafka.DeliveryError as refused:
+                tags = refused.refused()
+                if not last and tags is not None and all(i in again for i, _ in tags):
+                    # Refused alone too: these get their failure logs, in the same way.
+                    replies, again = {}, {}
+                    logs = {i: err for (i, _), err in refused.errors}
+                    continue
+                failed: Exception = refused
+            except TimeoutError as timeout:
+                failed = timeout
             raise RuntimeError(
-                f"the records answering inputs whose records the broker refused were not delivered either: "
-                f"{again}"
-            ) from again
+                "the records answering inputs whose records the broker refused were not delivered either: "
+                f"{failed}"
+            ) from failed
 
     def _rewind(
         self,
