@@ -160,15 +160,23 @@ class ReplicaWorker:
         self._log.info("stopped")
 
     def _consume(self, consumer: Consumer) -> list[ConsumedRecord]:
-        # Waiting for the first record with poll keeps an idle replica quiet; once one arrived, the batch
-        # gathers whatever else comes within max_batch_delay_ms.
+        # Waiting for the first record with poll keeps an idle replica quiet. Then the batch takes what
+        # the consumer already fetched, and waits for more only while more keeps coming: never past
+        # max_batch_delay_ms after the first, so a lone record is answered at once and a stream of them
+        # in full batches.
         first = consumer.poll(IDLE_POLL_S)
         if first is None:
             return []
         settings = self._settings
         messages = [first]
-        if settings.max_batch_size > 1:
-            messages += consumer.consume(settings.max_batch_size - 1, settings.max_batch_delay_ms / 1000)
+        deadline = time.monotonic() + settings.max_batch_delay_ms / 1000
+        wait = 0.0
+        while len(messages) < settings.max_batch_size:
+            more = consumer.consume(settings.max_batch_size - len(messages), wait)
+            if not more:
+                break
+            messages += more
+            wait = max(deadline - time.monotonic(), 0.0)
         batch = [ConsumedRecord.of(message) for message in kafka.usable(messages, self._log)]
         self._note_queue_age(batch)
         return batch
@@ -260,15 +268,10 @@ class ReplicaWorker:
                 tracker.produce(
                     producer, reply.topic, reply.value, reply.key, reply.headers, tag=(i, "reply")
                 )
-            for log_batch in answered.logs:
+            for k, log_batch in enumerate(answered.logs):
                 record = log_batch.record
                 tracker.produce(
-                    producer,
-                    record.topic,
-                    record.value,
-                    record.key,
-                    record.headers,
-                    tag=(log_batch.inputs, "log"),
+                    producer, record.topic, record.value, record.key, record.headers, tag=(k, "log")
                 )
             tracker.flush(producer)
         except kafka.DeliveryError as exc:
