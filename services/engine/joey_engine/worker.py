@@ -10,8 +10,9 @@ Anything not committed is processed again by the partition's next owner: at leas
 
 A batch whose records the broker did not acknowledge is not committed: what was still queued is purged,
 the partitions are rewound to the batch and it runs again after a backoff, in the same replica. Before a
-batch runs, its offsets are noted in Redis (:mod:`joey_engine.attempts`): a replica that stops mid-batch
-leaves them behind, and the next owner runs those records one at a time, dead-lettering one that was
+batch runs, its offsets are noted in Redis (:mod:`joey_engine.attempts`; one round trip per batch, which
+also removes the notes of the batch before once its offsets were committed): a replica that stops
+mid-batch leaves them behind, and the next owner runs those records one at a time, dead-lettering one that was
 tried ``max_record_attempts`` times.
 """
 
@@ -205,9 +206,8 @@ class ReplicaWorker:
         self._batch_seconds.observe(time.perf_counter() - start)
 
     def _attempt(self, sources: list[ConsumedRecord], consumer: Consumer, producer: Producer) -> None:
-        tried = self._notes.tried(sources)
+        tried = self._notes.start(sources)
         if not tried:
-            self._notes.begin(sources, 1)
             self._answer(sources, {}, sources, consumer, producer)
         else:
             first = min(tried)
@@ -296,8 +296,8 @@ class ReplicaWorker:
                 failures.append((sources[i], answer.reason))
         self._retry_s = 0.0
         self._rewinds = 0
-        self._commit(consumer, sources)
-        self._notes.end(sources)
+        # Committed offsets are read by no owner again: their notes go with the next batch's round trip.
+        self._notes.end(sources, later=self._commit(consumer, sources))
         if failures:
             source, reason = failures[0]
             self._log.warning(
@@ -443,7 +443,9 @@ class ReplicaWorker:
             consumer.seek(TopicPartition(topic, partition, offset))
         self._stop.wait(self._retry_s)
 
-    def _commit(self, consumer: Consumer, sources: list[ConsumedRecord]) -> None:
+    def _commit(self, consumer: Consumer, sources: list[ConsumedRecord]) -> bool:
+        """Commit the offsets after ``sources`` (and any still pending); False when the group was
+        rebalancing and they are kept for later."""
         for tp in kafka.next_offsets(sources):
             position = (tp.topic, tp.partition)
             self._pending[position] = max(self._pending.get(position, 0), tp.offset)
@@ -452,6 +454,8 @@ class ReplicaWorker:
         ]
         if kafka.commit(consumer, offsets, kafka.CommitPolicy.RETRY_WHEN_REBALANCING, self._log):
             self._pending.clear()
+            return True
+        return False
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._held |= {tp.partition for tp in partitions}
@@ -500,6 +504,7 @@ class ReplicaWorker:
             self._log.warning("cannot publish heartbeat: %s", exc)
 
     def _retire(self) -> None:
+        self._notes.flush()
         d = self.deployment
         try:
             heartbeats.retire(
