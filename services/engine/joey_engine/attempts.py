@@ -1,13 +1,13 @@
 """Which input records were being processed when a replica stopped, kept where its death cannot erase it.
-
 Before running a batch a replica notes, in Redis, the range of offsets it takes from each partition and
 how many times those offsets have been tried; a batch that ends (answered, or its delivery failed and it
-will be retried) removes its notes: at once, or once its offsets are committed (no owner reads them
-again) with the next batch's round trip (:meth:`AttemptNotes.start`). A note left behind means the replica
+will be retried) removes its notes: at once, or once its offsets are committed (no owner reads them again)
+with the next batch's round trip (:meth:`AttemptNotes.start`). A note left behind means the replica
 stopped in the middle: a native crash in a runtime, the kernel's OOM killer, anything that ends the
-process. The partition's next owner, whichever replica or engine that is, finds it and runs the noted records one at a time, each with its
-own note, so the one that stops the replica is known; once a record was tried ``max_record_attempts``
-times it is dead-lettered instead of being run again. Restarts are bounded by that count per record.
+process. The partition's next owner, whichever replica or engine that is, finds it and runs the noted
+records one at a time, each with its own note, so the one that stops the replica is known; once a record
+was tried ``max_record_attempts`` times it is dead-lettered instead of being run again. Restarts are
+bounded by that count per record.
 
 Notes live in one hash per consumer group (``<prefix>:attempts:<group>``), a field per partition:
 ``"<first offset>:<last offset>:<attempts>"``. The hash expires ``attempt_notes_ttl_s`` after the last
