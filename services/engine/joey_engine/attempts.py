@@ -1,4 +1,5 @@
 """Which input records were being processed when a replica stopped, kept where its death cannot erase it.
+
 Before running a batch a replica notes, in Redis, the range of offsets it takes from each partition and
 how many times those offsets have been tried; a batch that ends (answered, or its delivery failed and it
 will be retried) removes its notes: at once, or once its offsets are committed (no owner reads them again)
