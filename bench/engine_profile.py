@@ -2,13 +2,13 @@
 
 The engine's own functions run on batches of ``--batch-size`` iris records (the model and records of
 bench/engine_throughput.py), each stage timed on its own over ``--batches`` batches, repeated
-``--repeats`` times; the table shows the best and the median µs per record of each stage and the spread
-of the repeats (on a loaded machine the best is the cost, the rest is waiting for a core). Produce calls go to a producer whose broker is unreachable (each batch's records are purged),
-so they measure the call, not the delivery; attempt notes go to the Redis of ``--redis``. The broker
-round trips (flush, commit) and the consumer's fetch are not here: bench/engine_throughput.py
-measures them with the rest.
+``--repeats`` times; the table shows the best and the median µs per record of each stage and the spread of
+the repeats (on a loaded machine the best is the cost, the rest is waiting for a core). Produce calls go
+to a producer whose broker is unreachable (each batch's records are purged), so they measure the call, not
+the delivery; attempt notes go to the Redis of ``--redis``. The broker round trips (flush, commit) and the
+consumer's fetch are not here: bench/engine_throughput.py measures them with the rest.
 
-    python bench/engine_profile.py --batch-size 256 --batches 40 --repeats 5
+    python bench/engine_profile.py --batch-size 256 --batches 20 --repeats 9
 """
 
 from __future__ import annotations
