@@ -430,6 +430,8 @@ def report(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     }
     titles = {"throughput": "records/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms"}
     for scenario, fields in metrics.items():
+        if (systems[0], scenario) not in medians:
+            continue
         for field_name in fields:
             values = [getattr(medians[(s, scenario)], field_name) for s in systems]
             fmt = "{:>12,.0f}" if field_name == "throughput" else "{:>12.1f}"
@@ -467,6 +469,9 @@ def main() -> None:
         "--batch-delay-ms", type=int, default=5, help="JOEY_MAX_BATCH_DELAY_MS and the baseline's"
     )
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS)
+    )
     parser.add_argument("--partitions", type=int, default=4, help="partitions of the input and output topics")
     parser.add_argument("--rate", type=float, default=1000, help="records/s of the paced run")
     parser.add_argument("--paced-seconds", type=float, default=10)
@@ -521,7 +526,7 @@ def main() -> None:
 
         for rep in range(1, args.repeats + 1):
             print(f"repetition {rep} of {args.repeats}", flush=True)
-            for scenario in SCENARIOS:
+            for scenario in args.scenarios.split(","):
                 for system in systems:
                     bench.run(system, scenario, rep)
         result = report(bench, args)

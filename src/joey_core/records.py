@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -30,6 +31,7 @@ from typing import Any
 
 import fastavro
 import numpy as np
+import orjson
 
 REQUEST_ID_HEADER = "request-id"
 DEADLINE_HEADER = "deadline-ms"
@@ -58,7 +60,7 @@ def decode_input(value: bytes | None) -> dict[str, Any]:
     if value is None:
         raise RecordError("empty record: expected a JSON object mapping input names to values")
     try:
-        row = json.loads(value)
+        row = _loads(value)
         if not _surely_unique(value, row):
             row = json.loads(value, object_pairs_hook=_unique_keys)
     except RecordError:
@@ -74,6 +76,26 @@ def decode_input(value: bytes | None) -> dict[str, Any]:
             f"record must be a JSON object mapping input names to values, got {type(row).__name__}"
         )
     return row
+
+
+_WIDE_NUMBER = re.compile(rb"[0-9]{19}")
+"""A run of digits that may be an integer beyond 64 bits, which orjson turns into a float (json does not)."""
+
+
+def _loads(value: bytes) -> Any:
+    """``json.loads(value)``, decided by orjson (ten times faster) where both decide alike.
+
+    orjson refuses what json accepts (NaN and Infinity, numbers that overflow a double, lone surrogate
+    escapes, UTF-16/32 and a byte order mark, nesting deeper than 1024): those go to json, which keeps
+    its decision and its reasons. It reads an integer beyond 64 bits as a float, where json keeps the
+    integer (refused later as out of range): text with 19 digits in a row goes to json too. Duplicate
+    keys: both keep the last (checked after, for both)."""
+    if _WIDE_NUMBER.search(value) is None:
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(value)
 
 
 def _surely_unique(value: bytes, row: Any) -> bool:

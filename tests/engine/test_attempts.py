@@ -95,3 +95,37 @@ def test_a_replica_that_lost_its_partition_does_not_end_its_successors_note(
     assert new.tried(batch) == {0: 2, 1: 2}, "the successor's note survives"
     new.end(batch)
     assert new.tried(batch) == {}
+
+
+def test_start_notes_a_batch_and_ends_the_committed_one_before_it_in_one_call(
+    redis_client: redis.Redis, engine_settings: EngineSettings
+) -> None:
+    group = f"g-{secrets.token_hex(4)}"
+    key = f"{engine_settings.redis_prefix}:attempts:{group}"
+    keeper = notes(redis_client, engine_settings, group)
+    first = records(0, 1, 2) + records(1, 7)
+    assert keeper.start(first) == {}
+    assert keeper.tried(first) == {0: 1, 1: 1, 2: 1}, "started: noted as tried once"
+    assert 0 < redis_client.pttl(key) <= engine_settings.attempt_notes_ttl_s * 1000, "notes expire"
+    keeper.end(first, later=True)
+    assert keeper.tried(first) == {0: 1, 1: 1, 2: 1}, "a committed batch's notes wait for the next call"
+    second = records(0, 3, 4)
+    assert keeper.start(second) == {}
+    assert redis_client.hgetall(key) == {b"joey.w.p.inputs:0": b"3:4:1"}, "partition 1's note went with it"
+    keeper.end(second, later=True)
+    keeper.flush()
+    assert not redis_client.exists(key)
+
+
+def test_start_finds_what_a_stopped_replica_left_and_notes_nothing(
+    redis_client: redis.Redis, engine_settings: EngineSettings
+) -> None:
+    group = f"g-{secrets.token_hex(4)}"
+    dead = notes(redis_client, engine_settings, group)
+    dead.begin(records(0, 5, 6), 1)
+    successor = notes(redis_client, engine_settings, group)
+    assert successor.start(records(0, 6, 7)) == {0: 1}
+    assert successor.tried(records(0, 6, 7)) == {0: 1}, "left for the one-at-a-time run to note"
+    # A note of other offsets (the dead replica's batch was committed after all) is replaced.
+    assert successor.start(records(0, 8, 9)) == {}
+    assert successor.tried(records(0, 8, 9)) == {0: 1, 1: 1}

@@ -79,6 +79,11 @@ def request_id(message: Message) -> str | None:
     return records.header_value(message.headers(), records.REQUEST_ID_HEADER)  # type: ignore[arg-type]
 
 
+def log_entries(messages: list[Message]) -> list[dict[str, Any]]:
+    """The log entries the ``joey.logs`` records ``messages`` carry (a batch's in one record), in order."""
+    return [entry for m in messages for entry in records.decode_log_entries(m.headers(), m.value())]  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def engine(engine_settings: EngineSettings, settings: CommonSettings) -> Iterator[Engine]:
     engine = Engine(engine_settings)
@@ -284,19 +289,24 @@ def test_serves_outputs_errors_and_logs(
                 assert value["input"] == json.loads(raw)
 
         def ours(ms: list[Message]) -> list[dict[str, Any]]:
-            decoded = [(m, records.decode_log(m.value())) for m in ms]  # type: ignore[arg-type]
-            return [
-                log | {"_key": m.key(), "_headers": m.headers()}
-                for m, log in decoded
-                if (log["workspace"], log["pipeline"]) == (ws, pipeline)
-            ]
+            found = []
+            for m in ms:
+                batch = log_entries([m])
+                first = batch[0]["request_id"]
+                found += [
+                    log | {"_key": m.key(), "_first": first, "_headers": m.headers()}
+                    for log in batch
+                    if (log["workspace"], log["pipeline"]) == (ws, pipeline)
+                ]
+            return found
 
         logs.read_until(lambda ms: len(ours(ms)) >= len(good) + len(bad), "all logs")
         entries = ours(logs.drain())
         assert Counter(e["request_id"] for e in entries) == Counter(rid for rid, _ in good + bad)
         for entry in entries:
-            assert entry["_key"] == entry["request_id"].encode()
-            assert (records.CONTENT_TYPE_HEADER, records.LOG_CONTENT_TYPE.encode()) in entry["_headers"]
+            # A log record holds the entries of a batch, keyed by the first one's request id.
+            assert entry["_key"] == entry["_first"].encode()
+            assert (records.CONTENT_TYPE_HEADER, records.LOG_BATCH_CONTENT_TYPE.encode()) in entry["_headers"]
             assert entry["deployment_id"] == spec.deployment_id and entry["input_topic"] == names.inputs
             if entry["request_id"] in BAD:
                 assert not entry["ok"] and entry["error"].startswith(BAD[entry["request_id"]][1])
@@ -409,12 +419,12 @@ def test_checks_flag_anomalies_in_outputs_and_logs(
             }
             assert len(body["metadata"]["elapsed_ns"]) == 2
         entries = logs.read_until(
-            lambda ms: sum(records.decode_log(m.value())["pipeline"] == pipeline for m in ms) >= len(rows),  # type: ignore[arg-type]
+            lambda ms: sum(log["pipeline"] == pipeline for log in log_entries(ms)) >= len(rows),
             "all logs",
         )
         logged = {
             log["request_id"]: log["check_failures"]
-            for log in (records.decode_log(m.value()) for m in entries)  # type: ignore[arg-type]
+            for log in log_entries(entries)
             if (log["workspace"], log["pipeline"]) == (ws, pipeline)
         }
         assert logged == expected
@@ -456,12 +466,12 @@ def test_shadow_step_serves_the_champion_and_logs_the_challenger(
             assert "shadow_errors" not in by_id[rid]
             assert [m["name"] for m in by_id[rid]["metadata"]["models"]] == ["iris"]
         entries = logs.read_until(
-            lambda ms: sum(records.decode_log(m.value())["pipeline"] == pipeline for m in ms) >= len(rows),  # type: ignore[arg-type]
+            lambda ms: sum(log["pipeline"] == pipeline for log in log_entries(ms)) >= len(rows),
             "all logs",
         )
         logged = {
             log["request_id"]: json.loads(log["shadow_outputs"])
-            for log in (records.decode_log(m.value()) for m in entries)  # type: ignore[arg-type]
+            for log in log_entries(entries)
             if (log["workspace"], log["pipeline"]) == (ws, pipeline)
         }
         assert logged == {rid: by_id[rid]["shadow"] for rid in expected}

@@ -23,7 +23,7 @@ from joey_core.v1 import registry_pb2
 from joey_engine.service import Engine
 from joey_engine.settings import EngineSettings
 from tests.conftest import wait_until
-from tests.engine.test_engine import TopicReader, deploy, replicas, request_id
+from tests.engine.test_engine import TopicReader, deploy, log_entries, replicas, request_id
 
 TIMEOUT = 120.0
 BIG = 1_200_000
@@ -169,8 +169,9 @@ def read_all(reader: TopicReader, done: Callable[[list[Message]], bool], what: s
 
 
 def logs_of(messages: list[Message], workspace: str, pipeline: str) -> list[dict[str, Any]]:
-    decoded = (records.decode_log(m.value()) for m in messages)  # type: ignore[arg-type]
-    return [log for log in decoded if (log["workspace"], log["pipeline"]) == (workspace, pipeline)]
+    return [
+        log for log in log_entries(messages) if (log["workspace"], log["pipeline"]) == (workspace, pipeline)
+    ]
 
 
 def test_hostile_records_fail_alone_and_every_good_one_is_answered_and_logged_once(

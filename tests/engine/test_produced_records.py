@@ -12,8 +12,17 @@ from joey_core import records, topics
 from joey_core.kafka import ConsumedRecord
 from joey_core.records import DEADLINE_HEADER, REQUEST_ID_HEADER
 from joey_engine.deployment import Deployment
-from joey_engine.pipeline import Failure, Success
-from joey_engine.produced_records import error_value, expired, log_value, output_value, produced, refused
+from joey_engine.pipeline import Failure, Result, Success
+from joey_engine.produced_records import (
+    Produced,
+    answered,
+    error_value,
+    expired,
+    log_entry,
+    log_record,
+    output_value,
+    refused,
+)
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -23,6 +32,26 @@ def source(value: bytes | None, offset: int = 7, deadline_ms: float | None = Non
     if deadline_ms is not None:
         headers.append((DEADLINE_HEADER, str(deadline_ms).encode()))
     return ConsumedRecord("joey.w.p.inputs", 2, offset, b"key", value, headers)
+
+
+def logged(record: Produced) -> dict[str, Any]:
+    """The one entry of a log record."""
+    [entry] = records.decode_log_entries(record.headers, record.value)
+    return entry
+
+
+def log_of(deployment: Deployment, source: ConsumedRecord, result: Result, now: datetime) -> dict[str, Any]:
+    """The log entry of one input, as its log record carries it."""
+    return logged(log_record([log_entry(deployment, source, result, now)]))
+
+
+def produced(
+    deployment: Deployment, source: ConsumedRecord, result: Result, now: datetime, limit: int
+) -> tuple[Result, list[Produced]]:
+    """What a replica produces for a batch of one input: its result, reply and log record."""
+    batch = answered(deployment, [source], [result], now, limit)
+    [log] = batch.logs
+    return batch.results[0], [*batch.replies, log.record]
 
 
 def test_output_record_carries_input_output_and_metadata(make_deployment: Callable[..., Deployment]) -> None:
@@ -58,7 +87,7 @@ def test_non_strict_json_input_is_made_strict_everywhere(make_deployment: Callab
         "features": [1, 2, 3, 4],
         "extra": None,
     }
-    log = records.decode_log(log_value(deployment, source(raw), result, NOW))
+    log = log_of(deployment, source(raw), result, NOW)
     assert json.loads(log["inputs"]) == {"features": [1, 2, 3, 4], "extra": None}
     assert log["ok"] and json.loads(log["outputs"]) == {"label": 1}
 
@@ -70,7 +99,7 @@ def test_error_and_log_of_a_record_that_is_not_json(make_deployment: Callable[..
     error = json.loads(error_value(deployment, source(raw), failure, NOW))
     assert error["error"] == failure.reason and error["input"] is None
     assert error["raw_input"] == raw.decode("utf-8", errors="replace")
-    log = records.decode_log(log_value(deployment, source(raw), failure, NOW))
+    log = log_of(deployment, source(raw), failure, NOW)
     assert not log["ok"] and log["inputs"] is None and log["raw_input"] == raw
     assert (log["input_partition"], log["input_offset"], log["request_id"]) == (2, 7, "req-7")
 
@@ -90,7 +119,7 @@ def test_records_of_a_pipeline_with_checks_carry_the_anomalies(
     assert body["anomaly"] == {"count": 2, "too_sure": True, "wide": True}
     assert list(body) == ["time", "request_id", "in", "out", "check_failures", "anomaly", "metadata"]
     assert body["metadata"]["elapsed_ns"] == [1500, 20]
-    log = records.decode_log(log_value(deployment, source(raw), flagged, NOW))
+    log = log_of(deployment, source(raw), flagged, NOW)
     assert log["check_failures"] == ["too_sure", "wide"] and log["ok"]
 
     one = Success(json.loads(raw), outputs, (1500, 20), ("wide",))
@@ -101,7 +130,7 @@ def test_records_of_a_pipeline_with_checks_carry_the_anomalies(
     clean = Success(json.loads(raw), outputs, (1500, 20))
     body = json.loads(output_value(deployment, source(raw, 9), clean, NOW))
     assert body["check_failures"] == [] and body["anomaly"] == {"count": 0, "too_sure": False, "wide": False}
-    assert records.decode_log(log_value(deployment, source(raw, 9), clean, NOW))["check_failures"] == []
+    assert log_of(deployment, source(raw, 9), clean, NOW)["check_failures"] == []
 
 
 def test_records_of_a_pipeline_without_checks_have_no_anomaly_object(
@@ -131,7 +160,7 @@ def test_records_of_a_pipeline_with_a_shadow_step_carry_the_challengers(
     assert list(body) == ["time", "request_id", "in", "out", "shadow", "check_failures", "metadata"]
     # Only the champion produced the result.
     assert body["metadata"]["models"] == [{"name": "iris", "version": 1, "sha256": "0" * 64}]
-    log = records.decode_log(log_value(deployment, source(raw), ok, NOW))
+    log = log_of(deployment, source(raw), ok, NOW)
     assert json.loads(log["shadow_outputs"]) == shadow and json.loads(log["outputs"]) == outputs
     assert log["models"] == body["metadata"]["models"]
 
@@ -142,14 +171,11 @@ def test_records_of_a_pipeline_with_a_shadow_step_carry_the_challengers(
     body = json.loads(output_value(deployment, source(raw, 8), partly, NOW))
     assert body["shadow"] == {"sum": {"total": 10.0}} and body["shadow_errors"] == {"pooled": reason}
     assert list(body)[3:6] == ["out", "shadow", "shadow_errors"]
-    log = records.decode_log(log_value(deployment, source(raw, 8), partly, NOW))
+    log = log_of(deployment, source(raw, 8), partly, NOW)
     assert json.loads(log["shadow_outputs"]) == {"sum": {"total": 10.0}}
 
     failed = Failure("missing input 'features'; ...", {"x": 1})
-    assert (
-        records.decode_log(log_value(deployment, source(b'{"x": 1}', 9), failed, NOW))["shadow_outputs"]
-        is None
-    )
+    assert log_of(deployment, source(b'{"x": 1}', 9), failed, NOW)["shadow_outputs"] is None
 
 
 def test_records_without_a_shadow_step_have_no_shadow(make_deployment: Callable[..., Deployment]) -> None:
@@ -157,7 +183,7 @@ def test_records_without_a_shadow_step_have_no_shadow(make_deployment: Callable[
     raw = b'{"features": [1, 2, 3, 4]}'
     result = Success(json.loads(raw), {"label": 1}, (10,))
     assert b"shadow" not in output_value(deployment, source(raw), result, NOW)
-    assert records.decode_log(log_value(deployment, source(raw), result, NOW))["shadow_outputs"] is None
+    assert log_of(deployment, source(raw), result, NOW)["shadow_outputs"] is None
 
 
 def test_a_record_past_its_deadline_fails_with_the_reason_in_error_and_log(
@@ -174,7 +200,7 @@ def test_a_record_past_its_deadline_fails_with_the_reason_in_error_and_log(
     error = json.loads(error_value(deployment, late, failure, NOW))
     assert error["request_id"] == "req-7" and error["error"] == failure.reason
     assert error["raw_input"] == raw.decode()
-    log = records.decode_log(log_value(deployment, late, failure, NOW))
+    log = log_of(deployment, late, failure, NOW)
     assert not log["ok"] and log["error"] == failure.reason
 
 
@@ -193,7 +219,7 @@ def test_records_that_fit_are_produced_as_they_are(make_deployment: Callable[...
     assert (log.topic, log.key, log.value) == (
         topics.LOGS,
         b"req-7",
-        log_value(deployment, source(raw), result, NOW),
+        log_record([log_entry(deployment, source(raw), result, NOW)]).value,
     )
 
 
@@ -214,8 +240,8 @@ def test_an_output_over_the_limit_becomes_a_bounded_error(make_deployment: Calla
     body = json.loads(error.value)
     assert body["error"] == answer.reason and body["input"] is None
     assert body["raw_input"] == raw[:1024].decode("utf-8", errors="replace")
-    logged = records.decode_log(log.value)
-    assert (logged["ok"], logged["error"], logged["inputs"], logged["raw_input"]) == (
+    entry = logged(log)
+    assert (entry["ok"], entry["error"], entry["inputs"], entry["raw_input"]) == (
         False,
         answer.reason,
         None,
@@ -235,7 +261,7 @@ def test_a_failure_whose_error_is_too_large_keeps_its_reason_and_a_huge_key_is_d
     assert isinstance(answer, Failure) and answer.reason.startswith("wrong type wrong type")
     assert "its error record would be" in answer.reason and len(answer.reason) < 5_000
     assert error.key == b"sha256:" + hashlib.sha256(b"k" * 50_000).hexdigest().encode()
-    assert records.decode_log(log.value)["record_key"] == error.key
+    assert logged(log)["record_key"] == error.key
 
 
 def test_a_record_that_cannot_be_encoded_fails_alone(make_deployment: Callable[..., Deployment]) -> None:
@@ -245,7 +271,7 @@ def test_a_record_that_cannot_be_encoded_fails_alone(make_deployment: Callable[.
     assert isinstance(answer, Failure)
     assert answer.reason.startswith("bad ? value; its records could not be encoded (UnicodeEncodeError: ")
     assert json.loads(error.value)["error"] == answer.reason
-    assert records.decode_log(log.value)["error"] == answer.reason
+    assert logged(log)["error"] == answer.reason
 
 
 def test_a_record_with_an_unusable_request_id_is_refused() -> None:
@@ -253,3 +279,72 @@ def test_a_record_with_an_unusable_request_id_is_refused() -> None:
     failure = refused(bad, now_ms=0)
     assert failure == Failure("request-id header is not UTF-8 (byte 0)", None)
     assert refused(source(b"{}"), now_ms=0) is None
+
+
+def batch_of(count: int, pad: int = 0) -> tuple[list[ConsumedRecord], list[Result]]:
+    raws = [json.dumps({"features": [1, 2, 3, 4], "pad": "x" * pad}).encode() for _ in range(count)]
+    return [source(raw, offset) for offset, raw in enumerate(raws)], [
+        Success(json.loads(raw), {"label": 1}, (10,)) for raw in raws
+    ]
+
+
+def test_a_batch_is_logged_in_one_record_keyed_by_its_first_request_id(
+    make_deployment: Callable[..., Deployment],
+) -> None:
+    deployment = make_deployment()
+    sources, results = batch_of(5)
+    batch = answered(deployment, sources, results, NOW, 100_000)
+    assert batch.results == results and batch.bounded == 0
+    assert [json.loads(r.value)["request_id"] for r in batch.replies] == [s.request_id for s in sources]
+    [log] = batch.logs
+    assert (log.record.topic, log.record.key, log.inputs) == (topics.LOGS, b"req-0", (0, 1, 2, 3, 4))
+    entries = records.decode_log_entries(log.record.headers, log.record.value)
+    assert [e["request_id"] for e in entries] == [s.request_id for s in sources]
+
+
+def test_a_batch_over_the_limit_is_logged_in_several_records_each_input_once(
+    make_deployment: Callable[..., Deployment],
+) -> None:
+    deployment = make_deployment()
+    sources, results = batch_of(40, pad=500)
+    limit = 5_000
+    batch = answered(deployment, sources, results, NOW, limit)
+    assert batch.bounded == 0 and len(batch.logs) > 1
+    assert all(log.record.size <= limit for log in batch.logs)
+    logged_ids = [
+        e["request_id"]
+        for log in batch.logs
+        for e in records.decode_log_entries(log.record.headers, log.record.value)
+    ]
+    assert logged_ids == [s.request_id for s in sources]
+    assert [log.record.key for log in batch.logs] == [
+        sources[log.inputs[0]].request_id.encode() for log in batch.logs
+    ]
+
+
+def test_an_entry_that_fits_no_log_record_fails_its_input_alone(
+    make_deployment: Callable[..., Deployment],
+) -> None:
+    deployment = make_deployment()
+    sources, results = batch_of(6)
+    # One input too large to log even alone, one whose log entry cannot be encoded (a lone surrogate).
+    big = json.dumps({"features": [1, 2, 3, 4], "pad": "y" * 30_000}).encode()
+    sources[2], results[2] = source(big, 2), Success(json.loads(big), {"label": 1}, (10,))
+    results[4] = Failure("bad \udc80 value", {})
+    limit = 20_000
+    batch = answered(deployment, sources, results, NOW, limit)
+    assert batch.bounded == 2
+    assert [type(r) for r in batch.results] == [Success, Success, Failure, Success, Failure, Success]
+    assert isinstance(batch.results[2], Failure) and "record would be" in batch.results[2].reason
+    assert isinstance(batch.results[4], Failure)
+    assert "its records could not be encoded (UnicodeEncodeError: " in batch.results[4].reason
+    replies = [json.loads(r.value) for r in batch.replies]
+    assert [("error" in r) for r in replies] == [False, False, True, False, True, False]
+    entries = {
+        e["request_id"]: e
+        for log in batch.logs
+        for e in records.decode_log_entries(log.record.headers, log.record.value)
+    }
+    assert sorted(entries) == sorted(s.request_id for s in sources)
+    assert [entries[s.request_id]["ok"] for s in sources] == [True, True, False, True, False, True]
+    assert all(log.record.size <= limit for log in batch.logs)

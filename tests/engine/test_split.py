@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from joey_core.records import REQUEST_ID_HEADER
 from joey_core.v1 import registry_pb2
 from joey_engine.deployment import Deployment, Split
 from joey_engine.pipeline import MODEL_SPLIT, Failure, PipelineRunner, Result, Success
-from joey_engine.produced_records import error_value, log_value, output_value
+from joey_engine.produced_records import Produced, error_value, log_entry, log_record, output_value
 from joey_engine.runtime import OnnxRuntime
 from joey_engine.settings import EngineSettings
 
@@ -69,6 +70,11 @@ def key_split(make_step: StepFactory, **routes: str) -> registry_pb2.ResolvedSte
 def served_by(result: Success) -> str:
     """Which arm's model produced the result, from its outputs alone."""
     return "b" if result.outputs["label"] >= SHIFT else "a"
+
+
+def logged(record: Produced) -> dict[str, Any]:
+    [entry] = records.decode_log_entries(record.headers, record.value)
+    return entry
 
 
 def test_spec_of_a_split_loads_its_arms(
@@ -280,13 +286,13 @@ def test_outputs_errors_and_logs_name_the_models_that_served_each_record(
         "offset",
         "elapsed_ns",
     ]
-    log = records.decode_log(log_value(deployment, source, ok, NOW))
+    log = logged(log_record([log_entry(deployment, source, ok, NOW)]))
     assert log["models"] == [b_ref] and json.loads(log["outputs"])[MODEL_SPLIT] == "b"
     failed = Failure("step 1 (split arm 'b' v1) failed: boom", json.loads(raw), ("b",))
     assert json.loads(error_value(deployment, source, failed, NOW))["metadata"]["models"] == [b_ref]
-    assert records.decode_log(log_value(deployment, source, failed, NOW))["models"] == [b_ref]
+    assert logged(log_record([log_entry(deployment, source, failed, NOW)]))["models"] == [b_ref]
     invalid = Failure("not JSON", None)
     assert json.loads(error_value(deployment, source, invalid, NOW))["metadata"]["models"] == []
     # Without split steps, every record names every model as before.
     plain = make_deployment()
-    assert records.decode_log(log_value(plain, source, invalid, NOW))["models"] == plain.models
+    assert logged(log_record([log_entry(plain, source, invalid, NOW)]))["models"] == plain.models

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
-from joey_core import kafka, records, topics
+from joey_core import kafka, topics
 from joey_core.kafka import ConsumedRecord
 from joey_core.settings import CommonSettings
 from joey_engine.deployment import Deployment, from_proto
@@ -23,7 +23,7 @@ from joey_engine.pipeline import PipelineRunner
 from joey_engine.settings import EngineSettings
 from joey_engine.worker import ReplicaWorker
 from tests.conftest import free_port, wait_until
-from tests.engine.test_engine import TIMEOUT, TopicReader, request_id
+from tests.engine.test_engine import TIMEOUT, TopicReader, log_entries, request_id
 from tests.engine.test_hostile_records import GOOD_FEATURES, send
 from tests.engine.test_pipeline import load
 
@@ -128,7 +128,11 @@ def test_an_input_whose_records_the_broker_refuses_for_good_is_answered_alone_an
         outputs.read_until(lambda ms: len(ms) >= len(good), "the outputs")
         errors.read_until(lambda ms: len(ms) >= 1, "the error")
         ours = {rid.decode() for rid in [*good, big]}
-        logs.read_until(lambda ms: sum(m.key().decode() in ours for m in ms) >= len(ours), "the logs")  # type: ignore[union-attr]
+
+        def entries(ms: list[Message]) -> list[dict[str, Any]]:
+            return [e for e in log_entries(ms) if e["request_id"] in ours]
+
+        logs.read_until(lambda ms: len(entries(ms)) >= len(ours), "the logs")
         answered, failed, logged = outputs.drain(), errors.drain(), logs.drain()
     finally:
         for reader in (outputs, errors, logs):
@@ -139,10 +143,8 @@ def test_an_input_whose_records_the_broker_refuses_for_good_is_answered_alone_an
     assert request_id(error) == big.decode()
     assert "the broker refused its reply record" in json.loads(error.value())["error"]  # type: ignore[arg-type]
     ok = Counter()
-    for message in logged:
-        if message.key().decode() in ours:  # type: ignore[union-attr]
-            entry = records.decode_log(message.value())  # type: ignore[arg-type]
-            ok[(entry["request_id"], entry["ok"])] += 1
+    for entry in entries(logged):
+        ok[(entry["request_id"], entry["ok"])] += 1
     assert ok == Counter({**{(rid.decode(), True): 1 for rid in good}, (big.decode(), False): 1})
 
 

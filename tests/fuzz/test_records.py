@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from joey_core.records import RecordError, decode_input
+from joey_core.records import RecordError, bounded_text, decode_input
 
 _SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
 _JSON = st.recursive(
@@ -72,3 +72,73 @@ def test_deep_nesting_is_refused(opener: str) -> None:
 # ValueError (Python's int-conversion limit), which decode_input let escape.
 def test_an_integer_too_long_to_convert_is_refused() -> None:
     assert_contract(b'{"x": ' + b"9" * 4301 + b"}")
+
+
+def json_decision(value: bytes) -> tuple[str, str]:
+    """What decode_input decided when it parsed with json alone (before orjson): the row, or the reason."""
+    try:
+        row = json.loads(value, object_pairs_hook=_refuse_duplicates)
+    except RecordError as exc:
+        return "refused", str(exc)
+    except RecursionError:
+        return "refused", "record is not valid JSON: nested too deeply"
+    except ValueError as exc:
+        return "refused", f"record is not valid JSON: {bounded_text(str(exc), 200)}"
+    if not isinstance(row, dict):
+        return (
+            "refused",
+            f"record must be a JSON object mapping input names to values, got {type(row).__name__}",
+        )
+    return "row", repr(row)
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RecordError(
+                    f"record has the key {bounded_text(key, 100)!r} more than once in one object"
+                )
+            seen.add(key)
+    return row
+
+
+def decision(value: bytes) -> tuple[str, str]:
+    try:
+        return "row", repr(decode_input(value))
+    except RecordError as exc:
+        return "refused", str(exc)
+
+
+_WIDE_INTEGERS = st.integers(min_value=-(2**70), max_value=2**70) | st.integers()
+
+
+# orjson decides for json where they agree (issue 14): every decision and reason must stay json's.
+@given(
+    st.recursive(
+        _SCALARS | _WIDE_INTEGERS,
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from("abc"), inner, max_size=4)
+        ),
+        max_leaves=20,
+    ),
+    st.sampled_from(["utf-8", "utf-16", "utf-8-sig"]),
+)
+@example({"a": -(2**63) - 1}, "utf-8")
+@example({"a": 2**64}, "utf-8")
+@example({"a": float("nan"), "b": float("inf")}, "utf-8")
+@example({"a": "\ud800"}, "utf-8")
+def test_decisions_are_those_of_json(document: object, encoding: str) -> None:
+    value = json.dumps(document).encode(encoding)
+    assert decision(value) == json_decision(value)
+
+
+@given(st.binary(max_size=200))
+@example(b'{"a":1,"a":2}')
+@example(b'{"x":' + b"[" * 2000 + b"]" * 2000 + b"}")
+@example(b'{"a":1e400}')
+@example(b'{"a":"\xff"}')
+def test_decisions_on_any_bytes_are_those_of_json(value: bytes) -> None:
+    assert decision(value) == json_decision(value)

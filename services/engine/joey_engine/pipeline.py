@@ -21,6 +21,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+import orjson
 
 from joey_core.models import TensorSpec
 from joey_core.records import RecordError, decode_input, dumps_text
@@ -56,12 +57,24 @@ class Success:
     @cached_property
     def outputs_json(self) -> str:
         """``outputs`` as JSON text, encoded once for both the output record and the log."""
-        return dumps_text(self.outputs)
+        return _json_text(self.outputs)
 
     @cached_property
     def shadow_json(self) -> str:
         """``shadow`` as JSON text, for both the output record and the log."""
-        return dumps_text(self.shadow)
+        return _json_text(self.shadow)
+
+
+def _json_text(value: Any) -> str:
+    """``dumps_text(value)`` by orjson, ten times faster, where it encodes the same JSON value: plain
+    Python values (what models' ``tolist()`` gives), non-finite floats as null as dumps_text does. What
+    orjson refuses (numpy values from a python step, integers beyond 64 bits, non-string keys, lone
+    surrogates) goes to dumps_text. The text may differ (1e-05 is 1e-5, non-ASCII is not escaped), the
+    value does not."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return dumps_text(value)
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,17 @@
 Formats are described in :mod:`joey_core.records`; everything here is a pure function of the
 deployment, where the input came from, and its result.
 
-:func:`produced` is what a replica sends for one input, and it never raises for one record: a record
-whose output, error or log cannot be encoded, or would not fit the broker's message limit, is answered
-by a bounded error record instead (its reason, and an excerpt of the raw input).
+:func:`answered` is what a replica sends for a batch: a reply per input and the batch's log entries in
+as few log records as fit the broker's message limit. It never raises for one record: an input whose
+output, error or log entry cannot be encoded, or would not fit in a record, is answered by a bounded
+error record instead (its reason, and an excerpt of the raw input).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -21,7 +23,7 @@ from joey_core.kafka import ConsumedRecord
 from joey_engine.deployment import Deployment
 from joey_engine.pipeline import Failure, Result, Success
 
-Headers = list[tuple[str, str | bytes | None]]
+Headers = kafka.Headers
 
 
 EXCERPT_BYTES = 1024
@@ -147,13 +149,10 @@ def error_value(
     return f'{body[:-1]},"metadata":{_metadata_text(deployment, source, result)}}}'.encode()
 
 
-def log_value(deployment: Deployment, source: ConsumedRecord, result: Result, now: datetime) -> bytes:
-    return records.encode_log(_log_fields(deployment, source, result, now))
-
-
-def _log_fields(
+def log_entry(
     deployment: Deployment, source: ConsumedRecord, result: Result, now: datetime
 ) -> dict[str, object]:
+    """The inference log entry of one input, as a log record holds it (:func:`log_record`)."""
     if isinstance(result, Success):
         outcome = {
             "ok": True,
@@ -189,50 +188,150 @@ def _log_fields(
     } | outcome
 
 
-LOG_HEADERS: Headers = [(records.CONTENT_TYPE_HEADER, records.LOG_CONTENT_TYPE.encode())]
+LOG_HEADERS: Headers = [(records.CONTENT_TYPE_HEADER, records.LOG_BATCH_CONTENT_TYPE.encode())]
 
 
-def produced(
-    deployment: Deployment, source: ConsumedRecord, result: Result, now: datetime, limit: int
-) -> tuple[Result, list[Produced]]:
-    """The reply (output or error record) and the log record answering ``source``, each at most
-    ``limit`` bytes (``kafka.max_record_bytes``), and the result they report: ``result``, or the failure
-    that replaced it when its records could not be encoded or were too large."""
+def log_record(entries: Sequence[dict[str, object]]) -> Produced:
+    """One ``joey.logs`` record holding ``entries`` (of one deployment), keyed by the first one's request id.
+
+    Raises whatever encoding raises (an entry fastavro cannot encode)."""
+    key = str(entries[0]["request_id"]).encode()
+    return Produced(topics.LOGS, records.encode_log_batch(entries), key, LOG_HEADERS)
+
+
+@dataclass(frozen=True)
+class LogBatch:
+    """A log record of a batch and the inputs it logs, by index in the batch."""
+
+    record: Produced
+    inputs: tuple[int, ...]
+    entries: tuple[dict[str, object], ...]
+    """The entries it holds, of those inputs."""
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What a replica produces for a batch of inputs."""
+
+    results: list[Result]
+    """Each input's result as its records report it: its own, or the bounded failure that replaced it."""
+    replies: list[Produced]
+    """Each input's output or error record, in order."""
+    logs: list[LogBatch]
+    """The log records: each input logged exactly once, in as few records as fit the limit."""
+    bounded: int
+    """How many inputs are answered by a bounded error because their own records could not be."""
+
+
+def answered(
+    deployment: Deployment,
+    sources: Sequence[ConsumedRecord],
+    results: Sequence[Result],
+    now: datetime,
+    limit: int,
+) -> Answered:
+    """The replies and the log records answering ``sources``, each record at most ``limit`` bytes
+    (``kafka.max_record_bytes``).
+
+    Never raises for one input: an input whose reply or log entry cannot be encoded, or would not fit in
+    a record alone, is answered by a bounded error and a bounded failure log instead (:func:`bounded`),
+    decided here, before anything is produced."""
     names = deployment.topics
-    try:
-        if isinstance(result, Success):
-            reply = Produced(
-                names.outputs,
-                output_value(deployment, source, result, now),
-                source.key,
-                reply_headers(source),
-            )
+    replies: list[Produced | None] = []
+    pending: list[tuple[int, dict[str, object]]] = []
+    why: dict[int, str] = {}
+    for i, (source, result) in enumerate(zip(sources, results, strict=True)):
+        try:
+            if isinstance(result, Success):
+                reply = Produced(
+                    names.outputs,
+                    output_value(deployment, source, result, now),
+                    source.key,
+                    reply_headers(source),
+                )
+            else:
+                reply = Produced(
+                    names.errors,
+                    error_value(deployment, source, result, now),
+                    source.key,
+                    reply_headers(source),
+                )
+            entry = log_entry(deployment, source, result, now)
+        # Whatever one record's values make the encoders raise (nesting too deep for the JSON encoder)
+        # fails that record alone.
+        except Exception as exc:
+            why[i] = _unencodable(exc)
+            replies.append(None)
+            continue
+        replies.append(reply)
+        if reply.size > limit:
+            why[i] = _too_large("output" if isinstance(result, Success) else "error", reply.size, limit)
         else:
-            reply = Produced(
-                names.errors, error_value(deployment, source, result, now), source.key, reply_headers(source)
-            )
-        log = Produced(
-            topics.LOGS, log_value(deployment, source, result, now), source.request_id.encode(), LOG_HEADERS
-        )
-    # Whatever one record's values make the encoders raise (a lone surrogate for Avro, nesting too deep
-    # for the JSON encoder) fails that record alone.
-    except Exception as exc:
-        why = f"its records could not be encoded ({type(exc).__name__}: {exc})"
-        return bounded(deployment, source, result, why, now)
-    for record, what in ((reply, "output" if isinstance(result, Success) else "error"), (log, "log")):
-        if record.size > limit:
-            why = (
-                f"its {what} record would be {record.size} bytes, over the {limit}-byte limit of a record "
-                f"(the producer's message.max.bytes less Kafka's overhead)"
-            )
-            return bounded(deployment, source, result, why, now)
-    return result, [reply, log]
+            pending.append((i, entry))
+    logs, unlogged = _log_batches(pending, limit)
+    why |= unlogged
+    answers = list(results)
+    if why:
+        stand_ins = []
+        for i in sorted(why):
+            answers[i], replies[i], entry = bounded(deployment, sources[i], results[i], why[i], now)
+            stand_ins.append((i, entry))
+        more, refused = _log_batches(stand_ins, limit)
+        if refused:  # a bounded entry is a few KiB of encodable text: only a bug gets here
+            raise RuntimeError(f"bounded log entries could not be encoded: {refused}")
+        logs += more
+    return Answered(answers, [r for r in replies if r is not None], logs, len(why))
+
+
+def _unencodable(exc: Exception) -> str:
+    return f"its records could not be encoded ({type(exc).__name__}: {exc})"
+
+
+def _too_large(what: str, size: int, limit: int) -> str:
+    return (
+        f"its {what} record would be {size} bytes, over the {limit}-byte limit of a record "
+        f"(the producer's message.max.bytes less Kafka's overhead)"
+    )
+
+
+def _log_batches(
+    pending: list[tuple[int, dict[str, object]]], limit: int
+) -> tuple[list[LogBatch], dict[int, str]]:
+    """``pending`` entries (by input index) in as few log records as fit ``limit``, and why each entry that
+    fits in none (it cannot be encoded, or is too large alone) was left out.
+
+    All are encoded at once; a batch too large is split in as many parts as its size asks, one that fails
+    to encode is split in halves, until the parts fit or an entry fails alone."""
+    logs: list[LogBatch] = []
+    left_out: dict[int, str] = {}
+    parts = [pending] if pending else []
+    while parts:
+        part = parts.pop()
+        try:
+            record = log_record([entry for _, entry in part])
+        except Exception as exc:
+            if len(part) == 1:
+                left_out[part[0][0]] = _unencodable(exc)
+                continue
+            pieces = 2
+        else:
+            if record.size <= limit:
+                logs.append(LogBatch(record, tuple(i for i, _ in part), tuple(e for _, e in part)))
+                continue
+            if len(part) == 1:
+                left_out[part[0][0]] = _too_large("log", record.size, limit)
+                continue
+            pieces = min(len(part), max(2, -(-record.size // limit)))
+        step = -(-len(part) // pieces)
+        # Reversed, so the parts are popped, and their records produced, in input order.
+        parts += reversed([part[k : k + step] for k in range(0, len(part), step)])
+    return logs, left_out
 
 
 def bounded(
     deployment: Deployment, source: ConsumedRecord, result: Result, why: str, now: datetime
-) -> tuple[Failure, list[Produced]]:
-    """An error record and a failure log of a few KiB at most whatever the input: the reason (the
+) -> tuple[Failure, Produced, dict[str, object]]:
+    """An error record and a failure log entry of a few KiB at most whatever the input: the reason (the
     original failure's first), the input's first :data:`EXCERPT_BYTES` as ``raw_input``."""
     size = len(source.value or b"")
     excerpt = (source.value or b"")[:EXCERPT_BYTES]
@@ -244,13 +343,8 @@ def bounded(
     if key is not None and len(key) > KEY_MAX_BYTES:
         key = b"sha256:" + hashlib.sha256(key).hexdigest().encode()
     error = error_value(deployment, source, failure, now, raw_input=excerpt.decode("utf-8", errors="replace"))
-    log = records.encode_log(
-        _log_fields(deployment, source, failure, now) | {"record_key": key, "raw_input": excerpt}
-    )
-    return failure, [
-        Produced(deployment.topics.errors, error, key, reply_headers(source)),
-        Produced(topics.LOGS, log, source.request_id.encode(), LOG_HEADERS),
-    ]
+    entry = log_entry(deployment, source, failure, now) | {"record_key": key, "raw_input": excerpt}
+    return failure, Produced(deployment.topics.errors, error, key, reply_headers(source)), entry
 
 
 def _clean(text: str, limit: int) -> str:

@@ -20,7 +20,9 @@ class EngineSettings(ServiceSettings):
     """Most input records run through the models in one batch."""
 
     max_batch_delay_ms: int = Field(default=5, ge=0)
-    """How long a replica waits for more records after the first one of a batch arrived."""
+    """Longest a replica waits for more records after the first one of a batch arrived. It takes what
+    has already arrived, and waits only while more keeps coming: a lone record on an idle pipeline is
+    run at once, a stream of records in batches of up to ``max_batch_size``."""
 
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     """How often replica and service heartbeats (and slot leases) are refreshed."""

@@ -10,8 +10,9 @@ Anything not committed is processed again by the partition's next owner: at leas
 
 A batch whose records the broker did not acknowledge is not committed: what was still queued is purged,
 the partitions are rewound to the batch and it runs again after a backoff, in the same replica. Before a
-batch runs, its offsets are noted in Redis (:mod:`joey_engine.attempts`): a replica that stops mid-batch
-leaves them behind, and the next owner runs those records one at a time, dead-lettering one that was
+batch runs, its offsets are noted in Redis (:mod:`joey_engine.attempts`; one round trip per batch, which
+also removes the notes of the batch before once its offsets were committed): a replica that stops
+mid-batch leaves them behind, and the next owner runs those records one at a time, dead-lettering one that was
 tried ``max_record_attempts`` times.
 """
 
@@ -26,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from joey_core import heartbeats, kafka
 from joey_core.kafka import ConsumedRecord
@@ -160,15 +161,23 @@ class ReplicaWorker:
         self._log.info("stopped")
 
     def _consume(self, consumer: Consumer) -> list[ConsumedRecord]:
-        # Waiting for the first record with poll keeps an idle replica quiet; once one arrived, the batch
-        # gathers whatever else comes within max_batch_delay_ms.
+        # Waiting for the first record with poll keeps an idle replica quiet. Then the batch takes what
+        # the consumer already fetched, and waits for more only while more keeps coming: never past
+        # max_batch_delay_ms after the first, so a lone record is answered at once and a stream of them
+        # in full batches.
         first = consumer.poll(IDLE_POLL_S)
         if first is None:
             return []
         settings = self._settings
         messages = [first]
-        if settings.max_batch_size > 1:
-            messages += consumer.consume(settings.max_batch_size - 1, settings.max_batch_delay_ms / 1000)
+        deadline = time.monotonic() + settings.max_batch_delay_ms / 1000
+        wait = 0.0
+        while len(messages) < settings.max_batch_size:
+            more = consumer.consume(settings.max_batch_size - len(messages), wait)
+            if not more:
+                break
+            messages += more
+            wait = max(deadline - time.monotonic(), 0.0)
         batch = [ConsumedRecord.of(message) for message in kafka.usable(messages, self._log)]
         self._note_queue_age(batch)
         return batch
@@ -197,9 +206,8 @@ class ReplicaWorker:
         self._batch_seconds.observe(time.perf_counter() - start)
 
     def _attempt(self, sources: list[ConsumedRecord], consumer: Consumer, producer: Producer) -> None:
-        tried = self._notes.tried(sources)
+        tried = self._notes.start(sources)
         if not tried:
-            self._notes.begin(sources, 1)
             self._answer(sources, {}, sources, consumer, producer)
         else:
             first = min(tried)
@@ -251,20 +259,20 @@ class ReplicaWorker:
                 failed[i] = failure
         results = self._runner.run([s.value for s in sources], failed)
         now = datetime.now(UTC)
-        answers: list[Success | Failure] = []
+        answered = produced_records.answered(self.deployment, sources, results, now, self._limit)
+        answers = answered.results
+        self._bounded.inc(answered.bounded)
         tracker = kafka.DeliveryTracker()
         try:
-            for i, result in enumerate(results):
-                answer, records = produced_records.produced(
-                    self.deployment, sources[i], result, now, self._limit
+            for i, reply in enumerate(answered.replies):
+                tracker.produce(
+                    producer, reply.topic, reply.value, reply.key, reply.headers, tag=(i, "reply")
                 )
-                if answer is not result:
-                    self._bounded.inc()
-                answers.append(answer)
-                for part, record in zip(("reply", "log"), records, strict=True):
-                    tracker.produce(
-                        producer, record.topic, record.value, record.key, record.headers, tag=(i, part)
-                    )
+            for k, log_batch in enumerate(answered.logs):
+                record = log_batch.record
+                tracker.produce(
+                    producer, record.topic, record.value, record.key, record.headers, tag=(k, "log")
+                )
             tracker.flush(producer)
         except kafka.DeliveryError as exc:
             if exc.fatal:
@@ -273,7 +281,7 @@ class ReplicaWorker:
             if exc.refused() is None:
                 self._rewind(consumer, sources, unanswered, exc)
                 return False
-            self._answer_refused(sources, answers, exc, now, producer)
+            self._answer_refused(sources, answered, exc, now, producer)
         except (BufferError, TimeoutError) as exc:
             # The tracker purged what was queued: nothing of this batch is delivered after its rewind.
             self._rewind(consumer, sources, unanswered, exc)
@@ -288,8 +296,8 @@ class ReplicaWorker:
                 failures.append((sources[i], answer.reason))
         self._retry_s = 0.0
         self._rewinds = 0
-        self._commit(consumer, sources)
-        self._notes.end(sources)
+        # Committed offsets are read by no owner again: their notes go with the next batch's round trip.
+        self._notes.end(sources, later=self._commit(consumer, sources))
         if failures:
             source, reason = failures[0]
             self._log.warning(
@@ -318,7 +326,7 @@ class ReplicaWorker:
     def _answer_refused(
         self,
         sources: list[ConsumedRecord],
-        answers: list[Success | Failure],
+        answered: produced_records.Answered,
         exc: kafka.DeliveryError,
         now: datetime,
         producer: Producer,
@@ -326,8 +334,10 @@ class ReplicaWorker:
         """Answer alone each input whose reply or log the broker refused for good, by small bounded
         records, so the batch can be committed instead of retried forever: a refused reply by an error
         record (and a failure log only if its log was refused too: one log per input), a refused log
-        alone by a failure log. Raises when these are not delivered either: nothing is committed, and
-        rewinding would re-send what was delivered."""
+        alone by a failure log. A refused log record of several inputs refused the others' logs with
+        it: those are sent again each in a record of its own, and one refused alone too gets a failure
+        log. Raises when these are not delivered either: nothing is committed, and rewinding would
+        re-send what was delivered."""
         self._undelivered.inc()
         self._log.error(
             "the broker refused for good %d records answering inputs of this %d-record batch (%s); each "
@@ -336,32 +346,64 @@ class ReplicaWorker:
             len(sources),
             exc,
         )
-        why = dict(exc.errors)
-        tracker = kafka.DeliveryTracker()
-        for i in sorted({i for i, _ in why}):
-            reply, log = why.get((i, "reply")), why.get((i, "log"))
-            what = "reply" if reply is not None else "log"
-            failure, (error, failure_log) = produced_records.bounded(
-                self.deployment,
-                sources[i],
-                answers[i],
-                f"the broker refused its {what} record ({reply or log})",
-                now,
-            )
-            if reply is not None:
-                answers[i] = failure
-            for part, refusal, record in (("reply", reply, error), ("log", log, failure_log)):
-                if refusal is not None:
+        answers = answered.results
+        replies = {i: err for (i, part), err in exc.errors if part == "reply"}
+        logs: dict[int, KafkaError] = {}
+        again: dict[int, dict[str, object]] = {}
+        """Entries sent again alone: their record held others, any of which the broker may have refused."""
+        for (k, part), err in exc.errors:
+            if part == "log":
+                batch = answered.logs[k]
+                logs |= dict.fromkeys(batch.inputs, err)
+                if len(batch.inputs) > 1:
+                    again |= {
+                        i: e for i, e in zip(batch.inputs, batch.entries, strict=True) if i not in replies
+                    }
+        for last in (False, True):
+            tracker = kafka.DeliveryTracker()
+            for i in sorted(replies.keys() | logs.keys()):
+                if i in again:
+                    record = produced_records.log_record([again[i]])
                     tracker.produce(
-                        producer, record.topic, record.value, record.key, record.headers, tag=(i, part)
+                        producer, record.topic, record.value, record.key, record.headers, tag=(i, "log")
                     )
-        try:
-            tracker.flush(producer)
-        except (kafka.DeliveryError, TimeoutError) as again:
+                    continue
+                reply, log = replies.get(i), logs.get(i)
+                what = "reply" if reply is not None else "log"
+                failure, error, entry = produced_records.bounded(
+                    self.deployment,
+                    sources[i],
+                    answers[i],
+                    f"the broker refused its {what} record ({reply or log})",
+                    now,
+                )
+                if reply is not None:
+                    answers[i] = failure
+                    tracker.produce(
+                        producer, error.topic, error.value, error.key, error.headers, tag=(i, "reply")
+                    )
+                if log is not None:
+                    record = produced_records.log_record([entry])
+                    tracker.produce(
+                        producer, record.topic, record.value, record.key, record.headers, tag=(i, "log")
+                    )
+            try:
+                tracker.flush(producer)
+                return
+            except kafka.DeliveryError as refused:
+                tags = refused.refused()
+                if not last and tags is not None and all(i in again for i, _ in tags):
+                    # Refused alone too: these get their failure logs, in the same way.
+                    replies, again = {}, {}
+                    logs = {i: err for (i, _), err in refused.errors}
+                    continue
+                failed: Exception = refused
+            except TimeoutError as timeout:
+                failed = timeout
             raise RuntimeError(
-                f"the records answering inputs whose records the broker refused were not delivered either: "
-                f"{again}"
-            ) from again
+                "the records answering inputs whose records the broker refused were not delivered either: "
+                f"{failed}"
+            ) from failed
 
     def _rewind(
         self,
@@ -401,7 +443,9 @@ class ReplicaWorker:
             consumer.seek(TopicPartition(topic, partition, offset))
         self._stop.wait(self._retry_s)
 
-    def _commit(self, consumer: Consumer, sources: list[ConsumedRecord]) -> None:
+    def _commit(self, consumer: Consumer, sources: list[ConsumedRecord]) -> bool:
+        """Commit the offsets after ``sources`` (and any still pending); False when the group was
+        rebalancing and they are kept for later."""
         for tp in kafka.next_offsets(sources):
             position = (tp.topic, tp.partition)
             self._pending[position] = max(self._pending.get(position, 0), tp.offset)
@@ -410,6 +454,8 @@ class ReplicaWorker:
         ]
         if kafka.commit(consumer, offsets, kafka.CommitPolicy.RETRY_WHEN_REBALANCING, self._log):
             self._pending.clear()
+            return True
+        return False
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._held |= {tp.partition for tp in partitions}
@@ -458,6 +504,7 @@ class ReplicaWorker:
             self._log.warning("cannot publish heartbeat: %s", exc)
 
     def _retire(self) -> None:
+        self._notes.flush()
         d = self.deployment
         try:
             heartbeats.retire(
