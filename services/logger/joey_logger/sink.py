@@ -7,6 +7,7 @@ so the service may replay any batch after a crash or a rebalance without doublin
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -180,15 +181,19 @@ class PostgresLogSink(LogSink):
             self.close()
             raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc
         try:
+            started = time.perf_counter()
             with conn.transaction(), conn.cursor() as cursor:
                 pipelines = {(r["workspace"], r["pipeline"]) for r in rows}
                 for workspace, pipeline in sorted(pipelines):
                     db.lock_pipeline_logs(conn, workspace, pipeline, shared=True)
                 counting = self._assays.prepare(conn, pipelines)
+                prepared = time.perf_counter()
                 with cursor.copy(_COPY) as copy:
                     for record in rows:
                         copy.write_row(_row(record))
+                copied = time.perf_counter()
                 written = counting.insert(conn, _INSERT)
+            inserted = time.perf_counter()
         except Exception as exc:
             # Only the data's fault (a value, a key or row too large) is a refusal, which retrying
             # never changes; anything else (a read-only server, a schema mismatch, a lost connection,
@@ -197,6 +202,9 @@ class PostgresLogSink(LogSink):
                 raise BatchRejected(failure_text(exc)) from exc
             self.close()
             raise SinkUnavailable(f"Postgres unavailable: {failure_text(exc)}") from exc
+        metrics.STAGE_SECONDS.labels("prepare").inc(prepared - started)
+        metrics.STAGE_SECONDS.labels("copy").inc(copied - prepared)
+        metrics.STAGE_SECONDS.labels("insert").inc(inserted - copied)
         if counting.failed:
             metrics.ASSAYS_FAILED.inc(len(counting.failed))
         return WriteResult(written=written, duplicates=len(records) - written)
