@@ -14,8 +14,11 @@ stored. Systems, run side by side, their order rotating from one repetition to t
   no Kafka and no idempotency: what Postgres alone takes.
 
 Rows/s runs from the first row stored to the last (the processes' start and group join are left
-out: a logger catching up after an outage is running already). Each logger's Prometheus counters
-give the profile: seconds per stage (``joey_logger_stage_seconds_total``) per row stored.
+out: a logger catching up after an outage is running already). On a shared, loaded machine wall time
+says little alone, so each run also takes the CPU time of the writers (the logger processes, or the
+COPY's process) and of their Postgres backends, per row: what a row costs whatever the load. Each
+logger's Prometheus counters give the profile: seconds per stage (``joey_logger_stage_seconds_total``)
+per row stored.
 
     python bench/logger_catchup.py --rows 100000 --repeats 3 --loggers 1 2
 """
@@ -23,6 +26,7 @@ give the profile: seconds per stage (``joey_logger_stage_seconds_total``) per ro
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import signal
 import statistics
@@ -112,11 +116,24 @@ def fill(settings: CommonSettings, rows: list[dict[str, Any]], batch: int, parti
     return written
 
 
-def stored(url: str) -> int:
+def stored(conn: psycopg.Connection[Any]) -> int:
     """Rows stored so far: the identity sequence, as no row of the run is a duplicate (cheaper than count)."""
-    with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT coalesce(max(id), 0) FROM inference_logs").fetchone()
+    row = conn.execute("SELECT coalesce(max(id), 0) FROM inference_logs").fetchone()
     return int(row[0]) if row else 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (the machine is shared: wall time says little alone)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backends(conn: psycopg.Connection[Any]) -> list[int]:
+    """Postgres backends of the scratch database but this connection: the loggers' sessions."""
+    rows = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    ).fetchall()
+    return [int(r[0]) for r in rows]
 
 
 def stage_seconds(port: int) -> dict[str, float]:
@@ -131,11 +148,17 @@ def stage_seconds(port: int) -> dict[str, float]:
 
 
 class Result:
-    def __init__(self, rows_per_s: float, records: int, profile: dict[str, float]) -> None:
+    def __init__(
+        self, rows_per_s: float, records: int, profile: dict[str, float], client_us: float, server_us: float
+    ) -> None:
         self.rows_per_s = rows_per_s
         self.records = records
         self.profile = profile
         """µs per row stored, per stage (summed over the loggers)."""
+        self.client_us = client_us
+        """CPU µs per row of the writing processes (the loggers, or the COPY's), whole run."""
+        self.server_us = server_us
+        """CPU µs per row of their Postgres backends."""
 
 
 def logger_run(args: argparse.Namespace, rows: list[dict[str, Any]], batch: int, loggers: int) -> Result:
@@ -166,40 +189,46 @@ def logger_run(args: argparse.Namespace, rows: list[dict[str, Any]], batch: int,
             stack.callback(process.stop)
             processes.append(process)
 
+        watch = stack.enter_context(psycopg.connect(url, autocommit=True))
+
         def first_rows() -> int:
             for process in processes:
                 process.check()
-            return stored(url)
+            return stored(watch)
 
         wait_until(first_rows, 120, "the first rows")
-        began, at_start = time.perf_counter(), stored(url)
+        began, at_start = time.perf_counter(), stored(watch)
         last, last_at = at_start, began
         while last < len(rows):
             time.sleep(0.05)
             for process in processes:
                 process.check()
-            now_stored = stored(url)
+            now_stored = stored(watch)
             if now_stored > last:
                 last, last_at = now_stored, time.perf_counter()
             elif time.perf_counter() - last_at > STALL_S:
                 raise TimeoutError(f"{last} of {len(rows)} rows stored, then none for {STALL_S:.0f}s")
         elapsed = last_at - began
-        with psycopg.connect(url) as conn:
-            row = conn.execute("SELECT count(*) FROM inference_logs").fetchone()
+        row = watch.execute("SELECT count(*) FROM inference_logs").fetchone()
         if row is None or row[0] != len(rows):
             raise RuntimeError(f"{row} rows stored, {len(rows)} expected")
+        client = sum(cpu_seconds(p.process.pid) for p in processes if p.process is not None)
+        server = sum(cpu_seconds(pid) for pid in backends(watch))
         profile: dict[str, float] = {}
         for port in ports:
             for stage, seconds in stage_seconds(port).items():
                 profile[stage] = profile.get(stage, 0.0) + seconds * 1e6 / len(rows)
-    return Result((len(rows) - at_start) / elapsed, records, profile)
+    per_row = 1e6 / len(rows)
+    return Result((len(rows) - at_start) / elapsed, records, profile, client * per_row, server * per_row)
 
 
 def copy_floor(args: argparse.Namespace, rows: list[dict[str, Any]]) -> Result:
     with scratch_database() as url, psycopg.connect(url) as conn:
         conn.execute("CREATE TABLE floor (LIKE inference_logs INCLUDING ALL)")
         conn.commit()
+        backend = conn.info.backend_pid
         columns = ", ".join(COLUMNS)
+        server_before, client_before = cpu_seconds(backend), time.process_time()
         began = time.perf_counter()
         with conn.cursor() as cursor, cursor.copy(f"COPY floor ({columns}) FROM STDIN") as copy:
             copy.set_types(COPY_TYPES)
@@ -207,7 +236,9 @@ def copy_floor(args: argparse.Namespace, rows: list[dict[str, Any]]) -> Result:
                 copy.write_row(row_values(record))
         conn.commit()
         elapsed = time.perf_counter() - began
-    return Result(len(rows) / elapsed, 0, {})
+        client, server = time.process_time() - client_before, cpu_seconds(backend) - server_before
+    per_row = 1e6 / len(rows)
+    return Result(len(rows) / elapsed, 0, {}, client * per_row, server * per_row)
 
 
 def main() -> None:
@@ -245,14 +276,22 @@ def main() -> None:
         f"\n{args.rows:,} rows, joey.logs of {args.partitions} partitions, batch records of {args.batch}, "
         f"median of {args.repeats} runs\n"
     )
-    print("| system | records | rows/s median | spread (min-max) | vs copy floor |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    floor_cpu = statistics.median(r.client_us + r.server_us for r in results["copy floor"])
+    print(
+        "| system | records | rows/s median | spread (min-max) | vs copy floor "
+        "| CPU µs/row writer + postgres "
+        "| CPU vs copy floor |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, runs in results.items():
         speeds = [r.rows_per_s for r in runs]
         median = statistics.median(speeds)
+        client = statistics.median(r.client_us for r in runs)
+        server = statistics.median(r.server_us for r in runs)
+        cpu = statistics.median(r.client_us + r.server_us for r in runs)
         print(
             f"| {name} | {runs[0].records:,} | {median:,.0f} | {min(speeds):,.0f}-{max(speeds):,.0f} | "
-            f"{median / floor:.2f}x |"
+            f"{median / floor:.2f}x | {client:.0f} + {server:.0f} | {cpu / floor_cpu:.2f}x |"
         )
     print("\nµs per row stored, per stage (median over runs; consume includes idle polls):\n")
     print("| system | " + " | ".join(STAGES) + " |")
