@@ -128,6 +128,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_of(processes: list[Process]) -> float:
+    return sum(cpu_seconds(p.process.pid) for p in processes if p.process is not None)
+
+
 def backends(conn: psycopg.Connection[Any]) -> list[int]:
     """Postgres backends of the scratch database but this connection: the loggers' sessions."""
     rows = conn.execute(
@@ -198,6 +202,9 @@ def logger_run(args: argparse.Namespace, rows: list[dict[str, Any]], batch: int,
 
         wait_until(first_rows, 120, "the first rows")
         began, at_start = time.perf_counter(), stored(watch)
+        # From here on: the processes' start (imports, about a second of CPU) is not the rows' cost.
+        client_before = cpu_of(processes)
+        server_before = sum(cpu_seconds(pid) for pid in backends(watch))
         last, last_at = at_start, began
         while last < len(rows):
             time.sleep(0.05)
@@ -212,13 +219,13 @@ def logger_run(args: argparse.Namespace, rows: list[dict[str, Any]], batch: int,
         row = watch.execute("SELECT count(*) FROM inference_logs").fetchone()
         if row is None or row[0] != len(rows):
             raise RuntimeError(f"{row} rows stored, {len(rows)} expected")
-        client = sum(cpu_seconds(p.process.pid) for p in processes if p.process is not None)
-        server = sum(cpu_seconds(pid) for pid in backends(watch))
+        client = cpu_of(processes) - client_before
+        server = sum(cpu_seconds(pid) for pid in backends(watch)) - server_before
         profile: dict[str, float] = {}
         for port in ports:
             for stage, seconds in stage_seconds(port).items():
                 profile[stage] = profile.get(stage, 0.0) + seconds * 1e6 / len(rows)
-    per_row = 1e6 / len(rows)
+    per_row = 1e6 / (len(rows) - at_start)
     return Result((len(rows) - at_start) / elapsed, records, profile, client * per_row, server * per_row)
 
 
