@@ -37,6 +37,8 @@ def test_old_records_then_batched_ones_across_a_logger_restart_are_each_stored_a
     logger_settings: LoggerSettings, settings: CommonSettings, produce: LogProducer, pipeline: str
 ) -> None:
     database_url = logger_settings.database_url.get_secret_value()
+    # Fewer rows per transaction than a batch record holds: a record's rows span transactions.
+    logger_settings = logger_settings.model_copy(update={"batch_size": 100})
     t0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
     rng = np.random.default_rng(14)
     values = np.round(rng.normal(2.5, 1.0, OLD + NEW), 3)

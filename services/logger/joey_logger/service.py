@@ -2,11 +2,11 @@
 
 Order of a batch, which is what makes it at-least-once without doubles:
 
-1. consume up to ``batch_size`` records within ``batch_timeout_ms``;
+1. consume about ``batch_size`` rows' worth of records within ``batch_timeout_ms``;
 2. decode each into its rows (a ``joey.v1.InferenceLogBatch`` record holds the rows of a whole
    micro-batch of the engine, an old ``joey.v1.InferenceLog`` record one row); an undecodable
    record is set aside whole for the dead-letter topic;
-3. the sink writes the rows, ``batch_size`` at most per transaction (idempotently: a row whose
+3. the sink writes the rows as they are decoded, ``batch_size`` per transaction (idempotently: a row whose
    identity exists is skipped); if the sink refuses a transaction's data, its rows are bisected
    until the refused rows are alone, and they are set aside too (with the database's reason),
    each as a ``joey.v1.InferenceLog`` record of its own: the other rows of its batch record are stored;
@@ -201,32 +201,46 @@ class LoggerService:
             return
         rows: list[Row] = []
         dead: list[DeadLetter] = []
-        for message in batch:
-            try:
-                entries = decode_log_entries(message.headers, message.value)
-            except RecordError as exc:
-                dead.append(DeadLetter.whole(message, str(exc)))
-                continue
-            if header_value(message.headers, CONTENT_TYPE_HEADER) == LOG_BATCH_CONTENT_TYPE:
-                rows.extend(Row(message, entry, i) for i, entry in enumerate(entries))
-            else:
-                rows.append(Row(message, entries[0], None))
-        decoded = time.perf_counter()
-        metrics.STAGE_SECONDS.labels("decode").inc(decoded - started)
-        # Consume about batch_size rows next time, whichever format the topic holds.
-        self._records_wanted = max(1, self._settings.batch_size * len(batch) // max(1, len(rows)))
-        written, duplicates = 0, 0
+        rejected: list[DeadLetter] = []
+        written = duplicates = count = 0
+        size = self._settings.batch_size
+
+        def write(chunk: list[Row]) -> None:
+            nonlocal written, duplicates, count
+            result, refused = self._write(chunk)
+            written, duplicates, count = (
+                written + result.written,
+                duplicates + result.duplicates,
+                count + len(chunk),
+            )
+            rejected.extend(refused)
+
         try:
-            rejected: list[DeadLetter] = []
-            size = self._settings.batch_size
-            for first in range(0, len(rows), size):
-                result, refused = self._write(rows[first : first + size])
-                written, duplicates = written + result.written, duplicates + result.duplicates
-                rejected.extend(refused)
+            # Rows are written as soon as a transaction's worth is decoded: only that many are held
+            # decoded at once, whatever the records consumed hold.
+            for message in batch:
+                decoding = time.perf_counter()
+                try:
+                    entries = decode_log_entries(message.headers, message.value)
+                except RecordError as exc:
+                    dead.append(DeadLetter.whole(message, str(exc)))
+                    continue
+                if header_value(message.headers, CONTENT_TYPE_HEADER) == LOG_BATCH_CONTENT_TYPE:
+                    rows.extend(Row(message, entry, i) for i, entry in enumerate(entries))
+                else:
+                    rows.append(Row(message, entries[0], None))
+                metrics.STAGE_SECONDS.labels("decode").inc(time.perf_counter() - decoding)
+                while len(rows) >= size:
+                    write(rows[:size])
+                    del rows[:size]
+            if rows:
+                write(rows)
             self._dead_letter(producer, dead, rejected)
         except RetryLater as exc:
             self._retry_later(consumer, batch, str(exc))
             return
+        # Consume about batch_size rows next time, whichever format the topic holds.
+        self._records_wanted = max(1, size * len(batch) // max(1, count))
         stored = time.perf_counter()
         self._commit(consumer, batch)
         metrics.STAGE_SECONDS.labels("commit").inc(time.perf_counter() - stored)
