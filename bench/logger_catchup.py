@@ -10,6 +10,8 @@ stored. Systems, run side by side, their order rotating from one repetition to t
   N loggers;
 * ``batched xN``: ``joey.v1.InferenceLogBatch`` records of ``--batch`` rows (what the engine writes
   now), N loggers;
+* ``... checkout``: with ``--checkout DIR``, the same with the loggers run from another source tree
+  (``git archive <commit> | tar -x -C DIR``): a before/after of the logger in one run;
 * ``copy floor``: a plain COPY of the same rows into a table of the same shape, from one connection,
   no Kafka and no idempotency: what Postgres alone takes.
 
@@ -74,7 +76,7 @@ WORKSPACE, PIPELINE = "default", "iris"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STALL_S = 60.0
 """A run that stores nothing for this long has lost rows: fail rather than wait forever."""
-STAGES = ("consume", "decode", "prepare", "copy", "insert", "commit")
+STAGES = ("consume", "decode", "prepare", "copy", "undone", "insert", "commit")
 
 
 def rows_of(count: int) -> list[dict[str, Any]]:
@@ -165,7 +167,9 @@ class Result:
         """CPU µs per row of their Postgres backends."""
 
 
-def logger_run(args: argparse.Namespace, rows: list[dict[str, Any]], batch: int, loggers: int) -> Result:
+def logger_run(
+    args: argparse.Namespace, rows: list[dict[str, Any]], batch: int, loggers: int, tree: Path | None
+) -> Result:
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="joey-catchup-")))
         # A fresh broker every run: the embedded broker's fetches slow down as a topic grows.
@@ -188,6 +192,8 @@ def logger_run(args: argparse.Namespace, rows: list[dict[str, Any]], batch: int,
                 "JOEY_METRICS_PORT": str(port),
                 **dict(setting.split("=", 1) for setting in args.env),
             }
+            if tree is not None:  # ahead of the installed (editable) packages
+                env["PYTHONPATH"] = os.pathsep.join(str(tree / d) for d in ("src", "services/logger"))
             argv = [sys.executable, "-m", "joey_cli", "serve", "logger"]
             process = Process(f"logger-{n}", argv, env, work).start()
             stack.callback(process.stop)
@@ -261,15 +267,22 @@ def main() -> None:
     )
     parser.add_argument("--formats", nargs="+", default=["batched", "old"], choices=["batched", "old"])
     parser.add_argument("--env", nargs="*", default=[], help="JOEY_X=value settings of the loggers")
+    parser.add_argument("--checkout", type=Path, help="also run the loggers from this source tree")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, interrupt)
 
     rows = rows_of(args.rows)
     systems: dict[str, Callable[[], Result]] = {"copy floor": lambda: copy_floor(args, rows)}
+    trees: dict[str, Path | None] = {"": None}
+    if args.checkout is not None:
+        trees[" checkout"] = args.checkout.resolve()
     for name in args.formats:
         for n in args.loggers:
-            batch = args.batch if name == "batched" else 0
-            systems[f"{name} x{n}"] = lambda batch=batch, n=n: logger_run(args, rows, batch, n)  # type: ignore[misc]
+            for suffix, tree in trees.items():
+                batch = args.batch if name == "batched" else 0
+                systems[f"{name} x{n}{suffix}"] = lambda batch=batch, n=n, tree=tree: logger_run(  # type: ignore[misc]
+                    args, rows, batch, n, tree
+                )
     names = list(systems)
     results: dict[str, list[Result]] = {name: [] for name in names}
     for repeat in range(args.repeats):

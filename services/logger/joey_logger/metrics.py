@@ -30,7 +30,9 @@ BATCH_SECONDS = Histogram(
 STAGE_SECONDS = Counter(
     "joey_logger_stage_seconds_total",
     "Seconds spent per stage of a batch: consume (polling, idle waits included), decode, prepare (locks and "
-    "the live assays), copy (rows to the staging table), insert (INSERT ... ON CONFLICT with the assays' "
-    "counting, and the commit of the transaction), dead_letter, commit (of the offsets).",
+    "the live assays), copy (rows straight to inference_logs with the assays' counting, or to the staging "
+    "table), undone (a direct COPY rolled back: a replayed row), insert (INSERT ... ON CONFLICT from the "
+    "staging table with the assays' counting, and the commit of the transaction), dead_letter, commit (of "
+    "the offsets).",
     ["stage"],
 )
