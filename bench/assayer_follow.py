@@ -4,23 +4,27 @@ The assayer reads every log record only to advance event-time watermarks and its
 (``Assayer.observe``); it has to keep up with the engine's full log rate (at most about
 26,000-31,000 records/s on the 2-core machine of docs/performance.md, "drain").
 
-``--records`` Avro log records (the engine's shape, four pipelines, event time rising by 1 ms
-per record) are written round-robin to a fresh topic of ``--partitions`` partitions. Every
-system then reads the whole topic from the beginning with a fresh group id, assigned every
-partition and polling ``consume(1000, tick_s)`` like the assayer:
+``--records`` Avro inference logs (the engine's shape, four pipelines, event time rising by 1 ms
+per log) are written twice, round-robin to fresh topics of ``--partitions`` partitions: in batch
+records of ``--batch`` logs of one pipeline (``joey.v1.InferenceLogBatch``, what the engine writes)
+and in the old format, one ``joey.v1.InferenceLog`` record per log. Every system then reads a whole
+topic from the beginning with a fresh group id, assigned every partition and polling
+``consume(1000, tick_s)`` like the assayer:
 
 * consume-only: nothing is done with a batch. The floor of any follower.
 * assayer observe: each batch goes to a real ``Assayer(settings, store).observe``; at the end its
   watermarks must equal the latest event time written per pipeline and its positions the
   partition ends, so a no-op cannot pass.
-* logger decode: ``decode_log_record`` of ``ConsumedRecord.of(m)`` for every message, what the logger does
-  before writing a batch; for comparison.
+* logger decode: ``decode_log_entries`` of ``ConsumedRecord.of(m)`` for every message, what the logger
+  does before writing a batch; for comparison.
+
+Figures are logs (inferences) per second, whatever the format.
 
 Each system runs once as a warm-up, then ``--repeats`` times, the order rotating from one
 repetition to the next; each figure is the median. The embedded broker is started unless
 ``--bootstrap`` names one.
 
-    python bench/assayer_follow.py --records 200000 --repeats 3
+    python bench/assayer_follow.py --records 200000 --repeats 3 --batch 256
 """
 
 from __future__ import annotations
@@ -54,7 +58,14 @@ from joey_core.kafka import (
     ensure_topics,
     producer_config,
 )
-from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, decode_log_record, encode_log
+from joey_core.records import (
+    CONTENT_TYPE_HEADER,
+    LOG_BATCH_CONTENT_TYPE,
+    LOG_CONTENT_TYPE,
+    decode_log_entries,
+    encode_log,
+    encode_log_batch,
+)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -82,15 +93,33 @@ class Written:
 
     topic: str
     records: int
+    rows: int
+    """Log rows (inferences) the records hold."""
     ends: dict[int, int]
     """Next offset after the last record, per partition."""
     watermarks: dict[tuple[str, str], datetime]
     """Latest event time per (workspace, pipeline)."""
 
 
-def write_logs(settings: AssayerSettings, topic: str, partitions: int, records: int) -> Written:
+def log_values(rows: int, batch: int) -> Iterator[tuple[bytes, str]]:
+    """(value, content type) of ``rows`` logs: one old-format record each when ``batch`` is 0, else
+    batch records of up to ``batch`` logs of one pipeline, as the engine writes a micro-batch."""
+    if not batch:
+        for i in range(rows):
+            yield encode_log(log_record(i)), LOG_CONTENT_TYPE
+        return
+    for first in range(0, rows, batch * PIPELINES):
+        for p in range(PIPELINES):
+            entries = [
+                log_record(i) for i in range(first + p, min(first + batch * PIPELINES, rows), PIPELINES)
+            ]
+            if entries:
+                yield encode_log_batch(entries), LOG_BATCH_CONTENT_TYPE
+
+
+def write_logs(settings: AssayerSettings, topic: str, partitions: int, rows: int, batch: int) -> Written:
     # Room for every record in the local queue: produce() never has to wait for deliveries.
-    producer = Producer(producer_config(settings, **{"queue.buffering.max.messages": records}))
+    producer = Producer(producer_config(settings, **{"queue.buffering.max.messages": rows}))
     tracker = DeliveryTracker()
     ends = dict.fromkeys(range(partitions), 0)
 
@@ -100,20 +129,20 @@ def write_logs(settings: AssayerSettings, topic: str, partitions: int, records: 
         if err is None and partition is not None and offset is not None:
             ends[partition] = max(ends[partition], offset + 1)
 
-    headers = [(CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE.encode())]
     watermarks: dict[tuple[str, str], datetime] = {}
-    for i in range(records):
+    for i in range(rows):
         record = log_record(i)
         key = (record["workspace"], record["pipeline"])
         watermarks[key] = max(watermarks.get(key, record["time"]), record["time"])
-        producer.produce(
-            topic, encode_log(record), partition=i % partitions, headers=headers, on_delivery=delivered
-        )
+    records = 0
+    for records, (value, content_type) in enumerate(log_values(rows, batch), start=1):
+        headers = [(CONTENT_TYPE_HEADER, content_type.encode())]
+        producer.produce(topic, value, partition=records % partitions, headers=headers, on_delivery=delivered)
         producer.poll(0)
     tracker.flush(producer, timeout=120)
     if sum(ends.values()) != records:
         raise RuntimeError(f"{sum(ends.values())} of {records} records acknowledged at consecutive offsets")
-    return Written(topic, records, ends, watermarks)
+    return Written(topic, records, rows, ends, watermarks)
 
 
 def follow(settings: AssayerSettings, written: Written, handle: Callable[[list[Message]], object]) -> float:
@@ -164,11 +193,12 @@ def logger_decode(settings: AssayerSettings, store: AssayerStore, written: Writt
 
     def decode(messages: list[Message]) -> None:
         nonlocal decoded
-        decoded += len([decode_log_record(r.headers, r.value) for r in map(ConsumedRecord.of, messages)])
+        for record in map(ConsumedRecord.of, messages):
+            decoded += len(decode_log_entries(record.headers, record.value))
 
     elapsed = follow(settings, written, decode)
-    if decoded != written.records:
-        raise RuntimeError(f"decoded {decoded} of {written.records} records")
+    if decoded != written.rows:
+        raise RuntimeError(f"decoded {decoded} of {written.rows} rows")
     return elapsed
 
 
@@ -198,12 +228,16 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=256, help="logs per batch record (the engine's batch)")
     parser.add_argument("--bootstrap", help="an existing Kafka broker instead of the embedded one")
     args = parser.parse_args()
 
     # SIGTERM unwinds like Ctrl-C, so the broker, topic and scratch database are cleaned up.
     signal.signal(signal.SIGTERM, interrupt)
-    samples: dict[str, list[float]] = {system: [] for system in SYSTEMS}
+    formats = {"batched": args.batch, "old": 0}
+    runs = [(f, system) for f in formats for system in SYSTEMS]
+    samples: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    written: dict[str, Written] = {}
     with ExitStack() as stack:
         bootstrap = args.bootstrap
         if bootstrap is None:
@@ -214,34 +248,36 @@ def main() -> None:
         )
         store = AssayerStore(settings.database_url.get_secret_value())
         stack.callback(store.close)
-        topic = stack.enter_context(scratch_topic(settings, args.partitions))
-
-        began = time.perf_counter()
-        written = write_logs(settings, topic, args.partitions, args.records)
-        print(
-            f"wrote {args.records:,} log records to {args.partitions} partitions in "
-            f"{time.perf_counter() - began:.1f} s"
-        )
-        names = list(SYSTEMS)
-        for name in names:
-            SYSTEMS[name](settings, store, written)
+        for name, batch in formats.items():
+            topic = stack.enter_context(scratch_topic(settings, args.partitions))
+            began = time.perf_counter()
+            written[name] = write_logs(settings, topic, args.partitions, args.records, batch)
+            print(
+                f"{name}: wrote {args.records:,} logs in {written[name].records:,} records to "
+                f"{args.partitions} partitions in {time.perf_counter() - began:.1f} s"
+            )
+        for f, system in runs:
+            SYSTEMS[system](settings, store, written[f])
         for repeat in range(args.repeats):
-            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
-                samples[name].append(SYSTEMS[name](settings, store, written))
+            for f, system in runs[repeat % len(runs) :] + runs[: repeat % len(runs)]:
+                samples[(f, system)].append(SYSTEMS[system](settings, store, written[f]))
 
-    floor = statistics.median(samples["consume-only"])
-    print(f"\n{args.records:,} log records, {args.partitions} partitions, median of {args.repeats} runs\n")
-    print("| system | records | median s | records/s | time / consume-only |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, seconds in samples.items():
+    floor = statistics.median(samples[("old", "consume-only")])
+    print(
+        f"\n{args.records:,} logs, {args.partitions} partitions, batch records of {args.batch}, "
+        f"median of {args.repeats} runs\n"
+    )
+    print("| format | system | records | median s | logs/s | time / old consume-only |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for (f, system), seconds in samples.items():
         median = statistics.median(seconds)
         print(
-            f"| {name} | {args.records:,} | {median:.2f} | {args.records / median:,.0f} | "
+            f"| {f} | {system} | {written[f].records:,} | {median:.2f} | {args.records / median:,.0f} | "
             f"{median / floor:.2f}x |"
         )
-    print("\nrecords/s per run:")
-    for name, seconds in samples.items():
-        print(f"  {name}: " + " / ".join(f"{args.records / s:,.0f}" for s in seconds))
+    print("\nlogs/s per run:")
+    for (f, system), seconds in samples.items():
+        print(f"  {f} {system}: " + " / ".join(f"{args.records / s:,.0f}" for s in seconds))
 
 
 if __name__ == "__main__":

@@ -252,11 +252,8 @@ def is_log_record(headers: list[tuple[str, bytes | None]] | None) -> bool:
     return header_value(headers, CONTENT_TYPE_HEADER) in (None, LOG_CONTENT_TYPE, LOG_BATCH_CONTENT_TYPE)
 
 
-def decode_log_record(headers: list[tuple[str, bytes | None]] | None, value: bytes | None) -> dict[str, Any]:
-    """The InferenceLog a ``joey.logs`` record carries; raise RecordError naming what is wrong."""
-    content_type = header_value(headers, CONTENT_TYPE_HEADER)
-    if content_type is not None and content_type != LOG_CONTENT_TYPE:
-        raise RecordError(f"unexpected content-type {content_type!r}, expected {LOG_CONTENT_TYPE!r}")
+def _decode_single(value: bytes | None) -> dict[str, Any]:
+    """The InferenceLog of an old-format (one log per record) ``joey.logs`` record."""
     if not value:
         raise RecordError("empty record: expected an Avro joey.v1.InferenceLog")
     try:
@@ -279,7 +276,7 @@ def decode_log_entries(
                 f"unexpected content-type {content_type!r}, expected {LOG_BATCH_CONTENT_TYPE!r} "
                 f"or {LOG_CONTENT_TYPE!r}"
             )
-        return [decode_log_record(headers, value)]
+        return [_decode_single(value)]
     if not value:
         raise RecordError("empty record: expected an Avro joey.v1.InferenceLogBatch")
     try:
@@ -312,7 +309,7 @@ def log_watermark(
     Raises RecordError on bad input."""
     data = value or b""
     if header_value(headers, CONTENT_TYPE_HEADER) != LOG_BATCH_CONTENT_TYPE:
-        return log_event_time(data)
+        return _single_watermark(data)
     try:
         workspace_bytes, at = _avro_bytes(data, 0)
         pipeline_bytes, at = _avro_bytes(data, at)
@@ -322,7 +319,7 @@ def log_watermark(
         raise RecordError(f"not an Avro joey.v1.InferenceLogBatch ({type(exc).__name__}: {exc})") from None
 
 
-def log_event_time(data: bytes) -> tuple[str, str, datetime]:
+def _single_watermark(data: bytes) -> tuple[str, str, datetime]:
     """``(workspace, pipeline, time)`` of an encoded InferenceLog, read without decoding the rest.
 
     What a watermark needs, several times faster than :func:`decode_log`: the fields are read in

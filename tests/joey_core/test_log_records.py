@@ -7,7 +7,7 @@ from joey_core.records import (
     CONTENT_TYPE_HEADER,
     LOG_CONTENT_TYPE,
     RecordError,
-    decode_log_record,
+    decode_log_entries,
     encode_log,
 )
 from tests.logger.helpers import log_record
@@ -19,7 +19,8 @@ def message(value: bytes | None, content_type: str | None = LOG_CONTENT_TYPE) ->
 
 
 def decode(record: ConsumedRecord) -> dict:
-    return decode_log_record(record.headers, record.value)
+    [entry] = decode_log_entries(record.headers, record.value)
+    return entry
 
 
 def test_a_log_record_decodes() -> None:

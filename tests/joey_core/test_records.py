@@ -78,7 +78,7 @@ def test_log_record_round_trips_through_avro() -> None:
 )
 def test_the_event_time_is_read_without_decoding_the_whole_log_record(fields: dict[str, object]) -> None:
     record = log(**fields)
-    assert records.log_event_time(records.encode_log(record)) == (
+    assert records.log_watermark(None, records.encode_log(record)) == (
         record["workspace"],
         record["pipeline"],
         record["time"],
@@ -98,7 +98,7 @@ def test_the_event_time_is_read_without_decoding_the_whole_log_record(fields: di
 )
 def test_a_record_that_is_not_a_log_has_no_event_time(data: bytes) -> None:
     with pytest.raises(records.RecordError, match="not an Avro"):
-        records.log_event_time(data)
+        records.log_watermark(None, data)
 
 
 def test_header_value_finds_the_request_id() -> None:
@@ -115,7 +115,7 @@ def test_corrupt_log_records_raise_only_record_errors() -> None:
         corrupt[rng.integers(0, 40)] = rng.integers(0, 256)
         # Any other exception fails the test: the assayer would stop on it.
         with contextlib.suppress(records.RecordError):
-            records.log_event_time(bytes(corrupt))
+            records.log_watermark(None, bytes(corrupt))
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,7 +15,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 
 from joey_core import heartbeats, topics
 from joey_core.kafka import DeliveryTracker, admin_client, consumer_config, producer_config, topic_partitions
-from joey_core.records import CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE, encode_log
+from joey_core.records import (
+    CONTENT_TYPE_HEADER,
+    LOG_BATCH_CONTENT_TYPE,
+    LOG_CONTENT_TYPE,
+    encode_log,
+    encode_log_batch,
+)
 from joey_core.settings import CommonSettings
 from joey_logger.service import SERVICE, LoggerService
 from joey_logger.settings import LoggerSettings
@@ -67,21 +73,29 @@ class LogProducer:
         self.producer = Producer(producer_config(settings))
         self.partitions = topic_partitions(admin_client(settings), [topics.LOGS])[topics.LOGS]
 
-    def values(self, values: Iterable[bytes]) -> None:
+    def values(self, values: Iterable[bytes], content_type: str = LOG_CONTENT_TYPE) -> None:
         tracker = DeliveryTracker()
         for i, value in enumerate(values):
             self.producer.produce(
                 topics.LOGS,
                 value=value,
                 partition=i % self.partitions,
-                headers=[(CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE.encode())],
+                headers=[(CONTENT_TYPE_HEADER, content_type.encode())],
                 on_delivery=tracker.on_delivery,
             )
             self.producer.poll(0)
         tracker.flush(self.producer)
 
     def records(self, records: Iterable[dict[str, Any]]) -> None:
+        """One old-format record (joey.v1.InferenceLog) per log."""
         self.values(encode_log(r) for r in records)
+
+    def batches(self, records: Sequence[dict[str, Any]], size: int) -> None:
+        """Batch records (joey.v1.InferenceLogBatch) of ``size`` logs each, as the engine writes them."""
+        self.values(
+            (encode_log_batch(records[i : i + size]) for i in range(0, len(records), size)),
+            content_type=LOG_BATCH_CONTENT_TYPE,
+        )
 
 
 def read_dead_letters(settings: CommonSettings, wanted: set[bytes], timeout: float) -> dict[bytes, Message]:

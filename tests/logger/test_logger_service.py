@@ -12,9 +12,15 @@ from psycopg.conninfo import conninfo_to_dict
 
 from joey_core import db, topics
 from joey_core.kafka import ConsumedRecord, consumer_config
-from joey_core.records import encode_log, header_value
+from joey_core.records import (
+    CONTENT_TYPE_HEADER,
+    LOG_BATCH_CONTENT_TYPE,
+    LOG_CONTENT_TYPE,
+    encode_log,
+    header_value,
+)
 from joey_core.settings import CommonSettings
-from joey_logger.service import DROPPED_HEADER, REASON_HEADER, SOURCE_HEADER
+from joey_logger.service import DROPPED_HEADER, ENTRY_HEADER, REASON_HEADER, SOURCE_HEADER
 from joey_logger.settings import LoggerSettings
 from tests.conftest import POSTGRES_ADMIN_URL, wait_until
 from tests.logger.helpers import (
@@ -169,5 +175,42 @@ def test_a_dead_letter_too_large_with_its_reason_goes_without_its_value(
         consumer.close()
     assert "not an Avro joey.v1.InferenceLog" in (header_value(found[0].headers, REASON_HEADER) or "")
     wait_until(lambda: count_rows(database_url, pipeline) == (1, 1), 60, "the next record's row")
+    assert logger.alive()
+    logger.stop()
+
+
+def test_a_batch_record_is_one_row_per_entry_and_a_refused_entry_is_dead_lettered_alone(
+    logger: InProcessLogger,
+    logger_settings: LoggerSettings,
+    settings: CommonSettings,
+    produce: LogProducer,
+    pipeline: str,
+) -> None:
+    database_url = logger_settings.database_url.get_secret_value()
+    records = [log_record(pipeline, i) for i in range(300)]
+    refused = log_record(pipeline, 300, inputs="{not json")  # decodes, but is no jsonb
+    # The refused entry sits at position 5 of the second batch record; the rest of that record is stored.
+    produce.batches([*records[:100], *records[100:105], refused, *records[105:]], size=100)
+    undecodable = f"undecodable batch of {pipeline}".encode()
+    produce.values([undecodable], content_type=LOG_BATCH_CONTENT_TYPE)
+    wait_until(lambda: count_rows(database_url, pipeline) == (300, 300), 60, "300 rows")
+
+    letter = encode_log(refused)
+    found = read_dead_letters(settings, {letter, undecodable}, timeout=60)
+    alone = ConsumedRecord.of(found[letter]).headers
+    assert header_value(alone, CONTENT_TYPE_HEADER) == LOG_CONTENT_TYPE
+    assert header_value(alone, ENTRY_HEADER) == "5"
+    assert "rejected by the postgres sink" in (header_value(alone, REASON_HEADER) or "")
+    whole = ConsumedRecord.of(found[undecodable]).headers
+    assert header_value(whole, CONTENT_TYPE_HEADER) == LOG_BATCH_CONTENT_TYPE
+    assert header_value(whole, ENTRY_HEADER) is None
+    assert "not an Avro joey.v1.InferenceLogBatch" in (header_value(whole, REASON_HEADER) or "")
+
+    # A replay in batches of another size (an engine restarted with other settings) adds no row.
+    produce.batches(records, size=64)
+    markers = f"{pipeline}-marker"
+    produce.records(log_record(markers, p) for p in range(produce.partitions))
+    wait_until(lambda: count_rows(database_url, markers)[0] == produce.partitions, 60, "marker rows")
+    assert count_rows(database_url, pipeline) == (300, 300)
     assert logger.alive()
     logger.stop()

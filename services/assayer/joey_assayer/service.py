@@ -37,7 +37,7 @@ from joey_core import db, kafka, topics
 from joey_core.assays import ALERTING
 from joey_core.heartbeats import ServiceHeartbeat
 from joey_core.kafka import DeliveryTracker, consumer_config, producer_config
-from joey_core.records import RecordError, is_log_record, log_event_time
+from joey_core.records import RecordError, is_log_record, log_watermark
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,9 @@ class Assayer:
     def observe(self, messages: list[Message]) -> None:
         """Advance watermarks and read positions; records the logger cannot decode are its business.
 
-        Only the fields of a watermark are read from each record (``log_event_time``), several
-        times faster than decoding it: following ``joey.logs`` must outpace the engine's logging.
+        Only the fields of a watermark are read from each record (``log_watermark``: of a batch
+        record, its latest time), several times faster than decoding it: following ``joey.logs`` must
+        outpace the engine's logging.
         """
         horizon = datetime.now(UTC) + self.lateness
         for message in kafka.usable(messages, log):
@@ -119,7 +120,7 @@ class Assayer:
             if not is_log_record(record.headers):
                 continue  # not a log record: the logger dead-letters it
             try:
-                workspace, pipeline, event_time = log_event_time(record.value or b"")
+                workspace, pipeline, event_time = log_watermark(record.headers, record.value)
             except RecordError:
                 continue
             if event_time > horizon:

@@ -27,3 +27,12 @@ BATCH_SECONDS = Histogram(
     "Time from a consumed batch to its committed offsets.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+STAGE_SECONDS = Counter(
+    "joey_logger_stage_seconds_total",
+    "Seconds spent per stage of a batch: consume (polling, idle waits included), decode, prepare (locks and "
+    "the live assays), copy (rows straight to inference_logs with the assays' counting, or to the staging "
+    "table), undone (a direct COPY rolled back: a replayed row), insert (INSERT ... ON CONFLICT from the "
+    "staging table with the assays' counting, and the commit of the transaction), dead_letter, commit (of "
+    "the offsets).",
+    ["stage"],
+)

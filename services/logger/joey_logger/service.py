@@ -2,14 +2,18 @@
 
 Order of a batch, which is what makes it at-least-once without doubles:
 
-1. consume up to ``batch_size`` records within ``batch_timeout_ms``;
-2. decode each; an undecodable record is set aside for the dead-letter topic;
-3. the sink writes the decoded records in one transaction (idempotently: a record whose row
-   exists is skipped); if the sink refuses the batch's data, the batch is bisected until the
-   refused records are alone, and they are set aside too (with the database's reason);
+1. consume about ``batch_size`` rows' worth of records within ``batch_timeout_ms``;
+2. decode each into its rows (a ``joey.v1.InferenceLogBatch`` record holds the rows of a whole
+   micro-batch of the engine, an old ``joey.v1.InferenceLog`` record one row); an undecodable
+   record is set aside whole for the dead-letter topic;
+3. the sink writes the rows as they are decoded, ``batch_size`` per transaction (idempotently: a row whose
+   identity exists is skipped); if the sink refuses a transaction's data, its rows are bisected
+   until the refused rows are alone, and they are set aside too (with the database's reason),
+   each as a ``joey.v1.InferenceLog`` record of its own: the other rows of its batch record are stored;
 4. the set-aside records are produced to ``joey.logs.dead-letter`` with a reason header,
    flushed and delivery-checked;
-5. only then are the batch's offsets committed, synchronously.
+5. only then are the batch's offsets committed, synchronously: a record's offset only once every
+   one of its rows is stored or dead-lettered.
 
 Commit policy: best effort (``CommitPolicy.BEST_EFFORT``): the rows are durable before the commit, so
 a refused commit only replays the batch into no-ops.
@@ -38,15 +42,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from joey_core import kafka, topics
 from joey_core.heartbeats import ServiceHeartbeat
-from joey_core.kafka import ConsumedRecord, DeliveryTracker, consumer_config, producer_config
-from joey_core.records import RecordError, decode_log_record
+from joey_core.kafka import ConsumedRecord, DeliveryTracker, Headers, consumer_config, producer_config
+from joey_core.records import (
+    CONTENT_TYPE_HEADER,
+    LOG_BATCH_CONTENT_TYPE,
+    LOG_CONTENT_TYPE,
+    RecordError,
+    decode_log_entries,
+    encode_log,
+    header_value,
+)
 from joey_logger import metrics
 from joey_logger.settings import LoggerSettings
 from joey_logger.sink import BatchRejected, LogSink, SinkUnavailable, WriteResult
@@ -57,6 +70,8 @@ SERVICE = "logger"
 REASON_HEADER = "joey-dead-letter-reason"
 SOURCE_HEADER = "joey-dead-letter-source"
 """``<topic>[<partition>]@<offset>`` of the dead-lettered record."""
+ENTRY_HEADER = "joey-dead-letter-entry"
+"""Position, in its batch record, of a row dead-lettered alone."""
 DROPPED_HEADER = "joey-dead-letter-value-dropped"
 """Bytes of a value left out because the dead letter would not fit with it (it stays at its source)."""
 # Errors of producing one record that no retry fixes: the record too large (for the producer, the
@@ -83,6 +98,44 @@ class Backoff:
         self._next_s = self._initial_s
 
 
+class Row(NamedTuple):
+    """One inference's log row, and the record it came in."""
+
+    source: ConsumedRecord
+    entry: dict[str, Any]
+    position: int | None
+    """Its position in a batch record; None for a record of one row."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """What goes to the dead-letter topic for one record, or one row of a batch record."""
+
+    source: ConsumedRecord
+    reason: str
+    value: bytes | None
+    headers: Headers
+    position: int | None = None
+
+    @classmethod
+    def whole(cls, source: ConsumedRecord, reason: str) -> DeadLetter:
+        return cls(source, reason, source.value, source.headers)
+
+    @classmethod
+    def of_row(cls, row: Row, reason: str) -> DeadLetter:
+        """A record of one row goes as it came; a row of a batch record goes alone, as a
+        ``joey.v1.InferenceLog`` record: the rest of its batch is stored, and people read one row."""
+        if row.position is None:
+            return cls.whole(row.source, reason)
+        others = [(k, v) for k, v in row.source.headers if k != CONTENT_TYPE_HEADER]
+        headers: Headers = [(CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE.encode()), *others]
+        return cls(row.source, reason, encode_log(row.entry), headers, row.position)
+
+    def where(self) -> str:
+        entry = "" if self.position is None else f" entry {self.position}"
+        return f"{self.source.where()}{entry}"
+
+
 class RetryLater(Exception):
     """The batch cannot be finished now; replay it after a pause."""
 
@@ -99,6 +152,7 @@ class LoggerService:
         )
         self._joined = False
         self._resume_at: float | None = None
+        self._records_wanted = settings.batch_size
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; the batch in hand is finished and committed first."""
@@ -116,7 +170,9 @@ class LoggerService:
                 if self._joined:
                     self._heartbeat.beat()
                 self._maybe_resume(consumer)
-                messages = consumer.consume(self._settings.batch_size, self._settings.batch_timeout_ms / 1000)
+                polled = time.perf_counter()
+                messages = consumer.consume(self._records_wanted, self._settings.batch_timeout_ms / 1000)
+                metrics.STAGE_SECONDS.labels("consume").inc(time.perf_counter() - polled)
                 if messages:
                     self._handle(consumer, producer, messages)
         finally:
@@ -143,83 +199,109 @@ class LoggerService:
         batch = [ConsumedRecord.of(m) for m in kafka.usable(messages, log)]
         if not batch:
             return
-        decoded: list[tuple[ConsumedRecord, dict[str, Any]]] = []
-        dead: list[tuple[ConsumedRecord, str]] = []
-        for message in batch:
-            try:
-                decoded.append((message, decode_log_record(message.headers, message.value)))
-            except RecordError as exc:
-                dead.append((message, str(exc)))
+        rows: list[Row] = []
+        dead: list[DeadLetter] = []
+        rejected: list[DeadLetter] = []
+        written = duplicates = count = 0
+        size = self._settings.batch_size
+
+        def write(chunk: list[Row]) -> None:
+            nonlocal written, duplicates, count
+            result, refused = self._write(chunk)
+            written, duplicates, count = (
+                written + result.written,
+                duplicates + result.duplicates,
+                count + len(chunk),
+            )
+            rejected.extend(refused)
+
         try:
-            result, rejected = self._write(decoded)
+            # Rows are written as soon as a transaction's worth is decoded: only that many are held
+            # decoded at once, whatever the records consumed hold.
+            for message in batch:
+                decoding = time.perf_counter()
+                try:
+                    entries = decode_log_entries(message.headers, message.value)
+                except RecordError as exc:
+                    dead.append(DeadLetter.whole(message, str(exc)))
+                    continue
+                if header_value(message.headers, CONTENT_TYPE_HEADER) == LOG_BATCH_CONTENT_TYPE:
+                    rows.extend(Row(message, entry, i) for i, entry in enumerate(entries))
+                else:
+                    rows.append(Row(message, entries[0], None))
+                metrics.STAGE_SECONDS.labels("decode").inc(time.perf_counter() - decoding)
+                while len(rows) >= size:
+                    write(rows[:size])
+                    del rows[:size]
+            if rows:
+                write(rows)
             self._dead_letter(producer, dead, rejected)
         except RetryLater as exc:
             self._retry_later(consumer, batch, str(exc))
             return
+        # Consume about batch_size rows next time, whichever format the topic holds.
+        self._records_wanted = max(1, size * len(batch) // max(1, count))
+        stored = time.perf_counter()
         self._commit(consumer, batch)
+        metrics.STAGE_SECONDS.labels("commit").inc(time.perf_counter() - stored)
         self._backoff.reset()
-        metrics.ROWS_WRITTEN.inc(result.written)
-        metrics.DUPLICATES_SKIPPED.inc(result.duplicates)
+        metrics.ROWS_WRITTEN.inc(written)
+        metrics.DUPLICATES_SKIPPED.inc(duplicates)
         metrics.BATCHES.labels("committed").inc()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        log.debug("batch of %d: %d rows, %d duplicates", len(batch), result.written, result.duplicates)
+        log.debug("batch of %d records: %d rows, %d duplicates", len(batch), written, duplicates)
 
-    def _write(
-        self, decoded: Sequence[tuple[ConsumedRecord, dict[str, Any]]]
-    ) -> tuple[WriteResult, list[tuple[ConsumedRecord, str]]]:
-        """Write the batch; if the sink refuses it, bisect it to single out the refused records.
+    def _write(self, rows: Sequence[Row]) -> tuple[WriteResult, list[DeadLetter]]:
+        """Write the rows; if the sink refuses them, bisect them to single out the refused rows.
 
-        k bad records among n cost about 2k log2(n) more transactions, not n; the good records
+        k bad rows among n cost about 2k log2(n) more transactions, not n; the good rows
         of a refused half are stored by its halves. Each write is tried once: only an unavailable
         sink replays the batch, never a refusal.
         """
         try:
-            return self._sink.write([record for _, record in decoded]), []
+            return self._sink.write([row.entry for row in rows]), []
         except SinkUnavailable as exc:
             raise RetryLater(str(exc)) from exc
         except BatchRejected as exc:
-            if len(decoded) == 1:
+            if len(rows) == 1:
                 return WriteResult(0, 0), [
-                    (decoded[0][0], f"rejected by the {self._settings.sink} sink: {exc}")
+                    DeadLetter.of_row(rows[0], f"rejected by the {self._settings.sink} sink: {exc}")
                 ]
-            log.warning("sink rejected a batch of %d (%s); bisecting it", len(decoded), exc)
-        middle = len(decoded) // 2
-        first, first_rejected = self._write(decoded[:middle])
-        second, second_rejected = self._write(decoded[middle:])
+            log.warning("sink rejected a batch of %d rows (%s); bisecting it", len(rows), exc)
+        middle = len(rows) // 2
+        first, first_rejected = self._write(rows[:middle])
+        second, second_rejected = self._write(rows[middle:])
         written = WriteResult(first.written + second.written, first.duplicates + second.duplicates)
         return written, first_rejected + second_rejected
 
     def _dead_letter(
-        self,
-        producer: Producer,
-        undecodable: list[tuple[ConsumedRecord, str]],
-        rejected: list[tuple[ConsumedRecord, str]],
+        self, producer: Producer, undecodable: list[DeadLetter], rejected: list[DeadLetter]
     ) -> None:
         letters = [*undecodable, *rejected]
         if not letters:
             return
-        for message, reason in letters:
-            log.error("dead-lettering log record at %s: %s", message.where(), reason)
+        started = time.perf_counter()
+        for letter in letters:
+            log.error("dead-lettering log record at %s: %s", letter.where(), letter.reason)
         # Refused for good as they are (too large with the reason headers added, or for the
         # dead-letter topic's own limit, or invalid): retrying never changes that, so they go without
         # their values; the reason and source still go, and the record stays where it came from.
         refused = self._send(producer, letters, with_values=True)
         if refused and self._send(producer, refused, with_values=False):
             raise RetryLater(
-                f"dead-letter topic refuses even the value-less dead letter of {refused[0][0].where()}"
+                f"dead-letter topic refuses even the value-less dead letter of {refused[0].where()}"
             )
         metrics.DEAD_LETTERED.labels("undecodable").inc(len(undecodable))
         metrics.DEAD_LETTERED.labels("rejected").inc(len(rejected))
+        metrics.STAGE_SECONDS.labels("dead_letter").inc(time.perf_counter() - started)
 
-    def _send(
-        self, producer: Producer, letters: list[tuple[ConsumedRecord, str]], with_values: bool
-    ) -> list[tuple[ConsumedRecord, str]]:
+    def _send(self, producer: Producer, letters: list[DeadLetter], with_values: bool) -> list[DeadLetter]:
         """Produce and flush the dead letters; the ones refused for a reason no retry can fix.
         RetryLater for anything else (the topic unavailable, a flush timing out)."""
         tracker = DeliveryTracker()
-        refused: list[tuple[ConsumedRecord, str]] = []
+        refused: list[DeadLetter] = []
 
-        def delivered(letter: tuple[ConsumedRecord, str]) -> Callable[[KafkaError | None, Message], None]:
+        def delivered(letter: DeadLetter) -> Callable[[KafkaError | None, Message], None]:
             def on_delivery(err: KafkaError | None, msg: Message) -> None:
                 if err is not None and err.code() in _UNFIXABLE:
                     refused.append(letter)
@@ -228,28 +310,30 @@ class LoggerService:
 
             return on_delivery
 
-        for message, reason in letters:
-            source = message.where()
-            trail = [(REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())]
+        for letter in letters:
+            source = letter.where()
+            trail = [(REASON_HEADER, letter.reason.encode()), (SOURCE_HEADER, letter.source.where().encode())]
+            if letter.position is not None:
+                trail.append((ENTRY_HEADER, str(letter.position).encode()))
             headers: list[tuple[str, str | bytes | None]]
             if with_values:
-                value, headers = message.value, [*message.headers, *trail]
+                value, headers = letter.value, [*letter.headers, *trail]
             else:
                 log.error("dead letter of %s goes without its value", source)
-                value, headers = None, [*trail, (DROPPED_HEADER, str(len(message.value or b"")).encode())]
+                value, headers = None, [*trail, (DROPPED_HEADER, str(len(letter.value or b"")).encode())]
             try:
                 producer.produce(
                     topics.LOGS_DEAD_LETTER,
                     value=value,
-                    key=message.key,
+                    key=letter.source.key,
                     headers=headers,
-                    on_delivery=delivered((message, reason)),
+                    on_delivery=delivered(letter),
                 )
             except KafkaException as exc:
                 if exc.args[0].code() not in _UNFIXABLE:
                     raise RetryLater(f"dead-letter topic unavailable: {exc}") from exc
                 log.error("dead letter of %s refused by the producer: %s", source, exc)
-                refused.append((message, reason))
+                refused.append(letter)
         try:
             tracker.flush(producer)
         except (KafkaException, TimeoutError) as exc:

@@ -10,7 +10,8 @@ from joey_core.settings import DatabaseSettings, ServiceSettings
 
 class LoggerSettings(ServiceSettings, DatabaseSettings):
     batch_size: int = Field(default=2000, ge=1)
-    """Most log records written to the sink in one transaction."""
+    """Most log rows written to the sink in one transaction (a batch record holds many); about that many
+    rows' worth of records are consumed at a time."""
 
     batch_timeout_ms: int = Field(default=200, ge=1)
     """Longest wait for a batch to fill before the records at hand are written."""

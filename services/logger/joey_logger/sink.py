@@ -7,6 +7,8 @@ so the service may replay any batch after a crash or a rebalance without doublin
 from __future__ import annotations
 
 import logging
+import operator
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,10 +16,9 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from joey_core import db
-from joey_core.assays.panes import LiveCounter, failure_text
+from joey_core.assays.panes import Counting, LiveCounter, failure_text
 from joey_logger import metrics
 from joey_logger.settings import LoggerSettings
 
@@ -92,34 +93,39 @@ def unique_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The first record of every identity, in batch order (a replay can repeat a record in one batch)."""
     first: dict[tuple[Any, ...], dict[str, Any]] = {}
     for record in records:
-        first.setdefault(tuple(record[name] for name in IDENTITY), record)
+        first.setdefault(_identity(record), record)
     return list(first.values())
 
 
-COLUMNS = (
-    "workspace",
-    "pipeline",
-    "pipeline_version",
-    "deployment_id",
-    "request_id",
-    "record_key",
-    "time",
-    "input_topic",
-    "input_partition",
-    "input_offset",
-    "ok",
-    "error",
-    "inputs",
-    "raw_input",
-    "outputs",
-    "shadow_outputs",
-    "check_failures",
-    "models",
-    "elapsed_ns",
-)
-# Avro arrays that land in jsonb columns; inputs/outputs/shadow_outputs already are JSON text,
-# which Postgres parses into jsonb on its own.
-_ARRAY_COLUMNS = frozenset({"check_failures", "models", "elapsed_ns"})
+_identity = operator.itemgetter(*IDENTITY)
+
+
+# Columns in COPY order, and the type each value is dumped as: set once per COPY, so psycopg looks
+# up no dumper per value (a quarter of the COPY's client time). inputs/outputs/shadow_outputs
+# already are JSON text, which Postgres parses into their jsonb columns; the Avro arrays are dumped
+# as JSON.
+_COPY_TYPES = {
+    "workspace": "text",
+    "pipeline": "text",
+    "pipeline_version": "int8",
+    "deployment_id": "text",
+    "request_id": "text",
+    "record_key": "bytea",
+    "time": "timestamptz",
+    "input_topic": "text",
+    "input_partition": "int4",
+    "input_offset": "int8",
+    "ok": "bool",
+    "error": "text",
+    "inputs": "text",
+    "raw_input": "bytea",
+    "outputs": "text",
+    "shadow_outputs": "text",
+    "check_failures": "jsonb",
+    "models": "jsonb",
+    "elapsed_ns": "jsonb",
+}
+COLUMNS = tuple(_COPY_TYPES)
 
 _COLUMN_LIST = ", ".join(COLUMNS)
 # The table's unique index (migration 0012): joey_request_key is the request id, or a hash of a long one.
@@ -133,6 +139,11 @@ _CREATE_STAGING = (
 )
 _COPY = f"COPY {_STAGING} ({_COLUMN_LIST}) FROM STDIN"
 # Rows of a deleted pipeline's deployments are dropped: a new pipeline of the same name must not get them.
+_ANY_DELETED = "SELECT 1 FROM deleted_deployments WHERE deployment_id = ANY(%s) LIMIT 1"
+# Straight into the table, with ids taken beforehand when the rows are to be counted (read back by id).
+_COPY_LOGS = f"COPY inference_logs ({_COLUMN_LIST}) FROM STDIN"
+_COPY_LOGS_WITH_IDS = f"COPY inference_logs (id, {_COLUMN_LIST}) FROM STDIN"
+_NEXT_IDS = "SELECT nextval(pg_get_serial_sequence('inference_logs', 'id')) FROM generate_series(1, %s)"
 _INSERT = sql.SQL(
     f"INSERT INTO inference_logs ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM {_STAGING} s "
     "WHERE NOT EXISTS (SELECT 1 FROM deleted_deployments d WHERE d.deployment_id = s.deployment_id) "
@@ -140,13 +151,24 @@ _INSERT = sql.SQL(
 )
 
 
-def _row(record: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(Jsonb(record[name]) if name in _ARRAY_COLUMNS else record[name] for name in COLUMNS)
+row_values: Callable[[dict[str, Any]], tuple[Any, ...]] = operator.itemgetter(*COLUMNS)
+"""A decoded log's values in COPY order (of the types :data:`COPY_TYPES` says); an itemgetter, a
+fifth of a generator's time per row."""
+
+
+COPY_TYPES = list(_COPY_TYPES.values())
+_COPY_TYPES_WITH_IDS = ["int8", *COPY_TYPES]
 
 
 @register_sink("postgres")
 class PostgresLogSink(LogSink):
-    """Writes ``inference_logs``: COPY into a temporary table, then INSERT ... ON CONFLICT DO NOTHING.
+    """Writes ``inference_logs``: a COPY straight into it, or, when that cannot do (a replayed row, a
+    deleted deployment's), a COPY into a temporary table, then INSERT ... ON CONFLICT DO NOTHING.
+
+    Replays are rare, and the direct COPY writes each row once where the staging path writes it twice
+    (the staging path costs its Postgres backend about 1.8x a plain COPY). A replayed batch costs a
+    COPY undone to its savepoint (the unique index refuses the first stored row) before the
+    staging path skips the stored rows.
 
     The rows actually inserted are counted into their live assays' windows in the same
     transaction (:mod:`joey_core.assays.panes`), so each inference is counted once; an assay that
@@ -180,15 +202,26 @@ class PostgresLogSink(LogSink):
             self.close()
             raise SinkUnavailable(f"Postgres unavailable: {exc}") from exc
         try:
+            started = time.perf_counter()
             with conn.transaction(), conn.cursor() as cursor:
                 pipelines = {(r["workspace"], r["pipeline"]) for r in rows}
                 for workspace, pipeline in sorted(pipelines):
                     db.lock_pipeline_logs(conn, workspace, pipeline, shared=True)
                 counting = self._assays.prepare(conn, pipelines)
-                with cursor.copy(_COPY) as copy:
-                    for record in rows:
-                        copy.write_row(_row(record))
-                written = counting.insert(conn, _INSERT)
+                prepared = time.perf_counter()
+                if self._copy_directly(conn, cursor, rows, counting):
+                    copied = inserted = time.perf_counter()
+                    written = len(rows)
+                else:
+                    metrics.STAGE_SECONDS.labels("undone").inc(time.perf_counter() - prepared)
+                    prepared = time.perf_counter()
+                    with cursor.copy(_COPY) as copy:
+                        copy.set_types(COPY_TYPES)
+                        for record in rows:
+                            copy.write_row(row_values(record))
+                    copied = time.perf_counter()
+                    written = counting.insert(conn, _INSERT)
+            inserted = time.perf_counter()
         except Exception as exc:
             # Only the data's fault (a value, a key or row too large) is a refusal, which retrying
             # never changes; anything else (a read-only server, a schema mismatch, a lost connection,
@@ -197,9 +230,42 @@ class PostgresLogSink(LogSink):
                 raise BatchRejected(failure_text(exc)) from exc
             self.close()
             raise SinkUnavailable(f"Postgres unavailable: {failure_text(exc)}") from exc
+        metrics.STAGE_SECONDS.labels("prepare").inc(prepared - started)
+        metrics.STAGE_SECONDS.labels("copy").inc(copied - prepared)
+        metrics.STAGE_SECONDS.labels("insert").inc(inserted - copied)
         if counting.failed:
             metrics.ASSAYS_FAILED.inc(len(counting.failed))
         return WriteResult(written=written, duplicates=len(records) - written)
+
+    def _copy_directly(
+        self,
+        conn: psycopg.Connection[Any],
+        cursor: psycopg.Cursor[Any],
+        rows: Sequence[dict[str, Any]],
+        counting: Counting,
+    ) -> bool:
+        """COPY the rows straight into ``inference_logs`` and count them (every one was inserted);
+        False, with nothing written, when some row is a deleted deployment's or already stored.
+
+        The deleted deployments cannot change meanwhile: the caller holds the pipelines' logs lock."""
+        if cursor.execute(_ANY_DELETED, (list({r["deployment_id"] for r in rows}),)).fetchone():
+            return False
+        ids = [i for (i,) in cursor.execute(_NEXT_IDS, (len(rows),))] if counting.assays else None
+        try:
+            with conn.transaction(), cursor.copy(_COPY_LOGS if ids is None else _COPY_LOGS_WITH_IDS) as copy:
+                if ids is None:
+                    copy.set_types(COPY_TYPES)
+                    for record in rows:
+                        copy.write_row(row_values(record))
+                else:
+                    copy.set_types(_COPY_TYPES_WITH_IDS)
+                    for row_id, record in zip(ids, rows, strict=True):
+                        copy.write_row((row_id, *row_values(record)))
+        except psycopg.errors.UniqueViolation:
+            return False
+        if ids is not None:
+            counting.count_stored(conn, ids)
+        return True
 
     def close(self) -> None:
         if self._conn is not None:

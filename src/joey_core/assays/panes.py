@@ -249,6 +249,31 @@ class Counting:
                     raise
                 log.warning("counting into %d assays failed, counting each alone: %s", len(self.assays), exc)
         ids = [row[0] for row in _rows(conn, sql.SQL("{} RETURNING id").format(insert), ())]
+        self._count_each(conn, ids)
+        return len(ids)
+
+    def count_stored(self, conn: psycopg.Connection[Any], ids: Sequence[int]) -> None:
+        """Count the rows of ``ids``, which this transaction has just inserted, into the assays: what
+        :meth:`insert` does for rows stored by another statement (a COPY). An assay that cannot be
+        counted is marked failed, as there."""
+        if not self.assays or not ids:
+            return
+        values = [value_sql(d) for _, d in self.assays]
+        query = sql.SQL("SELECT {} FROM inference_logs WHERE id = ANY(%s)").format(
+            sql.SQL(", ").join([MICROS_SQL, *values])
+        )
+        try:
+            with conn.transaction():
+                self.count(conn, _rows(conn, query, (list(ids),)))
+            return
+        except Exception as exc:
+            if not assays_fault(exc, conn):
+                raise
+            log.warning("counting into %d assays failed, counting each alone: %s", len(self.assays), exc)
+        self._count_each(conn, ids)
+
+    def _count_each(self, conn: psycopg.Connection[Any], ids: Sequence[int]) -> None:
+        """Count the stored rows of ``ids`` into each assay in a savepoint of its own."""
         for assay_id, definition in self.assays:
             try:
                 with conn.transaction():
@@ -257,7 +282,7 @@ class Counting:
                         sql.SQL("SELECT {}, {} FROM inference_logs WHERE id = ANY(%s)").format(
                             MICROS_SQL, value_sql(definition)
                         ),
-                        (ids,),
+                        (list(ids),),
                     )
                     Counting([(assay_id, definition)], []).count(conn, rows)
             except Exception as exc:
@@ -266,7 +291,6 @@ class Counting:
                 name = f"{definition.workspace}/{definition.name}"
                 if reason := _fail(conn, assay_id, name, exc):
                     self.failed.append((assay_id, reason))
-        return len(ids)
 
     def returning(self, insert: sql.Composable) -> sql.Composed:
         """``insert`` returning each inserted row's time and its value for every assay."""
