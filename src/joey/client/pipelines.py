@@ -746,6 +746,72 @@ class Pipeline:
         self._version = None
         return DeletedPipeline(self.name, response.version_count, response.log_entries)
 
+    def infer_from_file(
+        self,
+        path: str | Path,
+        data_format: str | None = None,
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+        chunk_rows: int = 10_000,
+    ) -> pd.DataFrame | pa.Table:
+        """Infer the records of a file, ``chunk_rows`` at a time, and return one result row per record in file
+        order: a DataFrame for JSON, an Arrow table for Arrow IPC and Parquet (the columns of ``infer``).
+
+        ``data_format`` is ``"json"`` (a JSON array of records, as pandas writes ``orient="records"``, or
+        JSON lines, one record per line), ``"arrow"`` (Arrow IPC, file or stream format; Feather v2) or
+        ``"parquet"``; by default the suffix says (.json/.jsonl/.ndjson, .arrow/.arrows/.feather/.ipc,
+        .parquet/.pq). Rows are shaped as ``infer`` shapes a DataFrame (one column per record field, or the
+        feature columns packed into the pipeline's input); JSON records that name an input are sent as they
+        are. Memory holds one chunk of input: a Parquet or Arrow file is read a batch at a time, JSON lines a
+        chunk of lines at a time; a JSON array is one JSON value, read whole (use JSON lines for big files).
+
+        The file is read through once before anything is sent: a file that cannot be read, is not of its
+        format, or whose rows do not fit the pipeline's inputs raises InputFileError naming the file, the
+        rows and the problem. ``timeout`` applies to each chunk as to one ``infer`` call (InferenceTimeout
+        when a chunk's replies do not all arrive); ``progress(done, total)`` counts the whole file.
+        """
+        from joey.client import bulk
+
+        return bulk.infer_from_file(self, path, data_format, timeout, progress, chunk_rows)
+
+    def parallel_infer(
+        self,
+        data: pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any],
+        batch_size: int = 1000,
+        num_parallel: int = 4,
+        retries: int = 1,
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+    ) -> pd.DataFrame | pa.Table:
+        """Infer ``data`` (anything ``infer`` takes) as batches of ``batch_size`` rows, ``num_parallel``
+        batches at once, and return one result row per record, in input order, with per-row errors.
+
+        Rows that got no answer from the pipeline (not sent, or no reply within ``timeout``) are sent again,
+        in new batches, up to ``retries`` times; rows the pipeline answered, with an error too, are never
+        sent again, and each record has exactly one row in the result. A row still unanswered after its
+        retries keeps its error ("not sent to the pipeline: ..." or "no reply from the pipeline within
+        ...s"). A row that timed out may have reached the pipeline all the same (its reply late): its retry
+        can then be processed (and logged) twice. Data that does not fit the pipeline's inputs raises
+        InputError before anything is sent; an error other than a timeout (the pipeline undeployed meanwhile)
+        stops the batches not started yet and is raised. ``progress(answered, total)`` after each batch.
+        """
+        from joey.client import bulk
+
+        return bulk.parallel_infer(self, data, batch_size, num_parallel, retries, timeout, progress)
+
+    async def async_infer(
+        self,
+        data: pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any],
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+    ) -> pd.DataFrame | pa.Table:
+        """``infer`` as a coroutine: it runs in a worker thread (asyncio's default executor), so the event
+        loop goes on meanwhile; calls awaited together (``asyncio.gather``) run at once, each with its own
+        result. ``progress`` is called from the worker thread."""
+        from joey.client import bulk
+
+        return await bulk.async_infer(self, data, timeout, progress)
+
 
 def load_pipeline(client: RegistryCaller, found: pb.Pipeline) -> Pipeline:
     """A builder holding the steps of the stored pipeline's latest version, so ``deploy()`` redeploys them."""

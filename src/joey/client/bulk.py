@@ -1,0 +1,379 @@
+"""Bulk inference, Wallaroo's verbs: records from a file, in chunks (``infer_from_file``); batches in
+parallel with retries of the rows that got no answer (``parallel_infer``); and ``infer`` as an asyncio
+coroutine (``async_infer``). Each goes through ``Pipeline.infer`` and returns its result columns, one row per
+input record, in input order, with per-row errors.
+
+Nothing is sent unless all of the data is fit to send: a file is read through once first (in chunks, so
+memory holds one chunk) to check that it parses and that its records fit the pipeline's inputs, then read
+again to send it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from joey.client.calls import JoeyError
+from joey.client.inputs import InputError, RecordInput, deployed_inputs, to_records
+from joey.client.streaming import InferenceTimeout, Progress
+from joey_core.replies import Reply, failed_reply
+
+if TYPE_CHECKING:
+    from joey.client.pipelines import Pipeline
+
+Data: TypeAlias = pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any]
+Chunk: TypeAlias = pa.Table | pd.DataFrame | list[dict[str, Any]]
+
+FORMATS = ("json", "arrow", "parquet")
+"""``json``: a JSON array of records (pandas' ``orient="records"``) or JSON lines, one record per line;
+``arrow``: Apache Arrow IPC, file or stream format (Feather v2 is the file format); ``parquet``."""
+_SUFFIXES = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".arrow": "arrow",
+    ".arrows": "arrow",
+    ".feather": "arrow",
+    ".ipc": "arrow",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_ARROW_FILE_MAGIC = b"ARROW1"
+_FEATHER_V1_MAGIC = b"FEA1"
+# The engine's error for a row that never reached the pipeline (see joey.client.streaming.not_sent).
+_NOT_SENT = "not sent to the pipeline"
+
+
+class InputFileError(InputError):
+    """A file ``infer_from_file`` refuses, having sent nothing: the message names the file and the problem."""
+
+
+class _Shaper:
+    """The deployed pipeline's inputs, fetched once, and the check that data fits them."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        status = pipeline.status()
+        if status.status == "Undeployed":
+            raise JoeyError(
+                "FAILED_PRECONDITION", f"pipeline {pipeline.name!r} is not deployed: deploy it first"
+            )
+        self.pipeline = pipeline
+        version = status.pipeline_version
+        self.inputs: Callable[[], Sequence[RecordInput]] = functools.cache(
+            lambda: deployed_inputs(pipeline.client, pipeline.name, version)
+        )
+
+    def records(self, data: Data | Chunk) -> list[Any]:
+        """The input records of ``data``, as ``infer`` sends them; InputError when they do not fit."""
+        return to_records(data, self.inputs, self.pipeline.name)
+
+    def shaped(self, chunk: Chunk, first_row: int) -> Chunk:
+        """A chunk of a file as ``infer`` takes it. Records naming no input field become a frame with a column
+        per key (``first_row`` numbering its rows), which ``infer`` packs as it packs a DataFrame: pandas'
+        records JSON of a frame of feature columns; other records are sent as they are."""
+        if not isinstance(chunk, list):
+            return chunk
+        fields = {i.field for i in self.inputs()}
+        if not fields or any(fields.intersection(record) for record in chunk):
+            return chunk
+        return pd.DataFrame(chunk, index=pd.RangeIndex(first_row, first_row + len(chunk)))
+
+
+# --- infer_from_file ---------------------------------------------------------------------------------------
+
+
+def infer_from_file(
+    pipeline: Pipeline,
+    path: str | Path,
+    data_format: str | None = None,
+    timeout: float = 60.0,
+    progress: Progress | None = None,
+    chunk_rows: int = 10_000,
+) -> pd.DataFrame | pa.Table:
+    """See :meth:`joey.client.pipelines.Pipeline.infer_from_file`."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    path = Path(path)
+    fmt = file_format(path, data_format)
+    # Made once the first chunk is read: a file that does not parse is refused without asking the registry.
+    shaper: _Shaper | None = None
+    total = 0
+    for chunk in _chunks(path, fmt, chunk_rows):  # the check pass: nothing is sent
+        shaper = shaper or _Shaper(pipeline)
+        try:
+            shaper.records(shaper.shaped(chunk, total))
+        except InputError as exc:
+            raise InputFileError(f"{path}, rows {total} to {total + len(chunk) - 1}: {exc.message}") from None
+        total += len(chunk)
+    results: list[Any] = []
+    done = 0
+    for chunk in _chunks(path, fmt, chunk_rows):
+        assert shaper is not None  # made by the check pass, which read the same chunks
+
+        def chunk_progress(answered: int, _: int, before: int = done) -> None:
+            if progress:
+                progress(before + answered, total)
+
+        results.append(pipeline.infer(shaper.shaped(chunk, done), timeout, chunk_progress))
+        done += len(chunk)
+    if fmt == "json":
+        return _concat_frames(results)
+    return _concat_tables(results)
+
+
+def file_format(path: Path, data_format: str | None) -> str:
+    """``data_format``, else the format the suffix of ``path`` names; InputFileError for neither."""
+    if data_format is not None:
+        if data_format not in FORMATS:
+            raise InputFileError(
+                f"unknown data_format {data_format!r} for {path}: use one of {', '.join(FORMATS)}"
+            )
+        return data_format
+    fmt = _SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise InputFileError(
+            f"cannot tell the format of {path} from its suffix {path.suffix!r}: name it "
+            f"{', '.join(_SUFFIXES)}, or pass data_format ({', '.join(FORMATS)})"
+        )
+    return fmt
+
+
+def _chunks(path: Path, fmt: str, rows: int) -> Iterator[Chunk]:
+    """The file's records, ``rows`` at a time: lists of records for JSON, tables otherwise."""
+    try:
+        if fmt == "json":
+            yield from _json_chunks(path, rows)
+        else:
+            batches = _parquet_batches(path, rows) if fmt == "parquet" else _arrow_batches(path)
+            yield from _rechunked(batches, rows)
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (pa.ArrowException, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        what = {"parquet": "a Parquet file", "arrow": "an Arrow IPC file or stream"}.get(fmt, "JSON")
+        raise InputFileError(f"{path} is not {what} that can be read: {exc}") from None
+
+
+def _json_chunks(path: Path, rows: int) -> Iterator[list[dict[str, Any]]]:
+    """Records of a JSON array (read whole: it is one JSON value) or of JSON lines, ``rows`` at a time."""
+    with path.open("rb") as file:
+        if file.read(64).lstrip().startswith(b"["):
+            file.seek(0)
+            records = _json_array(path, file.read())
+            for at in range(0, len(records), rows):
+                yield records[at : at + rows]
+            return
+        file.seek(0)
+        chunk: list[dict[str, Any]] = []
+        for number, line in enumerate(file, 1):
+            if line.strip():
+                chunk.append(_json_line(path, number, line))
+            if len(chunk) == rows:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+def _json_array(path: Path, text: bytes) -> list[dict[str, Any]]:
+    try:
+        records = json.loads(text)
+    except ValueError as exc:
+        raise InputFileError(f"{path} is neither JSON nor JSON lines: {exc}") from None
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InputFileError(
+                f"{path}: item {index} of the array is a {type(record).__name__}, not a JSON object (a "
+                'record mapping field names to values, e.g. {"features": [5.1, 3.5, 1.4, 0.2]})'
+            )
+    return list(records)
+
+
+def _json_line(path: Path, number: int, line: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        msg = getattr(exc, "msg", str(exc))
+        raise InputFileError(f"{path} is neither JSON nor JSON lines: line {number}: {msg}") from None
+    if not isinstance(record, dict):
+        raise InputFileError(
+            f"{path}: line {number} is a {type(record).__name__}, not a JSON object (one record per line, "
+            'e.g. {"features": [5.1, 3.5, 1.4, 0.2]})'
+        )
+    return record
+
+
+def _parquet_batches(path: Path, rows: int) -> Iterator[pa.RecordBatch]:
+    yield from pq.ParquetFile(path).iter_batches(batch_size=rows)
+
+
+def _arrow_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    # Memory-mapped: a batch's pages are read when the batch is used, not the file at once.
+    with pa.memory_map(str(path)) as source:
+        magic = source.read(len(_ARROW_FILE_MAGIC))
+        source.seek(0)
+        if magic.startswith(_FEATHER_V1_MAGIC):
+            raise InputFileError(
+                f"{path} is a Feather version 1 file, which has no record batches: write it again as Arrow "
+                "IPC (pyarrow.feather.write_feather(table, path) writes version 2)"
+            )
+        if magic == _ARROW_FILE_MAGIC:
+            reader = pa.ipc.open_file(source)
+            for index in range(reader.num_record_batches):
+                yield reader.get_batch(index)
+        else:
+            yield from pa.ipc.open_stream(source)
+
+
+def _rechunked(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """Tables of ``rows`` rows (the last one fewer) from batches of any size: small batches are joined so
+    that each ``infer`` call carries a useful amount."""
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        held.append(batch)
+        count += batch.num_rows
+        while count >= rows:
+            table = pa.Table.from_batches(held)
+            yield table.slice(0, rows)
+            rest = table.slice(rows)
+            held, count = rest.to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(held)
+
+
+# --- parallel_infer ----------------------------------------------------------------------------------------
+
+
+def parallel_infer(
+    pipeline: Pipeline,
+    data: Data,
+    batch_size: int = 1000,
+    num_parallel: int = 4,
+    retries: int = 1,
+    timeout: float = 60.0,
+    progress: Progress | None = None,
+) -> pd.DataFrame | pa.Table:
+    """See :meth:`joey.client.pipelines.Pipeline.parallel_infer`."""
+    for name, value, least in (
+        ("batch_size", batch_size, 1),
+        ("num_parallel", num_parallel, 1),
+        ("retries", retries, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
+    records = _Shaper(pipeline).records(data)
+    pieces: list[pd.DataFrame] = []
+    pending = list(range(len(records)))
+    answered = 0
+    for attempt in range(retries + 1):
+        last = attempt == retries
+        batches = [pending[at : at + batch_size] for at in range(0, len(pending), batch_size)]
+        pending = []
+        for positions, (frame, unanswered) in zip(
+            batches, _run(pipeline, records, batches, num_parallel, timeout), strict=True
+        ):
+            keep = [not u or last for u in unanswered]
+            pending += [p for p, u in zip(positions, unanswered, strict=True) if u and not last]
+            kept = frame[keep].copy()
+            kept.insert(0, "_position", [p for p, k in zip(positions, keep, strict=True) if k])
+            pieces.append(kept)
+            answered += sum(not u for u in unanswered)
+            if progress:
+                progress(answered, len(records))
+        if not pending:
+            break
+    result = _concat_frames(pieces, by="_position")
+    return pa.Table.from_pandas(result, preserve_index=False) if isinstance(data, pa.Table) else result
+
+
+def _run(
+    pipeline: Pipeline, records: list[Any], batches: list[list[int]], num_parallel: int, timeout: float
+) -> list[tuple[pd.DataFrame, list[bool]]]:
+    """Each batch's result frame and which of its rows got no answer, ``num_parallel`` batches at a time.
+    An error other than a timeout (the pipeline undeployed, the broker unreachable) stops the batches not
+    started yet and is raised."""
+    with ThreadPoolExecutor(max_workers=num_parallel, thread_name_prefix="joey-parallel-infer") as pool:
+        futures: list[Future[tuple[pd.DataFrame, list[bool]]]] = [
+            pool.submit(_attempt, pipeline, [records[p] for p in batch], timeout) for batch in batches
+        ]
+        done, running = wait(futures, return_when=FIRST_EXCEPTION)
+        if running:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future in done:
+                future.result()  # raises the error that stopped the batches
+        return [future.result() for future in futures]
+
+
+def _attempt(pipeline: Pipeline, rows: list[Any], timeout: float) -> tuple[pd.DataFrame, list[bool]]:
+    """The result of one batch and, per row, whether it went unanswered: not sent, or no reply in time."""
+    from joey.client.pipelines import replies_to_frame
+
+    try:
+        frame = pipeline.infer(rows, timeout)
+    except InferenceTimeout as exc:
+        now = datetime.now(UTC).isoformat()
+        replies: list[Reply] = [
+            reply or failed_reply("", f"no reply from the pipeline within {timeout:g}s", now)
+            for reply in exc.replies
+        ]
+        unanswered = [reply is None or _not_sent(reply) for reply in exc.replies]
+        return replies_to_frame(replies), unanswered
+    assert isinstance(frame, pd.DataFrame)  # rows are records, whose result is a frame
+    errors = frame["error"].tolist() if "error" in frame else [None] * len(frame)
+    return frame, [isinstance(e, str) and e.startswith(_NOT_SENT) for e in errors]
+
+
+def _not_sent(reply: Reply) -> bool:
+    error = reply.body.get("error")
+    return not reply.ok and isinstance(error, str) and error.startswith(_NOT_SENT)
+
+
+# --- async_infer -------------------------------------------------------------------------------------------
+
+
+async def async_infer(
+    pipeline: Pipeline, data: Data, timeout: float = 60.0, progress: Progress | None = None
+) -> pd.DataFrame | pa.Table:
+    """See :meth:`joey.client.pipelines.Pipeline.async_infer`."""
+    return await asyncio.to_thread(pipeline.infer, data, timeout, progress)
+
+
+# --- results -----------------------------------------------------------------------------------------------
+
+
+def _columns(pieces: Sequence[Sequence[str]]) -> list[str]:
+    """Every column of the pieces, in the order of the piece with the most (a piece of failed rows lacks the
+    ``out.*`` columns), then the others."""
+    widest = max(pieces, key=len, default=[])
+    return list(dict.fromkeys([*widest, *(c for piece in pieces for c in piece)]))
+
+
+def _concat_frames(frames: Sequence[pd.DataFrame], by: str | None = None) -> pd.DataFrame:
+    """The frames as one, sorted by column ``by`` (then dropped) if given, typed as ``infer`` types them."""
+    if not frames:
+        return pd.DataFrame()
+    frame = pd.concat(frames, ignore_index=True)
+    if by is not None:
+        frame = frame.sort_values(by, kind="stable").drop(columns=by)
+    order = _columns([[c for c in f.columns if c != by] for f in frames])
+    return frame[order].reset_index(drop=True).convert_dtypes()
+
+
+def _concat_tables(tables: Sequence[pa.Table]) -> pa.Table:
+    if not tables:
+        return pa.table({})
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.select(_columns([t.column_names for t in tables]))
