@@ -78,6 +78,15 @@ class _Shaper:
         """The input records of ``data``, as ``infer`` sends them; InputError when they do not fit."""
         return to_records(data, self.inputs, self.pipeline.name)
 
+    def check(self, chunk: Chunk, first_row: int) -> None:
+        """Raise InputError when a chunk of a file, its first row numbered ``first_row``, does not fit."""
+        data = self.shaped(chunk, first_row)
+        fields = {i.field for i in self.inputs()}
+        if isinstance(data, pa.Table) and fields and not fields.intersection(data.column_names):
+            # Packed as a frame numbered like the file, so that an error names the row of the file.
+            data = data.to_pandas().set_axis(pd.RangeIndex(first_row, first_row + data.num_rows))
+        self.records(data)
+
     def shaped(self, chunk: Chunk, first_row: int) -> Chunk:
         """A chunk of a file as ``infer`` takes it. Records naming no input field become a frame with a column
         per key (``first_row`` numbering its rows), which ``infer`` packs as it packs a DataFrame: pandas'
@@ -112,9 +121,9 @@ def infer_from_file(
     for chunk in _chunks(path, fmt, chunk_rows):  # the check pass: nothing is sent
         shaper = shaper or _Shaper(pipeline)
         try:
-            shaper.records(shaper.shaped(chunk, total))
+            shaper.check(chunk, total)
         except InputError as exc:
-            raise InputFileError(f"{path}, rows {total} to {total + len(chunk) - 1}: {exc.message}") from None
+            raise InputFileError(f"{path}: {exc.message}") from None
         total += len(chunk)
     results: list[Any] = []
     done = 0

@@ -1,0 +1,275 @@
+"""Bulk inference against the real stack: files in every format, parallel batches with retries of the rows
+that got no answer, and infer as an asyncio coroutine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+import pytest
+
+from joey.client import Client, Pipeline
+from joey.client.bulk import InputFileError
+from joey.client.inputs import InputError
+from joey_core.settings import CommonSettings
+from tests.conftest import Stack
+from train_model import make_records
+
+COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+BAD = {"features": [1.0, 2.0]}
+"""A record the pipeline answers with an error: two features of four."""
+
+
+@dataclass
+class Counting(Pipeline):
+    """The pipeline, counting the rows of each ``infer`` call: the one way anything is sent."""
+
+    sent: list[int] = field(default_factory=list)
+
+    def infer(self, data: Any, timeout: float = 60.0, progress: Any = None) -> Any:
+        self.sent.append(len(data))
+        return super().infer(data, timeout, progress)
+
+
+@pytest.fixture(scope="module")
+def iris(stack: Stack, settings: CommonSettings, iris_model: Path) -> Iterator[Pipeline]:
+    client = Client(settings=settings)
+    model = client.upload_model("iris-bulk", iris_model)
+    pipeline = client.build_pipeline("iris-bulk").add_model_step(model)
+    pipeline.deploy(replicas=1, timeout=90)
+    yield pipeline
+    pipeline.undeploy()
+
+
+@pytest.fixture()
+def counting(iris: Pipeline) -> Counting:
+    return Counting(iris.client, iris.name)
+
+
+def same_results(result: pd.DataFrame | pa.Table, expected: pd.DataFrame) -> None:
+    """``result`` has the columns, inputs, outputs and errors of ``expected``, row for row."""
+    frame = result.to_pandas() if isinstance(result, pa.Table) else result
+    assert list(frame.columns) == list(expected.columns)
+    assert [list(v) for v in frame["in.features"]] == [list(v) for v in expected["in.features"]]
+    assert values(frame["out.label"]) == values(expected["out.label"])
+    assert values(frame["error"]) == values(expected["error"])
+    assert frame["request_id"].is_unique
+
+
+def values(column: pd.Series) -> list[Any]:
+    """The values of a column, a missing one as None, whatever the dtype (an Arrow table's integers with a
+    gap come to pandas as floats)."""
+    return [None if pd.isna(v) else int(v) if isinstance(v, float) else v for v in column.tolist()]
+
+
+def records_with_a_bad_one() -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = make_records(16, seed=31)
+    return records[:9] + [BAD] + records[9:]
+
+
+def write_json(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text(json.dumps(records))
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n\n" for r in records))  # blank lines are skipped
+
+
+def write_arrow_file(path: Path, records: list[dict[str, Any]]) -> None:
+    feather.write_feather(pa.Table.from_pylist(records), path, chunksize=3)
+
+
+def write_arrow_stream(path: Path, records: list[dict[str, Any]]) -> None:
+    table = pa.Table.from_pylist(records)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=4):
+            writer.write_batch(batch)
+
+
+def write_parquet(path: Path, records: list[dict[str, Any]]) -> None:
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=5)
+
+
+WRITERS: dict[str, Callable[[Path, list[dict[str, Any]]], None]] = {
+    "records.json": write_json,
+    "records.jsonl": write_jsonl,
+    "records.feather": write_arrow_file,
+    "records.arrows": write_arrow_stream,
+    "records.parquet": write_parquet,
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_each_file_format_gives_what_infer_gives_for_its_rows(
+    counting: Counting, tmp_path: Path, name: str
+) -> None:
+    records = records_with_a_bad_one()
+    path = tmp_path / name
+    WRITERS[name](path, records)
+    seen: list[tuple[int, int]] = []
+
+    result = counting.infer_from_file(path, chunk_rows=7, progress=lambda *a: seen.append(a))
+
+    assert counting.sent == [7, 7, 3], "read and sent a chunk at a time"
+    assert isinstance(result, pd.DataFrame if name.startswith("records.json") else pa.Table)
+    same_results(result, counting.infer(records))
+    assert seen[-1] == (17, 17) and all(total == 17 for _, total in seen)
+
+
+def test_feature_columns_of_a_file_are_packed_as_infer_packs_a_frame(iris: Pipeline, tmp_path: Path) -> None:
+    frame = pd.DataFrame([r["features"] for r in make_records(9, seed=32)], columns=COLUMNS)
+    expected = iris.infer(frame)
+    frame.to_json(tmp_path / "frame.json", orient="records")
+    frame.to_parquet(tmp_path / "frame.parquet")
+    same_results(iris.infer_from_file(tmp_path / "frame.json", chunk_rows=4), expected)
+    same_results(iris.infer_from_file(tmp_path / "frame.parquet", chunk_rows=4), expected)
+
+
+def bad_jsonl(path: Path) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_records(12)) + "{not json\n")
+    return "is neither JSON nor JSON lines: line 13: Expecting property name"
+
+
+def not_a_record(path: Path) -> str:
+    path.write_text(json.dumps([*make_records(12), [1, 2, 3, 4]]))
+    return "item 12 of the array is a list, not a JSON object"
+
+
+def garbage_parquet(path: Path) -> str:
+    path.write_bytes(b"PAR1 but not really" * 10)
+    return "is not a Parquet file that can be read"
+
+
+def garbage_arrow(path: Path) -> str:
+    path.write_bytes(b"\x00" * 100)
+    return "is not an Arrow IPC file or stream that can be read"
+
+
+def feather_v1(path: Path) -> str:
+    # Its magic bytes at both ends (pyarrow deprecates writing it).
+    path.write_bytes(b"FEA1" + b"\x00" * 64 + b"FEA1")
+    return "is a Feather version 1 file"
+
+
+def nan_after_the_first_chunk(path: Path) -> str:
+    frame = pd.DataFrame([r["features"] for r in make_records(12, seed=33)], columns=COLUMNS)
+    frame.iloc[10, 2] = float("nan")
+    frame.to_parquet(path)
+    return "pipeline 'iris-bulk' reads 'features' (float32 [4]): row 10, column 'petal_length' is NaN"
+
+
+def unknown_suffix(path: Path) -> str:
+    write_json(path, make_records(3))
+    return "cannot tell the format of"
+
+
+BAD_FILES: dict[str, Callable[[Path], str]] = {
+    "bad.jsonl": bad_jsonl,
+    "not-a-record.json": not_a_record,
+    "garbage.parquet": garbage_parquet,
+    "garbage.arrow": garbage_arrow,
+    "v1.feather": feather_v1,
+    "nan.parquet": nan_after_the_first_chunk,
+    "records.csv": unknown_suffix,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_bad_file_is_refused_with_its_reason_before_anything_is_sent(
+    counting: Counting, tmp_path: Path, name: str
+) -> None:
+    path = tmp_path / name
+    reason = BAD_FILES[name](path)
+    with pytest.raises(InputFileError) as refused:
+        counting.infer_from_file(path, chunk_rows=4)
+    assert str(path) in refused.value.message and reason in refused.value.message, refused.value.message
+    assert counting.sent == []
+
+
+def test_parallel_infer_returns_every_row_in_input_order_with_its_errors(counting: Counting) -> None:
+    records = records_with_a_bad_one() + [BAD] + make_records(11, seed=34)
+    expected = counting.infer(records)
+    counting.sent.clear()
+
+    result = counting.parallel_infer(records, batch_size=5, num_parallel=3)
+
+    assert sorted(counting.sent) == [4] + [5] * 5
+    same_results(result, expected)
+    errors = result["error"]
+    assert errors.notna().tolist() == [r is BAD for r in records]
+
+
+def test_parallel_infer_shapes_frames_and_answers_arrow_with_arrow(iris: Pipeline) -> None:
+    frame = pd.DataFrame([r["features"] for r in make_records(11, seed=35)], columns=COLUMNS)
+    same_results(iris.parallel_infer(frame, batch_size=3, num_parallel=2), iris.infer(frame))
+    table = pa.Table.from_pylist(records_with_a_bad_one())
+    result = iris.parallel_infer(table, batch_size=4, num_parallel=2)
+    assert isinstance(result, pa.Table)
+    same_results(result, iris.infer(records_with_a_bad_one()))
+
+
+def test_parallel_infer_refuses_data_that_does_not_fit_before_sending(counting: Counting) -> None:
+    frame = pd.DataFrame([r["features"] for r in make_records(11, seed=36)], columns=COLUMNS)
+    frame.iloc[9, 1] = float("inf")
+    with pytest.raises(InputError, match="row 9, column 'sepal_width' is inf"):
+        counting.parallel_infer(frame, batch_size=2)
+    assert counting.sent == []
+
+
+def test_parallel_infer_retries_only_the_rows_not_sent(counting: Counting) -> None:
+    records = make_records(10, seed=37)
+    # Larger than the producer's message.max.bytes: never sent, however often it is tried.
+    huge = {"features": [1.0] * 500_000}
+    records = records[:4] + [huge] + records[4:6] + [BAD] + records[6:]
+
+    result = counting.parallel_infer(records, batch_size=4, num_parallel=2, retries=2)
+
+    # The first round sends every row; each retry sends the one row that got no answer, never the row
+    # the pipeline answered with an error.
+    assert sorted(counting.sent) == [1, 1, 4, 4, 4]
+    assert len(result) == len(records) and result["request_id"].is_unique
+    errors = result["error"].tolist()
+    assert errors[4].startswith("not sent to the pipeline: ") and "too large" in errors[4].lower()
+    assert "features" in errors[7], errors[7]
+    assert [pd.isna(e) for e in errors] == [i not in (4, 7) for i in range(len(records))]
+    assert list(result["in.features"][10]) == records[10]["features"]
+
+
+def test_parallel_infer_retries_rows_with_no_reply_in_time_and_keeps_one_row_each(counting: Counting) -> None:
+    records = make_records(3, seed=38)
+    # No reply can come within a millisecond: every row goes unanswered, each round.
+    result = counting.parallel_infer(records, batch_size=3, retries=1, timeout=0.001)
+    assert counting.sent == [3, 3]
+    assert len(result) == 3
+    for error in result["error"]:
+        assert error.startswith(("no reply from the pipeline within 0.001s", "not sent to the pipeline")), (
+            error
+        )
+
+
+def test_async_infer_runs_beside_the_event_loop_and_gathered_calls_get_their_own_results(
+    iris: Pipeline,
+) -> None:
+    batches = [make_records(3 + i, seed=40 + i) for i in range(3)]
+
+    async def main() -> tuple[list[Any], int]:
+        task = asyncio.ensure_future(asyncio.gather(*(iris.async_infer(b) for b in batches)))
+        await asyncio.sleep(0)  # the calls start
+        ticks = 0
+        while not task.done():  # the loop turns while they wait for their replies
+            ticks += 1
+            await asyncio.sleep(0.01)
+        return await task, ticks
+
+    results, ticks = asyncio.run(main())
+    assert ticks > 0
+    for batch, result in zip(batches, results, strict=True):
+        same_results(result, iris.infer(batch))
