@@ -17,21 +17,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from joey.client.calls import JoeyError
+from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.inputs import InputError, RecordInput, deployed_inputs, to_records
 from joey.client.streaming import InferenceTimeout, Progress
 from joey_core.replies import Reply, failed_reply
 
-if TYPE_CHECKING:
-    from joey.client.pipelines import Pipeline
-
+FrameOf: TypeAlias = Callable[[Sequence[Reply]], pd.DataFrame]
+"""Result rows of replies: ``joey.client.pipelines.replies_to_frame``, passed in as this module sits below
+``pipelines`` (whose methods call it)."""
 Data: TypeAlias = pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any]
 Chunk: TypeAlias = pa.Table | pd.DataFrame | list[dict[str, Any]]
 
@@ -55,6 +55,26 @@ _FEATHER_V1_MAGIC = b"FEA1"
 _NOT_SENT = "not sent to the pipeline"
 
 
+class _Deployment(Protocol):
+    @property
+    def status(self) -> str: ...
+    @property
+    def pipeline_version(self) -> int: ...
+
+
+class BulkPipeline(Protocol):
+    """What the bulk verbs need of a :class:`joey.client.pipelines.Pipeline`."""
+
+    client: RegistryCaller
+    name: str
+
+    def status(self) -> _Deployment: ...
+
+    def infer(
+        self, data: Any, timeout: float = ..., progress: Progress | None = ...
+    ) -> pd.DataFrame | pa.Table: ...
+
+
 class InputFileError(InputError):
     """A file ``infer_from_file`` refuses, having sent nothing: the message names the file and the problem."""
 
@@ -62,7 +82,7 @@ class InputFileError(InputError):
 class _Shaper:
     """The deployed pipeline's inputs, fetched once, and the check that data fits them."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: BulkPipeline) -> None:
         status = pipeline.status()
         if status.status == "Undeployed":
             raise JoeyError(
@@ -103,7 +123,7 @@ class _Shaper:
 
 
 def infer_from_file(
-    pipeline: Pipeline,
+    pipeline: BulkPipeline,
     path: str | Path,
     data_format: str | None = None,
     timeout: float = 60.0,
@@ -267,13 +287,15 @@ def _rechunked(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Tabl
 
 
 def parallel_infer(
-    pipeline: Pipeline,
+    pipeline: BulkPipeline,
     data: Data,
     batch_size: int = 1000,
     num_parallel: int = 4,
     retries: int = 1,
     timeout: float = 60.0,
     progress: Progress | None = None,
+    *,
+    frame_of: FrameOf,
 ) -> pd.DataFrame | pa.Table:
     """See :meth:`joey.client.pipelines.Pipeline.parallel_infer`."""
     for name, value, least in (
@@ -292,7 +314,7 @@ def parallel_infer(
         batches = [pending[at : at + batch_size] for at in range(0, len(pending), batch_size)]
         pending = []
         for positions, (frame, unanswered) in zip(
-            batches, _run(pipeline, records, batches, num_parallel, timeout), strict=True
+            batches, _run(pipeline, records, batches, num_parallel, timeout, frame_of), strict=True
         ):
             keep = [not u or last for u in unanswered]
             pending += [p for p, u in zip(positions, unanswered, strict=True) if u and not last]
@@ -309,14 +331,20 @@ def parallel_infer(
 
 
 def _run(
-    pipeline: Pipeline, records: list[Any], batches: list[list[int]], num_parallel: int, timeout: float
+    pipeline: BulkPipeline,
+    records: list[Any],
+    batches: list[list[int]],
+    num_parallel: int,
+    timeout: float,
+    frame_of: FrameOf,
 ) -> list[tuple[pd.DataFrame, list[bool]]]:
     """Each batch's result frame and which of its rows got no answer, ``num_parallel`` batches at a time.
     An error other than a timeout (the pipeline undeployed, the broker unreachable) stops the batches not
     started yet and is raised."""
     with ThreadPoolExecutor(max_workers=num_parallel, thread_name_prefix="joey-parallel-infer") as pool:
         futures: list[Future[tuple[pd.DataFrame, list[bool]]]] = [
-            pool.submit(_attempt, pipeline, [records[p] for p in batch], timeout) for batch in batches
+            pool.submit(_attempt, pipeline, [records[p] for p in batch], timeout, frame_of)
+            for batch in batches
         ]
         done, running = wait(futures, return_when=FIRST_EXCEPTION)
         if running:
@@ -326,10 +354,10 @@ def _run(
         return [future.result() for future in futures]
 
 
-def _attempt(pipeline: Pipeline, rows: list[Any], timeout: float) -> tuple[pd.DataFrame, list[bool]]:
+def _attempt(
+    pipeline: BulkPipeline, rows: list[Any], timeout: float, frame_of: FrameOf
+) -> tuple[pd.DataFrame, list[bool]]:
     """The result of one batch and, per row, whether it went unanswered: not sent, or no reply in time."""
-    from joey.client.pipelines import replies_to_frame
-
     try:
         frame = pipeline.infer(rows, timeout)
     except InferenceTimeout as exc:
@@ -339,7 +367,7 @@ def _attempt(pipeline: Pipeline, rows: list[Any], timeout: float) -> tuple[pd.Da
             for reply in exc.replies
         ]
         unanswered = [reply is None or _not_sent(reply) for reply in exc.replies]
-        return replies_to_frame(replies), unanswered
+        return frame_of(replies), unanswered
     assert isinstance(frame, pd.DataFrame)  # rows are records, whose result is a frame
     errors = frame["error"].tolist() if "error" in frame else [None] * len(frame)
     return frame, [isinstance(e, str) and e.startswith(_NOT_SENT) for e in errors]
@@ -354,7 +382,7 @@ def _not_sent(reply: Reply) -> bool:
 
 
 async def async_infer(
-    pipeline: Pipeline, data: Data, timeout: float = 60.0, progress: Progress | None = None
+    pipeline: BulkPipeline, data: Data, timeout: float = 60.0, progress: Progress | None = None
 ) -> pd.DataFrame | pa.Table:
     """See :meth:`joey.client.pipelines.Pipeline.async_infer`."""
     return await asyncio.to_thread(pipeline.infer, data, timeout, progress)

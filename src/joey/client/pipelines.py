@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from joey.client import bulk
 from joey.client.assays import timestamp
 from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.catalog import (
@@ -770,8 +771,6 @@ class Pipeline:
         rows and the problem. ``timeout`` applies to each chunk as to one ``infer`` call (InferenceTimeout
         when a chunk's replies do not all arrive); ``progress(done, total)`` counts the whole file.
         """
-        from joey.client import bulk
-
         return bulk.infer_from_file(self, path, data_format, timeout, progress, chunk_rows)
 
     def parallel_infer(
@@ -795,9 +794,9 @@ class Pipeline:
         InputError before anything is sent; an error other than a timeout (the pipeline undeployed meanwhile)
         stops the batches not started yet and is raised. ``progress(answered, total)`` after each batch.
         """
-        from joey.client import bulk
-
-        return bulk.parallel_infer(self, data, batch_size, num_parallel, retries, timeout, progress)
+        return bulk.parallel_infer(
+            self, data, batch_size, num_parallel, retries, timeout, progress, frame_of=replies_to_frame
+        )
 
     async def async_infer(
         self,
@@ -808,8 +807,6 @@ class Pipeline:
         """``infer`` as a coroutine: it runs in a worker thread (asyncio's default executor), so the event
         loop goes on meanwhile; calls awaited together (``asyncio.gather``) run at once, each with its own
         result. ``progress`` is called from the worker thread."""
-        from joey.client import bulk
-
         return await bulk.async_infer(self, data, timeout, progress)
 
 
