@@ -51,11 +51,13 @@ _SUFFIXES = {
 }
 _ARROW_FILE_MAGIC = b"ARROW1"
 _FEATHER_V1_MAGIC = b"FEA1"
-# The engine's error for a row that never reached the pipeline (see joey.client.streaming.not_sent).
+# How the SDK's error for a row that never reached the pipeline begins (joey.client.streaming.not_sent).
 _NOT_SENT = "not sent to the pipeline"
 
 
 class _Deployment(Protocol):
+    """What the bulk verbs read of a :class:`joey.client.pipelines.DeploymentStatus`."""
+
     @property
     def status(self) -> str: ...
     @property
