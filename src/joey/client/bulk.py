@@ -15,6 +15,7 @@ import functools
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
@@ -131,6 +132,8 @@ def infer_from_file(
     timeout: float = 60.0,
     progress: Progress | None = None,
     chunk_rows: int = 10_000,
+    *,
+    frame_of: FrameOf,
 ) -> pd.DataFrame | pa.Table:
     """See :meth:`joey.client.pipelines.Pipeline.infer_from_file`."""
     if chunk_rows < 1:
@@ -150,17 +153,29 @@ def infer_from_file(
     results: list[Any] = []
     done = 0
     for chunk in _chunks(path, fmt, chunk_rows):
-        assert shaper is not None  # made by the check pass, which read the same chunks
+        # Rows past the checked ones were never checked: refused before they are sent.
+        if shaper is None or done + len(chunk) > total:
+            raise _changed(path, total)
 
         def chunk_progress(answered: int, _: int, before: int = done) -> None:
             if progress:
                 progress(before + answered, total)
 
-        results.append(pipeline.infer(shaper.shaped(chunk, done), timeout, chunk_progress))
+        data = shaper.shaped(chunk, done)
+        results.append(_attempt(pipeline, data, timeout, frame_of, chunk_progress).result)
         done += len(chunk)
+    if done != total:
+        raise _changed(path, total)
     if fmt == "json":
         return _concat_frames(results)
     return _concat_tables(results)
+
+
+def _changed(path: Path, checked: int) -> InputFileError:
+    return InputFileError(
+        f"{path} changed while it was being read: {checked} records were checked, and the file read again to "
+        "send them has a different number (the records sent so far are not returned)"
+    )
 
 
 def file_format(path: Path, data_format: str | None) -> str:
@@ -315,9 +330,11 @@ def parallel_infer(
         last = attempt == retries
         batches = [pending[at : at + batch_size] for at in range(0, len(pending), batch_size)]
         pending = []
-        for positions, (frame, unanswered) in zip(
+        for positions, outcome in zip(
             batches, _run(pipeline, records, batches, num_parallel, timeout, frame_of), strict=True
         ):
+            frame = outcome.result
+            unanswered = [s or t for s, t in zip(outcome.not_sent, outcome.timed_out, strict=True)]
             keep = [not u or last for u in unanswered]
             pending += [p for p, u in zip(positions, unanswered, strict=True) if u and not last]
             kept = frame[keep].copy()
@@ -339,12 +356,12 @@ def _run(
     num_parallel: int,
     timeout: float,
     frame_of: FrameOf,
-) -> list[tuple[pd.DataFrame, list[bool]]]:
+) -> list[_Outcome]:
     """Each batch's result frame and which of its rows got no answer, ``num_parallel`` batches at a time.
     An error other than a timeout (the pipeline undeployed, the broker unreachable) stops the batches not
     started yet and is raised."""
     with ThreadPoolExecutor(max_workers=num_parallel, thread_name_prefix="joey-parallel-infer") as pool:
-        futures: list[Future[tuple[pd.DataFrame, list[bool]]]] = [
+        futures: list[Future[_Outcome]] = [
             pool.submit(_attempt, pipeline, [records[p] for p in batch], timeout, frame_of)
             for batch in batches
         ]
@@ -356,23 +373,49 @@ def _run(
         return [future.result() for future in futures]
 
 
+@dataclass
+class _Outcome:
+    """What one ``infer`` call of a batch or chunk gave: its result rows, and per row whether it went
+    unanswered because it was not sent, or because no reply came in time."""
+
+    result: pd.DataFrame | pa.Table
+    not_sent: list[bool]
+    timed_out: list[bool]
+
+
 def _attempt(
-    pipeline: BulkPipeline, rows: list[Any], timeout: float, frame_of: FrameOf
-) -> tuple[pd.DataFrame, list[bool]]:
-    """The result of one batch and, per row, whether it went unanswered: not sent, or no reply in time."""
+    pipeline: BulkPipeline,
+    data: Any,
+    timeout: float,
+    frame_of: FrameOf,
+    progress: Progress | None = None,
+) -> _Outcome:
+    """``infer`` of ``data``; rows with no reply in time are error rows of their own instead of a timeout."""
     try:
-        frame = pipeline.infer(rows, timeout)
+        result = pipeline.infer(data, timeout, progress)
     except InferenceTimeout as exc:
         now = datetime.now(UTC).isoformat()
         replies: list[Reply] = [
             reply or failed_reply("", f"no reply from the pipeline within {timeout:g}s", now)
             for reply in exc.replies
         ]
-        unanswered = [reply is None or _not_sent(reply) for reply in exc.replies]
-        return frame_of(replies), unanswered
-    assert isinstance(frame, pd.DataFrame)  # rows are records, whose result is a frame
-    errors = frame["error"].tolist() if "error" in frame else [None] * len(frame)
-    return frame, [isinstance(e, str) and e.startswith(_NOT_SENT) for e in errors]
+        frame = frame_of(replies)
+        return _Outcome(
+            pa.Table.from_pandas(frame, preserve_index=False) if isinstance(data, pa.Table) else frame,
+            [reply is not None and _not_sent(reply) for reply in exc.replies],
+            [reply is None for reply in exc.replies],
+        )
+    errors = _column(result, "error")
+    return _Outcome(
+        result, [isinstance(e, str) and e.startswith(_NOT_SENT) for e in errors], [False] * len(errors)
+    )
+
+
+def _column(result: pd.DataFrame | pa.Table, name: str) -> list[Any]:
+    """A column of a result as a list, all None when the result has none."""
+    if name not in result.columns if isinstance(result, pd.DataFrame) else name not in result.column_names:
+        return [None] * len(result)
+    return result[name].tolist() if isinstance(result, pd.DataFrame) else result.column(name).to_pylist()
 
 
 def _not_sent(reply: Reply) -> bool:

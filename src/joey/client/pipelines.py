@@ -768,10 +768,15 @@ class Pipeline:
 
         The file is read through once before anything is sent: a file that cannot be read, is not of its
         format, or whose rows do not fit the pipeline's inputs raises InputFileError naming the file, the
-        rows and the problem. ``timeout`` applies to each chunk as to one ``infer`` call (InferenceTimeout
-        when a chunk's replies do not all arrive); ``progress(done, total)`` counts the whole file.
+        rows and the problem. ``timeout`` applies to each chunk as to one ``infer`` call; a row of a chunk
+        with no reply in time is a row of the result with its error ("no reply from the pipeline within
+        ...s"), and the file goes on, so the rows answered are never lost. ``progress(done, total)`` counts
+        the whole file. A file that changes between the two readings (a different number of records) raises
+        InputFileError.
         """
-        return bulk.infer_from_file(self, path, data_format, timeout, progress, chunk_rows)
+        return bulk.infer_from_file(
+            self, path, data_format, timeout, progress, chunk_rows, frame_of=replies_to_frame
+        )
 
     def parallel_infer(
         self,

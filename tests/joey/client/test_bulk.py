@@ -16,9 +16,10 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
-from joey.client import Client, Pipeline
+from joey.client import Client, Pipeline, bulk
 from joey.client.bulk import InputFileError
 from joey.client.inputs import InputError
+from joey.client.streaming import InferenceTimeout
 from joey_core.settings import CommonSettings
 from tests.conftest import Stack
 from train_model import make_records
@@ -192,6 +193,60 @@ def test_a_bad_file_is_refused_with_its_reason_before_anything_is_sent(
         counting.infer_from_file(path, chunk_rows=4)
     assert str(path) in refused.value.message and reason in refused.value.message, refused.value.message
     assert counting.sent == []
+
+
+@dataclass
+class TimingOutOnce(Counting):
+    """The pipeline, its ``infer`` call number ``call`` getting no reply in time for any row."""
+
+    call: int = 1
+
+    def infer(self, data: Any, timeout: float = 60.0, progress: Any = None) -> Any:
+        if len(self.sent) == self.call:
+            self.sent.append(len(data))
+            raise InferenceTimeout([None] * len(data), timeout)
+        return super().infer(data, timeout, progress)
+
+
+def test_a_chunk_that_times_out_fails_its_rows_and_keeps_the_file_s_other_results(
+    iris: Pipeline, tmp_path: Path
+) -> None:
+    records = make_records(10, seed=39)
+    path = tmp_path / "records.jsonl"
+    write_jsonl(path, records)
+    pipeline = TimingOutOnce(iris.client, iris.name)
+
+    result = pipeline.infer_from_file(path, chunk_rows=4, timeout=5)
+
+    assert pipeline.sent == [4, 4, 2]
+    assert isinstance(result, pd.DataFrame) and len(result) == 10
+    errors = result["error"].tolist()
+    assert [pd.isna(e) for e in errors] == [i not in (4, 5, 6, 7) for i in range(10)], errors
+    assert all(errors[i] == "no reply from the pipeline within 5s" for i in (4, 5, 6, 7)), errors
+    assert values(result["out.label"][:4]) == values(iris.infer(records[:4])["out.label"])
+
+
+@pytest.mark.parametrize(("checked", "sent"), [(0, 5), (3, 8), (6, 2)])
+def test_a_file_that_changes_between_the_check_and_the_sending_is_refused(
+    counting: Counting, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checked: int, sent: int
+) -> None:
+    path = tmp_path / "records.jsonl"
+    write_jsonl(path, make_records(checked, seed=42))
+    reads = [0]
+    chunks = bulk._chunks
+
+    def changing(*args: Any) -> Iterator[Any]:
+        reads[0] += 1
+        if reads[0] == 2:  # the sending pass: the file has changed since the check
+            write_jsonl(path, make_records(sent, seed=43))
+        return chunks(*args)
+
+    monkeypatch.setattr(bulk, "_chunks", changing)
+    with pytest.raises(
+        InputFileError, match=f"changed while it was being read: {checked} records were checked"
+    ):
+        counting.infer_from_file(path, chunk_rows=3)
+    assert counting.sent == ([min(checked, sent)] if checked else []), "checked rows only"
 
 
 def test_parallel_infer_returns_every_row_in_input_order_with_its_errors(counting: Counting) -> None:
