@@ -860,7 +860,8 @@ class _ProgressBar:
     "path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help="Records: a JSON array or JSON lines (.json, .jsonl), Arrow IPC (.arrow, .feather) or Parquet.",
+    help="Records: a JSON array, one JSON object or JSON lines (.json, .jsonl), Arrow IPC (.arrow, .feather) "
+    "or Parquet.",
 )
 @click.option(
     "--format",

@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any, BinaryIO, Protocol, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -213,13 +213,19 @@ def _chunks(path: Path, fmt: str, rows: int) -> Iterator[Chunk]:
 
 
 def _json_chunks(path: Path, rows: int) -> Iterator[list[dict[str, Any]]]:
-    """Records of a JSON array (read whole: it is one JSON value) or of JSON lines, ``rows`` at a time."""
+    """Records of a JSON array (read whole: it is one JSON value), of a JSON object (one record, maybe over
+    several lines), or of JSON lines, ``rows`` at a time."""
     with path.open("rb") as file:
         if file.read(64).lstrip().startswith(b"["):
             file.seek(0)
             records = _json_array(path, file.read())
             for at in range(0, len(records), rows):
                 yield records[at : at + rows]
+            return
+        file.seek(0)
+        record = _json_object(file.readline(), file)
+        if record is not None:
+            yield [record]
             return
         file.seek(0)
         chunk: list[dict[str, Any]] = []
@@ -231,6 +237,25 @@ def _json_chunks(path: Path, rows: int) -> Iterator[list[dict[str, Any]]]:
                 chunk = []
         if chunk:
             yield chunk
+
+
+def _json_object(first_line: bytes, rest: BinaryIO) -> dict[str, Any] | None:
+    """The record of a file holding one JSON object over several lines (pretty-printed), which is one
+    record; None for JSON lines (the first line is a JSON value of its own) or for what is no JSON object
+    (then refused line by line, naming the line)."""
+    if not first_line.lstrip().startswith(b"{"):
+        return None
+    try:
+        json.loads(first_line)
+    except ValueError:
+        pass
+    else:
+        return None
+    try:
+        record = json.loads(first_line + rest.read())
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _json_array(path: Path, text: bytes) -> list[dict[str, Any]]:

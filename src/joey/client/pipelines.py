@@ -758,13 +758,14 @@ class Pipeline:
         """Infer the records of a file, ``chunk_rows`` at a time, and return one result row per record in file
         order: a DataFrame for JSON, an Arrow table for Arrow IPC and Parquet (the columns of ``infer``).
 
-        ``data_format`` is ``"json"`` (a JSON array of records, as pandas writes ``orient="records"``, or
-        JSON lines, one record per line), ``"arrow"`` (Arrow IPC, file or stream format; Feather v2) or
-        ``"parquet"``; by default the suffix says (.json/.jsonl/.ndjson, .arrow/.arrows/.feather/.ipc,
-        .parquet/.pq). Rows are shaped as ``infer`` shapes a DataFrame (one column per record field, or the
-        feature columns packed into the pipeline's input); JSON records that name an input are sent as they
-        are. Memory holds one chunk of input: a Parquet or Arrow file is read a batch at a time, JSON lines a
-        chunk of lines at a time; a JSON array is one JSON value, read whole (use JSON lines for big files).
+        ``data_format`` is ``"json"`` (a JSON array of records, as pandas writes ``orient="records"``, one
+        JSON object, which is one record, or JSON lines, one record per line), ``"arrow"`` (Arrow IPC, file or
+        stream format; Feather v2) or ``"parquet"``; by default the suffix says (.json/.jsonl/.ndjson,
+        .arrow/.arrows/.feather/.ipc, .parquet/.pq). Rows are shaped as ``infer`` shapes a DataFrame (one
+        column per record field, or the feature columns packed into the pipeline's input); JSON records that
+        name an input are sent as they are. Memory holds one chunk of input: a Parquet or Arrow file is read a
+        batch at a time, JSON lines a chunk of lines at a time; a JSON array is one JSON value, read whole
+        (use JSON lines for big files).
 
         The file is read through once before anything is sent: a file that cannot be read, is not of its
         format, or whose rows do not fit the pipeline's inputs raises InputFileError naming the file, the

@@ -125,6 +125,17 @@ def test_each_file_format_gives_what_infer_gives_for_its_rows(
     assert seen[-1] == (17, 17) and all(total == 17 for _, total in seen)
 
 
+def test_a_json_file_holding_one_object_is_one_record(counting: Counting, tmp_path: Path) -> None:
+    record = make_records(1, seed=44)[0]
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(record, indent=2))  # pretty-printed: no line of it is JSON alone
+
+    result = counting.infer_from_file(path)
+
+    assert counting.sent == [1]
+    same_results(result, counting.infer([record]))
+
+
 def test_feature_columns_of_a_file_are_packed_as_infer_packs_a_frame(iris: Pipeline, tmp_path: Path) -> None:
     frame = pd.DataFrame([r["features"] for r in make_records(9, seed=32)], columns=COLUMNS)
     expected = iris.infer(frame)
