@@ -852,6 +852,15 @@ class _ProgressBar:
         self.done = done
 
 
+def _file_format(value: str | None) -> str | None:
+    """``--format`` checked against the SDK's formats (imported here: the SDK is slow to import)."""
+    from joey.client.bulk import FORMATS
+
+    if value is not None and value not in FORMATS:
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(FORMATS)}")
+    return value
+
+
 @main.command()
 @click.argument("pipeline_name", metavar="PIPELINE")
 @click.option(
@@ -866,8 +875,9 @@ class _ProgressBar:
 @click.option(
     "--format",
     "data_format",
-    type=click.Choice(["json", "arrow", "parquet"]),
-    help="The file's format, when its suffix does not say.",
+    metavar="FORMAT",
+    callback=lambda _ctx, _param, value: _file_format(value),
+    help="The file's format (json, arrow or parquet), when its suffix does not say.",
 )
 @click.option(
     "--timeout",
