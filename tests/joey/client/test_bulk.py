@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,17 +326,23 @@ def test_async_infer_runs_beside_the_event_loop_and_gathered_calls_get_their_own
     iris: Pipeline,
 ) -> None:
     batches = [make_records(3 + i, seed=40 + i) for i in range(3)]
+    # The calls' progress callbacks (in the calls' threads) wait for a task of the event loop: if a call
+    # blocked the loop, that task could not run until the call ended, and the wait would time out.
+    in_progress, loop_ran = threading.Event(), threading.Event()
 
-    async def main() -> tuple[list[Any], int]:
-        task = asyncio.ensure_future(asyncio.gather(*(iris.async_infer(b) for b in batches)))
-        await asyncio.sleep(0)  # the calls start
-        ticks = 0
-        while not task.done():  # the loop turns while they wait for their replies
-            ticks += 1
-            await asyncio.sleep(0.01)
-        return await task, ticks
+    def progress(done: int, total: int) -> None:
+        in_progress.set()
+        assert loop_ran.wait(20), "the event loop did not run while infer was waiting"
 
-    results, ticks = asyncio.run(main())
-    assert ticks > 0
+    async def loop_task() -> None:
+        assert await asyncio.to_thread(in_progress.wait, 20), "no call reported progress"
+        loop_ran.set()
+
+    async def main() -> list[Any]:
+        calls = asyncio.gather(*(iris.async_infer(b, progress=progress) for b in batches))
+        _, results = await asyncio.gather(loop_task(), calls)
+        return list(results)
+
+    results = asyncio.run(main())
     for batch, result in zip(batches, results, strict=True):
         same_results(result, iris.infer(batch))
