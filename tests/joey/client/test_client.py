@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from joey.client import Client, JoeyError, Pipeline
+from joey.client.pipelines import INFER_CHUNK_ROWS
 from joey_core.settings import CommonSettings
 from tests.conftest import Stack
 from train_model import make_records
@@ -121,10 +122,10 @@ def test_a_closed_client_closes_its_streams_closes_again_and_refuses_to_infer(
     assert info.value.code == "FAILED_PRECONDITION"
 
 
-def test_twenty_thousand_rows_stream_back_in_order_with_progress(
+def test_rows_of_several_chunks_stream_back_in_order_with_progress(
     deployed: Pipeline, settings: CommonSettings
 ) -> None:
-    rows = 20_000
+    rows = 2 * INFER_CHUNK_ROWS + 2_000  # the last chunk a part one
     values = np.random.default_rng(40).normal(5, 1, (rows, 4)).round(3)
     # Four numeric columns, packed into the model's "features" input, a chunk at a time.
     frame = pd.DataFrame(values, columns=["a", "b", "c", "d"])
