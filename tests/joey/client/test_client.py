@@ -4,6 +4,9 @@ asked once per ``status_cache_s``, not on every call."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -120,6 +123,29 @@ def test_a_closed_client_closes_its_streams_closes_again_and_refuses_to_infer(
     with pytest.raises(JoeyError, match="client is closed") as info:
         pipeline.infer(make_records(1, seed=31))
     assert info.value.code == "FAILED_PRECONDITION"
+
+
+def test_an_interpreter_that_exits_with_its_client_open_exits(
+    deployed: Pipeline, env: dict[str, str]
+) -> None:
+    # The client's streams (reader and poller threads, librdkafka's own) are closed at exit, not left
+    # to hold the interpreter or to be torn down half-way.
+    script = f"""
+import joey
+client = joey.Client()
+pipeline = client.get_pipeline({PIPELINE!r})
+assert pipeline.infer([{{"features": [5.1, 3.5, 1.4, 0.2]}}])["error"].isna().all()
+print("open:", client.streams.stream(pipeline.topics).alive)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "open: True"
 
 
 def test_rows_of_several_chunks_stream_back_in_order_with_progress(
