@@ -421,8 +421,8 @@ def _attempt(
     except InferenceTimeout as exc:
         now = datetime.now(UTC).isoformat()
         replies: list[Reply] = [
-            reply or failed_reply("", f"no reply from the pipeline within {timeout:g}s", now)
-            for reply in exc.replies
+            reply or failed_reply(request_id, f"no reply from the pipeline within {timeout:g}s", now)
+            for reply, request_id in zip(exc.replies, exc.request_ids, strict=True)
         ]
         frame = frame_of(replies)
         return _Outcome(

@@ -58,9 +58,10 @@ _WAKE_S = 0.1
 
 class InferenceTimeout(TimeoutError):
     """Not every record was answered in time. ``replies`` has one entry per record, in order: its reply
-    (a failed one for a record that was not sent), or None for a record sent and not answered yet."""
+    (a failed one for a record that was not sent), or None for a record sent and not answered yet (which
+    may still reach the pipeline: look for its ``request_ids`` entry in the pipeline's logs)."""
 
-    def __init__(self, replies: list[Reply | None], timeout: float) -> None:
+    def __init__(self, replies: list[Reply | None], timeout: float, request_ids: list[str]) -> None:
         answered = sum(r is not None for r in replies)
         super().__init__(
             f"{answered} of {len(replies)} records answered within {timeout:.0f}s; "
@@ -69,6 +70,7 @@ class InferenceTimeout(TimeoutError):
         self.answered = answered
         self.total = len(replies)
         self.replies = replies
+        self.request_ids = request_ids
 
 
 def check_rows(rows: Sequence[Any]) -> None:
@@ -172,7 +174,7 @@ class PipelineStream:
             if not self._wait(call, sending_until, report, until_reported=sending):
                 self._purge_if_alone(sending)
             if not self._wait(call, time.monotonic() + timeout, report):
-                raise InferenceTimeout([call.replies.get(r) for r in request_ids], timeout)
+                raise InferenceTimeout([call.replies.get(r) for r in request_ids], timeout, request_ids)
         finally:
             self.reader.forget(call)
         report()

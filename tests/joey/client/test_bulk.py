@@ -212,11 +212,13 @@ class TimingOutOnce(Counting):
     """The pipeline, its ``infer`` call number ``call`` getting no reply in time for any row."""
 
     call: int = 1
+    timed_out: list[str] = field(default_factory=list)
 
     def infer(self, data: Any, timeout: float = 60.0, progress: Any = None) -> Any:
         if len(self.sent) == self.call:
             self.sent.append(len(data))
-            raise InferenceTimeout([None] * len(data), timeout)
+            self.timed_out += [f"timed-out-{i}" for i in range(len(data))]
+            raise InferenceTimeout([None] * len(data), timeout, self.timed_out[-len(data) :])
         return super().infer(data, timeout, progress)
 
 
@@ -235,6 +237,8 @@ def test_a_chunk_that_times_out_fails_its_rows_and_keeps_the_file_s_other_result
     errors = result["error"].tolist()
     assert [pd.isna(e) for e in errors] == [i not in (4, 5, 6, 7) for i in range(10)], errors
     assert all(errors[i] == "no reply from the pipeline within 5s" for i in (4, 5, 6, 7)), errors
+    # Their request ids, to look them up in the logs: they may reach the pipeline yet.
+    assert result["request_id"][4:8].tolist() == pipeline.timed_out
     assert values(result["out.label"][:4]) == values(iris.infer(records[:4])["out.label"])
 
 

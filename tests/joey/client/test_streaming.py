@@ -184,6 +184,9 @@ def test_a_timeout_says_which_rows_were_answered_which_were_not_sent_and_which_a
     assert too_large is not None and not too_large.ok
     assert too_large.body["error"].startswith("not sent to the pipeline: ")
     assert (info.value.answered, info.value.total) == (2, 3)
+    # The silent row's id too, so that its caller can look for it in the logs (it may yet be processed).
+    ids = info.value.request_ids
+    assert [ids[0], ids[2]] == [answered.request_id, too_large.request_id] and len(set(ids)) == 3
 
 
 def test_rows_still_queued_when_the_time_is_up_fail_as_not_sent(settings: CommonSettings) -> None:
