@@ -11,22 +11,22 @@ again to send it.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import itertools
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeAlias
+from typing import Any, BinaryIO, Protocol, TypeAlias, cast
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from joey.client.calls import JoeyError, RegistryCaller
-from joey.client.inputs import InputError, RecordInput, deployed_inputs, to_records
+from joey.client.inputs import InputError, RecordInput, to_records
 from joey.client.streaming import InferenceTimeout, Progress
 from joey_core.replies import Reply, failed_reply
 
@@ -52,30 +52,34 @@ _SUFFIXES = {
 }
 _ARROW_FILE_MAGIC = b"ARROW1"
 _FEATHER_V1_MAGIC = b"FEA1"
-# How the SDK's error for a row that never reached the pipeline begins (joey.client.streaming.not_sent).
-_NOT_SENT = "not sent to the pipeline"
+_VERSION = "metadata.pipeline_version"
+"""The result column of the pipeline version that answered a row: empty for a row the pipeline never saw."""
 
 
 class _Deployment(Protocol):
     """What the bulk verbs read of a :class:`joey.client.pipelines.DeploymentStatus`."""
 
     @property
-    def status(self) -> str: ...
+    def deployment_id(self) -> str: ...
     @property
     def pipeline_version(self) -> int: ...
 
 
 class BulkPipeline(Protocol):
-    """What the bulk verbs need of a :class:`joey.client.pipelines.Pipeline`."""
+    """What the bulk verbs need of a :class:`joey.client.pipelines.Pipeline`: its own ``infer`` and the
+    helpers ``infer`` uses (the module sits below ``pipelines`` and is part of it)."""
 
-    client: RegistryCaller
     name: str
-
-    def status(self) -> _Deployment: ...
 
     def infer(
         self, data: Any, timeout: float = ..., progress: Progress | None = ...
     ) -> pd.DataFrame | pa.Table: ...
+
+    def _deployed_status(self) -> _Deployment: ...
+
+    def _record_inputs(self, deployed: tuple[str, int]) -> Sequence[RecordInput]: ...
+
+    def _record_chunks(self, data: Any, deployed: tuple[str, int]) -> tuple[int, Iterable[Sequence[Any]]]: ...
 
 
 class InputFileError(InputError):
@@ -83,19 +87,16 @@ class InputFileError(InputError):
 
 
 class _Shaper:
-    """The deployed pipeline's inputs, fetched once, and the check that data fits them."""
+    """The deployed pipeline's inputs, as ``infer`` has them (its cached status and inputs), and the check
+    that data fits them."""
 
     def __init__(self, pipeline: BulkPipeline) -> None:
-        status = pipeline.status()
-        if status.status == "Undeployed":
-            raise JoeyError(
-                "FAILED_PRECONDITION", f"pipeline {pipeline.name!r} is not deployed: deploy it first"
-            )
         self.pipeline = pipeline
-        version = status.pipeline_version
-        self.inputs: Callable[[], Sequence[RecordInput]] = functools.cache(
-            lambda: deployed_inputs(pipeline.client, pipeline.name, version)
-        )
+        status = pipeline._deployed_status()  # noqa: SLF001 (Pipeline's own helpers: see BulkPipeline)
+        self.deployed = (status.deployment_id, status.pipeline_version)
+
+    def inputs(self) -> Sequence[RecordInput]:
+        return self.pipeline._record_inputs(self.deployed)  # noqa: SLF001
 
     def records(self, data: Data | Chunk) -> list[Any]:
         """The input records of ``data``, as ``infer`` sends them; InputError when they do not fit."""
@@ -328,6 +329,10 @@ def _rechunked(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Tabl
 # --- parallel_infer ----------------------------------------------------------------------------------------
 
 
+_Batch: TypeAlias = list[tuple[int, Any]]
+"""Records of a batch, each with its position in the data."""
+
+
 def parallel_infer(
     pipeline: BulkPipeline,
     data: Data,
@@ -336,6 +341,7 @@ def parallel_infer(
     retries: int = 1,
     timeout: float = 60.0,
     progress: Progress | None = None,
+    retry_timed_out: bool = False,
     *,
     frame_of: FrameOf,
 ) -> pd.DataFrame | pa.Table:
@@ -347,55 +353,76 @@ def parallel_infer(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
-    records = _Shaper(pipeline).records(data)
+    # Checks all of the data (nothing is sent yet); its records are then made a chunk at a time.
+    total, chunks = pipeline._record_chunks(data, _Shaper(pipeline).deployed)  # noqa: SLF001
+    todo: Iterator[tuple[int, Any]] = enumerate(itertools.chain.from_iterable(chunks))
     pieces: list[pd.DataFrame] = []
-    pending = list(range(len(records)))
-    answered = 0
+    done = 0
     for attempt in range(retries + 1):
         last = attempt == retries
-        batches = [pending[at : at + batch_size] for at in range(0, len(pending), batch_size)]
-        pending = []
-        for positions, outcome in zip(
-            batches, _run(pipeline, records, batches, num_parallel, timeout, frame_of), strict=True
-        ):
-            frame = outcome.result
-            unanswered = [s or t for s, t in zip(outcome.not_sent, outcome.timed_out, strict=True)]
-            keep = [not u or last for u in unanswered]
-            pending += [p for p, u in zip(positions, unanswered, strict=True) if u and not last]
-            kept = frame[keep].copy()
-            kept.insert(0, "_position", [p for p, k in zip(positions, keep, strict=True) if k])
-            pieces.append(kept)
-            answered += sum(not u for u in unanswered)
-            if progress:
-                progress(answered, len(records))
-        if not pending:
+        again: _Batch = []
+        with contextlib.closing(
+            _run(pipeline, _batches(todo, batch_size), num_parallel, timeout, frame_of)
+        ) as run:
+            for batch, outcome in run:
+                retry = [
+                    not last and (unsent or (retry_timed_out and timed_out))
+                    for unsent, timed_out in zip(outcome.not_sent, outcome.timed_out, strict=True)
+                ]
+                again += [item for item, r in zip(batch, retry, strict=True) if r]
+                keep = [not r for r in retry]
+                # Records give a frame (only an Arrow table gives a table).
+                kept = cast(pd.DataFrame, outcome.result)[keep].copy()
+                kept.insert(0, "_position", [p for (p, _), k in zip(batch, keep, strict=True) if k])
+                pieces.append(kept)
+                done += sum(keep)
+                if progress:
+                    progress(done, total)
+        if not again:
             break
+        todo = iter(again)
     result = _concat_frames(pieces, by="_position")
     return pa.Table.from_pandas(result, preserve_index=False) if isinstance(data, pa.Table) else result
 
 
+def _batches(records: Iterator[tuple[int, Any]], size: int) -> Iterator[_Batch]:
+    while batch := list(itertools.islice(records, size)):
+        yield batch
+
+
 def _run(
     pipeline: BulkPipeline,
-    records: list[Any],
-    batches: list[list[int]],
+    batches: Iterator[_Batch],
     num_parallel: int,
     timeout: float,
     frame_of: FrameOf,
-) -> list[_Outcome]:
-    """Each batch's result frame and which of its rows got no answer, ``num_parallel`` batches at a time.
-    An error other than a timeout (the pipeline undeployed, the broker unreachable) stops the batches not
-    started yet and is raised."""
-    with ThreadPoolExecutor(max_workers=num_parallel, thread_name_prefix="joey-parallel-infer") as pool:
-        futures: list[Future[_Outcome]] = [
-            pool.submit(_attempt, pipeline, [records[p] for p in batch], timeout, frame_of)
-            for batch in batches
-        ]
-        done, running = wait(futures, return_when=FIRST_EXCEPTION)
-        if running:
-            pool.shutdown(wait=True, cancel_futures=True)
-            for future in done:
-                future.result()  # raises the error that stopped the batches
-        return [future.result() for future in futures]
+) -> Generator[tuple[_Batch, _Outcome], None, None]:
+    """Each batch with its outcome, as batches complete: ``num_parallel`` run at once, and as many are made
+    ahead, so memory holds about twice that many. An error other than a timeout (the pipeline undeployed,
+    the broker unreachable), an interrupt, or the caller stopping cancels the batches not started yet (those
+    running end their call in their thread) and is raised."""
+    pool = ThreadPoolExecutor(max_workers=num_parallel, thread_name_prefix="joey-parallel-infer")
+    running: dict[Future[_Outcome], _Batch] = {}
+
+    def submit() -> None:
+        batch = next(batches, None)
+        if batch is not None:
+            running[pool.submit(_attempt, pipeline, [row for _, row in batch], timeout, frame_of)] = batch
+
+    try:
+        for _ in range(2 * num_parallel):
+            submit()
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                batch = running.pop(future)
+                outcome = future.result()
+                submit()
+                yield batch, outcome
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 @dataclass
@@ -427,13 +454,13 @@ def _attempt(
         frame = frame_of(replies)
         return _Outcome(
             pa.Table.from_pandas(frame, preserve_index=False) if isinstance(data, pa.Table) else frame,
-            [reply is not None and _not_sent(reply) for reply in exc.replies],
+            [reply is not None and "metadata" not in reply.body for reply in exc.replies],
             [reply is None for reply in exc.replies],
         )
-    errors = _column(result, "error")
-    return _Outcome(
-        result, [isinstance(e, str) and e.startswith(_NOT_SENT) for e in errors], [False] * len(errors)
-    )
+    # The engine sets metadata on every record it writes, its error records too: a row without any failed
+    # on the caller's side, before it reached the pipeline (joey.client.streaming.not_sent).
+    versions = _column(result, _VERSION)
+    return _Outcome(result, [v is None or v is pd.NA for v in versions], [False] * len(versions))
 
 
 def _column(result: pd.DataFrame | pa.Table, name: str) -> list[Any]:
@@ -441,11 +468,6 @@ def _column(result: pd.DataFrame | pa.Table, name: str) -> list[Any]:
     if name not in result.columns if isinstance(result, pd.DataFrame) else name not in result.column_names:
         return [None] * len(result)
     return result[name].tolist() if isinstance(result, pd.DataFrame) else result.column(name).to_pylist()
-
-
-def _not_sent(reply: Reply) -> bool:
-    error = reply.body.get("error")
-    return not reply.ok and isinstance(error, str) and error.startswith(_NOT_SENT)
 
 
 # --- async_infer -------------------------------------------------------------------------------------------

@@ -625,9 +625,7 @@ class Pipeline:
         """
         streams = streams_of(self.client)
         key = (self.workspace, self.name)
-        status = streams.status(key, self.status, keep=lambda found: found.deployed)
-        if not status.deployed:
-            raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
+        status = self._deployed_status()
         total, chunks = self._record_chunks(data, (status.deployment_id, status.pipeline_version))
         try:
             replies = streams.stream(self.topics).infer_chunks(chunks, total, timeout, progress)
@@ -849,22 +847,45 @@ class Pipeline:
         retries: int = 1,
         timeout: float = 60.0,
         progress: Progress | None = None,
+        retry_timed_out: bool = False,
     ) -> pd.DataFrame | pa.Table:
         """Infer ``data`` (anything ``infer`` takes) as batches of ``batch_size`` rows, ``num_parallel``
         batches at once, and return one result row per record, in input order, with per-row errors.
 
-        Rows that got no answer from the pipeline (not sent, or no reply within ``timeout``) are sent again,
-        in new batches, up to ``retries`` times; rows the pipeline answered, with an error too, are never
-        sent again, and each record has exactly one row in the result. A row still unanswered after its
-        retries keeps its error ("not sent to the pipeline: ..." or "no reply from the pipeline within
-        ...s"). A row that timed out may have reached the pipeline all the same (its reply late): its retry
-        can then be processed (and logged) twice. Data that does not fit the pipeline's inputs raises
-        InputError before anything is sent; an error other than a timeout (the pipeline undeployed meanwhile)
-        stops the batches not started yet and is raised. ``progress(answered, total)`` after each batch.
+        Rows known never to have reached the pipeline ("not sent to the pipeline: ...": refused by the
+        producer or the broker, or purged unsent) are sent again, in new batches, up to ``retries`` times.
+        Rows with no reply within ``timeout`` may have reached the pipeline (their reply late, or their
+        record still on its way): they are retried only with ``retry_timed_out=True``, and are then maybe
+        processed (and logged) twice; otherwise they keep their error ("no reply from the pipeline within
+        ...s") and their request id, to be looked up in the logs. Rows the pipeline answered, with an
+        error too, are never sent again, and each record has exactly one row in the result.
+
+        Data that does not fit the pipeline's inputs raises InputError before anything is sent, naming
+        the row as in ``data``; records are converted a batch at a time as batches are sent, so memory
+        holds about ``2 * num_parallel`` batches. An error other than a timeout (the pipeline undeployed
+        meanwhile), or an interrupt (Ctrl-C), cancels the batches not started yet and is raised.
+        ``progress(done, total)`` as each batch completes, counting the rows whose result is final.
         """
         return bulk.parallel_infer(
-            self, data, batch_size, num_parallel, retries, timeout, progress, frame_of=replies_to_frame
+            self,
+            data,
+            batch_size,
+            num_parallel,
+            retries,
+            timeout,
+            progress,
+            retry_timed_out,
+            frame_of=replies_to_frame,
         )
+
+    def _deployed_status(self) -> DeploymentStatus:
+        """The deployment status calls work with (cached, see ``infer``); JoeyError when not deployed."""
+        found = streams_of(self.client).status(
+            (self.workspace, self.name), self.status, keep=lambda status: status.deployed
+        )
+        if not found.deployed:
+            raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
+        return found
 
     async def async_infer(
         self,

@@ -8,6 +8,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import pytest
 from joey.client import Client, Pipeline, bulk
 from joey.client.bulk import InputFileError
 from joey.client.inputs import InputError
-from joey.client.streaming import InferenceTimeout
+from joey.client.streaming import InferenceTimeout, not_sent
+from joey_core.replies import Reply
 from joey_core.settings import CommonSettings
 from tests.conftest import Stack
 from train_model import make_records
@@ -270,10 +272,19 @@ def test_parallel_infer_returns_every_row_in_input_order_with_its_errors(countin
     expected = counting.infer(records)
     counting.sent.clear()
 
-    result = counting.parallel_infer(records, batch_size=5, num_parallel=3)
+    seen: list[tuple[int, int]] = []
+
+    result = counting.parallel_infer(
+        records, batch_size=5, num_parallel=3, progress=lambda *a: seen.append(a)
+    )
 
     assert sorted(counting.sent) == [4] + [5] * 5
     same_results(result, expected)
+    # As each batch completes, not once per round.
+    assert [total for _, total in seen] == [29] * 6 and sorted(done for done, _ in seen) == [
+        done for done, _ in seen
+    ]
+    assert seen[-1] == (29, 29)
     errors = result["error"]
     assert errors.notna().tolist() == [r is BAD for r in records]
 
@@ -295,6 +306,78 @@ def test_parallel_infer_refuses_data_that_does_not_fit_before_sending(counting: 
     assert counting.sent == []
 
 
+def test_parallel_infer_refuses_a_record_that_is_no_dict_before_sending_naming_it_as_in_the_data(
+    counting: Counting,
+) -> None:
+    records: list[Any] = make_records(14, seed=45)
+    records[12] = [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(InputError, match="record 12 is a list"):
+        counting.parallel_infer(records, batch_size=5)
+    assert counting.sent == []
+
+
+def test_an_interrupt_stops_parallel_infer_and_cancels_the_batches_not_started(counting: Counting) -> None:
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C does, in the calling thread, at the first completed batch
+
+    with pytest.raises(KeyboardInterrupt):
+        counting.parallel_infer(make_records(10, seed=46), batch_size=1, num_parallel=1, progress=interrupt)
+    # The batch that completed, the one running, and the one made ahead at most: none of the rest.
+    assert len(counting.sent) <= 3, counting.sent
+
+
+@dataclass
+class Unanswered(Counting):
+    """The pipeline, its first ``infer`` call answering none of its rows in time: row 0 with no reply, row 1
+    not sent, row 2 with no reply, row 3 an error of the pipeline whose text reads like a row not sent."""
+
+    ids: list[str] = field(default_factory=lambda: [f"unanswered-{i}" for i in range(4)])
+
+    def infer(self, data: Any, timeout: float = 60.0, progress: Any = None) -> Any:
+        if self.sent:
+            return super().infer(data, timeout, progress)
+        self.sent.append(len(data))
+        now = datetime.now(UTC).isoformat()
+        replies = [
+            None,
+            not_sent(self.ids[1], "purged from the producer's queue"),
+            None,
+            Reply(
+                self.ids[3],
+                False,
+                {
+                    "time": now,
+                    "error": "not sent to the pipeline: a model's words",
+                    "metadata": {"pipeline_version": 1},
+                },
+            ),
+        ]
+        raise InferenceTimeout(replies, timeout, self.ids)
+
+
+@pytest.mark.parametrize("retry_timed_out", [False, True])
+def test_parallel_infer_retries_rows_not_sent_and_rows_timed_out_only_when_asked(
+    iris: Pipeline, retry_timed_out: bool
+) -> None:
+    pipeline = Unanswered(iris.client, iris.name)
+    records = make_records(4, seed=47)
+
+    result = pipeline.parallel_infer(records, batch_size=4, timeout=5, retry_timed_out=retry_timed_out)
+
+    # A row that timed out may still be on its way to the pipeline: sent again, it would be processed twice.
+    assert pipeline.sent == ([4, 3] if retry_timed_out else [4, 1])
+    errors = result["error"].tolist()
+    assert pd.isna(errors[1]), "the row not sent was sent again, and answered"
+    assert errors[3] == "not sent to the pipeline: a model's words", "the pipeline's answer is kept"
+    ids = result["request_id"].tolist()
+    if retry_timed_out:
+        assert pd.isna(errors[0]) and pd.isna(errors[2])
+    else:
+        assert errors[0] == errors[2] == "no reply from the pipeline within 5s"
+        assert [ids[0], ids[2]] == [pipeline.ids[0], pipeline.ids[2]], "to be found in the logs"
+    assert ids[3] == pipeline.ids[3] and len(set(ids)) == 4
+
+
 def test_parallel_infer_retries_only_the_rows_not_sent(counting: Counting) -> None:
     records = make_records(10, seed=37)
     # Larger than the producer's message.max.bytes: never sent, however often it is tried.
@@ -314,16 +397,17 @@ def test_parallel_infer_retries_only_the_rows_not_sent(counting: Counting) -> No
     assert list(result["in.features"][10]) == records[10]["features"]
 
 
-def test_parallel_infer_retries_rows_with_no_reply_in_time_and_keeps_one_row_each(counting: Counting) -> None:
+def test_parallel_infer_with_a_tiny_timeout_keeps_one_row_per_record(counting: Counting) -> None:
     records = make_records(3, seed=38)
-    # No reply can come within a millisecond: every row goes unanswered, each round.
-    result = counting.parallel_infer(records, batch_size=3, retries=1, timeout=0.001)
-    assert counting.sent == [3, 3]
-    assert len(result) == 3
+    # Few replies come within a millisecond (which rows, the load decides; Unanswered above retries them
+    # deterministically): whatever came, each record has one row, answered or failed saying why.
+    result = counting.parallel_infer(records, batch_size=3, retries=1, timeout=0.001, retry_timed_out=True)
+    assert counting.sent[0] == 3 and sum(counting.sent[1:]) <= 3
+    assert len(result) == 3 and result["request_id"].is_unique
     for error in result["error"]:
-        assert error.startswith(("no reply from the pipeline within 0.001s", "not sent to the pipeline")), (
-            error
-        )
+        assert pd.isna(error) or error.startswith(
+            ("no reply from the pipeline within 0.001s", "not sent to the pipeline")
+        ), error
 
 
 def test_async_infer_runs_beside_the_event_loop_and_gathered_calls_get_their_own_results(
