@@ -1,5 +1,5 @@
 """Bulk inference, Wallaroo's verbs: records from a file, in chunks (``infer_from_file``); batches in
-parallel with retries of the rows that got no answer (``parallel_infer``); and ``infer`` as an asyncio
+parallel with retries of the rows known never to have reached the pipeline (``parallel_infer``); and ``infer`` as an asyncio
 coroutine (``async_infer``). Each goes through ``Pipeline.infer`` and returns its result columns, one row per
 input record, in input order, with per-row errors.
 
