@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -833,6 +832,35 @@ def pipeline_undeploy(obj: Context, name: str) -> None:
     )
 
 
+class _ProgressBar:
+    """A progress(done, total) callback drawing a bar on stderr, made at the first call with a total: a
+    command learns its total only once it has begun."""
+
+    def __init__(self, stack: contextlib.ExitStack, label: str) -> None:
+        self._stack = stack
+        self._label = label
+        self._bar: Any = None
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None and total:
+            self._bar = self._stack.enter_context(
+                click.progressbar(length=total, label=self._label, file=sys.stderr)
+            )
+        if self._bar is not None:
+            self._bar.update(done - self.done)
+        self.done = done
+
+
+def _file_format(value: str | None) -> str | None:
+    """``--format`` checked against the SDK's formats (imported here: the SDK is slow to import)."""
+    from joey.client.bulk import FORMATS
+
+    if value is not None and value not in FORMATS:
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(FORMATS)}")
+    return value
+
+
 @main.command()
 @click.argument("pipeline_name", metavar="PIPELINE")
 @click.option(
@@ -841,10 +869,22 @@ def pipeline_undeploy(obj: Context, name: str) -> None:
     "path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help="A JSON array of records, or JSON lines (one record per line).",
+    help="Records: a JSON array, one JSON object or JSON lines (.json, .jsonl), Arrow IPC (.arrow, .feather) "
+    "or Parquet.",
 )
 @click.option(
-    "--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for every result."
+    "--format",
+    "data_format",
+    metavar="FORMAT",
+    callback=lambda _ctx, _param, value: _file_format(value),
+    help="The file's format (json, arrow or parquet), when its suffix does not say.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the results of each chunk of records.",
 )
 @click.option(
     "--output",
@@ -853,37 +893,27 @@ def pipeline_undeploy(obj: Context, name: str) -> None:
     help="Write results as JSON lines here instead of a table on stdout.",
 )
 @click.pass_obj
-def infer(obj: Context, pipeline_name: str, path: Path, timeout: float, output: Path | None) -> None:
-    """Stream the records of a file through PIPELINE and show the results.
+def infer(
+    obj: Context, pipeline_name: str, path: Path, data_format: str | None, timeout: float, output: Path | None
+) -> None:
+    """Stream the records of a file through PIPELINE, a chunk at a time, and show the results.
 
     Exits with code 1 when any record failed (the count is on stderr, the reasons in the error column)."""
+    import pyarrow as pa
+
     from joey.client import Pipeline
+    from joey.client.bulk import InputFileError
 
-    text = path.read_text()
-    try:
-        records = json.loads(text)
-        if isinstance(records, dict):
-            records = [records]
-    except json.JSONDecodeError:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            try:
-                records += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError as exc:
-                raise click.BadParameter(
-                    f"{path} is neither JSON nor JSON lines: line {number}: {exc.msg}", param_hint="--file"
-                ) from None
-    with click.progressbar(length=len(records), label="inferring", file=sys.stderr) as bar:
-        seen = [0]
-
-        def progress(done: int, total: int) -> None:
-            bar.update(done - seen[0])
-            seen[0] = done
-
+    with contextlib.ExitStack() as stack:
+        # The total is known once the file has been read through, before the first record is sent.
+        progress = _ProgressBar(stack, "inferring")
         try:
-            frame = Pipeline(obj.client, pipeline_name).infer(records, timeout, progress)
+            result = Pipeline(obj.client, pipeline_name).infer_from_file(path, data_format, timeout, progress)
+        except InputFileError as exc:
+            raise click.BadParameter(exc.message, param_hint="--file") from None
         except (TimeoutError, LookupError) as exc:
             _fail(exc)
+    frame = result.to_pandas() if isinstance(result, pa.Table) else result
     if output:
         frame.to_json(output, orient="records", lines=True, date_format="iso")
         click.echo(f"wrote {len(frame)} results to {output}")
@@ -974,19 +1004,9 @@ def export_logs(
     """Write every logged inference of PIPELINE, oldest first, to numbered files in DIR."""
     from joey.client import Pipeline
 
-    written = [0]
     with contextlib.ExitStack() as stack:
-        bars: list[Any] = []
-
-        def progress(done: int, total: int) -> None:
-            # The total is known only once the first page arrives.
-            if not bars and total:
-                bars.append(
-                    stack.enter_context(click.progressbar(length=total, label="exporting", file=sys.stderr))
-                )
-            if bars:
-                bars[0].update(done - written[0])
-            written[0] = done
+        # The total is known only once the first page arrives.
+        progress = _ProgressBar(stack, "exporting")
 
         try:
             files = Pipeline(obj.client, pipeline_name).export_logs(
@@ -1004,7 +1024,7 @@ def export_logs(
             _fail(exc)
     for path in files:
         click.echo(str(path))
-    click.echo(f"wrote {written[0]} rows to {len(files)} file(s) in {directory}", err=True)
+    click.echo(f"wrote {progress.done} rows to {len(files)} file(s) in {directory}", err=True)
 
 
 main.add_command(assay)

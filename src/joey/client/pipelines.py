@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from joey.client import bulk
 from joey.client.assays import timestamp
 from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.catalog import (
@@ -26,15 +27,18 @@ from joey.client.catalog import (
     plural,
     topics_text,
 )
-from joey.client.inputs import RecordInput, deployed_inputs, to_records
+from joey.client.inputs import InputError, RecordInput, deployed_inputs, to_records
 from joey.client.log_export import LogExport, flatten, flatten_shadow, log_entry_row
-from joey.client.streaming import PipelineStream, Progress
+from joey.client.streaming import Progress, check_rows, streams_of
 from joey_core.models import ModelVersion
 from joey_core.replies import Reply
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 
 StatusCallback = Callable[["DeploymentStatus"], None]
+
+INFER_CHUNK_ROWS = 5_000
+"""How many rows ``Pipeline.infer`` converts and encodes at a time: what it holds of a big input at once."""
 
 
 def _time(ts: Timestamp) -> datetime | None:
@@ -609,16 +613,73 @@ class Pipeline:
         one input, is one record per row of its first dimension. Packed values are converted for the
         input's dtype; NaN, inf and values the input cannot take raise InputError naming the row and
         column, as does data that fits neither way, before anything is sent.
+
+        Any number of rows: they are converted, encoded and sent a chunk at a time (INFER_CHUNK_ROWS), so
+        memory holds a chunk of the input and the results; ``progress(answered, total)`` is called as
+        replies arrive. Calls reuse the client's producer and reply reader of the pipeline, and its
+        deployment status (which refuses an undeployed pipeline at once and says whose inputs shape the
+        data): it is fetched again once it is ``status_cache_s`` old (see :class:`joey.Client`), after a
+        call that timed out or failed, when a reply comes from another version, and after this client
+        deploys, undeploys or rolls the pipeline back. So for up to that long a pipeline undeployed by
+        someone else is not refused at once: its records wait for the timeout.
         """
-        status = self.status()
-        if status.status == "Undeployed":
-            raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
-        deployed = (status.deployment_id, status.pipeline_version)
-        rows = to_records(data, lambda: self._record_inputs(deployed), self.name)
-        replies = PipelineStream(self.client.settings, self.topics).infer(rows, timeout, progress)
+        streams = streams_of(self.client)
+        key = (self.workspace, self.name)
+        status = self._deployed_status()
+        total, chunks = self._record_chunks(data, (status.deployment_id, status.pipeline_version))
+        try:
+            replies = streams.stream(self.topics).infer_chunks(chunks, total, timeout, progress)
+        except BaseException:
+            streams.forget_status(key)  # a timeout or a failure: the deployment may have changed
+            raise
+        if any(_version_of(reply) not in (None, status.pipeline_version) for reply in replies):
+            streams.forget_status(key)  # another version answers: its inputs may be shaped otherwise
         if isinstance(data, pa.Table):
             return pa.Table.from_pandas(replies_to_frame(replies), preserve_index=False)
         return replies_to_frame(replies)
+
+    def _record_chunks(
+        self,
+        data: pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any],
+        deployed: tuple[str, int],
+    ) -> tuple[int, Iterable[Sequence[Any]]]:
+        """How many records ``data`` makes, and the records in chunks of INFER_CHUNK_ROWS rows, each
+        made when it is sent. Every chunk is checked first (made and dropped), so that data the pipeline
+        cannot take is refused before anything is sent."""
+
+        def signature() -> tuple[RecordInput, ...]:
+            return self._record_inputs(deployed)
+
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, pa.Table | pd.DataFrame | np.ndarray):
+            rows = data if isinstance(data, Sequence) else list(data)
+            check_rows(rows)
+            return len(rows), (rows[i : i + INFER_CHUNK_ROWS] for i in range(0, len(rows), INFER_CHUNK_ROWS))
+        if isinstance(data, np.ndarray) and data.ndim == 0:
+            to_records(data, signature, self.name)  # refused, with the advice for an array
+        frame = data
+        total = len(frame)
+
+        def pieces() -> Iterator[tuple[int, Any]]:
+            # An empty frame is still checked: its columns may not fit.
+            for start in range(0, max(total, 1), INFER_CHUNK_ROWS):
+                if isinstance(frame, pa.Table):
+                    yield start, frame.slice(start, INFER_CHUNK_ROWS)
+                elif isinstance(frame, pd.DataFrame):
+                    yield start, frame.iloc[start : start + INFER_CHUNK_ROWS]
+                else:
+                    yield start, frame[start : start + INFER_CHUNK_ROWS]
+
+        for start, piece in pieces():
+            try:
+                to_records(piece, signature, self.name)
+            except InputError:
+                if start:
+                    # A chunk's rows are numbered from its start: the whole data names the row as given.
+                    to_records(frame, signature, self.name)
+                raise
+        return total, (to_records(piece, signature, self.name) for _, piece in pieces())
 
     def _record_inputs(self, deployed: tuple[str, int]) -> tuple[RecordInput, ...]:
         """The inputs of the deployed version, fetched once per deployment and version: a version's steps
@@ -746,6 +807,97 @@ class Pipeline:
         self._version = None
         return DeletedPipeline(self.name, response.version_count, response.log_entries)
 
+    def infer_from_file(
+        self,
+        path: str | Path,
+        data_format: str | None = None,
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+        chunk_rows: int = 10_000,
+    ) -> pd.DataFrame | pa.Table:
+        """Infer the records of a file, ``chunk_rows`` at a time, and return one result row per record in file
+        order: a DataFrame for JSON, an Arrow table for Arrow IPC and Parquet (the columns of ``infer``).
+
+        ``data_format`` is ``"json"`` (a JSON array of records, as pandas writes ``orient="records"``, one
+        JSON object, which is one record, or JSON lines, one record per line), ``"arrow"`` (Arrow IPC, file or
+        stream format; Feather v2) or ``"parquet"``; by default the suffix says (.json/.jsonl/.ndjson,
+        .arrow/.arrows/.feather/.ipc, .parquet/.pq). Rows are shaped as ``infer`` shapes a DataFrame (one
+        column per record field, or the feature columns packed into the pipeline's input); JSON records that
+        name an input are sent as they are. Memory holds one chunk of input: a Parquet or Arrow file is read a
+        batch at a time, JSON lines a chunk of lines at a time; a JSON array is one JSON value, read whole
+        (use JSON lines for big files).
+
+        The file is read through once before anything is sent: a file that cannot be read, is not of its
+        format, or whose rows do not fit the pipeline's inputs raises InputFileError naming the file, the
+        rows and the problem. ``timeout`` applies to each chunk as to one ``infer`` call; a row of a chunk
+        with no reply in time is a row of the result with its error ("no reply from the pipeline within
+        ...s"), and the file goes on, so the rows answered are never lost. ``progress(done, total)`` counts
+        the whole file. A file that changes between the two readings (a different number of records) raises
+        InputFileError.
+        """
+        return bulk.infer_from_file(
+            self, path, data_format, timeout, progress, chunk_rows, frame_of=replies_to_frame
+        )
+
+    def parallel_infer(
+        self,
+        data: pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any],
+        batch_size: int = 1000,
+        num_parallel: int = 4,
+        retries: int = 1,
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+        retry_timed_out: bool = False,
+    ) -> pd.DataFrame | pa.Table:
+        """Infer ``data`` (anything ``infer`` takes) as batches of ``batch_size`` rows, ``num_parallel``
+        batches at once, and return one result row per record, in input order, with per-row errors.
+
+        Rows known never to have reached the pipeline ("not sent to the pipeline: ...": refused by the
+        producer or the broker, or purged unsent) are sent again, in new batches, up to ``retries`` times.
+        Rows with no reply within ``timeout`` may have reached the pipeline (their reply late, or their
+        record still on its way): they are retried only with ``retry_timed_out=True``, and are then maybe
+        processed (and logged) twice; otherwise they keep their error ("no reply from the pipeline within
+        ...s") and their request id, to be looked up in the logs. Rows the pipeline answered, with an
+        error too, are never sent again, and each record has exactly one row in the result.
+
+        Data that does not fit the pipeline's inputs raises InputError before anything is sent, naming
+        the row as in ``data``; records are converted a batch at a time as batches are sent, so memory
+        holds about ``2 * num_parallel`` batches. An error other than a timeout (the pipeline undeployed
+        meanwhile), or an interrupt (Ctrl-C), cancels the batches not started yet and is raised.
+        ``progress(done, total)`` as each batch completes, counting the rows whose result is final.
+        """
+        return bulk.parallel_infer(
+            self,
+            data,
+            batch_size,
+            num_parallel,
+            retries,
+            timeout,
+            progress,
+            retry_timed_out,
+            frame_of=replies_to_frame,
+        )
+
+    def _deployed_status(self) -> DeploymentStatus:
+        """The deployment status calls work with (cached, see ``infer``); JoeyError when not deployed."""
+        found = streams_of(self.client).status(
+            (self.workspace, self.name), self.status, keep=lambda status: status.deployed
+        )
+        if not found.deployed:
+            raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
+        return found
+
+    async def async_infer(
+        self,
+        data: pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any],
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+    ) -> pd.DataFrame | pa.Table:
+        """``infer`` as a coroutine: it runs in a worker thread (asyncio's default executor), so the event
+        loop goes on meanwhile; calls awaited together (``asyncio.gather``) run at once, each with its own
+        result. ``progress`` is called from the worker thread."""
+        return await bulk.async_infer(self, data, timeout, progress)
+
 
 def load_pipeline(client: RegistryCaller, found: pb.Pipeline) -> Pipeline:
     """A builder holding the steps of the stored pipeline's latest version, so ``deploy()`` redeploys them."""
@@ -791,6 +943,12 @@ class PipelineDescription:
         lines.append(f"topics: {topics_text(self.topics)}")
         lines.append(f"assays: {', '.join(self.assays) if self.assays else 'none'}")
         return "\n".join(lines)
+
+
+def _version_of(reply: Reply) -> Any:
+    """The pipeline version that answered ``reply``; None for a row that failed on the caller's side."""
+    metadata = reply.body.get("metadata")
+    return metadata.get("pipeline_version") if isinstance(metadata, dict) else None
 
 
 def _check_positive(name: str, value: int | None, otherwise: str) -> None:
