@@ -372,10 +372,8 @@ def report(args: argparse.Namespace, chosen: list[str], results: dict[str, Resul
         for f in FLOORS
         if f in results and results[f].latencies_ms
     }
-    header = (
-        f"{'system':14}{'calls':>7}{'calls/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99/p50':>8}{'rep p50s':>15}"
-    )
-    header += "".join(f"{'p50/' + f:>11}{'p99/' + f:>11}" for f in FLOORS)
+    header = f"{'system':14}{'calls':>7}{'calls/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'p99/p50':>8}"
+    header += f"{'rep p50s ms':>20}" + "".join(f"{'p50/' + f:>11}{'p99/' + f:>11}" for f in FLOORS)
     print(header)
     print("-" * len(header))
     summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "systems": {}}
@@ -403,13 +401,13 @@ def report(args: argparse.Namespace, chosen: list[str], results: dict[str, Resul
         spread = f"{min(result.rep_p50_ms):.2f}-{max(result.rep_p50_ms):.2f}"
         line = (
             f"{name:14}{len(result.latencies_ms):>7}{float(np.median(result.rates)):>8.1f}"
-            f"{p50:>9.2f}{p99:>9.2f}{p99 / p50:>8.1f}{spread:>15}"
+            f"{p50:>9.2f}{p99:>9.2f}{p99 / p50:>8.1f}{spread:>20}"
         )
         ratios: dict[str, float] = {}
         for f in FLOORS:
             if f in floors:
                 ratios[f"p50/{f}"], ratios[f"p99/{f}"] = p50 / floors[f][0], p99 / floors[f][1]
-                line += f"{ratios[f'p50/{f}']:>10.1f}x{ratios[f'p99/{f}']:>10.1f}x"
+                line += f"{ratios[f'p50/{f}']:>10.3g}x{ratios[f'p99/{f}']:>10.3g}x"
             else:
                 line += f"{'-':>11}{'-':>11}"
         summary["systems"][name] |= {"calls": len(result.latencies_ms), "p50_ms": p50, "p99_ms": p99} | ratios
