@@ -99,7 +99,14 @@ class Bearer(grpcclient.InferenceServerClientPlugin):
 
 class WallarooRest:
     """The Wallaroo-style endpoint over one keep-alive connection (http.client sends headers and body
-    in one segment, so Nagle's algorithm does not hold the body back)."""
+    in one segment, so Nagle's algorithm does not hold the body back).
+
+    The gateway closes a connection idle for JOEY_HEADER_TIMEOUT_S, and the other systems' turns last
+    longer: after a pause the connection is opened anew (on the first call, as any HTTP client would),
+    rather than writing to one the server may have closed.
+    """
+
+    IDLE_S = 1.0
 
     def __init__(self, addr: str, token: str, rows: list[dict[str, Any]]) -> None:
         host, port = addr.rsplit(":", 1)
@@ -107,8 +114,12 @@ class WallarooRest:
         self._path = f"/pipelines/{WORKSPACE}/{PIPELINE}/infer"
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._body = json.dumps(rows).encode()
+        self._used_at = 0.0
 
     def __call__(self) -> list[int]:
+        if time.monotonic() - self._used_at > self.IDLE_S:
+            self._connection.close()  # http.client connects again on the request
+        self._used_at = time.monotonic()
         self._connection.request("POST", self._path, self._body, self._headers)
         response = self._connection.getresponse()
         body = response.read()
