@@ -134,8 +134,10 @@ class WallarooRest:
 
 
 def row_label(row: dict[str, Any]) -> Any:
-    """A result row's label, flattened (``out.label``) as the SDK's frame has it, or nested."""
-    return row["out.label"] if "out.label" in row else row["out"]["label"]
+    """A result row's label; the row's own error when it failed (rows as the SDK's frame has them)."""
+    if row.get("error"):
+        raise RuntimeError(f"a row failed: {row['error']}")
+    return row["out.label"]
 
 
 @dataclass
