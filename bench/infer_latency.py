@@ -182,7 +182,7 @@ def bulk(pipeline: Pipeline, rows: list[dict[str, Any]], result: Result) -> None
     """One ``infer`` of all ``rows``: records/s, and how far it raised this process's peak memory."""
     before = rss_peak_reset()
     began = time.perf_counter()
-    frame = pipeline.infer(rows, timeout=max(120.0, len(rows) / 500))
+    frame = pipeline.infer(rows, timeout=max(120.0, len(rows) / 100))
     elapsed = time.perf_counter() - began
     growth = status_kb("VmHWM") * 1024 - before
     failed = int(frame["error"].notna().sum()) if "error" in frame else 0
