@@ -304,12 +304,6 @@ def run(args: argparse.Namespace, chosen: list[str], stack: ExitStack) -> dict[s
     for closing in (broker_hop, echo_trip, wallaroo):
         stack.callback(closing.close)
 
-    def via_broker() -> None:
-        broker_hop()
-
-    def via_echo() -> None:
-        echo_trip()
-
     def via_sdk() -> list[int]:
         return [int(v) for v in np.ravel(list(pipeline.infer(rows)["out.label"]))]
 
@@ -328,8 +322,8 @@ def run(args: argparse.Namespace, chosen: list[str], stack: ExitStack) -> dict[s
         return direct.run(["label"], {"features": x})[0].tolist()
 
     calls: dict[str, Call] = {
-        "broker": via_broker,
-        "echo": via_echo,
+        "broker": broker_hop,
+        "echo": echo_trip,
         "sdk": via_sdk,
         "oip-rest": via_rest,
         "oip-grpc": via_grpc,
