@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck proto proto-check bench faults clean
+.PHONY: install demo test lint typecheck proto proto-check bench bench-latency faults clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py
+
+# Single-row latency through every door beside the broker's own floor, and SDK bulk throughput
+# (docs/performance.md, "Synchronous endpoint"), about 8 minutes. LATENCY_ARGS="--seconds 5 --repeats 1
+# --bulk-rows 10000" for a short run.
+bench-latency: $(STAMP)
+	$(BIN)/python bench/infer_latency.py $(LATENCY_ARGS)
 
 # The fault suite (docs/reliability.md): a private stack, one fault after another, about 10 minutes.
 # FAULTS_ARGS=--quick for a short smoke run. Not part of `make test`.

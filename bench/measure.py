@@ -4,6 +4,9 @@ The same :class:`Feeder` writes the input records and the same :class:`Collector
 the outputs back, whichever system sits between them, so both sides of a comparison are
 timed by identical code. Times are ``time.perf_counter()`` of this process; the
 ``bench-produced-at`` header carries the wall clock (ns) for anyone reading the topics.
+
+For one call at a time, :func:`paced` times any call at a steady rate and :class:`RoundTrip`
+is the bare request/reply over Kafka the synchronous doors are compared with.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from joey_core import kafka
 from joey_core.kafka import producer_config
-from joey_core.records import REQUEST_ID_HEADER
+from joey_core.records import REQUEST_ID_HEADER, header_value
+from joey_core.replies import reply_consumer
 from joey_core.settings import CommonSettings
+from joey_core.topics import PipelineTopics
 
 log = logging.getLogger(__name__)
 
@@ -268,3 +273,57 @@ def log_record(workspace: str, pipeline: str, offset: int, at: datetime, inputs:
         "models": [{"name": "iris", "version": 1, "sha256": "ab" * 32}],
         "elapsed_ns": [1200],
     }
+
+
+def paced(call: Callable[[], object], rate: float, seconds: float) -> tuple[list[float], float]:
+    """Latencies (ms) of calls made one at a time every 1/rate s for ``seconds``, and the achieved rate.
+
+    A call slower than the interval delays the next one, so the rate is a ceiling."""
+    interval = 1.0 / rate
+    latencies = []
+    start = next_at = time.perf_counter()
+    while next_at - start < seconds:
+        pause = next_at - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        began = time.perf_counter()
+        call()
+        latencies.append((time.perf_counter() - began) * 1000)
+        next_at = max(next_at + interval, time.perf_counter())
+    return latencies, len(latencies) / (time.perf_counter() - start)
+
+
+class RoundTrip:
+    """One record produced to ``target``, then read back from ``topics``' outputs by its request id.
+
+    The clients are the ones Joey's synchronous doors use: the gateway's producer (Joey's producer
+    settings, no linger) and the assign-only reply reader of ``joey_core.replies``. With ``target``
+    the outputs topic itself this is the bare broker hop; with a process answering in between, the
+    request/reply floor for that process.
+    """
+
+    def __init__(self, settings: CommonSettings, topics: PipelineTopics, target: str, value: bytes) -> None:
+        self._producer = Producer(producer_config(settings, **{"linger.ms": 0}))
+        self._replies = reply_consumer(settings, topics)
+        self._target = target
+        self._value = value
+        self._sent = 0
+
+    def __call__(self) -> None:
+        self._sent += 1
+        rid = f"bench-rt-{self._sent}".encode()
+        self._producer.produce(self._target, self._value, rid, headers=[(REQUEST_ID_HEADER, rid)])
+        self._producer.poll(0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            # Waiting with poll, never consume(timeout): consume waits out its timeout unless its batch fills.
+            message = self._replies.poll(0.1)
+            if message is None or not kafka.usable([message], log):
+                continue
+            if header_value(message.headers(), REQUEST_ID_HEADER) == rid.decode():  # type: ignore[arg-type]
+                return
+        raise TimeoutError(f"no reply to {rid.decode()} on {self._target} within 30 s")
+
+    def close(self) -> None:
+        self._producer.flush(10)
+        self._replies.close()
