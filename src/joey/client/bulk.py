@@ -1,7 +1,7 @@
 """Bulk inference, Wallaroo's verbs: records from a file, in chunks (``infer_from_file``); batches in
-parallel with retries of the rows known never to have reached the pipeline (``parallel_infer``); and ``infer`` as an asyncio
-coroutine (``async_infer``). Each goes through ``Pipeline.infer`` and returns its result columns, one row per
-input record, in input order, with per-row errors.
+parallel with retries of the rows known never to have reached the pipeline (``parallel_infer``); and
+``infer`` as an asyncio coroutine (``async_infer``). Each goes through ``Pipeline.infer`` and returns its
+result columns, one row per input record, in input order, with per-row errors.
 
 Nothing is sent unless all of the data is fit to send: a file is read through once first (in chunks, so
 memory holds one chunk) to check that it parses and that its records fit the pipeline's inputs, then read
