@@ -29,6 +29,11 @@ from joey_gateway.tensors import oip_datatype
 log = logging.getLogger(__name__)
 
 
+class NotDeployed(GatewayError):
+    """The pipeline exists but is not deployed: UNAVAILABLE to OIP callers (a model server that is not
+    serving), NOT_FOUND on the records endpoint (no deployment at that address, as Wallaroo answers)."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Open Inference Protocol tensor metadata (OIP datatype, batched shape), not a model's TensorSpec."""
@@ -137,7 +142,7 @@ class Catalog:
                         self._outage_since = None
                         metrics.CATALOG_STALE.set(0)
         if info.status == "Undeployed":
-            raise GatewayError(
+            raise NotDeployed(
                 Status.UNAVAILABLE, f"pipeline {pipeline!r} is not deployed: deploy it to serve inferences"
             )
         return info

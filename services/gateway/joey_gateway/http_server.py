@@ -33,7 +33,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import joey_core
-from joey_gateway import openapi
+from joey_gateway import frames, openapi
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.service import SERVER_NAME, Gateway
 from joey_gateway.settings import CONTROL_WORKERS, GatewaySettings
@@ -199,6 +199,7 @@ class RestApi:
                 Route("/v2/models/{model}/versions/{version}/ready", self._model_ready),
                 Route("/v2/models/{model}/infer", self._infer, methods=["POST"]),
                 Route("/v2/models/{model}/versions/{version}/infer", self._infer, methods=["POST"]),
+                Route("/pipelines/{workspace}/{pipeline}/infer", self._infer_records, methods=["POST"]),
             ],
             exception_handlers={HTTPException: self._http_error},
         )
@@ -370,6 +371,54 @@ class RestApi:
         return Response(
             content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
         )
+
+    async def _infer_records(self, request: Request) -> Response:
+        """Wallaroo's endpoint: records in (pandas records JSON or Arrow IPC), result rows out, alike."""
+        workspace, pipeline = request.path_params["workspace"], request.path_params["pipeline"]
+        authorization = request.headers.get("Authorization")
+        try:
+            await self._run(lambda: self._gateway.admit(authorization))
+        except GatewayError as exc:
+            return _error(exc, close=True)
+        try:
+            format = frames.body_format(request.headers.get("Content-Type"))
+            timeout_s = _timeout(request.query_params.get("timeout"))
+            body = await self._body(request)
+        except GatewayError as exc:
+            self._gateway.refused(exc)
+            return _error(exc, close=True)
+
+        def serve() -> bytes:
+            result = self._gateway.infer_records(
+                workspace,
+                pipeline,
+                lambda: frames.decode_records(body, format, self._gateway.limits),
+                authorization,
+                timeout_s,
+            )
+            return frames.encode_rows(result, format)  # off the event loop, as the rows may be many
+
+        try:
+            content = await self._run(serve, inference=True)
+        except GatewayError as exc:
+            return _error(exc)
+        except Exception:
+            log.exception("inference request failed")
+            return JSONResponse({"error": "internal error; see the gateway's log"}, 500)
+        return Response(content, media_type=format.value)
+
+
+def _timeout(value: str | None) -> float | None:
+    """The ``timeout`` query parameter: the request's deadline, in seconds from now."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise _bad(f"timeout must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def _protocol(header_timeout_s: float) -> type[H11Protocol]:

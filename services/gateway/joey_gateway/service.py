@@ -13,18 +13,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
+import pandas as pd
 from confluent_kafka import KafkaError, Producer
 
 from joey_core import tls, topics
 from joey_core.kafka import max_record_bytes, producer_config, record_size
 from joey_core.records import DEADLINE_EXCEEDED, DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
 from joey_core.replies import Reply
+from joey_core.results import replies_to_frame
 from joey_core.v1 import registry_pb2_grpc
 from joey_gateway import metrics
-from joey_gateway.catalog import Catalog, PipelineInfo
+from joey_gateway.catalog import Catalog, NotDeployed, PipelineInfo
 from joey_gateway.errors import GatewayError, Status
+from joey_gateway.frames import check_records
 from joey_gateway.registry_auth import RegistryAuth, bearer_token
 from joey_gateway.replies import Call, ReplyReader
 from joey_gateway.settings import GatewaySettings
@@ -48,6 +51,7 @@ INFER = "infer"
 
 
 _Headers = list[tuple[str, str | bytes | None]]
+T = TypeVar("T")
 
 
 class _Access(NamedTuple):
@@ -159,20 +163,66 @@ class Gateway:
         one counts as a refused request of that model) through its pipeline, for a caller who may infer in
         its workspace. ``deadline`` (epoch seconds) is the transport's own, if any; the earliest of it, the
         request's timeout and the gateway's default applies."""
+
+        def run(info: PipelineInfo) -> InferResponse:
+            request = decode()
+            # Refused whole before any work on its rows.
+            check_inputs(info.pipeline, request.inputs, {t.name: t.shape for t in info.inputs})
+            rows = to_rows(request.inputs)
+            replies = self._exchange(info, rows, self._deadline(deadline, request.timeout_s))
+            return self._response(request, info, replies)
+
+        return self._served(model, version, authorization, run)
+
+    def infer_records(
+        self,
+        workspace: str,
+        pipeline: str,
+        decode: Callable[[], list[dict[str, Any]]],
+        authorization: str | None,
+        timeout_s: float | None = None,
+    ) -> pd.DataFrame:
+        """The records endpoint: run the input records ``decode`` reads from the body through the pipeline,
+        answered with the SDK's ``pipeline.infer`` result rows (:func:`joey_core.results.replies_to_frame`),
+        a record the pipeline refused being a row with its ``error``. Authorized, limited and counted as
+        :meth:`infer` is."""
+
+        def run(info: PipelineInfo) -> pd.DataFrame:
+            rows = decode()
+            check_records(info.pipeline, rows, [t.name for t in info.inputs])
+            return replies_to_frame(self._exchange(info, rows, self._deadline(None, timeout_s)))
+
+        return self._served(f"{workspace}.{pipeline}", "", authorization, run, Status.NOT_FOUND)
+
+    def _served(
+        self,
+        model: str,
+        version: str,
+        authorization: str | None,
+        run: Callable[[PipelineInfo], T],
+        not_deployed: Status = Status.UNAVAILABLE,
+    ) -> T:
+        """``run`` on the deployed pipeline served as ``model``, for a caller who may infer in its workspace,
+        holding one of the pipeline's request slots; counted and timed in the metrics. A pipeline that is
+        not deployed is refused with ``not_deployed``."""
         with self._idle:
             self._in_flight += 1
         start = time.perf_counter()
         labels = ("", "")
         outcome = "ok"
         try:
-            info = self._deployed(model, version, self._authorized(model, authorization, INFER))
+            access = self._authorized(model, authorization, INFER)
+            try:
+                info = self._deployed(model, version, access)
+            except NotDeployed as exc:
+                raise GatewayError(not_deployed, exc.message) from None
             labels = (info.workspace, info.pipeline)
             slot = self._slot(info)
             try:  # from the moment it is taken: nothing after may keep the slot
                 in_flight = metrics.IN_FLIGHT.labels(*labels)
                 in_flight.inc()
                 try:
-                    return self._infer(info, decode(), deadline)
+                    return run(info)
                 finally:
                     in_flight.dec()
             finally:
@@ -211,17 +261,19 @@ class Gateway:
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
-    def _infer(self, info: PipelineInfo, request: InferRequest, deadline: float | None) -> InferResponse:
-        # Refused whole before any work on its rows.
-        check_inputs(info.pipeline, request.inputs, {t.name: t.shape for t in info.inputs})
-        rows = to_rows(request.inputs)
+    def _deadline(self, transport: float | None, timeout_s: float | None) -> float:
+        """The request's deadline (epoch seconds): the earliest of the gateway's default, the transport's
+        own and the request's timeout."""
         now = time.time()
         limits = [now + self._settings.request_timeout_s]
-        if deadline is not None:
-            limits.append(deadline)
-        if request.timeout_s is not None:
-            limits.append(now + request.timeout_s)
-        deadline = min(limits)
+        if transport is not None:
+            limits.append(transport)
+        if timeout_s is not None:
+            limits.append(now + timeout_s)
+        return min(limits)
+
+    def _exchange(self, info: PipelineInfo, rows: list[dict[str, Any]], deadline: float) -> list[Reply]:
+        """Produce one input record per row and wait for every reply, returned in row order."""
         call = Call([uuid.uuid4().hex for _ in rows])
         deadline_header = str(int(deadline * 1000)).encode()
         headers: list[_Headers] = [
@@ -260,15 +312,17 @@ class Gateway:
             reader.forget(call)
         if call.failure is not None:
             raise GatewayError(Status.UNAVAILABLE, call.failure)
-        replies = [call.replies[request_id] for request_id in call.request_ids]
-        return self._response(request, info, replies)
+        return [call.replies[request_id] for request_id in call.request_ids]
 
     def _records(
         self, rows: list[dict[str, Any]], request_ids: list[str], headers: list[_Headers]
     ) -> list[bytes]:
         """Every row's record value, each checked against the broker's message limit before any is produced:
         a request is refused whole, naming its first row that would not fit, or produced whole."""
-        values = [dumps(row) for row in rows]
+        try:
+            values = [dumps(row) for row in rows]
+        except (TypeError, ValueError) as exc:  # an Arrow body's dates or binary values, say
+            raise GatewayError(Status.INVALID_ARGUMENT, f"a record is not JSON-serializable: {exc}") from None
         for index, (value, request_id, record_headers) in enumerate(
             zip(values, request_ids, headers, strict=True)
         ):
