@@ -648,11 +648,13 @@ def test_json_records_answer_the_sdks_rows(gateway: Gateway, iris: Pipeline, iri
     the same records, the same columns in the same order and the same values; a record the engine refuses
     is a row with its error, like the SDK's, inside a 200."""
     x = features(4, seed=21)
-    frame = pd.DataFrame({"features": x.tolist()})
-    frame.loc[2, "features"] = [1.0, 2.0]  # two features where the model takes four
+    sent = pd.DataFrame({"features": x.tolist()})
+    sent.loc[2, "features"] = [1.0, 2.0]  # two features where the model takes four
+    body = sent.to_json(orient="records").encode()
+    frame = pd.DataFrame(json.loads(body))  # the records as posted: to_json rounds to 10 digits
     ok_before = counter(gateway, "ok")
     for content_type in (JSON, "application/json; format=pandas-records"):
-        answer = post_records(gateway, frame.to_json(orient="records").encode(), content_type)
+        answer = post_records(gateway, body, content_type)
         assert answer.status == 200, answer.body
         assert answer.content_type == JSON
         rows = json.loads(answer.body)
@@ -661,10 +663,9 @@ def test_json_records_answer_the_sdks_rows(gateway: Gateway, iris: Pipeline, iri
         assert isinstance(sdk, pd.DataFrame)
         assert list(rows[0]) == list(sdk.columns)
         assert all(pd.Timestamp(row["time"]).tzinfo is not None for row in rows)
-        got = comparable(pd.DataFrame(rows, columns=list(sdk.columns)))
-        expected = comparable(sdk.astype(object).where(sdk.notna(), None))
-        assert got == expected
-        label, _ = direct(iris_model, x[[0, 1, 3]])
+        got = [{k: v for k, v in row.items() if k not in PER_RUN} for row in rows]
+        assert got == comparable(sdk.astype(object).where(sdk.notna(), None))
+        label, _ = direct(iris_model, np.array(frame["features"][[0, 1, 3]].tolist(), dtype=np.float32))
         assert [rows[i]["out.label"] for i in (0, 1, 3)] == label.tolist()
         assert [row["error"] is None for row in rows] == [True, True, False, True]
         assert "features" in rows[2]["error"] and rows[2]["error"] == sdk["error"][2]
@@ -687,7 +688,9 @@ def test_arrow_ipc_answers_the_sdks_table(gateway: Gateway, iris: Pipeline, cont
 
 
 def test_bad_bodies_are_refused_naming_the_problem(gateway: Gateway, iris: Pipeline) -> None:
-    refused_before = counter(gateway, "invalid_argument", pipeline="")
+    unread_before = counter(gateway, "invalid_argument", pipeline="")
+    unsupported_before = counter(gateway, "unsupported_media_type", pipeline="")
+    refused_before = counter(gateway, "invalid_argument")
     cases: list[tuple[bytes, str | None, int, str]] = [
         (b'{"features": [5.1, 3.5, 1.4, 0.2]}', JSON, 400, "must be a JSON list of records"),
         (b'[{"features": [5.1, 3.5, 1.4, 0.2]}, [1, 2]]', JSON, 400, "record 1 of the body is a JSON list"),
@@ -710,8 +713,11 @@ def test_bad_bodies_are_refused_naming_the_problem(gateway: Gateway, iris: Pipel
     assert "'a', 'b', 'c', 'd'" in answer.error()
     answer = post_records(gateway, b"[{}]", path=f"/pipelines/default/{PIPELINE}/infer?timeout=soon")
     assert answer.status == 400 and "timeout must be a positive number" in answer.error()
-    # Refused before the body was read (content type, timeout) count without a pipeline.
-    assert counter(gateway, "invalid_argument", pipeline="") == refused_before + 4
+    # Refused before the body was read (content type, timeout): counted without a pipeline; the bodies the
+    # pipeline's request decoded: of the pipeline.
+    assert counter(gateway, "invalid_argument", pipeline="") == unread_before + 1
+    assert counter(gateway, "unsupported_media_type", pipeline="") == unsupported_before + 3
+    assert counter(gateway, "invalid_argument") == refused_before + 7
 
 
 def test_records_of_unknown_or_undeployed_pipelines_and_strangers_are_refused(
