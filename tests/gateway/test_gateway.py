@@ -705,12 +705,14 @@ def test_bad_bodies_are_refused_naming_the_problem(gateway: Gateway, iris: Pipel
     for body, content_type, status, words in cases:
         answer = post_records(gateway, body, content_type)
         assert (answer.status, words in answer.error()) == (status, True), (body, answer.body)
-    # Features as columns name none of the pipeline's inputs: refused whole, before any record is sent.
-    columns = pd.DataFrame(features(2, seed=23), columns=["a", "b", "c", "d"])
+    # Three feature columns for a vector of four: refused whole with the SDK's advice, nothing sent.
+    columns = pd.DataFrame(features(2, seed=23)[:, :3], columns=["a", "b", "c"])
     answer = post_records(gateway, columns.to_json(orient="records").encode())
     assert answer.status == 400
-    assert answer.error().startswith(f"pipeline {PIPELINE!r} reads record fields 'features', and no record")
-    assert "'a', 'b', 'c', 'd'" in answer.error()
+    assert answer.error().startswith(
+        f"pipeline {PIPELINE!r} reads record field 'features' (float32 [4]), and the frame has 3 columns "
+        "('a', 'b', 'c'): pass exactly 4 numeric columns, which are packed into 'features'"
+    )
     answer = post_records(gateway, b"[{}]", path=f"/pipelines/default/{PIPELINE}/infer?timeout=soon")
     assert answer.status == 400 and "timeout must be a positive number" in answer.error()
     # Refused before the body was read (content type, timeout): counted without a pipeline; the bodies the
@@ -718,6 +720,34 @@ def test_bad_bodies_are_refused_naming_the_problem(gateway: Gateway, iris: Pipel
     assert counter(gateway, "invalid_argument", pipeline="") == unread_before + 1
     assert counter(gateway, "unsupported_media_type", pipeline="") == unsupported_before + 3
     assert counter(gateway, "invalid_argument") == refused_before + 7
+
+
+@pytest.mark.parametrize("content_type", [JSON, ARROW_STREAM])
+def test_feature_columns_are_packed_as_the_sdk_packs_them(
+    gateway: Gateway, iris: Pipeline, content_type: str
+) -> None:
+    """A frame of one column per feature (what a Wallaroo user posts): naming none of the pipeline's inputs,
+    its four numeric columns are packed into the vector input 'features', in column order, as the SDK's
+    pipeline.infer packs the same frame."""
+    x = features(3, seed=24)
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    frame = pd.DataFrame(x.astype(np.float64), columns=names)
+    if content_type == JSON:
+        body = frame.to_json(orient="records", double_precision=15).encode()
+        frame = pd.DataFrame(json.loads(body))
+    else:
+        body = ipc(pa.Table.from_pandas(frame, preserve_index=False), content_type)
+    answer = post_records(gateway, body, content_type)
+    assert answer.status == 200, answer.body
+    sdk = iris.infer(frame)
+    assert isinstance(sdk, pd.DataFrame)
+    if content_type == JSON:
+        got = [{k: v for k, v in row.items() if k not in PER_RUN} for row in json.loads(answer.body)]
+    else:
+        got = comparable(read_ipc(answer.body, content_type).to_pandas())
+    assert got == comparable(sdk.astype(object).where(sdk.notna(), None))
+    assert [row["in.features"] for row in got] == frame.to_numpy().tolist()
+    assert all(row["error"] is None for row in got)
 
 
 def test_records_of_unknown_or_undeployed_pipelines_and_strangers_are_refused(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from joey_core.inputs import RecordInput, record_inputs
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 from joey_gateway import metrics
@@ -56,6 +57,8 @@ class PipelineInfo:
     """The first model step's inputs, named by the record fields that feed them."""
     outputs: tuple[TensorInfo, ...]
     """The last model step's outputs."""
+    record_inputs: tuple[RecordInput, ...] = ()
+    """The first model step's inputs as the SDK shapes data for them (the records endpoint does too)."""
 
     def output_datatype(self, name: str) -> str | None:
         return next((t.datatype for t in self.outputs if t.name == name), None)
@@ -87,6 +90,7 @@ def _info(status: pb.DeploymentStatus, version: pb.PipelineVersion | None) -> Pi
         status.message,
         inputs,
         outputs,
+        record_inputs(version) if version else (),
     )
 
 

@@ -14,11 +14,10 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from joey_core.inputs import InputError, RecordInput, to_records
 from joey_core.records import dumps
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.tensors import Limits
-
-_SHOWN_FIELDS = 10
 
 
 class Format(enum.Enum):
@@ -58,8 +57,8 @@ def body_format(content_type: str | None) -> Format:
     return found
 
 
-def decode_records(body: bytes, format: Format, limits: Limits) -> list[dict[str, Any]]:
-    """The input records of a body; 400 naming the problem, 413 past ``limits.max_rows``."""
+def decode_records(body: bytes, format: Format, limits: Limits) -> pa.Table | list[dict[str, Any]]:
+    """The records (JSON) or table (Arrow) of a body; 400 naming the problem, 413 past ``limits.max_rows``."""
     if format is Format.JSON:
         return _json_records(body, limits)
     try:
@@ -68,8 +67,8 @@ def decode_records(body: bytes, format: Format, limits: Limits) -> list[dict[str
         table = reader.read_all()
     except (pa.ArrowException, OSError) as exc:  # ArrowInvalid, and the OSError of a truncated body
         raise _bad(f"the body is not an Arrow IPC {format.name.split('_')[1].lower()}: {exc}") from None
-    _check_count(table.num_rows, limits)  # before any row becomes Python objects
-    return list(table.to_pylist())
+    _check_count(table.num_rows, limits)
+    return table
 
 
 def _json_records(body: bytes, limits: Limits) -> list[dict[str, Any]]:
@@ -105,22 +104,21 @@ def _check_count(rows: int, limits: Limits) -> None:
         )
 
 
-def check_records(pipeline: str, records: Sequence[dict[str, Any]], inputs: Sequence[str]) -> None:
-    """Refuse, before anything is produced, records none of which names any of the pipeline's ``inputs``
-    (its first model step's record fields): every one would fail alone for the same mistake, typically
-    features posted as columns. Columns are not packed into a vector input here (the SDK's DataFrames
-    are): a record holds each input's value whole."""
-    if not inputs or any(name in record for record in records for name in inputs):
-        return
-    fields = list(dict.fromkeys(str(name) for record in records[:100] for name in record))
-    more = ", ..." if len(fields) > _SHOWN_FIELDS else ""
-    shown = ", ".join(repr(f) for f in fields[:_SHOWN_FIELDS]) + more
-    wanted = ", ".join(repr(i) for i in inputs)
-    raise _bad(
-        f"pipeline {pipeline!r} reads record fields {wanted}, and no record names any of them (the records "
-        f"have {shown or 'no fields'}): give each record a field per input holding its whole value, e.g. "
-        f'[{{"{inputs[0]}": [5.1, 3.5, 1.4, 0.2]}}]'
-    )
+def input_records(
+    pipeline: str, data: pa.Table | list[dict[str, Any]], inputs: Sequence[RecordInput]
+) -> list[dict[str, Any]]:
+    """The records to produce, shaped as the SDK's ``pipeline.infer`` shapes a DataFrame or an Arrow table
+    (:func:`joey_core.inputs.to_records`): records naming none of the pipeline's ``inputs`` are columns,
+    packed into its one vector input when they fit it, refused whole (400, saying how to shape them)
+    otherwise. Records naming an input are produced as they are."""
+    if isinstance(data, list):
+        if not inputs or any(i.field in record for record in data for i in inputs):
+            return data
+        data = pd.DataFrame(data)
+    try:
+        return to_records(data, lambda: inputs, pipeline)
+    except InputError as exc:
+        raise _bad(str(exc)) from None
 
 
 def encode_rows(frame: pd.DataFrame, format: Format) -> bytes:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import pandas as pd
+import pyarrow as pa
 from confluent_kafka import KafkaError, Producer
 
 from joey_core import tls, topics
@@ -27,7 +28,7 @@ from joey_core.v1 import registry_pb2_grpc
 from joey_gateway import metrics
 from joey_gateway.catalog import Catalog, NotDeployed, PipelineInfo
 from joey_gateway.errors import GatewayError, Status
-from joey_gateway.frames import check_records
+from joey_gateway.frames import input_records
 from joey_gateway.registry_auth import RegistryAuth, bearer_token
 from joey_gateway.replies import Call, ReplyReader
 from joey_gateway.settings import GatewaySettings
@@ -178,18 +179,18 @@ class Gateway:
         self,
         workspace: str,
         pipeline: str,
-        decode: Callable[[], list[dict[str, Any]]],
+        decode: Callable[[], pa.Table | list[dict[str, Any]]],
         authorization: str | None,
         timeout_s: float | None = None,
     ) -> pd.DataFrame:
-        """The records endpoint: run the input records ``decode`` reads from the body through the pipeline,
+        """The records endpoint: run the records (or Arrow table) ``decode`` reads from the body through the
+        pipeline, shaped for its inputs as the SDK shapes them (:func:`frames.input_records`),
         answered with the SDK's ``pipeline.infer`` result rows (:func:`joey_core.results.replies_to_frame`),
         a record the pipeline refused being a row with its ``error``. Authorized, limited and counted as
         :meth:`infer` is."""
 
         def run(info: PipelineInfo) -> pd.DataFrame:
-            rows = decode()
-            check_records(info.pipeline, rows, [t.name for t in info.inputs])
+            rows = input_records(info.pipeline, decode(), info.record_inputs)
             return replies_to_frame(self._exchange(info, rows, self._deadline(None, timeout_s)))
 
         return self._served(f"{workspace}.{pipeline}", "", authorization, run, Status.NOT_FOUND)
