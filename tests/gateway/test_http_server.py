@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import schemathesis
 import tritonclient.grpc as grpcclient
@@ -64,6 +65,7 @@ def process_data(inputs):
 SLOW_PIPELINE = "slow-limits"
 SLOW_TOO = "slow-limits-too"
 TEXT_PIPELINE = "text-limits"
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 
 @dataclass
@@ -177,6 +179,22 @@ def infer(url: str, model: str, rows: list[list[float]]) -> tuple[int, dict[str,
 def answer(url: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         url + path, data=body, headers={"Content-Type": "application/json", **bearer()}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def records_answer(
+    url: str, pipeline: str, body: bytes, content_type: str = "application/json"
+) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` to the records endpoint of ``pipeline``; the status and the JSON answer (an error)."""
+    request = urllib.request.Request(
+        f"{url}/pipelines/default/{pipeline}/infer",
+        data=body,
+        headers={"Content-Type": content_type, **bearer()},
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -309,6 +327,16 @@ def test_shapes_of_empty_or_too_many_rows_are_refused(limited: Limited, healthy:
         body = {"inputs": [{"name": "features", "shape": shape, "datatype": "FP32", "data": []}]}
         got, reply = answer(limited.url, "/v2/models/iris-limits/infer", json.dumps(body).encode())
         assert (got, message in reply["error"]) == (status, True), (shape, reply)
+    # The records endpoint's rows are its records, JSON or Arrow: counted before any is decoded further.
+    records = [{"features": [5.1, 3.5, 1.4, 0.2]}] * 1001
+    got, reply = records_answer(limited.url, "iris-limits", json.dumps(records).encode())
+    assert (got, reply["error"]) == (413, "the body holds 1001 records; a request may hold at most 1000")
+    sink = pa.BufferOutputStream()
+    table = pa.Table.from_pylist(records)
+    with pa.ipc.new_stream(sink, table.schema) as out:
+        out.write_table(table)
+    got, reply = records_answer(limited.url, "iris-limits", sink.getvalue().to_pybytes(), ARROW_STREAM)
+    assert (got, reply["error"]) == (413, "the body holds 1001 records; a request may hold at most 1000")
     triton = grpcclient.InferenceServerClient(limited.grpc_addr)
     tensor = grpcclient.InferInput("features", [1_000_000, 0], "FP32")
     tensor.set_data_from_numpy(np.zeros((1_000_000, 0), dtype=np.float32))
@@ -349,6 +377,9 @@ def test_a_row_too_large_for_kafka_refuses_the_whole_request(
     assert status == 413, reply
     assert reply["error"].startswith("row 1 of the batch makes a record of"), reply
     assert "nothing was sent" in reply["error"]
+    records = json.dumps([{"text": text} for text in rows]).encode()
+    status, reply = records_answer(limited.url, TEXT_PIPELINE, records)
+    assert (status, reply["error"].startswith("row 1 of the batch makes a record of")) == (413, True), reply
     sentinel = f"sentinel-{marker}"
     single = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [sentinel]}]}
     status, reply = answer(limited.url, f"/v2/models/{TEXT_PIPELINE}/infer", json.dumps(single).encode())
@@ -378,6 +409,10 @@ def test_a_saturated_pipeline_is_refused_while_another_keeps_serving(
         assert refused.value.code == 429
         assert refused.value.headers["Retry-After"] == "1"
         assert "already has 2 requests in flight" in json.loads(refused.value.read())["error"]
+        # The records endpoint takes the same slots.
+        one = json.dumps([{"features": stuck[0]}]).encode()
+        status, reply = records_answer(limited.url, SLOW_PIPELINE, one)
+        assert (status, "already has 2 requests in flight" in reply["error"]) == (429, True), reply
 
         triton = grpcclient.InferenceServerClient(limited.grpc_addr)
         tensor = grpcclient.InferInput("features", [1, 4], "FP32")
@@ -452,8 +487,11 @@ def test_the_rest_api_conforms_to_its_openapi_document(limited: Limited, healthy
     for result in schema.get_all_operations():
         operation = result.ok()
         targets: list[dict[str, Any] | None] = [None]
-        if any(parameter.name == "model" for parameter in operation.iter_parameters()):
+        names = {parameter.name for parameter in operation.iter_parameters()}
+        if "model" in names:
             targets.append({"model": "iris-limits"})
+        if "pipeline" in names:
+            targets.append({"workspace": "default", "pipeline": "iris-limits"})
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             for path_parameters in targets:
                 strategy = operation.as_strategy(mode, path_parameters=path_parameters)
