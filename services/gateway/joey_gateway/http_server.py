@@ -329,14 +329,24 @@ class RestApi:
             raise _bad(f"the client left after {received} of the body's {length} bytes") from None
         return b"".join(chunks)
 
-    async def _infer(self, request: Request) -> Response:
-        model, version = request.path_params["model"], request.path_params.get("version", "")
-        authorization = request.headers.get("Authorization")
+    async def _admit(self, authorization: str | None) -> Response | None:
+        """Who is asking comes before reading what they send: a stranger's body is never read. The refusal
+        to answer, or None. A caller the registry said yes to within the auth cache is let in on the event
+        loop, sparing the request a hand-off to a worker thread and back; others are checked on one."""
+        if self._gateway.admitted(authorization):
+            return None
         try:
-            # Who is asking comes before reading what they send: a stranger's body is never read.
             await self._run(lambda: self._gateway.admit(authorization))
         except GatewayError as exc:
             return _error(exc, close=True)
+        return None
+
+    async def _infer(self, request: Request) -> Response:
+        model, version = request.path_params["model"], request.path_params.get("version", "")
+        authorization = request.headers.get("Authorization")
+        refused = await self._admit(authorization)
+        if refused is not None:
+            return refused
         try:
             body = await self._body(request)
         except GatewayError as exc:
@@ -376,10 +386,9 @@ class RestApi:
         """Wallaroo's endpoint: records in (pandas records JSON or Arrow IPC), result rows out, alike."""
         workspace, pipeline = request.path_params["workspace"], request.path_params["pipeline"]
         authorization = request.headers.get("Authorization")
-        try:
-            await self._run(lambda: self._gateway.admit(authorization))
-        except GatewayError as exc:
-            return _error(exc, close=True)
+        refused = await self._admit(authorization)
+        if refused is not None:
+            return refused
         try:
             format = frames.body_format(request.headers.get("Content-Type"))
             timeout_s = _timeout(request.query_params.get("timeout"))

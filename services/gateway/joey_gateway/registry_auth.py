@@ -126,6 +126,15 @@ class RegistryAuth:
         """Pass if ``token`` is valid (a user, whatever their workspaces): the server-level routes."""
         self._check(token, "", "")
 
+    def known(self, token: str) -> bool:
+        """Whether ``token`` holds a "yes" of the registry to :meth:`authenticate` younger than ``cache_s``:
+        the answer :meth:`authenticate` would reuse, found without any call (nor the outage grace)."""
+        key = (hashlib.sha256(token.encode()).hexdigest(), "", "")
+        asked = time.monotonic()
+        with self._lock:
+            granted = self._granted.get(key)
+        return granted is not None and asked < granted + self._cache_s
+
     def _check(self, token: str, workspace: str, action: str) -> None:
         key = (hashlib.sha256(token.encode()).hexdigest(), workspace, action)
         # Counted from before the question: an answer is never reused longer than cache_s after it was asked.

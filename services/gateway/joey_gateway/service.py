@@ -112,6 +112,15 @@ class Gateway:
             self.refused(exc)
             raise
 
+    def admitted(self, authorization: str | None) -> bool:
+        """Whether the caller is let in on the registry's recent answer alone, which needs no call: then a
+        transport may skip handing :meth:`admit` to a worker thread (an event loop must not wait on the
+        registry). False means: call :meth:`admit`."""
+        try:
+            return self._auth.known(bearer_token(authorization))
+        except GatewayError:
+            return False
+
     def refused(self, exc: GatewayError) -> None:
         """Count a request the transport refused before it named a pipeline (its body unusable)."""
         metrics.REQUESTS.labels("", "", exc.status.name.lower()).inc()
