@@ -22,7 +22,7 @@ from confluent_kafka import KafkaError, Producer
 from joey_core import tls, topics
 from joey_core.kafka import max_record_bytes, producer_config, record_size
 from joey_core.records import DEADLINE_EXCEEDED, DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
-from joey_core.replies import Reply
+from joey_core.replies import Call, Reply, ReplyReader
 from joey_core.results import replies_to_frame
 from joey_core.v1 import registry_pb2_grpc
 from joey_gateway import metrics
@@ -30,7 +30,6 @@ from joey_gateway.catalog import Catalog, NotDeployed, PipelineInfo
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.frames import input_records
 from joey_gateway.registry_auth import RegistryAuth, bearer_token
-from joey_gateway.replies import Call, ReplyReader
 from joey_gateway.settings import GatewaySettings
 from joey_gateway.tensors import (
     InferRequest,

@@ -16,6 +16,7 @@ pipeline.undeploy()
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from joey.client.catalog import (
 from joey.client.identity import IdentityClientMixin
 from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
 from joey.client.signatures import Schema, tensor_specs
+from joey.client.streaming import Streams
 from joey.client.workspaces import WorkspaceClientMixin
 from joey_core import tls
 from joey_core.models import ModelVersion
@@ -50,7 +52,12 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
 
     It calls with ``token``, else ``$JOEY_TOKEN``, else the token `joey login` (or `joey up`) stored
     for its registry in the credentials file (``$JOEY_CREDENTIALS``, default ``~/.config/joey/credentials``);
-    :meth:`login` makes one with a password instead."""
+    :meth:`login` makes one with a password instead.
+
+    ``pipeline.infer`` keeps one producer and one reply reader per pipeline open across calls (made on
+    its first call), and remembers a deployed pipeline's status for ``status_cache_s`` seconds, so that a
+    call costs about one trip through the pipeline. :meth:`close` (or leaving a ``with Client(...)``
+    block, or the interpreter's exit) closes them; a closed client refuses to infer."""
 
     def __init__(
         self,
@@ -60,6 +67,7 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
         kafka_bootstrap: str | None = None,
         token: str | None = None,
         settings: CommonSettings | None = None,
+        status_cache_s: float = 2.0,
     ) -> None:
         overrides = {"registry_addr": registry_addr, "kafka_bootstrap": kafka_bootstrap}
         base = settings or CommonSettings()
@@ -75,6 +83,9 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
             options=[("grpc.max_receive_message_length", 64 << 20)],
         )
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+        self.streams = Streams(self.settings, status_cache_s)
+        # At exit too (or when the client is collected): readers and producers stop, without hanging.
+        self._close_streams = weakref.finalize(self, self.streams.close)
 
     @classmethod
     def login(
@@ -111,7 +122,11 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
 
     def call(self, name: str, request: Any, timeout: float = 60.0, *, anonymous: bool = False) -> Any:
         """Call registry RPC ``name``; ``anonymous`` sends no token (only Login needs none)."""
-        return self._call(getattr(self._stub, name), request, timeout, anonymous)
+        try:
+            return self._call(getattr(self._stub, name), request, timeout, anonymous)
+        finally:
+            # Even a failed call (a deadline) may have changed the deployment.
+            self.streams.after_call(name, request)
 
     def _call(self, fn: Callable[..., Any], request: Any, timeout: float, anonymous: bool = False) -> Any:
         if anonymous:
@@ -120,6 +135,8 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
         return call_rpc(fn, request, timeout=timeout, metadata=bearer.metadata, token_sent=bearer.sent)
 
     def close(self) -> None:
+        """Close the pipelines' streams and the registry connection; closing again does nothing."""
+        self._close_streams()
         self._channel.close()
 
     def __enter__(self) -> Client:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,15 +26,19 @@ from joey.client.catalog import (
     plural,
     topics_text,
 )
-from joey.client.inputs import RecordInput, deployed_inputs, to_records
+from joey.client.inputs import InputError, RecordInput, deployed_inputs, to_records
 from joey.client.log_export import LogExport, log_entry_row
-from joey.client.streaming import PipelineStream, Progress
+from joey.client.streaming import Progress, check_rows, streams_of
 from joey_core.models import ModelVersion
+from joey_core.replies import Reply
 from joey_core.results import replies_to_frame
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 
 StatusCallback = Callable[["DeploymentStatus"], None]
+
+INFER_CHUNK_ROWS = 5_000
+"""How many rows ``Pipeline.infer`` converts and encodes at a time: what it holds of a big input at once."""
 
 
 def _time(ts: Timestamp) -> datetime | None:
@@ -609,16 +613,75 @@ class Pipeline:
         one input, is one record per row of its first dimension. Packed values are converted for the
         input's dtype; NaN, inf and values the input cannot take raise InputError naming the row and
         column, as does data that fits neither way, before anything is sent.
+
+        Any number of rows: they are converted, encoded and sent a chunk at a time (INFER_CHUNK_ROWS), so
+        memory holds a chunk of the input and the results; ``progress(answered, total)`` is called as
+        replies arrive. Calls reuse the client's producer and reply reader of the pipeline, and its
+        deployment status (which refuses an undeployed pipeline at once and says whose inputs shape the
+        data): it is fetched again once it is ``status_cache_s`` old (see :class:`joey.Client`), after a
+        call that timed out or failed, when a reply comes from another version, and after this client
+        deploys, undeploys or rolls the pipeline back. So for up to that long a pipeline undeployed by
+        someone else is not refused at once: its records wait for the timeout.
         """
-        status = self.status()
-        if status.status == "Undeployed":
+        streams = streams_of(self.client)
+        key = (self.workspace, self.name)
+        status = streams.status(key, self.status, keep=lambda found: found.deployed)
+        if not status.deployed:
             raise JoeyError("FAILED_PRECONDITION", f"pipeline {self.name!r} is not deployed: deploy it first")
-        deployed = (status.deployment_id, status.pipeline_version)
-        rows = to_records(data, lambda: self._record_inputs(deployed), self.name)
-        replies = PipelineStream(self.client.settings, self.topics).infer(rows, timeout, progress)
+        total, chunks = self._record_chunks(data, (status.deployment_id, status.pipeline_version))
+        try:
+            replies = streams.stream(self.topics).infer_chunks(chunks, total, timeout, progress)
+        except BaseException:
+            streams.forget_status(key)  # a timeout or a failure: the deployment may have changed
+            raise
+        if any(_version_of(reply) not in (None, status.pipeline_version) for reply in replies):
+            streams.forget_status(key)  # another version answers: its inputs may be shaped otherwise
         if isinstance(data, pa.Table):
             return pa.Table.from_pandas(replies_to_frame(replies), preserve_index=False)
         return replies_to_frame(replies)
+
+    def _record_chunks(
+        self,
+        data: pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any],
+        deployed: tuple[str, int],
+    ) -> tuple[int, Iterable[Sequence[Any]]]:
+        """How many records ``data`` makes, and the records in chunks of INFER_CHUNK_ROWS rows, each
+        made when it is sent. Every chunk is checked first (made and dropped), so that data the pipeline
+        cannot take is refused before anything is sent."""
+
+        def signature() -> tuple[RecordInput, ...]:
+            return self._record_inputs(deployed)
+
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, pa.Table | pd.DataFrame | np.ndarray):
+            rows = data if isinstance(data, Sequence) else list(data)
+            check_rows(rows)
+            return len(rows), (rows[i : i + INFER_CHUNK_ROWS] for i in range(0, len(rows), INFER_CHUNK_ROWS))
+        if isinstance(data, np.ndarray) and data.ndim == 0:
+            to_records(data, signature, self.name)  # refused, with the advice for an array
+        frame = data
+        total = len(frame)
+
+        def pieces() -> Iterator[tuple[int, Any]]:
+            # An empty frame is still checked: its columns may not fit.
+            for start in range(0, max(total, 1), INFER_CHUNK_ROWS):
+                if isinstance(frame, pa.Table):
+                    yield start, frame.slice(start, INFER_CHUNK_ROWS)
+                elif isinstance(frame, pd.DataFrame):
+                    yield start, frame.iloc[start : start + INFER_CHUNK_ROWS]
+                else:
+                    yield start, frame[start : start + INFER_CHUNK_ROWS]
+
+        for start, piece in pieces():
+            try:
+                to_records(piece, signature, self.name)
+            except InputError:
+                if start:
+                    # A chunk's rows are numbered from its start: the whole data names the row as given.
+                    to_records(frame, signature, self.name)
+                raise
+        return total, (to_records(piece, signature, self.name) for _, piece in pieces())
 
     def _record_inputs(self, deployed: tuple[str, int]) -> tuple[RecordInput, ...]:
         """The inputs of the deployed version, fetched once per deployment and version: a version's steps
@@ -791,6 +854,12 @@ class PipelineDescription:
         lines.append(f"topics: {topics_text(self.topics)}")
         lines.append(f"assays: {', '.join(self.assays) if self.assays else 'none'}")
         return "\n".join(lines)
+
+
+def _version_of(reply: Reply) -> Any:
+    """The pipeline version that answered ``reply``; None for a row that failed on the caller's side."""
+    metadata = reply.body.get("metadata")
+    return metadata.get("pipeline_version") if isinstance(metadata, dict) else None
 
 
 def _check_positive(name: str, value: int | None, otherwise: str) -> None:

@@ -1,36 +1,59 @@
-"""Client side of the streaming path: send records to a pipeline's input topic and collect
-the matching outputs and errors by request id.
+"""Client side of the streaming path: send records to a pipeline's input topic and collect the matching
+outputs and errors by request id, over a connection kept across calls.
 
-Reply positions are taken before anything is produced, so no reply can be missed. The
-embedded broker under-reports high-watermarks, which only means some older replies are
-read and skipped here; on real Kafka the positions are exact.
+A :class:`PipelineStream` holds one producer and one :class:`~joey_core.replies.ReplyReader` of a
+pipeline; a client's :class:`Streams` makes one per pipeline on its first call and keeps it until the
+client closes (or the interpreter exits), so a call costs one trip through the pipeline, not a
+connection's set-up. The reader is positioned when the stream is made, before anything is produced, so
+no reply can be missed. The embedded broker under-reports high-watermarks, which only means some older
+replies are read and skipped; on real Kafka the positions are exact.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
+from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.inputs import InputError
-from joey_core import kafka
-from joey_core.kafka import producer_config
-from joey_core.records import REQUEST_ID_HEADER, dumps, header_value
-from joey_core.replies import Reply, decode_reply, failed_reply, reply_consumer
+from joey_core.kafka import PURGE_REPORTS_S, producer_config
+from joey_core.records import REQUEST_ID_HEADER, dumps
+from joey_core.replies import Call, Reply, ReplyReader, failed_reply
 from joey_core.settings import CommonSettings
-from joey_core.topics import PipelineTopics
+from joey_core.topics import PipelineTopics, pipeline_topics
 
 log = logging.getLogger(__name__)
 
-_PURGE_MARGIN_S = 5.0
+T = TypeVar("T")
 
 Progress = Callable[[int, int], None]
 """Called with (answered, total) as replies arrive."""
+
+DELIVERY_TIMEOUT_S = 120.0
+"""How long the producer tries to deliver a record (librdkafka's message.timeout.ms). Longer than a call's
+default sending time (60 s), so that a record still queued when that is up is purged (known never to
+have left) rather than timed out (which a record in flight also is)."""
+
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    # Latency first: a lone record leaves at once; records queued while a request is in flight still
+    # go out together, so a bulk call is batched all the same.
+    "linger.ms": 0,
+    # Bounds what a bulk call holds in librdkafka's queue; producing waits for deliveries past it.
+    "queue.buffering.max.messages": 20_000,
+    "message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000),
+}
+"""Settings of the SDK's producer that JOEY_KAFKA_CONFIG may override."""
+
+_WAKE_S = 0.1
+"""How often a waiting call reports progress and checks that its reader still runs."""
 
 
 class InferenceTimeout(TimeoutError):
@@ -58,85 +81,249 @@ def check_rows(rows: Sequence[Any]) -> None:
             )
 
 
+class _Sending:
+    """One call's records that the producer has not reported on yet."""
+
+    def __init__(self) -> None:
+        self.unreported = 0
+
+
 class PipelineStream:
-    """Produces records to one pipeline's inputs topic and waits for their replies."""
+    """One pipeline's connection: a producer of its inputs topic and a reader of its replies, shared by
+    every call (from any thread) until :meth:`close`. Raise LookupError when the pipeline's topics do
+    not exist."""
 
     def __init__(self, settings: CommonSettings, topics: PipelineTopics) -> None:
-        self._settings = settings
-        self._topics = topics
+        self.topics = topics
+        self.reader = ReplyReader(settings, topics)
+        defaults = {k: v for k, v in PRODUCER_DEFAULTS.items() if k not in settings.kafka_config}
+        self.producer = Producer(producer_config(settings, **defaults))
+        # Guards the counts below, and makes "this call alone has records queued" and the purge that
+        # follows one step that no other call's produce can come between.
+        self._lock = threading.Lock()
+        self._unreported = 0
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name=f"deliveries-{topics.inputs}", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        # Serves delivery reports; a failed one fails its row at once, a call need not wait to learn it.
+        while not self._stop.is_set():
+            self.producer.poll(_WAKE_S)
+
+    @property
+    def alive(self) -> bool:
+        return self.reader.alive and self._poller.is_alive()
 
     def infer(
         self, rows: Sequence[dict[str, Any] | bytes], timeout: float = 60.0, progress: Progress | None = None
     ) -> list[Reply]:
         """Send ``rows`` (one input record each; bytes are sent as they are); return replies in order.
 
-        Any number of rows: when the producer's queue is full this waits for deliveries to free it, so
-        memory stays bounded by the queue. Sending takes at most ``timeout``, and waiting for replies
-        ``timeout`` more. A row that did not leave (refused as too large, the broker refusing it, or still
-        queued when the time is up) is a failed reply of its own saying it was not sent, and is not waited
-        for; a row whose delivery timed out may have reached the pipeline and is waited for.
-
         Raise InputError, having sent nothing, when a row is neither a dict nor bytes: the engine would
-        refuse each such record alone."""
+        refuse each such record alone. See :meth:`infer_chunks` for the rest."""
         check_rows(rows)
-        request_ids = [uuid.uuid4().hex for _ in rows]
-        pending = set(request_ids)
-        replies: dict[str, Reply] = {}
-        consumer = reply_consumer(self._settings, self._topics)
+        return self.infer_chunks([rows], len(rows), timeout, progress)
+
+    def infer_chunks(
+        self,
+        chunks: Iterable[Sequence[dict[str, Any] | bytes]],
+        total: int,
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+    ) -> list[Reply]:
+        """Send the rows of ``chunks`` (``total`` of them, each a dict or bytes), converted and encoded
+        one chunk at a time; return one reply per row, in order.
+
+        Any number of rows: when the producer's queue is full this waits for deliveries to free it, so
+        memory stays bounded by the queue and a chunk. Sending takes at most ``timeout``, and waiting for
+        replies ``timeout`` more. A row that did not leave (refused as too large, the broker refusing it,
+        or still queued when the time is up) is a failed reply of its own saying it was not sent, and is
+        not waited for; a row whose delivery timed out may have reached the pipeline and is waited for.
+        (Rows still queued when the time is up are purged only when no other call on this stream has
+        records queued: a purge takes the whole queue. Otherwise they are waited for, like rows in flight.)
+        """
+        request_ids = [uuid.uuid4().hex for _ in range(total)]
+        call = Call(request_ids)
+        if not request_ids:
+            return []
+        sending = _Sending()
+        shown = [-1]
+
+        def report() -> None:
+            if progress is not None and len(call.replies) != shown[0]:
+                shown[0] = len(call.replies)
+                progress(shown[0], total)
+
+        self.reader.expect(call)
         try:
-            # Longer than the sending time, so that a row still queued when it is up is purged below
-            # (known never to have left) rather than timed out (which a row in flight also is).
-            timeout_ms = int((timeout + _PURGE_MARGIN_S) * 1000)
-            config = producer_config(self._settings, **{"message.timeout.ms": timeout_ms})
-            producer = Producer(config)
-            tracker = kafka.DeliveryTracker()
             sending_until = time.monotonic() + timeout
-            for sent, (request_id, row) in enumerate(zip(request_ids, rows, strict=True)):
-                try:
-                    tracker.produce(
-                        producer,
-                        self._topics.inputs,
-                        row if isinstance(row, bytes) else dumps(row),
-                        request_id.encode(),
-                        headers=[(REQUEST_ID_HEADER, request_id.encode())],
-                        timeout=max(sending_until - time.monotonic(), 0),
-                        tag=request_id,
-                    )
-                except BufferError:
-                    # The queue stayed full until the time was up: the tracker purged what it held (those
-                    # rows fail below, from their reports), and the rest is not sent.
-                    for unsent in request_ids[sent:]:
-                        replies[unsent] = not_sent(
-                            unsent, "the producer's queue stayed full (is the broker reachable?)"
+            ids = iter(request_ids)
+            for row in itertools.chain.from_iterable(chunks):
+                request_id = next(ids)
+                if not self._produce(call, sending, request_id, row, sending_until):
+                    for unsent in [request_id, *ids]:
+                        call.deliver(
+                            not_sent(unsent, "the producer's queue stayed full (is the broker reachable?)")
                         )
                     break
-                producer.poll(0)
-            # Rows still queued when the time is up never left: purged, they fail as not sent. A row whose
-            # delivery timed out may have reached the pipeline unacknowledged: it stays pending, so the
-            # reply of a record the pipeline did process is not hidden by a failure.
-            tracker.settle(producer, max(sending_until - time.monotonic(), 0))
-            for request_id, err in tracker.errors:
-                if err.code() != KafkaError._MSG_TIMED_OUT:  # noqa: SLF001 (librdkafka's public local codes)
-                    replies[request_id] = not_sent(request_id, str(err))
-            pending.difference_update(replies)
-            deadline = time.monotonic() + timeout
-            while pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise InferenceTimeout([replies.get(r) for r in request_ids], timeout)
-                batch = consumer.consume(num_messages=1000, timeout=min(remaining, 0.5))
-                # The client recovers from non-fatal errors by itself: not the user's concern.
-                for message in kafka.usable(batch, log, logging.DEBUG):
-                    reply_id = header_value(message.headers(), REQUEST_ID_HEADER)  # type: ignore[arg-type]
-                    if reply_id is None or reply_id not in pending:
-                        continue
-                    pending.discard(reply_id)
-                    replies[reply_id] = decode_reply(message, reply_id, self._topics.outputs)
-                if progress:
-                    progress(len(replies), len(rows))
+                if len(call.replies) != shown[0]:
+                    report()
+            if not self._wait(call, sending_until, report, until_reported=sending):
+                self._purge_if_alone(sending)
+            if not self._wait(call, time.monotonic() + timeout, report):
+                raise InferenceTimeout([call.replies.get(r) for r in request_ids], timeout)
         finally:
-            consumer.close()
-        return [replies[request_id] for request_id in request_ids]
+            self.reader.forget(call)
+        report()
+        return [call.replies[request_id] for request_id in request_ids]
+
+    def _produce(self, call: Call, sending: _Sending, request_id: str, row: Any, until: float) -> bool:
+        """Produce one row; False when the producer's queue stayed full until ``until``."""
+        value = row if isinstance(row, bytes) else dumps(row)
+        key = request_id.encode()
+
+        def delivered(err: KafkaError | None, _: Any) -> None:
+            with self._lock:
+                sending.unreported -= 1
+                self._unreported -= 1
+            # A row whose delivery timed out may have reached the pipeline unacknowledged: it stays
+            # pending, so the reply of a record the pipeline did process is not hidden by a failure.
+            if err is not None and err.code() != KafkaError._MSG_TIMED_OUT:  # noqa: SLF001 (librdkafka's local codes)
+                call.deliver(not_sent(request_id, str(err)))
+
+        while True:
+            with self._lock:
+                try:
+                    self.producer.produce(
+                        self.topics.inputs,
+                        value,
+                        key,
+                        headers=[(REQUEST_ID_HEADER, key)],
+                        on_delivery=delivered,
+                    )
+                except BufferError:
+                    pass
+                except KafkaException as exc:  # refused at once: too large, a fatal producer
+                    call.deliver(not_sent(request_id, str(exc.args[0])))
+                    return True
+                else:
+                    sending.unreported += 1
+                    self._unreported += 1
+                    return True
+            if time.monotonic() >= until:
+                return False
+            self.producer.poll(_WAKE_S)  # serves delivery reports, which frees room in the queue
+
+    def _wait(
+        self, call: Call, until: float, report: Callable[[], None], until_reported: _Sending | None = None
+    ) -> bool:
+        """Wait until ``call`` has all its replies (True) or ``until`` (False); with ``until_reported``,
+        also stop (False) as soon as the producer has reported on every row of the call."""
+        while not call.done.wait(max(min(until - time.monotonic(), _WAKE_S), 0)):
+            report()
+            if not self.reader.alive:
+                raise JoeyError(
+                    "UNAVAILABLE",
+                    f"the reader of {self.topics.outputs} stopped (its log says why); call infer again, "
+                    "which starts a new one",
+                )
+            if time.monotonic() >= until or (until_reported is not None and until_reported.unreported == 0):
+                return False
+        return True
+
+    def _purge_if_alone(self, sending: _Sending) -> None:
+        """Fail the call's rows still queued as not sent, by purging the queue, when they are all it holds."""
+        with self._lock:
+            alone = 0 < sending.unreported == self._unreported
+            if alone:
+                self.producer.purge(in_queue=True, in_flight=False)
+        if alone:
+            # The purged rows' reports (_PURGE_QUEUE) fail them; served by the poller, soon.
+            deadline = time.monotonic() + PURGE_REPORTS_S
+            while sending.unreported and time.monotonic() < deadline:
+                self.producer.poll(_WAKE_S)
+
+    def close(self) -> None:
+        self.reader.close()
+        self._stop.set()
+        self._poller.join(5)
+        # Whatever is still queued belongs to calls that gave up: it would only reach the pipeline late.
+        self.producer.purge(in_queue=True, in_flight=False)
+        self.producer.flush(PURGE_REPORTS_S)
+
+
+class Streams:
+    """A client's streams, one per pipeline, made on the first call and replaced when one stopped; and
+    the last deployment status each pipeline's calls saw, kept for ``status_cache_s``."""
+
+    def __init__(self, settings: CommonSettings, status_cache_s: float) -> None:
+        self._settings = settings
+        self._status_cache_s = status_cache_s
+        self._streams: dict[PipelineTopics, PipelineStream] = {}
+        self._statuses: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def stream(self, topics: PipelineTopics) -> PipelineStream:
+        with self._lock:
+            if self._closed:
+                raise JoeyError(
+                    "FAILED_PRECONDITION", "this client is closed: make a new joey.Client to infer"
+                )
+            stream = self._streams.get(topics)
+            if stream is None or not stream.alive:
+                if stream is not None:
+                    log.warning("the stream of %s stopped: starting a new one", topics.inputs)
+                    stream.close()
+                stream = self._streams[topics] = PipelineStream(self._settings, topics)
+            return stream
+
+    def status(self, key: tuple[str, str], fetch: Callable[[], T], keep: Callable[[T], bool]) -> T:
+        """The status of pipeline ``key`` (workspace, name) fetched at most ``status_cache_s`` ago; a
+        fresh one is kept only when ``keep`` says so."""
+        with self._lock:
+            cached = self._statuses.get(key)
+        if cached is not None and time.monotonic() < cached[0]:
+            value: T = cached[1]
+            return value
+        value = fetch()
+        if keep(value):
+            with self._lock:
+                self._statuses[key] = (time.monotonic() + self._status_cache_s, value)
+        return value
+
+    def forget_status(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._statuses.pop(key, None)
+
+    def after_call(self, name: str, request: Any) -> None:
+        """What a registry call ``name`` changes here: a pipeline deployed, undeployed or rolled back is
+        asked for its status again; a deleted one also loses its stream (its topics go with it)."""
+        if name in ("Deploy", "Undeploy", "Rollback"):
+            self.forget_status((request.workspace, request.pipeline))
+        elif name == "DeletePipeline":
+            self.forget_status((request.workspace, request.name))
+            with self._lock:
+                stream = self._streams.pop(pipeline_topics(request.workspace, request.name), None)
+            if stream is not None:
+                stream.close()
+
+    def close(self) -> None:
+        """Close every stream; a second close does nothing. Calls after it raise JoeyError."""
+        with self._lock:
+            self._closed = True
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for stream in streams:
+            stream.close()
+
+
+def streams_of(client: RegistryCaller) -> Streams:
+    streams = getattr(client, "streams", None)
+    if not isinstance(streams, Streams):
+        raise TypeError(f"a {type(client).__name__} cannot send records: infer with a joey.Client")
+    return streams
 
 
 def not_sent(request_id: str, reason: str) -> Reply:

@@ -7,7 +7,7 @@ import json
 import secrets
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -91,6 +91,12 @@ def stand_in_engine(settings: CommonSettings, names: topics.PipelineTopics) -> I
         consumer.close()
 
 
+@contextmanager
+def opened(settings: CommonSettings, names: topics.PipelineTopics) -> Iterator[PipelineStream]:
+    with closing(PipelineStream(settings, names)) as stream:
+        yield stream
+
+
 def test_a_broken_reply_fails_its_own_row_and_the_others_are_answered(settings: CommonSettings) -> None:
     pipeline = f"broken-{secrets.token_hex(4)}"
     names = topics.pipeline_topics(WORKSPACE, pipeline)
@@ -99,8 +105,8 @@ def test_a_broken_reply_fails_its_own_row_and_the_others_are_answered(settings: 
     )
     rows = [{"id": i, "x": float(i)} for i in range(6)]
     started = pd.Timestamp.now(tz=UTC)
-    with stand_in_engine(settings, names) as failures:
-        replies = PipelineStream(settings, names).infer(rows, timeout=30)
+    with stand_in_engine(settings, names) as failures, opened(settings, names) as stream:
+        replies = stream.infer(rows, timeout=30)
     assert failures == []
     assert [r.ok for r in replies] == [True, False, False, False, False, True]
     frame = replies_to_frame(replies)
@@ -130,8 +136,8 @@ def test_more_rows_than_the_producer_queue_holds_are_all_sent_and_answered(
         update={"kafka_config": {"queue.buffering.max.messages": 5, "linger.ms": 50}}
     )
     rows = [{"id": 1000 + i, "x": float(i)} for i in range(200)]
-    with stand_in_engine(settings, names) as failures:
-        replies = PipelineStream(small_queue, names).infer(rows, timeout=60)
+    with stand_in_engine(settings, names) as failures, opened(small_queue, names) as stream:
+        replies = stream.infer(rows, timeout=60)
     assert failures == []
     assert [r.body["out"]["double"] for r in replies] == [2 * row["x"] for row in rows]
     assert [r.body["in"]["id"] for r in replies] == [row["id"] for row in rows]
@@ -147,8 +153,8 @@ def test_a_row_the_producer_refuses_fails_alone_and_the_others_are_answered(
         kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
     )
     rows: list[dict[str, object] | bytes] = [{"id": 10, "x": 1}, b"x" * 2_000_000, {"id": 11, "x": 2}]
-    with stand_in_engine(settings, names) as errors:
-        replies = PipelineStream(settings, names).infer(rows, timeout=60)
+    with stand_in_engine(settings, names) as errors, opened(settings, names) as stream:
+        replies = stream.infer(rows, timeout=60)
     assert not errors
     assert [r.ok for r in replies] == [True, False, True]
     assert replies[1].body["error"].startswith("not sent to the pipeline: ")
@@ -165,8 +171,12 @@ def test_a_timeout_says_which_rows_were_answered_which_were_not_sent_and_which_a
         kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
     )
     rows: list[dict[str, object] | bytes] = [{"id": 20, "x": 1}, {"id": SILENT, "x": 2}, b"x" * 2_000_000]
-    with stand_in_engine(settings, names) as errors, pytest.raises(InferenceTimeout) as info:
-        PipelineStream(settings, names).infer(rows, timeout=10)
+    with (
+        stand_in_engine(settings, names) as errors,
+        opened(settings, names) as stream,
+        pytest.raises(InferenceTimeout) as info,
+    ):
+        stream.infer(rows, timeout=10)
     assert not errors
     answered, silent, too_large = info.value.replies
     assert answered is not None and answered.ok and answered.body["out"] == {"double": 2}
@@ -186,8 +196,7 @@ def test_rows_still_queued_when_the_time_is_up_fail_as_not_sent(settings: Common
     )
     nowhere = replace(names, inputs=f"joey.{WORKSPACE}.missing-{secrets.token_hex(4)}.inputs")
     no_topic_creation = settings.model_copy(update={"kafka_config": {"allow.auto.create.topics": False}})
-    replies = PipelineStream(no_topic_creation, nowhere).infer(
-        [{"id": 30, "x": 1}, {"id": 31, "x": 2}], timeout=3
-    )
+    with opened(no_topic_creation, nowhere) as stream:
+        replies = stream.infer([{"id": 30, "x": 1}, {"id": 31, "x": 2}], timeout=3)
     assert [r.ok for r in replies] == [False, False]
     assert all(r.body["error"].startswith("not sent to the pipeline: ") for r in replies), replies

@@ -1,4 +1,4 @@
-"""The gateway's reader of a pipeline's replies, against the real broker."""
+"""The reader of a pipeline's replies that the gateway and the SDK share, against the real broker."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import secrets
 from confluent_kafka import Producer
 
 from joey_core import kafka, records, topics
+from joey_core.replies import Call, ReplyReader
 from joey_core.settings import CommonSettings
-from joey_gateway.replies import Call, ReplyReader
 
 
 def test_a_reply_that_is_not_json_fails_its_row_and_the_reader_reads_on(settings: CommonSettings) -> None:
