@@ -629,10 +629,10 @@ def comparable(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in row.items()} for row in rows]
 
 
-def ipc(table: pa.Table, content_type: str) -> bytes:
+def ipc(table: pa.Table, content_type: str, compression: str | None = None) -> bytes:
     sink = pa.BufferOutputStream()
     writer = pa.ipc.new_file if content_type == ARROW_FILE else pa.ipc.new_stream
-    with writer(sink, table.schema) as out:
+    with writer(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as out:
         out.write_table(table)
     return bytes(sink.getvalue())
 
@@ -691,6 +691,7 @@ def test_bad_bodies_are_refused_naming_the_problem(gateway: Gateway, iris: Pipel
     unread_before = counter(gateway, "invalid_argument", pipeline="")
     unsupported_before = counter(gateway, "unsupported_media_type", pipeline="")
     refused_before = counter(gateway, "invalid_argument")
+    unsupported_of_pipeline = counter(gateway, "unsupported_media_type")
     cases: list[tuple[bytes, str | None, int, str]] = [
         (b'{"features": [5.1, 3.5, 1.4, 0.2]}', JSON, 400, "must be a JSON list of records"),
         (b'[{"features": [5.1, 3.5, 1.4, 0.2]}, [1, 2]]', JSON, 400, "record 1 of the body is a JSON list"),
@@ -701,7 +702,20 @@ def test_bad_bodies_are_refused_naming_the_problem(gateway: Gateway, iris: Pipel
         (b'[{"sepal": 1.0}]', "application/json; format=split", 415, "pandas records"),
         (b"<xml/>", "application/xml", 415, "application/vnd.apache.arrow.file"),
         (b"[]", None, 415, "Content-Type"),
+        # Python's json refuses integers of over 4300 digits with a plain ValueError.
+        (
+            b'[{"features": ' + b"9" * 5000 + b"}]",
+            JSON,
+            400,
+            "not valid JSON: Exceeds the limit (4300 digits)",
+        ),
     ]
+    # Compressed batches and dictionaries would take many times the body's size once decoded: refused.
+    table = pa.table({"features": pa.array([[5.1, 3.5, 1.4, 0.2]] * 3, pa.list_(pa.float32()))})
+    labelled = table.append_column("label", pa.array(["setosa"] * 3).dictionary_encode())
+    for content_type in (ARROW_FILE, ARROW_STREAM):
+        cases.append((ipc(table, content_type, "zstd"), content_type, 415, "record batches are compressed"))
+        cases.append((ipc(labelled, content_type), content_type, 415, "column 'label' is dictionary-encoded"))
     for body, content_type, status, words in cases:
         answer = post_records(gateway, body, content_type)
         assert (answer.status, words in answer.error()) == (status, True), (body, answer.body)
@@ -719,7 +733,16 @@ def test_bad_bodies_are_refused_naming_the_problem(gateway: Gateway, iris: Pipel
     # pipeline's request decoded: of the pipeline.
     assert counter(gateway, "invalid_argument", pipeline="") == unread_before + 1
     assert counter(gateway, "unsupported_media_type", pipeline="") == unsupported_before + 3
-    assert counter(gateway, "invalid_argument") == refused_before + 7
+    assert counter(gateway, "unsupported_media_type") == unsupported_of_pipeline + 4
+    assert counter(gateway, "invalid_argument") == refused_before + 8
+    # The OIP's JSON is read alike.
+    digits = (
+        b'{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": ['
+        + b"9" * 5000
+        + b"]}]}"
+    )
+    answer = post_records(gateway, digits, path=f"/v2/models/{PIPELINE}/infer")
+    assert (answer.status, "Exceeds the limit (4300 digits)" in answer.error()) == (400, True), answer.body
 
 
 @pytest.mark.parametrize("content_type", [JSON, ARROW_STREAM])

@@ -46,6 +46,7 @@ from tests.conftest import ServiceProcess, Stack, free_port, wait_service_ready,
 
 MAX_BYTES = 8 << 20
 MESSAGE_MAX_BYTES = 200_000
+MAX_ELEMENTS = 100_000
 CONCURRENCY = 2
 
 # Sleeps on a row whose first feature is 777: its requests stay in flight until the engine's step timeout.
@@ -96,6 +97,7 @@ def limited(stack: Stack, service_factory: Callable[..., ServiceProcess]) -> Lim
         JOEY_METRICS_PORT=str(metrics_port),
         JOEY_MAX_REQUEST_BYTES=str(MAX_BYTES),
         JOEY_MAX_ROWS="1000",
+        JOEY_MAX_ELEMENTS=str(MAX_ELEMENTS),
         JOEY_HEADER_TIMEOUT_S="1",
         JOEY_BODY_TIMEOUT_S="2",
         JOEY_PIPELINE_CONCURRENCY=str(CONCURRENCY),
@@ -337,6 +339,19 @@ def test_shapes_of_empty_or_too_many_rows_are_refused(limited: Limited, healthy:
         out.write_table(table)
     got, reply = records_answer(limited.url, "iris-limits", sink.getvalue().to_pybytes(), ARROW_STREAM)
     assert (got, reply["error"]) == (413, "the body holds 1001 records; a request may hold at most 1000")
+    # Their values too: 10 records of 20,000 values each, counted batch by batch for Arrow.
+    wide = [{"features": [0.5] * 20_000}] * 10
+    table = pa.Table.from_pylist(wide)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as out:
+        for batch in table.to_batches(max_chunksize=2):
+            out.write_batch(batch)
+    for body, content_type in (
+        (json.dumps(wide).encode(), "application/json"),
+        (sink.getvalue().to_pybytes(), ARROW_STREAM),
+    ):
+        got, reply = records_answer(limited.url, "iris-limits", body, content_type)
+        assert (got, "a request may hold at most 100000" in reply["error"]) == (413, True), reply
     triton = grpcclient.InferenceServerClient(limited.grpc_addr)
     tensor = grpcclient.InferInput("features", [1_000_000, 0], "FP32")
     tensor.set_data_from_numpy(np.zeros((1_000_000, 0), dtype=np.float32))
@@ -532,3 +547,4 @@ def test_a_rest_server_that_dies_before_serving_is_noticed() -> None:
         server.wait_started()
     assert not server.alive
     sock.close()
+

@@ -91,12 +91,7 @@ def decode_request(
     if header_length is not None and header_length > len(body):
         raise _bad(f"{HEADER_LENGTH} {header_length} is longer than the {len(body)}-byte body")
     text, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
-    try:
-        document = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise _bad("request body is not valid JSON: nested too deeply") from None
+    document = frames.json_document(text)
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
         raise _bad('request body must be a JSON object with an "inputs" list')
     inputs = []
@@ -401,7 +396,9 @@ class RestApi:
             result = self._gateway.infer_records(
                 workspace,
                 pipeline,
-                lambda: frames.decode_records(body, format, self._gateway.limits),
+                lambda: frames.decode_records(
+                    body, format, self._gateway.limits, self._settings.max_request_bytes
+                ),
                 authorization,
                 timeout_s,
             )

@@ -328,13 +328,17 @@ class Gateway:
     ) -> list[bytes]:
         """Every row's record value, each checked against the broker's message limit before any is produced:
         a request is refused whole, naming its first row that would not fit, or produced whole."""
-        try:
-            values = [dumps(row) for row in rows]
-        except (TypeError, ValueError) as exc:  # an Arrow body's dates or binary values, say
-            raise GatewayError(Status.INVALID_ARGUMENT, f"a record is not JSON-serializable: {exc}") from None
-        for index, (value, request_id, record_headers) in enumerate(
-            zip(values, request_ids, headers, strict=True)
+        values = []
+        # Each row checked as it is encoded: a too large one stops the encoding of the rest.
+        for index, (row, request_id, record_headers) in enumerate(
+            zip(rows, request_ids, headers, strict=True)
         ):
+            try:
+                value = dumps(row)
+            except (TypeError, ValueError) as exc:  # an Arrow body's dates or binary values, say
+                raise GatewayError(
+                    Status.INVALID_ARGUMENT, f"a record is not JSON-serializable: {exc}"
+                ) from None
             size = record_size(request_id.encode(), value, record_headers)
             if size > self._max_record_bytes:
                 raise GatewayError(
@@ -343,6 +347,7 @@ class Gateway:
                     f"record holds at most {self._max_record_bytes} (the producer's message.max.bytes less "
                     "Kafka's overhead): nothing was sent",
                 )
+            values.append(value)
         return values
 
     def _produce(
