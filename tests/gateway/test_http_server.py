@@ -41,7 +41,7 @@ from tritonclient.utils import InferenceServerException
 from joey.client import Client, Pipeline
 from joey_core import topics
 from joey_core.settings import CommonSettings
-from joey_gateway.http_server import HttpServer
+from joey_gateway.http_server import HttpServer, _protocol
 from tests.conftest import ServiceProcess, Stack, free_port, wait_service_ready, wait_until
 
 MAX_BYTES = 8 << 20
@@ -548,3 +548,27 @@ def test_a_rest_server_that_dies_before_serving_is_noticed() -> None:
     assert not server.alive
     sock.close()
 
+
+def test_answers_are_sent_without_waiting_on_nagles_algorithm() -> None:
+    """uvicorn writes an answer's headers and its body apart: on a keep-alive connection without
+    TCP_NODELAY the body waits for the client's delayed ACK. The accepted socket has it set, though the
+    listening socket (socket.create_server's, as the gateway's) has protocol 0, on which asyncio sets none."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=_protocol(30), lifespan="off", log_config=None))
+    http = HttpServer(server, sock)
+    http.wait_started()
+    try:
+        with socket.create_connection(sock.getsockname()[:2], timeout=10) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+            [connection] = server.server_state.connections
+            accepted = connection.transport.get_extra_info("socket")
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        http.shutdown()
+        http.wait()

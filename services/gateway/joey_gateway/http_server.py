@@ -438,6 +438,12 @@ def _protocol(header_timeout_s: float) -> type[H11Protocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # asyncio sets TCP_NODELAY only on sockets whose protocol number is IPPROTO_TCP, which a socket
+            # accepted from socket.create_server's (protocol 0) is not; uvicorn writes an answer's headers
+            # and body apart, so Nagle's algorithm would hold the body until the client's delayed ACK.
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._arm()
 
         def on_response_complete(self) -> None:
