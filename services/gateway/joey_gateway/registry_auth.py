@@ -205,20 +205,22 @@ class RegistryAuth:
         if not keys:
             del self._keys[key[0]]
 
+    # Both log after releasing the lock: known() takes it on the event loop, which must not wait on a log
+    # handler's I/O.
     def _answered(self) -> None:
         with self._lock:
-            if self._outage_logged:
-                log.info("the registry answers again; callers are authorized afresh")
-                self._outage_logged = False
+            recovered, self._outage_logged = self._outage_logged, False
+        if recovered:
+            log.info("the registry answers again; callers are authorized afresh")
 
     def _outage(self, refused: GatewayError) -> None:
         metrics.STALE_ANSWERS.labels("auth").inc()
         with self._lock:
-            if not self._outage_logged:
-                self._outage_logged = True
-                log.warning(
-                    "the registry cannot answer (%s): callers it authorized in the last %.0f s are still "
-                    "served, no one else",
-                    refused.message,
-                    self._outage_grace_s,
-                )
+            first, self._outage_logged = not self._outage_logged, True
+        if first:
+            log.warning(
+                "the registry cannot answer (%s): callers it authorized in the last %.0f s are still "
+                "served, no one else",
+                refused.message,
+                self._outage_grace_s,
+            )
