@@ -675,8 +675,11 @@ def test_json_records_answer_the_sdks_rows(gateway: Gateway, iris: Pipeline, iri
 @pytest.mark.parametrize("content_type", [ARROW_FILE, ARROW_STREAM])
 def test_arrow_ipc_answers_the_sdks_table(gateway: Gateway, iris: Pipeline, content_type: str) -> None:
     """An Arrow IPC table, one row per record, is answered in the same IPC format with the table the SDK's
-    pipeline.infer returns for it: the same schema and the same values."""
-    table = pa.table({"features": pa.array(features(3, seed=22).tolist(), pa.list_(pa.float32()))})
+    pipeline.infer returns for it: the same schema and the same values, a record the engine refuses being
+    a row with its error (its outputs null) in the table."""
+    rows = features(3, seed=22).tolist()
+    rows[1] = [1.0, 2.0]  # two features where the model takes four
+    table = pa.table({"features": pa.array(rows, pa.list_(pa.float32()))})
     answer = post_records(gateway, ipc(table, content_type), content_type)
     assert answer.status == 200, answer.body
     assert answer.content_type == content_type
@@ -685,6 +688,8 @@ def test_arrow_ipc_answers_the_sdks_table(gateway: Gateway, iris: Pipeline, cont
     assert isinstance(sdk, pa.Table)
     assert got.schema.equals(sdk.schema)
     assert comparable(got.to_pandas()) == comparable(sdk.to_pandas())
+    errors = got.column("error").to_pylist()
+    assert [e is None for e in errors] == [True, False, True] and "features" in errors[1]
 
 
 def test_bad_bodies_are_refused_naming_the_problem(gateway: Gateway, iris: Pipeline) -> None:
@@ -787,6 +792,10 @@ def test_records_of_unknown_or_undeployed_pipelines_and_strangers_are_refused(
         assert answer.status == 401, answer.body
     answer = post_records(gateway, body, path="/pipelines/default/no-such-pipeline/infer")
     assert answer.status == 404 and "no-such-pipeline" in answer.error()
+    # Each path segment is one name: a dot in the pipeline's separates no workspace (as in OIP's model names).
+    answer = post_records(gateway, body, path="/pipelines/default/a.b/infer")
+    assert answer.status == 404
+    assert answer.error().startswith("pipeline 'a.b' of workspace 'default': invalid pipeline name 'a.b'")
     # Created, never deployed: nothing serves that address.
     idle = client.build_pipeline("iris-idle").add_model_step(client.upload_model("iris-idle", iris_model))
     idle.create()
@@ -802,3 +811,11 @@ def test_records_of_unknown_or_undeployed_pipelines_and_strangers_are_refused(
         assert (answer.status, answer.error()) == (404, f"workspace {ws!r} not found")
     answer = post_records(gateway, body, headers=bearer(stranger.token))
     assert (answer.status, answer.error()) == (404, "workspace 'default' not found")
+    # Revoked, the token is let in on the registry's cached "yes" only until it expires (JOEY_AUTH_CACHE_S):
+    # then the registry is asked again, and refuses it.
+    stranger.stub.RevokeToken(pb.RevokeTokenRequest(name="tests"))
+    wait_until(
+        lambda: post_records(gateway, body, headers=bearer(stranger.token)).status == 401,
+        30,
+        "the revoked token refused",
+    )

@@ -62,6 +62,16 @@ class _Access(NamedTuple):
     token: str
 
 
+def _named(what: str, workspace: str, pipeline: str) -> tuple[str, str]:
+    """``workspace`` and ``pipeline``, each a valid name, else NOT_FOUND saying which is not, of ``what``."""
+    try:
+        topics.validate_name("workspace", workspace)
+        topics.validate_name("pipeline", pipeline)
+    except ValueError as exc:
+        raise GatewayError(Status.NOT_FOUND, f"{what}: {exc}") from None
+    return workspace, pipeline
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self._settings = settings
@@ -89,13 +99,7 @@ class Gateway:
     def resolve(self, model: str) -> tuple[str, str]:
         """Workspace and pipeline served under a model name: ``<pipeline>`` or ``<workspace>.<pipeline>``."""
         workspace, _, pipeline = model.rpartition(".")
-        workspace = workspace or self._settings.workspace
-        try:
-            topics.validate_name("workspace", workspace)
-            topics.validate_name("pipeline", pipeline)
-        except ValueError as exc:
-            raise GatewayError(Status.NOT_FOUND, f"model {model!r}: {exc}") from None
-        return workspace, pipeline
+        return _named(f"model {model!r}", workspace or self._settings.workspace, pipeline)
 
     def authenticate(self, authorization: str | None) -> None:
         """Server-level routes (metadata, readiness) need a valid token, whatever its workspaces.
@@ -127,12 +131,14 @@ class Gateway:
     def model(self, model: str, version: str, authorization: str | None) -> PipelineInfo:
         """The deployed pipeline served as ``model`` (and ``version``, when given), for a caller who may
         read its workspace."""
-        return self._deployed(model, version, self._authorized(model, authorization, READ))
+        return self._deployed(
+            model, version, self._authorized(lambda: self.resolve(model), authorization, READ)
+        )
 
     def model_ready(self, model: str, version: str, authorization: str | None) -> bool:
         # Refusals stand (a caller who may not read the model learns nothing of it); only an
         # unavailable deployment reads as not ready.
-        access = self._authorized(model, authorization, READ)
+        access = self._authorized(lambda: self.resolve(model), authorization, READ)
         try:
             return self._deployed(model, version, access).ready
         except GatewayError as exc:
@@ -140,10 +146,13 @@ class Gateway:
                 return False
             raise
 
-    def _authorized(self, model: str, authorization: str | None, action: str) -> _Access:
+    def _authorized(
+        self, names: Callable[[], tuple[str, str]], authorization: str | None, action: str
+    ) -> _Access:
+        """The caller's access to the workspace and pipeline ``names`` gives (NOT_FOUND for invalid names)."""
         token = bearer_token(authorization)
         try:
-            workspace, pipeline = self.resolve(model)
+            workspace, pipeline = names()
         except GatewayError:
             self._auth.authenticate(token)  # a bad token is refused as such, whatever the model name
             raise
@@ -181,7 +190,7 @@ class Gateway:
             replies = self._exchange(info, rows, self._deadline(deadline, request.timeout_s))
             return self._response(request, info, replies)
 
-        return self._served(model, version, authorization, run)
+        return self._served(lambda: self.resolve(model), model, version, authorization, run)
 
     def infer_records(
         self,
@@ -201,17 +210,22 @@ class Gateway:
             rows = input_records(info.pipeline, decode(), info.record_inputs)
             return replies_to_frame(self._exchange(info, rows, self._deadline(None, timeout_s)))
 
-        return self._served(f"{workspace}.{pipeline}", "", authorization, run, Status.NOT_FOUND)
+        where = f"pipeline {pipeline!r} of workspace {workspace!r}"
+        return self._served(
+            lambda: _named(where, workspace, pipeline), where, "", authorization, run, Status.NOT_FOUND
+        )
 
     def _served(
         self,
+        names: Callable[[], tuple[str, str]],
         model: str,
         version: str,
         authorization: str | None,
         run: Callable[[PipelineInfo], T],
         not_deployed: Status = Status.UNAVAILABLE,
     ) -> T:
-        """``run`` on the deployed pipeline served as ``model``, for a caller who may infer in its workspace,
+        """``run`` on the deployed pipeline ``names`` gives (the workspace and pipeline served as ``model``,
+        the name errors speak of), for a caller who may infer in its workspace,
         holding one of the pipeline's request slots; counted and timed in the metrics. A pipeline that is
         not deployed is refused with ``not_deployed``."""
         with self._idle:
@@ -220,7 +234,7 @@ class Gateway:
         labels = ("", "")
         outcome = "ok"
         try:
-            access = self._authorized(model, authorization, INFER)
+            access = self._authorized(names, authorization, INFER)
             try:
                 info = self._deployed(model, version, access)
             except NotDeployed as exc:
