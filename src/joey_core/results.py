@@ -30,7 +30,8 @@ def flatten_shadow(shadow: dict[str, dict[str, Any]] | None) -> Row:
     return row
 
 
-def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
+def reply_rows(replies: Sequence[Reply]) -> list[Row]:
+    """One result row per reply; a row holds only the columns its reply has (a failed one no ``out.*``)."""
     rows = []
     for reply in replies:
         body = reply.body
@@ -50,5 +51,14 @@ def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
             {k: meta.get(k) for k in ("pipeline_version", "models", "elapsed_ns", "partition", "offset")},
         )
         rows.append(row)
+    return rows
+
+
+def rows_to_frame(rows: Sequence[Row]) -> pd.DataFrame:
+    """Result rows as the SDK's frame: every row's columns, in the order they first appear, gaps missing."""
     # Nullable dtypes keep integer outputs integers when a failed row leaves a gap.
     return pd.DataFrame(rows).convert_dtypes()
+
+
+def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
+    return rows_to_frame(reply_rows(replies))

@@ -18,6 +18,7 @@ from flatbuffers.table import Table
 
 from joey_core.inputs import InputError, RecordInput, to_records
 from joey_core.records import dumps
+from joey_core.results import Row, rows_to_frame
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.tensors import Limits
 
@@ -246,17 +247,19 @@ def input_records(
         raise _bad(str(exc)) from None
 
 
-def encode_rows(frame: pd.DataFrame, format: Format) -> bytes:
-    """Result rows in ``format``: JSON records (times in ISO 8601, missing values null) or Arrow IPC."""
+def encode_rows(rows: list[Row], format: Format) -> bytes:
+    """Result rows in ``format``: JSON records (every row with every column, times in ISO 8601, missing
+    values null), built from the rows as they are; or Arrow IPC of the SDK's frame of them."""
     if format is Format.JSON:
-        cells = frame.astype(object).where(frame.notna(), None)
-        for column in cells.columns:
-            if pd.api.types.is_datetime64_any_dtype(frame[column].dtype):
-                cells[column] = [None if t is None else t.isoformat() for t in cells[column]]
-        return dumps(cells.to_dict(orient="records"))
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+        columns = list(dict.fromkeys(name for row in rows for name in row))  # the frame's column order
+        return dumps([{name: _json_cell(row.get(name)) for name in columns} for row in rows])
+    table = pa.Table.from_pandas(rows_to_frame(rows), preserve_index=False)
     sink = pa.BufferOutputStream()
     writer = pa.ipc.new_file if format is Format.ARROW_FILE else pa.ipc.new_stream
     with writer(sink, table.schema) as out:
         out.write_table(table)
     return bytes(sink.getvalue())
+
+
+def _json_cell(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, pd.Timestamp) else value

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
-import pandas as pd
 import pyarrow as pa
 from confluent_kafka import KafkaError, Producer
 
@@ -23,7 +22,7 @@ from joey_core import tls, topics
 from joey_core.kafka import max_record_bytes, producer_config, record_size
 from joey_core.records import DEADLINE_EXCEEDED, DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
 from joey_core.replies import Call, Reply, ReplyReader
-from joey_core.results import replies_to_frame
+from joey_core.results import Row, reply_rows
 from joey_core.v1 import registry_pb2_grpc
 from joey_gateway import metrics
 from joey_gateway.catalog import Catalog, NotDeployed, PipelineInfo
@@ -199,16 +198,16 @@ class Gateway:
         decode: Callable[[], pa.Table | list[dict[str, Any]]],
         authorization: str | None,
         timeout_s: float | None = None,
-    ) -> pd.DataFrame:
+    ) -> list[Row]:
         """The records endpoint: run the records (or Arrow table) ``decode`` reads from the body through the
         pipeline, shaped for its inputs as the SDK shapes them (:func:`frames.input_records`),
-        answered with the SDK's ``pipeline.infer`` result rows (:func:`joey_core.results.replies_to_frame`),
+        answered with the SDK's ``pipeline.infer`` result rows (:func:`joey_core.results.reply_rows`),
         a record the pipeline refused being a row with its ``error``. Authorized, limited and counted as
         :meth:`infer` is."""
 
-        def run(info: PipelineInfo) -> pd.DataFrame:
+        def run(info: PipelineInfo) -> list[Row]:
             rows = input_records(info.pipeline, decode(), info.record_inputs)
-            return replies_to_frame(self._exchange(info, rows, self._deadline(None, timeout_s)))
+            return reply_rows(self._exchange(info, rows, self._deadline(None, timeout_s)))
 
         where = f"pipeline {pipeline!r} of workspace {workspace!r}"
         return self._served(
