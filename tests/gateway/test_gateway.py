@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
+import pyarrow as pa
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -582,3 +584,238 @@ def test_a_body_without_a_usable_length_is_refused_unread(gateway: Gateway) -> N
     assert post(f"Authorization: {token}\r\nContent-Length: 1e3\r\n") == "HTTP/1.1 400 Bad Request"
     assert post(f"Authorization: {token}\r\n") == "HTTP/1.1 400 Bad Request"
     assert post("") == "HTTP/1.1 401 Unauthorized"
+
+
+# The records endpoint (Wallaroo's): records in, the SDK's result rows out, in JSON or Arrow IPC.
+
+JSON = "application/json"
+ARROW_FILE = "application/vnd.apache.arrow.file"
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+# Differ between two runs of the same records: when and where each was answered.
+PER_RUN = {"time", "request_id", "metadata.partition", "metadata.offset", "metadata.elapsed_ns"}
+
+
+@dataclass
+class Raw:
+    status: int
+    body: bytes
+    content_type: str
+
+    def error(self) -> str:
+        return str(json.loads(self.body)["error"])
+
+
+def post_records(
+    gateway: Gateway,
+    body: bytes,
+    content_type: str | None = JSON,
+    path: str = f"/pipelines/default/{PIPELINE}/infer",
+    headers: dict[str, str] | None = None,
+) -> Raw:
+    sent = {**(bearer() if headers is None else headers)}
+    if content_type is not None:
+        sent["Content-Type"] = content_type
+    request = urllib.request.Request(gateway.http_url + path, data=body, headers=sent)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return Raw(response.status, response.read(), response.headers["Content-Type"])
+    except urllib.error.HTTPError as exc:
+        return Raw(exc.code, exc.read(), exc.headers["Content-Type"])
+
+
+def comparable(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows without what differs between runs, lists and arrays alike."""
+    rows = frame.drop(columns=[c for c in frame.columns if c in PER_RUN]).to_dict(orient="records")
+    return [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in row.items()} for row in rows]
+
+
+def ipc(table: pa.Table, content_type: str, compression: str | None = None) -> bytes:
+    sink = pa.BufferOutputStream()
+    writer = pa.ipc.new_file if content_type == ARROW_FILE else pa.ipc.new_stream
+    with writer(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as out:
+        out.write_table(table)
+    return bytes(sink.getvalue())
+
+
+def read_ipc(body: bytes, content_type: str) -> pa.Table:
+    source = pa.BufferReader(body)
+    reader = pa.ipc.open_file(source) if content_type == ARROW_FILE else pa.ipc.open_stream(source)
+    return reader.read_all()
+
+
+def test_json_records_answer_the_sdks_rows(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
+    """What DataFrame.to_json(orient="records") writes, posted as JSON: the SDK's pipeline.infer rows for
+    the same records, the same columns in the same order and the same values; a record the engine refuses
+    is a row with its error, like the SDK's, inside a 200."""
+    x = features(4, seed=21)
+    sent = pd.DataFrame({"features": x.tolist()})
+    sent.loc[2, "features"] = [1.0, 2.0]  # two features where the model takes four
+    body = sent.to_json(orient="records").encode()
+    frame = pd.DataFrame(json.loads(body))  # the records as posted: to_json rounds to 10 digits
+    ok_before = counter(gateway, "ok")
+    for content_type in (JSON, "application/json; format=pandas-records"):
+        answer = post_records(gateway, body, content_type)
+        assert answer.status == 200, answer.body
+        assert answer.content_type == JSON
+        rows = json.loads(answer.body)
+        assert isinstance(rows, list) and len(rows) == 4
+        sdk = iris.infer(frame)
+        assert isinstance(sdk, pd.DataFrame)
+        assert list(rows[0]) == list(sdk.columns)
+        assert all(pd.Timestamp(row["time"]).tzinfo is not None for row in rows)
+        got = [{k: v for k, v in row.items() if k not in PER_RUN} for row in rows]
+        assert got == comparable(sdk.astype(object).where(sdk.notna(), None))
+        label, _ = direct(iris_model, np.array(frame["features"][[0, 1, 3]].tolist(), dtype=np.float32))
+        assert [rows[i]["out.label"] for i in (0, 1, 3)] == label.tolist()
+        assert [row["error"] is None for row in rows] == [True, True, False, True]
+        assert "features" in rows[2]["error"] and rows[2]["error"] == sdk["error"][2]
+    assert counter(gateway, "ok") == ok_before + 2
+
+
+@pytest.mark.parametrize("content_type", [ARROW_FILE, ARROW_STREAM])
+def test_arrow_ipc_answers_the_sdks_table(gateway: Gateway, iris: Pipeline, content_type: str) -> None:
+    """An Arrow IPC table, one row per record, is answered in the same IPC format with the table the SDK's
+    pipeline.infer returns for it: the same schema and the same values, a record the engine refuses being
+    a row with its error (its outputs null) in the table."""
+    rows = features(3, seed=22).tolist()
+    rows[1] = [1.0, 2.0]  # two features where the model takes four
+    table = pa.table({"features": pa.array(rows, pa.list_(pa.float32()))})
+    answer = post_records(gateway, ipc(table, content_type), content_type)
+    assert answer.status == 200, answer.body
+    assert answer.content_type == content_type
+    got = read_ipc(answer.body, content_type)
+    sdk = iris.infer(table)
+    assert isinstance(sdk, pa.Table)
+    assert got.schema.equals(sdk.schema)
+    assert comparable(got.to_pandas()) == comparable(sdk.to_pandas())
+    errors = got.column("error").to_pylist()
+    assert [e is None for e in errors] == [True, False, True] and "features" in errors[1]
+
+
+def test_bad_bodies_are_refused_naming_the_problem(gateway: Gateway, iris: Pipeline) -> None:
+    unread_before = counter(gateway, "invalid_argument", pipeline="")
+    unsupported_before = counter(gateway, "unsupported_media_type", pipeline="")
+    refused_before = counter(gateway, "invalid_argument")
+    unsupported_of_pipeline = counter(gateway, "unsupported_media_type")
+    cases: list[tuple[bytes, str | None, int, str]] = [
+        (b'{"features": [5.1, 3.5, 1.4, 0.2]}', JSON, 400, "must be a JSON list of records"),
+        (b'[{"features": [5.1, 3.5, 1.4, 0.2]}, [1, 2]]', JSON, 400, "record 1 of the body is a JSON list"),
+        (b"[{", JSON, 400, "not valid JSON"),
+        (b"[]", JSON, 400, "holds no records"),
+        (b"not arrow at all", ARROW_FILE, 400, "not an Arrow IPC file"),
+        (b"not arrow at all", ARROW_STREAM, 400, "not an Arrow IPC stream"),
+        (b'[{"sepal": 1.0}]', "application/json; format=split", 415, "pandas records"),
+        (b"<xml/>", "application/xml", 415, "application/vnd.apache.arrow.file"),
+        (b"[]", None, 415, "Content-Type"),
+        # Python's json refuses integers of over 4300 digits with a plain ValueError.
+        (
+            b'[{"features": ' + b"9" * 5000 + b"}]",
+            JSON,
+            400,
+            "not valid JSON: Exceeds the limit (4300 digits)",
+        ),
+    ]
+    # Compressed batches and dictionaries would take many times the body's size once decoded: refused.
+    table = pa.table({"features": pa.array([[5.1, 3.5, 1.4, 0.2]] * 3, pa.list_(pa.float32()))})
+    labelled = table.append_column("label", pa.array(["setosa"] * 3).dictionary_encode())
+    for content_type in (ARROW_FILE, ARROW_STREAM):
+        cases.append((ipc(table, content_type, "zstd"), content_type, 415, "record batches are compressed"))
+        cases.append((ipc(labelled, content_type), content_type, 415, "column 'label' is dictionary-encoded"))
+    for body, content_type, status, words in cases:
+        answer = post_records(gateway, body, content_type)
+        assert (answer.status, words in answer.error()) == (status, True), (body, answer.body)
+    # Three feature columns for a vector of four: refused whole with the SDK's advice, nothing sent.
+    columns = pd.DataFrame(features(2, seed=23)[:, :3], columns=["a", "b", "c"])
+    answer = post_records(gateway, columns.to_json(orient="records").encode())
+    assert answer.status == 400
+    assert answer.error().startswith(
+        f"pipeline {PIPELINE!r} reads record field 'features' (float32 [4]), and the frame has 3 columns "
+        "('a', 'b', 'c'): pass exactly 4 numeric columns, which are packed into 'features'"
+    )
+    answer = post_records(gateway, b"[{}]", path=f"/pipelines/default/{PIPELINE}/infer?timeout=soon")
+    assert answer.status == 400 and "timeout must be a positive number" in answer.error()
+    # Refused before the body was read (content type, timeout): counted without a pipeline; the bodies the
+    # pipeline's request decoded: of the pipeline.
+    assert counter(gateway, "invalid_argument", pipeline="") == unread_before + 1
+    assert counter(gateway, "unsupported_media_type", pipeline="") == unsupported_before + 3
+    assert counter(gateway, "unsupported_media_type") == unsupported_of_pipeline + 4
+    assert counter(gateway, "invalid_argument") == refused_before + 8
+    # The OIP's JSON is read alike.
+    digits = (
+        b'{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": ['
+        + b"9" * 5000
+        + b"]}]}"
+    )
+    answer = post_records(gateway, digits, path=f"/v2/models/{PIPELINE}/infer")
+    assert (answer.status, "Exceeds the limit (4300 digits)" in answer.error()) == (400, True), answer.body
+
+
+@pytest.mark.parametrize("content_type", [JSON, ARROW_STREAM])
+def test_feature_columns_are_packed_as_the_sdk_packs_them(
+    gateway: Gateway, iris: Pipeline, content_type: str
+) -> None:
+    """A frame of one column per feature (what a Wallaroo user posts): naming none of the pipeline's inputs,
+    its four numeric columns are packed into the vector input 'features', in column order, as the SDK's
+    pipeline.infer packs the same frame."""
+    x = features(3, seed=24)
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    frame = pd.DataFrame(x.astype(np.float64), columns=names)
+    if content_type == JSON:
+        body = frame.to_json(orient="records", double_precision=15).encode()
+        frame = pd.DataFrame(json.loads(body))
+    else:
+        body = ipc(pa.Table.from_pandas(frame, preserve_index=False), content_type)
+    answer = post_records(gateway, body, content_type)
+    assert answer.status == 200, answer.body
+    sdk = iris.infer(frame)
+    assert isinstance(sdk, pd.DataFrame)
+    if content_type == JSON:
+        got = [{k: v for k, v in row.items() if k not in PER_RUN} for row in json.loads(answer.body)]
+    else:
+        got = comparable(read_ipc(answer.body, content_type).to_pandas())
+    assert got == comparable(sdk.astype(object).where(sdk.notna(), None))
+    assert [row["in.features"] for row in got] == frame.to_numpy().tolist()
+    assert all(row["error"] is None for row in got)
+
+
+def test_records_of_unknown_or_undeployed_pipelines_and_strangers_are_refused(
+    gateway: Gateway,
+    client: Client,
+    iris: Pipeline,
+    iris_model: Path,
+    workspace: tuple[str, Person],
+    new_person: Callable[[], Person],
+) -> None:
+    body = json.dumps([{"features": [5.1, 3.5, 1.4, 0.2]}]).encode()
+    for headers in ({}, bearer("joey_not-a-token")):
+        answer = post_records(gateway, body, headers=headers)
+        assert answer.status == 401, answer.body
+    answer = post_records(gateway, body, path="/pipelines/default/no-such-pipeline/infer")
+    assert answer.status == 404 and "no-such-pipeline" in answer.error()
+    # Each path segment is one name: a dot in the pipeline's separates no workspace (as in OIP's model names).
+    answer = post_records(gateway, body, path="/pipelines/default/a.b/infer")
+    assert answer.status == 404
+    assert answer.error().startswith("pipeline 'a.b' of workspace 'default': invalid pipeline name 'a.b'")
+    # Created, never deployed: nothing serves that address.
+    idle = client.build_pipeline("iris-idle").add_model_step(client.upload_model("iris-idle", iris_model))
+    idle.create()
+    answer = post_records(gateway, body, path="/pipelines/default/iris-idle/infer")
+    assert (answer.status, "not deployed" in answer.error()) == (404, True), answer.body
+    # A valid token of someone who is no member of the workspace learns nothing of it.
+    name, owner = workspace
+    stranger = new_person()
+    for ws in (name, "gw-missing"):
+        answer = post_records(
+            gateway, body, path=f"/pipelines/{ws}/{PIPELINE}/infer", headers=bearer(stranger.token)
+        )
+        assert (answer.status, answer.error()) == (404, f"workspace {ws!r} not found")
+    answer = post_records(gateway, body, headers=bearer(stranger.token))
+    assert (answer.status, answer.error()) == (404, "workspace 'default' not found")
+    # Revoked, the token is let in on the registry's cached "yes" only until it expires (JOEY_AUTH_CACHE_S):
+    # then the registry is asked again, and refuses it.
+    stranger.stub.RevokeToken(pb.RevokeTokenRequest(name="tests"))
+    wait_until(
+        lambda: post_records(gateway, body, headers=bearer(stranger.token)).status == 401,
+        30,
+        "the revoked token refused",
+    )

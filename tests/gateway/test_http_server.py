@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import schemathesis
 import tritonclient.grpc as grpcclient
@@ -40,11 +41,12 @@ from tritonclient.utils import InferenceServerException
 from joey.client import Client, Pipeline
 from joey_core import topics
 from joey_core.settings import CommonSettings
-from joey_gateway.http_server import HttpServer
+from joey_gateway.http_server import HttpServer, _protocol
 from tests.conftest import ServiceProcess, Stack, free_port, wait_service_ready, wait_until
 
 MAX_BYTES = 8 << 20
 MESSAGE_MAX_BYTES = 200_000
+MAX_ELEMENTS = 100_000
 CONCURRENCY = 2
 
 # Sleeps on a row whose first feature is 777: its requests stay in flight until the engine's step timeout.
@@ -64,6 +66,7 @@ def process_data(inputs):
 SLOW_PIPELINE = "slow-limits"
 SLOW_TOO = "slow-limits-too"
 TEXT_PIPELINE = "text-limits"
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
 
 @dataclass
@@ -94,6 +97,7 @@ def limited(stack: Stack, service_factory: Callable[..., ServiceProcess]) -> Lim
         JOEY_METRICS_PORT=str(metrics_port),
         JOEY_MAX_REQUEST_BYTES=str(MAX_BYTES),
         JOEY_MAX_ROWS="1000",
+        JOEY_MAX_ELEMENTS=str(MAX_ELEMENTS),
         JOEY_HEADER_TIMEOUT_S="1",
         JOEY_BODY_TIMEOUT_S="2",
         JOEY_PIPELINE_CONCURRENCY=str(CONCURRENCY),
@@ -177,6 +181,22 @@ def infer(url: str, model: str, rows: list[list[float]]) -> tuple[int, dict[str,
 def answer(url: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         url + path, data=body, headers={"Content-Type": "application/json", **bearer()}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def records_answer(
+    url: str, pipeline: str, body: bytes, content_type: str = "application/json"
+) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` to the records endpoint of ``pipeline``; the status and the JSON answer (an error)."""
+    request = urllib.request.Request(
+        f"{url}/pipelines/default/{pipeline}/infer",
+        data=body,
+        headers={"Content-Type": content_type, **bearer()},
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -309,6 +329,29 @@ def test_shapes_of_empty_or_too_many_rows_are_refused(limited: Limited, healthy:
         body = {"inputs": [{"name": "features", "shape": shape, "datatype": "FP32", "data": []}]}
         got, reply = answer(limited.url, "/v2/models/iris-limits/infer", json.dumps(body).encode())
         assert (got, message in reply["error"]) == (status, True), (shape, reply)
+    # The records endpoint's rows are its records, JSON or Arrow: counted before any is decoded further.
+    records = [{"features": [5.1, 3.5, 1.4, 0.2]}] * 1001
+    got, reply = records_answer(limited.url, "iris-limits", json.dumps(records).encode())
+    assert (got, reply["error"]) == (413, "the body holds 1001 records; a request may hold at most 1000")
+    sink = pa.BufferOutputStream()
+    table = pa.Table.from_pylist(records)
+    with pa.ipc.new_stream(sink, table.schema) as out:
+        out.write_table(table)
+    got, reply = records_answer(limited.url, "iris-limits", sink.getvalue().to_pybytes(), ARROW_STREAM)
+    assert (got, reply["error"]) == (413, "the body holds 1001 records; a request may hold at most 1000")
+    # Their values too: 10 records of 20,000 values each, counted batch by batch for Arrow.
+    wide = [{"features": [0.5] * 20_000}] * 10
+    table = pa.Table.from_pylist(wide)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as out:
+        for batch in table.to_batches(max_chunksize=2):
+            out.write_batch(batch)
+    for body, content_type in (
+        (json.dumps(wide).encode(), "application/json"),
+        (sink.getvalue().to_pybytes(), ARROW_STREAM),
+    ):
+        got, reply = records_answer(limited.url, "iris-limits", body, content_type)
+        assert (got, "a request may hold at most 100000" in reply["error"]) == (413, True), reply
     triton = grpcclient.InferenceServerClient(limited.grpc_addr)
     tensor = grpcclient.InferInput("features", [1_000_000, 0], "FP32")
     tensor.set_data_from_numpy(np.zeros((1_000_000, 0), dtype=np.float32))
@@ -349,6 +392,9 @@ def test_a_row_too_large_for_kafka_refuses_the_whole_request(
     assert status == 413, reply
     assert reply["error"].startswith("row 1 of the batch makes a record of"), reply
     assert "nothing was sent" in reply["error"]
+    records = json.dumps([{"text": text} for text in rows]).encode()
+    status, reply = records_answer(limited.url, TEXT_PIPELINE, records)
+    assert (status, reply["error"].startswith("row 1 of the batch makes a record of")) == (413, True), reply
     sentinel = f"sentinel-{marker}"
     single = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [sentinel]}]}
     status, reply = answer(limited.url, f"/v2/models/{TEXT_PIPELINE}/infer", json.dumps(single).encode())
@@ -378,6 +424,10 @@ def test_a_saturated_pipeline_is_refused_while_another_keeps_serving(
         assert refused.value.code == 429
         assert refused.value.headers["Retry-After"] == "1"
         assert "already has 2 requests in flight" in json.loads(refused.value.read())["error"]
+        # The records endpoint takes the same slots.
+        one = json.dumps([{"features": stuck[0]}]).encode()
+        status, reply = records_answer(limited.url, SLOW_PIPELINE, one)
+        assert (status, "already has 2 requests in flight" in reply["error"]) == (429, True), reply
 
         triton = grpcclient.InferenceServerClient(limited.grpc_addr)
         tensor = grpcclient.InferInput("features", [1, 4], "FP32")
@@ -452,8 +502,11 @@ def test_the_rest_api_conforms_to_its_openapi_document(limited: Limited, healthy
     for result in schema.get_all_operations():
         operation = result.ok()
         targets: list[dict[str, Any] | None] = [None]
-        if any(parameter.name == "model" for parameter in operation.iter_parameters()):
+        names = {parameter.name for parameter in operation.iter_parameters()}
+        if "model" in names:
             targets.append({"model": "iris-limits"})
+        if "pipeline" in names:
+            targets.append({"workspace": "default", "pipeline": "iris-limits"})
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             for path_parameters in targets:
                 strategy = operation.as_strategy(mode, path_parameters=path_parameters)
@@ -494,3 +547,28 @@ def test_a_rest_server_that_dies_before_serving_is_noticed() -> None:
         server.wait_started()
     assert not server.alive
     sock.close()
+
+
+def test_answers_are_sent_without_waiting_on_nagles_algorithm() -> None:
+    """uvicorn writes an answer's headers and its body apart: on a keep-alive connection without
+    TCP_NODELAY the body waits for the client's delayed ACK. The accepted socket has it set, though the
+    listening socket (socket.create_server's, as the gateway's) has protocol 0, on which asyncio sets none."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=_protocol(30), lifespan="off", log_config=None))
+    http = HttpServer(server, sock)
+    http.wait_started()
+    try:
+        with socket.create_connection(sock.getsockname()[:2], timeout=10) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+            [connection] = server.server_state.connections
+            accepted = connection.transport.get_extra_info("socket")
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        http.shutdown()
+        http.wait()

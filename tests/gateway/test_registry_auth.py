@@ -102,6 +102,36 @@ def test_a_revoked_token_is_refused_once_its_answer_expires(
     wait_until(refused_now, 30, "the revoked token refused")
 
 
+def test_a_token_is_known_only_while_its_authentication_answer_is_reused(
+    stub: registry_pb2_grpc.RegistryStub, workspace: tuple[str, Person], new_person: Callable[[], Person]
+) -> None:
+    """known() lets a transport skip the worker thread for a caller the registry said yes to: only a "yes"
+    to authenticate that authenticate would reuse; never one to authorize, never a refusal, never past the
+    cache time (the revoked token is refused once known() stops vouching for it)."""
+    name, owner = workspace
+    # A cache that outlasts the test: known() right after authenticate does not race its expiry.
+    auth = RegistryAuth(stub, cache_s=3600, outage_grace_s=30)
+    expiring = RegistryAuth(stub, cache_s=0.5, outage_grace_s=30)
+    assert not auth.known(owner.token)
+    auth.authorize(owner.token, name, "infer")
+    assert not auth.known(owner.token)  # a workspace's "yes" is not the server-level one
+    auth.authenticate(owner.token)
+    assert auth.known(owner.token)
+    assert not auth.known("joey_not-a-token")
+    assert refused(lambda: auth.authenticate("joey_not-a-token")).status == Status.UNAUTHENTICATED
+    assert not auth.known("joey_not-a-token")
+    expiring.authenticate(owner.token)
+    owner.stub.RevokeToken(pb.RevokeTokenRequest(name="tests"))
+    assert auth.known(owner.token)  # the cached "yes" stands for its cache time, revoked or not
+    wait_until(lambda: not expiring.known(owner.token), 30, "the answer expired")
+    assert refused(lambda: expiring.authenticate(owner.token)).status == Status.UNAUTHENTICATED
+    assert not expiring.known(owner.token)
+    # Without a cache, a "yes" kept only for the outage grace vouches for nothing.
+    uncached, other = RegistryAuth(stub, cache_s=0, outage_grace_s=30), new_person().token
+    uncached.authenticate(other)
+    assert not uncached.known(other)
+
+
 def test_without_a_cache_a_deactivated_user_is_refused_at_once(
     stub: registry_pb2_grpc.RegistryStub, admin_stub: Stub, workspace: tuple[str, Person]
 ) -> None:

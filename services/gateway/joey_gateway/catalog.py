@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from joey_core.inputs import RecordInput, record_inputs
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 from joey_gateway import metrics
@@ -27,6 +28,11 @@ from joey_gateway.registry_auth import RegistryUnreachable, bearer_metadata, ref
 from joey_gateway.tensors import oip_datatype
 
 log = logging.getLogger(__name__)
+
+
+class NotDeployed(GatewayError):
+    """The pipeline exists but is not deployed: UNAVAILABLE to OIP callers (a model server that is not
+    serving), NOT_FOUND on the records endpoint (no deployment at that address, as Wallaroo answers)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class PipelineInfo:
     """The first model step's inputs, named by the record fields that feed them."""
     outputs: tuple[TensorInfo, ...]
     """The last model step's outputs."""
+    record_inputs: tuple[RecordInput, ...] = ()
+    """The first model step's inputs as the SDK shapes data for them (the records endpoint does too)."""
 
     def output_datatype(self, name: str) -> str | None:
         return next((t.datatype for t in self.outputs if t.name == name), None)
@@ -82,6 +90,7 @@ def _info(status: pb.DeploymentStatus, version: pb.PipelineVersion | None) -> Pi
         status.message,
         inputs,
         outputs,
+        record_inputs(version) if version else (),
     )
 
 
@@ -137,7 +146,7 @@ class Catalog:
                         self._outage_since = None
                         metrics.CATALOG_STALE.set(0)
         if info.status == "Undeployed":
-            raise GatewayError(
+            raise NotDeployed(
                 Status.UNAVAILABLE, f"pipeline {pipeline!r} is not deployed: deploy it to serve inferences"
             )
         return info

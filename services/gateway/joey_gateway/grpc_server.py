@@ -28,6 +28,7 @@ _CODES = {
     # Not RESOURCE_EXHAUSTED: a client retrying what the limits refuse would be refused again. (A message
     # over max_request_bytes is refused by grpc itself, before the gateway sees it, as RESOURCE_EXHAUSTED.)
     Status.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
     Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Status.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import joey_core
-from joey_gateway import openapi
+from joey_gateway import frames, openapi
 from joey_gateway.errors import GatewayError, Status
 from joey_gateway.service import SERVER_NAME, Gateway
 from joey_gateway.settings import CONTROL_WORKERS, GatewaySettings
@@ -91,12 +91,7 @@ def decode_request(
     if header_length is not None and header_length > len(body):
         raise _bad(f"{HEADER_LENGTH} {header_length} is longer than the {len(body)}-byte body")
     text, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
-    try:
-        document = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise _bad("request body is not valid JSON: nested too deeply") from None
+    document = frames.json_document(text)
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
         raise _bad('request body must be a JSON object with an "inputs" list')
     inputs = []
@@ -199,6 +194,7 @@ class RestApi:
                 Route("/v2/models/{model}/versions/{version}/ready", self._model_ready),
                 Route("/v2/models/{model}/infer", self._infer, methods=["POST"]),
                 Route("/v2/models/{model}/versions/{version}/infer", self._infer, methods=["POST"]),
+                Route("/pipelines/{workspace}/{pipeline}/infer", self._infer_records, methods=["POST"]),
             ],
             exception_handlers={HTTPException: self._http_error},
         )
@@ -328,14 +324,24 @@ class RestApi:
             raise _bad(f"the client left after {received} of the body's {length} bytes") from None
         return b"".join(chunks)
 
-    async def _infer(self, request: Request) -> Response:
-        model, version = request.path_params["model"], request.path_params.get("version", "")
-        authorization = request.headers.get("Authorization")
+    async def _admit(self, authorization: str | None) -> Response | None:
+        """Who is asking comes before reading what they send: a stranger's body is never read. The refusal
+        to answer, or None. A caller the registry said yes to within the auth cache is let in on the event
+        loop, sparing the request a hand-off to a worker thread and back; others are checked on one."""
+        if self._gateway.admitted(authorization):
+            return None
         try:
-            # Who is asking comes before reading what they send: a stranger's body is never read.
             await self._run(lambda: self._gateway.admit(authorization))
         except GatewayError as exc:
             return _error(exc, close=True)
+        return None
+
+    async def _infer(self, request: Request) -> Response:
+        model, version = request.path_params["model"], request.path_params.get("version", "")
+        authorization = request.headers.get("Authorization")
+        refused = await self._admit(authorization)
+        if refused is not None:
+            return refused
         try:
             body = await self._body(request)
         except GatewayError as exc:
@@ -371,6 +377,55 @@ class RestApi:
             content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
         )
 
+    async def _infer_records(self, request: Request) -> Response:
+        """Wallaroo's endpoint: records in (pandas records JSON or Arrow IPC), result rows out, alike."""
+        workspace, pipeline = request.path_params["workspace"], request.path_params["pipeline"]
+        authorization = request.headers.get("Authorization")
+        refused = await self._admit(authorization)
+        if refused is not None:
+            return refused
+        try:
+            format = frames.body_format(request.headers.get("Content-Type"))
+            timeout_s = _timeout(request.query_params.get("timeout"))
+            body = await self._body(request)
+        except GatewayError as exc:
+            self._gateway.refused(exc)
+            return _error(exc, close=True)
+
+        def serve() -> bytes:
+            result = self._gateway.infer_records(
+                workspace,
+                pipeline,
+                lambda: frames.decode_records(
+                    body, format, self._gateway.limits, self._settings.max_request_bytes
+                ),
+                authorization,
+                timeout_s,
+            )
+            return frames.encode_rows(result, format)  # off the event loop, as the rows may be many
+
+        try:
+            content = await self._run(serve, inference=True)
+        except GatewayError as exc:
+            return _error(exc)
+        except Exception:
+            log.exception("inference request failed")
+            return JSONResponse({"error": "internal error; see the gateway's log"}, 500)
+        return Response(content, media_type=format.value)
+
+
+def _timeout(value: str | None) -> float | None:
+    """The ``timeout`` query parameter: the request's deadline, in seconds from now."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise _bad(f"timeout must be a positive number of seconds, got {value!r}")
+    return seconds
+
 
 def _protocol(header_timeout_s: float) -> type[H11Protocol]:
     class Protocol(H11Protocol):
@@ -383,6 +438,12 @@ def _protocol(header_timeout_s: float) -> type[H11Protocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # asyncio sets TCP_NODELAY only on sockets whose protocol number is IPPROTO_TCP, which a socket
+            # accepted from socket.create_server's (protocol 0) is not; uvicorn writes an answer's headers
+            # and body apart, so Nagle's algorithm would hold the body until the client's delayed ACK.
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._arm()
 
         def on_response_complete(self) -> None:

@@ -53,6 +53,62 @@ def _model_paths(suffix: str, method: str, operation: dict[str, Any]) -> dict[st
     return paths
 
 
+_ARROW = {"type": "string", "format": "binary"}
+_RECORDS = {"type": "array", "items": {"type": "object"}}
+
+
+def _records(description: str) -> dict[str, Any]:
+    """An answer of result rows, in the format of the request."""
+    return {
+        "description": description,
+        "content": {
+            "application/json": {"schema": _RECORDS},
+            "application/vnd.apache.arrow.file": {"schema": _ARROW},
+            "application/vnd.apache.arrow.stream": {"schema": _ARROW},
+        },
+    }
+
+
+_RECORDS_INFER = {
+    "post": {
+        "operationId": "pipelineInfer",
+        "description": "Wallaroo's endpoint: input records as pandas records JSON (a list of objects, as "
+        'DataFrame.to_json(orient="records") writes) or an Arrow IPC table, answered with the SDK\'s '
+        "pipeline.infer result rows (time, in.*, out.*, check_failures, anomaly.*, metadata.*, error) in the "
+        "same format.",
+        "security": _SECURED,
+        "parameters": [
+            {"name": "workspace", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "pipeline", "in": "path", "required": True, "schema": {"type": "string"}},
+            {
+                "name": "timeout",
+                "in": "query",
+                "required": False,
+                "description": "the request's deadline, in seconds",
+                "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _RECORDS},
+                "application/vnd.apache.arrow.file": {"schema": _ARROW},
+                "application/vnd.apache.arrow.stream": {"schema": _ARROW},
+            },
+        },
+        "responses": {
+            "200": _records("one result row per input record, in order; a record refused has its error"),
+            "400": _answer("a malformed body, or records naming none of the pipeline's inputs"),
+            "413": _answer("a body, its records, or a record over the limits"),
+            "415": _answer("a Content-Type other than JSON records or Arrow IPC"),
+            "504": _answer("the pipeline did not answer every record by the deadline"),
+            **_REFUSALS,
+            "404": _answer("no such pipeline, not deployed, or a workspace the caller is not a member of"),
+        },
+    }
+}
+
+
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -235,5 +291,6 @@ DOCUMENT: dict[str, Any] = {
                 },
             },
         ),
+        "/pipelines/{workspace}/{pipeline}/infer": _RECORDS_INFER,
     },
 }

@@ -126,6 +126,15 @@ class RegistryAuth:
         """Pass if ``token`` is valid (a user, whatever their workspaces): the server-level routes."""
         self._check(token, "", "")
 
+    def known(self, token: str) -> bool:
+        """Whether ``token`` holds a "yes" of the registry to :meth:`authenticate` younger than ``cache_s``:
+        the answer :meth:`authenticate` would reuse, found without any call (nor the outage grace)."""
+        key = (hashlib.sha256(token.encode()).hexdigest(), "", "")
+        asked = time.monotonic()
+        with self._lock:
+            granted = self._granted.get(key)
+        return granted is not None and asked < granted + self._cache_s
+
     def _check(self, token: str, workspace: str, action: str) -> None:
         key = (hashlib.sha256(token.encode()).hexdigest(), workspace, action)
         # Counted from before the question: an answer is never reused longer than cache_s after it was asked.
@@ -196,20 +205,22 @@ class RegistryAuth:
         if not keys:
             del self._keys[key[0]]
 
+    # Both log after releasing the lock: known() takes it on the event loop, which must not wait on a log
+    # handler's I/O.
     def _answered(self) -> None:
         with self._lock:
-            if self._outage_logged:
-                log.info("the registry answers again; callers are authorized afresh")
-                self._outage_logged = False
+            recovered, self._outage_logged = self._outage_logged, False
+        if recovered:
+            log.info("the registry answers again; callers are authorized afresh")
 
     def _outage(self, refused: GatewayError) -> None:
         metrics.STALE_ANSWERS.labels("auth").inc()
         with self._lock:
-            if not self._outage_logged:
-                self._outage_logged = True
-                log.warning(
-                    "the registry cannot answer (%s): callers it authorized in the last %.0f s are still "
-                    "served, no one else",
-                    refused.message,
-                    self._outage_grace_s,
-                )
+            first, self._outage_logged = not self._outage_logged, True
+        if first:
+            log.warning(
+                "the registry cannot answer (%s): callers it authorized in the last %.0f s are still "
+                "served, no one else",
+                refused.message,
+                self._outage_grace_s,
+            )

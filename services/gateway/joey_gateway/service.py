@@ -13,18 +13,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
+import pyarrow as pa
 from confluent_kafka import KafkaError, Producer
 
 from joey_core import tls, topics
 from joey_core.kafka import max_record_bytes, producer_config, record_size
 from joey_core.records import DEADLINE_EXCEEDED, DEADLINE_HEADER, REQUEST_ID_HEADER, dumps
 from joey_core.replies import Call, Reply, ReplyReader
+from joey_core.results import Row, reply_rows
 from joey_core.v1 import registry_pb2_grpc
 from joey_gateway import metrics
-from joey_gateway.catalog import Catalog, PipelineInfo
+from joey_gateway.catalog import Catalog, NotDeployed, PipelineInfo
 from joey_gateway.errors import GatewayError, Status
+from joey_gateway.frames import input_records
 from joey_gateway.registry_auth import RegistryAuth, bearer_token
 from joey_gateway.settings import GatewaySettings
 from joey_gateway.tensors import (
@@ -47,6 +50,7 @@ INFER = "infer"
 
 
 _Headers = list[tuple[str, str | bytes | None]]
+T = TypeVar("T")
 
 
 class _Access(NamedTuple):
@@ -55,6 +59,16 @@ class _Access(NamedTuple):
     workspace: str
     pipeline: str
     token: str
+
+
+def _named(what: str, workspace: str, pipeline: str) -> tuple[str, str]:
+    """``workspace`` and ``pipeline``, each a valid name, else NOT_FOUND saying which is not, of ``what``."""
+    try:
+        topics.validate_name("workspace", workspace)
+        topics.validate_name("pipeline", pipeline)
+    except ValueError as exc:
+        raise GatewayError(Status.NOT_FOUND, f"{what}: {exc}") from None
+    return workspace, pipeline
 
 
 class Gateway:
@@ -84,13 +98,7 @@ class Gateway:
     def resolve(self, model: str) -> tuple[str, str]:
         """Workspace and pipeline served under a model name: ``<pipeline>`` or ``<workspace>.<pipeline>``."""
         workspace, _, pipeline = model.rpartition(".")
-        workspace = workspace or self._settings.workspace
-        try:
-            topics.validate_name("workspace", workspace)
-            topics.validate_name("pipeline", pipeline)
-        except ValueError as exc:
-            raise GatewayError(Status.NOT_FOUND, f"model {model!r}: {exc}") from None
-        return workspace, pipeline
+        return _named(f"model {model!r}", workspace or self._settings.workspace, pipeline)
 
     def authenticate(self, authorization: str | None) -> None:
         """Server-level routes (metadata, readiness) need a valid token, whatever its workspaces.
@@ -106,6 +114,15 @@ class Gateway:
             self.refused(exc)
             raise
 
+    def admitted(self, authorization: str | None) -> bool:
+        """Whether the caller is let in on the registry's recent answer alone, which needs no call: then a
+        transport may skip handing :meth:`admit` to a worker thread (an event loop must not wait on the
+        registry). False means: call :meth:`admit`."""
+        try:
+            return self._auth.known(bearer_token(authorization))
+        except GatewayError:
+            return False
+
     def refused(self, exc: GatewayError) -> None:
         """Count a request the transport refused before it named a pipeline (its body unusable)."""
         metrics.REQUESTS.labels("", "", exc.status.name.lower()).inc()
@@ -113,12 +130,14 @@ class Gateway:
     def model(self, model: str, version: str, authorization: str | None) -> PipelineInfo:
         """The deployed pipeline served as ``model`` (and ``version``, when given), for a caller who may
         read its workspace."""
-        return self._deployed(model, version, self._authorized(model, authorization, READ))
+        return self._deployed(
+            model, version, self._authorized(lambda: self.resolve(model), authorization, READ)
+        )
 
     def model_ready(self, model: str, version: str, authorization: str | None) -> bool:
         # Refusals stand (a caller who may not read the model learns nothing of it); only an
         # unavailable deployment reads as not ready.
-        access = self._authorized(model, authorization, READ)
+        access = self._authorized(lambda: self.resolve(model), authorization, READ)
         try:
             return self._deployed(model, version, access).ready
         except GatewayError as exc:
@@ -126,10 +145,13 @@ class Gateway:
                 return False
             raise
 
-    def _authorized(self, model: str, authorization: str | None, action: str) -> _Access:
+    def _authorized(
+        self, names: Callable[[], tuple[str, str]], authorization: str | None, action: str
+    ) -> _Access:
+        """The caller's access to the workspace and pipeline ``names`` gives (NOT_FOUND for invalid names)."""
         token = bearer_token(authorization)
         try:
-            workspace, pipeline = self.resolve(model)
+            workspace, pipeline = names()
         except GatewayError:
             self._auth.authenticate(token)  # a bad token is refused as such, whatever the model name
             raise
@@ -158,20 +180,71 @@ class Gateway:
         one counts as a refused request of that model) through its pipeline, for a caller who may infer in
         its workspace. ``deadline`` (epoch seconds) is the transport's own, if any; the earliest of it, the
         request's timeout and the gateway's default applies."""
+
+        def run(info: PipelineInfo) -> InferResponse:
+            request = decode()
+            # Refused whole before any work on its rows.
+            check_inputs(info.pipeline, request.inputs, {t.name: t.shape for t in info.inputs})
+            rows = to_rows(request.inputs)
+            replies = self._exchange(info, rows, self._deadline(deadline, request.timeout_s))
+            return self._response(request, info, replies)
+
+        return self._served(lambda: self.resolve(model), model, version, authorization, run)
+
+    def infer_records(
+        self,
+        workspace: str,
+        pipeline: str,
+        decode: Callable[[], pa.Table | list[dict[str, Any]]],
+        authorization: str | None,
+        timeout_s: float | None = None,
+    ) -> list[Row]:
+        """The records endpoint: run the records (or Arrow table) ``decode`` reads from the body through the
+        pipeline, shaped for its inputs as the SDK shapes them (:func:`frames.input_records`),
+        answered with the SDK's ``pipeline.infer`` result rows (:func:`joey_core.results.reply_rows`),
+        a record the pipeline refused being a row with its ``error``. Authorized, limited and counted as
+        :meth:`infer` is."""
+
+        def run(info: PipelineInfo) -> list[Row]:
+            rows = input_records(info.pipeline, decode(), info.record_inputs)
+            return reply_rows(self._exchange(info, rows, self._deadline(None, timeout_s)))
+
+        where = f"pipeline {pipeline!r} of workspace {workspace!r}"
+        return self._served(
+            lambda: _named(where, workspace, pipeline), where, "", authorization, run, Status.NOT_FOUND
+        )
+
+    def _served(
+        self,
+        names: Callable[[], tuple[str, str]],
+        model: str,
+        version: str,
+        authorization: str | None,
+        run: Callable[[PipelineInfo], T],
+        not_deployed: Status = Status.UNAVAILABLE,
+    ) -> T:
+        """``run`` on the deployed pipeline ``names`` gives (the workspace and pipeline served as ``model``,
+        the name errors speak of), for a caller who may infer in its workspace,
+        holding one of the pipeline's request slots; counted and timed in the metrics. A pipeline that is
+        not deployed is refused with ``not_deployed``."""
         with self._idle:
             self._in_flight += 1
         start = time.perf_counter()
         labels = ("", "")
         outcome = "ok"
         try:
-            info = self._deployed(model, version, self._authorized(model, authorization, INFER))
+            access = self._authorized(names, authorization, INFER)
+            try:
+                info = self._deployed(model, version, access)
+            except NotDeployed as exc:
+                raise GatewayError(not_deployed, exc.message) from None
             labels = (info.workspace, info.pipeline)
             slot = self._slot(info)
             try:  # from the moment it is taken: nothing after may keep the slot
                 in_flight = metrics.IN_FLIGHT.labels(*labels)
                 in_flight.inc()
                 try:
-                    return self._infer(info, decode(), deadline)
+                    return run(info)
                 finally:
                     in_flight.dec()
             finally:
@@ -210,17 +283,19 @@ class Gateway:
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
-    def _infer(self, info: PipelineInfo, request: InferRequest, deadline: float | None) -> InferResponse:
-        # Refused whole before any work on its rows.
-        check_inputs(info.pipeline, request.inputs, {t.name: t.shape for t in info.inputs})
-        rows = to_rows(request.inputs)
+    def _deadline(self, transport: float | None, timeout_s: float | None) -> float:
+        """The request's deadline (epoch seconds): the earliest of the gateway's default, the transport's
+        own and the request's timeout."""
         now = time.time()
         limits = [now + self._settings.request_timeout_s]
-        if deadline is not None:
-            limits.append(deadline)
-        if request.timeout_s is not None:
-            limits.append(now + request.timeout_s)
-        deadline = min(limits)
+        if transport is not None:
+            limits.append(transport)
+        if timeout_s is not None:
+            limits.append(now + timeout_s)
+        return min(limits)
+
+    def _exchange(self, info: PipelineInfo, rows: list[dict[str, Any]], deadline: float) -> list[Reply]:
+        """Produce one input record per row and wait for every reply, returned in row order."""
         call = Call([uuid.uuid4().hex for _ in rows])
         deadline_header = str(int(deadline * 1000)).encode()
         headers: list[_Headers] = [
@@ -259,18 +334,24 @@ class Gateway:
             reader.forget(call)
         if call.failure is not None:
             raise GatewayError(Status.UNAVAILABLE, call.failure)
-        replies = [call.replies[request_id] for request_id in call.request_ids]
-        return self._response(request, info, replies)
+        return [call.replies[request_id] for request_id in call.request_ids]
 
     def _records(
         self, rows: list[dict[str, Any]], request_ids: list[str], headers: list[_Headers]
     ) -> list[bytes]:
         """Every row's record value, each checked against the broker's message limit before any is produced:
         a request is refused whole, naming its first row that would not fit, or produced whole."""
-        values = [dumps(row) for row in rows]
-        for index, (value, request_id, record_headers) in enumerate(
-            zip(values, request_ids, headers, strict=True)
+        values = []
+        # Each row checked as it is encoded: a too large one stops the encoding of the rest.
+        for index, (row, request_id, record_headers) in enumerate(
+            zip(rows, request_ids, headers, strict=True)
         ):
+            try:
+                value = dumps(row)
+            except (TypeError, ValueError) as exc:  # an Arrow body's dates or binary values, say
+                raise GatewayError(
+                    Status.INVALID_ARGUMENT, f"a record is not JSON-serializable: {exc}"
+                ) from None
             size = record_size(request_id.encode(), value, record_headers)
             if size > self._max_record_bytes:
                 raise GatewayError(
@@ -279,6 +360,7 @@ class Gateway:
                     f"record holds at most {self._max_record_bytes} (the producer's message.max.bytes less "
                     "Kafka's overhead): nothing was sent",
                 )
+            values.append(value)
         return values
 
     def _produce(

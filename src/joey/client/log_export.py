@@ -25,6 +25,7 @@ from typing import IO, Any, ClassVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from joey_core.results import flatten, flatten_shadow
 from joey_core.v1 import registry_pb2 as pb
 
 Row = dict[str, Any]
@@ -46,18 +47,6 @@ _FIXED_TYPES = {
     "partition": pa.int32(),
     "offset": pa.int64(),
 }
-
-
-def flatten(prefix: str, values: dict[str, Any] | None) -> Row:
-    return {f"{prefix}.{k}": v for k, v in (values or {}).items()}
-
-
-def flatten_shadow(shadow: dict[str, dict[str, Any]] | None) -> Row:
-    """Challenger outputs ({model: {output: value}}) as ``shadow.<model>.<output>`` columns."""
-    row: Row = {}
-    for model, outputs in (shadow or {}).items():
-        row |= flatten(f"shadow.{model}", outputs)
-    return row
 
 
 def log_entry_row(e: pb.LogEntry) -> Row:

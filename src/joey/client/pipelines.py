@@ -28,10 +28,11 @@ from joey.client.catalog import (
     topics_text,
 )
 from joey.client.inputs import InputError, RecordInput, deployed_inputs, to_records
-from joey.client.log_export import LogExport, flatten, flatten_shadow, log_entry_row
+from joey.client.log_export import LogExport, log_entry_row
 from joey.client.streaming import Progress, check_rows, streams_of
 from joey_core.models import ModelVersion
 from joey_core.replies import Reply
+from joey_core.results import replies_to_frame
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 
@@ -960,30 +961,6 @@ def _check_positive(name: str, value: int | None, otherwise: str) -> None:
 def _check_timeout(timeout: float) -> None:
     if not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-
-
-def replies_to_frame(replies: Sequence[Reply]) -> pd.DataFrame:
-    rows = []
-    for reply in replies:
-        body = reply.body
-        meta = body.get("metadata", {})
-        row: dict[str, Any] = {"time": pd.Timestamp(body["time"]), "request_id": reply.request_id}
-        row |= flatten("in", body.get("in") if reply.ok else body.get("input"))
-        row |= flatten("out", body.get("out"))
-        # Present only when the pipeline has a shadow step: challenger outputs, and their failures.
-        row |= flatten_shadow(body.get("shadow"))
-        row |= flatten("shadow_errors", body.get("shadow_errors"))
-        # Present only when the pipeline has validations: anomaly.count and anomaly.<check>.
-        row |= flatten("anomaly", body.get("anomaly"))
-        row["check_failures"] = body.get("check_failures", [])
-        row["error"] = None if reply.ok else body.get("error")
-        row |= flatten(
-            "metadata",
-            {k: meta.get(k) for k in ("pipeline_version", "models", "elapsed_ns", "partition", "offset")},
-        )
-        rows.append(row)
-    # Nullable dtypes keep integer outputs integers when a failed row leaves a gap.
-    return pd.DataFrame(rows).convert_dtypes()
 
 
 def log_entries_to_frame(entries: Sequence[pb.LogEntry]) -> pd.DataFrame:
