@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from joey.client.inputs import InputError, RecordInput, to_records
 from joey.client.streaming import InferenceTimeout, Progress
 from joey_core.replies import Reply, failed_reply
+from joey_core.results import replies_to_frame
 
-FrameOf: TypeAlias = Callable[[Sequence[Reply]], pd.DataFrame]
 """Result rows of replies: ``joey.client.pipelines.replies_to_frame``, passed in as this module sits below
 ``pipelines`` (whose methods call it)."""
 Data: TypeAlias = pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any]
@@ -133,8 +133,6 @@ def infer_from_file(
     timeout: float = 60.0,
     progress: Progress | None = None,
     chunk_rows: int = 10_000,
-    *,
-    frame_of: FrameOf,
 ) -> pd.DataFrame | pa.Table:
     """See :meth:`joey.client.pipelines.Pipeline.infer_from_file`."""
     if chunk_rows < 1:
@@ -163,7 +161,7 @@ def infer_from_file(
                 progress(before + answered, total)
 
         data = shaper.shaped(chunk, done)
-        results.append(_attempt(pipeline, data, timeout, frame_of, chunk_progress).result)
+        results.append(_attempt(pipeline, data, timeout, chunk_progress).result)
         done += len(chunk)
     if done != total:
         raise _changed(path, total)
@@ -342,8 +340,6 @@ def parallel_infer(
     timeout: float = 60.0,
     progress: Progress | None = None,
     retry_timed_out: bool = False,
-    *,
-    frame_of: FrameOf,
 ) -> pd.DataFrame | pa.Table:
     """See :meth:`joey.client.pipelines.Pipeline.parallel_infer`."""
     for name, value, least in (
@@ -361,9 +357,7 @@ def parallel_infer(
     for attempt in range(retries + 1):
         last = attempt == retries
         again: _Batch = []
-        with contextlib.closing(
-            _run(pipeline, _batches(todo, batch_size), num_parallel, timeout, frame_of)
-        ) as run:
+        with contextlib.closing(_run(pipeline, _batches(todo, batch_size), num_parallel, timeout)) as run:
             for batch, outcome in run:
                 retry = [
                     not last and (unsent or (retry_timed_out and timed_out))
@@ -395,7 +389,6 @@ def _run(
     batches: Iterator[_Batch],
     num_parallel: int,
     timeout: float,
-    frame_of: FrameOf,
 ) -> Generator[tuple[_Batch, _Outcome], None, None]:
     """Each batch with its outcome, as batches complete: ``num_parallel`` run at once, and as many are made
     ahead, so memory holds about twice that many. An error other than a timeout (the pipeline undeployed,
@@ -407,7 +400,7 @@ def _run(
     def submit() -> None:
         batch = next(batches, None)
         if batch is not None:
-            running[pool.submit(_attempt, pipeline, [row for _, row in batch], timeout, frame_of)] = batch
+            running[pool.submit(_attempt, pipeline, [row for _, row in batch], timeout)] = batch
 
     try:
         for _ in range(2 * num_parallel):
@@ -439,7 +432,6 @@ def _attempt(
     pipeline: BulkPipeline,
     data: Any,
     timeout: float,
-    frame_of: FrameOf,
     progress: Progress | None = None,
 ) -> _Outcome:
     """``infer`` of ``data``; rows with no reply in time are error rows of their own instead of a timeout."""
@@ -451,7 +443,7 @@ def _attempt(
             reply or failed_reply(request_id, f"no reply from the pipeline within {timeout:g}s", now)
             for reply, request_id in zip(exc.replies, exc.request_ids, strict=True)
         ]
-        frame = frame_of(replies)
+        frame = replies_to_frame(replies)
         return _Outcome(
             pa.Table.from_pandas(frame, preserve_index=False) if isinstance(data, pa.Table) else frame,
             [reply is not None and "metadata" not in reply.body for reply in exc.replies],

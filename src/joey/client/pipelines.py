@@ -836,9 +836,7 @@ class Pipeline:
         the whole file. A file that changes between the two readings (a different number of records) raises
         InputFileError.
         """
-        return bulk.infer_from_file(
-            self, path, data_format, timeout, progress, chunk_rows, frame_of=replies_to_frame
-        )
+        return bulk.infer_from_file(self, path, data_format, timeout, progress, chunk_rows)
 
     def parallel_infer(
         self,
@@ -876,7 +874,6 @@ class Pipeline:
             timeout,
             progress,
             retry_timed_out,
-            frame_of=replies_to_frame,
         )
 
     def _deployed_status(self) -> DeploymentStatus:
