@@ -331,7 +331,8 @@ class Bench:
     ) -> tuple[Load, Collected, CpuSampler]:
         load = Load.of(f"{system.name}-{secrets.token_hex(4)}", self.rows, count)
         collector = Collector(self.settings, [system.outputs], system.errors, system.logs)
-        cpu = CpuSampler({**system.roles(), "broker": lambda: [self.broker]})
+        # "bench": this process, whose collector reads every output back during the drain.
+        cpu = CpuSampler({**system.roles(), "broker": lambda: [self.broker], "bench": lambda: [os.getpid()]})
         try:
             expected, keep = set(load.ids), frozenset(load.ids[::SAMPLE_EVERY])
             timeout = self.args.timeout + count / 200
@@ -529,11 +530,12 @@ def drain_table(bench: Bench, systems: list[str]) -> None:
     drains = {s: bench.samples[(s, "drain")] for s in systems if (s, "drain") in bench.samples}
     if not drains:
         return
-    roles = ("own", "engine", "broker", "machine")
+    roles = ("own", "engine", "broker", "bench", "machine")
     print(
         "\ndrain: bytes per input written (outputs, logs) and CPU µs per record over the drain"
         "\n(own: the loop process, or Joey's replica processes; engine: Joey's supervising process;"
-        "\n broker: the embedded broker; machine: all cores, everything on the machine)"
+        "\n broker: the embedded broker; bench: this process, reading the outputs back;"
+        "\n machine: all cores, everything on the machine, other users' work included)"
     )
     header = f"{'system':20}{'records/s':>10}{'out B':>8}{'log B':>8}" + "".join(f"{r:>9}" for r in roles)
     header += f"{'per rep records/s':>30}"
