@@ -5,6 +5,13 @@ the engine's replicas. A batch is: wait for one record, then up to ``--batch-del
 for more (at most ``--batch-size``), JSON-decode, stack into one float32 array, one
 onnxruntime run, produce one JSON output per record (headers copied), flush, commit.
 
+With ``--joey-bytes`` the same loop writes what Joey writes, to tell the broker's cost of bytes
+from the cost of Joey's code: each output is Joey's record shape (time, request id, the input's
+own text, the outputs, check failures, a metadata object with the same members: workspace,
+pipeline, version, deployment, models with the model's sha256, partition, offset, elapsed ns),
+and each batch adds one record to ``--log-topic`` of ``--log-bytes-per-record`` bytes per input,
+made of the batch's input and output texts (as Joey's log holds them, so lz4 compresses it alike).
+
 The Kafka client settings are Joey's own (``joey_core.kafka.consumer_config`` /
 ``producer_config``) so the comparison measures Joey's code, not different client tuning.
 
@@ -14,17 +21,69 @@ Prints ``READY`` on stdout once the group's partitions are all assigned; SIGTERM
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import signal
 import sys
 import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import onnxruntime as ort
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from joey_core.kafka import consumer_config, producer_config
+from joey_core.records import REQUEST_ID_HEADER
 from joey_core.settings import CommonSettings
+
+
+@dataclass(frozen=True)
+class JoeyBytes:
+    """What ``--joey-bytes`` adds to every output and batch."""
+
+    models: list[dict[str, object]]
+    log_topic: str
+    log_bytes_per_record: int
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> JoeyBytes | None:
+        if not args.joey_bytes:
+            return None
+        with open(args.model, "rb") as f:
+            sha256 = hashlib.sha256(f.read()).hexdigest()
+        return cls(
+            [{"name": "iris", "version": 1, "sha256": sha256}], args.log_topic, args.log_bytes_per_record
+        )
+
+    def output(self, message: Message, decoded: object, outputs: dict[str, object], elapsed_ns: int) -> bytes:
+        rid = next((v.decode() for k, v in message.headers() or () if k == REQUEST_ID_HEADER), "")
+        return json.dumps(
+            {
+                "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+                "request_id": rid,
+                "in": decoded,
+                "out": outputs,
+                "check_failures": [],
+                "metadata": {
+                    "workspace": "default",
+                    "pipeline": "bench",
+                    "pipeline_version": 1,
+                    "deployment_id": "bench-1",
+                    "models": self.models,
+                    "partition": message.partition(),
+                    "offset": message.offset(),
+                    "elapsed_ns": [elapsed_ns],
+                },
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    def log(self, records: list[Message], outputs: list[bytes]) -> bytes:
+        size = self.log_bytes_per_record * len(records)
+        texts = b"".join(v for m, out in zip(records, outputs, strict=True) for v in (m.value(), out))
+        return (texts * (size // len(texts) + 1))[:size]
 
 
 class Assignment:
@@ -61,6 +120,7 @@ def run_replica(
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+    joey = JoeyBytes.of(args)
     consumer = Consumer(consumer_config(settings, args.group))
     producer = Producer(producer_config(settings))
     consumer.subscribe(
@@ -77,25 +137,44 @@ def run_replica(
             batch = [first, *consumer.consume(args.batch_size - 1, delay)] if args.batch_size > 1 else [first]
             records = [m for m in batch if m.error() is None]
             if records:
-                process(records, session, producer, args.output_topic)
+                process(records, session, producer, args.output_topic, joey)
                 consumer.commit(offsets=next_offsets(records), asynchronous=False)
     finally:
         consumer.close()
         producer.flush(10)
 
 
-def process(records: list[Message], session: ort.InferenceSession, producer: Producer, topic: str) -> None:
-    features = np.asarray([json.loads(m.value())["features"] for m in records], dtype=np.float32)
+def process(
+    records: list[Message],
+    session: ort.InferenceSession,
+    producer: Producer,
+    topic: str,
+    joey: JoeyBytes | None = None,
+) -> None:
+    inputs = [json.loads(m.value()) for m in records]
+    features = np.asarray([i["features"] for i in inputs], dtype=np.float32)
+    started = time.perf_counter_ns()
     labels, probabilities = session.run(["label", "probabilities"], {"features": features})
+    elapsed_ns = time.perf_counter_ns() - started
     failed: list[object] = []
-    for message, label, probs in zip(records, labels.tolist(), probabilities.tolist(), strict=True):
-        value = json.dumps({"label": label, "probabilities": probs}).encode()
+
+    def delivered(err: object, msg: object) -> None:
+        if err:
+            failed.append(err)
+
+    values = []
+    rows = zip(records, inputs, labels.tolist(), probabilities.tolist(), strict=True)
+    for message, decoded, label, probs in rows:
+        outputs = {"label": label, "probabilities": probs}
+        if joey is None:
+            value = json.dumps(outputs).encode()
+        else:
+            value = joey.output(message, decoded, outputs, elapsed_ns)
+        values.append(value)
+        producer.produce(topic, value, key=message.key(), headers=message.headers(), on_delivery=delivered)
+    if joey is not None:
         producer.produce(
-            topic,
-            value,
-            key=message.key(),
-            headers=message.headers(),
-            on_delivery=lambda err, msg: failed.append(err) if err else None,
+            joey.log_topic, joey.log(records, values), key=records[0].key(), on_delivery=delivered
         )
     # At-least-once, as in Joey: outputs acknowledged before the input offsets are committed.
     if producer.flush(30) or failed:
@@ -121,6 +200,13 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batch-delay-ms", type=float, default=5)
+    parser.add_argument(
+        "--joey-bytes", action="store_true", help="write Joey's output shape and batched logs"
+    )
+    parser.add_argument(
+        "--log-topic", default="", help="with --joey-bytes: where the batch's log record goes"
+    )
+    parser.add_argument("--log-bytes-per-record", type=int, default=340, help="with --joey-bytes")
     parser.add_argument("--dev-timeouts", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
 

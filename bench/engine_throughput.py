@@ -48,7 +48,7 @@ from psycopg import sql
 
 from joey.client import Client, ModelVersion, Pipeline
 from joey_cli.broker import EmbeddedBroker
-from joey_core import db
+from joey_core import db, topics
 from joey_core.kafka import TopicSpec, admin_client, ensure_topics
 from joey_core.settings import CommonSettings
 from joey_core.topics import pipeline_topics
@@ -61,9 +61,12 @@ from measure import (  # noqa: E402
     Background,
     Collected,
     Collector,
+    CpuSampler,
     Feeder,
     Load,
+    Roles,
     Sample,
+    descendants,
     drain_sample,
     live_sample,
     median,
@@ -76,6 +79,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 WORKSPACE = "default"
 PIPELINE = "bench"
 SCENARIOS = ("drain", "flood", "paced")
+SYSTEMS = ("baseline", "baseline-same-bytes", "joey")
 WARMUP_RECORDS = 500
 SAMPLE_EVERY = 997
 """Every this many records, the output value is kept to check both systems computed the same labels."""
@@ -143,6 +147,8 @@ class System(ABC):
     name: str
     inputs = outputs = ""
     errors: tuple[str, ...] = ()
+    logs: tuple[str, ...] = ()
+    """Topics of the system's log records, whose bytes per input the collector counts."""
 
     @abstractmethod
     def prepare(self, run: str, running: bool) -> None:
@@ -164,22 +170,39 @@ class System(ABC):
     def label(self, value: bytes) -> int:
         """The predicted label in one output record."""
 
+    @abstractmethod
+    def roles(self) -> Roles:
+        """The system's processes whose CPU is measured: ``own`` (what runs the records) and any other."""
+
+
+def pids_of(process: Process | None) -> list[int]:
+    return [] if process is None or process.process is None else [process.process.pid]
+
 
 class Baseline(System):
-    name = "baseline"
+    """bench/baseline.py; with ``joey_bytes`` (the ``baseline-same-bytes`` system), writing Joey's bytes."""
 
     def __init__(
-        self, args: argparse.Namespace, settings: CommonSettings, model: Path, log_dir: Path
+        self,
+        args: argparse.Namespace,
+        settings: CommonSettings,
+        model: Path,
+        log_dir: Path,
+        joey_bytes: bool = False,
     ) -> None:
         self.args = args
         self.settings = settings
         self.model = model
         self.log_dir = log_dir
+        self.joey_bytes = joey_bytes
+        self.name = "baseline-same-bytes" if joey_bytes else "baseline"
         self.process: Process | None = None
 
     def prepare(self, run: str, running: bool) -> None:
-        self.inputs, self.outputs = f"bench.baseline.{run}.inputs", f"bench.baseline.{run}.outputs"
-        specs = [TopicSpec(t, self.args.partitions) for t in (self.inputs, self.outputs)]
+        prefix = f"bench.{self.name}.{run}"
+        self.inputs, self.outputs = f"{prefix}.inputs", f"{prefix}.outputs"
+        self.logs: tuple[str, ...] = (f"{prefix}.logs",) if self.joey_bytes else ()
+        specs = [TopicSpec(t, self.args.partitions) for t in (self.inputs, self.outputs, *self.logs)]
         ensure_topics(admin_client(self.settings), specs)
         args = self.args
         argv = [
@@ -189,13 +212,19 @@ class Baseline(System):
             f"--model={self.model}",
             f"--input-topic={self.inputs}",
             f"--output-topic={self.outputs}",
-            f"--group=bench.baseline.{run}",
+            f"--group={prefix}",
             f"--partitions={args.partitions}",
             f"--replicas={args.replicas}",
             f"--batch-size={args.batch_size}",
             f"--batch-delay-ms={args.batch_delay_ms}",
         ]
-        self.process = Process(f"baseline-{run}", argv, {}, self.log_dir)
+        if self.joey_bytes:
+            argv += [
+                "--joey-bytes",
+                f"--log-topic={self.logs[0]}",
+                f"--log-bytes-per-record={args.log_bytes}",
+            ]
+        self.process = Process(f"{self.name}-{run}", argv, {}, self.log_dir)
         if running:
             self.start()
             # baseline.py prints READY once its group owns every partition.
@@ -220,7 +249,11 @@ class Baseline(System):
             self.process.check()
 
     def label(self, value: bytes) -> int:
-        return int(json.loads(value)["label"])
+        decoded = json.loads(value)
+        return int(decoded["out"]["label"] if self.joey_bytes else decoded["label"])
+
+    def roles(self) -> Roles:
+        return {"own": lambda: pids_of(self.process)}
 
 
 class Joey(System):
@@ -230,6 +263,7 @@ class Joey(System):
     """
 
     name = "joey"
+    logs = (topics.LOGS,)
 
     def __init__(
         self, args: argparse.Namespace, client: Client, model: ModelVersion, engine: Process
@@ -265,21 +299,40 @@ class Joey(System):
     def label(self, value: bytes) -> int:
         return int(json.loads(value)["out"]["label"])
 
+    def roles(self) -> Roles:
+        # The replicas are child processes of the engine (and whatever they start); the engine's own
+        # process supervises them. Looked up again at most every half second, since scanning /proc costs.
+        found: list[int] = []
+        looked = [-math.inf]
+
+        def replicas() -> list[int]:
+            if time.monotonic() - looked[0] > 0.5:
+                found[:] = [p for pid in pids_of(self.engine) for p in descendants(pid)]
+                looked[0] = time.monotonic()
+            return found
+
+        return {"own": replicas, "engine": lambda: pids_of(self.engine)}
+
 
 class Bench:
     def __init__(
-        self, args: argparse.Namespace, settings: CommonSettings, rows: list[dict[str, Any]]
+        self, args: argparse.Namespace, settings: CommonSettings, rows: list[dict[str, Any]], broker: int
     ) -> None:
         self.args = args
         self.settings = settings
+        self.broker = broker
         self.feeder = Feeder(settings)
         self.rows = rows
         self.samples: dict[tuple[str, str], list[Sample]] = {}
         self.labels: dict[str, dict[int, int]] = {}
 
-    def collect(self, system: System, count: int, produce: Callable[[Load], None]) -> tuple[Load, Collected]:
+    def collect(
+        self, system: System, count: int, produce: Callable[[Load], None]
+    ) -> tuple[Load, Collected, CpuSampler]:
         load = Load.of(f"{system.name}-{secrets.token_hex(4)}", self.rows, count)
-        collector = Collector(self.settings, [system.outputs], system.errors)
+        collector = Collector(self.settings, [system.outputs], system.errors, system.logs)
+        # "bench": this process, whose collector reads every output back during the drain.
+        cpu = CpuSampler({**system.roles(), "broker": lambda: [self.broker], "bench": lambda: [os.getpid()]})
         try:
             expected, keep = set(load.ids), frozenset(load.ids[::SAMPLE_EVERY])
             timeout = self.args.timeout + count / 200
@@ -287,6 +340,7 @@ class Bench:
             produce(load)
             collected = background.result()
         finally:
+            cpu.stop()
             collector.close()
         if collected.errors:
             rid, value = next(iter(collected.errors.items()))
@@ -296,7 +350,7 @@ class Bench:
         labels = self.labels.setdefault(system.name, {})
         for rid, value in collected.samples.items():
             labels[load.ids.index(rid) % len(self.rows)] = system.label(value)
-        return load, collected
+        return load, collected, cpu
 
     def run(self, system: System, scenario: str, rep: int) -> None:
         args = self.args
@@ -308,26 +362,30 @@ class Bench:
                     self.feeder.flood(system.inputs, load)
                     system.start()
 
-                load, collected = self.collect(system, args.records, preload_then_start)
-                sample = drain_sample(load, collected)
+                load, collected, cpu = self.collect(system, args.records, preload_then_start)
+                sample = drain_sample(load, collected, cpu)
             else:
                 # A round trip first, so connections and fetch sessions are warm.
                 self.collect(system, WARMUP_RECORDS, lambda load: self.feeder.flood(system.inputs, load))
                 if scenario == "flood":
-                    load, collected = self.collect(
+                    load, collected, _ = self.collect(
                         system, args.records, lambda load: self.feeder.flood(system.inputs, load)
                     )
                 else:
                     count = math.ceil(args.rate * args.paced_seconds)
-                    load, collected = self.collect(
+                    load, collected, _ = self.collect(
                         system, count, lambda load: self.feeder.paced(system.inputs, load, args.rate)
                     )
                 sample = live_sample(load, collected)
         finally:
             system.finish()
         self.samples.setdefault((system.name, scenario), []).append(sample)
-        latency = "" if scenario == "drain" else f"  p50 {sample.p50_ms:8.1f} ms  p99 {sample.p99_ms:8.1f} ms"
-        print(f"  {system.name:8} {scenario:6} {sample.throughput:10,.0f} records/s{latency}", flush=True)
+        if scenario == "drain":
+            spent = "  ".join(f"{role} {us:5.1f}" for role, us in sample.cpu_us.items())
+            extra = f"  CPU µs/record: {spent}"
+        else:
+            extra = f"  p50 {sample.p50_ms:8.1f} ms  p99 {sample.p99_ms:8.1f} ms"
+        print(f"  {system.name:19} {scenario:6} {sample.throughput:10,.0f} records/s{extra}", flush=True)
 
 
 @contextmanager
@@ -412,15 +470,17 @@ def start_joey(
 
 
 def report(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
-    systems = [name for name in ("baseline", "joey") if (name, "drain") in bench.samples]
+    names = {system for system, _ in bench.samples}
+    systems = [name for name in SYSTEMS if name in names]
+    others = [s for s in systems if s != "baseline"] if "baseline" in systems else []
     medians = {key: median(samples) for key, samples in bench.samples.items()}
     print(
         f"\nMedian of {args.repeats} repetitions; {args.records:,} records per drain/flood run, "
         f"paced at {args.rate:,.0f} records/s for {args.paced_seconds:.0f} s"
     )
-    header = f"{'scenario':8} {'metric':12}" + "".join(f"{s:>12}" for s in systems)
-    if len(systems) == 2:
-        header += f"{'joey/base':>12}"
+    width = max(12, *(len(s) + 1 for s in systems))
+    header = f"{'scenario':8} {'metric':12}" + "".join(f"{s:>{width}}" for s in systems)
+    header += "".join(f"{s + '/base':>{width + 5}}" for s in others)
     print(header)
     print("-" * len(header))
     metrics = {
@@ -430,30 +490,62 @@ def report(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     }
     titles = {"throughput": "records/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms"}
     for scenario, fields in metrics.items():
-        if (systems[0], scenario) not in medians:
+        if any((s, scenario) not in medians for s in systems):
             continue
         for field_name in fields:
-            values = [getattr(medians[(s, scenario)], field_name) for s in systems]
-            fmt = "{:>12,.0f}" if field_name == "throughput" else "{:>12.1f}"
-            line = f"{scenario:8} {titles[field_name]:12}" + "".join(fmt.format(v) for v in values)
-            if len(systems) == 2:
-                line += f"{values[1] / values[0]:>12.2f}"
+            values = {s: getattr(medians[(s, scenario)], field_name) for s in systems}
+            spec = ",.0f" if field_name == "throughput" else ".1f"
+            line = f"{scenario:8} {titles[field_name]:12}" + "".join(
+                format(values[s], f">{width}{spec}") for s in systems
+            )
+            line += "".join(f"{values[s] / values['baseline']:>{width + 5}.2f}" for s in others)
             print(line)
-    if len(systems) == 2:
-        a, b = bench.labels["baseline"], bench.labels["joey"]
+    drain_table(bench, systems)
+    for name in others:
+        a, b = bench.labels["baseline"], bench.labels[name]
         common = set(a) & set(b)
         agree = sum(a[i] == b[i] for i in common)
-        print(f"\nlabels agree on {agree} of {len(common)} sampled records")
+        print(f"labels of {name} agree with the baseline's on {agree} of {len(common)} sampled records")
 
-    def plain(sample: Sample) -> dict[str, float | None]:
+    def plain(sample: Sample) -> dict[str, object]:
         # A drain run has no latency (NaN), which JSON cannot hold.
-        return {k: None if math.isnan(v) else v for k, v in asdict(sample).items()}
+        def number(v: float) -> float | None:
+            return None if math.isnan(v) else v
+
+        return {
+            k: {r: number(us) for r, us in v.items()} if isinstance(v, dict) else number(v)
+            for k, v in asdict(sample).items()
+        }
 
     return {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "samples": {f"{s}/{c}": [plain(x) for x in xs] for (s, c), xs in bench.samples.items()},
         "median": {f"{s}/{c}": plain(x) for (s, c), x in medians.items()},
     }
+
+
+def drain_table(bench: Bench, systems: list[str]) -> None:
+    """Per drain: bytes written per input and CPU µs per record of each process group, over the span
+    from the first output to the last; medians of the repetitions, each column on its own."""
+    drains = {s: bench.samples[(s, "drain")] for s in systems if (s, "drain") in bench.samples}
+    if not drains:
+        return
+    roles = ("own", "engine", "broker", "bench", "machine")
+    print(
+        "\ndrain: bytes per input written (outputs, logs) and CPU µs per record over the drain"
+        "\n(own: the loop process, or Joey's replica processes; engine: Joey's supervising process;"
+        "\n broker: the embedded broker; bench: this process, reading the outputs back;"
+        "\n machine: all cores, everything on the machine, other users' work included)"
+    )
+    header = f"{'system':20}{'records/s':>10}{'out B':>8}{'log B':>8}" + "".join(f"{r:>9}" for r in roles)
+    header += f"{'per rep records/s':>30}"
+    print(header)
+    print("-" * len(header))
+    for system, samples in drains.items():
+        m = median(samples)
+        cpu = "".join(f"{m.cpu_us[r]:>9.1f}" if r in m.cpu_us else f"{'-':>9}" for r in roles)
+        reps = " / ".join(f"{x.throughput:,.0f}" for x in samples)
+        print(f"{system:20}{m.throughput:>10,.0f}{m.output_bytes:>8.0f}{m.log_bytes:>8.0f}{cpu}{reps:>30}")
 
 
 def interrupt(signum: int, frame: object) -> None:
@@ -475,7 +567,15 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4, help="partitions of the input and output topics")
     parser.add_argument("--rate", type=float, default=1000, help="records/s of the paced run")
     parser.add_argument("--paced-seconds", type=float, default=10)
-    parser.add_argument("--systems", default="baseline,joey", help="comma-separated subset of baseline,joey")
+    parser.add_argument(
+        "--systems", default="baseline,joey", help="comma-separated subset of " + ",".join(SYSTEMS)
+    )
+    parser.add_argument(
+        "--log-bytes",
+        type=int,
+        default=340,
+        help='log bytes per input of baseline-same-bytes: Joey\'s, as its "log B" column shows',
+    )
     parser.add_argument("--logger", action="store_true", help="also run `joey serve logger`, as deployed")
     parser.add_argument("--timeout", type=float, default=120, help="extra seconds allowed per run")
     parser.add_argument("--json", type=Path, help="write every sample and the medians here")
@@ -484,6 +584,8 @@ def main() -> None:
     if args.replicas > args.partitions:
         parser.error("--replicas cannot exceed --partitions")
     chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if unknown := set(chosen) - set(SYSTEMS):
+        parser.error(f"unknown systems {sorted(unknown)}: choose among {', '.join(SYSTEMS)}")
 
     # SIGTERM unwinds like Ctrl-C, so every child process and scratch resource is cleaned up.
     signal.signal(signal.SIGTERM, interrupt)
@@ -513,14 +615,16 @@ def main() -> None:
         settings = CommonSettings(**{k.removeprefix("JOEY_").lower(): v for k, v in env.items()})
         model = train_and_export(work / "iris.onnx")
         rows = make_records(10_000, seed=1)
-        bench = Bench(args, settings, rows)
+        assert broker.process is not None
+        bench = Bench(args, settings, rows, broker.process.pid)
         stack.callback(bench.feeder.close)
 
         systems: list[System] = []
-        if "baseline" in chosen:
-            baseline = Baseline(args, settings, model, logs)
-            stack.callback(baseline.finish)
-            systems.append(baseline)
+        for joey_bytes, name in ((False, "baseline"), (True, "baseline-same-bytes")):
+            if name in chosen:
+                baseline = Baseline(args, settings, model, logs, joey_bytes)
+                stack.callback(baseline.finish)
+                systems.append(baseline)
         if "joey" in chosen:
             systems.append(start_joey(args, settings, env, model, stack, logs))
 

@@ -11,8 +11,12 @@ is the bare request/reply over Kafka the synchronous doors are compared with.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import json
 import logging
+import math
+import os
 import statistics
 import threading
 import time
@@ -110,6 +114,15 @@ class Collected:
     arrived_at: dict[str, float]
     errors: dict[str, bytes]
     samples: dict[str, bytes]
+    output_bytes: int = 0
+    """Bytes (value, key, headers) of the outputs counted in ``arrived_at``."""
+    log_bytes: int = 0
+    """Bytes of the log records keyed by a request id of the run (a log batch is keyed by its first)."""
+
+
+def record_bytes(message: Any) -> int:
+    key, value = message.key() or b"", message.value() or b""
+    return len(key) + len(value) + sum(len(k) + len(v or b"") for k, v in message.headers() or ())
 
 
 class Collector:
@@ -119,8 +132,19 @@ class Collector:
     or redeliveries are told apart by request id.
     """
 
-    def __init__(self, settings: CommonSettings, outputs: Iterable[str], errors: Iterable[str]) -> None:
+    LOG_QUIET_SECONDS = 1.0
+    """After the last output, log records are still counted until none came for this long: a log
+    record is produced with its batch's outputs, but may be read back just after them."""
+
+    def __init__(
+        self,
+        settings: CommonSettings,
+        outputs: Iterable[str],
+        errors: Iterable[str],
+        logs: Iterable[str] = (),
+    ) -> None:
         self._errors = set(errors)
+        self._logs = set(logs)
         self._consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
@@ -130,7 +154,7 @@ class Collector:
                 "enable.partition.eof": False,
             }
         )
-        names = [*outputs, *self._errors]
+        names = [*outputs, *self._errors, *self._logs]
         metadata = self._consumer.list_topics(timeout=10)
         missing = [n for n in names if n not in metadata.topics]
         if missing:
@@ -150,7 +174,14 @@ class Collector:
         result = Collected({}, {}, {})
         deadline = time.monotonic() + timeout
         next_check = 0.0
-        while len(result.arrived_at) + len(result.errors) < len(expected):
+        prefix = next(iter(expected)).rsplit("-", 1)[0].encode() + b"-" if expected else b""
+        last_log = time.monotonic()
+
+        def done() -> bool:
+            answered = len(result.arrived_at) + len(result.errors) >= len(expected)
+            return answered and (not self._logs or time.monotonic() - last_log > self.LOG_QUIET_SECONDS)
+
+        while not done():
             clock = time.monotonic()
             if clock > deadline:
                 raise TimeoutError(
@@ -166,6 +197,11 @@ class Collector:
             batch = [first, *self._consumer.consume(10_000, 0)]
             now = time.perf_counter()
             for message in kafka.usable(batch, log):
+                if message.topic() in self._logs:
+                    if (message.key() or b"").startswith(prefix):
+                        result.log_bytes += record_bytes(message)
+                        last_log = time.monotonic()
+                    continue
                 rid = next(
                     (v.decode() for k, v in message.headers() or () if k == REQUEST_ID_HEADER and v), None
                 )
@@ -175,6 +211,7 @@ class Collector:
                     result.errors[rid] = message.value()
                 else:
                     result.arrived_at[rid] = now
+                    result.output_bytes += record_bytes(message)
                     if rid in keep:
                         result.samples[rid] = message.value()
         return result
@@ -207,6 +244,98 @@ class Background:
         return self._result
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, theirs, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle, over all cores."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / CLOCK_TICKS
+
+
+Roles = dict[str, Callable[[], list[int]]]
+"""Named groups of processes whose CPU is sampled: each a function giving the group's pids now."""
+
+
+class CpuSampler:
+    """Samples the cumulative CPU seconds of process groups every ``interval`` s during a run, so
+    the CPU spent between two instants (a drain's first and last output) is read by interpolation.
+
+    A group's pids are looked up at each sample (a replica process starts after the run does); its
+    figure is the sum over the pids alive then, so a group must not lose a process within the span.
+    """
+
+    MACHINE = "machine"
+
+    def __init__(self, roles: Roles, interval: float = 0.05) -> None:
+        self._roles = roles
+        self._interval = interval
+        self._times: list[float] = []
+        self._values: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        values = {name: sum(map(cpu_seconds, pids())) for name, pids in self._roles.items()}
+        values[self.MACHINE] = machine_busy_seconds()
+        self._times.append(time.perf_counter())
+        self._values.append(values)
+
+    def _run(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self._interval):
+                self._sample()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _at(self, t: float, role: str) -> float:
+        i = min(max(bisect.bisect_left(self._times, t), 1), len(self._times) - 1)
+        t0, t1 = self._times[i - 1], self._times[i]
+        v0, v1 = self._values[i - 1].get(role, 0.0), self._values[i].get(role, 0.0)
+        return v0 + (v1 - v0) * (min(max(t, t0), t1) - t0) / (t1 - t0)
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds of each group (and of the machine) from ``start`` to ``end`` (perf_counter)."""
+        return {role: self._at(end, role) - self._at(start, role) for role in self._values[-1]}
+
+
 @dataclass(frozen=True)
 class Sample:
     """One measured run."""
@@ -215,6 +344,12 @@ class Sample:
     """Records per second."""
     p50_ms: float
     p99_ms: float
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    """CPU µs per record of each sampled process group (and ``machine``: all cores) over the span."""
+    output_bytes: float = math.nan
+    """Bytes per output record."""
+    log_bytes: float = math.nan
+    """Log bytes per input."""
 
 
 def latencies_ms(load: Load, collected: Collected) -> np.ndarray:
@@ -230,23 +365,36 @@ def live_sample(load: Load, collected: Collected) -> Sample:
     return Sample(len(load.ids) / span, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)))
 
 
-def drain_sample(load: Load, collected: Collected) -> Sample:
+def drain_sample(load: Load, collected: Collected, cpu: CpuSampler | None = None) -> Sample:
     """Records were waiting before the system started: throughput from the first output to the last.
 
     Latency here is dominated by the time the records waited for the system to start, so
-    only throughput is meaningful.
+    only throughput is meaningful. With ``cpu``, each group's CPU over that span per record.
     """
     arrivals = collected.arrived_at.values()
-    span = max(arrivals) - min(arrivals)
-    return Sample(len(load.ids) / span if span > 0 else float("inf"), float("nan"), float("nan"))
+    start, end = min(arrivals), max(arrivals)
+    span = end - start
+    count = len(load.ids)
+    spent = cpu.between(start, end) if cpu is not None else {}
+    return Sample(
+        count / span if span > 0 else float("inf"),
+        float("nan"),
+        float("nan"),
+        {role: seconds * 1e6 / count for role, seconds in spent.items()},
+        collected.output_bytes / max(len(collected.arrived_at), 1),
+        collected.log_bytes / count,
+    )
 
 
 def median(samples: Sequence[Sample]) -> Sample:
-    return Sample(
-        statistics.median(s.throughput for s in samples),
-        statistics.median(s.p50_ms for s in samples),
-        statistics.median(s.p99_ms for s in samples),
-    )
+    numbers = {
+        f.name: statistics.median(getattr(s, f.name) for s in samples)
+        for f in dataclasses.fields(Sample)
+        if f.name != "cpu_us"
+    }
+    roles = {role for s in samples for role in s.cpu_us}
+    cpu = {role: statistics.median(s.cpu_us.get(role, math.nan) for s in samples) for role in roles}
+    return Sample(cpu_us=cpu, **numbers)
 
 
 def log_record(workspace: str, pipeline: str, offset: int, at: datetime, inputs: str) -> dict[str, Any]:
