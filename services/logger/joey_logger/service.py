@@ -7,13 +7,15 @@ Order of a batch, which is what makes it at-least-once without doubles:
    micro-batch of the engine, an old ``joey.v1.InferenceLog`` record one row); an undecodable
    record is set aside whole for the dead-letter topic;
 3. the sink writes the rows as they are decoded, ``batch_size`` per transaction (idempotently: a row whose
-   identity exists is skipped); if the sink refuses a transaction's data, its rows are bisected
+   identity exists is skipped), on a thread of its own, one transaction at a time and in order, while
+   the next transaction's rows are decoded (the database's share of a write overlaps the decoding);
+   if the sink refuses a transaction's data, its rows are bisected
    until the refused rows are alone, and they are set aside too (with the database's reason),
    each as a ``joey.v1.InferenceLog`` record of its own: the other rows of its batch record are stored;
 4. the set-aside records are produced to ``joey.logs.dead-letter`` with a reason header,
    flushed and delivery-checked;
-5. only then are the batch's offsets committed, synchronously: a record's offset only once every
-   one of its rows is stored or dead-lettered.
+5. only then (every write of the batch finished) are the batch's offsets committed, synchronously:
+   a record's offset only once every one of its rows is stored or dead-lettered.
 
 Commit policy: best effort (``CommitPolicy.BEST_EFFORT``): the rows are durable before the commit, so
 a refused commit only replays the batch into no-ops.
@@ -42,6 +44,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -153,6 +156,8 @@ class LoggerService:
         self._joined = False
         self._resume_at: float | None = None
         self._records_wanted = settings.batch_size
+        # One thread: the sink's transactions stay one at a time, in the rows' order.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logger-sink")
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; the batch in hand is finished and committed first."""
@@ -179,6 +184,7 @@ class LoggerService:
             log.info("logger %s stopping", self._settings.instance_id)
             consumer.close()
             producer.flush(5)
+            self._writer.shutdown()
             self._sink.close()
             self._heartbeat.retire()
 
@@ -204,20 +210,27 @@ class LoggerService:
         rejected: list[DeadLetter] = []
         written = duplicates = count = 0
         size = self._settings.batch_size
+        writing: Future[tuple[WriteResult, list[DeadLetter]]] | None = None
+
+        def written_so_far() -> None:
+            """Wait for the write in progress (RetryLater if the sink was unavailable)."""
+            nonlocal written, duplicates, writing
+            if writing is None:
+                return
+            done, writing = writing, None
+            result, refused = done.result()
+            written, duplicates = written + result.written, duplicates + result.duplicates
+            rejected.extend(refused)
 
         def write(chunk: list[Row]) -> None:
-            nonlocal written, duplicates, count
-            result, refused = self._write(chunk)
-            written, duplicates, count = (
-                written + result.written,
-                duplicates + result.duplicates,
-                count + len(chunk),
-            )
-            rejected.extend(refused)
+            nonlocal count, writing
+            written_so_far()
+            writing = self._writer.submit(self._write, chunk)
+            count += len(chunk)
 
         try:
             # Rows are written as soon as a transaction's worth is decoded: only that many are held
-            # decoded at once, whatever the records consumed hold.
+            # decoded at once beside the ones being written, whatever the records consumed hold.
             for message in batch:
                 decoding = time.perf_counter()
                 try:
@@ -235,6 +248,7 @@ class LoggerService:
                     del rows[:size]
             if rows:
                 write(rows)
+            written_so_far()
             self._dead_letter(producer, dead, rejected)
         except RetryLater as exc:
             self._retry_later(consumer, batch, str(exc))
