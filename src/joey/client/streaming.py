@@ -114,7 +114,7 @@ class PipelineStream:
 
     def __init__(self, settings: CommonSettings, topics: PipelineTopics) -> None:
         self.topics = topics
-        self.reader = ReplyReader(settings, topics)
+        self.reader = ReplyReader(settings, topics, logging.DEBUG)
         defaults = {k: v for k, v in PRODUCER_DEFAULTS.items() if k not in settings.kafka_config}
         self.producer = Producer(producer_config(settings, **defaults))
         # Guards the counts below, and makes "this call alone has records queued" and the purge that
@@ -421,8 +421,8 @@ class Streams:
                 del self._statuses[key]
             gone = [t for t in self._streams if stream(t)]
             dropped = [self._streams.pop(t) for t in gone]
-        for stream in dropped:
-            stream.close("the pipeline is being deleted")
+        for dropped_stream in dropped:
+            dropped_stream.close("the pipeline is being deleted")
 
     def after_call(self, name: str, request: Any) -> None:
         """What a registry call ``name`` changes here: a pipeline deployed, undeployed or rolled back is
