@@ -129,8 +129,13 @@ class ReplyReader:
     Raise LookupError when the pipeline's topics do not exist.
     """
 
-    def __init__(self, settings: CommonSettings, topics: PipelineTopics) -> None:
+    def __init__(
+        self, settings: CommonSettings, topics: PipelineTopics, error_level: int = logging.WARNING
+    ) -> None:
+        """``error_level``: how routine consumer errors (a broker reconnecting) are logged; the SDK
+        logs them at DEBUG, so that a user's notebook is not filled with what librdkafka recovers from."""
         self.topics = topics
+        self._error_level = error_level
         self._consumer: Consumer = reply_consumer(settings, topics)
         self._waiting: dict[str, Call] = {}
         self._lock = threading.Lock()
@@ -157,7 +162,7 @@ class ReplyReader:
                 if first is None:
                     continue
                 batch = [first, *self._consumer.consume(num_messages=1000, timeout=0)]
-                for message in kafka.usable(batch, log):
+                for message in kafka.usable(batch, log, self._error_level):
                     request_id = header_value(message.headers(), REQUEST_ID_HEADER)  # type: ignore[arg-type]
                     if request_id is None:
                         continue

@@ -83,7 +83,7 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
             options=[("grpc.max_receive_message_length", 64 << 20)],
         )
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
-        self.streams = Streams(self.settings, status_cache_s)
+        self.streams = Streams(self.settings, status_cache_s, self.settings.stream_idle_s)
         # At exit too (or when the client is collected): readers and producers stop, without hanging.
         self._close_streams = weakref.finalize(self, self.streams.close)
 
@@ -122,6 +122,7 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
 
     def call(self, name: str, request: Any, timeout: float = 60.0, *, anonymous: bool = False) -> Any:
         """Call registry RPC ``name``; ``anonymous`` sends no token (only Login needs none)."""
+        self.streams.before_call(name, request)
         try:
             return self._call(getattr(self._stub, name), request, timeout, anonymous)
         finally:

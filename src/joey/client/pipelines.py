@@ -629,7 +629,7 @@ class Pipeline:
         status = self._deployed_status()
         total, chunks = self._record_chunks(data, (status.deployment_id, status.pipeline_version))
         try:
-            replies = streams.stream(self.topics).infer_chunks(chunks, total, timeout, progress)
+            replies = streams.infer_chunks(self.topics, chunks, total, timeout, progress)
         except BaseException:
             streams.forget_status(key)  # a timeout or a failure: the deployment may have changed
             raise

@@ -37,10 +37,14 @@ T = TypeVar("T")
 Progress = Callable[[int, int], None]
 """Called with (answered, total) as replies arrive."""
 
-DELIVERY_TIMEOUT_S = 120.0
-"""How long the producer tries to deliver a record (librdkafka's message.timeout.ms). Longer than a call's
-default sending time (60 s), so that a record still queued when that is up is purged (known never to
-have left) rather than timed out (which a record in flight also is)."""
+MAX_TIMEOUT_S = 3600.0
+"""The longest ``timeout`` a call takes (InputError past it): a call's sending time must end before any of
+its records' delivery can time out."""
+
+DELIVERY_TIMEOUT_S = MAX_TIMEOUT_S + 60
+"""How long the producer tries to deliver a record (librdkafka's message.timeout.ms). Longer than any
+call's sending time, so that a record still queued when that is up is purged (known never to have left)
+rather than timed out (which a record in flight also is)."""
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     # Latency first: a lone record leaves at once; records queued while a request is in flight still
@@ -58,10 +62,14 @@ _WAKE_S = 0.1
 
 class InferenceTimeout(TimeoutError):
     """Not every record was answered in time. ``replies`` has one entry per record, in order: its reply
-    (a failed one for a record that was not sent), or None for a record sent and not answered yet (which
-    may still reach the pipeline: look for its ``request_ids`` entry in the pipeline's logs)."""
+    (a failed one for a record that was not sent), or None for a record sent and not answered yet.
+    ``request_ids`` are the records' ids, in order; ``unsent`` the positions of the records known never
+    to have left (safe to send again), ``pending`` those that may have reached the pipeline (sent, or
+    their delivery unknown) and are not answered: sending them again may process them twice."""
 
-    def __init__(self, replies: list[Reply | None], timeout: float, request_ids: list[str]) -> None:
+    def __init__(
+        self, replies: list[Reply | None], timeout: float, request_ids: list[str], unsent: set[str]
+    ) -> None:
         answered = sum(r is not None for r in replies)
         super().__init__(
             f"{answered} of {len(replies)} records answered within {timeout:.0f}s; "
@@ -71,6 +79,8 @@ class InferenceTimeout(TimeoutError):
         self.total = len(replies)
         self.replies = replies
         self.request_ids = request_ids
+        self.unsent = [i for i, r in enumerate(request_ids) if r in unsent]
+        self.pending = [i for i, reply in enumerate(replies) if reply is None]
 
 
 def check_rows(rows: Sequence[Any]) -> None:
@@ -84,10 +94,17 @@ def check_rows(rows: Sequence[Any]) -> None:
 
 
 class _Sending:
-    """One call's records that the producer has not reported on yet."""
+    """One call's records that the producer has not reported on yet, and those known never to have left."""
 
     def __init__(self) -> None:
         self.unreported = 0
+        self.unsent: set[str] = set()
+        self.waiting = True
+        """False once the call returned: its records still queued no longer keep other calls from purging."""
+
+
+class _Retired(Exception):
+    """The stream was closed as idle before this call began: nothing was sent, the caller takes a new one."""
 
 
 class PipelineStream:
@@ -97,13 +114,18 @@ class PipelineStream:
 
     def __init__(self, settings: CommonSettings, topics: PipelineTopics) -> None:
         self.topics = topics
-        self.reader = ReplyReader(settings, topics)
+        self.reader = ReplyReader(settings, topics, logging.DEBUG)
         defaults = {k: v for k, v in PRODUCER_DEFAULTS.items() if k not in settings.kafka_config}
         self.producer = Producer(producer_config(settings, **defaults))
         # Guards the counts below, and makes "this call alone has records queued" and the purge that
         # follows one step that no other call's produce can come between.
         self._lock = threading.Lock()
         self._unreported = 0
+        """Records of calls still waiting that the producer has not reported on."""
+        self._calls = 0
+        self._idle_since = time.monotonic()
+        self._closed: str | None = None
+        """Why calls are refused, once closed."""
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"deliveries-{topics.inputs}", daemon=True)
         self._poller.start()
@@ -116,6 +138,20 @@ class PipelineStream:
     @property
     def alive(self) -> bool:
         return self.reader.alive and self._poller.is_alive()
+
+    def retire_if_idle(self, idle_s: float) -> bool:
+        """Refuse new calls (True) when no call is running and none ran for ``idle_s``; :meth:`close`
+        follows. An idle stream holds its reader's assignments (see docs/reliability.md) and threads."""
+        with self._lock:
+            if self._closed is None and self._calls == 0 and time.monotonic() - self._idle_since >= idle_s:
+                self._closed = "retired"
+            return self._closed == "retired"
+
+    def _check_open(self) -> None:
+        if self._closed == "retired":
+            raise _Retired
+        if self._closed is not None:
+            raise JoeyError("FAILED_PRECONDITION", self._closed)
 
     def infer(
         self, rows: Sequence[dict[str, Any] | bytes], timeout: float = 60.0, progress: Progress | None = None
@@ -145,11 +181,16 @@ class PipelineStream:
         (Rows still queued when the time is up are purged only when no other call on this stream has
         records queued: a purge takes the whole queue. Otherwise they are waited for, like rows in flight.)
         """
+        if timeout > MAX_TIMEOUT_S:
+            raise InputError(f"timeout is {timeout:.0f}s, more than the {MAX_TIMEOUT_S:.0f}s a call may take")
         request_ids = [uuid.uuid4().hex for _ in range(total)]
         call = Call(request_ids)
         if not request_ids:
             return []
         sending = _Sending()
+        with self._lock:
+            self._check_open()
+            self._calls += 1
         shown = [-1]
 
         def report() -> None:
@@ -165,6 +206,7 @@ class PipelineStream:
                 request_id = next(ids)
                 if not self._produce(call, sending, request_id, row, sending_until):
                     for unsent in [request_id, *ids]:
+                        sending.unsent.add(unsent)
                         call.deliver(
                             not_sent(unsent, "the producer's queue stayed full (is the broker reachable?)")
                         )
@@ -174,9 +216,16 @@ class PipelineStream:
             if not self._wait(call, sending_until, report, until_reported=sending):
                 self._purge_if_alone(sending)
             if not self._wait(call, time.monotonic() + timeout, report):
-                raise InferenceTimeout([call.replies.get(r) for r in request_ids], timeout, request_ids)
+                raise InferenceTimeout(
+                    [call.replies.get(r) for r in request_ids], timeout, request_ids, sending.unsent
+                )
         finally:
             self.reader.forget(call)
+            with self._lock:
+                self._calls -= 1
+                self._idle_since = time.monotonic()
+                sending.waiting = False
+                self._unreported -= sending.unreported
         report()
         return [call.replies[request_id] for request_id in request_ids]
 
@@ -188,14 +237,17 @@ class PipelineStream:
         def delivered(err: KafkaError | None, _: Any) -> None:
             with self._lock:
                 sending.unreported -= 1
-                self._unreported -= 1
+                if sending.waiting:
+                    self._unreported -= 1
             # A row whose delivery timed out may have reached the pipeline unacknowledged: it stays
             # pending, so the reply of a record the pipeline did process is not hidden by a failure.
             if err is not None and err.code() != KafkaError._MSG_TIMED_OUT:  # noqa: SLF001 (librdkafka's local codes)
+                sending.unsent.add(request_id)
                 call.deliver(not_sent(request_id, str(err)))
 
         while True:
             with self._lock:
+                self._check_open()
                 try:
                     self.producer.produce(
                         self.topics.inputs,
@@ -207,6 +259,7 @@ class PipelineStream:
                 except BufferError:
                     pass
                 except KafkaException as exc:  # refused at once: too large, a fatal producer
+                    sending.unsent.add(request_id)
                     call.deliver(not_sent(request_id, str(exc.args[0])))
                     return True
                 else:
@@ -224,6 +277,8 @@ class PipelineStream:
         also stop (False) as soon as the producer has reported on every row of the call."""
         while not call.done.wait(max(min(until - time.monotonic(), _WAKE_S), 0)):
             report()
+            if self._closed is not None:
+                raise JoeyError("FAILED_PRECONDITION", self._closed)
             if not self.reader.alive:
                 raise JoeyError(
                     "UNAVAILABLE",
@@ -235,7 +290,8 @@ class PipelineStream:
         return True
 
     def _purge_if_alone(self, sending: _Sending) -> None:
-        """Fail the call's rows still queued as not sent, by purging the queue, when they are all it holds."""
+        """Fail the call's rows still queued as not sent, by purging the queue, when no other waiting call
+        has rows queued (the queue may also hold rows of calls that gave up: they would only arrive late)."""
         with self._lock:
             alone = 0 < sending.unreported == self._unreported
             if alone:
@@ -246,7 +302,11 @@ class PipelineStream:
             while sending.unreported and time.monotonic() < deadline:
                 self.producer.poll(_WAKE_S)
 
-    def close(self) -> None:
+    def close(self, reason: str = "this client is closed: make a new joey.Client to infer") -> None:
+        """Stop the reader and producer; calls running or made after this raise JoeyError(``reason``)."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = reason
         self.reader.close()
         self._stop.set()
         self._poller.join(5)
@@ -256,30 +316,74 @@ class PipelineStream:
 
 
 class Streams:
-    """A client's streams, one per pipeline, made on the first call and replaced when one stopped; and
-    the last deployment status each pipeline's calls saw, kept for ``status_cache_s``."""
+    """A client's streams, one per pipeline, made on the first call, replaced when one stopped and closed
+    once idle for ``idle_s``; and the last deployment status each pipeline's calls saw, kept for
+    ``status_cache_s``."""
 
-    def __init__(self, settings: CommonSettings, status_cache_s: float) -> None:
+    def __init__(self, settings: CommonSettings, status_cache_s: float, idle_s: float = 30.0) -> None:
         self._settings = settings
         self._status_cache_s = status_cache_s
+        self._idle_s = idle_s
         self._streams: dict[PipelineTopics, PipelineStream] = {}
         self._statuses: dict[tuple[str, str], tuple[float, Any]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise JoeyError("FAILED_PRECONDITION", "this client is closed: make a new joey.Client to infer")
 
     def stream(self, topics: PipelineTopics) -> PipelineStream:
         with self._lock:
-            if self._closed:
-                raise JoeyError(
-                    "FAILED_PRECONDITION", "this client is closed: make a new joey.Client to infer"
-                )
+            self._refuse_if_closed()
             stream = self._streams.get(topics)
-            if stream is None or not stream.alive:
-                if stream is not None:
-                    log.warning("the stream of %s stopped: starting a new one", topics.inputs)
-                    stream.close()
-                stream = self._streams[topics] = PipelineStream(self._settings, topics)
-            return stream
+            if stream is not None and stream.alive:
+                return stream
+        # Made (and a stopped one closed) outside the lock: a slow pipeline stalls no other's calls.
+        if stream is not None:
+            log.warning("the stream of %s stopped: starting a new one", topics.inputs)
+        made = PipelineStream(self._settings, topics)
+        with self._lock:
+            current = self._streams.get(topics)
+            if self._closed or (current is not None and current is not stream and current.alive):
+                spare = made  # closed meanwhile, or another thread made one first
+            else:
+                spare, self._streams[topics] = None, made
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, name="idle-streams", daemon=True)
+                    self._reaper.start()
+        for old in (stream, spare):
+            if old is not None:
+                old.close()
+        with self._lock:
+            self._refuse_if_closed()
+            return self._streams[topics]
+
+    def infer_chunks(
+        self,
+        topics: PipelineTopics,
+        chunks: Iterable[Sequence[dict[str, Any] | bytes]],
+        total: int,
+        timeout: float,
+        progress: Progress | None,
+    ) -> list[Reply]:
+        """:meth:`PipelineStream.infer_chunks` on the pipeline's stream, a new one if it was just retired."""
+        while True:
+            try:
+                return self.stream(topics).infer_chunks(chunks, total, timeout, progress)
+            except _Retired:
+                continue
+
+    def _reap(self) -> None:
+        # Closes streams nobody used for idle_s: their readers let go of the pipelines' topics.
+        while not self._stop.wait(min(max(self._idle_s / 4, 0.05), 5.0)):
+            with self._lock:
+                idle = [t for t, s in self._streams.items() if s.retire_if_idle(self._idle_s)]
+                retired = [self._streams.pop(t) for t in idle]
+            for stream in retired:
+                stream.close()
 
     def status(self, key: tuple[str, str], fetch: Callable[[], T], keep: Callable[[T], bool]) -> T:
         """The status of pipeline ``key`` (workspace, name) fetched at most ``status_cache_s`` ago; a
@@ -299,17 +403,34 @@ class Streams:
         with self._lock:
             self._statuses.pop(key, None)
 
+    def before_call(self, name: str, request: Any) -> None:
+        """A pipeline (or workspace) about to be deleted loses its streams first: a reader assigned to
+        topics being deleted can crash the process (librdkafka; see docs/reliability.md)."""
+        if name == "DeletePipeline":
+            key = (request.workspace, request.name)
+            self._drop(lambda k: k == key, lambda t: t == pipeline_topics(*key))
+        elif name == "DeleteWorkspace":
+            prefix = pipeline_topics(request.name, "").inputs.removesuffix(".inputs")
+            self._drop(lambda k: k[0] == request.name, lambda t: t.inputs.startswith(prefix))
+
+    def _drop(
+        self, status: Callable[[tuple[str, str]], bool], stream: Callable[[PipelineTopics], bool]
+    ) -> None:
+        with self._lock:
+            for key in [k for k in self._statuses if status(k)]:
+                del self._statuses[key]
+            gone = [t for t in self._streams if stream(t)]
+            dropped = [self._streams.pop(t) for t in gone]
+        for dropped_stream in dropped:
+            dropped_stream.close("the pipeline is being deleted")
+
     def after_call(self, name: str, request: Any) -> None:
         """What a registry call ``name`` changes here: a pipeline deployed, undeployed or rolled back is
-        asked for its status again; a deleted one also loses its stream (its topics go with it)."""
+        asked for its status again (as is a deleted one, should a call re-create it)."""
         if name in ("Deploy", "Undeploy", "Rollback"):
             self.forget_status((request.workspace, request.pipeline))
-        elif name == "DeletePipeline":
-            self.forget_status((request.workspace, request.name))
-            with self._lock:
-                stream = self._streams.pop(pipeline_topics(request.workspace, request.name), None)
-            if stream is not None:
-                stream.close()
+        elif name in ("DeletePipeline", "DeleteWorkspace"):
+            self.before_call(name, request)
 
     def close(self) -> None:
         """Close every stream; a second close does nothing. Calls after it raise JoeyError."""
@@ -317,8 +438,12 @@ class Streams:
             self._closed = True
             streams = list(self._streams.values())
             self._streams.clear()
+            reaper = self._reaper
+        self._stop.set()
         for stream in streams:
             stream.close()
+        if reaper is not None and reaper is not threading.current_thread():
+            reaper.join(5)
 
 
 def streams_of(client: RegistryCaller) -> Streams:

@@ -220,7 +220,7 @@ class TimingOutOnce(Counting):
         if len(self.sent) == self.call:
             self.sent.append(len(data))
             self.timed_out += [f"timed-out-{i}" for i in range(len(data))]
-            raise InferenceTimeout([None] * len(data), timeout, self.timed_out[-len(data) :])
+            raise InferenceTimeout([None] * len(data), timeout, self.timed_out[-len(data) :], set())
         return super().infer(data, timeout, progress)
 
 
@@ -352,7 +352,7 @@ class Unanswered(Counting):
                 },
             ),
         ]
-        raise InferenceTimeout(replies, timeout, self.ids)
+        raise InferenceTimeout(replies, timeout, self.ids, set())
 
 
 @pytest.mark.parametrize("retry_timed_out", [False, True])

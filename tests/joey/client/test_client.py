@@ -5,6 +5,7 @@ asked once per ``status_cache_s``, not on every call."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -19,8 +20,10 @@ import pytest
 
 from joey.client import Client, JoeyError, Pipeline
 from joey.client.pipelines import INFER_CHUNK_ROWS
+from joey_core import kafka, topics
 from joey_core.settings import CommonSettings
-from tests.conftest import Stack
+from joey_core.v1 import registry_pb2 as pb
+from tests.conftest import Stack, wait_until
 from train_model import make_records
 
 PIPELINE = "client-streams"
@@ -179,3 +182,71 @@ def test_undeploy_and_deploy_again_from_the_client_are_seen_at_once(
         result = pipeline.infer(records, timeout=60)
         assert result["error"].isna().all(), result["error"].tolist()
         assert features(result) == [r["features"] for r in records]
+
+
+class OrderClient(Client):
+    """A client noting, as each DeletePipeline leaves for the registry, whether a stream of that
+    pipeline was still open (closing it then, so that a failure of this test cannot crash pytest)."""
+
+    open_at_delete: list[bool]
+
+    def _call(self, fn: Any, request: Any, timeout: float, anonymous: bool = False) -> Any:
+        if isinstance(request, pb.DeletePipelineRequest):
+            held = self.streams._streams.get(topics.pipeline_topics(request.workspace, request.name))  # noqa: SLF001
+            self.open_at_delete.append(held is not None and held.alive)
+            if held is not None:
+                held.close()
+        return super()._call(fn, request, timeout, anonymous)
+
+
+def test_a_pipeline_deleted_from_its_client_loses_its_stream_before_the_registry_deletes_its_topics(
+    deployed: Pipeline, settings: CommonSettings
+) -> None:
+    # A reader assigned to topics while they are deleted can crash the process (librdkafka, see
+    # docs/reliability.md): the client lets go of them first.
+    name = f"deleted-{secrets.token_hex(3)}"
+    with OrderClient(settings=settings) as client:
+        client.open_at_delete = []
+        pipeline = client.build_pipeline(name).add_model_step(PIPELINE)  # the model of ``deployed``
+        pipeline.create()
+        kafka.ensure_topics(
+            kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, "default", name)
+        )
+        stream = client.streams.stream(pipeline.topics)
+        pipeline.delete()
+        assert client.open_at_delete == [False]
+        assert not stream.alive
+
+
+def test_a_workspace_deleted_from_the_client_loses_its_streams_and_statuses_first(
+    stack: Stack, settings: CommonSettings
+) -> None:
+    workspace = f"gone-{secrets.token_hex(3)}"
+    kept = topics.pipeline_topics("default", f"{workspace}-kept")
+    admin = kafka.admin_client(settings)
+    for ws, name in ((workspace, "a"), (workspace, "b"), ("default", f"{workspace}-kept")):
+        kafka.ensure_topics(admin, kafka.pipeline_topic_specs(settings, ws, name))
+    with Client(settings=settings) as client:
+        streams = [client.streams.stream(topics.pipeline_topics(workspace, n)) for n in ("a", "b")]
+        other = client.streams.stream(kept)
+        client.streams.status((workspace, "a"), lambda: "deployed", keep=lambda _: True)
+        client.streams.before_call("DeleteWorkspace", pb.DeleteWorkspaceRequest(name=workspace))
+        assert [s.alive for s in streams] == [False, False]
+        assert other.alive and client.streams.stream(kept) is other
+        assert (
+            client.streams.status((workspace, "a"), lambda: "asked again", keep=lambda _: True)
+            == "asked again"
+        )
+
+
+def test_a_stream_idle_for_stream_idle_s_is_closed_and_the_next_call_opens_another(
+    stack: Stack, settings: CommonSettings
+) -> None:
+    name = f"idle-{secrets.token_hex(3)}"
+    names = topics.pipeline_topics("default", name)
+    kafka.ensure_topics(kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, "default", name))
+    with Client(settings=settings.model_copy(update={"stream_idle_s": 0.2})) as client:
+        stream = client.streams.stream(names)
+        wait_until(lambda: not stream.alive, 30, "the idle stream to close")
+        again = client.streams.stream(names)
+        assert again is not stream and again.alive

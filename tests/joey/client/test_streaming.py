@@ -15,10 +15,14 @@ import pandas as pd
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
+from joey.client.calls import JoeyError
+from joey.client.inputs import InputError
 from joey.client.pipelines import replies_to_frame
-from joey.client.streaming import InferenceTimeout, PipelineStream
+from joey.client.streaming import MAX_TIMEOUT_S, InferenceTimeout, PipelineStream
 from joey_core import kafka, records, topics
+from joey_core.replies import failed_reply
 from joey_core.settings import CommonSettings
+from tests.conftest import wait_until
 
 WORKSPACE = "streaming"
 BROKEN = {1: b'{"time": "2025-05-01T09:00:00+00:00", "out": {"doub', 2: b"[1, 2]", 3: b'{"in": "\xff"}'}
@@ -203,3 +207,53 @@ def test_rows_still_queued_when_the_time_is_up_fail_as_not_sent(settings: Common
         replies = stream.infer([{"id": 30, "x": 1}, {"id": 31, "x": 2}], timeout=3)
     assert [r.ok for r in replies] == [False, False]
     assert all(r.body["error"].startswith("not sent to the pipeline: ") for r in replies), replies
+
+
+def test_a_call_that_gave_up_does_not_keep_later_calls_from_purging_and_says_what_never_left(
+    settings: CommonSettings,
+) -> None:
+    # Two calls on one stream to an inputs topic that does not exist: their rows stay queued. The first
+    # to give up cannot purge (the other's rows share the queue); its rows are then waited for no more,
+    # so the other call, and any later one, purges its own rows as not sent.
+    pipeline = f"nowhere-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    nowhere = replace(names, inputs=f"joey.{WORKSPACE}.missing-{secrets.token_hex(4)}.inputs")
+    no_topic_creation = settings.model_copy(update={"kafka_config": {"allow.auto.create.topics": False}})
+    with opened(no_topic_creation, nowhere) as stream:
+        longer: list[object] = []
+        thread = threading.Thread(
+            target=lambda: longer.append(stream.infer([{"id": 40}, {"id": 41}], timeout=5))
+        )
+        thread.start()
+        wait_until(lambda: stream._unreported == 2, 10, "the longer call's rows queued")  # noqa: SLF001
+        with pytest.raises(InferenceTimeout) as info:
+            stream.infer([{"id": 42}, {"id": 43}], timeout=1)
+        thread.join(30)
+        later = stream.infer([{"id": 44}], timeout=1)
+    assert (info.value.pending, info.value.unsent, len(info.value.request_ids)) == ([0, 1], [], 2)
+    assert len(longer) == 1 and isinstance(longer[0], list), longer
+    for replies in (longer[0], later):
+        assert all(not r.ok and r.body["error"].startswith("not sent to the pipeline: ") for r in replies)
+
+
+def test_a_timeout_names_the_rows_that_never_left() -> None:
+    replies = [None, failed_reply("b", "not sent to the pipeline: x", "t"), None]
+    timeout = InferenceTimeout(replies, 3, ["a", "b", "c"], {"b"})
+    assert (timeout.request_ids, timeout.unsent, timeout.pending) == (["a", "b", "c"], [1], [0, 2])
+
+
+def test_a_closed_stream_refuses_a_call_clearly_and_a_timeout_past_the_delivery_time_is_refused(
+    settings: CommonSettings,
+) -> None:
+    pipeline = f"closed-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    with opened(settings, names) as stream, pytest.raises(InputError, match="more than the"):
+        stream.infer([{"id": 50}], timeout=MAX_TIMEOUT_S + 1)
+    with pytest.raises(JoeyError, match="client is closed"):
+        stream.infer([{"id": 51}], timeout=1)
