@@ -296,8 +296,11 @@ class ReplicaWorker:
                 failures.append((sources[i], answer.reason))
         self._retry_s = 0.0
         self._rewinds = 0
-        # Committed offsets are read by no owner again: their notes go with the next batch's round trip.
-        self._notes.end(sources, later=self._commit(consumer, sources))
+        # Notes end at once, committed or not: a deferred removal left notes of answered records behind
+        # whenever the replica then idled, stopped or lost the partition, and their next reader (the
+        # offsets lost, or a pipeline of the same name) took them for a crash and dead-lettered them.
+        self._commit(consumer, sources)
+        self._notes.end(sources)
         if failures:
             source, reason = failures[0]
             self._log.warning(
