@@ -253,8 +253,10 @@ class LoggerService:
         except RetryLater as exc:
             self._retry_later(consumer, batch, str(exc))
             return
-        # Consume about batch_size rows next time, whichever format the topic holds.
-        self._records_wanted = max(1, size * len(batch) // max(1, count))
+        # Consume about batch_size rows next time, whichever format the topic holds; never more records
+        # than batch_size (a poll of undecodable records yields no rows, and must not make the next poll
+        # unbounded: the consumer refuses over a million, which stopped the logger).
+        self._records_wanted = min(size, max(1, size * len(batch) // max(1, count)))
         stored = time.perf_counter()
         self._commit(consumer, batch)
         metrics.STAGE_SECONDS.labels("commit").inc(time.perf_counter() - stored)
