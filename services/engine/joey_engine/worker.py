@@ -10,8 +10,8 @@ Anything not committed is processed again by the partition's next owner: at leas
 
 A batch whose records the broker did not acknowledge is not committed: what was still queued is purged,
 the partitions are rewound to the batch and it runs again after a backoff, in the same replica. Before a
-batch runs, its offsets are noted in Redis (:mod:`joey_engine.attempts`; one round trip per batch, which
-also removes the notes of the batch before once its offsets were committed): a replica that stops
+batch runs, its offsets are noted in Redis (:mod:`joey_engine.attempts`) and the notes end once it is
+answered: a replica that stops
 mid-batch leaves them behind, and the next owner runs those records one at a time, dead-lettering one that was
 tried ``max_record_attempts`` times.
 """
