@@ -82,6 +82,10 @@ _WIDE_NUMBER = re.compile(rb"[0-9]{19}")
 """A run of digits that may be an integer beyond 64 bits, which orjson turns into a float (json does not)."""
 
 
+_DEEP_BRACKETS = 500
+"""Below the depth json refuses in any caller's stack, so orjson decides only what json would accept."""
+
+
 def _loads(value: bytes) -> Any:
     """``json.loads(value)``, decided by orjson (ten times faster) where both decide alike.
 
@@ -89,8 +93,10 @@ def _loads(value: bytes) -> Any:
     escapes, UTF-16/32 and a byte order mark, nesting deeper than 1024): those go to json, which keeps
     its decision and its reasons. It reads an integer beyond 64 bits as a float, where json keeps the
     integer (refused later as out of range): text with 19 digits in a row goes to json too. Duplicate
-    keys: both keep the last (checked after, for both)."""
-    if _WIDE_NUMBER.search(value) is None:
+    keys: both keep the last (checked after, for both). json's depth limit is the interpreter's recursion
+    limit less the stack in use (about 1000 at most), lower than orjson's: text with as many brackets as
+    :data:`_DEEP_BRACKETS` (a cheap bound on its depth) goes to json, which then decides alone."""
+    if value.count(b"[") + value.count(b"{") < _DEEP_BRACKETS and _WIDE_NUMBER.search(value) is None:
         try:
             return orjson.loads(value)
         except orjson.JSONDecodeError:

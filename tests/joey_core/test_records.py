@@ -122,6 +122,8 @@ def test_corrupt_log_records_raise_only_record_errors() -> None:
     ("raw", "reason"),
     [
         (b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "record is not valid JSON: nested too deeply"),
+        # Deeper than json takes, shallower than orjson's 1024: refused as json refuses it.
+        (b'{"x":' + b"[" * 1010 + b"]" * 1010 + b"}", "record is not valid JSON: nested too deeply"),
         (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "record is not valid JSON: nested too deeply"),
         (b'{"x": ' + b"9" * 5000 + b"}", "record is not valid JSON: Exceeds the limit"),
         (b'{"x": 1, "x": 2}', "record has the key 'x' more than once in one object"),
