@@ -302,8 +302,12 @@ def decode_log_entries(
                 f"entry {i} of a log batch of {batch['workspace']}/{batch['pipeline']} is of "
                 f"{bounded_text(entry['workspace'], 100)}/{bounded_text(entry['pipeline'], 100)}"
             )
-        if entry["time"] > batch["latest"]:
-            raise RecordError(f"entry {i} of a log batch is later than the batch's latest time")
+    # Watermarks come from `latest` alone: a batch whose latest time is not its latest entry's could move
+    # them past rows still to come (later) or keep them back (earlier).
+    if batch["latest"] != max(entry["time"] for entry in entries):
+        raise RecordError(
+            f"a log batch's latest time {batch['latest'].isoformat()} is not the time of its latest entry"
+        )
     return entries
 
 

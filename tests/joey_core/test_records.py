@@ -226,7 +226,16 @@ def _raw_batch(workspace: str, pipeline: str, latest: datetime, entries: list[di
             BATCH_HEADERS,
             "is of default/p",
         ),
-        (_raw_batch("default", "p", datetime(2020, 1, 1, tzinfo=UTC), [log()]), BATCH_HEADERS, "later than"),
+        (
+            _raw_batch("default", "p", datetime(2020, 1, 1, tzinfo=UTC), [log()]),
+            BATCH_HEADERS,
+            "not the time",
+        ),
+        (
+            _raw_batch("default", "p", datetime(2030, 1, 1, tzinfo=UTC), [log()]),
+            BATCH_HEADERS,
+            "not the time",
+        ),
         (_raw_batch("default", "p", datetime(2030, 1, 1, tzinfo=UTC), []), BATCH_HEADERS, "without entries"),
         (b"", BATCH_HEADERS, "empty record"),
         (b"\x02a\x02b", BATCH_HEADERS, "not an Avro joey.v1.InferenceLogBatch"),
