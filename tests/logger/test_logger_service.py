@@ -200,6 +200,7 @@ def test_a_batch_record_is_one_row_per_entry_and_a_refused_entry_is_dead_lettere
     alone = ConsumedRecord.of(found[letter]).headers
     assert header_value(alone, CONTENT_TYPE_HEADER) == LOG_CONTENT_TYPE
     assert header_value(alone, ENTRY_HEADER) == "5"
+    assert found[letter].key() == refused["request_id"].encode()  # its own id, not its batch's first entry's
     assert "rejected by the postgres sink" in (header_value(alone, REASON_HEADER) or "")
     whole = ConsumedRecord.of(found[undecodable]).headers
     assert header_value(whole, CONTENT_TYPE_HEADER) == LOG_BATCH_CONTENT_TYPE

@@ -118,11 +118,12 @@ class DeadLetter:
     reason: str
     value: bytes | None
     headers: Headers
+    key: bytes | None
     position: int | None = None
 
     @classmethod
     def whole(cls, source: ConsumedRecord, reason: str) -> DeadLetter:
-        return cls(source, reason, source.value, source.headers)
+        return cls(source, reason, source.value, source.headers, source.key)
 
     @classmethod
     def of_row(cls, row: Row, reason: str) -> DeadLetter:
@@ -132,7 +133,9 @@ class DeadLetter:
             return cls.whole(row.source, reason)
         others = [(k, v) for k, v in row.source.headers if k != CONTENT_TYPE_HEADER]
         headers: Headers = [(CONTENT_TYPE_HEADER, LOG_CONTENT_TYPE.encode()), *others]
-        return cls(row.source, reason, encode_log(row.entry), headers, row.position)
+        # Keyed as a record of one row is, by its own request id (its batch's key is its first entry's).
+        key = str(row.entry["request_id"]).encode()
+        return cls(row.source, reason, encode_log(row.entry), headers, key, row.position)
 
     def where(self) -> str:
         entry = "" if self.position is None else f" entry {self.position}"
@@ -341,7 +344,7 @@ class LoggerService:
                 producer.produce(
                     topics.LOGS_DEAD_LETTER,
                     value=value,
-                    key=letter.source.key,
+                    key=letter.key,
                     headers=headers,
                     on_delivery=delivered(letter),
                 )
