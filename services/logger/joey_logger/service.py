@@ -142,6 +142,10 @@ class DeadLetter:
         return f"{self.source.where()}{entry}"
 
 
+ROWS_PER_RECORD_GUESS = 256
+"""Rows of a batch record at the engine's default batch size, for the first poll's size."""
+
+
 class RetryLater(Exception):
     """The batch cannot be finished now; replay it after a pause."""
 
@@ -158,7 +162,9 @@ class LoggerService:
         )
         self._joined = False
         self._resume_at: float | None = None
-        self._records_wanted = settings.batch_size
+        # Until a poll shows how many rows a record holds, assume batch records as engines write them: asking
+        # batch_size of those would take hundreds of batches' rows in one handle and one commit.
+        self._records_wanted = max(1, settings.batch_size // ROWS_PER_RECORD_GUESS)
         # One thread: the sink's transactions stay one at a time, in the rows' order.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logger-sink")
 
