@@ -222,10 +222,21 @@ def refused_for_good(err: KafkaError) -> bool:
     return err.code() in REFUSED_FOR_GOOD_ERRORS
 
 
+FATAL_PRODUCER_ERRORS = frozenset(
+    {
+        KafkaError._FATAL,  # noqa: SLF001 (librdkafka's public codes): what produce() on a failed producer says
+        KafkaError._FENCED,  # noqa: SLF001
+        # Answered to the epoch bump an idempotent producer makes after a purge by the embedded broker:
+        # librdkafka then fails every later record with it and never raises a fatal error of its own.
+        KafkaError.PRODUCER_FENCED,
+    }
+)
+
+
 def is_fatal(err: KafkaError) -> bool:
     """The producer can deliver nothing more (its idempotence state is broken): it must be replaced.
     Told by the code, since a delivery report's ``err.fatal()`` is always false."""
-    return err.fatal() or err.code() == KafkaError._FATAL  # noqa: SLF001
+    return err.fatal() or err.code() in FATAL_PRODUCER_ERRORS
 
 
 class DeliveryError(KafkaException):

@@ -296,6 +296,8 @@ def test_a_delivery_error_names_each_failed_record_and_tells_refused_from_transi
     assert not KafkaError(KafkaError._FATAL).fatal(), "as in a delivery report"  # noqa: SLF001
     assert fatal.fatal
     assert fatal.refused() is None
+    fenced = kafka.DeliveryError([(1, KafkaError(KafkaError.PRODUCER_FENCED))])
+    assert fenced.fatal, "a fenced producer fails every later record: it must be replaced"
 
 
 def test_a_record_produce_refuses_at_once_is_reported_by_flush_with_its_tag(settings: CommonSettings) -> None:

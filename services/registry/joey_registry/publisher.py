@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaException, Producer
 
 from joey_core import topics
-from joey_core.kafka import DeliveryTracker, producer_config
+from joey_core.kafka import DeliveryTracker, is_fatal, producer_config
 from joey_registry import convert
 from joey_registry.domain import DeploymentSpec
 from joey_registry.errors import Unavailable
@@ -59,7 +59,7 @@ class DeploymentPublisher:
                 )
                 tracker.flush(self._producer, self._timeout + _REPORT_MARGIN_S)
             except (KafkaException, BufferError, TimeoutError) as exc:
-                if isinstance(exc, KafkaException) and _fatal(exc.args[0]):
+                if isinstance(exc, KafkaException) and is_fatal(exc.args[0]):
                     # An idempotent producer is dead after a fatal error (e.g. a broker that restarted
                     # empty and no longer knows its producer id): a new one serves the next publish.
                     log.warning("replacing the deployments producer after a fatal error: %s", exc)
@@ -71,8 +71,3 @@ class DeploymentPublisher:
 
     def close(self) -> None:
         self._producer.flush(self._timeout)
-
-
-def _fatal(err: KafkaError) -> bool:
-    # produce() on a producer already failed reports a plain _FATAL error, not flagged fatal itself.
-    return bool(err.fatal()) or err.code() == KafkaError._FATAL  # noqa: SLF001 (librdkafka's public code)

@@ -24,7 +24,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.inputs import InputError
-from joey_core.kafka import PURGE_REPORTS_S, producer_config
+from joey_core.kafka import PURGE_REPORTS_S, is_fatal, producer_config
 from joey_core.records import REQUEST_ID_HEADER, dumps
 from joey_core.replies import Call, Reply, ReplyReader, failed_reply
 from joey_core.settings import CommonSettings
@@ -116,7 +116,12 @@ class PipelineStream:
         self.topics = topics
         self.reader = ReplyReader(settings, topics, logging.DEBUG)
         defaults = {k: v for k, v in PRODUCER_DEFAULTS.items() if k not in settings.kafka_config}
-        self.producer = Producer(producer_config(settings, **defaults))
+        self._producer_config = producer_config(settings, **defaults)
+        self.producer = Producer(self._producer_config)
+        self._spent: list[Producer] = []
+        """Replaced producers whose reports are still due: polled until they have none."""
+        self._failed: Producer | None = None
+        """The producer when it reported a fatal error: the next produce replaces it."""
         # Guards the counts below, and makes "this call alone has records queued" and the purge that
         # follows one step that no other call's produce can come between.
         self._lock = threading.Lock()
@@ -134,6 +139,19 @@ class PipelineStream:
         # Serves delivery reports; a failed one fails its row at once, a call need not wait to learn it.
         while not self._stop.is_set():
             self.producer.poll(_WAKE_S)
+            for spent in list(self._spent):
+                spent.poll(0)
+                if len(spent) == 0:
+                    self._spent.remove(spent)
+
+    def _renew_producer(self, why: str) -> None:
+        """Replace the producer (the lock held); its records still due are reported all the same.
+
+        Done after a purge, as well as after a fatal error: an idempotent producer that purged records
+        bumps its epoch, which the embedded broker answers by fencing it for good."""
+        log.debug("new producer for %s: %s", self.topics.inputs, why)
+        self._spent.append(self.producer)
+        self.producer = Producer(self._producer_config)
 
     @property
     def alive(self) -> bool:
@@ -239,6 +257,8 @@ class PipelineStream:
                 sending.unreported -= 1
                 if sending.waiting:
                     self._unreported -= 1
+                if err is not None and is_fatal(err) and producer is self.producer:
+                    self._failed = producer
             # A row whose delivery timed out may have reached the pipeline unacknowledged: it stays
             # pending, so the reply of a record the pipeline did process is not hidden by a failure.
             if err is not None and err.code() != KafkaError._MSG_TIMED_OUT:  # noqa: SLF001 (librdkafka's local codes)
@@ -248,8 +268,11 @@ class PipelineStream:
         while True:
             with self._lock:
                 self._check_open()
+                if self._failed is self.producer:
+                    self._renew_producer("the last one failed for good")
+                producer = self.producer
                 try:
-                    self.producer.produce(
+                    producer.produce(
                         self.topics.inputs,
                         value,
                         key,
@@ -259,6 +282,8 @@ class PipelineStream:
                 except BufferError:
                     pass
                 except KafkaException as exc:  # refused at once: too large, a fatal producer
+                    if is_fatal(exc.args[0]):
+                        self._failed = producer
                     sending.unsent.add(request_id)
                     call.deliver(not_sent(request_id, str(exc.args[0])))
                     return True
@@ -268,7 +293,7 @@ class PipelineStream:
                     return True
             if time.monotonic() >= until:
                 return False
-            self.producer.poll(_WAKE_S)  # serves delivery reports, which frees room in the queue
+            producer.poll(_WAKE_S)  # serves delivery reports, which frees room in the queue
 
     def _wait(
         self, call: Call, until: float, report: Callable[[], None], until_reported: _Sending | None = None
@@ -295,12 +320,14 @@ class PipelineStream:
         with self._lock:
             alone = 0 < sending.unreported == self._unreported
             if alone:
-                self.producer.purge(in_queue=True, in_flight=False)
+                purged = self.producer
+                purged.purge(in_queue=True, in_flight=False)
+                self._renew_producer("the last one purged its queue")
         if alone:
             # The purged rows' reports (_PURGE_QUEUE) fail them; served by the poller, soon.
             deadline = time.monotonic() + PURGE_REPORTS_S
             while sending.unreported and time.monotonic() < deadline:
-                self.producer.poll(_WAKE_S)
+                purged.poll(_WAKE_S)
 
     def close(self, reason: str = "this client is closed: make a new joey.Client to infer") -> None:
         """Stop the reader and producer; calls running or made after this raise JoeyError(``reason``)."""
@@ -311,8 +338,9 @@ class PipelineStream:
         self._stop.set()
         self._poller.join(5)
         # Whatever is still queued belongs to calls that gave up: it would only reach the pipeline late.
-        self.producer.purge(in_queue=True, in_flight=False)
-        self.producer.flush(PURGE_REPORTS_S)
+        for producer in [self.producer, *self._spent]:
+            producer.purge(in_queue=True, in_flight=False)
+            producer.flush(PURGE_REPORTS_S)
 
 
 class Streams:

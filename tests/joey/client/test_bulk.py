@@ -61,7 +61,8 @@ def counting(iris: Pipeline) -> Counting:
 def same_results(result: pd.DataFrame | pa.Table, expected: pd.DataFrame) -> None:
     """``result`` has the columns, inputs, outputs and errors of ``expected``, row for row."""
     frame = result.to_pandas() if isinstance(result, pa.Table) else result
-    assert list(frame.columns) == list(expected.columns)
+    errors = values(frame["error"]) if "error" in frame else None
+    assert list(frame.columns) == list(expected.columns), f"errors: {errors}"
     assert [list(v) for v in frame["in.features"]] == [list(v) for v in expected["in.features"]]
     assert values(frame["out.label"]) == values(expected["out.label"])
     assert values(frame["error"]) == values(expected["error"])

@@ -257,3 +257,32 @@ def test_a_closed_stream_refuses_a_call_clearly_and_a_timeout_past_the_delivery_
         stream.infer([{"id": 50}], timeout=MAX_TIMEOUT_S + 1)
     with pytest.raises(JoeyError, match="client is closed"):
         stream.infer([{"id": 51}], timeout=1)
+
+
+def test_calls_after_a_call_that_purged_its_queue_are_all_answered(settings: CommonSettings) -> None:
+    # A call whose time is up purges the rows it still has queued. An idempotent producer then bumps its
+    # epoch, which the embedded broker answered by fencing it for good: every later call on the stream
+    # failed all its rows as not sent (PRODUCER_FENCED), until the client was closed.
+    pipeline = f"purged-{secrets.token_hex(4)}"
+    names = topics.pipeline_topics(WORKSPACE, pipeline)
+    kafka.ensure_topics(
+        kafka.admin_client(settings), kafka.pipeline_topic_specs(settings, WORKSPACE, pipeline)
+    )
+    purges = 0
+    with stand_in_engine(settings, names) as failures, opened(settings, names) as stream:
+        for round_ in range(6):
+            purges += bool(purged_rows(stream, [{"id": 100 + i, "x": 1.0} for i in range(2000)]))
+            replies = stream.infer([{"id": 3000 + round_, "x": float(round_)}] * 3, timeout=30)
+            assert [r.body.get("error") for r in replies] == [None] * 3, f"after {purges} purges"
+            assert [r.body["out"]["double"] for r in replies] == [2.0 * round_] * 3
+    assert failures == []
+    assert purges >= 3, "rows still queued after 1 ms are purged"
+
+
+def purged_rows(stream: PipelineStream, rows: list[dict[str, object]]) -> list[int]:
+    """The positions of ``rows`` that a call given 1 ms purged from the producer's queue."""
+    try:
+        replies = stream.infer(rows, timeout=0.001)
+    except InferenceTimeout as timeout:
+        return timeout.unsent
+    return [i for i, r in enumerate(replies) if "_PURGE_QUEUE" in r.body.get("error", "")]
