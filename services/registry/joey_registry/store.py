@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from joey_core import db, topics
-from joey_core.models import ModelVersion, TensorSpec, specs_from_json
+from joey_core.models import ModelConfig, ModelVersion, TensorSpec, specs_from_json
 from joey_registry.domain import (
     Autoscale,
     DeletedModel,
@@ -71,7 +71,7 @@ class LogSlice:
 
 
 _MODEL_VERSION_COLUMNS = """
-    m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at
+    m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at, v.config
     FROM model_versions v JOIN models m ON m.id = v.model_id
 """
 
@@ -96,6 +96,7 @@ def _model_version(workspace: str, row: DictRow) -> ModelVersion:
         inputs=specs_from_json(row["inputs"]),
         outputs=specs_from_json(row["outputs"]),
         created_at=row["created_at"],
+        config=ModelConfig.from_json(row["config"]),
     )
 
 
@@ -466,7 +467,7 @@ class Store:
             # A model whose versions were deleted one by one is still there (its numbering goes on).
             rows = conn.execute(
                 "SELECT m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, "
-                "v.created_at FROM models m LEFT JOIN model_versions v ON v.model_id = m.id "
+                "v.created_at, v.config FROM models m LEFT JOIN model_versions v ON v.model_id = m.id "
                 "WHERE m.workspace_id = %s AND (%s::text IS NULL OR m.name = %s) ORDER BY m.name, v.version",
                 (ws.id, name, name),
             ).fetchall()
@@ -486,6 +487,19 @@ class Store:
                 (ws.id, name, version, version),
             ).fetchone()
         return _model_version(ws.name, row) if row else None
+
+    def configure_model_version(
+        self, ws: WorkspaceRef, name: str, version: int, config: ModelConfig
+    ) -> ModelVersion | None:
+        """Set a version's config (0 = the latest); None when there is no such version."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "UPDATE model_versions SET config = %s WHERE id = (SELECT v.id FROM model_versions v "
+                "JOIN models m ON m.id = v.model_id WHERE m.workspace_id = %s AND m.name = %s "
+                "AND (v.version = %s OR %s = 0) ORDER BY v.version DESC LIMIT 1) RETURNING version",
+                (Jsonb(config.to_json()), ws.id, name, version, version),
+            ).fetchone()
+        return self.get_model_version(ws, name, row["version"]) if row else None
 
     def model_uses(self, ws: WorkspaceRef, name: str) -> list[ModelVersionUse]:
         with self._conn() as conn:

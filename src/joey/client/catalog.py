@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from joey_core.models import ModelVersion, TensorSpec
+from joey_core.models import ModelConfig, ModelVersion, TensorSpec
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 
@@ -208,8 +208,10 @@ class ModelDescription:
                 f"uploaded {_when(mv.created_at)}",
                 f"    inputs:  {signature(mv.inputs)}",
                 f"    outputs: {signature(mv.outputs)}",
-                f"    used by: {', '.join(map(str, users)) if users else 'no pipeline'}",
             ]
+            if mv.config != ModelConfig():
+                lines.append(f"    config:  {mv.config}")
+            lines.append(f"    used by: {', '.join(map(str, users)) if users else 'no pipeline'}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
