@@ -202,8 +202,8 @@ class Registry:
                     signature.inputs,
                     signature.outputs,
                     store_artifacts,
-                    lineage,
-                    header.artifacts,
+                    lineage=lineage,
+                    files=header.artifacts,
                 )
             except BaseException:
                 # The rows were rolled back; artifacts stored only for them would be orphaned. Under
