@@ -8,7 +8,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -69,7 +69,7 @@ class ModelVersion:
     artifact_bytes: int = 0
 
     @classmethod
-    def from_proto(cls, mv: pb.ModelVersion) -> ModelVersion:
+    def from_proto(cls, mv: pb.ModelVersion) -> Self:
         stamp = mv.created_at
         return cls(
             mv.workspace,
