@@ -205,7 +205,6 @@ def test_artifacts_tags_and_filtered_lists(
     ws = cli_env["JOEY_WORKSPACE"]
     client = Client(settings=settings, workspace=ws)
     client.create_workspace(ws)
-    client.build_pipeline("unused")  # a handle only
     (tmp_path / "run" / "data").mkdir(parents=True)
     (tmp_path / "run" / "train.ipynb").write_text("{}")
     (tmp_path / "run" / "data" / "sample.csv").write_text("a,b\n1,2\n")
