@@ -436,6 +436,51 @@ def model_get(obj: Context, name: str, version: int | None) -> None:
     echo_table(versions, f"model {name} has no versions")
 
 
+@model.command("configure")
+@click.argument("name")
+@click.option("--version", type=click.IntRange(min=1), help=_VERSION_HELP)
+@click.option(
+    "--batch-config",
+    type=click.Choice(["single", "batched"]),
+    default="batched",
+    show_default=True,
+    help="single: the model runs on one record per call.",
+)
+@click.option(
+    "--max-batch-delay-ms",
+    type=click.IntRange(min=0),
+    help="Longest wait for more records of a batch (default: the engine's JOEY_MAX_BATCH_DELAY_MS).",
+)
+@click.option(
+    "--batch-size-target",
+    type=click.IntRange(min=1),
+    help="Most records in a batch (default: the engine's JOEY_MAX_BATCH_SIZE).",
+)
+@click.pass_obj
+def model_configure(
+    obj: Context,
+    name: str,
+    version: int | None,
+    batch_config: str,
+    max_batch_delay_ms: int | None,
+    batch_size_target: int | None,
+) -> None:
+    """Set how the engine runs model NAME (its latest version by default).
+
+    Each call sets the whole config; pipeline versions created after it use it (the next deploy)."""
+    try:
+        mv = obj.client.configure_model(
+            name,
+            version,
+            "single" if batch_config == "single" else None,
+            max_batch_delay_ms,
+            batch_size_target,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(f"model {mv.name} version {mv.version}: {mv.config}")
+
+
 @model.command("describe")
 @click.argument("name")
 @click.option("--version", type=click.IntRange(min=1), help=_VERSION_HELP)

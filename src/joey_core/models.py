@@ -46,6 +46,71 @@ def specs_from_json(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_json(item) for item in items)
 
 
+BATCH_CONFIGS = ("single",)
+"""Batch configs other than the default (batches): ``single`` runs the model one record per call."""
+MAX_BATCH_DELAY_MS = 60_000
+MAX_BATCH_SIZE_TARGET = 100_000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How the engine runs a model version (Wallaroo's ``model.configure``); None takes the engine's
+    setting. A replica forms one batch for all the steps of its pipeline, so it waits at most the least
+    ``max_batch_delay_ms`` and takes at most the least ``batch_size_target`` of them; a ``single``
+    step then runs the model on each record of the batch alone."""
+
+    batch_config: str | None = None
+    max_batch_delay_ms: int | None = None
+    batch_size_target: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_config is not None and self.batch_config not in BATCH_CONFIGS:
+            raise ValueError(
+                f"batch_config is {self.batch_config!r}: use 'single' (one record per call) or None (batches)"
+            )
+        _check_range("max_batch_delay_ms", self.max_batch_delay_ms, 0, MAX_BATCH_DELAY_MS)
+        _check_range("batch_size_target", self.batch_size_target, 1, MAX_BATCH_SIZE_TARGET)
+
+    @property
+    def single(self) -> bool:
+        return self.batch_config == "single"
+
+    def __str__(self) -> str:
+        """``batch_config=single, max_batch_delay_ms=2``; ``engine defaults`` when nothing is set."""
+        return ", ".join(f"{k}={v}" for k, v in self.to_json().items()) or "engine defaults"
+
+    @classmethod
+    def from_proto(cls, config: pb.ModelConfig) -> ModelConfig:
+        """Raise ValueError naming the field that is out of range."""
+        return cls(
+            config.batch_config or None,
+            config.max_batch_delay_ms if config.HasField("max_batch_delay_ms") else None,
+            config.batch_size_target if config.HasField("batch_size_target") else None,
+        )
+
+    def to_proto(self) -> pb.ModelConfig:
+        return pb.ModelConfig(
+            batch_config=self.batch_config or "",
+            max_batch_delay_ms=self.max_batch_delay_ms,
+            batch_size_target=self.batch_size_target,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Only the fields set: a step of a model never configured stores (and compares) as before."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(**data)
+
+
+def _check_range(name: str, value: int | None, low: int, high: int) -> None:
+    if value is not None and not (
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    ):
+        raise ValueError(f"{name} is {value!r}: it must be an integer from {low} to {high}, or None")
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """One upload of a model under its name."""
@@ -59,6 +124,7 @@ class ModelVersion:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     created_at: datetime | None
+    config: ModelConfig = ModelConfig()
     # Lineage, and the extra files the version carries (listed by ListModelArtifacts).
     description: str = ""
     source: str = ""
@@ -81,6 +147,7 @@ class ModelVersion:
             specs_from_proto(mv.inputs),
             specs_from_proto(mv.outputs),
             stamp.ToDatetime(tzinfo=UTC) if stamp.seconds or stamp.nanos else None,
+            ModelConfig.from_proto(mv.config),
             mv.description,
             mv.source,
             json.loads(mv.metadata_json) if mv.metadata_json else {},
@@ -102,6 +169,7 @@ class ModelVersion:
             inputs=[s.to_proto() for s in self.inputs],
             outputs=[s.to_proto() for s in self.outputs],
             created_at=created,
+            config=self.config.to_proto(),
             description=self.description,
             source=self.source,
             metadata_json=json.dumps(self.metadata, sort_keys=True),

@@ -116,6 +116,14 @@ RULES: dict[str, Rule] = {
         IN_WORKSPACE,
         lambda s, w, r: s.GetModelVersion(pb.GetModelVersionRequest(workspace=w.workspace, name=w.model)),
     ),
+    "ConfigureModel": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.ConfigureModel(
+            pb.ConfigureModelRequest(
+                workspace=w.workspace, name=w.model, config=pb.ModelConfig(max_batch_delay_ms=1)
+            )
+        ),
+    ),
     "DownloadArtifact": (
         ARTIFACT,
         lambda s, w, r: list(

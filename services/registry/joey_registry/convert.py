@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from joey_core.models import ArtifactFile, specs_from_proto
+from joey_core.models import ArtifactFile, ModelConfig, specs_from_proto
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry import domain
@@ -127,6 +127,13 @@ def _step_ref(step: pb.ModelStep) -> domain.StepRef:
     )
 
 
+def model_config(config: pb.ModelConfig) -> ModelConfig:
+    try:
+        return ModelConfig.from_proto(config)
+    except ValueError as exc:
+        raise InvalidArgument(f"model config: {exc}") from None
+
+
 def resolved_step(step: domain.Step) -> pb.ResolvedStep:
     if isinstance(step, domain.ValidationsStep):
         return pb.ResolvedStep(checks=dict(step.checks))
@@ -150,6 +157,7 @@ def resolved_step(step: domain.Step) -> pb.ResolvedStep:
         inputs=[s.to_proto() for s in step.inputs],
         outputs=[s.to_proto() for s in step.outputs],
         input_mapping=dict(step.input_mapping),
+        config=step.config.to_proto(),
     )
 
 

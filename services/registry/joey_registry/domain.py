@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from joey_core.models import ArtifactFile, ModelVersion, TensorSpec, specs_from_json
+from joey_core.models import ArtifactFile, ModelConfig, ModelVersion, TensorSpec, specs_from_json
 from joey_core.topics import PipelineTopics
 
 
@@ -143,10 +143,11 @@ class ResolvedStep:
     outputs: tuple[TensorSpec, ...]
     # Only inputs fed from another name: an identity entry would make an equal pipeline differ.
     input_mapping: InputMapping = ()
+    config: ModelConfig = ModelConfig()
 
     @classmethod
     def of(cls, mv: ModelVersion) -> ResolvedStep:
-        return cls(mv.name, mv.version, mv.sha256, mv.framework, mv.inputs, mv.outputs)
+        return cls(mv.name, mv.version, mv.sha256, mv.framework, mv.inputs, mv.outputs, config=mv.config)
 
     def source(self, input_name: str) -> str:
         """The name this model's input is fed from."""
@@ -165,6 +166,8 @@ class ResolvedStep:
         }
         if self.input_mapping:
             data["input_mapping"] = dict(self.input_mapping)
+        if config := self.config.to_json():
+            data["config"] = config
         return data
 
     @classmethod
@@ -177,6 +180,7 @@ class ResolvedStep:
             inputs=specs_from_json(data["inputs"]),
             outputs=specs_from_json(data["outputs"]),
             input_mapping=input_mapping(data.get("input_mapping", {})),
+            config=ModelConfig.from_json(data.get("config", {})),
         )
 
 

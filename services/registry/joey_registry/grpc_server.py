@@ -290,6 +290,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         version = self.registry.get_model_version(caller, request.workspace, request.name, request.version)
         return version.to_proto()
 
+    @_audited
+    def ConfigureModel(self, request: pb.ConfigureModelRequest, caller: Caller) -> pb.ModelVersion:
+        config = convert.model_config(request.config)
+        version = self.registry.configure_model(
+            caller, request.workspace, request.name, request.version, config
+        )
+        return version.to_proto()
+
     @_read
     def DownloadArtifact(
         self, request: pb.DownloadArtifactRequest, caller: Caller

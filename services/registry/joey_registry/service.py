@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey_core import heartbeats, kafka, topics
-from joey_core.models import ArtifactFile, ModelVersion
+from joey_core.models import ArtifactFile, ModelConfig, ModelVersion
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
@@ -348,6 +348,19 @@ class Registry:
     def get_model_version(self, caller: Caller, workspace: str, name: str, version: int) -> ModelVersion:
         ws = self.access.authorize(caller, workspace, Action.READ)
         return self._model_version(ws, name, version)
+
+    def configure_model(
+        self, caller: Caller, workspace: str, name: str, version: int, config: ModelConfig
+    ) -> ModelVersion:
+        """Set how the engine runs a model version (0 = the latest). Pipeline versions keep the config
+        their steps were resolved with: the next one created (a deploy of the current steps) takes it."""
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
+        self._model_version(ws, name, version)  # NotFound naming the latest version
+        configured = self.store.configure_model_version(ws, name, version, config)
+        if configured is None:  # deleted meanwhile
+            raise NotFound(f"model {name!r} has no version {version} in workspace {ws.name!r}")
+        log.info("configured model %s/%s v%d: %s", ws.name, name, configured.version, config)
+        return configured
 
     def _model_version(self, ws: WorkspaceRef, name: str, version: int) -> ModelVersion:
         found = self.store.get_model_version(ws, name, _non_negative_version(f"model {name!r}", version))

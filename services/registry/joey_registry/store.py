@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from joey_core import db, topics
-from joey_core.models import ArtifactFile, ModelVersion, TensorSpec, specs_from_json
+from joey_core.models import ArtifactFile, ModelConfig, ModelVersion, TensorSpec, specs_from_json
 from joey_registry.domain import (
     Autoscale,
     DeletedModel,
@@ -74,7 +74,7 @@ class LogSlice:
 
 
 _VERSION_FIELDS = """
-    m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at,
+    m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at, v.config,
     v.description, v.source, v.metadata,
     (SELECT count(*) FROM model_artifacts a WHERE a.model_version_id = v.id) AS artifact_count,
     (SELECT coalesce(sum(a.size_bytes), 0) FROM model_artifacts a WHERE a.model_version_id = v.id)
@@ -109,6 +109,7 @@ def _model_version(workspace: str, row: DictRow) -> ModelVersion:
         inputs=specs_from_json(row["inputs"]),
         outputs=specs_from_json(row["outputs"]),
         created_at=row["created_at"],
+        config=ModelConfig.from_json(row["config"]),
         description=row["description"],
         source=row["source"],
         metadata=row["metadata"],
@@ -493,11 +494,11 @@ class Store:
             inputs,
             outputs,
             row["created_at"],
-            lineage.description,
-            lineage.source,
-            lineage.metadata,
-            len(files),
-            sum(f.size_bytes for f in files),
+            description=lineage.description,
+            source=lineage.source,
+            metadata=lineage.metadata,
+            artifact_count=len(files),
+            artifact_bytes=sum(f.size_bytes for f in files),
         )
 
     def list_models(self, ws: WorkspaceRef) -> list[Model]:
@@ -610,6 +611,19 @@ class Store:
                 (ws.id, name, version, version),
             ).fetchone()
         return _model_version(ws.name, row) if row else None
+
+    def configure_model_version(
+        self, ws: WorkspaceRef, name: str, version: int, config: ModelConfig
+    ) -> ModelVersion | None:
+        """Set a version's config (0 = the latest); None when there is no such version."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "UPDATE model_versions SET config = %s WHERE id = (SELECT v.id FROM model_versions v "
+                "JOIN models m ON m.id = v.model_id WHERE m.workspace_id = %s AND m.name = %s "
+                "AND (v.version = %s OR %s = 0) ORDER BY v.version DESC LIMIT 1) RETURNING version",
+                (Jsonb(config.to_json()), ws.id, name, version, version),
+            ).fetchone()
+        return self.get_model_version(ws, name, row["version"]) if row else None
 
     def model_uses(self, ws: WorkspaceRef, name: str) -> list[ModelVersionUse]:
         with self._conn() as conn:

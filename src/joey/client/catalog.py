@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from joey_core.models import ArtifactFile, ModelVersion, TensorSpec
+from joey_core.models import ArtifactFile, ModelConfig, ModelVersion, TensorSpec
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 
@@ -226,8 +226,10 @@ class ModelDescription:
                 f"uploaded {_when(mv.created_at)}",
                 f"    inputs:  {signature(mv.inputs)}",
                 f"    outputs: {signature(mv.outputs)}",
-                f"    used by: {', '.join(map(str, users)) if users else 'no pipeline'}",
             ]
+            if mv.config != ModelConfig():
+                lines.append(f"    config:  {mv.config}")
+            lines.append(f"    used by: {', '.join(map(str, users)) if users else 'no pipeline'}")
             lines += [
                 f"    {label}: {value}"
                 for label, value in (

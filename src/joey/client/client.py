@@ -44,6 +44,7 @@ from joey.client.signatures import Schema, tensor_specs
 from joey.client.streaming import Streams
 from joey.client.workspaces import WorkspaceClientMixin
 from joey_core import tls
+from joey_core.models import ModelConfig
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
@@ -213,6 +214,25 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
 
         # Beyond the registry's defaults: 900 s to arrive (JOEY_UPLOAD_DEADLINE_S), 120 s to check.
         return ModelVersion.bound(self, self._call(self._stub.UploadModel, chunks(), timeout=1080))
+
+    def configure_model(
+        self,
+        name: str,
+        version: int | None = None,
+        batch_config: str | None = None,
+        max_batch_delay_ms: int | None = None,
+        batch_size_target: int | None = None,
+    ) -> ModelVersion:
+        """Set how the engine runs a version of ``name`` (the latest by default), as Wallaroo's
+        ``model.configure``: ``batch_config="single"`` runs the model on one record per call (None:
+        batches); ``max_batch_delay_ms`` and ``batch_size_target`` lower the engine's batching for any
+        pipeline using it (None: the engine's settings). Each call sets the whole config. It applies to
+        pipeline versions created after it: the next ``pipeline.deploy()`` of the current steps."""
+        config = ModelConfig(batch_config, max_batch_delay_ms, batch_size_target)  # ValueError naming a field
+        request = pb.ConfigureModelRequest(
+            workspace=self.workspace, name=name, version=version or 0, config=config.to_proto()
+        )
+        return ModelVersion.bound(self, self.call("ConfigureModel", request))
 
     def get_model(self, name: str, version: int | None = None) -> ModelVersion:
         request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)

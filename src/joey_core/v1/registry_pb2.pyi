@@ -264,6 +264,7 @@ class ModelVersion(_message.Message):
     METADATA_JSON_FIELD_NUMBER: _builtins.int
     ARTIFACT_COUNT_FIELD_NUMBER: _builtins.int
     ARTIFACT_BYTES_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     version: _builtins.int
@@ -284,6 +285,8 @@ class ModelVersion(_message.Message):
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def config(self) -> Global___ModelConfig: ...
     def __init__(
         self,
         *,
@@ -301,14 +304,82 @@ class ModelVersion(_message.Message):
         metadata_json: _builtins.str = ...,
         artifact_count: _builtins.int = ...,
         artifact_bytes: _builtins.int = ...,
+        config: Global___ModelConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_bytes", b"artifact_bytes", "artifact_count", b"artifact_count", "created_at", b"created_at", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_bytes", b"artifact_bytes", "artifact_count", b"artifact_count", "config", b"config", "created_at", b"created_at", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class ModelConfig(_message.Message):
+    """How the engine runs one model version (Wallaroo's model.configure). Unset fields take the engine's
+    settings (JOEY_MAX_BATCH_DELAY_MS, JOEY_MAX_BATCH_SIZE).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_CONFIG_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_DELAY_MS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_TARGET_FIELD_NUMBER: _builtins.int
+    batch_config: _builtins.str
+    """"single": one record per call of the model; "" (default): batches"""
+    max_batch_delay_ms: _builtins.int
+    batch_size_target: _builtins.int
+    def __init__(
+        self,
+        *,
+        batch_config: _builtins.str = ...,
+        max_batch_delay_ms: _builtins.int | None = ...,
+        batch_size_target: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size_target", b"_batch_size_target", "_max_batch_delay_ms", b"_max_batch_delay_ms", "batch_size_target", b"batch_size_target", "max_batch_delay_ms", b"max_batch_delay_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size_target", b"_batch_size_target", "_max_batch_delay_ms", b"_max_batch_delay_ms", "batch_config", b"batch_config", "batch_size_target", b"batch_size_target", "max_batch_delay_ms", b"max_batch_delay_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__batch_size_target: _TypeAlias = _typing.Literal["batch_size_target"]  # noqa: Y015
+    _WhichOneofArgType__batch_size_target: _TypeAlias = _typing.Literal["_batch_size_target", b"_batch_size_target"]  # noqa: Y015
+    _WhichOneofReturnType__max_batch_delay_ms: _TypeAlias = _typing.Literal["max_batch_delay_ms"]  # noqa: Y015
+    _WhichOneofArgType__max_batch_delay_ms: _TypeAlias = _typing.Literal["_max_batch_delay_ms", b"_max_batch_delay_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size_target) -> _WhichOneofReturnType__batch_size_target | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_batch_delay_ms) -> _WhichOneofReturnType__max_batch_delay_ms | None: ...
+
+Global___ModelConfig: _TypeAlias = ModelConfig  # noqa: Y015
+
+@_typing.final
+class ConfigureModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    version: _builtins.int
+    """0 = latest"""
+    @_builtins.property
+    def config(self) -> Global___ModelConfig: ...
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        config: Global___ModelConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigureModelRequest: _TypeAlias = ConfigureModelRequest  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
@@ -829,6 +900,7 @@ class ResolvedStep(_message.Message):
     HASH_KEY_FIELD_NUMBER: _builtins.int
     META_KEY_FIELD_NUMBER: _builtins.int
     ROUTES_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     sha256: _builtins.str
@@ -864,6 +936,10 @@ class ResolvedStep(_message.Message):
     def routes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """key split: value -> model name (one of the arms)"""
 
+    @_builtins.property
+    def config(self) -> Global___ModelConfig:
+        """a model step's, as its model version had it when the step was resolved"""
+
     def __init__(
         self,
         *,
@@ -881,10 +957,11 @@ class ResolvedStep(_message.Message):
         hash_key: _builtins.str = ...,
         meta_key: _builtins.str = ...,
         routes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        config: Global___ModelConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "challengers", b"challengers", "checks", b"checks", "framework", b"framework", "hash_key", b"hash_key", "input_mapping", b"input_mapping", "inputs", b"inputs", "meta_key", b"meta_key", "model", b"model", "outputs", b"outputs", "routes", b"routes", "sha256", b"sha256", "version", b"version", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "challengers", b"challengers", "checks", b"checks", "config", b"config", "framework", b"framework", "hash_key", b"hash_key", "input_mapping", b"input_mapping", "inputs", b"inputs", "meta_key", b"meta_key", "model", b"model", "outputs", b"outputs", "routes", b"routes", "sha256", b"sha256", "version", b"version", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -64,6 +64,11 @@ class RegistryStub:
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.GetModelVersionRequest.SerializeToString,
                 response_deserializer=joey__core_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.ConfigureModel = channel.unary_unary(
+                '/joey.v1.Registry/ConfigureModel',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ConfigureModelRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ModelVersion.FromString,
+                _registered_method=True)
         self.DownloadArtifact = channel.unary_stream(
                 '/joey.v1.Registry/DownloadArtifact',
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
@@ -307,6 +312,13 @@ class RegistryServicer:
 
     def GetModelVersion(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigureModel(self, request, context):
+        """How the engine batches records for a model version; pipeline versions created after it use it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -630,6 +642,11 @@ def add_RegistryServicer_to_server(servicer, server):
             'GetModelVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelVersion,
                     request_deserializer=joey__core_dot_v1_dot_registry__pb2.GetModelVersionRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
+            ),
+            'ConfigureModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureModel,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConfigureModelRequest.FromString,
                     response_serializer=joey__core_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
@@ -999,6 +1016,33 @@ class Registry:
             target,
             '/joey.v1.Registry/GetModelVersion',
             joey__core_dot_v1_dot_registry__pb2.GetModelVersionRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ConfigureModel',
+            joey__core_dot_v1_dot_registry__pb2.ConfigureModelRequest.SerializeToString,
             joey__core_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
