@@ -3,9 +3,12 @@ the SDK, converted from and to the wire format here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -122,9 +125,17 @@ class ModelVersion:
     outputs: tuple[TensorSpec, ...]
     created_at: datetime | None
     config: ModelConfig = ModelConfig()
+    # Lineage, and the extra files the version carries (listed by ListModelArtifacts).
+    description: str = ""
+    source: str = ""
+    """Where it came from: a training run id, a git commit."""
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """A JSON object of the user's."""
+    artifact_count: int = 0
+    artifact_bytes: int = 0
 
     @classmethod
-    def from_proto(cls, mv: pb.ModelVersion) -> ModelVersion:
+    def from_proto(cls, mv: pb.ModelVersion) -> Self:
         stamp = mv.created_at
         return cls(
             mv.workspace,
@@ -137,6 +148,11 @@ class ModelVersion:
             specs_from_proto(mv.outputs),
             stamp.ToDatetime(tzinfo=UTC) if stamp.seconds or stamp.nanos else None,
             ModelConfig.from_proto(mv.config),
+            mv.description,
+            mv.source,
+            json.loads(mv.metadata_json) if mv.metadata_json else {},
+            mv.artifact_count,
+            mv.artifact_bytes,
         )
 
     def to_proto(self) -> pb.ModelVersion:
@@ -154,4 +170,53 @@ class ModelVersion:
             outputs=[s.to_proto() for s in self.outputs],
             created_at=created,
             config=self.config.to_proto(),
+            description=self.description,
+            source=self.source,
+            metadata_json=json.dumps(self.metadata, sort_keys=True),
+            artifact_count=self.artifact_count,
+            artifact_bytes=self.artifact_bytes,
         )
+
+
+MAX_ARTIFACT_NAME_CHARS = 1024
+MAX_ARTIFACT_NAME_PART_BYTES = 255  # what common filesystems take as one name
+
+
+def artifact_name_problem(name: str) -> str | None:
+    """What makes ``name`` unfit as the name of a model version's file, or None. A name is a relative
+    path that stays inside whatever directory it is downloaded to, on POSIX and Windows alike: checked
+    by the registry on upload and again by the SDK on download (it trusts no name it did not check)."""
+    if not name:
+        return "it is empty"
+    if len(name) > MAX_ARTIFACT_NAME_CHARS:
+        return f"it is longer than {MAX_ARTIFACT_NAME_CHARS} characters"
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
+        return "it holds a control character"
+    if "\\" in name or ":" in name:
+        return "it holds a backslash or a colon (a Windows path or drive)"
+    if name.startswith("/"):
+        return "it is an absolute path"
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            return (
+                f"it has an empty, '.' or '..' part ({part!r}): names are relative paths inside the version"
+            )
+        if len(part.encode()) > MAX_ARTIFACT_NAME_PART_BYTES:
+            return f"a part is longer than {MAX_ARTIFACT_NAME_PART_BYTES} bytes"
+    return None
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One extra file of a model version: its name (a relative path), size and sha256."""
+
+    name: str
+    size_bytes: int
+    sha256: str
+
+    @classmethod
+    def from_proto(cls, f: pb.ArtifactFile) -> ArtifactFile:
+        return cls(f.name, f.size_bytes, f.sha256)
+
+    def to_proto(self) -> pb.ArtifactFile:
+        return pb.ArtifactFile(name=self.name, size_bytes=self.size_bytes, sha256=self.sha256)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from joey_core.models import ModelConfig, specs_from_proto
+from joey_core.models import ArtifactFile, ModelConfig, specs_from_proto
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry import domain
@@ -38,7 +38,9 @@ def workspace(ws: domain.Workspace) -> pb.Workspace:
 
 
 def model(m: domain.Model) -> pb.Model:
-    return pb.Model(workspace=m.workspace, name=m.name, versions=[v.to_proto() for v in m.versions])
+    return pb.Model(
+        workspace=m.workspace, name=m.name, versions=[v.to_proto() for v in m.versions], tags=m.tags
+    )
 
 
 def model_description(d: domain.ModelDescription) -> pb.ModelDescription:
@@ -61,7 +63,24 @@ def upload_header(header: pb.UploadModelHeader) -> domain.UploadHeader:
         framework=header.framework,
         inputs=specs_from_proto(header.inputs),
         outputs=specs_from_proto(header.outputs),
+        description=header.description,
+        source=header.source,
+        metadata_json=header.metadata_json,
+        artifacts=tuple(ArtifactFile.from_proto(f) for f in header.artifacts),
     )
+
+
+def model_search(request: pb.SearchModelsRequest) -> domain.ModelSearch:
+    return domain.ModelSearch(
+        search_term=request.search_term or None,
+        tag=request.tag or None,
+        framework=request.framework or None,
+        uploaded_after=optional_datetime(request, "uploaded_after"),  # type: ignore[arg-type]
+    )
+
+
+def pipeline_search(request: pb.SearchPipelinesRequest) -> domain.PipelineSearch:
+    return domain.PipelineSearch(search_term=request.search_term or None, tag=request.tag or None)
 
 
 def step_requests(steps: list[pb.PipelineStep]) -> list[domain.StepRequest]:
@@ -208,6 +227,7 @@ def pipeline(p: domain.Pipeline) -> pb.Pipeline:
         versions=[pipeline_version(v) for v in p.versions],
         updated_at=timestamp(p.updated_at),
         status=p.status,
+        tags=p.tags,
     )
     if p.deployment is not None:
         message.deployment.CopyFrom(deployment(p.deployment))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from joey_core.models import ModelConfig, ModelVersion, TensorSpec, specs_from_json
+from joey_core.models import ArtifactFile, ModelConfig, ModelVersion, TensorSpec, specs_from_json
 from joey_core.topics import PipelineTopics
 
 
@@ -71,6 +71,7 @@ class Model:
     workspace: str
     name: str
     versions: tuple[ModelVersion, ...]  # oldest first
+    tags: tuple[str, ...] = ()  # sorted
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,36 @@ class UploadHeader:
     inputs: tuple[TensorSpec, ...] = ()
     """The declared signature, for frameworks whose artifact carries none (python)."""
     outputs: tuple[TensorSpec, ...] = ()
+    description: str = ""
+    source: str = ""
+    metadata_json: str = ""
+    artifacts: tuple[ArtifactFile, ...] = ()
+    """The extra files whose bytes follow the model's, in this order."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a model version says of where it came from."""
+
+    description: str = ""
+    source: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSearch:
+    """Filters of a model search; None matches anything."""
+
+    search_term: str | None = None
+    tag: str | None = None
+    framework: str | None = None
+    uploaded_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PipelineSearch:
+    search_term: str | None = None
+    tag: str | None = None
 
 
 InputMapping = tuple[tuple[str, str], ...]
@@ -380,6 +411,7 @@ class Pipeline:
     deployment: Deployment | None
     status: str = ""
     """The deployment's status now; set by listings only (reading it costs heartbeat reads)."""
+    tags: tuple[str, ...] = ()  # sorted
 
     @property
     def updated_at(self) -> datetime:

@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey_core import heartbeats, kafka, topics
-from joey_core.models import ModelConfig, ModelVersion
+from joey_core.models import ArtifactFile, ModelConfig, ModelVersion
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
@@ -37,8 +37,10 @@ from joey_registry.domain import (
     LogQuery,
     Model,
     ModelDescription,
+    ModelSearch,
     ModelVersionUse,
     Pipeline,
+    PipelineSearch,
     PipelineVersion,
     RandomSplitRef,
     RandomSplitStep,
@@ -55,12 +57,14 @@ from joey_registry.domain import (
 from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from joey_registry.identity import Identity
 from joey_registry.identity_store import IdentityStore
+from joey_registry.lineage import check_lineage, check_manifest, staged_files
 from joey_registry.model_check import ModelCheck
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
 from joey_registry.status import UNDEPLOYED, compute_status
 from joey_registry.steps import check_steps, key_split, map_inputs
 from joey_registry.store import PipelineLock, Store, WorkspaceContents, WorkspaceRef
+from joey_registry.tags import MAX_TAGS, check_search_term, check_tag
 from joey_registry.validation import Signature, framework_name
 
 log = logging.getLogger(__name__)
@@ -159,31 +163,54 @@ class Registry:
 
     # --- models ---
 
-    def upload_model(self, caller: Caller, header: UploadHeader, chunks: Iterable[bytes]) -> ModelVersion:
-        """Spool, hash and validate the upload, then store artifact and version together (or neither)."""
+    def upload_model(
+        self,
+        caller: Caller,
+        header: UploadHeader,
+        chunks: Iterable[bytes],
+        artifact_chunks: Iterable[bytes] = (),
+    ) -> ModelVersion:
+        """Spool, hash and validate the upload (the model's ``chunks``, then the bytes of the files the
+        header declares), then store the model, its files and the version together (or none of them)."""
         ws = self.access.authorize(caller, header.workspace, Action.WRITE)
         name = _valid_name("model", header.name)
         framework = framework_name(header.framework)
-        with self._staged(chunks) as (path, sha256, size):
+        lineage = check_lineage(header)
+        check_manifest(header.artifacts, self.settings.max_artifacts, self.settings.max_artifacts_bytes)
+        staging = self.artifacts.staging_dir()
+        with (
+            self._staged(chunks) as (path, sha256, size),
+            staged_files(header.artifacts, artifact_chunks, staging) as files,
+        ):
             if size == 0:
                 raise InvalidArgument(f"empty upload for model {name!r}: no artifact bytes were received")
             signature = self.checks.inspect(framework, path, Signature(header.inputs, header.outputs))
-            stored_new = False
+            stored_new: list[str] = []
 
-            def store_artifact() -> None:
-                nonlocal stored_new
-                stored_new = self.artifacts.put(sha256, path)
+            def store_artifacts() -> None:
+                for digest, source in ((sha256, path), *((f.sha256, p) for f, p in files)):
+                    if self.artifacts.put(digest, source):
+                        stored_new.append(digest)
 
             try:
                 version = self.store.add_model_version(
-                    ws, name, sha256, size, framework, signature.inputs, signature.outputs, store_artifact
+                    ws,
+                    name,
+                    sha256,
+                    size,
+                    framework,
+                    signature.inputs,
+                    signature.outputs,
+                    store_artifacts,
+                    lineage=lineage,
+                    files=header.artifacts,
                 )
             except BaseException:
-                # The rows were rolled back; an artifact stored only for them would be orphaned. Under
-                # the artifact's lock, and only if unused: an upload of the same bytes may have found
+                # The rows were rolled back; artifacts stored only for them would be orphaned. Under
+                # each artifact's lock, and only if unused: an upload of the same bytes may have found
                 # the file meanwhile and recorded its own version.
                 if stored_new:
-                    self.store.remove_artifacts([sha256], self.artifacts.delete)
+                    self.store.remove_artifacts(stored_new, self.artifacts.delete)
                 raise
         log.info("stored model %s/%s version %d (%s, %d bytes)", ws.name, name, version.version, sha256, size)
         return version
@@ -213,6 +240,41 @@ class Registry:
     def list_models(self, caller: Caller, workspace: str) -> list[Model]:
         ws = self.access.authorize(caller, workspace, Action.READ)
         return self.store.list_models(ws)
+
+    def search_models(self, caller: Caller, workspace: str, search: ModelSearch) -> list[Model]:
+        """The models with a version matching every filter of ``search``, with only those versions."""
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        checked = replace(
+            search,
+            search_term=check_search_term(search.search_term or ""),
+            tag=check_tag(search.tag) if search.tag else None,
+            framework=framework_name(search.framework) if search.framework else None,
+        )
+        return self.store.search_models(ws, checked)
+
+    def model_artifacts(
+        self, caller: Caller, workspace: str, name: str, version: int
+    ) -> tuple[int, tuple[ArtifactFile, ...]]:
+        """The version listed (0 = the latest) and the files it carries, by name."""
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        number = self._model_version(ws, name, version).version
+        found = self.store.model_artifacts(ws, name, number)
+        if found is None:
+            raise NotFound(f"model {name!r} version {number} was deleted in workspace {ws.name!r}")
+        return found
+
+    def set_tag(
+        self, caller: Caller, workspace: str, kind: str, name: str, tag: str, add: bool
+    ) -> tuple[str, ...]:
+        """Add (or remove) ``tag`` of the model or pipeline ``name``: its tags after. Idempotent."""
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
+        if kind not in ("model", "pipeline"):
+            raise InvalidArgument("a tag needs its target: set model or pipeline")
+        tags = self.store.set_tag(ws, kind, name, check_tag(tag), add, MAX_TAGS)
+        if tags is None:
+            raise NotFound(f"{kind} {name!r} not found in workspace {ws.name!r}")
+        log.info("%s tag %s of %s %s/%s", "added" if add else "removed", tag, kind, ws.name, name)
+        return tags
 
     def get_model(self, caller: Caller, workspace: str, name: str) -> Model:
         return self._model(self.access.authorize(caller, workspace, Action.READ), name)
@@ -312,10 +374,12 @@ class Registry:
         )
 
     def artifact_chunks(self, caller: Caller, workspace: str, sha256: str) -> Iterator[bytes]:
+        """The bytes of a model of ``workspace`` or, for a user, of a model version's file: the service
+        token fetches what engines run, not the notebooks and data that travel with a version."""
         ws = self.access.authorize(caller, workspace, Action.FETCH_ARTIFACT)
         if not SHA256_PATTERN.match(sha256):
             raise InvalidArgument(f"not a sha256 hex digest (64 lowercase hex characters): {sha256!r}")
-        if not self.store.has_artifact(ws, sha256):
+        if not self.store.has_artifact(ws, sha256, files=not caller.is_service):
             raise NotFound(f"no model version with artifact {sha256} in workspace {workspace!r}")
         if not self.artifacts.exists(sha256):
             raise NotFound(f"artifact {sha256} is recorded but missing from the artifact store")
@@ -369,13 +433,20 @@ class Registry:
             raise NotFound(f"pipeline {name!r} not found in workspace {workspace!r}")
         return pipeline
 
-    def list_pipelines(self, caller: Caller, workspace: str) -> list[Pipeline]:
-        """Every pipeline with its deployment's status now, from the deployments just loaded: the
-        heartbeats of the active ones in one Redis read, the partitions of their inputs topics from
-        the cache (one Kafka call for those not cached). A read changes nothing; when Redis or Kafka
-        does not answer, the status of the active ones is "Unknown" rather than the listing failing."""
+    def list_pipelines(
+        self, caller: Caller, workspace: str, search: PipelineSearch | None = None
+    ) -> list[Pipeline]:
+        """Every pipeline (matching ``search``) with its deployment's status now, from the deployments
+        just loaded: the heartbeats of the active ones in one Redis read, the partitions of their inputs
+        topics from the cache (one Kafka call for those not cached). A read changes nothing; when Redis
+        or Kafka does not answer, the status of the active ones is "Unknown" rather than the listing
+        failing."""
         ws = self.access.authorize(caller, workspace, Action.READ)
-        pipelines = self.store.list_pipelines(ws)
+        if search is not None:
+            search = PipelineSearch(
+                check_search_term(search.search_term or ""), check_tag(search.tag) if search.tag else None
+            )
+        pipelines = self.store.list_pipelines(ws, search)
         active = [p for p in pipelines if p.deployment is not None and p.deployment.active]
         try:
             views = heartbeats.read_many(

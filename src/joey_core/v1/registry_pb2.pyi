@@ -164,10 +164,20 @@ class UploadModelHeader(_message.Message):
     FRAMEWORK_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    METADATA_JSON_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     framework: _builtins.str
     """"onnx" (default when empty) or "python" """
+    description: _builtins.str
+    """Lineage: free text, where the model came from (a training run id, a git commit), and a JSON
+    object of the user's (empty = {}).
+    """
+    source: _builtins.str
+    metadata_json: _builtins.str
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Declared signature: required for "python" steps (the registry never runs user code to read one),
@@ -176,6 +186,13 @@ class UploadModelHeader(_message.Message):
 
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactFile]:
+        """The extra files the version carries (notebooks, samples, code, test results), declared up front
+        so that limits and names are checked before any byte is received. Their bytes follow the model's,
+        as artifact_chunk parts, file after file in this order, each exactly size_bytes long.
+        """
+
     def __init__(
         self,
         *,
@@ -184,10 +201,14 @@ class UploadModelHeader(_message.Message):
         framework: _builtins.str = ...,
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
+        description: _builtins.str = ...,
+        source: _builtins.str = ...,
+        metadata_json: _builtins.str = ...,
+        artifacts: _abc.Iterable[Global___ArtifactFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["framework", b"framework", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "source", b"source", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -195,11 +216,17 @@ Global___UploadModelHeader: _TypeAlias = UploadModelHeader  # noqa: Y015
 
 @_typing.final
 class UploadModelRequest(_message.Message):
+    """Header, then the model's bytes (chunk), then the artifacts' bytes (artifact_chunk); the version is
+    stored with all of them or not at all.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    ARTIFACT_CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    artifact_chunk: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___UploadModelHeader: ...
     def __init__(
@@ -207,12 +234,13 @@ class UploadModelRequest(_message.Message):
         *,
         header: Global___UploadModelHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        artifact_chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact_chunk", b"artifact_chunk", "chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_chunk", b"artifact_chunk", "chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk", "artifact_chunk"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
@@ -231,6 +259,11 @@ class ModelVersion(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    METADATA_JSON_FIELD_NUMBER: _builtins.int
+    ARTIFACT_COUNT_FIELD_NUMBER: _builtins.int
+    ARTIFACT_BYTES_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
@@ -238,6 +271,14 @@ class ModelVersion(_message.Message):
     sha256: _builtins.str
     size_bytes: _builtins.int
     framework: _builtins.str
+    description: _builtins.str
+    source: _builtins.str
+    metadata_json: _builtins.str
+    """a JSON object; "{}" when none was given"""
+    artifact_count: _builtins.int
+    """the extra files it carries (ListModelArtifacts lists them)"""
+    artifact_bytes: _builtins.int
+    """their total size"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -258,11 +299,16 @@ class ModelVersion(_message.Message):
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        description: _builtins.str = ...,
+        source: _builtins.str = ...,
+        metadata_json: _builtins.str = ...,
+        artifact_count: _builtins.int = ...,
+        artifact_bytes: _builtins.int = ...,
         config: Global___ModelConfig | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at", b"created_at", "framework", b"framework", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_bytes", b"artifact_bytes", "artifact_count", b"artifact_count", "config", b"config", "created_at", b"created_at", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -342,11 +388,16 @@ class Model(_message.Message):
     WORKSPACE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]:
         """oldest first"""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """sorted"""
 
     def __init__(
         self,
@@ -354,10 +405,11 @@ class Model(_message.Message):
         workspace: _builtins.str = ...,
         name: _builtins.str = ...,
         versions: _abc.Iterable[Global___ModelVersion] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "versions", b"versions", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "tags", b"tags", "versions", b"versions", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -984,6 +1036,7 @@ class Pipeline(_message.Message):
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     status: _builtins.str
@@ -1003,6 +1056,10 @@ class Pipeline(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When the pipeline last changed: its newest version was created or its deployment changed."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """sorted"""
+
     def __init__(
         self,
         *,
@@ -1012,10 +1069,11 @@ class Pipeline(_message.Message):
         deployment: Global___Deployment | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         status: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "name", b"name", "status", b"status", "updated_at", b"updated_at", "versions", b"versions", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "name", b"name", "status", b"status", "tags", b"tags", "updated_at", b"updated_at", "versions", b"versions", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3162,3 +3220,204 @@ class QueryAuditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryAuditResponse: _TypeAlias = QueryAuditResponse  # noqa: Y015
+
+@_typing.final
+class ArtifactFile(_message.Message):
+    """--- catalog: artifacts, tags and search ---
+
+    One extra file of a model version. A name is a relative path of '/'-separated parts, none empty,
+    "." or "..", without a backslash or a control character (docs/models.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    size_bytes: _builtins.int
+    sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactFile: _TypeAlias = ArtifactFile  # noqa: Y015
+
+@_typing.final
+class ArtifactListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    """the model"""
+    version: _builtins.int
+    """0 = latest"""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactListRequest: _TypeAlias = ArtifactListRequest  # noqa: Y015
+
+@_typing.final
+class ArtifactListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """the version listed (the latest when 0 was asked)"""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactFile]:
+        """by name"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        files: _abc.Iterable[Global___ArtifactFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactListResponse: _TypeAlias = ArtifactListResponse  # noqa: Y015
+
+@_typing.final
+class TagRequest(_message.Message):
+    """A tag: 1 to 64 of lowercase letters, digits, '.', '_', ':' and '-', starting with a letter or digit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    model: _builtins.str
+    pipeline: _builtins.str
+    tag: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        model: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        tag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "pipeline", b"pipeline", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "pipeline", b"pipeline", "tag", b"tag", "target", b"target", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["model", "pipeline"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___TagRequest: _TypeAlias = TagRequest  # noqa: Y015
+
+@_typing.final
+class TagResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagResponse: _TypeAlias = TagResponse  # noqa: Y015
+
+@_typing.final
+class SearchModelsRequest(_message.Message):
+    """Every filter given must match; none given lists every model that has a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    SEARCH_TERM_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    FRAMEWORK_FIELD_NUMBER: _builtins.int
+    UPLOADED_AFTER_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    search_term: _builtins.str
+    """in the model's name or the version's description, any case"""
+    tag: _builtins.str
+    """the model has this tag"""
+    framework: _builtins.str
+    """the version's framework"""
+    @_builtins.property
+    def uploaded_after(self) -> _timestamp_pb2.Timestamp:
+        """unset = any time"""
+
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        search_term: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        framework: _builtins.str = ...,
+        uploaded_after: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["uploaded_after", b"uploaded_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["framework", b"framework", "search_term", b"search_term", "tag", b"tag", "uploaded_after", b"uploaded_after", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchModelsRequest: _TypeAlias = SearchModelsRequest  # noqa: Y015
+
+@_typing.final
+class SearchPipelinesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    SEARCH_TERM_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    search_term: _builtins.str
+    """in the pipeline's name, any case"""
+    tag: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        search_term: _builtins.str = ...,
+        tag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["search_term", b"search_term", "tag", b"tag", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchPipelinesRequest: _TypeAlias = SearchPipelinesRequest  # noqa: Y015
