@@ -38,7 +38,7 @@ from joey.client.catalog import (
     PipelineSummary,
 )
 from joey.client.identity import IdentityClientMixin
-from joey.client.models import ModelVersion
+from joey.client.models import ModelVersion, configure
 from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
 from joey.client.signatures import Schema, tensor_specs
 from joey.client.streaming import Streams
@@ -229,10 +229,7 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
         pipeline using it (None: the engine's settings). Each call sets the whole config. It applies to
         pipeline versions created after it: the next ``pipeline.deploy()`` of the current steps."""
         config = ModelConfig(batch_config, max_batch_delay_ms, batch_size_target)  # ValueError naming a field
-        request = pb.ConfigureModelRequest(
-            workspace=self.workspace, name=name, version=version or 0, config=config.to_proto()
-        )
-        return ModelVersion.bound(self, self.call("ConfigureModel", request))
+        return configure(self, self.workspace, name, version or 0, config)
 
     def get_model(self, name: str, version: int | None = None) -> ModelVersion:
         request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)

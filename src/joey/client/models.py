@@ -15,7 +15,7 @@ from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.catalog import Listing
 from joey.client.tags import set_tag
 from joey_core import models
-from joey_core.models import ArtifactFile
+from joey_core.models import ArtifactFile, ModelConfig
 from joey_core.v1 import registry_pb2 as pb
 
 DOWNLOAD_TIMEOUT_S = 3600.0
@@ -63,6 +63,16 @@ class ModelVersion(models.ModelVersion):
         except grpc.RpcError as exc:
             raise JoeyError(exc.code().name, exc.details()) from None  # type: ignore[attr-defined]
 
+    def configure(
+        self,
+        batch_config: str | None = None,
+        max_batch_delay_ms: int | None = None,
+        batch_size_target: int | None = None,
+    ) -> ModelVersion:
+        """This version with its new config: see ``Client.configure_model``."""
+        config = ModelConfig(batch_config, max_batch_delay_ms, batch_size_target)  # ValueError naming a field
+        return configure(self._client(), self.workspace, self.name, self.version, config)
+
     def tags(self) -> tuple[str, ...]:
         """The model's tags now."""
         model = self._client().call("GetModel", pb.GetModelRequest(workspace=self.workspace, name=self.name))
@@ -75,3 +85,13 @@ class ModelVersion(models.ModelVersion):
     def remove_tag(self, tag: str) -> tuple[str, ...]:
         """Untag the model; removing a tag it has not changes nothing. Returns its tags."""
         return set_tag(self._client(), self.workspace, "model", self.name, tag, add=False)
+
+
+def configure(
+    client: RegistryCaller, workspace: str, name: str, version: int, config: ModelConfig
+) -> ModelVersion:
+    """Set the config of version ``version`` of ``name`` (0: the latest)."""
+    request = pb.ConfigureModelRequest(
+        workspace=workspace, name=name, version=version, config=config.to_proto()
+    )
+    return ModelVersion.bound(client, client.call("ConfigureModel", request))
