@@ -265,13 +265,19 @@ def model() -> None:
 @model.command("upload")
 @click.argument("name")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--framework", default="onnx", show_default=True, help="onnx, or python for a python step")
+@click.option(
+    "--framework",
+    default="onnx",
+    show_default=True,
+    help="onnx; python for a python step; sklearn, xgboost, lightgbm or pytorch for a native model, "
+    "which the registry converts to ONNX (docs/models.md)",
+)
 @click.option(
     "--input",
     "inputs",
     multiple=True,
     metavar="NAME:DTYPE:SHAPE",
-    help="A declared input of a python step, e.g. features:float32:-1,4 (repeatable).",
+    help="A declared input of a python step or a PyTorch model, e.g. features:float32:-1,4 (repeatable).",
 )
 @click.option(
     "--output",
@@ -280,12 +286,20 @@ def model() -> None:
     metavar="NAME:DTYPE:SHAPE",
     help="A declared output of a python step (repeatable).",
 )
+@click.option("--no-wait", is_flag=True, help="Return while a native model is still converting.")
 @click.pass_obj
 def model_upload(
-    obj: Context, name: str, path: Path, framework: str, inputs: tuple[str, ...], outputs: tuple[str, ...]
+    obj: Context,
+    name: str,
+    path: Path,
+    framework: str,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    no_wait: bool,
 ) -> None:
     """Upload PATH as a new version of model NAME."""
     from joey.client.signatures import parse_option
+    from joey_core.models import CONVERTING
 
     try:
         input_schema = dict(parse_option(text) for text in inputs) or None
@@ -309,8 +323,21 @@ def model_upload(
             progress=progress,
             input_schema=input_schema,
             output_schema=output_schema,
+            wait=False,
         )
-    click.echo(f"{mv.name} version {mv.version} sha256 {mv.sha256}")
+    if mv.status == CONVERTING:
+        click.echo(f"{mv.name} version {mv.version}: {mv.conversion_log}", err=True)
+        if no_wait:
+            click.echo(
+                f"{mv.name} version {mv.version} converting (`joey model get {mv.name}` shows its status)"
+            )
+            return
+        with click.progressbar(length=1, label="converting to ONNX and verifying", file=sys.stderr) as bar:
+            mv = obj.client.wait_for_model(mv)
+            bar.update(1)
+        for line in mv.conversion_log.splitlines()[1:]:
+            click.echo(f"  {line}", err=True)
+    click.echo(f"{mv.name} version {mv.version} {mv.status} sha256 {mv.sha256}")
     for kind, specs in (("input", mv.inputs), ("output", mv.outputs)):
         for s in specs:
             click.echo(f"  {kind} {s.name}: {s.dtype} {list(s.shape)}")

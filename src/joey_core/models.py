@@ -43,9 +43,17 @@ def specs_from_json(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_json(item) for item in items)
 
 
+READY = "ready"
+CONVERTING = "converting"
+ERROR = "error"
+RUNTIMES = ("onnx", "python")
+"""Frameworks engines run as they are; every other (native) framework is served as its ONNX form."""
+
+
 @dataclass(frozen=True)
 class ModelVersion:
-    """One upload of a model under its name."""
+    """One upload of a model under its name. A native model (sklearn, xgboost, ...) is converted to
+    ONNX: ``sha256`` is the ONNX engines serve, ``source_sha256`` the file as uploaded."""
 
     workspace: str
     name: str
@@ -56,6 +64,15 @@ class ModelVersion:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     created_at: datetime | None
+    status: str = READY
+    conversion_log: str = ""
+    source_sha256: str = ""
+    source_size_bytes: int = 0
+
+    @property
+    def runtime(self) -> str:
+        """The framework engines run this version with."""
+        return self.framework if self.framework in RUNTIMES else "onnx"
 
     @classmethod
     def from_proto(cls, mv: pb.ModelVersion) -> ModelVersion:
@@ -70,6 +87,10 @@ class ModelVersion:
             specs_from_proto(mv.inputs),
             specs_from_proto(mv.outputs),
             stamp.ToDatetime(tzinfo=UTC) if stamp.seconds or stamp.nanos else None,
+            mv.status or READY,
+            mv.conversion_log,
+            mv.source_sha256,
+            mv.source_size_bytes,
         )
 
     def to_proto(self) -> pb.ModelVersion:
@@ -86,4 +107,8 @@ class ModelVersion:
             inputs=[s.to_proto() for s in self.inputs],
             outputs=[s.to_proto() for s in self.outputs],
             created_at=created,
+            status=self.status,
+            conversion_log=self.conversion_log,
+            source_sha256=self.source_sha256,
+            source_size_bytes=self.source_size_bytes,
         )

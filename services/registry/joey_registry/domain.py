@@ -81,6 +81,8 @@ class UploadHeader:
     inputs: tuple[TensorSpec, ...] = ()
     """The declared signature, for frameworks whose artifact carries none (python)."""
     outputs: tuple[TensorSpec, ...] = ()
+    sample_input: Mapping[str, Any] | None = None
+    """Native frameworks: rows the conversion is verified on, by input name."""
 
 
 InputMapping = tuple[tuple[str, str], ...]
@@ -115,7 +117,7 @@ class ResolvedStep:
 
     @classmethod
     def of(cls, mv: ModelVersion) -> ResolvedStep:
-        return cls(mv.name, mv.version, mv.sha256, mv.framework, mv.inputs, mv.outputs)
+        return cls(mv.name, mv.version, mv.sha256, mv.runtime, mv.inputs, mv.outputs)
 
     def source(self, input_name: str) -> str:
         """The name this model's input is fed from."""

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,11 +20,13 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey_core import heartbeats, kafka, topics
-from joey_core.models import ModelVersion
+from joey_core.models import ERROR, READY, ModelVersion
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
 from joey_registry.assays import Assays
+from joey_registry.conversion import Conversion, ConversionFailed, Conversions
+from joey_registry.converters import CONVERTERS
 from joey_registry.deploy_config import check_autoscale, check_resources
 from joey_registry.domain import (
     Autoscale,
@@ -109,6 +112,13 @@ class Registry:
         self.checks = ModelCheck(
             settings.upload_check_memory_mb, settings.upload_check_cpu_s, settings.upload_check_timeout_s
         )
+        self.conversions = Conversions(
+            settings.conversion_memory_mb,
+            settings.conversion_cpu_s,
+            settings.conversion_timeout_s,
+            settings.conversion_concurrency,
+            settings.max_upload_bytes,
+        )
         # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
         self._partitions: dict[str, int] = {}
 
@@ -164,6 +174,13 @@ class Registry:
         ws = self.access.authorize(caller, header.workspace, Action.WRITE)
         name = _valid_name("model", header.name)
         framework = framework_name(header.framework)
+        if framework in CONVERTERS:
+            return self._upload_native(ws, name, framework, header, chunks)
+        if header.sample_input is not None:
+            raise InvalidArgument(
+                f"a sample input verifies a conversion: framework {framework!r} is not converted; upload "
+                "without it"
+            )
         with self._staged(chunks) as (path, sha256, size):
             if size == 0:
                 raise InvalidArgument(f"empty upload for model {name!r}: no artifact bytes were received")
@@ -187,6 +204,90 @@ class Registry:
                 raise
         log.info("stored model %s/%s version %d (%s, %d bytes)", ws.name, name, version.version, sha256, size)
         return version
+
+    def _upload_native(
+        self, ws: WorkspaceRef, name: str, framework: str, header: UploadHeader, chunks: Iterable[bytes]
+    ) -> ModelVersion:
+        """Store a native model as a converting version once its child has loaded it (a file that is not
+        such a model is refused, nothing stored), and finish the conversion in the background: the
+        version becomes ready, with its ONNX form checked like any ONNX upload, or an error."""
+        if header.outputs:
+            raise InvalidArgument(
+                f"framework {framework!r}: the outputs are the converted model's (label and "
+                "probabilities of a classifier, variable otherwise, output of a PyTorch model): upload "
+                "without an output schema"
+            )
+        with self._staged(chunks) as (path, sha256, size):
+            if size == 0:
+                raise InvalidArgument(f"empty upload for model {name!r}: no artifact bytes were received")
+            conversion = self.conversions.start(
+                framework, path, header.inputs, header.sample_input, self.artifacts.staging_dir()
+            )
+            stored_new = False
+
+            def store_source() -> None:
+                nonlocal stored_new
+                stored_new = self.artifacts.put(sha256, path)
+
+            try:
+                version = self.store.add_model_version(
+                    ws, name, "", 0, framework, (), (), store_source, source=(sha256, size)
+                )
+            except BaseException:
+                conversion.abandon()
+                if stored_new:
+                    self.store.remove_artifacts([sha256], self.artifacts.delete)
+                raise
+        log.info(
+            "converting model %s/%s version %d: %s", ws.name, name, version.version, conversion.description
+        )
+        threading.Thread(
+            target=self._finish_conversion,
+            args=(ws, version, conversion),
+            name=f"convert-{ws.name}-{name}-{version.version}",
+            daemon=True,
+        ).start()
+        return replace(version, conversion_log=f"loaded {conversion.description}")
+
+    def _finish_conversion(self, ws: WorkspaceRef, version: ModelVersion, conversion: Conversion) -> None:
+        lines: list[str] = []
+        try:
+            try:
+                onnx_path, lines = conversion.finish()
+                # The registry loads nothing native: the ONNX form is checked as an ONNX upload is.
+                signature = self.checks.inspect("onnx", onnx_path, Signature((), ()))
+            except (ConversionFailed, InvalidArgument, Unavailable) as exc:
+                lines = [*lines, *getattr(exc, "log_lines", []), f"error: {exc}"]
+                self.store.finish_conversion(
+                    ws, version.name, version.version, None, "\n".join(lines), _nothing
+                )
+                log.info("conversion of %s/%s v%d failed: %s", ws.name, version.name, version.version, exc)
+                return
+            sha256, size = _sha256(onnx_path)
+            stored_new = False
+
+            def store_onnx() -> None:
+                nonlocal stored_new
+                stored_new = self.artifacts.put(sha256, onnx_path)
+
+            outcome = (sha256, size, signature.inputs, signature.outputs)
+            if not self.store.finish_conversion(
+                ws, version.name, version.version, outcome, "\n".join(lines), store_onnx
+            ):
+                log.info(
+                    "model %s/%s v%d was deleted while converting", ws.name, version.name, version.version
+                )
+            log.info("converted model %s/%s v%d to ONNX %s", ws.name, version.name, version.version, sha256)
+        except Exception:
+            log.exception("conversion of %s/%s v%d failed", ws.name, version.name, version.version)
+            try:
+                self.store.finish_conversion(
+                    ws, version.name, version.version, None, "\n".join([*lines, "error: internal"]), _nothing
+                )
+            except Exception:
+                log.exception("could not record the failed conversion")
+        finally:
+            conversion.remove()
 
     @contextmanager
     def _staged(self, chunks: Iterable[bytes]) -> Iterator[tuple[Path, str, int]]:
@@ -344,9 +445,17 @@ class Registry:
     def _resolve(self, ws: WorkspaceRef, number: int, ref: StepRef, role: str = "") -> ResolvedStep:
         """``ref`` pinned to a model version (0 = the latest now); ``role`` is its part in a shadow step."""
         try:
-            model_step = ResolvedStep.of(self._model_version(ws, ref.model, ref.version))
+            found = self._model_version(ws, ref.model, ref.version)
         except (NotFound, InvalidArgument) as exc:
             raise type(exc)(f"step {number}: {role}{exc}") from None
+        if found.status != READY:
+            last = found.conversion_log.splitlines()[-1:] or [""]
+            why = f" ({last[0]})" if found.status == ERROR else ""
+            raise FailedPrecondition(
+                f"step {number}: {role}model {found.name!r} version {found.version} is {found.status}, not "
+                f"ready{why}; a pipeline serves ready versions only (see `joey model get {found.name}`)"
+            )
+        model_step = ResolvedStep.of(found)
         return map_inputs(number, model_step, ref.input_mapping, role)
 
     def get_pipeline(self, caller: Caller, workspace: str, name: str) -> Pipeline:
@@ -796,6 +905,18 @@ class Registry:
         total = counted if counted is not None else found.total or 0
         token = page_tokens.encode(query, found.following, total) if found.following else ""
         return LogPage(found.entries, total, token)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(DOWNLOAD_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest(), path.stat().st_size
 
 
 def _plural(count: int, noun: str) -> str:

@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from joey_core import db, topics
-from joey_core.models import ModelVersion, TensorSpec, specs_from_json
+from joey_core.models import CONVERTING, ERROR, READY, ModelVersion, TensorSpec, specs_from_json
 from joey_registry.domain import (
     Autoscale,
     DeletedModel,
@@ -71,7 +71,8 @@ class LogSlice:
 
 
 _MODEL_VERSION_COLUMNS = """
-    m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at
+    m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at,
+    v.status, v.conversion_log, v.source_sha256, v.source_size_bytes
     FROM model_versions v JOIN models m ON m.id = v.model_id
 """
 
@@ -96,6 +97,10 @@ def _model_version(workspace: str, row: DictRow) -> ModelVersion:
         inputs=specs_from_json(row["inputs"]),
         outputs=specs_from_json(row["outputs"]),
         created_at=row["created_at"],
+        status=row["status"],
+        conversion_log=row["conversion_log"],
+        source_sha256=row["source_sha256"] or "",
+        source_size_bytes=row["source_size_bytes"] or 0,
     )
 
 
@@ -415,9 +420,11 @@ class Store:
         inputs: tuple[TensorSpec, ...],
         outputs: tuple[TensorSpec, ...],
         before_commit: Callable[[], None],
+        source: tuple[str, int] | None = None,
     ) -> ModelVersion:
         """Insert the next version of ``name`` (creating the model); ``before_commit`` runs inside
-        the transaction, so if it raises no row is written."""
+        the transaction, so if it raises no row is written. With ``source`` (the sha256 and size of a
+        native model's file, ``sha256`` then being '') the version is recorded as converting."""
         with self._conn() as conn:
             model_id = _lock_named(conn, "models", ws, name)
             # Numbered from the model's highest version ever, so a deleted version's number never returns
@@ -432,9 +439,10 @@ class Store:
                     WHERE id = %(model_id)s
                     RETURNING last_version
                 )
-                INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, outputs)
+                INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, outputs,
+                                            status, source_sha256, source_size_bytes)
                 SELECT %(model_id)s, last_version, %(sha256)s, %(size)s, %(framework)s,
-                       %(inputs)s, %(outputs)s
+                       %(inputs)s, %(outputs)s, %(status)s, %(source)s, %(source_size)s
                   FROM next
                 RETURNING version, created_at
                 """,
@@ -445,14 +453,75 @@ class Store:
                     "framework": framework,
                     "inputs": _specs_json(inputs),
                     "outputs": _specs_json(outputs),
+                    "status": CONVERTING if source else READY,
+                    "source": source[0] if source else None,
+                    "source_size": source[1] if source else None,
                 },
             ).fetchone()
             assert row is not None
-            _lock_artifact(conn, sha256)
+            _lock_artifact(conn, source[0] if source else sha256)
             before_commit()
         return ModelVersion(
-            ws.name, name, row["version"], sha256, size_bytes, framework, inputs, outputs, row["created_at"]
+            ws.name,
+            name,
+            row["version"],
+            sha256,
+            size_bytes,
+            framework,
+            inputs,
+            outputs,
+            row["created_at"],
+            CONVERTING if source else READY,
+            source_sha256=source[0] if source else "",
+            source_size_bytes=source[1] if source else 0,
         )
+
+    def finish_conversion(
+        self,
+        ws: WorkspaceRef,
+        name: str,
+        version: int,
+        outcome: tuple[str, int, tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None,
+        conversion_log: str,
+        before_commit: Callable[[], None],
+    ) -> bool:
+        """Record a conversion's end: ``outcome`` (the ONNX's sha256 and size, its signature) makes the
+        version ready, None makes it an error. False when the version is gone (deleted meanwhile):
+        nothing is written and ``before_commit`` does not run."""
+        with self._conn() as conn:
+            if outcome is not None:
+                _lock_artifact(conn, outcome[0])
+            sha256, size, inputs, outputs = outcome or ("", 0, (), ())
+            row = conn.execute(
+                "UPDATE model_versions v SET status = %s, conversion_log = %s, sha256 = %s, size_bytes = %s, "
+                "inputs = %s, outputs = %s FROM models m WHERE m.id = v.model_id AND m.workspace_id = %s "
+                "AND m.name = %s AND v.version = %s AND v.status = %s RETURNING v.version",
+                (
+                    READY if outcome else ERROR,
+                    conversion_log,
+                    sha256,
+                    size,
+                    _specs_json(inputs),
+                    _specs_json(outputs),
+                    ws.id,
+                    name,
+                    version,
+                    CONVERTING,
+                ),
+            ).fetchone()
+            if row is None:
+                return False
+            before_commit()
+        return True
+
+    def fail_interrupted_conversions(self) -> int:
+        """At start: conversions the last registry process did not finish will never finish."""
+        with self._conn() as conn:
+            return conn.execute(
+                "UPDATE model_versions SET status = %s, conversion_log = conversion_log || %s "
+                "WHERE status = %s",
+                (ERROR, "the registry stopped during the conversion; upload the model again", CONVERTING),
+            ).rowcount
 
     def list_models(self, ws: WorkspaceRef) -> list[Model]:
         return self._models(ws, None)
@@ -466,7 +535,8 @@ class Store:
             # A model whose versions were deleted one by one is still there (its numbering goes on).
             rows = conn.execute(
                 "SELECT m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, "
-                "v.created_at FROM models m LEFT JOIN model_versions v ON v.model_id = m.id "
+                "v.created_at, v.status, v.conversion_log, v.source_sha256, v.source_size_bytes "
+                "FROM models m LEFT JOIN model_versions v ON v.model_id = m.id "
                 "WHERE m.workspace_id = %s AND (%s::text IS NULL OR m.name = %s) ORDER BY m.name, v.version",
                 (ws.id, name, name),
             ).fetchall()
@@ -518,13 +588,14 @@ class Store:
             chosen = choose(existing, _model_uses(conn, ws, name))
             deleted = conn.execute(
                 "DELETE FROM model_versions WHERE model_id = %s AND version = ANY(%s) "
-                "RETURNING version, sha256",
+                "RETURNING version, sha256, source_sha256",
                 (model_id, list(chosen)),
             ).fetchall()
             if delete_model:
                 conn.execute("DELETE FROM models WHERE id = %s", (model_id,))
         versions = tuple(sorted(r["version"] for r in deleted))
-        return DeletedModel(versions, delete_model), sorted({r["sha256"] for r in deleted})
+        sha256s = {r[column] for r in deleted for column in ("sha256", "source_sha256")} - {None, ""}
+        return DeletedModel(versions, delete_model), sorted(sha256s)
 
     def remove_artifacts(self, sha256s: list[str], remove: Callable[[str], None]) -> int:
         """Call ``remove`` for each of ``sha256s`` that no model version of any workspace uses, under
@@ -534,7 +605,8 @@ class Store:
             with self._conn() as conn:
                 _lock_artifact(conn, sha256)
                 used = conn.execute(
-                    "SELECT 1 FROM model_versions WHERE sha256 = %s LIMIT 1", (sha256,)
+                    "SELECT 1 FROM model_versions WHERE sha256 = %s OR source_sha256 = %s LIMIT 1",
+                    (sha256, sha256),
                 ).fetchone()
                 if used is None:
                     remove(sha256)
@@ -545,8 +617,8 @@ class Store:
         with self._conn() as conn:
             row = conn.execute(
                 "SELECT 1 FROM model_versions v JOIN models m ON m.id = v.model_id "
-                "WHERE m.workspace_id = %s AND v.sha256 = %s LIMIT 1",
-                (ws.id, sha256),
+                "WHERE m.workspace_id = %s AND (v.sha256 = %s OR v.source_sha256 = %s) LIMIT 1",
+                (ws.id, sha256, sha256),
             ).fetchone()
         return row is not None
 

@@ -164,14 +164,22 @@ class UploadModelHeader(_message.Message):
     FRAMEWORK_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    SAMPLE_INPUT_JSON_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     framework: _builtins.str
-    """"onnx" (default when empty) or "python" """
+    """"onnx" (default when empty), "python", or a native framework the registry converts to ONNX:
+    "sklearn", "xgboost", "lightgbm", "pytorch" (docs/models.md).
+    """
+    sample_input_json: _builtins.str
+    """Native frameworks: rows the conversion is verified on besides generated ones, as JSON
+    {input name: [row, ...]}.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Declared signature: required for "python" steps (the registry never runs user code to read one),
-        refused for "onnx" (the model file carries its own).
+        refused for "onnx" (the model file carries its own). For a native framework, the inputs name the
+        ONNX inputs (required for "pytorch"; others default to one float tensor "input").
         """
 
     @_builtins.property
@@ -184,10 +192,11 @@ class UploadModelHeader(_message.Message):
         framework: _builtins.str = ...,
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
+        sample_input_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["framework", b"framework", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["framework", b"framework", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "sample_input_json", b"sample_input_json", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -231,12 +240,25 @@ class ModelVersion(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CONVERSION_LOG_FIELD_NUMBER: _builtins.int
+    SOURCE_SHA256_FIELD_NUMBER: _builtins.int
+    SOURCE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     version: _builtins.int
     sha256: _builtins.str
     size_bytes: _builtins.int
     framework: _builtins.str
+    status: _builtins.str
+    """"ready" (servable), "converting" (a native model on its way to ONNX; sha256 and the signature are
+    empty until ready) or "error" (conversion_log says why; never servable).
+    """
+    conversion_log: _builtins.str
+    """What the conversion of a native model did: loaded, converted, verified (by how much), or failed."""
+    source_sha256: _builtins.str
+    """A native model's file as uploaded, kept beside its ONNX form (sha256): empty for "onnx"/"python"."""
+    source_size_bytes: _builtins.int
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -255,10 +277,14 @@ class ModelVersion(_message.Message):
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        status: _builtins.str = ...,
+        conversion_log: _builtins.str = ...,
+        source_sha256: _builtins.str = ...,
+        source_size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "framework", b"framework", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_log", b"conversion_log", "created_at", b"created_at", "framework", b"framework", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_sha256", b"source_sha256", "source_size_bytes", b"source_size_bytes", "status", b"status", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
