@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+import joey_core
+import joey_registry
 from joey_core.models import specs_from_json
 from joey_registry import sandbox
 from joey_registry.errors import InvalidArgument
@@ -33,8 +35,20 @@ EXIT_MEMORY = 3
 OUTPUT_NAME = "model.onnx"
 _MB = 1 << 20
 # What a Python process and the frameworks read besides sys.path: shared libraries, CPU and memory
-# facts. Not /etc as a whole (a root registry's /etc/shadow), not the home directory (credentials).
-_SYSTEM_READABLE = ("/usr", "/lib", "/lib64", "/proc", "/sys", "/dev", "/etc/ld.so.cache", "/etc/localtime")
+# facts. Not /etc as a whole (a root registry's /etc/shadow), not the home directory (credentials), and
+# of /proc only this process's own directory: /proc/<registry pid>/environ holds the registry's secrets.
+_SYSTEM_READABLE = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/sys",
+    "/dev",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+)
 
 
 def confine(request: dict[str, Any]) -> list[str]:
@@ -45,7 +59,10 @@ def confine(request: dict[str, Any]) -> list[str]:
     os.nice(10)
     with open("/proc/self/oom_score_adj", "w") as score:
         score.write("1000")
-    readable = [Path(p) for p in (*sys.path, sys.prefix, sys.base_prefix, *_SYSTEM_READABLE) if p]
+    # The packages' own directories too: an editable install finds them through a hook, not sys.path.
+    packages = [Path(module.__file__).parents[1] for module in (joey_core, joey_registry) if module.__file__]
+    readable = [Path(p) for p in (*sys.path, sys.prefix, sys.base_prefix, *_SYSTEM_READABLE) if p] + packages
+    readable.append(Path(f"/proc/{os.getpid()}"))
     notes = [
         sandbox.isolate_network(),
         sandbox.restrict_filesystem([*readable, Path(request["path"])], [workdir]),
@@ -74,7 +91,7 @@ def _refusal(framework: str, exc: BaseException) -> str:
     if isinstance(exc, InvalidArgument):
         return str(exc)
     # The file's own code (a pickle's) or the framework's loader failed in a way no converter expects.
-    return f"framework {framework!r}: the file does not load: {type(exc).__name__}: {exc}"[:2000]
+    return f"framework {framework!r}: the file does not load: {type(exc).__name__}: {exc}"[:8000]
 
 
 def run(request: dict[str, Any], channel: TextIO, notes: list[str]) -> None:
@@ -111,7 +128,7 @@ def run(request: dict[str, Any], channel: TextIO, notes: list[str]) -> None:
         _reply(channel, {"failed": str(exc), "log": log})
         return
     except Exception as exc:  # noqa: BLE001 - the converter or the model failing: the upload's error
-        _reply(channel, {"failed": f"{type(exc).__name__}: {exc}"[:2000], "log": log})
+        _reply(channel, {"failed": f"{type(exc).__name__}: {exc}"[:8000], "log": log})
         return
     _reply(channel, {"converted": log})
 
