@@ -6,6 +6,7 @@ pickle that goes looking for the registry's secrets finds none."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import pickle
 import secrets
@@ -256,3 +257,10 @@ def test_a_pickle_finds_no_secret_and_cannot_write_or_connect(
     assert found["postgres"].startswith("refused"), found["postgres"]
     assert "snoop" not in client.list_models()
     assert artifact_files(stack) == before
+
+
+@pytest.mark.parametrize("example", ["sklearn_model", "xgboost_model", "lightgbm_model", "pytorch_model"])
+def test_the_examples_run(client: Client, tmp_path: Path, example: str) -> None:
+    # examples/ is on sys.path (conftest); each example serves its model and compares, asserting itself.
+    module = importlib.import_module(f"native.{example}")
+    assert module.main(client, tmp_path) <= 1e-3
