@@ -4,13 +4,16 @@ TorchScript: tests/joey/client/test_native_models.py)."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import psycopg
 import pytest
 
 from joey_core.models import TensorSpec
+from joey_registry.app import RegistryServer
 from joey_registry.conversion import Conversions
 from joey_registry.converters import verify
 from joey_registry.errors import InvalidArgument
@@ -80,3 +83,29 @@ def test_an_exported_program_converts_with_a_dynamic_batch(tmp_path: Path) -> No
     (out,) = session.run(None, {"x": np.ones((5, 3), dtype=np.float32)})
     assert out.tolist() == [[3.0] * 3] * 5
     conversion.remove()
+
+
+def test_a_conversion_no_registry_finishes_becomes_an_error_once_older_than_any_can_take(
+    registry_server: RegistryServer, database_url: str
+) -> None:
+    registry = registry_server.registry
+    name = f"orphan-{secrets.token_hex(4)}"
+    registry.store.create_workspace(name, "admin")
+    ws = registry.store.workspace(name)
+    assert ws is not None
+    source = ("ab" * 32, 10)
+    fresh = registry.store.add_model_version(ws, name, "", 0, "sklearn", (), (), lambda: None, source=source)
+    old = registry.store.add_model_version(ws, name, "", 0, "sklearn", (), (), lambda: None, source=source)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE model_versions v SET created_at = now() - interval '1 day' FROM models m "
+            "WHERE m.id = v.model_id AND m.name = %s AND v.version = %s",
+            (name, old.version),
+        )
+    assert registry.expire_conversions() == 1
+    stopped = registry.store.get_model_version(ws, name, old.version)
+    assert stopped is not None and stopped.status == "error"
+    assert stopped.conversion_log == "the registry stopped during the conversion; upload the model again"
+    # A conversion younger than the limits may still be running in another registry: left alone.
+    running = registry.store.get_model_version(ws, name, fresh.version)
+    assert running is not None and running.status == "converting"

@@ -75,11 +75,6 @@ class RegistryServer:
             self.store.close()
             raise
         kafka.ensure_topics(self.registry.admin, kafka.platform_topics(self.settings))
-        interrupted = self.store.fail_interrupted_conversions()
-        if interrupted:
-            log.warning(
-                "%d model conversions were interrupted by the last stop: marked as errors", interrupted
-            )
         try:
             republished = self.registry.reconcile(everything=True)
         except Unavailable as exc:

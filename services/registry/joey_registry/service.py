@@ -75,6 +75,7 @@ _ALREADY_GONE = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.GROUP_ID
 UNKNOWN = "Unknown"  # a listed pipeline's status when the heartbeats or partitions could not be read
 DEFAULT_LOG_LIMIT = 100
 MAX_LOG_LIMIT = 10_000
+_CONVERSION_MARGIN_S = 60.0  # beyond a conversion's own limits: storing its ONNX, a slow database
 
 
 def _valid_name(kind: str, name: str) -> str:
@@ -288,6 +289,14 @@ class Registry:
                 log.exception("could not record the failed conversion")
         finally:
             conversion.remove()
+
+    def expire_conversions(self) -> int:
+        """Mark as errors the conversions no registry is running any more: started longer ago than a
+        conversion and its ONNX check may take (a registry that stopped meanwhile never finishes them).
+        By age, not at start: other registries may be converting meanwhile."""
+        settings = self.settings
+        longest = settings.conversion_timeout_s + settings.upload_check_timeout_s + _CONVERSION_MARGIN_S
+        return self.store.fail_stale_conversions(longest)
 
     @contextmanager
     def _staged(self, chunks: Iterable[bytes]) -> Iterator[tuple[Path, str, int]]:

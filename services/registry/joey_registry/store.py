@@ -514,13 +514,18 @@ class Store:
             before_commit()
         return True
 
-    def fail_interrupted_conversions(self) -> int:
-        """At start: conversions the last registry process did not finish will never finish."""
+    def fail_stale_conversions(self, older_than_s: float) -> int:
+        """Conversions started longer ago than any can take: their registry stopped before finishing."""
         with self._conn() as conn:
             return conn.execute(
                 "UPDATE model_versions SET status = %s, conversion_log = conversion_log || %s "
-                "WHERE status = %s",
-                (ERROR, "the registry stopped during the conversion; upload the model again", CONVERTING),
+                "WHERE status = %s AND created_at < now() - make_interval(secs => %s)",
+                (
+                    ERROR,
+                    "the registry stopped during the conversion; upload the model again",
+                    CONVERTING,
+                    older_than_s,
+                ),
             ).rowcount
 
     def list_models(self, ws: WorkspaceRef) -> list[Model]:
