@@ -102,7 +102,8 @@ def test_a_conversion_no_registry_finishes_becomes_an_error_once_older_than_any_
             "WHERE m.id = v.model_id AND m.name = %s AND v.version = %s",
             (name, old.version),
         )
-    assert registry.expire_conversions() == 1
+    # The session stack's registry, on the same database, may expire it first in its reconciler round.
+    assert registry.expire_conversions() in (0, 1)
     stopped = registry.store.get_model_version(ws, name, old.version)
     assert stopped is not None and stopped.status == "error"
     assert stopped.conversion_log == "the registry stopped during the conversion; upload the model again"
