@@ -60,6 +60,7 @@ from engine_throughput import (  # noqa: E402
     stack_secrets,
     wait_until,
 )
+from measure import RoundTrip  # noqa: E402
 
 from train_model import make_records, train_and_export  # noqa: E402
 
@@ -77,31 +78,11 @@ def timed(call: Callable[[], object], calls: int) -> list[float]:
     return latencies
 
 
-class RoundTrip:
-    """One record produced to a topic and read back, by clients that stay open."""
-
-    def __init__(self, settings: CommonSettings) -> None:
-        names = topics.PipelineTopics("bench.rtt.in", "bench.rtt", "bench.rtt.errors")
-        admin = kafka.admin_client(settings)
-        kafka.ensure_topics(admin, [kafka.TopicSpec(t, 1) for t in names.all()])
-        self._topic = names.outputs
-        self._producer = Producer(kafka.producer_config(settings, **{"linger.ms": 0}))
-        self._reader = ReplyReader(settings, names)
-
-    def __call__(self) -> None:
-        request_id = uuid.uuid4().hex
-        call = Call([request_id])
-        self._reader.expect(call)
-        self._producer.produce(
-            self._topic, b'{"out": {}}', headers=[(records.REQUEST_ID_HEADER, request_id.encode())]
-        )
-        self._producer.poll(0)
-        if not call.done.wait(30):
-            raise TimeoutError("the bare round trip got no record back in 30 s")
-
-    def close(self) -> None:
-        self._producer.flush(5)
-        self._reader.close()
+def round_trip(settings: CommonSettings) -> RoundTrip:
+    """The bare broker hop: one record produced to a topic and read back, by clients that stay open."""
+    names = topics.PipelineTopics("bench.rtt.in", "bench.rtt", "bench.rtt.errors")
+    kafka.ensure_topics(kafka.admin_client(settings), [kafka.TopicSpec(t, 1) for t in names.all()])
+    return RoundTrip(settings, names, names.outputs, b'{"out": {}}')
 
 
 def engine_drain(settings: CommonSettings, rows: list[dict[str, list[float]]]) -> float:
@@ -180,15 +161,15 @@ def main() -> None:
         pipeline = client.build_pipeline(PIPELINE).add_model_step(client.upload_model("iris", model_path))
         pipeline.deploy(replicas=1, timeout=120)
         row = make_records(1, seed=1)
-        round_trip = RoundTrip(settings)
-        stack.callback(round_trip.close)
+        broker_hop = round_trip(settings)
+        stack.callback(broker_hop.close)
 
         def cold() -> None:
             with Client(settings=settings, token=token) as fresh:
                 fresh.get_pipeline(PIPELINE).infer(row)
 
         systems: dict[str, tuple[Callable[[], object], int]] = {
-            "broker": (round_trip, args.calls),
+            "broker": (broker_hop, args.calls),
             "sdk": (lambda: pipeline.infer(row), args.calls),
             "sdk-new-client": (cold, args.cold_calls),
         }

@@ -259,7 +259,7 @@ def workspace_delete(obj: Context, name: str, yes: bool) -> None:
 # Models
 @main.group()
 def model() -> None:
-    """Models and their versions: upload, list, describe, delete."""
+    """Models and their versions: upload, list, describe, tag, artifacts, delete."""
 
 
 @model.command("upload")
@@ -286,6 +286,17 @@ def model() -> None:
     metavar="NAME:DTYPE:SHAPE",
     help="A declared output of a python step (repeatable).",
 )
+@click.option(
+    "--artifact",
+    "artifacts",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="An extra file the version carries (repeatable): notebooks, samples, code, test results. One "
+    "directory: its files, named relative to it; several: files by name, directories under their name.",
+)
+@click.option("--description", default=None, help="What the version is.")
+@click.option("--source", default=None, help="Where it came from: a training run id, a git commit.")
+@click.option("--metadata", default=None, metavar="JSON", help="A JSON object, e.g. '{\"auc\": 0.91}'.")
 @click.option("--no-wait", is_flag=True, help="Return while a native model is still converting.")
 @click.pass_obj
 def model_upload(
@@ -295,9 +306,16 @@ def model_upload(
     framework: str,
     inputs: tuple[str, ...],
     outputs: tuple[str, ...],
+    artifacts: tuple[Path, ...],
+    description: str | None,
+    source: str | None,
+    metadata: str | None,
     no_wait: bool,
 ) -> None:
-    """Upload PATH as a new version of model NAME."""
+    """Upload PATH as a new version of model NAME, with the files it carries and its lineage."""
+    import json
+
+    from joey.client.artifacts import collect
     from joey.client.signatures import parse_option
     from joey_core.models import CONVERTING
 
@@ -306,10 +324,20 @@ def model_upload(
         output_schema = dict(parse_option(text) for text in outputs) or None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    try:
+        extra = (artifacts[0] if len(artifacts) == 1 else list(artifacts)) if artifacts else None
+        files = collect(extra) if extra is not None else []
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--artifact'") from None
+    try:
+        given = json.loads(metadata) if metadata is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="'--metadata'") from None
+    if given is not None and not isinstance(given, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="'--metadata'")
 
-    with click.progressbar(
-        length=path.stat().st_size, label=f"uploading {path.name}", file=sys.stderr
-    ) as bar:
+    total = path.stat().st_size + sum(p.stat().st_size for _, p in files)
+    with click.progressbar(length=total, label=f"uploading {path.name}", file=sys.stderr) as bar:
         sent = [0]
 
         def progress(done: int, total: int) -> None:
@@ -323,6 +351,10 @@ def model_upload(
             progress=progress,
             input_schema=input_schema,
             output_schema=output_schema,
+            artifacts=extra,
+            description=description,
+            source=source,
+            metadata=given,
             wait=False,
         )
     if mv.status == CONVERTING:
@@ -338,6 +370,8 @@ def model_upload(
         for line in mv.conversion_log.splitlines()[1:]:
             click.echo(f"  {line}", err=True)
     click.echo(f"{mv.name} version {mv.version} {mv.status} sha256 {mv.sha256}")
+    if mv.artifact_count:
+        click.echo(f"  artifacts: {mv.artifact_count} files, {mv.artifact_bytes} bytes")
     for kind, specs in (("input", mv.inputs), ("output", mv.outputs)):
         for s in specs:
             click.echo(f"  {kind} {s.name}: {s.dtype} {list(s.shape)}")
@@ -347,15 +381,67 @@ _VERSION_HELP = "Only this version (default: every version)."
 
 
 @model.command("list")
+@click.option("--tag", default=None, help="Only models with this tag.")
+@click.option("--framework", default=None, help="Only versions of this framework.")
+@click.option("--search", default=None, metavar="TERM", help="In model names and descriptions, any case.")
+@click.option("--all-versions", is_flag=True, help="One row per version.")
 @click.pass_obj
-def model_list(obj: Context) -> None:
+def model_list(
+    obj: Context, tag: str | None, framework: str | None, search: str | None, all_versions: bool
+) -> None:
     """List the models.
 
     One row per model: versions, latest version, framework, its inputs and outputs (name, dtype,
-    shape; -1 is any size) and upload time."""
+    shape; -1 is any size), tags and upload time. With --search or --all-versions, one row per
+    version. Filters keep what matches them all."""
 
-    models = obj.client.list_models()
-    echo_table(models, f"no models in workspace {obj.workspace}")
+    if search:
+        rows: Any = obj.client.search_models(search, tag=tag, framework=framework)
+    else:
+        rows = obj.client.list_models(all_versions, tag=tag, framework=framework)
+    echo_table(
+        rows, f"no models in workspace {obj.workspace}" + (" match" if tag or framework or search else "")
+    )
+
+
+@model.command("tag")
+@click.argument("name")
+@click.argument("tag")
+@click.option("--remove", is_flag=True, help="Remove the tag instead.")
+@click.pass_obj
+def model_tag(obj: Context, name: str, tag: str, remove: bool) -> None:
+    """Tag model NAME with TAG (or --remove it); prints its tags.
+
+    A tag is 1 to 64 lowercase letters, digits, '.', '_', ':' or '-'. Adding a tag it has, or removing
+    one it has not, changes nothing."""
+    from joey.client.tags import set_tag
+
+    _echo_tags(set_tag(obj.client, obj.workspace, "model", name, tag, add=not remove))
+
+
+def _echo_tags(tags: tuple[str, ...]) -> None:
+    click.echo(" ".join(tags) if tags else "(no tags)")
+
+
+@model.command("artifacts")
+@click.argument("name")
+@click.option("--version", type=click.IntRange(min=1), help="This version (default: the latest).")
+@click.option(
+    "--download",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Download them under DIR (created if needed), each checked against its sha256.",
+)
+@click.pass_obj
+def model_artifacts(obj: Context, name: str, version: int | None, download: Path | None) -> None:
+    """List the files a version of model NAME carries: name, size and sha256."""
+    mv = obj.client.get_model(name, version)
+    if download is None:
+        echo_table(mv.artifacts(), f"model {name} version {mv.version} carries no artifacts")
+        return
+    written = mv.download_artifacts(download)
+    click.echo(f"downloaded {len(written)} artifacts of {name} version {mv.version} to {download}")
 
 
 @model.command("get")
@@ -370,6 +456,51 @@ def model_get(obj: Context, name: str, version: int | None) -> None:
 
     versions = Listing([obj.client.get_model(name, version)]) if version else obj.client.model_versions(name)
     echo_table(versions, f"model {name} has no versions")
+
+
+@model.command("configure")
+@click.argument("name")
+@click.option("--version", type=click.IntRange(min=1), help=_VERSION_HELP)
+@click.option(
+    "--batch-config",
+    type=click.Choice(["single", "batched"]),
+    default="batched",
+    show_default=True,
+    help="single: the model runs on one record per call.",
+)
+@click.option(
+    "--max-batch-delay-ms",
+    type=click.IntRange(min=0),
+    help="Longest wait for more records of a batch (default: the engine's JOEY_MAX_BATCH_DELAY_MS).",
+)
+@click.option(
+    "--batch-size-target",
+    type=click.IntRange(min=1),
+    help="Most records in a batch (default: the engine's JOEY_MAX_BATCH_SIZE).",
+)
+@click.pass_obj
+def model_configure(
+    obj: Context,
+    name: str,
+    version: int | None,
+    batch_config: str,
+    max_batch_delay_ms: int | None,
+    batch_size_target: int | None,
+) -> None:
+    """Set how the engine runs model NAME (its latest version by default).
+
+    Each call sets the whole config; pipeline versions created after it use it (the next deploy)."""
+    try:
+        mv = obj.client.configure_model(
+            name,
+            version,
+            "single" if batch_config == "single" else None,
+            max_batch_delay_ms,
+            batch_size_target,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(f"model {mv.name} version {mv.version}: {mv.config}")
 
 
 @model.command("describe")
@@ -625,14 +756,30 @@ def pipeline_create(
 
 
 @pipeline.command("list")
+@click.option("--tag", default=None, help="Only pipelines with this tag.")
+@click.option("--search", default=None, metavar="TERM", help="In pipeline names, any case.")
 @click.pass_obj
-def pipeline_list(obj: Context) -> None:
+def pipeline_list(obj: Context, tag: str | None, search: str | None) -> None:
     """List the pipelines.
 
-    One row per pipeline: latest version, deployed version, replicas, status and last change."""
+    One row per pipeline: latest version, deployed version, replicas, status, tags and last change."""
 
-    pipelines = obj.client.list_pipelines()
-    echo_table(pipelines, f"no pipelines in workspace {obj.workspace}")
+    pipelines = obj.client.search_pipelines(search, tag) if search or tag else obj.client.list_pipelines()
+    echo_table(pipelines, f"no pipelines in workspace {obj.workspace}" + (" match" if search or tag else ""))
+
+
+@pipeline.command("tag")
+@click.argument("name")
+@click.argument("tag")
+@click.option("--remove", is_flag=True, help="Remove the tag instead.")
+@click.pass_obj
+def pipeline_tag(obj: Context, name: str, tag: str, remove: bool) -> None:
+    """Tag pipeline NAME with TAG (or --remove it); prints its tags.
+
+    Tags are as for `joey model tag`."""
+    from joey.client.tags import set_tag
+
+    _echo_tags(set_tag(obj.client, obj.workspace, "pipeline", name, tag, add=not remove))
 
 
 @pipeline.command("describe")

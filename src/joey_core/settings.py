@@ -58,8 +58,9 @@ class CommonSettings(BaseSettings):
     """Kafka bootstrap servers. The default is where `joey up` starts the embedded broker."""
 
     stream_idle_s: float = 30.0
-    """The SDK closes a pipeline's producer and reply reader after this long without a call (the next
-    call opens them again): an idle reader still holds the pipeline's topics (see docs/reliability.md)."""
+    """The SDK closes a pipeline's producer and reply reader (the gateway its reply reader) after this
+    long without a call (the next call opens them again): an idle reader still holds the pipeline's
+    topics (see docs/reliability.md)."""
 
     kafka_dev_timeouts: bool = True
     """Short consumer-group session timeouts (4 s / 0.5 s heartbeat) so groups form fast.

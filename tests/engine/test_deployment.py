@@ -141,6 +141,25 @@ def test_replicas_are_capped_and_topics_are_derived(
     assert deployment.topics.all() == ("joey.ws.pipe.inputs", "joey.ws.pipe.outputs", "joey.ws.pipe.errors")
 
 
+def test_model_configs_lower_the_batch_limits_and_mark_single_steps(
+    make_spec: Callable[..., registry_pb2.DeploymentSpec],
+    make_step: StepFactory,
+    make_challenger: StepFactory,
+) -> None:
+    plain = from_proto(make_spec("w", "p"))
+    assert plain.batch_limits(256, 5) == (256, 5)
+    assert not plain.model_steps[0].config.single
+    champion = make_step("0" * 64, challengers=[make_challenger("sum")])
+    champion.config.batch_size_target = 300  # above the engine's: the engine's stands
+    champion.config.batch_config = "single"
+    champion.challengers[0].config.max_batch_delay_ms = 1  # a challenger's counts: it runs in the batch
+    configured = from_proto(make_spec("w", "p", steps=[champion]))
+    assert configured.batch_limits(256, 5) == (256, 1)
+    assert configured.model_steps[0].config.single
+    champion.config.batch_size_target = 8
+    assert from_proto(make_spec("w", "p", steps=[champion])).batch_limits(256, 5) == (8, 1)
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
@@ -149,6 +168,8 @@ def test_replicas_are_capped_and_topics_are_derived(
         (lambda s: s.steps[0].__setattr__("model", "a/../b"), "invalid model name"),
         (lambda s: s.__setattr__("deployment_id", "x" * 65), "no valid deployment_id"),
         (lambda s: s.steps.extend([s.steps[0]] * MAX_STEPS), f"more than {MAX_STEPS}"),
+        (lambda s: s.steps[0].config.__setattr__("batch_config", "many"), "batch_config is 'many'"),
+        (lambda s: s.steps[0].config.__setattr__("batch_size_target", 0), "batch_size_target is 0"),
     ],
 )
 def test_records_out_of_bounds_are_refused(

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from joey_core.v1 import registry_pb2
-from joey_engine.deployment import Deployment
+from joey_engine.deployment import Deployment, from_proto
 from joey_engine.pipeline import Failure, PipelineRunner, Result, Success
 from joey_engine.runtime import OnnxRuntime, create_runtime
 from joey_engine.settings import EngineSettings
@@ -857,3 +857,33 @@ def test_a_record_alone_that_makes_the_runner_raise_is_answered_by_its_failure_u
     short = _Broken(make_deployment(), [load(iris_model)], error=OSError(24, "Too many open files"))
     with pytest.raises(OSError, match="Too many open files"):
         short.run(one)
+
+
+class CountingRuntime(OnnxRuntime):
+    """The ONNX runtime, noting how many records each call ran on."""
+
+    def __init__(self) -> None:
+        super().__init__(SETTINGS)
+        self.calls: list[int] = []
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.append(len(next(iter(inputs.values()))))
+        return super().predict(inputs)
+
+
+def test_a_single_step_runs_each_record_of_a_batch_alone_with_the_batchs_results(
+    iris_model: Path, make_spec: Callable[..., registry_pb2.DeploymentSpec], make_step: StepFactory
+) -> None:
+    rows = ROWS * 3
+    records = [encode({"features": row}) for row in rows]
+    runs = []
+    for batch_config in ("", "single"):
+        step = make_step("0" * 64)
+        step.config.batch_config = batch_config
+        runtime = CountingRuntime()
+        runtime.load(iris_model)
+        results = PipelineRunner(from_proto(make_spec("w", "p", steps=[step])), [runtime]).run(records)
+        runs.append((runtime.calls, [r.outputs["label"] for r in results if isinstance(r, Success)]))
+    (batched_calls, batched), (single_calls, single) = runs
+    assert (batched_calls, single_calls) == ([len(rows)], [1] * len(rows))
+    assert single == batched == direct(iris_model, rows)["label"].tolist()

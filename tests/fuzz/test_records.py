@@ -8,6 +8,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from joey_core import records
 from joey_core.records import RecordError, bounded_text, decode_input
 
 _SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
@@ -77,7 +78,8 @@ def test_an_integer_too_long_to_convert_is_refused() -> None:
 def json_decision(value: bytes) -> tuple[str, str]:
     """What decode_input decided when it parsed with json alone (before orjson): the row, or the reason."""
     try:
-        row = json.loads(value, object_pairs_hook=_refuse_duplicates)
+        # The hook decode_input ran json with.
+        row = json.loads(value, object_pairs_hook=records._unique_keys)  # noqa: SLF001
     except RecordError as exc:
         return "refused", str(exc)
     except RecursionError:
@@ -90,19 +92,6 @@ def json_decision(value: bytes) -> tuple[str, str]:
             f"record must be a JSON object mapping input names to values, got {type(row).__name__}",
         )
     return "row", repr(row)
-
-
-def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    row = dict(pairs)
-    if len(row) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise RecordError(
-                    f"record has the key {bounded_text(key, 100)!r} more than once in one object"
-                )
-            seen.add(key)
-    return row
 
 
 def decision(value: bytes) -> tuple[str, str]:

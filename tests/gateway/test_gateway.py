@@ -77,6 +77,8 @@ def gateway(stack: Stack, service_factory: Callable[..., ServiceProcess]) -> Gat
         JOEY_OIP_HTTP_ADDR=http_addr,
         JOEY_REQUEST_TIMEOUT_S="120",
         JOEY_METRICS_PORT=str(metrics_port),
+        # Readers of idle pipelines closed within the tests, and opened again by the next request.
+        JOEY_STREAM_IDLE_S="2",
     )
     wait_service_ready(stack.env, "gateway")
     return Gateway(process, grpc_addr, http_addr, metrics_port)
@@ -91,6 +93,12 @@ def counter(gateway: Gateway, outcome: str, pipeline: str = PIPELINE) -> float:
         f'joey_gateway_requests_total{{outcome="{outcome}",pipeline="{pipeline}",workspace="{workspace}"}}'
     )
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " "))
+
+
+def reply_readers(gateway: Gateway) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return next(float(line.split()[-1]) for line in lines if line.startswith("joey_gateway_reply_readers "))
 
 
 def features(count: int, seed: int) -> np.ndarray:
@@ -264,6 +272,20 @@ def test_plain_rest(gateway: Gateway, iris: Pipeline, iris_model: Path) -> None:
     assert counter(gateway, "ok") == before["ok"] + 2
     assert counter(gateway, "invalid_argument") == before["invalid_argument"] + 2
     assert counter(gateway, "not_found", pipeline="") == unknown_before + 1
+
+
+def test_an_idle_pipelines_reader_is_closed_and_its_next_request_opens_one(
+    gateway: Gateway, iris: Pipeline, iris_model: Path
+) -> None:
+    x = features(2, seed=9)
+    body = {"inputs": [{"name": "features", "shape": [2, 4], "datatype": "FP32", "data": x.tolist()}]}
+    label, _ = direct(iris_model, x)
+    for _ in range(2):
+        status, reply = post(f"{gateway.http_url}/v2/models/{PIPELINE}/infer", body)
+        assert status == 200, reply
+        assert {o["name"]: o["data"] for o in reply["outputs"]}["label"] == label.tolist()
+        assert reply_readers(gateway) >= 1
+        wait_until(lambda: reply_readers(gateway) == 0, 30, "the idle reader to be closed", interval=0.2)
 
 
 def test_anonymous_and_bad_tokens_are_refused(gateway: Gateway, iris: Pipeline) -> None:

@@ -50,14 +50,23 @@ def test_lists_describe_and_deletes(
     # Not a terminal: bare names, for scripts.
     assert ws in joey(cli_env, "workspace", "list").stdout.splitlines()
     models = joey(cli_env, "model", "list").stdout.splitlines()
-    assert models[0].split() == ["name", "versions", "latest", "framework", "inputs", "outputs", "uploaded"]
+    assert models[0].split() == [
+        "name",
+        "versions",
+        "latest",
+        "framework",
+        "inputs",
+        "outputs",
+        "tags",
+        "uploaded",
+    ]
     assert models[1].split()[:6] == ["iris", "2", "2", "onnx", "features", "float32[-1,4]"]
     assert "label int64[-1], probabilities float32[-1,3]" in models[1]
     versions = joey(cli_env, "model", "get", "iris").stdout.splitlines()
     assert versions[0].split()[:6] == ["name", "version", "framework", "status", "inputs", "outputs"]
     assert [line.split()[1] for line in versions[1:]] == ["1", "2"]
     pipelines = joey(cli_env, "pipeline", "list").stdout.splitlines()
-    assert pipelines[0].split() == ["name", "latest", "deployed", "replicas", "status", "updated"]
+    assert pipelines[0].split() == ["name", "latest", "deployed", "replicas", "status", "tags", "updated"]
     assert pipelines[1].split()[:5] == ["idle", "1", "no", "-", "Undeployed"]
     assert pipelines[2].split()[:5] == ["p", "1", "v1", "1", "Running"]
     assert pipelines[2].endswith(" UTC") and models[1].endswith(" UTC")
@@ -187,4 +196,47 @@ def test_deletes_ask_first_and_refuse_without_a_terminal(
     code, output = in_terminal(cli_env, "y", "pipeline", "delete", "p")
     assert code == 0, output
     assert output.splitlines()[-1] == "deleted pipeline p: 2 versions, 0 logged inferences"
+    client.close()
+
+
+def test_artifacts_tags_and_filtered_lists(
+    cli_env: dict[str, str], settings: CommonSettings, iris_model: Path, tmp_path: Path
+) -> None:
+    ws = cli_env["JOEY_WORKSPACE"]
+    client = Client(settings=settings, workspace=ws)
+    client.create_workspace(ws)
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    (tmp_path / "run" / "train.ipynb").write_text("{}")
+    (tmp_path / "run" / "data" / "sample.csv").write_text("a,b\n1,2\n")
+
+    uploaded = joey(
+        cli_env, "model", "upload", "iris", str(iris_model), "--artifact", str(tmp_path / "run"),
+        "--source", "git:4f2a9c1", "--metadata", '{"auc": 0.91}',
+    ).stdout.splitlines()  # fmt: skip
+    assert uploaded[1] == "  artifacts: 2 files, 10 bytes"
+    assert client.get_model("iris").metadata == {"auc": 0.91}
+    client.upload_model("other", iris_model)
+    client.build_pipeline("p").add_model_step("iris").create()
+
+    listed = joey(cli_env, "model", "artifacts", "iris").stdout.splitlines()
+    assert [line.split()[:2] for line in listed] == [
+        ["name", "size_bytes"],
+        ["data/sample.csv", "8"],
+        ["train.ipynb", "2"],
+    ]
+    out = tmp_path / "out"
+    assert joey(cli_env, "model", "artifacts", "iris", "--download", str(out)).stdout.strip() == (
+        f"downloaded 2 artifacts of iris version 1 to {out}"
+    )
+    assert (out / "data" / "sample.csv").read_text() == "a,b\n1,2\n"
+
+    assert joey(cli_env, "model", "tag", "iris", "fraud").stdout.strip() == "fraud"
+    assert joey(cli_env, "pipeline", "tag", "p", "fraud").stdout.strip() == "fraud"
+    models = joey(cli_env, "model", "list", "--tag", "fraud", "--framework", "onnx").stdout.splitlines()
+    assert [line.split()[0] for line in models[1:]] == ["iris"]
+    assert joey(cli_env, "pipeline", "list", "--tag", "fraud").stdout.splitlines()[1].split()[0] == "p"
+    assert refused(cli_env, "model", "tag", "iris", "Fraud").startswith(
+        "Error: tag 'Fraud' refused (tags are lowercase: 'fraud')"
+    )
+    assert joey(cli_env, "model", "tag", "iris", "fraud", "--remove").stdout.strip() == "(no tags)"
     client.close()

@@ -116,6 +116,14 @@ RULES: dict[str, Rule] = {
         IN_WORKSPACE,
         lambda s, w, r: s.GetModelVersion(pb.GetModelVersionRequest(workspace=w.workspace, name=w.model)),
     ),
+    "ConfigureModel": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.ConfigureModel(
+            pb.ConfigureModelRequest(
+                workspace=w.workspace, name=w.model, config=pb.ModelConfig(max_batch_delay_ms=1)
+            )
+        ),
+    ),
     "DownloadArtifact": (
         ARTIFACT,
         lambda s, w, r: list(
@@ -253,6 +261,26 @@ RULES: dict[str, Rule] = {
         lambda s, w, r: s.Authorize(pb.AuthorizeRequest(workspace=w.workspace, action="infer")),
     ),
     "QueryAudit": (PLATFORM_ADMIN, lambda s, w, r: s.QueryAudit(pb.QueryAuditRequest(limit=1))),
+    "ListModelArtifacts": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.ListModelArtifacts(pb.ArtifactListRequest(workspace=w.workspace, name=w.model)),
+    ),
+    "AddTag": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.AddTag(pb.TagRequest(workspace=w.workspace, model=w.model, tag="matrix")),
+    ),
+    "RemoveTag": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.RemoveTag(pb.TagRequest(workspace=w.workspace, pipeline=w.pipeline, tag="matrix")),
+    ),
+    "SearchModels": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.SearchModels(pb.SearchModelsRequest(workspace=w.workspace, tag="matrix")),
+    ),
+    "SearchPipelines": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.SearchPipelines(pb.SearchPipelinesRequest(workspace=w.workspace, search_term="p")),
+    ),
 }
 
 

@@ -347,7 +347,7 @@ def test_a_failed_upload_keeps_the_file_an_upload_of_the_same_bytes_recorded_mea
     store = registry_server.registry.store
     original = store.add_model_version
 
-    def store_then_fail(ws: Any, name: str, *args: Any) -> Any:
+    def store_then_fail(ws: Any, name: str, *args: Any, **extras: Any) -> Any:
         *fields, store_artifact = args
         store_artifact()  # this upload writes the file...
         monkeypatch.setattr(store, "add_model_version", original)

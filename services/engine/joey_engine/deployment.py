@@ -9,7 +9,7 @@ from functools import cached_property
 from google.protobuf import json_format
 
 from joey_core import topics
-from joey_core.models import TensorSpec, specs_from_proto
+from joey_core.models import ModelConfig, TensorSpec, specs_from_proto
 from joey_core.records import dumps_text
 from joey_core.v1 import registry_pb2
 
@@ -42,6 +42,7 @@ class Step:
     challengers: tuple[Step, ...] = ()
     """Set on a shadow step (this step's model is the champion): models fed from the same sources, each
     per its own mapping, whose outputs are only recorded; they never change the step's result."""
+    config: ModelConfig = ModelConfig()
 
     def source(self, name: str) -> str:
         """Where input ``name`` is fed from."""
@@ -114,6 +115,14 @@ class Deployment:
             elif isinstance(step, Split):
                 loaded += step.arms
         return tuple(loaded)
+
+    def batch_limits(self, max_size: int, max_delay_ms: int) -> tuple[int, int]:
+        """The most records in one batch and the longest wait for more: the engine's settings, lowered
+        by any model's config (one batch runs through every step)."""
+        configs = [step.config for step in self.artifact_steps]
+        sizes = [c.batch_size_target for c in configs if c.batch_size_target is not None]
+        delays = [c.max_batch_delay_ms for c in configs if c.max_batch_delay_ms is not None]
+        return min([max_size, *sizes]), min([max_delay_ms, *delays])
 
     @cached_property
     def has_shadow(self) -> bool:
@@ -227,6 +236,7 @@ def _model_step(spec: registry_pb2.ResolvedStep, challengers: tuple[Step, ...] =
         specs_from_proto(spec.outputs),
         tuple(sorted((name, source) for name, source in spec.input_mapping.items() if source != name)),
         challengers,
+        ModelConfig.from_proto(spec.config),
     )
 
 

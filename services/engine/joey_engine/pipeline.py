@@ -862,7 +862,7 @@ class PipelineRunner:
                 outputs = current = self._run_split(stage, current, choices[:, stage.index])
             else:
                 step_feeds = {t.name: _cast(current[source], t.dtype) for t, source in stage.sources}
-                produced = self._run_model(stage.what, stage.runtime, step_feeds, n)
+                produced = self._run_model(stage.what, stage.step, stage.runtime, step_feeds, n)
                 if stage.challengers:
                     assert shadowed is not None
                     shadowed.extend(self._shadow(c, current, rows) for c in stage.challengers)
@@ -886,7 +886,7 @@ class PipelineRunner:
                 t.name: _cast(current[source] if whole else current[source][picked], t.dtype)
                 for t, source in arm.sources
             }
-            parts.append((picked, self._run_model(arm.what, arm.runtime, feeds, picked.size)))
+            parts.append((picked, self._run_model(arm.what, arm.step, arm.runtime, feeds, picked.size)))
         if len(parts) == 1:
             return parts[0][1]
         merged: dict[str, np.ndarray] = {}
@@ -903,10 +903,10 @@ class PipelineRunner:
         return merged
 
     def _run_model(
-        self, what: str, runtime: ModelRuntime, feeds: dict[str, np.ndarray], n: int
+        self, what: str, step: Step, runtime: ModelRuntime, feeds: dict[str, np.ndarray], n: int
     ) -> dict[str, np.ndarray]:
         try:
-            produced = self._predict(runtime, feeds, n)
+            produced = self._predict(runtime, feeds, n, step.config.single)
         except RuntimeAborted as exc:
             raise StepAborted(f"{what} failed: {exc}", exc.crashed) from exc
         except Exception as exc:
@@ -946,7 +946,7 @@ class PipelineRunner:
             names = [i.tensor.name for i in challenger.record_inputs]
             feeds |= {name: np.stack([a[name] for a in arrays]) for name in names}
             feeds = {t.name: _cast(feeds[t.name], t.dtype) for t in challenger.runtime.inputs}
-            produced = self._run_model(challenger.what, challenger.runtime, feeds, len(kept))
+            produced = self._run_model(challenger.what, challenger.step, challenger.runtime, feeds, len(kept))
         except Exception as exc:  # a challenger must never fail the record
             reason = str(exc)
             errors.update(dict.fromkeys(kept, reason))
@@ -962,9 +962,11 @@ class PipelineRunner:
         return _Shadowed(model, columns, errors)
 
     @staticmethod
-    def _predict(runtime: ModelRuntime, feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        if n == 1 or all(t.shape[:1] == (-1,) for t in runtime.inputs):
+    def _predict(
+        runtime: ModelRuntime, feeds: dict[str, np.ndarray], n: int, single: bool
+    ) -> dict[str, np.ndarray]:
+        if n == 1 or (not single and all(t.shape[:1] == (-1,) for t in runtime.inputs)):
             return runtime.predict(feeds)
-        # A fixed first dimension (usually 1) means the model takes one record per call.
+        # A fixed first dimension (usually 1), or batch_config "single", means one record per call.
         parts = [runtime.predict({name: value[i : i + 1] for name, value in feeds.items()}) for i in range(n)]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

@@ -78,6 +78,9 @@ class ReplicaWorker:
         """Counts the group's assignments to this replica (one after every rebalance); the engine reads it."""
         self._pending: dict[tuple[str, int], int] = {}
         self._limit = kafka.max_record_bytes(settings)
+        self._max_batch, self._batch_delay_ms = deployment.batch_limits(
+            settings.max_batch_size, settings.max_batch_delay_ms
+        )
         self._rewinds = 0
         """Consecutive batches rewound because the broker did not acknowledge them."""
         self._retry_s = 0.0
@@ -168,12 +171,11 @@ class ReplicaWorker:
         first = consumer.poll(IDLE_POLL_S)
         if first is None:
             return []
-        settings = self._settings
         messages = [first]
-        deadline = time.monotonic() + settings.max_batch_delay_ms / 1000
+        deadline = time.monotonic() + self._batch_delay_ms / 1000
         wait = 0.0
-        while len(messages) < settings.max_batch_size:
-            more = consumer.consume(settings.max_batch_size - len(messages), wait)
+        while len(messages) < self._max_batch:
+            more = consumer.consume(self._max_batch - len(messages), wait)
             if not more:
                 break
             messages += more

@@ -28,6 +28,10 @@ STALE_ANSWERS = Counter(
     "Requests served on an old answer of the registry (kind: catalog, auth) because it could not answer",
     ("kind",),
 )
+REPLY_READERS = Gauge(
+    "joey_gateway_reply_readers",
+    "Pipelines whose outputs this gateway reads; one idle for JOEY_STREAM_IDLE_S is closed",
+)
 CATALOG_STALE = Gauge(
     "joey_gateway_catalog_stale",
     "1 while the registry cannot answer and the last known catalog is served, else 0",

@@ -12,7 +12,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import pyarrow as pa
@@ -71,6 +73,15 @@ def _named(what: str, workspace: str, pipeline: str) -> tuple[str, str]:
     return workspace, pipeline
 
 
+@dataclass
+class _Held:
+    """A pipeline's reply reader, with the requests using it and since when none has."""
+
+    reader: ReplyReader
+    calls: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self._settings = settings
@@ -87,9 +98,11 @@ class Gateway:
         # Each pipeline's requests in flight, bounded so that a slow pipeline cannot hold every thread.
         self._slots: dict[tuple[str, str], threading.BoundedSemaphore] = {}
         self._slots_lock = threading.Lock()
-        self._readers: dict[str, ReplyReader] = {}
+        self._readers: dict[str, _Held] = {}
         self._readers_lock = threading.Lock()
         self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="idle-readers", daemon=True)
+        self._reaper.start()
         self._in_flight = 0
         self._idle = threading.Condition()
         self._poller = threading.Thread(target=self._poll_producer, name="producer-poll", daemon=True)
@@ -304,37 +317,38 @@ class Gateway:
         ]
         values = self._records(rows, call.request_ids, headers)
         names = topics.pipeline_topics(info.workspace, info.pipeline)
-        reader = self._reader(names)
-        reader.expect(call)
-        try:
+        with self._reading(names) as reader:
+            reader.expect(call)
+            try:
 
-            def delivered(err: KafkaError | None, msg: Any) -> None:
-                if err is not None:
-                    call.fail(f"request not accepted by Kafka: {err}")
+                def delivered(err: KafkaError | None, msg: Any) -> None:
+                    if err is not None:
+                        call.fail(f"request not accepted by Kafka: {err}")
 
-            for sent, (request_id, value, record_headers) in enumerate(
-                zip(call.request_ids, values, headers, strict=True)
-            ):
-                self._produce(
-                    names.inputs,
-                    value,
-                    request_id.encode(),
-                    record_headers,
-                    delivered,
-                    # Nothing sent yet: refused whole at once. Part sent: the rest follows when there is room.
-                    None if sent == 0 else deadline,
-                )
-            if not call.done.wait(max(0.0, deadline - time.time())):
-                raise GatewayError(
-                    Status.DEADLINE_EXCEEDED,
-                    f"{DEADLINE_EXCEEDED}: {len(call.replies)} of {len(rows)} records answered in time "
-                    f"by pipeline {info.pipeline!r} (status {info.status})",
-                )
-        finally:
-            reader.forget(call)
-        if call.failure is not None:
-            raise GatewayError(Status.UNAVAILABLE, call.failure)
-        return [call.replies[request_id] for request_id in call.request_ids]
+                for sent, (request_id, value, record_headers) in enumerate(
+                    zip(call.request_ids, values, headers, strict=True)
+                ):
+                    self._produce(
+                        names.inputs,
+                        value,
+                        request_id.encode(),
+                        record_headers,
+                        delivered,
+                        # Nothing sent yet: refused whole at once. Part sent: the rest follows when there
+                        # is room.
+                        None if sent == 0 else deadline,
+                    )
+                if not call.done.wait(max(0.0, deadline - time.time())):
+                    raise GatewayError(
+                        Status.DEADLINE_EXCEEDED,
+                        f"{DEADLINE_EXCEEDED}: {len(call.replies)} of {len(rows)} records answered in time "
+                        f"by pipeline {info.pipeline!r} (status {info.status})",
+                    )
+            finally:
+                reader.forget(call)
+            if call.failure is not None:
+                raise GatewayError(Status.UNAVAILABLE, call.failure)
+            return [call.replies[request_id] for request_id in call.request_ids]
 
     def _records(
         self, rows: list[dict[str, Any]], request_ids: list[str], headers: list[_Headers]
@@ -417,16 +431,43 @@ class Gateway:
             tensors.append(from_rows(name, info.output_datatype(name), [out.get(name) for out in outs]))
         return InferResponse(request.model, str(info.version), request.id, tensors)
 
-    def _reader(self, names: topics.PipelineTopics) -> ReplyReader:
+    @contextmanager
+    def _reading(self, names: topics.PipelineTopics) -> Iterator[ReplyReader]:
+        """The pipeline's reader, made on first use (or when the last one stopped), kept while in use."""
+        stopped = None
         with self._readers_lock:
-            reader = self._readers.get(names.outputs)
-            if reader is None or not reader.alive:
+            held = self._readers.get(names.outputs)
+            if held is None or not held.reader.alive:
+                stopped = held
                 try:
-                    reader = ReplyReader(self._settings, names)
+                    held = _Held(ReplyReader(self._settings, names))
                 except LookupError as exc:
                     raise GatewayError(Status.UNAVAILABLE, str(exc)) from None
-                self._readers[names.outputs] = reader
-            return reader
+                self._readers[names.outputs] = held
+                metrics.REPLY_READERS.set(len(self._readers))
+            held.calls += 1
+        if stopped is not None:
+            stopped.reader.close()
+        try:
+            yield held.reader
+        finally:
+            with self._readers_lock:
+                held.calls -= 1
+                held.idle_since = time.monotonic()
+
+    def _reap(self) -> None:
+        # An idle reader holds its pipeline's topics, which a reader must not hold while they are deleted
+        # (docs/reliability.md); the next request of the pipeline opens a new one.
+        idle_s = self._settings.stream_idle_s
+        while not self._stop.wait(min(max(idle_s / 4, 0.05), 5.0)):
+            now = time.monotonic()
+            with self._readers_lock:
+                idle = [k for k, h in self._readers.items() if not h.calls and now - h.idle_since >= idle_s]
+                closing = [self._readers.pop(k) for k in idle]
+                metrics.REPLY_READERS.set(len(self._readers))
+            for held in closing:
+                log.debug("closing the idle reader of %s", held.reader)
+                held.reader.close()
 
     def _poll_producer(self) -> None:
         while not self._stop.is_set():
@@ -435,9 +476,11 @@ class Gateway:
     def close(self) -> None:
         self._stop.set()
         self._poller.join(5)
+        self._reaper.join(5)
         self._producer.flush(5)
         with self._readers_lock:
-            for reader in self._readers.values():
-                reader.close()
+            for held in self._readers.values():
+                held.reader.close()
             self._readers.clear()
+            metrics.REPLY_READERS.set(0)
         self._registry.close()

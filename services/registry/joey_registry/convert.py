@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from joey_core.models import specs_from_proto
+from joey_core.models import ArtifactFile, ModelConfig, specs_from_proto
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry import domain
@@ -40,7 +40,9 @@ def workspace(ws: domain.Workspace) -> pb.Workspace:
 
 
 def model(m: domain.Model) -> pb.Model:
-    return pb.Model(workspace=m.workspace, name=m.name, versions=[v.to_proto() for v in m.versions])
+    return pb.Model(
+        workspace=m.workspace, name=m.name, versions=[v.to_proto() for v in m.versions], tags=m.tags
+    )
 
 
 def model_description(d: domain.ModelDescription) -> pb.ModelDescription:
@@ -64,7 +66,24 @@ def upload_header(header: pb.UploadModelHeader) -> domain.UploadHeader:
         inputs=specs_from_proto(header.inputs),
         outputs=specs_from_proto(header.outputs),
         sample_input=_sample_input(header.sample_input_json),
+        description=header.description,
+        source=header.source,
+        metadata_json=header.metadata_json,
+        artifacts=tuple(ArtifactFile.from_proto(f) for f in header.artifacts),
     )
+
+
+def model_search(request: pb.SearchModelsRequest) -> domain.ModelSearch:
+    return domain.ModelSearch(
+        search_term=request.search_term or None,
+        tag=request.tag or None,
+        framework=request.framework or None,
+        uploaded_after=optional_datetime(request, "uploaded_after"),  # type: ignore[arg-type]
+    )
+
+
+def pipeline_search(request: pb.SearchPipelinesRequest) -> domain.PipelineSearch:
+    return domain.PipelineSearch(search_term=request.search_term or None, tag=request.tag or None)
 
 
 _MAX_SAMPLE_JSON = 1 << 20
@@ -130,6 +149,13 @@ def _step_ref(step: pb.ModelStep) -> domain.StepRef:
     )
 
 
+def model_config(config: pb.ModelConfig) -> ModelConfig:
+    try:
+        return ModelConfig.from_proto(config)
+    except ValueError as exc:
+        raise InvalidArgument(f"model config: {exc}") from None
+
+
 def resolved_step(step: domain.Step) -> pb.ResolvedStep:
     if isinstance(step, domain.ValidationsStep):
         return pb.ResolvedStep(checks=dict(step.checks))
@@ -153,6 +179,7 @@ def resolved_step(step: domain.Step) -> pb.ResolvedStep:
         inputs=[s.to_proto() for s in step.inputs],
         outputs=[s.to_proto() for s in step.outputs],
         input_mapping=dict(step.input_mapping),
+        config=step.config.to_proto(),
     )
 
 
@@ -222,6 +249,7 @@ def pipeline(p: domain.Pipeline) -> pb.Pipeline:
         versions=[pipeline_version(v) for v in p.versions],
         updated_at=timestamp(p.updated_at),
         status=p.status,
+        tags=p.tags,
     )
     if p.deployment is not None:
         message.deployment.CopyFrom(deployment(p.deployment))

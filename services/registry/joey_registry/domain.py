@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from joey_core.models import ModelVersion, TensorSpec, specs_from_json
+from joey_core.models import ArtifactFile, ModelConfig, ModelVersion, TensorSpec, specs_from_json
 from joey_core.topics import PipelineTopics
 
 
@@ -71,6 +71,7 @@ class Model:
     workspace: str
     name: str
     versions: tuple[ModelVersion, ...]  # oldest first
+    tags: tuple[str, ...] = ()  # sorted
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,36 @@ class UploadHeader:
     outputs: tuple[TensorSpec, ...] = ()
     sample_input: Mapping[str, Any] | None = None
     """Native frameworks: rows the conversion is verified on, by input name."""
+    description: str = ""
+    source: str = ""
+    metadata_json: str = ""
+    artifacts: tuple[ArtifactFile, ...] = ()
+    """The extra files whose bytes follow the model's, in this order."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a model version says of where it came from."""
+
+    description: str = ""
+    source: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSearch:
+    """Filters of a model search; None matches anything."""
+
+    search_term: str | None = None
+    tag: str | None = None
+    framework: str | None = None
+    uploaded_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PipelineSearch:
+    search_term: str | None = None
+    tag: str | None = None
 
 
 InputMapping = tuple[tuple[str, str], ...]
@@ -114,10 +145,11 @@ class ResolvedStep:
     outputs: tuple[TensorSpec, ...]
     # Only inputs fed from another name: an identity entry would make an equal pipeline differ.
     input_mapping: InputMapping = ()
+    config: ModelConfig = ModelConfig()
 
     @classmethod
     def of(cls, mv: ModelVersion) -> ResolvedStep:
-        return cls(mv.name, mv.version, mv.sha256, mv.runtime, mv.inputs, mv.outputs)
+        return cls(mv.name, mv.version, mv.sha256, mv.runtime, mv.inputs, mv.outputs, config=mv.config)
 
     def source(self, input_name: str) -> str:
         """The name this model's input is fed from."""
@@ -136,6 +168,8 @@ class ResolvedStep:
         }
         if self.input_mapping:
             data["input_mapping"] = dict(self.input_mapping)
+        if config := self.config.to_json():
+            data["config"] = config
         return data
 
     @classmethod
@@ -148,6 +182,7 @@ class ResolvedStep:
             inputs=specs_from_json(data["inputs"]),
             outputs=specs_from_json(data["outputs"]),
             input_mapping=input_mapping(data.get("input_mapping", {})),
+            config=ModelConfig.from_json(data.get("config", {})),
         )
 
 
@@ -378,6 +413,7 @@ class Pipeline:
     deployment: Deployment | None
     status: str = ""
     """The deployment's status now; set by listings only (reading it costs heartbeat reads)."""
+    tags: tuple[str, ...] = ()  # sorted
 
     @property
     def updated_at(self) -> datetime:

@@ -68,6 +68,7 @@ _TARGET_FIELDS = frozenset(
         "all_versions",
         "admin",
         "action",
+        "tag",
     }
 )
 _WORKSPACE_NAMED = frozenset({"CreateWorkspace", "DeleteWorkspace"})
@@ -205,20 +206,43 @@ _audited = _guarded(AUDITED)
 _public = _guarded(PUBLIC)
 
 
-def _upload_parts(requests: Iterator[pb.UploadModelRequest]) -> tuple[pb.UploadModelHeader, Iterator[bytes]]:
-    first = next(requests, None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise errors.InvalidArgument(
-            "the first UploadModel message must be the header (workspace, name, framework)"
-        )
+class _UploadParts:
+    """An UploadModel stream split in its parts: the header, the model's bytes, then the bytes of
+    the artifact files (read on from where the model's ended)."""
 
-    def chunks() -> Iterator[bytes]:
-        for message in requests:
-            if message.WhichOneof("part") == "header":
+    def __init__(self, requests: Iterator[pb.UploadModelRequest]) -> None:
+        first = next(requests, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise errors.InvalidArgument(
+                "the first UploadModel message must be the header (workspace, name, framework)"
+            )
+        self.header = first.header
+        self._requests = requests
+        self._first_artifact_bytes: bytes | None = None
+
+    def _parts(self) -> Iterator[tuple[str | None, bytes]]:
+        for message in self._requests:
+            part = message.WhichOneof("part")
+            if part == "header":
                 raise errors.InvalidArgument("UploadModel got a second header; send one header, then chunks")
-            yield message.chunk
+            yield part, message.artifact_chunk if part == "artifact_chunk" else message.chunk
 
-    return first.header, chunks()
+    def model(self) -> Iterator[bytes]:
+        for part, data in self._parts():
+            if part == "artifact_chunk":
+                self._first_artifact_bytes = data
+                return
+            yield data
+
+    def artifacts(self) -> Iterator[bytes]:
+        if self._first_artifact_bytes is not None:
+            yield self._first_artifact_bytes
+        for part, data in self._parts():
+            if part == "chunk":
+                raise errors.InvalidArgument(
+                    "UploadModel got model bytes after artifact bytes; send the model's chunks first"
+                )
+            yield data
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
@@ -248,8 +272,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_audited
     def UploadModel(self, request: Iterator[pb.UploadModelRequest], caller: Caller) -> pb.ModelVersion:
         with self.uploads.admitted(caller.name), self.uploads.receive(request) as messages:
-            header, chunks = _upload_parts(messages)
-            return self.registry.upload_model(caller, convert.upload_header(header), chunks).to_proto()
+            parts = _UploadParts(messages)
+            header = convert.upload_header(parts.header)
+            return self.registry.upload_model(caller, header, parts.model(), parts.artifacts()).to_proto()
 
     @_read
     def ListModels(self, request: pb.ListModelsRequest, caller: Caller) -> pb.ListModelsResponse:
@@ -263,6 +288,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def GetModelVersion(self, request: pb.GetModelVersionRequest, caller: Caller) -> pb.ModelVersion:
         version = self.registry.get_model_version(caller, request.workspace, request.name, request.version)
+        return version.to_proto()
+
+    @_audited
+    def ConfigureModel(self, request: pb.ConfigureModelRequest, caller: Caller) -> pb.ModelVersion:
+        config = convert.model_config(request.config)
+        version = self.registry.configure_model(
+            caller, request.workspace, request.name, request.version, config
+        )
         return version.to_proto()
 
     @_read
@@ -482,3 +515,37 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def QueryAudit(self, request: pb.QueryAuditRequest, caller: Caller) -> pb.QueryAuditResponse:
         entries = self.registry.identity.audit(caller, convert.audit_query(request))
         return pb.QueryAuditResponse(entries=[convert.audit_entry(e) for e in entries])
+
+    # --- catalog: artifacts, tags and search ---
+
+    @_read
+    def ListModelArtifacts(self, request: pb.ArtifactListRequest, caller: Caller) -> pb.ArtifactListResponse:
+        version, files = self.registry.model_artifacts(
+            caller, request.workspace, request.name, request.version
+        )
+        return pb.ArtifactListResponse(version=version, files=[f.to_proto() for f in files])
+
+    @_audited
+    def AddTag(self, request: pb.TagRequest, caller: Caller) -> pb.TagResponse:
+        return self._tag(request, caller, add=True)
+
+    @_audited
+    def RemoveTag(self, request: pb.TagRequest, caller: Caller) -> pb.TagResponse:
+        return self._tag(request, caller, add=False)
+
+    def _tag(self, request: pb.TagRequest, caller: Caller, add: bool) -> pb.TagResponse:
+        kind = request.WhichOneof("target") or ""
+        name = getattr(request, kind) if kind else ""
+        return pb.TagResponse(
+            tags=self.registry.set_tag(caller, request.workspace, kind, name, request.tag, add)
+        )
+
+    @_read
+    def SearchModels(self, request: pb.SearchModelsRequest, caller: Caller) -> pb.ListModelsResponse:
+        models = self.registry.search_models(caller, request.workspace, convert.model_search(request))
+        return pb.ListModelsResponse(models=[convert.model(m) for m in models])
+
+    @_read
+    def SearchPipelines(self, request: pb.SearchPipelinesRequest, caller: Caller) -> pb.ListPipelinesResponse:
+        pipelines = self.registry.list_pipelines(caller, request.workspace, convert.pipeline_search(request))
+        return pb.ListPipelinesResponse(pipelines=[convert.pipeline(p) for p in pipelines])

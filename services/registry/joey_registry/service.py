@@ -20,7 +20,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey_core import heartbeats, kafka, topics
-from joey_core.models import ERROR, READY, ModelVersion
+from joey_core.models import ERROR, READY, ArtifactFile, ModelConfig, ModelVersion
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
@@ -40,8 +40,10 @@ from joey_registry.domain import (
     LogQuery,
     Model,
     ModelDescription,
+    ModelSearch,
     ModelVersionUse,
     Pipeline,
+    PipelineSearch,
     PipelineVersion,
     RandomSplitRef,
     RandomSplitStep,
@@ -58,12 +60,14 @@ from joey_registry.domain import (
 from joey_registry.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from joey_registry.identity import Identity
 from joey_registry.identity_store import IdentityStore
+from joey_registry.lineage import check_lineage, check_manifest, staged_files
 from joey_registry.model_check import ModelCheck
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
 from joey_registry.status import UNDEPLOYED, compute_status
 from joey_registry.steps import check_steps, key_split, map_inputs
 from joey_registry.store import PipelineLock, Store, WorkspaceContents, WorkspaceRef
+from joey_registry.tags import MAX_TAGS, check_search_term, check_tag
 from joey_registry.validation import Signature, framework_name
 
 log = logging.getLogger(__name__)
@@ -170,75 +174,83 @@ class Registry:
 
     # --- models ---
 
-    def upload_model(self, caller: Caller, header: UploadHeader, chunks: Iterable[bytes]) -> ModelVersion:
-        """Spool, hash and validate the upload, then store artifact and version together (or neither)."""
+    def upload_model(
+        self,
+        caller: Caller,
+        header: UploadHeader,
+        chunks: Iterable[bytes],
+        artifact_chunks: Iterable[bytes] = (),
+    ) -> ModelVersion:
+        """Spool, hash and validate the upload (the model's ``chunks``, then the bytes of the files the
+        header declares), then store the model, its files and the version together (or none of them)."""
         ws = self.access.authorize(caller, header.workspace, Action.WRITE)
         name = _valid_name("model", header.name)
         framework = framework_name(header.framework)
-        if framework in CONVERTERS:
-            return self._upload_native(ws, name, framework, header, chunks)
-        if header.sample_input is not None:
-            raise InvalidArgument(
-                f"a sample input verifies a conversion: framework {framework!r} is not converted; upload "
-                "without it"
-            )
-        with self._staged(chunks) as (path, sha256, size):
-            if size == 0:
-                raise InvalidArgument(f"empty upload for model {name!r}: no artifact bytes were received")
-            signature = self.checks.inspect(framework, path, Signature(header.inputs, header.outputs))
-            stored_new = False
-
-            def store_artifact() -> None:
-                nonlocal stored_new
-                stored_new = self.artifacts.put(sha256, path)
-
-            try:
-                version = self.store.add_model_version(
-                    ws, name, sha256, size, framework, signature.inputs, signature.outputs, store_artifact
-                )
-            except BaseException:
-                # The rows were rolled back; an artifact stored only for them would be orphaned. Under
-                # the artifact's lock, and only if unused: an upload of the same bytes may have found
-                # the file meanwhile and recorded its own version.
-                if stored_new:
-                    self.store.remove_artifacts([sha256], self.artifacts.delete)
-                raise
-        log.info("stored model %s/%s version %d (%s, %d bytes)", ws.name, name, version.version, sha256, size)
-        return version
-
-    def _upload_native(
-        self, ws: WorkspaceRef, name: str, framework: str, header: UploadHeader, chunks: Iterable[bytes]
-    ) -> ModelVersion:
-        """Store a native model as a converting version once its child has loaded it (a file that is not
-        such a model is refused, nothing stored), and finish the conversion in the background: the
-        version becomes ready, with its ONNX form checked like any ONNX upload, or an error."""
-        if header.outputs:
+        native = framework in CONVERTERS
+        if native and header.outputs:
             raise InvalidArgument(
                 f"framework {framework!r}: the outputs are the converted model's (label and "
                 "probabilities of a classifier, variable otherwise, output of a PyTorch model): upload "
                 "without an output schema"
             )
-        with self._staged(chunks) as (path, sha256, size):
+        if not native and header.sample_input is not None:
+            raise InvalidArgument(
+                f"a sample input verifies a conversion: framework {framework!r} is not converted; upload "
+                "without it"
+            )
+        lineage = check_lineage(header)
+        check_manifest(header.artifacts, self.settings.max_artifacts, self.settings.max_artifacts_bytes)
+        staging = self.artifacts.staging_dir()
+        with (
+            self._staged(chunks) as (path, sha256, size),
+            staged_files(header.artifacts, artifact_chunks, staging) as files,
+        ):
             if size == 0:
                 raise InvalidArgument(f"empty upload for model {name!r}: no artifact bytes were received")
-            conversion = self.conversions.start(
-                framework, path, header.inputs, header.sample_input, self.artifacts.staging_dir()
-            )
-            stored_new = False
+            conversion: Conversion | None = None
+            if native:
+                # Loaded (or refused, nothing stored) now; converted once the version is stored.
+                conversion = self.conversions.start(
+                    framework, path, header.inputs, header.sample_input, staging
+                )
+                signature = Signature((), ())
+            else:
+                signature = self.checks.inspect(framework, path, Signature(header.inputs, header.outputs))
+            stored_new: list[str] = []
 
-            def store_source() -> None:
-                nonlocal stored_new
-                stored_new = self.artifacts.put(sha256, path)
+            def store_artifacts() -> None:
+                for digest, source in ((sha256, path), *((f.sha256, p) for f, p in files)):
+                    if self.artifacts.put(digest, source):
+                        stored_new.append(digest)
 
             try:
                 version = self.store.add_model_version(
-                    ws, name, "", 0, framework, (), (), store_source, source=(sha256, size)
+                    ws,
+                    name,
+                    "" if native else sha256,  # a native model's served artifact is its ONNX form, to come
+                    0 if native else size,
+                    framework,
+                    signature.inputs,
+                    signature.outputs,
+                    store_artifacts,
+                    lineage=lineage,
+                    files=header.artifacts,
+                    source=(sha256, size) if native else None,
                 )
             except BaseException:
-                conversion.abandon()
+                # The rows were rolled back; artifacts stored only for them would be orphaned. Under
+                # each artifact's lock, and only if unused: an upload of the same bytes may have found
+                # the file meanwhile and recorded its own version.
+                if conversion is not None:
+                    conversion.abandon()
                 if stored_new:
-                    self.store.remove_artifacts([sha256], self.artifacts.delete)
+                    self.store.remove_artifacts(stored_new, self.artifacts.delete)
                 raise
+        if conversion is None:
+            log.info(
+                "stored model %s/%s version %d (%s, %d bytes)", ws.name, name, version.version, sha256, size
+            )
+            return version
         log.info(
             "converting model %s/%s version %d: %s", ws.name, name, version.version, conversion.description
         )
@@ -324,6 +336,41 @@ class Registry:
         ws = self.access.authorize(caller, workspace, Action.READ)
         return self.store.list_models(ws)
 
+    def search_models(self, caller: Caller, workspace: str, search: ModelSearch) -> list[Model]:
+        """The models with a version matching every filter of ``search``, with only those versions."""
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        checked = replace(
+            search,
+            search_term=check_search_term(search.search_term or ""),
+            tag=check_tag(search.tag) if search.tag else None,
+            framework=framework_name(search.framework) if search.framework else None,
+        )
+        return self.store.search_models(ws, checked)
+
+    def model_artifacts(
+        self, caller: Caller, workspace: str, name: str, version: int
+    ) -> tuple[int, tuple[ArtifactFile, ...]]:
+        """The version listed (0 = the latest) and the files it carries, by name."""
+        ws = self.access.authorize(caller, workspace, Action.READ)
+        number = self._model_version(ws, name, version).version
+        found = self.store.model_artifacts(ws, name, number)
+        if found is None:
+            raise NotFound(f"model {name!r} version {number} was deleted in workspace {ws.name!r}")
+        return found
+
+    def set_tag(
+        self, caller: Caller, workspace: str, kind: str, name: str, tag: str, add: bool
+    ) -> tuple[str, ...]:
+        """Add (or remove) ``tag`` of the model or pipeline ``name``: its tags after. Idempotent."""
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
+        if kind not in ("model", "pipeline"):
+            raise InvalidArgument("a tag needs its target: set model or pipeline")
+        tags = self.store.set_tag(ws, kind, name, check_tag(tag), add, MAX_TAGS)
+        if tags is None:
+            raise NotFound(f"{kind} {name!r} not found in workspace {ws.name!r}")
+        log.info("%s tag %s of %s %s/%s", "added" if add else "removed", tag, kind, ws.name, name)
+        return tags
+
     def get_model(self, caller: Caller, workspace: str, name: str) -> Model:
         return self._model(self.access.authorize(caller, workspace, Action.READ), name)
 
@@ -397,6 +444,19 @@ class Registry:
         ws = self.access.authorize(caller, workspace, Action.READ)
         return self._model_version(ws, name, version)
 
+    def configure_model(
+        self, caller: Caller, workspace: str, name: str, version: int, config: ModelConfig
+    ) -> ModelVersion:
+        """Set how the engine runs a model version (0 = the latest). Pipeline versions keep the config
+        their steps were resolved with: the next one created (a deploy of the current steps) takes it."""
+        ws = self.access.authorize(caller, workspace, Action.WRITE)
+        self._model_version(ws, name, version)  # NotFound naming the latest version
+        configured = self.store.configure_model_version(ws, name, version, config)
+        if configured is None:  # deleted meanwhile
+            raise NotFound(f"model {name!r} has no version {version} in workspace {ws.name!r}")
+        log.info("configured model %s/%s v%d: %s", ws.name, name, configured.version, config)
+        return configured
+
     def _model_version(self, ws: WorkspaceRef, name: str, version: int) -> ModelVersion:
         found = self.store.get_model_version(ws, name, _non_negative_version(f"model {name!r}", version))
         if found is not None:
@@ -409,10 +469,12 @@ class Registry:
         )
 
     def artifact_chunks(self, caller: Caller, workspace: str, sha256: str) -> Iterator[bytes]:
+        """The bytes of a model of ``workspace`` or, for a user, of a model version's file: the service
+        token fetches what engines run, not the notebooks and data that travel with a version."""
         ws = self.access.authorize(caller, workspace, Action.FETCH_ARTIFACT)
         if not SHA256_PATTERN.match(sha256):
             raise InvalidArgument(f"not a sha256 hex digest (64 lowercase hex characters): {sha256!r}")
-        if not self.store.has_artifact(ws, sha256):
+        if not self.store.has_artifact(ws, sha256, files=not caller.is_service):
             raise NotFound(f"no model version with artifact {sha256} in workspace {workspace!r}")
         if not self.artifacts.exists(sha256):
             raise NotFound(f"artifact {sha256} is recorded but missing from the artifact store")
@@ -474,13 +536,20 @@ class Registry:
             raise NotFound(f"pipeline {name!r} not found in workspace {workspace!r}")
         return pipeline
 
-    def list_pipelines(self, caller: Caller, workspace: str) -> list[Pipeline]:
-        """Every pipeline with its deployment's status now, from the deployments just loaded: the
-        heartbeats of the active ones in one Redis read, the partitions of their inputs topics from
-        the cache (one Kafka call for those not cached). A read changes nothing; when Redis or Kafka
-        does not answer, the status of the active ones is "Unknown" rather than the listing failing."""
+    def list_pipelines(
+        self, caller: Caller, workspace: str, search: PipelineSearch | None = None
+    ) -> list[Pipeline]:
+        """Every pipeline (matching ``search``) with its deployment's status now, from the deployments
+        just loaded: the heartbeats of the active ones in one Redis read, the partitions of their inputs
+        topics from the cache (one Kafka call for those not cached). A read changes nothing; when Redis
+        or Kafka does not answer, the status of the active ones is "Unknown" rather than the listing
+        failing."""
         ws = self.access.authorize(caller, workspace, Action.READ)
-        pipelines = self.store.list_pipelines(ws)
+        if search is not None:
+            search = PipelineSearch(
+                check_search_term(search.search_term or ""), check_tag(search.tag) if search.tag else None
+            )
+        pipelines = self.store.list_pipelines(ws, search)
         active = [p for p in pipelines if p.deployment is not None and p.deployment.active]
         try:
             views = heartbeats.read_many(

@@ -28,6 +28,12 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
     """Largest model artifact accepted by UploadModel."""
 
+    max_artifacts: int = Field(default=1000, ge=0)
+    """Extra files one model version may carry (notebooks, samples, code, test results)."""
+
+    max_artifacts_bytes: int = Field(default=2 * 1024**3, ge=0)
+    """Total size of the extra files of one model version."""
+
     upload_concurrency: int = Field(default=4, ge=1)
     """Uploads received and checked at once; one more is refused at once (RESOURCE_EXHAUSTED). Unset, 4
     or one less than JOEY_GRPC_MAX_WORKERS, whichever is fewer (1 with a single worker, which uploads

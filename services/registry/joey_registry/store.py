@@ -18,21 +18,33 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from joey_core import db, topics
-from joey_core.models import CONVERTING, ERROR, READY, ModelVersion, TensorSpec, specs_from_json
+from joey_core.models import (
+    CONVERTING,
+    ERROR,
+    READY,
+    ArtifactFile,
+    ModelConfig,
+    ModelVersion,
+    TensorSpec,
+    specs_from_json,
+)
 from joey_registry.domain import (
     Autoscale,
     DeletedModel,
     DeletedPipeline,
     Deployment,
     DeploymentSpec,
+    Lineage,
     LogCursor,
     LogEntry,
     LogQuery,
     LogValidity,
     Model,
     ModelRef,
+    ModelSearch,
     ModelVersionUse,
     Pipeline,
+    PipelineSearch,
     PipelineVersion,
     ResolvedStep,
     Resources,
@@ -41,7 +53,7 @@ from joey_registry.domain import (
     models_of,
     step_from_json,
 )
-from joey_registry.errors import NotFound
+from joey_registry.errors import FailedPrecondition, NotFound
 
 Connection = psycopg.Connection[DictRow]
 
@@ -70,11 +82,20 @@ class LogSlice:
     following: LogCursor | None
 
 
-_MODEL_VERSION_COLUMNS = """
-    m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at,
-    v.status, v.conversion_log, v.source_sha256, v.source_size_bytes
-    FROM model_versions v JOIN models m ON m.id = v.model_id
+_VERSION_FIELDS = """
+    m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at, v.config,
+    v.description, v.source, v.metadata, v.status, v.conversion_log, v.source_sha256, v.source_size_bytes,
+    (SELECT count(*) FROM model_artifacts a WHERE a.model_version_id = v.id) AS artifact_count,
+    (SELECT coalesce(sum(a.size_bytes), 0) FROM model_artifacts a WHERE a.model_version_id = v.id)
+        AS artifact_bytes
 """
+_MODEL_VERSION_COLUMNS = f"{_VERSION_FIELDS} FROM model_versions v JOIN models m ON m.id = v.model_id"
+
+# What a tag targets: its table, the table of its tags, and their link.
+_TAGGED = {
+    "model": ("models", "model_tags", "model_id"),
+    "pipeline": ("pipelines", "pipeline_tags", "pipeline_id"),
+}
 
 _DEPLOYMENT_COLUMNS = """
     p.name AS pipeline, pv.version AS pipeline_version, pv.steps, d.replicas, d.active,
@@ -97,6 +118,12 @@ def _model_version(workspace: str, row: DictRow) -> ModelVersion:
         inputs=specs_from_json(row["inputs"]),
         outputs=specs_from_json(row["outputs"]),
         created_at=row["created_at"],
+        config=ModelConfig.from_json(row["config"]),
+        description=row["description"],
+        source=row["source"],
+        metadata=row["metadata"],
+        artifact_count=int(row["artifact_count"]),
+        artifact_bytes=int(row["artifact_bytes"]),
         status=row["status"],
         conversion_log=row["conversion_log"],
         source_sha256=row["source_sha256"] or "",
@@ -420,11 +447,14 @@ class Store:
         inputs: tuple[TensorSpec, ...],
         outputs: tuple[TensorSpec, ...],
         before_commit: Callable[[], None],
+        lineage: Lineage = Lineage(),
+        files: tuple[ArtifactFile, ...] = (),
         source: tuple[str, int] | None = None,
     ) -> ModelVersion:
-        """Insert the next version of ``name`` (creating the model); ``before_commit`` runs inside
-        the transaction, so if it raises no row is written. With ``source`` (the sha256 and size of a
-        native model's file, ``sha256`` then being '') the version is recorded as converting."""
+        """Insert the next version of ``name`` (creating the model) with its lineage and the rows of its
+        extra ``files``; ``before_commit`` runs inside the transaction, so if it raises no row is written.
+        With ``source`` (the sha256 and size of a native model's file, ``sha256`` then being '') the
+        version is recorded as converting."""
         with self._conn() as conn:
             model_id = _lock_named(conn, "models", ws, name)
             # Numbered from the model's highest version ever, so a deleted version's number never returns
@@ -440,11 +470,13 @@ class Store:
                     RETURNING last_version
                 )
                 INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, outputs,
-                                            status, source_sha256, source_size_bytes)
+                                            description, source, metadata, status, source_sha256,
+                                            source_size_bytes)
                 SELECT %(model_id)s, last_version, %(sha256)s, %(size)s, %(framework)s,
-                       %(inputs)s, %(outputs)s, %(status)s, %(source)s, %(source_size)s
+                       %(inputs)s, %(outputs)s, %(description)s, %(source)s, %(metadata)s, %(status)s,
+                       %(source_sha256)s, %(source_size)s
                   FROM next
-                RETURNING version, created_at
+                RETURNING id, version, created_at
                 """,
                 {
                     "model_id": model_id,
@@ -453,13 +485,26 @@ class Store:
                     "framework": framework,
                     "inputs": _specs_json(inputs),
                     "outputs": _specs_json(outputs),
+                    "description": lineage.description,
+                    "source": lineage.source,
+                    "metadata": Jsonb(dict(lineage.metadata)),
                     "status": CONVERTING if source else READY,
-                    "source": source[0] if source else None,
+                    "source_sha256": source[0] if source else None,
                     "source_size": source[1] if source else None,
                 },
             ).fetchone()
             assert row is not None
-            _lock_artifact(conn, source[0] if source else sha256)
+            if files:
+                with conn.cursor() as cursor:
+                    cursor.executemany(
+                        "INSERT INTO model_artifacts (model_version_id, name, sha256, size_bytes) "
+                        "VALUES (%s, %s, %s, %s)",
+                        [(row["id"], f.name, f.sha256, f.size_bytes) for f in files],
+                    )
+            # In one order, so that two uploads sharing files never wait for each other's locks.
+            stored = (source[0] if source else sha256, *(f.sha256 for f in files))
+            for key in sorted({_artifact_lock_key(sha) for sha in stored}):
+                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_ARTIFACT_LOCKS, key))
             before_commit()
         return ModelVersion(
             ws.name,
@@ -471,7 +516,12 @@ class Store:
             inputs,
             outputs,
             row["created_at"],
-            CONVERTING if source else READY,
+            description=lineage.description,
+            source=lineage.source,
+            metadata=lineage.metadata,
+            artifact_count=len(files),
+            artifact_bytes=sum(f.size_bytes for f in files),
+            status=CONVERTING if source else READY,
             source_sha256=source[0] if source else "",
             source_size_bytes=source[1] if source else 0,
         )
@@ -535,22 +585,99 @@ class Store:
         models = self._models(ws, name)
         return models[0] if models else None
 
-    def _models(self, ws: WorkspaceRef, name: str | None) -> list[Model]:
+    def search_models(self, ws: WorkspaceRef, search: ModelSearch) -> list[Model]:
+        """The models with a version matching ``search``, each with only its matching versions."""
+        return self._models(ws, None, search)
+
+    def _models(self, ws: WorkspaceRef, name: str | None, search: ModelSearch | None = None) -> list[Model]:
+        params: dict[str, Any] = {"ws": ws.id, "name": name}
+        where = ["m.workspace_id = %(ws)s", "(%(name)s::text IS NULL OR m.name = %(name)s)"]
+        # A model whose versions were deleted one by one is still listed (its numbering goes on); a
+        # search lists versions.
+        join = "LEFT JOIN"
+        if search is not None:
+            join = "JOIN"
+            params |= {
+                "term": search.search_term,
+                "tag": search.tag,
+                "framework": search.framework,
+                "after": search.uploaded_after,
+            }
+            where += [
+                # strpos, not LIKE: a term's % or _ are no wildcards.
+                "(%(term)s::text IS NULL OR strpos(lower(m.name), lower(%(term)s)) > 0 "
+                "OR strpos(lower(v.description), lower(%(term)s)) > 0)",
+                "(%(tag)s::text IS NULL OR EXISTS "
+                "(SELECT 1 FROM model_tags t WHERE t.model_id = m.id AND t.tag = %(tag)s))",
+                "(%(framework)s::text IS NULL OR v.framework = %(framework)s)",
+                "(%(after)s::timestamptz IS NULL OR v.created_at > %(after)s)",
+            ]
         with self._conn() as conn:
-            # A model whose versions were deleted one by one is still there (its numbering goes on).
             rows = conn.execute(
-                "SELECT m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, "
-                "v.created_at, v.status, v.conversion_log, v.source_sha256, v.source_size_bytes "
-                "FROM models m LEFT JOIN model_versions v ON v.model_id = m.id "
-                "WHERE m.workspace_id = %s AND (%s::text IS NULL OR m.name = %s) ORDER BY m.name, v.version",
-                (ws.id, name, name),
+                f"SELECT {_VERSION_FIELDS} FROM models m {join} model_versions v ON v.model_id = m.id "
+                f"WHERE {' AND '.join(where)} ORDER BY m.name, v.version",
+                params,
             ).fetchall()
+            tags = _tags_by_name(conn, "model", ws, name)
         grouped: dict[str, list[ModelVersion]] = {}
         for row in rows:
             versions = grouped.setdefault(row["name"], [])
             if row["version"] is not None:
                 versions.append(_model_version(ws.name, row))
-        return [Model(ws.name, model, tuple(versions)) for model, versions in grouped.items()]
+        return [
+            Model(ws.name, model, tuple(versions), tags.get(model, ())) for model, versions in grouped.items()
+        ]
+
+    def model_artifacts(
+        self, ws: WorkspaceRef, name: str, version: int
+    ) -> tuple[int, tuple[ArtifactFile, ...]] | None:
+        """The version number (0 asks for the latest) and its files by name; None without that version."""
+        with self._conn() as conn:
+            found = conn.execute(
+                "SELECT v.id, v.version FROM model_versions v JOIN models m ON m.id = v.model_id "
+                "WHERE m.workspace_id = %s AND m.name = %s AND (v.version = %s OR %s = 0) "
+                "ORDER BY v.version DESC LIMIT 1",
+                (ws.id, name, version, version),
+            ).fetchone()
+            if found is None:
+                return None
+            rows = conn.execute(
+                "SELECT name, size_bytes, sha256 FROM model_artifacts WHERE model_version_id = %s "
+                "ORDER BY name",
+                (found["id"],),
+            ).fetchall()
+        return found["version"], tuple(ArtifactFile(r["name"], r["size_bytes"], r["sha256"]) for r in rows)
+
+    def set_tag(
+        self, ws: WorkspaceRef, kind: str, name: str, tag: str, add: bool, max_tags: int
+    ) -> tuple[str, ...] | None:
+        """Add or remove ``tag`` of the model or pipeline (``kind``) ``name``; its tags after, or None
+        when there is no such thing. A tag beyond ``max_tags`` is refused."""
+        table, tags_table, link = (sql.Identifier(n) for n in _TAGGED[kind])
+        with self._conn() as conn:
+            # Its row locked: concurrent adds count the tags one after the other.
+            row = conn.execute(
+                sql.SQL("SELECT id FROM {} WHERE workspace_id = %s AND name = %s FOR UPDATE").format(table),
+                (ws.id, name),
+            ).fetchone()
+            if row is None:
+                return None
+            current = _tags_of(conn, tags_table, link, row["id"])
+            if add and tag not in current:
+                if len(current) >= max_tags:
+                    raise FailedPrecondition(
+                        f"{kind} {name!r} has {len(current)} tags, the most it may have; remove one first"
+                    )
+                conn.execute(
+                    sql.SQL("INSERT INTO {} ({}, tag) VALUES (%s, %s)").format(tags_table, link),
+                    (row["id"], tag),
+                )
+            elif not add and tag in current:
+                conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE {} = %s AND tag = %s").format(tags_table, link),
+                    (row["id"], tag),
+                )
+            return _tags_of(conn, tags_table, link, row["id"])
 
     def get_model_version(self, ws: WorkspaceRef, name: str, version: int) -> ModelVersion | None:
         """A version of a model; 0 = the latest."""
@@ -561,6 +688,19 @@ class Store:
                 (ws.id, name, version, version),
             ).fetchone()
         return _model_version(ws.name, row) if row else None
+
+    def configure_model_version(
+        self, ws: WorkspaceRef, name: str, version: int, config: ModelConfig
+    ) -> ModelVersion | None:
+        """Set a version's config (0 = the latest); None when there is no such version."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "UPDATE model_versions SET config = %s WHERE id = (SELECT v.id FROM model_versions v "
+                "JOIN models m ON m.id = v.model_id WHERE m.workspace_id = %s AND m.name = %s "
+                "AND (v.version = %s OR %s = 0) ORDER BY v.version DESC LIMIT 1) RETURNING version",
+                (Jsonb(config.to_json()), ws.id, name, version, version),
+            ).fetchone()
+        return self.get_model_version(ws, name, row["version"]) if row else None
 
     def model_uses(self, ws: WorkspaceRef, name: str) -> list[ModelVersionUse]:
         with self._conn() as conn:
@@ -591,6 +731,12 @@ class Store:
                 ).fetchall()
             )
             chosen = choose(existing, _model_uses(conn, ws, name))
+            files = conn.execute(
+                "SELECT DISTINCT a.sha256 FROM model_artifacts a "
+                "JOIN model_versions v ON v.id = a.model_version_id "
+                "WHERE v.model_id = %s AND v.version = ANY(%s)",
+                (model_id, list(chosen)),
+            ).fetchall()
             deleted = conn.execute(
                 "DELETE FROM model_versions WHERE model_id = %s AND version = ANY(%s) "
                 "RETURNING version, sha256, source_sha256",
@@ -599,31 +745,44 @@ class Store:
             if delete_model:
                 conn.execute("DELETE FROM models WHERE id = %s", (model_id,))
         versions = tuple(sorted(r["version"] for r in deleted))
-        sha256s = {r[column] for r in deleted for column in ("sha256", "source_sha256")} - {None, ""}
-        return DeletedModel(versions, delete_model), sorted(sha256s)
+        sha256s = {r[column] for r in deleted for column in ("sha256", "source_sha256")} | {
+            r["sha256"] for r in files
+        }
+        return DeletedModel(versions, delete_model), sorted(sha256s - {None, ""})
 
     def remove_artifacts(self, sha256s: list[str], remove: Callable[[str], None]) -> int:
-        """Call ``remove`` for each of ``sha256s`` that no model version of any workspace uses, under
-        the artifact's lock (see ``_lock_artifact``); returns how many were removed."""
+        """Call ``remove`` for each of ``sha256s`` that no model version of any workspace uses, as its
+        model or one of its files, under the artifact's lock (see ``_lock_artifact``); returns how many
+        were removed."""
         removed = 0
         for sha256 in sha256s:
             with self._conn() as conn:
                 _lock_artifact(conn, sha256)
                 used = conn.execute(
-                    "SELECT 1 FROM model_versions WHERE sha256 = %s OR source_sha256 = %s LIMIT 1",
-                    (sha256, sha256),
+                    "SELECT 1 FROM model_versions WHERE sha256 = %(sha)s OR source_sha256 = %(sha)s "
+                    "UNION ALL SELECT 1 FROM model_artifacts WHERE sha256 = %(sha)s LIMIT 1",
+                    {"sha": sha256},
                 ).fetchone()
                 if used is None:
                     remove(sha256)
                     removed += 1
         return removed
 
-    def has_artifact(self, ws: WorkspaceRef, sha256: str) -> bool:
+    def has_artifact(self, ws: WorkspaceRef, sha256: str, files: bool = False) -> bool:
+        """Whether a model version of ``ws`` has ``sha256`` as its model or, with ``files``, as one
+        of its extra files."""
+        extra = (
+            "UNION ALL SELECT 1 FROM model_artifacts a JOIN model_versions v ON v.id = a.model_version_id "
+            "JOIN models m ON m.id = v.model_id WHERE m.workspace_id = %(ws)s AND a.sha256 = %(sha)s "
+            if files
+            else ""
+        )
         with self._conn() as conn:
             row = conn.execute(
                 "SELECT 1 FROM model_versions v JOIN models m ON m.id = v.model_id "
-                "WHERE m.workspace_id = %s AND (v.sha256 = %s OR v.source_sha256 = %s) LIMIT 1",
-                (ws.id, sha256, sha256),
+                "WHERE m.workspace_id = %(ws)s AND (v.sha256 = %(sha)s OR v.source_sha256 = %(sha)s) "
+                f"{extra}LIMIT 1",
+                {"ws": ws.id, "sha": sha256},
             ).fetchone()
         return row is not None
 
@@ -655,32 +814,37 @@ class Store:
             assert row is not None
         return _pipeline_version(ws.name, name, row), True
 
-    def list_pipelines(self, ws: WorkspaceRef) -> list[Pipeline]:
-        return self._pipelines(ws, None)
+    def list_pipelines(self, ws: WorkspaceRef, search: PipelineSearch | None = None) -> list[Pipeline]:
+        return self._pipelines(ws, None, search or PipelineSearch())
 
     def get_pipeline(self, ws: WorkspaceRef, name: str) -> Pipeline | None:
-        pipelines = self._pipelines(ws, name)
+        pipelines = self._pipelines(ws, name, PipelineSearch())
         return pipelines[0] if pipelines else None
 
-    def _pipelines(self, ws: WorkspaceRef, name: str | None) -> list[Pipeline]:
+    def _pipelines(self, ws: WorkspaceRef, name: str | None, search: PipelineSearch) -> list[Pipeline]:
+        params = {"ws": ws.id, "name": name, "term": search.search_term, "tag": search.tag}
+        where = (
+            "p.workspace_id = %(ws)s AND (%(name)s::text IS NULL OR p.name = %(name)s) "
+            "AND (%(term)s::text IS NULL OR strpos(lower(p.name), lower(%(term)s)) > 0) "
+            "AND (%(tag)s::text IS NULL OR EXISTS "
+            "(SELECT 1 FROM pipeline_tags t WHERE t.pipeline_id = p.id AND t.tag = %(tag)s))"
+        )
         with self._conn() as conn:
             rows = conn.execute(
                 "SELECT p.name, pv.version, pv.steps, pv.created_at FROM pipeline_versions pv "
-                "JOIN pipelines p ON p.id = pv.pipeline_id "
-                "WHERE p.workspace_id = %s AND (%s::text IS NULL OR p.name = %s) ORDER BY p.name, pv.version",
-                (ws.id, name, name),
+                f"JOIN pipelines p ON p.id = pv.pipeline_id WHERE {where} ORDER BY p.name, pv.version",
+                params,
             ).fetchall()
-            deployments = conn.execute(
-                f"SELECT {_DEPLOYMENT_COLUMNS} WHERE p.workspace_id = %s "
-                "AND (%s::text IS NULL OR p.name = %s)",
-                (ws.id, name, name),
-            ).fetchall()
+            deployments = conn.execute(f"SELECT {_DEPLOYMENT_COLUMNS} WHERE {where}", params).fetchall()
+            tags = _tags_by_name(conn, "pipeline", ws, name)
         by_pipeline = {row["pipeline"]: _deployment(row) for row in deployments}
         grouped: dict[str, list[PipelineVersion]] = {}
         for row in rows:
             grouped.setdefault(row["name"], []).append(_pipeline_version(ws.name, row["name"], row))
         return [
-            Pipeline(ws.name, pipeline, tuple(versions), by_pipeline.get(pipeline))
+            Pipeline(
+                ws.name, pipeline, tuple(versions), by_pipeline.get(pipeline), tags=tags.get(pipeline, ())
+            )
             for pipeline, versions in grouped.items()
         ]
 
@@ -822,6 +986,33 @@ class Store:
         return LogSlice(tuple(_log_entry(r) for r in page), total, following)
 
 
+def _tags_of(
+    conn: Connection, tags_table: sql.Identifier, link: sql.Identifier, target_id: int
+) -> tuple[str, ...]:
+    rows = conn.execute(
+        sql.SQL("SELECT tag FROM {} WHERE {} = %s ORDER BY tag").format(tags_table, link), (target_id,)
+    ).fetchall()
+    return tuple(r["tag"] for r in rows)
+
+
+def _tags_by_name(
+    conn: Connection, kind: str, ws: WorkspaceRef, name: str | None
+) -> dict[str, tuple[str, ...]]:
+    """The tags of every model or pipeline (``kind``) of ``ws`` (only ``name`` if given), by name."""
+    table, tags_table, link = (sql.Identifier(n) for n in _TAGGED[kind])
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT x.name, t.tag FROM {} t JOIN {} x ON x.id = t.{} "
+            "WHERE x.workspace_id = %s AND (%s::text IS NULL OR x.name = %s) ORDER BY x.name, t.tag"
+        ).format(tags_table, table, link),
+        (ws.id, name, name),
+    ).fetchall()
+    found: dict[str, tuple[str, ...]] = {}
+    for row in rows:
+        found[row["name"]] = (*found.get(row["name"], ()), row["tag"])
+    return found
+
+
 def _model_uses(conn: Connection, ws: WorkspaceRef, name: str) -> list[ModelVersionUse]:
     rows = conn.execute(
         """
@@ -860,10 +1051,14 @@ def _lock_deployment(conn: Connection, workspace: str, pipeline: str) -> None:
 _ARTIFACT_LOCKS = 0x4A41  # advisory lock class of artifacts ("JA"), keyed by their sha256's first 28 bits
 
 
+def _artifact_lock_key(sha256: str) -> int:
+    return int(sha256[:7], 16)
+
+
 def _lock_artifact(conn: Connection, sha256: str) -> None:
     """Held until commit by an upload recording an artifact and by the removal of an unused one, so a
     removal never deletes the file an upload of the same bytes just found there and did not write."""
-    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_ARTIFACT_LOCKS, int(sha256[:7], 16)))
+    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_ARTIFACT_LOCKS, _artifact_lock_key(sha256)))
 
 
 def _lock_named(conn: Connection, table: str, ws: WorkspaceRef, name: str) -> int:

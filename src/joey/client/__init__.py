@@ -18,6 +18,7 @@ from joey.client.catalog import (
 )
 from joey.client.client import Client
 from joey.client.identity import AuditEntry, TokenInfo, User
+from joey.client.models import ModelVersion
 from joey.client.pipelines import (
     Autoscale,
     DeploymentStatus,
@@ -34,9 +35,10 @@ from joey.client.pipelines import (
 )
 from joey.client.streaming import InferenceTimeout
 from joey.client.workspaces import Member, Workspace
-from joey_core.models import ModelVersion, TensorSpec
+from joey_core.models import ArtifactFile, TensorSpec
 
 __all__ = [
+    "ArtifactFile",
     "Assay",
     "AssayBuilder",
     "AssayResult",

@@ -3,7 +3,8 @@ how it runs and what uses it, in listings that print as tables and convert to Da
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -11,7 +12,7 @@ from typing import Any, Generic, TypeVar
 import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from joey_core.models import ModelVersion, TensorSpec
+from joey_core.models import ArtifactFile, ModelConfig, ModelVersion, TensorSpec
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
 
@@ -51,8 +52,13 @@ def model_version_row(mv: ModelVersion) -> dict[str, Any]:
         "outputs": signature(mv.outputs),
         "sha256": mv.sha256[:12],
         "size_bytes": mv.size_bytes,
+        "artifacts": mv.artifact_count,
         "uploaded": mv.created_at,
     }
+
+
+def tags_text(tags: Iterable[str]) -> str:
+    return ",".join(tags) or "-"
 
 
 class Listing(list[Row], Generic[Row]):
@@ -90,6 +96,8 @@ class Listing(list[Row], Generic[Row]):
 def _row(item: Any) -> dict[str, Any]:
     if isinstance(item, ModelVersion):
         return model_version_row(item)
+    if isinstance(item, ArtifactFile):
+        return {"name": item.name, "size_bytes": item.size_bytes, "sha256": item.sha256}
     row: dict[str, Any] = item.row()
     return row
 
@@ -98,15 +106,22 @@ def _row(item: Any) -> dict[str, Any]:
 class ModelSummary:
     """A model with all its versions (oldest first); ``str()`` is its name, and ``version``,
     ``framework``, ``inputs``, ``outputs``, ``sha256``, ``size_bytes`` and ``created_at`` are its latest
-    version's, so it reads like the ``ModelVersion`` that ``list_models()`` used to return."""
+    version's, so it reads like the ``ModelVersion`` that ``list_models()`` used to return. ``tags``
+    are the model's when it was listed."""
 
     workspace: str
     name: str
     versions: tuple[ModelVersion, ...]
+    tags: tuple[str, ...] = ()
 
     @classmethod
-    def from_proto(cls, model: pb.Model) -> ModelSummary:
-        return cls(model.workspace, model.name, tuple(ModelVersion.from_proto(v) for v in model.versions))
+    def from_proto(
+        cls,
+        model: pb.Model,
+        version: Callable[[pb.ModelVersion], ModelVersion] = ModelVersion.from_proto,
+    ) -> ModelSummary:
+        """``version`` makes each version (the client's, bound to it)."""
+        return cls(model.workspace, model.name, tuple(map(version, model.versions)), tuple(model.tags))
 
     @property
     def latest(self) -> ModelVersion:
@@ -148,10 +163,11 @@ class ModelSummary:
     def row(self) -> dict[str, Any]:
         if not self.versions:
             return dict.fromkeys(
-                ("name", "versions", "latest", "framework", "inputs", "outputs", "uploaded"), "-"
+                ("name", "versions", "latest", "framework", "inputs", "outputs", "tags", "uploaded"), "-"
             ) | {
                 "name": self.name,
                 "versions": 0,
+                "tags": tags_text(self.tags),
                 "uploaded": None,
             }
         latest = model_version_row(self.latest)
@@ -162,6 +178,7 @@ class ModelSummary:
             "framework": self.framework,
             "inputs": latest["inputs"],
             "outputs": latest["outputs"],
+            "tags": tags_text(self.tags),
             "uploaded": self.created_at,
         }
 
@@ -199,6 +216,7 @@ class ModelDescription:
         model = self.model
         lines = [
             f"model {model.name} (workspace {model.workspace}), {plural(len(model.versions), 'version')}"
+            + (f", tags {tags_text(model.tags)}" if model.tags else "")
         ]
         for mv in model.versions:
             if version and mv.version != version:
@@ -209,7 +227,24 @@ class ModelDescription:
                 f"uploaded {_when(mv.created_at)}",
                 f"    inputs:  {signature(mv.inputs)}",
                 f"    outputs: {signature(mv.outputs)}",
-                f"    used by: {', '.join(map(str, users)) if users else 'no pipeline'}",
+            ]
+            if mv.config != ModelConfig():
+                lines.append(f"    config:  {mv.config}")
+            lines.append(f"    used by: {', '.join(map(str, users)) if users else 'no pipeline'}")
+            lines += [
+                f"    {label}: {value}"
+                for label, value in (
+                    ("description", mv.description),
+                    ("source", mv.source),
+                    ("metadata", json.dumps(mv.metadata) if mv.metadata else ""),
+                    (
+                        "artifacts",
+                        f"{plural(mv.artifact_count, 'file')}, {mv.artifact_bytes} bytes"
+                        if mv.artifact_count
+                        else "",
+                    ),
+                )
+                if value
             ]
         return "\n".join(lines)
 
@@ -231,6 +266,7 @@ class PipelineSummary:
     replicas: int | None
     status: str
     updated_at: datetime | None
+    tags: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, p: pb.Pipeline) -> PipelineSummary:
@@ -246,6 +282,7 @@ class PipelineSummary:
             replicas=d.replicas if d is not None and deployed else None,
             status=p.status,
             updated_at=optional_time(p.updated_at),
+            tags=tuple(p.tags),
         )
 
     def __str__(self) -> str:
@@ -258,6 +295,7 @@ class PipelineSummary:
             "deployed": f"v{self.deployed_version}" if self.deployed else "no",
             "replicas": self.replicas if self.replicas is not None else "-",
             "status": self.status,
+            "tags": tags_text(self.tags),
             "updated": self.updated_at,
         }
 

@@ -16,13 +16,17 @@ pipeline.undeploy()
 
 from __future__ import annotations
 
+import json
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from joey.client import artifacts as artifact_files
 from joey.client.assays import AssayClientMixin
 from joey.client.auth import Bearer
 from joey.client.calls import JoeyError, call_rpc
@@ -35,12 +39,13 @@ from joey.client.catalog import (
     PipelineSummary,
 )
 from joey.client.identity import IdentityClientMixin
+from joey.client.models import ModelVersion
 from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
 from joey.client.signatures import Schema, sample_json, tensor_specs
 from joey.client.streaming import Streams
 from joey.client.workspaces import WorkspaceClientMixin
 from joey_core import tls
-from joey_core.models import CONVERTING, ERROR, ModelVersion
+from joey_core.models import CONVERTING, ERROR, ModelConfig
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
@@ -158,6 +163,11 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
         progress: Callable[[int, int], None] | None = None,
         input_schema: Schema | None = None,
         output_schema: Schema | None = None,
+        *,
+        artifacts: artifact_files.ArtifactPaths | None = None,
+        description: str | None = None,
+        source: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
         sample_input: Any = None,
         wait: bool = True,
         timeout_s: float = 900.0,
@@ -166,6 +176,12 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
 
         A python step (``framework="python"``, a ``.py`` file defining ``process_data``) needs its
         ``input_schema`` and ``output_schema``: a ``pyarrow.Schema`` or see :mod:`joey.client.signatures`.
+
+        ``artifacts`` are extra files the version carries (notebooks, training samples, pre- and
+        post-processing code, test results): a directory (its files, named relative to it) or a list of
+        files and directories. They are stored with the version, or the upload fails and nothing is.
+        ``description``, ``source`` (a training run id, a git commit) and ``metadata`` (a JSON object)
+        are its lineage. ``progress(sent, total)`` counts the model's and the artifacts' bytes.
 
         A native model (``framework`` "sklearn", "xgboost", "lightgbm" or "pytorch", saved the
         framework's way: docs/models.md) is converted to ONNX by the registry and verified against the
@@ -176,7 +192,13 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
         error; ``wait=False`` returns at once (see :meth:`wait_for_model`).
         """
         path = Path(path)
-        total = path.stat().st_size
+        files = artifact_files.collect(artifacts) if artifacts is not None else []
+        described = artifact_files.manifest(files)
+        total = path.stat().st_size + sum(f.size_bytes for f in described)
+        try:
+            metadata_json = json.dumps(dict(metadata)) if metadata is not None else ""
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata must be a JSON object: {exc}") from None
         header = pb.UploadModelHeader(
             workspace=self.workspace,
             name=name,
@@ -184,21 +206,49 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
             inputs=tensor_specs(input_schema) if input_schema is not None else [],
             outputs=tensor_specs(output_schema) if output_schema is not None else [],
             sample_input_json=sample_json(sample_input) if sample_input is not None else "",
+            description=description or "",
+            source=source or "",
+            metadata_json=metadata_json,
+            artifacts=[f.to_proto() for f in described],
         )
 
         def chunks() -> Iterator[pb.UploadModelRequest]:
             yield pb.UploadModelRequest(header=header)
             sent = 0
             with path.open("rb") as f:
-                while block := f.read(UPLOAD_CHUNK_BYTES):
-                    sent += len(block)
-                    yield pb.UploadModelRequest(chunk=block)
-                    if progress:
-                        progress(sent, total)
+                model_blocks = iter(lambda: f.read(UPLOAD_CHUNK_BYTES), b"")
+                for part, blocks in (
+                    ("chunk", model_blocks),
+                    ("artifact_chunk", artifact_files.blocks(files)),
+                ):
+                    for block in blocks:
+                        sent += len(block)
+                        yield pb.UploadModelRequest(**{part: block})  # type: ignore[arg-type]
+                        if progress:
+                            progress(sent, total)
 
         # Beyond the registry's defaults: 900 s to arrive (JOEY_UPLOAD_DEADLINE_S), 120 s to check.
-        uploaded = ModelVersion.from_proto(self._call(self._stub.UploadModel, chunks(), timeout=1080))
+        uploaded = ModelVersion.bound(self, self._call(self._stub.UploadModel, chunks(), timeout=1080))
         return self.wait_for_model(uploaded, timeout_s) if wait else uploaded
+
+    def configure_model(
+        self,
+        name: str,
+        version: int | None = None,
+        batch_config: str | None = None,
+        max_batch_delay_ms: int | None = None,
+        batch_size_target: int | None = None,
+    ) -> ModelVersion:
+        """Set how the engine runs a version of ``name`` (the latest by default), as Wallaroo's
+        ``model.configure``: ``batch_config="single"`` runs the model on one record per call (None:
+        batches); ``max_batch_delay_ms`` and ``batch_size_target`` lower the engine's batching for any
+        pipeline using it (None: the engine's settings). Each call sets the whole config. It applies to
+        pipeline versions created after it: the next ``pipeline.deploy()`` of the current steps."""
+        config = ModelConfig(batch_config, max_batch_delay_ms, batch_size_target)  # ValueError naming a field
+        request = pb.ConfigureModelRequest(
+            workspace=self.workspace, name=name, version=version or 0, config=config.to_proto()
+        )
+        return ModelVersion.bound(self, self.call("ConfigureModel", request))
 
     def wait_for_model(
         self,
@@ -232,19 +282,65 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
 
     def get_model(self, name: str, version: int | None = None) -> ModelVersion:
         request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)
-        return ModelVersion.from_proto(self.call("GetModelVersion", request))
+        return ModelVersion.bound(self, self.call("GetModelVersion", request))
 
     def model_versions(self, name: str | ModelSummary) -> Listing[ModelVersion]:
         """Every version of ``name``, oldest first, as a table (``.to_frame()`` for a DataFrame)."""
         model = self.call("GetModel", pb.GetModelRequest(workspace=self.workspace, name=str(name)))
-        return Listing(ModelVersion.from_proto(v) for v in model.versions)
+        return Listing(ModelVersion.bound(self, v) for v in model.versions)
 
-    def list_models(self) -> Listing[ModelSummary]:
+    def _version(self, message: pb.ModelVersion) -> ModelVersion:
+        return ModelVersion.bound(self, message)
+
+    @overload
+    def list_models(
+        self, all_versions: Literal[False] = False, *, tag: str | None = None, framework: str | None = None
+    ) -> Listing[ModelSummary]: ...
+
+    @overload
+    def list_models(
+        self, all_versions: Literal[True], *, tag: str | None = None, framework: str | None = None
+    ) -> Listing[ModelVersion]: ...
+
+    def list_models(
+        self, all_versions: bool = False, *, tag: str | None = None, framework: str | None = None
+    ) -> Listing[ModelSummary] | Listing[ModelVersion]:
         """Every model of the workspace with its versions; each item reads as its latest version
         (``m.version``, ``m.framework``, ``m.inputs``...), the listing prints as a table. A model
-        whose versions were all deleted one by one is listed with none."""
-        response = self.call("ListModels", pb.ListModelsRequest(workspace=self.workspace))
-        return Listing(ModelSummary.from_proto(m) for m in response.models)
+        whose versions were all deleted one by one is listed with none. With ``all_versions``, every
+        version instead, one row each. ``tag`` and ``framework`` keep the models with that tag and the
+        versions of that framework (as :meth:`search_models`)."""
+        if tag or framework:
+            models = self._search_models(pb.SearchModelsRequest(tag=tag or "", framework=framework or ""))
+        else:
+            models = self.call("ListModels", pb.ListModelsRequest(workspace=self.workspace)).models
+        if all_versions:
+            return Listing(self._version(v) for m in models for v in m.versions)
+        return Listing(ModelSummary.from_proto(m, self._version) for m in models)
+
+    def search_models(
+        self,
+        search_term: str | None = None,
+        tag: str | None = None,
+        framework: str | None = None,
+        uploaded_after: datetime | None = None,
+    ) -> Listing[ModelVersion]:
+        """Every model version matching all the filters given, by model name and version: ``search_term``
+        in the model's name or the version's description (any case), models tagged ``tag``, versions of
+        ``framework`` or uploaded after ``uploaded_after`` (a naive datetime is UTC)."""
+        request = pb.SearchModelsRequest(
+            search_term=search_term or "", tag=tag or "", framework=framework or ""
+        )
+        if uploaded_after is not None:
+            after = uploaded_after if uploaded_after.tzinfo else uploaded_after.replace(tzinfo=UTC)
+            stamp = Timestamp()
+            stamp.FromDatetime(after.astimezone(UTC))
+            request.uploaded_after.CopyFrom(stamp)
+        return Listing(self._version(v) for m in self._search_models(request) for v in m.versions)
+
+    def _search_models(self, request: pb.SearchModelsRequest) -> Any:
+        request.workspace = self.workspace
+        return self.call("SearchModels", request).models
 
     def describe_model(self, name: str | ModelSummary) -> ModelDescription:
         """Every version of ``name`` with its signature, and the pipeline versions using each."""
@@ -274,12 +370,24 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
         response = self.call("GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=str(name)))
         return load_pipeline(self, response)
 
-    def list_pipelines(self) -> Listing[PipelineSummary]:
-        """Every pipeline of the workspace: latest version, deployed or not, replicas, status and when it
-        last changed. Prints as a table; ``str(p)`` / ``p.name`` is the name, ``"name" in listing`` works,
-        ``client.get_pipeline(p.name)`` gives the pipeline itself."""
+    def list_pipelines(self, tag: str | None = None) -> Listing[PipelineSummary]:
+        """Every pipeline of the workspace (with ``tag``: those tagged so): latest version, deployed or
+        not, replicas, status, tags and when it last changed. Prints as a table; ``str(p)`` / ``p.name``
+        is the name, ``"name" in listing`` works, ``client.get_pipeline(p.name)`` gives the pipeline."""
+        if tag:
+            return self.search_pipelines(tag=tag)
         response = self.call("ListPipelines", pb.ListPipelinesRequest(workspace=self.workspace))
         return Listing(PipelineSummary.from_proto(p) for p in response.pipelines)
+
+    def search_pipelines(
+        self, search_term: str | None = None, tag: str | None = None
+    ) -> Listing[PipelineSummary]:
+        """The pipelines whose name holds ``search_term`` (any case) and that are tagged ``tag``, as
+        :meth:`list_pipelines` lists them."""
+        request = pb.SearchPipelinesRequest(
+            workspace=self.workspace, search_term=search_term or "", tag=tag or ""
+        )
+        return Listing(PipelineSummary.from_proto(p) for p in self.call("SearchPipelines", request).pipelines)
 
     def describe_pipeline(self, name: str | PipelineSummary) -> PipelineDescription:
         """Versions and steps, deployment and status, topics and assays of pipeline ``name``."""

@@ -30,6 +30,7 @@ from joey.client.catalog import (
 from joey.client.inputs import InputError, RecordInput, deployed_inputs, to_records
 from joey.client.log_export import LogExport, log_entry_row
 from joey.client.streaming import Progress, check_rows, streams_of
+from joey.client.tags import set_tag
 from joey_core.models import ModelVersion
 from joey_core.replies import Reply
 from joey_core.results import replies_to_frame
@@ -793,6 +794,21 @@ class Pipeline:
             self.topics,
             tuple(sorted(a.definition.name for a in assays.assays)),
         )
+
+    def tags(self) -> tuple[str, ...]:
+        """The pipeline's tags now."""
+        found = self.client.call(
+            "GetPipeline", pb.GetPipelineRequest(workspace=self.workspace, name=self.name)
+        )
+        return tuple(found.tags)
+
+    def add_tag(self, tag: str) -> tuple[str, ...]:
+        """Tag the stored pipeline; adding a tag it has changes nothing. Returns its tags."""
+        return set_tag(self.client, self.workspace, "pipeline", self.name, tag, add=True)
+
+    def remove_tag(self, tag: str) -> tuple[str, ...]:
+        """Untag the pipeline; removing a tag it has not changes nothing. Returns its tags."""
+        return set_tag(self.client, self.workspace, "pipeline", self.name, tag, add=False)
 
     def delete(self) -> DeletedPipeline:
         """Delete the pipeline with its versions, deployment history and logged inferences, then its

@@ -165,6 +165,10 @@ class UploadModelHeader(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     SAMPLE_INPUT_JSON_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    METADATA_JSON_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     framework: _builtins.str
@@ -175,6 +179,12 @@ class UploadModelHeader(_message.Message):
     """Native frameworks: rows the conversion is verified on besides generated ones, as JSON
     {input name: [row, ...]}.
     """
+    description: _builtins.str
+    """Lineage: free text, where the model came from (a training run id, a git commit), and a JSON
+    object of the user's (empty = {}).
+    """
+    source: _builtins.str
+    metadata_json: _builtins.str
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Declared signature: required for "python" steps (the registry never runs user code to read one),
@@ -184,6 +194,13 @@ class UploadModelHeader(_message.Message):
 
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactFile]:
+        """The extra files the version carries (notebooks, samples, code, test results), declared up front
+        so that limits and names are checked before any byte is received. Their bytes follow the model's,
+        as artifact_chunk parts, file after file in this order, each exactly size_bytes long.
+        """
+
     def __init__(
         self,
         *,
@@ -193,10 +210,14 @@ class UploadModelHeader(_message.Message):
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         sample_input_json: _builtins.str = ...,
+        description: _builtins.str = ...,
+        source: _builtins.str = ...,
+        metadata_json: _builtins.str = ...,
+        artifacts: _abc.Iterable[Global___ArtifactFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["framework", b"framework", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "sample_input_json", b"sample_input_json", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "sample_input_json", b"sample_input_json", "source", b"source", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -204,11 +225,17 @@ Global___UploadModelHeader: _TypeAlias = UploadModelHeader  # noqa: Y015
 
 @_typing.final
 class UploadModelRequest(_message.Message):
+    """Header, then the model's bytes (chunk), then the artifacts' bytes (artifact_chunk); the version is
+    stored with all of them or not at all.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    ARTIFACT_CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    artifact_chunk: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___UploadModelHeader: ...
     def __init__(
@@ -216,12 +243,13 @@ class UploadModelRequest(_message.Message):
         *,
         header: Global___UploadModelHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        artifact_chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact_chunk", b"artifact_chunk", "chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_chunk", b"artifact_chunk", "chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk", "artifact_chunk"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
@@ -244,6 +272,12 @@ class ModelVersion(_message.Message):
     CONVERSION_LOG_FIELD_NUMBER: _builtins.int
     SOURCE_SHA256_FIELD_NUMBER: _builtins.int
     SOURCE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    METADATA_JSON_FIELD_NUMBER: _builtins.int
+    ARTIFACT_COUNT_FIELD_NUMBER: _builtins.int
+    ARTIFACT_BYTES_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     version: _builtins.int
@@ -259,12 +293,22 @@ class ModelVersion(_message.Message):
     source_sha256: _builtins.str
     """A native model's file as uploaded, kept beside its ONNX form (sha256): empty for "onnx"/"python"."""
     source_size_bytes: _builtins.int
+    description: _builtins.str
+    source: _builtins.str
+    metadata_json: _builtins.str
+    """a JSON object; "{}" when none was given"""
+    artifact_count: _builtins.int
+    """the extra files it carries (ListModelArtifacts lists them)"""
+    artifact_bytes: _builtins.int
+    """their total size"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def config(self) -> Global___ModelConfig: ...
     def __init__(
         self,
         *,
@@ -281,14 +325,87 @@ class ModelVersion(_message.Message):
         conversion_log: _builtins.str = ...,
         source_sha256: _builtins.str = ...,
         source_size_bytes: _builtins.int = ...,
+        description: _builtins.str = ...,
+        source: _builtins.str = ...,
+        metadata_json: _builtins.str = ...,
+        artifact_count: _builtins.int = ...,
+        artifact_bytes: _builtins.int = ...,
+        config: Global___ModelConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_log", b"conversion_log", "created_at", b"created_at", "framework", b"framework", "inputs", b"inputs", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_sha256", b"source_sha256", "source_size_bytes", b"source_size_bytes", "status", b"status", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_bytes", b"artifact_bytes", "artifact_count", b"artifact_count", "config", b"config", "conversion_log", b"conversion_log", "created_at", b"created_at", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "source_sha256", b"source_sha256", "source_size_bytes", b"source_size_bytes", "status", b"status", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class ModelConfig(_message.Message):
+    """How the engine runs one model version (Wallaroo's model.configure). Unset fields take the engine's
+    settings (JOEY_MAX_BATCH_DELAY_MS, JOEY_MAX_BATCH_SIZE).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_CONFIG_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_DELAY_MS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_TARGET_FIELD_NUMBER: _builtins.int
+    batch_config: _builtins.str
+    """"single": one record per call of the model; "" (default): batches"""
+    max_batch_delay_ms: _builtins.int
+    batch_size_target: _builtins.int
+    def __init__(
+        self,
+        *,
+        batch_config: _builtins.str = ...,
+        max_batch_delay_ms: _builtins.int | None = ...,
+        batch_size_target: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size_target", b"_batch_size_target", "_max_batch_delay_ms", b"_max_batch_delay_ms", "batch_size_target", b"batch_size_target", "max_batch_delay_ms", b"max_batch_delay_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size_target", b"_batch_size_target", "_max_batch_delay_ms", b"_max_batch_delay_ms", "batch_config", b"batch_config", "batch_size_target", b"batch_size_target", "max_batch_delay_ms", b"max_batch_delay_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__batch_size_target: _TypeAlias = _typing.Literal["batch_size_target"]  # noqa: Y015
+    _WhichOneofArgType__batch_size_target: _TypeAlias = _typing.Literal["_batch_size_target", b"_batch_size_target"]  # noqa: Y015
+    _WhichOneofReturnType__max_batch_delay_ms: _TypeAlias = _typing.Literal["max_batch_delay_ms"]  # noqa: Y015
+    _WhichOneofArgType__max_batch_delay_ms: _TypeAlias = _typing.Literal["_max_batch_delay_ms", b"_max_batch_delay_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size_target) -> _WhichOneofReturnType__batch_size_target | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_batch_delay_ms) -> _WhichOneofReturnType__max_batch_delay_ms | None: ...
+
+Global___ModelConfig: _TypeAlias = ModelConfig  # noqa: Y015
+
+@_typing.final
+class ConfigureModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    version: _builtins.int
+    """0 = latest"""
+    @_builtins.property
+    def config(self) -> Global___ModelConfig: ...
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        config: Global___ModelConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigureModelRequest: _TypeAlias = ConfigureModelRequest  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
@@ -297,11 +414,16 @@ class Model(_message.Message):
     WORKSPACE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]:
         """oldest first"""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """sorted"""
 
     def __init__(
         self,
@@ -309,10 +431,11 @@ class Model(_message.Message):
         workspace: _builtins.str = ...,
         name: _builtins.str = ...,
         versions: _abc.Iterable[Global___ModelVersion] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "versions", b"versions", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "tags", b"tags", "versions", b"versions", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -803,6 +926,7 @@ class ResolvedStep(_message.Message):
     HASH_KEY_FIELD_NUMBER: _builtins.int
     META_KEY_FIELD_NUMBER: _builtins.int
     ROUTES_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     sha256: _builtins.str
@@ -838,6 +962,10 @@ class ResolvedStep(_message.Message):
     def routes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """key split: value -> model name (one of the arms)"""
 
+    @_builtins.property
+    def config(self) -> Global___ModelConfig:
+        """a model step's, as its model version had it when the step was resolved"""
+
     def __init__(
         self,
         *,
@@ -855,10 +983,11 @@ class ResolvedStep(_message.Message):
         hash_key: _builtins.str = ...,
         meta_key: _builtins.str = ...,
         routes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        config: Global___ModelConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "challengers", b"challengers", "checks", b"checks", "framework", b"framework", "hash_key", b"hash_key", "input_mapping", b"input_mapping", "inputs", b"inputs", "meta_key", b"meta_key", "model", b"model", "outputs", b"outputs", "routes", b"routes", "sha256", b"sha256", "version", b"version", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "challengers", b"challengers", "checks", b"checks", "config", b"config", "framework", b"framework", "hash_key", b"hash_key", "input_mapping", b"input_mapping", "inputs", b"inputs", "meta_key", b"meta_key", "model", b"model", "outputs", b"outputs", "routes", b"routes", "sha256", b"sha256", "version", b"version", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -933,6 +1062,7 @@ class Pipeline(_message.Message):
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     status: _builtins.str
@@ -952,6 +1082,10 @@ class Pipeline(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When the pipeline last changed: its newest version was created or its deployment changed."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """sorted"""
+
     def __init__(
         self,
         *,
@@ -961,10 +1095,11 @@ class Pipeline(_message.Message):
         deployment: Global___Deployment | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         status: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "name", b"name", "status", b"status", "updated_at", b"updated_at", "versions", b"versions", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "name", b"name", "status", b"status", "tags", b"tags", "updated_at", b"updated_at", "versions", b"versions", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3111,3 +3246,204 @@ class QueryAuditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryAuditResponse: _TypeAlias = QueryAuditResponse  # noqa: Y015
+
+@_typing.final
+class ArtifactFile(_message.Message):
+    """--- catalog: artifacts, tags and search ---
+
+    One extra file of a model version. A name is a relative path of '/'-separated parts, none empty,
+    "." or "..", without a backslash or a control character (docs/models.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    size_bytes: _builtins.int
+    sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactFile: _TypeAlias = ArtifactFile  # noqa: Y015
+
+@_typing.final
+class ArtifactListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    """the model"""
+    version: _builtins.int
+    """0 = latest"""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactListRequest: _TypeAlias = ArtifactListRequest  # noqa: Y015
+
+@_typing.final
+class ArtifactListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """the version listed (the latest when 0 was asked)"""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactFile]:
+        """by name"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        files: _abc.Iterable[Global___ArtifactFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactListResponse: _TypeAlias = ArtifactListResponse  # noqa: Y015
+
+@_typing.final
+class TagRequest(_message.Message):
+    """A tag: 1 to 64 of lowercase letters, digits, '.', '_', ':' and '-', starting with a letter or digit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    model: _builtins.str
+    pipeline: _builtins.str
+    tag: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        model: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        tag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "pipeline", b"pipeline", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "pipeline", b"pipeline", "tag", b"tag", "target", b"target", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["model", "pipeline"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___TagRequest: _TypeAlias = TagRequest  # noqa: Y015
+
+@_typing.final
+class TagResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagResponse: _TypeAlias = TagResponse  # noqa: Y015
+
+@_typing.final
+class SearchModelsRequest(_message.Message):
+    """Every filter given must match; none given lists every model that has a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    SEARCH_TERM_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    FRAMEWORK_FIELD_NUMBER: _builtins.int
+    UPLOADED_AFTER_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    search_term: _builtins.str
+    """in the model's name or the version's description, any case"""
+    tag: _builtins.str
+    """the model has this tag"""
+    framework: _builtins.str
+    """the version's framework"""
+    @_builtins.property
+    def uploaded_after(self) -> _timestamp_pb2.Timestamp:
+        """unset = any time"""
+
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        search_term: _builtins.str = ...,
+        tag: _builtins.str = ...,
+        framework: _builtins.str = ...,
+        uploaded_after: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["uploaded_after", b"uploaded_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["framework", b"framework", "search_term", b"search_term", "tag", b"tag", "uploaded_after", b"uploaded_after", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchModelsRequest: _TypeAlias = SearchModelsRequest  # noqa: Y015
+
+@_typing.final
+class SearchPipelinesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    SEARCH_TERM_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    search_term: _builtins.str
+    """in the pipeline's name, any case"""
+    tag: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        search_term: _builtins.str = ...,
+        tag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["search_term", b"search_term", "tag", b"tag", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchPipelinesRequest: _TypeAlias = SearchPipelinesRequest  # noqa: Y015

@@ -64,6 +64,11 @@ class RegistryStub:
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.GetModelVersionRequest.SerializeToString,
                 response_deserializer=joey__core_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.ConfigureModel = channel.unary_unary(
+                '/joey.v1.Registry/ConfigureModel',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ConfigureModelRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ModelVersion.FromString,
+                _registered_method=True)
         self.DownloadArtifact = channel.unary_stream(
                 '/joey.v1.Registry/DownloadArtifact',
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
@@ -244,6 +249,31 @@ class RegistryStub:
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.QueryAuditRequest.SerializeToString,
                 response_deserializer=joey__core_dot_v1_dot_registry__pb2.QueryAuditResponse.FromString,
                 _registered_method=True)
+        self.ListModelArtifacts = channel.unary_unary(
+                '/joey.v1.Registry/ListModelArtifacts',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ArtifactListRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ArtifactListResponse.FromString,
+                _registered_method=True)
+        self.AddTag = channel.unary_unary(
+                '/joey.v1.Registry/AddTag',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TagRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.TagResponse.FromString,
+                _registered_method=True)
+        self.RemoveTag = channel.unary_unary(
+                '/joey.v1.Registry/RemoveTag',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TagRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.TagResponse.FromString,
+                _registered_method=True)
+        self.SearchModels = channel.unary_unary(
+                '/joey.v1.Registry/SearchModels',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.SearchModelsRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.SearchPipelines = channel.unary_unary(
+                '/joey.v1.Registry/SearchPipelines',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.SearchPipelinesRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ListPipelinesResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -282,6 +312,13 @@ class RegistryServicer:
 
     def GetModelVersion(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigureModel(self, request, context):
+        """How the engine batches records for a model version; pipeline versions created after it use it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -539,6 +576,41 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModelArtifacts(self, request, context):
+        """Catalog: a model version's extra files (docs/models.md), tags and search.
+        The files a model version carries, by name; download each with DownloadArtifact by its sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddTag(self, request, context):
+        """Tags a model or a pipeline; adding a tag it has, or removing one it has not, changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveTag(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchModels(self, request, context):
+        """The models with at least one version matching every filter given, each with only those versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchPipelines(self, request, context):
+        """The pipelines matching every filter given, with their status as ListPipelines reports it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -570,6 +642,11 @@ def add_RegistryServicer_to_server(servicer, server):
             'GetModelVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelVersion,
                     request_deserializer=joey__core_dot_v1_dot_registry__pb2.GetModelVersionRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
+            ),
+            'ConfigureModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureModel,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConfigureModelRequest.FromString,
                     response_serializer=joey__core_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
@@ -752,6 +829,31 @@ def add_RegistryServicer_to_server(servicer, server):
                     request_deserializer=joey__core_dot_v1_dot_registry__pb2.QueryAuditRequest.FromString,
                     response_serializer=joey__core_dot_v1_dot_registry__pb2.QueryAuditResponse.SerializeToString,
             ),
+            'ListModelArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModelArtifacts,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ArtifactListRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ArtifactListResponse.SerializeToString,
+            ),
+            'AddTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddTag,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TagRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.TagResponse.SerializeToString,
+            ),
+            'RemoveTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveTag,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TagRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.TagResponse.SerializeToString,
+            ),
+            'SearchModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchModels,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.SearchModelsRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'SearchPipelines': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchPipelines,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.SearchPipelinesRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ListPipelinesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'joey.v1.Registry', rpc_method_handlers)
@@ -914,6 +1016,33 @@ class Registry:
             target,
             '/joey.v1.Registry/GetModelVersion',
             joey__core_dot_v1_dot_registry__pb2.GetModelVersionRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ConfigureModel',
+            joey__core_dot_v1_dot_registry__pb2.ConfigureModelRequest.SerializeToString,
             joey__core_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
@@ -1887,6 +2016,141 @@ class Registry:
             '/joey.v1.Registry/QueryAudit',
             joey__core_dot_v1_dot_registry__pb2.QueryAuditRequest.SerializeToString,
             joey__core_dot_v1_dot_registry__pb2.QueryAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModelArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListModelArtifacts',
+            joey__core_dot_v1_dot_registry__pb2.ArtifactListRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ArtifactListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/AddTag',
+            joey__core_dot_v1_dot_registry__pb2.TagRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.TagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/RemoveTag',
+            joey__core_dot_v1_dot_registry__pb2.TagRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.TagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/SearchModels',
+            joey__core_dot_v1_dot_registry__pb2.SearchModelsRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchPipelines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/SearchPipelines',
+            joey__core_dot_v1_dot_registry__pb2.SearchPipelinesRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ListPipelinesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,7 +80,7 @@ def test_listings_are_tables_of_what_each_thing_is(client: Client, iris_model: P
         "Running",
     )
     frame = pipelines.to_frame()
-    assert list(frame.columns) == ["name", "latest", "deployed", "replicas", "status", "updated"]
+    assert list(frame.columns) == ["name", "latest", "deployed", "replicas", "status", "tags", "updated"]
     assert frame["deployed"].tolist() == ["no", "v1"]
     assert repr(pipelines).splitlines()[0].split() == [
         "name",
@@ -88,6 +88,7 @@ def test_listings_are_tables_of_what_each_thing_is(client: Client, iris_model: P
         "deployed",
         "replicas",
         "status",
+        "tags",
         "updated",
     ]
 
