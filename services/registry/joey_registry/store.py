@@ -770,7 +770,7 @@ class Store:
 
     def has_artifact(self, ws: WorkspaceRef, sha256: str, files: bool = False) -> bool:
         """Whether a model version of ``ws`` has ``sha256`` as its model or, with ``files``, as one
-        of its extra files."""
+        of its extra files or the native file its model was converted from (engines run only the ONNX)."""
         extra = (
             "UNION ALL SELECT 1 FROM model_artifacts a JOIN model_versions v ON v.id = a.model_version_id "
             "JOIN models m ON m.id = v.model_id WHERE m.workspace_id = %(ws)s AND a.sha256 = %(sha)s "
@@ -780,9 +780,10 @@ class Store:
         with self._conn() as conn:
             row = conn.execute(
                 "SELECT 1 FROM model_versions v JOIN models m ON m.id = v.model_id "
-                "WHERE m.workspace_id = %(ws)s AND (v.sha256 = %(sha)s OR v.source_sha256 = %(sha)s) "
+                "WHERE m.workspace_id = %(ws)s "
+                "AND (v.sha256 = %(sha)s OR (%(files)s AND v.source_sha256 = %(sha)s)) "
                 f"{extra}LIMIT 1",
-                {"ws": ws.id, "sha": sha256},
+                {"ws": ws.id, "sha": sha256, "files": files},
             ).fetchone()
         return row is not None
 

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import joblib
 import lightgbm
 import numpy as np
@@ -31,8 +32,10 @@ from joey.client import Client
 from joey.client.calls import JoeyError
 from joey_cli import main
 from joey_core.settings import CommonSettings
+from joey_core.v1 import registry_pb2 as pb
 from joey_registry.converters.verify import ATOL, RTOL
 from tests.conftest import ADMIN_PASSWORD, SERVICE_TOKEN, Stack
+from tests.registry.helpers import token_stub
 
 TORCH_SCHEMA = pa.schema([pa.field("input", pa.list_(pa.float32(), 4))])
 
@@ -98,7 +101,7 @@ def artifact_files(stack: Stack) -> set[Path]:
 
 
 def test_each_framework_serves_what_its_native_library_predicts(
-    client: Client, saved: dict[str, Path], iris: tuple[np.ndarray, ...]
+    client: Client, saved: dict[str, Path], iris: tuple[np.ndarray, ...], tmp_path: Path
 ) -> None:
     held_out = iris[2]
     records = [{"input": row.tolist()} for row in held_out]
@@ -114,6 +117,16 @@ def test_each_framework_serves_what_its_native_library_predicts(
         # The original beside the ONNX form, both downloadable.
         assert mv.source_sha256 and mv.source_sha256 != mv.sha256
         assert mv.source_size_bytes == path.stat().st_size
+        assert mv.download_source(tmp_path).read_bytes() == path.read_bytes()
+    # Engines fetch what they run: the service token gets the ONNX form, not the file it came from.
+    with grpc.insecure_channel(client.settings.registry_addr) as channel:
+        service = token_stub(channel, SERVICE_TOKEN)
+        for sha256, served in ((mv.sha256, True), (mv.source_sha256, False)):
+            request = pb.DownloadArtifactRequest(workspace=client.workspace, sha256=sha256)
+            try:
+                assert b"".join(c.data for c in service.DownloadArtifact(request)) and served
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND and not served
     pipelines = []
     for framework in saved:
         pipeline = client.build_pipeline(f"{framework}-pipeline").add_model_step(framework)
