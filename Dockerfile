@@ -21,8 +21,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     JOEY_ARTIFACT_DIR=/data/artifacts \
     JOEY_CACHE_DIR=/cache
+# EXTRAS=frameworks adds what the registry converts native models with (docs/models.md): large (torch).
+ARG EXTRAS=""
 COPY --from=build /wheels /wheels
-RUN pip install /wheels/*.whl && rm -rf /wheels
+RUN pip install "$(ls /wheels/*.whl)${EXTRAS:+[$EXTRAS]}" && rm -rf /wheels
 
 # Own the data directories before switching user: a fresh named volume mounted on them
 # inherits this ownership, so the non-root services can write there.

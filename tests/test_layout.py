@@ -58,3 +58,12 @@ def test_dir_and_tab_completion_show_the_public_api() -> None:
     # IPython and the REPL complete from dir(): every exported name must be there, eagerly.
     assert {"Client", "Pipeline", "Autoscale", "JoeyError"} <= set(dir(joey))
     assert set(joey.__all__) <= set(dir(joey))
+
+
+def test_the_registry_imports_no_framework_it_converts() -> None:
+    # Native models are loaded and converted in a confined child (joey_registry.convert_process): the
+    # registry itself must not even import their frameworks, whose import runs their code.
+    frameworks = ("sklearn", "skl2onnx", "xgboost", "lightgbm", "onnxmltools", "torch", "onnxscript")
+    probe = "import sys, joey_registry.app; print(' '.join(m.split('.')[0] for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert not set(out.split()) & set(frameworks)

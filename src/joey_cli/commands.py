@@ -265,13 +265,19 @@ def model() -> None:
 @model.command("upload")
 @click.argument("name")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--framework", default="onnx", show_default=True, help="onnx, or python for a python step")
+@click.option(
+    "--framework",
+    default="onnx",
+    show_default=True,
+    help="onnx; python for a python step; sklearn, xgboost, lightgbm or pytorch for a native model, "
+    "which the registry converts to ONNX (docs/models.md)",
+)
 @click.option(
     "--input",
     "inputs",
     multiple=True,
     metavar="NAME:DTYPE:SHAPE",
-    help="A declared input of a python step, e.g. features:float32:-1,4 (repeatable).",
+    help="A declared input of a python step or a PyTorch model, e.g. features:float32:-1,4 (repeatable).",
 )
 @click.option(
     "--output",
@@ -291,6 +297,7 @@ def model() -> None:
 @click.option("--description", default=None, help="What the version is.")
 @click.option("--source", default=None, help="Where it came from: a training run id, a git commit.")
 @click.option("--metadata", default=None, metavar="JSON", help="A JSON object, e.g. '{\"auc\": 0.91}'.")
+@click.option("--no-wait", is_flag=True, help="Return while a native model is still converting.")
 @click.pass_obj
 def model_upload(
     obj: Context,
@@ -303,12 +310,14 @@ def model_upload(
     description: str | None,
     source: str | None,
     metadata: str | None,
+    no_wait: bool,
 ) -> None:
     """Upload PATH as a new version of model NAME, with the files it carries and its lineage."""
     import json
 
     from joey.client.artifacts import collect
     from joey.client.signatures import parse_option
+    from joey_core.models import CONVERTING
 
     try:
         input_schema = dict(parse_option(text) for text in inputs) or None
@@ -346,8 +355,21 @@ def model_upload(
             description=description,
             source=source,
             metadata=given,
+            wait=False,
         )
-    click.echo(f"{mv.name} version {mv.version} sha256 {mv.sha256}")
+    if mv.status == CONVERTING:
+        click.echo(f"{mv.name} version {mv.version}: {mv.conversion_log}", err=True)
+        if no_wait:
+            click.echo(
+                f"{mv.name} version {mv.version} converting (`joey model get {mv.name}` shows its status)"
+            )
+            return
+        with click.progressbar(length=1, label="converting to ONNX and verifying", file=sys.stderr) as bar:
+            mv = obj.client.wait_for_model(mv)
+            bar.update(1)
+        for line in mv.conversion_log.splitlines()[1:]:
+            click.echo(f"  {line}", err=True)
+    click.echo(f"{mv.name} version {mv.version} {mv.status} sha256 {mv.sha256}")
     if mv.artifact_count:
         click.echo(f"  artifacts: {mv.artifact_count} files, {mv.artifact_bytes} bytes")
     for kind, specs in (("input", mv.inputs), ("output", mv.outputs)):

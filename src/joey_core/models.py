@@ -46,6 +46,11 @@ def specs_from_json(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_json(item) for item in items)
 
 
+READY = "ready"
+CONVERTING = "converting"
+ERROR = "error"
+RUNTIMES = ("onnx", "python")
+"""Frameworks engines run as they are; every other (native) framework is served as its ONNX form."""
 BATCH_CONFIGS = ("single",)
 """Batch configs other than the default (batches): ``single`` runs the model one record per call."""
 MAX_BATCH_DELAY_MS = 60_000
@@ -113,7 +118,8 @@ def _check_range(name: str, value: int | None, low: int, high: int) -> None:
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """One upload of a model under its name."""
+    """One upload of a model under its name. A native model (sklearn, xgboost, ...) is converted to
+    ONNX: ``sha256`` is the ONNX engines serve, ``source_sha256`` the file as uploaded."""
 
     workspace: str
     name: str
@@ -124,6 +130,10 @@ class ModelVersion:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     created_at: datetime | None
+    status: str = READY
+    conversion_log: str = ""
+    source_sha256: str = ""
+    source_size_bytes: int = 0
     config: ModelConfig = ModelConfig()
     # Lineage, and the extra files the version carries (listed by ListModelArtifacts).
     description: str = ""
@@ -133,6 +143,11 @@ class ModelVersion:
     """A JSON object of the user's."""
     artifact_count: int = 0
     artifact_bytes: int = 0
+
+    @property
+    def runtime(self) -> str:
+        """The framework engines run this version with."""
+        return self.framework if self.framework in RUNTIMES else "onnx"
 
     @classmethod
     def from_proto(cls, mv: pb.ModelVersion) -> Self:
@@ -147,6 +162,10 @@ class ModelVersion:
             specs_from_proto(mv.inputs),
             specs_from_proto(mv.outputs),
             stamp.ToDatetime(tzinfo=UTC) if stamp.seconds or stamp.nanos else None,
+            mv.status or READY,
+            mv.conversion_log,
+            mv.source_sha256,
+            mv.source_size_bytes,
             ModelConfig.from_proto(mv.config),
             mv.description,
             mv.source,
@@ -169,6 +188,10 @@ class ModelVersion:
             inputs=[s.to_proto() for s in self.inputs],
             outputs=[s.to_proto() for s in self.outputs],
             created_at=created,
+            status=self.status,
+            conversion_log=self.conversion_log,
+            source_sha256=self.source_sha256,
+            source_size_bytes=self.source_size_bytes,
             config=self.config.to_proto(),
             description=self.description,
             source=self.source,

@@ -63,7 +63,7 @@ def test_lists_describe_and_deletes(
     assert models[1].split()[:6] == ["iris", "2", "2", "onnx", "features", "float32[-1,4]"]
     assert "label int64[-1], probabilities float32[-1,3]" in models[1]
     versions = joey(cli_env, "model", "get", "iris").stdout.splitlines()
-    assert versions[0].split()[:5] == ["name", "version", "framework", "inputs", "outputs"]
+    assert versions[0].split()[:6] == ["name", "version", "framework", "status", "inputs", "outputs"]
     assert [line.split()[1] for line in versions[1:]] == ["1", "2"]
     pipelines = joey(cli_env, "pipeline", "list").stdout.splitlines()
     assert pipelines[0].split() == ["name", "latest", "deployed", "replicas", "status", "tags", "updated"]

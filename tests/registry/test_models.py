@@ -333,7 +333,10 @@ def test_bad_upload_is_rejected_and_stores_nothing(
 
 def test_unknown_framework_lists_supported(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
     error = rpc_error(lambda: upload(stub, workspace, "m", iris_bytes, framework="pickle"))
-    assert error.details() == "unsupported framework 'pickle'; supported: onnx, python"
+    assert (
+        error.details()
+        == "unsupported framework 'pickle'; supported: lightgbm, onnx, python, pytorch, sklearn, xgboost"
+    )
 
 
 def test_upload_over_the_size_limit(

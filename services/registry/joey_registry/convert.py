@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -63,6 +65,7 @@ def upload_header(header: pb.UploadModelHeader) -> domain.UploadHeader:
         framework=header.framework,
         inputs=specs_from_proto(header.inputs),
         outputs=specs_from_proto(header.outputs),
+        sample_input=_sample_input(header.sample_input_json),
         description=header.description,
         source=header.source,
         metadata_json=header.metadata_json,
@@ -81,6 +84,25 @@ def model_search(request: pb.SearchModelsRequest) -> domain.ModelSearch:
 
 def pipeline_search(request: pb.SearchPipelinesRequest) -> domain.PipelineSearch:
     return domain.PipelineSearch(search_term=request.search_term or None, tag=request.tag or None)
+
+
+_MAX_SAMPLE_JSON = 1 << 20
+
+
+def _sample_input(text: str) -> dict[str, Any] | None:
+    if not text:
+        return None
+    if len(text) > _MAX_SAMPLE_JSON:
+        raise InvalidArgument(
+            f"the sample input is {len(text)} characters of JSON; at most {_MAX_SAMPLE_JSON}"
+        )
+    try:
+        sample = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"the sample input is not JSON: {exc}") from None
+    if not isinstance(sample, dict) or not sample:
+        raise InvalidArgument("the sample input must be a JSON object {input name: [row, ...]}")
+    return sample
 
 
 def step_requests(steps: list[pb.PipelineStep]) -> list[domain.StepRequest]:

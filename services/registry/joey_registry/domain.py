@@ -82,6 +82,8 @@ class UploadHeader:
     inputs: tuple[TensorSpec, ...] = ()
     """The declared signature, for frameworks whose artifact carries none (python)."""
     outputs: tuple[TensorSpec, ...] = ()
+    sample_input: Mapping[str, Any] | None = None
+    """Native frameworks: rows the conversion is verified on, by input name."""
     description: str = ""
     source: str = ""
     metadata_json: str = ""
@@ -147,7 +149,7 @@ class ResolvedStep:
 
     @classmethod
     def of(cls, mv: ModelVersion) -> ResolvedStep:
-        return cls(mv.name, mv.version, mv.sha256, mv.framework, mv.inputs, mv.outputs, config=mv.config)
+        return cls(mv.name, mv.version, mv.sha256, mv.runtime, mv.inputs, mv.outputs, config=mv.config)
 
     def source(self, input_name: str) -> str:
         """The name this model's input is fed from."""

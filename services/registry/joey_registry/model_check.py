@@ -20,7 +20,7 @@ from joey_registry.validation import Signature
 log = logging.getLogger(__name__)
 
 # What the checking process sees of the environment: no JOEY_* secret, no database URL, no token.
-_CHECK_ENVIRONMENT = {
+CHECK_ENVIRONMENT = {
     "PATH": os.defpath,
     "LC_ALL": "C.UTF-8",
     "OMP_NUM_THREADS": "1",
@@ -134,7 +134,7 @@ def _spawn() -> subprocess.Popen[bytes]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_CHECK_ENVIRONMENT | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        env=CHECK_ENVIRONMENT | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         cwd="/",
     )
 

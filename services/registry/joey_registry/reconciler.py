@@ -4,6 +4,8 @@ A deploy, rollback, scale or undeploy whose publish failed or timed out (or whos
 its intent behind (see ``Registry._change``); the broker may still have taken the record. Every
 ``interval_s`` this publishes again what Postgres holds for those pipelines, so Kafka and Postgres
 agree again within one round of the broker answering, without waiting for a registry restart.
+
+Each round also marks as errors the model conversions a stopped registry left unfinished.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ class Reconciler(Periodic):
         self._registry = registry
 
     def _round(self) -> None:
+        expired = self._registry.expire_conversions()
+        if expired:
+            log.warning("%d model conversions a stopped registry left unfinished: marked as errors", expired)
         try:
             reconciled = self._registry.reconcile(everything=False)
         except Unavailable as exc:

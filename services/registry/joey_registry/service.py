@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,11 +20,13 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from joey_core import heartbeats, kafka, topics
-from joey_core.models import ArtifactFile, ModelConfig, ModelVersion
+from joey_core.models import ERROR, READY, ArtifactFile, ModelConfig, ModelVersion
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
 from joey_registry.assays import Assays
+from joey_registry.conversion import Conversion, ConversionFailed, Conversions
+from joey_registry.converters import CONVERTERS
 from joey_registry.deploy_config import check_autoscale, check_resources
 from joey_registry.domain import (
     Autoscale,
@@ -76,6 +79,7 @@ _ALREADY_GONE = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.GROUP_ID
 UNKNOWN = "Unknown"  # a listed pipeline's status when the heartbeats or partitions could not be read
 DEFAULT_LOG_LIMIT = 100
 MAX_LOG_LIMIT = 10_000
+_CONVERSION_MARGIN_S = 60.0  # beyond a conversion's own limits: storing its ONNX, a slow database
 
 
 def _valid_name(kind: str, name: str) -> str:
@@ -112,6 +116,13 @@ class Registry:
         self.identity = Identity(settings, IdentityStore(store.pool), self.access, redis_client)
         self.checks = ModelCheck(
             settings.upload_check_memory_mb, settings.upload_check_cpu_s, settings.upload_check_timeout_s
+        )
+        self.conversions = Conversions(
+            settings.conversion_memory_mb,
+            settings.conversion_cpu_s,
+            settings.conversion_timeout_s,
+            settings.conversion_concurrency,
+            settings.max_upload_bytes,
         )
         # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
         self._partitions: dict[str, int] = {}
@@ -175,6 +186,18 @@ class Registry:
         ws = self.access.authorize(caller, header.workspace, Action.WRITE)
         name = _valid_name("model", header.name)
         framework = framework_name(header.framework)
+        native = framework in CONVERTERS
+        if native and header.outputs:
+            raise InvalidArgument(
+                f"framework {framework!r}: the outputs are the converted model's (label and "
+                "probabilities of a classifier, variable otherwise, output of a PyTorch model): upload "
+                "without an output schema"
+            )
+        if not native and header.sample_input is not None:
+            raise InvalidArgument(
+                f"a sample input verifies a conversion: framework {framework!r} is not converted; upload "
+                "without it"
+            )
         lineage = check_lineage(header)
         check_manifest(header.artifacts, self.settings.max_artifacts, self.settings.max_artifacts_bytes)
         staging = self.artifacts.staging_dir()
@@ -184,7 +207,15 @@ class Registry:
         ):
             if size == 0:
                 raise InvalidArgument(f"empty upload for model {name!r}: no artifact bytes were received")
-            signature = self.checks.inspect(framework, path, Signature(header.inputs, header.outputs))
+            conversion: Conversion | None = None
+            if native:
+                # Loaded (or refused, nothing stored) now; converted once the version is stored.
+                conversion = self.conversions.start(
+                    framework, path, header.inputs, header.sample_input, staging
+                )
+                signature = Signature((), ())
+            else:
+                signature = self.checks.inspect(framework, path, Signature(header.inputs, header.outputs))
             stored_new: list[str] = []
 
             def store_artifacts() -> None:
@@ -196,24 +227,88 @@ class Registry:
                 version = self.store.add_model_version(
                     ws,
                     name,
-                    sha256,
-                    size,
+                    "" if native else sha256,  # a native model's served artifact is its ONNX form, to come
+                    0 if native else size,
                     framework,
                     signature.inputs,
                     signature.outputs,
                     store_artifacts,
                     lineage=lineage,
                     files=header.artifacts,
+                    source=(sha256, size) if native else None,
                 )
             except BaseException:
                 # The rows were rolled back; artifacts stored only for them would be orphaned. Under
                 # each artifact's lock, and only if unused: an upload of the same bytes may have found
                 # the file meanwhile and recorded its own version.
+                if conversion is not None:
+                    conversion.abandon()
                 if stored_new:
                     self.store.remove_artifacts(stored_new, self.artifacts.delete)
                 raise
-        log.info("stored model %s/%s version %d (%s, %d bytes)", ws.name, name, version.version, sha256, size)
-        return version
+        if conversion is None:
+            log.info(
+                "stored model %s/%s version %d (%s, %d bytes)", ws.name, name, version.version, sha256, size
+            )
+            return version
+        log.info(
+            "converting model %s/%s version %d: %s", ws.name, name, version.version, conversion.description
+        )
+        threading.Thread(
+            target=self._finish_conversion,
+            args=(ws, version, conversion),
+            name=f"convert-{ws.name}-{name}-{version.version}",
+            daemon=True,
+        ).start()
+        return replace(version, conversion_log=f"loaded {conversion.description}")
+
+    def _finish_conversion(self, ws: WorkspaceRef, version: ModelVersion, conversion: Conversion) -> None:
+        lines: list[str] = []
+        try:
+            try:
+                onnx_path, lines = conversion.finish()
+                # The registry loads nothing native: the ONNX form is checked as an ONNX upload is.
+                signature = self.checks.inspect("onnx", onnx_path, Signature((), ()))
+            except (ConversionFailed, InvalidArgument, Unavailable) as exc:
+                lines = [*lines, *getattr(exc, "log_lines", []), f"error: {exc}"]
+                self.store.finish_conversion(
+                    ws, version.name, version.version, None, "\n".join(lines), _nothing
+                )
+                log.info("conversion of %s/%s v%d failed: %s", ws.name, version.name, version.version, exc)
+                return
+            sha256, size = _sha256(onnx_path)
+            stored_new = False
+
+            def store_onnx() -> None:
+                nonlocal stored_new
+                stored_new = self.artifacts.put(sha256, onnx_path)
+
+            outcome = (sha256, size, signature.inputs, signature.outputs)
+            if not self.store.finish_conversion(
+                ws, version.name, version.version, outcome, "\n".join(lines), store_onnx
+            ):
+                log.info(
+                    "model %s/%s v%d was deleted while converting", ws.name, version.name, version.version
+                )
+            log.info("converted model %s/%s v%d to ONNX %s", ws.name, version.name, version.version, sha256)
+        except Exception:
+            log.exception("conversion of %s/%s v%d failed", ws.name, version.name, version.version)
+            try:
+                self.store.finish_conversion(
+                    ws, version.name, version.version, None, "\n".join([*lines, "error: internal"]), _nothing
+                )
+            except Exception:
+                log.exception("could not record the failed conversion")
+        finally:
+            conversion.remove()
+
+    def expire_conversions(self) -> int:
+        """Mark as errors the conversions no registry is running any more: started longer ago than a
+        conversion and its ONNX check may take (a registry that stopped meanwhile never finishes them).
+        By age, not at start: other registries may be converting meanwhile."""
+        settings = self.settings
+        longest = settings.conversion_timeout_s + settings.upload_check_timeout_s + _CONVERSION_MARGIN_S
+        return self.store.fail_stale_conversions(longest)
 
     @contextmanager
     def _staged(self, chunks: Iterable[bytes]) -> Iterator[tuple[Path, str, int]]:
@@ -421,9 +516,17 @@ class Registry:
     def _resolve(self, ws: WorkspaceRef, number: int, ref: StepRef, role: str = "") -> ResolvedStep:
         """``ref`` pinned to a model version (0 = the latest now); ``role`` is its part in a shadow step."""
         try:
-            model_step = ResolvedStep.of(self._model_version(ws, ref.model, ref.version))
+            found = self._model_version(ws, ref.model, ref.version)
         except (NotFound, InvalidArgument) as exc:
             raise type(exc)(f"step {number}: {role}{exc}") from None
+        if found.status != READY:
+            last = found.conversion_log.splitlines()[-1:] or [""]
+            why = f" ({last[0]})" if found.status == ERROR else ""
+            raise FailedPrecondition(
+                f"step {number}: {role}model {found.name!r} version {found.version} is {found.status}, not "
+                f"ready{why}; a pipeline serves ready versions only (see `joey model get {found.name}`)"
+            )
+        model_step = ResolvedStep.of(found)
         return map_inputs(number, model_step, ref.input_mapping, role)
 
     def get_pipeline(self, caller: Caller, workspace: str, name: str) -> Pipeline:
@@ -880,6 +983,18 @@ class Registry:
         total = counted if counted is not None else found.total or 0
         token = page_tokens.encode(query, found.following, total) if found.following else ""
         return LogPage(found.entries, total, token)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(DOWNLOAD_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest(), path.stat().st_size
 
 
 def _plural(count: int, noun: str) -> str:

@@ -58,6 +58,20 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     upload_check_timeout_s: float = Field(default=120.0, gt=0)
     """Wall-clock time the child process that checks an upload may take."""
 
+    conversion_memory_mb: int = Field(default=6144, ge=1024)
+    """Address space of the child process that loads, converts and verifies a native model (sklearn,
+    xgboost, lightgbm, pytorch): more than a check's, as torch alone maps gigabytes."""
+
+    conversion_cpu_s: int = Field(default=300, ge=1)
+    """CPU seconds a conversion may use, its framework's import included."""
+
+    conversion_timeout_s: float = Field(default=600.0, gt=0)
+    """Wall-clock time a conversion may take, loading, converting and verifying."""
+
+    conversion_concurrency: int = Field(default=2, ge=1)
+    """Conversions running at once (each holds a child process until verified); one more upload of a
+    native model is refused (RESOURCE_EXHAUSTED)."""
+
     db_pool_size: int = Field(default=8, ge=1)
     """Maximum Postgres connections held by the registry."""
 

@@ -18,7 +18,16 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from joey_core import db, topics
-from joey_core.models import ArtifactFile, ModelConfig, ModelVersion, TensorSpec, specs_from_json
+from joey_core.models import (
+    CONVERTING,
+    ERROR,
+    READY,
+    ArtifactFile,
+    ModelConfig,
+    ModelVersion,
+    TensorSpec,
+    specs_from_json,
+)
 from joey_registry.domain import (
     Autoscale,
     DeletedModel,
@@ -75,7 +84,7 @@ class LogSlice:
 
 _VERSION_FIELDS = """
     m.name, v.version, v.sha256, v.size_bytes, v.framework, v.inputs, v.outputs, v.created_at, v.config,
-    v.description, v.source, v.metadata,
+    v.description, v.source, v.metadata, v.status, v.conversion_log, v.source_sha256, v.source_size_bytes,
     (SELECT count(*) FROM model_artifacts a WHERE a.model_version_id = v.id) AS artifact_count,
     (SELECT coalesce(sum(a.size_bytes), 0) FROM model_artifacts a WHERE a.model_version_id = v.id)
         AS artifact_bytes
@@ -115,6 +124,10 @@ def _model_version(workspace: str, row: DictRow) -> ModelVersion:
         metadata=row["metadata"],
         artifact_count=int(row["artifact_count"]),
         artifact_bytes=int(row["artifact_bytes"]),
+        status=row["status"],
+        conversion_log=row["conversion_log"],
+        source_sha256=row["source_sha256"] or "",
+        source_size_bytes=row["source_size_bytes"] or 0,
     )
 
 
@@ -436,9 +449,12 @@ class Store:
         before_commit: Callable[[], None],
         lineage: Lineage = Lineage(),
         files: tuple[ArtifactFile, ...] = (),
+        source: tuple[str, int] | None = None,
     ) -> ModelVersion:
         """Insert the next version of ``name`` (creating the model) with its lineage and the rows of its
-        extra ``files``; ``before_commit`` runs inside the transaction, so if it raises no row is written."""
+        extra ``files``; ``before_commit`` runs inside the transaction, so if it raises no row is written.
+        With ``source`` (the sha256 and size of a native model's file, ``sha256`` then being '') the
+        version is recorded as converting."""
         with self._conn() as conn:
             model_id = _lock_named(conn, "models", ws, name)
             # Numbered from the model's highest version ever, so a deleted version's number never returns
@@ -454,9 +470,11 @@ class Store:
                     RETURNING last_version
                 )
                 INSERT INTO model_versions (model_id, version, sha256, size_bytes, framework, inputs, outputs,
-                                            description, source, metadata)
+                                            description, source, metadata, status, source_sha256,
+                                            source_size_bytes)
                 SELECT %(model_id)s, last_version, %(sha256)s, %(size)s, %(framework)s,
-                       %(inputs)s, %(outputs)s, %(description)s, %(source)s, %(metadata)s
+                       %(inputs)s, %(outputs)s, %(description)s, %(source)s, %(metadata)s, %(status)s,
+                       %(source_sha256)s, %(source_size)s
                   FROM next
                 RETURNING id, version, created_at
                 """,
@@ -470,6 +488,9 @@ class Store:
                     "description": lineage.description,
                     "source": lineage.source,
                     "metadata": Jsonb(dict(lineage.metadata)),
+                    "status": CONVERTING if source else READY,
+                    "source_sha256": source[0] if source else None,
+                    "source_size": source[1] if source else None,
                 },
             ).fetchone()
             assert row is not None
@@ -481,7 +502,8 @@ class Store:
                         [(row["id"], f.name, f.sha256, f.size_bytes) for f in files],
                     )
             # In one order, so that two uploads sharing files never wait for each other's locks.
-            for key in sorted({_artifact_lock_key(sha) for sha in (sha256, *(f.sha256 for f in files))}):
+            stored = (source[0] if source else sha256, *(f.sha256 for f in files))
+            for key in sorted({_artifact_lock_key(sha) for sha in stored}):
                 conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_ARTIFACT_LOCKS, key))
             before_commit()
         return ModelVersion(
@@ -499,7 +521,62 @@ class Store:
             metadata=lineage.metadata,
             artifact_count=len(files),
             artifact_bytes=sum(f.size_bytes for f in files),
+            status=CONVERTING if source else READY,
+            source_sha256=source[0] if source else "",
+            source_size_bytes=source[1] if source else 0,
         )
+
+    def finish_conversion(
+        self,
+        ws: WorkspaceRef,
+        name: str,
+        version: int,
+        outcome: tuple[str, int, tuple[TensorSpec, ...], tuple[TensorSpec, ...]] | None,
+        conversion_log: str,
+        before_commit: Callable[[], None],
+    ) -> bool:
+        """Record a conversion's end: ``outcome`` (the ONNX's sha256 and size, its signature) makes the
+        version ready, None makes it an error. False when the version is gone (deleted meanwhile):
+        nothing is written and ``before_commit`` does not run."""
+        with self._conn() as conn:
+            if outcome is not None:
+                _lock_artifact(conn, outcome[0])
+            sha256, size, inputs, outputs = outcome or ("", 0, (), ())
+            row = conn.execute(
+                "UPDATE model_versions v SET status = %s, conversion_log = %s, sha256 = %s, size_bytes = %s, "
+                "inputs = %s, outputs = %s FROM models m WHERE m.id = v.model_id AND m.workspace_id = %s "
+                "AND m.name = %s AND v.version = %s AND v.status = %s RETURNING v.version",
+                (
+                    READY if outcome else ERROR,
+                    conversion_log,
+                    sha256,
+                    size,
+                    _specs_json(inputs),
+                    _specs_json(outputs),
+                    ws.id,
+                    name,
+                    version,
+                    CONVERTING,
+                ),
+            ).fetchone()
+            if row is None:
+                return False
+            before_commit()
+        return True
+
+    def fail_stale_conversions(self, older_than_s: float) -> int:
+        """Conversions started longer ago than any can take: their registry stopped before finishing."""
+        with self._conn() as conn:
+            return conn.execute(
+                "UPDATE model_versions SET status = %s, conversion_log = conversion_log || %s "
+                "WHERE status = %s AND created_at < now() - make_interval(secs => %s)",
+                (
+                    ERROR,
+                    "the registry stopped during the conversion; upload the model again",
+                    CONVERTING,
+                    older_than_s,
+                ),
+            ).rowcount
 
     def list_models(self, ws: WorkspaceRef) -> list[Model]:
         return self._models(ws, None)
@@ -662,13 +739,16 @@ class Store:
             ).fetchall()
             deleted = conn.execute(
                 "DELETE FROM model_versions WHERE model_id = %s AND version = ANY(%s) "
-                "RETURNING version, sha256",
+                "RETURNING version, sha256, source_sha256",
                 (model_id, list(chosen)),
             ).fetchall()
             if delete_model:
                 conn.execute("DELETE FROM models WHERE id = %s", (model_id,))
         versions = tuple(sorted(r["version"] for r in deleted))
-        return DeletedModel(versions, delete_model), sorted({r["sha256"] for r in [*deleted, *files]})
+        sha256s = {r[column] for r in deleted for column in ("sha256", "source_sha256")} | {
+            r["sha256"] for r in files
+        }
+        return DeletedModel(versions, delete_model), sorted(sha256s - {None, ""})
 
     def remove_artifacts(self, sha256s: list[str], remove: Callable[[str], None]) -> int:
         """Call ``remove`` for each of ``sha256s`` that no model version of any workspace uses, as its
@@ -679,7 +759,7 @@ class Store:
             with self._conn() as conn:
                 _lock_artifact(conn, sha256)
                 used = conn.execute(
-                    "SELECT 1 FROM model_versions WHERE sha256 = %(sha)s "
+                    "SELECT 1 FROM model_versions WHERE sha256 = %(sha)s OR source_sha256 = %(sha)s "
                     "UNION ALL SELECT 1 FROM model_artifacts WHERE sha256 = %(sha)s LIMIT 1",
                     {"sha": sha256},
                 ).fetchone()
@@ -690,7 +770,7 @@ class Store:
 
     def has_artifact(self, ws: WorkspaceRef, sha256: str, files: bool = False) -> bool:
         """Whether a model version of ``ws`` has ``sha256`` as its model or, with ``files``, as one
-        of its extra files."""
+        of its extra files or the native file its model was converted from (engines run only the ONNX)."""
         extra = (
             "UNION ALL SELECT 1 FROM model_artifacts a JOIN model_versions v ON v.id = a.model_version_id "
             "JOIN models m ON m.id = v.model_id WHERE m.workspace_id = %(ws)s AND a.sha256 = %(sha)s "
@@ -700,8 +780,10 @@ class Store:
         with self._conn() as conn:
             row = conn.execute(
                 "SELECT 1 FROM model_versions v JOIN models m ON m.id = v.model_id "
-                f"WHERE m.workspace_id = %(ws)s AND v.sha256 = %(sha)s {extra}LIMIT 1",
-                {"ws": ws.id, "sha": sha256},
+                "WHERE m.workspace_id = %(ws)s "
+                "AND (v.sha256 = %(sha)s OR (%(files)s AND v.source_sha256 = %(sha)s)) "
+                f"{extra}LIMIT 1",
+                {"ws": ws.id, "sha": sha256, "files": files},
             ).fetchone()
         return row is not None
 

@@ -28,6 +28,7 @@ import onnx.shape_inference
 import onnxruntime as ort
 
 from joey_core.models import TensorSpec
+from joey_registry.converters import CONVERTERS
 from joey_registry.errors import InvalidArgument
 
 DEFAULT_FRAMEWORK = "onnx"
@@ -183,7 +184,8 @@ _MAX_ZIP_DIRECTORY_BYTES = 16 << 20
 _MAX_ONNX_FIELDS = 1_000
 _PICKLE_ADVICE = (
     "Joey runs ONNX models: convert a scikit-learn model with skl2onnx, e.g. "
-    "`skl2onnx.to_onnx(model, X[:1].astype(numpy.float32))`, and upload the .onnx file"
+    "`skl2onnx.to_onnx(model, X[:1].astype(numpy.float32))`, and upload the .onnx file, or upload this "
+    "file with framework 'sklearn' and the registry converts it"
 )
 _TF_ADVICE = (
     "Joey runs ONNX models: convert it with tf2onnx (`python -m tf2onnx.convert`) and upload the .onnx file"
@@ -220,7 +222,8 @@ def what_file_is(path: Path) -> str | None:
     if head.startswith(b"tree\nversion="):
         return (
             "this looks like a LightGBM text model. Joey runs ONNX models: convert it with onnxmltools "
-            "(`onnxmltools.convert_lightgbm`) and upload the .onnx file"
+            "(`onnxmltools.convert_lightgbm`) and upload the .onnx file, or upload this file with framework "
+            "'lightgbm' and the registry converts it"
         )
     if b"def process_data" in head and _is_text(head) and not head.startswith(b"\x08"):
         return (
@@ -284,7 +287,8 @@ def _zip(path: Path, size: int) -> str:
     if "data.pkl" in leaves:
         return (
             "this looks like a PyTorch model (a zip archive with data.pkl). Joey runs ONNX models: export it "
-            "with `torch.onnx.export(model, example_input, 'model.onnx')` and upload the .onnx file"
+            "with `torch.onnx.export(model, example_input, 'model.onnx')` and upload the .onnx file, or "
+            "upload a TorchScript or ExportedProgram file with framework 'pytorch' and its input schema"
         )
     if "saved_model.pb" in leaves:
         return f"this looks like a zipped TensorFlow SavedModel. {_TF_ADVICE}"
@@ -300,7 +304,8 @@ def _zip(path: Path, size: int) -> str:
 _XGBOOST_JSON = (
     'this looks like an XGBoost model saved as JSON (it has xgboost\'s "learner" key). Joey runs '
     "ONNX models: convert it with onnxmltools, e.g. `onnxmltools.convert_xgboost(booster, "
-    "initial_types=[('features', FloatTensorType([None, n_features]))])`, and upload the .onnx file"
+    "initial_types=[('features', FloatTensorType([None, n_features]))])`, and upload the .onnx file, or "
+    "upload this file with framework 'xgboost' and the registry converts it"
 )
 
 
@@ -512,9 +517,9 @@ VALIDATORS: dict[str, Callable[[int], RuntimeValidator]] = {
 def framework_name(framework: str) -> str:
     """The normalised framework name; empty means the default framework."""
     name = framework.strip().lower() or DEFAULT_FRAMEWORK
-    if name not in VALIDATORS:
+    if name not in VALIDATORS and name not in CONVERTERS:
         raise InvalidArgument(
-            f"unsupported framework {framework!r}; supported: {', '.join(sorted(VALIDATORS))}"
+            f"unsupported framework {framework!r}; supported: {', '.join(sorted([*VALIDATORS, *CONVERTERS]))}"
         )
     return name
 

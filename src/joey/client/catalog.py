@@ -47,6 +47,7 @@ def model_version_row(mv: ModelVersion) -> dict[str, Any]:
         "name": mv.name,
         "version": mv.version,
         "framework": mv.framework,
+        "status": mv.status,
         "inputs": signature(mv.inputs),
         "outputs": signature(mv.outputs),
         "sha256": mv.sha256[:12],

@@ -17,6 +17,7 @@ pipeline.undeploy()
 from __future__ import annotations
 
 import json
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from joey.client import artifacts as artifact_files
 from joey.client.assays import AssayClientMixin
 from joey.client.auth import Bearer
-from joey.client.calls import call_rpc
+from joey.client.calls import JoeyError, call_rpc
 from joey.client.catalog import (
     DeletedModel,
     DeletedPipeline,
@@ -40,16 +41,18 @@ from joey.client.catalog import (
 from joey.client.identity import IdentityClientMixin
 from joey.client.models import ModelVersion, configure
 from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
-from joey.client.signatures import Schema, tensor_specs
+from joey.client.signatures import Schema, sample_json, tensor_specs
 from joey.client.streaming import Streams
 from joey.client.workspaces import WorkspaceClientMixin
 from joey_core import tls
-from joey_core.models import ModelConfig
+from joey_core.models import CONVERTING, ERROR, ModelConfig
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
 
 UPLOAD_CHUNK_BYTES = 1 << 20
+# How often wait_for_model reads a converting version's state: a conversion takes seconds.
+_CONVERSION_POLL_S = 0.5
 
 
 class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
@@ -165,6 +168,9 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
         description: str | None = None,
         source: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        sample_input: Any = None,
+        wait: bool = True,
+        timeout_s: float = 900.0,
     ) -> ModelVersion:
         """Upload a model file as a new version of ``name``; it is validated by loading it.
 
@@ -176,6 +182,14 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
         files and directories. They are stored with the version, or the upload fails and nothing is.
         ``description``, ``source`` (a training run id, a git commit) and ``metadata`` (a JSON object)
         are its lineage. ``progress(sent, total)`` counts the model's and the artifacts' bytes.
+
+        A native model (``framework`` "sklearn", "xgboost", "lightgbm" or "pytorch", saved the
+        framework's way: docs/models.md) is converted to ONNX by the registry and verified against the
+        native library, on generated inputs and on ``sample_input`` (an array of rows of the one input,
+        or ``{input name: rows}``) if given. Its inputs default to one float tensor ``input``; a PyTorch
+        model needs ``input_schema``. The version is ``converting`` until then: with ``wait`` (the
+        default) this returns it ``ready``, or raises :class:`joey.JoeyError` with the conversion's
+        error; ``wait=False`` returns at once (see :meth:`wait_for_model`).
         """
         path = Path(path)
         files = artifact_files.collect(artifacts) if artifacts is not None else []
@@ -191,6 +205,7 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
             framework=framework,
             inputs=tensor_specs(input_schema) if input_schema is not None else [],
             outputs=tensor_specs(output_schema) if output_schema is not None else [],
+            sample_input_json=sample_json(sample_input) if sample_input is not None else "",
             description=description or "",
             source=source or "",
             metadata_json=metadata_json,
@@ -213,7 +228,8 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
                             progress(sent, total)
 
         # Beyond the registry's defaults: 900 s to arrive (JOEY_UPLOAD_DEADLINE_S), 120 s to check.
-        return ModelVersion.bound(self, self._call(self._stub.UploadModel, chunks(), timeout=1080))
+        uploaded = ModelVersion.bound(self, self._call(self._stub.UploadModel, chunks(), timeout=1080))
+        return self.wait_for_model(uploaded, timeout_s) if wait else uploaded
 
     def configure_model(
         self,
@@ -230,6 +246,36 @@ class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
         pipeline versions created after it: the next ``pipeline.deploy()`` of the current steps."""
         config = ModelConfig(batch_config, max_batch_delay_ms, batch_size_target)  # ValueError naming a field
         return configure(self, self.workspace, name, version or 0, config)
+
+    def wait_for_model(
+        self,
+        version: ModelVersion,
+        timeout_s: float = 900.0,
+        on_poll: Callable[[ModelVersion], None] | None = None,
+    ) -> ModelVersion:
+        """``version`` once it is no longer converting: ready, or :class:`joey.JoeyError`
+        (FAILED_PRECONDITION) with the conversion's error and log. ``on_poll`` sees each state read."""
+        deadline = time.monotonic() + timeout_s
+        current = version
+        while current.status == CONVERTING:
+            if on_poll:
+                on_poll(current)
+            if time.monotonic() > deadline:
+                raise JoeyError(
+                    "DEADLINE_EXCEEDED",
+                    f"model {current.name!r} version {current.version} is still converting after "
+                    f"{timeout_s:g} s",
+                )
+            time.sleep(_CONVERSION_POLL_S)
+            current = self.get_model(current.name, current.version)
+        if current.status == ERROR:
+            raise JoeyError(
+                "FAILED_PRECONDITION",
+                f"model {current.name!r} version {current.version} ({current.framework}) did not convert: "
+                f"{current.conversion_log.splitlines()[-1] if current.conversion_log else 'no log'}\n"
+                f"conversion log:\n{current.conversion_log}",
+            )
+        return current
 
     def get_model(self, name: str, version: int | None = None) -> ModelVersion:
         request = pb.GetModelVersionRequest(workspace=self.workspace, name=name, version=version or 0)

@@ -54,6 +54,19 @@ class ModelVersion(models.ModelVersion):
         checked against its sha256 before it takes its name. Returns the paths written."""
         return artifacts.download(self.artifacts(), directory, self._fetch)
 
+    def download_source(self, directory: str | os.PathLike[str]) -> Path:
+        """Download the file a native model (sklearn, xgboost, lightgbm, pytorch) was uploaded as, checked
+        against ``source_sha256``, to ``directory/<name>-v<version>.<framework>``; engines serve its ONNX
+        form (``sha256``). Returns the path written."""
+        if not self.source_sha256:
+            raise ValueError(
+                f"model {self.name!r} version {self.version} ({self.framework}) was not converted: its one "
+                f"file is the model engines serve, sha256 {self.sha256}"
+            )
+        name = f"{self.name}-v{self.version}.{self.framework}"
+        source = ArtifactFile(name, self.source_size_bytes, self.source_sha256)
+        return artifacts.download([source], directory, self._fetch)[0]
+
     def _fetch(self, sha256: str) -> Iterator[bytes]:
         request = pb.DownloadArtifactRequest(workspace=self.workspace, sha256=sha256)
         stream = self._client().call("DownloadArtifact", request, timeout=DOWNLOAD_TIMEOUT_S)

@@ -9,6 +9,7 @@ the batch dimension, -1.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -72,6 +73,16 @@ def tensor_specs(schema: Schema) -> list[pb.TensorSpec]:
         pb.TensorSpec(name=spec.name, dtype=dtype_name(spec.dtype), shape=[int(d) for d in spec.shape])
         for spec in schema
     ]
+
+
+def sample_json(sample: Any) -> str:
+    """A sample input (rows of the one input ``input``, ``{name: rows}``, or a DataFrame of one
+    column per input) as the JSON the upload carries."""
+    if hasattr(sample, "to_dict") and hasattr(sample, "columns"):  # a pandas DataFrame
+        sample = {str(c): sample[c].tolist() for c in sample.columns}
+    if not isinstance(sample, Mapping):
+        sample = {"input": sample}
+    return json.dumps({str(k): np.asarray(v).tolist() for k, v in sample.items()})
 
 
 def parse_option(text: str) -> tuple[str, tuple[str, tuple[int, ...]]]:

@@ -164,6 +164,7 @@ class UploadModelHeader(_message.Message):
     FRAMEWORK_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    SAMPLE_INPUT_JSON_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     METADATA_JSON_FIELD_NUMBER: _builtins.int
@@ -171,7 +172,13 @@ class UploadModelHeader(_message.Message):
     workspace: _builtins.str
     name: _builtins.str
     framework: _builtins.str
-    """"onnx" (default when empty) or "python" """
+    """"onnx" (default when empty), "python", or a native framework the registry converts to ONNX:
+    "sklearn", "xgboost", "lightgbm", "pytorch" (docs/models.md).
+    """
+    sample_input_json: _builtins.str
+    """Native frameworks: rows the conversion is verified on besides generated ones, as JSON
+    {input name: [row, ...]}.
+    """
     description: _builtins.str
     """Lineage: free text, where the model came from (a training run id, a git commit), and a JSON
     object of the user's (empty = {}).
@@ -181,7 +188,8 @@ class UploadModelHeader(_message.Message):
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Declared signature: required for "python" steps (the registry never runs user code to read one),
-        refused for "onnx" (the model file carries its own).
+        refused for "onnx" (the model file carries its own). For a native framework, the inputs name the
+        ONNX inputs (required for "pytorch"; others default to one float tensor "input").
         """
 
     @_builtins.property
@@ -201,6 +209,7 @@ class UploadModelHeader(_message.Message):
         framework: _builtins.str = ...,
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
+        sample_input_json: _builtins.str = ...,
         description: _builtins.str = ...,
         source: _builtins.str = ...,
         metadata_json: _builtins.str = ...,
@@ -208,7 +217,7 @@ class UploadModelHeader(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "source", b"source", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "sample_input_json", b"sample_input_json", "source", b"source", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,6 +268,10 @@ class ModelVersion(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CONVERSION_LOG_FIELD_NUMBER: _builtins.int
+    SOURCE_SHA256_FIELD_NUMBER: _builtins.int
+    SOURCE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     METADATA_JSON_FIELD_NUMBER: _builtins.int
@@ -271,6 +284,15 @@ class ModelVersion(_message.Message):
     sha256: _builtins.str
     size_bytes: _builtins.int
     framework: _builtins.str
+    status: _builtins.str
+    """"ready" (servable), "converting" (a native model on its way to ONNX; sha256 and the signature are
+    empty until ready) or "error" (conversion_log says why; never servable).
+    """
+    conversion_log: _builtins.str
+    """What the conversion of a native model did: loaded, converted, verified (by how much), or failed."""
+    source_sha256: _builtins.str
+    """A native model's file as uploaded, kept beside its ONNX form (sha256): empty for "onnx"/"python"."""
+    source_size_bytes: _builtins.int
     description: _builtins.str
     source: _builtins.str
     metadata_json: _builtins.str
@@ -299,6 +321,10 @@ class ModelVersion(_message.Message):
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        status: _builtins.str = ...,
+        conversion_log: _builtins.str = ...,
+        source_sha256: _builtins.str = ...,
+        source_size_bytes: _builtins.int = ...,
         description: _builtins.str = ...,
         source: _builtins.str = ...,
         metadata_json: _builtins.str = ...,
@@ -308,7 +334,7 @@ class ModelVersion(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_bytes", b"artifact_bytes", "artifact_count", b"artifact_count", "config", b"config", "created_at", b"created_at", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_bytes", b"artifact_bytes", "artifact_count", b"artifact_count", "config", b"config", "conversion_log", b"conversion_log", "created_at", b"created_at", "description", b"description", "framework", b"framework", "inputs", b"inputs", "metadata_json", b"metadata_json", "name", b"name", "outputs", b"outputs", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "source_sha256", b"source_sha256", "source_size_bytes", b"source_size_bytes", "status", b"status", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,148 @@
+"""The child process a native model (a pickle, a booster, a TorchScript archive) is loaded, converted to
+ONNX and verified in, apart from the registry (:mod:`joey_registry.conversion` starts it).
+
+Loading an untrusted file runs its code, so before it reads the file this process confines itself
+(:mod:`joey_registry.sandbox`): a network namespace of its own, Landlock rules letting it read only
+Python's and its libraries' directories and the uploaded file and write only in its work directory,
+rlimits on memory, CPU and the size of what it writes, and the minimal environment it was started with
+(no secret, no database URL). Its stdout is the registry's reply channel; anything the libraries print
+goes to stderr, which the registry keeps the end of for its log.
+
+Request (stdin, JSON): ``{"framework", "path", "workdir", "inputs", "sample", "memory_mb", "cpu_s",
+"max_output_bytes"}``. Replies, one JSON line each: first ``{"loaded": description, "notes": [...]}``
+or ``{"refused": reason}``; after ``loaded``, ``{"converted": log lines}`` (the ONNX written to
+``workdir/model.onnx``) or ``{"failed": reason, "log": lines}``. Running out of memory exits with
+:data:`EXIT_MEMORY`; the CPU limit ends the process with SIGXCPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import joey_core
+import joey_registry
+from joey_core.models import specs_from_json
+from joey_registry import sandbox
+from joey_registry.errors import InvalidArgument
+
+EXIT_MEMORY = 3
+OUTPUT_NAME = "model.onnx"
+_MB = 1 << 20
+# What a Python process and the frameworks read besides sys.path: shared libraries, CPU and memory
+# facts. Not /etc as a whole (a root registry's /etc/shadow), not the home directory (credentials), and
+# of /proc only this process's own directory: /proc/<registry pid>/environ holds the registry's secrets.
+_SYSTEM_READABLE = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/sys",
+    "/dev",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+)
+
+
+def confine(request: dict[str, Any]) -> list[str]:
+    """Everything but the rlimits, which come after the imports the conversion needs (see ``main``)."""
+    workdir = Path(request["workdir"])
+    # Under load the registry's calls go first, and under memory pressure the kernel kills this first
+    # (raising one's own OOM score needs no privilege; /proc is read-only once confined).
+    os.nice(10)
+    with open("/proc/self/oom_score_adj", "w") as score:
+        score.write("1000")
+    # The packages' own directories too: an editable install finds them through a hook, not sys.path.
+    packages = [Path(module.__file__).parents[1] for module in (joey_core, joey_registry) if module.__file__]
+    readable = [Path(p) for p in (*sys.path, sys.prefix, sys.base_prefix, *_SYSTEM_READABLE) if p] + packages
+    readable.append(Path(f"/proc/{os.getpid()}"))
+    notes = [
+        sandbox.isolate_network(),
+        sandbox.restrict_filesystem([*readable, Path(request["path"])], [workdir]),
+    ]
+    os.environ["TMPDIR"] = str(workdir)  # torch.export and friends write scratch files
+    return [note for note in notes if note]
+
+
+def limit(request: dict[str, Any]) -> None:
+    memory = request["memory_mb"] * _MB
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    # RLIMIT_CPU counts the process's whole life: the limit starts from what it used so far.
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    start = math.ceil(used.ru_utime + used.ru_stime)
+    resource.setrlimit(resource.RLIMIT_CPU, (start + request["cpu_s"], start + request["cpu_s"] + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (request["max_output_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _reply(channel: TextIO, message: dict[str, Any]) -> None:
+    channel.write(json.dumps(message) + "\n")
+    channel.flush()
+
+
+def _refusal(framework: str, exc: BaseException) -> str:
+    if isinstance(exc, InvalidArgument):
+        return str(exc)
+    # The file's own code (a pickle's) or the framework's loader failed in a way no converter expects.
+    return f"framework {framework!r}: the file does not load: {type(exc).__name__}: {exc}"[:8000]
+
+
+def run(request: dict[str, Any], channel: TextIO, notes: list[str]) -> None:
+    # Imported here, once confined: the framework's import is the first code of its package to run.
+    from joey_registry.converters import converter_for, verify
+
+    framework = request["framework"]
+    declared = specs_from_json(request["inputs"])
+    converter = converter_for(framework)
+    limit(request)
+    try:
+        loaded = converter.load(Path(request["path"]), declared)
+    except MemoryError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a pickle can raise anything, SystemExit included
+        _reply(channel, {"refused": _refusal(framework, exc)})
+        return
+    _reply(channel, {"loaded": loaded.description, "notes": notes})
+    log = [f"loaded {loaded.description}", *notes]
+    try:
+        model = converter.to_onnx(loaded).SerializeToString()
+        log.append(f"converted to ONNX ({len(model)} bytes)")
+        checks = [("generated inputs", verify.generated(loaded.inputs))]
+        if request.get("sample"):
+            checks.append(("the sample input", verify.sample(loaded.inputs, request["sample"])))
+        for what, inputs in checks:
+            log.append(
+                verify.compare(converter.predict(loaded, inputs), verify.run_onnx(model, inputs), what)
+            )
+        (Path(request["workdir"]) / OUTPUT_NAME).write_bytes(model)
+    except MemoryError:
+        raise
+    except InvalidArgument as exc:
+        _reply(channel, {"failed": str(exc), "log": log})
+        return
+    except Exception as exc:  # noqa: BLE001 - the converter or the model failing: the upload's error
+        _reply(channel, {"failed": f"{type(exc).__name__}: {exc}"[:8000], "log": log})
+        return
+    _reply(channel, {"converted": log})
+
+
+def main() -> None:
+    request = json.loads(sys.stdin.buffer.read())
+    # Libraries print progress to stdout (torch.onnx does): the replies get a descriptor of their own.
+    channel = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    try:
+        run(request, channel, confine(request))
+    except MemoryError:
+        os._exit(EXIT_MEMORY)
+
+
+if __name__ == "__main__":
+    main()
