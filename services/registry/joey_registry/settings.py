@@ -94,6 +94,25 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     """After n wrong passwords (n at the limit or above), logins are refused for base * 2^n seconds,
     at most the window, without checking the password."""
 
+    secret_key: SecretStr | None = None
+    """Fernet keys sealing the secrets of data connections (JOEY_SECRET_KEY), comma-separated: the first
+    seals, every one opens, so a new key goes first and an old one stays until rows are re-sealed (at
+    start). Unset, connections with secrets are refused; `joey up` makes one in its state directory."""
+
+    connection_test_hosts: str = ""
+    """Hosts a connection test may reach, comma-separated: names, ``*.example.com``, addresses or
+    networks (``10.0.0.0/8``), ``*`` for any. Empty (the default): tests of network connections are
+    refused, since a test connects wherever a workspace member wrote (docs/security.md)."""
+
+    connection_test_dirs: str = ""
+    """Directories (comma-separated) under which a test of a ``files`` connection may look; empty: none."""
+
+    connection_test_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    """How long one connection test may take, in all (it runs in a child process, killed past it)."""
+
+    connection_test_concurrency: int = Field(default=2, ge=1)
+    """Connection tests run at once; one more is refused at once (RESOURCE_EXHAUSTED)."""
+
     @field_validator("service_token")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
