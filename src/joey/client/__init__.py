@@ -17,6 +17,7 @@ from joey.client.catalog import (
     PipelineSummary,
 )
 from joey.client.client import Client
+from joey.client.connections import Connection, ConnectionTest
 from joey.client.identity import AuditEntry, TokenInfo, User
 from joey.client.pipelines import (
     Autoscale,
@@ -45,6 +46,8 @@ __all__ = [
     "AuditEntry",
     "Autoscale",
     "Client",
+    "Connection",
+    "ConnectionTest",
     "DeletedModel",
     "DeletedPipeline",
     "DeploymentStatus",

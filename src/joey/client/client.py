@@ -33,6 +33,7 @@ from joey.client.catalog import (
     ModelSummary,
     PipelineSummary,
 )
+from joey.client.connections import ConnectionClientMixin
 from joey.client.identity import IdentityClientMixin
 from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
 from joey.client.signatures import Schema, tensor_specs
@@ -47,7 +48,7 @@ from joey_core.v1 import registry_pb2_grpc
 UPLOAD_CHUNK_BYTES = 1 << 20
 
 
-class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
+class Client(AssayClientMixin, ConnectionClientMixin, IdentityClientMixin, WorkspaceClientMixin):
     """Connection to a Joey registry, working in one workspace at a time.
 
     It calls with ``token``, else ``$JOEY_TOKEN``, else the token `joey login` (or `joey up`) stored
