@@ -64,9 +64,10 @@ class Http(ConnectionType):
         opener = urllib.request.build_opener(_NoRedirects())
         try:
             with opener.open(request, timeout=timeout_s) as response:
-                status, reason = response.status, response.reason
+                status, reason, location = response.status, response.reason, ""
         except urllib.error.HTTPError as exc:
-            status, reason = exc.code, exc.reason
+            status, reason, location = exc.code, exc.reason, exc.headers.get("Location", "")
         except (urllib.error.URLError, OSError) as exc:
             return Report(False, f"{method} failed: {first_line(exc)}")
-        return Report(status < 400, f"{method} answered {status} {reason}", {"status": status})
+        moved = f", a redirect to {location} (not followed)" if location and 300 <= status < 400 else ""
+        return Report(200 <= status < 300, f"{method} answered {status} {reason}{moved}", {"status": status})
