@@ -47,7 +47,7 @@ from joey_registry.errors import (
     NotFound,
     PermissionDenied,
 )
-from joey_registry.settings import RegistrySettings
+from joey_registry.settings import RegistrySettings, secret_keys
 from joey_registry.store import Store, WorkspaceRef
 
 log = logging.getLogger(__name__)
@@ -189,9 +189,8 @@ class Connections:
     def __init__(self, settings: RegistrySettings, store: Store, access: Access) -> None:
         self.sql = ConnectionStore(store)
         self.access = access
-        key = settings.secret_key.get_secret_value() if settings.secret_key else ""
-        keys = [k for k in key.split(",") if k.strip()]
-        self._sealer = Sealer(keys) if keys else None  # SecretKeyError for a bad key: the registry stops
+        keys = secret_keys(settings.secret_key)
+        self._sealer = Sealer(keys) if keys else None
         self._rotating = len(keys) > 1
         self.tests = ConnectionTests(
             TestPolicy.of(

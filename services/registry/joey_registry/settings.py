@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from joey_core.connections.sealing import Sealer
 from joey_core.settings import DatabaseSettings, ServiceSettings, TlsServerSettings
 
 # Anyone holding it downloads every artifact: long enough not to be guessed.
@@ -113,6 +114,13 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     connection_test_concurrency: int = Field(default=2, ge=1)
     """Connection tests run at once; one more is refused at once (RESOURCE_EXHAUSTED)."""
 
+    @field_validator("secret_key")
+    @classmethod
+    def _fernet_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            Sealer(secret_keys(value))  # SecretKeyError (a ValueError) saying what a key must be
+        return value
+
     @field_validator("service_token")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -140,3 +148,9 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+
+def secret_keys(value: SecretStr | None) -> list[str]:
+    """The Fernet keys of JOEY_SECRET_KEY, the sealing one first."""
+    text = value.get_secret_value() if value is not None else ""
+    return [k.strip() for k in text.split(",") if k.strip()]

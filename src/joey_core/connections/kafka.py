@@ -45,13 +45,14 @@ class Kafka(ConnectionType):
         return Probe(hosts=tuple(a.rsplit(":", 1)[0].strip("[]") for a in details["bootstrap"].split(",")))
 
     def test(self, details: Mapping[str, Any], timeout_s: float) -> Report:
-        admin = AdminClient(client_config(details) | {"socket.timeout.ms": int(timeout_s * 1000)})
         topic = details.get("topic")
         try:
+            admin = AdminClient(client_config(details) | {"socket.timeout.ms": int(timeout_s * 1000)})
             # Every topic's metadata: asking for one by name may create it on a broker that auto-creates.
             metadata = admin.list_topics(timeout=timeout_s)
         except KafkaException as exc:
-            return Report(False, f"cannot reach the cluster at {details['bootstrap']}: {exc.args[0].str()}")
+            reason = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+            return Report(False, f"cannot reach the cluster at {details['bootstrap']}: {reason}")
         brokers = len(metadata.brokers)
         if not topic:
             return Report(True, f"reached the cluster: {brokers} brokers", {"brokers": brokers})

@@ -65,7 +65,7 @@ class S3(ConnectionType):
                 return Report(False, f"bucket {bucket!r} does not exist", {"bucket": bucket, "exists": False})
             selector = fs.FileSelector(f"{bucket}/{prefix}".rstrip("/"), recursive=True, allow_not_found=True)
             objects = sum(1 for f in store.get_file_info(selector) if f.type == fs.FileType.File)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # pyarrow's errors: OSError, ArrowInvalid (a ValueError)
             return Report(False, f"cannot use bucket {bucket!r}: {first_line(exc)}", {"bucket": bucket})
         where = f"under {prefix!r}" if prefix else "in it"
         return Report(
