@@ -143,8 +143,10 @@ class ConnectionStore:
     def share(self, owner: WorkspaceRef, name: str, target: WorkspaceRef, by: str) -> str:
         """'added', 'missing' (no such connection in ``owner``), or 'taken' (``target`` sees the name)."""
         with self._names_of(target) as conn:
+            # Held until commit: a deletion of the connection waits, rather than leave a share of nothing.
             row = conn.execute(
-                "SELECT id FROM connections WHERE workspace_id = %s AND name = %s", (owner.id, name)
+                "SELECT id FROM connections WHERE workspace_id = %s AND name = %s FOR KEY SHARE",
+                (owner.id, name),
             ).fetchone()
             if row is None:
                 return "missing"
