@@ -3,6 +3,7 @@ services as separate processes. Readiness is always awaited, never slept for."""
 
 from __future__ import annotations
 
+import base64
 import gc
 import json
 import os
@@ -36,6 +37,8 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 # Fresh per session, so a test that finds one stored in plain text finds this session's.
 ADMIN_PASSWORD = f"admin-{secrets.token_urlsafe(16)}"
 SERVICE_TOKEN = f"joey_{secrets.token_urlsafe(32)}"
+SECRET_KEY = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+"""A Fernet key: the registries of the session seal connection secrets with it."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -124,6 +127,7 @@ def env(
         "JOEY_PYTHON_STEP_TIMEOUT_S": "5",
         "JOEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "JOEY_SERVICE_TOKEN": SERVICE_TOKEN,
+        "JOEY_SECRET_KEY": SECRET_KEY,
     }
 
 

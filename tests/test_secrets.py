@@ -55,7 +55,11 @@ def test_no_service_logs_the_database_or_sasl_password(
     gateway.stop()
     registry.stop()
     # The identity secrets the session gives every service, too, when it does.
-    others = [env[name] for name in ("JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN") if env.get(name)]
+    others = [
+        env[name]
+        for name in ("JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN", "JOEY_SECRET_KEY")
+        if env.get(name)
+    ]
     for service in (registry, gateway):
         text = service.log_text()
         assert text, service.name

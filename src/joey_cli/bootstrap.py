@@ -1,8 +1,10 @@
 """The secrets of a laptop stack, made by `joey up` on its first start and kept in its state directory.
 
-The platform admin's password (the registry creates `admin` with it while no user exists) and the
-service token the engines present to download artifacts. Each is a file readable by its owner only;
-one given in the environment (JOEY_ADMIN_PASSWORD, JOEY_SERVICE_TOKEN) is used instead.
+The platform admin's password (the registry creates `admin` with it while no user exists), the
+service token the engines present to download artifacts, and the Fernet key the registry seals
+connection secrets with. Each is a file readable by its owner only; one given in the environment
+(JOEY_ADMIN_PASSWORD, JOEY_SERVICE_TOKEN, JOEY_SECRET_KEY) is used instead. Losing `secret-key` loses
+the connections' secrets (their other details stay): back it up with the database.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 ADMIN_PASSWORD_FILE = "admin-password"  # noqa: S105 (a file name)
 SERVICE_TOKEN_FILE = "service-token"  # noqa: S105 (a file name)
+SECRET_KEY_FILE = "secret-key"  # noqa: S105 (a file name)
 
 
 def _secret(path: Path, make: str) -> str:
@@ -44,12 +47,21 @@ def service_token(state_dir: Path) -> str:
     )
 
 
+def secret_key(state_dir: Path) -> str:
+    from cryptography.fernet import Fernet
+
+    return os.environ.get("JOEY_SECRET_KEY") or _secret(
+        state_dir / SECRET_KEY_FILE, Fernet.generate_key().decode()
+    )
+
+
 def service_env(name: str, state_dir: Path) -> dict[str, str]:
     """The secrets service ``name`` needs, as environment variables: only those it uses."""
     if name == "registry":
         return {
             "JOEY_ADMIN_PASSWORD": admin_password(state_dir),
             "JOEY_SERVICE_TOKEN": service_token(state_dir),
+            "JOEY_SECRET_KEY": secret_key(state_dir),
         }
     if name == "engine":
         return {"JOEY_SERVICE_TOKEN": service_token(state_dir)}

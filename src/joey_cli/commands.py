@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from joey_cli import identity
+from joey_cli import connections, identity
 from joey_cli.assays import assay
 from joey_cli.errors import error_line
 from joey_cli.errors import fail as _fail
@@ -1202,9 +1202,10 @@ def export_logs(
 
 
 main.add_command(assay)
+main.add_command(connections.connection)
 for _command in identity.COMMANDS:
     main.add_command(_command)
-for _command in identity.WORKSPACE_COMMANDS:
+for _command in (*identity.WORKSPACE_COMMANDS, *connections.WORKSPACE_COMMANDS):
     workspace.add_command(_command)
 
 if __name__ == "__main__":

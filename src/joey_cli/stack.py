@@ -129,7 +129,9 @@ def _env_value(value: object) -> str:
 
 # A user's or the stack's credentials: a service gets them only when it uses them
 # (joey_cli.bootstrap.service_env), never because the shell that ran `joey up` exported them.
-_CREDENTIALS = frozenset({"JOEY_TOKEN", "JOEY_CREDENTIALS", "JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN"})
+_CREDENTIALS = frozenset(
+    {"JOEY_TOKEN", "JOEY_CREDENTIALS", "JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN", "JOEY_SECRET_KEY"}
+)
 
 
 def service_env(env: dict[str, str], service: str) -> dict[str, str]:

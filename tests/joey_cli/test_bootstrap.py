@@ -4,6 +4,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
 from joey_cli import bootstrap
 
@@ -13,10 +14,12 @@ def test_secrets_are_made_once_readable_by_the_owner_only(
 ) -> None:
     monkeypatch.delenv("JOEY_ADMIN_PASSWORD", raising=False)
     monkeypatch.delenv("JOEY_SERVICE_TOKEN", raising=False)
+    monkeypatch.delenv("JOEY_SECRET_KEY", raising=False)
     registry = bootstrap.service_env("registry", tmp_path)
     assert len(registry["JOEY_ADMIN_PASSWORD"]) >= 12
     assert registry["JOEY_SERVICE_TOKEN"].startswith("joey_")
-    for name in (bootstrap.ADMIN_PASSWORD_FILE, bootstrap.SERVICE_TOKEN_FILE):
+    Fernet(registry["JOEY_SECRET_KEY"].encode())  # a key the registry can seal with
+    for name in (bootstrap.ADMIN_PASSWORD_FILE, bootstrap.SERVICE_TOKEN_FILE, bootstrap.SECRET_KEY_FILE):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
     assert bootstrap.service_env("registry", tmp_path) == registry
     assert bootstrap.service_env("engine", tmp_path) == {"JOEY_SERVICE_TOKEN": registry["JOEY_SERVICE_TOKEN"]}

@@ -507,7 +507,8 @@ def test_services_inherit_no_credentials_from_the_shell(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A token or password exported in the shell that runs `joey up` reaches no service by inheritance."""
-    for name in ("JOEY_TOKEN", "JOEY_CREDENTIALS", "JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN"):
+    names = ("JOEY_TOKEN", "JOEY_CREDENTIALS", "JOEY_ADMIN_PASSWORD", "JOEY_SERVICE_TOKEN", "JOEY_SECRET_KEY")
+    for name in names:
         monkeypatch.setenv(name, f"secret-of-{name}")
     env = settings_env(StackSettings(state_dir=tmp_path))
     for service in SERVICES:

@@ -166,6 +166,42 @@ RULES: dict[str, Rule] = {
         IN_WORKSPACE,
         lambda s, w, r: s.QueryLogs(pb.QueryLogsRequest(workspace=w.workspace, pipeline=w.pipeline)),
     ),
+    # Past access control: the connection is missing (NOT_FOUND), or its details are refused.
+    "CreateConnection": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.CreateConnection(
+            pb.ConnectionCreateRequest(workspace=w.workspace, name="conn", type="files")
+        ),
+    ),
+    "ListConnections": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.ListConnections(pb.ConnectionListRequest(workspace=w.workspace)),
+    ),
+    "GetConnection": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.GetConnection(pb.ConnectionGetRequest(workspace=w.workspace, name="nope")),
+    ),
+    "DeleteConnection": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.DeleteConnection(pb.ConnectionDeleteRequest(workspace=w.workspace, name="nope")),
+    ),
+    "TestConnection": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.TestConnection(pb.ConnectionTestRequest(workspace=w.workspace, name="nope")),
+    ),
+    # Sharing hands a connection's secrets to another workspace: owners of its own workspace only.
+    "AddWorkspaceConnection": (
+        MANAGE,
+        lambda s, w, r: s.AddWorkspaceConnection(
+            pb.ConnectionShareRequest(workspace=w.workspace, name="nope", owner_workspace=w.workspace)
+        ),
+    ),
+    "RemoveWorkspaceConnection": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.RemoveWorkspaceConnection(
+            pb.ConnectionUnshareRequest(workspace=w.workspace, name="nope")
+        ),
+    ),
     "CreateAssay": (IN_WORKSPACE, lambda s, w, r: s.CreateAssay(pb.CreateAssayRequest(definition=_assay(w)))),
     "ListAssays": (IN_WORKSPACE, lambda s, w, r: s.ListAssays(pb.ListAssaysRequest(workspace=w.workspace))),
     "GetAssay": (

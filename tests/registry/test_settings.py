@@ -24,3 +24,11 @@ def test_an_unset_upload_concurrency_fits_the_workers(
     given = {k.removeprefix("JOEY_").lower(): v for k, v in env.items()}
     given.pop("upload_concurrency", None)
     assert RegistrySettings(**(given | {"grpc_max_workers": workers})).upload_concurrency == expected
+
+
+def test_a_secret_key_that_is_no_fernet_key_is_refused_without_showing_it(env: dict[str, str]) -> None:
+    given = {k.removeprefix("JOEY_").lower(): v for k, v in env.items()}
+    with pytest.raises(pydantic.ValidationError) as info:
+        RegistrySettings(**(given | {"secret_key": f"{env['JOEY_SECRET_KEY']},not-a-fernet-key"}))
+    assert "secret_key" in str(info.value) and "Fernet keys" in str(info.value)
+    assert "not-a-fernet-key" not in str(info.value)

@@ -74,6 +74,8 @@ class RegistryServer:
         except BootstrapRefused:
             self.store.close()
             raise
+        if resealed := self.registry.connections.reseal():
+            log.info("sealed the secrets of %d connections under the first key of JOEY_SECRET_KEY", resealed)
         kafka.ensure_topics(self.registry.admin, kafka.platform_topics(self.settings))
         try:
             republished = self.registry.reconcile(everything=True)

@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
-from joey_registry import assay_convert, convert, errors
+from joey_registry import assay_convert, connection_convert, convert, errors
 from joey_registry.access import Caller
 from joey_registry.domain import AuditEntry
 from joey_registry.identity import USERNAME_PATTERN
@@ -69,6 +69,8 @@ _TARGET_FIELDS = frozenset(
         "admin",
         "action",
         "tag",
+        "type",
+        "owner_workspace",
     }
 )
 _WORKSPACE_NAMED = frozenset({"CreateWorkspace", "DeleteWorkspace"})
@@ -354,6 +356,53 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def QueryLogs(self, request: pb.QueryLogsRequest, caller: Caller) -> pb.QueryLogsResponse:
         return convert.log_page(self.registry.query_logs(caller, convert.log_query(request)))
+
+    # --- connections ---
+
+    @_audited
+    def CreateConnection(self, request: pb.ConnectionCreateRequest, caller: Caller) -> pb.Connection:
+        created = self.registry.connections.create(
+            caller, request.workspace, request.name, request.type, connection_convert.details(request)
+        )
+        return connection_convert.connection(created)
+
+    @_read
+    def ListConnections(self, request: pb.ConnectionListRequest, caller: Caller) -> pb.ConnectionListResponse:
+        found = self.registry.connections.list_all(caller, request.workspace)
+        return pb.ConnectionListResponse(connections=[connection_convert.connection(c) for c in found])
+
+    # Audited although a read: it hands out secrets, and who read them is worth knowing.
+    @_audited
+    def GetConnection(self, request: pb.ConnectionGetRequest, caller: Caller) -> pb.Connection:
+        found = self.registry.connections.get(caller, request.workspace, request.name)
+        return connection_convert.connection(found)
+
+    @_audited
+    def DeleteConnection(
+        self, request: pb.ConnectionDeleteRequest, caller: Caller
+    ) -> pb.ConnectionDeleteResponse:
+        self.registry.connections.delete(caller, request.workspace, request.name)
+        return pb.ConnectionDeleteResponse()
+
+    @_audited
+    def TestConnection(self, request: pb.ConnectionTestRequest, caller: Caller) -> pb.ConnectionTestResult:
+        return connection_convert.report(
+            self.registry.connections.test(caller, request.workspace, request.name)
+        )
+
+    @_audited
+    def AddWorkspaceConnection(
+        self, request: pb.ConnectionShareRequest, caller: Caller
+    ) -> pb.ConnectionShareResponse:
+        self.registry.connections.share(caller, request.owner_workspace, request.name, request.workspace)
+        return pb.ConnectionShareResponse()
+
+    @_audited
+    def RemoveWorkspaceConnection(
+        self, request: pb.ConnectionUnshareRequest, caller: Caller
+    ) -> pb.ConnectionUnshareResponse:
+        self.registry.connections.unshare(caller, request.workspace, request.name)
+        return pb.ConnectionUnshareResponse()
 
     # --- assays ---
 

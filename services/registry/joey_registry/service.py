@@ -25,6 +25,7 @@ from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
 from joey_registry.assays import Assays
+from joey_registry.connections import Connections
 from joey_registry.conversion import Conversion, ConversionFailed, Conversions
 from joey_registry.converters import CONVERTERS
 from joey_registry.deploy_config import check_autoscale, check_resources
@@ -113,6 +114,7 @@ class Registry:
         self.redis = redis_client
         self.access = Access(store)
         self.assays = Assays(store, self.access)
+        self.connections = Connections(settings, store, self.access)
         self.identity = Identity(settings, IdentityStore(store.pool), self.access, redis_client)
         self.checks = ModelCheck(
             settings.upload_check_memory_mb, settings.upload_check_cpu_s, settings.upload_check_timeout_s
@@ -156,6 +158,7 @@ class Registry:
                 (kind, names)
                 for kind, names in (
                     ("assay", contents.assays),
+                    ("connection", contents.connections),
                     ("pipeline", contents.pipelines),
                     ("model", contents.models),
                 )

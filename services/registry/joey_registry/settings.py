@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from joey_core.connections.sealing import Sealer
 from joey_core.settings import DatabaseSettings, ServiceSettings, TlsServerSettings
 
 # Anyone holding it downloads every artifact: long enough not to be guessed.
@@ -114,6 +115,32 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     """After n wrong passwords (n at the limit or above), logins are refused for base * 2^n seconds,
     at most the window, without checking the password."""
 
+    secret_key: SecretStr | None = None
+    """Fernet keys sealing the secrets of data connections (JOEY_SECRET_KEY), comma-separated: the first
+    seals, every one opens, so a new key goes first and an old one stays until rows are re-sealed (at
+    start). Unset, connections with secrets are refused; `joey up` makes one in its state directory."""
+
+    connection_test_hosts: str = ""
+    """Hosts a connection test may reach, comma-separated: names, ``*.example.com``, addresses or
+    networks (``10.0.0.0/8``), ``*`` for any. Empty (the default): tests of network connections are
+    refused, since a test connects wherever a workspace member wrote (docs/security.md)."""
+
+    connection_test_dirs: str = ""
+    """Directories (comma-separated) under which a test of a ``files`` connection may look; empty: none."""
+
+    connection_test_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    """How long one connection test may take, in all (it runs in a child process, killed past it)."""
+
+    connection_test_concurrency: int = Field(default=2, ge=1)
+    """Connection tests run at once; one more is refused at once (RESOURCE_EXHAUSTED)."""
+
+    @field_validator("secret_key")
+    @classmethod
+    def _fernet_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            Sealer(secret_keys(value))  # SecretKeyError (a ValueError) saying what a key must be
+        return value
+
     @field_validator("service_token")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -141,3 +168,9 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+
+def secret_keys(value: SecretStr | None) -> list[str]:
+    """The Fernet keys of JOEY_SECRET_KEY, the sealing one first."""
+    text = value.get_secret_value() if value is not None else ""
+    return [k.strip() for k in text.split(",") if k.strip()]

@@ -71,6 +71,7 @@ class WorkspaceContents:
     models: tuple[str, ...]
     pipelines: tuple[str, ...]
     assays: tuple[str, ...]
+    connections: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -394,9 +395,11 @@ class Store:
                         (ws.id,),
                     ).fetchall()
                 )
-                for table in ("models", "pipelines", "assays")
+                for table in ("models", "pipelines", "assays", "connections")
             }
-            check(WorkspaceContents(named["models"], named["pipelines"], named["assays"]))
+            check(
+                WorkspaceContents(named["models"], named["pipelines"], named["assays"], named["connections"])
+            )
             conn.execute("DELETE FROM workspaces WHERE id = %s", (ws.id,))
 
     def workspace_role(self, name: str, username: str) -> tuple[WorkspaceRef, str | None] | None:

@@ -17,6 +17,7 @@ from joey.client.catalog import (
     PipelineSummary,
 )
 from joey.client.client import Client
+from joey.client.connections import Connection, ConnectionTest
 from joey.client.identity import AuditEntry, TokenInfo, User
 from joey.client.models import ModelVersion
 from joey.client.pipelines import (
@@ -47,6 +48,8 @@ __all__ = [
     "AuditEntry",
     "Autoscale",
     "Client",
+    "Connection",
+    "ConnectionTest",
     "DeletedModel",
     "DeletedPipeline",
     "DeploymentStatus",

@@ -38,6 +38,7 @@ from joey.client.catalog import (
     ModelSummary,
     PipelineSummary,
 )
+from joey.client.connections import ConnectionClientMixin
 from joey.client.identity import IdentityClientMixin
 from joey.client.models import ModelVersion, configure
 from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
@@ -55,7 +56,7 @@ UPLOAD_CHUNK_BYTES = 1 << 20
 _CONVERSION_POLL_S = 0.5
 
 
-class Client(AssayClientMixin, IdentityClientMixin, WorkspaceClientMixin):
+class Client(AssayClientMixin, ConnectionClientMixin, IdentityClientMixin, WorkspaceClientMixin):
     """Connection to a Joey registry, working in one workspace at a time.
 
     It calls with ``token``, else ``$JOEY_TOKEN``, else the token `joey login` (or `joey up`) stored

@@ -4,6 +4,7 @@
     ws = client.create_workspace("team-a")   # the caller is its owner
     ws.add_user("bob"); ws.add_owner("carol")
     ws.users()                               # [("alice", "owner"), ("bob", "collaborator"), ...]
+    ws.add_connection("wine-db")             # a connection of the client's workspace, usable in ws too
     client.set_current_workspace(ws)
 """
 
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.catalog import Listing, optional_time
+from joey.client.connections import Connection, list_connections
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 
@@ -84,6 +86,24 @@ class Workspace:
             "ListWorkspaceMembers", pb.ListWorkspaceMembersRequest(workspace=self.name)
         )
         return Listing(Member(m.username, m.role) for m in response.members)
+
+    def add_connection(self, name: str | Connection, from_workspace: str | None = None) -> None:
+        """Make connection ``name`` of ``from_workspace`` (default: the client's current workspace, or
+        the connection's own) usable in this workspace: its members may then read its details and test
+        it. Owners of the connection's workspace who may write in this one only."""
+        owner = from_workspace or (name.owner if isinstance(name, Connection) else self.client.workspace)
+        request = pb.ConnectionShareRequest(workspace=self.name, name=str(name), owner_workspace=owner)
+        self.client.call("AddWorkspaceConnection", request)
+
+    def remove_connection(self, name: str | Connection) -> None:
+        """Stop sharing connection ``name`` with this workspace (it stays in its own): owners of either
+        workspace."""
+        request = pb.ConnectionUnshareRequest(workspace=self.name, name=str(name))
+        self.client.call("RemoveWorkspaceConnection", request)
+
+    def list_connections(self) -> Listing[Connection]:
+        """The connections this workspace sees: its own and those added to it, secrets shown as ``***``."""
+        return list_connections(self.client, self.name)
 
 
 class WorkspaceClientMixin(ABC):

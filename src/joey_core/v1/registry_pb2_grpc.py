@@ -114,6 +114,41 @@ class RegistryStub:
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.QueryLogsRequest.SerializeToString,
                 response_deserializer=joey__core_dot_v1_dot_registry__pb2.QueryLogsResponse.FromString,
                 _registered_method=True)
+        self.CreateConnection = channel.unary_unary(
+                '/joey.v1.Registry/CreateConnection',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionCreateRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Connection.FromString,
+                _registered_method=True)
+        self.ListConnections = channel.unary_unary(
+                '/joey.v1.Registry/ListConnections',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionListRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionListResponse.FromString,
+                _registered_method=True)
+        self.GetConnection = channel.unary_unary(
+                '/joey.v1.Registry/GetConnection',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionGetRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Connection.FromString,
+                _registered_method=True)
+        self.DeleteConnection = channel.unary_unary(
+                '/joey.v1.Registry/DeleteConnection',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionDeleteRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionDeleteResponse.FromString,
+                _registered_method=True)
+        self.TestConnection = channel.unary_unary(
+                '/joey.v1.Registry/TestConnection',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionTestRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionTestResult.FromString,
+                _registered_method=True)
+        self.AddWorkspaceConnection = channel.unary_unary(
+                '/joey.v1.Registry/AddWorkspaceConnection',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionShareRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionShareResponse.FromString,
+                _registered_method=True)
+        self.RemoveWorkspaceConnection = channel.unary_unary(
+                '/joey.v1.Registry/RemoveWorkspaceConnection',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareResponse.FromString,
+                _registered_method=True)
         self.CreateAssay = channel.unary_unary(
                 '/joey.v1.Registry/CreateAssay',
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.CreateAssayRequest.SerializeToString,
@@ -377,6 +412,58 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def QueryLogs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateConnection(self, request, context):
+        """Data connections (docs/workloads.md): the details of an external source or sink, owned by one
+        workspace and usable in the workspaces it is added to. Details are validated per type
+        (INVALID_ARGUMENT naming the field); secret values are sealed at rest, redacted ("***") in
+        listings, and returned in full by GetConnection only, to members of a workspace that sees it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConnections(self, request, context):
+        """The connections a workspace sees (its own and those added to it), redacted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConnection(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteConnection(self, request, context):
+        """Deletes one of the workspace's own connections, and its shares.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TestConnection(self, request, context):
+        """Connects and reports what was found, within the registry's policy (JOEY_CONNECTION_TEST_HOSTS,
+        JOEY_CONNECTION_TEST_DIRS: FAILED_PRECONDITION otherwise) and timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddWorkspaceConnection(self, request, context):
+        """Adds a connection of owner_workspace to workspace: owners of owner_workspace who may write in
+        workspace. Removing it: owners of either workspace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveWorkspaceConnection(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -693,6 +780,41 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.QueryLogs,
                     request_deserializer=joey__core_dot_v1_dot_registry__pb2.QueryLogsRequest.FromString,
                     response_serializer=joey__core_dot_v1_dot_registry__pb2.QueryLogsResponse.SerializeToString,
+            ),
+            'CreateConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateConnection,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionCreateRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Connection.SerializeToString,
+            ),
+            'ListConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConnections,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionListRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionListResponse.SerializeToString,
+            ),
+            'GetConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConnection,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionGetRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Connection.SerializeToString,
+            ),
+            'DeleteConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteConnection,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionDeleteRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionDeleteResponse.SerializeToString,
+            ),
+            'TestConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestConnection,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionTestRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionTestResult.SerializeToString,
+            ),
+            'AddWorkspaceConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddWorkspaceConnection,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionShareRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionShareResponse.SerializeToString,
+            ),
+            'RemoveWorkspaceConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveWorkspaceConnection,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareResponse.SerializeToString,
             ),
             'CreateAssay': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateAssay,
@@ -1287,6 +1409,195 @@ class Registry:
             '/joey.v1.Registry/QueryLogs',
             joey__core_dot_v1_dot_registry__pb2.QueryLogsRequest.SerializeToString,
             joey__core_dot_v1_dot_registry__pb2.QueryLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/CreateConnection',
+            joey__core_dot_v1_dot_registry__pb2.ConnectionCreateRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Connection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListConnections',
+            joey__core_dot_v1_dot_registry__pb2.ConnectionListRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ConnectionListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/GetConnection',
+            joey__core_dot_v1_dot_registry__pb2.ConnectionGetRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Connection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/DeleteConnection',
+            joey__core_dot_v1_dot_registry__pb2.ConnectionDeleteRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ConnectionDeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/TestConnection',
+            joey__core_dot_v1_dot_registry__pb2.ConnectionTestRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ConnectionTestResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddWorkspaceConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/AddWorkspaceConnection',
+            joey__core_dot_v1_dot_registry__pb2.ConnectionShareRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ConnectionShareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveWorkspaceConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/RemoveWorkspaceConnection',
+            joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareResponse.FromString,
             options,
             channel_credentials,
             insecure,
