@@ -4,6 +4,7 @@ TorchScript: tests/joey/client/test_native_models.py)."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 
@@ -33,7 +34,29 @@ def test_a_value_beyond_the_tolerance_is_refused_naming_output_row_and_differenc
         verify.compare(native, {"variable": np.array([1.0, 2.5, 3.0])}, "the sample input")
     assert str(refused.value) == (
         "the converted model disagrees with the native one on output 'variable' by 0.5 on the sample input "
-        "(row 1: 2.5 instead of 2; tolerance 0.001 + 0.001 x |value|)"
+        "(1 of 3 values; row 1: 2.5 instead of 2; tolerance 0.001 + 0.001 x |value|)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("native", "converted", "reason"),
+    [
+        # A NaN in both places hid the other rows: argmax of a difference holding NaN picks the NaN.
+        ([np.nan, 1.0, 2.0], [np.nan, 5.0, -7.0], "by 9 on x (2 of 3 values; row 2: -7 instead of 2"),
+        ([np.inf, 1.0], [-np.inf, 1.0], "by inf on x (1 of 2 values; row 0: -inf instead of inf"),
+        ([np.nan, 1.0], [0.0, 1.0], "by nan on x (1 of 2 values; row 0: 0 instead of nan"),
+        ([1.0, 2.0], [np.inf, 2.0], "by inf on x (1 of 2 values; row 0: inf instead of 1"),
+    ],
+)
+def test_values_that_are_not_finite_agree_only_with_the_same_value(
+    native: list[float], converted: list[float], reason: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(reason)):
+        verify.compare({"v": np.array(native)}, {"v": np.array(converted)}, "x")
+    same = np.array([np.nan, np.inf, -np.inf, 1.0])
+    assert (
+        verify.compare({"v": same}, {"v": same + [0, 0, 0, 5e-4]}, "x")
+        == "verified on x: v: at most 0.0005 apart"
     )
 
 

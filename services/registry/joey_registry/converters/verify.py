@@ -101,20 +101,24 @@ def compare(native: dict[str, np.ndarray], converted: dict[str, np.ndarray], wha
                 )
             closest.append(f"{name}: equal")
             continue
-        difference = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-        allowed = ATOL + RTOL * np.abs(expected.astype(np.float64))
-        worst = int(np.argmax(difference - allowed))
-        if (
-            not np.all(np.isfinite(got) == np.isfinite(expected))
-            or difference.flat[worst] > allowed.flat[worst]
-        ):
+        native_values, converted_values = expected.astype(np.float64), got.astype(np.float64)
+        # NaN agrees only with NaN, an infinity only with the same infinity (a plain difference passes both).
+        wrong = ~np.isclose(converted_values, native_values, rtol=RTOL, atol=ATOL, equal_nan=True)
+        with np.errstate(invalid="ignore"):
+            difference = np.abs(converted_values - native_values)
+        if wrong.any():
+            # The worst value that differs: by how much, or first of those not even finite.
+            gaps = np.where(wrong & np.isfinite(difference), difference, -1.0)
+            worst = int(np.argmax(gaps)) if gaps.max() >= 0 else int(np.flatnonzero(wrong)[0])
             row = worst // max(1, expected.size // max(1, len(expected)))
             raise InvalidArgument(
                 f"the converted model disagrees with the native one on output {name!r} by "
-                f"{difference.flat[worst]:.3g} on {what} (row {row}: {got.flat[worst]:.6g} instead of "
-                f"{expected.flat[worst]:.6g}; tolerance {ATOL:g} + {RTOL:g} x |value|)"
+                f"{difference.flat[worst]:.3g} on {what} ({int(wrong.sum())} of {expected.size} values; "
+                f"row {row}: {got.flat[worst]:.6g} instead of {expected.flat[worst]:.6g}; "
+                f"tolerance {ATOL:g} + {RTOL:g} x |value|)"
             )
-        closest.append(f"{name}: at most {float(difference.max()):.3g} apart")
+        finite = difference[np.isfinite(difference)]
+        closest.append(f"{name}: at most {float(finite.max()) if finite.size else 0.0:.3g} apart")
     return f"verified on {what}: " + "; ".join(closest)
 
 
