@@ -244,8 +244,9 @@ class Client(AssayClientMixin, ConnectionClientMixin, IdentityClientMixin, Works
         ``model.configure``: ``batch_config="single"`` runs the model on one record per call (None:
         batches); ``max_batch_delay_ms`` and ``batch_size_target`` lower the engine's batching for any
         pipeline using it (None: the engine's settings; a value above the engine's JOEY_MAX_BATCH_DELAY_MS
-        or JOEY_MAX_BATCH_SIZE changes nothing: one batch runs through every step). Each call sets the whole config. It applies to
-        pipeline versions created after it: the next ``pipeline.deploy()`` of the current steps."""
+        or JOEY_MAX_BATCH_SIZE changes nothing: one batch runs through every step). Each call sets the
+        whole config. It applies to pipeline versions created after it: the next ``pipeline.deploy()`` of
+        the current steps."""
         config = ModelConfig(batch_config, max_batch_delay_ms, batch_size_target)  # ValueError naming a field
         return configure(self, self.workspace, name, version or 0, config)
 
