@@ -65,6 +65,18 @@ INVOCATIONS = {
     "workspace remove-user": ["w", "u"],
     "workspace users": ["w"],
     "audit": [],
+    "model configure": ["m", "--batch-config", "single"],
+    "model artifacts": ["m"],
+    "model tag": ["m", "fraud"],
+    "pipeline tag": ["p", "fraud"],
+    "connection create": ["c", "--type", "files", "-d", "path=/tmp"],
+    "connection list": [],
+    "connection get": ["c"],
+    "connection test": ["c"],
+    "connection delete": ["c"],
+    "workspace add-connection": ["w", "c"],
+    "workspace remove-connection": ["w", "c"],
+    "workspace connections": ["w"],
 }
 PASSWORD = "a-password-on-stdin\n"
 """What --password-stdin reads."""
