@@ -269,6 +269,11 @@ SHORT_GROUP_SESSION = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 250}
 heartbeats in it; a killed replica's (or logger's, or assayer's) partitions also move on after 2 s instead
 of 4. The broker holds a group's rounds for at least 1 s whatever the session: shorter gains nothing."""
 
+ENGINE_HEARTBEATS = {"JOEY_HEARTBEAT_INTERVAL_S": "0.5", "JOEY_HEARTBEAT_TTL_S": "3"}
+"""Heartbeats of the engines the tests start, as the engine tests' in-process engine has them: every 0.5 s,
+living 3 s instead of 5, so the slot leases and replicas of a killed engine are free or shown dead 2 s
+sooner."""
+
 
 @pytest.fixture(scope="session")
 def service_factory(
@@ -277,12 +282,16 @@ def service_factory(
     """Start `joey serve <name>` processes; every one still running is stopped at session end. Each gets
     SHORT_GROUP_SESSION unless the test sets JOEY_KAFKA_CONFIG itself: the engine's replicas, the logger
     and the assayer consume in groups, and a logger or assayer started after a kill -9 waits out the dead
-    member's session before it takes its partitions."""
+    member's session before it takes its partitions. Engines get ENGINE_HEARTBEATS unless the test sets
+    their own."""
     started: list[ServiceProcess] = []
     logs = tmp_path_factory.mktemp("service-logs")
 
     def start(name: str, **extra_env: str) -> ServiceProcess:
-        extra_env = {"JOEY_KAFKA_CONFIG": json.dumps(SHORT_GROUP_SESSION)} | extra_env
+        defaults = {"JOEY_KAFKA_CONFIG": json.dumps(SHORT_GROUP_SESSION)}
+        if name == "engine":
+            defaults |= ENGINE_HEARTBEATS
+        extra_env = defaults | extra_env
         service = ServiceProcess(name, env, logs / f"{name}-{len(started)}.log", extra_env=extra_env).start()
         started.append(service)
         return service
@@ -310,10 +319,10 @@ def stack(env: dict[str, str], service_factory: Callable[..., ServiceProcess]) -
     every join and rebalance of a group for half the session timeout, so each deploy, rollout, undeploy
     and crash takeover of the stack waits 1 s instead of 2 per round (measured: 2.0 s -> 1.0 s to join,
     3.0 s -> 2.0 s for a second member, 2.5 s -> 1.3 s to rebalance when one leaves). The engine beats
-    every 0.5 s for 3 s, as the engine tests' does: the slot leases of a killed engine free 2 s sooner."""
+    with ENGINE_HEARTBEATS."""
     registry = service_factory("registry", JOEY_AUTOSCALE_INTERVAL_S="0.5")
     wait_registry_ready(env["JOEY_REGISTRY_ADDR"])
-    engine = service_factory("engine", JOEY_HEARTBEAT_INTERVAL_S="0.5", JOEY_HEARTBEAT_TTL_S="3")
+    engine = service_factory("engine")
     logger = service_factory("logger")
     wait_service_ready(env, "engine")
     wait_service_ready(env, "logger")
