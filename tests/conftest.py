@@ -69,11 +69,23 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
-    with EmbeddedBroker(free_port(), log_path) as b:
+    b = EmbeddedBroker(free_port(), log_path).start()
+    try:
         yield b
         # Kafka clients that tests left for the garbage collector reconnect while they are torn down: let
         # that happen while the broker still answers, rather than as refused connections after the summary.
         gc.collect()
+    finally:
+        kill_broker(b)
+
+
+def kill_broker(broker: EmbeddedBroker) -> None:
+    """Stop ``broker`` at once. On SIGTERM the embedded broker gives the connections still open 5 s to
+    close; it holds everything in memory, so there is nothing a graceful stop would keep."""
+    if broker.process is not None:
+        broker.process.kill()
+        broker.process.wait()
+        broker.process = None
 
 
 @contextmanager
@@ -124,7 +136,7 @@ def env(
         "JOEY_PIPELINE_PARTITIONS": "4",
         "JOEY_LOGS_PARTITIONS": "4",
         # A hung python step costs a test this long; the tests' steps take milliseconds.
-        "JOEY_PYTHON_STEP_TIMEOUT_S": "5",
+        "JOEY_PYTHON_STEP_TIMEOUT_S": "3",
         "JOEY_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "JOEY_SERVICE_TOKEN": SERVICE_TOKEN,
         "JOEY_SECRET_KEY": SECRET_KEY,
@@ -257,22 +269,33 @@ def wait_service_ready(env: dict[str, str], service: str, count: int = 1, timeou
 
 
 SHORT_GROUP_SESSION = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 250}
-"""librdkafka settings of the engines the tests start (see `stack`): half the production session, as many
-heartbeats in it; a killed replica's partitions also move on after 2 s instead of 4."""
+"""librdkafka settings of the services the tests start (see `stack`): half the production session, as many
+heartbeats in it; a killed replica's (or logger's, or assayer's) partitions also move on after 2 s instead
+of 4. The broker holds a group's rounds for at least 1 s whatever the session: shorter gains nothing."""
+
+ENGINE_HEARTBEATS = {"JOEY_HEARTBEAT_INTERVAL_S": "0.5", "JOEY_HEARTBEAT_TTL_S": "3"}
+"""Heartbeats of the engines the tests start, as the engine tests' in-process engine has them: every 0.5 s,
+living 3 s instead of 5, so the slot leases and replicas of a killed engine are free or shown dead 2 s
+sooner."""
 
 
 @pytest.fixture(scope="session")
 def service_factory(
     env: dict[str, str], settings: CommonSettings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., ServiceProcess]]:
-    """Start `joey serve <name>` processes; every one still running is stopped at session end. Engines
-    get SHORT_GROUP_SESSION unless the test sets JOEY_KAFKA_CONFIG itself."""
+    """Start `joey serve <name>` processes; every one still running is stopped at session end. Each gets
+    SHORT_GROUP_SESSION unless the test sets JOEY_KAFKA_CONFIG itself: the engine's replicas, the logger
+    and the assayer consume in groups, and a logger or assayer started after a kill -9 waits out the dead
+    member's session before it takes its partitions. Engines get ENGINE_HEARTBEATS unless the test sets
+    their own."""
     started: list[ServiceProcess] = []
     logs = tmp_path_factory.mktemp("service-logs")
 
     def start(name: str, **extra_env: str) -> ServiceProcess:
+        defaults = {"JOEY_KAFKA_CONFIG": json.dumps(SHORT_GROUP_SESSION)}
         if name == "engine":
-            extra_env = {"JOEY_KAFKA_CONFIG": json.dumps(SHORT_GROUP_SESSION)} | extra_env
+            defaults |= ENGINE_HEARTBEATS
+        extra_env = defaults | extra_env
         service = ServiceProcess(name, env, logs / f"{name}-{len(started)}.log", extra_env=extra_env).start()
         started.append(service)
         return service
@@ -299,7 +322,8 @@ def stack(env: dict[str, str], service_factory: Callable[..., ServiceProcess]) -
     join their groups with SHORT_GROUP_SESSION, 2 s with 8 heartbeats as the default 4 s: the broker holds
     every join and rebalance of a group for half the session timeout, so each deploy, rollout, undeploy
     and crash takeover of the stack waits 1 s instead of 2 per round (measured: 2.0 s -> 1.0 s to join,
-    3.0 s -> 2.0 s for a second member, 2.5 s -> 1.3 s to rebalance when one leaves)."""
+    3.0 s -> 2.0 s for a second member, 2.5 s -> 1.3 s to rebalance when one leaves). The engine beats
+    with ENGINE_HEARTBEATS."""
     registry = service_factory("registry", JOEY_AUTOSCALE_INTERVAL_S="0.5")
     wait_registry_ready(env["JOEY_REGISTRY_ADDR"])
     engine = service_factory("engine")

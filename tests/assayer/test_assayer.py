@@ -127,7 +127,8 @@ def test_live_results_survive_kill9_and_equal_interactive_ones(
     wait_until(lambda: len(results_in_db(database_url, client.workspace)) >= 5, 60, "the first results")
     first.kill9()
     assert len(results_in_db(database_url, client.workspace)) < WINDOWS_WITH_DATA
-    second = service_factory("assayer", **tuning)
+    # One window a tick, so the kill lands mid-way; the second only has the rest to score, sooner.
+    second = service_factory("assayer", **tuning | {"JOEY_TICK_S": "0.05"})
     wait_service_ready(env, "assayer")
     wait_until(
         lambda: len(results_in_db(database_url, client.workspace)) >= 40, 120, "every past window scored"

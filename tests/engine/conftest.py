@@ -232,6 +232,9 @@ def engine_settings(
             "workspaces": [engine_workspace],
             "heartbeat_interval_s": 0.5,
             "heartbeat_ttl_s": 3.0,
+            # A crashed replica restarts after 1 s, then 2, 4...: capped at the first, a test that crashes
+            # one again and again (a record killing its replica) waits 1 s for each restart.
+            "load_retry_max_s": 1.0,
             "instance_id": f"test-engine-{secrets.token_hex(3)}",
             "kafka_config": SHORT_GROUP_SESSION,
         }

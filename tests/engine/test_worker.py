@@ -47,7 +47,9 @@ def replica(
     iris_model: Path,
     pipeline: str,
 ) -> tuple[ReplicaWorker, Deployment]:
-    """A replica's worker serving an iris pipeline whose topics exist, run by the test's own calls."""
+    """A replica's worker serving an iris pipeline whose topics exist, run by the test's own calls. Its
+    consumer is the test's, built from ``engine_settings`` as a replica's is (SHORT_GROUP_SESSION: it
+    joins in 1 s rounds)."""
     deployment = from_proto(make_spec(f"worker-{secrets.token_hex(3)}", pipeline))
     names = deployment.topics
     admin = kafka.admin_client(settings)
@@ -77,7 +79,7 @@ def test_a_batch_the_broker_did_not_acknowledge_is_rewound_then_answered_once(
     names = deployment.topics
     rids = [f"r-{i}".encode() for i in range(5)]
     send(settings, names.inputs, [(rid, json.dumps({"features": GOOD_FEATURES}).encode()) for rid in rids])
-    consumer = Consumer(kafka.consumer_config(settings, deployment.consumer_group))
+    consumer = Consumer(kafka.consumer_config(engine_settings, deployment.consumer_group))
     consumer.subscribe([names.inputs], on_assign=worker._on_assign)  # noqa: SLF001
     unreachable = CommonSettings(kafka_bootstrap=f"127.0.0.1:{free_port()}")
     away = Producer(kafka.producer_config(unreachable, **{"message.timeout.ms": 300}))
@@ -116,7 +118,7 @@ def test_an_input_whose_records_the_broker_refuses_for_good_is_answered_alone_an
     items = [(rid, json.dumps({"features": GOOD_FEATURES}).encode()) for rid in good]
     items.insert(2, (big, padded))
     send(settings, names.inputs, items)
-    consumer = Consumer(kafka.consumer_config(settings, deployment.consumer_group))
+    consumer = Consumer(kafka.consumer_config(engine_settings, deployment.consumer_group))
     consumer.subscribe([names.inputs], on_assign=worker._on_assign)  # noqa: SLF001
     strict = Producer(kafka.producer_config(settings, **{"message.max.bytes": 20_000}))
     outputs, errors = TopicReader(settings, names.outputs), TopicReader(settings, names.errors)
@@ -159,7 +161,7 @@ def test_a_batch_rewound_more_times_in_a_row_than_allowed_stops_the_replica_unco
     worker, deployment = replica(settings, bounded, redis_client, make_spec, iris_model, "bounded")
     names = deployment.topics
     send(settings, names.inputs, [(b"r-0", json.dumps({"features": GOOD_FEATURES}).encode())])
-    consumer = Consumer(kafka.consumer_config(settings, deployment.consumer_group))
+    consumer = Consumer(kafka.consumer_config(engine_settings, deployment.consumer_group))
     consumer.subscribe([names.inputs], on_assign=worker._on_assign)  # noqa: SLF001
     unreachable = CommonSettings(kafka_bootstrap=f"127.0.0.1:{free_port()}")
     away = Producer(kafka.producer_config(unreachable, **{"message.timeout.ms": 300}))

@@ -157,7 +157,7 @@ def test_the_last_known_catalog_serves_while_the_registrys_redis_is_down_then_ex
         JOEY_REGISTRY_ADDR=registry_addr,
         JOEY_OIP_GRPC_ADDR=f"127.0.0.1:{free_port()}",
         JOEY_OIP_HTTP_ADDR=f"127.0.0.1:{http_port}",
-        JOEY_CATALOG_STALE_S="10",
+        JOEY_CATALOG_STALE_S="5",
     )
     url = f"http://127.0.0.1:{http_port}/v2/models/iris-stale-redis/infer"
     body = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import SHORT_GROUP_SESSION, free_port
 
 
 def joey(
@@ -64,7 +64,9 @@ class CliStack:
 def stack_env(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A second, separate stack: its own embedded broker, ports and state; the session's database.
 
-    No JOEY_STATE_DIR: the stack's state goes to the per-user default, here under XDG_STATE_HOME."""
+    No JOEY_STATE_DIR: the stack's state goes to the per-user default, here under XDG_STATE_HOME. Its
+    services consume with SHORT_GROUP_SESSION, as the session's do: every `joey up`, deploy and rollout
+    waits 1 s per group round instead of 2."""
     home = tmp_path_factory.mktemp("cli-home")
     base = {k: v for k, v in os.environ.items() if k != "JOEY_STATE_DIR"}
     return (
@@ -78,6 +80,7 @@ def stack_env(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
             "JOEY_REDIS_PREFIX": env["JOEY_REDIS_PREFIX"] + "cli",
             "JOEY_OIP_GRPC_ADDR": f"127.0.0.1:{free_port()}",
             "JOEY_OIP_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+            "JOEY_KAFKA_CONFIG": json.dumps(SHORT_GROUP_SESSION),
         }
     )
 

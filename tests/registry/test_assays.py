@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -64,8 +65,7 @@ def insert_logs(
         )
 
 
-@pytest.fixture
-def logged(stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection) -> dict[str, np.ndarray]:
+def log_hours(stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection) -> dict[str, np.ndarray]:
     """Pipeline "p" (iris) with a baseline hour and three window hours of logged features[2]."""
     upload(stub, workspace, "iris", iris_bytes)
     stub.CreatePipeline(pb.CreatePipelineRequest(workspace=workspace, name="p", steps=[step("iris")]))
@@ -86,6 +86,22 @@ def logged(stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection
         (workspace, T0 + HOUR, Jsonb({"features": [0, 0, 99.0, 0]})),
     )
     return hours
+
+
+@pytest.fixture
+def logged(stub: Stub, workspace: str, iris_bytes: bytes, db: psycopg.Connection) -> dict[str, np.ndarray]:
+    return log_hours(stub, workspace, iris_bytes, db)
+
+
+@pytest.fixture(scope="module")
+def refused_workspace(stub: Stub, iris_bytes: bytes, database_url: str) -> str:
+    """A workspace with the logs of `logged`, shared by the refused definitions: each is refused and stores
+    nothing, so each finds no assay in it, as in a fresh one."""
+    name = f"ws-{secrets.token_hex(4)}"
+    stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=name))
+    with psycopg.connect(database_url, autocommit=True) as db:
+        log_hours(stub, name, iris_bytes, db)
+    return name
 
 
 def definition(workspace: str, **fields: object) -> pb.AssayDefinition:
@@ -246,8 +262,9 @@ def test_create_list_pause_delete(stub: Stub, workspace: str, logged: dict[str, 
     ],
 )
 def test_bad_definitions_store_nothing(
-    stub: Stub, workspace: str, logged: dict[str, np.ndarray], fields: dict[str, object], message: str
+    stub: Stub, refused_workspace: str, fields: dict[str, object], message: str
 ) -> None:
+    workspace = refused_workspace
     error = rpc_error(
         lambda: stub.CreateAssay(pb.CreateAssayRequest(definition=definition(workspace, **fields)))
     )

@@ -23,7 +23,7 @@ from joey_core.v1 import registry_pb2_grpc
 from joey_registry.app import RegistryServer
 from joey_registry.domain import DeploymentSpec
 from joey_registry.settings import RegistrySettings
-from tests.conftest import REDIS_URL, free_port, scratch_database, wait_until
+from tests.conftest import REDIS_URL, free_port, kill_broker, scratch_database, wait_until
 from tests.registry.helpers import Stub, read_deployments, rpc_error, step, token_stub, upload
 
 
@@ -283,10 +283,10 @@ def intents(db: psycopg.Connection, workspace: str) -> list[tuple[str, str | Non
 
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    """A broker of this test's own, to stop and start again without disturbing the session's."""
+    """A broker of this test's own, to kill and start again without disturbing the session's."""
     broker = EmbeddedBroker(free_port(), tmp_path / "broker.log").start()
     yield broker
-    broker.stop()
+    kill_broker(broker)
 
 
 @pytest.fixture
@@ -341,7 +341,7 @@ def test_a_change_the_broker_does_not_acknowledge_is_unavailable_changes_nothing
         workspace = own_workspace(own)
         pipeline = make_pipeline(own, workspace, iris_bytes)
         running = deploy(own, workspace, pipeline, version=1, replicas=2)
-        own_broker.stop()
+        kill_broker(own_broker)
 
         # The undeploy reaches the publish (its topics exist): the tombstone is never acknowledged.
         error = rpc_error(lambda: own.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline)))
@@ -432,7 +432,7 @@ def test_a_running_registry_reconciles_a_failed_change_once_the_broker_is_back(
         workspace = own_workspace(own)
         pipeline = make_pipeline(own, workspace, iris_bytes)
         running = deploy(own, workspace, pipeline, version=1, replicas=2)
-        own_broker.stop()
+        kill_broker(own_broker)
         error = rpc_error(lambda: own.Undeploy(pb.UndeployRequest(workspace=workspace, pipeline=pipeline)))
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
         # Rounds of the reconciler fail while the broker is gone: the intent stays.

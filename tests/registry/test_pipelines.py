@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 
 import grpc
 import pytest
@@ -12,6 +13,43 @@ from joey_core.v1 import registry_pb2 as pb
 from joey_registry.app import RegistryServer
 from joey_registry.settings import RegistrySettings
 from tests.registry.helpers import Stub, identity_model, read_deployments, rpc_error, step, upload
+
+
+def refused_workspace(stub: Stub, models: dict[str, bytes]) -> str:
+    """A workspace with ``models``, shared by the cases of one parametrized test of refused pipelines: each
+    is refused and creates nothing, so each finds the workspace without pipelines, as a fresh one (and the
+    uploads, most of a case's time, are made once)."""
+    name = f"ws-{secrets.token_hex(4)}"
+    stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=name))
+    for model_name, data in models.items():
+        upload(stub, name, model_name, data)
+    return name
+
+
+@pytest.fixture(scope="module")
+def mapping_workspace(stub: Stub, iris_bytes: bytes) -> str:
+    return refused_workspace(
+        stub,
+        {
+            "iris": iris_bytes,
+            "b": identity_model("x", "float32", "y", width=3),
+            "wide": identity_model("x", "float32", "y", width=4),
+            "names": identity_model("label", "string", "name"),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def shadow_workspace(stub: Stub, iris_bytes: bytes) -> str:
+    return refused_workspace(
+        stub,
+        {
+            "iris": iris_bytes,
+            "iris-b": iris_bytes,
+            "probs": identity_model("probabilities", "float32", "copy", width=3),
+            "names": identity_model("label", "string", "name"),
+        },
+    )
 
 
 def create(stub: Stub, workspace: str, name: str, *steps: pb.PipelineStep) -> pb.PipelineVersion:
@@ -383,12 +421,9 @@ def test_mapping_reads_the_model_step_before_validations(
     ],
 )
 def test_invalid_mappings(
-    stub: Stub, workspace: str, iris_bytes: bytes, steps: list[pb.PipelineStep], expected: str
+    stub: Stub, mapping_workspace: str, steps: list[pb.PipelineStep], expected: str
 ) -> None:
-    upload(stub, workspace, "iris", iris_bytes)
-    upload(stub, workspace, "b", identity_model("x", "float32", "y", width=3))
-    upload(stub, workspace, "wide", identity_model("x", "float32", "y", width=4))
-    upload(stub, workspace, "names", identity_model("label", "string", "name"))
+    workspace = mapping_workspace
     error = rpc_error(lambda: create(stub, workspace, "p", *steps))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith(expected), error.details()
@@ -542,12 +577,9 @@ def test_shadow_versions_bump_only_when_challengers_change(
     ],
 )
 def test_invalid_shadow_steps(
-    stub: Stub, workspace: str, iris_bytes: bytes, steps: list[pb.PipelineStep], code: str, message: str
+    stub: Stub, shadow_workspace: str, steps: list[pb.PipelineStep], code: str, message: str
 ) -> None:
-    upload(stub, workspace, "iris", iris_bytes)
-    upload(stub, workspace, "iris-b", iris_bytes)
-    upload(stub, workspace, "probs", identity_model("probabilities", "float32", "copy", width=3))
-    upload(stub, workspace, "names", identity_model("label", "string", "name"))
+    workspace = shadow_workspace
     error = rpc_error(lambda: create(stub, workspace, "p", *steps))
     assert error.code().name == code, error.details()
     assert error.details().startswith(message), error.details()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from google.protobuf import json_format
 
@@ -29,8 +31,7 @@ def key_split(default: pb.ModelStep, meta_key: str, **routes: pb.ModelStep) -> p
     return pb.PipelineStep(key_split=split)
 
 
-@pytest.fixture
-def models(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+def upload_models(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
     upload(stub, workspace, "iris", iris_bytes)
     upload(stub, workspace, "iris-b", iris_bytes)
     upload(stub, workspace, "iris-b", iris_bytes)
@@ -40,6 +41,22 @@ def models(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
     upload(stub, workspace, "probs", identity_model("probabilities", "float32", "copy", width=3))
     # Reads `features` as int64.
     upload(stub, workspace, "ints", identity_model("features", "int64", "label"))
+
+
+@pytest.fixture
+def models(stub: Stub, workspace: str, iris_bytes: bytes) -> None:
+    upload_models(stub, workspace, iris_bytes)
+
+
+@pytest.fixture(scope="module")
+def refused_workspace(stub: Stub, iris_bytes: bytes) -> str:
+    """The models in a workspace of their own, shared by the refused splits: each is refused and creates
+    nothing, so each sees the workspace as empty of pipelines as a fresh one (and the uploads, most of a
+    test's time, are made once)."""
+    name = f"ws-{secrets.token_hex(4)}"
+    stub.CreateWorkspace(pb.CreateWorkspaceRequest(name=name))
+    upload_models(stub, name, iris_bytes)
+    return name
 
 
 @pytest.mark.usefixtures("models")
@@ -205,14 +222,13 @@ def test_validations_and_steps_after_a_split_read_its_outputs(stub: Stub, worksp
         ),
     ],
 )
-@pytest.mark.usefixtures("models")
 def test_invalid_split_steps(
-    stub: Stub, workspace: str, steps: list[pb.PipelineStep], code: str, message: str
+    stub: Stub, refused_workspace: str, steps: list[pb.PipelineStep], code: str, message: str
 ) -> None:
-    error = rpc_error(lambda: create(stub, workspace, "p", *steps))
+    error = rpc_error(lambda: create(stub, refused_workspace, "p", *steps))
     assert error.code().name == code, error.details()
     assert error.details().startswith(message), error.details()
-    assert stub.ListPipelines(pb.ListPipelinesRequest(workspace=workspace)).pipelines == []
+    assert stub.ListPipelines(pb.ListPipelinesRequest(workspace=refused_workspace)).pipelines == []
 
 
 @pytest.mark.usefixtures("models")

@@ -121,11 +121,12 @@ def test_deploy_reports_each_step_of_the_replicas_start(client: Client) -> None:
 def test_a_replica_loading_longer_than_a_heartbeat_lives_is_loading_not_dead(
     client: Client, tmp_path: Path
 ) -> None:
-    # A step that takes longer to import than a heartbeat's TTL (5 s here), as a large model can.
+    # A step that takes longer to import than a heartbeat's TTL (3 s for the stack's engine), as a large
+    # model can.
     slow = tmp_path / "slow_prep.py"
     source = (STEPS / "iris_preprocess.py").read_text()
     slow.write_text(
-        source.replace("import numpy as np\n", "import time\n\nimport numpy as np\n\ntime.sleep(7)\n", 1)
+        source.replace("import numpy as np\n", "import time\n\nimport numpy as np\n\ntime.sleep(5)\n", 1)
     )
     client.upload_model(
         "slow-prep",

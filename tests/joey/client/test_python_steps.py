@@ -233,14 +233,14 @@ def test_a_hanging_step_is_killed_after_the_timeout_while_other_pipelines_serve(
     started = datetime.now(UTC)
     hang = {"features": [777.0, 3.0, 1.4, 0.2]}
     with ThreadPoolExecutor(1) as pool:
-        # The stack's engine times python steps out after 5 s: the other pipeline answers meanwhile.
+        # The stack's engine times python steps out after 3 s: the other pipeline answers meanwhile.
         hung = pool.submit(guarded.infer, [hang], 120)
         others = make_records(20, seed=8)
         answered = steady.infer(others, timeout=60)
         assert [int(v) for v in answered["out.label"]] == direct_labels(iris_model, others)
         first = hung.result()
     assert first["error"].tolist() == [
-        "step 1 (model 'guard' v1) failed: python step 'guard' timed out after 5 s; its process was killed"
+        "step 1 (model 'guard' v1) failed: python step 'guard' timed out after 3 s; its process was killed"
     ]
     later = make_records(20, seed=6)
     results = guarded.infer(later, timeout=60)

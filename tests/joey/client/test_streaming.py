@@ -180,7 +180,8 @@ def test_a_timeout_says_which_rows_were_answered_which_were_not_sent_and_which_a
         opened(settings, names) as stream,
         pytest.raises(InferenceTimeout) as info,
     ):
-        stream.infer(rows, timeout=10)
+        # Long enough for the stand-in's answer; the silent row costs the whole of it.
+        stream.infer(rows, timeout=5)
     assert not errors
     answered, silent, too_large = info.value.replies
     assert answered is not None and answered.ok and answered.body["out"] == {"double": 2}
