@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from joey_cli import connections, identity
+from joey_cli import bridges, connections, identity
 from joey_cli.assays import assay
 from joey_cli.errors import error_line
 from joey_cli.errors import fail as _fail
@@ -1203,6 +1203,8 @@ def export_logs(
 
 main.add_command(assay)
 main.add_command(connections.connection)
+main.add_command(bridges.source)
+main.add_command(bridges.sink)
 for _command in identity.COMMANDS:
     main.add_command(_command)
 for _command in (*identity.WORKSPACE_COMMANDS, *connections.WORKSPACE_COMMANDS):

@@ -25,6 +25,7 @@ from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
 from joey_registry.assays import Assays
+from joey_registry.bridges import Bridges
 from joey_registry.connections import Connections
 from joey_registry.conversion import Conversion, ConversionFailed, Conversions
 from joey_registry.converters import CONVERTERS
@@ -115,6 +116,7 @@ class Registry:
         self.access = Access(store)
         self.assays = Assays(store, self.access)
         self.connections = Connections(settings, store, self.access)
+        self.bridges = Bridges(store, self.access, self.connections, publisher)
         self.identity = Identity(settings, IdentityStore(store.pool), self.access, redis_client)
         self.checks = ModelCheck(
             settings.upload_check_memory_mb, settings.upload_check_cpu_s, settings.upload_check_timeout_s
