@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from joey.client.catalog import Listing
 from joey_cli.tables import echo_table
 
 
@@ -26,6 +25,8 @@ def _group(kind: str) -> click.Group:
     @click.pass_obj
     def list_(obj: Any) -> None:
         """The workspace's bridges of this kind, with their state."""
+        from joey.client.catalog import Listing  # with the client: `joey --help` loads no SDK
+
         found = Listing(b for b in obj.client.list_bridges() if b.kind == kind)
         echo_table(found, f"workspace {obj.workspace} has no {kind}s")
 

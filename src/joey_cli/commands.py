@@ -17,7 +17,7 @@ from joey_cli.assays import assay
 from joey_cli.errors import error_line
 from joey_cli.errors import fail as _fail
 from joey_cli.params import POSITIVE_SECONDS, IsoTime
-from joey_cli.services import SERVICES
+from joey_cli.services import SERVICES, module
 from joey_cli.tables import echo_table, wide_pandas
 
 
@@ -109,7 +109,7 @@ def serve(service: str) -> None:
     # Replaced by `python -P -m joey_<service>` (same pid, so signals still reach it): the service runs as its
     # own main module, which the engine's spawned replicas rely on; -P keeps the current directory off
     # sys.path, as the console script did.
-    os.execv(sys.executable, [sys.executable, "-P", "-m", f"joey_{service}"])  # noqa: S606  # a fixed module
+    os.execv(sys.executable, [sys.executable, "-P", "-m", module(service)])  # noqa: S606  # a fixed module
 
 
 @main.command()

@@ -112,8 +112,8 @@ def _result(record: ConsumedRecord) -> ResultRow | None:
     key = (record.key or b"").decode("utf-8", errors="replace")
     # A source's records are keyed by their row's key and named <source>/<key>.
     source_key = key if key and request_id.endswith(f"/{key}") else None
-    metadata = value.get("metadata") if isinstance(value.get("metadata"), dict) else {}
-    version = metadata.get("pipeline_version")
+    metadata = value.get("metadata")
+    version = metadata.get("pipeline_version") if isinstance(metadata, dict) else None
     failed = record.topic.endswith(".errors")
     out = value.get("out")
     return ResultRow(
