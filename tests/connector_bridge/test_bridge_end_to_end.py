@@ -132,6 +132,14 @@ def test_a_source_and_a_sink_move_each_row_once_across_a_kill_9_of_the_bridge(
     wait_until(lambda: len(rows(world.sink_url, "iris_out")) >= 600, 60, "the rows held back by the outage")
     assert_exactly_once(rows(world.sink_url, "iris_out"), "feed", range(1, 601))
     wait_until(lambda: sink.status().state == "running", 30, "the sink running again")
+
+    # A row the pipeline cannot run is a result too: its row carries the error.
+    with psycopg.connect(world.source_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO iris_in VALUES (601, '{1.0}')")
+    found = wait_until(
+        lambda: [r for r in rows(world.sink_url, "iris_out") if r[0] == "feed/601"], 60, "the failed row"
+    )
+    assert found[0][2] is None and "features" in found[0][3], found  # type: ignore[index]
     bridge.stop()
     assert "retries" in bridge.log_text()
     assert DB_PASSWORD not in bridge.log_text() + killed.log_text()

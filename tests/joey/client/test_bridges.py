@@ -137,6 +137,9 @@ def test_bad_bridges_are_refused_and_nothing_is_stored(
     assert list(admin.list_bridges()) == []
     admin.create_source("once", connection="ok-db", pipeline=pipeline)
     refused(lambda: admin.create_source("once", connection="ok-db", pipeline=pipeline), "ALREADY_EXISTS")
+    # What a bridge uses cannot go from under it: its pipeline, its workspace.
+    refused(lambda: admin.get_pipeline(pipeline).delete(), "FAILED_PRECONDITION", "'once'")
+    refused(lambda: admin.delete_workspace(admin.workspace), "FAILED_PRECONDITION", "bridges 'once'")
     admin.get_bridge("once").delete()
 
 
