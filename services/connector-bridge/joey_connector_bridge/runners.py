@@ -100,7 +100,7 @@ class Runner(ABC):
         self._reported = time.monotonic()
 
 
-def _result(record: ConsumedRecord) -> ResultRow | None:
+def result_row(record: ConsumedRecord) -> ResultRow | None:
     """The row of an output or error record of a pipeline, or None when it is neither."""
     try:
         value = json.loads(record.value or b"")
@@ -155,7 +155,7 @@ class SinkRunner(Runner):
         consumed = [ConsumedRecord.of(m) for m in kafka.usable(messages, log)]
         rows = []
         for record in consumed:
-            row = _result(record)
+            row = result_row(record)
             if row is None:
                 metrics.UNDECODABLE.inc()
                 log.warning("bridge %s skips %s: not a pipeline's result", self.spec.key, record.where())
