@@ -122,7 +122,7 @@ def serve(service: str) -> None:
 @click.pass_obj
 def up(obj: Context, detach: bool) -> None:
     """Start the local stack: the embedded broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine,
-    logger, assayer and gateway.
+    logger, assayer, gateway and connector-bridge.
 
     One stack per user, refused while one runs: its state and logs are in JOEY_STATE_DIR (default
     ~/.local/state/joey), so `joey status` and `joey down` find it from any directory. --registry is
