@@ -34,6 +34,9 @@ from joey_registry.store import Store, WorkspaceRef
 
 log = logging.getLogger(__name__)
 
+STALE_S = 30
+"""A running bridge reports every second or so: silent this long, no connector-bridge runs it."""
+
 
 @dataclass(frozen=True)
 class BridgeState:
@@ -76,7 +79,8 @@ class StoredBridge:
 
 _SELECT = (
     "SELECT b.id, w.name AS workspace, b.name, b.kind, b.pipeline, b.connection, b.what, b.paused, "
-    "b.created_by, b.created_at, s.state, s.rows_moved, s.lag, s.last_error, s.instance, s.updated_at "
+    "b.created_by, b.created_at, s.state, s.rows_moved, s.lag, s.last_error, s.instance, s.updated_at, "
+    f"s.updated_at < now() - interval '{STALE_S} seconds' AS stale "
     "FROM bridges b JOIN workspaces w ON w.id = b.workspace_id "
     "LEFT JOIN bridge_status s ON s.bridge_id = b.id "
 )
@@ -84,11 +88,14 @@ _SELECT = (
 
 def _stored(row: DictRow) -> StoredBridge:
     state = spec.PAUSED if row["paused"] else row["state"] or spec.WAITING
+    error = row["last_error"] or ""
+    if row["stale"] and state != spec.PAUSED:
+        state, error = spec.WAITING, f"no connector-bridge has reported on it for over {STALE_S}s"
     status = BridgeState(
         state,
         row["rows_moved"] or 0,
         row["lag"] if row["lag"] is not None else -1,
-        row["last_error"] or "",
+        error,
         row["instance"] or "",
         row["updated_at"],
     )
