@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -30,6 +31,7 @@ class World:
     source_url: str
     sink_url: str
     pipeline: str
+    model: Any
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def world(stack: Stack, settings: CommonSettings, iris_model: Path) -> Iterator[
         pipeline = client.build_pipeline("fed").add_model_step(model)
         pipeline.deploy(replicas=1, timeout=90)
         with_password = sink_url.replace("postgresql://postgres@", f"postgresql://postgres:{DB_PASSWORD}@", 1)
-        yield World(client, source_url, with_password, "fed")
+        yield World(client, source_url, with_password, "fed", model)
         pipeline.undeploy()
 
 
@@ -143,3 +145,17 @@ def test_a_source_and_a_sink_move_each_row_once_across_a_kill_9_of_the_bridge(
     bridge.stop()
     assert "retries" in bridge.log_text()
     assert DB_PASSWORD not in bridge.log_text() + killed.log_text()
+
+
+def test_a_sink_of_a_pipeline_never_deployed_waits_and_says_so(
+    world: World, service_factory: Callable[..., ServiceProcess], stack: Stack
+) -> None:
+    client = world.client
+    client.build_pipeline("idle").add_model_step(world.model).create()
+    client.create_connection("idle-out", "postgres", {"url": world.sink_url, "table": "idle_out"})
+    sink = client.create_sink("idle-results", pipeline="idle", connection="idle-out")
+    bridge = start_bridge(service_factory, stack.env)
+    wait_until(lambda: "deploy it" in sink.status().last_error, 30, "the sink waiting for the deployment")
+    assert sink.status().state == "retrying"
+    sink.delete()
+    bridge.stop()

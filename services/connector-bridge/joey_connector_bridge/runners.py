@@ -100,6 +100,18 @@ class Runner(ABC):
         self._reported = time.monotonic()
 
 
+def _require_topics(client: Consumer | Producer, names: list[str], spec: BridgeSpec) -> None:
+    """Unavailable until the pipeline's topics exist (it is deployed once): subscribed or produced to
+    before, a client would wait for its next metadata refresh, minutes later, or time records out."""
+    try:
+        known = client.list_topics(timeout=10).topics
+    except KafkaException as exc:
+        raise Unavailable(f"cannot list the broker's topics: {exc}") from None
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise Unavailable(f"pipeline {spec.pipeline!r} has no topic {missing[0]} yet: deploy it")
+
+
 def result_row(record: ConsumedRecord) -> ResultRow | None:
     """The row of an output or error record of a pipeline, or None when it is neither."""
     try:
@@ -143,6 +155,7 @@ class SinkRunner(Runner):
             )
         )
         try:
+            _require_topics(consumer, wanted, self.spec)
             consumer.subscribe(wanted)
             while not self._stop.is_set():
                 self._step(consumer, sink)
@@ -213,6 +226,7 @@ class SourceRunner(Runner):
             source: Source = SOURCES[found.type](found.details)
             producer = Producer(kafka.producer_config(self.settings))
             try:
+                _require_topics(producer, [self.spec.topics.inputs], self.spec)
                 after = self.store.position(self.spec.id)
                 while not self._stop.is_set():
                     lease.execute("SELECT 1")  # a lease whose connection broke is no lease
