@@ -142,6 +142,19 @@ def test_a_source_and_a_sink_move_each_row_once_across_a_kill_9_of_the_bridge(
         lambda: [r for r in rows(world.sink_url, "iris_out") if r[0] == "feed/601"], 60, "the failed row"
     )
     assert found[0][2] is None and "features" in found[0][3], found  # type: ignore[index]
+
+    # Paused, the sink's runner leaves; resumed, it takes up the results that came meanwhile.
+    sink.pause()
+    wait_until(
+        lambda: f"stopped sink {client.workspace}/results" in bridge.log_text(), 30, "the sink stopped"
+    )
+    insert(world.source_url, "iris_in", 602, 10)
+    assert sink.status().state == "paused"
+    sink.resume()
+    wait_until(lambda: len(rows(world.sink_url, "iris_out")) >= 611, 60, "the rows sent while paused")
+    assert sorted(r[0] for r in rows(world.sink_url, "iris_out")) == sorted(
+        f"feed/{k}" for k in range(1, 612)
+    )
     bridge.stop()
     assert "retries" in bridge.log_text()
     assert DB_PASSWORD not in bridge.log_text() + killed.log_text()
