@@ -57,7 +57,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from joey.client import Client
 from joey_cli.broker import EmbeddedBroker
-from joey_cli.services import SERVICES
+from joey_cli.services import SERVICES, module
 from joey_cli.stack import service_env
 from joey_core import db, heartbeats, kafka, topics
 from joey_core.records import REQUEST_ID_HEADER
@@ -114,7 +114,7 @@ class Service:
         self.starts += 1
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-P", "-m", f"joey_{self.name}"],
+                [sys.executable, "-P", "-m", module(self.name)],
                 env=self.env | {"JOEY_INSTANCE_ID": self.instance_id},
                 stdin=subprocess.DEVNULL,
                 stdout=out,

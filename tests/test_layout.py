@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SERVICES = ("registry", "engine", "logger", "assayer", "gateway")
+SERVICES = ("registry", "engine", "logger", "assayer", "gateway", "connector_bridge")
 
 
 def loaded(module: str) -> set[str]:

@@ -63,6 +63,6 @@ def service_env(name: str, state_dir: Path) -> dict[str, str]:
             "JOEY_SERVICE_TOKEN": service_token(state_dir),
             "JOEY_SECRET_KEY": secret_key(state_dir),
         }
-    if name == "engine":
+    if name in ("engine", "connector-bridge"):
         return {"JOEY_SERVICE_TOKEN": service_token(state_dir)}
     return {}

@@ -12,12 +12,12 @@ from typing import Any
 
 import click
 
-from joey_cli import connections, identity
+from joey_cli import bridges, connections, identity
 from joey_cli.assays import assay
 from joey_cli.errors import error_line
 from joey_cli.errors import fail as _fail
 from joey_cli.params import POSITIVE_SECONDS, IsoTime
-from joey_cli.services import SERVICES
+from joey_cli.services import SERVICES, module
 from joey_cli.tables import echo_table, wide_pandas
 
 
@@ -109,7 +109,7 @@ def serve(service: str) -> None:
     # Replaced by `python -P -m joey_<service>` (same pid, so signals still reach it): the service runs as its
     # own main module, which the engine's spawned replicas rely on; -P keeps the current directory off
     # sys.path, as the console script did.
-    os.execv(sys.executable, [sys.executable, "-P", "-m", f"joey_{service}"])  # noqa: S606  # a fixed module
+    os.execv(sys.executable, [sys.executable, "-P", "-m", module(service)])  # noqa: S606  # a fixed module
 
 
 @main.command()
@@ -122,7 +122,7 @@ def serve(service: str) -> None:
 @click.pass_obj
 def up(obj: Context, detach: bool) -> None:
     """Start the local stack: the embedded broker (unless JOEY_KAFKA_BOOTSTRAP is set), registry, engine,
-    logger, assayer and gateway.
+    logger, assayer, gateway and connector-bridge.
 
     One stack per user, refused while one runs: its state and logs are in JOEY_STATE_DIR (default
     ~/.local/state/joey), so `joey status` and `joey down` find it from any directory. --registry is
@@ -1203,6 +1203,8 @@ def export_logs(
 
 main.add_command(assay)
 main.add_command(connections.connection)
+main.add_command(bridges.source)
+main.add_command(bridges.sink)
 for _command in identity.COMMANDS:
     main.add_command(_command)
 for _command in (*identity.WORKSPACE_COMMANDS, *connections.WORKSPACE_COMMANDS):

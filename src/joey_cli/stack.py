@@ -41,7 +41,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from joey_cli import bootstrap
 from joey_cli.errors import listening
-from joey_cli.services import DATABASE_SERVICES, SERVICES
+from joey_cli.services import DATABASE_SERVICES, SERVICES, module
 from joey_core import redaction
 from joey_core.settings import CommonSettings, DatabaseSettings
 
@@ -425,7 +425,7 @@ class _Service:
     def start(self) -> None:
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-P", "-m", f"joey_{self.name}"],
+                [sys.executable, "-P", "-m", module(self.name)],
                 env=self.env | {"JOEY_INSTANCE_ID": self.instance_id},
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -107,6 +107,7 @@ class TopicSpec:
 def platform_topics(settings: CommonSettings) -> list[TopicSpec]:
     return [
         TopicSpec(topics.DEPLOYMENTS, 1, {"cleanup.policy": "compact"}),
+        TopicSpec(topics.BRIDGES, 1, {"cleanup.policy": "compact"}),
         TopicSpec(topics.LOGS, settings.logs_partitions),
         TopicSpec(topics.LOGS_DEAD_LETTER, 1),
         TopicSpec(topics.ASSAY_RESULTS, 1),

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 DEPLOYMENTS = "joey.deployments"
 """Compacted; key ``<workspace>/<pipeline>``, value a JSON DeploymentSpec, tombstone = undeployed."""
 
+BRIDGES = "joey.bridges"
+"""Compacted; key ``<workspace>/<bridge>``, value a JSON BridgeSpec (joey_core.bridges); tombstone:
+deleted."""
+
 LOGS = "joey.logs"
 """One Avro InferenceLog per inference (success or failure)."""
 

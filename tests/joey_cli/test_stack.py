@@ -472,6 +472,7 @@ def test_only_the_services_that_use_the_database_are_given_its_url(cli_stack: Cl
 
 def test_the_services_given_the_database_are_those_whose_settings_have_it() -> None:
     from joey_assayer.settings import AssayerSettings
+    from joey_connector_bridge.settings import BridgeSettings
     from joey_engine.settings import EngineSettings
     from joey_gateway.settings import GatewaySettings
     from joey_logger.settings import LoggerSettings
@@ -483,6 +484,7 @@ def test_the_services_given_the_database_are_those_whose_settings_have_it() -> N
         "logger": LoggerSettings,
         "assayer": AssayerSettings,
         "gateway": GatewaySettings,
+        "connector-bridge": BridgeSettings,
     }
     assert set(classes) == set(SERVICES)
     assert {name for name, cls in classes.items() if "database_url" in cls.model_fields} == DATABASE_SERVICES

@@ -46,6 +46,7 @@ IN_WORKSPACE = _expect(
 )
 ARTIFACT = IN_WORKSPACE | {"service": ALLOWED}
 MANAGE = IN_WORKSPACE | {"collaborator": DENIED}
+RUN_BRIDGE = IN_WORKSPACE | {"owner": DENIED, "collaborator": DENIED, "service": ALLOWED}
 PLATFORM_ADMIN = _expect(
     admin=ALLOWED, owner=DENIED, collaborator=DENIED, **{"non-member": DENIED}, service=DENIED
 )
@@ -201,6 +202,34 @@ RULES: dict[str, Rule] = {
         lambda s, w, r: s.RemoveWorkspaceConnection(
             pb.ConnectionUnshareRequest(workspace=w.workspace, name="nope")
         ),
+    ),
+    "CreateBridge": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.CreateBridge(
+            pb.BridgeCreateRequest(workspace=w.workspace, name="b", kind="sink", pipeline="nope")
+        ),
+    ),
+    "ListBridges": (IN_WORKSPACE, lambda s, w, r: s.ListBridges(pb.BridgeListRequest(workspace=w.workspace))),
+    "GetBridgeStatus": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.GetBridgeStatus(pb.BridgeRequest(workspace=w.workspace, name="nope")),
+    ),
+    "PauseBridge": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.PauseBridge(pb.BridgeRequest(workspace=w.workspace, name="nope")),
+    ),
+    "ResumeBridge": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.ResumeBridge(pb.BridgeRequest(workspace=w.workspace, name="nope")),
+    ),
+    "DeleteBridge": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.DeleteBridge(pb.BridgeRequest(workspace=w.workspace, name="nope")),
+    ),
+    # A bridge's connection in full: the connector-bridges' service token (and platform admins) only.
+    "GetBridgeConnection": (
+        RUN_BRIDGE,
+        lambda s, w, r: s.GetBridgeConnection(pb.BridgeRequest(workspace=w.workspace, name="nope")),
     ),
     "CreateAssay": (IN_WORKSPACE, lambda s, w, r: s.CreateAssay(pb.CreateAssayRequest(definition=_assay(w)))),
     "ListAssays": (IN_WORKSPACE, lambda s, w, r: s.ListAssays(pb.ListAssaysRequest(workspace=w.workspace))),

@@ -1,1 +1,2 @@
-"""Placeholder: connector-bridge lands in a later issue (see docs/architecture.md)."""
+"""The connector-bridge: runs the bridges published on joey.bridges, streaming external stores into
+pipelines' inputs (sources) and pipelines' results into external stores (sinks)."""

@@ -1,6 +1,7 @@
 """Who is calling, and may they do this: the one place the registry decides access.
 
-A caller is a user (by their token) or the engines' service token, which may only fetch artifacts.
+A caller is a user (by their token) or the service token of engines and connector-bridges, which may only
+fetch artifacts and read the connections of bridges.
 Platform admins may do everything. In a workspace, owners and collaborators read and write; only
 owners manage it. A workspace the caller is not a member of does not exist for them: they get the
 same NOT_FOUND as for a missing one, so a non-member learns nothing of what it holds.
@@ -27,7 +28,9 @@ class Action(enum.Enum):
     ADMIN = "admin"
     """Users and the audit trail: platform admins only."""
     FETCH_ARTIFACT = "fetch artifact"
-    """Download a model artifact: what READ allows, and all the service token may do."""
+    """Download a model artifact: what READ allows, and one of the two things the service token may do."""
+    RUN_BRIDGE = "run bridge"
+    """Read a bridge's connection in full: the service token's other right (connector-bridges)."""
 
 
 _OWNER_ONLY = frozenset({Action.MANAGE})
@@ -59,7 +62,9 @@ class Access:
         """The calling user; the service token is no user and may only fetch artifacts."""
         if caller.user is None:
             if caller.is_service:
-                raise PermissionDenied("the service token may only download artifacts")
+                raise PermissionDenied(
+                    "the service token may only download artifacts and read the connections of bridges"
+                )
             raise Unauthenticated("this call needs a token: log in (`joey login`) or set JOEY_TOKEN")
         return caller.user
 
@@ -71,7 +76,7 @@ class Access:
 
     def authorize(self, caller: Caller, workspace: str, action: Action) -> WorkspaceRef:
         """The workspace, if it exists for ``caller`` and they may perform ``action`` in it."""
-        if caller.is_service and action is Action.FETCH_ARTIFACT:
+        if caller.is_service and action in (Action.FETCH_ARTIFACT, Action.RUN_BRIDGE):
             ws = self._store.workspace(workspace)
             if ws is None:
                 raise WorkspaceNotFound(workspace)
@@ -83,7 +88,7 @@ class Access:
         ws, role = found
         if user.admin:
             return ws
-        if action is Action.ADMIN:
+        if action in (Action.ADMIN, Action.RUN_BRIDGE):
             raise PermissionDenied(f"only platform admins may do this; {user.username!r} is not one")
         if action in _OWNER_ONLY and role != "owner":
             raise PermissionDenied(

@@ -9,7 +9,7 @@ import grpc
 import pydantic
 import redis
 
-from joey_core import db, kafka, lifecycle, tls
+from joey_core import db, kafka, lifecycle, tls, topics
 from joey_core.v1 import registry_pb2_grpc
 from joey_registry.artifacts import create_store
 from joey_registry.autoscaler import Autoscaler
@@ -84,6 +84,11 @@ class RegistryServer:
             log.warning("joey.deployments not reconciled with Postgres at start: %s", exc)
         else:
             log.info("reconciled joey.deployments with Postgres: %d pipelines republished", republished)
+        try:
+            log.info("republished %d bridges on %s", self.registry.bridges.republish(), topics.BRIDGES)
+        except Unavailable as exc:
+            # Published again by the next start; a change to a bridge publishes it too.
+            log.warning("bridges not republished at start: %s", exc)
         self.port = tls.add_port(self.server, self.settings.registry_addr, self.settings)
         if not self.port:
             raise OSError(f"could not listen on {self.settings.registry_addr} (JOEY_REGISTRY_ADDR)")

@@ -265,7 +265,10 @@ class Connections:
 
     def get(self, caller: Caller, workspace: str, name: str) -> StoredConnection:
         """The connection with its details in full, secrets included."""
-        ws = self.access.authorize(caller, workspace, Action.READ)
+        return self.full(self.access.authorize(caller, workspace, Action.READ), name)
+
+    def full(self, ws: WorkspaceRef, name: str) -> StoredConnection:
+        """Connection ``name`` as ``ws`` sees it, in full: for a caller already authorized."""
         row = self._row(ws, name)
         return _stored(row, ws, self._full(row))
 

@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
-from joey_registry import assay_convert, connection_convert, convert, errors
+from joey_registry import assay_convert, bridge_convert, connection_convert, convert, errors
 from joey_registry.access import Caller
 from joey_registry.domain import AuditEntry
 from joey_registry.identity import USERNAME_PATTERN
@@ -71,6 +71,9 @@ _TARGET_FIELDS = frozenset(
         "tag",
         "type",
         "owner_workspace",
+        "kind",
+        "connection",
+        "what",
     }
 )
 _WORKSPACE_NAMED = frozenset({"CreateWorkspace", "DeleteWorkspace"})
@@ -403,6 +406,51 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     ) -> pb.ConnectionUnshareResponse:
         self.registry.connections.unshare(caller, request.workspace, request.name)
         return pb.ConnectionUnshareResponse()
+
+    # --- bridges ---
+
+    @_audited
+    def CreateBridge(self, request: pb.BridgeCreateRequest, caller: Caller) -> pb.Bridge:
+        created = self.registry.bridges.create(
+            caller,
+            request.workspace,
+            request.name,
+            request.kind,
+            request.pipeline,
+            request.connection,
+            request.what,
+        )
+        return bridge_convert.bridge(created)
+
+    @_read
+    def ListBridges(self, request: pb.BridgeListRequest, caller: Caller) -> pb.BridgeListResponse:
+        found = self.registry.bridges.list_all(caller, request.workspace)
+        return pb.BridgeListResponse(bridges=[bridge_convert.bridge(b) for b in found])
+
+    @_read
+    def GetBridgeStatus(self, request: pb.BridgeRequest, caller: Caller) -> pb.Bridge:
+        return bridge_convert.bridge(self.registry.bridges.status(caller, request.workspace, request.name))
+
+    @_audited
+    def PauseBridge(self, request: pb.BridgeRequest, caller: Caller) -> pb.Bridge:
+        paused = self.registry.bridges.set_paused(caller, request.workspace, request.name, True)
+        return bridge_convert.bridge(paused)
+
+    @_audited
+    def ResumeBridge(self, request: pb.BridgeRequest, caller: Caller) -> pb.Bridge:
+        resumed = self.registry.bridges.set_paused(caller, request.workspace, request.name, False)
+        return bridge_convert.bridge(resumed)
+
+    @_audited
+    def DeleteBridge(self, request: pb.BridgeRequest, caller: Caller) -> pb.BridgeDeleteResponse:
+        self.registry.bridges.delete(caller, request.workspace, request.name)
+        return pb.BridgeDeleteResponse()
+
+    # Not audited: every connector-bridge reads it for each bridge it starts; the service token only.
+    @_read
+    def GetBridgeConnection(self, request: pb.BridgeRequest, caller: Caller) -> pb.Connection:
+        found = self.registry.bridges.connection(caller, request.workspace, request.name)
+        return connection_convert.connection(found)
 
     # --- assays ---
 

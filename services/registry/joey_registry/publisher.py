@@ -1,4 +1,5 @@
-"""Publishes deployment specs and tombstones on joey.deployments, acknowledged before returning."""
+"""Publishes deployment specs and tombstones on joey.deployments (and bridges on joey.bridges),
+acknowledged before returning."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class DeploymentPublisher:
 
     def publish(self, spec: DeploymentSpec) -> None:
         d = spec.deployment
-        self._send(d.workspace, d.pipeline, convert.deployment_spec_json(spec).encode())
+        key = topics.deployment_key(d.workspace, d.pipeline)
+        self.send(topics.DEPLOYMENTS, key, convert.deployment_spec_json(spec).encode())
         log.info(
             "published deployment %s of %s/%s version %d (%d replicas)",
             d.deployment_id,
@@ -46,17 +48,15 @@ class DeploymentPublisher:
 
     def retract(self, workspace: str, pipeline: str) -> None:
         """Publish the tombstone that tells engines to stop the pipeline."""
-        self._send(workspace, pipeline, None)
+        self.send(topics.DEPLOYMENTS, topics.deployment_key(workspace, pipeline), None)
         log.info("published undeploy of %s/%s", workspace, pipeline)
 
-    def _send(self, workspace: str, pipeline: str, value: bytes | None) -> None:
-        key = topics.deployment_key(workspace, pipeline).encode()
+    def send(self, topic: str, key: str, value: bytes | None) -> None:
+        """Publish one record on a compacted control topic; Unavailable unless the broker acknowledged it."""
         with self._lock:
             tracker = DeliveryTracker()
             try:
-                self._producer.produce(
-                    topics.DEPLOYMENTS, value=value, key=key, on_delivery=tracker.on_delivery
-                )
+                self._producer.produce(topic, value=value, key=key.encode(), on_delivery=tracker.on_delivery)
                 tracker.flush(self._producer, self._timeout + _REPORT_MARGIN_S)
             except (KafkaException, BufferError, TimeoutError) as exc:
                 if isinstance(exc, KafkaException) and is_fatal(exc.args[0]):
@@ -65,7 +65,7 @@ class DeploymentPublisher:
                     log.warning("replacing the deployments producer after a fatal error: %s", exc)
                     self._producer = Producer(self._config)
                 raise Unavailable(
-                    f"the broker did not acknowledge the change on {topics.DEPLOYMENTS}: {exc}; nothing "
+                    f"the broker did not acknowledge the change on {topic}: {exc}; nothing "
                     "was changed, retry once the broker answers"
                 ) from exc
 

@@ -25,6 +25,7 @@ from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
 from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
 from joey_registry.assays import Assays
+from joey_registry.bridges import Bridges
 from joey_registry.connections import Connections
 from joey_registry.conversion import Conversion, ConversionFailed, Conversions
 from joey_registry.converters import CONVERTERS
@@ -115,6 +116,7 @@ class Registry:
         self.access = Access(store)
         self.assays = Assays(store, self.access)
         self.connections = Connections(settings, store, self.access)
+        self.bridges = Bridges(store, self.access, self.connections, publisher)
         self.identity = Identity(settings, IdentityStore(store.pool), self.access, redis_client)
         self.checks = ModelCheck(
             settings.upload_check_memory_mb, settings.upload_check_cpu_s, settings.upload_check_timeout_s
@@ -153,10 +155,12 @@ class Registry:
             )
 
         def check(contents: WorkspaceContents) -> None:
-            # In the order they can be deleted: assays hold their pipelines, deployments their models.
+            # In the order they can be deleted: bridges and assays hold their pipelines (bridges their
+            # connections too), deployments their models.
             held = [
                 (kind, names)
                 for kind, names in (
+                    ("bridge", contents.bridges),
                     ("assay", contents.assays),
                     ("connection", contents.connections),
                     ("pipeline", contents.pipelines),
@@ -166,7 +170,10 @@ class Registry:
             ]
             if held:
                 what = "; ".join(f"{kind}s {', '.join(map(repr, names))}" for kind, names in held)
-                how = ", ".join(f"`joey -w {name} {kind} delete {names[0]}`" for kind, names in held)
+                how = ", ".join(
+                    f"`joey -w {name} {'source|sink' if kind == 'bridge' else kind} delete {names[0]}`"
+                    for kind, names in held
+                )
                 raise FailedPrecondition(
                     f"workspace {name!r} is not empty: it holds {what}; "
                     f"delete them first, in that order ({how})"
@@ -600,6 +607,12 @@ class Registry:
                     f"pipeline {name!r} is deployed (version {current.pipeline_version}, "
                     f"{_plural(current.replicas, 'replica')}, deployment {current.deployment_id}); "
                     f"undeploy it first: `joey pipeline undeploy {name}`"
+                )
+            used_by = lock.bridge_names()
+            if used_by:
+                raise FailedPrecondition(
+                    f"pipeline {name!r} is used by bridges {', '.join(map(repr, used_by))}; delete them "
+                    f"first (`joey source delete` / `joey sink delete`)"
                 )
             assays = lock.assay_names()
             if assays:

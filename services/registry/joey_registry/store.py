@@ -72,6 +72,7 @@ class WorkspaceContents:
     pipelines: tuple[str, ...]
     assays: tuple[str, ...]
     connections: tuple[str, ...] = ()
+    bridges: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,13 @@ class PipelineLock(NameLock):
         ).fetchall()
         return [r["name"] for r in rows]
 
+    def bridge_names(self) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT name FROM bridges WHERE workspace_id = %s AND pipeline = %s ORDER BY name",
+            (self.workspace.id, self.name),
+        ).fetchall()
+        return [r["name"] for r in rows]
+
     def delete(self) -> DeletedPipeline:
         """The pipeline, its versions, deployment and history, and its inference logs: a later pipeline
         of the same name starts again at version 1 and must not inherit them. Its deployments are
@@ -395,10 +403,16 @@ class Store:
                         (ws.id,),
                     ).fetchall()
                 )
-                for table in ("models", "pipelines", "assays", "connections")
+                for table in ("models", "pipelines", "assays", "connections", "bridges")
             }
             check(
-                WorkspaceContents(named["models"], named["pipelines"], named["assays"], named["connections"])
+                WorkspaceContents(
+                    named["models"],
+                    named["pipelines"],
+                    named["assays"],
+                    named["connections"],
+                    named["bridges"],
+                )
             )
             conn.execute("DELETE FROM workspaces WHERE id = %s", (ws.id,))
 

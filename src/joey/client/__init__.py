@@ -6,6 +6,7 @@ import this package.
 """
 
 from joey.client.assays import Assay, AssayBuilder, AssayResult, AssayResults, AssaySummary
+from joey.client.bridges import Bridge, BridgeStatus
 from joey.client.calls import JoeyError
 from joey.client.catalog import (
     DeletedModel,
@@ -47,6 +48,8 @@ __all__ = [
     "AssaySummary",
     "AuditEntry",
     "Autoscale",
+    "Bridge",
+    "BridgeStatus",
     "Client",
     "Connection",
     "ConnectionTest",

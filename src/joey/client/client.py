@@ -29,6 +29,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from joey.client import artifacts as artifact_files
 from joey.client.assays import AssayClientMixin
 from joey.client.auth import Bearer
+from joey.client.bridges import BridgeClientMixin
 from joey.client.calls import JoeyError, call_rpc
 from joey.client.catalog import (
     DeletedModel,
@@ -56,7 +57,9 @@ UPLOAD_CHUNK_BYTES = 1 << 20
 _CONVERSION_POLL_S = 0.5
 
 
-class Client(AssayClientMixin, ConnectionClientMixin, IdentityClientMixin, WorkspaceClientMixin):
+class Client(
+    AssayClientMixin, BridgeClientMixin, ConnectionClientMixin, IdentityClientMixin, WorkspaceClientMixin
+):
     """Connection to a Joey registry, working in one workspace at a time.
 
     It calls with ``token``, else ``$JOEY_TOKEN``, else the token `joey login` (or `joey up`) stored

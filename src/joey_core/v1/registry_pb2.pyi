@@ -2659,6 +2659,209 @@ class ConnectionUnshareResponse(_message.Message):
 Global___ConnectionUnshareResponse: _TypeAlias = ConnectionUnshareResponse  # noqa: Y015
 
 @_typing.final
+class Bridge(_message.Message):
+    """--- bridges ---"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    WHAT_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    kind: _builtins.str
+    """source or sink"""
+    pipeline: _builtins.str
+    connection: _builtins.str
+    what: _builtins.str
+    """a source: inputs; a sink: outputs (results and errors) or errors"""
+    paused: _builtins.bool
+    created_by: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def status(self) -> Global___BridgeStatus: ...
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        what: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+        created_by: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___BridgeStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "created_at", b"created_at", "created_by", b"created_by", "kind", b"kind", "name", b"name", "paused", b"paused", "pipeline", b"pipeline", "status", b"status", "what", b"what", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Bridge: _TypeAlias = Bridge  # noqa: Y015
+
+@_typing.final
+class BridgeStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ROWS_MOVED_FIELD_NUMBER: _builtins.int
+    LAG_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    """waiting, running, retrying, paused"""
+    rows_moved: _builtins.int
+    """records written (sink) or sent (source) since created"""
+    lag: _builtins.int
+    """records not moved yet, as last seen; -1 when unknown"""
+    last_error: _builtins.str
+    """why it is retrying, or the last failure"""
+    instance: _builtins.str
+    """the connector-bridge process running it"""
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        state: _builtins.str = ...,
+        rows_moved: _builtins.int = ...,
+        lag: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        instance: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "lag", b"lag", "last_error", b"last_error", "rows_moved", b"rows_moved", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BridgeStatus: _TypeAlias = BridgeStatus  # noqa: Y015
+
+@_typing.final
+class BridgeCreateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    WHAT_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    kind: _builtins.str
+    pipeline: _builtins.str
+    connection: _builtins.str
+    what: _builtins.str
+    """empty: inputs for a source, outputs for a sink"""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        connection: _builtins.str = ...,
+        what: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "kind", b"kind", "name", b"name", "pipeline", b"pipeline", "what", b"what", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BridgeCreateRequest: _TypeAlias = BridgeCreateRequest  # noqa: Y015
+
+@_typing.final
+class BridgeListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BridgeListRequest: _TypeAlias = BridgeListRequest  # noqa: Y015
+
+@_typing.final
+class BridgeListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BRIDGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bridges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bridge]: ...
+    def __init__(
+        self,
+        *,
+        bridges: _abc.Iterable[Global___Bridge] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bridges", b"bridges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BridgeListResponse: _TypeAlias = BridgeListResponse  # noqa: Y015
+
+@_typing.final
+class BridgeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BridgeRequest: _TypeAlias = BridgeRequest  # noqa: Y015
+
+@_typing.final
+class BridgeDeleteResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BridgeDeleteResponse: _TypeAlias = BridgeDeleteResponse  # noqa: Y015
+
+@_typing.final
 class DescribeModelRequest(_message.Message):
     """--- catalog: descriptions and deletes ---"""
 

@@ -149,6 +149,41 @@ class RegistryStub:
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareRequest.SerializeToString,
                 response_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareResponse.FromString,
                 _registered_method=True)
+        self.CreateBridge = channel.unary_unary(
+                '/joey.v1.Registry/CreateBridge',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeCreateRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Bridge.FromString,
+                _registered_method=True)
+        self.ListBridges = channel.unary_unary(
+                '/joey.v1.Registry/ListBridges',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeListRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeListResponse.FromString,
+                _registered_method=True)
+        self.GetBridgeStatus = channel.unary_unary(
+                '/joey.v1.Registry/GetBridgeStatus',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Bridge.FromString,
+                _registered_method=True)
+        self.PauseBridge = channel.unary_unary(
+                '/joey.v1.Registry/PauseBridge',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Bridge.FromString,
+                _registered_method=True)
+        self.ResumeBridge = channel.unary_unary(
+                '/joey.v1.Registry/ResumeBridge',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Bridge.FromString,
+                _registered_method=True)
+        self.DeleteBridge = channel.unary_unary(
+                '/joey.v1.Registry/DeleteBridge',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeDeleteResponse.FromString,
+                _registered_method=True)
+        self.GetBridgeConnection = channel.unary_unary(
+                '/joey.v1.Registry/GetBridgeConnection',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Connection.FromString,
+                _registered_method=True)
         self.CreateAssay = channel.unary_unary(
                 '/joey.v1.Registry/CreateAssay',
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.CreateAssayRequest.SerializeToString,
@@ -465,6 +500,53 @@ class RegistryServicer:
 
     def RemoveWorkspaceConnection(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBridge(self, request, context):
+        """Bridges (docs/workloads.md, "Bridges"): a source streams a connection's records into a pipeline's
+        inputs, a sink a pipeline's results (or errors) into a connection. Connector-bridge processes follow
+        them on joey.bridges. Members read them; collaborators and owners create, pause, resume and delete.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBridges(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBridgeStatus(self, request, context):
+        """The definition with what the bridge processes last reported: rows moved, lag, last error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseBridge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeBridge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBridge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBridgeConnection(self, request, context):
+        """The bridge's connection with its details in full: the service token only (connector-bridges).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -815,6 +897,41 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.RemoveWorkspaceConnection,
                     request_deserializer=joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareRequest.FromString,
                     response_serializer=joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareResponse.SerializeToString,
+            ),
+            'CreateBridge': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBridge,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeCreateRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Bridge.SerializeToString,
+            ),
+            'ListBridges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBridges,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeListRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeListResponse.SerializeToString,
+            ),
+            'GetBridgeStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBridgeStatus,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Bridge.SerializeToString,
+            ),
+            'PauseBridge': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseBridge,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Bridge.SerializeToString,
+            ),
+            'ResumeBridge': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeBridge,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Bridge.SerializeToString,
+            ),
+            'DeleteBridge': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBridge,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeDeleteResponse.SerializeToString,
+            ),
+            'GetBridgeConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBridgeConnection,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Connection.SerializeToString,
             ),
             'CreateAssay': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateAssay,
@@ -1598,6 +1715,195 @@ class Registry:
             '/joey.v1.Registry/RemoveWorkspaceConnection',
             joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareRequest.SerializeToString,
             joey__core_dot_v1_dot_registry__pb2.ConnectionUnshareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBridge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/CreateBridge',
+            joey__core_dot_v1_dot_registry__pb2.BridgeCreateRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Bridge.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBridges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListBridges',
+            joey__core_dot_v1_dot_registry__pb2.BridgeListRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.BridgeListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBridgeStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/GetBridgeStatus',
+            joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Bridge.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseBridge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/PauseBridge',
+            joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Bridge.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeBridge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ResumeBridge',
+            joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Bridge.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBridge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/DeleteBridge',
+            joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.BridgeDeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBridgeConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/GetBridgeConnection',
+            joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Connection.FromString,
             options,
             channel_credentials,
             insecure,

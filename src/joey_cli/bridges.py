@@ -1,0 +1,86 @@
+"""`joey source ...` and `joey sink ...`: the SDK's bridge verbs on the command line (registered by
+joey_cli.commands). Both groups list, show, pause, resume and delete bridges of their own kind."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from joey_cli.tables import echo_table
+
+
+def _group(kind: str) -> click.Group:
+    @click.group(name=kind, help=f"{kind.capitalize()}s: bridges between connections and pipelines.")
+    def group() -> None:
+        pass
+
+    def bridge(obj: Any, name: str) -> Any:
+        found = obj.client.get_bridge(name)
+        if found.kind != kind:
+            raise click.UsageError(f"{name!r} is a {found.kind}, not a {kind}: use `joey {found.kind} ...`")
+        return found
+
+    @group.command("list")
+    @click.pass_obj
+    def list_(obj: Any) -> None:
+        """The workspace's bridges of this kind, with their state."""
+        from joey.client.catalog import Listing  # with the client: `joey --help` loads no SDK
+
+        found = Listing(b for b in obj.client.list_bridges() if b.kind == kind)
+        echo_table(found, f"workspace {obj.workspace} has no {kind}s")
+
+    @group.command("status")
+    @click.argument("name")
+    @click.pass_obj
+    def status(obj: Any, name: str) -> None:
+        """State, rows moved, lag and the last error."""
+        s = bridge(obj, name).status()
+        lag = s.lag if s.lag >= 0 else "unknown"
+        click.echo(f"{name}: {s.state}, {s.rows_moved} rows moved, lag {lag}")
+        if s.last_error:
+            click.echo(f"last error: {s.last_error}")
+
+    for verb in ("pause", "resume", "delete"):
+
+        def act(obj: Any, name: str, verb: str = verb) -> None:
+            getattr(bridge(obj, name), verb)()
+            click.echo(f"{verb}d {kind} {name}" if verb != "pause" else f"paused {kind} {name}")
+
+        group.command(verb, help=f"{verb.capitalize()} {kind} NAME.")(
+            click.argument("name")(click.pass_obj(act))
+        )
+    return group
+
+
+source = _group("source")
+sink = _group("sink")
+
+
+@source.command("create")
+@click.argument("name")
+@click.option("--connection", required=True, help="The connection read from (a Postgres table with a key).")
+@click.option("--pipeline", required=True, help="The pipeline whose inputs the rows become.")
+@click.pass_obj
+def source_create(obj: Any, name: str, connection: str, pipeline: str) -> None:
+    """Stream every row of CONNECTION's table, existing and new, in key order, into PIPELINE."""
+    created = obj.client.create_source(name, connection=connection, pipeline=pipeline)
+    click.echo(f"created source {created.name}: {created.connection} -> {created.pipeline}")
+
+
+@sink.command("create")
+@click.argument("name")
+@click.option("--pipeline", required=True, help="The pipeline whose results are written.")
+@click.option("--connection", required=True, help="The connection written to (a Postgres table).")
+@click.option(
+    "--what",
+    type=click.Choice(["outputs", "errors"]),
+    default="outputs",
+    show_default=True,
+    help="outputs: every result, errors included; errors: the errors only.",
+)
+@click.pass_obj
+def sink_create(obj: Any, name: str, pipeline: str, connection: str, what: str) -> None:
+    """Write PIPELINE's results into CONNECTION's table (created if absent), one row per request id."""
+    created = obj.client.create_sink(name, pipeline=pipeline, connection=connection, what=what)
+    click.echo(f"created sink {created.name}: {created.pipeline} {created.what} -> {created.connection}")
