@@ -77,6 +77,18 @@ INVOCATIONS = {
     "workspace add-connection": ["w", "c"],
     "workspace remove-connection": ["w", "c"],
     "workspace connections": ["w"],
+    "source create": ["s", "--connection", "c", "--pipeline", "p"],
+    "sink create": ["s", "--pipeline", "p", "--connection", "c"],
+    "source list": [],
+    "source status": ["s"],
+    "source pause": ["s"],
+    "source resume": ["s"],
+    "source delete": ["s"],
+    "sink list": [],
+    "sink status": ["s"],
+    "sink pause": ["s"],
+    "sink resume": ["s"],
+    "sink delete": ["s"],
 }
 PASSWORD = "a-password-on-stdin\n"
 """What --password-stdin reads."""
