@@ -1,6 +1,7 @@
 """The conversion core without the stack: how a conversion's outputs are compared with the native
-library's, and an ExportedProgram converted in its confined child (the end-to-end tests take
-TorchScript: tests/joey/client/test_native_models.py)."""
+library's, an ExportedProgram converted in its confined child (the end-to-end tests take TorchScript:
+tests/joey/client/test_native_models.py), and what a pickle's own code cannot do from that child: make a
+socket, outlive its conversion, cost the registry memory, or load where the sandbox is missing."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from joey_registry.conversion import Conversions
 from joey_registry.converters import verify
 from joey_registry.errors import InvalidArgument
 from tests.conftest import wait_until
+from tests.registry.helpers import Payload
 
 
 def test_outputs_within_the_tolerance_pass_and_say_how_close_they_came() -> None:
@@ -121,26 +123,6 @@ def test_a_conversion_no_registry_finishes_becomes_an_error_once_older_than_any_
     assert running is not None and running.status == "converting"
 
 
-# What follows runs in the conversion child as a pickle loads: the file's own code, out to escape.
-
-
-class Payload:
-    """A pickle that runs ``code`` as it loads and then is the scikit-learn model ``code`` makes."""
-
-    def __init__(self, code: str) -> None:
-        self.code = code
-
-    def __reduce__(self) -> tuple[object, tuple[str, dict[str, object]]]:
-        return eval, ("[exec(c, g), g['m']][1]", {"c": MODEL + self.code, "g": {}})
-
-
-MODEL = """
-import numpy as np
-from sklearn.linear_model import LinearRegression
-m = LinearRegression().fit(np.arange(8.0).reshape(4, 2), np.arange(4.0))
-"""
-
-
 @pytest.fixture(scope="module")
 def conversions() -> Conversions:
     return Conversions(memory_mb=4096, cpu_s=60, timeout_s=120, concurrency=4, max_output_bytes=1 << 24)
@@ -158,6 +140,7 @@ def staging_of(tmp_path: Path) -> Path:
     return staging
 
 
+# CONNECT, GRANDCHILD and FLOOD run in the conversion child as a pickle loads: the file's own code.
 CONNECT = """
 import json, os, socket, time
 import psycopg
@@ -303,8 +286,9 @@ from joey_registry.errors import FailedPrecondition
 seen = {{}}
 for require in (True, False):
     conversions = Conversions(4096, 60, 120, 1, 1 << 24, require_sandbox=require)
+    folder = Path({str(tmp_path)!r})
     try:
-        conversion = conversions.start("sklearn", Path({str(tmp_path / "m.pkl")!r}), (), None, Path({str(tmp_path)!r}))
+        conversion = conversions.start("sklearn", folder / "m.pkl", (), None, folder)
         seen[str(require)] = ["converted", *conversion.finish()[1]]
         conversion.remove()
     except FailedPrecondition as exc:

@@ -5,6 +5,8 @@ converted and verified it, which the registry waits for in the background."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from joey_core.models import TensorSpec
 from joey_registry import convert_process
@@ -127,7 +129,8 @@ class Conversion:
             )
         except OSError as exc:
             # ELOOP: a symbolic link.
-            raise ConversionFailed(f"the conversion left no ONNX file of its own: {exc.strerror}", []) from None
+            reason = f"the conversion left no ONNX file of its own: {exc.strerror}"
+            raise ConversionFailed(reason, []) from None
         with os.fdopen(fd, "rb") as source:
             found = os.fstat(source.fileno())
             if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
@@ -296,10 +299,8 @@ def _kill_group(child: subprocess.Popen[bytes]) -> bool:
     group = child.pid  # its own session's, so its group's id (start_new_session)
     until = time.monotonic() + _GROUP_EXIT_S
     while time.monotonic() < until:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # none left
             os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         if child.poll() is not None and not _members(group):
             return True
         time.sleep(0.01)
@@ -322,7 +323,7 @@ def _members(group: int) -> list[int]:
     return found
 
 
-def _read_replies(stream: BinaryIO, replies: queue.Queue[dict[str, Any] | None]) -> None:
+def _read_replies(stream: io.BufferedIOBase, replies: queue.Queue[dict[str, Any] | None]) -> None:
     for _ in range(_REPLIES):
         line = stream.readline(_MAX_REPLY_BYTES + 1)
         if len(line) > _MAX_REPLY_BYTES:
@@ -337,6 +338,6 @@ def _read_replies(stream: BinaryIO, replies: queue.Queue[dict[str, Any] | None])
         pass  # what else it writes, unread: a child blocked writing would not end
 
 
-def _read_stderr(stream: BinaryIO, kept: OutputTail) -> None:
+def _read_stderr(stream: io.BufferedIOBase, kept: OutputTail) -> None:
     while chunk := stream.read1(_CHUNK):
         kept.add(chunk)

@@ -17,7 +17,6 @@ import grpc
 import joblib
 import lightgbm
 import numpy as np
-import onnx
 import pyarrow as pa
 import pytest
 import torch
@@ -36,7 +35,7 @@ from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.converters.verify import ATOL, RTOL
 from tests.conftest import ADMIN_PASSWORD, SERVICE_TOKEN, Stack
-from tests.registry.helpers import token_stub
+from tests.registry.helpers import Payload, identity_model, token_stub
 
 TORCH_SCHEMA = pa.schema([pa.field("input", pa.list_(pa.float32(), 4))])
 
@@ -284,9 +283,6 @@ def test_a_pickle_finds_no_secret_and_cannot_write_or_connect(
 # a file the registry can read and the child cannot.
 LINK = """
 import pathlib
-from sklearn.linear_model import LinearRegression
-import numpy as np
-model = LinearRegression().fit(np.arange(8.0).reshape(4, 2), np.arange(4.0))
 def write_bytes(path, data):
     path.symlink_to(TARGET)
     return len(data)
@@ -294,24 +290,13 @@ pathlib.Path.write_bytes = write_bytes
 """
 
 
-class Linking:
-    def __init__(self, target: str) -> None:
-        self.target = target
-
-    def __reduce__(self) -> tuple[object, tuple[str, dict[str, object]]]:
-        return eval, ("[exec(c, g), g['model']][1]", {"c": LINK.replace("TARGET", repr(self.target)), "g": {}})
-
-
 def test_an_output_linked_to_a_file_outside_is_refused_and_not_stored(
     client: Client, stack: Stack, saved: dict[str, Path], tmp_path: Path
 ) -> None:
     # Another model's ONNX form, say, which the registry would then serve under this version.
-    spec = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 2])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "other", [spec], [])
-    graph.output.append(onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 2]))
     outside = tmp_path / "outside.onnx"
-    outside.write_bytes(onnx.helper.make_model(graph).SerializeToString())
-    (tmp_path / "link.pkl").write_bytes(pickle.dumps(Linking(str(outside))))
+    outside.write_bytes(identity_model("x", "float32", "y", 2))
+    (tmp_path / "link.pkl").write_bytes(pickle.dumps(Payload(f"TARGET = {str(outside)!r}\n{LINK}")))
     before = artifact_files(stack)
     with pytest.raises(JoeyError, match="the conversion left no ONNX file of its own"):
         client.upload_model("linked", tmp_path / "link.pkl", framework="sklearn")
