@@ -102,6 +102,24 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
 _ONNX_TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "string": TensorProto.STRING}
 
 
+class Payload:
+    """A pickle that runs ``code`` as it loads (in the conversion child), then is the scikit-learn model
+    ``m`` of two features that :data:`PAYLOAD_MODEL` fits."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self) -> tuple[object, tuple[str, dict[str, object]]]:
+        return eval, ("[exec(c, g), g['m']][1]", {"c": PAYLOAD_MODEL + self.code, "g": {}})
+
+
+PAYLOAD_MODEL = """
+import numpy as np
+from sklearn.linear_model import LinearRegression
+m = LinearRegression().fit(np.arange(8.0).reshape(4, 2), np.arange(4.0))
+"""
+
+
 def identity_model(input_name: str, dtype: str, output_name: str, width: int | None = None) -> bytes:
     """A one-node ONNX model passing ``input_name`` through as ``output_name``."""
     shape: list[int | str | None] = ["N"] if width is None else ["N", width]

@@ -1,11 +1,19 @@
 """The conversion core without the stack: how a conversion's outputs are compared with the native
-library's, and an ExportedProgram converted in its confined child (the end-to-end tests take
-TorchScript: tests/joey/client/test_native_models.py)."""
+library's, an ExportedProgram converted in its confined child (the end-to-end tests take TorchScript:
+tests/joey/client/test_native_models.py), and what a pickle's own code cannot do from that child: make a
+socket, outlive its conversion, cost the registry memory, or load where the sandbox is missing."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 import re
 import secrets
+import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +23,12 @@ import pytest
 
 from joey_core.models import TensorSpec
 from joey_registry.app import RegistryServer
+from joey_registry.artifacts import FilesystemArtifactStore
 from joey_registry.conversion import Conversions
 from joey_registry.converters import verify
 from joey_registry.errors import InvalidArgument
+from tests.conftest import wait_until
+from tests.registry.helpers import Payload
 
 
 def test_outputs_within_the_tolerance_pass_and_say_how_close_they_came() -> None:
@@ -133,3 +144,189 @@ def test_a_conversion_no_registry_finishes_becomes_an_error_once_older_than_any_
     # A conversion younger than the limits may still be running in another registry: left alone.
     running = registry.store.get_model_version(ws, name, fresh.version)
     assert running is not None and running.status == "converting"
+
+
+@pytest.fixture(scope="module")
+def conversions() -> Conversions:
+    return Conversions(memory_mb=4096, cpu_s=60, timeout_s=120, concurrency=4, max_output_bytes=1 << 24)
+
+
+def payload(folder: Path, code: str) -> Path:
+    path = folder / f"payload-{secrets.token_hex(4)}.pkl"
+    path.write_bytes(pickle.dumps(Payload(code)))
+    return path
+
+
+def staging_of(tmp_path: Path) -> Path:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    return staging
+
+
+# CONNECT, GRANDCHILD and FLOOD run in the conversion child as a pickle loads: the file's own code.
+CONNECT = """
+import json, os, socket, time
+import psycopg
+tried = {}
+inside = os.path.join(os.getcwd(), "inside.sock")
+deadline = time.monotonic() + 60
+while not os.path.exists(inside) and time.monotonic() < deadline:
+    time.sleep(0.01)
+for name, path in (("inside", inside), ("outside", OUTSIDE)):
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+        tried[name] = "connected"
+    except OSError as exc:
+        tried[name] = exc.strerror
+for name, make in (("tcp", lambda: socket.socket()), ("pair", socket.socketpair)):
+    try:
+        make()
+        tried[name] = "created"
+    except OSError as exc:
+        tried[name] = exc.strerror
+try:
+    psycopg.connect("host=/var/run/postgresql user=postgres dbname=postgres", connect_timeout=3).close()
+    tried["postgres"] = "connected"
+except psycopg.Error as exc:
+    tried["postgres"] = str(exc)
+raise ValueError("TRIED " + json.dumps(tried))
+"""
+
+
+def test_a_pickle_can_make_no_socket_to_reach_one_on_disk(conversions: Conversions, tmp_path: Path) -> None:
+    staging = staging_of(tmp_path)
+    outside = socket.socket(socket.AF_UNIX)
+    outside.bind(str(tmp_path / "outside.sock"))
+    outside.listen()
+    inside = socket.socket(socket.AF_UNIX)
+
+    def listen_in_its_work_directory() -> None:
+        # A socket where the child may write: Landlock alone would let it connect there.
+        (workdir,) = wait_until(lambda: list(staging.glob("*.convert")), 60, "the conversion's directory")
+        inside.bind(str(workdir / "inside.sock"))
+        inside.listen()
+
+    listener = threading.Thread(target=listen_in_its_work_directory)
+    listener.start()
+    code = f"OUTSIDE = {str(tmp_path / 'outside.sock')!r}\n{CONNECT}"
+    with pytest.raises(InvalidArgument, match="TRIED ") as refused:
+        conversions.start("sklearn", payload(tmp_path, code), (), None, staging)
+    listener.join()
+    tried = json.loads(str(refused.value).split("TRIED ", 1)[1].rsplit("; nothing was stored", 1)[0])
+    for name in ("inside", "outside", "tcp", "pair"):
+        assert tried[name] == "Operation not permitted", tried
+    assert tried["postgres"] != "connected", tried  # libpq says only "connection is bad"
+    for server in (inside, outside):
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()  # no connection waiting
+        server.close()
+
+
+GRANDCHILD = """
+import os, time
+if os.fork() == 0:
+    try:
+        os.setsid()
+        left = "left its group"
+    except OSError as exc:
+        left = exc.strerror
+    with open("grandchild.tmp", "w") as out:
+        out.write(f"{os.getpid()} {left}")
+    os.rename("grandchild.tmp", "grandchild.pid")
+    while not os.path.exists("model.onnx") or not os.path.getsize("model.onnx"):
+        time.sleep(0.01)
+    fd = os.open("model.onnx", os.O_WRONLY)
+    while os.path.exists("model.onnx"):  # the registry took the file: now change what it stored
+        time.sleep(0.01)
+    os.pwrite(fd, b"POISON", 0)
+    time.sleep(600)
+    os._exit(0)
+while not os.path.exists("grandchild.pid"):
+    time.sleep(0.01)
+"""
+
+
+def test_a_grandchild_ends_with_its_conversion_and_cannot_change_what_is_stored(
+    conversions: Conversions, tmp_path: Path
+) -> None:
+    staging = staging_of(tmp_path)
+    conversion = conversions.start("sklearn", payload(tmp_path, GRANDCHILD), (), None, staging)
+    onnx_path, _ = conversion.finish()
+    pid, left = (conversion.workdir / "grandchild.pid").read_text().split(" ", 1)
+    assert left == "Operation not permitted"
+    store = FilesystemArtifactStore(tmp_path / "store")
+    sha256 = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    store.put(sha256, onnx_path)
+    conversion.remove()
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"the grandchild {pid} is still running ({state})"
+    with store.open(sha256) as stored:
+        assert hashlib.sha256(stored.read()).hexdigest() == sha256
+    assert [p.name for p in staging.iterdir()] == []
+
+
+FLOOD = """
+import os
+block = b"x" * (16 << 20)
+for fd in (2, 3):  # stderr, then the reply channel (the first descriptor the child opened)
+    for _ in range(7):
+        os.write(fd, block)
+"""
+
+
+def _memory_kib(field: str) -> int:
+    (line,) = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field)]
+    return int(line.split()[1])
+
+
+def test_what_a_child_prints_costs_the_registry_no_memory(conversions: Conversions, tmp_path: Path) -> None:
+    # This process is the registry here: Conversions reads the child's output in it. Its peak is reset
+    # to the memory it uses now, so the peak after is what reading 224 MB cost.
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _memory_kib("VmRSS:")
+    with pytest.raises(InvalidArgument) as refused:
+        conversions.start("sklearn", payload(tmp_path, FLOOD), (), None, staging_of(tmp_path))
+    assert _memory_kib("VmHWM:") - before < 100 << 10
+    assert f"the conversion's reply is longer than {1 << 20} bytes; nothing was stored" == str(refused.value)
+
+
+def test_a_sandbox_that_cannot_be_set_up_is_refused_unless_the_setting_allows(tmp_path: Path) -> None:
+    # A registry on a machine that refuses namespaces: its children inherit a filter making unshare fail.
+    script = f"""
+import errno, json, sys
+from pathlib import Path
+import pyseccomp
+rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "unshare")
+rules.load()
+from joey_registry.conversion import Conversions
+from joey_registry.errors import FailedPrecondition
+seen = {{}}
+for require in (True, False):
+    conversions = Conversions(4096, 60, 120, 1, 1 << 24, require_sandbox=require)
+    folder = Path({str(tmp_path)!r})
+    try:
+        conversion = conversions.start("sklearn", folder / "m.pkl", (), None, folder)
+        seen[str(require)] = ["converted", *conversion.finish()[1]]
+        conversion.remove()
+    except FailedPrecondition as exc:
+        seen[str(require)] = ["refused", str(exc)]
+print(json.dumps(seen))
+"""
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(Payload("")))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["True"] == [
+        "refused",
+        "the conversion sandbox could not be set up: network not isolated: Operation not permitted "
+        "(unshare CLONE_NEWNET); nothing was stored (JOEY_CONVERSION_REQUIRE_SANDBOX=false converts "
+        "unconfined)",
+    ]
+    assert seen["False"][0] == "converted"
+    assert "network not isolated: Operation not permitted (unshare CLONE_NEWNET)" in seen["False"]

@@ -5,18 +5,20 @@ converted and verified it, which the registry waits for in the background."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import queue
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +26,17 @@ from typing import Any
 
 from joey_core.models import TensorSpec
 from joey_registry import convert_process
-from joey_registry.errors import InvalidArgument, ResourceExhausted, Unavailable
+from joey_registry.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from joey_registry.model_check import CHECK_ENVIRONMENT
 
 log = logging.getLogger(__name__)
 
 _STDERR_LINES = 40  # the end of what the libraries printed, kept for the log of a conversion that crashed
+_STDERR_TAIL_BYTES = 64 << 10  # and no more of it than this: a file's code may print gigabytes
+_MAX_REPLY_BYTES = 1 << 20  # a reply is a description, notes or a log of a few lines
+_REPLIES = 2  # loaded (or refused), then converted (or failed): nothing after is read
+_CHUNK = 64 << 10
+_GROUP_EXIT_S = 30.0  # SIGKILLed processes leave at once; only one stuck in the kernel takes longer
 
 
 class ConversionFailed(Exception):
@@ -40,6 +47,29 @@ class ConversionFailed(Exception):
         self.log_lines = log_lines
 
 
+class OutputTail:
+    """The last bytes a child wrote to a stream, however much it wrote."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._data = bytearray()
+        self._cut = False
+        self._lock = threading.Lock()
+
+    def add(self, chunk: bytes) -> None:
+        with self._lock:
+            self._data += chunk
+            if len(self._data) > self.limit:
+                del self._data[: len(self._data) - self.limit]
+                self._cut = True
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            text, cut = bytes(self._data).decode(errors="replace"), self._cut
+        lines = [line.rstrip() for line in text.splitlines()][-_STDERR_LINES:]
+        return [f"(output cut to its last {self.limit} bytes)", *lines] if cut else lines
+
+
 @dataclass
 class Conversion:
     """One conversion whose child has loaded the model and goes on converting it."""
@@ -47,22 +77,28 @@ class Conversion:
     description: str
     notes: list[str]
     workdir: Path
+    staging: Path
+    max_output_bytes: int
     deadline: float
     child: subprocess.Popen[bytes]
     replies: queue.Queue[dict[str, Any] | None]
-    stderr: deque[str]
+    stderr: OutputTail
     owner: Conversions
+    output: Path | None = None
     _done: bool = field(default=False)
 
     def finish(self) -> tuple[Path, list[str]]:
-        """The ONNX file written and the conversion log; ConversionFailed otherwise."""
+        """A copy, the registry's own, of the ONNX file written, and the conversion log;
+        ConversionFailed otherwise."""
         try:
             reply = self.owner.reply(self, self.deadline)
-            if "converted" in reply:
-                return self.workdir / convert_process.OUTPUT_NAME, list(reply["converted"])
-            raise ConversionFailed(reply["failed"], list(reply.get("log", [])))
         finally:
-            self._end()
+            ended = self._end()
+        if "converted" not in reply:
+            raise ConversionFailed(str(reply.get("failed")), list(reply.get("log", [])))
+        if not ended:
+            raise ConversionFailed(f"processes of the conversion outlived it by {_GROUP_EXIT_S:g} s", [])
+        return self._copy_output(), list(reply["converted"])
 
     def abandon(self) -> None:
         """End the child and remove its work directory (the upload failed after the model loaded)."""
@@ -71,25 +107,68 @@ class Conversion:
 
     def remove(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.output is not None:
+            self.output.unlink(missing_ok=True)  # gone already once the store took it
 
-    def _end(self) -> None:
-        if self.child.poll() is None:
-            self.child.kill()
-        self.child.wait()
-        if not self._done:
-            self._done = True
-            self.owner.release()
+    def _end(self) -> bool:
+        """Kill the child and whatever it started (all in its process group: seccomp keeps them there),
+        True once none is left."""
+        try:
+            return _kill_group(self.child)
+        finally:
+            if not self._done:
+                self._done = True
+                self.owner.release()
+
+    def _copy_output(self) -> Path:
+        # What the child left may be a link to any file the registry can read, or a FIFO: opened
+        # without following a link, without blocking, then taken only as a regular file of its own.
+        try:
+            fd = os.open(
+                self.workdir / convert_process.OUTPUT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+            )
+        except OSError as exc:
+            # ELOOP: a symbolic link.
+            reason = f"the conversion left no ONNX file of its own: {exc.strerror}"
+            raise ConversionFailed(reason, []) from None
+        with os.fdopen(fd, "rb") as source:
+            found = os.fstat(source.fileno())
+            if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+                raise ConversionFailed("the conversion's output is not a file of its own (a link?)", [])
+            out, name = tempfile.mkstemp(dir=self.staging, suffix=".onnx")
+            self.output = Path(name)
+            with os.fdopen(out, "wb") as target:
+                size = 0
+                while chunk := source.read(_CHUNK):
+                    size += len(chunk)
+                    if size > self.max_output_bytes:
+                        raise ConversionFailed(
+                            f"the converted model is larger than {self.max_output_bytes} bytes "
+                            "(JOEY_MAX_UPLOAD_BYTES)",
+                            [],
+                        )
+                    target.write(chunk)
+        return self.output
 
 
 class Conversions:
     """Spawned, not forked (the registry is threaded), one child per upload, at most ``concurrency``
     at once: a conversion holds its child until it is verified, after the upload returned."""
 
-    def __init__(self, memory_mb: int, cpu_s: int, timeout_s: float, concurrency: int, max_output_bytes: int):
+    def __init__(
+        self,
+        memory_mb: int,
+        cpu_s: int,
+        timeout_s: float,
+        concurrency: int,
+        max_output_bytes: int,
+        require_sandbox: bool = True,
+    ):
         self.memory_mb = memory_mb
         self.cpu_s = cpu_s
         self.timeout_s = timeout_s
         self.max_output_bytes = max_output_bytes
+        self.require_sandbox = require_sandbox
         self._slots = threading.BoundedSemaphore(concurrency)
         self.concurrency = concurrency
 
@@ -120,6 +199,7 @@ class Conversions:
             "memory_mb": self.memory_mb,
             "cpu_s": self.cpu_s,
             "max_output_bytes": self.max_output_bytes,
+            "require_sandbox": self.require_sandbox,
         }
         try:
             child = subprocess.Popen(
@@ -130,6 +210,8 @@ class Conversions:
                 env=CHECK_ENVIRONMENT
                 | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "HOME": str(workdir)},
                 cwd=workdir,
+                # A group of its own, which the registry kills whole when the conversion ends.
+                start_new_session=True,
             )
         except BaseException:
             self.release()
@@ -137,19 +219,34 @@ class Conversions:
             raise
         assert child.stdin is not None and child.stdout is not None and child.stderr is not None
         replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        stderr: deque[str] = deque(maxlen=_STDERR_LINES)
+        stderr = OutputTail(_STDERR_TAIL_BYTES)
         threading.Thread(target=_read_replies, args=(child.stdout, replies), daemon=True).start()
         threading.Thread(target=_read_stderr, args=(child.stderr, stderr), daemon=True).start()
         child.stdin.write(json.dumps(request).encode())
         child.stdin.close()
         conversion = Conversion(
-            "", [], workdir, time.monotonic() + self.timeout_s, child, replies, stderr, self
+            "",
+            [],
+            workdir,
+            staging,
+            self.max_output_bytes,
+            time.monotonic() + self.timeout_s,
+            child,
+            replies,
+            stderr,
+            self,
         )
         try:
             reply = self.reply(conversion, conversion.deadline)
         except BaseException:
             conversion.abandon()
             raise
+        if "unconfined" in reply:
+            conversion.abandon()
+            raise FailedPrecondition(
+                f"the conversion sandbox could not be set up: {reply['unconfined']}; nothing was stored "
+                "(JOEY_CONVERSION_REQUIRE_SANDBOX=false converts unconfined)"
+            )
         if "refused" in reply:
             conversion.abandon()
             raise InvalidArgument(f"{reply['refused']}; nothing was stored")
@@ -162,21 +259,26 @@ class Conversions:
         loaded = bool(conversion.description)
         try:
             reply = conversion.replies.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            conversion.child.kill()
+            if reply is not None and "oversized" not in reply:
+                return reply
+            if reply is not None:
+                _kill_group(conversion.child)
+            code = conversion.child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except (queue.Empty, subprocess.TimeoutExpired):
+            _kill_group(conversion.child)
             reason = f"converting the model took longer than {self.timeout_s:g} s (JOEY_CONVERSION_TIMEOUT_S)"
             if loaded:
                 raise ConversionFailed(reason, []) from None
             raise Unavailable(f"{reason} before it even loaded: the registry is busy; retry") from None
         if reply is not None:
-            return reply
-        code = conversion.child.wait()
-        reason = self._limit_hit(code, conversion.stderr)
+            reason = f"the conversion's reply is longer than {_MAX_REPLY_BYTES} bytes"
+        else:
+            reason = self._limit_hit(code, conversion.stderr.lines())
         if loaded:
-            raise ConversionFailed(reason, list(conversion.stderr))
+            raise ConversionFailed(reason, conversion.stderr.lines())
         raise InvalidArgument(f"{reason}; nothing was stored")
 
-    def _limit_hit(self, code: int, stderr: deque[str]) -> str:
+    def _limit_hit(self, code: int, stderr: list[str]) -> str:
         if code == convert_process.EXIT_MEMORY:
             return (
                 f"converting the model needed more than {self.memory_mb} MiB of memory "
@@ -192,15 +294,50 @@ class Conversions:
         return f"the conversion crashed its process (signal {-code}): the file is not a model it can load"
 
 
-def _read_replies(stream: Any, replies: queue.Queue[dict[str, Any] | None]) -> None:
-    for line in stream:
+def _kill_group(child: subprocess.Popen[bytes]) -> bool:
+    """SIGKILL the child's process group until no member is left; False if one outlived the wait."""
+    group = child.pid  # its own session's, so its group's id (start_new_session)
+    until = time.monotonic() + _GROUP_EXIT_S
+    while time.monotonic() < until:
+        with contextlib.suppress(ProcessLookupError):  # none left
+            os.killpg(group, signal.SIGKILL)
+        if child.poll() is not None and not _members(group):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _members(group: int) -> list[int]:
+    """Live processes of a process group: a zombie (whose parent has not reaped it) writes nothing."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as status:
+                fields = status.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # it ended meanwhile
+        if int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _read_replies(stream: io.BufferedIOBase, replies: queue.Queue[dict[str, Any] | None]) -> None:
+    for _ in range(_REPLIES):
+        line = stream.readline(_MAX_REPLY_BYTES + 1)
+        if len(line) > _MAX_REPLY_BYTES:
+            replies.put({"oversized": len(line)})
+            break
         try:
             replies.put(json.loads(line))
         except ValueError:
-            break  # not the child's reply: it wrote to the channel itself
+            break  # not the child's reply (or none, at its end): it wrote to the channel itself
     replies.put(None)
+    while stream.read1(_CHUNK):
+        pass  # what else it writes, unread: a child blocked writing would not end
 
 
-def _read_stderr(stream: Any, kept: deque[str]) -> None:
-    for line in stream:
-        kept.append(line.decode(errors="replace").rstrip())
+def _read_stderr(stream: io.BufferedIOBase, kept: OutputTail) -> None:
+    while chunk := stream.read1(_CHUNK):
+        kept.add(chunk)

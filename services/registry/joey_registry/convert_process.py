@@ -3,16 +3,19 @@ ONNX and verified in, apart from the registry (:mod:`joey_registry.conversion` s
 
 Loading an untrusted file runs its code, so before it reads the file this process confines itself
 (:mod:`joey_registry.sandbox`): a network namespace of its own, Landlock rules letting it read only
-Python's and its libraries' directories and the uploaded file and write only in its work directory,
-rlimits on memory, CPU and the size of what it writes, and the minimal environment it was started with
-(no secret, no database URL). Its stdout is the registry's reply channel; anything the libraries print
-goes to stderr, which the registry keeps the end of for its log.
+Python's and its libraries' directories and the uploaded file and write only in its work directory, a
+seccomp filter (no socket of any family, no leaving the process group the registry kills once the
+conversion ends), rlimits on memory, CPU and the size of what it writes, and the minimal environment it
+was started with (no secret, no database URL). Its stdout is the registry's reply channel; anything the
+libraries print goes to stderr, which the registry keeps the end of for its log.
 
 Request (stdin, JSON): ``{"framework", "path", "workdir", "inputs", "sample", "memory_mb", "cpu_s",
-"max_output_bytes"}``. Replies, one JSON line each: first ``{"loaded": description, "notes": [...]}``
-or ``{"refused": reason}``; after ``loaded``, ``{"converted": log lines}`` (the ONNX written to
-``workdir/model.onnx``) or ``{"failed": reason, "log": lines}``. Running out of memory exits with
-:data:`EXIT_MEMORY`; the CPU limit ends the process with SIGXCPU.
+"max_output_bytes", "require_sandbox"}``. Replies, one JSON line each: first ``{"loaded": description,
+"notes": [...]}`` or ``{"refused": reason}``, or ``{"unconfined": what was unavailable}`` before the
+file is opened when a confinement could not be set up and ``require_sandbox`` holds; after ``loaded``,
+``{"converted": log lines}`` (the ONNX written to ``workdir/model.onnx``) or ``{"failed": reason,
+"log": lines}``. Running out of memory exits with :data:`EXIT_MEMORY`; the CPU limit ends the process
+with SIGXCPU.
 """
 
 from __future__ import annotations
@@ -63,10 +66,13 @@ def confine(request: dict[str, Any]) -> list[str]:
     packages = [Path(module.__file__).parents[1] for module in (joey_core, joey_registry) if module.__file__]
     readable = [Path(p) for p in (*sys.path, sys.prefix, sys.base_prefix, *_SYSTEM_READABLE) if p] + packages
     readable.append(Path(f"/proc/{os.getpid()}"))
-    notes = [
-        sandbox.isolate_network(),
-        sandbox.restrict_filesystem([*readable, Path(request["path"])], [workdir]),
-    ]
+    # The filter first: its library is found by running ldconfig, which Landlock would not allow; it
+    # denies nothing the other steps need.
+    notes = [sandbox.filter_syscalls(), sandbox.isolate_network()]
+    try:
+        notes.append(sandbox.restrict_filesystem([*readable, Path(request["path"])], [workdir]))
+    except OSError as exc:
+        notes.append(f"filesystem not confined: {exc} (Landlock)")
     os.environ["TMPDIR"] = str(workdir)  # torch.export and friends write scratch files
     return [note for note in notes if note]
 
@@ -139,7 +145,12 @@ def main() -> None:
     channel = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     try:
-        run(request, channel, confine(request))
+        notes = confine(request)
+        if notes and request["require_sandbox"]:
+            # Fail closed: the file is never opened by a process less confined than documented.
+            _reply(channel, {"unconfined": "; ".join(notes)})
+            return
+        run(request, channel, notes)
     except MemoryError:
         os._exit(EXIT_MEMORY)
 

@@ -10,11 +10,15 @@ privileges:
 - a network namespace of its own (``unshare(CLONE_NEWNET)``, inside a user namespace when not root):
   no interface but a loopback nobody listens on;
 - Landlock (Linux 5.13+): rules on which paths may be read and written; a landlocked process also
-  cannot ptrace, and so cannot read the ``/proc/<pid>/environ`` or memory of, any process outside.
+  cannot ptrace, and so cannot read the ``/proc/<pid>/environ`` or memory of, any process outside;
+- a seccomp filter (libseccomp): Landlock does not cover ``connect()`` to a Unix socket on disk (a
+  local Postgres's, say) and the network namespace cuts only TCP/IP, so the process may create no
+  socket of any family at all, nor leave its process group (the registry kills the group when the
+  conversion ends, grandchildren included), nor ptrace or write another process's memory.
 
 No maintained Python binding covers Landlock's network and scope rules, and the calls are three
 syscalls, so they are made here with ctypes. What a kernel does not offer is reported, not faked:
-:func:`confine` returns the notes the conversion log shows.
+each function returns a note the conversion log shows (or the registry refuses to convert on).
 """
 
 from __future__ import annotations
@@ -59,6 +63,38 @@ def isolate_network() -> str:
     if _libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
         return ""
     return f"network not isolated: {os.strerror(ctypes.get_errno())} (unshare CLONE_NEWNET)"
+
+
+# io_uring creates and connects sockets without the socket() call; the rest as the docstring says.
+_DENIED_SYSCALLS = (
+    "socket",
+    "socketpair",
+    "io_uring_setup",
+    "setsid",
+    "setpgid",
+    "ptrace",
+    "process_vm_writev",
+    "process_vm_readv",
+)
+
+
+def filter_syscalls() -> str:
+    """Make the calls of :data:`_DENIED_SYSCALLS` fail with EPERM for this process and what it starts;
+    a note when the filter cannot be installed."""
+    try:
+        import pyseccomp
+    except (ImportError, OSError, RuntimeError) as exc:  # the package is there, libseccomp is not
+        return f"system calls not filtered: {exc} (pyseccomp, libseccomp)"
+    try:
+        # Other architectures' calls (i386's socketcall through int 0x80) kill the process: the
+        # library's default for a foreign architecture.
+        rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+        for name in _DENIED_SYSCALLS:
+            rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+        rules.load()
+    except (OSError, RuntimeError, ValueError) as exc:
+        return f"system calls not filtered: {exc} (seccomp)"
+    return ""
 
 
 def _abi() -> int:

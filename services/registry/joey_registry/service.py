@@ -127,6 +127,7 @@ class Registry:
             settings.conversion_timeout_s,
             settings.conversion_concurrency,
             settings.max_upload_bytes,
+            settings.conversion_require_sandbox,
         )
         # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
         self._partitions: dict[str, int] = {}

@@ -69,6 +69,11 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     conversion_timeout_s: float = Field(default=600.0, gt=0)
     """Wall-clock time a conversion may take, loading, converting and verifying."""
 
+    conversion_require_sandbox: bool = True
+    """Refuse to convert (FAILED_PRECONDITION naming what is missing) when the conversion child cannot
+    isolate its network, confine its filesystem (Landlock) or filter its system calls (seccomp); false
+    converts without what is missing, the conversion log saying so."""
+
     conversion_concurrency: int = Field(default=2, ge=1)
     """Conversions running at once (each holds a child process until verified); one more upload of a
     native model is refused (RESOURCE_EXHAUSTED)."""

@@ -35,7 +35,7 @@ from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.converters.verify import ATOL, RTOL
 from tests.conftest import ADMIN_PASSWORD, SERVICE_TOKEN, Stack
-from tests.registry.helpers import token_stub
+from tests.registry.helpers import Payload, identity_model, token_stub
 
 TORCH_SCHEMA = pa.schema([pa.field("input", pa.list_(pa.float32(), 4))])
 
@@ -227,6 +227,12 @@ try:
     found["postgres"] = "connected"
 except OSError as exc:
     found["postgres"] = f"refused: {exc.strerror}"
+try:  # a local Postgres's socket on disk, which neither Landlock nor the network namespace covers
+    with socket.socket(socket.AF_UNIX) as unix:
+        unix.connect("/var/run/postgresql/.s.PGSQL.5432")
+    found["unix"] = "connected"
+except OSError as exc:
+    found["unix"] = f"refused: {exc.strerror}"
 raise ValueError("SNOOPED " + json.dumps(found))
 """
 
@@ -267,9 +273,37 @@ def test_a_pickle_finds_no_secret_and_cannot_write_or_connect(
     assert found["artifacts"].startswith("denied"), found["artifacts"]
     assert found["home"].startswith("denied"), found["home"]
     assert found["write"].startswith("denied") and not outside.exists()
-    assert found["postgres"].startswith("refused"), found["postgres"]
+    assert found["postgres"] == "refused: Operation not permitted", found["postgres"]
+    assert found["unix"] == "refused: Operation not permitted", found["unix"]
     assert "snoop" not in client.list_models()
     assert artifact_files(stack) == before
+
+
+# Runs in the conversion child as the pickle loads: the ONNX file the registry takes becomes a link to
+# a file the registry can read and the child cannot.
+LINK = """
+import pathlib
+def write_bytes(path, data):
+    path.symlink_to(TARGET)
+    return len(data)
+pathlib.Path.write_bytes = write_bytes
+"""
+
+
+def test_an_output_linked_to_a_file_outside_is_refused_and_not_stored(
+    client: Client, stack: Stack, saved: dict[str, Path], tmp_path: Path
+) -> None:
+    # Another model's ONNX form, say, which the registry would then serve under this version.
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(identity_model("x", "float32", "y", 2))
+    (tmp_path / "link.pkl").write_bytes(pickle.dumps(Payload(f"TARGET = {str(outside)!r}\n{LINK}")))
+    before = artifact_files(stack)
+    with pytest.raises(JoeyError, match="the conversion left no ONNX file of its own"):
+        client.upload_model("linked", tmp_path / "link.pkl", framework="sklearn")
+    mv = client.get_model("linked")
+    assert (mv.status, mv.sha256) == ("error", "")
+    added = artifact_files(stack) - before
+    assert [p.read_bytes() for p in added] == [(tmp_path / "link.pkl").read_bytes()]  # the source only
 
 
 @pytest.mark.parametrize("example", ["sklearn_model", "xgboost_model", "lightgbm_model", "pytorch_model"])
