@@ -20,14 +20,19 @@ import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
+from joey_core.lazy import LazyModule
 from joey_core.models import TensorSpec
 from joey_core.v1 import registry_pb2 as pb
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")
 
 _SHOWN_COLUMNS = 10
 _NUMERIC = "biuf"

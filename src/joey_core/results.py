@@ -9,11 +9,15 @@ A row is ``time``, ``request_id``, ``in.<field>``, ``out.<output>``, ``shadow.<m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
+from joey_core.lazy import LazyModule
 from joey_core.replies import Reply
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")
 
 Row = dict[str, Any]
 

@@ -20,14 +20,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from joey_core.assays import JUDGED, Status
+from joey_core.lazy import LazyModule
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")
 
 
 def timestamp(value: datetime | str) -> Timestamp:

@@ -19,22 +19,26 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias, cast
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from joey.client.inputs import InputError, RecordInput, to_records
 from joey.client.streaming import InferenceTimeout, Progress
+from joey_core.lazy import LazyModule
 from joey_core.replies import Reply, failed_reply
 from joey_core.results import replies_to_frame
 
-"""Result rows of replies: ``joey.client.pipelines.replies_to_frame``, passed in as this module sits below
-``pipelines`` (whose methods call it)."""
-Data: TypeAlias = pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any]
-Chunk: TypeAlias = pa.Table | pd.DataFrame | list[dict[str, Any]]
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")
+
+# Strings: evaluating the aliases would import pandas.
+Data: TypeAlias = "pa.Table | pd.DataFrame | np.ndarray | Sequence[dict[str, Any]] | dict[str, Any]"
+Chunk: TypeAlias = "pa.Table | pd.DataFrame | list[dict[str, Any]]"
 
 FORMATS = ("json", "arrow", "parquet")
 """``json``: a JSON array of records (pandas' ``orient="records"``) or JSON lines, one record per line;

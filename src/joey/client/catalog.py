@@ -7,14 +7,19 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from joey_core.lazy import LazyModule
 from joey_core.models import ArtifactFile, ModelConfig, ModelVersion, TensorSpec
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")
 
 Row = TypeVar("Row")
 

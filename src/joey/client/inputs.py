@@ -4,16 +4,21 @@ data refused as a :class:`JoeyError` (INVALID_ARGUMENT) as every other refusal o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from joey.client.calls import JoeyError, RegistryCaller
 from joey_core import inputs
 from joey_core.inputs import RecordInput, Signature, record_inputs
+from joey_core.lazy import LazyModule
 from joey_core.v1 import registry_pb2 as pb
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")
 
 __all__ = ["InputError", "RecordInput", "deployed_inputs", "to_records"]
 

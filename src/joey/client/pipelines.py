@@ -10,10 +10,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -31,11 +30,17 @@ from joey.client.inputs import InputError, RecordInput, deployed_inputs, to_reco
 from joey.client.log_export import LogExport, log_entry_row
 from joey.client.streaming import Progress, check_rows, streams_of
 from joey.client.tags import set_tag
+from joey_core.lazy import LazyModule
 from joey_core.models import ModelVersion
 from joey_core.replies import Reply
 from joey_core.results import replies_to_frame
 from joey_core.topics import PipelineTopics
 from joey_core.v1 import registry_pb2 as pb
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = LazyModule("pandas")
 
 StatusCallback = Callable[["DeploymentStatus"], None]
 
