@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import secrets
@@ -28,7 +29,7 @@ from joey_registry.conversion import Conversions
 from joey_registry.converters import verify
 from joey_registry.errors import InvalidArgument
 from tests.conftest import wait_until
-from tests.registry.helpers import Payload
+from tests.registry.helpers import Payload, probe_code, probed
 
 
 def test_outputs_within_the_tolerance_pass_and_say_how_close_they_came() -> None:
@@ -330,3 +331,82 @@ print(json.dumps(seen))
     ]
     assert seen["False"][0] == "converted"
     assert "network not isolated: Operation not permitted (unshare CLONE_NEWNET)" in seen["False"]
+
+
+# What a pickle of a root registry would use the host's capabilities for, each harmless if it succeeded:
+# setting the hostname the host has, a bpf call that fails (EINVAL) right after its permission check.
+HOST_POWERS = {
+    "hostname": "checked(libc.sethostname(os.uname().nodename.encode(), len(os.uname().nodename.encode())))",
+    "capabilities": "[line.split()[1] for line in open('/proc/self/status') if line.startswith('CapEff')][0]",
+    "bpf": "checked(libc.syscall(syscall_number('bpf'), 0, None, 0))",
+}
+NO_HOST_POWER = {
+    "hostname": ["error", "Operation not permitted"],
+    "capabilities": ["ok", "'0000000000000000'"],
+    "bpf": ["error", "Operation not permitted"],
+}
+
+
+def test_a_pickle_of_a_root_registry_holds_no_capability_over_the_host(
+    conversions: Conversions, tmp_path: Path
+) -> None:
+    # The registry runs as root here (and in CI and the image): another user's file where the child may
+    # read, as Postgres's segments in /dev/shm are, is readable only with a capability (CAP_DAC_OVERRIDE).
+    shared = Path(f"/dev/shm/joey-test-{secrets.token_hex(4)}")
+    shared.write_text("another user's shared memory")
+    shared.chmod(0o600)
+    os.chown(shared, 65534, 65534)
+    staging = staging_of(tmp_path)
+    try:
+        code = probe_code(**HOST_POWERS, shared=f"open({str(shared)!r}).read()")
+        with pytest.raises(InvalidArgument, match="PROBED ") as refused:
+            conversions.start("sklearn", payload(tmp_path, code), (), None, staging)
+    finally:
+        shared.unlink()
+    assert probed(str(refused.value)) == NO_HOST_POWER | {"shared": ["error", "Permission denied"]}
+    # The registry converts the next upload as ever.
+    conversion = conversions.start("sklearn", payload(tmp_path, ""), (), None, staging)
+    assert conversion.finish()[1][0] == "loaded a scikit-learn LinearRegression of 2 features"
+    conversion.remove()
+
+
+@pytest.mark.parametrize("denied", [(), ("capset",)])
+def test_without_user_namespaces_a_root_child_drops_every_capability_or_is_refused(
+    tmp_path: Path, denied: tuple[str, ...]
+) -> None:
+    # A registry where user namespaces are refused (a container's seccomp profile does that): root then
+    # makes the network namespace alone, and gives up its capabilities before opening the file; a child
+    # that could not (capset refused too) would still hold them, and is refused before it opens it.
+    script = f"""
+import errno
+from pathlib import Path
+import pyseccomp
+rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+new_user = pyseccomp.Arg(0, pyseccomp.MASKED_EQ, 0x10000000, 0x10000000)  # CLONE_NEWUSER
+rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "unshare", new_user)
+for name in {denied!r}:
+    rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+rules.load()
+from joey_registry.conversion import Conversions
+from joey_registry.errors import FailedPrecondition, InvalidArgument
+folder = Path({str(tmp_path)!r})
+try:
+    Conversions(4096, 60, 120, 1, 1 << 24).start("sklearn", folder / "probe.pkl", (), None, folder)
+except (InvalidArgument, FailedPrecondition) as exc:
+    print(type(exc).__name__, str(exc))
+"""
+    (tmp_path / "probe.pkl").write_bytes(pickle.dumps(Payload(probe_code(**HOST_POWERS))))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    kind, message = done.stdout.split(" ", 1)
+    if not denied:
+        assert (kind, probed(message)) == ("InvalidArgument", NO_HOST_POWER)
+        return
+    assert kind == "FailedPrecondition"
+    assert message.startswith(
+        "the conversion sandbox could not be set up: capabilities not dropped: uid 0 holds CapEff "
+    )
+    assert message.rstrip().endswith(
+        "(capset: Operation not permitted); nothing was stored (JOEY_CONVERSION_REQUIRE_SANDBOX=false "
+        "converts unconfined)"
+    )

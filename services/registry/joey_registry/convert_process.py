@@ -66,9 +66,9 @@ def confine(request: dict[str, Any]) -> list[str]:
     packages = [Path(module.__file__).parents[1] for module in (joey_core, joey_registry) if module.__file__]
     readable = [Path(p) for p in (*sys.path, sys.prefix, sys.base_prefix, *_SYSTEM_READABLE) if p] + packages
     readable.append(Path(f"/proc/{os.getpid()}"))
-    # The filter first: its library is found by running ldconfig, which Landlock would not allow; it
-    # denies nothing the other steps need.
-    notes = [sandbox.filter_syscalls(), sandbox.isolate_network()]
+    # The namespaces first, then the capabilities they came with, then the filter (which refuses making
+    # namespaces, and whose library is found by running ldconfig, which Landlock would not allow).
+    notes = [sandbox.isolate_network(), sandbox.drop_capabilities(), sandbox.filter_syscalls()]
     try:
         notes.append(sandbox.restrict_filesystem([*readable, Path(request["path"])], [workdir]))
     except OSError as exc:
