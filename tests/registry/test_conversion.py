@@ -410,3 +410,33 @@ except (InvalidArgument, FailedPrecondition) as exc:
         "(capset: Operation not permitted); nothing was stored (JOEY_CONVERSION_REQUIRE_SANDBOX=false "
         "converts unconfined)"
     )
+
+
+def test_a_pickle_reads_no_device_but_null_zero_and_random(conversions: Conversions, tmp_path: Path) -> None:
+    # The registry's own file in /dev/shm (its user's: only the sandbox stands between the child and it).
+    shared = Path(f"/dev/shm/joey-test-{secrets.token_hex(4)}")
+    shared.write_text("the registry's shared memory")
+    shared.chmod(0o600)
+    devices = {
+        "list": "sorted(os.listdir('/dev'))",
+        "shared": f"open({str(shared)!r}).read()",
+        "list shared": "os.listdir('/dev/shm')",
+        "random": "len(open('/dev/urandom', 'rb').read(16))",
+        "zero": "open('/dev/zero', 'rb').read(2)",
+        "null": "open('/dev/null', 'r+b').write(b'discarded')",
+    }
+    try:
+        with pytest.raises(InvalidArgument, match="PROBED ") as refused:
+            conversions.start(
+                "sklearn", payload(tmp_path, probe_code(**devices)), (), None, staging_of(tmp_path)
+            )
+    finally:
+        shared.unlink()
+    assert probed(str(refused.value)) == {
+        "list": ["error", "Permission denied"],
+        "shared": ["error", "Permission denied"],
+        "list shared": ["error", "Permission denied"],
+        "random": ["ok", "16"],
+        "zero": ["ok", "b'\\x00\\x00'"],
+        "null": ["ok", "9"],
+    }

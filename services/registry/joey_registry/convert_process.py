@@ -38,14 +38,18 @@ EXIT_MEMORY = 3
 OUTPUT_NAME = "model.onnx"
 _MB = 1 << 20
 # What a Python process and the frameworks read besides sys.path: shared libraries, CPU and memory
-# facts. Not /etc as a whole (a root registry's /etc/shadow), not the home directory (credentials), and
-# of /proc only this process's own directory: /proc/<registry pid>/environ holds the registry's secrets.
+# facts, random bytes. Not /etc as a whole (a root registry's /etc/shadow), not the home directory
+# (credentials), of /dev only the devices every process may use (not /dev/shm, where other processes'
+# shared memory is, nor disks), and of /proc only this process's own directory: /proc/<registry
+# pid>/environ holds the registry's secrets.
 _SYSTEM_READABLE = (
     "/usr",
     "/lib",
     "/lib64",
     "/sys",
-    "/dev",
+    "/dev/zero",
+    "/dev/random",
+    "/dev/urandom",
     "/etc/ld.so.cache",
     "/etc/localtime",
     "/proc/cpuinfo",
@@ -70,7 +74,9 @@ def confine(request: dict[str, Any]) -> list[str]:
     # namespaces, and whose library is found by running ldconfig, which Landlock would not allow).
     notes = [sandbox.isolate_network(), sandbox.drop_capabilities(), sandbox.filter_syscalls()]
     try:
-        notes.append(sandbox.restrict_filesystem([*readable, Path(request["path"])], [workdir]))
+        # /dev/null writable too: libraries send output there, subprocess opens it read-write.
+        writable = [workdir, Path(os.devnull)]
+        notes.append(sandbox.restrict_filesystem([*readable, Path(request["path"])], writable))
     except OSError as exc:
         notes.append(f"filesystem not confined: {exc} (Landlock)")
     os.environ["TMPDIR"] = str(workdir)  # torch.export and friends write scratch files
