@@ -440,3 +440,22 @@ def test_a_pickle_reads_no_device_but_null_zero_and_random(conversions: Conversi
         "zero": ["ok", "b'\\x00\\x00'"],
         "null": ["ok", "9"],
     }
+
+
+def test_a_pickle_reads_nothing_on_the_registrys_path_but_python_and_its_packages(
+    conversions: Conversions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A directory on the registry's sys.path (PYTHONPATH) that holds more than packages: a secret beside.
+    added = tmp_path / "on-the-path"
+    added.mkdir()
+    (added / "secret.txt").write_text("not for a pickle")
+    monkeypatch.syspath_prepend(str(added))
+    code = probe_code(
+        secret=f"open({str(added / 'secret.txt')!r}).read()", listed=f"os.listdir({str(added)!r})"
+    )
+    with pytest.raises(InvalidArgument, match="PROBED ") as refused:
+        conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
+    assert probed(str(refused.value)) == {
+        "secret": ["error", "Permission denied"],
+        "listed": ["error", "Permission denied"],
+    }

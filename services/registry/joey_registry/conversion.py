@@ -208,7 +208,7 @@ class Conversions:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=CHECK_ENVIRONMENT
-                | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "HOME": str(workdir)},
+                | {"PYTHONPATH": os.pathsep.join(convert_process.import_paths()), "HOME": str(workdir)},
                 cwd=workdir,
                 # A group of its own, which the registry kills whole when the conversion ends.
                 start_new_session=True,

@@ -10,12 +10,12 @@ was started with (no secret, no database URL). Its stdout is the registry's repl
 libraries print goes to stderr, which the registry keeps the end of for its log.
 
 Request (stdin, JSON): ``{"framework", "path", "workdir", "inputs", "sample", "memory_mb", "cpu_s",
-"max_output_bytes", "require_sandbox"}``. Replies, one JSON line each: first ``{"loaded": description,
-"notes": [...]}`` or ``{"refused": reason}``, or ``{"unconfined": what was unavailable}`` before the
-file is opened when a confinement could not be set up and ``require_sandbox`` holds; after ``loaded``,
-``{"converted": log lines}`` (the ONNX written to ``workdir/model.onnx``) or ``{"failed": reason,
-"log": lines}``. Running out of memory exits with :data:`EXIT_MEMORY`; the CPU limit ends the process
-with SIGXCPU.
+"max_output_bytes", "require_sandbox"}``. Replies, one JSON line each: first
+``{"loaded": description, "notes": [...]}`` or ``{"refused": reason}``, or ``{"unconfined": what was
+unavailable}`` before the file is opened when a confinement could not be set up and
+``require_sandbox`` holds; after ``loaded``, ``{"converted": log lines}`` (the ONNX written to
+``workdir/model.onnx``) or ``{"failed": reason, "log": lines}``. Running out of memory exits with
+:data:`EXIT_MEMORY`; the CPU limit ends the process with SIGXCPU.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import math
 import os
 import resource
+import site
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -58,6 +59,16 @@ _SYSTEM_READABLE = (
 )
 
 
+def import_paths() -> list[str]:
+    """The entries of this process's sys.path that a conversion child imports from, and so may read:
+    Python's own, beneath sys.prefix and sys.base_prefix (the standard library, the environment's
+    site-packages), and other site-packages directories. Not the others: a directory added to
+    PYTHONPATH, or the one the registry started in, may hold anything (a checkout's secrets, say)."""
+    roots = [Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *site.getsitepackages())]
+    roots.append(Path(site.getusersitepackages()).resolve())
+    return [p for p in sys.path if p and any(Path(p).resolve().is_relative_to(root) for root in roots)]
+
+
 def confine(request: dict[str, Any]) -> list[str]:
     """Everything but the rlimits, which come after the imports the conversion needs (see ``main``)."""
     workdir = Path(request["workdir"])
@@ -66,9 +77,10 @@ def confine(request: dict[str, Any]) -> list[str]:
     os.nice(10)
     with open("/proc/self/oom_score_adj", "w") as score:
         score.write("1000")
-    # The packages' own directories too: an editable install finds them through a hook, not sys.path.
-    packages = [Path(module.__file__).parents[1] for module in (joey_core, joey_registry) if module.__file__]
-    readable = [Path(p) for p in (*sys.path, sys.prefix, sys.base_prefix, *_SYSTEM_READABLE) if p] + packages
+    # The packages' own directories too (not the checkout around them): an editable install finds them
+    # through a hook, not sys.path.
+    packages = [Path(module.__file__).parent for module in (joey_core, joey_registry) if module.__file__]
+    readable = [Path(p) for p in (*import_paths(), sys.prefix, sys.base_prefix, *_SYSTEM_READABLE)] + packages
     readable.append(Path(f"/proc/{os.getpid()}"))
     # The namespaces first, then the capabilities they came with, then the filter (which refuses making
     # namespaces, and whose library is found by running ldconfig, which Landlock would not allow).
