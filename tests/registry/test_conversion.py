@@ -459,3 +459,21 @@ def test_a_pickle_reads_nothing_on_the_registrys_path_but_python_and_its_package
         "secret": ["error", "Permission denied"],
         "listed": ["error", "Permission denied"],
     }
+
+
+def test_a_conversion_child_writes_no_file_beyond_its_limit_and_starts_few_processes(tmp_path: Path) -> None:
+    limited = Conversions(4096, 60, 120, 1, 1 << 24, max_file_bytes=1 << 20, max_processes=64)
+    limits = (
+        "sorted((line[:26].strip(), line[26:].split()[:2]) for line in open('/proc/self/limits')"
+        " if line.startswith(('Max processes', 'Max file size')))"
+    )
+    # Unbuffered: the first write is cut at the limit, the next one fails.
+    write = "(out := open('scratch', 'wb', buffering=0)).write(bytes(1 << 20)) + out.write(b'x')"
+    code = probe_code(limits=limits, write=write)
+    with pytest.raises(InvalidArgument, match="PROBED ") as refused:
+        limited.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
+    assert probed(str(refused.value)) == {
+        # RLIMIT_NPROC as the kernel holds it: a root registry's child is exempt from it all the same.
+        "limits": ["ok", str([("Max file size", ["1048576", "1048576"]), ("Max processes", ["64", "64"])])],
+        "write": ["error", "File too large"],
+    }

@@ -163,12 +163,16 @@ class Conversions:
         concurrency: int,
         max_output_bytes: int,
         require_sandbox: bool = True,
+        max_file_bytes: int = 2 << 30,
+        max_processes: int = 512,
     ):
         self.memory_mb = memory_mb
         self.cpu_s = cpu_s
         self.timeout_s = timeout_s
         self.max_output_bytes = max_output_bytes
         self.require_sandbox = require_sandbox
+        self.max_file_bytes = max_file_bytes
+        self.max_processes = max_processes
         self._slots = threading.BoundedSemaphore(concurrency)
         self.concurrency = concurrency
 
@@ -198,7 +202,8 @@ class Conversions:
             "sample": dict(sample) if sample else None,
             "memory_mb": self.memory_mb,
             "cpu_s": self.cpu_s,
-            "max_output_bytes": self.max_output_bytes,
+            "max_file_bytes": self.max_file_bytes,
+            "max_processes": self.max_processes,
             "require_sandbox": self.require_sandbox,
         }
         try:
@@ -287,7 +292,7 @@ class Conversions:
         if code == -signal.SIGXCPU:
             return f"converting the model used more than {self.cpu_s} s of CPU (JOEY_CONVERSION_CPU_S)"
         if code == -signal.SIGXFSZ:
-            return f"the converted model is larger than {self.max_output_bytes} bytes (JOEY_MAX_UPLOAD_BYTES)"
+            return convert_process.file_too_large(self.max_file_bytes)
         log.error("the conversion child exited with %d: %s", code, "\n".join(stderr))
         if code > 0:
             return f"the conversion failed (exit status {code}): {stderr[-1] if stderr else 'no output'}"

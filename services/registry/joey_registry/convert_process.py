@@ -10,7 +10,7 @@ was started with (no secret, no database URL). Its stdout is the registry's repl
 libraries print goes to stderr, which the registry keeps the end of for its log.
 
 Request (stdin, JSON): ``{"framework", "path", "workdir", "inputs", "sample", "memory_mb", "cpu_s",
-"max_output_bytes", "require_sandbox"}``. Replies, one JSON line each: first
+"max_file_bytes", "max_processes", "require_sandbox"}``. Replies, one JSON line each: first
 ``{"loaded": description, "notes": [...]}`` or ``{"refused": reason}``, or ``{"unconfined": what was
 unavailable}`` before the file is opened when a confinement could not be set up and
 ``require_sandbox`` holds; after ``loaded``, ``{"converted": log lines}`` (the ONNX written to
@@ -20,6 +20,7 @@ unavailable}`` before the file is opened when a confinement could not be set up 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -102,8 +103,15 @@ def limit(request: dict[str, Any]) -> None:
     used = resource.getrusage(resource.RUSAGE_SELF)
     start = math.ceil(used.ru_utime + used.ru_stime)
     resource.setrlimit(resource.RLIMIT_CPU, (start + request["cpu_s"], start + request["cpu_s"] + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (request["max_output_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (request["max_file_bytes"],) * 2)
+    # Counted per user namespace (Linux 5.14+): this process's own threads and children. The kernel
+    # exempts a root registry's child (root's uid on the host), as docs/security.md says.
+    resource.setrlimit(resource.RLIMIT_NPROC, (request["max_processes"],) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def file_too_large(limit: int) -> str:
+    return f"a file the conversion wrote is larger than {limit} bytes (JOEY_CONVERSION_MAX_FILE_BYTES)"
 
 
 def _reply(channel: TextIO, message: dict[str, Any]) -> None:
@@ -152,7 +160,10 @@ def run(request: dict[str, Any], channel: TextIO, notes: list[str]) -> None:
         _reply(channel, {"failed": str(exc), "log": log})
         return
     except Exception as exc:  # noqa: BLE001 - the converter or the model failing: the upload's error
-        _reply(channel, {"failed": f"{type(exc).__name__}: {exc}"[:8000], "log": log})
+        # Python ignores SIGXFSZ: a write beyond RLIMIT_FSIZE fails with EFBIG instead.
+        too_large = isinstance(exc, OSError) and exc.errno == errno.EFBIG
+        reason = file_too_large(request["max_file_bytes"]) if too_large else f"{type(exc).__name__}: {exc}"
+        _reply(channel, {"failed": reason[:8000], "log": log})
         return
     _reply(channel, {"converted": log})
 

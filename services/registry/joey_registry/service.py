@@ -128,6 +128,8 @@ class Registry:
             settings.conversion_concurrency,
             settings.max_upload_bytes,
             settings.conversion_require_sandbox,
+            settings.conversion_max_file_bytes,
+            settings.conversion_max_processes,
         )
         # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
         self._partitions: dict[str, int] = {}
