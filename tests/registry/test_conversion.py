@@ -25,7 +25,7 @@ import pytest
 from joey_core.models import TensorSpec
 from joey_registry.app import RegistryServer
 from joey_registry.artifacts import FilesystemArtifactStore
-from joey_registry.conversion import Conversions
+from joey_registry.conversion import ConversionFailed, Conversions
 from joey_registry.converters import verify
 from joey_registry.errors import InvalidArgument
 from tests.conftest import wait_until
@@ -305,7 +305,7 @@ import pyseccomp
 rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
 rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "unshare")
 rules.load()
-from joey_registry.conversion import Conversions
+from joey_registry.conversion import ConversionFailed, Conversions
 from joey_registry.errors import FailedPrecondition
 seen = {{}}
 for require in (True, False):
@@ -387,7 +387,7 @@ rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "unshare", new_user)
 for name in {denied!r}:
     rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
 rules.load()
-from joey_registry.conversion import Conversions
+from joey_registry.conversion import ConversionFailed, Conversions
 from joey_registry.errors import FailedPrecondition, InvalidArgument
 folder = Path({str(tmp_path)!r})
 try:
@@ -477,3 +477,34 @@ def test_a_conversion_child_writes_no_file_beyond_its_limit_and_starts_few_proce
         "limits": ["ok", str([("Max file size", ["1048576", "1048576"]), ("Max processes", ["64", "64"])])],
         "write": ["error", "File too large"],
     }
+
+
+# Replies the file's code writes to the reply channel (the child's first descriptor of its own) before
+# the child's own: a description that is no text, and a log that is no list of lines.
+FORGED = {
+    "loaded": ['{"loaded": 5, "notes": []}'],
+    "converted": ['{"loaded": "a model", "notes": []}', '{"converted": "verified: exact, trust me"}'],
+}
+
+
+@pytest.mark.parametrize("forged", FORGED)
+def test_a_reply_of_any_other_shape_is_refused(conversions: Conversions, tmp_path: Path, forged: str) -> None:
+    lines = "".join(line + "\n" for line in FORGED[forged]).encode()
+    code = f"import os\nos.write(3, {lines!r})\n"
+    if forged == "loaded":
+        with pytest.raises(InvalidArgument) as refused:
+            conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
+        assert str(refused.value) == (
+            "the conversion's reply is malformed: Loaded.loaded: Input should be a valid string; "
+            "nothing was stored"
+        )
+        return
+    conversion = conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
+    assert conversion.description == "a model"
+    with pytest.raises(ConversionFailed) as failed:
+        conversion.finish()
+    assert (
+        str(failed.value)
+        == "the conversion's reply is malformed: Converted.converted: Input should be a valid array"
+    )
+    conversion.remove()
