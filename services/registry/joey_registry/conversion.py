@@ -194,30 +194,23 @@ class Conversion:
         return self.output
 
 
+@dataclass
 class Conversions:
     """Spawned, not forked (the registry is threaded), one child per upload, at most ``concurrency``
     at once: a conversion holds its child until it is verified, after the upload returned."""
 
-    def __init__(
-        self,
-        memory_mb: int,
-        cpu_s: int,
-        timeout_s: float,
-        concurrency: int,
-        max_output_bytes: int,
-        require_sandbox: bool = True,
-        max_file_bytes: int = 2 << 30,
-        max_processes: int = 512,
-    ):
-        self.memory_mb = memory_mb
-        self.cpu_s = cpu_s
-        self.timeout_s = timeout_s
-        self.max_output_bytes = max_output_bytes
-        self.require_sandbox = require_sandbox
-        self.max_file_bytes = max_file_bytes
-        self.max_processes = max_processes
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self.concurrency = concurrency
+    memory_mb: int
+    cpu_s: int
+    timeout_s: float
+    concurrency: int
+    max_output_bytes: int
+    require_sandbox: bool = True
+    max_file_bytes: int = 2 << 30
+    max_processes: int = 512
+    _slots: threading.BoundedSemaphore = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.concurrency)
 
     def release(self) -> None:
         self._slots.release()
