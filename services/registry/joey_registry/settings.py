@@ -71,8 +71,8 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
 
     conversion_require_sandbox: bool = True
     """Refuse to convert (FAILED_PRECONDITION naming what is missing) when the conversion child cannot
-    isolate its network, confine its filesystem (Landlock) or filter its system calls (seccomp); false
-    converts without what is missing, the conversion log saying so."""
+    isolate its network, drop every capability, confine its filesystem (Landlock) or filter its system
+    calls (seccomp); false converts without what is missing, the conversion log saying so."""
 
     conversion_max_file_bytes: int = Field(default=2 * 1024**3, ge=1 << 20)
     """Largest file a conversion child may write, its scratch files and the ONNX form (RLIMIT_FSIZE;
