@@ -334,16 +334,20 @@ print(json.dumps(seen))
 
 
 # What a pickle of a root registry would use the host's capabilities for, each harmless if it succeeded:
-# setting the hostname the host has, a bpf call that fails (EINVAL) right after its permission check.
+# setting the hostname the host has, a bpf call that fails (EINVAL) right after its permission check, a
+# user namespace for the child alone.
 HOST_POWERS = {
     "hostname": "checked(libc.sethostname(os.uname().nodename.encode(), len(os.uname().nodename.encode())))",
     "capabilities": "[line.split()[1] for line in open('/proc/self/status') if line.startswith('CapEff')][0]",
     "bpf": "checked(libc.syscall(syscall_number('bpf'), 0, None, 0))",
+    # A user namespace of its own would give it every capability again, inside it.
+    "unshare": "checked(libc.unshare(0x10000000))",
 }
 NO_HOST_POWER = {
     "hostname": ["error", "Operation not permitted"],
     "capabilities": ["ok", "'0000000000000000'"],
     "bpf": ["error", "Operation not permitted"],
+    "unshare": ["error", "Operation not permitted"],
 }
 
 

@@ -236,6 +236,12 @@ try:  # a local Postgres's socket on disk, which neither Landlock nor the networ
     found["unix"] = "connected"
 except OSError as exc:
     found["unix"] = f"refused: {exc.strerror}"
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+found["capabilities"] = status["CapEff"].strip()  # the registry runs as root here
+try:
+    found["shared memory"] = os.listdir("/dev/shm")  # Postgres's segments
+except OSError as exc:
+    found["shared memory"] = f"denied: {exc.strerror}"
 raise ValueError("SNOOPED " + json.dumps(found))
 """
 
@@ -278,6 +284,8 @@ def test_a_pickle_finds_no_secret_and_cannot_write_or_connect(
     assert found["write"].startswith("denied") and not outside.exists()
     assert found["postgres"] == "refused: Operation not permitted", found["postgres"]
     assert found["unix"] == "refused: Operation not permitted", found["unix"]
+    assert found["capabilities"] == "0000000000000000"
+    assert found["shared memory"] == "denied: Permission denied"
     assert "snoop" not in client.list_models()
     assert artifact_files(stack) == before
 
