@@ -351,25 +351,64 @@ NO_HOST_POWER = {
 }
 
 
-def test_a_pickle_of_a_root_registry_holds_no_capability_over_the_host(
-    conversions: Conversions, tmp_path: Path
+def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_its_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The registry runs as root here (and in CI and the image): another user's file where the child may
-    # read, as Postgres's segments in /dev/shm are, is readable only with a capability (CAP_DAC_OVERRIDE).
-    shared = Path(f"/dev/shm/joey-test-{secrets.token_hex(4)}")
-    shared.write_text("another user's shared memory")
-    shared.chmod(0o600)
-    os.chown(shared, 65534, 65534)
+    # The registry runs as root here (and in CI and the image). In /dev/shm, where Postgres's segments
+    # are: another user's file, readable only with a capability (CAP_DAC_OVERRIDE), and the registry's
+    # own, which only the sandbox keeps the child from.
+    others, own = (Path(f"/dev/shm/joey-test-{secrets.token_hex(4)}") for _ in range(2))
+    for shared in (others, own):
+        shared.write_text("shared memory")
+        shared.chmod(0o600)
+    os.chown(others, 65534, 65534)
+    # A directory on the registry's sys.path (PYTHONPATH) that holds more than packages: a secret beside.
+    added = tmp_path / "on-the-path"
+    added.mkdir()
+    (added / "secret.txt").write_text("not for a pickle")
+    monkeypatch.syspath_prepend(str(added))
+    attempts = HOST_POWERS | {
+        "other user's shared memory": f"open({str(others)!r}).read()",
+        "own shared memory": f"open({str(own)!r}).read()",
+        "list shared memory": "os.listdir('/dev/shm')",
+        "list devices": "os.listdir('/dev')",
+        "random": "len(open('/dev/urandom', 'rb').read(16))",
+        "zero": "open('/dev/zero', 'rb').read(2)",
+        "null": "open('/dev/null', 'r+b').write(b'discarded')",
+        "path secret": f"open({str(added / 'secret.txt')!r}).read()",
+        "list path entry": f"os.listdir({str(added)!r})",
+        "limits": (
+            "sorted((line[:26].strip(), line[26:].split()[:2]) for line in open('/proc/self/limits')"
+            " if line.startswith(('Max processes', 'Max file size')))"
+        ),
+        # Unbuffered: the first write is cut at the limit, the next one fails.
+        "write": "(out := open('scratch', 'wb', buffering=0)).write(bytes(1 << 20)) + out.write(b'x')",
+    }
+    limited = Conversions(4096, 60, 120, 1, 1 << 24, max_file_bytes=1 << 20, max_processes=64)
     staging = staging_of(tmp_path)
     try:
-        code = probe_code(**HOST_POWERS, shared=f"open({str(shared)!r}).read()")
         with pytest.raises(InvalidArgument, match="PROBED ") as refused:
-            conversions.start("sklearn", payload(tmp_path, code), (), None, staging)
+            limited.start("sklearn", payload(tmp_path, probe_code(**attempts)), (), None, staging)
     finally:
-        shared.unlink()
-    assert probed(str(refused.value)) == NO_HOST_POWER | {"shared": ["error", "Permission denied"]}
+        others.unlink()
+        own.unlink()
+    denied = ["error", "Permission denied"]
+    assert probed(str(refused.value)) == NO_HOST_POWER | {
+        "other user's shared memory": denied,
+        "own shared memory": denied,
+        "list shared memory": denied,
+        "list devices": denied,
+        "random": ["ok", "16"],
+        "zero": ["ok", "b'\\x00\\x00'"],
+        "null": ["ok", "9"],
+        "path secret": denied,
+        "list path entry": denied,
+        # RLIMIT_NPROC as the kernel holds it: a root registry's child is exempt from it all the same.
+        "limits": ["ok", str([("Max file size", ["1048576", "1048576"]), ("Max processes", ["64", "64"])])],
+        "write": ["error", "File too large"],
+    }
     # The registry converts the next upload as ever.
-    conversion = conversions.start("sklearn", payload(tmp_path, ""), (), None, staging)
+    conversion = limited.start("sklearn", payload(tmp_path, ""), (), None, staging)
     assert conversion.finish()[1][0] == "loaded a scikit-learn LinearRegression of 2 features"
     conversion.remove()
 
@@ -414,73 +453,6 @@ except (InvalidArgument, FailedPrecondition) as exc:
         "(capset: Operation not permitted); nothing was stored (JOEY_CONVERSION_REQUIRE_SANDBOX=false "
         "converts unconfined)"
     )
-
-
-def test_a_pickle_reads_no_device_but_null_zero_and_random(conversions: Conversions, tmp_path: Path) -> None:
-    # The registry's own file in /dev/shm (its user's: only the sandbox stands between the child and it).
-    shared = Path(f"/dev/shm/joey-test-{secrets.token_hex(4)}")
-    shared.write_text("the registry's shared memory")
-    shared.chmod(0o600)
-    devices = {
-        "list": "sorted(os.listdir('/dev'))",
-        "shared": f"open({str(shared)!r}).read()",
-        "list shared": "os.listdir('/dev/shm')",
-        "random": "len(open('/dev/urandom', 'rb').read(16))",
-        "zero": "open('/dev/zero', 'rb').read(2)",
-        "null": "open('/dev/null', 'r+b').write(b'discarded')",
-    }
-    try:
-        with pytest.raises(InvalidArgument, match="PROBED ") as refused:
-            conversions.start(
-                "sklearn", payload(tmp_path, probe_code(**devices)), (), None, staging_of(tmp_path)
-            )
-    finally:
-        shared.unlink()
-    assert probed(str(refused.value)) == {
-        "list": ["error", "Permission denied"],
-        "shared": ["error", "Permission denied"],
-        "list shared": ["error", "Permission denied"],
-        "random": ["ok", "16"],
-        "zero": ["ok", "b'\\x00\\x00'"],
-        "null": ["ok", "9"],
-    }
-
-
-def test_a_pickle_reads_nothing_on_the_registrys_path_but_python_and_its_packages(
-    conversions: Conversions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A directory on the registry's sys.path (PYTHONPATH) that holds more than packages: a secret beside.
-    added = tmp_path / "on-the-path"
-    added.mkdir()
-    (added / "secret.txt").write_text("not for a pickle")
-    monkeypatch.syspath_prepend(str(added))
-    code = probe_code(
-        secret=f"open({str(added / 'secret.txt')!r}).read()", listed=f"os.listdir({str(added)!r})"
-    )
-    with pytest.raises(InvalidArgument, match="PROBED ") as refused:
-        conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
-    assert probed(str(refused.value)) == {
-        "secret": ["error", "Permission denied"],
-        "listed": ["error", "Permission denied"],
-    }
-
-
-def test_a_conversion_child_writes_no_file_beyond_its_limit_and_starts_few_processes(tmp_path: Path) -> None:
-    limited = Conversions(4096, 60, 120, 1, 1 << 24, max_file_bytes=1 << 20, max_processes=64)
-    limits = (
-        "sorted((line[:26].strip(), line[26:].split()[:2]) for line in open('/proc/self/limits')"
-        " if line.startswith(('Max processes', 'Max file size')))"
-    )
-    # Unbuffered: the first write is cut at the limit, the next one fails.
-    write = "(out := open('scratch', 'wb', buffering=0)).write(bytes(1 << 20)) + out.write(b'x')"
-    code = probe_code(limits=limits, write=write)
-    with pytest.raises(InvalidArgument, match="PROBED ") as refused:
-        limited.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
-    assert probed(str(refused.value)) == {
-        # RLIMIT_NPROC as the kernel holds it: a root registry's child is exempt from it all the same.
-        "limits": ["ok", str([("Max file size", ["1048576", "1048576"]), ("Max processes", ["64", "64"])])],
-        "write": ["error", "File too large"],
-    }
 
 
 # Replies the file's code writes to the reply channel (the child's first descriptor of its own) before
