@@ -1,7 +1,9 @@
 """The conversion core without the stack: how a conversion's outputs are compared with the native
 library's, an ExportedProgram converted in its confined child (the end-to-end tests take TorchScript:
 tests/joey/client/test_native_models.py), and what a pickle's own code cannot do from that child: make a
-socket, outlive its conversion, cost the registry memory, or load where the sandbox is missing."""
+socket, outlive its conversion, cost the registry memory, load where the sandbox is missing, use a root
+registry's capabilities, read devices or the registry's path, write or start beyond its limits, or forge
+its replies."""
 
 from __future__ import annotations
 
