@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -118,6 +119,43 @@ import numpy as np
 from sklearn.linear_model import LinearRegression
 m = LinearRegression().fit(np.arange(8.0).reshape(4, 2), np.arange(4.0))
 """
+
+
+def probe_code(**attempts: str) -> str:
+    """Code for :class:`Payload` that tries each expression of ``attempts`` in the conversion child and
+    reports what each gave, ``["ok", repr]`` or ``["error", strerror]``, in the refusal it then raises:
+    ``PROBED {json}``, read back with :func:`probed`. ``checked(result)`` turns a C call's -1 into an
+    OSError; ``libc`` is the C library and ``syscall_number(name)`` resolves a system call's number."""
+    tries = "".join(f"attempt({name!r}, lambda: {expression})\n" for name, expression in attempts.items())
+    return PROBE + tries + 'raise ValueError("PROBED " + json.dumps(tried))\n'
+
+
+PROBE = """
+import ctypes, json, os
+import pyseccomp
+tried = {}
+libc = ctypes.CDLL(None, use_errno=True)
+def syscall_number(name):
+    return pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+def checked(result):
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+def attempt(name, act):
+    try:
+        tried[name] = ["ok", repr(act())[:300]]
+    except OSError as exc:
+        tried[name] = ["error", exc.strerror]
+"""
+
+
+def probed(message: str) -> dict[str, list[str]]:
+    """What a :func:`probe_code` payload reported in the refusal ``message``."""
+    found: dict[str, list[str]] = json.loads(
+        message.split("PROBED ", 1)[1].rsplit("; nothing was stored", 1)[0]
+    )
+    return found
 
 
 def identity_model(input_name: str, dtype: str, output_name: str, width: int | None = None) -> bytes:

@@ -1,12 +1,15 @@
 """The conversion core without the stack: how a conversion's outputs are compared with the native
 library's, an ExportedProgram converted in its confined child (the end-to-end tests take TorchScript:
 tests/joey/client/test_native_models.py), and what a pickle's own code cannot do from that child: make a
-socket, outlive its conversion, cost the registry memory, or load where the sandbox is missing."""
+socket, outlive its conversion, cost the registry memory, load where the sandbox is missing, use a root
+registry's capabilities, read devices or the registry's path, write or start beyond its limits, or forge
+its replies."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import secrets
@@ -24,11 +27,11 @@ import pytest
 from joey_core.models import TensorSpec
 from joey_registry.app import RegistryServer
 from joey_registry.artifacts import FilesystemArtifactStore
-from joey_registry.conversion import Conversions
+from joey_registry.conversion import ConversionFailed, Conversions
 from joey_registry.converters import verify
 from joey_registry.errors import InvalidArgument
 from tests.conftest import wait_until
-from tests.registry.helpers import Payload
+from tests.registry.helpers import Payload, probe_code, probed
 
 
 def test_outputs_within_the_tolerance_pass_and_say_how_close_they_came() -> None:
@@ -304,7 +307,7 @@ import pyseccomp
 rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
 rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "unshare")
 rules.load()
-from joey_registry.conversion import Conversions
+from joey_registry.conversion import ConversionFailed, Conversions
 from joey_registry.errors import FailedPrecondition
 seen = {{}}
 for require in (True, False):
@@ -330,3 +333,156 @@ print(json.dumps(seen))
     ]
     assert seen["False"][0] == "converted"
     assert "network not isolated: Operation not permitted (unshare CLONE_NEWNET)" in seen["False"]
+
+
+# What a pickle of a root registry would use the host's capabilities for, each harmless if it succeeded:
+# setting the hostname the host has, a bpf call that fails (EINVAL) right after its permission check, a
+# user namespace for the child alone.
+HOST_POWERS = {
+    "hostname": "checked(libc.sethostname(os.uname().nodename.encode(), len(os.uname().nodename.encode())))",
+    "capabilities": "[line.split()[1] for line in open('/proc/self/status') if line.startswith('CapEff')][0]",
+    "bpf": "checked(libc.syscall(syscall_number('bpf'), 0, None, 0))",
+    # A user namespace of its own would give it every capability again, inside it.
+    "unshare": "checked(libc.unshare(0x10000000))",
+}
+NO_HOST_POWER = {
+    "hostname": ["error", "Operation not permitted"],
+    "capabilities": ["ok", "'0000000000000000'"],
+    "bpf": ["error", "Operation not permitted"],
+    "unshare": ["error", "Operation not permitted"],
+}
+
+
+def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_its_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The registry runs as root here (and in CI and the image). In /dev/shm, where Postgres's segments
+    # are: another user's file, readable only with a capability (CAP_DAC_OVERRIDE), and the registry's
+    # own, which only the sandbox keeps the child from.
+    others, own = (Path(f"/dev/shm/joey-test-{secrets.token_hex(4)}") for _ in range(2))
+    for shared in (others, own):
+        shared.write_text("shared memory")
+        shared.chmod(0o600)
+    os.chown(others, 65534, 65534)
+    # A directory on the registry's sys.path (PYTHONPATH) that holds more than packages: a secret beside.
+    added = tmp_path / "on-the-path"
+    added.mkdir()
+    (added / "secret.txt").write_text("not for a pickle")
+    monkeypatch.syspath_prepend(str(added))
+    attempts = HOST_POWERS | {
+        "other user's shared memory": f"open({str(others)!r}).read()",
+        "own shared memory": f"open({str(own)!r}).read()",
+        "list shared memory": "os.listdir('/dev/shm')",
+        "list devices": "os.listdir('/dev')",
+        "random": "len(open('/dev/urandom', 'rb').read(16))",
+        "zero": "open('/dev/zero', 'rb').read(2)",
+        "null": "open('/dev/null', 'r+b').write(b'discarded')",
+        "path secret": f"open({str(added / 'secret.txt')!r}).read()",
+        "list path entry": f"os.listdir({str(added)!r})",
+        "limits": (
+            "sorted((line[:26].strip(), line[26:].split()[:2]) for line in open('/proc/self/limits')"
+            " if line.startswith(('Max processes', 'Max file size')))"
+        ),
+        # Unbuffered: the first write is cut at the limit, the next one fails.
+        "write": "(out := open('scratch', 'wb', buffering=0)).write(bytes(1 << 20)) + out.write(b'x')",
+    }
+    limited = Conversions(4096, 60, 120, 1, 1 << 24, max_file_bytes=1 << 20, max_processes=64)
+    staging = staging_of(tmp_path)
+    try:
+        with pytest.raises(InvalidArgument, match="PROBED ") as refused:
+            limited.start("sklearn", payload(tmp_path, probe_code(**attempts)), (), None, staging)
+    finally:
+        others.unlink()
+        own.unlink()
+    denied = ["error", "Permission denied"]
+    assert probed(str(refused.value)) == NO_HOST_POWER | {
+        "other user's shared memory": denied,
+        "own shared memory": denied,
+        "list shared memory": denied,
+        "list devices": denied,
+        "random": ["ok", "16"],
+        "zero": ["ok", "b'\\x00\\x00'"],
+        "null": ["ok", "9"],
+        "path secret": denied,
+        "list path entry": denied,
+        # RLIMIT_NPROC as the kernel holds it: a root registry's child is exempt from it all the same.
+        "limits": ["ok", str([("Max file size", ["1048576", "1048576"]), ("Max processes", ["64", "64"])])],
+        "write": ["error", "File too large"],
+    }
+    # The registry converts the next upload as ever.
+    conversion = limited.start("sklearn", payload(tmp_path, ""), (), None, staging)
+    assert conversion.finish()[1][0] == "loaded a scikit-learn LinearRegression of 2 features"
+    conversion.remove()
+
+
+@pytest.mark.parametrize("denied", [(), ("capset",)])
+def test_without_user_namespaces_a_root_child_drops_every_capability_or_is_refused(
+    tmp_path: Path, denied: tuple[str, ...]
+) -> None:
+    # A registry where user namespaces are refused (a container's seccomp profile does that): root then
+    # makes the network namespace alone, and gives up its capabilities before opening the file; a child
+    # that could not (capset refused too) would still hold them, and is refused before it opens it.
+    script = f"""
+import errno
+from pathlib import Path
+import pyseccomp
+rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+new_user = pyseccomp.Arg(0, pyseccomp.MASKED_EQ, 0x10000000, 0x10000000)  # CLONE_NEWUSER
+rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "unshare", new_user)
+for name in {denied!r}:
+    rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+rules.load()
+from joey_registry.conversion import ConversionFailed, Conversions
+from joey_registry.errors import FailedPrecondition, InvalidArgument
+folder = Path({str(tmp_path)!r})
+try:
+    Conversions(4096, 60, 120, 1, 1 << 24).start("sklearn", folder / "probe.pkl", (), None, folder)
+except (InvalidArgument, FailedPrecondition) as exc:
+    print(type(exc).__name__, str(exc))
+"""
+    (tmp_path / "probe.pkl").write_bytes(pickle.dumps(Payload(probe_code(**HOST_POWERS))))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    kind, message = done.stdout.split(" ", 1)
+    if not denied:
+        assert (kind, probed(message)) == ("InvalidArgument", NO_HOST_POWER)
+        return
+    assert kind == "FailedPrecondition"
+    assert message.startswith(
+        "the conversion sandbox could not be set up: capabilities not dropped: uid 0 holds CapEff "
+    )
+    assert message.rstrip().endswith(
+        "(capset: Operation not permitted); nothing was stored (JOEY_CONVERSION_REQUIRE_SANDBOX=false "
+        "converts unconfined)"
+    )
+
+
+# Replies the file's code writes to the reply channel (the child's first descriptor of its own) before
+# the child's own: a description that is no text, and a log that is no list of lines.
+FORGED = {
+    "loaded": ['{"loaded": 5, "notes": []}'],
+    "converted": ['{"loaded": "a model", "notes": []}', '{"converted": "verified: exact, trust me"}'],
+}
+
+
+@pytest.mark.parametrize("forged", FORGED)
+def test_a_reply_of_any_other_shape_is_refused(conversions: Conversions, tmp_path: Path, forged: str) -> None:
+    lines = "".join(line + "\n" for line in FORGED[forged]).encode()
+    code = f"import os\nos.write(3, {lines!r})\n"
+    if forged == "loaded":
+        with pytest.raises(InvalidArgument) as refused:
+            conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
+        assert str(refused.value) == (
+            "the conversion's reply is malformed: Loaded.loaded: Input should be a valid string; "
+            "nothing was stored"
+        )
+        return
+    conversion = conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
+    assert conversion.description == "a model"
+    with pytest.raises(ConversionFailed) as failed:
+        conversion.finish()
+    assert (
+        str(failed.value)
+        == "the conversion's reply is malformed: Converted.converted: Input should be a valid array"
+    )
+    conversion.remove()

@@ -22,7 +22,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from joey_core.models import TensorSpec
 from joey_registry import convert_process
@@ -37,6 +39,47 @@ _MAX_REPLY_BYTES = 1 << 20  # a reply is a description, notes or a log of a few 
 _REPLIES = 2  # loaded (or refused), then converted (or failed): nothing after is read
 _CHUNK = 64 << 10
 _GROUP_EXIT_S = 30.0  # SIGKILLed processes leave at once; only one stuck in the kernel takes longer
+
+
+class _Reply(BaseModel):
+    # Strict: the child ran the file's code, which may write to the reply channel itself. A reply is
+    # exactly one of these shapes, of these types, or the conversion is refused.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Loaded(_Reply):
+    loaded: str
+    notes: list[str]
+
+
+class Refused(_Reply):
+    refused: str
+
+
+class Unconfined(_Reply):
+    unconfined: str
+
+
+class Converted(_Reply):
+    converted: list[str]
+
+
+class Failed(_Reply):
+    failed: str
+    log: list[str]
+
+
+_FIRST: TypeAdapter[Loaded | Refused | Unconfined] = TypeAdapter(Loaded | Refused | Unconfined)
+_SECOND: TypeAdapter[Converted | Failed] = TypeAdapter(Converted | Failed)
+_R = TypeVar("_R")
+
+CHILD_CLAIM = (
+    "(the lines above are the conversion child's own report: it ran the file's code, so the "
+    "verification figures are the file's claim; the registry itself checked the ONNX file: it loads in "
+    "onnxruntime, its types and shapes infer, no tensor is larger than JOEY_UPLOAD_CHECK_MEMORY_MB "
+    "allows, and its inputs and outputs are the signature stored)"
+)
+"""The line the registry adds to the log of a conversion whose ONNX form passed its own check."""
 
 
 class ConversionFailed(Exception):
@@ -81,7 +124,7 @@ class Conversion:
     max_output_bytes: int
     deadline: float
     child: subprocess.Popen[bytes]
-    replies: queue.Queue[dict[str, Any] | None]
+    replies: queue.Queue[bytes | None]
     stderr: OutputTail
     owner: Conversions
     output: Path | None = None
@@ -91,14 +134,14 @@ class Conversion:
         """A copy, the registry's own, of the ONNX file written, and the conversion log;
         ConversionFailed otherwise."""
         try:
-            reply = self.owner.reply(self, self.deadline)
+            reply = self.owner.reply(self, self.deadline, _SECOND)
         finally:
             ended = self._end()
-        if "converted" not in reply:
-            raise ConversionFailed(str(reply.get("failed")), list(reply.get("log", [])))
+        if isinstance(reply, Failed):
+            raise ConversionFailed(reply.failed, reply.log)
         if not ended:
             raise ConversionFailed(f"processes of the conversion outlived it by {_GROUP_EXIT_S:g} s", [])
-        return self._copy_output(), list(reply["converted"])
+        return self._copy_output(), reply.converted
 
     def abandon(self) -> None:
         """End the child and remove its work directory (the upload failed after the model loaded)."""
@@ -151,26 +194,23 @@ class Conversion:
         return self.output
 
 
+@dataclass
 class Conversions:
     """Spawned, not forked (the registry is threaded), one child per upload, at most ``concurrency``
     at once: a conversion holds its child until it is verified, after the upload returned."""
 
-    def __init__(
-        self,
-        memory_mb: int,
-        cpu_s: int,
-        timeout_s: float,
-        concurrency: int,
-        max_output_bytes: int,
-        require_sandbox: bool = True,
-    ):
-        self.memory_mb = memory_mb
-        self.cpu_s = cpu_s
-        self.timeout_s = timeout_s
-        self.max_output_bytes = max_output_bytes
-        self.require_sandbox = require_sandbox
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self.concurrency = concurrency
+    memory_mb: int
+    cpu_s: int
+    timeout_s: float
+    concurrency: int
+    max_output_bytes: int
+    require_sandbox: bool = True
+    max_file_bytes: int = 2 << 30
+    max_processes: int = 512
+    _slots: threading.BoundedSemaphore = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.concurrency)
 
     def release(self) -> None:
         self._slots.release()
@@ -198,7 +238,8 @@ class Conversions:
             "sample": dict(sample) if sample else None,
             "memory_mb": self.memory_mb,
             "cpu_s": self.cpu_s,
-            "max_output_bytes": self.max_output_bytes,
+            "max_file_bytes": self.max_file_bytes,
+            "max_processes": self.max_processes,
             "require_sandbox": self.require_sandbox,
         }
         try:
@@ -208,7 +249,7 @@ class Conversions:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=CHECK_ENVIRONMENT
-                | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "HOME": str(workdir)},
+                | {"PYTHONPATH": os.pathsep.join(convert_process.import_paths()), "HOME": str(workdir)},
                 cwd=workdir,
                 # A group of its own, which the registry kills whole when the conversion ends.
                 start_new_session=True,
@@ -218,7 +259,7 @@ class Conversions:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         assert child.stdin is not None and child.stdout is not None and child.stderr is not None
-        replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        replies: queue.Queue[bytes | None] = queue.Queue()
         stderr = OutputTail(_STDERR_TAIL_BYTES)
         threading.Thread(target=_read_replies, args=(child.stdout, replies), daemon=True).start()
         threading.Thread(target=_read_stderr, args=(child.stderr, stderr), daemon=True).start()
@@ -237,31 +278,36 @@ class Conversions:
             self,
         )
         try:
-            reply = self.reply(conversion, conversion.deadline)
+            reply = self.reply(conversion, conversion.deadline, _FIRST)
         except BaseException:
             conversion.abandon()
             raise
-        if "unconfined" in reply:
+        if isinstance(reply, Unconfined):
             conversion.abandon()
             raise FailedPrecondition(
-                f"the conversion sandbox could not be set up: {reply['unconfined']}; nothing was stored "
+                f"the conversion sandbox could not be set up: {reply.unconfined}; nothing was stored "
                 "(JOEY_CONVERSION_REQUIRE_SANDBOX=false converts unconfined)"
             )
-        if "refused" in reply:
+        if isinstance(reply, Refused):
             conversion.abandon()
-            raise InvalidArgument(f"{reply['refused']}; nothing was stored")
-        conversion.description, conversion.notes = reply["loaded"], list(reply.get("notes", []))
+            raise InvalidArgument(f"{reply.refused}; nothing was stored")
+        conversion.description, conversion.notes = reply.loaded, reply.notes
         return conversion
 
-    def reply(self, conversion: Conversion, deadline: float) -> dict[str, Any]:
-        """The child's next reply; the limit it hit (InvalidArgument, ConversionFailed after the model
-        loaded) when it ended without one."""
+    def reply(self, conversion: Conversion, deadline: float, shape: TypeAdapter[_R]) -> _R:
+        """The child's next reply, of ``shape``; the limit it hit (InvalidArgument, ConversionFailed
+        after the model loaded) when it ended without one, or a reply of any other shape."""
         loaded = bool(conversion.description)
         try:
-            reply = conversion.replies.get(timeout=max(0.0, deadline - time.monotonic()))
-            if reply is not None and "oversized" not in reply:
-                return reply
-            if reply is not None:
+            line = conversion.replies.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is not None and len(line) <= _MAX_REPLY_BYTES:
+                try:
+                    return shape.validate_json(line)
+                except ValidationError as exc:
+                    reason = f"the conversion's reply is malformed: {_first_error(exc)}"
+            else:
+                reason = f"the conversion's reply is longer than {_MAX_REPLY_BYTES} bytes"
+            if line is not None:
                 _kill_group(conversion.child)
             code = conversion.child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except (queue.Empty, subprocess.TimeoutExpired):
@@ -270,9 +316,7 @@ class Conversions:
             if loaded:
                 raise ConversionFailed(reason, []) from None
             raise Unavailable(f"{reason} before it even loaded: the registry is busy; retry") from None
-        if reply is not None:
-            reason = f"the conversion's reply is longer than {_MAX_REPLY_BYTES} bytes"
-        else:
+        if line is None:
             reason = self._limit_hit(code, conversion.stderr.lines())
         if loaded:
             raise ConversionFailed(reason, conversion.stderr.lines())
@@ -287,7 +331,7 @@ class Conversions:
         if code == -signal.SIGXCPU:
             return f"converting the model used more than {self.cpu_s} s of CPU (JOEY_CONVERSION_CPU_S)"
         if code == -signal.SIGXFSZ:
-            return f"the converted model is larger than {self.max_output_bytes} bytes (JOEY_MAX_UPLOAD_BYTES)"
+            return convert_process.file_too_large(self.max_file_bytes)
         log.error("the conversion child exited with %d: %s", code, "\n".join(stderr))
         if code > 0:
             return f"the conversion failed (exit status {code}): {stderr[-1] if stderr else 'no output'}"
@@ -323,16 +367,22 @@ def _members(group: int) -> list[int]:
     return found
 
 
-def _read_replies(stream: io.BufferedIOBase, replies: queue.Queue[dict[str, Any] | None]) -> None:
+def _first_error(exc: ValidationError) -> str:
+    """What was wrong with a reply, in a line: its shape or its first wrong field (never its value, which
+    the file's code chose)."""
+    error = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}"[:300] if where else error["msg"][:300]
+
+
+def _read_replies(stream: io.BufferedIOBase, replies: queue.Queue[bytes | None]) -> None:
     for _ in range(_REPLIES):
         line = stream.readline(_MAX_REPLY_BYTES + 1)
+        if not line:
+            break  # the child ended
+        replies.put(line)
         if len(line) > _MAX_REPLY_BYTES:
-            replies.put({"oversized": len(line)})
             break
-        try:
-            replies.put(json.loads(line))
-        except ValueError:
-            break  # not the child's reply (or none, at its end): it wrote to the channel itself
     replies.put(None)
     while stream.read1(_CHUNK):
         pass  # what else it writes, unread: a child blocked writing would not end

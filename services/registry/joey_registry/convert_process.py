@@ -10,20 +10,22 @@ was started with (no secret, no database URL). Its stdout is the registry's repl
 libraries print goes to stderr, which the registry keeps the end of for its log.
 
 Request (stdin, JSON): ``{"framework", "path", "workdir", "inputs", "sample", "memory_mb", "cpu_s",
-"max_output_bytes", "require_sandbox"}``. Replies, one JSON line each: first ``{"loaded": description,
-"notes": [...]}`` or ``{"refused": reason}``, or ``{"unconfined": what was unavailable}`` before the
-file is opened when a confinement could not be set up and ``require_sandbox`` holds; after ``loaded``,
-``{"converted": log lines}`` (the ONNX written to ``workdir/model.onnx``) or ``{"failed": reason,
-"log": lines}``. Running out of memory exits with :data:`EXIT_MEMORY`; the CPU limit ends the process
-with SIGXCPU.
+"max_file_bytes", "max_processes", "require_sandbox"}``. Replies, one JSON line each: first
+``{"loaded": description, "notes": [...]}`` or ``{"refused": reason}``, or ``{"unconfined": what was
+unavailable}`` before the file is opened when a confinement could not be set up and
+``require_sandbox`` holds; after ``loaded``, ``{"converted": log lines}`` (the ONNX written to
+``workdir/model.onnx``) or ``{"failed": reason, "log": lines}``. Running out of memory exits with
+:data:`EXIT_MEMORY`; the CPU limit ends the process with SIGXCPU.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import resource
+import site
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,20 +40,34 @@ EXIT_MEMORY = 3
 OUTPUT_NAME = "model.onnx"
 _MB = 1 << 20
 # What a Python process and the frameworks read besides sys.path: shared libraries, CPU and memory
-# facts. Not /etc as a whole (a root registry's /etc/shadow), not the home directory (credentials), and
-# of /proc only this process's own directory: /proc/<registry pid>/environ holds the registry's secrets.
+# facts, random bytes. Not /etc as a whole (a root registry's /etc/shadow), not the home directory
+# (credentials), of /dev only the devices every process may use (not /dev/shm, where other processes'
+# shared memory is, nor disks), and of /proc only this process's own directory: /proc/<registry
+# pid>/environ holds the registry's secrets.
 _SYSTEM_READABLE = (
     "/usr",
     "/lib",
     "/lib64",
     "/sys",
-    "/dev",
+    "/dev/zero",
+    "/dev/random",
+    "/dev/urandom",
     "/etc/ld.so.cache",
     "/etc/localtime",
     "/proc/cpuinfo",
     "/proc/meminfo",
     "/proc/stat",
 )
+
+
+def import_paths() -> list[str]:
+    """The entries of this process's sys.path that a conversion child imports from, and so may read:
+    Python's own, beneath sys.prefix and sys.base_prefix (the standard library, the environment's
+    site-packages), and other site-packages directories. Not the others: a directory added to
+    PYTHONPATH, or the one the registry started in, may hold anything (a checkout's secrets, say)."""
+    roots = [Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *site.getsitepackages())]
+    roots.append(Path(site.getusersitepackages()).resolve())
+    return [p for p in sys.path if p and any(Path(p).resolve().is_relative_to(root) for root in roots)]
 
 
 def confine(request: dict[str, Any]) -> list[str]:
@@ -62,15 +78,18 @@ def confine(request: dict[str, Any]) -> list[str]:
     os.nice(10)
     with open("/proc/self/oom_score_adj", "w") as score:
         score.write("1000")
-    # The packages' own directories too: an editable install finds them through a hook, not sys.path.
-    packages = [Path(module.__file__).parents[1] for module in (joey_core, joey_registry) if module.__file__]
-    readable = [Path(p) for p in (*sys.path, sys.prefix, sys.base_prefix, *_SYSTEM_READABLE) if p] + packages
+    # The packages' own directories too (not the checkout around them): an editable install finds them
+    # through a hook, not sys.path.
+    packages = [Path(module.__file__).parent for module in (joey_core, joey_registry) if module.__file__]
+    readable = [Path(p) for p in (*import_paths(), sys.prefix, sys.base_prefix, *_SYSTEM_READABLE)] + packages
     readable.append(Path(f"/proc/{os.getpid()}"))
-    # The filter first: its library is found by running ldconfig, which Landlock would not allow; it
-    # denies nothing the other steps need.
-    notes = [sandbox.filter_syscalls(), sandbox.isolate_network()]
+    # The namespaces first, then the capabilities they came with, then the filter (which refuses making
+    # namespaces, and whose library is found by running ldconfig, which Landlock would not allow).
+    notes = [sandbox.isolate_network(), sandbox.drop_capabilities(), sandbox.filter_syscalls()]
     try:
-        notes.append(sandbox.restrict_filesystem([*readable, Path(request["path"])], [workdir]))
+        # /dev/null writable too: libraries send output there, subprocess opens it read-write.
+        writable = [workdir, Path(os.devnull)]
+        notes.append(sandbox.restrict_filesystem([*readable, Path(request["path"])], writable))
     except OSError as exc:
         notes.append(f"filesystem not confined: {exc} (Landlock)")
     os.environ["TMPDIR"] = str(workdir)  # torch.export and friends write scratch files
@@ -84,8 +103,15 @@ def limit(request: dict[str, Any]) -> None:
     used = resource.getrusage(resource.RUSAGE_SELF)
     start = math.ceil(used.ru_utime + used.ru_stime)
     resource.setrlimit(resource.RLIMIT_CPU, (start + request["cpu_s"], start + request["cpu_s"] + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (request["max_output_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (request["max_file_bytes"],) * 2)
+    # Counted per user namespace (Linux 5.14+): this process's own threads and children. The kernel
+    # exempts a root registry's child (root's uid on the host), as docs/security.md says.
+    resource.setrlimit(resource.RLIMIT_NPROC, (request["max_processes"],) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def file_too_large(limit: int) -> str:
+    return f"a file the conversion wrote is larger than {limit} bytes (JOEY_CONVERSION_MAX_FILE_BYTES)"
 
 
 def _reply(channel: TextIO, message: dict[str, Any]) -> None:
@@ -134,7 +160,10 @@ def run(request: dict[str, Any], channel: TextIO, notes: list[str]) -> None:
         _reply(channel, {"failed": str(exc), "log": log})
         return
     except Exception as exc:  # noqa: BLE001 - the converter or the model failing: the upload's error
-        _reply(channel, {"failed": f"{type(exc).__name__}: {exc}"[:8000], "log": log})
+        # Python ignores SIGXFSZ: a write beyond RLIMIT_FSIZE fails with EFBIG instead.
+        too_large = isinstance(exc, OSError) and exc.errno == errno.EFBIG
+        reason = file_too_large(request["max_file_bytes"]) if too_large else f"{type(exc).__name__}: {exc}"
+        _reply(channel, {"failed": reason[:8000], "log": log})
         return
     _reply(channel, {"converted": log})
 

@@ -16,7 +16,7 @@ import functools
 import inspect
 import logging
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -119,6 +119,19 @@ def _status(rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
         )
     log.exception("%s failed (reference %s)", rpc, reference)
     return grpc.StatusCode.INTERNAL, f"internal error in {rpc} (reference {reference}); see the registry log"
+
+
+_Item = TypeVar("_Item")
+_Listing = TypeVar("_Listing", bound=Message)
+
+
+def _listing(
+    response: type[_Listing], to_proto: Callable[[_Item], Message], found: Iterable[_Item]
+) -> _Listing:
+    """A list response of ``found``, each item converted by ``to_proto``: every list response of the API
+    holds its items in its one (repeated) field."""
+    (items,) = response.DESCRIPTOR.fields
+    return response(**{items.name: [to_proto(item) for item in found]})
 
 
 class _Recorded:
@@ -284,7 +297,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def ListModels(self, request: pb.ListModelsRequest, caller: Caller) -> pb.ListModelsResponse:
         models = self.registry.list_models(caller, request.workspace)
-        return pb.ListModelsResponse(models=[convert.model(m) for m in models])
+        return _listing(pb.ListModelsResponse, convert.model, models)
 
     @_read
     def GetModel(self, request: pb.GetModelRequest, caller: Caller) -> pb.Model:
@@ -323,7 +336,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def ListPipelines(self, request: pb.ListPipelinesRequest, caller: Caller) -> pb.ListPipelinesResponse:
         pipelines = self.registry.list_pipelines(caller, request.workspace)
-        return pb.ListPipelinesResponse(pipelines=[convert.pipeline(p) for p in pipelines])
+        return _listing(pb.ListPipelinesResponse, convert.pipeline, pipelines)
 
     @_audited
     def Deploy(self, request: pb.DeployRequest, caller: Caller) -> pb.Deployment:
@@ -372,7 +385,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def ListConnections(self, request: pb.ConnectionListRequest, caller: Caller) -> pb.ConnectionListResponse:
         found = self.registry.connections.list_all(caller, request.workspace)
-        return pb.ConnectionListResponse(connections=[connection_convert.connection(c) for c in found])
+        return _listing(pb.ConnectionListResponse, connection_convert.connection, found)
 
     # Audited although a read: it hands out secrets, and who read them is worth knowing.
     @_audited
@@ -425,7 +438,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def ListBridges(self, request: pb.BridgeListRequest, caller: Caller) -> pb.BridgeListResponse:
         found = self.registry.bridges.list_all(caller, request.workspace)
-        return pb.BridgeListResponse(bridges=[bridge_convert.bridge(b) for b in found])
+        return _listing(pb.BridgeListResponse, bridge_convert.bridge, found)
 
     @_read
     def GetBridgeStatus(self, request: pb.BridgeRequest, caller: Caller) -> pb.Bridge:
@@ -462,7 +475,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def ListAssays(self, request: pb.ListAssaysRequest, caller: Caller) -> pb.ListAssaysResponse:
         assays = self.registry.assays.list_all(caller, request.workspace, request.pipeline)
-        return pb.ListAssaysResponse(assays=[assay_convert.assay(a) for a in assays])
+        return _listing(pb.ListAssaysResponse, assay_convert.assay, assays)
 
     @_read
     def GetAssay(self, request: pb.GetAssayRequest, caller: Caller) -> pb.Assay:
@@ -561,7 +574,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def ListTokens(self, request: pb.ListTokensRequest, caller: Caller) -> pb.ListTokensResponse:
         tokens = self.registry.identity.list_tokens(caller)
-        return pb.ListTokensResponse(tokens=[convert.token_info(t) for t in tokens])
+        return _listing(pb.ListTokensResponse, convert.token_info, tokens)
 
     @_audited
     def RevokeToken(self, request: pb.RevokeTokenRequest, caller: Caller) -> pb.RevokeTokenResponse:
@@ -602,7 +615,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self, request: pb.ListWorkspaceMembersRequest, caller: Caller
     ) -> pb.ListWorkspaceMembersResponse:
         members = self.registry.identity.members(caller, request.workspace)
-        return pb.ListWorkspaceMembersResponse(members=[convert.member(m) for m in members])
+        return _listing(pb.ListWorkspaceMembersResponse, convert.member, members)
 
     @_read
     def Authorize(self, request: pb.AuthorizeRequest, caller: Caller) -> pb.User:
@@ -611,7 +624,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def QueryAudit(self, request: pb.QueryAuditRequest, caller: Caller) -> pb.QueryAuditResponse:
         entries = self.registry.identity.audit(caller, convert.audit_query(request))
-        return pb.QueryAuditResponse(entries=[convert.audit_entry(e) for e in entries])
+        return _listing(pb.QueryAuditResponse, convert.audit_entry, entries)
 
     # --- catalog: artifacts, tags and search ---
 
@@ -640,9 +653,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     @_read
     def SearchModels(self, request: pb.SearchModelsRequest, caller: Caller) -> pb.ListModelsResponse:
         models = self.registry.search_models(caller, request.workspace, convert.model_search(request))
-        return pb.ListModelsResponse(models=[convert.model(m) for m in models])
+        return _listing(pb.ListModelsResponse, convert.model, models)
 
     @_read
     def SearchPipelines(self, request: pb.SearchPipelinesRequest, caller: Caller) -> pb.ListPipelinesResponse:
         pipelines = self.registry.list_pipelines(caller, request.workspace, convert.pipeline_search(request))
-        return pb.ListPipelinesResponse(pipelines=[convert.pipeline(p) for p in pipelines])
+        return _listing(pb.ListPipelinesResponse, convert.pipeline, pipelines)

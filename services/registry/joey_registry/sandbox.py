@@ -4,20 +4,25 @@ the directory the registry gave it.
 
 Unpickling runs the file's code, so rlimits and a minimal environment are not enough: the code could
 read the credentials file, another model's artifact, or the registry's environment through
-``/proc/<pid>/environ``, and send them anywhere. Two kernel mechanisms close that, both usable without
-privileges:
+``/proc/<pid>/environ``, and send them anywhere; as root it could use the host's capabilities. Kernel
+mechanisms close that, all usable without privileges:
 
-- a network namespace of its own (``unshare(CLONE_NEWNET)``, inside a user namespace when not root):
-  no interface but a loopback nobody listens on;
+- a user namespace and a network namespace of its own (``unshare(CLONE_NEWUSER | CLONE_NEWNET)``, root
+  or not): no interface but a loopback nobody listens on, and capabilities only over what that user
+  namespace owns; then every capability dropped, the bounding set's included, and no_new_privs, so it
+  holds none (a root registry's child, where user namespaces are refused, is still uid 0 but without
+  capabilities: that is checked, and a child left with one is refused);
 - Landlock (Linux 5.13+): rules on which paths may be read and written; a landlocked process also
   cannot ptrace, and so cannot read the ``/proc/<pid>/environ`` or memory of, any process outside;
 - a seccomp filter (libseccomp): Landlock does not cover ``connect()`` to a Unix socket on disk (a
   local Postgres's, say) and the network namespace cuts only TCP/IP, so the process may create no
   socket of any family at all, nor leave its process group (the registry kills the group when the
-  conversion ends, grandchildren included), nor ptrace or write another process's memory.
+  conversion ends, grandchildren included), nor ptrace or write another process's memory, nor make
+  namespaces, nor reach the calls that act on the whole host (modules, bpf, clocks, mounts, ...).
 
-No maintained Python binding covers Landlock's network and scope rules, and the calls are three
-syscalls, so they are made here with ctypes. What a kernel does not offer is reported, not faked:
+No maintained Python binding covers Landlock's network and scope rules, nor capabilities' bounding
+set without building against libcap, and the calls are a few syscalls, so they are made here with
+ctypes. What a kernel does not offer is reported, not faked:
 each function returns a note the conversion log shows (or the registry refuses to convert on).
 """
 
@@ -33,6 +38,11 @@ from pathlib import Path
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAPABILITY_VERSION_3 = 0x20080522
+_NOBODY = 65534
 
 _SYS_CREATE_RULESET = 444
 _SYS_ADD_RULE = 445
@@ -56,16 +66,73 @@ def _fail(what: str) -> OSError:
 
 
 def isolate_network() -> str:
-    """Move this process into a network namespace of its own; a note when the machine refuses."""
-    if _libc.unshare(_CLONE_NEWNET) == 0:
-        return ""
-    # Not root: a user namespace of its own first grants the right to make the network one.
+    """Move this process into a user namespace and a network namespace of its own; a note when the
+    machine refuses both.
+
+    Always the user namespace too, root or not: a root process given only the network namespace keeps
+    every capability over the host (the hostname, other users' files, bpf). Inside its own user
+    namespace its capabilities reach only what that namespace owns (the empty network namespace). Where
+    user namespaces are refused (a container's profile, a sysctl), root still makes the network
+    namespace alone, and :func:`drop_capabilities` takes its capabilities away."""
+    uid, gid = os.geteuid(), os.getegid()
     if _libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
+        return _map_ids(uid, gid)
+    if _libc.unshare(_CLONE_NEWNET) == 0:
         return ""
     return f"network not isolated: {os.strerror(ctypes.get_errno())} (unshare CLONE_NEWNET)"
 
 
-# io_uring creates and connects sockets without the socket() call; the rest as the docstring says.
+def _map_ids(uid: int, gid: int) -> str:
+    """The registry's uid and gid as the only ones of the new namespace, root's seen inside as nobody;
+    without a map, files it creates have no owner the kernel can write down (EOVERFLOW)."""
+    try:
+        Path("/proc/self/setgroups").write_text("deny")  # an unprivileged gid_map needs this first
+        Path("/proc/self/uid_map").write_text(f"{uid or _NOBODY} {uid} 1")
+        Path("/proc/self/gid_map").write_text(f"{gid or _NOBODY} {gid} 1")
+    except OSError as exc:
+        return f"user ids not mapped: {exc.strerror} (/proc/self/uid_map)"
+    return ""
+
+
+def drop_capabilities() -> str:
+    """Give up every capability, the bounding set's too, so that nothing this process runs regains one;
+    a note naming what is left when any effective or permitted capability remains (fail closed: the
+    registry refuses to convert in a child that could still use one)."""
+    try:
+        _give_up_capabilities()
+        failed = ""
+    except OSError as exc:
+        failed = f" ({exc.strerror})"
+    status = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    held = [f"{name} {status[name].strip()}" for name in ("CapEff", "CapPrm") if int(status[name], 16)]
+    if not held:
+        return ""
+    return f"capabilities not dropped: uid {status['Uid'].split()[1]} holds {', '.join(held)}{failed}"
+
+
+def _give_up_capabilities() -> None:
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for capability in range(last + 1):
+        # EPERM: no CAP_SETPCAP, so a process without capabilities already (no_new_privs below keeps
+        # an exec from gaining any through a set-uid or file-capability binary).
+        if _libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EPERM:
+            raise _fail("prctl(PR_CAPBSET_DROP)")
+    if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        raise _fail("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    # Version 3: two 32-bit words of effective, permitted and inheritable sets, all empty.
+    if _libc.capset(struct.pack("Ii", _CAPABILITY_VERSION_3, 0), bytes(2 * 3 * 4)) != 0:
+        raise _fail("capset")
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise _fail("prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+# io_uring creates and connects sockets without the socket() call; the process group as the module's
+# docstring says; the rest is what a root process (or one with capabilities in its user namespace) could
+# use against the host or to get out of the sandbox: kernel modules and programs, clocks and names the
+# host shares, mounts, keyrings, tracing other processes, and new namespaces once its own are set up
+# (the filter is installed after them), through clone too.
 _DENIED_SYSCALLS = (
     "socket",
     "socketpair",
@@ -75,7 +142,34 @@ _DENIED_SYSCALLS = (
     "ptrace",
     "process_vm_writev",
     "process_vm_readv",
+    "bpf",
+    "perf_event_open",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "sethostname",
+    "setdomainname",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "unshare",
+    "setns",
 )
+# clone's flags that make namespaces: refused like unshare. clone3 passes its flags in memory a filter
+# cannot read, so it reports ENOSYS, which makes the C library fall back to clone.
+_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, _CLONE_NEWUSER, 0x20000000, _CLONE_NEWNET)
 
 
 def filter_syscalls() -> str:
@@ -91,6 +185,11 @@ def filter_syscalls() -> str:
         rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
         for name in _DENIED_SYSCALLS:
             rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+        for flag in _NAMESPACE_FLAGS:
+            rules.add_rule(
+                pyseccomp.ERRNO(errno.EPERM), "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag)
+            )
+        rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
         rules.load()
     except (OSError, RuntimeError, ValueError) as exc:
         return f"system calls not filtered: {exc} (seccomp)"

@@ -27,7 +27,7 @@ from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
 from joey_registry.assays import Assays
 from joey_registry.bridges import Bridges
 from joey_registry.connections import Connections
-from joey_registry.conversion import Conversion, ConversionFailed, Conversions
+from joey_registry.conversion import CHILD_CLAIM, Conversion, ConversionFailed, Conversions
 from joey_registry.converters import CONVERTERS
 from joey_registry.deploy_config import check_autoscale, check_resources
 from joey_registry.domain import (
@@ -128,6 +128,8 @@ class Registry:
             settings.conversion_concurrency,
             settings.max_upload_bytes,
             settings.conversion_require_sandbox,
+            settings.conversion_max_file_bytes,
+            settings.conversion_max_processes,
         )
         # Partition counts of inputs topics; partitions are never added, so a count never goes stale.
         self._partitions: dict[str, int] = {}
@@ -280,6 +282,7 @@ class Registry:
                 onnx_path, lines = conversion.finish()
                 # The registry loads nothing native: the ONNX form is checked as an ONNX upload is.
                 signature = self.checks.inspect("onnx", onnx_path, Signature((), ()))
+                lines = [*lines, CHILD_CLAIM]
             except (ConversionFailed, InvalidArgument, Unavailable) as exc:
                 lines = [*lines, *getattr(exc, "log_lines", []), f"error: {exc}"]
                 self.store.finish_conversion(

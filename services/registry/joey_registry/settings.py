@@ -71,8 +71,16 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
 
     conversion_require_sandbox: bool = True
     """Refuse to convert (FAILED_PRECONDITION naming what is missing) when the conversion child cannot
-    isolate its network, confine its filesystem (Landlock) or filter its system calls (seccomp); false
-    converts without what is missing, the conversion log saying so."""
+    isolate its network, drop every capability, confine its filesystem (Landlock) or filter its system
+    calls (seccomp); false converts without what is missing, the conversion log saying so."""
+
+    conversion_max_file_bytes: int = Field(default=2 * 1024**3, ge=1 << 20)
+    """Largest file a conversion child may write, its scratch files and the ONNX form (RLIMIT_FSIZE;
+    the write fails). Not their total: docs/security.md."""
+
+    conversion_max_processes: int = Field(default=512, ge=16)
+    """Processes and threads a conversion child may have (RLIMIT_NPROC, in its own user namespace);
+    the kernel exempts a root registry's child. torch starts a thread pool per core."""
 
     conversion_concurrency: int = Field(default=2, ge=1)
     """Conversions running at once (each holds a child process until verified); one more upload of a

@@ -33,6 +33,7 @@ from joey.client.calls import JoeyError
 from joey_cli import main
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
+from joey_registry.conversion import CHILD_CLAIM
 from joey_registry.converters.verify import ATOL, RTOL
 from tests.conftest import ADMIN_PASSWORD, SERVICE_TOKEN, Stack
 from tests.registry.helpers import Payload, identity_model, token_stub
@@ -114,6 +115,8 @@ def test_each_framework_serves_what_its_native_library_predicts(
         assert [(s.name, s.dtype, s.shape) for s in mv.inputs] == [("input", "float32", (-1, 4))]
         assert "verified on generated inputs" in mv.conversion_log
         assert "verified on the sample input" in mv.conversion_log
+        # The child's figures are its claim; the last line says what the registry checked itself.
+        assert mv.conversion_log.splitlines()[-1] == CHILD_CLAIM
         # The original beside the ONNX form, both downloadable.
         assert mv.source_sha256 and mv.source_sha256 != mv.sha256
         assert mv.source_size_bytes == path.stat().st_size
@@ -233,6 +236,12 @@ try:  # a local Postgres's socket on disk, which neither Landlock nor the networ
     found["unix"] = "connected"
 except OSError as exc:
     found["unix"] = f"refused: {exc.strerror}"
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+found["capabilities"] = status["CapEff"].strip()  # the registry runs as root here
+try:
+    found["shared memory"] = os.listdir("/dev/shm")  # Postgres's segments
+except OSError as exc:
+    found["shared memory"] = f"denied: {exc.strerror}"
 raise ValueError("SNOOPED " + json.dumps(found))
 """
 
@@ -275,6 +284,8 @@ def test_a_pickle_finds_no_secret_and_cannot_write_or_connect(
     assert found["write"].startswith("denied") and not outside.exists()
     assert found["postgres"] == "refused: Operation not permitted", found["postgres"]
     assert found["unix"] == "refused: Operation not permitted", found["unix"]
+    assert found["capabilities"] == "0000000000000000"
+    assert found["shared memory"] == "denied: Permission denied"
     assert "snoop" not in client.list_models()
     assert artifact_files(stack) == before
 

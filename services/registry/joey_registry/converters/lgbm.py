@@ -8,13 +8,11 @@ import lightgbm
 import numpy as np
 import onnx
 import onnxmltools
-from onnxmltools.convert.common.data_types import FloatTensorType
 
 from joey_core.models import TensorSpec
-from joey_registry.converters import Converter, Loaded, batch_dynamic, float_input
-from joey_registry.converters.xgb import TARGET_OPSET
+from joey_registry.converters import Converter, Loaded, boosters, float_input
 
-_CLASSIFIERS = ("binary", "multiclass")
+_KINDS: dict[str, boosters.Kind] = {"binary": "binary", "multiclass": "multiclass"}
 
 
 class LightGBMConverter(Converter):
@@ -24,12 +22,11 @@ class LightGBMConverter(Converter):
         try:
             booster = lightgbm.Booster(model_file=str(path))
         except lightgbm.basic.LightGBMError as exc:
-            reason = str(exc).strip().splitlines()[0][:300]
-            raise self.refuse(f"the file is not a booster saved with save_model (text): {reason}") from None
+            raise self.refuse(
+                f"the file is not a booster saved with save_model (text): {boosters.first_line(exc)}"
+            ) from None
         objective = _objective(booster)
-        if not (
-            objective in _CLASSIFIERS or objective.startswith("regression") or objective in ("huber", "fair")
-        ):
+        if not (objective in _KINDS or objective.startswith("regression") or objective in ("huber", "fair")):
             raise self.refuse(
                 f"objective {objective!r} is not supported; supported: binary, multiclass, regression"
             )
@@ -38,30 +35,11 @@ class LightGBMConverter(Converter):
         return Loaded(booster, description, float_input(features, declared, self))
 
     def to_onnx(self, loaded: Loaded) -> onnx.ModelProto:
-        spec = loaded.inputs[0]
-        try:
-            converted = onnxmltools.convert_lightgbm(
-                loaded.model,
-                initial_types=[(spec.name, FloatTensorType([None, spec.shape[1]]))],
-                zipmap=False,
-                target_opset=TARGET_OPSET,
-            )
-        except (RuntimeError, NotImplementedError, ValueError, TypeError, KeyError) as exc:
-            raise self.refuse(
-                f"onnxmltools cannot convert this booster: {str(exc).splitlines()[0]}"
-            ) from None
-        return batch_dynamic(converted)
+        return boosters.to_onnx(self, onnxmltools.convert_lightgbm, loaded, zipmap=False)
 
     def predict(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         predicted = loaded.model.predict(inputs[loaded.inputs[0].name])
-        objective = _objective(loaded.model)
-        if objective == "binary":
-            probabilities = np.column_stack([1 - predicted, predicted])
-        elif objective == "multiclass":
-            probabilities = predicted
-        else:
-            return {"variable": predicted}
-        return {"label": probabilities.argmax(axis=1), "probabilities": probabilities}
+        return boosters.outputs(predicted, _KINDS.get(_objective(loaded.model), "regression"))
 
 
 def _objective(booster: lightgbm.Booster) -> str:

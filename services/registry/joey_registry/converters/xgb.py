@@ -9,14 +9,11 @@ import numpy as np
 import onnx
 import onnxmltools
 import xgboost
-from onnxmltools.convert.common.data_types import FloatTensorType
 
 from joey_core.models import TensorSpec
-from joey_registry.converters import Converter, Loaded, batch_dynamic, float_input
+from joey_registry.converters import Converter, Loaded, boosters, float_input
 
-# onnxmltools' highest opset for tree ensembles.
-TARGET_OPSET = 15
-_CLASSIFIERS = ("binary:logistic", "multi:softprob")
+_KINDS: dict[str, boosters.Kind] = {"binary:logistic": "binary", "multi:softprob": "multiclass"}
 
 
 class XGBoostConverter(Converter):
@@ -26,14 +23,13 @@ class XGBoostConverter(Converter):
         try:
             booster = xgboost.Booster(model_file=str(path))
         except xgboost.core.XGBoostError as exc:
-            reason = str(exc).strip().splitlines()[0][:300]
             raise self.refuse(
-                f"the file is not a model saved with save_model (.json or .ubj): {reason}"
+                f"the file is not a model saved with save_model (.json or .ubj): {boosters.first_line(exc)}"
             ) from None
-        objective = json.loads(booster.save_config())["learner"]["objective"]["name"]
-        if not (objective in _CLASSIFIERS or objective.startswith("reg:")):
+        objective = _objective(booster)
+        if not (objective in _KINDS or objective.startswith("reg:")):
             raise self.refuse(
-                f"objective {objective!r} is not supported; supported: {', '.join(_CLASSIFIERS)} and reg:*"
+                f"objective {objective!r} is not supported; supported: {', '.join(_KINDS)} and reg:*"
             )
         features = booster.num_features()
         description = (
@@ -42,30 +38,16 @@ class XGBoostConverter(Converter):
         return Loaded(booster, description, float_input(features, declared, self))
 
     def to_onnx(self, loaded: Loaded) -> onnx.ModelProto:
-        spec = loaded.inputs[0]
-        try:
-            converted = onnxmltools.convert_xgboost(
-                loaded.model,
-                initial_types=[(spec.name, FloatTensorType([None, spec.shape[1]]))],
-                target_opset=TARGET_OPSET,
-            )
-        except (RuntimeError, NotImplementedError, ValueError, TypeError, KeyError) as exc:
-            raise self.refuse(
-                f"onnxmltools cannot convert this booster: {str(exc).splitlines()[0]}"
-            ) from None
-        return batch_dynamic(converted)
+        return boosters.to_onnx(self, onnxmltools.convert_xgboost, loaded)
 
     def predict(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         booster: xgboost.Booster = loaded.model
         predicted = booster.predict(xgboost.DMatrix(inputs[loaded.inputs[0].name]))
-        objective = json.loads(booster.save_config())["learner"]["objective"]["name"]
-        if objective == "binary:logistic":
-            probabilities = np.column_stack([1 - predicted, predicted])
-        elif objective == "multi:softprob":
-            probabilities = predicted
-        else:
-            return {"variable": predicted}
-        return {"label": probabilities.argmax(axis=1), "probabilities": probabilities}
+        return boosters.outputs(predicted, _KINDS.get(_objective(booster), "regression"))
+
+
+def _objective(booster: xgboost.Booster) -> str:
+    return str(json.loads(booster.save_config())["learner"]["objective"]["name"])
 
 
 CONVERTER = XGBoostConverter
