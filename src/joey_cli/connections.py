@@ -108,11 +108,19 @@ def connection_test(obj: Any, name: str) -> None:
 
 @connection.command("delete")
 @click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Delete without asking for confirmation.")
 @click.pass_obj
-def connection_delete(obj: Any, name: str) -> None:
-    """Delete connection NAME of the workspace, and its shares."""
+def connection_delete(obj: Any, name: str, yes: bool) -> None:
+    """Delete connection NAME of the workspace, and its shares (refused while bridges use it). Asks
+    first (--yes does not)."""
     from joey.client import Connection
+    from joey_cli.commands import _confirm  # loaded by now: it registers this command
 
+    _confirm(
+        yes,
+        f"connection {name}",
+        lambda: f"delete connection {name} of workspace {obj.workspace}, and its shares?",
+    )
     Connection(obj.client, obj.workspace, name, "", "").delete()
     click.echo(f"deleted connection {name}")
 
