@@ -131,7 +131,7 @@ def test_a_replay_after_a_crash_rewrites_the_same_files(tmp_path: Path) -> None:
     crashed.write([result(o) for o in range(10, 19)])  # files 10-13 and 14-17 written, 18 held
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert len(leftovers) == 2
-    successor = FilesSink({"path": str(tmp_path), "roll_rows": 4, "roll_seconds": 0.001}, BRIDGE)
+    successor = FilesSink({"path": str(tmp_path), "roll_rows": 4, "roll_seconds": 1e-9}, BRIDGE)
     successor.write([result(o) for o in range(10, 12)])
     successor.tick()  # aged, but not at the leftover's end yet: held
     assert successor.held() == {(TOPIC, 0): 10}
