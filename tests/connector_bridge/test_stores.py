@@ -147,15 +147,7 @@ def test_a_replay_after_a_crash_rewrites_the_same_files(tmp_path: Path) -> None:
 def test_an_s3_source_and_sink(s3: S3Server, tmp_path: Path) -> None:
     """The same rules over moto's S3: objects under the prefix read in key order, results written as
     objects there, nothing written by halves."""
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=s3.access_key_id,
-        aws_secret_access_key=s3.secret_access_key,
-    )
+    client = s3.client()
     client.put_object(Bucket=s3.bucket, Key="feed/2.jsonl", Body=b'{"x": [2]}\n')
     client.put_object(Bucket=s3.bucket, Key="feed/1.csv", Body=b"x\n1\n")
     client.put_object(Bucket=s3.bucket, Key="feed/_tmp/3.jsonl", Body=b'{"x": 3}\n')
@@ -251,3 +243,20 @@ def test_every_file_sink_and_source_is_registered() -> None:
 
     assert sorted(SOURCES) == sorted(SUPPORTED[SOURCE]) and sorted(SINKS) == sorted(SUPPORTED[SINK])
     assert issubclass(SINKS["s3"], FileSink) and issubclass(SINKS["files"], FileSink)
+
+
+@pytest.mark.parametrize(
+    ("details", "field"),
+    [
+        ({"roll_rows": 0}, "roll_rows"),
+        ({"roll_seconds": 0}, "roll_seconds"),
+        ({"roll_rows": "many"}, "roll_rows"),
+    ],
+)
+def test_a_file_sinks_rolling_is_checked_with_its_connection(details: dict[str, Any], field: str) -> None:
+    from joey_core.connections import InvalidDetails, connection_type
+
+    for kind, base in (("files", {"path": "/data"}), ("s3", {"bucket": "scores"})):
+        with pytest.raises(InvalidDetails) as caught:
+            connection_type(kind).validate(base | details)
+        assert caught.value.field == field

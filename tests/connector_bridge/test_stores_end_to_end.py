@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -152,13 +151,7 @@ def scenario(
     ):
         found = Scenario(secrets=(s3.secret_access_key, HOOK_TOKEN))
         client = world.client
-        bucket = boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=s3.access_key_id,
-            aws_secret_access_key=s3.secret_access_key,
-        )
+        bucket = s3.client()
         s3_details = {
             "bucket": s3.bucket,
             "endpoint": s3.endpoint,

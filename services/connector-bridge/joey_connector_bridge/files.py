@@ -54,17 +54,13 @@ class Directory(Location):
             raise Unavailable(f"cannot write {final}: {exc.strerror}") from None
 
 
-class _Local:
-    @classmethod
-    def location(cls, details: Mapping[str, Any]) -> Location:
-        return Directory(details)
-
-
 @register_source
-class FilesSource(_Local, FileSource):
+class FilesSource(FileSource):
     type = "files"
+    location = Directory
 
 
 @register_sink
-class FilesSink(_Local, FileSink):
+class FilesSink(FileSink):
     type = "files"
+    location = Directory

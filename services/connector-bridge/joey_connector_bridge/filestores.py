@@ -93,6 +93,10 @@ class Location(ABC):
     """Where a store's files are. Failures raise Unavailable naming the file, never a secret."""
 
     @abstractmethod
+    def __init__(self, details: Mapping[str, Any]) -> None:
+        """The place the connection's details name; nothing is reached yet."""
+
+    @abstractmethod
     def list(self) -> list[Entry]:
         """The files there (every one: :func:`in_progress` ones too)."""
 
@@ -104,12 +108,10 @@ class Location(ABC):
         """Write ``name`` whole or not at all: readers never see part of it."""
 
 
-class FileStore(ABC):
-    """A source or a sink over a :class:`Location`: each store's module gives :meth:`location`."""
+class FileStore:
+    """A source or a sink over a :class:`Location`: each store's module names its own."""
 
-    @classmethod
-    @abstractmethod
-    def location(cls, details: Mapping[str, Any]) -> Location: ...
+    location: ClassVar[type[Location]]
 
 
 def _format_of(name: str, details: Mapping[str, Any]) -> str | None:

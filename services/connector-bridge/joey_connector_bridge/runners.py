@@ -262,6 +262,8 @@ class SinkRunner(Runner):
             self._consumed[(tp.topic, tp.partition)] = tp.offset
 
         def write() -> None:
+            # Rows of partitions revoked during an outage are the new owner's to write.
+            rows[:] = [r for r in rows if (r.topic, r.partition) in self._consumed]
             if rows:
                 sink.write(rows)
             sink.tick()

@@ -56,17 +56,13 @@ class Prefix(Location):
             raise self._failed(f"write s3://{self._base}/{name}", exc) from None
 
 
-class _S3:
-    @classmethod
-    def location(cls, details: Mapping[str, Any]) -> Location:
-        return Prefix(details)
-
-
 @register_source
-class S3Source(_S3, FileSource):
+class S3Source(FileSource):
     type = "s3"
+    location = Prefix
 
 
 @register_sink
-class S3Sink(_S3, FileSink):
+class S3Sink(FileSink):
     type = "s3"
+    location = Prefix
