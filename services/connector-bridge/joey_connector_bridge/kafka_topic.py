@@ -1,12 +1,13 @@
 """A topic of an external Kafka cluster as a source and a sink, with the connection's own client
 settings (its bootstrap and security, never the platform's).
 
-Source: the topic is consumed in a consumer group of the bridge's own on that cluster; request ids are
-``<source>/<partition>/<offset>``. The position checkpointed in Joey's database (per partition, the
-next offset, saved after the pipeline's inputs topic acknowledged the records) is what counts: the
-group's offsets are committed after it, so a restart resumes from them, and a record below the saved
-position (acknowledged, then a crash before the commit) is not sent again. Each record's value is
-forwarded as it is: one that is no JSON object comes back as an error result of the pipeline.
+Source: every partition of the topic is read, request ids ``<source>/<partition>/<offset>``. The
+position checkpointed in Joey's database (per partition, the next offset, saved after the pipeline's
+inputs topic acknowledged the records) is what a restart resumes from; the offsets are then committed to
+a consumer group of the bridge's own on that cluster (``joey.bridge.<workspace>.<name>.<id>``), for its
+tools to show, and are where a source without a saved position starts. One process runs a source (its
+lease), so the partitions are assigned rather than subscribed: a takeover waits for no group session.
+Each record's value is forwarded as it is: one that is no JSON object comes back as an error result.
 
 Sink: each result is one record keyed by its request id (JSON: the Postgres sink's columns), from an
 idempotent producer, and the platform's offsets are committed after the cluster acknowledged every
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from joey_connector_bridge.connectors import (
     Bridge,
@@ -39,6 +41,11 @@ from joey_core.connections.kafka import client_config
 
 log = logging.getLogger(__name__)
 
+TIMEOUT_S = 10.0
+"""Longest wait for the cluster's metadata or the group's offsets."""
+PARTITIONS_REFRESH_S = 30.0
+"""How often a source looks for partitions added to its topic."""
+
 
 @register_source
 class KafkaSource(Source):
@@ -47,6 +54,8 @@ class KafkaSource(Source):
     def __init__(self, details: Mapping[str, Any], bridge: Bridge) -> None:
         super().__init__(details, bridge)
         self._topic = str(details["topic"])
+        # The group only keeps the offsets, on that cluster, for its tools to show: the partitions are
+        # assigned, not subscribed, so a takeover after a crash waits out no dead member's session.
         self._consumer = Consumer(
             client_config(details)
             | {
@@ -54,13 +63,40 @@ class KafkaSource(Source):
                 "client.id": f"{bridge.settings.instance_id}-{bridge.spec.name}",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
                 "enable.partition.eof": False,
             }
         )
-        self._consumer.subscribe([self._topic])
+        self._assigned: set[int] = set()
+        self._looked = 0.0
+
+    def _assign(self, after: Any) -> None:
+        """Assign the topic's partitions not assigned yet (all at first, then any added since): each
+        from the saved position, else the group's offset, else its beginning."""
+        self._looked = time.monotonic()
+        try:
+            # Every topic's metadata: asking for one by name may create it on a broker that auto-creates.
+            found = self._consumer.list_topics(timeout=TIMEOUT_S).topics.get(self._topic)
+            if found is None or found.error is not None:
+                raise Unavailable(
+                    f"topic {self._topic} is not there: {found.error if found else 'unknown topic'}"
+                )
+            new = [
+                TopicPartition(self._topic, p) for p in sorted(found.partitions) if p not in self._assigned
+            ]
+            if not new:
+                return
+            committed = self._consumer.committed(new, timeout=TIMEOUT_S)
+        except KafkaException as exc:
+            raise Unavailable(f"cannot read topic {self._topic}'s partitions: {exc}") from None
+        saved: dict[str, int] = after or {}
+        for tp in committed:
+            tp.offset = saved.get(str(tp.partition), tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+        self._consumer.incremental_assign(committed)
+        self._assigned |= {tp.partition for tp in committed}
 
     def read(self, after: Any, limit: int) -> list[SourceRecord]:
+        if not self._assigned or time.monotonic() - self._looked >= PARTITIONS_REFRESH_S:
+            self._assign(after)
         try:
             messages = self._consumer.consume(limit, self.bridge.settings.poll_interval_s)
         except KafkaException as exc:
@@ -70,28 +106,23 @@ class KafkaSource(Source):
         found = []
         for message in kafka.usable(messages, log):
             record = kafka.ConsumedRecord.of(message)
-            partition, offset = str(record.partition), record.offset
-            if offset < position.get(partition, 0):
-                continue  # acknowledged before a restart that came before the group's commit
-            position[partition] = offset + 1
-            found.append(SourceRecord(f"{partition}/{offset}", position, record.value or b""))
+            position[str(record.partition)] = record.offset + 1
+            found.append(SourceRecord(f"{record.partition}/{record.offset}", position, record.value or b""))
         return found
 
     def acknowledged(self, position: Any) -> None:
         offsets = [TopicPartition(self._topic, int(p), o) for p, o in position.items()]
-        # Refused (a rebalance): the saved position keeps the records from being sent twice.
+        # Refused: only the group's view lags; the saved position is what a restart resumes from.
         kafka.commit(self._consumer, offsets, kafka.CommitPolicy.BEST_EFFORT, log)
 
     def lag(self, after: Any) -> int:
+        if not self._assigned:
+            return -1
         try:
-            assigned = self._consumer.assignment()
-            if not assigned:
-                return -1
             behind = 0
-            for tp in self._consumer.position(assigned):
+            for tp in self._consumer.position(self._consumer.assignment()):
                 low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-                start = tp.offset if tp.offset >= 0 else low
-                behind += max(0, high - max(start, (after or {}).get(str(tp.partition), 0)))
+                behind += max(0, high - (tp.offset if tp.offset >= 0 else low))
             return behind
         except KafkaException:
             return -1
