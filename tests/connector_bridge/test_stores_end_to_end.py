@@ -255,6 +255,8 @@ def scenario(
         wait_until(lambda: every_sink_has(1), 90, "results in every sink")
         killed = bridge
         bridge.kill9()
+        at_kill = {sink: len(rows()) for sink, rows in found.results.items()}
+        print(f"killed with {at_kill} of {len(found.expected)} results in the sinks")  # noqa: T201
 
         put_file("b-000.jsonl", jsonl(80, 40), 40)
         put_object("b-000.csv", csv(80, 40), 40)
