@@ -164,17 +164,20 @@ class FileSource(FileStore, Source):
         ]
         return sorted(found, key=lambda e: e.name)
 
+    def _parse(self, entry: Entry) -> list[dict[str, Any]]:
+        file_format = _format_of(entry.name, self.details)
+        assert file_format is not None
+        try:
+            rows = parse_rows(self._where.read(entry.name), file_format)
+        except (ValueError, pa.ArrowException) as exc:
+            # Not skipped: the source waits, saying why, until the file is mended or removed.
+            raise Unavailable(f"cannot read {entry.name} as {file_format}: {first_line(exc)}") from None
+        self._counts[entry] = len(rows)
+        return rows
+
     def _rows(self, entry: Entry) -> list[dict[str, Any]]:
         if self._cached is None or self._cached[0] != entry:
-            file_format = _format_of(entry.name, self.details)
-            assert file_format is not None
-            try:
-                rows = parse_rows(self._where.read(entry.name), file_format)
-            except (ValueError, pa.ArrowException) as exc:
-                # Not skipped: the source waits, saying why, until the file is mended or removed.
-                raise Unavailable(f"cannot read {entry.name} as {file_format}: {first_line(exc)}") from None
-            self._cached = (entry, rows)
-            self._counts[entry] = len(rows)
+            self._cached = (entry, self._parse(entry))
         return self._cached[1]
 
     def read(self, after: Any, limit: int) -> list[SourceRecord]:
@@ -192,7 +195,7 @@ class FileSource(FileStore, Source):
         behind = 0
         for entry in self._files(after):
             if entry not in self._counts:
-                self._rows(entry)
+                self._parse(entry)  # counted once, and the file being read stays parsed
             rows = self._counts[entry]
             behind += rows - (after[1] + 1) if after and entry.name == after[0] else rows
         return behind
