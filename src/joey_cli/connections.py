@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from joey_cli.confirm import YES, confirm
 from joey_cli.errors import fail
 from joey_cli.tables import echo_table
 
@@ -108,15 +109,14 @@ def connection_test(obj: Any, name: str) -> None:
 
 @connection.command("delete")
 @click.argument("name")
-@click.option("--yes", "-y", is_flag=True, help="Delete without asking for confirmation.")
+@YES
 @click.pass_obj
 def connection_delete(obj: Any, name: str, yes: bool) -> None:
     """Delete connection NAME of the workspace, and its shares (refused while bridges use it). Asks
     first (--yes does not)."""
     from joey.client import Connection
-    from joey_cli.commands import _confirm  # loaded by now: it registers this command
 
-    _confirm(
+    confirm(
         yes,
         f"connection {name}",
         lambda: f"delete connection {name} of workspace {obj.workspace}, and its shares?",
