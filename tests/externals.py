@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -42,12 +43,23 @@ class S3Server:
     access_key_id: str = "testing"
     secret_access_key: str = field(default_factory=lambda: f"s3secret-{secrets.token_hex(6)}")
 
+    def client(self) -> Any:
+        """A boto3 S3 client of the server's, to put and check objects as a test."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
+
 
 @contextmanager
 def s3_server() -> Iterator[S3Server]:
     """moto's S3 API server on a free port, with a bucket holding two objects under ``in/`` and one
     elsewhere."""
-    import boto3
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -55,13 +67,7 @@ def s3_server() -> Iterator[S3Server]:
     server.start()
     try:
         found = S3Server(f"http://127.0.0.1:{port}", f"joey-{secrets.token_hex(4)}")
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=found.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=found.access_key_id,
-            aws_secret_access_key=found.secret_access_key,
-        )
+        s3 = found.client()
         s3.create_bucket(Bucket=found.bucket)
         for key in ("in/a.parquet", "in/b.parquet", "other/c.parquet"):
             s3.put_object(Bucket=found.bucket, Key=key, Body=b"x")

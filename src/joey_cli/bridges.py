@@ -59,11 +59,16 @@ sink = _group("sink")
 
 @source.command("create")
 @click.argument("name")
-@click.option("--connection", required=True, help="The connection read from (a Postgres table with a key).")
+@click.option(
+    "--connection",
+    required=True,
+    help="The connection read from: a Postgres table with a key, a directory, an S3 prefix, a Kafka topic.",
+)
 @click.option("--pipeline", required=True, help="The pipeline whose inputs the rows become.")
 @click.pass_obj
 def source_create(obj: Any, name: str, connection: str, pipeline: str) -> None:
-    """Stream every row of CONNECTION's table, existing and new, in key order, into PIPELINE."""
+    """Stream every record of CONNECTION, existing and new, in order, into PIPELINE: a table's rows in
+    key order, the rows of the files of a directory or an S3 prefix in name order, a topic's records."""
     created = obj.client.create_source(name, connection=connection, pipeline=pipeline)
     click.echo(f"created source {created.name}: {created.connection} -> {created.pipeline}")
 
@@ -71,16 +76,21 @@ def source_create(obj: Any, name: str, connection: str, pipeline: str) -> None:
 @sink.command("create")
 @click.argument("name")
 @click.option("--pipeline", required=True, help="The pipeline whose results are written.")
-@click.option("--connection", required=True, help="The connection written to (a Postgres table).")
+@click.option(
+    "--connection",
+    required=True,
+    help="The connection written to: a Postgres table, a directory, an S3 prefix, a Kafka topic, a URL.",
+)
 @click.option(
     "--what",
-    type=click.Choice(["outputs", "errors"]),
+    type=click.Choice(["outputs", "errors", "logs"]),
     default="outputs",
     show_default=True,
-    help="outputs: every result, errors included; errors: the errors only.",
+    help="outputs: every result, errors included; errors: the errors only; logs: its inference logs.",
 )
 @click.pass_obj
 def sink_create(obj: Any, name: str, pipeline: str, connection: str, what: str) -> None:
-    """Write PIPELINE's results into CONNECTION's table (created if absent), one row per request id."""
+    """Write PIPELINE's results into CONNECTION, one row per request id: a table (created if absent),
+    Parquet files, a topic's records, or POSTs."""
     created = obj.client.create_sink(name, pipeline=pipeline, connection=connection, what=what)
     click.echo(f"created sink {created.name}: {created.pipeline} {created.what} -> {created.connection}")

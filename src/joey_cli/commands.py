@@ -14,6 +14,8 @@ import click
 
 from joey_cli import bridges, connections, identity
 from joey_cli.assays import assay
+from joey_cli.confirm import YES as _YES
+from joey_cli.confirm import confirm as _confirm
 from joey_cli.errors import error_line
 from joey_cli.errors import fail as _fail
 from joey_cli.params import POSITIVE_SECONDS, IsoTime
@@ -52,21 +54,6 @@ class Context:
             return CommonSettings().registry_addr
         except ValidationError:  # another JOEY_* variable is invalid; this is asked while reporting an error
             return str(CommonSettings.model_fields["registry_addr"].default)
-
-
-_YES = click.option("--yes", "-y", is_flag=True, help="Delete without asking for confirmation.")
-
-
-def _confirm(yes: bool, what: str, question: Any) -> None:
-    """Ask ``question()`` (what the delete removes) unless ``yes``; without a terminal to ask in,
-    refuse: a script must say --yes, so nothing is deleted by a pipe or a CI job by accident."""
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise click.ClickException(
-            f"not deleting {what}: there is no terminal to confirm in; pass --yes (-y) to delete it"
-        )
-    click.confirm(question(), abort=True)
 
 
 class _Group(click.Group):

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from joey_cli.confirm import YES, confirm
 from joey_cli.errors import fail
 from joey_cli.tables import echo_table
 
@@ -108,11 +109,18 @@ def connection_test(obj: Any, name: str) -> None:
 
 @connection.command("delete")
 @click.argument("name")
+@YES
 @click.pass_obj
-def connection_delete(obj: Any, name: str) -> None:
-    """Delete connection NAME of the workspace, and its shares."""
+def connection_delete(obj: Any, name: str, yes: bool) -> None:
+    """Delete connection NAME of the workspace, and its shares (refused while bridges use it). Asks
+    first (--yes does not)."""
     from joey.client import Connection
 
+    confirm(
+        yes,
+        f"connection {name}",
+        lambda: f"delete connection {name} of workspace {obj.workspace}, and its shares?",
+    )
     Connection(obj.client, obj.workspace, name, "", "").delete()
     click.echo(f"deleted connection {name}")
 

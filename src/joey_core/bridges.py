@@ -14,14 +14,18 @@ from joey_core.connections import InvalidDetails
 SOURCE, SINK = "source", "sink"
 KINDS = (SOURCE, SINK)
 
-INPUTS, OUTPUTS, ERRORS = "inputs", "outputs", "errors"
-WHAT: dict[str, tuple[str, ...]] = {SOURCE: (INPUTS,), SINK: (OUTPUTS, ERRORS)}
+INPUTS, OUTPUTS, ERRORS, LOGS = "inputs", "outputs", "errors", "logs"
+WHAT: dict[str, tuple[str, ...]] = {SOURCE: (INPUTS,), SINK: (OUTPUTS, ERRORS, LOGS)}
 """What each kind moves: a source a pipeline's inputs; a sink its results (``outputs``: every output and
-every error, one row per input) or its errors only."""
+every error, one row per input), its errors only, or its inference logs (joey.logs, one row per
+inference the engine logged)."""
 DEFAULT_WHAT = {SOURCE: INPUTS, SINK: OUTPUTS}
 
-SUPPORTED: dict[str, tuple[str, ...]] = {SOURCE: ("postgres",), SINK: ("postgres",)}
-"""The connection types each kind takes so far (the connector-bridge's SOURCES and SINKS)."""
+SUPPORTED: dict[str, tuple[str, ...]] = {
+    SOURCE: ("postgres", "files", "s3", "kafka"),
+    SINK: ("postgres", "files", "s3", "kafka", "http"),
+}
+"""The connection types each kind takes (the connector-bridge's SOURCES and SINKS)."""
 
 # States a bridge reports (bridge_status.state); a paused one is shown paused whatever it last said.
 WAITING, RUNNING, RETRYING, PAUSED = "waiting", "running", "retrying", "paused"
@@ -36,6 +40,10 @@ def check_details(kind: str, connection_type: str, details: Mapping[str, Any]) -
             raise InvalidDetails("table", f"a {kind} needs the connection's table")
         if kind == SOURCE and not details.get("key"):
             raise InvalidDetails("key", "a source needs the table's key column: the order it reads in")
+    if connection_type in ("files", "s3") and kind == SINK and details.get("format", "parquet") != "parquet":
+        raise InvalidDetails("format", "a sink writes Parquet files: leave format unset or parquet")
+    if connection_type == "kafka" and not details.get("topic"):
+        raise InvalidDetails("topic", f"a {kind} needs the connection's topic")
 
 
 def bridge_key(workspace: str, name: str) -> str:

@@ -5,7 +5,6 @@ mid-stream, and across an outage of the sink's database."""
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,10 +16,16 @@ import pytest
 
 from joey.client import Client
 from joey_core.settings import CommonSettings
-from tests.conftest import SHORT_GROUP_SESSION, ServiceProcess, Stack, wait_service_ready, wait_until
+from tests.conftest import ServiceProcess, Stack, wait_until
+from tests.connector_bridge.helpers import (
+    FEATURES,
+    assert_results,
+    deployed_pipeline,
+    start_bridge,
+    table_rows,
+)
 from tests.externals import external_database
 
-FEATURES = [5.1, 3.5, 1.4, 0.2]
 DB_PASSWORD = f"pgpw-{secrets.token_hex(6)}"
 """In the sink's URL (trust auth ignores it): it must never reach the bridge's log."""
 
@@ -39,28 +44,10 @@ def world(stack: Stack, settings: CommonSettings, iris_model: Path) -> Iterator[
     with (
         external_database() as source_url,
         external_database() as sink_url,
-        Client(settings=settings) as client,
+        deployed_pipeline(settings, iris_model, "bridge-e2e") as deployed,
     ):
-        client.set_current_workspace(client.create_workspace(f"bridge-e2e-{secrets.token_hex(3)}"))
-        model = client.upload_model("iris-fed", iris_model)
-        pipeline = client.build_pipeline("fed").add_model_step(model)
-        pipeline.deploy(replicas=1, timeout=90)
         with_password = sink_url.replace("postgresql://postgres@", f"postgresql://postgres:{DB_PASSWORD}@", 1)
-        yield World(client, source_url, with_password, "fed", model)
-        pipeline.undeploy()
-
-
-def start_bridge(factory: Callable[..., ServiceProcess], env: dict[str, str]) -> ServiceProcess:
-    bridge = factory(
-        "connector_bridge",
-        JOEY_BATCH_SIZE="10",
-        JOEY_POLL_INTERVAL_S="0.1",
-        JOEY_STATUS_INTERVAL_S="0.2",
-        JOEY_RETRY_BACKOFF_MAX_S="0.5",
-        JOEY_KAFKA_CONFIG=json.dumps(SHORT_GROUP_SESSION),
-    )
-    wait_service_ready(env, "connector-bridge")
-    return bridge
+        yield World(deployed.client, source_url, with_password, deployed.pipeline, deployed.model)
 
 
 def insert(url: str, table: str, first: int, count: int) -> None:
@@ -72,48 +59,39 @@ def insert(url: str, table: str, first: int, count: int) -> None:
             )
 
 
-def rows(url: str, table: str) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        try:
-            return conn.execute(
-                f"SELECT request_id, source_key, outputs, error, pipeline_version FROM {table}"
-            ).fetchall()
-        except psycopg.errors.UndefinedTable:
-            return []
-
-
 def assert_exactly_once(found: list[tuple], source: str, keys: range) -> None:
-    assert sorted(r[0] for r in found) == sorted(f"{source}/{k}" for k in keys)
-    for request_id, source_key, outputs, error, version in found:
-        assert request_id == f"{source}/{source_key}"
-        assert error is None and version == 1
-        assert outputs["label"] == 0, outputs  # the iris setosa the features describe
+    assert_results(found, {f"{source}/{k}" for k in keys})
+    assert all(r[1] is not None for r in found), "every row keyed by its source row"
 
 
 def test_a_source_and_a_sink_move_each_row_once_across_a_kill_9_of_the_bridge(
     world: World, service_factory: Callable[..., ServiceProcess], stack: Stack
 ) -> None:
     client = world.client
+
+    def results() -> list[tuple]:
+        return table_rows(world.sink_url, "iris_out")
+
     insert(world.source_url, "iris_in", 1, 300)
     client.create_connection(
         "iris-in", "postgres", {"url": world.source_url, "table": "iris_in", "key": "id"}
     )
     client.create_connection("iris-out", "postgres", {"url": world.sink_url, "table": "iris_out"})
-    client.create_source("feed", connection="iris-in", pipeline=world.pipeline)
+    source = client.create_source("feed", connection="iris-in", pipeline=world.pipeline)
     sink = client.create_sink("results", pipeline=world.pipeline, connection="iris-out")
 
     bridge = start_bridge(service_factory, stack.env)
-    wait_until(lambda: rows(world.sink_url, "iris_out"), 60, "the first results in the sink")
+    wait_until(lambda: results(), 60, "the first results in the sink")
     killed = bridge
     bridge.kill9()
-    moved_before_kill = len(rows(world.sink_url, "iris_out"))
+    moved_before_kill = len(results())
     insert(world.source_url, "iris_in", 301, 200)  # new rows while no bridge runs
 
     bridge = start_bridge(service_factory, stack.env)
-    wait_until(lambda: len(rows(world.sink_url, "iris_out")) >= 500, 90, "every row in the sink")
-    assert_exactly_once(rows(world.sink_url, "iris_out"), "feed", range(1, 501))
-    # A killed process's last status interval is not counted: at least the restarted one's rows are.
-    wait_until(lambda: sink.status().rows_moved >= 200, 30, "the sink's status counting its rows")
+    wait_until(lambda: len(results()) >= 500, 90, "every row in the sink")
+    assert_exactly_once(results(), "feed", range(1, 501))
+    # Counted exactly, a batch sent again after the kill (acknowledged, not checkpointed) once.
+    wait_until(lambda: source.status().rows_moved == 500, 30, "the source's status counting its rows")
     assert sink.status().state == "running"
     print(f"killed with {moved_before_kill} of 300 rows in the sink")  # noqa: T201 (how mid-stream it was)
 
@@ -131,16 +109,14 @@ def test_a_source_and_a_sink_move_each_row_once_across_a_kill_9_of_the_bridge(
         )
         assert sink.status().state == "retrying"
         admin.execute(f'ALTER DATABASE "{sink_db}" ALLOW_CONNECTIONS true')
-    wait_until(lambda: len(rows(world.sink_url, "iris_out")) >= 600, 60, "the rows held back by the outage")
-    assert_exactly_once(rows(world.sink_url, "iris_out"), "feed", range(1, 601))
+    wait_until(lambda: len(results()) >= 600, 60, "the rows held back by the outage")
+    assert_exactly_once(results(), "feed", range(1, 601))
     wait_until(lambda: sink.status().state == "running", 30, "the sink running again")
 
     # A row the pipeline cannot run is a result too: its row carries the error.
     with psycopg.connect(world.source_url, autocommit=True) as conn:
         conn.execute("INSERT INTO iris_in VALUES (601, '{1.0}')")
-    found = wait_until(
-        lambda: [r for r in rows(world.sink_url, "iris_out") if r[0] == "feed/601"], 60, "the failed row"
-    )
+    found = wait_until(lambda: [r for r in results() if r[0] == "feed/601"], 60, "the failed row")
     assert found[0][2] is None and "features" in found[0][3], found  # type: ignore[index]
 
     # Paused, the sink's runner leaves; resumed, it takes up the results that came meanwhile.
@@ -151,10 +127,8 @@ def test_a_source_and_a_sink_move_each_row_once_across_a_kill_9_of_the_bridge(
     insert(world.source_url, "iris_in", 602, 10)
     assert sink.status().state == "paused"
     sink.resume()
-    wait_until(lambda: len(rows(world.sink_url, "iris_out")) >= 611, 60, "the rows sent while paused")
-    assert sorted(r[0] for r in rows(world.sink_url, "iris_out")) == sorted(
-        f"feed/{k}" for k in range(1, 612)
-    )
+    wait_until(lambda: len(results()) >= 611, 60, "the rows sent while paused")
+    assert sorted(r[0] for r in results()) == sorted(f"feed/{k}" for k in range(1, 612))
     bridge.stop()
     assert "retries" in bridge.log_text()
     assert DB_PASSWORD not in bridge.log_text() + killed.log_text()

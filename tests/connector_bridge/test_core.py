@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from joey_connector_bridge.runners import result_row
+from joey_connector_bridge.runners import log_rows, result_row
 from joey_connector_bridge.store import BridgeStore
-from joey_core import bridges
+from joey_core import bridges, records, topics
 from joey_core.kafka import ConsumedRecord
+from tests.joey_core.test_records import BATCH_HEADERS, log
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,27 @@ def test_results_and_errors_become_rows_of_their_request_id() -> None:
     assert row is not None
     assert (row.request_id, row.source_key, row.outputs, row.error) == ("r1", None, None, "missing input")
     assert result_row(ConsumedRecord("joey.w.p.outputs", 0, 7, None, b"not json")) is None
+
+
+def test_a_logs_sink_takes_its_pipelines_inferences_only() -> None:
+    spec = bridges.BridgeSpec(1, "default", "logs", "sink", "p", "c", bridges.LOGS)
+    entries = [
+        log(request_id="feed/7", record_key=b"7", ok=True, error=None, outputs='{"label": 1}'),
+        log(request_id="r-2"),  # failed: its error, no outputs
+        log(request_id="r-3", pipeline="other"),
+    ]
+    mixed = ConsumedRecord(topics.LOGS, 4, 9, None, records.encode_log(entries[2]))
+    assert log_rows(mixed, spec) == [], "another pipeline's log"
+    value = records.encode_log_batch(entries[:2])
+    found = log_rows(ConsumedRecord(topics.LOGS, 4, 10, None, value, BATCH_HEADERS), spec)
+    assert found is not None
+    assert [(r.request_id, r.source_key, r.outputs, r.error, r.pipeline_version) for r in found] == [
+        ("feed/7", "7", {"label": 1}, None, 3),
+        ("r-2", None, None, "missing input 'features'", 3),
+    ]
+    assert {(r.topic, r.partition, r.offset) for r in found} == {(topics.LOGS, 4, 10)}
+    assert found[0].time == "2026-01-02T03:04:05.678901+00:00"
+    assert log_rows(ConsumedRecord(topics.LOGS, 4, 11, None, b"\x00"), spec) is None
 
 
 def test_one_process_at_a_time_holds_a_source_and_the_next_takes_over(database_url: str) -> None:

@@ -42,5 +42,8 @@ def test_connections_on_the_command_line_never_echo_secrets(stack: Stack, tmp_pa
     assert "sales" in seen and ws in seen and password not in seen
     joey(env, "workspace", "remove-connection", other, "sales")
     assert "has no connections" in joey(env, "workspace", "connections", other).stdout
-    assert joey(env, "-w", ws, "connection", "delete", "sales").stdout.strip() == "deleted connection sales"
+    unasked = joey(env, "-w", ws, "connection", "delete", "sales", check=False)
+    assert "pass --yes" in error_line(unasked), "no terminal to confirm in: nothing deleted"
+    deleted = joey(env, "-w", ws, "connection", "delete", "sales", "--yes")
+    assert deleted.stdout.strip() == "deleted connection sales"
     assert "has no connections" in joey(env, "-w", ws, "connection", "list").stdout

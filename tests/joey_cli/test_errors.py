@@ -73,7 +73,7 @@ INVOCATIONS = {
     "connection list": [],
     "connection get": ["c"],
     "connection test": ["c"],
-    "connection delete": ["c"],
+    "connection delete": ["c", "--yes"],
     "workspace add-connection": ["w", "c"],
     "workspace remove-connection": ["w", "c"],
     "workspace connections": ["w"],

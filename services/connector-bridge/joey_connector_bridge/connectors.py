@@ -1,25 +1,53 @@
-"""What a source and a sink are, whatever the store: small ABCs, registered by connection type, so a new
-store (files, s3, kafka, http) plugs in as a module with a :func:`register_source` / :func:`register_sink`.
+"""What a source and a sink are, whatever the store: small ABCs, registered by connection type, so a
+store (postgres, files, s3, kafka, http) plugs in as a module with a :func:`register_source` /
+:func:`register_sink`.
 
 Both raise :class:`Unavailable` for anything worth retrying (the store is down or refuses): the bridge
-then pauses, says why in its status, and retries the same step, so nothing is skipped.
+then pauses, says why in its status, and retries the same step, so nothing is skipped. A sink raises
+:class:`Refused` for rows the store will never take (an HTTP 4xx): retrying cannot help, so the bridge
+reports them and moves on.
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
+from uuid import UUID
+
+from joey_connector_bridge.settings import BridgeSettings
+from joey_core.bridges import BridgeSpec
 
 
 class Unavailable(Exception):
     """The store cannot take or give records now; the message says why (never a secret)."""
 
 
+class Refused(Exception):
+    """The store refused these rows for good (retrying the same request gets the same answer); the
+    message says why (never a secret)."""
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """What a source or sink knows of the bridge it serves, beside its connection's details."""
+
+    spec: BridgeSpec
+    settings: BridgeSettings
+
+
+Partition = tuple[str, int]
+"""(topic, partition) of the records a sink reads."""
+
+
 @dataclass(frozen=True)
 class ResultRow:
-    """One result of a pipeline, as a sink stores it: the row of its request id."""
+    """One result of a pipeline, as a sink stores it: the row of its request id, and where it was read
+    (a file sink names its files by the offsets they hold)."""
 
     request_id: str
     source_key: str | None
@@ -28,19 +56,46 @@ class ResultRow:
     outputs: dict[str, Any] | None
     error: str | None
     pipeline_version: int | None
+    topic: str
+    partition: int
+    offset: int
+
+    def columns(self) -> dict[str, Any]:
+        """The columns every sink stores (outputs as JSON text where the store has no JSON type)."""
+        return {
+            "request_id": self.request_id,
+            "source_key": self.source_key,
+            "time": self.time,
+            "outputs": self.outputs,
+            "error": self.error,
+            "pipeline_version": self.pipeline_version,
+        }
 
 
 class Sink(ABC):
-    """Writes results to one store: a write is durable once :meth:`write` returns, and idempotent by
-    request id (a replayed batch changes nothing), so offsets are committed after it."""
+    """Writes results to one store, idempotently by request id (a replayed batch changes nothing). Rows
+    are durable once :meth:`write` returns, except those :meth:`held` names (a rolling sink's open
+    files): offsets are committed up to what is durable only. After an Unavailable, :meth:`write` is
+    called again with the same rows."""
 
     type: ClassVar[str]
 
-    def __init__(self, details: Mapping[str, Any]) -> None:
+    def __init__(self, details: Mapping[str, Any], bridge: Bridge) -> None:
         self.details = details
+        self.bridge = bridge
 
     @abstractmethod
     def write(self, rows: Sequence[ResultRow]) -> None: ...
+
+    def held(self) -> dict[Partition, int]:
+        """Per partition, the first offset of rows taken but not durable yet."""
+        return {}
+
+    def tick(self) -> None:  # noqa: B027 (a sink writing at once has nothing due later)
+        """Write what became due with time alone; called at every step, with records or not."""
+
+    def revoked(self, partitions: Sequence[Partition]) -> None:  # noqa: B027
+        """The group gave these partitions to another member: forget rows held of them."""
 
     def close(self) -> None:  # noqa: B027 (a sink without a connection has nothing to close)
         pass
@@ -49,11 +104,16 @@ class Sink(ABC):
 @dataclass(frozen=True)
 class SourceRecord:
     """One record read from a source: its key (the request id is ``<source>/<key>``), the position to
-    checkpoint once it is acknowledged, and the pipeline input it becomes."""
+    checkpoint once it and every record before it are acknowledged, and the input record's value."""
 
     key: str
     position: Any
-    inputs: dict[str, Any]
+    value: bytes
+
+    @classmethod
+    def of(cls, key: str, position: Any, inputs: Mapping[str, Any]) -> SourceRecord:
+        """A record of ``inputs`` (input name -> value), encoded as the pipeline's inputs topic takes."""
+        return cls(key, position, json.dumps({k: json_value(v) for k, v in inputs.items()}).encode())
 
 
 class Source(ABC):
@@ -62,8 +122,9 @@ class Source(ABC):
 
     type: ClassVar[str]
 
-    def __init__(self, details: Mapping[str, Any]) -> None:
+    def __init__(self, details: Mapping[str, Any], bridge: Bridge) -> None:
         self.details = details
+        self.bridge = bridge
 
     @abstractmethod
     def read(self, after: Any, limit: int) -> list[SourceRecord]:
@@ -71,10 +132,31 @@ class Source(ABC):
 
     @abstractmethod
     def lag(self, after: Any) -> int:
-        """How many records are after ``after``."""
+        """How many records are after ``after`` (-1: unknown)."""
+
+    def acknowledged(self, position: Any) -> None:  # noqa: B027 (most sources keep no position of their own)
+        """Called once the records up to ``position`` are acknowledged and the position checkpointed:
+        a source whose store keeps its readers' positions (a Kafka group) commits it there."""
 
     def close(self) -> None:  # noqa: B027
         pass
+
+
+def json_value(value: Any) -> Any:
+    """A store's value as JSON can carry it: lists (arrays) stay lists, i.e. tensors."""
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).hex()
+    return value
 
 
 SINKS: dict[str, type[Sink]] = {}

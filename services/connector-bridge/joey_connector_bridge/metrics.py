@@ -19,3 +19,6 @@ RUNNING = Gauge("joey_bridge_running", "Bridges this process runs.", ["kind"])
 REJECTED_SPECS = Counter(
     "joey_bridge_rejected_specs_total", "Records of joey.bridges ignored because they were not a bridge."
 )
+REFUSED = Counter(
+    "joey_bridge_rows_refused_total", "Rows a sink's store refused for good (an HTTP 4xx), skipped."
+)

@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import date, datetime, time
-from decimal import Decimal
 from typing import Any
-from uuid import UUID
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from joey_connector_bridge.connectors import (
+    Bridge,
     ResultRow,
     Sink,
     Source,
     SourceRecord,
     Unavailable,
+    json_value,
     register_sink,
     register_source,
 )
@@ -62,8 +61,8 @@ class _Connected:
 class PostgresSink(Sink):
     type = "postgres"
 
-    def __init__(self, details: Mapping[str, Any]) -> None:
-        super().__init__(details)
+    def __init__(self, details: Mapping[str, Any], bridge: Bridge) -> None:
+        super().__init__(details, bridge)
         self._db = _Connected(details)
         self._created = False
 
@@ -112,27 +111,12 @@ class PostgresSink(Sink):
         self._db.close()
 
 
-def _value(value: Any) -> Any:
-    """A column's value as JSON can carry it: arrays (lists) stay lists, i.e. tensors."""
-    if isinstance(value, list):
-        return [_value(v) for v in value]
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
-    if isinstance(value, UUID):
-        return str(value)
-    if isinstance(value, bytes | memoryview):
-        return bytes(value).hex()
-    return value
-
-
 @register_source
 class PostgresSource(Source):
     type = "postgres"
 
-    def __init__(self, details: Mapping[str, Any]) -> None:
-        super().__init__(details)
+    def __init__(self, details: Mapping[str, Any], bridge: Bridge) -> None:
+        super().__init__(details, bridge)
         self._db = _Connected(details)
         self._key = sql.Identifier(str(details["key"]))
 
@@ -155,13 +139,12 @@ class PostgresSource(Source):
         except psycopg.Error as exc:
             raise self._db.failed(exc, f"read table {self.details['table']!r}") from None
         key = str(self.details["key"])
-        found = []
-        for row in rows:
-            inputs = {name: _value(v) for name, v in zip(names, row, strict=True)}
-            # Kept as JSON: a key JSON has no type for (a timestamp) is compared as text Postgres casts.
-            position = inputs[key]
-            found.append(SourceRecord(str(position), position, inputs))
-        return found
+        at = names.index(key)
+        # Kept as JSON: a key JSON has no type for (a timestamp) is compared as text Postgres casts.
+        return [
+            SourceRecord.of(str(json_value(row[at])), json_value(row[at]), dict(zip(names, row, strict=True)))
+            for row in rows
+        ]
 
     def lag(self, after: Any) -> int:
         where, params = self._after(after)

@@ -1,9 +1,16 @@
 """The connector-bridge's Postgres (Joey's own database): bridges' status for the registry to show,
-sources' positions, and the leases that let one process at a time run a source."""
+sources' positions, and the leases that let one process at a time run a source.
+
+``rows_moved`` is exact: a source adds a batch's rows in the transaction that checkpoints its
+position, so a batch sent again after a crash (its position not saved) is counted once; a sink adds
+the rows of offsets it had not counted yet (marks per partition, in ``bridge_positions``), so a
+replayed batch adds nothing.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -29,24 +36,17 @@ class BridgeStore:
     def close(self) -> None:
         self._pool.close()
 
-    def report(self, bridge_id: int, state: str, moved: int, lag: int, error: str, instance: str) -> None:
-        """Add ``moved`` rows to the bridge's count and set the rest; a deleted bridge has no row to set."""
+    def report(self, bridge_id: int, state: str, lag: int, error: str, instance: str) -> None:
+        """Set the bridge's state; a deleted bridge has no row to set."""
         try:
             with self._pool.connection() as conn:
                 conn.execute(
-                    "INSERT INTO bridge_status (bridge_id, state, rows_moved, lag, last_error, instance) "
-                    "SELECT id, %(state)s, %(moved)s, %(lag)s, %(error)s, %(instance)s FROM bridges "
+                    "INSERT INTO bridge_status (bridge_id, state, lag, last_error, instance) "
+                    "SELECT id, %(state)s, %(lag)s, %(error)s, %(instance)s FROM bridges "
                     "WHERE id = %(id)s ON CONFLICT (bridge_id) DO UPDATE SET state = EXCLUDED.state, "
-                    "rows_moved = bridge_status.rows_moved + EXCLUDED.rows_moved, lag = EXCLUDED.lag, "
-                    "last_error = EXCLUDED.last_error, instance = EXCLUDED.instance, updated_at = now()",
-                    {
-                        "id": bridge_id,
-                        "state": state,
-                        "moved": moved,
-                        "lag": lag,
-                        "error": error,
-                        "instance": instance,
-                    },
+                    "lag = EXCLUDED.lag, last_error = EXCLUDED.last_error, instance = EXCLUDED.instance, "
+                    "updated_at = now()",
+                    {"id": bridge_id, "state": state, "lag": lag, "error": error, "instance": instance},
                 )
         except psycopg.Error as exc:
             # Status is advisory: the bridge's work goes on without it.
@@ -57,16 +57,48 @@ class BridgeStore:
             row = conn.execute(
                 "SELECT position FROM bridge_positions WHERE bridge_id = %s", (bridge_id,)
             ).fetchone()
-        return row[0]["after"] if row else None
+        return row[0].get("after") if row else None
 
-    def save_position(self, bridge_id: int, after: Any) -> None:
-        with self._pool.connection() as conn:
+    def save_position(self, bridge_id: int, after: Any, moved: int) -> None:
+        """Checkpoint a source at ``after`` and count the ``moved`` rows that got it there, at once."""
+        with self._pool.connection() as conn, conn.transaction():
+            self._set_position(conn, bridge_id, {"after": after})
+            _add_moved(conn, bridge_id, moved)
+
+    def count(self, bridge_id: int, offsets: Mapping[str, Sequence[int]]) -> int:
+        """Count a sink's rows durable at ``offsets`` (per partition) that were not counted before;
+        how many were new."""
+        if not offsets:
+            return 0
+        with self._pool.connection() as conn, conn.transaction():
             conn.execute(
-                "INSERT INTO bridge_positions (bridge_id, position) SELECT id, %(p)s FROM bridges "
-                "WHERE id = %(id)s ON CONFLICT (bridge_id) DO UPDATE SET position = EXCLUDED.position, "
-                "updated_at = now()",
-                {"id": bridge_id, "p": Jsonb({"after": after})},
+                "INSERT INTO bridge_positions (bridge_id, position) SELECT id, '{}' FROM bridges "
+                "WHERE id = %s ON CONFLICT (bridge_id) DO NOTHING",
+                (bridge_id,),
             )
+            row = conn.execute(
+                "SELECT position FROM bridge_positions WHERE bridge_id = %s FOR UPDATE", (bridge_id,)
+            ).fetchone()
+            if row is None:
+                return 0  # the bridge was deleted
+            marks: dict[str, int] = dict(row[0].get("counted", {}))
+            new = 0
+            for partition, found in offsets.items():
+                mark = marks.get(partition, -1)
+                new += sum(1 for offset in found if offset > mark)
+                marks[partition] = max([mark, *found])
+            self._set_position(conn, bridge_id, {"counted": marks})
+            _add_moved(conn, bridge_id, new)
+        return new
+
+    @staticmethod
+    def _set_position(conn: psycopg.Connection[Any], bridge_id: int, position: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT INTO bridge_positions (bridge_id, position) SELECT id, %(p)s FROM bridges "
+            "WHERE id = %(id)s ON CONFLICT (bridge_id) DO UPDATE SET position = EXCLUDED.position, "
+            "updated_at = now()",
+            {"id": bridge_id, "p": Jsonb(position)},
+        )
 
     def lease(self, bridge_id: int) -> psycopg.Connection[Any] | None:
         """A connection holding source ``bridge_id``'s lease, or None when another process holds it. The
@@ -80,3 +112,12 @@ class BridgeStore:
             return conn
         conn.close()
         return None
+
+
+def _add_moved(conn: psycopg.Connection[Any], bridge_id: int, moved: int) -> None:
+    conn.execute(
+        "INSERT INTO bridge_status (bridge_id, state, rows_moved) SELECT id, 'running', %(moved)s "
+        "FROM bridges WHERE id = %(id)s ON CONFLICT (bridge_id) DO UPDATE "
+        "SET rows_moved = bridge_status.rows_moved + EXCLUDED.rows_moved",
+        {"id": bridge_id, "moved": moved},
+    )

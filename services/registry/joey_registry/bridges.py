@@ -200,6 +200,8 @@ class Bridges:
         what = self._check(ws, kind, pipeline, connection, what)
         user = self.access.user(caller)
         with self.sql.changing() as conn:
+            if not self.connections.sql.hold(conn, ws, connection):
+                raise NotFound(f"connection {connection!r} not found in workspace {ws.name!r}")
             inserted = conn.execute(
                 "INSERT INTO bridges (workspace_id, name, kind, pipeline, connection, what, created_by) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s) "

@@ -133,12 +133,47 @@ class ConnectionStore:
                 {"ws": ws.id, "name": name},
             ).fetchall()
 
-    def delete(self, ws: WorkspaceRef, name: str) -> bool:
+    def delete(self, ws: WorkspaceRef, name: str) -> list[str] | None:
+        """Delete ``ws``'s connection ``name``: None when it has none, else the bridges (``workspace/name``)
+        using it, which refuse the delete (nothing deleted) unless there are none."""
         with self._pool.connection() as conn:
-            cursor = conn.execute(
-                "DELETE FROM connections WHERE workspace_id = %s AND name = %s", (ws.id, name)
-            )
-            return cursor.rowcount == 1
+            # Locked first: a bridge being created on it (which holds it FOR KEY SHARE) commits before
+            # the bridges are looked for, and none can be created until this transaction ends.
+            row = conn.execute(
+                "SELECT id FROM connections WHERE workspace_id = %s AND name = %s FOR UPDATE", (ws.id, name)
+            ).fetchone()
+            if row is None:
+                return None
+            users = self.bridges_of(conn, row["id"])
+            if not users:
+                conn.execute("DELETE FROM connections WHERE id = %s", (row["id"],))
+            return users
+
+    @staticmethod
+    def bridges_of(
+        conn: psycopg.Connection[DictRow], connection_id: int, only: int | None = None
+    ) -> list[str]:
+        """The bridges using connection ``connection_id``: in its workspace, and in those it is shared
+        with (only workspace ``only``, when given)."""
+        rows = conn.execute(
+            "SELECT w.name || '/' || b.name AS bridge FROM bridges b "
+            "JOIN workspaces w ON w.id = b.workspace_id "
+            "JOIN connections c ON c.name = b.connection AND c.id = %(id)s "
+            "WHERE (b.workspace_id = c.workspace_id OR b.workspace_id IN "
+            "(SELECT s.workspace_id FROM connection_shares s WHERE s.connection_id = c.id)) "
+            "AND (%(only)s::bigint IS NULL OR b.workspace_id = %(only)s) ORDER BY 1",
+            {"id": connection_id, "only": only},
+        ).fetchall()
+        return [r["bridge"] for r in rows]
+
+    def hold(self, conn: psycopg.Connection[DictRow], ws: WorkspaceRef, name: str) -> bool:
+        """Lock connection ``name`` as ``ws`` sees it against deletion until ``conn``'s transaction
+        ends (a bridge is being created on it); False when ``ws`` sees none."""
+        row = conn.execute(
+            "SELECT c.id FROM connections c WHERE " + _SEEN + " AND c.name = %(name)s FOR KEY SHARE OF c",
+            {"ws": ws.id, "name": name},
+        ).fetchone()
+        return row is not None
 
     def share(self, owner: WorkspaceRef, name: str, target: WorkspaceRef, by: str) -> str:
         """'added', 'missing' (no such connection in ``owner``), or 'taken' (``target`` sees the name)."""
@@ -158,14 +193,26 @@ class ConnectionStore:
             )
         return "added"
 
-    def unshare(self, target: WorkspaceRef, name: str) -> bool:
+    def unshare(self, target: WorkspaceRef, name: str) -> list[str] | None:
+        """Remove the share of ``name`` with ``target``: None when there is none, else the bridges of
+        ``target`` using it, which refuse the removal unless there are none."""
         with self._pool.connection() as conn:
-            cursor = conn.execute(
+            row = conn.execute(
+                "SELECT c.id FROM connections c JOIN connection_shares s ON s.connection_id = c.id "
+                "WHERE s.workspace_id = %s AND c.name = %s FOR UPDATE OF c",
+                (target.id, name),
+            ).fetchone()
+            if row is None:
+                return None
+            users = self.bridges_of(conn, row["id"], only=target.id)
+            if users:
+                return users
+            conn.execute(
                 "DELETE FROM connection_shares s USING connections c WHERE s.connection_id = c.id "
                 "AND s.workspace_id = %s AND c.name = %s",
                 (target.id, name),
             )
-            return cursor.rowcount == 1
+            return []
 
     def reseal(self, reseal: Any) -> int:
         """Every sealed row sealed again by ``reseal`` (the first key's turn); the number of rows."""
@@ -178,6 +225,11 @@ class ConnectionStore:
                     "UPDATE connections SET secrets = %s WHERE id = %s", (reseal(row["secrets"]), row["id"])
                 )
         return len(rows)
+
+
+def _in_use(name: str, bridges: list[str], done: str) -> str:
+    shown = ", ".join(bridges[:10]) + (f" and {len(bridges) - 10} more" if len(bridges) > 10 else "")
+    return f"connection {name!r} cannot be {done}: bridges use it ({shown}); delete them first"
 
 
 def _details_json(raw: Mapping[str, Any]) -> None:
@@ -274,12 +326,15 @@ class Connections:
 
     def delete(self, caller: Caller, workspace: str, name: str) -> None:
         ws = self.access.authorize(caller, workspace, Action.WRITE)
-        if not self.sql.delete(ws, name):
+        users = self.sql.delete(ws, name)
+        if users is None:
             owner = self._get(ws, name).workspace  # NotFound when it is not seen here either
             raise FailedPrecondition(
                 f"connection {name!r} belongs to workspace {owner!r}: delete it there, or remove it from "
                 f"workspace {ws.name!r} (`ws.remove_connection`)"
             )
+        if users:
+            raise FailedPrecondition(_in_use(name, users, "deleted"))
         log.info("deleted connection %s/%s", ws.name, name)
 
     def test(self, caller: Caller, workspace: str, name: str) -> Report:
@@ -322,5 +377,7 @@ class Connections:
                     f"only owners of workspace {target.name!r} or of {row['workspace']!r} may remove "
                     f"connection {name!r} from {target.name!r}"
                 ) from None
-        self.sql.unshare(target, name)
+        users = self.sql.unshare(target, name)
+        if users:
+            raise FailedPrecondition(_in_use(name, users, f"removed from workspace {target.name!r}"))
         log.info("removed connection %s/%s from workspace %s", row["workspace"], name, target.name)

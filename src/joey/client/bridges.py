@@ -130,13 +130,17 @@ class BridgeClientMixin(ABC):
         return Bridge.from_proto(self, self.call("CreateBridge", request))  # type: ignore[arg-type]
 
     def create_source(self, name: str, connection: Any, pipeline: Any) -> Bridge:
-        """Stream the records of ``connection`` (a Postgres table: every row in key order, existing and
-        new) into ``pipeline``'s inputs, each with request id ``<name>/<key>``."""
+        """Stream the records of ``connection``, existing and new, into ``pipeline``'s inputs: a Postgres
+        table's rows in key order (request id ``<name>/<key>``), the rows of the CSV, JSON-lines or
+        Parquet files of a directory or S3 prefix in name order (``<name>/<file>/<row>``), or an
+        external Kafka topic's records (``<name>/<partition>/<offset>``)."""
         return self._create_bridge(name, "source", pipeline, connection, "inputs")
 
     def create_sink(self, name: str, pipeline: Any, connection: Any, what: str = "outputs") -> Bridge:
-        """Write ``pipeline``'s results into ``connection`` (a Postgres table, created if absent, one row
-        per request id). ``what``: ``outputs`` (every result, errors included) or ``errors``."""
+        """Write ``pipeline``'s results into ``connection``, one row per request id: a Postgres table
+        (created if absent), Parquet files in a directory or S3 prefix, records of an external Kafka
+        topic keyed by request id, or POSTs to a URL. ``what``: ``outputs`` (every result, errors
+        included), ``errors``, or ``logs`` (the pipeline's inference logs)."""
         return self._create_bridge(name, "sink", pipeline, connection, what)
 
     def list_bridges(self) -> Listing[Bridge]:

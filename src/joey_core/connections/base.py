@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SecretPath = tuple[str, ...]
 """Where a value sits in a connection's details: ("password",), ("headers", "Authorization")."""
@@ -37,6 +37,18 @@ class Details(BaseModel):
     ``pasword`` must not be stored in the clear)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+ROLL_ROWS, ROLL_SECONDS = 10_000, 60.0
+
+
+class Rolling(Details):
+    """How a sink of files rolls them: a file is written once it holds ``roll_rows`` rows or its
+    first row is ``roll_seconds`` old, whichever comes first (unset: ROLL_ROWS, ROLL_SECONDS; see
+    docs/workloads.md, "Files and S3")."""
+
+    roll_rows: int | None = Field(default=None, ge=1, le=1_000_000)
+    roll_seconds: float | None = Field(default=None, gt=0, le=86_400)
 
 
 @dataclass(frozen=True)

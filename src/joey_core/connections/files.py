@@ -9,13 +9,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from joey_core.connections.base import ConnectionType, Details, InvalidDetails, Probe, Report, register
+from joey_core.connections.base import ConnectionType, InvalidDetails, Probe, Report, Rolling, register
 
 MAX_COUNTED = 100_000
 """Files a test counts at most: a test of a huge directory answers in bounded time."""
 
 
-class FilesDetails(Details):
+class FilesDetails(Rolling):
     path: str = Field(min_length=1, max_length=4096)
     """An absolute directory."""
     pattern: str = Field(default="*", min_length=1, max_length=256)

@@ -29,7 +29,7 @@ class HttpDetails(Details):
     """What a test sends (nothing is ever POSTed by a test)."""
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
+class NoRedirects(urllib.request.HTTPRedirectHandler):
     """A redirect is reported, not followed: it could lead anywhere, past the allowed hosts."""
 
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
@@ -61,7 +61,7 @@ class Http(ConnectionType):
         request = urllib.request.Request(  # noqa: S310
             details["url"], headers=details.get("headers", {}), method=method
         )
-        opener = urllib.request.build_opener(_NoRedirects())
+        opener = urllib.request.build_opener(NoRedirects())
         try:
             with opener.open(request, timeout=timeout_s) as response:
                 status, reason, location = response.status, response.reason, ""

@@ -11,16 +11,16 @@ from pydantic import Field
 
 from joey_core.connections.base import (
     ConnectionType,
-    Details,
     InvalidDetails,
     Probe,
     Report,
+    Rolling,
     first_line,
     register,
 )
 
 
-class S3Details(Details):
+class S3Details(Rolling):
     bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     prefix: str = Field(default="", max_length=1024)
     endpoint: str | None = Field(default=None, max_length=2048)

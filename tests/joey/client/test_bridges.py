@@ -111,7 +111,8 @@ def test_bad_bridges_are_refused_and_nothing_is_stored(
 ) -> None:
     admin.create_connection("no-key", "postgres", {"url": external_db, "table": "wine_in"})
     admin.create_connection("a-query", "postgres", {"url": external_db, "query": "SELECT 1"})
-    admin.create_connection("elsewhere", "kafka", {"bootstrap": "127.0.0.1:9", "topic": "t"})
+    admin.create_connection("no-topic", "kafka", {"bootstrap": "127.0.0.1:9"})
+    admin.create_connection("csv-dir", "files", {"path": "/tmp", "format": "csv"})
     admin.create_connection("ok-db", "postgres", {"url": external_db, "table": "wine_in", "key": "id"})
     refused(
         lambda: admin.create_source("s1", connection="no-key", pipeline=pipeline), "INVALID_ARGUMENT", "key"
@@ -120,16 +121,19 @@ def test_bad_bridges_are_refused_and_nothing_is_stored(
         lambda: admin.create_sink("s2", pipeline=pipeline, connection="a-query"), "INVALID_ARGUMENT", "query"
     )
     refused(
-        lambda: admin.create_sink("s3", pipeline=pipeline, connection="elsewhere"),
+        lambda: admin.create_sink("s3", pipeline=pipeline, connection="no-topic"), "INVALID_ARGUMENT", "topic"
+    )
+    refused(
+        lambda: admin.create_sink("s3", pipeline=pipeline, connection="csv-dir"),
         "INVALID_ARGUMENT",
-        "kafka",
+        "Parquet",
     )
     refused(lambda: admin.create_sink("s4", pipeline="nowhere", connection="ok-db"), "NOT_FOUND", "nowhere")
     refused(lambda: admin.create_sink("s5", pipeline=pipeline, connection="missing"), "NOT_FOUND", "missing")
     refused(
-        lambda: admin.create_sink("s6", pipeline=pipeline, connection="ok-db", what="logs"),
+        lambda: admin.create_sink("s6", pipeline=pipeline, connection="ok-db", what="inputs"),
         "INVALID_ARGUMENT",
-        "logs",
+        "inputs",
     )
     refused(
         lambda: admin.create_source("Bad_Name", connection="ok-db", pipeline=pipeline), "INVALID_ARGUMENT"
@@ -140,7 +144,10 @@ def test_bad_bridges_are_refused_and_nothing_is_stored(
     # What a bridge uses cannot go from under it: its pipeline, its workspace.
     refused(lambda: admin.get_pipeline(pipeline).delete(), "FAILED_PRECONDITION", "'once'")
     refused(lambda: admin.delete_workspace(admin.workspace), "FAILED_PRECONDITION", "bridges 'once'")
+    used = admin.get_connection("ok-db")
+    refused(used.delete, "FAILED_PRECONDITION", f"{admin.workspace}/once")
     admin.get_bridge("once").delete()
+    used.delete()
 
 
 def test_only_the_service_token_reads_a_bridges_connection(

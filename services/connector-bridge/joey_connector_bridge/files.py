@@ -1,0 +1,66 @@
+"""A local directory as a source and a sink (:mod:`filestores` has the rules): the connection's
+``path``, its files matching ``pattern``. Files are written by rename from a temporary name, after an
+fsync, so a file is whole once it has its name, even across a crash of the machine."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from joey_connector_bridge.connectors import Unavailable, register_sink, register_source
+from joey_connector_bridge.filestores import Entry, FileSink, FileSource, Location
+
+
+class Directory(Location):
+    def __init__(self, details: Mapping[str, Any]) -> None:
+        self._path = Path(details["path"])
+        self._pattern = str(details.get("pattern") or "*")
+
+    def list(self) -> list[Entry]:
+        try:
+            with os.scandir(self._path) as entries:
+                return [
+                    Entry(e.name, s.st_size, s.st_mtime_ns)
+                    for e in entries
+                    if e.is_file() and fnmatch.fnmatch(e.name, self._pattern) and (s := e.stat())
+                ]
+        except OSError as exc:
+            raise Unavailable(f"cannot list {self._path}: {exc.strerror}") from None
+
+    def read(self, name: str) -> bytes:
+        try:
+            return (self._path / name).read_bytes()
+        except OSError as exc:
+            raise Unavailable(f"cannot read {self._path / name}: {exc.strerror}") from None
+
+    def put(self, name: str, data: bytes) -> None:
+        final = self._path / name
+        temporary = self._path / f".{name}.tmp"
+        try:
+            with open(temporary, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, final)
+            directory = os.open(self._path, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a crash of the machine
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            raise Unavailable(f"cannot write {final}: {exc.strerror}") from None
+
+
+@register_source
+class FilesSource(FileSource):
+    type = "files"
+    location = Directory
+
+
+@register_sink
+class FilesSink(FileSink):
+    type = "files"
+    location = Directory

@@ -1,0 +1,170 @@
+"""A topic of an external Kafka cluster as a source and a sink, with the connection's own client
+settings (its bootstrap and security, never the platform's).
+
+Source: every partition of the topic is read, request ids ``<source>/<partition>/<offset>``. The
+position checkpointed in Joey's database (per partition, the next offset, saved after the pipeline's
+inputs topic acknowledged the records) is what a restart resumes from; the offsets are then committed to
+a consumer group of the bridge's own on that cluster (``joey.bridge.<workspace>.<name>.<id>``), for its
+tools to show, and are where a source without a saved position starts. One process runs a source (its
+lease), so the partitions are assigned rather than subscribed: a takeover waits for no group session.
+Each record's value is forwarded as it is: one that is no JSON object comes back as an error result.
+
+Sink: each result is one record keyed by its request id (JSON: the Postgres sink's columns), from an
+idempotent producer, and the platform's offsets are committed after the cluster acknowledged every
+record. A replay after a crash produces its records again: a compacted topic, or a reader keeping the
+last record per key, holds one per request id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+
+from joey_connector_bridge.connectors import (
+    Bridge,
+    Refused,
+    ResultRow,
+    Sink,
+    Source,
+    SourceRecord,
+    Unavailable,
+    register_sink,
+    register_source,
+)
+from joey_core import kafka
+from joey_core.connections.kafka import client_config
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S = 10.0
+"""Longest wait for the cluster's metadata or the group's offsets."""
+PARTITIONS_REFRESH_S = 30.0
+"""How often a source looks for partitions added to its topic."""
+
+
+@register_source
+class KafkaSource(Source):
+    type = "kafka"
+
+    def __init__(self, details: Mapping[str, Any], bridge: Bridge) -> None:
+        super().__init__(details, bridge)
+        self._topic = str(details["topic"])
+        # The group only keeps the offsets, on that cluster, for its tools to show: the partitions are
+        # assigned, not subscribed, so a takeover after a crash waits out no dead member's session.
+        self._consumer = Consumer(
+            client_config(details)
+            | {
+                "group.id": bridge.spec.group,
+                "client.id": f"{bridge.settings.instance_id}-{bridge.spec.name}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "enable.partition.eof": False,
+            }
+        )
+        self._assigned: set[int] = set()
+        self._looked = 0.0
+
+    def _assign(self, after: Any) -> None:
+        """Assign the topic's partitions not assigned yet (all at first, then any added since): each
+        from the saved position, else the group's offset, else its beginning."""
+        self._looked = time.monotonic()
+        try:
+            # Every topic's metadata: asking for one by name may create it on a broker that auto-creates.
+            found = self._consumer.list_topics(timeout=TIMEOUT_S).topics.get(self._topic)
+            if found is None or found.error is not None:
+                raise Unavailable(
+                    f"topic {self._topic} is not there: {found.error if found else 'unknown topic'}"
+                )
+            new = [
+                TopicPartition(self._topic, p) for p in sorted(found.partitions) if p not in self._assigned
+            ]
+            if not new:
+                return
+            committed = self._consumer.committed(new, timeout=TIMEOUT_S)
+        except KafkaException as exc:
+            raise Unavailable(f"cannot read topic {self._topic}'s partitions: {exc}") from None
+        saved: dict[str, int] = after or {}
+        for tp in committed:
+            tp.offset = saved.get(str(tp.partition), tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+        self._consumer.incremental_assign(committed)
+        self._assigned |= {tp.partition for tp in committed}
+
+    def read(self, after: Any, limit: int) -> list[SourceRecord]:
+        if not self._assigned or time.monotonic() - self._looked >= PARTITIONS_REFRESH_S:
+            self._assign(after)
+        try:
+            messages = self._consumer.consume(limit, self.bridge.settings.poll_interval_s)
+        except KafkaException as exc:
+            raise Unavailable(f"cannot consume {self._topic}: {exc}") from None
+        # Every record of the batch carries the batch's final position: the one checkpointed after it.
+        position: dict[str, int] = dict(after or {})
+        found = []
+        for message in kafka.usable(messages, log):
+            record = kafka.ConsumedRecord.of(message)
+            position[str(record.partition)] = record.offset + 1
+            found.append(SourceRecord(f"{record.partition}/{record.offset}", position, record.value or b""))
+        return found
+
+    def acknowledged(self, position: Any) -> None:
+        offsets = [TopicPartition(self._topic, int(p), o) for p, o in position.items()]
+        # Refused: only the group's view lags; the saved position is what a restart resumes from.
+        kafka.commit(self._consumer, offsets, kafka.CommitPolicy.BEST_EFFORT, log)
+
+    def lag(self, after: Any) -> int:
+        if not self._assigned:
+            return -1
+        try:
+            behind = 0
+            for tp in self._consumer.position(self._consumer.assignment()):
+                low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                behind += max(0, high - (tp.offset if tp.offset >= 0 else low))
+            return behind
+        except KafkaException:
+            return -1
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+@register_sink
+class KafkaSink(Sink):
+    type = "kafka"
+
+    def __init__(self, details: Mapping[str, Any], bridge: Bridge) -> None:
+        super().__init__(details, bridge)
+        self._topic = str(details["topic"])
+        self._producer: Producer | None = None
+
+    def _produce_to(self) -> Producer:
+        if self._producer is None:
+            self._producer = Producer(
+                client_config(self.details) | {"enable.idempotence": True, "acks": "all", "linger.ms": 5}
+            )
+        return self._producer
+
+    def write(self, rows: Sequence[ResultRow]) -> None:
+        producer = self._produce_to()
+        tracker = kafka.DeliveryTracker()
+        timeout = self.bridge.settings.delivery_timeout_s
+        try:
+            for row in rows:
+                value = json.dumps(row.columns()).encode()
+                tracker.produce(producer, self._topic, value, row.request_id.encode(), timeout=timeout)
+            tracker.flush(producer, timeout)
+        except kafka.DeliveryError as exc:
+            if exc.fatal:
+                self._producer = None  # it can deliver nothing more: a new one for the retry
+            elif exc.refused() is not None:
+                raise Refused(f"topic {self._topic} refused {len(exc.errors)} records: {exc}") from None
+            raise Unavailable(f"topic {self._topic} did not acknowledge the results: {exc}") from None
+        except (TimeoutError, BufferError) as exc:
+            raise Unavailable(f"topic {self._topic} did not acknowledge the results: {exc}") from None
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(self.bridge.settings.delivery_timeout_s)
