@@ -46,6 +46,7 @@ PIPELINE = "wine"
 YESTERDAY_ROWS = 120
 TODAY_ROWS = 30
 LATE_ROWS = 20
+BRIDGES = ("wine-feed", "wine-results", "wine-parquet")
 
 
 def store_url() -> str:
@@ -92,6 +93,14 @@ def scored_rows(url: str) -> int:
     except psycopg.errors.UndefinedTable:
         return 0  # the sink creates its table with its first write
     return int(found[0]) if found else 0
+
+
+def parquet_holds(folder: Path, source_keys: list[str]) -> bool:
+    """Every one of ``source_keys`` has its result in the Parquet files (files hold whole results
+    only: each is renamed into place once written)."""
+    files = list(folder.glob("*.parquet"))
+    found = {key for f in files for key in pq.read_table(f, columns=["source_key"]).column(0).to_pylist()}
+    return found.issuperset(source_keys)
 
 
 def wait_for(what: str, done: Callable[[], bool], timeout: float = 120.0) -> None:
@@ -141,17 +150,25 @@ def run_workloads(client: joey.Client, folder: Path) -> None:
     pipeline.deploy()
 
     files = folder / "scores"
+    stream_files = folder / "stream"
     files.mkdir()
-    remove_bridges(client, "wine-feed", "wine-results")
+    stream_files.mkdir()
+    remove_bridges(client, *BRIDGES)
     replace_connection(client, "wine-db", "postgres", {"url": url, "table": "wine_in", "key": "id"})
     replace_connection(client, "wine-out", "postgres", {"url": url, "table": "wine_out"})
     replace_connection(client, "wine-scores", "postgres", {"url": url, "table": "wine_scores"})
     replace_connection(client, "wine-files", "files", {"path": str(files)})
+    # Parquet files of the stream's results, one written every 2 s or 100 results (by partition).
+    replace_connection(
+        client, "wine-lake", "files", {"path": str(stream_files), "roll_rows": 100, "roll_seconds": 2}
+    )
     print(client.list_connections())
 
-    print("\n== streaming: wine_in -> source wine-feed -> pipeline wine -> sink wine-results -> wine_out")
+    print("\n== streaming: wine_in -> source wine-feed -> pipeline wine -> sink wine-results (wine_out)")
+    print("   and wine-parquet (Parquet files)")
     source = client.create_source("wine-feed", connection="wine-db", pipeline=PIPELINE)
     sink = client.create_sink("wine-results", pipeline=PIPELINE, connection="wine-out")
+    client.create_sink("wine-parquet", pipeline=PIPELINE, connection="wine-lake")
     total = YESTERDAY_ROWS + TODAY_ROWS
     wait_for("the existing rows in wine_out", lambda: scored_rows(url) == total)
     print(f"wine_out: {total} results, one per row; source {describe(source.status())}")
@@ -159,6 +176,10 @@ def run_workloads(client: joey.Client, folder: Path) -> None:
     wait_for("the new rows in wine_out", lambda: scored_rows(url) == total + LATE_ROWS)
     print(f"{LATE_ROWS} rows inserted later are scored as they come: wine_out has {total + LATE_ROWS}")
     print(f"sink {describe(sink.status())}")
+    ids = [str(i) for i in range(first_id, first_id + total + LATE_ROWS)]
+    wait_for("the stream's Parquet files", lambda: parquet_holds(stream_files, ids))
+    names = sorted(p.name for p in stream_files.glob("*.parquet"))
+    print(f"wine-parquet: {len(names)} files hold every result, e.g. {names[0]}")
 
     print("\n== nightly batch: orchestration nightly-batch, run once for yesterday")
     orchestration = client.upload_orchestration("nightly-batch", HERE / "nightly")
@@ -175,7 +196,7 @@ def run_workloads(client: joey.Client, folder: Path) -> None:
     print(f"wine_scores: {scored} rows, Parquet: {written} rows (yesterday had {YESTERDAY_ROWS})")
     agree(url)
 
-    remove_bridges(client, "wine-feed", "wine-results")
+    remove_bridges(client, *BRIDGES)
     pipeline.undeploy()
 
 
