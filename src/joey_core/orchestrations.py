@@ -80,9 +80,10 @@ def check_zip(path: Path, limits: ZipLimits) -> ZipSummary:
         problem = artifact_name_problem(name)
         if problem:
             raise BadZip(f"entry {info.filename[:200]!r} cannot be extracted safely: {problem}")
-        mode = info.external_attr >> 16
-        if info.create_system == 3 and mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        # Unix zips carry the file's type with its mode: a link is as its target's path, extracted.
+        kind_bits = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
+        if kind_bits not in (0, stat.S_IFREG, stat.S_IFDIR):
+            kind = "a symbolic link" if kind_bits == stat.S_IFLNK else "not a regular file"
             raise BadZip(f"entry {name!r} is {kind}: an orchestration holds files and directories only")
         if name in names:
             raise BadZip(f"entry {name!r} appears twice")
