@@ -22,6 +22,7 @@ from joey.client import Client
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from tests.conftest import ServiceProcess, Stack, wait_service_ready, wait_until
+from tests.joey_cli.conftest import joey as joey_cli
 from tests.registry.helpers import token_stub
 
 MAIN = """
@@ -233,6 +234,23 @@ def test_a_schedule_fires_once_per_instant_with_two_orchestrators(world: World) 
     assert all(r.start is None or r.instant is not None and r.start >= r.instant for r in runs)
     assert all(r.attempt == 1 for r in runs)
     assert task.wait(30) == "killed"
+
+
+def test_orchestrations_and_tasks_on_the_command_line(world: World, stack: Stack) -> None:
+    env = os.environ | stack.env
+    ws = ["-w", world.client.workspace]
+    code = world.tmp / "cli-job"
+    code.mkdir()
+    (code / "main.py").write_text("import joey\nprint('cli says', joey.task_args()['word'])\n")
+    uploaded = joey_cli(env, *ws, "orchestration", "upload", "cli-job", str(code))
+    assert uploaded.stdout.strip() == "cli-job version 1 ready" and "packaging" in uploaded.stderr
+    assert "Joey's packages only" in joey_cli(env, *ws, "orchestration", "status", "cli-job").stdout
+    made = joey_cli(env, *ws, "task", "run-once", "cli", "-o", "cli-job", "--args", '{"word": "hi"}')
+    assert made.stdout.strip() == "created task cli (once of cli-job)"
+    followed = joey_cli(env, *ws, "task", "logs", "cli", "--follow").stdout
+    assert "cli says hi" in followed.splitlines()
+    runs = joey_cli(env, *ws, "task", "runs", "cli").stdout
+    assert "success" in runs and "exit_code" in runs.splitlines()[0]
 
 
 def test_a_crashed_orchestrators_run_fails_and_is_retried_by_the_other(world: World) -> None:
