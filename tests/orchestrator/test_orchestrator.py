@@ -65,6 +65,7 @@ ORCHESTRATORS = {
     "JOEY_LEASE_S": "1.5",
     "JOEY_KILL_GRACE_S": "1",
     "JOEY_RETRY_BACKOFF_S": "0",
+    "JOEY_CONTINUOUS_BACKOFF_S": "0.1",
     "JOEY_HEARTBEAT_INTERVAL_S": "0.5",
     # No index: the tests never reach PyPI; the local package builds with the setuptools Joey's
     # environment has.
@@ -170,6 +171,7 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     failing = orch.run_once("failing", json_args={"mode": "fail", "why": "on purpose"}, retries=1)
     hanging = orch.run_once("hanging", json_args={"mode": "hang"}, timeout=2)
     doomed = orch.run_once("doomed", json_args={"mode": "grandchild", "pidfile": str(pidfile)})
+    forever = orch.run_continuously("forever", json_args={"mode": "ok"})
 
     assert ok.wait(60) == "success"
     run = ok.last_runs()[0]
@@ -196,10 +198,20 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     doomed.kill()
     assert doomed.wait(30) == "killed"
     wait_until(lambda: not _alive(grandchild), 10, "the grandchild to be gone")
+    # Restarted whenever it exits, until killed.
+    wait_until(lambda: sum(r.status == "success" for r in forever.last_runs()) >= 2, 60, "a restart")
+    forever.kill()
+    assert forever.wait(30) == "killed"
     statuses = {t.name: t.last_status for t in world.client.list_tasks()}
     assert (
         statuses.items()
-        >= {"ok": "success", "failing": "failure", "hanging": "timed_out", "doomed": "killed"}.items()
+        >= {
+            "ok": "success",
+            "failing": "failure",
+            "hanging": "timed_out",
+            "doomed": "killed",
+            "forever": "killed",
+        }.items()
     )
 
 
