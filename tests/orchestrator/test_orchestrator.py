@@ -52,6 +52,9 @@ if mode == "scope":
     except joey.JoeyError as exc:
         print("outside", exc.code)
     Path(args["tokenfile"]).write_text(os.environ["JOEY_TOKEN"])
+if mode == "score":
+    results = client.get_pipeline(args["pipeline"]).infer([{"features": [5.1, 3.5, 1.4, 0.2]}] * 3)
+    print("scored", len(results), "failed", int(results["error"].notna().sum()))
 if mode == "crash":
     marker = Path(args["marker"])
     if not marker.exists():
@@ -233,6 +236,19 @@ def test_a_task_acts_only_in_its_workspace_and_only_while_it_runs(
     with pytest.raises(grpc.RpcError) as after:
         stub.ListModels(pb.ListModelsRequest(workspace=client.workspace))
     assert after.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+
+def test_a_task_scores_rows_through_a_deployed_pipeline(world: World, iris_model: Path) -> None:
+    pipeline = world.client.build_pipeline("scored").add_model_step(
+        world.client.upload_model("iris", iris_model)
+    )
+    pipeline.deploy(replicas=1, timeout=90)
+    try:
+        task = world.orchestration.run_once("batch", json_args={"mode": "score", "pipeline": "scored"})
+        assert task.wait(120) == "success", text(task.last_runs()[0])
+        assert "scored 3 failed 0" in text(task.last_runs()[0])
+    finally:
+        pipeline.undeploy()
 
 
 def test_a_schedule_fires_once_per_instant_with_two_orchestrators(world: World) -> None:
