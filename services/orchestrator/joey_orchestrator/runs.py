@@ -19,10 +19,12 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
+
+import psycopg
 
 from joey_core import orchestrations as core
 from joey_orchestrator import metrics
@@ -46,6 +48,8 @@ class RunFailed(Exception):
 @dataclass
 class _Output:
     lines: queue.Queue[tuple[str, datetime, str]]
+    unsaved: list[tuple[str, datetime, str]] = field(default_factory=list)
+    """Taken from the queue, kept until the database took them."""
     next_seq: int = 1
     dropped: bool = False
 
@@ -199,7 +203,11 @@ class RunSupervisor(threading.Thread):
         renewed = started
         while process.poll() is None:
             time.sleep(FLUSH_S)
-            self._flush()
+            try:
+                self._flush()
+            except psycopg.OperationalError as exc:
+                # The run goes on; its lines wait. A lease that runs out meanwhile ends it below.
+                log.warning("cannot store the output of run %d yet: %s", self.claimed.id, exc)
             now = time.monotonic()
             if timeout_s is not None and now - started > timeout_s:
                 self._end(process, f"timed out after {timeout_s:g} s")
@@ -209,7 +217,11 @@ class RunSupervisor(threading.Thread):
                 return core.FAILURE, f"orchestrator {settings.instance_id} stopped during the run"
             if now - renewed >= settings.lease_s / 3:
                 renewed = now
-                killed = self._store.renew(self.claimed.id)
+                try:
+                    killed = self._store.renew(self.claimed.id)
+                except psycopg.OperationalError as exc:
+                    log.warning("cannot renew the lease of run %d: %s", self.claimed.id, exc)
+                    continue
                 if killed is None:
                     self._end(process, "the run's lease was lost")
                     return core.FAILURE, "the run's lease ran out: another orchestrator failed it"
@@ -237,7 +249,7 @@ class RunSupervisor(threading.Thread):
 
     def _flush(self) -> None:
         output = self._output
-        lines = []
+        lines = output.unsaved
         while True:
             try:
                 lines.append(output.lines.get_nowait())
@@ -250,9 +262,11 @@ class RunSupervisor(threading.Thread):
                 output.dropped = True
                 note = f"output beyond {self._settings.max_log_lines} lines dropped (JOEY_MAX_LOG_LINES)"
                 lines.append(("joey", datetime.now(UTC), note))
+        output.unsaved = lines
         if lines:
             self._store.append_logs(self.claimed.id, output.next_seq, lines)
             output.next_seq += len(lines)
+            output.unsaved = []
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

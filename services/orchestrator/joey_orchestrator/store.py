@@ -119,6 +119,13 @@ class OrchestratorStore:
     def packaging(self) -> Iterator[tuple[PackagingJob, Connection] | None]:
         """The oldest version still packaging that no other orchestrator is packaging, locked until the
         block ends (on its own connection: a build may take minutes); None when there is none."""
+        with self._pool.connection() as pooled:
+            waiting = pooled.execute(
+                "SELECT EXISTS (SELECT 1 FROM orchestrations WHERE status = 'packaging')"
+            )
+            if not waiting.fetchone()["exists"]:  # type: ignore[index]
+                yield None
+                return
         with psycopg.connect(self._url, row_factory=dict_row) as conn, conn.transaction():
             row = conn.execute(
                 "SELECT o.id, w.name AS workspace, o.name, o.version, o.sha256 FROM orchestrations o "

@@ -100,10 +100,11 @@ def _run(row: DictRow, prefix: str = "") -> StoredRun:
 
 def _task(row: DictRow) -> StoredTask:
     run = _run(row, "run_") if row["run_id"] is not None else None
-    if row["killed"] and (run is None or run.status != core.RUNNING):
+    status = run.status if run else core.PENDING
+    # A killed schedule or continuous task is killed once nothing runs; a task run once keeps its
+    # run's outcome (its pending run, if any, was killed with it).
+    if row["killed"] and row["kind"] != "once" and status != core.RUNNING:
         status = core.KILLED
-    else:
-        status = run.status if run else core.PENDING
     live_schedule = row["kind"] == "scheduled" and not row["killed"]
     return StoredTask(
         workspace=row["workspace"],
