@@ -54,7 +54,7 @@ class _Output:
     dropped: bool = False
 
 
-class Workspace:
+class LocalFiles:
     """The orchestrator's directory: zips by sha256, environments, runs' directories."""
 
     def __init__(self, settings: OrchestratorSettings, registry: RegistryClient) -> None:
@@ -88,7 +88,7 @@ class RunSupervisor(threading.Thread):
         settings: OrchestratorSettings,
         store: OrchestratorStore,
         registry: RegistryClient,
-        files: Workspace,
+        files: LocalFiles,
     ) -> None:
         super().__init__(name=f"run-{run.id}", daemon=True)
         self.claimed = run

@@ -20,7 +20,7 @@ from joey_core.heartbeats import ServiceHeartbeat
 from joey_orchestrator import metrics
 from joey_orchestrator.packaging import PackagingFailed
 from joey_orchestrator.registry_client import RegistryClient, RegistryUnavailable
-from joey_orchestrator.runs import RunFailed, RunSupervisor, Workspace
+from joey_orchestrator.runs import LocalFiles, RunFailed, RunSupervisor
 from joey_orchestrator.settings import OrchestratorSettings
 from joey_orchestrator.store import Backoff, OrchestratorStore
 
@@ -43,7 +43,7 @@ class Orchestrator:
             settings.database_url.get_secret_value(), settings.instance_id, settings.lease_s, backoff
         )
         self._registry = RegistryClient(settings)
-        self._files = Workspace(settings, self._registry)
+        self._files = LocalFiles(settings, self._registry)
         self._redis = redis_client or redis.Redis.from_url(settings.redis_url.get_secret_value())
         self._heartbeat = ServiceHeartbeat(self._redis, settings, SERVICE)
         self._running: dict[int, RunSupervisor] = {}

@@ -14,17 +14,18 @@ Inside main.py, ``joey.Client()`` is the task owner's, in the task's workspace, 
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import tempfile
 import time
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from joey.client.calls import JoeyError, RegistryCaller
 from joey.client.catalog import Listing, optional_time
@@ -43,23 +44,27 @@ def task_args() -> dict[str, Any]:
     return args
 
 
-def zipped(path: Path) -> bytes:
-    """A directory's files as a zip (names relative to it; caches and version-control data left out),
-    or a zip file's bytes as they are. Links are refused, as the registry would."""
+@contextmanager
+def zipped(path: Path) -> Iterator[IO[bytes]]:
+    """A zip file as it is, or a directory's files zipped into a temporary file (names relative to it;
+    caches and version-control data left out; links refused, as the registry would)."""
     if path.is_file():
-        return path.read_bytes()
+        with path.open("rb") as given:
+            yield given
+        return
     if not path.is_dir():
         raise FileNotFoundError(f"no orchestration at {path}: give a directory or a .zip file")
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not d.endswith(".egg-info"))
-            for name in sorted(files):
-                file = Path(root) / name
-                if file.is_symlink():
-                    raise ValueError(f"{file} is a symbolic link: an orchestration holds files only")
-                archive.write(file, file.relative_to(path).as_posix())
-    return buffer.getvalue()
+    with tempfile.TemporaryFile() as spool:
+        with zipfile.ZipFile(spool, "w", zipfile.ZIP_DEFLATED) as archive:
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not d.endswith(".egg-info"))
+                for name in sorted(files):
+                    file = Path(root) / name
+                    if file.is_symlink():
+                        raise ValueError(f"{file} is a symbolic link: an orchestration holds files only")
+                    archive.write(file, file.relative_to(path).as_posix())
+        spool.seek(0)
+        yield spool
 
 
 @dataclass(frozen=True)
@@ -422,16 +427,16 @@ class OrchestrationClientMixin(ABC):
         ``main.py`` at its top, an optional ``requirements.txt`` (installed on top of Joey's own packages
         by the orchestrator, which keeps the log), any other files. With ``wait`` (the default) this
         returns once the version is ready, or raises JoeyError with the packaging log."""
-        data = zipped(Path(path))
+        header = pb.OrchestrationUploadHeader(workspace=self.workspace, name=name)
+        with zipped(Path(path)) as data:
 
-        def parts() -> Iterator[pb.OrchestrationUploadRequest]:
-            yield pb.OrchestrationUploadRequest(
-                header=pb.OrchestrationUploadHeader(workspace=self.workspace, name=name)
-            )
-            for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
-                yield pb.OrchestrationUploadRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
+            def parts() -> Iterator[pb.OrchestrationUploadRequest]:
+                yield pb.OrchestrationUploadRequest(header=header)
+                while block := data.read(UPLOAD_CHUNK_BYTES):
+                    yield pb.OrchestrationUploadRequest(chunk=block)
 
-        found = Orchestration.from_proto(self, self.call("UploadOrchestration", parts(), timeout=900))  # type: ignore[arg-type]
+            uploaded = self.call("UploadOrchestration", parts(), timeout=900)
+        found = Orchestration.from_proto(self, uploaded)  # type: ignore[arg-type]
         return found.wait_ready(timeout_s) if wait else found
 
     def get_orchestration(self, name: str, version: int | None = None) -> Orchestration:
