@@ -198,6 +198,8 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     wait_until(pidfile.exists, 60, "the grandchild to start")
     grandchild = int(pidfile.read_text())
     assert doomed.status() == "running"
+    # Its output so far is readable while it runs.
+    wait_until(lambda: "tinypkg says hi" in text(doomed.last_runs()[0]), 10, "the running task's output")
     doomed.kill()
     assert doomed.wait(30) == "killed"
     wait_until(lambda: not _alive(grandchild), 10, "the grandchild to be gone")

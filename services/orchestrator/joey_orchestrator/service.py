@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 
+import psycopg
 import redis
 
 from joey_core import orchestrations as core
@@ -54,8 +55,13 @@ class Orchestrator:
         log.info("orchestrator %s started", self._settings.instance_id)
         try:
             while not stop.is_set():
-                self._step()
-                self._heartbeat.beat()
+                try:
+                    self._step()
+                except psycopg.OperationalError as exc:
+                    # The runs go on meanwhile; those whose lease runs out are failed once it is back.
+                    log.warning("the database is unavailable: %s", exc)
+                else:
+                    self._heartbeat.beat()
                 stop.wait(self._settings.poll_interval_s)
         finally:
             log.info("orchestrator %s stopping", self._settings.instance_id)
