@@ -152,6 +152,32 @@ def test_bad_zips_are_refused_and_nothing_is_stored(world: World, tmp_path: Path
     assert [o.name for o in world.client.list_orchestrations()] == ["job"]
 
 
+def test_bad_tasks_are_refused_and_what_a_task_uses_cannot_be_deleted(world: World) -> None:
+    orch = world.orchestration
+
+    def refused(code: str, match: str, call: Callable[[], object]) -> None:
+        with pytest.raises(joey.JoeyError) as error:
+            call()
+        assert error.value.code == code and match in error.value.message, error.value.message
+
+    refused("INVALID_ARGUMENT", "invalid schedule", lambda: orch.run_scheduled("s", schedule="every day"))
+    refused("INVALID_ARGUMENT", "above 0 seconds", lambda: orch.run_once("t", timeout=0))
+    refused("INVALID_ARGUMENT", "retries must be 0 to 100", lambda: orch.run_once("t", retries=-1))
+    refused("NOT_FOUND", "orchestration 'nope'", lambda: world.client.get_orchestration("nope"))
+    held = orch.run_scheduled("held", schedule="0 2 * * *")
+    assert held.next_run is not None and (held.next_run.hour, held.next_run.minute) == (2, 0)
+    refused("ALREADY_EXISTS", "already exists", lambda: orch.run_once("held"))
+    refused("FAILED_PRECONDITION", "kill it first", held.delete)
+    refused("FAILED_PRECONDITION", "used by tasks", orch.delete)
+    refused(
+        "FAILED_PRECONDITION", "tasks 'held'", lambda: world.client.delete_workspace(world.client.workspace)
+    )
+    held.kill()
+    assert held.status() == "killed" and world.client.get_task("held").next_run is None
+    held.delete()
+    assert "held" not in world.client.list_tasks()
+
+
 def test_a_requirement_that_cannot_be_installed_is_an_error_with_pips_reason(world: World) -> None:
     code = world.tmp / "broken"
     code.mkdir()

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_ARGS_BYTES = 64 * 1024
 MAX_RETRIES = 100
 DEFAULT_RUNS = 20
+MAX_RUNS = 10_000
 DEFAULT_LOG_LINES = 1000
 MAX_LOG_LINES = 10_000
 TOKEN_MARGIN_S = 60
@@ -274,8 +275,8 @@ class Tasks:
 
     def runs(self, caller: Caller, workspace: str, name: str, limit: int) -> list[StoredRun]:
         ws = self.access.authorize(caller, workspace, Action.READ)
-        if not 0 <= limit <= MAX_LOG_LINES:
-            raise InvalidArgument(f"limit must be 0 (= {DEFAULT_RUNS}) to {MAX_LOG_LINES}, got {limit}")
+        if not 0 <= limit <= MAX_RUNS:
+            raise InvalidArgument(f"limit must be 0 (= {DEFAULT_RUNS}) to {MAX_RUNS}, got {limit}")
         task_id = self._task_id(ws, name)
         with self._pool.connection() as conn:
             rows = conn.execute(
