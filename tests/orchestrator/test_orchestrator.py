@@ -324,11 +324,13 @@ def test_a_crashed_orchestrators_run_fails_and_is_retried_by_the_other(world: Wo
     assert retried.orchestrator == survivor and "second attempt" in text(retried)
     # The crashed orchestrator's run did not outlive it: its process group was killed.
     wait_until(lambda: not _alive(int(marker.read_text())), 10, "the orphaned run to be gone")
+    # The failed run's token was revoked by the orchestrator that failed it.
     with psycopg.connect(world.database_url) as conn:
         tokens = conn.execute(
-            "SELECT count(*) FROM tokens t JOIN task_runs r ON r.id = t.run_id WHERE r.id = %s", (failed.id,)
+            "SELECT count(*) FILTER (WHERE revoked_at IS NOT NULL), count(*) FROM tokens WHERE run_id = %s",
+            (failed.id,),
         ).fetchone()
-    assert tokens == (1,)
+    assert tokens == (1, 1)
 
 
 def _alive(pid: int) -> bool:
