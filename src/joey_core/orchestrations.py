@@ -73,6 +73,7 @@ def check_zip(path: Path, limits: ZipLimits) -> ZipSummary:
     if len(entries) > limits.max_files:
         raise BadZip(f"it holds {len(entries)} entries, more than the limit of {limits.max_files}")
     names: set[str] = set()
+    files_named: set[str] = set()
     files = 0
     total = 0
     for info in entries:
@@ -90,10 +91,17 @@ def check_zip(path: Path, limits: ZipLimits) -> ZipSummary:
         names.add(name)
         if info.is_dir():
             continue
+        files_named.add(name)
         files += 1
         total += info.file_size
         if total > limits.max_unpacked_bytes:
             raise BadZip(f"its files hold more than the limit of {limits.max_unpacked_bytes} bytes")
+    for name in sorted(files_named):
+        parent = name.rpartition("/")[0]
+        while parent:
+            if parent in files_named:
+                raise BadZip(f"entry {parent!r} is a file and a directory (of {name!r})")
+            parent = parent.rpartition("/")[0]
     root = _root(names)
     if root is None:
         raise BadZip(f"no {MAIN} at the top of the zip (or of the one folder it holds)")
@@ -116,6 +124,7 @@ def extract(path: Path, target: Path, limits: ZipLimits) -> ZipSummary:
     enforced on the bytes themselves: an entry's declared size may lie."""
     summary = check_zip(path, limits)
     target.mkdir(parents=True)
+    # Names were checked: none leaves the target, none is a file and a directory, none is a link.
     written = 0
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():

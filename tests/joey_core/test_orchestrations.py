@@ -46,6 +46,8 @@ def test_a_zip_of_one_folder_extracts_as_its_contents(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "lib" / "util.py").read_bytes() == b"X = 1"
     with pytest.raises(core.BadZip, match="no main.py"):
         core.check_zip(zipped(tmp_path / "two.zip", {"a/main.py": b"", "b/x.py": b""}), LIMITS)
+    with pytest.raises(core.BadZip, match="'lib' is a file and a directory"):
+        core.check_zip(zipped(tmp_path / "clash.zip", {"main.py": b"", "lib": b"", "lib/x.py": b""}), LIMITS)
 
 
 def test_schedules_are_checked_and_their_instants_found() -> None:

@@ -3,8 +3,9 @@
 An environment is ``<dir>/envs/<key>``: a venv (no pip of its own) whose site-packages holds a .pth
 that adds the orchestrator's own site-packages after it, so ``import joey`` works and every package
 Joey ships is there, plus what ``requirements.txt`` installs (with the orchestrator's pip, run for the
-venv's interpreter: ``pip --python``). The key is the requirements' sha256, and the zip's too when a
-requirement is a path inside it (``./vendor/pkg``), whose files may change while the line does not.
+venv's interpreter: ``pip --python``). The key is the sha256 of the requirements (with the interpreter's
+version and Joey's environment's path), and of the zip too when a requirement is a path inside it
+(``./vendor/pkg``), whose files may change while the line does not.
 
 pip runs in the orchestration's extracted directory with an environment of its own: no ``JOEY_*``
 setting, database URL or token reaches a package's build scripts. Builds are atomic (a temporary
@@ -56,7 +57,8 @@ class Environment:
 def requirements_key(code: Path, zip_sha256: str) -> str:
     requirements = code / core.REQUIREMENTS
     text = requirements.read_bytes() if requirements.is_file() else b""
-    digest = hashlib.sha256(text)
+    # The interpreter and Joey's environment too: an environment is built on both.
+    digest = hashlib.sha256(f"{sys.version}\n{sys.prefix}\n".encode() + text)
     if any(_LOCAL.match(line) for line in text.decode(errors="replace").splitlines()):
         digest.update(zip_sha256.encode())
     return digest.hexdigest()

@@ -10,6 +10,7 @@ each run by a RunSupervisor thread.
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import threading
 
@@ -108,7 +109,7 @@ class Orchestrator:
                     return
                 job, conn = found
                 log.info("packaging orchestration %s/%s version %d", job.workspace, job.name, job.version)
-                directory = self._files.runs / f"package-{job.sha256[:16]}"
+                directory = self._files.runs / f"package-{job.id}-{secrets.token_hex(4)}"
                 try:
                     zip_path = self._files.zip(job.workspace, job.name, job.version, job.sha256)
                     self._files.extract(zip_path, directory)
