@@ -29,7 +29,7 @@ RUN pip install "$(ls /wheels/*.whl)${EXTRAS:+[$EXTRAS]}" && rm -rf /wheels
 # Own the data directories before switching user: a fresh named volume mounted on them
 # inherits this ownership, so the non-root services can write there.
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/joey joey \
-    && mkdir -p /data/artifacts /cache \
+    && mkdir -p /data/artifacts /data/orchestrator /cache \
     && chown -R joey:joey /data /cache
 USER joey
 WORKDIR /home/joey

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SERVICES = ("registry", "engine", "logger", "assayer", "gateway", "connector_bridge")
+SERVICES = ("registry", "engine", "logger", "assayer", "gateway", "connector_bridge", "orchestrator")
 
 
 def loaded(module: str) -> set[str]:

@@ -18,6 +18,7 @@ from joey.client import (
     TensorSpec,
     User,
     Workspace,
+    task_args,
 )
 from joey_core import __version__
 
@@ -35,4 +36,5 @@ __all__ = [
     "User",
     "Workspace",
     "__version__",
+    "task_args",
 ]

@@ -1,10 +1,11 @@
 """The secrets of a laptop stack, made by `joey up` on its first start and kept in its state directory.
 
 The platform admin's password (the registry creates `admin` with it while no user exists), the
-service token the engines present to download artifacts, and the Fernet key the registry seals
-connection secrets with. Each is a file readable by its owner only; one given in the environment
-(JOEY_ADMIN_PASSWORD, JOEY_SERVICE_TOKEN, JOEY_SECRET_KEY) is used instead. Losing `secret-key` loses
-the connections' secrets (their other details stay): back it up with the database.
+service token the engines, connector-bridges and orchestrators present to the registry, and the
+Fernet key the registry seals connection secrets with. Each is a file readable by its owner only;
+one given in the environment (JOEY_ADMIN_PASSWORD, JOEY_SERVICE_TOKEN, JOEY_SECRET_KEY) is used
+instead. Losing `secret-key` loses the connections' secrets (their other details stay): back it up
+with the database.
 """
 
 from __future__ import annotations
@@ -63,6 +64,6 @@ def service_env(name: str, state_dir: Path) -> dict[str, str]:
             "JOEY_SERVICE_TOKEN": service_token(state_dir),
             "JOEY_SECRET_KEY": secret_key(state_dir),
         }
-    if name in ("engine", "connector-bridge"):
+    if name in ("engine", "connector-bridge", "orchestrator"):
         return {"JOEY_SERVICE_TOKEN": service_token(state_dir)}
     return {}

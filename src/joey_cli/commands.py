@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from joey_cli import bridges, connections, identity
+from joey_cli import bridges, connections, identity, orchestrations
 from joey_cli.assays import assay
 from joey_cli.confirm import YES as _YES
 from joey_cli.confirm import confirm as _confirm
@@ -1192,6 +1192,8 @@ main.add_command(assay)
 main.add_command(connections.connection)
 main.add_command(bridges.source)
 main.add_command(bridges.sink)
+main.add_command(orchestrations.orchestration)
+main.add_command(orchestrations.task)
 for _command in identity.COMMANDS:
     main.add_command(_command)
 for _command in (*identity.WORKSPACE_COMMANDS, *connections.WORKSPACE_COMMANDS):

@@ -100,6 +100,9 @@ class CommonSettings(BaseSettings):
     registry_addr: str = "127.0.0.1:50051"
     """host:port of the registry's gRPC API."""
 
+    workspace: str = "default"
+    """The workspace an SDK client starts in (a task's run gets its task's)."""
+
     logs_partitions: int = Field(default=8, ge=1)
     """Partitions of the joey.logs topic (created once; the embedded broker cannot add partitions)."""
 

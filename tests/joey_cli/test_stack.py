@@ -476,6 +476,7 @@ def test_the_services_given_the_database_are_those_whose_settings_have_it() -> N
     from joey_engine.settings import EngineSettings
     from joey_gateway.settings import GatewaySettings
     from joey_logger.settings import LoggerSettings
+    from joey_orchestrator.settings import OrchestratorSettings
     from joey_registry.settings import RegistrySettings
 
     classes = {
@@ -485,6 +486,7 @@ def test_the_services_given_the_database_are_those_whose_settings_have_it() -> N
         "assayer": AssayerSettings,
         "gateway": GatewaySettings,
         "connector-bridge": BridgeSettings,
+        "orchestrator": OrchestratorSettings,
     }
     assert set(classes) == set(SERVICES)
     assert {name for name, cls in classes.items() if "database_url" in cls.model_fields} == DATABASE_SERVICES

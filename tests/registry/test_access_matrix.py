@@ -47,6 +47,10 @@ IN_WORKSPACE = _expect(
 ARTIFACT = IN_WORKSPACE | {"service": ALLOWED}
 MANAGE = IN_WORKSPACE | {"collaborator": DENIED}
 RUN_BRIDGE = IN_WORKSPACE | {"owner": DENIED, "collaborator": DENIED, "service": ALLOWED}
+# Orchestrators' calls: the service token only, not even platform admins (a task token acts as its owner).
+SERVICE_ONLY = _expect(
+    admin=DENIED, owner=DENIED, collaborator=DENIED, **{"non-member": DENIED}, service=ALLOWED
+)
 PLATFORM_ADMIN = _expect(
     admin=ALLOWED, owner=DENIED, collaborator=DENIED, **{"non-member": DENIED}, service=DENIED
 )
@@ -231,6 +235,64 @@ RULES: dict[str, Rule] = {
         RUN_BRIDGE,
         lambda s, w, r: s.GetBridgeConnection(pb.BridgeRequest(workspace=w.workspace, name="nope")),
     ),
+    "UploadOrchestration": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.UploadOrchestration(
+            iter(
+                [
+                    pb.OrchestrationUploadRequest(
+                        header=pb.OrchestrationUploadHeader(workspace=w.workspace, name="o")
+                    ),
+                    pb.OrchestrationUploadRequest(chunk=b"not a zip"),
+                ]
+            )
+        ),
+    ),
+    "ListOrchestrations": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.ListOrchestrations(pb.OrchestrationListRequest(workspace=w.workspace)),
+    ),
+    "GetOrchestration": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.GetOrchestration(pb.OrchestrationRequest(workspace=w.workspace, name="nope")),
+    ),
+    # Members download an orchestration's zip, and so do the orchestrators (the service token).
+    "DownloadOrchestration": (
+        ARTIFACT,
+        lambda s, w, r: list(
+            s.DownloadOrchestration(pb.OrchestrationRequest(workspace=w.workspace, name="nope"))
+        ),
+    ),
+    "DeleteOrchestration": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.DeleteOrchestration(pb.OrchestrationRequest(workspace=w.workspace, name="nope")),
+    ),
+    "CreateTask": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.CreateTask(
+            pb.TaskCreateRequest(workspace=w.workspace, name="t", orchestration="nope", kind="once")
+        ),
+    ),
+    "ListTasks": (IN_WORKSPACE, lambda s, w, r: s.ListTasks(pb.TaskListRequest(workspace=w.workspace))),
+    "GetTask": (IN_WORKSPACE, lambda s, w, r: s.GetTask(pb.TaskRequest(workspace=w.workspace, name="nope"))),
+    "KillTask": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.KillTask(pb.TaskRequest(workspace=w.workspace, name="nope")),
+    ),
+    "DeleteTask": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.DeleteTask(pb.TaskRequest(workspace=w.workspace, name="nope")),
+    ),
+    "ListTaskRuns": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.ListTaskRuns(pb.TaskRunsRequest(workspace=w.workspace, name="nope")),
+    ),
+    "GetTaskRunLogs": (
+        IN_WORKSPACE,
+        lambda s, w, r: s.GetTaskRunLogs(pb.TaskRunLogsRequest(workspace=w.workspace, task="nope")),
+    ),
+    "IssueTaskToken": (SERVICE_ONLY, lambda s, w, r: s.IssueTaskToken(pb.TaskTokenRequest(run_id=-1))),
+    "RevokeTaskToken": (SERVICE_ONLY, lambda s, w, r: s.RevokeTaskToken(pb.TaskTokenRequest(run_id=-1))),
     "CreateAssay": (IN_WORKSPACE, lambda s, w, r: s.CreateAssay(pb.CreateAssayRequest(definition=_assay(w)))),
     "ListAssays": (IN_WORKSPACE, lambda s, w, r: s.ListAssays(pb.ListAssaysRequest(workspace=w.workspace))),
     "GetAssay": (

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from joey_registry.errors import InvalidArgument
 from joey_registry.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,29 @@ class FilesystemArtifactStore(ArtifactStore):
             if path.is_file() and path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
                 log.info("removed stale staged upload %s", path)
+
+
+@contextmanager
+def spooled(
+    chunks: Iterable[bytes], staging: Path, limit: int, setting: str
+) -> Iterator[tuple[Path, str, int]]:
+    """The chunks written to a staging file while hashing, never held in memory, the file removed at the
+    block's end (unless :meth:`ArtifactStore.put` took it); beyond ``limit`` bytes InvalidArgument."""
+    fd, name = tempfile.mkstemp(dir=staging, suffix=".upload")
+    path = Path(name)
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidArgument(f"upload exceeds the limit of {limit} bytes ({setting})")
+                digest.update(chunk)
+                out.write(chunk)
+        yield path, digest.hexdigest(), size
+    finally:
+        path.unlink(missing_ok=True)
 
 
 STORES: dict[str, Callable[[RegistrySettings], ArtifactStore]] = {

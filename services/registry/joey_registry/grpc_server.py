@@ -27,7 +27,14 @@ from google.protobuf.message import Message
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_core.v1 import registry_pb2_grpc
-from joey_registry import assay_convert, bridge_convert, connection_convert, convert, errors
+from joey_registry import (
+    assay_convert,
+    bridge_convert,
+    connection_convert,
+    convert,
+    errors,
+    orchestration_convert,
+)
 from joey_registry.access import Caller
 from joey_registry.domain import AuditEntry
 from joey_registry.identity import USERNAME_PATTERN
@@ -74,6 +81,11 @@ _TARGET_FIELDS = frozenset(
         "kind",
         "connection",
         "what",
+        "orchestration",
+        "orchestration_version",
+        "schedule",
+        "task",
+        "run_id",
     }
 )
 _WORKSPACE_NAMED = frozenset({"CreateWorkspace", "DeleteWorkspace"})
@@ -464,6 +476,104 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def GetBridgeConnection(self, request: pb.BridgeRequest, caller: Caller) -> pb.Connection:
         found = self.registry.bridges.connection(caller, request.workspace, request.name)
         return connection_convert.connection(found)
+
+    # --- orchestrations and tasks ---
+
+    @_audited
+    def UploadOrchestration(
+        self, request: Iterator[pb.OrchestrationUploadRequest], caller: Caller
+    ) -> pb.Orchestration:
+        with self.uploads.admitted(caller.name), self.uploads.receive(request) as messages:
+            first = next(messages, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise errors.InvalidArgument("the first UploadOrchestration message must be the header")
+
+            def chunks() -> Iterator[bytes]:
+                for message in messages:
+                    if message.WhichOneof("part") != "chunk":
+                        raise errors.InvalidArgument("UploadOrchestration got a second header")
+                    yield message.chunk
+
+            header = first.header
+            stored = self.registry.orchestrations.upload(caller, header.workspace, header.name, chunks())
+            return orchestration_convert.orchestration(stored)
+
+    @_read
+    def ListOrchestrations(
+        self, request: pb.OrchestrationListRequest, caller: Caller
+    ) -> pb.OrchestrationListResponse:
+        found = self.registry.orchestrations.list_all(caller, request.workspace)
+        return pb.OrchestrationListResponse(
+            orchestrations=[orchestration_convert.orchestration(o) for o in found]
+        )
+
+    @_read
+    def GetOrchestration(self, request: pb.OrchestrationRequest, caller: Caller) -> pb.Orchestration:
+        found = self.registry.orchestrations.get(caller, request.workspace, request.name, request.version)
+        return orchestration_convert.orchestration(found)
+
+    @_read
+    def DownloadOrchestration(
+        self, request: pb.OrchestrationRequest, caller: Caller
+    ) -> Iterator[pb.ArtifactChunk]:
+        orchestrations = self.registry.orchestrations
+        for data in orchestrations.zip_chunks(caller, request.workspace, request.name, request.version):
+            yield pb.ArtifactChunk(data=data)
+
+    @_audited
+    def DeleteOrchestration(
+        self, request: pb.OrchestrationRequest, caller: Caller
+    ) -> pb.OrchestrationDeleteResponse:
+        versions = self.registry.orchestrations.delete(caller, request.workspace, request.name)
+        return pb.OrchestrationDeleteResponse(versions=versions)
+
+    @_audited
+    def CreateTask(self, request: pb.TaskCreateRequest, caller: Caller) -> pb.Task:
+        definition = orchestration_convert.definition(request)
+        return orchestration_convert.task(self.registry.tasks.create(caller, request.workspace, definition))
+
+    @_read
+    def ListTasks(self, request: pb.TaskListRequest, caller: Caller) -> pb.TaskListResponse:
+        found = self.registry.tasks.list_all(caller, request.workspace)
+        return pb.TaskListResponse(tasks=[orchestration_convert.task(t) for t in found])
+
+    @_read
+    def GetTask(self, request: pb.TaskRequest, caller: Caller) -> pb.Task:
+        return orchestration_convert.task(self.registry.tasks.get(caller, request.workspace, request.name))
+
+    @_audited
+    def KillTask(self, request: pb.TaskRequest, caller: Caller) -> pb.Task:
+        return orchestration_convert.task(self.registry.tasks.kill(caller, request.workspace, request.name))
+
+    @_audited
+    def DeleteTask(self, request: pb.TaskRequest, caller: Caller) -> pb.TaskDeleteResponse:
+        self.registry.tasks.delete(caller, request.workspace, request.name)
+        return pb.TaskDeleteResponse()
+
+    @_read
+    def ListTaskRuns(self, request: pb.TaskRunsRequest, caller: Caller) -> pb.TaskRunsResponse:
+        runs = self.registry.tasks.runs(caller, request.workspace, request.name, request.limit)
+        return pb.TaskRunsResponse(runs=[orchestration_convert.run(r) for r in runs])
+
+    @_read
+    def GetTaskRunLogs(self, request: pb.TaskRunLogsRequest, caller: Caller) -> pb.TaskRunLogsResponse:
+        run_id, lines, finished = self.registry.tasks.logs(
+            caller, request.workspace, request.task, request.run_id, request.after_seq, request.limit
+        )
+        return pb.TaskRunLogsResponse(
+            run_id=run_id, lines=[orchestration_convert.log_line(line) for line in lines], finished=finished
+        )
+
+    # Not audited: every run of every task asks for one; the service token only.
+    @_read
+    def IssueTaskToken(self, request: pb.TaskTokenRequest, caller: Caller) -> pb.TaskToken:
+        token, expires_at, workspace = self.registry.tasks.issue_token(caller, request.run_id)
+        return pb.TaskToken(token=token, expires_at=convert.timestamp(expires_at), workspace=workspace)
+
+    @_read
+    def RevokeTaskToken(self, request: pb.TaskTokenRequest, caller: Caller) -> pb.TaskTokenRevoked:
+        self.registry.tasks.revoke_token(caller, request.run_id)
+        return pb.TaskTokenRevoked()
 
     # --- assays ---
 

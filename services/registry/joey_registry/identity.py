@@ -31,6 +31,7 @@ from joey_registry.errors import (
 from joey_registry.identity_store import IdentityStore
 from joey_registry.login_guard import LoginGuard, peer_host
 from joey_registry.settings import RegistrySettings
+from joey_registry.store import WorkspaceRef
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class Identity:
             is_service=False,
             token_kind=owner.kind,
             expires_at=owner.expires_at,
+            scope=WorkspaceRef(*owner.scope) if owner.scope else None,
         )
 
     def _hash(self, password: str) -> str:
@@ -208,7 +210,7 @@ class Identity:
         return self.access.user(caller)
 
     def change_password(self, caller: Caller, old: str, new: str) -> None:
-        user = self.access.user(caller)
+        user = self.access.unscoped(caller)
         check_password(new, "new password")
         # Keyed by username alone: whoever holds the token, from wherever, guesses the same password.
         key = ("change-password", user.username)
@@ -228,8 +230,9 @@ class Identity:
     def create_token(self, caller: Caller, name: str, expires_in_s: int | None) -> tuple[str, TokenInfo]:
         """An API token of the caller's. Called with a session (the password was shown for it) any
         expiry, as for CI tokens; called with an API token, none later than the calling token's, so a
-        leaked short-lived token cannot turn itself into one that never expires."""
-        user = self.access.user(caller)
+        leaked short-lived token cannot turn itself into one that never expires. A task's token makes
+        none: it would outlive its run and its workspace scope."""
+        user = self.access.unscoped(caller)
         if not TOKEN_NAME_PATTERN.fullmatch(name):
             raise InvalidArgument(
                 f"invalid token name {name!r}: 1-63 letters, digits, '.', '_' or '-', "
@@ -245,11 +248,17 @@ class Identity:
             )
         return self._issue(user.username, name, "api", expires_at)
 
+    def issue_task_token(self, username: str, run_id: int, ws: WorkspaceRef, expires_at: datetime) -> str:
+        """A token acting as ``username`` in ``ws`` only, while run ``run_id`` runs, until ``expires_at``."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        self.store.add_task_token(username, token_sha256(token), run_id, ws.id, expires_at)
+        return token
+
     def list_tokens(self, caller: Caller) -> list[TokenInfo]:
-        return self.store.live_tokens(self.access.user(caller).username)
+        return self.store.live_tokens(self.access.unscoped(caller).username)
 
     def revoke_token(self, caller: Caller, name: str) -> None:
-        user = self.access.user(caller)
+        user = self.access.unscoped(caller)
         if not self.store.revoke_named(user.username, name):
             raise NotFound(f"no live token named {name!r}")
 

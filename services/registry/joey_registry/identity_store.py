@@ -45,6 +45,8 @@ class TokenOwner:
     user: User
     kind: str
     expires_at: datetime | None
+    scope: tuple[int, str] | None = None
+    """A task token's workspace (id, name): the only one it may act in."""
 
 
 class IdentityStore:
@@ -169,20 +171,43 @@ class IdentityStore:
         """The active user holding this live token, straight from the table: a revocation or a
         deactivation acts on the next call."""
         with self._conn() as conn:
+            # A task token lives only while its run runs: revoked or not, a run that ended (or that an
+            # orchestrator's lease loss failed) takes its token's rights with it.
             row = conn.execute(
-                "SELECT t.id, t.kind, t.expires_at, "
+                "SELECT t.id, t.kind, t.expires_at, t.workspace_id, w.name AS scope_name, "
                 f"t.last_used_at < now() - interval '{_LAST_USED_RESOLUTION}' "
                 f"OR t.last_used_at IS NULL AS stale, {_USER_COLUMNS} "
                 "FROM tokens t JOIN users u ON u.username = t.username "
+                "LEFT JOIN workspaces w ON w.id = t.workspace_id "
                 "WHERE t.token_sha256 = %s AND t.revoked_at IS NULL "
-                "AND (t.expires_at IS NULL OR t.expires_at > now()) AND u.active",
+                "AND (t.expires_at IS NULL OR t.expires_at > now()) AND u.active "
+                "AND (t.run_id IS NULL OR EXISTS "
+                "(SELECT 1 FROM task_runs r WHERE r.id = t.run_id AND r.status = 'running'))",
                 (token_sha256,),
             ).fetchone()
             if row is None:
                 return None
             if row["stale"]:
                 conn.execute("UPDATE tokens SET last_used_at = now() WHERE id = %s", (row["id"],))
-        return TokenOwner(row["id"], _user(row), row["kind"], row["expires_at"])
+        scope = (row["workspace_id"], row["scope_name"]) if row["workspace_id"] is not None else None
+        return TokenOwner(row["id"], _user(row), row["kind"], row["expires_at"], scope)
+
+    def add_task_token(
+        self, username: str, token_sha256: str, run_id: int, workspace_id: int, expires_at: datetime
+    ) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO tokens (token_sha256, username, name, kind, expires_at, workspace_id, run_id) "
+                "VALUES (%s, %s, %s, 'task', %s, %s, %s)",
+                (token_sha256, username, f"task-run-{run_id}", expires_at, workspace_id, run_id),
+            )
+
+    def revoke_run_tokens(self, run_id: int) -> int:
+        with self._conn() as conn:
+            cur = conn.execute(
+                "UPDATE tokens SET revoked_at = now() WHERE run_id = %s AND revoked_at IS NULL", (run_id,)
+            )
+        return cur.rowcount
 
     def live_tokens(self, username: str) -> list[TokenInfo]:
         with self._conn() as conn:

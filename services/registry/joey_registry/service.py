@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -23,7 +21,7 @@ from joey_core import heartbeats, kafka, topics
 from joey_core.models import ERROR, READY, ArtifactFile, ModelConfig, ModelVersion
 from joey_registry import page_tokens
 from joey_registry.access import Access, Action, Caller
-from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore
+from joey_registry.artifacts import SHA256_PATTERN, ArtifactStore, spooled
 from joey_registry.assays import Assays
 from joey_registry.bridges import Bridges
 from joey_registry.connections import Connections
@@ -64,12 +62,14 @@ from joey_registry.identity import Identity
 from joey_registry.identity_store import IdentityStore
 from joey_registry.lineage import check_lineage, check_manifest, staged_files
 from joey_registry.model_check import ModelCheck
+from joey_registry.orchestrations import Orchestrations
 from joey_registry.publisher import DeploymentPublisher
 from joey_registry.settings import RegistrySettings
 from joey_registry.status import UNDEPLOYED, compute_status
 from joey_registry.steps import check_steps, key_split, map_inputs
 from joey_registry.store import PipelineLock, Store, WorkspaceContents, WorkspaceRef
 from joey_registry.tags import MAX_TAGS, check_search_term, check_tag
+from joey_registry.tasks import Tasks
 from joey_registry.validation import Signature, framework_name
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ class Registry:
         self.connections = Connections(settings, store, self.access)
         self.bridges = Bridges(store, self.access, self.connections, publisher)
         self.identity = Identity(settings, IdentityStore(store.pool), self.access, redis_client)
+        self.orchestrations = Orchestrations(settings, store, self.access, artifacts)
+        self.tasks = Tasks(settings, store, self.access, self.identity)
         self.checks = ModelCheck(
             settings.upload_check_memory_mb, settings.upload_check_cpu_s, settings.upload_check_timeout_s
         )
@@ -137,7 +139,7 @@ class Registry:
     # --- workspaces ---
 
     def create_workspace(self, caller: Caller, name: str) -> Workspace:
-        owner = self.access.user(caller)
+        owner = self.access.unscoped(caller)
         created = self.store.create_workspace(_valid_name("workspace", name), owner.username)
         if created is None:
             raise AlreadyExists(f"workspace {name!r} already exists")
@@ -146,7 +148,8 @@ class Registry:
 
     def list_workspaces(self, caller: Caller) -> list[Workspace]:
         user = self.access.user(caller)
-        return self.store.list_workspaces(user.username, every=user.admin)
+        found = self.store.list_workspaces(user.username, every=user.admin)
+        return [w for w in found if caller.scope is None or w.name == caller.scope.name]
 
     def delete_workspace(self, caller: Caller, name: str) -> None:
         """Delete an empty workspace. What it holds is never deleted along with it: each delete of a
@@ -163,6 +166,8 @@ class Registry:
             held = [
                 (kind, names)
                 for kind, names in (
+                    ("task", contents.tasks),
+                    ("orchestration", contents.orchestrations),
                     ("bridge", contents.bridges),
                     ("assay", contents.assays),
                     ("connection", contents.connections),
@@ -215,7 +220,11 @@ class Registry:
         check_manifest(header.artifacts, self.settings.max_artifacts, self.settings.max_artifacts_bytes)
         staging = self.artifacts.staging_dir()
         with (
-            self._staged(chunks) as (path, sha256, size),
+            spooled(chunks, staging, self.settings.max_upload_bytes, "JOEY_MAX_UPLOAD_BYTES") as (
+                path,
+                sha256,
+                size,
+            ),
             staged_files(header.artifacts, artifact_chunks, staging) as files,
         ):
             if size == 0:
@@ -323,28 +332,6 @@ class Registry:
         settings = self.settings
         longest = settings.conversion_timeout_s + settings.upload_check_timeout_s + _CONVERSION_MARGIN_S
         return self.store.fail_stale_conversions(longest)
-
-    @contextmanager
-    def _staged(self, chunks: Iterable[bytes]) -> Iterator[tuple[Path, str, int]]:
-        """Write the chunks to a staging file while hashing, never holding the artifact in memory."""
-        limit = self.settings.max_upload_bytes
-        fd, name = tempfile.mkstemp(dir=self.artifacts.staging_dir(), suffix=".upload")
-        path = Path(name)
-        try:
-            digest = hashlib.sha256()
-            size = 0
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > limit:
-                        raise InvalidArgument(
-                            f"upload exceeds the limit of {limit} bytes (JOEY_MAX_UPLOAD_BYTES)"
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-            yield path, digest.hexdigest(), size
-        finally:
-            path.unlink(missing_ok=True)
 
     def list_models(self, caller: Caller, workspace: str) -> list[Model]:
         ws = self.access.authorize(caller, workspace, Action.READ)

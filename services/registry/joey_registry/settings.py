@@ -29,6 +29,19 @@ class RegistrySettings(ServiceSettings, DatabaseSettings, TlsServerSettings):
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1)
     """Largest model artifact accepted by UploadModel."""
 
+    max_orchestration_bytes: int = Field(default=64 * 1024**2, ge=1)
+    """Largest orchestration zip UploadOrchestration accepts."""
+
+    max_orchestration_unpacked_bytes: int = Field(default=512 * 1024**2, ge=1)
+    """Largest total size of an orchestration zip's files once extracted (a small zip can claim more)."""
+
+    max_orchestration_files: int = Field(default=10_000, ge=1)
+    """Most entries an orchestration zip may hold."""
+
+    task_token_ttl_s: int = Field(default=24 * 3600, ge=60)
+    """Lifetime of the token of a run without a timeout; a run with one gets its timeout plus a minute.
+    Either way the token works only while its run is running."""
+
     max_artifacts: int = Field(default=1000, ge=0)
     """Extra files one model version may carry (notebooks, samples, code, test results)."""
 

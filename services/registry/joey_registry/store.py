@@ -73,6 +73,12 @@ class WorkspaceContents:
     assays: tuple[str, ...]
     connections: tuple[str, ...] = ()
     bridges: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    orchestrations: tuple[str, ...] = ()
+
+
+WORKSPACE_TABLES = ("models", "pipelines", "assays", "connections", "bridges", "tasks", "orchestrations")
+"""The tables of what a workspace holds, each a field of WorkspaceContents."""
 
 
 @dataclass(frozen=True)
@@ -397,23 +403,15 @@ class Store:
                 table: tuple(
                     r["name"]
                     for r in conn.execute(
-                        sql.SQL("SELECT name FROM {} WHERE workspace_id = %s ORDER BY name").format(
+                        sql.SQL("SELECT DISTINCT name FROM {} WHERE workspace_id = %s ORDER BY name").format(
                             sql.Identifier(table)
                         ),
                         (ws.id,),
                     ).fetchall()
                 )
-                for table in ("models", "pipelines", "assays", "connections", "bridges")
+                for table in WORKSPACE_TABLES
             }
-            check(
-                WorkspaceContents(
-                    named["models"],
-                    named["pipelines"],
-                    named["assays"],
-                    named["connections"],
-                    named["bridges"],
-                )
-            )
+            check(WorkspaceContents(**named))
             conn.execute("DELETE FROM workspaces WHERE id = %s", (ws.id,))
 
     def workspace_role(self, name: str, username: str) -> tuple[WorkspaceRef, str | None] | None:
@@ -557,7 +555,7 @@ class Store:
         nothing is written and ``before_commit`` does not run."""
         with self._conn() as conn:
             if outcome is not None:
-                _lock_artifact(conn, outcome[0])
+                lock_artifact(conn, outcome[0])
             sha256, size, inputs, outputs = outcome or ("", 0, (), ())
             row = conn.execute(
                 "UPDATE model_versions v SET status = %s, conversion_log = %s, sha256 = %s, size_bytes = %s, "
@@ -769,15 +767,16 @@ class Store:
 
     def remove_artifacts(self, sha256s: list[str], remove: Callable[[str], None]) -> int:
         """Call ``remove`` for each of ``sha256s`` that no model version of any workspace uses, as its
-        model or one of its files, under the artifact's lock (see ``_lock_artifact``); returns how many
-        were removed."""
+        model or one of its files, and no orchestration as its zip, under the artifact's lock (see
+        ``lock_artifact``); returns how many were removed."""
         removed = 0
         for sha256 in sha256s:
             with self._conn() as conn:
-                _lock_artifact(conn, sha256)
+                lock_artifact(conn, sha256)
                 used = conn.execute(
                     "SELECT 1 FROM model_versions WHERE sha256 = %(sha)s OR source_sha256 = %(sha)s "
-                    "UNION ALL SELECT 1 FROM model_artifacts WHERE sha256 = %(sha)s LIMIT 1",
+                    "UNION ALL SELECT 1 FROM model_artifacts WHERE sha256 = %(sha)s "
+                    "UNION ALL SELECT 1 FROM orchestrations WHERE sha256 = %(sha)s LIMIT 1",
                     {"sha": sha256},
                 ).fetchone()
                 if used is None:
@@ -1073,7 +1072,7 @@ def _artifact_lock_key(sha256: str) -> int:
     return int(sha256[:7], 16)
 
 
-def _lock_artifact(conn: Connection, sha256: str) -> None:
+def lock_artifact(conn: Connection, sha256: str) -> None:
     """Held until commit by an upload recording an artifact and by the removal of an unused one, so a
     removal never deletes the file an upload of the same bytes just found there and did not write."""
     conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_ARTIFACT_LOCKS, _artifact_lock_key(sha256)))

@@ -21,6 +21,7 @@ from joey.client.client import Client
 from joey.client.connections import Connection, ConnectionTest
 from joey.client.identity import AuditEntry, TokenInfo, User
 from joey.client.models import ModelVersion
+from joey.client.orchestrations import Orchestration, PackagingStatus, Task, TaskRun, task_args
 from joey.client.pipelines import (
     Autoscale,
     DeploymentStatus,
@@ -66,6 +67,8 @@ __all__ = [
     "ModelSummary",
     "ModelUse",
     "ModelVersion",
+    "Orchestration",
+    "PackagingStatus",
     "Pipeline",
     "PipelineDescription",
     "PipelineStep",
@@ -74,9 +77,12 @@ __all__ = [
     "RandomSplitStep",
     "ReplicaStatus",
     "ShadowStep",
+    "Task",
+    "TaskRun",
     "TensorSpec",
     "TokenInfo",
     "User",
     "ValidationsStep",
     "Workspace",
+    "task_args",
 ]

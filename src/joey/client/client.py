@@ -42,6 +42,7 @@ from joey.client.catalog import (
 from joey.client.connections import ConnectionClientMixin
 from joey.client.identity import IdentityClientMixin
 from joey.client.models import ModelVersion, configure
+from joey.client.orchestrations import OrchestrationClientMixin
 from joey.client.pipelines import Pipeline, PipelineDescription, load_pipeline
 from joey.client.signatures import Schema, sample_json, tensor_specs
 from joey.client.streaming import Streams
@@ -58,13 +59,19 @@ _CONVERSION_POLL_S = 0.5
 
 
 class Client(
-    AssayClientMixin, BridgeClientMixin, ConnectionClientMixin, IdentityClientMixin, WorkspaceClientMixin
+    AssayClientMixin,
+    BridgeClientMixin,
+    ConnectionClientMixin,
+    IdentityClientMixin,
+    OrchestrationClientMixin,
+    WorkspaceClientMixin,
 ):
     """Connection to a Joey registry, working in one workspace at a time.
 
     It calls with ``token``, else ``$JOEY_TOKEN``, else the token `joey login` (or `joey up`) stored
     for its registry in the credentials file (``$JOEY_CREDENTIALS``, default ``~/.config/joey/credentials``);
-    :meth:`login` makes one with a password instead.
+    :meth:`login` makes one with a password instead. It starts in ``workspace``, else ``$JOEY_WORKSPACE``,
+    else ``default`` (in a task's run: the task's token and workspace, from its environment).
 
     ``pipeline.infer`` keeps one producer and one reply reader per pipeline open across calls (made on
     its first call), and remembers a deployed pipeline's status for ``status_cache_s`` seconds, so that a
@@ -74,7 +81,7 @@ class Client(
     def __init__(
         self,
         registry_addr: str | None = None,
-        workspace: str = "default",
+        workspace: str | None = None,
         *,
         kafka_bootstrap: str | None = None,
         token: str | None = None,
@@ -84,7 +91,7 @@ class Client(
         overrides = {"registry_addr": registry_addr, "kafka_bootstrap": kafka_bootstrap}
         base = settings or CommonSettings()
         self.settings = base.model_copy(update={k: v for k, v in overrides.items() if v})
-        self.workspace = workspace
+        self.workspace = workspace or self.settings.workspace
         self._token = token
         self._bearer: Bearer | None = None
         self.session_expires_at: datetime | None = None
@@ -105,7 +112,7 @@ class Client(
         username: str,
         password: str,
         registry_addr: str | None = None,
-        workspace: str = "default",
+        workspace: str | None = None,
         *,
         expires_in_s: int | None = None,
         store: bool = False,

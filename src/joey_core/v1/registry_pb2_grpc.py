@@ -184,6 +184,76 @@ class RegistryStub:
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
                 response_deserializer=joey__core_dot_v1_dot_registry__pb2.Connection.FromString,
                 _registered_method=True)
+        self.UploadOrchestration = channel.stream_unary(
+                '/joey.v1.Registry/UploadOrchestration',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationUploadRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Orchestration.FromString,
+                _registered_method=True)
+        self.ListOrchestrations = channel.unary_unary(
+                '/joey.v1.Registry/ListOrchestrations',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationListRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationListResponse.FromString,
+                _registered_method=True)
+        self.GetOrchestration = channel.unary_unary(
+                '/joey.v1.Registry/GetOrchestration',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Orchestration.FromString,
+                _registered_method=True)
+        self.DownloadOrchestration = channel.unary_stream(
+                '/joey.v1.Registry/DownloadOrchestration',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
+        self.DeleteOrchestration = channel.unary_unary(
+                '/joey.v1.Registry/DeleteOrchestration',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationDeleteResponse.FromString,
+                _registered_method=True)
+        self.CreateTask = channel.unary_unary(
+                '/joey.v1.Registry/CreateTask',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TaskCreateRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Task.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/joey.v1.Registry/ListTasks',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TaskListRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskListResponse.FromString,
+                _registered_method=True)
+        self.GetTask = channel.unary_unary(
+                '/joey.v1.Registry/GetTask',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TaskRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Task.FromString,
+                _registered_method=True)
+        self.KillTask = channel.unary_unary(
+                '/joey.v1.Registry/KillTask',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TaskRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.Task.FromString,
+                _registered_method=True)
+        self.DeleteTask = channel.unary_unary(
+                '/joey.v1.Registry/DeleteTask',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TaskRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskDeleteResponse.FromString,
+                _registered_method=True)
+        self.ListTaskRuns = channel.unary_unary(
+                '/joey.v1.Registry/ListTaskRuns',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TaskRunsRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskRunsResponse.FromString,
+                _registered_method=True)
+        self.GetTaskRunLogs = channel.unary_unary(
+                '/joey.v1.Registry/GetTaskRunLogs',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TaskRunLogsRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskRunLogsResponse.FromString,
+                _registered_method=True)
+        self.IssueTaskToken = channel.unary_unary(
+                '/joey.v1.Registry/IssueTaskToken',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TaskTokenRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskToken.FromString,
+                _registered_method=True)
+        self.RevokeTaskToken = channel.unary_unary(
+                '/joey.v1.Registry/RevokeTaskToken',
+                request_serializer=joey__core_dot_v1_dot_registry__pb2.TaskTokenRequest.SerializeToString,
+                response_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskTokenRevoked.FromString,
+                _registered_method=True)
         self.CreateAssay = channel.unary_unary(
                 '/joey.v1.Registry/CreateAssay',
                 request_serializer=joey__core_dot_v1_dot_registry__pb2.CreateAssayRequest.SerializeToString,
@@ -547,6 +617,107 @@ class RegistryServicer:
     def GetBridgeConnection(self, request, context):
         """The bridge's connection with its details in full: the service token only (connector-bridges).
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadOrchestration(self, request_iterator, context):
+        """Orchestrations and tasks (docs/workloads.md, "Orchestrations and tasks"): a zip of Python code
+        (main.py, an optional requirements.txt, any files) packaged and run by orchestrator processes.
+        Client stream: the header, then the zip's bytes. Each upload of a name is a new version,
+        "packaging" until an orchestrator built its environment. A zip without main.py, with an entry that
+        leaves its directory, a link, or beyond the limits is INVALID_ARGUMENT and nothing is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOrchestrations(self, request, context):
+        """The latest version of each orchestration of the workspace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOrchestration(self, request, context):
+        """One version (0 = the latest) with its packaging status and log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadOrchestration(self, request, context):
+        """A version's zip: the service token (orchestrators) and members.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteOrchestration(self, request, context):
+        """Deletes every version; refused (FAILED_PRECONDITION) while a task uses the orchestration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTask(self, request, context):
+        """A task runs an orchestration once, on a cron schedule (UTC), or continuously (restarted when it
+        exits), each run as the caller, in this workspace only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KillTask(self, request, context):
+        """Ends the task: its pending runs are killed, its running ones killed by their orchestrator (SIGTERM
+        to the run's process group, then SIGKILL), and it fires no more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTask(self, request, context):
+        """Deletes a task with its runs and logs; refused while it may run again (kill it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTaskRuns(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTaskRunLogs(self, request, context):
+        """A run's stdout and stderr lines after `after_seq`, while it runs and after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueTaskToken(self, request, context):
+        """The token a running run acts with: its task's workspace only, as the task's owner at most, valid
+        while the run runs. The service token only (orchestrators).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeTaskToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -932,6 +1103,76 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.GetBridgeConnection,
                     request_deserializer=joey__core_dot_v1_dot_registry__pb2.BridgeRequest.FromString,
                     response_serializer=joey__core_dot_v1_dot_registry__pb2.Connection.SerializeToString,
+            ),
+            'UploadOrchestration': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadOrchestration,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationUploadRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Orchestration.SerializeToString,
+            ),
+            'ListOrchestrations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOrchestrations,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationListRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationListResponse.SerializeToString,
+            ),
+            'GetOrchestration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrchestration,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Orchestration.SerializeToString,
+            ),
+            'DownloadOrchestration': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadOrchestration,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'DeleteOrchestration': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteOrchestration,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.OrchestrationDeleteResponse.SerializeToString,
+            ),
+            'CreateTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTask,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskCreateRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Task.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskListRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.TaskListResponse.SerializeToString,
+            ),
+            'GetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTask,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Task.SerializeToString,
+            ),
+            'KillTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.KillTask,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.Task.SerializeToString,
+            ),
+            'DeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTask,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.TaskDeleteResponse.SerializeToString,
+            ),
+            'ListTaskRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskRuns,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskRunsRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.TaskRunsResponse.SerializeToString,
+            ),
+            'GetTaskRunLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskRunLogs,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskRunLogsRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.TaskRunLogsResponse.SerializeToString,
+            ),
+            'IssueTaskToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueTaskToken,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskTokenRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.TaskToken.SerializeToString,
+            ),
+            'RevokeTaskToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeTaskToken,
+                    request_deserializer=joey__core_dot_v1_dot_registry__pb2.TaskTokenRequest.FromString,
+                    response_serializer=joey__core_dot_v1_dot_registry__pb2.TaskTokenRevoked.SerializeToString,
             ),
             'CreateAssay': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateAssay,
@@ -1904,6 +2145,384 @@ class Registry:
             '/joey.v1.Registry/GetBridgeConnection',
             joey__core_dot_v1_dot_registry__pb2.BridgeRequest.SerializeToString,
             joey__core_dot_v1_dot_registry__pb2.Connection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadOrchestration(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/joey.v1.Registry/UploadOrchestration',
+            joey__core_dot_v1_dot_registry__pb2.OrchestrationUploadRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Orchestration.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOrchestrations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListOrchestrations',
+            joey__core_dot_v1_dot_registry__pb2.OrchestrationListRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.OrchestrationListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrchestration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/GetOrchestration',
+            joey__core_dot_v1_dot_registry__pb2.OrchestrationRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Orchestration.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadOrchestration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/joey.v1.Registry/DownloadOrchestration',
+            joey__core_dot_v1_dot_registry__pb2.OrchestrationRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteOrchestration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/DeleteOrchestration',
+            joey__core_dot_v1_dot_registry__pb2.OrchestrationRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.OrchestrationDeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/CreateTask',
+            joey__core_dot_v1_dot_registry__pb2.TaskCreateRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListTasks',
+            joey__core_dot_v1_dot_registry__pb2.TaskListRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.TaskListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/GetTask',
+            joey__core_dot_v1_dot_registry__pb2.TaskRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KillTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/KillTask',
+            joey__core_dot_v1_dot_registry__pb2.TaskRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/DeleteTask',
+            joey__core_dot_v1_dot_registry__pb2.TaskRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.TaskDeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTaskRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/ListTaskRuns',
+            joey__core_dot_v1_dot_registry__pb2.TaskRunsRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.TaskRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskRunLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/GetTaskRunLogs',
+            joey__core_dot_v1_dot_registry__pb2.TaskRunLogsRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.TaskRunLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueTaskToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/IssueTaskToken',
+            joey__core_dot_v1_dot_registry__pb2.TaskTokenRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.TaskToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeTaskToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/joey.v1.Registry/RevokeTaskToken',
+            joey__core_dot_v1_dot_registry__pb2.TaskTokenRequest.SerializeToString,
+            joey__core_dot_v1_dot_registry__pb2.TaskTokenRevoked.FromString,
             options,
             channel_credentials,
             insecure,
