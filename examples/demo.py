@@ -5,14 +5,16 @@ in which the forest answers and the logistic regression shadows it, streams reco
 Kafka input topic and compares the two; then rolls out a new version that A/B-splits traffic 2:1
 between them (sticky per customer) while the pipeline keeps serving, streams again, rolls back,
 checks that every inference was logged; then watches petal length for drift with an assay:
-interactively over what was logged, and live while drifted records stream in. It undeploys and
-stops the stack.
+interactively over what was logged, and live while drifted records stream in. It undeploys, then runs
+the ML workloads example (examples/workloads: a Postgres source and sinks streaming rows of an external
+database through a pipeline, and a nightly batch task scoring the same rows), and stops the stack.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +25,9 @@ import joey
 from joey_cli.stack import StackSettings, start_detached, stop_detached
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE / "workloads")]
+from wine_workload import run_workloads  # noqa: E402
+
 from train_model import make_records, train_and_export  # noqa: E402
 
 RECORDS = 2000
@@ -128,6 +132,10 @@ def run_demo() -> None:
     step("undeploying")
     pipeline.undeploy()
     print(pipeline.status().status)
+
+    step("ML workloads: a streaming feed and a nightly batch task over an external Postgres store")
+    with tempfile.TemporaryDirectory() as folder:
+        run_workloads(client, Path(folder))
 
 
 def watch_drift(

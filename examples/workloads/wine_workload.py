@@ -171,11 +171,11 @@ def run_workloads(client: joey.Client, folder: Path) -> None:
     client.create_sink("wine-parquet", pipeline=PIPELINE, connection="wine-lake")
     total = YESTERDAY_ROWS + TODAY_ROWS
     wait_for("the existing rows in wine_out", lambda: scored_rows(url) == total)
-    print(f"wine_out: {total} results, one per row; source {describe(source.status())}")
+    print(f"wine_out: {total} results, one per row")
     add_rows(url, x[rng.integers(0, len(x), LATE_ROWS)], next_id, today)
     wait_for("the new rows in wine_out", lambda: scored_rows(url) == total + LATE_ROWS)
     print(f"{LATE_ROWS} rows inserted later are scored as they come: wine_out has {total + LATE_ROWS}")
-    print(f"sink {describe(sink.status())}")
+    print(f"source {describe(source.status())}; sink {describe(sink.status())}")
     ids = [str(i) for i in range(first_id, first_id + total + LATE_ROWS)]
     wait_for("the stream's Parquet files", lambda: parquet_holds(stream_files, ids))
     names = sorted(p.name for p in stream_files.glob("*.parquet"))
@@ -184,11 +184,15 @@ def run_workloads(client: joey.Client, folder: Path) -> None:
     print("\n== nightly batch: orchestration nightly-batch, run once for yesterday")
     orchestration = client.upload_orchestration("nightly-batch", HERE / "nightly")
     print(f"orchestration {orchestration.name}: {orchestration.status()}")
+    for earlier in client.list_tasks():
+        if earlier.name == "nightly-backfill":  # an earlier run of this example's
+            earlier.kill().delete()
     task = orchestration.run_once("nightly-backfill", json_args={"day": yesterday.isoformat()}, timeout=300)
-    wait_for("the nightly task", lambda: task.status() not in ("pending", "running"), timeout=300)
+    task.wait(timeout_s=300)
     run = task.last_runs()[0]
     print(f"task {task.name}: {task.status()}, exit code {run.exit_code}; its log:")
-    print("  " + "\n  ".join(run.logs().splitlines()))
+    for line in run.logs():
+        print(f"  [{line.stream}] {line.text}")
     if task.status() != "success":
         raise SystemExit("the nightly task failed")
     scored = count(url, "wine_scores")

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from joey_connector_bridge.connectors import Unavailable
 from joey_connector_bridge.settings import BridgeSettings
-from joey_core import tls
+from joey_core import structs, tls
 from joey_core.bridges import BridgeSpec
 from joey_core.v1 import registry_pb2, registry_pb2_grpc
 
@@ -47,4 +46,4 @@ class RegistryClient:
                 f"cannot read connection {spec.connection!r} from the registry "
                 f"({code.name if code else 'error'}: {detail})"
             ) from None
-        return ConnectionDetails(found.type, json_format.MessageToDict(found.details))
+        return ConnectionDetails(found.type, structs.plain(found.details))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
+from joey_core import structs
 from joey_core.connections import Report
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry.connections import StoredConnection
@@ -20,7 +20,7 @@ def struct(values: dict[str, Any]) -> Struct:
 
 
 def details(request: pb.ConnectionCreateRequest) -> dict[str, Any]:
-    return json_format.MessageToDict(request.details)
+    return structs.plain(request.details)
 
 
 def connection(c: StoredConnection) -> pb.Connection:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from joey.client.calls import RegistryCaller
 from joey.client.catalog import Listing, optional_time
+from joey_core import structs
 from joey_core.v1 import registry_pb2 as pb
 
 TEST_TIMEOUT_S = 180.0
@@ -61,7 +61,7 @@ class Connection:
     def from_proto(
         cls, client: RegistryCaller, workspace: str, c: pb.Connection, full: bool = False
     ) -> Connection:
-        details = json_format.MessageToDict(c.details)
+        details = structs.plain(c.details)
         return cls(
             client,
             workspace,
@@ -92,7 +92,7 @@ class Connection:
         """The details in full, secrets included (each read is recorded in the audit trail)."""
         if self._full is None:
             request = pb.ConnectionGetRequest(workspace=self.workspace, name=self.name)
-            return json_format.MessageToDict(self.client.call("GetConnection", request).details)
+            return structs.plain(self.client.call("GetConnection", request).details)
         return dict(self._full)
 
     def test(self) -> ConnectionTest:
@@ -101,7 +101,7 @@ class Connection:
         the registry's policy may refuse to test at all (FAILED_PRECONDITION, naming its setting)."""
         request = pb.ConnectionTestRequest(workspace=self.workspace, name=self.name)
         result = self.client.call("TestConnection", request, timeout=TEST_TIMEOUT_S)
-        return ConnectionTest(result.ok, result.message, json_format.MessageToDict(result.found))
+        return ConnectionTest(result.ok, result.message, structs.plain(result.found))
 
     def delete(self) -> None:
         """Delete the connection (its own workspace's only) and its shares with other workspaces."""
