@@ -26,9 +26,8 @@ from joey_cli.stack import StackSettings, start_detached, stop_detached
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "workloads")]
-from wine_workload import run_workloads  # noqa: E402
-
 from train_model import make_records, train_and_export  # noqa: E402
+from wine_workload import run_workloads  # noqa: E402
 
 RECORDS = 2000
 PIPELINE = "iris-demo"
