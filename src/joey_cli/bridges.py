@@ -61,16 +61,27 @@ sink = _group("sink")
 @click.argument("name")
 @click.option(
     "--connection",
-    required=True,
     help="The connection read from: a Postgres table with a key, a directory, an S3 prefix, a Kafka topic.",
+)
+@click.option(
+    "--from-pipeline",
+    help="Instead of a connection: a pipeline whose results' outputs become PIPELINE's inputs (a chain).",
 )
 @click.option("--pipeline", required=True, help="The pipeline whose inputs the rows become.")
 @click.pass_obj
-def source_create(obj: Any, name: str, connection: str, pipeline: str) -> None:
+def source_create(
+    obj: Any, name: str, connection: str | None, from_pipeline: str | None, pipeline: str
+) -> None:
     """Stream every record of CONNECTION, existing and new, in order, into PIPELINE: a table's rows in
-    key order, the rows of the files of a directory or an S3 prefix in name order, a topic's records."""
-    created = obj.client.create_source(name, connection=connection, pipeline=pipeline)
-    click.echo(f"created source {created.name}: {created.connection} -> {created.pipeline}")
+    key order, the rows of the files of a directory or an S3 prefix in name order, a topic's records;
+    or every result of another pipeline (--from-pipeline)."""
+    if (connection is None) == (from_pipeline is None):
+        raise click.UsageError("give one of --connection or --from-pipeline")
+    created = obj.client.create_source(
+        name, connection=connection, pipeline=pipeline, from_pipeline=from_pipeline
+    )
+    origin = created.connection or f"pipeline {created.from_pipeline}"
+    click.echo(f"created source {created.name}: {origin} -> {created.pipeline}")
 
 
 @sink.command("create")

@@ -63,6 +63,8 @@ class BridgeSpec:
     connection: str
     what: str
     paused: bool = False
+    from_pipeline: str = ""
+    """A source of this pipeline's outputs, instead of a connection's records."""
 
     @property
     def key(self) -> str:
@@ -93,6 +95,7 @@ def parse(value: bytes) -> BridgeSpec:
             str(raw["connection"]),
             str(raw["what"]),
             bool(raw.get("paused", False)),
+            str(raw.get("from_pipeline", "")),
         )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"missing or bad field {exc}") from None
@@ -100,4 +103,6 @@ def parse(value: bytes) -> BridgeSpec:
         raise ValueError(f"a {found.kind!r} bridge of {found.what!r}")
     for kind, name in (("workspace", found.workspace), ("bridge", found.name), ("pipeline", found.pipeline)):
         topics.validate_name(kind, name)
+    if found.from_pipeline:
+        topics.validate_name("pipeline", found.from_pipeline)
     return found

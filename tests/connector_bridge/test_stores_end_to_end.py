@@ -1,8 +1,10 @@
 """Every store a bridge reads or writes, at once, through one deployed pipeline and one connector-bridge
 process killed -9 mid-stream: files, S3 (moto's server) and an external Kafka topic (the session's
 broker, other topics) as sources; Postgres, files, S3, Kafka, HTTP (a receiver of the test's, failing
-its first POSTs) and a sink of the pipeline's inference logs as sinks. The files sink's directory also
-goes away for longer than the consumer's max.poll.interval.ms while the bridge runs.
+its first POSTs) and a sink of the pipeline's inference logs as sinks; a second pipeline (a python step
+naming the species) chained to the first by a source of its results, with a Postgres sink of its own.
+The files sink's directory also goes away for longer than the consumer's max.poll.interval.ms while the
+bridge runs.
 
 Every sink then holds every input exactly once (the Kafka topic and the HTTP receiver at least once per
 request id, as documented), each source's rows_moved is exactly its inputs, and the sinks of one
@@ -43,6 +45,7 @@ MAX_POLL_MS = 3000
 """The bridge's max.poll.interval.ms: the files sink's outage lasts longer."""
 HOOK_TOKEN = f"hook-{secrets.token_hex(6)}"
 SOURCES = ("files-feed", "s3-feed", "kafka-feed")
+POSTPROCESS = Path(__file__).resolve().parents[2] / "examples" / "steps" / "iris_postprocess.py"
 RESULT_SINKS = ("pg-results", "files-results", "s3-results", "kafka-results", "http-results")
 
 
@@ -217,6 +220,22 @@ def scenario(
         found.bridges["pg-logs"] = client.create_sink(
             "pg-logs", pipeline=world.pipeline, connection="out-logs", what="logs"
         )
+        post = client.upload_model(
+            "iris-post",
+            POSTPROCESS,
+            framework="python",
+            input_schema={"label": ("int64", (-1,)), "probabilities": ("float32", (-1, 3))},
+            output_schema={"species": ("string", (-1,)), "confidence": ("float32", (-1,))},
+        )
+        species = client.build_pipeline("species").add_model_step(post)
+        species.deploy(replicas=1, timeout=90)
+        client.create_connection("out-species", "postgres", {"url": db, "table": "species"})
+        found.bridges["chain"] = client.create_source(
+            "chain", pipeline="species", from_pipeline=world.pipeline
+        )
+        found.bridges["species-results"] = client.create_sink(
+            "species-results", pipeline="species", connection="out-species"
+        )
 
         def s3_results() -> list[tuple]:
             listed = bucket.list_objects_v2(Bucket=s3.bucket, Prefix="results/").get("Contents", [])
@@ -246,6 +265,7 @@ def scenario(
             "s3-results": s3_results,
             "kafka-results": kafka_results,
             "http-results": http_results,
+            "species-results": lambda: table_rows(db, "species"),
         }
 
         def every_sink_has(count: int) -> bool:
@@ -293,6 +313,7 @@ def scenario(
         try:
             yield found
         finally:
+            species.undeploy()
             receiver.shutdown()
             receiver.server_close()
             consumer.close()
@@ -310,6 +331,15 @@ def test_every_input_is_one_row_in_each_sink_across_a_kill_9_and_an_outage(
         assert_results(found, scenario.expected, unique=False)
     else:
         assert_results(found, scenario.expected)
+
+
+def test_a_pipeline_fed_by_anothers_results_answers_each_of_them_once(scenario: Scenario) -> None:
+    found = scenario.results["species-results"]()
+    ids = [r[0] for r in found]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {f"chain/{request_id}" for request_id in scenario.expected}
+    assert {r[2]["species"] for r in found} == {"setosa"}, found[:3]
+    assert all(r[3] is None for r in found), [r for r in found if r[3]][:3]
 
 
 def test_the_counts_are_exact_and_no_secret_reaches_the_log(scenario: Scenario) -> None:

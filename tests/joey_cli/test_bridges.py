@@ -44,6 +44,14 @@ def test_sources_and_sinks_on_the_command_line(stack: Stack, iris_model: Path) -
         env, "-w", ws, "source", "create", "x", "--connection", "scores", "--pipeline", "scored", check=False
     )
     assert "key" in error_line(bad)
+    joey(env, "-w", ws, "pipeline", "create", "after", "--model", "iris")
+    chained = joey(
+        env, "-w", ws, "source", "create", "chain", "--from-pipeline", "scored", "--pipeline", "after"
+    )
+    assert chained.stdout.strip() == "created source chain: pipeline scored -> after"
+    neither = joey(env, "-w", ws, "source", "create", "y", "--pipeline", "after", check=False)
+    assert neither.returncode == 2 and "one of --connection or --from-pipeline" in neither.stderr
+    assert joey(env, "-w", ws, "source", "delete", "chain").stdout.strip() == "deleted source chain"
     assert joey(env, "-w", ws, "sink", "delete", "scored-out").stdout.strip() == "deleted sink scored-out"
     assert joey(env, "-w", ws, "source", "delete", "orders").stdout.strip() == "deleted source orders"
     assert "has no sources" in joey(env, "-w", ws, "source", "list").stdout

@@ -9,6 +9,9 @@ tools to show, and are where a source without a saved position starts. One proce
 lease), so the partitions are assigned rather than subscribed: a takeover waits for no group session.
 Each record's value is forwarded as it is: one that is no JSON object comes back as an error result.
 
+A pipeline source is the same reader over another pipeline's outputs topic on the platform's own cluster
+(docs/workloads.md, "Chaining pipelines"): each result's ``out`` values become one input record.
+
 Sink: each result is one record keyed by its request id (JSON: the Postgres sink's columns), from an
 idempotent producer, and the platform's offsets are committed after the cluster acknowledged every
 record. A replay after a crash produces its records again: a compacted topic, or a reader keeping the
@@ -37,6 +40,7 @@ from joey_connector_bridge.connectors import (
     register_source,
 )
 from joey_core import kafka
+from joey_core.connections.base import first_line
 from joey_core.connections.kafka import client_config
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,7 @@ class KafkaSource(Source):
         # The group only keeps the offsets, on that cluster, for its tools to show: the partitions are
         # assigned, not subscribed, so a takeover after a crash waits out no dead member's session.
         self._consumer = Consumer(
-            client_config(details)
+            self._cluster(details)
             | {
                 "group.id": bridge.spec.group,
                 "client.id": f"{bridge.settings.instance_id}-{bridge.spec.name}",
@@ -68,6 +72,15 @@ class KafkaSource(Source):
         )
         self._assigned: set[int] = set()
         self._looked = 0.0
+
+    def _cluster(self, details: Mapping[str, Any]) -> dict[str, Any]:
+        """The client settings of the cluster the topic is on: the connection's."""
+        return client_config(details)
+
+    def _record(self, record: kafka.ConsumedRecord, position: dict[str, int]) -> SourceRecord | None:
+        """The input record a consumed one becomes (None: none), forwarded as it is: one that is no
+        JSON object comes back as an error result."""
+        return SourceRecord(f"{record.partition}/{record.offset}", position, record.value or b"")
 
     def _assign(self, after: Any) -> None:
         """Assign the topic's partitions not assigned yet (all at first, then any added since): each
@@ -107,7 +120,8 @@ class KafkaSource(Source):
         for message in kafka.usable(messages, log):
             record = kafka.ConsumedRecord.of(message)
             position[str(record.partition)] = record.offset + 1
-            found.append(SourceRecord(f"{record.partition}/{record.offset}", position, record.value or b""))
+            if (source_record := self._record(record, position)) is not None:
+                found.append(source_record)
         return found
 
     def acknowledged(self, position: Any) -> None:
@@ -129,6 +143,40 @@ class KafkaSource(Source):
 
     def close(self) -> None:
         self._consumer.close()
+
+
+@register_source
+class PipelineSource(KafkaSource):
+    """Another pipeline's results into this source's pipeline: a result's ``out`` values (output name ->
+    value) are the input record, with request id ``<source>/<the result's request id>``, so a result the
+    first pipeline answered twice (it answers at least once) is one request of the second. Outputs a
+    split or shadow step adds (names starting with ``_``) stay behind; a result that is not a JSON object
+    with ``out`` (never written by an engine) is skipped, with a warning."""
+
+    type = "pipeline"
+
+    def _cluster(self, details: Mapping[str, Any]) -> dict[str, Any]:
+        return kafka.client_config(self.bridge.settings)
+
+    def _record(self, record: kafka.ConsumedRecord, position: dict[str, int]) -> SourceRecord | None:
+        try:
+            result = json.loads(record.value or b"")
+            request_id, out = str(result["request_id"]), result["out"]
+            if not isinstance(out, dict):
+                raise TypeError("out is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "source %s: skipped the record at %s/%d offset %d of %s: %s",
+                self.bridge.spec.key,
+                record.topic,
+                record.partition,
+                record.offset,
+                self._topic,
+                first_line(exc),
+            )
+            return None
+        inputs = {name: value for name, value in out.items() if not name.startswith("_")}
+        return SourceRecord(request_id, position, json.dumps(inputs).encode())
 
 
 @register_sink

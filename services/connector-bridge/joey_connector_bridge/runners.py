@@ -372,8 +372,7 @@ class SourceRunner(Runner):
             return
         try:
             log.info("bridge %s: this process runs the source", self.spec.key)
-            found = self.registry.connection(self.spec)
-            source: Source = SOURCES[found.type](found.details, self.bridge())
+            source = self._source()
             producer = Producer(kafka.producer_config(self.settings))
             try:
                 _require_topics(producer, [self.spec.topics.inputs], self.spec)
@@ -386,6 +385,13 @@ class SourceRunner(Runner):
                 source.close()
         finally:
             lease.close()
+
+    def _source(self) -> Source:
+        if self.spec.from_pipeline:
+            upstream = topics.pipeline_topics(self.spec.workspace, self.spec.from_pipeline)
+            return SOURCES["pipeline"]({"topic": upstream.outputs}, self.bridge())
+        found = self.registry.connection(self.spec)
+        return SOURCES[found.type](found.details, self.bridge())
 
     def _step(self, source: Source, producer: Producer, after: Any) -> Any:
         batch = source.read(after, self.settings.batch_size)

@@ -25,4 +25,5 @@ def bridge(b: StoredBridge) -> pb.Bridge:
         created_by=b.created_by,
         created_at=timestamp(b.created_at),
         status=status,
+        from_pipeline=b.from_pipeline,
     )

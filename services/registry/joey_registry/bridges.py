@@ -63,6 +63,7 @@ class StoredBridge:
     created_by: str
     created_at: datetime
     status: BridgeState
+    from_pipeline: str = ""
 
     def spec(self) -> spec.BridgeSpec:
         return spec.BridgeSpec(
@@ -74,11 +75,13 @@ class StoredBridge:
             self.connection,
             self.what,
             self.paused,
+            self.from_pipeline,
         )
 
 
 _SELECT = (
     "SELECT b.id, w.name AS workspace, b.name, b.kind, b.pipeline, b.connection, b.what, b.paused, "
+    "b.from_pipeline, "
     "b.created_by, b.created_at, s.state, s.rows_moved, s.lag, s.last_error, s.instance, s.updated_at, "
     f"s.updated_at < now() - interval '{STALE_S} seconds' AS stale "
     "FROM bridges b JOIN workspaces w ON w.id = b.workspace_id "
@@ -99,7 +102,10 @@ def _stored(row: DictRow) -> StoredBridge:
         row["instance"] or "",
         row["updated_at"],
     )
-    fields = {k: row[k] for k in ("id", "workspace", "name", "kind", "pipeline", "connection", "what")}
+    fields = {
+        k: row[k]
+        for k in ("id", "workspace", "name", "kind", "pipeline", "connection", "what", "from_pipeline")
+    }
     return StoredBridge(
         **fields,
         paused=row["paused"],
@@ -162,7 +168,21 @@ class Bridges:
             json.dumps(asdict(bridge.spec())).encode(),
         )
 
-    def _check(self, ws: WorkspaceRef, kind: str, pipeline: str, connection: str, what: str) -> str:
+    def _check_chain(
+        self, ws: WorkspaceRef, kind: str, pipeline: str, connection: str, from_pipeline: str
+    ) -> None:
+        if kind != spec.SOURCE:
+            raise InvalidArgument("only a source can follow a pipeline: a sink writes to a connection")
+        if connection:
+            raise InvalidArgument("a source reads a connection or another pipeline's outputs, not both")
+        if from_pipeline == pipeline:
+            raise InvalidArgument(f"a source cannot feed pipeline {pipeline!r} its own outputs")
+        if not self._store.pipeline_exists(ws, from_pipeline):
+            raise NotFound(f"pipeline {from_pipeline!r} not found in workspace {ws.name!r}")
+
+    def _check(
+        self, ws: WorkspaceRef, kind: str, pipeline: str, connection: str, what: str, from_pipeline: str
+    ) -> str:
         if kind not in spec.KINDS:
             raise InvalidArgument(f"invalid bridge kind {kind!r}: use {' or '.join(spec.KINDS)}")
         what = what or spec.DEFAULT_WHAT[kind]
@@ -172,6 +192,9 @@ class Bridges:
             raise InvalidArgument(f"a {kind} needs a pipeline")
         if not self._store.pipeline_exists(ws, pipeline):
             raise NotFound(f"pipeline {pipeline!r} not found in workspace {ws.name!r}")
+        if from_pipeline:
+            self._check_chain(ws, kind, pipeline, connection, from_pipeline)
+            return what
         if not connection:
             raise InvalidArgument(f"a {kind} needs a connection")
         found = self.connections.sql.find(ws, connection)
@@ -190,29 +213,44 @@ class Bridges:
         return what
 
     def create(
-        self, caller: Caller, workspace: str, name: str, kind: str, pipeline: str, connection: str, what: str
+        self,
+        caller: Caller,
+        workspace: str,
+        name: str,
+        kind: str,
+        pipeline: str,
+        connection: str,
+        what: str,
+        from_pipeline: str = "",
     ) -> StoredBridge:
         ws = self.access.authorize(caller, workspace, Action.WRITE)
         try:
             topics.validate_name(kind if kind in spec.KINDS else "bridge", name)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        what = self._check(ws, kind, pipeline, connection, what)
+        what = self._check(ws, kind, pipeline, connection, what, from_pipeline)
         user = self.access.user(caller)
         with self.sql.changing() as conn:
-            if not self.connections.sql.hold(conn, ws, connection):
+            if connection and not self.connections.sql.hold(conn, ws, connection):
                 raise NotFound(f"connection {connection!r} not found in workspace {ws.name!r}")
             inserted = conn.execute(
-                "INSERT INTO bridges (workspace_id, name, kind, pipeline, connection, what, created_by) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "INSERT INTO bridges (workspace_id, name, kind, pipeline, connection, what, created_by, "
+                "from_pipeline) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (workspace_id, name) DO NOTHING RETURNING id",
-                (ws.id, name, kind, pipeline, connection, what, user.username),
+                (ws.id, name, kind, pipeline, connection, what, user.username, from_pipeline),
             ).fetchone()
             if inserted is None:
                 raise AlreadyExists(f"bridge {name!r} already exists in workspace {ws.name!r}")
             bridge = _stored(self.sql.find(ws, name, conn)[0])
             self._publish(bridge)
-        log.info("created %s %s/%s: pipeline %s, connection %s", kind, ws.name, name, pipeline, connection)
+        log.info(
+            "created %s %s/%s: pipeline %s, %s",
+            kind,
+            ws.name,
+            name,
+            pipeline,
+            f"from pipeline {from_pipeline}" if from_pipeline else f"connection {connection}",
+        )
         return bridge
 
     def list_all(self, caller: Caller, workspace: str) -> list[StoredBridge]:

@@ -444,6 +444,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             request.pipeline,
             request.connection,
             request.what,
+            request.from_pipeline,
         )
         return bridge_convert.bridge(created)
 

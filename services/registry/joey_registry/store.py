@@ -317,7 +317,9 @@ class PipelineLock(NameLock):
 
     def bridge_names(self) -> list[str]:
         rows = self._conn.execute(
-            "SELECT name FROM bridges WHERE workspace_id = %s AND pipeline = %s ORDER BY name",
+            # A source following the pipeline uses it too.
+            "SELECT name FROM bridges WHERE workspace_id = %s AND %s IN (pipeline, from_pipeline) "
+            "ORDER BY name",
             (self.workspace.id, self.name),
         ).fetchall()
         return [r["name"] for r in rows]

@@ -58,6 +58,8 @@ class Bridge:
     created_at: datetime | None = None
     last_status: BridgeStatus | None = field(default=None, compare=False)
     """As of the call that returned this object; :meth:`status` asks again."""
+    from_pipeline: str = ""
+    """A source of that pipeline's results (then ``connection`` is empty)."""
 
     @classmethod
     def from_proto(cls, client: RegistryCaller, b: pb.Bridge) -> Bridge:
@@ -73,6 +75,7 @@ class Bridge:
             b.created_by,
             optional_time(b.created_at),
             BridgeStatus.from_proto(b.status),
+            b.from_pipeline,
         )
 
     def __str__(self) -> str:
@@ -84,7 +87,7 @@ class Bridge:
             "name": self.name,
             "kind": self.kind,
             "pipeline": self.pipeline,
-            "connection": self.connection,
+            "connection": self.connection or f"pipeline {self.from_pipeline}",
             "what": self.what,
             "state": s.state if s else "-",
             "rows_moved": s.rows_moved if s else 0,
@@ -118,23 +121,32 @@ class BridgeClientMixin(ABC):
     @abstractmethod
     def call(self, name: str, request: Any, timeout: float = 60.0) -> Any: ...
 
-    def _create_bridge(self, name: str, kind: str, pipeline: str, connection: str, what: str) -> Bridge:
+    def _create_bridge(
+        self, name: str, kind: str, pipeline: Any, connection: Any, what: str, from_pipeline: Any = None
+    ) -> Bridge:
         request = pb.BridgeCreateRequest(
             workspace=self.workspace,
             name=name,
             kind=kind,
             pipeline=str(pipeline),
-            connection=str(connection),
+            connection="" if connection is None else str(connection),
             what=what,
+            from_pipeline="" if from_pipeline is None else str(from_pipeline),
         )
         return Bridge.from_proto(self, self.call("CreateBridge", request))  # type: ignore[arg-type]
 
-    def create_source(self, name: str, connection: Any, pipeline: Any) -> Bridge:
+    def create_source(
+        self, name: str, connection: Any = None, pipeline: Any = None, from_pipeline: Any = None
+    ) -> Bridge:
         """Stream the records of ``connection``, existing and new, into ``pipeline``'s inputs: a Postgres
         table's rows in key order (request id ``<name>/<key>``), the rows of the CSV, JSON-lines or
         Parquet files of a directory or S3 prefix in name order (``<name>/<file>/<row>``), or an
-        external Kafka topic's records (``<name>/<partition>/<offset>``)."""
-        return self._create_bridge(name, "source", pipeline, connection, "inputs")
+        external Kafka topic's records (``<name>/<partition>/<offset>``).
+
+        Or, instead of a connection, ``from_pipeline``: that pipeline's results, each one's outputs
+        becoming one input record of ``pipeline`` (``<name>/<its request id>``), so the two pipelines
+        chain as a stream."""
+        return self._create_bridge(name, "source", pipeline, connection, "inputs", from_pipeline)
 
     def create_sink(self, name: str, pipeline: Any, connection: Any, what: str = "outputs") -> Bridge:
         """Write ``pipeline``'s results into ``connection``, one row per request id: a Postgres table

@@ -2674,6 +2674,7 @@ class Bridge(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    FROM_PIPELINE_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     kind: _builtins.str
@@ -2684,6 +2685,8 @@ class Bridge(_message.Message):
     """a source: inputs; a sink: outputs (results and errors) or errors"""
     paused: _builtins.bool
     created_by: _builtins.str
+    from_pipeline: _builtins.str
+    """a source of another pipeline's outputs (connection empty)"""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -2701,10 +2704,11 @@ class Bridge(_message.Message):
         created_by: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         status: Global___BridgeStatus | None = ...,
+        from_pipeline: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "created_at", b"created_at", "created_by", b"created_by", "kind", b"kind", "name", b"name", "paused", b"paused", "pipeline", b"pipeline", "status", b"status", "what", b"what", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "created_at", b"created_at", "created_by", b"created_by", "from_pipeline", b"from_pipeline", "kind", b"kind", "name", b"name", "paused", b"paused", "pipeline", b"pipeline", "status", b"status", "what", b"what", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2760,6 +2764,7 @@ class BridgeCreateRequest(_message.Message):
     PIPELINE_FIELD_NUMBER: _builtins.int
     CONNECTION_FIELD_NUMBER: _builtins.int
     WHAT_FIELD_NUMBER: _builtins.int
+    FROM_PIPELINE_FIELD_NUMBER: _builtins.int
     workspace: _builtins.str
     name: _builtins.str
     kind: _builtins.str
@@ -2767,6 +2772,10 @@ class BridgeCreateRequest(_message.Message):
     connection: _builtins.str
     what: _builtins.str
     """empty: inputs for a source, outputs for a sink"""
+    from_pipeline: _builtins.str
+    """A source only, instead of a connection: this pipeline's outputs (its `out` values, by output name)
+    become the pipeline's inputs, so two pipelines chain as a stream.
+    """
     def __init__(
         self,
         *,
@@ -2776,10 +2785,11 @@ class BridgeCreateRequest(_message.Message):
         pipeline: _builtins.str = ...,
         connection: _builtins.str = ...,
         what: _builtins.str = ...,
+        from_pipeline: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "kind", b"kind", "name", b"name", "pipeline", b"pipeline", "what", b"what", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "from_pipeline", b"from_pipeline", "kind", b"kind", "name", b"name", "pipeline", b"pipeline", "what", b"what", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

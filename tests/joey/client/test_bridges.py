@@ -138,7 +138,33 @@ def test_bad_bridges_are_refused_and_nothing_is_stored(
     refused(
         lambda: admin.create_source("Bad_Name", connection="ok-db", pipeline=pipeline), "INVALID_ARGUMENT"
     )
+    # A source of another pipeline's results: a source only, of another pipeline than its own that exists.
+    refused(
+        lambda: admin.create_source("c1", pipeline=pipeline, from_pipeline=pipeline),
+        "INVALID_ARGUMENT",
+        "own",
+    )
+    refused(
+        lambda: admin.create_source("c2", pipeline=pipeline, from_pipeline="nowhere"), "NOT_FOUND", "nowhere"
+    )
+    refused(
+        lambda: admin.create_source("c3", connection="ok-db", pipeline=pipeline, from_pipeline="x"),
+        "INVALID_ARGUMENT",
+        "not both",
+    )
+    refused(
+        lambda: admin._create_bridge("c4", "sink", pipeline, None, "outputs", from_pipeline=pipeline),
+        "INVALID_ARGUMENT",
+        "only a source",
+    )
+    refused(lambda: admin.create_source("c5", pipeline=pipeline), "INVALID_ARGUMENT", "connection")
     assert list(admin.list_bridges()) == []
+    admin.build_pipeline("upstream").add_model_step(admin.list_models()[0]).create()
+    chained = admin.create_source("chained", pipeline=pipeline, from_pipeline="upstream")
+    assert (chained.from_pipeline, chained.connection, chained.kind) == ("upstream", "", "source")
+    refused(lambda: admin.get_pipeline("upstream").delete(), "FAILED_PRECONDITION", "'chained'")
+    chained.delete()
+    admin.get_pipeline("upstream").delete()
     admin.create_source("once", connection="ok-db", pipeline=pipeline)
     refused(lambda: admin.create_source("once", connection="ok-db", pipeline=pipeline), "ALREADY_EXISTS")
     # What a bridge uses cannot go from under it: its pipeline, its workspace.
