@@ -94,6 +94,11 @@ def test_bad_details_are_refused_naming_the_field(kind: str, details: dict[str, 
     assert refused(kind, details).field == field
 
 
+def test_a_url_libpq_cannot_parse_is_refused_without_echoing_it() -> None:
+    found = refused("postgres", {"url": "postgresql://u:Pa55%word-TOPSECRET@db/x"})
+    assert found.field == "url" and "TOPSECRET" not in str(found), found
+
+
 def test_an_unknown_type_is_refused() -> None:
     with pytest.raises(InvalidDetails, match="unknown connection type 'ftp'"):
         connection_type("ftp")
