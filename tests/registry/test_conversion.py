@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -369,7 +370,23 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
     added.mkdir()
     (added / "secret.txt").write_text("not for a pickle")
     monkeypatch.syspath_prepend(str(added))
+    # Root's files on the host, which a root registry's child owns (uid 0 outside its namespace): a
+    # secret, and a program it would make set-uid root. Landlock does not cover their metadata.
+    secret, program = tmp_path / "secret.txt", tmp_path / "true"
+    secret.write_text("root's")
+    secret.chmod(0o600)
+    shutil.copy("/bin/true", program)
+    metadata = {path: (path.stat().st_mode, path.stat().st_mtime_ns) for path in (secret, program)}
     attempts = HOST_POWERS | {
+        "readable by all": f"os.chmod({str(secret)!r}, 0o644)",
+        "set-uid": f"os.chmod({str(program)!r}, 0o4755)",
+        # Its own files too: nothing a conversion writes needs a bit beyond the owner's.
+        "own file set-uid": "os.fchmod(os.open('own', os.O_CREAT | os.O_WRONLY, 0o700), 0o4700)",
+        "own file private": "open('mine', 'w').close() or os.chmod('mine', 0o600)",
+        "owner": f"os.chown({str(secret)!r}, 0, 0)",
+        "times": f"os.utime({str(secret)!r}, (0, 0))",
+        "attribute": f"os.setxattr({str(secret)!r}, 'user.joey', b'x')",
+        "attribute removed": f"os.removexattr({str(secret)!r}, 'user.joey')",
         "other user's shared memory": f"open({str(others)!r}).read()",
         "own shared memory": f"open({str(own)!r}).read()",
         "list shared memory": "os.listdir('/dev/shm')",
@@ -394,7 +411,7 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
     finally:
         others.unlink()
         own.unlink()
-    denied = ["error", "Permission denied"]
+    denied, not_permitted = ["error", "Permission denied"], ["error", "Operation not permitted"]
     assert probed(str(refused.value)) == NO_HOST_POWER | {
         "other user's shared memory": denied,
         "own shared memory": denied,
@@ -408,7 +425,17 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
         # RLIMIT_NPROC as the kernel holds it: a root registry's child is exempt from it all the same.
         "limits": ["ok", str([("Max file size", ["1048576", "1048576"]), ("Max processes", ["64", "64"])])],
         "write": ["error", "File too large"],
+        "readable by all": not_permitted,
+        "set-uid": not_permitted,
+        "own file set-uid": not_permitted,
+        "own file private": ["ok", "None"],
+        "owner": not_permitted,
+        "times": not_permitted,
+        "attribute": not_permitted,
+        "attribute removed": not_permitted,
     }
+    assert {path: (path.stat().st_mode, path.stat().st_mtime_ns) for path in (secret, program)} == metadata
+    assert os.listxattr(secret) == []
     # The registry converts the next upload as ever.
     conversion = limited.start("sklearn", payload(tmp_path, ""), (), None, staging)
     assert conversion.finish()[1][0] == "loaded a scikit-learn LinearRegression of 2 features"
