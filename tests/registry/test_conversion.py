@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import resource
 import secrets
 import shutil
 import socket
@@ -377,6 +378,7 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
     secret.chmod(0o600)
     shutil.copy("/bin/true", program)
     metadata = {path: (path.stat().st_mode, path.stat().st_mtime_ns) for path in (secret, program)}
+    core = resource.getrlimit(resource.RLIMIT_CORE)
     attempts = HOST_POWERS | {
         "readable by all": f"os.chmod({str(secret)!r}, 0o644)",
         "set-uid": f"os.chmod({str(program)!r}, 0o4755)",
@@ -387,6 +389,9 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
         "times": f"os.utime({str(secret)!r}, (0, 0))",
         "attribute": f"os.setxattr({str(secret)!r}, 'user.joey', b'x')",
         "attribute removed": f"os.removexattr({str(secret)!r}, 'user.joey')",
+        # The registry's limits (a CPU limit below what it used kills it): harmless if it went through.
+        "registry's limit": f"resource.prlimit(os.getppid(), resource.RLIMIT_CORE, (0, {core[1]}))",
+        "own limit": "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))",
         "other user's shared memory": f"open({str(others)!r}).read()",
         "own shared memory": f"open({str(own)!r}).read()",
         "list shared memory": "os.listdir('/dev/shm')",
@@ -433,9 +438,12 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
         "times": not_permitted,
         "attribute": not_permitted,
         "attribute removed": not_permitted,
+        "registry's limit": not_permitted,
+        "own limit": ["ok", "None"],
     }
     assert {path: (path.stat().st_mode, path.stat().st_mtime_ns) for path in (secret, program)} == metadata
     assert os.listxattr(secret) == []
+    assert resource.getrlimit(resource.RLIMIT_CORE) == core
     # The registry converts the next upload as ever.
     conversion = limited.start("sklearn", payload(tmp_path, ""), (), None, staging)
     assert conversion.finish()[1][0] == "loaded a scikit-learn LinearRegression of 2 features"

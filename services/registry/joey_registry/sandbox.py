@@ -20,7 +20,8 @@ mechanisms close that, all usable without privileges:
   conversion ends, grandchildren included), nor ptrace or write another process's memory, nor make
   namespaces, nor reach the calls that act on the whole host (modules, bpf, clocks, mounts, ...), nor
   change a file's owner, times, extended attributes or any mode bit beyond its owner's (Landlock
-  covers contents, not metadata, and a root registry's child owns root's files).
+  covers contents, not metadata, and a root registry's child owns root's files), nor set another
+  process's rlimits (prlimit64 on any pid but its own 0).
 
 No maintained Python binding covers Landlock's network and scope rules, nor capabilities' bounding
 set without building against libcap, and the calls are a few syscalls, so they are made here with
@@ -198,6 +199,9 @@ _METADATA_SYSCALLS = (
 _UNIFIED_NUMBERS = {"setxattrat": 463, "removexattrat": 466, "file_setattr": 469}
 _CHMOD_MODE_ARGUMENT = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2}
 _BEYOND_OWNER_BITS = tuple(1 << bit for bit in range(12) if not 0o700 & (1 << bit))
+# prlimit64 on another process (same uid: the registry itself) would set its limits, a CPU limit below
+# what it used killing it with SIGXCPU; pid 0 is the caller, as setrlimit() passes it.
+_PID_ADDRESSED = ("prlimit64",)
 # clone's flags that make namespaces: refused like unshare. clone3 passes its flags in memory a filter
 # cannot read, so it reports ENOSYS, which makes the C library fall back to clone.
 _NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, _CLONE_NEWUSER, 0x20000000, _CLONE_NEWNET)
@@ -223,6 +227,8 @@ def filter_syscalls() -> str:
         for name, argument in _CHMOD_MODE_ARGUMENT.items():
             for bit in _BEYOND_OWNER_BITS:  # rules on one call are or-ed: any one of these bits refuses
                 rules.add_rule(denied, name, pyseccomp.Arg(argument, pyseccomp.MASKED_EQ, bit, bit))
+        for name in _PID_ADDRESSED:
+            rules.add_rule(denied, name, pyseccomp.Arg(0, pyseccomp.NE, 0))
         for flag in _NAMESPACE_FLAGS:
             rules.add_rule(
                 pyseccomp.ERRNO(errno.EPERM), "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag)
