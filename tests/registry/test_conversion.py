@@ -7,6 +7,7 @@ its replies."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -493,17 +494,34 @@ except (InvalidArgument, FailedPrecondition) as exc:
 
 
 # Replies the file's code writes to the reply channel (the child's first descriptor of its own) before
-# the child's own: a description that is no text, and a log that is no list of lines.
+# the child's own: a description that is no text, a log that is no list of lines, and a log claiming a
+# conversion that left a directory where the ONNX file goes.
 FORGED = {
     "loaded": ['{"loaded": 5, "notes": []}'],
     "converted": ['{"loaded": "a model", "notes": []}', '{"converted": "verified: exact, trust me"}'],
+    "directory": ['{"loaded": "a model", "notes": []}', '{"converted": ["verified: exact"]}'],
 }
+FORGED_FAILURE = {
+    "converted": "the conversion's reply is malformed: Converted.converted: Input should be a valid array",
+    "directory": "the conversion's output is not a regular file of its own (a link, a directory?)",
+}
+
+
+def _open_beneath(folder: Path) -> list[str]:
+    """This process's descriptors open on a file beneath ``folder``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own, closed meanwhile
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{folder}/"):
+                found.append(fd)
+    return found
 
 
 @pytest.mark.parametrize("forged", FORGED)
 def test_a_reply_of_any_other_shape_is_refused(conversions: Conversions, tmp_path: Path, forged: str) -> None:
     lines = "".join(line + "\n" for line in FORGED[forged]).encode()
-    code = f"import os\nos.write(3, {lines!r})\n"
+    made = "os.mkdir('model.onnx')\n" if forged == "directory" else ""
+    code = f"import os\n{made}os.write(3, {lines!r})\n"
     if forged == "loaded":
         with pytest.raises(InvalidArgument) as refused:
             conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
@@ -516,8 +534,6 @@ def test_a_reply_of_any_other_shape_is_refused(conversions: Conversions, tmp_pat
     assert conversion.description == "a model"
     with pytest.raises(ConversionFailed) as failed:
         conversion.finish()
-    assert (
-        str(failed.value)
-        == "the conversion's reply is malformed: Converted.converted: Input should be a valid array"
-    )
+    assert str(failed.value) == FORGED_FAILURE[forged]
+    assert _open_beneath(conversion.workdir) == []
     conversion.remove()

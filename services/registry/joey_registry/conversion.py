@@ -164,8 +164,10 @@ class Conversion:
                 self.owner.release()
 
     def _copy_output(self) -> Path:
-        # What the child left may be a link to any file the registry can read, or a FIFO: opened
-        # without following a link, without blocking, then taken only as a regular file of its own.
+        # What the child left may be a link to any file the registry can read, a FIFO or a directory:
+        # opened without following a link, without blocking, then taken only as a regular file of its
+        # own. The descriptor is the registry's to close whatever it is (os.fdopen of a directory's
+        # fails without closing it).
         try:
             fd = os.open(
                 self.workdir / convert_process.OUTPUT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -174,23 +176,31 @@ class Conversion:
             # ELOOP: a symbolic link.
             reason = f"the conversion left no ONNX file of its own: {exc.strerror}"
             raise ConversionFailed(reason, []) from None
-        with os.fdopen(fd, "rb") as source:
-            found = os.fstat(source.fileno())
+        try:
+            found = os.fstat(fd)
             if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
-                raise ConversionFailed("the conversion's output is not a file of its own (a link?)", [])
-            out, name = tempfile.mkstemp(dir=self.staging, suffix=".onnx")
-            self.output = Path(name)
-            with os.fdopen(out, "wb") as target:
-                size = 0
-                while chunk := source.read(_CHUNK):
-                    size += len(chunk)
-                    if size > self.max_output_bytes:
-                        raise ConversionFailed(
-                            f"the converted model is larger than {self.max_output_bytes} bytes "
-                            "(JOEY_MAX_UPLOAD_BYTES)",
-                            [],
-                        )
-                    target.write(chunk)
+                raise ConversionFailed(
+                    "the conversion's output is not a regular file of its own (a link, a directory?)", []
+                )
+            with os.fdopen(fd, "rb", closefd=False) as source:
+                return self._copy(source)
+        finally:
+            os.close(fd)
+
+    def _copy(self, source: io.BufferedReader) -> Path:
+        out, name = tempfile.mkstemp(dir=self.staging, suffix=".onnx")
+        self.output = Path(name)
+        with os.fdopen(out, "wb") as target:
+            size = 0
+            while chunk := source.read(_CHUNK):
+                size += len(chunk)
+                if size > self.max_output_bytes:
+                    raise ConversionFailed(
+                        f"the converted model is larger than {self.max_output_bytes} bytes "
+                        "(JOEY_MAX_UPLOAD_BYTES)",
+                        [],
+                    )
+                target.write(chunk)
         return self.output
 
 
