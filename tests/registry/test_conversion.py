@@ -338,6 +338,34 @@ print(json.dumps(seen))
     assert "network not isolated: Operation not permitted (unshare CLONE_NEWNET)" in seen["False"]
 
 
+# A file whose code hangs as it loads, and one that makes an x32 system call (another architecture's,
+# to the filter) with a second thread running, which outlived its killed main thread before the filter
+# killed whole processes: both hung the registry's wait until its timeout.
+HANGING = {
+    "hangs": (
+        "import time\ntime.sleep(600)\n",
+        2,
+        "the file took longer than 2 s (JOEY_CONVERSION_TIMEOUT_S) to load",
+    ),
+    "x32 call": (
+        "import ctypes, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+        "ctypes.CDLL(None).syscall(0x40000000 | 41, 2, 1, 0)\n",
+        60,
+        "the conversion crashed its process (signal 31): the file is not a model it can load",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HANGING)
+def test_a_file_that_hangs_its_load_is_refused_not_retried(tmp_path: Path, case: str) -> None:
+    code, timeout_s, reason = HANGING[case]
+    waiting = Conversions(4096, 60, timeout_s, 1, 1 << 24)
+    with pytest.raises(InvalidArgument) as refused:
+        waiting.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
+    assert str(refused.value) == f"{reason}; nothing was stored"
+
+
 # What a pickle of a root registry would use the host's capabilities for, each harmless if it succeeded:
 # setting the hostname the host has, a bpf call that fails (EINVAL) right after its permission check, a
 # user namespace for the child alone.

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from joey_core.models import TensorSpec
 from joey_registry import convert_process
-from joey_registry.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from joey_registry.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from joey_registry.model_check import CHECK_ENVIRONMENT
 
 log = logging.getLogger(__name__)
@@ -322,10 +322,12 @@ class Conversions:
             code = conversion.child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except (queue.Empty, subprocess.TimeoutExpired):
             _kill_group(conversion.child)
-            reason = f"converting the model took longer than {self.timeout_s:g} s (JOEY_CONVERSION_TIMEOUT_S)"
+            timeout = f"{self.timeout_s:g} s (JOEY_CONVERSION_TIMEOUT_S)"
             if loaded:
-                raise ConversionFailed(reason, []) from None
-            raise Unavailable(f"{reason} before it even loaded: the registry is busy; retry") from None
+                raise ConversionFailed(f"converting the model took longer than {timeout}", []) from None
+            # The file's own code may hang as it loads: the file's fault, not a reason to retry.
+            reason = f"the file took longer than {timeout} to load; nothing was stored"
+            raise InvalidArgument(reason) from None
         if line is None:
             reason = self._limit_hit(code, conversion.stderr.lines())
         if loaded:

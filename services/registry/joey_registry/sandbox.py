@@ -215,9 +215,11 @@ def filter_syscalls() -> str:
     except (ImportError, OSError, RuntimeError) as exc:  # the package is there, libseccomp is not
         return f"system calls not filtered: {exc} (pyseccomp, libseccomp)"
     try:
-        # Other architectures' calls (i386's socketcall through int 0x80) kill the process: the
-        # library's default for a foreign architecture.
+        # Other architectures' calls (i386's socketcall through int 0x80, x32's) kill the process.
+        # The library's default kills only the calling thread: a process whose other threads
+        # (OpenBLAS's, torch's) live on would reply nothing until the conversion's timeout.
         rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+        rules.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
         denied = pyseccomp.ERRNO(errno.EPERM)
         for name in _DENIED_SYSCALLS:
             rules.add_rule(denied, name)
