@@ -340,8 +340,14 @@ print(json.dumps(seen))
 
 # A file whose code hangs as it loads, and one that makes an x32 system call (another architecture's,
 # to the filter) with a second thread running, which outlived its killed main thread before the filter
-# killed whole processes: both hung the registry's wait until its timeout.
+# killed whole processes: both hung the registry's wait until its timeout. And one that exits, its
+# last line of stderr (which the refusal quotes) long and with a terminal's control sequence.
 HANGING = {
+    "exits": (
+        "import os\nos.write(2, b'ERROR first\\n\\x1b[2J' + b'y' * 5000 + b'\\n')\nos._exit(1)\n",
+        60,
+        "the conversion failed (exit status 1): \\x1b[2J" + "y" * 996,
+    ),
     "hangs": (
         "import time\ntime.sleep(600)\n",
         2,
@@ -358,12 +364,17 @@ HANGING = {
 
 
 @pytest.mark.parametrize("case", HANGING)
-def test_a_file_that_hangs_its_load_is_refused_not_retried(tmp_path: Path, case: str) -> None:
+def test_a_file_that_hangs_crashes_or_exits_as_it_loads_is_refused_in_a_line(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     code, timeout_s, reason = HANGING[case]
     waiting = Conversions(4096, 60, timeout_s, 1, 1 << 24)
     with pytest.raises(InvalidArgument) as refused:
         waiting.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
     assert str(refused.value) == f"{reason}; nothing was stored"
+    # What the registry logged of the child's output starts no line of its own.
+    logged = [r.getMessage() for r in caplog.records if r.name == "joey_registry.conversion"]
+    assert all("\n" not in message for message in logged), logged
 
 
 # What a pickle of a root registry would use the host's capabilities for, each harmless if it succeeded:
@@ -522,12 +533,21 @@ except (InvalidArgument, FailedPrecondition) as exc:
 
 
 # Replies the file's code writes to the reply channel (the child's first descriptor of its own) before
-# the child's own: a description that is no text, a log that is no list of lines, and a log claiming a
-# conversion that left a directory where the ONNX file goes.
+# the child's own: a description that is no text, a log that is no list of lines, a log claiming a
+# conversion that left a directory where the ONNX file goes, and refusals of its own.
 FORGED = {
     "loaded": ['{"loaded": 5, "notes": []}'],
     "converted": ['{"loaded": "a model", "notes": []}', '{"converted": "verified: exact, trust me"}'],
     "directory": ['{"loaded": "a model", "notes": []}', '{"converted": ["verified: exact"]}'],
+    # Text the client would refuse (a status message beyond gRPC's 16 KiB), and text over two lines.
+    "long refusal": [json.dumps({"refused": "x" * 9000})],
+    "refusal over lines": [json.dumps({"refused": "one\nERROR forged log line"})],
+}
+REFUSED_AT_LOAD = {
+    "loaded": "the conversion's reply is malformed: Loaded.loaded: Input should be a valid string",
+    "long refusal": "the conversion's reply is malformed: Refused.refused: String should have at most 8000 "
+    "characters",
+    "refusal over lines": "one\\nERROR forged log line",
 }
 FORGED_FAILURE = {
     "converted": "the conversion's reply is malformed: Converted.converted: Input should be a valid array",
@@ -550,13 +570,10 @@ def test_a_reply_of_any_other_shape_is_refused(conversions: Conversions, tmp_pat
     lines = "".join(line + "\n" for line in FORGED[forged]).encode()
     made = "os.mkdir('model.onnx')\n" if forged == "directory" else ""
     code = f"import os\n{made}os.write(3, {lines!r})\n"
-    if forged == "loaded":
+    if forged in REFUSED_AT_LOAD:
         with pytest.raises(InvalidArgument) as refused:
             conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
-        assert str(refused.value) == (
-            "the conversion's reply is malformed: Loaded.loaded: Input should be a valid string; "
-            "nothing was stored"
-        )
+        assert str(refused.value) == f"{REFUSED_AT_LOAD[forged]}; nothing was stored"
         return
     conversion = conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
     assert conversion.description == "a model"

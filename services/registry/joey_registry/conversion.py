@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import stat
@@ -22,9 +23,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
 from joey_core.models import TensorSpec
 from joey_registry import convert_process
@@ -35,7 +44,9 @@ log = logging.getLogger(__name__)
 
 _STDERR_LINES = 40  # the end of what the libraries printed, kept for the log of a conversion that crashed
 _STDERR_TAIL_BYTES = 64 << 10  # and no more of it than this: a file's code may print gigabytes
+_STDERR_LINE_CHARS = 1000  # of each line: the last one goes into an error message
 _MAX_REPLY_BYTES = 1 << 20  # a reply is a description, notes or a log of a few lines
+_MAX_LINES = 100  # of a reply's notes or log: a few in a real conversion
 _REPLIES = 2  # loaded (or refused), then converted (or failed): nothing after is read
 _CHUNK = 64 << 10
 _GROUP_EXIT_S = 30.0  # SIGKILLed processes leave at once; only one stuck in the kernel takes longer
@@ -47,26 +58,39 @@ class _Reply(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (a newline as ``\\n``): the child's text goes into
+    the registry's log and error messages, where it must not start lines of its own."""
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A reply's text, bounded: a refusal becomes a gRPC status message, which a client refuses (as
+# RESOURCE_EXHAUSTED) beyond its 16 KiB of metadata.
+_Text = Annotated[str, StringConstraints(max_length=convert_process.MAX_TEXT), AfterValidator(one_line)]
+_Lines = Annotated[list[_Text], Field(max_length=_MAX_LINES)]
+
+
 class Loaded(_Reply):
-    loaded: str
-    notes: list[str]
+    loaded: _Text
+    notes: _Lines
 
 
 class Refused(_Reply):
-    refused: str
+    refused: _Text
 
 
 class Unconfined(_Reply):
-    unconfined: str
+    unconfined: _Text
 
 
 class Converted(_Reply):
-    converted: list[str]
+    converted: _Lines
 
 
 class Failed(_Reply):
-    failed: str
-    log: list[str]
+    failed: _Text
+    log: _Lines
 
 
 _FIRST: TypeAdapter[Loaded | Refused | Unconfined] = TypeAdapter(Loaded | Refused | Unconfined)
@@ -109,7 +133,7 @@ class OutputTail:
     def lines(self) -> list[str]:
         with self._lock:
             text, cut = bytes(self._data).decode(errors="replace"), self._cut
-        lines = [line.rstrip() for line in text.splitlines()][-_STDERR_LINES:]
+        lines = [one_line(line.rstrip()[:_STDERR_LINE_CHARS]) for line in text.splitlines()][-_STDERR_LINES:]
         return [f"(output cut to its last {self.limit} bytes)", *lines] if cut else lines
 
 
@@ -344,7 +368,7 @@ class Conversions:
             return f"converting the model used more than {self.cpu_s} s of CPU (JOEY_CONVERSION_CPU_S)"
         if code == -signal.SIGXFSZ:
             return convert_process.file_too_large(self.max_file_bytes)
-        log.error("the conversion child exited with %d: %s", code, "\n".join(stderr))
+        log.error("the conversion child exited with %d; the end of its stderr: %s", code, " | ".join(stderr))
         if code > 0:
             return f"the conversion failed (exit status {code}): {stderr[-1] if stderr else 'no output'}"
         return f"the conversion crashed its process (signal {-code}): the file is not a model it can load"
@@ -382,7 +406,10 @@ def _members(group: int) -> list[int]:
 def _first_error(exc: ValidationError) -> str:
     """What was wrong with a reply, in a line: its shape or its first wrong field (never its value, which
     the file's code chose)."""
-    error = exc.errors(include_url=False, include_input=False)[0]
+    errors = exc.errors(include_url=False, include_input=False)
+    # Of a union, the member whose key the reply has says what is wrong: the others only miss theirs.
+    named = [e for e in errors if e["type"] not in ("missing", "extra_forbidden")]
+    error = (named or errors)[0]
     where = ".".join(str(part) for part in error["loc"])
     return f"{where}: {error['msg']}"[:300] if where else error["msg"][:300]
 
