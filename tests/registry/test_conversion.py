@@ -2,8 +2,8 @@
 library's, an ExportedProgram converted in its confined child (the end-to-end tests take TorchScript:
 tests/joey/client/test_native_models.py), and what a pickle's own code cannot do from that child: make a
 socket, outlive its conversion, cost the registry memory, load where the sandbox is missing, use a root
-registry's capabilities, read devices or the registry's path, write or start beyond its limits, or forge
-its replies."""
+registry's capabilities, change a host file's metadata or the registry's limits, read devices or the
+registry's path, write or start beyond its limits, forge its replies, or hang its load."""
 
 from __future__ import annotations
 
