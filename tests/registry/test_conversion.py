@@ -395,6 +395,9 @@ NO_HOST_POWER = {
 }
 
 
+SHM_KEY = 0x4A6F6579  # "Joey": a System V key no other program on the host uses
+
+
 def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_its_limits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,6 +422,7 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
     shutil.copy("/bin/true", program)
     metadata = {path: (path.stat().st_mode, path.stat().st_mtime_ns) for path in (secret, program)}
     core = resource.getrlimit(resource.RLIMIT_CORE)
+    scheduling = os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)
     attempts = HOST_POWERS | {
         "readable by all": f"os.chmod({str(secret)!r}, 0o644)",
         "set-uid": f"os.chmod({str(program)!r}, 0o4755)",
@@ -432,6 +436,19 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
         # The registry's limits (a CPU limit below what it used kills it): harmless if it went through.
         "registry's limit": f"resource.prlimit(os.getppid(), resource.RLIMIT_CORE, (0, {core[1]}))",
         "own limit": "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))",
+        # Other processes of the host uid: children given to the registry (zombies it never reaps), its
+        # scheduling (reported done, not made), System V shared memory outliving the child (a key the host
+        # is checked for below), a host file's flags and a lease on it, watches on directories.
+        "child of the registry": "checked(libc.syscall(syscall_number('clone'), 0x8000 | 17, 0, 0, 0, 0))",
+        "registry's affinity": "os.sched_setaffinity(os.getppid(), {0})",
+        "registry's priority": "os.setpriority(os.PRIO_PROCESS, os.getppid(), 19)",
+        "shared memory segment": f"checked(libc.shmget({SHM_KEY}, 4096, 0o1600)) >= 0",
+        "file flags": (
+            "__import__('fcntl').ioctl(fd := os.open(os.__file__, os.O_RDONLY), 0x40086602,"
+            " __import__('fcntl').ioctl(fd, 0x80086601, bytes(4)))"
+        ),
+        "lease": "__import__('fcntl').fcntl(os.open(os.__file__, os.O_RDONLY), 1024, 0)",
+        "watch": "checked(libc.inotify_init1(0))",
         "other user's shared memory": f"open({str(others)!r}).read()",
         "own shared memory": f"open({str(own)!r}).read()",
         "list shared memory": "os.listdir('/dev/shm')",
@@ -470,10 +487,18 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
         # RLIMIT_NPROC as the kernel holds it: a root registry's child is exempt from it all the same.
         "limits": ["ok", str([("Max file size", ["1048576", "1048576"]), ("Max processes", ["64", "64"])])],
         "write": ["error", "File too large"],
-        "readable by all": not_permitted,
-        "set-uid": not_permitted,
-        "own file set-uid": not_permitted,
+        # A mode change is reported done and not made (the modes are checked below).
+        "readable by all": ["ok", "None"],
+        "set-uid": ["ok", "None"],
+        "own file set-uid": ["ok", "None"],
         "own file private": ["ok", "None"],
+        "child of the registry": not_permitted,
+        "registry's affinity": ["ok", "None"],
+        "registry's priority": ["ok", "None"],
+        "shared memory segment": ["ok", "True"],
+        "file flags": not_permitted,
+        "lease": not_permitted,
+        "watch": not_permitted,
         "owner": not_permitted,
         "times": not_permitted,
         "attribute": not_permitted,
@@ -484,6 +509,9 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
     assert {path: (path.stat().st_mode, path.stat().st_mtime_ns) for path in (secret, program)} == metadata
     assert os.listxattr(secret) == []
     assert resource.getrlimit(resource.RLIMIT_CORE) == core
+    assert (os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)) == scheduling
+    # The segment lived in the child's own IPC namespace, gone with it.
+    assert f"{SHM_KEY:>10} " not in Path("/proc/sysvipc/shm").read_text()
     # The registry converts the next upload as ever.
     conversion = limited.start("sklearn", payload(tmp_path, ""), (), None, staging)
     assert conversion.finish()[1][0] == "loaded a scikit-learn LinearRegression of 2 features"

@@ -40,6 +40,7 @@ from pathlib import Path
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWIPC = 0x08000000
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
@@ -78,9 +79,11 @@ def isolate_network() -> str:
     user namespaces are refused (a container's profile, a sysctl), root still makes the network
     namespace alone, and :func:`drop_capabilities` takes its capabilities away."""
     uid, gid = os.geteuid(), os.getegid()
-    if _libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
+    # An IPC namespace too: System V shared memory and queues of the host's would outlive the child
+    # (the host never removes a detached segment), memory no limit counts, and a root child's are root's.
+    if _libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWIPC) == 0:
         return _map_ids(uid, gid)
-    if _libc.unshare(_CLONE_NEWNET) == 0:
+    if _libc.unshare(_CLONE_NEWNET | _CLONE_NEWIPC) == 0:
         return ""
     return f"network not isolated: {os.strerror(ctypes.get_errno())} (unshare CLONE_NEWNET)"
 
@@ -169,12 +172,17 @@ _DENIED_SYSCALLS = (
     "request_key",
     "unshare",
     "setns",
+    # Watches report the names of files created in directories Landlock keeps the child from listing.
+    "inotify_init",
+    "inotify_init1",
+    "fanotify_init",
 )
 # Landlock rules cover a file's contents, not its metadata, and a root registry's child is still uid 0
 # on the host (nobody only inside its user namespace), so the owner of every root file: it could make a
-# root binary set-uid, a 0600 secret world-readable, or forge times and attributes. Owner, times and
-# extended attributes are refused outright (no conversion sets them); so is a mode with any bit beyond
-# the owner's (conversions chmod their own files 0700 and 0600). setxattrat, removexattrat and
+# root binary set-uid, a 0600 secret world-readable, a program or directory no one else may use, or
+# forge times and attributes. Owner, times and extended attributes are refused outright (no conversion
+# sets them). A mode change is not made but reported done: conversions chmod their own files (0700,
+# 0600), which their defaults serve as well, and a refusal would fail them. setxattrat, removexattrat and
 # file_setattr (Linux 6.13, 6.17) are newer than some libseccomp releases, which do not know their
 # names: their numbers, the same on every architecture for calls added since Linux 5.1, stand in.
 _METADATA_SYSCALLS = (
@@ -197,14 +205,37 @@ _METADATA_SYSCALLS = (
     "file_setattr",
 )
 _UNIFIED_NUMBERS = {"setxattrat": 463, "removexattrat": 466, "file_setattr": 469}
-_CHMOD_MODE_ARGUMENT = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2}
-_BEYOND_OWNER_BITS = tuple(1 << bit for bit in range(12) if not 0o700 & (1 << bit))
-# prlimit64 on another process (same uid: the registry itself) would set its limits, a CPU limit below
-# what it used killing it with SIGXCPU; pid 0 is the caller, as setrlimit() passes it.
-_PID_ADDRESSED = ("prlimit64",)
-# clone's flags that make namespaces: refused like unshare. clone3 passes its flags in memory a filter
-# cannot read, so it reports ENOSYS, which makes the C library fall back to clone.
-_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, _CLONE_NEWUSER, 0x20000000, _CLONE_NEWNET)
+_IGNORED_SYSCALLS = ("chmod", "fchmod", "fchmodat", "fchmodat2")
+# Calls addressed to a process by pid (argument 0; pid 0 is the caller): on another process of the same
+# host uid (the registry itself, another conversion) prlimit64 would set its limits (a CPU limit below
+# what it used kills it with SIGXCPU) and the scheduling calls would starve it. prlimit64 is refused;
+# the scheduling calls, which thread pools make on their own threads by id, are reported done.
+_PID_ADDRESSED = {"prlimit64": 0}
+_PID_ADDRESSED_IGNORED = {
+    "sched_setattr": 0,
+    "sched_setscheduler": 0,
+    "sched_setparam": 0,
+    "sched_setaffinity": 0,
+    "ioprio_set": 1,
+    "setpriority": 1,
+}
+# ioctls that set a host file's flags (sync, nodump, noatime...) or version through a descriptor open
+# for reading: FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETVERSION and its 32-bit form.
+_REFUSED_IOCTLS = (0x40086602, 0x40046602, 0x401C5820, 0x40087602, 0x40047602)
+_F_SETLEASE = 1024  # a read lease on a host file stalls its writers for the lease-break time
+# clone's flags that make namespaces, refused like unshare, and CLONE_PARENT, whose children would be the
+# registry's (zombies it never reaps, until the host has no pid left). clone3 passes its flags in memory
+# a filter cannot read, so it reports ENOSYS, which makes the C library fall back to clone.
+_REFUSED_CLONE_FLAGS = (
+    0x00008000,
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+    _CLONE_NEWUSER,
+    0x20000000,
+    _CLONE_NEWNET,
+)
 
 
 def filter_syscalls() -> str:
@@ -226,15 +257,17 @@ def filter_syscalls() -> str:
         for name in _METADATA_SYSCALLS:
             known = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
             rules.add_rule(denied, known if known >= 0 else _UNIFIED_NUMBERS[name])
-        for name, argument in _CHMOD_MODE_ARGUMENT.items():
-            for bit in _BEYOND_OWNER_BITS:  # rules on one call are or-ed: any one of these bits refuses
-                rules.add_rule(denied, name, pyseccomp.Arg(argument, pyseccomp.MASKED_EQ, bit, bit))
-        for name in _PID_ADDRESSED:
-            rules.add_rule(denied, name, pyseccomp.Arg(0, pyseccomp.NE, 0))
-        for flag in _NAMESPACE_FLAGS:
-            rules.add_rule(
-                pyseccomp.ERRNO(errno.EPERM), "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag)
-            )
+        done = pyseccomp.ERRNO(0)  # the call returns 0, having done nothing
+        for name in _IGNORED_SYSCALLS:
+            rules.add_rule(done, name)
+        for table, action in ((_PID_ADDRESSED, denied), (_PID_ADDRESSED_IGNORED, done)):
+            for name, argument in table.items():
+                rules.add_rule(action, name, pyseccomp.Arg(argument, pyseccomp.NE, 0))
+        for request in _REFUSED_IOCTLS:
+            rules.add_rule(denied, "ioctl", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, 0xFFFFFFFF, request))
+        rules.add_rule(denied, "fcntl", pyseccomp.Arg(1, pyseccomp.EQ, _F_SETLEASE))
+        for flag in _REFUSED_CLONE_FLAGS:  # rules on one call are or-ed: any one of these flags refuses
+            rules.add_rule(denied, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
         rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
         rules.load()
     except (OSError, RuntimeError, ValueError) as exc:
