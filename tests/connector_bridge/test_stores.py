@@ -8,7 +8,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,15 @@ BRIDGE = Bridge(
 TOPIC = "joey.ws.p.outputs"
 
 
-def result(offset: int, partition: int = 0, label: int = 1) -> ResultRow:
+LIFE = 1_767_225_600_000
+"""When the topic's records were written (ms), from its first offset on: one life of it."""
+
+
+def result(
+    offset: int, partition: int = 0, label: int = 1, life: int = LIFE, source: str = "feed"
+) -> ResultRow:
     return ResultRow(
-        f"feed/{offset}",
+        f"{source}/{offset}",
         str(offset),
         "2026-01-01T00:00:00+00:00",
         {"label": label},
@@ -43,6 +49,7 @@ def result(offset: int, partition: int = 0, label: int = 1) -> ResultRow:
         TOPIC,
         partition,
         offset,
+        life + offset,
     )
 
 
@@ -111,8 +118,8 @@ def test_a_files_sink_rolls_by_rows_and_commits_only_what_is_written(tmp_path: P
     sink.write([result(o) for o in range(0, 7)] + [result(40, partition=1)])
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
-        f"{TOPIC}-0-00000000000000000000-00000000000000000002.parquet",
-        f"{TOPIC}-0-00000000000000000003-00000000000000000005.parquet",
+        f"{TOPIC}-0-00000000000000000000-00000000000000000002-{LIFE}.parquet",
+        f"{TOPIC}-0-00000000000000000003-00000000000000000005-{LIFE + 3}.parquet",
     ]
     assert sink.held() == {(TOPIC, 0): 6, (TOPIC, 1): 40}
     table = pq.read_table(tmp_path / names[0]).to_pylist()
@@ -144,6 +151,43 @@ def test_a_replay_after_a_crash_rewrites_the_same_files(tmp_path: Path) -> None:
     assert successor.held() == {}
 
 
+def sink_rows(where: list[bytes]) -> list[str]:
+    return sorted(r["request_id"] for data in where for r in parse_rows(data, "parquet"))
+
+
+def test_a_new_life_of_the_topic_never_overwrites_the_results_of_the_last(
+    s3: S3Server, tmp_path: Path
+) -> None:
+    """The topic deleted and created again (or the embedded broker restarted) numbers its offsets
+    from 0 again: its files are new ones beside the last life's, and a file already there under a
+    name the sink wants, holding other rows, stops the sink rather than being replaced."""
+    client = s3.client()
+    stores: list[tuple[dict[str, Any], type[FileSink], Callable[[], list[bytes]]]] = [
+        ({"path": str(tmp_path)}, FilesSink, lambda: [p.read_bytes() for p in tmp_path.glob("*.parquet")]),
+        (
+            s3_details(s3, "lives"),
+            S3Sink,
+            lambda: [
+                client.get_object(Bucket=s3.bucket, Key=o["Key"])["Body"].read()
+                for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="lives/").get("Contents", [])
+            ],
+        ),
+    ]
+    for details, kind, stored in stores:
+        details |= {"roll_rows": 5}
+        kind(details, BRIDGE).write([result(o, source="monday") for o in range(10)])
+        kind(details, BRIDGE).write([result(o, source="tuesday", life=LIFE + 86_400_000) for o in range(10)])
+        assert sink_rows(stored()) == sorted(f"{day}/{o}" for day in ("monday", "tuesday") for o in range(10))
+        # The same name, other rows (a broker keeping no timestamps, or a clock set back): kept as it is.
+        wednesday = kind(details, BRIDGE)
+        with pytest.raises(
+            Unavailable, match=r"there already with other results .*monday/0.*not overwritten"
+        ):
+            wednesday.write([result(o, source="wednesday") for o in range(10)])
+        assert wednesday.held() == {(TOPIC, 0): 0}, "nothing committed past the rows not written"
+        assert len(stored()) == 4 and "wednesday/0" not in sink_rows(stored())
+
+
 def test_an_s3_source_and_sink(s3: S3Server, tmp_path: Path) -> None:
     """The same rules over moto's S3: objects under the prefix read in key order, results written as
     objects there, nothing written by halves."""
@@ -161,7 +205,7 @@ def test_an_s3_source_and_sink(s3: S3Server, tmp_path: Path) -> None:
     sink.write([result(o) for o in range(3)])
     listed = client.list_objects_v2(Bucket=s3.bucket, Prefix="results/")["Contents"]
     assert [o["Key"] for o in listed] == [
-        f"results/{TOPIC}-0-00000000000000000000-00000000000000000001.parquet"
+        f"results/{TOPIC}-0-00000000000000000000-00000000000000000001-{LIFE}.parquet"
     ]
     body = client.get_object(Bucket=s3.bucket, Key=listed[0]["Key"])["Body"].read()
     assert [r["request_id"] for r in parse_rows(body, "parquet")] == ["feed/0", "feed/1"]
@@ -241,7 +285,9 @@ def test_every_file_sink_and_source_is_registered() -> None:
     from joey_connector_bridge.runners import SINKS, SOURCES
     from joey_core.bridges import SINK, SOURCE, SUPPORTED
 
-    assert sorted(SOURCES) == sorted(SUPPORTED[SOURCE]) and sorted(SINKS) == sorted(SUPPORTED[SINK])
+    # A source following another pipeline (from_pipeline) has no connection type: "pipeline".
+    assert sorted(SOURCES) == sorted([*SUPPORTED[SOURCE], "pipeline"])
+    assert sorted(SINKS) == sorted(SUPPORTED[SINK])
     assert issubclass(SINKS["s3"], FileSink) and issubclass(SINKS["files"], FileSink)
 
 

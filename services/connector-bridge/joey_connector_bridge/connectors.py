@@ -59,6 +59,9 @@ class ResultRow:
     topic: str
     partition: int
     offset: int
+    timestamp_ms: int | None = None
+    """The log record's Kafka timestamp: a replay reads it again, a new life of the topic (its offsets
+    from 0 again) has others, so a file sink tells its own leftovers from older results by it."""
 
     def columns(self) -> dict[str, Any]:
         """The columns every sink stores (outputs as JSON text where the store has no JSON type)."""

@@ -155,6 +155,7 @@ def result_row(record: ConsumedRecord) -> ResultRow | None:
         record.topic,
         record.partition,
         record.offset,
+        record.timestamp_ms,
     )
 
 
@@ -187,6 +188,7 @@ def log_rows(record: ConsumedRecord, spec: BridgeSpec) -> list[ResultRow] | None
                 record.topic,
                 record.partition,
                 record.offset,
+                record.timestamp_ms,
             )
         )
     return rows
