@@ -105,6 +105,8 @@ def test_a_files_source_reads_every_format_in_name_order_and_leaves_files_being_
     (tmp_path / "d.jsonl").write_text('{"id": 6}\n')
     assert [r.key for r in source.read(last, 10)] == ["d.jsonl/0"]
     assert source.lag(found[1][1]) == 4, "b.csv's two rows, c.parquet's and d.jsonl's"
+    only = FilesSource({"path": str(tmp_path), "pattern": "[bd].*"}, BRIDGE)
+    assert [key for key, _, _ in read_all(only, limit=10)] == ["b.csv/0", "b.csv/1", "d.jsonl/0"]
 
 
 def test_a_file_that_is_not_its_format_stops_the_source_saying_which(tmp_path: Path) -> None:
@@ -133,12 +135,14 @@ def test_a_files_sink_rolls_by_rows_and_commits_only_what_is_written(tmp_path: P
 
 def test_a_replay_after_a_crash_rewrites_the_same_files(tmp_path: Path) -> None:
     """A sink that wrote files and died before committing them; its successor, replaying from the
-    committed offset, rolls on age this time: it ends its files where the leftovers end."""
-    crashed = FilesSink({"path": str(tmp_path), "roll_rows": 4}, BRIDGE)
+    committed offset, rolls on age this time: it ends its files where the leftovers end. The
+    connection's pattern (a source's, the connection shared) hides none of the sink's own files."""
+    shared = {"path": str(tmp_path), "pattern": "*.csv"}
+    crashed = FilesSink(shared | {"roll_rows": 4}, BRIDGE)
     crashed.write([result(o) for o in range(10, 19)])  # files 10-13 and 14-17 written, 18 held
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert len(leftovers) == 2
-    successor = FilesSink({"path": str(tmp_path), "roll_rows": 4, "roll_seconds": 1e-9}, BRIDGE)
+    successor = FilesSink(shared | {"roll_rows": 4, "roll_seconds": 1e-9}, BRIDGE)
     successor.write([result(o) for o in range(10, 12)])
     successor.tick()  # aged, but not at the leftover's end yet: held
     assert successor.held() == {(TOPIC, 0): 10}

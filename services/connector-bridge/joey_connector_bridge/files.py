@@ -1,11 +1,11 @@
 """A local directory as a source and a sink (:mod:`filestores` has the rules): the connection's
-``path``, its files matching ``pattern``. Files are written under a temporary name, fsynced, then
-linked to their name (a link, unlike a rename, never replaces a file already there), so a file is whole
-once it has its name, even across a crash of the machine."""
+``path``; a source reads its files matching ``pattern``, a sink sees all of its own whatever the
+pattern. Files are written under a temporary name, fsynced, then linked to their name (a link, unlike a
+rename, never replaces a file already there), so a file is whole once it has its name, even across a
+crash of the machine."""
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import tempfile
 from collections.abc import Mapping
@@ -19,7 +19,6 @@ from joey_connector_bridge.filestores import Entry, FileSink, FileSource, Locati
 class Directory(Location):
     def __init__(self, details: Mapping[str, Any]) -> None:
         self._path = Path(details["path"])
-        self._pattern = str(details.get("pattern") or "*")
 
     def list(self) -> list[Entry]:
         try:
@@ -27,7 +26,7 @@ class Directory(Location):
                 return [
                     Entry(e.name, s.st_size, s.st_mtime_ns)
                     for e in entries
-                    if e.is_file() and fnmatch.fnmatch(e.name, self._pattern) and (s := e.stat())
+                    if e.is_file() and (s := e.stat())
                 ]
         except OSError as exc:
             raise Unavailable(f"cannot list {self._path}: {exc.strerror}") from None

@@ -25,6 +25,7 @@ leftover), and otherwise stops the sink, saying so, rather than overwrite result
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import logging
@@ -104,7 +105,8 @@ class Location(ABC):
 
     @abstractmethod
     def list(self) -> list[Entry]:
-        """The files there (every one: :func:`in_progress` ones too)."""
+        """The files there (every one: :func:`in_progress` ones and any the connection's ``pattern``
+        leaves out too, since a sink must see all of its own)."""
 
     @abstractmethod
     def read(self, name: str) -> bytes: ...
@@ -150,11 +152,12 @@ def parse_rows(data: bytes, file_format: str) -> list[dict[str, Any]]:
 
 
 class FileSource(FileStore, Source):
-    """Rows of the files of a location, in name order."""
+    """Rows of the files of a location matching the connection's ``pattern`` (a glob), in name order."""
 
     def __init__(self, details: Mapping[str, Any], bridge: Bridge) -> None:
         super().__init__(details, bridge)
         self._where = self.location(details)
+        self._pattern = str(details.get("pattern") or "*")
         self._cached: tuple[Entry, list[dict[str, Any]]] | None = None
         """The file being read, parsed once however many batches it takes."""
         self._counts: dict[Entry, int] = {}
@@ -166,6 +169,7 @@ class FileSource(FileStore, Source):
             e
             for e in self._where.list()
             if not in_progress(e.name)
+            and fnmatch.fnmatch(e.name, self._pattern)
             and _format_of(e.name, self.details)
             and (start is None or e.name >= start)
         ]
