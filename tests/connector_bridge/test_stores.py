@@ -222,10 +222,10 @@ def test_an_s3_source_and_sink(s3: S3Server, tmp_path: Path) -> None:
 
 
 class Receiver(http.server.ThreadingHTTPServer):
-    """Answers 503 to the first ``failures`` POSTs, 400 to a batch holding request id ``feed/400``,
-    200 to the rest, and keeps every body it was sent with its headers."""
+    """Answers the statuses of ``answers`` to the first POSTs, one each, 400 to a batch holding request
+    id ``feed/400``, 200 to the rest, and keeps every body it was sent with its headers."""
 
-    failures = 0
+    answers: list[int]
     received: list[tuple[dict[str, str], dict[str, Any]]]
 
 
@@ -235,15 +235,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.received.append((dict(self.headers), body))
-        if self.server.failures > 0:
-            self.server.failures -= 1
-            status = 503
+        if self.server.answers:
+            status = self.server.answers.pop(0)
         elif any(r["request_id"] == "feed/400" for r in body["rows"]):
             status = 400
         else:
             status = 200
         answer = b"bad row feed/400" if status == 400 else b""
         self.send_response(status)
+        self.send_header("Location", "https://elsewhere.example/hook")
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
         self.wfile.write(answer)
@@ -255,7 +255,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     server = Receiver(("127.0.0.1", 0), Handler)
-    server.received = []
+    server.received, server.answers = [], []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -265,21 +265,27 @@ def receiver() -> Iterator[Receiver]:
         server.server_close()
 
 
-def test_an_http_sink_retries_5xx_and_gives_up_a_batch_refused_with_a_4xx(receiver: Receiver) -> None:
+def test_an_http_sink_retries_what_may_be_mended_and_gives_up_a_batch_refused_as_it_is(
+    receiver: Receiver,
+) -> None:
+    """A 5xx, a token rotated (401, 403), a receiver not deployed yet (404) or moved (a redirect, never
+    followed) may pass later: retried. A 400 says these rows never will: refused, every row of it."""
     url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
     sink = HttpSink({"url": url, "headers": {"Authorization": "Bearer hook-token"}}, BRIDGE)
-    receiver.failures = 2
+    mendable = [503, 401, 403, 404, 301, 307]
+    receiver.answers = list(mendable)
     batch = [result(1), result(2)]
-    for _ in range(2):
-        with pytest.raises(Unavailable, match="503") as caught:
+    for status in mendable:
+        with pytest.raises(Unavailable, match=f"answered {status}") as caught:
             sink.write(batch)
         assert "hook-token" not in str(caught.value)
     sink.write(batch)
     headers, body = receiver.received[-1]
     assert headers["Authorization"] == "Bearer hook-token" and headers["Content-Type"] == "application/json"
     assert body["rows"] == [r.columns() for r in batch], "each row with its request id, to deduplicate by"
-    with pytest.raises(Refused, match="400 Bad Request: bad row feed/400"):
+    with pytest.raises(Refused, match="400 Bad Request: bad row feed/400") as refused:
         sink.write([result(3), result(400)])
+    assert refused.value.rows == 2
     receiver.server_close()
     with pytest.raises(Unavailable, match="cannot POST"):
         HttpSink({"url": "http://127.0.0.1:9/hook"}, BRIDGE).write(batch)

@@ -4,8 +4,9 @@ store (postgres, files, s3, kafka, http) plugs in as a module with a :func:`regi
 
 Both raise :class:`Unavailable` for anything worth retrying (the store is down or refuses): the bridge
 then pauses, says why in its status, and retries the same step, so nothing is skipped. A sink raises
-:class:`Refused` for rows the store will never take (an HTTP 4xx): retrying cannot help, so the bridge
-reports them and moves on.
+:class:`Refused` for rows the store will never take (an HTTP 400, a record too large): retrying cannot
+help, so the bridge reports them and moves on. An answer that a change of the store's side mends (not
+authorized, not found, moved) is Unavailable: the bridge waits for the mend, losing nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ class Unavailable(Exception):
 
 
 class Refused(Exception):
-    """The store refused these rows for good (retrying the same request gets the same answer); the
-    message says why (never a secret)."""
+    """The store refused rows for good (retrying the same request gets the same answer); the message
+    says why (never a secret). ``rows`` is how many of the batch it refused: the rest are written."""
+
+    def __init__(self, why: str, rows: int) -> None:
+        super().__init__(why)
+        self.rows = rows
 
 
 @dataclass(frozen=True)

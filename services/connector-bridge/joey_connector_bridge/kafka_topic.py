@@ -208,7 +208,9 @@ class KafkaSink(Sink):
             if exc.fatal:
                 self._producer = None  # it can deliver nothing more: a new one for the retry
             elif exc.refused() is not None:
-                raise Refused(f"topic {self._topic} refused {len(exc.errors)} records: {exc}") from None
+                raise Refused(
+                    f"topic {self._topic} refused {len(exc.errors)} records: {exc}", len(exc.errors)
+                ) from None
             raise Unavailable(f"topic {self._topic} did not acknowledge the results: {exc}") from None
         except (TimeoutError, BufferError) as exc:
             raise Unavailable(f"topic {self._topic} did not acknowledge the results: {exc}") from None

@@ -275,12 +275,12 @@ class SinkRunner(Runner):
                 return  # stopped before the batch was written: its offsets stay uncommitted
             self._uncounted += rows
         except Refused as exc:
-            metrics.REFUSED.inc(len(rows))
-            self._standing_error = f"{len(rows)} rows refused for good by the store, skipped: {exc}"
+            metrics.REFUSED.inc(exc.rows)
+            self._standing_error = f"{exc.rows} rows refused for good by the store, skipped: {exc}"
             log.warning(
-                "bridge %s: %d rows (%s ... %s) refused: %s",
+                "bridge %s: %d rows of a batch (%s ... %s) refused: %s",
                 self.spec.key,
-                len(rows),
+                exc.rows,
                 rows[0].request_id,
                 rows[-1].request_id,
                 exc,
