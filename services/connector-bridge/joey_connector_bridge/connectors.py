@@ -142,6 +142,11 @@ class Source(ABC):
     def lag(self, after: Any) -> int:
         """How many records are after ``after`` (-1: unknown)."""
 
+    def warning(self) -> str:
+        """What the bridge's status shows while the source runs: something it did that its user should
+        know of (none: empty)."""
+        return ""
+
     def acknowledged(self, position: Any) -> None:  # noqa: B027 (most sources keep no position of their own)
         """Called once the records up to ``position`` are acknowledged and the position checkpointed:
         a source whose store keeps its readers' positions (a Kafka group) commits it there."""

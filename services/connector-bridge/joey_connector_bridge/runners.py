@@ -60,7 +60,8 @@ class Runner(ABC):
         self._reported = 0.0
         self._backoff = FIRST_BACKOFF_S
         self._standing_error = ""
-        """Shown in every report of this runner: rows a sink's store refused for good."""
+        """Shown in every report of this runner: rows a sink's store refused for good, a source's
+        warning."""
 
     def start(self) -> None:
         self._thread.start()
@@ -397,6 +398,7 @@ class SourceRunner(Runner):
 
     def _step(self, source: Source, producer: Producer, after: Any) -> Any:
         batch = source.read(after, self.settings.batch_size)
+        self._standing_error = source.warning()
         if self.due():
             self._lag = source.lag(after)
         if not batch:
