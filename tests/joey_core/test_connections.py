@@ -26,6 +26,7 @@ from joey_core.connections import (
     redacted,
     secret_values,
 )
+from joey_core.connections.base import secret_name
 from tests.conftest import free_port
 from tests.externals import HttpServer, S3Server, external_database, http_server, s3_server
 
@@ -92,6 +93,11 @@ def test_the_five_types_are_registered() -> None:
 )
 def test_bad_details_are_refused_naming_the_field(kind: str, details: dict[str, Any], field: str) -> None:
     assert refused(kind, details).field == field
+
+
+def test_a_url_libpq_cannot_parse_is_refused_without_echoing_it() -> None:
+    found = refused("postgres", {"url": "postgresql://u:Pa55%word-TOPSECRET@db/x"})
+    assert found.field == "url" and "TOPSECRET" not in str(found), found
 
 
 def test_an_unknown_type_is_refused() -> None:
@@ -232,3 +238,26 @@ def test_http_reports_the_status_with_the_headers_and_follows_no_redirect(web: H
     assert not moved.ok and moved.found == {"status": 302} and "redirect to /elsewhere" in moved.message
     assert all(path != "/elsewhere" for _, path, _ in web.requests)
     assert not TYPES["http"].test(valid("http", url=f"{web.url}/absent"), TIMEOUT_S).ok
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Authorization",
+        "X-Auth",
+        "sig",
+        "X-Signature",
+        "key",
+        "access_key",
+        "x-functions-key",
+        "api_key",
+        "Cookie",
+    ],
+)
+def test_names_that_hold_secrets_are_secret(name: str) -> None:
+    assert secret_name(name)
+
+
+@pytest.mark.parametrize("name", ["Content-Type", "Accept", "page", "monkey", "keys_per_batch"])
+def test_names_that_hold_no_secret_are_shown(name: str) -> None:
+    assert not secret_name(name)

@@ -131,7 +131,7 @@ def probe_code(**attempts: str) -> str:
 
 
 PROBE = """
-import ctypes, json, os
+import ctypes, json, os, resource
 import pyseccomp
 tried = {}
 libc = ctypes.CDLL(None, use_errno=True)

@@ -2,17 +2,20 @@
 library's, an ExportedProgram converted in its confined child (the end-to-end tests take TorchScript:
 tests/joey/client/test_native_models.py), and what a pickle's own code cannot do from that child: make a
 socket, outlive its conversion, cost the registry memory, load where the sandbox is missing, use a root
-registry's capabilities, read devices or the registry's path, write or start beyond its limits, or forge
-its replies."""
+registry's capabilities, change a host file's metadata or the registry's limits, read devices or the
+registry's path, write or start beyond its limits, forge its replies, or hang its load."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import re
+import resource
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -335,6 +338,45 @@ print(json.dumps(seen))
     assert "network not isolated: Operation not permitted (unshare CLONE_NEWNET)" in seen["False"]
 
 
+# A file whose code hangs as it loads, and one that makes an x32 system call (another architecture's,
+# to the filter) with a second thread running, which outlived its killed main thread before the filter
+# killed whole processes: both hung the registry's wait until its timeout. And one that exits, its
+# last line of stderr (which the refusal quotes) long and with a terminal's control sequence.
+HANGING = {
+    "exits": (
+        "import os\nos.write(2, b'ERROR first\\n\\x1b[2J' + b'y' * 5000 + b'\\n')\nos._exit(1)\n",
+        60,
+        "the conversion failed (exit status 1): \\x1b[2J" + "y" * 996,
+    ),
+    "hangs": (
+        "import time\ntime.sleep(600)\n",
+        2,
+        "the file took longer than 2 s (JOEY_CONVERSION_TIMEOUT_S) to load",
+    ),
+    "x32 call": (
+        "import ctypes, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+        "ctypes.CDLL(None).syscall(0x40000000 | 41, 2, 1, 0)\n",
+        60,
+        "the conversion crashed its process (signal 31): the file is not a model it can load",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HANGING)
+def test_a_file_that_hangs_crashes_or_exits_as_it_loads_is_refused_in_a_line(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    code, timeout_s, reason = HANGING[case]
+    waiting = Conversions(4096, 60, timeout_s, 1, 1 << 24)
+    with pytest.raises(InvalidArgument) as refused:
+        waiting.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
+    assert str(refused.value) == f"{reason}; nothing was stored"
+    # What the registry logged of the child's output starts no line of its own.
+    logged = [r.getMessage() for r in caplog.records if r.name == "joey_registry.conversion"]
+    assert all("\n" not in message for message in logged), logged
+
+
 # What a pickle of a root registry would use the host's capabilities for, each harmless if it succeeded:
 # setting the hostname the host has, a bpf call that fails (EINVAL) right after its permission check, a
 # user namespace for the child alone.
@@ -369,7 +411,27 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
     added.mkdir()
     (added / "secret.txt").write_text("not for a pickle")
     monkeypatch.syspath_prepend(str(added))
+    # Root's files on the host, which a root registry's child owns (uid 0 outside its namespace): a
+    # secret, and a program it would make set-uid root. Landlock does not cover their metadata.
+    secret, program = tmp_path / "secret.txt", tmp_path / "true"
+    secret.write_text("root's")
+    secret.chmod(0o600)
+    shutil.copy("/bin/true", program)
+    metadata = {path: (path.stat().st_mode, path.stat().st_mtime_ns) for path in (secret, program)}
+    core = resource.getrlimit(resource.RLIMIT_CORE)
     attempts = HOST_POWERS | {
+        "readable by all": f"os.chmod({str(secret)!r}, 0o644)",
+        "set-uid": f"os.chmod({str(program)!r}, 0o4755)",
+        # Its own files too: nothing a conversion writes needs a bit beyond the owner's.
+        "own file set-uid": "os.fchmod(os.open('own', os.O_CREAT | os.O_WRONLY, 0o700), 0o4700)",
+        "own file private": "open('mine', 'w').close() or os.chmod('mine', 0o600)",
+        "owner": f"os.chown({str(secret)!r}, 0, 0)",
+        "times": f"os.utime({str(secret)!r}, (0, 0))",
+        "attribute": f"os.setxattr({str(secret)!r}, 'user.joey', b'x')",
+        "attribute removed": f"os.removexattr({str(secret)!r}, 'user.joey')",
+        # The registry's limits (a CPU limit below what it used kills it): harmless if it went through.
+        "registry's limit": f"resource.prlimit(os.getppid(), resource.RLIMIT_CORE, (0, {core[1]}))",
+        "own limit": "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))",
         "other user's shared memory": f"open({str(others)!r}).read()",
         "own shared memory": f"open({str(own)!r}).read()",
         "list shared memory": "os.listdir('/dev/shm')",
@@ -394,7 +456,7 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
     finally:
         others.unlink()
         own.unlink()
-    denied = ["error", "Permission denied"]
+    denied, not_permitted = ["error", "Permission denied"], ["error", "Operation not permitted"]
     assert probed(str(refused.value)) == NO_HOST_POWER | {
         "other user's shared memory": denied,
         "own shared memory": denied,
@@ -408,7 +470,20 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
         # RLIMIT_NPROC as the kernel holds it: a root registry's child is exempt from it all the same.
         "limits": ["ok", str([("Max file size", ["1048576", "1048576"]), ("Max processes", ["64", "64"])])],
         "write": ["error", "File too large"],
+        "readable by all": not_permitted,
+        "set-uid": not_permitted,
+        "own file set-uid": not_permitted,
+        "own file private": ["ok", "None"],
+        "owner": not_permitted,
+        "times": not_permitted,
+        "attribute": not_permitted,
+        "attribute removed": not_permitted,
+        "registry's limit": not_permitted,
+        "own limit": ["ok", "None"],
     }
+    assert {path: (path.stat().st_mode, path.stat().st_mtime_ns) for path in (secret, program)} == metadata
+    assert os.listxattr(secret) == []
+    assert resource.getrlimit(resource.RLIMIT_CORE) == core
     # The registry converts the next upload as ever.
     conversion = limited.start("sklearn", payload(tmp_path, ""), (), None, staging)
     assert conversion.finish()[1][0] == "loaded a scikit-learn LinearRegression of 2 features"
@@ -458,31 +533,52 @@ except (InvalidArgument, FailedPrecondition) as exc:
 
 
 # Replies the file's code writes to the reply channel (the child's first descriptor of its own) before
-# the child's own: a description that is no text, and a log that is no list of lines.
+# the child's own: a description that is no text, a log that is no list of lines, a log claiming a
+# conversion that left a directory where the ONNX file goes, and refusals of its own.
 FORGED = {
     "loaded": ['{"loaded": 5, "notes": []}'],
     "converted": ['{"loaded": "a model", "notes": []}', '{"converted": "verified: exact, trust me"}'],
+    "directory": ['{"loaded": "a model", "notes": []}', '{"converted": ["verified: exact"]}'],
+    # Text the client would refuse (a status message beyond gRPC's 16 KiB), and text over two lines.
+    "long refusal": [json.dumps({"refused": "x" * 9000})],
+    "refusal over lines": [json.dumps({"refused": "one\nERROR forged log line"})],
 }
+REFUSED_AT_LOAD = {
+    "loaded": "the conversion's reply is malformed: Loaded.loaded: Input should be a valid string",
+    "long refusal": "the conversion's reply is malformed: Refused.refused: String should have at most 8000 "
+    "characters",
+    "refusal over lines": "one\\nERROR forged log line",
+}
+FORGED_FAILURE = {
+    "converted": "the conversion's reply is malformed: Converted.converted: Input should be a valid array",
+    "directory": "the conversion's output is not a regular file of its own (a link, a directory?)",
+}
+
+
+def _open_beneath(folder: Path) -> list[str]:
+    """This process's descriptors open on a file beneath ``folder``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own, closed meanwhile
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{folder}/"):
+                found.append(fd)
+    return found
 
 
 @pytest.mark.parametrize("forged", FORGED)
 def test_a_reply_of_any_other_shape_is_refused(conversions: Conversions, tmp_path: Path, forged: str) -> None:
     lines = "".join(line + "\n" for line in FORGED[forged]).encode()
-    code = f"import os\nos.write(3, {lines!r})\n"
-    if forged == "loaded":
+    made = "os.mkdir('model.onnx')\n" if forged == "directory" else ""
+    code = f"import os\n{made}os.write(3, {lines!r})\n"
+    if forged in REFUSED_AT_LOAD:
         with pytest.raises(InvalidArgument) as refused:
             conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
-        assert str(refused.value) == (
-            "the conversion's reply is malformed: Loaded.loaded: Input should be a valid string; "
-            "nothing was stored"
-        )
+        assert str(refused.value) == f"{REFUSED_AT_LOAD[forged]}; nothing was stored"
         return
     conversion = conversions.start("sklearn", payload(tmp_path, code), (), None, staging_of(tmp_path))
     assert conversion.description == "a model"
     with pytest.raises(ConversionFailed) as failed:
         conversion.finish()
-    assert (
-        str(failed.value)
-        == "the conversion's reply is malformed: Converted.converted: Input should be a valid array"
-    )
+    assert str(failed.value) == FORGED_FAILURE[forged]
+    assert _open_beneath(conversion.workdir) == []
     conversion.remove()

@@ -129,24 +129,33 @@ class PostgresSource(Source):
 
     def read(self, after: Any, limit: int) -> list[SourceRecord]:
         where, params = self._after(after)
-        query = sql.SQL("SELECT * FROM {} WHERE {} ORDER BY {} LIMIT %s").format(
-            _table(self.details), where, self._key
-        )
+        # Rows in key order, each with whether it is settled: written by a transaction older than every
+        # one still running (its xmin before the snapshot's). A writer still in flight may yet commit a
+        # key lower than a settled-looking newer row (serial keys of concurrent writers): reading stops at
+        # the first row not settled, so nothing is checkpointed past a key that could still appear.
+        query = sql.SQL(
+            "SELECT t.*, age(t.xmin) > age(h.horizon) FROM {} t, (SELECT (("
+            "pg_snapshot_xmin(pg_current_snapshot())::text::bigint %% 4294967296)::text)::xid AS horizon) h "
+            "WHERE {} ORDER BY {} LIMIT %s"
+        ).format(_table(self.details), where, self._key)
         try:
             conn = self._db.conn()
             with conn.transaction(), conn.cursor() as cursor:
                 cursor.execute(query, (*params, limit))
-                names = [c.name for c in cursor.description or ()]
+                names = [c.name for c in cursor.description or ()][:-1]
                 rows = cursor.fetchall()
         except psycopg.Error as exc:
             raise self._db.failed(exc, f"read table {self.details['table']!r}") from None
         key = str(self.details["key"])
         at = names.index(key)
-        # Kept as JSON: a key JSON has no type for (a timestamp) is compared as text Postgres casts.
-        return [
-            SourceRecord.of(str(json_value(row[at])), json_value(row[at]), dict(zip(names, row, strict=True)))
-            for row in rows
-        ]
+        found = []
+        for *row, settled in rows:
+            if not settled:
+                break
+            # Kept as JSON: a key JSON has no type for (a timestamp) is compared as text Postgres casts.
+            position = json_value(row[at])
+            found.append(SourceRecord.of(str(position), position, dict(zip(names, row, strict=True))))
+        return found
 
     def lag(self, after: Any) -> int:
         where, params = self._after(after)

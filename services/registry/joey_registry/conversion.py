@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import stat
@@ -22,20 +23,30 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
 from joey_core.models import TensorSpec
 from joey_registry import convert_process
-from joey_registry.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from joey_registry.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from joey_registry.model_check import CHECK_ENVIRONMENT
 
 log = logging.getLogger(__name__)
 
 _STDERR_LINES = 40  # the end of what the libraries printed, kept for the log of a conversion that crashed
 _STDERR_TAIL_BYTES = 64 << 10  # and no more of it than this: a file's code may print gigabytes
+_STDERR_LINE_CHARS = 1000  # of each line: the last one goes into an error message
 _MAX_REPLY_BYTES = 1 << 20  # a reply is a description, notes or a log of a few lines
+_MAX_LINES = 100  # of a reply's notes or log: a few in a real conversion
 _REPLIES = 2  # loaded (or refused), then converted (or failed): nothing after is read
 _CHUNK = 64 << 10
 _GROUP_EXIT_S = 30.0  # SIGKILLed processes leave at once; only one stuck in the kernel takes longer
@@ -47,26 +58,39 @@ class _Reply(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (a newline as ``\\n``): the child's text goes into
+    the registry's log and error messages, where it must not start lines of its own."""
+    return _CONTROL.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A reply's text, bounded: a refusal becomes a gRPC status message, which a client refuses (as
+# RESOURCE_EXHAUSTED) beyond its 16 KiB of metadata.
+_Text = Annotated[str, StringConstraints(max_length=convert_process.MAX_TEXT), AfterValidator(one_line)]
+_Lines = Annotated[list[_Text], Field(max_length=_MAX_LINES)]
+
+
 class Loaded(_Reply):
-    loaded: str
-    notes: list[str]
+    loaded: _Text
+    notes: _Lines
 
 
 class Refused(_Reply):
-    refused: str
+    refused: _Text
 
 
 class Unconfined(_Reply):
-    unconfined: str
+    unconfined: _Text
 
 
 class Converted(_Reply):
-    converted: list[str]
+    converted: _Lines
 
 
 class Failed(_Reply):
-    failed: str
-    log: list[str]
+    failed: _Text
+    log: _Lines
 
 
 _FIRST: TypeAdapter[Loaded | Refused | Unconfined] = TypeAdapter(Loaded | Refused | Unconfined)
@@ -109,7 +133,7 @@ class OutputTail:
     def lines(self) -> list[str]:
         with self._lock:
             text, cut = bytes(self._data).decode(errors="replace"), self._cut
-        lines = [line.rstrip() for line in text.splitlines()][-_STDERR_LINES:]
+        lines = [one_line(line.rstrip()[:_STDERR_LINE_CHARS]) for line in text.splitlines()][-_STDERR_LINES:]
         return [f"(output cut to its last {self.limit} bytes)", *lines] if cut else lines
 
 
@@ -164,8 +188,10 @@ class Conversion:
                 self.owner.release()
 
     def _copy_output(self) -> Path:
-        # What the child left may be a link to any file the registry can read, or a FIFO: opened
-        # without following a link, without blocking, then taken only as a regular file of its own.
+        # What the child left may be a link to any file the registry can read, a FIFO or a directory:
+        # opened without following a link, without blocking, then taken only as a regular file of its
+        # own. The descriptor is the registry's to close whatever it is (os.fdopen of a directory's
+        # fails without closing it).
         try:
             fd = os.open(
                 self.workdir / convert_process.OUTPUT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -174,23 +200,31 @@ class Conversion:
             # ELOOP: a symbolic link.
             reason = f"the conversion left no ONNX file of its own: {exc.strerror}"
             raise ConversionFailed(reason, []) from None
-        with os.fdopen(fd, "rb") as source:
-            found = os.fstat(source.fileno())
+        try:
+            found = os.fstat(fd)
             if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
-                raise ConversionFailed("the conversion's output is not a file of its own (a link?)", [])
-            out, name = tempfile.mkstemp(dir=self.staging, suffix=".onnx")
-            self.output = Path(name)
-            with os.fdopen(out, "wb") as target:
-                size = 0
-                while chunk := source.read(_CHUNK):
-                    size += len(chunk)
-                    if size > self.max_output_bytes:
-                        raise ConversionFailed(
-                            f"the converted model is larger than {self.max_output_bytes} bytes "
-                            "(JOEY_MAX_UPLOAD_BYTES)",
-                            [],
-                        )
-                    target.write(chunk)
+                raise ConversionFailed(
+                    "the conversion's output is not a regular file of its own (a link, a directory?)", []
+                )
+            with os.fdopen(fd, "rb", closefd=False) as source:
+                return self._copy(source)
+        finally:
+            os.close(fd)
+
+    def _copy(self, source: io.BufferedReader) -> Path:
+        out, name = tempfile.mkstemp(dir=self.staging, suffix=".onnx")
+        self.output = Path(name)
+        with os.fdopen(out, "wb") as target:
+            size = 0
+            while chunk := source.read(_CHUNK):
+                size += len(chunk)
+                if size > self.max_output_bytes:
+                    raise ConversionFailed(
+                        f"the converted model is larger than {self.max_output_bytes} bytes "
+                        "(JOEY_MAX_UPLOAD_BYTES)",
+                        [],
+                    )
+                target.write(chunk)
         return self.output
 
 
@@ -312,10 +346,12 @@ class Conversions:
             code = conversion.child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except (queue.Empty, subprocess.TimeoutExpired):
             _kill_group(conversion.child)
-            reason = f"converting the model took longer than {self.timeout_s:g} s (JOEY_CONVERSION_TIMEOUT_S)"
+            timeout = f"{self.timeout_s:g} s (JOEY_CONVERSION_TIMEOUT_S)"
             if loaded:
-                raise ConversionFailed(reason, []) from None
-            raise Unavailable(f"{reason} before it even loaded: the registry is busy; retry") from None
+                raise ConversionFailed(f"converting the model took longer than {timeout}", []) from None
+            # The file's own code may hang as it loads: the file's fault, not a reason to retry.
+            reason = f"the file took longer than {timeout} to load; nothing was stored"
+            raise InvalidArgument(reason) from None
         if line is None:
             reason = self._limit_hit(code, conversion.stderr.lines())
         if loaded:
@@ -332,7 +368,7 @@ class Conversions:
             return f"converting the model used more than {self.cpu_s} s of CPU (JOEY_CONVERSION_CPU_S)"
         if code == -signal.SIGXFSZ:
             return convert_process.file_too_large(self.max_file_bytes)
-        log.error("the conversion child exited with %d: %s", code, "\n".join(stderr))
+        log.error("the conversion child exited with %d; the end of its stderr: %s", code, " | ".join(stderr))
         if code > 0:
             return f"the conversion failed (exit status {code}): {stderr[-1] if stderr else 'no output'}"
         return f"the conversion crashed its process (signal {-code}): the file is not a model it can load"
@@ -370,7 +406,10 @@ def _members(group: int) -> list[int]:
 def _first_error(exc: ValidationError) -> str:
     """What was wrong with a reply, in a line: its shape or its first wrong field (never its value, which
     the file's code chose)."""
-    error = exc.errors(include_url=False, include_input=False)[0]
+    errors = exc.errors(include_url=False, include_input=False)
+    # Of a union, the member whose key the reply has says what is wrong: the others only miss theirs.
+    named = [e for e in errors if e["type"] not in ("missing", "extra_forbidden")]
+    error = (named or errors)[0]
     where = ".".join(str(part) for part in error["loc"])
     return f"{where}: {error['msg']}"[:300] if where else error["msg"][:300]
 

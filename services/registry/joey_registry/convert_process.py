@@ -38,6 +38,7 @@ from joey_registry.errors import InvalidArgument
 
 EXIT_MEMORY = 3
 OUTPUT_NAME = "model.onnx"
+MAX_TEXT = 8000  # characters of a reply's text: a refusal becomes a gRPC status, whose trailer is small
 _MB = 1 << 20
 # What a Python process and the frameworks read besides sys.path: shared libraries, CPU and memory
 # facts, random bytes. Not /etc as a whole (a root registry's /etc/shadow), not the home directory
@@ -121,9 +122,9 @@ def _reply(channel: TextIO, message: dict[str, Any]) -> None:
 
 def _refusal(framework: str, exc: BaseException) -> str:
     if isinstance(exc, InvalidArgument):
-        return str(exc)
+        return str(exc)[:MAX_TEXT]  # a pickle's code may raise the converters' own error
     # The file's own code (a pickle's) or the framework's loader failed in a way no converter expects.
-    return f"framework {framework!r}: the file does not load: {type(exc).__name__}: {exc}"[:8000]
+    return f"framework {framework!r}: the file does not load: {type(exc).__name__}: {exc}"[:MAX_TEXT]
 
 
 def run(request: dict[str, Any], channel: TextIO, notes: list[str]) -> None:
@@ -157,13 +158,13 @@ def run(request: dict[str, Any], channel: TextIO, notes: list[str]) -> None:
     except MemoryError:
         raise
     except InvalidArgument as exc:
-        _reply(channel, {"failed": str(exc), "log": log})
+        _reply(channel, {"failed": str(exc)[:MAX_TEXT], "log": log})
         return
     except Exception as exc:  # noqa: BLE001 - the converter or the model failing: the upload's error
         # Python ignores SIGXFSZ: a write beyond RLIMIT_FSIZE fails with EFBIG instead.
         too_large = isinstance(exc, OSError) and exc.errno == errno.EFBIG
         reason = file_too_large(request["max_file_bytes"]) if too_large else f"{type(exc).__name__}: {exc}"
-        _reply(channel, {"failed": reason[:8000], "log": log})
+        _reply(channel, {"failed": reason[:MAX_TEXT], "log": log})
         return
     _reply(channel, {"converted": log})
 

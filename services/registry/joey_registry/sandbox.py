@@ -18,7 +18,10 @@ mechanisms close that, all usable without privileges:
   local Postgres's, say) and the network namespace cuts only TCP/IP, so the process may create no
   socket of any family at all, nor leave its process group (the registry kills the group when the
   conversion ends, grandchildren included), nor ptrace or write another process's memory, nor make
-  namespaces, nor reach the calls that act on the whole host (modules, bpf, clocks, mounts, ...).
+  namespaces, nor reach the calls that act on the whole host (modules, bpf, clocks, mounts, ...), nor
+  change a file's owner, times, extended attributes or any mode bit beyond its owner's (Landlock
+  covers contents, not metadata, and a root registry's child owns root's files), nor set another
+  process's rlimits (prlimit64 on any pid but its own 0).
 
 No maintained Python binding covers Landlock's network and scope rules, nor capabilities' bounding
 set without building against libcap, and the calls are a few syscalls, so they are made here with
@@ -167,6 +170,38 @@ _DENIED_SYSCALLS = (
     "unshare",
     "setns",
 )
+# Landlock rules cover a file's contents, not its metadata, and a root registry's child is still uid 0
+# on the host (nobody only inside its user namespace), so the owner of every root file: it could make a
+# root binary set-uid, a 0600 secret world-readable, or forge times and attributes. Owner, times and
+# extended attributes are refused outright (no conversion sets them); so is a mode with any bit beyond
+# the owner's (conversions chmod their own files 0700 and 0600). setxattrat, removexattrat and
+# file_setattr (Linux 6.13, 6.17) are newer than some libseccomp releases, which do not know their
+# names: their numbers, the same on every architecture for calls added since Linux 5.1, stand in.
+_METADATA_SYSCALLS = (
+    "chown",
+    "fchown",
+    "lchown",
+    "fchownat",
+    "utime",
+    "utimes",
+    "utimensat",
+    "futimesat",
+    "setxattr",
+    "lsetxattr",
+    "fsetxattr",
+    "removexattr",
+    "lremovexattr",
+    "fremovexattr",
+    "setxattrat",
+    "removexattrat",
+    "file_setattr",
+)
+_UNIFIED_NUMBERS = {"setxattrat": 463, "removexattrat": 466, "file_setattr": 469}
+_CHMOD_MODE_ARGUMENT = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2}
+_BEYOND_OWNER_BITS = tuple(1 << bit for bit in range(12) if not 0o700 & (1 << bit))
+# prlimit64 on another process (same uid: the registry itself) would set its limits, a CPU limit below
+# what it used killing it with SIGXCPU; pid 0 is the caller, as setrlimit() passes it.
+_PID_ADDRESSED = ("prlimit64",)
 # clone's flags that make namespaces: refused like unshare. clone3 passes its flags in memory a filter
 # cannot read, so it reports ENOSYS, which makes the C library fall back to clone.
 _NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, _CLONE_NEWUSER, 0x20000000, _CLONE_NEWNET)
@@ -180,11 +215,22 @@ def filter_syscalls() -> str:
     except (ImportError, OSError, RuntimeError) as exc:  # the package is there, libseccomp is not
         return f"system calls not filtered: {exc} (pyseccomp, libseccomp)"
     try:
-        # Other architectures' calls (i386's socketcall through int 0x80) kill the process: the
-        # library's default for a foreign architecture.
+        # Other architectures' calls (i386's socketcall through int 0x80, x32's) kill the process.
+        # The library's default kills only the calling thread: a process whose other threads
+        # (OpenBLAS's, torch's) live on would reply nothing until the conversion's timeout.
         rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+        rules.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+        denied = pyseccomp.ERRNO(errno.EPERM)
         for name in _DENIED_SYSCALLS:
-            rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+            rules.add_rule(denied, name)
+        for name in _METADATA_SYSCALLS:
+            known = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+            rules.add_rule(denied, known if known >= 0 else _UNIFIED_NUMBERS[name])
+        for name, argument in _CHMOD_MODE_ARGUMENT.items():
+            for bit in _BEYOND_OWNER_BITS:  # rules on one call are or-ed: any one of these bits refuses
+                rules.add_rule(denied, name, pyseccomp.Arg(argument, pyseccomp.MASKED_EQ, bit, bit))
+        for name in _PID_ADDRESSED:
+            rules.add_rule(denied, name, pyseccomp.Arg(0, pyseccomp.NE, 0))
         for flag in _NAMESPACE_FLAGS:
             rules.add_rule(
                 pyseccomp.ERRNO(errno.EPERM), "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag)

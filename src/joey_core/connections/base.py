@@ -15,7 +15,9 @@ SecretPath = tuple[str, ...]
 
 # Names of free-form entries (HTTP headers, properties) whose values are secrets.
 _SECRET_NAME = re.compile(
-    r"authorization|password|passwd|secret|token|api[-_.]?key|cookie|credential|private[-_.]?key", re.I
+    r"auth|password|passwd|secret|token|api[-_.]?key|cookie|credential|private[-_.]?key|signature|session|jwt"
+    r"|^sig$|^key$|[-_.]key$",
+    re.I,
 )
 
 

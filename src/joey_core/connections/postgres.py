@@ -53,8 +53,12 @@ class Postgres(ConnectionType):
             raise InvalidDetails("url", "must be a postgresql:// URL")
         try:
             options = conninfo_to_dict(details.url)
-        except psycopg.ProgrammingError as exc:
-            raise InvalidDetails("url", f"not a Postgres URL: {first_line(exc)}") from None
+        except psycopg.ProgrammingError:
+            # libpq's message quotes the part it could not parse: that can be the password.
+            raise InvalidDetails(
+                "url",
+                "not a Postgres URL libpq can parse (is every % in the user or password encoded as %25?)",
+            ) from None
         if "password" in options and urlsplit(details.url).password is None:
             raise InvalidDetails("url", "give the password as user:password@host, not as an option")
         refused = sorted(_HOST_FILE_OPTIONS & set(options))
