@@ -207,14 +207,14 @@ REFUSED_FOR_GOOD_ERRORS = frozenset(
         KafkaError.RECORD_LIST_TOO_LARGE,
         KafkaError.INVALID_RECORD,
         KafkaError.INVALID_MSG,  # Java's CORRUPT_MESSAGE
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
     }
 )
-"""Delivery errors that say the broker will never accept this record, whatever the cluster's state."""
+"""Delivery errors that say the broker will never accept this record, whatever the cluster's state. Not
+TOPIC_AUTHORIZATION_FAILED: an ACL granted later mends it, so it is retried like an outage."""
 
 
 def refused_for_good(err: KafkaError) -> bool:
-    """True when the broker will never accept this record (too large, invalid, not authorized): sending
+    """True when the broker will never accept this record (too large, invalid): sending
     it again only repeats the failure.
 
     An allow-list, because a delivery report's error never says whether it is retriable or fatal

@@ -8,7 +8,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,15 @@ BRIDGE = Bridge(
 TOPIC = "joey.ws.p.outputs"
 
 
-def result(offset: int, partition: int = 0, label: int = 1) -> ResultRow:
+LIFE = 1_767_225_600_000
+"""When the topic's records were written (ms), from its first offset on: one life of it."""
+
+
+def result(
+    offset: int, partition: int = 0, label: int = 1, life: int = LIFE, source: str = "feed"
+) -> ResultRow:
     return ResultRow(
-        f"feed/{offset}",
+        f"{source}/{offset}",
         str(offset),
         "2026-01-01T00:00:00+00:00",
         {"label": label},
@@ -43,6 +49,7 @@ def result(offset: int, partition: int = 0, label: int = 1) -> ResultRow:
         TOPIC,
         partition,
         offset,
+        life + offset,
     )
 
 
@@ -98,6 +105,8 @@ def test_a_files_source_reads_every_format_in_name_order_and_leaves_files_being_
     (tmp_path / "d.jsonl").write_text('{"id": 6}\n')
     assert [r.key for r in source.read(last, 10)] == ["d.jsonl/0"]
     assert source.lag(found[1][1]) == 4, "b.csv's two rows, c.parquet's and d.jsonl's"
+    only = FilesSource({"path": str(tmp_path), "pattern": "[bd].*"}, BRIDGE)
+    assert [key for key, _, _ in read_all(only, limit=10)] == ["b.csv/0", "b.csv/1", "d.jsonl/0"]
 
 
 def test_a_file_that_is_not_its_format_stops_the_source_saying_which(tmp_path: Path) -> None:
@@ -111,8 +120,8 @@ def test_a_files_sink_rolls_by_rows_and_commits_only_what_is_written(tmp_path: P
     sink.write([result(o) for o in range(0, 7)] + [result(40, partition=1)])
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
-        f"{TOPIC}-0-00000000000000000000-00000000000000000002.parquet",
-        f"{TOPIC}-0-00000000000000000003-00000000000000000005.parquet",
+        f"{TOPIC}-0-00000000000000000000-00000000000000000002-{LIFE}.parquet",
+        f"{TOPIC}-0-00000000000000000003-00000000000000000005-{LIFE + 3}.parquet",
     ]
     assert sink.held() == {(TOPIC, 0): 6, (TOPIC, 1): 40}
     table = pq.read_table(tmp_path / names[0]).to_pylist()
@@ -126,12 +135,14 @@ def test_a_files_sink_rolls_by_rows_and_commits_only_what_is_written(tmp_path: P
 
 def test_a_replay_after_a_crash_rewrites_the_same_files(tmp_path: Path) -> None:
     """A sink that wrote files and died before committing them; its successor, replaying from the
-    committed offset, rolls on age this time: it ends its files where the leftovers end."""
-    crashed = FilesSink({"path": str(tmp_path), "roll_rows": 4}, BRIDGE)
+    committed offset, rolls on age this time: it ends its files where the leftovers end. The
+    connection's pattern (a source's, the connection shared) hides none of the sink's own files."""
+    shared = {"path": str(tmp_path), "pattern": "*.csv"}
+    crashed = FilesSink(shared | {"roll_rows": 4}, BRIDGE)
     crashed.write([result(o) for o in range(10, 19)])  # files 10-13 and 14-17 written, 18 held
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert len(leftovers) == 2
-    successor = FilesSink({"path": str(tmp_path), "roll_rows": 4, "roll_seconds": 1e-9}, BRIDGE)
+    successor = FilesSink(shared | {"roll_rows": 4, "roll_seconds": 1e-9}, BRIDGE)
     successor.write([result(o) for o in range(10, 12)])
     successor.tick()  # aged, but not at the leftover's end yet: held
     assert successor.held() == {(TOPIC, 0): 10}
@@ -142,6 +153,43 @@ def test_a_replay_after_a_crash_rewrites_the_same_files(tmp_path: Path) -> None:
     request_ids = [r["request_id"] for n in names for r in pq.read_table(tmp_path / n).to_pylist()]
     assert sorted(request_ids) == sorted(f"feed/{o}" for o in range(10, 20)), "every row in one file"
     assert successor.held() == {}
+
+
+def sink_rows(where: list[bytes]) -> list[str]:
+    return sorted(r["request_id"] for data in where for r in parse_rows(data, "parquet"))
+
+
+def test_a_new_life_of_the_topic_never_overwrites_the_results_of_the_last(
+    s3: S3Server, tmp_path: Path
+) -> None:
+    """The topic deleted and created again (or the embedded broker restarted) numbers its offsets
+    from 0 again: its files are new ones beside the last life's, and a file already there under a
+    name the sink wants, holding other rows, stops the sink rather than being replaced."""
+    client = s3.client()
+    stores: list[tuple[dict[str, Any], type[FileSink], Callable[[], list[bytes]]]] = [
+        ({"path": str(tmp_path)}, FilesSink, lambda: [p.read_bytes() for p in tmp_path.glob("*.parquet")]),
+        (
+            s3_details(s3, "lives"),
+            S3Sink,
+            lambda: [
+                client.get_object(Bucket=s3.bucket, Key=o["Key"])["Body"].read()
+                for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="lives/").get("Contents", [])
+            ],
+        ),
+    ]
+    for details, kind, stored in stores:
+        details |= {"roll_rows": 5}
+        kind(details, BRIDGE).write([result(o, source="monday") for o in range(10)])
+        kind(details, BRIDGE).write([result(o, source="tuesday", life=LIFE + 86_400_000) for o in range(10)])
+        assert sink_rows(stored()) == sorted(f"{day}/{o}" for day in ("monday", "tuesday") for o in range(10))
+        # The same name, other rows (a broker keeping no timestamps, or a clock set back): kept as it is.
+        wednesday = kind(details, BRIDGE)
+        with pytest.raises(
+            Unavailable, match=r"there already with other results .*monday/0.*not overwritten"
+        ):
+            wednesday.write([result(o, source="wednesday") for o in range(10)])
+        assert wednesday.held() == {(TOPIC, 0): 0}, "nothing committed past the rows not written"
+        assert len(stored()) == 4 and "wednesday/0" not in sink_rows(stored())
 
 
 def test_an_s3_source_and_sink(s3: S3Server, tmp_path: Path) -> None:
@@ -161,7 +209,7 @@ def test_an_s3_source_and_sink(s3: S3Server, tmp_path: Path) -> None:
     sink.write([result(o) for o in range(3)])
     listed = client.list_objects_v2(Bucket=s3.bucket, Prefix="results/")["Contents"]
     assert [o["Key"] for o in listed] == [
-        f"results/{TOPIC}-0-00000000000000000000-00000000000000000001.parquet"
+        f"results/{TOPIC}-0-00000000000000000000-00000000000000000001-{LIFE}.parquet"
     ]
     body = client.get_object(Bucket=s3.bucket, Key=listed[0]["Key"])["Body"].read()
     assert [r["request_id"] for r in parse_rows(body, "parquet")] == ["feed/0", "feed/1"]
@@ -174,10 +222,10 @@ def test_an_s3_source_and_sink(s3: S3Server, tmp_path: Path) -> None:
 
 
 class Receiver(http.server.ThreadingHTTPServer):
-    """Answers 503 to the first ``failures`` POSTs, 400 to a batch holding request id ``feed/400``,
-    200 to the rest, and keeps every body it was sent with its headers."""
+    """Answers the statuses of ``answers`` to the first POSTs, one each, 400 to a batch holding request
+    id ``feed/400``, 200 to the rest, and keeps every body it was sent with its headers."""
 
-    failures = 0
+    answers: list[int]
     received: list[tuple[dict[str, str], dict[str, Any]]]
 
 
@@ -187,15 +235,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.received.append((dict(self.headers), body))
-        if self.server.failures > 0:
-            self.server.failures -= 1
-            status = 503
+        if self.server.answers:
+            status = self.server.answers.pop(0)
         elif any(r["request_id"] == "feed/400" for r in body["rows"]):
             status = 400
         else:
             status = 200
         answer = b"bad row feed/400" if status == 400 else b""
         self.send_response(status)
+        self.send_header("Location", "https://elsewhere.example/hook")
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
         self.wfile.write(answer)
@@ -207,7 +255,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     server = Receiver(("127.0.0.1", 0), Handler)
-    server.received = []
+    server.received, server.answers = [], []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -217,21 +265,27 @@ def receiver() -> Iterator[Receiver]:
         server.server_close()
 
 
-def test_an_http_sink_retries_5xx_and_gives_up_a_batch_refused_with_a_4xx(receiver: Receiver) -> None:
+def test_an_http_sink_retries_what_may_be_mended_and_gives_up_a_batch_refused_as_it_is(
+    receiver: Receiver,
+) -> None:
+    """A 5xx, a token rotated (401, 403), a receiver not deployed yet (404) or moved (a redirect, never
+    followed) may pass later: retried. A 400 says these rows never will: refused, every row of it."""
     url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
     sink = HttpSink({"url": url, "headers": {"Authorization": "Bearer hook-token"}}, BRIDGE)
-    receiver.failures = 2
+    mendable = [503, 401, 403, 404, 301, 307]
+    receiver.answers = list(mendable)
     batch = [result(1), result(2)]
-    for _ in range(2):
-        with pytest.raises(Unavailable, match="503") as caught:
+    for status in mendable:
+        with pytest.raises(Unavailable, match=f"answered {status}") as caught:
             sink.write(batch)
         assert "hook-token" not in str(caught.value)
     sink.write(batch)
     headers, body = receiver.received[-1]
     assert headers["Authorization"] == "Bearer hook-token" and headers["Content-Type"] == "application/json"
     assert body["rows"] == [r.columns() for r in batch], "each row with its request id, to deduplicate by"
-    with pytest.raises(Refused, match="400 Bad Request: bad row feed/400"):
+    with pytest.raises(Refused, match="400 Bad Request: bad row feed/400") as refused:
         sink.write([result(3), result(400)])
+    assert refused.value.rows == 2
     receiver.server_close()
     with pytest.raises(Unavailable, match="cannot POST"):
         HttpSink({"url": "http://127.0.0.1:9/hook"}, BRIDGE).write(batch)
@@ -241,7 +295,9 @@ def test_every_file_sink_and_source_is_registered() -> None:
     from joey_connector_bridge.runners import SINKS, SOURCES
     from joey_core.bridges import SINK, SOURCE, SUPPORTED
 
-    assert sorted(SOURCES) == sorted(SUPPORTED[SOURCE]) and sorted(SINKS) == sorted(SUPPORTED[SINK])
+    # A source following another pipeline (from_pipeline) has no connection type: "pipeline".
+    assert sorted(SOURCES) == sorted([*SUPPORTED[SOURCE], "pipeline"])
+    assert sorted(SINKS) == sorted(SUPPORTED[SINK])
     assert issubclass(SINKS["s3"], FileSink) and issubclass(SINKS["files"], FileSink)
 
 

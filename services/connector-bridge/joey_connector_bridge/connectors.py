@@ -4,8 +4,9 @@ store (postgres, files, s3, kafka, http) plugs in as a module with a :func:`regi
 
 Both raise :class:`Unavailable` for anything worth retrying (the store is down or refuses): the bridge
 then pauses, says why in its status, and retries the same step, so nothing is skipped. A sink raises
-:class:`Refused` for rows the store will never take (an HTTP 4xx): retrying cannot help, so the bridge
-reports them and moves on.
+:class:`Refused` for rows the store will never take (an HTTP 400, a record too large): retrying cannot
+help, so the bridge reports them and moves on. An answer that a change of the store's side mends (not
+authorized, not found, moved) is Unavailable: the bridge waits for the mend, losing nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ class Unavailable(Exception):
 
 
 class Refused(Exception):
-    """The store refused these rows for good (retrying the same request gets the same answer); the
-    message says why (never a secret)."""
+    """The store refused rows for good (retrying the same request gets the same answer); the message
+    says why (never a secret). ``rows`` is how many of the batch it refused: the rest are written."""
+
+    def __init__(self, why: str, rows: int) -> None:
+        super().__init__(why)
+        self.rows = rows
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class ResultRow:
     topic: str
     partition: int
     offset: int
+    timestamp_ms: int | None = None
+    """The log record's Kafka timestamp: a replay reads it again, a new life of the topic (its offsets
+    from 0 again) has others, so a file sink tells its own leftovers from older results by it."""
 
     def columns(self) -> dict[str, Any]:
         """The columns every sink stores (outputs as JSON text where the store has no JSON type)."""
@@ -133,6 +141,11 @@ class Source(ABC):
     @abstractmethod
     def lag(self, after: Any) -> int:
         """How many records are after ``after`` (-1: unknown)."""
+
+    def warning(self) -> str:
+        """What the bridge's status shows while the source runs: something it did that its user should
+        know of (none: empty)."""
+        return ""
 
     def acknowledged(self, position: Any) -> None:  # noqa: B027 (most sources keep no position of their own)
         """Called once the records up to ``position`` are acknowledged and the position checkpointed:

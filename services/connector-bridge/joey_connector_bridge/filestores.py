@@ -11,16 +11,21 @@ it (S3 objects appear whole anyway). A file named before the position is never r
 row keyed below it.
 
 Sink: rows are held per partition and written as one Parquet file once it holds ``roll_rows`` rows or
-its first row is ``roll_seconds`` old, named ``<topic>-<partition>-<first offset>-<last offset>.parquet``
-(offsets zero-padded to 20 digits, so name order is offset order); the partition's offsets are
-committed up to the first row still held. A replay after a crash starts at the committed offset, the
-first row of a file not written or of one written but not committed; such a leftover is found by its
-name and the rows rolled at its last offset again, so the replay rewrites the same file and no two
-files hold one row.
+its first row is ``roll_seconds`` old, named ``<topic>-<partition>-<first offset>-<last offset>-<first
+timestamp>.parquet`` (offsets zero-padded to 20 digits, so name order is offset order within one life of
+the topic; the first row's Kafka timestamp, in ms, tells lives apart: a topic deleted and created again,
+or an embedded broker restarted, numbers its offsets from 0 again); the partition's offsets are committed
+up to the first row still held. A replay after a crash starts at the committed offset, the first row of
+a file not written or of one written but not committed; such a leftover is found by its name (its first
+offset and timestamp: those of the replay's first row) and the rows rolled at its last offset again, so
+the replay writes the same file again. A file is only ever created, never replaced: one already there
+under the name is kept when it holds the same rows (the same first request id and row count: the
+leftover), and otherwise stops the sink, saying so, rather than overwrite results of another life.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import logging
@@ -72,7 +77,9 @@ RESULTS_SCHEMA = pa.schema(
 )
 """The sink's columns, as the Postgres sink's (outputs as JSON text)."""
 
-_RESULT_FILE = re.compile(r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{20})-(?P<last>\d{20})\.parquet$")
+_RESULT_FILE = re.compile(
+    r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{20})-(?P<last>\d{20})-(?P<stamp>\d+)\.parquet$"
+)
 
 
 @dataclass(frozen=True)
@@ -98,14 +105,16 @@ class Location(ABC):
 
     @abstractmethod
     def list(self) -> list[Entry]:
-        """The files there (every one: :func:`in_progress` ones too)."""
+        """The files there (every one: :func:`in_progress` ones and any the connection's ``pattern``
+        leaves out too, since a sink must see all of its own)."""
 
     @abstractmethod
     def read(self, name: str) -> bytes: ...
 
     @abstractmethod
-    def put(self, name: str, data: bytes) -> None:
-        """Write ``name`` whole or not at all: readers never see part of it."""
+    def put(self, name: str, data: bytes) -> bool:
+        """Create ``name`` whole or not at all (readers never see part of it); False, leaving it as it
+        is, when a file has that name already."""
 
 
 class FileStore:
@@ -143,11 +152,12 @@ def parse_rows(data: bytes, file_format: str) -> list[dict[str, Any]]:
 
 
 class FileSource(FileStore, Source):
-    """Rows of the files of a location, in name order."""
+    """Rows of the files of a location matching the connection's ``pattern`` (a glob), in name order."""
 
     def __init__(self, details: Mapping[str, Any], bridge: Bridge) -> None:
         super().__init__(details, bridge)
         self._where = self.location(details)
+        self._pattern = str(details.get("pattern") or "*")
         self._cached: tuple[Entry, list[dict[str, Any]]] | None = None
         """The file being read, parsed once however many batches it takes."""
         self._counts: dict[Entry, int] = {}
@@ -159,6 +169,7 @@ class FileSource(FileStore, Source):
             e
             for e in self._where.list()
             if not in_progress(e.name)
+            and fnmatch.fnmatch(e.name, self._pattern)
             and _format_of(e.name, self.details)
             and (start is None or e.name >= start)
         ]
@@ -203,15 +214,22 @@ class FileSource(FileStore, Source):
 
 @dataclass
 class _Held:
-    """A partition's rows not written yet, and its files a crashed predecessor left: first -> last."""
+    """A partition's rows not written yet, and the files a crashed predecessor may have left: (first
+    offset, first timestamp) -> last offset."""
 
     rows: list[ResultRow] = field(default_factory=list)
     since: float = 0.0
-    leftovers: dict[int, int] | None = None
+    leftovers: dict[tuple[int, int], int] | None = None
 
 
-def result_file(topic: str, partition: int, first: int, last: int) -> str:
-    return f"{topic}-{partition}-{first:020d}-{last:020d}.parquet"
+def _stamp(row: ResultRow) -> int:
+    # 0 when the broker kept no timestamp: lives are then told apart by the file's content alone.
+    return max(row.timestamp_ms or 0, 0)
+
+
+def result_file(chunk: Sequence[ResultRow]) -> str:
+    first, last = chunk[0], chunk[-1]
+    return f"{first.topic}-{first.partition}-{first.offset:020d}-{last.offset:020d}-{_stamp(first)}.parquet"
 
 
 def _parquet(rows: Sequence[ResultRow]) -> bytes:
@@ -274,8 +292,9 @@ class FileSink(FileStore, Sink):
                 if end == 0:
                     break
                 chunk = held.rows[:end]
-                name = result_file(where[0], where[1], chunk[0].offset, chunk[-1].offset)
-                self._where.put(name, _parquet(chunk))
+                name = result_file(chunk)
+                if not self._where.put(name, _parquet(chunk)):
+                    self._check_leftover(name, chunk)
                 del held.rows[:end]
                 held.since = now
 
@@ -286,7 +305,7 @@ class FileSink(FileStore, Sink):
         rows = held.rows
         if held.leftovers is None:
             held.leftovers = self._leftovers(where, rows[0].offset)
-        last = held.leftovers.get(rows[0].offset)
+        last = held.leftovers.get((rows[0].offset, _stamp(rows[0])))
         if last is not None:
             if rows[-1].offset < last:
                 return 0  # the replay has not reached the leftover's end yet
@@ -298,10 +317,11 @@ class FileSink(FileStore, Sink):
             end += 1
         return end
 
-    def _leftovers(self, where: Partition, start: int) -> dict[int, int]:
-        """The partition's files from offset ``start`` on: written by a process that died before it
-        committed them."""
-        found = {}
+    def _leftovers(self, where: Partition, start: int) -> dict[tuple[int, int], int]:
+        """The partition's files from offset ``start`` on, (first offset, first timestamp) -> last
+        offset: written by a process that died before it committed them, or in an earlier life of the
+        topic (whose timestamps the replay's rows do not have)."""
+        found: dict[tuple[int, int], int] = {}
         for entry in self._where.list():
             parsed = _RESULT_FILE.match(entry.name)
             if (
@@ -309,7 +329,26 @@ class FileSink(FileStore, Sink):
                 and (parsed["topic"], int(parsed["partition"])) == where
                 and int(parsed["first"]) >= start
             ):
-                found[int(parsed["first"])] = int(parsed["last"])
+                found[(int(parsed["first"]), int(parsed["stamp"]))] = int(parsed["last"])
         if found:
-            log.info("bridge sink: %d files of %s[%d] from offset %d to rewrite", len(found), *where, start)
+            log.info(
+                "bridge sink: %d files of %s[%d] from offset %d may be leftovers", len(found), *where, start
+            )
         return found
+
+    def _check_leftover(self, name: str, chunk: Sequence[ResultRow]) -> None:
+        """Returns when the file already named ``name`` holds ``chunk``'s rows (a predecessor wrote it
+        and died before committing); else Unavailable, since it holds results this sink must not
+        overwrite."""
+        try:
+            there = pq.read_table(pa.BufferReader(self._where.read(name)), columns=["request_id"])
+        except (ValueError, pa.ArrowException) as exc:
+            raise Unavailable(
+                f"{name} is there already and unreadable, not overwritten: {first_line(exc)}"
+            ) from None
+        ids = there.column("request_id")
+        if there.num_rows != len(chunk) or ids[0].as_py() != chunk[0].request_id:
+            raise Unavailable(
+                f"{name} is there already with other results ({there.num_rows} rows from request "
+                f"{ids[0].as_py() if there.num_rows else None!r}), not overwritten: move it away"
+            )

@@ -5,8 +5,10 @@ Source: every partition of the topic is read, request ids ``<source>/<partition>
 position checkpointed in Joey's database (per partition, the next offset, saved after the pipeline's
 inputs topic acknowledged the records) is what a restart resumes from; the offsets are then committed to
 a consumer group of the bridge's own on that cluster (``joey.bridge.<workspace>.<name>.<id>``), for its
-tools to show, and are where a source without a saved position starts. One process runs a source (its
-lease), so the partitions are assigned rather than subscribed: a takeover waits for no group session.
+tools to show, and are where a source without a saved position starts. A position out of range starts
+at the oldest record; one past a partition's end (the topic made again) at its beginning, saying so in the
+status. One process runs a source (its lease), so the partitions are assigned rather than subscribed: a
+takeover waits for no group session.
 Each record's value is forwarded as it is: one that is no JSON object comes back as an error result.
 
 A pipeline source is the same reader over another pipeline's outputs topic on the platform's own cluster
@@ -26,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from joey_connector_bridge.connectors import (
     Bridge,
@@ -68,10 +70,15 @@ class KafkaSource(Source):
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "enable.partition.eof": False,
+                # A position out of range (retention deleted it, the topic was made again) restarts
+                # at the oldest record, not past every record the topic holds.
+                "auto.offset.reset": "earliest",
             }
         )
         self._assigned: set[int] = set()
         self._looked = 0.0
+        self._restarted: list[str] = []
+        """Partitions whose position was past their end, so read again from their beginning."""
 
     def _cluster(self, details: Mapping[str, Any]) -> dict[str, Any]:
         """The client settings of the cluster the topic is on: the connection's."""
@@ -104,8 +111,59 @@ class KafkaSource(Source):
         saved: dict[str, int] = after or {}
         for tp in committed:
             tp.offset = saved.get(str(tp.partition), tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+            self._past_end(tp)
         self._consumer.incremental_assign(committed)
         self._assigned |= {tp.partition for tp in committed}
+
+    def _past_end(self, tp: TopicPartition) -> None:
+        """Start ``tp`` at its beginning when its position is past its end: the topic was deleted and
+        made again (or its broker lost it), which an embedded broker never answers with an offset out
+        of range. Its records are sent again under the same request ids: an idempotent sink keeps the
+        last answer of each."""
+        if tp.offset < 0:
+            return
+        try:
+            _, high = self._consumer.get_watermark_offsets(tp, timeout=TIMEOUT_S, cached=False)
+        except KafkaException as exc:
+            raise Unavailable(f"cannot read topic {self._topic}'s partitions: {exc}") from None
+        if tp.offset <= high or tp.offset <= (end := self._end(tp.partition, high)):
+            return
+        said = (
+            f"partition {tp.partition} of {self._topic} ends at offset {end}, before the position {tp.offset}"
+        )
+        log.warning(
+            "source %s: %s: the topic was made again; read from its beginning", self.bridge.spec.key, said
+        )
+        self._restarted.append(f"{said}: read again from its beginning")
+        tp.offset = OFFSET_BEGINNING
+
+    def _end(self, partition: int, high: int) -> int:
+        """One past the partition's last record. Not its high watermark alone: the embedded broker's is
+        one past the first record of its last batch, so that batch is read through, to its end."""
+        if high <= 0:
+            return 0
+        reader = Consumer(
+            self._cluster(self.details)
+            | {"group.id": self.bridge.spec.group, "enable.auto.commit": False, "enable.partition.eof": True}
+        )
+        try:
+            reader.assign([TopicPartition(self._topic, partition, high - 1)])
+            end, deadline = high, time.monotonic() + TIMEOUT_S
+            while time.monotonic() < deadline:
+                for message in reader.consume(100, self.bridge.settings.poll_interval_s):
+                    err = message.error()
+                    if err is None:
+                        end = max(end, (message.offset() or 0) + 1)
+                    elif err.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 (librdkafka's public code)
+                        return end
+                    else:
+                        raise Unavailable(f"cannot read partition {partition} of {self._topic}: {err}")
+        finally:
+            reader.close()
+        raise Unavailable(f"cannot tell where partition {partition} of {self._topic} ends: no answer")
+
+    def warning(self) -> str:
+        return "; ".join(self._restarted)
 
     def read(self, after: Any, limit: int) -> list[SourceRecord]:
         if not self._assigned or time.monotonic() - self._looked >= PARTITIONS_REFRESH_S:
@@ -208,7 +266,9 @@ class KafkaSink(Sink):
             if exc.fatal:
                 self._producer = None  # it can deliver nothing more: a new one for the retry
             elif exc.refused() is not None:
-                raise Refused(f"topic {self._topic} refused {len(exc.errors)} records: {exc}") from None
+                raise Refused(
+                    f"topic {self._topic} refused {len(exc.errors)} records: {exc}", len(exc.errors)
+                ) from None
             raise Unavailable(f"topic {self._topic} did not acknowledge the results: {exc}") from None
         except (TimeoutError, BufferError) as exc:
             raise Unavailable(f"topic {self._topic} did not acknowledge the results: {exc}") from None

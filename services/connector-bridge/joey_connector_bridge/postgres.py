@@ -86,6 +86,8 @@ class PostgresSink(Sink):
         try:
             conn = self._db.conn()
             with conn.transaction():
+                timeout_ms = round(self.bridge.settings.sink_statement_timeout_s * 1000)
+                conn.execute("SELECT set_config('statement_timeout', %s, true)", [str(timeout_ms)])
                 if not self._created:
                     self._create(conn)
                 with conn.cursor() as cursor:

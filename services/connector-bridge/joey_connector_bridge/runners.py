@@ -60,7 +60,8 @@ class Runner(ABC):
         self._reported = 0.0
         self._backoff = FIRST_BACKOFF_S
         self._standing_error = ""
-        """Shown in every report of this runner: rows a sink's store refused for good."""
+        """Shown in every report of this runner: rows a sink's store refused for good, a source's
+        warning."""
 
     def start(self) -> None:
         self._thread.start()
@@ -155,6 +156,7 @@ def result_row(record: ConsumedRecord) -> ResultRow | None:
         record.topic,
         record.partition,
         record.offset,
+        record.timestamp_ms,
     )
 
 
@@ -187,6 +189,7 @@ def log_rows(record: ConsumedRecord, spec: BridgeSpec) -> list[ResultRow] | None
                 record.topic,
                 record.partition,
                 record.offset,
+                record.timestamp_ms,
             )
         )
     return rows
@@ -273,12 +276,12 @@ class SinkRunner(Runner):
                 return  # stopped before the batch was written: its offsets stay uncommitted
             self._uncounted += rows
         except Refused as exc:
-            metrics.REFUSED.inc(len(rows))
-            self._standing_error = f"{len(rows)} rows refused for good by the store, skipped: {exc}"
+            metrics.REFUSED.inc(exc.rows)
+            self._standing_error = f"{exc.rows} rows refused for good by the store, skipped: {exc}"
             log.warning(
-                "bridge %s: %d rows (%s ... %s) refused: %s",
+                "bridge %s: %d rows of a batch (%s ... %s) refused: %s",
                 self.spec.key,
-                len(rows),
+                exc.rows,
                 rows[0].request_id,
                 rows[-1].request_id,
                 exc,
@@ -395,6 +398,7 @@ class SourceRunner(Runner):
 
     def _step(self, source: Source, producer: Producer, after: Any) -> Any:
         batch = source.read(after, self.settings.batch_size)
+        self._standing_error = source.warning()
         if self.due():
             self._lag = source.lag(after)
         if not batch:

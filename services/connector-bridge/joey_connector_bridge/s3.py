@@ -1,7 +1,10 @@
 """An S3 prefix (any S3-compatible store) as a source and a sink (:mod:`filestores` has the rules),
 through pyarrow's S3 filesystem, the one the connection's test uses: its credentials only, never the
 host's. Every object under the prefix is a file, named by its key below the prefix; an object appears
-whole once its upload completes, so S3 needs no rename."""
+whole once its upload completes, so S3 needs no rename. An object is created only when no object has its
+key, checked just before the upload: pyarrow's S3 filesystem cannot send ``If-None-Match: *``, so two
+writers of one key at the same moment (two members of a sink's group during a rebalance, writing the
+same rows) may both upload; a key written in another life of the topic is never replaced."""
 
 from __future__ import annotations
 
@@ -48,12 +51,16 @@ class Prefix(Location):
         except (OSError, ValueError) as exc:
             raise self._failed(f"read s3://{self._base}/{name}", exc) from None
 
-    def put(self, name: str, data: bytes) -> None:
+    def put(self, name: str, data: bytes) -> bool:
+        key = f"{self._base}/{name}"
         try:
-            with self._store.open_output_stream(f"{self._base}/{name}") as stream:
+            if self._store.get_file_info(key).type != fs.FileType.NotFound:
+                return False
+            with self._store.open_output_stream(key) as stream:
                 stream.write(data)
         except (OSError, ValueError) as exc:
-            raise self._failed(f"write s3://{self._base}/{name}", exc) from None
+            raise self._failed(f"write s3://{key}", exc) from None
+        return True
 
 
 @register_source

@@ -23,6 +23,11 @@ class BridgeSettings(ServiceSettings, DatabaseSettings):
     retry_backoff_max_s: float = Field(default=10.0, gt=0)
     """Longest pause before a step is retried while the external store or the broker refuses it."""
 
+    sink_statement_timeout_s: float = Field(default=60.0, gt=0, lt=300)
+    """Longest a Postgres sink's write may take (a table locked by someone else) before it fails and is
+    retried: below the consumer's max.poll.interval.ms (300 s), so a blocked write never costs the sink
+    its partitions."""
+
     delivery_timeout_s: float = Field(default=30.0, gt=0)
     """Longest wait for the broker to acknowledge a source's batch before it is sent again."""
 

@@ -2,12 +2,13 @@
 URL with its headers, every row the Postgres sink's columns, ``request_id`` included so the receiver
 can keep one per request id (a batch is posted again after a crash or a failed attempt).
 
-A 2xx is a write. A 5xx, a 408 or 429, or no answer (refused, reset, timed out) is the receiver being
-unavailable: the bridge retries the same batch with exponential backoff, its status ``retrying`` with
-the reason. Any other answer (a 4xx, a redirect, which is never followed) is the receiver refusing
-that batch for good: the bridge skips it, counts its rows in ``joey_bridge_rows_refused_total``, and
-its status keeps saying so; there is no dead-letter topic (the results stay on the pipeline's topics
-for their retention, so a new sink can take them again).
+A 2xx is a write. A 400, 413 or 422 is the receiver refusing that batch for good (these rows, as they
+are): the bridge skips it, counts its rows in ``joey_bridge_rows_refused_total``, and its status keeps
+saying so; there is no dead-letter topic (the results stay on the pipeline's topics for their
+retention, so a new sink can take them again). Any other answer (a 5xx, a 401 or 403 of a rotated
+token, a 404 of a receiver being deployed, a redirect, which is never followed) or none (refused,
+reset, timed out) is the receiver being unavailable until it or the connection is mended: the bridge
+retries the same batch with exponential backoff, its status ``retrying`` with the answer.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from joey_core.connections.base import first_line
 from joey_core.connections.http import NoRedirects
 from joey_core.connections.sealing import redacted_url
 
-RETRIED = frozenset({408, 429})
-"""4xx answers that say "later", not "never"."""
+REFUSED = frozenset({400, 413, 422})
+"""Answers that say these rows will never be taken: any other is retried, since dropping rows on a
+mendable answer (a token rotated, a receiver not deployed yet) loses them for good."""
 BODY_SHOWN = 200
 """Characters of a refusing receiver's answer shown in the status."""
 
@@ -59,8 +61,8 @@ class HttpSink(Sink):
         except urllib.error.HTTPError as exc:
             said = first_line(Exception(exc.read(BODY_SHOWN).decode("utf-8", errors="replace")), BODY_SHOWN)
             why = f"{self._shown} answered {exc.code} {exc.reason}: {said}"
-            if exc.code >= 500 or exc.code in RETRIED:
-                raise Unavailable(why) from None
-            raise Refused(why) from None
+            if exc.code in REFUSED:
+                raise Refused(why, len(rows)) from None
+            raise Unavailable(why) from None
         except (urllib.error.URLError, OSError) as exc:
             raise Unavailable(f"cannot POST to {self._shown}: {first_line(exc)}") from None
