@@ -448,6 +448,16 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
             " __import__('fcntl').ioctl(fd, 0x80086601, bytes(4)))"
         ),
         "lease": "__import__('fcntl').fcntl(os.open(os.__file__, os.O_RDONLY), 1024, 0)",
+        # The kernel reads a command's low 32 bits only.
+        "lease, high bits": (
+            "checked(libc.syscall(syscall_number('fcntl'), os.open(os.__file__, os.O_RDONLY),"
+            " (1 << 32) | 1024, 0))"
+        ),
+        "file version": (
+            "__import__('fcntl').ioctl(fd := os.open(os.__file__, os.O_RDONLY), 0x40086604,"
+            " __import__('fcntl').ioctl(fd, 0x80086603, bytes(8)))"
+        ),
+        "uid's priority": "os.setpriority(os.PRIO_USER, 0, 19)",
         "watch": "checked(libc.inotify_init1(0))",
         "other user's shared memory": f"open({str(others)!r}).read()",
         "own shared memory": f"open({str(own)!r}).read()",
@@ -498,6 +508,9 @@ def test_a_pickle_holds_no_capability_reads_no_device_nor_path_entry_and_keeps_i
         "shared memory segment": ["ok", "True"],
         "file flags": not_permitted,
         "lease": not_permitted,
+        "lease, high bits": not_permitted,
+        "file version": not_permitted,
+        "uid's priority": ["ok", "None"],
         "watch": not_permitted,
         "owner": not_permitted,
         "times": not_permitted,

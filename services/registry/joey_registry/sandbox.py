@@ -219,10 +219,27 @@ _PID_ADDRESSED_IGNORED = {
     "ioprio_set": 1,
     "setpriority": 1,
 }
+# setpriority and ioprio_set also address a process group or a uid (argument 0 not PRIO_PROCESS = 0,
+# IOPRIO_WHO_PROCESS = 1), "my uid" with who 0: every process of the registry's: reported done too.
+_SCOPE_ADDRESSED_IGNORED = {"setpriority": 0, "ioprio_set": 1}
 # ioctls that set a host file's flags (sync, nodump, noatime...) or version through a descriptor open
 # for reading: FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETVERSION and its 32-bit form.
-_REFUSED_IOCTLS = (0x40086602, 0x40046602, 0x401C5820, 0x40087602, 0x40047602)
+# EXT4_IOC_SETVERSION (and its 32-bit form), FS_IOC_ENABLE_VERITY (a file read-only for ever),
+# FS_IOC_SET_ENCRYPTION_POLICY, btrfs's BTRFS_IOC_SUBVOL_SETFLAGS likewise.
+_REFUSED_IOCTLS = (
+    0x40086602,
+    0x40046602,
+    0x401C5820,
+    0x40087602,
+    0x40047602,
+    0x40086604,
+    0x40046604,
+    0x40806685,
+    0x800C6613,
+    0x4008941A,
+)
 _F_SETLEASE = 1024  # a read lease on a host file stalls its writers for the lease-break time
+_COMMAND = 0xFFFFFFFF  # ioctl's and fcntl's command is 32 bits to the kernel: higher bits must not hide it
 # clone's flags that make namespaces, refused like unshare, and CLONE_PARENT, whose children would be the
 # registry's (zombies it never reaps, until the host has no pid left). clone3 passes its flags in memory
 # a filter cannot read, so it reports ENOSYS, which makes the C library fall back to clone.
@@ -263,9 +280,11 @@ def filter_syscalls() -> str:
         for table, action in ((_PID_ADDRESSED, denied), (_PID_ADDRESSED_IGNORED, done)):
             for name, argument in table.items():
                 rules.add_rule(action, name, pyseccomp.Arg(argument, pyseccomp.NE, 0))
+        for name, process in _SCOPE_ADDRESSED_IGNORED.items():
+            rules.add_rule(done, name, pyseccomp.Arg(0, pyseccomp.NE, process))
         for request in _REFUSED_IOCTLS:
-            rules.add_rule(denied, "ioctl", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, 0xFFFFFFFF, request))
-        rules.add_rule(denied, "fcntl", pyseccomp.Arg(1, pyseccomp.EQ, _F_SETLEASE))
+            rules.add_rule(denied, "ioctl", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _COMMAND, request))
+        rules.add_rule(denied, "fcntl", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _COMMAND, _F_SETLEASE))
         for flag in _REFUSED_CLONE_FLAGS:  # rules on one call are or-ed: any one of these flags refuses
             rules.add_rule(denied, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
         rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
