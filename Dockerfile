@@ -36,5 +36,7 @@ WORKDIR /home/joey
 
 # The registry's gRPC port; the gateway's Open Inference Protocol REST and gRPC ports.
 EXPOSE 50051 8080 8081
+# Run it under an init (`docker run --init`; compose.yaml sets `init: true`): a service as PID 1 never
+# reaps the orphaned grandchildren of conversions and tasks.
 ENTRYPOINT ["joey"]
 CMD ["serve", "registry"]
