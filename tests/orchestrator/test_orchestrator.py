@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -307,6 +308,61 @@ def test_orchestrations_and_tasks_on_the_command_line(world: World, stack: Stack
     assert "cli says hi" in followed.splitlines()
     runs = joey_cli(env, *ws, "task", "runs", "cli").stdout
     assert "success" in runs and "exit_code" in runs.splitlines()[0]
+
+
+def test_a_runs_lease_is_renewed_while_its_environment_builds_and_a_lost_run_never_starts(
+    world: World,
+) -> None:
+    # As when another machine packaged the version: the run's orchestrator builds the environment itself,
+    # for longer than the lease (1.5 s), with a build backend that waits while `hold` exists.
+    hold = world.tmp / "hold-build"
+    code = world.tmp / "slow-build"
+    package = code / "vendor" / "slowpkg"
+    package.mkdir(parents=True)
+    (package / "slow_backend.py").write_text(
+        f"import pathlib, time\nwhile pathlib.Path({str(hold)!r}).exists():\n    time.sleep(0.05)\n"
+        "from setuptools.build_meta import *\n"
+    )
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "slow_backend"\nbackend-path = ["."]\n'
+        '[project]\nname = "slowpkg"\nversion = "1.0"\n[tool.setuptools]\npy-modules = []\n'
+    )
+    (code / "main.py").write_text("print('main.py started')\n")
+    (code / "requirements.txt").write_text("./vendor/slowpkg\n")
+    orchestration = world.client.upload_orchestration("slow-build", code, timeout_s=120)
+    for built in (world.tmp / "orchestrator" / "envs").glob("*/built.log"):
+        if "slowpkg" in built.read_text():
+            shutil.rmtree(built.parent)
+    hold.touch()
+    slow = orchestration.run_once("slow")
+    lost = orchestration.run_once("lost")
+    wait_until(lambda: all(t.status() == "running" for t in (slow, lost)), 60, "both runs to be claimed")
+    slow_run, lost_run = slow.last_runs()[0].id, lost.last_runs()[0].id
+    with psycopg.connect(world.database_url, autocommit=True) as conn:
+        # What an orchestrator reaping it would do: the run is no longer its claimer's.
+        conn.execute(
+            "UPDATE task_runs SET status = 'failure', reason = 'reaped', lease_until = NULL WHERE id = %s",
+            (lost_run,),
+        )
+
+        def three_leases_later() -> bool:
+            row = conn.execute(
+                "SELECT status <> 'running' OR now() - started_at > interval '4.5 s' FROM task_runs "
+                "WHERE id = %s",
+                (slow_run,),
+            ).fetchone()
+            return bool(row and row[0])
+
+        wait_until(three_leases_later, 60, "three leases to pass")
+    assert slow.status() == "running"  # still building, and not failed as a dead orchestrator's run
+    hold.unlink()
+    assert slow.wait(60) == "success"
+    assert [r.attempt for r in slow.last_runs()] == [1] and "main.py started" in text(slow.last_runs()[0])
+    # Refused by the registry (no token for a run not running) or by the lease's last check.
+    refusals = ("is not running", "before it started")
+    wait_until(lambda: any(r in text(lost.last_runs()[0]) for r in refusals), 60, "the lost run to give up")
+    assert "main.py started" not in text(lost.last_runs()[0]).splitlines()
+    assert [(r.id, r.status, r.reason) for r in lost.last_runs()] == [(lost_run, "failure", "reaped")]
 
 
 def test_a_crashed_orchestrators_run_fails_and_is_retried_by_the_other(world: World) -> None:

@@ -1,6 +1,7 @@
 """One run, start to end, in a thread of its own: its version's zip and environment, its directory, its
 token, its process group (``run_shim.py`` then ``python main.py``), its output stored line by line, its
-lease renewed, its timeout and kill, and its outcome.
+lease renewed (from its claim on, by a thread of its own: fetching the zip and building the environment
+may take longer than the lease), its timeout and kill, and its outcome.
 
 A run's process gets only what it needs: the registry's address and TLS settings, the Kafka bootstrap
 (to infer through pipelines), its token, its workspace, its task's name and arguments. Never the
@@ -81,6 +82,42 @@ class LocalFiles:
             raise RunFailed(f"cannot extract the orchestration: {exc}") from None
 
 
+class _LeaseKeeper(threading.Thread):
+    """Renews a run's lease every third of it from its claim until ``stop()``: while the zip downloads
+    and pip builds as much as while the process runs, so a slow preparation is not taken for a dead
+    orchestrator (and failed, and retried beside itself)."""
+
+    def __init__(self, run_id: int, store: OrchestratorStore, lease_s: float) -> None:
+        super().__init__(name=f"lease-{run_id}", daemon=True)
+        self._run_id = run_id
+        self._store = store
+        self._every_s = lease_s / 3
+        self._stopped = threading.Event()
+        self.lost = threading.Event()
+        """The run is no longer ours: its lease ran out and another orchestrator failed it."""
+        self.killed = threading.Event()
+        """The run's task was killed."""
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._every_s) and not self.lost.is_set():
+            self.renew()
+
+    def renew(self) -> None:
+        try:
+            killed = self._store.renew(self._run_id)
+        except psycopg.OperationalError as exc:
+            # The run goes on; a lease that runs out meanwhile is noticed at the next renewal.
+            log.warning("cannot renew the lease of run %d: %s", self._run_id, exc)
+            return
+        if killed is None:
+            self.lost.set()
+        elif killed:
+            self.killed.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 class RunSupervisor(threading.Thread):
     def __init__(
         self,
@@ -97,6 +134,7 @@ class RunSupervisor(threading.Thread):
         self._registry = registry
         self._files = files
         self._output = _Output(queue.Queue())
+        self._lease = _LeaseKeeper(run.id, store, settings.lease_s)
         self.stop_event = threading.Event()
         """Set when the orchestrator stops: the run is killed and fails (and is retried per its task)."""
 
@@ -104,6 +142,7 @@ class RunSupervisor(threading.Thread):
         run = self.claimed
         directory = self._files.runs / str(run.id)
         metrics.RUNNING.inc()
+        self._lease.start()
         try:
             status, code, reason = self._run(directory)
         except (RunFailed, RegistryUnavailable, PackagingFailed) as exc:
@@ -113,6 +152,7 @@ class RunSupervisor(threading.Thread):
             log.exception("run %d failed", run.id)
             status, code, reason = core.FAILURE, None, f"internal error of the orchestrator: {exc}"
         finally:
+            self._lease.stop()
             metrics.RUNNING.dec()
         try:
             self._flush()
@@ -141,6 +181,12 @@ class RunSupervisor(threading.Thread):
         self._files.extract(zip_path, code)
         environment = self._files.environments.ensure(code, version.sha256)
         token = self._registry.issue_token(run.id)
+        self._lease.renew()  # once more, now: a run another orchestrator failed meanwhile must not start
+        if self._lease.lost.is_set():
+            raise RunFailed("the run's lease ran out before it started: another orchestrator failed it")
+        if self._lease.killed.is_set():
+            self._note("the task was killed before the run started")
+            return core.KILLED, None, "killed"
         where = self._settings.instance_id
         self._note(f"run {run.id} (attempt {run.attempt}) of version {version.version} on {where}")
         process = subprocess.Popen(
@@ -195,12 +241,11 @@ class RunSupervisor(threading.Thread):
         return env
 
     def _supervise(self, process: subprocess.Popen[bytes]) -> tuple[str, str]:
-        """Until the process exits: its output flushed, its lease renewed, its timeout and a kill
+        """Until the process exits: its output flushed, its timeout, a kill and the loss of its lease
         enforced. RUNNING when it exited by itself."""
         settings = self._settings
         timeout_s = self.claimed.timeout_s
         started = time.monotonic()
-        renewed = started
         while process.poll() is None:
             time.sleep(FLUSH_S)
             try:
@@ -215,19 +260,12 @@ class RunSupervisor(threading.Thread):
             if self.stop_event.is_set():
                 self._end(process, "the orchestrator is stopping")
                 return core.FAILURE, f"orchestrator {settings.instance_id} stopped during the run"
-            if now - renewed >= settings.lease_s / 3:
-                renewed = now
-                try:
-                    killed = self._store.renew(self.claimed.id)
-                except psycopg.OperationalError as exc:
-                    log.warning("cannot renew the lease of run %d: %s", self.claimed.id, exc)
-                    continue
-                if killed is None:
-                    self._end(process, "the run's lease was lost")
-                    return core.FAILURE, "the run's lease ran out: another orchestrator failed it"
-                if killed:
-                    self._end(process, "the task was killed")
-                    return core.KILLED, "killed"
+            if self._lease.lost.is_set():
+                self._end(process, "the run's lease was lost")
+                return core.FAILURE, "the run's lease ran out: another orchestrator failed it"
+            if self._lease.killed.is_set():
+                self._end(process, "the task was killed")
+                return core.KILLED, "killed"
         return core.RUNNING, ""
 
     def _end(self, process: subprocess.Popen[bytes], why: str) -> None:
