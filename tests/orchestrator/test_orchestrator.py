@@ -267,6 +267,50 @@ def test_a_task_acts_only_in_its_workspace_and_only_while_it_runs(
     assert after.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
 
 
+PROMOTE = """
+import joey
+
+client = joey.Client()
+me = joey.task_args()["me"]
+print("acting as", client.whoami().username)
+workspace = client.get_workspace(client.workspace)
+calls = {"promote": lambda: workspace.add_owner(me), "delete": lambda: client.delete_workspace(workspace)}
+for what, call in calls.items():
+    try:
+        call()
+        print(what, "OK")
+    except joey.JoeyError as exc:
+        print(what, exc.code, exc.message)
+"""
+
+
+def test_a_collaborators_version_in_an_admins_task_acts_as_the_collaborator_and_manages_nothing(
+    world: World, settings: CommonSettings
+) -> None:
+    admin = world.client
+    collaborator, password = f"collab-{secrets.token_hex(3)}", secrets.token_urlsafe(16)
+    admin.create_user(collaborator, password)
+    admin.get_workspace(admin.workspace).add_user(collaborator)
+    first = world.tmp / "shared-1"
+    first.mkdir()
+    (first / "main.py").write_text("print('version 1')\n")
+    shared = admin.upload_orchestration("shared", first, timeout_s=60)
+    second = world.tmp / "shared-2"
+    second.mkdir()
+    (second / "main.py").write_text(PROMOTE)
+    with Client.login(collaborator, password, workspace=admin.workspace, settings=settings) as theirs:
+        assert theirs.upload_orchestration("shared", second, timeout_s=60).version == 2
+    # The admin's task, left on the latest version: it runs the collaborator's code.
+    task = shared.run_once("promote", json_args={"me": collaborator})
+    assert task.wait(60) == "success"
+    run = task.last_runs()[0]
+    output = text(run)
+    assert run.orchestration_version == 2 and f"acting as {collaborator}" in output.splitlines()
+    for what in ("promote", "delete"):
+        assert f"{what} PERMISSION_DENIED a task's token may not manage its workspace" in output, output
+    assert dict(admin.get_workspace(admin.workspace).users())[collaborator] == "collaborator"
+
+
 def test_a_task_scores_rows_through_a_deployed_pipeline(world: World, iris_model: Path) -> None:
     pipeline = world.client.build_pipeline("scored").add_model_step(
         world.client.upload_model("iris", iris_model)

@@ -142,7 +142,8 @@ class OrchestratorStore:
         )
 
     def version(self, run: ClaimedRun) -> Version | None:
-        """The version a run runs: the pinned one, else the latest ready one."""
+        """The version a run runs: the pinned one, else the latest ready one; recorded in the run (its
+        token acts for the version's uploader at most: joey_registry.tasks)."""
         with self._pool.connection() as conn:
             row = conn.execute(
                 "SELECT o.version, o.sha256, o.status, o.packaging_log FROM orchestrations o "
@@ -151,6 +152,10 @@ class OrchestratorStore:
                 "(t.orchestration_version IS NULL AND o.status = 'ready')) ORDER BY o.version DESC LIMIT 1",
                 (run.task_id,),
             ).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE task_runs SET orchestration_version = %s WHERE id = %s", (row["version"], run.id)
+                )
         return Version(**row) if row else None
 
     # --- schedules ---
