@@ -40,6 +40,9 @@ print("variables", " ".join(sorted(k for k in os.environ if k.startswith("JOEY_"
 mode = args.get("mode")
 if mode == "fail":
     raise RuntimeError("boom: " + args["why"])
+if mode == "flood":
+    for i in range(2000):
+        print(f"{i:05d} " + "x" * 94)
 if mode == "hang":
     time.sleep(600)
 if mode == "grandchild":
@@ -71,6 +74,7 @@ ORCHESTRATORS = {
     "JOEY_RETRY_BACKOFF_S": "0",
     "JOEY_CONTINUOUS_BACKOFF_S": "0.1",
     "JOEY_HEARTBEAT_INTERVAL_S": "0.5",
+    "JOEY_MAX_LOG_BYTES": str(64 * 1024),
     # No index: the tests never reach PyPI; the local package builds with the setuptools Joey's
     # environment has.
     "JOEY_PIP_ARGS": json.dumps(["--no-index", "--no-build-isolation"]),
@@ -202,6 +206,7 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     hanging = orch.run_once("hanging", json_args={"mode": "hang"}, timeout=2)
     doomed = orch.run_once("doomed", json_args={"mode": "grandchild", "pidfile": str(pidfile)})
     forever = orch.run_continuously("forever", json_args={"mode": "ok"})
+    flooding = orch.run_once("flooding", json_args={"mode": "flood"})
 
     assert ok.wait(60) == "success"
     run = ok.last_runs()[0]
@@ -218,6 +223,16 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     attempts = failing.last_runs()
     assert [(r.attempt, r.status, r.exit_code) for r in attempts] == [(2, "failure", 1), (1, "failure", 1)]
     assert "Traceback" in text(attempts[0]) and "RuntimeError: boom: on purpose" in text(attempts[0])
+
+    # 200 kB printed, 64 KiB kept: the lines up to the limit, then a note.
+    assert flooding.wait(60) == "success"
+    *kept, note = [line.text for line in flooding.last_runs()[0].logs()]
+    assert note == "output beyond 65536 bytes (JOEY_MAX_LOG_BYTES) dropped"
+    printed = [f"{i:05d} " + "x" * 94 for i in range(2000)]
+    flood = kept[kept.index(printed[0]) :]
+    assert 0 < len(flood) < len(printed) and flood == printed[: len(flood)]
+    stored = sum(len(text) for text in kept)
+    assert stored <= 64 * 1024 < stored + len(printed[len(flood)])
 
     assert hanging.wait(60) == "timed_out"
     assert "timed out after 2 s" in text(hanging.last_runs()[0])

@@ -52,6 +52,7 @@ class _Output:
     unsaved: list[tuple[str, datetime, str]] = field(default_factory=list)
     """Taken from the queue, kept until the database took them."""
     next_seq: int = 1
+    kept_bytes: int = 0
     dropped: bool = False
 
 
@@ -287,24 +288,33 @@ class RunSupervisor(threading.Thread):
 
     def _flush(self) -> None:
         output = self._output
-        lines = output.unsaved
         while True:
             try:
-                lines.append(output.lines.get_nowait())
+                self._keep(output.lines.get_nowait())
             except queue.Empty:
                 break
-        room = self._settings.max_log_lines - output.next_seq + 1
-        if len(lines) > room:
-            lines = lines[: max(room, 0)]
-            if not output.dropped:
-                output.dropped = True
-                note = f"output beyond {self._settings.max_log_lines} lines dropped (JOEY_MAX_LOG_LINES)"
-                lines.append(("joey", datetime.now(UTC), note))
-        output.unsaved = lines
-        if lines:
-            self._store.append_logs(self.claimed.id, output.next_seq, lines)
-            output.next_seq += len(lines)
+        if output.unsaved:  # kept until the database took them: a failed write is tried again as is
+            self._store.append_logs(self.claimed.id, output.next_seq, output.unsaved)
+            output.next_seq += len(output.unsaved)
             output.unsaved = []
+
+    def _keep(self, line: tuple[str, datetime, str]) -> None:
+        """Keep the line unless it passes the run's limits; past them, a note and nothing more."""
+        output = self._output
+        if output.dropped:
+            return
+        settings = self._settings
+        size = len(line[2].encode())
+        if output.next_seq - 1 + len(output.unsaved) >= settings.max_log_lines:
+            limit = f"{settings.max_log_lines} lines (JOEY_MAX_LOG_LINES)"
+        elif output.kept_bytes + size > settings.max_log_bytes:
+            limit = f"{settings.max_log_bytes} bytes (JOEY_MAX_LOG_BYTES)"
+        else:
+            output.unsaved.append(line)
+            output.kept_bytes += size
+            return
+        output.dropped = True
+        output.unsaved.append(("joey", datetime.now(UTC), f"output beyond {limit} dropped"))
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
