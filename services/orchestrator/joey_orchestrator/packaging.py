@@ -17,6 +17,7 @@ directory renamed into place) and, on one machine, one at a time per key (a file
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -24,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -143,25 +145,31 @@ class Environments:
     def _run(self, command: list[str], code: Path, lines: list[str]) -> None:
         shown = " ".join(Path(command[0]).name if i == 0 else part for i, part in enumerate(command))
         lines.append(f"$ {shown}")
-        try:
-            done = subprocess.run(
-                command,
-                cwd=code,
-                env=_pip_environment(code),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=self._timeout_s,
-                start_new_session=True,
-            )
-        except subprocess.TimeoutExpired as exc:
-            output = exc.output if isinstance(exc.output, str) else ""
-            lines.append(output)
-            reason = f"packaging took longer than {self._timeout_s:g} s (JOEY_PACKAGING_TIMEOUT_S)"
-            raise PackagingFailed(reason, "\n".join([*lines, f"error: {reason}"])[-MAX_LOG_CHARS:]) from None
-        lines.append((done.stdout + done.stderr).rstrip())
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
-            reason = errors[-1] if errors else f"{shown} exited with {done.returncode}"
+        # A session and process group of its own: on a timeout the group is killed, pip's build
+        # subprocesses (a setup.py compiling, a backend hook) with it, not pip alone.
+        with subprocess.Popen(
+            command,
+            cwd=code,
+            env=_pip_environment(code),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        ) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=self._timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                lines.append("".join(process.communicate()).rstrip())
+                reason = f"packaging took longer than {self._timeout_s:g} s (JOEY_PACKAGING_TIMEOUT_S)"
+                raise PackagingFailed(
+                    reason, "\n".join([*lines, f"error: {reason}"])[-MAX_LOG_CHARS:]
+                ) from None
+        lines.append((stdout + stderr).rstrip())
+        if process.returncode != 0:
+            errors = [line for line in stderr.splitlines() if line.startswith("ERROR")]
+            reason = errors[-1] if errors else f"{shown} exited with {process.returncode}"
             raise PackagingFailed(reason, "\n".join([*lines, f"error: {reason}"])[-MAX_LOG_CHARS:])
