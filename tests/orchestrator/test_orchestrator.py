@@ -20,6 +20,7 @@ import pytest
 
 import joey
 from joey.client import Client
+from joey_core import orchestrations as core
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from tests.conftest import ServiceProcess, Stack, wait_service_ready, wait_until
@@ -340,16 +341,27 @@ def test_a_task_scores_rows_through_a_deployed_pipeline(world: World, iris_model
 
 
 def test_a_schedule_fires_once_per_instant_with_two_orchestrators(world: World) -> None:
-    task = world.orchestration.run_scheduled("every-second", schedule="* * * * * *", json_args={"mode": "ok"})
+    # main.py only prints, so a run ends long before the next instant: none is skipped for a run that
+    # still waits (runs of one task never overlap), and every instant from the first on must run once.
+    code = world.tmp / "tick"
+    code.mkdir()
+    (code / "main.py").write_text("print('tick')\n")
+    schedule = "* * * * * */2"
+    task = world.client.upload_orchestration("tick", code, timeout_s=60).run_scheduled("ticks", schedule)
     assert task.next_run is not None
     wait_until(lambda: sum(r.status == "success" for r in task.last_runs()) >= 3, 60, "three scheduled runs")
     task.kill()
-    runs = task.last_runs(100)
-    instants = [r.instant for r in runs]
-    assert None not in instants and len(set(instants)) == len(instants)
-    assert all(r.start is None or r.instant is not None and r.start >= r.instant for r in runs)
-    assert all(r.attempt == 1 for r in runs)
     assert task.wait(30) == "killed"
+    runs = sorted(task.last_runs(100), key=lambda r: r.id)
+    instants = [r.instant for r in runs]
+    assert None not in instants and all(r.attempt == 1 for r in runs)
+    first = instants[0]
+    assert first is not None and core.latest_instant(schedule, first) == first  # an instant of the schedule
+    expected = [first]
+    while len(expected) < len(instants):
+        expected.append(core.next_instant(schedule, expected[-1]))
+    assert instants == expected  # each instant once, in order, none missed from the first to the last
+    assert all(r.start is None or r.instant is not None and r.start >= r.instant for r in runs)
 
 
 def test_orchestrations_and_tasks_on_the_command_line(world: World, stack: Stack) -> None:
