@@ -28,7 +28,7 @@ from tests.joey_cli.conftest import joey as joey_cli
 from tests.registry.helpers import token_stub
 
 MAIN = """
-import os, subprocess, sys, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
 
 import joey
@@ -46,10 +46,14 @@ if mode == "flood":
         print(f"{i:05d} " + "x" * 94)
 if mode == "hang":
     time.sleep(600)
-if mode == "grandchild":
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    Path(args["pidfile"]).write_text(str(child.pid))
-    time.sleep(600)
+if mode in ("grandchild", "orphan"):
+    # A grandchild in the run's process group, and one that left it (a session of its own).
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    children = [subprocess.Popen(sleeper), subprocess.Popen(sleeper, start_new_session=True)]
+    Path(args["pidfile"]).write_text(" ".join(str(child.pid) for child in children))
+    if mode == "grandchild":  # deaf to SIGTERM: only SIGKILL ends it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(600)
 if mode == "scope":
     print("details", client.get_connection(args["connection"]).details()["path"])
     try:
@@ -205,6 +209,8 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     ok = orch.run_once("ok", json_args={"mode": "ok"})
     failing = orch.run_once("failing", json_args={"mode": "fail", "why": "on purpose"}, retries=1)
     hanging = orch.run_once("hanging", json_args={"mode": "hang"}, timeout=2)
+    orphan_pids = world.tmp / "orphan.pids"
+    orphaning = orch.run_once("orphaning", json_args={"mode": "orphan", "pidfile": str(orphan_pids)})
     doomed = orch.run_once("doomed", json_args={"mode": "grandchild", "pidfile": str(pidfile)})
     forever = orch.run_continuously("forever", json_args={"mode": "ok"})
     flooding = orch.run_once("flooding", json_args={"mode": "flood"})
@@ -237,15 +243,19 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
 
     assert hanging.wait(60) == "timed_out"
     assert "timed out after 2 s" in text(hanging.last_runs()[0])
+    # What main.py leaves behind when it exits ends with it, in its process group or not.
+    assert orphaning.wait(60) == "success"
+    orphans = [int(pid) for pid in orphan_pids.read_text().split()]
+    wait_until(lambda: not any(map(_alive, orphans)), 10, "the grandchildren of an ended run to be gone")
 
-    wait_until(pidfile.exists, 60, "the grandchild to start")
-    grandchild = int(pidfile.read_text())
+    wait_until(pidfile.exists, 60, "the grandchildren to start")
+    grandchildren = [int(pid) for pid in pidfile.read_text().split()]
     assert doomed.status() == "running"
     # Its output so far is readable while it runs.
     wait_until(lambda: "tinypkg says hi" in text(doomed.last_runs()[0]), 10, "the running task's output")
     doomed.kill()
     assert doomed.wait(30) == "killed"
-    wait_until(lambda: not _alive(grandchild), 10, "the grandchild to be gone")
+    wait_until(lambda: not any(map(_alive, grandchildren)), 10, "the grandchildren to be gone")
     # Restarted whenever it exits, until killed.
     wait_until(lambda: sum(r.status == "success" for r in forever.last_runs()) >= 2, 60, "a restart")
     forever.kill()

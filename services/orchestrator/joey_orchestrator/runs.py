@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 SHIM = Path(__file__).with_name("run_shim.py")
 MAX_LINE_BYTES = 64 * 1024
 FLUSH_S = 0.2
+SHIM_KILL_S = 5.0
+"""How long the shim may take to kill a run's processes before the group is killed without it."""
 _UNLIMITED_ZIP_FILES = 1_000_000
 
 
@@ -270,13 +272,18 @@ class RunSupervisor(threading.Thread):
         return core.RUNNING, ""
 
     def _end(self, process: subprocess.Popen[bytes], why: str) -> None:
-        """SIGTERM to the run's process group, SIGKILL after the grace period."""
+        """SIGTERM to the run's process group, SIGKILL after the grace period: by the shim first, which
+        kills its descendants outside the group too, then to the group."""
         grace = self._settings.kill_grace_s
         self._note(f"{why}: SIGTERM to the run's processes, SIGKILL in {grace:g} s")
         _signal_group(process.pid, signal.SIGTERM)
         try:
             process.wait(grace)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(SHIM_KILL_S)
             _signal_group(process.pid, signal.SIGKILL)
 
     def _pump(self, stream: IO[bytes], name: str) -> None:
