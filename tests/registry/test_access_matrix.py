@@ -49,7 +49,7 @@ IN_WORKSPACE = _expect(
 ARTIFACT = IN_WORKSPACE | {"service": ALLOWED}
 MANAGE = IN_WORKSPACE | {"collaborator": DENIED}
 RUN_BRIDGE = IN_WORKSPACE | {"owner": DENIED, "collaborator": DENIED, "service": ALLOWED}
-# Orchestrators' calls: the service token only, not even platform admins (a task token acts as its owner).
+# Orchestrators' calls: the service token only, not even platform admins (a task token acts as a user).
 SERVICE_ONLY = _expect(
     admin=DENIED, owner=DENIED, collaborator=DENIED, **{"non-member": DENIED}, service=ALLOWED
 )
