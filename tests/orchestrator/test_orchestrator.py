@@ -25,6 +25,7 @@ from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from tests.conftest import ServiceProcess, Stack, wait_service_ready, wait_until
 from tests.joey_cli.conftest import joey as joey_cli
+from tests.orchestrator.helpers import alive, package_with_backend
 from tests.registry.helpers import token_stub
 
 MAIN = """
@@ -246,7 +247,7 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     # What main.py leaves behind when it exits ends with it, in its process group or not.
     assert orphaning.wait(60) == "success"
     orphans = [int(pid) for pid in orphan_pids.read_text().split()]
-    wait_until(lambda: not any(map(_alive, orphans)), 10, "the grandchildren of an ended run to be gone")
+    wait_until(lambda: not any(map(alive, orphans)), 10, "the grandchildren of an ended run to be gone")
 
     wait_until(pidfile.exists, 60, "the grandchildren to start")
     grandchildren = [int(pid) for pid in pidfile.read_text().split()]
@@ -255,7 +256,7 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     wait_until(lambda: "tinypkg says hi" in text(doomed.last_runs()[0]), 10, "the running task's output")
     doomed.kill()
     assert doomed.wait(30) == "killed"
-    wait_until(lambda: not any(map(_alive, grandchildren)), 10, "the grandchildren to be gone")
+    wait_until(lambda: not any(map(alive, grandchildren)), 10, "the grandchildren to be gone")
     # Restarted whenever it exits, until killed.
     wait_until(lambda: sum(r.status == "success" for r in forever.last_runs()) >= 2, 60, "a restart")
     forever.kill()
@@ -398,18 +399,9 @@ def test_a_runs_lease_is_renewed_while_its_environment_builds_and_a_lost_run_nev
     # for longer than the lease (1.5 s), with a build backend that waits while `hold` exists.
     hold = world.tmp / "hold-build"
     code = world.tmp / "slow-build"
-    package = code / "vendor" / "slowpkg"
-    package.mkdir(parents=True)
-    (package / "slow_backend.py").write_text(
-        f"import pathlib, time\nwhile pathlib.Path({str(hold)!r}).exists():\n    time.sleep(0.05)\n"
-        "from setuptools.build_meta import *\n"
-    )
-    (package / "pyproject.toml").write_text(
-        '[build-system]\nrequires = []\nbuild-backend = "slow_backend"\nbackend-path = ["."]\n'
-        '[project]\nname = "slowpkg"\nversion = "1.0"\n[tool.setuptools]\npy-modules = []\n'
-    )
+    wait = f"import pathlib, time\nwhile pathlib.Path({str(hold)!r}).exists():\n    time.sleep(0.05)"
+    package_with_backend(code, "slowpkg", wait)
     (code / "main.py").write_text("print('main.py started')\n")
-    (code / "requirements.txt").write_text("./vendor/slowpkg\n")
     orchestration = world.client.upload_orchestration("slow-build", code, timeout_s=120)
     for built in (world.tmp / "orchestrator" / "envs").glob("*/built.log"):
         if "slowpkg" in built.read_text():
@@ -460,7 +452,7 @@ def test_a_crashed_orchestrators_run_fails_and_is_retried_by_the_other(world: Wo
     assert failed.status == "failure" and "stopped renewing" in failed.reason
     assert retried.orchestrator == survivor and "second attempt" in text(retried)
     # The crashed orchestrator's run did not outlive it: its process group was killed.
-    wait_until(lambda: not _alive(int(marker.read_text())), 10, "the orphaned run to be gone")
+    wait_until(lambda: not alive(int(marker.read_text())), 10, "the orphaned run to be gone")
     # The failed run's token was revoked by the orchestrator that failed it.
     with psycopg.connect(world.database_url) as conn:
         tokens = conn.execute(
@@ -468,12 +460,3 @@ def test_a_crashed_orchestrators_run_fails_and_is_retried_by_the_other(world: Wo
             (failed.id,),
         ).fetchone()
     assert tokens == (1, 1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for its parent is gone for good
-        return stat.read().split(")")[-1].split()[0] != "Z"

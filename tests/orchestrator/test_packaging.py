@@ -9,6 +9,7 @@ import pytest
 
 from joey_orchestrator.packaging import Environments, PackagingFailed, requirements_key
 from tests.conftest import wait_until
+from tests.orchestrator.helpers import alive, package_with_backend
 
 # Each installs files of the zip (or of a location the zip's text does not pin): a key of its own per zip.
 FROM_THE_ZIP = [
@@ -49,28 +50,12 @@ def test_plain_requirements_share_one_environment_across_zips(tmp_path: Path, re
 
 def test_a_build_past_its_timeout_is_killed_with_the_build_processes_pip_started(tmp_path: Path) -> None:
     pidfile = tmp_path / "backend.pid"
-    package = tmp_path / "code" / "vendor" / "stuck"
-    package.mkdir(parents=True)
     # pip runs the build backend in a process of its own, which hangs.
-    (package / "stuck_backend.py").write_text(
-        f"import os, pathlib, time\npathlib.Path({str(pidfile)!r}).write_text(str(os.getpid()))\n"
-        "time.sleep(600)\n"
-    )
-    (package / "pyproject.toml").write_text(
-        '[build-system]\nrequires = []\nbuild-backend = "stuck_backend"\nbackend-path = ["."]\n'
-        '[project]\nname = "stuck"\nversion = "1.0"\n'
-    )
-    (tmp_path / "code" / "requirements.txt").write_text("./vendor/stuck\n")
+    hang = f"import os, pathlib, time\npathlib.Path({str(pidfile)!r}).write_text(str(os.getpid()))\n"
+    hang += "time.sleep(600)"
+    package_with_backend(tmp_path / "code", "stuck", hang)
     environments = Environments(tmp_path / "orchestrator", ["--no-index", "--no-build-isolation"], 8)
     with pytest.raises(PackagingFailed, match="longer than 8 s"):
         environments.ensure(tmp_path / "code", "a" * 64)
     assert pidfile.exists()  # the backend had started
-    wait_until(lambda: not _alive(int(pidfile.read_text())), 10, "the build backend to be gone")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    wait_until(lambda: not alive(int(pidfile.read_text())), 10, "the build backend to be gone")
