@@ -653,8 +653,11 @@ class LocalStack:
 
 def run_foreground(settings: StackSettings, say: Callable[[str], None] = print) -> None:
     """`joey up`: start, supervise until Ctrl-C / SIGTERM, stop."""
-    from joey_core.lifecycle import shutdown_event
+    from joey_core.lifecycle import harden_process, shutdown_event
 
+    # Before any child starts: this process's environment is the user's shell's (the admin password, the
+    # service token, cloud keys), readable in /proc by every process of the user, tasks included.
+    harden_process()
     stop = shutdown_event()
     files = StackDir(settings.state_dir)
     lock = files.adopt(settings.stack_lock_fd) if settings.stack_lock_fd is not None else claim(files, say)
@@ -675,8 +678,9 @@ def start_detached(settings: StackSettings, say: Callable[[str], None] = print) 
 
     The lock is taken here, so that a second `joey up` is refused before anything starts, and handed to
     the supervisor, so that no other `joey up` can take it in between."""
-    from joey_core.lifecycle import shutdown_event
+    from joey_core.lifecycle import harden_process, shutdown_event
 
+    harden_process()  # as the supervisor does: it has the same environment, and lives as long as it starts
     files = StackDir(settings.state_dir)
     lock = claim(files, say)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,14 +20,16 @@ import pytest
 
 import joey
 from joey.client import Client
+from joey_core import orchestrations as core
 from joey_core.settings import CommonSettings
 from joey_core.v1 import registry_pb2 as pb
 from tests.conftest import ServiceProcess, Stack, wait_service_ready, wait_until
 from tests.joey_cli.conftest import joey as joey_cli
+from tests.orchestrator.helpers import alive, package_with_backend
 from tests.registry.helpers import token_stub
 
 MAIN = """
-import os, subprocess, sys, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
 
 import joey
@@ -39,12 +42,19 @@ print("variables", " ".join(sorted(k for k in os.environ if k.startswith("JOEY_"
 mode = args.get("mode")
 if mode == "fail":
     raise RuntimeError("boom: " + args["why"])
+if mode == "flood":
+    for i in range(2000):
+        print(f"{i:05d} " + "x" * 94)
 if mode == "hang":
     time.sleep(600)
-if mode == "grandchild":
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    Path(args["pidfile"]).write_text(str(child.pid))
-    time.sleep(600)
+if mode in ("grandchild", "orphan"):
+    # A grandchild in the run's process group, and one that left it (a session of its own).
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    children = [subprocess.Popen(sleeper), subprocess.Popen(sleeper, start_new_session=True)]
+    Path(args["pidfile"]).write_text(" ".join(str(child.pid) for child in children))
+    if mode == "grandchild":  # deaf to SIGTERM: only SIGKILL ends it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(600)
 if mode == "scope":
     print("details", client.get_connection(args["connection"]).details()["path"])
     try:
@@ -70,6 +80,7 @@ ORCHESTRATORS = {
     "JOEY_RETRY_BACKOFF_S": "0",
     "JOEY_CONTINUOUS_BACKOFF_S": "0.1",
     "JOEY_HEARTBEAT_INTERVAL_S": "0.5",
+    "JOEY_MAX_LOG_BYTES": str(64 * 1024),
     # No index: the tests never reach PyPI; the local package builds with the setuptools Joey's
     # environment has.
     "JOEY_PIP_ARGS": json.dumps(["--no-index", "--no-build-isolation"]),
@@ -199,8 +210,11 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     ok = orch.run_once("ok", json_args={"mode": "ok"})
     failing = orch.run_once("failing", json_args={"mode": "fail", "why": "on purpose"}, retries=1)
     hanging = orch.run_once("hanging", json_args={"mode": "hang"}, timeout=2)
+    orphan_pids = world.tmp / "orphan.pids"
+    orphaning = orch.run_once("orphaning", json_args={"mode": "orphan", "pidfile": str(orphan_pids)})
     doomed = orch.run_once("doomed", json_args={"mode": "grandchild", "pidfile": str(pidfile)})
     forever = orch.run_continuously("forever", json_args={"mode": "ok"})
+    flooding = orch.run_once("flooding", json_args={"mode": "flood"})
 
     assert ok.wait(60) == "success"
     run = ok.last_runs()[0]
@@ -218,17 +232,31 @@ def test_runs_succeed_fail_time_out_and_are_killed_with_their_process_group(worl
     assert [(r.attempt, r.status, r.exit_code) for r in attempts] == [(2, "failure", 1), (1, "failure", 1)]
     assert "Traceback" in text(attempts[0]) and "RuntimeError: boom: on purpose" in text(attempts[0])
 
+    # 200 kB printed, 64 KiB kept: the lines up to the limit, then a note.
+    assert flooding.wait(60) == "success"
+    *kept, note = [line.text for line in flooding.last_runs()[0].logs()]
+    assert note == "output beyond 65536 bytes (JOEY_MAX_LOG_BYTES) dropped"
+    printed = [f"{i:05d} " + "x" * 94 for i in range(2000)]
+    flood = kept[kept.index(printed[0]) :]
+    assert 0 < len(flood) < len(printed) and flood == printed[: len(flood)]
+    stored = sum(len(text) for text in kept)
+    assert stored <= 64 * 1024 < stored + len(printed[len(flood)])
+
     assert hanging.wait(60) == "timed_out"
     assert "timed out after 2 s" in text(hanging.last_runs()[0])
+    # What main.py leaves behind when it exits ends with it, in its process group or not.
+    assert orphaning.wait(60) == "success"
+    orphans = [int(pid) for pid in orphan_pids.read_text().split()]
+    wait_until(lambda: not any(map(alive, orphans)), 10, "the grandchildren of an ended run to be gone")
 
-    wait_until(pidfile.exists, 60, "the grandchild to start")
-    grandchild = int(pidfile.read_text())
+    wait_until(pidfile.exists, 60, "the grandchildren to start")
+    grandchildren = [int(pid) for pid in pidfile.read_text().split()]
     assert doomed.status() == "running"
     # Its output so far is readable while it runs.
     wait_until(lambda: "tinypkg says hi" in text(doomed.last_runs()[0]), 10, "the running task's output")
     doomed.kill()
     assert doomed.wait(30) == "killed"
-    wait_until(lambda: not _alive(grandchild), 10, "the grandchild to be gone")
+    wait_until(lambda: not any(map(alive, grandchildren)), 10, "the grandchildren to be gone")
     # Restarted whenever it exits, until killed.
     wait_until(lambda: sum(r.status == "success" for r in forever.last_runs()) >= 2, 60, "a restart")
     forever.kill()
@@ -266,6 +294,50 @@ def test_a_task_acts_only_in_its_workspace_and_only_while_it_runs(
     assert after.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
 
 
+PROMOTE = """
+import joey
+
+client = joey.Client()
+me = joey.task_args()["me"]
+print("acting as", client.whoami().username)
+workspace = client.get_workspace(client.workspace)
+calls = {"promote": lambda: workspace.add_owner(me), "delete": lambda: client.delete_workspace(workspace)}
+for what, call in calls.items():
+    try:
+        call()
+        print(what, "OK")
+    except joey.JoeyError as exc:
+        print(what, exc.code, exc.message)
+"""
+
+
+def test_a_collaborators_version_in_an_admins_task_acts_as_the_collaborator_and_manages_nothing(
+    world: World, settings: CommonSettings
+) -> None:
+    admin = world.client
+    collaborator, password = f"collab-{secrets.token_hex(3)}", secrets.token_urlsafe(16)
+    admin.create_user(collaborator, password)
+    admin.get_workspace(admin.workspace).add_user(collaborator)
+    first = world.tmp / "shared-1"
+    first.mkdir()
+    (first / "main.py").write_text("print('version 1')\n")
+    shared = admin.upload_orchestration("shared", first, timeout_s=60)
+    second = world.tmp / "shared-2"
+    second.mkdir()
+    (second / "main.py").write_text(PROMOTE)
+    with Client.login(collaborator, password, workspace=admin.workspace, settings=settings) as theirs:
+        assert theirs.upload_orchestration("shared", second, timeout_s=60).version == 2
+    # The admin's task, left on the latest version: it runs the collaborator's code.
+    task = shared.run_once("promote", json_args={"me": collaborator})
+    assert task.wait(60) == "success"
+    run = task.last_runs()[0]
+    output = text(run)
+    assert run.orchestration_version == 2 and f"acting as {collaborator}" in output.splitlines()
+    for what in ("promote", "delete"):
+        assert f"{what} PERMISSION_DENIED a task's token may not manage its workspace" in output, output
+    assert dict(admin.get_workspace(admin.workspace).users())[collaborator] == "collaborator"
+
+
 def test_a_task_scores_rows_through_a_deployed_pipeline(world: World, iris_model: Path) -> None:
     pipeline = world.client.build_pipeline("scored").add_model_step(
         world.client.upload_model("iris", iris_model)
@@ -280,16 +352,27 @@ def test_a_task_scores_rows_through_a_deployed_pipeline(world: World, iris_model
 
 
 def test_a_schedule_fires_once_per_instant_with_two_orchestrators(world: World) -> None:
-    task = world.orchestration.run_scheduled("every-second", schedule="* * * * * *", json_args={"mode": "ok"})
+    # main.py only prints, so a run ends long before the next instant: none is skipped for a run that
+    # still waits (runs of one task never overlap), and every instant from the first on must run once.
+    code = world.tmp / "tick"
+    code.mkdir()
+    (code / "main.py").write_text("print('tick')\n")
+    schedule = "* * * * * */2"
+    task = world.client.upload_orchestration("tick", code, timeout_s=60).run_scheduled("ticks", schedule)
     assert task.next_run is not None
     wait_until(lambda: sum(r.status == "success" for r in task.last_runs()) >= 3, 60, "three scheduled runs")
     task.kill()
-    runs = task.last_runs(100)
-    instants = [r.instant for r in runs]
-    assert None not in instants and len(set(instants)) == len(instants)
-    assert all(r.start is None or r.instant is not None and r.start >= r.instant for r in runs)
-    assert all(r.attempt == 1 for r in runs)
     assert task.wait(30) == "killed"
+    runs = sorted(task.last_runs(100), key=lambda r: r.id)
+    instants = [r.instant for r in runs]
+    assert None not in instants and all(r.attempt == 1 for r in runs)
+    first = instants[0]
+    assert first is not None and core.latest_instant(schedule, first) == first  # an instant of the schedule
+    expected = [first]
+    while len(expected) < len(instants):
+        expected.append(core.next_instant(schedule, expected[-1]))
+    assert instants == expected  # each instant once, in order, none missed from the first to the last
+    assert all(r.start is None or r.instant is not None and r.start >= r.instant for r in runs)
 
 
 def test_orchestrations_and_tasks_on_the_command_line(world: World, stack: Stack) -> None:
@@ -309,6 +392,52 @@ def test_orchestrations_and_tasks_on_the_command_line(world: World, stack: Stack
     assert "success" in runs and "exit_code" in runs.splitlines()[0]
 
 
+def test_a_runs_lease_is_renewed_while_its_environment_builds_and_a_lost_run_never_starts(
+    world: World,
+) -> None:
+    # As when another machine packaged the version: the run's orchestrator builds the environment itself,
+    # for longer than the lease (1.5 s), with a build backend that waits while `hold` exists.
+    hold = world.tmp / "hold-build"
+    code = world.tmp / "slow-build"
+    wait = f"import pathlib, time\nwhile pathlib.Path({str(hold)!r}).exists():\n    time.sleep(0.05)"
+    package_with_backend(code, "slowpkg", wait)
+    (code / "main.py").write_text("print('main.py started')\n")
+    orchestration = world.client.upload_orchestration("slow-build", code, timeout_s=120)
+    for built in (world.tmp / "orchestrator" / "envs").glob("*/built.log"):
+        if "slowpkg" in built.read_text():
+            shutil.rmtree(built.parent)
+    hold.touch()
+    slow = orchestration.run_once("slow")
+    lost = orchestration.run_once("lost")
+    wait_until(lambda: all(t.status() == "running" for t in (slow, lost)), 60, "both runs to be claimed")
+    slow_run, lost_run = slow.last_runs()[0].id, lost.last_runs()[0].id
+    with psycopg.connect(world.database_url, autocommit=True) as conn:
+        # What an orchestrator reaping it would do: the run is no longer its claimer's.
+        conn.execute(
+            "UPDATE task_runs SET status = 'failure', reason = 'reaped', lease_until = NULL WHERE id = %s",
+            (lost_run,),
+        )
+
+        def three_leases_later() -> bool:
+            row = conn.execute(
+                "SELECT status <> 'running' OR now() - started_at > interval '4.5 s' FROM task_runs "
+                "WHERE id = %s",
+                (slow_run,),
+            ).fetchone()
+            return bool(row and row[0])
+
+        wait_until(three_leases_later, 60, "three leases to pass")
+    assert slow.status() == "running"  # still building, and not failed as a dead orchestrator's run
+    hold.unlink()
+    assert slow.wait(60) == "success"
+    assert [r.attempt for r in slow.last_runs()] == [1] and "main.py started" in text(slow.last_runs()[0])
+    # Refused by the registry (no token for a run not running) or by the lease's last check.
+    refusals = ("is not running", "before it started")
+    wait_until(lambda: any(r in text(lost.last_runs()[0]) for r in refusals), 60, "the lost run to give up")
+    assert "main.py started" not in text(lost.last_runs()[0]).splitlines()
+    assert [(r.id, r.status, r.reason) for r in lost.last_runs()] == [(lost_run, "failure", "reaped")]
+
+
 def test_a_crashed_orchestrators_run_fails_and_is_retried_by_the_other(world: World) -> None:
     marker = world.tmp / "crash.marker"
     task = world.orchestration.run_once(
@@ -323,7 +452,7 @@ def test_a_crashed_orchestrators_run_fails_and_is_retried_by_the_other(world: Wo
     assert failed.status == "failure" and "stopped renewing" in failed.reason
     assert retried.orchestrator == survivor and "second attempt" in text(retried)
     # The crashed orchestrator's run did not outlive it: its process group was killed.
-    wait_until(lambda: not _alive(int(marker.read_text())), 10, "the orphaned run to be gone")
+    wait_until(lambda: not alive(int(marker.read_text())), 10, "the orphaned run to be gone")
     # The failed run's token was revoked by the orchestrator that failed it.
     with psycopg.connect(world.database_url) as conn:
         tokens = conn.execute(
@@ -331,12 +460,3 @@ def test_a_crashed_orchestrators_run_fails_and_is_retried_by_the_other(world: Wo
             (failed.id,),
         ).fetchone()
     assert tokens == (1, 1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for its parent is gone for good
-        return stat.read().split(")")[-1].split()[0] != "Z"

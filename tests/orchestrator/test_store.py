@@ -85,3 +85,42 @@ def test_two_orchestrators_never_run_one_task_twice_at_a_time(url: str) -> None:
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_tasks_old_ended_runs_are_pruned_with_their_lines_and_live_ones_never(url: str) -> None:
+    busy, quiet = task(url, "once"), task(url, "continuous")
+    with psycopg.connect(url, autocommit=True) as conn:
+        # busy: 5 ended runs, then a running one and a pending one; quiet: as many runs as are kept.
+        statuses = ["success", "failure", "killed", "timed_out", "success", "running", "pending"]
+        ids = [
+            conn.execute(
+                "INSERT INTO task_runs (task_id, attempt, status) VALUES (%s, %s, %s) RETURNING id",
+                (busy, i + 1, status),
+            ).fetchone()[0]  # type: ignore[index]
+            for i, status in enumerate(statuses)
+        ]
+        conn.execute(
+            "INSERT INTO task_runs (task_id, status) VALUES (%s, 'success'), (%s, 'success'), "
+            "(%s, 'success')",
+            (quiet, quiet, quiet),
+        )
+        conn.execute(
+            "INSERT INTO task_run_logs (run_id, seq, stream, line) "
+            "SELECT id, 1, 'stdout', 'hi' FROM task_runs"
+        )
+    store = OrchestratorStore(url, "orch-test", 5.0, BACKOFF)
+    store.open()
+    try:
+        assert store.prune(keep=3) == 4  # busy's runs older than its latest 3, quiet's none
+        assert store.prune(keep=3) == 0
+    finally:
+        store.close()
+    with psycopg.connect(url) as conn:
+        left = conn.execute(
+            "SELECT r.id, count(l.seq) FROM task_runs r LEFT JOIN task_run_logs l ON l.run_id = r.id "
+            "WHERE r.task_id = %s GROUP BY r.id ORDER BY r.id",
+            (busy,),
+        ).fetchall()
+        assert conn.execute("SELECT count(*) FROM task_runs WHERE task_id = %s", (quiet,)).fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM task_run_logs").fetchone() == (len(left) + 3,)
+    assert left == [(i, 1) for i in ids[4:]]

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+import psycopg
 import pytest
 
 from joey_core.v1 import registry_pb2 as pb
 from joey_registry import grpc_server
+from joey_registry.settings import RegistrySettings
 from tests.conftest import SERVICE_TOKEN, wait_until
 from tests.registry.helpers import Person, Stub, identity_model, step, token_stub, upload, upload_requests
 
@@ -47,7 +49,7 @@ IN_WORKSPACE = _expect(
 ARTIFACT = IN_WORKSPACE | {"service": ALLOWED}
 MANAGE = IN_WORKSPACE | {"collaborator": DENIED}
 RUN_BRIDGE = IN_WORKSPACE | {"owner": DENIED, "collaborator": DENIED, "service": ALLOWED}
-# Orchestrators' calls: the service token only, not even platform admins (a task token acts as its owner).
+# Orchestrators' calls: the service token only, not even platform admins (a task token acts as a user).
 SERVICE_ONLY = _expect(
     admin=DENIED, owner=DENIED, collaborator=DENIED, **{"non-member": DENIED}, service=ALLOWED
 )
@@ -463,6 +465,26 @@ def _expired_session(anonymous: Stub, channel: grpc.Channel, person: Person) -> 
     return session
 
 
+@pytest.fixture(scope="module")
+def task_stub(world: World, registry_settings: RegistrySettings, channel: grpc.Channel) -> Stub:
+    """The token of a running run of the owner's task, running the owner's own version: as strong as a
+    task's token gets."""
+    with psycopg.connect(registry_settings.database_url.get_secret_value(), autocommit=True) as conn:
+        row = conn.execute(
+            "WITH ws AS (SELECT id FROM workspaces WHERE name = %(ws)s), "
+            "o AS (INSERT INTO orchestrations (workspace_id, name, version, sha256, size_bytes, files, "
+            "status, created_by) SELECT id, 'job', 1, 'x', 1, 1, 'ready', %(owner)s FROM ws), "
+            "t AS (INSERT INTO tasks (workspace_id, name, orchestration, kind, owner) "
+            "SELECT id, 'job', 'job', 'once', %(owner)s FROM ws RETURNING id) "
+            "INSERT INTO task_runs (task_id, status, orchestration_version, started_at) "
+            "SELECT id, 'running', 1, now() FROM t RETURNING id",
+            {"ws": world.workspace, "owner": world.people["owner"].username},
+        ).fetchone()
+    assert row is not None
+    issued = world.stubs["service"].IssueTaskToken(pb.TaskTokenRequest(run_id=row[0]))
+    return token_stub(channel, issued.token)
+
+
 def _outcome(call: Callable[[], object], workspace: str) -> str:
     try:
         call()
@@ -488,6 +510,15 @@ def test_access_matrix(world: World, rpc: str, role: str) -> None:
     expected, call = rule
     got = _outcome(lambda: call(world.stubs[role], world, role), world.workspace)
     assert got.split(" (")[0] == expected[role], f"{rpc} as {role}: {got}"
+
+
+@pytest.mark.parametrize("rpc", [rpc for rpc, (expected, _) in RULES.items() if expected is MANAGE])
+def test_a_task_token_manages_nothing_even_its_owners(world: World, task_stub: Stub, rpc: str) -> None:
+    # Its code may be a collaborator's (a task left on the latest version runs whatever is uploaded).
+    with pytest.raises(grpc.RpcError) as refused:
+        RULES[rpc][1](task_stub, world, "owner")
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "a task's token may not manage its workspace" in refused.value.details()  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("role", ROLES)

@@ -4,8 +4,11 @@ An environment is ``<dir>/envs/<key>``: a venv (no pip of its own) whose site-pa
 that adds the orchestrator's own site-packages after it, so ``import joey`` works and every package
 Joey ships is there, plus what ``requirements.txt`` installs (with the orchestrator's pip, run for the
 venv's interpreter: ``pip --python``). The key is the sha256 of the requirements (with the interpreter's
-version and Joey's environment's path), and of the zip too when a requirement is a path inside it
-(``./vendor/pkg``), whose files may change while the line does not.
+version and Joey's environment's path), and of the zip too unless every line is a plain requirement of
+an index (``pandas==2.2``, parsed by ``packaging``): an option, an included file (``-r base.txt``), a path
+(``vendor/pkg``, ``-e ./pkg``), a URL or ``--find-links wheels`` may install files of the zip, which
+change while the line does not. So versions, and workspaces, share an environment only when nothing in
+it came from a zip.
 
 pip runs in the orchestration's extracted directory with an environment of its own: no ``JOEY_*``
 setting, database URL or token reaches a package's build scripts. Builds are atomic (a temporary
@@ -14,6 +17,7 @@ directory renamed into place) and, on one machine, one at a time per key (a file
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -21,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -29,12 +34,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 from joey_core import orchestrations as core
 
 log = logging.getLogger(__name__)
 
 MAX_LOG_CHARS = 200_000
-_LOCAL = re.compile(r"^\s*(\.|file:)")
+_COMMENT = re.compile(r"(^|\s)#.*")
 # What pip may see of the orchestrator's environment: where to find programs and packages, never a secret.
 _PASSED = ("PATH", "LANG", "LC_ALL", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
 _PASSED_PREFIXES = ("PIP_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
@@ -59,9 +66,21 @@ def requirements_key(code: Path, zip_sha256: str) -> str:
     text = requirements.read_bytes() if requirements.is_file() else b""
     # The interpreter and Joey's environment too: an environment is built on both.
     digest = hashlib.sha256(f"{sys.version}\n{sys.prefix}\n".encode() + text)
-    if any(_LOCAL.match(line) for line in text.decode(errors="replace").splitlines()):
+    if not all(_from_an_index(line) for line in text.decode(errors="replace").splitlines()):
         digest.update(zip_sha256.encode())
     return digest.hexdigest()
+
+
+def _from_an_index(line: str) -> bool:
+    """Whether the line of requirements.txt installs nothing but a package of the index: blank, a
+    comment, or a requirement without a URL (anything else, to pip, may name files of the zip)."""
+    text = _COMMENT.sub("", line).strip()
+    if not text:
+        return True
+    try:
+        return Requirement(text).url is None
+    except InvalidRequirement:
+        return False
 
 
 def _pip_environment(home: Path) -> dict[str, str]:
@@ -126,25 +145,31 @@ class Environments:
     def _run(self, command: list[str], code: Path, lines: list[str]) -> None:
         shown = " ".join(Path(command[0]).name if i == 0 else part for i, part in enumerate(command))
         lines.append(f"$ {shown}")
-        try:
-            done = subprocess.run(
-                command,
-                cwd=code,
-                env=_pip_environment(code),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=self._timeout_s,
-                start_new_session=True,
-            )
-        except subprocess.TimeoutExpired as exc:
-            output = exc.output if isinstance(exc.output, str) else ""
-            lines.append(output)
-            reason = f"packaging took longer than {self._timeout_s:g} s (JOEY_PACKAGING_TIMEOUT_S)"
-            raise PackagingFailed(reason, "\n".join([*lines, f"error: {reason}"])[-MAX_LOG_CHARS:]) from None
-        lines.append((done.stdout + done.stderr).rstrip())
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
-            reason = errors[-1] if errors else f"{shown} exited with {done.returncode}"
+        # A session and process group of its own: on a timeout the group is killed, pip's build
+        # subprocesses (a setup.py compiling, a backend hook) with it, not pip alone.
+        with subprocess.Popen(
+            command,
+            cwd=code,
+            env=_pip_environment(code),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        ) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=self._timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                lines.append("".join(process.communicate()).rstrip())
+                reason = f"packaging took longer than {self._timeout_s:g} s (JOEY_PACKAGING_TIMEOUT_S)"
+                raise PackagingFailed(
+                    reason, "\n".join([*lines, f"error: {reason}"])[-MAX_LOG_CHARS:]
+                ) from None
+        lines.append((stdout + stderr).rstrip())
+        if process.returncode != 0:
+            errors = [line for line in stderr.splitlines() if line.startswith("ERROR")]
+            reason = errors[-1] if errors else f"{shown} exited with {process.returncode}"
             raise PackagingFailed(reason, "\n".join([*lines, f"error: {reason}"])[-MAX_LOG_CHARS:])

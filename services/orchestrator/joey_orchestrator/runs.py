@@ -1,6 +1,7 @@
 """One run, start to end, in a thread of its own: its version's zip and environment, its directory, its
 token, its process group (``run_shim.py`` then ``python main.py``), its output stored line by line, its
-lease renewed, its timeout and kill, and its outcome.
+lease renewed (from its claim on, by a thread of its own: fetching the zip and building the environment
+may take longer than the lease), its timeout and kill, and its outcome.
 
 A run's process gets only what it needs: the registry's address and TLS settings, the Kafka bootstrap
 (to infer through pipelines), its token, its workspace, its task's name and arguments. Never the
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 SHIM = Path(__file__).with_name("run_shim.py")
 MAX_LINE_BYTES = 64 * 1024
 FLUSH_S = 0.2
+SHIM_KILL_S = 5.0
+"""How long the shim may take to kill a run's processes before the group is killed without it."""
 _UNLIMITED_ZIP_FILES = 1_000_000
 
 
@@ -51,6 +54,7 @@ class _Output:
     unsaved: list[tuple[str, datetime, str]] = field(default_factory=list)
     """Taken from the queue, kept until the database took them."""
     next_seq: int = 1
+    kept_bytes: int = 0
     dropped: bool = False
 
 
@@ -81,6 +85,42 @@ class LocalFiles:
             raise RunFailed(f"cannot extract the orchestration: {exc}") from None
 
 
+class _LeaseKeeper(threading.Thread):
+    """Renews a run's lease every third of it from its claim until ``stop()``: while the zip downloads
+    and pip builds as much as while the process runs, so a slow preparation is not taken for a dead
+    orchestrator (and failed, and retried beside itself)."""
+
+    def __init__(self, run_id: int, store: OrchestratorStore, lease_s: float) -> None:
+        super().__init__(name=f"lease-{run_id}", daemon=True)
+        self._run_id = run_id
+        self._store = store
+        self._every_s = lease_s / 3
+        self._stopped = threading.Event()
+        self.lost = threading.Event()
+        """The run is no longer ours: its lease ran out and another orchestrator failed it."""
+        self.killed = threading.Event()
+        """The run's task was killed."""
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._every_s) and not self.lost.is_set():
+            self.renew()
+
+    def renew(self) -> None:
+        try:
+            killed = self._store.renew(self._run_id)
+        except psycopg.OperationalError as exc:
+            # The run goes on; a lease that runs out meanwhile is noticed at the next renewal.
+            log.warning("cannot renew the lease of run %d: %s", self._run_id, exc)
+            return
+        if killed is None:
+            self.lost.set()
+        elif killed:
+            self.killed.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 class RunSupervisor(threading.Thread):
     def __init__(
         self,
@@ -97,6 +137,7 @@ class RunSupervisor(threading.Thread):
         self._registry = registry
         self._files = files
         self._output = _Output(queue.Queue())
+        self._lease = _LeaseKeeper(run.id, store, settings.lease_s)
         self.stop_event = threading.Event()
         """Set when the orchestrator stops: the run is killed and fails (and is retried per its task)."""
 
@@ -104,6 +145,7 @@ class RunSupervisor(threading.Thread):
         run = self.claimed
         directory = self._files.runs / str(run.id)
         metrics.RUNNING.inc()
+        self._lease.start()
         try:
             status, code, reason = self._run(directory)
         except (RunFailed, RegistryUnavailable, PackagingFailed) as exc:
@@ -113,6 +155,7 @@ class RunSupervisor(threading.Thread):
             log.exception("run %d failed", run.id)
             status, code, reason = core.FAILURE, None, f"internal error of the orchestrator: {exc}"
         finally:
+            self._lease.stop()
             metrics.RUNNING.dec()
         try:
             self._flush()
@@ -141,6 +184,12 @@ class RunSupervisor(threading.Thread):
         self._files.extract(zip_path, code)
         environment = self._files.environments.ensure(code, version.sha256)
         token = self._registry.issue_token(run.id)
+        self._lease.renew()  # once more, now: a run another orchestrator failed meanwhile must not start
+        if self._lease.lost.is_set():
+            raise RunFailed("the run's lease ran out before it started: another orchestrator failed it")
+        if self._lease.killed.is_set():
+            self._note("the task was killed before the run started")
+            return core.KILLED, None, "killed"
         where = self._settings.instance_id
         self._note(f"run {run.id} (attempt {run.attempt}) of version {version.version} on {where}")
         process = subprocess.Popen(
@@ -195,12 +244,11 @@ class RunSupervisor(threading.Thread):
         return env
 
     def _supervise(self, process: subprocess.Popen[bytes]) -> tuple[str, str]:
-        """Until the process exits: its output flushed, its lease renewed, its timeout and a kill
+        """Until the process exits: its output flushed, its timeout, a kill and the loss of its lease
         enforced. RUNNING when it exited by itself."""
         settings = self._settings
         timeout_s = self.claimed.timeout_s
         started = time.monotonic()
-        renewed = started
         while process.poll() is None:
             time.sleep(FLUSH_S)
             try:
@@ -215,29 +263,27 @@ class RunSupervisor(threading.Thread):
             if self.stop_event.is_set():
                 self._end(process, "the orchestrator is stopping")
                 return core.FAILURE, f"orchestrator {settings.instance_id} stopped during the run"
-            if now - renewed >= settings.lease_s / 3:
-                renewed = now
-                try:
-                    killed = self._store.renew(self.claimed.id)
-                except psycopg.OperationalError as exc:
-                    log.warning("cannot renew the lease of run %d: %s", self.claimed.id, exc)
-                    continue
-                if killed is None:
-                    self._end(process, "the run's lease was lost")
-                    return core.FAILURE, "the run's lease ran out: another orchestrator failed it"
-                if killed:
-                    self._end(process, "the task was killed")
-                    return core.KILLED, "killed"
+            if self._lease.lost.is_set():
+                self._end(process, "the run's lease was lost")
+                return core.FAILURE, "the run's lease ran out: another orchestrator failed it"
+            if self._lease.killed.is_set():
+                self._end(process, "the task was killed")
+                return core.KILLED, "killed"
         return core.RUNNING, ""
 
     def _end(self, process: subprocess.Popen[bytes], why: str) -> None:
-        """SIGTERM to the run's process group, SIGKILL after the grace period."""
+        """SIGTERM to the run's process group, SIGKILL after the grace period: by the shim first, which
+        kills its descendants outside the group too, then to the group."""
         grace = self._settings.kill_grace_s
         self._note(f"{why}: SIGTERM to the run's processes, SIGKILL in {grace:g} s")
         _signal_group(process.pid, signal.SIGTERM)
         try:
             process.wait(grace)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(SHIM_KILL_S)
             _signal_group(process.pid, signal.SIGKILL)
 
     def _pump(self, stream: IO[bytes], name: str) -> None:
@@ -249,24 +295,33 @@ class RunSupervisor(threading.Thread):
 
     def _flush(self) -> None:
         output = self._output
-        lines = output.unsaved
         while True:
             try:
-                lines.append(output.lines.get_nowait())
+                self._keep(output.lines.get_nowait())
             except queue.Empty:
                 break
-        room = self._settings.max_log_lines - output.next_seq + 1
-        if len(lines) > room:
-            lines = lines[: max(room, 0)]
-            if not output.dropped:
-                output.dropped = True
-                note = f"output beyond {self._settings.max_log_lines} lines dropped (JOEY_MAX_LOG_LINES)"
-                lines.append(("joey", datetime.now(UTC), note))
-        output.unsaved = lines
-        if lines:
-            self._store.append_logs(self.claimed.id, output.next_seq, lines)
-            output.next_seq += len(lines)
+        if output.unsaved:  # kept until the database took them: a failed write is tried again as is
+            self._store.append_logs(self.claimed.id, output.next_seq, output.unsaved)
+            output.next_seq += len(output.unsaved)
             output.unsaved = []
+
+    def _keep(self, line: tuple[str, datetime, str]) -> None:
+        """Keep the line unless it passes the run's limits; past them, a note and nothing more."""
+        output = self._output
+        if output.dropped:
+            return
+        settings = self._settings
+        size = len(line[2].encode())
+        if output.next_seq - 1 + len(output.unsaved) >= settings.max_log_lines:
+            limit = f"{settings.max_log_lines} lines (JOEY_MAX_LOG_LINES)"
+        elif output.kept_bytes + size > settings.max_log_bytes:
+            limit = f"{settings.max_log_bytes} bytes (JOEY_MAX_LOG_BYTES)"
+        else:
+            output.unsaved.append(line)
+            output.kept_bytes += size
+            return
+        output.dropped = True
+        output.unsaved.append(("joey", datetime.now(UTC), f"output beyond {limit} dropped"))
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

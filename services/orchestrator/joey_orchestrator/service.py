@@ -4,7 +4,8 @@ and fails the runs of orchestrators that died (docs/workloads.md, "Orchestration
 Any number of orchestrators share the work through Postgres row locks (joey_orchestrator.store): each
 loop of each process fails the runs whose lease ran out, fires every schedule's due instant (once: the
 instant's row is unique), packages one waiting version, and claims pending runs up to JOEY_MAX_RUNS,
-each run by a RunSupervisor thread.
+each run by a RunSupervisor thread; every PRUNE_INTERVAL_S it deletes the runs of each task past its
+latest JOEY_KEEP_RUNS.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import secrets
 import shutil
 import threading
+import time
 
 import psycopg
 import redis
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 SERVICE = "orchestrator"
 STOP_TIMEOUT_S = 60.0
+# Old runs pile up slowly (one per run), and finding them looks at every task: now and then is enough.
+PRUNE_INTERVAL_S = 30.0
 
 
 class Orchestrator:
@@ -50,6 +54,7 @@ class Orchestrator:
         self._heartbeat = ServiceHeartbeat(self._redis, settings, SERVICE)
         self._running: dict[int, RunSupervisor] = {}
         self._packager: threading.Thread | None = None
+        self._pruned = -PRUNE_INTERVAL_S
 
     def run(self, stop: threading.Event) -> None:
         self._store.open()
@@ -81,6 +86,11 @@ class Orchestrator:
         for run_id in reaped:
             self._revoke(run_id)
         metrics.FIRED.inc(self._store.fire_schedules(settings.catch_up == "last", settings.schedule_grace_s))
+        now = time.monotonic()
+        if now - self._pruned >= PRUNE_INTERVAL_S:
+            self._pruned = now
+            while self._store.prune(settings.keep_runs):
+                pass
         if self._packager is None or not self._packager.is_alive():
             self._packager = threading.Thread(target=self._package, name="packager", daemon=True)
             self._packager.start()

@@ -58,6 +58,13 @@ class OrchestratorSettings(ServiceSettings, DatabaseSettings):
     max_log_lines: int = Field(default=100_000, ge=1)
     """Lines of output kept per run; later ones are dropped (a note says so)."""
 
+    max_log_bytes: int = Field(default=16 * 1024**2, ge=1)
+    """Bytes of output kept per run (the lines' text); the line that would pass it and every later one
+    are dropped (a note says so)."""
+
+    keep_runs: int = Field(default=100, ge=1)
+    """Runs kept per task, the latest: older ended ones are deleted with their output."""
+
     max_unpacked_bytes: int = Field(default=512 * 1024**2, ge=1)
     """Largest total size of an orchestration's files once extracted (the registry has its own limit)."""
 

@@ -142,7 +142,8 @@ class OrchestratorStore:
         )
 
     def version(self, run: ClaimedRun) -> Version | None:
-        """The version a run runs: the pinned one, else the latest ready one."""
+        """The version a run runs: the pinned one, else the latest ready one; recorded in the run (its
+        token acts for the version's uploader at most: joey_registry.tasks)."""
         with self._pool.connection() as conn:
             row = conn.execute(
                 "SELECT o.version, o.sha256, o.status, o.packaging_log FROM orchestrations o "
@@ -151,6 +152,10 @@ class OrchestratorStore:
                 "(t.orchestration_version IS NULL AND o.status = 'ready')) ORDER BY o.version DESC LIMIT 1",
                 (run.task_id,),
             ).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE task_runs SET orchestration_version = %s WHERE id = %s", (row["version"], run.id)
+                )
         return Version(**row) if row else None
 
     # --- schedules ---
@@ -257,6 +262,29 @@ class OrchestratorStore:
                 reaped.append(row["id"])
                 log.warning("run %d failed: %s", row["id"], reason)
         return reaped
+
+    def prune(self, keep: int) -> int:
+        """Delete the ended runs (their lines and tokens with them) of one task past its latest ``keep``
+        runs, under the task's row lock (another orchestrator prunes another task meanwhile); how many
+        runs, 0 when no task has any to delete."""
+        with self._pool.connection() as conn, conn.transaction():
+            task = conn.execute(
+                "SELECT t.id, c.cutoff FROM tasks t CROSS JOIN LATERAL (SELECT r.id AS cutoff "
+                "FROM task_runs r WHERE r.task_id = t.id ORDER BY r.id DESC OFFSET %s LIMIT 1) c "
+                "WHERE EXISTS (SELECT 1 FROM task_runs r WHERE r.task_id = t.id AND r.id < c.cutoff "
+                "AND r.status NOT IN ('pending', 'running')) "
+                "ORDER BY t.id LIMIT 1 FOR UPDATE OF t SKIP LOCKED",
+                (keep - 1,),
+            ).fetchone()
+            if task is None:
+                return 0
+            deleted = conn.execute(
+                "DELETE FROM task_runs WHERE task_id = %s AND id < %s "
+                "AND status NOT IN ('pending', 'running')",
+                (task["id"], task["cutoff"]),
+            ).rowcount
+        log.info("deleted %d old runs of task %d", deleted, task["id"])
+        return deleted
 
     def _follow_up(self, conn: Connection, run: DictRow, status: str) -> None:
         task = conn.execute(

@@ -1,9 +1,11 @@
 """Who is calling, and may they do this: the one place the registry decides access.
 
 A caller is a user (by their token) or the service token of engines, connector-bridges and orchestrators,
-which may only fetch artifacts, read the connections of bridges and run tasks. A task's token is its
-owner's, scoped to the task's workspace: every other workspace does not exist for it, and it may do
-nothing outside a workspace (users, tokens, new workspaces).
+which may only fetch artifacts, read the connections of bridges and run tasks. A task's token is a user's
+(the lesser of its task's owner and the uploader of the version it runs: joey_registry.tasks), scoped to
+the task's workspace: every other workspace does not exist for it, it may do nothing outside a workspace
+(users, tokens, new workspaces), and it may not manage its own (members, sharing, deleting it): a task
+is code, perhaps a collaborator's, and its workspace's membership is its owners' to decide.
 Platform admins may do everything. In a workspace, owners and collaborators read and write; only
 owners manage it. A workspace the caller is not a member of does not exist for them: they get the
 same NOT_FOUND as for a missing one, so a non-member learns nothing of what it holds.
@@ -41,6 +43,10 @@ class Action(enum.Enum):
 _OWNER_ONLY = frozenset({Action.MANAGE})
 _SERVICE_ACTIONS = frozenset({Action.FETCH_ARTIFACT, Action.RUN_BRIDGE, Action.RUN_TASK})
 SCOPED = "a task's token acts only in its task's workspace"
+SCOPED_MANAGE = (
+    "a task's token may not manage its workspace (members, sharing connections, deleting it): "
+    "its owners do, with their own token"
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ class Access:
         ws, role = found
         if action is Action.ADMIN and caller.scope is not None:
             raise PermissionDenied(SCOPED)
+        if action in _OWNER_ONLY and caller.scope is not None:
+            raise PermissionDenied(SCOPED_MANAGE)
         if user.admin:
             return ws
         if action in (Action.ADMIN, Action.RUN_BRIDGE, Action.RUN_TASK):

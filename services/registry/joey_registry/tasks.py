@@ -1,6 +1,10 @@
 """Tasks in the registry: an orchestration run once, on a cron schedule or continuously, as the user
 who created it, in its workspace only (docs/workloads.md, "Orchestrations and tasks").
 
+A run acts as the lesser of its task's owner and the uploader of the version it runs: a task left on
+the latest version runs whatever a collaborator uploads next, which must not act with the owner's
+rights (nor the owner's task with the rights of an admin who uploaded its code).
+
 The registry writes a task and, for one run once or continuously, its first run; orchestrators fire
 schedules, claim runs, and write their outcome and their lines of output in the same tables. A run's
 token comes from here (IssueTaskToken, the service token only): scoped to the task's workspace, valid
@@ -39,6 +43,9 @@ MAX_RUNS = 10_000
 DEFAULT_LOG_LINES = 1000
 MAX_LOG_LINES = 10_000
 TOKEN_MARGIN_S = 60
+# What a user may do in a workspace, in order: a run's token acts as the lower of two users.
+_RANKS = {"collaborator": 1, "owner": 2}
+_ADMIN_RANK = 3
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,7 @@ class Tasks:
     def __init__(self, settings: RegistrySettings, store: Store, access: Access, identity: Identity) -> None:
         self._settings = settings
         self._pool = store.pool
+        self._store = store
         self.access = access
         self._identity = identity
 
@@ -330,22 +338,54 @@ class Tasks:
             raise PermissionDenied("only orchestrators (the service token) issue and revoke task tokens")
 
     def issue_token(self, caller: Caller, run_id: int) -> tuple[str, datetime, str]:
-        """A token for running run ``run_id``: its task owner's, in its task's workspace only."""
+        """A token for running run ``run_id``, in its task's workspace only: the lesser of its task's
+        owner and the uploader of the version it runs (the orchestrator records it before asking)."""
         self._service(caller)
         with self._pool.connection() as conn:
             row = conn.execute(
-                "SELECT r.status, t.owner, t.timeout_s, w.id AS ws_id, w.name AS workspace FROM task_runs r "
-                "JOIN tasks t ON t.id = r.task_id JOIN workspaces w ON w.id = t.workspace_id WHERE r.id = %s",
+                "SELECT r.status, r.orchestration_version AS version, t.owner, t.orchestration, t.timeout_s, "
+                "w.name AS workspace, o.created_by AS uploader FROM task_runs r "
+                "JOIN tasks t ON t.id = r.task_id JOIN workspaces w ON w.id = t.workspace_id "
+                "LEFT JOIN orchestrations o ON o.workspace_id = t.workspace_id "
+                "AND o.name = t.orchestration AND o.version = r.orchestration_version WHERE r.id = %s",
                 (run_id,),
             ).fetchone()
         if row is None or row["status"] != core.RUNNING:
             raise FailedPrecondition(f"run {run_id} is not running")
+        if not row["uploader"]:
+            raise FailedPrecondition(
+                f"run {run_id} has no known uploader of the version it runs "
+                f"({row['orchestration']!r} version {row['version']})"
+            )
         ws = self.access.authorize(caller, row["workspace"], Action.RUN_TASK)
+        acting = self._lesser(ws.name, row["owner"], row["uploader"])
         lifetime = row["timeout_s"] + TOKEN_MARGIN_S if row["timeout_s"] else self._settings.task_token_ttl_s
         expires_at = datetime.now(UTC) + timedelta(seconds=lifetime)
-        token = self._identity.issue_task_token(row["owner"], run_id, ws, expires_at)
-        log.info("issued the token of run %d of a task of %s (as %s)", run_id, ws.name, row["owner"])
+        token = self._identity.issue_task_token(acting, run_id, ws, expires_at)
+        log.info("issued the token of run %d of a task of %s (as %s)", run_id, ws.name, acting)
         return token, expires_at, ws.name
+
+    def _lesser(self, workspace: str, owner: str, uploader: str) -> str:
+        """Of the task's owner and the version's uploader, who may do less in ``workspace`` (the owner
+        when equal); refused when that one may do nothing there any more."""
+        rank, _, name = min(
+            (self._rank(workspace, name), i, name) for i, name in enumerate((owner, uploader))
+        )
+        if rank == 0:
+            which = "task's owner" if name == owner else "uploader of the version it runs"
+            raise FailedPrecondition(
+                f"the {which}, {name!r}, is no longer an active member of workspace {workspace!r}"
+            )
+        return name
+
+    def _rank(self, workspace: str, username: str) -> int:
+        user = self._identity.store.user(username)
+        if user is None or not user.active:
+            return 0
+        if user.admin:
+            return _ADMIN_RANK
+        found = self._store.workspace_role(workspace, username)
+        return _RANKS.get(found[1] or "", 0) if found else 0
 
     def revoke_token(self, caller: Caller, run_id: int) -> None:
         self._service(caller)

@@ -378,7 +378,8 @@ class Orchestration:
         """Run main.py once, as you, with ``json_args`` (:func:`joey.task_args`), killed after ``timeout``
         seconds (none by default); a failed or timed-out run is tried again up to ``retries`` times. It
         runs the orchestration's latest ready version (waiting while the latest is packaging), or with
-        ``pin`` this version."""
+        ``pin`` this version. A run acts as the lesser of you and the uploader of the version it runs:
+        a collaborator's newer version runs with the collaborator's rights, never yours."""
         return self._task(name, "once", json_args, timeout, retries, pin=pin)
 
     def run_scheduled(
