@@ -124,3 +124,29 @@ def test_a_tasks_old_ended_runs_are_pruned_with_their_lines_and_live_ones_never(
         assert conn.execute("SELECT count(*) FROM task_runs WHERE task_id = %s", (quiet,)).fetchone() == (3,)
         assert conn.execute("SELECT count(*) FROM task_run_logs").fetchone() == (len(left) + 3,)
     assert left == [(i, 1) for i in ids[4:]]
+
+
+def test_a_version_is_packaged_by_one_orchestrator_holding_no_transaction_open(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE orchestrations SET status = 'packaging'")
+    stores = [OrchestratorStore(url, f"orch-{i}", 5.0, BACKOFF) for i in range(2)]
+    for store in stores:
+        store.open()
+    try:
+        with stores[0].packaging() as found, psycopg.connect(url, autocommit=True) as conn:
+            assert found is not None and found[0].name == "job"
+            with stores[1].packaging() as other:
+                assert other is None  # the version is being packaged
+            # A transaction with an id held for the build would hold back every Postgres source of
+            # the server (they wait for every transaction older than a row to end).
+            holding = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_xid IS NOT NULL"
+            ).fetchone()
+            assert holding == (0,)
+            stores[0].packaged(found[1], found[0], core.READY, "built")
+        with stores[1].packaging() as other:
+            assert other is None  # ready now: nothing waits
+    finally:
+        for store in stores:
+            store.close()

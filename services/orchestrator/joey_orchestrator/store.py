@@ -1,9 +1,9 @@
 """The orchestrator's Postgres (Joey's own database): orchestrations to package, schedules to fire,
 runs to claim, renew, finish or take back from a dead orchestrator, and the lines runs print.
 
-Every orchestrator runs the same statements; row locks decide who does what. A version is packaged
-under its row's lock (FOR UPDATE SKIP LOCKED, held while the environment builds: an orchestrator that
-dies lets it go). A pending run is claimed by one (FOR UPDATE SKIP LOCKED) and leased: the claimer
+Every orchestrator runs the same statements; locks decide who does what. A version is packaged under
+an advisory lock of its id (held by the session while the environment builds: an orchestrator that dies
+lets it go). A pending run is claimed by one (FOR UPDATE SKIP LOCKED) and leased: the claimer
 renews the lease while the run runs, and any orchestrator fails a run whose lease ran out. A schedule's
 instant is one row (unique on task, instant, attempt): whoever inserts it first fires it.
 """
@@ -76,6 +76,7 @@ class Backoff:
 
 
 _RETRIED = (core.FAILURE, core.TIMED_OUT)
+PACKAGING_LOCKS = 0x4A4F  # "JO": the first key of the advisory locks of versions being packaged
 _CLAIM = """
 WITH candidate AS (
     SELECT r.id FROM task_runs r JOIN tasks t ON t.id = r.task_id
@@ -126,13 +127,32 @@ class OrchestratorStore:
             if not waiting.fetchone()["exists"]:  # type: ignore[index]
                 yield None
                 return
-        with psycopg.connect(self._url, row_factory=dict_row) as conn, conn.transaction():
-            row = conn.execute(
+        # An advisory lock of the session, not a row lock: a row lock gives the transaction an id for
+        # the whole build, and an open transaction with an id holds back every Postgres source of the
+        # server (it hands over only rows older than every transaction still running).
+        with psycopg.connect(self._url, row_factory=dict_row, autocommit=True) as conn:
+            rows = conn.execute(
                 "SELECT o.id, w.name AS workspace, o.name, o.version, o.sha256 FROM orchestrations o "
-                "JOIN workspaces w ON w.id = o.workspace_id WHERE o.status = 'packaging' "
-                "ORDER BY o.id LIMIT 1 FOR UPDATE OF o SKIP LOCKED"
-            ).fetchone()
-            yield (PackagingJob(**row), conn) if row else None
+                "JOIN workspaces w ON w.id = o.workspace_id WHERE o.status = 'packaging' ORDER BY o.id"
+            ).fetchall()
+            for row in rows:
+                locked = conn.execute(
+                    "SELECT pg_try_advisory_lock(%s::int4, %s::int4) AS locked",
+                    (PACKAGING_LOCKS, row["id"] % 2**31),
+                ).fetchone()
+                if not locked or not locked["locked"]:
+                    continue
+                # Packaged by another between the listing and the lock: its status says so now.
+                still = conn.execute(
+                    "SELECT status = 'packaging' AS waiting FROM orchestrations WHERE id = %s", (row["id"],)
+                ).fetchone()
+                if still and still["waiting"]:
+                    yield PackagingJob(**row), conn
+                    return
+                conn.execute(
+                    "SELECT pg_advisory_unlock(%s::int4, %s::int4)", (PACKAGING_LOCKS, row["id"] % 2**31)
+                )
+            yield None
 
     def packaged(self, conn: Connection, job: PackagingJob, status: str, packaging_log: str) -> None:
         conn.execute(
